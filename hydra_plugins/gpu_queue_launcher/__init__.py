@@ -1,0 +1,48 @@
+"""gpu_queue: a Hydra launcher that runs multirun jobs N at a time, each in its own process pinned to its own GPU.
+
+    python app.py -m experiment=glob(v*) hydra/launcher=gpu_queue hydra.launcher.gpus=auto
+
+Twelve jobs on four GPUs run four at a time; each new job starts the moment a slot frees (FIFO); a job that fails
+is recorded and the others go on; Ctrl-C stops cleanly. It knows jobs, processes and GPUs, nothing about what a
+job does: the task function runs through Hydra's own `run_job`, as under the basic, Ray and submitit launchers.
+
+Settings (`hydra.launcher.*`, see config.py): `gpus` (`auto` or a list), `jobs_per_gpu` (1), `cpu_slots` (1, used
+when there is no GPU), `preload` (modules for the fork server), `start_method` (forkserver | spawn), `console`, `kill_grace_s`.
+
+Job start. A fresh Python that imports torch + diffusers costs seconds before a job trains. The launcher starts
+one fork server (a fresh interpreter, in its own session) that imports the `preload` list once and forks one child
+per job; the child runs the job and exits. A crash, an OOM kill or a leaked CUDA context stays in that child. The
+fork server never initialises CUDA (it only imports; if an import does initialise it, the launcher logs which one
+and falls back to `spawn`) and runs no OpenMP parallel region, which a forked child could not reuse. An entry
+that fails to import is logged and skipped.
+
+Protocols between the launcher and a job (the job side is optional: a job that ignores them still runs):
+
+1. Status file. Each job gets env `GPU_QUEUE_STATUS_FILE=<job dir>/.status.json`. The job may rewrite it
+   atomically (temp file + rename) with a JSON object: `state` ("running" | "finished" | "failed" | "skipped" |
+   "killed"), `label` (variant name), `step`, `max_steps`, `loss`, `speed` (e.g. "3.2 it/s"), `reason`, `run_id`,
+   `final_loss`. The launcher reads it for the live slot lines and the summary. Its final `state` outranks a clean
+   return: "failed" makes the job FAILED (with `reason`) even if the task function returned, "skipped" makes it
+   SKIPPED, "killed" KILLED. A job that dies without a result is FAILED with its signal or exit code, and the
+   tail of its log is shown.
+2. Slot. Each job gets `GPU_QUEUE_SLOT=<slot index>` and `CUDA_VISIBLE_DEVICES=<its GPU>` (one index or UUID,
+   so the job sees it as cuda:0). A CPU slot gets `CUDA_VISIBLE_DEVICES=""`: no GPU at all, also on a machine that
+   has some (that is what choosing CPU slots means; where there are no GPUs it changes nothing).
+3. Output. A job's stdout and stderr (file descriptors 1 and 2, so also C libraries and crash dumps) go to
+   `<job dir>/console.log`; the job directory is Hydra's (hydra.sweep.dir/hydra.sweep.subdir).
+4. Signals. Each job leads its own process group, so a terminal's Ctrl-C reaches only the launcher. First
+   SIGINT/SIGTERM to the launcher: no new jobs start, queued ones are CANCELLED, each running job's group gets
+   SIGINT (the job should checkpoint, write state "killed" and return). Second: another SIGINT (abort now; a
+   Python job gets KeyboardInterrupt and can still end its run), then SIGKILL `kill_grace_s` (5) seconds later
+   for any job still alive. Third: SIGKILL at once. Processes a job leaves in its group are killed when it
+   exits. The sweep then exits with status 130. (Handlers are installed only when Hydra runs in the main thread.)
+5. Exit status. Jobs that end FAILED or KILLED become FAILED JobReturns; Hydra re-raises the first one after
+   the batch, so `python app.py -m ...` exits 1 when any job failed and 0 when all finished or were skipped.
+   Note (Hydra 1.3.8): a re-raise skips Callback.on_multirun_end, whatever the launcher.
+6. Sweep hooks (e.g. an MLflow parent run) belong in a Hydra Callback (hydra.callbacks); they work with every
+   launcher. Jobs run in a fork of the fork server, never of the sweep process, so they inherit none of its
+   state; the Hydra context, callbacks included, reaches them pickled (cloudpickle), as with the Ray launcher.
+
+Files: `<sweep dir>/gpu_queue_summary.json` (every job: state, reason, slot, pid, times, run_id, final_loss),
+`<sweep dir>/.gpu_queue/` (fork server log, per-job spec files).
+"""

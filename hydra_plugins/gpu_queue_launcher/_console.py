@@ -1,0 +1,138 @@
+"""What the user sees: one live line per slot on a terminal, event lines otherwise, a summary table at the end.
+
+The render functions are pure (records in, text out); `Console` only decides when to draw and, on a terminal,
+redraws its block in place with two ANSI sequences (cursor up N lines, erase line). Lines are cut to the terminal
+width so a wrapped line can never throw the redraw off.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from typing import Any, Iterable, Sequence, TextIO
+
+from ._outcome import DONE_STATES, JobRecord, log_tail, read_status
+from ._slots import Slot
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes}m{sec:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def fmt_loss(value: Any) -> str:
+    try:
+        loss = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "nan" if math.isnan(loss) else f"{loss:.4g}"
+
+
+def slot_line(slot: Slot, record: JobRecord | None, now: float) -> str:
+    """`gpu0  v53  step 120/1000  loss 0.0931  3.2 it/s  1m02s` for a busy slot, `gpu1  idle` for a free one."""
+    if record is None:
+        return f"{slot.name:>6}  idle"
+    status = record.status
+    parts = [f"{slot.name:>6}", f"#{record.job.idx} {record.label}"]
+    if status.get("state") == "skipped":
+        parts.append("skipping")
+    if status.get("step") is not None:
+        parts.append(f"step {status['step']}/{status.get('max_steps', '?')}")
+    if status.get("loss") is not None:
+        parts.append(f"loss {fmt_loss(status['loss'])}")
+    if status.get("speed"):
+        parts.append(str(status["speed"]))
+    parts.append(fmt_seconds(now - record.started_at) if record.started_at else "starting")
+    return "  ".join(parts)
+
+
+def counts_line(records: Sequence[JobRecord]) -> str:
+    counts = {state: sum(r.state == state for r in records) for state in ("FINISHED", "FAILED", "SKIPPED", "KILLED")}
+    running = sum(r.state in ("STARTING", "RUNNING") for r in records)
+    queued = sum(r.state == "QUEUED" for r in records)
+    done = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+    return f"gpu_queue: {len(records)} jobs: {running} running, {queued} queued" + (f", {done}" if done else "")
+
+
+def event_line(record: JobRecord) -> str:
+    where = record.slot.name if record.slot else "-"
+    if record.state not in DONE_STATES:
+        return f"[{where}] started #{record.job.idx} {record.job.label}"
+    text = f"[{where}] {record.state} #{record.job.idx} {record.label}  {fmt_seconds(record.duration)}"
+    loss = record.status.get("final_loss", record.status.get("loss"))
+    if loss is not None and record.state == "FINISHED":
+        text += f"  loss {fmt_loss(loss)}"
+    return text + (f": {record.reason.splitlines()[0]}" if record.reason else "")
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
+    """The end-of-sweep table (variant, status, duration, final loss, MLflow run), then each failure's log tail."""
+    rows = [["#", "variant", "status", "slot", "duration", "final loss", "MLflow run", "note"]]
+    for r in records:
+        note = r.reason.splitlines()[0] if r.reason else ""
+        rows.append([str(r.job.idx), r.label[:48], r.state, r.slot.name if r.slot else "-", fmt_seconds(r.duration),
+                     fmt_loss(r.status.get("final_loss")), str(r.status.get("run_id") or "-"),
+                     note[:70] + ("..." if len(note) > 70 else "")])
+    lines = ["", counts_line(records), *("  " + line for line in _table(rows))]
+    for r in records:
+        if r.state == "FAILED":
+            lines += ["", f"#{r.job.idx} {r.label} {r.state}: {r.reason}", f"  log: {r.job.log_path}"]
+            tail = log_tail(r.job.log_path, tail_lines)
+            lines += [f"  | {line}" for line in tail.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+class Console:
+    """Live block of slot lines on a terminal (`live`), or one line per start and end (`plain`)."""
+
+    def __init__(self, stream: TextIO, mode: str, slots: Sequence[Slot], refresh_s: float):
+        self.stream, self.slots, self.refresh_s = stream, list(slots), refresh_s
+        is_tty = hasattr(stream, "isatty") and stream.isatty()
+        self.live = mode == "live" or (mode == "auto" and is_tty)
+        self._drawn = 0
+        self._last = 0.0
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self._write(f"\x1b[{self._drawn}F" + "\x1b[2K\n" * self._drawn + f"\x1b[{self._drawn}F")
+            self._drawn = 0
+
+    def event(self, record: JobRecord) -> None:
+        self.message(event_line(record))
+
+    def message(self, text: str) -> None:
+        self._erase()
+        self._write(text + "\n")
+        self._last = 0.0  # redraw the live block right away
+
+    def refresh(self, records: Iterable[JobRecord], force: bool = False) -> None:
+        now = time.time()
+        if not self.live or (not force and now - self._last < self.refresh_s):
+            return
+        self._last = now
+        records = list(records)
+        by_slot = {r.slot.index: r for r in records if r.slot and r.state in ("STARTING", "RUNNING")}
+        for r in by_slot.values():
+            r.status = read_status(r.job.status_path) or r.status
+        width = max(20, shutil.get_terminal_size((120, 24)).columns - 1)
+        lines = [counts_line(records)] + [slot_line(s, by_slot.get(s.index), now) for s in self.slots]
+        self._erase()
+        self._write("".join(line[:width] + "\n" for line in lines))
+        self._drawn = len(lines)
+
+    def close(self) -> None:
+        self._erase()

@@ -1,0 +1,96 @@
+"""Slots: the places a job can run, and the environment that pins a job to its slot.
+
+A GPU slot exports `CUDA_VISIBLE_DEVICES=<that GPU>`, so the job sees exactly one device as `cuda:0`. A CPU slot
+exports `CUDA_VISIBLE_DEVICES=""`, which hides every GPU: a CPU slot means CPU, also when someone forces CPU slots
+(`gpus: []`) on a machine that has GPUs; on a machine without GPUs it changes nothing. Finding the GPUs never
+initialises CUDA in the launcher (no torch import): it reads CUDA_VISIBLE_DEVICES, else asks `nvidia-smi -L`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+
+class GpuQueueConfigError(ValueError):
+    """A `hydra.launcher` value of the gpu_queue launcher is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place to run one job at a time. `device` is the CUDA_VISIBLE_DEVICES token, None for a CPU slot."""
+
+    index: int
+    device: str | None
+
+    @property
+    def name(self) -> str:
+        return f"gpu{self.device}" if self.device is not None else f"cpu{self.index}"
+
+    def env(self) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": self.device if self.device is not None else "", "GPU_QUEUE_SLOT": str(self.index)}
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
+    """GPU tokens this process may use: CUDA_VISIBLE_DEVICES if set, else every GPU `nvidia-smi -L` lists.
+
+    CUDA ignores everything from the first negative index on ("0,-1,2" means just GPU 0); so does this.
+    """
+    env = os.environ if env is None else env
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        tokens: list[str] = []
+        for token in (t.strip() for t in cvd.split(",")):
+            if not token or (token.lstrip("-").isdigit() and int(token) < 0):
+                break
+            tokens.append(token)
+        return tokens
+    return [str(i) for i in range(_count_nvidia_gpus())]
+
+
+def _count_nvidia_gpus() -> int:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+            return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    proc_dir = "/proc/driver/nvidia/gpus"
+    return len(os.listdir(proc_dir)) if os.path.isdir(proc_dir) else 0
+
+
+def _gpu_tokens(gpus: Any) -> list[str]:
+    if isinstance(gpus, str):
+        if gpus.strip().lower() == "auto":
+            return visible_gpus()
+        return [t.strip() for t in gpus.split(",") if t.strip()]
+    if isinstance(gpus, Sequence):
+        tokens = [str(g).strip() for g in gpus]
+        if any(not t for t in tokens):
+            raise GpuQueueConfigError(f"hydra.launcher.gpus={list(gpus)!r} has an empty entry; list GPU indices or UUIDs.")
+        return tokens
+    raise GpuQueueConfigError(
+        f"hydra.launcher.gpus={gpus!r} is not understood: use `auto` (every GPU this process can see), a list of GPU "
+        "indices or UUIDs such as [0, 1], or [] for CPU slots only. A bare number is ambiguous (count or index?)."
+    )
+
+
+def plan_slots(gpus: Any, jobs_per_gpu: int, cpu_slots: int) -> list[Slot]:
+    """The slots of a sweep, ordered so that free slots fill different GPUs before doubling up on one.
+
+    With GPUs [0, 1] and jobs_per_gpu 2 the order is gpu0, gpu1, gpu0, gpu1. Without any GPU there are
+    `cpu_slots` CPU slots.
+    """
+    for field, value in (("jobs_per_gpu", jobs_per_gpu), ("cpu_slots", cpu_slots)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GpuQueueConfigError(f"hydra.launcher.{field}={value!r}: must be a whole number >= 1.")
+    tokens = _gpu_tokens(gpus)
+    if len(set(tokens)) != len(tokens):
+        raise GpuQueueConfigError(f"hydra.launcher.gpus lists a GPU twice ({tokens}); use jobs_per_gpu to share one.")
+    if not tokens:
+        return [Slot(index=i, device=None) for i in range(cpu_slots)]
+    return [Slot(index=k * len(tokens) + i, device=t) for k in range(jobs_per_gpu) for i, t in enumerate(tokens)]

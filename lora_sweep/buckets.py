@@ -1,0 +1,292 @@
+"""Aspect-ratio buckets, resize/crop and SDXL size conditioning, exactly as kohya sd-scripts v0.8.7 does them.
+
+kohya's `BucketManager` (library/train_util.py) and `make_bucket_resolutions` (library/model_util.py) are rewritten
+here as pure functions of plain ints, so the same image always lands in the same bucket whatever else a sweep varies.
+Two modes, chosen by `bucket_no_upscale`:
+
+(a) False: a predefined bucket set (see `make_bucket_resolutions`); an image takes the bucket whose aspect ratio is
+    closest to its own and is scaled (up or down) to *cover* it, then centre-cropped.
+(b) True: no predefined set; an image larger than the base area is shrunk to about that area, keeping its aspect
+    ratio; smaller images keep their size. The bucket is the resized size rounded *down* to `reso_steps`, so the
+    crop removes less than `reso_steps` pixels per side. min/max_bucket_reso are ignored (kohya warns the same).
+
+Sizes are (width, height) unless a name ends in `_hw`. Batch order (`bucket_batches`) is one shuffle per epoch of
+(bucket, batch) pairs with Python's `random` seeded by seed + epoch, as kohya's `shuffle_buckets` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from PIL import Image
+
+from lora_sweep.errors import ConfigError, UserError
+
+SD_SCRIPTS_MAX_BUCKET_RESO = 1024  # sd-scripts' --max_bucket_reso default (kohya_ss's GUI uses 2048)
+
+
+def parse_resolution(value: int | str | Sequence[int]) -> tuple[int, int]:
+    """`data.resolution` as (W, H): an int R gives (R, R); "W,H", "R" and [W, H] are accepted, as kohya's
+    `--resolution` is ("R" or "W,H")."""
+    parts: Sequence
+    if isinstance(value, bool):
+        parts = ()
+    elif isinstance(value, int):
+        parts = (value, value)
+    elif isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    elif isinstance(value, Sequence):  # list, tuple, omegaconf ListConfig
+        parts = list(value)
+    else:
+        parts = ()
+    if len(parts) == 1:
+        parts = (parts[0], parts[0])
+    try:
+        width, height = (int(p) for p in parts)
+        if any(isinstance(p, (bool, float)) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"data.resolution: {value!r} is not a resolution. Give an int (1024 means 1024x1024), a string "
+            "'W,H' such as '832,1216', or a list [W, H] of positive ints."
+        ) from None
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"data.resolution: {value!r} must be positive (width and height > 0).")
+    return width, height
+
+
+def check_bucket_options(
+    *, resolution: int | str | Sequence[int], reso_steps: int, min_reso: int | None = None, max_reso: int | None = None
+) -> tuple[int, int]:
+    """Raise ConfigError, naming the `data.*` field, for settings sd-scripts v0.8.7 rejects (its asserts); return
+    the parsed resolution (W, H). A None min/max is not checked (the caller fills in its default later).
+
+    SDXL requires bucket_reso_steps % 32 == 0; BucketManager and the dataset require min_bucket_reso <=
+    min(resolution), max(resolution) <= max_bucket_reso and min <= max, in both modes."""
+    width, height = parse_resolution(resolution)
+    if isinstance(reso_steps, bool) or not isinstance(reso_steps, int) or reso_steps <= 0 or reso_steps % 32:
+        raise ConfigError(
+            f"data.bucket_reso_steps: {reso_steps!r} is not allowed for SDXL. Use a positive multiple of 32 "
+            "(32 or 64; sd-scripts' default is 64)."
+        )
+    if min_reso is not None and min_reso <= 0:
+        raise ConfigError(f"data.min_bucket_reso: {min_reso} must be a positive number of pixels (kohya: 256).")
+    if min_reso is not None and max_reso is not None and min_reso > max_reso:
+        raise ConfigError(
+            f"data.min_bucket_reso ({min_reso}) is larger than data.max_bucket_reso ({max_reso}); min must be <= max."
+        )
+    if max_reso is not None and max(width, height) > max_reso:
+        raise ConfigError(
+            f"data.max_bucket_reso ({max_reso}) is smaller than data.resolution {width}x{height}; it must be >= "
+            f"both sides (kohya asserts this). Raise data.max_bucket_reso to at least {max(width, height)}."
+        )
+    if min_reso is not None and min(width, height) < min_reso:
+        raise ConfigError(
+            f"data.min_bucket_reso ({min_reso}) is larger than the shorter side of data.resolution "
+            f"{width}x{height}; lower it to at most {min(width, height)} (kohya asserts this)."
+        )
+    return width, height
+
+
+def make_bucket_resolutions(
+    max_reso: tuple[int, int], min_size: int = 256, max_size: int = 1024, divisible: int = 64
+) -> list[tuple[int, int]]:
+    """Mode (a)'s predefined buckets, sorted: the square floor(sqrt(W*H)/d)*d, and for every width
+    min_size, min_size+d, ... <= max_size the height min(max_size, floor((W*H // width)/d)*d) if >= min_size, in both
+    orientations. The widths are not rounded to d: kohya v0.8.7 steps from min_size as given."""
+    return list(_bucket_set(tuple(max_reso), min_size, max_size, divisible))
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_set(max_reso: tuple[int, int], min_size: int, max_size: int, divisible: int) -> tuple[tuple[int, int], ...]:
+    max_area = max_reso[0] * max_reso[1]
+    side = int(math.sqrt(max_area) // divisible) * divisible
+    resos = {(side, side)}
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += divisible
+    return tuple(sorted(resos))
+
+
+def assign_bucket(
+    width: int,
+    height: int,
+    *,
+    resolution: int | str | Sequence[int],
+    reso_steps: int,
+    no_upscale: bool,
+    min_reso: int = 256,
+    max_reso: int | None = None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The bucket and the resized size of a `width` x `height` image: ((bucket_w, bucket_h), (resized_w, resized_h)).
+
+    `resolution` is the base (`data.resolution`, parsed by `parse_resolution`); `max_reso=None` means sd-scripts'
+    default 1024. The resized image always covers the bucket; the excess is centre-cropped by
+    `resize_and_center_crop`. Raises ConfigError for invalid settings, UserError for an image too small or too
+    elongated to give a non-empty bucket in mode (b)."""
+    max_reso = SD_SCRIPTS_MAX_BUCKET_RESO if max_reso is None else max_reso
+    base = check_bucket_options(resolution=resolution, reso_steps=reso_steps, min_reso=min_reso, max_reso=max_reso)
+    if width <= 0 or height <= 0:
+        raise UserError(f"image size {width}x{height} is empty; every image needs a positive width and height.")
+    aspect = width / height
+    if not no_upscale:
+        return _assign_predefined(width, height, aspect, _bucket_set(base, min_reso, max_reso, reso_steps))
+    return _assign_no_upscale(width, height, aspect, base[0] * base[1], reso_steps)
+
+
+def _assign_predefined(width, height, aspect, resos) -> tuple[tuple[int, int], tuple[int, int]]:
+    if (width, height) in resos:  # an exact match wins even if another bucket has the same aspect ratio
+        bucket = (width, height)
+    else:  # minimal |bucket_ar - ar|; min() keeps the first of equals, like numpy's argmin over the sorted list
+        bucket = min(resos, key=lambda r: abs(r[0] / r[1] - aspect))
+    if aspect > bucket[0] / bucket[1]:  # image wider than the bucket: match heights, crop width
+        scale = bucket[1] / height
+    else:
+        scale = bucket[0] / width
+    return bucket, (int(width * scale + 0.5), int(height * scale + 0.5))
+
+
+def _assign_no_upscale(width, height, aspect, max_area, steps) -> tuple[tuple[int, int], tuple[int, int]]:
+    def round_to_steps(x: float) -> int:  # round half up, then down to a multiple of steps
+        x = int(x + 0.5)
+        return x - x % steps
+
+    if width * height > max_area:
+        resized_w = math.sqrt(max_area * aspect)
+        resized_h = max_area / resized_w
+        width_rounded = round_to_steps(resized_w)  # candidate A: round the width, derive the height
+        height_for_width = round_to_steps(width_rounded / aspect)
+        height_rounded = round_to_steps(resized_h)  # candidate B: round the height, derive the width
+        width_for_height = round_to_steps(height_rounded * aspect)
+        if 0 in (width_rounded, height_for_width, height_rounded, width_for_height):
+            raise UserError(_too_small(width, height, steps))
+        if abs(width_rounded / height_for_width - aspect) < abs(width_for_height / height_rounded - aspect):
+            resized = (width_rounded, int(width_rounded / aspect + 0.5))
+        else:
+            resized = (int(height_rounded * aspect + 0.5), height_rounded)
+    else:
+        resized = (width, height)  # no resize at all
+    bucket = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
+    if 0 in bucket:
+        raise UserError(_too_small(width, height, steps))
+    return bucket, resized
+
+
+def _too_small(width: int, height: int, steps: int) -> str:
+    return (
+        f"an image of {width}x{height} gets an empty bucket with data.bucket_no_upscale=true and "
+        f"data.bucket_reso_steps={steps}: each side must be at least {steps} px after resizing. Remove or enlarge "
+        "the image, or set data.bucket_no_upscale=false (kohya would fail on it as well)."
+    )
+
+
+def aspect_ratio_error(width: int, height: int, bucket: tuple[int, int]) -> float:
+    """kohya's signed `ar_error` = bucket_w/bucket_h - width/height (it prints the mean of its absolute value)."""
+    return bucket[0] / bucket[1] - width / height
+
+
+def resize_and_center_crop(
+    image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to `resized` then centre-crop to `bucket`, as kohya's `trim_and_resize_if_required`; also returns
+    the real crop offset (left, top) in resized pixels (offset = excess // 2 per axis).
+
+    kohya v0.8.7 resizes with cv2.INTER_AREA in both directions. This uses PIL's BOX filter, the same area
+    averaging (each output pixel is the area-weighted mean of the input pixels it covers; for upscaling, the input
+    pixel under it, blended where two meet), so no OpenCV dependency is needed; values may differ from OpenCV's by
+    one grey level through rounding. Non-RGB images are converted to RGB first, as kohya's loader does (PIL would
+    also resize palette images with NEAREST only). Flip after cropping, as kohya does, not before: with an odd
+    excess the crop is not symmetric."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != tuple(resized):
+        image = image.resize(tuple(resized), Image.Resampling.BOX)
+    width, height = image.size
+    if width < bucket[0] or height < bucket[1]:
+        raise ValueError(f"resized size {width}x{height} does not cover bucket {bucket[0]}x{bucket[1]}")
+    left, top = (width - bucket[0]) // 2, (height - bucket[1]) // 2
+    return image.crop((left, top, left + bucket[0], top + bucket[1])), (left, top)
+
+
+def kohya_crop_top_left(
+    bucket: tuple[int, int], original_size_wh: tuple[int, int], flipped: bool = False
+) -> tuple[int, int]:
+    """SDXL's crop_top_left (top, left) as kohya v0.8.7 computes it (`BucketManager.get_crop_ltrb`).
+
+    A quirk reproduced on purpose: it is not the real crop but the centred offset of the image *fitted inside* the
+    bucket (letterboxed). A 1000x1500 image in bucket 832x1216 is really cropped 16 px at the top, yet this gives
+    (top=0, left=10): fitted width = 1216 * 1000/1500 = 810.67, left = (832 - 810.67) // 2 = 10. When flipped,
+    left = bucket_w - (left + fitted_w). Values are truncated to int at the end, as kohya's batch does."""
+    bucket_w, bucket_h = bucket
+    image_ar = original_size_wh[0] / original_size_wh[1]
+    if bucket_w / bucket_h > image_ar:  # bucket is wider: fit the heights
+        fitted_w, fitted_h = bucket_h * image_ar, bucket_h
+    else:
+        fitted_w, fitted_h = bucket_w, bucket_w / image_ar
+    left = (bucket_w - fitted_w) // 2  # float floor division, as in kohya
+    top = (bucket_h - fitted_h) // 2
+    if flipped:
+        left = bucket_w - (left + fitted_w)
+    return int(top), int(left)
+
+
+def sdxl_time_ids(
+    original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]
+) -> list[int]:
+    """The 6 SDXL size-conditioning numbers in kohya's (and diffusers') order:
+    [original_h, original_w, crop_top, crop_left, target_h, target_w]; target is the bucket (h, w)."""
+    return [int(v) for v in (*original_hw, *crop_top_left, *target_hw)]
+
+
+def bucket_batches(
+    bucket_of_item: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """One epoch's batches as lists of item indices; every batch holds items of one bucket only.
+
+    Items (repeats included, as separate entries) are grouped by bucket, buckets in sorted (w, h) order; each bucket
+    is cut into ceil(n / batch_size) batches, the last one possibly smaller. As in kohya's `shuffle_buckets`, a
+    `random.Random(seed + epoch)` shuffles the list of (bucket, batch) pairs, then the items inside each bucket.
+    Difference from kohya, on purpose: kohya shuffles its lists in place, so epoch e's order depends on every
+    earlier epoch, and its DataLoader(shuffle=True) reorders batches again with torch's RNG; here an epoch's order
+    depends only on (seed, epoch), so a resumed run sees the same batches."""
+    if batch_size < 1:
+        raise ConfigError(f"train.batch_size: {batch_size} must be >= 1.")
+    members: dict[tuple[int, int], list[int]] = {}
+    for index, bucket in enumerate(bucket_of_item):
+        members.setdefault(tuple(bucket), []).append(index)
+    groups = [members[b] for b in sorted(members)]
+    pairs = [(g, i) for g, items in enumerate(groups) for i in range(math.ceil(len(items) / batch_size))]
+    rng = random.Random(seed + epoch)
+    rng.shuffle(pairs)
+    for items in groups:
+        rng.shuffle(items)
+    return [groups[g][i * batch_size : (i + 1) * batch_size] for g, i in pairs]
+
+
+def bucket_histogram(buckets: Iterable[tuple[int, int]]) -> dict[str, int]:
+    """Bucket "WxH" -> number of entries, sorted by (w, h). Pass one entry per image *per repeat* to count as
+    kohya's "number of images (including repeats)" does."""
+    counts = Counter(tuple(b) for b in buckets)
+    return {f"{w}x{h}": counts[(w, h)] for w, h in sorted(counts)}
+
+
+def format_histogram(histogram: Mapping[str, int], mean_ar_error: float | None = None) -> str:
+    """The histogram as kohya prints it at start: one `bucket i: resolution (w, h), count: n` line per bucket."""
+    def size(name: str) -> tuple[int, int]:
+        w, h = name.split("x")
+        return int(w), int(h)
+
+    names = sorted(histogram, key=size)
+    lines = [f"number of images (including repeats): {sum(histogram.values())} in {len(names)} buckets"]
+    lines += [f"bucket {i}: resolution {size(n)}, count: {histogram[n]}" for i, n in enumerate(names)]
+    if mean_ar_error is not None:
+        lines.append(f"mean ar error (without repeats): {mean_ar_error}")
+    return "\n".join(lines)

@@ -1,0 +1,484 @@
+"""A content-addressed tensor cache on disk, shared by every job of every sweep (latents, text-encoder outputs).
+
+An entry's key is the sha256 of what determines the tensor and nothing else (`cache_key`): for latents the VAE's
+weights, the image bytes, bucket, resize, crop and flip; for text the encoders' and tokenizers' files and the
+caption. Noise, loss, optimizer, learning rate and training precision are not in it, so every variant of a sweep
+reads what the first wrote; an edited image or caption or a swapped VAE misses exactly for the entries it changes.
+(kohya keys its .npz by file name and size and reuses stale latents after an edit: kohya_ss #1629.)
+
+Layout under the root: `<kind>/<key[:2]>/<key>.safetensors`; `.locks/<kind>/<key>.lock` while a job computes an
+entry; `.hashes/` remembers file digests by (path, size, mtime, inode). Writes go to a temporary name and are renamed
+into place (lora_sweep.atomic), so a reader sees a whole entry or none, even if the writer is killed. Several jobs
+filling the cache at once take a per-key `flock`: the second waits and then reads what the first wrote, so a sweep
+encodes each image once; the kernel drops the lock of a killed job, so no lock goes stale. Where flock is missing
+(Windows, some network filesystems) or a wait exceeds `lock_timeout_s`, a job computes its own copy: the rename keeps
+that safe, it only costs the duplicate work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+from lora_sweep import atomic
+from lora_sweep.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locking, only the atomic rename
+    fcntl = None
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when what an entry holds changes for the same identity; it is part of every key
+RESAMPLE = "pil-box"  # the resize of lora_sweep.buckets.resize_and_center_crop, part of latent keys
+_SHARD = re.compile(r"[0-9a-f]{2}")
+_KIND = re.compile(r"[a-z][a-z0-9_]*")
+_OWNED = re.compile(r"[0-9a-f]{64}\.(safetensors|json|lock)|\.[0-9a-f]{64}\.(safetensors|json)\.[^/]+\.tmp")
+# Where a single-file SDXL checkpoint keeps each part (a diffusers folder keeps them in the sub-folders below).
+_FILE_PREFIXES = {"vae": ("first_stage_model.",), "text": ("conditioner.embedders.", "cond_stage_model.")}
+_SUBFOLDERS = {"vae": ("vae",), "text": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+
+
+class NonFiniteCacheError(UserError, RuntimeError):
+    """A tensor to be cached holds NaN or Inf (kohya raises RuntimeError for NaN latents); nothing was written."""
+
+
+def default_cache_dir() -> Path:
+    """$LORA_SWEEP_CACHE_DIR, else $XDG_CACHE_HOME/lora-sweep, else ~/.cache/lora-sweep: one per user, shared by
+    all sweeps."""
+    if os.environ.get("LORA_SWEEP_CACHE_DIR"):
+        return Path(os.environ["LORA_SWEEP_CACHE_DIR"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lora-sweep"
+    return Path.home() / ".cache" / "lora-sweep"
+
+
+def cache_key(**identity: Any) -> str:
+    """sha256 (hex) of the canonical JSON of `identity` plus CACHE_FORMAT.
+
+    Put in it what changes the tensor and nothing else; prefer `latent_cache_key` / `text_cache_key`, whose
+    signatures list the fields. Values must be JSON data (tuples count as lists); a Path is refused, because a
+    path names a file, not its content: hash the content (`file_sha256`, `model_identity`)."""
+    if not identity:
+        raise ValueError("cache_key needs at least one identity field")
+
+    def refuse(value: Any) -> Any:
+        raise TypeError(f"cache_key: {type(value).__name__} {value!r} is not JSON data; hash content instead")
+
+    payload = json.dumps({"format": CACHE_FORMAT, "identity": identity}, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=False, allow_nan=False, default=refuse)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def latent_cache_key(*, vae: str, image_sha256: str, bucket: Sequence[int], resized: Sequence[int],
+                     crop_left_top: Sequence[int], flipped: bool, latent: str = "sample",
+                     vae_dtype: str = "float32") -> str:
+    """Key of one image's latents: VAE identity, image bytes, bucket, resize, crop, flip, sample-or-mean, and the
+    dtype the VAE encodes in (it changes the latents; keep it fixed, not tied to the training precision, so that
+    precision variants share entries)."""
+    return cache_key(kind="latents", vae=vae, image=image_sha256, bucket=list(bucket), resized=list(resized),
+                     crop=list(crop_left_top), flip=bool(flipped), latent=latent, vae_dtype=vae_dtype,
+                     resample=RESAMPLE)
+
+
+def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 75, dtype: str = "float32") -> str:
+    """Key of one caption's text-encoder outputs (hidden states of both encoders and the pooled output)."""
+    return cache_key(kind="text", text_encoders=text_encoders, caption=caption, max_token_length=max_token_length,
+                     dtype=dtype)
+
+
+def posterior_seed(key: str) -> int:
+    """A seed for the one posterior sample kohya caches, derived from the entry's key: the cached sample is then a
+    function of its content, the same whichever job writes it (use one torch.Generator per image)."""
+    return int(key[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def file_sha256(path: str | os.PathLike, *, memo_dir: Path | None = None) -> str:
+    """sha256 (hex) of a file's bytes; with `memo_dir`, remembered by (path, size, mtime, inode) so unchanged files
+    are read once (files modified in the last 2 s are always read, as git treats "racily clean" files)."""
+    return _memoized(Path(path), "file", memo_dir, lambda: _sha256_ranges(Path(path), None))
+
+
+def model_identity(path: str | os.PathLike, component: str | None = None, *, memo_dir: Path | None = None) -> str:
+    """Identity of model weights for cache keys: a sha256 over file contents, so renaming or copying a model keeps
+    its entries and editing any weight invalidates them.
+
+    `component` narrows it to what the cached tensor depends on, so swapping the VAE invalidates latents only:
+    "vae" (a diffusers folder's vae/; a single-file checkpoint's first_stage_model.* tensors) or "text"
+    (text_encoder*/ and tokenizer*/; conditioner.embedders.* tensors). A folder without those sub-folders, or a
+    file without such tensors (a standalone VAE file), counts whole. Trade-off: exact content hashing reads the
+    bytes once (about 1 s per GB); with `memo_dir` (TensorCache.model_identity passes one) later calls cost a stat
+    per file. Hidden files and folders (.cache/, .git/) are skipped."""
+    path = Path(path).expanduser()
+    if component is not None and component not in _SUBFOLDERS:
+        raise ValueError(f"component must be one of {sorted(_SUBFOLDERS)} or None, not {component!r}")
+    if path.is_file():
+        prefixes = _FILE_PREFIXES.get(component or "", ())
+        digest = None
+        if prefixes and path.suffix == ".safetensors":
+            digest = _memoized(path, "part:" + ",".join(prefixes), memo_dir, lambda: _sha256_ranges(path, prefixes))
+        digest = digest or file_sha256(path, memo_dir=memo_dir)
+        return hashlib.sha256(f"file\t{digest}".encode()).hexdigest()
+    if not path.is_dir():
+        raise UserError(f"model path '{path}' does not exist; give a diffusers folder or a .safetensors file.")
+    roots = [path / name for name in _SUBFOLDERS.get(component or "", ()) if (path / name).is_dir()] or [path]
+    lines = [f"{f.relative_to(path).as_posix()}\t{file_sha256(f, memo_dir=memo_dir)}" for r in roots for f in _files(r)]
+    if not lines:
+        raise UserError(f"model folder '{path}' holds no files for {component or 'the model'}.")
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    found = []
+    for folder, dirs, names in os.walk(root, followlinks=True):  # HF snapshots are links to blobs
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder) / n for n in names if not n.startswith(".")]
+    return sorted(found)
+
+
+def _sha256_ranges(path: Path, prefixes: tuple[str, ...] | None) -> str | None:
+    """sha256 of the whole file, or (prefixes given) of the names, dtypes, shapes and bytes of the safetensors
+    tensors whose names start with them; None if no tensor does."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if prefixes is None:
+            ranges = [(0, None)]
+        else:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            names = sorted(n for n in header if n != "__metadata__" and n.startswith(prefixes))
+            if not names:
+                return None
+            ranges = []
+            for name in names:
+                info = header[name]
+                digest.update(json.dumps([name, info["dtype"], info["shape"]]).encode("utf-8"))
+                start, end = info["data_offsets"]
+                ranges.append((8 + header_len + start, end - start))
+        for offset, length in ranges:
+            f.seek(offset)
+            while length is None or length > 0:
+                chunk = f.read(1 << 20 if length is None else min(1 << 20, length))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                length = None if length is None else length - len(chunk)
+    return digest.hexdigest()
+
+
+def _memoized(path: Path, what: str, memo_dir: Path | None, compute: Callable[[], str | None]) -> str | None:
+    st = path.stat()
+    if memo_dir is None or time.time_ns() - st.st_mtime_ns < 2_000_000_000:
+        return compute()  # a file changed in the last 2 s could change again within one mtime tick: no memo
+    state = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, what])
+    name = hashlib.sha256(state.encode("utf-8")).hexdigest()
+    memo = Path(memo_dir) / name[:2] / f"{name}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return json.loads(memo.read_text(encoding="utf-8"))["sha256"]
+    digest = compute()
+    with contextlib.suppress(OSError):
+        atomic.write_text(memo, json.dumps({"sha256": digest, "path": str(path)}))
+    return digest
+
+
+class _KeyLock:
+    """An exclusive flock on a per-key lock file, deleted on release.
+
+    After locking, the path must still name the locked inode: a holder may have deleted the file meanwhile, and
+    locking a deleted file would exclude no one. The kernel releases the flock when its process dies."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def acquire(self, timeout_s: float) -> bool:
+        """True once held (or when locking is unavailable here); False after `timeout_s` of waiting."""
+        if fcntl is None:
+            return True
+        deadline, pause = time.monotonic() + timeout_s, 0.02
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # the folder was removed meanwhile (clear())
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                continue
+            except OSError as error:  # e.g. ENOLCK on a network filesystem
+                os.close(fd)
+                log.warning("cache: no file locking at %s (%s); jobs may compute an entry twice", self.path, error)
+                return True
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return True
+            os.close(fd)  # the file was replaced or deleted while we waited: lock the current one
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class TensorCache:
+    """Entries of named tensors by (kind, key); counts hits and misses of `get_or_compute*` for the run's metrics."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, lock_timeout_s: float = 900.0):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.lock_timeout_s = lock_timeout_s
+        self.hits = self.misses = 0
+        self.hits_by_kind: dict[str, int] = {}
+        self.misses_by_kind: dict[str, int] = {}
+
+    def path_for(self, kind: str, key: str) -> Path:
+        if not _KIND.fullmatch(kind) or not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise ValueError(f"cache kind must match [a-z][a-z0-9_]* and key be 64 hex digits: {kind!r}, {key!r}")
+        return self.root / kind / key[:2] / f"{key}.safetensors"
+
+    def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors (CPU), or None if absent or unreadable (then it is recomputed and replaced)."""
+        from safetensors.torch import load_file
+
+        path = self.path_for(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)
+        except Exception as error:  # a damaged file (disk trouble, manual edits): treat as missing
+            log.warning("cache: unreadable entry %s (%s); recomputing it", path, error)
+            return None
+
+    def put(self, kind: str, key: str, tensors: Mapping[str, torch.Tensor],
+            meta: Mapping[str, Any] | None = None) -> Path:
+        """Store an entry atomically; if a readable one is already there (another job's), keep it. `meta` goes into
+        the safetensors header (non-strings as JSON); its "source" names the input in error messages."""
+        self._write(kind, key, tensors, meta)
+        return self.path_for(kind, key)
+
+    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
+                       meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The cached entry, or `compute()` stored and returned as stored (CPU copies), so a first run and a cached
+        run see identical tensors. Another job computing the same key is waited for, then read."""
+        tensors = self.get(kind, key)
+        if tensors is None:
+            with self._locked(kind, key, self.lock_timeout_s):
+                tensors = self.get(kind, key)
+                if tensors is None:
+                    stored = self._write(kind, key, compute(), meta)
+                    self._count(kind, hit=False)
+                    return stored
+        self._count(kind, hit=True)
+        return tensors
+
+    def get_or_compute_many(self, kind: str, keys: Sequence[str],
+                            compute_batch: Callable[[list[int]], Sequence[Mapping[str, torch.Tensor]]], *,
+                            batch_size: int, metas: Sequence[Mapping[str, Any] | None] | None = None,
+                            ) -> list[dict[str, torch.Tensor]]:
+        """`get_or_compute` for many keys, computing misses `batch_size` at a time (the VAE's batch):
+        `compute_batch(indices)` gets indices into `keys` and returns their tensors in order. Keys another job holds
+        are left for the end and then waited for, so concurrent jobs split the work instead of repeating it."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        results: list[dict | None] = [None] * len(keys)
+        first: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
+        todo = [key for key, index in first.items() if not self._fill_from_cache(kind, key, index, results)]
+        deferred: list[str] = []
+        pending = iter(todo)
+        while True:
+            claimed: list[tuple[str, _KeyLock]] = []
+            try:
+                for key in pending:
+                    lock = _KeyLock(self._lock_path(kind, key))
+                    if not lock.acquire(0.0):
+                        deferred.append(key)
+                    elif self._fill_from_cache(kind, key, first[key], results):
+                        lock.release()
+                    else:
+                        claimed.append((key, lock))
+                    if len(claimed) == batch_size:
+                        break
+                indices = [first[key] for key, _ in claimed]
+                outputs = list(compute_batch(indices)) if indices else []
+                if len(outputs) != len(indices):
+                    raise ValueError(f"compute_batch returned {len(outputs)} entries for {len(indices)} indices")
+                for index, tensors in zip(indices, outputs):
+                    results[index] = self._write(kind, keys[index], tensors, metas[index] if metas else None)
+                    self._count(kind, hit=False)
+            finally:
+                for _, lock in claimed:
+                    lock.release()
+            if len(claimed) < batch_size:  # the keys ran out
+                break
+        for key in deferred:
+            index = first[key]
+            results[index] = self.get_or_compute(kind, key, lambda i=index: compute_batch([i])[0],
+                                                 metas[index] if metas else None)
+        return [results[first[key]] for key in keys]
+
+    def stats(self) -> dict[str, int]:
+        """Metrics for the run: cache/hits, cache/misses, and cache/<kind>/hits|misses."""
+        out = {"cache/hits": self.hits, "cache/misses": self.misses}
+        for kind in sorted(set(self.hits_by_kind) | set(self.misses_by_kind)):
+            out[f"cache/{kind}/hits"] = self.hits_by_kind.get(kind, 0)
+            out[f"cache/{kind}/misses"] = self.misses_by_kind.get(kind, 0)
+        return out
+
+    def model_identity(self, path: str | os.PathLike, component: str | None = None) -> str:
+        """`model_identity` with file digests remembered under this cache (weights are hashed once per version)."""
+        return model_identity(path, component, memo_dir=self.root / ".hashes")
+
+    def file_sha256(self, path: str | os.PathLike) -> str:
+        return file_sha256(path, memo_dir=self.root / ".hashes")
+
+    def size_bytes(self) -> int:
+        """Bytes of everything the cache wrote under its root (entries, leftovers of killed writes, digests)."""
+        return sum(_size(f) for f in self._owned_files())
+
+    def clear(self) -> int:
+        """Delete the cache's files (only names it writes, so a mistaken root loses nothing else); bytes freed.
+        Safe while jobs run: they recompute what they miss."""
+        freed = 0
+        for folder in self._owned_folders():
+            for f in [f for f in folder.iterdir() if _OWNED.fullmatch(f.name) and f.is_file()]:
+                size = _size(f)
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    freed += size
+            for empty in (folder, folder.parent):  # only folders the cache made, and only when empty
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+        return freed
+
+    def summary(self) -> str:
+        entries = sum(1 for f in self._owned_files() if f.suffix == ".safetensors")
+        return f"{entries} entries, {self.size_bytes() / 2**20:.1f} MiB in {self.root}"
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _count(self, kind: str, *, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+            self.hits_by_kind[kind] = self.hits_by_kind.get(kind, 0) + 1
+        else:
+            self.misses += 1
+            self.misses_by_kind[kind] = self.misses_by_kind.get(kind, 0) + 1
+
+    def _fill_from_cache(self, kind: str, key: str, index: int, results: list) -> bool:
+        tensors = self.get(kind, key)
+        if tensors is not None:
+            self._count(kind, hit=True)
+            results[index] = tensors
+        return tensors is not None
+
+    def _lock_path(self, kind: str, key: str) -> Path:
+        self.path_for(kind, key)  # validates
+        return self.root / ".locks" / kind / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def _locked(self, kind: str, key: str, timeout_s: float) -> Iterator[None]:
+        lock = _KeyLock(self._lock_path(kind, key))
+        if not lock.acquire(timeout_s):
+            log.warning("cache: waited %.0f s for another job's %s entry %s; computing it here too",
+                        timeout_s, kind, key[:12])
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _write(self, kind: str, key: str, tensors: Mapping[str, torch.Tensor],
+               meta: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+        import torch
+        from safetensors.torch import save_file
+
+        path = self.path_for(kind, key)
+        source = (meta or {}).get("source", f"{kind} entry {key[:12]}")
+        stored = {}
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"cache entry {name!r} must be a torch.Tensor, not {type(tensor).__name__}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteCacheError(
+                    f"the {kind} of '{source}' contain NaN or Inf (tensor {name!r}); nothing was cached and the run "
+                    "stops, as kohya does for NaN latents. With SDXL's VAE in float16 this is its known overflow: "
+                    "encode in float32 (kohya's --no_half_vae) or use the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix)."
+                )
+            stored[name] = tensor.detach().to("cpu").contiguous().clone()
+        header = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+                  for k, v in (meta or {}).items()}
+        header.update({"lora_sweep.format": str(CACHE_FORMAT), "lora_sweep.kind": kind, "lora_sweep.key": key})
+        if not _readable(path):
+            try:
+                with atomic.atomic_path(path) as tmp:
+                    save_file(stored, str(tmp), metadata=header)
+                    if _readable(path):  # another job finished first: keep its entry, drop ours
+                        raise _AlreadyStored
+            except _AlreadyStored:
+                pass
+        return stored
+
+    def _owned_files(self) -> Iterator[Path]:
+        for folder in self._owned_folders():
+            yield from (f for f in folder.iterdir() if _OWNED.fullmatch(f.name) and f.is_file())
+
+    def _owned_folders(self) -> list[Path]:
+        """The folders this cache writes files into: <kind>/<shard>, .hashes/<shard> and .locks/<kind>."""
+        folders: list[Path] = []
+        if not self.root.is_dir():
+            return folders
+        for top in self.root.iterdir():
+            if not top.is_dir() or top.is_symlink():
+                continue
+            if top.name == ".locks":
+                pattern = _KIND
+            elif top.name == ".hashes" or _KIND.fullmatch(top.name):
+                pattern = _SHARD
+            else:
+                continue
+            folders += [f for f in top.iterdir() if f.is_dir() and not f.is_symlink() and pattern.fullmatch(f.name)]
+        return folders
+
+
+class _AlreadyStored(Exception):
+    pass
+
+
+def _readable(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return True
+    except Exception:
+        return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,206 @@
+"""The config schema: one dataclass per config group, registered with Hydra's ConfigStore.
+
+Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key or a wrong type fails at compose
+time with Hydra's own message. Range and cross-field checks live in `lora_sweep.validate`; the config hash (what
+identifies a training's result) is `config_hash` below. No torch import here: `--help`, `make table` and config
+checks answer in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # tiny | sdxl
+    path: Optional[str] = None  # diffusers folder or single .safetensors; tiny: built into the cache if null
+    resolution: int = 64  # the model's native base resolution (tiny 64, SDXL 1024)
+    v_prediction: bool = False  # kohya --v_parameterization (warns for SDXL, as kohya does)
+
+
+@dataclass
+class DataConfig:
+    name: str = "photos"  # photos | folder
+    dir: Optional[str] = None  # kohya layout: <dir>/<repeats>_<name>/<image> + <image><caption_extension>
+    caption_extension: str = ".txt"
+    resolution: Any = "${model.resolution}"  # int or "W,H"
+    enable_bucket: bool = True
+    bucket_reso_steps: int = 32
+    bucket_no_upscale: bool = False
+    min_bucket_reso: Optional[int] = None  # null: a quarter of the resolution, as 256 is for 1024
+    max_bucket_reso: Optional[int] = None  # null: twice the resolution, as kohya_ss's GUI uses 2048 for 1024
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_separator: str = ","
+    flip_aug: bool = False
+    cache_dir: Optional[str] = None  # null: $LORA_SWEEP_CACHE_DIR or ~/.cache/lora-sweep
+    cache_latents: bool = True
+    latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
+    validation_split: float = 0.0
+    validation_dir: Optional[str] = None
+
+
+@dataclass
+class NoiseConfig:
+    offset: float = 0.0  # kohya --noise_offset
+    offset_random_strength: bool = False  # --noise_offset_random_strength
+    adaptive_scale: Optional[float] = None  # --adaptive_noise_scale (needs offset)
+    multires_iterations: int = 0  # --multires_noise_iterations
+    multires_discount: float = 0.3  # --multires_noise_discount
+    ip_gamma: float = 0.0  # --ip_noise_gamma
+    ip_gamma_random_strength: bool = False  # --ip_noise_gamma_random_strength
+
+
+@dataclass
+class LossConfig:
+    type: str = "l2"  # l2 | huber | smooth_l1 (kohya --loss_type)
+    huber_schedule: str = "snr"  # constant | exponential | snr
+    huber_c: float = 0.1
+    min_snr_gamma: Optional[float] = None
+    debiased: bool = False  # --debiased_estimation_loss
+    per_sample_timesteps: bool = False  # false: v0.8.7 (one t per batch for huber/smooth_l1)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    args: Dict[str, Any] = field(default_factory=dict)  # passed through, like kohya --optimizer_args
+    scheduler: str = "constant"  # constant | constant_with_warmup | cosine | linear
+    warmup_steps: int = 0  # optimizer steps
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"  # fp32 | fp16 | bf16 | fp8 | fp8_bf16
+
+
+@dataclass
+class NetworkConfig:
+    rank: int = 4  # kohya --network_dim
+    alpha: float = 1.0  # kohya --network_alpha
+    train_text_encoder: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 20  # optimizer updates, as kohya's max_train_steps
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 42
+    lr: float = "${optimizer.lr}"  # type: ignore[assignment]
+    text_encoder_lr: Optional[float] = None  # null: same as train.lr
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    output_dir: Optional[str] = None  # null: the Hydra job directory
+    output_name: str = "lora"
+    save_every: int = 0  # optimizer steps; 0 = only at the end
+    keep_states: int = 2
+    resume: str = "auto"  # auto | never | <path to a state folder>
+    on_nan: str = "stop"  # stop | skip_step
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class SamplingConfig:
+    prompts: List[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None
+    every: int = 0  # optimizer steps; 0 = off (start and end still sampled when prompts are set)
+    steps: int = 10
+    cfg: float = 7.0
+    negative: str = ""
+    width: Optional[int] = None
+    height: Optional[int] = None
+    seed: int = 1234
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # optimizer steps; 0 = off
+    timesteps: List[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "lora-sweep"
+    uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    variant: Optional[str] = None  # tag; experiment files set it (v53 ... v64)
+    flush_every: int = 25  # metrics are sent in batches
+
+
+@dataclass
+class SweepConfig:
+    skip_finished: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can start its defaults list with `config_schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+# Keys that never change what a training computes: they are left out of the config hash.
+_HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs even if their values agree
+    "tracking.experiment",
+    "tracking.uri",
+    "tracking.flush_every",
+    "sweep",
+    "train.output_dir",
+    "train.resume",
+    "train.keep_states",
+    "train.save_every",
+    "train.device",
+    "data.cache_dir",
+)
+
+
+def to_container(cfg: DictConfig | Config) -> Dict[str, Any]:
+    """Resolve interpolations and return plain Python containers."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"noise": {"offset": 0.1}} -> {"noise.offset": 0.1}; lists and empty dicts stay whole values."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_hash(cfg: DictConfig | Config) -> str:
+    """A short hash of everything that changes the trained result (not paths, tracking or sweep settings)."""
+    flat = flatten(to_container(cfg))
+    kept = {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in _HASH_EXCLUDED)}
+    blob = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,198 @@
+"""The training loss of one step, computed the way kohya sd-scripts v0.8.7 computes it.
+
+Reference: /work/shared/reference/kohya-v0.8.7.md, sections 2 and 3. Order per micro-batch: element loss on fp32
+copies of pred and target -> mean over (C, h, w) -> x sample weight (prior_loss_weight) -> x min-SNR weight ->
+x debiased weight -> mean over the batch. The caller divides by gradient accumulation (accelerate does in kohya).
+
+Papers: min-SNR weighting (arXiv 2303.09556), debiased estimation (2310.08442), scheduled pseudo-Huber (2403.16728).
+The SNR used by both weights is kohya's `all_snr = (sqrt(abar) / sqrt(1 - abar))**2` in fp32, computed from the
+schedule as built: pass the alphas_cumprod from before any zero-terminal-SNR rescale to keep kohya's quirk that the
+weights ignore that rescale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lora_sweep.errors import ConfigError
+
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+# kohya's DDPMScheduler: scaled_linear betas from 0.00085 to 0.012 over 1000 steps.
+BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
+# kohya caps SNR at 1000 for the debiased weight (only t = 0 exceeds it).
+DEBIASED_SNR_CAP = 1000.0
+
+
+def kohya_scheduler_alphas_cumprod() -> torch.Tensor:
+    """abar_t = prod_{i<=t} (1 - beta_i), beta_i = linspace(sqrt(0.00085), sqrt(0.012), 1000)_i ** 2, all in fp32
+    (the values diffusers' DDPMScheduler holds for kohya's settings, without importing diffusers)."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """SNR_t = abar_t / (1 - abar_t), fp32, shape (B,), on the timesteps' device (kohya's all_snr[t])."""
+    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
+    all_snr = (abar.sqrt() / (1.0 - abar).sqrt()) ** 2
+    return all_snr[timesteps]
+
+
+def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
+                   v_prediction: bool = False) -> torch.Tensor:
+    """Min-SNR-gamma weight: min(SNR_t, gamma) / SNR_t, or min(SNR_t, gamma) / (SNR_t + 1) for v-prediction.
+
+    Why: low-noise timesteps (huge SNR) have easy, low-loss targets that dominate the gradient direction; capping the
+    effective weight at gamma balances the timesteps (arXiv 2303.09556). For epsilon it is 1 wherever SNR <= gamma.
+    """
+    snr_t = snr(timesteps, alphas_cumprod)
+    capped = torch.clamp(snr_t, max=float(gamma))
+    return capped / (snr_t + 1) if v_prediction else capped / snr_t
+
+
+def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, v_prediction: bool = False) -> torch.Tensor:
+    """Debiased-estimation weight 1 / sqrt(min(SNR_t, 1000)) (arXiv 2310.08442).
+
+    v0.8.7 uses the same weight for epsilon and v-prediction, so `v_prediction` changes nothing here; it is accepted
+    so callers can pass it uniformly (newer sd-scripts, PR #1715, use 1 / (SNR + 1) for v-prediction).
+    """
+    del v_prediction  # v0.8.7: identical for both parameterizations
+    snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=DEBIASED_SNR_CAP)
+    return 1 / torch.sqrt(snr_t)
+
+
+def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise ConfigError(f"{field} = {value!r} is not known: the accepted values are {', '.join(accepted)} "
+                          "(as in kohya sd-scripts v0.8.7).")
+    return value
+
+
+def huber_c(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: str, c: float) -> torch.Tensor:
+    """The pseudo-Huber c for each timestep, fp32 (B,): large c at low noise (L2-like, keeps detail), small c at high
+    noise (L1-like, robust to outliers) (arXiv 2403.16728).
+
+    constant: c. exponential: exp(-alpha t) with alpha = -ln(c) / T, i.e. c**(t/T) (1 at t=0, ~c at t=T-1; in fp64
+    like kohya's Python floats, then fp32). snr: (1 - c) / (1 + sigma_t)**2 + c with sigma_t = sqrt((1 - abar_t) /
+    abar_t). v0.8.7 computes this for one timestep per batch; with per-sample timesteps each sample gets its own c
+    (as newer sd-scripts do).
+    """
+    _check_choice("loss.huber_schedule", schedule, HUBER_SCHEDULES)
+    if schedule == "constant":
+        return torch.full(timesteps.shape, float(c), dtype=torch.float32, device=timesteps.device)
+    if schedule == "exponential":
+        alpha = -math.log(c) / alphas_cumprod.shape[0]
+        return torch.exp(-alpha * timesteps.to(torch.float64)).to(torch.float32)
+    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    sigma = ((1.0 - abar) / abar) ** 0.5
+    return (1 - c) / (1 + sigma) ** 2 + c
+
+
+_huber_c_schedule = huber_c  # kohya_loss's `huber_c` argument shadows the function name
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
+                     huber_c: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Per-element loss in fp32 (pred's shape), with a = pred - target:
+
+    l2: a**2. huber: 2c (sqrt(a**2 + c**2) - c), twice the pseudo-Huber (~a**2 for |a| << c, ~2c|a| - 2c**2 for
+    |a| >> c). smooth_l1: 2 (sqrt(a**2 + c**2) - c) (~a**2/c, ~2|a| - 2c); NOT torch's smooth_l1_loss.
+    `huber_c` is a scalar or one value per sample (B,). The formulas are kohya's literally, including the fp32
+    cancellation in sqrt(a**2 + c**2) - c when |a| << c.
+    """
+    _check_choice("loss.type", loss_type, LOSS_TYPES)
+    pred, target = pred.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if huber_c is None:
+        raise ValueError(f"elementwise_loss: loss_type {loss_type!r} needs huber_c (a scalar or one per sample).")
+    c: float | torch.Tensor = huber_c
+    if isinstance(huber_c, torch.Tensor) and huber_c.ndim > 0:
+        if huber_c.numel() != pred.shape[0]:
+            raise ValueError(f"elementwise_loss: huber_c has {huber_c.numel()} values for a batch of {pred.shape[0]}.")
+        c = huber_c.to(device=pred.device, dtype=torch.float32).reshape((-1,) + (1,) * (pred.ndim - 1))
+    root = torch.sqrt((pred - target) ** 2 + c**2)
+    return 2 * c * (root - c) if loss_type == "huber" else 2 * (root - c)
+
+
+def one_timestep_per_batch(loss_type: str, per_sample_timesteps: bool) -> bool:
+    """Whether the batch shares one timestep: v0.8.7 does that for huber and smooth_l1 (one huber_c per batch),
+    unless `per_sample_timesteps` asks for newer sd-scripts' behaviour. l2 always draws per sample."""
+    _check_choice("loss.type", loss_type, LOSS_TYPES)
+    return loss_type != "l2" and not per_sample_timesteps
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """One micro-batch's loss. `loss` = per_sample.mean() (before the /grad-accumulation division);
+    `per_sample` (B,) weighted; `raw_per_sample` (B,) the unweighted mean over (C, h, w); `weight` (B,) the product
+    of the SNR-type weights (1 where none); `huber_c` (B,) the c used, NaN for l2 (kohya passes a dummy 1 there)."""
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    raw_per_sample: torch.Tensor
+    weight: torch.Tensor
+    huber_c: torch.Tensor
+
+
+def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+               loss_type: str = "l2", huber_schedule: str = "snr", huber_c: float = 0.1,
+               min_snr_gamma: float | None = None, debiased: bool = False, v_prediction: bool = False,
+               sample_weights: torch.Tensor | None = None) -> LossTerms:
+    """kohya v0.8.7's loss: element loss -> mean over (C, h, w) -> x sample_weights (kohya's prior_loss_weight per
+    sample, optional) -> x min-SNR (if gamma) -> x debiased (if set) -> batch mean. min-SNR and debiased multiply
+    when both are on. `target` is eps, or the velocity under v-prediction (see `lora_sweep.noise.velocity_target`).
+    """
+    _check_choice("loss.type", loss_type, LOSS_TYPES)
+    timesteps = timesteps.to(pred.device)
+    if loss_type == "l2":
+        c_used = torch.full(timesteps.shape, float("nan"), dtype=torch.float32, device=pred.device)
+        elements = elementwise_loss(pred, target, loss_type)
+    else:
+        c_used = _huber_c_schedule(timesteps, alphas_cumprod, huber_schedule, huber_c)
+        elements = elementwise_loss(pred, target, loss_type, c_used)
+    raw = elements.mean(dim=tuple(range(1, elements.ndim)))
+    per_sample = raw if sample_weights is None else raw * sample_weights.to(raw.device)
+    weight = torch.ones_like(raw)
+    if min_snr_gamma:  # kohya: `if args.min_snr_gamma:` (None and 0 are off)
+        snr_factor = min_snr_weight(timesteps, alphas_cumprod, min_snr_gamma, v_prediction)
+        per_sample, weight = per_sample * snr_factor, weight * snr_factor
+    if debiased:
+        debias_factor = debiased_weight(timesteps, alphas_cumprod, v_prediction)
+        per_sample, weight = debias_factor * per_sample, weight * debias_factor
+    return LossTerms(per_sample.mean(), per_sample, raw, weight, c_used)
+
+
+def _finite_number(field: str, value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{field} = {value!r} is not valid: it must be a finite number ({what}).")
+    return float(value)
+
+
+def check_loss_options(loss_type: str, huber_schedule: str, huber_c: float, min_snr_gamma: float | None,
+                       debiased: bool = False, per_sample_timesteps: bool = False) -> None:
+    """Reject loss settings before anything heavy loads; raise ConfigError naming the field.
+
+    huber_c must be in (0, 1]: the exponential schedule takes its log and decays from 1 to c, the snr schedule
+    blends from ~1 down to c. It is checked for every loss type so a typo does not wait for a huber run.
+    min_snr_gamma is null (off) or > 0 (kohya treats 0 as off; here off is spelled null).
+    """
+    _check_choice("loss.type", loss_type, LOSS_TYPES)
+    _check_choice("loss.huber_schedule", huber_schedule, HUBER_SCHEDULES)
+    c = _finite_number("loss.huber_c", huber_c, "in (0, 1], default 0.1")
+    if not 0 < c <= 1:
+        raise ConfigError(f"loss.huber_c = {c} is out of range: it must be in (0, 1] (kohya's --huber_c, default "
+                          "0.1; with the snr and exponential schedules it is the value c reaches at high noise).")
+    if min_snr_gamma is not None:
+        gamma = _finite_number("loss.min_snr_gamma", min_snr_gamma, "> 0, or null to turn min-SNR weighting off")
+        if gamma <= 0:
+            raise ConfigError(f"loss.min_snr_gamma = {gamma} is not valid: it must be > 0 (5 is the paper's value), "
+                              "or null to turn min-SNR weighting off.")
+    for field, value in (("loss.debiased", debiased), ("loss.per_sample_timesteps", per_sample_timesteps)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{field} = {value!r} is not valid: it must be true or false.")

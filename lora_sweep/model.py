@@ -1,0 +1,268 @@
+"""Load SDXL, real or tiny, through one path: a diffusers folder or a single .safetensors checkpoint.
+
+Why one path: the tiny model (`model=tiny`) is saved once as a diffusers folder in the cache and then opened by
+`load_sdxl` exactly like a real SDXL download, so every test and demo run exercises the loader that real training
+uses. Single-file checkpoints are opened with diffusers' `from_single_file(..., config=<local folder>)`: the folder
+holds configs and tokenizers only (SDXL-base's, bundled in `assets/`, or the tiny model's), so nothing is fetched.
+
+Cheap on purpose: importing this module and `check_model_path` touch neither torch nor diffusers, so a wrong
+`model.path` is reported before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lora_sweep.errors import UserError
+from lora_sweep.tiny_sdxl import CLIP_BPE_GZ, SDXL_BASE_ASSETS, TINY_RECIPE_VERSION, read_clip_merges, \
+    sdxl_asset_config, write_clip_tokenizer
+
+FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# Keys every SDXL-base single-file checkpoint has (SGM layout): UNet, VAE, CLIP-L and OpenCLIP-bigG towers.
+SINGLE_FILE_KEYS = {
+    "UNet": "model.diffusion_model.input_blocks.0.0.weight",
+    "VAE": "first_stage_model.encoder.conv_in.weight",
+    "text encoder 1 (CLIP ViT-L)":
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+    "text encoder 2 (OpenCLIP ViT-bigG)": "conditioner.embedders.1.model.positional_embedding",
+}
+ACCEPTS = ("model.path accepts a diffusers SDXL folder (model_index.json plus the sub-folders "
+           + ", ".join(f"{p}/" for p in FOLDER_PARTS) + ") or a single SDXL .safetensors checkpoint file")
+SMALL_FILE_BYTES = 64 * 2**20  # identity hashes the content of files up to this size, and size + mtime above it
+
+
+@dataclass
+class SDXLParts:
+    """Everything the trainer takes from a model, already on `device` in `dtype`.
+
+    noise_scheduler: kohya's training DDPMScheduler (never the folder's). scheduler: the folder's own sampling
+    scheduler (Euler for SDXL). identity: cheap fingerprints of the weights per component, for cache keys (see
+    `weights_identity`). resolution: the model's native image side (64 tiny, 1024 SDXL).
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    noise_scheduler: Any
+    scheduler: Any
+    source: str
+    identity: dict[str, str]
+    resolution: int
+
+    def pipeline(self, scheduler: Any = None) -> Any:
+        """A StableDiffusionXLPipeline sharing these modules (for sampling); `scheduler` defaults to the folder's."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler or self.scheduler,
+        )
+
+
+def kohya_noise_scheduler() -> Any:
+    """The DDPMScheduler kohya's train_network.py trains with (its default prediction_type "epsilon" is unused)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False)
+
+
+def default_cache_root() -> Path:
+    """The same per-user cache as the latents (lora_sweep.cache.default_cache_dir)."""
+    from lora_sweep.cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def check_model_path(path: str | os.PathLike | None) -> Path:
+    """Validate `model.path` cheaply (file names and the safetensors header only) and return it as a Path."""
+    if path is None or str(path).strip() == "":
+        raise UserError(f"model.path is not set; {ACCEPTS}.")
+    model_path = Path(path).expanduser()
+    if not model_path.exists():
+        raise UserError(f"model.path={str(path)!r} does not exist; {ACCEPTS}.")
+    if model_path.is_dir():
+        missing = [name for name in ("model_index.json", *FOLDER_PARTS) if not (model_path / name).exists()]
+        if missing:
+            raise UserError(f"model.path={str(path)!r} is a folder but lacks {', '.join(missing)}; {ACCEPTS}.")
+        return model_path
+    if model_path.suffix.lower() != ".safetensors":
+        raise UserError(f"model.path={str(path)!r} has the extension {model_path.suffix or '(none)'!r}, but only "
+                        f".safetensors single-file checkpoints are read (no pickled .ckpt/.pt); {ACCEPTS}.")
+    header = read_safetensors_header(model_path)
+    missing = [part for part, key in SINGLE_FILE_KEYS.items() if key not in header]
+    if missing:
+        raise UserError(f"model.path={str(path)!r} is a .safetensors file but not an SDXL base checkpoint in the "
+                        f"original layout: it lacks the {', '.join(missing)} weights (is it a LoRA, a refiner, or a "
+                        f"single diffusers component?); {ACCEPTS}.")
+    return model_path
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, __metadata__) without reading data."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError(f"header length {length}")
+            return json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise UserError(f"model.path={str(path)!r} is not a readable .safetensors file ({error}); {ACCEPTS}.") from None
+
+
+def resolve_model_path(name: str, path: str | None, *, cache_root: Path | None = None, seed: int = 0) -> Path:
+    """`model=tiny` -> the cached tiny folder (built if needed); `model=sdxl` -> the checked `model.path`."""
+    if name == "tiny":
+        return tiny_model_dir(cache_root, seed)
+    if name == "sdxl":
+        return check_model_path(path)
+    raise UserError(f"model={name!r} is unknown; model accepts 'tiny' (random-weight SDXL architecture, offline) "
+                    f"or 'sdxl' (with model.path).")
+
+
+def build_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """Create `final` by `build(staging)` in a temp folder beside it, then one atomic rename.
+
+    Readers see no folder or a complete one. Two processes racing both build (it is cheap); the first rename wins
+    and the loser, whose rename fails because `final` is now a non-empty folder, discards its copy.
+    """
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".building", dir=final.parent))
+    try:
+        build(staging)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def tiny_model_dir(cache_root: Path | None = None, seed: int = 0) -> Path:
+    """The tiny SDXL as a diffusers folder `<cache>/models/<recipe version>-seed<seed>`, built on first use."""
+    from lora_sweep.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
+
+    final = Path(cache_root or default_cache_root()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
+    return build_folder_once(final, lambda staging: save_tiny_sdxl(build_tiny_sdxl(seed), staging))
+
+
+def sdxl_base_config_dir(cache_root: Path | None = None) -> Path:
+    """A weight-less SDXL-base diffusers folder (bundled configs + the real CLIP vocab rebuilt from its BPE file),
+    which `from_single_file` reads instead of the Hub. Keyed by a hash of the assets."""
+    digest = hashlib.sha256(CLIP_BPE_GZ.read_bytes())
+    for file in sorted(SDXL_BASE_ASSETS.rglob("*.json")):
+        digest.update(file.relative_to(SDXL_BASE_ASSETS).as_posix().encode() + file.read_bytes())
+    final = Path(cache_root or default_cache_root()) / "models" / f"sdxl-base-config-{digest.hexdigest()[:12]}"
+
+    def build(staging: Path) -> None:
+        shutil.copytree(SDXL_BASE_ASSETS, staging, dirs_exist_ok=True)
+        merges = read_clip_merges()
+        for name in ("tokenizer", "tokenizer_2"):
+            write_clip_tokenizer(staging / name, merges, sdxl_asset_config(name))
+
+    return build_folder_once(final, build)
+
+
+def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu",
+              cache_root: Path | None = None) -> SDXLParts:
+    """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts (dtype default fp32).
+
+    Never touches the network (local_files_only; single files read configs from `single_file_config_dir`).
+    A bad path, or files diffusers cannot read, raise UserError naming model.path.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    model_path = check_model_path(path)
+    dtype = dtype or torch.float32
+    config_dir = None if model_path.is_dir() else single_file_config_dir(model_path, cache_root)
+    try:
+        if config_dir is None:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                model_path, dtype=dtype, local_files_only=True, variant=_weights_variant(model_path))
+        else:
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(model_path), config=str(config_dir), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.path={str(path)!r} could not be loaded as SDXL: {error}") from error
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.to(device).eval()
+    return SDXLParts(
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, noise_scheduler=kohya_noise_scheduler(),
+        scheduler=pipe.scheduler, source=str(model_path), identity=weights_identity(model_path, config_dir),
+        resolution=int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
+    )
+
+
+def single_file_config_dir(checkpoint: Path, cache_root: Path | None = None) -> Path:
+    """The config folder describing a single-file checkpoint: the tiny recipe's when the file's metadata names it,
+    else SDXL base's; the UNet's input conv must match it (e.g. a 9-channel inpainting UNet does not)."""
+    header = read_safetensors_header(checkpoint)
+    recipe = header.get("__metadata__", {}).get("lora_sweep.recipe")
+    if recipe is not None and recipe != TINY_RECIPE_VERSION:
+        raise UserError(f"model.path={str(checkpoint)!r} was written by tiny recipe {recipe!r}; this version builds "
+                        f"{TINY_RECIPE_VERSION!r}. Re-export it.")
+    config_dir = tiny_model_dir(cache_root) if recipe else sdxl_base_config_dir(cache_root)
+    unet_config = json.loads((config_dir / "unet" / "config.json").read_text())
+    expected = [unet_config["block_out_channels"][0], unet_config["in_channels"], 3, 3]
+    found = header[SINGLE_FILE_KEYS["UNet"]]["shape"]
+    if list(found) != expected:
+        raise UserError(f"model.path={str(checkpoint)!r}: its UNet input conv has shape {found}, SDXL base has "
+                        f"{expected}; only SDXL-base-architecture checkpoints are supported.")
+    return config_dir
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """"fp16" when the folder ships only fp16-variant weights (as some SDXL copies do), else None."""
+    unet_files = {p.name for p in (folder / "unet").iterdir()}
+    plain = any(name.startswith("diffusion_pytorch_model") and ".fp16." not in name for name in unet_files)
+    return "fp16" if not plain and any(".fp16." in name for name in unet_files) else None
+
+
+def weights_identity(model_path: Path, config_dir: Path | None = None) -> dict[str, str]:
+    """Cheap fingerprints per component ("unet", "vae", "text_encoder", "text_encoder_2") for cache keys.
+
+    Each is a sha256 over (relative file name, content sha256) for files up to 64 MiB and (relative name, size,
+    mtime_ns) for larger ones, so the tiny model is fingerprinted by content and real weights without reading
+    gigabytes. A text encoder's files include its tokenizer's (a text-embedding cache depends on both). A single
+    file gives every component the whole file's fingerprint combined with that component's configs (so any change
+    to the file invalidates every component's caches). Dtype and device are not part of it: caches add those.
+    """
+    sources = {"unet": ["unet"], "vae": ["vae"], "text_encoder": ["text_encoder", "tokenizer"],
+               "text_encoder_2": ["text_encoder_2", "tokenizer_2"]}
+    if config_dir is None:
+        return {part: _files_digest(model_path, folders) for part, folders in sources.items()}
+    file_digest = _files_digest(model_path.parent, [model_path.name])
+    config_digests = {part: _files_digest(config_dir, folders, only=(".json", ".txt"))
+                      for part, folders in sources.items()}
+    return {part: hashlib.sha256(f"{file_digest}|{part}|{config_digests[part]}".encode()).hexdigest()
+            for part in sources}
+
+
+def _files_digest(root: Path, names: list[str], only: tuple[str, ...] | None = None) -> str:
+    """sha256 over the files (or the single file) `names` under `root`; `only` keeps those suffixes."""
+    digest = hashlib.sha256()
+    for name in names:
+        files = [root / name] if (root / name).is_file() else sorted(p for p in (root / name).rglob("*") if p.is_file())
+        for file in (f for f in files if only is None or f.suffix in only):
+            stat = file.stat()
+            fingerprint = hashlib.sha256(file.read_bytes()).hexdigest() if stat.st_size <= SMALL_FILE_BYTES \
+                else f"{stat.st_size}:{stat.st_mtime_ns}"
+            digest.update(f"{file.relative_to(root).as_posix()}\t{fingerprint}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,118 @@
+"""LoRA on kohya's SDXL targets, and saving it in the two formats users load.
+
+kohya's `networks/lora.py` puts a LoRA on every Linear inside the UNet's transformer blocks (attention q/k/v/out,
+proj_in/proj_out, feed-forward) and, optionally, on the CLIP attention and MLP linears of both text encoders. PEFT's
+default LoRA init is kohya's (down: kaiming-uniform with a=sqrt(5), up: zeros) and its scale is alpha/rank, so a
+PEFT adapter with the same targets, rank and alpha trains the same network.
+
+Saved formats:
+- kohya (`lora_unet_input_blocks_4_1_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`, `ss_*` metadata):
+  ComfyUI, A1111 and diffusers' `load_lora_weights` read it. Module names use kohya's SGM block names.
+- diffusers/PEFT (`pytorch_lora_weights.safetensors`), via the pipeline's `save_lora_weights`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from lora_sweep.atomic import write_with
+
+# Every Linear inside a Transformer2DModel of the UNet (kohya: 722 modules on SDXL base).
+UNET_TARGETS = (
+    r".*attentions\.\d+\.(proj_in|proj_out"
+    r"|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+    r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+)
+# kohya's CLIPAttention / CLIPMLP linears.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+ADAPTER = "default"
+
+
+def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropout: float = 0.0) -> list[str]:
+    """Freeze `module` and attach a PEFT LoRA adapter; return the names of the wrapped modules."""
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
+    module.add_adapter(config, adapter_name=ADAPTER)
+    return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A" in n})
+
+
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def sgm_unet_name(diffusers_name: str, layers_per_block: int) -> str:
+    """Map a diffusers UNet module path to kohya's SGM name (input_blocks / middle_block / output_blocks).
+
+    down_blocks.b.attentions.j -> input_blocks.{1 + b*(lpb+1) + j}.1 (input_blocks.0 is conv_in and every down block
+    but the last ends with a downsampler); mid_block.attentions.0 -> middle_block.1; up_blocks.b.attentions.j ->
+    output_blocks.{b*(lpb+1) + j}.1 (up blocks hold lpb+1 layers).
+    """
+    lpb = layers_per_block
+    m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", diffusers_name)
+    if m:
+        return f"input_blocks.{1 + int(m[1]) * (lpb + 1) + int(m[2])}.1.{m[3]}"
+    m = re.match(r"mid_block\.attentions\.0\.(.*)", diffusers_name)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", diffusers_name)
+    if m:
+        return f"output_blocks.{int(m[1]) * (lpb + 1) + int(m[2])}.1.{m[3]}"
+    raise ValueError(f"not a UNet transformer module: {diffusers_name}")
+
+
+def kohya_state_dict(
+    modules: Mapping[str, torch.nn.Module], *, alpha: float, layers_per_block: int, dtype=torch.float32
+) -> dict[str, torch.Tensor]:
+    """kohya keys for every LoRA-wrapped module of the UNet and text encoders.
+
+    `modules` maps a kohya prefix (`lora_unet`, `lora_te1`, `lora_te2`) to the model holding PEFT LoRA layers.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for prefix, model in modules.items():
+        for name, layer in model.named_modules():
+            if not hasattr(layer, "lora_A") or ADAPTER not in getattr(layer, "lora_A", {}):
+                continue
+            path = sgm_unet_name(name, layers_per_block) if prefix == "lora_unet" else name
+            key = f"{prefix}_{path.replace('.', '_')}"
+            out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+            out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def save_kohya(path: Path, state: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write a kohya-format LoRA file atomically."""
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in metadata.items()}
+    return write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers/PEFT keys) into `folder`, atomically."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers(model):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model)) if model is not None else None
+
+    target = Path(folder) / "pytorch_lora_weights.safetensors"
+
+    def write(tmp: Path) -> None:
+        StableDiffusionXLPipeline.save_lora_weights(
+            str(tmp.parent),
+            unet_lora_layers=layers(unet),
+            text_encoder_lora_layers=layers(text_encoder),
+            text_encoder_2_lora_layers=layers(text_encoder_2),
+            weight_name=tmp.name,
+            safe_serialization=True,
+        )
+
+    return write_with(target, write)

@@ -1,0 +1,237 @@
+"""The noise of one training step, made the way kohya sd-scripts v0.8.7 makes it.
+
+A sweep is only comparable with kohya runs if the target epsilon and the noisy input are built in kohya's order, from
+kohya's generators, in kohya's dtypes (reference: /work/shared/reference/kohya-v0.8.7.md, sections 1 and 2):
+
+    randn(eps, latents' dtype) -> [rand(1): offset strength] -> [randn(B,C,1,1): offset] -> [pyramid: Python random
+    + CPU randn per level] -> timesteps -> [rand(1): ip strength] -> [randn(xi, latents' dtype)]
+
+The pieces are pure functions; `kohya_noisy_latents` composes them in that order.
+
+Random numbers: with ``generator=None`` every draw uses the global RNGs exactly as kohya does (torch's RNG of the
+latents' device; the CPU generator for pyramid levels and for the one-per-batch timestep; Python's `random` for the
+pyramid's scale factors), so seeding the way accelerate's `set_seed` does reproduces kohya's streams. With a
+`torch.Generator`, every torch draw comes from it (on the generator's device, then moved to the latents' device) and
+the pyramid's scale factors come from a `random.Random` seeded by one 63-bit integer drawn from that generator: one
+generator then determines everything and no global state is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from lora_sweep.errors import ConfigError
+
+
+def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device | str,
+          generator: torch.Generator | None, **kwargs: Any) -> torch.Tensor:
+    """Call a torch sampler on `device`'s global RNG, or on `generator` (its own device) and move the result."""
+    if generator is None:
+        return sampler(*args, device=device, **kwargs)
+    return sampler(*args, device=generator.device, generator=generator, **kwargs).to(device)
+
+
+def apply_noise_offset(latents: torch.Tensor, noise: torch.Tensor, offset: float | torch.Tensor,
+                       adaptive_scale: float | None = None, *,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return ``noise + s * eta`` with one eta ~ N(0, 1) per (sample, channel), shape (B, C, 1, 1), fp32.
+
+    Why: the mean of a latent channel barely changes in the forward process, so a model trained on plain noise never
+    learns to move an image's overall brightness; a constant shift per channel teaches it to. s is `offset` (already
+    the random strength, if any: the caller draws it), or with `adaptive_scale` a:
+    ``s_bc = max(0, offset + a * |mean_hw(latents_bc)|)`` computed from the (scaled) latents in their own dtype.
+    eta is fp32, so fp16/bf16 noise comes back fp32 (kohya's side effect). The draw always happens: callers skip
+    the call when the offset is off, as kohya does.
+    """
+    strength: float | torch.Tensor = offset
+    if adaptive_scale is not None:
+        channel_mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+        strength = torch.clamp(offset + adaptive_scale * channel_mean, 0.0, None)
+    eta = _draw(torch.randn, (latents.shape[0], latents.shape[1], 1, 1), dtype=torch.float32,
+                device=latents.device, generator=generator)
+    return noise + strength * eta
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, *,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise: add coarser N(0, 1) fields, then rescale to unit global std.
+
+    Why: white noise leaves low frequencies almost unnoised at small t; coarse fields add energy there. For level
+    i = 0..iterations-1: r_i = 2 + 2*U[0,1) (one per level, whole batch), size (max(1, int(h / r_i**i)),
+    max(1, int(w / r_i**i))), z_i ~ N(0, 1) drawn on the CPU (fp32), upsampled bilinearly (align_corners=False) to
+    (h, w) and added with weight discount**i; stop after the first level whose size reaches 1. Level 0 is a second
+    full-resolution field of weight 1. Finally divide by the unbiased std of the whole tensor (one scalar).
+    The input is not modified; the result keeps the input's dtype (kohya adds in place).
+    """
+    if generator is None:
+        scale_rng: Any = random  # kohya's global `random.random()`
+    else:
+        seed = int(torch.randint(0, 2**63 - 1, (1,), device=generator.device, generator=generator))
+        scale_rng = random.Random(seed)
+    batch, channels, height, width = noise.shape
+    result = noise.clone()
+    for level in range(iterations):
+        ratio = 2 + 2 * scale_rng.random()
+        level_h = max(1, int(height / ratio**level))
+        level_w = max(1, int(width / ratio**level))
+        field = _draw(torch.randn, (batch, channels, level_h, level_w), device="cpu", generator=generator)
+        field = field.to(noise.device)
+        result += F.interpolate(field, size=(height, width), mode="bilinear", align_corners=False) * discount**level
+        if level_h == 1 or level_w == 1:
+            break
+    return result / result.std()
+
+
+def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_t) and sqrt(1 - abar_t) shaped (B, 1, ...), with abar cast to `like`'s dtype first (as diffusers)."""
+    abar = alphas_cumprod.to(device=like.device, dtype=like.dtype)[timesteps.to(like.device)]
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return (abar**0.5).reshape(shape), ((1 - abar) ** 0.5).reshape(shape)
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward process x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, exactly as DDPMScheduler.add_noise."""
+    sqrt_abar, sqrt_one_minus_abar = _sqrt_alphas(alphas_cumprod, timesteps, latents)
+    return sqrt_abar * latents + sqrt_one_minus_abar * noise
+
+
+def velocity_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0: the v-parameterization target (DDPMScheduler.get_velocity)."""
+    sqrt_abar, sqrt_one_minus_abar = _sqrt_alphas(alphas_cumprod, timesteps, latents)
+    return sqrt_abar * noise - sqrt_one_minus_abar * latents
+
+
+def sample_timesteps(batch_size: int, *, one_per_batch: bool, min_timestep: int, max_timestep: int,
+                     device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ randint(min, max) (upper bound excluded), LongTensor (B,).
+
+    Per sample on the device RNG (kohya's l2), or ONE draw on the CPU generator repeated over the batch (kohya
+    v0.8.7's huber/smooth_l1, which then uses one huber_c per batch).
+    """
+    if one_per_batch:
+        one = _draw(torch.randint, min_timestep, max_timestep, (1,), device="cpu", generator=generator)
+        return one.repeat(batch_size).to(device).long()
+    return _draw(torch.randint, min_timestep, max_timestep, (batch_size,), device=device, generator=generator).long()
+
+
+@dataclass(frozen=True)
+class NoisyLatents:
+    """One step's noise. `noise` is the epsilon target (without the input perturbation); strengths are for logging
+    (0.0 where the option is off)."""
+
+    noise: torch.Tensor
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    offset_strength: float
+    ip_strength: float
+
+
+def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, *, offset: float = 0.0,
+                        offset_random_strength: bool = False, adaptive_scale: float | None = None,
+                        multires_iterations: int = 0, multires_discount: float = 0.3, ip_gamma: float = 0.0,
+                        ip_gamma_random_strength: bool = False, one_timestep_per_batch: bool = False,
+                        min_timestep: int = 0, max_timestep: int = 1000,
+                        generator: torch.Generator | None = None) -> NoisyLatents:
+    """kohya v0.8.7's `get_noise_noisy_latents_and_timesteps`: noise, timesteps and x_t in kohya's RNG order.
+
+    `latents` are the scaled VAE latents already in the training dtype: eps is drawn in that dtype (fp16 noise under
+    fp16), and x_t uses abar cast to it. An option that is 0 / False makes no draw at all. Random strengths keep
+    kohya's (1,)-shaped fp32 tensor in the arithmetic (it decides dtypes) and are reported as floats. With
+    `ip_gamma` g: x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi), while the target stays eps.
+    """
+    num_timesteps = alphas_cumprod.shape[0]
+    if not 0 <= min_timestep < max_timestep <= num_timesteps:
+        raise ConfigError(
+            f"min_timestep={min_timestep} / max_timestep={max_timestep}: timesteps are drawn from "
+            f"[min_timestep, max_timestep), so 0 <= min_timestep < max_timestep <= {num_timesteps} is required "
+            "(kohya's --min_timestep / --max_timestep; defaults 0 and 1000)."
+        )
+    device = latents.device
+    noise = _draw(torch.randn, latents.shape, dtype=latents.dtype, device=device, generator=generator)
+
+    offset_strength = 0.0
+    if offset:
+        strength: float | torch.Tensor = offset
+        if offset_random_strength:
+            strength = _draw(torch.rand, (1,), device=device, generator=generator) * offset
+        offset_strength = float(strength)
+        noise = apply_noise_offset(latents, noise, strength, adaptive_scale, generator=generator)
+    if multires_iterations:
+        noise = pyramid_noise(noise, multires_iterations, multires_discount, generator=generator)
+
+    timesteps = sample_timesteps(latents.shape[0], one_per_batch=one_timestep_per_batch, min_timestep=min_timestep,
+                                 max_timestep=max_timestep, device=device, generator=generator)
+
+    model_noise = noise
+    ip_strength = 0.0
+    if ip_gamma:
+        ip_scale: float | torch.Tensor = ip_gamma
+        if ip_gamma_random_strength:
+            ip_scale = _draw(torch.rand, (1,), device=device, generator=generator) * ip_gamma
+        ip_strength = float(ip_scale)
+        perturbation = _draw(torch.randn, latents.shape, dtype=latents.dtype, device=device, generator=generator)
+        model_noise = noise + ip_scale * perturbation
+
+    noisy = add_noise(latents, model_noise, timesteps, alphas_cumprod)
+    return NoisyLatents(noise, noisy, timesteps, offset_strength, ip_strength)
+
+
+def _finite_number(field: str, value: Any, what: str) -> float:
+    """The value as a float, or a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{field} = {value!r} is not valid: it must be a finite number ({what}).")
+    return float(value)
+
+
+def _flag(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field} = {value!r} is not valid: it must be true or false.")
+    return value
+
+
+def check_noise_options(*, offset: float = 0.0, offset_random_strength: bool = False,
+                        adaptive_scale: float | None = None, multires_iterations: int = 0,
+                        multires_discount: float = 0.3, ip_gamma: float = 0.0,
+                        ip_gamma_random_strength: bool = False) -> None:
+    """Reject noise settings kohya would reject, and ones that would silently do nothing; raise ConfigError.
+
+    kohya itself bounds only adaptive_noise_scale (needs noise_offset). We also refuse negative strengths (a negative
+    offset or gamma is the same distribution as its absolute value, so it is a typo), negative iterations (kohya would
+    still renormalise the noise), a discount outside (0, 1] (0 reduces the pyramid to white noise; above 1 coarse
+    levels dominate, the opposite of a discount), and random-strength flags on a strength of 0.
+    """
+    offset = _finite_number("noise.offset", offset, ">= 0; 0 turns the noise offset off, kohya's --noise_offset")
+    if offset < 0:
+        raise ConfigError(f"noise.offset = {offset} is negative: use a strength >= 0 (0 = off; 0.0357 and 0.1 are "
+                          "common), the sign of the shift is already random.")
+    if _flag("noise.offset_random_strength", offset_random_strength) and offset == 0:
+        raise ConfigError("noise.offset_random_strength = true needs noise.offset > 0: the strength is drawn as "
+                          "U[0,1) * noise.offset, so with offset 0 it would do nothing.")
+    if adaptive_scale is not None:
+        _finite_number("noise.adaptive_scale", adaptive_scale, "or null; kohya's --adaptive_noise_scale")
+        if offset == 0:
+            raise ConfigError("noise.adaptive_scale is set but noise.offset is 0: the adaptive scale adjusts the "
+                              "noise offset, so set noise.offset > 0 or set noise.adaptive_scale to null "
+                              "(kohya: adaptive_noise_scale requires noise_offset).")
+    if isinstance(multires_iterations, bool) or not isinstance(multires_iterations, int) or multires_iterations < 0:
+        raise ConfigError(f"noise.multires_iterations = {multires_iterations!r} is not valid: it must be an integer "
+                          ">= 0 (0 = pyramid noise off; 6 to 10 are common).")
+    discount = _finite_number("noise.multires_discount", multires_discount, "in (0, 1], default 0.3")
+    if not 0 < discount <= 1:
+        raise ConfigError(f"noise.multires_discount = {discount} is out of range: it must be in (0, 1] (level i is "
+                          "weighted discount**i; kohya's default 0.3).")
+    ip_gamma = _finite_number("noise.ip_gamma", ip_gamma, ">= 0; 0 turns input perturbation off, 0.1 is common")
+    if ip_gamma < 0:
+        raise ConfigError(f"noise.ip_gamma = {ip_gamma} is negative: use a strength >= 0 (0 = off; 0.1 is common).")
+    if _flag("noise.ip_gamma_random_strength", ip_gamma_random_strength) and ip_gamma == 0:
+        raise ConfigError("noise.ip_gamma_random_strength = true needs noise.ip_gamma > 0: the strength is drawn as "
+                          "U[0,1) * noise.ip_gamma, so with gamma 0 it would do nothing.")

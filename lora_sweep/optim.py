@@ -1,0 +1,260 @@
+"""Optimizer and LR-scheduler factories for the `optimizer` config group, with kohya sd-scripts v0.8.7's rules.
+
+Reference §5/§6. Each option names the class kohya's `--optimizer_type` loads and spells out that class's defaults,
+so a config shows every value the run uses; `optimizer.args` overrides or extends them (kohya's `--optimizer_args`).
+The optimizer libraries (bitsandbytes, prodigyopt, dadaptation) are imported only when an option is built.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from lora_sweep.errors import ConfigError
+
+_ADAM_BETAS = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class OptimizerOption:
+    """import_path "module:Class"; kohya_name: kohya's --optimizer_type; adaptive: D-Adaptation/Prodigy, whose
+    effective step is d*lr with lr around 1.0; default_lr: the lr a config for this option starts from."""
+
+    import_path: str
+    kohya_name: str
+    adaptive: bool
+    default_lr: float
+    defaults: Mapping[str, Any]
+
+
+def _option(path: str, kohya_name: str, adaptive: bool, default_lr: float, **defaults: Any) -> OptimizerOption:
+    return OptimizerOption(path, kohya_name, adaptive, default_lr, MappingProxyType(defaults))
+
+
+OPTIMIZERS: dict[str, OptimizerOption] = {
+    "adamw": _option("torch.optim:AdamW", "AdamW", False, 1e-4, betas=_ADAM_BETAS, eps=1e-8, weight_decay=0.01),
+    "adamw8bit": _option(
+        "bitsandbytes.optim:AdamW8bit", "AdamW8bit", False, 1e-4,
+        betas=_ADAM_BETAS, eps=1e-8, weight_decay=0.01, min_8bit_size=4096,
+    ),
+    "lion8bit": _option(
+        "bitsandbytes.optim:Lion8bit", "Lion8bit", False, 1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096
+    ),
+    "prodigy": _option(
+        "prodigyopt:Prodigy", "Prodigy", True, 1.0,
+        betas=_ADAM_BETAS, beta3=None, eps=1e-8, weight_decay=0.0, decouple=True, use_bias_correction=False,
+        safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf,
+    ),
+    "dadapt_adam_preprint": _option(  # kohya's "DAdaptation" / "DAdaptAdamPreprint"
+        "dadaptation.experimental:DAdaptAdamPreprint", "DAdaptAdamPreprint", True, 1.0,
+        betas=_ADAM_BETAS, eps=1e-8, weight_decay=0.0, decouple=False, d0=1e-6, growth_rate=math.inf,
+    ),
+    "dadapt_adam": _option(
+        "dadaptation:DAdaptAdam", "DAdaptAdam", True, 1.0,
+        betas=_ADAM_BETAS, eps=1e-8, weight_decay=0.0, decouple=False, use_bias_correction=False, d0=1e-6,
+        growth_rate=math.inf,
+    ),
+}
+_KOHYA_ALIASES = {"dadaptation": "dadapt_adam_preprint"} | {o.kohya_name.lower(): n for n, o in OPTIMIZERS.items()}
+
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+
+LOW_ADAPTIVE_LR = 0.1  # kohya warns at or below this for D-Adaptation/Prodigy ("set learning rate around 1.0").
+# kohya checks the first group's lr; this checks the lr the optimizer uses (the largest group lr), so a frozen
+# text-encoder group with lr 0 does not raise a false alarm.
+
+
+def resolve_optimizer_name(name: str) -> str:
+    """Our option name for `name`; kohya's --optimizer_type spellings ("Prodigy", "DAdaptation", ...) also work."""
+    key = name.strip().lower()
+    if key in OPTIMIZERS:
+        return key
+    if key in _KOHYA_ALIASES:
+        return _KOHYA_ALIASES[key]
+    raise ConfigError(f"optimizer={name!r} is not an optimizer option; choose one of {sorted(OPTIMIZERS)}.")
+
+
+def parse_kohya_optimizer_args(text: str) -> dict[str, Any]:
+    """Read a kohya GUI "optimizer extra arguments" string ("decouple=True d0=1e-4 betas=0.9,0.99"): the GUI drops
+    '"' and splits on whitespace; sd-scripts splits each item on '=' and parses the value with ast.literal_eval."""
+    parsed: dict[str, Any] = {}
+    for item in text.replace('"', "").split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"optimizer argument {item!r} is not key=value (e.g. d_coef=2).")
+        try:
+            parsed[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as err:
+            raise ConfigError(f"optimizer argument {item!r}: {value!r} is not a Python literal ({err}).") from None
+    return parsed
+
+
+def _load_class(import_path: str) -> type[torch.optim.Optimizer]:
+    module_name, class_name = import_path.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _normalized_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Sequences (YAML lists, OmegaConf ListConfig) become tuples: optimizers expect betas=(b1, b2)."""
+    normalized = {}
+    for key, value in (args or {}).items():
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            value = tuple(value)
+        normalized[str(key)] = value
+    return normalized
+
+
+def _check_accepted(name: str, optimizer_class: type, kwargs: Mapping[str, Any]) -> None:
+    for key in ("lr", "params"):
+        if key in kwargs:
+            raise ConfigError(f"optimizer.args.{key} is not allowed: the learning rate is train.lr, the params come "
+                              f"from the LoRA network.")
+    signature = inspect.signature(optimizer_class.__init__)
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    accepted = [p for p in signature.parameters if p not in ("self", "params", "lr")]
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(f"optimizer.args.{key} is not an argument of {optimizer_class.__name__} ({name}); "
+                              f"accepted: {accepted}.")
+
+
+def _group_lrs(param_groups: list[dict], lr: float) -> list[tuple[str, float]]:
+    return [(str(g.get("name", f"group {i}")), float(g.get("lr", lr))) for i, g in enumerate(param_groups)]
+
+
+def _check_lrs(name: str, option: OptimizerOption, group_lrs: list[tuple[str, float]], lr: float) -> None:
+    if lr < 0:
+        raise ConfigError(f"train.lr={lr} is negative; a learning rate must be >= 0.")
+    for group_name, group_lr in group_lrs:
+        if group_lr < 0:
+            raise ConfigError(f"the learning rate of param group {group_name!r} is {group_lr}; it must be >= 0.")
+    if not option.adaptive:
+        return
+    if lr <= 0:
+        raise ConfigError(f"train.lr={lr}: {name} needs a positive lr (it multiplies the adapted step d); use 1.0.")
+    nonzero = {group_lr for _, group_lr in group_lrs if group_lr != 0}
+    if len(nonzero) > 1:
+        listing = ", ".join(f"{n}: lr={v}" for n, v in group_lrs)
+        raise ConfigError(
+            f"{name} shares one adapted step size d across param groups and fails at its first step when groups have "
+            f"different non-zero learning rates ({listing}). Set train.text_encoder_lr equal to train.lr (and "
+            f"train.unet_lr, if set), or set train.text_encoder_lr to 0 to freeze the text encoder LoRA."
+        )
+    effective_lr = max(nonzero, default=lr)  # these optimizers scale d by the largest group lr
+    if effective_lr <= LOW_ADAPTIVE_LR:
+        warnings.warn(
+            f"learning rate {effective_lr} is too low for {name}: D-Adaptation and Prodigy find the step size d "
+            f"themselves and the lr only scales it; set train.lr around 1.0 (kohya's advice).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def build_optimizer(
+    name: str, param_groups: list[dict], *, lr: float, args: Mapping[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer option `name` over `param_groups` (dicts with "params" and optionally "lr" and "name"; a group
+    without "lr" uses `lr`, as in kohya), built with the option's defaults updated by `args`."""
+    option_name = resolve_optimizer_name(name)
+    option = OPTIMIZERS[option_name]
+    kwargs = {**option.defaults, **_normalized_args(args)}
+    _check_lrs(option_name, option, _group_lrs(param_groups, lr), float(lr))
+    optimizer_class = _load_class(option.import_path)
+    _check_accepted(option_name, optimizer_class, kwargs)
+    try:
+        optimizer = optimizer_class(param_groups, lr=lr, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{optimizer_class.__name__} ({option_name}) rejected its arguments {kwargs}: {err}") from err
+    optimizer.lora_sweep_kwargs = dict(kwargs)  # for optimizer_description; torch keeps no record of what was passed
+    return optimizer
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
+    """kohya's `ss_optimizer` metadata form "module.Class(k=v,...)". kohya lists only the user's --optimizer_args;
+    this lists every keyword passed except lr (the option defaults are explicit here)."""
+    optimizer_class = type(optimizer)
+    kwargs = getattr(optimizer, "lora_sweep_kwargs", None)
+    if kwargs is None:
+        kwargs = {k: v for k, v in optimizer.defaults.items() if k != "lr"}
+    arguments = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    qualified = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
+    return f"{qualified}({arguments})" if arguments else qualified
+
+
+def _reporting_group(optimizer: torch.optim.Optimizer, group: int | None) -> dict:
+    """The group whose lr is "the" lr: `group` if given, else the first group whose scheduled base lr is non-zero
+    (kohya reads group 0; with its GUI a zero-lr text-encoder group does not exist, so that is the same group)."""
+    groups = optimizer.param_groups
+    if group is not None:
+        return groups[group]
+    return next((g for g in groups if g.get("initial_lr", g["lr"]) != 0), groups[0])
+
+
+def current_lr(optimizer: torch.optim.Optimizer, group: int | None = None) -> float:
+    """The lr now in effect (after the scheduler's multiplier) of the reporting group."""
+    return float(_reporting_group(optimizer, group)["lr"])
+
+
+def d_times_lr(optimizer: torch.optim.Optimizer, group: int | None = None) -> float | None:
+    """d*lr, the effective step of D-Adaptation/Prodigy (d is shared by all groups); None for other optimizers."""
+    chosen = _reporting_group(optimizer, group)
+    if "d" not in chosen:
+        return None
+    return float(chosen["d"]) * float(chosen["lr"])
+
+
+def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The per-optimizer-step metrics: train/lr, and train/d*lr for adaptive optimizers. kohya logs them after
+    optimizer.step() and lr_scheduler.step(), i.e. the lr the next step will use; call it at the same point."""
+    metrics = {"train/lr": current_lr(optimizer)}
+    step = d_times_lr(optimizer)
+    if step is not None:
+        metrics["train/d*lr"] = step
+    return metrics
+
+
+def lr_multiplier(schedule: str, step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """The factor on the base lr after `step` optimizer steps (diffusers' formulas that kohya calls; cosine is a
+    half cosine to 0 at total_steps, linear a straight line to 0; warmup rises linearly from 0)."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant_with_warmup":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if schedule == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    raise ConfigError(f"optimizer.scheduler={schedule!r} is not a scheduler; choose one of {list(SCHEDULERS)}.")
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, *, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR advanced once per optimizer step that was taken (not on fp16-skipped steps). `warmup_steps` and
+    `total_steps` count optimizer steps (kohya's max_train_steps x processes)."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"optimizer.scheduler={name!r} is not a scheduler; choose one of {list(SCHEDULERS)}.")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ConfigError(f"optimizer.warmup_steps={warmup_steps} must be >= 0 and the run must have >= 1 optimizer "
+                          f"step (got {total_steps}).")
+    if name == "constant" and warmup_steps != 0:
+        raise ConfigError(f"optimizer.scheduler=constant does not warm up but optimizer.warmup_steps={warmup_steps} "
+                          f"(kohya refuses this too); use optimizer.scheduler=constant_with_warmup or warmup_steps=0.")
+
+    def multiplier(step: int) -> float:
+        return lr_multiplier(name, step, warmup_steps=warmup_steps, total_steps=total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -1,0 +1,55 @@
+"""The bundled dataset: scikit-image's sample photos, written once as a kohya-layout folder.
+
+The photos ship inside the scikit-image wheel, so the demo and the tests train on real images without any download.
+They keep their own sizes and aspect ratios (square, 3:2 landscape, portrait-ish crops), which exercises bucketing.
+Writing them as `<repeats>_<name>/<image>.png + <image>.txt` means the same folder loader serves them and a user's data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# name in skimage.data -> caption (what a tagger or a person would write)
+PHOTOS: dict[str, str] = {
+    "astronaut": "a photo of an astronaut in a white spacesuit, american flag, portrait",
+    "coffee": "a photo of a cup of coffee on a saucer, top view, wooden table",
+    "chelsea": "a photo of a tabby cat looking to the side, whiskers, close-up",
+    "rocket": "a photo of a rocket on a launch pad, blue sky, landscape",
+    "hubble_deep_field": "a photo of the night sky full of galaxies, deep field, space",
+    "immunohistochemistry": "a microscope photo of stained tissue cells, purple and brown",
+    "retina": "a photo of a human retina, red and orange, round, medical image",
+    "camera": "a black and white photo of a cameraman with a tripod camera, grass field",
+}
+FOLDER = "5_photo"  # 5 repeats, class token "photo"
+VERSION = "photos-v1"
+
+
+def photos_dir(cache_root: Path) -> Path:
+    """Return the photos dataset folder under `cache_root`, writing it once (atomically, safe if jobs race)."""
+    target = Path(cache_root) / "datasets" / VERSION
+    if (target / FOLDER).is_dir():
+        return target
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{VERSION}.", dir=target.parent))
+    try:
+        sub = staging / FOLDER
+        sub.mkdir()
+        for name, caption in PHOTOS.items():
+            pixels = np.asarray(getattr(skimage.data, name)())
+            Image.fromarray(pixels).convert("RGB").save(sub / f"{name}.png")
+            (sub / f"{name}.txt").write_text(caption + "\n")
+        try:
+            os.rename(staging, target)
+        except OSError:  # another job finished first: keep theirs
+            if not (target / FOLDER).is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

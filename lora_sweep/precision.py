@@ -1,0 +1,280 @@
+"""Precision policies: the dtype frozen base weights are stored in, the dtype ops run in, and fp16 loss scaling.
+
+kohya sd-scripts v0.8.7 semantics (reference §4):
+- `fp16` / `bf16` = `--mixed_precision fp16|bf16`: base weights cast to that dtype, LoRA params stay fp32, the forward
+  runs under autocast. fp16 adds a dynamic GradScaler whose overflowing steps are skipped (no optimizer step, no LR
+  scheduler step).
+- `fp8` / `fp8_bf16` = `--fp8_base` with mixed precision fp16 / bf16: every base weight is stored as float8_e4m3fn
+  (a plain, unscaled cast); each op computes with an upcast copy; LoRA params stay fp32.
+
+How the storage dtype meets the compute dtype here (one recipe on every device, so the path the CPU tests cover is
+the path a GPU runs):
+- Linear/Conv weights stored in fp16/bf16 are used as they are: autocast runs those ops in the compute dtype.
+- fp8-stored weights get a forward pre-hook that puts an upcast copy (compute dtype) in place of the stored tensor
+  for the duration of the module's forward, as a new tensor; a forward hook puts the stored one back. On CUDA,
+  kohya relies on autocast to do that cast per op; e4m3fn values are exact in fp16 and bf16, so the numbers are
+  the same. The tensor is swapped, never `.data` (swapping `.data` breaks backward, stack-notes), and names,
+  `state_dict()` keys and storage are unchanged outside a forward.
+- Norm layers (GroupNorm, LayerNorm, ...) stored in a reduced dtype get the same hook upcasting to fp32. CUDA
+  autocast runs group_norm/layer_norm in fp32 itself; CPU autocast does not, and there a GroupNorm with fp8
+  params, or fp16 params and an fp32 input, fails with "mixed dtype (CPU)". With fp32 norm params every device
+  normalises with the weights CUDA autocast uses, for a few KB of copies per forward.
+- nn.Embedding under fp8 is stored in the latent dtype instead (kohya keeps the text encoders' embeddings out of
+  fp8: embedding has no fp8 kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from lora_sweep.errors import ConfigError
+
+LORA_MARKER = "lora_"  # PEFT names every adapter tensor lora_A/lora_B/lora_magnitude_vector...
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """One precision option.
+
+    weight_dtype: storage dtype of the frozen base weights.
+    compute_dtype: autocast dtype, or None for plain fp32 (no autocast).
+    latent_dtype: kohya's `weight_dtype` variable: the dtype of latents, noise and the U-Net input.
+    mixed_precision: kohya's `--mixed_precision` value ("no", "fp16", "bf16"), for metadata.
+    """
+
+    name: str
+    weight_dtype: torch.dtype
+    compute_dtype: torch.dtype | None
+    fp8_base: bool
+    needs_grad_scaler: bool
+    latent_dtype: torch.dtype
+    mixed_precision: str
+
+
+PRECISIONS: dict[str, PrecisionPolicy] = {
+    "fp32": PrecisionPolicy("fp32", torch.float32, None, False, False, torch.float32, "no"),
+    "fp16": PrecisionPolicy("fp16", torch.float16, torch.float16, False, True, torch.float16, "fp16"),
+    "bf16": PrecisionPolicy("bf16", torch.bfloat16, torch.bfloat16, False, False, torch.bfloat16, "bf16"),
+    "fp8": PrecisionPolicy("fp8", torch.float8_e4m3fn, torch.float16, True, True, torch.float16, "fp16"),
+    "fp8_bf16": PrecisionPolicy("fp8_bf16", torch.float8_e4m3fn, torch.bfloat16, True, False, torch.bfloat16, "bf16"),
+}
+
+
+def _device_kind(device: str | torch.device) -> str:
+    """"cuda:1" -> "cuda": autocast and GradScaler take the device type."""
+    return torch.device(device).type
+
+
+def _device_available(device_type: str) -> bool:
+    if device_type == "cpu":
+        return True
+    backend = getattr(torch, device_type, None)
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    return bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+
+
+def _autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """torch disables autocast (with a warning) for a dtype the device cannot autocast to; ask it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(torch.autocast(device_type, dtype=dtype)._enabled)
+        except RuntimeError:
+            return False
+
+
+def _fp8_casts_on(device_type: str, compute_dtype: torch.dtype) -> bool:
+    try:
+        probe = torch.ones(4, dtype=compute_dtype, device=device_type)
+        return bool(torch.equal(probe.to(torch.float8_e4m3fn).to(compute_dtype), probe))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def precision_policy(name: str, device_type: str) -> PrecisionPolicy:
+    """The policy for `precision=<name>` on `device_type` ("cpu", "cuda", ...).
+
+    Device checks run only where that device is present (so a config can be validated on a machine without the GPU
+    it will train on); train-time calls on the real device catch the rest.
+    """
+    policy = PRECISIONS.get(name)
+    if policy is None:
+        raise ConfigError(f"precision={name!r} is not a precision option; choose one of {sorted(PRECISIONS)}.")
+    check_policy_supported(policy, device_type)
+    return policy
+
+
+def check_policy_supported(policy: PrecisionPolicy, device_type: str) -> None:
+    """Raise ConfigError if `device_type` (when present here) cannot autocast to the compute dtype or cast fp8."""
+    device_type = _device_kind(device_type)
+    if policy.compute_dtype is None or not _device_available(device_type):
+        return
+    compute = str(policy.compute_dtype).removeprefix("torch.")
+    if policy.fp8_base and not _autocast_supports(device_type, policy.compute_dtype):
+        raise ConfigError(
+            f"precision={policy.name!r} stores base weights in fp8, which needs a compute dtype to upcast to, but "
+            f"autocast on device {device_type!r} does not support {compute}; use precision=fp8 (fp16 compute) or "
+            f"fp8_bf16 (bf16 compute, GPUs with bf16 such as Ampere or newer)."
+        )
+    if not _autocast_supports(device_type, policy.compute_dtype):
+        raise ConfigError(
+            f"precision={policy.name!r} computes in {compute}, which autocast does not support on device "
+            f"{device_type!r}; choose one of {sorted(set(PRECISIONS) - {policy.name})} (bf16 needs a GPU with bf16)."
+        )
+    if policy.fp8_base and not _fp8_casts_on(device_type, policy.compute_dtype):
+        raise ConfigError(
+            f"precision={policy.name!r} stores base weights as float8_e4m3fn, which device {device_type!r} with "
+            f"torch {torch.__version__} cannot cast to {compute}; use precision=fp16 or bf16 there."
+        )
+
+
+class _UpcastDuringForward:
+    """Forward hooks that replace a module's stored low-precision tensors by upcast copies, then restore them."""
+
+    def __init__(self, tensor_names: list[str], dtype: torch.dtype) -> None:
+        self.tensor_names = tensor_names
+        self.dtype = dtype
+        self._stored: list[dict[str, torch.Tensor]] = []  # a stack: survives a module re-entered during forward
+
+    def _table(self, module: torch.nn.Module, name: str) -> dict:
+        return module._parameters if name in module._parameters else module._buffers
+
+    def swap_in(self, module: torch.nn.Module, args: tuple) -> None:
+        stored = {}
+        for name in self.tensor_names:
+            table = self._table(module, name)
+            stored[name] = table[name]
+            table[name] = stored[name].to(self.dtype)
+        self._stored.append(stored)
+
+    def swap_back(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if not self._stored:
+            return
+        for name, tensor in self._stored.pop().items():
+            self._table(module, name)[name] = tensor
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    """GroupNorm, LayerNorm, RMSNorm and diffusers' *Norm classes (BatchNorm, absent from SDXL, is not: its
+    running stats are updated in place, which a swapped-in copy would lose)."""
+    torch_norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
+    return isinstance(module, torch_norms) or type(module).__name__.endswith("Norm")
+
+
+def _frozen_base_tensor_names(module_name: str, module: torch.nn.Module) -> list[str]:
+    """Direct floating params/buffers of `module` that are neither LoRA nor trainable."""
+    names = []
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        full_name = f"{module_name}.{name}" if module_name else name
+        if tensor is None or not tensor.is_floating_point() or LORA_MARKER in full_name:
+            continue
+        if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+            continue
+        names.append(name)
+    return names
+
+
+def apply_base_precision(module: torch.nn.Module, policy: PrecisionPolicy) -> None:
+    """Store the frozen base weights of `module` in `policy.weight_dtype`; LoRA and trainable params stay as they are.
+
+    Call it once, after the LoRA adapter exists (PEFT creates adapter params in the base layer's dtype) and after
+    `requires_grad_(False)` on the base. Device moves afterwards are fine; a later `module.to(dtype)` would undo it.
+    """
+    if getattr(module, "_lora_sweep_precision", None) is not None:
+        raise RuntimeError(f"apply_base_precision already ran on this module ({module._lora_sweep_precision}).")
+    module._lora_sweep_precision = policy.name
+    if policy.weight_dtype == torch.float32:
+        return
+    for module_name, submodule in module.named_modules():
+        names = _frozen_base_tensor_names(module_name, submodule)
+        if not names:
+            continue
+        storage_dtype, upcast_dtype = policy.weight_dtype, None
+        if isinstance(submodule, torch.nn.Embedding):
+            storage_dtype = policy.latent_dtype
+        elif _is_norm(submodule):
+            upcast_dtype = torch.float32
+        elif policy.fp8_base:
+            upcast_dtype = policy.compute_dtype
+        for name in names:
+            table = submodule._parameters if name in submodule._parameters else submodule._buffers
+            if isinstance(table[name], torch.nn.Parameter):
+                table[name].data = table[name].data.to(storage_dtype)  # at rest, outside any graph: safe
+            else:
+                table[name] = table[name].to(storage_dtype)
+        if upcast_dtype is not None:
+            hooks = _UpcastDuringForward(names, upcast_dtype)
+            submodule.register_forward_pre_hook(hooks.swap_in)
+            submodule.register_forward_hook(hooks.swap_back, always_call=True)
+
+
+def autocast(policy: PrecisionPolicy, device_type: str) -> contextlib.AbstractContextManager:
+    """torch.autocast in the policy's compute dtype; a no-op for fp32."""
+    if policy.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(_device_kind(device_type), dtype=policy.compute_dtype)
+
+
+def make_grad_scaler(policy: PrecisionPolicy, device_type: str) -> torch.amp.GradScaler:
+    """A dynamic loss scaler for fp16 compute (accelerate's defaults: init 2**16, x2 every 2000 good steps, x0.5 on
+    overflow); disabled (scale/unscale are no-ops) for every other policy."""
+    return torch.amp.GradScaler(_device_kind(device_type), enabled=policy.needs_grad_scaler)
+
+
+def scaled_step(
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> bool:
+    """Unscale, clip, step; return True if the optimizer stepped, False if fp16 overflow made the scaler skip it.
+
+    The caller scaled the loss (`scaler.scale(loss).backward()`), zeroes grads afterwards, counts `False` as a skipped
+    step and, as kohya/accelerate do, does not advance the LR scheduler on it. Clipping (kohya's max_grad_norm,
+    default 1.0; 0 = off) sees unscaled grads.
+    """
+    params = [p for p in params if p.grad is not None]
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0 and params:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not scaler.is_enabled():
+        optimizer.step()
+        return True
+    scale_before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale_before  # the scale only shrinks when inf/nan grads skipped the step
+
+
+def base_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by non-LoRA params and floating buffers (`mem/base_weights_bytes`): what fp8 vs fp16 changes."""
+    tensors = [t for n, t in module.named_parameters() if LORA_MARKER not in n]
+    tensors += [t for n, t in module.named_buffers() if LORA_MARKER not in n and t.is_floating_point()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_gpu_memory_bytes() -> int | None:
+    """Peak bytes allocated by tensors on the current CUDA device since the last reset; None without CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())
+
+
+def reset_peak_gpu_memory() -> None:
+    """Start a new peak measurement (several trainings can share one process under Hydra's basic launcher)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
+    """Recompute activations in backward (diffusers' non-reentrant checkpointing, so frozen-base LoRA still gets
+    grads); kohya also puts the U-Net in train mode when checkpointing."""
+    unet.enable_gradient_checkpointing()
+    unet.train()

@@ -1,0 +1,143 @@
+"""Turn a dataset folder into training examples: bucketed latents and text embeddings, through the shared cache.
+
+Each image is assigned a bucket (kohya's algorithm), resized and centre-cropped, and VAE-encoded once; each caption
+is encoded by both text encoders once. The cache is content-addressed, so every variant of a sweep (another noise,
+loss, optimizer, precision) reads what the first one wrote, and an edited image or caption misses exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ImageOps
+
+from lora_sweep import buckets, cache as cache_lib
+from lora_sweep.dataset import FolderScan, ImageItem, load_rgb
+from lora_sweep.encode import encode_images, encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One image ready for training (tensors on the CPU; latents unscaled, as the VAE returns them)."""
+
+    item: ImageItem
+    bucket: tuple[int, int]  # (width, height) in pixels
+    latents: torch.Tensor  # (C, h, w)
+    latents_flipped: torch.Tensor | None
+    time_ids: torch.Tensor  # (6,) original size, crop top-left, target size
+    time_ids_flipped: torch.Tensor | None
+    context: torch.Tensor | None  # (77, hidden); None when text is encoded per step
+    pooled: torch.Tensor | None
+
+
+@dataclass
+class Prepared:
+    examples: list[Example]
+    histogram: dict[str, int]
+    cache_stats: dict[str, int] = field(default_factory=dict)  # cache/hits, cache/misses, per kind
+
+
+def bucket_settings(data_cfg) -> dict:
+    """The bucket arguments of `buckets.assign_bucket`, with lora-sweep's size-relative defaults filled in."""
+    width, height = buckets.parse_resolution(data_cfg.resolution)
+    steps = int(data_cfg.bucket_reso_steps)
+    base = min(width, height)
+    min_reso = data_cfg.min_bucket_reso or max(steps, (base // 4) // steps * steps)
+    max_reso = data_cfg.max_bucket_reso or max(width, height) * 2
+    if not data_cfg.enable_bucket:  # every image centre-cropped to the resolution
+        return {"resolution": (width, height), "fixed": True}
+    return {
+        "resolution": (width, height),
+        "reso_steps": steps,
+        "no_upscale": bool(data_cfg.bucket_no_upscale),
+        "min_reso": min_reso,
+        "max_reso": max_reso,
+    }
+
+
+def _assign(item: ImageItem, settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    if settings.get("fixed"):
+        w, h = item.size
+        bw, bh = settings["resolution"]
+        scale = max(bw / w, bh / h)
+        return (bw, bh), (int(w * scale + 0.5), int(h * scale + 0.5))
+    return buckets.assign_bucket(*item.size, **settings)
+
+
+def _pixels(image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _time_ids(item: ImageItem, bucket, flipped: bool) -> torch.Tensor:
+    top_left = buckets.kohya_crop_top_left(bucket, item.size, flipped=flipped)
+    return torch.tensor(buckets.sdxl_time_ids((item.size[1], item.size[0]), top_left, (bucket[1], bucket[0])))
+
+
+def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: bool) -> Prepared:
+    """Encode (or read from the cache) every image's latents, and captions' embeddings unless `encode_text` is
+    False (text-encoder LoRA or shuffled captions: then text is encoded at every step, as kohya does).
+
+    The VAE always encodes in fp32 (kohya's --no_half_vae), so every precision variant shares the same entries.
+    """
+    store = cache_lib.TensorCache(Path(data_cfg.cache_dir or cache_lib.default_cache_dir()))
+    settings = bucket_settings(data_cfg)
+    vae_id = store.model_identity(parts.source, "vae")
+    text_id = store.model_identity(parts.source, "text") if encode_text else ""
+    examples: list[Example] = []
+    for item in scan.items:
+        bucket, resized = _assign(item, settings)
+        image_sha = store.file_sha256(item.path)
+        latents = {}
+        for flipped in ([False, True] if data_cfg.flip_aug else [False]):
+            key = cache_lib.latent_cache_key(
+                vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
+                crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
+            )
+            encode = lambda flipped=flipped, key=key: _encode_latents(parts, item, bucket, resized, flipped, key,
+                                                                      data_cfg.latent_sample, device)  # noqa: E731
+            latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
+        context = pooled = None
+        if encode_text:
+            key = cache_lib.text_cache_key(text_encoders=text_id, caption=item.caption)
+            text = store.get_or_compute("text", key, lambda c=item.caption: _encode_caption(parts, c),
+                                        {"source": str(item.path), "caption": item.caption})
+            context, pooled = text["context"], text["pooled"]
+        examples.append(
+            Example(
+                item=item, bucket=bucket, latents=latents[False], latents_flipped=latents.get(True),
+                time_ids=_time_ids(item, bucket, False),
+                time_ids_flipped=_time_ids(item, bucket, True) if data_cfg.flip_aug else None,
+                context=context, pooled=pooled,
+            )
+        )
+    histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
+    return Prepared(examples, histogram, cache_stats=store.stats())
+
+
+def _crop_offsets(bucket, resized) -> tuple[int, int]:
+    """The real centre crop (left, top) from the resized image to the bucket."""
+    return (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+
+
+@torch.no_grad()
+def _encode_latents(parts, item: ImageItem, bucket, resized, flipped: bool, key: str, mode: str, device) -> dict:
+    """kohya's order: resize and centre-crop, then flip; one posterior sample seeded by the entry's key."""
+    cropped, _ = buckets.resize_and_center_crop(load_rgb(item.path), bucket, resized)
+    if flipped:
+        cropped = ImageOps.mirror(cropped)
+    generator = torch.Generator(device="cpu").manual_seed(cache_lib.posterior_seed(key))
+    pixels = _pixels(cropped).unsqueeze(0).to(device, torch.float32)
+    out = encode_images(parts.vae, pixels, sample=mode == "sample", generator=generator)
+    return {"latents": out[0].float().cpu()}
+
+
+def _encode_caption(parts, caption: str) -> dict:
+    context, pooled = encode_prompts(parts, [caption])
+    return {"context": context[0].float().cpu(), "pooled": pooled[0].float().cpu()}

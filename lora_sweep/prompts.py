@@ -1,0 +1,184 @@
+"""Sample prompts: kohya sd-scripts' prompt-file format, parsed into `PromptSpec`s.
+
+A prompt file is text with one prompt per line; blank lines and lines starting with `#` are skipped. A line is
+split at " --"; the first part is the prompt, the others are options (case-insensitive), as in kohya v0.8.7:
+
+    a photo of a cat --w 1024 --h 1024 --d 42 --s 30 --l 7.5 --n blurry, lowres
+
+    --w / --h  width / height in pixels, rounded down to a multiple of 8 with a minimum of 64 (kohya's rounding)
+    --d        seed
+    --s        sampling steps, clamped to 1..1000
+    --l        CFG (guidance) scale
+    --n        negative prompt (runs to the next " --" or the end of the line)
+    --ss, --cn, --am, --f   kohya options with no meaning here (sampler, ControlNet, ...); accepted and ignored:
+               lora-sweep always samples with Euler so that every variant is drawn the same way.
+
+Unlike kohya, where a missing `--d` means a fresh random seed each time, a prompt without `--d` gets the seed
+`default_seed + index`: every variant and every sampling step then start from the same noise, which is what
+makes their samples comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Sequence
+
+from lora_sweep.errors import UserError
+
+IGNORED_KOHYA_OPTIONS = ("ss", "cn", "am", "f")
+_OPTION = re.compile(r"^(?P<name>[A-Za-z]+)(?:\s+(?P<value>.*))?$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """One sample to draw: the text, the size, the seed and the sampler settings."""
+
+    prompt: str
+    negative: str = ""
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+    steps: int = 30
+    cfg: float = 7.5
+
+    def label(self, index: int) -> str:
+        """A short caption for grids: prompt index, seed and the first words of the prompt."""
+        words = self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
+        return f"p{index:02d} s{self.seed}: {words}"
+
+
+def round_size(pixels: int) -> int:
+    """kohya's sample-size rounding: down to a multiple of 8, at least 64."""
+    return max(64, pixels - pixels % 8)
+
+
+def parse_prompt_line(
+    line: str,
+    *,
+    index: int,
+    default_width: int = 1024,
+    default_height: int = 1024,
+    default_steps: int = 30,
+    default_cfg: float = 7.5,
+    default_seed: int = 0,
+    default_negative: str = "",
+    where: str = "sampling.prompts",
+) -> PromptSpec:
+    """Parse one prompt line with inline options (see the module docstring) into a `PromptSpec`.
+
+    `index` is the prompt's position in its list; it picks the default seed. `where` names the source in errors.
+    """
+    parts = (" " + line.strip()).split(" --")  # the leading space lets a line that starts with "--" be caught
+    prompt = parts[0].strip()
+    if not prompt:
+        raise UserError(f"{where}, prompt {index}: the line {line!r} has options but no prompt text before them.")
+    values: dict[str, object] = {
+        "width": default_width,
+        "height": default_height,
+        "steps": default_steps,
+        "cfg": default_cfg,
+        "seed": default_seed + index,
+        "negative": default_negative,
+    }
+    for option in parts[1:]:
+        option = option.strip()
+        if not option:
+            continue
+        match = _OPTION.match(option)
+        name = match.group("name").lower() if match else ""
+        value = (match.group("value") or "").strip() if match else ""
+        try:
+            if name == "w":
+                values["width"] = int(value)
+            elif name == "h":
+                values["height"] = int(value)
+            elif name == "d":
+                values["seed"] = int(value)
+            elif name == "s":
+                values["steps"] = max(1, min(1000, int(value)))
+            elif name == "l":
+                values["cfg"] = float(value)
+            elif name == "n":
+                values["negative"] = value
+            elif name in IGNORED_KOHYA_OPTIONS:
+                continue
+            else:
+                raise UserError(
+                    f"{where}, prompt {index}: unknown option '--{option.split()[0]}' in {line!r}. Accepted: "
+                    "--w WIDTH, --h HEIGHT, --d SEED, --s STEPS, --l CFG, --n NEGATIVE PROMPT "
+                    "(kohya's --ss, --cn, --am and --f are accepted and ignored)."
+                )
+        except ValueError:
+            raise UserError(
+                f"{where}, prompt {index}: option '--{option}' in {line!r} needs a number "
+                "(--w/--h/--d/--s take whole numbers, --l a decimal)."
+            ) from None
+    return PromptSpec(
+        prompt=prompt,
+        negative=str(values["negative"]),
+        width=round_size(int(values["width"])),
+        height=round_size(int(values["height"])),
+        seed=int(values["seed"]),
+        steps=int(values["steps"]),
+        cfg=float(values["cfg"]),
+    )
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompt lines of a kohya .txt prompt file: stripped, without blank lines and `#` comment lines."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        raise UserError(
+            f"sampling.prompts: '{path}' is not a .txt prompt file. Give a .txt file (one prompt per line, "
+            "'#' comments, inline --w --h --d --s --l --n options) or a list of prompt strings in the config."
+        )
+    if not path.is_file():
+        raise UserError(f"sampling.prompts: the prompt file '{path}' does not exist (paths are relative to the "
+                        "directory the sweep was started in).")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def load_prompts(
+    prompts: str | Path | Sequence[str] = (),
+    *,
+    prompt_file: str | Path | None = None,
+    default_width: int = 1024,
+    default_height: int = 1024,
+    default_steps: int = 30,
+    default_cfg: float = 7.5,
+    default_seed: int = 0,
+    default_negative: str = "",
+) -> list[PromptSpec]:
+    """`sampling.prompts` / `sampling.prompt_file` -> specs, in order: the file's lines, then the list's entries.
+
+    `prompts` may itself be a path (str/Path) to a kohya .txt file instead of a list. List entries use the same
+    inline-option syntax as file lines; entries starting with `#` are skipped there too. An empty result is an
+    error: asking to sample with no prompts is always a configuration mistake.
+    """
+    if isinstance(prompts, (str, Path)):
+        if prompt_file is not None:
+            raise UserError("sampling.prompts is a path and sampling.prompt_file is set too: give one prompt file, "
+                            "or make sampling.prompts a list of prompt lines.")
+        prompts, prompt_file = (), prompts
+    lines: list[str] = list(read_prompt_file(prompt_file)) if prompt_file is not None else []
+    lines += [str(line).strip() for line in prompts if str(line).strip() and not str(line).strip().startswith("#")]
+    where = f"sampling.prompts ({prompt_file})" if prompt_file is not None else "sampling.prompts"
+    if not lines:
+        raise UserError(f"{where}: no prompts found. Give at least one prompt line (or disable sampling).")
+    return [
+        parse_prompt_line(
+            line,
+            index=index,
+            default_width=default_width,
+            default_height=default_height,
+            default_steps=default_steps,
+            default_cfg=default_cfg,
+            default_seed=default_seed,
+            default_negative=default_negative,
+            where=where,
+        )
+        for index, line in enumerate(lines)
+    ]

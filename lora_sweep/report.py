@@ -1,0 +1,267 @@
+"""`python -m lora_sweep compare`: read a sweep's runs from MLflow and write one self-contained comparison page.
+
+MLflow conventions of lora-sweep (run.py writes them, this module reads them):
+- Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts in <cwd>/mlruns). Experiment =
+  `tracking.experiment` (default "lora-sweep").
+- Sweep parent run: tag `lora_sweep.role` = "sweep". Job runs: tags `lora_sweep.role` = "job",
+  `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`.
+- Params: the resolved config flattened with dot keys (`noise.offset`, `loss.type`, `optimizer.name`, ...).
+- Metrics, step = optimizer step: `train/loss`, `train/lr`, `val/loss`, and `img/<metric>` (the mean over the
+  step's sample images of `lora_sweep.metrics.image_metrics`).
+- Images: `log_image(key="sample_pNN", step=step)` per prompt (the seed is fixed per prompt), one grid per
+  sampling step as artifact `samples/grid_stepNNNNNN.png`, and the prompt specs as `samples/prompts.json`.
+
+How MLflow 3 stores `log_image(key=..., step=...)`: two artifacts per call under `images/`, named
+`{key}+step+{step}+timestamp+{ms}+{uuid4}.png` (full size) and `...+compressed.webp` (a <= 256 px preview),
+with "/" in the key written as "~". MLflow before 2.22 / 3.0 used "%" as the separator and "#" for "/"; both
+spellings are read here. When one (key, step) was logged twice (a resumed run), the latest timestamp wins.
+
+The page is logged on the sweep's parent run as artifacts `report/report.html` (+ the figure PNGs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from lora_sweep.errors import UserError
+
+ROLE_TAG, PARENT_TAG, VARIANT_TAG = "lora_sweep.role", "mlflow.parentRunId", "variant"
+DEFAULT_EXPERIMENT = "lora-sweep"
+IMAGE_ARTIFACT = re.compile(
+    r"^(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%](?P<timestamp>\d+)[+%](?P<uuid>[0-9A-Fa-f-]+)\.png$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedImage:
+    key: str
+    step: int
+    timestamp: int
+    path: str  # run-relative artifact path
+
+
+def parse_image_artifact(path: str) -> LoggedImage | None:
+    """A `log_image(key, step)` artifact path -> its key/step/timestamp; None for anything else (e.g. previews)."""
+    match = IMAGE_ARTIFACT.match(path.rsplit("/", 1)[-1])
+    if match is None:
+        return None
+    key = match.group("key").replace("~", "/").replace("#", "/")
+    return LoggedImage(key, int(match.group("step")), int(match.group("timestamp")), path)
+
+
+def logged_images(client, run_id: str) -> dict[tuple[str, int], LoggedImage]:
+    """Every time-stepped image of a run, by (key, step); the newest of duplicates wins."""
+    found: dict[tuple[str, int], LoggedImage] = {}
+    for info in client.list_artifacts(run_id, "images"):
+        image = None if info.is_dir else parse_image_artifact(info.path)
+        if image is not None:
+            previous = found.get((image.key, image.step))
+            if previous is None or image.timestamp > previous.timestamp:
+                found[(image.key, image.step)] = image
+    return found
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    """No tqdm bar per downloaded sample (one per file otherwise): the report prints one line, its path."""
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    from lora_sweep import tracking
+
+    return tracking.tracking_uri(tracking_uri)
+
+
+def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
+    """(parent run or None, job runs in launch order). With neither argument: the newest sweep of the default
+    experiment; with an experiment that has no sweep run: all its job runs."""
+    if sweep_run_id:
+        try:
+            parent = client.get_run(sweep_run_id)
+        except Exception as exc:
+            raise UserError(f"--sweep: no run with id '{sweep_run_id}' in the store {client.tracking_uri} "
+                            f"({type(exc).__name__}). Use the sweep's parent run id printed by the sweep.") from exc
+        experiment_id = parent.info.experiment_id
+    else:
+        name = experiment or DEFAULT_EXPERIMENT
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            names = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise UserError(f"--experiment: no MLflow experiment named '{name}' in {client.tracking_uri} "
+                            f"(experiments there: {names}). Run a sweep first, or name one of those.")
+        experiment_id = found.experiment_id
+        sweeps = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["start_time DESC"],
+                                    max_results=1)
+        parent = sweeps[0] if sweeps else None
+    if parent is not None:
+        jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
+    else:
+        jobs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'job'", max_results=5000)
+    if not jobs:
+        where = f"sweep {parent.info.run_id}" if parent is not None else f"experiment {experiment_id}"
+        raise UserError(f"No job runs found for {where} in {client.tracking_uri}: nothing to compare. "
+                        "Check --experiment / --sweep, or wait until the sweep has started its jobs.")
+    jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
+    return parent, jobs
+
+
+def variant_names(runs) -> list[str]:
+    """The `variant` tag (else the run name); duplicates (reruns) get the run id's first 6 characters."""
+    names = [run.data.tags.get(VARIANT_TAG) or run.info.run_name or run.info.run_id[:8] for run in runs]
+    return [f"{n} ({run.info.run_id[:6]})" if names.count(n) > 1 else n for n, run in zip(names, runs)]
+
+
+def choose_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], requested: int | None) -> int | None:
+    """The requested step, else the latest step at which every run that logged images has images."""
+    if requested is not None:
+        return requested
+    step_sets = [{step for _, step in images} for images in images_per_run if images]
+    common = set.intersection(*step_sets) if step_sets else set()
+    return max(common) if common else None
+
+
+def _download_image(client, run_id: str, artifact_path: str, scratch: Path):
+    from PIL import Image
+
+    local = client.download_artifacts(run_id, artifact_path, str(scratch))
+    with Image.open(local) as image:
+        return image.convert("RGB")
+
+
+def _column_titles(client, runs, image_keys: list[str], scratch: Path) -> dict[str, str]:
+    """'p00 · seed 1234: a photo of ...' from the first run's samples/prompts.json, when it has one."""
+    for run in runs:
+        try:
+            specs = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/prompts.json",
+                                                              str(scratch))).read_text(encoding="utf-8"))
+        except Exception:
+            continue
+        titles = {}
+        for key in image_keys:
+            index = int(key[len("sample_p"):]) if re.fullmatch(r"sample_p\d+", key) else None
+            if index is not None and index < len(specs):
+                text = specs[index]["prompt"]
+                text = text if len(text) <= 60 else text[:57] + "..."
+                titles[key] = f"p{index:02d} · seed {specs[index]['seed']}: {text}"
+        return titles
+    return {}
+
+
+def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: int | None, baseline: str | None,
+            scratch: Path):
+    """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
+    from lora_sweep.report_html import ReportData, VariantData
+
+    parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id)
+    names = variant_names(runs)
+    images_per_run = [logged_images(client, run.info.run_id) for run in runs]
+    chosen = choose_step(images_per_run, step)
+    notes = []
+    if chosen is None and any(images_per_run):
+        notes.append("The runs share no sampling step; each row shows its run's last sampled step.")
+    image_keys = sorted({key for images in images_per_run for key, _ in images})
+    variants = []
+    for run, name, images in zip(runs, names, images_per_run):
+        cells, cell_steps = {}, {}
+        for key in image_keys:
+            steps = sorted(s for k, s in images if k == key)
+            at = chosen if chosen is not None else (steps[-1] if steps else None)
+            logged = images.get((key, at)) if at is not None else None
+            cells[key] = _download_image(client, run.info.run_id, logged.path, scratch) if logged else None
+            cell_steps[key] = at if logged else None
+        histories = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                               key=lambda m: (m.step, m.timestamp))]
+                     for key in run.data.metrics}
+        variants.append(VariantData(name=name, run_id=run.info.run_id, status=run.info.status,
+                                    params=dict(run.data.params), final_metrics=dict(run.data.metrics),
+                                    histories=histories, cells=cells, cell_steps=cell_steps))
+        if step is not None and image_keys and all(c is None for c in cells.values()):
+            notes.append(f"{name} logged no samples at step {step}.")
+    baseline_index = 0
+    if baseline:
+        matches = [i for i, v in enumerate(variants) if baseline in (v.name, v.run_id) or v.run_id.startswith(baseline)]
+        if not matches:
+            raise UserError(f"--baseline: '{baseline}' is neither a variant name nor a run id of the compared runs "
+                            f"(variants: {', '.join(names)}).")
+        baseline_index = matches[0]
+    where = f"sweep {parent.info.run_id}" if parent is not None else "all job runs"
+    experiment_name = client.get_experiment(runs[0].info.experiment_id).name
+    data = ReportData(
+        title=f"lora-sweep comparison: {experiment_name}",
+        subtitle=f"{len(variants)} variants, {where}, tracking {client.tracking_uri}",
+        step=chosen, image_keys=image_keys, column_titles=_column_titles(client, runs, image_keys, scratch),
+        variants=variants, baseline=baseline_index, notes=notes,
+    )
+    return data, parent
+
+
+def build_report(*, experiment: str | None = None, sweep_run_id: str | None = None, step: int | None = None,
+                 out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None) -> Path:
+    """Write `out_dir/report.html` (self-contained) and its figures as PNGs beside it; log them on the sweep's
+    parent run under `report/` when there is one. Returns the HTML's path."""
+    from mlflow.tracking import MlflowClient
+
+    from lora_sweep.atomic import write_bytes, write_text
+    from lora_sweep.report_html import CURVE_GROUPS, curve_figure, grid_png, render_html
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="lora_sweep_report_") as scratch, _quiet_downloads():
+        data, parent = collect(client, experiment=experiment, sweep_run_id=sweep_run_id, step=step,
+                               baseline=baseline, scratch=Path(scratch))
+    figures = {name: png for name, keys in CURVE_GROUPS.items()
+               if (png := curve_figure(data.variants, keys)) is not None}
+    written = [write_bytes(out_dir / f"{name}.png", png) for name, png in figures.items()]
+    grid = grid_png(data)
+    if grid is not None:
+        written.append(write_bytes(out_dir / "grid.png", grid))
+    html_path = write_text(out_dir / "report.html", render_html(data, figures))
+    if parent is not None:
+        for path in [html_path, *written]:
+            client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
+    return html_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_sweep compare",
+                                     description="Compare a sweep's variants in one HTML page.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help=f"MLflow experiment name (default {DEFAULT_EXPERIMENT}); its newest "
+                                            "sweep is compared, or all its job runs when it has no sweep run")
+    which.add_argument("--sweep", dest="sweep_run_id", help="run id of a sweep's parent run")
+    parser.add_argument("--step", type=int, help="sampling step of the grid (default: the latest all runs share)")
+    parser.add_argument("--baseline", help="variant name or run id for the differences (default: first variant)")
+    parser.add_argument("--out", type=Path, help="output folder (default: reports/<sweep id or experiment>)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    args = parser.parse_args(argv)
+    out_dir = args.out or Path("reports") / (args.sweep_run_id or args.experiment or DEFAULT_EXPERIMENT)
+    try:
+        path = build_report(experiment=args.experiment, sweep_run_id=args.sweep_run_id, step=args.step,
+                            out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

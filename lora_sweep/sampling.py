@@ -1,0 +1,265 @@
+"""Sample images with the LoRA being trained, drawn so that every variant and every step is comparable.
+
+Comparability is the point: the article's author compared variants by eye, which only means something when every
+variant draws the same prompts from the same starting noise with the same sampler. So:
+- each prompt has a fixed seed (`PromptSpec.seed`) and its own CPU `torch.Generator`: the initial latents are the
+  same for every variant, every step and every device (a CPU generator gives the same numbers on CPU and CUDA);
+- the sampler is always SDXL's Euler (`EulerDiscreteScheduler` with SDXL base's config), with CFG and a negative
+  prompt, at SDXL's size conditioning original = target = (h, w), crop (0, 0) as kohya uses;
+- sampling must not change the training: the torch CPU (+ CUDA), numpy and Python `random` RNG states are saved
+  before and restored after (kohya restores only torch's), and the UNet goes to eval() and back to its mode.
+
+`log_samples` sends the images to MLflow: one `log_image(key="sample_pNN", step=step)` per prompt (MLflow's image
+grid and step slider) and one labelled grid PNG per sampling step as artifact `samples/grid_stepNNNNNN.png`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from typing import Callable, ContextManager, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from lora_sweep.prompts import PromptSpec
+
+# SDXL base 1.0's scheduler_config.json (EulerDiscreteScheduler), the schedule the UNet was trained with; equal to
+# lora_sweep/assets/sdxl_base/scheduler/scheduler_config.json (a test checks it).
+SDXL_EULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Restore torch CPU, all CUDA devices', numpy's and Python's RNG states on exit, whatever ran inside.
+
+    Training draws noise, timesteps and shuffles from these generators; sampling in the middle of a run would
+    otherwise shift every later draw, and a run with sampling would train differently from one without.
+    """
+    import torch
+
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
+    """An SDXL pipeline around the training modules themselves (no copies), with SDXL's Euler scheduler.
+
+    The UNet is the one being trained, LoRA layers included, so the samples show the LoRA as it is now. No
+    watermarker (it would change the pixels the image metrics measure).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_EULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def sample_images(
+    *,
+    unet,
+    vae,
+    text_encoder,
+    text_encoder_2,
+    tokenizer,
+    tokenizer_2,
+    prompts: Sequence[PromptSpec],
+    autocast: Callable[[], ContextManager] | None = None,
+) -> list[Image.Image]:
+    """Draw one image per prompt with the current (LoRA-equipped) UNet; training state is left exactly as found.
+
+    `unet` must be the unwrapped module (`accelerator.unwrap_model(unet)`). `autocast` is an optional factory of
+    the training precision's autocast context, needed when base weights are stored in fp8/fp16 so that the
+    forward passes run the way they do in training.
+    """
+    import torch
+
+    pipeline = build_pipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+    )
+    was_training = unet.training
+    images: list[Image.Image] = []
+    with preserved_rng_state():
+        unet.eval()
+        try:
+            for spec in prompts:
+                generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+                size = (spec.height, spec.width)
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    output = pipeline(
+                        prompt=spec.prompt,
+                        negative_prompt=spec.negative,
+                        width=spec.width,
+                        height=spec.height,
+                        num_inference_steps=spec.steps,
+                        guidance_scale=spec.cfg,
+                        generator=generator,
+                        original_size=size,
+                        target_size=size,
+                        crops_coords_top_left=(0, 0),
+                        output_type="pil",
+                    )
+                images.append(output.images[0])
+        finally:
+            unet.train(was_training)
+    return images
+
+
+def grid_layout(prompts: Sequence[PromptSpec]) -> list[list[int | None]]:
+    """Arrange sample indices as rows = distinct prompts, columns = that prompt's seeds (in file order).
+
+    A prompt file that repeats a prompt with different `--d` seeds gives a prompts x seeds grid; a file of
+    distinct prompts (one seed each) gives a single row. Short rows are padded with None (an empty cell).
+    """
+    rows: dict[PromptSpec, list[int]] = {}
+    for index, spec in enumerate(prompts):
+        rows.setdefault(dataclasses.replace(spec, seed=0), []).append(index)
+    width = max((len(row) for row in rows.values()), default=0)
+    if width == 1:
+        return [[row[0] for row in rows.values()]]
+    return [row + [None] * (width - len(row)) for row in rows.values()]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
+    """Shorten `text` with an ellipsis until it fits `max_width` pixels."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > max_width:
+        text = text[:-1]
+    return text + "..."
+
+
+def make_grid(
+    images: Sequence[Image.Image | None],
+    rows: int,
+    cols: int,
+    labels: Sequence[str] | None = None,
+    *,
+    padding: int = 4,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, each with its label underneath.
+
+    Cells take the largest image's size; smaller images are centred. Labels are shortened to the cell width.
+    """
+    if len(images) > rows * cols:
+        raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
+    present = [image for image in images if image is not None]
+    cell_w = max((image.width for image in present), default=64)
+    cell_h = max((image.height for image in present), default=64)
+    font_size = max(10, min(18, cell_w // 14))
+    label_h = font_size + 6 if labels else 0
+    grid = Image.new("RGB", (cols * (cell_w + padding) + padding, rows * (cell_h + label_h + padding) + padding),
+                     background)
+    draw = ImageDraw.Draw(grid)
+    font = _font(font_size)
+    for index, image in enumerate(images):
+        row, col = divmod(index, cols)
+        x = padding + col * (cell_w + padding)
+        y = padding + row * (cell_h + label_h + padding)
+        if image is not None:
+            grid.paste(image.convert("RGB"), (x + (cell_w - image.width) // 2, y + (cell_h - image.height) // 2))
+        if labels and index < len(labels) and labels[index]:
+            draw.text((x, y + cell_h + 2), _fit(draw, labels[index], font, cell_w), fill=(0, 0, 0), font=font)
+    return grid
+
+
+def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -> Image.Image:
+    """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index and seed."""
+    layout = grid_layout(prompts)
+    cells = [images[i] if i is not None else None for row in layout for i in row]
+    labels = [prompts[i].label(i) if i is not None else "" for row in layout for i in row]
+    return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels)
+
+
+def sample_key(prompt_index: int) -> str:
+    """The MLflow image key of a prompt's samples; the report reads images back by this key."""
+    return f"sample_p{prompt_index:02d}"
+
+
+def log_samples(
+    images: Sequence[Image.Image],
+    prompts: Sequence[PromptSpec],
+    step: int,
+    *,
+    client=None,
+    run_id: str | None = None,
+    sink=None,
+) -> None:
+    """Log a sampling step: each image under its prompt's key at `step`, plus the step's grid PNG.
+
+    Also (re)writes `samples/prompts.json` (the specs, with seeds) so the report can title its columns. Goes to
+    `sink` when given (any object with `image(image, key, step)` and `artifact(path, artifact_path)`, e.g. the
+    trainer's sink), else to MLflow through `client`/`run_id`, else through the fluent API's active run.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    grid = prompts_grid(images, prompts)
+    specs = [dataclasses.asdict(spec) for spec in prompts]
+    if sink is not None:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        for index, image in enumerate(images):
+            sink.image(image, sample_key(index), int(step))
+        with tempfile.TemporaryDirectory(prefix="lora_sweep_samples_") as folder:
+            grid_path = Path(folder) / f"grid_step{int(step):06d}.png"
+            grid.save(grid_path)
+            specs_path = Path(folder) / "prompts.json"
+            specs_path.write_text(json.dumps(specs, indent=1), encoding="utf-8")
+            sink.artifact(grid_path, "samples")
+            sink.artifact(specs_path, "samples")
+        return
+    import mlflow
+
+    if client is None:
+        client = mlflow.MlflowClient()
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("log_samples needs sink=, run_id= or an active MLflow run")
+        run_id = active.info.run_id
+    for index, image in enumerate(images):
+        client.log_image(run_id, image, key=sample_key(index), step=int(step))
+    client.log_image(run_id, grid, artifact_file=f"samples/grid_step{int(step):06d}.png")
+    client.log_dict(run_id, specs, "samples/prompts.json")

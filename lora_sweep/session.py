@@ -1,0 +1,182 @@
+"""Everything one training holds: model parts with LoRA, examples, optimizer, precision policy; built in one place.
+
+`build_session` does the set-up in kohya's order (load model -> prepare data with the frozen encoders -> add LoRA ->
+store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_sweep import metadata, model as model_lib, optim, precision
+from lora_sweep.config import config_hash, flatten, to_container
+from lora_sweep.dataset import scan_folder
+from lora_sweep.encode import encode_prompts
+from lora_sweep.loss import one_timestep_per_batch
+from lora_sweep.network import (
+    TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_state_dict, lora_parameters, save_diffusers, save_kohya,
+)
+from lora_sweep.prepare import Prepared, prepare_examples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    cfg: Any
+    device: torch.device
+    output_dir: Path
+    sink: Any
+    parts: model_lib.SDXLParts
+    policy: precision.PrecisionPolicy
+    prepared: Prepared
+    batch_items: list[int]  # example index per dataset entry (repeats expanded)
+    batch_buckets: list[tuple[int, int]]  # bucket per dataset entry
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: Any
+    alphas_cumprod: torch.Tensor
+    vae_scale: float
+    one_timestep_per_batch: bool
+    hooks: list = field(default_factory=list)  # called as hook(session, step) after each optimizer step
+
+    @property
+    def unet(self):
+        return self.parts.unet
+
+    @property
+    def noise_scheduler(self):
+        return self.parts.noise_scheduler
+
+    def text_for(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached embeddings when the text encoders are frozen; otherwise encode now (with grads if trained)."""
+        if examples[0].context is not None:
+            context = torch.stack([e.context for e in examples]).to(self.device)
+            pooled = torch.stack([e.pooled for e in examples]).to(self.device)
+            return context, pooled
+        captions = [e.item.caption for e in examples]
+        if self.cfg.data.shuffle_caption:
+            from lora_sweep.captions import shuffle_caption
+            import random
+
+            captions = [
+                shuffle_caption(c, keep_tokens=self.cfg.data.keep_tokens, separator=self.cfg.data.caption_separator,
+                                rng=random)  # kohya shuffles with Python's global random
+                for c in captions
+            ]
+        return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
+
+    def after_step(self, step: int) -> None:
+        for hook in self.hooks:
+            hook(self, step)
+
+    def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
+        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
+        cfg = self.cfg
+        modules = {"lora_unet": self.parts.unet}
+        if cfg.network.train_text_encoder:
+            modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
+        state = kohya_state_dict(modules, alpha=cfg.network.alpha,
+                                 layers_per_block=self.parts.unet.config.layers_per_block)
+        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", state, meta)
+        te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if cfg.network.train_text_encoder else (None,) * 2
+        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2)
+        self.sink.artifact(kohya_file, "lora")
+        self.sink.artifact(diffusers_file, "lora/diffusers")
+        return {"kohya": kohya_file, "diffusers": diffusers_file}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cache_root(cfg) -> Path:
+    from lora_sweep.cache import default_cache_dir
+
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
+def load_parts(cfg) -> model_lib.SDXLParts:
+    """The tiny model is built once into the cache (seed 0: every variant and seed shares one base model) and then
+    loaded like real SDXL, through the same loader."""
+    path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))
+    return model_lib.load_sdxl(path, cache_root=cache_root(cfg))
+
+
+def data_folder(cfg) -> Path:
+    if cfg.data.name == "photos" and not cfg.data.dir:
+        from lora_sweep.photos import photos_dir
+
+        return photos_dir(cache_root(cfg))
+    return Path(cfg.data.dir)
+
+
+def build_session(cfg, *, output_dir: Path, sink) -> Session:
+    device = pick_device(cfg.train.device)
+    policy = precision.precision_policy(cfg.precision.name, device.type)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    parts = load_parts(cfg)
+
+    # Data first, with the frozen encoders, so the cache can be filled before LoRA changes anything.
+    scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
+    encode_text_online = cfg.network.train_text_encoder or cfg.data.shuffle_caption
+    parts.vae.to(device)
+    parts.text_encoder.to(device)
+    parts.text_encoder_2.to(device)
+    prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=not encode_text_online)
+    parts.vae.to("cpu")  # latents are cached: the VAE is not needed on the training device
+    if not encode_text_online:
+        parts.text_encoder.to("cpu")
+        parts.text_encoder_2.to("cpu")
+    items = [i for i, e in enumerate(prepared.examples) for _ in range(e.item.repeats)]
+    sink.params({
+        "data.images": len(scan.items), "data.skipped_images": len(scan.skipped),
+        "data.entries_with_repeats": len(items),
+        "train.total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
+    })
+    sink.metrics(prepared.cache_stats, 0)
+
+    unet = parts.unet.to(device)
+    unet.train()
+    add_lora(unet, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=UNET_TARGETS,
+             dropout=cfg.network.dropout)
+    groups = [{"name": "unet", "params": lora_parameters(unet), "lr": cfg.train.lr}]
+    if cfg.network.train_text_encoder:
+        te_params = []
+        for encoder in (parts.text_encoder, parts.text_encoder_2):
+            add_lora(encoder, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=TEXT_ENCODER_TARGETS,
+                     dropout=cfg.network.dropout)
+            encoder.train()
+            te_params += lora_parameters(encoder)
+        te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
+        groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})  # kohya: [TE group, U-Net group]
+    precision.apply_base_precision(unet, policy)
+    if cfg.train.gradient_checkpointing:
+        precision.enable_gradient_checkpointing(unet)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = optim.build_optimizer(cfg.optimizer.name, groups, lr=cfg.train.lr, args=dict(cfg.optimizer.args))
+    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
+                                            warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
+    sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(unet)}, 0)
+    return Session(
+        cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=prepared,
+        batch_items=items, batch_buckets=[prepared.examples[i].bucket for i in items], params=params,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
+        alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
+        vae_scale=float(parts.vae.config.scaling_factor),
+        one_timestep_per_batch=one_timestep_per_batch(cfg.loss.type, cfg.loss.per_sample_timesteps),
+    )
+
+
+def describe(cfg) -> dict:
+    """Flattened resolved config and its hash (for run params and tags)."""
+    return {"params": flatten(to_container(cfg)), "config_hash": config_hash(cfg)}

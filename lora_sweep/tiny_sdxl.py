@@ -1,0 +1,288 @@
+"""A tiny SDXL-architecture pipeline with seeded random weights, built from configs with no network.
+
+Why: no SDXL weights can be downloaded where the tests and the demo run, yet every code path (two text encoders,
+text_time micro-conditioning, a VAE with spatial factor 8, SDXL's tokenizers and schedulers) must run for real.
+The tiny model keeps SDXL's *layout* and shrinks only widths and depths (about 2 M UNet parameters):
+
+- UNet: SDXL's block pattern (no attention at the first level, cross-attention below), linear projections,
+  `addition_embed_type="text_time"`; cross_attention_dim = TE1 hidden + TE2 hidden (real SDXL 768 + 1280),
+  projection_class_embeddings_input_dim = TE2 projection_dim + 6 * addition_time_embed_dim (real 1280 + 6 * 256).
+- Text encoders: a CLIPTextModel and a CLIPTextModelWithProjection with *different* hidden sizes (32 and 48, like
+  SDXL's 768 and 1280) so that a swapped pair or a wrong concat order fails loudly, and so diffusers' single-file
+  loader can tell the two CLIP towers apart by their width, as it does for real SDXL.
+- VAE: four levels, so latents are 1/8 of the image side like SDXL; scaling_factor 0.13025 as SDXL.
+- Tokenizers: byte-level BPE files in CLIP's layout, generated here (`write_clip_tokenizer`), with SDXL's tokenizer
+  configs (model_max_length 77; tokenizer_2 pads with "!").
+- Sampling scheduler: SDXL's EulerDiscreteScheduler config, read from the bundled SDXL-base assets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+
+# Bump when anything below changes the tiny model (shapes, init, tokenizer): cached folders are keyed by it.
+TINY_RECIPE_VERSION = "tiny-sdxl-v1"
+
+ASSETS_DIR = Path(__file__).with_name("assets")
+SDXL_BASE_ASSETS = ASSETS_DIR / "sdxl_base"
+CLIP_BPE_GZ = ASSETS_DIR / "bpe_simple_vocab_16e6.txt.gz"
+# CLIP keeps the first 49152 - 256 - 2 merge lines after the header: 256 bytes + 256 bytes</w> + merges + 2 specials
+# = 49408 tokens, the vocab_size of both SDXL text encoders.
+CLIP_NUM_MERGES = 49152 - 256 - 2
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+# A handful of merges so that common caption words become single tokens; everything else stays byte-level.
+TINY_MERGES: tuple[tuple[str, str], ...] = (
+    ("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n"), ("in", "g</w>"),
+    ("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o</w>"), ("o", "n</w>"), ("e", "r</w>"),
+)
+
+TE1_HIDDEN, TE2_HIDDEN, TE2_PROJECTION = 32, 48, 40  # SDXL: 768, 1280, 1280
+TINY_ADDITION_TIME_EMBED_DIM = 8  # SDXL: 256
+TINY_RESOLUTION = 64
+# Weights come from torch's process-global RNG: threads building at once would interleave their draws.
+_SEEDED_BUILD = threading.Lock()
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte -> printable character table: printable Latin-1 bytes map to themselves,
+    the other 68 bytes to code points 256.. in byte order, so BPE files never contain whitespace or control chars."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table  # insertion order (printable bytes first) is the id order of the vocab
+
+
+def clip_vocab(merges: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> dict[str, int]:
+    """The token -> id table CLIP derives from its merges: bytes, bytes + "</w>", one token per merge, then
+    <|startoftext|> and <|endoftext|> last (so eos has the highest id, which the legacy argmax pooling relies on)."""
+    byte_chars = list(byte_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def read_clip_merges(gz_path: Path = CLIP_BPE_GZ) -> list[tuple[str, str]]:
+    """The 48,894 merges of the real CLIP tokenizer from open_clip's bpe_simple_vocab_16e6.txt.gz."""
+    lines = gzip.decompress(gz_path.read_bytes()).decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]  # type: ignore[misc]
+
+
+def write_clip_tokenizer(folder: Path, merges, tokenizer_config: dict) -> None:
+    """Write a CLIPTokenizer folder in SDXL's layout: vocab.json, merges.txt and tokenizer_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(clip_vocab(merges), ensure_ascii=False), encoding="utf-8")
+    merge_lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+
+
+def sdxl_asset_config(component: str) -> dict:
+    """One bundled SDXL-base config: `component` is e.g. "scheduler", "tokenizer_2" or "unet"."""
+    folder = SDXL_BASE_ASSETS / component
+    name = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json",
+            "tokenizer_2": "tokenizer_config.json"}.get(component, "config.json")
+    return json.loads((folder / name).read_text(encoding="utf-8"))
+
+
+def tiny_unet_config() -> dict:
+    """UNet2DConditionModel kwargs: SDXL's structure at 2 levels, widths 32/64, text_time conditioning."""
+    return dict(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
+        addition_embed_type="text_time", addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TE2_PROJECTION + 6 * TINY_ADDITION_TIME_EMBED_DIM,
+    )
+
+
+def tiny_vae_config() -> dict:
+    """AutoencoderKL kwargs: four levels (spatial factor 8) and SDXL's scaling factor."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=TINY_RESOLUTION, scaling_factor=0.13025,
+    )
+
+
+def tiny_text_encoder_config(second: bool) -> dict:
+    """CLIPTextConfig kwargs mirroring SDXL's two configs (activation, eos_token_id=2 legacy pooling, 77 positions)."""
+    hidden = TE2_HIDDEN if second else TE1_HIDDEN
+    return dict(
+        vocab_size=len(clip_vocab(TINY_MERGES)), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=3, num_attention_heads=4, projection_dim=TE2_PROJECTION if second else hidden,
+        hidden_act="gelu" if second else "quick_gelu", max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0) -> "StableDiffusionXLPipeline":
+    """Assemble the tiny StableDiffusionXLPipeline with weights drawn from `seed`.
+
+    The global torch RNG is forked (and held under a lock against other threads), so building does not disturb
+    the caller's random stream, and the same seed always gives the same weights. Takes well under a second once
+    diffusers is imported.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        vae = AutoencoderKL(**tiny_vae_config())
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(second=False)))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_encoder_config(second=True)))
+    tokenizer, tokenizer_2 = (
+        CLIPTokenizer(vocab=clip_vocab(TINY_MERGES), merges=list(TINY_MERGES), **_tokenizer_kwargs(name))
+        for name in ("tokenizer", "tokenizer_2")
+    )
+    scheduler = EulerDiscreteScheduler.from_config(sdxl_asset_config("scheduler"))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval()
+    return pipe
+
+
+def _tokenizer_kwargs(name: str) -> dict:
+    """The CLIPTokenizer arguments from SDXL's tokenizer_config.json `name` (special tokens, 77 max length)."""
+    config = sdxl_asset_config(name)
+    return {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length")}
+
+
+def save_tiny_sdxl(pipe: "StableDiffusionXLPipeline", folder: Path) -> None:
+    """Save as a diffusers folder in SDXL's own layout, tokenizers as vocab.json + merges.txt (not tokenizer.json),
+    so loading the tiny folder goes through exactly the files a real SDXL download has."""
+    import shutil
+
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(folder / name)
+        write_clip_tokenizer(folder / name, TINY_MERGES, sdxl_asset_config(name))
+
+
+def save_single_file(pipe: "StableDiffusionXLPipeline", path: Path, recipe: str | None = TINY_RECIPE_VERSION) -> None:
+    """Write an SDXL-architecture pipeline's weights as one .safetensors in the original (SGM) checkpoint layout.
+
+    Why: it lets the tests and the demo drive the single-file branch of `load_sdxl` with no real checkpoint.
+    The metadata names the recipe, so the loader takes the tiny configs; recipe=None writes no metadata, as a
+    real SDXL-base-architecture checkpoint has none (the loader then uses SDXL-base's configs).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {"model.diffusion_model." + k: v for k, v in _unet_to_sgm(pipe.unet).items()}
+    tensors |= {"first_stage_model." + k: v for k, v in _vae_to_ldm(pipe.vae).items()}
+    for key, value in pipe.text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            tensors["conditioner.embedders.0.transformer." + _with_prefix(key, "text_model.")] = value
+    tensors |= {"conditioner.embedders.1.model." + k: v for k, v in _clip_to_open_clip(pipe.text_encoder_2).items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"lora_sweep.recipe": recipe} if recipe else None)
+
+
+def _with_prefix(key: str, prefix: str) -> str:
+    return key if key.startswith(prefix) else prefix + key
+
+
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    for old, new in pairs:
+        key = key.replace(old, new)
+    return key
+
+
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                  ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+
+
+def _unet_to_sgm(unet) -> dict:
+    """diffusers UNet keys -> SGM (input_blocks / middle_block / output_blocks) keys."""
+    import re
+
+    per_level = unet.config.layers_per_block + 1  # resnets (+ attentions) + the down/upsampler slot
+    up_has_attention = {int(k.split(".")[1]) for k in unet.state_dict() if re.match(r"up_blocks\.\d+\.attentions", k)}
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    out = {}
+    for key, value in unet.state_dict().items():
+        head, _, leaf = key.rpartition(".")
+        if head in fixed:
+            out[f"{fixed[head]}.{leaf}"] = value
+            continue
+        parts = key.split(".")
+        if parts[0] == "mid_block":
+            index, rest = int(parts[2]), ".".join(parts[3:])
+            new = f"middle_block.{2 * index}.{_rename(rest, _RESNET_TO_LDM)}" if parts[1] == "resnets" \
+                else f"middle_block.1.{rest}"
+        else:
+            block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            down = parts[0] == "down_blocks"
+            first = 1 + block * per_level if down else block * per_level
+            if kind == "resnets":
+                new = f"{first + index}.0.{_rename(rest, _RESNET_TO_LDM)}"
+            elif kind == "attentions":
+                new = f"{first + index}.1.{rest}"
+            elif down:  # downsamplers.0.conv.*
+                new = f"{first + per_level - 1}.0.op.{rest.removeprefix('conv.')}"
+            else:  # upsamplers.0.conv.* sits after the resnet (and the attention, where the level has one)
+                new = f"{first + per_level - 1}.{2 if block in up_has_attention else 1}.{rest}"
+            new = ("input_blocks." if down else "output_blocks.") + new
+        out[new] = value
+    return out
+
+
+def _vae_to_ldm(vae) -> dict:
+    """diffusers AutoencoderKL keys -> original LDM VAE keys (attention projections as 1x1 convs)."""
+    levels = len(vae.config.block_out_channels)
+    pairs = (("conv_norm_out", "norm_out"), ("mid_block.resnets.0", "mid.block_1"),
+             ("mid_block.resnets.1", "mid.block_2"), ("mid_block.attentions.0", "mid.attn_1"),
+             ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"),
+             ("conv_shortcut", "nin_shortcut"), ("downsamplers.0", "downsample"), ("upsamplers.0", "upsample"),
+             ("resnets", "block"))
+    out = {}
+    for key, value in vae.state_dict().items():
+        parts = key.split(".")
+        if parts[1] in ("down_blocks", "up_blocks"):
+            level = int(parts[2]) if parts[1] == "down_blocks" else levels - 1 - int(parts[2])
+            key = ".".join([parts[0], "down" if parts[1] == "down_blocks" else "up", str(level), *parts[3:]])
+        new = _rename(key, pairs)
+        if ".attn_1." in new and new.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def _clip_to_open_clip(text_encoder_2) -> dict:
+    """CLIPTextModelWithProjection keys -> open_clip keys (q/k/v fused into in_proj, projection transposed)."""
+    import torch
+
+    state = {_with_prefix(k, "text_model.").removeprefix("text_model."): v
+             for k, v in text_encoder_2.state_dict().items() if not k.endswith("position_ids")}
+    out = {"positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": state.pop("final_layer_norm.weight"), "ln_final.bias": state.pop("final_layer_norm.bias"),
+           "text_projection": state.pop("text_projection.weight").T}
+    pairs = (("encoder.layers.", "transformer.resblocks."), ("self_attn.", "attn."), ("layer_norm1", "ln_1"),
+             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+    for key in sorted(state):
+        if ".q_proj." in key:
+            leaf = key.rsplit(".", 1)[1]
+            fused = torch.cat([state[key.replace(".q_proj.", f".{n}_proj.")] for n in "qkv"], dim=0)
+            out[_rename(key.replace(".q_proj.", ".").replace(f".{leaf}", f".in_proj_{leaf}"), pairs)] = fused
+        elif ".k_proj." not in key and ".v_proj." not in key:
+            out[_rename(key, pairs)] = state[key]
+    return out
+

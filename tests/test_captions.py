@@ -1,0 +1,69 @@
+"""kohya's caption file reading and caption shuffling."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lora_sweep.captions import caption_path, read_caption, shuffle_caption
+from lora_sweep.errors import UserError
+
+
+def test_read_caption_first_line_stripped(tmp_path):
+    image = tmp_path / "a.png"
+    (tmp_path / "a.txt").write_text("  sks dog, red ball  \r\nsecond line ignored\n", encoding="utf-8")
+    assert read_caption(image) == "sks dog, red ball"
+
+
+def test_read_caption_missing_file_is_none(tmp_path):
+    assert read_caption(tmp_path / "a.png") is None
+    (tmp_path / "a.caption").write_text("x", encoding="utf-8")
+    assert read_caption(tmp_path / "a.png") is None  # default extension is .txt
+    assert read_caption(tmp_path / "a.png", "caption") == "x"  # dot added, as kohya does
+    assert caption_path(tmp_path / "dir.v2" / "a.b.png", ".txt").name == "a.b.txt"
+
+
+def test_read_caption_bom_blank_first_line_and_empty_file(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffsks cat\n".encode("utf-8"))
+    assert read_caption(tmp_path / "bom.jpg") == "sks cat"
+    (tmp_path / "blank.txt").write_text("\nlater\n", encoding="utf-8")
+    assert read_caption(tmp_path / "blank.jpg") == ""  # kohya uses the (empty) first line too
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        read_caption(tmp_path / "empty.jpg")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match="UTF-8"):
+        read_caption(tmp_path / "latin.jpg")
+
+
+def test_shuffle_keeps_first_tokens_and_uses_rng():
+    caption = "sks dog,  red ball ,grass, sunny,park"
+    flex = ["red ball", "grass", "sunny", "park"]
+    random.Random(7).shuffle(flex)
+    expected = ", ".join(["sks dog"] + flex)
+    assert shuffle_caption(caption, keep_tokens=1, rng=random.Random(7)) == expected
+    results = {shuffle_caption(caption, keep_tokens=1, rng=random.Random(seed)) for seed in range(20)}
+    assert len(results) > 1
+    for result in results:
+        tags = result.split(", ")
+        assert tags[0] == "sks dog" and sorted(tags) == sorted(["sks dog", "red ball", "grass", "sunny", "park"])
+
+
+def test_shuffle_custom_separator_and_empty_tags_kept():
+    out = shuffle_caption("a;b;;c", keep_tokens=2, separator=";", rng=random.Random(0))
+    tags = out.split(", ")
+    assert tags[:2] == ["a", "b"] and sorted(tags[2:]) == ["", "c"]  # joined with ", ", empty tag kept
+
+
+def test_shuffle_keep_tokens_separator_prefix_and_suffix():
+    caption = "1girl, miku ||| stage, mic, , lights ||| best quality, general"
+    for seed in range(5):
+        tags = shuffle_caption(caption, keep_tokens=0, rng=random.Random(seed), keep_tokens_separator="|||").split(", ")
+        assert tags[:2] == ["1girl", "miku"] and tags[-2:] == ["best quality", "general"]
+        assert sorted(tags[2:-2]) == ["lights", "mic", "stage"]  # empty tag dropped in this branch
+
+
+def test_shuffle_rejects_negative_keep_tokens():
+    with pytest.raises(UserError, match="data.keep_tokens"):
+        shuffle_caption("a, b", keep_tokens=-1, rng=random.Random(0))

@@ -1,0 +1,225 @@
+"""The gpu_queue launcher: slots, verdicts and rendering as units; then real sweeps of the toy app (tests/apps/toy)
+as subprocesses, on two fake GPU slots, with jobs that finish, fail in four ways, get skipped, and get interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
+import toy_harness as toy  # noqa: E402
+
+from hydra_plugins.gpu_queue_launcher._console import slot_line, summary  # noqa: E402
+from hydra_plugins.gpu_queue_launcher._outcome import Job, JobRecord, decide, to_job_return  # noqa: E402
+from hydra_plugins.gpu_queue_launcher._slots import GpuQueueConfigError, Slot, plan_slots, visible_gpus  # noqa: E402
+
+LABELS = ["a", "b", "c", "d"]
+
+
+# ---- units -------------------------------------------------------------------------------------------------------
+
+def test_slots_fill_every_gpu_before_doubling_up():
+    slots = plan_slots([0, 1], jobs_per_gpu=2, cpu_slots=1)
+    assert [(s.index, s.device) for s in slots] == [(0, "0"), (1, "1"), (2, "0"), (3, "1")]
+    assert slots[3].env() == {"CUDA_VISIBLE_DEVICES": "1", "GPU_QUEUE_SLOT": "3"}
+
+
+def test_without_gpus_cpu_slots_hide_every_gpu():
+    slots = plan_slots([], jobs_per_gpu=1, cpu_slots=3)
+    assert [s.device for s in slots] == [None, None, None]
+    assert slots[2].env() == {"CUDA_VISIBLE_DEVICES": "", "GPU_QUEUE_SLOT": "2"}
+
+
+def test_auto_follows_cuda_visible_devices(monkeypatch):
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}) == ["0"]  # CUDA stops at the first invalid index
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    assert [s.device for s in plan_slots("auto", 1, 1)] == ["GPU-aaaa", "GPU-bbbb"]
+
+
+@pytest.mark.parametrize("gpus, jobs_per_gpu, field", [(2, 1, "gpus"), ([0, 0], 1, "gpus"), ([0], 0, "jobs_per_gpu")])
+def test_bad_slot_settings_name_the_field(gpus, jobs_per_gpu, field):
+    with pytest.raises(GpuQueueConfigError, match=f"hydra.launcher.{field}"):
+        plan_slots(gpus, jobs_per_gpu, 1)
+
+
+def _completed(value=None) -> JobReturn:
+    ret = JobReturn(status=JobStatus.COMPLETED)
+    ret.return_value = value
+    return ret
+
+
+def _failed(exc: BaseException) -> JobReturn:
+    ret = JobReturn(status=JobStatus.FAILED)
+    ret.return_value = exc
+    return ret
+
+
+@pytest.mark.parametrize("returncode, job_return, status, signals, expected", [
+    (0, _completed(), None, 0, ("FINISHED", "")),
+    (0, _completed(), {"state": "finished"}, 0, ("FINISHED", "")),
+    (0, _completed(), {"state": "failed", "reason": "loss is NaN at step 4"}, 0, ("FAILED", "loss is NaN at step 4")),
+    (0, _completed(), {"state": "skipped", "reason": "done as run r1"}, 0, ("SKIPPED", "done as run r1")),
+    (0, _failed(ValueError("bad lr")), {"state": "running"}, 0, ("FAILED", "ValueError: bad lr")),
+    (0, _completed(), {"state": "killed", "reason": "stopped at step 9"}, 1, ("KILLED", "stopped at step 9")),
+    (0, _failed(KeyboardInterrupt()), None, 2, ("KILLED", "stopped on request")),
+    (-9, None, {"state": "running"}, 0, ("FAILED", "died without a result: killed by SIGKILL (9)")),
+    (3, None, None, 0, ("FAILED", "died without a result: exit code 3")),
+    (-9, None, {"state": "running"}, 3, ("KILLED", "killed (SIGKILL) after the interrupts")),
+])
+def test_verdict(returncode, job_return, status, signals, expected):
+    state, reason = decide(returncode, job_return, status, signals)
+    assert state == expected[0]
+    assert reason.startswith(expected[1])
+
+
+def _record(tmp_path: Path, state: str, reason: str = "", status: dict | None = None) -> JobRecord:
+    job = Job(idx=1, overrides=["experiment=v2"], label="experiment=v2", job_dir=tmp_path, spec_path=tmp_path / "s",
+              result_path=tmp_path / "r", payload=b"")
+    return JobRecord(job=job, state=state, slot=Slot(1, "1"), reason=reason, status=status or {},
+                     started_at=100.0, ended_at=163.0)
+
+
+def test_failed_record_becomes_a_failed_job_return_with_its_reason(tmp_path):
+    ret = to_job_return(_record(tmp_path, "FAILED", "loss is NaN at step 4", {"label": "v2"}))
+    assert ret.status == JobStatus.FAILED
+    with pytest.raises(RuntimeError, match="v2.*FAILED: loss is NaN"):
+        ret.return_value
+    assert to_job_return(_record(tmp_path, "SKIPPED", "done")).status == JobStatus.COMPLETED
+
+
+def test_summary_and_live_line_show_what_the_job_reported(tmp_path):
+    (tmp_path / "console.log").write_text("step 1\nTraceback ...\nRuntimeError: boom\n")
+    failed = _record(tmp_path, "FAILED", "RuntimeError: boom", {"label": "v2", "run_id": "abc123"})
+    finished = _record(tmp_path, "FINISHED", "", {"label": "v1", "final_loss": 0.0912, "run_id": "def456"})
+    text = summary([finished, failed], tail_lines=2)
+    assert "variant" in text and "MLflow run" in text and "final loss" in text
+    assert "v1" in text and "FINISHED" in text and "1m03s" in text and "0.0912" in text and "def456" in text
+    assert "| Traceback ..." in text and "| RuntimeError: boom" in text and "| step 1" not in text
+    running = _record(tmp_path, "RUNNING", "", {"label": "v3", "step": 120, "max_steps": 1000, "loss": 0.25,
+                                                 "speed": "3.2 it/s"})
+    line = slot_line(Slot(0, "0"), running, now=130.0)
+    assert line.split() == ["gpu0", "#1", "v3", "step", "120/1000", "loss", "0.25", "3.2", "it/s", "30.0s"]
+    assert slot_line(Slot(1, None), None, now=0).split() == ["cpu1", "idle"]
+
+
+# ---- real sweeps ---------------------------------------------------------------------------------------------------
+
+def test_four_jobs_on_two_gpu_slots(tmp_path):
+    """At most two at once, the two at once on different GPUs, all four FINISHED; a bad preload entry is skipped."""
+    result = toy.run_sweep(tmp_path, LABELS, "hydra.launcher.preload=[json,no_such_module_xyz]")
+    assert result.returncode == 0, result.stdout + result.stderr
+    recs = toy.records(tmp_path)
+    assert sorted(recs) == LABELS and all(r["result"] == "finished" for r in recs.values())
+    assert {r["cuda_visible_devices"] for r in recs.values()} == {"0", "1"}
+    spans = {k: (r["entered"], r["returned"]) for k, r in recs.items()}
+    assert toy.max_overlap(list(spans.values())) == 2
+    for x in LABELS:
+        for y in LABELS:
+            if x < y and spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]:
+                assert recs[x]["cuda_visible_devices"] != recs[y]["cuda_visible_devices"], (x, y)
+    jobs = toy.summary(tmp_path / "multirun")
+    assert {j["state"] for j in jobs.values()} == {"FINISHED"}
+    assert "no_such_module_xyz" in result.stdout + result.stderr
+    assert "toy a: finished" in Path(jobs["a"]["log"]).read_text()  # the job's stdout went to its log file
+    assert toy.status_files(tmp_path / "multirun")["a"]["state"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def failed_sweep(tmp_path_factory):
+    """One sweep in which b raises, c is SIGKILLed (as by the OOM killer) and d reports a NaN loss."""
+    record_dir = tmp_path_factory.mktemp("failures")
+    (record_dir / "fail").mkdir()
+    for label, mode in {"b": "raise", "c": "signal", "d": "nan"}.items():
+        (record_dir / "fail" / f"{label}.fail").write_text(mode)
+    return record_dir, toy.run_sweep(record_dir, LABELS)
+
+
+def test_failing_jobs_do_not_stop_the_others(failed_sweep):
+    """Each failure is FAILED with its reason, the other job FINISHED, and the sweep exits 1."""
+    record_dir, result = failed_sweep
+    assert result.returncode == 1
+    jobs = toy.summary(record_dir / "multirun")
+    assert {k: j["state"] for k, j in jobs.items()} == {"a": "FINISHED", "b": "FAILED", "c": "FAILED", "d": "FAILED"}
+    assert jobs["b"]["reason"] == "RuntimeError: toy job b asked to fail at step 5"
+    assert "SIGKILL" in jobs["c"]["reason"]
+    assert jobs["d"]["reason"] == "loss is NaN at step 5"
+    assert "| RuntimeError: toy job b asked to fail" in result.stdout  # the log tail under the summary
+    assert "asked to fail" in result.stderr  # Hydra re-raised the first failure after the sweep
+
+
+def test_rerun_skips_finished_jobs_and_reruns_the_failed_ones(failed_sweep):
+    record_dir, _ = failed_sweep
+    for marker in (record_dir / "fail").glob("*.fail"):
+        marker.unlink()
+    rerun = toy.run_sweep(record_dir, LABELS, f"hydra.sweep.dir={record_dir / 'rerun'}")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    jobs = toy.summary(record_dir / "rerun")
+    assert {k: j["state"] for k, j in jobs.items()} == {"a": "SKIPPED", "b": "FINISHED", "c": "FINISHED",
+                                                          "d": "FINISHED"}
+    assert "already finished" in jobs["a"]["reason"]
+    assert "SKIPPED" in rerun.stdout
+
+
+def test_spawn_and_cpu_slots(tmp_path):
+    """start_method=spawn (a fresh interpreter per job) on two CPU slots: no GPU visible to any job."""
+    result = toy.run_sweep(tmp_path, ["a", "b"], "hydra.launcher.start_method=spawn", "hydra.launcher.gpus=[]",
+                           "hydra.launcher.cpu_slots=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    recs = toy.records(tmp_path)
+    assert [recs[k]["cuda_visible_devices"] for k in "ab"] == ["", ""]
+    assert sorted(recs[k]["slot"] for k in "ab") == ["0", "1"]
+    assert "cpu0" in result.stdout and "cpu1" in result.stdout
+
+
+def _start_long_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
+    env = toy.sweep_env()
+    proc = subprocess.Popen(toy.toy_command(tmp_path, LABELS, "sleep_s=60", "steps=600", *overrides), cwd=toy.ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    sweep_dir = tmp_path / "multirun"
+
+    def two_running() -> bool:
+        states = toy.status_files(sweep_dir) if sweep_dir.exists() else {}
+        return len(states) == 2 and all(s.get("step", 0) >= 2 for s in states.values())
+
+    if not toy.wait_until(two_running, timeout=30):
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"two jobs never ran: {proc.communicate()[0]}")
+    return proc, env["GQ_TEST_TOKEN"]
+
+
+def test_ctrl_c_stops_running_jobs_cleanly_and_starts_no_more(tmp_path):
+    proc, token = _start_long_sweep(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground process group
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130, output
+    states = toy.status_files(tmp_path / "multirun")
+    assert {k: s["state"] for k, s in states.items()} == {"a": "killed", "b": "killed"}  # stopped cleanly
+    jobs = toy.summary(tmp_path / "multirun")
+    assert {k: j["state"] for k, j in jobs.items()} == {"a": "KILLED", "b": "KILLED", "c": "CANCELLED",
+                                                          "d": "CANCELLED"}
+    assert toy.no_processes_left(token) == []
+
+
+def test_second_ctrl_c_kills_jobs_that_do_not_stop(tmp_path):
+    proc, token = _start_long_sweep(tmp_path, "ignore_sigint=true", "hydra.launcher.kill_grace_s=0.5")
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the jobs ignore the first interrupt, so the sweep waits for them
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130, output
+    jobs = toy.summary(tmp_path / "multirun")
+    assert [jobs[k]["state"] for k in LABELS] == ["KILLED", "KILLED", "CANCELLED", "CANCELLED"]
+    assert "SIGKILL" in jobs["a"]["reason"]
+    assert toy.no_processes_left(token) == []

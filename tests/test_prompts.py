@@ -1,0 +1,88 @@
+"""kohya prompt-file parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_sweep.errors import UserError
+from lora_sweep.prompts import PromptSpec, load_prompts, parse_prompt_line, round_size
+
+
+def test_inline_options_are_parsed():
+    spec = parse_prompt_line(
+        "a cat on a sofa, best quality --w 1024 --h 768 --d 42 --s 28 --l 6.5 --n blurry, lowres",
+        index=0,
+    )
+    assert spec == PromptSpec(
+        prompt="a cat on a sofa, best quality", negative="blurry, lowres",
+        width=1024, height=768, seed=42, steps=28, cfg=6.5,
+    )
+
+
+def test_defaults_and_seed_per_index():
+    specs = load_prompts(["first", "second --d 7", "third"], default_width=64, default_height=96,
+                         default_steps=4, default_cfg=3.0, default_seed=100, default_negative="ugly")
+    assert [s.seed for s in specs] == [100, 7, 102]
+    assert all((s.width, s.height, s.steps, s.cfg, s.negative) == (64, 96, 4, 3.0, "ugly") for s in specs)
+    # Same input, same seeds: every variant draws the same noise.
+    assert load_prompts(["first", "second --d 7", "third"], default_seed=100) == load_prompts(
+        ["first", "second --d 7", "third"], default_seed=100)
+
+
+def test_kohya_rounding_clamping_and_case():
+    spec = parse_prompt_line("x --W 1000 --H 30 --S 5000 --L 7", index=0)
+    assert (spec.width, spec.height, spec.steps, spec.cfg) == (1000, 64, 1000, 7.0)
+    assert round_size(1023) == 1016 and round_size(8) == 64
+    assert parse_prompt_line("x --s 0", index=0).steps == 1
+
+
+def test_option_order_and_negative_in_the_middle():
+    spec = parse_prompt_line("a dog --n bad hands --d 3", index=0)
+    assert (spec.prompt, spec.negative, spec.seed) == ("a dog", "bad hands", 3)
+
+
+def test_ignored_kohya_options():
+    spec = parse_prompt_line("a dog --ss euler_a --d 3", index=0)
+    assert spec.seed == 3
+
+
+def test_prompt_file_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# comment\n\nfirst --d 1\n   # indented comment\nsecond --w 512\n", encoding="utf-8")
+    specs = load_prompts(prompt_file=path, default_seed=10)
+    assert [(s.prompt, s.seed, s.width) for s in specs] == [("first", 1, 1024), ("second", 11, 512)]
+    # A path given as sampling.prompts itself works too; a file plus a list concatenates (file first).
+    assert load_prompts(str(path), default_seed=10) == specs
+    both = load_prompts(["third"], prompt_file=path)
+    assert [s.prompt for s in both] == ["first", "second", "third"]
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("a cat --x 3", "unknown option '--x'"),
+        ("a cat --w big", "needs a number"),
+        ("a cat --d", "needs a number"),
+        (" --w 512", "no prompt text"),
+    ],
+)
+def test_bad_lines_raise_user_errors(line, fragment):
+    with pytest.raises(UserError, match=fragment):
+        parse_prompt_line(line, index=0)
+
+
+def test_bad_sources_raise_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_prompts(prompt_file=tmp_path / "missing.txt")
+    (tmp_path / "p.toml").write_text("x")
+    with pytest.raises(UserError, match="not a .txt"):
+        load_prompts(prompt_file=tmp_path / "p.toml")
+    with pytest.raises(UserError, match="no prompts"):
+        load_prompts(["# only a comment", "  "])
+    with pytest.raises(UserError, match="one prompt file"):
+        load_prompts("a.txt", prompt_file="b.txt")
+
+
+def test_label_is_short():
+    spec = PromptSpec(prompt="word " * 30, seed=5)
+    assert spec.label(3).startswith("p03 s5: ") and len(spec.label(3)) < 60

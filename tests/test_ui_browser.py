@@ -1,0 +1,108 @@
+"""A real browser on the real pages: `mlflow server` (started by lora_sweep.ui) over a test store, and the report.
+
+Headless Chromium (Debian's `chromium` package; installed here with apt-get when missing and possible, otherwise
+the test is skipped with the reason) renders MLflow 3's JavaScript app; `--dump-dom` after a virtual-time budget
+gives the rendered DOM to assert on, `--screenshot` the pictures, which are kept under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from lora_sweep.report import build_report
+from lora_sweep.ui import free_port, running_server
+from test_report import VARIANTS, fill_store
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,900", "--virtual-time-budget=15000"]
+
+
+def find_or_install_chromium() -> tuple[str | None, str]:
+    """(path, why not): Debian's chromium, installed with apt-get if missing and we are root."""
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path, ""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, "chromium is not installed and apt-get is unavailable (not root?): apt-get install chromium"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            subprocess.run(command, check=True, capture_output=True, timeout=900, env=env)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return None, f"could not install chromium with apt-get ({exc})"
+    path = shutil.which("chromium")
+    return path, "" if path else "apt-get installed chromium but no chromium binary is on PATH"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path, why = find_or_install_chromium()
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+def run_chromium(binary: str, url: str, profile: Path, *, screenshot: Path | None = None) -> str:
+    """One headless page load: the rendered DOM (stdout), or a screenshot. Chromium's helper processes share its
+    session, which is killed as a whole if the load hangs."""
+    action = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    process = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *action, url],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return out
+
+
+def visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_mlflow_ui_and_report_render_in_chromium(chromium, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = fill_store(uri, tmp_path / "mlruns")
+    experiment_id = store["client"].get_experiment_by_name("lora-sweep").experiment_id
+    report = build_report(sweep_run_id=store["parent"], out_dir=tmp_path / "report", tracking_uri=uri)
+
+    with running_server(uri, port=free_port(), log_path=tmp_path / "server.log") as server:
+        experiment_url = f"{server.url}/#/experiments/{experiment_id}/runs"
+        text = visible_text(run_chromium(chromium, experiment_url, tmp_path / "profile"))
+        assert "lora-sweep" in text and "sweep" in text, text[:2000]
+        assert "4 matching runs" in text, text[:2000]  # the parent and its three jobs (nested under it)
+        run_chromium(chromium, experiment_url, tmp_path / "profile", screenshot=ARTIFACTS / "ui_experiment.png")
+
+        run_ids = quote(json.dumps(list(store["runs"].values())))
+        compare_url = f"{server.url}/#/compare-runs?runs={run_ids}&experiments={quote(json.dumps([experiment_id]))}"
+        text = visible_text(run_chromium(chromium, compare_url, tmp_path / "profile"))
+        assert all(name in text for name in VARIANTS), text[:2000]
+        assert "noise.ip_gamma" in text and "img/cast_yb" in text
+        run_chromium(chromium, compare_url, tmp_path / "profile", screenshot=ARTIFACTS / "ui_compare.png")
+        group = server.process.pid
+    with pytest.raises(ProcessLookupError):  # the whole server group is gone, workers included
+        os.killpg(group, 0)
+
+    text = visible_text(run_chromium(chromium, report.as_uri(), tmp_path / "profile"))
+    assert all(name in text for name in VARIANTS)
+    assert "Parameters that differ" in text and "Final metrics" in text
+    run_chromium(chromium, report.as_uri(), tmp_path / "profile", screenshot=ARTIFACTS / "report.png")
+    for name in ("ui_experiment.png", "ui_compare.png", "report.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name  # a blank page compresses to a few KB
