@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast table article compare ui bench cache-clean clean
+.PHONY: install demo test test-fast table article compare ui bench bench-gpu cache-clean clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,10 +22,32 @@ demo: $(STAMP)
 	$(BIN)/python sweep.py -m +preset=demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+
+table: $(STAMP)
+	$(BIN)/python -m lora_sweep table $(if $(FORMAT),--format $(FORMAT))
+
+article: $(STAMP)
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "make article needs MODEL=/path/to/sdxl (a diffusers folder or .safetensors) and DATA=/path/to/dataset (kohya layout: <repeats>_<name>/ folders)"; exit 2; }
+	$(BIN)/python sweep.py -m 'experiment=glob(v*)' model=sdxl model.path=$(MODEL) data=folder data.dir=$(DATA) $(ARGS)
+
+compare: $(STAMP)
+	$(BIN)/python -m lora_sweep compare $(ARGS)
+
+ui: $(STAMP)
+	$(BIN)/python -m lora_sweep ui $(if $(PORT),--port $(PORT))
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_bench.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_bench.py
+
+cache-clean: $(STAMP)
+	$(BIN)/python -m lora_sweep cache clean
 
 clean:
 	rm -rf outputs multirun mlruns mlflow.db

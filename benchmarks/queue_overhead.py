@@ -74,7 +74,8 @@ def run_sweep(method: str, jobs: int, preload: list[str], out: Path) -> dict:
     later = rows[1:] or rows
     return {"method": method, "wall_s": wall, "server_ready_s": summary["preload"].get("seconds"),
             "preload_failed": summary["preload"].get("failed"), "first_start_s": rows[0]["start"],
-            "start_s": statistics.median(r["start"] for r in later), "end_s": statistics.median(r["end"] for r in later),
+            "start_s": statistics.median(r["start"] for r in later),
+            "end_s": statistics.median(r["end"] for r in later),
             "op_s": statistics.median(r["op_s"] for r in later) if later[0]["op_s"] is not None else None}
 
 
@@ -83,7 +84,8 @@ def fresh_import_seconds(preload: list[str]) -> float:
     attrs = [f"getattr({p.split(':')[0]}, {p.split(':')[1]!r})" for p in preload if ":" in p]
     code = f"import {', '.join(modules)}" + "".join(f"; {a}" for a in attrs) if modules else "pass"
     started = time.time()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
     return time.time() - started
 
 
@@ -95,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     preload = [p for p in args.preload.split(",") if p]
     print(f"fresh `python -c 'import {', '.join(preload)}'`: {fresh_import_seconds(preload):.2f} s")
-    print(f"{'method':<11} {'wall':>7} {'server':>7} {'1st start':>9} {'start':>7} {'end':>7} {'total':>7} {'matmul':>7}")
+    header = ("method", "wall", "server", "1st start", "start", "end", "total", "matmul")
+    print(f"{header[0]:<11} " + " ".join(f"{h:>{9 if h == '1st start' else 7}}" for h in header[1:]))
     with tempfile.TemporaryDirectory(prefix="queue-overhead-") as tmp:
         for method in args.methods.split(","):
             r = run_sweep(method, args.jobs, preload, Path(tmp, method))

@@ -214,12 +214,13 @@ def d_times_lr(optimizer: torch.optim.Optimizer, group: int | None = None) -> fl
 
 
 def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The per-optimizer-step metrics: train/lr, and train/d*lr for adaptive optimizers. kohya logs them after
+    """The per-optimizer-step metrics: train/lr, and d*lr for adaptive optimizers as `train/d_lr` (MLflow metric
+    names may not contain '*'; kohya's TensorBoard key is lr/d*lr). kohya logs them after
     optimizer.step() and lr_scheduler.step(), i.e. the lr the next step will use; call it at the same point."""
     metrics = {"train/lr": current_lr(optimizer)}
     step = d_times_lr(optimizer)
     if step is not None:
-        metrics["train/d*lr"] = step
+        metrics["train/d_lr"] = step
     return metrics
 
 

@@ -7,7 +7,8 @@ variant draws the same prompts from the same starting noise with the same sample
 - the sampler is always SDXL's Euler (`EulerDiscreteScheduler` with SDXL base's config), with CFG and a negative
   prompt, at SDXL's size conditioning original = target = (h, w), crop (0, 0) as kohya uses;
 - sampling must not change the training: the torch CPU (+ CUDA), numpy and Python `random` RNG states are saved
-  before and restored after (kohya restores only torch's), and the UNet goes to eval() and back to its mode.
+  before and restored after (kohya restores only torch's), and the UNet and text encoders go to eval() and back.
+- an empty negative prompt gives zero negative embeddings (`force_zeros_for_empty_prompt`, SDXL base's setting).
 
 `log_samples` sends the images to MLflow: one `log_image(key="sample_pNN", step=step)` per prompt (MLflow's image
 grid and step slider) and one labelled grid PNG per sampling step as artifact `samples/grid_stepNNNNNN.png`.
@@ -63,6 +64,23 @@ def preserved_rng_state() -> Iterator[None]:
         random.setstate(python_state)
 
 
+@contextlib.contextmanager
+def modules_on(device, *modules) -> Iterator[None]:
+    """Move the modules that live elsewhere (e.g. a VAE or text encoders parked on the CPU after caching) to
+    `device` for the duration, and back afterwards: the pipeline computes every stage on one device."""
+    moved = []
+    for module in modules:
+        home = next(module.parameters()).device
+        if home != device:
+            module.to(device)
+            moved.append((module, home))
+    try:
+        yield
+    finally:
+        for module, home in moved:
+            module.to(home)
+
+
 def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
     """An SDXL pipeline around the training modules themselves (no copies), with SDXL's Euler scheduler.
 
@@ -99,8 +117,9 @@ def sample_images(
 ) -> list[Image.Image]:
     """Draw one image per prompt with the current (LoRA-equipped) UNet; training state is left exactly as found.
 
-    `unet` must be the unwrapped module (`accelerator.unwrap_model(unet)`). `autocast` is an optional factory of
-    the training precision's autocast context, needed when base weights are stored in fp8/fp16 so that the
+    `unet` must be the unwrapped module (`accelerator.unwrap_model(unet)`); the VAE and text encoders are moved to
+    its device for the call if they are elsewhere. `autocast` is an optional factory of the training precision's
+    autocast context, needed when base weights are stored in fp8/fp16 or the modules' dtypes differ, so that the
     forward passes run the way they do in training.
     """
     import torch
@@ -109,10 +128,13 @@ def sample_images(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
     )
-    was_training = unet.training
+    modules = (unet, vae, text_encoder, text_encoder_2)
+    was_training = [module.training for module in modules]  # text encoders train too when their LoRA does
     images: list[Image.Image] = []
-    with preserved_rng_state():
-        unet.eval()
+    device = next(unet.parameters()).device
+    with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2):
+        for module in modules:
+            module.eval()
         try:
             for spec in prompts:
                 generator = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -133,7 +155,8 @@ def sample_images(
                     )
                 images.append(output.images[0])
         finally:
-            unet.train(was_training)
+            for module, mode in zip(modules, was_training):
+                module.train(mode)
     return images
 
 
@@ -229,7 +252,8 @@ def log_samples(
 
     Also (re)writes `samples/prompts.json` (the specs, with seeds) so the report can title its columns. Goes to
     `sink` when given (any object with `image(image, key, step)` and `artifact(path, artifact_path)`, e.g. the
-    trainer's sink), else to MLflow through `client`/`run_id`, else through the fluent API's active run.
+    trainer's sink; `artifact` must have copied the file when it returns), else to MLflow through
+    `client`/`run_id`, else through the fluent API's active run.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")

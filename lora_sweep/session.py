@@ -16,7 +16,9 @@ import torch
 from lora_sweep import metadata, model as model_lib, optim, precision
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.dataset import scan_folder
+from lora_sweep.buckets import parse_resolution
 from lora_sweep.encode import encode_prompts
+from lora_sweep.evaluate import Sampler, Validator, split_validation
 from lora_sweep.loss import one_timestep_per_batch
 from lora_sweep.network import (
     TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_state_dict, lora_parameters, save_diffusers, save_kohya,
@@ -44,7 +46,7 @@ class Session:
     alphas_cumprod: torch.Tensor
     vae_scale: float
     one_timestep_per_batch: bool
-    hooks: list = field(default_factory=list)  # called as hook(session, step) after each optimizer step
+    hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
 
     @property
     def unet(self):
@@ -72,9 +74,9 @@ class Session:
             ]
         return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, final: bool = False) -> None:
         for hook in self.hooks:
-            hook(self, step)
+            hook(self, step, final)
 
     def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
         """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
@@ -137,10 +139,16 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     if not encode_text_online:
         parts.text_encoder.to("cpu")
         parts.text_encoder_2.to("cpu")
-    items = [i for i, e in enumerate(prepared.examples) for _ in range(e.item.repeats)]
+    train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.train.seed)
+    val_examples = [prepared.examples[i] for i in val_idx]
+    if cfg.data.validation_dir:
+        val_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
+        val_examples += prepare_examples(parts, val_scan, cfg.data, device=device,
+                                         encode_text=not encode_text_online).examples
+    items = [i for i in train_idx for _ in range(prepared.examples[i].item.repeats)]
     sink.params({
         "data.images": len(scan.items), "data.skipped_images": len(scan.skipped),
-        "data.entries_with_repeats": len(items),
+        "data.entries_with_repeats": len(items), "data.validation_images": len(val_examples),
         "train.total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
     })
     sink.metrics(prepared.cache_stats, 0)
@@ -167,8 +175,12 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
                                             warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(unet)}, 0)
+    hooks = [Validator(val_examples, list(cfg.validation.timesteps), cfg.validation.seed)]
+    sampler = Sampler.from_config(cfg, min(parse_resolution(cfg.data.resolution)))
+    if sampler is not None:
+        hooks.append(sampler)
     return Session(
-        cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=prepared,
+        hooks=hooks, cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=prepared,
         batch_items=items, batch_buckets=[prepared.examples[i].bucket for i in items], params=params,
         optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
         alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),

@@ -100,6 +100,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     flip_rng = random.Random(cfg.train.seed)
     started, images = time.perf_counter(), 0
     s.sink.progress(0, max_steps, float("nan"), "")
+    s.after_step(0)
     while step < max_steps and not stopped:
         batches = bucket_batches(s.batch_buckets, cfg.train.batch_size, cfg.train.seed, epoch)
         micro = 0
@@ -128,9 +129,9 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             s.sink.metrics(step_metrics(s, window, final_loss, epoch, skipped, images / elapsed), step)
             s.sink.progress(step, max_steps, final_loss, f"{step / elapsed:.2f} it/s")
             window = []
-            s.after_step(step)
-            if step >= max_steps or should_stop():
-                stopped = step < max_steps
+            stopped = step < max_steps and should_stop()
+            s.after_step(step, final=step >= max_steps or stopped)
+            if step >= max_steps or stopped:
                 break
         epoch += 1
     files = s.save_lora(final_loss=final_loss, steps=step, epoch=epoch)

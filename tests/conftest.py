@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared with subprocesses: no oversubscription
 # Never the user's own cache: the tiny model and photos are built once per test session here.
 os.environ.setdefault("LORA_SWEEP_CACHE_DIR", tempfile.mkdtemp(prefix="lora-sweep-test-cache-"))
 if str(ROOT) not in sys.path:

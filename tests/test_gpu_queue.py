@@ -19,6 +19,7 @@ import toy_harness as toy  # noqa: E402
 
 from hydra_plugins.gpu_queue_launcher._console import slot_line, summary  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._outcome import Job, JobRecord, decide, to_job_return  # noqa: E402
+from hydra_plugins.gpu_queue_launcher._preload import preload  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._slots import GpuQueueConfigError, Slot, plan_slots, visible_gpus  # noqa: E402
 
 LABELS = ["a", "b", "c", "d"]
@@ -50,6 +51,14 @@ def test_auto_follows_cuda_visible_devices(monkeypatch):
 def test_bad_slot_settings_name_the_field(gpus, jobs_per_gpu, field):
     with pytest.raises(GpuQueueConfigError, match=f"hydra.launcher.{field}"):
         plan_slots(gpus, jobs_per_gpu, 1)
+
+
+def test_preload_skips_what_fails_and_reports_it():
+    report = preload(["json", "os.path:join", "no_such_module_xyz", "json:no_such_attribute"])
+    assert report["loaded"] == ["json", "os.path:join"]
+    assert report["failed"]["no_such_module_xyz"].startswith("ModuleNotFoundError")
+    assert report["failed"]["json:no_such_attribute"].startswith("AttributeError")
+    assert report["cuda_initialized_by"] is None
 
 
 def _completed(value=None) -> JobReturn:
@@ -116,7 +125,8 @@ def test_summary_and_live_line_show_what_the_job_reported(tmp_path):
 
 def test_four_jobs_on_two_gpu_slots(tmp_path):
     """At most two at once, the two at once on different GPUs, all four FINISHED; a bad preload entry is skipped."""
-    result = toy.run_sweep(tmp_path, LABELS, "hydra.launcher.preload=[json,no_such_module_xyz]")
+    result = toy.run_sweep(tmp_path, LABELS, "hydra.launcher.preload=[json,no_such_module_xyz]",
+                           "+hydra.callbacks.locked._target_=toy_callbacks.LockedCallback")
     assert result.returncode == 0, result.stdout + result.stderr
     recs = toy.records(tmp_path)
     assert sorted(recs) == LABELS and all(r["result"] == "finished" for r in recs.values())
@@ -132,6 +142,9 @@ def test_four_jobs_on_two_gpu_slots(tmp_path):
     assert "no_such_module_xyz" in result.stdout + result.stderr
     assert "toy a: finished" in Path(jobs["a"]["log"]).read_text()  # the job's stdout went to its log file
     assert toy.status_files(tmp_path / "multirun")["a"]["state"] == "finished"
+    # The callback holds a lock and cannot be pickled: every job still ran it, from a fresh instance.
+    assert "cannot be pickled" in result.stdout + result.stderr
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "callbacks").iterdir()) == LABELS
 
 
 @pytest.fixture(scope="module")
@@ -222,4 +235,12 @@ def test_second_ctrl_c_kills_jobs_that_do_not_stop(tmp_path):
     jobs = toy.summary(tmp_path / "multirun")
     assert [jobs[k]["state"] for k in LABELS] == ["KILLED", "KILLED", "CANCELLED", "CANCELLED"]
     assert "SIGKILL" in jobs["a"]["reason"]
+    assert toy.no_processes_left(token) == []
+
+
+def test_a_killed_launcher_takes_its_jobs_along(tmp_path):
+    """kill -9 of the sweep process: the fork server sees its socket close and kills every job group."""
+    proc, token = _start_long_sweep(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
     assert toy.no_processes_left(token) == []

@@ -96,7 +96,7 @@ def test_each_optimizer_trains_the_lora(tiny_lora_unet: torch.nn.Module, name: s
     if option.adaptive:
         group = optimizer.param_groups[0]
         assert step_size == pytest.approx(group["d"] * group["lr"]) and step_size > 0
-        assert optim.lr_metrics(optimizer) == {"train/lr": 1.0, "train/d*lr": step_size}
+        assert optim.lr_metrics(optimizer) == {"train/lr": 1.0, "train/d_lr": step_size}
     else:
         assert optim.lr_metrics(optimizer) == {"train/lr": option.default_lr}
 

@@ -21,7 +21,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
 import toy_harness as toy  # noqa: E402
 
-pytestmark = pytest.mark.slow
 LABELS = ["a", "b", "c", "d"]
 TIMEOUT_S = 150
 NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
@@ -46,6 +45,44 @@ def _kill_tokened(token: str) -> None:
             pass
 
 
+def _compose_preset(launcher: str):
+    """The toy config with the project's conf/ on the search path and `hydra/launcher=<launcher>`, and the launcher
+    object Hydra would build from it (no cluster needed to build one)."""
+    import warnings
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    GlobalHydra.instance().clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/", category=UserWarning)  # same-name schema
+        with initialize_config_dir(str(toy.APP.parent / "conf"), version_base="1.3"):
+            overrides = [f"hydra/launcher={launcher}", f"hydra.searchpath=[file://{toy.ROOT / 'conf'}]",
+                         "record_dir=/tmp/unused"]
+            cfg = compose("toy", overrides=overrides, return_hydra_config=True)
+    return cfg.hydra.launcher, instantiate(cfg.hydra.launcher)
+
+
+def test_ray_preset_asks_one_gpu_per_job_and_no_retries():
+    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
+        pytest.skip("hydra-ray-launcher not installed")
+    launcher_cfg, launcher = _compose_preset("ray")
+    assert type(launcher).__name__ == "RayLauncher"
+    assert launcher_cfg.ray.remote.num_gpus == 1 and launcher_cfg.ray.remote.max_retries == 0
+    assert launcher_cfg.ray.init.address == "local" and launcher_cfg.ray.init.include_dashboard is False
+
+
+def test_slurm_preset_composes_with_one_gpu_per_task_and_bounded_parallelism():
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        pytest.skip("hydra-submitit-launcher not installed")
+    launcher_cfg, launcher = _compose_preset("submitit_slurm")
+    assert type(launcher).__name__ == "SlurmLauncher"
+    assert launcher_cfg.gpus_per_node == 1 and launcher_cfg.tasks_per_node == 1
+    assert launcher.params["array_parallelism"] == 4 and launcher.params["submitit_folder"].endswith("/.submitit/%j")
+
+
+@pytest.mark.slow
 def test_ray_runs_the_same_job_function_one_fake_gpu_per_job(tmp_path):
     """Four jobs + one that fails, two fake GPUs: at most two at once on different GPUs, the four finish, the
     failure does not stop them and makes the exit status non-zero."""

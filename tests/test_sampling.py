@@ -91,13 +91,13 @@ def test_training_rng_streams_and_mode_are_restored(pipe):
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
     expected = next_draws()
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
-    pipe.unet.train()
+    pipe.unet.train(), pipe.text_encoder.train()
     draw(pipe, SPECS[:1], autocast=noisy_autocast)
-    assert pipe.unet.training  # back in train mode
+    assert pipe.unet.training and pipe.text_encoder.training and not pipe.vae.training  # modes as they were
     assert next_draws() == expected
-    pipe.unet.eval()
+    pipe.unet.eval(), pipe.text_encoder.eval()
     draw(pipe, SPECS[:1])
-    assert not pipe.unet.training
+    assert not pipe.unet.training and not pipe.text_encoder.training
 
 
 def test_preserved_rng_state_restores_after_an_exception():
@@ -231,3 +231,23 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
         prompt = int(cell["data-key"][len("sample_p"):])
         errors = {run: np.abs(samples[prompt] - shown).mean() for run, samples in final_samples.items()}
         assert min(errors, key=errors.get) == cell["data-run-id"], errors
+
+
+def test_modules_on_leaves_modules_already_there_untouched():
+    from lora_sweep.sampling import modules_on
+
+    module = torch.nn.Linear(2, 2)
+    weight = module.weight
+    with modules_on(torch.device("cpu"), module):
+        assert module.weight is weight
+    assert module.weight is weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move a module away and back")
+def test_modules_on_moves_and_returns():
+    from lora_sweep.sampling import modules_on
+
+    parked = torch.nn.Linear(2, 2)
+    with modules_on(torch.device("cuda", 0), parked):
+        assert parked.weight.device.type == "cuda"
+    assert parked.weight.device.type == "cpu"

@@ -7,7 +7,8 @@ is recorded and the others go on; Ctrl-C stops cleanly. It knows jobs, processes
 job does: the task function runs through Hydra's own `run_job`, as under the basic, Ray and submitit launchers.
 
 Settings (`hydra.launcher.*`, see config.py): `gpus` (`auto` or a list), `jobs_per_gpu` (1), `cpu_slots` (1, used
-when there is no GPU), `preload` (modules for the fork server), `start_method` (forkserver | spawn), `console`, `kill_grace_s`.
+when there is no GPU), `preload` (modules for the fork server), `start_method` (forkserver | spawn), `console`,
+`kill_grace_s`.
 
 Job start. A fresh Python that imports torch + diffusers costs seconds before a job trains. The launcher starts
 one fork server (a fresh interpreter, in its own session) that imports the `preload` list once and forks one child

@@ -26,7 +26,7 @@ from . import _proc
 
 def write_spec(path: str, header: dict[str, Any], payload: bytes) -> None:
     """`payload` is the cloudpickled {hydra_context, task_function, sweep_config, singleton_state}."""
-    with open(path, "wb") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:  # it holds the environment
         pickle.dump({"header": header, "payload": payload}, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -106,10 +106,17 @@ class Console:
         self.stream.write(text)
         self.stream.flush()
 
+    def _draw(self, lines: list[str]) -> None:
+        """Overwrite the block drawn last time with `lines` (cursor up, then erase-and-write each line)."""
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        extra = self._drawn - len(lines)
+        tail = "\x1b[2K\n" * extra + f"\x1b[{extra}F" if extra > 0 else ""
+        self._write(up + "".join(f"\x1b[2K{line}\n" for line in lines) + tail)
+        self._drawn = len(lines)
+
     def _erase(self) -> None:
         if self._drawn:
-            self._write(f"\x1b[{self._drawn}F" + "\x1b[2K\n" * self._drawn + f"\x1b[{self._drawn}F")
-            self._drawn = 0
+            self._draw([])
 
     def event(self, record: JobRecord) -> None:
         self.message(event_line(record))
@@ -130,9 +137,7 @@ class Console:
             r.status = read_status(r.job.status_path) or r.status
         width = max(20, shutil.get_terminal_size((120, 24)).columns - 1)
         lines = [counts_line(records)] + [slot_line(s, by_slot.get(s.index), now) for s in self.slots]
-        self._erase()
-        self._write("".join(line[:width] + "\n" for line in lines))
-        self._drawn = len(lines)
+        self._draw([line[:width] for line in lines])
 
     def close(self) -> None:
         self._erase()

@@ -7,7 +7,7 @@ is a clean, isolated job process that starts in milliseconds instead of paying t
 
 Protocol, over one socket (multiprocessing.connection framing, pickled dicts):
   launcher -> server  {"base": [...], "preload": [...]}          once, first
-  server -> launcher  {"ev": "ready", "pid", **preload report}  once
+  server -> launcher  {"ev": "ready", "pid", "report": {...}}   once (see _preload.preload)
   launcher -> server  {"cmd": "run", "idx", "spec"} | {"cmd": "signal", "idx", "sig"} | {"cmd": "quit"}
   server -> launcher  {"ev": "started", "idx", "pid", "t"} | {"ev": "exited", "idx", "pid", "returncode", "t"}
 Each job leads its own process group (so a terminal's Ctrl-C reaches only the launcher, which decides what the
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     # pre-forking servers).
     gc.collect()
     gc.freeze()
-    conn.send({"ev": "ready", "pid": os.getpid(), **report, "base_failed": base["failed"]})
+    conn.send({"ev": "ready", "pid": os.getpid(), "report": {**report, "base_failed": base["failed"]}})
     return _serve(conn)
 
 

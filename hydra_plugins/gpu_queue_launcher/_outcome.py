@@ -102,7 +102,8 @@ def log_tail(path: Path, lines: int) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if lines > 0 else ""
 
 
-def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | None, signals_sent: int) -> tuple[str, str]:
+def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | None,
+           signals_sent: int) -> tuple[str, str]:
     """(state, reason) of a job whose process has exited. `job_return` is Hydra's JobReturn or None."""
     written = (status or {}).get("state")
     written_reason = str((status or {}).get("reason") or "")
@@ -136,6 +137,7 @@ def finalize(record: JobRecord) -> None:
         except Exception as exc:  # e.g. the return value's class cannot be imported here
             record.reason = f"result unreadable: {type(exc).__name__}: {exc}"
         record.job.result_path.unlink(missing_ok=True)
+    record.job.spec_path.unlink(missing_ok=True)  # it holds a copy of the environment: keep it no longer than needed
     record.status = read_status(record.job.status_path) or record.status
     record.job_return = result["job_return"] if result else None
     record.traceback = result["traceback"] if result else None
@@ -158,7 +160,9 @@ def to_job_return(record: JobRecord) -> Any:
             ret.status, ret.return_value = JobStatus.COMPLETED, None
         return ret
     own = ret._return_value if ret.status == JobStatus.FAILED else None
-    exc = own if isinstance(own, Exception) else JobFailed(f"job #{record.job.idx} ({record.label}) {record.state}: {record.reason}")
+    if not isinstance(own, Exception):
+        own = JobFailed(f"job #{record.job.idx} ({record.label}) {record.state}: {record.reason}")
+    exc = own
     if record.traceback and exc.__cause__ is None:
         exc.__cause__ = RemoteTraceback(record.traceback)
     ret.status, ret.return_value = JobStatus.FAILED, exc

@@ -61,7 +61,7 @@ class ForkServerPool:
             if self.proc.poll() is not None:
                 break
         try:
-            return self.conn.recv()
+            return self.conn.recv()["report"]
         except (EOFError, OSError):
             raise PoolDied(f"the fork server exited ({_proc.describe_exit(self.proc.wait())}) before it was "
                            f"ready; its output is in {self.log_path}") from None

@@ -31,7 +31,8 @@ class Slot:
         return f"gpu{self.device}" if self.device is not None else f"cpu{self.index}"
 
     def env(self) -> dict[str, str]:
-        return {"CUDA_VISIBLE_DEVICES": self.device if self.device is not None else "", "GPU_QUEUE_SLOT": str(self.index)}
+        visible = self.device if self.device is not None else ""
+        return {"CUDA_VISIBLE_DEVICES": visible, "GPU_QUEUE_SLOT": str(self.index)}
 
 
 def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
@@ -71,7 +72,8 @@ def _gpu_tokens(gpus: Any) -> list[str]:
     if isinstance(gpus, Sequence):
         tokens = [str(g).strip() for g in gpus]
         if any(not t for t in tokens):
-            raise GpuQueueConfigError(f"hydra.launcher.gpus={list(gpus)!r} has an empty entry; list GPU indices or UUIDs.")
+            raise GpuQueueConfigError(
+                f"hydra.launcher.gpus={list(gpus)!r} has an empty entry; list GPU indices or UUIDs.")
         return tokens
     raise GpuQueueConfigError(
         f"hydra.launcher.gpus={gpus!r} is not understood: use `auto` (every GPU this process can see), a list of GPU "

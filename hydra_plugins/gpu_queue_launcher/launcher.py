@@ -42,7 +42,8 @@ class GpuQueueLauncher(Launcher):
         for name, value, accepted in (("start_method", start_method, ("forkserver", "spawn")),
                                       ("console", console, ("auto", "live", "plain"))):
             if value not in accepted:
-                raise GpuQueueConfigError(f"hydra.launcher.{name}={value!r}: accepted values are {', '.join(accepted)}.")
+                raise GpuQueueConfigError(
+                    f"hydra.launcher.{name}={value!r}: accepted values are {', '.join(accepted)}.")
         self.start_method, self.console_mode = start_method, console
         self.kill_grace_s, self.refresh_s = float(kill_grace_s), float(refresh_s)
         self.log_tail_lines = int(log_tail_lines)
@@ -120,9 +121,9 @@ class GpuQueueLauncher(Launcher):
                 self._warned_pickle = True
             job.update(hydra_context=None, config_loader=self.hydra_context.config_loader)
             payload = cloudpickle.dumps(job)
-        return Job(idx=idx, overrides=overrides, label=" ".join(o for o in filter_overrides(overrides) if o not in common) or f"job {idx}",
-                   job_dir=job_dir, spec_path=work_dir / f"{idx}.spec", result_path=work_dir / f"{idx}.result",
-                   payload=payload, sweep_config=sweep_config)
+        label = " ".join(o for o in filter_overrides(overrides) if o not in common) or f"job {idx}"
+        return Job(idx=idx, overrides=overrides, label=label, job_dir=job_dir, spec_path=work_dir / f"{idx}.spec",
+                   result_path=work_dir / f"{idx}.result", payload=payload, sweep_config=sweep_config)
 
     def _start(self, pool: Any, record: Any) -> None:
         """Write the job's spec (environment pinned to its slot) and hand it to the pool."""

@@ -3,7 +3,8 @@
 It records where and when it ran (records/<label>.json: pid, CUDA_VISIBLE_DEVICES, slot, entered/returned times),
 keeps the queue's status file, stops cleanly on the first SIGINT (state "killed"), and fails on demand: `fail=true`
 (with `fail_mode`), or per label while `<fail_dir>/<label>.fail` exists (its text is the mode). Modes: raise,
-signal (SIGKILL itself, like the OOM killer), nan (writes state "failed" and returns normally), exit (exit code 3).
+signal (SIGKILL itself, like the OOM killer), nan (writes state "failed" and returns normally), exit (os._exit(3)),
+sysexit (sys.exit(1)).
 A finished config leaves done/<hash>; with skip_finished the next sweep reports it "skipped", as the real job
 does with MLflow. Run with the repository root on PYTHONPATH so Hydra finds hydra_plugins.gpu_queue_launcher.
 """
@@ -57,6 +58,8 @@ def fail_now(mode: str, status: Status, step: int) -> None:
     if mode == "exit":
         sys.stdout.flush()
         os._exit(3)
+    if mode == "sysexit":
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="toy")

@@ -1,0 +1,99 @@
+"""Datasets through buckets and the shared cache: encode once, reuse across variants, miss exactly what changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config
+from lora_sweep.dataset import scan_folder
+from lora_sweep.prepare import prepare_examples
+from lora_sweep.run import run_job
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from lora_sweep.model import load_sdxl, tiny_model_dir
+
+    return load_sdxl(tiny_model_dir())
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """Three of the bundled photos with mixed aspect ratios (square, 3:2, ~3:2 portrait crop) in kohya's layout."""
+    from lora_sweep.photos import photos_dir
+
+    src = photos_dir(Path(os.environ["LORA_SWEEP_CACHE_DIR"])) / "5_photo"
+    dst = tmp_path / "data" / "2_photo"
+    dst.mkdir(parents=True)
+    for name in ["astronaut", "coffee", "chelsea"]:
+        shutil.copy(src / f"{name}.png", dst / f"{name}.png")
+        shutil.copy(src / f"{name}.txt", dst / f"{name}.txt")
+    from PIL import Image
+
+    Image.open(src / "rocket.png").transpose(Image.Transpose.ROTATE_90).save(dst / "rocket_portrait.png")
+    return tmp_path / "data"
+
+
+def prepare(parts, folder: Path, cache: Path, **overrides):
+    data_cfg = compose_config("data=folder", f"data.dir={folder}", f"data.cache_dir={cache}", "data.resolution=128",
+                              *[f"data.{k}={v}" for k, v in overrides.items()]).data
+    return prepare_examples(parts, scan_folder(folder), data_cfg, device=torch.device("cpu"), encode_text=True)
+
+
+def test_mixed_aspect_ratios_get_their_own_buckets(parts, dataset, tmp_path):
+    prepared = prepare(parts, dataset, tmp_path / "cache")
+    buckets = {e.item.path.stem: e.bucket for e in prepared.examples}
+    assert buckets["astronaut"] == (128, 128)
+    assert buckets["coffee"][0] > buckets["coffee"][1]  # landscape
+    assert buckets["rocket_portrait"][0] < buckets["rocket_portrait"][1]  # portrait
+    for e in prepared.examples:
+        assert e.latents.shape == (4, e.bucket[1] // 8, e.bucket[0] // 8)
+        oh, ow, top, left, th, tw = e.time_ids.tolist()
+        assert (ow, oh) == e.item.size and (tw, th) == e.bucket
+    assert sum(prepared.histogram.values()) == 4 * 2  # images x repeats
+
+
+def test_second_pass_hits_everything_and_an_edited_caption_misses_once(parts, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    first = prepare(parts, dataset, cache)
+    assert first.cache_stats["cache/misses"] == 8 and first.cache_stats["cache/hits"] == 0  # 4 latents + 4 texts
+    again = prepare(parts, dataset, cache)
+    assert again.cache_stats["cache/misses"] == 0 and again.cache_stats["cache/hits"] == 8
+    for a, b in zip(first.examples, again.examples):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.context, b.context)
+    (dataset / "2_photo" / "coffee.txt").write_text("a photo of a cup of tea\n")
+    edited = prepare(parts, dataset, cache)
+    assert edited.cache_stats["cache/text/misses"] == 1 and edited.cache_stats["cache/latents/misses"] == 0
+
+
+def test_edited_image_and_flip_aug_miss_only_their_latents(parts, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    prepare(parts, dataset, cache)
+    from PIL import Image, ImageOps
+
+    path = dataset / "2_photo" / "chelsea.png"
+    ImageOps.invert(Image.open(path).convert("RGB")).save(path)
+    edited = prepare(parts, dataset, cache)
+    assert edited.cache_stats["cache/latents/misses"] == 1 and edited.cache_stats["cache/text/misses"] == 0
+    flipped = prepare(parts, dataset, cache, flip_aug="true")
+    assert flipped.cache_stats["cache/latents/misses"] == 4  # one flipped latent per image, originals reused
+    assert all(e.latents_flipped is not None for e in flipped.examples)
+
+
+@pytest.mark.slow
+def test_a_second_variant_of_a_sweep_reads_only_the_cache(tmp_path, mlflow_uri, dataset):
+    from mlflow.tracking import MlflowClient
+
+    common = ["data=folder", f"data.dir={dataset}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1",
+              "train.batch_size=2"]
+    first = run_job(compose_config(*common), output_dir=tmp_path / "a")
+    second = run_job(compose_config(*common, "noise=multires", "loss=huber_snr", "optimizer=prodigy"),
+                     output_dir=tmp_path / "b")
+    client = MlflowClient(mlflow_uri)
+    misses = lambda run: client.get_metric_history(run.run_id, "cache/misses")[0].value  # noqa: E731
+    assert misses(first) == 8 and misses(second) == 0
