@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,22 @@ from lora_sweep.errors import UserError  # noqa: E402
 
 register_configs()
 log = logging.getLogger("lora_sweep")
+# conf/hydra/launcher/{ray,submitit_slurm}.yaml share their names with the plugins' schemas: harmless.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(ray|submitit_slurm)' is validated against ConfigStore",
+                        category=UserWarning)
+
+
+class JobFailed(RuntimeError):
+    """A sweep job that did not finish: launchers record it FAILED with this message and go on with the others."""
+
+
+def share_cpu_cores(hc) -> None:
+    """On gpu_queue CPU slots, split the cores between concurrent jobs (OMP_NUM_THREADS is read before the fork)."""
+    slots = hc.launcher.get("cpu_slots") if "launcher" in hc else None
+    if slots and os.environ.get("GPU_QUEUE_SLOT") is not None and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(slots)))
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -30,15 +47,21 @@ def main(cfg: DictConfig) -> float | None:
     from lora_sweep.run import run_job
 
     hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
     output_dir = Path(cfg.train.output_dir or hc.runtime.output_dir)
-    sweep_dir = Path(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else None
+    sweep_dir = Path(hc.sweep.dir) if multirun else None
+    share_cpu_cores(hc)
     try:
         outcome = run_job(cfg, output_dir=output_dir, sweep_dir=sweep_dir, overrides=list(hc.overrides.task))
     except UserError as exc:
         log.error("%s", exc)
+        if multirun:  # an exception, not sys.exit: Ray would treat an exiting worker as a crash and abort the sweep
+            raise JobFailed(str(exc)) from None
         sys.exit(2)
     if outcome.status in ("FAILED", "KILLED"):
-        sys.exit(1)  # the queue reads the reason from the status file; a plain run exits non-zero
+        if multirun:
+            raise JobFailed(f"{outcome.status}: {outcome.reason.splitlines()[0] if outcome.reason else ''}")
+        sys.exit(1)
     return outcome.final_loss
 
 

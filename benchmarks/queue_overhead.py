@@ -79,10 +79,13 @@ def run_sweep(method: str, jobs: int, preload: list[str], out: Path) -> dict:
             "op_s": statistics.median(r["op_s"] for r in later) if later[0]["op_s"] is not None else None}
 
 
-def fresh_import_seconds(preload: list[str]) -> float:
+def fresh_import_code(preload: list[str]) -> str:
     modules = [p.split(":")[0] for p in preload]
     attrs = [f"getattr({p.split(':')[0]}, {p.split(':')[1]!r})" for p in preload if ":" in p]
-    code = f"import {', '.join(modules)}" + "".join(f"; {a}" for a in attrs) if modules else "pass"
+    return f"import {', '.join(modules)}" + "".join(f"; {a}" for a in attrs) if modules else "pass"
+
+
+def fresh_import_seconds(code: str) -> float:
     started = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
@@ -96,7 +99,8 @@ def main() -> None:
     parser.add_argument("--methods", default="forkserver,spawn")
     args = parser.parse_args()
     preload = [p for p in args.preload.split(",") if p]
-    print(f"fresh `python -c 'import {', '.join(preload)}'`: {fresh_import_seconds(preload):.2f} s")
+    code = fresh_import_code(preload)
+    print(f"fresh `python -c \"{code}\"`: {fresh_import_seconds(code):.2f} s")
     header = ("method", "wall", "server", "1st start", "start", "end", "total", "matmul")
     print(f"{header[0]:<11} " + " ".join(f"{h:>{9 if h == '1st start' else 7}}" for h in header[1:]))
     with tempfile.TemporaryDirectory(prefix="queue-overhead-") as tmp:

@@ -18,17 +18,18 @@ that safe, it only costs the duplicate work.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from lora_sweep import atomic
+from lora_sweep.cache_keys import (  # noqa: F401  (re-exported: the public API)
+    CACHE_FORMAT, RESAMPLE, cache_key, file_sha256, latent_cache_key, model_identity, posterior_seed, text_cache_key,
+)
 from lora_sweep.errors import UserError
 
 try:
@@ -41,14 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what an entry holds changes for the same identity; it is part of every key
-RESAMPLE = "pil-box"  # the resize of lora_sweep.buckets.resize_and_center_crop, part of latent keys
 _SHARD = re.compile(r"[0-9a-f]{2}")
 _KIND = re.compile(r"[a-z][a-z0-9_]*")
 _OWNED = re.compile(r"[0-9a-f]{64}\.(safetensors|json|lock)|\.[0-9a-f]{64}\.(safetensors|json)\.[^/]+\.tmp")
-# Where a single-file SDXL checkpoint keeps each part (a diffusers folder keeps them in the sub-folders below).
-_FILE_PREFIXES = {"vae": ("first_stage_model.",), "text": ("conditioner.embedders.", "cond_stage_model.")}
-_SUBFOLDERS = {"vae": ("vae",), "text": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
 
 
 class NonFiniteCacheError(UserError, RuntimeError):
@@ -63,134 +59,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lora-sweep"
     return Path.home() / ".cache" / "lora-sweep"
-
-
-def cache_key(**identity: Any) -> str:
-    """sha256 (hex) of the canonical JSON of `identity` plus CACHE_FORMAT.
-
-    Put in it what changes the tensor and nothing else; prefer `latent_cache_key` / `text_cache_key`, whose
-    signatures list the fields. Values must be JSON data (tuples count as lists); a Path is refused, because a
-    path names a file, not its content: hash the content (`file_sha256`, `model_identity`)."""
-    if not identity:
-        raise ValueError("cache_key needs at least one identity field")
-
-    def refuse(value: Any) -> Any:
-        raise TypeError(f"cache_key: {type(value).__name__} {value!r} is not JSON data; hash content instead")
-
-    payload = json.dumps({"format": CACHE_FORMAT, "identity": identity}, sort_keys=True, separators=(",", ":"),
-                         ensure_ascii=False, allow_nan=False, default=refuse)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def latent_cache_key(*, vae: str, image_sha256: str, bucket: Sequence[int], resized: Sequence[int],
-                     crop_left_top: Sequence[int], flipped: bool, latent: str = "sample",
-                     vae_dtype: str = "float32") -> str:
-    """Key of one image's latents: VAE identity, image bytes, bucket, resize, crop, flip, sample-or-mean, and the
-    dtype the VAE encodes in (it changes the latents; keep it fixed, not tied to the training precision, so that
-    precision variants share entries)."""
-    return cache_key(kind="latents", vae=vae, image=image_sha256, bucket=list(bucket), resized=list(resized),
-                     crop=list(crop_left_top), flip=bool(flipped), latent=latent, vae_dtype=vae_dtype,
-                     resample=RESAMPLE)
-
-
-def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 75, dtype: str = "float32") -> str:
-    """Key of one caption's text-encoder outputs (hidden states of both encoders and the pooled output)."""
-    return cache_key(kind="text", text_encoders=text_encoders, caption=caption, max_token_length=max_token_length,
-                     dtype=dtype)
-
-
-def posterior_seed(key: str) -> int:
-    """A seed for the one posterior sample kohya caches, derived from the entry's key: the cached sample is then a
-    function of its content, the same whichever job writes it (use one torch.Generator per image)."""
-    return int(key[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def file_sha256(path: str | os.PathLike, *, memo_dir: Path | None = None) -> str:
-    """sha256 (hex) of a file's bytes; with `memo_dir`, remembered by (path, size, mtime, inode) so unchanged files
-    are read once (files modified in the last 2 s are always read, as git treats "racily clean" files)."""
-    return _memoized(Path(path), "file", memo_dir, lambda: _sha256_ranges(Path(path), None))
-
-
-def model_identity(path: str | os.PathLike, component: str | None = None, *, memo_dir: Path | None = None) -> str:
-    """Identity of model weights for cache keys: a sha256 over file contents, so renaming or copying a model keeps
-    its entries and editing any weight invalidates them.
-
-    `component` narrows it to what the cached tensor depends on, so swapping the VAE invalidates latents only:
-    "vae" (a diffusers folder's vae/; a single-file checkpoint's first_stage_model.* tensors) or "text"
-    (text_encoder*/ and tokenizer*/; conditioner.embedders.* tensors). A folder without those sub-folders, or a
-    file without such tensors (a standalone VAE file), counts whole. Trade-off: exact content hashing reads the
-    bytes once (about 1 s per GB); with `memo_dir` (TensorCache.model_identity passes one) later calls cost a stat
-    per file. Hidden files and folders (.cache/, .git/) are skipped."""
-    path = Path(path).expanduser()
-    if component is not None and component not in _SUBFOLDERS:
-        raise ValueError(f"component must be one of {sorted(_SUBFOLDERS)} or None, not {component!r}")
-    if path.is_file():
-        prefixes = _FILE_PREFIXES.get(component or "", ())
-        digest = None
-        if prefixes and path.suffix == ".safetensors":
-            digest = _memoized(path, "part:" + ",".join(prefixes), memo_dir, lambda: _sha256_ranges(path, prefixes))
-        digest = digest or file_sha256(path, memo_dir=memo_dir)
-        return hashlib.sha256(f"file\t{digest}".encode()).hexdigest()
-    if not path.is_dir():
-        raise UserError(f"model path '{path}' does not exist; give a diffusers folder or a .safetensors file.")
-    roots = [path / name for name in _SUBFOLDERS.get(component or "", ()) if (path / name).is_dir()] or [path]
-    lines = [f"{f.relative_to(path).as_posix()}\t{file_sha256(f, memo_dir=memo_dir)}" for r in roots for f in _files(r)]
-    if not lines:
-        raise UserError(f"model folder '{path}' holds no files for {component or 'the model'}.")
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
-def _files(root: Path) -> list[Path]:
-    found = []
-    for folder, dirs, names in os.walk(root, followlinks=True):  # HF snapshots are links to blobs
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder) / n for n in names if not n.startswith(".")]
-    return sorted(found)
-
-
-def _sha256_ranges(path: Path, prefixes: tuple[str, ...] | None) -> str | None:
-    """sha256 of the whole file, or (prefixes given) of the names, dtypes, shapes and bytes of the safetensors
-    tensors whose names start with them; None if no tensor does."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if prefixes is None:
-            ranges = [(0, None)]
-        else:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            names = sorted(n for n in header if n != "__metadata__" and n.startswith(prefixes))
-            if not names:
-                return None
-            ranges = []
-            for name in names:
-                info = header[name]
-                digest.update(json.dumps([name, info["dtype"], info["shape"]]).encode("utf-8"))
-                start, end = info["data_offsets"]
-                ranges.append((8 + header_len + start, end - start))
-        for offset, length in ranges:
-            f.seek(offset)
-            while length is None or length > 0:
-                chunk = f.read(1 << 20 if length is None else min(1 << 20, length))
-                if not chunk:
-                    break
-                digest.update(chunk)
-                length = None if length is None else length - len(chunk)
-    return digest.hexdigest()
-
-
-def _memoized(path: Path, what: str, memo_dir: Path | None, compute: Callable[[], str | None]) -> str | None:
-    st = path.stat()
-    if memo_dir is None or time.time_ns() - st.st_mtime_ns < 2_000_000_000:
-        return compute()  # a file changed in the last 2 s could change again within one mtime tick: no memo
-    state = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, what])
-    name = hashlib.sha256(state.encode("utf-8")).hexdigest()
-    memo = Path(memo_dir) / name[:2] / f"{name}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        return json.loads(memo.read_text(encoding="utf-8"))["sha256"]
-    digest = compute()
-    with contextlib.suppress(OSError):
-        atomic.write_text(memo, json.dumps({"sha256": digest, "path": str(path)}))
-    return digest
 
 
 class _KeyLock:

@@ -101,11 +101,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     output_dir: Optional[str] = None  # null: the Hydra job directory
     output_name: str = "lora"
-    save_every: int = 0  # optimizer steps; 0 = only at the end
-    keep_states: int = 2
-    resume: str = "auto"  # auto | never | <path to a state folder>
+    save_every: int = 0  # optimizer steps between training states + step LoRA checkpoints; 0 = only at the end/stop
+    save_every_epochs: int = 0  # kohya --save_every_n_epochs: `<output_name>-000005.safetensors`; 0 = off
+    keep_states: int = 2  # training states kept per run (the newest ones)
+    resume: str = "auto"  # auto | never | <state-step*.pt file, or a run's state folder>
+    state_dir: Optional[str] = None  # null: <cache root>/states; states go to <state_dir>/<config_hash>/<run_id>/
     on_nan: str = "stop"  # stop | skip_step
     device: str = "auto"  # auto | cpu | cuda
+    debug_fault: Optional[str] = None  # testing aid: "nan_loss@STEP" | "inf_grad@STEP" | "oom@STEP"
 
 
 @dataclass
@@ -174,6 +177,9 @@ _HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs
     "train.resume",
     "train.keep_states",
     "train.save_every",
+    "train.save_every_epochs",
+    "train.state_dir",
+    "train.debug_fault",
     "train.device",
     "data.cache_dir",
 )

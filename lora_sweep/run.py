@@ -13,14 +13,15 @@ import os
 import signal
 import subprocess
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep import tracking
 from lora_sweep.atomic import write_text
+from lora_sweep.checkpoint import find_resumable, read_meta, resolve_state_arg, run_folder
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.errors import UserError
+from lora_sweep.failures import check_free_space, check_writable, failure_reason, sqlite_store_folder
 from lora_sweep.validate import validate
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class JobSink:
     def image(self, image, key, step):
         self.logger.log_image(image, key, step)
 
+    def flush(self):
+        self.logger.flush()
+
     def progress(self, step, max_steps, loss, speed):
         self.bar.total = max_steps
         self.bar.n = step
@@ -116,17 +120,23 @@ class _StopOnSignal:
 
 
 def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None) -> JobOutcome:
-    """Train one config as an MLflow run. Config errors are raised before any run exists."""
+    """Train one config as an MLflow run (a new one, or the unfinished one its latest state belongs to). Config,
+    path and tracking-store errors are raised before any run exists."""
     label = variant_name(cfg, overrides)
     status = StatusFile(label)
+    chash = config_hash(cfg)
     try:
         validate(cfg)
+        uri = tracking.tracking_uri(cfg.tracking.uri)
+        state_root = preflight(cfg, Path(output_dir), uri)
+        client = tracking.client(uri)
+        exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
+        artifacts = tracking.local_artifact_folder(client, exp_id)
+        if artifacts is not None:
+            check_writable(artifacts, "tracking.uri (artifact folder)")
     except UserError as exc:
         status.update(force=True, state="failed", reason=str(exc))
         raise
-    chash = config_hash(cfg)
-    client = tracking.client(tracking.tracking_uri(cfg.tracking.uri))
-    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
     if cfg.sweep.skip_finished:
         done = tracking.find_finished(client, exp_id, chash)
         if done:
@@ -135,21 +145,31 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
             status.update(force=True, state="skipped", run_id=done, reason=f"finished as run {done}")
             return JobOutcome("SKIPPED", done, reason=f"finished as run {done}")
 
-    parent = _parent_run_id(sweep_dir)
+    resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
     tags = {tracking.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir)}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every)
+    pending = Path(output_dir) / "mlflow_pending.json"
+    if continued_run:
+        logger = tracking.RunLogger.reopen(client, continued_run, tags=tags | {"lora_sweep.resumed_from": resume_from},
+                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
+    else:
+        parent = _parent_run_id(sweep_dir)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        if resume_from:
+            tags["lora_sweep.resumed_from"] = str(resume_from)
+        logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every,
+                                          pending_file=pending)
     logger.log_params(flatten(to_container(cfg)))
     status.update(force=True, run_id=logger.run_id)
     sink = JobSink(logger, status, label)
-    from lora_sweep.train import NonFiniteLoss, train
+    from lora_sweep.train import NonFiniteLoss, StateTarget, train
 
+    states = StateTarget(run_folder(state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
     outcome = JobOutcome("FAILED", logger.run_id)
     try:
         with _StopOnSignal() as stop:
-            result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested)
+            result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states)
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
                              reason="stopped by signal" if result.stopped_early else "",
                              final_loss=result.final_loss, files=result.files)
@@ -157,15 +177,54 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
     except (UserError, NonFiniteLoss) as exc:
         outcome.reason = f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # anything else: keep the traceback's tail as the reason
-        outcome.reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+    except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)
+        outcome.reason = failure_reason(cfg, exc)
     finally:
         sink.bar.close()
-        logger.end(outcome.status, outcome.reason or None)
+        spilled = logger.end(outcome.status, outcome.reason or None)
         status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
-                      reason=outcome.reason.splitlines()[0] if outcome.reason else "", final_loss=outcome.final_loss)
+                      reason=outcome.reason.splitlines()[0] if outcome.reason else "", final_loss=outcome.final_loss,
+                      **({"mlflow_pending": str(spilled)} if spilled else {}))
     _closing_line(cfg, outcome, client.tracking_uri)
     return outcome
+
+
+def preflight(cfg, output_dir: Path, uri: str) -> Path:
+    """Every folder this job writes, proven writable before the model loads; returns the state root."""
+    from lora_sweep.session import cache_root, state_root
+
+    check_writable(output_dir, "train.output_dir")
+    root = check_writable(state_root(cfg), "train.state_dir")
+    check_writable(cache_root(cfg), "data.cache_dir")
+    store = sqlite_store_folder(uri)
+    if store is not None:
+        check_writable(store, f"tracking.uri ({uri})")
+    check_free_space({output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)})
+    return root
+
+
+def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path | None, str | None]:
+    """(state to resume from, MLflow run to continue). auto: the newest state of an unfinished run of this config
+    hash in this store; PATH: that state (in its own run if that run is this config's and unfinished)."""
+    mode = cfg.train.resume
+    if mode == "never":
+        return None, None
+
+    def resumable(run_id: str) -> bool:
+        return tracking.resumable_run(client, exp_id, run_id)
+
+    if mode == "auto":
+        state = find_resumable(root / chash, resumable)
+        if state is not None:
+            log.info("resuming config %s from %s (train.resume=never to start over)", chash, state)
+        return state, (state.parent.name if state is not None else None)
+    state = resolve_state_arg(mode)
+    meta = read_meta(state)
+    if meta["config_hash"] != chash:
+        log.warning("train.resume: %s was saved by config %s, this is %s: resuming its weights and optimizer in a new "
+                    "run", state, meta["config_hash"], chash)
+        return state, None
+    return state, (meta["run_id"] if resumable(meta["run_id"]) else None)
 
 
 def _parent_run_id(sweep_dir: Path | None) -> str | None:

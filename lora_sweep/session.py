@@ -7,6 +7,8 @@ store base weights in the training precision -> optimizer and LR schedule), so `
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ class Session:
     alphas_cumprod: torch.Tensor
     vae_scale: float
     one_timestep_per_batch: bool
+    lora: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trained tensors by name (for states)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
 
     @property
@@ -78,16 +81,26 @@ class Session:
         for hook in self.hooks:
             hook(self, step, final)
 
+    def kohya_lora(self) -> dict[str, torch.Tensor]:
+        modules = {"lora_unet": self.parts.unet}
+        if self.cfg.network.train_text_encoder:
+            modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
+        return kohya_state_dict(modules, alpha=self.cfg.network.alpha,
+                                layers_per_block=self.parts.unet.config.layers_per_block)
+
+    def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
+        """A kohya-format LoRA for users (`<output_name>-step00000500.safetensors`, `-000005` per epoch), logged to
+        the run as soon as it is written."""
+        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
+        self.sink.artifact(path, "lora/checkpoints")
+        return path
+
     def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
         """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
         cfg = self.cfg
-        modules = {"lora_unet": self.parts.unet}
-        if cfg.network.train_text_encoder:
-            modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        state = kohya_state_dict(modules, alpha=cfg.network.alpha,
-                                 layers_per_block=self.parts.unet.config.layers_per_block)
         meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
-        kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", state, meta)
+        kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if cfg.network.train_text_encoder else (None,) * 2
         diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2)
         self.sink.artifact(kohya_file, "lora")
@@ -158,19 +171,25 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     add_lora(unet, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=UNET_TARGETS,
              dropout=cfg.network.dropout)
     groups = [{"name": "unet", "params": lora_parameters(unet), "lr": cfg.train.lr}]
+    lora = named_lora(unet, "unet")
     if cfg.network.train_text_encoder:
         te_params = []
-        for encoder in (parts.text_encoder, parts.text_encoder_2):
+        for name, encoder in (("text_encoder", parts.text_encoder), ("text_encoder_2", parts.text_encoder_2)):
             add_lora(encoder, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=TEXT_ENCODER_TARGETS,
                      dropout=cfg.network.dropout)
             encoder.train()
             te_params += lora_parameters(encoder)
+            lora |= named_lora(encoder, name)
         te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
         groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})  # kohya: [TE group, U-Net group]
     precision.apply_base_precision(unet, policy)
     if cfg.train.gradient_checkpointing:
         precision.enable_gradient_checkpointing(unet)
     params = [p for g in groups for p in g["params"]]
+    batch_buckets = [prepared.examples[i].bucket for i in items]
+    check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params),
+                     epochs=num_epochs(cfg.train.max_steps, batches_per_epoch(batch_buckets, cfg.train.batch_size),
+                                       cfg.train.grad_accum))
     optimizer = optim.build_optimizer(cfg.optimizer.name, groups, lr=cfg.train.lr, args=dict(cfg.optimizer.args))
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
                                             warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
@@ -180,13 +199,45 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     if sampler is not None:
         hooks.append(sampler)
     return Session(
-        hooks=hooks, cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=prepared,
-        batch_items=items, batch_buckets=[prepared.examples[i].bucket for i in items], params=params,
+        hooks=hooks, lora=lora, cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=prepared,
+        batch_items=items, batch_buckets=batch_buckets, params=params,
         optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
         alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         one_timestep_per_batch=one_timestep_per_batch(cfg.loss.type, cfg.loss.per_sample_timesteps),
     )
+
+
+def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:
+    return {f"{prefix}.{n}": p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad}
+
+
+def state_root(cfg) -> Path:
+    """`train.state_dir`, else `<cache root>/states`: stable across sweeps and working folders (see checkpoint.py)."""
+    return Path(cfg.train.state_dir).expanduser().resolve() if cfg.train.state_dir else cache_root(cfg) / "states"
+
+
+def batches_per_epoch(buckets: list[tuple[int, int]], batch_size: int) -> int:
+    """kohya's len(dataloader): every bucket is cut into ceil(n / batch_size) batches."""
+    return sum(math.ceil(n / batch_size) for n in Counter(map(tuple, buckets)).values())
+
+
+def num_epochs(max_steps: int, batches: int, grad_accum: int) -> int:
+    """kohya's num_train_epochs = ceil(max_train_steps / ceil(len(dataloader) / grad_accum))."""
+    return math.ceil(max_steps / math.ceil(batches / grad_accum))
+
+
+def check_disk_space(cfg, output_dir: Path, *, lora_numel: int, epochs: int) -> None:
+    """Fail before the first step if the states and checkpoints this run will write do not fit on their disks."""
+    from lora_sweep.failures import check_free_space, expected_bytes
+
+    states, outputs = expected_bytes(
+        lora_numel=lora_numel, optimizer=cfg.optimizer.name, keep_states=cfg.train.keep_states,
+        save_every=cfg.train.save_every, max_steps=cfg.train.max_steps,
+        epoch_checkpoints=(epochs - 1) // cfg.train.save_every_epochs if cfg.train.save_every_epochs else 0)
+    root = state_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    check_free_space({root: ("train.state_dir", states), Path(output_dir): ("train.output_dir", outputs)})
 
 
 def describe(cfg) -> dict:

@@ -10,6 +10,8 @@ All calls go through `MlflowClient` with explicit run ids (the fluent API is not
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any, Mapping
 
 from lora_sweep.errors import UserError
 
+log = logging.getLogger(__name__)
 ROLE = "lora_sweep.role"
 PARENT_FILE = ".mlflow_parent_run_id"  # written in a sweep's directory by the sweep callback
 
@@ -44,9 +47,11 @@ def experiment_id(mlflow_client, name: str) -> str:
     try:
         found = mlflow_client.get_experiment_by_name(name)
     except Exception as exc:  # network errors, bad URIs
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"tracking.uri: cannot reach the MLflow store '{mlflow_client.tracking_uri}' ({exc}). Start the server, "
-            "fix MLFLOW_TRACKING_URI, or unset it to use sqlite:///<cwd>/mlflow.db."
+            f"tracking.uri: cannot reach the MLflow tracking store at '{mlflow_client.tracking_uri}' ({detail}). "
+            "Start the server (or check its address), fix tracking.uri / MLFLOW_TRACKING_URI, or unset both to "
+            "use sqlite:///<cwd>/mlflow.db. Nothing was trained."
         ) from exc
     if found is not None:
         return found.experiment_id
@@ -55,6 +60,32 @@ def experiment_id(mlflow_client, name: str) -> str:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # created by a concurrent job in the meantime
         return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def local_artifact_folder(mlflow_client, exp_id: str) -> Path | None:
+    """The experiment's artifact folder when it is on a local disk (checked for writability before training)."""
+    location = mlflow_client.get_experiment(exp_id).artifact_location or ""
+    if location.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(location).path))
+    return Path(location) if location and "://" not in location else None
+
+
+def resumable_run(mlflow_client, exp_id: str, run_id: str) -> bool:
+    """A job run of this store and experiment that did not finish: the one a resumed training continues."""
+    try:
+        run = mlflow_client.get_run(run_id)
+    except Exception:  # not in this store
+        return False
+    info = run.info
+    return info.experiment_id == exp_id and info.lifecycle_stage == "active" and info.status != "FINISHED"
+
+
+def last_logged_step(mlflow_client, run_id: str, key: str = "train/loss") -> int:
+    """The last optimizer step whose metrics reached the run (-1 if none)."""
+    history = mlflow_client.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
 
 
 def find_finished(mlflow_client, exp_id: str, config_hash: str) -> str | None:
@@ -68,18 +99,46 @@ def find_finished(mlflow_client, exp_id: str, config_hash: str) -> str | None:
 
 
 class RunLogger:
-    """One MLflow run: params, tags, batched metrics, artifacts, images, and its end status."""
+    """One MLflow run: params, tags, batched metrics, artifacts, images, and its end status.
 
-    def __init__(self, mlflow_client, run_id: str, flush_every: int = 25):
+    If the tracking server drops mid-run, nothing stops the training: metrics, images and artifacts stay pending and
+    are retried at each flush; what is still pending when the run ends is written to `pending_file` (JSON) beside
+    the run's local outputs. On a resumed run, steps up to `skip_through_step` were logged before: they are not
+    logged again, so every metric history holds each step once.
+    """
+
+    def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None):
         self.client, self.run_id, self.flush_every = mlflow_client, run_id, max(1, flush_every)
+        self.pending_file = pending_file
+        self.skip_through_step = -1
         self._pending: list = []
+        self._pending_images: list = []  # (image, key, step): sent with the metrics of their step
+        self._pending_artifacts: list[tuple[Path, str | None]] = []  # copies of files that failed to upload
+        self._known_params: dict[str, str] = {}  # a reopened run's params (MLflow refuses to change one)
         self._steps_since_flush = 0
+        self._failing_since: float | None = None
         self.seconds_in_mlflow = 0.0  # tracking overhead, for the benchmark
 
     @classmethod
-    def start(cls, mlflow_client, exp_id: str, *, name: str, tags: Mapping[str, str], flush_every: int = 25):
+    def start(cls, mlflow_client, exp_id: str, *, name: str, tags: Mapping[str, str], flush_every: int = 25,
+              pending_file: Path | None = None):
         run = mlflow_client.create_run(exp_id, run_name=name, tags=dict(tags))
-        return cls(mlflow_client, run.info.run_id, flush_every)
+        return cls(mlflow_client, run.info.run_id, flush_every, pending_file)
+
+    @classmethod
+    def reopen(cls, mlflow_client, run_id: str, *, tags: Mapping[str, str], flush_every: int = 25,
+               pending_file: Path | None = None):
+        """Continue an unfinished run: RUNNING again, its failure tag cleared, already-logged steps skipped."""
+        run = mlflow_client.get_run(run_id)
+        mlflow_client.update_run(run_id, status="RUNNING")
+        if "lora_sweep.failure" in run.data.tags:
+            mlflow_client.delete_tag(run_id, "lora_sweep.failure")
+        logger = cls(mlflow_client, run_id, flush_every, pending_file)
+        logger.skip_through_step = last_logged_step(mlflow_client, run_id)
+        resumes = int(run.data.tags.get("lora_sweep.resumes", "0")) + 1
+        logger.set_tags({**tags, "lora_sweep.resumes": resumes})
+        logger._known_params = dict(run.data.params)
+        return logger
 
     def _timed(self, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -89,9 +148,11 @@ class RunLogger:
             self.seconds_in_mlflow += time.perf_counter() - start
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """On a reopened run, only new keys: a value that legitimately changed (an output folder) stays as first
+        logged, since MLflow refuses to change a param."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in self._known_params]
         for i in range(0, len(items), 100):
             self._timed(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
@@ -104,29 +165,89 @@ class RunLogger:
         """Queue metrics for `step`; they are sent every `flush_every` steps and at `flush()`."""
         from mlflow.entities import Metric
 
+        if step <= self.skip_through_step:
+            return
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         self._steps_since_flush += 1
         if self._steps_since_flush >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            self._timed(self.client.log_batch, self.run_id, metrics=batch)
-        self._steps_since_flush = 0
+    def log_image(self, image, key: str, step: int) -> None:
+        if step > self.skip_through_step:
+            self._pending_images.append((image, key, int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._timed(self.client.log_artifact, self.run_id, str(path), artifact_path)
-
-    def log_image(self, image, key: str, step: int) -> None:
-        self._timed(self.client.log_image, self.run_id, image, key=key, step=int(step))
-
-    def end(self, status: str, reason: str | None = None) -> None:
-        """Flush and close the run as FINISHED, FAILED or KILLED, recording why it did not finish."""
         try:
-            self.flush()
-        finally:
+            self._timed(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        except Exception as exc:  # keep a copy (the caller may delete its file) and retry at the next flush
+            self._pending_artifacts.append((self._keep_copy(Path(path)), artifact_path))
+            self._unreachable(exc)
+
+    def _keep_copy(self, path: Path) -> Path:
+        import shutil
+
+        folder = (self.pending_file.parent if self.pending_file else Path.cwd()) / "mlflow_pending_artifacts"
+        folder.mkdir(parents=True, exist_ok=True)
+        copy = folder / f"{len(self._pending_artifacts):04d}_{path.name}"
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, copy)
+        return copy
+
+    def flush(self) -> bool:
+        """Send everything pending; True if the store took it all. A failure keeps it pending for the next flush."""
+        self._steps_since_flush = 0
+        try:
+            while self._pending:
+                self._timed(self.client.log_batch, self.run_id, metrics=self._pending[:1000])
+                self._pending = self._pending[1000:]
+            while self._pending_images:
+                image, key, step = self._pending_images[0]
+                self._timed(self.client.log_image, self.run_id, image, key=key, step=step)
+                self._pending_images.pop(0)
+            while self._pending_artifacts:
+                path, artifact_path = self._pending_artifacts[0]
+                self._timed(self.client.log_artifact, self.run_id, str(path), artifact_path)
+                self._pending_artifacts.pop(0)
+        except Exception as exc:
+            self._unreachable(exc)
+            return False
+        if self._failing_since is not None:
+            log.warning("MLflow store %s reachable again after %.0f s; pending metrics sent",
+                        self.client.tracking_uri, time.monotonic() - self._failing_since)
+            self._failing_since = None
+        return True
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("MLflow store %s unreachable (%s): training goes on, metrics are kept and retried",
+                        self.client.tracking_uri, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+
+    def spill(self, status: str = "", reason: str | None = None) -> Path | None:
+        """Write what could not be sent to `pending_file` (metrics as JSON; artifacts stay in their copies)."""
+        if not (self._pending or self._pending_images or self._pending_artifacts) or self.pending_file is None:
+            return None
+        from lora_sweep.atomic import write_text
+
+        data = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri, "status": status, "reason": reason,
+                "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                            for m in self._pending],
+                "images_not_sent": [{"key": k, "step": s} for _, k, s in self._pending_images],
+                "artifacts_not_sent": [{"file": str(p), "artifact_path": a} for p, a in self._pending_artifacts]}
+        write_text(self.pending_file, json.dumps(data, indent=1))
+        log.error("MLflow store %s still unreachable at the end of run %s: %d metrics written to %s; the LoRA files "
+                  "are on local disk", self.client.tracking_uri, self.run_id, len(self._pending), self.pending_file)
+        return self.pending_file
+
+    def end(self, status: str, reason: str | None = None) -> Path | None:
+        """Flush and close the run as FINISHED, FAILED or KILLED, recording why it did not finish. Returns the
+        pending file if the store could not take everything."""
+        if not self.flush():
+            return self.spill(status, reason)
+        try:
             if reason:
                 self.set_tags({"lora_sweep.failure": reason[:4900]})
             self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            log.error("could not mark MLflow run %s %s (%s)", self.run_id, status, exc)
+        return None

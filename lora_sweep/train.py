@@ -7,23 +7,31 @@ Per micro-batch (kohya `train_network.py`):
     loss = mean_b( weights(t) * mean_chw( element_loss(pred, eps) ) ) / grad_accum
     backward; every grad_accum micro-batches (and at an epoch's end): clip, step, schedule, zero
 `train.max_steps` counts optimizer updates. Everything the caller wants to see goes through `sink`.
+
+Checkpoints (reference §6): every `train.save_every` steps a LoRA `<name>-step00000500.safetensors` and a training
+state; at the end of epoch e (1-based) when e % `train.save_every_epochs` == 0 and e is not the last epoch, a LoRA
+`<name>-00000e.safetensors` and a state; a state at the end and on a clean stop. A state (checkpoint.py) restores
+the loop exactly, so a resumed training computes the same numbers as one that never stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from lora_sweep import loss as loss_lib, noise as noise_lib, optim, precision
+from lora_sweep import checkpoint, loss as loss_lib, noise as noise_lib, optim, precision
 from lora_sweep.buckets import bucket_batches, format_histogram
-from lora_sweep.session import Session, build_session
+from lora_sweep.checkpoint import Position
+from lora_sweep.errors import UserError
+from lora_sweep.session import Session, batches_per_epoch, build_session, num_epochs
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +50,22 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass
+class StateTarget:
+    """Where this training writes its states, what it resumes from, and what they belong to."""
+
+    folder: Path
+    run_id: str
+    config_hash: str
+    resume_from: Path | None = None
+
+
+@dataclass
 class TrainResult:
     final_loss: float
     steps: int
     stopped_early: bool
     files: dict[str, Path] = field(default_factory=dict)
+    last_state: Path | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -88,72 +107,160 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random) -> l
     )
 
 
-def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
-    """Train one LoRA as `cfg` says and save it in kohya and diffusers formats under `output_dir`."""
+def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,
+          states: StateTarget | None = None) -> TrainResult:
+    """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`."""
     seed_everything(cfg.train.seed)
     s = build_session(cfg, output_dir=output_dir, sink=sink)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
-
-    max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum
-    step, epoch, skipped, final_loss, stopped = 0, 0, 0, float("nan"), False
-    window: list[loss_lib.LossTerms] = []
+    max_steps, accum, name = cfg.train.max_steps, cfg.train.grad_accum, cfg.train.output_name
+    epochs = num_epochs(max_steps, batches_per_epoch(s.batch_buckets, cfg.train.batch_size), accum)
     flip_rng = random.Random(cfg.train.seed)
-    started, images = time.perf_counter(), 0
-    s.sink.progress(0, max_steps, float("nan"), "")
-    s.after_step(0)
-    while step < max_steps and not stopped:
+    pos, last_state = Position(), None
+    if states is not None and states.resume_from is not None:
+        pos, last_state = resume(s, states.resume_from, flip_rng), states.resume_from
+    else:
+        s.after_step(0)
+    fault = parse_fault(cfg.train.debug_fault)
+    window: list[loss_lib.LossTerms] = []
+    pending, stopped = 0, False
+    started, start_step, start_images = time.perf_counter(), pos.step, pos.images_seen
+    s.sink.progress(pos.step, max_steps, pos.last_loss, "")
+    while pos.step < max_steps and not stopped:
+        epoch = pos.epoch
         batches = bucket_batches(s.batch_buckets, cfg.train.batch_size, cfg.train.seed, epoch)
-        micro = 0
-        for i, batch in enumerate(batches):
-            terms = micro_batch_loss(s, [s.batch_items[j] for j in batch], flip_rng)
-            if not torch.isfinite(terms.loss):
-                if cfg.train.on_nan == "stop":
-                    raise NonFiniteLoss(f"loss is {terms.loss.item()} at optimizer step {step + 1} (epoch {epoch})")
-                log.warning("non-finite loss at step %d: micro-batch skipped (train.on_nan=skip_step)", step + 1)
+        for i in range(pos.batch_index, len(batches)):
+            last_of_epoch = i == len(batches) - 1
+            terms = micro_batch_loss(s, [s.batch_items[j] for j in batches[i]], flip_rng)
+            terms = inject_fault(fault, pos.step + 1, terms, s, when="loss")
+            pending, pos.images_seen = pending + 1, pos.images_seen + len(batches[i])
+            if torch.isfinite(terms.loss):
+                s.scaler.scale(terms.loss / accum).backward()
+                window.append(terms)
+            else:
+                on_non_finite(cfg, f"train/loss is {terms.loss.item()}", pos.step + 1, epoch, last_state)
+            if pending < accum and not last_of_epoch:
                 continue
-            s.scaler.scale(terms.loss / accum).backward()
-            window.append(terms)
-            images += len(batch)
-            micro += 1
-            if micro % accum != 0 and i != len(batches) - 1:
-                continue
-            stepped = precision.scaled_step(s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm)
+            pending = 0
+            inject_fault(fault, pos.step + 1, terms, s, when="grad")
+            stepped = bool(window) and grads_finite(s, pos.step + 1, epoch, last_state) and precision.scaled_step(
+                s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm)
             if stepped:
                 s.lr_scheduler.step()
             else:
-                skipped += 1
+                pos.skipped_steps += 1
             s.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            final_loss = float(torch.stack([t.loss.detach() for t in window]).mean())
+            pos.step += 1
+            pos.epoch, pos.batch_index = (epoch + 1, 0) if last_of_epoch else (epoch, i + 1)
+            pos.last_loss = float(torch.stack([t.loss.detach() for t in window]).mean()) if window else float("nan")
             elapsed = time.perf_counter() - started
-            s.sink.metrics(step_metrics(s, window, final_loss, epoch, skipped, images / elapsed), step)
-            s.sink.progress(step, max_steps, final_loss, f"{step / elapsed:.2f} it/s")
+            s.sink.metrics(step_metrics(s, window, pos, epoch, (pos.images_seen - start_images) / elapsed), pos.step)
+            s.sink.progress(pos.step, max_steps, pos.last_loss, f"{(pos.step - start_step) / elapsed:.2f} it/s")
             window = []
-            stopped = step < max_steps and should_stop()
-            s.after_step(step, final=step >= max_steps or stopped)
-            if step >= max_steps or stopped:
+            stopped = pos.step < max_steps and should_stop()
+            final = pos.step >= max_steps or stopped
+            s.after_step(pos.step, final=final)
+            save_state = final
+            if cfg.train.save_every and pos.step % cfg.train.save_every == 0:
+                s.save_checkpoint(f"{name}-step{pos.step:08d}.safetensors", steps=pos.step, epoch=epoch + 1)
+                save_state = True
+            n = cfg.train.save_every_epochs
+            if last_of_epoch and n and (epoch + 1) % n == 0 and epoch + 1 < epochs:
+                s.save_checkpoint(f"{name}-{epoch + 1:06d}.safetensors", steps=pos.step, epoch=epoch + 1)
+                save_state = True
+            if save_state and states is not None:
+                last_state = write_state(s, states, pos, flip_rng)
+            if final:
                 break
-        epoch += 1
-    files = s.save_lora(final_loss=final_loss, steps=step, epoch=epoch)
-    return TrainResult(final_loss=final_loss, steps=step, stopped_early=stopped, files=files)
+    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
+    return TrainResult(final_loss=pos.last_loss, steps=pos.step, stopped_early=stopped, files=files,
+                       last_state=last_state)
 
 
-def step_metrics(s: Session, window, loss: float, epoch: int, skipped: int, images_per_s: float) -> dict:
-    """What one optimizer step logs: loss, lr (and d*lr), the loss weighting in use, epoch and speed."""
+def resume(s: Session, path: Path, flip_rng: random.Random) -> Position:
+    """Load a state into the freshly built session (after every set-up draw from the RNGs) and return where to go on."""
+    pos = checkpoint.restore(checkpoint.load_state(path), lora=s.lora, optimizer=s.optimizer,
+                             lr_scheduler=s.lr_scheduler, scaler=s.scaler, flip_rng=flip_rng)
+    if pos.step > s.cfg.train.max_steps:
+        raise UserError(f"train.resume: the state '{path}' is at step {pos.step}, beyond train.max_steps="
+                        f"{s.cfg.train.max_steps}.")
+    log.info("resumed from %s: step %d, epoch %d, batch %d", path, pos.step, pos.epoch + 1, pos.batch_index)
+    return pos
+
+
+def write_state(s: Session, states: StateTarget, pos: Position, flip_rng: random.Random) -> Path:
+    """Metrics up to this step reach MLflow before the state exists, so a resumed run never misses a step."""
+    flush = getattr(s.sink, "flush", None)
+    if flush is not None:
+        flush()
+    return checkpoint.save_state(
+        states.folder, lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, scaler=s.scaler,
+        position=pos, rng=checkpoint.capture_rng(flip_rng), config_hash=states.config_hash, run_id=states.run_id,
+        keep=s.cfg.train.keep_states)
+
+
+def on_non_finite(cfg, what: str, step: int, epoch: int, last_state: Path | None) -> None:
+    """train.on_nan=stop: fail naming the step and tensor; skip_step: warn and leave this micro-batch out."""
+    where = f"{what} at optimizer step {step} (epoch {epoch + 1})"
+    if cfg.train.on_nan == "stop":
+        kept = f"the last good state is kept: {last_state}" if last_state else "no state had been saved yet"
+        raise NonFiniteLoss(f"{where}; {kept}. Lower train.lr, check the data, or set train.on_nan=skip_step.")
+    log.warning("%s: skipped (train.on_nan=skip_step)", where)
+
+
+def grads_finite(s: Session, step: int, epoch: int, last_state: Path | None) -> bool:
+    """Check the LoRA gradients before the update (fp16's loss scaler handles its own overflows)."""
+    if s.scaler.is_enabled():
+        return True
+    grads = [p.grad for p in s.lora.values() if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return True
+    bad = next(n for n, p in s.lora.items() if p.grad is not None and not torch.isfinite(p.grad).all())
+    on_non_finite(s.cfg, f"the gradient of {bad} is not finite", step, epoch, last_state)
+    return False
+
+
+def parse_fault(spec: str | None) -> tuple[str, int] | None:
+    """`train.debug_fault` ("nan_loss@3"): a testing aid that makes step 3 fail through the real code paths."""
+    if not spec:
+        return None
+    m = re.fullmatch(r"(nan_loss|inf_grad|oom)@(\d+)", spec)
+    if not m:
+        raise UserError(f"train.debug_fault: '{spec}' is not nan_loss@STEP, inf_grad@STEP or oom@STEP.")
+    return m[1], int(m[2])
+
+
+def inject_fault(fault, step: int, terms: loss_lib.LossTerms, s: Session, *, when: str) -> loss_lib.LossTerms:
+    if fault is None or fault[1] != step:
+        return terms
+    kind = fault[0]
+    if kind == "nan_loss" and when == "loss":
+        return replace(terms, loss=terms.loss * float("nan"))
+    if kind == "inf_grad" and when == "grad":
+        next(p for p in s.lora.values() if p.grad is not None).grad.fill_(float("inf"))
+    if kind == "oom" and when == "loss":
+        torch.empty(2**50, dtype=torch.uint8, device=s.device)  # a real allocation failure, on any device
+    return terms
+
+
+def step_metrics(s: Session, window, pos: Position, epoch: int, images_per_s: float) -> dict:
+    """What one optimizer step logs: loss, lr (and d*lr), the loss weighting in use, epoch, images and speed."""
     metrics = {
-        "train/loss": loss,
+        "train/loss": pos.last_loss,
         **optim.lr_metrics(s.optimizer),
-        "train/epoch": epoch,
-        "train/loss_weight": float(torch.cat([t.weight.detach().float() for t in window]).mean()),
+        "train/epoch": epoch + 1,  # 1-based, as kohya counts epochs and names `-000001` after the first
+        "train/images_seen": pos.images_seen,
         "train/images_per_s": images_per_s,
     }
+    if window:
+        metrics["train/loss_weight"] = float(torch.cat([t.weight.detach().float() for t in window]).mean())
     peak = precision.peak_gpu_memory_bytes()
     if peak is not None:
         metrics["mem/peak_gpu_bytes"] = peak
-    if s.cfg.loss.type != "l2":
+    if s.cfg.loss.type != "l2" and window:
         metrics["train/huber_c"] = float(torch.cat([t.huber_c.detach().float() for t in window]).mean())
+    if s.policy.needs_grad_scaler or s.cfg.train.on_nan == "skip_step":
+        metrics["train/skipped_steps"] = pos.skipped_steps
     if s.policy.needs_grad_scaler:
-        metrics["train/skipped_steps"] = skipped
         metrics["train/loss_scale"] = float(s.scaler.get_scale())
     return metrics
-

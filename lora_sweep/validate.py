@@ -2,11 +2,13 @@
 
 Hydra's schema already rejects unknown keys and wrong types; this adds what a type cannot say (ranges, enums,
 combinations, paths). Each failure is a `ConfigError` naming the field and what it accepts; all failures of one
-config are reported together, so a user fixes them in one go.
+config are reported together, so a user fixes them in one go. Every numeric field has a range here, every string
+field with fixed choices lists them, every path that must exist is checked.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,10 @@ DATASETS = ("photos", "folder")
 ON_NAN = ("stop", "skip_step")
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_SAMPLE = ("sample", "mean")
+RESUME = ("auto", "never")
+FAULT = re.compile(r"(nan_loss|inf_grad|oom)@[1-9]\d*")
+SEED_MAX = 2**32 - 1  # numpy's seed range; kohya's seeds live there too
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 def _enum(field: str, value, accepted) -> None:
@@ -29,21 +35,42 @@ def _positive(field: str, value, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{field}: must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
 
 
+def _range(field: str, value, low, high, *, high_open: bool = False) -> None:
+    """low <= value <= high (or < high)."""
+    if value is None or value < low or value > high or (high_open and value == high):
+        raise ConfigError(f"{field}: must be in [{low}, {high}{')' if high_open else ']'}, got {value}.")
+
+
+def _fail(field: str, value, accepted: str) -> None:
+    raise ConfigError(f"{field}: must be {accepted}, got {value}.")
+
+
+def _existing(field: str, value, *, kind: str = "file") -> None:
+    path = Path(str(value)).expanduser()
+    if not (path.is_dir() if kind == "folder" else path.is_file()):
+        raise ConfigError(f"{field}: '{value}' is not an existing {kind}.")
+
+
 def _checks(cfg) -> list[Callable[[], None]]:
     from lora_sweep import buckets, loss, noise, optim, precision
 
-    t, d, n, lo = cfg.train, cfg.data, cfg.noise, cfg.loss
+    t, d, n, lo, s, v = cfg.train, cfg.data, cfg.noise, cfg.loss, cfg.sampling, cfg.validation
     return [
         lambda: _enum("model.name", cfg.model.name, MODELS),
         lambda: _check_model_path(cfg),
+        lambda: _positive("model.resolution", cfg.model.resolution),
         lambda: _enum("data.name", d.name, DATASETS),
         lambda: _check_data_dir(cfg),
+        lambda: d.validation_dir is None or _existing("data.validation_dir", d.validation_dir, kind="folder"),
+        lambda: d.caption_extension.startswith(".") or _fail("data.caption_extension", d.caption_extension,
+                                                               "a file extension starting with '.' (e.g. .txt)"),
         lambda: _enum("data.latent_sample", d.latent_sample, LATENT_SAMPLE),
         lambda: _positive("data.keep_tokens", d.keep_tokens, allow_zero=True),
+        lambda: d.caption_separator != "" or _fail("data.caption_separator", "''", "a non-empty string"),
         lambda: buckets.check_bucket_options(
             resolution=d.resolution, reso_steps=d.bucket_reso_steps, min_reso=d.min_bucket_reso,
             max_reso=d.max_bucket_reso),
-        lambda: (0.0 <= d.validation_split < 1.0) or _fail("data.validation_split", d.validation_split, "in [0, 1)"),
+        lambda: _range("data.validation_split", d.validation_split, 0.0, 1.0, high_open=True),
         lambda: noise.check_noise_options(
             offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=n.adaptive_scale,
             multires_iterations=n.multires_iterations, multires_discount=n.multires_discount,
@@ -52,30 +79,57 @@ def _checks(cfg) -> list[Callable[[], None]]:
             loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
             min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased),
         lambda: optim.resolve_optimizer_name(cfg.optimizer.name),
+        lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
         lambda: _check_scheduler(optim, cfg),
         lambda: precision.precision_policy(cfg.precision.name, "cuda" if t.device == "auto" else t.device),
         lambda: _positive("network.rank", cfg.network.rank),
         lambda: _positive("network.alpha", cfg.network.alpha),
-        lambda: (0.0 <= cfg.network.dropout < 1.0) or _fail("network.dropout", cfg.network.dropout, "in [0, 1)"),
+        lambda: _range("network.dropout", cfg.network.dropout, 0.0, 1.0, high_open=True),
         lambda: _positive("train.max_steps", t.max_steps),
         lambda: _positive("train.batch_size", t.batch_size),
         lambda: _positive("train.grad_accum", t.grad_accum),
+        lambda: _range("train.seed", t.seed, 0, SEED_MAX),
         lambda: _positive("train.lr", t.lr, allow_zero=True),
         lambda: t.text_encoder_lr is None or _positive("train.text_encoder_lr", t.text_encoder_lr, allow_zero=True),
         lambda: _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True),
+        lambda: _check_output_name(t.output_name),
         lambda: _positive("train.save_every", t.save_every, allow_zero=True),
+        lambda: _positive("train.save_every_epochs", t.save_every_epochs, allow_zero=True),
         lambda: _positive("train.keep_states", t.keep_states),
+        lambda: t.resume in RESUME or Path(t.resume).expanduser().exists() or _fail(
+            "train.resume", t.resume, "auto, never, or an existing state-step*.pt file or state folder"),
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
-        lambda: _positive("sampling.every", cfg.sampling.every, allow_zero=True),
-        lambda: _positive("sampling.steps", cfg.sampling.steps),
-        lambda: _positive("validation.every", cfg.validation.every, allow_zero=True),
+        lambda: t.debug_fault is None or FAULT.fullmatch(t.debug_fault) or _fail(
+            "train.debug_fault", t.debug_fault, "null or nan_loss@STEP, inf_grad@STEP, oom@STEP (STEP >= 1)"),
+        lambda: _positive("sampling.every", s.every, allow_zero=True),
+        lambda: _positive("sampling.steps", s.steps),
+        lambda: _positive("sampling.cfg", s.cfg, allow_zero=True),
+        lambda: s.width is None or _multiple_of_8("sampling.width", s.width),
+        lambda: s.height is None or _multiple_of_8("sampling.height", s.height),
+        lambda: _range("sampling.seed", s.seed, 0, SEED_MAX),
+        lambda: s.prompt_file is None or _existing("sampling.prompt_file", s.prompt_file),
+        lambda: s.every == 0 or s.prompts or s.prompt_file or _fail(
+            "sampling.every", s.every, "0 when no prompts are set (set sampling.prompts or sampling.prompt_file)"),
+        lambda: _positive("validation.every", v.every, allow_zero=True),
+        lambda: [_range("validation.timesteps", ts, 0, NUM_TRAIN_TIMESTEPS, high_open=True) for ts in v.timesteps],
+        lambda: v.timesteps or _fail("validation.timesteps", "[]", "a non-empty list of timesteps in [0, 1000)"),
+        lambda: _range("validation.seed", v.seed, 0, SEED_MAX),
+        lambda: v.every == 0 or d.validation_split > 0 or d.validation_dir or _fail(
+            "validation.every", v.every, "0 without held-out images (set data.validation_split or data.validation_dir)"),
+        lambda: cfg.tracking.experiment.strip() != "" or _fail("tracking.experiment", "''", "a non-empty name"),
         lambda: _positive("tracking.flush_every", cfg.tracking.flush_every),
     ]
 
 
-def _fail(field: str, value, accepted: str) -> None:
-    raise ConfigError(f"{field}: must be {accepted}, got {value}.")
+def _multiple_of_8(field: str, value: int) -> None:
+    if value <= 0 or value % 8:
+        _fail(field, value, "a positive multiple of 8 pixels (the VAE downsamples by 8)")
+
+
+def _check_output_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        _fail("train.output_name", repr(name), "a plain file name without folders (e.g. my_lora)")
 
 
 def _check_scheduler(optim, cfg) -> None:

@@ -15,7 +15,10 @@ one fork server (a fresh interpreter, in its own session) that imports the `prel
 per job; the child runs the job and exits. A crash, an OOM kill or a leaked CUDA context stays in that child. The
 fork server never initialises CUDA (it only imports; if an import does initialise it, the launcher logs which one
 and falls back to `spawn`) and runs no OpenMP parallel region, which a forked child could not reuse. An entry
-that fails to import is logged and skipped.
+that fails to import is logged and skipped. OpenMP read OMP_NUM_THREADS when the server imported torch, so to
+limit a job's CPU threads call torch.set_num_threads in the job. Measured (benchmarks/queue_overhead.py, 2-core
+CPU box, preload torch + diffusers' SDXL pipeline + peft): about 0.2 s from a free slot to the task function,
+against about 12 s for a fresh interpreter.
 
 Protocols between the launcher and a job (the job side is optional: a job that ignores them still runs):
 
@@ -24,8 +27,8 @@ Protocols between the launcher and a job (the job side is optional: a job that i
    "killed"), `label` (variant name), `step`, `max_steps`, `loss`, `speed` (e.g. "3.2 it/s"), `reason`, `run_id`,
    `final_loss`. The launcher reads it for the live slot lines and the summary. Its final `state` outranks a clean
    return: "failed" makes the job FAILED (with `reason`) even if the task function returned, "skipped" makes it
-   SKIPPED, "killed" KILLED. A job that dies without a result is FAILED with its signal or exit code, and the
-   tail of its log is shown.
+   SKIPPED, "killed" KILLED. A job that dies without a result is FAILED with its signal or exit code (KILLED if
+   the launcher had interrupted it), and the tail of its log is shown under the summary.
 2. Slot. Each job gets `GPU_QUEUE_SLOT=<slot index>` and `CUDA_VISIBLE_DEVICES=<its GPU>` (one index or UUID,
    so the job sees it as cuda:0). A CPU slot gets `CUDA_VISIBLE_DEVICES=""`: no GPU at all, also on a machine that
    has some (that is what choosing CPU slots means; where there are no GPUs it changes nothing).
@@ -39,11 +42,16 @@ Protocols between the launcher and a job (the job side is optional: a job that i
    exits. The sweep then exits with status 130. (Handlers are installed only when Hydra runs in the main thread.)
 5. Exit status. Jobs that end FAILED or KILLED become FAILED JobReturns; Hydra re-raises the first one after
    the batch, so `python app.py -m ...` exits 1 when any job failed and 0 when all finished or were skipped.
-   Note (Hydra 1.3.8): a re-raise skips Callback.on_multirun_end, whatever the launcher.
+   Note (Hydra 1.3.8): that re-raise skips Callback.on_multirun_end, whatever the launcher. A task function
+   that calls sys.exit is simply FAILED here, but under the Ray launcher it kills the worker and aborts the
+   sweep: in a multirun, raise instead.
 6. Sweep hooks (e.g. an MLflow parent run) belong in a Hydra Callback (hydra.callbacks); they work with every
    launcher. Jobs run in a fork of the fork server, never of the sweep process, so they inherit none of its
-   state; the Hydra context, callbacks included, reaches them pickled (cloudpickle), as with the Ray launcher.
+   state; the Hydra context, callbacks included, reaches them pickled (cloudpickle), as with the Ray launcher
+   (if a callback cannot be pickled, each job builds fresh callbacks from hydra.callbacks instead). A job gets
+   the sweep process's environment as it is when the job starts, plus the variables above.
 
 Files: `<sweep dir>/gpu_queue_summary.json` (every job: state, reason, slot, pid, times, run_id, final_loss),
-`<sweep dir>/.gpu_queue/` (fork server log, per-job spec files).
+`<sweep dir>/.gpu_queue/` (the fork server's log; each job's spec file while it runs, mode 0600 since it holds
+the environment).
 """

@@ -120,8 +120,8 @@ def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | Non
     if job_return is None:
         if signals_sent >= 3 and returncode == -signal.SIGKILL:
             return "KILLED", "killed (SIGKILL) after the interrupts"
-        if signals_sent >= 1 and returncode in (-signal.SIGINT, -signal.SIGKILL):
-            return "KILLED", f"stopped by the interrupt ({describe_exit(returncode)})"
+        if signals_sent >= 1:  # e.g. interrupted before its own handler was installed
+            return "KILLED", f"stopped by the interrupt ({describe_exit(returncode if returncode is not None else -1)})"
         return "FAILED", f"died without a result: {describe_exit(returncode if returncode is not None else -1)}"
     return "FINISHED", ""
 

@@ -58,8 +58,18 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
                 while pending and free and not interrupts.count:
                     record, slot = pending.popleft(), free.pop(0)
                     record.slot, record.slot_free_at, record.state = slot, free_since[slot.index], "STARTING"
+                    try:
+                        start(record)
+                    except PoolDied:
+                        record.state = "QUEUED"
+                        pending.appendleft(record)
+                        raise
+                    except Exception as exc:  # e.g. the job directory cannot be created: this job only
+                        record.state, record.reason = "FAILED", f"could not start: {type(exc).__name__}: {exc}"
+                        free.insert(0, slot)
+                        console.event(record)
+                        continue
                     running[record.job.idx] = record
-                    start(record)
                     record.dispatched_at = time.time()
                 for event in pool.events(poll_s):
                     record = running.get(event["idx"])

@@ -1,0 +1,197 @@
+"""Training states: everything needed to continue a training as if it had never stopped.
+
+A state is one file, `state-step00000500.pt`, written after optimizer step 500 through `atomic.write_with` (a
+temporary name in the same folder, then a rename), so a kill mid-write leaves the previous states untouched and no
+half-written file under a state's name. It holds:
+- the LoRA tensors (U-Net, and text encoders when trained) by parameter name,
+- optimizer, LR-scheduler and loss-scaler `state_dict`s,
+- the loop's position: global step, epoch and the index of the next batch in that epoch's (seeded) batch order,
+  images seen, skipped steps, last loss,
+- every RNG the loop draws from: Python's `random`, NumPy, torch CPU and CUDA, and the flip-augmentation RNG,
+- the config hash and the MLflow run id it belongs to.
+
+Layout: `<train.state_dir>/<config_hash>/<run_id>/state-step*.pt` (`train.state_dir` null: `<cache root>/states`).
+The folder does not depend on Hydra's per-sweep job directory, so a rerun of the sweep finds it; one folder per
+MLflow run, so a fresh start of the same config never mixes its states with an older run's. Loading uses
+`torch.load(weights_only=True)`: only tensors and plain containers, never arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lora_sweep.atomic import write_with
+from lora_sweep.errors import UserError
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+_STATE_NAME = re.compile(r"^state-step(\d{8,})\.pt$")
+
+
+@dataclass
+class Position:
+    """Where the loop stands right after an optimizer step (an accumulation is never half done there)."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # epoch the next batch belongs to (0-based)
+    batch_index: int = 0  # index of the next batch in `bucket_batches(..., seed, epoch)`
+    images_seen: int = 0
+    skipped_steps: int = 0
+    last_loss: float = float("nan")
+
+
+def state_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"state-step{step:08d}.pt"
+
+
+def run_folder(root: Path, config_hash: str, run_id: str) -> Path:
+    return Path(root) / config_hash / run_id
+
+
+# --- RNG ------------------------------------------------------------------------------------------------------
+
+
+def capture_rng(flip_rng: random.Random) -> dict[str, Any]:
+    """Every random stream the loop draws from, as tensors and plain tuples (loadable with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {
+        "python": random.getstate(),
+        "flip": flip_rng.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any], flip_rng: random.Random) -> None:
+    random.setstate(_tuples(rng["python"]))
+    flip_rng.setstate(_tuples(rng["flip"]))
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _tuples(value):
+    """random.setstate wants tuples all the way down; a loaded state may hold lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --- save / load ----------------------------------------------------------------------------------------------
+
+
+def save_state(
+    folder: Path, *, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler, position: Position,
+    rng: dict[str, Any], config_hash: str, run_id: str, keep: int,
+) -> Path:
+    """Write the state of `position.step` atomically, then drop all but the newest `keep` states."""
+    state = {
+        "format": FORMAT_VERSION,
+        "meta": {"config_hash": config_hash, "run_id": run_id, "step": position.step},
+        "position": asdict(position),
+        "lora": {k: v.detach().to("cpu", copy=True) for k, v in lora.items()},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,
+    }
+    target = state_path(folder, position.step)
+    write_with(target, lambda tmp: torch.save(state, tmp))
+    prune(folder, keep)
+    return target
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a state file; a broken or foreign file is a UserError naming it."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"train.resume: cannot read the training state '{path}' ({type(exc).__name__}: {exc}). "
+                        "Point train.resume at a state-step*.pt file or set train.resume=never.") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise UserError(f"train.resume: '{path}' is not a lora-sweep training state (format {FORMAT_VERSION}).")
+    return state
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Config hash, run id and step of a state, without reading its tensors (memory-mapped load)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+        return dict(state["meta"])
+    except Exception as exc:
+        raise UserError(f"train.resume: cannot read the training state '{path}' ({exc}).") from exc
+
+
+def restore(state: dict[str, Any], *, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
+            flip_rng: random.Random) -> Position:
+    """Put a loaded state back into freshly built objects and the RNGs; return the loop's position."""
+    missing = sorted(set(lora) ^ set(state["lora"]))
+    if missing:
+        raise UserError(f"train.resume: the state's LoRA does not match this network (e.g. {missing[:3]}): it was "
+                        "saved with other network or model settings.")
+    with torch.no_grad():
+        for name, param in lora.items():
+            param.copy_(state["lora"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], flip_rng)
+    return Position(**state["position"])
+
+
+# --- listing ----------------------------------------------------------------------------------------------------
+
+
+def list_states(folder: Path) -> list[Path]:
+    """Complete states in `folder`, oldest step first (temporary files of an interrupted write are not states)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in folder.iterdir() if (m := _STATE_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` states; remove older ones and leftovers of interrupted writes."""
+    states = list_states(folder)
+    for old in states[: max(0, len(states) - keep)]:
+        old.unlink(missing_ok=True)
+    for leftover in Path(folder).glob(".state-step*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def find_resumable(hash_folder: Path, is_resumable: Callable[[str], bool]) -> Path | None:
+    """The newest state (by write time) of any run folder under `hash_folder` whose run `is_resumable(run_id)`."""
+    candidates = []
+    for run_dir in sorted(p for p in Path(hash_folder).glob("*") if p.is_dir()) if Path(hash_folder).is_dir() else []:
+        states = list_states(run_dir)
+        if states and is_resumable(run_dir.name):
+            candidates.append(states[-1])
+        elif states:
+            log.info("states in %s belong to run %s, which is finished or not in this MLflow store: not resumed",
+                     run_dir, run_dir.name)
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def resolve_state_arg(value: str) -> Path:
+    """`train.resume=PATH`: a state file, or a run folder (its newest state)."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        states = list_states(path)
+        if not states:
+            raise UserError(f"train.resume: the folder '{path}' holds no state-step*.pt file.")
+        return states[-1]
+    if not path.is_file():
+        raise UserError(f"train.resume: '{value}' is neither 'auto', 'never' nor an existing state file or folder.")
+    return path

@@ -1,0 +1,149 @@
+"""Failing early and clearly: writable folders and free space before training, and messages a user can act on.
+
+A sweep of a dozen hours-long runs must not find out at step 4000 that its output folder is read-only or its disk
+is full, and an out-of-memory error should say which knobs lower memory. Everything here is checked before the
+model loads (paths, writability) or right after the LoRA exists (free space against its real size).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Mapping
+
+from lora_sweep.errors import UserError
+
+# Optimizer state tensors per LoRA parameter, roughly (8-bit states are a quarter of fp32 ones).
+OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
+                         "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0}
+HEADROOM_BYTES = 16 * 2**20
+
+
+def check_writable(path: Path, what: str) -> Path:
+    """Create `path` if needed and prove a file can be written there; a UserError naming `what` and the path if not."""
+    path = Path(path).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lora-sweep-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"{what}: cannot write to '{path}' ({exc.strerror or exc}). Make the folder writable, or point {what} at "
+            "a folder on a disk with space (nothing was trained)."
+        ) from exc
+    return path
+
+
+def sqlite_store_folder(uri: str) -> Path | None:
+    """The folder holding a local MLflow store (sqlite file or file store), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
+    if "://" not in uri:
+        return Path(uri).expanduser().resolve()
+    return None
+
+
+def check_free_space(needs: Mapping[Path, tuple[str, int]]) -> None:
+    """`needs`: folder -> (config field, bytes it will receive). Folders on one filesystem share its free space."""
+    by_device: dict[int, list[tuple[Path, str, int]]] = {}
+    for folder, (what, size) in needs.items():
+        by_device.setdefault(os.stat(folder).st_dev, []).append((Path(folder), what, size))
+    for entries in by_device.values():
+        need = sum(size for _, _, size in entries) + HEADROOM_BYTES
+        free = shutil.disk_usage(entries[0][0]).free
+        if free < need:
+            listing = ", ".join(f"{what} '{folder}' ({_mib(size)})" for folder, what, size in entries)
+            raise UserError(
+                f"not enough free disk space: {_mib(free)} free where this training will write about {_mib(need)}: "
+                f"{listing}. Free some space, lower train.keep_states or raise train.save_every, or point those "
+                "folders at another disk (nothing was trained)."
+            )
+
+
+def expected_bytes(*, lora_numel: int, optimizer: str, keep_states: int, save_every: int, max_steps: int,
+                   epoch_checkpoints: int) -> tuple[int, int]:
+    """(state folder bytes, output folder bytes) this training writes at most: `keep_states` states plus the one being
+    written; every step and epoch LoRA checkpoint plus the final LoRA in two formats (fp32 tensors)."""
+    lora_bytes = lora_numel * 4
+    state_bytes = int(lora_bytes * (1 + OPTIMIZER_STATE_SLOTS.get(optimizer, 4.0))) + 2**20
+    checkpoints = (max_steps // save_every if save_every else 0) + epoch_checkpoints
+    return state_bytes * (keep_states + 1), lora_bytes * (checkpoints + 2)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's torch.OutOfMemoryError, or the CPU allocator's failure (a RuntimeError with errno 12's text)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def out_of_memory_message(cfg, exc: BaseException) -> str:
+    """What ran out and the knobs that lower memory, with this config's values, most effective first."""
+    t = cfg.train
+    hints = []
+    if cfg.precision.name not in ("fp8", "fp8_bf16"):
+        hints.append(f"store the base model in fp8 (precision=fp8 or fp8_bf16; now precision={cfg.precision.name})")
+    if not t.gradient_checkpointing:
+        hints.append("recompute activations in backward (train.gradient_checkpointing=true)")
+    if t.batch_size > 1:
+        hints.append(f"a smaller batch with more accumulation, the same total batch (train.batch_size="
+                     f"{max(1, t.batch_size // 2)} train.grad_accum={t.grad_accum * 2}; now {t.batch_size} x "
+                     f"{t.grad_accum})")
+    if not cfg.data.cache_latents:
+        hints.append("cache latents so the VAE stays off the GPU (data.cache_latents=true)")
+    if cfg.network.train_text_encoder:
+        hints.append("train the U-Net only, with cached text embeddings (network.train_text_encoder=false)")
+    if cfg.data.shuffle_caption:
+        hints.append("cached text embeddings need data.shuffle_caption=false (now the text encoders stay on the GPU)")
+    hints.append(f"a smaller LoRA (network.rank, now {cfg.network.rank}) or resolution (data.resolution, now "
+                 f"{cfg.data.resolution})")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ("out of memory during training (" + first_line[:300] + "). To lower memory: "
+            + "; ".join(f"({i}) {h}" for i, h in enumerate(hints, 1))
+            + ". The last saved state is kept: the next run of this config resumes from it (train.resume=auto).")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """Disk full / read-only / permission errors met mid-run, naming the file."""
+    where = f" '{exc.filename}'" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (f"disk full while writing{where}. Free space (old states: train.state_dir; checkpoints: the output "
+                "folder) and rerun: it resumes from the last saved state.")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where} ({exc.strerror}). Make it writable and rerun: it resumes from the last state."
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failure_reason(cfg, exc: BaseException) -> str:
+    """One readable line first (the status file and the queue show it), details after."""
+    if is_out_of_memory(exc):
+        _free_gpu_memory()
+        return "OutOfMemoryError: " + out_of_memory_message(cfg, exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {describe_os_error(exc)}\n{traceback.format_exc()[-2000:]}"
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+
+
+def _free_gpu_memory() -> None:
+    """So the next job of a basic-launcher sweep (same process) starts with the memory this one held."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

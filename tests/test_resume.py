@@ -1,0 +1,127 @@
+"""A resumed training is the same training: SIGKILL after step k, resume in a fresh process, and the LoRA and the
+loss history equal those of a run that never stopped (CPU, one thread)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import ROOT, compose_config
+from lora_sweep.run import run_job
+
+JOB = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from pathlib import Path
+    from conftest import compose_config
+    from lora_sweep.run import run_job
+    out = run_job(compose_config(*sys.argv[2:]), output_dir=Path(sys.argv[1]))
+    print("OUTCOME", out.status, out.run_id)
+""").format(root=str(ROOT), tests=str(ROOT / "tests"))
+STEPS = 10
+
+
+def overrides(base: Path, *extra: str) -> list[str]:
+    return [f"train.max_steps={STEPS}", "train.batch_size=2", "train.save_every=1", "train.keep_states=3",
+            f"train.state_dir={base / 'states'}", f"tracking.uri=sqlite:///{base / 'mlflow.db'}",
+            "tracking.flush_every=100", "train.device=cpu", *extra]
+
+
+def job(base: Path, output: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-c", JOB, str(base / output), *overrides(base, *extra)], cwd=base,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[str, str]:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return re.search(r"OUTCOME (\w+) (\w+)", out).groups()
+
+
+def in_process(base: Path, output: str, monkeypatch, *extra: str):
+    """The same job in this process, on one thread like the subprocesses."""
+    monkeypatch.chdir(base)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_job(compose_config(*overrides(base, *extra)), output_dir=base / output)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def newest_state_step(states: Path) -> int:
+    steps = [int(m[1]) for p in states.glob("*/*/state-step*.pt") if (m := re.search(r"step(\d+)\.pt$", p.name))]
+    return max(steps, default=0)
+
+
+def kill_after_state(proc: subprocess.Popen, states: Path, step: int) -> threading.Thread:
+    """SIGKILL `proc` as soon as a state of `step` or later exists (polled from a thread)."""
+    def watch():
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if newest_state_step(states) >= step:
+                proc.send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+def client_of(base: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{base / 'mlflow.db'}")
+
+
+def loss_history(base: Path, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client_of(base).get_metric_history(run_id, "train/loss"))
+
+
+def test_sigkilled_run_resumes_to_the_same_lora_and_loss_history(tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir()
+    broken.mkdir()
+    victim = job(broken, "out_first")
+    watcher = kill_after_state(victim, broken / "states", 3)
+    uninterrupted = in_process(straight, "out", monkeypatch)  # trains while the victim runs
+    watcher.join(timeout=300)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, victim.communicate()[0][-3000:]
+    killed_at = newest_state_step(broken / "states")
+    assert 3 <= killed_at < STEPS, f"the kill came too late (state {killed_at})"
+    client = client_of(broken)
+    (killed_run,) = client.search_runs(client.get_experiment_by_name("lora-sweep").experiment_id)
+    assert killed_run.info.status == "RUNNING"  # SIGKILL: nobody closed it
+
+    status, resumed_id = finish(job(broken, "out_second"))  # a fresh process, a new output folder, resume=auto
+    assert status == uninterrupted.status == "FINISHED"
+    assert resumed_id == killed_run.info.run_id  # the same MLflow run goes on
+    run = client.get_run(resumed_id)
+    assert run.info.status == "FINISHED" and run.data.tags["lora_sweep.resumes"] == "1"
+    assert "lora_sweep.failure" not in run.data.tags
+
+    a = load_file(str(uninterrupted.files["kohya"]))
+    b = load_file(str(broken / "out_second" / "lora.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-exact
+
+    history_a, history_b = loss_history(straight, uninterrupted.run_id), loss_history(broken, resumed_id)
+    assert [s for s, _ in history_b] == list(range(1, STEPS + 1))  # every step once: none missing, none twice
+    assert history_a == history_b
+    # Step checkpoints of both lives reached the same run as artifacts.
+    names = {Path(a.path).name for a in client.list_artifacts(resumed_id, "lora/checkpoints")}
+    assert {f"lora-step{s:08d}.safetensors" for s in range(1, STEPS + 1)} <= names
