@@ -45,6 +45,14 @@ def _fail(field: str, value, accepted: str) -> None:
     raise ConfigError(f"{field}: must be {accepted}, got {value}.")
 
 
+def _naming(field: str, check: Callable, *args) -> None:
+    """Run a module's own check; make sure its message names the config field (they say `optimizer='x'`)."""
+    try:
+        check(*args)
+    except UserError as exc:
+        raise ConfigError(str(exc) if field in str(exc) else f"{field}: {exc}") from exc
+
+
 def _existing(field: str, value, *, kind: str = "file") -> None:
     path = Path(str(value)).expanduser()
     if not (path.is_dir() if kind == "folder" else path.is_file()):
@@ -78,10 +86,11 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: loss.check_loss_options(
             loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
             min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased),
-        lambda: optim.resolve_optimizer_name(cfg.optimizer.name),
+        lambda: _naming("optimizer.name", optim.resolve_optimizer_name, cfg.optimizer.name),
         lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
         lambda: _check_scheduler(optim, cfg),
-        lambda: precision.precision_policy(cfg.precision.name, "cuda" if t.device == "auto" else t.device),
+        lambda: _naming("precision.name", precision.precision_policy, cfg.precision.name,
+                        t.device if t.device in ("cpu", "cuda") else "cuda"),
         lambda: _positive("network.rank", cfg.network.rank),
         lambda: _positive("network.alpha", cfg.network.alpha),
         lambda: _range("network.dropout", cfg.network.dropout, 0.0, 1.0, high_open=True),

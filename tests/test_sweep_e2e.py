@@ -1,0 +1,65 @@
+"""The true end to end: `python sweep.py -m ...` -> gpu_queue jobs -> MLflow parent + child runs -> report.
+
+Real subprocesses, a real sqlite MLflow store, the real launcher; only the scale is small (tiny model, few steps).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_sweep(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_sweep_records_nested_runs_and_writes_the_report(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = run_sweep(tmp_path, "-m", "preset=demo", "experiment=v53,v57", "train.max_steps=2",
+                    "sampling.every=2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lora-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("lora_sweep.role") == "sweep")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["variant"] for r in children) == ["v53", "v57"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    for child in children:
+        assert client.get_metric_history(child.info.run_id, "train/loss")
+        assert client.get_metric_history(child.info.run_id, "img/luminance_mean")
+        assert any(a.path == "lora" for a in client.list_artifacts(child.info.run_id))
+    report = tmp_path / "sweep" / "report" / "report.html"
+    html = report.read_text()
+    assert "v53" in html and "v57" in html and "data:image/png;base64" in html
+    assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "comparison report" in out.stderr + out.stdout
+
+    again = run_sweep(tmp_path, "-m", "preset=demo", "experiment=v53,v57", "train.max_steps=2",
+                      "sampling.every=2", f"hydra.sweep.dir={tmp_path / 'sweep2'}")
+    assert again.returncode == 0
+    assert (again.stdout + again.stderr).count("SKIPPED") >= 2  # same configs: skipped, not retrained
+
+
+def test_bad_input_is_one_paragraph_and_exit_2_without_a_traceback(tmp_path):
+    out = run_sweep(tmp_path, "model=sdxl", f"model.path={tmp_path / 'missing'}", timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2
+    assert "model.path" in text and "Traceback" not in text
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    out = run_sweep(tmp_path, "noise=bogus", timeout=120)
+    assert out.returncode != 0 and "bogus" in out.stderr and "multires" in out.stderr

@@ -1,0 +1,100 @@
+"""Bad configs fail at compose time, before anything heavy loads, with a message that names the field."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import compose_config
+from lora_sweep.errors import ConfigError
+from lora_sweep.validate import validate
+
+BAD = [  # (overrides, the field the message must name), across every group
+    (["model.name=sd15"], "model.name"),
+    (["model.resolution=0"], "model.resolution"),
+    (["data=folder", "data.dir=/nonexistent/lora-sweep-data"], "data.dir"),
+    (["data.validation_dir=/nonexistent/val"], "data.validation_dir"),
+    (["data.validation_split=1.0"], "data.validation_split"),
+    (["data.bucket_reso_steps=48"], "data.bucket_reso_steps"),
+    (["data.latent_sample=mode"], "data.latent_sample"),
+    (["data.caption_extension=txt"], "data.caption_extension"),
+    (["data.keep_tokens=-1"], "data.keep_tokens"),
+    (["noise.offset=-0.1"], "noise.offset"),
+    (["noise.multires_discount=1.5"], "noise.multires_discount"),
+    (["noise.ip_gamma=-1"], "noise.ip_gamma"),
+    (["loss.type=l3"], "loss.type"),
+    (["loss.huber_c=0"], "loss.huber_c"),
+    (["loss.min_snr_gamma=-1"], "loss.min_snr_gamma"),
+    (["optimizer.name=sgd"], "optimizer.name"),
+    (["optimizer.lr=-1"], "optimizer.lr"),
+    (["optimizer.scheduler=step"], "optimizer.scheduler"),
+    (["optimizer.scheduler=constant", "optimizer.warmup_steps=10"], "optimizer.warmup_steps"),
+    (["precision.name=fp4"], "precision.name"),
+    (["network.rank=0"], "network.rank"),
+    (["network.alpha=0"], "network.alpha"),
+    (["network.dropout=1.0"], "network.dropout"),
+    (["train.grad_accum=0"], "train.grad_accum"),
+    (["train.seed=-1"], "train.seed"),
+    (["train.max_grad_norm=-1"], "train.max_grad_norm"),
+    (["train.keep_states=0"], "train.keep_states"),
+    (["train.save_every=-5"], "train.save_every"),
+    (["train.save_every_epochs=-1"], "train.save_every_epochs"),
+    (["train.output_name=a/b"], "train.output_name"),
+    (["train.resume=/nonexistent/state-step00000001.pt"], "train.resume"),
+    (["train.on_nan=ignore"], "train.on_nan"),
+    (["train.device=tpu"], "train.device"),
+    (["train.debug_fault=boom@1"], "train.debug_fault"),
+    (["sampling.steps=0"], "sampling.steps"),
+    (["sampling.width=100"], "sampling.width"),
+    (["sampling.prompt_file=/nonexistent/prompts.txt"], "sampling.prompt_file"),
+    (["sampling.every=5"], "sampling.every"),  # no prompts: nothing to sample
+    (["validation.timesteps=[100,1000]"], "validation.timesteps"),
+    (["validation.every=5"], "validation.every"),  # no held-out images: nothing to validate
+    (["tracking.flush_every=0"], "tracking.flush_every"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_each_bad_value_names_its_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(*overrides))
+    lines = str(err.value).splitlines()[1:]
+    assert any(line.startswith(f"- {field}") or f" {field}" in line for line in lines), lines
+
+
+def test_table_covers_at_least_fifteen_values_across_every_group():
+    groups = {field.split(".")[0] for _, field in BAD}
+    assert len(BAD) >= 15
+    assert {"model", "data", "noise", "loss", "optimizer", "precision", "network", "train", "sampling",
+            "validation", "tracking"} <= groups
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("train.grad_accum=0", "loss.type=l3", "network.dropout=2"))
+    message = str(err.value)
+    assert all(f in message for f in ("train.grad_accum", "loss.type", "network.dropout"))
+
+
+def test_enum_messages_list_the_options():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("train.on_nan=ignore", "optimizer.scheduler=step", "precision.name=fp4"))
+    message = str(err.value)
+    assert "skip_step" in message and "cosine" in message and "fp8_bf16" in message
+
+
+def test_good_combinations_pass(tmp_path):
+    validate(compose_config("sampling.every=5", "sampling.prompts=[a cat]", "validation.every=5",
+                            "data.validation_split=0.2", "train.save_every_epochs=2", "train.debug_fault=oom@3"))
+    state = tmp_path / "state-step00000001.pt"
+    state.write_bytes(b"")
+    validate(compose_config(f"train.resume={state}"))
+
+
+def test_validation_is_fast_and_loads_no_model():
+    start = time.perf_counter()
+    cfg = compose_config("model=sdxl", "model.path=/nonexistent/sdxl.safetensors")
+    with pytest.raises(ConfigError, match="model.path"):
+        validate(cfg)
+    assert time.perf_counter() - start < 5
