@@ -45,7 +45,8 @@ class BareLoop:
 
         self.unet, self.max_grad_norm, self.autocast_dtype = unet, max_grad_norm, autocast_dtype
         unet.requires_grad_(False)
-        unet.to(dtype=weight_dtype)
+        if weight_dtype != torch.float32:
+            unet.to(dtype=weight_dtype)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
                                     target_modules=KOHYA_UNET_TARGETS))
         self.params = [p for p in unet.parameters() if p.requires_grad]

@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmarks.common import ROOT  # noqa: E402
 from benchmarks.report import load_average, machine_info, update_markdown, write_json  # noqa: E402
 
-FULL = {"steps": 8, "reps": 7, "warmup": 3, "batch_sizes": (1, 4), "tracking_steps": 100, "jobs": 12,
+FULL = {"steps": 6, "reps": 11, "warmup": 3, "batch_sizes": (1, 4), "tracking_steps": 100, "jobs": 12,
         "max_steps": 10, "slots": (1, 2), "spawn_jobs": 3, "launcher_jobs": 4}
 QUICK = {"steps": 2, "reps": 2, "warmup": 1, "batch_sizes": (1,), "tracking_steps": 10, "jobs": 3,
          "max_steps": 2, "slots": (1, 2), "spawn_jobs": 1, "launcher_jobs": 2}
@@ -44,6 +44,15 @@ def link_base_cache(warm: Path, cold: Path) -> Path:
         if (warm / name).exists():
             (cold / name).symlink_to((warm / name).resolve(), target_is_directory=True)
     return cold
+
+
+def quiet_progress_bars() -> None:
+    """Model loading draws progress bars per load; the benchmark's output is its table."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def figure_1(p: dict, work: Path) -> dict:
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    quiet_progress_bars()
     work = Path(tempfile.mkdtemp(prefix="lora-sweep-bench-"))
     os.environ["LORA_SWEEP_CACHE_DIR"] = str(work / "cache")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"

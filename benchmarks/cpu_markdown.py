@@ -26,6 +26,9 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
                      f"VAE {shared['vae']} vs {separate['vae']} encodes, text {shared['text_encoder']} vs "
                      f"{separate['text_encoder']}; {shared['seconds']:.1f} s vs {separate['seconds']:.1f} s",
                      f"= dataset size ({n})", _verdict(ok)))
+        if c.get("sdxl_vae_tflop_saved_1024"):
+            rows.append(("2", "the same saving on SDXL at 1024 px", f"{c['sdxl_vae_tflop_saved_1024']:.0f} TFLOP of "
+                         f"VAE encoding ({separate['vae'] - shared['vae']} x 4.88 TFLOP) not spent", "-", "-"))
     sweeps = r.get("sweeps", {})
     if "forkserver" in sweeps:
         fork, spawn = sweeps["forkserver"]["phases"], sweeps["spawn"]["phases"]
@@ -51,12 +54,15 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
 def _trainer_details(r: dict) -> list[str]:
     lines = ["", "Figure 1, per-step seconds (median of repetitions; ratio = median of per-repetition ratios, "
              "range in brackets):", "",
-             "| batch | measure | lora-sweep s/step | bare loop s/step | ratio |", "|---|---|---|---|---|"]
+             "| batch | measure | repetitions x steps | lora-sweep s/step | bare loop s/step | ratio | "
+             "ratio of fastest |",
+             "|---|---|---|---|---|---|---|"]
     for b in r["trainer"]["batches"]:
         for name in ("core", "loop"):
             m = b[name]
-            lines.append(f"| {b['batch_size']} | {name} | {m['lora_sweep_step_s']:.4f} | {m['bare_step_s']:.4f} | "
-                         f"{m['ratio']:.3f} [{m['ratio_min']:.3f}-{m['ratio_max']:.3f}] |")
+            lines.append(f"| {b['batch_size']} | {name} | {m['reps']} x {b['steps']} | {m['lora_sweep_step_s']:.4f} | "
+                         f"{m['bare_step_s']:.4f} | {m['ratio']:.3f} [{m['ratio_min']:.3f}-{m['ratio_max']:.3f}] | "
+                         f"{fmt(m.get('ratio_of_fastest'), '.3f')} |")
     return lines
 
 

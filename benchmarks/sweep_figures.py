@@ -28,10 +28,11 @@ PRELOAD = ("torch", "diffusers:StableDiffusionXLPipeline", "peft", "mlflow", "lo
 def sweep_command(sweep_dir: Path, *, jobs: int, slots: int, start_method: str, max_steps: int,
                   experiment: str, preload=PRELOAD) -> list[str]:
     entries = ",".join(f"'{p}'" for p in preload)
-    return [sys.executable, str(ROOT / "sweep.py"), "-m", f"train.seed=range({jobs})", f"train.max_steps={max_steps}",
-            "sweep.skip_finished=false", f"tracking.experiment={experiment}", "hydra/launcher=gpu_queue",
-            "hydra.launcher.gpus=[]", f"hydra.launcher.cpu_slots={slots}", f"hydra.launcher.start_method={start_method}",
-            f"hydra.launcher.preload=[{entries}]", "hydra.launcher.console=plain", f"hydra.sweep.dir={sweep_dir}"]
+    return [sys.executable, str(ROOT / "sweep.py"), "-m", f"train.seed=range({jobs})",
+            f"train.max_steps={max_steps}", "sweep.skip_finished=false", f"tracking.experiment={experiment}",
+            "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[]", f"hydra.launcher.cpu_slots={slots}",
+            f"hydra.launcher.start_method={start_method}", f"hydra.launcher.preload=[{entries}]",
+            "hydra.launcher.console=plain", f"hydra.sweep.dir={sweep_dir}"]
 
 
 def sweep_env(workdir: Path, cache_dir: Path, threads: int) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 import traceback
@@ -21,6 +22,7 @@ from lora_sweep.errors import UserError
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
                          "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0}
 HEADROOM_BYTES = 16 * 2**20
+FAULT_SPEC = re.compile(r"(nan_loss|inf_grad|oom)@([1-9]\d*)")  # train.debug_fault
 
 
 def check_writable(path: Path, what: str) -> Path:
@@ -147,3 +149,31 @@ def _free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def parse_fault(spec: str | None) -> tuple[str, int] | None:
+    """`train.debug_fault` ("nan_loss@3"): a testing aid that makes step 3 fail through the real code paths."""
+    if not spec:
+        return None
+    m = FAULT_SPEC.fullmatch(spec)
+    if not m:
+        raise UserError(f"train.debug_fault: '{spec}' is not nan_loss@STEP, inf_grad@STEP or oom@STEP.")
+    return m[1], int(m[2])
+
+
+def inject_fault(fault: tuple[str, int] | None, step: int, terms, s, *, when: str):
+    """Make the fault happen at optimizer step `step` (when="loss": after the forward; "grad": before the update)."""
+    import dataclasses
+
+    import torch
+
+    if fault is None or fault[1] != step:
+        return terms
+    kind = fault[0]
+    if kind == "nan_loss" and when == "loss":
+        return dataclasses.replace(terms, loss=terms.loss * float("nan"))
+    if kind == "inf_grad" and when == "grad":
+        next(p for p in s.lora.values() if p.grad is not None).grad.fill_(float("inf"))
+    if kind == "oom" and when == "loss":
+        torch.empty(2**50, dtype=torch.uint8, device=s.device)  # a real allocation failure, on any device
+    return terms

@@ -1,8 +1,15 @@
-"""One job's life: validate, skip if already finished, an MLflow (child) run around `train`, an honest end status.
+"""One job's life: validate, check every folder it writes, skip if already finished, resume if a state says so, an
+MLflow (child) run around `train`, an honest end status.
 
 Knows MLflow and the queue's status-file protocol; knows nothing of launchers. Every way a job can end maps to one
-MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly), FAILED (with the reason
-as the `lora_sweep.failure` tag). A run is never left RUNNING and never marked FINISHED without its LoRA files.
+MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly, with a state), FAILED
+(with the reason as the `lora_sweep.failure` tag: NaN, out of memory, disk, ...). A run is never marked FINISHED
+without its LoRA files; only a SIGKILL leaves it RUNNING, and the next run of its config continues it from its
+newest state (if it saved one).
+
+Resume (train.resume=auto): the newest state under `<state root>/<config_hash>/<run_id>/` whose run is in this
+MLflow store and experiment and not FINISHED; that run is reopened (RUNNING again) and steps it already logged are not
+logged twice. train.resume=PATH: that state, in its own run if it is that run's newest state, else in a new run.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 
 from lora_sweep import tracking
 from lora_sweep.atomic import write_text
-from lora_sweep.checkpoint import find_resumable, read_meta, resolve_state_arg, run_folder
+from lora_sweep.checkpoint import find_resumable, list_states, read_meta, resolve_state_arg, run_folder
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.errors import UserError
 from lora_sweep.failures import check_free_space, check_writable, failure_reason, sqlite_store_folder
@@ -149,15 +156,15 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     tags = {tracking.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir)}
     pending = Path(output_dir) / "mlflow_pending.json"
+    parent = _parent_run_id(sweep_dir)
+    if parent:
+        tags["mlflow.parentRunId"] = parent  # a continued run moves to the sweep that continues it
+    if resume_from:
+        tags["lora_sweep.resumed_from"] = str(resume_from)
     if continued_run:
-        logger = tracking.RunLogger.reopen(client, continued_run, tags=tags | {"lora_sweep.resumed_from": resume_from},
-                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
+        logger = tracking.RunLogger.reopen(client, continued_run, tags=tags, flush_every=cfg.tracking.flush_every,
+                                           pending_file=pending)
     else:
-        parent = _parent_run_id(sweep_dir)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        if resume_from:
-            tags["lora_sweep.resumed_from"] = str(resume_from)
         logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every,
                                           pending_file=pending)
     logger.log_params(flatten(to_container(cfg)))
@@ -224,7 +231,9 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path 
         log.warning("train.resume: %s was saved by config %s, this is %s: resuming its weights and optimizer in a new "
                     "run", state, meta["config_hash"], chash)
         return state, None
-    return state, (meta["run_id"] if resumable(meta["run_id"]) else None)
+    newest = list_states(state.parent)
+    same_run = resumable(meta["run_id"]) and newest and newest[-1].resolve() == state.resolve()
+    return state, (meta["run_id"] if same_run else None)  # an older state starts a new run: one timeline per run
 
 
 def _parent_run_id(sweep_dir: Path | None) -> str | None:

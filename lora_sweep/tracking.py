@@ -112,10 +112,12 @@ class RunLogger:
         self.pending_file = pending_file
         self.skip_through_step = -1
         self._pending: list = []
+        self._pending_params: list = []
         self._pending_images: list = []  # (image, key, step): sent with the metrics of their step
         self._pending_artifacts: list[tuple[Path, str | None]] = []  # copies of files that failed to upload
         self._known_params: dict[str, str] = {}  # a reopened run's params (MLflow refuses to change one)
         self._steps_since_flush = 0
+        self._current_step: int | None = None
         self._failing_since: float | None = None
         self.seconds_in_mlflow = 0.0  # tracking overhead, for the benchmark
 
@@ -152,9 +154,8 @@ class RunLogger:
         logged, since MLflow refuses to change a param."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in self._known_params]
-        for i in range(0, len(items), 100):
-            self._timed(self.client.log_batch, self.run_id, params=items[i : i + 100])
+        self._pending_params += [Param(k, str(v)[:6000]) for k, v in params.items() if k not in self._known_params]
+        self.flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -162,16 +163,19 @@ class RunLogger:
         self._timed(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue metrics for `step`; they are sent every `flush_every` steps and at `flush()`."""
+        """Queue metrics for `step`; every `flush_every` steps, when the next step begins (so a step's metrics are
+        sent together, never half of them), and at `flush()`, they are sent."""
         from mlflow.entities import Metric
 
         if step <= self.skip_through_step:
             return
+        if step != self._current_step:
+            if self._steps_since_flush >= self.flush_every:
+                self.flush()
+            self._current_step = step
+            self._steps_since_flush += 1
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        self._steps_since_flush += 1
-        if self._steps_since_flush >= self.flush_every:
-            self.flush()
 
     def log_image(self, image, key: str, step: int) -> None:
         if step > self.skip_through_step:
@@ -197,6 +201,9 @@ class RunLogger:
         """Send everything pending; True if the store took it all. A failure keeps it pending for the next flush."""
         self._steps_since_flush = 0
         try:
+            while self._pending_params:
+                self._timed(self.client.log_batch, self.run_id, params=self._pending_params[:100])
+                self._pending_params = self._pending_params[100:]
             while self._pending:
                 self._timed(self.client.log_batch, self.run_id, metrics=self._pending[:1000])
                 self._pending = self._pending[1000:]
@@ -225,11 +232,13 @@ class RunLogger:
 
     def spill(self, status: str = "", reason: str | None = None) -> Path | None:
         """Write what could not be sent to `pending_file` (metrics as JSON; artifacts stay in their copies)."""
-        if not (self._pending or self._pending_images or self._pending_artifacts) or self.pending_file is None:
+        if not (self._pending or self._pending_params or self._pending_images or self._pending_artifacts) \
+                or self.pending_file is None:
             return None
         from lora_sweep.atomic import write_text
 
         data = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri, "status": status, "reason": reason,
+                "params": {p.key: p.value for p in self._pending_params},
                 "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
                             for m in self._pending],
                 "images_not_sent": [{"key": k, "step": s} for _, k, s in self._pending_images],

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -31,6 +30,7 @@ from lora_sweep import checkpoint, loss as loss_lib, noise as noise_lib, optim, 
 from lora_sweep.buckets import bucket_batches, format_histogram
 from lora_sweep.checkpoint import Position
 from lora_sweep.errors import UserError
+from lora_sweep.failures import inject_fault, parse_fault
 from lora_sweep.session import Session, batches_per_epoch, build_session, num_epochs
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     seed_everything(cfg.train.seed)
     s = build_session(cfg, output_dir=output_dir, sink=sink)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
-    max_steps, accum, name = cfg.train.max_steps, cfg.train.grad_accum, cfg.train.output_name
+    max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum
     epochs = num_epochs(max_steps, batches_per_epoch(s.batch_buckets, cfg.train.batch_size), accum)
     flip_rng = random.Random(cfg.train.seed)
     pos, last_state = Position(), None
@@ -160,21 +160,26 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             stopped = pos.step < max_steps and should_stop()
             final = pos.step >= max_steps or stopped
             s.after_step(pos.step, final=final)
-            save_state = final
-            if cfg.train.save_every and pos.step % cfg.train.save_every == 0:
-                s.save_checkpoint(f"{name}-step{pos.step:08d}.safetensors", steps=pos.step, epoch=epoch + 1)
-                save_state = True
-            n = cfg.train.save_every_epochs
-            if last_of_epoch and n and (epoch + 1) % n == 0 and epoch + 1 < epochs:
-                s.save_checkpoint(f"{name}-{epoch + 1:06d}.safetensors", steps=pos.step, epoch=epoch + 1)
-                save_state = True
-            if save_state and states is not None:
+            if (save_checkpoints(s, pos.step, epoch, last_of_epoch, epochs) or final) and states is not None:
                 last_state = write_state(s, states, pos, flip_rng)
             if final:
                 break
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
     return TrainResult(final_loss=pos.last_loss, steps=pos.step, stopped_early=stopped, files=files,
                        last_state=last_state)
+
+
+def save_checkpoints(s: Session, step: int, epoch: int, last_of_epoch: bool, epochs: int) -> bool:
+    """kohya's LoRA files when due: `-step00000500` every train.save_every steps; `-000005` after epoch 5 when
+    5 % train.save_every_epochs == 0 and it is not the last epoch. True if one was written (a state goes with it)."""
+    t, done = s.cfg.train, epoch + 1
+    by_step = bool(t.save_every) and step % t.save_every == 0
+    by_epoch = last_of_epoch and bool(t.save_every_epochs) and done % t.save_every_epochs == 0 and done < epochs
+    if by_step:
+        s.save_checkpoint(f"{t.output_name}-step{step:08d}.safetensors", steps=step, epoch=done)
+    if by_epoch:
+        s.save_checkpoint(f"{t.output_name}-{done:06d}.safetensors", steps=step, epoch=done)
+    return by_step or by_epoch
 
 
 def resume(s: Session, path: Path, flip_rng: random.Random) -> Position:
@@ -218,29 +223,6 @@ def grads_finite(s: Session, step: int, epoch: int, last_state: Path | None) -> 
     bad = next(n for n, p in s.lora.items() if p.grad is not None and not torch.isfinite(p.grad).all())
     on_non_finite(s.cfg, f"the gradient of {bad} is not finite", step, epoch, last_state)
     return False
-
-
-def parse_fault(spec: str | None) -> tuple[str, int] | None:
-    """`train.debug_fault` ("nan_loss@3"): a testing aid that makes step 3 fail through the real code paths."""
-    if not spec:
-        return None
-    m = re.fullmatch(r"(nan_loss|inf_grad|oom)@(\d+)", spec)
-    if not m:
-        raise UserError(f"train.debug_fault: '{spec}' is not nan_loss@STEP, inf_grad@STEP or oom@STEP.")
-    return m[1], int(m[2])
-
-
-def inject_fault(fault, step: int, terms: loss_lib.LossTerms, s: Session, *, when: str) -> loss_lib.LossTerms:
-    if fault is None or fault[1] != step:
-        return terms
-    kind = fault[0]
-    if kind == "nan_loss" and when == "loss":
-        return replace(terms, loss=terms.loss * float("nan"))
-    if kind == "inf_grad" and when == "grad":
-        next(p for p in s.lora.values() if p.grad is not None).grad.fill_(float("inf"))
-    if kind == "oom" and when == "loss":
-        torch.empty(2**50, dtype=torch.uint8, device=s.device)  # a real allocation failure, on any device
-    return terms
 
 
 def step_metrics(s: Session, window, pos: Position, epoch: int, images_per_s: float) -> dict:

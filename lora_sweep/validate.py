@@ -8,11 +8,11 @@ field with fixed choices lists them, every path that must exist is checked.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable
 
 from lora_sweep.errors import ConfigError, UserError
+from lora_sweep.failures import FAULT_SPEC
 
 MODELS = ("tiny", "sdxl")
 DATASETS = ("photos", "folder")
@@ -20,7 +20,6 @@ ON_NAN = ("stop", "skip_step")
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_SAMPLE = ("sample", "mean")
 RESUME = ("auto", "never")
-FAULT = re.compile(r"(nan_loss|inf_grad|oom)@[1-9]\d*")
 SEED_MAX = 2**32 - 1  # numpy's seed range; kohya's seeds live there too
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -109,7 +108,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
             "train.resume", t.resume, "auto, never, or an existing state-step*.pt file or state folder"),
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
-        lambda: t.debug_fault is None or FAULT.fullmatch(t.debug_fault) or _fail(
+        lambda: t.debug_fault is None or FAULT_SPEC.fullmatch(t.debug_fault) or _fail(
             "train.debug_fault", t.debug_fault, "null or nan_loss@STEP, inf_grad@STEP, oom@STEP (STEP >= 1)"),
         lambda: _positive("sampling.every", s.every, allow_zero=True),
         lambda: _positive("sampling.steps", s.steps),

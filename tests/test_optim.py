@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,36 +13,7 @@ import torch.nn.functional as F
 from lora_sweep import optim
 from lora_sweep.errors import ConfigError
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 SMALL_8BIT = {"min_8bit_size": 64}  # every LoRA matrix here has 128-256 elements; the default 4096 keeps them 32-bit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread() -> Iterator[None]:
-    """The tiny model gains nothing from intra-op threads; on a shared 2-core box they spin and cost ~20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_lora_unet() -> torch.nn.Module:
-    """fp32 tiny SDXL UNet (stack-notes config, pooled dim 32) with a rank-4 LoRA; tests deepcopy it."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8, cross_attention_dim=64,
-    )
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    return unet
 
 
 def _training_loss(unet: torch.nn.Module, seed: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -125,3 +126,48 @@ def test_sigkilled_run_resumes_to_the_same_lora_and_loss_history(tmp_path, monke
     # Step checkpoints of both lives reached the same run as artifacts.
     names = {Path(a.path).name for a in client.list_artifacts(resumed_id, "lora/checkpoints")}
     assert {f"lora-step{s:08d}.safetensors" for s in range(1, STEPS + 1)} <= names
+
+
+@pytest.mark.parametrize("variant", [
+    [],
+    # captions shuffled with Python's global RNG (so encoded at every step), flips drawn from the flip RNG
+    ["data.shuffle_caption=true", "data.flip_aug=true"],
+    # samples and validation loss between steps draw from their own generators only
+    ["sampling.prompts=[a cat]", "sampling.every=2", "sampling.steps=2", "data.validation_split=0.3",
+     "validation.every=1"],
+], ids=["plain", "shuffle_flip", "samples_validation"])
+def test_resume_from_a_given_state_file_continues_exactly_in_a_new_run(tmp_path, monkeypatch, variant):
+    """train.resume=PATH: the state of step 2 of a finished run, continued to step 4 in this process, ends with the
+    same LoRA as that run; the history of the new run starts at step 3."""
+    first = in_process(tmp_path, "first", monkeypatch, "train.max_steps=4", *variant)
+    assert first.status == "FINISHED"
+    (state,) = tmp_path.glob(f"states/*/{first.run_id}/state-step00000002.pt")
+    second = in_process(tmp_path, "second", monkeypatch, "train.max_steps=4", f"train.resume={state}",
+                        "sweep.skip_finished=false", *variant)
+    assert second.status == "FINISHED" and second.run_id != first.run_id  # the finished run stays as it was
+    assert [s for s, _ in loss_history(tmp_path, second.run_id)] == [3, 4]
+    assert loss_history(tmp_path, second.run_id) == loss_history(tmp_path, first.run_id)[2:]
+    a, b = load_file(str(first.files["kohya"])), load_file(str(second.files["kohya"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert client_of(tmp_path).get_run(second.run_id).data.tags["lora_sweep.resumed_from"] == str(state)
+
+
+def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(tmp_path, monkeypatch):
+    """The first SIGINT ends the step in progress, writes a state there (not only at save_every) and ends KILLED; the
+    next run of the config continues that run to the end, each step logged once."""
+    def interrupt_after_state_3():
+        deadline = time.monotonic() + 120
+        while newest_state_step(tmp_path / "states") < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, inside run_job's handler
+
+    threading.Thread(target=interrupt_after_state_3, daemon=True).start()
+    stopped = in_process(tmp_path, "first", monkeypatch, "train.save_every=3")
+    assert stopped.status == "KILLED" and stopped.reason == "stopped by signal"
+    logged = [s for s, _ in loss_history(tmp_path, stopped.run_id)]
+    assert logged == list(range(1, logged[-1] + 1)) and 3 < logged[-1] < STEPS
+    assert newest_state_step(tmp_path / "states") == logged[-1]  # a state where it stopped
+
+    again = in_process(tmp_path, "second", monkeypatch, "train.save_every=3")
+    assert again.status == "FINISHED" and again.run_id == stopped.run_id
+    assert [s for s, _ in loss_history(tmp_path, again.run_id)] == list(range(1, STEPS + 1))

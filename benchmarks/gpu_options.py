@@ -1,0 +1,85 @@
+"""The speed options the GPU benchmark tries on top of lora-sweep's bf16 baseline, one at a time.
+
+Each must leave the result unchanged (the benchmark compares the seeded loss sequence with the baseline's) and is
+kept as a lora-sweep option only if it wins. How each maps onto lora-sweep today:
+- fused_adamw: `optimizer.args.fused=true` already passes through to torch.optim.AdamW;
+- tf32: a global torch setting (what stays fp32 under autocast is elementwise, so little is expected);
+- channels_last: the UNet's 4-D weights in NHWC for cuDNN's convolutions;
+- cuda_graphs: gpu_graphs.GraphedStep, one captured step for a fixed-shape (single bucket) run;
+- compile: torch.compile of the repeated transformer blocks (diffusers' compile_repeated_blocks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+OPTIONS = ("tf32", "fused_adamw", "channels_last", "cuda_graphs", "compile")
+_TF32_DEFAULTS: list = []
+
+
+def _tf32_knobs() -> list[tuple[object, str, object]]:
+    """(object, attribute, TF32 value) for matmuls and cuDNN convolutions: torch's newer fp32_precision settings
+    where they exist (mixing them with the legacy allow_tf32 flags is refused), else the legacy flags."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and conv is not None and hasattr(conv, "fp32_precision"):
+        return [(matmul, "fp32_precision", "tf32"), (conv, "fp32_precision", "tf32")]
+    return [(matmul, "allow_tf32", True), (torch.backends.cudnn, "allow_tf32", True)]
+
+
+def set_tf32(*, on: bool) -> None:
+    """TF32 for every fp32 matmul and convolution (on), or torch's defaults back (off: fp32 matmuls exact, cuDNN
+    convolutions TF32). A no-op without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    knobs = _tf32_knobs()
+    if not _TF32_DEFAULTS:
+        _TF32_DEFAULTS.extend(getattr(obj, name) for obj, name, _ in knobs)
+    for (obj, name, value), default in zip(knobs, _TF32_DEFAULTS):
+        setattr(obj, name, value if on else default)
+
+
+def compile_unet(unet) -> None:
+    """Regional compilation: each repeated transformer block compiled once and reused, in a fraction of the time
+    the whole UNet takes to compile."""
+    if hasattr(unet, "compile_repeated_blocks"):
+        unet.compile_repeated_blocks()
+    else:
+        unet.compile()
+
+
+def option_step(option: str, unet, session: Callable[..., object], batch: int,
+                lora: dict[str, torch.Tensor]) -> Callable[[], float]:
+    """Apply `option` and return the step to time. `session(batch, ckpt, optimizer_args)` builds a fresh
+    SyntheticSession on `unet`; `lora` is the starting LoRA every configuration shares."""
+    from benchmarks.gpu_steps import lora_sweep_step
+
+    if option == "fused_adamw":
+        return lora_sweep_step(session(batch, False, {"fused": True}))
+    if option == "tf32":
+        set_tf32(on=True)
+        return lora_sweep_step(session(batch, False))
+    if option == "channels_last":
+        unet.to(memory_format=torch.channels_last)
+        return lora_sweep_step(session(batch, False))
+    if option == "cuda_graphs":
+        from benchmarks.gpu_graphs import GraphedStep
+
+        s = session(batch, False, {"capturable": True})
+        graphed = GraphedStep(s)
+        graphed.reset(lora)
+        cpu = {k: torch.stack([getattr(e, k) for e in s.prepared.examples])
+               for k in ("latents", "context", "pooled", "time_ids")}
+        return lambda: graphed(cpu)
+    if option == "compile":
+        compile_unet(unet)
+        return lora_sweep_step(session(batch, False))
+    raise ValueError(f"unknown option {option!r}; known: {', '.join(OPTIONS)}")
+
+
+def undo_option(option: str, unet) -> None:
+    """Back to the baseline for the next option (compile is run last and not undone)."""
+    set_tf32(on=False)
+    if option == "channels_last":
+        unet.to(memory_format=torch.contiguous_format)

@@ -1,0 +1,175 @@
+"""Every way a run can fail ends with a clear reason, keeps what was saved, and fails as early as it can."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import compose_config
+from lora_sweep import checkpoint, tracking
+from lora_sweep.errors import UserError
+from lora_sweep.failures import (
+    check_free_space, describe_os_error, is_out_of_memory, out_of_memory_message,
+)
+from lora_sweep.run import run_job
+
+
+def tiny_job(tmp_path: Path, *overrides: str, output: str = "out"):
+    cfg = compose_config("train.max_steps=4", "train.batch_size=2", "train.save_every=1",
+                         f"train.state_dir={tmp_path / 'states'}", "train.device=cpu", *overrides)
+    return run_job(cfg, output_dir=tmp_path / output)
+
+
+def test_nan_loss_fails_the_run_naming_step_and_tensor_and_keeps_the_last_good_state(tmp_path, mlflow_uri):
+    outcome = tiny_job(tmp_path, "train.debug_fault=nan_loss@3")
+    assert outcome.status == "FAILED"
+    assert "train/loss is nan at optimizer step 3" in outcome.reason
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and "optimizer step 3" in run.data.tags["lora_sweep.failure"]
+    states = checkpoint.list_states(next((tmp_path / "states").glob(f"*/{outcome.run_id}")))
+    assert [p.name for p in states] == ["state-step00000001.pt", "state-step00000002.pt"]
+    assert str(states[-1]) in outcome.reason  # the message says which state is kept
+    assert checkpoint.load_state(states[-1])["position"]["step"] == 2
+
+    # The same config again (the fault is a testing aid, outside the config hash): it resumes the failed run at
+    # step 2 and finishes it, each step logged once.
+    again = tiny_job(tmp_path, output="out2")
+    assert again.status == "FINISHED" and again.run_id == outcome.run_id
+    assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [1, 2, 3, 4]
+
+
+def test_non_finite_gradient_names_the_tensor_or_skips_the_step(tmp_path, mlflow_uri):
+    failed = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.save_every=0")
+    assert failed.status == "FAILED"
+    assert "gradient of unet." in failed.reason and "lora_" in failed.reason and "step 2" in failed.reason
+    assert "no state had been saved yet" in failed.reason
+
+    skipped = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.on_nan=skip_step", "train.resume=never")
+    assert skipped.status == "FINISHED"
+    history = MlflowClient(mlflow_uri).get_metric_history(skipped.run_id, "train/skipped_steps")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0), (2, 1), (3, 1), (4, 1)]
+
+
+def test_out_of_memory_fails_the_job_with_the_memory_knobs_and_returns(tmp_path, mlflow_uri, monkeypatch):
+    status_file = tmp_path / "status.json"
+    monkeypatch.setenv("GPU_QUEUE_STATUS_FILE", str(status_file))
+    outcome = tiny_job(tmp_path, "train.debug_fault=oom@2")  # a real allocation the device cannot satisfy
+    assert outcome.status == "FAILED"  # returned, not raised: the queue moves on to the next job
+    assert outcome.reason.startswith("OutOfMemoryError: out of memory during training")
+    for knob in ("precision=fp8", "train.gradient_checkpointing=true", "train.batch_size=1 train.grad_accum=2"):
+        assert knob in outcome.reason
+    status = json.loads(status_file.read_text())
+    assert status["state"] == "failed" and "out of memory" in status["reason"]
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and "gradient_checkpointing" in run.data.tags["lora_sweep.failure"]
+
+
+def test_out_of_memory_message_from_cuda_error_suggests_only_knobs_not_in_use():
+    cuda_error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)")
+    assert is_out_of_memory(cuda_error) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    cfg = compose_config("precision=fp8", "train.gradient_checkpointing=true", "train.batch_size=1")
+    message = out_of_memory_message(cfg, cuda_error)
+    assert "Tried to allocate 2.00 GiB" in message
+    assert "precision=fp8" not in message and "gradient_checkpointing" not in message  # already on
+    assert "network.rank" in message and "train.resume=auto" in message
+
+
+def make_read_only(folder: Path):
+    """A folder no one can write to: permissions for a normal user; a read-only mount for root (who ignores
+    permissions)."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    import subprocess
+
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
+    return lambda: subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_output_folder_fails_before_training_naming_it(tmp_path, mlflow_uri):
+    read_only = tmp_path / "read_only"
+    undo = make_read_only(read_only)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(UserError) as err:
+            tiny_job(tmp_path, output="read_only/out")
+        assert time.perf_counter() - start < 10  # no model was loaded
+    finally:
+        undo()
+    assert "train.output_dir" in str(err.value) and str(read_only / "out") in str(err.value)
+    exp = MlflowClient(mlflow_uri).get_experiment_by_name("lora-sweep")
+    assert exp is None or not MlflowClient(mlflow_uri).search_runs([exp.experiment_id])  # no run was started
+
+
+def test_not_enough_free_space_names_the_folders(tmp_path):
+    import shutil
+
+    (tmp_path / "out").mkdir()
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(UserError) as err:  # each fits alone; together (one disk) they do not
+        check_free_space({tmp_path: ("train.state_dir", free // 2), tmp_path / "out": ("train.output_dir", free // 2)})
+    assert "train.state_dir" in str(err.value) and "train.output_dir" in str(err.value)
+    assert str(tmp_path / "out") in str(err.value)
+    check_free_space({tmp_path: ("train.state_dir", 1024)})
+
+
+def test_disk_full_mid_run_message_names_the_file():
+    message = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/data/states/state-step1.pt"))
+    assert "disk full" in message and "/data/states/state-step1.pt" in message and "resumes" in message
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fast_http_failures(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+
+
+def test_unreachable_tracking_server_at_start_names_the_uri(tmp_path, mlflow_uri, fast_http_failures):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    start = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        tiny_job(tmp_path, f"tracking.uri={uri}")
+    assert uri in str(err.value) and "tracking.uri" in str(err.value)
+    assert time.perf_counter() - start < 30
+
+
+def test_metrics_survive_a_tracking_outage_and_are_spilled_if_it_lasts(tmp_path, mlflow_uri, fast_http_failures):
+    good = tracking.client(mlflow_uri)
+    exp_id = tracking.experiment_id(good, "outage")
+    logger = tracking.RunLogger.start(good, exp_id, name="outage", tags={}, flush_every=2,
+                                      pending_file=tmp_path / "out" / "mlflow_pending.json")
+    logger.log_metrics({"train/loss": 1.0}, 1)
+    assert logger.flush()
+    logger.client = tracking.client(f"http://127.0.0.1:{free_port()}")  # the server goes away mid-run
+    for step in (2, 3, 4):
+        logger.log_metrics({"train/loss": float(step)}, step)  # flushes every 2 steps: fails, training goes on
+    assert not logger.flush()
+    logger.client = good  # back again: everything pending arrives
+    assert logger.flush()
+    assert [m.step for m in good.get_metric_history(logger.run_id, "train/loss")] == [1, 2, 3, 4]
+
+    logger.client = tracking.client(f"http://127.0.0.1:{free_port()}")
+    logger.log_metrics({"train/loss": 5.0}, 5)
+    spilled = logger.end("FINISHED")
+    assert spilled == tmp_path / "out" / "mlflow_pending.json"
+    data = json.loads(spilled.read_text())
+    assert data["run_id"] == logger.run_id and data["status"] == "FINISHED"
+    assert [(m["step"], m["value"]) for m in data["metrics"]] == [(5, 5.0)]
