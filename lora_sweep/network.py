@@ -33,12 +33,19 @@ ADAPTER = "default"
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropout: float = 0.0) -> list[str]:
-    """Freeze `module` and attach a PEFT LoRA adapter; return the names of the wrapped modules."""
-    from peft import LoraConfig
+    """Freeze `module` and attach a PEFT LoRA adapter; return the names of the wrapped modules.
+
+    diffusers models use their own `add_adapter`; text encoders get peft's `inject_adapter_in_model` directly
+    (transformers' `add_adapter` wants a newer peft than the one pinned here, and adds nothing we need).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
 
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
-    module.add_adapter(config, adapter_name=ADAPTER)
+    if type(module).__module__.startswith("diffusers."):
+        module.add_adapter(config, adapter_name=ADAPTER)
+    else:
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A" in n})
 
 
@@ -78,7 +85,10 @@ def kohya_state_dict(
         for name, layer in model.named_modules():
             if not hasattr(layer, "lora_A") or ADAPTER not in getattr(layer, "lora_A", {}):
                 continue
-            path = sgm_unet_name(name, layers_per_block) if prefix == "lora_unet" else name
+            if prefix == "lora_unet":
+                path = sgm_unet_name(name, layers_per_block)
+            else:  # kohya names CLIP modules from `text_model.`; transformers 5's CLIPTextModel dropped that level
+                path = name if name.startswith("text_model.") else f"text_model.{name}"
             key = f"{prefix}_{path.replace('.', '_')}"
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()

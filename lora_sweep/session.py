@@ -6,6 +6,7 @@ store base weights in the training precision -> optimizer and LR schedule), so `
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
@@ -18,7 +19,8 @@ import torch
 from lora_sweep import metadata, model as model_lib, optim, precision
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.dataset import scan_folder
-from lora_sweep.buckets import parse_resolution
+from lora_sweep.atomic import write_text
+from lora_sweep.buckets import bucket_histogram, parse_resolution
 from lora_sweep.encode import encode_prompts
 from lora_sweep.evaluate import Sampler, Validator, split_validation
 from lora_sweep.loss import one_timestep_per_batch
@@ -165,6 +167,8 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
         "train.total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
     })
     sink.metrics(prepared.cache_stats, 0)
+    prepared.histogram = bucket_histogram([prepared.examples[i].bucket for i in items])  # training entries only
+    sink.artifact(write_text(output_dir / "buckets.json", json.dumps(prepared.histogram, indent=1)), "data")
 
     unet = parts.unet.to(device)
     unet.train()

@@ -32,8 +32,10 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
-def default_artifact_root() -> str:
-    return (Path.cwd().resolve() / "mlruns").as_uri()
+def default_artifact_root(uri: str) -> str:
+    """Artifacts of a sqlite store go to `mlruns/` beside the database file (MLflow's own default is the cwd,
+    which scatters them when jobs run from other folders)."""
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 def client(uri: str):
@@ -55,7 +57,8 @@ def experiment_id(mlflow_client, name: str) -> str:
         ) from exc
     if found is not None:
         return found.experiment_id
-    location = default_artifact_root() if mlflow_client.tracking_uri.startswith("sqlite:") else None
+    uri = mlflow_client.tracking_uri
+    location = default_artifact_root(uri) if uri.startswith("sqlite:///") else None
     try:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # created by a concurrent job in the meantime
@@ -216,6 +219,8 @@ class RunLogger:
                 self._timed(self.client.log_artifact, self.run_id, str(path), artifact_path)
                 self._pending_artifacts.pop(0)
         except Exception as exc:
+            if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
+                raise  # the store answered and refused the data: a bug to report, not an outage to wait out
             self._unreachable(exc)
             return False
         if self._failing_since is not None:
@@ -251,8 +256,11 @@ class RunLogger:
     def end(self, status: str, reason: str | None = None) -> Path | None:
         """Flush and close the run as FINISHED, FAILED or KILLED, recording why it did not finish. Returns the
         pending file if the store could not take everything."""
-        if not self.flush():
-            return self.spill(status, reason)
+        try:
+            if not self.flush():
+                return self.spill(status, reason)
+        except Exception as exc:  # refused data: the run cannot count as finished
+            status, reason = "FAILED", f"MLflow refused the run's data: {exc}\n{reason or ''}"
         try:
             if reason:
                 self.set_tags({"lora_sweep.failure": reason[:4900]})

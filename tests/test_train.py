@@ -45,6 +45,7 @@ def test_run_finishes_with_finite_loss_params_history_and_both_lora_files(traine
     history = client.get_metric_history(outcome.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
     assert client.get_metric_history(outcome.run_id, "train/lr")
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {"data/buckets.json"}
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "lora")}
     assert "lora/lora.safetensors" in artifacts
     assert {a.path for a in client.list_artifacts(outcome.run_id, "lora/diffusers")} == {
@@ -134,3 +135,23 @@ def test_non_positive_max_steps_fails_before_any_run(tmp_path, mlflow_uri):
 
     exp = MlflowClient(mlflow_uri).get_experiment_by_name("lora-sweep")
     assert exp is None or not MlflowClient(mlflow_uri).search_runs([exp.experiment_id])
+
+
+def test_text_encoder_lora_trains_saves_kohya_te_keys_and_loads(tmp_path, mlflow_uri):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from lora_sweep.model import tiny_model_dir
+
+    outcome = train_tiny(tmp_path, "network.train_text_encoder=true", "train.max_steps=2")
+    assert outcome.status == "FINISHED"
+    with safe_open(str(outcome.files["kohya"]), "pt") as f:
+        keys = list(f.keys())
+        te1_up = [f.get_tensor(k) for k in keys if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_mlp_fc1") for k in keys)
+    assert any(t.abs().sum() > 0 for t in te1_up)  # the text-encoder LoRA really trained (up starts at zero)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir()))
+    pipe.load_lora_weights(str(outcome.files["kohya"]))
+    adapters = pipe.get_list_adapters()
+    assert adapters.get("text_encoder") and adapters.get("text_encoder_2") and adapters.get("unet")
