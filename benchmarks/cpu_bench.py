@@ -31,10 +31,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmarks.common import ROOT  # noqa: E402
 from benchmarks.report import load_average, machine_info, update_markdown, write_json  # noqa: E402
 
-FULL = {"steps": 6, "reps": 11, "warmup": 3, "batch_sizes": (1, 4), "tracking_steps": 100, "jobs": 12,
-        "max_steps": 10, "slots": (1, 2), "spawn_jobs": 3, "launcher_jobs": 4}
+FULL = {"steps": 6, "reps": 9, "warmup": 3, "batch_sizes": (1, 4), "tracking_steps": 100, "jobs": 12,
+        "max_steps": 10, "slots": (1, 2), "spawn_jobs": 2, "extended_jobs": 5, "launcher_jobs": 4}
 QUICK = {"steps": 2, "reps": 2, "warmup": 1, "batch_sizes": (1,), "tracking_steps": 10, "jobs": 3,
-         "max_steps": 2, "slots": (1, 2), "spawn_jobs": 1, "launcher_jobs": 2}
+         "max_steps": 2, "slots": (1, 2), "spawn_jobs": 1, "extended_jobs": 2, "launcher_jobs": 2}
 
 
 def link_base_cache(warm: Path, cold: Path) -> Path:
@@ -78,10 +78,12 @@ def sweeps_3_5(p: dict, work: Path, figures: set[int]) -> dict:
     """Figures 3 and 5 share their sweeps: the K=1 fork-server sweep (on a cache without latents, so it also checks
     figure 2 across processes) serves both."""
     from benchmarks import queue_overhead
-    from benchmarks.sweep_figures import PRELOAD, makespan_figure, median_phases, run_sweep
+    from benchmarks.sweep_figures import EXTRA_PRELOAD, default_preload, makespan_figure, median_phases, run_sweep
 
     cache = Path(os.environ["LORA_SWEEP_CACHE_DIR"])
-    out: dict = {"preload": list(PRELOAD), "max_steps": p["max_steps"], "threads_per_job": 1}
+    preload = default_preload()
+    out: dict = {"preload": preload, "extra_preload": list(EXTRA_PRELOAD), "max_steps": p["max_steps"],
+                 "threads_per_job": 1}
     sweeps = []
     for k in p["slots"] if 5 in figures else (1,):
         cache_dir = link_base_cache(cache, work / f"cache-k{k}") if k == 1 else cache
@@ -95,11 +97,16 @@ def sweeps_3_5(p: dict, work: Path, figures: set[int]) -> dict:
     if 3 in figures:
         spawn = run_sweep(work, "spawn-k1", jobs=p["spawn_jobs"], slots=1, start_method="spawn",
                           max_steps=p["max_steps"], cache_dir=cache)
+        extended = run_sweep(work, "fork-extended-k1", jobs=p["extended_jobs"], slots=1, start_method="forkserver",
+                             max_steps=p["max_steps"], cache_dir=cache, preload=[*preload, *EXTRA_PRELOAD])
         out["forkserver"] = {"phases": median_phases(first["jobs"][1:] or first["jobs"]),
                              "preload_s": first["preload_s"], "jobs": len(first["jobs"][1:] or first["jobs"])}
+        out["extended"] = {"phases": median_phases(extended["jobs"][1:] or extended["jobs"]),
+                           "preload_s": extended["preload_s"], "jobs": len(extended["jobs"][1:] or extended["jobs"])}
         out["spawn"] = {"phases": median_phases(spawn["jobs"]), "jobs": len(spawn["jobs"])}
-        launcher = queue_overhead.run_sweep("forkserver", p["launcher_jobs"], [f"'{e}'" for e in PRELOAD],
+        launcher = queue_overhead.run_sweep("forkserver", p["launcher_jobs"], [f"'{e}'" for e in preload],
                                             work / "launcher-only")
+        out["sweeps_3"] = [spawn, extended]
         out["launcher_only"] = {k: launcher[k] for k in ("start_s", "end_s", "first_start_s", "server_ready_s")}
     out["sweeps"] = sweeps
     return out

@@ -6,9 +6,10 @@
 The UNet is SDXL base's (2.567 B params, random weights: nothing to download) at 1024 x 1024 (128 x 128 latents,
 cached-latent training: no VAE, no text encoders), LoRA rank 16 on kohya's targets, AdamW, SDPA attention.
 Matrix: precision (bf16, fp16, fp8 base with bf16 compute) x batch (1, 4) x gradient checkpointing (off, on), for
-lora-sweep's step; the bare diffusers + peft loop for bf16 and fp16 (diffusers has no fp8-base training); then
-speed options on lora-sweep bf16 without checkpointing, each alone on top of the baseline: TF32, fused AdamW,
-channels-last, CUDA graphs, torch.compile of the repeated transformer blocks. Each configuration starts from the
+lora-sweep's step; the bare diffusers + peft loop for bf16 and fp16 (diffusers has no fp8-base training); then,
+on lora-sweep bf16 without checkpointing, the cost of train()'s per-step NaN checks and the speed options, each
+alone on top of the baseline: TF32, fused AdamW, channels-last, CUDA graphs, torch.compile of the repeated
+transformer blocks (gpu_options.py). Each configuration starts from the
 same LoRA values and seed, so its first loss is comparable with its baseline's ("same result" check).
 MFU = images/s x model FLOPs per image (counted with torch.utils.flop_counter, recomputation not counted) / peak;
 HFU counts the recomputed forward of gradient checkpointing too.

@@ -1,7 +1,9 @@
 """The speed options the GPU benchmark tries on top of lora-sweep's bf16 baseline, one at a time.
 
 Each must leave the result unchanged (the benchmark compares the seeded loss sequence with the baseline's) and is
-kept as a lora-sweep option only if it wins. How each maps onto lora-sweep today:
+kept as a lora-sweep option only if it wins. One row is not an option but a cost: loop_checks adds what
+`lora_sweep.train.train` does per step beyond the core step (the loss and every LoRA gradient checked for NaN/Inf,
+each check a host sync), to show what that costs on a fast GPU. How each option maps onto lora-sweep today:
 - fused_adamw: `optimizer.args.fused=true` already passes through to torch.optim.AdamW;
 - tf32: a global torch setting (what stays fp32 under autocast is elementwise, so little is expected);
 - channels_last: the UNet's 4-D weights in NHWC for cuDNN's convolutions;
@@ -15,7 +17,7 @@ from typing import Callable
 
 import torch
 
-OPTIONS = ("tf32", "fused_adamw", "channels_last", "cuda_graphs", "compile")
+OPTIONS = ("loop_checks", "tf32", "fused_adamw", "channels_last", "cuda_graphs", "compile")
 _TF32_DEFAULTS: list = []
 
 
@@ -55,6 +57,8 @@ def option_step(option: str, unet, session: Callable[..., object], batch: int,
     SyntheticSession on `unet`; `lora` is the starting LoRA every configuration shares."""
     from benchmarks.gpu_steps import lora_sweep_step
 
+    if option == "loop_checks":
+        return checked_step(session(batch, False))
     if option == "fused_adamw":
         return lora_sweep_step(session(batch, False, {"fused": True}))
     if option == "tf32":
@@ -83,3 +87,27 @@ def undo_option(option: str, unet) -> None:
     set_tf32(on=False)
     if option == "channels_last":
         unet.to(memory_format=torch.contiguous_format)
+
+
+def checked_step(s) -> Callable[[], float]:
+    """core_step plus train()'s per-step checks: `torch.isfinite(loss)` before backward and `grads_finite` before
+    the update (lora_sweep.train), as the loop runs them with train.on_nan=stop."""
+    import random
+
+    from lora_sweep import precision
+    from lora_sweep.train import grads_finite, micro_batch_loss
+
+    flip_rng, batch = random.Random(0), list(range(len(s.prepared.examples)))
+
+    def step() -> float:
+        terms = micro_batch_loss(s, batch, flip_rng)
+        if not torch.isfinite(terms.loss):
+            raise FloatingPointError(f"loss {float(terms.loss)}")
+        s.scaler.scale(terms.loss / s.cfg.train.grad_accum).backward()
+        if grads_finite(s, 1, 0, None) and precision.scaled_step(s.scaler, s.optimizer, s.params,
+                                                                 s.cfg.train.max_grad_norm):
+            s.lr_scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        return float(terms.loss.detach())
+
+    return step

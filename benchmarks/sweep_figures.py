@@ -21,18 +21,37 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, median
 
-# What a lora-sweep job imports before it trains; the fork server imports it once, a fresh process every time.
-PRELOAD = ("torch", "diffusers:StableDiffusionXLPipeline", "peft", "mlflow", "lora_sweep.run", "lora_sweep.train")
+# Added to the default preload in the "extended" measurement of figure 3: MLflow's SQLAlchemy store (sqlalchemy,
+# alembic), which every job otherwise imports when it opens the sqlite store (1.2-1.8 s measured).
+EXTRA_PRELOAD = ("mlflow.store.tracking.sqlalchemy_store",)
+
+
+def default_preload() -> list[str]:
+    """The fork server's preload list as conf/ sets it (`hydra.launcher.preload`): what `make demo` gets."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", return_hydra_config=True)
+    return [str(p) for p in cfg.hydra.launcher.get("preload", [])]
+
+
+def hydra_list(entries) -> str:
+    """A Hydra override list of quoted strings (entries such as `diffusers:X` hold a colon)."""
+    return "[" + ",".join(f"'{e}'" for e in entries) + "]"
 
 
 def sweep_command(sweep_dir: Path, *, jobs: int, slots: int, start_method: str, max_steps: int,
-                  experiment: str, preload=PRELOAD) -> list[str]:
-    entries = ",".join(f"'{p}'" for p in preload)
+                  experiment: str, preload=None) -> list[str]:
+    """`python sweep.py -m` for `jobs` tiny jobs on `slots` CPU slots; `preload` None keeps conf/'s list."""
+    extra = [] if preload is None else [f"hydra.launcher.preload={hydra_list(preload)}"]
     return [sys.executable, str(ROOT / "sweep.py"), "-m", f"train.seed=range({jobs})",
             f"train.max_steps={max_steps}", "sweep.skip_finished=false", f"tracking.experiment={experiment}",
             "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[]", f"hydra.launcher.cpu_slots={slots}",
-            f"hydra.launcher.start_method={start_method}", f"hydra.launcher.preload=[{entries}]",
-            "hydra.launcher.console=plain", f"hydra.sweep.dir={sweep_dir}"]
+            f"hydra.launcher.start_method={start_method}", *extra, "hydra.launcher.console=plain",
+            f"hydra.sweep.dir={sweep_dir}"]
 
 
 def sweep_env(workdir: Path, cache_dir: Path, threads: int) -> dict[str, str]:
@@ -44,11 +63,11 @@ def sweep_env(workdir: Path, cache_dir: Path, threads: int) -> dict[str, str]:
 
 
 def run_sweep(workdir: Path, name: str, *, jobs: int, slots: int, start_method: str, max_steps: int,
-              cache_dir: Path, threads: int = 1, timeout_s: float = 900) -> dict:
+              cache_dir: Path, threads: int = 1, preload=None, timeout_s: float = 900) -> dict:
     """Run one sweep and return {"wall_s", "jobs": [job records]} (see `job_records`)."""
     sweep_dir = workdir / name
     cmd = sweep_command(sweep_dir, jobs=jobs, slots=slots, start_method=start_method, max_steps=max_steps,
-                        experiment=f"bench-{name}")
+                        experiment=f"bench-{name}", preload=preload)
     started = time.time()
     proc = subprocess.run(cmd, cwd=workdir, env=sweep_env(workdir, cache_dir, threads), capture_output=True,
                           text=True, timeout=timeout_s)

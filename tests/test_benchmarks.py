@@ -135,7 +135,7 @@ def test_gpu_bench_toy_matches_bare_loop_and_options_keep_the_result(tmp_path):
 
     out = tmp_path / "gpu.json"
     gpu_bench.main(["--toy", "--device", "cpu", "--precisions", "fp32", "--batches", "2", "--checkpointing", "off",
-                    "--options", "fused_adamw,cuda_graphs", "--options-precision", "fp32", "--bare", "fp32",
+                    "--options", "loop_checks,fused_adamw,cuda_graphs", "--options-precision", "fp32", "--bare", "fp32",
                     "--steps", "1", "--warmup", "1", "--rank", "4", "--out", str(out), "--markdown", ""])
     rows = {(r["impl"], r["option"]): r for r in json.loads(out.read_text())["rows"]}
     base, fused, bare = rows["lora-sweep", "baseline"], rows["lora-sweep", "fused_adamw"], rows["bare", "baseline"]
@@ -144,6 +144,7 @@ def test_gpu_bench_toy_matches_bare_loop_and_options_keep_the_result(tmp_path):
     assert len(fused["losses"]) == 2 and fused["loss_rel_diff_max"] < 1e-4  # and the fused update is AdamW's
     assert bare["loss_rel_diff_max"] < 1e-3  # the bare loop on the same UNet, LoRA and seed: the same losses
     assert "CUDA" in rows["lora-sweep", "cuda_graphs"]["error"]  # CPU: recorded as an error row, not a crash
+    assert rows["lora-sweep", "loop_checks"]["loss_rel_diff_max"] == 0.0  # train()'s checks change nothing
 
 
 def test_graph_body_is_lora_sweeps_step_and_reset_restores_a_fresh_optimizer():
