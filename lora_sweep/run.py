@@ -83,7 +83,9 @@ class JobSink:
         self.logger.flush()
 
     def progress(self, step, max_steps, loss, speed):
-        self.bar.total = max_steps
+        if self.bar.total != max_steps:  # the first call, once set-up is done: the bar's clock starts here
+            self.bar.reset(total=max_steps)
+            self.bar.initial = step  # a resumed run: speed counts only the steps of this process
         self.bar.n = step
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self.bar.refresh()
