@@ -24,8 +24,8 @@ from lora_sweep.errors import UserError  # noqa: E402
 
 register_configs()
 log = logging.getLogger("lora_sweep")
-# conf/hydra/launcher/{ray,submitit_slurm}.yaml share their names with the plugins' schemas: harmless.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(ray|submitit_slurm)' is validated against ConfigStore",
+# conf/hydra/launcher/{gpu_queue,ray,submitit_slurm}.yaml extend the plugins' schemas of the same name: harmless.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(gpu_queue|ray|submitit_slurm)' is validated against",
                         category=UserWarning)
 
 

@@ -81,3 +81,17 @@ def test_config_hash_ignores_tracking_and_paths_but_not_training():
     assert config_hash(compose_config("tracking.experiment=other", "train.output_dir=/tmp/x")) == base
     assert config_hash(compose_config("noise=offset")) != base
     assert config_hash(compose_config("train.lr=0.5")) != base
+
+
+@pytest.mark.parametrize("launcher", ["gpu_queue", "ray", "submitit_slurm"])
+def test_every_launcher_composes_with_the_projects_config(launcher):
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=v53"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(("GpuQueueLauncher", "RayLauncher", "SlurmLauncher"))
+    if launcher == "gpu_queue":
+        assert "torch" in cfg.hydra.launcher.preload  # lora-sweep's preload list on top of the plugin's schema
