@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,9 +23,6 @@ from lora_sweep.errors import UserError  # noqa: E402
 
 register_configs()
 log = logging.getLogger("lora_sweep")
-# conf/hydra/launcher/{gpu_queue,ray,submitit_slurm}.yaml extend the plugins' schemas of the same name: harmless.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(gpu_queue|ray|submitit_slurm)' is validated against",
-                        category=UserWarning)
 
 
 class JobFailed(RuntimeError):

@@ -40,7 +40,6 @@ class DataConfig:
     caption_separator: str = ","
     flip_aug: bool = False
     cache_dir: Optional[str] = None  # null: $LORA_SWEEP_CACHE_DIR or ~/.cache/lora-sweep
-    cache_latents: bool = True
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
     validation_split: float = 0.0
     validation_dir: Optional[str] = None
@@ -161,8 +160,17 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can start its defaults list with `config_schema`."""
+    """Register the schema so `conf/config.yaml` can start its defaults list with `config_schema`.
+
+    conf/hydra/launcher/{gpu_queue,ray,submitit_slurm}.yaml extend the launcher plugins' schemas of the same name
+    (Hydra 1.3, pinned, merges them and warns that this is deprecated): the warning is silenced, not the merge.
+    """
+    import warnings
+
     from hydra.core.config_store import ConfigStore
+
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(gpu_queue|ray|submitit_slurm)' is validated against",
+                            category=UserWarning)
 
     ConfigStore.instance().store(name="config_schema", node=Config)
 

@@ -105,8 +105,6 @@ def out_of_memory_message(cfg, exc: BaseException) -> str:
         hints.append(f"a smaller batch with more accumulation, the same total batch (train.batch_size="
                      f"{max(1, t.batch_size // 2)} train.grad_accum={t.grad_accum * 2}; now {t.batch_size} x "
                      f"{t.grad_accum})")
-    if not cfg.data.cache_latents:
-        hints.append("cache latents so the VAE stays off the GPU (data.cache_latents=true)")
     if cfg.network.train_text_encoder:
         hints.append("train the U-Net only, with cached text embeddings (network.train_text_encoder=false)")
     if cfg.data.shuffle_caption:

@@ -146,6 +146,10 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     # Data first, with the frozen encoders, so the cache can be filled before LoRA changes anything.
     scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
     encode_text_online = cfg.network.train_text_encoder or cfg.data.shuffle_caption
+    if encode_text_online:
+        why = "network.train_text_encoder=true" if cfg.network.train_text_encoder else "data.shuffle_caption=true"
+        log.info("text-encoder outputs are not cached in this run (%s): captions are encoded at every step, "
+                 "as kohya does", why)
     parts.vae.to(device)
     parts.text_encoder.to(device)
     parts.text_encoder_2.to(device)
