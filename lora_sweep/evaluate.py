@@ -61,20 +61,12 @@ class Sampler:
         from lora_sweep.metrics import mean_metrics
         from lora_sweep.sampling import log_samples, sample_images
 
-        parts = s.parts
-        encoders_on = [m for m in (parts.vae, parts.text_encoder, parts.text_encoder_2)]
-        for module in encoders_on:
-            module.to(s.device)
-        try:
-            images = sample_images(
-                unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
-                text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
-                prompts=self.prompts, autocast=lambda: precision.autocast(s.policy, s.device.type),
-            )
-        finally:
-            if s.device.type != "cpu":
-                for module in encoders_on:
-                    module.to("cpu")
+        parts = s.parts  # sample_images brings encoders parked on the CPU to the UNet's device and back
+        images = sample_images(
+            unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
+            prompts=self.prompts, autocast=lambda: precision.autocast(s.policy, s.device.type),
+        )
         log_samples(images, self.prompts, step, sink=s.sink)
         s.sink.metrics(mean_metrics(images), step)
 
