@@ -1,7 +1,7 @@
 """Figure 2 of `make bench`: how much encode work the shared latent / text-embedding cache saves a sweep.
 
 The twelve variants of `make demo` (the article's v53..v64 at demo scale) each prepare their data with
-`lora_sweep.prepare.prepare_examples`, once all through one shared cache and once each through an empty cache of its
+`lora_sweep.data.prepare.prepare_examples`, once all through one shared cache and once each through an empty cache of its
 own (what a trainer without a shared cache does). Forward hooks on the VAE encoder and both text encoders count
 the images and captions actually encoded; the wall time of all preparations is taken too.
 """
@@ -47,9 +47,9 @@ def article_variants() -> list[list[str]]:
 
 def cache_reuse(variants: list[list[str]], workdir: Path) -> dict:
     """Encoded items per encoder and seconds, for "shared" (one cache) and "separate" (an empty cache per variant)."""
-    from lora_sweep.dataset import scan_folder
-    from lora_sweep.prepare import prepare_examples
-    from lora_sweep.session import data_folder, load_parts
+    from lora_sweep.data.dataset import scan_folder
+    from lora_sweep.data.prepare import prepare_examples
+    from lora_sweep.training.session import data_folder, load_parts
 
     configs = [compose(*o) for o in variants]
     parts = load_parts(configs[0])

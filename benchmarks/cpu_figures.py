@@ -26,8 +26,8 @@ FIG1_OVERRIDES = ("precision=fp32", "noise=none", "loss=l2", "optimizer=adamw")
 
 def core_step(s, batch: list[int], flip_rng: random.Random) -> float:
     """lora-sweep's step at grad_accum 1: kohya loss, scaled backward, unscale/clip/step, schedule, zero grads."""
-    from lora_sweep import precision
-    from lora_sweep.train import micro_batch_loss
+    from lora_sweep.training import precision
+    from lora_sweep.training.train import micro_batch_loss
 
     terms = micro_batch_loss(s, batch, flip_rng)
     s.scaler.scale(terms.loss / s.cfg.train.grad_accum).backward()
@@ -52,7 +52,7 @@ def build_pair(cfg, output_dir: Path):
     """lora-sweep's Session for `cfg` and a BareLoop on a second copy of the same UNet, with the same LoRA init."""
     from diffusers import UNet2DConditionModel
 
-    from lora_sweep.session import build_session
+    from lora_sweep.training.session import build_session
 
     s = build_session(cfg, output_dir=output_dir, sink=NullSink())
     unet = UNet2DConditionModel.from_pretrained(str(Path(s.parts.source) / "unet")).to(s.device)
@@ -113,7 +113,7 @@ def _summary(ours: list[float], theirs: list[float]) -> dict:
 
 def trainer_overhead(batch_size: int, *, steps: int, reps: int, warmup: int, workdir: Path) -> dict:
     """Figure 1 at one batch size: {"core": ..., "loop": ...}, each the median over reps of per-step time ratios."""
-    from lora_sweep.train import train
+    from lora_sweep.training.train import train
 
     cfg = compose(f"train.batch_size={batch_size}", *FIG1_OVERRIDES)
     s, bare = build_pair(cfg, workdir / f"fig1-core-b{batch_size}")
@@ -174,7 +174,7 @@ def tracking_overhead(steps: int, batch_size: int, workdir: Path, flush_every: i
     """Figure 4: a real `train()` logging to a fresh sqlite MLflow store through lora-sweep's RunLogger; the MLflow
     seconds spent inside the loop (RunLogger.seconds_in_mlflow) over the loop's wall time, plus one-off costs."""
     from lora_sweep import tracking
-    from lora_sweep.train import train
+    from lora_sweep.training.train import train
 
     overrides = [f"train.max_steps={steps}", f"train.batch_size={batch_size}", "precision=fp32"]
     if flush_every is not None:

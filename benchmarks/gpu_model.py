@@ -40,7 +40,7 @@ class Shape:
 def unet_config(toy: bool) -> dict:
     """SDXL base's UNet config, or lora-sweep's tiny SDXL's (`--toy`: checks the logic on a CPU in seconds)."""
     if toy:
-        from lora_sweep.tiny_sdxl import tiny_unet_config
+        from lora_sweep.model.tiny_sdxl import tiny_unet_config
 
         return dict(tiny_unet_config())
     return {k: v for k, v in json.loads(SDXL_UNET_CONFIG.read_text()).items() if not k.startswith("_")}
@@ -90,7 +90,7 @@ def count_flops(config: dict, *, rank: int, gradient_checkpointing: bool) -> dic
     the meta device at batch 1 (FLOPs are linear in the batch). With checkpointing the recomputed forwards count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_sweep.network import UNET_TARGETS, add_lora
+    from lora_sweep.model.network import UNET_TARGETS, add_lora
 
     from diffusers import UNet2DConditionModel
 

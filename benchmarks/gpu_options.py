@@ -2,7 +2,7 @@
 
 Each must leave the result unchanged (the benchmark compares the seeded loss sequence with the baseline's) and is
 kept as a lora-sweep option only if it wins. One row is not an option but a cost: loop_checks adds what
-`lora_sweep.train.train` does per step beyond the core step (the loss and every LoRA gradient checked for NaN/Inf,
+`lora_sweep.training.train.train` does per step beyond the core step (the loss and every LoRA gradient checked for NaN/Inf,
 each check a host sync), to show what that costs on a fast GPU. How each option maps onto lora-sweep today:
 - fused_adamw: `optimizer.args.fused=true` already passes through to torch.optim.AdamW;
 - tf32: a global torch setting (what stays fp32 under autocast is elementwise, so little is expected);
@@ -91,11 +91,11 @@ def undo_option(option: str, unet) -> None:
 
 def checked_step(s) -> Callable[[], float]:
     """core_step plus train()'s per-step checks: `torch.isfinite(loss)` before backward and `grads_finite` before
-    the update (lora_sweep.train), as the loop runs them with train.on_nan=stop."""
+    the update (lora_sweep.training.train), as the loop runs them with train.on_nan=stop."""
     import random
 
-    from lora_sweep import precision
-    from lora_sweep.train import grads_finite, micro_batch_loss
+    from lora_sweep.training import precision
+    from lora_sweep.training.train import grads_finite, micro_batch_loss
 
     flip_rng, batch = random.Random(0), list(range(len(s.prepared.examples)))
 

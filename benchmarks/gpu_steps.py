@@ -37,7 +37,7 @@ def bench_config(precision: str, batch: int, rank: int, gradient_checkpointing: 
 
 @dataclass
 class SyntheticSession:
-    """What `lora_sweep.train.micro_batch_loss` and `core_step` read from a Session, nothing more."""
+    """What `lora_sweep.training.train.micro_batch_loss` and `core_step` read from a Session, nothing more."""
 
     cfg: Any
     device: torch.device
@@ -62,8 +62,8 @@ class SyntheticSession:
 
 def lora_sweep_unet(unet, precision_name: str, rank: int, device) -> tuple[Any, list]:
     """lora-sweep's model set-up on `unet`: LoRA on kohya's targets, then base weights in the policy's dtype."""
-    from lora_sweep import precision
-    from lora_sweep.network import UNET_TARGETS, add_lora, lora_parameters
+    from lora_sweep.training import precision
+    from lora_sweep.model.network import UNET_TARGETS, add_lora, lora_parameters
 
     policy = precision.precision_policy(precision_name, torch.device(device).type)
     add_lora(unet, rank=rank, alpha=float(rank), targets=UNET_TARGETS)
@@ -75,8 +75,8 @@ def lora_sweep_unet(unet, precision_name: str, rank: int, device) -> tuple[Any, 
 def make_session(unet, policy, params: list, shape: Shape, *, batch: int, gradient_checkpointing: bool,
                  optimizer_args: dict, rank: int, device) -> SyntheticSession:
     """A fresh optimizer, scaler and examples around an already prepared UNet (one config of the matrix)."""
-    from lora_sweep import optim, precision
-    from lora_sweep.model import kohya_noise_scheduler
+    from lora_sweep.training import optim, precision
+    from lora_sweep.model.loading import kohya_noise_scheduler
 
     cfg = bench_config(policy.name, batch, rank, gradient_checkpointing, optimizer_args)
     if gradient_checkpointing:

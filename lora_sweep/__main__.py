@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _table(args) -> int:
-    from lora_sweep.table import build_table, render
+    from lora_sweep.compare.table import build_table, render
 
     header, rows = build_table(args.experiments or None)
     sys.stdout.write(render(header, rows, args.format))
@@ -20,7 +20,7 @@ def _table(args) -> int:
 def _cache(args) -> int:
     from pathlib import Path
 
-    from lora_sweep.cache import TensorCache, default_cache_dir
+    from lora_sweep.data.cache import TensorCache, default_cache_dir
 
     root = Path(args.dir or default_cache_dir())
     store = TensorCache(root)
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "compare":
-        from lora_sweep import report
+        from lora_sweep.compare import report
 
         return report.main(rest)
     if args.command == "ui":
-        from lora_sweep import ui
+        from lora_sweep.compare import ui
 
         return ui.main(rest)
     if rest:

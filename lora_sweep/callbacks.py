@@ -66,7 +66,7 @@ class MlflowSweepCallback(Callback):
     def _report(self, run_id: str) -> None:
         """The side-by-side report of the sweep's runs, logged on the parent run (a failure here fails nothing)."""
         try:
-            from lora_sweep.report import build_report
+            from lora_sweep.compare.report import build_report
 
             path = build_report(experiment=None, sweep_run_id=run_id, step=None, out_dir=self.sweep_dir / "report",
                                 baseline=None, tracking_uri=self.client.tracking_uri)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from lora_sweep import tracking
 from lora_sweep.atomic import write_text
-from lora_sweep.checkpoint import find_resumable, list_states, read_meta, resolve_state_arg, run_folder
+from lora_sweep.training.checkpoint import find_resumable, list_states, read_meta, resolve_state_arg, run_folder
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.errors import UserError
-from lora_sweep.failures import check_free_space, check_writable, failure_reason, sqlite_store_folder
+from lora_sweep.training.failures import check_free_space, check_writable, failure_reason, sqlite_store_folder
 from lora_sweep.validate import validate
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     logger.log_params(flatten(to_container(cfg)))
     status.update(force=True, run_id=logger.run_id)
     sink = JobSink(logger, status, label)
-    from lora_sweep.train import NonFiniteLoss, StateTarget, train
+    from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
 
     states = StateTarget(run_folder(state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
     outcome = JobOutcome("FAILED", logger.run_id)
@@ -200,7 +200,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
 
 def preflight(cfg, output_dir: Path, uri: str) -> Path:
     """Every folder this job writes, proven writable before the model loads; returns the state root."""
-    from lora_sweep.session import cache_root, state_root
+    from lora_sweep.training.session import cache_root, state_root
 
     check_writable(output_dir, "train.output_dir")
     root = check_writable(state_root(cfg), "train.state_dir")

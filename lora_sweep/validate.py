@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from lora_sweep.errors import ConfigError, UserError
-from lora_sweep.failures import FAULT_SPEC
+from lora_sweep.training.failures import FAULT_SPEC
 
 MODELS = ("tiny", "sdxl")
 DATASETS = ("photos", "folder")
@@ -59,7 +59,8 @@ def _existing(field: str, value, *, kind: str = "file") -> None:
 
 
 def _checks(cfg) -> list[Callable[[], None]]:
-    from lora_sweep import buckets, loss, noise, optim, precision
+    from lora_sweep.data import buckets
+    from lora_sweep.training import loss, noise, optim, precision
 
     t, d, n, lo, s, v = cfg.train, cfg.data, cfg.noise, cfg.loss, cfg.sampling, cfg.validation
     return [
@@ -151,7 +152,7 @@ def _check_scheduler(optim, cfg) -> None:
 
 
 def _check_model_path(cfg) -> None:
-    from lora_sweep.model import check_model_path
+    from lora_sweep.model.loading import check_model_path
 
     if cfg.model.name == "sdxl" or cfg.model.path:
         check_model_path(cfg.model.path)

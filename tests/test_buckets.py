@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_sweep import buckets
+from lora_sweep.data import buckets
 from lora_sweep.errors import ConfigError, UserError
 
 

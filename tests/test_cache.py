@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_sweep import cache as cache_lib
-from lora_sweep.cache import TensorCache, cache_key, latent_cache_key, text_cache_key
+from lora_sweep.data import cache as cache_lib
+from lora_sweep.data.cache import TensorCache, cache_key, latent_cache_key, text_cache_key
 from lora_sweep.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +227,7 @@ def test_lock_timeout_computes_its_own(tmp_path):
 _HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from lora_sweep.cache import _KeyLock
+    from lora_sweep.data.cache import _KeyLock
     lock = _KeyLock(Path(sys.argv[1]))
     assert lock.acquire(5.0)
     print("held", flush=True)
@@ -259,7 +259,7 @@ _WORKER = textwrap.dedent("""
     from pathlib import Path
     import torch
     from safetensors.torch import save_file
-    from lora_sweep.cache import TensorCache
+    from lora_sweep.data.cache import TensorCache
 
     root, out, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     store = TensorCache(root)

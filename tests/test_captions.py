@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lora_sweep.captions import caption_path, read_caption, shuffle_caption
+from lora_sweep.data.captions import caption_path, read_caption, shuffle_caption
 from lora_sweep.errors import UserError
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from lora_sweep import checkpoint
-from lora_sweep.checkpoint import Position
+from lora_sweep.training import checkpoint
+from lora_sweep.training.checkpoint import Position
 from lora_sweep.errors import UserError
 
 
@@ -112,7 +112,7 @@ def test_find_resumable_takes_the_newest_state_of_an_unfinished_run(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, random, torch
     sys.path.insert(0, {root!r})
-    from lora_sweep import checkpoint
+    from lora_sweep.training import checkpoint
     layer = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(layer.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

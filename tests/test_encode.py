@@ -10,9 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from lora_sweep.encode import VAE_SCALE_FACTOR, encode_images, encode_prompts, first_eos_index, time_ids, tokenize
-from lora_sweep.model import load_sdxl, tiny_model_dir
-from lora_sweep.tiny_sdxl import sdxl_asset_config
+from lora_sweep.model.encode import VAE_SCALE_FACTOR, encode_images, encode_prompts, first_eos_index, time_ids, tokenize
+from lora_sweep.model.loading import load_sdxl, tiny_model_dir
+from lora_sweep.model.tiny_sdxl import sdxl_asset_config
 
 CAPTIONS = ["a photo of the cat", "an astronaut riding a horse on the moon, oil painting"]
 

@@ -14,9 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import compose_config
-from lora_sweep import checkpoint, tracking
+from lora_sweep.training import checkpoint
+from lora_sweep import tracking
 from lora_sweep.errors import UserError
-from lora_sweep.failures import (
+from lora_sweep.training.failures import (
     check_free_space, describe_os_error, is_out_of_memory, out_of_memory_message,
 )
 from lora_sweep.run import run_job

@@ -1,4 +1,4 @@
-"""lora_sweep.loss against values computed by hand from kohya v0.8.7's formulas (reference doc sections 2 and 3)."""
+"""lora_sweep.training.loss against values computed by hand from kohya v0.8.7's formulas (reference doc sections 2 and 3)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_sweep.errors import ConfigError
-from lora_sweep.loss import (LossTerms, check_loss_options, debiased_weight, elementwise_loss, huber_c,
+from lora_sweep.training.loss import (LossTerms, check_loss_options, debiased_weight, elementwise_loss, huber_c,
                              kohya_loss, kohya_scheduler_alphas_cumprod, min_snr_weight, one_timestep_per_batch, snr)
 
 ABAR = kohya_scheduler_alphas_cumprod()

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from lora_sweep.errors import UserError
-from lora_sweep.model import build_folder_once, check_model_path, load_sdxl, sdxl_base_config_dir, tiny_model_dir
-from lora_sweep.tiny_sdxl import TINY_RECIPE_VERSION, build_tiny_sdxl, save_single_file
+from lora_sweep.model.loading import (build_folder_once, check_model_path, load_sdxl, sdxl_base_config_dir,
+                                      tiny_model_dir)
+from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION, build_tiny_sdxl, save_single_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,7 @@ CHECK_SCRIPT = """
 import json, sys
 from pathlib import Path
 from lora_sweep.errors import UserError
-from lora_sweep.model import check_model_path
+from lora_sweep.model.loading import check_model_path
 messages = {}
 for label, path in json.loads(sys.argv[1]).items():
     try:
@@ -201,7 +202,7 @@ def test_loader_rejects_single_files_it_has_no_configs_for(tmp_path, cache_root)
 RACE_SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from lora_sweep.model import build_folder_once
+from lora_sweep.model.loading import build_folder_once
 final, go = Path(sys.argv[1]), Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.01)

@@ -1,4 +1,4 @@
-"""lora_sweep.noise against hand-written replays of kohya v0.8.7's draw sequence and against diffusers.
+"""lora_sweep.training.noise against hand-written replays of kohya v0.8.7's draw sequence and against diffusers.
 
 Reference: /work/shared/reference/kohya-v0.8.7.md section 1. All on CPU, where the "device" RNG and the CPU RNG are
 the same stream, so a replay checks the order of every draw.
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from lora_sweep.errors import ConfigError
-from lora_sweep.loss import kohya_scheduler_alphas_cumprod
-from lora_sweep.noise import (NoisyLatents, add_noise, apply_noise_offset, check_noise_options, kohya_noisy_latents,
-                              pyramid_noise, sample_timesteps, velocity_target)
+from lora_sweep.training.loss import kohya_scheduler_alphas_cumprod
+from lora_sweep.training.noise import (NoisyLatents, add_noise, apply_noise_offset, check_noise_options,
+                                       kohya_noisy_latents, pyramid_noise, sample_timesteps, velocity_target)
 
 ABAR = kohya_scheduler_alphas_cumprod()
 

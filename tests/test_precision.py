@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_sweep import precision
+from lora_sweep.training import precision
 from lora_sweep.errors import ConfigError
 
 

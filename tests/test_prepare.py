@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import compose_config
-from lora_sweep.dataset import scan_folder
-from lora_sweep.prepare import prepare_examples
+from lora_sweep.data.dataset import scan_folder
+from lora_sweep.data.prepare import prepare_examples
 from lora_sweep.run import run_job
 
 
 @pytest.fixture(scope="module")
 def parts():
-    from lora_sweep.model import load_sdxl, tiny_model_dir
+    from lora_sweep.model.loading import load_sdxl, tiny_model_dir
 
     return load_sdxl(tiny_model_dir())
 
@@ -25,7 +25,7 @@ def parts():
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     """Three of the bundled photos with mixed aspect ratios (square, 3:2, ~3:2 portrait crop) in kohya's layout."""
-    from lora_sweep.photos import photos_dir
+    from lora_sweep.data.photos import photos_dir
 
     src = photos_dir(Path(os.environ["LORA_SWEEP_CACHE_DIR"])) / "5_photo"
     dst = tmp_path / "data" / "2_photo"

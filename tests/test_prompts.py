@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_sweep.errors import UserError
-from lora_sweep.prompts import PromptSpec, load_prompts, parse_prompt_line, round_size
+from lora_sweep.compare.prompts import PromptSpec, load_prompts, parse_prompt_line, round_size
 
 
 def test_inline_options_are_parsed():

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 from lora_sweep.errors import UserError
-from lora_sweep.metrics import mean_metrics
-from lora_sweep.prompts import PromptSpec
-from lora_sweep.report import build_report, choose_step, main, parse_image_artifact
-from lora_sweep.report_html import delta_text, ema
-from lora_sweep.sampling import log_samples
+from lora_sweep.compare.metrics import mean_metrics
+from lora_sweep.compare.prompts import PromptSpec
+from lora_sweep.compare.report import build_report, choose_step, main, parse_image_artifact
+from lora_sweep.compare.report_html import delta_text, ema
+from lora_sweep.compare.sampling import log_samples
 
 VARIANTS = {  # name -> params that differ (everything else shared)
     "v53": {"noise.offset": "0.0357", "loss.min_snr_gamma": "5.0", "optimizer.name": "DAdaptAdamPreprint"},

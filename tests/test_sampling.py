@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_sweep.prompts import PromptSpec
-from lora_sweep.sampling import (
+from lora_sweep.compare.prompts import PromptSpec
+from lora_sweep.compare.sampling import (
     SDXL_EULER_CONFIG,
     grid_layout,
     log_samples,
@@ -33,8 +33,8 @@ SPECS = [
 @pytest.fixture(scope="module")
 def pipe():
     """The tiny SDXL with a LoRA on kohya's UNet targets, its up-weights made non-zero so it changes the output."""
-    from lora_sweep.network import UNET_TARGETS, add_lora, lora_parameters
-    from lora_sweep.tiny_sdxl import build_tiny_sdxl
+    from lora_sweep.model.network import UNET_TARGETS, add_lora, lora_parameters
+    from lora_sweep.model.tiny_sdxl import build_tiny_sdxl
 
     pipeline = build_tiny_sdxl(seed=0)
     add_lora(pipeline.unet, rank=4, alpha=4, targets=UNET_TARGETS)
@@ -63,7 +63,7 @@ def test_same_seed_same_image_and_seed_matters(pipe):
 
 
 def test_lora_weights_change_the_samples(pipe):
-    from lora_sweep.network import lora_parameters
+    from lora_sweep.model.network import lora_parameters
 
     before = draw(pipe, SPECS[:1])[0]
     saved = [p.detach().clone() for p in lora_parameters(pipe.unet)]
@@ -144,7 +144,7 @@ def test_grid_layout_is_prompts_by_seeds():
 def test_log_samples_to_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from lora_sweep.report import logged_images
+    from lora_sweep.compare.report import logged_images
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("s", artifact_location=(tmp_path / "mlruns").as_uri())
@@ -187,9 +187,9 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from lora_sweep.metrics import mean_metrics
-    from lora_sweep.network import lora_parameters
-    from lora_sweep.report import build_report
+    from lora_sweep.compare.metrics import mean_metrics
+    from lora_sweep.model.network import lora_parameters
+    from lora_sweep.compare.report import build_report
     from test_report import GridCells
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -234,7 +234,7 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
 
 
 def test_modules_on_leaves_modules_already_there_untouched():
-    from lora_sweep.sampling import modules_on
+    from lora_sweep.compare.sampling import modules_on
 
     module = torch.nn.Linear(2, 2)
     weight = module.weight
@@ -245,7 +245,7 @@ def test_modules_on_leaves_modules_already_there_untouched():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move a module away and back")
 def test_modules_on_moves_and_returns():
-    from lora_sweep.sampling import modules_on
+    from lora_sweep.compare.sampling import modules_on
 
     parked = torch.nn.Linear(2, 2)
     with modules_on(torch.device("cuda", 0), parked):

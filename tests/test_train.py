@@ -74,7 +74,7 @@ def _sample(pipe, seed=0):
 def test_kohya_lora_loads_in_diffusers_and_changes_output(trained):
     from diffusers import StableDiffusionXLPipeline
 
-    from lora_sweep.model import tiny_model_dir
+    from lora_sweep.model.loading import tiny_model_dir
 
     outcome, _, _ = trained
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir()))
@@ -92,7 +92,7 @@ def test_kohya_lora_loads_in_diffusers_and_changes_output(trained):
 def test_diffusers_file_loads_too(trained):
     from diffusers import StableDiffusionXLPipeline
 
-    from lora_sweep.model import tiny_model_dir
+    from lora_sweep.model.loading import tiny_model_dir
 
     outcome, _, _ = trained
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir()))
@@ -101,7 +101,7 @@ def test_diffusers_file_loads_too(trained):
 
 
 def test_unreadable_image_is_skipped_with_warning_and_counted(tmp_path, mlflow_uri, caplog):
-    from lora_sweep.photos import photos_dir
+    from lora_sweep.data.photos import photos_dir
 
     data = tmp_path / "data" / "3_thing"
     data.mkdir(parents=True)
@@ -141,7 +141,7 @@ def test_text_encoder_lora_trains_saves_kohya_te_keys_and_loads(tmp_path, mlflow
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    from lora_sweep.model import tiny_model_dir
+    from lora_sweep.model.loading import tiny_model_dir
 
     outcome = train_tiny(tmp_path, "network.train_text_encoder=true", "train.max_steps=2")
     assert outcome.status == "FINISHED"

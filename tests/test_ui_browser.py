@@ -1,4 +1,4 @@
-"""A real browser on the real pages: `mlflow server` (started by lora_sweep.ui) over a test store, and the report.
+"""A real browser on the real pages: `mlflow server` (started by lora_sweep.compare.ui) over a test store, and the report.
 
 Headless Chromium (Debian's `chromium` package; installed here with apt-get when missing and possible, otherwise
 the test is skipped with the reason) renders MLflow 3's JavaScript app; `--dump-dom` after a virtual-time budget
@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 import pytest
 
-from lora_sweep.report import build_report
-from lora_sweep.ui import free_port, running_server
+from lora_sweep.compare.report import build_report
+from lora_sweep.compare.ui import free_port, running_server
 from test_report import VARIANTS, fill_store
 
 pytestmark = pytest.mark.slow

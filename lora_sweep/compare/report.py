@@ -7,7 +7,7 @@ MLflow conventions of lora-sweep (run.py writes them, this module reads them):
   `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`.
 - Params: the resolved config flattened with dot keys (`noise.offset`, `loss.type`, `optimizer.name`, ...).
 - Metrics, step = optimizer step: `train/loss`, `train/lr`, `val/loss`, and `img/<metric>` (the mean over the
-  step's sample images of `lora_sweep.metrics.image_metrics`).
+  step's sample images of `lora_sweep.compare.metrics.image_metrics`).
 - Images: `log_image(key="sample_pNN", step=step)` per prompt (the seed is fixed per prompt), one grid per
   sampling step as artifact `samples/grid_stepNNNNNN.png`, and the prompt specs as `samples/prompts.json`.
 
@@ -168,7 +168,7 @@ def _column_titles(client, runs, image_keys: list[str], scratch: Path) -> dict[s
 def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: int | None, baseline: str | None,
             scratch: Path):
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
-    from lora_sweep.report_html import ReportData, VariantData
+    from lora_sweep.compare.report_html import ReportData, VariantData
 
     parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id)
     names = variant_names(runs)
@@ -220,7 +220,7 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
     from mlflow.tracking import MlflowClient
 
     from lora_sweep.atomic import write_bytes, write_text
-    from lora_sweep.report_html import CURVE_GROUPS, curve_figure, grid_png, render_html
+    from lora_sweep.compare.report_html import CURVE_GROUPS, curve_figure, grid_png, render_html
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     out_dir = Path(out_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 
-from lora_sweep import optim
+from lora_sweep.training import optim
 from lora_sweep.config import config_hash
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_sweep import precision
-from lora_sweep.noise import add_noise
+from lora_sweep.training import precision
+from lora_sweep.training.noise import add_noise
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Sampler:
 
     @classmethod
     def from_config(cls, cfg, resolution: int) -> "Sampler | None":
-        from lora_sweep.prompts import load_prompts
+        from lora_sweep.compare.prompts import load_prompts
 
         sc = cfg.sampling
         if not sc.prompts and not sc.prompt_file:
@@ -58,8 +58,8 @@ class Sampler:
     def __call__(self, s, step: int, final: bool) -> None:
         if not due(step, s.cfg.sampling.every, final):
             return
-        from lora_sweep.metrics import mean_metrics
-        from lora_sweep.sampling import log_samples, sample_images
+        from lora_sweep.compare.metrics import mean_metrics
+        from lora_sweep.compare.sampling import log_samples, sample_images
 
         parts = s.parts  # sample_images brings encoders parked on the CPU to the UNet's device and back
         images = sample_images(
@@ -84,7 +84,7 @@ class Validator:
         """Cached embeddings, or the caption encoded as written (never shuffled: that would draw from `random`)."""
         if example.context is not None:
             return example.context.unsqueeze(0).to(s.device), example.pooled.unsqueeze(0).to(s.device)
-        from lora_sweep.encode import encode_prompts
+        from lora_sweep.model.encode import encode_prompts
 
         return encode_prompts(s.parts, [example.item.caption])
 

@@ -16,18 +16,19 @@ from typing import Any
 
 import torch
 
-from lora_sweep import metadata, model as model_lib, optim, precision
+from lora_sweep.training import metadata, optim, precision
+from lora_sweep.model import loading as model_lib
 from lora_sweep.config import config_hash, flatten, to_container
-from lora_sweep.dataset import scan_folder
+from lora_sweep.data.dataset import scan_folder
 from lora_sweep.atomic import write_text
-from lora_sweep.buckets import bucket_histogram, parse_resolution
-from lora_sweep.encode import encode_prompts
-from lora_sweep.evaluate import Sampler, Validator, split_validation
-from lora_sweep.loss import one_timestep_per_batch
-from lora_sweep.network import (
+from lora_sweep.data.buckets import bucket_histogram, parse_resolution
+from lora_sweep.model.encode import encode_prompts
+from lora_sweep.training.evaluate import Sampler, Validator, split_validation
+from lora_sweep.training.loss import one_timestep_per_batch
+from lora_sweep.model.network import (
     TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_state_dict, lora_parameters, save_diffusers, save_kohya,
 )
-from lora_sweep.prepare import Prepared, prepare_examples
+from lora_sweep.data.prepare import Prepared, prepare_examples
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Session:
             return context, pooled
         captions = [e.item.caption for e in examples]
         if self.cfg.data.shuffle_caption:
-            from lora_sweep.captions import shuffle_caption
+            from lora_sweep.data.captions import shuffle_caption
             import random
 
             captions = [
@@ -117,7 +118,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def cache_root(cfg) -> Path:
-    from lora_sweep.cache import default_cache_dir
+    from lora_sweep.data.cache import default_cache_dir
 
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
@@ -131,7 +132,7 @@ def load_parts(cfg) -> model_lib.SDXLParts:
 
 def data_folder(cfg) -> Path:
     if cfg.data.name == "photos" and not cfg.data.dir:
-        from lora_sweep.photos import photos_dir
+        from lora_sweep.data.photos import photos_dir
 
         return photos_dir(cache_root(cfg))
     return Path(cfg.data.dir)
@@ -237,7 +238,7 @@ def num_epochs(max_steps: int, batches: int, grad_accum: int) -> int:
 
 def check_disk_space(cfg, output_dir: Path, *, lora_numel: int, epochs: int) -> None:
     """Fail before the first step if the states and checkpoints this run will write do not fit on their disks."""
-    from lora_sweep.failures import check_free_space, expected_bytes
+    from lora_sweep.training.failures import check_free_space, expected_bytes
 
     states, outputs = expected_bytes(
         lora_numel=lora_numel, optimizer=cfg.optimizer.name, keep_states=cfg.train.keep_states,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from lora_sweep.captions import read_caption
+from lora_sweep.data.captions import read_caption
 from lora_sweep.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from lora_sweep import buckets, cache as cache_lib
-from lora_sweep.dataset import FolderScan, ImageItem, load_rgb
-from lora_sweep.encode import encode_images, encode_prompts
+from lora_sweep.data import buckets, cache as cache_lib
+from lora_sweep.data.dataset import FolderScan, ImageItem, load_rgb
+from lora_sweep.model.encode import encode_images, encode_prompts
 
 log = logging.getLogger(__name__)
 

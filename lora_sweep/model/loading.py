@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_sweep.errors import UserError
-from lora_sweep.tiny_sdxl import CLIP_BPE_GZ, SDXL_BASE_ASSETS, TINY_RECIPE_VERSION, read_clip_merges, \
+from lora_sweep.model.tiny_sdxl import CLIP_BPE_GZ, SDXL_BASE_ASSETS, TINY_RECIPE_VERSION, read_clip_merges, \
     sdxl_asset_config, write_clip_tokenizer
 
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -79,8 +79,8 @@ def kohya_noise_scheduler() -> Any:
 
 
 def default_cache_root() -> Path:
-    """The same per-user cache as the latents (lora_sweep.cache.default_cache_dir)."""
-    from lora_sweep.cache import default_cache_dir
+    """The same per-user cache as the latents (lora_sweep.data.cache.default_cache_dir)."""
+    from lora_sweep.data.cache import default_cache_dir
 
     return default_cache_dir()
 
@@ -155,7 +155,7 @@ def build_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
 
 def tiny_model_dir(cache_root: Path | None = None, seed: int = 0) -> Path:
     """The tiny SDXL as a diffusers folder `<cache>/models/<recipe version>-seed<seed>`, built on first use."""
-    from lora_sweep.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
+    from lora_sweep.model.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 
     final = Path(cache_root or default_cache_root()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
     return build_folder_once(final, lambda staging: save_tiny_sdxl(build_tiny_sdxl(seed), staging))

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Callable
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OPTIMIZER_ABBREVIATIONS = {"dadapt_adam_preprint": "DAP", "lion8bit": "L8", "prodigy": "Pg"}  # the article's legend
 PRECISION_NAMES = {"fp8": "fp8", "fp8_bf16": "fp8", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 

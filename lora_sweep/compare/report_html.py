@@ -17,7 +17,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from lora_sweep.metrics import METRIC_KEYS
+from lora_sweep.compare.metrics import METRIC_KEYS
 
 PARAM_ORDER = ("precision.", "optimizer.", "loss.", "noise.", "train.", "network.", "sampling.", "data.", "model.")
 CURVE_GROUPS = {"losses": ("train/loss", "val/loss", "train/lr"), "image_metrics": tuple(f"img/{k}" for k in METRIC_KEYS)}
@@ -169,7 +169,7 @@ def png_data_uri(png: bytes) -> str:
 
 def grid_png(data: ReportData) -> bytes | None:
     """The sample grid as one labelled PNG (rows = variants, columns = prompts) for use outside the HTML."""
-    from lora_sweep.sampling import make_grid
+    from lora_sweep.compare.sampling import make_grid
 
     if not data.image_keys or not data.variants:
         return None

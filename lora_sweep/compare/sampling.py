@@ -24,7 +24,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lora_sweep.prompts import PromptSpec
+from lora_sweep.compare.prompts import PromptSpec
 
 # SDXL base 1.0's scheduler_config.json (EulerDiscreteScheduler), the schedule the UNet was trained with; equal to
 # lora_sweep/assets/sdxl_base/scheduler/scheduler_config.json (a test checks it).

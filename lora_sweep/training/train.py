@@ -26,12 +26,12 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from lora_sweep import checkpoint, loss as loss_lib, noise as noise_lib, optim, precision
-from lora_sweep.buckets import bucket_batches, format_histogram
-from lora_sweep.checkpoint import Position
+from lora_sweep.training import checkpoint, loss as loss_lib, noise as noise_lib, optim, precision
+from lora_sweep.data.buckets import bucket_batches, format_histogram
+from lora_sweep.training.checkpoint import Position
 from lora_sweep.errors import UserError
-from lora_sweep.failures import inject_fault, parse_fault
-from lora_sweep.session import Session, batches_per_epoch, build_session, num_epochs
+from lora_sweep.training.failures import inject_fault, parse_fault
+from lora_sweep.training.session import Session, batches_per_epoch, build_session, num_epochs
 
 log = logging.getLogger(__name__)
 

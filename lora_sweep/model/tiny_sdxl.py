@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # Bump when anything below changes the tiny model (shapes, init, tokenizer): cached folders are keyed by it.
 TINY_RECIPE_VERSION = "tiny-sdxl-v1"
 
-ASSETS_DIR = Path(__file__).with_name("assets")
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 SDXL_BASE_ASSETS = ASSETS_DIR / "sdxl_base"
 CLIP_BPE_GZ = ASSETS_DIR / "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 49152 - 256 - 2 merge lines after the header: 256 bytes + 256 bytes</w> + merges + 2 specials
