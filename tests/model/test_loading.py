@@ -23,7 +23,7 @@ from lora_sweep.model.loading import (build_folder_once, check_model_path, load_
                                       tiny_model_dir)
 from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION, build_tiny_sdxl, save_single_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

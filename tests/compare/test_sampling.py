@@ -111,7 +111,7 @@ def test_preserved_rng_state_restores_after_an_exception():
 
 
 def test_scheduler_config_is_sdxl_bases():
-    asset = Path(__file__).resolve().parents[1] / "lora_sweep/assets/sdxl_base/scheduler/scheduler_config.json"
+    asset = Path(__file__).resolve().parents[2] / "lora_sweep/assets/sdxl_base/scheduler/scheduler_config.json"
     if not asset.exists():
         pytest.skip("bundled SDXL scheduler config not present")
     bundled = json.loads(asset.read_text())

@@ -19,7 +19,7 @@ from lora_sweep.data import cache as cache_lib
 from lora_sweep.data.cache import TensorCache, cache_key, latent_cache_key, text_cache_key
 from lora_sweep.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LATENT_FIELDS = dict(vae="v" * 64, image_sha256="i" * 64, bucket=(832, 1216), resized=(832, 1248),
                      crop_left_top=(0, 16), flipped=False)
 
