@@ -254,6 +254,6 @@ def render_html(data: ReportData, figures: dict[str, bytes]) -> str:
     parts.append(_table(["metric", *header], rows, cls="final", raw=True))
     parts.append("<p class='sub'>img/* are means over the step's sample images: luminance (noise offset), edge "
                  "energy = variance of the Laplacian (multires noise, min-SNR, debiased), colorfulness, and the "
-                 "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/metrics.py.</p>")
+                 "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/compare/metrics.py.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

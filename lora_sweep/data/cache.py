@@ -31,6 +31,7 @@ from lora_sweep.data.cache_keys import (  # noqa: F401  (re-exported: the public
     CACHE_FORMAT, RESAMPLE, cache_key, file_sha256, latent_cache_key, model_identity, posterior_seed, text_cache_key,
 )
 from lora_sweep.errors import UserError
+from lora_sweep.paths import default_cache_dir  # noqa: F401  (re-exported: the public API)
 
 try:
     import fcntl
@@ -49,16 +50,6 @@ _OWNED = re.compile(r"[0-9a-f]{64}\.(safetensors|json|lock)|\.[0-9a-f]{64}\.(saf
 
 class NonFiniteCacheError(UserError, RuntimeError):
     """A tensor to be cached holds NaN or Inf (kohya raises RuntimeError for NaN latents); nothing was written."""
-
-
-def default_cache_dir() -> Path:
-    """$LORA_SWEEP_CACHE_DIR, else $XDG_CACHE_HOME/lora-sweep, else ~/.cache/lora-sweep: one per user, shared by
-    all sweeps."""
-    if os.environ.get("LORA_SWEEP_CACHE_DIR"):
-        return Path(os.environ["LORA_SWEEP_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lora-sweep"
-    return Path.home() / ".cache" / "lora-sweep"
 
 
 class _KeyLock:

@@ -79,8 +79,8 @@ def kohya_noise_scheduler() -> Any:
 
 
 def default_cache_root() -> Path:
-    """The same per-user cache as the latents (lora_sweep.data.cache.default_cache_dir)."""
-    from lora_sweep.data.cache import default_cache_dir
+    """The same per-user cache as the latents (lora_sweep.paths.default_cache_dir)."""
+    from lora_sweep.paths import default_cache_dir
 
     return default_cache_dir()
 
