@@ -125,7 +125,9 @@ def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: to
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward process x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, exactly as DDPMScheduler.add_noise."""
+    """Forward process x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, exactly as DDPMScheduler.add_noise: abar is
+    cast to the latents' dtype first, so fp16 latents and noise give fp16 x_t with every op rounded to fp16 (fp32
+    noise promotes x_t to fp32). Outside autocast only: CUDA autocast would run the `** 0.5` in fp32."""
     sqrt_abar, sqrt_one_minus_abar = _sqrt_alphas(alphas_cumprod, timesteps, latents)
     return sqrt_abar * latents + sqrt_one_minus_abar * noise
 
@@ -173,9 +175,9 @@ def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, *, 
     `latents` are the scaled VAE latents already in the training dtype (`scale_cached_latents`): eps and xi are drawn
     with `randn_like(latents)` in that dtype and memory format (fp16 noise under fp16), and x_t uses abar cast to it.
     Call it outside autocast, as kohya does, so x_t stays in that dtype (a noise offset makes it fp32, as in kohya).
-    Timesteps are drawn from [min_timestep, max_timestep) (kohya's --min_timestep / --max_timestep, defaults 0 and
-    the schedule's length); ConfigError unless 0 <= min_timestep < max_timestep <= T. An option that is 0 / False
-    makes no draw at all. None for either bound is kohya's default. Random strengths keep
+    Timesteps are drawn from [min_timestep, max_timestep) (kohya's --min_timestep / --max_timestep; None is kohya's
+    default, 0 and the schedule's length T); ConfigError unless 0 <= min_timestep < max_timestep <= T. An option
+    that is 0 / False makes no draw at all. Random strengths keep
     kohya's (1,)-shaped fp32 tensor in the arithmetic (it decides dtypes) and are reported as floats. With
     `ip_gamma` g: x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi), while the target stays eps.
     """
