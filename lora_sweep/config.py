@@ -54,6 +54,8 @@ class NoiseConfig:
     multires_discount: float = 0.3  # --multires_noise_discount
     ip_gamma: float = 0.0  # --ip_noise_gamma
     ip_gamma_random_strength: bool = False  # --ip_noise_gamma_random_strength
+    min_timestep: Optional[int] = None  # --min_timestep: t ~ randint(min, max), max excluded; null = 0
+    max_timestep: Optional[int] = None  # --max_timestep; null = 1000 (the schedule's length)
 
 
 @dataclass
@@ -212,9 +214,18 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+# Keys added after runs were recorded, with the values that reproduce those runs: left out of the hash at these values,
+# so existing runs keep their hash (resume and skip still find them), and in it at any other value.
+_HASH_NEUTRAL = {
+    "noise.min_timestep": (None, 0),
+    "noise.max_timestep": (None, 1000),
+}
+
+
 def config_hash(cfg: DictConfig | Config) -> str:
     """A short hash of everything that changes the trained result (not paths, tracking or sweep settings)."""
     flat = flatten(to_container(cfg))
     kept = {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in _HASH_EXCLUDED)}
+    kept = {k: v for k, v in kept.items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

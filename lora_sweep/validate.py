@@ -82,7 +82,8 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: noise.check_noise_options(
             offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=n.adaptive_scale,
             multires_iterations=n.multires_iterations, multires_discount=n.multires_discount,
-            ip_gamma=n.ip_gamma, ip_gamma_random_strength=n.ip_gamma_random_strength),
+            ip_gamma=n.ip_gamma, ip_gamma_random_strength=n.ip_gamma_random_strength,
+            min_timestep=n.min_timestep, max_timestep=n.max_timestep, num_timesteps=NUM_TRAIN_TIMESTEPS),
         lambda: loss.check_loss_options(
             loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
             min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased),

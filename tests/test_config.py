@@ -83,6 +83,23 @@ def test_config_hash_ignores_tracking_and_paths_but_not_training():
     assert config_hash(compose_config("train.lr=0.5")) != base
 
 
+def test_timestep_bounds_change_the_hash_only_away_from_kohyas_defaults():
+    """noise.min_timestep / max_timestep change what is trained; null and kohya's 0 / 1000 are the same training,
+    and the same hash a config had before the keys existed (so earlier runs are still resumed and skipped)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config()
+    assert (cfg.noise.min_timestep, cfg.noise.max_timestep) == (None, None)
+    base = config_hash(cfg)
+    before_the_keys = OmegaConf.to_container(cfg, resolve=True)
+    del before_the_keys["noise"]["min_timestep"], before_the_keys["noise"]["max_timestep"]
+    assert config_hash(OmegaConf.create(before_the_keys)) == base
+    assert config_hash(compose_config("noise.min_timestep=0", "noise.max_timestep=1000")) == base
+    assert config_hash(compose_config("noise.max_timestep=500")) != base
+    assert config_hash(compose_config("noise.min_timestep=200")) != base
+    assert config_hash(compose_config("noise.min_timestep=200")) != config_hash(compose_config("noise.min_timestep=201"))
+
+
 @pytest.mark.parametrize("launcher", ["gpu_queue", "ray", "submitit_slurm"])
 def test_every_launcher_composes_with_the_projects_config(launcher):
     from hydra import compose, initialize_config_dir

@@ -73,24 +73,29 @@ def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> str:
     return value
 
 
-def huber_c(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: str, c: float) -> torch.Tensor:
-    """The pseudo-Huber c for each timestep, fp32 (B,): large c at low noise (L2-like, keeps detail), small c at high
-    noise (L1-like, robust to outliers) (arXiv 2403.16728).
+def huber_c(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: str, c: float,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The pseudo-Huber c for each timestep, shape (B,), in `dtype` (fp32 by default): large c at low noise (L2-like,
+    keeps detail), small c at high noise (L1-like, robust to outliers) (arXiv 2403.16728).
 
-    constant: c. exponential: exp(-alpha t) with alpha = -ln(c) / T, i.e. c**(t/T) (1 at t=0, ~c at t=T-1; in fp64
-    like kohya's Python floats, then fp32). snr: (1 - c) / (1 + sigma_t)**2 + c with sigma_t = sqrt((1 - abar_t) /
-    abar_t). v0.8.7 computes this for one timestep per batch; with per-sample timesteps each sample gets its own c
-    (as newer sd-scripts do).
+    kohya `train_util.get_timesteps_and_huber_c`: constant: c. exponential: exp(-alpha t) with alpha = -ln(c) / T,
+    i.e. c**(t/T) (1 at t=0, ~c at t=T-1). Both are Python floats (double) in kohya and are computed here with
+    Python's `math`, exactly; ask for `dtype=torch.float64` to keep them exact (what `kohya_loss` passes on, so that
+    c**2 is rounded once, as kohya's Python float is), fp32 rounds them. snr: (1 - c) / (1 + sigma_t)**2 + c with
+    sigma_t = sqrt((1 - abar_t) / abar_t), a tensor computed in fp32 from fp32 abar as kohya does, then cast to
+    `dtype` (exactly, for float64). v0.8.7 computes c for one timestep per batch; with per-sample timesteps each
+    sample gets its own c (as newer sd-scripts do). Raises ConfigError for an unknown schedule.
     """
     _check_choice("loss.huber_schedule", schedule, HUBER_SCHEDULES)
     if schedule == "constant":
-        return torch.full(timesteps.shape, float(c), dtype=torch.float32, device=timesteps.device)
+        return torch.full(timesteps.shape, float(c), dtype=dtype, device=timesteps.device)
     if schedule == "exponential":
-        alpha = -math.log(c) / alphas_cumprod.shape[0]
-        return torch.exp(-alpha * timesteps.to(torch.float64)).to(torch.float32)
+        alpha = -math.log(c) / alphas_cumprod.shape[0]  # kohya: / noise_scheduler.config.num_train_timesteps
+        values = [math.exp(-alpha * t) for t in timesteps.tolist()]  # kohya: math.exp(-alpha * timesteps.item())
+        return torch.tensor(values, dtype=torch.float64, device=timesteps.device).reshape(timesteps.shape).to(dtype)
     abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
     sigma = ((1.0 - abar) / abar) ** 0.5
-    return (1 - c) / (1 + sigma) ** 2 + c
+    return ((1 - c) / (1 + sigma) ** 2 + c).to(dtype)
 
 
 _huber_c_schedule = huber_c  # kohya_loss's `huber_c` argument shadows the function name
@@ -98,12 +103,18 @@ _huber_c_schedule = huber_c  # kohya_loss's `huber_c` argument shadows the funct
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
                      huber_c: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Per-element loss in fp32 (pred's shape), with a = pred - target:
+    """Per-element loss in fp32 (pred's shape), with a = pred - target (kohya `train_util.conditional_loss`):
 
     l2: a**2. huber: 2c (sqrt(a**2 + c**2) - c), twice the pseudo-Huber (~a**2 for |a| << c, ~2c|a| - 2c**2 for
     |a| >> c). smooth_l1: 2 (sqrt(a**2 + c**2) - c) (~a**2/c, ~2|a| - 2c); NOT torch's smooth_l1_loss.
-    `huber_c` is a scalar or one value per sample (B,). The formulas are kohya's literally, including the fp32
-    cancellation in sqrt(a**2 + c**2) - c when |a| << c.
+
+    `huber_c` is a scalar or one value per sample (B,). The scalars c**2 and 2c are computed in double and rounded to
+    fp32 once, where they meet the fp32 tensor: that is what kohya does with its Python-float c (constant and
+    exponential schedules; pass a Python float or a float64 tensor to keep c exact), and it gives the same bits as
+    fp32 arithmetic when c is already an fp32 value (kohya's snr schedule, a tensor), since the double product of two
+    fp32 values is exact. Everything else is kohya's expression literally, in fp32, including the cancellation in
+    sqrt(a**2 + c**2) - c when |a| << c. Raises ValueError without huber_c for huber/smooth_l1, or when a per-sample
+    huber_c does not have one value per sample.
     """
     _check_choice("loss.type", loss_type, LOSS_TYPES)
     pred, target = pred.float(), target.float()
@@ -111,13 +122,14 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
         return F.mse_loss(pred, target, reduction="none")
     if huber_c is None:
         raise ValueError(f"elementwise_loss: loss_type {loss_type!r} needs huber_c (a scalar or one per sample).")
-    c: float | torch.Tensor = huber_c
-    if isinstance(huber_c, torch.Tensor) and huber_c.ndim > 0:
-        if huber_c.numel() != pred.shape[0]:
-            raise ValueError(f"elementwise_loss: huber_c has {huber_c.numel()} values for a batch of {pred.shape[0]}.")
-        c = huber_c.to(device=pred.device, dtype=torch.float32).reshape((-1,) + (1,) * (pred.ndim - 1))
-    root = torch.sqrt((pred - target) ** 2 + c**2)
-    return 2 * c * (root - c) if loss_type == "huber" else 2 * (root - c)
+    c = torch.as_tensor(huber_c, dtype=torch.float64, device=pred.device)  # a Python float is a double
+    if c.ndim > 0:
+        if c.numel() != pred.shape[0]:
+            raise ValueError(f"elementwise_loss: huber_c has {c.numel()} values for a batch of {pred.shape[0]}.")
+        c = c.reshape((-1,) + (1,) * (pred.ndim - 1))
+    c_squared, twice_c, c = (c**2).float(), (2 * c).float(), c.float()  # each rounded once, as kohya's scalars are
+    root = torch.sqrt((pred - target) ** 2 + c_squared)
+    return twice_c * (root - c) if loss_type == "huber" else 2 * (root - c)
 
 
 def one_timestep_per_batch(loss_type: str, per_sample_timesteps: bool) -> bool:
@@ -154,8 +166,9 @@ def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
         c_used = torch.full(timesteps.shape, float("nan"), dtype=torch.float32, device=pred.device)
         elements = elementwise_loss(pred, target, loss_type)
     else:
-        c_used = _huber_c_schedule(timesteps, alphas_cumprod, huber_schedule, huber_c)
-        elements = elementwise_loss(pred, target, loss_type, c_used)
+        c_exact = _huber_c_schedule(timesteps, alphas_cumprod, huber_schedule, huber_c, dtype=torch.float64)
+        c_used = c_exact.float()
+        elements = elementwise_loss(pred, target, loss_type, c_exact)
     raw = elements.mean(dim=tuple(range(1, elements.ndim)))
     per_sample = raw if sample_weights is None else raw * sample_weights.to(raw.device)
     weight = torch.ones_like(raw)

@@ -75,4 +75,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": cfg.train.output_name,
     }
+    low, high = getattr(cfg.noise, "min_timestep", None), getattr(cfg.noise, "max_timestep", None)
+    if low is not None or high is not None:  # kohya train_util.get_sai_model_spec: "min,max", only when one is set
+        meta["modelspec.timestep_range"] = f"{0 if low is None else low},{1000 if high is None else high}"
     return {k: ("None" if v is None else str(v)) for k, v in meta.items()}

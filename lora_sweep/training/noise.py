@@ -3,10 +3,12 @@
 A sweep is only comparable with kohya runs if the target epsilon and the noisy input are built in kohya's order, from
 kohya's generators, in kohya's dtypes (reference: /work/shared/reference/kohya-v0.8.7.md, sections 1 and 2):
 
-    randn(eps, latents' dtype) -> [rand(1): offset strength] -> [randn(B,C,1,1): offset] -> [pyramid: Python random
-    + CPU randn per level] -> timesteps -> [rand(1): ip strength] -> [randn(xi, latents' dtype)]
+    randn_like(eps) -> [rand(1): offset strength] -> [randn(B,C,1,1): offset] -> [pyramid: Python random
+    + CPU randn per level] -> timesteps -> [rand(1): ip strength] -> [randn_like(xi)]
 
-The pieces are pure functions; `kohya_noisy_latents` composes them in that order.
+The pieces are pure functions; `kohya_noisy_latents` composes them in that order. `scale_cached_latents` makes its
+input the way kohya's `train_network.py` does (cast to weight_dtype, then scale). kohya calls the noise step outside
+`accelerator.autocast()`: callers must too, or on CUDA x_t is computed in fp32 (autocast runs `pow` in fp32).
 
 Random numbers: with ``generator=None`` every draw uses the global RNGs exactly as kohya does (torch's RNG of the
 latents' device; the CPU generator for pyramid levels and for the one-per-batch timestep; Python's `random` for the
@@ -35,6 +37,31 @@ def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device
     if generator is None:
         return sampler(*args, device=device, **kwargs)
     return sampler(*args, device=generator.device, generator=generator, **kwargs).to(device)
+
+
+def _randn_like(latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """kohya's `torch.randn_like(latents)`: N(0, 1) of latents' shape, dtype, device and memory format.
+
+    The draw fills the tensor in its memory order, so a channels-last latents tensor gets other values at each
+    (b, c, h, w) than `randn(shape)` would, and can leave the generator elsewhere: drawing "like" the latents is what
+    keeps a channels-last run on kohya's numbers. With a generator: the same draw on the generator's device, then moved
+    (`.to` keeps the memory format).
+    """
+    if generator is None:
+        return torch.randn_like(latents)
+    return torch.randn_like(latents, device=generator.device, generator=generator).to(latents.device)
+
+
+def scale_cached_latents(latents: torch.Tensor, vae_scale: float, weight_dtype: torch.dtype) -> torch.Tensor:
+    """x0 from cached VAE latents, as kohya v0.8.7's `train_network.py` makes it: first
+    `latents.to(dtype=weight_dtype)`, then `latents * vae_scale_factor` (a Python float: SDXL 0.13025).
+
+    Cast first, scale second: under fp16/bf16 the product is rounded from the rounded latent, which is not always the
+    rounding of the fp32 product (1.1 under fp16: 0.1431884765625, not 0.143310546875). `weight_dtype` is kohya's
+    variable: fp32 / fp16 / bf16 for mixed precision no / fp16 / bf16, fp8_base included (its fp8 is the U-Net's
+    storage, not weight_dtype). Shape (B, C, h, w) in and out; the result is in `weight_dtype`, on latents' device.
+    """
+    return latents.to(dtype=weight_dtype) * vae_scale
 
 
 def apply_noise_offset(latents: torch.Tensor, noise: torch.Tensor, offset: float | torch.Tensor,
@@ -98,7 +125,9 @@ def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: to
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward process x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, exactly as DDPMScheduler.add_noise."""
+    """Forward process x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, exactly as DDPMScheduler.add_noise: abar is
+    cast to the latents' dtype first, so fp16 latents and noise give fp16 x_t with every op rounded to fp16 (fp32
+    noise promotes x_t to fp32). Outside autocast only: CUDA autocast would run the `** 0.5` in fp32."""
     sqrt_abar, sqrt_one_minus_abar = _sqrt_alphas(alphas_cumprod, timesteps, latents)
     return sqrt_abar * latents + sqrt_one_minus_abar * noise
 
@@ -139,16 +168,22 @@ def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, *, 
                         offset_random_strength: bool = False, adaptive_scale: float | None = None,
                         multires_iterations: int = 0, multires_discount: float = 0.3, ip_gamma: float = 0.0,
                         ip_gamma_random_strength: bool = False, one_timestep_per_batch: bool = False,
-                        min_timestep: int = 0, max_timestep: int = 1000,
+                        min_timestep: int | None = 0, max_timestep: int | None = 1000,
                         generator: torch.Generator | None = None) -> NoisyLatents:
     """kohya v0.8.7's `get_noise_noisy_latents_and_timesteps`: noise, timesteps and x_t in kohya's RNG order.
 
-    `latents` are the scaled VAE latents already in the training dtype: eps is drawn in that dtype (fp16 noise under
-    fp16), and x_t uses abar cast to it. An option that is 0 / False makes no draw at all. Random strengths keep
+    `latents` are the scaled VAE latents already in the training dtype (`scale_cached_latents`): eps and xi are drawn
+    with `randn_like(latents)` in that dtype and memory format (fp16 noise under fp16), and x_t uses abar cast to it.
+    Call it outside autocast, as kohya does, so x_t stays in that dtype (a noise offset makes it fp32, as in kohya).
+    Timesteps are drawn from [min_timestep, max_timestep) (kohya's --min_timestep / --max_timestep; None is kohya's
+    default, 0 and the schedule's length T); ConfigError unless 0 <= min_timestep < max_timestep <= T. An option
+    that is 0 / False makes no draw at all. Random strengths keep
     kohya's (1,)-shaped fp32 tensor in the arithmetic (it decides dtypes) and are reported as floats. With
     `ip_gamma` g: x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi), while the target stays eps.
     """
     num_timesteps = alphas_cumprod.shape[0]
+    min_timestep = 0 if min_timestep is None else min_timestep  # kohya: None means 0 ...
+    max_timestep = num_timesteps if max_timestep is None else max_timestep  # ... and num_train_timesteps
     if not 0 <= min_timestep < max_timestep <= num_timesteps:
         raise ConfigError(
             f"min_timestep={min_timestep} / max_timestep={max_timestep}: timesteps are drawn from "
@@ -156,7 +191,7 @@ def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, *, 
             "(kohya's --min_timestep / --max_timestep; defaults 0 and 1000)."
         )
     device = latents.device
-    noise = _draw(torch.randn, latents.shape, dtype=latents.dtype, device=device, generator=generator)
+    noise = _randn_like(latents, generator)
 
     offset_strength = 0.0
     if offset:
@@ -178,7 +213,7 @@ def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, *, 
         if ip_gamma_random_strength:
             ip_scale = _draw(torch.rand, (1,), device=device, generator=generator) * ip_gamma
         ip_strength = float(ip_scale)
-        perturbation = _draw(torch.randn, latents.shape, dtype=latents.dtype, device=device, generator=generator)
+        perturbation = _randn_like(latents, generator)
         model_noise = noise + ip_scale * perturbation
 
     noisy = add_noise(latents, model_noise, timesteps, alphas_cumprod)
@@ -198,16 +233,31 @@ def _flag(field: str, value: Any) -> bool:
     return value
 
 
+def _timestep_bound(field: str, value: Any, low: int, high: int, default: int) -> int:
+    """A timestep bound as an int in [low, high] (null = `default`), or a ConfigError naming the field."""
+    if value is None:
+        return default
+    flag = field.rsplit(".", 1)[-1]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{field} = {value!r} is not valid: it must be an integer in [{low}, {high}], or null for "
+                          f"kohya's default {default} (--{flag}); timesteps are drawn from [min_timestep, "
+                          "max_timestep), the maximum excluded.")
+    return value
+
+
 def check_noise_options(*, offset: float = 0.0, offset_random_strength: bool = False,
                         adaptive_scale: float | None = None, multires_iterations: int = 0,
                         multires_discount: float = 0.3, ip_gamma: float = 0.0,
-                        ip_gamma_random_strength: bool = False) -> None:
+                        ip_gamma_random_strength: bool = False, min_timestep: int | None = None,
+                        max_timestep: int | None = None, num_timesteps: int = 1000) -> None:
     """Reject noise settings kohya would reject, and ones that would silently do nothing; raise ConfigError.
 
     kohya itself bounds only adaptive_noise_scale (needs noise_offset). We also refuse negative strengths (a negative
     offset or gamma is the same distribution as its absolute value, so it is a typo), negative iterations (kohya would
     still renormalise the noise), a discount outside (0, 1] (0 reduces the pyramid to white noise; above 1 coarse
     levels dominate, the opposite of a discount), and random-strength flags on a strength of 0.
+    min_timestep / max_timestep (kohya's --min_timestep / --max_timestep; null = 0 / `num_timesteps`) must satisfy
+    0 <= min < max <= num_timesteps, since t ~ randint(min, max) excludes max (kohya would fail at the first step).
     """
     offset = _finite_number("noise.offset", offset, ">= 0; 0 turns the noise offset off, kohya's --noise_offset")
     if offset < 0:
@@ -235,3 +285,11 @@ def check_noise_options(*, offset: float = 0.0, offset_random_strength: bool = F
     if _flag("noise.ip_gamma_random_strength", ip_gamma_random_strength) and ip_gamma == 0:
         raise ConfigError("noise.ip_gamma_random_strength = true needs noise.ip_gamma > 0: the strength is drawn as "
                           "U[0,1) * noise.ip_gamma, so with gamma 0 it would do nothing.")
+    low = _timestep_bound("noise.min_timestep", min_timestep, 0, num_timesteps - 1, 0)
+    high = _timestep_bound("noise.max_timestep", max_timestep, 1, num_timesteps, num_timesteps)
+    if low >= high:
+        raise ConfigError(f"noise.min_timestep = {low} is not below noise.max_timestep = {high}"
+                          f"{' (null: the default)' if max_timestep is None else ''}: timesteps are drawn from "
+                          f"[min_timestep, max_timestep), the maximum excluded, so 0 <= min_timestep < max_timestep "
+                          f"<= {num_timesteps} is required (kohya's --min_timestep / --max_timestep; null = 0 / "
+                          f"{num_timesteps}).")

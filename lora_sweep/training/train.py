@@ -1,9 +1,10 @@
 """The training loop: one SDXL LoRA, kohya sd-scripts v0.8.7 semantics, no Hydra and no MLflow inside.
 
 Per micro-batch (kohya `train_network.py`):
-    x0 = latents * vae_scale
-    eps, x_t, t = noise(x0)                 # offset -> pyramid -> timesteps -> input perturbation
-    pred = unet(x_t, t, text context, pooled + size conditioning)
+    x0 = latents.to(weight_dtype) * vae_scale
+    context, pooled = text(captions)        # under autocast
+    eps, x_t, t = noise(x0)                 # outside autocast: offset -> pyramid -> timesteps -> input perturbation
+    pred = unet(x_t.to(weight_dtype), t, text context, pooled + size conditioning)   # under autocast
     loss = mean_b( weights(t) * mean_chw( element_loss(pred, eps) ) ) / grad_accum
     backward; every grad_accum micro-batches (and at an epoch's end): clip, step, schedule, zero
 `train.max_steps` counts optimizer updates. Everything the caller wants to see goes through `sink`.
@@ -81,20 +82,24 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random) -> l
     flips = [bool(e.latents_flipped is not None and flip_rng.random() < 0.5) for e in examples]
     latents = torch.stack([e.latents_flipped if f else e.latents for e, f in zip(examples, flips)]).to(device)
     time_ids = torch.stack([e.time_ids_flipped if f else e.time_ids for e, f in zip(examples, flips)]).to(device)
-    latents = (latents * s.vae_scale).to(s.policy.latent_dtype)  # kohya: latents (and so noise) in weight_dtype
+    # kohya: cast the cached latents to weight_dtype, then scale; latents and so the noise are in weight_dtype.
+    latents = noise_lib.scale_cached_latents(latents, s.vae_scale, s.policy.latent_dtype)
 
     with precision.autocast(s.policy, device.type):
         context, pooled = s.text_for(examples)
-        n = noise_lib.kohya_noisy_latents(
-            latents, s.alphas_cumprod,
-            offset=cfg.noise.offset, offset_random_strength=cfg.noise.offset_random_strength,
-            adaptive_scale=cfg.noise.adaptive_scale, multires_iterations=cfg.noise.multires_iterations,
-            multires_discount=cfg.noise.multires_discount, ip_gamma=cfg.noise.ip_gamma,
-            ip_gamma_random_strength=cfg.noise.ip_gamma_random_strength,
-            one_timestep_per_batch=s.one_timestep_per_batch,
-        )
+    # kohya draws the noise and builds x_t outside autocast (CUDA autocast would compute x_t in fp32).
+    n = noise_lib.kohya_noisy_latents(
+        latents, s.alphas_cumprod,
+        offset=cfg.noise.offset, offset_random_strength=cfg.noise.offset_random_strength,
+        adaptive_scale=cfg.noise.adaptive_scale, multires_iterations=cfg.noise.multires_iterations,
+        multires_discount=cfg.noise.multires_discount, ip_gamma=cfg.noise.ip_gamma,
+        ip_gamma_random_strength=cfg.noise.ip_gamma_random_strength,
+        one_timestep_per_batch=s.one_timestep_per_batch,
+        min_timestep=cfg.noise.min_timestep, max_timestep=cfg.noise.max_timestep,
+    )
+    with precision.autocast(s.policy, device.type):
         pred = s.unet(
-            n.noisy_latents, n.timesteps, context,
+            n.noisy_latents.to(s.policy.latent_dtype), n.timesteps, context,  # kohya sdxl call_unet: .to(weight_dtype)
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)},
         ).sample
     target = n.noise

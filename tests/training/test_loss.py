@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,3 +235,123 @@ def test_unknown_types_list_the_accepted_values():
         one_timestep_per_batch("l1", False)
     with pytest.raises(ConfigError, match="constant, exponential, snr"):
         huber_c(_t(0), ABAR, "cosine", 0.1)
+
+
+# --- kohya's rounding, to the last bit (issue 14) -------------------------------------------------------------------
+# kohya's constant/exponential huber_c is a Python float: c**2 and 2c are computed in double and rounded to fp32 once,
+# where they meet the tensor. Its snr huber_c is an fp32 tensor. The figures below are kohya's values on the issue's
+# minimal input (pred 0.01, target 0, --huber_c 0.1), derived by hand with IEEE fp32 arithmetic (numpy), which is
+# what CUDA computes. torch's CPU sqrt (MKL) is not always correctly rounded, so on the CPU the same derivation uses
+# the device's own sqrt, exactly as kohya's code run on that CPU would.
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KOHYA_MINIMAL = {  # (schedule, t, loss type) -> kohya's loss, IEEE fp32 (the fp32-squared c gives the value after #)
+    ("constant", 500, "huber"): 9.974986460292712e-05,  # 9.974986e-05; c**2 squared in fp32: 9.975136e-05
+    ("constant", 500, "smooth_l1"): 0.000997498631477356,  # 9.975135e-04
+    ("exponential", 1, "huber"): 0.00010014336294261739,  # 1.000244e-04
+    ("exponential", 1, "smooth_l1"): 0.00010037422180175781,  # 1.002550e-04
+    ("snr", 500, "huber"): 9.995231084758416e-05,  # snr: c is an fp32 tensor in kohya too
+    ("snr", 500, "smooth_l1"): 0.0004321634769439697,
+}
+
+
+def _ieee_sqrt(x: np.float32) -> np.float32:
+    return np.sqrt(np.float32(x))
+
+
+def _device_sqrt(device: str):
+    return lambda x: np.float32(torch.sqrt(torch.tensor(float(x), dtype=torch.float32, device=device)).item())
+
+
+def _kohya_huber_c(schedule: str, t: int, c: float, device: str = "cpu") -> float:
+    """kohya v0.8.7 `get_timesteps_and_huber_c`, its statements replayed: a Python float for constant and
+    exponential; for snr the fp32 0-dim tensor kohya builds from noise_scheduler.alphas_cumprod[t], as a float."""
+    if schedule == "constant":
+        return c
+    if schedule == "exponential":
+        alpha = -math.log(c) / 1000
+        return math.exp(-alpha * t)
+    alphas_cumprod = ABAR.to(device)[t]
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return ((1 - c) / (1 + sigmas) ** 2 + c).item()
+
+
+def _snr_c_by_hand(t: int, c: float, sqrt) -> float:
+    """The snr c in fp32 step by step: `x / tensor` is torch's reciprocal(tensor) * x (Tensor.__rtruediv__)."""
+    f = np.float32
+    abar = f(ABAR[t].item())
+    sigma = sqrt(f(f(f(1.0) - abar) / abar))
+    square = f(f(1) + sigma) * f(f(1) + sigma)
+    return float(f(f(f(1) / square) * f(1 - c)) + f(c))
+
+
+def _conditional_loss_by_hand(a: float, c: float, loss_type: str, sqrt) -> float:
+    """kohya `conditional_loss` for one element: every op rounded to fp32; c**2 and 2c computed in double from kohya's
+    c and rounded once (for an fp32 c the double square is exact, so this is also fp32 arithmetic)."""
+    f = np.float32
+    a32 = f(a)
+    total = f(f(a32 * a32) + f(c * c))
+    diff = f(sqrt(total) - f(c))
+    return float(f(f(2 * c) * diff) if loss_type == "huber" else f(f(2) * diff))
+
+
+def test_the_issue_figure_is_kohyas_ieee_value_and_fp32_squaring_misses_it():
+    assert _conditional_loss_by_hand(0.01, 0.1, "huber", _ieee_sqrt) == pytest.approx(9.974986e-05, abs=5e-12)
+    c32 = float(np.float32(0.1))  # c made fp32 first, then squared: c**2 = 0.0100000007 instead of 0.0099999998
+    assert np.float32(0.1 * 0.1) == np.float32(0.0099999998) and np.float32(c32 * c32) == np.float32(0.0100000007)
+    assert _conditional_loss_by_hand(0.01, c32, "huber", _ieee_sqrt) == pytest.approx(9.975136e-05, abs=5e-12)
+    for (schedule, t, loss_type), value in KOHYA_MINIMAL.items():
+        c = _snr_c_by_hand(t, 0.1, _ieee_sqrt) if schedule == "snr" else _kohya_huber_c(schedule, t, 0.1)
+        assert _conditional_loss_by_hand(0.01, c, loss_type, _ieee_sqrt) == value
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule, t, loss_type", list(KOHYA_MINIMAL))
+def test_huber_loss_is_kohyas_to_the_bit_on_the_minimal_input(device, schedule, t, loss_type):
+    terms = kohya_loss(torch.full((1, 1, 1, 1), 0.01, device=device), torch.zeros(1, 1, 1, 1, device=device),
+                       torch.tensor([t], device=device), ABAR.to(device), loss_type=loss_type,
+                       huber_schedule=schedule, huber_c=0.1)
+    sqrt = _device_sqrt(device)
+    c = _kohya_huber_c(schedule, t, 0.1, device)
+    if schedule == "snr":
+        assert c == _snr_c_by_hand(t, 0.1, sqrt)  # kohya's snr statements, step by step on this device
+    assert terms.huber_c.item() == np.float32(c)
+    assert terms.loss.item() == _conditional_loss_by_hand(0.01, c, loss_type, sqrt)
+    if device == "cuda":  # IEEE sqrt: the figure itself
+        assert terms.loss.item() == KOHYA_MINIMAL[(schedule, t, loss_type)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "snr"])
+@pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
+def test_huber_loss_replays_kohyas_conditional_loss_bit_for_bit(device, schedule, loss_type):
+    """Many elements and timesteps, against kohya's own statements (Python-float c, or the fp32 tensor for snr)."""
+    gen = torch.Generator().manual_seed(3)
+    pred = (torch.randn(1, 4, 16, 16, generator=gen) * 0.05).to(device)  # small |a|: c**2 matters most there
+    target = (torch.randn(1, 4, 16, 16, generator=gen) * 0.01).to(device)
+    for t in range(0, 1000, 37):
+        c = _kohya_huber_c(schedule, t, 0.1, device)
+        if schedule == "snr":  # kohya keeps the 0-dim fp32 tensor
+            c = torch.tensor(c, dtype=torch.float32, device=device)
+        if loss_type == "huber":  # kohya train_util.conditional_loss, verbatim
+            expected = 2 * c * (torch.sqrt((pred - target) ** 2 + c**2) - c)
+        else:
+            expected = 2 * (torch.sqrt((pred - target) ** 2 + c**2) - c)
+        terms = kohya_loss(pred, target, torch.tensor([t], device=device), ABAR.to(device), loss_type=loss_type,
+                           huber_schedule=schedule, huber_c=0.1)
+        assert torch.equal(terms.raw_per_sample, expected.mean([1, 2, 3])), t
+        assert torch.equal(elementwise_loss(pred, target, loss_type, c), expected), t
+
+
+def test_per_sample_huber_c_rounds_each_sample_like_kohyas_python_float():
+    """Per-sample timesteps (newer sd-scripts' mode): each sample's c**2 is rounded once from its own double c."""
+    pred = torch.full((3, 1, 1, 1), 0.01)
+    timesteps = _t(1, 4, 14)  # t where rounding c**2 once and squaring fp32 c differ
+    terms = kohya_loss(pred, torch.zeros_like(pred), timesteps, ABAR, loss_type="huber", huber_schedule="exponential")
+    for b, t in enumerate(timesteps.tolist()):
+        c = _kohya_huber_c("exponential", t, 0.1)
+        assert terms.raw_per_sample[b].item() == _conditional_loss_by_hand(0.01, c, "huber", _device_sqrt("cpu"))
+        assert terms.huber_c[b].item() == np.float32(c)
+    c64 = huber_c(timesteps, ABAR, "exponential", 0.1, dtype=torch.float64)
+    assert c64.tolist() == [_kohya_huber_c("exponential", t, 0.1) for t in timesteps.tolist()]  # math.exp, exactly
+    assert torch.equal(huber_c(timesteps, ABAR, "exponential", 0.1), c64.float())  # the fp32 default

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,7 +16,9 @@ from torch import nn
 from lora_sweep.errors import ConfigError
 from lora_sweep.training.loss import kohya_scheduler_alphas_cumprod
 from lora_sweep.training.noise import (NoisyLatents, add_noise, apply_noise_offset, check_noise_options,
-                                       kohya_noisy_latents, pyramid_noise, sample_timesteps, velocity_target)
+                                       kohya_noisy_latents, pyramid_noise, sample_timesteps, scale_cached_latents,
+                                       velocity_target)
+from lora_sweep.training.precision import PRECISIONS
 
 ABAR = kohya_scheduler_alphas_cumprod()
 
@@ -279,3 +282,157 @@ def test_valid_noise_options_pass():
 def test_bad_noise_options_raise_config_error_naming_the_field(options, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         check_noise_options(**options)
+
+
+# --- kohya's draws, casts and dtypes, to the last bit (issue 14) ----------------------------------------------------
+
+def _bf16(x: float) -> float:
+    """Round an fp32 value to bfloat16 by hand (round to nearest, ties to even), back as a float."""
+    bits = int(np.float32(x).view(np.uint32))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return float(np.uint32(bits).view(np.float32))
+
+
+def _f16(x: float) -> float:
+    return float(np.float16(np.float32(x)))
+
+
+LATENT_DTYPES = {name: policy.latent_dtype for name, policy in PRECISIONS.items()}
+
+
+def test_kohyas_weight_dtype_per_precision():
+    """kohya prepare_dtype: weight_dtype follows --mixed_precision; --fp8_base stores the U-Net in fp8 but leaves it."""
+    assert LATENT_DTYPES == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                             "fp8": torch.float16, "fp8_bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", sorted(PRECISIONS))
+def test_cached_latents_are_cast_to_weight_dtype_then_scaled(name):
+    """kohya train_network.py: latents.to(dtype=weight_dtype), then latents * vae_scale_factor (0.13025 for SDXL).
+    A reduced-precision product is computed in fp32 from the rounded latent and rounded again (torch's opmath)."""
+    dtype = LATENT_DTYPES[name]
+    f, scale = np.float32, 0.13025
+    by_hand = {
+        torch.float32: float(f(f(1.1) * f(scale))),
+        torch.float16: _f16(f(_f16(1.1)) * f(scale)),  # 1.1 -> 1.099609375, * 0.13025 -> 0.1431884765625
+        torch.bfloat16: _bf16(f(_bf16(1.1)) * f(scale)),  # 1.1 -> 1.1015625, * 0.13025 -> 0.1435546875
+    }[dtype]
+    cached = torch.tensor([1.1]).view(1, 1, 1, 1)  # the cache holds fp32
+    x0 = scale_cached_latents(cached, scale, dtype)
+    assert x0.dtype == dtype and x0.item() == by_hand
+    if dtype == torch.float16:
+        assert by_hand == 0.1431884765625  # the issue's figure; scaling before the cast gives 0.143310546875
+        assert (cached * scale).to(dtype).item() == 0.143310546875
+    if dtype == torch.bfloat16:
+        assert by_hand == 0.1435546875
+    many = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 8
+    assert torch.equal(scale_cached_latents(many, scale, dtype), many.to(dtype=dtype) * scale)
+
+
+def test_add_noise_in_fp16_is_kohyas_x_t_not_the_fp32_one():
+    """x0 = -0.8, eps = 0.5, t = 500 in fp16, outside autocast (kohya): every op rounds to fp16. CUDA autocast would
+    run pow in fp32 and give 0.0048706533 (derived below), the difference the noise step must stay out of."""
+    x0, eps = torch.full((1, 1, 1, 1), -0.8).half(), torch.full((1, 1, 1, 1), 0.5).half()
+    x_t = add_noise(x0, eps, torch.tensor([500]), ABAR)
+    assert x_t.dtype == torch.float16 and x_t.item() == 0.004638671875
+    f16, f = np.float16, np.float32
+    abar = f16(ABAR[500].item())  # diffusers casts alphas_cumprod to the latents' dtype first
+    by_hand = f16(f16(f16(np.sqrt(f(abar))) * f16(-0.8)) + f16(f16(np.sqrt(f(f16(1) - abar))) * f16(0.5)))
+    assert float(by_hand) == 0.004638671875
+    in_fp32 = f(f(np.sqrt(f(abar)) * f(f16(-0.8))) + f(np.sqrt(f(f16(1) - abar)) * f(f16(0.5))))
+    assert float(in_fp32) == pytest.approx(0.0048706533, abs=1e-9)  # the issue's figure, to its last digit
+
+
+@pytest.mark.parametrize("name", sorted(PRECISIONS))
+def test_x_t_is_in_weight_dtype_per_precision_and_fp32_with_an_offset(name):
+    dtype = LATENT_DTYPES[name]
+    latents = _latents((2, 4, 8, 8)).to(dtype)
+    assert kohya_noisy_latents(latents, ABAR, generator=torch.Generator()).noisy_latents.dtype == dtype
+    assert kohya_noisy_latents(latents, ABAR, ip_gamma=0.1, generator=torch.Generator()).noisy_latents.dtype == dtype
+    offset = kohya_noisy_latents(latents, ABAR, offset=0.05, generator=torch.Generator())
+    assert offset.noise.dtype == offset.noisy_latents.dtype == torch.float32  # kohya's fp32 eta promotes
+
+
+def test_channels_last_latents_get_kohyas_randn_like_draws():
+    """kohya draws eps and xi with torch.randn_like(latents): the fill follows the latents' memory order."""
+    zeros = torch.zeros(1, 4, 4, 4).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    out = kohya_noisy_latents(zeros, ABAR, ip_gamma=0.1)
+    after = torch.rand(1)
+    torch.manual_seed(0)  # kohya v0.8.7 get_noise_noisy_latents_and_timesteps, replayed
+    eps = torch.randn_like(zeros, device=zeros.device)
+    t = torch.randint(0, 1000, (1,), device=zeros.device)
+    xi = torch.randn_like(zeros)
+    assert out.noise[0, :, 0, 0].tolist() == pytest.approx([1.5410, -0.2934, -2.1788, 0.5684], abs=1e-4)
+    assert torch.equal(out.noise, eps) and torch.equal(out.timesteps, t)
+    assert torch.equal(out.noisy_latents, add_noise(zeros, eps + 0.1 * xi, t, ABAR))
+    assert out.noise.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(after, torch.rand(1))  # the global generator is where kohya leaves it
+
+    contiguous = zeros.contiguous()
+    torch.manual_seed(0)
+    plain = kohya_noisy_latents(contiguous, ABAR)
+    assert plain.noise[0, :, 0, 0].tolist() == pytest.approx([-1.1258, -1.3527, -0.6136, -0.6731], abs=1e-4)
+    torch.manual_seed(0)
+    assert torch.equal(plain.noise, torch.randn(1, 4, 4, 4))  # contiguous: the same as randn(shape)
+
+
+def test_a_generator_draws_like_the_latents_too():
+    zeros = torch.zeros(1, 4, 4, 4).to(memory_format=torch.channels_last)
+    out = kohya_noisy_latents(zeros, ABAR, ip_gamma=0.1, generator=torch.Generator().manual_seed(0))
+    replay = torch.Generator().manual_seed(0)
+    eps = torch.randn_like(zeros, generator=replay)
+    t = torch.randint(0, 1000, (1,), generator=replay)
+    xi = torch.randn_like(zeros, generator=replay)
+    assert torch.equal(out.noise, eps) and torch.equal(out.timesteps, t)
+    assert torch.equal(out.noisy_latents, add_noise(zeros, eps + 0.1 * xi, t, ABAR))
+    assert out.noise[0, :, 0, 0].tolist() == pytest.approx([1.5410, -0.2934, -2.1788, 0.5684], abs=1e-4)
+
+
+# --- min/max timestep (kohya --min_timestep / --max_timestep) -------------------------------------------------------
+
+def test_null_timestep_bounds_are_kohyas_defaults():
+    latents = _latents((3, 4, 8, 8))
+    runs = []
+    for bounds in ({}, dict(min_timestep=None, max_timestep=None), dict(min_timestep=0, max_timestep=1000)):
+        torch.manual_seed(2)
+        runs.append(kohya_noisy_latents(latents, ABAR, **bounds))
+    assert all(torch.equal(r.timesteps, runs[0].timesteps) for r in runs)
+
+
+@pytest.mark.parametrize("one_per_batch", [False, True])
+def test_timestep_bounds_are_kohyas_randint_min_max(one_per_batch):
+    latents = _latents((4, 4, 8, 8))
+    torch.manual_seed(6)
+    out = kohya_noisy_latents(latents, ABAR, min_timestep=998, max_timestep=None,
+                              one_timestep_per_batch=one_per_batch)
+    torch.manual_seed(6)
+    torch.randn(4, 4, 8, 8)
+    t = torch.randint(998, 1000, (1,) if one_per_batch else (4,))  # upper bound excluded
+    assert torch.equal(out.timesteps, t.repeat(4) if one_per_batch else t)
+    seen = {int(kohya_noisy_latents(latents, ABAR, min_timestep=998, max_timestep=None,
+                                    generator=torch.Generator().manual_seed(s)).timesteps[0]) for s in range(40)}
+    assert seen == {998, 999}
+
+
+def test_valid_timestep_bounds_pass():
+    for low, high in ((None, None), (0, 1000), (999, None), (None, 1), (200, 800), (0, 1)):
+        check_noise_options(min_timestep=low, max_timestep=high)
+
+
+@pytest.mark.parametrize("bounds, field", [
+    (dict(min_timestep=-1), "noise.min_timestep"),
+    (dict(min_timestep=1000), "noise.min_timestep"),
+    (dict(min_timestep=1.5), "noise.min_timestep"),
+    (dict(min_timestep="5"), "noise.min_timestep"),
+    (dict(min_timestep=True), "noise.min_timestep"),
+    (dict(max_timestep=0), "noise.max_timestep"),
+    (dict(max_timestep=1001), "noise.max_timestep"),
+    (dict(min_timestep=500, max_timestep=500), "noise.min_timestep"),
+    (dict(min_timestep=600, max_timestep=400), "noise.max_timestep"),
+])
+def test_bad_timestep_bounds_name_the_key_and_the_accepted_values(bounds, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:
+        check_noise_options(**bounds)
+    assert "max_timestep)" in str(err.value) and ("[0, 999]" in str(err.value) or "[1, 1000]" in str(err.value)
+                                                  or "<= 1000" in str(err.value))

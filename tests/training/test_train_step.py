@@ -1,0 +1,126 @@
+"""One micro-batch of the real training step (train.micro_batch_loss on the tiny SDXL and the bundled photos),
+watched at the lines where kohya v0.8.7's `train_network.py` fixes dtypes and the autocast boundary (issue 14):
+
+    latents = batch["latents"].to(device).to(dtype=weight_dtype); latents = latents * vae_scale_factor
+    with autocast(): text encoders
+    get_noise_noisy_latents_and_timesteps(...)          # outside autocast
+    with autocast(): unet(noisy_latents.to(weight_dtype), ...)   # sdxl_train_network.call_unet
+
+CPU autocast has no fp32 rule for `pow`, so the numbers alone would not show a noise step run inside autocast; the
+autocast state seen by the noise step and the dtypes of its input and of the U-Net input are what a CPU can assert.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import compose_config
+from lora_sweep.training import noise as noise_lib
+from lora_sweep.training import train as train_lib
+from lora_sweep.training.precision import PRECISIONS
+from lora_sweep.training.session import build_session
+
+
+class _Sink:
+    def params(self, values): pass
+    def metrics(self, values, step): pass
+    def artifact(self, path, artifact_path=None): pass
+    def progress(self, step, max_steps, loss, speed): pass
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """One fp32 session; each test swaps in the precision policy it looks at (the step reads only its dtypes)."""
+    cfg = compose_config("train.max_steps=1", "train.batch_size=2", "train.device=cpu")
+    torch.manual_seed(0)
+    return build_session(cfg, output_dir=tmp_path_factory.mktemp("step"), sink=_Sink())
+
+
+@pytest.fixture
+def watched(session, monkeypatch):
+    """Run micro_batch_loss under `policy` and report what the noise step and the U-Net were given."""
+    seen: dict = {}
+    real_noise = noise_lib.kohya_noisy_latents
+
+    def noise_step(latents, *args, **kwargs):
+        seen["autocast_in_noise"] = torch.is_autocast_enabled("cpu")
+        seen["x0"] = latents
+        seen["bounds"] = (kwargs.get("min_timestep"), kwargs.get("max_timestep"))
+        seen["noisy"] = real_noise(latents, *args, **kwargs)
+        return seen["noisy"]
+
+    def unet_input(module, args, kwargs):
+        seen["unet_sample"] = args[0]
+        seen["autocast_in_unet"] = torch.is_autocast_enabled("cpu")
+
+    monkeypatch.setattr(noise_lib, "kohya_noisy_latents", noise_step)
+    handle = session.unet.register_forward_pre_hook(unet_input, with_kwargs=True)
+    original_policy = session.policy
+
+    def run(name: str, **noise_overrides):
+        session.policy = PRECISIONS[name]
+        saved = {k: session.cfg.noise[k] for k in noise_overrides}
+        session.cfg.noise.update(noise_overrides)
+        try:
+            seen.clear()
+            batch = [session.batch_items[0], session.batch_items[1]]
+            with torch.no_grad():
+                terms = train_lib.micro_batch_loss(session, batch, random.Random(0))
+            seen["terms"], seen["cached"] = terms, torch.stack([session.prepared.examples[i].latents for i in batch])
+            return seen
+        finally:
+            session.cfg.noise.update(saved)
+
+    yield run
+    handle.remove()
+    session.policy = original_policy
+
+
+@pytest.mark.parametrize("name", sorted(PRECISIONS))
+def test_noise_step_runs_outside_autocast_on_latents_cast_then_scaled(watched, session, name):
+    seen = watched(name)
+    dtype = PRECISIONS[name].latent_dtype  # kohya's weight_dtype: fp16 under fp16/fp8, bf16 under bf16/fp8_bf16
+    assert seen["autocast_in_noise"] is False
+    assert seen["autocast_in_unet"] is (name != "fp32")
+    expected_x0 = seen["cached"].to(dtype=dtype) * session.vae_scale  # cast first, then scale
+    assert seen["x0"].dtype == dtype and torch.equal(seen["x0"], expected_x0)
+    assert seen["noisy"].noise.dtype == seen["noisy"].noisy_latents.dtype == dtype
+    assert seen["unet_sample"].dtype == dtype
+    assert seen["bounds"] == (None, None)  # config null: kohya's 0 / 1000
+    assert torch.isfinite(seen["terms"].loss)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_unet_input_is_cast_to_weight_dtype_when_an_offset_makes_x_t_fp32(watched, name):
+    seen = watched(name, offset=0.05)
+    assert seen["noisy"].noisy_latents.dtype == torch.float32  # kohya: fp32 offset noise promotes x_t
+    assert seen["unet_sample"].dtype == PRECISIONS[name].latent_dtype  # call_unet: noisy_latents.to(weight_dtype)
+    assert torch.equal(seen["unet_sample"], seen["noisy"].noisy_latents.to(PRECISIONS[name].latent_dtype))
+
+
+def test_timestep_bounds_reach_the_noise_step(watched):
+    seen = watched("fp32", min_timestep=990, max_timestep=995)
+    assert seen["bounds"] == (990, 995)
+    assert ((seen["noisy"].timesteps >= 990) & (seen["noisy"].timesteps < 995)).all()
+
+
+def test_timestep_bounds_are_in_the_lora_metadata_as_kohya_writes_them(session):
+    """kohya train_util.get_sai_model_spec: modelspec.timestep_range = "min,max" once either bound is set."""
+    from lora_sweep.training.metadata import kohya_metadata
+
+    def timestep_range(**bounds):
+        saved = {k: session.cfg.noise[k] for k in bounds}
+        session.cfg.noise.update(bounds)
+        try:
+            meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
+        finally:
+            session.cfg.noise.update(saved)
+        return meta.get("modelspec.timestep_range")
+
+    assert timestep_range() is None
+    assert timestep_range(min_timestep=200) == "200,1000"
+    assert timestep_range(max_timestep=500) == "0,500"
+    assert timestep_range(min_timestep=100, max_timestep=900) == "100,900"
