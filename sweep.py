@@ -20,6 +20,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lora_sweep.config import register_configs  # noqa: E402
 from lora_sweep.errors import UserError  # noqa: E402
+from lora_sweep.paths import make_paths_absolute  # noqa: E402
 
 register_configs()
 log = logging.getLogger("lora_sweep")
@@ -44,6 +45,7 @@ def main(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
+    make_paths_absolute(cfg)  # relative paths mean where the command started, also with hydra.job.chdir=true
     output_dir = Path(cfg.train.output_dir or hc.runtime.output_dir)
     sweep_dir = Path(hc.sweep.dir) if multirun else None
     share_cpu_cores(hc)
