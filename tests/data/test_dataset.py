@@ -110,3 +110,11 @@ def test_a_clean_dataset_has_no_problems_and_no_warnings(tmp_path):
     image(tmp_path / "5_photo" / "a.png", caption="a photo")
     scan = scan_folder(tmp_path)
     assert not scan.problems and not scan.fallbacks and scan.items[0].repeats == 5
+
+
+def test_scan_benchmark_runs_small():
+    """benchmarks/scan_bench.py (issue 16's header-only scan figure) at a toy size; the figure itself is a benchmark."""
+    from benchmarks.scan_bench import main
+
+    result = main(["--images", "3", "--size", "64", "--repeats", "1"])
+    assert result["images"] == 3 and result["header_scan_s"] > 0 and result["full_decode_s"] > 0
