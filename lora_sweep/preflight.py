@@ -70,10 +70,10 @@ class _Memo:
         return self.values[key]
 
 
-def check_job(cfg: DictConfig, *, hydra_dir: Path | None = None, memo: _Memo | None = None) -> Report:
+def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: _Memo | None = None) -> Report:
     """Every pre-flight check of one composed job config (paths already absolute: `paths.make_paths_absolute`).
-    `hydra_dir`: the output folder Hydra will create for it (checked for writability), if known. Never raises for
-    what it finds; loads no model and writes nothing."""
+    `hydra_dir`: (its setting, the folder) Hydra will create for the job's outputs, checked for writability, if
+    known. Never raises for what it finds; loads no model and writes nothing."""
     from lora_sweep.validate import config_problems
 
     memo = memo or _Memo()
@@ -185,13 +185,13 @@ def cache_root(cfg) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
-def folder_problems(cfg, hydra_dir: Path | None = None) -> list[str]:
+def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
     """Every folder a job will write to that could not be created or written, checked without creating anything
     (the nearest existing parent must be a writable folder)."""
     from lora_sweep import tracking
     from lora_sweep.training.failures import sqlite_store_folder
 
-    folders = [("train.output_dir", cfg.train.output_dir), ("hydra output folder", hydra_dir),
+    folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
                ("train.state_dir", cfg.train.state_dir or cache_root(cfg) / "states"),
                ("data.cache_dir", cache_root(cfg))]
     uri = tracking.tracking_uri(cfg.tracking.uri)
@@ -208,7 +208,7 @@ def _unwritable(folder: Path, setting: str) -> str | None:
         return f"{setting}: cannot create the folder '{folder}': '{existing}' is a file, not a folder."
     if not os.access(existing, os.W_OK | os.X_OK):
         return (f"{setting}: cannot write to '{folder}' ('{existing}' is not writable). Make it writable, or point "
-                f"{setting if '.' in setting and ' ' not in setting else 'it'} at a folder you can write to.")
+                f"{setting.split(' ')[0]} at a folder you can write to.")
     return None
 
 
@@ -255,7 +255,7 @@ class PreflightCallback(Callback):
     prints each fallback once, grouped over the sweep's jobs."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        report = check_job(_job_copy(config), hydra_dir=Path(config.hydra.run.dir))
+        report = check_job(_job_copy(config), hydra_dir=("hydra.run.dir", Path(config.hydra.run.dir)))
         _finish([("", report)], jobs=1)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -264,7 +264,8 @@ class PreflightCallback(Callback):
             if error is not None:
                 results.append((label, Report(problems=[f"{label}: the sweep cannot be expanded: {error}"])))
                 continue
-            report = check_job(_job_copy(job_config), hydra_dir=Path(config.hydra.sweep.dir), memo=memo)
+            report = check_job(_job_copy(job_config), hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)),
+                               memo=memo)
             results.append((label, report))
         _finish(results, jobs=len(results))
 

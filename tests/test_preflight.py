@@ -232,3 +232,9 @@ def test_a_chdir_job_with_relative_paths_trains_and_logs_its_warnings(tmp_path, 
     assert run.data.params["data.warnings"] == "2"
     text = Path(client.download_artifacts(run.info.run_id, "data/warnings.txt", str(tmp_path))).read_text()
     assert str(tmp_path / "ds" / "2_cat" / "b.png") in text and "line 1 (-w)" in text
+
+
+def test_an_output_folder_hydra_cannot_create_is_refused_before_hydra_tries(tmp_path, app):
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    code, out = app(f"hydra.run.dir={tmp_path / 'taken' / 'run'}")
+    assert code == 2 and f"hydra.run.dir: cannot create the folder '{tmp_path / 'taken' / 'run'}'" in out
