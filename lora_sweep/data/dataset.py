@@ -186,7 +186,9 @@ def _nothing_to_train(root: Path, setting: str, caption_extension: str, scan: Fo
     if found.nested:
         reasons.append(f"{len(found.nested)} image(s) sit in nested subfolders, which are not scanned")
     if found.loose:
-        reasons.append(f"{len(found.loose)} image(s) sit directly in the folder, outside any <repeats>_<name> folder")
+        reasons.append(f"{len(found.loose)} image(s) sit directly in the folder, outside any <repeats>_<name> folder"
+                       + (f" (is {setting} the folder '{root.name}' itself instead of its parent '{root.parent}'?)"
+                          if _SUBSET.match(root.name) else ""))
     return (f"{setting}: no readable images to train on in '{root}'. Expected subfolders named <repeats>_<name> with "
             f"1 or more repeats (e.g. 10_photo) holding images ({', '.join(IMAGE_EXTENSIONS)}) and optional "
             f"'{caption_extension}' captions" + ("; " + "; ".join(reasons) if reasons else "") + ".")

@@ -118,3 +118,9 @@ def test_scan_benchmark_runs_small():
 
     result = main(["--images", "3", "--size", "64", "--repeats", "1"])
     assert result["images"] == 3 and {"header_scan_s", "full_decode_s", "meets_target"} <= set(result)  # no timing
+
+
+def test_pointing_at_a_repeats_folder_itself_says_so(tmp_path):
+    image(tmp_path / "10_mychar" / "a.png", caption="a")
+    scan = inspect_folder(tmp_path / "10_mychar")
+    assert "instead of its parent" in scan.problems[0] and str(tmp_path) in scan.problems[0]
