@@ -1,7 +1,9 @@
 """lora-sweep's entry point: `python sweep.py [group=option ...] [key=value ...]`, `-m` for a sweep.
 
 Hydra composes conf/ into one config per job; this file hands it to `lora_sweep.run.run_job` and turns a user error
-into one readable paragraph and a non-zero exit status instead of a traceback.
+into one readable paragraph and a non-zero exit status instead of a traceback. Before that, the pre-flight
+(`lora_sweep.preflight.PreflightCallback`, first in conf/config.yaml's hydra.callbacks) has checked every job's
+config and files and exits with status 2, having written nothing, if any is wrong.
 """
 
 from __future__ import annotations
