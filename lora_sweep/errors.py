@@ -44,7 +44,17 @@ class Fallback:
         shown = ", ".join(f"'{p}'" for p in self.paths[: self.SHOWN])
         more = f" and {self.count - self.SHOWN} more" if self.count > self.SHOWN else ""
         where = f": {shown}{more}" if self.paths else ""
-        return f"{self.setting}: {self.count} {self.what}{where}." + (f" {self.hint}" if self.hint else "")
+        return f"{self.setting}: {self.count} {self._noun()}{where}." + (f" {self.hint}" if self.hint else "")
+
+    def _noun(self) -> str:
+        """`what` starts with a plural noun ("images ...", "caption files ..."): singular for a count of 1."""
+        words = self.what.split(" ")
+        if self.count == 1:
+            for i, word in enumerate(words[:2]):
+                if word.endswith("s"):
+                    words[i] = word[:-1]
+                    break
+        return " ".join(words)
 
     def full(self) -> str:
         """The line, then every path on its own line (for warnings.txt)."""

@@ -196,7 +196,7 @@ def test_sixteen_bit_scan_is_header_only_and_the_caption_policy_is_warned(tmp_pa
     assert any(line.startswith("data.dir: 4 images without a .caption caption file") and "2 with a .txt file" in line
                for line in lines)
     assert any("inside subfolders" in line for line in lines) and any("first frame" in line for line in lines)
-    assert any(line.startswith("sampling.prompt_file: 1 prompt lines") for line in lines)
+    assert any(line.startswith("sampling.prompt_file: 1 prompt line with") for line in lines)
     assert report.warnings_text().count("\n    ") >= 7  # every path, one per line
 
 

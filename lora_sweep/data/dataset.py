@@ -111,11 +111,11 @@ class _Found:
              "(the <name> of <repeats>_<name>), as kohya does",
              f"{other}: set data.caption_extension to that extension." if other else
              f"Write a {ext} file beside each image to caption it."),
-            (self.blank_first_line, f"{ext} caption files whose first line is blank: trained with an empty caption "
+            (self.blank_first_line, f"caption files ({ext}) whose first line is blank: trained with an empty caption "
              "(kohya reads only the first line)", "Put the caption on the first line."),
             (scan.skipped, "images PIL cannot read: skipped (counted in data.skipped_images)",
              "Re-save them as PNG or JPEG."),
-            (self.multi_frame, "animated or multi-frame images: trained on their first frame only",
+            (self.multi_frame, "images that are animated or have several frames: trained on their first frame only",
              "Extract the frames you want as separate images."),
             (scan.ignored_dirs, "subfolders without kohya's '<repeats>_' prefix: not used",
              "Rename a folder to <repeats>_<name> (e.g. 10_mychar) to train on it."),

@@ -124,3 +124,13 @@ def test_pointing_at_a_repeats_folder_itself_says_so(tmp_path):
     image(tmp_path / "10_mychar" / "a.png", caption="a")
     scan = inspect_folder(tmp_path / "10_mychar")
     assert "instead of its parent" in scan.problems[0] and str(tmp_path) in scan.problems[0]
+
+
+def test_a_warning_line_counts_in_words():
+    from lora_sweep.errors import Fallback
+
+    one = Fallback("data.dir", "images without a .txt caption file: trained on the class token", ("a.png",), "Hint.")
+    assert one.line() == "data.dir: 1 image without a .txt caption file: trained on the class token: 'a.png'. Hint."
+    many = Fallback("data.dir", "caption files (.txt) whose first line is blank", tuple("abcde"))
+    assert many.line() == "data.dir: 5 caption files (.txt) whose first line is blank: 'a', 'b', 'c' and 2 more."
+    assert many.full().splitlines()[1:] == [f"    {p}" for p in "abcde"]
