@@ -32,6 +32,18 @@ def image(path: Path, size=(64, 64), caption: str | bytes | None = None) -> Path
     return path
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Hydra configures the root logger (console, and a job's log file) when the app runs in this process."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture
 def app(tmp_path, monkeypatch, capfd):
     """`run(*argv)` -> (exit status, output) of `python sweep.py *argv` started in tmp_path/work; asserts that no
