@@ -36,7 +36,7 @@ from typing import Any, Callable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from lora_sweep.errors import Fallback, UserError
+from lora_sweep.errors import ConfigError, Fallback, UserError
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
@@ -135,6 +135,8 @@ def _bucket_problems(items, settings: dict, setting: str) -> list[str]:
     for item in items:
         try:
             assign_with_settings(item.size, settings)
+        except ConfigError:  # the settings themselves: reported once by the config checks
+            return []
         except UserError as error:
             problems.append(f"{setting}: image '{item.path}' ({item.size[0]}x{item.size[1]}): {error}")
     return problems

@@ -250,3 +250,11 @@ def test_an_output_folder_hydra_cannot_create_is_refused_before_hydra_tries(tmp_
     (tmp_path / "taken").write_text("a file where a folder should go")
     code, out = app(f"hydra.run.dir={tmp_path / 'taken' / 'run'}")
     assert code == 2 and f"hydra.run.dir: cannot create the folder '{tmp_path / 'taken' / 'run'}'" in out
+
+
+def test_bad_bucket_settings_are_said_once_not_once_per_image(tmp_path):
+    for name in "abc":
+        image(tmp_path / "ds" / "1_x" / f"{name}.png", caption=name)
+    problems = check_job(compose_config("data=folder", f"data.dir={tmp_path / 'ds'}", "data.resolution=128",
+                                        "data.max_bucket_reso=64")).problems
+    assert len(problems) == 1 and problems[0].startswith("data.max_bucket_reso (64) is smaller")
