@@ -258,3 +258,14 @@ def test_bad_bucket_settings_are_said_once_not_once_per_image(tmp_path):
     problems = check_job(compose_config("data=folder", f"data.dir={tmp_path / 'ds'}", "data.resolution=128",
                                         "data.max_bucket_reso=64")).problems
     assert len(problems) == 1 and problems[0].startswith("data.max_bucket_reso (64) is smaller")
+
+
+def test_many_problems_of_one_kind_are_listed_up_to_ten_then_counted():
+    from lora_sweep.preflight import format_problems
+
+    grouped = [(f"data.dir: caption file '/d/{i}.txt' is empty.", ["#0"]) for i in range(13)]
+    grouped.append(("train.resume: other kind", ["#1"]))
+    lines = format_problems(grouped, jobs=2).splitlines()
+    assert lines[0].startswith("Pre-flight found 14 problems in a sweep of 2 jobs")
+    assert sum("is empty." in line for line in lines[1:11]) == 10 and "[job #0]" in lines[1]
+    assert lines[-1] == "- ... and 3 more like: data.dir: caption file '…' is empty."
