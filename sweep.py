@@ -1,7 +1,9 @@
 """lora-sweep's entry point: `python sweep.py [group=option ...] [key=value ...]`, `-m` for a sweep.
 
 Hydra composes conf/ into one config per job; this file hands it to `lora_sweep.run.run_job` and turns a user error
-into one readable paragraph and a non-zero exit status instead of a traceback.
+into one readable paragraph and a non-zero exit status instead of a traceback. Before that, the pre-flight
+(`lora_sweep.preflight.PreflightCallback`, first in conf/config.yaml's hydra.callbacks) has checked every job's
+config and files and exits with status 2, having written nothing, if any is wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lora_sweep.config import register_configs  # noqa: E402
 from lora_sweep.errors import UserError  # noqa: E402
+from lora_sweep.paths import make_paths_absolute  # noqa: E402
 
 register_configs()
 log = logging.getLogger("lora_sweep")
@@ -44,6 +47,7 @@ def main(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
+    make_paths_absolute(cfg)  # relative paths mean where the command started, also with hydra.job.chdir=true
     output_dir = Path(cfg.train.output_dir or hc.runtime.output_dir)
     sweep_dir = Path(hc.sweep.dir) if multirun else None
     share_cpu_cores(hc)

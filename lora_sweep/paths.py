@@ -18,3 +18,61 @@ def default_cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lora-sweep"
     return Path.home() / ".cache" / "lora-sweep"
+
+
+# Every setting that names a file or folder. A relative value means relative to where the user started the command
+# (Hydra's original working directory), whatever hydra.job.chdir says.
+PATH_SETTINGS = ("model.path", "data.dir", "data.validation_dir", "data.cache_dir", "sampling.prompt_file",
+                 "train.output_dir", "train.state_dir", "train.resume")
+_NOT_PATHS = {"train.resume": ("auto", "never")}
+
+
+def launch_dir() -> Path:
+    """The folder the command was started in: Hydra's original working directory inside a Hydra job (also after
+    hydra.job.chdir=true moved the job into its output folder), else the current directory."""
+    from hydra.utils import to_absolute_path
+
+    return Path(to_absolute_path("."))
+
+
+def absolute(value: str | os.PathLike) -> str:
+    """`value` with `~` expanded, made absolute against `launch_dir()` (hydra.utils.to_absolute_path) and
+    normalised (`a/./b/../c` -> `a/c`; symlinks are kept as typed)."""
+    from hydra.utils import to_absolute_path
+
+    return os.path.normpath(to_absolute_path(os.path.expanduser(str(value))))
+
+
+def absolute_tracking_uri(uri: str | None) -> str | None:
+    """A local MLflow store typed as a relative path (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) made absolute
+    against `launch_dir()`; servers (http://...) and absolute paths unchanged."""
+    if not uri:
+        return uri
+    for prefix in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(prefix):
+            rest = uri[len(prefix):]
+            return uri if not rest or rest.startswith("/") else prefix + absolute(rest)
+    return uri if "://" in uri else absolute(uri)
+
+
+def make_paths_absolute(cfg) -> dict[str, str]:
+    """Rewrite every relative path setting of `cfg` (an OmegaConf config, changed in place) as an absolute one, so
+    params, the config hash and every job agree on what the user meant. Returns {setting: new value} for the
+    settings it changed. Call it before the config hash is computed."""
+    from omegaconf import OmegaConf, open_dict
+
+    changed: dict[str, str] = {}
+    for key in PATH_SETTINGS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or str(value).strip() == "" or str(value) in _NOT_PATHS.get(key, ()):
+            continue
+        resolved = absolute(value)
+        if resolved != str(value):
+            changed[key] = resolved
+    uri = OmegaConf.select(cfg, "tracking.uri", default=None)
+    if uri and absolute_tracking_uri(uri) != uri:
+        changed["tracking.uri"] = absolute_tracking_uri(uri)
+    with open_dict(cfg):
+        for key, value in changed.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return changed

@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_sweep import tracking
+from lora_sweep import preflight as preflight_lib, tracking
 from lora_sweep.atomic import write_text
 from lora_sweep.training.checkpoint import find_resumable, list_states, read_meta, resolve_state_arg, run_folder
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.errors import UserError
+from lora_sweep.paths import make_paths_absolute
 from lora_sweep.training.failures import check_free_space, check_writable, failure_reason, sqlite_store_folder
 from lora_sweep.validate import validate
 
@@ -131,11 +132,16 @@ class _StopOnSignal:
 def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None) -> JobOutcome:
     """Train one config as an MLflow run (a new one, or the unfinished one its latest state belongs to). Config,
     path and tracking-store errors are raised before any run exists."""
+    make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
     label = variant_name(cfg, overrides)
     status = StatusFile(label)
     chash = config_hash(cfg)
     try:
         validate(cfg)
+        checked = preflight_lib.check_job(cfg)  # files: data, captions, buckets, prompts, lr groups, resume state
+        if checked.problems:
+            raise checked.error()
+        preflight_lib.announce(checked.fallbacks)
         uri = tracking.tracking_uri(cfg.tracking.uri)
         state_root = preflight(cfg, Path(output_dir), uri)
         client = tracking.client(uri)
@@ -170,6 +176,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
         logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every,
                                           pending_file=pending)
     logger.log_params(flatten(to_container(cfg)))
+    log_fallbacks(logger, checked, Path(output_dir))
     status.update(force=True, run_id=logger.run_id)
     sink = JobSink(logger, status, label)
     from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
@@ -196,6 +203,14 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
                       **({"mlflow_pending": str(spilled)} if spilled else {}))
     _closing_line(cfg, outcome, client.tracking_uri)
     return outcome
+
+
+def log_fallbacks(logger: tracking.RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
+    """The pre-flight's warnings on the run: `data.warnings` (how many) and, if any, `data/warnings.txt` (each
+    with every path it concerns), so a sweep's report can show what trained on something other than asked."""
+    logger.log_params({"data.warnings": len(checked.fallbacks)})
+    if checked.fallbacks:
+        logger.log_artifact(write_text(Path(output_dir) / "warnings.txt", checked.warnings_text()), "data")
 
 
 def preflight(cfg, output_dir: Path, uri: str) -> Path:

@@ -29,7 +29,9 @@ def tracking_uri(configured: str | None = None) -> str:
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    from lora_sweep.paths import launch_dir  # where the command started, also inside a hydra.job.chdir=true job
+
+    return f"sqlite:///{launch_dir().resolve() / 'mlflow.db'}"
 
 
 def default_artifact_root(uri: str) -> str:

@@ -3,7 +3,8 @@
 Hydra's schema already rejects unknown keys and wrong types; this adds what a type cannot say (ranges, enums,
 combinations, paths). Each failure is a `ConfigError` naming the field and what it accepts; all failures of one
 config are reported together, so a user fixes them in one go. Every numeric field has a range here, every string
-field with fixed choices lists them, every path that must exist is checked.
+field with fixed choices lists them, every path that must exist is checked. An optional strength set to 0 is off,
+as null is (`noise.adaptive_scale`, `loss.min_snr_gamma`), never an error: kohya tests them as `if args.x:`.
 """
 
 from __future__ import annotations
@@ -75,18 +76,19 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _enum("data.latent_sample", d.latent_sample, LATENT_SAMPLE),
         lambda: _positive("data.keep_tokens", d.keep_tokens, allow_zero=True),
         lambda: d.caption_separator != "" or _fail("data.caption_separator", "''", "a non-empty string"),
+        lambda: d.enable_bucket or _check_fixed_resolution(d.resolution),
         lambda: buckets.check_bucket_options(
             resolution=d.resolution, reso_steps=d.bucket_reso_steps, min_reso=d.min_bucket_reso,
             max_reso=d.max_bucket_reso),
         lambda: _range("data.validation_split", d.validation_split, 0.0, 1.0, high_open=True),
-        lambda: noise.check_noise_options(
-            offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=n.adaptive_scale,
+        lambda: noise.check_noise_options(  # 0, like null, is off (see the module docstring)
+            offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=_off_if_zero(n.adaptive_scale),
             multires_iterations=n.multires_iterations, multires_discount=n.multires_discount,
             ip_gamma=n.ip_gamma, ip_gamma_random_strength=n.ip_gamma_random_strength,
             min_timestep=n.min_timestep, max_timestep=n.max_timestep, num_timesteps=NUM_TRAIN_TIMESTEPS),
         lambda: loss.check_loss_options(
             loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
-            min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased),
+            min_snr_gamma=_off_if_zero(lo.min_snr_gamma), debiased=lo.debiased),
         lambda: _naming("optimizer.name", optim.resolve_optimizer_name, cfg.optimizer.name),
         lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
         lambda: _check_scheduler(optim, cfg),
@@ -132,6 +134,26 @@ def _checks(cfg) -> list[Callable[[], None]]:
     ]
 
 
+def _check_fixed_resolution(resolution) -> None:
+    """With buckets off every image is cropped to data.resolution itself, which reaches the VAE and the UNet."""
+    from lora_sweep.data.buckets import parse_resolution
+
+    try:
+        size = parse_resolution(resolution)
+    except ConfigError:
+        return  # check_bucket_options reports it
+    if size[0] % 8 or size[1] % 8:
+        _fail("data.resolution", f"{size[0]}x{size[1]}", "a multiple of 8 pixels on each side when "
+              "data.enable_bucket=false (the VAE downsamples by 8); with buckets on, sizes are rounded for you")
+
+
+def _off_if_zero(value):
+    """An optional strength of 0 is off, like null: kohya tests them as `if args.x:`, and GUIs write 0 for "unset"
+    (sd-scripts #1275: a GUI default adaptive_noise_scale=0 made every run fail). The trainer computes for 0 what
+    kohya computes (min-SNR: no weighting; adaptive scale with an offset: offset + 0 * |mean|)."""
+    return None if value == 0 else value
+
+
 def _multiple_of_8(field: str, value: int) -> None:
     if value <= 0 or value % 8:
         _fail(field, value, "a positive multiple of 8 pixels (the VAE downsamples by 8)")
@@ -168,13 +190,19 @@ def _check_data_dir(cfg) -> None:
             )
 
 
-def validate(cfg) -> None:
-    """Raise one `ConfigError` listing every problem of `cfg` (each names its field)."""
+def config_problems(cfg) -> list[str]:
+    """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid."""
     problems = []
     for check in _checks(cfg):
         try:
             check()
         except UserError as exc:
             problems.append(str(exc))
+    return problems
+
+
+def validate(cfg) -> None:
+    """Raise one `ConfigError` listing every problem of `cfg` (each names its field)."""
+    problems = config_problems(cfg)
     if problems:
         raise ConfigError("Invalid configuration:\n- " + "\n- ".join(problems))

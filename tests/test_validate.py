@@ -101,3 +101,18 @@ def test_validation_is_fast_and_loads_no_model():
     with pytest.raises(ConfigError, match="model.path"):
         validate(cfg)
     assert time.perf_counter() - start < 5
+
+
+def test_zero_is_off_like_null_for_optional_strengths():
+    """kohya tests these as `if args.x:`; a GUI's default 0 must not fail a run (sd-scripts #1275, issue 17 case 9)."""
+    validate(compose_config("noise=none", "noise.adaptive_scale=0"))
+    validate(compose_config("noise=offset", "noise.adaptive_scale=0"))
+    validate(compose_config("loss.min_snr_gamma=0"))
+    with pytest.raises(ConfigError, match="noise.adaptive_scale"):
+        validate(compose_config("noise=none", "noise.adaptive_scale=0.1"))  # a real strength still needs an offset
+
+
+def test_fixed_resolution_without_buckets_must_suit_the_vae():
+    with pytest.raises(ConfigError, match="data.resolution: must be a multiple of 8"):
+        validate(compose_config("data.enable_bucket=false", "data.resolution=100"))
+    validate(compose_config("data.enable_bucket=false", "data.resolution='832,1216'"))

@@ -13,6 +13,10 @@ split at " --"; the first part is the prompt, the others are options (case-insen
     --ss, --cn, --am, --f   kohya options with no meaning here (sampler, ControlNet, ...); accepted and ignored:
                lora-sweep always samples with Euler so that every variant is drawn the same way.
 
+Problems are reported all at once, each naming `sampling.prompt_file` with the file and its line number (or
+`sampling.prompts[i]`); kohya ignores an unknown option, lora-sweep refuses it. A kohya option written with one
+dash (`a dog -w 640`) is not an option, in kohya as here: it stays in the prompt text, with a warning.
+
 Unlike kohya, where a missing `--d` means a fresh random seed each time, a prompt without `--d` gets the seed
 `default_seed + index`: every variant and every sampling step then start from the same noise, which is what
 makes their samples comparable.
@@ -25,10 +29,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from lora_sweep.errors import UserError
+from lora_sweep.errors import Fallback, UserError
 
 IGNORED_KOHYA_OPTIONS = ("ss", "cn", "am", "f")
 _OPTION = re.compile(r"^(?P<name>[A-Za-z]+)(?:\s+(?P<value>.*))?$", re.DOTALL)
+# A kohya option written with one dash ("a dog -w 640"): not an option, so it stays in the prompt text; warned.
+_SINGLE_DASH = re.compile(r"(?<!\S)-(w|h|d|s|l|n|ss|cn|am|f)(?=\s+\S)", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +70,18 @@ def parse_prompt_line(
     default_cfg: float = 7.5,
     default_seed: int = 0,
     default_negative: str = "",
-    where: str = "sampling.prompts",
+    where: str | None = None,
 ) -> PromptSpec:
     """Parse one prompt line with inline options (see the module docstring) into a `PromptSpec`.
 
-    `index` is the prompt's position in its list; it picks the default seed. `where` names the source in errors.
+    `index` is the prompt's position in its list; it picks the default seed. `where` names the line in errors (the
+    setting, and the file and line number for a prompt file); default "sampling.prompts[index]". Raises UserError.
     """
+    where = where or f"sampling.prompts[{index}]"
     parts = (" " + line.strip()).split(" --")  # the leading space lets a line that starts with "--" be caught
     prompt = parts[0].strip()
     if not prompt:
-        raise UserError(f"{where}, prompt {index}: the line {line!r} has options but no prompt text before them.")
+        raise UserError(f"{where}: the line {line!r} has options but no prompt text before them.")
     values: dict[str, object] = {
         "width": default_width,
         "height": default_height,
@@ -106,13 +114,13 @@ def parse_prompt_line(
                 continue
             else:
                 raise UserError(
-                    f"{where}, prompt {index}: unknown option '--{option.split()[0]}' in {line!r}. Accepted: "
+                    f"{where}: unknown option '--{option.split()[0]}' in {line!r}. Accepted: "
                     "--w WIDTH, --h HEIGHT, --d SEED, --s STEPS, --l CFG, --n NEGATIVE PROMPT "
                     "(kohya's --ss, --cn, --am and --f are accepted and ignored)."
                 )
         except ValueError:
             raise UserError(
-                f"{where}, prompt {index}: option '--{option}' in {line!r} needs a number "
+                f"{where}: option '--{option}' in {line!r} needs a number "
                 "(--w/--h/--d/--s take whole numbers, --l a decimal)."
             ) from None
     return PromptSpec(
@@ -126,19 +134,83 @@ def parse_prompt_line(
     )
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """The prompt lines of a kohya .txt prompt file: stripped, without blank lines and `#` comment lines."""
+def single_dash_options(line: str) -> list[str]:
+    """Tokens of the prompt part of `line` that look like kohya options written with one dash ("-w"): they are
+    not options (kohya splits at " --"), so they stay in the prompt text."""
+    prompt = (" " + line.strip()).split(" --")[0]
+    return ["-" + m.group(1) for m in _SINGLE_DASH.finditer(prompt)]
+
+
+def read_prompt_lines(path: str | Path, *, setting: str = "sampling.prompt_file") -> list[tuple[int, str]]:
+    """(line number from 1, stripped text) of every prompt line of a kohya .txt prompt file: blank lines and `#`
+    comment lines are left out, their numbers kept. Raises UserError naming `setting` for a missing file, another
+    extension, or bytes that are not UTF-8 (with the line number)."""
     path = Path(path)
     if path.suffix.lower() != ".txt":
         raise UserError(
-            f"sampling.prompts: '{path}' is not a .txt prompt file. Give a .txt file (one prompt per line, "
-            "'#' comments, inline --w --h --d --s --l --n options) or a list of prompt strings in the config."
+            f"{setting}: '{path}' is not a .txt prompt file. Give a .txt file (one prompt per line, "
+            "'#' comments, inline --w --h --d --s --l --n options) or a list of prompt strings in sampling.prompts."
         )
     if not path.is_file():
-        raise UserError(f"sampling.prompts: the prompt file '{path}' does not exist (paths are relative to the "
+        raise UserError(f"{setting}: the prompt file '{path}' does not exist (a relative path is read from the "
                         "directory the sweep was started in).")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UserError(f"{setting} '{path}', line {line}: not valid UTF-8 ({error.reason} at byte {error.start}). "
+                        "Save the file as UTF-8.") from None
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompt lines of a kohya .txt prompt file: stripped, without blank lines and `#` comment lines."""
+    return [text for _, text in read_prompt_lines(path)]
+
+
+def check_prompts(
+    prompts: str | Path | Sequence[str] = (),
+    *,
+    prompt_file: str | Path | None = None,
+    **defaults,
+) -> tuple[list[PromptSpec], list[str], list[Fallback]]:
+    """Parse every prompt, never stopping at the first problem: (specs, problems, fallbacks). A problem is one line
+    naming the setting (with the file and line number for a prompt file); `defaults` are `load_prompts`' default_*
+    keywords. See `load_prompts` for the sources and their order."""
+    setting = "sampling.prompt_file"
+    if isinstance(prompts, (str, Path)):
+        if prompt_file is not None:
+            return [], ["sampling.prompts is a path and sampling.prompt_file is set too: give one prompt file, or "
+                        "make sampling.prompts a list of prompt lines."], []
+        prompts, prompt_file, setting = (), prompts, "sampling.prompts"
+    sourced: list[tuple[str, str, str]] = []  # (where for problems, place for warnings, line)
+    problems: list[str] = []
+    if prompt_file is not None:
+        try:
+            sourced += [(f"{setting} '{prompt_file}', line {n}", f"{prompt_file}, line {n}", text)
+                        for n, text in read_prompt_lines(prompt_file, setting=setting)]
+        except UserError as error:
+            problems.append(str(error))
+    sourced += [(f"sampling.prompts[{i}]",) * 2 + (str(line).strip(),) for i, line in enumerate(prompts)
+                if str(line).strip() and not str(line).strip().startswith("#")]
+    if not sourced and not problems:
+        where = f"{setting} ('{prompt_file}')" if prompt_file is not None else "sampling.prompts"
+        problems.append(f"{where}: no prompts found. Give at least one prompt line (or disable sampling).")
+    specs, dashed = [], []
+    for index, (where, place, line) in enumerate(sourced):
+        try:
+            specs.append(parse_prompt_line(line, index=index, where=where, **defaults))
+        except UserError as error:
+            problems.append(str(error))
+        if single_dash_options(line):
+            dashed.append(f"{place} ({' '.join(single_dash_options(line))})")
+    fallbacks = [Fallback(
+        setting if prompt_file is not None else "sampling.prompts",
+        "prompt lines with tokens that look like kohya options written with one dash: kept as prompt text", tuple(dashed),
+        "kohya's options start with two dashes after a space, e.g. 'a dog --w 640 --h 1280 --s 16'.")] if dashed else []
+    return specs, problems, fallbacks
 
 
 def load_prompts(
@@ -156,29 +228,13 @@ def load_prompts(
 
     `prompts` may itself be a path (str/Path) to a kohya .txt file instead of a list. List entries use the same
     inline-option syntax as file lines; entries starting with `#` are skipped there too. An empty result is an
-    error: asking to sample with no prompts is always a configuration mistake.
+    error: asking to sample with no prompts is always a configuration mistake. Raises one UserError listing every
+    problem, one per line (the pre-flight reports them before the model loads; see `check_prompts`).
     """
-    if isinstance(prompts, (str, Path)):
-        if prompt_file is not None:
-            raise UserError("sampling.prompts is a path and sampling.prompt_file is set too: give one prompt file, "
-                            "or make sampling.prompts a list of prompt lines.")
-        prompts, prompt_file = (), prompts
-    lines: list[str] = list(read_prompt_file(prompt_file)) if prompt_file is not None else []
-    lines += [str(line).strip() for line in prompts if str(line).strip() and not str(line).strip().startswith("#")]
-    where = f"sampling.prompts ({prompt_file})" if prompt_file is not None else "sampling.prompts"
-    if not lines:
-        raise UserError(f"{where}: no prompts found. Give at least one prompt line (or disable sampling).")
-    return [
-        parse_prompt_line(
-            line,
-            index=index,
-            default_width=default_width,
-            default_height=default_height,
-            default_steps=default_steps,
-            default_cfg=default_cfg,
-            default_seed=default_seed,
-            default_negative=default_negative,
-            where=where,
-        )
-        for index, line in enumerate(lines)
-    ]
+    specs, problems, _ = check_prompts(
+        prompts, prompt_file=prompt_file, default_width=default_width, default_height=default_height,
+        default_steps=default_steps, default_cfg=default_cfg, default_seed=default_seed,
+        default_negative=default_negative)
+    if problems:
+        raise UserError("\n".join(problems))
+    return specs

@@ -188,6 +188,32 @@ def _too_small(width: int, height: int, steps: int) -> str:
     )
 
 
+def bucket_settings(data_cfg) -> dict:
+    """The bucket arguments of `assign_bucket` from a `data` config, with lora-sweep's size-relative defaults
+    filled in (min_bucket_reso: a quarter of the shorter side, as 256 is for 1024; max_bucket_reso: twice the longer
+    side); `{"resolution": (W, H), "fixed": True}` when `data.enable_bucket` is false."""
+    width, height = parse_resolution(data_cfg.resolution)
+    steps = int(data_cfg.bucket_reso_steps)
+    min_reso = data_cfg.min_bucket_reso or max(steps, (min(width, height) // 4) // steps * steps)
+    max_reso = data_cfg.max_bucket_reso or max(width, height) * 2
+    if not data_cfg.enable_bucket:  # every image centre-cropped to the resolution
+        return {"resolution": (width, height), "fixed": True}
+    return {"resolution": (width, height), "reso_steps": steps, "no_upscale": bool(data_cfg.bucket_no_upscale),
+            "min_reso": min_reso, "max_reso": max_reso}
+
+
+def assign_with_settings(size: tuple[int, int], settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(bucket, resized) of an image of `size` (W, H) under `bucket_settings(...)`: `assign_bucket`, or with
+    buckets off the resolution itself, the image scaled to cover it (then centre-cropped). Raises UserError for an
+    image that gets an empty bucket (mode (b)); the message names the settings, not the file (the caller does)."""
+    if settings.get("fixed"):
+        width, height = size
+        bucket_w, bucket_h = settings["resolution"]
+        scale = max(bucket_w / width, bucket_h / height)
+        return (bucket_w, bucket_h), (int(width * scale + 0.5), int(height * scale + 0.5))
+    return assign_bucket(*size, **settings)
+
+
 def aspect_ratio_error(width: int, height: int, bucket: tuple[int, int]) -> float:
     """kohya's signed `ar_error` = bucket_w/bucket_h - width/height (it prints the mean of its absolute value)."""
     return bucket[0] / bucket[1] - width / height

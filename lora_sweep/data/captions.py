@@ -1,7 +1,9 @@
 """Captions as kohya sd-scripts v0.8.7 reads and shuffles them.
 
 A caption is the first line of `<image stem><caption_extension>` beside the image (kohya's `read_caption`); without
-that file the caller falls back to the folder's class tokens. `shuffle_caption` is kohya's `process_caption` with
+that file the caller falls back to the folder's class tokens. The policy, as kohya's: an empty file (0 bytes) is an
+error; a file whose first line is blank gives an empty caption (the dataset scan warns, naming the files); bytes
+that are not UTF-8 are an error naming the byte. `shuffle_caption` is kohya's `process_caption` with
 `shuffle_caption=True`: split on the separator, keep the first `keep_tokens` in place, shuffle the rest, re-join with
 ", ". The random generator is passed in, so a run can seed it (kohya uses the global `random`).
 """

@@ -1,24 +1,36 @@
 """A dataset folder in kohya's DreamBooth layout: `<dir>/<repeats>_<name>/<image>` + `<image><caption_extension>`.
 
-Subfolders without the numeric prefix are ignored with a warning (kohya ignores them silently, which users trip on).
-An image that cannot be read is skipped with one warning naming it, and counted, so a run's params show it.
+The scan reads headers only (`images.probe_image`: size after EXIF orientation, frame count), every caption file,
+and the folder tree, in milliseconds per image; pixels are decoded later, only for images whose latents are not
+cached. It never stops at the first problem: `inspect_folder` returns every problem (a caption that is not UTF-8,
+an empty caption file, a dataset with nothing to train on; one line each, naming the setting and the file) and every
+fallback it took, as `Fallback`s with counts and paths, so nothing changes what trains without a word:
+
+- an image without a caption file trains on its folder's class token (the `<name>` of `<repeats>_<name>`), as in
+  kohya; the warning says when caption files with another extension sit beside those images;
+- a caption file whose first line is blank gives an empty caption, as kohya reads only the first line;
+- an image PIL cannot identify is skipped and counted (`data.skipped_images`);
+- an animated or multi-frame image trains on its first frame;
+- subfolders without the `<repeats>_` prefix, folders with 0 repeats, images inside nested subfolders of a
+  `<repeats>_<name>` folder and images directly in `data.dir` are not used (kohya ignores them silently);
+- files with an image extension PIL does not read here (.heic, .jxl, .psd, raw files) are not used.
 """
 
 from __future__ import annotations
 
-import logging
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from lora_sweep.data.captions import caption_path, read_caption
+from lora_sweep.data.images import load_rgb, probe_image  # noqa: F401  (load_rgb: re-exported, the public API)
+from lora_sweep.errors import Fallback, UserError
 
-from lora_sweep.data.captions import read_caption
-from lora_sweep.errors import UserError
-
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+NOT_READ_EXTENSIONS = (".heic", ".heif", ".jxl", ".psd", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                       ".raf", ".rw2", ".exr", ".hdr")
+_NOT_CAPTIONS = (*IMAGE_EXTENSIONS, *NOT_READ_EXTENSIONS, ".npz", ".json", ".xmp", ".pt", ".safetensors")
 _SUBSET = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -33,53 +45,150 @@ class ImageItem:
 @dataclass
 class FolderScan:
     items: list[ImageItem]
-    skipped: list[Path] = field(default_factory=list)  # unreadable or truncated images
+    skipped: list[Path] = field(default_factory=list)  # unreadable images (header at scan time, pixels at encode time)
     ignored_dirs: list[Path] = field(default_factory=list)  # subfolders without the `<repeats>_` prefix
+    problems: list[str] = field(default_factory=list)  # one line each, naming the setting and file: refused
+    fallbacks: list[Fallback] = field(default_factory=list)  # what was used instead of what the user gave
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB: EXIF orientation applied, alpha flattened onto white, fully decoded."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        img.load()
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return img.convert("RGB")
-
-
-def scan_folder(root: str | Path, caption_extension: str = ".txt") -> FolderScan:
-    """Find every readable image in `root`'s `<repeats>_<name>` subfolders with its caption and repeat count."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(
-            f"data.dir: '{root}' is not a folder. Point data.dir at a dataset in kohya's layout: a folder holding "
-            "subfolders named <repeats>_<name> (e.g. 10_mychar) with images and same-named caption files."
-        )
-    scan = FolderScan(items=[])
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = _SUBSET.match(sub.name)
-        if not match:
-            log.warning("data.dir: ignoring folder '%s': its name lacks kohya's '<repeats>_' prefix", sub)
-            scan.ignored_dirs.append(sub)
-            continue
-        repeats, class_token = int(match.group(1)), match.group(2)
-        for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-            try:
-                size = load_rgb(path).size
-            except Exception as exc:  # PIL raises many types for broken files
-                log.warning("skipping unreadable image '%s': %s", path, exc)
-                scan.skipped.append(path)
-                continue
-            caption = read_caption(path, caption_extension) or class_token
-            scan.items.append(ImageItem(path=path, caption=caption, repeats=repeats, size=size))
-    if not scan.items:
-        raise UserError(
-            f"data.dir: no readable images in '{root}'. Expected subfolders named <repeats>_<name> (e.g. 10_photo) "
-            f"holding images ({', '.join(IMAGE_EXTENSIONS)}) and optional '{caption_extension}' captions"
-            + (f"; {len(scan.skipped)} image(s) could not be read" if scan.skipped else "")
-            + (f"; ignored folders without the prefix: {[p.name for p in scan.ignored_dirs]}" if scan.ignored_dirs else "")
-            + "."
-        )
+def scan_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir") -> FolderScan:
+    """`inspect_folder`, raising one UserError listing every problem (one per line) if there is any."""
+    scan = inspect_folder(root, caption_extension, setting=setting)
+    if scan.problems:
+        raise UserError("\n".join(scan.problems))
     return scan
+
+
+def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir") -> FolderScan:
+    """Find every readable image in `root`'s `<repeats>_<name>` subfolders with its caption, repeat count and size
+    (after EXIF orientation), reading image headers only. Never raises for what it finds: problems and fallbacks are
+    in the returned scan. `setting` names the config key in messages (data.dir or data.validation_dir)."""
+    root = Path(root).expanduser()
+    scan = FolderScan(items=[])
+    if not root.is_dir():
+        scan.problems.append(
+            f"{setting}: '{root}' is not a folder. Point {setting} at a dataset in kohya's layout: a folder holding "
+            "subfolders named <repeats>_<name> (e.g. 10_mychar) with images and same-named caption files.")
+        return scan
+    found = _Found()
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            found.loose.append(entry)
+        elif entry.is_dir():
+            match = _SUBSET.match(entry.name)
+            if not match:
+                scan.ignored_dirs.append(entry)
+            elif int(match.group(1)) == 0:
+                found.zero_repeats.append(entry)
+            else:
+                _scan_subset(entry, int(match.group(1)), match.group(2), caption_extension, setting, scan, found)
+    scan.fallbacks += found.fallbacks(setting, caption_extension, scan)
+    if not scan.items:
+        scan.problems.append(_nothing_to_train(root, setting, caption_extension, scan, found))
+    return scan
+
+
+@dataclass
+class _Found:
+    """What the scan saw besides the items, gathered for the warnings."""
+
+    loose: list[Path] = field(default_factory=list)  # images directly in the root
+    zero_repeats: list[Path] = field(default_factory=list)
+    nested: list[Path] = field(default_factory=list)  # images in subfolders of a subset folder
+    not_read: list[Path] = field(default_factory=list)
+    missing_caption: list[Path] = field(default_factory=list)
+    other_caption_ext: Counter = field(default_factory=Counter)  # extension -> images that have such a file
+    blank_first_line: list[Path] = field(default_factory=list)
+    multi_frame: list[str] = field(default_factory=list)
+
+    def fallbacks(self, setting: str, ext: str, scan: FolderScan) -> list[Fallback]:
+        other = ", ".join(f"{n} with a {e} file" for e, n in self.other_caption_ext.most_common())
+        zero_images = sum(len(_images_in(d)) for d in self.zero_repeats)
+        rows = [
+            (self.missing_caption, f"images without a {ext} caption file: trained on their folder's class token "
+             "(the <name> of <repeats>_<name>), as kohya does",
+             f"{other}: set data.caption_extension to that extension." if other else
+             f"Write a {ext} file beside each image to caption it."),
+            (self.blank_first_line, f"caption files ({ext}) whose first line is blank: trained with an empty caption "
+             "(kohya reads only the first line)", "Put the caption on the first line."),
+            (scan.skipped, "images PIL cannot read: skipped (counted in data.skipped_images)",
+             "Re-save them as PNG or JPEG."),
+            (self.multi_frame, "images that are animated or have several frames: trained on their first frame only",
+             "Extract the frames you want as separate images."),
+            (scan.ignored_dirs, "subfolders without kohya's '<repeats>_' prefix: not used",
+             "Rename a folder to <repeats>_<name> (e.g. 10_mychar) to train on it."),
+            (self.zero_repeats, f"folders with 0 repeats: not used ({zero_images} images)",
+             "Give them 1 or more repeats to train on them."),
+            (self.nested, "images inside subfolders of a <repeats>_<name> folder: not used (kohya does not look "
+             "into subfolders)", "Move them up into the <repeats>_<name> folder, or give the subfolder its own "
+             "<repeats>_<name> folder under the dataset folder."),
+            (self.loose, "images directly in the dataset folder, outside any <repeats>_<name> folder: not used",
+             "Move them into a <repeats>_<name> subfolder."),
+            (self.not_read, f"files with an image extension lora-sweep does not read ({', '.join(NOT_READ_EXTENSIONS)})"
+             ": not used", "Convert them to PNG or JPEG."),
+        ]
+        return [Fallback(setting, what, tuple(map(str, paths)), hint) for paths, what, hint in rows if paths]
+
+
+def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension: str, setting: str,
+                 scan: FolderScan, found: _Found) -> None:
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        if path.is_file():
+            by_stem[path.stem].append(path)
+        elif path.is_dir():
+            found.nested += _images_in(path)
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in NOT_READ_EXTENSIONS:
+            found.not_read.append(path)
+        if suffix not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        try:
+            info = probe_image(path)
+        except Exception:  # PIL raises many types for files it cannot identify
+            scan.skipped.append(path)
+            continue
+        if info.frames > 1:
+            found.multi_frame.append(f"{path} ({info.frames} frames)")
+        try:
+            caption = read_caption(path, caption_extension)
+        except UserError as error:  # not UTF-8, or an empty file: refused (the item is kept to count it)
+            scan.problems.append(f"{setting}: {error}")
+            caption = class_token
+        if caption is None:
+            found.missing_caption.append(path)
+            own = caption_path(path, caption_extension)
+            for other in by_stem.get(path.stem, []):
+                if other not in (path, own) and other.suffix.lower() not in _NOT_CAPTIONS:
+                    found.other_caption_ext[other.suffix] += 1
+                    break
+            caption = class_token
+        elif caption == "":
+            found.blank_first_line.append(caption_path(path, caption_extension))
+        scan.items.append(ImageItem(path=path, caption=caption, repeats=repeats, size=info.size))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Every image file under `folder`, at any depth."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _nothing_to_train(root: Path, setting: str, caption_extension: str, scan: FolderScan, found: _Found) -> str:
+    reasons = [f"{len(scan.skipped)} image(s) could not be read"] if scan.skipped else []
+    if found.zero_repeats:
+        reasons.append(f"folders with 0 repeats are not used: {[p.name for p in found.zero_repeats]}")
+    if scan.ignored_dirs:
+        reasons.append(f"folders without the prefix are not used: {[p.name for p in scan.ignored_dirs]}")
+    if found.nested:
+        reasons.append(f"{len(found.nested)} image(s) sit in nested subfolders, which are not scanned")
+    if found.loose:
+        reasons.append(f"{len(found.loose)} image(s) sit directly in the folder, outside any <repeats>_<name> folder"
+                       + (f" (is {setting} the folder '{root.name}' itself instead of its parent '{root.parent}'?)"
+                          if _SUBSET.match(root.name) else ""))
+    return (f"{setting}: no readable images to train on in '{root}'. Expected subfolders named <repeats>_<name> with "
+            f"1 or more repeats (e.g. 10_photo) holding images ({', '.join(IMAGE_EXTENSIONS)}) and optional "
+            f"'{caption_extension}' captions" + ("; " + "; ".join(reasons) if reasons else "") + ".")

@@ -16,10 +16,16 @@ import torch
 from PIL import ImageOps
 
 from lora_sweep.data import buckets, cache as cache_lib
+from lora_sweep.data.buckets import bucket_settings  # noqa: F401  (re-exported: the public API)
 from lora_sweep.data.dataset import FolderScan, ImageItem, load_rgb
+from lora_sweep.errors import UserError
 from lora_sweep.model.encode import encode_images, encode_prompts
 
 log = logging.getLogger(__name__)
+
+
+class UnreadableImage(Exception):
+    """An image whose header was read at scan time but whose pixels cannot be decoded."""
 
 
 @dataclass
@@ -43,31 +49,8 @@ class Prepared:
     cache_stats: dict[str, int] = field(default_factory=dict)  # cache/hits, cache/misses, per kind
 
 
-def bucket_settings(data_cfg) -> dict:
-    """The bucket arguments of `buckets.assign_bucket`, with lora-sweep's size-relative defaults filled in."""
-    width, height = buckets.parse_resolution(data_cfg.resolution)
-    steps = int(data_cfg.bucket_reso_steps)
-    base = min(width, height)
-    min_reso = data_cfg.min_bucket_reso or max(steps, (base // 4) // steps * steps)
-    max_reso = data_cfg.max_bucket_reso or max(width, height) * 2
-    if not data_cfg.enable_bucket:  # every image centre-cropped to the resolution
-        return {"resolution": (width, height), "fixed": True}
-    return {
-        "resolution": (width, height),
-        "reso_steps": steps,
-        "no_upscale": bool(data_cfg.bucket_no_upscale),
-        "min_reso": min_reso,
-        "max_reso": max_reso,
-    }
-
-
 def _assign(item: ImageItem, settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:
-    if settings.get("fixed"):
-        w, h = item.size
-        bw, bh = settings["resolution"]
-        scale = max(bw / w, bh / h)
-        return (bw, bh), (int(w * scale + 0.5), int(h * scale + 0.5))
-    return buckets.assign_bucket(*item.size, **settings)
+    return buckets.assign_with_settings(item.size, settings)
 
 
 def _pixels(image) -> torch.Tensor:
@@ -85,40 +68,55 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     False (text-encoder LoRA or shuffled captions: then text is encoded at every step, as kohya does).
 
     The VAE always encodes in fp32 (kohya's --no_half_vae), so every precision variant shares the same entries.
+    Pixels are decoded only here, on a cache miss: an image that fails to decode is skipped with a warning, moved
+    from `scan.items` to `scan.skipped` (so the run's data.images / data.skipped_images count it) and never
+    cached. Raises UserError when no image is left.
     """
     store = cache_lib.TensorCache(Path(data_cfg.cache_dir or cache_lib.default_cache_dir()))
     settings = bucket_settings(data_cfg)
     vae_id = store.model_identity(parts.source, "vae")
     text_id = store.model_identity(parts.source, "text") if encode_text else ""
     examples: list[Example] = []
-    for item in scan.items:
-        bucket, resized = _assign(item, settings)
-        image_sha = store.file_sha256(item.path)
-        latents = {}
-        for flipped in ([False, True] if data_cfg.flip_aug else [False]):
-            key = cache_lib.latent_cache_key(
-                vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
-                crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
-            )
-            encode = lambda flipped=flipped, key=key: _encode_latents(parts, item, bucket, resized, flipped, key,
-                                                                      data_cfg.latent_sample, device)  # noqa: E731
-            latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
-        context = pooled = None
-        if encode_text:
-            key = cache_lib.text_cache_key(text_encoders=text_id, caption=item.caption)
-            text = store.get_or_compute("text", key, lambda c=item.caption: _encode_caption(parts, c),
-                                        {"source": str(item.path), "caption": item.caption})
-            context, pooled = text["context"], text["pooled"]
-        examples.append(
-            Example(
-                item=item, bucket=bucket, latents=latents[False], latents_flipped=latents.get(True),
-                time_ids=_time_ids(item, bucket, False),
-                time_ids_flipped=_time_ids(item, bucket, True) if data_cfg.flip_aug else None,
-                context=context, pooled=pooled,
-            )
-        )
+    for item in list(scan.items):
+        try:
+            examples.append(_example(parts, store, item, settings, data_cfg, device, vae_id, text_id, encode_text))
+        except UnreadableImage as error:  # the header was fine, the pixels are not: skipped, counted, not cached
+            log.warning("skipping unreadable image '%s': %s", item.path, error)
+            scan.items.remove(item)
+            scan.skipped.append(item.path)
+    if not examples:
+        raise UserError(f"data.dir: no readable images to train on: all {len(scan.skipped)} image(s) failed to "
+                        f"decode (e.g. '{scan.skipped[0] if scan.skipped else ''}'). Re-save them as PNG or JPEG.")
     histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
     return Prepared(examples, histogram, cache_stats=store.stats())
+
+
+def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, vae_id: str, text_id: str,
+             encode_text: bool) -> Example:
+    """One image's example: latents (and text embeddings) from the cache, encoded on a miss."""
+    bucket, resized = _assign(item, settings)
+    image_sha = store.file_sha256(item.path)
+    latents = {}
+    for flipped in ([False, True] if data_cfg.flip_aug else [False]):
+        key = cache_lib.latent_cache_key(
+            vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
+            crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
+        )
+        encode = lambda flipped=flipped, key=key: _encode_latents(parts, item, bucket, resized, flipped, key,
+                                                                  data_cfg.latent_sample, device)  # noqa: E731
+        latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
+    context = pooled = None
+    if encode_text:
+        key = cache_lib.text_cache_key(text_encoders=text_id, caption=item.caption)
+        text = store.get_or_compute("text", key, lambda c=item.caption: _encode_caption(parts, c),
+                                    {"source": str(item.path), "caption": item.caption})
+        context, pooled = text["context"], text["pooled"]
+    return Example(
+        item=item, bucket=bucket, latents=latents[False], latents_flipped=latents.get(True),
+        time_ids=_time_ids(item, bucket, False),
+        time_ids_flipped=_time_ids(item, bucket, True) if data_cfg.flip_aug else None,
+        context=context, pooled=pooled,
+    )
 
 
 def _crop_offsets(bucket, resized) -> tuple[int, int]:
@@ -129,7 +127,11 @@ def _crop_offsets(bucket, resized) -> tuple[int, int]:
 @torch.no_grad()
 def _encode_latents(parts, item: ImageItem, bucket, resized, flipped: bool, key: str, mode: str, device) -> dict:
     """kohya's order: resize and centre-crop, then flip; one posterior sample seeded by the entry's key."""
-    cropped, _ = buckets.resize_and_center_crop(load_rgb(item.path), bucket, resized)
+    try:
+        image = load_rgb(item.path)
+    except Exception as error:  # PIL raises many types for truncated or corrupt pixel data
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from error
+    cropped, _ = buckets.resize_and_center_crop(image, bucket, resized)
     if flipped:
         cropped = ImageOps.mirror(cropped)
     generator = torch.Generator(device="cpu").manual_seed(cache_lib.posterior_seed(key))

@@ -146,9 +146,10 @@ def _check_lrs(name: str, option: OptimizerOption, group_lrs: list[tuple[str, fl
     if len(nonzero) > 1:
         listing = ", ".join(f"{n}: lr={v}" for n, v in group_lrs)
         raise ConfigError(
-            f"{name} shares one adapted step size d across param groups and fails at its first step when groups have "
-            f"different non-zero learning rates ({listing}). Set train.text_encoder_lr equal to train.lr (and "
-            f"train.unet_lr, if set), or set train.text_encoder_lr to 0 to freeze the text encoder LoRA."
+            f"optimizer={name}: it shares one adapted step size d across param groups and fails at its first step "
+            f"when groups have "
+            f"different non-zero learning rates ({listing}). Set train.text_encoder_lr=null (the text encoders then "
+            f"use train.lr, {lr}), or train.text_encoder_lr=0 to freeze the text-encoder LoRA."
         )
     effective_lr = max(nonzero, default=lr)  # these optimizers scale d by the largest group lr
     if effective_lr <= LOW_ADAPTIVE_LR:
@@ -158,6 +159,17 @@ def _check_lrs(name: str, option: OptimizerOption, group_lrs: list[tuple[str, fl
             UserWarning,
             stacklevel=3,
         )
+
+
+def check_learning_rates(name: str, *, lr: float, text_encoder_lr: float | None, train_text_encoder: bool) -> None:
+    """The learning-rate checks of `build_optimizer` on the groups `build_session` will make (text-encoder group
+    first, as kohya orders them), without any parameter: the pre-flight calls it before the model loads. Raises
+    ConfigError (e.g. D-Adaptation/Prodigy with different non-zero group lrs); warns when an adaptive lr is low."""
+    option_name = resolve_optimizer_name(name)
+    groups = [{"name": "unet", "lr": lr}]
+    if train_text_encoder:
+        groups.insert(0, {"name": "text_encoder", "lr": lr if text_encoder_lr is None else text_encoder_lr})
+    _check_lrs(option_name, OPTIMIZERS[option_name], _group_lrs(groups, lr), float(lr))
 
 
 def build_optimizer(

@@ -86,3 +86,38 @@ def test_bad_sources_raise_user_errors(tmp_path):
 def test_label_is_short():
     spec = PromptSpec(prompt="word " * 30, seed=5)
     assert spec.label(3).startswith("p03 s5: ") and len(spec.label(3)) < 60
+
+
+def test_prompt_file_problems_name_the_setting_file_and_line_all_at_once(tmp_path):
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# comment\n\na cat\na tree --seed 7\na dog --w wide\n", encoding="utf-8")
+    specs, problems, _ = check_prompts(prompt_file=path)
+    assert [s.prompt for s in specs] == ["a cat"]
+    assert problems[0].startswith(f"sampling.prompt_file '{path}', line 4: unknown option '--seed'")
+    assert problems[1].startswith(f"sampling.prompt_file '{path}', line 5: option '--w wide'")
+    with pytest.raises(UserError) as error:
+        load_prompts(prompt_file=path)
+    assert str(error.value).splitlines() == problems
+    _, listed, _ = check_prompts(["fine", "bad --zz 1"])
+    assert listed[0].startswith("sampling.prompts[1]: unknown option '--zz'")
+
+
+def test_single_dash_options_stay_in_the_prompt_with_a_warning(tmp_path):
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a dog -w 640 -h 1280 -s 16\na well-lit room, a t-shirt\n", encoding="utf-8")
+    specs, problems, fallbacks = check_prompts(prompt_file=path)
+    assert not problems and specs[0].prompt == "a dog -w 640 -h 1280 -s 16" and specs[0].width == 1024
+    assert len(fallbacks) == 1 and fallbacks[0].setting == "sampling.prompt_file"
+    assert fallbacks[0].paths == (f"{path}, line 1 (-w -h -s)",)  # hyphenated words are not options
+    assert "--w 640 --h 1280 --s 16" in fallbacks[0].hint
+
+
+def test_prompt_file_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"a cat\n\xef\xbb\xbfok\nartist\x92s room\n")
+    with pytest.raises(UserError, match=r"sampling.prompt_file '.*prompts.txt', line 3: not valid UTF-8"):
+        load_prompts(prompt_file=path)

@@ -97,3 +97,19 @@ def test_a_second_variant_of_a_sweep_reads_only_the_cache(tmp_path, mlflow_uri, 
     client = MlflowClient(mlflow_uri)
     misses = lambda run: client.get_metric_history(run.run_id, "cache/misses")[0].value  # noqa: E731
     assert misses(first) == 8 and misses(second) == 0
+
+
+def test_an_image_whose_pixels_fail_to_decode_is_skipped_counted_and_never_cached(parts, dataset, tmp_path, caplog):
+    good = (dataset / "2_photo" / "coffee.png").read_bytes()
+    (dataset / "2_photo" / "truncated.png").write_bytes(good[: len(good) // 2])  # header intact, pixels cut
+    scan = scan_folder(dataset)
+    assert "truncated.png" in [i.path.name for i in scan.items]  # the header-only scan cannot tell
+    cache = tmp_path / "cache"
+    prepared = prepare_examples(parts, scan, compose_config("data=folder", f"data.dir={dataset}",
+                                                            f"data.cache_dir={cache}", "data.resolution=128").data,
+                                device=torch.device("cpu"), encode_text=False)
+    assert "truncated.png" not in [e.item.path.name for e in prepared.examples]
+    assert [p.name for p in scan.skipped] == ["truncated.png"] and len(scan.items) == len(prepared.examples) == 4
+    assert "skipping unreadable image" in caplog.text and "truncated.png" in caplog.text
+    entries = list((cache / "latents").rglob("*.safetensors"))
+    assert len(entries) == 4  # the four readable images only

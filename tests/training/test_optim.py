@@ -192,3 +192,18 @@ def test_invalid_schedules_fail_clearly() -> None:
         optim.build_lr_scheduler(optimizer, "polynomial", warmup_steps=0, total_steps=100)
     with pytest.raises(ConfigError, match="warmup_steps=-1"):
         optim.build_lr_scheduler(optimizer, "linear", warmup_steps=-1, total_steps=100)
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "dadapt_adam_preprint"])
+def test_learning_rate_groups_are_checked_without_parameters(name):
+    """The pre-flight's form of the check (issue 17 case 8): no model, no params; the advice names real keys."""
+    from lora_sweep.training.optim import check_learning_rates
+
+    with pytest.raises(ConfigError) as error:
+        check_learning_rates(name, lr=1.0, text_encoder_lr=0.5, train_text_encoder=True)
+    message = str(error.value)
+    assert message.startswith(f"optimizer={name}:") and "text_encoder: lr=0.5, unet: lr=1.0" in message
+    assert "train.text_encoder_lr=null" in message and "unet_lr" not in message
+    check_learning_rates(name, lr=1.0, text_encoder_lr=0, train_text_encoder=True)  # frozen TE group: fine
+    check_learning_rates(name, lr=1.0, text_encoder_lr=0.5, train_text_encoder=False)  # no TE group
+    check_learning_rates("adamw", lr=1e-4, text_encoder_lr=5e-5, train_text_encoder=True)

@@ -45,7 +45,8 @@ def test_run_finishes_with_finite_loss_params_history_and_both_lora_files(traine
     history = client.get_metric_history(outcome.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
     assert client.get_metric_history(outcome.run_id, "train/lr")
-    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {"data/buckets.json"}
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {"data/buckets.json"}  # no warnings
+    assert run.data.params["data.warnings"] == "0"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "lora")}
     assert "lora/lora.safetensors" in artifacts
     assert {a.path for a in client.list_artifacts(outcome.run_id, "lora/diffusers")} == {
@@ -114,18 +115,24 @@ def test_unreadable_image_is_skipped_with_warning_and_counted(tmp_path, mlflow_u
     assert "broken.png" in caplog.text
     from mlflow.tracking import MlflowClient
 
-    params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
+    client = MlflowClient(mlflow_uri)
+    params = client.get_run(outcome.run_id).data.params
     assert params["data.skipped_images"] == "1" and params["data.images"] == "2"
+    assert params["data.warnings"] == "2"  # the skip and the missing captions, in data/warnings.txt with paths
+    warnings_txt = Path(client.download_artifacts(outcome.run_id, "data/warnings.txt", str(tmp_path)))
+    assert "images PIL cannot read: skipped" in warnings_txt.read_text()
+    assert str(data / "broken.png") in warnings_txt.read_text()
 
 
 def test_empty_data_folder_is_a_clear_error_and_no_run_finishes(tmp_path, mlflow_uri):
+    """Found by the pre-flight (issue 17): refused before any MLflow run exists, rather than a FAILED run."""
     (tmp_path / "empty" / "10_nothing").mkdir(parents=True)
-    outcome = train_tiny(tmp_path, "data=folder", f"data.dir={tmp_path / 'empty'}")
-    assert outcome.status == "FAILED" and "no readable images" in outcome.reason
+    with pytest.raises(UserError, match="data.dir: no readable images"):
+        train_tiny(tmp_path, "data=folder", f"data.dir={tmp_path / 'empty'}")
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
-    assert run.info.status == "FAILED" and "data.dir" in run.data.tags["lora_sweep.failure"]
+    exp = MlflowClient(mlflow_uri).get_experiment_by_name("lora-sweep")
+    assert exp is None or not MlflowClient(mlflow_uri).search_runs([exp.experiment_id])
 
 
 def test_non_positive_max_steps_fails_before_any_run(tmp_path, mlflow_uri):

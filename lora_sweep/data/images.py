@@ -1,0 +1,123 @@
+"""Reading training images: their size from the header alone, and their pixels as the RGB a viewer would show.
+
+Two steps, so a dataset scan stays cheap: `probe_image` opens the file lazily (PIL reads only the header) and returns
+the size after EXIF orientation, the frame count and the mode; `load_rgb` decodes the pixels, and is called only
+when an image is encoded (a cache miss). Both read the orientation through `exif_orientation`, so the size a scan
+reports is the size the decode produces.
+
+Decoding follows what an image viewer shows, whatever mode PIL opens a file in (kohya calls `convert("RGB")`, which
+clips high-bit-depth values instead of scaling them; this does not):
+- 1, L, P, RGB, CMYK, YCbCr, LAB, HSV: PIL's own conversion to RGB.
+- Transparency (RGBA, LA, PA, RGBa, P/L/RGB with a `transparency` key): composited onto white.
+- 16-bit integers (I;16, I;16B, I;16L, I;16N): scaled from 0..65535 to 0..255 (scikit-image's `img_as_ubyte`);
+  32-bit integers (I) whose values fit in 0..65535 are treated as 16-bit, others and floats (F) outside 0..1 are
+  stretched from their own minimum..maximum (with a warning); floats in 0..1 are scaled by 255.
+- Animated or multi-frame files (GIF, WebP, APNG, multi-page TIFF, MPO) give their first frame; `probe_image`
+  reports the frame count so the scan can warn.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image
+
+log = logging.getLogger(__name__)
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright (the EXIF 2.3 table, as in
+# PIL.ImageOps.exif_transpose). 5-8 swap width and height.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says: `size` (width, height) in pixels after EXIF orientation, PIL `mode`, `frames` (1 for
+    a still image), and `orientation` (the EXIF tag, 1 when absent)."""
+
+    size: tuple[int, int]
+    mode: str
+    frames: int
+    orientation: int
+    format: str
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened, not yet decoded image; 1 when there is none.
+
+    Read from the header only: JPEG's APP1, WebP's EXIF chunk, TIFF's IFD, a PNG's eXIf chunk when it precedes the
+    pixel data. (PIL's PNG reader decodes the whole image to look for an eXIf chunk after the pixels; such a late
+    chunk is ignored here, in the scan and the decode alike, so both agree on the size.)"""
+    try:
+        exif = Image.Image.getexif(img)  # the base method: never triggers the PNG plugin's full decode
+        value = int(exif.get(ExifTags.Base.Orientation, 1))
+    except Exception:  # a malformed EXIF block: treat as upright, as viewers do
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def probe_image(path: str | Path) -> ImageInfo:
+    """The header's facts about one image, without decoding its pixels (milliseconds even for 2048 px JPEGs).
+
+    Raises whatever PIL raises for a file it cannot identify (`PIL.UnidentifiedImageError`, OSError, ...)."""
+    with Image.open(path) as img:
+        orientation = exif_orientation(img)
+        width, height = img.size
+        frames = int(getattr(img, "n_frames", 1) or 1) if getattr(img, "is_animated", False) else 1
+        if orientation >= 5:
+            width, height = height, width
+        return ImageInfo((width, height), img.mode, frames, orientation, img.format or "")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image fully as 8-bit RGB, upright (EXIF orientation applied), first frame, alpha flattened onto
+    white, high-bit-depth values scaled (see the module docstring). Raises PIL's errors for unreadable files."""
+    with Image.open(path) as img:
+        method = _TRANSPOSE.get(exif_orientation(img))
+        img.seek(0)
+        img.load()
+        rgb = to_rgb(img, name=str(path))
+    return rgb.transpose(method) if method is not None else rgb
+
+
+def to_rgb(img: Image.Image, *, name: str = "image") -> Image.Image:
+    """An image of any PIL mode as the RGB it shows (a new image; `img` is not changed)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        rgba = img.convert("RGBA") if mode != "La" else img.convert("LA").convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        return Image.fromarray(_high_bit_depth_to_uint8(np.asarray(img), mode, name)).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_bit_depth_to_uint8(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """A 2-D array of 16/32-bit integers or floats as uint8, scaled by its type's range (never clipped)."""
+    from skimage.exposure import rescale_intensity
+    from skimage.util import img_as_ubyte
+
+    if mode in _SIXTEEN_BIT:
+        return img_as_ubyte(values.astype(np.uint16))
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "I" and 0 <= low and high <= 65535:
+        return img_as_ubyte(values.astype(np.uint16))
+    if mode == "F" and 0 <= low and high <= 1:
+        return img_as_ubyte(values.astype(np.float32))
+    log.warning("image '%s' (PIL mode %s) holds values %g..%g outside its type's usual range: stretched to 0..255",
+                name, mode, low, high)
+    return rescale_intensity(values.astype(np.float64), in_range="image", out_range=np.uint8).astype(np.uint8)

@@ -1,0 +1,331 @@
+"""The pre-flight: every check that files alone can answer, made before any model loads, reported all at once.
+
+Runs after the config is composed and before anything heavy or lasting happens: in `sweep.py` as a Hydra callback
+(`PreflightCallback`, first in conf/config.yaml's hydra.callbacks) before Hydra creates an output folder or the
+sweep's MLflow parent run exists, for every job of a sweep in the launching process (gpu_queue, Ray, Slurm alike);
+and again, cheaply, at the start of each job (`run.run_job`), where its fallbacks are logged on the MLflow run.
+
+`check_job(cfg)` makes these checks and never stops at the first problem:
+- the config's values (`validate.config_problems`);
+- the dataset (`data.dir`, `data.validation_dir`): the folder tree, every image header (size after EXIF
+  orientation, frames), every caption file (UTF-8, not empty), and the bucket of every image (an image too small
+  for a bucket is named with its size);
+- the prompt file (`sampling.prompt_file`, with line numbers) and `sampling.prompts`;
+- the optimizer's learning-rate groups (`optimizer.name`, `train.lr`, `train.text_encoder_lr`);
+- a `train.resume` state against `train.max_steps`;
+- every folder a job writes (output, states, cache, a local MLflow store, Hydra's run or sweep folder): writable or
+  creatable, checked without creating anything.
+A problem is one line naming the setting and the file (and line); a `Fallback` is something used instead of what the
+user gave, printed once as a warning. With any problem the command exits with status 2 and has written nothing: no
+cache entry, no MLflow run, no output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from lora_sweep.errors import ConfigError, Fallback, UserError
+
+log = logging.getLogger(__name__)
+SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
+_LOGGED: set[str] = set()  # fallback lines already printed by this process
+
+
+@dataclass
+class Report:
+    """What the pre-flight found for one job: `problems` (one line each; any one stops the job) and `fallbacks`."""
+
+    problems: list[str] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+    def error(self) -> UserError:
+        return UserError(format_problems([(p, []) for p in self.problems], jobs=1))
+
+    def warnings_text(self) -> str:
+        """Every fallback with all its paths (the run's `data/warnings.txt`)."""
+        return "\n".join(f.full() for f in self.fallbacks) + "\n"
+
+
+class _Memo:
+    """Scans and state reads shared by the jobs of one sweep (they mostly share a dataset)."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self.values:
+            self.values[key] = compute()
+        return self.values[key]
+
+
+def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: _Memo | None = None) -> Report:
+    """Every pre-flight check of one composed job config (paths already absolute: `paths.make_paths_absolute`).
+    `hydra_dir`: (its setting, the folder) Hydra will create for the job's outputs, checked for writability, if
+    known. Never raises for what it finds; loads no model and writes nothing."""
+    from lora_sweep.validate import config_problems
+
+    memo = memo or _Memo()
+    report = Report(problems=config_problems(cfg))
+    _check_data(cfg, report, memo)
+    _check_prompts(cfg, report)
+    _attempt(report, lambda: _check_learning_rates(cfg))
+    _attempt(report, lambda: _check_resume_state(cfg, memo))
+    report.problems += folder_problems(cfg, hydra_dir)
+    report.problems = list(dict.fromkeys(report.problems))  # a path problem found twice is said once
+    return report
+
+
+def _attempt(report: Report, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except UserError as error:
+        report.problems += str(error).splitlines()
+
+
+def _check_data(cfg, report: Report, memo: _Memo) -> None:
+    from lora_sweep.data.buckets import bucket_settings
+    from lora_sweep.data.dataset import inspect_folder
+
+    d = cfg.data
+    folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
+    try:
+        settings = bucket_settings(d)
+    except UserError:  # reported by the config checks
+        settings = None
+    for setting, folder in folders:
+        if folder is None or not Path(folder).is_dir():  # a missing folder is a config problem, reported there
+            continue
+        scan = memo.get(("scan", str(folder), d.caption_extension, setting),
+                        lambda f=folder, s=setting: inspect_folder(f, d.caption_extension, setting=s))
+        report.problems += scan.problems
+        report.fallbacks += scan.fallbacks
+        if settings is not None:
+            report.problems += _bucket_problems(scan.items, settings, setting)
+
+
+def _train_folder(cfg) -> Path | None:
+    """data.dir, or the bundled photos if they were already written (they are known-good; writing them is a job's
+    first act, not the pre-flight's)."""
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    if cfg.data.name == "photos":
+        from lora_sweep.data.photos import VERSION
+
+        folder = cache_root(cfg) / "datasets" / VERSION
+        return folder if folder.is_dir() else None
+    return None
+
+
+def _bucket_problems(items, settings: dict, setting: str) -> list[str]:
+    from lora_sweep.data.buckets import assign_with_settings
+
+    problems = []
+    for item in items:
+        try:
+            assign_with_settings(item.size, settings)
+        except ConfigError:  # the settings themselves: reported once by the config checks
+            return []
+        except UserError as error:
+            problems.append(f"{setting}: image '{item.path}' ({item.size[0]}x{item.size[1]}): {error}")
+    return problems
+
+
+def _check_prompts(cfg, report: Report) -> None:
+    from lora_sweep.compare.prompts import check_prompts
+
+    s = cfg.sampling
+    if not s.prompts and not s.prompt_file:
+        return
+    prompts = s.prompts if isinstance(s.prompts, str) else list(s.prompts)
+    _, problems, fallbacks = check_prompts(prompts, prompt_file=s.prompt_file, default_steps=s.steps,
+                                           default_cfg=s.cfg, default_seed=s.seed, default_negative=s.negative)
+    report.problems += [p for p in problems if not (s.prompt_file and "does not exist" in p)]  # said by validate
+    report.fallbacks += fallbacks
+
+
+def _check_learning_rates(cfg) -> None:
+    from lora_sweep.training import optim
+
+    t = cfg.train
+    if not isinstance(t.lr, (int, float)) or t.lr < 0 or cfg.optimizer.name not in optim.OPTIMIZERS:
+        return  # reported by the config checks
+    with warnings.catch_warnings():  # the low-lr advice is printed when the optimizer is built
+        warnings.simplefilter("ignore")
+        optim.check_learning_rates(cfg.optimizer.name, lr=t.lr, text_encoder_lr=t.text_encoder_lr,
+                                   train_text_encoder=cfg.network.train_text_encoder)
+
+
+def _check_resume_state(cfg, memo: _Memo) -> None:
+    from lora_sweep.training.checkpoint import read_meta, resolve_state_arg
+
+    t = cfg.train
+    if t.resume in ("auto", "never") or not Path(t.resume).exists():
+        return  # auto: states live under the config hash, which includes train.max_steps
+    state = resolve_state_arg(t.resume)
+    meta = memo.get(("state", str(state)), lambda: read_meta(state))
+    if int(meta.get("step", 0)) > t.max_steps:
+        raise UserError(f"train.resume: the state '{state}' is at step {meta['step']}, beyond train.max_steps="
+                        f"{t.max_steps}. Raise train.max_steps, or set train.resume=never to start over.")
+
+
+def cache_root(cfg) -> Path:
+    """`data.cache_dir`, else the per-user default (as `training.session.cache_root`, without importing torch)."""
+    from lora_sweep.paths import default_cache_dir
+
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
+def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
+    """Every folder a job will write to that could not be created or written, checked without creating anything
+    (the nearest existing parent must be a writable folder)."""
+    from lora_sweep import tracking
+    from lora_sweep.training.failures import sqlite_store_folder
+
+    folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
+               ("train.state_dir", cfg.train.state_dir or cache_root(cfg) / "states"),
+               ("data.cache_dir", cache_root(cfg))]
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    folders.append((f"tracking.uri ({uri})", sqlite_store_folder(uri)))
+    return [p for setting, folder in folders if folder is not None and (p := _unwritable(Path(folder), setting))]
+
+
+def _unwritable(folder: Path, setting: str) -> str | None:
+    folder = folder.expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{setting}: cannot create the folder '{folder}': '{existing}' is a file, not a folder."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{setting}: cannot write to '{folder}' ('{existing}' is not writable). Make it writable, or point "
+                f"{setting.split(' ')[0]} at a folder you can write to.")
+    return None
+
+
+def announce(fallbacks: list[Fallback]) -> None:
+    """Print each fallback as a warning, once per process."""
+    for fallback in fallbacks:
+        if fallback.line() not in _LOGGED:
+            _LOGGED.add(fallback.line())
+            log.warning("%s", fallback.line())
+
+
+def _shape(line: str) -> str:
+    """A problem line without its quoted paths and numbers: lines of the same kind share it."""
+    return re.sub(r"\d+", "#", re.sub(r"'[^']*'", "'…'", line))
+
+
+def format_problems(grouped: list[tuple[str, list[str]]], *, jobs: int) -> str:
+    """The exit message: one line per problem (the jobs it hits, in a sweep, unless all), at most
+    SAME_KIND_SHOWN of one kind, then how many more."""
+    count = len(grouped)
+    head = (f"Pre-flight found {count} problem{'s' * (count != 1)}"
+            + (f" in a sweep of {jobs} jobs" if jobs > 1 else "")
+            + "; nothing was started or written. Fix them and run again:")
+    lines, per_kind = [head], defaultdict(int)
+    for problem, hit in grouped:
+        per_kind[_shape(problem)] += 1
+        if per_kind[_shape(problem)] <= SAME_KIND_SHOWN:
+            where = "" if jobs <= 1 or len(hit) == jobs else f"  [{_jobs_label(hit)}]"
+            lines.append(f"- {problem}{where}")
+    for shape, n in per_kind.items():
+        if n > SAME_KIND_SHOWN:
+            lines.append(f"- ... and {n - SAME_KIND_SHOWN} more like: {shape}")
+    return "\n".join(lines)
+
+
+def _jobs_label(hit: list[str]) -> str:
+    shown = ", ".join(hit[:4])
+    return f"job{'s' * (len(hit) != 1)} {shown}" + (f" and {len(hit) - 4} more" if len(hit) > 4 else "")
+
+
+class PreflightCallback(Callback):
+    """Hydra callback: the pre-flight of a run or of every job of a sweep, before Hydra creates any folder or any
+    other callback (the MLflow sweep run) starts. List it first in hydra.callbacks. Exits with status 2 on problems;
+    prints each fallback once, grouped over the sweep's jobs."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        report = check_job(_job_copy(config), hydra_dir=("hydra.run.dir", Path(config.hydra.run.dir)))
+        _finish([("", report)], jobs=1)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        memo, results = _Memo(), []
+        for label, job_config, error in sweep_job_configs(config):
+            if error is not None:
+                results.append((label, Report(problems=[f"{label}: the sweep cannot be expanded: {error}"])))
+                continue
+            report = check_job(_job_copy(job_config), hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)),
+                               memo=memo)
+            results.append((label, report))
+        _finish(results, jobs=len(results))
+
+
+def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, str | None]]:
+    """(label, composed config, None) for every job of a sweep, as Hydra's BasicSweeper expands it (its
+    `hydra.sweeper.params`, then the command line's overrides, as a cartesian product) and the launchers compose
+    it (`ConfigLoader.load_sweep_config`); (label, None, error) where that fails. Another sweeper (e.g. Optuna)
+    chooses its jobs as it runs: then the sweep's base config stands for them, and each job checks itself at start."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        log.info("pre-flight: the sweeper %s picks its jobs as it runs; checking the sweep's base config now and "
+                 "each job when it starts", sweeper.get("_target_"))
+        return [("the sweep's base config", config, None)]
+    loader = GlobalHydra.instance().config_loader()
+    arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    arguments += list(config.hydra.overrides.task)
+    try:
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception as error:  # Hydra's own message (an unknown group option in a glob, a bad sweep syntax)
+        return [("the sweep", None, str(error).strip().splitlines()[0])]
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    configs = []
+    for num, overrides in enumerate(jobs):
+        label = f"#{num}" + "".join(f" {o}" for o in overrides if o.split("=", 1)[0] in swept)
+        try:
+            configs.append((label, loader.load_sweep_config(config, list(overrides)), None))
+        except Exception as error:
+            configs.append((label, None, str(error).strip().splitlines()[0]))
+    return configs
+
+
+def _job_copy(config: DictConfig) -> DictConfig:
+    """The job's own config (no hydra node) with absolute paths, as run_job will see it."""
+    from lora_sweep.paths import make_paths_absolute
+
+    cfg = copy.deepcopy(config)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    make_paths_absolute(cfg)
+    return cfg
+
+
+def _finish(results: list[tuple[str, Report]], *, jobs: int) -> None:
+    """Exit 2 with every problem (grouped over jobs), or print the fallbacks (grouped) and go on."""
+    problems: dict[str, list[str]] = defaultdict(list)
+    fallbacks: dict[str, Fallback] = {}
+    for label, report in results:
+        for problem in report.problems:
+            problems[problem].append(label)
+        for fallback in report.fallbacks:
+            fallbacks.setdefault(fallback.line(), fallback)
+    if problems:
+        log.error("%s", format_problems(list(problems.items()), jobs=jobs))
+        sys.exit(2)
+    announce(list(fallbacks.values()))

@@ -1,0 +1,136 @@
+"""The dataset scan: every problem at once, each naming its file; every fallback a warning with counts and paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_sweep.data.dataset import inspect_folder, scan_folder
+from lora_sweep.errors import UserError
+
+CP1252_ARTISTS = bytes.fromhex("6172746973749273")  # "artist's" with cp1252's right quote
+
+
+def image(path: Path, size=(64, 48), caption: str | bytes | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 80, 40)).save(path)
+    if caption is not None:
+        target = path.with_suffix(".txt")
+        target.write_bytes(caption) if isinstance(caption, bytes) else target.write_text(caption, encoding="utf-8")
+    return path
+
+
+def fallback(scan, fragment: str):
+    found = [f for f in scan.fallbacks if fragment in f.what]
+    assert len(found) == 1, [f.line() for f in scan.fallbacks]
+    return found[0]
+
+
+def test_every_bad_caption_is_reported_with_its_file_not_only_the_first(tmp_path):
+    image(tmp_path / "1_subj" / "img1.png", caption=CP1252_ARTISTS)
+    image(tmp_path / "1_subj" / "img2.png", caption=CP1252_ARTISTS)
+    image(tmp_path / "1_subj" / "img3.png", caption=b"")
+    image(tmp_path / "1_subj" / "ok.png", caption="a photo")
+    scan = inspect_folder(tmp_path)
+    assert len(scan.problems) == 3
+    assert all(p.startswith("data.dir: caption file '") for p in scan.problems)
+    assert "img1.txt' is not valid UTF-8 (invalid start byte at byte 6)" in scan.problems[0]
+    assert "img2.txt' is not valid UTF-8" in scan.problems[1]
+    assert "img3.txt' is empty" in scan.problems[2]
+    with pytest.raises(UserError) as error:
+        scan_folder(tmp_path)
+    assert str(error.value).count("\n") == 2  # one line per problem
+
+
+def test_blank_first_line_gives_an_empty_caption_with_a_warning(tmp_path):
+    image(tmp_path / "2_subj" / "a.png", caption="\n\nmytoken, red hat")
+    scan = inspect_folder(tmp_path)
+    assert not scan.problems and scan.items[0].caption == ""  # kohya reads the first line
+    warning = fallback(scan, "first line is blank")
+    assert warning.paths == (str(tmp_path / "2_subj" / "a.txt"),) and warning.setting == "data.dir"
+
+
+def test_missing_captions_are_counted_and_another_extension_is_named(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        image(tmp_path / "3_mychar" / f"{name}.png", caption="tagged")  # .txt files only
+    scan = inspect_folder(tmp_path, caption_extension=".caption")
+    assert [item.caption for item in scan.items] == ["mychar"] * 4
+    warning = fallback(scan, "without a .caption caption file")
+    assert warning.count == 4 and "4 with a .txt file: set data.caption_extension" in warning.hint
+    line = warning.line()
+    assert line.startswith("data.dir: 4 images without a .caption") and "and 1 more" in line
+
+
+def test_zero_repeat_and_nested_folders_are_not_used_and_said(tmp_path):
+    image(tmp_path / "1_alpha" / "a.png", caption="a")
+    image(tmp_path / "0_beta" / "b.png", caption="b")
+    image(tmp_path / "3_gamma" / "nested" / "g.png", caption="g")
+    image(tmp_path / "loose.png")
+    (tmp_path / "notes").mkdir()
+    scan = inspect_folder(tmp_path)
+    assert [i.path.name for i in scan.items] == ["a.png"]  # 0_beta is neither counted nor encoded
+    assert fallback(scan, "0 repeats").paths == (str(tmp_path / "0_beta"),)
+    assert fallback(scan, "inside subfolders").paths == (str(tmp_path / "3_gamma" / "nested" / "g.png"),)
+    assert fallback(scan, "directly in the dataset folder").count == 1
+    assert fallback(scan, "without kohya's '<repeats>_' prefix").paths == (str(tmp_path / "notes"),)
+
+
+def test_only_zero_repeat_folders_is_a_clear_problem_not_a_division_by_zero(tmp_path):
+    image(tmp_path / "0_x" / "a.png", caption="a")
+    scan = inspect_folder(tmp_path)
+    assert len(scan.problems) == 1
+    assert "no readable images to train on" in scan.problems[0] and "0 repeats" in scan.problems[0]
+
+
+def test_unreadable_and_animated_images_and_unsupported_formats(tmp_path):
+    image(tmp_path / "1_s" / "good.png", caption="g")
+    (tmp_path / "1_s" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "1_s" / "anim.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "1_s" / "phone.HEIC").write_bytes(b"\0")
+    scan = inspect_folder(tmp_path)
+    assert sorted(i.path.name for i in scan.items) == ["anim.gif", "good.png"]
+    assert scan.skipped == [tmp_path / "1_s" / "broken.png"]
+    assert fallback(scan, "PIL cannot read").count == 1
+    assert fallback(scan, "first frame").paths == (f"{tmp_path / '1_s' / 'anim.gif'} (2 frames)",)
+    assert fallback(scan, "does not read").paths == (str(tmp_path / "1_s" / "phone.HEIC"),)
+
+
+def test_sizes_come_from_the_header_after_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    (tmp_path / "1_s").mkdir()
+    Image.new("RGB", (300, 100)).save(tmp_path / "1_s" / "r.jpg", exif=exif)
+    assert inspect_folder(tmp_path).items[0].size == (100, 300)
+
+
+def test_a_clean_dataset_has_no_problems_and_no_warnings(tmp_path):
+    image(tmp_path / "5_photo" / "a.png", caption="a photo")
+    scan = scan_folder(tmp_path)
+    assert not scan.problems and not scan.fallbacks and scan.items[0].repeats == 5
+
+
+def test_scan_benchmark_runs_small():
+    """benchmarks/scan_bench.py (issue 16's header-only scan figure) at a toy size; the figure itself is a benchmark."""
+    from benchmarks.scan_bench import main
+
+    result = main(["--images", "3", "--size", "64", "--repeats", "1"])
+    assert result["images"] == 3 and {"header_scan_s", "full_decode_s", "meets_target"} <= set(result)  # no timing
+
+
+def test_pointing_at_a_repeats_folder_itself_says_so(tmp_path):
+    image(tmp_path / "10_mychar" / "a.png", caption="a")
+    scan = inspect_folder(tmp_path / "10_mychar")
+    assert "instead of its parent" in scan.problems[0] and str(tmp_path) in scan.problems[0]
+
+
+def test_a_warning_line_counts_in_words():
+    from lora_sweep.errors import Fallback
+
+    one = Fallback("data.dir", "images without a .txt caption file: trained on the class token", ("a.png",), "Hint.")
+    assert one.line() == "data.dir: 1 image without a .txt caption file: trained on the class token: 'a.png'. Hint."
+    many = Fallback("data.dir", "caption files (.txt) whose first line is blank", tuple("abcde"))
+    assert many.line() == "data.dir: 5 caption files (.txt) whose first line is blank: 'a', 'b', 'c' and 2 more."
+    assert many.full().splitlines()[1:] == [f"    {p}" for p in "abcde"]

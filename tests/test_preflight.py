@@ -1,0 +1,271 @@
+"""The pre-flight: bad input answered before any model loads, every problem at once, exit 2, nothing written.
+
+The app runs in this process through its real Hydra entry (`sweep.main`, the real conf/ and callbacks), with the
+job's entry point and the model loader replaced by ones that fail the test: a pre-flight that lets a bad input
+through, or loads a model, fails here. One test runs the real command in a subprocess for its exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, compose_config
+from lora_sweep.paths import make_paths_absolute
+from lora_sweep.preflight import check_job
+
+CP1252 = bytes.fromhex("6172746973749273")  # cp1252 "artist's": not UTF-8 at byte 6
+
+
+def image(path: Path, size=(64, 64), caption: str | bytes | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 140, 200)).save(path)
+    if caption is not None:
+        target = path.with_suffix(".txt")
+        target.write_bytes(caption) if isinstance(caption, bytes) else target.write_text(caption, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Hydra configures the root logger (console, and a job's log file) when the app runs in this process."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch, capfd):
+    """`run(*argv)` -> (exit status, output) of `python sweep.py *argv` started in tmp_path/work; asserts that no
+    job started, no model loaded and nothing was written (work folder, cache, MLflow store all untouched)."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LORA_SWEEP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+
+    def never(what):
+        def fail(*args, **kwargs):
+            pytest.fail(f"{what} although the pre-flight should have stopped the command")
+        return fail
+
+    monkeypatch.setattr("lora_sweep.run.run_job", never("a job started"))
+    monkeypatch.setattr("lora_sweep.model.loading.load_sdxl", never("the model loaded"))
+
+    def run(*argv: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["sweep.py", *argv])
+        code = 0
+        try:
+            runpy.run_path(str(ROOT / "sweep.py"), run_name="__main__")  # as `python sweep.py`, in this process
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            GlobalHydra.instance().clear()
+        captured = capfd.readouterr()
+        assert list(work.iterdir()) == [], "the pre-flight wrote into the working folder"
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "store").exists()
+        return code, captured.out + captured.err
+
+    return run
+
+
+def test_every_problem_at_once_exit_2_nothing_written(tmp_path, app):
+    """Cases 1, 2, 6, 7 and 8 of issue 17 in one command: each named with its setting, file and line."""
+    ds = tmp_path / "ds"
+    image(ds / "1_subj" / "img1.png", caption=CP1252)
+    image(ds / "1_subj" / "img2.png", caption=CP1252)
+    image(ds / "1_subj" / "empty.png", caption=b"")
+    for name, size in (("tiny", (20, 20)), ("strip", (100, 20)), ("line", (40000, 30))):
+        image(ds / "1_subj" / f"{name}.png", size=size, caption="ok")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\n\na cat\na tree --seed 7\n", encoding="utf-8")
+    code, out = app("data=folder", f"data.dir={ds}", "data.bucket_no_upscale=true", "data.bucket_reso_steps=32",
+                    "data.resolution=128", f"sampling.prompt_file={prompts}", "optimizer=prodigy",
+                    "network.train_text_encoder=true", "train.text_encoder_lr=0.5")
+    assert code == 2 and "Traceback" not in out
+    assert "Pre-flight found 8 problems; nothing was started or written" in out
+    assert f"data.dir: caption file '{ds / '1_subj' / 'img1.txt'}' is not valid UTF-8" in out
+    assert f"'{ds / '1_subj' / 'img2.txt'}' is not valid UTF-8 (invalid start byte at byte 6)" in out
+    assert f"data.dir: caption file '{ds / '1_subj' / 'empty.txt'}' is empty" in out
+    for name, size in (("tiny", "20x20"), ("strip", "100x20"), ("line", "40000x30")):
+        assert f"data.dir: image '{ds / '1_subj' / name}.png' ({size}): an image of {size} gets an empty bucket" in out
+    assert f"sampling.prompt_file '{prompts}', line 4: unknown option '--seed'" in out
+    assert "optimizer=prodigy: it shares one adapted step size" in out and "unet_lr" not in out
+
+
+def test_a_dataset_of_only_zero_repeat_folders_is_refused_up_front(tmp_path, app):
+    image(tmp_path / "ds" / "0_beta" / "a.png", caption="beta")
+    code, out = app("data=folder", f"data.dir={tmp_path / 'ds'}")
+    assert code == 2 and "ZeroDivisionError" not in out
+    assert "data.dir: no readable images to train on" in out and "folders with 0 repeats are not used" in out
+
+
+def test_a_sweep_checks_every_job_before_any_starts_and_groups_the_problems(tmp_path, app):
+    image(tmp_path / "ds" / "1_subj" / "img1.png", caption=CP1252)
+    code, out = app("-m", "optimizer=adamw,prodigy", "noise=none,offset", "data=folder",
+                    f"data.dir={tmp_path / 'ds'}", "network.train_text_encoder=true", "train.text_encoder_lr=0.5")
+    assert code == 2
+    assert "Pre-flight found 2 problems in a sweep of 4 jobs" in out
+    caption_line = next(line for line in out.splitlines() if "img1.txt" in line)
+    assert "[job" not in caption_line  # all four jobs: said once, without a job list
+    prodigy_line = next(line for line in out.splitlines() if "optimizer=prodigy: it shares" in line)
+    assert prodigy_line.endswith("[jobs #2 optimizer=prodigy noise=none, #3 optimizer=prodigy noise=offset]")
+    assert out.count("img1.txt") == 1
+
+
+@pytest.mark.parametrize("launcher", ["ray", "submitit_slurm"])
+def test_other_launchers_get_the_same_pre_flight_before_they_start(tmp_path, app, launcher):
+    image(tmp_path / "ds" / "1_subj" / "img1.png", caption=b"")
+    code, out = app("-m", f"hydra/launcher={launcher}", "noise=none,offset", "data=folder",
+                    f"data.dir={tmp_path / 'ds'}")
+    assert code == 2 and "img1.txt' is empty" in out and "sweep of 2 jobs" in out
+
+
+def test_a_bad_sweep_override_is_a_pre_flight_problem(tmp_path, app):
+    code, out = app("-m", "noise=none,offset", "loss.type=l2,l3")
+    assert code == 2 and "loss.type" in out and "'l3'" in out and "[jobs #1 noise=none loss.type=l3, #3" in out
+
+
+def test_zero_means_off_and_relative_paths_mean_the_launch_folder(tmp_path, monkeypatch):
+    """Cases 9 and 10: noise.adaptive_scale=0 (and loss.min_snr_gamma=0) are off, not errors; a relative data.dir
+    and prompt file resolve against where the command started, whatever the job's working folder is."""
+    image(tmp_path / "ds" / "2_cat" / "a.png", caption="a cat")
+    (tmp_path / "prompts.txt").write_text("a cat\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("noise=none", "noise.adaptive_scale=0", "loss.min_snr_gamma=0", "data=folder",
+                         "data.dir=./ds", "sampling.prompt_file=prompts.txt", "train.state_dir='~/states'")
+    changed = make_paths_absolute(cfg)
+    assert cfg.data.dir == str(tmp_path / "ds") and cfg.sampling.prompt_file == str(tmp_path / "prompts.txt")
+    assert changed["train.state_dir"] == os.path.expanduser("~/states")
+    monkeypatch.chdir(tmp_path / "ds")  # as hydra.job.chdir=true moves a job
+    report = check_job(cfg)
+    assert report.problems == [] and report.fallbacks == []
+
+
+def test_a_resume_state_beyond_max_steps_is_found_before_the_model_loads(tmp_path):
+    import torch
+
+    state = tmp_path / "state-step00000050.pt"
+    torch.save({"format": 1, "meta": {"config_hash": "x", "run_id": "r", "step": 50}}, state)
+    report = check_job(compose_config(f"train.resume={state}", "train.max_steps=20"))
+    assert report.problems == [f"train.resume: the state '{state}' is at step 50, beyond train.max_steps=20. Raise "
+                               "train.max_steps, or set train.resume=never to start over."]
+
+
+def test_folders_that_cannot_be_written_are_named_without_creating_anything(tmp_path):
+    (tmp_path / "file").write_text("")
+    cfg = compose_config(f"train.output_dir={tmp_path / 'file' / 'out'}", f"train.state_dir={tmp_path / 'new' / 's'}")
+    problems = check_job(cfg).problems
+    assert problems == [f"train.output_dir: cannot create the folder '{tmp_path / 'file' / 'out'}': "
+                        f"'{tmp_path / 'file'}' is a file, not a folder."]
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_real_command_exits_2_without_a_traceback_and_writes_nothing(tmp_path):
+    image(tmp_path / "ds" / "1_subj" / "img1.png", caption=CP1252)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", LORA_SWEEP_CACHE_DIR=str(work / "c"))
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "noise=none,offset", "data=folder",
+                          f"data.dir={tmp_path / 'ds'}", "hydra.job.chdir=true"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "img1.txt' is not valid UTF-8" in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_sixteen_bit_scan_is_header_only_and_the_caption_policy_is_warned(tmp_path):
+    """Warnings (fallbacks) never stop a run: missing captions with another extension beside them, a blank
+    first line, a nested folder, an animated file, a single-dash prompt option."""
+    ds = tmp_path / "ds"
+    image(ds / "3_subj" / "a.png", caption="tags in a .txt file")
+    image(ds / "3_subj" / "b.png", caption="\n\nmytoken, red hat")
+    image(ds / "3_subj" / "nested" / "c.png", caption="c")
+    gray = np.random.default_rng(0).integers(0, 65536, (96, 128)).astype(np.uint16)
+    Image.fromarray(gray).save(ds / "3_subj" / "gray16.png")
+    frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(ds / "3_subj" / "anim.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "p.txt").write_text("a dog -w 640 -h 1280\n", encoding="utf-8")
+    cfg = compose_config("data=folder", f"data.dir={ds}", "data.caption_extension=.caption",
+                         f"sampling.prompt_file={tmp_path / 'p.txt'}")
+    report = check_job(cfg)
+    assert report.problems == []
+    lines = [f.line() for f in report.fallbacks]
+    assert any(line.startswith("data.dir: 4 images without a .caption caption file") and "2 with a .txt file" in line
+               for line in lines)
+    assert any("inside subfolders" in line for line in lines) and any("first frame" in line for line in lines)
+    assert any(line.startswith("sampling.prompt_file: 1 prompt line with") for line in lines)
+    assert report.warnings_text().count("\n    ") >= 7  # every path, one per line
+
+
+@pytest.mark.slow
+def test_a_chdir_job_with_relative_paths_trains_and_logs_its_warnings(tmp_path, monkeypatch):
+    """Case 10 end to end: hydra.job.chdir=true with data.dir=./ds and a relative prompt file trains; params and
+    the config hash hold absolute paths; the default MLflow store is in the launch folder, not the job's; the
+    warnings are printed once and logged on the run (data.warnings + data/warnings.txt)."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+    from mlflow.tracking import MlflowClient
+
+    image(tmp_path / "ds" / "2_cat" / "a.png", caption="a cat")
+    image(tmp_path / "ds" / "2_cat" / "b.png")  # no caption: the class token, with a warning
+    (tmp_path / "prompts.txt").write_text("a cat -w 64\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "hydra.job.chdir=true", "data=folder", "data.dir=./ds",
+                                      "sampling.prompt_file=prompts.txt", "sampling.steps=1", "train.max_steps=1",
+                                      "noise=none", "noise.adaptive_scale=0", "hydra.run.dir=outputs/run"])
+    try:
+        runpy.run_path(str(ROOT / "sweep.py"), run_name="__main__")
+    finally:
+        GlobalHydra.instance().clear()
+    assert Path.cwd() == tmp_path and (tmp_path / "mlflow.db").is_file()
+    assert not (tmp_path / "outputs" / "run" / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("lora-sweep").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.dir"] == str(tmp_path / "ds")
+    assert run.data.params["sampling.prompt_file"] == str(tmp_path / "prompts.txt")
+    assert run.data.params["data.warnings"] == "2"
+    text = Path(client.download_artifacts(run.info.run_id, "data/warnings.txt", str(tmp_path))).read_text()
+    assert str(tmp_path / "ds" / "2_cat" / "b.png") in text and "line 1 (-w)" in text
+
+
+def test_an_output_folder_hydra_cannot_create_is_refused_before_hydra_tries(tmp_path, app):
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    code, out = app(f"hydra.run.dir={tmp_path / 'taken' / 'run'}")
+    assert code == 2 and f"hydra.run.dir: cannot create the folder '{tmp_path / 'taken' / 'run'}'" in out
+
+
+def test_bad_bucket_settings_are_said_once_not_once_per_image(tmp_path):
+    for name in "abc":
+        image(tmp_path / "ds" / "1_x" / f"{name}.png", caption=name)
+    problems = check_job(compose_config("data=folder", f"data.dir={tmp_path / 'ds'}", "data.resolution=128",
+                                        "data.max_bucket_reso=64")).problems
+    assert len(problems) == 1 and problems[0].startswith("data.max_bucket_reso (64) is smaller")
+
+
+def test_many_problems_of_one_kind_are_listed_up_to_ten_then_counted():
+    from lora_sweep.preflight import format_problems
+
+    grouped = [(f"data.dir: caption file '/d/{i}.txt' is empty.", ["#0"]) for i in range(13)]
+    grouped.append(("train.resume: other kind", ["#1"]))
+    lines = format_problems(grouped, jobs=2).splitlines()
+    assert lines[0].startswith("Pre-flight found 14 problems in a sweep of 2 jobs")
+    assert sum("is empty." in line for line in lines[1:11]) == 10 and "[job #0]" in lines[1]
+    assert lines[-1] == "- ... and 3 more like: data.dir: caption file '…' is empty."
