@@ -6,14 +6,16 @@ Any test can use them: tests/conftest.py imports the fixtures `mlflow_server` (o
 - `mlflow_server`: `mlflow server` on a free loopback port with a sqlite backend and a local artifact folder
   (artifacts are proxied over HTTP, `mlflow-artifacts:/`, as cluster jobs need), in its own process group
   (lora_sweep.compare.ui.running_server); teardown stops the whole group and checks that nothing of it is left.
-  Tests share it: give each test its own experiment name. Ready in about 7 s.
+  Tests share it: give each test its own experiment name. Ready in 7-25 s (2 busy cores).
 - `slurm_cluster`: Debian's Slurm 22.05 (`slurm-wlm`, `munge`; .ci/run installs them with apt-get). The fixture
   writes a `slurm.conf` for this one machine (its CPUs, sockets and memory as `slurmd -C` reports them, two fake
   GPUs as `gres` so `--gpus-per-node` is honoured and each job gets its own CUDA_VISIBLE_DEVICES,
   `proctrack/linuxproc`, no cgroups, no accounting), creates a munge key, starts `munged`, `slurmctld` and `slurmd`
   in the foreground in one process group of their own, on free ports bound to 127.0.0.1 only
   (`CommunicationParameters=NoCtldInAddrAny,NoInAddrAny`: srun's ports too), and waits until `sinfo` shows the node
-  idle. Clients find it through `SLURM_CONF` (`cluster.env`). Teardown cancels every job, stops the daemons and
+  idle (about 1 s). Tuned for tests: the scheduler runs every 1-2 s and a requeued job waits `cred_expire` = 10 s
+  (Slurm's defaults: 30-60 s and 120 s). Clients find it through `SLURM_CONF` (`cluster.env`); no job accounting,
+  so `sacct` fails, as on clusters without slurmdbd. Teardown cancels every job, stops the daemons and
   asserts that no process carrying this cluster's `SLURM_CONF` (daemons, slurmstepd, job processes) is left.
   Skipped with the reason when the binaries are missing or we are not root (slurmd runs jobs as their user).
 """
@@ -76,9 +78,14 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
 
 # ------------------------------------------------------------------------------------------------------- Slurm
 
+def which(binary: str) -> str | None:
+    """A Slurm or munge binary on PATH, or in /usr/sbin and /sbin (daemons live there; not every PATH has them)."""
+    return shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+
+
 def slurm_unavailable() -> str | None:
     """Why a local Slurm cannot run here (None when it can)."""
-    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+    missing = [b for b in SLURM_BINARIES if which(b) is None]
     if missing:
         return (f"Slurm binaries missing ({', '.join(missing)}): apt-get install slurm-wlm munge "
                 "(.ci/run does this when it can)")
@@ -96,7 +103,7 @@ def _free_port() -> int:
 def node_hardware() -> str:
     """`slurmd -C`'s hardware fields for this machine (CPUs, Boards, SocketsPerBoard, CoresPerSocket,
     ThreadsPerCore, RealMemory in MiB), so the node registers without a mismatch that would drain it."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run([which("slurmd") or "slurmd", "-C"], capture_output=True, text=True, timeout=30, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("NodeName="))
     return " ".join(f for f in line.split()[1:] if not f.startswith("UpTime"))
 
@@ -216,7 +223,8 @@ def start_slurm(root: Path, ready_timeout_s: float = 60) -> SlurmCluster:
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o600)
-    (root / "munge").chmod(0o755)  # clients of any user may reach the socket (munged warns otherwise)
+    for folder in (root, root / "munge"):  # clients of any user may reach munged's socket (it warns otherwise)
+        folder.chmod(0o755)
     gpus = _fake_gpu_devices(root)
     conf = root / "slurm.conf"
     conf.write_text(slurm_conf(root, node, node_hardware(), _free_port(), _free_port(), gpus))
@@ -226,23 +234,27 @@ def start_slurm(root: Path, ready_timeout_s: float = 60) -> SlurmCluster:
     env = cluster.env
     log = root / "log"
     commands = [
-        ["munged", "--foreground", "--force", f"--socket={root}/munge/munge.socket",
+        [which("munged") or "munged", "--foreground", "--force", f"--socket={root}/munge/munge.socket",
          f"--key-file={key}", f"--log-file={log}/munged.log", f"--pid-file={root}/munge/munged.pid",
          f"--seed-file={root}/munge/munged.seed"],
-        ["slurmctld", "-D", "-c", "-f", str(conf)],
-        ["slurmd", "-D", "-N", node, "-f", str(conf)],
+        [which("slurmctld") or "slurmctld", "-D", "-c", "-f", str(conf)],
+        [which("slurmd") or "slurmd", "-D", "-N", node, "-f", str(conf)],
     ]
     try:
         for command in commands:
             group = cluster.processes[0].pid if cluster.processes else 0  # munged leads the group
-            with open(log / f"{command[0]}.out", "ab") as out:
+            name = Path(command[0]).name
+            with open(log / f"{name}.out", "ab") as out:
                 cluster.processes.append(subprocess.Popen(
                     command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
                     preexec_fn=lambda g=group: os.setpgid(0, g)))  # process_group= needs Python 3.11
-            if command[0] == "munged" and not _wait(lambda: (root / "munge" / "munge.socket").exists(), 20):
+            if name == "munged" and not _wait(lambda: (root / "munge" / "munge.socket").exists(), 20):
                 raise RuntimeError("munged did not create its socket")
         if not _wait(lambda: cluster.node_state() == "idle", ready_timeout_s, interval=0.5):
             raise RuntimeError(f"the node is not idle after {ready_timeout_s:.0f} s: {cluster.node_state()}")
+        exposed = [x for x in cluster.listening() if x[2] != "127.0.0.1"]
+        if exposed:
+            raise RuntimeError(f"Slurm listens beyond loopback: {exposed}")
     except BaseException as exc:
         left = stop_slurm(cluster)
         raise RuntimeError(f"local Slurm did not start: {exc} (left: {left})\n{cluster.logs()}") from exc
@@ -273,7 +285,8 @@ def stop_slurm(cluster: SlurmCluster, grace_s: float = 15) -> list[tuple[int, st
                 break
             if _wait(lambda: all(p.poll() is not None for p in cluster.processes), wait_s) and not _group_alive(pgid):
                 break
-    stragglers = cluster.leftovers() if _wait(lambda: not cluster.leftovers(), 5, interval=0.2) is False else []
+    _wait(lambda: not cluster.leftovers(), 5, interval=0.2)  # e.g. slurmstepd finishing a cancelled job
+    stragglers = cluster.leftovers()
     for pid, _ in stragglers:
         try:
             os.kill(pid, signal.SIGKILL)

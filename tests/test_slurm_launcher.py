@@ -4,6 +4,7 @@ tests/test_slurm_sweep.py."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,12 +49,13 @@ def test_partition_gpus_parallelism_and_time_limit_become_sbatch_options(tmp_pat
         pytest.skip("submitit's Slurm executor needs `srun` on PATH (apt-get install slurm-client)")
     launcher = _launcher("hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
                          "hydra.launcher.array_parallelism=3", "hydra.launcher.timeout_min=90",
-                         "hydra.launcher.account=lab", f"hydra.launcher.submitit_folder={tmp_path}/%j",
+                         "hydra.launcher.account=lab", "hydra.launcher.constraint=a100",
+                         f"hydra.launcher.submitit_folder={tmp_path}/%j",
                          "+hydra.launcher.additional_parameters.mail-type=END")
     executor = launcher._executor()
     script = executor._executor._make_submission_file_text("python -m job", "uid")
     for option in ("--partition=gpu", "--gpus-per-node=2", "--time=90", "--account=lab", "--cpus-per-task=8",
-                   "--mem=64GB", "--signal=USR2@120", "--mail-type=END", "--ntasks-per-node=1"):
+                   "--mem=64GB", "--signal=USR2@120", "--mail-type=END", "--constraint=a100", "--ntasks-per-node=1"):
         assert f"#SBATCH {option}" in script, (option, script)
     assert executor._executor.parameters["array_parallelism"] == 3  # becomes --array=0-(N-1)%3 at submission
     assert executor._executor.max_num_timeout == 0
@@ -104,3 +106,58 @@ def test_a_dead_job_fails_alone_in_the_summary_and_in_hydra(tmp_path):
     assert returns[1].status == JobStatus.FAILED and isinstance(returns[1]._return_value, JobDied)
     assert "OUT_OF_MEMORY" in str(returns[1]._return_value)
     assert '"state": "FAILED"' in summary_json(outcomes)
+
+
+def test_the_sweep_warns_when_the_tracking_store_is_not_a_server(monkeypatch, caplog):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.slurm_sweep_launcher.launcher import _warn_if_not_a_server
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _warn_if_not_a_server(OmegaConf.create({"tracking": {"uri": "sqlite:////shared/mlflow.db"}}))
+    assert "not a server" in caplog.text and "sqlite:////shared/mlflow.db" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-host:5000")
+    _warn_if_not_a_server(OmegaConf.create({"tracking": {"uri": None}}))
+    assert caplog.text == ""
+
+
+def _task(i: int):
+    """Array task i on the node: 0 returns like Hydra's run_job, 1 is killed (no result, as after an OOM kill)."""
+    import os
+    import signal
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    ret = JobReturn(overrides=[f"i={i}"])
+    ret.status, ret.return_value = JobStatus.COMPLETED, i
+    return ret
+
+
+@pytest.mark.slow
+def test_a_job_killed_on_a_cluster_without_accounting_fails_alone(slurm_cluster, tmp_path, monkeypatch):
+    """A real array of two: the killed task leaves no result and sacct cannot say so; the launcher still ends,
+    with the other task's result and the killed one FAILED with Slurm's state (stock: waits forever)."""
+    import cloudpickle
+    import submitit
+
+    from hydra_plugins.slurm_sweep_launcher import launcher as module
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    monkeypatch.setattr(module, "NO_RESULT_GRACE_S", 2.0)
+    monkeypatch.setattr(module, "SQUEUE_EVERY_S", 1.0)
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    executor.update_parameters(timeout_min=5, cpus_per_task=1, mem_gb=1, slurm_array_parallelism=2)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the node cannot import this test module
+    try:
+        jobs = executor.map_array(_task, [0, 1])
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    launcher = module.SlurmLauncher.__new__(module.SlurmLauncher)
+    launcher.status_dir = None
+    outcomes = launcher._wait_all(jobs, [["i=0"], ["i=1"]], 0)
+    assert [o.state for o in outcomes] == ["FINISHED", "FAILED"]
+    assert outcomes[0].job_return.return_value == 0
+    assert re.fullmatch(r"Slurm job \d+_1 ended without a result \(squeue: FAILED\)", outcomes[1].reason)

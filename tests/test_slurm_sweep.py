@@ -43,6 +43,8 @@ def run_sweep(cluster, server, work: Path, sweep_dir: Path, *overrides: str, dur
     gpus = [] if cluster.gpus else ["hydra.launcher.gpus_per_node=null"]
     command = [sys.executable, str(ROOT / "sweep.py"), "-m", *overrides, f"train.max_steps={STEPS}",
                "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+               # 15 min: a USR2 in the first 5 counts as a preemption, which submitit requeues even with the preset's
+               # max_num_timeout=0 (a time-out is a USR2 after 80% of the limit or in its last 10 minutes)
                "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=15", *gpus,
                f"hydra.sweep.dir={sweep_dir}", f"tracking.experiment={EXPERIMENT}"]
     log = work / f"{sweep_dir.name}.log"
