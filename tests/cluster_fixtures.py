@@ -103,7 +103,8 @@ def _free_port() -> int:
 def node_hardware() -> str:
     """`slurmd -C`'s hardware fields for this machine (CPUs, Boards, SocketsPerBoard, CoresPerSocket,
     ThreadsPerCore, RealMemory in MiB), so the node registers without a mismatch that would drain it."""
-    out = subprocess.run([which("slurmd") or "slurmd", "-C"], capture_output=True, text=True, timeout=30, check=True).stdout
+    slurmd = which("slurmd") or "slurmd"
+    out = subprocess.run([slurmd, "-C"], capture_output=True, text=True, timeout=30, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("NodeName="))
     return " ".join(f for f in line.split()[1:] if not f.startswith("UpTime"))
 
@@ -302,7 +303,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if reason:
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))  # short: unix socket paths are limited
-    cluster = start_slurm(root)
+    try:
+        cluster = start_slurm(root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     try:
         yield cluster
     finally:

@@ -30,8 +30,9 @@ def _launcher(*overrides: str):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/", category=UserWarning)
         with initialize_config_dir(str(toy.APP.parent / "conf"), version_base="1.3"):
-            cfg = compose("toy", overrides=["hydra/launcher=submitit_slurm", f"hydra.searchpath=[file://{toy.ROOT / 'conf'}]",
-                                            "record_dir=/tmp/unused", *overrides], return_hydra_config=True)
+            overrides = ("hydra/launcher=submitit_slurm", f"hydra.searchpath=[file://{toy.ROOT / 'conf'}]",
+                         "record_dir=/tmp/unused", *overrides)
+            cfg = compose("toy", overrides=list(overrides), return_hydra_config=True)
     return instantiate(cfg.hydra.launcher)
 
 
