@@ -68,13 +68,14 @@ def experiment_id(mlflow_client, name: str) -> str:
 
 
 def local_artifact_folder(mlflow_client, exp_id: str) -> Path | None:
-    """The experiment's artifact folder when it is on a local disk (checked for writability before training)."""
+    """The experiment's artifact folder when it is on a local disk (checked for writability before training);
+    None for remote ones, including an MLflow server's proxied `mlflow-artifacts:/1` (not a relative folder)."""
+    from urllib.parse import unquote, urlparse
+
     location = mlflow_client.get_experiment(exp_id).artifact_location or ""
     if location.startswith("file:"):
-        from urllib.parse import unquote, urlparse
-
         return Path(unquote(urlparse(location).path))
-    return Path(location) if location and "://" not in location else None
+    return Path(location) if location and not urlparse(location).scheme else None
 
 
 def resumable_run(mlflow_client, exp_id: str, run_id: str) -> bool:

@@ -1,5 +1,5 @@
-"""Shared test fixtures: offline Hugging Face, one cache for the session, a fresh MLflow store per test, and
-Hydra composition of the real conf/ tree."""
+"""Shared test fixtures: offline Hugging Face, one cache for the session, a fresh MLflow store per test, Hydra
+composition of the real conf/ tree, and (from cluster_fixtures) a real `mlflow server` and a one-node Slurm."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared with subprocesse
 os.environ.setdefault("LORA_SWEEP_CACHE_DIR", tempfile.mkdtemp(prefix="lora-sweep-test-cache-"))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from cluster_fixtures import mlflow_server, slurm_cluster  # noqa: E402,F401  (an MLflow server, a one-node Slurm)
 
 
 def compose_config(*overrides: str):
