@@ -201,6 +201,11 @@ _HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs
 )
 
 
+def is_hash_excluded(key: str) -> bool:
+    """True for a flattened key that never changes what a training computes (left out of `config_hash`)."""
+    return any(key == x or key.startswith(x + ".") for x in _HASH_EXCLUDED)
+
+
 def to_container(cfg: DictConfig | Config) -> Dict[str, Any]:
     """Resolve interpolations and return plain Python containers."""
     if not isinstance(cfg, DictConfig):
