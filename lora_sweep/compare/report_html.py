@@ -106,7 +106,7 @@ def effect_text(entry: dict | None) -> tuple[str, str]:
     if entry["verdict"] == "within noise":
         return f"within noise {interval}{mark}", "noise"
     if entry["verdict"] == "different":
-        return f"{signed(entry['effect'])} {interval}{mark}", "up" if entry["effect"] > 0 else "down"
+        return f"{signed(entry['effect'])} {interval}{mark}", "diff"
     return f"{signed(entry['effect'])} (n = 1: no interval)", "none"
 
 
@@ -142,7 +142,7 @@ table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;pad
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}.base{background:#eef6ff}
 .grid td{padding:2px;text-align:center;vertical-align:top}.grid img{width:160px;height:auto;image-rendering:auto}
 .grid th.row{text-align:left;white-space:nowrap}.delta{font-size:12px;display:block}.note{color:#8a5a00}
-.noise{color:#777}.up{color:#a33}.down{color:#256f3a}.none{color:#999}.n{color:#888;font-size:11px}
+.noise{color:#777}.diff{color:#1d3f8f;font-weight:600}.none{color:#999}.n{color:#888;font-size:11px}
 img.fig{max-width:100%}details{margin-bottom:8px}code{font-size:12px}
 """
 
