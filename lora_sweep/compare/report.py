@@ -4,10 +4,12 @@ MLflow conventions of lora-sweep (run.py writes them, this module reads them):
 - Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts in <cwd>/mlruns). Experiment =
   `tracking.experiment` (default "lora-sweep").
 - Sweep parent run: tag `lora_sweep.role` = "sweep". Job runs: tags `lora_sweep.role` = "job",
-  `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`.
+  `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`, and from
+  sweep.py `lora_sweep.job_num` (the Hydra job number: the sweep's order) and `lora_sweep.choice.<group>`.
 - Params: the resolved config flattened with dot keys (`noise.offset`, `loss.type`, `optimizer.name`, ...).
-- Metrics, step = optimizer step: `train/loss`, `train/lr`, `val/loss`, and `img/<metric>` (the mean over the
-  step's sample images of `lora_sweep.compare.metrics.image_metrics`).
+- Metrics, step = optimizer step: `train/loss`, `train/lr`, `fit/loss`, `val/loss`, and `img/<metric>` (the mean
+  over the step's sample images of `lora_sweep.compare.metrics.image_metrics`); per-point values of the final
+  fit/val evaluation as artifacts `evaluation/fit_points.json`, `evaluation/val_points.json`.
 - Images: `log_image(key="sample_pNN", step=step)` per prompt (the seed is fixed per prompt), one grid per
   sampling step as artifact `samples/grid_stepNNNNNN.png`, and the prompt specs as `samples/prompts.json`.
 
@@ -16,7 +18,9 @@ How MLflow 3 stores `log_image(key=..., step=...)`: two artifacts per call under
 with "/" in the key written as "~". MLflow before 2.22 / 3.0 used "%" as the separator and "#" for "/"; both
 spellings are read here. When one (key, step) was logged twice (a resumed run), the latest timestamp wins.
 
-The page is logged on the sweep's parent run as artifacts `report/report.html` (+ the figure PNGs).
+Runs are grouped into variants (replicates: configs equal but for train.seed) by `variants.py`, compared by
+`effects.py` with `stats.py`, summarised by `summary.py` and rendered by `report_html.py`. The page, its
+`summary.json` and figure PNGs are logged on the sweep's parent run as artifacts under `report/`.
 """
 
 from __future__ import annotations
