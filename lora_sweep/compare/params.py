@@ -176,7 +176,7 @@ def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[st
     for group in sorted(set(GROUP_KNOBS) | set(a_choices) | set(b_choices), key=lambda g: _sort_key(g + ".")):
         inside = {k: ab for k, ab in changed.items() if k.startswith(group + ".")}
         ca, cb = a_choices.get(group), b_choices.get(group)
-        detail = "; ".join(f"{k}: {va} -> {vb}" for k, (va, vb) in inside.items())
+        detail = "; ".join(f"{k}: {va} -> {vb}" for k, (va, vb) in inside.items() if (va, vb) != (ca, cb))
         if ca is not None and cb is not None:
             if ca == cb:
                 continue  # the same option: each value changed on top of it is a knob of its own

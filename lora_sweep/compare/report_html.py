@@ -84,15 +84,15 @@ def delta_text(value: float | None, base: float | None) -> str:
     return f"{diff:+.3g}{relative}"
 
 
-def signed(value: float | None) -> str:
-    return "—" if value is None else f"{value:+.4g}"
+def signed(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:+.{digits}g}"
 
 
 def estimate_text(entry: dict) -> str:
     """'0.1234 [0.1201, 0.1267]' or '0.1234' (the note says why there is no interval)."""
     if entry["low"] is None:
         return format_number(entry["mean"])
-    return f"{format_number(entry['mean'])} [{format_number(entry['low'])}, {format_number(entry['high'])}]"
+    return f"{format_number(entry['mean'])} [{entry['low']:.3g}, {entry['high']:.3g}]"
 
 
 def effect_text(entry: dict | None) -> tuple[str, str]:
@@ -101,7 +101,7 @@ def effect_text(entry: dict | None) -> tuple[str, str]:
         return "—", "none"
     if not entry["comparable"]:
         return f"not comparable: {entry['reason']}", "none"
-    interval = f"[{signed(entry['low'])}, {signed(entry['high'])}]" if entry["low"] is not None else ""
+    interval = f"[{signed(entry['low'], 3)}, {signed(entry['high'], 3)}]" if entry["low"] is not None else ""
     mark = " *" if entry["note"] == EVAL_NOISE_ONLY else ""
     if entry["verdict"] == "within noise":
         return f"within noise {interval}{mark}", "noise"
@@ -144,6 +144,7 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .grid th.row{text-align:left;white-space:nowrap}.delta{font-size:12px;display:block}.note{color:#8a5a00}
 .noise{color:#777}.diff{color:#1d3f8f;font-weight:600}.none{color:#999}.n{color:#888;font-size:11px}
 img.fig{max-width:100%}details{margin-bottom:8px}code{font-size:12px}
+details.config{display:inline-block;vertical-align:top;margin:0 10px 4px 0}.configs{margin-bottom:12px}
 """
 
 
@@ -159,23 +160,34 @@ def _column_heads(summary: dict) -> list[str]:
 
 
 def _parameters(data: ReportData) -> list[str]:
+    from lora_sweep.compare.table import OPTIMIZER_ABBREVIATIONS
+
     differ, shared = parameter_table(data.groups)
     total = len(differ) + len(shared)
-    rows = [[row_label(key), *values] for key, values in differ]
-    seeds = [", seeds " + ", ".join(str(s) for s in g.seeds) if g.n > 1 else
-             (f", seed {g.seeds[0]}" if g.seeds[0] is not None else "") for g in data.groups]
+    used = {v for key, values in differ if key == "optimizer.name" for v in values if v in OPTIMIZER_ABBREVIATIONS}
+    rows = [[html.escape(row_label(key)),
+             *[html.escape(OPTIMIZER_ABBREVIATIONS.get(v, v) if key == "optimizer.name" else v) for v in values]]
+            for key, values in differ]
+    heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>n = {g.n}"
+                    + (f" · seed{'s' if g.n > 1 else ''} {', '.join(str(x) for x in g.seeds)}"
+                       if g.seeds[0] is not None else "") + "</span></th>" for g in data.groups)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    legend = ", ".join(f"{OPTIMIZER_ABBREVIATIONS[name]} = {name}" for name in sorted(used))
     parts = [f"<h2>1. Parameters that differ ({len(differ)} of {total})</h2>",
-             "<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off. "
-             "Columns in the sweep's order; n = replicates (runs that differ only in train.seed).</p>",
-             _table(["parameter", *[f"{g.name} (n = {g.n}{s})" for g, s in zip(data.groups, seeds)]], rows,
-                    cls="params"),
+             "<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off, "
+             "v where a switch is on. Columns in the sweep's order; n = replicates (runs that differ only in "
+             f"train.seed).{(' Optimizers as the article writes them: ' + html.escape(legend) + '.') if legend else ''}"
+             "</p>",
+             f'<table class="params"><tr><th>parameter</th>{heads}</tr>{body}</table>',
              f"<details><summary>{len(shared)} parameters shared by all variants</summary>"
              + _table(["parameter", "value"], shared) + "</details>"]
+    configs = []
     for group in data.groups:
         config = sorted(group.params.items())
-        parts.append(f"<details class='config'><summary>{html.escape(group.name)}: full resolved config "
-                     f"({len(config)} params, run {group.representative.run_id[:8]})</summary>"
-                     + _table(["key", "value"], config) + "</details>")
+        title = html.escape(f"{len(config)} params of run {group.representative.run_id}", quote=True)
+        configs.append(f"<details class='config'><summary title='{title}'>{html.escape(group.name)}</summary>"
+                       + _table(["key", "value"], config) + "</details>")
+    parts.append(f"<div class='configs'>Full resolved config of each variant: {''.join(configs)}</div>")
     return parts
 
 
