@@ -136,7 +136,7 @@ def test_json_block_holds_what_the_page_shows(sweep, capsys):
     assert checked >= 2 * 3
     # the page's parameter table and pictures
     params = html.split('<table class="params">', 1)[1].split("</table>", 1)[0]
-    assert "v53 (n = 2, seeds 1, 2)" in params and "IP noise gamma (noise.ip_gamma)" in params
+    assert "v53<br><span class='n'>n = 2 · seeds 1, 2</span>" in params and "IP noise gamma (noise.ip_gamma)" in params
     assert "train.seed" not in params
     assert html.count("<details class='config'>") == 2  # each variant's full resolved config, one click away
     steps = set(re.findall(r'data-progress-step="(\d+)"', html))
