@@ -7,7 +7,8 @@ samples (`img/*`, same prompts and seeds). `train/loss` (each variant's own obje
 huber_c, the learning rate (d*lr for D-Adaptation/Prodigy) stay curves; cache counts and other bookkeeping are
 not compared at all.
 
-A difference b - a (`difference`) is computed on the most honest basis the runs allow:
+Only finished runs enter the numbers (a failed or stopped run's last value is not a final one). A difference b - a
+(`difference`) is computed on the most honest basis the runs allow:
 1. paired over seeds, when both variants have replicates with at least two seeds in common;
 2. unpaired (Welch) over runs, when both have at least two replicates but fewer than two seeds in common;
 3. otherwise (one run each) paired over the evaluation points of the two shown runs: the (image, t, eps) points of
@@ -80,12 +81,12 @@ def _finite(value) -> float | None:
 
 def present_metrics(groups: Sequence[VariantGroup], step: int | None = None) -> list[str]:
     """The common metrics at least one run has, in COMMON_METRICS order."""
-    return [m for m in COMMON_METRICS if any(run_value(r, m, step) is not None for g in groups for r in g.runs)]
+    return [m for m in COMMON_METRICS if any(run_value(r, m, step) is not None for g in groups for r in g.finished)]
 
 
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:
-    """Mean over the variant's replicates with its t interval (none for n = 1)."""
-    return mean_interval([v for r in group.runs if (v := run_value(r, metric, step)) is not None])
+    """Mean over the variant's finished replicates with its t interval (none for n = 1)."""
+    return mean_interval([v for r in group.finished if (v := run_value(r, metric, step)) is not None])
 
 
 def comparable(a: VariantGroup, b: VariantGroup, metric: str) -> NotComparable | None:
@@ -120,8 +121,8 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
     why = comparable(a, b, metric)
     if why is not None:
         return why
-    va = {r.seed: v for r in a.runs if (v := run_value(r, metric, step)) is not None}
-    vb = {r.seed: v for r in b.runs if (v := run_value(r, metric, step)) is not None}
+    va = {r.seed: v for r in a.finished if (v := run_value(r, metric, step)) is not None}
+    vb = {r.seed: v for r in b.finished if (v := run_value(r, metric, step)) is not None}
     if not va or not vb:
         return None
     common = sorted(s for s in set(va) & set(vb) if s is not None)

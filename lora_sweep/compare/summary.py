@@ -52,7 +52,8 @@ def build_summary(data) -> dict[str, Any]:
     pairs = [{"a": groups[p.a].name, "b": groups[p.b].name, **p.knob.as_dict(),
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
-    notes = list(data.notes) + [f"{groups[i].name} and {groups[j].name} train the same config (they differ only "
+    notes = list(data.notes) + [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are "
+                                f"left out of the numbers." for g in groups if len(g.finished) < g.n] + [f"{groups[i].name} and {groups[j].name} train the same config (they differ only "
                                 f"in their name, sampling or evaluation settings)." for i, j in same_training(groups)]
     return {
         "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,

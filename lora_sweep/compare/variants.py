@@ -68,7 +68,7 @@ class VariantData:
 
 @dataclasses.dataclass
 class VariantGroup:
-    """The replicates of one variant, sorted by seed; `runs[0]` (the lowest seed) is shown in the picture grids."""
+    """The replicates of one variant, sorted by seed."""
 
     name: str
     key: str
@@ -84,7 +84,14 @@ class VariantGroup:
 
     @property
     def representative(self) -> VariantData:
-        return self.runs[0]
+        """The run shown in the picture grids, whose evaluation points stand for the variant when it has one run:
+        the finished replicate with the lowest seed (else the first run)."""
+        return (self.finished or self.runs)[0]
+
+    @property
+    def finished(self) -> list[VariantData]:
+        """The replicates that ran to the end: only their values are final, so only they enter the statistics."""
+        return [r for r in self.runs if r.status == "FINISHED"]
 
     @property
     def params(self) -> dict[str, str]:
