@@ -159,7 +159,9 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     if not encode_text_online:
         parts.text_encoder.to("cpu")
         parts.text_encoder_2.to("cpu")
-    train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.train.seed)
+    # held out with validation.seed, not train.seed: replicates (train.seed=1,2,3) train and are measured on the
+    # same images, so their val/loss and fit/loss points pair across seeds
+    train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
     val_examples = [prepared.examples[i] for i in val_idx]
     if cfg.data.validation_dir:
         val_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)

@@ -92,3 +92,16 @@ def test_v_prediction_measures_the_velocity(tmp_path, mlflow_uri):
     assert outcome.status == "FINISHED"
     points = json.loads((Path(tmp_path) / "v" / "evaluation" / "fit_points.json").read_text())
     assert points["target"] == "v" and len(points["points"]) == 1
+
+
+def test_replicates_are_measured_on_the_same_held_out_images(tmp_path, mlflow_uri):
+    """The held-out split follows validation.seed, not train.seed: val/loss points pair across replicates."""
+    images = []
+    for seed in (1, 2):
+        outcome = run_job(compose_config("train.max_steps=1", f"train.seed={seed}", "data.validation_split=0.3",
+                                         "validation.fit_images=0", "validation.timesteps=[500]"),
+                          output_dir=tmp_path / str(seed))
+        assert outcome.status == "FINISHED"
+        points = json.loads((tmp_path / str(seed) / "evaluation" / "val_points.json").read_text())["points"]
+        images.append([p["image"] for p in points])
+    assert images[0] == images[1] and len(images[0]) >= 1
