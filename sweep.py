@@ -32,6 +32,20 @@ class JobFailed(RuntimeError):
     """A sweep job that did not finish: launchers record it FAILED with this message and go on with the others."""
 
 
+CHOICE_GROUPS = ("model", "data", "noise", "loss", "optimizer", "precision", "network", "train")
+
+
+def job_tags(hc, multirun: bool) -> dict[str, str]:
+    """What the comparison report needs from Hydra: the job's place in the sweep (`lora_sweep.job_num`, the order
+    of the sweep's overrides) and the option chosen in each config group (`lora_sweep.choice.<group>`), so a group
+    change (noise=offset -> offset_ip) counts as one knob."""
+    tags = {f"lora_sweep.choice.{group}": option if isinstance(option, str) else ",".join(map(str, option))
+            for group, option in hc.runtime.choices.items() if group in CHOICE_GROUPS and option is not None}
+    if multirun:
+        tags["lora_sweep.job_num"] = str(hc.job.num)
+    return tags
+
+
 def share_cpu_cores(hc) -> None:
     """On gpu_queue CPU slots, split the cores between concurrent jobs (OMP_NUM_THREADS is read before the fork)."""
     slots = hc.launcher.get("cpu_slots") if "launcher" in hc else None
@@ -52,7 +66,8 @@ def main(cfg: DictConfig) -> float | None:
     sweep_dir = Path(hc.sweep.dir) if multirun else None
     share_cpu_cores(hc)
     try:
-        outcome = run_job(cfg, output_dir=output_dir, sweep_dir=sweep_dir, overrides=list(hc.overrides.task))
+        outcome = run_job(cfg, output_dir=output_dir, sweep_dir=sweep_dir, overrides=list(hc.overrides.task),
+                          tags=job_tags(hc, multirun))
     except UserError as exc:
         log.error("%s", exc)
         if multirun:  # an exception, not sys.exit: Ray would treat an exiting worker as a crash and abort the sweep

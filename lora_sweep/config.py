@@ -127,9 +127,15 @@ class SamplingConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 0  # optimizer steps; 0 = off
+    every: int = 0  # optimizer steps between val/loss and fit/loss; 0 = only at step 0 and at the end
     timesteps: List[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
-    seed: int = 0
+    seed: int = 0  # the fixed noise (and the fit/loss images) come from this seed, never from train.seed
+    fit_images: int = 4  # training images for fit/loss (the common yardstick); 0 = no fit/loss
+
+
+@dataclass
+class CompareConfig:
+    baseline: Optional[str] = None  # the variant the report compares the others with; null: the first one
 
 
 @dataclass
@@ -157,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -183,6 +190,7 @@ _HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs
     "tracking.uri",
     "tracking.flush_every",
     "sweep",
+    "compare",
     "train.output_dir",
     "train.resume",
     "train.keep_states",
@@ -193,6 +201,11 @@ _HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs
     "train.device",
     "data.cache_dir",
 )
+
+
+def is_hash_excluded(key: str) -> bool:
+    """True for a flattened key that never changes what a training computes (left out of `config_hash`)."""
+    return any(key == x or key.startswith(x + ".") for x in _HASH_EXCLUDED)
 
 
 def to_container(cfg: DictConfig | Config) -> Dict[str, Any]:

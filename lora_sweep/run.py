@@ -129,9 +129,11 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
-def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None) -> JobOutcome:
+def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None,
+            tags: dict[str, str] | None = None) -> JobOutcome:
     """Train one config as an MLflow run (a new one, or the unfinished one its latest state belongs to). Config,
-    path and tracking-store errors are raised before any run exists."""
+    path and tracking-store errors are raised before any run exists. `tags` are added to the run's tags (sweep.py
+    adds the Hydra job number and group choices the report orders and compares by)."""
     make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
     label = variant_name(cfg, overrides)
     status = StatusFile(label)
@@ -162,7 +164,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
 
     resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
     tags = {tracking.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
-            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir)}
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir), **(tags or {})}
     pending = Path(output_dir) / "mlflow_pending.json"
     parent = _parent_run_id(sweep_dir)
     if parent:

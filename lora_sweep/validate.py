@@ -127,8 +127,10 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: [_range("validation.timesteps", ts, 0, NUM_TRAIN_TIMESTEPS, high_open=True) for ts in v.timesteps],
         lambda: v.timesteps or _fail("validation.timesteps", "[]", "a non-empty list of timesteps in [0, 1000)"),
         lambda: _range("validation.seed", v.seed, 0, SEED_MAX),
-        lambda: v.every == 0 or d.validation_split > 0 or d.validation_dir or _fail(
-            "validation.every", v.every, "0 without held-out images (set data.validation_split or data.validation_dir)"),
+        lambda: _positive("validation.fit_images", v.fit_images, allow_zero=True),
+        lambda: v.every == 0 or v.fit_images > 0 or d.validation_split > 0 or d.validation_dir or _fail(
+            "validation.every", v.every, "0 without fit/loss images or held-out images (set validation.fit_images, "
+            "data.validation_split or data.validation_dir)"),
         lambda: cfg.tracking.experiment.strip() != "" or _fail("tracking.experiment", "''", "a non-empty name"),
         lambda: _positive("tracking.flush_every", cfg.tracking.flush_every),
     ]

@@ -46,6 +46,15 @@ def test_sweep_records_nested_runs_and_writes_the_report(tmp_path):
     assert "v53" in html and "v57" in html and "data:image/png;base64" in html
     assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "comparison report" in out.stderr + out.stdout
+    # the report's numbers, as JSON: the sweep's order, the first as baseline, v53 -> v57 is one knob (IP noise)
+    import json
+    import re
+
+    summary = json.loads(re.search(r'id="lora-sweep-summary">(.*?)</script>', html, re.S).group(1))
+    assert [v["name"] for v in summary["variants"]] == ["v53", "v57"] and summary["baseline"] == "v53"
+    assert [(p["a"], p["b"], p["knob"]) for p in summary["one_knob_pairs"]] == [("v53", "v57", "noise")]
+    assert "fit/loss" in [m["key"] for m in summary["metrics"]]  # the demo preset logs the common yardstick
+    assert {c.data.tags.get("lora_sweep.job_num") for c in children} == {"0", "1"}
 
     again = run_sweep(tmp_path, "-m", "preset=demo", "experiment=v53,v57", "train.max_steps=2",
                       "sampling.every=2", f"hydra.sweep.dir={tmp_path / 'sweep2'}")

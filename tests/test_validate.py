@@ -53,7 +53,8 @@ BAD = [  # (overrides, the field the message must name), across every group
     (["sampling.prompt_file=/nonexistent/prompts.txt"], "sampling.prompt_file"),
     (["sampling.every=5"], "sampling.every"),  # no prompts: nothing to sample
     (["validation.timesteps=[100,1000]"], "validation.timesteps"),
-    (["validation.every=5"], "validation.every"),  # no held-out images: nothing to validate
+    (["validation.every=5", "validation.fit_images=0"], "validation.every"),  # no fit or held-out images
+    (["validation.fit_images=-1"], "validation.fit_images"),
     (["tracking.flush_every=0"], "tracking.flush_every"),
 ]
 

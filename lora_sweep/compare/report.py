@@ -4,10 +4,12 @@ MLflow conventions of lora-sweep (run.py writes them, this module reads them):
 - Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts in <cwd>/mlruns). Experiment =
   `tracking.experiment` (default "lora-sweep").
 - Sweep parent run: tag `lora_sweep.role` = "sweep". Job runs: tags `lora_sweep.role` = "job",
-  `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`.
+  `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`, and from
+  sweep.py `lora_sweep.job_num` (the Hydra job number: the sweep's order) and `lora_sweep.choice.<group>`.
 - Params: the resolved config flattened with dot keys (`noise.offset`, `loss.type`, `optimizer.name`, ...).
-- Metrics, step = optimizer step: `train/loss`, `train/lr`, `val/loss`, and `img/<metric>` (the mean over the
-  step's sample images of `lora_sweep.compare.metrics.image_metrics`).
+- Metrics, step = optimizer step: `train/loss`, `train/lr`, `fit/loss`, `val/loss`, and `img/<metric>` (the mean
+  over the step's sample images of `lora_sweep.compare.metrics.image_metrics`); per-point values of the final
+  fit/val evaluation as artifacts `evaluation/fit_points.json`, `evaluation/val_points.json`.
 - Images: `log_image(key="sample_pNN", step=step)` per prompt (the seed is fixed per prompt), one grid per
   sampling step as artifact `samples/grid_stepNNNNNN.png`, and the prompt specs as `samples/prompts.json`.
 
@@ -16,7 +18,9 @@ How MLflow 3 stores `log_image(key=..., step=...)`: two artifacts per call under
 with "/" in the key written as "~". MLflow before 2.22 / 3.0 used "%" as the separator and "#" for "/"; both
 spellings are read here. When one (key, step) was logged twice (a resumed run), the latest timestamp wins.
 
-The page is logged on the sweep's parent run as artifacts `report/report.html` (+ the figure PNGs).
+Runs are grouped into variants (replicates: configs equal but for train.seed) by `variants.py`, compared by
+`effects.py` with `stats.py`, summarised by `summary.py` and rendered by `report_html.py`. The page, its
+`summary.json` and figure PNGs are logged on the sweep's parent run as artifacts under `report/`.
 """
 
 from __future__ import annotations
@@ -146,94 +150,145 @@ def _download_image(client, run_id: str, artifact_path: str, scratch: Path):
         return image.convert("RGB")
 
 
-def _column_titles(client, runs, image_keys: list[str], scratch: Path) -> dict[str, str]:
-    """'p00 · seed 1234: a photo of ...' from the first run's samples/prompts.json, when it has one."""
-    for run in runs:
-        try:
-            specs = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/prompts.json",
-                                                              str(scratch))).read_text(encoding="utf-8"))
-        except Exception:
+def _download_json(client, run_id: str, artifact_path: str, scratch: Path):
+    """A run's JSON artifact, or None when it has none (or it does not parse)."""
+    try:
+        return json.loads(Path(client.download_artifacts(run_id, artifact_path, str(scratch))).read_text("utf-8"))
+    except Exception:
+        return None
+
+
+def read_points(client, run_id: str, scratch: Path) -> dict[str, dict[tuple[str, int], float]]:
+    """The per-point values of a run's final fit/val evaluation (`evaluation/<prefix>_points.json`, written by
+    training/evaluate.py): {"fit/loss": {(image, t): value}}."""
+    found = {}
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
+    for prefix in ("fit", "val"):
+        if f"{prefix}_points.json" not in names:
             continue
-        titles = {}
-        for key in image_keys:
-            index = int(key[len("sample_p"):]) if re.fullmatch(r"sample_p\d+", key) else None
-            if index is not None and index < len(specs):
-                text = specs[index]["prompt"]
-                text = text if len(text) <= 60 else text[:57] + "..."
-                titles[key] = f"p{index:02d} · seed {specs[index]['seed']}: {text}"
-        return titles
-    return {}
+        payload = _download_json(client, run_id, f"evaluation/{prefix}_points.json", scratch)
+        if payload:
+            found[payload["metric"]] = {(p["image"], int(p["t"])): float(p["value"]) for p in payload["points"]}
+    return found
+
+
+def column_titles(specs: list[dict] | None, image_keys: list[str]) -> dict[str, str]:
+    """'p00 · seed 1234: a photo of ...' from a run's samples/prompts.json."""
+    titles = {}
+    for key in image_keys if specs else []:
+        index = int(key[len("sample_p"):]) if re.fullmatch(r"sample_p\d+", key) else None
+        if index is not None and index < len(specs):
+            text = specs[index]["prompt"]
+            text = text if len(text) <= 60 else text[:57] + "..."
+            titles[key] = f"p{index:02d} · seed {specs[index]['seed']}: {text}"
+    return titles
+
+
+def read_run(client, run, scratch: Path):
+    """One job run's params, tags, metric histories, evaluation points and sample specs (no images yet)."""
+    from lora_sweep.compare.variants import VariantData
+
+    run_id = run.info.run_id
+    histories = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
+                                                         key=lambda m: (m.step, m.timestamp))]
+                 for key in run.data.metrics}
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, "samples")}
+    prompts = _download_json(client, run_id, "samples/prompts.json", scratch) if "prompts.json" in names else None
+    return VariantData(
+        name=run.data.tags.get(VARIANT_TAG) or run.info.run_name or run_id[:8], run_id=run_id, status=run.info.status,
+        params=dict(run.data.params), final_metrics=dict(run.data.metrics), histories=histories, cells={},
+        cell_steps={}, tags=dict(run.data.tags), start_time=run.info.start_time or 0,
+        points=read_points(client, run_id, scratch), prompts=prompts)
 
 
 def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: int | None, baseline: str | None,
             scratch: Path):
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
-    from lora_sweep.compare.report_html import ReportData, VariantData
+    from lora_sweep.compare.figures import progression_steps
+    from lora_sweep.compare.report_html import ReportData
+    from lora_sweep.compare.variants import baseline_index, configured_baseline, group_replicates
 
     parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id)
-    names = variant_names(runs)
-    images_per_run = [logged_images(client, run.info.run_id) for run in runs]
+    records = [read_run(client, run, scratch) for run in runs]
+    groups = group_replicates(records)
+    shown = [g.representative for g in groups]
+    images_per_run = [logged_images(client, run.run_id) for run in shown]
     chosen = choose_step(images_per_run, step)
     notes = []
     if chosen is None and any(images_per_run):
         notes.append("The runs share no sampling step; each row shows its run's last sampled step.")
     image_keys = sorted({key for images in images_per_run for key, _ in images})
-    variants = []
-    for run, name, images in zip(runs, names, images_per_run):
-        cells, cell_steps = {}, {}
+    progression_key = image_keys[0] if image_keys else None
+    columns = progression_steps([s for images in images_per_run for k, s in images if k == progression_key])
+    for run, images in zip(shown, images_per_run):
         for key in image_keys:
             steps = sorted(s for k, s in images if k == key)
             at = chosen if chosen is not None else (steps[-1] if steps else None)
             logged = images.get((key, at)) if at is not None else None
-            cells[key] = _download_image(client, run.info.run_id, logged.path, scratch) if logged else None
-            cell_steps[key] = at if logged else None
-        histories = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                               key=lambda m: (m.step, m.timestamp))]
-                     for key in run.data.metrics}
-        variants.append(VariantData(name=name, run_id=run.info.run_id, status=run.info.status,
-                                    params=dict(run.data.params), final_metrics=dict(run.data.metrics),
-                                    histories=histories, cells=cells, cell_steps=cell_steps))
-        if step is not None and image_keys and all(c is None for c in cells.values()):
-            notes.append(f"{name} logged no samples at step {step}.")
-    baseline_index = 0
+            run.cells[key] = _download_image(client, run.run_id, logged.path, scratch) if logged else None
+            run.cell_steps[key] = at if logged else None
+        run.progression = [(s, run.cells[progression_key] if s == run.cell_steps.get(progression_key) else
+                            _download_image(client, run.run_id, images[(progression_key, s)].path, scratch))
+                           for s in columns if (progression_key, s) in images]
+        if step is not None and image_keys and all(c is None for c in run.cells.values()):
+            notes.append(f"{run.name} logged no samples at step {step}.")
     if baseline:
-        matches = [i for i, v in enumerate(variants) if baseline in (v.name, v.run_id) or v.run_id.startswith(baseline)]
-        if not matches:
-            raise UserError(f"--baseline: '{baseline}' is neither a variant name nor a run id of the compared runs "
-                            f"(variants: {', '.join(names)}).")
-        baseline_index = matches[0]
+        index = baseline_index(groups, baseline)
+    else:
+        named, disagreement = configured_baseline(groups)
+        notes += [disagreement] if disagreement else []
+        try:
+            index = baseline_index(groups, named, option="compare.baseline")
+        except UserError as exc:
+            notes.append(f"{exc} The first variant is the baseline.")
+            index = 0
     where = f"sweep {parent.info.run_id}" if parent is not None else "all job runs"
     experiment_name = client.get_experiment(runs[0].info.experiment_id).name
+    replicates = sum(g.n for g in groups)
     data = ReportData(
         title=f"lora-sweep comparison: {experiment_name}",
-        subtitle=f"{len(variants)} variants, {where}, tracking {client.tracking_uri}",
-        step=chosen, image_keys=image_keys, column_titles=_column_titles(client, runs, image_keys, scratch),
-        variants=variants, baseline=baseline_index, notes=notes,
+        subtitle=f"{len(groups)} variants ({replicates} runs), {where}, tracking {client.tracking_uri}",
+        step=chosen, image_keys=image_keys,
+        column_titles=column_titles(next((r.prompts for r in shown if r.prompts), None), image_keys),
+        variants=records, baseline=index, notes=notes, groups=groups, experiment=experiment_name,
+        sweep_run_id=parent.info.run_id if parent is not None else None, tracking_uri=str(client.tracking_uri),
+        progression_key=progression_key,
     )
     return data, parent
 
 
 def build_report(*, experiment: str | None = None, sweep_run_id: str | None = None, step: int | None = None,
-                 out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None) -> Path:
-    """Write `out_dir/report.html` (self-contained) and its figures as PNGs beside it; log them on the sweep's
-    parent run under `report/` when there is one. Returns the HTML's path."""
+                 out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None,
+                 json_path: Path | None = None) -> Path:
+    """Write `out_dir/report.html` (self-contained), `out_dir/summary.json` (the numbers, as embedded in the page)
+    and the figures as PNGs beside it; log them on the sweep's parent run under `report/` when there is one; also
+    write the summary to `json_path` when given. Returns the HTML's path."""
     from mlflow.tracking import MlflowClient
 
     from lora_sweep.atomic import write_bytes, write_text
-    from lora_sweep.compare.report_html import CURVE_GROUPS, curve_figure, grid_png, render_html
+    from lora_sweep.compare.figures import CURVE_GROUPS, curve_figure
+    from lora_sweep.compare.report_html import grid_png, progression_png, render_html
+    from lora_sweep.compare.summary import build_summary, to_json
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lora_sweep_report_") as scratch, _quiet_downloads():
         data, parent = collect(client, experiment=experiment, sweep_run_id=sweep_run_id, step=step,
                                baseline=baseline, scratch=Path(scratch))
+    runs = [r for g in data.groups for r in g.runs]
+    colors = [i for i, g in enumerate(data.groups) for _ in g.runs]
+    labels = [g.name for g in data.groups for _ in g.runs]
     figures = {name: png for name, keys in CURVE_GROUPS.items()
-               if (png := curve_figure(data.variants, keys)) is not None}
+               if (png := curve_figure(runs, keys, colors=colors, labels=labels)) is not None}
     written = [write_bytes(out_dir / f"{name}.png", png) for name, png in figures.items()]
-    grid = grid_png(data)
-    if grid is not None:
-        written.append(write_bytes(out_dir / "grid.png", grid))
-    html_path = write_text(out_dir / "report.html", render_html(data, figures))
+    for name, png in (("grid", grid_png(data)), ("progression", progression_png(data))):
+        if png is not None:
+            written.append(write_bytes(out_dir / f"{name}.png", png))
+    summary = build_summary(data)
+    written.append(write_text(out_dir / "summary.json", to_json(summary)))
+    if json_path is not None:
+        write_text(Path(json_path), to_json(summary))
+    html_path = write_text(out_dir / "report.html", render_html(data, figures, summary))
     if parent is not None:
         for path in [html_path, *written]:
             client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
@@ -248,18 +303,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "sweep is compared, or all its job runs when it has no sweep run")
     which.add_argument("--sweep", dest="sweep_run_id", help="run id of a sweep's parent run")
     parser.add_argument("--step", type=int, help="sampling step of the grid (default: the latest all runs share)")
-    parser.add_argument("--baseline", help="variant name or run id for the differences (default: first variant)")
+    parser.add_argument("--baseline", help="variant name or run id for the differences (default: compare.baseline "
+                                           "of the runs, else the first variant in the sweep's order)")
+    parser.add_argument("--json", dest="json_path", type=Path,
+                        help="also write the comparison's numbers (the page's JSON summary) to this file")
     parser.add_argument("--out", type=Path, help="output folder (default: reports/<sweep id or experiment>)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
     out_dir = args.out or Path("reports") / (args.sweep_run_id or args.experiment or DEFAULT_EXPERIMENT)
     try:
         path = build_report(experiment=args.experiment, sweep_run_id=args.sweep_run_id, step=args.step,
-                            out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri)
+                            out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri,
+                            json_path=args.json_path)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {path.resolve()}")
+    if args.json_path:
+        print(f"summary: {args.json_path.resolve()}")
     return 0
 
 

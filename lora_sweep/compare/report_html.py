@@ -1,42 +1,27 @@
-"""The comparison report's content, from plain data to one self-contained HTML page and its PNG figures.
+"""The comparison report's content, from plain data to one self-contained HTML page.
 
-No MLflow here (`report.py` reads the runs and fills `ReportData`): this module only decides what a reader sees.
-The layout follows the article: a parameter table with rows = parameters and columns = variants (only the rows that
-differ), a sample grid with one row per variant and one column per prompt (same step, same seed), curves of every
-variant on shared axes, and the final metrics with each variant's difference from a baseline.
+No MLflow here (`report.py` reads the runs and fills `ReportData`): this module only decides what a reader sees,
+in the order a reader asks: which settings differ (the article's table), which variant is better on a common
+yardstick and by more than the noise (final metrics with intervals, one-knob effects), then the pictures (samples
+at one step, one prompt over the steps) and the curves. Every number is rendered from the summary
+(`summary.build_summary`) that the page also embeds as JSON.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
-import io
 import math
 from typing import Sequence
 
-from PIL import Image
-
-from lora_sweep.compare.metrics import METRIC_KEYS
-
-PARAM_ORDER = ("precision.", "optimizer.", "loss.", "noise.", "train.", "network.", "sampling.", "data.", "model.")
-CURVE_GROUPS = {"losses": ("train/loss", "val/loss", "train/lr"), "image_metrics": tuple(f"img/{k}" for k in METRIC_KEYS)}
-CELL_MAX_PX = 384  # embedded grid cells are downscaled to this; full-size PNGs stay in MLflow
-GRID_CELL_MAX_PX = 512  # grid.png: 12 variants x 4 prompts at 1024 px would be a ~100 MB PNG
-
-
-@dataclasses.dataclass
-class VariantData:
-    """One compared run, as the report needs it."""
-
-    name: str
-    run_id: str
-    status: str
-    params: dict[str, str]
-    final_metrics: dict[str, float]
-    histories: dict[str, list[tuple[int, float]]]  # metric key -> [(step, value)] in step order
-    cells: dict[str, Image.Image | None]  # image key (sample_pNN) -> sample at the report's step
-    cell_steps: dict[str, int | None]  # image key -> the step that sample was logged at
+from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report's public names)
+    CELL_MAX_PX, CURVE_GROUPS, GRID_CELL_MAX_PX, cell_data_uri, curve_figure, ema, labelled_grid_png, png_data_uri,
+)
+from lora_sweep.compare.effects import EVAL_NOISE_ONLY
+from lora_sweep.compare.params import PARAM_ORDER, parameter_table, row_label
+from lora_sweep.compare.stats import REPLICATE_HINT
+from lora_sweep.compare.summary import build_summary, script_block
+from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -46,9 +31,18 @@ class ReportData:
     step: int | None
     image_keys: list[str]
     column_titles: dict[str, str]
-    variants: list[VariantData]
-    baseline: int = 0  # index into variants
+    variants: list[VariantData]  # every compared run
+    baseline: int = 0  # index into groups
     notes: list[str] = dataclasses.field(default_factory=list)
+    groups: list[VariantGroup] = dataclasses.field(default_factory=list)  # replicates grouped, natural order
+    experiment: str = ""
+    sweep_run_id: str | None = None
+    tracking_uri: str = ""
+    progression_key: str | None = None  # the prompt shown over the steps
+
+    def __post_init__(self):
+        if not self.groups:
+            self.groups = group_replicates(self.variants)
 
 
 def _param_sort_key(key: str) -> tuple[int, str]:
@@ -59,11 +53,7 @@ def _param_sort_key(key: str) -> tuple[int, str]:
 
 
 def differing_params(variants: Sequence[VariantData]) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
-    """Split the union of params into rows that differ between variants and rows shared by all.
-
-    A param a run lacks shows as "x", the article's mark for "off / not set". A run's status is a row too, so a
-    failed variant stands out.
-    """
+    """Raw params of runs split into rows that differ and rows shared by all ("x" where a run lacks one)."""
     keys = sorted({k for v in variants for k in v.params} | {"status"}, key=_param_sort_key)
     differ, shared = [], []
     for key in keys:
@@ -94,90 +84,55 @@ def delta_text(value: float | None, base: float | None) -> str:
     return f"{diff:+.3g}{relative}"
 
 
-def ema(values: Sequence[float], weight: float = 0.9) -> list[float]:
-    """Debiased exponential moving average (TensorBoard's smoothing): diffusion losses are noisy per step."""
-    smoothed, average = [], 0.0
-    for count, value in enumerate(values, start=1):
-        average = weight * average + (1 - weight) * value
-        smoothed.append(average / (1 - weight**count))
-    return smoothed
+def signed(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:+.{digits}g}"
 
 
-def curve_figure(variants: Sequence[VariantData], keys: Sequence[str]) -> bytes | None:
-    """One PNG with a panel per metric key, one line per variant on shared axes; None when no key has data."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    keys = [k for k in keys if any(v.histories.get(k) for v in variants)]
-    if not keys:
-        return None
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    legend_in = 0.25 * math.ceil(len(variants) / 6)  # manual margins: constrained layout doubles the time
-    height_in = 3.0 * rows + legend_in + 0.2
-    figure = Figure(figsize=(4.6 * cols, height_in), dpi=100)
-    figure.subplots_adjust(left=0.07, right=0.98, top=1 - 0.3 / height_in, bottom=(legend_in + 0.6) / height_in,
-                           wspace=0.28, hspace=0.45)
-    FigureCanvasAgg(figure)
-    palette = colormaps["tab10" if len(variants) <= 10 else "tab20"]
-    for panel, key in enumerate(keys):
-        axes = figure.add_subplot(rows, cols, panel + 1)
-        for index, variant in enumerate(variants):
-            history = variant.histories.get(key) or []
-            if not history:
-                continue
-            steps, values = [s for s, _ in history], [v for _, v in history]
-            color = palette(index % palette.N)
-            if key == "train/loss" and len(values) > 20:
-                axes.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-                axes.plot(steps, ema(values), color=color, label=variant.name, linewidth=1.6)
-            else:
-                axes.plot(steps, values, color=color, label=variant.name, marker="o" if len(values) < 15 else None,
-                          markersize=3, linewidth=1.4)
-        axes.set_title(key + (" (EMA 0.9)" if key == "train/loss" else ""), fontsize=10)
-        axes.set_xlabel("optimizer step", fontsize=8)
-        axes.tick_params(labelsize=8)
-        axes.grid(alpha=0.3)
-    handles, labels = figure.axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False,
-                  bbox_to_anchor=(0.5, 0.0))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+def estimate_text(entry: dict) -> str:
+    """'0.1234 [0.1201, 0.1267]' or '0.1234' (the note says why there is no interval)."""
+    if entry["low"] is None:
+        return format_number(entry["mean"])
+    return f"{format_number(entry['mean'])} [{entry['low']:.3g}, {entry['high']:.3g}]"
 
 
-def _thumbnail(image: Image.Image | None, max_px: int) -> Image.Image | None:
-    if image is None:
-        return None
-    thumb = image.convert("RGB")
-    thumb.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
-    return thumb
-
-
-def cell_data_uri(image: Image.Image) -> str:
-    """A downscaled JPEG of a sample as a data: URI, so the HTML needs no files beside it and stays small."""
-    thumb = _thumbnail(image, CELL_MAX_PX)
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def effect_text(entry: dict | None) -> tuple[str, str]:
+    """(what the cell says, a CSS class) for a difference of the summary."""
+    if entry is None:
+        return "—", "none"
+    if not entry["comparable"]:
+        return f"not comparable: {entry['reason']}", "none"
+    interval = f"[{signed(entry['low'], 3)}, {signed(entry['high'], 3)}]" if entry["low"] is not None else ""
+    mark = " *" if entry["note"] == EVAL_NOISE_ONLY else ""
+    if entry["verdict"] == "within noise":
+        return f"within noise {interval}{mark}", "noise"
+    if entry["verdict"] == "different":
+        return f"{signed(entry['effect'])} {interval}{mark}", "diff"
+    return f"{signed(entry['effect'])} (n = 1: no interval)", "none"
 
 
 def grid_png(data: ReportData) -> bytes | None:
     """The sample grid as one labelled PNG (rows = variants, columns = prompts) for use outside the HTML."""
-    from lora_sweep.compare.sampling import make_grid
-
-    if not data.image_keys or not data.variants:
+    if not data.image_keys or not data.groups:
         return None
-    cells = [_thumbnail(v.cells.get(k), GRID_CELL_MAX_PX) for v in data.variants for k in data.image_keys]
-    labels = [f"{v.name} · {k}" for v in data.variants for k in data.image_keys]
-    buffer = io.BytesIO()
-    make_grid(cells, rows=len(data.variants), cols=len(data.image_keys), labels=labels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    cells = [g.representative.cells.get(k) for g in data.groups for k in data.image_keys]
+    labels = [f"{g.name} · {k}" for g in data.groups for k in data.image_keys]
+    return labelled_grid_png(cells, len(data.groups), len(data.image_keys), labels)
+
+
+def progression_columns(data: ReportData) -> list[int]:
+    from lora_sweep.compare.figures import progression_steps
+
+    return progression_steps([s for g in data.groups for s, _ in g.representative.progression])
+
+
+def progression_png(data: ReportData) -> bytes | None:
+    """Variants x steps for one prompt and seed, as one labelled PNG."""
+    steps = progression_columns(data)
+    if not steps:
+        return None
+    cells = [dict(g.representative.progression).get(s) for g in data.groups for s in steps]
+    labels = [f"{g.name} · step {s}" for g in data.groups for s in steps]
+    return labelled_grid_png(cells, len(data.groups), len(steps), labels)
 
 
 STYLE = """
@@ -185,9 +140,11 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1600px}
 h1{font-size:1.5em;margin-bottom:0}.sub{color:#666;margin-top:4px}
 table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}.base{background:#eef6ff}
-.grid td{padding:2px;text-align:center;vertical-align:top}.grid img{width:192px;height:auto;image-rendering:auto}
-.grid th.row{text-align:left;white-space:nowrap}.delta{color:#555;font-size:12px}.note{color:#8a5a00}
-img.fig{max-width:100%}details{margin-bottom:16px}
+.grid td{padding:2px;text-align:center;vertical-align:top}.grid img{width:160px;height:auto;image-rendering:auto}
+.grid th.row{text-align:left;white-space:nowrap}.delta{font-size:12px;display:block}.note{color:#8a5a00}
+.noise{color:#777}.diff{color:#1d3f8f;font-weight:600}.none{color:#999}.n{color:#888;font-size:11px}
+img.fig{max-width:100%}details{margin-bottom:8px}code{font-size:12px}
+details.config{display:inline-block;vertical-align:top;margin:0 10px 4px 0}.configs{margin-bottom:12px}
 """
 
 
@@ -198,62 +155,161 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, cls: str = "
     return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
 
 
-def render_html(data: ReportData, figures: dict[str, bytes]) -> str:
+def _column_heads(summary: dict) -> list[str]:
+    return [f"{v['name']} (baseline)" if v["is_baseline"] else v["name"] for v in summary["variants"]]
+
+
+def _parameters(data: ReportData) -> list[str]:
+    from lora_sweep.compare.table import OPTIMIZER_ABBREVIATIONS
+
+    differ, shared = parameter_table(data.groups)
+    total = len(differ) + len(shared)
+    used = {v for key, values in differ if key == "optimizer.name" for v in values if v in OPTIMIZER_ABBREVIATIONS}
+    rows = [[html.escape(row_label(key)),
+             *[html.escape(OPTIMIZER_ABBREVIATIONS.get(v, v) if key == "optimizer.name" else v) for v in values]]
+            for key, values in differ]
+    heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>n = {g.n}"
+                    + (f" · seed{'s' if g.n > 1 else ''} {', '.join(str(x) for x in g.seeds)}"
+                       if g.seeds[0] is not None else "") + "</span></th>" for g in data.groups)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    legend = ", ".join(f"{OPTIMIZER_ABBREVIATIONS[name]} = {name}" for name in sorted(used))
+    parts = [f"<h2>1. Parameters that differ ({len(differ)} of {total})</h2>",
+             "<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off, "
+             "v where a switch is on. Columns in the sweep's order; n = replicates (runs that differ only in "
+             f"train.seed).{(' Optimizers as the article writes them: ' + html.escape(legend) + '.') if legend else ''}"
+             "</p>",
+             f'<table class="params"><tr><th>parameter</th>{heads}</tr>{body}</table>',
+             f"<details><summary>{len(shared)} parameters shared by all variants</summary>"
+             + _table(["parameter", "value"], shared) + "</details>"]
+    configs = []
+    for group in data.groups:
+        config = sorted(group.params.items())
+        title = html.escape(f"{len(config)} params of run {group.representative.run_id}", quote=True)
+        configs.append(f"<details class='config'><summary title='{title}'>{html.escape(group.name)}</summary>"
+                       + _table(["key", "value"], config) + "</details>")
+    parts.append(f"<div class='configs'>Full resolved config of each variant: {''.join(configs)}</div>")
+    return parts
+
+
+def _final_metrics(summary: dict) -> list[str]:
+    rows = []
+    for metric in summary["metrics"]:
+        key = metric["key"]
+        row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>"]
+        for variant in summary["variants"]:
+            entry = variant["metrics"][key]
+            shown = estimate_text(entry)
+            cell = (f"<span data-variant='{html.escape(variant['name'], quote=True)}' data-metric='{key}' "
+                    f"data-kind='mean'>{shown}</span> <span class='n'>n = {entry['n']}</span>")
+            if not variant["is_baseline"]:
+                text, cls = effect_text(variant["vs_baseline"].get(key))
+                basis = (variant["vs_baseline"].get(key) or {}).get("basis", "")
+                cell += (f"<span class='delta {cls}' data-variant='{html.escape(variant['name'], quote=True)}' "
+                         f"data-metric='{key}' data-kind='vs-baseline' title='{html.escape(basis, quote=True)}'>"
+                         f"{html.escape(text)}</span>")
+            row.append(cell)
+        rows.append(row)
+    return [f"<h2>2. Final metrics on a common yardstick (difference from baseline "
+            f"<b>{html.escape(summary['baseline'])}</b>, 95 % intervals)</h2>",
+            "<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline with "
+            "its interval, paired over seeds, else over the same (image, t, eps) points or (prompt, seed) images "
+            "(hover for the basis). <i>within noise</i>: the interval covers zero. * one run each: the interval "
+            "holds the evaluation points' noise, not run-to-run noise (add train.seed=1,2,3 for that).</p>",
+            _table(["metric", *_column_heads(summary)], rows, cls="final", raw=True)]
+
+
+def _one_knob(summary: dict) -> list[str]:
+    parts = ["<h2>3. One-knob effects</h2>",
+             "<p class='sub'>Pairs of variants whose configs differ in exactly one knob (a config-group choice or "
+             "one value); the effect of going from the first to the second on every common metric.</p>"]
+    pairs = summary["one_knob_pairs"]
+    if not pairs:
+        return parts + ["<p>No two compared variants differ in exactly one knob.</p>"]
+    rows = []
+    for pair in pairs:
+        change = f"{pair['knob']}: {pair['from']} → {pair['to']}"
+        row = [f"<b>{html.escape(pair['a'])} → {html.escape(pair['b'])}</b>",
+               f"{html.escape(change)}<br><span class='n'>{html.escape(pair['detail'])}</span>"]
+        for metric in summary["metrics"]:
+            entry = pair["effects"].get(metric["key"])
+            text, cls = effect_text(entry)
+            basis = html.escape((entry or {}).get("basis", ""), quote=True)
+            row.append(f"<span class='{cls}' data-a='{html.escape(pair['a'], quote=True)}' "
+                       f"data-b='{html.escape(pair['b'], quote=True)}' data-metric='{metric['key']}' "
+                       f"title='{basis}'>{html.escape(text)}</span>")
+        rows.append(row)
+    return parts + [_table(["pair", "knob", *[m["key"] for m in summary["metrics"]]], rows, cls="knobs", raw=True)]
+
+
+def _samples(data: ReportData) -> list[str]:
+    step_text = f"step {data.step}" if data.step is not None else "each run's last sampled step"
+    parts = [f"<h2>4. Samples at {html.escape(step_text)} (same prompt and seed per column)</h2>"]
+    if not data.image_keys:
+        return parts + ["<p>No sample images were logged by these runs (sampling.prompts empty?).</p>"]
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(data.column_titles.get(k, k))}</th>"
+                                     for k in data.image_keys) + "</tr>"
+    body = []
+    for group in data.groups:
+        variant, cells = group.representative, []
+        for key in data.image_keys:
+            image, step = variant.cells.get(key), variant.cell_steps.get(key)
+            if image is None:
+                cells.append("<td>missing</td>")
+                continue
+            title = html.escape(f"{group.name} {key} step {step}", quote=True)
+            cells.append(f'<td><img src="{cell_data_uri(image)}" alt="{title}" title="{title}" '
+                         f'data-run-id="{variant.run_id}" data-key="{html.escape(key)}" data-step="{step}"></td>')
+        label = group.name + (f" (seed {variant.seed})" if group.n > 1 else "")
+        body.append(f'<tr><th class="row">{html.escape(label)}</th>{"".join(cells)}</tr>')
+    return parts + [f'<table class="grid">{head}{"".join(body)}</table>']
+
+
+def _progression(data: ReportData) -> list[str]:
+    steps = progression_columns(data)
+    if not steps or data.progression_key is None:
+        return []
+    title = data.column_titles.get(data.progression_key, data.progression_key)
+    head = "<tr><th></th>" + "".join(f"<th>step {s}</th>" for s in steps) + "</tr>"
+    body = []
+    for group in data.groups:
+        by_step = dict(group.representative.progression)
+        cells = []
+        for step in steps:
+            image = by_step.get(step)
+            alt = html.escape(f"{group.name} {data.progression_key} step {step}", quote=True)
+            cells.append(f'<td><img src="{cell_data_uri(image)}" alt="{alt}" title="{alt}" '
+                         f'data-progress-run="{group.representative.run_id}" data-progress-step="{step}"></td>'
+                         if image is not None else "<td>—</td>")
+        body.append(f'<tr><th class="row">{html.escape(group.name)}</th>{"".join(cells)}</tr>')
+    return [f"<h2>5. Fitting over the steps: {html.escape(title)}</h2>",
+            "<p class='sub'>One prompt and seed, each variant's checkpoints in order (the article compares "
+            "v62's epoch 5 with v61 at 6,000 steps this way).</p>",
+            f'<table class="grid progression">{head}{"".join(body)}</table>']
+
+
+def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | None = None) -> str:
     """The whole page; every image is embedded, so the file can be mailed or opened from anywhere."""
-    names = [v.name for v in data.variants]
-    differ, shared = differing_params(data.variants)
+    summary = summary if summary is not None else build_summary(data)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>",
              f"<p class='sub'>{html.escape(data.subtitle)}</p>"]
-    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in data.notes]
-    parts.append(f"<h2>1. Parameters that differ ({len(differ)} of {len(differ) + len(shared)})</h2>")
-    parts.append(_table(["parameter", *names], [[key, *values] for key, values in differ], cls="params"))
-    parts.append(f"<details><summary>{len(shared)} parameters shared by all variants</summary>"
-                 + _table(["parameter", "value"], shared) + "</details>")
-
-    step_text = f"step {data.step}" if data.step is not None else "each run's last sampled step"
-    parts.append(f"<h2>2. Samples at {html.escape(step_text)} (same prompt and seed per column)</h2>")
-    if data.image_keys:
-        head = "<tr><th></th>" + "".join(f"<th>{html.escape(data.column_titles.get(k, k))}</th>"
-                                         for k in data.image_keys) + "</tr>"
-        body = []
-        for variant in data.variants:
-            cells = []
-            for key in data.image_keys:
-                image, step = variant.cells.get(key), variant.cell_steps.get(key)
-                if image is None:
-                    cells.append("<td>missing</td>")
-                    continue
-                title = html.escape(f"{variant.name} {key} step {step}", quote=True)
-                cells.append(f'<td><img src="{cell_data_uri(image)}" alt="{title}" title="{title}" '
-                             f'data-run-id="{variant.run_id}" data-key="{html.escape(key)}" data-step="{step}"></td>')
-            body.append(f'<tr><th class="row">{html.escape(variant.name)}</th>{"".join(cells)}</tr>')
-        parts.append(f'<table class="grid">{head}{"".join(body)}</table>')
-    else:
-        parts.append("<p>No sample images were logged by these runs (sampling.prompts empty?).</p>")
-
-    parts.append("<h2>3. Curves</h2>")
+    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in summary["notes"]]
+    if any(g.n == 1 for g in data.groups):
+        parts.append(f"<p class='note'>Variants with n = 1 have no interval of their own; {REPLICATE_HINT} "
+                     "(python sweep.py -m ... train.seed=1,2,3).</p>")
+    parts += _parameters(data) + _final_metrics(summary) + _one_knob(summary) + _samples(data) + _progression(data)
+    parts.append("<h2>6. Curves</h2><p class='sub'>fit/loss and val/loss compare across variants; train/loss is each "
+                 "variant's own objective (l2, Huber, min-SNR or debiased weighted) and does not; the step size is "
+                 "d*lr for D-Adaptation and Prodigy. Replicates share their variant's colour.</p>")
     for name, png in figures.items():
         parts.append(f'<h3>{html.escape(name.replace("_", " "))}</h3><img class="fig" alt="{name}" '
                      f'src="{png_data_uri(png)}">')
     if not figures:
         parts.append("<p>No metric histories found.</p>")
-
-    base = data.variants[data.baseline] if data.variants else None
-    parts.append(f"<h2>4. Final metrics (difference from baseline "
-                 f"<b>{html.escape(base.name) if base else '—'}</b>)</h2>")
-    rows = []
-    for key in ordered_metric_keys(data.variants):
-        row = [html.escape(key)]
-        for index, variant in enumerate(data.variants):
-            value, reference = variant.final_metrics.get(key), base.final_metrics.get(key) if base else None
-            delta = "" if index == data.baseline else delta_text(value, reference)
-            row.append(f"{format_number(value)}<br><span class='delta'>{html.escape(delta)}</span>")
-        rows.append(row)
-    header = [f"{n} (baseline)" if i == data.baseline else n for i, n in enumerate(names)]
-    parts.append(_table(["metric", *header], rows, cls="final", raw=True))
     parts.append("<p class='sub'>img/* are means over the step's sample images: luminance (noise offset), edge "
                  "energy = variance of the Laplacian (multires noise, min-SNR, debiased), colorfulness, and the "
-                 "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/compare/metrics.py.</p>")
+                 "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/compare/metrics.py. "
+                 f"The numbers of this page are in the JSON block #{html.escape('lora-sweep-summary')}.</p>")
+    parts.append(script_block(summary))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -1,23 +1,30 @@
-"""What a training does between optimizer steps to make variants comparable: samples and validation loss.
+"""What a training does between optimizer steps to make variants comparable: samples, validation and fitting loss.
 
-Both draw only from their own seeded generators and restore every RNG, so turning them on or off does not change
-the training (a test checks that the LoRA is bit-identical).
+All draw only from their own seeded generators and restore every mode they change, so turning them on or off
+does not change the training (tests/training/test_evaluate.py checks that the LoRA is bit-identical).
 - Samples: the same prompts and seeds for every variant, at step 0, every `sampling.every` steps and at the end;
   logged as MLflow images (`sample_pNN`), a grid PNG, and image statistics (`img/...`).
-- Validation: held-out images at fixed timesteps with fixed noise, plain epsilon MSE (no loss weighting, no noise
-  offset), so `val/loss` measures fitting and overfitting the same way for every variant.
+- `val/loss`: held-out images; `fit/loss`: a fixed subset of the *training* images (`validation.fit_images`, chosen
+  with `validation.seed`, so the same images for every variant and every train.seed). Both at fixed timesteps
+  (`validation.timesteps`) with fixed noise (drawn once from `torch.Generator().manual_seed(validation.seed)`),
+  plain epsilon MSE (velocity MSE for v-prediction): no loss weighting, no noise offset, whatever the variant's
+  training loss. So every variant is measured on the same (image, t, eps) points, at step 0, every
+  `validation.every` steps and at the end. At the end a run also logs the per-point values
+  (`evaluation/fit_points.json`, `evaluation/val_points.json`, for paired comparisons) and, from its `fit/loss`
+  curve, `fit/loss_auc` and `fit/steps_to_half` (see `lora_sweep.compare.stats.fitting_speed`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lora_sweep.training import precision
-from lora_sweep.training.noise import add_noise
+from lora_sweep.training.noise import add_noise, velocity_target
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,23 @@ def split_validation(n_items: int, fraction: float, seed: int) -> tuple[list[int
     k = min(n_items - 1, max(1, round(fraction * n_items)))
     held_out = set(random.Random(seed).sample(range(n_items), k))
     return [i for i in range(n_items) if i not in held_out], sorted(held_out)
+
+
+def fit_subset(train_indices: list[int], k: int, seed: int) -> list[int]:
+    """The `fit/loss` images: a seeded choice of k of the training examples (all of them when there are fewer),
+    in index order. Depends only on the training examples and `seed` (validation.seed), never on train.seed's RNG."""
+    ordered = sorted(train_indices)
+    if k <= 0:
+        return []
+    if k >= len(ordered):
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, k))
+
+
+def image_id(example) -> str:
+    """A point's image, as the report names it: '<subfolder>/<file name>'."""
+    path = example.item.path
+    return f"{path.parent.name}/{path.name}"
 
 
 def due(step: int, every: int, final: bool) -> bool:
@@ -73,11 +97,28 @@ class Sampler:
 
 @dataclass
 class Validator:
-    """Fixed-timestep, fixed-noise epsilon MSE on held-out examples."""
+    """Fixed-timestep, fixed-noise MSE over fixed examples, logged as `<prefix>/loss` and `<prefix>/loss_tNNN`.
+
+    prefix "val": held-out examples; prefix "fit": a fixed subset of the training examples. The noise of every
+    (example, timestep) point is drawn once, on the CPU, from its own generator seeded with `seed`, in example
+    order: noise[i] has shape (len(timesteps), C, h, w), float32. Each example's timesteps go through the UNet as
+    one batch of len(timesteps), in eval mode and without gradients.
+    """
 
     examples: list
     timesteps: list[int]
     seed: int
+    prefix: str = "val"
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, <prefix>/loss) seen by this process
+    _noise: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def noise(self) -> list[torch.Tensor]:
+        if self._noise is None:
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            self._noise = [torch.randn((len(self.timesteps), *e.latents.shape), generator=generator)
+                           for e in self.examples]
+        return self._noise
 
     @staticmethod
     def _text(s, example) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,28 +130,73 @@ class Validator:
         return encode_prompts(s.parts, [example.item.caption])
 
     @torch.no_grad()
+    def point_losses(self, s) -> torch.Tensor:
+        """(len(examples), len(timesteps)) float64 on the CPU: the MSE of each (example, t, eps) point, the mean over
+        latent channels and pixels of (prediction - target)^2, target = eps (or v for model.v_prediction)."""
+        modules = [m for m in (s.unet, s.parts.text_encoder, s.parts.text_encoder_2) if m is not None]
+        modes = [m.training for m in modules]
+        for module in modules:
+            module.eval()  # no dropout draws: the training RNG is not touched
+        rows = []
+        try:
+            timesteps = torch.tensor(self.timesteps, device=s.device)
+            for example, noise in zip(self.examples, self.noise):
+                x0 = (example.latents * s.vae_scale).unsqueeze(0).to(s.device, s.policy.latent_dtype)
+                x0 = x0.expand(len(self.timesteps), *x0.shape[1:])
+                eps = noise.to(s.device, x0.dtype)
+                noisy = add_noise(x0, eps, timesteps, s.alphas_cumprod)
+                context, pooled = self._text(s, example)
+                n = len(self.timesteps)
+                time_ids = example.time_ids.unsqueeze(0).to(s.device, pooled.dtype).repeat(n, 1)
+                with precision.autocast(s.policy, s.device.type):
+                    pred = s.unet(noisy, timesteps, context.repeat(n, 1, 1), added_cond_kwargs={
+                        "text_embeds": pooled.repeat(n, 1), "time_ids": time_ids}).sample
+                target = velocity_target(x0, eps, timesteps, s.alphas_cumprod) if s.cfg.model.v_prediction else eps
+                rows.append(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).double().cpu())
+        finally:
+            for module, mode in zip(modules, modes):
+                module.train(mode)
+        return torch.stack(rows)
+
     def __call__(self, s, step: int, final: bool) -> None:
         if not self.examples or not due(step, s.cfg.validation.every, final):
             return
-        unet, was_training = s.unet, s.unet.training
-        unet.eval()
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        per_t: dict[int, list[float]] = {t: [] for t in self.timesteps}
-        try:
-            for example in self.examples:
-                x0 = (example.latents * s.vae_scale).unsqueeze(0).to(s.device, s.policy.latent_dtype)
-                context, pooled = self._text(s, example)
-                for t in self.timesteps:
-                    noise = torch.randn(x0.shape, generator=generator).to(s.device, x0.dtype)
-                    timesteps = torch.tensor([t], device=s.device)
-                    noisy = add_noise(x0, noise, timesteps, s.alphas_cumprod)
-                    with precision.autocast(s.policy, s.device.type):
-                        pred = unet(noisy, timesteps, context, added_cond_kwargs={
-                            "text_embeds": pooled, "time_ids": example.time_ids.unsqueeze(0).to(s.device, pooled.dtype),
-                        }).sample
-                    per_t[t].append(float(torch.mean((pred.float() - noise.float()) ** 2)))
-        finally:
-            unet.train(was_training)
-        metrics = {f"val/loss_t{t:03d}": sum(v) / len(v) for t, v in per_t.items()}
-        metrics["val/loss"] = sum(metrics.values()) / len(metrics)
+        values = self.point_losses(s)
+        p = self.prefix
+        metrics = {f"{p}/loss_t{t:03d}": float(values[:, j].mean()) for j, t in enumerate(self.timesteps)}
+        metrics[f"{p}/loss"] = float(values.mean())
+        self.history.append((step, metrics[f"{p}/loss"]))
+        if final:
+            self._write_points(s, step, values)
+            if p == "fit":
+                metrics |= self._fitting_speed()
         s.sink.metrics(metrics, step)
+
+    def _fitting_speed(self) -> dict[str, float]:
+        """fit/loss_auc and fit/steps_to_half from this process's curve; nothing when it does not start at step 0
+        (a resumed run: the report computes them from the whole MLflow history instead)."""
+        from lora_sweep.compare.stats import fitting_speed
+
+        if not self.history or self.history[0][0] != 0:
+            log.info("fit/loss_auc and fit/steps_to_half not logged: this process saw the fit/loss curve only from "
+                     "step %s (resumed); the report computes them from the run's whole history",
+                     self.history[0][0] if self.history else "-")
+            return {}
+        speed = fitting_speed(self.history)
+        if speed is None:
+            return {}
+        out = {"fit/loss_auc": speed.loss_auc}
+        if speed.steps_to_half is not None:
+            out["fit/steps_to_half"] = speed.steps_to_half
+        return out
+
+    def _write_points(self, s, step: int, values: torch.Tensor) -> None:
+        """`<output_dir>/evaluation/<prefix>_points.json`, also logged to the run under `evaluation/`."""
+        from lora_sweep.atomic import write_text
+
+        points = [{"image": image_id(e), "t": t, "value": float(values[i, j])}
+                  for i, e in enumerate(self.examples) for j, t in enumerate(self.timesteps)]
+        payload = {"metric": f"{self.prefix}/loss", "step": step, "seed": self.seed,
+                   "target": "v" if s.cfg.model.v_prediction else "eps", "points": points}
+        path = write_text(s.output_dir / "evaluation" / f"{self.prefix}_points.json", json.dumps(payload, indent=1))
+        s.sink.artifact(path, "evaluation")

@@ -23,7 +23,7 @@ from lora_sweep.data.dataset import scan_folder
 from lora_sweep.atomic import write_text
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
 from lora_sweep.model.encode import encode_prompts
-from lora_sweep.training.evaluate import Sampler, Validator, split_validation
+from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, split_validation
 from lora_sweep.training.loss import one_timestep_per_batch
 from lora_sweep.model.network import (
     TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_state_dict, lora_parameters, save_diffusers, save_kohya,
@@ -159,7 +159,9 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     if not encode_text_online:
         parts.text_encoder.to("cpu")
         parts.text_encoder_2.to("cpu")
-    train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.train.seed)
+    # held out with validation.seed, not train.seed: replicates (train.seed=1,2,3) train and are measured on the
+    # same images, so their val/loss and fit/loss points pair across seeds
+    train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
     val_examples = [prepared.examples[i] for i in val_idx]
     if cfg.data.validation_dir:
         val_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
@@ -204,6 +206,8 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
                                             warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(unet)}, 0)
     hooks = [Validator(val_examples, list(cfg.validation.timesteps), cfg.validation.seed)]
+    fit_examples = [prepared.examples[i] for i in fit_subset(train_idx, cfg.validation.fit_images, cfg.validation.seed)]
+    hooks.append(Validator(fit_examples, list(cfg.validation.timesteps), cfg.validation.seed, prefix="fit"))
     sampler = Sampler.from_config(cfg, min(parse_resolution(cfg.data.resolution)))
     if sampler is not None:
         hooks.append(sampler)

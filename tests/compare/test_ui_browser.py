@@ -100,9 +100,17 @@ def test_mlflow_ui_and_report_render_in_chromium(chromium, tmp_path):
     with pytest.raises(ProcessLookupError):  # the whole server group is gone, workers included
         os.killpg(group, 0)
 
-    text = visible_text(run_chromium(chromium, report.as_uri(), tmp_path / "profile"))
+    dom = run_chromium(chromium, report.as_uri(), tmp_path / "profile")
+    text = visible_text(dom)
     assert all(name in text for name in VARIANTS)
     assert "Parameters that differ" in text and "Final metrics" in text
+    assert "One-knob effects" in text and "Fitting over the steps" in text
+    # the numbers are in the rendered DOM as JSON, and what the table shows is what the JSON says
+    block = re.search(r'<script type="application/json" id="lora-sweep-summary">(.*?)</script>', dom, re.S)
+    summary = json.loads(block.group(1))
+    assert [v["name"] for v in summary["variants"]] == list(VARIANTS) and summary["baseline"] == "v53"
+    assert {(p["a"], p["b"]) for p in summary["one_knob_pairs"]} == {("v53", "v57"), ("v57", "v61")}
+    assert "+0.005 (n = 1: no interval)" in text  # v57's val/loss vs v53: one run each, no interval made up
     run_chromium(chromium, report.as_uri(), tmp_path / "profile", screenshot=ARTIFACTS / "report.png")
     for name in ("ui_experiment.png", "ui_compare.png", "report.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name  # a blank page compresses to a few KB

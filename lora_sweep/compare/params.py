@@ -1,0 +1,194 @@
+"""The article's table over any set of variants, and the knobs two variants differ in.
+
+Pure functions on MLflow params (flattened config keys -> strings). A value is shown only where it has an effect,
+as the article's table does: "x" where the knob is off (no noise offset, no min-SNR, huber_c under an l2 loss,
+the multires discount without multires noise), "v" where a switch is on.
+
+A *knob* is what a user turns in one override: a config-group choice (`noise=offset` -> `noise=offset_ip`, recorded
+by sweep.py as the `lora_sweep.choice.<group>` tags) or one value (`loss.huber_c=0.01` -> `0.05`). The values a
+changed group choice brings with it are that one knob. Where a run has no choice tag for one of the groups noise,
+loss, optimizer and precision (older runs; Hydra records no choice for a list such as loss=[huber_snr,debiased]),
+the values that differ inside that group count as one knob. Keys that do not change a training (sampling, validation, tracking,
+paths, the seed: replicates) are never knobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from lora_sweep.compare.variants import SEED_KEY, VariantGroup, is_config_key
+
+GROUP_KNOBS = ("noise", "loss", "optimizer", "precision")  # one knob each when runs carry no choice tags
+NOT_KNOBS = ("sampling.", "validation.", "tracking.", SEED_KEY)
+# Params the trainer logs about the data it found (run.py / session.py), and train.total_batch_size: derived.
+DERIVED = {"data.images", "data.skipped_images", "data.entries_with_repeats", "data.validation_images",
+           "train.total_batch_size"}
+ARTICLE_ROWS = {  # param -> the article's row label, in the article's order
+    "precision.name": "precision", "optimizer.name": "optimizer", "loss.min_snr_gamma": "min-SNR gamma",
+    "loss.debiased": "debiased estimation loss", "noise.offset": "noise offset",
+    "noise.multires_iterations": "multires noise iterations", "noise.ip_gamma": "IP noise gamma",
+    "loss.huber_c": "huber_c", "train.batch_size": "BS", "train.grad_accum": "gradient accumulation",
+}
+PARAM_ORDER = ("precision.", "optimizer.", "loss.", "noise.", "train.", "network.", "sampling.", "data.", "model.")
+OFF_WHEN_ZERO = ("noise.", "loss.min_snr_gamma", "loss.debiased", "network.dropout")
+OPTIMIZER_ARGS = "optimizer.args"
+DETERMINED_BY = {OPTIMIZER_ARGS: "optimizer.name"}  # a row folded away when the other row's value fixes it
+
+
+def parse(value: str | None):
+    """An MLflow param string back to None / bool / float / str."""
+    if value is None or value in ("None", "null", ""):
+        return None
+    if value in ("True", "true"):
+        return True
+    if value in ("False", "false"):
+        return False
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def has_effect(key: str, params: dict[str, str]) -> bool:
+    """False where a setting is inert: Huber settings under l2, the multires discount without multires noise,
+    offset options without an offset, IP-noise options without IP noise (kohya ignores them there too)."""
+    get = lambda k: parse(params.get(k))  # noqa: E731
+    if key in ("loss.huber_c", "loss.huber_schedule"):
+        return get("loss.type") not in (None, "l2")
+    if key == "noise.multires_discount":
+        return bool(get("noise.multires_iterations"))
+    if key in ("noise.offset_random_strength", "noise.adaptive_scale"):
+        return bool(get("noise.offset"))
+    if key == "noise.ip_gamma_random_strength":
+        return bool(get("noise.ip_gamma"))
+    return True
+
+
+def format_value(value) -> str:
+    if value is None or value is False:
+        return "x"
+    if value is True:
+        return "v"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def display(key: str, params: dict[str, str]) -> str:
+    """What the table shows for `key`: "x" if unset, inert or off, "v" for an on switch, else the value."""
+    if key == OPTIMIZER_ARGS:
+        args = sorted((k[len(OPTIMIZER_ARGS) + 1:], v) for k, v in params.items() if k.startswith(OPTIMIZER_ARGS + "."))
+        return ", ".join(f"{k}={format_value(parse(v))}" for k, v in args) or "x"
+    if key not in params or not has_effect(key, params):
+        return "x"
+    value = parse(params[key])
+    if key.startswith(OFF_WHEN_ZERO) and value == 0:
+        return "x"
+    return format_value(value)
+
+
+def table_key(key: str) -> str:
+    """optimizer.args.d_coef -> optimizer.args (one row for an optimizer's arguments)."""
+    return OPTIMIZER_ARGS if key.startswith(OPTIMIZER_ARGS + ".") else key
+
+
+def _sort_key(key: str) -> tuple:
+    if key in ARTICLE_ROWS:
+        return 0, list(ARTICLE_ROWS).index(key), key
+    rank = next((i for i, prefix in enumerate(PARAM_ORDER) if key.startswith(prefix)), len(PARAM_ORDER))
+    return 1, rank, key
+
+
+def row_label(key: str) -> str:
+    """The article's name with the param key, e.g. 'IP noise gamma (noise.ip_gamma)'; else the key."""
+    return f"{ARTICLE_ROWS[key]} ({key})" if key in ARTICLE_ROWS else key
+
+
+def table_keys(groups: Sequence[VariantGroup]) -> list[str]:
+    """Every row the table may show: config keys (optimizer args folded into one row), not labels, seeds or
+    derived counts; train.lr only where it is not simply the optimizer's lr."""
+    keys = {table_key(k) for g in groups for k in g.params
+            if is_config_key(k) and k not in DERIVED and k not in (SEED_KEY, "tracking.variant")}
+    if all(g.params.get("train.lr") == g.params.get("optimizer.lr") for g in groups):
+        keys.discard("train.lr")
+    return sorted(keys, key=_sort_key)
+
+
+def _determined(key: str, parent: str, groups: Sequence[VariantGroup]) -> bool:
+    """True when variants with the same `parent` value always show the same `key` value."""
+    seen: dict[str, str] = {}
+    return all(seen.setdefault(display(parent, g.params), display(key, g.params)) == display(key, g.params)
+               for g in groups)
+
+
+def parameter_table(groups: Sequence[VariantGroup]) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """(rows that differ: [(key, [value per variant])], rows shared by all: [(key, value)]).
+
+    A dependent setting whose value is the same wherever it has an effect (the multires discount 0.3 wherever
+    multires is on) is shared, shown with "(where it applies)"; the optimizer arguments, when each optimizer keeps
+    its own defaults, are shared as "each optimizer.name's own". The run status is a row, so a failed variant
+    stands out.
+    """
+    differ, shared = [], []
+    for key in [*table_keys(groups), "status"]:
+        values = [g.status if key == "status" else display(key, g.params) for g in groups]
+        if len(set(values)) == 1:
+            shared.append((key, values[0]))
+            continue
+        parent = DETERMINED_BY.get(key)
+        if parent and _determined(key, parent, groups):
+            shared.append((key, f"each {parent}'s own (see the full configs)"))
+            continue
+        effective = {v for g, v in zip(groups, values) if key == "status" or has_effect(key, g.params)}
+        if key not in ("status",) and len(effective) == 1 and any(not has_effect(key, g.params) for g in groups):
+            shared.append((key, f"{effective.pop()} (where it applies)"))
+            continue
+        differ.append((key, values))
+    return differ, shared
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One thing two variants differ in: a group (`name` = "noise", `a`/`b` = the options chosen) or a value
+    (`name` = the key, `a`/`b` = the values shown). `detail` lists the values a group change brings."""
+
+    name: str
+    a: str
+    b: str
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"knob": self.name, "from": self.a, "to": self.b, "detail": self.detail}
+
+
+def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[str, str] | None = None,
+          b_choices: dict[str, str] | None = None) -> list[Knob]:
+    """The knobs variant b differs from variant a in (empty: the same training)."""
+    a_choices, b_choices = a_choices or {}, b_choices or {}
+    keys = {table_key(k) for k in (*a_params, *b_params)
+            if is_config_key(k) and k not in DERIVED and not k.startswith(NOT_KNOBS)}
+    if a_params.get("train.lr") == a_params.get("optimizer.lr") and b_params.get("train.lr") == b_params.get("optimizer.lr"):
+        keys.discard("train.lr")  # follows optimizer.lr (${optimizer.lr}): part of the optimizer knob
+    changed = {k: (display(k, a_params), display(k, b_params)) for k in sorted(keys, key=_sort_key)}
+    changed = {k: ab for k, ab in changed.items() if ab[0] != ab[1]}
+    found: list[Knob] = []
+    for group in sorted(set(GROUP_KNOBS) | set(a_choices) | set(b_choices), key=lambda g: _sort_key(g + ".")):
+        inside = {k: ab for k, ab in changed.items() if k.startswith(group + ".")}
+        ca, cb = a_choices.get(group), b_choices.get(group)
+        detail = "; ".join(f"{k}: {va} -> {vb}" for k, (va, vb) in inside.items() if (va, vb) != (ca, cb))
+        if ca is not None and cb is not None:
+            if ca == cb:
+                continue  # the same option: each value changed on top of it is a knob of its own
+            found.append(Knob(group, ca, cb, detail))
+        elif not inside or group not in GROUP_KNOBS:
+            continue
+        elif len(inside) == 1 and ca is None and cb is None:
+            (key, (va, vb)), = inside.items()
+            found.append(Knob(key, va, vb))
+        else:  # a list choice (loss=[huber_snr,debiased]) is not recorded by Hydra: the group's values decide
+            label = lambda choice, side: choice or "; ".join(f"{k}={ab[side]}" for k, ab in inside.items())  # noqa
+            found.append(Knob(group, label(ca, 0), label(cb, 1), detail))
+        changed = {k: ab for k, ab in changed.items() if k not in inside}
+    found += [Knob(k, va, vb) for k, (va, vb) in changed.items()]
+    return found

@@ -1,0 +1,190 @@
+"""The statistics of a comparison: means with intervals, differences with intervals, and how fast a curve falls.
+
+Pure functions on plain numbers (no MLflow, no torch); the distributions come from scipy. Every interval is a
+two-sided Student t interval at `CONFIDENCE` (0.95):
+- a mean over n replicates: mean +- t_{n-1} * s / sqrt(n) (`mean_interval`);
+- a paired difference over n pairs (the same seed, the same (image, t, eps) point or the same (prompt, seed)
+  image in both variants): the mean of b - a with the t interval of the differences (`paired_difference`), which
+  removes what the pairs share (a hard image, a high timestep) and so is narrower than the unpaired interval;
+- an unpaired difference: Welch's interval (unequal variances, Welch-Satterthwaite degrees of freedom),
+  `unpaired_difference`.
+With one value (n = 1) there is no spread to estimate: no interval is made up, and the note says so.
+
+A difference is "within noise" when its interval covers zero; the report then shows "within noise", never a
+percentage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95
+REPLICATE_HINT = "add replicates with train.seed=1,2,3"
+NO_INTERVAL_N1 = f"n = 1: no interval ({REPLICATE_HINT})"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its interval. `low`/`high` are None when there is no interval (n < 2), and `note` says why."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+    note: str = ""
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    def as_dict(self) -> dict:
+        return {"mean": _json_float(self.mean), "low": _json_float(self.low), "high": _json_float(self.high),
+                "n": self.n, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """b - a with its interval. `basis` says what was paired ("paired over 3 seeds", ...); `n` counts pairs
+    (paired) or all values (unpaired). No interval: `low`/`high` None and `note` says why."""
+
+    effect: float
+    low: float | None
+    high: float | None
+    n: int
+    basis: str
+    note: str = ""
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    @property
+    def within_noise(self) -> bool | None:
+        """True when the interval covers zero, False when it excludes zero, None without an interval."""
+        if not self.has_interval:
+            return None
+        return self.low <= 0.0 <= self.high
+
+    @property
+    def verdict(self) -> str:
+        """'different', 'within noise' or 'no interval'."""
+        return {True: "within noise", False: "different", None: "no interval"}[self.within_noise]
+
+    def as_dict(self) -> dict:
+        return {"effect": _json_float(self.effect), "low": _json_float(self.low), "high": _json_float(self.high),
+                "n": self.n, "basis": self.basis, "note": self.note, "within_noise": self.within_noise,
+                "verdict": self.verdict}
+
+
+def _json_float(value: float | None) -> float | None:
+    """JSON has no NaN: None stands for a missing number."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    array = np.asarray(list(values), dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+def _t_interval(mean: float, sem: float, df: float, confidence: float) -> tuple[float, float]:
+    """scipy's t interval; a zero standard error (identical values) gives the degenerate interval [mean, mean]."""
+    from scipy import stats
+
+    if sem == 0.0:
+        return mean, mean
+    low, high = stats.t.interval(confidence, df, loc=mean, scale=sem)
+    return float(low), float(high)
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """Mean of `values` (non-finite ones dropped) with its t interval over n - 1 degrees of freedom.
+
+    n = 0 gives a NaN mean and n = 1 the value itself, both without an interval (and a note saying why).
+    """
+    from scipy import stats
+
+    array = _finite(values)
+    if array.size == 0:
+        return Estimate(float("nan"), None, None, 0, "no value")
+    mean = float(array.mean())
+    if array.size == 1:
+        return Estimate(mean, None, None, 1, NO_INTERVAL_N1)
+    low, high = _t_interval(mean, float(stats.sem(array)), array.size - 1, confidence)
+    return Estimate(mean, low, high, int(array.size))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pairs",
+                      confidence: float = CONFIDENCE) -> Difference:
+    """Mean of b[i] - a[i] over the pairs where both are finite, with the t interval of the differences
+    (the interval of scipy.stats.ttest_rel). `unit` names what a pair is ("seeds", "(image, t, eps) points").
+
+    Raises ValueError when a and b have different lengths (the pairing would be a guess).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pairs need equal lengths")
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    basis = f"paired over {d.size} {unit}"
+    if d.size == 0:
+        return Difference(float("nan"), None, None, 0, basis, "no pair has both values")
+    estimate = mean_interval(d, confidence)
+    note = "" if estimate.has_interval else "one pair: no interval"
+    return Difference(estimate.mean, estimate.low, estimate.high, int(d.size), basis, note)
+
+
+def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "runs",
+                        confidence: float = CONFIDENCE) -> Difference:
+    """mean(b) - mean(a) with Welch's t interval (scipy.stats.ttest_ind(b, a, equal_var=False)); no interval
+    unless both sides have at least two values."""
+    from scipy import stats
+
+    xa, xb = _finite(a), _finite(b)
+    basis = f"unpaired, {xa.size} + {xb.size} {unit}"
+    if xa.size == 0 or xb.size == 0:
+        return Difference(float("nan"), None, None, int(xa.size + xb.size), basis, "a side has no value")
+    effect = float(xb.mean() - xa.mean())
+    if xa.size < 2 or xb.size < 2:
+        return Difference(effect, None, None, int(xa.size + xb.size), basis, NO_INTERVAL_N1)
+    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
+    if va + vb == 0.0:
+        return Difference(effect, effect, effect, int(xa.size + xb.size), basis)
+    interval = stats.ttest_ind(xb, xa, equal_var=False).confidence_interval(confidence)
+    return Difference(effect, float(interval.low), float(interval.high), int(xa.size + xb.size), basis)
+
+
+def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_INTERVAL_N1) -> Difference:
+    """b - a when nothing pairs or replicates them: the difference, and no interval."""
+    return Difference(float(b) - float(a), None, None, 2, basis, note)
+
+
+@dataclass(frozen=True)
+class FittingSpeed:
+    """How fast a loss curve falls. `loss_auc`: the area under the curve divided by the steps it spans (its
+    time-average, in loss units). `steps_to_half`: the step at which the curve first reaches half of its total
+    decrease (start - lowest), linearly interpolated between evaluations; None when it never decreases."""
+
+    loss_auc: float
+    steps_to_half: float | None
+
+
+def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
+    """`history` = [(step, value)] (any order; non-finite values dropped). None with fewer than two steps."""
+    from scipy.integrate import trapezoid
+
+    points = sorted((int(s), float(v)) for s, v in history if math.isfinite(v))
+    if len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    steps = np.array([s for s, _ in points], dtype=np.float64)
+    values = np.array([v for _, v in points], dtype=np.float64)
+    auc = float(trapezoid(values, steps) / (steps[-1] - steps[0]))
+    decrease = values[0] - values.min()
+    if decrease <= 0:
+        return FittingSpeed(auc, None)
+    target = values[0] - decrease / 2
+    i = int(np.argmax(values <= target))  # the first evaluation at or below the target (i >= 1)
+    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
+    return FittingSpeed(auc, float(s0 + (v0 - target) / (v0 - v1) * (s1 - s0)))

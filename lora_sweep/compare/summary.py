@@ -1,0 +1,74 @@
+"""The comparison as plain data: the JSON the page embeds (`<script type="application/json"
+id="lora-sweep-summary">`) and `compare --json PATH` writes, and from which the page's tables are rendered, so
+the two can never disagree.
+
+Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
+{
+  "schema", "title", "experiment", "sweep_run_id", "tracking_uri", "step", "confidence": 0.95,
+  "baseline": "<variant name>",
+  "metrics": [{"key": "fit/loss", "note": "..."}, ...],           # the common metrics compared, in order
+  "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
+  "variants": [{"name", "tag", "n", "seeds", "run_ids", "status", "replicate_key", "is_baseline",
+                "metrics": {"fit/loss": {"mean", "low", "high", "n", "note"}},
+                "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
+                                             "within_noise", "verdict"} | {"comparable": false, "reason"} | null}}],
+  "one_knob_pairs": [{"a", "b", "knob", "from", "to", "detail", "effects": {"fit/loss": <as vs_baseline>}}],
+  "notes": [...]
+}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lora_sweep.compare.effects import (
+    METRIC_NOTES, difference, effect_dict, estimate, one_knob_pairs, present_metrics, same_training,
+)
+from lora_sweep.compare.stats import CONFIDENCE
+
+SCHEMA = "lora-sweep-summary/1"
+SCRIPT_ID = "lora-sweep-summary"
+CURVES_ONLY = ("train/loss", "train/loss_weight", "train/huber_c", "train/lr", "train/d_lr")
+
+
+def build_summary(data) -> dict[str, Any]:
+    """The summary of a `ReportData` (its `groups` and `baseline` set)."""
+    groups, step = data.groups, data.step
+    metrics = present_metrics(groups, step)
+    base = groups[data.baseline]
+    images: dict = {}  # per-run image metrics, computed once
+    variants = []
+    for index, group in enumerate(groups):
+        is_base = index == data.baseline
+        variants.append({
+            "name": group.name, "tag": group.representative.tags.get("variant", group.name), "n": group.n,
+            "seeds": group.seeds, "run_ids": [r.run_id for r in group.runs], "status": group.status,
+            "replicate_key": group.key, "is_baseline": is_base,
+            "metrics": {m: estimate(group, m, step).as_dict() for m in metrics},
+            "vs_baseline": {} if is_base else {m: effect_dict(difference(base, group, m, step, images))
+                                               for m in metrics},
+        })
+    pairs = [{"a": groups[p.a].name, "b": groups[p.b].name, **p.knob.as_dict(),
+              "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
+             for p in one_knob_pairs(groups, metrics, step, images)]
+    notes = list(data.notes) + [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are "
+                                f"left out of the numbers." for g in groups if len(g.finished) < g.n] + [f"{groups[i].name} and {groups[j].name} train the same config (they differ only "
+                                f"in their name, sampling or evaluation settings)." for i, j in same_training(groups)]
+    return {
+        "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,
+        "tracking_uri": data.tracking_uri, "step": step, "confidence": CONFIDENCE, "baseline": base.name,
+        "metrics": [{"key": m, "note": METRIC_NOTES.get(m, "")} for m in metrics],
+        "curves_only": [k for k in CURVES_ONLY if any(k in r.histories for g in groups for r in g.runs)],
+        "variants": variants, "one_knob_pairs": pairs, "notes": notes,
+    }
+
+
+def to_json(summary: dict) -> str:
+    return json.dumps(summary, indent=1, allow_nan=False)
+
+
+def script_block(summary: dict) -> str:
+    """The summary as an inline JSON script; '</' is escaped so no string can close the script early."""
+    text = json.dumps(summary, allow_nan=False).replace("</", "<\\/")
+    return f'<script type="application/json" id="{SCRIPT_ID}">{text}</script>'

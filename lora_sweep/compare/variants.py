@@ -1,0 +1,178 @@
+"""From runs to variants: replicates grouped, variants in their natural order, the baseline chosen.
+
+Pure data (no MLflow: `report.py` fills `VariantData` from the store). Definitions:
+- A *run* is one MLflow job run (`VariantData`).
+- *Replicates* are runs whose configs differ only in `train.seed`: their params, less `train.seed` and the keys that
+  never change a training (`config.is_hash_excluded`: paths, tracking, sweep and compare settings), hash to the same
+  `replicate_key`. A sweep over `train.seed=1,2,3` asks for them.
+- A *variant* (`VariantGroup`) is a set of replicates, named by the runs' `variant` tag (less any `train.seed=N`
+  part of a tag made from overrides).
+- *Natural order*: the order of the sweep's overrides (the Hydra job number, tag `lora_sweep.job_num`) when every
+  run has one, else the names in natural order (v9 < v53 < v64), then start time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Sequence
+
+from PIL import Image
+
+from lora_sweep.config import is_hash_excluded
+from lora_sweep.errors import UserError
+
+SEED_KEY = "train.seed"
+JOB_NUM_TAG = "lora_sweep.job_num"
+CHOICE_TAG = "lora_sweep.choice."
+NOT_CONFIG = ("compare.",)  # params that are settings of the comparison itself
+
+
+@dataclasses.dataclass
+class VariantData:
+    """One compared run, as the report needs it."""
+
+    name: str
+    run_id: str
+    status: str
+    params: dict[str, str]
+    final_metrics: dict[str, float]
+    histories: dict[str, list[tuple[int, float]]]  # metric key -> [(step, value)] in step order
+    cells: dict[str, Image.Image | None]  # image key (sample_pNN) -> sample at the report's step
+    cell_steps: dict[str, int | None]  # image key -> the step that sample was logged at
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    start_time: int = 0
+    points: dict[str, dict[tuple[str, int], float]] = dataclasses.field(default_factory=dict)  # fit/loss -> points
+    prompts: list[dict] | None = None  # samples/prompts.json: the (prompt, seed, size, ...) of each sample_pNN
+    progression: list[tuple[int, Image.Image]] = dataclasses.field(default_factory=list)  # (step, first prompt)
+
+    @property
+    def seed(self) -> int | None:
+        try:
+            return int(float(self.params[SEED_KEY]))
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def job_num(self) -> int | None:
+        value = self.tags.get(JOB_NUM_TAG)
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def choices(self) -> dict[str, str]:
+        """Hydra config-group choices recorded by sweep.py ({"noise": "offset_ip", ...}); empty for older runs."""
+        return {k[len(CHOICE_TAG):]: v for k, v in self.tags.items() if k.startswith(CHOICE_TAG)}
+
+
+@dataclasses.dataclass
+class VariantGroup:
+    """The replicates of one variant, sorted by seed."""
+
+    name: str
+    key: str
+    runs: list[VariantData]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def representative(self) -> VariantData:
+        """The run shown in the picture grids, whose evaluation points stand for the variant when it has one run:
+        the finished replicate with the lowest seed (else the first run)."""
+        return (self.finished or self.runs)[0]
+
+    @property
+    def finished(self) -> list[VariantData]:
+        """The replicates that ran to the end: only their values are final, so only they enter the statistics."""
+        return [r for r in self.runs if r.status == "FINISHED"]
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.representative.params
+
+    @property
+    def status(self) -> str:
+        """FINISHED when every replicate finished, else the statuses seen (e.g. 'FAILED, FINISHED')."""
+        statuses = sorted({r.status for r in self.runs})
+        return statuses[0] if len(statuses) == 1 else ", ".join(statuses)
+
+
+def is_config_key(key: str) -> bool:
+    return not is_hash_excluded(key) and not key.startswith(NOT_CONFIG)
+
+
+def replicate_key(params: dict[str, str]) -> str:
+    """A 16-hex hash of the params that define a training, less `train.seed`: equal for replicates."""
+    kept = {k: v for k, v in params.items() if k != SEED_KEY and is_config_key(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def natural_key(name: str) -> tuple:
+    """'v9' < 'v53' < 'v64': digit runs compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name))
+
+
+def strip_seed(name: str) -> str:
+    """A variant tag made from overrides ('noise=multires,train.seed=2') without its seed part."""
+    parts = [p for p in name.split(",") if not p.strip().startswith(f"{SEED_KEY}=")]
+    return ",".join(parts) or "default"
+
+
+def group_replicates(runs: Sequence[VariantData]) -> list[VariantGroup]:
+    """Replicates grouped into variants, in natural order; duplicate names get the first run id's 6 characters."""
+    by_key: dict[str, list[VariantData]] = {}
+    for run in runs:
+        by_key.setdefault(replicate_key(run.params), []).append(run)
+    groups = []
+    for key, members in by_key.items():
+        members.sort(key=lambda r: (r.seed if r.seed is not None else 0, r.start_time, r.run_id))
+        names = {strip_seed(r.name) for r in members}
+        groups.append(VariantGroup(sorted(names, key=natural_key)[0], key, members))
+    with_job_num = all(r.job_num is not None for g in groups for r in g.runs)
+
+    def order(group: VariantGroup) -> tuple:
+        first_start = min(r.start_time for r in group.runs)
+        if with_job_num:
+            return (min(r.job_num for r in group.runs), (), first_start)
+        return (0, natural_key(group.name), first_start)
+
+    groups.sort(key=order)
+    for group in groups:
+        if sum(g.name == group.name for g in groups) > 1:
+            group.name = f"{group.name} ({group.representative.run_id[:6]})"
+    return groups
+
+
+def baseline_index(groups: Sequence[VariantGroup], requested: str | None, *, option: str = "--baseline") -> int:
+    """The index of the variant named (or whose run id is, or starts with) `requested`; 0 when None.
+
+    Raises UserError naming `option` and the variants when nothing matches.
+    """
+    if not requested:
+        return 0
+    for index, group in enumerate(groups):
+        if requested == group.name or strip_seed(requested) == group.name or any(
+                requested in (r.run_id, r.name) or r.run_id.startswith(requested) for r in group.runs):
+            return index
+    raise UserError(f"{option}: '{requested}' is neither a variant name nor a run id of the compared runs "
+                    f"(variants: {', '.join(g.name for g in groups)}).")
+
+
+def configured_baseline(groups: Sequence[VariantGroup]) -> tuple[str | None, str | None]:
+    """(`compare.baseline` the runs were configured with, a note when they disagree). An experiment file or the
+    sweep's command line sets it; --baseline overrides it."""
+    named = [r.params.get("compare.baseline") for g in groups for r in g.runs]
+    named = [n for n in named if n not in (None, "", "None", "null")]
+    if not named:
+        return None, None
+    distinct = list(dict.fromkeys(named))
+    note = None if len(distinct) == 1 else (f"The runs name different baselines (compare.baseline = "
+                                            f"{', '.join(distinct)}); the first, {distinct[0]}, is used.")
+    return distinct[0], note

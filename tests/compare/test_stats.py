@@ -1,0 +1,88 @@
+"""The comparison's statistics on constructed data: what is different, what is noise, what pairing buys, and
+that one value never gets a made-up interval."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from lora_sweep.compare.stats import (
+    NO_INTERVAL_N1, fitting_speed, mean_interval, no_interval, paired_difference, unpaired_difference,
+)
+
+
+def test_mean_interval_is_the_t_interval():
+    values = [1.0, 2.0, 3.0, 4.0]
+    estimate = mean_interval(values)
+    half = scipy_stats.t.ppf(0.975, 3) * np.std(values, ddof=1) / 2  # sqrt(4) = 2
+    assert estimate.mean == pytest.approx(2.5) and estimate.n == 4
+    assert (estimate.low, estimate.high) == pytest.approx((2.5 - half, 2.5 + half))
+
+
+def test_one_value_gives_no_interval_and_says_so():
+    estimate = mean_interval([0.42])
+    assert estimate.mean == 0.42 and estimate.n == 1
+    assert estimate.low is None and estimate.high is None and not estimate.has_interval
+    assert "n = 1" in estimate.note and "train.seed=1,2,3" in estimate.note
+    difference = unpaired_difference([1.0], [2.0, 2.1])
+    assert difference.effect == pytest.approx(1.05) and difference.within_noise is None
+    assert difference.verdict == "no interval" and difference.note == NO_INTERVAL_N1
+    single = no_interval(1.0, 1.5)
+    assert single.effect == 0.5 and not single.has_interval and single.verdict == "no interval"
+    assert paired_difference([1.0], [2.0]).verdict == "no interval"
+    assert mean_interval([float("nan")]).n == 0  # non-finite values are dropped, not averaged
+
+
+def test_a_difference_larger_than_the_spread_is_different():
+    rng = np.random.default_rng(0)
+    a = 1.0 + 0.01 * rng.standard_normal(5)
+    b = 1.2 + 0.01 * rng.standard_normal(5)
+    for difference in (unpaired_difference(a, b), paired_difference(a, b, unit="seeds")):
+        assert difference.within_noise is False and difference.verdict == "different"
+        assert 0 < difference.low < 0.2 < difference.high
+    assert paired_difference(a, b, unit="seeds").basis == "paired over 5 seeds"
+
+
+def test_identical_variants_are_within_noise():
+    a = [1.0, 1.1, 0.9, 1.05]
+    for difference in (unpaired_difference(a, list(a)), paired_difference(a, list(a))):
+        assert difference.effect == pytest.approx(0.0)
+        assert difference.within_noise is True and difference.verdict == "within noise"
+    # a small shift against a large spread is noise too
+    rng = np.random.default_rng(1)
+    noisy_a, noisy_b = rng.normal(1.0, 0.5, 4), rng.normal(1.02, 0.5, 4)
+    assert unpaired_difference(noisy_a, noisy_b).within_noise is True
+
+
+def test_pairing_gives_a_narrower_interval_than_unpaired_on_the_same_numbers():
+    # Each point's level (an image, a timestep) varies a lot; the variant shifts every point by about 0.05.
+    level = np.array([0.1, 0.5, 0.9, 0.3, 0.7, 0.2])
+    a = level
+    b = level + 0.05 + np.array([0.002, -0.001, 0.001, -0.002, 0.0, 0.001])
+    paired, unpaired = paired_difference(a, b), unpaired_difference(a, b)
+    assert paired.effect == pytest.approx(unpaired.effect)
+    assert (paired.high - paired.low) < 0.1 * (unpaired.high - unpaired.low)
+    assert paired.within_noise is False and unpaired.within_noise is True
+    # Welch's interval is scipy's
+    expected = scipy_stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert (unpaired.low, unpaired.high) == pytest.approx((expected.low, expected.high))
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_fitting_speed_area_and_half_decrease():
+    # 1.0 -> 0.2 linearly over 100 steps, then flat: total decrease 0.8, half reached at 0.6 = step 50
+    history = [(0, 1.0), (100, 0.2), (200, 0.2)]
+    speed = fitting_speed(history)
+    assert speed.steps_to_half == pytest.approx(50.0)
+    assert speed.loss_auc == pytest.approx((0.6 * 100 + 0.2 * 100) / 200)
+    faster = fitting_speed([(0, 1.0), (50, 0.2), (200, 0.2)])
+    assert faster.steps_to_half < speed.steps_to_half and faster.loss_auc < speed.loss_auc
+    # a curve that dips and comes back up: the decrease is start - lowest
+    assert fitting_speed([(0, 1.0), (10, 0.0), (20, 1.0)]).steps_to_half == pytest.approx(5.0)
+    assert fitting_speed([(0, 1.0), (10, 1.1)]).steps_to_half is None  # never decreases
+    assert fitting_speed([(0, 1.0)]) is None
+    assert math.isfinite(fitting_speed([(10, 0.5), (0, 1.0), (5, float("nan"))]).loss_auc)
