@@ -88,7 +88,9 @@ class GpuQueueLauncher(Launcher):
         if interrupted:
             self._close_pool()
             raise SystemExit(130)  # like a shell after Ctrl-C; the table above says what happened
-        return [to_job_return(r) for r in records]
+        unfinished = sum(r.state not in ("FINISHED", "SKIPPED") for r in records)
+        note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
+        return [to_job_return(r, note) for r in records]
 
     def _prepare(self, overrides: List[str], idx: int, work_dir: Path, common: set) -> Any:
         """Compose the job's config and find its directory, exactly as run_job will in the job process."""
@@ -175,6 +177,7 @@ class GpuQueueLauncher(Launcher):
     def _write_summary(self, path: Path, pool: Any, interrupted: bool) -> None:
         jobs = [{
             "idx": r.job.idx, "label": r.label, "overrides": r.job.overrides, "state": r.state, "reason": r.reason,
+            "user_error": r.user_error,
             "slot": r.slot.index if r.slot else None, "device": r.slot.device if r.slot else None,
             "pid": r.pid, "returncode": r.returncode, "duration_s": r.duration,
             "final_loss": r.status.get("final_loss"), "run_id": r.status.get("run_id"),
