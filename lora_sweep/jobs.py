@@ -16,6 +16,9 @@ Files in the sweep folder (shared by every launcher through the filesystem, as H
 - `.lora_sweep/swept_keys.json`: the keys the sweep's command line varies (callback), for run names;
 - `.lora_sweep/jobs/<job number>.json`: each job's outcome (status, reason, run id, label), written by the job,
   so the parent run can count finished / failed / skipped jobs, including those that failed before a run existed.
+
+And the job's side of the gpu_queue launcher's protocols: its status file (`StatusFile`: state, label, progress,
+reason, `user_error`, `note`), the trainer's sink (`JobSink`), and the stop-on-signal handler (`StopOnSignal`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,18 @@
-"""One job's life: validate, check every folder it writes, skip if already finished, resume if a state says so, an
-MLflow (child) run around `train`, an honest end status.
+"""One job's life: validate, check every folder it writes, lock its config, skip if already finished, resume if a
+state says so, an MLflow (child) run around `train`, an honest end status.
 
 Knows MLflow and the queue's status-file protocol; knows nothing of launchers. Every way a job can end maps to one
 MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly, with a state), FAILED
 (with the reason as the `lora_sweep.failure` tag: NaN, out of memory, disk, ...). A run is never marked FINISHED
-without its LoRA files; only a SIGKILL leaves it RUNNING, and the next run of its config continues it from its
-newest state (if it saved one).
+without its LoRA files; only a SIGKILL leaves it RUNNING, until a later sweep or run on the same host sees its
+process gone and marks it KILLED (`tracking.close_stale_runs`), and the next run of its config continues it from its
+newest state (if it saved one). A job of a sweep that fails before its run exists (a set-up failure) still gets a
+FAILED child run carrying the reason; every job of a sweep records its outcome in the sweep folder for the parent run.
+
+Set-up, in order: validate -> the tracking store -> writable folders -> the config's lock (`ConfigLock` on
+`<state root>/<config_hash>/`: a second process on the same config waits, or skips with sweep.on_busy=skip) ->
+skip-finished, which needs a FINISHED run with the same config hash *and* skip key (absolute model/data/prompt paths
+and the dataset's content fingerprint, `data.fingerprint`), so an edited dataset trains again.
 
 Resume (train.resume=auto): the newest state under `<state root>/<config_hash>/<run_id>/` whose run is in this
 MLflow store and experiment and not FINISHED; that run is reopened (RUNNING again) and steps it already logged are not

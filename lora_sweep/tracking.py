@@ -53,10 +53,8 @@ def default_artifact_root(uri: str) -> str:
 def fit(value: str, limit: int, where: str) -> str:
     """`value` cut to MLflow's `limit` characters with a visible marker saying how long it was and where the whole
     value is (MLflow would otherwise refuse the batch, and values cut without a marker pass for whole ones)."""
-    if len(value) <= limit:
-        return value
     marker = f" …[cut: {len(value)} characters in all; the whole value is in {where}]"
-    return value[:limit - len(marker)] + marker
+    return value if len(value) <= limit else value[:limit - len(marker)] + marker
 
 
 def check_store_uri(uri: str) -> None:
@@ -66,8 +64,7 @@ def check_store_uri(uri: str) -> None:
     from urllib.parse import urlparse
 
     scheme = urlparse(uri).scheme.lower()
-    if len(scheme) == 1:  # a Windows drive letter: a path
-        scheme = ""
+    scheme = "" if len(scheme) == 1 else scheme  # a Windows drive letter: a path
     fixes = ("use a sqlite database (unset MLFLOW_TRACKING_URI and tracking.uri for sqlite:///<cwd>/mlflow.db, or "
              "sqlite:////absolute/path/mlflow.db), an MLflow server (http://host:port), or set "
              f"{FILE_STORE_ENV}=true to keep the file store")

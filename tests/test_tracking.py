@@ -92,3 +92,14 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     for run_id in (alive, elsewhere, untagged):
         assert client.get_run(run_id).info.status == "RUNNING"
     assert tracking.process_alive(int(mine[tracking.PID]), float(mine[tracking.PID_STARTED]))
+
+
+def test_make_ui_prints_the_experiments_runs_page(store):
+    from lora_sweep.compare.ui import experiment_page
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("printed")  # untagged: tagged when the UI starts
+    url = experiment_page(store, "http://127.0.0.1:5000", "printed")
+    assert url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+    assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert "no experiment 'nope'" in experiment_page(store, "http://127.0.0.1:5000", "nope")

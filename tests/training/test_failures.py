@@ -73,8 +73,8 @@ def test_skip_step_fails_the_run_after_a_bounded_run_of_skipped_steps(tmp_path, 
     history = MlflowClient(mlflow_uri).get_metric_history(failed.run_id, "train/skipped_steps")
     assert max(m.step for m in history) == 3  # step 4's metrics never logged: it failed there
 
-    strict = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.on_nan=skip_step", "train.max_consecutive_skips=1",
-                  "train.resume=never", "sweep.skip_finished=false")
+    strict = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.on_nan=skip_step", "train.resume=never",
+                      "train.max_consecutive_skips=1", "sweep.skip_finished=false")
     assert strict.status == "FAILED" and "skipped 1 optimizer steps in a row" in strict.reason  # 1: no skip at all
 
 
