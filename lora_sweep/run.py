@@ -87,6 +87,8 @@ class _Ready:
     lock: ConfigLock
     fingerprint: Fingerprint
     skip_key: str
+    resume_from: Path | None = None
+    continued_run: str | None = None
 
 
 def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None,
@@ -116,8 +118,13 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
         if isinstance(ready, JobOutcome):
             record(status=ready.status, reason=ready.reason, run_id=ready.run_id)
             return ready
-        outcome = _train_in_run(cfg, ready, label=label, status=status, output_dir=Path(output_dir),
-                                sweep_dir=sweep_dir, overrides=overrides)
+        try:
+            outcome = _train_in_run(cfg, ready, label=label, status=status, output_dir=Path(output_dir),
+                                    sweep_dir=sweep_dir, overrides=overrides)
+        except Exception as exc:  # the run could not even be created (the store went away): as in set-up
+            _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
+                               overrides=overrides, found=found, record=record)
+            raise
     record(status=outcome.status, reason=outcome.reason, run_id=outcome.run_id, user_error=outcome.user_error,
            final_loss=outcome.final_loss)
     return outcome
@@ -168,35 +175,37 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
         if done is not None:
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
+    resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
     raise_setup_fault(cfg.train.debug_fault)
-    return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key)
+    return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, resume_from, continued_run)
 
 
 def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_dir: Path, sweep_dir: Path | None,
                   overrides: list[str] | None) -> JobOutcome:
-    client, chash = ready.client, ready.chash
-    resume_from, continued_run = plan_resume(cfg, client, ready.exp_id, chash, ready.state_root)
+    """Create (or reopen) the job's run, then train in it; from the moment the run exists, whatever happens ends it
+    with a status and a reason."""
+    from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
+
+    client, chash, resume_from = ready.client, ready.chash, ready.resume_from
     tags = _run_tags(cfg, label, chash, output_dir, sweep_dir, overrides)
     tags.update({"lora_sweep.dataset": ready.fingerprint.digest, "lora_sweep.skip_key": ready.skip_key})
     pending = output_dir / "mlflow_pending.json"
     if resume_from:
         tags["lora_sweep.resumed_from"] = str(resume_from)
-    if continued_run:
-        logger = tracking.RunLogger.reopen(client, continued_run, tags=tags, flush_every=cfg.tracking.flush_every,
-                                           pending_file=pending)
+    if ready.continued_run:
+        logger = tracking.RunLogger.reopen(client, ready.continued_run, tags=tags,
+                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
     else:
         logger = tracking.RunLogger.start(client, ready.exp_id, name=label, tags=tags,
                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
-    ready.lock.note(run_id=logger.run_id)
-    logger.log_params(flatten(to_container(cfg)))
-    _log_config(cfg, logger, output_dir)
-    status.update(force=True, run_id=logger.run_id)
-    sink = JobSink(logger, status, label)
-    from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
-
-    states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
-    outcome = JobOutcome("FAILED", logger.run_id)
+    outcome, sink = JobOutcome("FAILED", logger.run_id), None
     try:
+        ready.lock.note(run_id=logger.run_id)
+        status.update(force=True, run_id=logger.run_id)
+        logger.log_params(flatten(to_container(cfg)))
+        _log_config(cfg, logger, output_dir)
+        sink = JobSink(logger, status, label)
+        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
         with _StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states)
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
@@ -210,7 +219,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         outcome.reason = failure_reason(cfg, exc)
         outcome.user_error = is_out_of_memory(exc)
     finally:
-        sink.bar.close()
+        if sink is not None:
+            sink.bar.close()
         spilled = logger.end(outcome.status, outcome.reason or None)
         status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
                       reason=_status_reason(outcome.reason, outcome.user_error), user_error=outcome.user_error,
