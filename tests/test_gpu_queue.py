@@ -144,6 +144,14 @@ def test_one_paragraph_per_distinct_reason_and_a_log_tail_only_for_bugs(tmp_path
     assert text.count("see (1) below") == 3 and "see (2) below" in text
 
 
+def test_labels_of_long_values_stay_short():
+    from hydra_plugins.gpu_queue_launcher.launcher import short_label
+
+    label = short_label(["sampling.negative=" + "x" * 2000, "loss.huber_c=0.1"])
+    assert label == "sampling.negative=" + "x" * 29 + "... loss.huber_c=0.1"
+    assert len(short_label([f"k{i}=v" for i in range(100)])) == 100
+
+
 def test_a_failed_job_re_raises_compactly_keeping_its_own_exception(tmp_path):
     """What Hydra's sweeper re-raises is a CompactHydraException (its message alone, no "Error executing job"
     block, no second traceback); the job's exception stays available to sweepers."""
