@@ -39,7 +39,7 @@ compare: $(STAMP)
 	$(BIN)/python -m lora_sweep compare $(ARGS)
 
 ui: $(STAMP)
-	$(BIN)/python -m lora_sweep ui $(if $(PORT),--port $(PORT))
+	$(BIN)/python -m lora_sweep ui $(if $(PORT),--port $(PORT)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_bench.py

@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from lora_sweep.config import register_configs  # noqa: E402
@@ -29,7 +30,25 @@ log = logging.getLogger("lora_sweep")
 
 
 class JobFailed(RuntimeError):
-    """A sweep job that did not finish: launchers record it FAILED with this message and go on with the others."""
+    """A sweep job that did not finish: launchers record it FAILED with this message and go on with the others.
+
+    `user_error`: the message is all a user needs (a config, path or data problem, a NaN, an out-of-memory), so
+    the gpu_queue launcher shows it without a traceback; otherwise it is a bug and the job log's last lines are
+    shown too."""
+
+    user_error = False
+
+    def __init__(self, message: str, user_error: bool = False):
+        super().__init__(message)
+        self.user_error = user_error
+
+
+class UserJobFailed(JobFailed, CompactHydraException):
+    """A JobFailed on the user's input. Hydra prints a CompactHydraException as its message alone, so under the
+    basic, Ray and Slurm launchers too a user's mistake reads as one paragraph, not a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, user_error=True)
 
 
 CHOICE_GROUPS = ("model", "data", "noise", "loss", "optimizer", "precision", "network", "train")
@@ -67,15 +86,16 @@ def main(cfg: DictConfig) -> float | None:
     share_cpu_cores(hc)
     try:
         outcome = run_job(cfg, output_dir=output_dir, sweep_dir=sweep_dir, overrides=list(hc.overrides.task),
-                          tags=job_tags(hc, multirun))
+                          tags=job_tags(hc, multirun), job_num=hc.job.num if multirun else None)
     except UserError as exc:
         log.error("%s", exc)
         if multirun:  # an exception, not sys.exit: Ray would treat an exiting worker as a crash and abort the sweep
-            raise JobFailed(str(exc)) from None
+            raise UserJobFailed(str(exc)) from None
         sys.exit(2)
     if outcome.status in ("FAILED", "KILLED"):
         if multirun:
-            raise JobFailed(f"{outcome.status}: {outcome.reason.splitlines()[0] if outcome.reason else ''}")
+            message = f"{outcome.status}: {outcome.reason.splitlines()[0] if outcome.reason else ''}"
+            raise UserJobFailed(message) if outcome.user_error or outcome.status == "KILLED" else JobFailed(message)
         sys.exit(1)
     return outcome.final_loss
 

@@ -10,3 +10,13 @@ Where things live (imports flow one way, top to bottom; see README's Layout):
 """
 
 __version__ = "0.1.0"
+
+
+def _register_resolvers() -> None:
+    """Hydra resolvers conf/ uses, in every process that imports lora_sweep (see jobs.register_resolver)."""
+    from lora_sweep.jobs import register_resolver
+
+    register_resolver()
+
+
+_register_resolvers()

@@ -1,17 +1,28 @@
-"""Hydra callbacks: a sweep is an MLflow parent run, whatever launcher runs its jobs.
+"""Hydra callbacks: a sweep is an MLflow parent run, whatever launcher runs its jobs, and it ends saying what happened.
 
-`on_multirun_start` runs once, in the process that launches the sweep. It creates the parent run and writes its id
-into the sweep directory (`.mlflow_parent_run_id`), where every job, local, Ray or Slurm, finds it on the shared
-filesystem and nests its own run under it. `on_multirun_end` closes the parent with the worst child status and writes the comparison report. Hydra skips
-`on_multirun_end` when a job failed or on Ctrl-C, so an atexit hook closes the parent run then too: a sweep's run is
-never left RUNNING.
+`on_multirun_start` runs once, in the process that launches the sweep, before any job: it checks the tracking store
+(one paragraph and exit 2 if it cannot be used), marks KILLED the runs that earlier processes on this host left
+RUNNING (a SIGKILLed sweep), creates the parent run and writes, into the sweep folder, its id
+(`.mlflow_parent_run_id`) and the keys the command line varies (`jobs.write_swept_keys`, for short run names).
+Every job, local, Ray or Slurm, finds them there and nests its own run under the parent.
+
+The parent is closed once (`on_multirun_end`, or an atexit hook when Hydra skips that: after a failed job or Ctrl-C)
+from the jobs' outcomes (`.lora_sweep/jobs/*.json`, written by each job, also by jobs that failed before their run
+existed), the gpu_queue launcher's summary when there is one (jobs that died or were never started), and the child
+runs (a child still RUNNING now lost its process: it is marked FAILED, or KILLED when the sweep was stopped):
+- status KILLED if the sweep was stopped, else FAILED if any job failed, else FINISHED;
+- tags `lora_sweep.jobs_total|finished|failed|skipped|killed`, and `lora_sweep.failure` listing each distinct
+  failure reason with the jobs it hit;
+- the comparison report, when a job finished.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,49 +30,81 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+QUEUE_SUMMARY = "gpu_queue_summary.json"  # hydra_plugins/gpu_queue_launcher's record of every job
 
 
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.client = None
+        self._ended_normally = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from lora_sweep import tracking
+        from lora_sweep.errors import UserError
+
+        try:
+            self._start(config)
+        except UserError as exc:  # an unusable store: one paragraph, exit 2, before any job starts
+            log.error("%s", exc)
+            sys.exit(2)
+
+    def _start(self, config: DictConfig) -> None:
+        from lora_sweep import jobs, tracking
         from lora_sweep.atomic import write_text
 
-        self.client = tracking.client(tracking.tracking_uri(config.tracking.uri))
+        uri = tracking.tracking_uri(config.tracking.uri)
+        self.client = tracking.client(uri)
         exp_id = tracking.experiment_id(self.client, config.tracking.experiment)
         sweep_dir = Path(config.hydra.sweep.dir)
+        tracking.close_stale_runs(self.client, exp_id, by=f"the sweep in {sweep_dir}")
+        task = list(config.hydra.overrides.task)
         run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags={
             tracking.ROLE: "sweep", "sweep_dir": str(sweep_dir.resolve()),
-            "overrides": " ".join(config.hydra.overrides.task),
+            "overrides": tracking.fit(" ".join(task), tracking.MAX_TAG_CHARS, f"{sweep_dir}/multirun.yaml"),
+            **tracking.process_tags(),
         })
         self.run_id = run.info.run_id
         self.sweep_dir = sweep_dir
         write_text(sweep_dir / tracking.PARENT_FILE, self.run_id)
+        try:
+            jobs.write_swept_keys(sweep_dir, jobs.swept_keys(task))
+        except Exception as exc:  # names fall back to every override
+            log.debug("could not parse the sweep's overrides: %s", exc)
         self._pid = os.getpid()  # forked job processes inherit atexit hooks: only this process may close the run
         atexit.register(self._close)
         log.info("sweep parent run %s; jobs go to %s", self.run_id, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._ended_normally = True
         self._close()
 
     def _close(self) -> None:
-        """End the parent run with the worst status of its children (once), then write the comparison report."""
+        """End the parent run (once) with what happened to its jobs, then write the comparison report."""
         if self.run_id is None or os.getpid() != self._pid:
             return
         run_id, self.run_id = self.run_id, None
-        children = self.client.search_runs(
-            [self.client.get_run(run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-        )
-        statuses = {r.info.status for r in children}
-        status = "FAILED" if "FAILED" in statuses else "KILLED" if statuses & {"KILLED", "RUNNING"} else "FINISHED"
-        if any(r.info.status == "FINISHED" for r in children):
+        try:
+            summary = sweep_summary(self.client, run_id, self.sweep_dir, ended_normally=self._ended_normally)
+        except Exception as exc:  # never leave the parent RUNNING because the bookkeeping failed
+            log.warning("could not read the sweep's job outcomes: %s", exc)
+            summary = {"status": "FAILED", "counts": {}, "failure": f"the sweep's outcome is unknown: {exc}",
+                       "any_finished": True}
+        from lora_sweep import tracking
+
+        tags = {f"lora_sweep.jobs_{k}": str(v) for k, v in summary["counts"].items()}
+        if summary["failure"]:
+            tags[tracking.FAILURE] = tracking.fit(summary["failure"], tracking.MAX_TAG_CHARS, "the sweep's console")
+        try:
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+        except Exception as exc:
+            log.warning("could not tag the sweep's parent run %s: %s", run_id, exc)
+        if summary["any_finished"]:
             self._report(run_id)
-        self.client.set_terminated(run_id, status=status)
-        log.info("sweep parent run %s ended %s (%d job runs)", run_id, status, len(children))
+        self.client.set_terminated(run_id, status=summary["status"])
+        counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if k != "total" and v)
+        log.info("sweep parent run %s ended %s (%s of %s jobs)", run_id, summary["status"], counts or "none",
+                 summary["counts"].get("total", 0))
 
     def _report(self, run_id: str) -> None:
         """The side-by-side report of the sweep's runs, logged on the parent run (a failure here fails nothing)."""
@@ -73,3 +116,77 @@ class MlflowSweepCallback(Callback):
             log.info("comparison report: %s  (browse the runs with `make ui`)", path)
         except Exception as exc:  # a report problem must not turn a good sweep into a failed one
             log.warning("could not write the comparison report: %s", exc)
+
+
+def _queue_summary(sweep_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(sweep_dir) / QUEUE_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
+    """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed), failure (text),
+    any_finished}. Child runs left RUNNING by a dead job are closed here (FAILED, or KILLED if the sweep stopped)."""
+    from lora_sweep import jobs, tracking
+
+    outcomes = jobs.read_outcomes(sweep_dir)
+    queue = _queue_summary(sweep_dir)
+    queued = {int(j["idx"]): j for j in queue.get("jobs", []) if j.get("idx") is not None}
+    states: dict[Any, dict[str, Any]] = {}
+    for num, job in queued.items():
+        states[num] = {"status": job.get("state"), "reason": job.get("reason") or "", "label": job.get("label"),
+                       "run_id": job.get("run_id")}
+    for num, outcome in outcomes.items():
+        states[num] = {**states.get(num, {}), **{k: v for k, v in outcome.items() if v not in (None, "")}}
+    interrupted = bool(queue.get("interrupted")) or any(s.get("status") in ("KILLED", "CANCELLED")
+                                                        for s in states.values())
+    experiment = client.get_run(run_id).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+                                  max_results=5000)
+    by_run = {s.get("run_id"): num for num, s in states.items() if s.get("run_id")}
+    for child in children:
+        if child.info.status != "RUNNING":
+            continue
+        num = by_run.get(child.info.run_id, f"run {child.info.run_id}")
+        known = states.get(num, {})
+        status = "KILLED" if interrupted or known.get("status") in ("KILLED", "CANCELLED") else "FAILED"
+        reason = known.get("reason") or "its job process ended without closing the run (killed, or it crashed)"
+        client.set_tag(child.info.run_id, tracking.FAILURE, tracking.fit(reason, tracking.MAX_TAG_CHARS, "the log"))
+        client.set_terminated(child.info.run_id, status=status)
+        states[num] = {**known, "status": status, "reason": reason, "label": known.get("label") or child.info.run_name}
+    for child in children:  # jobs whose own record is missing (another launcher, a lost file): their run says
+        if child.info.run_id not in by_run and f"run {child.info.run_id}" not in states:
+            states[f"run {child.info.run_id}"] = {"status": child.info.status, "label": child.info.run_name,
+                                                  "reason": child.data.tags.get(tracking.FAILURE, "")}
+    counts = {"total": len(states)}
+    for name, members in (("finished", ("FINISHED",)), ("failed", ("FAILED",)), ("skipped", ("SKIPPED",)),
+                          ("killed", ("KILLED", "CANCELLED"))):
+        counts[name] = sum(s.get("status") in members for s in states.values())
+    if interrupted:
+        status = "KILLED"
+    elif counts["failed"] or not ended_normally:
+        status = "FAILED"
+    else:
+        status = "FINISHED"
+    how = "stopped" if interrupted else "ended" if ended_normally or counts["failed"] else "broke off"
+    failure = _failure_text(states, counts, how)
+    return {"status": status, "counts": counts, "failure": failure,
+            "any_finished": any(c.info.status == "FINISHED" for c in children)}
+
+
+def _failure_text(states: dict[Any, dict[str, Any]], counts: dict[str, int], how: str) -> str:
+    """Each distinct failure reason (its first line) with the jobs it hit; `how` the sweep ended: ended (its
+    launcher returned), stopped (interrupted) or broke off (the sweep process ended otherwise)."""
+    groups: dict[str, list[str]] = {}
+    for num, state in sorted(states.items(), key=lambda item: str(item[0])):
+        if state.get("status") == "FAILED":
+            head = (state.get("reason") or "no reason recorded").strip().splitlines()[0]
+            groups.setdefault(head, []).append(f"#{num} {state.get('label') or ''}".strip())
+    lines = {"stopped": ["the sweep was stopped (Ctrl-C or a signal) before all its jobs ran."],
+             "broke off": ["the sweep process ended before its launcher returned (see its console)."],
+             "ended": []}[how]
+    if groups:
+        lines.append(f"{counts['failed']} of {counts['total']} jobs failed:")
+        lines += [f"- {head} ({', '.join(names)})" for head, names in groups.items()]
+    return "\n".join(lines)

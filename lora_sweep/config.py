@@ -108,8 +108,13 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | <state-step*.pt file, or a run's state folder>
     state_dir: Optional[str] = None  # null: <cache root>/states; states go to <state_dir>/<config_hash>/<run_id>/
     on_nan: str = "stop"  # stop | skip_step
+    # on_nan=skip_step: the run fails once this many optimizer steps in a row were skipped (a diverged training
+    # would otherwise skip every step and end FINISHED with a useless LoRA).
+    max_consecutive_skips: int = 10
     device: str = "auto"  # auto | cpu | cuda
-    debug_fault: Optional[str] = None  # testing aid: "nan_loss@STEP" | "inf_grad@STEP" | "oom@STEP"
+    # testing aid: "nan_loss@STEP" | "inf_grad@STEP" | "oom@STEP" (STEP+ : that step and every later one) |
+    # "setup_error" | "setup_crash" (a user error / a bug in a job's set-up, before its MLflow run exists)
+    debug_fault: Optional[str] = None
 
 
 @dataclass
@@ -148,7 +153,10 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    skip_finished: bool = True
+    skip_finished: bool = True  # skip a job whose config and dataset already FINISHED in this experiment
+    # Another process is training this very config (its state folder is locked): wait for it, then skip or resume
+    # (wait), or skip this job now with a message (skip).
+    on_busy: str = "wait"
 
 
 @dataclass
@@ -198,6 +206,7 @@ _HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs
     "train.save_every_epochs",
     "train.state_dir",
     "train.debug_fault",
+    "train.max_consecutive_skips",  # a run either ends as it would without the bound, or fails
     "train.device",
     "data.cache_dir",
 )

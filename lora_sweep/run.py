@@ -1,11 +1,18 @@
-"""One job's life: validate, check every folder it writes, skip if already finished, resume if a state says so, an
-MLflow (child) run around `train`, an honest end status.
+"""One job's life: validate, check every folder it writes, lock its config, skip if already finished, resume if a
+state says so, an MLflow (child) run around `train`, an honest end status.
 
 Knows MLflow and the queue's status-file protocol; knows nothing of launchers. Every way a job can end maps to one
 MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly, with a state), FAILED
 (with the reason as the `lora_sweep.failure` tag: NaN, out of memory, disk, ...). A run is never marked FINISHED
-without its LoRA files; only a SIGKILL leaves it RUNNING, and the next run of its config continues it from its
-newest state (if it saved one).
+without its LoRA files; only a SIGKILL leaves it RUNNING, until a later sweep or run on the same host sees its
+process gone and marks it KILLED (`tracking.close_stale_runs`), and the next run of its config continues it from its
+newest state (if it saved one). A job of a sweep that fails before its run exists (a set-up failure) still gets a
+FAILED child run carrying the reason; every job of a sweep records its outcome in the sweep folder for the parent run.
+
+Set-up, in order: validate -> the tracking store -> writable folders -> the config's lock (`ConfigLock` on
+`<state root>/<config_hash>/`: a second process on the same config waits, or skips with sweep.on_busy=skip) ->
+skip-finished, which needs a FINISHED run with the same config hash *and* skip key (absolute model/data/prompt paths
+and the dataset's content fingerprint, `data.fingerprint`), so an edited dataset trains again.
 
 Resume (train.resume=auto): the newest state under `<state root>/<config_hash>/<run_id>/` whose run is in this
 MLflow store and experiment and not FINISHED; that run is reopened (RUNNING again) and steps it already logged are not
@@ -14,26 +21,36 @@ logged twice. train.resume=PATH: that state, in its own run if it is that run's 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lora_sweep import preflight as preflight_lib, tracking
+from lora_sweep import jobs, preflight as preflight_lib, tracking
+from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile, StopOnSignal as _StopOnSignal  # noqa: F401
 from lora_sweep.atomic import write_text
-from lora_sweep.training.checkpoint import find_resumable, list_states, read_meta, resolve_state_arg, run_folder
 from lora_sweep.config import config_hash, flatten, to_container
+from lora_sweep.data.fingerprint import Fingerprint, dataset_fingerprint
 from lora_sweep.errors import UserError
 from lora_sweep.paths import make_paths_absolute
-from lora_sweep.training.failures import check_free_space, check_writable, failure_reason, sqlite_store_folder
+from lora_sweep.training.checkpoint import (
+    ConfigLock, find_resumable, list_states, read_meta, resolve_state_arg, run_folder,
+)
+from lora_sweep.training.failures import (
+    check_free_space, check_writable, failure_reason, is_out_of_memory, raise_setup_fault, sqlite_store_folder,
+)
 from lora_sweep.validate import validate
 
 log = logging.getLogger(__name__)
-STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
 
 
 @dataclass
@@ -43,54 +60,7 @@ class JobOutcome:
     reason: str = ""
     final_loss: float | None = None
     files: dict | None = None
-
-
-class StatusFile:
-    """The queue's view of this job (see hydra_plugins/gpu_queue_launcher): rewritten atomically, at most 2x/s."""
-
-    def __init__(self, label: str):
-        self.path = os.environ.get(STATUS_ENV)
-        self.state = {"state": "running", "label": label}
-        self._last = 0.0
-
-    def update(self, force: bool = False, **values) -> None:
-        self.state.update(values)
-        if self.path and (force or time.monotonic() - self._last > 0.5):
-            write_text(self.path, json.dumps(self.state))
-            self._last = time.monotonic()
-
-
-class JobSink:
-    """The trainer's `Sink`: MLflow run logger + progress bar + the queue's status file."""
-
-    def __init__(self, logger: tracking.RunLogger, status: StatusFile, label: str):
-        from tqdm.auto import tqdm
-
-        self.logger, self.status, self.bar = logger, status, tqdm(desc=label, unit="step", dynamic_ncols=True)
-
-    def params(self, values):
-        self.logger.log_params(values)
-
-    def metrics(self, values, step):
-        self.logger.log_metrics(values, step)
-
-    def artifact(self, path, artifact_path=None):
-        self.logger.log_artifact(path, artifact_path)
-
-    def image(self, image, key, step):
-        self.logger.log_image(image, key, step)
-
-    def flush(self):
-        self.logger.flush()
-
-    def progress(self, step, max_steps, loss, speed):
-        if self.bar.total != max_steps:  # the first call, once set-up is done: the bar's clock starts here
-            self.bar.reset(total=max_steps)
-            self.bar.initial = step  # a resumed run: speed counts only the steps of this process
-        self.bar.n = step
-        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        self.bar.refresh()
-        self.status.update(step=step, max_steps=max_steps, loss=loss, speed=speed)
+    user_error: bool = False  # the reason is a message for the user (no traceback needed)
 
 
 def git_commit() -> str:
@@ -102,90 +72,151 @@ def git_commit() -> str:
         return "unknown"
 
 
-def variant_name(cfg, overrides: list[str] | None) -> str:
-    if cfg.tracking.variant:
-        return cfg.tracking.variant
-    return ",".join(o for o in (overrides or []) if not o.startswith(("hydra", "tracking"))) or "default"
+def variant_name(cfg, overrides: list[str] | None, swept: list[str] | None = None) -> str:
+    """The job's short name (run name, `variant` tag, the queue's label): see `jobs.run_label`."""
+    return jobs.run_label(cfg.tracking.variant, overrides, swept)
 
 
-class _StopOnSignal:
-    """First SIGINT/SIGTERM: ask the loop to stop after this step; a second SIGINT: stop at once."""
+@dataclass
+class _Ready:
+    """What a job's set-up established before its MLflow run exists."""
 
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: finishing the current step, saving, then stopping (Ctrl-C again to abort)")
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
+    client: Any
+    exp_id: str
+    chash: str
+    state_root: Path
+    lock: ConfigLock
+    fingerprint: Fingerprint
+    skip_key: str
+    resume_from: Path | None = None
+    continued_run: str | None = None
+    checked: preflight_lib.Report | None = None  # the pre-flight's findings (its warnings go on the run)
 
 
 def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None,
-            tags: dict[str, str] | None = None) -> JobOutcome:
-    """Train one config as an MLflow run (a new one, or the unfinished one its latest state belongs to). Config,
-    path and tracking-store errors are raised before any run exists. `tags` are added to the run's tags (sweep.py
-    adds the Hydra job number and group choices the report orders and compares by)."""
-    make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
-    label = variant_name(cfg, overrides)
-    status = StatusFile(label)
-    chash = config_hash(cfg)
-    try:
-        validate(cfg)
-        checked = preflight_lib.check_job(cfg)  # files: data, captions, buckets, prompts, lr groups, resume state
-        if checked.problems:
-            raise checked.error()
-        preflight_lib.announce(checked.fallbacks)
-        uri = tracking.tracking_uri(cfg.tracking.uri)
-        state_root = preflight(cfg, Path(output_dir), uri)
-        client = tracking.client(uri)
-        exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
-        artifacts = tracking.local_artifact_folder(client, exp_id)
-        if artifacts is not None:
-            check_writable(artifacts, "tracking.uri (artifact folder)")
-    except UserError as exc:
-        status.update(force=True, state="failed", reason=str(exc))
-        raise
-    if cfg.sweep.skip_finished:
-        done = tracking.find_finished(client, exp_id, chash)
-        if done:
-            log.info("skipped %s: config %s already FINISHED as run %s (sweep.skip_finished=false to rerun)",
-                     label, chash, done)
-            status.update(force=True, state="skipped", run_id=done, reason=f"finished as run {done}")
-            return JobOutcome("SKIPPED", done, reason=f"finished as run {done}")
+            tags: dict[str, str] | None = None, job_num: int | None = None) -> JobOutcome:
+    """Train one config as an MLflow run (a new one, or the unfinished one its latest state belongs to).
 
+    Set-up (config, paths, tracking store, the config's lock, skip-finished) runs before any run exists; a failure
+    there is raised (a UserError, or the bug's own exception) after being recorded: in a sweep, as a FAILED child
+    run of the sweep's parent carrying the reason, and in the sweep folder (`jobs.write_outcome`, job `job_num`).
+    A failure during training is returned as a FAILED outcome, its run FAILED with the reason. `tags` are added to
+    the run's tags (sweep.py adds the Hydra job number and group choices the report orders and compares by)."""
+    make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
+    extra_tags = dict(tags or {})
+    swept = jobs.read_swept_keys(sweep_dir)
+    label = variant_name(cfg, overrides, swept=swept)
+    status = StatusFile(label)
+    record = functools.partial(jobs.write_outcome, sweep_dir, job_num, label=label)
+    with contextlib.ExitStack() as held:
+        found: dict[str, Any] = {"extra_tags": extra_tags}
+        try:
+            ready = _set_up(cfg, Path(output_dir), sweep_dir, label, status, held, found)
+        except KeyboardInterrupt:
+            status.update(force=True, state="killed", reason="interrupted before training started")
+            record(status="KILLED", reason="interrupted before training started")
+            raise
+        except Exception as exc:
+            _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
+                               overrides=overrides, found=found, record=record)
+            raise
+        if isinstance(ready, JobOutcome):
+            record(status=ready.status, reason=ready.reason, run_id=ready.run_id)
+            return ready
+        try:
+            outcome = _train_in_run(cfg, ready, label=label, status=status, output_dir=Path(output_dir),
+                                    sweep_dir=sweep_dir, overrides=overrides, extra_tags=extra_tags)
+        except Exception as exc:  # the run could not even be created (the store went away): as in set-up
+            _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
+                               overrides=overrides, found=found, record=record)
+            raise
+    record(status=outcome.status, reason=outcome.reason, run_id=outcome.run_id, user_error=outcome.user_error,
+           final_loss=outcome.final_loss)
+    return outcome
+
+
+def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: StatusFile,
+            held: contextlib.ExitStack, found: dict[str, Any]) -> _Ready | JobOutcome:
+    """Checks, store, lock and skip-finished, in that order; `found` collects what is known so far (for the record
+    of a failure). Returns a SKIPPED outcome, or what training needs."""
+    validate(cfg)
+    checked = preflight_lib.check_job(cfg)  # files: data, captions, buckets, prompts, lr groups, resume state
+    if checked.problems:
+        raise checked.error()
+    preflight_lib.announce(checked.fallbacks)
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    found["uri"] = uri
+    tracking.check_store_uri(uri)
+    state_root = preflight(cfg, output_dir, uri)
+    client = tracking.client(uri)
+    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
+    found.update(client=client, exp_id=exp_id)
+    artifacts = tracking.local_artifact_folder(client, exp_id)
+    if artifacts is not None:
+        check_writable(artifacts, "tracking.uri (artifact folder)")
+    if sweep_dir is None:  # a sweep's callback does this once for all its jobs
+        tracking.close_stale_runs(client, exp_id, by="a new run of lora-sweep")
+    chash = config_hash(cfg)
+    found["chash"] = chash
+    lock = ConfigLock(state_root / chash)
+    if not lock.try_acquire():
+        holder = lock.describe_holder()
+        if cfg.sweep.on_busy == "skip":
+            reason = (f"config {chash} is being trained by {holder}; skipped (sweep.on_busy=wait to wait for it, "
+                      "then resume or skip)")
+            log.warning("skipped %s: %s", label, reason)
+            status.update(force=True, state="skipped", reason=reason)
+            return JobOutcome("SKIPPED", None, reason=reason)
+        log.warning("config %s is being trained by %s: waiting for it to end (sweep.on_busy=skip to skip instead)",
+                    chash, holder)
+        status.update(force=True, note=f"waiting for {holder.split(' (')[0]}")
+        while not lock.try_acquire():
+            time.sleep(1.0)
+        status.update(force=True, note="")
+        log.info("config %s is free again: going on", chash)
+    held.callback(lock.release)
+    fingerprint = dataset_fingerprint(_data_folders(cfg), cfg.data.caption_extension,
+                                      memo_dir=_cache_root(cfg) / ".hashes")
+    key = skip_key(cfg, chash, fingerprint)
+    found.update(fingerprint=fingerprint, skip_key=key)
+    if cfg.sweep.skip_finished:
+        done = _finished_match(client, exp_id, chash, key, fingerprint, label)
+        if done is not None:
+            status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
+            return JobOutcome("SKIPPED", done[0], reason=done[1])
     resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
-    tags = {tracking.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
-            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir), **(tags or {})}
-    pending = Path(output_dir) / "mlflow_pending.json"
-    parent = _parent_run_id(sweep_dir)
-    if parent:
-        tags["mlflow.parentRunId"] = parent  # a continued run moves to the sweep that continues it
-    if resume_from:
-        tags["lora_sweep.resumed_from"] = str(resume_from)
-    if continued_run:
-        logger = tracking.RunLogger.reopen(client, continued_run, tags=tags, flush_every=cfg.tracking.flush_every,
-                                           pending_file=pending)
-    else:
-        logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every,
-                                          pending_file=pending)
-    logger.log_params(flatten(to_container(cfg)))
-    log_fallbacks(logger, checked, Path(output_dir))
-    status.update(force=True, run_id=logger.run_id)
-    sink = JobSink(logger, status, label)
+    raise_setup_fault(cfg.train.debug_fault)
+    return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, resume_from, continued_run, checked)
+
+
+def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_dir: Path, sweep_dir: Path | None,
+                  overrides: list[str] | None, extra_tags: dict[str, str] | None = None) -> JobOutcome:
+    """Create (or reopen) the job's run, then train in it; from the moment the run exists, whatever happens ends it
+    with a status and a reason."""
     from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
 
-    states = StateTarget(run_folder(state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
-    outcome = JobOutcome("FAILED", logger.run_id)
+    client, chash, resume_from = ready.client, ready.chash, ready.resume_from
+    tags = {**_run_tags(cfg, label, chash, output_dir, sweep_dir, overrides), **(extra_tags or {})}
+    tags.update({"lora_sweep.dataset": ready.fingerprint.digest, "lora_sweep.skip_key": ready.skip_key})
+    pending = output_dir / "mlflow_pending.json"
+    if resume_from:
+        tags["lora_sweep.resumed_from"] = str(resume_from)
+    if ready.continued_run:
+        logger = tracking.RunLogger.reopen(client, ready.continued_run, tags=tags,
+                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
+    else:
+        logger = tracking.RunLogger.start(client, ready.exp_id, name=label, tags=tags,
+                                          flush_every=cfg.tracking.flush_every, pending_file=pending)
+    outcome, sink = JobOutcome("FAILED", logger.run_id), None
     try:
+        ready.lock.note(run_id=logger.run_id)
+        status.update(force=True, run_id=logger.run_id)
+        logger.log_params(flatten(to_container(cfg)))
+        _log_config(cfg, logger, output_dir)
+        if ready.checked is not None:
+            log_fallbacks(logger, ready.checked, output_dir)
+        sink = JobSink(logger, status, label)
+        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
         with _StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states)
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
@@ -194,15 +225,17 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     except KeyboardInterrupt:
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
     except (UserError, NonFiniteLoss) as exc:
-        outcome.reason = f"{type(exc).__name__}: {exc}"
+        outcome.reason, outcome.user_error = f"{type(exc).__name__}: {exc}", True
     except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)
         outcome.reason = failure_reason(cfg, exc)
+        outcome.user_error = is_out_of_memory(exc)
     finally:
-        sink.bar.close()
+        if sink is not None:
+            sink.bar.close()
         spilled = logger.end(outcome.status, outcome.reason or None)
         status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
-                      reason=outcome.reason.splitlines()[0] if outcome.reason else "", final_loss=outcome.final_loss,
-                      **({"mlflow_pending": str(spilled)} if spilled else {}))
+                      reason=_status_reason(outcome.reason, outcome.user_error), user_error=outcome.user_error,
+                      final_loss=outcome.final_loss, **({"mlflow_pending": str(spilled)} if spilled else {}))
     _closing_line(cfg, outcome, client.tracking_uri)
     return outcome
 
@@ -213,6 +246,118 @@ def log_fallbacks(logger: tracking.RunLogger, checked: preflight_lib.Report, out
     logger.log_params({"data.warnings": len(checked.fallbacks)})
     if checked.fallbacks:
         logger.log_artifact(write_text(Path(output_dir) / "warnings.txt", checked.warnings_text()), "data")
+
+
+def _run_tags(cfg, label: str, chash: str, output_dir: Path, sweep_dir: Path | None,
+              overrides: list[str] | None) -> dict[str, str]:
+    tags = {tracking.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir),
+            "lora_sweep.overrides": tracking.fit(" ".join(overrides or []), tracking.MAX_TAG_CHARS,
+                                                 "the run's config.yaml"),
+            **tracking.process_tags()}
+    parent = _parent_run_id(sweep_dir)
+    if parent:
+        tags["mlflow.parentRunId"] = parent  # a continued run moves to the sweep that continues it
+    return tags
+
+
+def _log_config(cfg, logger: tracking.RunLogger, output_dir: Path) -> None:
+    """The whole resolved config as the run's `config.yaml` (params hold it too, but cut at MLflow's limits)."""
+    from omegaconf import OmegaConf
+
+    path = write_text(output_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    logger.log_artifact(path)
+
+
+def _status_reason(reason: str, user_error: bool) -> str:
+    """What the queue shows: a user's error whole (it is the message), a bug's first line (its traceback stays in
+    the job's log)."""
+    if not reason:
+        return ""
+    return reason if user_error else reason.splitlines()[0]
+
+
+def _failed_before_run(cfg, exc: BaseException, *, label: str, status: StatusFile, output_dir: Path,
+                       sweep_dir: Path | None, overrides: list[str] | None, found: dict[str, Any], record) -> None:
+    """A job that failed before its MLflow run existed: in a sweep, a FAILED child run of the parent carrying the
+    reason (so MLflow shows every job of the sweep); always the status file and the sweep folder's outcome."""
+    user_error = isinstance(exc, UserError)
+    reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+    run_id = None
+    parent = _parent_run_id(sweep_dir)
+    if parent:
+        run_id = _record_failed_run(cfg, reason, label=label, output_dir=output_dir, sweep_dir=sweep_dir,
+                                    overrides=overrides, found=found)
+    status.update(force=True, state="failed", reason=_status_reason(reason, user_error), user_error=user_error,
+                  **({"run_id": run_id} if run_id else {}))
+    record(status="FAILED", reason=reason, run_id=run_id, user_error=user_error)
+
+
+def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_dir: Path | None,
+                       overrides: list[str] | None, found: dict[str, Any]) -> str | None:
+    """Best effort (the store itself may be what failed): the run id, or None."""
+    try:
+        client = found.get("client") or tracking.client(found.get("uri") or tracking.tracking_uri(cfg.tracking.uri))
+        exp_id = found.get("exp_id") or tracking.experiment_id(client, cfg.tracking.experiment)
+        chash = found.get("chash")
+        if chash is None:
+            with contextlib.suppress(Exception):
+                chash = config_hash(cfg)
+        tags = {**_run_tags(cfg, label, chash or "", output_dir, sweep_dir, overrides), **found.get("extra_tags", {})}
+        tags["lora_sweep.stage"] = "set-up"  # failed before training started
+        logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=1)
+        with contextlib.suppress(Exception):
+            logger.log_params(flatten(to_container(cfg)))
+            _log_config(cfg, logger, output_dir)
+        logger.end("FAILED", reason)
+        return logger.run_id
+    except Exception as exc:
+        log.warning("could not record the failure of %s in MLflow: %s", label, str(exc).splitlines()[0][:200])
+        return None
+
+
+def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:
+    """What a finished result depends on beyond the config hash: the absolute paths of the model, dataset, validation
+    folder and prompt file (resolved against the working folder), and the dataset's content fingerprint."""
+    paths = {}
+    for field in ("model.path", "data.dir", "data.validation_dir", "sampling.prompt_file"):
+        group, key = field.split(".")
+        value = cfg[group][key]
+        paths[field] = str(Path(str(value)).expanduser().resolve()) if value else None
+    blob = json.dumps({"config_hash": chash, "paths": paths, "dataset": fingerprint.digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finished_match(client, exp_id: str, chash: str, key: str, fingerprint: Fingerprint,
+                    label: str) -> tuple[str, str] | None:
+    """(run id, skip line) of a FINISHED run with this config and skip key; else None, saying why a FINISHED run of
+    the same config does not count."""
+    runs = tracking.finished_runs(client, exp_id, chash)
+    for run in runs:
+        if run.data.tags.get("lora_sweep.skip_key") == key:
+            line = (f"config {chash} with {fingerprint.describe()} already FINISHED as run {run.info.run_id} "
+                    "(sweep.skip_finished=false to train again)")
+            log.info("skipped %s: %s", label, line)
+            return run.info.run_id, line
+    if runs:
+        old = runs[0].data.tags.get("lora_sweep.dataset")
+        why = (f"its dataset was {old} and is now {fingerprint.describe()}" if old and old != fingerprint.digest
+               else "a model, dataset or prompt-file path differs" if old
+               else "it predates dataset fingerprints")
+        log.info("config %s FINISHED as run %s, but %s: training again", chash, runs[0].info.run_id, why)
+    return None
+
+
+def _cache_root(cfg) -> Path:
+    from lora_sweep.training.session import cache_root
+
+    return cache_root(cfg)
+
+
+def _data_folders(cfg) -> list[Path]:
+    from lora_sweep.training.session import data_folder
+
+    return [data_folder(cfg), *([Path(cfg.data.validation_dir)] if cfg.data.validation_dir else [])]
 
 
 def preflight(cfg, output_dir: Path, uri: str) -> Path:
@@ -263,9 +408,12 @@ def _parent_run_id(sweep_dir: Path | None) -> str | None:
 
 
 def _closing_line(cfg, outcome: JobOutcome, uri: str) -> None:
+    """The job's last log line; a bug's failure logs its traceback too (the queue shows the log's last lines)."""
     where = f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}' ({uri})"
     if outcome.status == "FINISHED":
         log.info("FINISHED %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). Browse with `make ui`.",
                  where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"])
+    elif outcome.status == "FAILED" and not outcome.user_error:
+        log.error("FAILED %s: %s", where, outcome.reason)
     else:
-        log.error("%s %s: %s", outcome.status, where, (outcome.reason or "").splitlines()[0] if outcome.reason else "")
+        log.error("%s %s: %s", outcome.status, where, outcome.reason or "")

@@ -5,6 +5,10 @@ Conventions (the report and the queue rely on them):
 - A sweep is a parent run tagged `lora_sweep.role=sweep`; each job a child run tagged `lora_sweep.role=job`,
   `mlflow.parentRunId`, `variant`, `config_hash`.
 - Metrics go out in batches (`log_batch`), not one call each: one call costs ~5 ms on sqlite.
+- Every run records the process that owns it (`lora_sweep.host`, `lora_sweep.pid`, `lora_sweep.pid_started`): a
+  later sweep on the same host marks RUNNING runs whose process is gone KILLED (`close_stale_runs`).
+- Experiments are created as model-training experiments (`mlflow.experimentKind`), so MLflow 3's UI offers its runs
+  table, not its GenAI pages; `runs_page_url` is the address `make ui` prints.
 All calls go through `MlflowClient` with explicit run ids (the fluent API is not thread-safe and keeps globals).
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +27,13 @@ from lora_sweep.errors import UserError
 log = logging.getLogger(__name__)
 ROLE = "lora_sweep.role"
 PARENT_FILE = ".mlflow_parent_run_id"  # written in a sweep's directory by the sweep callback
+FAILURE = "lora_sweep.failure"
+# MLflow 3's UI offers two experiment kinds (its selector's values): "genai_development" opens on traces and
+# "custom_model_development" ("Model training") on the runs table; finetuning/regression/... map to the latter too.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+HOST, PID, PID_STARTED = "lora_sweep.host", "lora_sweep.pid", "lora_sweep.pid_started"
+MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 8000  # mlflow.utils.validation MAX_PARAM_VAL_LENGTH / MAX_TAG_VAL_LENGTH
+FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -40,9 +52,44 @@ def default_artifact_root(uri: str) -> str:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
+def fit(value: str, limit: int, where: str) -> str:
+    """`value` cut to MLflow's `limit` characters with a visible marker saying how long it was and where the whole
+    value is (MLflow would otherwise refuse the batch, and values cut without a marker pass for whole ones)."""
+    marker = f" …[cut: {len(value)} characters in all; the whole value is in {where}]"
+    return value if len(value) <= limit else value[:limit - len(marker)] + marker
+
+
+def check_store_uri(uri: str) -> None:
+    """Refuse, in one paragraph naming the URI and the fixes, a store MLflow itself would refuse with a traceback:
+    a file store (`file:///...` or a bare path) without MLFLOW_ALLOW_FILE_STORE=true (MLflow 3 keeps it only in
+    maintenance mode). Other stores are checked by their first use (`experiment_id`)."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme.lower()
+    scheme = "" if len(scheme) == 1 else scheme  # a Windows drive letter: a path
+    fixes = ("use a sqlite database (unset MLFLOW_TRACKING_URI and tracking.uri for sqlite:///<cwd>/mlflow.db, or "
+             "sqlite:////absolute/path/mlflow.db), an MLflow server (http://host:port), or set "
+             f"{FILE_STORE_ENV}=true to keep the file store")
+    if scheme in ("", "file"):
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+        try:
+            allowed = MLFLOW_ALLOW_FILE_STORE.get()
+        except ValueError:  # MLflow's own parser: true/false/1/0 only
+            raise UserError(f"{FILE_STORE_ENV}={os.environ.get(FILE_STORE_ENV)!r} is not one of true, false, 1, 0. "
+                            "Nothing was trained.") from None
+        if not allowed:
+            raise UserError(
+                f"tracking.uri / MLFLOW_TRACKING_URI: '{uri}' is an MLflow file store, which MLflow 3 refuses unless "
+                f"{FILE_STORE_ENV}=true "
+                f"(its file backend is in maintenance mode). Fix: {fixes}. Nothing was trained.")
+
+
 def client(uri: str):
+    """An MlflowClient for `uri` (checked first: a store MLflow cannot use is a UserError, not a traceback)."""
     from mlflow.tracking import MlflowClient
 
+    check_store_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -58,13 +105,26 @@ def experiment_id(mlflow_client, name: str) -> str:
             "use sqlite:///<cwd>/mlflow.db. Nothing was trained."
         ) from exc
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in (found.tags or {}):  # made before lora-sweep tagged them; a user's choice stays
+            try:
+                mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            except Exception as exc:  # a read-only server account: the UI only opens on another page
+                log.debug("could not tag experiment %s: %s", name, exc)
         return found.experiment_id
     uri = mlflow_client.tracking_uri
     location = default_artifact_root(uri) if uri.startswith("sqlite:///") else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location,
+                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created by a concurrent job in the meantime
         return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def runs_page_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow 3's UI. `workflowType=machine_learning` selects the UI's "Model
+    training" view whatever the browser last used (MLflow 3.17's UI reads the view from the URL, else the browser's
+    local storage, default GenAI)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def local_artifact_folder(mlflow_client, exp_id: str) -> Path | None:
@@ -102,6 +162,70 @@ def find_finished(mlflow_client, exp_id: str, config_hash: str) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def finished_runs(mlflow_client, exp_id: str, config_hash: str) -> list:
+    """FINISHED job runs with this config hash, newest first (skip-finished then compares their skip keys)."""
+    return mlflow_client.search_runs(
+        [exp_id], filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
+        max_results=100, order_by=["attributes.start_time DESC"])
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """Which process owns a run: host name, pid and the process's start time (so a reused pid is not mistaken for
+    the owner)."""
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return {HOST: socket.gethostname(), PID: str(pid), PID_STARTED: f"{psutil.Process(pid).create_time():.2f}"}
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """True if `pid` runs on this host and (when `started` is known) is the same process that started then."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def close_stale_runs(mlflow_client, exp_id: str, *, by: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of the experiment whose owning process (see `process_tags`) is gone from this
+    host, e.g. after a SIGKILL, with the reason as the failure tag. Runs owned by other hosts, and runs without an
+    owner tag, are left alone (their process cannot be checked from here). Returns the ids marked."""
+    host = socket.gethostname()
+    try:
+        runs = mlflow_client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    except Exception as exc:
+        log.warning("could not look for stale runs in experiment %s: %s", exp_id, exc)
+        return []
+    closed = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(HOST) != host or not str(tags.get(PID, "")).isdigit():
+            continue
+        pid, started = int(tags[PID]), tags.get(PID_STARTED)
+        if process_alive(pid, float(started) if started else None):
+            continue
+        reason = (f"its process ({pid} on {host}) ended without closing the run (killed, or the machine went down); "
+                  f"marked KILLED by {by} at {time.strftime('%Y-%m-%d %H:%M:%S')}. Rerun the same command to "
+                  "resume it from its newest training state.")
+        try:
+            mlflow_client.set_tag(run.info.run_id, FAILURE, reason)
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+        except Exception as exc:
+            log.warning("could not mark stale run %s KILLED: %s", run.info.run_id, exc)
+            continue
+        closed.append(run.info.run_id)
+        log.warning("MLflow run %s (%s) was left RUNNING by process %d, which is gone: marked KILLED",
+                    run.info.run_id, run.info.run_name, pid)
+    return closed
 
 
 class RunLogger:
@@ -160,7 +284,12 @@ class RunLogger:
         logged, since MLflow refuses to change a param."""
         from mlflow.entities import Param
 
-        self._pending_params += [Param(k, str(v)[:6000]) for k, v in params.items() if k not in self._known_params]
+        fresh = {k: str(v) for k, v in params.items() if k not in self._known_params}
+        self._pending_params += [Param(k, fit(v, MAX_PARAM_CHARS, "the run's config.yaml")) for k, v in fresh.items()]
+        self._known_params.update(fresh)  # a param logged twice with another value would fail the whole batch
+        cut = sorted(k for k, v in fresh.items() if len(v) > MAX_PARAM_CHARS)
+        if cut:
+            self.set_tags({"lora_sweep.cut_params": fit(", ".join(cut), MAX_TAG_CHARS, "config.yaml")})
         self.flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -266,7 +395,7 @@ class RunLogger:
             status, reason = "FAILED", f"MLflow refused the run's data: {exc}\n{reason or ''}"
         try:
             if reason:
-                self.set_tags({"lora_sweep.failure": reason[:4900]})
+                self.set_tags({FAILURE: fit(reason, MAX_TAG_CHARS, "the job's log")})
             self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             log.error("could not mark MLflow run %s %s (%s)", self.run_id, status, exc)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from lora_sweep.errors import ConfigError, UserError
-from lora_sweep.training.failures import FAULT_SPEC
+from lora_sweep.training.failures import FAULT_CHOICES, FAULT_SPEC
 
 MODELS = ("tiny", "sdxl")
 DATASETS = ("photos", "folder")
@@ -21,6 +21,7 @@ ON_NAN = ("stop", "skip_step")
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_SAMPLE = ("sample", "mean")
 RESUME = ("auto", "never")
+ON_BUSY = ("wait", "skip")
 SEED_MAX = 2**32 - 1  # numpy's seed range; kohya's seeds live there too
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -113,7 +114,9 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: t.debug_fault is None or FAULT_SPEC.fullmatch(t.debug_fault) or _fail(
-            "train.debug_fault", t.debug_fault, "null or nan_loss@STEP, inf_grad@STEP, oom@STEP (STEP >= 1)"),
+            "train.debug_fault", t.debug_fault, f"null or {FAULT_CHOICES}"),
+        lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
+        lambda: _enum("sweep.on_busy", cfg.sweep.on_busy, ON_BUSY),
         lambda: _positive("sampling.every", s.every, allow_zero=True),
         lambda: _positive("sampling.steps", s.steps),
         lambda: _positive("sampling.cfg", s.cfg, allow_zero=True),

@@ -121,6 +121,53 @@ def test_summary_and_live_line_show_what_the_job_reported(tmp_path):
     assert slot_line(Slot(1, None), None, now=0).split() == ["cpu1", "idle"]
 
 
+def test_one_paragraph_per_distinct_reason_and_a_log_tail_only_for_bugs(tmp_path):
+    """Three jobs hit by one user error make one paragraph (its whole text, no log tail); a bug gets the first
+    line of its reason and the last lines of its log."""
+    def record(idx: int, reason: str, user_error: bool) -> JobRecord:
+        job_dir = tmp_path / str(idx)
+        job_dir.mkdir()
+        (job_dir / "console.log").write_text("Traceback (most recent call last):\n  File x\nValueError: boom\n")
+        job = Job(idx=idx, overrides=[f"x={idx}"], label=f"x={idx}", job_dir=job_dir, spec_path=tmp_path / "s",
+                  result_path=tmp_path / "r", payload=b"")
+        return JobRecord(job=job, state="FAILED", slot=Slot(0, None), reason=reason, user_error=user_error,
+                         started_at=1.0, ended_at=2.0)
+
+    user = "Invalid configuration:\n- sampling.every: must be 0 when no prompts are set, got 2."
+    records = [record(0, user, True), record(1, user, True), record(2, user, True),
+               record(3, "ValueError: boom\nTraceback (most recent call last): ...", False)]
+    text = summary(records, tail_lines=3)
+    assert text.count("sampling.every: must be 0") == 1  # one paragraph, not one per job
+    assert "(1) FAILED, 3 jobs: #0 x=0, #1 x=1, #2 x=2" in text and "(2) FAILED, 1 job: #3 x=3" in text
+    assert all(f"log #{i}: {tmp_path / str(i) / 'console.log'}" in text for i in range(4))
+    assert text.count("| Traceback") == 1 and "last lines of #3's log" in text  # the bug's frames, once
+    assert text.count("see (1) below") == 3 and "see (2) below" in text
+
+
+def test_labels_of_long_values_stay_short():
+    from hydra_plugins.gpu_queue_launcher.launcher import short_label
+
+    label = short_label(["sampling.negative=" + "x" * 2000, "loss.huber_c=0.1"])
+    assert label == "sampling.negative=" + "x" * 29 + "... loss.huber_c=0.1"
+    assert len(short_label([f"k{i}=v" for i in range(100)])) == 100
+
+
+def test_a_failed_job_re_raises_compactly_keeping_its_own_exception(tmp_path):
+    """What Hydra's sweeper re-raises is a CompactHydraException (its message alone, no "Error executing job"
+    block, no second traceback); the job's exception stays available to sweepers."""
+    from hydra.errors import CompactHydraException
+
+    own = ValueError("bad lr")
+    record = _record(tmp_path, "FAILED", "ValueError: bad lr", {"label": "v2", "user_error": True})
+    record.job_return, record.user_error = _failed(own), True
+    ret = to_job_return(record, " (1 of 2 jobs did not finish: see the summary above)")
+    with pytest.raises(CompactHydraException) as err:
+        ret.return_value
+    assert str(err.value) == ("job #1 (v2) FAILED: ValueError: bad lr "
+                              "(1 of 2 jobs did not finish: see the summary above)")
+    assert err.value.job_exception is own and err.value.__cause__ is own and err.value.user_error
+
+
 # ---- real sweeps ---------------------------------------------------------------------------------------------------
 
 def test_four_jobs_on_two_gpu_slots(tmp_path):
@@ -168,6 +215,8 @@ def test_failing_jobs_do_not_stop_the_others(failed_sweep):
     assert jobs["d"]["reason"] == "loss is NaN at step 5"
     assert "| RuntimeError: toy job b asked to fail" in result.stdout  # the log tail under the summary
     assert "asked to fail" in result.stderr  # Hydra re-raised the first failure after the sweep
+    assert "Error executing job" not in result.stderr and result.stderr.count("Traceback") == 0  # no second one
+    assert result.stdout.count("Traceback (most recent call last)") == 1  # b's last frames, from its log only
 
 
 def test_rerun_skips_finished_jobs_and_reruns_the_failed_ones(failed_sweep):

@@ -25,7 +25,10 @@ Protocols between the launcher and a job (the job side is optional: a job that i
 1. Status file. Each job gets env `GPU_QUEUE_STATUS_FILE=<job dir>/.status.json`. The job may rewrite it
    atomically (temp file + rename) with a JSON object: `state` ("running" | "finished" | "failed" | "skipped" |
    "killed"), `label` (variant name), `step`, `max_steps`, `loss`, `speed` (e.g. "3.2 it/s"), `reason`, `run_id`,
-   `final_loss`. The launcher reads it for the live slot lines and the summary. Its final `state` outranks a clean
+   `final_loss`, `note` (shown on the slot line, e.g. "waiting for ..."), `user_error` (true: `reason` is a message
+   for the user, shown whole without a traceback; otherwise the failure counts as a bug and the summary shows the
+   last lines of the job's log; a true `user_error` attribute on the exception the task function raises says the
+   same). The launcher reads it for the live slot lines and the summary. Its final `state` outranks a clean
    return: "failed" makes the job FAILED (with `reason`) even if the task function returned, "skipped" makes it
    SKIPPED, "killed" KILLED. A job that dies without a result is FAILED with its signal or exit code (KILLED if
    the launcher had interrupted it), and the tail of its log is shown under the summary.
@@ -42,6 +45,8 @@ Protocols between the launcher and a job (the job side is optional: a job that i
    exits. The sweep then exits with status 130. (Handlers are installed only when Hydra runs in the main thread.)
 5. Exit status. Jobs that end FAILED or KILLED become FAILED JobReturns; Hydra re-raises the first one after
    the batch, so `python app.py -m ...` exits 1 when any job failed and 0 when all finished or were skipped.
+   What it re-raises is a compact one-line error (no "Error executing job" block, no second traceback): the
+   summary table and one paragraph per distinct failure reason, printed just before, say what happened.
    Note (Hydra 1.3.8): that re-raise skips Callback.on_multirun_end, whatever the launcher. A task function
    that calls sys.exit is simply FAILED here, but under the Ray launcher it kills the worker and aborts the
    sweep: in a multirun, raise instead.

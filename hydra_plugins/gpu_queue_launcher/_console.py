@@ -1,4 +1,7 @@
-"""What the user sees: one live line per slot on a terminal, event lines otherwise, a summary table at the end.
+"""What the user sees: one live line per slot on a terminal, event lines otherwise, a summary table at the end,
+then one paragraph per distinct failure reason naming the jobs it hit and their logs. A user's error (the job
+said so: `user_error` in its status file) is shown whole and alone; for anything else, a bug, the last lines of
+the first such job's log (its traceback's last frames) follow.
 
 The render functions are pure (records in, text out); `Console` only decides when to draw and, on a terminal,
 redraws its block in place with two ANSI sequences (cursor up N lines, erase line). Lines are cut to the terminal
@@ -12,7 +15,9 @@ import shutil
 import time
 from typing import Any, Iterable, Sequence, TextIO
 
-from ._outcome import DONE_STATES, JobRecord, log_tail, read_status
+from ._outcome import DONE_STATES, JobRecord, headline, log_tail, read_status
+
+MAX_LOGS_LISTED = 5  # per failure paragraph; gpu_queue_summary.json lists every job's log
 from ._slots import Slot
 
 
@@ -47,6 +52,8 @@ def slot_line(slot: Slot, record: JobRecord | None, now: float) -> str:
         parts.append(f"loss {fmt_loss(status['loss'])}")
     if status.get("speed"):
         parts.append(str(status["speed"]))
+    if status.get("note"):
+        parts.append(str(status["note"]))
     parts.append(fmt_seconds(now - record.started_at) if record.started_at else "starting")
     return "  ".join(parts)
 
@@ -67,7 +74,8 @@ def event_line(record: JobRecord) -> str:
     loss = record.status.get("final_loss", record.status.get("loss"))
     if loss is not None and record.state == "FINISHED":
         text += f"  loss {fmt_loss(loss)}"
-    return text + (f": {record.reason.splitlines()[0]}" if record.reason else "")
+    head = headline(record.reason)
+    return text + (f": {head[:120]}{'...' if len(head) > 120 else ''}" if head else "")
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -75,20 +83,47 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
+def failure_groups(records: Sequence[JobRecord]) -> list[tuple[str, list[JobRecord]]]:
+    """FAILED jobs grouped by reason, in job order: a user's error by its whole text, a bug by its first line."""
+    groups: dict[str, list[JobRecord]] = {}
+    for r in records:
+        if r.state == "FAILED":
+            key = r.reason.strip() if r.user_error else headline(r.reason)
+            groups.setdefault(key or "no reason recorded", []).append(r)
+    return list(groups.items())
+
+
+def failure_paragraph(number: int, reason: str, members: Sequence[JobRecord], tail_lines: int) -> list[str]:
+    """`(1) FAILED, 2 jobs: #0 a, #2 b`, the reason, each job's log; for a bug, the first job's log tail."""
+    jobs = ", ".join(f"#{r.job.idx} {r.label}" for r in members)
+    lines = [f"({number}) FAILED, {len(members)} job{'s' if len(members) > 1 else ''}: {jobs}"]
+    lines += [f"    {line}" for line in reason.splitlines()]
+    for r in members[:MAX_LOGS_LISTED]:
+        lines.append(f"    log #{r.job.idx}: {r.job.log_path}")
+    if len(members) > MAX_LOGS_LISTED:
+        lines.append(f"    ... and {len(members) - MAX_LOGS_LISTED} more logs (gpu_queue_summary.json lists them)")
+    if not members[0].user_error:
+        tail = log_tail(members[0].job.log_path, tail_lines)
+        if tail:
+            lines.append(f"    last lines of #{members[0].job.idx}'s log:")
+            lines += [f"    | {line}" for line in tail.splitlines()]
+    return lines
+
+
 def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
-    """The end-of-sweep table (variant, status, duration, final loss, MLflow run), then each failure's log tail."""
+    """The end-of-sweep table (variant, status, duration, final loss, MLflow run), then one paragraph per distinct
+    failure reason (see failure_paragraph)."""
+    groups = failure_groups(records)
+    number = {id(r): i for i, (_, members) in enumerate(groups, 1) for r in members}
     rows = [["#", "variant", "status", "slot", "duration", "final loss", "MLflow run", "note"]]
     for r in records:
-        note = r.reason.splitlines()[0] if r.reason else ""
+        note = f"see ({number[id(r)]}) below" if id(r) in number else headline(r.reason)
         rows.append([str(r.job.idx), r.label[:48], r.state, r.slot.name if r.slot else "-", fmt_seconds(r.duration),
                      fmt_loss(r.status.get("final_loss")), str(r.status.get("run_id") or "-"),
                      note[:70] + ("..." if len(note) > 70 else "")])
     lines = ["", counts_line(records), *("  " + line for line in _table(rows))]
-    for r in records:
-        if r.state == "FAILED":
-            lines += ["", f"#{r.job.idx} {r.label} {r.state}: {r.reason}", f"  log: {r.job.log_path}"]
-            tail = log_tail(r.job.log_path, tail_lines)
-            lines += [f"  | {line}" for line in tail.splitlines()]
+    for i, (reason, members) in enumerate(groups, 1):
+        lines += ["", *failure_paragraph(i, reason, members, tail_lines)]
     return "\n".join(lines) + "\n"
 
 

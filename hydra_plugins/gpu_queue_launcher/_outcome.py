@@ -14,21 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
+
 from ._proc import describe_exit
 from ._slots import Slot
 
 DONE_STATES = ("FINISHED", "FAILED", "SKIPPED", "KILLED", "CANCELLED")
 
 
-class JobFailed(RuntimeError):
-    """A job that failed without an exception of its own (died, went NaN, was killed)."""
+class JobFailed(RuntimeError, CompactHydraException):
+    """What Hydra's sweeper re-raises for a job that did not finish. Hydra prints a CompactHydraException as its
+    message alone: the summary above it already told the story, so no "Error executing job" block and no second
+    traceback follow it. The job's own exception, if any, is `job_exception` (and the `__cause__`)."""
 
-
-class RemoteTraceback(Exception):
-    """Carries a job process's traceback text as the __cause__ of the exception re-raised in the launcher."""
-
-    def __str__(self) -> str:
-        return f"\n\n(traceback in the job process)\n{self.args[0]}"
+    def __init__(self, message: str, job_exception: BaseException | None = None):
+        super().__init__(message)
+        self.job_exception = job_exception
 
 
 @dataclass
@@ -72,6 +74,7 @@ class JobRecord:
     status: dict[str, Any] = field(default_factory=dict)
     job_return: Any = None
     traceback: str | None = None
+    user_error: bool = False  # the reason is a message for the user: shown whole, without the log's traceback
 
     @property
     def label(self) -> str:
@@ -126,6 +129,23 @@ def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | Non
     return "FINISHED", ""
 
 
+def headline(reason: str) -> str:
+    """The first line of a reason; a header line ending in ':' ("Invalid configuration:") takes the next one too."""
+    lines = [line.strip() for line in (reason or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def is_user_error(job_return: Any, status: dict[str, Any] | None) -> bool:
+    """The job said its failure is the user's to fix: `user_error: true` in its status file, or a true
+    `user_error` attribute on the exception its task function raised."""
+    if (status or {}).get("user_error"):
+        return True
+    failed = getattr(job_return, "status", None) is not None and job_return.status.name == "FAILED"
+    return bool(failed and getattr(job_return._return_value, "user_error", False))
+
+
 def finalize(record: JobRecord) -> None:
     """Fill in a record whose process has exited: result file (then deleted), status file, verdict."""
     result = None
@@ -143,27 +163,45 @@ def finalize(record: JobRecord) -> None:
     record.traceback = result["traceback"] if result else None
     record.state, reason = decide(record.returncode, record.job_return, record.status, record.signals_sent)
     record.reason = reason if not record.reason else f"{record.reason}; {reason}"
+    record.user_error = is_user_error(record.job_return, record.status)
 
 
-def to_job_return(record: JobRecord) -> Any:
-    """Hydra's JobReturn for a finished record: COMPLETED for FINISHED/SKIPPED, else FAILED with an exception.
+class QuietJobReturn(JobReturn):
+    """A JobReturn whose failure re-raises without Hydra's "Error executing job with overrides" line (the queue's
+    summary already named the job and its reason)."""
 
-    Hydra's sweeper re-raises the first FAILED one after the batch, which makes `python app.py -m ...` exit 1.
-    The job's own exception is kept when there is one (sweepers may inspect it), with the job process's
-    traceback attached as its cause.
+    @property
+    def return_value(self) -> Any:
+        if self.status == JobStatus.FAILED:
+            raise self._return_value
+        return self._return_value
+
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
+
+
+def to_job_return(record: JobRecord, note: str = "") -> Any:
+    """Hydra's JobReturn for a finished record: COMPLETED for FINISHED/SKIPPED, else FAILED with a JobFailed.
+
+    Hydra's sweeper re-raises the first FAILED one after the batch, which makes `python app.py -m ...` exit 1,
+    printing only its message (`note` is appended to it). The job's own exception is kept as `job_exception` and as
+    the cause (sweepers may inspect it); the job's traceback stays in its log and in the summary's log tail.
     """
-    from hydra.core.utils import JobReturn, JobStatus
-
-    ret = record.job_return or JobReturn(overrides=list(record.job.overrides), working_dir=str(record.job.job_dir))
+    src = record.job_return
+    ret = QuietJobReturn(overrides=list(record.job.overrides), working_dir=str(record.job.job_dir))
+    if src is not None:
+        ret.overrides, ret.cfg, ret.hydra_cfg = src.overrides, src.cfg, src.hydra_cfg
+        ret.working_dir, ret.task_name = src.working_dir, src.task_name
+        ret.status, ret.return_value = src.status, src._return_value
     if record.state in ("FINISHED", "SKIPPED"):
         if ret.status != JobStatus.COMPLETED:
             ret.status, ret.return_value = JobStatus.COMPLETED, None
         return ret
     own = ret._return_value if ret.status == JobStatus.FAILED else None
-    if not isinstance(own, Exception):
-        own = JobFailed(f"job #{record.job.idx} ({record.label}) {record.state}: {record.reason}")
-    exc = own
-    if record.traceback and exc.__cause__ is None:
-        exc.__cause__ = RemoteTraceback(record.traceback)
+    own = own if isinstance(own, BaseException) else None
+    exc = JobFailed(f"job #{record.job.idx} ({record.label}) {record.state}: {headline(record.reason)}{note}", own)
+    exc.__cause__ = own
+    exc.user_error = record.user_error  # type: ignore[attr-defined]
     ret.status, ret.return_value = JobStatus.FAILED, exc
     return ret

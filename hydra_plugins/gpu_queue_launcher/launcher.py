@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
 
 
+def short_label(overrides: Sequence[str], value_chars: int = 32, total_chars: int = 100) -> str:
+    """The overrides that tell a job from the batch's others, each value cut to `value_chars` and the whole to
+    `total_chars` ("..." marks a cut): a 2,000-character value must not flood the console (the job's status file
+    may name it better)."""
+    parts = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        parts.append(f"{key}{sep}{value[:value_chars - 3]}..." if len(value) > value_chars else override)
+    label = " ".join(parts)
+    return label if len(label) <= total_chars else label[:total_chars - 3] + "..."
+
+
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
@@ -88,7 +100,9 @@ class GpuQueueLauncher(Launcher):
         if interrupted:
             self._close_pool()
             raise SystemExit(130)  # like a shell after Ctrl-C; the table above says what happened
-        return [to_job_return(r) for r in records]
+        unfinished = sum(r.state not in ("FINISHED", "SKIPPED") for r in records)
+        note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
+        return [to_job_return(r, note) for r in records]
 
     def _prepare(self, overrides: List[str], idx: int, work_dir: Path, common: set) -> Any:
         """Compose the job's config and find its directory, exactly as run_job will in the job process."""
@@ -121,7 +135,7 @@ class GpuQueueLauncher(Launcher):
                 self._warned_pickle = True
             job.update(hydra_context=None, config_loader=self.hydra_context.config_loader)
             payload = cloudpickle.dumps(job)
-        label = " ".join(o for o in filter_overrides(overrides) if o not in common) or f"job {idx}"
+        label = short_label([o for o in filter_overrides(overrides) if o not in common]) or f"job {idx}"
         return Job(idx=idx, overrides=overrides, label=label, job_dir=job_dir, spec_path=work_dir / f"{idx}.spec",
                    result_path=work_dir / f"{idx}.result", payload=payload, sweep_config=sweep_config)
 
@@ -175,6 +189,7 @@ class GpuQueueLauncher(Launcher):
     def _write_summary(self, path: Path, pool: Any, interrupted: bool) -> None:
         jobs = [{
             "idx": r.job.idx, "label": r.label, "overrides": r.job.overrides, "state": r.state, "reason": r.reason,
+            "user_error": r.user_error,
             "slot": r.slot.index if r.slot else None, "device": r.slot.device if r.slot else None,
             "pid": r.pid, "returncode": r.returncode, "duration_s": r.duration,
             "final_loss": r.status.get("final_loss"), "run_id": r.status.get("run_id"),

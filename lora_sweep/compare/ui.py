@@ -130,19 +130,43 @@ def running_server(store_uri: str, host: str = "127.0.0.1", port: int = 5000, *,
         stop_group(process)
 
 
+def experiment_page(store_uri: str, base_url: str, experiment: str) -> str:
+    """The URL of `experiment`'s runs table (tagged as a model-training experiment if it was not), or a line saying
+    the experiment does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    from lora_sweep import tracking
+
+    try:
+        client = MlflowClient(store_uri)
+        found = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # the UI still serves whatever the store holds
+        return f"(could not look up experiment '{experiment}': {str(exc).splitlines()[0][:200]})"
+    if found is None:
+        return f"(no experiment '{experiment}' in this store yet: run a sweep, then reload {base_url})"
+    if tracking.EXPERIMENT_KIND_TAG not in (found.tags or {}):
+        with contextlib.suppress(Exception):
+            client.set_experiment_tag(found.experiment_id, tracking.EXPERIMENT_KIND_TAG, tracking.EXPERIMENT_KIND)
+    return tracking.runs_page_url(base_url, found.experiment_id)
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve(store_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Run the UI until Ctrl-C or SIGTERM; print its URL when it is ready. Returns the exit code."""
+def serve(store_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
+          experiment: str = "lora-sweep") -> int:
+    """Run the UI until Ctrl-C or SIGTERM; print the URL of `experiment`'s runs table when it is ready. Returns the
+    exit code."""
     store_uri = store_uri or default_store_uri()
     # Explicit handlers: a process started in the background by a non-interactive shell inherits SIGINT as
     # "ignored", and Python would then never raise KeyboardInterrupt.
     previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with running_server(store_uri, host, port) as server:
-            print(f"MLflow UI for {store_uri}\n  {server.url}\n(Ctrl-C to stop)", flush=True)
+            runs = experiment_page(store_uri, server.url, experiment)
+            print(f"MLflow UI for {store_uri}\n  {server.url}\nruns of experiment '{experiment}':\n  {runs}\n"
+                  "(Ctrl-C to stop)", flush=True)
             code = server.process.wait()  # until it dies on its own, or Ctrl-C / SIGTERM interrupts the wait
             print(f"mlflow server exited on its own (code {code}); its log: {server.log_path}", file=sys.stderr)
             return 1
@@ -160,9 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--experiment", default="lora-sweep",
+                        help="experiment whose runs page URL is printed (default: lora-sweep, tracking.experiment's "
+                             "default)")
     args = parser.parse_args(argv)
     try:
-        return serve(args.store, args.host, args.port)
+        return serve(args.store, args.host, args.port, args.experiment)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

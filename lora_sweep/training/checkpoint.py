@@ -14,13 +14,21 @@ Layout: `<train.state_dir>/<config_hash>/<run_id>/state-step*.pt` (`train.state_
 The folder does not depend on Hydra's per-sweep job directory, so a rerun of the sweep finds it; one folder per
 MLflow run, so a fresh start of the same config never mixes its states with an older run's. Loading uses
 `torch.load(weights_only=True)`: only tensors and plain containers, never arbitrary pickled code.
+
+`<config_hash>/.lock` (`ConfigLock`): while a process trains a config it holds an exclusive flock there, so a second
+process on the same config (another terminal, a duplicate job) cannot resume the same run at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import random
 import re
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +54,70 @@ class Position:
     images_seen: int = 0
     skipped_steps: int = 0
     last_loss: float = float("nan")
+
+
+class ConfigLock:
+    """An exclusive flock on `<state root>/<config_hash>/.lock`, held while one process trains that config.
+
+    The kernel drops a flock when its process dies, so the lock never goes stale after a SIGKILL. The file says who
+    holds it (pid, host, since, run id) for the message the waiting process shows. Where flock is unavailable
+    (Windows, some network filesystems) it warns once and locks nothing."""
+
+    def __init__(self, hash_folder: Path):
+        self.path = Path(hash_folder) / ".lock"
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; True if held now (or if locking is unavailable here)."""
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:  # ENOLCK: no locks on this filesystem
+            os.close(fd)
+            log.warning("no file locking at %s (%s): two processes on this config would not exclude each other",
+                        self.path, exc)
+            return True
+        self.fd = fd
+        self.note()
+        return True
+
+    def note(self, **info: Any) -> None:
+        """Rewrite the holder's description (pid, host, since, and e.g. run_id)."""
+        if self.fd is None:
+            return
+        data = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(data).encode(), 0)
+
+    def holder(self) -> dict[str, Any]:
+        """What the current holder wrote ({} if unreadable)."""
+        try:
+            return dict(json.loads(self.path.read_text() or "{}"))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def describe_holder(self) -> str:
+        info = self.holder()
+        who = f"process {info.get('pid', '?')} on {info.get('host', '?')}"
+        run = f", MLflow run {info['run_id']}" if info.get("run_id") else ""
+        return f"{who} (since {info.get('since', '?')}{run}; lock file {self.path})"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def state_path(folder: Path, step: int) -> Path:

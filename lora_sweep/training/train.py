@@ -128,7 +128,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
         s.after_step(0)
     fault = parse_fault(cfg.train.debug_fault)
     window: list[loss_lib.LossTerms] = []
-    pending, stopped = 0, False
+    pending, stopped, skipped_in_a_row = 0, False, 0
     started, start_step, start_images = time.perf_counter(), pos.step, pos.images_seen
     s.sink.progress(pos.step, max_steps, pos.last_loss, "")
     while pos.step < max_steps and not stopped:
@@ -148,12 +148,14 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 continue
             pending = 0
             inject_fault(fault, pos.step + 1, terms, s, when="grad")
-            stepped = bool(window) and grads_finite(s, pos.step + 1, epoch, last_state) and precision.scaled_step(
-                s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm)
+            finite = bool(window) and grads_finite(s, pos.step + 1, epoch, last_state)
+            stepped = finite and precision.scaled_step(s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm)
             if stepped:
                 s.lr_scheduler.step()
             else:
                 pos.skipped_steps += 1
+            skipped_in_a_row = 0 if finite else skipped_in_a_row + 1  # fp16's own overflow skips do not count
+            check_skip_bound(cfg, skipped_in_a_row, pos.step + 1, last_state)
             s.optimizer.zero_grad(set_to_none=True)
             pos.step += 1
             pos.epoch, pos.batch_index = (epoch + 1, 0) if last_of_epoch else (epoch, i + 1)
@@ -216,6 +218,20 @@ def on_non_finite(cfg, what: str, step: int, epoch: int, last_state: Path | None
         kept = f"the last good state is kept: {last_state}" if last_state else "no state had been saved yet"
         raise NonFiniteLoss(f"{where}; {kept}. Lower train.lr, check the data, or set train.on_nan=skip_step.")
     log.warning("%s: skipped (train.on_nan=skip_step)", where)
+
+
+def check_skip_bound(cfg, skipped_in_a_row: int, step: int, last_state: Path | None) -> None:
+    """train.on_nan=skip_step fails the run once `train.max_consecutive_skips` optimizer steps in a row were skipped
+    for a non-finite loss or gradient: a diverged training would otherwise skip to the end and finish."""
+    limit = cfg.train.max_consecutive_skips
+    if skipped_in_a_row < limit:
+        return
+    kept = f"the last good state is kept: {last_state}" if last_state else "no state had been saved yet"
+    raise NonFiniteLoss(
+        f"train.on_nan=skip_step skipped {skipped_in_a_row} optimizer steps in a row (steps "
+        f"{step - skipped_in_a_row + 1}-{step}; train.max_consecutive_skips={limit}): the loss or the gradients stay "
+        f"NaN/Inf, so the training has diverged; {kept}. Lower train.lr or check the data (or raise "
+        "train.max_consecutive_skips).")
 
 
 def grads_finite(s: Session, step: int, epoch: int, last_state: Path | None) -> bool:

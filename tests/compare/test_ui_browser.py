@@ -19,7 +19,8 @@ from urllib.parse import quote
 import pytest
 
 from lora_sweep.compare.report import build_report
-from lora_sweep.compare.ui import free_port, running_server
+from lora_sweep import tracking
+from lora_sweep.compare.ui import experiment_page, free_port, running_server
 from test_report import VARIANTS, fill_store
 
 pytestmark = pytest.mark.slow
@@ -83,11 +84,18 @@ def test_mlflow_ui_and_report_render_in_chromium(chromium, tmp_path):
     experiment_id = store["client"].get_experiment_by_name("lora-sweep").experiment_id
     report = build_report(sweep_run_id=store["parent"], out_dir=tmp_path / "report", tracking_uri=uri)
 
+    assert tracking.experiment_id(store["client"], "lora-sweep") == experiment_id  # tags the older experiment
+    kind = store["client"].get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG]
+    assert kind == "custom_model_development"  # what MLflow 3's UI calls "Model training"
+
     with running_server(uri, port=free_port(), log_path=tmp_path / "server.log") as server:
-        experiment_url = f"{server.url}/#/experiments/{experiment_id}/runs"
+        experiment_url = experiment_page(uri, server.url, "lora-sweep")  # what `make ui` prints
+        assert experiment_url.startswith(f"{server.url}/#/experiments/{experiment_id}/runs")
         text = visible_text(run_chromium(chromium, experiment_url, tmp_path / "profile"))
         assert "lora-sweep" in text and "sweep" in text, text[:2000]
         assert "4 matching runs" in text, text[:2000]  # the parent and its three jobs (nested under it)
+        assert "Run Name" in text and "Created" in text and "Duration" in text, text[:2000]  # the runs table
+        assert "Token Usage" not in text and "Latency" not in text  # not the GenAI overview
         run_chromium(chromium, experiment_url, tmp_path / "profile", screenshot=ARTIFACTS / "ui_experiment.png")
 
         run_ids = quote(json.dumps(list(store["runs"].values())))

@@ -60,6 +60,24 @@ def test_non_finite_gradient_names_the_tensor_or_skips_the_step(tmp_path, mlflow
     assert sorted((m.step, m.value) for m in history) == [(1, 0), (2, 1), (3, 1), (4, 1)]
 
 
+def test_skip_step_fails_the_run_after_a_bounded_run_of_skipped_steps(tmp_path, mlflow_uri):
+    """A diverged training under train.on_nan=skip_step does not skip to the end and finish: it fails at the bound,
+    naming the setting; a bound of 1 allows no skipped step."""
+    failed = tiny_job(tmp_path, "train.debug_fault=inf_grad@2+", "train.on_nan=skip_step", "train.max_steps=8",
+                      "train.max_consecutive_skips=3")
+    assert failed.status == "FAILED"
+    assert "skipped 3 optimizer steps in a row (steps 2-4; train.max_consecutive_skips=3)" in failed.reason
+    assert str(checkpoint.list_states(next((tmp_path / "states").glob(f"*/{failed.run_id}")))[-1]) in failed.reason
+    run = MlflowClient(mlflow_uri).get_run(failed.run_id)
+    assert run.info.status == "FAILED" and "train.max_consecutive_skips" in run.data.tags["lora_sweep.failure"]
+    history = MlflowClient(mlflow_uri).get_metric_history(failed.run_id, "train/skipped_steps")
+    assert max(m.step for m in history) == 3  # step 4's metrics never logged: it failed there
+
+    strict = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.on_nan=skip_step", "train.resume=never",
+                      "train.max_consecutive_skips=1", "sweep.skip_finished=false")
+    assert strict.status == "FAILED" and "skipped 1 optimizer steps in a row" in strict.reason  # 1: no skip at all
+
+
 def test_out_of_memory_fails_the_job_with_the_memory_knobs_and_returns(tmp_path, mlflow_uri, monkeypatch):
     status_file = tmp_path / "status.json"
     monkeypatch.setenv("GPU_QUEUE_STATUS_FILE", str(status_file))

@@ -1,0 +1,60 @@
+"""A dataset's fingerprint: what skip-finished compares besides the config, so an edited dataset trains again.
+
+The fingerprint is a sha256 over every image and caption file of the kohya subsets (`<repeats>_<name>/` folders)
+by relative path and content, the content digest being the one the latent cache already keys its entries by
+(`cache_keys.file_sha256`, memoized in the cache's `.hashes/` by path, size, mtime and inode): after a training
+has encoded the dataset, fingerprinting it costs one `stat` per file. Any edit (an image touched up, a caption
+reworded, a file added, removed or moved to another subset) changes it; copying the dataset elsewhere does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lora_sweep.data.cache_keys import file_sha256
+from lora_sweep.data.dataset import IMAGE_EXTENSIONS
+
+_SUBSET = re.compile(r"^\d+_.+$")  # kohya's `<repeats>_<name>` folders; others are ignored by the dataset too
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    digest: str  # 16 hex digits
+    files: int
+    folders: tuple[str, ...]  # absolute dataset folders, for messages
+
+    def describe(self) -> str:
+        return f"dataset {self.digest} ({self.files} files in {', '.join(self.folders)})"
+
+
+def dataset_files(root: Path, caption_extension: str) -> list[Path]:
+    """Images and captions of `root`'s subsets, sorted (hidden files skipped)."""
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
+    for subset in sorted(p for p in root.iterdir() if p.is_dir() and _SUBSET.match(p.name)):
+        found += sorted(p for p in subset.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
+    return found
+
+
+def dataset_fingerprint(folders: Sequence[Path], caption_extension: str = ".txt", *,
+                        memo_dir: Path | None = None) -> Fingerprint:
+    """Fingerprint of the training folder and any validation folder (in that order: swapping them changes it).
+
+    `memo_dir`: the cache's `.hashes/` folder, where file digests are remembered between runs."""
+    digest = hashlib.sha256()
+    count = 0
+    resolved = [Path(f).expanduser().resolve() for f in folders]
+    for index, root in enumerate(resolved):
+        digest.update(f"folder {index}\n".encode())
+        for path in dataset_files(root, caption_extension):
+            sha = file_sha256(path, memo_dir=memo_dir)
+            digest.update(f"{path.relative_to(root).as_posix()}\t{sha}\n".encode("utf-8"))
+            count += 1
+    return Fingerprint(digest.hexdigest()[:16], count, tuple(str(r) for r in resolved))

@@ -1,0 +1,96 @@
+"""The sweep's parent run ends saying what happened to every job (real sqlite store, the files jobs leave)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lora_sweep import jobs, tracking
+from lora_sweep.callbacks import QUEUE_SUMMARY, sweep_summary
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}")
+
+
+def make_sweep(client: MlflowClient, tmp_path: Path, name: str) -> tuple[str, str]:
+    exp = tracking.experiment_id(client, name)
+    parent = client.create_run(exp, run_name="sweep", tags={tracking.ROLE: "sweep"}).info.run_id
+    return exp, parent
+
+
+def child(client: MlflowClient, exp: str, parent: str, name: str, status: str | None) -> str:
+    run_id = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+    if status:
+        client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def queue_summary(sweep_dir: Path, interrupted: bool, *entries: tuple[int, str, str, str | None]) -> None:
+    jobs_ = [{"idx": i, "label": f"j{i}", "state": s, "reason": r, "run_id": run} for i, s, r, run in entries]
+    (sweep_dir / QUEUE_SUMMARY).write_text(json.dumps({"interrupted": interrupted, "jobs": jobs_}))
+
+
+def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
+    exp, parent = make_sweep(client, tmp_path, "mixed")
+    done = child(client, exp, parent, "j0", "FINISHED")
+    early = child(client, exp, parent, "j1", "FAILED")  # failed before training: a run made to carry the reason
+    orphan = child(client, exp, parent, "j3", None)  # its process was SIGKILLed: still RUNNING
+    jobs.write_outcome(tmp_path, 0, status="FINISHED", run_id=done, label="j0")
+    jobs.write_outcome(tmp_path, 1, status="FAILED", run_id=early, label="j1", reason="loss.huber_c: must be > 0",
+                       user_error=True)
+    jobs.write_outcome(tmp_path, 2, status="SKIPPED", run_id=done, label="j2", reason="already FINISHED")
+    queue_summary(tmp_path, False, (0, "FINISHED", "", done), (1, "FAILED", "loss.huber_c: must be > 0", early),
+                  (2, "SKIPPED", "already FINISHED", done),
+                  (3, "FAILED", "died without a result: killed by SIGKILL (9)", orphan),
+                  (4, "FAILED", "could not start: OSError: disk full", None))
+
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=False)  # Hydra re-raised: no on_multirun_end
+    assert summary["status"] == "FAILED"
+    assert summary["counts"] == {"total": 5, "finished": 1, "failed": 3, "skipped": 1, "killed": 0}
+    run = client.get_run(orphan)
+    assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags[tracking.FAILURE]
+    text = summary["failure"]
+    assert text.startswith("3 of 5 jobs failed:")
+    assert "- loss.huber_c: must be > 0 (#1 j1)" in text and "(#3 j3)" in text and "disk full (#4 j4)" in text
+    assert summary["any_finished"]
+
+
+def test_a_stopped_sweep_ends_killed_and_closes_what_its_jobs_left_running(client, tmp_path):
+    exp, parent = make_sweep(client, tmp_path, "stopped")
+    stopped = child(client, exp, parent, "j0", "KILLED")
+    orphan = child(client, exp, parent, "j1", None)
+    jobs.write_outcome(tmp_path, 0, status="KILLED", run_id=stopped, reason="stopped by signal")
+    queue_summary(tmp_path, True, (0, "KILLED", "stopped by signal", stopped),
+                  (1, "KILLED", "killed (SIGKILL) after the interrupts", orphan),
+                  (2, "CANCELLED", "not started: the sweep was interrupted", None))
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
+    assert summary["status"] == "KILLED" and summary["counts"]["killed"] == 3
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert summary["failure"].startswith("the sweep was stopped")
+
+
+def test_clean_sweeps_finish_and_a_sweep_that_broke_off_does_not(client, tmp_path):
+    exp, parent = make_sweep(client, tmp_path, "clean")
+    run_id = child(client, exp, parent, "j0", "FINISHED")
+    jobs.write_outcome(tmp_path, 0, status="FINISHED", run_id=run_id, label="j0")
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
+    assert summary["status"] == "FINISHED" and summary["failure"] == ""
+    assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0}
+    broke = sweep_summary(client, parent, tmp_path, ended_normally=False)  # e.g. the launcher itself raised
+    assert broke["status"] == "FAILED" and "before its launcher returned" in broke["failure"]
+
+
+def test_without_job_records_the_child_runs_still_count(client, tmp_path):
+    """Another launcher, no outcome files: the children's own statuses are what is known."""
+    exp, parent = make_sweep(client, tmp_path, "bare")
+    child(client, exp, parent, "a", "FINISHED")
+    failed = child(client, exp, parent, "b", "FAILED")
+    client.set_tag(failed, tracking.FAILURE, "NonFiniteLoss: train/loss is nan")
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
+    assert summary["status"] == "FAILED" and summary["counts"]["failed"] == 1 and summary["counts"]["total"] == 2
+    assert "NonFiniteLoss: train/loss is nan" in summary["failure"]

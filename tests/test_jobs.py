@@ -1,0 +1,96 @@
+"""Job names that do not grow with override values, and the files a job leaves in its sweep folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import compose_config
+from lora_sweep import jobs
+from lora_sweep.run import variant_name
+
+LONG = "sampling.negative=" + "blurry, low quality/ " * 100  # 2,000+ characters with '/' in it
+
+
+def test_slug_keeps_safe_short_names_and_hashes_everything_else():
+    assert jobs.slug("loss.huber_c=0.1,noise=multires") == "loss.huber_c=0.1,noise=multires"
+    cut = jobs.slug(LONG)
+    assert len(cut) <= jobs.FOLDER_SLUG and "/" not in cut and " " not in cut
+    assert cut.endswith("-" + jobs.short_hash(LONG))
+    assert jobs.slug("a/b") != jobs.slug("a_b")  # a replaced character still tells them apart
+    assert not jobs.slug(".hidden").startswith(".")
+
+
+def test_run_label_names_the_variant_and_the_swept_values_only():
+    assert jobs.run_label(None, ["noise=multires", "loss=huber_snr"]) == "noise=multires loss=huber_snr"
+    assert jobs.run_label("v57", ["experiment=v57", "train.max_steps=2"]) == "v57"
+    swept = ["experiment", "noise"]
+    assert jobs.run_label("v57", ["experiment=v57", "noise=ip", "train.max_steps=2"], swept) == "v57 noise=ip"
+    assert jobs.run_label(None, ["hydra.launcher.cpu_slots=2", "tracking.experiment=x"]) == "default"
+    long_label = jobs.run_label(None, [LONG, "loss.huber_c=0"], ["sampling.negative", "loss.huber_c"])
+    assert len(long_label) <= jobs.LABEL_CHARS and "loss.huber_c=0" in long_label
+    assert long_label.endswith(f"#{jobs.short_hash(' '.join([LONG, 'loss.huber_c=0']))}")
+    many = [f"train.seed={i}" for i in range(40)]
+    assert len(jobs.run_label(None, many)) <= jobs.LABEL_CHARS
+
+
+def test_swept_keys_come_from_hydras_own_override_grammar():
+    task = ["loss.huber_c=0,0.1", "experiment=glob(v*)", "+x=range(3)", "noise=[a,b]", "train.max_steps=2"]
+    assert jobs.swept_keys(task) == ["loss.huber_c", "experiment", "x"]
+
+
+def test_job_folder_is_number_and_run_name_whatever_the_values(tmp_path):
+    jobs.write_swept_keys(tmp_path, ["sampling.negative", "loss.huber_c"])
+    name = jobs.job_dir_name(7, None, [LONG, "loss.huber_c=0", "train.max_steps=2"], str(tmp_path))
+    assert name.startswith("7_sampling.negative=") and len(name) <= 2 + jobs.FOLDER_SLUG and "/" not in name
+    assert jobs.job_dir_name(3, "v57", ["experiment=v57"], None) == "3_v57"
+    assert jobs.job_dir_name(0, None, [], None) == "0_default"
+
+
+def test_the_sweep_config_names_job_folders_through_the_resolver(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from conftest import ROOT
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=["loss.huber_c=0.1"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num = 4
+        cfg.hydra.sweep.dir = str(tmp_path)
+        cfg.hydra.overrides.task = [LONG, "loss.huber_c=0.1"]
+    jobs.write_swept_keys(tmp_path, ["loss.huber_c"])
+    assert OmegaConf.select(cfg, "hydra.sweep.subdir") == "4_loss.huber_c=0.1"
+
+
+def test_variant_name_keeps_its_signature():
+    cfg = compose_config("experiment=v57")
+    assert variant_name(cfg, ["experiment=v57"]) == "v57"
+    assert variant_name(compose_config(), ["noise=ip", "tracking.uri=x"]) == "noise=ip"
+
+
+def test_outcomes_round_trip_and_never_raise(tmp_path):
+    jobs.write_outcome(tmp_path, 2, status="FAILED", reason="bad", label="x", user_error=True)
+    jobs.write_outcome(tmp_path, 0, status="FINISHED", run_id="r0", label="y")
+    jobs.write_outcome(None, 1, status="FINISHED")  # outside a sweep: nothing, no error
+    outcomes = jobs.read_outcomes(tmp_path)
+    assert sorted(outcomes) == [0, 2] and outcomes[2]["user_error"] and outcomes[0]["run_id"] == "r0"
+    if os.geteuid() != 0:
+        (tmp_path / jobs.STATE_DIR / "jobs").chmod(0o500)
+        jobs.write_outcome(tmp_path, 3, status="FAILED")  # unwritable: swallowed
+        (tmp_path / jobs.STATE_DIR / "jobs").chmod(0o700)
+
+
+@pytest.mark.parametrize("value", ["a" * 5999, "a" * 6000, "a" * 6001, "é" * 9000])
+def test_fit_cuts_with_a_visible_marker(value):
+    from lora_sweep.tracking import fit
+
+    out = fit(value, 6000, "config.yaml")
+    assert len(out) <= 6000
+    if len(value) <= 6000:
+        assert out == value
+    else:
+        assert out.endswith("the whole value is in config.yaml]") and f"{len(value)} characters" in out

@@ -1,0 +1,129 @@
+"""One job's truth in MLflow, in this process on the tiny model: a set-up failure inside a sweep is a FAILED child
+run, skip-finished looks at the dataset, and a config being trained elsewhere is waited for or skipped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import ROOT, compose_config
+from lora_sweep import jobs, tracking
+from lora_sweep.config import config_hash
+from lora_sweep.errors import UserError
+from lora_sweep.run import run_job
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return compose_config("train.max_steps=1", "train.device=cpu", f"train.state_dir={tmp_path / 'states'}",
+                          *overrides)
+
+
+def make_dataset(folder: Path, seed: int, caption: str = "a photo of a thing") -> Path:
+    """Two 64 px images with captions in kohya's layout."""
+    rng = np.random.default_rng(seed)
+    subset = folder / "2_thing"
+    subset.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(subset / f"img{i}.png")
+        (subset / f"img{i}.txt").write_text(caption)
+    return folder
+
+
+def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_path, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    exp = tracking.experiment_id(client, "lora-sweep")
+    parent = client.create_run(exp, run_name="sweep", tags={tracking.ROLE: "sweep"}).info.run_id
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / tracking.PARENT_FILE).write_text(parent)
+    jobs.write_swept_keys(sweep_dir, ["train.debug_fault"])
+    overrides = ["train.debug_fault=setup_error", "train.max_steps=1"]
+    with pytest.raises(UserError, match="setup_error"):
+        run_job(tiny(tmp_path, *overrides), output_dir=sweep_dir / "3_x", sweep_dir=sweep_dir, overrides=overrides,
+                job_num=3)
+    (run,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert run.info.status == "FAILED" and run.info.run_name == "train.debug_fault=setup_error"
+    assert "set-up failed on purpose" in run.data.tags[tracking.FAILURE]
+    assert run.data.tags["lora_sweep.overrides"] == " ".join(overrides)
+    assert run.data.tags[tracking.PID] and run.data.params["train.max_steps"] == "1"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    outcome = jobs.read_outcomes(sweep_dir)[3]
+    assert outcome["status"] == "FAILED" and outcome["run_id"] == run.info.run_id and outcome["user_error"]
+
+
+def test_skip_finished_keys_on_the_dataset_not_only_the_config(tmp_path, mlflow_uri, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="lora_sweep")
+    first_home, other_home = tmp_path / "a", tmp_path / "b"
+    make_dataset(first_home / "data", seed=1)
+    make_dataset(other_home / "data", seed=2)  # another dataset at the same relative path
+    args = ("data=folder", "data.dir=data")  # relative: resolved against the folder the job starts in
+
+    monkeypatch.chdir(first_home)
+    first = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out1")
+    assert first.status == "FINISHED"
+    run = MlflowClient(mlflow_uri).get_run(first.run_id)
+    assert "config.yaml" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(first.run_id)}
+    again = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out2")
+    assert again.status == "SKIPPED" and again.run_id == first.run_id
+    assert run.data.tags["lora_sweep.dataset"] in again.reason and "2_thing" not in again.reason
+    assert f"config {config_hash(tiny(tmp_path, *args))}" in again.reason and "4 files in" in again.reason
+
+    monkeypatch.chdir(other_home)
+    elsewhere = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out3")
+    assert elsewhere.status == "FINISHED" and elsewhere.run_id != first.run_id
+
+    monkeypatch.chdir(first_home)
+    (first_home / "data" / "2_thing" / "img1.txt").write_text("a photo of a thing, fixed caption")
+    edited = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out4")
+    assert edited.status == "FINISHED" and edited.run_id not in (first.run_id, elsewhere.run_id)
+    assert "its dataset was" in caplog.text and "training again" in caplog.text
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from lora_sweep.training.checkpoint import ConfigLock
+    lock = ConfigLock(Path(sys.argv[1]))
+    assert lock.try_acquire()
+    lock.note(run_id="run-held-elsewhere")
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+""").format(root=str(ROOT))
+
+
+def hold_lock(folder: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(seconds)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_config_trained_elsewhere_is_skipped_or_waited_for(tmp_path, mlflow_uri, caplog):
+    caplog.set_level("INFO", logger="lora_sweep")
+    cfg = tiny(tmp_path, "sweep.on_busy=skip")
+    folder = tmp_path / "states" / config_hash(cfg)
+    holder = hold_lock(folder, 60)
+    try:
+        skipped = run_job(cfg, output_dir=tmp_path / "out1")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert skipped.status == "SKIPPED" and skipped.run_id is None
+    assert f"being trained by process {holder.pid}" in skipped.reason and "run-held-elsewhere" in skipped.reason
+    assert "sweep.on_busy=wait" in skipped.reason
+
+    holder = hold_lock(folder, 3)
+    start = time.monotonic()
+    waited = run_job(tiny(tmp_path), output_dir=tmp_path / "out2")  # sweep.on_busy=wait, the default
+    holder.wait()
+    assert waited.status == "FINISHED" and time.monotonic() - start >= 2.0
+    assert f"is being trained by process {holder.pid}" in caplog.text and "waiting for it" in caplog.text
