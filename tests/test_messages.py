@@ -29,6 +29,7 @@ MESSAGE_CALLS = {"UserError", "ConfigError", "NonFiniteCacheError", "NonFiniteLo
                  "_fail", "warn", "warning", "error", "info", "exception", "append"}
 SETTING = re.compile(r"(?<![\w./-])(" + "|".join(GROUPS) + r")\.([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?)"
                      r"(?:=([^\s,;)'\"]*))?")
+FILE_SUFFIXES = {"py", "yaml", "yml", "txt", "json", "md", "log", "db", "html", "png", "safetensors"}
 GROUP_OPTION = re.compile(r"(?<![\w.])(" + "|".join(CONF_GROUPS) + r")=([a-z][a-z0-9_]*)\b")
 
 
@@ -61,6 +62,8 @@ def suggestions() -> list[tuple[str, str, str | None]]:
     for path in SOURCES:
         for line, text in message_texts(path):
             for match in SETTING.finditer(text):
+                if match[2] in FILE_SUFFIXES:  # a file name such as sweep.py or data/warnings.txt, not a setting
+                    continue
                 where = f"{path.relative_to(ROOT)}:{line}"
                 out.append((where, f"{match[1]}.{match[2]}", match[3] or None))
     return out
