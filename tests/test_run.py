@@ -18,6 +18,7 @@ from conftest import ROOT, compose_config
 from lora_sweep import jobs, tracking
 from lora_sweep.config import config_hash
 from lora_sweep.errors import UserError
+from lora_sweep.paths import make_paths_absolute
 from lora_sweep.run import run_job
 
 
@@ -74,7 +75,9 @@ def test_skip_finished_keys_on_the_dataset_not_only_the_config(tmp_path, mlflow_
     again = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out2")
     assert again.status == "SKIPPED" and again.run_id == first.run_id
     assert run.data.tags["lora_sweep.dataset"] in again.reason and "2_thing" not in again.reason
-    assert f"config {config_hash(tiny(tmp_path, *args))}" in again.reason and "4 files in" in again.reason
+    hashed = tiny(tmp_path, *args)
+    make_paths_absolute(hashed)  # as run_job does: the hash holds the path the user meant (issue 17)
+    assert f"config {config_hash(hashed)}" in again.reason and "4 files in" in again.reason
 
     monkeypatch.chdir(other_home)
     elsewhere = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out3")

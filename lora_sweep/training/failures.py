@@ -171,8 +171,8 @@ def raise_setup_fault(spec: str | None) -> None:
     MLflow run exists (what a lost lock, a store hiccup or a bug there would do), as a UserError or as a bug."""
     fault = parse_fault(spec)
     if fault is not None and fault[0] == "setup_error":
-        raise UserError("train.debug_fault=setup_error: this job's set-up failed on purpose (a testing aid); set "
-                        "train.debug_fault=null to train.")
+        raise UserError("this job's set-up failed on purpose, as train.debug_fault=setup_error asks (a testing aid); "
+                        "set train.debug_fault=null to train.")
     if fault is not None and fault[0] == "setup_crash":
         raise RuntimeError("train.debug_fault=setup_crash: a simulated bug in a job's set-up")
 
