@@ -329,3 +329,19 @@ def _finish(results: list[tuple[str, Report]], *, jobs: int) -> None:
         log.error("%s", format_problems(list(problems.items()), jobs=jobs))
         sys.exit(2)
     announce(list(fallbacks.values()))
+
+
+def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
+    """Every folder this job writes, proven writable (created if needed) and with free space, at the start of the
+    job, before the model loads; returns the state root. Raises UserError naming the setting and the path."""
+    from lora_sweep.training.failures import check_free_space, check_writable, sqlite_store_folder
+    from lora_sweep.training.session import cache_root, state_root
+
+    check_writable(output_dir, "train.output_dir")
+    root = check_writable(state_root(cfg), "train.state_dir")
+    check_writable(cache_root(cfg), "data.cache_dir")
+    store = sqlite_store_folder(uri)
+    if store is not None:
+        check_writable(store, f"tracking.uri ({uri})")
+    check_free_space({output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)})
+    return root

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
 import os
-import signal
 import subprocess
 import time
 import traceback
@@ -39,14 +36,14 @@ from lora_sweep import jobs, preflight as preflight_lib, tracking
 from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile, StopOnSignal as _StopOnSignal  # noqa: F401
 from lora_sweep.atomic import write_text
 from lora_sweep.config import config_hash, flatten, to_container
-from lora_sweep.data.fingerprint import Fingerprint, dataset_fingerprint
+from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.training.checkpoint import (
     ConfigLock, find_resumable, list_states, read_meta, resolve_state_arg, run_folder,
 )
 from lora_sweep.training.failures import (
-    check_free_space, check_writable, failure_reason, is_out_of_memory, raise_setup_fault, sqlite_store_folder,
+    check_writable, failure_reason, is_out_of_memory, raise_setup_fault,
 )
 from lora_sweep.validate import validate
 
@@ -147,7 +144,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     uri = tracking.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri
     tracking.check_store_uri(uri)
-    state_root = preflight(cfg, output_dir, uri)
+    state_root = preflight_lib.check_job_folders(cfg, output_dir, uri)
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
     found.update(client=client, exp_id=exp_id)
@@ -175,12 +172,11 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
         status.update(force=True, note="")
         log.info("config %s is free again: going on", chash)
     held.callback(lock.release)
-    fingerprint = dataset_fingerprint(_data_folders(cfg), cfg.data.caption_extension,
-                                      memo_dir=_cache_root(cfg) / ".hashes")
-    key = skip_key(cfg, chash, fingerprint)
+    fingerprint = jobs.dataset_of(cfg)
+    key = jobs.skip_key(cfg, chash, fingerprint)
     found.update(fingerprint=fingerprint, skip_key=key)
     if cfg.sweep.skip_finished:
-        done = _finished_match(client, exp_id, chash, key, fingerprint, label)
+        done = jobs.finished_match(client, exp_id, chash, key, fingerprint, label)
         if done is not None:
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
@@ -314,64 +310,6 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
     except Exception as exc:
         log.warning("could not record the failure of %s in MLflow: %s", label, str(exc).splitlines()[0][:200])
         return None
-
-
-def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:
-    """What a finished result depends on beyond the config hash: the absolute paths of the model, dataset, validation
-    folder and prompt file (resolved against the working folder), and the dataset's content fingerprint."""
-    paths = {}
-    for field in ("model.path", "data.dir", "data.validation_dir", "sampling.prompt_file"):
-        group, key = field.split(".")
-        value = cfg[group][key]
-        paths[field] = str(Path(str(value)).expanduser().resolve()) if value else None
-    blob = json.dumps({"config_hash": chash, "paths": paths, "dataset": fingerprint.digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _finished_match(client, exp_id: str, chash: str, key: str, fingerprint: Fingerprint,
-                    label: str) -> tuple[str, str] | None:
-    """(run id, skip line) of a FINISHED run with this config and skip key; else None, saying why a FINISHED run of
-    the same config does not count."""
-    runs = tracking.finished_runs(client, exp_id, chash)
-    for run in runs:
-        if run.data.tags.get("lora_sweep.skip_key") == key:
-            line = (f"config {chash} with {fingerprint.describe()} already FINISHED as run {run.info.run_id} "
-                    "(sweep.skip_finished=false to train again)")
-            log.info("skipped %s: %s", label, line)
-            return run.info.run_id, line
-    if runs:
-        old = runs[0].data.tags.get("lora_sweep.dataset")
-        why = (f"its dataset was {old} and is now {fingerprint.describe()}" if old and old != fingerprint.digest
-               else "a model, dataset or prompt-file path differs" if old
-               else "it predates dataset fingerprints")
-        log.info("config %s FINISHED as run %s, but %s: training again", chash, runs[0].info.run_id, why)
-    return None
-
-
-def _cache_root(cfg) -> Path:
-    from lora_sweep.training.session import cache_root
-
-    return cache_root(cfg)
-
-
-def _data_folders(cfg) -> list[Path]:
-    from lora_sweep.training.session import data_folder
-
-    return [data_folder(cfg), *([Path(cfg.data.validation_dir)] if cfg.data.validation_dir else [])]
-
-
-def preflight(cfg, output_dir: Path, uri: str) -> Path:
-    """Every folder this job writes, proven writable before the model loads; returns the state root."""
-    from lora_sweep.training.session import cache_root, state_root
-
-    check_writable(output_dir, "train.output_dir")
-    root = check_writable(state_root(cfg), "train.state_dir")
-    check_writable(cache_root(cfg), "data.cache_dir")
-    store = sqlite_store_folder(uri)
-    if store is not None:
-        check_writable(store, f"tracking.uri ({uri})")
-    check_free_space({output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)})
-    return root
 
 
 def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path | None, str | None]:
