@@ -14,9 +14,10 @@ __version__ = "0.1.0"
 
 def _register_resolvers() -> None:
     """Hydra resolvers conf/ uses, in every process that imports lora_sweep (see jobs.register_resolver)."""
-    from lora_sweep.jobs import register_resolver
+    from lora_sweep import jobs, paths
 
-    register_resolver()
+    jobs.register_resolver()
+    paths.register_resolver()
 
 
 _register_resolvers()

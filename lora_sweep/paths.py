@@ -20,6 +20,24 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lora-sweep"
 
 
+PROJECT_RESOLVER = "lora_sweep_project"
+
+
+def project_path(relative: str) -> str:
+    """`${lora_sweep_project:experiments/prompts/x.txt}` in conf/: a file shipped with lora-sweep (the folder that
+    holds `lora_sweep/`), whatever folder the command starts in. A user's own relative paths mean the launch folder
+    (`absolute`); the project's own files must not."""
+    return str(Path(__file__).resolve().parents[1] / relative)
+
+
+def register_resolver() -> None:
+    """Register `project_path` as the `lora_sweep_project` resolver (done when `lora_sweep` is imported)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(PROJECT_RESOLVER):
+        OmegaConf.register_new_resolver(PROJECT_RESOLVER, project_path)
+
+
 # Every setting that names a file or folder. A relative value means relative to where the user started the command
 # (Hydra's original working directory), whatever hydra.job.chdir says.
 PATH_SETTINGS = ("model.path", "data.dir", "data.validation_dir", "data.cache_dir", "sampling.prompt_file",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import subprocess
 import sys
 
@@ -43,6 +45,8 @@ def test_each_column_matches_the_article(variant):
     if cfg.loss.type == "huber":
         assert cfg.loss.huber_schedule == "snr"
     assert cfg.sampling.prompt_file.endswith("v53-v60.txt" if column < 8 else "v61-v64.txt")
+    # a file shipped with lora-sweep: found from any launch folder, not relative to it
+    assert Path(cfg.sampling.prompt_file).is_absolute() and Path(cfg.sampling.prompt_file).is_file()
 
 
 def test_table_command_prints_the_articles_table():
