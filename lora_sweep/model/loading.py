@@ -19,13 +19,20 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, Mapping
 
 from lora_sweep.errors import UserError
 from lora_sweep.model.tiny_sdxl import CLIP_BPE_GZ, SDXL_BASE_ASSETS, TINY_RECIPE_VERSION, read_clip_merges, \
     sdxl_asset_config, write_clip_tokenizer
 
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights
+# Each component's keys in a single-file (SGM layout) checkpoint start with these.
+SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                        "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 # Keys every SDXL-base single-file checkpoint has (SGM layout): UNet, VAE, CLIP-L and OpenCLIP-bigG towers.
 SINGLE_FILE_KEYS = {
     "UNet": "model.diffusion_model.input_blocks.0.0.weight",
@@ -121,6 +128,33 @@ def read_safetensors_header(path: Path) -> dict:
         raise UserError(f"model.path={str(path)!r} is not a readable .safetensors file ({error}); {ACCEPTS}.") from None
 
 
+def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, Any]:
+    """Each component's dtype on disk ({"unet": torch.float16, ...}), from safetensors headers only (no weights
+    read): the dtype most of its floating tensors have. None for a component without a .safetensors file to read
+    (e.g. pickled .bin weights): the loader then reads it in fp32, as before."""
+    import torch
+
+    model_path = Path(path)
+    found: dict[str, Any] = dict.fromkeys(COMPONENTS)
+    if model_path.is_dir():
+        variant = _weights_variant(model_path)
+        headers = {}
+        for name in COMPONENTS:
+            files = sorted((model_path / name).glob("*.safetensors")) if (model_path / name).is_dir() else []
+            files = [f for f in files if (".fp16." in f.name) == (variant == "fp16")] or files
+            headers[name] = [read_safetensors_header(f) for f in files]
+    else:
+        header = read_safetensors_header(model_path)
+        headers = {name: [{k: v for k, v in header.items() if k.startswith(prefix)}]
+                   for name, prefix in SINGLE_FILE_PREFIXES.items()}
+    for name, parts in headers.items():
+        counts = Counter(info["dtype"] for part in parts for key, info in part.items()
+                         if key != "__metadata__" and info.get("dtype") in SAFETENSORS_DTYPES)
+        if counts:
+            found[name] = getattr(torch, SAFETENSORS_DTYPES[counts.most_common(1)[0][0]])
+    return found
+
+
 def resolve_model_path(name: str, path: str | None, *, cache_root: Path | None = None, seed: int = 0) -> Path:
     """`model=tiny` -> the cached tiny folder (built if needed); `model=sdxl` -> the checked `model.path`."""
     if name == "tiny":
@@ -179,9 +213,13 @@ def sdxl_base_config_dir(cache_root: Path | None = None) -> Path:
 
 
 def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu",
-              cache_root: Path | None = None) -> SDXLParts:
-    """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts (dtype default fp32).
+              cache_root: Path | None = None, dtypes: Mapping[str, Any] | None = None) -> SDXLParts:
+    """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts.
 
+    dtypes: the torch dtype to read each component in ("unet", "vae", "text_encoder", "text_encoder_2"; missing
+    ones take `dtype`), e.g. training.placement.load_dtypes' plan; dtype: the rest (default fp32). A folder is read
+    component by component straight into its dtype (diffusers casts tensor by tensor), so no wider copy of a
+    component exists; a single file is read in its own dtype and each component then cast in place.
     Never touches the network (local_files_only; single files read configs from `single_file_config_dir`).
     A bad path, or files diffusers cannot read, raise UserError naming model.path.
     """
@@ -189,19 +227,21 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
     from diffusers import StableDiffusionXLPipeline
 
     model_path = check_model_path(path)
-    dtype = dtype or torch.float32
+    wanted = {name: (dtypes or {}).get(name) or dtype or torch.float32 for name in COMPONENTS}
     config_dir = None if model_path.is_dir() else single_file_config_dir(model_path, cache_root)
     try:
         if config_dir is None:
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                model_path, dtype=dtype, local_files_only=True, variant=_weights_variant(model_path))
+                model_path, dtype={**wanted, "default": dtype or torch.float32}, local_files_only=True,
+                variant=_weights_variant(model_path))
         else:
+            on_disk = checkpoint_dtypes(model_path).get("unet") or torch.float32
             pipe = StableDiffusionXLPipeline.from_single_file(
-                str(model_path), config=str(config_dir), dtype=dtype, local_files_only=True)
+                str(model_path), config=str(config_dir), dtype=on_disk, local_files_only=True)
     except (OSError, ValueError) as error:
         raise UserError(f"model.path={str(path)!r} could not be loaded as SDXL: {error}") from error
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device).eval()
+    for name in COMPONENTS:
+        getattr(pipe, name).to(device=device, dtype=wanted[name]).eval()
     return SDXLParts(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, noise_scheduler=kohya_noise_scheduler(),

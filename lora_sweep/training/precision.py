@@ -227,23 +227,45 @@ def make_grad_scaler(policy: PrecisionPolicy, device_type: str) -> torch.amp.Gra
     return torch.amp.GradScaler(_device_kind(device_type), enabled=policy.needs_grad_scaler)
 
 
+def grad_total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
+    """The 2-norm of all gradients of `params` together (0-dim fp32 tensor on their device; None if none has one).
+
+    Exactly the norm `torch.nn.utils.clip_grad_norm_` clips with (it is `torch.nn.utils.get_total_norm`, fused with
+    foreach kernels where the device has them), so the training loop computes it once per step for two uses: the
+    non-finite check (it is NaN/Inf exactly when some gradient is, or when finite gradients are so large that the
+    sum of their squares overflows) and the clipping (`scaled_step(..., total_norm=...)`). With SDXL's 1,444 LoRA
+    tensors that is one reduction where a check per tensor costs 1,444 kernels and a stack.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+
 def scaled_step(
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
     params: Iterable[torch.nn.Parameter],
     max_grad_norm: float,
+    total_norm: torch.Tensor | None = None,
 ) -> bool:
     """Unscale, clip, step; return True if the optimizer stepped, False if fp16 overflow made the scaler skip it.
 
     The caller scaled the loss (`scaler.scale(loss).backward()`), zeroes grads afterwards, counts `False` as a skipped
     step and, as kohya/accelerate do, does not advance the LR scheduler on it. Clipping (kohya's max_grad_norm,
-    default 1.0; 0 = off) sees unscaled grads.
+    default 1.0; 0 = off) sees unscaled grads. `total_norm`: `grad_total_norm(params)` if the caller has it already
+    (same params, same order); ignored when the scaler unscales, since that changes the grads. Either way the clip is
+    `clip_grad_norm_`'s, bit for bit (`get_total_norm` then `clip_grads_with_norm_`).
     """
     params = [p for p in params if p.grad is not None]
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
+        total_norm = None
     if max_grad_norm > 0 and params:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if total_norm is None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
     if not scaler.is_enabled():
         optimizer.step()
         return True
