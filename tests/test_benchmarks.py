@@ -136,8 +136,16 @@ def test_gpu_bench_toy_matches_bare_loop_and_options_keep_the_result(tmp_path):
     out = tmp_path / "gpu.json"
     gpu_bench.main(["--toy", "--device", "cpu", "--precisions", "fp32", "--batches", "2", "--checkpointing", "off",
                     "--options", "loop_checks,fused_adamw,cuda_graphs", "--options-precision", "fp32", "--bare", "fp32",
-                    "--steps", "1", "--warmup", "1", "--rank", "4", "--out", str(out), "--markdown", ""])
-    rows = {(r["impl"], r["option"]): r for r in json.loads(out.read_text())["rows"]}
+                    "--steps", "1", "--warmup", "1", "--rank", "4", "--out", str(out), "--markdown", "",
+                    "--setup", "fp8_te", "--setup-steps", "1"])
+    result = json.loads(out.read_text())
+    [setup] = result["setup"]  # lora-sweep's own set-up then training; memory figures need CUDA
+    assert setup["case"] == "fp8_te" and setup["error"] is None and setup["setup_s"] > 0
+    assert setup.get("setup_peak_bytes") is None and setup["kohya_gb"] == 6.0
+    from benchmarks.gpu_markdown import render
+
+    assert "| fp8_te (precision=fp8, network.train_text_encoder=true) |" in render(result)
+    rows = {(r["impl"], r["option"]): r for r in result["rows"]}
     base, fused, bare = rows["lora-sweep", "baseline"], rows["lora-sweep", "fused_adamw"], rows["bare", "baseline"]
     assert base["error"] is None and base["images_per_s"] > 0 and base["losses_finite"]
     assert fused["first_loss_rel_diff"] == 0.0  # the first loss precedes the first update: same LoRA, same seed

@@ -217,9 +217,10 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
     """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts.
 
     dtypes: the torch dtype to read each component in ("unet", "vae", "text_encoder", "text_encoder_2"; missing
-    ones take `dtype`), e.g. training.placement.load_dtypes' plan; dtype: the rest (default fp32). A folder is read
-    component by component straight into its dtype (diffusers casts tensor by tensor), so no wider copy of a
-    component exists; a single file is read in its own dtype and each component then cast in place.
+    ones take `dtype`), e.g. training.placement.load_dtypes' plan; dtype: the rest (default fp32). From a folder,
+    a component already in its dtype on disk is mapped by diffusers without a copy, and a diffusers component in
+    another dtype is read straight into it slice by slice (`weights.load_cast`), so no second full copy of it
+    exists; a single file is read in its own dtype and each component then cast.
     Never touches the network (local_files_only; single files read configs from `single_file_config_dir`).
     A bad path, or files diffusers cannot read, raise UserError naming model.path.
     """
@@ -231,23 +232,44 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
     config_dir = None if model_path.is_dir() else single_file_config_dir(model_path, cache_root)
     try:
         if config_dir is None:
+            variant = _weights_variant(model_path)
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 model_path, dtype={**wanted, "default": dtype or torch.float32}, local_files_only=True,
-                variant=_weights_variant(model_path))
+                variant=variant, **_cast_while_reading(model_path, wanted, variant))
         else:
             on_disk = checkpoint_dtypes(model_path).get("unet") or torch.float32
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(model_path), config=str(config_dir), dtype=on_disk, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"model.path={str(path)!r} could not be loaded as SDXL: {error}") from error
     for name in COMPONENTS:
-        getattr(pipe, name).to(device=device, dtype=wanted[name]).eval()
+        module = getattr(pipe, name)
+        if any(p.dtype != wanted[name] for p in module.parameters() if p.is_floating_point()):
+            module.to(dtype=wanted[name])  # a single file's component (a folder's are read in their dtype)
+        module.to(device).eval()
     return SDXLParts(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, noise_scheduler=kohya_noise_scheduler(),
         scheduler=pipe.scheduler, source=str(model_path), identity=weights_identity(model_path, config_dir),
         resolution=int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
     )
+
+
+def _cast_while_reading(folder: Path, wanted: Mapping[str, Any], variant: str | None) -> dict[str, Any]:
+    """The diffusers components of `folder` whose wanted dtype differs from the one on disk, read straight into it
+    (weights.load_cast); passed to the pipeline's from_pretrained, which then does not load them again."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lora_sweep.model.weights import load_cast
+
+    on_disk = checkpoint_dtypes(folder)
+    loaded = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        if on_disk.get(name) is not None and on_disk[name] != wanted[name]:
+            model = load_cast(cls, folder / name, wanted[name], variant)
+            if model is not None:
+                loaded[name] = model
+    return loaded
 
 
 def single_file_config_dir(checkpoint: Path, cache_root: Path | None = None) -> Path:

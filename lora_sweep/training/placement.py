@@ -8,7 +8,7 @@ placed on the training device. SDXL's released weights are fp16, so reading them
 default) would add memory and no precision.
 
     component                                read as (`load_dtypes`)            stored on the training device
-    U-Net                                    weight_dtype (fp8: checkpoint's)   weight_dtype, LoRA fp32
+    U-Net                                    weight_dtype                       weight_dtype, LoRA fp32
     text encoders the training step runs     weight_dtype (fp8: checkpoint's)   like the U-Net (apply_base_precision)
       (network.train_text_encoder, or data.shuffle_caption: captions encoded at every step)
     text encoders that only fill the cache   the checkpoint's dtype             the same, computing in fp32
@@ -17,7 +17,9 @@ default) would add memory and no precision.
 `precision=fp32` reads everything in fp32. The caches are filled in fp32 whatever the precision (the VAE is fp32;
 `compute_in_fp32` upcasts the text encoders' stored weights module by module), so every precision variant shares
 their entries, and for an fp16 checkpoint the cached values are exactly those of fp32 weights. fp8 storage is cast
-from the checkpoint's dtype (never through a narrower one), so it equals kohya's cast from fp32 bit for bit.
+from the checkpoint's dtype (never through a narrower one), so it equals kohya's cast from fp32 bit for bit. The
+U-Net is read straight into fp8 (SDXL's U-Net has no nn.Embedding, the one layer fp8 storage keeps wider); the text
+encoders' embeddings stay in weight_dtype under fp8, so they are read in the checkpoint's dtype and cast after.
 """
 
 from __future__ import annotations
@@ -41,21 +43,22 @@ def load_dtypes(policy: PrecisionPolicy, checkpoint: Mapping[str, torch.dtype | 
 
     checkpoint: each component's dtype on disk (`lora_sweep.model.loading.checkpoint_dtypes`; None if unknown).
     text_encoders_in_step: the text encoders run in the training step (trained, or encoding captions per step)
-    rather than only filling the text cache. fp8 storage is read in the checkpoint's dtype and cast after the LoRA
-    exists (apply_base_precision), since the cast must start from the checkpoint's values.
+    rather than only filling the text cache. Text encoders stored in fp8 are read in the checkpoint's dtype and cast
+    after their LoRA exists (apply_base_precision keeps their embeddings in weight_dtype, from the checkpoint's
+    values); the U-Net, which has no embedding layer, is read straight into fp8.
     """
     def on_disk(component: str) -> torch.dtype:
         dtype = checkpoint.get(component)
         return dtype if dtype in READABLE else torch.float32
 
-    def as_stored(component: str) -> torch.dtype:
-        return on_disk(component) if policy.fp8_base else policy.weight_dtype
-
     if policy.weight_dtype == torch.float32:
         return dict.fromkeys(COMPONENTS, torch.float32)
-    dtypes = {"unet": as_stored("unet"), "vae": torch.float32}
+    dtypes = {"unet": policy.weight_dtype, "vae": torch.float32}
     for name in TEXT_ENCODERS:
-        dtypes[name] = as_stored(name) if text_encoders_in_step else on_disk(name)
+        if not text_encoders_in_step:
+            dtypes[name] = on_disk(name)
+        else:
+            dtypes[name] = on_disk(name) if policy.fp8_base else policy.weight_dtype
     return dtypes
 
 

@@ -166,7 +166,10 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
             placement.compute_in_fp32(encoder)
             encoder.to(device)
     parts.vae.to(device)
+    started = time.perf_counter()
     prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=not encode_text_online)
+    log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
+             ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
     parts.vae.to("cpu")  # latents are cached: the VAE is not needed on the training device
     if not encode_text_online:
         for encoder in encoders:

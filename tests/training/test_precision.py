@@ -200,3 +200,30 @@ def test_invalid_precisions_fail_clearly() -> None:
     fp32_autocast = dataclasses.replace(precision.PRECISIONS["fp16"], name="x", compute_dtype=torch.float32)
     with pytest.raises(ConfigError, match="autocast does not support"):
         precision.check_policy_supported(fp32_autocast, "cpu")
+
+
+def test_fp8_backward_keeps_stored_weights_instead_of_upcast_copies(tiny_lora_unet, monkeypatch) -> None:
+    """precision.autocast makes autograd keep the fp8 weight (and cast it again in backward) where an op saves its
+    upcast copy or a view of it (a Linear's `weight.t()`): the same gradients, without the U-Net's upcast weights
+    alive between forward and backward."""
+    unet, policy = _prepared(tiny_lora_unet, "fp8")
+    unpacked: list[bool] = []
+    recast = precision._recast_saved
+    monkeypatch.setattr(precision, "_recast_saved", lambda saved: (
+        unpacked.append(isinstance(saved, precision._Recast)), recast(saved))[1])
+
+    def grads(context) -> dict[str, torch.Tensor]:
+        unet.zero_grad(set_to_none=True)
+        batch = _batch(policy.latent_dtype)
+        with context:
+            prediction = unet(**batch).sample
+        prediction.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in _lora_params(unet).items()}
+
+    ours = grads(precision.autocast(policy, "cpu"))
+    plain = grads(torch.autocast("cpu", dtype=policy.compute_dtype))  # the upcast copies themselves saved
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[n], plain[n]) for n in ours)
+    fp8_linears = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Linear)
+                      and m.weight.dtype == torch.float8_e4m3fn)
+    assert sum(unpacked) >= fp8_linears  # every fp8 Linear's weight came back by a recast, not a kept copy
+    assert not precision._UPCAST_COPIES  # nothing left registered after the forward
