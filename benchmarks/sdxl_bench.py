@@ -10,6 +10,7 @@
    `bf16` (precision=bf16, UNet LoRA) and `fp8_te` (precision=fp8 with text-encoder LoRA). Per job: model load
    seconds, set-up seconds, peak RSS (VmHWM), seconds of each of the two steps; the job's kohya file: LoRA module
    counts (kohya: 722 UNet, 264 text encoders) and SGM names. The first job fills an empty latent/text cache.
+   Before them, the bf16 job's model load alone in three fresh processes (`--load-reps`), for a steadier figure.
 3. Loads the fp8_te job's kohya file into the real pipeline with diffusers' `load_lora_weights` and counts the
    modules that got a LoRA (benchmarks/sdxl_checks.py).
 4. Times lora-sweep's step against the bare diffusers + peft loop on the same real UNet (fp32, 128 px, batch 1,
@@ -102,6 +103,26 @@ def job_case(case: str, args, model: Path, work: Path, env: dict) -> dict:
     return record
 
 
+def load_probes(args, model: Path, work: Path, env: dict) -> dict:
+    """The bf16 job's model load alone, in `args.load_reps` fresh processes (page cache warm): a steadier load
+    figure than one job's, on a machine whose other work comes and goes."""
+    times = []
+    for rep in range(args.load_reps):
+        record = work / f"load-{rep}.json"
+        if not reusable(record, args.resume):
+            wait_for_memory(args.min_free_gib, args.wait_s)
+            warm_page_cache(model)
+            overrides = [*JOB, f"model.path={model}", *CASES["bf16"], f"hydra.run.dir={work / f'load-{rep}'}"]
+            run_logged([sys.executable, str(ROOT / "benchmarks" / "sdxl_job.py"), "--record", str(record),
+                        "--root", str(args.root), "--stop-after-load", "--", *overrides], env, work / f"load-{rep}.log")
+        loads = json.loads(record.read_text()).get("load_s") if record.exists() else None
+        if loads:
+            times.append(loads[0])
+    from benchmarks.common import median
+
+    return {"load_s": times, "median_s": median(times)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache root for the model (default: lora-sweep's)")
@@ -118,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="RAM to wait for before each job (19 for the code before the fix)")
     parser.add_argument("--wait-s", type=float, default=3600.0)
     parser.add_argument("--step-reps", type=int, default=5, help="repetitions of the step figure")
+    parser.add_argument("--load-reps", type=int, default=3, help="load-only probes (0: none)")
     args = parser.parse_args(argv)
     args.root = args.root.resolve()
     skip = {s for s in args.skip.split(",") if s}
@@ -144,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "LORA_SWEEP_CACHE_DIR": str(job_cache), "HF_HUB_OFFLINE": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(args.root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.load_reps:
+        print(f"model load, {args.load_reps} fresh processes (the bf16 job's load, then exit) ...", flush=True)
+        results["load"] = load_probes(args, model, work, env)
     for case in [c for c in args.cases.split(",") if c]:
         print(f"job {case} ...", flush=True)
         results["cases"][case] = job_case(case, args, model, work, env)

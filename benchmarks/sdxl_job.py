@@ -5,7 +5,8 @@
 Runs REPO's sweep.py (default: this repository) in this process, exactly as a user's command would, with three
 timers wrapped around lora-sweep's own functions, looked up by name so the same probe also measures an older
 checkout (`--root`, for before/after figures):
-- `lora_sweep.model.loading.load_sdxl`: model load seconds and the memory high-water mark after it;
+- `lora_sweep.model.loading.load_sdxl`: model load seconds and the memory high-water mark after it (with
+  `--stop-after-load` the job ends there: a load-time probe);
 - `lora_sweep.training.train.build_session`: set-up seconds (load, data and cache, LoRA, casts) and the mark after;
 - the training sink's `progress` callback: the time of every optimizer step.
 Memory is the process's peak resident set size (VmHWM; the kernel's own high-water mark, so no sampling misses a
@@ -42,9 +43,10 @@ def memory_status() -> dict[str, float]:
 class Probe:
     """Timers and memory marks, filled while the job runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_after_load: bool = False) -> None:
         self.record: dict = {"load_s": [], "setup_s": None, "step_times": [], "marks": {}, "output_dir": None}
         self.started = time.perf_counter()
+        self.stop_after_load = stop_after_load
 
     def mark(self, name: str) -> None:
         self.record["marks"][name] = {"t": time.perf_counter() - self.started, **memory_status()}
@@ -60,6 +62,8 @@ class Probe:
             parts = load_sdxl(*args, **kwargs)
             self.record["load_s"].append(time.perf_counter() - t)
             self.mark("after_load")
+            if self.stop_after_load:  # a load-time probe: end the job here (SystemExit passes lora-sweep's handlers)
+                raise SystemExit(0)
             return parts
 
         def timed_setup(*args, **kwargs):
@@ -111,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, required=True, help="where to write the JSON record")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the repository whose sweep.py and lora_sweep to run")
+    parser.add_argument("--stop-after-load", action="store_true", help="only time the model load, then exit")
     parser.add_argument("overrides", nargs="*", help="sweep.py's arguments (after --)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     sys.path.insert(0, str(root))
     os.chdir(root)
-    probe = Probe()
+    probe = Probe(args.stop_after_load)
     probe.install()
     sys.argv = [str(root / "sweep.py"), *args.overrides]
     code = 0

@@ -22,6 +22,14 @@ def _case(r: dict | None, case: str) -> dict:
 
 
 def _load(r: dict | None, case: str = "bf16") -> float | None:
+    """The load-only probes' median when there are some, else the job's own load."""
+    if case == "bf16" and ((r or {}).get("load") or {}).get("median_s"):
+        return r["load"]["median_s"]
+    loads = _case(r, case).get("load_s")
+    return loads[0] if loads else None
+
+
+def _job_load(r: dict | None, case: str) -> float | None:
     loads = _case(r, case).get("load_s")
     return loads[0] if loads else None
 
@@ -42,7 +50,8 @@ def summary_rows(r: dict, before: dict | None) -> list[list[str]]:
                      _gib(after), f"<= {TARGETS[key]} GiB", _verdict(None if after is None else after <= TARGETS[key])])
     load_after, load_before = _load(r), _load(before)
     share = load_after / load_before if load_after and load_before else None
-    rows.append(["model load (diffusers folder, fp16 on disk; bf16 job)", f"~{TODAY['load_s']:.0f} s",
+    rows.append(["model load (diffusers folder, fp16 on disk; bf16 job's load, median of fresh processes)",
+                 f"~{TODAY['load_s']:.0f} s",
                  fmt(load_before, ".1f", " s"), fmt(load_after, ".1f", " s") + (f" ({share:.0%} of before)"
                                                                                   if share else ""),
                  "<= 60 % of before", _verdict(None if share is None else share <= TARGETS["load_share"])])
@@ -96,7 +105,7 @@ def _phase_lines(r: dict, title: str) -> list[str]:
         if not marks:
             continue
         after_load, after_setup = marks.get("after_load", {}), marks.get("after_setup", {})
-        lines.append(f"- {title}, {LABELS[case]}: load {fmt(_load(r, case), '.1f')} s, set-up (load, cache, LoRA, "
+        lines.append(f"- {title}, {LABELS[case]}: load {fmt(_job_load(r, case), '.1f')} s, set-up (load, cache, LoRA, "
                      f"casts) {fmt(c.get('setup_s'), '.1f')} s, job {fmt(c.get('wall_s'), '.0f')} s; peak RSS after "
                      f"load {_gib(after_load.get('VmHWM'))} (resident then {_gib(after_load.get('VmRSS'))}), after "
                      f"set-up {_gib(after_setup.get('VmHWM'))} (resident {_gib(after_setup.get('VmRSS'))}), at the "
@@ -116,6 +125,11 @@ def render(r: dict, before: dict | None = None) -> str:
               "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(r, before)]
     lines += ["", *(_phase_lines(before, "before") if before else []), *_phase_lines(r, "after")]
+    for label, run in (("before", before), ("after", r)):
+        probes = (run or {}).get("load") or {}
+        if probes.get("load_s"):
+            lines.append(f"- {label}: model load alone (bf16 job, fresh processes, page cache warm): "
+                         + ", ".join(f"{t:.1f}" for t in probes["load_s"]) + " s.")
     step = r.get("step") or {}
     if step.get("loop"):
         lines.append(f"- Step figure: {step['reps']} repetitions x {step['steps']} steps after {step['warmup']} "

@@ -71,8 +71,13 @@ def build_recorded(fp16_model: Path, tmp_path: Path, monkeypatch, *overrides: st
 
 
 class _Sink:
+    def __init__(self) -> None:
+        self.logged: dict = {}
+
     def params(self, values) -> None: ...
-    def metrics(self, values, step) -> None: ...
+    def metrics(self, values, step) -> None:
+        self.logged.update({f"{key}@{step}": value for key, value in values.items()})
+
     def artifact(self, path, artifact_path=None) -> None: ...
     def image(self, image, key, step) -> None: ...
     def progress(self, step, max_steps, loss, speed) -> None: ...
@@ -115,30 +120,34 @@ def test_no_parameter_reaches_the_device_wider_than_it_is_stored(fp16_model, tmp
         if train_te and name != "fp32":  # kohya: te_weight_dtype, embeddings in weight_dtype under fp8
             assert stored["Linear"] == {policy.weight_dtype} and stored["Embedding"] == {policy.latent_dtype}
             assert {p.dtype for n, p in encoder.named_parameters() if "lora_" in n} == {torch.float32}
-        else:  # only fills the text cache: the checkpoint's dtype, computing in fp32
-            assert {d for dtypes in stored.values() for d in dtypes} == {te_read}
+        else:  # only fills the text cache: the checkpoint's dtype (embedding tables fp32), computing in fp32
+            assert {d for kind, dtypes in stored.items() if kind != "Embedding" for d in dtypes} == {te_read}
+            assert stored["Embedding"] == {torch.float32} and encoder.dtype == torch.float32
 
 
 def _train(cfg_overrides, tmp_path: Path, fp16_model: Path):
     from lora_sweep.training.train import train
 
     cfg = compose_config(f"model.path={fp16_model}", "train.max_steps=2", "train.batch_size=2", *cfg_overrides)
-    result = train(cfg, output_dir=tmp_path, sink=_Sink())
+    sink = _Sink()
+    result = train(cfg, output_dir=tmp_path, sink=sink)
     from safetensors.torch import load_file
 
-    return result.final_loss, load_file(str(result.files["kohya"]))
+    samples = {k: v for k, v in sink.logged.items() if k.startswith("img/")}
+    return result.final_loss, load_file(str(result.files["kohya"])), samples
 
 
 @pytest.mark.parametrize("name", ["fp8", "fp16"])
 def test_fp8_and_fp16_results_are_those_of_reading_everything_in_fp32(fp16_model, tmp_path, monkeypatch, name):
     """The old path read every component in fp32 and cast afterwards; fp8/fp16 storage of fp16 weights is exact, so
     reading in the storage dtype must give the very same losses and LoRA, bit for bit."""
-    overrides = (f"precision={name}", "data.flip_aug=false")
-    loss, lora = _train(overrides, tmp_path / "new", fp16_model)
+    overrides = (f"precision={name}", "data.flip_aug=false", "sampling.prompts=[a photo]", "sampling.steps=2")
+    loss, lora, samples = _train(overrides, tmp_path / "new", fp16_model)
     monkeypatch.setattr(placement, "load_dtypes",
                         lambda *args, **kwargs: dict.fromkeys(COMPONENTS, torch.float32))
-    old_loss, old_lora = _train(overrides, tmp_path / "old", fp16_model)
+    old_loss, old_lora, old_samples = _train(overrides, tmp_path / "old", fp16_model)
     assert loss == old_loss
+    assert samples == old_samples and len(samples) > 0  # the sample images' statistics too (step 0 and the end)
     assert lora.keys() == old_lora.keys() and len(lora) > 0
     for key, value in lora.items():
         assert torch.equal(value, old_lora[key]), key
@@ -176,7 +185,9 @@ def test_text_encoders_filling_the_cache_compute_exactly_in_fp32():
     assert ours.text_embeds.dtype == torch.float32
     assert torch.equal(ours.text_embeds, theirs.text_embeds)
     assert torch.equal(ours.hidden_states[-2], theirs.hidden_states[-2])
-    assert {p.dtype for p in encoder.parameters()} == {torch.float16}  # storage unchanged outside the forward
+    stored = {n: p.dtype for n, p in encoder.named_parameters()}  # unchanged outside the forward, but embeddings
+    assert {d for n, d in stored.items() if "embedding" not in n} == {torch.float16}
+    assert {d for n, d in stored.items() if "embedding" in n} == {torch.float32} == {encoder.dtype}
 
 
 def test_load_dtypes_table():
