@@ -249,3 +249,16 @@ def test_sdxl_markdown_reports_before_after_and_verdicts():
     assert verdicts == ["met", "**missed**", "met", "-", "-", "met", "met", "met"]
     text = render(after, before)
     assert "15.50 GiB" in text and "50% of before" in text and "| 722 / 264 |" in text
+
+
+def test_sdxl_checks_count_kohya_modules_and_sgm_names(pair, tmp_path):
+    from benchmarks.sdxl_checks import kohya_modules
+    from lora_sweep.model.network import save_kohya
+
+    s, _ = pair
+    path = save_kohya(tmp_path / "lora.safetensors", s.kohya_lora(), {})
+    counts = kohya_modules(path)
+    wrapped = sum(1 for _, m in s.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
+    assert counts["unet"] == wrapped > 0 and counts["te"] == 0  # UNet-only LoRA
+    assert counts["not_sgm"] == [] and counts["up_and_alpha_for_each"]
+    assert counts["keys"] == 3 * wrapped  # lora_down, lora_up, alpha per module

@@ -1,7 +1,9 @@
 """Everything one training holds: model parts with LoRA, examples, optimizer, precision policy; built in one place.
 
 `build_session` does the set-up in kohya's order (load model -> prepare data with the frozen encoders -> add LoRA ->
-store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop.
+store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop. Each
+component is read in the dtype it is stored in (or its checkpoint's), and LoRA and casts happen on the CPU before the
+U-Net (and the text encoders the step runs) go to the training device (placement.py has the table).
 """
 
 from __future__ import annotations
