@@ -258,19 +258,21 @@ def apply_base_precision(module: torch.nn.Module, policy: PrecisionPolicy) -> No
 
 @contextlib.contextmanager
 def autocast(policy: PrecisionPolicy, device_type: str) -> Iterator[None]:
-    """torch.autocast in the policy's compute dtype (a no-op for fp32), and autograd keeping stored weights.
+    """torch.autocast in the policy's compute dtype (a no-op for fp32); under fp8, autograd keeping stored weights.
 
-    Inside it, an upcast copy that an op saves for its backward (an fp8 Linear's fp16 weight, a norm's fp32 weight)
-    is kept as the stored tensor and cast again when backward needs it (saved_tensors_hooks). Without that, the
-    whole U-Net's upcast weights stay alive from the forward to the backward (4.8 GiB of fp16 for SDXL under
-    `precision=fp8`, twice the fp8 weights themselves). The gradients are bit-identical; the cost is a second cast
-    per op in backward. Gradient checkpointing's own hooks take over inside checkpointed blocks.
+    With fp8 base weights, an upcast copy that an op saves for its backward (an fp8 Linear's fp16 weight, or the
+    `weight.t()` view its matmul saves) is kept as the stored fp8 tensor and cast again when backward needs it
+    (saved_tensors_hooks). Without that, the whole U-Net's upcast weights stay alive from the forward to the
+    backward (4.8 GiB of fp16 for SDXL, twice the fp8 weights themselves). The gradients are bit-identical; the cost
+    is a second cast per op in backward. Gradient checkpointing's own hooks take over inside checkpointed blocks.
+    fp16/bf16 weights are used as stored (only norms get small fp32 copies), so they need no hooks.
     """
     if policy.compute_dtype is None:
         yield
         return
-    with torch.autocast(_device_kind(device_type), dtype=policy.compute_dtype), \
-            torch.autograd.graph.saved_tensors_hooks(_save_stored, _recast_saved):
+    with torch.autocast(_device_kind(device_type), dtype=policy.compute_dtype), (
+            torch.autograd.graph.saved_tensors_hooks(_save_stored, _recast_saved) if policy.fp8_base
+            else contextlib.nullcontext()):
         yield
 
 
