@@ -36,7 +36,8 @@ from benchmarks.common import ROOT  # noqa: E402
 from benchmarks.report import load_average, machine_info, update_markdown, write_json  # noqa: E402
 
 CASES = {"bf16": ["precision=bf16"], "fp8_te": ["precision=fp8", "network.train_text_encoder=true"]}
-JOB = ["model=sdxl", "data.resolution=128", "train.max_steps=2", "train.batch_size=1"]
+JOB = ["model=sdxl", "data.resolution=128", "train.max_steps=2", "train.batch_size=1",
+       "sweep.skip_finished=false", "train.resume=never"]  # every job runs from scratch, even on --resume
 GIB = 2**30
 
 
@@ -148,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     from lora_sweep.paths import default_cache_dir
 
     cache = Path(args.cache_dir or default_cache_dir()).resolve()
-    results: dict = {"machine": machine_info(), "root": str(args.root), "cases": {}, "seconds": {}}
+    commit = subprocess.run(["git", "-C", str(args.root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    results: dict = {"machine": machine_info(), "root": str(args.root), "root_commit": commit, "cases": {},
+                     "seconds": {}}
     started = time.perf_counter()
     print(f"SDXL-base architecture benchmark of {args.root} (load average {load_average()})", flush=True)
     t = time.perf_counter()

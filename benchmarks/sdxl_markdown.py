@@ -119,7 +119,7 @@ def render(r: dict, before: dict | None = None) -> str:
              f"(`{r['model']}`); jobs: `sweep.py model=sdxl data.resolution=128 train.max_steps=2 "
              "train.batch_size=1` on the bundled photos, one at a time, the first on an empty latent/text cache."]
     if before:
-        lines.append(f"- Before: the same script on `{before['root']}` ({before['machine']['git_commit']}), "
+        lines.append(f"- Before: the same script on `{before['root']}` (commit {before.get('root_commit', '?')}), "
                      f"{before['machine']['date_utc']}.")
     lines += ["", "| measured (one job, CPU) | today (issue 16) | before (this machine) | after | target | status |",
               "|---|---|---|---|---|---|"]
