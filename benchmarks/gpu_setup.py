@@ -111,7 +111,8 @@ def markdown(rows: list[dict]) -> list[str]:
     for r in rows:
         setup, train = r.get("setup_peak_bytes"), r.get("train_peak_bytes")
         ok = "-" if setup is None or train is None else ("yes" if setup <= train else "**no**")
-        lines.append(f"| {r['case']} ({', '.join(r['overrides'])}) | {gib(setup)} ({gib(r.get('setup_reserved_bytes'))}) | "
-                     f"{gib(r.get('after_setup_bytes'))} | {gib(train)} ({gib(r.get('train_reserved_bytes'))}) | {ok} | "
+        reserved_setup, reserved_train = gib(r.get("setup_reserved_bytes")), gib(r.get("train_reserved_bytes"))
+        lines.append(f"| {r['case']} ({', '.join(r['overrides'])}) | {gib(setup)} ({reserved_setup}) | "
+                     f"{gib(r.get('after_setup_bytes'))} | {gib(train)} ({reserved_train}) | {ok} | "
                      f"{r['kohya_gb'] or '-'} | {r.get('error') or ''} |")
     return lines

@@ -240,7 +240,8 @@ def test_sdxl_markdown_reports_before_after_and_verdicts():
     def run(rss_bf16, rss_te, load, ratio, unet=722, te=264):
         case = lambda rss: {"peak_rss_gib": rss, "load_s": [load], "step_s": [3.0, 2.0], "marks": {},  # noqa: E731
                             "modules": {"unet": unet, "te": te, "not_sgm": []}}
-        return {"machine": machine, "root": "/r", "model": "/m", "cases": {"bf16": case(rss_bf16), "fp8_te": case(rss_te)},
+        return {"machine": machine, "root": "/r", "model": "/m",
+                "cases": {"bf16": case(rss_bf16), "fp8_te": case(rss_te)},
                 "step": {"loop": {"ratio": ratio, "ratio_min": ratio, "ratio_max": ratio, "lora_sweep_step_s": 1.0,
                                   "bare_step_s": 1.0, "ratio_of_fastest": ratio}, "reps": 3, "steps": 3, "warmup": 2},
                 "diffusers": {"diffusers": {"unet": unet, "te1": 72, "te2": 192, "warnings": []}}}
