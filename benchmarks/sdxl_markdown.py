@@ -69,14 +69,19 @@ def summary_rows(r: dict, before: dict | None) -> list[list[str]]:
                  " ; ".join(_modules(_case(before, c).get("modules")) for c in ("bf16", "fp8_te")),
                  " ; ".join(counts), "722 / 264",
                  _verdict(None if not ok else ok.get("unet") == 722 and ok.get("te") == 264 and not ok.get("not_sgm"))])
-    d = r.get("diffusers") or {}
-    if d.get("diffusers"):
-        dd = d["diffusers"]
-        seen = f"{dd['unet']} / {dd['te1'] + dd['te2']} modules, {len(dd['warnings'])} key warnings"
-        rows.append(["diffusers `load_lora_weights` of the fp8_te kohya file", "every key mapped", "-", seen,
+    dd = ((r.get("diffusers") or {}).get("diffusers")) or {}
+    if dd:
+        rows.append(["diffusers `load_lora_weights` of the fp8_te kohya file", "every key mapped",
+                     _diffusers(((before or {}).get("diffusers") or {}).get("diffusers")), _diffusers(dd),
                      "722 / 264, no key warning",
                      _verdict(dd["unet"] == 722 and dd["te1"] + dd["te2"] == 264 and not dd["warnings"])])
     return rows
+
+
+def _diffusers(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['unet']} / {d['te1'] + d['te2']} modules, {len(d['warnings'])} key warnings"
 
 
 def _steps(case: dict) -> str:
