@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast table article compare ui bench bench-gpu cache-clean clean
+.PHONY: install demo test test-fast table article compare ui bench bench-gpu bench-sdxl cache-clean clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu_bench.py
+
+# SDXL base's real architecture with random weights (built once into the cache, ~6.9 GB): memory, load, steps, files.
+bench-sdxl: $(STAMP)
+	$(BIN)/python benchmarks/sdxl_bench.py $(ARGS)
 
 cache-clean: $(STAMP)
 	$(BIN)/python -m lora_sweep cache clean

@@ -9,7 +9,8 @@ Matrix: precision (bf16, fp16, fp8 base with bf16 compute) x batch (1, 4) x grad
 lora-sweep's step; the bare diffusers + peft loop for bf16 and fp16 (diffusers has no fp8-base training); then,
 on lora-sweep bf16 without checkpointing, the cost of train()'s per-step NaN checks and the speed options, each
 alone on top of the baseline: TF32, fused AdamW, channels-last, CUDA graphs, torch.compile of the repeated
-transformer blocks (gpu_options.py). Each configuration starts from the
+transformer blocks (gpu_options.py); then lora-sweep's real set-up per precision (load, caching, casts: its GPU peak
+next to the training peak, and kohya's published fp8 figures; gpu_setup.py). Each configuration starts from the
 same LoRA values and seed, so its first loss is comparable with its baseline's ("same result" check).
 MFU = images/s x model FLOPs per image (counted with torch.utils.flop_counter, recomputation not counted) / peak;
 HFU counts the recomputed forward of gradient checkpointing too.
@@ -151,6 +152,18 @@ def compare_to_baseline(rows: list[dict]) -> None:
             r["first_loss_rel_diff"], r["loss_rel_diff_max"] = diffs[0], max(diffs)
 
 
+def _setup_model(toy: bool) -> Path:
+    """The model the set-up cases load: the tiny SDXL (--toy), else SDXL base with random fp16 weights (~6.9 GB of
+    disk, built once into lora-sweep's cache by benchmarks/sdxl_model.py)."""
+    if toy:
+        from lora_sweep.model.loading import tiny_model_dir
+
+        return tiny_model_dir()
+    from benchmarks.sdxl_model import random_sdxl_dir
+
+    return random_sdxl_dir()
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
@@ -169,9 +182,15 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=480.0, help="configurations after this are skipped")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--setup", default="bf16,fp16,fp8,fp8_te", help="set-up vs training memory cases "
+                   "(gpu_setup.CASES), or ''")
+    p.add_argument("--setup-model", type=Path, default=None, help="SDXL folder for them (default: the random fp16 "
+                   "SDXL base built once into the cache; the tiny model with --toy)")
+    p.add_argument("--setup-steps", type=int, default=3)
     args = p.parse_args(argv)
     split = lambda text: [x for x in text.split(",") if x.strip()]  # noqa: E731
     args.precisions, args.bare, args.options = split(args.precisions), split(args.bare), split(args.options)
+    args.setup = split(args.setup)
     args.batches = [int(b) for b in split(args.batches)]
     args.checkpointing = [c == "on" for c in split(args.checkpointing)]
     return args
@@ -200,6 +219,18 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     for precision in args.precisions:  # baselines first, so a slow option cannot crowd them out of the budget
         bench.lora_sweep_matrix(precision)
+    setup = []
+    if args.setup:  # lora-sweep's real set-up: set-up peak vs training peak per precision
+        import tempfile
+
+        from benchmarks.gpu_setup import setup_rows
+
+        bench.free()
+        model = args.setup_model or _setup_model(args.toy)
+        with tempfile.TemporaryDirectory(prefix="gpu-setup-") as work:
+            setup = setup_rows(model, args.device, cases=args.setup, resolution=64 if args.toy else 1024,
+                               steps=args.setup_steps, workdir=Path(work))
+        bench.free()
     for precision in args.bare:
         if precision in BARE_PRECISIONS:
             bench.bare_matrix(precision)
@@ -208,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     compare_to_baseline(bench.rows)
     results = {"machine": info, "toy": args.toy, "device": args.device, "peak_tflops": peak, "flops_per_image": flops,
                "params": {k: v for k, v in vars(args).items() if k not in ("out", "markdown")},
-               "seconds": time.perf_counter() - bench.started, "rows": bench.rows}
+               "seconds": time.perf_counter() - bench.started, "rows": bench.rows, "setup": setup}
     write_json(args.out, results)
     body = render(results)
     print(body)

@@ -52,6 +52,10 @@ def render(r: dict) -> str:
             f"{fmt(mem / 2**30 if mem else None, '.1f')} | {_pct(row.get('mfu'))} | "
             f"{_pct(row.get('hfu')) if row['gradient_checkpointing'] else ''} | "
             f"{fmt(row.get('first_loss_rel_diff'), '.0e')} / {fmt(row.get('loss_rel_diff_max'), '.0e')} | {note} |")
+    if r.get("setup"):
+        from benchmarks.gpu_setup import markdown as setup_markdown
+
+        lines += setup_markdown(r["setup"])
     lines += ["", f"Total {r['seconds']:.0f} s. MFU counts model FLOPs only; HFU adds the forward that gradient "
               "checkpointing recomputes. 'loss diff': every configuration starts from the same LoRA values and seed; "
               "the relative difference of its first loss (the forward) and the largest over all its steps (the "

@@ -2,8 +2,8 @@
 
 Each must leave the result unchanged (the benchmark compares the seeded loss sequence with the baseline's) and is
 kept as a lora-sweep option only if it wins. One row is not an option but a cost: loop_checks adds what
-`lora_sweep.training.train.train` does per step beyond the core step (the loss and every LoRA gradient checked for NaN/Inf,
-each check a host sync), to show what that costs on a fast GPU. How each option maps onto lora-sweep today:
+`lora_sweep.training.train.train` does per step beyond the core step (the loss checked for NaN/Inf, and the gradients
+through the total norm that clipping uses too: two host syncs), to show what that costs on a fast GPU. How each option maps onto lora-sweep today:
 - fused_adamw: `optimizer.args.fused=true` already passes through to torch.optim.AdamW;
 - tf32: a global torch setting (what stays fp32 under autocast is elementwise, so little is expected);
 - channels_last: the UNet's 4-D weights in NHWC for cuDNN's convolutions;
@@ -104,8 +104,9 @@ def checked_step(s) -> Callable[[], float]:
         if not torch.isfinite(terms.loss):
             raise FloatingPointError(f"loss {float(terms.loss)}")
         s.scaler.scale(terms.loss / s.cfg.train.grad_accum).backward()
-        if grads_finite(s, 1, 0, None) and precision.scaled_step(s.scaler, s.optimizer, s.params,
-                                                                 s.cfg.train.max_grad_norm):
+        norm = None if s.scaler.is_enabled() else precision.grad_total_norm(s.params)  # as train() does
+        if grads_finite(s, 1, 0, None, norm) and precision.scaled_step(s.scaler, s.optimizer, s.params,
+                                                                       s.cfg.train.max_grad_norm, norm):
             s.lr_scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         return float(terms.loss.detach())

@@ -136,8 +136,16 @@ def test_gpu_bench_toy_matches_bare_loop_and_options_keep_the_result(tmp_path):
     out = tmp_path / "gpu.json"
     gpu_bench.main(["--toy", "--device", "cpu", "--precisions", "fp32", "--batches", "2", "--checkpointing", "off",
                     "--options", "loop_checks,fused_adamw,cuda_graphs", "--options-precision", "fp32", "--bare", "fp32",
-                    "--steps", "1", "--warmup", "1", "--rank", "4", "--out", str(out), "--markdown", ""])
-    rows = {(r["impl"], r["option"]): r for r in json.loads(out.read_text())["rows"]}
+                    "--steps", "1", "--warmup", "1", "--rank", "4", "--out", str(out), "--markdown", "",
+                    "--setup", "fp8_te", "--setup-steps", "1"])
+    result = json.loads(out.read_text())
+    [setup] = result["setup"]  # lora-sweep's own set-up then training; memory figures need CUDA
+    assert setup["case"] == "fp8_te" and setup["error"] is None and setup["setup_s"] > 0
+    assert setup.get("setup_peak_bytes") is None and setup["kohya_gb"] == 6.0
+    from benchmarks.gpu_markdown import render
+
+    assert "| fp8_te (precision=fp8, network.train_text_encoder=true) |" in render(result)
+    rows = {(r["impl"], r["option"]): r for r in result["rows"]}
     base, fused, bare = rows["lora-sweep", "baseline"], rows["lora-sweep", "fused_adamw"], rows["bare", "baseline"]
     assert base["error"] is None and base["images_per_s"] > 0 and base["losses_finite"]
     assert fused["first_loss_rel_diff"] == 0.0  # the first loss precedes the first update: same LoRA, same seed
@@ -189,3 +197,69 @@ def test_a_real_two_slot_sweep_gives_consistent_records(tmp_path):
         assert job["slot_free_at"] <= job["started_at"] <= job["run_start"] <= job["first_step"] <= job["ended_at"]
     [row] = sweep_figures.makespan_figure([sweep], job_s=1.0)
     assert row["makespan_s"] > 0 and row["failed"] == 0
+
+
+def test_sdxl_step_bare_loop_shares_lora_sweeps_weights_and_computes_the_same_step(pair):
+    from benchmarks.sdxl_step import shared_bare_loop
+
+    s, _ = pair
+    bare = shared_bare_loop(s, rank=s.cfg.network.rank, alpha=s.cfg.network.alpha, lr=float(s.cfg.train.lr),
+                            max_grad_norm=s.cfg.train.max_grad_norm)
+    ours = {n.replace(".base_layer.", "."): p for n, p in s.unet.named_parameters() if "lora_" not in n}
+    theirs = {n.replace(".base_layer.", "."): p for n, p in bare.unet.named_parameters() if "lora_" not in n}
+    assert ours.keys() == theirs.keys()
+    assert all(ours[n].data_ptr() == theirs[n].data_ptr() for n in ours)  # one copy of the frozen weights
+    indices = cpu_figures.index_batches(s, 2)[0]
+    batch = cpu_figures.session_batch(s, indices)
+    torch.manual_seed(7)
+    theirs_loss = float(bare.step(batch))
+    torch.manual_seed(7)
+    ours_loss = cpu_figures.core_step(s, indices, random.Random(0))
+    assert ours_loss == pytest.approx(theirs_loss, rel=1e-5)
+
+
+def test_sdxl_step_times_both_loops_on_the_given_model(tmp_path):
+    import json
+
+    from benchmarks import sdxl_step
+    from lora_sweep.model.loading import tiny_model_dir
+
+    record = tmp_path / "step.json"
+    assert sdxl_step.main(["--model", str(tiny_model_dir()), "--record", str(record), "--workdir", str(tmp_path),
+                           "--resolution", "64", "--warmup", "1", "--steps", "1", "--reps", "2"]) == 0
+    result = json.loads(record.read_text())
+    assert result["loop"]["reps"] == 2 and result["lora_tensors"] > 0
+    assert len(result["ours_s"]) == len(result["bare_s"]) == 2
+
+
+def test_sdxl_markdown_reports_before_after_and_verdicts():
+    from benchmarks.sdxl_markdown import render, summary_rows
+
+    machine = {"date_utc": "d", "host": "h", "cpu": "c", "cores": 2, "memory_gib": 24, "python": "3", "versions": {},
+               "git_commit": "abc", "command": "x"}
+    def run(rss_bf16, rss_te, load, ratio, unet=722, te=264):
+        case = lambda rss: {"peak_rss_gib": rss, "load_s": [load], "step_s": [3.0, 2.0], "marks": {},  # noqa: E731
+                            "modules": {"unet": unet, "te": te, "not_sgm": []}}
+        return {"machine": machine, "root": "/r", "model": "/m",
+                "cases": {"bf16": case(rss_bf16), "fp8_te": case(rss_te)},
+                "step": {"loop": {"ratio": ratio, "ratio_min": ratio, "ratio_max": ratio, "lora_sweep_step_s": 1.0,
+                                  "bare_step_s": 1.0, "ratio_of_fastest": ratio}, "reps": 3, "steps": 3, "warmup": 2},
+                "diffusers": {"diffusers": {"unet": unet, "te1": 72, "te2": 192, "warnings": []}}}
+    before, after = run(15.5, 18.0, 20.0, 1.2), run(8.0, 12.0, 10.0, 1.05)
+    verdicts = [row[-1] for row in summary_rows(after, before)]
+    assert verdicts == ["met", "**missed**", "met", "-", "-", "met", "met", "met"]
+    text = render(after, before)
+    assert "15.50 GiB" in text and "50% of before" in text and "| 722 / 264 |" in text
+
+
+def test_sdxl_checks_count_kohya_modules_and_sgm_names(pair, tmp_path):
+    from benchmarks.sdxl_checks import kohya_modules
+    from lora_sweep.model.network import save_kohya
+
+    s, _ = pair
+    path = save_kohya(tmp_path / "lora.safetensors", s.kohya_lora(), {})
+    counts = kohya_modules(path)
+    wrapped = sum(1 for _, m in s.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
+    assert counts["unet"] == wrapped > 0 and counts["te"] == 0  # UNet-only LoRA
+    assert counts["not_sgm"] == [] and counts["up_and_alpha_for_each"]
+    assert counts["keys"] == 3 * wrapped  # lora_down, lora_up, alpha per module

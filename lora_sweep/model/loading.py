@@ -19,13 +19,20 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, Mapping
 
 from lora_sweep.errors import UserError
 from lora_sweep.model.tiny_sdxl import CLIP_BPE_GZ, SDXL_BASE_ASSETS, TINY_RECIPE_VERSION, read_clip_merges, \
     sdxl_asset_config, write_clip_tokenizer
 
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights
+# Each component's keys in a single-file (SGM layout) checkpoint start with these.
+SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                        "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 # Keys every SDXL-base single-file checkpoint has (SGM layout): UNet, VAE, CLIP-L and OpenCLIP-bigG towers.
 SINGLE_FILE_KEYS = {
     "UNet": "model.diffusion_model.input_blocks.0.0.weight",
@@ -121,6 +128,33 @@ def read_safetensors_header(path: Path) -> dict:
         raise UserError(f"model.path={str(path)!r} is not a readable .safetensors file ({error}); {ACCEPTS}.") from None
 
 
+def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, Any]:
+    """Each component's dtype on disk ({"unet": torch.float16, ...}), from safetensors headers only (no weights
+    read): the dtype most of its floating tensors have. None for a component without a .safetensors file to read
+    (e.g. pickled .bin weights): the loader then reads it in fp32, as before."""
+    import torch
+
+    model_path = Path(path)
+    found: dict[str, Any] = dict.fromkeys(COMPONENTS)
+    if model_path.is_dir():
+        variant = _weights_variant(model_path)
+        headers = {}
+        for name in COMPONENTS:
+            files = sorted((model_path / name).glob("*.safetensors")) if (model_path / name).is_dir() else []
+            files = [f for f in files if (".fp16." in f.name) == (variant == "fp16")] or files
+            headers[name] = [read_safetensors_header(f) for f in files]
+    else:
+        header = read_safetensors_header(model_path)
+        headers = {name: [{k: v for k, v in header.items() if k.startswith(prefix)}]
+                   for name, prefix in SINGLE_FILE_PREFIXES.items()}
+    for name, parts in headers.items():
+        counts = Counter(info["dtype"] for part in parts for key, info in part.items()
+                         if key != "__metadata__" and info.get("dtype") in SAFETENSORS_DTYPES)
+        if counts:
+            found[name] = getattr(torch, SAFETENSORS_DTYPES[counts.most_common(1)[0][0]])
+    return found
+
+
 def resolve_model_path(name: str, path: str | None, *, cache_root: Path | None = None, seed: int = 0) -> Path:
     """`model=tiny` -> the cached tiny folder (built if needed); `model=sdxl` -> the checked `model.path`."""
     if name == "tiny":
@@ -179,9 +213,14 @@ def sdxl_base_config_dir(cache_root: Path | None = None) -> Path:
 
 
 def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu",
-              cache_root: Path | None = None) -> SDXLParts:
-    """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts (dtype default fp32).
+              cache_root: Path | None = None, dtypes: Mapping[str, Any] | None = None) -> SDXLParts:
+    """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts.
 
+    dtypes: the torch dtype to read each component in ("unet", "vae", "text_encoder", "text_encoder_2"; missing
+    ones take `dtype`), e.g. training.placement.load_dtypes' plan; dtype: the rest (default fp32). From a folder,
+    a component already in its dtype on disk is mapped by diffusers without a copy, and a diffusers component in
+    another dtype is read straight into it slice by slice (`weights.load_cast`), so no second full copy of it
+    exists; a single file is read in its own dtype and each component then cast.
     Never touches the network (local_files_only; single files read configs from `single_file_config_dir`).
     A bad path, or files diffusers cannot read, raise UserError naming model.path.
     """
@@ -189,18 +228,24 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
     from diffusers import StableDiffusionXLPipeline
 
     model_path = check_model_path(path)
-    dtype = dtype or torch.float32
+    wanted = {name: (dtypes or {}).get(name) or dtype or torch.float32 for name in COMPONENTS}
     config_dir = None if model_path.is_dir() else single_file_config_dir(model_path, cache_root)
     try:
         if config_dir is None:
+            variant = _weights_variant(model_path)
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                model_path, dtype=dtype, local_files_only=True, variant=_weights_variant(model_path))
+                model_path, dtype={**wanted, "default": dtype or torch.float32}, local_files_only=True,
+                variant=variant, **_cast_while_reading(model_path, wanted, variant))
         else:
+            on_disk = checkpoint_dtypes(model_path).get("unet") or torch.float32
             pipe = StableDiffusionXLPipeline.from_single_file(
-                str(model_path), config=str(config_dir), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as error:
+                str(model_path), config=str(config_dir), dtype=on_disk, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"model.path={str(path)!r} could not be loaded as SDXL: {error}") from error
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    for name in COMPONENTS:
+        module = getattr(pipe, name)
+        if any(p.dtype != wanted[name] for p in module.parameters() if p.is_floating_point()):
+            module.to(dtype=wanted[name])  # a single file's component (a folder's are read in their dtype)
         module.to(device).eval()
     return SDXLParts(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
@@ -208,6 +253,23 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
         scheduler=pipe.scheduler, source=str(model_path), identity=weights_identity(model_path, config_dir),
         resolution=int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
     )
+
+
+def _cast_while_reading(folder: Path, wanted: Mapping[str, Any], variant: str | None) -> dict[str, Any]:
+    """The diffusers components of `folder` whose wanted dtype differs from the one on disk, read straight into it
+    (weights.load_cast); passed to the pipeline's from_pretrained, which then does not load them again."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lora_sweep.model.weights import load_cast
+
+    on_disk = checkpoint_dtypes(folder)
+    loaded = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        if on_disk.get(name) is not None and on_disk[name] != wanted[name]:
+            model = load_cast(cls, folder / name, wanted[name], variant)
+            if model is not None:
+                loaded[name] = model
+    return loaded
 
 
 def single_file_config_dir(checkpoint: Path, cache_root: Path | None = None) -> Path:

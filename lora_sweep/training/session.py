@@ -1,7 +1,9 @@
 """Everything one training holds: model parts with LoRA, examples, optimizer, precision policy; built in one place.
 
 `build_session` does the set-up in kohya's order (load model -> prepare data with the frozen encoders -> add LoRA ->
-store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop.
+store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop. Each
+component is read in the dtype it is stored in (or its checkpoint's), and LoRA and casts happen on the CPU before the
+U-Net (and the text encoders the step runs) go to the training device (placement.py has the table).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lora_sweep.training import metadata, optim, precision
+from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.model import loading as model_lib
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.dataset import scan_folder
@@ -123,11 +126,17 @@ def cache_root(cfg) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
-def load_parts(cfg) -> model_lib.SDXLParts:
+def load_parts(cfg, policy: precision.PrecisionPolicy | None = None, *,
+               text_encoders_in_step: bool = False) -> model_lib.SDXLParts:
     """The tiny model is built once into the cache (seed 0: every variant and seed shares one base model) and then
-    loaded like real SDXL, through the same loader."""
+    loaded like real SDXL, through the same loader. With a `policy`, each component is read in the dtype
+    `placement.load_dtypes` gives it (the checkpoint's, or the one it will be stored in); without, in fp32."""
     path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))
-    return model_lib.load_sdxl(path, cache_root=cache_root(cfg))
+    dtypes = None
+    if policy is not None:
+        on_disk = model_lib.checkpoint_dtypes(model_lib.check_model_path(path))
+        dtypes = placement.load_dtypes(policy, on_disk, text_encoders_in_step=text_encoders_in_step)
+    return model_lib.load_sdxl(path, cache_root=cache_root(cfg), dtypes=dtypes)
 
 
 def data_folder(cfg) -> Path:
@@ -142,23 +151,31 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     device = pick_device(cfg.train.device)
     policy = precision.precision_policy(cfg.precision.name, device.type)
     output_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg)
+    encode_text_online = cfg.network.train_text_encoder or cfg.data.shuffle_caption
+    started = time.perf_counter()
+    parts = load_parts(cfg, policy, text_encoders_in_step=encode_text_online)  # in storage dtypes (placement.py)
+    log.info("model loaded in %.1f s from %s", time.perf_counter() - started, parts.source)
+    encoders = (parts.text_encoder, parts.text_encoder_2)
 
     # Data first, with the frozen encoders, so the cache can be filled before LoRA changes anything.
     scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
-    encode_text_online = cfg.network.train_text_encoder or cfg.data.shuffle_caption
     if encode_text_online:
         why = "network.train_text_encoder=true" if cfg.network.train_text_encoder else "data.shuffle_caption=true"
         log.info("text-encoder outputs are not cached in this run (%s): captions are encoded at every step, "
                  "as kohya does", why)
+    else:  # they only fill the shared text cache, in fp32 whatever the precision
+        for encoder in encoders:
+            placement.compute_in_fp32(encoder)
+            encoder.to(device)
     parts.vae.to(device)
-    parts.text_encoder.to(device)
-    parts.text_encoder_2.to(device)
+    started = time.perf_counter()
     prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=not encode_text_online)
+    log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
+             ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
     parts.vae.to("cpu")  # latents are cached: the VAE is not needed on the training device
     if not encode_text_online:
-        parts.text_encoder.to("cpu")
-        parts.text_encoder_2.to("cpu")
+        for encoder in encoders:
+            encoder.to("cpu")
     # held out with validation.seed, not train.seed: replicates (train.seed=1,2,3) train and are measured on the
     # same images, so their val/loss and fit/loss points pair across seeds
     train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
@@ -177,23 +194,35 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     prepared.histogram = bucket_histogram([prepared.examples[i].bucket for i in items])  # training entries only
     sink.artifact(write_text(output_dir / "buckets.json", json.dumps(prepared.histogram, indent=1)), "data")
 
-    unet = parts.unet.to(device)
+    # LoRA (fp32), then the base weights in their storage dtype, on the CPU; only then onto the training device.
+    unet = parts.unet
     unet.train()
-    add_lora(unet, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=UNET_TARGETS,
-             dropout=cfg.network.dropout)
+    with placement.adapters_in_fp32(unet):
+        add_lora(unet, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=UNET_TARGETS,
+                 dropout=cfg.network.dropout)
+    if cfg.network.train_text_encoder:
+        for encoder in encoders:
+            with placement.adapters_in_fp32(encoder):
+                add_lora(encoder, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=TEXT_ENCODER_TARGETS,
+                         dropout=cfg.network.dropout)
+            encoder.train()
+    precision.apply_base_precision(unet, policy)
+    unet.to(device)
+    if encode_text_online:  # the step runs the text encoders: stored like the U-Net (kohya's te_weight_dtype)
+        for encoder in encoders:
+            precision.apply_base_precision(encoder, policy)
+            encoder.to(device)
+    log.info("weights on %s: unet %s%s", device, placement.describe(unet), "; text encoders " + " and ".join(
+        placement.describe(e) for e in encoders) if encode_text_online else "")
     groups = [{"name": "unet", "params": lora_parameters(unet), "lr": cfg.train.lr}]
     lora = named_lora(unet, "unet")
     if cfg.network.train_text_encoder:
         te_params = []
         for name, encoder in (("text_encoder", parts.text_encoder), ("text_encoder_2", parts.text_encoder_2)):
-            add_lora(encoder, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=TEXT_ENCODER_TARGETS,
-                     dropout=cfg.network.dropout)
-            encoder.train()
             te_params += lora_parameters(encoder)
             lora |= named_lora(encoder, name)
         te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
         groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})  # kohya: [TE group, U-Net group]
-    precision.apply_base_precision(unet, policy)
     if cfg.train.gradient_checkpointing:
         precision.enable_gradient_checkpointing(unet)
     params = [p for g in groups for p in g["params"]]

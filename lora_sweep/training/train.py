@@ -148,8 +148,9 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 continue
             pending = 0
             inject_fault(fault, pos.step + 1, terms, s, when="grad")
-            finite = bool(window) and grads_finite(s, pos.step + 1, epoch, last_state)
-            stepped = finite and precision.scaled_step(s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm)
+            norm = None if s.scaler.is_enabled() or not window else precision.grad_total_norm(s.params)
+            finite = bool(window) and grads_finite(s, pos.step + 1, epoch, last_state, norm)
+            stepped = finite and precision.scaled_step(s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm, norm)
             if stepped:
                 s.lr_scheduler.step()
             else:
@@ -234,14 +235,24 @@ def check_skip_bound(cfg, skipped_in_a_row: int, step: int, last_state: Path | N
         "train.max_consecutive_skips).")
 
 
-def grads_finite(s: Session, step: int, epoch: int, last_state: Path | None) -> bool:
-    """Check the LoRA gradients before the update (fp16's loss scaler handles its own overflows)."""
+def grads_finite(s: Session, step: int, epoch: int, last_state: Path | None,
+                 total_norm: torch.Tensor | None = None) -> bool:
+    """Check the LoRA gradients before the update (fp16's loss scaler handles its own overflows).
+
+    One host sync on the total gradient norm (`total_norm`, `precision.grad_total_norm(s.params)`, computed here if
+    not given; the loop passes the one it clips with), which is non-finite exactly when a gradient is or when the
+    sum of squares overflows. Only then are the tensors scanned one by one, to name the first non-finite gradient;
+    if none is (finite gradients whose norm overflows), the step goes on as before: clipping scales it to zero.
+    """
     if s.scaler.is_enabled():
         return True
-    grads = [p.grad for p in s.lora.values() if p.grad is not None]
-    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    if total_norm is None:
+        total_norm = precision.grad_total_norm(s.params)
+    if total_norm is None or bool(torch.isfinite(total_norm)):
         return True
-    bad = next(n for n, p in s.lora.items() if p.grad is not None and not torch.isfinite(p.grad).all())
+    bad = next((n for n, p in s.lora.items() if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+    if bad is None:
+        return True
     on_non_finite(s.cfg, f"the gradient of {bad} is not finite", step, epoch, last_state)
     return False
 

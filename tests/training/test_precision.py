@@ -200,3 +200,67 @@ def test_invalid_precisions_fail_clearly() -> None:
     fp32_autocast = dataclasses.replace(precision.PRECISIONS["fp16"], name="x", compute_dtype=torch.float32)
     with pytest.raises(ConfigError, match="autocast does not support"):
         precision.check_policy_supported(fp32_autocast, "cpu")
+
+
+def test_fp8_backward_keeps_stored_weights_instead_of_upcast_copies(tiny_lora_unet, monkeypatch) -> None:
+    """precision.autocast makes autograd keep the fp8 weight (and cast it again in backward) where an op saves its
+    upcast copy or a view of it (a Linear's `weight.t()`): the same gradients, without the U-Net's upcast weights
+    alive between forward and backward."""
+    unet, policy = _prepared(tiny_lora_unet, "fp8")
+    unpacked: list[bool] = []
+    recast = precision._recast_saved
+    monkeypatch.setattr(precision, "_recast_saved", lambda saved: (
+        unpacked.append(isinstance(saved, precision._Recast)), recast(saved))[1])
+
+    def grads(context) -> dict[str, torch.Tensor]:
+        unet.zero_grad(set_to_none=True)
+        batch = _batch(policy.latent_dtype)
+        with context:
+            prediction = unet(**batch).sample
+        prediction.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in _lora_params(unet).items()}
+
+    ours = grads(precision.autocast(policy, "cpu"))
+    plain = grads(torch.autocast("cpu", dtype=policy.compute_dtype))  # the upcast copies themselves saved
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[n], plain[n]) for n in ours)
+    fp8_linears = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Linear)
+                      and m.weight.dtype == torch.float8_e4m3fn)
+    assert sum(unpacked) >= fp8_linears  # every fp8 Linear's weight came back by a recast, not a kept copy
+    assert not precision._UPCAST_COPIES  # nothing left registered after the forward
+
+
+def test_a_precomputed_total_norm_clips_exactly_like_clip_grad_norm() -> None:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7, 3)]
+    grads = [torch.randn(p.shape) * 10 for p in params]
+    clipped = {}
+    for how in ("clip_grad_norm_", "precomputed"):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        scaler = precision.make_grad_scaler(precision.PRECISIONS["fp32"], "cpu")
+        norm = precision.grad_total_norm(params) if how == "precomputed" else None
+        assert precision.scaled_step(scaler, optimizer, params, max_grad_norm=1.0, total_norm=norm)
+        clipped[how] = [p.grad.clone() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(clipped["clip_grad_norm_"], clipped["precomputed"]))
+    assert float(torch.linalg.vector_norm(torch.cat(clipped["precomputed"]))) == pytest.approx(1.0, rel=1e-5)
+    assert precision.grad_total_norm([torch.nn.Parameter(torch.ones(2))]) is None  # no grads, no norm
+
+
+def test_one_norm_checks_every_gradient_and_names_the_bad_one(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from lora_sweep.training import train as train_module
+
+    lora = {f"unet.l{i}.lora_A.weight": torch.nn.Parameter(torch.ones(3)) for i in range(4)}
+    s = SimpleNamespace(scaler=precision.make_grad_scaler(precision.PRECISIONS["bf16"], "cpu"), lora=lora,
+                        params=list(lora.values()), cfg=SimpleNamespace(train=SimpleNamespace(on_nan="stop")))
+    for p in lora.values():
+        p.grad = torch.ones(3)
+    assert train_module.grads_finite(s, 1, 0, None)
+    for p in lora.values():
+        p.grad = torch.full((3,), 3e38)  # finite, but the sum of squares overflows: the step goes on, as before
+    assert not torch.isfinite(precision.grad_total_norm(s.params)) and train_module.grads_finite(s, 1, 0, None)
+    lora["unet.l2.lora_A.weight"].grad = torch.tensor([0.0, float("nan"), 0.0])
+    with pytest.raises(train_module.NonFiniteLoss, match=r"gradient of unet\.l2\.lora_A\.weight is not finite"):
+        train_module.grads_finite(s, 1, 0, None)

@@ -1,0 +1,82 @@
+"""Read a diffusers component's safetensors weights straight into another dtype, without a second full copy.
+
+Why: SDXL ships fp16 weights, and `precision=bf16` stores the U-Net in bf16. diffusers' `from_pretrained(dtype=...)`
+maps the whole 4.8 GiB file and keeps every page it has read mapped until the last tensor is converted, so the
+process briefly holds the fp16 file pages *and* the bf16 copy: about twice the U-Net in resident memory (10 GiB for
+SDXL), the peak of a whole training job on the CPU side. Reading the file in slices of about 256 MB (each slice
+through its own short-lived mapping, converted and released before the next) keeps that peak at the converted
+model plus one slice. Components already in the wanted dtype don't need this: diffusers maps them without copying.
+The conversion itself is torch's `Tensor.to(dtype)`, tensor by tensor, as diffusers does it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SLICE_BYTES = 256 * 2**20
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path] | None:
+    """The safetensors file(s) diffusers would read from a component folder (single file, or the shards of an
+    index), for `variant` ("fp16" or None); None if the folder holds no such safetensors weights."""
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    single = folder / f"{WEIGHTS_NAME}{suffix}"
+    if single.is_file():
+        return [single]
+    index = folder / f"{WEIGHTS_NAME}{suffix}.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / shard for shard in shards]
+        return files if all(f.is_file() for f in files) else None
+    return None
+
+
+def read_cast_state_dict(files: list[Path], dtype: Any) -> dict[str, Any]:
+    """Every tensor of the safetensors `files`, floating ones converted to `dtype` (others copied as they are).
+
+    Tensors are read in file order, in slices of about SLICE_BYTES, each slice through a mapping that is closed
+    (and its pages released) before the next one opens. Peak memory: the result plus one slice.
+    """
+    from safetensors import safe_open
+
+    from lora_sweep.model.loading import read_safetensors_header
+
+    state: dict[str, Any] = {}
+    for file in files:
+        header = read_safetensors_header(file)
+        entries = sorted((info["data_offsets"], key) for key, info in header.items() if key != "__metadata__")
+        slices: list[list[str]] = [[]]
+        size = 0
+        for (begin, end), key in entries:
+            if size >= SLICE_BYTES:
+                slices.append([])
+                size = 0
+            slices[-1].append(key)
+            size += end - begin
+        for keys in slices:
+            with safe_open(str(file), framework="pt") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    state[key] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+    return state
+
+
+def load_cast(cls: Any, folder: Path, dtype: Any, variant: str | None = None) -> Any | None:
+    """A diffusers model class (`UNet2DConditionModel`, `AutoencoderKL`) from `folder`, its weights read straight into
+    `dtype` by `read_cast_state_dict`, in eval mode; None when the folder has no safetensors weights to stream (the
+    caller then uses `from_pretrained`). The model is built without weights (diffusers' own `no_init_weights` and
+    accelerate's `init_empty_weights`, as `from_pretrained` does) and takes the tensors as its parameters."""
+    from accelerate import init_empty_weights
+    from diffusers.models.modeling_utils import no_init_weights
+
+    files = weight_files(folder, variant)
+    if files is None:
+        return None
+    with no_init_weights(), init_empty_weights():
+        model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(read_cast_state_dict(files, dtype), strict=True, assign=True)
+    model.register_to_config(_name_or_path=str(folder))
+    return model.eval()
