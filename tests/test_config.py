@@ -112,3 +112,58 @@ def test_every_launcher_composes_with_the_projects_config(launcher):
     assert cfg.hydra.launcher._target_.endswith(("GpuQueueLauncher", "RayLauncher", "SlurmLauncher"))
     if launcher == "gpu_queue":
         assert "torch" in cfg.hydra.launcher.preload  # lora-sweep's preload list on top of the plugin's schema
+
+
+def test_a_key_added_with_plus_is_a_problem_naming_the_closest_real_key():
+    """`+noise.ofset=0.1` composes (Hydra adds any key with '+') and nothing reads it: refused, with noise.offset;
+    keys under optimizer.args (kohya's --optimizer_args) are free-form and checked against the optimizer instead."""
+    from lora_sweep.config import unknown_keys
+    from lora_sweep.validate import config_problems
+
+    cfg = compose_config("+noise.ofset=0.1", "+optimizer.args.amsgrad=true", "+train.unet_lr=0.5")
+    assert unknown_keys(cfg) == ["noise.ofset", "train.unet_lr"]
+    problems = config_problems(cfg)
+    assert problems[0].startswith("noise.ofset is not a setting: '+noise.ofset=...' adds it, but nothing reads it")
+    assert "Did you mean noise.offset?" in problems[0] and "Did you mean train.lr" in problems[1]
+    assert unknown_keys(compose_config("experiment=v57", "data=folder")) == []
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["noise.ofset=0.1"], "Did you mean noise.offset?"),
+    (["-m", "noise.ofset=0.1,0.2", "train.max_steps=2"], "Did you mean noise.offset?"),
+    (["noise.huber_c=0.1"], "Did you mean loss.huber_c?"),
+    (["sampling.promt_file=p.txt"], "Did you mean sampling.prompt_file"),
+    (["nosie=offset"], "Did you mean noise?"),
+])
+def test_a_command_line_key_the_schema_lacks_is_refused_before_hydra(argv, suggestion):
+    from lora_sweep.config import command_line_problems
+
+    (problem,) = command_line_problems(argv)
+    assert suggestion in problem and "+" not in problem  # never Hydra's advice to append it
+
+
+def test_what_hydra_checks_itself_is_left_to_it():
+    from lora_sweep.config import command_line_problems
+
+    assert command_line_problems(["+noise.ofset=1", "~noise.offset", "optimizer.args.d_cof=2", "noise=ofset",
+                                  "hydra.job.chdir=true", "hydra/launcher=ray", "experiment=glob(v*)",
+                                  "train.max_steps=abc", "--cfg", "job"]) == []
+    assert command_line_problems(["-cn", "other", "noise.x=1"]) == [] and command_line_problems(["--help"]) == []
+
+
+def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option():
+    from lora_sweep.errors import hydra_error_text
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("noise=ofset")
+    text = hydra_error_text(err.value)
+    assert "Available options in 'noise': ip, multires, multires_ip, none, offset, offset_ip." in text
+    assert "Did you mean noise=offset" in text and "search path" not in text and "\n" not in text
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("train.max_steps=abc")
+    text = hydra_error_text(err.value)
+    assert text == ("Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not be converted "
+                    "to Integer.")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("noise.ofset=0.1")
+    assert hydra_error_text(err.value).startswith("noise.ofset is not a setting. Did you mean noise.offset?")
