@@ -167,3 +167,15 @@ def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option(
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("noise.ofset=0.1")
     assert hydra_error_text(err.value).startswith("noise.ofset is not a setting. Did you mean noise.offset?")
+
+
+def test_the_readme_variant_at_demo_scale_keeps_its_knobs_and_changes_only_the_scale():
+    """README: `python sweep.py experiment=v57 preset=demo` is one run of v57 (offset + IP noise, min-SNR,
+    DAdaptAdamPreprint, fp8) at the demo's scale, instead of 2048 px, 6,000 steps and 1024^2 samples."""
+    full, demo = compose_config("experiment=v57"), compose_config("experiment=v57", "preset=demo")
+    assert (full.data.resolution, full.train.max_steps, full.sampling.prompt_file is not None) == (2048, 6000, True)
+    assert (demo.data.resolution, demo.train.max_steps, demo.sampling.prompt_file) == (64, 8, None)
+    assert len(demo.sampling.prompts) == 2 and demo.sampling.steps == 4
+    for key in ("noise", "loss", "optimizer", "precision", "tracking"):
+        assert demo[key] == full[key], key
+    validate(demo)
