@@ -100,6 +100,11 @@ def hydra_error_text(error: BaseException) -> str:
             options = None
             lines.append(line.strip())
     paragraph = " ".join(line if line.endswith((".", ":", "?")) else line + "." for line in lines)
+    unknown = re.search(r"Key '[^']+' not in '\w+'\s+full_key: (\S+)", text)  # a config file's misspelt key
+    if unknown:
+        from lora_sweep.config import _is_free_form, unknown_key_message
+
+        paragraph += "" if _is_free_form(unknown[1]) else " " + unknown_key_message(unknown[1])
     wanted = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
     if wanted and available.get(wanted[1]):
         near = difflib.get_close_matches(wanted[2], available[wanted[1]], n=2, cutoff=0.5)

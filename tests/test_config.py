@@ -179,3 +179,15 @@ def test_the_readme_variant_at_demo_scale_keeps_its_knobs_and_changes_only_the_s
     for key in ("noise", "loss", "optimizer", "precision", "tracking"):
         assert demo[key] == full[key], key
     validate(demo)
+
+
+def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
+    from lora_sweep.errors import hydra_error_text
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nnoise:\n  ofset: 0.1\n")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine")
+    text = hydra_error_text(err.value)
+    assert text.startswith("In 'experiment/mine': ConfigKeyError raised while composing config: Key 'ofset' not in")
+    assert "noise.ofset is not a setting. Did you mean noise.offset?" in text
