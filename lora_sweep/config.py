@@ -8,6 +8,7 @@ checks answer in about a second.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -262,7 +263,12 @@ _CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def schema_keys() -> list[str]:
     """Every setting of the schema, dotted (`noise.offset`, ..., `optimizer.args` for the free-form map)."""
-    return list(flatten(to_container(OmegaConf.structured(Config))))
+    return list(_schema_keys())
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_keys() -> tuple[str, ...]:
+    return tuple(flatten(to_container(OmegaConf.structured(Config))))
 
 
 def config_groups() -> list[str]:
@@ -337,7 +343,7 @@ def command_line_problems(argv: List[str]) -> List[str]:
     found before Hydra composes: Hydra's own answer is to suggest `+noise.ofset=0.1`, which would train without the
     setting. Overrides with `+`, `++` or `~`, of `hydra.*`, of a group (`noise=...`) and of free-form maps are left to
     Hydra and the pre-flight; so is everything when another config is chosen (--config-path/-name/-dir)."""
-    if any(a in ("-h", "--help", "--hydra-help") for a in argv):
+    if any(a in ("-h", "--help", "--hydra-help", "--version") for a in argv):  # Hydra answers these and exits
         return []
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
