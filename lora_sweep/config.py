@@ -1,7 +1,9 @@
 """The config schema: one dataclass per config group, registered with Hydra's ConfigStore.
 
-Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key or a wrong type fails at compose
-time with Hydra's own message. Range and cross-field checks live in `lora_sweep.validate`; the config hash (what
+Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key in a file or a wrong type fails
+at compose time. On the command line Hydra would advise adding a misspelt key with '+', and a '+' key composes and
+is never read: `command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight) refuse both, naming the
+closest real keys. Range and cross-field checks live in `lora_sweep.validate`; the config hash (what
 identifies a training's result) is `config_hash` below. No torch import here: `--help`, `make table` and config
 checks answer in about a second.
 """

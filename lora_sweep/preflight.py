@@ -6,7 +6,7 @@ sweep's MLflow parent run exists, for every job of a sweep in the launching proc
 and again, cheaply, at the start of each job (`run.run_job`), where its fallbacks are logged on the MLflow run.
 
 `check_job(cfg)` makes these checks and never stops at the first problem:
-- the config's values (`validate.config_problems`);
+- the config's keys and values (`validate.config_problems`: a key the schema lacks, ranges, combinations, paths);
 - the dataset (`data.dir`, `data.validation_dir`): the folder tree, every image header (size after EXIF
   orientation, frames), every caption file (UTF-8, not empty), and the bucket of every image (an image too small
   for a bucket is named with its size);
