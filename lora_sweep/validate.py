@@ -1,9 +1,10 @@
 """Range and cross-field checks on a composed config, run before anything heavy loads.
 
 Hydra's schema already rejects wrong types and unknown keys in files; a key added with '+' is refused here (with the
-closest real keys), and this adds what a type cannot say (ranges, enums, combinations, paths). Each failure is a `ConfigError` naming the field and what it accepts; all failures of one
-config are reported together, so a user fixes them in one go. Every numeric field has a range here, every string
-field with fixed choices lists them, every path that must exist is checked. An optional strength set to 0 is off,
+closest real keys), and this adds what a type cannot say (ranges, enums, combinations, paths). Each failure is a
+`ConfigError` naming the field and what it accepts; all failures of one config are reported together, so a user
+fixes them in one go. Every numeric field has a range here, every string field with fixed choices lists them, every
+path that must exist is checked. An optional strength set to 0 is off,
 as null is (`noise.adaptive_scale`, `loss.min_snr_gamma`), never an error: kohya tests them as `if args.x:`.
 """
 
