@@ -208,7 +208,8 @@ def config_problems(cfg) -> list[str]:
     lacks (`+noise.ofset=0.1`: Hydra adds it, nothing reads it) is a problem too, with the closest real keys."""
     from lora_sweep.config import unknown_key_message, unknown_keys
 
-    problems = [unknown_key_message(key, added=True) for key in unknown_keys(cfg)] if isinstance(cfg, DictConfig) else []
+    keys = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
+    problems = [unknown_key_message(key, added=True) for key in keys]
     for check in _checks(cfg):
         try:
             check()

@@ -60,5 +60,6 @@ def test_a_root_that_does_not_exist_is_said_so_and_nothing_claimed(tmp_path, cap
     missing = tmp_path / "nonexist_cache"
     assert main(["cache", "clean", "--dir", str(missing)]) == 0
     out = capsys.readouterr().out
-    assert out == f"cache at {missing}: the folder does not exist, so nothing is cached there and nothing was removed.\n"
+    assert out == (f"cache at {missing}: the folder does not exist, so nothing is cached there and nothing was "
+                   "removed.\n")
     assert "removed the cache" not in out and not missing.exists()

@@ -198,7 +198,8 @@ def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None) -> list[st
     if not refused:  # each alone is accepted, together they are not
         error = _refusal(optimizer_class, kwargs, option.default_lr)
         together = ", ".join(f"optimizer.args.{k}={_shown(given[k])}" for k in changed) or "its defaults"
-        refused.append(f"{together}: {label} refuses these together ({type(error).__name__}: {str(error).rstrip('.')}).")
+        reason = f"{type(error).__name__}: {str(error).rstrip('.')}"
+        refused.append(f"{together}: {label} refuses these together ({reason}).")
     return problems + refused
 
 
