@@ -100,5 +100,36 @@ def main(cfg: DictConfig) -> float | None:
     return outcome.final_loss
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`python sweep.py ...`: overrides naming a key the schema lacks are refused before Hydra starts (Hydra would
+    advise adding them with '+', and the run would ignore them); then `main`. An error that escapes Hydra's
+    composition or a sweep (a bad override or group option, a failed job) is printed as one paragraph, without
+    Hydra's "Set the environment variable HYDRA_FULL_ERROR=1" line: bad input exits 2, a failed sweep 1, and a bug
+    shows its whole traceback. With HYDRA_FULL_ERROR=1 set by the user, Hydra reports everything itself."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from lora_sweep.config import command_line_problems
+    from lora_sweep.errors import hydra_error_text
+
+    problems = command_line_problems(sys.argv[1:] if argv is None else argv)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(2)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's run_and_report then re-raises what escapes, for us to print
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as error:
+        print(hydra_error_text(error), file=sys.stderr)
+        sys.exit(2)
+    except CompactHydraException as error:  # a sweep with failed jobs: the launcher's summary told the story
+        print(str(error), file=sys.stderr)
+        sys.exit(1)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,18 +20,133 @@ def _table(args) -> int:
     return 0
 
 
+# What lora-sweep writes under its cache root besides the latent/text entries (lora_sweep.data.cache): folder names
+# only it makes (and their staging names while being built), so a mistaken --dir loses nothing else.
+_STATES = re.compile(r"[0-9a-f]{16}")  # states/<config_hash>/<run_id>/state-step*.pt (training.checkpoint)
+_STATE_FILE = re.compile(r"state-step\d{8,}\.pt")
+_MODELS = re.compile(r"\.?(tiny-sdxl-v\d+-seed\d+|sdxl-base-config-[0-9a-f]{12})(\..*\.building)?")  # model.loading
+_DATASETS = re.compile(r"\.?photos-v\d+(\..+)?")  # data.photos
+_KEPT_NOTE = "a stopped run resumes from them: `cache clean` keeps them, `cache clean --states` removes them too"
+
+
+@dataclass
+class CachePart:
+    """One kind of thing under the cache root: what it is, how many, bytes, the folders holding it."""
+
+    kind: str  # entries | states | models | datasets | other
+    what: str
+    count: str
+    size: int
+    folders: list[Path] = field(default_factory=list)
+    note: str = ""
+
+    def line(self) -> str:
+        return f"{self.what}: {self.count}, {_mib(self.size)}" + (f" ({self.note})" if self.note else "")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of the files under `path` (links not followed)."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _plural(n: int, noun: str, nouns: str = "") -> str:
+    return f"{n:,} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def cache_inventory(root: Path) -> list[CachePart]:
+    """Everything under the cache root `root`, by kind: latent and text-encoder entries, the entries' file digests
+    and locks, training states (`<root>/states`, the default train.state_dir), built models (`<root>/models`), the
+    bundled photos (`<root>/datasets`), and anything else (not lora-sweep's). Each with its size in bytes."""
+    from lora_sweep.data.cache import TensorCache
+
+    parts, usage = [], TensorCache(root).usage()
+    for kind, (count, size) in usage.items():
+        if kind == "bookkeeping":
+            parts.append(CachePart("entries", "file digests and locks", _plural(count, "file"), size))
+        else:
+            noun = {"latents": "latent", "text": "text-encoder"}.get(kind, kind)
+            parts.append(CachePart("entries", kind, _plural(count, f"{noun} entry", f"{noun} entries"), size))
+    states = _owned(root / "states", _STATES)
+    if states:
+        files = [f for s in states for f in s.rglob("state-step*.pt") if _STATE_FILE.fullmatch(f.name)]
+        parts.append(CachePart("states", "training states", f"{_plural(len(files), 'state')} of "
+                               f"{_plural(len({f.parent for f in files}), 'run')}",
+                               sum(map(_tree_size, states)), states, _KEPT_NOTE))
+    owned = set(states)
+    for kind, pattern, what, note in (
+            ("models", _MODELS, "built models", "rebuilt when needed"),
+            ("datasets", _DATASETS, "bundled datasets", "written again from scikit-image when needed")):
+        found = _owned(root / kind, pattern)
+        if found:
+            names = ", ".join(p.name for p in found if not p.name.startswith("."))
+            parts.append(CachePart(kind, what, f"{len(found)} ({names})", sum(map(_tree_size, found)), found, note))
+        owned |= set(found)
+    tops = {".hashes", ".locks", *usage}
+    others = [p for p in root.iterdir() if p.name not in tops | {"states", "models", "datasets"}]
+    others += [p for name in ("states", "models", "datasets") if (root / name).is_dir()
+               for p in (root / name).iterdir() if p not in owned and not (name == "states" and p.name == ".lock")]
+    if others:
+        parts.append(CachePart("other", "other files and folders", _plural(len(others), "item"),
+                               sum(map(_tree_size, others)), note="not written by lora-sweep: never removed"))
+    return parts
+
+
+def _owned(folder: Path, pattern: re.Pattern) -> list[Path]:
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and pattern.fullmatch(p.name))
+
+
+def clean_cache(root: Path, parts: list[CachePart], *, states: bool) -> tuple[list[CachePart], list[CachePart]]:
+    """Remove the latent/text entries, their digests and locks, built models and bundled datasets (all made again
+    when needed), and the training states only with `states`; never anything else. Returns (removed, kept)."""
+    import contextlib
+    import shutil
+
+    from lora_sweep.data.cache import TensorCache
+
+    TensorCache(root).clear()
+    removed, kept = [], []
+    for part in parts:
+        if part.kind == "other" or part.kind == "states" and not states:
+            kept.append(part)
+            continue
+        for folder in part.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        removed.append(part)
+    for folder in ("states", "models", "datasets"):
+        with contextlib.suppress(OSError):
+            (root / folder).rmdir()  # only when empty
+    return removed, kept
+
+
 def _cache(args) -> int:
-    from pathlib import Path
+    from lora_sweep.data.cache import default_cache_dir
 
-    from lora_sweep.data.cache import TensorCache, default_cache_dir
-
-    root = Path(args.dir or default_cache_dir())
-    store = TensorCache(root)
-    if args.action == "clean":
-        freed = store.clear()
-        print(f"removed the cache at {root}: {freed / 2**20:.1f} MiB freed")
-    else:
-        print(f"cache at {root}: {store.size_bytes() / 2**20:.1f} MiB")
+    root = Path(args.dir or default_cache_dir()).expanduser()
+    if not root.is_dir():
+        print(f"cache at {root}: the folder does not exist, so nothing is cached there"
+              + (" and nothing was removed." if args.action == "clean" else "."))
+        return 0
+    parts = cache_inventory(root)
+    if args.action == "info":
+        print(f"cache at {root}: {_mib(sum(p.size for p in parts))} in all" + ("" if parts else ", empty."))
+        for part in parts:
+            print(f"  {part.line()}")
+        return 0
+    removed, kept = clean_cache(root, parts, states=args.states)
+    print(f"cache at {root}: " + (f"removed {_mib(sum(p.size for p in removed))}:" if removed else
+                                  "nothing to remove."))
+    for part in removed:
+        print(f"  removed {part.line().replace(' (' + part.note + ')', '') if part.note else part.line()}")
+    for part in kept:
+        print(f"  kept {part.line()}")
     return 0
 
 
@@ -38,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     table = sub.add_parser("table", help="print the article's table from the composed experiment configs")
     table.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     table.add_argument("experiments", nargs="*", help="experiment names (default: every conf/experiment/v*.yaml)")
-    cache = sub.add_parser("cache", help="report the size of the shared latent/text cache, or remove it")
+    cache = sub.add_parser(
+        "cache", help="what the cache root holds (latent/text entries, training states, built models), or clean it",
+        description="info (the default): every kind of thing under the cache root with its size. clean: remove the "
+        "latent/text entries, built models and the bundled photos (all made again when needed); training states "
+        "are kept unless --states, since a stopped run resumes from them. Clean when no sweep is running.")
     cache.add_argument("action", choices=["info", "clean"], nargs="?", default="info")
-    cache.add_argument("--dir", help="cache folder (default: data.cache_dir's default)")
+    cache.add_argument("--dir", help="cache root (default: $LORA_SWEEP_CACHE_DIR, else ~/.cache/lora-sweep)")
+    cache.add_argument("--states", action="store_true",
+                       help="clean: also remove the training states under <cache root>/states (runs cannot resume)")
     sub.add_parser("compare", help="write the comparison report (see --help)", add_help=False)
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)

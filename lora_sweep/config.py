@@ -1,16 +1,20 @@
 """The config schema: one dataclass per config group, registered with Hydra's ConfigStore.
 
-Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key or a wrong type fails at compose
-time with Hydra's own message. Range and cross-field checks live in `lora_sweep.validate`; the config hash (what
+Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key in a file or a wrong type fails
+at compose time. On the command line Hydra would advise adding a misspelt key with '+', and a '+' key composes and
+is never read: `command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight) refuse both, naming the
+closest real keys. Range and cross-field checks live in `lora_sweep.validate`; the config hash (what
 identifies a training's result) is `config_hash` below. No torch import here: `--help`, `make table` and config
 checks answer in about a second.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -251,3 +255,119 @@ def config_hash(cfg: DictConfig | Config) -> str:
     kept = {k: v for k, v in kept.items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- Keys: what the schema knows, and the closest real key to a misspelt one -------------------------------------------
+
+FREE_FORM = ("optimizer.args",)  # Dict[str, Any] fields: any key goes (kohya's --optimizer_args), checked elsewhere
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def schema_keys() -> list[str]:
+    """Every setting of the schema, dotted (`noise.offset`, ..., `optimizer.args` for the free-form map)."""
+    return list(_schema_keys())
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_keys() -> tuple[str, ...]:
+    return tuple(flatten(to_container(OmegaConf.structured(Config))))
+
+
+def config_groups() -> list[str]:
+    """The config groups of conf/ (`noise`, `experiment`, `preset`, ...): what `group=option` may name."""
+    return sorted(p.name for p in _CONF.iterdir() if p.is_dir() and p.name != "hydra") if _CONF.is_dir() else []
+
+
+def _is_free_form(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in FREE_FORM)
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys of a composed config that the schema does not have (added with `+key=value`, which Hydra allows
+    on any node): nothing reads them, so a run would silently train without them. Keys under a free-form map
+    (`optimizer.args`) and the `hydra` node are not checked here."""
+    known = set(schema_keys())
+    prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    found = []
+
+    def walk(node: Dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if _is_free_form(name):
+                continue
+            if isinstance(value, dict) and name in prefixes:
+                walk(value, f"{name}.")
+            elif name not in known:
+                found.append(name)
+
+    walk(tree, "")
+    return found
+
+
+def closest_keys(key: str, candidates: List[str] | None = None, n: int = 3) -> List[str]:
+    """The settings spelt most like `key` (difflib): its siblings first (`noise.ofset` -> `noise.offset`), then any
+    setting (`noise.huber_c` -> `loss.huber_c`)."""
+    import difflib
+
+    candidates = candidates if candidates is not None else schema_keys()
+    parent, _, leaf = key.rpartition(".")
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == parent}
+    near = [siblings[s] for s in difflib.get_close_matches(leaf, list(siblings), n=n, cutoff=0.6)]
+    near += difflib.get_close_matches(key, candidates, n=n, cutoff=0.75)
+    return list(dict.fromkeys(near))[:n]
+
+
+def unknown_key_message(key: str, *, added: bool = False) -> str:
+    """One paragraph for a key the schema lacks: the closest real settings, else the settings of its group.
+    `added`: it came in with `+`, which Hydra accepts, so say that nothing would read it."""
+    keys = schema_keys()
+    added_text = f": '+{key}=...' adds it, but nothing reads it, so the run would train without it" if added else ""
+    if "." not in key:  # `nosie=offset`: a config group or a node of settings was meant
+        import difflib
+
+        groups, nodes = config_groups(), sorted({k.split(".")[0] for k in keys} - set(config_groups()))
+        near = difflib.get_close_matches(key, groups + nodes, n=2, cutoff=0.6)
+        return (f"{key} is neither a config group nor a setting{added_text}."
+                + (f" Did you mean {' or '.join(near)}?" if near else "")
+                + f" The config groups (group=option) are: {', '.join(groups)}; other settings are under "
+                  f"{', '.join(nodes)}.")
+    top = key.split(".", 1)[0]
+    near = closest_keys(key, keys)
+    text = f"{key} is not a setting{added_text}." + (f" Did you mean {' or '.join(near)}?" if near else "")
+    group = [k.split(".", 1)[1] for k in keys if k.startswith(top + ".")]
+    return text + (f" The {top} settings are: {', '.join(group)}." if group else "")
+
+
+def command_line_problems(argv: List[str]) -> List[str]:
+    """Problems of `python sweep.py` overrides that name a key the schema lacks (`noise.ofset=0.1`, also swept),
+    found before Hydra composes: Hydra's own answer is to suggest `+noise.ofset=0.1`, which would train without the
+    setting. Overrides with `+`, `++` or `~`, of `hydra.*`, of a group (`noise=...`) and of free-form maps are left to
+    Hydra and the pre-flight; so is everything when another config is chosen (--config-path/-name/-dir)."""
+    if any(a in ("-h", "--help", "--hydra-help", "--version") for a in argv):  # Hydra answers these and exits
+        return []
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, _ = parser.parse_known_args(argv)
+        if args.config_path or args.config_dir or args.config_name not in (None, "config"):
+            return []
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (Exception, SystemExit):  # Hydra says what is wrong with the command line itself
+        return []
+    keys = set(schema_keys())
+    nodes = {k.split(".")[0] for k in keys}
+    problems = []
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
+            continue
+        if key.startswith("hydra") or "/" in key or _is_free_form(key) or key in keys:
+            continue
+        if key.split(".")[0] in nodes if "." in key else key not in nodes | set(config_groups()):
+            problems.append(unknown_key_message(key))
+    return list(dict.fromkeys(problems))

@@ -59,3 +59,54 @@ class Fallback:
     def full(self) -> str:
         """The line, then every path on its own line (for warnings.txt)."""
         return "\n".join([self.line(), *(f"    {p}" for p in self.paths)])
+
+
+def hydra_error_text(error: BaseException) -> str:
+    """A Hydra composition error (a bad override, an unknown group option, a value of the wrong type) as one
+    paragraph: Hydra's message and its OmegaConf cause, as Hydra prints them for a single run, without the config
+    search path and OmegaConf's `full_key:`/`reference_type=` lines; a group's available options on one line with
+    the closest one (`noise=ofset` -> "Did you mean noise=offset?"); for a key the schema lacks, the closest real
+    settings instead of Hydra's advice to add it with '+' (which would train without it)."""
+    import difflib
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = error.__cause__
+    missing = re.match(r"Could not override '([^']+)'", str(error))
+    if missing and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        from lora_sweep.config import _is_free_form, unknown_key_message
+
+        if not _is_free_form(missing[1]):
+            return unknown_key_message(missing[1])
+    text = str(error) + ("\n" + str(cause) if isinstance(cause, OmegaConfBaseException) else "")
+    override = getattr(error, "override", None)  # OverrideParseException: a syntax error in one override
+    if isinstance(override, str) and override not in text:
+        text = f"Error parsing override '{override}':\n{text}"
+    lines, options, available = [], None, {}
+    for line in text.splitlines():
+        if line.startswith("Config search path"):
+            break
+        if re.match(r"\s+(full_key|reference_type|object_type|key|value_type|parent_node)\b", line) or not line.strip():
+            continue
+        heading = re.match(r"Available options in '([^']+)':$", line)
+        if heading:
+            options = (heading[1], available.setdefault(heading[1], []))
+            lines.append(line)
+        elif options is not None and line.startswith(("\t", " ")):
+            options[1].append(line.strip())
+            lines[-1] = f"Available options in '{options[0]}': {', '.join(options[1])}"
+        else:
+            options = None
+            lines.append(line.strip())
+    paragraph = " ".join(line if line.endswith((".", ":", "?")) else line + "." for line in lines)
+    unknown = re.search(r"Key '[^']+' not in '\w+'\s+full_key: (\S+)", text)  # a config file's misspelt key
+    if unknown:
+        from lora_sweep.config import _is_free_form, unknown_key_message
+
+        paragraph += "" if _is_free_form(unknown[1]) else " " + unknown_key_message(unknown[1])
+    wanted = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if wanted and available.get(wanted[1]):
+        near = difflib.get_close_matches(wanted[2], available[wanted[1]], n=2, cutoff=0.5)
+        paragraph += f" Did you mean {' or '.join(f'{wanted[1]}={o}' for o in near)}?" if near else ""
+    return paragraph

@@ -6,12 +6,13 @@ sweep's MLflow parent run exists, for every job of a sweep in the launching proc
 and again, cheaply, at the start of each job (`run.run_job`), where its fallbacks are logged on the MLflow run.
 
 `check_job(cfg)` makes these checks and never stops at the first problem:
-- the config's values (`validate.config_problems`);
+- the config's keys and values (`validate.config_problems`: a key the schema lacks, ranges, combinations, paths);
 - the dataset (`data.dir`, `data.validation_dir`): the folder tree, every image header (size after EXIF
   orientation, frames), every caption file (UTF-8, not empty), and the bucket of every image (an image too small
   for a bucket is named with its size);
 - the prompt file (`sampling.prompt_file`, with line numbers) and `sampling.prompts`;
-- the optimizer's learning-rate groups (`optimizer.name`, `train.lr`, `train.text_encoder_lr`);
+- the optimizer's learning-rate groups (`optimizer.name`, `train.lr`, `train.text_encoder_lr`) and its arguments
+  (`optimizer.args`: names against the class's signature, values by building it once on a dummy parameter);
 - a `train.resume` state against `train.max_steps`;
 - every folder a job writes (output, states, cache, a local MLflow store, Hydra's run or sweep folder): writable or
   creatable, checked without creating anything.
@@ -81,6 +82,7 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
     _check_data(cfg, report, memo)
     _check_prompts(cfg, report)
     _attempt(report, lambda: _check_learning_rates(cfg))
+    report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
     report.problems += folder_problems(cfg, hydra_dir)
     report.problems = list(dict.fromkeys(report.problems))  # a path problem found twice is said once
@@ -165,6 +167,34 @@ def _check_learning_rates(cfg) -> None:
         warnings.simplefilter("ignore")
         optim.check_learning_rates(cfg.optimizer.name, lr=t.lr, text_encoder_lr=t.text_encoder_lr,
                                    train_text_encoder=cfg.network.train_text_encoder)
+
+
+def _optimizer_arg_problems(cfg, memo: _Memo) -> list[str]:
+    """`optimizer.args` against the optimizer class: names (with the closest real one) and values (the class
+    built once on a dummy parameter), once per distinct (optimizer, args) of a sweep."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from lora_sweep.training import optim
+
+    name = cfg.optimizer.name
+    try:
+        option = optim.OPTIMIZERS[optim.resolve_optimizer_name(name)]
+    except UserError:
+        return []  # reported by the config checks
+    args = OmegaConf.to_container(cfg.optimizer.args, resolve=True)
+    quiet = logging.getLogger("bitsandbytes")  # its CPU-kernel notice on import says nothing about the user's input
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return memo.get(("optimizer", name, json.dumps(args, sort_keys=True, default=repr)),
+                        lambda: optim.optimizer_arg_problems(name, args))
+    except ImportError as error:
+        return [f"optimizer={name}: cannot import {option.import_path.replace(':', '.')} ({error}); install the "
+                "package that provides it."]
+    finally:
+        quiet.setLevel(level)
 
 
 def _check_resume_state(cfg, memo: _Memo) -> None:
@@ -281,6 +311,8 @@ def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from lora_sweep.errors import hydra_error_text
+
     sweeper = config.hydra.sweeper
     if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         log.info("pre-flight: the sweeper %s picks its jobs as it runs; checking the sweep's base config now and "
@@ -293,15 +325,15 @@ def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, 
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except Exception as error:  # Hydra's own message (an unknown group option in a glob, a bad sweep syntax)
-        return [("the sweep", None, str(error).strip().splitlines()[0])]
+        return [("the sweep", None, hydra_error_text(error))]
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     configs = []
     for num, overrides in enumerate(jobs):
         label = f"#{num}" + "".join(f" {o}" for o in overrides if o.split("=", 1)[0] in swept)
         try:
             configs.append((label, loader.load_sweep_config(config, list(overrides)), None))
-        except Exception as error:
-            configs.append((label, None, str(error).strip().splitlines()[0]))
+        except Exception as error:  # as a single run shows it: `train.max_steps=abc`, `noise=ofset` and its options
+            configs.append((label, None, hydra_error_text(error)))
     return configs
 
 

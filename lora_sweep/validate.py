@@ -1,9 +1,10 @@
 """Range and cross-field checks on a composed config, run before anything heavy loads.
 
-Hydra's schema already rejects unknown keys and wrong types; this adds what a type cannot say (ranges, enums,
-combinations, paths). Each failure is a `ConfigError` naming the field and what it accepts; all failures of one
-config are reported together, so a user fixes them in one go. Every numeric field has a range here, every string
-field with fixed choices lists them, every path that must exist is checked. An optional strength set to 0 is off,
+Hydra's schema already rejects wrong types and unknown keys in files; a key added with '+' is refused here (with the
+closest real keys), and this adds what a type cannot say (ranges, enums, combinations, paths). Each failure is a
+`ConfigError` naming the field and what it accepts; all failures of one config are reported together, so a user
+fixes them in one go. Every numeric field has a range here, every string field with fixed choices lists them, every
+path that must exist is checked. An optional strength set to 0 is off,
 as null is (`noise.adaptive_scale`, `loss.min_snr_gamma`), never an error: kohya tests them as `if args.x:`.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
+
+from omegaconf import DictConfig
 
 from lora_sweep.errors import ConfigError, UserError
 from lora_sweep.training.failures import FAULT_CHOICES, FAULT_SPEC
@@ -187,8 +190,13 @@ def _check_model_path(cfg) -> None:
 
 
 def _check_data_dir(cfg) -> None:
+    if cfg.data.name == "folder" and not cfg.data.dir:
+        raise ConfigError(
+            "data.dir: data=folder trains on your own dataset, and data.dir is not set. Set data.dir=PATH, a folder "
+            "in kohya's layout (<dir>/<repeats>_<name>/ with images and .txt captions), or use data=photos for the "
+            "bundled photos.")
     if cfg.data.name == "folder" or cfg.data.dir:
-        if not cfg.data.dir or not Path(cfg.data.dir).expanduser().is_dir():
+        if not Path(cfg.data.dir).expanduser().is_dir():
             raise ConfigError(
                 f"data.dir: '{cfg.data.dir}' is not a folder. Set data.dir to a dataset in kohya's layout "
                 "(<dir>/<repeats>_<name>/ with images and .txt captions), or use data=photos for the bundled photos."
@@ -196,8 +204,12 @@ def _check_data_dir(cfg) -> None:
 
 
 def config_problems(cfg) -> list[str]:
-    """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid."""
-    problems = []
+    """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid. A key the schema
+    lacks (`+noise.ofset=0.1`: Hydra adds it, nothing reads it) is a problem too, with the closest real keys."""
+    from lora_sweep.config import unknown_key_message, unknown_keys
+
+    keys = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
+    problems = [unknown_key_message(key, added=True) for key in keys]
     for check in _checks(cfg):
         try:
             check()

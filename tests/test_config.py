@@ -112,3 +112,82 @@ def test_every_launcher_composes_with_the_projects_config(launcher):
     assert cfg.hydra.launcher._target_.endswith(("GpuQueueLauncher", "RayLauncher", "SlurmLauncher"))
     if launcher == "gpu_queue":
         assert "torch" in cfg.hydra.launcher.preload  # lora-sweep's preload list on top of the plugin's schema
+
+
+def test_a_key_added_with_plus_is_a_problem_naming_the_closest_real_key():
+    """`+noise.ofset=0.1` composes (Hydra adds any key with '+') and nothing reads it: refused, with noise.offset;
+    keys under optimizer.args (kohya's --optimizer_args) are free-form and checked against the optimizer instead."""
+    from lora_sweep.config import unknown_keys
+    from lora_sweep.validate import config_problems
+
+    cfg = compose_config("+noise.ofset=0.1", "+optimizer.args.amsgrad=true", "+train.unet_lr=0.5")
+    assert unknown_keys(cfg) == ["noise.ofset", "train.unet_lr"]
+    problems = config_problems(cfg)
+    assert problems[0].startswith("noise.ofset is not a setting: '+noise.ofset=...' adds it, but nothing reads it")
+    assert "Did you mean noise.offset?" in problems[0] and "Did you mean train.lr" in problems[1]
+    assert unknown_keys(compose_config("experiment=v57", "data=folder")) == []
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["noise.ofset=0.1"], "Did you mean noise.offset?"),
+    (["-m", "noise.ofset=0.1,0.2", "train.max_steps=2"], "Did you mean noise.offset?"),
+    (["noise.huber_c=0.1"], "Did you mean loss.huber_c?"),
+    (["sampling.promt_file=p.txt"], "Did you mean sampling.prompt_file"),
+    (["nosie=offset"], "Did you mean noise?"),
+])
+def test_a_command_line_key_the_schema_lacks_is_refused_before_hydra(argv, suggestion):
+    from lora_sweep.config import command_line_problems
+
+    (problem,) = command_line_problems(argv)
+    assert suggestion in problem and "+" not in problem  # never Hydra's advice to append it
+
+
+def test_what_hydra_checks_itself_is_left_to_it():
+    from lora_sweep.config import command_line_problems
+
+    assert command_line_problems(["+noise.ofset=1", "~noise.offset", "optimizer.args.d_cof=2", "noise=ofset",
+                                  "hydra.job.chdir=true", "hydra/launcher=ray", "experiment=glob(v*)",
+                                  "train.max_steps=abc", "--cfg", "job"]) == []
+    assert command_line_problems(["-cn", "other", "noise.x=1"]) == [] and command_line_problems(["--help"]) == []
+
+
+def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option():
+    from lora_sweep.errors import hydra_error_text
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("noise=ofset")
+    text = hydra_error_text(err.value)
+    assert "Available options in 'noise': ip, multires, multires_ip, none, offset, offset_ip." in text
+    assert "Did you mean noise=offset" in text and "search path" not in text and "\n" not in text
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("train.max_steps=abc")
+    text = hydra_error_text(err.value)
+    assert text == ("Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not be converted "
+                    "to Integer.")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("noise.ofset=0.1")
+    assert hydra_error_text(err.value).startswith("noise.ofset is not a setting. Did you mean noise.offset?")
+
+
+def test_the_readme_variant_at_demo_scale_keeps_its_knobs_and_changes_only_the_scale():
+    """README: `python sweep.py experiment=v57 preset=demo` is one run of v57 (offset + IP noise, min-SNR,
+    DAdaptAdamPreprint, fp8) at the demo's scale, instead of 2048 px, 6,000 steps and 1024^2 samples."""
+    full, demo = compose_config("experiment=v57"), compose_config("experiment=v57", "preset=demo")
+    assert (full.data.resolution, full.train.max_steps, full.sampling.prompt_file is not None) == (2048, 6000, True)
+    assert (demo.data.resolution, demo.train.max_steps, demo.sampling.prompt_file) == (64, 8, None)
+    assert len(demo.sampling.prompts) == 2 and demo.sampling.steps == 4
+    for key in ("noise", "loss", "optimizer", "precision", "tracking"):
+        assert demo[key] == full[key], key
+    validate(demo)
+
+
+def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
+    from lora_sweep.errors import hydra_error_text
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nnoise:\n  ofset: 0.1\n")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine")
+    text = hydra_error_text(err.value)
+    assert text.startswith("In 'experiment/mine': ConfigKeyError raised while composing config: Key 'ofset' not in")
+    assert "noise.ofset is not a setting. Did you mean noise.offset?" in text

@@ -269,3 +269,65 @@ def test_many_problems_of_one_kind_are_listed_up_to_ten_then_counted():
     assert lines[0].startswith("Pre-flight found 14 problems in a sweep of 2 jobs")
     assert sum("is empty." in line for line in lines[1:11]) == 10 and "[job #0]" in lines[1]
     assert lines[-1] == "- ... and 3 more like: data.dir: caption file '…' is empty."
+
+
+@pytest.mark.parametrize("argv", [["noise.ofset=0.1"], ["+noise.ofset=0.1", "train.max_steps=1"],
+                                  ["-m", "noise=none,offset", "+noise.ofset=0.1"]])
+def test_a_misspelt_key_never_trains_silently(app, argv):
+    """Without '+', refused before Hydra composes (Hydra's own advice, "use +noise.ofset", would train without
+    it); with '+', refused by the pre-flight. Either way: the real key, exit 2, nothing written."""
+    code, out = app(*argv)
+    assert code == 2 and "Did you mean noise.offset?" in out
+    assert "To append" not in out and "HYDRA_FULL_ERROR" not in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["optimizer=adamw", "optimizer.args.betas=[0.9]", "train.max_steps=1"],
+     "optimizer.args.betas=[0.9]: AdamW (optimizer=adamw) takes 2 values, like its default [0.9, 0.999]."),
+    (["optimizer=prodigy", "+optimizer.args.d_cof=2"],
+     "optimizer.args.d_cof is not an argument of Prodigy (optimizer=prodigy). Did you mean optimizer.args.d_coef?"),
+    (["optimizer.args.eps=-1"],
+     "optimizer.args.eps=-1: AdamW (optimizer=adamw) refuses it (ValueError: Invalid epsilon value: -1). Its "
+     "default is 1e-08."),
+])
+def test_optimizer_arguments_are_checked_before_the_model_loads(app, argv, message):
+    code, out = app(*argv)
+    assert code == 2 and "Pre-flight found 1 problem;" in out and message in out and "Traceback" not in out
+
+
+def test_a_sweep_names_the_jobs_a_bad_optimizer_argument_hits(app):
+    code, out = app("-m", "optimizer.args.eps=1e-8,-1", "noise=none,offset")
+    assert code == 2 and "Pre-flight found 1 problem in a sweep of 4 jobs" in out
+    line = next(line for line in out.splitlines() if "optimizer.args.eps=-1: AdamW" in line)
+    assert line.endswith("[jobs #2 optimizer.args.eps=-1 noise=none, #3 optimizer.args.eps=-1 noise=offset]")
+
+
+@pytest.mark.parametrize("argv, details", [
+    (["-m", "train.max_steps=abc,2"], ["train.max_steps=abc", "could not be converted to Integer"]),
+    (["-m", "noise=ofset,none"], ["Available options in 'noise': ip, multires, multires_ip, none, offset, offset_ip",
+                                  "Did you mean noise=offset"]),
+    (["train.max_steps=abc"], ["Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not"]),
+    (["noise=ofset"], ["Could not find 'noise/ofset'. Available options in 'noise': ip,"]),
+])
+def test_hydra_details_reach_the_user_in_a_sweep_as_in_a_single_run(app, argv, details):
+    code, out = app(*argv)
+    assert code == 2 and all(d in out for d in details), out
+    assert "HYDRA_FULL_ERROR" not in out and "Config search path" not in out and "full_key" not in out
+
+
+def test_data_folder_without_a_folder_names_the_setting_to_set(app):
+    code, out = app("data=folder")
+    assert code == 2 and "data.dir: data=folder trains on your own dataset, and data.dir is not set." in out
+    assert "'None'" not in out
+
+
+def test_a_failed_sweep_job_ends_with_its_reason_not_hydras_advice(tmp_path):
+    """A user's error in a job (here a set-up fault no pre-flight can see) ends the sweep with exit 1 and the
+    reason alone: no "Set the environment variable HYDRA_FULL_ERROR=1" line, no traceback."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic",
+                          "train.debug_fault=setup_error", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "HYDRA_FULL_ERROR" not in text and "Traceback" not in text and "debug_fault" in out.stderr

@@ -197,7 +197,9 @@ def check_prompts(
                 if str(line).strip() and not str(line).strip().startswith("#")]
     if not sourced and not problems:
         where = f"{setting} ('{prompt_file}')" if prompt_file is not None else "sampling.prompts"
-        problems.append(f"{where}: no prompts found. Give at least one prompt line (or disable sampling).")
+        off = "sampling.prompt_file=null" if prompt_file is not None else "sampling.prompts=[]"
+        problems.append(f"{where}: no prompts found (only blank or # comment lines). Give at least one prompt line, "
+                        f"or set {off} to sample nothing.")
     specs, dashed = [], []
     for index, (where, place, line) in enumerate(sourced):
         try:

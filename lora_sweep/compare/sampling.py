@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
 from typing import Callable, ContextManager, Iterator, Sequence
 
@@ -25,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lora_sweep.compare.prompts import PromptSpec
+
+log = logging.getLogger(__name__)
 
 # SDXL base 1.0's scheduler_config.json (EulerDiscreteScheduler), the schedule the UNet was trained with; equal to
 # lora_sweep/assets/sdxl_base/scheduler/scheduler_config.json (a test checks it).
@@ -114,6 +117,7 @@ def sample_images(
     tokenizer_2,
     prompts: Sequence[PromptSpec],
     autocast: Callable[[], ContextManager] | None = None,
+    label: str = "",
 ) -> list[Image.Image]:
     """Draw one image per prompt with the current (LoRA-equipped) UNet; training state is left exactly as found.
 
@@ -121,8 +125,14 @@ def sample_images(
     its device for the call if they are elsewhere. `autocast` is an optional factory of the training precision's
     autocast context, needed when base weights are stored in fp8/fp16 or the modules' dtypes differ, so that the
     forward passes run the way they do in training.
+
+    Progress: one log line naming every prompt's size and steps (e.g. "sampling at step 0 (`label`): 3 prompts,
+    p00 1024x1024 30 steps, ..."), then a tqdm bar over all their denoising steps (one UNet call each, two with
+    CFG), described by the prompt being drawn; it leaves no line behind. A 1024^2 sample on a CPU takes minutes:
+    this is what the console shows meanwhile.
     """
     import torch
+    from tqdm.auto import tqdm
 
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -135,8 +145,19 @@ def sample_images(
     with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2):
         for module in modules:
             module.eval()
+        sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps" for i, p in enumerate(prompts))
+        log.info("sampling%s: %d prompt%s, %s", f" at {label}" if label else "", len(prompts),
+                 "s" * (len(prompts) != 1), sizes)
+        bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+
+        def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
+            bar.update(1)
+            return tensors
+
         try:
-            for spec in prompts:
+            for index, spec in enumerate(prompts):
+                bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
+                                    f"{spec.width}x{spec.height}")
                 generator = torch.Generator(device="cpu").manual_seed(spec.seed)
                 size = (spec.height, spec.width)
                 with autocast() if autocast is not None else contextlib.nullcontext():
@@ -152,9 +173,11 @@ def sample_images(
                         target_size=size,
                         crops_coords_top_left=(0, 0),
                         output_type="pil",
+                        callback_on_step_end=advance,
                     )
                 images.append(output.images[0])
         finally:
+            bar.close()
             for module, mode in zip(modules, was_training):
                 module.train(mode)
     return images

@@ -232,6 +232,18 @@ class TensorCache:
                     empty.rmdir()
         return freed
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) per kind of entry (`latents`, `text`, ...; leftovers of killed writes counted in bytes
+        only), and under "bookkeeping" (files, bytes) of the file digests (`.hashes/`) and per-key locks."""
+        usage: dict[str, list[int]] = {}
+        for f in self._owned_files():
+            top = f.parent.parent.name  # <root>/<kind>/<shard>/file, <root>/.hashes/<shard>/file, .locks/<kind>/file
+            kind = "bookkeeping" if top in (".hashes", ".locks") else top
+            counts = usage.setdefault(kind, [0, 0])
+            counts[0] += kind == "bookkeeping" or f.name.endswith(".safetensors") and not f.name.startswith(".")
+            counts[1] += _size(f)
+        return {kind: (n, size) for kind, (n, size) in sorted(usage.items())}
+
     def summary(self) -> str:
         entries = sum(1 for f in self._owned_files() if f.suffix == ".safetensors")
         return f"{entries} entries, {self.size_bytes() / 2**20:.1f} MiB in {self.root}"

@@ -18,7 +18,6 @@ fallback it took, as `Fallback`s with counts and paths, so nothing changes what 
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 NOT_READ_EXTENSIONS = (".heic", ".heif", ".jxl", ".psd", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
                        ".raf", ".rw2", ".exr", ".hdr")
 _NOT_CAPTIONS = (*IMAGE_EXTENSIONS, *NOT_READ_EXTENSIONS, ".npz", ".json", ".xmp", ".pt", ".safetensors")
-_SUBSET = re.compile(r"^(\d+)_(.+)$")
+
+
+def subset_params(name: str) -> tuple[int, str] | None:
+    """(repeats, class token) of a folder name, as kohya reads it (config_util.py, `extract_dreambooth_params`):
+    split on '_', the first part an integer, the rest joined by '_' the class token: `10_my_char` -> (10, "my_char"),
+    `10_` and `10` -> (10, "") (an empty class token), `notes` -> None (not a subset); fewer than 1 repeat is not
+    used (kohya skips it)."""
+    head, _, rest = name.partition("_")
+    try:
+        return int(head), rest
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,13 +87,15 @@ def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting
         if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             found.loose.append(entry)
         elif entry.is_dir():
-            match = _SUBSET.match(entry.name)
-            if not match:
+            params = subset_params(entry.name)
+            if params is None:
                 scan.ignored_dirs.append(entry)
-            elif int(match.group(1)) == 0:
+            elif params[0] < 1:
                 found.zero_repeats.append(entry)
             else:
-                _scan_subset(entry, int(match.group(1)), match.group(2), caption_extension, setting, scan, found)
+                if not params[1]:
+                    found.empty_class_token.append(entry)
+                _scan_subset(entry, params[0], params[1], caption_extension, setting, scan, found)
     scan.fallbacks += found.fallbacks(setting, caption_extension, scan)
     if not scan.items:
         scan.problems.append(_nothing_to_train(root, setting, caption_extension, scan, found))
@@ -96,6 +108,7 @@ class _Found:
 
     loose: list[Path] = field(default_factory=list)  # images directly in the root
     zero_repeats: list[Path] = field(default_factory=list)
+    empty_class_token: list[Path] = field(default_factory=list)  # `10_` or `10`: trained, with an empty class token
     nested: list[Path] = field(default_factory=list)  # images in subfolders of a subset folder
     not_read: list[Path] = field(default_factory=list)
     missing_caption: list[Path] = field(default_factory=list)
@@ -119,6 +132,9 @@ class _Found:
              "Extract the frames you want as separate images."),
             (scan.ignored_dirs, "subfolders without kohya's '<repeats>_' prefix: not used",
              "Rename a folder to <repeats>_<name> (e.g. 10_mychar) to train on it."),
+            (self.empty_class_token, "folders named <repeats>_ or <repeats> without a <name>: trained with an empty "
+             "class token, as kohya does (their images without a caption file train on an empty caption)",
+             "Name the folder <repeats>_<name> (e.g. 10_mychar) to give it a class token."),
             (self.zero_repeats, f"folders with 0 repeats: not used ({zero_images} images)",
              "Give them 1 or more repeats to train on them."),
             (self.nested, "images inside subfolders of a <repeats>_<name> folder: not used (kohya does not look "
@@ -188,7 +204,7 @@ def _nothing_to_train(root: Path, setting: str, caption_extension: str, scan: Fo
     if found.loose:
         reasons.append(f"{len(found.loose)} image(s) sit directly in the folder, outside any <repeats>_<name> folder"
                        + (f" (is {setting} the folder '{root.name}' itself instead of its parent '{root.parent}'?)"
-                          if _SUBSET.match(root.name) else ""))
+                          if subset_params(root.name) else ""))
     return (f"{setting}: no readable images to train on in '{root}'. Expected subfolders named <repeats>_<name> with "
             f"1 or more repeats (e.g. 10_photo) holding images ({', '.join(IMAGE_EXTENSIONS)}) and optional "
             f"'{caption_extension}' captions" + ("; " + "; ".join(reasons) if reasons else "") + ".")

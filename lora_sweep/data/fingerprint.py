@@ -10,15 +10,12 @@ reworded, a file added, removed or moved to another subset) changes it; copying 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from lora_sweep.data.cache_keys import file_sha256
-from lora_sweep.data.dataset import IMAGE_EXTENSIONS
-
-_SUBSET = re.compile(r"^\d+_.+$")  # kohya's `<repeats>_<name>` folders; others are ignored by the dataset too
+from lora_sweep.data.dataset import IMAGE_EXTENSIONS, subset_params
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,7 @@ def dataset_files(root: Path, caption_extension: str) -> list[Path]:
     if not root.is_dir():
         return found
     suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
-    for subset in sorted(p for p in root.iterdir() if p.is_dir() and _SUBSET.match(p.name)):
+    for subset in sorted(p for p in root.iterdir() if p.is_dir() and subset_params(p.name) is not None):
         found += sorted(p for p in subset.iterdir()
                         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
     return found

@@ -90,6 +90,7 @@ class Sampler:
             unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
             text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
             prompts=self.prompts, autocast=lambda: precision.autocast(s.policy, s.device.type),
+            label=f"step {step}",
         )
         log_samples(images, self.prompts, step, sink=s.sink)
         s.sink.metrics(mean_metrics(images), step)

@@ -113,19 +113,94 @@ def _normalized_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     return normalized
 
 
-def _check_accepted(name: str, optimizer_class: type, kwargs: Mapping[str, Any]) -> None:
-    for key in ("lr", "params"):
-        if key in kwargs:
-            raise ConfigError(f"optimizer.args.{key} is not allowed: the learning rate is train.lr, the params come "
-                              f"from the LoRA network.")
+def _accepted_names(optimizer_class: type) -> list[str] | None:
+    """The keyword arguments `optimizer_class` takes besides params and lr; None if it takes any (**kwargs)."""
     signature = inspect.signature(optimizer_class.__init__)
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return
-    accepted = [p for p in signature.parameters if p not in ("self", "params", "lr")]
+        return None
+    return [p for p in signature.parameters if p not in ("self", "params", "lr")]
+
+
+def _argument_name_problems(name: str, optimizer_class: type, kwargs: Mapping[str, Any]) -> list[str]:
+    """One line per `optimizer.args` key the class does not take, with the closest real argument (difflib)."""
+    import difflib
+
+    problems = [f"optimizer.args.{key} is not allowed: the learning rate is train.lr, the params come from the "
+                f"LoRA network." for key in ("lr", "params") if key in kwargs]
+    accepted = _accepted_names(optimizer_class)
+    if accepted is None:
+        return problems
     for key in kwargs:
-        if key not in accepted:
-            raise ConfigError(f"optimizer.args.{key} is not an argument of {optimizer_class.__name__} ({name}); "
-                              f"accepted: {accepted}.")
+        if key not in accepted and key not in ("lr", "params"):
+            near = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            problems.append(f"optimizer.args.{key} is not an argument of {optimizer_class.__name__} (optimizer={name})."
+                            + (f" Did you mean optimizer.args.{near[0]}?" if near else "") + f" Accepted: {accepted}.")
+    return problems
+
+
+def _check_accepted(name: str, optimizer_class: type, kwargs: Mapping[str, Any]) -> None:
+    problems = _argument_name_problems(name, optimizer_class, kwargs)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _shown(value: Any) -> str:
+    """A value as the user typed it on the command line: sequences as [a, b]."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float) -> BaseException | None:
+    """The exception `optimizer_class` raises when built with `kwargs` on a one-element dummy parameter, else None.
+    Any exception type counts: torch's AdamW raises IndexError for a one-value betas."""
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer_class([{"params": [dummy]}], lr=lr, **kwargs)
+    except Exception as error:  # noqa: BLE001  (the class's own validation: whatever it raises is the answer)
+        return error
+    return None
+
+
+def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None) -> list[str]:
+    """Every problem of `optimizer.args` for the option `name`, found without a model, one paragraph each naming
+    the setting: an argument the optimizer class does not take (with the closest real one); a sequence whose length
+    differs from the option's default (betas takes 2 values); a value the class refuses, found by building the
+    optimizer once on a one-element CPU dummy parameter (with the option's default lr: the learning rates are
+    `check_learning_rates`'), each argument that differs from the option's default tried alone to name the one at
+    fault. Imports the optimizer's library (bitsandbytes, ~5 s, only for its options). Raises ConfigError for an
+    unknown optimizer name."""
+    option_name = resolve_optimizer_name(name)
+    option = OPTIMIZERS[option_name]
+    optimizer_class = _load_class(option.import_path)
+    label = f"{optimizer_class.__name__} (optimizer={option_name})"
+    given = _normalized_args(args)
+    problems = _argument_name_problems(option_name, optimizer_class, {**option.defaults, **given})
+    accepted = _accepted_names(optimizer_class)
+    given = {k: v for k, v in given.items() if k not in ("lr", "params") and (accepted is None or k in accepted)}
+    for key, value in list(given.items()):
+        default = option.defaults.get(key)
+        if isinstance(default, tuple) and not (isinstance(value, tuple) and len(value) == len(default)):
+            problems.append(f"optimizer.args.{key}={_shown(value)}: {label} takes {len(default)} values, like its "
+                            f"default {_shown(default)}.")
+            del given[key]
+    kwargs = {**option.defaults, **given}
+    if _refusal(optimizer_class, kwargs, option.default_lr) is None:
+        return problems
+    changed = [key for key in given if key not in option.defaults or given[key] != option.defaults[key]]
+    refused = []
+    for key in changed:
+        error = _refusal(optimizer_class, {**option.defaults, key: given[key]}, option.default_lr)
+        if error is not None:
+            default = f" Its default is {_shown(option.defaults[key])}." if key in option.defaults else ""
+            refused.append(f"optimizer.args.{key}={_shown(given[key])}: {label} refuses it "
+                           f"({type(error).__name__}: {str(error).rstrip('.')}).{default}")
+    if not refused:  # each alone is accepted, together they are not
+        error = _refusal(optimizer_class, kwargs, option.default_lr)
+        together = ", ".join(f"optimizer.args.{k}={_shown(given[k])}" for k in changed) or "its defaults"
+        reason = f"{type(error).__name__}: {str(error).rstrip('.')}"
+        refused.append(f"{together}: {label} refuses these together ({reason}).")
+    return problems + refused
 
 
 def _group_lrs(param_groups: list[dict], lr: float) -> list[tuple[str, float]]:
@@ -185,7 +260,7 @@ def build_optimizer(
     _check_accepted(option_name, optimizer_class, kwargs)
     try:
         optimizer = optimizer_class(param_groups, lr=lr, **kwargs)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, IndexError) as err:
         raise ConfigError(f"{optimizer_class.__name__} ({option_name}) rejected its arguments {kwargs}: {err}") from err
     optimizer.lora_sweep_kwargs = dict(kwargs)  # for optimizer_description; torch keeps no record of what was passed
     return optimizer

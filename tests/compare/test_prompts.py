@@ -121,3 +121,15 @@ def test_prompt_file_not_utf8_names_the_line(tmp_path):
     path.write_bytes(b"a cat\n\xef\xbb\xbfok\nartist\x92s room\n")
     with pytest.raises(UserError, match=r"sampling.prompt_file '.*prompts.txt', line 3: not valid UTF-8"):
         load_prompts(prompt_file=path)
+
+
+def test_an_empty_prompt_source_names_the_setting_that_turns_sampling_off(tmp_path):
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("# only comments\n\n", encoding="utf-8")
+    _, (problem,), _ = check_prompts(prompt_file=path)
+    assert problem == (f"sampling.prompt_file ('{path}'): no prompts found (only blank or # comment lines). Give at "
+                       "least one prompt line, or set sampling.prompt_file=null to sample nothing.")
+    _, (problem,), _ = check_prompts(["# a comment"])
+    assert problem.endswith("or set sampling.prompts=[] to sample nothing.")

@@ -251,3 +251,16 @@ def test_modules_on_moves_and_returns():
     with modules_on(torch.device("cuda", 0), parked):
         assert parked.weight.device.type == "cuda"
     assert parked.weight.device.type == "cpu"
+
+
+def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd):
+    """A long sample is never a silent `0step`: one log line with every prompt's size and steps, then a bar over
+    all denoising steps (3 + 3 here) naming the prompt being drawn."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lora_sweep.compare.sampling"):
+        draw(pipe, label="step 0")
+    assert caplog.messages == ["sampling at step 0: 2 prompts, p00 64x64 3 steps, p01 64x64 3 steps"]
+    bar = capfd.readouterr().err
+    assert "sampling at step 0: prompt 1/2, 64x64" in bar and "sampling at step 0: prompt 2/2, 64x64" in bar
+    assert "0/6 [" in bar  # one bar over every denoising step of the call

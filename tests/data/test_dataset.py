@@ -134,3 +134,24 @@ def test_a_warning_line_counts_in_words():
     many = Fallback("data.dir", "caption files (.txt) whose first line is blank", tuple("abcde"))
     assert many.line() == "data.dir: 5 caption files (.txt) whose first line is blank: 'a', 'b', 'c' and 2 more."
     assert many.full().splitlines()[1:] == [f"    {p}" for p in "abcde"]
+
+
+def test_a_folder_without_a_name_trains_with_an_empty_class_token_as_in_kohya(tmp_path):
+    """kohya splits a folder name on '_' and reads the first part as the repeats (config_util.py,
+    extract_dreambooth_params): `10_` and `10` are 10 repeats with an empty class token, `3_my_char` has the class
+    token `my_char`. Trained, and said: images without a caption there train on an empty caption."""
+    from lora_sweep.data.dataset import subset_params
+    from lora_sweep.data.fingerprint import dataset_files
+
+    assert [subset_params(n) for n in ("10_", "10", "3_my_char", "notes", "x_10")] == [
+        (10, ""), (10, ""), (3, "my_char"), None, None]
+    image(tmp_path / "10_" / "a.png")
+    image(tmp_path / "2" / "b.png", caption="a caption")
+    image(tmp_path / "3_my_char" / "c.png")
+    scan = inspect_folder(tmp_path)
+    assert [(i.path.name, i.repeats, i.caption) for i in scan.items] == [
+        ("a.png", 10, ""), ("b.png", 2, "a caption"), ("c.png", 3, "my_char")]
+    assert fallback(scan, "without a <name>").paths == (str(tmp_path / "10_"), str(tmp_path / "2"))
+    assert "empty class token, as kohya does" in fallback(scan, "without a <name>").line()
+    assert not scan.ignored_dirs and not scan.problems
+    assert [p.name for p in dataset_files(tmp_path, ".txt")] == ["a.png", "b.png", "b.txt", "c.png"]

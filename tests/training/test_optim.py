@@ -207,3 +207,23 @@ def test_learning_rate_groups_are_checked_without_parameters(name):
     check_learning_rates(name, lr=1.0, text_encoder_lr=0, train_text_encoder=True)  # frozen TE group: fine
     check_learning_rates(name, lr=1.0, text_encoder_lr=0.5, train_text_encoder=False)  # no TE group
     check_learning_rates("adamw", lr=1e-4, text_encoder_lr=5e-5, train_text_encoder=True)
+
+
+def test_optimizer_arguments_are_checked_without_a_model() -> None:
+    """The pre-flight's check: names against the class's signature (with the closest real one), lengths against
+    the option's defaults, values by building the optimizer once on a dummy parameter, each named alone."""
+    problems = optim.optimizer_arg_problems
+    assert problems("adamw", {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}) == []
+    assert problems("adamw", {"betas": [0.9]}) == [
+        "optimizer.args.betas=[0.9]: AdamW (optimizer=adamw) takes 2 values, like its default [0.9, 0.999]."]
+    (unknown,) = problems("prodigy", {"d_cof": 2})
+    assert unknown.startswith("optimizer.args.d_cof is not an argument of Prodigy (optimizer=prodigy). Did you "
+                              "mean optimizer.args.d_coef? Accepted: [")
+    unknown, value = problems("adamw", {"eps": -1, "foo": 2})  # an unknown name does not hide a bad value
+    assert unknown.startswith("optimizer.args.foo is not an argument of AdamW")
+    assert value == ("optimizer.args.eps=-1: AdamW (optimizer=adamw) refuses it (ValueError: Invalid epsilon value: "
+                     "-1). Its default is 1e-08.")
+    assert problems("dadapt_adam", {"d0": -1})[0].startswith("optimizer.args.d0=-1: DAdaptAdam")
+    (together,) = problems("adamw", {"fused": True, "foreach": True})
+    assert together.startswith("optimizer.args.fused=True, optimizer.args.foreach=True: AdamW (optimizer=adamw) "
+                               "refuses these together (RuntimeError:")

@@ -1,0 +1,65 @@
+"""`python -m lora_sweep cache [clean [--states]]`: what the cache root holds, honestly, and what a clean removes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lora_sweep.__main__ import main
+from lora_sweep.data.cache import TensorCache
+
+
+def filled_root(root: Path) -> Path:
+    """A cache root as runs leave it: 2 latent + 1 text entries (and their digests), a training state of one run,
+    the tiny model, the bundled photos, and a file lora-sweep did not write."""
+    store = TensorCache(root)
+    for i in range(2):
+        store.put("latents", f"{i:064x}", {"latents": torch.zeros(4, 8, 8)})
+    store.put("text", "f" * 64, {"context": torch.zeros(77, 64)})
+    store.file_sha256(Path(__file__))  # a digest in .hashes/
+    run = root / "states" / "0123456789abcdef" / "run1"
+    run.mkdir(parents=True)
+    (run / "state-step00000002.pt").write_bytes(b"s" * 3 * 2**20)
+    (run.parent / ".lock").write_text("")
+    (root / "models" / "tiny-sdxl-v1-seed0" / "unet").mkdir(parents=True)
+    (root / "models" / "tiny-sdxl-v1-seed0" / "unet" / "w.safetensors").write_bytes(b"m" * 2**20)
+    (root / "datasets" / "photos-v1" / "5_photo").mkdir(parents=True)
+    (root / "datasets" / "photos-v1" / "5_photo" / "a.png").write_bytes(b"p" * 2**19)
+    (root / "notes.txt").write_text("mine")
+    return root
+
+
+def test_info_counts_every_kind_with_its_size(tmp_path, capsys):
+    root = filled_root(tmp_path / "cache")
+    assert main(["cache", "--dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cache at {root}: 4.5 MiB in all")
+    assert "  latents: 2 latent entries, 0.0 MiB" in out and "  text: 1 text-encoder entry, 0.0 MiB" in out
+    assert "  training states: 1 state of 1 run, 3.0 MiB (a stopped run resumes from them: `cache clean` keeps" in out
+    assert "  built models: 1 (tiny-sdxl-v1-seed0), 1.0 MiB" in out and "  bundled datasets: 1 (photos-v1), 0.5" in out
+    assert "  other files and folders: 1 item, 0.0 MiB (not written by lora-sweep: never removed)" in out
+
+
+def test_clean_keeps_the_states_unless_asked_and_says_what_it_removed(tmp_path, capsys):
+    root = filled_root(tmp_path / "cache")
+    assert main(["cache", "clean", "--dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cache at {root}: removed 1.5 MiB:")
+    assert "  removed latents: 2 latent entries" in out and "  removed built models: 1 (tiny-sdxl-v1-seed0)" in out
+    assert "  kept training states: 1 state of 1 run, 3.0 MiB" in out and "  kept other files" in out
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "states"]
+    assert (root / "states" / "0123456789abcdef" / "run1" / "state-step00000002.pt").is_file()
+    assert main(["cache", "clean", "--states", "--dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "  removed training states: 1 state of 1 run, 3.0 MiB" in out
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+
+
+def test_a_root_that_does_not_exist_is_said_so_and_nothing_claimed(tmp_path, capsys):
+    missing = tmp_path / "nonexist_cache"
+    assert main(["cache", "clean", "--dir", str(missing)]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"cache at {missing}: the folder does not exist, so nothing is cached there and nothing was "
+                   "removed.\n")
+    assert "removed the cache" not in out and not missing.exists()
