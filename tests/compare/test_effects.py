@@ -39,7 +39,7 @@ def test_replicates_pair_over_seeds_and_separate_a_real_effect():
     assert found.effect == pytest.approx(0.1 + 0.002 / 3, abs=1e-9)
     same = difference(ga, groups_of(*[make_run("c", s, 0.50 + 0.01 * s, **{"noise.offset": "0.1"})
                                       for s in (1, 2, 3)])[0], "fit/loss")
-    assert same.verdict == "within noise" and same.effect == pytest.approx(0.0)
+    assert same.verdict == "no difference" and same.effect == 0.0  # identical replicates: not "within noise"
     assert estimate(ga, "fit/loss").n == 3 and estimate(ga, "fit/loss").has_interval
 
 
