@@ -40,17 +40,19 @@ def signed(value: float | None, digits: int = 4) -> str:
 
 def estimate_text(entry: dict) -> str:
     """'0.1234 [0.1201, 0.1267]', '0.1234' (no interval: n = 1), '0.1234 (no spread)' (identical replicates), or,
-    without a value, why (e.g. 'did not halve: fit/loss never fell below its step-0 value')."""
+    without a value, why (e.g. 'did not halve (fit/loss never fell below its start)'); when only some runs have
+    one, the number and why the others do not ('2 (1 of 2 runs: did not halve (not in the mean))')."""
     if entry["mean"] is None:
-        return entry.get("note") or "—"
+        return entry.get("missing") or entry.get("note") or "—"
+    missing = f" ({entry['missing']})" if entry.get("missing") else ""
     if entry["low"] is None:
-        return format_number(entry["mean"])
+        return format_number(entry["mean"]) + missing
     if entry["low"] == entry["high"]:
-        return f"{format_number(entry['mean'])} (no spread)"
+        return f"{format_number(entry['mean'])} (no spread){missing}"
     digits = distinct_digits((entry["mean"], entry["low"], entry["high"]))
     mark = CLIPPED_MARK if entry.get("clipped") else ""
     return (f"{format_number(entry['mean'], max(4, digits))} "
-            f"[{format_number(entry['low'], digits)}, {format_number(entry['high'], digits)}]{mark}")
+            f"[{format_number(entry['low'], digits)}, {format_number(entry['high'], digits)}]{mark}{missing}")
 
 
 def interval_text(entry: dict) -> str:

@@ -52,6 +52,10 @@ EVAL_NOISE_ONLY = "1 run each: evaluation noise only, not run-to-run noise"
 # What each metric is measured from at step 0 (before training): see start_difference.
 START_OF = {"fit/loss": "fit/loss", "val/loss": "val/loss", "fit/loss_auc": "fit/loss", "fit/steps_to_half": "fit/loss",
             **{m: m for m in IMAGE_METRICS}}
+# The size of the terms a metric is computed from (stats.resolved): an MSE of unit-variance noise, a statistic of
+# [0, 1] pixels (colourfulness on Hasler and Suesstrunk's 0..255 scale); the steps to half have none (0).
+SCALE = {"fit/loss": 1.0, "val/loss": 1.0, "fit/loss_auc": 1.0, **{m: 1.0 for m in IMAGE_METRICS},
+         "img/colorfulness": 255.0}
 BOUNDS = {  # the values a metric can take (lora_sweep.compare.metrics for the image statistics)
     "fit/loss": (0.0, math.inf), "val/loss": (0.0, math.inf), "fit/loss_auc": (0.0, math.inf),
     "img/luminance_mean": (0.0, 1.0), "img/luminance_std": (0.0, 0.5), "img/edge_energy": (0.0, math.inf),
@@ -113,7 +117,7 @@ def missing_reason(run: VariantData, metric: str) -> str:
         if len({s for s, _ in history}) < 2:
             return "fewer than two fit/loss evaluations"
         if metric == "fit/steps_to_half":
-            return f"did not halve: fit/loss never fell below its step-{history[0][0]} value"
+            return "did not halve (fit/loss never fell below its start)"
     return f"{metric} not logged"
 
 
@@ -136,27 +140,29 @@ def _join(*notes: str) -> str:
 
 
 def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[float], str]:
-    """(the values of the finished runs, a note on the runs without one)."""
+    """(the values of the finished runs, why runs have none: 'did not halve (...)' when none has a value,
+    '1 of 3 runs: did not halve (not in the mean)' when some have)."""
     if not group.finished:
         return [], "no finished run"
     values, missing = [], []
     for run in group.finished:
         value = run_value(run, metric, step)
         (values.append(value) if value is not None else missing.append(missing_reason(run, metric)))
-    reasons = "; ".join(dict.fromkeys(missing))
     if not missing:
         return values, ""
     if not values:
-        return values, reasons
-    return values, f"{len(missing)} of {len(group.finished)} runs: {reasons} (the others' mean)"
+        return values, "; ".join(dict.fromkeys(missing))
+    short = "; ".join(dict.fromkeys(m.split(" (")[0] for m in missing))
+    return values, f"{len(missing)} of {len(group.finished)} runs: {short} (not in the mean)"
 
 
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:
     """Mean over the variant's finished replicates with its t interval (none for n = 1), clipped at the metric's
-    `bounds`; the note says why runs have no value (e.g. fit/loss did not halve)."""
+    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not halve). A mean over the
+    runs that halved favours the variant: the page shows that note beside it."""
     values, reasons = _reasons(group, metric, step)
-    found = mean_interval(values)
-    found = dataclasses.replace(found, note=reasons if not values else _join(found.note, reasons))
+    found = mean_interval(values, scale=SCALE.get(metric, 0.0))
+    found = dataclasses.replace(found, note=reasons if not values else _join(found.note, reasons), missing=reasons)
     return clip(found, *bounds(metric, group.finished))
 
 
@@ -185,13 +191,13 @@ def image_values(run: VariantData) -> dict[str, dict[str, float]]:
     return {f"img/{m}": {key: values[m] for key, values in per_key.items()} for m in METRIC_KEYS}
 
 
-def _over_runs(va: dict, vb: dict) -> Difference | None:
+def _over_runs(va: dict, vb: dict, scale: float) -> Difference | None:
     """Paired over common seeds (>= 2), else Welch over runs (>= 2 each), else None (one run on a side)."""
     common = sorted(s for s in set(va) & set(vb) if s is not None)
     if len(common) >= 2:
-        return paired_difference([va[s] for s in common], [vb[s] for s in common], unit="seeds")
+        return paired_difference([va[s] for s in common], [vb[s] for s in common], unit="seeds", scale=scale)
     if len(va) >= 2 and len(vb) >= 2:
-        return unpaired_difference(list(va.values()), list(vb.values()), unit="runs")
+        return unpaired_difference(list(va.values()), list(vb.values()), unit="runs", scale=scale)
     return None
 
 
@@ -202,12 +208,13 @@ def _first(values: dict, run: VariantData) -> float:
 def _one_run_each(a: VariantGroup, b: VariantGroup, metric: str, va: dict, vb: dict,
                   images: dict) -> Difference:
     """Paired over the evaluation points or sample images of the two shown runs, else the bare difference."""
-    ra, rb = a.representative, b.representative
+    ra, rb, scale = a.representative, b.representative, SCALE.get(metric, 0.0)
     if metric in POINT_METRICS:
         pa, pb = ra.points.get(metric) or {}, rb.points.get(metric) or {}
         shared = sorted(set(pa) & set(pb))
         if len(shared) >= 2:
-            found = paired_difference([pa[k] for k in shared], [pb[k] for k in shared], unit="(image, t, eps) points")
+            found = paired_difference([pa[k] for k in shared], [pb[k] for k in shared], unit="(image, t, eps) points",
+                                      scale=scale)
             return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
     if metric in IMAGE_METRICS:
         for run in (ra, rb):
@@ -216,9 +223,10 @@ def _one_run_each(a: VariantGroup, b: VariantGroup, metric: str, va: dict, vb: d
         ia, ib = images[ra.run_id].get(metric, {}), images[rb.run_id].get(metric, {})
         shared = sorted(set(ia) & set(ib))
         if len(shared) >= 2:
-            found = paired_difference([ia[k] for k in shared], [ib[k] for k in shared], unit="(prompt, seed) images")
+            found = paired_difference([ia[k] for k in shared], [ib[k] for k in shared], unit="(prompt, seed) images",
+                                      scale=scale)
             return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
-    return no_interval(_first(va, ra), _first(vb, rb))
+    return no_interval(_first(va, ra), _first(vb, rb), scale=scale)
 
 
 def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None,
@@ -235,9 +243,11 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
     va = {r.seed: v for r in a.finished if (v := run_value(r, metric, step)) is not None}
     vb = {r.seed: v for r in b.finished if (v := run_value(r, metric, step)) is not None}
     if not va or not vb:
-        why = _join(*(f"{g.name}: {_reasons(g, metric, step)[1]}" for g, v in ((a, va), (b, vb)) if not v))
-        return Difference(float("nan"), None, None, 0, "", why)
-    found = _over_runs(va, vb) or _one_run_each(a, b, metric, va, vb, images)
+        sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not halve"
+        for group in (g for g, v in ((a, va), (b, vb)) if not v):
+            sides.setdefault(_reasons(group, metric, step)[1], []).append(group.name)
+        return Difference(float("nan"), None, None, 0, "", _join(*(f"{', '.join(n)}: {r}" for r, n in sides.items())))
+    found = _over_runs(va, vb, SCALE.get(metric, 0.0)) or _one_run_each(a, b, metric, va, vb, images)
     found = clip(found, *_difference_bounds(metric, [*a.finished, *b.finished]))
     start = start_difference(a, b, metric)
     if start is None:
@@ -257,8 +267,9 @@ def start_difference(a: VariantGroup, b: VariantGroup, metric: str) -> Differenc
     sa, sb = _start_values(a, metric), _start_values(b, metric)
     if not sa or not sb:
         return None
-    found = _over_runs(sa, sb) or no_interval(_first(sa, a.representative), _first(sb, b.representative),
-                                              note="one run each: no interval")
+    scale = SCALE.get(START_OF[metric], 0.0)
+    found = _over_runs(sa, sb, scale) or no_interval(_first(sa, a.representative), _first(sb, b.representative),
+                                                     note="one run each: no interval", scale=scale)
     return None if found.identical else found
 
 
@@ -276,8 +287,9 @@ def change_difference(a: VariantGroup, b: VariantGroup, metric: str, step: int |
     ca, cb = changes(a), changes(b)
     if not ca or not cb:
         return None
-    return _over_runs(ca, cb) or no_interval(_first(ca, a.representative), _first(cb, b.representative),
-                                             note="one run each: no interval")
+    scale = SCALE.get(metric, 0.0)
+    return _over_runs(ca, cb, scale) or no_interval(_first(ca, a.representative), _first(cb, b.representative),
+                                                    note="one run each: no interval", scale=scale)
 
 
 @dataclasses.dataclass

@@ -217,7 +217,8 @@ def read_run(client, run, scratch: Path):
     warnings_text = None
     if run.data.params.get("data.warnings", "0") not in ("0", ""):
         with contextlib.suppress(Exception):  # the count is shown anyway; the text is a courtesy
-            warnings_text = Path(client.download_artifacts(run_id, "data/warnings.txt", str(scratch))).read_text("utf-8")
+            local = client.download_artifacts(run_id, "data/warnings.txt", str(scratch))
+            warnings_text = Path(local).read_text("utf-8")
     return VariantData(
         name=run.data.tags.get(VARIANT_TAG) or run.info.run_name or run_id[:8], run_id=run_id, status=run.info.status,
         params=dict(run.data.params), final_metrics=dict(run.data.metrics), histories=histories, cells={},

@@ -220,7 +220,8 @@ def _one_knob(summary: dict) -> tuple[str, list[str]]:
     rows = []
     for pair in pairs:
         change = html.escape(f"{pair['knob']}: {pair['from']} → {pair['to']}")
-        values = html.escape(pair["entails"].replace(" -> ", " → "))
+        same = [v["key"] for v in pair["values"]] == [pair["knob"]]  # a value knob: its row already says it
+        values = "" if same else html.escape(pair["entails"].replace(" -> ", " → "))
         mark = (f"<span class='compound'>compound ({len(pair['values'])} values)</span>: " if pair["compound"]
                 else "")
         row = [f"<b>{html.escape(pair['a'])} → {html.escape(pair['b'])}</b>",

@@ -16,9 +16,12 @@ each, the two values are equal), so there is no spread either; that is what two 
 config show, and "within noise [+0, +0]" would wrongly suggest a noise that is not there.
 
 Floating-point resolution: two values whose difference is at most `RESOLUTION` (1e-9) times their magnitude are
-equal. The metrics are computed in float32 on the device (one float32 step is 2^-23 ~ 1.2e-7 of the value, so a
-real difference between two runs is never smaller than ~6e-8 relative), then post-processed in float64 here
-(sums, the interpolation of `fitting_speed`), whose rounding stays orders of magnitude below 1e-9: a difference
+equal; the magnitude is at least the metric's `scale`, the size of the terms it is computed from (1 for an MSE of
+unit-variance noise or a statistic of [0, 1] pixels), since a value near 0 made of such terms carries their
+rounding (the spread of a flat image's luma is 1e-17, not 0). The metrics are computed in float32 on the device
+(one float32 step is 2^-23 ~ 1.2e-7 of the value, so a real difference between two runs is never smaller than
+~6e-8 relative), then post-processed in float64 here (sums, the interpolation of `fitting_speed`), whose
+rounding stays orders of magnitude below 1e-9: a difference
 of -5.551e-12 steps between two fitting speeds is rounding, and reads 0.
 
 Bounds: `clip` cuts an interval at a metric's natural bounds (a step count lies within the run, an MSE is not
@@ -41,10 +44,10 @@ NO_INTERVAL_N1 = f"n = 1: no interval ({REPLICATE_HINT})"
 RESOLUTION = 1e-9  # relative: differences below it are floating-point rounding (module docstring)
 
 
-def resolved(a: float, b: float) -> float:
-    """b - a, or exactly 0.0 when |b - a| <= RESOLUTION * max(|a|, |b|) (rounding, not a difference)."""
+def resolved(a: float, b: float, scale: float = 0.0) -> float:
+    """b - a, or exactly 0.0 when |b - a| <= RESOLUTION * max(|a|, |b|, scale) (rounding, not a difference)."""
     diff = float(b) - float(a)
-    return 0.0 if abs(diff) <= RESOLUTION * max(abs(float(a)), abs(float(b))) else diff
+    return 0.0 if abs(diff) <= RESOLUTION * max(abs(float(a)), abs(float(b)), scale) else diff
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Estimate:
     n: int
     note: str = ""
     clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
+    missing: str = ""  # why some or all runs have no value ("did not halve ..."), shown beside the mean
 
     @property
     def has_interval(self) -> bool:
@@ -64,7 +68,7 @@ class Estimate:
 
     def as_dict(self) -> dict:
         return {"mean": _json_float(self.mean), "low": _json_float(self.low), "high": _json_float(self.high),
-                "n": self.n, "note": self.note, "clipped": self.clipped}
+                "n": self.n, "note": self.note, "clipped": self.clipped, "missing": self.missing}
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def _t_interval(mean: float, sem: float, df: float, confidence: float) -> tuple[
     return float(low), float(high)
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE, *, scale: float = 0.0) -> Estimate:
     """Mean of `values` (non-finite ones dropped) with its t interval over n - 1 degrees of freedom.
 
     n = 0 gives a NaN mean and n = 1 the value itself, both without an interval (and a note saying why).
@@ -160,14 +164,14 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Es
     mean = float(array.mean())
     if array.size == 1:
         return Estimate(mean, None, None, 1, NO_INTERVAL_N1)
-    if all(resolved(array[0], x) == 0.0 for x in array):
+    if all(resolved(array[0], x, scale) == 0.0 for x in array):
         return Estimate(mean, mean, mean, int(array.size))  # identical values: no spread (not rounding's)
     low, high = _t_interval(mean, float(stats.sem(array)), array.size - 1, confidence)
     return Estimate(mean, low, high, int(array.size))
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pairs",
-                      confidence: float = CONFIDENCE) -> Difference:
+                      confidence: float = CONFIDENCE, scale: float = 0.0) -> Difference:
     """Mean of b[i] - a[i] over the pairs where both are finite, with the t interval of the differences
     (the interval of scipy.stats.ttest_rel). `unit` names what a pair is ("seeds", "(image, t, eps) points").
     Each pair's difference is `resolved` (rounding reads 0); when every one is 0 the result is `identical`.
@@ -176,7 +180,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pa
     """
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pairs need equal lengths")
-    d = np.array([resolved(x, y) if math.isfinite(x) and math.isfinite(y) else math.nan
+    d = np.array([resolved(x, y, scale) if math.isfinite(x) and math.isfinite(y) else math.nan
                   for x, y in zip(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))])
     d = d[np.isfinite(d)]
     basis = f"paired over {d.size} {unit}"
@@ -189,7 +193,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pa
 
 
 def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "runs",
-                        confidence: float = CONFIDENCE) -> Difference:
+                        confidence: float = CONFIDENCE, scale: float = 0.0) -> Difference:
     """mean(b) - mean(a) with Welch's t interval (scipy.stats.ttest_ind(b, a, equal_var=False)); no interval
     unless both sides have at least two values."""
     from scipy import stats
@@ -198,8 +202,8 @@ def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "
     basis = f"unpaired, {xa.size} + {xb.size} {unit}"
     if xa.size == 0 or xb.size == 0:
         return Difference(float("nan"), None, None, int(xa.size + xb.size), basis, "a side has no value")
-    effect = resolved(float(xa.mean()), float(xb.mean()))
-    identical = all(resolved(xa[0], x) == 0.0 for x in (*xa, *xb))
+    effect = resolved(float(xa.mean()), float(xb.mean()), scale)
+    identical = all(resolved(xa[0], x, scale) == 0.0 for x in (*xa, *xb))
     if xa.size < 2 or xb.size < 2:
         return Difference(effect, None, None, int(xa.size + xb.size), basis, NO_INTERVAL_N1, identical=identical)
     va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
@@ -209,10 +213,11 @@ def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "
     return Difference(effect, float(interval.low), float(interval.high), int(xa.size + xb.size), basis)
 
 
-def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_INTERVAL_N1) -> Difference:
+def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_INTERVAL_N1, *,
+                scale: float = 0.0) -> Difference:
     """b - a (`resolved`) when nothing pairs or replicates them: the difference, and no interval; `identical`
     when the two values are equal."""
-    effect = resolved(a, b)
+    effect = resolved(a, b, scale)
     return Difference(effect, None, None, 2, basis, note, identical=effect == 0.0)
 
 

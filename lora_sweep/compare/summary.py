@@ -10,7 +10,7 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
   "variants": [{"name", "label", "tag", "n", "seeds", "run_ids", "status", "replicate_key", "is_baseline",
                 "data_warnings",                                    # the pre-flight's fallbacks (most of a run)
-                "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped"}},
+                "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped", "missing"}},
                 "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
                                              "within_noise", "verdict", "identical", "clipped",
                                              ["at_start", "change"]} | {"comparable": false, "reason"}}}],
@@ -62,9 +62,11 @@ def build_summary(data) -> dict[str, Any]:
     pairs = [{"a": groups[p.a].name, "b": groups[p.b].name, **p.knob.as_dict(), **p.knob.values_dict(),
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
-    notes = list(data.notes) + [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are "
-                                f"left out of the numbers." for g in groups if len(g.finished) < g.n] + [f"{groups[i].name} and {groups[j].name} train the same config (they differ only "
-                                f"in their name, sampling or evaluation settings)." for i, j in same_training(groups)]
+    notes = list(data.notes)
+    notes += [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are left out of the "
+              "numbers." for g in groups if len(g.finished) < g.n]
+    notes += [f"{groups[i].name} and {groups[j].name} train the same config (they differ only in their name, "
+              "sampling or evaluation settings)." for i, j in same_training(groups)]
     return {
         "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,
         "tracking_uri": data.tracking_uri, "step": step, "confidence": CONFIDENCE, "baseline": base.name,

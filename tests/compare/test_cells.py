@@ -30,8 +30,10 @@ def test_identical_values_read_no_difference():
 
 
 def test_missing_values_and_clipped_intervals_say_so():
-    missing = Estimate(float("nan"), None, None, 0, "did not halve: fit/loss never fell below its step-0 value")
+    missing = Estimate(float("nan"), None, None, 0, "did not halve (fit/loss never fell below its start)")
     assert estimate_text(entry(missing)) == missing.note
+    some = Estimate(2.0, None, None, 1, "n = 1", missing="1 of 2 runs: did not halve (not in the mean)")
+    assert estimate_text(entry(some)) == "2 (1 of 2 runs: did not halve (not in the mean))"
     assert estimate_text(entry(Estimate(2.25, 0.0, 8.0, 2, clipped=True))) == "2.25 [0, 8]†"
     no_value = Difference(float("nan"), None, None, 0, "", "v59: did not halve")
     assert effect_text(entry(no_value)) == ("no value: v59: did not halve", "none")

@@ -100,15 +100,19 @@ def test_a_run_whose_fit_loss_never_falls_says_why_it_has_no_steps_to_half():
     rising = [(0, 1.0), (4, 1.1), (8, 1.2)]
     ga, gb = groups_of(make_run("v57", 1, 0.2), with_history("v59", 1, rising, **{"loss.huber_c": "0.08"}))
     entry = estimate(gb, "fit/steps_to_half").as_dict()
-    assert entry["n"] == 0 and entry["note"] == "did not halve: fit/loss never fell below its step-0 value"
-    assert estimate_text(entry) == "did not halve: fit/loss never fell below its step-0 value"  # not "—"
+    assert entry["n"] == 0 and entry["note"] == "did not halve (fit/loss never fell below its start)"
+    assert estimate_text(entry) == "did not halve (fit/loss never fell below its start)"  # not "—"
     found = difference(ga, gb, "fit/steps_to_half")
-    assert found.verdict == "no value" and found.note.startswith("v59: did not halve")
-    assert effect_text(found.as_dict() | {"comparable": True})[0].startswith("no value: v59: did not halve")
+    assert found.verdict == "no value" and found.note == "v59: did not halve (fit/loss never fell below its start)"
+    assert effect_text(found.as_dict() | {"comparable": True})[0] == f"no value: {found.note}"
+    both = difference(gb, groups_of(with_history("v61", 1, rising, **{"loss.huber_c": "0.5"}))[0], "fit/steps_to_half")
+    assert both.note == "v59, v61: did not halve (fit/loss never fell below its start)"  # said once
     # some replicates halve, one does not: the mean is over those that did, and the note says how many did not
     (mixed,) = groups_of(make_run("v57", 1, 0.2), make_run("v57", 2, 0.3), with_history("v57", 3, rising))
     assert estimate(mixed, "fit/steps_to_half").n == 2
-    assert estimate(mixed, "fit/steps_to_half").note.startswith("1 of 3 runs: did not halve")
+    assert estimate(mixed, "fit/steps_to_half").missing == "1 of 3 runs: did not halve (not in the mean)"
+    assert estimate_text(estimate(mixed, "fit/steps_to_half").as_dict()).endswith("(1 of 3 runs: did not halve "
+                                                                                  "(not in the mean))")
     (short,) = groups_of(with_history("v62", 1, [(0, 1.0)]))
     assert estimate(short, "fit/loss_auc").note == "fewer than two fit/loss evaluations"
 
@@ -135,7 +139,8 @@ def test_variants_that_differ_before_training_show_it_and_the_change_from_step_0
     found = difference(ga, gb, "fit/loss")
     assert found.effect == pytest.approx(0.1 + 0.003)  # the final difference, as before
     assert found.at_start.effect == pytest.approx(0.2) and found.at_start.basis == "paired over 2 seeds"
-    assert found.at_start.verdict == "different" and (found.at_start.low, found.at_start.high) == pytest.approx((0.2, 0.2))
+    assert found.at_start.verdict == "different"
+    assert (found.at_start.low, found.at_start.high) == pytest.approx((0.2, 0.2))  # every pair alike
     assert found.change.effect == pytest.approx((0.6 - 1.2 + 0.018) - (0.5 - 1.0 + 0.015))  # -0.097
     entry = found.as_dict()
     assert entry["at_start"]["effect"] == pytest.approx(0.2) and entry["change"]["effect"] == pytest.approx(-0.097)

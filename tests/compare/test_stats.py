@@ -107,6 +107,10 @@ def test_identical_values_read_no_difference_and_rounding_is_no_difference():
     assert not unpaired_difference([1.0, 1.5], [1.0, 1.5 + 1e-6]).identical
     assert unpaired_difference([1.0, 1.0], [1.0, 1.0]).verdict == "no difference"
     assert paired_difference([1.0, float("nan")], [float("nan"), 2.0]).verdict == "no value"
+    # a value near 0 made of O(1) terms (a flat image's luma spread) carries their rounding: the metric's scale
+    assert no_interval(1.388e-17, 5.551e-17).verdict == "no interval"
+    assert no_interval(1.388e-17, 5.551e-17, scale=1.0).verdict == "no difference"
+    assert paired_difference([1e-17, 2e-17], [5e-17, -3e-17], scale=1.0).verdict == "no difference"
 
 
 def test_fitting_speed_is_exact_where_the_curve_halves_between_its_start_and_its_lowest_point():

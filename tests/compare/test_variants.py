@@ -139,7 +139,8 @@ def test_display_hides_inert_settings():
 def test_replicates_are_named_without_their_seed():
     # -m noise=none,offset train.seed=1,2,3: run.py names each job by the overrides the sweep varies
     runs = [run(f"noise={noise} train.seed={seed}", seed, job=2 * seed + i, **{"tracking.variant": "None"},
-                **({"noise.offset": "0.1"} if i else {})) for seed in (1, 2, 3) for i, noise in enumerate(("none", "offset"))]
+                **({"noise.offset": "0.1"} if i else {}))
+            for seed in (1, 2, 3) for i, noise in enumerate(("none", "offset"))]
     groups = group_replicates(runs)
     assert [(g.name, g.n, g.seeds) for g in groups] == [("noise=none", 3, [1, 2, 3]), ("noise=offset", 3, [1, 2, 3])]
     assert groups[0].label == "noise=none (n = 3, seeds 1, 2, 3)"
