@@ -64,8 +64,9 @@ def interval_text(entry: dict) -> str:
     return f"[{signed(entry['low'], digits)}, {signed(entry['high'], digits)}]{mark}"
 
 
-def difference_text(entry: dict) -> str:
-    """A difference on its own: 'no difference', 'within noise [..]', '+0.05 [..]', '+0.05 (no interval)'."""
+def difference_text(entry: dict, *, compact: bool = False) -> str:
+    """A difference on its own: 'no difference', 'within noise [..]', '+0.05 [..]', '+0.05 (no interval)' ('+0.05'
+    when `compact`)."""
     verdict = entry["verdict"]
     if verdict == "no difference":
         return "no difference"
@@ -79,7 +80,7 @@ def difference_text(entry: dict) -> str:
         if entry["low"] == entry["high"]:
             return f"{signed(entry['effect'], digits)} (every pair alike)"
         return f"{signed(entry['effect'], digits)} {interval}"
-    return f"{signed(entry['effect'])} (no interval)"
+    return signed(entry["effect"]) if compact else f"{signed(entry['effect'])} (no interval)"
 
 
 def effect_text(entry: dict | None) -> tuple[str, str]:
@@ -101,7 +102,7 @@ def start_text(entry: dict | None) -> str:
     training; '' otherwise."""
     if not entry or not entry.get("comparable") or entry.get("at_start") is None:
         return ""
-    text = f"differs at step 0: {difference_text(entry['at_start'])}"
+    text = f"differs at step 0: {difference_text(entry['at_start'], compact=True)}"
     if entry.get("change") is not None:
-        text += f"; change from step 0: {difference_text(entry['change'])}"
+        text += f"; change from step 0: {difference_text(entry['change'], compact=True)}"
     return text

@@ -232,8 +232,8 @@ def _one_run_each(a: VariantGroup, b: VariantGroup, metric: str, va: dict, vb: d
 def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None,
                images: dict[str, dict[str, dict[str, float]]] | None = None) -> Difference | NotComparable:
     """b - a for `metric` on the most honest basis available (see the module docstring), its interval clipped at
-    the metric's bounds. A side without a value gives a Difference with no value whose note says why (e.g. "v59:
-    did not halve: ..."). When the two already differ at step 0 (`start_difference`), the result carries that
+    the metric's bounds. A side without a value gives a Difference with no value whose note says why ("v59: did not
+    halve (fit/loss never fell below its start)"). When the two already differ at step 0 (`start_difference`), the result carries that
     difference (`at_start`) and the difference of the changes from step 0 (`change`). `images` caches
     `image_values` by run id."""
     why = comparable(a, b, metric)

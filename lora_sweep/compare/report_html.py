@@ -298,20 +298,28 @@ def _curves(figures: dict[str, bytes]) -> tuple[str, list[str]]:
 
 
 def _data_warnings(data: ReportData, summary: dict) -> list[str]:
-    """One note per run whose data had fallbacks (the pre-flight's warnings), with the run's data/warnings.txt:
-    its text when the report could read it, and a link to the artifact where it is a local file."""
+    """A note for the runs whose data had fallbacks (the pre-flight's warnings), one per distinct warnings file
+    (replicates and variants on the same data share one): the count, the variants, the text of data/warnings.txt
+    when the report could read it, and a link to the first run's artifact where it is a local file."""
     runs = {r.run_id: r for g in data.groups for r in g.runs}
-    parts = []
+    total = len(runs)
+    shared: dict[tuple[int, str], list[dict]] = {}
     for found in summary.get("data_warnings", []):
         run = runs.get(found["run_id"])
-        where = f"{run.artifact_uri.rstrip('/')}/{WARNINGS_ARTIFACT}" if run is not None and run.artifact_uri else ""
-        link = (f"<a href='{html.escape(where, quote=True)}'>{WARNINGS_ARTIFACT}</a>"
-                if where.startswith("file:") else f"{WARNINGS_ARTIFACT}")
-        text = (run.warnings_text if run is not None else None) or ""
-        count = found["count"]
-        parts.append(f"<div class='note' data-warnings-run='{found['run_id']}'>⚠ {html.escape(found['variant'])} "
-                     f"(run {found['run_id'][:8]}): {count} data warning{'s' if count != 1 else ''}, fallbacks the "
-                     f"pre-flight allowed (see {link} of the run)"
+        shared.setdefault((found["count"], (run.warnings_text if run else None) or ""), []).append(found)
+    parts = []
+    for (count, text), founds in shared.items():
+        first = runs.get(founds[0]["run_id"])
+        where = f"{first.artifact_uri.rstrip('/')}/{WARNINGS_ARTIFACT}" if first and first.artifact_uri else ""
+        link = (f"<a href='{html.escape(where, quote=True)}'>{WARNINGS_ARTIFACT}</a>" if where.startswith("file:")
+                else WARNINGS_ARTIFACT)
+        names = ", ".join(dict.fromkeys(f["variant"] for f in founds))
+        plural = "s" if len(founds) > 1 else ""
+        which = f"all {total} runs" if len(founds) == total else f"{len(founds)} run{plural} ({names})"
+        ids = " ".join(f["run_id"] for f in founds)
+        parts.append(f"<div class='note' data-warnings-runs='{ids}'>⚠ {count} data warning{'s' if count != 1 else ''}"
+                     f" (fallbacks the pre-flight allowed) in {html.escape(which)}: see {link} of run "
+                     f"{founds[0]['run_id'][:8]}"
                      + (f"<details><summary>show</summary><pre class='warnings'>{html.escape(text)}</pre></details>"
                         if text else "") + "</div>")
     return parts

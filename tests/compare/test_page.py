@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from lora_sweep.compare.report_html import ReportData, render_html
 from lora_sweep.compare.summary import build_summary
 from lora_sweep.compare.variants import VariantData
@@ -30,7 +32,7 @@ def page() -> tuple[str, dict, ReportData]:
                                                                           "sampling.prompt_file": LONG + "y"})
              for s in (1, 2)]
     runs[0].params["data.warnings"] = runs[1].params["data.warnings"] = "2"  # the same data: the same fallbacks
-    runs[0].warnings_text = "skipped 1_photos/broken.png: cannot identify image file\n"
+    runs[0].warnings_text = runs[1].warnings_text = "skipped 1_photos/broken.png: cannot identify image file\n"
     data = ReportData(title="t", subtitle="s", step=None, image_keys=[], column_titles={}, variants=runs)
     summary = build_summary(data)
     return render_html(data, {}, summary), summary, data
@@ -62,9 +64,10 @@ def test_shared_parameters_are_settings_and_data_warnings_are_notes_per_run():
     assert warned == {"variant": "noise=none", "run_id": data.groups[0].runs[0].run_id, "count": 2,
                       "artifact": "data/warnings.txt"} and other["run_id"] == data.groups[0].runs[1].run_id
     assert [v["data_warnings"] for v in summary["variants"]] == [2, 0]
-    note = html.split(f"data-warnings-run='{warned['run_id']}'>", 1)[1].split("</div>", 1)[0]
-    assert "noise=none" in note and "2 data warnings" in note and "broken.png" in note
-    assert "href='file:///tmp/mlruns/1/non1/artifacts/data/warnings.txt'" in note
+    (note,) = re.findall(r"<div class='note' data-warnings-runs='([^']*)'>(.*?)</div>", html, re.S)  # one for both
+    assert note[0] == f"{warned['run_id']} {other['run_id']}"
+    assert "2 data warnings (fallbacks the pre-flight allowed) in 2 runs (noise=none)" in note[1]
+    assert "broken.png" in note[1] and "href='file:///tmp/mlruns/1/non1/artifacts/data/warnings.txt'" in note[1]
 
 
 def test_variants_are_named_without_their_seed_everywhere():
@@ -79,3 +82,22 @@ def test_variants_are_named_without_their_seed_everywhere():
     assert not pair["compound"] and pair["values"] == [{"key": "noise.offset", "from": "0", "to": "0.1"}]
     block = re.search(r'id="lora-sweep-summary">(.*?)</script>', html, re.S).group(1)
     assert json.loads(block) == json.loads(json.dumps(summary))
+
+
+def test_a_pair_that_differs_before_training_shows_it_on_the_page_as_in_the_json():
+    from lora_sweep.compare.cells import start_text
+
+    runs = [make_run(f"precision={name} train.seed={s}", s, 0.5, **{"precision.name": name}) for s in (1, 2)
+            for name in ("fp8", "fp16")]
+    for run in runs[1::2]:  # fp16 base weights: the same points measure differently before any training
+        run.histories["fit/loss"] = [(0, 1.2), (4, 0.9), (8, 0.6 + 0.01 * run.seed)]
+    data = ReportData(title="t", subtitle="s", step=None, image_keys=[], column_titles={}, variants=runs)
+    summary = build_summary(data)
+    html = render_html(data, {}, summary)
+    (pair,) = summary["one_knob_pairs"]
+    entry = pair["effects"]["fit/loss"]
+    assert entry["at_start"]["effect"] == pytest.approx(0.2) and entry["change"]["verdict"] == "different"
+    shown = re.search(r"<span class='start' data-a='precision=fp8' data-b='precision=fp16' "
+                      r"data-metric='fit/loss' data-kind='at-start'>([^<]*)</span>", html).group(1)
+    assert shown == start_text(entry).replace("'", "&#x27;") and shown.startswith("differs at step 0: +0.2")
+    assert summary["variants"][1]["vs_baseline"]["fit/loss"]["at_start"] == entry["at_start"]
