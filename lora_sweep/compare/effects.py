@@ -16,7 +16,13 @@ Only finished runs enter the numbers (a failed or stopped run's last value is no
    run-to-run noise, and says so;
 4. otherwise the bare difference, with no interval.
 Two variants measured on different inputs (other sample prompts, other validation or data settings) are "not
-comparable" for those metrics, with the reason.
+comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: fit/loss
+that never fell below its start has no steps to half). Intervals are clipped at the metric's `bounds`.
+
+Two variants that already differ at step 0, before any training (every LoRA starts at zero, so only the base
+model can make them differ there: fp8 vs fp16 base weights), are flagged: the difference carries the step-0
+difference (`at_start`) and the difference of the changes from step 0 (`change`), the effect of training with
+the base model's difference taken out; the final difference alone would confound the two.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Sequence
 from lora_sweep.compare.metrics import METRIC_KEYS, image_metrics
 from lora_sweep.compare.params import knobs, Knob
 from lora_sweep.compare.stats import (
-    Difference, Estimate, fitting_speed, mean_interval, no_interval, paired_difference, unpaired_difference,
+    Difference, Estimate, clip, fitting_speed, mean_interval, no_interval, paired_difference, unpaired_difference,
 )
 from lora_sweep.compare.variants import VariantData, VariantGroup
 
@@ -43,6 +49,18 @@ METRIC_NOTES = {
     "fit/steps_to_half": "steps to half of the run's fit/loss decrease (lower: fits faster)",
 }
 EVAL_NOISE_ONLY = "1 run each: evaluation noise only, not run-to-run noise"
+# What each metric is measured from at step 0 (before training): see start_difference.
+START_OF = {"fit/loss": "fit/loss", "val/loss": "val/loss", "fit/loss_auc": "fit/loss", "fit/steps_to_half": "fit/loss",
+            **{m: m for m in IMAGE_METRICS}}
+# The size of the terms a metric is computed from (stats.resolved): an MSE of unit-variance noise, a statistic of
+# [0, 1] pixels (colourfulness on Hasler and Suesstrunk's 0..255 scale); the steps to half have none (0).
+SCALE = {"fit/loss": 1.0, "val/loss": 1.0, "fit/loss_auc": 1.0, **{m: 1.0 for m in IMAGE_METRICS},
+         "img/colorfulness": 255.0}
+BOUNDS = {  # the values a metric can take (lora_sweep.compare.metrics for the image statistics)
+    "fit/loss": (0.0, math.inf), "val/loss": (0.0, math.inf), "fit/loss_auc": (0.0, math.inf),
+    "img/luminance_mean": (0.0, 1.0), "img/luminance_std": (0.0, 0.5), "img/edge_energy": (0.0, math.inf),
+    "img/colorfulness": (0.0, math.inf), "img/cast_yb": (-1.0, 1.0), "img/cast_rg": (-1.0, 1.0),
+}
 # Settings that define the fit/val points; two runs that differ in one of them are not measured on the same points.
 YARDSTICK_PREFIXES = ("validation.", "model.", "data.")
 YARDSTICK_FREE = ("data.cache_dir", "data.shuffle_caption", "data.keep_tokens", "data.caption_separator",
@@ -84,9 +102,68 @@ def present_metrics(groups: Sequence[VariantGroup], step: int | None = None) -> 
     return [m for m in COMMON_METRICS if any(run_value(r, m, step) is not None for g in groups for r in g.finished)]
 
 
+def start_value(run: VariantData, metric: str) -> float | None:
+    """The run's value before any training (step 0) of what `metric` is measured from: fit/loss for the fitting
+    speed, the metric itself otherwise; None when the run has no step-0 value or the metric has no start."""
+    key = START_OF.get(metric)
+    at = [v for s, v in (run.histories.get(key) or []) if s == 0] if key else []
+    return _finite(at[-1]) if at else None
+
+
+def missing_reason(run: VariantData, metric: str) -> str:
+    """Why a finished run has no value of `metric` (run_value gave None), in a few words."""
+    if metric in SPEED_METRICS:
+        history = sorted((s, v) for s, v in run.histories.get("fit/loss") or [] if math.isfinite(v))
+        if len({s for s, _ in history}) < 2:
+            return "fewer than two fit/loss evaluations"
+        if metric == "fit/steps_to_half":
+            return "did not halve (fit/loss never fell below its start)"
+    return f"{metric} not logged"
+
+
+def bounds(metric: str, runs: Sequence[VariantData]) -> tuple[float, float]:
+    """The values `metric` can take: an MSE or an area is >= 0, an image statistic has its range, the steps to
+    half lie within the runs' fit/loss evaluations [0, last step]."""
+    if metric == "fit/steps_to_half":
+        last = max((s for r in runs for s, _ in r.histories.get("fit/loss") or []), default=math.inf)
+        return 0.0, float(last)
+    return BOUNDS.get(metric, (-math.inf, math.inf))
+
+
+def _difference_bounds(metric: str, runs: Sequence[VariantData]) -> tuple[float, float]:
+    low, high = bounds(metric, runs)
+    return low - high, high - low
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[float], str]:
+    """(the values of the finished runs, why runs have none: 'did not halve (...)' when none has a value,
+    '1 of 3 runs: did not halve (not in the mean)' when some have)."""
+    if not group.finished:
+        return [], "no finished run"
+    values, missing = [], []
+    for run in group.finished:
+        value = run_value(run, metric, step)
+        (values.append(value) if value is not None else missing.append(missing_reason(run, metric)))
+    if not missing:
+        return values, ""
+    if not values:
+        return values, "; ".join(dict.fromkeys(missing))
+    short = "; ".join(dict.fromkeys(m.split(" (")[0] for m in missing))
+    return values, f"{len(missing)} of {len(group.finished)} runs: {short} (not in the mean)"
+
+
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:
-    """Mean over the variant's finished replicates with its t interval (none for n = 1)."""
-    return mean_interval([v for r in group.finished if (v := run_value(r, metric, step)) is not None])
+    """Mean over the variant's finished replicates with its t interval (none for n = 1), clipped at the metric's
+    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not halve). A mean over the
+    runs that halved favours the variant: the page shows that note beside it."""
+    values, reasons = _reasons(group, metric, step)
+    found = mean_interval(values, scale=SCALE.get(metric, 0.0))
+    found = dataclasses.replace(found, note=reasons if not values else _join(found.note, reasons), missing=reasons)
+    return clip(found, *bounds(metric, group.finished))
 
 
 def comparable(a: VariantGroup, b: VariantGroup, metric: str) -> NotComparable | None:
@@ -114,43 +191,105 @@ def image_values(run: VariantData) -> dict[str, dict[str, float]]:
     return {f"img/{m}": {key: values[m] for key, values in per_key.items()} for m in METRIC_KEYS}
 
 
-def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None,
-               images: dict[str, dict[str, dict[str, float]]] | None = None) -> Difference | NotComparable | None:
-    """b - a for `metric` on the most honest basis available (see the module docstring); None when a side has no
-    value. `images` caches `image_values` by run id."""
-    why = comparable(a, b, metric)
-    if why is not None:
-        return why
-    va = {r.seed: v for r in a.finished if (v := run_value(r, metric, step)) is not None}
-    vb = {r.seed: v for r in b.finished if (v := run_value(r, metric, step)) is not None}
-    if not va or not vb:
-        return None
+def _over_runs(va: dict, vb: dict, scale: float) -> Difference | None:
+    """Paired over common seeds (>= 2), else Welch over runs (>= 2 each), else None (one run on a side)."""
     common = sorted(s for s in set(va) & set(vb) if s is not None)
     if len(common) >= 2:
-        return paired_difference([va[s] for s in common], [vb[s] for s in common], unit="seeds")
+        return paired_difference([va[s] for s in common], [vb[s] for s in common], unit="seeds", scale=scale)
     if len(va) >= 2 and len(vb) >= 2:
-        return unpaired_difference(list(va.values()), list(vb.values()), unit="runs")
-    ra, rb = a.representative, b.representative
+        return unpaired_difference(list(va.values()), list(vb.values()), unit="runs", scale=scale)
+    return None
+
+
+def _first(values: dict, run: VariantData) -> float:
+    return values[run.seed] if run.seed in values else next(iter(values.values()))
+
+
+def _one_run_each(a: VariantGroup, b: VariantGroup, metric: str, va: dict, vb: dict,
+                  images: dict) -> Difference:
+    """Paired over the evaluation points or sample images of the two shown runs, else the bare difference."""
+    ra, rb, scale = a.representative, b.representative, SCALE.get(metric, 0.0)
     if metric in POINT_METRICS:
         pa, pb = ra.points.get(metric) or {}, rb.points.get(metric) or {}
         shared = sorted(set(pa) & set(pb))
         if len(shared) >= 2:
-            found = paired_difference([pa[k] for k in shared], [pb[k] for k in shared], unit="(image, t, eps) points")
+            found = paired_difference([pa[k] for k in shared], [pb[k] for k in shared], unit="(image, t, eps) points",
+                                      scale=scale)
             return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
     if metric in IMAGE_METRICS:
-        images = images if images is not None else {}
         for run in (ra, rb):
             if run.run_id not in images:
                 images[run.run_id] = image_values(run)
         ia, ib = images[ra.run_id].get(metric, {}), images[rb.run_id].get(metric, {})
         shared = sorted(set(ia) & set(ib))
         if len(shared) >= 2:
-            found = paired_difference([ia[k] for k in shared], [ib[k] for k in shared], unit="(prompt, seed) images")
+            found = paired_difference([ia[k] for k in shared], [ib[k] for k in shared], unit="(prompt, seed) images",
+                                      scale=scale)
             return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
-    first_a, first_b = run_value(ra, metric, step), run_value(rb, metric, step)
-    if first_a is None or first_b is None:
+    return no_interval(_first(va, ra), _first(vb, rb), scale=scale)
+
+
+def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None,
+               images: dict[str, dict[str, dict[str, float]]] | None = None) -> Difference | NotComparable:
+    """b - a for `metric` on the most honest basis available (see the module docstring), its interval clipped at
+    the metric's bounds. A side without a value gives a Difference with no value whose note says why ("v59: did not
+    halve (fit/loss never fell below its start)"). When the two already differ at step 0 (`start_difference`), the result carries that
+    difference (`at_start`) and the difference of the changes from step 0 (`change`). `images` caches
+    `image_values` by run id."""
+    why = comparable(a, b, metric)
+    if why is not None:
+        return why
+    images = images if images is not None else {}
+    va = {r.seed: v for r in a.finished if (v := run_value(r, metric, step)) is not None}
+    vb = {r.seed: v for r in b.finished if (v := run_value(r, metric, step)) is not None}
+    if not va or not vb:
+        sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not halve"
+        for group in (g for g, v in ((a, va), (b, vb)) if not v):
+            sides.setdefault(_reasons(group, metric, step)[1], []).append(group.name)
+        return Difference(float("nan"), None, None, 0, "", _join(*(f"{', '.join(n)}: {r}" for r, n in sides.items())))
+    found = _over_runs(va, vb, SCALE.get(metric, 0.0)) or _one_run_each(a, b, metric, va, vb, images)
+    found = clip(found, *_difference_bounds(metric, [*a.finished, *b.finished]))
+    start = start_difference(a, b, metric)
+    if start is None:
+        return found
+    return dataclasses.replace(found, at_start=start, change=change_difference(a, b, metric, step))
+
+
+def _start_values(group: VariantGroup, metric: str) -> dict:
+    return {r.seed: v for r in group.finished if (v := start_value(r, metric)) is not None}
+
+
+def start_difference(a: VariantGroup, b: VariantGroup, metric: str) -> Difference | None:
+    """b - a at step 0, before any training, when it is not zero; None when the two start alike (or a side has
+    no step-0 value). At step 0 every LoRA is zero, so two variants on the same base model measure the same
+    points alike; a difference there comes from the base model itself (fp8 vs fp16 base weights: quantisation),
+    and a final difference between them is not an effect of training alone."""
+    sa, sb = _start_values(a, metric), _start_values(b, metric)
+    if not sa or not sb:
         return None
-    return no_interval(first_a, first_b)
+    scale = SCALE.get(START_OF[metric], 0.0)
+    found = _over_runs(sa, sb, scale) or no_interval(_first(sa, a.representative), _first(sb, b.representative),
+                                                     note="one run each: no interval", scale=scale)
+    return None if found.identical else found
+
+
+def change_difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None) -> Difference | None:
+    """The difference of the changes from step 0: (b_final - b_0) - (a_final - a_0), paired over seeds where
+    replicates allow, the effect of training with the starting difference taken out. None for the steps to half
+    (already measured from each run's own start) or without step-0 values."""
+    if metric == "fit/steps_to_half":
+        return None
+
+    def changes(group: VariantGroup) -> dict:
+        return {r.seed: v - s for r in group.finished
+                if (v := run_value(r, metric, step)) is not None and (s := start_value(r, metric)) is not None}
+
+    ca, cb = changes(a), changes(b)
+    if not ca or not cb:
+        return None
+    scale = SCALE.get(metric, 0.0)
+    return _over_runs(ca, cb, scale) or no_interval(_first(ca, a.representative), _first(cb, b.representative),
+                                                    note="one run each: no interval", scale=scale)
 
 
 @dataclasses.dataclass
@@ -165,7 +304,9 @@ class OneKnobPair:
 
 def one_knob_pairs(groups: Sequence[VariantGroup], metrics: Sequence[str], step: int | None = None,
                    images: dict | None = None) -> list[OneKnobPair]:
-    """Every pair (a before b in the natural order) whose configs differ in exactly one knob."""
+    """Every pair (a before b in the natural order) whose configs differ in exactly one knob: first those whose
+    knob changes one value, then the compound ones (a group choice that changes several values), each in the
+    natural order."""
     images = images if images is not None else {}
     pairs = []
     for i, a in enumerate(groups):
@@ -175,7 +316,7 @@ def one_knob_pairs(groups: Sequence[VariantGroup], metrics: Sequence[str], step:
             if len(found) == 1:
                 effects = {m: difference(a, b, m, step, images) for m in metrics}
                 pairs.append(OneKnobPair(i, j, found[0], effects))
-    return pairs
+    return sorted(pairs, key=lambda pair: pair.knob.compound)
 
 
 def same_training(groups: Sequence[VariantGroup]) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 
 Pure functions on MLflow params (flattened config keys -> strings). A value is shown only where it has an effect,
 as the article's table does: "x" where the knob is off (no noise offset, no min-SNR, huber_c under an l2 loss,
-the multires discount without multires noise), "v" where a switch is on.
+the multires discount without multires noise), "v" where a switch is on. Long values (a 500-character override)
+are cut in the table (`cut`); the full value stays in each variant's resolved config.
 
 A *knob* is what a user turns in one override: a config-group choice (`noise=offset` -> `noise=offset_ip`, recorded
 by sweep.py as the `lora_sweep.choice.<group>` tags) or one value (`loss.huber_c=0.01` -> `0.05`). The values a
@@ -10,6 +11,12 @@ changed group choice brings with it are that one knob. Where a run has no choice
 loss, optimizer and precision (older runs; Hydra records no choice for a list such as loss=[huber_snr,debiased]),
 the values that differ inside that group count as one knob. Keys that do not change a training (sampling, validation, tracking,
 paths, the seed: replicates) are never knobs.
+
+A group choice is one knob, but it may change several mechanisms at once: `noise=offset_ip` -> `multires_ip`
+switches the offset off (0.0357 -> 0) and multires noise on (0 -> 6). `Knob.values` lists the values a knob
+changes (raw values: 0 where the table writes x; a dependent setting that only becomes active, such as the
+multires discount, is not a value of its own), and a knob that changes more than one is `compound`: the report
+marks it, so a reader can tell it from a true single-value change.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from lora_sweep.compare.variants import SEED_KEY, VariantGroup, is_config_key
 GROUP_KNOBS = ("noise", "loss", "optimizer", "precision")  # one knob each when runs carry no choice tags
 NOT_KNOBS = ("sampling.", "validation.", "tracking.", SEED_KEY)
 # Params the trainer logs about the data it found (run.py / session.py), and train.total_batch_size: derived.
+# data.warnings counts the fallbacks the pre-flight allowed (a fact about the data found, not a setting).
 DERIVED = {"data.images", "data.skipped_images", "data.entries_with_repeats", "data.validation_images",
-           "train.total_batch_size"}
+           "train.total_batch_size", "data.warnings"}
+CUT_CHARS = 60  # longer values are cut in the table (the resolved configs hold them whole)
 ARTICLE_ROWS = {  # param -> the article's row label, in the article's order
     "precision.name": "precision", "optimizer.name": "optimizer", "loss.min_snr_gamma": "min-SNR gamma",
     "loss.debiased": "debiased estimation loss", "noise.offset": "noise offset",
@@ -88,6 +97,25 @@ def display(key: str, params: dict[str, str]) -> str:
     return format_value(value)
 
 
+def cut(text: str, limit: int = CUT_CHARS) -> str:
+    """`text` cut to `limit` characters with "…" and the full length, e.g. 'a photo of … (500 chars)'."""
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} chars)"
+
+
+def raw_text(key: str, params: dict[str, str]) -> str:
+    """A value as set, for saying what a knob changes: '0' or 'off' where the table writes x, 'unset' when the
+    run has no such key."""
+    if key == OPTIMIZER_ARGS:
+        shown = display(key, params)
+        return "none" if shown == "x" else shown
+    if key not in params:
+        return "unset"
+    value = parse(params[key])
+    if value is None or value is False:
+        return "off"
+    return "on" if value is True else format_value(value)
+
+
 def table_key(key: str) -> str:
     """optimizer.args.d_coef -> optimizer.args (one row for an optimizer's arguments)."""
     return OPTIMIZER_ARGS if key.startswith(OPTIMIZER_ARGS + ".") else key
@@ -127,14 +155,15 @@ def parameter_table(groups: Sequence[VariantGroup]) -> tuple[list[tuple[str, lis
 
     A dependent setting whose value is the same wherever it has an effect (the multires discount 0.3 wherever
     multires is on) is shared, shown with "(where it applies)"; the optimizer arguments, when each optimizer keeps
-    its own defaults, are shared as "each optimizer.name's own". The run status is a row, so a failed variant
-    stands out.
+    its own defaults, are shared as "each optimizer.name's own". The run status is a row where it differs, so a
+    failed variant stands out; the shared rows hold settings only (no status, no data counts).
     """
     differ, shared = [], []
     for key in [*table_keys(groups), "status"]:
         values = [g.status if key == "status" else display(key, g.params) for g in groups]
         if len(set(values)) == 1:
-            shared.append((key, values[0]))
+            if key != "status":
+                shared.append((key, values[0]))
             continue
         parent = DETERMINED_BY.get(key)
         if parent and _determined(key, parent, groups):
@@ -151,15 +180,32 @@ def parameter_table(groups: Sequence[VariantGroup]) -> tuple[list[tuple[str, lis
 @dataclasses.dataclass(frozen=True)
 class Knob:
     """One thing two variants differ in: a group (`name` = "noise", `a`/`b` = the options chosen) or a value
-    (`name` = the key, `a`/`b` = the values shown). `detail` lists the values a group change brings."""
+    (`name` = the key, `a`/`b` = the values shown). `detail` lists the values a group change brings, as the table
+    shows them; `values` the (key, from, to) it changes, as set (see the module docstring)."""
 
     name: str
     a: str
     b: str
     detail: str = ""
+    values: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def compound(self) -> bool:
+        """True when the knob changes more than one value (several mechanisms at once)."""
+        return len(self.values) > 1
+
+    @property
+    def entails(self) -> str:
+        """'noise.offset 0.0357 -> 0; noise.multires_iterations 0 -> 6': what the knob changes, in values."""
+        return "; ".join(f"{k} {va} -> {vb}" for k, va, vb in self.values)
 
     def as_dict(self) -> dict:
         return {"knob": self.name, "from": self.a, "to": self.b, "detail": self.detail}
+
+    def values_dict(self) -> dict:
+        """The summary's account of what the knob changes (beside `as_dict`)."""
+        return {"values": [{"key": k, "from": va, "to": vb} for k, va, vb in self.values],
+                "compound": self.compound, "entails": self.entails}
 
 
 def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[str, str] | None = None,
@@ -172,6 +218,11 @@ def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[st
         keys.discard("train.lr")  # follows optimizer.lr (${optimizer.lr}): part of the optimizer knob
     changed = {k: (display(k, a_params), display(k, b_params)) for k in sorted(keys, key=_sort_key)}
     changed = {k: ab for k, ab in changed.items() if ab[0] != ab[1]}
+    def values(keys) -> tuple[tuple[str, str, str], ...]:
+        """The keys whose value as set changes (a setting that only becomes active is not one), else all."""
+        moved = [(k, raw_text(k, a_params), raw_text(k, b_params)) for k in keys]
+        return tuple(v for v in moved if v[1] != v[2]) or tuple(moved)
+
     found: list[Knob] = []
     for group in sorted(set(GROUP_KNOBS) | set(a_choices) | set(b_choices), key=lambda g: _sort_key(g + ".")):
         inside = {k: ab for k, ab in changed.items() if k.startswith(group + ".")}
@@ -180,15 +231,15 @@ def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[st
         if ca is not None and cb is not None:
             if ca == cb:
                 continue  # the same option: each value changed on top of it is a knob of its own
-            found.append(Knob(group, ca, cb, detail))
+            found.append(Knob(group, ca, cb, detail, values(inside)))
         elif not inside or group not in GROUP_KNOBS:
             continue
         elif len(inside) == 1 and ca is None and cb is None:
             (key, (va, vb)), = inside.items()
-            found.append(Knob(key, va, vb))
+            found.append(Knob(key, va, vb, values=values(inside)))
         else:  # a list choice (loss=[huber_snr,debiased]) is not recorded by Hydra: the group's values decide
             label = lambda choice, side: choice or "; ".join(f"{k}={ab[side]}" for k, ab in inside.items())  # noqa
-            found.append(Knob(group, label(ca, 0), label(cb, 1), detail))
+            found.append(Knob(group, label(ca, 0), label(cb, 1), detail, values(inside)))
         changed = {k: ab for k, ab in changed.items() if k not in inside}
-    found += [Knob(k, va, vb) for k, (va, vb) in changed.items()]
+    found += [Knob(k, va, vb, values=values([k])) for k, (va, vb) in changed.items()]
     return found

@@ -142,6 +142,26 @@ def choose_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], re
     return max(common) if common else None
 
 
+def check_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], requested: int | None) -> None:
+    """Refuse `--step N` when no compared run logged samples at N, naming the steps that exist: a page of empty
+    cells (or a silently chosen other step) would not be what was asked for. Runs that lack N while others have
+    it are noted on the page instead (a run that stopped early).
+
+    Raises UserError (exit 2)."""
+    if requested is None or any(step == requested for images in images_per_run for _, step in images):
+        return
+    step_sets = [{s for _, s in images} for images in images_per_run if images]
+    if not step_sets:
+        raise UserError(f"--step {requested}: the compared runs logged no samples at all (sampling.prompts or "
+                        "sampling.prompt_file unset?); leave --step out to compare their numbers.")
+    common = sorted(set.intersection(*step_sets))
+    every = sorted(set.union(*step_sets))
+    shared = f"; at every run: {', '.join(map(str, common))}" if common and common != every else ""
+    raise UserError(f"--step {requested}: no compared run logged samples at step {requested}. Sampled steps: "
+                    f"{', '.join(map(str, every))}{shared}. Pick one of them, or leave --step out for the latest "
+                    "step every run sampled.")
+
+
 def _download_image(client, run_id: str, artifact_path: str, scratch: Path):
     from PIL import Image
 
@@ -194,11 +214,17 @@ def read_run(client, run, scratch: Path):
                  for key in run.data.metrics}
     names = {Path(a.path).name for a in client.list_artifacts(run_id, "samples")}
     prompts = _download_json(client, run_id, "samples/prompts.json", scratch) if "prompts.json" in names else None
+    warnings_text = None
+    if run.data.params.get("data.warnings", "0") not in ("0", ""):
+        with contextlib.suppress(Exception):  # the count is shown anyway; the text is a courtesy
+            local = client.download_artifacts(run_id, "data/warnings.txt", str(scratch))
+            warnings_text = Path(local).read_text("utf-8")
     return VariantData(
         name=run.data.tags.get(VARIANT_TAG) or run.info.run_name or run_id[:8], run_id=run_id, status=run.info.status,
         params=dict(run.data.params), final_metrics=dict(run.data.metrics), histories=histories, cells={},
         cell_steps={}, tags=dict(run.data.tags), start_time=run.info.start_time or 0,
-        points=read_points(client, run_id, scratch), prompts=prompts)
+        points=read_points(client, run_id, scratch), prompts=prompts, artifact_uri=run.info.artifact_uri or "",
+        warnings_text=warnings_text)
 
 
 def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: int | None, baseline: str | None,
@@ -213,6 +239,7 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
     groups = group_replicates(records)
     shown = [g.representative for g in groups]
     images_per_run = [logged_images(client, run.run_id) for run in shown]
+    check_step(images_per_run, step)
     chosen = choose_step(images_per_run, step)
     notes = []
     if chosen is None and any(images_per_run):
@@ -277,7 +304,7 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
                                baseline=baseline, scratch=Path(scratch))
     runs = [r for g in data.groups for r in g.runs]
     colors = [i for i, g in enumerate(data.groups) for _ in g.runs]
-    labels = [g.name for g in data.groups for _ in g.runs]
+    labels = [g.label for g in data.groups for _ in g.runs]
     figures = {name: png for name, keys in CURVE_GROUPS.items()
                if (png := curve_figure(runs, keys, colors=colors, labels=labels)) is not None}
     written = [write_bytes(out_dir / f"{name}.png", png) for name, png in figures.items()]

@@ -17,10 +17,12 @@ from typing import Sequence
 from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report's public names)
     CELL_MAX_PX, CURVE_GROUPS, GRID_CELL_MAX_PX, cell_data_uri, curve_figure, ema, labelled_grid_png, png_data_uri,
 )
-from lora_sweep.compare.effects import EVAL_NOISE_ONLY
-from lora_sweep.compare.params import PARAM_ORDER, parameter_table, row_label
+from lora_sweep.compare.cells import (  # noqa: F401  (re-exported: the report's public names)
+    CLIPPED_MARK, EVAL_NOISE_MARK, effect_text, estimate_text, format_number, signed, start_text,
+)
+from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
-from lora_sweep.compare.summary import build_summary, script_block
+from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
 from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates  # noqa: F401
 
 
@@ -69,12 +71,6 @@ def ordered_metric_keys(variants: Sequence[VariantData]) -> list[str]:
     return known + sorted(present - set(known))
 
 
-def format_number(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.4g}"
-
-
 def delta_text(value: float | None, base: float | None) -> str:
     """'+0.012 (+3.1%)': the signed difference from the baseline, and relative when the baseline is not ~0."""
     if value is None or base is None:
@@ -82,32 +78,6 @@ def delta_text(value: float | None, base: float | None) -> str:
     diff = value - base
     relative = f" ({diff / abs(base):+.1%})" if abs(base) > 1e-12 else ""
     return f"{diff:+.3g}{relative}"
-
-
-def signed(value: float | None, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:+.{digits}g}"
-
-
-def estimate_text(entry: dict) -> str:
-    """'0.1234 [0.1201, 0.1267]' or '0.1234' (the note says why there is no interval)."""
-    if entry["low"] is None:
-        return format_number(entry["mean"])
-    return f"{format_number(entry['mean'])} [{entry['low']:.3g}, {entry['high']:.3g}]"
-
-
-def effect_text(entry: dict | None) -> tuple[str, str]:
-    """(what the cell says, a CSS class) for a difference of the summary."""
-    if entry is None:
-        return "—", "none"
-    if not entry["comparable"]:
-        return f"not comparable: {entry['reason']}", "none"
-    interval = f"[{signed(entry['low'], 3)}, {signed(entry['high'], 3)}]" if entry["low"] is not None else ""
-    mark = " *" if entry["note"] == EVAL_NOISE_ONLY else ""
-    if entry["verdict"] == "within noise":
-        return f"within noise {interval}{mark}", "noise"
-    if entry["verdict"] == "different":
-        return f"{signed(entry['effect'])} {interval}{mark}", "diff"
-    return f"{signed(entry['effect'])} (n = 1: no interval)", "none"
 
 
 def grid_png(data: ReportData) -> bytes | None:
@@ -142,9 +112,11 @@ table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;pad
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}.base{background:#eef6ff}
 .grid td{padding:2px;text-align:center;vertical-align:top}.grid img{width:160px;height:auto;image-rendering:auto}
 .grid th.row{text-align:left;white-space:nowrap}.delta{font-size:12px;display:block}.note{color:#8a5a00}
-.noise{color:#777}.diff{color:#1d3f8f;font-weight:600}.none{color:#999}.n{color:#888;font-size:11px}
+.noise{color:#777}.diff{color:#1d3f8f;font-weight:600}.same{color:#2a6a2a}.none{color:#999}.n{color:#888;font-size:11px}
+.start{color:#8a5a00;font-size:11px;display:block}.compound{color:#8a5a00;font-weight:600}
 img.fig{max-width:100%}details{margin-bottom:8px}code{font-size:12px}
 details.config{display:inline-block;vertical-align:top;margin:0 10px 4px 0}.configs{margin-bottom:12px}
+details.config td,.shared td{max-width:70em;overflow-wrap:anywhere}pre.warnings{font-size:12px;white-space:pre-wrap}
 """
 
 
@@ -159,28 +131,36 @@ def _column_heads(summary: dict) -> list[str]:
     return [f"{v['name']} (baseline)" if v["is_baseline"] else v["name"] for v in summary["variants"]]
 
 
-def _parameters(data: ReportData) -> list[str]:
+def _cut_cell(value: str) -> str:
+    """A table cell's value, cut when long (the full value in its title and in the resolved configs)."""
+    shown = cut(value)
+    if shown == value:
+        return html.escape(value)
+    return f"<span class='cut' title='{html.escape(value, quote=True)}'>{html.escape(shown)}</span>"
+
+
+def _parameters(data: ReportData) -> tuple[str, list[str]]:
     from lora_sweep.compare.table import OPTIMIZER_ABBREVIATIONS
 
     differ, shared = parameter_table(data.groups)
     total = len(differ) + len(shared)
     used = {v for key, values in differ if key == "optimizer.name" for v in values if v in OPTIMIZER_ABBREVIATIONS}
     rows = [[html.escape(row_label(key)),
-             *[html.escape(OPTIMIZER_ABBREVIATIONS.get(v, v) if key == "optimizer.name" else v) for v in values]]
+             *[_cut_cell(OPTIMIZER_ABBREVIATIONS.get(v, v) if key == "optimizer.name" else v) for v in values]]
             for key, values in differ]
     heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>n = {g.n}"
                     + (f" · seed{'s' if g.n > 1 else ''} {', '.join(str(x) for x in g.seeds)}"
                        if g.seeds[0] is not None else "") + "</span></th>" for g in data.groups)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     legend = ", ".join(f"{OPTIMIZER_ABBREVIATIONS[name]} = {name}" for name in sorted(used))
-    parts = [f"<h2>1. Parameters that differ ({len(differ)} of {total})</h2>",
-             "<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off, "
+    parts = ["<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off, "
              "v where a switch is on. Columns in the sweep's order; n = replicates (runs that differ only in "
              f"train.seed).{(' Optimizers as the article writes them: ' + html.escape(legend) + '.') if legend else ''}"
-             "</p>",
+             " Long values are cut (hover for the whole value; it is also in the resolved configs below).</p>",
              f'<table class="params"><tr><th>parameter</th>{heads}</tr>{body}</table>',
              f"<details><summary>{len(shared)} parameters shared by all variants</summary>"
-             + _table(["parameter", "value"], shared) + "</details>"]
+             + _table(["parameter", "value"], [[html.escape(k), _cut_cell(v)] for k, v in shared], cls="shared",
+                      raw=True) + "</details>"]
     configs = []
     for group in data.groups:
         config = sorted(group.params.items())
@@ -188,64 +168,82 @@ def _parameters(data: ReportData) -> list[str]:
         configs.append(f"<details class='config'><summary title='{title}'>{html.escape(group.name)}</summary>"
                        + _table(["key", "value"], config) + "</details>")
     parts.append(f"<div class='configs'>Full resolved config of each variant: {''.join(configs)}</div>")
-    return parts
+    return f"Parameters that differ ({len(differ)} of {total})", parts
 
 
-def _final_metrics(summary: dict) -> list[str]:
+def _start_span(entry: dict | None, attributes: str) -> str:
+    text = start_text(entry)
+    return f"<span class='start' {attributes} data-kind='at-start'>{html.escape(text)}</span>" if text else ""
+
+
+def _final_metrics(summary: dict) -> tuple[str, list[str]]:
     rows = []
     for metric in summary["metrics"]:
         key = metric["key"]
         row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>"]
         for variant in summary["variants"]:
             entry = variant["metrics"][key]
-            shown = estimate_text(entry)
-            cell = (f"<span data-variant='{html.escape(variant['name'], quote=True)}' data-metric='{key}' "
-                    f"data-kind='mean'>{shown}</span> <span class='n'>n = {entry['n']}</span>")
+            name = html.escape(variant["name"], quote=True)
+            n = f" <span class='n'>n = {entry['n']}</span>" if entry["n"] else ""
+            cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
+                    f"title='{html.escape(entry['note'], quote=True)}'>{html.escape(estimate_text(entry))}</span>{n}")
             if not variant["is_baseline"]:
-                text, cls = effect_text(variant["vs_baseline"].get(key))
-                basis = (variant["vs_baseline"].get(key) or {}).get("basis", "")
-                cell += (f"<span class='delta {cls}' data-variant='{html.escape(variant['name'], quote=True)}' "
-                         f"data-metric='{key}' data-kind='vs-baseline' title='{html.escape(basis, quote=True)}'>"
-                         f"{html.escape(text)}</span>")
+                found = variant["vs_baseline"].get(key)
+                text, cls = effect_text(found)
+                basis = (found or {}).get("basis", "")
+                cell += (f"<span class='delta {cls}' data-variant='{name}' data-metric='{key}' data-kind='vs-baseline'"
+                         f" title='{html.escape(basis, quote=True)}'>{html.escape(text)}</span>"
+                         + _start_span(found, f"data-variant='{name}' data-metric='{key}'"))
             row.append(cell)
         rows.append(row)
-    return [f"<h2>2. Final metrics on a common yardstick (difference from baseline "
-            f"<b>{html.escape(summary['baseline'])}</b>, 95 % intervals)</h2>",
-            "<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline with "
-            "its interval, paired over seeds, else over the same (image, t, eps) points or (prompt, seed) images "
-            "(hover for the basis). <i>within noise</i>: the interval covers zero. * one run each: the interval "
-            "holds the evaluation points' noise, not run-to-run noise (add train.seed=1,2,3 for that).</p>",
-            _table(["metric", *_column_heads(summary)], rows, cls="final", raw=True)]
+    return (f"Final metrics on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
+            ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline with "
+             "its interval, paired over seeds, else over the same (image, t, eps) points or (prompt, seed) images "
+             "(hover for the basis). <i>no difference</i>: identical values (differences below floating-point "
+             "resolution, 1e-9 of the values, count as none); <i>within noise</i>: the interval covers zero. "
+             f"{EVAL_NOISE_MARK} one run each: the interval holds the evaluation points' noise, not run-to-run noise "
+             f"(add train.seed=1,2,3 for that). {CLIPPED_MARK} interval clipped at the metric's natural bounds (steps "
+             "within the run, an MSE at 0), which keeps its 95 % coverage: the true value lies within them. "
+             "<i>differs at step 0</i>: the two already differ before training (e.g. fp8 vs fp16 base weights), "
+             "so the final difference is not training's alone; the change from step 0 is.</p>",
+             _table(["metric", *_column_heads(summary)], rows, cls="final", raw=True)])
 
 
-def _one_knob(summary: dict) -> list[str]:
-    parts = ["<h2>3. One-knob effects</h2>",
-             "<p class='sub'>Pairs of variants whose configs differ in exactly one knob (a config-group choice or "
-             "one value); the effect of going from the first to the second on every common metric.</p>"]
+def _one_knob(summary: dict) -> tuple[str, list[str]]:
+    parts = ["<p class='sub'>Pairs of variants whose configs differ in exactly one knob (a config-group choice or "
+             "one value); the effect of going from the first to the second on every common metric. A group choice "
+             "can change several values at once: those pairs are marked <span class='compound'>compound</span>, "
+             "listed after the single-value ones, with every value the choice changes.</p>"]
     pairs = summary["one_knob_pairs"]
     if not pairs:
-        return parts + ["<p>No two compared variants differ in exactly one knob.</p>"]
+        return "One-knob effects", parts + ["<p>No two compared variants differ in exactly one knob.</p>"]
     rows = []
     for pair in pairs:
-        change = f"{pair['knob']}: {pair['from']} → {pair['to']}"
+        change = html.escape(f"{pair['knob']}: {pair['from']} → {pair['to']}")
+        same = [v["key"] for v in pair["values"]] == [pair["knob"]]  # a value knob: its row already says it
+        values = "" if same else html.escape(pair["entails"].replace(" -> ", " → "))
+        mark = (f"<span class='compound'>compound ({len(pair['values'])} values)</span>: " if pair["compound"]
+                else "")
         row = [f"<b>{html.escape(pair['a'])} → {html.escape(pair['b'])}</b>",
-               f"{html.escape(change)}<br><span class='n'>{html.escape(pair['detail'])}</span>"]
+               f"{change}<br><span class='n'>{mark}{values}</span>"]
         for metric in summary["metrics"]:
             entry = pair["effects"].get(metric["key"])
             text, cls = effect_text(entry)
             basis = html.escape((entry or {}).get("basis", ""), quote=True)
-            row.append(f"<span class='{cls}' data-a='{html.escape(pair['a'], quote=True)}' "
-                       f"data-b='{html.escape(pair['b'], quote=True)}' data-metric='{metric['key']}' "
-                       f"title='{basis}'>{html.escape(text)}</span>")
+            where = (f"data-a='{html.escape(pair['a'], quote=True)}' data-b='{html.escape(pair['b'], quote=True)}' "
+                     f"data-metric='{metric['key']}'")
+            row.append(f"<span class='{cls}' {where} title='{basis}'>{html.escape(text)}</span>"
+                       + _start_span(entry, where))
         rows.append(row)
-    return parts + [_table(["pair", "knob", *[m["key"] for m in summary["metrics"]]], rows, cls="knobs", raw=True)]
+    return "One-knob effects", parts + [_table(["pair", "knob", *[m["key"] for m in summary["metrics"]]], rows,
+                                               cls="knobs", raw=True)]
 
 
-def _samples(data: ReportData) -> list[str]:
+def _samples(data: ReportData) -> tuple[str, list[str]]:
     step_text = f"step {data.step}" if data.step is not None else "each run's last sampled step"
-    parts = [f"<h2>4. Samples at {html.escape(step_text)} (same prompt and seed per column)</h2>"]
+    title = f"Samples at {step_text} (same prompt and seed per column)"
     if not data.image_keys:
-        return parts + ["<p>No sample images were logged by these runs (sampling.prompts empty?).</p>"]
+        return title, ["<p>No sample images were logged by these runs (sampling.prompts empty?).</p>"]
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(data.column_titles.get(k, k))}</th>"
                                      for k in data.image_keys) + "</tr>"
     body = []
@@ -256,18 +254,18 @@ def _samples(data: ReportData) -> list[str]:
             if image is None:
                 cells.append("<td>missing</td>")
                 continue
-            title = html.escape(f"{group.name} {key} step {step}", quote=True)
-            cells.append(f'<td><img src="{cell_data_uri(image)}" alt="{title}" title="{title}" '
+            alt = html.escape(f"{group.name} {key} step {step}", quote=True)
+            cells.append(f'<td><img src="{cell_data_uri(image)}" alt="{alt}" title="{alt}" '
                          f'data-run-id="{variant.run_id}" data-key="{html.escape(key)}" data-step="{step}"></td>')
         label = group.name + (f" (seed {variant.seed})" if group.n > 1 else "")
         body.append(f'<tr><th class="row">{html.escape(label)}</th>{"".join(cells)}</tr>')
-    return parts + [f'<table class="grid">{head}{"".join(body)}</table>']
+    return title, [f'<table class="grid">{head}{"".join(body)}</table>']
 
 
-def _progression(data: ReportData) -> list[str]:
+def _progression(data: ReportData) -> tuple[str, list[str]] | None:
     steps = progression_columns(data)
     if not steps or data.progression_key is None:
-        return []
+        return None
     title = data.column_titles.get(data.progression_key, data.progression_key)
     head = "<tr><th></th>" + "".join(f"<th>step {s}</th>" for s in steps) + "</tr>"
     body = []
@@ -281,31 +279,70 @@ def _progression(data: ReportData) -> list[str]:
                          f'data-progress-run="{group.representative.run_id}" data-progress-step="{step}"></td>'
                          if image is not None else "<td>—</td>")
         body.append(f'<tr><th class="row">{html.escape(group.name)}</th>{"".join(cells)}</tr>')
-    return [f"<h2>5. Fitting over the steps: {html.escape(title)}</h2>",
-            "<p class='sub'>One prompt and seed, each variant's checkpoints in order (the article compares "
-            "v62's epoch 5 with v61 at 6,000 steps this way).</p>",
-            f'<table class="grid progression">{head}{"".join(body)}</table>']
+    return (f"Fitting over the steps: {title}",
+            ["<p class='sub'>One prompt and seed, each variant's checkpoints in order (the article compares "
+             "v62's epoch 5 with v61 at 6,000 steps this way).</p>",
+             f'<table class="grid progression">{head}{"".join(body)}</table>'])
 
 
-def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | None = None) -> str:
-    """The whole page; every image is embedded, so the file can be mailed or opened from anywhere."""
-    summary = summary if summary is not None else build_summary(data)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>",
-             f"<p class='sub'>{html.escape(data.subtitle)}</p>"]
-    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in summary["notes"]]
-    if any(g.n == 1 for g in data.groups):
-        parts.append(f"<p class='note'>Variants with n = 1 have no interval of their own; {REPLICATE_HINT} "
-                     "(python sweep.py -m ... train.seed=1,2,3).</p>")
-    parts += _parameters(data) + _final_metrics(summary) + _one_knob(summary) + _samples(data) + _progression(data)
-    parts.append("<h2>6. Curves</h2><p class='sub'>fit/loss and val/loss compare across variants; train/loss is each "
-                 "variant's own objective (l2, Huber, min-SNR or debiased weighted) and does not; the step size is "
-                 "d*lr for D-Adaptation and Prodigy. Replicates share their variant's colour.</p>")
+def _curves(figures: dict[str, bytes]) -> tuple[str, list[str]]:
+    parts = ["<p class='sub'>fit/loss and val/loss compare across variants; train/loss is each variant's own "
+             "objective (l2, Huber, min-SNR or debiased weighted) and does not; the step size is d*lr for "
+             "D-Adaptation and Prodigy. Replicates share their variant's colour.</p>"]
     for name, png in figures.items():
         parts.append(f'<h3>{html.escape(name.replace("_", " "))}</h3><img class="fig" alt="{name}" '
                      f'src="{png_data_uri(png)}">')
     if not figures:
         parts.append("<p>No metric histories found.</p>")
+    return "Curves", parts
+
+
+def _data_warnings(data: ReportData, summary: dict) -> list[str]:
+    """A note for the runs whose data had fallbacks (the pre-flight's warnings), one per distinct warnings file
+    (replicates and variants on the same data share one): the count, the variants, the text of data/warnings.txt
+    when the report could read it, and a link to the first run's artifact where it is a local file."""
+    runs = {r.run_id: r for g in data.groups for r in g.runs}
+    total = len(runs)
+    shared: dict[tuple[int, str], list[dict]] = {}
+    for found in summary.get("data_warnings", []):
+        run = runs.get(found["run_id"])
+        shared.setdefault((found["count"], (run.warnings_text if run else None) or ""), []).append(found)
+    parts = []
+    for (count, text), founds in shared.items():
+        first = runs.get(founds[0]["run_id"])
+        where = f"{first.artifact_uri.rstrip('/')}/{WARNINGS_ARTIFACT}" if first and first.artifact_uri else ""
+        link = (f"<a href='{html.escape(where, quote=True)}'>{WARNINGS_ARTIFACT}</a>" if where.startswith("file:")
+                else WARNINGS_ARTIFACT)
+        names = ", ".join(dict.fromkeys(f["variant"] for f in founds))
+        plural = "s" if len(founds) > 1 else ""
+        which = f"all {total} runs" if len(founds) == total else f"{len(founds)} run{plural} ({names})"
+        ids = " ".join(f["run_id"] for f in founds)
+        parts.append(f"<div class='note' data-warnings-runs='{ids}'>⚠ {count} data warning{'s' if count != 1 else ''}"
+                     f" (fallbacks the pre-flight allowed) in {html.escape(which)}: see {link} of run "
+                     f"{founds[0]['run_id'][:8]}"
+                     + (f"<details><summary>show</summary><pre class='warnings'>{html.escape(text)}</pre></details>"
+                        if text else "") + "</div>")
+    return parts
+
+
+def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | None = None) -> str:
+    """The whole page; every image is embedded, so the file can be mailed or opened from anywhere. Sections are
+    numbered in the order they appear (a section with nothing to show, such as the progression without samples,
+    is left out and the numbers stay continuous)."""
+    summary = summary if summary is not None else build_summary(data)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>",
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>",
+             f"<p class='sub'>{html.escape(data.subtitle)}</p>"]
+    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in summary["notes"]]
+    parts += _data_warnings(data, summary)
+    if any(g.n == 1 for g in data.groups):
+        parts.append(f"<p class='note'>Variants with n = 1 have no interval of their own; {REPLICATE_HINT} "
+                     "(python sweep.py -m ... train.seed=1,2,3).</p>")
+    sections = [_parameters(data), _final_metrics(summary), _one_knob(summary), _samples(data), _progression(data),
+                _curves(figures)]
+    for number, (title, body) in enumerate((s for s in sections if s is not None), start=1):
+        parts.append(f"<h2>{number}. {html.escape(title)}</h2>")
+        parts += body
     parts.append("<p class='sub'>img/* are means over the step's sample images: luminance (noise offset), edge "
                  "energy = variance of the Laplacian (multires noise, min-SNR, debiased), colorfulness, and the "
                  "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/compare/metrics.py. "

@@ -11,11 +11,27 @@ two-sided Student t interval at `CONFIDENCE` (0.95):
 With one value (n = 1) there is no spread to estimate: no interval is made up, and the note says so.
 
 A difference is "within noise" when its interval covers zero; the report then shows "within noise", never a
-percentage.
+percentage. It is "no difference" when the values are identical: every pair's difference is zero (or, one run
+each, the two values are equal), so there is no spread either; that is what two variants that train the same
+config show, and "within noise [+0, +0]" would wrongly suggest a noise that is not there.
+
+Floating-point resolution: two values whose difference is at most `RESOLUTION` (1e-9) times their magnitude are
+equal; the magnitude is at least the metric's `scale`, the size of the terms it is computed from (1 for an MSE of
+unit-variance noise or a statistic of [0, 1] pixels), since a value near 0 made of such terms carries their
+rounding (the spread of a flat image's luma is 1e-17, not 0). The metrics are computed in float32 on the device
+(one float32 step is 2^-23 ~ 1.2e-7 of the value, so a real difference between two runs is never smaller than
+~6e-8 relative), then post-processed in float64 here (sums, the interpolation of `fitting_speed`), whose
+rounding stays orders of magnitude below 1e-9: a difference
+of -5.551e-12 steps between two fitting speeds is rounding, and reads 0.
+
+Bounds: `clip` cuts an interval at a metric's natural bounds (a step count lies within the run, an MSE is not
+negative). The true value lies inside those bounds, so the clipped interval covers it whenever the t interval
+does: the coverage stays 95 %, and the interval no longer shows values the metric cannot take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -25,6 +41,13 @@ import numpy as np
 CONFIDENCE = 0.95
 REPLICATE_HINT = "add replicates with train.seed=1,2,3"
 NO_INTERVAL_N1 = f"n = 1: no interval ({REPLICATE_HINT})"
+RESOLUTION = 1e-9  # relative: differences below it are floating-point rounding (module docstring)
+
+
+def resolved(a: float, b: float, scale: float = 0.0) -> float:
+    """b - a, or exactly 0.0 when |b - a| <= RESOLUTION * max(|a|, |b|, scale) (rounding, not a difference)."""
+    diff = float(b) - float(a)
+    return 0.0 if abs(diff) <= RESOLUTION * max(abs(float(a)), abs(float(b)), scale) else diff
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,8 @@ class Estimate:
     high: float | None
     n: int
     note: str = ""
+    clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
+    missing: str = ""  # why some or all runs have no value ("did not halve ..."), shown beside the mean
 
     @property
     def has_interval(self) -> bool:
@@ -43,13 +68,16 @@ class Estimate:
 
     def as_dict(self) -> dict:
         return {"mean": _json_float(self.mean), "low": _json_float(self.low), "high": _json_float(self.high),
-                "n": self.n, "note": self.note}
+                "n": self.n, "note": self.note, "clipped": self.clipped, "missing": self.missing}
 
 
 @dataclass(frozen=True)
 class Difference:
     """b - a with its interval. `basis` says what was paired ("paired over 3 seeds", ...); `n` counts pairs
-    (paired) or all values (unpaired). No interval: `low`/`high` None and `note` says why."""
+    (paired) or all values (unpaired). No interval: `low`/`high` None and `note` says why. No value at all (a side
+    has none): `effect` NaN, `n` 0 and `note` says why. `identical`: the values are the same (every pair's
+    difference is zero, or the one value of each side is equal). `at_start`/`change`: set by the comparison when
+    the two variants already differ before training (see effects.difference)."""
 
     effect: float
     low: float | None
@@ -57,6 +85,10 @@ class Difference:
     n: int
     basis: str
     note: str = ""
+    identical: bool = False
+    clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
+    at_start: "Difference | None" = None  # the same difference at step 0, before any training
+    change: "Difference | None" = None  # the difference of the changes from step 0 (the effect of training)
 
     @property
     def has_interval(self) -> bool:
@@ -64,20 +96,39 @@ class Difference:
 
     @property
     def within_noise(self) -> bool | None:
-        """True when the interval covers zero, False when it excludes zero, None without an interval."""
+        """True when the interval covers zero (identical values too), False when it excludes zero, None without
+        an interval."""
         if not self.has_interval:
             return None
         return self.low <= 0.0 <= self.high
 
     @property
     def verdict(self) -> str:
-        """'different', 'within noise' or 'no interval'."""
+        """'no difference' (identical values), 'different', 'within noise', 'no interval' or 'no value'."""
+        if self.identical:
+            return "no difference"
+        if not math.isfinite(self.effect):
+            return "no value"
         return {True: "within noise", False: "different", None: "no interval"}[self.within_noise]
 
     def as_dict(self) -> dict:
-        return {"effect": _json_float(self.effect), "low": _json_float(self.low), "high": _json_float(self.high),
-                "n": self.n, "basis": self.basis, "note": self.note, "within_noise": self.within_noise,
-                "verdict": self.verdict}
+        found = {"effect": _json_float(self.effect), "low": _json_float(self.low), "high": _json_float(self.high),
+                 "n": self.n, "basis": self.basis, "note": self.note, "within_noise": self.within_noise,
+                 "verdict": self.verdict, "identical": self.identical, "clipped": self.clipped}
+        if self.at_start is not None:
+            found["at_start"] = self.at_start.as_dict()
+            found["change"] = None if self.change is None else self.change.as_dict()
+        return found
+
+
+def clip(found, lower: float, upper: float, what: str = "the metric's natural bounds"):
+    """An `Estimate` or `Difference` whose interval is cut to [lower, upper] (unchanged when it lies inside; the
+    coverage argument is in the module docstring). `clipped` is set and the note says so."""
+    if not found.has_interval or (found.low >= lower and found.high <= upper):
+        return found
+    note = "; ".join(n for n in (found.note, f"interval clipped at {what} [{lower:g}, {upper:g}]") if n)
+    return dataclasses.replace(found, low=max(found.low, lower), high=min(found.high, upper), clipped=True,
+                               note=note)
 
 
 def _json_float(value: float | None) -> float | None:
@@ -100,7 +151,7 @@ def _t_interval(mean: float, sem: float, df: float, confidence: float) -> tuple[
     return float(low), float(high)
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE, *, scale: float = 0.0) -> Estimate:
     """Mean of `values` (non-finite ones dropped) with its t interval over n - 1 degrees of freedom.
 
     n = 0 gives a NaN mean and n = 1 the value itself, both without an interval (and a note saying why).
@@ -113,31 +164,36 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Es
     mean = float(array.mean())
     if array.size == 1:
         return Estimate(mean, None, None, 1, NO_INTERVAL_N1)
+    if all(resolved(array[0], x, scale) == 0.0 for x in array):
+        return Estimate(mean, mean, mean, int(array.size))  # identical values: no spread (not rounding's)
     low, high = _t_interval(mean, float(stats.sem(array)), array.size - 1, confidence)
     return Estimate(mean, low, high, int(array.size))
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pairs",
-                      confidence: float = CONFIDENCE) -> Difference:
+                      confidence: float = CONFIDENCE, scale: float = 0.0) -> Difference:
     """Mean of b[i] - a[i] over the pairs where both are finite, with the t interval of the differences
     (the interval of scipy.stats.ttest_rel). `unit` names what a pair is ("seeds", "(image, t, eps) points").
+    Each pair's difference is `resolved` (rounding reads 0); when every one is 0 the result is `identical`.
 
     Raises ValueError when a and b have different lengths (the pairing would be a guess).
     """
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pairs need equal lengths")
-    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    d = np.array([resolved(x, y, scale) if math.isfinite(x) and math.isfinite(y) else math.nan
+                  for x, y in zip(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))])
     d = d[np.isfinite(d)]
     basis = f"paired over {d.size} {unit}"
     if d.size == 0:
         return Difference(float("nan"), None, None, 0, basis, "no pair has both values")
     estimate = mean_interval(d, confidence)
     note = "" if estimate.has_interval else "one pair: no interval"
-    return Difference(estimate.mean, estimate.low, estimate.high, int(d.size), basis, note)
+    return Difference(estimate.mean, estimate.low, estimate.high, int(d.size), basis, note,
+                      identical=bool(np.all(d == 0.0)))
 
 
 def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "runs",
-                        confidence: float = CONFIDENCE) -> Difference:
+                        confidence: float = CONFIDENCE, scale: float = 0.0) -> Difference:
     """mean(b) - mean(a) with Welch's t interval (scipy.stats.ttest_ind(b, a, equal_var=False)); no interval
     unless both sides have at least two values."""
     from scipy import stats
@@ -146,19 +202,23 @@ def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "
     basis = f"unpaired, {xa.size} + {xb.size} {unit}"
     if xa.size == 0 or xb.size == 0:
         return Difference(float("nan"), None, None, int(xa.size + xb.size), basis, "a side has no value")
-    effect = float(xb.mean() - xa.mean())
+    effect = resolved(float(xa.mean()), float(xb.mean()), scale)
+    identical = all(resolved(xa[0], x, scale) == 0.0 for x in (*xa, *xb))
     if xa.size < 2 or xb.size < 2:
-        return Difference(effect, None, None, int(xa.size + xb.size), basis, NO_INTERVAL_N1)
+        return Difference(effect, None, None, int(xa.size + xb.size), basis, NO_INTERVAL_N1, identical=identical)
     va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
-    if va + vb == 0.0:
-        return Difference(effect, effect, effect, int(xa.size + xb.size), basis)
+    if va + vb == 0.0 or identical:
+        return Difference(effect, effect, effect, int(xa.size + xb.size), basis, identical=identical)
     interval = stats.ttest_ind(xb, xa, equal_var=False).confidence_interval(confidence)
     return Difference(effect, float(interval.low), float(interval.high), int(xa.size + xb.size), basis)
 
 
-def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_INTERVAL_N1) -> Difference:
-    """b - a when nothing pairs or replicates them: the difference, and no interval."""
-    return Difference(float(b) - float(a), None, None, 2, basis, note)
+def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_INTERVAL_N1, *,
+                scale: float = 0.0) -> Difference:
+    """b - a (`resolved`) when nothing pairs or replicates them: the difference, and no interval; `identical`
+    when the two values are equal."""
+    effect = resolved(a, b, scale)
+    return Difference(effect, None, None, 2, basis, note, identical=effect == 0.0)
 
 
 @dataclass(frozen=True)
@@ -181,10 +241,13 @@ def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
     steps = np.array([s for s, _ in points], dtype=np.float64)
     values = np.array([v for _, v in points], dtype=np.float64)
     auc = float(trapezoid(values, steps) / (steps[-1] - steps[0]))
-    decrease = values[0] - values.min()
+    drops = values[0] - values  # how far each evaluation is below the start (drops[0] = 0 exactly)
+    decrease = float(drops.max())
     if decrease <= 0:
         return FittingSpeed(auc, None)
-    target = values[0] - decrease / 2
-    i = int(np.argmax(values <= target))  # the first evaluation at or below the target (i >= 1)
-    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
-    return FittingSpeed(auc, float(s0 + (v0 - target) / (v0 - v1) * (s1 - s0)))
+    half = decrease / 2  # exact in binary
+    i = int(np.argmax(drops >= half))  # the first evaluation at or past half the decrease (i >= 1)
+    # interpolated on the drops, not the values: no cancellation of two nearly equal losses, so a curve that
+    # reaches half between its start and its lowest point gives exactly the mid-step.
+    fraction = (half - drops[i - 1]) / (drops[i] - drops[i - 1])
+    return FittingSpeed(auc, float(steps[i - 1] + fraction * (steps[i] - steps[i - 1])))

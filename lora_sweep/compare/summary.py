@@ -8,13 +8,21 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "baseline": "<variant name>",
   "metrics": [{"key": "fit/loss", "note": "..."}, ...],           # the common metrics compared, in order
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
-  "variants": [{"name", "tag", "n", "seeds", "run_ids", "status", "replicate_key", "is_baseline",
-                "metrics": {"fit/loss": {"mean", "low", "high", "n", "note"}},
+  "variants": [{"name", "label", "tag", "n", "seeds", "run_ids", "status", "replicate_key", "is_baseline",
+                "data_warnings",                                    # the pre-flight's fallbacks (most of a run)
+                "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped", "missing"}},
                 "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
-                                             "within_noise", "verdict"} | {"comparable": false, "reason"} | null}}],
-  "one_knob_pairs": [{"a", "b", "knob", "from", "to", "detail", "effects": {"fit/loss": <as vs_baseline>}}],
+                                             "within_noise", "verdict", "identical", "clipped",
+                                             ["at_start", "change"]} | {"comparable": false, "reason"}}}],
+  "one_knob_pairs": [{"a", "b", "knob", "from", "to", "detail", "values": [{"key", "from", "to"}], "compound",
+                      "entails", "effects": {"fit/loss": <as vs_baseline>}}],
+  "data_warnings": [{"variant", "run_id", "count", "artifact"}],   # runs whose data had fallbacks
   "notes": [...]
 }
+verdict: "no difference" (identical values), "different" (the interval excludes 0), "within noise" (it covers
+0), "no interval" (n = 1, nothing to pair), "no value" (a side has none; note says why). "at_start" (step 0's
+difference) and "change" (the difference of the changes from step 0) are present only when the two variants
+already differ before training. "clipped": the interval was cut at the metric's natural bounds.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from lora_sweep.compare.stats import CONFIDENCE
 
 SCHEMA = "lora-sweep-summary/1"
 SCRIPT_ID = "lora-sweep-summary"
+WARNINGS_ARTIFACT = "data/warnings.txt"
 CURVES_ONLY = ("train/loss", "train/loss_weight", "train/huber_c", "train/lr", "train/d_lr")
 
 
@@ -42,26 +51,39 @@ def build_summary(data) -> dict[str, Any]:
     for index, group in enumerate(groups):
         is_base = index == data.baseline
         variants.append({
-            "name": group.name, "tag": group.representative.tags.get("variant", group.name), "n": group.n,
-            "seeds": group.seeds, "run_ids": [r.run_id for r in group.runs], "status": group.status,
+            "name": group.name, "label": group.label, "tag": group.representative.tags.get("variant", group.name),
+            "n": group.n, "seeds": group.seeds, "run_ids": [r.run_id for r in group.runs], "status": group.status,
             "replicate_key": group.key, "is_baseline": is_base,
+            "data_warnings": max((data_warnings(r) for r in group.runs), default=0),
             "metrics": {m: estimate(group, m, step).as_dict() for m in metrics},
             "vs_baseline": {} if is_base else {m: effect_dict(difference(base, group, m, step, images))
                                                for m in metrics},
         })
-    pairs = [{"a": groups[p.a].name, "b": groups[p.b].name, **p.knob.as_dict(),
+    pairs = [{"a": groups[p.a].name, "b": groups[p.b].name, **p.knob.as_dict(), **p.knob.values_dict(),
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
-    notes = list(data.notes) + [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are "
-                                f"left out of the numbers." for g in groups if len(g.finished) < g.n] + [f"{groups[i].name} and {groups[j].name} train the same config (they differ only "
-                                f"in their name, sampling or evaluation settings)." for i, j in same_training(groups)]
+    notes = list(data.notes)
+    notes += [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are left out of the "
+              "numbers." for g in groups if len(g.finished) < g.n]
+    notes += [f"{groups[i].name} and {groups[j].name} train the same config (they differ only in their name, "
+              "sampling or evaluation settings)." for i, j in same_training(groups)]
     return {
         "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,
         "tracking_uri": data.tracking_uri, "step": step, "confidence": CONFIDENCE, "baseline": base.name,
         "metrics": [{"key": m, "note": METRIC_NOTES.get(m, "")} for m in metrics],
         "curves_only": [k for k in CURVES_ONLY if any(k in r.histories for g in groups for r in g.runs)],
         "variants": variants, "one_knob_pairs": pairs, "notes": notes,
+        "data_warnings": [{"variant": g.name, "run_id": r.run_id, "count": data_warnings(r),
+                           "artifact": WARNINGS_ARTIFACT} for g in groups for r in g.runs if data_warnings(r) > 0],
     }
+
+
+def data_warnings(run) -> int:
+    """How many fallbacks the pre-flight allowed in the run's data (its `data.warnings` param; 0 when absent)."""
+    try:
+        return int(float(run.params.get("data.warnings", 0)))
+    except ValueError:
+        return 0
 
 
 def to_json(summary: dict) -> str:

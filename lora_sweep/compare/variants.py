@@ -5,8 +5,10 @@ Pure data (no MLflow: `report.py` fills `VariantData` from the store). Definitio
 - *Replicates* are runs whose configs differ only in `train.seed`: their params, less `train.seed` and the keys that
   never change a training (`config.is_hash_excluded`: paths, tracking, sweep and compare settings), hash to the same
   `replicate_key`. A sweep over `train.seed=1,2,3` asks for them.
-- A *variant* (`VariantGroup`) is a set of replicates, named by the runs' `variant` tag (less any `train.seed=N`
-  part of a tag made from overrides).
+- A *variant* (`VariantGroup`) is a set of replicates, named by the runs' `variant` tag less its `train.seed=N`
+  part (run.py names a sweep's job by the overrides it varies, space-separated: `noise=none train.seed=1`; older
+  tags are comma-separated), so the replicates of `-m noise=none,offset train.seed=1,2,3` form the variants
+  `noise=none` and `noise=offset`; the group's `label` adds n and the seeds (`noise=none (n = 3, seeds 1, 2, 3)`).
 - *Natural order*: the order of the sweep's overrides (the Hydra job number, tag `lora_sweep.job_num`) when every
   run has one, else the names in natural order (v9 < v53 < v64), then start time.
 """
@@ -47,6 +49,8 @@ class VariantData:
     points: dict[str, dict[tuple[str, int], float]] = dataclasses.field(default_factory=dict)  # fit/loss -> points
     prompts: list[dict] | None = None  # samples/prompts.json: the (prompt, seed, size, ...) of each sample_pNN
     progression: list[tuple[int, Image.Image]] = dataclasses.field(default_factory=list)  # (step, first prompt)
+    artifact_uri: str = ""  # the run's artifact root (MLflow's run.info.artifact_uri)
+    warnings_text: str | None = None  # data/warnings.txt: the pre-flight's fallbacks, when the run has any
 
     @property
     def seed(self) -> int | None:
@@ -81,6 +85,14 @@ class VariantGroup:
     @property
     def seeds(self) -> list[int | None]:
         return [r.seed for r in self.runs]
+
+    @property
+    def label(self) -> str:
+        """The name with its replicates, for legends: 'noise=none (n = 3, seeds 1, 2, 3)'; the name when n = 1."""
+        if self.n == 1:
+            return self.name
+        seeds = ", ".join(str(s) for s in self.seeds if s is not None)
+        return f"{self.name} (n = {self.n}{', seeds ' + seeds if seeds else ''})"
 
     @property
     def representative(self) -> VariantData:
@@ -119,10 +131,15 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name))
 
 
+SEED_PART = re.compile(r"[ ,]\+{0,2}" + re.escape(SEED_KEY) + r"=[^ ,]*|^\+{0,2}" + re.escape(SEED_KEY)
+                       + r"=[^ ,]*[ ,]?")  # the seed override with one separator next to it
+CUT_HASH = re.compile(r" #[0-9a-f]{6,}$")  # jobs.run_label's mark of a cut name: a hash of all the overrides
+
+
 def strip_seed(name: str) -> str:
-    """A variant tag made from overrides ('noise=multires,train.seed=2') without its seed part."""
-    parts = [p for p in name.split(",") if not p.strip().startswith(f"{SEED_KEY}=")]
-    return ",".join(parts) or "default"
+    """A variant tag made from overrides ('noise=multires train.seed=2', 'noise=multires,train.seed=2',
+    'v57 +train.seed=3') without its seed part; 'default' when nothing else is left."""
+    return SEED_PART.sub("", name).strip() or "default"
 
 
 def group_replicates(runs: Sequence[VariantData]) -> list[VariantGroup]:
@@ -134,6 +151,8 @@ def group_replicates(runs: Sequence[VariantData]) -> list[VariantGroup]:
     for key, members in by_key.items():
         members.sort(key=lambda r: (r.seed if r.seed is not None else 0, r.start_time, r.run_id))
         names = {strip_seed(r.name) for r in members}
+        if len(names) > 1 and len({CUT_HASH.sub("", n) for n in names}) == 1:
+            names = {CUT_HASH.sub("", n) for n in names}  # cut names whose hashes covered the seed too
         groups.append(VariantGroup(sorted(names, key=natural_key)[0], key, members))
     with_job_num = all(r.job_num is not None for g in groups for r in g.runs)
 

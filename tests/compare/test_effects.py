@@ -39,7 +39,7 @@ def test_replicates_pair_over_seeds_and_separate_a_real_effect():
     assert found.effect == pytest.approx(0.1 + 0.002 / 3, abs=1e-9)
     same = difference(ga, groups_of(*[make_run("c", s, 0.50 + 0.01 * s, **{"noise.offset": "0.1"})
                                       for s in (1, 2, 3)])[0], "fit/loss")
-    assert same.verdict == "within noise" and same.effect == pytest.approx(0.0)
+    assert same.verdict == "no difference" and same.effect == 0.0  # identical replicates: not "within noise"
     assert estimate(ga, "fit/loss").n == 3 and estimate(ga, "fit/loss").has_interval
 
 
@@ -85,3 +85,75 @@ def test_fitting_speed_comes_from_the_whole_fit_loss_history():
     assert run_value(group.runs[0], "fit/loss_auc") == pytest.approx(0.6)  # a straight line from 1.0 to 0.2
     assert present_metrics([group]) == ["fit/loss", "fit/loss_auc", "fit/steps_to_half"]
     assert one_knob_pairs([group], ["fit/loss"]) == []
+
+
+def with_history(name: str, seed: int, history, **params: str) -> VariantData:
+    run = make_run(name, seed, history[-1][1], **params)
+    run.histories["fit/loss"] = list(history)
+    run.final_metrics = {"fit/loss": history[-1][1]}
+    return run
+
+
+def test_a_run_whose_fit_loss_never_falls_says_why_it_has_no_steps_to_half():
+    from lora_sweep.compare.report_html import effect_text, estimate_text
+
+    rising = [(0, 1.0), (4, 1.1), (8, 1.2)]
+    ga, gb = groups_of(make_run("v57", 1, 0.2), with_history("v59", 1, rising, **{"loss.huber_c": "0.08"}))
+    entry = estimate(gb, "fit/steps_to_half").as_dict()
+    assert entry["n"] == 0 and entry["note"] == "did not halve (fit/loss never fell below its start)"
+    assert estimate_text(entry) == "did not halve (fit/loss never fell below its start)"  # not "—"
+    found = difference(ga, gb, "fit/steps_to_half")
+    assert found.verdict == "no value" and found.note == "v59: did not halve (fit/loss never fell below its start)"
+    assert effect_text(found.as_dict() | {"comparable": True})[0] == f"no value: {found.note}"
+    both = difference(gb, groups_of(with_history("v61", 1, rising, **{"loss.huber_c": "0.5"}))[0], "fit/steps_to_half")
+    assert both.note == "v59, v61: did not halve (fit/loss never fell below its start)"  # said once
+    # some replicates halve, one does not: the mean is over those that did, and the note says how many did not
+    (mixed,) = groups_of(make_run("v57", 1, 0.2), make_run("v57", 2, 0.3), with_history("v57", 3, rising))
+    assert estimate(mixed, "fit/steps_to_half").n == 2
+    assert estimate(mixed, "fit/steps_to_half").missing == "1 of 3 runs: did not halve (not in the mean)"
+    assert estimate_text(estimate(mixed, "fit/steps_to_half").as_dict()).endswith("(1 of 3 runs: did not halve "
+                                                                                  "(not in the mean))")
+    (short,) = groups_of(with_history("v62", 1, [(0, 1.0)]))
+    assert estimate(short, "fit/loss_auc").note == "fewer than two fit/loss evaluations"
+
+
+def test_a_step_count_interval_is_clipped_at_the_runs_steps():
+    fast, slow = [(0, 1.0), (1, 0.0), (8, 0.0)], [(0, 1.0), (8, 0.0)]  # halve at step 0.5 and at step 4
+    ga, gb = groups_of(with_history("a", 1, fast), with_history("a", 2, slow),
+                       with_history("b", 1, slow, **{"noise.offset": "0.1"}),
+                       with_history("b", 2, slow, **{"noise.offset": "0.1"}))
+    found = estimate(ga, "fit/steps_to_half")
+    assert found.mean == pytest.approx(2.25) and (found.low, found.high) == (0.0, 8.0) and found.clipped
+    assert "clipped" in found.note
+    effect = difference(ga, gb, "fit/steps_to_half")  # paired over the two seeds: +0 and +3.5
+    assert effect.clipped and (effect.low, effect.high) == (-8.0, 8.0)
+    assert not estimate(gb, "fit/steps_to_half").clipped  # identical replicates: [4, 4], nothing to clip
+
+
+def test_variants_that_differ_before_training_show_it_and_the_change_from_step_0():
+    # fp8 vs fp16 base weights: the quantised base model measures the same points differently at step 0
+    fp8 = [with_history("v60", s, [(0, 1.0), (10, 0.5 + 0.01 * s)], **{"precision.name": "fp8"}) for s in (1, 2)]
+    fp16 = [with_history("v64", s, [(0, 1.2), (10, 0.6 + 0.012 * s)], **{"precision.name": "fp16"})
+            for s in (1, 2)]
+    ga, gb = groups_of(*fp8, *fp16)
+    found = difference(ga, gb, "fit/loss")
+    assert found.effect == pytest.approx(0.1 + 0.003)  # the final difference, as before
+    assert found.at_start.effect == pytest.approx(0.2) and found.at_start.basis == "paired over 2 seeds"
+    assert found.at_start.verdict == "different"
+    assert (found.at_start.low, found.at_start.high) == pytest.approx((0.2, 0.2))  # every pair alike
+    assert found.change.effect == pytest.approx((0.6 - 1.2 + 0.018) - (0.5 - 1.0 + 0.015))  # -0.097
+    entry = found.as_dict()
+    assert entry["at_start"]["effect"] == pytest.approx(0.2) and entry["change"]["effect"] == pytest.approx(-0.097)
+    auc = difference(ga, gb, "fit/loss_auc")  # the area under the curve is measured from fit/loss's start too
+    assert auc.at_start is not None and auc.change is not None
+    speed = difference(ga, gb, "fit/steps_to_half")  # already relative to each run's start: flagged, no change
+    assert speed.at_start is not None and speed.change is None
+    # the same base model: the same step-0 values, no flag
+    same = groups_of(*fp8, *[with_history("v63", s, [(0, 1.0), (10, 0.4)], **{"loss.huber_c": "0.1"})
+                             for s in (1, 2)])
+    plain = difference(same[0], same[1], "fit/loss")
+    assert plain.at_start is None and "at_start" not in plain.as_dict()
+    # one run each: the step-0 difference without an interval
+    one = difference(*groups_of(fp8[0], fp16[0]), "fit/loss")
+    assert one.at_start.effect == pytest.approx(0.2) and one.at_start.low is None
+    assert one.change.effect == pytest.approx((0.612 - 1.2) - (0.51 - 1.0))

@@ -153,7 +153,7 @@ def test_parameter_table_shows_only_differing_rows(sweep_report):
     assert "Prodigy" in params_table and "<td>x</td>" in params_table  # v53 has no ip_gamma: the article's "x"
     for shared in ("train.batch_size", "network.rank", "noise.offset", "loss.min_snr_gamma"):
         assert shared not in params_table
-    assert "Parameters that differ (2 of 8)" in text  # status is shared (all FINISHED)
+    assert "Parameters that differ (2 of 7)" in text  # settings only: the status (all FINISHED) is no parameter
 
 
 def test_step_option_and_baseline(store, tmp_path):
@@ -195,3 +195,18 @@ def test_small_helpers():
     assert ema([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 10.0 * 0.5 / 0.75])
     assert delta_text(1.1, 1.0) == "+0.1 (+10.0%)"
     assert delta_text(None, 1.0) == ""
+
+
+def test_a_step_without_samples_is_refused_with_the_steps_that_exist(store, tmp_path, capsys):
+    from lora_sweep.compare.report import check_step
+
+    args = ["--sweep", store["parent"], "--tracking-uri", store["uri"], "--out", str(tmp_path / "r")]
+    assert main([*args, "--step", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --step 3: no compared run logged samples at step 3. Sampled steps: 0, 10, 20.")
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()  # one paragraph, nothing written
+    with pytest.raises(UserError, match=r"Sampled steps: 0, 5, 10; at every run: 0, 10\. Pick one"):
+        check_step([{("k", 0): 1, ("k", 5): 1, ("k", 10): 1}, {("k", 0): 1, ("k", 10): 1}], 7)
+    with pytest.raises(UserError, match="logged no samples at all"):
+        check_step([{}, {}], 7)
+    check_step([{("k", 5): 1}, {("k", 6): 1}], 5)  # one run has it: the page notes the other

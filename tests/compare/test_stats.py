@@ -50,7 +50,10 @@ def test_identical_variants_are_within_noise():
     a = [1.0, 1.1, 0.9, 1.05]
     for difference in (unpaired_difference(a, list(a)), paired_difference(a, list(a))):
         assert difference.effect == pytest.approx(0.0)
-        assert difference.within_noise is True and difference.verdict == "within noise"
+        assert difference.within_noise is True
+    # unpaired, the spread of each side is noise; paired, every pair is equal: no difference, no spread
+    assert unpaired_difference(a, list(a)).verdict == "within noise"
+    assert paired_difference(a, list(a)).verdict == "no difference"
     # a small shift against a large spread is noise too
     rng = np.random.default_rng(1)
     noisy_a, noisy_b = rng.normal(1.0, 0.5, 4), rng.normal(1.02, 0.5, 4)
@@ -86,3 +89,47 @@ def test_fitting_speed_area_and_half_decrease():
     assert fitting_speed([(0, 1.0), (10, 1.1)]).steps_to_half is None  # never decreases
     assert fitting_speed([(0, 1.0)]) is None
     assert math.isfinite(fitting_speed([(10, 0.5), (0, 1.0), (5, float("nan"))]).loss_auc)
+
+
+def test_identical_values_read_no_difference_and_rounding_is_no_difference():
+    from lora_sweep.compare.stats import RESOLUTION, resolved
+
+    # the tester's v55 -> v56 steps to half: -5.551e-12 is float64 rounding, not an effect
+    assert resolved(4.0, 4.0 - 5.551e-12) == 0.0 and RESOLUTION == 1e-9
+    bare = no_interval(4.0, 4.0 - 5.551e-12)
+    assert bare.effect == 0.0 and bare.identical and bare.verdict == "no difference"
+    paired = paired_difference([0.11, 0.52, 0.93], [0.11, 0.52 + 1e-15, 0.93])
+    assert paired.identical and (paired.effect, paired.low, paired.high) == (0.0, 0.0, 0.0)
+    assert paired.verdict == "no difference" and paired.as_dict()["identical"] is True
+    # one float32 step (~1.2e-7 relative) between two runs' values is a real difference, and stays one
+    real = no_interval(0.5, 0.5 * (1 + 2 ** -23))
+    assert real.effect > 0 and not real.identical and real.verdict == "no interval"
+    assert not unpaired_difference([1.0, 1.5], [1.0, 1.5 + 1e-6]).identical
+    assert unpaired_difference([1.0, 1.0], [1.0, 1.0]).verdict == "no difference"
+    assert paired_difference([1.0, float("nan")], [float("nan"), 2.0]).verdict == "no value"
+    # a value near 0 made of O(1) terms (a flat image's luma spread) carries their rounding: the metric's scale
+    assert no_interval(1.388e-17, 5.551e-17).verdict == "no interval"
+    assert no_interval(1.388e-17, 5.551e-17, scale=1.0).verdict == "no difference"
+    assert paired_difference([1e-17, 2e-17], [5e-17, -3e-17], scale=1.0).verdict == "no difference"
+
+
+def test_fitting_speed_is_exact_where_the_curve_halves_between_its_start_and_its_lowest_point():
+    # Two variants whose fit/loss falls by a tiny amount in one evaluation interval both reach half of their
+    # decrease at the mid-step; computed from the values (v0 - target) / (v0 - v1) this came out 4 +- 5e-12.
+    for start, decrease in ((0.1234567, 3e-5), (0.0987654, 1.1e-6), (0.15, 7.77e-5)):
+        assert fitting_speed([(0, start), (8, start - decrease)]).steps_to_half == 4.0
+    assert fitting_speed([(0, 1.0), (4, 0.9), (8, 0.2), (12, 0.25)]).steps_to_half == pytest.approx(
+        4 + (0.4 - 0.1) / (0.8 - 0.1) * 4)
+
+
+def test_clip_keeps_an_interval_within_the_metrics_bounds():
+    from lora_sweep.compare.stats import clip
+
+    estimate = mean_interval([0.5, 4.0])  # two replicates' steps to half: the t interval reaches below 0
+    assert estimate.low < 0 and estimate.high > 8
+    clipped = clip(estimate, 0.0, 8.0)
+    assert (clipped.low, clipped.high, clipped.mean) == (0.0, 8.0, 2.25) and clipped.clipped
+    assert "clipped at the metric's natural bounds [0, 8]" in clipped.note and clipped.as_dict()["clipped"]
+    inside = mean_interval([3.0, 3.5, 4.0])
+    assert clip(inside, 0.0, 8.0) is inside and not inside.clipped
+    assert clip(mean_interval([1.0]), 0.0, 8.0).low is None  # no interval: nothing to clip

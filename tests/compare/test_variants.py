@@ -134,3 +134,52 @@ def test_display_hides_inert_settings():
     assert display("loss.huber_c", {**l2, "loss.type": "huber"}) == "0.1"
     assert display("loss.min_snr_gamma", {"loss.min_snr_gamma": "None"}) == "x"
     assert display("train.batch_size", {"train.batch_size": "4"}) == "4" and display("missing", {}) == "x"
+
+
+def test_replicates_are_named_without_their_seed():
+    # -m noise=none,offset train.seed=1,2,3: run.py names each job by the overrides the sweep varies
+    runs = [run(f"noise={noise} train.seed={seed}", seed, job=2 * seed + i, **{"tracking.variant": "None"},
+                **({"noise.offset": "0.1"} if i else {}))
+            for seed in (1, 2, 3) for i, noise in enumerate(("none", "offset"))]
+    groups = group_replicates(runs)
+    assert [(g.name, g.n, g.seeds) for g in groups] == [("noise=none", 3, [1, 2, 3]), ("noise=offset", 3, [1, 2, 3])]
+    assert groups[0].label == "noise=none (n = 3, seeds 1, 2, 3)"
+    assert group_replicates([run("v57", 1)])[0].label == "v57"
+    assert strip_seed("v57 +train.seed=3") == "v57" and strip_seed("train.seed=2 noise=x") == "noise=x"
+    assert strip_seed("sampling.prompts=[a cat, a dog] train.seed=2") == "sampling.prompts=[a cat, a dog]"
+    # a cut name ends with a hash of all the overrides, seed included: the replicates still share one name
+    cut = [run(f"v57 sampling.prompt_file=/very/long/path/to/prom… #{h}", s, **{"tracking.variant": "v57"})
+           for s, h in ((1, "0a1b2c3d"), (2, "9f8e7d6c"))]
+    (group,) = group_replicates(cut)
+    assert group.name == "v57 sampling.prompt_file=/very/long/path/to/prom…"
+    assert baseline_index(groups, "noise=offset train.seed=2") == 1
+
+
+def test_a_group_choice_that_changes_several_values_is_compound(article_runs):
+    from lora_sweep.compare.effects import one_knob_pairs
+
+    groups = group_replicates(article_runs)
+    pairs = {(groups[p.a].name, groups[p.b].name): p.knob for p in one_knob_pairs(groups, [])}
+    # the tester's v53 -> v58 / v60: one knob (noise: offset -> multires_ip), three mechanisms
+    assert pairs[("v53", "v60")].compound and pairs[("v53", "v60")].values == (
+        ("noise.offset", "0.0357", "0"), ("noise.multires_iterations", "0", "6"), ("noise.ip_gamma", "0", "0.1"))
+    assert pairs[("v57", "v58")].entails == "noise.offset 0.0357 -> 0; noise.multires_iterations 0 -> 10"
+    assert pairs[("v57", "v58")].values_dict()["compound"] is True
+    # true single-value changes, a group choice among them: v53 -> v57 only adds IP noise
+    for single in (("v53", "v57"), ("v55", "v56"), ("v58", "v60"), ("v60", "v64")):
+        assert not pairs[single].compound, single
+    assert pairs[("v53", "v57")].values == (("noise.ip_gamma", "0", "0.1"),)
+    assert pairs[("v60", "v64")].entails == "precision.name fp8 -> fp16"
+    # single-value pairs are listed first, then the compound ones
+    order = [p.knob.compound for p in one_knob_pairs(groups, [])]
+    assert order == sorted(order) and order[-1] is True
+
+
+def test_the_shared_rows_hold_settings_only():
+    groups = group_replicates([run("a", 1, **{"data.warnings": "2"}), run("b", 1, **{"noise.offset": "0.1",
+                                                                                     "data.warnings": "0"})])
+    differ, shared = parameter_table(groups)
+    assert [k for k, _ in differ] == ["noise.offset"]
+    assert "status" not in dict(shared) and "data.warnings" not in dict(shared)
+    groups[1].runs[0].status = "FAILED"
+    assert dict(parameter_table(groups)[0])["status"] == ["FINISHED", "FAILED"]  # a failed variant stands out

@@ -1,0 +1,108 @@
+"""The text of the report's number cells, from the summary's entries (`summary.build_summary`).
+
+Pure string functions, so the page and a test can render the same entry the same way. Numbers get as many
+significant digits as it takes for two different numbers of one cell to print differently (an interval never
+reads [1.12, 1.12] when its ends differ), at least 3 (4 for a mean or an effect). Marks: `*` an interval of
+evaluation noise only (one run each), `†` an interval clipped at the metric's natural bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from typing import Iterable
+
+from lora_sweep.compare.effects import EVAL_NOISE_ONLY
+
+CLIPPED_MARK = "†"
+EVAL_NOISE_MARK = "*"
+
+
+def distinct_digits(values: Iterable[float | None], least: int = 3) -> int:
+    """The fewest significant digits (>= `least`, <= 17) at which every two different finite values print
+    differently with the 'g' format."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    for digits in range(least, 17):
+        if all(f"{x:.{digits}g}" != f"{y:.{digits}g}" for x, y in combinations(finite, 2) if x != y):
+            return digits
+    return 17
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def signed(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:+.{digits}g}"
+
+
+def estimate_text(entry: dict) -> str:
+    """'0.1234 [0.1201, 0.1267]', '0.1234' (no interval: n = 1), '0.1234 (no spread)' (identical replicates), or,
+    without a value, why (e.g. 'did not halve (fit/loss never fell below its start)'); when only some runs have
+    one, the number and why the others do not ('2 (1 of 2 runs: did not halve (not in the mean))')."""
+    if entry["mean"] is None:
+        return entry.get("missing") or entry.get("note") or "—"
+    missing = f" ({entry['missing']})" if entry.get("missing") else ""
+    if entry["low"] is None:
+        return format_number(entry["mean"]) + missing
+    if entry["low"] == entry["high"]:
+        return f"{format_number(entry['mean'])} (no spread){missing}"
+    digits = distinct_digits((entry["mean"], entry["low"], entry["high"]))
+    mark = CLIPPED_MARK if entry.get("clipped") else ""
+    return (f"{format_number(entry['mean'], max(4, digits))} "
+            f"[{format_number(entry['low'], digits)}, {format_number(entry['high'], digits)}]{mark}{missing}")
+
+
+def interval_text(entry: dict) -> str:
+    """'[-0.0123, +0.0456]' with enough digits to tell the ends (and zero) apart; '' without an interval."""
+    if entry.get("low") is None:
+        return ""
+    digits = distinct_digits((entry["low"], entry["high"], 0.0))
+    mark = CLIPPED_MARK if entry.get("clipped") else ""
+    return f"[{signed(entry['low'], digits)}, {signed(entry['high'], digits)}]{mark}"
+
+
+def difference_text(entry: dict, *, compact: bool = False) -> str:
+    """A difference on its own: 'no difference', 'within noise [..]', '+0.05 [..]', '+0.05 (no interval)' ('+0.05'
+    when `compact`)."""
+    verdict = entry["verdict"]
+    if verdict == "no difference":
+        return "no difference"
+    if verdict == "no value":
+        return f"no value: {entry['note']}" if entry.get("note") else "no value"
+    interval = interval_text(entry)
+    digits = max(4, distinct_digits((entry["effect"], entry.get("low"), entry.get("high"))))
+    if verdict == "within noise":
+        return f"within noise {interval}"
+    if verdict == "different":
+        if entry["low"] == entry["high"]:
+            return f"{signed(entry['effect'], digits)} (every pair alike)"
+        return f"{signed(entry['effect'], digits)} {interval}"
+    return signed(entry["effect"]) if compact else f"{signed(entry['effect'])} (no interval)"
+
+
+def effect_text(entry: dict | None) -> tuple[str, str]:
+    """(what the cell says, a CSS class) for a difference of the summary."""
+    if entry is None:
+        return "—", "none"
+    if not entry["comparable"]:
+        return f"not comparable: {entry['reason']}", "none"
+    verdict = entry["verdict"]
+    mark = f" {EVAL_NOISE_MARK}" if entry["note"] == EVAL_NOISE_ONLY and verdict != "no difference" else ""
+    if verdict == "no interval":
+        return f"{signed(entry['effect'])} (n = 1: no interval)", "none"
+    cls = {"no difference": "same", "within noise": "noise", "different": "diff"}.get(verdict, "none")
+    return difference_text(entry) + mark, cls
+
+
+def start_text(entry: dict | None) -> str:
+    """'differs at step 0: +0.012 [..]; change from step 0: -0.003 [..]' for two variants that differ before
+    training; '' otherwise."""
+    if not entry or not entry.get("comparable") or entry.get("at_start") is None:
+        return ""
+    text = f"differs at step 0: {difference_text(entry['at_start'], compact=True)}"
+    if entry.get("change") is not None:
+        text += f"; change from step 0: {difference_text(entry['change'], compact=True)}"
+    return text

@@ -1,0 +1,48 @@
+"""The text of the report's number cells, on constructed summary entries: enough digits to tell an interval's ends
+apart, "no difference" for identical values, a reason where a value is missing, the step-0 flag."""
+
+from __future__ import annotations
+
+from lora_sweep.compare.cells import distinct_digits, effect_text, estimate_text, start_text
+from lora_sweep.compare.stats import Difference, Estimate, no_interval, paired_difference
+
+
+def entry(found) -> dict:
+    return found.as_dict() if isinstance(found, Estimate) else {"comparable": True, **found.as_dict()}
+
+
+def test_an_interval_never_reads_the_same_number_twice_when_its_ends_differ():
+    assert distinct_digits([1.1201, 1.1249]) == 4 and distinct_digits([1.0, 1.0]) == 3
+    assert distinct_digits([0.123456789012, 0.123456789013]) == 12
+    assert estimate_text(entry(Estimate(1.1225, 1.1201, 1.1249, 3))) == "1.123 [1.12, 1.125]"  # not [1.12, 1.12]
+    effect = effect_text(entry(Difference(0.0003, 0.00031, 0.00034, 3, "paired over 3 seeds")))[0]
+    assert effect.startswith("+0.0003 [+0.00031, +0.00034]")
+    assert estimate_text(entry(Estimate(2.0, 2.0, 2.0, 3))) == "2 (no spread)"  # identical replicates
+
+
+def test_identical_values_read_no_difference():
+    same = paired_difference([0.5, 0.6, 0.7], [0.5, 0.6, 0.7], unit="(image, t, eps) points")
+    assert effect_text(entry(same)) == ("no difference", "same")  # not "within noise [+0, +0]"
+    assert effect_text(entry(no_interval(4.0, 4.0 - 5.551e-12)))[0] == "no difference"
+    assert effect_text(entry(no_interval(4.0, 4.5)))[0] == "+0.5 (n = 1: no interval)"
+    noise = paired_difference([0.5, 0.6, 0.7], [0.51, 0.59, 0.7])
+    assert effect_text(entry(noise))[0].startswith("within noise [-")
+
+
+def test_missing_values_and_clipped_intervals_say_so():
+    missing = Estimate(float("nan"), None, None, 0, "did not halve (fit/loss never fell below its start)")
+    assert estimate_text(entry(missing)) == missing.note
+    some = Estimate(2.0, None, None, 1, "n = 1", missing="1 of 2 runs: did not halve (not in the mean)")
+    assert estimate_text(entry(some)) == "2 (1 of 2 runs: did not halve (not in the mean))"
+    assert estimate_text(entry(Estimate(2.25, 0.0, 8.0, 2, clipped=True))) == "2.25 [0, 8]†"
+    no_value = Difference(float("nan"), None, None, 0, "", "v59: did not halve")
+    assert effect_text(entry(no_value)) == ("no value: v59: did not halve", "none")
+
+
+def test_the_step_0_flag():
+    found = Difference(0.103, 0.1, 0.106, 2, "paired over 2 seeds",
+                       at_start=Difference(0.2, 0.2, 0.2, 2, "paired over 2 seeds"),
+                       change=Difference(-0.097, -0.1, -0.094, 2, "paired over 2 seeds"))
+    assert start_text(entry(found)) == ("differs at step 0: +0.2 (every pair alike); "
+                                        "change from step 0: -0.097 [-0.1, -0.094]")
+    assert start_text(entry(Difference(0.1, None, None, 2, ""))) == "" and start_text(None) == ""
