@@ -224,7 +224,8 @@ class JobSink:
 
 
 class StopOnSignal:
-    """First SIGINT/SIGTERM: ask the loop to stop after this step; a second SIGINT: stop at once."""
+    """First SIGINT/SIGTERM: ask the loop to stop after this step (sampling and evaluation in progress give up at
+    their next prompt, image or denoising step); a second SIGINT: stop at once."""
 
     def __init__(self):
         self.requested = False
@@ -237,7 +238,8 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("stop requested: finishing the current step, saving, then stopping (Ctrl-C again to abort)")
+        log.warning("stop requested: ending after the current step (no end-of-run sampling or evaluation), saving a "
+                    "training state, then stopping (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():

@@ -234,7 +234,9 @@ class RunLogger:
     If the tracking server drops mid-run, nothing stops the training: metrics, images and artifacts stay pending and
     are retried at each flush; what is still pending when the run ends is written to `pending_file` (JSON) beside
     the run's local outputs. On a resumed run, steps up to `skip_through_step` were logged before: they are not
-    logged again, so every metric history holds each step once.
+    logged again, so every metric history holds each step once. That last step itself may have been logged only in
+    part (a stop request cut its evaluation short): its metrics are checked key by key, and its images go again
+    (the report takes the newest image of a key and step).
     """
 
     def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None):
@@ -246,6 +248,7 @@ class RunLogger:
         self._pending_images: list = []  # (image, key, step): sent with the metrics of their step
         self._pending_artifacts: list[tuple[Path, str | None]] = []  # copies of files that failed to upload
         self._known_params: dict[str, str] = {}  # a reopened run's params (MLflow refuses to change one)
+        self._logged_at_boundary: dict[str, bool] = {}  # key -> already has a value at skip_through_step
         self._steps_since_flush = 0
         self._current_step: int | None = None
         self._failing_since: float | None = None
@@ -302,8 +305,12 @@ class RunLogger:
         sent together, never half of them), and at `flush()`, they are sent."""
         from mlflow.entities import Metric
 
-        if step <= self.skip_through_step:
+        if step < self.skip_through_step:
             return
+        if step == self.skip_through_step:
+            metrics = {k: v for k, v in metrics.items() if not self._logged_at_skip_step(k)}
+            if not metrics:
+                return
         if step != self._current_step:
             if self._steps_since_flush >= self.flush_every:
                 self.flush()
@@ -312,8 +319,14 @@ class RunLogger:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
 
+    def _logged_at_skip_step(self, key: str) -> bool:
+        if key not in self._logged_at_boundary:
+            history = self._timed(self.client.get_metric_history, self.run_id, key)
+            self._logged_at_boundary[key] = any(m.step == self.skip_through_step for m in history)
+        return self._logged_at_boundary[key]
+
     def log_image(self, image, key: str, step: int) -> None:
-        if step > self.skip_through_step:
+        if step >= self.skip_through_step:
             self._pending_images.append((image, key, int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -114,8 +114,12 @@ def sample_images(
     tokenizer_2,
     prompts: Sequence[PromptSpec],
     autocast: Callable[[], ContextManager] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
     """Draw one image per prompt with the current (LoRA-equipped) UNet; training state is left exactly as found.
+
+    `should_stop`: asked before each prompt and after each denoising step; once it answers True, drawing stops and
+    the images finished so far are returned (fewer than `prompts`: the caller decides what a partial set is worth).
 
     `unet` must be the unwrapped module (`accelerator.unwrap_model(unet)`); the VAE and text encoders are moved to
     its device for the call if they are elsewhere. `autocast` is an optional factory of the training precision's
@@ -137,6 +141,8 @@ def sample_images(
             module.eval()
         try:
             for spec in prompts:
+                if should_stop is not None and should_stop():
+                    break
                 generator = torch.Generator(device="cpu").manual_seed(spec.seed)
                 size = (spec.height, spec.width)
                 with autocast() if autocast is not None else contextlib.nullcontext():
@@ -152,12 +158,31 @@ def sample_images(
                         target_size=size,
                         crops_coords_top_left=(0, 0),
                         output_type="pil",
+                        **({"callback_on_step_end": _stop_check(should_stop)} if should_stop is not None else {}),
                     )
                 images.append(output.images[0])
+        except _Stopped:
+            pass  # the image being drawn is dropped; the finished ones are returned
         finally:
             for module, mode in zip(modules, was_training):
                 module.train(mode)
     return images
+
+
+class _Stopped(Exception):
+    """Raised out of the pipeline's denoising loop by `_stop_check`."""
+
+
+def _stop_check(should_stop: Callable[[], bool]):
+    """A diffusers `callback_on_step_end` that ends the denoising loop (by raising `_Stopped`) once a stop is
+    requested: one image at 1024x1024 with 30 steps can take minutes on a CPU."""
+
+    def check(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        if should_stop():
+            raise _Stopped
+        return callback_kwargs
+
+    return check
 
 
 def grid_layout(prompts: Sequence[PromptSpec]) -> list[list[int | None]]:

@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,6 +53,7 @@ class Session:
     one_timestep_per_batch: bool
     lora: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trained tensors by name (for states)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
+    should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
 
     @property
     def unet(self):
@@ -80,9 +81,15 @@ class Session:
             ]
         return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
 
-    def after_step(self, step: int, final: bool = False) -> None:
+    def after_step(self, step: int, final: bool = False) -> bool:
+        """Run the evaluation hooks due at `step` (samples, fit/val losses). False if a stop request cut them short:
+        a hook returns False when it gave up (logging nothing), and once a stop is requested no further hook starts."""
+        complete = True
         for hook in self.hooks:
-            hook(self, step, final)
+            if self.should_stop() or hook(self, step, final) is False:
+                complete = False
+                break
+        return complete
 
     def kohya_lora(self) -> dict[str, torch.Tensor]:
         modules = {"lora_unet": self.parts.unet}
