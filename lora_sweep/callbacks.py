@@ -11,9 +11,12 @@ from the jobs' outcomes (`.lora_sweep/jobs/*.json`, written by each job, also by
 existed), the gpu_queue launcher's summary when there is one (jobs that died or were never started), and the child
 runs (a child still RUNNING now lost its process: it is marked FAILED, or KILLED when the sweep was stopped):
 - status KILLED if the sweep was stopped, else FAILED if any job failed, else FINISHED;
-- tags `lora_sweep.jobs_total|finished|failed|skipped|killed`, and `lora_sweep.failure` listing each distinct
+- tags `lora_sweep.jobs_total|finished|failed|skipped|killed|cancelled` (cancelled: never started, as the queue
+  does with the jobs still waiting when the sweep is stopped), and `lora_sweep.failure` listing each distinct
   failure reason with the jobs it hit;
-- the comparison report, when a job finished.
+- tag `lora_sweep.job_runs` (`tracking.job_runs_tags`): every job's run, including the FINISHED run of an earlier
+  sweep that a skipped job matched, so the report of a rerun (and `compare` of the newest sweep) shows them;
+- the comparison report, when a job finished or was skipped as already FINISHED.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class MlflowSweepCallback(Callback):
         from lora_sweep import tracking
 
         tags = {f"lora_sweep.jobs_{k}": str(v) for k, v in summary["counts"].items()}
+        tags.update(tracking.job_runs_tags(summary.get("job_runs", {})))
         if summary["failure"]:
             tags[tracking.FAILURE] = tracking.fit(summary["failure"], tracking.MAX_TAG_CHARS, "the sweep's console")
         try:
@@ -126,8 +130,8 @@ def _queue_summary(sweep_dir: Path) -> dict[str, Any]:
 
 
 def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
-    """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed), failure (text),
-    any_finished}. Child runs left RUNNING by a dead job are closed here (FAILED, or KILLED if the sweep stopped)."""
+    """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
+    (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here (FAILED, or KILLED if the sweep stopped)."""
     from lora_sweep import jobs, tracking
 
     outcomes = jobs.read_outcomes(sweep_dir)
@@ -160,9 +164,8 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
             states[f"run {child.info.run_id}"] = {"status": child.info.status, "label": child.info.run_name,
                                                   "reason": child.data.tags.get(tracking.FAILURE, "")}
     counts = {"total": len(states)}
-    for name, members in (("finished", ("FINISHED",)), ("failed", ("FAILED",)), ("skipped", ("SKIPPED",)),
-                          ("killed", ("KILLED", "CANCELLED"))):
-        counts[name] = sum(s.get("status") in members for s in states.values())
+    for name in ("finished", "failed", "skipped", "killed", "cancelled"):
+        counts[name] = sum(s.get("status") == name.upper() for s in states.values())
     if interrupted:
         status = "KILLED"
     elif counts["failed"] or not ended_normally:
@@ -171,8 +174,10 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
         status = "FINISHED"
     how = "stopped" if interrupted else "ended" if ended_normally or counts["failed"] else "broke off"
     failure = _failure_text(states, counts, how)
-    return {"status": status, "counts": counts, "failure": failure,
-            "any_finished": any(c.info.status == "FINISHED" for c in children)}
+    job_runs = {num: s["run_id"] for num, s in states.items() if isinstance(num, int) and s.get("run_id")}
+    reused = any(s.get("status") == "SKIPPED" and s.get("run_id") for s in states.values())  # matched FINISHED runs
+    return {"status": status, "counts": counts, "failure": failure, "job_runs": job_runs,
+            "any_finished": reused or any(c.info.status == "FINISHED" for c in children)}
 
 
 def _failure_text(states: dict[Any, dict[str, Any]], counts: dict[str, int], how: str) -> str:

@@ -34,6 +34,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 HOST, PID, PID_STARTED = "lora_sweep.host", "lora_sweep.pid", "lora_sweep.pid_started"
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 8000  # mlflow.utils.validation MAX_PARAM_VAL_LENGTH / MAX_TAG_VAL_LENGTH
 FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
+JOB_RUNS_TAG = "lora_sweep.job_runs"  # on a sweep's parent: `<job number>=<run id>` of every job that has a run
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -169,6 +170,33 @@ def finished_runs(mlflow_client, exp_id: str, config_hash: str) -> list:
     return mlflow_client.search_runs(
         [exp_id], filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
         max_results=100, order_by=["attributes.start_time DESC"])
+
+
+def job_runs_tags(job_runs: Mapping[int, str]) -> dict[str, str]:
+    """A sweep's jobs and their runs as parent-run tags: `lora_sweep.job_runs` = "0=<run id> 1=<run id> ...", in
+    job order, continued in `lora_sweep.job_runs.2`, `.3`, ... past MLflow's 8,000 characters a tag. A skipped job's
+    run is the FINISHED run of an earlier sweep it matched: not a child of this sweep, yet part of its results."""
+    chunks, current = [], ""
+    for num, run_id in sorted(job_runs.items()):
+        token = f"{num}={run_id}"
+        if current and len(current) + 1 + len(token) > MAX_TAG_CHARS:
+            chunks.append(current)
+            current = ""
+        current = f"{current} {token}" if current else token
+    chunks += [current] if current else []
+    return {JOB_RUNS_TAG if i == 0 else f"{JOB_RUNS_TAG}.{i + 1}": chunk for i, chunk in enumerate(chunks)}
+
+
+def read_job_runs(tags: Mapping[str, str]) -> dict[int, str]:
+    """{job number: run id} from a sweep parent's tags (see `job_runs_tags`); {} for a sweep without them."""
+    found: dict[int, str] = {}
+    for key, value in tags.items():
+        if key == JOB_RUNS_TAG or key.startswith(JOB_RUNS_TAG + "."):
+            for token in value.split():
+                num, _, run_id = token.partition("=")
+                if num.isdigit() and run_id:
+                    found[int(num)] = run_id
+    return found
 
 
 def process_tags(pid: int | None = None) -> dict[str, str]:

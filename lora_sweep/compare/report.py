@@ -117,6 +117,7 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
         parent = sweeps[0] if sweeps else None
     if parent is not None:
         jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
+        jobs += reused_runs(client, parent, {run.info.run_id for run in jobs})
     else:
         jobs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'job'", max_results=5000)
     if not jobs:
@@ -125,6 +126,27 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
                         "Check --experiment / --sweep, or wait until the sweep has started its jobs.")
     jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
     return parent, jobs
+
+
+def reused_runs(client, parent, children: set[str]) -> list:
+    """The FINISHED runs of earlier sweeps that this sweep's skipped jobs matched (the parent's
+    `lora_sweep.job_runs` tag, written when the sweep ended): part of its results, though not its children. Each
+    takes this sweep's job number (`lora_sweep.job_num`), so the report orders it as this sweep's job."""
+    from lora_sweep import tracking
+    from lora_sweep.compare.variants import JOB_NUM_TAG
+
+    found = []
+    for num, run_id in sorted(tracking.read_job_runs(parent.data.tags).items()):
+        if run_id in children:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # deleted for good since
+            continue
+        if run.info.lifecycle_stage == "active" and run.info.status == "FINISHED":
+            run.data.tags[JOB_NUM_TAG] = str(num)  # this sweep's order (the run's own tag keeps its first sweep's)
+            found.append(run)
+    return found
 
 
 def variant_names(runs) -> list[str]:
@@ -243,6 +265,10 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
             notes.append(f"{exc} The first variant is the baseline.")
             index = 0
     where = f"sweep {parent.info.run_id}" if parent is not None else "all job runs"
+    earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id]
+    if earlier:
+        notes.append(f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
+                     f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)}).")
     experiment_name = client.get_experiment(runs[0].info.experiment_id).name
     replicates = sum(g.n for g in groups)
     data = ReportData(
