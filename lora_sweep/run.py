@@ -104,6 +104,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     swept = jobs.read_swept_keys(sweep_dir)
     label = variant_name(cfg, overrides, swept=swept)
     status = StatusFile(label)
+    status.update(force=True)  # the queue names the job by its run name from its "started" line on
     record = functools.partial(jobs.write_outcome, sweep_dir, job_num, label=label)
     with contextlib.ExitStack() as held:
         found: dict[str, Any] = {"extra_tags": extra_tags}
