@@ -67,7 +67,7 @@ class MlflowSweepCallback(Callback):
             **tracking.process_tags(),
         })
         self.run_id = run.info.run_id
-        self.sweep_dir = sweep_dir
+        self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, str(config.tracking.experiment), exp_id
         write_text(sweep_dir / tracking.PARENT_FILE, self.run_id)
         try:
             jobs.write_swept_keys(sweep_dir, jobs.swept_keys(task))
@@ -117,7 +117,10 @@ class MlflowSweepCallback(Callback):
 
             path = build_report(experiment=None, sweep_run_id=run_id, step=None, out_dir=self.sweep_dir / "report",
                                 baseline=None, tracking_uri=self.client.tracking_uri)
-            log.info("comparison report: %s  (browse the runs with `make ui`)", path)
+            from lora_sweep.compare.ui import browse_command
+
+            log.info("comparison report: %s  (browse the runs with `%s`)", path,
+                     browse_command(self.client.tracking_uri, self.experiment, self.experiment_id))
         except Exception as exc:  # a report problem must not turn a good sweep into a failed one
             log.warning("could not write the comparison report: %s", exc)
 

@@ -233,7 +233,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
                       reason=_status_reason(outcome.reason, outcome.user_error), user_error=outcome.user_error,
                       final_loss=outcome.final_loss, **({"mlflow_pending": str(spilled)} if spilled else {}))
-    _closing_line(cfg, outcome, client.tracking_uri)
+    _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
     return outcome
 
 
@@ -346,13 +346,17 @@ def _parent_run_id(sweep_dir: Path | None) -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
-def _closing_line(cfg, outcome: JobOutcome, uri: str) -> None:
-    """The job's last log line; a bug's failure logs its traceback too (the queue shows the log's last lines)."""
+def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None) -> None:
+    """The job's last log line, with the exact command that browses the store the run used; a bug's failure logs
+    its traceback too (the queue shows the log's last lines)."""
+    from lora_sweep.compare.ui import browse_command
+
     where = f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}' ({uri})"
+    browse = f"Browse with `{browse_command(uri, cfg.tracking.experiment, exp_id)}`."
     if outcome.status == "FINISHED":
-        log.info("FINISHED %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). Browse with `make ui`.",
-                 where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"])
+        log.info("FINISHED %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). %s",
+                 where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"], browse)
     elif outcome.status == "FAILED" and not outcome.user_error:
         log.error("FAILED %s: %s", where, outcome.reason)
     else:
-        log.error("%s %s: %s", outcome.status, where, outcome.reason or "")
+        log.error("%s %s: %s %s", outcome.status, where, outcome.reason or "", browse)

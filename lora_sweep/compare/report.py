@@ -334,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", type=Path,
                         help="also write the comparison's numbers (the page's JSON summary) to this file")
     parser.add_argument("--out", type=Path, help="output folder (default: reports/<sweep id or experiment>)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--tracking-uri", "--store", dest="tracking_uri",
+                        help="MLflow tracking store URI, as `ui --tracking-uri` takes it (default: "
+                             "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
     out_dir = args.out or Path("reports") / (args.sweep_run_id or args.experiment or DEFAULT_EXPERIMENT)
     try:
