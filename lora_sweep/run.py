@@ -141,6 +141,10 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     checked = preflight_lib.check_job(cfg)  # files: data, captions, buckets, prompts, lr groups, resume state
     if checked.problems:
         raise checked.error()
+    from lora_sweep.training.session import check_device
+
+    device = check_device(cfg)  # a GPU slot where torch sees no GPU: refused; elsewhere said and logged
+    checked.fallbacks += [device] if device is not None else []
     preflight_lib.announce(checked.fallbacks)
     uri = tracking.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri

@@ -149,6 +149,23 @@ def test_a_runs_console_is_clean_and_names_the_store_to_browse(tmp_path):
     assert compared.returncode == 0, compared.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_gpu_slots_on_a_machine_without_cuda_are_refused_not_trained_on_the_cpu(tmp_path):
+    """The tester's `hydra.launcher.gpus=[0,1]` on a machine with no GPU: both jobs fail in their set-up with one
+    paragraph saying so (no model loaded, nothing trained), instead of training on the CPU under gpu0/gpu1."""
+    out = run_sweep(tmp_path, "-m", "noise=none,offset", "train.max_steps=1", "hydra.launcher.gpus=[0,1]",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    assert "(1) FAILED, 2 jobs: #0 noise=none, #1 noise=offset" in out.stdout and "(2) FAILED" not in text
+    assert "torch sees no CUDA device" in out.stdout and "hydra.launcher.gpus=[]" in out.stdout
+    assert "Traceback" not in text
+    _, _, runs = runs_by_role(tmp_path)
+    jobs_ = [r for r in runs if r.data.tags.get(tracking.ROLE) == "job"]
+    assert len(jobs_) == 2 and all(r.info.status == "FAILED" for r in jobs_)
+    assert all(r.data.tags.get("lora_sweep.stage") == "set-up" for r in jobs_)  # failed before training
+
+
 def newest_state(states: Path) -> int:
     found = [int(m[1]) for p in states.glob("*/*/state-step*.pt") if (m := re.search(r"step(\d+)", p.name))]
     return max(found, default=0)
