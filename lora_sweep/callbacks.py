@@ -107,8 +107,9 @@ class MlflowSweepCallback(Callback):
             self._report(run_id)
         self.client.set_terminated(run_id, status=summary["status"])
         counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if k != "total" and v)
-        log.info("sweep parent run %s ended %s (%s of %s jobs)", run_id, summary["status"], counts or "none",
-                 summary["counts"].get("total", 0))
+        total = summary["counts"].get("total", 0)
+        log.info("sweep parent run %s ended %s (%s)", run_id, summary["status"],
+                 f"{counts or 'none'} of {total} jobs" if total else "no job ran")
 
     def _report(self, run_id: str) -> None:
         """The side-by-side report of the sweep's runs, logged on the parent run (a failure here fails nothing)."""
