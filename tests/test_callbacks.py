@@ -117,3 +117,24 @@ def test_job_runs_tags_stay_within_mlflows_limit_and_read_back_whole():
     assert tags[tracking.JOB_RUNS_TAG].startswith(f"0={runs[0]} 1={runs[1]}")
     assert tracking.read_job_runs({**tags, "other": "x"}) == runs
     assert tracking.job_runs_tags({}) == {} and tracking.read_job_runs({}) == {}
+
+
+def test_compare_takes_the_newest_sweep_with_runs_including_the_ones_its_skipped_jobs_matched(client, tmp_path):
+    """`compare` without --sweep: a newer sweep that ran no job (refused by sbatch, stopped at once) is passed over;
+    a rerun whose jobs were all skipped shows the runs they matched, in its own job order."""
+    import time
+
+    from lora_sweep.compare.report import find_runs
+
+    exp, first = make_sweep(client, tmp_path, "select")
+    runs = [child(client, exp, first, f"j{i}", "FINISHED") for i in range(2)]
+    time.sleep(0.01)
+    _, empty = make_sweep(client, tmp_path, "select")
+    assert find_runs(client, experiment="select", sweep_run_id=None)[0].info.run_id == first
+    time.sleep(0.01)
+    _, rerun = make_sweep(client, tmp_path, "select")
+    for key, value in tracking.job_runs_tags({0: runs[1], 1: runs[0]}).items():  # its job 0 matched j1
+        client.set_tag(rerun, key, value)
+    parent, found = find_runs(client, experiment="select", sweep_run_id=None)
+    assert parent.info.run_id == rerun and {r.info.run_id for r in found} == set(runs)
+    assert {r.info.run_id: r.data.tags["lora_sweep.job_num"] for r in found} == {runs[1]: "0", runs[0]: "1"}

@@ -95,8 +95,12 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
 
 
 def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
-    """(parent run or None, job runs in launch order). With neither argument: the newest sweep of the default
-    experiment; with an experiment that has no sweep run: all its job runs."""
+    """(parent run or None, job runs in launch order). A sweep's runs are its children and the FINISHED runs its
+    skipped jobs matched (`reused_runs`). With neither argument: the newest sweep of the default experiment that
+    has runs (one stopped or refused before any job ran has none); with an experiment that has no sweep run: all
+    its job runs."""
+    from lora_sweep import tracking
+
     if sweep_run_id:
         try:
             parent = client.get_run(sweep_run_id)
@@ -113,11 +117,15 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
                             f"(experiments there: {names}). Run a sweep first, or name one of those.")
         experiment_id = found.experiment_id
         sweeps = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["start_time DESC"],
-                                    max_results=1)
+                                    max_results=100)
         parent = sweeps[0] if sweeps else None
+        for sweep in sweeps:
+            if client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}'", max_results=1) \
+                    or tracking.read_job_runs(sweep.data.tags):
+                parent = sweep
+                break
     if parent is not None:
-        jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
-        jobs += reused_runs(client, parent, {run.info.run_id for run in jobs})
+        jobs = sweep_runs(client, experiment_id, parent)
     else:
         jobs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'job'", max_results=5000)
     if not jobs:
@@ -126,6 +134,12 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
                         "Check --experiment / --sweep, or wait until the sweep has started its jobs.")
     jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
     return parent, jobs
+
+
+def sweep_runs(client, experiment_id: str, parent) -> list:
+    """A sweep's job runs: its children, then the runs of earlier sweeps its skipped jobs matched."""
+    jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
+    return jobs + reused_runs(client, parent, {run.info.run_id for run in jobs})
 
 
 def reused_runs(client, parent, children: set[str]) -> list:
