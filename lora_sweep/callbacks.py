@@ -135,7 +135,8 @@ def _queue_summary(sweep_dir: Path) -> dict[str, Any]:
 
 def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
     """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
-    (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here (FAILED, or KILLED if the sweep stopped)."""
+    (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here
+    (FAILED, or KILLED if the sweep stopped)."""
     from lora_sweep import jobs, tracking
 
     outcomes = jobs.read_outcomes(sweep_dir)

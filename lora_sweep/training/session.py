@@ -142,7 +142,7 @@ def check_device(cfg, env: Mapping[str, str] | None = None) -> Fallback | None:
            else "the CUDA driver finds no usable device among them")
     if env.get("GPU_QUEUE_SLOT") is not None:
         raise UserError(
-            "train.device=auto: the gpu_queue runs this job in a GPU slot (its CUDA_VISIBLE_DEVICES names a GPU), "
+            "the gpu_queue runs this job in a GPU slot (its CUDA_VISIBLE_DEVICES names a GPU) with train.device=auto, "
             f"but torch sees no CUDA device ({why}). Nothing was trained: training on the CPU instead would be "
             "silent and far slower. Fix the GPU set-up (a CUDA build of torch, the NVIDIA driver, the GPU indices in "
             "hydra.launcher.gpus), or run on CPU slots on purpose: hydra.launcher.gpus=[] (or train.device=cpu).")
