@@ -36,10 +36,10 @@ article: $(STAMP)
 	$(BIN)/python sweep.py -m 'experiment=glob(v*)' model=sdxl model.path=$(MODEL) data=folder data.dir=$(DATA) $(ARGS)
 
 compare: $(STAMP)
-	$(BIN)/python -m lora_sweep compare $(ARGS)
+	$(BIN)/python -m lora_sweep compare $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI)) $(ARGS)
 
 ui: $(STAMP)
-	$(BIN)/python -m lora_sweep ui $(if $(PORT),--port $(PORT)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+	$(BIN)/python -m lora_sweep ui $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI)) $(if $(PORT),--port $(PORT)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_bench.py

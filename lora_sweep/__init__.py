@@ -20,4 +20,45 @@ def _register_resolvers() -> None:
     paths.register_resolver()
 
 
+# Library messages that say nothing a lora-sweep user can act on, dropped by (logger, text). Nothing of ours is here.
+LIBRARY_NOISE = (
+    # transformers: the pipelines' image processors (safety checker, IP-Adapter), which lora-sweep never uses, fall
+    # back from torchvision to PIL
+    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    # bitsandbytes: an optional CPU kernel for 4-bit layers (lora-sweep has none; its 8-bit optimizers need none)
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+)
+
+
+class _DropText:
+    """A logging filter dropping the records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _log_python_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning`: a Python warning (a library's, or ours such as the optimizer's low-lr advice) as one
+    log line, `UserWarning: <message>`, without the file name and the source line Python prints. Python's own
+    filters still decide what is shown (by default once per place that warns)."""
+    import logging
+
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
+
+def _tidy_library_output() -> None:
+    """In every process that imports lora_sweep (the sweep, its jobs, workers): LIBRARY_NOISE dropped, Python
+    warnings logged as clean lines."""
+    import logging
+    import warnings
+
+    for logger_name, text in LIBRARY_NOISE:
+        logging.getLogger(logger_name).addFilter(_DropText(text))
+    warnings.showwarning = _log_python_warning
+
+
 _register_resolvers()
+_tidy_library_output()

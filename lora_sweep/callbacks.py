@@ -11,9 +11,12 @@ from the jobs' outcomes (`.lora_sweep/jobs/*.json`, written by each job, also by
 existed), the gpu_queue launcher's summary when there is one (jobs that died or were never started), and the child
 runs (a child still RUNNING now lost its process: it is marked FAILED, or KILLED when the sweep was stopped):
 - status KILLED if the sweep was stopped, else FAILED if any job failed, else FINISHED;
-- tags `lora_sweep.jobs_total|finished|failed|skipped|killed`, and `lora_sweep.failure` listing each distinct
+- tags `lora_sweep.jobs_total|finished|failed|skipped|killed|cancelled` (cancelled: never started, as the queue
+  does with the jobs still waiting when the sweep is stopped), and `lora_sweep.failure` listing each distinct
   failure reason with the jobs it hit;
-- the comparison report, when a job finished.
+- tag `lora_sweep.job_runs` (`tracking.job_runs_tags`): every job's run, including the FINISHED run of an earlier
+  sweep that a skipped job matched, so the report of a rerun (and `compare` of the newest sweep) shows them;
+- the comparison report, when a job finished or was skipped as already FINISHED.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class MlflowSweepCallback(Callback):
             **tracking.process_tags(),
         })
         self.run_id = run.info.run_id
-        self.sweep_dir = sweep_dir
+        self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, str(config.tracking.experiment), exp_id
         write_text(sweep_dir / tracking.PARENT_FILE, self.run_id)
         try:
             jobs.write_swept_keys(sweep_dir, jobs.swept_keys(task))
@@ -92,6 +95,7 @@ class MlflowSweepCallback(Callback):
         from lora_sweep import tracking
 
         tags = {f"lora_sweep.jobs_{k}": str(v) for k, v in summary["counts"].items()}
+        tags.update(tracking.job_runs_tags(summary.get("job_runs", {})))
         if summary["failure"]:
             tags[tracking.FAILURE] = tracking.fit(summary["failure"], tracking.MAX_TAG_CHARS, "the sweep's console")
         try:
@@ -103,8 +107,9 @@ class MlflowSweepCallback(Callback):
             self._report(run_id)
         self.client.set_terminated(run_id, status=summary["status"])
         counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if k != "total" and v)
-        log.info("sweep parent run %s ended %s (%s of %s jobs)", run_id, summary["status"], counts or "none",
-                 summary["counts"].get("total", 0))
+        total = summary["counts"].get("total", 0)
+        log.info("sweep parent run %s ended %s (%s)", run_id, summary["status"],
+                 f"{counts or 'none'} of {total} jobs" if total else "no job ran")
 
     def _report(self, run_id: str) -> None:
         """The side-by-side report of the sweep's runs, logged on the parent run (a failure here fails nothing)."""
@@ -113,7 +118,10 @@ class MlflowSweepCallback(Callback):
 
             path = build_report(experiment=None, sweep_run_id=run_id, step=None, out_dir=self.sweep_dir / "report",
                                 baseline=None, tracking_uri=self.client.tracking_uri)
-            log.info("comparison report: %s  (browse the runs with `make ui`)", path)
+            from lora_sweep.compare.ui import browse_command
+
+            log.info("comparison report: %s  (browse the runs with `%s`)", path,
+                     browse_command(self.client.tracking_uri, self.experiment, self.experiment_id))
         except Exception as exc:  # a report problem must not turn a good sweep into a failed one
             log.warning("could not write the comparison report: %s", exc)
 
@@ -126,8 +134,9 @@ def _queue_summary(sweep_dir: Path) -> dict[str, Any]:
 
 
 def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
-    """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed), failure (text),
-    any_finished}. Child runs left RUNNING by a dead job are closed here (FAILED, or KILLED if the sweep stopped)."""
+    """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
+    (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here
+    (FAILED, or KILLED if the sweep stopped)."""
     from lora_sweep import jobs, tracking
 
     outcomes = jobs.read_outcomes(sweep_dir)
@@ -160,9 +169,8 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
             states[f"run {child.info.run_id}"] = {"status": child.info.status, "label": child.info.run_name,
                                                   "reason": child.data.tags.get(tracking.FAILURE, "")}
     counts = {"total": len(states)}
-    for name, members in (("finished", ("FINISHED",)), ("failed", ("FAILED",)), ("skipped", ("SKIPPED",)),
-                          ("killed", ("KILLED", "CANCELLED"))):
-        counts[name] = sum(s.get("status") in members for s in states.values())
+    for name in ("finished", "failed", "skipped", "killed", "cancelled"):
+        counts[name] = sum(s.get("status") == name.upper() for s in states.values())
     if interrupted:
         status = "KILLED"
     elif counts["failed"] or not ended_normally:
@@ -171,8 +179,10 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
         status = "FINISHED"
     how = "stopped" if interrupted else "ended" if ended_normally or counts["failed"] else "broke off"
     failure = _failure_text(states, counts, how)
-    return {"status": status, "counts": counts, "failure": failure,
-            "any_finished": any(c.info.status == "FINISHED" for c in children)}
+    job_runs = {num: s["run_id"] for num, s in states.items() if isinstance(num, int) and s.get("run_id")}
+    reused = any(s.get("status") == "SKIPPED" and s.get("run_id") for s in states.values())  # matched FINISHED runs
+    return {"status": status, "counts": counts, "failure": failure, "job_runs": job_runs,
+            "any_finished": reused or any(c.info.status == "FINISHED" for c in children)}
 
 
 def _failure_text(states: dict[Any, dict[str, Any]], counts: dict[str, int], how: str) -> str:

@@ -65,11 +65,27 @@ def slug(text: str, limit: int = FOLDER_SLUG) -> str:
 
 
 def job_dir_name(num: Any, variant: Any = None, overrides: Any = (), sweep_dir: Any = None) -> str:
-    """`<num>_<slug of the run label>`: a job's Hydra multirun subfolder (`3_v57`, `0_loss.huber_c=0.1`), named like
-    its MLflow run (`run_label`, from the keys the sweep varies, which the sweep callback wrote into `sweep_dir`)."""
+    """`<num>_<the run label, filesystem-safe>`: a job's Hydra multirun subfolder (`3_v57`, `0_loss.huber_c=0.1`,
+    `1_v57_noise=ip`), named like its MLflow run (`run_label`, from the keys the sweep varies, which the sweep
+    callback wrote into `sweep_dir`). Unsafe characters become "_"; a name cut to FOLDER_SLUG characters ends with
+    "-<hash>", the same hash as the run name's " #<hash>" (`short_hash` of the job's overrides). The job number
+    alone keeps the folders of one sweep apart."""
     swept = read_swept_keys(Path(str(sweep_dir))) if sweep_dir not in (None, "") else None
-    label = run_label(str(variant) if variant not in (None, "") else None, [str(o) for o in overrides or ()], swept)
-    return f"{num}_{slug(label)}"
+    overrides = [str(o) for o in overrides or ()]
+    label = run_label(str(variant) if variant not in (None, "") else None, overrides, swept)
+    base, sep, tag = label.rpartition(" #")
+    if not (sep and re.fullmatch(r"[0-9a-f]{8}", tag)):
+        base, tag = label, ""
+    name = _UNSAFE.sub("_", base).strip("._") or "job"
+    if tag or len(name) > FOLDER_SLUG:
+        name = f"{name[:FOLDER_SLUG - 9]}-{tag or label_hash(overrides)}"
+    return f"{num}_{name}"
+
+
+def label_hash(overrides: Sequence[str]) -> str:
+    """The hash a cut run name ends with (" #<hash>"), and a cut job folder ("-<hash>"): of the job's overrides
+    without the ones that do not tell jobs apart (hydra.*, tracking.*)."""
+    return short_hash(" ".join(o for o in overrides if not override_key(o).startswith(IGNORED_PREFIXES)))
 
 
 def register_resolver() -> None:
@@ -117,7 +133,7 @@ def run_label(variant: str | None, overrides: Sequence[str] | None, swept: Itera
         cut |= was_cut
     label = " ".join(parts) or "default"
     if cut or len(label) > LABEL_CHARS:
-        label = f"{label[:LABEL_CHARS - 10].rstrip()} #{short_hash(' '.join(overrides or []))}"
+        label = f"{label[:LABEL_CHARS - 10].rstrip()} #{label_hash(overrides)}"
     return label
 
 
@@ -214,17 +230,22 @@ class JobSink:
         self.logger.flush()
 
     def progress(self, step, max_steps, loss, speed):
+        """Step, loss and speed on the bar and in the status file; no loss before the first step (there is none yet,
+        not a NaN one)."""
         if self.bar.total != max_steps:  # the first call, once set-up is done: the bar's clock starts here
             self.bar.reset(total=max_steps)
             self.bar.initial = step  # a resumed run: speed counts only the steps of this process
         self.bar.n = step
-        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        shown = loss if step > 0 else None
+        if shown is not None:
+            self.bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
         self.bar.refresh()
-        self.status.update(step=step, max_steps=max_steps, loss=loss, speed=speed)
+        self.status.update(step=step, max_steps=max_steps, loss=shown, speed=speed)
 
 
 class StopOnSignal:
-    """First SIGINT/SIGTERM: ask the loop to stop after this step; a second SIGINT: stop at once."""
+    """First SIGINT/SIGTERM: ask the loop to stop after this step (sampling and evaluation in progress give up at
+    their next prompt, image or denoising step); a second SIGINT: stop at once."""
 
     def __init__(self):
         self.requested = False
@@ -237,7 +258,8 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("stop requested: finishing the current step, saving, then stopping (Ctrl-C again to abort)")
+        log.warning("stop requested: ending after the current step (no end-of-run sampling or evaluation), saving a "
+                    "training state, then stopping (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():

@@ -104,6 +104,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     swept = jobs.read_swept_keys(sweep_dir)
     label = variant_name(cfg, overrides, swept=swept)
     status = StatusFile(label)
+    status.update(force=True)  # the queue names the job by its run name from its "started" line on
     record = functools.partial(jobs.write_outcome, sweep_dir, job_num, label=label)
     with contextlib.ExitStack() as held:
         found: dict[str, Any] = {"extra_tags": extra_tags}
@@ -140,6 +141,10 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     checked = preflight_lib.check_job(cfg)  # files: data, captions, buckets, prompts, lr groups, resume state
     if checked.problems:
         raise checked.error()
+    from lora_sweep.training.session import check_device
+
+    device = check_device(cfg)  # a GPU slot where torch sees no GPU: refused; elsewhere said and logged
+    checked.fallbacks += [device] if device is not None else []
     preflight_lib.announce(checked.fallbacks)
     uri = tracking.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri
@@ -232,7 +237,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
                       reason=_status_reason(outcome.reason, outcome.user_error), user_error=outcome.user_error,
                       final_loss=outcome.final_loss, **({"mlflow_pending": str(spilled)} if spilled else {}))
-    _closing_line(cfg, outcome, client.tracking_uri)
+    _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
     return outcome
 
 
@@ -345,13 +350,17 @@ def _parent_run_id(sweep_dir: Path | None) -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
-def _closing_line(cfg, outcome: JobOutcome, uri: str) -> None:
-    """The job's last log line; a bug's failure logs its traceback too (the queue shows the log's last lines)."""
+def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None) -> None:
+    """The job's last log line, with the exact command that browses the store the run used; a bug's failure logs
+    its traceback too (the queue shows the log's last lines)."""
+    from lora_sweep.compare.ui import browse_command
+
     where = f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}' ({uri})"
+    browse = f"Browse with `{browse_command(uri, cfg.tracking.experiment, exp_id)}`."
     if outcome.status == "FINISHED":
-        log.info("FINISHED %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). Browse with `make ui`.",
-                 where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"])
+        log.info("FINISHED %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). %s",
+                 where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"], browse)
     elif outcome.status == "FAILED" and not outcome.user_error:
         log.error("FAILED %s: %s", where, outcome.reason)
     else:
-        log.error("%s %s: %s", outcome.status, where, outcome.reason or "")
+        log.error("%s %s: %s %s", outcome.status, where, outcome.reason or "", browse)

@@ -34,6 +34,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 HOST, PID, PID_STARTED = "lora_sweep.host", "lora_sweep.pid", "lora_sweep.pid_started"
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 8000  # mlflow.utils.validation MAX_PARAM_VAL_LENGTH / MAX_TAG_VAL_LENGTH
 FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
+JOB_RUNS_TAG = "lora_sweep.job_runs"  # on a sweep's parent: `<job number>=<run id>` of every job that has a run
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -171,6 +172,33 @@ def finished_runs(mlflow_client, exp_id: str, config_hash: str) -> list:
         max_results=100, order_by=["attributes.start_time DESC"])
 
 
+def job_runs_tags(job_runs: Mapping[int, str]) -> dict[str, str]:
+    """A sweep's jobs and their runs as parent-run tags: `lora_sweep.job_runs` = "0=<run id> 1=<run id> ...", in
+    job order, continued in `lora_sweep.job_runs.2`, `.3`, ... past MLflow's 8,000 characters a tag. A skipped job's
+    run is the FINISHED run of an earlier sweep it matched: not a child of this sweep, yet part of its results."""
+    chunks, current = [], ""
+    for num, run_id in sorted(job_runs.items()):
+        token = f"{num}={run_id}"
+        if current and len(current) + 1 + len(token) > MAX_TAG_CHARS:
+            chunks.append(current)
+            current = ""
+        current = f"{current} {token}" if current else token
+    chunks += [current] if current else []
+    return {JOB_RUNS_TAG if i == 0 else f"{JOB_RUNS_TAG}.{i + 1}": chunk for i, chunk in enumerate(chunks)}
+
+
+def read_job_runs(tags: Mapping[str, str]) -> dict[int, str]:
+    """{job number: run id} from a sweep parent's tags (see `job_runs_tags`); {} for a sweep without them."""
+    found: dict[int, str] = {}
+    for key, value in tags.items():
+        if key == JOB_RUNS_TAG or key.startswith(JOB_RUNS_TAG + "."):
+            for token in value.split():
+                num, _, run_id = token.partition("=")
+                if num.isdigit() and run_id:
+                    found[int(num)] = run_id
+    return found
+
+
 def process_tags(pid: int | None = None) -> dict[str, str]:
     """Which process owns a run: host name, pid and the process's start time (so a reused pid is not mistaken for
     the owner)."""
@@ -234,7 +262,9 @@ class RunLogger:
     If the tracking server drops mid-run, nothing stops the training: metrics, images and artifacts stay pending and
     are retried at each flush; what is still pending when the run ends is written to `pending_file` (JSON) beside
     the run's local outputs. On a resumed run, steps up to `skip_through_step` were logged before: they are not
-    logged again, so every metric history holds each step once.
+    logged again, so every metric history holds each step once. That last step itself may have been logged only in
+    part (a stop request cut its evaluation short): its metrics are checked key by key, and its images go again
+    (the report takes the newest image of a key and step).
     """
 
     def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None):
@@ -246,6 +276,7 @@ class RunLogger:
         self._pending_images: list = []  # (image, key, step): sent with the metrics of their step
         self._pending_artifacts: list[tuple[Path, str | None]] = []  # copies of files that failed to upload
         self._known_params: dict[str, str] = {}  # a reopened run's params (MLflow refuses to change one)
+        self._logged_at_boundary: dict[str, bool] = {}  # key -> already has a value at skip_through_step
         self._steps_since_flush = 0
         self._current_step: int | None = None
         self._failing_since: float | None = None
@@ -302,8 +333,12 @@ class RunLogger:
         sent together, never half of them), and at `flush()`, they are sent."""
         from mlflow.entities import Metric
 
-        if step <= self.skip_through_step:
+        if step < self.skip_through_step:
             return
+        if step == self.skip_through_step:
+            metrics = {k: v for k, v in metrics.items() if not self._logged_at_skip_step(k)}
+            if not metrics:
+                return
         if step != self._current_step:
             if self._steps_since_flush >= self.flush_every:
                 self.flush()
@@ -312,8 +347,14 @@ class RunLogger:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
 
+    def _logged_at_skip_step(self, key: str) -> bool:
+        if key not in self._logged_at_boundary:
+            history = self._timed(self.client.get_metric_history, self.run_id, key)
+            self._logged_at_boundary[key] = any(m.step == self.skip_through_step for m in history)
+        return self._logged_at_boundary[key]
+
     def log_image(self, image, key: str, step: int) -> None:
-        if step > self.skip_through_step:
+        if step >= self.skip_through_step:
             self._pending_images.append((image, key, int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

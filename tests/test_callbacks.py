@@ -51,7 +51,8 @@ def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
 
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)  # Hydra re-raised: no on_multirun_end
     assert summary["status"] == "FAILED"
-    assert summary["counts"] == {"total": 5, "finished": 1, "failed": 3, "skipped": 1, "killed": 0}
+    assert summary["counts"] == {"total": 5, "finished": 1, "failed": 3, "skipped": 1, "killed": 0, "cancelled": 0}
+    assert summary["job_runs"] == {0: done, 1: early, 2: done, 3: orphan}  # job 2 skipped: the run it matched
     run = client.get_run(orphan)
     assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags[tracking.FAILURE]
     text = summary["failure"]
@@ -69,7 +70,8 @@ def test_a_stopped_sweep_ends_killed_and_closes_what_its_jobs_left_running(clien
                   (1, "KILLED", "killed (SIGKILL) after the interrupts", orphan),
                   (2, "CANCELLED", "not started: the sweep was interrupted", None))
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
-    assert summary["status"] == "KILLED" and summary["counts"]["killed"] == 3
+    # job 2 never started: cancelled, not killed (the parent once said "3 killed of 3 jobs")
+    assert summary["status"] == "KILLED" and summary["counts"]["killed"] == 2 and summary["counts"]["cancelled"] == 1
     assert client.get_run(orphan).info.status == "KILLED"
     assert summary["failure"].startswith("the sweep was stopped")
 
@@ -80,7 +82,7 @@ def test_clean_sweeps_finish_and_a_sweep_that_broke_off_does_not(client, tmp_pat
     jobs.write_outcome(tmp_path, 0, status="FINISHED", run_id=run_id, label="j0")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["failure"] == ""
-    assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0}
+    assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0, "cancelled": 0}
     broke = sweep_summary(client, parent, tmp_path, ended_normally=False)  # e.g. the launcher itself raised
     assert broke["status"] == "FAILED" and "before its launcher returned" in broke["failure"]
 
@@ -94,3 +96,45 @@ def test_without_job_records_the_child_runs_still_count(client, tmp_path):
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
     assert summary["status"] == "FAILED" and summary["counts"]["failed"] == 1 and summary["counts"]["total"] == 2
     assert "NonFiniteLoss: train/loss is nan" in summary["failure"]
+
+
+def test_a_sweep_whose_jobs_were_all_skipped_still_has_results(client, tmp_path):
+    """A rerun: no child run, yet the FINISHED runs its jobs matched are its results (the report is written)."""
+    exp, earlier = make_sweep(client, tmp_path, "rerun")
+    done = [child(client, exp, earlier, f"j{i}", "FINISHED") for i in range(2)]
+    _, parent = make_sweep(client, tmp_path, "rerun")
+    for i, run_id in enumerate(done):
+        jobs.write_outcome(tmp_path, i, status="SKIPPED", run_id=run_id, label=f"j{i}", reason="already FINISHED")
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
+    assert summary["status"] == "FINISHED" and summary["any_finished"] and summary["counts"]["skipped"] == 2
+    assert tracking.read_job_runs(tracking.job_runs_tags(summary["job_runs"])) == {0: done[0], 1: done[1]}
+
+
+def test_job_runs_tags_stay_within_mlflows_limit_and_read_back_whole():
+    runs = {i: f"{i:032x}" for i in range(600)}  # ~22,000 characters: three tags
+    tags = tracking.job_runs_tags(runs)
+    assert len(tags) == 3 and all(len(v) <= tracking.MAX_TAG_CHARS for v in tags.values())
+    assert tags[tracking.JOB_RUNS_TAG].startswith(f"0={runs[0]} 1={runs[1]}")
+    assert tracking.read_job_runs({**tags, "other": "x"}) == runs
+    assert tracking.job_runs_tags({}) == {} and tracking.read_job_runs({}) == {}
+
+
+def test_compare_takes_the_newest_sweep_with_runs_including_the_ones_its_skipped_jobs_matched(client, tmp_path):
+    """`compare` without --sweep: a newer sweep that ran no job (refused by sbatch, stopped at once) is passed over;
+    a rerun whose jobs were all skipped shows the runs they matched, in its own job order."""
+    import time
+
+    from lora_sweep.compare.report import find_runs
+
+    exp, first = make_sweep(client, tmp_path, "select")
+    runs = [child(client, exp, first, f"j{i}", "FINISHED") for i in range(2)]
+    time.sleep(0.01)
+    _, empty = make_sweep(client, tmp_path, "select")
+    assert find_runs(client, experiment="select", sweep_run_id=None)[0].info.run_id == first
+    time.sleep(0.01)
+    _, rerun = make_sweep(client, tmp_path, "select")
+    for key, value in tracking.job_runs_tags({0: runs[1], 1: runs[0]}).items():  # its job 0 matched j1
+        client.set_tag(rerun, key, value)
+    parent, found = find_runs(client, experiment="select", sweep_run_id=None)
+    assert parent.info.run_id == rerun and {r.info.run_id for r in found} == set(runs)
+    assert {r.info.run_id: r.data.tags["lora_sweep.job_num"] for r in found} == {runs[1]: "0", runs[0]: "1"}

@@ -230,6 +230,10 @@ def test_rerun_skips_finished_jobs_and_reruns_the_failed_ones(failed_sweep):
                                                           "d": "FINISHED"}
     assert "already finished" in jobs["a"]["reason"]
     assert "SKIPPED" in rerun.stdout
+    # One name per job from "started" to its end (the name its status file gives, not the launcher's `label=a`),
+    # and the skip reason whole, in its own paragraph the table points at.
+    assert "started #0 a\n" in rerun.stdout and "SKIPPED #0 a " in rerun.stdout and "label=a" not in rerun.stdout
+    assert "see (1) below" in rerun.stdout and f"(1) SKIPPED, 1 job:\n    #0 a: {jobs['a']['reason']}" in rerun.stdout
 
 
 def test_spawn_and_cpu_slots(tmp_path):
@@ -270,6 +274,7 @@ def test_ctrl_c_stops_running_jobs_cleanly_and_starts_no_more(tmp_path):
     jobs = toy.summary(tmp_path / "multirun")
     assert {k: j["state"] for k, j in jobs.items()} == {"a": "KILLED", "b": "KILLED", "c": "CANCELLED",
                                                           "d": "CANCELLED"}
+    assert "2 killed, 2 cancelled" in output  # the two that never started are not counted as killed
     assert toy.no_processes_left(token) == []
 
 

@@ -48,6 +48,20 @@ def test_job_folder_is_number_and_run_name_whatever_the_values(tmp_path):
     assert jobs.job_dir_name(0, None, [], None) == "0_default"
 
 
+def test_a_cut_run_name_and_its_folder_carry_the_same_hash(tmp_path):
+    """The run `... #89d2cf51` lives in the folder `<num>_...-89d2cf51` (they once carried different hashes)."""
+    jobs.write_swept_keys(tmp_path, ["sampling.negative", "loss.huber_c"])
+    overrides = [LONG, "loss.huber_c=0", "train.max_steps=2", "hydra.launcher.cpu_slots=2"]
+    label = jobs.run_label(None, overrides, ["sampling.negative", "loss.huber_c"])
+    tag = label.rsplit(" #", 1)[1]
+    folder = jobs.job_dir_name(7, None, overrides, str(tmp_path))
+    assert folder.endswith(f"-{tag}") and len(folder) <= 2 + jobs.FOLDER_SLUG and "/" not in folder
+    # an uncut name only loses its unsafe characters: no hash the run name does not have
+    jobs.write_swept_keys(tmp_path / "b", ["experiment", "noise"])
+    assert jobs.run_label("v57", ["experiment=v57", "noise=ip"], ["experiment", "noise"]) == "v57 noise=ip"
+    assert jobs.job_dir_name(1, "v57", ["experiment=v57", "noise=ip"], str(tmp_path / "b")) == "1_v57_noise=ip"
+
+
 def test_the_sweep_config_names_job_folders_through_the_resolver(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict

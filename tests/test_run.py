@@ -130,3 +130,32 @@ def test_a_config_trained_elsewhere_is_skipped_or_waited_for(tmp_path, mlflow_ur
     holder.wait()
     assert waited.status == "FINISHED" and time.monotonic() - start >= 2.0
     assert f"is being trained by process {holder.pid}" in caplog.text and "waiting for it" in caplog.text
+
+
+def test_a_gpu_slot_without_a_cuda_device_is_refused_and_elsewhere_trains_on_the_cpu_saying_so(
+        tmp_path, mlflow_uri, monkeypatch):
+    """CUDA_VISIBLE_DEVICES names a GPU, torch (here, a CPU machine) sees none, train.device=auto: in a gpu_queue GPU
+    slot the job is refused before the model loads; outside the queue (a Slurm allocation, a shell) it trains on
+    the CPU with a warning logged on its run."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("GPU_QUEUE_SLOT", "0")
+    with pytest.raises(UserError, match=r"in a GPU slot .*torch sees no CUDA device.*hydra\.launcher\.gpus=\[\]"):
+        run_job(compose_config("train.max_steps=1", f"train.state_dir={tmp_path / 'states'}"),
+                output_dir=tmp_path / "refused")
+    assert not list((tmp_path / "states").glob("*/*/state-*.pt"))
+
+    monkeypatch.delenv("GPU_QUEUE_SLOT")
+    outcome = run_job(compose_config("train.max_steps=1", f"train.state_dir={tmp_path / 'states'}"),
+                      output_dir=tmp_path / "cpu")
+    assert outcome.status == "FINISHED"
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.data.params["data.warnings"] == "1" and run.data.tags["gpu"] == "0"
+    warnings = (tmp_path / "cpu" / "warnings.txt").read_text()
+    assert warnings.startswith("train.device: 1 GPU named by CUDA_VISIBLE_DEVICES that torch cannot use: '0'.")
+    assert "trains on the CPU" in warnings
+
+    monkeypatch.setenv("GPU_QUEUE_SLOT", "0")  # train.device=cpu is a choice: neither refused nor warned about
+    from lora_sweep.training.session import check_device
+
+    assert check_device(compose_config("train.device=cpu")) is None
+    assert check_device(compose_config(), {"CUDA_VISIBLE_DEVICES": "", "GPU_QUEUE_SLOT": "1"}) is None  # CPU slot

@@ -162,3 +162,38 @@ def test_a_job_killed_on_a_cluster_without_accounting_fails_alone(slurm_cluster,
     assert [o.state for o in outcomes] == ["FINISHED", "FAILED"]
     assert outcomes[0].job_return.return_value == 0
     assert re.fullmatch(r"Slurm job \d+_1 ended without a result \(squeue: FAILED\)", outcomes[1].reason)
+
+
+@pytest.mark.slow
+def test_a_sweep_slurm_cannot_take_ends_in_one_paragraph_naming_sbatchs_error(tmp_path):
+    """sbatch with no controller to ask (SLURM_CONF: an empty file, as on a login node without Slurm's
+    configuration): one paragraph with sbatch's own words, exit 1, no traceback; the parent run says no job ran."""
+    import os
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        pytest.skip("needs Slurm's client commands (apt-get install slurm-client)")
+    (tmp_path / "slurm.conf").write_text("")
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf"), "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = subprocess.run([sys.executable, str(toy.ROOT / "sweep.py"), "-m", "noise=none", "train.max_steps=1",
+                          "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and "FailedJobError" not in text
+    (paragraph,) = [line for line in text.splitlines() if line.startswith("Slurm did not accept")]
+    assert "job array of 1 job: sbatch exited with status 1: " in paragraph
+    assert "Unable to process configuration file" in paragraph and text.count("Unable to process") == 1
+    assert f"SLURM_CONF={tmp_path / 'slurm.conf'} names" in paragraph and "partition=gpu" in paragraph
+    assert "ended FAILED (no job ran)" in text
+
+
+def test_sbatch_that_cannot_be_run_is_named_too():
+    from hydra_plugins.slurm_sweep_launcher.launcher import submit_error
+
+    text = submit_error(FileNotFoundError(2, "No such file or directory", "sbatch"), 3, {"partition": None}, "/s")
+    assert text.startswith("Slurm did not accept the sweep's job array of 3 jobs: sbatch could not be run "
+                           "([Errno 2] No such file or directory: 'sbatch').")
+    assert "none beyond the defaults" in text and "under /s." in text

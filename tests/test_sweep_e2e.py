@@ -61,6 +61,23 @@ def test_sweep_records_nested_runs_and_writes_the_report(tmp_path):
     assert again.returncode == 0
     assert (again.stdout + again.stderr).count("SKIPPED") >= 2  # same configs: skipped, not retrained
 
+    # The rerun's results are the runs its skipped jobs matched: its parent lists them, its report shows them, and
+    # `compare` (the newest sweep: this rerun) works.
+    (rerun,) = [r for r in client.search_runs([exp.experiment_id], "tags.`lora_sweep.role` = 'sweep'")
+                if r.info.run_id != parent.info.run_id]
+    by_job = {c.data.tags["lora_sweep.job_num"]: c.info.run_id for c in children}
+    assert rerun.info.status == "FINISHED" and rerun.data.tags["lora_sweep.jobs_skipped"] == "2"
+    assert rerun.data.tags["lora_sweep.job_runs"] == f"0={by_job['0']} 1={by_job['1']}"
+    html = (tmp_path / "sweep2" / "report" / "report.html").read_text()
+    assert "v53" in html and "v57" in html and "trained by earlier sweeps" in html
+    assert "report" in {a.path for a in client.list_artifacts(rerun.info.run_id)}
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    compared = subprocess.run([sys.executable, "-m", "lora_sweep", "compare", "--out", str(tmp_path / "cmp")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert rerun.info.run_id in page and "v53" in page and "v57" in page
+
 
 def test_bad_input_is_one_paragraph_and_exit_2_without_a_traceback(tmp_path):
     out = run_sweep(tmp_path, "model=sdxl", f"model.path={tmp_path / 'missing'}", timeout=120)

@@ -115,6 +115,57 @@ def test_a_file_store_is_refused_in_one_paragraph_before_any_work(tmp_path):
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow
+def test_a_runs_console_is_clean_and_names_the_store_to_browse(tmp_path):
+    """A single run: no `loss=nan` before the first step, no library noise (transformers' torchvision fallback,
+    bitsandbytes' kernels), the optimizer's advice as one clean log line, and a last line whose command opens the
+    UI on the store this run used (not the repository's ./mlflow.db); `compare` takes the same option."""
+    from lora_sweep.compare.ui import free_port
+
+    out = run_sweep(tmp_path, "train.max_steps=1", "optimizer=prodigy", "train.lr=0.1", timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "loss=nan" not in text
+    assert "torchvision (not installed)" not in text and "gemm_4bit_forward" not in text
+    assert "[py.warnings][WARNING] - UserWarning: learning rate 0.1 is too low for prodigy" in text
+    assert "warnings.warn(" not in text and "optim.py:" not in text  # no file name, no source line
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = re.search(r"Browse with `([^`]+)`", text).group(1)
+    assert command == f"python -m lora_sweep ui --tracking-uri {uri}"
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the command alone names the store
+    ui = subprocess.Popen([sys.executable, *command.split()[1:], "--port", str(free_port())], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = [ui.stdout.readline() for _ in range(4)]
+        assert lines[0].strip() == f"MLflow UI for {uri}", lines
+        experiment = MlflowClient(uri).get_experiment_by_name("lora-sweep").experiment_id
+        assert f"#/experiments/{experiment}/runs" in lines[3], lines  # the runs page: the store has this run
+    finally:
+        os.killpg(ui.pid, signal.SIGINT)
+        ui.wait(timeout=60)
+    compared = subprocess.run([sys.executable, "-m", "lora_sweep", "compare", "--store", uri, "--out",
+                               str(tmp_path / "cmp")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gpu_slots_on_a_machine_without_cuda_are_refused_not_trained_on_the_cpu(tmp_path):
+    """The tester's `hydra.launcher.gpus=[0,1]` on a machine with no GPU: both jobs fail in their set-up with one
+    paragraph saying so (no model loaded, nothing trained), instead of training on the CPU under gpu0/gpu1."""
+    out = run_sweep(tmp_path, "-m", "noise=none,offset", "train.max_steps=1", "hydra.launcher.gpus=[0,1]",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    assert "(1) FAILED, 2 jobs: #0 noise=none, #1 noise=offset" in out.stdout and "(2) FAILED" not in text
+    assert "torch sees no CUDA device" in out.stdout and "hydra.launcher.gpus=[]" in out.stdout
+    assert "Traceback" not in text
+    _, _, runs = runs_by_role(tmp_path)
+    jobs_ = [r for r in runs if r.data.tags.get(tracking.ROLE) == "job"]
+    assert len(jobs_) == 2 and all(r.info.status == "FAILED" for r in jobs_)
+    assert all(r.data.tags.get("lora_sweep.stage") == "set-up" for r in jobs_)  # failed before training
+
+
 def newest_state(states: Path) -> int:
     found = [int(m[1]) for p in states.glob("*/*/state-step*.pt") if (m := re.search(r"step(\d+)", p.name))]
     return max(found, default=0)

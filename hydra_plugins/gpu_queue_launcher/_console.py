@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import textwrap
 import time
 from typing import Any, Iterable, Sequence, TextIO
 
@@ -59,23 +60,38 @@ def slot_line(slot: Slot, record: JobRecord | None, now: float) -> str:
 
 
 def counts_line(records: Sequence[JobRecord]) -> str:
-    counts = {state: sum(r.state == state for r in records) for state in ("FINISHED", "FAILED", "SKIPPED", "KILLED")}
+    states = ("FINISHED", "FAILED", "SKIPPED", "KILLED", "CANCELLED")  # cancelled: never started
+    counts = {state: sum(r.state == state for r in records) for state in states}
     running = sum(r.state in ("STARTING", "RUNNING") for r in records)
     queued = sum(r.state == "QUEUED" for r in records)
     done = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     return f"gpu_queue: {len(records)} jobs: {running} running, {queued} queued" + (f", {done}" if done else "")
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` cut at a word boundary to at most `width` characters, "..." marking the cut."""
+    return text if len(text) <= width else textwrap.shorten(text, width, placeholder=" ...")
+
+
+def start_line(record: JobRecord) -> str:
+    return f"[{record.slot.name if record.slot else '-'}] started #{record.job.idx} {record.label}"
+
+
 def event_line(record: JobRecord) -> str:
+    """`[gpu0] started #1 v57`, then `[gpu0] SKIPPED #1 v57  0.4s` with the reason whole on its own line (a
+    failure's reason is cut at a word: its paragraph in the summary has it all). Both name the job as its status
+    file does (its run name), the launcher's label only for a job that never wrote one."""
     where = record.slot.name if record.slot else "-"
     if record.state not in DONE_STATES:
-        return f"[{where}] started #{record.job.idx} {record.job.label}"
+        return start_line(record)
     text = f"[{where}] {record.state} #{record.job.idx} {record.label}  {fmt_seconds(record.duration)}"
     loss = record.status.get("final_loss", record.status.get("loss"))
     if loss is not None and record.state == "FINISHED":
         text += f"  loss {fmt_loss(loss)}"
     head = headline(record.reason)
-    return text + (f": {head[:120]}{'...' if len(head) > 120 else ''}" if head else "")
+    if record.state == "FAILED":
+        head = shorten(head, 300)
+    return text + (f"\n    {head}" if head else "")
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -112,18 +128,24 @@ def failure_paragraph(number: int, reason: str, members: Sequence[JobRecord], ta
 
 def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
     """The end-of-sweep table (variant, status, duration, final loss, MLflow run), then one paragraph per distinct
-    failure reason (see failure_paragraph)."""
+    failure reason (see failure_paragraph), then one listing every skipped job with its whole reason (what matched:
+    the run it matched, or the process holding its config)."""
     groups = failure_groups(records)
     number = {id(r): i for i, (_, members) in enumerate(groups, 1) for r in members}
+    skipped = [r for r in records if r.state == "SKIPPED" and headline(r.reason)]
+    skipped_ids, skips_at = {id(r) for r in skipped}, len(groups) + 1
     rows = [["#", "variant", "status", "slot", "duration", "final loss", "MLflow run", "note"]]
     for r in records:
-        note = f"see ({number[id(r)]}) below" if id(r) in number else headline(r.reason)
+        note = (f"see ({number[id(r)]}) below" if id(r) in number else f"see ({skips_at}) below" if id(r) in skipped_ids
+                else shorten(headline(r.reason), 70))
         rows.append([str(r.job.idx), r.label[:48], r.state, r.slot.name if r.slot else "-", fmt_seconds(r.duration),
-                     fmt_loss(r.status.get("final_loss")), str(r.status.get("run_id") or "-"),
-                     note[:70] + ("..." if len(note) > 70 else "")])
+                     fmt_loss(r.status.get("final_loss")), str(r.status.get("run_id") or "-"), note])
     lines = ["", counts_line(records), *("  " + line for line in _table(rows))]
     for i, (reason, members) in enumerate(groups, 1):
         lines += ["", *failure_paragraph(i, reason, members, tail_lines)]
+    if skipped:
+        lines += ["", f"({skips_at}) SKIPPED, {len(skipped)} job{'s' if len(skipped) > 1 else ''}:"]
+        lines += [f"    #{r.job.idx} {r.label}: {headline(r.reason)}" for r in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +177,9 @@ class Console:
 
     def event(self, record: JobRecord) -> None:
         self.message(event_line(record))
+
+    def started(self, record: JobRecord) -> None:
+        self.message(start_line(record))
 
     def message(self, text: str) -> None:
         self._erase()

@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 from ._console import Console
-from ._outcome import JobRecord, finalize
+from ._outcome import JobRecord, finalize, read_status
 from ._pools import PoolDied
 from ._slots import Slot
 
@@ -42,6 +42,20 @@ class Interrupts:
             signal.signal(sig, handler)
 
 
+NAME_WAIT_S = 20.0  # how long a started job's "started" line waits for the name its status file gives it
+
+
+def _announce_named(unnamed: dict[int, JobRecord], console: Console) -> None:
+    """Print the "started" line of each job whose status file now names it (its run name, as its end line will),
+    or that has not named itself within NAME_WAIT_S (then the launcher's label)."""
+    for idx, record in list(unnamed.items()):
+        status = read_status(record.job.status_path)
+        if (status and status.get("label")) or time.time() - (record.started_at or 0) > NAME_WAIT_S:
+            record.status = status or record.status
+            console.started(record)
+            del unnamed[idx]
+
+
 def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, console: Console,
               start: Callable[[JobRecord], None], kill_grace_s: float = 5.0, poll_s: float = 0.1) -> bool:
     """Run every record to a final state; True if the sweep was interrupted."""
@@ -50,6 +64,7 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
     free = sorted(slots, key=lambda s: s.index)
     free_since = {s.index: time.time() for s in slots}
     warned = 0
+    unnamed: dict[int, JobRecord] = {}  # started, "started" line not printed yet
     with Interrupts() as interrupts:
         try:
             while pending or running:
@@ -77,14 +92,17 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
                         continue
                     if event["ev"] == "started":
                         record.pid, record.started_at, record.state = event["pid"], event["t"], "RUNNING"
-                        console.event(record)
+                        unnamed[record.job.idx] = record
                     elif event["ev"] == "exited":
                         record.returncode, record.ended_at = event["returncode"], event["t"]
                         finalize(record)
+                        if unnamed.pop(record.job.idx, None) is not None:
+                            console.started(record)
                         del running[record.job.idx]
                         free_since[record.slot.index] = time.time()
                         free = sorted([*free, record.slot], key=lambda s: s.index)
                         console.event(record)
+                _announce_named(unnamed, console)
                 console.refresh(records)
         except PoolDied as exc:
             for record in [*running.values(), *pending]:

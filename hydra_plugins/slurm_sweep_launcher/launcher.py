@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -18,6 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
+from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 from ._outcome import FINAL_SLURM_STATES, STATUS_ENV, JobOutcome, finalize, read_status, summary, summary_json, \
@@ -83,6 +87,29 @@ def _warn_if_not_a_server(config: Any) -> None:
                     "sqlite on a shared file system is not safe for concurrent writers. Start `mlflow server` "
                     "and set MLFLOW_TRACKING_URI=http://HOST:PORT (or tracking.uri).",
                     uri or "./mlflow.db (the default)")
+
+
+class SlurmSubmitError(RuntimeError, CompactHydraException):
+    """sbatch refused the sweep's job array (no controller, a bad option): Hydra prints the message alone, exit 1."""
+
+
+def submit_error(exc: BaseException, jobs: int, params: Dict[str, Any], folder: Any) -> str:
+    """One paragraph: what sbatch said (its stderr, which submitit raises as FailedJobError over the
+    CalledProcessError) and its exit status, or that sbatch cannot be run; what to check; that nothing ran."""
+    called = exc.__cause__ if isinstance(exc.__cause__, subprocess.CalledProcessError) else None
+    said = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or type(exc).__name__
+    if isinstance(exc, OSError):
+        head = f"sbatch could not be run ({said})"
+    else:
+        head = f"sbatch exited with status {called.returncode if called else '?'}: {said}"
+    options = ", ".join(f"{k}={params[k]}" for k in ("partition", "account", "qos", "gpus_per_node", "timeout_min")
+                        if params.get(k) is not None)
+    conf = os.environ.get("SLURM_CONF")
+    return (f"Slurm did not accept the sweep's job array of {jobs} job{'s' if jobs != 1 else ''}: {head}. Nothing "
+            "was submitted. Check that this machine can reach a Slurm controller (`sinfo` should list the "
+            f"partitions; SLURM_CONF={shlex.quote(conf) + ' names' if conf else 'is unset:'} Slurm's configuration "
+            f"file{'' if conf else ' is found in its default place'}) and the options this sweep passed to sbatch "
+            f"({options or 'none beyond the defaults'}; hydra.launcher.*). The submission script is under {folder}.")
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -159,7 +186,15 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         quiet = _OnceFilter()
         logging.getLogger("submitit").addFilter(quiet)
         try:
-            jobs = executor.map_array(self, *zip(*args))
+            from submitit.core.utils import FailedJobError
+
+            try:  # submitit prints sbatch's stderr itself before raising: the paragraph below says it once
+                with contextlib.redirect_stderr(io.StringIO()):
+                    jobs = executor.map_array(self, *zip(*args))
+            except (FailedJobError, OSError) as exc:
+                folder = Path(str(executor.folder))
+                raise SlurmSubmitError(submit_error(exc, len(args), self.params,
+                                                    folder.parent if "%" in folder.name else folder)) from None
             log.info("Slurm job array %s: %d jobs (at most %s at once); job logs in %s", jobs[0].job_id.split("_")[0],
                      len(jobs), self.params.get("array_parallelism"), jobs[0].paths.folder)
             outcomes = self._wait_all(jobs, [list(o) for o in job_overrides], initial_job_idx)

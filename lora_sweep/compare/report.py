@@ -95,8 +95,12 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
 
 
 def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
-    """(parent run or None, job runs in launch order). With neither argument: the newest sweep of the default
-    experiment; with an experiment that has no sweep run: all its job runs."""
+    """(parent run or None, job runs in launch order). A sweep's runs are its children and the FINISHED runs its
+    skipped jobs matched (`reused_runs`). With neither argument: the newest sweep of the default experiment that
+    has runs (one stopped or refused before any job ran has none); with an experiment that has no sweep run: all
+    its job runs."""
+    from lora_sweep import tracking
+
     if sweep_run_id:
         try:
             parent = client.get_run(sweep_run_id)
@@ -113,10 +117,15 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
                             f"(experiments there: {names}). Run a sweep first, or name one of those.")
         experiment_id = found.experiment_id
         sweeps = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["start_time DESC"],
-                                    max_results=1)
+                                    max_results=100)
         parent = sweeps[0] if sweeps else None
+        for sweep in sweeps:
+            if client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}'", max_results=1) \
+                    or tracking.read_job_runs(sweep.data.tags):
+                parent = sweep
+                break
     if parent is not None:
-        jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
+        jobs = sweep_runs(client, experiment_id, parent)
     else:
         jobs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'job'", max_results=5000)
     if not jobs:
@@ -125,6 +134,33 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
                         "Check --experiment / --sweep, or wait until the sweep has started its jobs.")
     jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
     return parent, jobs
+
+
+def sweep_runs(client, experiment_id: str, parent) -> list:
+    """A sweep's job runs: its children, then the runs of earlier sweeps its skipped jobs matched."""
+    jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
+    return jobs + reused_runs(client, parent, {run.info.run_id for run in jobs})
+
+
+def reused_runs(client, parent, children: set[str]) -> list:
+    """The FINISHED runs of earlier sweeps that this sweep's skipped jobs matched (the parent's
+    `lora_sweep.job_runs` tag, written when the sweep ended): part of its results, though not its children. Each
+    takes this sweep's job number (`lora_sweep.job_num`), so the report orders it as this sweep's job."""
+    from lora_sweep import tracking
+    from lora_sweep.compare.variants import JOB_NUM_TAG
+
+    found = []
+    for num, run_id in sorted(tracking.read_job_runs(parent.data.tags).items()):
+        if run_id in children:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # deleted for good since
+            continue
+        if run.info.lifecycle_stage == "active" and run.info.status == "FINISHED":
+            run.data.tags[JOB_NUM_TAG] = str(num)  # this sweep's order (the run's own tag keeps its first sweep's)
+            found.append(run)
+    return found
 
 
 def variant_names(runs) -> list[str]:
@@ -270,6 +306,10 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
             notes.append(f"{exc} The first variant is the baseline.")
             index = 0
     where = f"sweep {parent.info.run_id}" if parent is not None else "all job runs"
+    earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id]
+    if earlier:
+        notes.append(f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
+                     f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)}).")
     experiment_name = client.get_experiment(runs[0].info.experiment_id).name
     replicates = sum(g.n for g in groups)
     data = ReportData(
@@ -335,7 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", type=Path,
                         help="also write the comparison's numbers (the page's JSON summary) to this file")
     parser.add_argument("--out", type=Path, help="output folder (default: reports/<sweep id or experiment>)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--tracking-uri", "--store", dest="tracking_uri",
+                        help="MLflow tracking store URI, as `ui --tracking-uri` takes it (default: "
+                             "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
     out_dir = args.out or Path("reports") / (args.sweep_run_id or args.experiment or DEFAULT_EXPERIMENT)
     try:

@@ -118,8 +118,12 @@ def sample_images(
     prompts: Sequence[PromptSpec],
     autocast: Callable[[], ContextManager] | None = None,
     label: str = "",
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
     """Draw one image per prompt with the current (LoRA-equipped) UNet; training state is left exactly as found.
+
+    `should_stop`: asked before each prompt and after each denoising step; once it answers True, drawing stops and
+    the images finished so far are returned (fewer than `prompts`: the caller decides what a partial set is worth).
 
     `unet` must be the unwrapped module (`accelerator.unwrap_model(unet)`); the VAE and text encoders are moved to
     its device for the call if they are elsewhere. `autocast` is an optional factory of the training precision's
@@ -150,12 +154,16 @@ def sample_images(
                  "s" * (len(prompts) != 1), sizes)
         bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
 
+        stop_check = _stop_check(should_stop) if should_stop is not None else None
+
         def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
             bar.update(1)
-            return tensors
+            return stop_check(pipe, step, timestep, tensors) if stop_check is not None else tensors
 
         try:
             for index, spec in enumerate(prompts):
+                if should_stop is not None and should_stop():
+                    break
                 bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
                                     f"{spec.width}x{spec.height}")
                 generator = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -176,11 +184,29 @@ def sample_images(
                         callback_on_step_end=advance,
                     )
                 images.append(output.images[0])
+        except _Stopped:
+            pass  # the image being drawn is dropped; the finished ones are returned
         finally:
             bar.close()
             for module, mode in zip(modules, was_training):
                 module.train(mode)
     return images
+
+
+class _Stopped(Exception):
+    """Raised out of the pipeline's denoising loop by `_stop_check`."""
+
+
+def _stop_check(should_stop: Callable[[], bool]):
+    """A diffusers `callback_on_step_end` that ends the denoising loop (by raising `_Stopped`) once a stop is
+    requested: one image at 1024x1024 with 30 steps can take minutes on a CPU."""
+
+    def check(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        if should_stop():
+            raise _Stopped
+        return callback_kwargs
+
+    return check
 
 
 def grid_layout(prompts: Sequence[PromptSpec]) -> list[list[int | None]]:

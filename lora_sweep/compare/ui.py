@@ -26,6 +26,23 @@ from urllib.parse import unquote, urlparse
 from lora_sweep.errors import UserError
 
 
+DEFAULT_EXPERIMENT = "lora-sweep"
+
+
+def browse_command(store_uri: str, experiment: str = DEFAULT_EXPERIMENT, experiment_id: str | None = None) -> str:
+    """What to type to see `experiment`'s runs in `store_uri`, whatever folder the run started in: for an MLflow
+    server its own runs page (or address), else `python -m lora_sweep ui --tracking-uri <store>` (`make ui` serves
+    $MLFLOW_TRACKING_URI or the repository's ./mlflow.db, which need not be the store the run used)."""
+    import shlex
+
+    if urlparse(store_uri).scheme in ("http", "https"):
+        from lora_sweep.tracking import runs_page_url
+
+        return runs_page_url(store_uri.rstrip("/"), experiment_id) if experiment_id else store_uri
+    command = f"python -m lora_sweep ui --tracking-uri {shlex.quote(store_uri)}"
+    return command + (f" --experiment {shlex.quote(experiment)}" if experiment != DEFAULT_EXPERIMENT else "")
+
+
 def default_store_uri() -> str:
     from lora_sweep.tracking import tracking_uri
 
@@ -116,7 +133,8 @@ def running_server(store_uri: str, host: str = "127.0.0.1", port: int = 5000, *,
                         "`make ui PORT=5001` / `python -m lora_sweep ui --port 5001`.")
     database = sqlite_path(store_uri)
     if database is not None and not database.exists():
-        print(f"note: {database} does not exist yet; the UI starts with an empty store (run a sweep first).")
+        print(f"note: {database} does not exist yet; the UI starts with an empty store. A run keeps its store in "
+              "the folder it was started from (its last line says which): pass that one with --tracking-uri.")
     log_path = log_path or Path(tempfile.mkstemp(prefix="mlflow-server-", suffix=".log")[1])
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "ab") as log:
@@ -155,7 +173,7 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def serve(store_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
-          experiment: str = "lora-sweep") -> int:
+          experiment: str = DEFAULT_EXPERIMENT) -> int:
     """Run the UI until Ctrl-C or SIGTERM; print the URL of `experiment`'s runs table when it is ready. Returns the
     exit code."""
     store_uri = store_uri or default_store_uri()
@@ -180,11 +198,12 @@ def serve(store_uri: str | None = None, host: str = "127.0.0.1", port: int = 500
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_sweep ui", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", help="MLflow backend store URI (default: $MLFLOW_TRACKING_URI, else "
-                                        "sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--tracking-uri", "--store", dest="store",
+                        help="MLflow tracking store URI, as `compare --tracking-uri` and tracking.uri take it "
+                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db); --store is the old name")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--experiment", default="lora-sweep",
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
                         help="experiment whose runs page URL is printed (default: lora-sweep, tracking.experiment's "
                              "default)")
     args = parser.parse_args(argv)

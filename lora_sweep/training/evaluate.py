@@ -79,21 +79,29 @@ class Sampler:
         )
         return cls(specs)
 
-    def __call__(self, s, step: int, final: bool) -> None:
+    def __call__(self, s, step: int, final: bool) -> bool:
+        """Sample if due at `step`; False if a stop request cut the sampling short (then nothing is logged)."""
         if not due(step, s.cfg.sampling.every, final):
-            return
+            return True
         from lora_sweep.compare.metrics import mean_metrics
         from lora_sweep.compare.sampling import log_samples, sample_images
 
+        log.info("sampling %d prompt(s) at step %d", len(self.prompts), step)  # minutes at 1024px on a CPU
         parts = s.parts  # sample_images brings encoders parked on the CPU to the UNet's device and back
         images = sample_images(
             unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
             text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
             prompts=self.prompts, autocast=lambda: precision.autocast(s.policy, s.device.type),
             label=f"step {step}",
+            should_stop=s.should_stop,
         )
+        if len(images) < len(self.prompts):
+            log.info("sampling at step %d stopped after %d of %d prompts (stop requested): not logged", step,
+                     len(images), len(self.prompts))
+            return False
         log_samples(images, self.prompts, step, sink=s.sink)
         s.sink.metrics(mean_metrics(images), step)
+        return True
 
 
 @dataclass
@@ -131,9 +139,10 @@ class Validator:
         return encode_prompts(s.parts, [example.item.caption])
 
     @torch.no_grad()
-    def point_losses(self, s) -> torch.Tensor:
+    def point_losses(self, s) -> torch.Tensor | None:
         """(len(examples), len(timesteps)) float64 on the CPU: the MSE of each (example, t, eps) point, the mean over
-        latent channels and pixels of (prediction - target)^2, target = eps (or v for model.v_prediction)."""
+        latent channels and pixels of (prediction - target)^2, target = eps (or v for model.v_prediction).
+        None if `s.should_stop()` turned True between two examples (a stop request)."""
         modules = [m for m in (s.unet, s.parts.text_encoder, s.parts.text_encoder_2) if m is not None]
         modes = [m.training for m in modules]
         for module in modules:
@@ -142,6 +151,8 @@ class Validator:
         try:
             timesteps = torch.tensor(self.timesteps, device=s.device)
             for example, noise in zip(self.examples, self.noise):
+                if s.should_stop():
+                    return None
                 x0 = (example.latents * s.vae_scale).unsqueeze(0).to(s.device, s.policy.latent_dtype)
                 x0 = x0.expand(len(self.timesteps), *x0.shape[1:])
                 eps = noise.to(s.device, x0.dtype)
@@ -159,10 +170,13 @@ class Validator:
                 module.train(mode)
         return torch.stack(rows)
 
-    def __call__(self, s, step: int, final: bool) -> None:
+    def __call__(self, s, step: int, final: bool) -> bool:
+        """Measure if due at `step`; False if a stop request cut it short (then nothing is logged)."""
         if not self.examples or not due(step, s.cfg.validation.every, final):
-            return
+            return True
         values = self.point_losses(s)
+        if values is None:
+            return False
         p = self.prefix
         metrics = {f"{p}/loss_t{t:03d}": float(values[:, j].mean()) for j, t in enumerate(self.timesteps)}
         metrics[f"{p}/loss"] = float(values.mean())
@@ -172,6 +186,7 @@ class Validator:
             if p == "fit":
                 metrics |= self._fitting_speed()
         s.sink.metrics(metrics, step)
+        return True
 
     def _fitting_speed(self) -> dict[str, float]:
         """fit/loss_auc and fit/steps_to_half from this process's curve; nothing when it does not start at step 0

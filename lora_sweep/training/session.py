@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -23,6 +24,7 @@ from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.model import loading as model_lib
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.dataset import scan_folder
+from lora_sweep.errors import Fallback, UserError
 from lora_sweep.atomic import write_text
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
 from lora_sweep.model.encode import encode_prompts
@@ -56,6 +58,7 @@ class Session:
     one_timestep_per_batch: bool
     lora: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trained tensors by name (for states)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
+    should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
 
     @property
     def unet(self):
@@ -83,9 +86,15 @@ class Session:
             ]
         return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
 
-    def after_step(self, step: int, final: bool = False) -> None:
+    def after_step(self, step: int, final: bool = False) -> bool:
+        """Run the evaluation hooks due at `step` (samples, fit/val losses). False if a stop request cut them short:
+        a hook returns False when it gave up (logging nothing), and once a stop is requested no further hook starts."""
+        complete = True
         for hook in self.hooks:
-            hook(self, step, final)
+            if self.should_stop() or hook(self, step, final) is False:
+                complete = False
+                break
+        return complete
 
     def kohya_lora(self) -> dict[str, torch.Tensor]:
         modules = {"lora_unet": self.parts.unet}
@@ -112,6 +121,37 @@ class Session:
         self.sink.artifact(kohya_file, "lora")
         self.sink.artifact(diffusers_file, "lora/diffusers")
         return {"kohya": kohya_file, "diffusers": diffusers_file}
+
+
+def check_device(cfg, env: Mapping[str, str] | None = None) -> Fallback | None:
+    """train.device=auto where CUDA_VISIBLE_DEVICES names GPUs but torch sees no CUDA device (a CPU-only torch, no
+    driver, a wrong index), which would make `pick_device` train on the CPU without a word.
+
+    In a gpu_queue GPU slot (GPU_QUEUE_SLOT set: the launcher planned this job for a GPU, from hydra.launcher.gpus or
+    the GPUs nvidia-smi lists) that is refused with a UserError before the model loads: every job of the sweep
+    would crawl on the CPU, the slots sharing its cores, for hours instead of failing in seconds. Elsewhere (a
+    Slurm allocation, a shell's setting) the run goes on, on the CPU, and says so: the returned Fallback is printed
+    and logged on the run (`data.warnings`, `data/warnings.txt`). train.device=cpu (or cuda) is the user's choice:
+    None. env: os.environ by default."""
+    env = os.environ if env is None else env
+    tokens = []
+    for token in (t.strip() for t in env.get("CUDA_VISIBLE_DEVICES", "").split(",")):
+        if not token or (token.lstrip("-").isdigit() and int(token) < 0):
+            break  # CUDA ignores everything from the first invalid index on
+        tokens.append(token)
+    if cfg.train.device != "auto" or not tokens or torch.cuda.is_available():
+        return None
+    why = (f"this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+           else "the CUDA driver finds no usable device among them")
+    if env.get("GPU_QUEUE_SLOT") is not None:
+        raise UserError(
+            "the gpu_queue runs this job in a GPU slot (its CUDA_VISIBLE_DEVICES names a GPU) with train.device=auto, "
+            f"but torch sees no CUDA device ({why}). Nothing was trained: training on the CPU instead would be "
+            "silent and far slower. Fix the GPU set-up (a CUDA build of torch, the NVIDIA driver, the GPU indices in "
+            "hydra.launcher.gpus), or run on CPU slots on purpose: hydra.launcher.gpus=[] (or train.device=cpu).")
+    return Fallback("train.device", "GPUs named by CUDA_VISIBLE_DEVICES that torch cannot use", tuple(tokens),
+                    f"torch sees no CUDA device ({why}): this run trains on the CPU (train.device=auto). Install a "
+                    "CUDA build of torch or fix the driver, or set train.device=cpu to train on the CPU on purpose.")
 
 
 def pick_device(name: str) -> torch.device:

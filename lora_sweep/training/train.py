@@ -121,14 +121,17 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum
     epochs = num_epochs(max_steps, batches_per_epoch(s.batch_buckets, cfg.train.batch_size), accum)
     flip_rng = random.Random(cfg.train.seed)
+    s.should_stop = should_stop
     pos, last_state = Position(), None
     if states is not None and states.resume_from is not None:
         pos, last_state = resume(s, states.resume_from, flip_rng), states.resume_from
+        # a state at max_steps whose end-of-run evaluation was cut short by a stop request: do it now
+        stopped = pos.step >= max_steps and not s.after_step(pos.step, final=True)
     else:
-        s.after_step(0)
+        stopped = not s.after_step(0) or should_stop()  # a stop during step 0's evaluation: nothing to save
     fault = parse_fault(cfg.train.debug_fault)
     window: list[loss_lib.LossTerms] = []
-    pending, stopped, skipped_in_a_row = 0, False, 0
+    pending, skipped_in_a_row = 0, 0
     started, start_step, start_images = time.perf_counter(), pos.step, pos.images_seen
     s.sink.progress(pos.step, max_steps, pos.last_loss, "")
     while pos.step < max_steps and not stopped:
@@ -165,13 +168,19 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             s.sink.metrics(step_metrics(s, window, pos, epoch, (pos.images_seen - start_images) / elapsed), pos.step)
             s.sink.progress(pos.step, max_steps, pos.last_loss, f"{(pos.step - start_step) / elapsed:.2f} it/s")
             window = []
+            # A stop request ends the loop after this step, with a state, and without the evaluation that is due
+            # (sampling and fit/val losses belong to a run that reached max_steps); a request that arrives during
+            # that evaluation cuts it short (`Session.after_step` returns False) and stops here too.
             stopped = pos.step < max_steps and should_stop()
+            if not stopped:
+                stopped = not s.after_step(pos.step, final=pos.step >= max_steps)
             final = pos.step >= max_steps or stopped
-            s.after_step(pos.step, final=final)
             if (save_checkpoints(s, pos.step, epoch, last_of_epoch, epochs) or final) and states is not None:
                 last_state = write_state(s, states, pos, flip_rng)
             if final:
                 break
+    if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
+        return TrainResult(final_loss=pos.last_loss, steps=0, stopped_early=True, last_state=last_state)
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
     return TrainResult(final_loss=pos.last_loss, steps=pos.step, stopped_early=stopped, files=files,
                        last_state=last_state)
