@@ -33,6 +33,19 @@ def compose_config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def write_image(path: Path, size=(64, 64), caption: str | bytes | None = None, color=(90, 140, 200)) -> Path:
+    """A plain RGB PNG at `path` (folders made), with a caption file beside it when `caption` is given (bytes are
+    written as they are, e.g. a caption that is not UTF-8)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    if caption is not None:
+        target = path.with_suffix(".txt")
+        target.write_bytes(caption) if isinstance(caption, bytes) else target.write_text(caption, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return Path(os.environ["LORA_SWEEP_CACHE_DIR"])

@@ -16,20 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, write_image
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.preflight import check_job
 
 CP1252 = bytes.fromhex("6172746973749273")  # cp1252 "artist's": not UTF-8 at byte 6
 
 
-def image(path: Path, size=(64, 64), caption: str | bytes | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (90, 140, 200)).save(path)
-    if caption is not None:
-        target = path.with_suffix(".txt")
-        target.write_bytes(caption) if isinstance(caption, bytes) else target.write_text(caption, encoding="utf-8")
-    return path
+image = write_image  # conftest: a plain PNG with its caption
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import write_image
 from lora_sweep.data.dataset import inspect_folder, scan_folder
 from lora_sweep.errors import UserError
 
@@ -14,12 +15,7 @@ CP1252_ARTISTS = bytes.fromhex("6172746973749273")  # "artist's" with cp1252's r
 
 
 def image(path: Path, size=(64, 48), caption: str | bytes | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (120, 80, 40)).save(path)
-    if caption is not None:
-        target = path.with_suffix(".txt")
-        target.write_bytes(caption) if isinstance(caption, bytes) else target.write_text(caption, encoding="utf-8")
-    return path
+    return write_image(path, size, caption, color=(120, 80, 40))
 
 
 def fallback(scan, fragment: str):
