@@ -94,7 +94,10 @@ def read_status(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def log_tail(path: Path, lines: int) -> str:
+def log_tail(path: Path | str, lines: int) -> str:
+    """The last `lines` non-blank lines of a log (its last 64 KiB read; tqdm's carriage returns end lines too).
+
+    Shared with the Slurm launcher, whose jobs' logs are read the same way."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -102,7 +105,8 @@ def log_tail(path: Path, lines: int) -> str:
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if lines > 0 else ""
+    kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:]) if lines > 0 else ""
 
 
 def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | None,

@@ -2,7 +2,8 @@
 
 Pure functions over three facts per job: the JobReturn submitit brought back (None if the job left no result),
 the error submitit raised instead (the job died: time limit, OOM kill, cancelled, node failure), and the job's
-last status file (the gpu_queue protocol, see __init__). No Slurm or submitit import: tested without a cluster.
+last status file (the gpu_queue protocol, see __init__). No Slurm or submitit import: tested without a cluster. Logs are
+read with the local queue's `log_tail`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from hydra_plugins.gpu_queue_launcher._outcome import log_tail
 
 STATUS_ENV = "GPU_QUEUE_STATUS_FILE"  # the local queue's status-file protocol, which lora_sweep.run speaks
 # squeue states after which a job will not run again (squeue -t all keeps them MinJobAge seconds, 300 by default).
@@ -104,18 +107,6 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
-def _tail(path: str, lines: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 32768))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    return kept[-lines:]
-
-
 def summary(outcomes: Sequence[JobOutcome], tail_lines: int = 12) -> str:
     """The end-of-sweep table, then each failed or killed job's reason, log files and the tail of its error log."""
     counts: dict[str, int] = {}
@@ -134,7 +125,7 @@ def summary(outcomes: Sequence[JobOutcome], tail_lines: int = 12) -> str:
         if o.state in ("FAILED", "KILLED"):
             lines += ["", f"#{o.idx} {o.label} {o.state}: {o.reason}", *(f"  log: {p}" for p in o.log_files)]
             if o.log_files:
-                lines += [f"  | {ln}" for ln in _tail(o.log_files[-1], tail_lines)]
+                lines += [f"  | {ln}" for ln in log_tail(o.log_files[-1], tail_lines).splitlines()]
     return "\n".join(lines) + "\n"
 
 
