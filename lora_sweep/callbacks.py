@@ -54,11 +54,14 @@ class MlflowSweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         from lora_sweep import jobs, tracking
         from lora_sweep.atomic import write_text
+        from lora_sweep.preflight import SWEEP_TRACKING, tracking_target
 
-        uri = tracking.tracking_uri(config.tracking.uri)
-        self.client = tracking.client(uri)
-        exp_id = tracking.experiment_id(self.client, config.tracking.experiment)
         sweep_dir = Path(config.hydra.sweep.dir)
+        # where the jobs log, as the pre-flight composed them: experiment files may set tracking.experiment, and
+        # the parent must be in the same experiment as its children (MLflow nests runs only within one)
+        uri, experiment = SWEEP_TRACKING.get(str(sweep_dir)) or tracking_target(config)
+        self.client = tracking.client(uri)
+        exp_id = tracking.experiment_id(self.client, experiment)
         tracking.close_stale_runs(self.client, exp_id, by=f"the sweep in {sweep_dir}")
         task = list(config.hydra.overrides.task)
         run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags={
@@ -67,7 +70,7 @@ class MlflowSweepCallback(Callback):
             **tracking.process_tags(),
         })
         self.run_id = run.info.run_id
-        self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, str(config.tracking.experiment), exp_id
+        self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, experiment, exp_id
         write_text(sweep_dir / tracking.PARENT_FILE, self.run_id)
         try:
             jobs.write_swept_keys(sweep_dir, jobs.swept_keys(task))

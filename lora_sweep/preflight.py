@@ -42,6 +42,9 @@ from lora_sweep.errors import ConfigError, Fallback, UserError
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
 _LOGGED: set[str] = set()  # fallback lines already printed by this process
+# (store URI, experiment) that all jobs of a sweep log to, by sweep folder, as the pre-flight found it: the sweep's
+# parent run goes there (lora_sweep.callbacks), also when experiment files set tracking.experiment themselves.
+SWEEP_TRACKING: dict[str, tuple[str, str]] = {}
 
 
 @dataclass
@@ -291,15 +294,40 @@ class PreflightCallback(Callback):
         _finish([("", report)], jobs=1)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        memo, results = _Memo(), []
+        memo, results, targets = _Memo(), [], {}
         for label, job_config, error in sweep_job_configs(config):
             if error is not None:
                 results.append((label, Report(problems=[f"{label}: the sweep cannot be expanded: {error}"])))
                 continue
-            report = check_job(_job_copy(job_config), hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)),
-                               memo=memo)
+            job = _job_copy(job_config)
+            report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
             results.append((label, report))
+            targets[label] = tracking_target(job)
+        if len(set(targets.values())) > 1:
+            results.append(("", Report(problems=[mixed_tracking_problem(targets)])))
+        elif targets:
+            SWEEP_TRACKING[str(config.hydra.sweep.dir)] = next(iter(targets.values()))
         _finish(results, jobs=len(results))
+
+
+def tracking_target(cfg) -> tuple[str, str]:
+    """(store URI, experiment name) a job logs to (`tracking.uri` resolved as the job resolves it)."""
+    from lora_sweep import tracking
+
+    return tracking.tracking_uri(cfg.tracking.uri), str(cfg.tracking.experiment)
+
+
+def mixed_tracking_problem(targets: dict[str, tuple[str, str]]) -> str:
+    """The problem line for a sweep whose jobs log to different experiments or stores: a sweep is one parent run
+    with its jobs nested under it, and MLflow nests runs only within one experiment of one store."""
+    by_target: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for label, target in targets.items():
+        by_target[target].append(label.split(" ", 1)[0])
+    listed = "; ".join(f"{', '.join(jobs)} -> experiment '{exp}' in {uri}" for (uri, exp), jobs in by_target.items())
+    return ("tracking.experiment / tracking.uri: the sweep's jobs log to different places (" + listed + "). A sweep "
+            "is one MLflow parent run with every job nested under it, in one experiment of one store: set "
+            "tracking.experiment=NAME (and tracking.uri) on the command line, or the same value in every "
+            "experiment file, or run one sweep per experiment.")
 
 
 def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, str | None]]:

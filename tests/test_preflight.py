@@ -129,6 +129,14 @@ def test_other_launchers_get_the_same_pre_flight_before_they_start(tmp_path, app
     assert code == 2 and "img1.txt' is empty" in out and "sweep of 2 jobs" in out
 
 
+def test_a_sweep_whose_jobs_log_to_different_experiments_is_refused(app):
+    """One parent run nests its jobs, and MLflow nests runs only within one experiment of one store."""
+    code, out = app("-m", "tracking.experiment=mine,yours")
+    assert code == 2
+    assert "tracking.experiment / tracking.uri: the sweep's jobs log to different places (#0 -> experiment 'mine'" in out
+    assert "#1 -> experiment 'yours'" in out and "set tracking.experiment=NAME" in out
+
+
 def test_a_bad_sweep_override_is_a_pre_flight_problem(tmp_path, app):
     code, out = app("-m", "noise=none,offset", "loss.type=l2,l3")
     assert code == 2 and "loss.type" in out and "'l3'" in out and "[jobs #1 noise=none loss.type=l3, #3" in out
