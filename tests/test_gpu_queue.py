@@ -121,6 +121,24 @@ def test_summary_and_live_line_show_what_the_job_reported(tmp_path):
     assert slot_line(Slot(1, None), None, now=0).split() == ["cpu1", "idle"]
 
 
+def test_without_a_terminal_running_jobs_report_progress_every_so_often(tmp_path):
+    """A sweep logged to a file (nohup, CI) shows each running job's step, loss and speed, not only its start/end."""
+    import io
+
+    from hydra_plugins.gpu_queue_launcher._console import Console
+
+    running = _record(tmp_path, "RUNNING", "", {"label": "v3", "step": 120, "max_steps": 1000, "loss": 0.25,
+                                                 "speed": "3.2 it/s"})
+    queued = _record(tmp_path, "QUEUED")
+    stream = io.StringIO()  # not a terminal: plain mode
+    Console(stream, "auto", [Slot(1, "1")], refresh_s=0.5, progress_every_s=1e-9).refresh([running, queued])
+    assert stream.getvalue().startswith("[gpu1] #1 v3  step 120/1000  loss 0.25  3.2 it/s")
+    quiet = io.StringIO()
+    Console(quiet, "auto", [Slot(1, "1")], refresh_s=0.5, progress_every_s=0).refresh([running])
+    Console(quiet, "plain", [Slot(1, "1")], refresh_s=0.5, progress_every_s=3600).refresh([running])
+    assert quiet.getvalue() == ""  # 0: off; and not before its interval has passed
+
+
 def test_one_paragraph_per_distinct_reason_and_a_log_tail_only_for_bugs(tmp_path):
     """Three jobs hit by one user error make one paragraph (its whole text, no log tail); a bug gets the first
     line of its reason and the last lines of its log."""

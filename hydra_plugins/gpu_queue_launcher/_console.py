@@ -150,14 +150,19 @@ def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
 
 
 class Console:
-    """Live block of slot lines on a terminal (`live`), or one line per start and end (`plain`)."""
+    """Live block of slot lines on a terminal (`live`), or one line per start and end (`plain`), with every
+    `progress_every_s` seconds one `[slot] step/max  loss  speed` line per running job, so that a log file of a
+    long sweep shows progress too (0: none)."""
 
-    def __init__(self, stream: TextIO, mode: str, slots: Sequence[Slot], refresh_s: float):
+    def __init__(self, stream: TextIO, mode: str, slots: Sequence[Slot], refresh_s: float,
+                 progress_every_s: float = 60.0):
         self.stream, self.slots, self.refresh_s = stream, list(slots), refresh_s
         is_tty = hasattr(stream, "isatty") and stream.isatty()
         self.live = mode == "live" or (mode == "auto" and is_tty)
+        self.progress_every_s = progress_every_s
         self._drawn = 0
         self._last = 0.0
+        self._last_progress = time.time()
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -188,16 +193,33 @@ class Console:
 
     def refresh(self, records: Iterable[JobRecord], force: bool = False) -> None:
         now = time.time()
-        if not self.live or (not force and now - self._last < self.refresh_s):
+        if not self.live:
+            if self.progress_every_s > 0 and now - self._last_progress >= self.progress_every_s:
+                self._last_progress = now
+                self._progress_lines(records, now)
+            return
+        if not force and now - self._last < self.refresh_s:
             return
         self._last = now
         records = list(records)
-        by_slot = {r.slot.index: r for r in records if r.slot and r.state in ("STARTING", "RUNNING")}
-        for r in by_slot.values():
-            r.status = read_status(r.job.status_path) or r.status
+        by_slot = self._running(records)
         width = max(20, shutil.get_terminal_size((120, 24)).columns - 1)
         lines = [counts_line(records)] + [slot_line(s, by_slot.get(s.index), now) for s in self.slots]
         self._draw([line[:width] for line in lines])
+
+    def _running(self, records: Iterable[JobRecord]) -> dict[int, JobRecord]:
+        """The job running in each busy slot, its status freshly read."""
+        by_slot = {r.slot.index: r for r in records if r.slot and r.state in ("STARTING", "RUNNING")}
+        for r in by_slot.values():
+            r.status = read_status(r.job.status_path) or r.status
+        return by_slot
+
+    def _progress_lines(self, records: Iterable[JobRecord], now: float) -> None:
+        """Plain mode: `[cpu0] #0 v53  step 120/1000  loss 0.0931  3.2 it/s  1m02s`, one line per running job."""
+        by_slot = self._running(records)
+        for slot in self.slots:
+            if slot.index in by_slot:
+                self._write("[" + slot_line(slot, by_slot[slot.index], now).lstrip().replace("  ", "] ", 1) + "\n")
 
     def close(self) -> None:
         self._erase()

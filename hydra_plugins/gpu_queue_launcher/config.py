@@ -31,6 +31,9 @@ class GpuQueueLauncherConf:
     kill_grace_s: float = 5.0
     # Seconds between redraws of the live slot lines.
     refresh_s: float = 0.5
+    # Without a terminal (console plain: a log file, nohup, CI): seconds between lines giving each running job's
+    # step, loss and speed; 0 = only the start and end lines.
+    progress_every_s: float = 60.0
     # Lines of a failed job's log shown under the summary table.
     log_tail_lines: int = 20
 

@@ -48,7 +48,7 @@ def _plain(value: Any) -> Any:
 class GpuQueueLauncher(Launcher):
     def __init__(self, gpus: Any = "auto", jobs_per_gpu: int = 1, cpu_slots: int = 1, preload: Sequence[str] = (),
                  start_method: str = "forkserver", console: str = "auto", kill_grace_s: float = 5.0,
-                 refresh_s: float = 0.5, log_tail_lines: int = 20) -> None:
+                 refresh_s: float = 0.5, log_tail_lines: int = 20, progress_every_s: float = 60.0) -> None:
         self.gpus, self.jobs_per_gpu, self.cpu_slots = _plain(gpus), jobs_per_gpu, cpu_slots
         self.preload: list[str] = [str(p) for p in (_plain(preload) or [])]
         for name, value, accepted in (("start_method", start_method, ("forkserver", "spawn")),
@@ -59,6 +59,10 @@ class GpuQueueLauncher(Launcher):
         self.start_method, self.console_mode = start_method, console
         self.kill_grace_s, self.refresh_s = float(kill_grace_s), float(refresh_s)
         self.log_tail_lines = int(log_tail_lines)
+        if not float(progress_every_s) >= 0:
+            raise GpuQueueConfigError(f"hydra.launcher.progress_every_s={progress_every_s!r}: accepted values are "
+                                      "seconds >= 0 (0: no progress lines without a terminal).")
+        self.progress_every_s = float(progress_every_s)
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -89,7 +93,7 @@ class GpuQueueLauncher(Launcher):
         log.info("gpu_queue: %d jobs on %d slots (%s); sweep dir %s", len(records), len(slots),
                  ", ".join(s.name for s in slots), sweep_dir)
         pool = self._ensure_pool(work_dir)
-        console = Console(sys.stdout, self.console_mode, slots, self.refresh_s)
+        console = Console(sys.stdout, self.console_mode, slots, self.refresh_s, self.progress_every_s)
         interrupted = run_queue(records, slots, pool, console, start=lambda r: self._start(pool, r),
                                 kill_grace_s=self.kill_grace_s)
         console.close()
