@@ -40,8 +40,8 @@ def signed(value: float | None, digits: int = 4) -> str:
 
 def estimate_text(entry: dict) -> str:
     """'0.1234 [0.1201, 0.1267]', '0.1234' (no interval: n = 1), '0.1234 (no spread)' (identical replicates), or,
-    without a value, why (e.g. 'did not halve (fit/loss never fell below its start)'); when only some runs have
-    one, the number and why the others do not ('2 (1 of 2 runs: did not halve (not in the mean))')."""
+    without a value, why (e.g. 'did not decrease (the final fit/loss is not below its start)'); when only some runs have
+    one, the number and why the others do not ('2 (1 of 2 runs: did not decrease (not in the mean))')."""
     if entry["mean"] is None:
         return entry.get("missing") or entry.get("note") or "—"
     missing = f" ({entry['missing']})" if entry.get("missing") else ""

@@ -16,8 +16,9 @@ Only finished runs enter the numbers (a failed or stopped run's last value is no
    run-to-run noise, and says so;
 4. otherwise the bare difference, with no interval.
 Two variants measured on different inputs (other sample prompts, other validation or data settings) are "not
-comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: fit/loss
-that never fell below its start has no steps to half). Intervals are clipped at the metric's `bounds`.
+comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: a run whose
+final fit/loss is not below its start, or whose fit/loss was evaluated only at the start and the end, has no steps
+to half: see stats.fitting_speed). Intervals are clipped at the metric's `bounds`.
 
 Two variants that already differ at step 0, before any training (every LoRA starts at zero, so only the base
 model can make them differ there: fp8 vs fp16 base weights), are flagged: the difference carries the step-0
@@ -46,7 +47,8 @@ METRIC_NOTES = {
     "fit/loss": "MSE on fixed training images x timesteps x noise (the common yardstick)",
     "val/loss": "MSE on held-out images x timesteps x noise",
     "fit/loss_auc": "area under the fit/loss curve / steps (lower: fits sooner)",
-    "fit/steps_to_half": "steps to half of the run's fit/loss decrease (lower: fits faster)",
+    "fit/steps_to_half": "steps until fit/loss first reaches half of the run's total decrease, start - final "
+                         "(lower: fits faster)",
 }
 EVAL_NOISE_ONLY = "1 run each: evaluation noise only, not run-to-run noise"
 # What each metric is measured from at step 0 (before training): see start_difference.
@@ -116,8 +118,9 @@ def missing_reason(run: VariantData, metric: str) -> str:
         history = sorted((s, v) for s, v in run.histories.get("fit/loss") or [] if math.isfinite(v))
         if len({s for s, _ in history}) < 2:
             return "fewer than two fit/loss evaluations"
-        if metric == "fit/steps_to_half":
-            return "did not halve (fit/loss never fell below its start)"
+        speed = fitting_speed(history)
+        if metric == "fit/steps_to_half" and speed is not None and speed.why_none:
+            return speed.why_none
     return f"{metric} not logged"
 
 
@@ -140,8 +143,8 @@ def _join(*notes: str) -> str:
 
 
 def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[float], str]:
-    """(the values of the finished runs, why runs have none: 'did not halve (...)' when none has a value,
-    '1 of 3 runs: did not halve (not in the mean)' when some have)."""
+    """(the values of the finished runs, why runs have none: 'did not decrease (...)' when none has a value,
+    '1 of 3 runs: did not decrease (not in the mean)' when some have)."""
     if not group.finished:
         return [], "no finished run"
     values, missing = [], []
@@ -158,8 +161,8 @@ def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[f
 
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:
     """Mean over the variant's finished replicates with its t interval (none for n = 1), clipped at the metric's
-    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not halve). A mean over the
-    runs that halved favours the variant: the page shows that note beside it."""
+    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not decrease). A mean over
+    the runs that have a value favours the variant: the page shows that note beside it."""
     values, reasons = _reasons(group, metric, step)
     found = mean_interval(values, scale=SCALE.get(metric, 0.0))
     found = dataclasses.replace(found, note=reasons if not values else _join(found.note, reasons), missing=reasons)
@@ -233,7 +236,7 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
                images: dict[str, dict[str, dict[str, float]]] | None = None) -> Difference | NotComparable:
     """b - a for `metric` on the most honest basis available (see the module docstring), its interval clipped at
     the metric's bounds. A side without a value gives a Difference with no value whose note says why ("v59: did not
-    halve (fit/loss never fell below its start)"). When the two already differ at step 0 (`start_difference`), the result carries that
+    decrease (the final fit/loss is not below its start)"). When the two already differ at step 0 (`start_difference`), the result carries that
     difference (`at_start`) and the difference of the changes from step 0 (`change`). `images` caches
     `image_values` by run id."""
     why = comparable(a, b, metric)
@@ -243,7 +246,7 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
     va = {r.seed: v for r in a.finished if (v := run_value(r, metric, step)) is not None}
     vb = {r.seed: v for r in b.finished if (v := run_value(r, metric, step)) is not None}
     if not va or not vb:
-        sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not halve"
+        sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not decrease"
         for group in (g for g, v in ((a, va), (b, vb)) if not v):
             sides.setdefault(_reasons(group, metric, step)[1], []).append(group.name)
         return Difference(float("nan"), None, None, 0, "", _join(*(f"{', '.join(n)}: {r}" for r, n in sides.items())))
