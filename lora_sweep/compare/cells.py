@@ -92,7 +92,8 @@ def effect_text(entry: dict | None) -> tuple[str, str]:
     verdict = entry["verdict"]
     mark = f" {EVAL_NOISE_MARK}" if entry["note"] == EVAL_NOISE_ONLY and verdict != "no difference" else ""
     if verdict == "no interval":
-        return f"{signed(entry['effect'])} (n = 1: no interval)", "none"
+        why = entry.get("note") or ""  # one run against several: why there is none ("no interval: seeds differ ...")
+        return f"{signed(entry['effect'])} ({why if why.startswith('no interval:') else 'n = 1: no interval'})", "none"
     cls = {"no difference": "same", "within noise": "noise", "different": "diff"}.get(verdict, "none")
     return difference_text(entry) + mark, cls
 

@@ -190,16 +190,18 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)
-                basis = (found or {}).get("basis", "")
+                basis = "; ".join(t for t in ((found or {}).get("basis"), (found or {}).get("note")) if t)
                 cell += (f"<span class='delta {cls}' data-variant='{name}' data-metric='{key}' data-kind='vs-baseline'"
                          f" title='{html.escape(basis, quote=True)}'>{html.escape(text)}</span>"
                          + _start_span(found, f"data-variant='{name}' data-metric='{key}'"))
             row.append(cell)
         rows.append(row)
     return (f"Final metrics on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
-            ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline with "
-             "its interval, paired over seeds, else over the same (image, t, eps) points or (prompt, seed) images "
-             "(hover for the basis). <i>no difference</i>: identical values (differences below floating-point "
+            ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline: "
+             "always the difference of the two means shown, with its interval paired over seeds when both have the "
+             "same seeds, Welch's over runs when their seeds differ, over the same (image, t, eps) points or "
+             "(prompt, seed) images when both have one run, and none when one run faces several (hover for the "
+             "basis). <i>no difference</i>: identical values (differences below floating-point "
              "resolution, 1e-9 of the values, count as none); <i>within noise</i>: the interval covers zero. "
              f"{EVAL_NOISE_MARK} one run each: the interval holds the evaluation points' noise, not run-to-run noise "
              f"(add train.seed=1,2,3 for that). {CLIPPED_MARK} interval clipped at the metric's natural bounds (steps "

@@ -89,6 +89,7 @@ class Difference:
     clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
     at_start: "Difference | None" = None  # the same difference at step 0, before any training
     change: "Difference | None" = None  # the difference of the changes from step 0 (the effect of training)
+    of: str = ""  # the metric this difference is in, when it is not the row's own (at_start of the fitting speed)
 
     @property
     def has_interval(self) -> bool:
@@ -115,6 +116,8 @@ class Difference:
         found = {"effect": _json_float(self.effect), "low": _json_float(self.low), "high": _json_float(self.high),
                  "n": self.n, "basis": self.basis, "note": self.note, "within_noise": self.within_noise,
                  "verdict": self.verdict, "identical": self.identical, "clipped": self.clipped}
+        if self.of:
+            found["metric"] = self.of
         if self.at_start is not None:
             found["at_start"] = self.at_start.as_dict()
             found["change"] = None if self.change is None else self.change.as_dict()

@@ -46,3 +46,11 @@ def test_the_step_0_flag():
     assert start_text(entry(found)) == ("differs at step 0: +0.2 (every pair alike); "
                                         "change from step 0: -0.097 [-0.1, -0.094]")
     assert start_text(entry(Difference(0.1, None, None, 2, ""))) == "" and start_text(None) == ""
+
+
+def test_a_difference_without_interval_says_why():
+    found = Difference(-1.04e-5, None, None, 3, "unpaired, 1 + 2 runs",
+                       "no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run")
+    assert effect_text(entry(found)) == ("-1.04e-05 (no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run)",
+                                         "none")
+    assert effect_text(entry(no_interval(4.0, 4.5)))[0] == "+0.5 (n = 1: no interval)"  # one run each, as before

@@ -51,10 +51,10 @@ def test_without_common_seeds_the_difference_is_unpaired():
 
 def test_one_run_each_pairs_over_the_evaluation_points_and_says_what_that_holds():
     ga, gb = groups_of(make_run("a", 1, 0.5, points_shift=0.0),
-                       make_run("b", 1, 0.6, points_shift=0.05, **{"noise.offset": "0.1"}))
+                       make_run("b", 1, 0.6, points_shift=0.1, **{"noise.offset": "0.1"}))
     found = difference(ga, gb, "fit/loss")
     assert found.basis == "paired over 9 (image, t, eps) points" and found.note == EVAL_NOISE_ONLY
-    assert found.effect == pytest.approx(0.05) and found.verdict == "different"
+    assert found.effect == pytest.approx(0.1) and found.verdict == "different"  # the values shown: 0.6 - 0.5
     bare = difference(*groups_of(make_run("a", 1, 0.5), make_run("b", 1, 0.6, **{"noise.offset": "0.1"})),
                       "fit/loss")
     assert bare.verdict == "no interval" and bare.effect == pytest.approx(0.1) and "n = 1" in bare.note
@@ -175,3 +175,40 @@ def test_steps_to_half_is_missing_when_fit_loss_has_only_its_start_and_end():
     found = difference(group, other, "fit/steps_to_half")
     assert found.verdict == "no value"
     assert found.note == "a, b: fit/loss evaluated only at the start and end: set validation.every"
+
+
+def test_a_difference_is_always_the_difference_of_the_means_shown():
+    """The tester's sweep: xa seeds 1, 2, 3; xb seeds 1, 2 (its seed 3 failed); xc one run, seed 1."""
+    off = {"noise.offset": "0.1"}
+    xa = [make_run("xa", s, v, points_shift=0.0) for s, v in ((1, 1.124200), (2, 1.124230), (3, 1.124260))]
+    xb = [make_run("xb", s, v, points_shift=0.0, **off) for s, v in ((1, 1.124229), (2, 1.124209))]
+    xb.append(make_run("xb", 3, 2.0, status="FAILED", **off))
+    xc = [make_run("xc", 1, 1.124229, points_shift=0.0, **{"noise.offset": "0.2"})]
+    ga, gb, gc = groups_of(*xa, *xb, *xc)
+    means = {g.name: estimate(g, "fit/loss").mean for g in (ga, gb, gc)}
+    # baseline xa: xb's seeds (1, 2) are not xa's (1, 2, 3): Welch over all runs, not a pairing over seeds 1, 2
+    # (that gave +4e-6 here, beside means whose difference is -1.1e-5: the other sign)
+    found = difference(ga, gb, "fit/loss")
+    assert found.effect == pytest.approx(means["xb"] - means["xa"], abs=1e-12) and found.effect < 0
+    assert found.basis == "unpaired, 3 + 2 runs" and found.has_interval
+    assert found.note == "seeds differ (xb: 1, 2; xa: 1, 2, 3)"
+    from scipy import stats as scipy_stats
+    welch = scipy_stats.ttest_ind([1.124229, 1.124209], [1.124200, 1.124230, 1.124260],
+                                  equal_var=False).confidence_interval(0.95)
+    assert (found.low, found.high) == pytest.approx((welch.low, welch.high), abs=1e-12)
+    # baseline xc (one run): xb's two runs against it have no interval, and the note says why; not "1 run each",
+    # not "no difference" though xb's seed 1 equals xc's value
+    found = difference(gc, gb, "fit/loss")
+    assert found.effect == pytest.approx(means["xb"] - means["xc"], abs=1e-12) and found.effect != 0.0
+    assert found.verdict == "no interval" and found.basis == "unpaired, 1 + 2 runs"
+    assert found.note == "no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run"
+    assert difference(gc, ga, "fit/loss").note == "no interval: seeds differ (xa: 1, 2, 3; xc: 1), and xc has one run"
+    # the same seeds on both sides: paired, and the paired mean is the difference of the means
+    same = groups_of(*xa[:2], *[make_run("xd", s, v, **off) for s, v in ((1, 1.3), (2, 1.4))])
+    found = difference(*same, "fit/loss")
+    assert found.basis == "paired over 2 seeds"
+    assert found.effect == pytest.approx(1.35 - (1.124200 + 1.124230) / 2, abs=1e-12)
+    # one run each: paired over the points, the effect still the difference of the two values shown
+    one = difference(*groups_of(xa[0], xc[0]), "fit/loss")
+    assert one.basis == "paired over 9 (image, t, eps) points" and one.note == EVAL_NOISE_ONLY
+    assert one.effect == pytest.approx(1.124229 - 1.124200, abs=1e-12) and one.verdict != "no difference"
