@@ -99,11 +99,18 @@ def effect_text(entry: dict | None) -> tuple[str, str]:
 
 
 def start_text(entry: dict | None) -> str:
-    """'differs at step 0: +0.012 [..]; change from step 0: -0.003 [..]' for two variants that differ before
-    training; '' otherwise."""
+    """'fit/loss differs at step 0 by +0.012 [..]; change from step 0: -0.003 [..]' for two variants that differ
+    before training; '' otherwise. The step-0 difference names what it measures (`at_start.metric`): under
+    fit/steps_to_half it is fit/loss's, in loss units, not a number of steps."""
     if not entry or not entry.get("comparable") or entry.get("at_start") is None:
         return ""
-    text = f"differs at step 0: {difference_text(entry['at_start'], compact=True)}"
+    start = entry["at_start"]
+    found = difference_text(start, compact=True)
+    if start.get("metric"):
+        joint = " by " if start["verdict"] in ("different", "no interval") else ": "
+        text = f"{start['metric']} differs at step 0{joint}{found}"
+    else:
+        text = f"differs at step 0: {found}"
     if entry.get("change") is not None:
         text += f"; change from step 0: {difference_text(entry['change'], compact=True)}"
     return text

@@ -3,6 +3,8 @@ apart, "no difference" for identical values, a reason where a value is missing, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lora_sweep.compare.cells import distinct_digits, effect_text, estimate_text, start_text
 from lora_sweep.compare.stats import Difference, Estimate, no_interval, paired_difference
 
@@ -54,3 +56,14 @@ def test_a_difference_without_interval_says_why():
     assert effect_text(entry(found)) == ("-1.04e-05 (no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run)",
                                          "none")
     assert effect_text(entry(no_interval(4.0, 4.5)))[0] == "+0.5 (n = 1: no interval)"  # one run each, as before
+
+
+def test_the_step_0_flag_names_the_metric_it_measures():
+    # under fit/steps_to_half the step-0 difference is fit/loss's (-0.001785), not a number of steps
+    start = Difference(-0.001785, None, None, 2, "1 run each", "one run each: no interval", of="fit/loss")
+    found = Difference(-3.617, None, None, 2, "1 run each", at_start=start)
+    assert entry(found)["at_start"]["metric"] == "fit/loss"
+    assert start_text(entry(found)) == "fit/loss differs at step 0 by -0.001785"
+    noise = paired_difference([1.0, 1.1, 1.2], [1.01, 1.09, 1.2])
+    within = Difference(0.1, 0.05, 0.15, 3, "paired over 3 seeds", at_start=replace(noise, of="val/loss"))
+    assert start_text(entry(within)).startswith("val/loss differs at step 0: within noise [-")

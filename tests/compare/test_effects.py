@@ -153,6 +153,9 @@ def test_variants_that_differ_before_training_show_it_and_the_change_from_step_0
     assert auc.at_start is not None and auc.change is not None
     speed = difference(ga, gb, "fit/steps_to_half")  # already relative to each run's start: flagged, no change
     assert speed.at_start is not None and speed.change is None
+    # the flag is fit/loss's step-0 difference, and says so (page and JSON): it is not a number of steps
+    assert speed.at_start.of == "fit/loss" and speed.as_dict()["at_start"]["metric"] == "fit/loss"
+    assert auc.as_dict()["at_start"]["metric"] == "fit/loss" and found.as_dict()["at_start"]["metric"] == "fit/loss"
     # the same base model: the same step-0 values, no flag
     same = groups_of(*fp8, *[with_history("v63", s, [(0, 1.0), (10, 0.4)], **{"loss.huber_c": "0.1"})
                              for s in (1, 2)])
