@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -80,7 +81,7 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
     from lora_sweep.compare.figures import progression_steps
     from lora_sweep.compare.report_html import ReportData
-    from lora_sweep.compare.variants import baseline_index, configured_baseline, group_replicates
+    from lora_sweep.compare.variants import baseline_index, baseline_note, configured_baseline, group_replicates
 
     parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id)
     records = [read_run(client, run, scratch) for run in runs]
@@ -108,7 +109,8 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
         if step is not None and image_keys and all(c is None for c in run.cells.values()):
             notes.append(f"{run.name} logged no samples at step {step}.")
     if baseline:
-        index = baseline_index(groups, baseline)
+        index = _baseline(client, groups, baseline)
+        notes += [note] if (note := baseline_note(groups, index, baseline)) else []
     else:
         named, disagreement = configured_baseline(groups)
         notes += [disagreement] if disagreement else []
@@ -118,7 +120,8 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
             notes.append(f"{exc} The first variant is the baseline.")
             index = 0
     where = f"sweep {parent.info.run_id}" if parent is not None else "all job runs"
-    earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id]
+    earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id
+               and r.info.status == "FINISHED"]
     if earlier:
         notes.append(f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
                      f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)}).")
@@ -134,6 +137,28 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
         progression_key=progression_key,
     )
     return data, parent
+
+
+def _baseline(client, groups, requested: str) -> int:
+    """`baseline_index`; when `requested` names no compared run but is the id of a run in the store that did not
+    finish, the error says so (such a run was left out), rather than only that it is not among the runs."""
+    from lora_sweep.compare.variants import FAILURE_TAG, baseline_index
+
+    try:
+        return baseline_index(groups, requested)
+    except UserError as exc:
+        if not re.fullmatch(r"[0-9a-f]{32}", requested):
+            raise
+        try:
+            run = client.get_run(requested)
+        except Exception:
+            raise exc from None
+        if run.info.status == "FINISHED":
+            raise
+        why = run.data.tags.get(FAILURE_TAG, "").strip().splitlines()
+        raise UserError(f"--baseline: run {requested} {run.info.status}{f' ({why[0]})' if why else ''}: a run that "
+                        "did not finish is left out of the comparison. Name one of the variants: "
+                        f"{', '.join(g.name for g in groups)}.") from None
 
 
 def build_report(*, experiment: str | None = None, sweep_run_id: str | None = None, step: int | None = None,

@@ -23,7 +23,7 @@ from lora_sweep.compare.cells import (  # noqa: F401  (re-exported: the report's
 from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
 from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
-from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates  # noqa: F401
+from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -148,9 +148,8 @@ def _parameters(data: ReportData) -> tuple[str, list[str]]:
     rows = [[html.escape(row_label(key)),
              *[_cut_cell(OPTIMIZER_ABBREVIATIONS.get(v, v) if key == "optimizer.name" else v) for v in values]]
             for key, values in differ]
-    heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>n = {g.n}"
-                    + (f" · seed{'s' if g.n > 1 else ''} {', '.join(str(x) for x in g.seeds)}"
-                       if g.seeds[0] is not None else "") + "</span></th>" for g in data.groups)
+    heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>{html.escape(g.n_text)}</span></th>"
+                    for g in data.groups)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     legend = ", ".join(f"{OPTIMIZER_ABBREVIATIONS[name]} = {name}" for name in sorted(used))
     parts = ["<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off, "
@@ -184,7 +183,8 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
         for variant in summary["variants"]:
             entry = variant["metrics"][key]
             name = html.escape(variant["name"], quote=True)
-            n = f" <span class='n'>n = {entry['n']}</span>" if entry["n"] else ""
+            lost = f" · {unfinished_text(variant['unfinished'])}" if variant.get("unfinished") else ""
+            n = f" <span class='n'>n = {entry['n']}{html.escape(lost)}</span>" if entry["n"] or lost else ""
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
                     f"title='{html.escape(entry['note'], quote=True)}'>{html.escape(estimate_text(entry))}</span>{n}")
             if not variant["is_baseline"]:

@@ -111,15 +111,17 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
 
 
 def sweep_runs(client, experiment_id: str, parent) -> list:
-    """A sweep's job runs: its children, then the runs of earlier sweeps its skipped jobs matched."""
+    """A sweep's job runs, finished or not: its children, then the other runs its jobs used (`reused_runs`)."""
     jobs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
     return jobs + reused_runs(client, parent, {run.info.run_id for run in jobs})
 
 
 def reused_runs(client, parent, children: set[str]) -> list:
-    """The FINISHED runs of earlier sweeps that this sweep's skipped jobs matched (the parent's
-    `lora_sweep.job_runs` tag, written when the sweep ended): part of its results, though not its children. Each
-    takes this sweep's job number (`lora_sweep.job_num`), so the report orders it as this sweep's job."""
+    """The runs of this sweep's jobs that are not its children (the parent's `lora_sweep.job_runs` tag, written
+    when the sweep ended): the FINISHED runs of earlier sweeps that its skipped jobs matched, part of its results;
+    and runs its jobs ran that did not finish but that the children search misses (an earlier sweep's run a job
+    resumed, a run in another experiment): the report names those as not finished. Each takes this sweep's job
+    number (`lora_sweep.job_num`), so the report orders it as this sweep's job."""
     from lora_sweep import tracking
     from lora_sweep.compare.variants import JOB_NUM_TAG
 
@@ -131,7 +133,7 @@ def reused_runs(client, parent, children: set[str]) -> list:
             run = client.get_run(run_id)
         except Exception:  # deleted for good since
             continue
-        if run.info.lifecycle_stage == "active" and run.info.status == "FINISHED":
+        if run.info.lifecycle_stage == "active":
             run.data.tags[JOB_NUM_TAG] = str(num)  # this sweep's order (the run's own tag keeps its first sweep's)
             found.append(run)
     return found

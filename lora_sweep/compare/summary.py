@@ -8,7 +8,8 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "baseline": "<variant name>",
   "metrics": [{"key": "fit/loss", "note": "..."}, ...],           # the common metrics compared, in order
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
-  "variants": [{"name", "label", "tag", "n", "seeds", "run_ids", "status", "replicate_key", "is_baseline",
+  "variants": [{"name", "label", "tag", "n", "seeds", "n_text", "run_ids", "status", "replicate_key", "is_baseline",
+                "unfinished": [{"run_id", "seed", "status", "reason"}],  # left out: n and seeds are the finished
                 "data_warnings",                                    # the pre-flight's fallbacks (most of a run)
                 "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped", "missing"}},
                 "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
@@ -53,7 +54,10 @@ def build_summary(data) -> dict[str, Any]:
         is_base = index == data.baseline
         variants.append({
             "name": group.name, "label": group.label, "tag": group.representative.tags.get("variant", group.name),
-            "n": group.n, "seeds": group.seeds, "run_ids": [r.run_id for r in group.runs], "status": group.status,
+            "n": len(group.finished), "seeds": [r.seed for r in group.finished], "n_text": group.n_text,
+            "run_ids": [r.run_id for r in group.runs], "status": group.status,
+            "unfinished": [{"run_id": r.run_id, "seed": r.seed, "status": r.status, "reason": r.failure}
+                           for r in group.unfinished],
             "replicate_key": group.key, "is_baseline": is_base,
             "data_warnings": max((data_warnings(r) for r in group.runs), default=0),
             "metrics": {m: estimate(group, m, step).as_dict() for m in metrics},
@@ -64,8 +68,7 @@ def build_summary(data) -> dict[str, Any]:
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
     notes = list(data.notes)
-    notes += [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are left out of the "
-              "numbers." for g in groups if len(g.finished) < g.n]
+    notes += [unfinished_note(g) for g in groups if g.unfinished]
     notes += [f"{groups[i].name} and {groups[j].name} train the same config (they differ only in their name, "
               "sampling or evaluation settings)." for i, j in same_training(groups)]
     return {
@@ -77,6 +80,17 @@ def build_summary(data) -> dict[str, Any]:
         "data_warnings": [{"variant": g.name, "run_id": r.run_id, "count": data_warnings(r),
                            "artifact": WARNINGS_ARTIFACT} for g in groups for r in g.runs if data_warnings(r) > 0],
     }
+
+
+def unfinished_note(group) -> str:
+    """'xb: 1 of 3 runs did not finish and is left out of the numbers: seed 3 FAILED (NonFiniteLoss: ...), run
+    9b2515ab.': every unfinished run of the variant with its seed, status and the reason MLflow holds, since it
+    changes the variant's n and the seeds its differences can pair."""
+    runs = group.unfinished
+    each = "; ".join(f"{'seed ' + str(r.seed) if r.seed is not None else 'a run'} {r.status}"
+                     + (f" ({r.failure})" if r.failure else "") + f", run {r.run_id[:8]}" for r in runs)
+    verb = "is" if len(runs) == 1 else "are"
+    return f"{group.name}: {len(runs)} of {group.n} runs did not finish and {verb} left out of the numbers: {each}."
 
 
 def data_warnings(run) -> int:
