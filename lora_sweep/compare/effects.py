@@ -101,6 +101,30 @@ def run_value(run: VariantData, metric: str, step: int | None = None) -> float |
     return _finite(run.final_metrics.get(metric))
 
 
+def value_step(run: VariantData, metric: str, step: int | None = None) -> int | None:
+    """The step `run_value`'s value is from: the report's `step` for an image metric the run logged there, else
+    the metric's last logged step (for the fitting speed, the last fit/loss evaluation, the curve's end)."""
+    history = run.histories.get(START_OF.get(metric, metric) if metric in SPEED_METRICS else metric) or []
+    if metric in IMAGE_METRICS and step is not None and any(s == step for s, _ in history):
+        return step
+    return history[-1][0] if history else None
+
+
+def row_steps(groups: Sequence[VariantGroup], metric: str, step: int | None = None) -> dict:
+    """Which steps a row of the final metrics shows: {"steps": [...], "final": every value is its run's last,
+    "at": "final (step 8)" | "step 4" | "steps 4, 8"}. `--step N` moves the image metrics to step N while the
+    losses stay final; the page says so per row rather than letting one title claim "final" for both."""
+    found, final = set(), True
+    for run in (r for g in groups for r in g.finished if run_value(r, metric, step) is not None):
+        at = value_step(run, metric, step)
+        if at is not None:
+            found.add(at)
+            final = final and at == value_step(run, metric)
+    steps = sorted(found)
+    listed = f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}" if steps else ""
+    return {"steps": steps, "final": final, "at": (f"final ({listed})" if listed else "final") if final else listed}
+
+
 def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 

@@ -206,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--experiment", help=f"MLflow experiment name (default {DEFAULT_EXPERIMENT}); its newest "
                                             "sweep is compared, or all its job runs when it has no sweep run")
     which.add_argument("--sweep", dest="sweep_run_id", help="run id of a sweep's parent run")
-    parser.add_argument("--step", type=int, help="sampling step of the grid (default: the latest all runs share)")
+    parser.add_argument("--step", type=int, help="sampling step of the sample grid and of the image metrics img/* "
+                                                 "(default: the latest step all runs sampled); losses and fitting "
+                                                 "speed stay final, and each metric row says its step")
     parser.add_argument("--baseline", help="variant name or run id for the differences (default: compare.baseline "
                                            "of the runs, else the first variant in the sweep's order)")
     parser.add_argument("--json", dest="json_path", type=Path,

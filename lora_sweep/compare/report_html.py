@@ -179,7 +179,9 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
     rows = []
     for metric in summary["metrics"]:
         key = metric["key"]
-        row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>"]
+        at = f"<br><span class='n' data-metric='{key}' data-kind='step'>at {html.escape(metric['at'])}</span>" \
+            if metric.get("at") else ""
+        row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>{at}"]
         for variant in summary["variants"]:
             entry = variant["metrics"][key]
             name = html.escape(variant["name"], quote=True)
@@ -196,7 +198,9 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
                          + _start_span(found, f"data-variant='{name}' data-metric='{key}'"))
             row.append(cell)
         rows.append(row)
-    return (f"Final metrics on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
+    final = all(m.get("final", True) for m in summary["metrics"])
+    title = "Final metrics" if final else f"Metrics (image metrics at step {summary['step']}, the rest final)"
+    return (f"{title} on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
             ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline: "
              "always the difference of the two means shown, with its interval paired over seeds when both have the "
              "same seeds, Welch's over runs when their seeds differ, over the same (image, t, eps) points or "

@@ -6,7 +6,8 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
 {
   "schema", "title", "experiment", "sweep_run_id", "tracking_uri", "step", "confidence": 0.95,
   "baseline": "<variant name>",
-  "metrics": [{"key": "fit/loss", "note": "..."}, ...],           # the common metrics compared, in order
+  "metrics": [{"key": "fit/loss", "note": "...",                   # the common metrics compared, in order,
+               "steps": [8], "final": true, "at": "final (step 8)"}], # with the step(s) their values are from
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
   "variants": [{"name", "label", "tag", "n", "seeds", "n_text", "run_ids", "status", "replicate_key", "is_baseline",
                 "unfinished": [{"run_id", "seed", "status", "reason"}],  # left out: n and seeds are the finished
@@ -33,7 +34,7 @@ import json
 from typing import Any
 
 from lora_sweep.compare.effects import (
-    METRIC_NOTES, difference, effect_dict, estimate, one_knob_pairs, present_metrics, same_training,
+    METRIC_NOTES, difference, effect_dict, estimate, one_knob_pairs, present_metrics, row_steps, same_training,
 )
 from lora_sweep.compare.stats import CONFIDENCE
 
@@ -74,7 +75,7 @@ def build_summary(data) -> dict[str, Any]:
     return {
         "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,
         "tracking_uri": data.tracking_uri, "step": step, "confidence": CONFIDENCE, "baseline": base.name,
-        "metrics": [{"key": m, "note": METRIC_NOTES.get(m, "")} for m in metrics],
+        "metrics": [{"key": m, "note": METRIC_NOTES.get(m, ""), **row_steps(groups, m, step)} for m in metrics],
         "curves_only": [k for k in CURVES_ONLY if any(k in r.histories for g in groups for r in g.runs)],
         "variants": variants, "one_knob_pairs": pairs, "notes": notes,
         "data_warnings": [{"variant": g.name, "run_id": r.run_id, "count": data_warnings(r),
