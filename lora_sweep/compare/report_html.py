@@ -18,7 +18,7 @@ from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report
     CELL_MAX_PX, CURVE_GROUPS, GRID_CELL_MAX_PX, cell_data_uri, curve_figure, ema, labelled_grid_png, png_data_uri,
 )
 from lora_sweep.compare.cells import (  # noqa: F401  (re-exported: the report's public names)
-    CLIPPED_MARK, EVAL_NOISE_MARK, effect_text, estimate_text, format_number, signed, start_text,
+    CLIPPED_MARK, EVAL_NOISE_MARK, effect_text, estimate_text, format_number, row_decimals, signed, start_text,
 )
 from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
@@ -182,13 +182,14 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
         at = f"<br><span class='n' data-metric='{key}' data-kind='step'>at {html.escape(metric['at'])}</span>" \
             if metric.get("at") else ""
         row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>{at}"]
+        decimals = row_decimals(v["metrics"][key] for v in summary["variants"])
         for variant in summary["variants"]:
             entry = variant["metrics"][key]
             name = html.escape(variant["name"], quote=True)
             lost = f" · {unfinished_text(variant['unfinished'])}" if variant.get("unfinished") else ""
             n = f" <span class='n'>n = {entry['n']}{html.escape(lost)}</span>" if entry["n"] or lost else ""
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
-                    f"title='{html.escape(entry['note'], quote=True)}'>{html.escape(estimate_text(entry))}</span>{n}")
+                    f"title='{html.escape(entry['note'], quote=True)}'>{html.escape(estimate_text(entry, decimals))}</span>{n}")
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)
