@@ -77,13 +77,14 @@ def check_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], req
 
 
 def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: int | None, baseline: str | None,
+            all_sweeps: bool = False,
             scratch: Path):
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
     from lora_sweep.compare.figures import progression_steps
     from lora_sweep.compare.report_html import ReportData
     from lora_sweep.compare.variants import baseline_index, baseline_note, configured_baseline, group_replicates
 
-    parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id)
+    parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id, all_sweeps=all_sweeps)
     records = [read_run(client, run, scratch) for run in runs]
     groups = group_replicates(records)
     shown = [g.representative for g in groups]
@@ -119,7 +120,9 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
         except UserError as exc:
             notes.append(f"{exc} The first variant is the baseline.")
             index = 0
-    where = f"sweep {parent.info.run_id}" if parent is not None else "all job runs"
+    sweeps = {r.data.tags.get(PARENT_TAG) for r in runs} - {None}
+    where = (f"sweep {parent.info.run_id}" if parent is not None else
+             f"all job runs of the experiment ({len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''})")
     earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id
                and r.info.status == "FINISHED"]
     if earlier:
@@ -162,6 +165,7 @@ def _baseline(client, groups, requested: str) -> int:
 
 
 def build_report(*, experiment: str | None = None, sweep_run_id: str | None = None, step: int | None = None,
+                 all_sweeps: bool = False,
                  out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None,
                  json_path: Path | None = None) -> Path:
     """Write `out_dir/report.html` (self-contained), `out_dir/summary.json` (the numbers, as embedded in the page)
@@ -178,7 +182,7 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lora_sweep_report_") as scratch, _quiet_downloads():
         data, parent = collect(client, experiment=experiment, sweep_run_id=sweep_run_id, step=step,
-                               baseline=baseline, scratch=Path(scratch))
+                               all_sweeps=all_sweeps, baseline=baseline, scratch=Path(scratch))
     runs = [r for g in data.groups for r in g.runs]
     colors = [i for i, g in enumerate(data.groups) for _ in g.runs]
     labels = [g.label for g in data.groups for _ in g.runs]
@@ -199,12 +203,22 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
     return html_path
 
 
+def default_out(experiment: str | None, sweep_run_id: str | None, all_sweeps: bool = False) -> Path:
+    """Where compare writes without --out: reports/<sweep id> (--sweep), reports/<experiment> (its newest sweep),
+    reports/<experiment>-all-sweeps (--all-sweeps), so the three never overwrite each other."""
+    if sweep_run_id:
+        return Path("reports") / sweep_run_id
+    name = experiment or DEFAULT_EXPERIMENT
+    return Path("reports") / (f"{name}-all-sweeps" if all_sweeps else name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_sweep compare",
                                      description="Compare a sweep's variants in one HTML page.")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--experiment", help=f"MLflow experiment name (default {DEFAULT_EXPERIMENT}); its newest "
-                                            "sweep is compared, or all its job runs when it has no sweep run")
+    which.add_argument("--experiment", help=f"MLflow experiment name (default {DEFAULT_EXPERIMENT}): its newest "
+                                            "sweep that has runs is compared (all its job runs when it has no sweep "
+                                            "run); with --all-sweeps, every job run of the experiment")
     which.add_argument("--sweep", dest="sweep_run_id", help="run id of a sweep's parent run")
     parser.add_argument("--step", type=int, help="sampling step of the sample grid and of the image metrics img/* "
                                                  "(default: the latest step all runs sampled); losses and fitting "
@@ -213,14 +227,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            "of the runs, else the first variant in the sweep's order)")
     parser.add_argument("--json", dest="json_path", type=Path,
                         help="also write the comparison's numbers (the page's JSON summary) to this file")
-    parser.add_argument("--out", type=Path, help="output folder (default: reports/<sweep id or experiment>)")
+    parser.add_argument("--all-sweeps", action="store_true",
+                        help="compare every job run of the experiment, whichever sweep ran it (replicates of one "
+                             "config from different sweeps group together), not only its newest sweep")
+    parser.add_argument("--out", type=Path, help="output folder (default: reports/<sweep id>, reports/<experiment>, "
+                                                 "or reports/<experiment>-all-sweeps)")
     parser.add_argument("--tracking-uri", "--store", dest="tracking_uri",
                         help="MLflow tracking store URI, as `ui --tracking-uri` takes it (default: "
                              "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
-    out_dir = args.out or Path("reports") / (args.sweep_run_id or args.experiment or DEFAULT_EXPERIMENT)
+    if args.all_sweeps and args.sweep_run_id:
+        parser.error("--all-sweeps compares an experiment's runs across its sweeps: give --experiment, not --sweep")
+    out_dir = args.out or default_out(args.experiment, args.sweep_run_id, args.all_sweeps)
     try:
         path = build_report(experiment=args.experiment, sweep_run_id=args.sweep_run_id, step=args.step,
+                            all_sweeps=args.all_sweeps,
                             out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri,
                             json_path=args.json_path)
     except UserError as exc:

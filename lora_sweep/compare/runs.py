@@ -68,11 +68,13 @@ def logged_images(client, run_id: str) -> dict[tuple[str, int], LoggedImage]:
 
 
 
-def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
+def find_runs(client, *, experiment: str | None, sweep_run_id: str | None, all_sweeps: bool = False):
     """(parent run or None, job runs in launch order). A sweep's runs are its children and the FINISHED runs its
     skipped jobs matched (`reused_runs`). With neither argument: the newest sweep of the default experiment that
     has runs (one stopped or refused before any job ran has none); with an experiment that has no sweep run: all
-    its job runs."""
+    its job runs. `all_sweeps`: every job run of the experiment, whichever sweep ran it (no parent): variants that
+    needed a sweep of their own (other GPUs or time limits) compared together, replicates of one config from
+    different sweeps grouped as usual."""
     from lora_sweep import tracking
 
     if sweep_run_id:
@@ -90,6 +92,8 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
             raise UserError(f"--experiment: no MLflow experiment named '{name}' in {client.tracking_uri} "
                             f"(experiments there: {names}). Run a sweep first, or name one of those.")
         experiment_id = found.experiment_id
+        if all_sweeps:
+            return _all_jobs(client, experiment_id)
         sweeps = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["start_time DESC"],
                                     max_results=100)
         parent = sweeps[0] if sweeps else None
@@ -98,16 +102,24 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None):
                     or tracking.read_job_runs(sweep.data.tags):
                 parent = sweep
                 break
-    if parent is not None:
-        jobs = sweep_runs(client, experiment_id, parent)
-    else:
-        jobs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'job'", max_results=5000)
+    if parent is None:
+        return _all_jobs(client, experiment_id)
+    jobs = sweep_runs(client, experiment_id, parent)
     if not jobs:
-        where = f"sweep {parent.info.run_id}" if parent is not None else f"experiment {experiment_id}"
-        raise UserError(f"No job runs found for {where} in {client.tracking_uri}: nothing to compare. "
+        raise UserError(f"No job runs found for sweep {parent.info.run_id} in {client.tracking_uri}: nothing to compare. "
                         "Check --experiment / --sweep, or wait until the sweep has started its jobs.")
     jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
     return parent, jobs
+
+
+def _all_jobs(client, experiment_id: str):
+    """(None, every job run of the experiment, in launch order)."""
+    jobs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'job'", max_results=5000)
+    if not jobs:
+        raise UserError(f"No job runs found for experiment {experiment_id} in {client.tracking_uri}: nothing to "
+                        "compare. Check --experiment / --sweep, or wait until the sweep has started its jobs.")
+    jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
+    return None, jobs
 
 
 def sweep_runs(client, experiment_id: str, parent) -> list:

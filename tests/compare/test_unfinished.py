@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,33 @@ def test_a_baseline_whose_variant_has_no_finished_run_is_refused():
                                         "numbers, and its variant b has no finished run. Name one of the variants "
                                         "that have: a."):
         baseline_index(groups, "b1")
+
+
+def test_all_sweeps_compares_every_run_of_the_experiment(tmp_path, capsys, monkeypatch):
+    """Two sweeps in one experiment (a variant that needed other GPUs went in the second): --experiment compares
+    the newest sweep, --all-sweeps both, with the replicates of one config from the two sweeps in one variant."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("mine", artifact_location=(tmp_path / "mlruns").as_uri())
+    first = client.create_run(exp, run_name="sweep", tags={"lora_sweep.role": "sweep"}).info.run_id
+    ids = [job(client, exp, first, "xa", s) for s in (1, 2)] + [job(client, exp, first, "xb", 1, offset="0.1")]
+    time.sleep(0.01)
+    second = client.create_run(exp, run_name="sweep", tags={"lora_sweep.role": "sweep"}).info.run_id
+    ids += [job(client, exp, second, "xb", 2, offset="0.1"), job(client, exp, second, "xc", 1, offset="0.2")]
+    newest = json.loads(Path(build_report(experiment="mine", out_dir=tmp_path / "newest", tracking_uri=uri)
+                             .with_name("summary.json")).read_text())
+    assert [(v["name"], v["n"]) for v in newest["variants"]] == [("xb", 1), ("xc", 1)]
+    monkeypatch.chdir(tmp_path)
+    assert main(["--experiment", "mine", "--all-sweeps", "--tracking-uri", uri]) == 0
+    out = tmp_path / "reports" / "mine-all-sweeps"
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    every = json.loads((out / "summary.json").read_text())
+    assert sorted((v["name"], v["n"], v["seeds"]) for v in every["variants"]) == [
+        ("xa", 2, [1, 2]), ("xb", 2, [1, 2]), ("xc", 1, [1])]
+    assert sorted(r for v in every["variants"] for r in v["run_ids"]) == sorted(ids)
+    assert "all job runs of the experiment (2 sweeps)" in (out / "report.html").read_text()
+    with pytest.raises(SystemExit) as refused:
+        main(["--sweep", first, "--all-sweeps", "--tracking-uri", uri])
+    assert refused.value.code == 2 and "give --experiment, not --sweep" in capsys.readouterr().err
