@@ -189,7 +189,8 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
             lost = f" · {unfinished_text(variant['unfinished'])}" if variant.get("unfinished") else ""
             n = f" <span class='n'>n = {entry['n']}{html.escape(lost)}</span>" if entry["n"] or lost else ""
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
-                    f"title='{html.escape(entry['note'], quote=True)}'>{html.escape(estimate_text(entry, decimals))}</span>{n}")
+                    f"title='{html.escape(entry['note'], quote=True)}'>"
+                    f"{html.escape(estimate_text(entry, decimals))}</span>{n}")
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)

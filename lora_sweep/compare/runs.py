@@ -106,8 +106,8 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None, all_s
         return _all_jobs(client, experiment_id)
     jobs = sweep_runs(client, experiment_id, parent)
     if not jobs:
-        raise UserError(f"No job runs found for sweep {parent.info.run_id} in {client.tracking_uri}: nothing to compare. "
-                        "Check --experiment / --sweep, or wait until the sweep has started its jobs.")
+        raise UserError(f"No job runs found for sweep {parent.info.run_id} in {client.tracking_uri}: nothing to "
+                        "compare. Check --experiment / --sweep, or wait until the sweep has started its jobs.")
     jobs.sort(key=lambda run: (run.info.start_time or 0, run.info.run_id))
     return parent, jobs
 

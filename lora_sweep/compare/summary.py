@@ -24,8 +24,9 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
 verdict: "no difference" (identical values), "different" (the interval excludes 0), "within noise" (it covers
 0), "no interval" (n = 1, nothing to pair, or one run against several; note says why), "no value" (a side has
 none; note says why). "at_start" (step 0's difference, with "metric": what was measured at step 0, fit/loss under
-fit/loss_auc and fit/steps_to_half, so it is in that metric's units) and "change" (the difference of the changes from step 0) are present only when the two variants
-already differ before training. "clipped": the interval was cut at the metric's natural bounds.
+fit/loss_auc and fit/steps_to_half, so it is in that metric's units) and "change" (the difference of the changes
+from step 0) are present only when the two variants already differ before training. "clipped": the interval was
+cut at the metric's natural bounds.
 """
 
 from __future__ import annotations
