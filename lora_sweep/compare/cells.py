@@ -34,25 +34,49 @@ def format_number(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def row_decimals(entries: Iterable[dict], least: int = 4) -> int | None:
+    """The decimals at which a row of means (the summary's estimate entries of one metric) prints: the same for
+    every variant, so means side by side line up and can be told apart ('1.12421', '1.12420', '1.12423', not
+    '1.12421', '1.1242', '1.124'). At least `least` significant digits of the largest mean, more until every two
+    different means, and each entry's mean and interval ends, print differently. None (each number formats on its
+    own, 'g') for magnitudes that fixed decimals would write badly (below 1e-3 or from 1e6 on)."""
+    entries = [e for e in entries if e.get("mean") is not None and math.isfinite(e["mean"])]
+    means = [e["mean"] for e in entries]
+    largest = max((abs(m) for m in means), default=0.0)
+    if not means or (largest != 0.0 and not 1e-3 <= largest < 1e6):
+        return None
+    decimals = max(0, least - 1 - math.floor(math.log10(largest))) if largest else least
+    groups = [means] + [[e["mean"], e["low"], e["high"]] for e in entries if e.get("low") is not None]
+    while decimals < 15 and not all(f"{x:.{decimals}f}" != f"{y:.{decimals}f}"
+                                    for group in groups for x, y in combinations(group, 2) if x != y):
+        decimals += 1
+    return decimals
+
+
 def signed(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:+.{digits}g}"
 
 
-def estimate_text(entry: dict) -> str:
+def estimate_text(entry: dict, decimals: int | None = None) -> str:
     """'0.1234 [0.1201, 0.1267]', '0.1234' (no interval: n = 1), '0.1234 (no spread)' (identical replicates), or,
-    without a value, why (e.g. 'did not halve (fit/loss never fell below its start)'); when only some runs have
-    one, the number and why the others do not ('2 (1 of 2 runs: did not halve (not in the mean))')."""
+    without a value, why (e.g. 'did not decrease (the final fit/loss is not below its start)'); when only some runs
+    have one, the number and why the others do not ('2 (1 of 2 runs: did not decrease (not in the mean))').
+    `decimals` (`row_decimals`): every number with that many decimals, as its row's other means."""
     if entry["mean"] is None:
         return entry.get("missing") or entry.get("note") or "—"
     missing = f" ({entry['missing']})" if entry.get("missing") else ""
+
+    def number(value: float, digits: int) -> str:
+        return f"{value:.{decimals}f}" if decimals is not None else format_number(value, digits)
+
     if entry["low"] is None:
-        return format_number(entry["mean"]) + missing
+        return number(entry["mean"], 4) + missing
     if entry["low"] == entry["high"]:
-        return f"{format_number(entry['mean'])} (no spread){missing}"
+        return f"{number(entry['mean'], 4)} (no spread){missing}"
     digits = distinct_digits((entry["mean"], entry["low"], entry["high"]))
     mark = CLIPPED_MARK if entry.get("clipped") else ""
-    return (f"{format_number(entry['mean'], max(4, digits))} "
-            f"[{format_number(entry['low'], digits)}, {format_number(entry['high'], digits)}]{mark}{missing}")
+    return (f"{number(entry['mean'], max(4, digits))} "
+            f"[{number(entry['low'], digits)}, {number(entry['high'], digits)}]{mark}{missing}")
 
 
 def interval_text(entry: dict) -> str:
@@ -92,17 +116,25 @@ def effect_text(entry: dict | None) -> tuple[str, str]:
     verdict = entry["verdict"]
     mark = f" {EVAL_NOISE_MARK}" if entry["note"] == EVAL_NOISE_ONLY and verdict != "no difference" else ""
     if verdict == "no interval":
-        return f"{signed(entry['effect'])} (n = 1: no interval)", "none"
+        why = entry.get("note") or ""  # one run against several: why there is none ("no interval: seeds differ ...")
+        return f"{signed(entry['effect'])} ({why if why.startswith('no interval:') else 'n = 1: no interval'})", "none"
     cls = {"no difference": "same", "within noise": "noise", "different": "diff"}.get(verdict, "none")
     return difference_text(entry) + mark, cls
 
 
 def start_text(entry: dict | None) -> str:
-    """'differs at step 0: +0.012 [..]; change from step 0: -0.003 [..]' for two variants that differ before
-    training; '' otherwise."""
+    """'fit/loss differs at step 0 by +0.012 [..]; change from step 0: -0.003 [..]' for two variants that differ
+    before training; '' otherwise. The step-0 difference names what it measures (`at_start.metric`): under
+    fit/steps_to_half it is fit/loss's, in loss units, not a number of steps."""
     if not entry or not entry.get("comparable") or entry.get("at_start") is None:
         return ""
-    text = f"differs at step 0: {difference_text(entry['at_start'], compact=True)}"
+    start = entry["at_start"]
+    found = difference_text(start, compact=True)
+    if start.get("metric"):
+        joint = " by " if start["verdict"] in ("different", "no interval") else ": "
+        text = f"{start['metric']} differs at step 0{joint}{found}"
+    else:
+        text = f"differs at step 0: {found}"
     if entry.get("change") is not None:
         text += f"; change from step 0: {difference_text(entry['change'], compact=True)}"
     return text

@@ -8,16 +8,20 @@ huber_c, the learning rate (d*lr for D-Adaptation/Prodigy) stay curves; cache co
 not compared at all.
 
 Only finished runs enter the numbers (a failed or stopped run's last value is not a final one). A difference b - a
-(`difference`) is computed on the most honest basis the runs allow:
-1. paired over seeds, when both variants have replicates with at least two seeds in common;
-2. unpaired (Welch) over runs, when both have at least two replicates but fewer than two seeds in common;
-3. otherwise (one run each) paired over the evaluation points of the two shown runs: the (image, t, eps) points of
-   fit/val loss, the (prompt, seed) images of the image metrics; this interval holds evaluation noise only, not
-   run-to-run noise, and says so;
-4. otherwise the bare difference, with no interval.
+(`difference`, `between`) is always the difference of the two means shown beside it (every finished run of each
+variant), with the interval the runs allow:
+1. paired over seeds, when both variants have the same seeds and at least two;
+2. Welch's interval over runs, when both have at least two runs but other seeds (a pairing over the common seeds
+   only would be the difference of other means than those shown);
+3. one run each: paired over the evaluation points of the two runs: the (image, t, eps) points of fit/val loss,
+   the (prompt, seed) images of the image metrics; this interval holds evaluation noise only, not run-to-run
+   noise, and says so ("1 run each");
+4. otherwise (one run against several, or nothing to pair) the bare difference, with no interval and a note that
+   says why ("no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run").
 Two variants measured on different inputs (other sample prompts, other validation or data settings) are "not
-comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: fit/loss
-that never fell below its start has no steps to half). Intervals are clipped at the metric's `bounds`.
+comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: a run whose
+final fit/loss is not below its start, or whose fit/loss was evaluated only at the start and the end, has no steps
+to half: see stats.fitting_speed). Intervals are clipped at the metric's `bounds`.
 
 Two variants that already differ at step 0, before any training (every LoRA starts at zero, so only the base
 model can make them differ there: fp8 vs fp16 base weights), are flagged: the difference carries the step-0
@@ -29,12 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 from lora_sweep.compare.metrics import METRIC_KEYS, image_metrics
 from lora_sweep.compare.params import knobs, Knob
 from lora_sweep.compare.stats import (
-    Difference, Estimate, clip, fitting_speed, mean_interval, no_interval, paired_difference, unpaired_difference,
+    NO_INTERVAL_N1, Difference, Estimate, clip, fitting_speed, mean_interval, no_interval, paired_difference, resolved,
+    unpaired_difference,
 )
 from lora_sweep.compare.variants import VariantData, VariantGroup
 
@@ -46,7 +53,8 @@ METRIC_NOTES = {
     "fit/loss": "MSE on fixed training images x timesteps x noise (the common yardstick)",
     "val/loss": "MSE on held-out images x timesteps x noise",
     "fit/loss_auc": "area under the fit/loss curve / steps (lower: fits sooner)",
-    "fit/steps_to_half": "steps to half of the run's fit/loss decrease (lower: fits faster)",
+    "fit/steps_to_half": "steps until fit/loss first reaches half of the run's total decrease, start - final "
+                         "(lower: fits faster)",
 }
 EVAL_NOISE_ONLY = "1 run each: evaluation noise only, not run-to-run noise"
 # What each metric is measured from at step 0 (before training): see start_difference.
@@ -93,6 +101,30 @@ def run_value(run: VariantData, metric: str, step: int | None = None) -> float |
     return _finite(run.final_metrics.get(metric))
 
 
+def value_step(run: VariantData, metric: str, step: int | None = None) -> int | None:
+    """The step `run_value`'s value is from: the report's `step` for an image metric the run logged there, else
+    the metric's last logged step (for the fitting speed, the last fit/loss evaluation, the curve's end)."""
+    history = run.histories.get(START_OF.get(metric, metric) if metric in SPEED_METRICS else metric) or []
+    if metric in IMAGE_METRICS and step is not None and any(s == step for s, _ in history):
+        return step
+    return history[-1][0] if history else None
+
+
+def row_steps(groups: Sequence[VariantGroup], metric: str, step: int | None = None) -> dict:
+    """Which steps a row of the final metrics shows: {"steps": [...], "final": every value is its run's last,
+    "at": "final (step 8)" | "step 4" | "steps 4, 8"}. `--step N` moves the image metrics to step N while the
+    losses stay final; the page says so per row rather than letting one title claim "final" for both."""
+    found, final = set(), True
+    for run in (r for g in groups for r in g.finished if run_value(r, metric, step) is not None):
+        at = value_step(run, metric, step)
+        if at is not None:
+            found.add(at)
+            final = final and at == value_step(run, metric)
+    steps = sorted(found)
+    listed = f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}" if steps else ""
+    return {"steps": steps, "final": final, "at": (f"final ({listed})" if listed else "final") if final else listed}
+
+
 def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
@@ -116,8 +148,9 @@ def missing_reason(run: VariantData, metric: str) -> str:
         history = sorted((s, v) for s, v in run.histories.get("fit/loss") or [] if math.isfinite(v))
         if len({s for s, _ in history}) < 2:
             return "fewer than two fit/loss evaluations"
-        if metric == "fit/steps_to_half":
-            return "did not halve (fit/loss never fell below its start)"
+        speed = fitting_speed(history)
+        if metric == "fit/steps_to_half" and speed is not None and speed.why_none:
+            return speed.why_none
     return f"{metric} not logged"
 
 
@@ -140,8 +173,8 @@ def _join(*notes: str) -> str:
 
 
 def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[float], str]:
-    """(the values of the finished runs, why runs have none: 'did not halve (...)' when none has a value,
-    '1 of 3 runs: did not halve (not in the mean)' when some have)."""
+    """(the values of the finished runs, why runs have none: 'did not decrease (...)' when none has a value,
+    '1 of 3 runs: did not decrease (not in the mean)' when some have)."""
     if not group.finished:
         return [], "no finished run"
     values, missing = [], []
@@ -158,8 +191,8 @@ def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[f
 
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:
     """Mean over the variant's finished replicates with its t interval (none for n = 1), clipped at the metric's
-    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not halve). A mean over the
-    runs that halved favours the variant: the page shows that note beside it."""
+    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not decrease). A mean over
+    the runs that have a value favours the variant: the page shows that note beside it."""
     values, reasons = _reasons(group, metric, step)
     found = mean_interval(values, scale=SCALE.get(metric, 0.0))
     found = dataclasses.replace(found, note=reasons if not values else _join(found.note, reasons), missing=reasons)
@@ -191,63 +224,96 @@ def image_values(run: VariantData) -> dict[str, dict[str, float]]:
     return {f"img/{m}": {key: values[m] for key, values in per_key.items()} for m in METRIC_KEYS}
 
 
-def _over_runs(va: dict, vb: dict, scale: float) -> Difference | None:
-    """Paired over common seeds (>= 2), else Welch over runs (>= 2 each), else None (one run on a side)."""
-    common = sorted(s for s in set(va) & set(vb) if s is not None)
-    if len(common) >= 2:
-        return paired_difference([va[s] for s in common], [vb[s] for s in common], unit="seeds", scale=scale)
+Values = list[tuple[VariantData, float]]  # a variant's finished runs that have a value, with it
+
+
+def _seeds(values: Values) -> str:
+    return ", ".join("?" if r.seed is None else str(r.seed) for r, _ in values)
+
+
+def _pairable(va: Values, vb: Values) -> bool:
+    """Both sides have the same seeds, each once (and known): the runs pair one to one by seed."""
+    sa, sb = [r.seed for r, _ in va], [r.seed for r, _ in vb]
+    return None not in sa and len(set(sa)) == len(sa) and sorted(sa) == sorted(sb)
+
+
+def between(name_a: str, va: Values, name_b: str, vb: Values, scale: float, *,
+            one_each: Callable[[VariantData, VariantData], Difference | None] | None = None,
+            bare_note: str = NO_INTERVAL_N1) -> Difference:
+    """b - a: always the difference of the two means the page shows beside it (every finished run of each side
+    that has a value), with the interval those runs allow:
+    1. paired over seeds when both sides have the same seeds (each once) and n >= 2: the mean of the pairs'
+       differences is then exactly the difference of the means;
+    2. Welch's interval over runs when both have n >= 2 but other seeds (pairing the common seeds only would show
+       the difference of other means than those shown, which can even have the other sign);
+    3. one run each: `one_each(run_a, run_b)` (paired over the two runs' evaluation points), else no interval
+       (`bare_note`);
+    4. one run against several: no interval, and the note says why (the seeds differ, one side has one run).
+    `identical` ("no difference") only when the values themselves are identical."""
+    effect = resolved(float(np.mean([v for _, v in va])), float(np.mean([v for _, v in vb])), scale)
+    seeds = f"seeds differ ({name_b}: {_seeds(vb)}; {name_a}: {_seeds(va)})"
     if len(va) >= 2 and len(vb) >= 2:
-        return unpaired_difference(list(va.values()), list(vb.values()), unit="runs", scale=scale)
-    return None
+        if _pairable(va, vb):
+            by_seed = {r.seed: v for r, v in vb}
+            found = paired_difference([v for _, v in va], [by_seed[r.seed] for r, _ in va], unit="seeds", scale=scale)
+            return dataclasses.replace(found, effect=0.0 if found.identical else effect)
+        found = unpaired_difference([v for _, v in va], [v for _, v in vb], unit="runs", scale=scale)
+        return dataclasses.replace(found, note=_join(seeds, found.note))
+    if len(va) == 1 and len(vb) == 1:
+        found = one_each(va[0][0], vb[0][0]) if one_each is not None else None
+        if found is None:
+            return no_interval(va[0][1], vb[0][1], note=bare_note, scale=scale)
+        return dataclasses.replace(found, effect=effect, identical=found.identical and effect == 0.0)
+    single = name_a if len(va) == 1 else name_b
+    identical = all(resolved(va[0][1], v, scale) == 0.0 for _, v in (*va, *vb))
+    return Difference(effect, None, None, len(va) + len(vb), f"unpaired, {len(va)} + {len(vb)} runs",
+                      f"no interval: {seeds}, and {single} has one run", identical=identical)
 
 
-def _first(values: dict, run: VariantData) -> float:
-    return values[run.seed] if run.seed in values else next(iter(values.values()))
+def _points_difference(metric: str, images: dict) -> Callable[[VariantData, VariantData], Difference | None]:
+    """For one run each: b - a paired over the evaluation points of the two runs (the (image, t, eps) points of
+    fit/val loss, the (prompt, seed) images of the image metrics), an interval of evaluation noise only."""
+    scale = SCALE.get(metric, 0.0)
 
-
-def _one_run_each(a: VariantGroup, b: VariantGroup, metric: str, va: dict, vb: dict,
-                  images: dict) -> Difference:
-    """Paired over the evaluation points or sample images of the two shown runs, else the bare difference."""
-    ra, rb, scale = a.representative, b.representative, SCALE.get(metric, 0.0)
-    if metric in POINT_METRICS:
-        pa, pb = ra.points.get(metric) or {}, rb.points.get(metric) or {}
+    def paired(ra: VariantData, rb: VariantData) -> Difference | None:
+        if metric in POINT_METRICS:
+            pa, pb, unit = ra.points.get(metric) or {}, rb.points.get(metric) or {}, "(image, t, eps) points"
+        elif metric in IMAGE_METRICS:
+            for run in (ra, rb):
+                if run.run_id not in images:
+                    images[run.run_id] = image_values(run)
+            pa, pb = images[ra.run_id].get(metric, {}), images[rb.run_id].get(metric, {})
+            unit = "(prompt, seed) images"
+        else:
+            return None
         shared = sorted(set(pa) & set(pb))
-        if len(shared) >= 2:
-            found = paired_difference([pa[k] for k in shared], [pb[k] for k in shared], unit="(image, t, eps) points",
-                                      scale=scale)
-            return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
-    if metric in IMAGE_METRICS:
-        for run in (ra, rb):
-            if run.run_id not in images:
-                images[run.run_id] = image_values(run)
-        ia, ib = images[ra.run_id].get(metric, {}), images[rb.run_id].get(metric, {})
-        shared = sorted(set(ia) & set(ib))
-        if len(shared) >= 2:
-            found = paired_difference([ia[k] for k in shared], [ib[k] for k in shared], unit="(prompt, seed) images",
-                                      scale=scale)
-            return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
-    return no_interval(_first(va, ra), _first(vb, rb), scale=scale)
+        if len(shared) < 2:
+            return None
+        found = paired_difference([pa[k] for k in shared], [pb[k] for k in shared], unit=unit, scale=scale)
+        return dataclasses.replace(found, note=EVAL_NOISE_ONLY)
+
+    return paired
 
 
 def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None,
                images: dict[str, dict[str, dict[str, float]]] | None = None) -> Difference | NotComparable:
-    """b - a for `metric` on the most honest basis available (see the module docstring), its interval clipped at
-    the metric's bounds. A side without a value gives a Difference with no value whose note says why ("v59: did not
-    halve (fit/loss never fell below its start)"). When the two already differ at step 0 (`start_difference`), the result carries that
-    difference (`at_start`) and the difference of the changes from step 0 (`change`). `images` caches
-    `image_values` by run id."""
+    """b - a for `metric` (`between`: the difference of the two means shown, with the interval the runs allow),
+    its interval clipped at the metric's bounds. A side without a value gives a Difference with no value whose
+    note says why ("v59: did not decrease (the final fit/loss is not below its start)"). When the two already
+    differ at step 0 (`start_difference`), the result carries that difference (`at_start`) and the difference of
+    the changes from step 0 (`change`). `images` caches `image_values` by run id."""
     why = comparable(a, b, metric)
     if why is not None:
         return why
     images = images if images is not None else {}
-    va = {r.seed: v for r in a.finished if (v := run_value(r, metric, step)) is not None}
-    vb = {r.seed: v for r in b.finished if (v := run_value(r, metric, step)) is not None}
+    va = [(r, v) for r in a.finished if (v := run_value(r, metric, step)) is not None]
+    vb = [(r, v) for r in b.finished if (v := run_value(r, metric, step)) is not None]
     if not va or not vb:
-        sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not halve"
+        sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not decrease"
         for group in (g for g, v in ((a, va), (b, vb)) if not v):
             sides.setdefault(_reasons(group, metric, step)[1], []).append(group.name)
         return Difference(float("nan"), None, None, 0, "", _join(*(f"{', '.join(n)}: {r}" for r, n in sides.items())))
-    found = _over_runs(va, vb, SCALE.get(metric, 0.0)) or _one_run_each(a, b, metric, va, vb, images)
+    found = between(a.name, va, b.name, vb, SCALE.get(metric, 0.0), one_each=_points_difference(metric, images))
     found = clip(found, *_difference_bounds(metric, [*a.finished, *b.finished]))
     start = start_difference(a, b, metric)
     if start is None:
@@ -255,41 +321,35 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
     return dataclasses.replace(found, at_start=start, change=change_difference(a, b, metric, step))
 
 
-def _start_values(group: VariantGroup, metric: str) -> dict:
-    return {r.seed: v for r in group.finished if (v := start_value(r, metric)) is not None}
-
-
 def start_difference(a: VariantGroup, b: VariantGroup, metric: str) -> Difference | None:
     """b - a at step 0, before any training, when it is not zero; None when the two start alike (or a side has
     no step-0 value). At step 0 every LoRA is zero, so two variants on the same base model measure the same
     points alike; a difference there comes from the base model itself (fp8 vs fp16 base weights: quantisation),
-    and a final difference between them is not an effect of training alone."""
-    sa, sb = _start_values(a, metric), _start_values(b, metric)
+    and a final difference between them is not an effect of training alone. `of` names what was measured at
+    step 0 (fit/loss for the fitting speed), so the page labels it in its own units."""
+    sa = [(r, v) for r in a.finished if (v := start_value(r, metric)) is not None]
+    sb = [(r, v) for r in b.finished if (v := start_value(r, metric)) is not None]
     if not sa or not sb:
         return None
-    scale = SCALE.get(START_OF[metric], 0.0)
-    found = _over_runs(sa, sb, scale) or no_interval(_first(sa, a.representative), _first(sb, b.representative),
-                                                     note="one run each: no interval", scale=scale)
-    return None if found.identical else found
+    found = between(a.name, sa, b.name, sb, SCALE.get(START_OF[metric], 0.0), bare_note="one run each: no interval")
+    return None if found.identical else dataclasses.replace(found, of=START_OF[metric])
 
 
 def change_difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None) -> Difference | None:
-    """The difference of the changes from step 0: (b_final - b_0) - (a_final - a_0), paired over seeds where
-    replicates allow, the effect of training with the starting difference taken out. None for the steps to half
-    (already measured from each run's own start) or without step-0 values."""
+    """The difference of the changes from step 0: (b_final - b_0) - (a_final - a_0), on the same basis as any
+    difference (`between`), the effect of training with the starting difference taken out. None for the steps to
+    half (already measured from each run's own start) or without step-0 values."""
     if metric == "fit/steps_to_half":
         return None
 
-    def changes(group: VariantGroup) -> dict:
-        return {r.seed: v - s for r in group.finished
-                if (v := run_value(r, metric, step)) is not None and (s := start_value(r, metric)) is not None}
+    def changes(group: VariantGroup) -> Values:
+        return [(r, v - s) for r in group.finished
+                if (v := run_value(r, metric, step)) is not None and (s := start_value(r, metric)) is not None]
 
     ca, cb = changes(a), changes(b)
     if not ca or not cb:
         return None
-    scale = SCALE.get(metric, 0.0)
-    return _over_runs(ca, cb, scale) or no_interval(_first(ca, a.representative), _first(cb, b.representative),
-                                                    note="one run each: no interval", scale=scale)
+    return between(a.name, ca, b.name, cb, SCALE.get(metric, 0.0), bare_note="one run each: no interval")
 
 
 @dataclasses.dataclass

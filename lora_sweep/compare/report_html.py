@@ -18,12 +18,12 @@ from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report
     CELL_MAX_PX, CURVE_GROUPS, GRID_CELL_MAX_PX, cell_data_uri, curve_figure, ema, labelled_grid_png, png_data_uri,
 )
 from lora_sweep.compare.cells import (  # noqa: F401  (re-exported: the report's public names)
-    CLIPPED_MARK, EVAL_NOISE_MARK, effect_text, estimate_text, format_number, signed, start_text,
+    CLIPPED_MARK, EVAL_NOISE_MARK, effect_text, estimate_text, format_number, row_decimals, signed, start_text,
 )
 from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
 from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
-from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates  # noqa: F401
+from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -148,9 +148,8 @@ def _parameters(data: ReportData) -> tuple[str, list[str]]:
     rows = [[html.escape(row_label(key)),
              *[_cut_cell(OPTIMIZER_ABBREVIATIONS.get(v, v) if key == "optimizer.name" else v) for v in values]]
             for key, values in differ]
-    heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>n = {g.n}"
-                    + (f" · seed{'s' if g.n > 1 else ''} {', '.join(str(x) for x in g.seeds)}"
-                       if g.seeds[0] is not None else "") + "</span></th>" for g in data.groups)
+    heads = "".join(f"<th>{html.escape(g.name)}<br><span class='n'>{html.escape(g.n_text)}</span></th>"
+                    for g in data.groups)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     legend = ", ".join(f"{OPTIMIZER_ABBREVIATIONS[name]} = {name}" for name in sorted(used))
     parts = ["<p class='sub'>The article's table: a value only where it has an effect, x where the knob is off, "
@@ -180,26 +179,35 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
     rows = []
     for metric in summary["metrics"]:
         key = metric["key"]
-        row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>"]
+        at = f"<br><span class='n' data-metric='{key}' data-kind='step'>at {html.escape(metric['at'])}</span>" \
+            if metric.get("at") else ""
+        row = [f"<b>{html.escape(key)}</b><br><span class='n'>{html.escape(metric['note'])}</span>{at}"]
+        decimals = row_decimals(v["metrics"][key] for v in summary["variants"])
         for variant in summary["variants"]:
             entry = variant["metrics"][key]
             name = html.escape(variant["name"], quote=True)
-            n = f" <span class='n'>n = {entry['n']}</span>" if entry["n"] else ""
+            lost = f" · {unfinished_text(variant['unfinished'])}" if variant.get("unfinished") else ""
+            n = f" <span class='n'>n = {entry['n']}{html.escape(lost)}</span>" if entry["n"] or lost else ""
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
-                    f"title='{html.escape(entry['note'], quote=True)}'>{html.escape(estimate_text(entry))}</span>{n}")
+                    f"title='{html.escape(entry['note'], quote=True)}'>"
+                    f"{html.escape(estimate_text(entry, decimals))}</span>{n}")
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)
-                basis = (found or {}).get("basis", "")
+                basis = "; ".join(t for t in ((found or {}).get("basis"), (found or {}).get("note")) if t)
                 cell += (f"<span class='delta {cls}' data-variant='{name}' data-metric='{key}' data-kind='vs-baseline'"
                          f" title='{html.escape(basis, quote=True)}'>{html.escape(text)}</span>"
                          + _start_span(found, f"data-variant='{name}' data-metric='{key}'"))
             row.append(cell)
         rows.append(row)
-    return (f"Final metrics on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
-            ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline with "
-             "its interval, paired over seeds, else over the same (image, t, eps) points or (prompt, seed) images "
-             "(hover for the basis). <i>no difference</i>: identical values (differences below floating-point "
+    final = all(m.get("final", True) for m in summary["metrics"])
+    title = "Final metrics" if final else f"Metrics (image metrics at step {summary['step']}, the rest final)"
+    return (f"{title} on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
+            ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline: "
+             "always the difference of the two means shown, with its interval paired over seeds when both have the "
+             "same seeds, Welch's over runs when their seeds differ, over the same (image, t, eps) points or "
+             "(prompt, seed) images when both have one run, and none when one run faces several (hover for the "
+             "basis). <i>no difference</i>: identical values (differences below floating-point "
              "resolution, 1e-9 of the values, count as none); <i>within noise</i>: the interval covers zero. "
              f"{EVAL_NOISE_MARK} one run each: the interval holds the evaluation points' noise, not run-to-run noise "
              f"(add train.seed=1,2,3 for that). {CLIPPED_MARK} interval clipped at the metric's natural bounds (steps "

@@ -60,7 +60,7 @@ class Estimate:
     n: int
     note: str = ""
     clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
-    missing: str = ""  # why some or all runs have no value ("did not halve ..."), shown beside the mean
+    missing: str = ""  # why some or all runs have no value ("did not decrease ..."), shown beside the mean
 
     @property
     def has_interval(self) -> bool:
@@ -89,6 +89,7 @@ class Difference:
     clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
     at_start: "Difference | None" = None  # the same difference at step 0, before any training
     change: "Difference | None" = None  # the difference of the changes from step 0 (the effect of training)
+    of: str = ""  # the metric this difference is in, when it is not the row's own (at_start of the fitting speed)
 
     @property
     def has_interval(self) -> bool:
@@ -115,6 +116,8 @@ class Difference:
         found = {"effect": _json_float(self.effect), "low": _json_float(self.low), "high": _json_float(self.high),
                  "n": self.n, "basis": self.basis, "note": self.note, "within_noise": self.within_noise,
                  "verdict": self.verdict, "identical": self.identical, "clipped": self.clipped}
+        if self.of:
+            found["metric"] = self.of
         if self.at_start is not None:
             found["at_start"] = self.at_start.as_dict()
             found["change"] = None if self.change is None else self.change.as_dict()
@@ -221,14 +224,25 @@ def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_IN
     return Difference(effect, None, None, 2, basis, note, identical=effect == 0.0)
 
 
+FEWEST_FOR_HALF = 3  # fit/loss evaluations below which the steps to half are fixed by the grid, not the run
+
+
 @dataclass(frozen=True)
 class FittingSpeed:
     """How fast a loss curve falls. `loss_auc`: the area under the curve divided by the steps it spans (its
-    time-average, in loss units). `steps_to_half`: the step at which the curve first reaches half of its total
-    decrease (start - lowest), linearly interpolated between evaluations; None when it never decreases."""
+    time-average, in loss units). `steps_to_half`: the step at which the curve first reaches half of the run's total
+    decrease (start - final), linearly interpolated between evaluations; None (`why_none` says why) when the final
+    value is not below the start ("did not decrease"), or when the curve has fewer than three evaluations: with
+    only the start and the end, the interpolation puts half of any decrease at exactly the middle step, whatever
+    the run did, so the number would describe the evaluation grid (validation.every), not the run."""
 
     loss_auc: float
     steps_to_half: float | None
+    why_none: str = ""
+
+
+ONLY_START_AND_END = "fit/loss evaluated only at the start and end: set validation.every"
+DID_NOT_DECREASE = "did not decrease (the final fit/loss is not below its start)"
 
 
 def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
@@ -241,13 +255,15 @@ def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
     steps = np.array([s for s, _ in points], dtype=np.float64)
     values = np.array([v for _, v in points], dtype=np.float64)
     auc = float(trapezoid(values, steps) / (steps[-1] - steps[0]))
+    if len(set(steps.tolist())) < FEWEST_FOR_HALF:
+        return FittingSpeed(auc, None, ONLY_START_AND_END)
     drops = values[0] - values  # how far each evaluation is below the start (drops[0] = 0 exactly)
-    decrease = float(drops.max())
+    decrease = float(drops[-1])  # the run's total decrease: start - final
     if decrease <= 0:
-        return FittingSpeed(auc, None)
+        return FittingSpeed(auc, None, DID_NOT_DECREASE)
     half = decrease / 2  # exact in binary
     i = int(np.argmax(drops >= half))  # the first evaluation at or past half the decrease (i >= 1)
     # interpolated on the drops, not the values: no cancellation of two nearly equal losses, so a curve that
-    # reaches half between its start and its lowest point gives exactly the mid-step.
+    # reaches half between two evaluations of a straight fall gives exactly the mid-step.
     fraction = (half - drops[i - 1]) / (drops[i] - drops[i - 1])
     return FittingSpeed(auc, float(steps[i - 1] + fraction * (steps[i] - steps[i - 1])))

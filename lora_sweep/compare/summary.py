@@ -6,9 +6,11 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
 {
   "schema", "title", "experiment", "sweep_run_id", "tracking_uri", "step", "confidence": 0.95,
   "baseline": "<variant name>",
-  "metrics": [{"key": "fit/loss", "note": "..."}, ...],           # the common metrics compared, in order
+  "metrics": [{"key": "fit/loss", "note": "...",                   # the common metrics compared, in order,
+               "steps": [8], "final": true, "at": "final (step 8)"}], # with the step(s) their values are from
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
-  "variants": [{"name", "label", "tag", "n", "seeds", "run_ids", "status", "replicate_key", "is_baseline",
+  "variants": [{"name", "label", "tag", "n", "seeds", "n_text", "run_ids", "status", "replicate_key", "is_baseline",
+                "unfinished": [{"run_id", "seed", "status", "reason"}],  # left out: n and seeds are the finished
                 "data_warnings",                                    # the pre-flight's fallbacks (most of a run)
                 "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped", "missing"}},
                 "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
@@ -20,9 +22,11 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "notes": [...]
 }
 verdict: "no difference" (identical values), "different" (the interval excludes 0), "within noise" (it covers
-0), "no interval" (n = 1, nothing to pair), "no value" (a side has none; note says why). "at_start" (step 0's
-difference) and "change" (the difference of the changes from step 0) are present only when the two variants
-already differ before training. "clipped": the interval was cut at the metric's natural bounds.
+0), "no interval" (n = 1, nothing to pair, or one run against several; note says why), "no value" (a side has
+none; note says why). "at_start" (step 0's difference, with "metric": what was measured at step 0, fit/loss under
+fit/loss_auc and fit/steps_to_half, so it is in that metric's units) and "change" (the difference of the changes
+from step 0) are present only when the two variants already differ before training. "clipped": the interval was
+cut at the metric's natural bounds.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import json
 from typing import Any
 
 from lora_sweep.compare.effects import (
-    METRIC_NOTES, difference, effect_dict, estimate, one_knob_pairs, present_metrics, same_training,
+    METRIC_NOTES, difference, effect_dict, estimate, one_knob_pairs, present_metrics, row_steps, same_training,
 )
 from lora_sweep.compare.stats import CONFIDENCE
 
@@ -52,7 +56,10 @@ def build_summary(data) -> dict[str, Any]:
         is_base = index == data.baseline
         variants.append({
             "name": group.name, "label": group.label, "tag": group.representative.tags.get("variant", group.name),
-            "n": group.n, "seeds": group.seeds, "run_ids": [r.run_id for r in group.runs], "status": group.status,
+            "n": len(group.finished), "seeds": [r.seed for r in group.finished], "n_text": group.n_text,
+            "run_ids": [r.run_id for r in group.runs], "status": group.status,
+            "unfinished": [{"run_id": r.run_id, "seed": r.seed, "status": r.status, "reason": r.failure}
+                           for r in group.unfinished],
             "replicate_key": group.key, "is_baseline": is_base,
             "data_warnings": max((data_warnings(r) for r in group.runs), default=0),
             "metrics": {m: estimate(group, m, step).as_dict() for m in metrics},
@@ -63,19 +70,29 @@ def build_summary(data) -> dict[str, Any]:
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
     notes = list(data.notes)
-    notes += [f"{g.name}: {g.n - len(g.finished)} of {g.n} runs did not finish ({g.status}) and are left out of the "
-              "numbers." for g in groups if len(g.finished) < g.n]
+    notes += [unfinished_note(g) for g in groups if g.unfinished]
     notes += [f"{groups[i].name} and {groups[j].name} train the same config (they differ only in their name, "
               "sampling or evaluation settings)." for i, j in same_training(groups)]
     return {
         "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,
         "tracking_uri": data.tracking_uri, "step": step, "confidence": CONFIDENCE, "baseline": base.name,
-        "metrics": [{"key": m, "note": METRIC_NOTES.get(m, "")} for m in metrics],
+        "metrics": [{"key": m, "note": METRIC_NOTES.get(m, ""), **row_steps(groups, m, step)} for m in metrics],
         "curves_only": [k for k in CURVES_ONLY if any(k in r.histories for g in groups for r in g.runs)],
         "variants": variants, "one_knob_pairs": pairs, "notes": notes,
         "data_warnings": [{"variant": g.name, "run_id": r.run_id, "count": data_warnings(r),
                            "artifact": WARNINGS_ARTIFACT} for g in groups for r in g.runs if data_warnings(r) > 0],
     }
+
+
+def unfinished_note(group) -> str:
+    """'xb: 1 of 3 runs did not finish and is left out of the numbers: seed 3 FAILED (NonFiniteLoss: ...), run
+    9b2515ab.': every unfinished run of the variant with its seed, status and the reason MLflow holds, since it
+    changes the variant's n and the seeds its differences can pair."""
+    runs = group.unfinished
+    each = "; ".join(f"{'seed ' + str(r.seed) if r.seed is not None else 'a run'} {r.status}"
+                     + (f" ({r.failure})" if r.failure else "") + f", run {r.run_id[:8]}" for r in runs)
+    verb = "is" if len(runs) == 1 else "are"
+    return f"{group.name}: {len(runs)} of {group.n} runs did not finish and {verb} left out of the numbers: {each}."
 
 
 def data_warnings(run) -> int:

@@ -30,6 +30,8 @@ SEED_KEY = "train.seed"
 JOB_NUM_TAG = "lora_sweep.job_num"
 CHOICE_TAG = "lora_sweep.choice."
 NOT_CONFIG = ("compare.",)  # params that are settings of the comparison itself
+FAILURE_TAG = "lora_sweep.failure"  # = lora_sweep.tracking.FAILURE (not imported: this module stays MLflow-free)
+FAILURE_CHARS = 200
 
 
 @dataclasses.dataclass
@@ -63,6 +65,14 @@ class VariantData:
     def job_num(self) -> int | None:
         value = self.tags.get(JOB_NUM_TAG)
         return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def failure(self) -> str:
+        """Why the run did not finish, as MLflow holds it (the `lora_sweep.failure` tag run.py and the sweep set:
+        the exception, or the queue's reason for a killed job), cut to its first line; '' when none is recorded."""
+        lines = (self.tags.get(FAILURE_TAG) or "").strip().splitlines()
+        first = lines[0].strip() if lines else ""
+        return first if len(first) <= FAILURE_CHARS else first[:FAILURE_CHARS - 3] + "..."
 
     @property
     def choices(self) -> dict[str, str]:
@@ -106,6 +116,25 @@ class VariantGroup:
         return [r for r in self.runs if r.status == "FINISHED"]
 
     @property
+    def unfinished(self) -> list[VariantData]:
+        """The replicates that did not finish (FAILED, KILLED, still RUNNING): left out of the numbers, named on the
+        page with their reason, since they change n and the seeds the differences can pair."""
+        return [r for r in self.runs if r.status != "FINISHED"]
+
+    @property
+    def n_text(self) -> str:
+        """'n = 2 · seeds 1, 2 · 1 failed (seed 3)': the finished replicates the numbers use, then those that did
+        not finish (the page's note and the summary say why)."""
+        seeds = [str(r.seed) for r in self.finished if r.seed is not None]
+        text = f"n = {len(self.finished)}" + (f" · seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
+                                             if seeds else "")
+        lost = [str(r.seed) for r in self.unfinished if r.seed is not None]
+        if self.unfinished:
+            text += (f" · {unfinished_text([{'status': r.status} for r in self.unfinished])}"
+                     + (f" (seed{'s' if len(lost) > 1 else ''} {', '.join(lost)})" if lost else ""))
+        return text
+
+    @property
     def params(self) -> dict[str, str]:
         return self.representative.params
 
@@ -114,6 +143,14 @@ class VariantGroup:
         """FINISHED when every replicate finished, else the statuses seen (e.g. 'FAILED, FINISHED')."""
         statuses = sorted({r.status for r in self.runs})
         return statuses[0] if len(statuses) == 1 else ", ".join(statuses)
+
+
+def unfinished_text(runs: Sequence[dict]) -> str:
+    """'1 failed', '1 failed, 1 killed': the statuses of unfinished runs ({"status": ...}), counted."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["status"].lower()] = counts.get(run["status"].lower(), 0) + 1
+    return ", ".join(f"{k} {status}" for status, k in sorted(counts.items()))
 
 
 def is_config_key(key: str) -> bool:
@@ -170,18 +207,46 @@ def group_replicates(runs: Sequence[VariantData]) -> list[VariantGroup]:
 
 
 def baseline_index(groups: Sequence[VariantGroup], requested: str | None, *, option: str = "--baseline") -> int:
-    """The index of the variant named (or whose run id is, or starts with) `requested`; 0 when None.
+    """The index of the variant named (or whose run id is, or starts with) `requested`; 0 when None. A run id of
+    a run that did not finish names its variant when the variant has finished runs (`baseline_note` says so).
 
-    Raises UserError naming `option` and the variants when nothing matches.
+    Raises UserError naming `option` and the variants when nothing matches, or when the named run did not finish
+    and its variant has no finished run (nothing to compare against).
     """
     if not requested:
         return 0
     for index, group in enumerate(groups):
-        if requested == group.name or strip_seed(requested) == group.name or any(
-                requested in (r.run_id, r.name) or r.run_id.startswith(requested) for r in group.runs):
+        if requested == group.name or strip_seed(requested) == group.name:
             return index
+        run = _named_run(group, requested)
+        if run is None:
+            continue
+        if run.status != "FINISHED" and not group.finished:
+            raise UserError(f"{option}: run {run.run_id} {run.status}{_why(run)}: runs that did not finish are left "
+                            f"out of the numbers, and its variant {group.name} has no finished run. Name one of "
+                            f"the variants that have: {', '.join(g.name for g in groups if g.finished) or 'none'}.")
+        return index
     raise UserError(f"{option}: '{requested}' is neither a variant name nor a run id of the compared runs "
                     f"(variants: {', '.join(g.name for g in groups)}).")
+
+
+def baseline_note(groups: Sequence[VariantGroup], index: int, requested: str | None) -> str | None:
+    """A note when `requested` (a --baseline) is the run id of a run that did not finish: that run is left out,
+    and its variant's finished runs are the baseline."""
+    group = groups[index]
+    run = _named_run(group, requested) if requested and requested != group.name else None
+    if run is None or run.status == "FINISHED":
+        return None
+    return (f"--baseline {requested}: run {run.run_id[:8]} {run.status}{_why(run)} and is left out of the numbers; "
+            f"the baseline is its variant {group.name}, {group.n_text}.")
+
+
+def _named_run(group: VariantGroup, requested: str) -> VariantData | None:
+    return next((r for r in group.runs if requested in (r.run_id, r.name) or r.run_id.startswith(requested)), None)
+
+
+def _why(run: VariantData) -> str:
+    return f" ({run.failure})" if run.failure else ""
 
 
 def configured_baseline(groups: Sequence[VariantGroup]) -> tuple[str | None, str | None]:

@@ -11,7 +11,10 @@ does not change the training (tests/training/test_evaluate.py checks that the Lo
   training loss. So every variant is measured on the same (image, t, eps) points, at step 0, every
   `validation.every` steps and at the end. At the end a run also logs the per-point values
   (`evaluation/fit_points.json`, `evaluation/val_points.json`, for paired comparisons) and, from its `fit/loss`
-  curve, `fit/loss_auc` and `fit/steps_to_half` (see `lora_sweep.compare.stats.fitting_speed`).
+  curve, `fit/loss_auc` and `fit/steps_to_half`: the steps until fit/loss first reaches half of the run's total
+  decrease (start - final), logged only when fit/loss was evaluated at least three times (validation.every > 0;
+  with only the start and the end it would be max_steps/2 for any run) and its final value is below its start
+  (see `lora_sweep.compare.stats.fitting_speed`).
 """
 
 from __future__ import annotations
@@ -204,6 +207,8 @@ class Validator:
         out = {"fit/loss_auc": speed.loss_auc}
         if speed.steps_to_half is not None:
             out["fit/steps_to_half"] = speed.steps_to_half
+        else:
+            log.info("fit/steps_to_half not logged: %s", speed.why_none)
         return out
 
     def _write_points(self, s, step: int, values: torch.Tensor) -> None:

@@ -3,7 +3,9 @@ apart, "no difference" for identical values, a reason where a value is missing, 
 
 from __future__ import annotations
 
-from lora_sweep.compare.cells import distinct_digits, effect_text, estimate_text, start_text
+from dataclasses import replace
+
+from lora_sweep.compare.cells import distinct_digits, effect_text, estimate_text, row_decimals, start_text
 from lora_sweep.compare.stats import Difference, Estimate, no_interval, paired_difference
 
 
@@ -46,3 +48,37 @@ def test_the_step_0_flag():
     assert start_text(entry(found)) == ("differs at step 0: +0.2 (every pair alike); "
                                         "change from step 0: -0.097 [-0.1, -0.094]")
     assert start_text(entry(Difference(0.1, None, None, 2, ""))) == "" and start_text(None) == ""
+
+
+def test_a_difference_without_interval_says_why():
+    found = Difference(-1.04e-5, None, None, 3, "unpaired, 1 + 2 runs",
+                       "no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run")
+    assert effect_text(entry(found)) == ("-1.04e-05 (no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run)",
+                                         "none")
+    assert effect_text(entry(no_interval(4.0, 4.5)))[0] == "+0.5 (n = 1: no interval)"  # one run each, as before
+
+
+def test_the_step_0_flag_names_the_metric_it_measures():
+    # under fit/steps_to_half the step-0 difference is fit/loss's (-0.001785), not a number of steps
+    start = Difference(-0.001785, None, None, 2, "1 run each", "one run each: no interval", of="fit/loss")
+    found = Difference(-3.617, None, None, 2, "1 run each", at_start=start)
+    assert entry(found)["at_start"]["metric"] == "fit/loss"
+    assert start_text(entry(found)) == "fit/loss differs at step 0 by -0.001785"
+    noise = paired_difference([1.0, 1.1, 1.2], [1.01, 1.09, 1.2])
+    within = Difference(0.1, 0.05, 0.15, 3, "paired over 3 seeds", at_start=replace(noise, of="val/loss"))
+    assert start_text(entry(within)).startswith("val/loss differs at step 0: within noise [-")
+
+
+def test_means_of_one_metric_print_with_the_same_decimals():
+    # the tester's row: xa 1.12421 [..], xb 1.1242 [..], xc 1.124 (n = 1): which is lower could not be read
+    row = [entry(Estimate(1.124212, 1.124120, 1.124304, 3)), entry(Estimate(1.12421899, 1.1241, 1.1244, 2)),
+           entry(Estimate(1.12422945, None, None, 1))]
+    decimals = row_decimals(row)
+    assert decimals == 5
+    assert [estimate_text(e, decimals) for e in row] == [
+        "1.12421 [1.12412, 1.12430]", "1.12422 [1.12410, 1.12440]", "1.12423"]
+    assert row_decimals([entry(Estimate(2.0, 2.0, 2.0, 3)), entry(Estimate(6.27, None, None, 1))]) == 3
+    assert estimate_text(entry(Estimate(2.0, 2.0, 2.0, 3)), 3) == "2.000 (no spread)"
+    assert row_decimals([entry(Estimate(1234.51, None, None, 1)), entry(Estimate(1234.54, None, None, 1))]) == 2
+    assert row_decimals([entry(Estimate(1e-17, None, None, 1))]) is None  # fixed decimals would write 0.0000...
+    assert row_decimals([entry(Estimate(float("nan"), None, None, 0))]) is None

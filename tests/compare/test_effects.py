@@ -51,10 +51,10 @@ def test_without_common_seeds_the_difference_is_unpaired():
 
 def test_one_run_each_pairs_over_the_evaluation_points_and_says_what_that_holds():
     ga, gb = groups_of(make_run("a", 1, 0.5, points_shift=0.0),
-                       make_run("b", 1, 0.6, points_shift=0.05, **{"noise.offset": "0.1"}))
+                       make_run("b", 1, 0.6, points_shift=0.1, **{"noise.offset": "0.1"}))
     found = difference(ga, gb, "fit/loss")
     assert found.basis == "paired over 9 (image, t, eps) points" and found.note == EVAL_NOISE_ONLY
-    assert found.effect == pytest.approx(0.05) and found.verdict == "different"
+    assert found.effect == pytest.approx(0.1) and found.verdict == "different"  # the values shown: 0.6 - 0.5
     bare = difference(*groups_of(make_run("a", 1, 0.5), make_run("b", 1, 0.6, **{"noise.offset": "0.1"})),
                       "fit/loss")
     assert bare.verdict == "no interval" and bare.effect == pytest.approx(0.1) and "n = 1" in bare.note
@@ -94,31 +94,35 @@ def with_history(name: str, seed: int, history, **params: str) -> VariantData:
     return run
 
 
-def test_a_run_whose_fit_loss_never_falls_says_why_it_has_no_steps_to_half():
+def test_a_run_whose_fit_loss_did_not_decrease_says_why_it_has_no_steps_to_half():
     from lora_sweep.compare.report_html import effect_text, estimate_text
 
     rising = [(0, 1.0), (4, 1.1), (8, 1.2)]
     ga, gb = groups_of(make_run("v57", 1, 0.2), with_history("v59", 1, rising, **{"loss.huber_c": "0.08"}))
     entry = estimate(gb, "fit/steps_to_half").as_dict()
-    assert entry["n"] == 0 and entry["note"] == "did not halve (fit/loss never fell below its start)"
-    assert estimate_text(entry) == "did not halve (fit/loss never fell below its start)"  # not "—"
+    assert entry["n"] == 0 and entry["note"] == "did not decrease (the final fit/loss is not below its start)"
+    assert estimate_text(entry) == "did not decrease (the final fit/loss is not below its start)"  # not "—"
     found = difference(ga, gb, "fit/steps_to_half")
-    assert found.verdict == "no value" and found.note == "v59: did not halve (fit/loss never fell below its start)"
+    assert found.verdict == "no value"
+    assert found.note == "v59: did not decrease (the final fit/loss is not below its start)"
     assert effect_text(found.as_dict() | {"comparable": True})[0] == f"no value: {found.note}"
     both = difference(gb, groups_of(with_history("v61", 1, rising, **{"loss.huber_c": "0.5"}))[0], "fit/steps_to_half")
-    assert both.note == "v59, v61: did not halve (fit/loss never fell below its start)"  # said once
-    # some replicates halve, one does not: the mean is over those that did, and the note says how many did not
+    assert both.note == "v59, v61: did not decrease (the final fit/loss is not below its start)"  # said once
+    # some replicates decrease, one does not: the mean is over those that did, and the note says how many did not
     (mixed,) = groups_of(make_run("v57", 1, 0.2), make_run("v57", 2, 0.3), with_history("v57", 3, rising))
     assert estimate(mixed, "fit/steps_to_half").n == 2
-    assert estimate(mixed, "fit/steps_to_half").missing == "1 of 3 runs: did not halve (not in the mean)"
-    assert estimate_text(estimate(mixed, "fit/steps_to_half").as_dict()).endswith("(1 of 3 runs: did not halve "
+    assert estimate(mixed, "fit/steps_to_half").missing == "1 of 3 runs: did not decrease (not in the mean)"
+    assert estimate_text(estimate(mixed, "fit/steps_to_half").as_dict()).endswith("(1 of 3 runs: did not decrease "
                                                                                   "(not in the mean))")
+    # a dip that comes back above the start (the tester's v57) did not decrease either, though it fell at first
+    (dip,) = groups_of(with_history("v57", 1, [(0, 1.156097), (4, 1.1560910), (8, 1.1561027)]))
+    assert estimate(dip, "fit/steps_to_half").missing == "did not decrease (the final fit/loss is not below its start)"
     (short,) = groups_of(with_history("v62", 1, [(0, 1.0)]))
     assert estimate(short, "fit/loss_auc").note == "fewer than two fit/loss evaluations"
 
 
 def test_a_step_count_interval_is_clipped_at_the_runs_steps():
-    fast, slow = [(0, 1.0), (1, 0.0), (8, 0.0)], [(0, 1.0), (8, 0.0)]  # halve at step 0.5 and at step 4
+    fast, slow = [(0, 1.0), (1, 0.0), (8, 0.0)], [(0, 1.0), (4, 0.5), (8, 0.0)]  # halve at step 0.5 and at step 4
     ga, gb = groups_of(with_history("a", 1, fast), with_history("a", 2, slow),
                        with_history("b", 1, slow, **{"noise.offset": "0.1"}),
                        with_history("b", 2, slow, **{"noise.offset": "0.1"}))
@@ -132,8 +136,9 @@ def test_a_step_count_interval_is_clipped_at_the_runs_steps():
 
 def test_variants_that_differ_before_training_show_it_and_the_change_from_step_0():
     # fp8 vs fp16 base weights: the quantised base model measures the same points differently at step 0
-    fp8 = [with_history("v60", s, [(0, 1.0), (10, 0.5 + 0.01 * s)], **{"precision.name": "fp8"}) for s in (1, 2)]
-    fp16 = [with_history("v64", s, [(0, 1.2), (10, 0.6 + 0.012 * s)], **{"precision.name": "fp16"})
+    fp8 = [with_history("v60", s, [(0, 1.0), (5, 0.8), (10, 0.5 + 0.01 * s)], **{"precision.name": "fp8"})
+           for s in (1, 2)]
+    fp16 = [with_history("v64", s, [(0, 1.2), (5, 0.9), (10, 0.6 + 0.012 * s)], **{"precision.name": "fp16"})
             for s in (1, 2)]
     ga, gb = groups_of(*fp8, *fp16)
     found = difference(ga, gb, "fit/loss")
@@ -148,6 +153,9 @@ def test_variants_that_differ_before_training_show_it_and_the_change_from_step_0
     assert auc.at_start is not None and auc.change is not None
     speed = difference(ga, gb, "fit/steps_to_half")  # already relative to each run's start: flagged, no change
     assert speed.at_start is not None and speed.change is None
+    # the flag is fit/loss's step-0 difference, and says so (page and JSON): it is not a number of steps
+    assert speed.at_start.of == "fit/loss" and speed.as_dict()["at_start"]["metric"] == "fit/loss"
+    assert auc.as_dict()["at_start"]["metric"] == "fit/loss" and found.as_dict()["at_start"]["metric"] == "fit/loss"
     # the same base model: the same step-0 values, no flag
     same = groups_of(*fp8, *[with_history("v63", s, [(0, 1.0), (10, 0.4)], **{"loss.huber_c": "0.1"})
                              for s in (1, 2)])
@@ -157,3 +165,53 @@ def test_variants_that_differ_before_training_show_it_and_the_change_from_step_0
     one = difference(*groups_of(fp8[0], fp16[0]), "fit/loss")
     assert one.at_start.effect == pytest.approx(0.2) and one.at_start.low is None
     assert one.change.effect == pytest.approx((0.612 - 1.2) - (0.51 - 1.0))
+
+
+def test_steps_to_half_is_missing_when_fit_loss_has_only_its_start_and_end():
+    # validation.every=0: every run would read max_steps/2, "no spread", "no difference"; now no value, and why
+    runs = [with_history("a", s, [(0, 1.0), (4, 0.9 - 0.01 * s)]) for s in (1, 2, 3)]
+    (group,) = groups_of(*runs)
+    entry = estimate(group, "fit/steps_to_half")
+    assert entry.n == 0 and entry.missing == "fit/loss evaluated only at the start and end: set validation.every"
+    assert run_value(runs[0], "fit/steps_to_half") is None and run_value(runs[0], "fit/loss_auc") is not None
+    other = groups_of(*[with_history("b", s, [(0, 1.0), (4, 0.5)], **{"noise.offset": "0.1"}) for s in (1, 2)])[0]
+    found = difference(group, other, "fit/steps_to_half")
+    assert found.verdict == "no value"
+    assert found.note == "a, b: fit/loss evaluated only at the start and end: set validation.every"
+
+
+def test_a_difference_is_always_the_difference_of_the_means_shown():
+    """The tester's sweep: xa seeds 1, 2, 3; xb seeds 1, 2 (its seed 3 failed); xc one run, seed 1."""
+    off = {"noise.offset": "0.1"}
+    xa = [make_run("xa", s, v, points_shift=0.0) for s, v in ((1, 1.124200), (2, 1.124230), (3, 1.124260))]
+    xb = [make_run("xb", s, v, points_shift=0.0, **off) for s, v in ((1, 1.124229), (2, 1.124209))]
+    xb.append(make_run("xb", 3, 2.0, status="FAILED", **off))
+    xc = [make_run("xc", 1, 1.124229, points_shift=0.0, **{"noise.offset": "0.2"})]
+    ga, gb, gc = groups_of(*xa, *xb, *xc)
+    means = {g.name: estimate(g, "fit/loss").mean for g in (ga, gb, gc)}
+    # baseline xa: xb's seeds (1, 2) are not xa's (1, 2, 3): Welch over all runs, not a pairing over seeds 1, 2
+    # (that gave +4e-6 here, beside means whose difference is -1.1e-5: the other sign)
+    found = difference(ga, gb, "fit/loss")
+    assert found.effect == pytest.approx(means["xb"] - means["xa"], abs=1e-12) and found.effect < 0
+    assert found.basis == "unpaired, 3 + 2 runs" and found.has_interval
+    assert found.note == "seeds differ (xb: 1, 2; xa: 1, 2, 3)"
+    from scipy import stats as scipy_stats
+    welch = scipy_stats.ttest_ind([1.124229, 1.124209], [1.124200, 1.124230, 1.124260],
+                                  equal_var=False).confidence_interval(0.95)
+    assert (found.low, found.high) == pytest.approx((welch.low, welch.high), abs=1e-12)
+    # baseline xc (one run): xb's two runs against it have no interval, and the note says why; not "1 run each",
+    # not "no difference" though xb's seed 1 equals xc's value
+    found = difference(gc, gb, "fit/loss")
+    assert found.effect == pytest.approx(means["xb"] - means["xc"], abs=1e-12) and found.effect != 0.0
+    assert found.verdict == "no interval" and found.basis == "unpaired, 1 + 2 runs"
+    assert found.note == "no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run"
+    assert difference(gc, ga, "fit/loss").note == "no interval: seeds differ (xa: 1, 2, 3; xc: 1), and xc has one run"
+    # the same seeds on both sides: paired, and the paired mean is the difference of the means
+    same = groups_of(*xa[:2], *[make_run("xd", s, v, **off) for s, v in ((1, 1.3), (2, 1.4))])
+    found = difference(*same, "fit/loss")
+    assert found.basis == "paired over 2 seeds"
+    assert found.effect == pytest.approx(1.35 - (1.124200 + 1.124230) / 2, abs=1e-12)
+    # one run each: paired over the points, the effect still the difference of the two values shown
+    one = difference(*groups_of(xa[0], xc[0]), "fit/loss")
+    assert one.basis == "paired over 9 (image, t, eps) points" and one.note == EVAL_NOISE_ONLY
+    assert one.effect == pytest.approx(1.124229 - 1.124200, abs=1e-12) and one.verdict != "no difference"

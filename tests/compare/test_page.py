@@ -99,5 +99,5 @@ def test_a_pair_that_differs_before_training_shows_it_on_the_page_as_in_the_json
     assert entry["at_start"]["effect"] == pytest.approx(0.2) and entry["change"]["verdict"] == "different"
     shown = re.search(r"<span class='start' data-a='precision=fp8' data-b='precision=fp16' "
                       r"data-metric='fit/loss' data-kind='at-start'>([^<]*)</span>", html).group(1)
-    assert shown == start_text(entry).replace("'", "&#x27;") and shown.startswith("differs at step 0: +0.2")
+    assert shown == start_text(entry).replace("'", "&#x27;") and shown.startswith("fit/loss differs at step 0 by +0.2")
     assert summary["variants"][1]["vs_baseline"]["fit/loss"]["at_start"] == entry["at_start"]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from lora_sweep.compare.report import build_report, main
-from lora_sweep.compare.report_html import effect_text, estimate_text
+from lora_sweep.compare.report_html import effect_text, estimate_text, row_decimals
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,8 @@ def test_json_block_holds_what_the_page_shows(sweep, capsys):
     checked = 0
     for variant in summary["variants"]:
         for key, entry in variant["metrics"].items():
-            assert shown[(variant["name"], None, key, "mean")] == estimate_text(entry)
+            decimals = row_decimals(v["metrics"][key] for v in summary["variants"])  # one row, one format
+            assert shown[(variant["name"], None, key, "mean")] == estimate_text(entry, decimals)
             checked += 1
         for key, entry in variant["vs_baseline"].items():
             assert shown[(variant["name"], None, key, "vs-baseline")] == effect_text(entry)[0]

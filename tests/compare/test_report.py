@@ -210,3 +210,21 @@ def test_a_step_without_samples_is_refused_with_the_steps_that_exist(store, tmp_
     with pytest.raises(UserError, match="logged no samples at all"):
         check_step([{}, {}], 7)
     check_step([{("k", 5): 1}, {("k", 6): 1}], 5)  # one run has it: the page notes the other
+
+
+def test_each_metric_row_states_the_step_its_values_are_from(store, tmp_path):
+    """--step 10 moves the image metrics to step 10 while val/loss stays final (step 20): each row says which."""
+    import json
+
+    path = build_report(sweep_run_id=store["parent"], out_dir=tmp_path, tracking_uri=store["uri"], step=10)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {m["key"]: (m["steps"], m["final"], m["at"]) for m in summary["metrics"]}
+    assert rows["val/loss"] == ([20], True, "final (step 20)")
+    assert rows["img/luminance_mean"] == ([10], False, "step 10")
+    page = path.read_text()
+    assert "<span class='n' data-metric='img/luminance_mean' data-kind='step'>at step 10</span>" in page
+    assert "<span class='n' data-metric='val/loss' data-kind='step'>at final (step 20)</span>" in page
+    assert "2. Metrics (image metrics at step 10, the rest final) on a common yardstick" in page
+    build_report(sweep_run_id=store["parent"], out_dir=tmp_path, tracking_uri=store["uri"])  # the latest step
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {m["at"] for m in summary["metrics"]} == {"final (step 20)"}
