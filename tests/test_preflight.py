@@ -310,6 +310,10 @@ def test_a_sweep_names_the_jobs_a_bad_optimizer_argument_hits(app):
                                   "Did you mean noise=offset"]),
     (["train.max_steps=abc"], ["Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not"]),
     (["noise=ofset"], ["Could not find 'noise/ofset'. Available options in 'noise': ip,"]),
+    # experiment and preset default to none; a misspelt one is refused like any group option, not dropped
+    (["experiment=v99"], ["Could not find 'experiment/v99'. Available options in 'experiment': article,"]),
+    (["preset=dmo"], ["Could not find 'preset/dmo'. Available options in 'preset': demo"]),
+    (["-m", "experiment=v53,v99"], ["Could not find 'experiment/v99'"]),
 ])
 def test_hydra_details_reach_the_user_in_a_sweep_as_in_a_single_run(app, argv, details):
     code, out = app(*argv)
