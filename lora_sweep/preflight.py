@@ -12,10 +12,14 @@ and again, cheaply, at the start of each job (`run.run_job`), where its fallback
   for a bucket is named with its size);
 - the prompt file (`sampling.prompt_file`, with line numbers) and `sampling.prompts`;
 - the optimizer's learning-rate groups (`optimizer.name`, `train.lr`, `train.text_encoder_lr`) and its arguments
-  (`optimizer.args`: names against the class's signature, values by building it once on a dummy parameter);
+  (`optimizer.args`: names against the class's signature, values by building it once on a dummy parameter and
+  taking one step, where the class can step on CPU);
 - a `train.resume` state against `train.max_steps`;
 - every folder a job writes (output, states, cache, a local MLflow store, Hydra's run or sweep folder): writable or
-  creatable, checked without creating anything.
+  creatable, and the MLflow store's scheme and server (lora_sweep/preflight_folders.py);
+- for a sweep, the sweep as a whole: no jobs, jobs sharing one output folder, the launcher's settings
+  (lora_sweep/preflight_sweep.py).
+An exception in the checks themselves also stops the command (`PreflightCallback`): Hydra would only warn.
 A problem is one line naming the setting and the file (and line); a `Fallback` is something used instead of what the
 user gave, printed once as a warning. With any problem the command exits with status 2 and has written nothing: no
 cache entry, no MLflow run, no output folder.
@@ -38,6 +42,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from lora_sweep.errors import ConfigError, Fallback, UserError
+from lora_sweep.preflight_folders import cache_root, check_job_folders, folder_problems  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
@@ -100,15 +105,11 @@ def _attempt(report: Report, check: Callable[[], None]) -> None:
 
 
 def _check_data(cfg, report: Report, memo: _Memo) -> None:
-    from lora_sweep.data.buckets import bucket_settings
     from lora_sweep.data.dataset import inspect_folder
 
     d = cfg.data
     folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
-    try:
-        settings = bucket_settings(d)
-    except UserError:  # reported by the config checks
-        settings = None
+    settings = _bucket_settings_or_none(d)
     for setting, folder in folders:
         if folder is None or not Path(folder).is_dir():  # a missing folder is a config problem, reported there
             continue
@@ -118,6 +119,20 @@ def _check_data(cfg, report: Report, memo: _Memo) -> None:
         report.fallbacks += scan.fallbacks
         if settings is not None:
             report.problems += _bucket_problems(scan.items, settings, setting)
+
+
+def _bucket_settings_or_none(d) -> dict | None:
+    """The bucket settings, or None when they have a value problem of their own (reported by the config checks):
+    images are then not assigned to buckets, since a bad setting (bucket_reso_steps=0) would crash the assignment
+    instead of naming the setting."""
+    from lora_sweep.data.buckets import bucket_settings, check_bucket_options
+
+    try:
+        check_bucket_options(resolution=d.resolution, reso_steps=d.bucket_reso_steps, min_reso=d.min_bucket_reso,
+                             max_reso=d.max_bucket_reso)
+        return bucket_settings(d)
+    except (UserError, ValueError, TypeError, ZeroDivisionError):
+        return None
 
 
 def _train_folder(cfg) -> Path | None:
@@ -213,40 +228,6 @@ def _check_resume_state(cfg, memo: _Memo) -> None:
                         f"{t.max_steps}. Raise train.max_steps, or set train.resume=never to start over.")
 
 
-def cache_root(cfg) -> Path:
-    """`data.cache_dir`, else the per-user default (as `training.session.cache_root`, without importing torch)."""
-    from lora_sweep.paths import default_cache_dir
-
-    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-
-
-def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
-    """Every folder a job will write to that could not be created or written, checked without creating anything
-    (the nearest existing parent must be a writable folder)."""
-    from lora_sweep import tracking
-    from lora_sweep.training.failures import sqlite_store_folder
-
-    folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
-               ("train.state_dir", cfg.train.state_dir or cache_root(cfg) / "states"),
-               ("data.cache_dir", cache_root(cfg))]
-    uri = tracking.tracking_uri(cfg.tracking.uri)
-    folders.append((f"tracking.uri ({uri})", sqlite_store_folder(uri)))
-    return [p for setting, folder in folders if folder is not None and (p := _unwritable(Path(folder), setting))]
-
-
-def _unwritable(folder: Path, setting: str) -> str | None:
-    folder = folder.expanduser()
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{setting}: cannot create the folder '{folder}': '{existing}' is a file, not a folder."
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return (f"{setting}: cannot write to '{folder}' ('{existing}' is not writable). Make it writable, or point "
-                f"{setting.split(' ')[0]} at a folder you can write to.")
-    return None
-
-
 def announce(fallbacks: list[Fallback]) -> None:
     """Print each fallback as a warning, once per process."""
     for fallback in fallbacks:
@@ -271,7 +252,8 @@ def format_problems(grouped: list[tuple[str, list[str]]], *, jobs: int) -> str:
     for problem, hit in grouped:
         per_kind[_shape(problem)] += 1
         if per_kind[_shape(problem)] <= SAME_KIND_SHOWN:
-            where = "" if jobs <= 1 or len(hit) == jobs else f"  [{_jobs_label(hit)}]"
+            hit = [label for label in hit if label]  # "": a problem of the whole sweep, not of some jobs
+            where = "" if jobs <= 1 or not hit or len(hit) == jobs else f"  [{_jobs_label(hit)}]"
             lines.append(f"- {problem}{where}")
     for shape, n in per_kind.items():
         if n > SAME_KIND_SHOWN:
@@ -287,14 +269,26 @@ def _jobs_label(hit: list[str]) -> str:
 class PreflightCallback(Callback):
     """Hydra callback: the pre-flight of a run or of every job of a sweep, before Hydra creates any folder or any
     other callback (the MLflow sweep run) starts. List it first in hydra.callbacks. Exits with status 2 on problems;
-    prints each fallback once, grouped over the sweep's jobs."""
+    prints each fallback once, grouped over the sweep's jobs.
+
+    Hydra turns an exception raised in a callback into a UserWarning and goes on (a sweep would start its jobs
+    unchecked), so an exception of the checks themselves is caught here and stops the command too (exit 2, as an
+    internal pre-flight error with its traceback): a pre-flight that could not finish has not passed."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _guarded(self._run_start, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _guarded(self._multirun_start, config)
+
+    def _run_start(self, config: DictConfig) -> None:
         report = check_job(_job_copy(config), hydra_dir=("hydra.run.dir", Path(config.hydra.run.dir)))
         _finish([("", report)], jobs=1)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        memo, results, targets = _Memo(), [], {}
+    def _multirun_start(self, config: DictConfig) -> None:
+        from lora_sweep.preflight_sweep import sweep_problems
+
+        memo, results, targets, jobs = _Memo(), [], {}, {}
         for label, job_config, error in sweep_job_configs(config):
             if error is not None:
                 results.append((label, Report(problems=[f"{label}: the sweep cannot be expanded: {error}"])))
@@ -302,12 +296,25 @@ class PreflightCallback(Callback):
             job = _job_copy(job_config)
             report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
             results.append((label, report))
-            targets[label] = tracking_target(job)
+            targets[label], jobs[label] = tracking_target(job), job
         if len(set(targets.values())) > 1:
             results.append(("", Report(problems=[mixed_tracking_problem(targets)])))
         elif targets:
             SWEEP_TRACKING[str(config.hydra.sweep.dir)] = next(iter(targets.values()))
-        _finish(results, jobs=len(results))
+        count = len(results) - (len(set(targets.values())) > 1)
+        results.append(("", Report(problems=sweep_problems(config, jobs, count))))
+        _finish(results, jobs=count)
+
+
+def _guarded(check: Callable[[DictConfig], None], config: DictConfig) -> None:
+    try:
+        check(config)
+    except Exception as error:  # noqa: BLE001  (a bug in a check: stop, never go on unchecked)
+        log.exception("Pre-flight: internal error while checking the configuration (%s: %s). Nothing was started "
+                      "or written. This is a bug in lora-sweep's checks; please report it with the command line and "
+                      "the traceback above. The setting it was checking may hold an unusual value.",
+                      type(error).__name__, error)
+        sys.exit(2)
 
 
 def tracking_target(cfg) -> tuple[str, str]:
@@ -389,19 +396,3 @@ def _finish(results: list[tuple[str, Report]], *, jobs: int) -> None:
         log.error("%s", format_problems(list(problems.items()), jobs=jobs))
         sys.exit(2)
     announce(list(fallbacks.values()))
-
-
-def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
-    """Every folder this job writes, proven writable (created if needed) and with free space, at the start of the
-    job, before the model loads; returns the state root. Raises UserError naming the setting and the path."""
-    from lora_sweep.training.failures import check_free_space, check_writable, sqlite_store_folder
-    from lora_sweep.training.session import cache_root, state_root
-
-    check_writable(output_dir, "train.output_dir")
-    root = check_writable(state_root(cfg), "train.state_dir")
-    check_writable(cache_root(cfg), "data.cache_dir")
-    store = sqlite_store_folder(uri)
-    if store is not None:
-        check_writable(store, f"tracking.uri ({uri})")
-    check_free_space({output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)})
-    return root

@@ -1,0 +1,116 @@
+"""The pre-flight's folder and store checks: every folder a job writes, and the MLflow store it logs to.
+
+Split from lora_sweep/preflight.py (which calls `folder_problems` for every job). Each check answers without
+creating anything that stays: a folder that does not exist yet is judged by its nearest existing parent, proven
+writable by creating and removing one probe file there (`os.access` alone says yes to root, also for /proc or a
+read-only mount, and the job then fails after Hydra made its output folder). A store is checked as far as it can be
+without an MLflow call: its scheme, a sqlite file's folder, and for a server that its host:port accepts a TCP
+connection within a few seconds (MLflow's own client retries a refused connection for about four minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lora_sweep.errors import UserError
+
+CONNECT_TIMEOUT_S = 5.0  # a reachable MLflow server answers a TCP connection well within this
+# URI schemes MLflow 3 has a tracking store for (a database's may carry a driver: postgresql+psycopg2)
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "file", "")
+
+
+def cache_root(cfg) -> Path:
+    """`data.cache_dir`, else the per-user default (as `training.session.cache_root`, without importing torch)."""
+    from lora_sweep.paths import default_cache_dir
+
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
+def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
+    """Every folder a job will write to that could not be created or written, and every problem of its MLflow
+    store, all of them (not the first only)."""
+    from lora_sweep import tracking
+    from lora_sweep.training.failures import sqlite_store_folder
+
+    folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
+               ("train.state_dir", cfg.train.state_dir or cache_root(cfg) / "states"),
+               ("data.cache_dir", cache_root(cfg))]
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    problems = store_problems(uri)
+    if not problems:
+        folders.append((f"tracking.uri ({uri})", sqlite_store_folder(uri)))
+    return [p for setting, folder in folders if folder is not None and (p := _unwritable(Path(folder), setting))] \
+        + problems
+
+
+def _unwritable(folder: Path, setting: str) -> str | None:
+    folder = folder.expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{setting}: cannot create the folder '{folder}': '{existing}' is a file, not a folder."
+    reason = None if os.access(existing, os.W_OK | os.X_OK) else "not writable"
+    if reason is None:
+        try:  # root passes os.access everywhere: only a real write tells (/proc, a read-only mount)
+            fd, probe = tempfile.mkstemp(prefix=".lora-sweep-write-test-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            reason = f"cannot write there: {error.strerror or error}"
+    if reason is None:
+        return None
+    return (f"{setting}: cannot write to '{folder}' ('{existing}' is {reason}). Make it writable, or point "
+            f"{setting.split(' ')[0]} at a folder you can write to.")
+
+
+def store_problems(uri: str) -> list[str]:
+    """The MLflow store `uri` as far as it can be judged without MLflow: a file store it refuses, a scheme it has no
+    store for, a server that does not accept a connection. One paragraph each, naming the URI and the fixes."""
+    from lora_sweep.tracking.store import check_store_uri
+
+    try:
+        check_store_uri(uri)
+    except UserError as error:
+        return [str(error)]
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    scheme = "" if len(scheme) == 1 else scheme  # a Windows drive letter: a path
+    fixes = ("Unset tracking.uri and MLFLOW_TRACKING_URI for sqlite:///<cwd>/mlflow.db, or set one of them to "
+             "sqlite:////absolute/path/mlflow.db or the address of a running MLflow server (http://host:port).")
+    if scheme.split("+", 1)[0] not in STORE_SCHEMES:
+        return [f"tracking.uri / MLFLOW_TRACKING_URI: '{uri}' has the scheme '{scheme}', for which MLflow has no "
+                f"tracking store (accepted: {', '.join(s + '://' for s in STORE_SCHEMES if s)}). {fixes}"]
+    if scheme not in ("http", "https"):
+        return []
+    host, port = parsed.hostname, parsed.port or (443 if scheme == "https" else 80)
+    if not host:
+        return [f"tracking.uri / MLFLOW_TRACKING_URI: '{uri}' names no host. {fixes}"]
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return []
+    except OSError as error:
+        why = "no answer" if isinstance(error, socket.timeout) else (error.strerror or type(error).__name__)
+        return [f"tracking.uri / MLFLOW_TRACKING_URI: the MLflow server at '{uri}' does not accept a connection on "
+                f"{host}:{port} ({why}, checked for {CONNECT_TIMEOUT_S:g} s). Start the server (mlflow server "
+                f"--host {host} --port {port}) or check its address. {fixes}"]
+
+
+def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
+    """Every folder this job writes, proven writable (created if needed) and with free space, at the start of the
+    job, before the model loads; returns the state root. Raises UserError naming the setting and the path."""
+    from lora_sweep.training.failures import check_free_space, check_writable, sqlite_store_folder
+    from lora_sweep.training.session import cache_root, state_root
+
+    check_writable(output_dir, "train.output_dir")
+    root = check_writable(state_root(cfg), "train.state_dir")
+    check_writable(cache_root(cfg), "data.cache_dir")
+    store = sqlite_store_folder(uri)
+    if store is not None:
+        check_writable(store, f"tracking.uri ({uri})")
+    check_free_space({output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)})
+    return root
