@@ -149,24 +149,38 @@ def _shown(value: Any) -> str:
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
-def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float) -> BaseException | None:
-    """The exception `optimizer_class` raises when built with `kwargs` on a one-element dummy parameter, else None.
-    Any exception type counts: torch's AdamW raises IndexError for a one-value betas."""
+def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float, *,
+             step: bool = False) -> BaseException | None:
+    """The exception `optimizer_class` raises when built with `kwargs` on a one-element dummy parameter (and, with
+    `step`, when it takes one step with a gradient set), else None. Any exception type counts: torch's AdamW raises
+    IndexError for a one-value betas, Prodigy a TypeError at its first step for d_coef='abc' (it reads many of its
+    arguments only in step())."""
     dummy = torch.nn.Parameter(torch.zeros(1))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            optimizer_class([{"params": [dummy]}], lr=lr, **kwargs)
+            optimizer = optimizer_class([{"params": [dummy]}], lr=lr, **kwargs)
+            if step:
+                dummy.grad = torch.ones(1)
+                optimizer.step()
     except Exception as error:  # noqa: BLE001  (the class's own validation: whatever it raises is the answer)
         return error
     return None
+
+
+def _steps_on_cpu(optimizer_class: type, defaults: Mapping[str, Any], lr: float) -> bool:
+    """Whether the class takes a step on a CPU dummy parameter with its option's defaults: bitsandbytes' 8-bit
+    optimizers may need CUDA for it, and a schedule-free one a train() call; their values are then checked by
+    building only (a step failure would not be the user's value)."""
+    return _refusal(optimizer_class, defaults, lr, step=True) is None
 
 
 def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None) -> list[str]:
     """Every problem of `optimizer.args` for the option `name`, found without a model, one paragraph each naming
     the setting: an argument the optimizer class does not take (with the closest real one); a sequence whose length
     differs from the option's default (betas takes 2 values); a value the class refuses, found by building the
-    optimizer once on a one-element CPU dummy parameter (with the option's default lr: the learning rates are
+    optimizer once on a one-element CPU dummy parameter and taking one step (where the class can step on CPU), with
+    the option's default lr (the learning rates are
     `check_learning_rates`'), each argument that differs from the option's default tried alone to name the one at
     fault. Imports the optimizer's library (bitsandbytes, ~5 s, only for its options). Raises ConfigError for an
     unknown optimizer name."""
@@ -185,18 +199,19 @@ def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None) -> list[st
                             f"default {_shown(default)}.")
             del given[key]
     kwargs = {**option.defaults, **given}
-    if _refusal(optimizer_class, kwargs, option.default_lr) is None:
+    step = _steps_on_cpu(optimizer_class, option.defaults, option.default_lr)
+    if _refusal(optimizer_class, kwargs, option.default_lr, step=step) is None:
         return problems
     changed = [key for key in given if key not in option.defaults or given[key] != option.defaults[key]]
     refused = []
     for key in changed:
-        error = _refusal(optimizer_class, {**option.defaults, key: given[key]}, option.default_lr)
+        error = _refusal(optimizer_class, {**option.defaults, key: given[key]}, option.default_lr, step=step)
         if error is not None:
             default = f" Its default is {_shown(option.defaults[key])}." if key in option.defaults else ""
             refused.append(f"optimizer.args.{key}={_shown(given[key])}: {label} refuses it "
                            f"({type(error).__name__}: {str(error).rstrip('.')}).{default}")
     if not refused:  # each alone is accepted, together they are not
-        error = _refusal(optimizer_class, kwargs, option.default_lr)
+        error = _refusal(optimizer_class, kwargs, option.default_lr, step=step)
         together = ", ".join(f"optimizer.args.{k}={_shown(given[k])}" for k in changed) or "its defaults"
         reason = f"{type(error).__name__}: {str(error).rstrip('.')}"
         refused.append(f"{together}: {label} refuses these together ({reason}).")
