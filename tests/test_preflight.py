@@ -337,3 +337,81 @@ def test_a_failed_sweep_job_ends_with_its_reason_not_hydras_advice(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-3000:]
     assert "HYDRA_FULL_ERROR" not in text and "Traceback" not in text and "debug_fault" in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["data.bucket_reso_steps=0"],
+                                  ["-m", "hydra.launcher.gpus=[]", "train.max_steps=1", "data.bucket_reso_steps=0,32"]])
+def test_a_bad_bucket_step_is_named_not_crashed_on_and_a_sweep_never_starts(tmp_path, app, argv):
+    """bucket_reso_steps=0 divided by zero in the bucket assignment; Hydra made that a warning and the sweep ran."""
+    image(tmp_path / "ds" / "1_x" / "a.png", caption="a")
+    code, out = app(*argv, "data=folder", f"data.dir={tmp_path / 'ds'}")
+    assert code == 2 and "ZeroDivisionError" not in out and "raised" not in out
+    assert "data.bucket_reso_steps: 0 is not allowed for SDXL" in out
+
+
+def test_an_exception_in_the_checks_stops_the_command_with_exit_2(app, monkeypatch):
+    """Hydra turns a callback's exception into a UserWarning and goes on: the pre-flight must not let it."""
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr("lora_sweep.preflight._check_prompts", broken)
+    for argv in (["train.max_steps=1"], ["-m", "hydra.launcher.gpus=[]", "noise=none,offset"]):
+        code, out = app(*argv)
+        assert code == 2 and "Pre-flight: internal error while checking the configuration (ZeroDivisionError" in out
+
+
+@pytest.mark.parametrize("value", ["abc", "[1,2]"])
+def test_an_optimizer_value_used_only_in_step_is_refused_before_the_model_loads(app, value):
+    """Prodigy reads d_coef only in step(): building it on a dummy parameter accepted 'abc'."""
+    code, out = app("optimizer=prodigy", f"optimizer.args.d_coef={value}")
+    assert code == 2 and "Traceback" not in out
+    assert "optimizer.args.d_coef=" in out
+    assert "Prodigy (optimizer=prodigy) refuses it (TypeError: can't multiply" in out
+
+
+def test_a_sweep_whose_jobs_share_one_output_folder_is_refused(tmp_path, app):
+    code, out = app("-m", "hydra.launcher.gpus=[]", f"train.output_dir={tmp_path / 'out'}", "noise=none,offset")
+    assert code == 2
+    assert (f"train.output_dir: jobs #0 noise=none, #1 noise=offset all write to '{tmp_path / 'out'}'" in out
+            and "Leave train.output_dir unset" in out)
+    code, out = app("-m", "hydra.launcher.gpus=[]", f"train.output_dir={tmp_path / 'a'},{tmp_path / 'b'}",
+                    "train.max_steps=-1")  # one folder per job: only the real problem is named
+    assert code == 2 and "train.output_dir" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["hydra.launcher.gpus=[]", "hydra.launcher.cpu_slots=0"],
+     "hydra.launcher.cpu_slots=0: must be a whole number >= 1."),
+    (["hydra.launcher.jobs_per_gpu=-1"], "hydra.launcher.jobs_per_gpu=-1: must be a whole number >= 1."),
+    (["hydra.launcher.gpus=[abc]"], "'abc' is neither a GPU index (0, 1, ...) nor a GPU UUID"),
+    (["hydra.launcher.gpus=[]", "experiment=glob(x*)"], "the sweep has no jobs: its overrides (experiment=glob(x*))"),
+])
+def test_launcher_settings_and_an_empty_sweep_are_pre_flight_problems(app, argv, message):
+    code, out = app("-m", "noise=none,offset", *argv) if "glob" not in argv[-1] else app("-m", *argv)
+    assert code == 2 and message in out and "Traceback" not in out and "Pre-flight found" in out
+
+
+def test_unusable_folders_and_stores_are_all_named_at_once(tmp_path, app, monkeypatch):
+    """As root, os.access says /proc is writable: Hydra then made outputs/ before the job refused it."""
+    code, out = app("train.output_dir=/proc/out", "train.state_dir=/proc/states", "hydra.run.dir=/proc/x")
+    assert code == 2 and "Traceback" not in out
+    for setting, path in (("train.output_dir", "/proc/out"), ("train.state_dir", "/proc/states"),
+                          ("hydra.run.dir", "/proc/x")):
+        assert f"{setting}: cannot write to '{path}'" in out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    code, out = app()
+    assert code == 2 and "'bogus://x' has the scheme 'bogus', for which MLflow has no tracking store" in out
+
+
+def test_an_unreachable_mlflow_server_is_refused_at_once(app, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    code, out = app("train.max_steps=1")
+    assert code == 2 and time.monotonic() - start < 30 and "Traceback" not in out
+    assert f"the MLflow server at 'http://127.0.0.1:{port}' does not accept a connection on 127.0.0.1:{port}" in out

@@ -9,6 +9,7 @@ initialises CUDA in the launcher (no torch import): it reads CUDA_VISIBLE_DEVICE
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -64,21 +65,60 @@ def _count_nvidia_gpus() -> int:
     return len(os.listdir(proc_dir)) if os.path.isdir(proc_dir) else 0
 
 
+# what CUDA_VISIBLE_DEVICES takes for one device: an index, or a GPU/MIG UUID (or a unique prefix of one)
+GPU_TOKEN = re.compile(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+")
+
+
 def _gpu_tokens(gpus: Any) -> list[str]:
     if isinstance(gpus, str):
         if gpus.strip().lower() == "auto":
             return visible_gpus()
-        return [t.strip() for t in gpus.split(",") if t.strip()]
+        return _checked_tokens(gpus, [t.strip() for t in gpus.split(",") if t.strip()])
     if isinstance(gpus, Sequence):
         tokens = [str(g).strip() for g in gpus]
         if any(not t for t in tokens):
             raise GpuQueueConfigError(
                 f"hydra.launcher.gpus={list(gpus)!r} has an empty entry; list GPU indices or UUIDs.")
-        return tokens
+        return _checked_tokens(list(gpus), tokens)
     raise GpuQueueConfigError(
         f"hydra.launcher.gpus={gpus!r} is not understood: use `auto` (every GPU this process can see), a list of GPU "
         "indices or UUIDs such as [0, 1], or [] for CPU slots only. A bare number is ambiguous (count or index?)."
     )
+
+
+def _checked_tokens(gpus: Any, tokens: list[str]) -> list[str]:
+    """`tokens` if each is a GPU index or UUID: anything else (`abc`) would become a slot whose jobs each fail later
+    with "torch sees no CUDA device"."""
+    bad = [t for t in tokens if not GPU_TOKEN.fullmatch(t)]
+    if bad:
+        raise GpuQueueConfigError(
+            f"hydra.launcher.gpus={gpus!r}: {', '.join(repr(t) for t in bad)} is neither a GPU index (0, 1, ...) nor a "
+            "GPU UUID (GPU-..., MIG-..., as `nvidia-smi -L` lists them). Use `auto` (every GPU this process can see), "
+            "a list such as [0, 1], or [] for CPU slots only.")
+    return tokens
+
+
+def launcher_problems(settings: Mapping[str, Any]) -> list[str]:
+    """Every problem of the gpu_queue launcher's settings (`hydra.launcher.*`), one paragraph each, for the sweep's
+    pre-flight: found before the sweep's MLflow parent run or folder exists, not by the launcher once they do."""
+    from .launcher import check_choices
+
+    problems = []
+    try:
+        check_choices(settings.get("start_method", "forkserver"), settings.get("console", "auto"),
+                      settings.get("progress_every_s", 60.0))
+    except GpuQueueConfigError as error:
+        problems.append(str(error))
+    for field in ("jobs_per_gpu", "cpu_slots"):
+        try:
+            plan_slots([], **{"jobs_per_gpu": 1, "cpu_slots": 1, field: settings.get(field, 1)})
+        except GpuQueueConfigError as error:
+            problems.append(str(error))
+    try:
+        plan_slots(settings.get("gpus", "auto"), 1, 1)
+    except GpuQueueConfigError as error:
+        problems.append(str(error))
+    return problems
 
 
 def plan_slots(gpus: Any, jobs_per_gpu: int, cpu_slots: int) -> list[Slot]:

@@ -45,23 +45,32 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def check_choices(start_method: Any, console: Any, progress_every_s: Any) -> None:
+    """Raise GpuQueueConfigError for the first of these launcher settings that has no meaning."""
+    for name, value, accepted in (("start_method", start_method, ("forkserver", "spawn")),
+                                  ("console", console, ("auto", "live", "plain"))):
+        if value not in accepted:
+            raise GpuQueueConfigError(
+                f"hydra.launcher.{name}={value!r}: accepted values are {', '.join(accepted)}.")
+    try:
+        seconds = float(progress_every_s)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise GpuQueueConfigError(f"hydra.launcher.progress_every_s={progress_every_s!r}: accepted values are "
+                                  "seconds >= 0 (0: no progress lines without a terminal).")
+
+
 class GpuQueueLauncher(Launcher):
     def __init__(self, gpus: Any = "auto", jobs_per_gpu: int = 1, cpu_slots: int = 1, preload: Sequence[str] = (),
                  start_method: str = "forkserver", console: str = "auto", kill_grace_s: float = 5.0,
                  refresh_s: float = 0.5, log_tail_lines: int = 20, progress_every_s: float = 60.0) -> None:
         self.gpus, self.jobs_per_gpu, self.cpu_slots = _plain(gpus), jobs_per_gpu, cpu_slots
         self.preload: list[str] = [str(p) for p in (_plain(preload) or [])]
-        for name, value, accepted in (("start_method", start_method, ("forkserver", "spawn")),
-                                      ("console", console, ("auto", "live", "plain"))):
-            if value not in accepted:
-                raise GpuQueueConfigError(
-                    f"hydra.launcher.{name}={value!r}: accepted values are {', '.join(accepted)}.")
+        check_choices(start_method, console, progress_every_s)
         self.start_method, self.console_mode = start_method, console
         self.kill_grace_s, self.refresh_s = float(kill_grace_s), float(refresh_s)
         self.log_tail_lines = int(log_tail_lines)
-        if not float(progress_every_s) >= 0:
-            raise GpuQueueConfigError(f"hydra.launcher.progress_every_s={progress_every_s!r}: accepted values are "
-                                      "seconds >= 0 (0: no progress lines without a terminal).")
         self.progress_every_s = float(progress_every_s)
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None

@@ -1,0 +1,61 @@
+"""The pre-flight's checks of a sweep as a whole, beyond each job's own (lora_sweep/preflight.py checks those).
+
+A sweep can be wrong although every job alone is right, and each such problem would otherwise show only after the
+sweep's MLflow parent run and folder exist: no job at all (a glob that matches no option), jobs that write to one
+output folder (each job's LoRA overwrites the others'), and launcher settings the gpu_queue launcher refuses only
+once it starts (its slots: `hydra.launcher.cpu_slots=0`, `gpus=[abc]`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def sweep_problems(config: DictConfig, jobs: dict[str, DictConfig], count: int) -> list[str]:
+    """Problems of the sweep `config` whose `count` jobs expanded and, where they composed, are `jobs` (label ->
+    the job's config, paths absolute)."""
+    problems = launcher_problems(config)
+    if count == 0:
+        problems.append(no_jobs_problem(config))
+    problems += shared_output_problems(jobs)
+    return problems
+
+
+def launcher_problems(config: DictConfig) -> list[str]:
+    launcher = config.hydra.get("launcher") or {}
+    if not str(launcher.get("_target_", "")).endswith("GpuQueueLauncher"):
+        return []  # Ray and Slurm check their own settings when they start
+    from hydra_plugins.gpu_queue_launcher._slots import launcher_problems as gpu_queue_problems
+
+    settings = OmegaConf.to_container(launcher, resolve=True)
+    return gpu_queue_problems(settings)
+
+
+def no_jobs_problem(config: DictConfig) -> str:
+    swept = [o for o in config.hydra.overrides.task if any(mark in o for mark in (",", "glob(", "range(", "[]"))]
+    named = f" ({' '.join(swept)})" if swept else ""
+    return (f"the sweep has no jobs: its overrides{named} expand to nothing, as a glob that matches no option "
+            "(experiment='glob(x*)') or an empty range does. Check the values against the options the config has "
+            "(e.g. ls conf/experiment/), or run without -m for a single run.")
+
+
+def shared_output_problems(jobs: dict[str, DictConfig]) -> list[str]:
+    """A train.output_dir that two or more jobs resolve to: they would write their LoRA, config and samples into
+    one folder, the last to finish overwriting the others (and concurrent jobs interleaving their files)."""
+    by_folder: dict[Path, list[str]] = defaultdict(list)
+    for label, job in jobs.items():
+        if job.train.output_dir:
+            by_folder[Path(str(job.train.output_dir)).expanduser().resolve()].append(label)
+    return [f"train.output_dir: jobs {_listed(labels)} all write to '{folder}', so each job's LoRA, config and "
+            "samples overwrite the others'. Leave train.output_dir unset (each job then writes into its own job "
+            "folder under the sweep folder), or make it differ per job (sweep it too, one folder per job)."
+            for folder, labels in by_folder.items() if len(labels) > 1]
+
+
+def _listed(labels: list[Any]) -> str:
+    shown = ", ".join(str(label) for label in labels[:6])
+    return shown + (f" and {len(labels) - 6} more" if len(labels) > 6 else "")
