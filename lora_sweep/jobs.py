@@ -31,7 +31,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from lora_sweep.atomic import write_text
 
@@ -209,10 +209,18 @@ class StatusFile:
 class JobSink:
     """The trainer's `Sink`: MLflow run logger + progress bar + the queue's status file."""
 
-    def __init__(self, logger: Any, status: StatusFile, label: str):  # logger: tracking.RunLogger
+    def __init__(self, logger: Any, status: StatusFile, label: str,  # logger: tracking.RunLogger
+                 on_warning: Callable[[Any], None] | None = None):
         from tqdm.auto import tqdm
 
         self.logger, self.status, self.bar = logger, status, tqdm(desc=label, unit="step", dynamic_ncols=True)
+        self.on_warning = on_warning
+
+    def warn(self, fallback) -> None:
+        """A fallback found while training (an image that failed to decode): the run's warnings, as the
+        pre-flight's."""
+        if self.on_warning is not None:
+            self.on_warning(fallback)
 
     def params(self, values):
         self.logger.log_params(values)

@@ -209,14 +209,20 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         logger = tracking.RunLogger.start(client, ready.exp_id, name=label, tags=tags,
                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
     outcome, sink = JobOutcome("FAILED", logger.run_id), None
+    checked = ready.checked or preflight_lib.Report()
     try:
         ready.lock.note(run_id=logger.run_id)
         status.update(force=True, run_id=logger.run_id)
         logger.log_params(flatten(to_container(cfg)))
         _log_config(cfg, logger, output_dir)
-        if ready.checked is not None:
-            log_fallbacks(logger, ready.checked, output_dir)
-        sink = JobSink(logger, status, label)
+        log_fallbacks(logger, checked, output_dir)
+
+        def warn(fallback) -> None:
+            checked.fallbacks.append(fallback)
+            preflight_lib.announce([fallback])
+            log_fallbacks(logger, checked, output_dir)
+
+        sink = JobSink(logger, status, label, on_warning=warn)
         states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
         with _StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states)
@@ -233,6 +239,10 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     finally:
         if sink is not None:
             sink.bar.close()
+        try:  # once, at the end: fallbacks found while training count too
+            logger.log_params({"data.warnings": len(checked.fallbacks)})
+        except Exception as exc:  # noqa: BLE001  (the run must still be closed)
+            log.warning("could not log data.warnings: %s", exc)
         spilled = logger.end(outcome.status, outcome.reason or None)
         status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
                       reason=_status_reason(outcome.reason, outcome.user_error), user_error=outcome.user_error,
@@ -242,9 +252,9 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
 
 
 def log_fallbacks(logger: tracking.RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
-    """The pre-flight's warnings on the run: `data.warnings` (how many) and, if any, `data/warnings.txt` (each
-    with every path it concerns), so a sweep's report can show what trained on something other than asked."""
-    logger.log_params({"data.warnings": len(checked.fallbacks)})
+    """The pre-flight's warnings on the run, `data/warnings.txt` (each with every path it concerns), rewritten when
+    training finds another (an image that fails to decode); `data.warnings` (how many) is logged once as the run
+    ends. A sweep's report can show what trained on something other than asked."""
     if checked.fallbacks:
         logger.log_artifact(write_text(Path(output_dir) / "warnings.txt", checked.warnings_text()), "data")
 

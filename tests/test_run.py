@@ -159,3 +159,18 @@ def test_a_gpu_slot_without_a_cuda_device_is_refused_and_elsewhere_trains_on_the
 
     assert check_device(compose_config("train.device=cpu")) is None
     assert check_device(compose_config(), {"CUDA_VISIBLE_DEVICES": "", "GPU_QUEUE_SLOT": "1"}) is None  # CPU slot
+
+
+def test_a_truncated_image_skipped_while_loading_counts_in_the_runs_warnings(tmp_path, mlflow_uri):
+    """A valid header with truncated pixels passes the header scan; skipped at load, it was only a log line."""
+    make_dataset(tmp_path / "ds", seed=0)
+    whole = (tmp_path / "ds" / "2_thing" / "img1.png").read_bytes()
+    (tmp_path / "ds" / "2_thing" / "img1.png").write_bytes(whole[:300])  # noise: thousands of bytes in all
+    outcome = run_job(compose_config("train.max_steps=1", "data=folder", f"data.dir={tmp_path / 'ds'}",
+                                     f"train.state_dir={tmp_path / 'states'}", f"data.cache_dir={tmp_path / 'cache'}"),
+                      output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED", outcome.reason
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.data.params["data.warnings"] == "1" and run.data.params["data.skipped_images"] == "1"
+    warnings = (tmp_path / "out" / "warnings.txt").read_text()
+    assert warnings.startswith("data.dir: 1 image whose pixels failed to decode") and "img1.png" in warnings

@@ -47,6 +47,7 @@ class Prepared:
     examples: list[Example]
     histogram: dict[str, int]
     cache_stats: dict[str, int] = field(default_factory=dict)  # cache/hits, cache/misses, per kind
+    unreadable: list[str] = field(default_factory=list)  # images whose header passed but pixels failed: skipped
 
 
 def _assign(item: ImageItem, settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -77,6 +78,7 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     vae_id = store.model_identity(parts.source, "vae")
     text_id = store.model_identity(parts.source, "text") if encode_text else ""
     examples: list[Example] = []
+    unreadable: list[str] = []
     for item in list(scan.items):
         try:
             examples.append(_example(parts, store, item, settings, data_cfg, device, vae_id, text_id, encode_text))
@@ -84,11 +86,12 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
             log.warning("skipping unreadable image '%s': %s", item.path, error)
             scan.items.remove(item)
             scan.skipped.append(item.path)
+            unreadable.append(str(item.path))
     if not examples:
         raise UserError(f"data.dir: no readable images to train on: all {len(scan.skipped)} image(s) failed to "
                         f"decode (e.g. '{scan.skipped[0] if scan.skipped else ''}'). Re-save them as PNG or JPEG.")
     histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
-    return Prepared(examples, histogram, cache_stats=store.stats())
+    return Prepared(examples, histogram, cache_stats=store.stats(), unreadable=unreadable)
 
 
 def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, vae_id: str, text_id: str,

@@ -166,6 +166,17 @@ def cache_root(cfg) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
+
+def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
+    """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
+    scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log).
+    A sink without `warn` (a test's) is told nothing."""
+    from lora_sweep.errors import Fallback
+
+    if paths and hasattr(sink, "warn"):
+        sink.warn(Fallback(setting, "images whose pixels failed to decode (truncated or corrupt after a valid header): "
+                           "skipped (counted in data.skipped_images)", tuple(paths), "Re-save them as PNG or JPEG."))
+
 def load_parts(cfg, policy: precision.PrecisionPolicy | None = None, *,
                text_encoders_in_step: bool = False) -> model_lib.SDXLParts:
     """The tiny model is built once into the cache (seed 0: every variant and seed shares one base model) and then
@@ -210,6 +221,7 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     parts.vae.to(device)
     started = time.perf_counter()
     prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=not encode_text_online)
+    _warn_unreadable(sink, "data.dir", prepared.unreadable)
     log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
              ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
     parts.vae.to("cpu")  # latents are cached: the VAE is not needed on the training device
@@ -222,8 +234,9 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     val_examples = [prepared.examples[i] for i in val_idx]
     if cfg.data.validation_dir:
         val_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
-        val_examples += prepare_examples(parts, val_scan, cfg.data, device=device,
-                                         encode_text=not encode_text_online).examples
+        val_prepared = prepare_examples(parts, val_scan, cfg.data, device=device, encode_text=not encode_text_online)
+        _warn_unreadable(sink, "data.validation_dir", val_prepared.unreadable)
+        val_examples += val_prepared.examples
     items = [i for i in train_idx for _ in range(prepared.examples[i].item.repeats)]
     sink.params({
         "data.images": len(scan.items), "data.skipped_images": len(scan.skipped),
