@@ -10,41 +10,15 @@ types. What needs the composed config (ranges, combinations, files) is the pre-f
 
 from __future__ import annotations
 
-import difflib
-import functools
 from typing import Any, Iterable, List
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_sweep.config import (Config, _is_free_form, config_groups, register_configs, schema_keys,
-                               unknown_key_message, CONF_DIR)
+from lora_sweep.config import Config, _is_free_form, config_groups, schema_keys, unknown_key_message
+from lora_sweep.groups import group_options, missing_option_message
 
 _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
-
-
-@functools.lru_cache(maxsize=1)
-def config_loader():
-    """Hydra's config loader over conf/ (and the search-path plugins), as `sweep.py` composes with it."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
-
-    register_configs()
-    return ConfigLoaderImpl(config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
-
-
-def group_options(group: str) -> list[str]:
-    """The options Hydra would accept for `group=` (`noise` -> ip, multires, ..., offset_ip)."""
-    from hydra.core.object_type import ObjectType
-
-    return config_loader().get_group_options(group, results_filter=ObjectType.CONFIG)
-
-
-def missing_option_message(group: str, option: str, options: list[str]) -> str:
-    """Hydra's words for an unknown group option, on one line, with the closest option (as `hydra_error_text`)."""
-    near = difflib.get_close_matches(option, options, n=2, cutoff=0.5)
-    return (f"Could not find '{group}/{option}'. Available options in '{group}': {', '.join(options)}."
-            + (f" Did you mean {' or '.join(f'{group}={o}' for o in near)}?" if near else ""))
 
 
 def _values(override) -> list[Any]:

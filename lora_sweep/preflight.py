@@ -38,6 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from lora_sweep.errors import ConfigError, Fallback, UserError
+from lora_sweep.validate import list_option_conflicts
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
@@ -291,6 +292,7 @@ class PreflightCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         report = check_job(_job_copy(config), hydra_dir=("hydra.run.dir", Path(config.hydra.run.dir)))
+        report.problems[:0] = list_option_conflicts(config)  # needs the hydra node _job_copy drops
         _finish([("", report)], jobs=1)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -301,6 +303,7 @@ class PreflightCallback(Callback):
                 continue
             job = _job_copy(job_config)
             report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
+            report.problems[:0] = list_option_conflicts(job_config)
             results.append((label, report))
             targets[label] = tracking_target(job)
         if len(set(targets.values())) > 1:

@@ -212,6 +212,19 @@ def _check_data_dir(cfg) -> None:
             )
 
 
+def list_option_conflicts(cfg) -> list[str]:
+    """Options of one group chosen together (`loss=[huber_snr,smooth_l1_snr]`) that disagree on a setting: Hydra
+    keeps the last value silently. Needs the composed config's `hydra` node (its overrides): the pre-flight calls it."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.groups import option_conflicts
+
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) if isinstance(cfg, DictConfig) else None
+    if overrides is None:
+        return []
+    return option_conflicts(list(overrides), OmegaConf.select(cfg, "hydra.job.config_name", default="config"))
+
+
 def config_problems(cfg) -> list[str]:
     """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid. A key the schema
     lacks (`+noise.ofset=0.1`: Hydra adds it, nothing reads it) is a problem too, with the closest real keys."""
