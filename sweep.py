@@ -101,14 +101,15 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`python sweep.py ...`: overrides naming a key the schema lacks are refused before Hydra starts (Hydra would
-    advise adding them with '+', and the run would ignore them); then `main`. An error that escapes Hydra's
+    """`python sweep.py ...`: every misspelt key, unknown group option and value of the wrong type of the command
+    line is refused before Hydra starts, all at once (Hydra stops at the first, and would advise adding a misspelt
+    key with '+', which the run would ignore); then `main`. An error that escapes Hydra's
     composition or a sweep (a bad override or group option, a failed job) is printed as one paragraph, without
     Hydra's "Set the environment variable HYDRA_FULL_ERROR=1" line: bad input exits 2, a failed sweep 1, and a bug
     shows its whole traceback. With HYDRA_FULL_ERROR=1 set by the user, Hydra reports everything itself."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from lora_sweep.config import command_line_problems
+    from lora_sweep.command_line import command_line_problems
     from lora_sweep.errors import hydra_error_text
 
     problems = command_line_problems(sys.argv[1:] if argv is None else argv)

@@ -261,6 +261,7 @@ def config_hash(cfg: DictConfig | Config) -> str:
 
 FREE_FORM = ("optimizer.args",)  # Dict[str, Any] fields: any key goes (kohya's --optimizer_args), checked elsewhere
 _CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = _CONF
 
 
 def schema_keys() -> list[str]:
@@ -341,33 +342,7 @@ def unknown_key_message(key: str, *, added: bool = False) -> str:
 
 
 def command_line_problems(argv: List[str]) -> List[str]:
-    """Problems of `python sweep.py` overrides that name a key the schema lacks (`noise.ofset=0.1`, also swept),
-    found before Hydra composes: Hydra's own answer is to suggest `+noise.ofset=0.1`, which would train without the
-    setting. Overrides with `+`, `++` or `~`, of `hydra.*`, of a group (`noise=...`) and of free-form maps are left to
-    Hydra and the pre-flight; so is everything when another config is chosen (--config-path/-name/-dir)."""
-    if any(a in ("-h", "--help", "--hydra-help", "--version") for a in argv):  # Hydra answers these and exits
-        return []
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """See `lora_sweep.command_line.command_line_problems` (kept here for callers of the old place)."""
+    from lora_sweep.command_line import command_line_problems as problems
 
-    parser = get_args_parser()
-    parser.exit_on_error = False
-    try:
-        args, _ = parser.parse_known_args(argv)
-        if args.config_path or args.config_dir or args.config_name not in (None, "config"):
-            return []
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except (Exception, SystemExit):  # Hydra says what is wrong with the command line itself
-        return []
-    keys = set(schema_keys())
-    nodes = {k.split(".")[0] for k in keys}
-    problems = []
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
-            continue
-        if key.startswith("hydra") or "/" in key or _is_free_form(key) or key in keys:
-            continue
-        if key.split(".")[0] in nodes if "." in key else key not in nodes | set(config_groups()):
-            problems.append(unknown_key_message(key))
-    return list(dict.fromkeys(problems))
+    return problems(argv)

@@ -18,6 +18,45 @@ class ConfigError(UserError):
     """A config value or combination of values is invalid; raised at compose time, before anything heavy loads."""
 
 
+class ConfigErrors(ConfigError):
+    """Several independent problems found by one check (a group's options), one message each: the pre-flight lists
+    them all, so a user fixes them in one go instead of meeting them one run at a time."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def problem_messages(error: ConfigError) -> list[str]:
+    """The messages of a `ConfigError`: each of a `ConfigErrors`, else its one message."""
+    return list(getattr(error, "problems", None) or [str(error)])
+
+
+class Problems:
+    """Collects the `ConfigError`s of independent checks, so a check of many fields reports every bad field, not
+    the first: `value = found.check(fn, *args)` is fn's result, or None after recording its problem;
+    `found.raise_any()` raises them together as one `ConfigErrors`."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def check(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as error:
+            self.messages += problem_messages(error)
+            return None
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def raise_any(self) -> None:
+        if len(self.messages) == 1:
+            raise ConfigError(self.messages[0])
+        if self.messages:
+            raise ConfigErrors(self.messages)
+
+
 
 @dataclass(frozen=True)
 class Fallback:

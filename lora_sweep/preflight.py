@@ -43,6 +43,7 @@ from omegaconf import DictConfig, open_dict
 
 from lora_sweep.errors import ConfigError, Fallback, UserError
 from lora_sweep.preflight_folders import cache_root, check_job_folders, folder_problems  # noqa: F401  (re-exported)
+from lora_sweep.validate import list_option_conflicts
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
@@ -283,6 +284,7 @@ class PreflightCallback(Callback):
 
     def _run_start(self, config: DictConfig) -> None:
         report = check_job(_job_copy(config), hydra_dir=("hydra.run.dir", Path(config.hydra.run.dir)))
+        report.problems[:0] = list_option_conflicts(config)  # needs the hydra node _job_copy drops
         _finish([("", report)], jobs=1)
 
     def _multirun_start(self, config: DictConfig) -> None:
@@ -295,6 +297,7 @@ class PreflightCallback(Callback):
                 continue
             job = _job_copy(job_config)
             report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
+            report.problems[:0] = list_option_conflicts(job_config)
             results.append((label, report))
             targets[label], jobs[label] = tracking_target(job), job
         if len(set(targets.values())) > 1:

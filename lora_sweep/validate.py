@@ -15,7 +15,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from lora_sweep.errors import ConfigError, UserError
+from lora_sweep.errors import ConfigError, Problems, UserError, problem_messages
 from lora_sweep.training.failures import FAULT_CHOICES, FAULT_SPEC
 
 MODELS = ("tiny", "sdxl")
@@ -130,7 +130,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: s.every == 0 or s.prompts or s.prompt_file or _fail(
             "sampling.every", s.every, "0 when no prompts are set (set sampling.prompts or sampling.prompt_file)"),
         lambda: _positive("validation.every", v.every, allow_zero=True),
-        lambda: [_range("validation.timesteps", ts, 0, NUM_TRAIN_TIMESTEPS, high_open=True) for ts in v.timesteps],
+        lambda: _every_timestep(v.timesteps),
         lambda: v.timesteps or _fail("validation.timesteps", "[]", "a non-empty list of timesteps in [0, 1000)"),
         lambda: _range("validation.seed", v.seed, 0, SEED_MAX),
         lambda: _positive("validation.fit_images", v.fit_images, allow_zero=True),
@@ -172,10 +172,19 @@ def _check_output_name(name: str) -> None:
         _fail("train.output_name", repr(name), "a plain file name without folders (e.g. my_lora)")
 
 
+def _every_timestep(timesteps) -> None:
+    """Each bad timestep of validation.timesteps is named (`[2000,-5]`: both), not the first."""
+    found = Problems()
+    for ts in timesteps:
+        found.check(_range, "validation.timesteps", ts, 0, NUM_TRAIN_TIMESTEPS, high_open=True)
+    found.raise_any()
+
+
 def _check_scheduler(optim, cfg) -> None:
-    if cfg.optimizer.scheduler not in optim.SCHEDULERS:
-        _enum("optimizer.scheduler", cfg.optimizer.scheduler, optim.SCHEDULERS)
-    _positive("optimizer.warmup_steps", cfg.optimizer.warmup_steps, allow_zero=True)
+    found = Problems()  # a bad scheduler and a bad warmup are both named
+    found.check(_enum, "optimizer.scheduler", cfg.optimizer.scheduler, optim.SCHEDULERS)
+    found.check(_positive, "optimizer.warmup_steps", cfg.optimizer.warmup_steps, allow_zero=True)
+    found.raise_any()
     if cfg.optimizer.scheduler == "constant" and cfg.optimizer.warmup_steps:
         raise ConfigError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} needs a scheduler that warms up: "
                           "optimizer.scheduler=constant does not (kohya refuses it too); use constant_with_warmup, "
@@ -203,6 +212,19 @@ def _check_data_dir(cfg) -> None:
             )
 
 
+def list_option_conflicts(cfg) -> list[str]:
+    """Options of one group chosen together (`loss=[huber_snr,smooth_l1_snr]`) that disagree on a setting: Hydra
+    keeps the last value silently. Needs the composed config's `hydra` node (its overrides): the pre-flight calls it."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.groups import option_conflicts
+
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) if isinstance(cfg, DictConfig) else None
+    if overrides is None:
+        return []
+    return option_conflicts(list(overrides), OmegaConf.select(cfg, "hydra.job.config_name", default="config"))
+
+
 def config_problems(cfg) -> list[str]:
     """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid. A key the schema
     lacks (`+noise.ofset=0.1`: Hydra adds it, nothing reads it) is a problem too, with the closest real keys."""
@@ -214,7 +236,7 @@ def config_problems(cfg) -> list[str]:
         try:
             check()
         except UserError as exc:
-            problems.append(str(exc))
+            problems += problem_messages(exc) if isinstance(exc, ConfigError) else [str(exc)]
     return problems
 
 

@@ -145,9 +145,44 @@ def test_a_command_line_key_the_schema_lacks_is_refused_before_hydra(argv, sugge
 def test_what_hydra_checks_itself_is_left_to_it():
     from lora_sweep.config import command_line_problems
 
-    assert command_line_problems(["+noise.ofset=1", "~noise.offset", "optimizer.args.d_cof=2", "noise=ofset",
+    assert command_line_problems(["+noise.ofset=1", "~noise.offset", "optimizer.args.d_cof=2",
                                   "hydra.job.chdir=true", "hydra/launcher=ray", "experiment=glob(v*)",
-                                  "train.max_steps=abc", "--cfg", "job"]) == []
+                                  "train.lr=${optimizer.lr}", "--cfg", "job"]) == []
+    assert command_line_problems(["hydra.searchpath=[file:///elsewhere]", "experiment=mine"]) == []
+
+
+def test_every_misspelt_key_of_the_command_line_is_reported_at_once():
+    """TESTER_A item 5: `train.max_steps=2 noise.ofset=0.1 trian.lr=1` named only noise.ofset."""
+    from lora_sweep.config import command_line_problems
+
+    first, second = command_line_problems(["train.max_steps=2", "noise.ofset=0.1", "trian.lr=1"])
+    assert first.startswith("noise.ofset is not a setting. Did you mean noise.offset?")
+    assert second.startswith("trian.lr is not a setting. Did you mean train.lr?")
+
+
+@pytest.mark.parametrize("argv", [["noise=ofset", "loss=hubr"], ["-m", "noise=ofset,none", "loss=l2,hubr"]])
+def test_every_wrong_group_option_is_reported_at_once_with_hydras_options(argv):
+    """TESTER_A item 5: Hydra stops at the first (`loss/hubr`); noise=ofset was never mentioned."""
+    from lora_sweep.config import command_line_problems
+
+    assert command_line_problems(argv) == [
+        "Could not find 'noise/ofset'. Available options in 'noise': ip, multires, multires_ip, none, offset, "
+        "offset_ip. Did you mean noise=offset or noise=offset_ip?",
+        "Could not find 'loss/hubr'. Available options in 'loss': debiased, huber_snr, l2, min_snr, smooth_l1_snr. "
+        "Did you mean loss=huber_snr?"]
+    (problem,) = command_line_problems(["loss=[huber_snr,smoth]"])
+    assert problem.startswith("Could not find 'loss/smoth'") and problem.endswith("Did you mean loss=smooth_l1_snr?")
+
+
+def test_every_value_of_the_wrong_type_is_reported_at_once_in_hydras_words():
+    """TESTER_A item 5: `train.max_steps=abc train.lr=abc` named only the first."""
+    from lora_sweep.config import command_line_problems
+
+    assert command_line_problems(["train.max_steps=abc", "train.lr=abc"]) == [
+        "Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not be converted to Integer.",
+        "Error merging override train.lr=abc. Value 'abc' of type 'str' could not be converted to Float."]
+    assert command_line_problems(["-m", "train.max_steps=1,abc"]) == [
+        "Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not be converted to Integer."]
     assert command_line_problems(["-cn", "other", "noise.x=1"]) == [] and command_line_problems(["--help"]) == []
 
 

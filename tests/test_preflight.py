@@ -415,3 +415,20 @@ def test_an_unreachable_mlflow_server_is_refused_at_once(app, monkeypatch):
     code, out = app("train.max_steps=1")
     assert code == 2 and time.monotonic() - start < 30 and "Traceback" not in out
     assert f"the MLflow server at 'http://127.0.0.1:{port}' does not accept a connection on 127.0.0.1:{port}" in out
+
+@pytest.mark.parametrize("argv", [["loss=[huber_snr,smooth_l1_snr]", "train.max_steps=1"],
+                                  ["-m", "loss=[huber_snr,smooth_l1_snr],l2", "train.max_steps=1"]])
+def test_a_list_of_options_that_disagree_on_a_setting_is_refused(app, argv):
+    """TESTER_A item 11: `loss=[huber_snr,smooth_l1_snr]` trained smooth_l1 (the last option's loss.type) silently."""
+    code, out = app(*argv)
+    assert code == 2 and ("loss: the options huber_snr and smooth_l1_snr both set loss.type (huber_snr: 'huber', "
+                          "smooth_l1_snr: 'smooth_l1'); in a list the last one would win without a word. Choose one "
+                          "of them (loss=huber_snr or loss=smooth_l1_snr).") in out
+
+
+def test_options_that_add_up_are_no_conflict():
+    """noise=offset_ip lists noise/offset and noise/ip (different settings); every shipped option composes alone."""
+    from lora_sweep.groups import option_conflicts
+
+    assert option_conflicts(["noise=offset_ip", "experiment=v57"]) == []
+    assert option_conflicts(["noise=[offset,ip]"]) == []

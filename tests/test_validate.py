@@ -119,3 +119,26 @@ def test_fixed_resolution_without_buckets_must_suit_the_vae():
     with pytest.raises(ConfigError, match="data.resolution: must be a multiple of 8"):
         validate(compose_config("data.enable_bucket=false", "data.resolution=100"))
     validate(compose_config("data.enable_bucket=false", "data.resolution='832,1216'"))
+
+
+@pytest.mark.parametrize("overrides, starts", [
+    (["noise.offset=-1", "noise.ip_gamma=-0.1"], ["noise.offset = -1.0 is negative", "noise.ip_gamma = -0.1"]),
+    (["noise.offset=-1", "noise.min_timestep=600", "noise.max_timestep=500"],
+     ["noise.offset = -1.0 is negative", "noise.min_timestep = 600 is not below noise.max_timestep = 500"]),
+    (["loss.huber_c=2", "loss.min_snr_gamma=-1"], ["loss.huber_c = 2.0", "loss.min_snr_gamma = -1.0"]),
+    (["validation.timesteps=[2000,-5]"],
+     ["validation.timesteps: must be in [0, 1000), got 2000", "validation.timesteps: must be in [0, 1000), got -5"]),
+    (["data.resolution=abc", "data.bucket_reso_steps=33", "data.min_bucket_reso=2048", "data.max_bucket_reso=32"],
+     ["data.resolution: 'abc'", "data.bucket_reso_steps: 33", "data.min_bucket_reso (2048) is larger than "
+      "data.max_bucket_reso (32)"]),
+    (["optimizer.scheduler=step", "optimizer.warmup_steps=-1"], ["optimizer.scheduler", "optimizer.warmup_steps"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and "=" in v[0] else None)
+def test_every_bad_value_of_one_group_is_reported_not_the_first(overrides, starts):
+    """TESTER_A item 5: each group's check stopped at its first problem (offset hid ip_gamma and the timesteps,
+    huber_c hid min_snr_gamma, 2000 hid -5, a bad resolution hid the bucket settings)."""
+    from lora_sweep.validate import config_problems
+
+    problems = config_problems(compose_config(*overrides))
+    assert len(problems) == len(starts), problems
+    for problem, start in zip(problems, starts):
+        assert problem.startswith(start), (problem, start)

@@ -75,7 +75,8 @@ def parse_prompt_line(
     """Parse one prompt line with inline options (see the module docstring) into a `PromptSpec`.
 
     `index` is the prompt's position in its list; it picks the default seed. `where` names the line in errors (the
-    setting, and the file and line number for a prompt file); default "sampling.prompts[index]". Raises UserError.
+    setting, and the file and line number for a prompt file); default "sampling.prompts[index]". Raises UserError
+    naming every bad option of the line, one per line of its message, so all are fixed in one go.
     """
     where = where or f"sampling.prompts[{index}]"
     parts = (" " + line.strip()).split(" --")  # the leading space lets a line that starts with "--" be caught
@@ -90,6 +91,7 @@ def parse_prompt_line(
         "seed": default_seed + index,
         "negative": default_negative,
     }
+    bad: list[str] = []  # every bad option of the line is named, not the first
     for option in parts[1:]:
         option = option.strip()
         if not option:
@@ -113,16 +115,18 @@ def parse_prompt_line(
             elif name in IGNORED_KOHYA_OPTIONS:
                 continue
             else:
-                raise UserError(
+                bad.append(
                     f"{where}: unknown option '--{option.split()[0]}' in {line!r}. Accepted: "
                     "--w WIDTH, --h HEIGHT, --d SEED, --s STEPS, --l CFG, --n NEGATIVE PROMPT "
                     "(kohya's --ss, --cn, --am and --f are accepted and ignored)."
                 )
         except ValueError:
-            raise UserError(
+            bad.append(
                 f"{where}: option '--{option}' in {line!r} needs a number "
                 "(--w/--h/--d/--s take whole numbers, --l a decimal)."
-            ) from None
+            )
+    if bad:
+        raise UserError("\n".join(bad))
     return PromptSpec(
         prompt=prompt,
         negative=str(values["negative"]),
@@ -205,7 +209,7 @@ def check_prompts(
         try:
             specs.append(parse_prompt_line(line, index=index, where=where, **defaults))
         except UserError as error:
-            problems.append(str(error))
+            problems += str(error).splitlines()  # one problem per bad option of the line
         if single_dash_options(line):
             dashed.append(f"{place} ({' '.join(single_dash_options(line))})")
     fallbacks = [Fallback(

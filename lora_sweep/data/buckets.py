@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from PIL import Image
 
-from lora_sweep.errors import ConfigError, UserError
+from lora_sweep.errors import ConfigError, Problems, UserError
 
 SD_SCRIPTS_MAX_BUCKET_RESO = 1024  # sd-scripts' --max_bucket_reso default (kohya_ss's GUI uses 2048)
 
@@ -67,28 +67,26 @@ def check_bucket_options(
 
     SDXL requires bucket_reso_steps % 32 == 0; BucketManager and the dataset require min_bucket_reso <=
     min(resolution), max(resolution) <= max_bucket_reso and min <= max, in both modes."""
-    width, height = parse_resolution(resolution)
+    found = Problems()  # every bad setting is reported, not the first
+    size = found.check(parse_resolution, resolution)
     if isinstance(reso_steps, bool) or not isinstance(reso_steps, int) or reso_steps <= 0 or reso_steps % 32:
-        raise ConfigError(
-            f"data.bucket_reso_steps: {reso_steps!r} is not allowed for SDXL. Use a positive multiple of 32 "
-            "(32 or 64; sd-scripts' default is 64)."
-        )
+        found.add(f"data.bucket_reso_steps: {reso_steps!r} is not allowed for SDXL. Use a positive multiple of 32 "
+                  "(32 or 64; sd-scripts' default is 64).")
     if min_reso is not None and min_reso <= 0:
-        raise ConfigError(f"data.min_bucket_reso: {min_reso} must be a positive number of pixels (kohya: 256).")
+        found.add(f"data.min_bucket_reso: {min_reso} must be a positive number of pixels (kohya: 256).")
     if min_reso is not None and max_reso is not None and min_reso > max_reso:
-        raise ConfigError(
-            f"data.min_bucket_reso ({min_reso}) is larger than data.max_bucket_reso ({max_reso}); min must be <= max."
-        )
-    if max_reso is not None and max(width, height) > max_reso:
-        raise ConfigError(
-            f"data.max_bucket_reso ({max_reso}) is smaller than data.resolution {width}x{height}; it must be >= "
-            f"both sides (kohya asserts this). Raise data.max_bucket_reso to at least {max(width, height)}."
-        )
-    if min_reso is not None and min(width, height) < min_reso:
-        raise ConfigError(
-            f"data.min_bucket_reso ({min_reso}) is larger than the shorter side of data.resolution "
-            f"{width}x{height}; lower it to at most {min(width, height)} (kohya asserts this)."
-        )
+        found.add(f"data.min_bucket_reso ({min_reso}) is larger than data.max_bucket_reso ({max_reso}); min must be "
+                  "<= max.")
+    if size is not None:
+        width, height = size
+        if max_reso is not None and max(width, height) > max_reso:
+            found.add(f"data.max_bucket_reso ({max_reso}) is smaller than data.resolution {width}x{height}; it must "
+                      f"be >= both sides (kohya asserts this). Raise data.max_bucket_reso to at least "
+                      f"{max(width, height)}.")
+        if min_reso is not None and 0 < min_reso and min(width, height) < min_reso:
+            found.add(f"data.min_bucket_reso ({min_reso}) is larger than the shorter side of data.resolution "
+                      f"{width}x{height}; lower it to at most {min(width, height)} (kohya asserts this).")
+    found.raise_any()
     return width, height
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lora_sweep.errors import ConfigError
+from lora_sweep.errors import ConfigError, Problems
 
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -195,17 +195,20 @@ def check_loss_options(loss_type: str, huber_schedule: str, huber_c: float, min_
     blends from ~1 down to c. It is checked for every loss type so a typo does not wait for a huber run.
     min_snr_gamma is null (off) or > 0 (kohya treats 0 as off; here off is spelled null).
     """
-    _check_choice("loss.type", loss_type, LOSS_TYPES)
-    _check_choice("loss.huber_schedule", huber_schedule, HUBER_SCHEDULES)
-    c = _finite_number("loss.huber_c", huber_c, "in (0, 1], default 0.1")
-    if not 0 < c <= 1:
-        raise ConfigError(f"loss.huber_c = {c} is out of range: it must be in (0, 1] (kohya's --huber_c, default "
-                          "0.1; with the snr and exponential schedules it is the value c reaches at high noise).")
+    found = Problems()  # every bad setting is reported, not the first
+    found.check(_check_choice, "loss.type", loss_type, LOSS_TYPES)
+    found.check(_check_choice, "loss.huber_schedule", huber_schedule, HUBER_SCHEDULES)
+    c = found.check(_finite_number, "loss.huber_c", huber_c, "in (0, 1], default 0.1")
+    if c is not None and not 0 < c <= 1:
+        found.add(f"loss.huber_c = {c} is out of range: it must be in (0, 1] (kohya's --huber_c, default "
+                  "0.1; with the snr and exponential schedules it is the value c reaches at high noise).")
     if min_snr_gamma is not None:
-        gamma = _finite_number("loss.min_snr_gamma", min_snr_gamma, "> 0, or null to turn min-SNR weighting off")
-        if gamma <= 0:
-            raise ConfigError(f"loss.min_snr_gamma = {gamma} is not valid: it must be > 0 (5 is the paper's value), "
-                              "or null to turn min-SNR weighting off.")
+        gamma = found.check(_finite_number, "loss.min_snr_gamma", min_snr_gamma,
+                            "> 0, or null to turn min-SNR weighting off")
+        if gamma is not None and gamma <= 0:
+            found.add(f"loss.min_snr_gamma = {gamma} is not valid: it must be > 0 (5 is the paper's value), "
+                      "or null to turn min-SNR weighting off.")
     for field, value in (("loss.debiased", debiased), ("loss.per_sample_timesteps", per_sample_timesteps)):
         if not isinstance(value, bool):
-            raise ConfigError(f"{field} = {value!r} is not valid: it must be true or false.")
+            found.add(f"{field} = {value!r} is not valid: it must be true or false.")
+    found.raise_any()

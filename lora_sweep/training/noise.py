@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from lora_sweep.errors import ConfigError
+from lora_sweep.errors import ConfigError, Problems
 
 
 def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device | str,
@@ -259,37 +259,41 @@ def check_noise_options(*, offset: float = 0.0, offset_random_strength: bool = F
     min_timestep / max_timestep (kohya's --min_timestep / --max_timestep; null = 0 / `num_timesteps`) must satisfy
     0 <= min < max <= num_timesteps, since t ~ randint(min, max) excludes max (kohya would fail at the first step).
     """
-    offset = _finite_number("noise.offset", offset, ">= 0; 0 turns the noise offset off, kohya's --noise_offset")
-    if offset < 0:
-        raise ConfigError(f"noise.offset = {offset} is negative: use a strength >= 0 (0 = off; 0.0357 and 0.1 are "
-                          "common), the sign of the shift is already random.")
-    if _flag("noise.offset_random_strength", offset_random_strength) and offset == 0:
-        raise ConfigError("noise.offset_random_strength = true needs noise.offset > 0: the strength is drawn as "
-                          "U[0,1) * noise.offset, so with offset 0 it would do nothing.")
+    found = Problems()  # every bad setting is reported, not the first
+    offset = found.check(_finite_number, "noise.offset", offset,
+                         ">= 0; 0 turns the noise offset off, kohya's --noise_offset")
+    if offset is not None and offset < 0:
+        found.add(f"noise.offset = {offset} is negative: use a strength >= 0 (0 = off; 0.0357 and 0.1 are "
+                  "common), the sign of the shift is already random.")
+    if found.check(_flag, "noise.offset_random_strength", offset_random_strength) and offset == 0:
+        found.add("noise.offset_random_strength = true needs noise.offset > 0: the strength is drawn as "
+                  "U[0,1) * noise.offset, so with offset 0 it would do nothing.")
     if adaptive_scale is not None:
-        _finite_number("noise.adaptive_scale", adaptive_scale, "or null; kohya's --adaptive_noise_scale")
+        found.check(_finite_number, "noise.adaptive_scale", adaptive_scale, "or null; kohya's --adaptive_noise_scale")
         if offset == 0:
-            raise ConfigError("noise.adaptive_scale is set but noise.offset is 0: the adaptive scale adjusts the "
-                              "noise offset, so set noise.offset > 0 or set noise.adaptive_scale to null "
-                              "(kohya: adaptive_noise_scale requires noise_offset).")
+            found.add("noise.adaptive_scale is set but noise.offset is 0: the adaptive scale adjusts the "
+                      "noise offset, so set noise.offset > 0 or set noise.adaptive_scale to null "
+                      "(kohya: adaptive_noise_scale requires noise_offset).")
     if isinstance(multires_iterations, bool) or not isinstance(multires_iterations, int) or multires_iterations < 0:
-        raise ConfigError(f"noise.multires_iterations = {multires_iterations!r} is not valid: it must be an integer "
-                          ">= 0 (0 = pyramid noise off; 6 to 10 are common).")
-    discount = _finite_number("noise.multires_discount", multires_discount, "in (0, 1], default 0.3")
-    if not 0 < discount <= 1:
-        raise ConfigError(f"noise.multires_discount = {discount} is out of range: it must be in (0, 1] (level i is "
-                          "weighted discount**i; kohya's default 0.3).")
-    ip_gamma = _finite_number("noise.ip_gamma", ip_gamma, ">= 0; 0 turns input perturbation off, 0.1 is common")
-    if ip_gamma < 0:
-        raise ConfigError(f"noise.ip_gamma = {ip_gamma} is negative: use a strength >= 0 (0 = off; 0.1 is common).")
-    if _flag("noise.ip_gamma_random_strength", ip_gamma_random_strength) and ip_gamma == 0:
-        raise ConfigError("noise.ip_gamma_random_strength = true needs noise.ip_gamma > 0: the strength is drawn as "
-                          "U[0,1) * noise.ip_gamma, so with gamma 0 it would do nothing.")
-    low = _timestep_bound("noise.min_timestep", min_timestep, 0, num_timesteps - 1, 0)
-    high = _timestep_bound("noise.max_timestep", max_timestep, 1, num_timesteps, num_timesteps)
-    if low >= high:
-        raise ConfigError(f"noise.min_timestep = {low} is not below noise.max_timestep = {high}"
-                          f"{' (null: the default)' if max_timestep is None else ''}: timesteps are drawn from "
-                          f"[min_timestep, max_timestep), the maximum excluded, so 0 <= min_timestep < max_timestep "
-                          f"<= {num_timesteps} is required (kohya's --min_timestep / --max_timestep; null = 0 / "
-                          f"{num_timesteps}).")
+        found.add(f"noise.multires_iterations = {multires_iterations!r} is not valid: it must be an integer "
+                  ">= 0 (0 = pyramid noise off; 6 to 10 are common).")
+    discount = found.check(_finite_number, "noise.multires_discount", multires_discount, "in (0, 1], default 0.3")
+    if discount is not None and not 0 < discount <= 1:
+        found.add(f"noise.multires_discount = {discount} is out of range: it must be in (0, 1] (level i is "
+                  "weighted discount**i; kohya's default 0.3).")
+    ip_gamma = found.check(_finite_number, "noise.ip_gamma", ip_gamma,
+                           ">= 0; 0 turns input perturbation off, 0.1 is common")
+    if ip_gamma is not None and ip_gamma < 0:
+        found.add(f"noise.ip_gamma = {ip_gamma} is negative: use a strength >= 0 (0 = off; 0.1 is common).")
+    if found.check(_flag, "noise.ip_gamma_random_strength", ip_gamma_random_strength) and ip_gamma == 0:
+        found.add("noise.ip_gamma_random_strength = true needs noise.ip_gamma > 0: the strength is drawn as "
+                  "U[0,1) * noise.ip_gamma, so with gamma 0 it would do nothing.")
+    low = found.check(_timestep_bound, "noise.min_timestep", min_timestep, 0, num_timesteps - 1, 0)
+    high = found.check(_timestep_bound, "noise.max_timestep", max_timestep, 1, num_timesteps, num_timesteps)
+    if low is not None and high is not None and low >= high:
+        found.add(f"noise.min_timestep = {low} is not below noise.max_timestep = {high}"
+                  f"{' (null: the default)' if max_timestep is None else ''}: timesteps are drawn from "
+                  f"[min_timestep, max_timestep), the maximum excluded, so 0 <= min_timestep < max_timestep "
+                  f"<= {num_timesteps} is required (kohya's --min_timestep / --max_timestep; null = 0 / "
+                  f"{num_timesteps}).")
+    found.raise_any()

@@ -133,3 +133,17 @@ def test_an_empty_prompt_source_names_the_setting_that_turns_sampling_off(tmp_pa
                        "least one prompt line, or set sampling.prompt_file=null to sample nothing.")
     _, (problem,), _ = check_prompts(["# a comment"])
     assert problem.endswith("or set sampling.prompts=[] to sample nothing.")
+
+
+def test_every_bad_option_of_a_prompt_line_is_named_not_the_first(tmp_path):
+    """TESTER_A item 5: line 8 `a house --d 1.5 --l notnum --n` named only `--d 1.5`."""
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\n" * 7 + "a house --d 1.5 --l notnum --n\n")
+    _, problems, _ = check_prompts([], prompt_file=str(path))
+    where = f"sampling.prompt_file '{path}', line 8: option"
+    assert problems == [f"{where} '--d 1.5' in 'a house --d 1.5 --l notnum --n' needs a number (--w/--h/--d/--s take "
+                        "whole numbers, --l a decimal).",
+                        f"{where} '--l notnum' in 'a house --d 1.5 --l notnum --n' needs a number (--w/--h/--d/--s "
+                        "take whole numbers, --l a decimal)."]
