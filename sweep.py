@@ -2,7 +2,7 @@
 
 Hydra composes conf/ into one config per job; this file hands it to `lora_sweep.run.run_job` and turns a user error
 into one readable paragraph and a non-zero exit status instead of a traceback. Before that, the pre-flight
-(`lora_sweep.preflight.PreflightCallback`, first in conf/config.yaml's hydra.callbacks) has checked every job's
+(`lora_sweep.checks.preflight.PreflightCallback`, first in conf/config.yaml's hydra.callbacks) has checked every job's
 config and files and exits with status 2, having written nothing, if any is wrong.
 """
 
@@ -109,7 +109,7 @@ def cli(argv: list[str] | None = None) -> None:
     shows its whole traceback. With HYDRA_FULL_ERROR=1 set by the user, Hydra reports everything itself."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from lora_sweep.command_line import command_line_problems
+    from lora_sweep.checks.command_line import command_line_problems
     from lora_sweep.errors import hydra_error_text
 
     problems = command_line_problems(sys.argv[1:] if argv is None else argv)

@@ -2,8 +2,8 @@
 
 Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key in a file or a wrong type fails
 at compose time. On the command line Hydra would advise adding a misspelt key with '+', and a '+' key composes and
-is never read: `command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight) refuse both, naming the
-closest real keys. Range and cross-field checks live in `lora_sweep.validate`; the config hash (what
+is never read: `checks.command_line.command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight) refuse both, naming the
+closest real keys. Range and cross-field checks live in `lora_sweep.checks.validate`; the config hash (what
 identifies a training's result) is `config_hash` below. No torch import here: `--help`, `make table` and config
 checks answer in about a second.
 """
@@ -339,10 +339,3 @@ def unknown_key_message(key: str, *, added: bool = False) -> str:
     text = f"{key} is not a setting{added_text}." + (f" Did you mean {' or '.join(near)}?" if near else "")
     group = [k.split(".", 1)[1] for k in keys if k.startswith(top + ".")]
     return text + (f" The {top} settings are: {', '.join(group)}." if group else "")
-
-
-def command_line_problems(argv: List[str]) -> List[str]:
-    """See `lora_sweep.command_line.command_line_problems` (kept here for callers of the old place)."""
-    from lora_sweep.command_line import command_line_problems as problems
-
-    return problems(argv)

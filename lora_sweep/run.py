@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_sweep import jobs, preflight as preflight_lib, tracking
+from lora_sweep import jobs, tracking
+from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile, StopOnSignal as _StopOnSignal  # noqa: F401
 from lora_sweep.atomic import write_text
 from lora_sweep.config import config_hash, flatten, to_container
@@ -45,7 +46,7 @@ from lora_sweep.training.checkpoint import (
 from lora_sweep.training.failures import (
     check_writable, failure_reason, is_out_of_memory, raise_setup_fault,
 )
-from lora_sweep.validate import validate
+from lora_sweep.checks.validate import validate
 
 log = logging.getLogger(__name__)
 

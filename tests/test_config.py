@@ -9,7 +9,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from conftest import ROOT, compose_config
 from lora_sweep.config import config_hash
 from lora_sweep.errors import ConfigError
-from lora_sweep.validate import validate
+from lora_sweep.checks.validate import validate
 
 GROUPS = ["noise", "loss", "optimizer", "precision", "model", "data", "network", "train", "tracking"]
 
@@ -118,7 +118,7 @@ def test_a_key_added_with_plus_is_a_problem_naming_the_closest_real_key():
     """`+noise.ofset=0.1` composes (Hydra adds any key with '+') and nothing reads it: refused, with noise.offset;
     keys under optimizer.args (kohya's --optimizer_args) are free-form and checked against the optimizer instead."""
     from lora_sweep.config import unknown_keys
-    from lora_sweep.validate import config_problems
+    from lora_sweep.checks.validate import config_problems
 
     cfg = compose_config("+noise.ofset=0.1", "+optimizer.args.amsgrad=true", "+train.unet_lr=0.5")
     assert unknown_keys(cfg) == ["noise.ofset", "train.unet_lr"]
@@ -136,14 +136,14 @@ def test_a_key_added_with_plus_is_a_problem_naming_the_closest_real_key():
     (["nosie=offset"], "Did you mean noise?"),
 ])
 def test_a_command_line_key_the_schema_lacks_is_refused_before_hydra(argv, suggestion):
-    from lora_sweep.config import command_line_problems
+    from lora_sweep.checks.command_line import command_line_problems
 
     (problem,) = command_line_problems(argv)
     assert suggestion in problem and "+" not in problem  # never Hydra's advice to append it
 
 
 def test_what_hydra_checks_itself_is_left_to_it():
-    from lora_sweep.config import command_line_problems
+    from lora_sweep.checks.command_line import command_line_problems
 
     assert command_line_problems(["+noise.ofset=1", "~noise.offset", "optimizer.args.d_cof=2",
                                   "hydra.job.chdir=true", "hydra/launcher=ray", "experiment=glob(v*)",
@@ -153,7 +153,7 @@ def test_what_hydra_checks_itself_is_left_to_it():
 
 def test_every_misspelt_key_of_the_command_line_is_reported_at_once():
     """TESTER_A item 5: `train.max_steps=2 noise.ofset=0.1 trian.lr=1` named only noise.ofset."""
-    from lora_sweep.config import command_line_problems
+    from lora_sweep.checks.command_line import command_line_problems
 
     first, second = command_line_problems(["train.max_steps=2", "noise.ofset=0.1", "trian.lr=1"])
     assert first.startswith("noise.ofset is not a setting. Did you mean noise.offset?")
@@ -163,7 +163,7 @@ def test_every_misspelt_key_of_the_command_line_is_reported_at_once():
 @pytest.mark.parametrize("argv", [["noise=ofset", "loss=hubr"], ["-m", "noise=ofset,none", "loss=l2,hubr"]])
 def test_every_wrong_group_option_is_reported_at_once_with_hydras_options(argv):
     """TESTER_A item 5: Hydra stops at the first (`loss/hubr`); noise=ofset was never mentioned."""
-    from lora_sweep.config import command_line_problems
+    from lora_sweep.checks.command_line import command_line_problems
 
     assert command_line_problems(argv) == [
         "Could not find 'noise/ofset'. Available options in 'noise': ip, multires, multires_ip, none, offset, "
@@ -176,7 +176,7 @@ def test_every_wrong_group_option_is_reported_at_once_with_hydras_options(argv):
 
 def test_every_value_of_the_wrong_type_is_reported_at_once_in_hydras_words():
     """TESTER_A item 5: `train.max_steps=abc train.lr=abc` named only the first."""
-    from lora_sweep.config import command_line_problems
+    from lora_sweep.checks.command_line import command_line_problems
 
     assert command_line_problems(["train.max_steps=abc", "train.lr=abc"]) == [
         "Error merging override train.max_steps=abc. Value 'abc' of type 'str' could not be converted to Integer.",

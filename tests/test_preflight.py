@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import ROOT, compose_config, write_image
 from lora_sweep.paths import make_paths_absolute
-from lora_sweep.preflight import check_job
+from lora_sweep.checks.preflight import check_job
 
 CP1252 = bytes.fromhex("6172746973749273")  # cp1252 "artist's": not UTF-8 at byte 6
 
@@ -263,7 +263,7 @@ def test_bad_bucket_settings_are_said_once_not_once_per_image(tmp_path):
 
 
 def test_many_problems_of_one_kind_are_listed_up_to_ten_then_counted():
-    from lora_sweep.preflight import format_problems
+    from lora_sweep.checks.preflight import format_problems
 
     grouped = [(f"data.dir: caption file '/d/{i}.txt' is empty.", ["#0"]) for i in range(13)]
     grouped.append(("train.resume: other kind", ["#1"]))
@@ -354,7 +354,7 @@ def test_an_exception_in_the_checks_stops_the_command_with_exit_2(app, monkeypat
     def broken(*args, **kwargs):
         raise ZeroDivisionError("integer division or modulo by zero")
 
-    monkeypatch.setattr("lora_sweep.preflight._check_prompts", broken)
+    monkeypatch.setattr("lora_sweep.checks.preflight._check_prompts", broken)
     for argv in (["train.max_steps=1"], ["-m", "hydra.launcher.gpus=[]", "noise=none,offset"]):
         code, out = app(*argv)
         assert code == 2 and "Pre-flight: internal error while checking the configuration (ZeroDivisionError" in out
@@ -428,7 +428,7 @@ def test_a_list_of_options_that_disagree_on_a_setting_is_refused(app, argv):
 
 def test_options_that_add_up_are_no_conflict():
     """noise=offset_ip lists noise/offset and noise/ip (different settings); every shipped option composes alone."""
-    from lora_sweep.groups import option_conflicts
+    from lora_sweep.checks.groups import option_conflicts
 
     assert option_conflicts(["noise=offset_ip", "experiment=v57"]) == []
     assert option_conflicts(["noise=[offset,ip]"]) == []

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import compose_config
 from lora_sweep.errors import ConfigError
-from lora_sweep.validate import validate
+from lora_sweep.checks.validate import validate
 
 BAD = [  # (overrides, the field the message must name), across every group
     (["model.name=sd15"], "model.name"),
@@ -136,7 +136,7 @@ def test_fixed_resolution_without_buckets_must_suit_the_vae():
 def test_every_bad_value_of_one_group_is_reported_not_the_first(overrides, starts):
     """TESTER_A item 5: each group's check stopped at its first problem (offset hid ip_gamma and the timesteps,
     huber_c hid min_snr_gamma, 2000 hid -5, a bad resolution hid the bucket settings)."""
-    from lora_sweep.validate import config_problems
+    from lora_sweep.checks.validate import config_problems
 
     problems = config_problems(compose_config(*overrides))
     assert len(problems) == len(starts), problems

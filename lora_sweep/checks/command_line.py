@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep.config import Config, _is_free_form, config_groups, schema_keys, unknown_key_message
-from lora_sweep.groups import group_options, missing_option_message
+from lora_sweep.checks.groups import group_options, missing_option_message
 
 _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
 

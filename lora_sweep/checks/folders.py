@@ -1,6 +1,6 @@
 """The pre-flight's folder and store checks: every folder a job writes, and the MLflow store it logs to.
 
-Split from lora_sweep/preflight.py (which calls `folder_problems` for every job). Each check answers without
+Split from lora_sweep/checks/preflight.py (which calls `folder_problems` for every job). Each check answers without
 creating anything that stays: a folder that does not exist yet is judged by its nearest existing parent, proven
 writable by creating and removing one probe file there (`os.access` alone says yes to root, also for /proc or a
 read-only mount, and the job then fails after Hydra made its output folder). A store is checked as far as it can be

@@ -16,9 +16,9 @@ and again, cheaply, at the start of each job (`run.run_job`), where its fallback
   taking one step, where the class can step on CPU);
 - a `train.resume` state against `train.max_steps`;
 - every folder a job writes (output, states, cache, a local MLflow store, Hydra's run or sweep folder): writable or
-  creatable, and the MLflow store's scheme and server (lora_sweep/preflight_folders.py);
+  creatable, and the MLflow store's scheme and server (lora_sweep/checks/folders.py);
 - for a sweep, the sweep as a whole: no jobs, jobs sharing one output folder, the launcher's settings
-  (lora_sweep/preflight_sweep.py).
+  (lora_sweep/checks/sweep.py).
 An exception in the checks themselves also stops the command (`PreflightCallback`): Hydra would only warn.
 A problem is one line naming the setting and the file (and line); a `Fallback` is something used instead of what the
 user gave, printed once as a warning. With any problem the command exits with status 2 and has written nothing: no
@@ -42,8 +42,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from lora_sweep.errors import ConfigError, Fallback, UserError
-from lora_sweep.preflight_folders import cache_root, check_job_folders, folder_problems  # noqa: F401  (re-exported)
-from lora_sweep.validate import list_option_conflicts
+from lora_sweep.checks.folders import cache_root, check_job_folders, folder_problems  # noqa: F401  (re-exported)
+from lora_sweep.checks.validate import list_option_conflicts
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
@@ -84,7 +84,7 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
     """Every pre-flight check of one composed job config (paths already absolute: `paths.make_paths_absolute`).
     `hydra_dir`: (its setting, the folder) Hydra will create for the job's outputs, checked for writability, if
     known. Never raises for what it finds; loads no model and writes nothing."""
-    from lora_sweep.validate import config_problems
+    from lora_sweep.checks.validate import config_problems
 
     memo = memo or _Memo()
     report = Report(problems=config_problems(cfg))
@@ -288,7 +288,7 @@ class PreflightCallback(Callback):
         _finish([("", report)], jobs=1)
 
     def _multirun_start(self, config: DictConfig) -> None:
-        from lora_sweep.preflight_sweep import sweep_problems
+        from lora_sweep.checks.sweep import sweep_problems
 
         memo, results, targets, jobs = _Memo(), [], {}, {}
         for label, job_config, error in sweep_job_configs(config):

@@ -1,4 +1,4 @@
-"""The pre-flight's checks of a sweep as a whole, beyond each job's own (lora_sweep/preflight.py checks those).
+"""The pre-flight's checks of a sweep as a whole, beyond each job's own (lora_sweep/checks/preflight.py checks those).
 
 A sweep can be wrong although every job alone is right, and each such problem would otherwise show only after the
 sweep's MLflow parent run and folder exist: no job at all (a glob that matches no option), jobs that write to one

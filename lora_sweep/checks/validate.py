@@ -217,7 +217,7 @@ def list_option_conflicts(cfg) -> list[str]:
     keeps the last value silently. Needs the composed config's `hydra` node (its overrides): the pre-flight calls it."""
     from omegaconf import OmegaConf
 
-    from lora_sweep.groups import option_conflicts
+    from lora_sweep.checks.groups import option_conflicts
 
     overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) if isinstance(cfg, DictConfig) else None
     if overrides is None:
