@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             message = f"{outcome.status}: {outcome.reason.splitlines()[0] if outcome.reason else ''}"
             raise UserJobFailed(message) if outcome.user_error or outcome.status == "KILLED" else JobFailed(message)
-        sys.exit(1)
+        sys.exit(130 if outcome.status == "KILLED" else 1)  # stopped: 130, as a stopped sweep and a shell exit
     return outcome.final_loss
 
 

@@ -374,4 +374,6 @@ def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None)
     elif outcome.status == "FAILED" and not outcome.user_error:
         log.error("FAILED %s: %s", where, outcome.reason)
     else:
-        log.error("%s %s: %s %s", outcome.status, where, outcome.reason or "", browse)
+        reason = (outcome.reason or "").rstrip()
+        log.error("%s %s: %s %s", outcome.status, where, reason + ("" if not reason or reason.endswith(".") else "."),
+                  browse)

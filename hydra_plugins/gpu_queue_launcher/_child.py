@@ -73,6 +73,7 @@ def _run(payload: bytes) -> tuple[Any, str | None]:
     import cloudpickle
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
+    from hydra.errors import CompactHydraException
 
     job = cloudpickle.loads(payload)
     _restore_filenames(job["task_function"], job.get("task_filename"))
@@ -99,7 +100,9 @@ def _run(payload: bytes) -> tuple[Any, str | None]:
         ret.return_value = exc
     failure = ret._return_value if ret.status == JobStatus.FAILED else None
     tb = "".join(traceback.format_exception(failure)) if isinstance(failure, BaseException) else None
-    if tb:
+    if isinstance(failure, CompactHydraException):  # Hydra's convention: the message is the whole story
+        sys.stderr.write(f"gpu_queue: the job did not finish: {failure}\n")
+    elif tb:
         sys.stderr.write(f"gpu_queue: the job failed:\n{tb}")
     ret.return_value = _picklable(ret._return_value)
     return ret, tb

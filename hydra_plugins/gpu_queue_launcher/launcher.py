@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -59,6 +60,11 @@ def check_choices(start_method: Any, console: Any, progress_every_s: Any) -> Non
     if not seconds >= 0:
         raise GpuQueueConfigError(f"hydra.launcher.progress_every_s={progress_every_s!r}: accepted values are "
                                   "seconds >= 0 (0: no progress lines without a terminal).")
+
+
+def _json_number(value: Any) -> Any:
+    """`value`, or None where JSON has no number for it (NaN, infinities)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class GpuQueueLauncher(Launcher):
@@ -200,12 +206,13 @@ class GpuQueueLauncher(Launcher):
             self._pool = None
 
     def _write_summary(self, path: Path, pool: Any, interrupted: bool) -> None:
+        """gpu_queue_summary.json: every job's record, as strict JSON (a NaN loss is written null)."""
         jobs = [{
             "idx": r.job.idx, "label": r.label, "overrides": r.job.overrides, "state": r.state, "reason": r.reason,
             "user_error": r.user_error,
             "slot": r.slot.index if r.slot else None, "device": r.slot.device if r.slot else None,
             "pid": r.pid, "returncode": r.returncode, "duration_s": r.duration,
-            "final_loss": r.status.get("final_loss"), "run_id": r.status.get("run_id"),
+            "final_loss": _json_number(r.status.get("final_loss")), "run_id": r.status.get("run_id"),
             "job_dir": str(r.job.job_dir), "log": str(r.job.log_path), "slot_free_at": r.slot_free_at,
             "dispatched_at": r.dispatched_at, "started_at": r.started_at, "ended_at": r.ended_at,
         } for r in self._records]

@@ -62,7 +62,7 @@ class StateTarget:
 
 @dataclass
 class TrainResult:
-    final_loss: float
+    final_loss: float | None  # the mean loss of the last logging window; None when no step was taken
     steps: int
     stopped_early: bool
     files: dict[str, Path] = field(default_factory=dict)
@@ -180,7 +180,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             if final:
                 break
     if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
-        return TrainResult(final_loss=pos.last_loss, steps=0, stopped_early=True, last_state=last_state)
+        return TrainResult(final_loss=None, steps=0, stopped_early=True, last_state=last_state)
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
     return TrainResult(final_loss=pos.last_loss, steps=pos.step, stopped_early=stopped, files=files,
                        last_state=last_state)
