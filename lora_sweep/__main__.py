@@ -26,7 +26,8 @@ _STATES = re.compile(r"[0-9a-f]{16}")  # states/<config_hash>/<run_id>/state-ste
 _STATE_FILE = re.compile(r"state-step\d{8,}\.pt")
 _MODELS = re.compile(r"\.?(tiny-sdxl-v\d+-seed\d+|sdxl-base-config-[0-9a-f]{12})(\..*\.building)?")  # model.loading
 _DATASETS = re.compile(r"\.?photos-v\d+(\..+)?")  # data.photos
-_KEPT_NOTE = "a stopped run resumes from them: `cache clean` keeps them, `cache clean --states` removes them too"
+_KEPT_NOTE = ("a stopped run resumes from them: `cache clean` keeps them, `cache clean --states` removes them too, "
+              "`cache clean --finished-states` only those of finished runs")
 
 
 @dataclass
@@ -126,9 +127,54 @@ def clean_cache(root: Path, parts: list[CachePart], *, states: bool) -> tuple[li
     return removed, kept
 
 
+def finished_run_states(root: Path, uri: str) -> tuple[list[Path], int]:
+    """The state folders (`<root>/states/<config hash>/<run id>/`) of runs the MLflow store at `uri` has FINISHED,
+    and how many run folders it does not know (kept: another store's runs, or runs whose record is gone). A
+    finished run never resumes by itself; only an explicit `train.resume=PATH` would continue from its state."""
+    from lora_sweep import tracking
+
+    client, finished, unknown = tracking.client(uri), [], 0
+    for config_folder in _owned(root / "states", _STATES):
+        for run_folder in sorted(p for p in config_folder.iterdir() if p.is_dir() and not p.is_symlink()):
+            try:
+                status = client.get_run(run_folder.name).info.status
+            except Exception:  # noqa: BLE001  (not a run of this store)
+                unknown += 1
+                continue
+            if status == "FINISHED":
+                finished.append(run_folder)
+    return finished, unknown
+
+
+def _clean_finished_states(root: Path, uri: str | None) -> int:
+    import shutil
+
+    from lora_sweep import tracking
+
+    uri = tracking.tracking_uri(uri)
+    tracking.check_store_uri(uri)
+    folders, unknown = finished_run_states(root, uri)
+    size = sum(map(_tree_size, folders))
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        if not any(folder.parent.iterdir()) or [p.name for p in folder.parent.iterdir()] == [".lock"]:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+    print(f"cache at {root}: removed the training states of {_plural(len(folders), 'finished run')} in {uri}, "
+          f"{_mib(size)}; kept those of unfinished runs (they resume from them)"
+          + (f" and of {_plural(unknown, 'run')} this store does not know." if unknown else "."))
+    return 0
+
+
 def _cache(args) -> int:
     from lora_sweep.data.cache import default_cache_dir
 
+    if (args.finished_states or args.tracking_uri) and (args.action != "clean" or args.states):
+        print("error: --finished-states (with its --tracking-uri) goes with `cache clean` alone, not with info or "
+              "--states (which removes every state).", file=sys.stderr)
+        return 2
+    if args.tracking_uri and not args.finished_states:
+        print("error: --tracking-uri is only read with `cache clean --finished-states`.", file=sys.stderr)
+        return 2
     root = Path(args.dir or default_cache_dir()).expanduser()
     if not root.is_dir():
         print(f"cache at {root}: the folder does not exist, so nothing is cached there"
@@ -140,6 +186,8 @@ def _cache(args) -> int:
         for part in parts:
             print(f"  {part.line()}")
         return 0
+    if args.finished_states:
+        return _clean_finished_states(root, args.tracking_uri)
     removed, kept = clean_cache(root, parts, states=args.states)
     print(f"cache at {root}: " + (f"removed {_mib(sum(p.size for p in removed))}:" if removed else
                                   "nothing to remove."))
@@ -165,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--dir", help="cache root (default: $LORA_SWEEP_CACHE_DIR, else ~/.cache/lora-sweep)")
     cache.add_argument("--states", action="store_true",
                        help="clean: also remove the training states under <cache root>/states (runs cannot resume)")
+    cache.add_argument("--finished-states", action="store_true",
+                       help="clean: remove only the training states of runs the MLflow store has FINISHED (kept for "
+                       "an explicit train.resume=PATH); entries, models and other runs' states stay")
+    cache.add_argument("--tracking-uri", help="with --finished-states: the MLflow store (default: tracking.uri's: "
+                       "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
     sub.add_parser("compare", help="write the comparison report (see --help)", add_help=False)
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)

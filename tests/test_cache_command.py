@@ -63,3 +63,27 @@ def test_a_root_that_does_not_exist_is_said_so_and_nothing_claimed(tmp_path, cap
     assert out == (f"cache at {missing}: the folder does not exist, so nothing is cached there and nothing was "
                    "removed.\n")
     assert "removed the cache" not in out and not missing.exists()
+
+
+def test_clean_finished_states_removes_only_the_states_of_runs_the_store_finished(tmp_path, capsys):
+    """Finished runs' final states pile up (one per run); a stopped run's state is what it resumes from."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    done, stopped = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    client.set_terminated(done, "FINISHED")
+    client.set_terminated(stopped, "KILLED")
+    root = tmp_path / "cache"
+    for run_id, config_hash in ((done, "0" * 16), (stopped, "1" * 16), ("elsewhere", "1" * 16)):
+        folder = root / "states" / config_hash / run_id
+        folder.mkdir(parents=True)
+        (folder / "state-step00000004.pt").write_bytes(b"s" * 2**20)
+    assert main(["cache", "clean", "--finished-states", "--tracking-uri", uri, "--dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"cache at {root}: removed the training states of 1 finished run in {uri}, 1.0 MiB; kept those of "
+                   "unfinished runs (they resume from them) and of 1 run this store does not know.\n")
+    assert sorted(p.relative_to(root / "states").as_posix() for p in (root / "states").glob("*/*")) == sorted([
+        f"{'1' * 16}/elsewhere", f"{'1' * 16}/{stopped}"])
+    assert main(["cache", "--finished-states", "--dir", str(root)]) == 2  # info has nothing to remove
