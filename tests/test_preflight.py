@@ -137,6 +137,16 @@ def test_a_sweep_whose_jobs_log_to_different_experiments_is_refused(app):
     assert "#1 -> experiment 'yours'" in out and "set tracking.experiment=NAME" in out
 
 
+def test_a_compose_error_shared_by_jobs_is_said_once_with_the_jobs_it_hits(tmp_path, app):
+    """With hydra.searchpath, group options are left to Hydra's composition of each job (command_line cannot list
+    them): the error is one line naming its jobs, not one line per job with its label twice."""
+    code, out = app("-m", f"hydra.searchpath=[file://{tmp_path}]", "noise=none,offset", "loss=l2,hubr")
+    assert code == 2
+    (line,) = [line for line in out.splitlines() if "loss/hubr" in line]
+    assert line.startswith("- the job cannot be composed: In 'config': Could not find 'loss/hubr'")
+    assert line.endswith("[jobs #1 noise=none loss=hubr, #3 noise=offset loss=hubr]")
+
+
 def test_a_bad_sweep_override_is_a_pre_flight_problem(tmp_path, app):
     code, out = app("-m", "noise=none,offset", "loss.type=l2,l3")
     assert code == 2 and "loss.type" in out and "'l3'" in out and "[jobs #1 noise=none loss.type=l3, #3" in out

@@ -293,7 +293,8 @@ class PreflightCallback(Callback):
         memo, results, targets, jobs = _Memo(), [], {}, {}
         for label, job_config, error in sweep_job_configs(config):
             if error is not None:
-                results.append((label, Report(problems=[f"{label}: the sweep cannot be expanded: {error}"])))
+                # said once for all the jobs it hits: format_problems adds their labels
+                results.append((label, Report(problems=[f"the job cannot be composed: {error}"])))
                 continue
             job = _job_copy(job_config)
             report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
