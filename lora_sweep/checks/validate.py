@@ -61,7 +61,8 @@ def _naming(field: str, check: Callable, *args) -> None:
 def _existing(field: str, value, *, kind: str = "file") -> None:
     path = Path(str(value)).expanduser()
     if not (path.is_dir() if kind == "folder" else path.is_file()):
-        raise ConfigError(f"{field}: '{value}' is not an existing {kind}.")
+        other = " (it is a folder)" if kind == "file" and path.is_dir() else ""
+        raise ConfigError(f"{field}: '{value}' is not an existing {kind}{other}.")
 
 
 def _checks(cfg) -> list[Callable[[], None]]:
