@@ -116,6 +116,8 @@ def hydra_error_text(error: BaseException) -> str:
     if missing and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         from lora_sweep.config import _is_free_form, unknown_key_message
 
+        if missing[1].startswith("hydra.") and getattr(cause, "parent_node", None) is not None:
+            return unknown_key_message(missing[1], known=_node_keys(cause))  # the active launcher's, and so on
         if not _is_free_form(missing[1]):
             return unknown_key_message(missing[1])
     text = str(error) + ("\n" + str(cause) if isinstance(cause, OmegaConfBaseException) else "")
@@ -149,3 +151,16 @@ def hydra_error_text(error: BaseException) -> str:
         near = difflib.get_close_matches(wanted[2], available[wanted[1]], n=2, cutoff=0.5)
         paragraph += f" Did you mean {' or '.join(f'{wanted[1]}={o}' for o in near)}?" if near else ""
     return paragraph
+
+
+def _node_keys(cause) -> list[str]:
+    """The dotted keys of the node an OmegaConf key error looked the missing key up in (`hydra.launcher`: the active
+    launcher's settings), without the `_target_`-like private ones."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.config import flatten
+
+    parent = str(getattr(cause, "full_key", "") or "").rpartition(".")[0]
+    tree = OmegaConf.to_container(cause.parent_node, resolve=False)
+    keys = flatten(tree) if isinstance(tree, dict) else {}
+    return [f"{parent}.{k}" if parent else k for k in keys if not k.startswith("_")]

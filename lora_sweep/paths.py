@@ -43,6 +43,9 @@ def register_resolver() -> None:
 PATH_SETTINGS = ("model.path", "data.dir", "data.validation_dir", "data.cache_dir", "sampling.prompt_file",
                  "train.output_dir", "train.state_dir", "train.resume")
 _NOT_PATHS = {"train.resume": ("auto", "never")}
+# Path settings kept as typed when nothing is there: `train.resume=sometimes` is a misspelt word more often than a
+# path, and its message must show what was typed (validate refuses it either way).
+_KEPT_IF_MISSING = ("train.resume",)
 
 
 def launch_dir() -> Path:
@@ -85,6 +88,8 @@ def make_paths_absolute(cfg) -> dict[str, str]:
         if value is None or str(value).strip() == "" or str(value) in _NOT_PATHS.get(key, ()):
             continue
         resolved = absolute(value)
+        if key in _KEPT_IF_MISSING and not os.path.exists(resolved):
+            continue
         if resolved != str(value):
             changed[key] = resolved
     uri = OmegaConf.select(cfg, "tracking.uri", default=None)

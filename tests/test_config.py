@@ -226,3 +226,60 @@ def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
     text = hydra_error_text(err.value)
     assert text.startswith("In 'experiment/mine': ConfigKeyError raised while composing config: Key 'ofset' not in")
     assert "noise.ofset is not a setting. Did you mean noise.offset?" in text
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["network.dim=8"], "Did you mean network.rank?"),  # README: network.rank is kohya's --network_dim
+    (["network_dim=8"], "Did you mean network.rank?"),
+    (["network.network_alpha=2"], "Did you mean network.alpha?"),
+    (["train.learning_rate=1"], "Did you mean optimizer.lr?"),
+    (["noise.ip_noise_gamma=0.1"], "Did you mean noise.ip_gamma?"),
+    (["optimizer.type=prodigy"], "Did you mean optimizer.name?"),
+])
+def test_kohyas_flag_names_find_our_settings(argv, suggestion):
+    """TESTER_A item 13: `network.dim=8` got no "Did you mean network.rank?"."""
+    from lora_sweep.checks.command_line import command_line_problems
+    from lora_sweep.config import KOHYA_NAMES, schema_keys
+
+    assert set(KOHYA_NAMES.values()) <= set(schema_keys())
+    (problem,) = command_line_problems(argv)
+    assert suggestion in problem
+
+
+def test_a_misspelt_node_keeps_the_rest_of_the_key():
+    """TESTER_A item 13: `optimizer.arg.eps=1` suggested optimizer.args, optimizer.name, optimizer.warmup_steps."""
+    from lora_sweep.checks.command_line import command_line_problems
+
+    (problem,) = command_line_problems(["optimizer.arg.eps=1"])
+    assert problem.startswith("optimizer.arg.eps is not a setting. Did you mean optimizer.args.eps? The optimizer")
+
+
+def test_internal_settings_are_neither_listed_nor_suggested():
+    """TESTER_A item 13: "The train settings are: ..., debug_fault" (a testing aid); it still works when set."""
+    from lora_sweep.checks.command_line import command_line_problems
+
+    (problem,) = command_line_problems(["train.debug_fult=1"])
+    assert "debug_fault" not in problem and "The train settings are: max_steps" in problem
+    assert command_line_problems(["train.debug_fault=nan_loss@2"]) == []
+
+
+def test_a_misspelt_launcher_setting_names_the_active_launchers_settings():
+    """TESTER_A item 13: `hydra.launcher.cpu_slot=2` -> "is not a setting." with no suggestion and no list."""
+    from hydra import compose, initialize_config_dir
+
+    from hydra_plugins.gpu_queue_launcher.config import GpuQueueLauncherConf
+    from lora_sweep.config import register_configs
+    from lora_sweep.errors import hydra_error_text
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("config", overrides=["hydra.launcher.cpu_slot=2"], return_hydra_config=True)
+        text = hydra_error_text(err.value)
+        fields = [f for f in GpuQueueLauncherConf.__dataclass_fields__ if not f.startswith("_")]
+        assert text.startswith("hydra.launcher.cpu_slot is not a setting. Did you mean hydra.launcher.cpu_slots")
+        assert text.endswith(f"? The hydra.launcher settings are: {', '.join(fields)}.") and "\n" not in text
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"],
+                    return_hydra_config=True)
+        assert "Did you mean hydra.launcher.partition" in hydra_error_text(err.value)

@@ -442,3 +442,13 @@ def test_options_that_add_up_are_no_conflict():
 
     assert option_conflicts(["noise=offset_ip", "experiment=v57"]) == []
     assert option_conflicts(["noise=[offset,ip]"]) == []
+
+
+@pytest.mark.parametrize("name, said", [("pdir", "is not an existing file (it is a folder)."),
+                                        ("missing.json", "is not an existing file.")])
+def test_a_prompt_file_that_is_a_folder_or_missing_is_one_problem(tmp_path, name, said):
+    """TESTER_A item 13: a folder gave "is not an existing file" and "is not a .txt prompt file" for one problem."""
+    (tmp_path / "pdir").mkdir()
+    report = check_job(compose_config(f"sampling.prompt_file={tmp_path / name}"))
+    assert [p for p in report.problems if p.startswith("sampling.prompt_file")] == [
+        f"sampling.prompt_file: '{tmp_path / name}' {said}"]

@@ -142,3 +142,20 @@ def test_every_bad_value_of_one_group_is_reported_not_the_first(overrides, start
     assert len(problems) == len(starts), problems
     for problem, start in zip(problems, starts):
         assert problem.startswith(start), (problem, start)
+
+
+def test_a_resume_value_that_is_no_file_is_shown_as_typed(tmp_path, monkeypatch):
+    """TESTER_A item 13: `train.resume=sometimes` -> "got /tmp/userA/sometimes" (made absolute, hiding the typo)."""
+    from lora_sweep.checks.validate import config_problems
+    from lora_sweep.paths import make_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("train.resume=sometimes")
+    make_paths_absolute(cfg)
+    assert [p for p in config_problems(cfg) if p.startswith("train.resume")] == [
+        "train.resume: must be auto, never, a state file (state-step*.pt) or a run's state folder, got 'sometimes' "
+        "(no such file or folder; a relative path is read from the folder the command was started in)."]
+    (tmp_path / "states").mkdir()  # a relative path that exists is still made absolute, and accepted
+    cfg = compose_config("train.resume=states")
+    assert make_paths_absolute(cfg) == {"train.resume": str(tmp_path / "states")}
+    assert not [p for p in config_problems(cfg) if p.startswith("train.resume")]

@@ -16,6 +16,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from lora_sweep.errors import ConfigError, Problems, UserError, problem_messages
+from lora_sweep.paths import absolute
 from lora_sweep.training.failures import FAULT_CHOICES, FAULT_SPEC
 
 MODELS = ("tiny", "sdxl")
@@ -60,7 +61,8 @@ def _naming(field: str, check: Callable, *args) -> None:
 def _existing(field: str, value, *, kind: str = "file") -> None:
     path = Path(str(value)).expanduser()
     if not (path.is_dir() if kind == "folder" else path.is_file()):
-        raise ConfigError(f"{field}: '{value}' is not an existing {kind}.")
+        other = " (it is a folder)" if kind == "file" and path.is_dir() else ""
+        raise ConfigError(f"{field}: '{value}' is not an existing {kind}{other}.")
 
 
 def _checks(cfg) -> list[Callable[[], None]]:
@@ -112,8 +114,9 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _positive("train.save_every", t.save_every, allow_zero=True),
         lambda: _positive("train.save_every_epochs", t.save_every_epochs, allow_zero=True),
         lambda: _positive("train.keep_states", t.keep_states),
-        lambda: t.resume in RESUME or Path(t.resume).expanduser().exists() or _fail(
-            "train.resume", t.resume, "auto, never, or an existing state-step*.pt file or state folder"),
+        lambda: t.resume in RESUME or Path(absolute(t.resume)).exists() or _fail(
+            "train.resume", f"'{t.resume}' (no such file or folder; a relative path is read from the folder the "
+            "command was started in)", "auto, never, a state file (state-step*.pt) or a run's state folder"),
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: t.debug_fault is None or FAULT_SPEC.fullmatch(t.debug_fault) or _fail(

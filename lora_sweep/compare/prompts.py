@@ -150,14 +150,15 @@ def read_prompt_lines(path: str | Path, *, setting: str = "sampling.prompt_file"
     comment lines are left out, their numbers kept. Raises UserError naming `setting` for a missing file, another
     extension, or bytes that are not UTF-8 (with the line number)."""
     path = Path(path)
+    if not path.is_file():  # first: a folder or a missing file is one problem, whatever its name ends with
+        raise UserError(f"{setting}: the prompt file '{path}' does not exist"
+                        + (" (it is a folder)." if path.is_dir() else " (a relative path is read from the directory "
+                           "the sweep was started in)."))
     if path.suffix.lower() != ".txt":
         raise UserError(
             f"{setting}: '{path}' is not a .txt prompt file. Give a .txt file (one prompt per line, "
             "'#' comments, inline --w --h --d --s --l --n options) or a list of prompt strings in sampling.prompts."
         )
-    if not path.is_file():
-        raise UserError(f"{setting}: the prompt file '{path}' does not exist (a relative path is read from the "
-                        "directory the sweep was started in).")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")

@@ -77,6 +77,8 @@ def test_bad_sources_raise_user_errors(tmp_path):
     (tmp_path / "p.toml").write_text("x")
     with pytest.raises(UserError, match="not a .txt"):
         load_prompts(prompt_file=tmp_path / "p.toml")
+    with pytest.raises(UserError, match=r"does not exist \(it is a folder\)\.$"):  # not also "not a .txt"
+        load_prompts(prompt_file=tmp_path)
     with pytest.raises(UserError, match="no prompts"):
         load_prompts(["# only a comment", "  "])
     with pytest.raises(UserError, match="one prompt file"):
