@@ -56,6 +56,16 @@ class Problems:
         if self.messages:
             raise ConfigErrors(self.messages)
 
+class SamplingOutOfMemory(RuntimeError):
+    """Memory ran out while drawing a sample, not while training: the sampler raises it from the allocator's error
+    (its `__cause__`) so that the failure names the prompt (`where`: the setting, file and line), its size and steps,
+    and the settings that size it, instead of the training knobs."""
+
+    def __init__(self, index: int, count: int, where: str, width: int, height: int, steps: int):
+        self.index, self.count, self.where = index, count, where
+        self.width, self.height, self.steps = width, height, steps
+        super().__init__(f"out of memory while sampling prompt {index + 1} of {count} ({where}: {width}x{height}, "
+                         f"{steps} steps)")
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     except (UserError, NonFiniteLoss) as exc:
         outcome.reason, outcome.user_error = f"{type(exc).__name__}: {exc}", True
     except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)
-        outcome.reason = failure_reason(cfg, exc)
+        kept = list_states(run_folder(ready.state_root, chash, logger.run_id)) or [resume_from]  # None: no state
+        outcome.reason = failure_reason(cfg, exc, kept[-1])
         outcome.user_error = is_out_of_memory(exc)
     finally:
         if sink is not None:

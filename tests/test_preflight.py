@@ -224,6 +224,22 @@ def test_sixteen_bit_scan_is_header_only_and_the_caption_policy_is_warned(tmp_pa
     assert report.warnings_text().count("\n    ") >= 7  # every path, one per line
 
 
+def test_prompt_file_sizes_and_steps_are_refused_or_warned_before_the_model_loads(tmp_path):
+    """TESTER_A item 10: negative values refused (kohya cannot use them), kohya's rounding and clamping said with
+    the values used, a size above 4096 px warned; each names the file and line."""
+    path = tmp_path / "p.txt"
+    path.write_text("a car --h -64 --s 0\na car --w 65 --h 10\na car --w 100000 --h 100000\n", encoding="utf-8")
+    report = check_job(compose_config(f"sampling.prompt_file={path}"))
+    assert [p.split(";")[0] for p in report.problems] == [
+        f"sampling.prompt_file '{path}', line 1: option '--h -64' in 'a car --h -64 --s 0' is negative"]
+    lines = [f.line() for f in report.fallbacks]
+    assert (f"sampling.prompt_file: 1 prompt line with --w/--h/--s values changed the way kohya does (sizes down to a "
+            f"multiple of 8, at least 64; steps 1 to 1000): sampled with the values used: '{path}, line 2 (--w 65 "
+            "used as 64, --h 10 used as 64)'. Write the values used to silence this.") in lines
+    assert any(line.startswith("sampling.prompt_file: 1 prompt line with a sample side above 4096 px") and
+               f"'{path}, line 3 (100000x100000)'" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_a_chdir_job_with_relative_paths_trains_and_logs_its_warnings(tmp_path, monkeypatch):
     """Case 10 end to end: hydra.job.chdir=true with data.dir=./ds and a relative prompt file trains; params and

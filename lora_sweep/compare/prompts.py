@@ -7,11 +7,20 @@ split at " --"; the first part is the prompt, the others are options (case-insen
 
     --w / --h  width / height in pixels, rounded down to a multiple of 8 with a minimum of 64 (kohya's rounding)
     --d        seed
-    --s        sampling steps, clamped to 1..1000
+    --s        sampling steps, clamped to 1..1000 (kohya's clamp)
     --l        CFG (guidance) scale
     --n        negative prompt (runs to the next " --" or the end of the line)
     --ss, --cn, --am, --f   kohya options with no meaning here (sampler, ControlNet, ...); accepted and ignored:
                lora-sweep always samples with Euler so that every variant is drawn the same way.
+
+The arithmetic is kohya v0.8.7's (`train_util.line_to_prompt_dict`: `--s` becomes max(1, min(1000, s));
+`sample_image_inference`: a size becomes max(64, x - x % 8)), but a value it changes is said: one warning
+(a `Fallback`) names every such line and the value used ("--w 65 used as 64"). A size above `LARGE_SIDE` pixels is
+sampled as given, with a warning: kohya allows it, and it can run out of memory.
+
+Negative numbers are refused. kohya cannot use them: its patterns take digits only (`w (\d+)`, `s (\d+)`,
+`l ([\d.]+)`, ...), so `--h -64` or `--l -3` matches nothing and kohya drops the option without a word and samples
+with its default (512 px, 30 steps, CFG 7.5, a random seed); lora-sweep names the option instead of guessing.
 
 Problems are reported all at once, each naming `sampling.prompt_file` with the file and its line number (or
 `sampling.prompts[i]`); kohya ignores an unknown option, lora-sweep refuses it. A kohya option written with one
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import field
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +45,9 @@ IGNORED_KOHYA_OPTIONS = ("ss", "cn", "am", "f")
 _OPTION = re.compile(r"^(?P<name>[A-Za-z]+)(?:\s+(?P<value>.*))?$", re.DOTALL)
 # A kohya option written with one dash ("a dog -w 640"): not an option, so it stays in the prompt text; warned.
 _SINGLE_DASH = re.compile(r"(?<!\S)-(w|h|d|s|l|n|ss|cn|am|f)(?=\s+\S)", re.IGNORECASE)
+LARGE_SIDE = 4096  # a sample side above this many pixels is warned about (kohya allows it; memory grows with it)
+_AT_LEAST = {"w": "a width of at least 64 (a multiple of 8)", "h": "a height of at least 64 (a multiple of 8)",
+             "d": "a seed of 0 or more", "s": "1 to 1000 steps", "l": "a CFG scale of 0 or more"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +61,8 @@ class PromptSpec:
     seed: int = 0
     steps: int = 30
     cfg: float = 7.5
+    where: str = field(default="", compare=False)  # the setting, file and line it came from (for messages)
+    changed: tuple[str, ...] = field(default=(), compare=False)  # kohya's changes to its options: "--w 65 used as 64"
 
     def label(self, index: int) -> str:
         """A short caption for grids: prompt index, seed and the first words of the prompt."""
@@ -58,6 +73,11 @@ class PromptSpec:
 def round_size(pixels: int) -> int:
     """kohya's sample-size rounding: down to a multiple of 8, at least 64."""
     return max(64, pixels - pixels % 8)
+
+
+def clamp_steps(steps: int) -> int:
+    """kohya's sampling-steps clamp: 1..1000."""
+    return max(1, min(1000, steps))
 
 
 def parse_prompt_line(
@@ -76,7 +96,8 @@ def parse_prompt_line(
 
     `index` is the prompt's position in its list; it picks the default seed. `where` names the line in errors (the
     setting, and the file and line number for a prompt file); default "sampling.prompts[index]". Raises UserError
-    naming every bad option of the line, one per line of its message, so all are fixed in one go.
+    naming every bad option of the line, one per line of its message, so all are fixed in one go. The spec's
+    `changed` lists the options kohya's arithmetic changed ("--s 0 used as 1"); `check_prompts` warns about them.
     """
     where = where or f"sampling.prompts[{index}]"
     parts = (" " + line.strip()).split(" --")  # the leading space lets a line that starts with "--" be caught
@@ -92,6 +113,7 @@ def parse_prompt_line(
         "negative": default_negative,
     }
     bad: list[str] = []  # every bad option of the line is named, not the first
+    changed: list[str] = []  # values kohya's arithmetic changed, said as a warning by `check_prompts`
     for option in parts[1:]:
         option = option.strip()
         if not option:
@@ -100,14 +122,17 @@ def parse_prompt_line(
         name = match.group("name").lower() if match else ""
         value = (match.group("value") or "").strip() if match else ""
         try:
-            if name == "w":
-                values["width"] = int(value)
-            elif name == "h":
-                values["height"] = int(value)
+            if name in _AT_LEAST and value.startswith("-") and float(value) < 0:
+                bad.append(f"{where}: option '--{option}' in {line!r} is negative; give {_AT_LEAST[name]}. (kohya "
+                           "v0.8.7 takes digits only there: it would drop the option and use its default.)")
+            elif name in ("w", "h", "s"):
+                given = int(value)
+                used = clamp_steps(given) if name == "s" else round_size(given)
+                values[{"w": "width", "h": "height", "s": "steps"}[name]] = used
+                if used != given:
+                    changed.append(f"--{name} {given} used as {used}")
             elif name == "d":
                 values["seed"] = int(value)
-            elif name == "s":
-                values["steps"] = max(1, min(1000, int(value)))
             elif name == "l":
                 values["cfg"] = float(value)
             elif name == "n":
@@ -135,6 +160,8 @@ def parse_prompt_line(
         seed=int(values["seed"]),
         steps=int(values["steps"]),
         cfg=float(values["cfg"]),
+        where=where,
+        changed=tuple(changed),
     )
 
 
@@ -205,19 +232,35 @@ def check_prompts(
         off = "sampling.prompt_file=null" if prompt_file is not None else "sampling.prompts=[]"
         problems.append(f"{where}: no prompts found (only blank or # comment lines). Give at least one prompt line, "
                         f"or set {off} to sample nothing.")
-    specs, dashed = [], []
+    specs, dashed, placed = [], [], []
     for index, (where, place, line) in enumerate(sourced):
         try:
             specs.append(parse_prompt_line(line, index=index, where=where, **defaults))
+            placed.append((place, specs[-1]))
         except UserError as error:
             problems += str(error).splitlines()  # one problem per bad option of the line
         if single_dash_options(line):
             dashed.append(f"{place} ({' '.join(single_dash_options(line))})")
+    source = setting if prompt_file is not None else "sampling.prompts"
     fallbacks = [Fallback(
-        setting if prompt_file is not None else "sampling.prompts",
-        "prompt lines with tokens that look like kohya options written with one dash: kept as prompt text", tuple(dashed),
-        "kohya's options start with two dashes after a space, e.g. 'a dog --w 640 --h 1280 --s 16'.")] if dashed else []
-    return specs, problems, fallbacks
+        source, "prompt lines with tokens that look like kohya options written with one dash: kept as prompt text",
+        tuple(dashed), "kohya's options start with two dashes after a space, e.g. 'a dog --w 640 --h 1280 --s 16'.")
+    ] if dashed else []
+    return specs, problems, fallbacks + size_warnings(placed, source)
+
+
+def size_warnings(placed: Sequence[tuple[str, PromptSpec]], setting: str) -> list[Fallback]:
+    """Warnings, naming `setting`, for the (place, spec)s whose --w/--h/--s kohya's arithmetic changed and for sizes
+    above `LARGE_SIDE`; a place is "file, line N" or "sampling.prompts[i]"."""
+    changed = tuple(f"{place} ({', '.join(spec.changed)})" for place, spec in placed if spec.changed)
+    large = tuple(f"{place} ({spec.width}x{spec.height})" for place, spec in placed
+                  if max(spec.width, spec.height) > LARGE_SIDE)
+    return ([Fallback(setting, "prompt lines with --w/--h/--s values changed the way kohya does (sizes down to a "
+                      "multiple of 8, at least 64; steps 1 to 1000): sampled with the values used", changed,
+                      "Write the values used to silence this.")] if changed else []) + (
+        [Fallback(setting, f"prompt lines with a sample side above {LARGE_SIDE} px: sampled as given (kohya allows "
+                  "it); sampling may run out of memory", large,
+                  "Lower --w/--h there (or sampling.width/sampling.height) if that is not meant.")] if large else [])
 
 
 def load_prompts(

@@ -168,7 +168,8 @@ def sample_images(
                                     f"{spec.width}x{spec.height}")
                 generator = torch.Generator(device="cpu").manual_seed(spec.seed)
                 size = (spec.height, spec.width)
-                with autocast() if autocast is not None else contextlib.nullcontext():
+                with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
+                        index, len(prompts), spec):
                     output = pipeline(
                         prompt=spec.prompt,
                         negative_prompt=spec.negative,
@@ -191,6 +192,22 @@ def sample_images(
             for module, mode in zip(modules, was_training):
                 module.train(mode)
     return images
+
+
+@contextlib.contextmanager
+def _says_prompt(index: int, count: int, spec: PromptSpec):
+    """An out-of-memory error while drawing `spec` becomes a `SamplingOutOfMemory` naming the prompt, its size and
+    steps: the run's failure then blames the sample, not training (lora_sweep.training.failures)."""
+    from lora_sweep.errors import SamplingOutOfMemory
+    from lora_sweep.training.failures import is_out_of_memory
+
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc) or isinstance(exc, SamplingOutOfMemory):
+            raise
+        where = spec.where or f"sampling.prompts[{index}]"
+        raise SamplingOutOfMemory(index, count, where, spec.width, spec.height, spec.steps) from exc
 
 
 class _Stopped(Exception):

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Mapping
 
-from lora_sweep.errors import UserError
+from lora_sweep.errors import SamplingOutOfMemory, UserError
 
 # Optimizer state tensors per LoRA parameter, roughly (8-bit states are a quarter of fp32 ones).
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
@@ -97,8 +97,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def out_of_memory_message(cfg, exc: BaseException) -> str:
-    """What ran out and the knobs that lower memory, with this config's values, most effective first."""
+def out_of_memory_message(cfg, exc: BaseException, last_state: Path | None = None) -> str:
+    """What ran out and the knobs that lower memory, with this config's values, most effective first; for a sample
+    (a `SamplingOutOfMemory`), the prompt and the settings that size it instead. `last_state`: the state a rerun
+    resumes from, None when none was saved."""
+    if isinstance(exc, SamplingOutOfMemory):
+        return _sampling_out_of_memory_message(exc) + _kept(last_state)
     t = cfg.train
     hints = []
     if cfg.precision.name not in ("fp8", "fp8_bf16"):
@@ -115,10 +119,26 @@ def out_of_memory_message(cfg, exc: BaseException) -> str:
         hints.append("cached text embeddings need data.shuffle_caption=false (now the text encoders stay on the GPU)")
     hints.append(f"a smaller LoRA (network.rank, now {cfg.network.rank}) or resolution (data.resolution, now "
                  f"{cfg.data.resolution})")
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ("out of memory during training (" + first_line[:300] + "). To lower memory: "
-            + "; ".join(f"({i}) {h}" for i, h in enumerate(hints, 1))
-            + ". The last saved state is kept: the next run of this config resumes from it (train.resume=auto).")
+    return ("out of memory during training (" + _first_line(exc) + "). To lower memory: "
+            + "; ".join(f"({i}) {h}" for i, h in enumerate(hints, 1)) + "." + _kept(last_state))
+
+
+def _sampling_out_of_memory_message(exc: SamplingOutOfMemory) -> str:
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return (f"{exc} ({_first_line(cause)}). Training did not run out: this sample did, and its memory grows with its "
+            f"size. Lower that prompt's --w/--h in {exc.where} (sampling.width/sampling.height for prompts without "
+            "them; --s and sampling.steps set the time, not the memory).")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)[:300]
+
+
+def _kept(last_state: Path | None) -> str:
+    if last_state is None:
+        return " No state had been saved yet: the next run of this config starts from step 0."
+    return (f" The last saved state is kept ({last_state}): the next run of this config resumes from it "
+            "(train.resume=auto).")
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -132,11 +152,12 @@ def describe_os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def failure_reason(cfg, exc: BaseException) -> str:
-    """One readable line first (the status file and the queue show it), details after."""
+def failure_reason(cfg, exc: BaseException, last_state: Path | None = None) -> str:
+    """One readable line first (the status file and the queue show it), details after. `last_state`: the state a
+    rerun resumes from (None: none was saved)."""
     if is_out_of_memory(exc):
         _free_gpu_memory()
-        return "OutOfMemoryError: " + out_of_memory_message(cfg, exc)
+        return "OutOfMemoryError: " + out_of_memory_message(cfg, exc, last_state)
     if isinstance(exc, OSError):
         return f"{type(exc).__name__}: {describe_os_error(exc)}\n{traceback.format_exc()[-2000:]}"
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"

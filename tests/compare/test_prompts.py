@@ -32,8 +32,59 @@ def test_defaults_and_seed_per_index():
 def test_kohya_rounding_clamping_and_case():
     spec = parse_prompt_line("x --W 1000 --H 30 --S 5000 --L 7", index=0)
     assert (spec.width, spec.height, spec.steps, spec.cfg) == (1000, 64, 1000, 7.0)
+    assert spec.changed == ("--h 30 used as 64", "--s 5000 used as 1000")
     assert round_size(1023) == 1016 and round_size(8) == 64
     assert parse_prompt_line("x --s 0", index=0).steps == 1
+    assert parse_prompt_line("x --w 1024 --s 30", index=0).changed == ()
+
+
+def test_values_kohya_changes_are_warned_naming_the_file_line_and_value_used(tmp_path):
+    """TESTER_A item 10: `--s 0`, `--w 65 --h 10` were sampled at 64x64 / 1 step without a word."""
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("a car --h 0 --s 0\na car --w 65 --h 10 --l 3\na car --w 512 --h 512\n", encoding="utf-8")
+    specs, problems, (fallback,) = check_prompts(prompt_file=path)
+    assert not problems and [(s.width, s.height, s.steps) for s in specs] == [(1024, 64, 1), (64, 64, 30),
+                                                                              (512, 512, 30)]
+    assert fallback.setting == "sampling.prompt_file"
+    assert fallback.paths == (f"{path}, line 1 (--h 0 used as 64, --s 0 used as 1)",
+                              f"{path}, line 2 (--w 65 used as 64, --h 10 used as 64)")
+    assert fallback.line().startswith("sampling.prompt_file: 2 prompt lines with --w/--h/--s values changed the way "
+                                      "kohya does (sizes down to a multiple of 8, at least 64; steps 1 to 1000)")
+    _, _, (listed,) = check_prompts(["fine", "odd --w 1020"])
+    assert listed.setting == "sampling.prompts" and listed.paths == ("sampling.prompts[1] (--w 1020 used as 1016)",)
+
+
+def test_negative_values_are_refused_as_kohya_cannot_use_them(tmp_path):
+    """kohya v0.8.7's patterns take digits only: `--h -64` / `--l -3` match nothing and kohya samples with its
+    defaults without a word; lora-sweep refuses them, naming the line, the option and what is accepted."""
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("a car --h -64 --s 0\na car --w 65 --h 10 --l -3 --d -1 --s -2\n", encoding="utf-8")
+    specs, problems, _ = check_prompts(prompt_file=path)
+    where = f"sampling.prompt_file '{path}', line"
+    assert specs == [] and [p.split(" is negative; give ")[0] for p in problems] == [
+        f"{where} 1: option '--h -64' in 'a car --h -64 --s 0'",
+        f"{where} 2: option '--l -3' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'",
+        f"{where} 2: option '--d -1' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'",
+        f"{where} 2: option '--s -2' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'"]
+    assert "give a height of at least 64 (a multiple of 8)" in problems[0] and "CFG scale of 0 or more" in problems[1]
+    assert "1 to 1000 steps" in problems[3]
+
+
+def test_sample_sizes_above_4096_are_warned_not_refused(tmp_path):
+    """TESTER_A item 10: `--w 100000 --h 100000` passed the pre-flight silently and ran out of memory later."""
+    from lora_sweep.compare.prompts import check_prompts
+
+    path = tmp_path / "p6.txt"
+    path.write_text("a car --w 100000 --h 100000\na car --w 4096 --h 4096\n", encoding="utf-8")
+    specs, problems, (fallback,) = check_prompts(prompt_file=path)
+    assert not problems and (specs[0].width, specs[0].height) == (100000, 100000)
+    assert fallback.paths == (f"{path}, line 1 (100000x100000)",)
+    assert "sample side above 4096 px: sampled as given (kohya allows it)" in fallback.line()
+    assert specs[0].where == f"sampling.prompt_file '{path}', line 1"  # the sampler names it if memory runs out
 
 
 def test_option_order_and_negative_in_the_middle():

@@ -264,3 +264,24 @@ def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd):
     bar = capfd.readouterr().err
     assert "sampling at step 0: prompt 1/2, 64x64" in bar and "sampling at step 0: prompt 2/2, 64x64" in bar
     assert "0/6 [" in bar  # one bar over every denoising step of the call
+
+
+def test_out_of_memory_while_drawing_names_the_prompt_its_size_and_steps(pipe):
+    """An allocator failure inside the pipeline becomes a SamplingOutOfMemory naming the prompt (its `where`), so the
+    run's failure blames the sample, not training; the allocator's error stays its cause."""
+    from lora_sweep.errors import SamplingOutOfMemory
+
+    calls = []
+
+    def should_stop():  # asked before prompt 1, then after each denoising step: fail inside the pipeline
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 GiB")
+        return False
+
+    spec = PromptSpec("a car", width=64, height=64, seed=1, steps=3, where="sampling.prompt_file 'p6.txt', line 1")
+    with pytest.raises(SamplingOutOfMemory) as error:
+        draw(pipe, specs=[spec, SPECS[0]], should_stop=should_stop)
+    assert str(error.value) == ("out of memory while sampling prompt 1 of 2 (sampling.prompt_file 'p6.txt', line 1: "
+                                "64x64, 3 steps)")
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)

@@ -86,6 +86,7 @@ def test_out_of_memory_fails_the_job_with_the_memory_knobs_and_returns(tmp_path,
     assert outcome.reason.startswith("OutOfMemoryError: out of memory during training")
     for knob in ("precision=fp8", "train.gradient_checkpointing=true", "train.batch_size=1 train.grad_accum=2"):
         assert knob in outcome.reason
+    assert "The last saved state is kept (" in outcome.reason and "state-step00000001.pt)" in outcome.reason
     status = json.loads(status_file.read_text())
     assert status["state"] == "failed" and "out of memory" in status["reason"]
     run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
@@ -99,7 +100,41 @@ def test_out_of_memory_message_from_cuda_error_suggests_only_knobs_not_in_use():
     message = out_of_memory_message(cfg, cuda_error)
     assert "Tried to allocate 2.00 GiB" in message
     assert "precision=fp8" not in message and "gradient_checkpointing" not in message  # already on
-    assert "network.rank" in message and "train.resume=auto" in message
+    assert "network.rank" in message and "No state had been saved yet" in message  # none given: none claimed
+    kept = out_of_memory_message(cfg, cuda_error, Path("/states/state-step00000002.pt"))
+    assert kept.endswith("The last saved state is kept (/states/state-step00000002.pt): the next run of this config "
+                         "resumes from it (train.resume=auto).")
+
+
+def test_out_of_memory_while_sampling_names_the_prompt_and_its_size_not_training_knobs(tmp_path, mlflow_uri,
+                                                                                        monkeypatch):
+    """TESTER_A item 10: `--w 100000 --h 100000` ran out of memory while sampling at step 0, and the failure blamed
+    training (precision, gradient checkpointing, rank) and claimed a saved state that was never written."""
+    from lora_sweep.compare import sampling
+
+    real = sampling.build_pipeline
+
+    def out_of_memory_pipeline(**parts):
+        pipeline = real(**parts)
+
+        def draw(**kwargs):  # what the allocator says for 100000x100000 latents
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 GiB (GPU 0; 23.6 GiB total)")
+        return type("Pipeline", (), {"__call__": staticmethod(draw)})()
+
+    monkeypatch.setattr(sampling, "build_pipeline", out_of_memory_pipeline)
+    prompt_file = tmp_path / "p6.txt"
+    prompt_file.write_text("# big\na car --w 100000 --h 100000 --s 2\n", encoding="utf-8")
+    outcome = tiny_job(tmp_path, "sampling.prompts=[]", f"sampling.prompt_file={prompt_file}")
+    assert outcome.status == "FAILED"
+    assert outcome.reason == (
+        f"OutOfMemoryError: out of memory while sampling prompt 1 of 1 (sampling.prompt_file '{prompt_file}', line 2: "
+        "100000x100000, 2 steps) (CUDA out of memory. Tried to allocate 37.25 GiB (GPU 0; 23.6 GiB total)). Training "
+        "did not run out: this sample did, and its memory grows with its size. Lower that prompt's --w/--h in "
+        f"sampling.prompt_file '{prompt_file}', line 2 (sampling.width/sampling.height for prompts without them; --s "
+        "and sampling.steps set the time, not the memory). No state had been saved yet: the next run of this config "
+        "starts from step 0.")
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and "while sampling prompt 1 of 1" in run.data.tags["lora_sweep.failure"]
 
 
 def make_read_only(folder: Path):
