@@ -54,7 +54,8 @@ class MlflowSweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         from lora_sweep import jobs, tracking
         from lora_sweep.atomic import write_text
-        from lora_sweep.checks.preflight import SWEEP_TRACKING, tracking_target
+        from lora_sweep.checks.preflight import SWEEP_TRACKING
+        from lora_sweep.checks.sweep import tracking_target
 
         sweep_dir = Path(config.hydra.sweep.dir)
         # where the jobs log, as the pre-flight composed them: experiment files may set tracking.experiment, and

@@ -288,7 +288,7 @@ class PreflightCallback(Callback):
         _finish([("", report)], jobs=1)
 
     def _multirun_start(self, config: DictConfig) -> None:
-        from lora_sweep.checks.sweep import sweep_problems
+        from lora_sweep.checks.sweep import mixed_tracking_problem, sweep_problems, tracking_target
 
         memo, results, targets, jobs = _Memo(), [], {}, {}
         for label, job_config, error in sweep_job_configs(config):
@@ -319,26 +319,6 @@ def _guarded(check: Callable[[DictConfig], None], config: DictConfig) -> None:
                       "the traceback above. The setting it was checking may hold an unusual value.",
                       type(error).__name__, error)
         sys.exit(2)
-
-
-def tracking_target(cfg) -> tuple[str, str]:
-    """(store URI, experiment name) a job logs to (`tracking.uri` resolved as the job resolves it)."""
-    from lora_sweep import tracking
-
-    return tracking.tracking_uri(cfg.tracking.uri), str(cfg.tracking.experiment)
-
-
-def mixed_tracking_problem(targets: dict[str, tuple[str, str]]) -> str:
-    """The problem line for a sweep whose jobs log to different experiments or stores: a sweep is one parent run
-    with its jobs nested under it, and MLflow nests runs only within one experiment of one store."""
-    by_target: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for label, target in targets.items():
-        by_target[target].append(label.split(" ", 1)[0])
-    listed = "; ".join(f"{', '.join(jobs)} -> experiment '{exp}' in {uri}" for (uri, exp), jobs in by_target.items())
-    return ("tracking.experiment / tracking.uri: the sweep's jobs log to different places (" + listed + "). A sweep "
-            "is one MLflow parent run with every job nested under it, in one experiment of one store: set "
-            "tracking.experiment=NAME (and tracking.uri) on the command line, or the same value in every "
-            "experiment file, or run one sweep per experiment.")
 
 
 def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, str | None]]:

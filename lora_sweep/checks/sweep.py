@@ -2,7 +2,8 @@
 
 A sweep can be wrong although every job alone is right, and each such problem would otherwise show only after the
 sweep's MLflow parent run and folder exist: no job at all (a glob that matches no option), jobs that write to one
-output folder (each job's LoRA overwrites the others'), and launcher settings the gpu_queue launcher refuses only
+output folder (each job's LoRA overwrites the others'), jobs that log to different MLflow experiments or stores
+(one parent run cannot nest them), and launcher settings the gpu_queue launcher refuses only
 once it starts (its slots: `hydra.launcher.cpu_slots=0`, `gpus=[abc]`).
 """
 
@@ -59,3 +60,23 @@ def shared_output_problems(jobs: dict[str, DictConfig]) -> list[str]:
 def _listed(labels: list[Any]) -> str:
     shown = ", ".join(str(label) for label in labels[:6])
     return shown + (f" and {len(labels) - 6} more" if len(labels) > 6 else "")
+
+
+def tracking_target(cfg) -> tuple[str, str]:
+    """(store URI, experiment name) a job logs to (`tracking.uri` resolved as the job resolves it)."""
+    from lora_sweep import tracking
+
+    return tracking.tracking_uri(cfg.tracking.uri), str(cfg.tracking.experiment)
+
+
+def mixed_tracking_problem(targets: dict[str, tuple[str, str]]) -> str:
+    """The problem line for a sweep whose jobs log to different experiments or stores: a sweep is one parent run
+    with its jobs nested under it, and MLflow nests runs only within one experiment of one store."""
+    by_target: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for label, target in targets.items():
+        by_target[target].append(label.split(" ", 1)[0])
+    listed = "; ".join(f"{', '.join(jobs)} -> experiment '{exp}' in {uri}" for (uri, exp), jobs in by_target.items())
+    return ("tracking.experiment / tracking.uri: the sweep's jobs log to different places (" + listed + "). A sweep "
+            "is one MLflow parent run with every job nested under it, in one experiment of one store: set "
+            "tracking.experiment=NAME (and tracking.uri) on the command line, or the same value in every "
+            "experiment file, or run one sweep per experiment.")
