@@ -174,3 +174,13 @@ def _node_keys(cause) -> list[str]:
     tree = OmegaConf.to_container(cause.parent_node, resolve=False)
     keys = flatten(tree) if isinstance(tree, dict) else {}
     return [f"{parent}.{k}" if parent else k for k in keys if not k.startswith("_")]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's torch.OutOfMemoryError, or the CPU allocator's failure (a RuntimeError with errno 12's text)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_sweep import jobs, tracking
-from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile, StopOnSignal as _StopOnSignal  # noqa: F401
 from lora_sweep.atomic import write_text
+from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError

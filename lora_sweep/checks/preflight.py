@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 import sys
 import warnings

@@ -198,8 +198,7 @@ def sample_images(
 def _says_prompt(index: int, count: int, spec: PromptSpec):
     """An out-of-memory error while drawing `spec` becomes a `SamplingOutOfMemory` naming the prompt, its size and
     steps: the run's failure then blames the sample, not training (lora_sweep.training.failures)."""
-    from lora_sweep.errors import SamplingOutOfMemory
-    from lora_sweep.training.failures import is_out_of_memory
+    from lora_sweep.errors import SamplingOutOfMemory, is_out_of_memory
 
     try:
         yield

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Mapping
 
-from lora_sweep.errors import SamplingOutOfMemory, UserError
+from lora_sweep.errors import SamplingOutOfMemory, UserError, is_out_of_memory  # noqa: F401  (re-exported)
 
 # Optimizer state tensors per LoRA parameter, roughly (8-bit states are a quarter of fp32 ones).
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
@@ -85,16 +85,6 @@ def expected_bytes(*, lora_numel: int, optimizer: str, keep_states: int, save_ev
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's torch.OutOfMemoryError, or the CPU allocator's failure (a RuntimeError with errno 12's text)."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def out_of_memory_message(cfg, exc: BaseException, last_state: Path | None = None) -> str:
