@@ -151,8 +151,16 @@ def _clean_finished_states(root: Path, uri: str | None) -> int:
 
     from lora_sweep import tracking
 
+    from lora_sweep.checks.folders import store_problems
+
     uri = tracking.tracking_uri(uri)
-    tracking.check_store_uri(uri)
+    problems = store_problems(uri)  # a server that does not answer would hang MLflow's retries for minutes
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        problems.append(f"--tracking-uri: there is no MLflow store at {uri} (the file does not exist), so no run is "
+                        "known to have finished; give the store the runs were logged to.")
+    if problems:
+        print("error: " + "\n".join(problems), file=sys.stderr)
+        return 2
     folders, unknown = finished_run_states(root, uri)
     size = sum(map(_tree_size, folders))
     for folder in folders:

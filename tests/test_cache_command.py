@@ -87,3 +87,14 @@ def test_clean_finished_states_removes_only_the_states_of_runs_the_store_finishe
     assert sorted(p.relative_to(root / "states").as_posix() for p in (root / "states").glob("*/*")) == sorted([
         f"{'1' * 16}/elsewhere", f"{'1' * 16}/{stopped}"])
     assert main(["cache", "--finished-states", "--dir", str(root)]) == 2  # info has nothing to remove
+
+
+def test_clean_finished_states_against_a_store_that_cannot_answer_is_refused_at_once(tmp_path, capsys):
+    """A server that refuses connections would keep MLflow retrying for minutes; a sqlite path with no file would
+    be created empty and 'know' no finished run."""
+    root = tmp_path / "cache"
+    (root / "states" / ("0" * 16) / "run1").mkdir(parents=True)
+    for uri in ("http://127.0.0.1:9", f"sqlite:///{tmp_path / 'none.db'}"):
+        assert main(["cache", "clean", "--finished-states", "--tracking-uri", uri, "--dir", str(root)]) == 2
+        assert uri in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists() and (root / "states" / ("0" * 16) / "run1").is_dir()

@@ -122,7 +122,7 @@ def parse_prompt_line(
         name = match.group("name").lower() if match else ""
         value = (match.group("value") or "").strip() if match else ""
         try:
-            if name in _AT_LEAST and value.startswith("-") and float(value) < 0:
+            if name in _AT_LEAST and value.startswith("-") and float(value) <= 0:  # "-0" too: a sign kohya drops
                 bad.append(f"{where}: option '--{option}' in {line!r} is negative; give {_AT_LEAST[name]}. (kohya "
                            "v0.8.7 takes digits only there: it would drop the option and use its default.)")
             elif name in ("w", "h", "s"):

@@ -98,11 +98,15 @@ class VariantGroup:
 
     @property
     def label(self) -> str:
-        """The name with its replicates, for legends: 'noise=none (n = 3, seeds 1, 2, 3)'; the name when n = 1."""
-        if self.n == 1:
+        """The name with the finished replicates the numbers use, for legends: 'noise=none (n = 3, seeds 1, 2, 3)';
+        the name alone for one finished run; '(no finished run)' when none finished."""
+        finished = self.finished
+        if not finished:
+            return f"{self.name} (no finished run)"
+        if len(finished) == 1:
             return self.name
-        seeds = ", ".join(str(s) for s in self.seeds if s is not None)
-        return f"{self.name} (n = {self.n}{', seeds ' + seeds if seeds else ''})"
+        seeds = ", ".join(str(r.seed) for r in finished if r.seed is not None)
+        return f"{self.name} (n = {len(finished)}{', seeds ' + seeds if seeds else ''})"
 
     @property
     def representative(self) -> VariantData:
@@ -118,8 +122,11 @@ class VariantGroup:
     @property
     def unfinished(self) -> list[VariantData]:
         """The replicates that did not finish (FAILED, KILLED, still RUNNING): left out of the numbers, named on the
-        page with their reason, since they change n and the seeds the differences can pair."""
-        return [r for r in self.runs if r.status != "FINISHED"]
+        page with their reason, since they change n and the seeds the differences can pair. A run whose seed has a
+        finished run in the group (a job stopped before its first state, then trained again by a later sweep) lost
+        nothing and is not listed."""
+        done = {r.seed for r in self.runs if r.status == "FINISHED"}
+        return [r for r in self.runs if r.status != "FINISHED" and (r.seed is None or r.seed not in done)]
 
     @property
     def n_text(self) -> str:
@@ -207,14 +214,15 @@ def group_replicates(runs: Sequence[VariantData]) -> list[VariantGroup]:
 
 
 def baseline_index(groups: Sequence[VariantGroup], requested: str | None, *, option: str = "--baseline") -> int:
-    """The index of the variant named (or whose run id is, or starts with) `requested`; 0 when None. A run id of
+    """The index of the variant named (or whose run id is, or starts with) `requested`; when None, the first variant
+    with a finished run (else 0). A run id of
     a run that did not finish names its variant when the variant has finished runs (`baseline_note` says so).
 
     Raises UserError naming `option` and the variants when nothing matches, or when the named run did not finish
     and its variant has no finished run (nothing to compare against).
     """
-    if not requested:
-        return 0
+    if not requested:  # the first variant that has a finished run: one whose runs all failed compares nothing
+        return next((index for index, group in enumerate(groups) if group.finished), 0)
     for index, group in enumerate(groups):
         if requested == group.name or strip_seed(requested) == group.name:
             return index

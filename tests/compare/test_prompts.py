@@ -62,14 +62,16 @@ def test_negative_values_are_refused_as_kohya_cannot_use_them(tmp_path):
     from lora_sweep.compare.prompts import check_prompts
 
     path = tmp_path / "p.txt"
-    path.write_text("a car --h -64 --s 0\na car --w 65 --h 10 --l -3 --d -1 --s -2\n", encoding="utf-8")
+    path.write_text("a car --h -64 --s 0\na car --w 65 --h 10 --l -3 --d -1 --s -2\na car --h -0\n",
+                    encoding="utf-8")
     specs, problems, _ = check_prompts(prompt_file=path)
     where = f"sampling.prompt_file '{path}', line"
     assert specs == [] and [p.split(" is negative; give ")[0] for p in problems] == [
         f"{where} 1: option '--h -64' in 'a car --h -64 --s 0'",
         f"{where} 2: option '--l -3' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'",
         f"{where} 2: option '--d -1' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'",
-        f"{where} 2: option '--s -2' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'"]
+        f"{where} 2: option '--s -2' in 'a car --w 65 --h 10 --l -3 --d -1 --s -2'",
+        f"{where} 3: option '--h -0' in 'a car --h -0'"]  # a signed zero is not a size either
     assert "give a height of at least 64 (a multiple of 8)" in problems[0] and "CFG scale of 0 or more" in problems[1]
     assert "1 to 1000 steps" in problems[3]
 

@@ -115,6 +115,24 @@ def test_a_baseline_whose_variant_has_no_finished_run_is_refused():
         baseline_index(groups, "b1")
 
 
+def test_without_baseline_the_first_variant_with_a_finished_run_is_the_baseline():
+    """A first variant whose runs all failed would make every difference 'no value'."""
+    from lora_sweep.compare.variants import VariantData, baseline_index, group_replicates
+
+    def run(name, seed, status):
+        return VariantData(name=name, run_id=f"{name}{seed}".ljust(32, "0"), status=status,
+                           params={"train.seed": str(seed), "tracking.variant": name}, final_metrics={},
+                           histories={}, cells={}, cell_steps={}, tags={"variant": name})
+
+    groups = group_replicates([run("a", 1, "FAILED"), run("a", 2, "KILLED"), run("b", 1, "FINISHED")])
+    assert [g.name for g in groups] == ["a", "b"] and baseline_index(groups, None) == 1
+    assert baseline_index(group_replicates([run("a", 1, "FAILED")]), None) == 0  # nothing finished: the first
+    assert groups[0].label == "a (no finished run)" and groups[1].label == "b"  # legends count what is shown
+    # a job killed before its first state and trained again by a later sweep (a new run, same seed) lost nothing
+    (again,) = group_replicates([run("c", 42, "KILLED"), run("c", 42, "FINISHED")])
+    assert again.unfinished == [] and again.n_text == "n = 1 · seed 42"
+
+
 def test_all_sweeps_compares_every_run_of_the_experiment(tmp_path, capsys, monkeypatch):
     """Two sweeps in one experiment (a variant that needed other GPUs went in the second): --experiment compares
     the newest sweep, --all-sweeps both, with the replicates of one config from the two sweeps in one variant."""
