@@ -98,11 +98,25 @@ def _checked_tokens(gpus: Any, tokens: list[str]) -> list[str]:
     return tokens
 
 
+def check_choices(start_method: Any, console: Any, progress_every_s: Any) -> None:
+    """Raise GpuQueueConfigError for the first of these launcher settings that has no meaning."""
+    for name, value, accepted in (("start_method", start_method, ("forkserver", "spawn")),
+                                  ("console", console, ("auto", "live", "plain"))):
+        if value not in accepted:
+            raise GpuQueueConfigError(
+                f"hydra.launcher.{name}={value!r}: accepted values are {', '.join(accepted)}.")
+    try:
+        seconds = float(progress_every_s)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise GpuQueueConfigError(f"hydra.launcher.progress_every_s={progress_every_s!r}: accepted values are "
+                                  "seconds >= 0 (0: no progress lines without a terminal).")
+
+
 def launcher_problems(settings: Mapping[str, Any]) -> list[str]:
     """Every problem of the gpu_queue launcher's settings (`hydra.launcher.*`), one paragraph each, for the sweep's
     pre-flight: found before the sweep's MLflow parent run or folder exists, not by the launcher once they do."""
-    from .launcher import check_choices
-
     problems = []
     try:
         check_choices(settings.get("start_method", "forkserver"), settings.get("console", "auto"),

@@ -24,7 +24,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ._slots import GpuQueueConfigError, plan_slots
+from ._slots import check_choices, plan_slots
 
 log = logging.getLogger(__name__)
 STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
@@ -44,22 +44,6 @@ def short_label(overrides: Sequence[str], value_chars: int = 32, total_chars: in
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def check_choices(start_method: Any, console: Any, progress_every_s: Any) -> None:
-    """Raise GpuQueueConfigError for the first of these launcher settings that has no meaning."""
-    for name, value, accepted in (("start_method", start_method, ("forkserver", "spawn")),
-                                  ("console", console, ("auto", "live", "plain"))):
-        if value not in accepted:
-            raise GpuQueueConfigError(
-                f"hydra.launcher.{name}={value!r}: accepted values are {', '.join(accepted)}.")
-    try:
-        seconds = float(progress_every_s)
-    except (TypeError, ValueError):
-        seconds = float("nan")
-    if not seconds >= 0:
-        raise GpuQueueConfigError(f"hydra.launcher.progress_every_s={progress_every_s!r}: accepted values are "
-                                  "seconds >= 0 (0: no progress lines without a terminal).")
 
 
 def _json_number(value: Any) -> Any:

@@ -166,7 +166,6 @@ def cache_root(cfg) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
-
 def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
     """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
     scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log).
@@ -176,6 +175,7 @@ def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
     if paths and hasattr(sink, "warn"):
         sink.warn(Fallback(setting, "images whose pixels failed to decode (truncated or corrupt after a valid header): "
                            "skipped (counted in data.skipped_images)", tuple(paths), "Re-save them as PNG or JPEG."))
+
 
 def load_parts(cfg, policy: precision.PrecisionPolicy | None = None, *,
                text_encoders_in_step: bool = False) -> model_lib.SDXLParts:
