@@ -1,8 +1,8 @@
 """Figure 2 of `make bench`: how much encode work the shared latent / text-embedding cache saves a sweep.
 
 The twelve variants of `make demo` (the article's v53..v64 at demo scale) each prepare their data with
-`lora_sweep.data.prepare.prepare_examples`, once all through one shared cache and once each through an empty cache of its
-own (what a trainer without a shared cache does). Forward hooks on the VAE encoder and both text encoders count
+`lora_sweep.data.prepare.prepare_examples`, once all through one shared cache and once each through an empty cache
+of its own (what a trainer without a shared cache does). Forward hooks on the VAE encoder and both text encoders count
 the images and captions actually encoded; the wall time of all preparations is taken too.
 """
 
@@ -27,7 +27,7 @@ class EncodeCounter:
     def __init__(self, parts) -> None:
         self.items = {name: 0 for name in ENCODERS}
         modules = (parts.vae.encoder, parts.text_encoder, parts.text_encoder_2)
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in zip(ENCODERS, modules)]
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in zip(ENCODERS, modules, strict=True)]
 
     def _hook(self, name: str):
         def count(module, args, output) -> None:

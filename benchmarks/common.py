@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def compose(*overrides: str):
     """The config `python sweep.py <overrides>` would run (conf/ composed by Hydra, schema registered)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from lora_sweep.config import register_configs
 

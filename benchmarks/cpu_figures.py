@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bare_loop import Batch, BareLoop, copy_lora_weights, wrapped_modules
+from benchmarks.bare_loop import BareLoop, Batch, copy_lora_weights, wrapped_modules
 from benchmarks.common import NullSink, compose, median
 
 FIG1_OVERRIDES = ("precision=fp32", "noise=none", "loss=l2", "optimizer=adamw")
@@ -105,7 +105,7 @@ class _LoopTimer(NullSink):
 def _summary(ours: list[float], theirs: list[float]) -> dict:
     """Median of per-repetition ratios (the figure), its range, and the ratio of each side's fastest repetition
     (what load on a shared machine disturbs least: noise only ever adds time)."""
-    ratios = [a / b for a, b in zip(ours, theirs)]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
     return {"lora_sweep_step_s": median(ours), "bare_step_s": median(theirs), "ratio": median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios), "ratio_of_fastest": min(ours) / min(theirs),
             "reps": len(ratios)}

@@ -108,7 +108,7 @@ class Bench:
             for ckpt in self.args.checkpointing:
                 for batch in self.args.batches:
                     self.row("lora-sweep", precision, batch, ckpt, "baseline",
-                             lambda: lora_sweep_step(session(batch, ckpt)))
+                             lambda batch=batch, ckpt=ckpt: lora_sweep_step(session(batch, ckpt)))
 
     def option_row(self, option: str, unet, policy, session, batch: int) -> None:
         from benchmarks.gpu_options import option_step, undo_option
@@ -148,7 +148,7 @@ def compare_to_baseline(rows: list[dict]) -> None:
     for r in rows:
         ref = base.get((r["precision"], r["batch"], r["gradient_checkpointing"]))
         if ref and r.get("losses"):
-            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)]
+            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref, strict=True)]
             r["first_loss_rel_diff"], r["loss_rel_diff_max"] = diffs[0], max(diffs)
 
 

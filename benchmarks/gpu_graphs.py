@@ -64,7 +64,8 @@ def static_inputs(s: Any) -> dict[str, torch.Tensor]:
 def graph_body(s: Any, x: dict[str, torch.Tensor]) -> torch.Tensor:
     """micro_batch_loss + backward + clip + step on static inputs `x`, written for capture: no host reads, no
     host-side branches on tensor values, autocast without its cast cache. Returns the loss (detached)."""
-    from lora_sweep.training import loss as loss_lib, noise as noise_lib
+    from lora_sweep.training import loss as loss_lib
+    from lora_sweep.training import noise as noise_lib
 
     cfg = s.cfg
     latents = (x["latents"] * s.vae_scale).to(s.policy.latent_dtype)

@@ -88,11 +88,10 @@ def synthetic_batch(shape: Shape, batch: int, seed: int = 0) -> dict[str, torch.
 def count_flops(config: dict, *, rank: int, gradient_checkpointing: bool) -> dict[str, float]:
     """FLOPs of one LoRA training step per image (forward, and forward + backward) at the native size, counted on
     the meta device at batch 1 (FLOPs are linear in the batch). With checkpointing the recomputed forwards count."""
+    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     from lora_sweep.model.network import UNET_TARGETS, add_lora
-
-    from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)

@@ -3,7 +3,8 @@
 Each must leave the result unchanged (the benchmark compares the seeded loss sequence with the baseline's) and is
 kept as a lora-sweep option only if it wins. One row is not an option but a cost: loop_checks adds what
 `lora_sweep.training.train.train` does per step beyond the core step (the loss checked for NaN/Inf, and the gradients
-through the total norm that clipping uses too: two host syncs), to show what that costs on a fast GPU. How each option maps onto lora-sweep today:
+through the total norm that clipping uses too: two host syncs), to show what that costs on a fast GPU. How each
+option maps onto lora-sweep today:
 - fused_adamw: `optimizer.args.fused=true` already passes through to torch.optim.AdamW;
 - tf32: a global torch setting (what stays fp32 under autocast is elementwise, so little is expected);
 - channels_last: the UNet's 4-D weights in NHWC for cuDNN's convolutions;
@@ -13,7 +14,7 @@ through the total norm that clipping uses too: two host syncs), to show what tha
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +39,7 @@ def set_tf32(*, on: bool) -> None:
     knobs = _tf32_knobs()
     if not _TF32_DEFAULTS:
         _TF32_DEFAULTS.extend(getattr(obj, name) for obj, name, _ in knobs)
-    for (obj, name, value), default in zip(knobs, _TF32_DEFAULTS):
+    for (obj, name, value), default in zip(knobs, _TF32_DEFAULTS, strict=True):
         setattr(obj, name, value if on else default)
 
 

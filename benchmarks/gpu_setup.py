@@ -92,7 +92,7 @@ def setup_rows(model: Path, device: torch.device | str, *, cases: list[str], res
         print(f"  set-up {case:<8}", end="", flush=True)
         row = setup_row(case, model, device, resolution=resolution, steps=steps, workdir=workdir)
         peaks = [row.get(k) for k in ("setup_peak_bytes", "train_peak_bytes")]
-        print(row["error"] or ("  set-up %.2f GiB, training %.2f GiB" % tuple(p / 2**30 for p in peaks)
+        print(row["error"] or (f"  set-up {peaks[0] / 2**30:.2f} GiB, training {peaks[1] / 2**30:.2f} GiB"
                                if all(peaks) else "  (no CUDA: no memory figures)"), flush=True)
         rows.append(row)
     return rows

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from benchmarks.bare_loop import Batch, BareLoop
+from benchmarks.bare_loop import BareLoop, Batch
 from benchmarks.gpu_model import Shape, synthetic_batch
 
 
@@ -62,8 +63,8 @@ class SyntheticSession:
 
 def lora_sweep_unet(unet, precision_name: str, rank: int, device) -> tuple[Any, list]:
     """lora-sweep's model set-up on `unet`: LoRA on kohya's targets, then base weights in the policy's dtype."""
-    from lora_sweep.training import precision
     from lora_sweep.model.network import UNET_TARGETS, add_lora, lora_parameters
+    from lora_sweep.training import precision
 
     policy = precision.precision_policy(precision_name, torch.device(device).type)
     add_lora(unet, rank=rank, alpha=float(rank), targets=UNET_TARGETS)
@@ -75,8 +76,8 @@ def lora_sweep_unet(unet, precision_name: str, rank: int, device) -> tuple[Any, 
 def make_session(unet, policy, params: list, shape: Shape, *, batch: int, gradient_checkpointing: bool,
                  optimizer_args: dict, rank: int, device) -> SyntheticSession:
     """A fresh optimizer, scaler and examples around an already prepared UNet (one config of the matrix)."""
-    from lora_sweep.training import optim, precision
     from lora_sweep.model.loading import kohya_noise_scheduler
+    from lora_sweep.training import optim, precision
 
     cfg = bench_config(policy.name, batch, rank, gradient_checkpointing, optimizer_args)
     if gradient_checkpointing:

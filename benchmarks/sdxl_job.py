@@ -16,6 +16,7 @@ peak). Writes one JSON record; the job's exit status becomes this script's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -103,7 +104,7 @@ class Probe:
         starts = [t for step, t in r["step_times"] if step == 0]
         if starts and times:
             edges = [starts[-1], *times]
-            r["step_s"] = [b - a for a, b in zip(edges, edges[1:])]
+            r["step_s"] = [b - a for a, b in itertools.pairwise(edges)]
         r["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
         r["wall_s"] = time.perf_counter() - self.started
         r["exit_code"] = exit_code

@@ -45,7 +45,8 @@ def shared_bare_loop(s, *, rank: int, alpha: float, lr: float, max_grad_norm: fl
 
 
 def compose(root: Path, overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from lora_sweep.config import register_configs
 
@@ -74,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import lora_sweep
     from lora_sweep.training import train as train_module
-
-    from benchmarks.common import NullSink
 
     cfg = compose(root, ["model=sdxl", f"model.path={args.model}", f"data.resolution={args.resolution}",
                          "train.batch_size=1", f"precision={args.precision}", "noise=none", "loss=l2",

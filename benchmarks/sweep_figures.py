@@ -11,6 +11,7 @@ The analysis functions below are pure, so the smoke test checks them on hand-mad
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -138,7 +139,7 @@ def slot_idle_gaps(records: list[dict]) -> list[float]:
     gaps = []
     for slot in {r["slot"] for r in records}:
         on_slot = sorted((r for r in records if r["slot"] == slot), key=lambda r: r["started_at"])
-        gaps += [b["started_at"] - a["ended_at"] for a, b in zip(on_slot, on_slot[1:])]
+        gaps += [b["started_at"] - a["ended_at"] for a, b in itertools.pairwise(on_slot)]
     return gaps
 
 

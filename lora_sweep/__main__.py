@@ -150,7 +150,6 @@ def _clean_finished_states(root: Path, uri: str | None) -> int:
     import shutil
 
     from lora_sweep import tracking
-
     from lora_sweep.checks.folders import store_problems
 
     uri = tracking.tracking_uri(uri)

@@ -2,10 +2,10 @@
 
 Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key in a file or a wrong type fails
 at compose time. On the command line Hydra would advise adding a misspelt key with '+', and a '+' key composes and
-is never read: `checks.command_line.command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight) refuse both, naming the
-closest real keys. Range and cross-field checks live in `lora_sweep.checks.validate`; the config hash (what
-identifies a training's result) is `config_hash` below. No torch import here: `--help`, `make table` and config
-checks answer in about a second.
+is never read: `checks.command_line.command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight)
+refuse both, naming the closest real keys. Range and cross-field checks live in `lora_sweep.checks.validate`; the
+config hash (what identifies a training's result) is `config_hash` below. No torch import here: `--help`,
+`make table` and config checks answer in about a second.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # tiny | sdxl
-    path: Optional[str] = None  # diffusers folder or single .safetensors; tiny: built into the cache if null
+    path: str | None = None  # diffusers folder or single .safetensors; tiny: built into the cache if null
     resolution: int = 64  # the model's native base resolution (tiny 64, SDXL 1024)
     v_prediction: bool = False  # kohya --v_parameterization (warns for SDXL, as kohya does)
 
@@ -31,35 +31,35 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "photos"  # photos | folder
-    dir: Optional[str] = None  # kohya layout: <dir>/<repeats>_<name>/<image> + <image><caption_extension>
+    dir: str | None = None  # kohya layout: <dir>/<repeats>_<name>/<image> + <image><caption_extension>
     caption_extension: str = ".txt"
     resolution: Any = "${model.resolution}"  # int or "W,H"
     enable_bucket: bool = True
     bucket_reso_steps: int = 32
     bucket_no_upscale: bool = False
-    min_bucket_reso: Optional[int] = None  # null: a quarter of the resolution, as 256 is for 1024
-    max_bucket_reso: Optional[int] = None  # null: twice the resolution, as kohya_ss's GUI uses 2048 for 1024
+    min_bucket_reso: int | None = None  # null: a quarter of the resolution, as 256 is for 1024
+    max_bucket_reso: int | None = None  # null: twice the resolution, as kohya_ss's GUI uses 2048 for 1024
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_separator: str = ","
     flip_aug: bool = False
-    cache_dir: Optional[str] = None  # null: $LORA_SWEEP_CACHE_DIR or ~/.cache/lora-sweep
+    cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR or ~/.cache/lora-sweep
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
     validation_split: float = 0.0
-    validation_dir: Optional[str] = None
+    validation_dir: str | None = None
 
 
 @dataclass
 class NoiseConfig:
     offset: float = 0.0  # kohya --noise_offset
     offset_random_strength: bool = False  # --noise_offset_random_strength
-    adaptive_scale: Optional[float] = None  # --adaptive_noise_scale (needs offset)
+    adaptive_scale: float | None = None  # --adaptive_noise_scale (needs offset)
     multires_iterations: int = 0  # --multires_noise_iterations
     multires_discount: float = 0.3  # --multires_noise_discount
     ip_gamma: float = 0.0  # --ip_noise_gamma
     ip_gamma_random_strength: bool = False  # --ip_noise_gamma_random_strength
-    min_timestep: Optional[int] = None  # --min_timestep: t ~ randint(min, max), max excluded; null = 0
-    max_timestep: Optional[int] = None  # --max_timestep; null = 1000 (the schedule's length)
+    min_timestep: int | None = None  # --min_timestep: t ~ randint(min, max), max excluded; null = 0
+    max_timestep: int | None = None  # --max_timestep; null = 1000 (the schedule's length)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class LossConfig:
     type: str = "l2"  # l2 | huber | smooth_l1 (kohya --loss_type)
     huber_schedule: str = "snr"  # constant | exponential | snr
     huber_c: float = 0.1
-    min_snr_gamma: Optional[float] = None
+    min_snr_gamma: float | None = None
     debiased: bool = False  # --debiased_estimation_loss
     per_sample_timesteps: bool = False  # false: v0.8.7 (one t per batch for huber/smooth_l1)
 
@@ -76,7 +76,7 @@ class LossConfig:
 class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1e-4
-    args: Dict[str, Any] = field(default_factory=dict)  # passed through, like kohya --optimizer_args
+    args: dict[str, Any] = field(default_factory=dict)  # passed through, like kohya --optimizer_args
     scheduler: str = "constant"  # constant | constant_with_warmup | cosine | linear
     warmup_steps: int = 0  # optimizer steps
 
@@ -101,16 +101,16 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 42
     lr: float = "${optimizer.lr}"  # type: ignore[assignment]
-    text_encoder_lr: Optional[float] = None  # null: same as train.lr
+    text_encoder_lr: float | None = None  # null: same as train.lr
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    output_dir: Optional[str] = None  # null: the Hydra job directory
+    output_dir: str | None = None  # null: the Hydra job directory
     output_name: str = "lora"
     save_every: int = 0  # optimizer steps between training states + step LoRA checkpoints; 0 = only at the end/stop
     save_every_epochs: int = 0  # kohya --save_every_n_epochs: `<output_name>-000005.safetensors`; 0 = off
     keep_states: int = 2  # training states kept per run (the newest ones)
     resume: str = "auto"  # auto | never | <state-step*.pt file, or a run's state folder>
-    state_dir: Optional[str] = None  # null: <cache root>/states; states go to <state_dir>/<config_hash>/<run_id>/
+    state_dir: str | None = None  # null: <cache root>/states; states go to <state_dir>/<config_hash>/<run_id>/
     on_nan: str = "stop"  # stop | skip_step
     # on_nan=skip_step: the run fails once this many optimizer steps in a row were skipped (a diverged training
     # would otherwise skip every step and end FINISHED with a useless LoRA).
@@ -118,40 +118,40 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     # testing aid: "nan_loss@STEP" | "inf_grad@STEP" | "oom@STEP" (STEP+ : that step and every later one) |
     # "setup_error" | "setup_crash" (a user error / a bug in a job's set-up, before its MLflow run exists)
-    debug_fault: Optional[str] = None
+    debug_fault: str | None = None
 
 
 @dataclass
 class SamplingConfig:
-    prompts: List[str] = field(default_factory=list)
-    prompt_file: Optional[str] = None
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
     every: int = 0  # optimizer steps; 0 = off (start and end still sampled when prompts are set)
     steps: int = 10
     cfg: float = 7.0
     negative: str = ""
-    width: Optional[int] = None
-    height: Optional[int] = None
+    width: int | None = None
+    height: int | None = None
     seed: int = 1234
 
 
 @dataclass
 class ValidationConfig:
     every: int = 0  # optimizer steps between val/loss and fit/loss; 0 = only at step 0 and at the end
-    timesteps: List[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     seed: int = 0  # the fixed noise (and the fit/loss images) come from this seed, never from train.seed
     fit_images: int = 4  # training images for fit/loss (the common yardstick); 0 = no fit/loss
 
 
 @dataclass
 class CompareConfig:
-    baseline: Optional[str] = None  # the variant the report compares the others with; null: the first one
+    baseline: str | None = None  # the variant the report compares the others with; null: the first one
 
 
 @dataclass
 class TrackingConfig:
     experiment: str = "lora-sweep"
-    uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    variant: Optional[str] = None  # tag; experiment files set it (v53 ... v64)
+    uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    variant: str | None = None  # tag; experiment files set it (v53 ... v64)
     flush_every: int = 25  # metrics are sent in batches
 
 
@@ -190,8 +190,8 @@ def register_configs() -> None:
 
     from hydra.core.config_store import ConfigStore
 
-    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(gpu_queue|ray|submitit_slurm)' is validated against",
-                            category=UserWarning)
+    launchers = r"\s*'hydra/launcher/(gpu_queue|ray|submitit_slurm)' is validated against"
+    warnings.filterwarnings("ignore", message=launchers, category=UserWarning)
 
     ConfigStore.instance().store(name="config_schema", node=Config)
 
@@ -221,16 +221,16 @@ def is_hash_excluded(key: str) -> bool:
     return any(key == x or key.startswith(x + ".") for x in _HASH_EXCLUDED)
 
 
-def to_container(cfg: DictConfig | Config) -> Dict[str, Any]:
+def to_container(cfg: DictConfig | Config) -> dict[str, Any]:
     """Resolve interpolations and return plain Python containers."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"noise": {"offset": 0.1}} -> {"noise.offset": 0.1}; lists and empty dicts stay whole values."""
-    flat: Dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
@@ -316,7 +316,7 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     tree.pop("hydra", None)
     found = []
 
-    def walk(node: Dict[str, Any], prefix: str) -> None:
+    def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
             name = f"{prefix}{key}"
             if _is_free_form(name):
@@ -335,7 +335,7 @@ def kohya_name(key: str) -> str | None:  # `network.dim`, `network_dim`, `train.
     return KOHYA_NAMES.get(leaf) or (KOHYA_NAMES.get(f"{parent}_{leaf}") if parent else None)
 
 
-def _respelt(key: str, candidates: List[str]) -> List[str]:
+def _respelt(key: str, candidates: list[str]) -> list[str]:
     """`optimizer.arg.eps` -> `optimizer.args.eps`: the first part before the last that names no node of
     `candidates`, respelt as the closest node there, the rest kept (under a free-form map any rest goes)."""
     import difflib
@@ -353,7 +353,7 @@ def _respelt(key: str, candidates: List[str]) -> List[str]:
     return []
 
 
-def closest_keys(key: str, candidates: List[str] | None = None, n: int = 3) -> List[str]:
+def closest_keys(key: str, candidates: list[str] | None = None, n: int = 3) -> list[str]:
     """The settings a misspelt `key` meant: with a misspelt node, the same key under the closest node
     (`optimizer.arg.eps` -> `optimizer.args.eps`); kohya's name of a setting (`network.dim` -> `network.rank`);
     else the settings spelt most like it (difflib), its siblings first (`noise.ofset` -> `noise.offset`), then any
@@ -372,7 +372,7 @@ def closest_keys(key: str, candidates: List[str] | None = None, n: int = 3) -> L
     return list(dict.fromkeys(near))[:n]
 
 
-def unknown_key_message(key: str, *, added: bool = False, known: List[str] | None = None) -> str:
+def unknown_key_message(key: str, *, added: bool = False, known: list[str] | None = None) -> str:
     """One paragraph for a key the schema lacks: the closest real settings, else the settings of its group.
     `added`: it came in with `+`, which Hydra accepts, so say that nothing would read it. `known`: the dotted keys
     of the node the key was looked up in, for a key outside the schema (`hydra.launcher.cpu_slot`: the active

@@ -30,8 +30,9 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lora_sweep.atomic import write_text
 

@@ -33,20 +33,29 @@ from pathlib import Path
 from typing import Any
 
 from lora_sweep import jobs, tracking
-from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile, StopOnSignal as _StopOnSignal  # noqa: F401
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
+from lora_sweep.checks.validate import validate
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError
+from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile  # noqa: F401
+from lora_sweep.jobs import StopOnSignal as _StopOnSignal
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.training.checkpoint import (
-    ConfigLock, find_resumable, list_states, read_meta, resolve_state_arg, run_folder,
+    ConfigLock,
+    find_resumable,
+    list_states,
+    read_meta,
+    resolve_state_arg,
+    run_folder,
 )
 from lora_sweep.training.failures import (
-    check_writable, failure_reason, is_out_of_memory, raise_setup_fault,
+    check_writable,
+    failure_reason,
+    is_out_of_memory,
+    raise_setup_fault,
 )
-from lora_sweep.checks.validate import validate
 
 log = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ def test_gpu_model_counts_flops_and_builds_deterministically():
     checkpointed = count_flops(config, rank=4, gradient_checkpointing=True)
     assert 0 < plain["forward"] < plain["train"] < checkpointed["train"]
     a, b = build_unet(config, "cpu", seed=3), build_unet(config, "cpu", seed=3)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.isfinite(x).all(), name
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA H100 PCIe") == 756.0

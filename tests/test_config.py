@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from conftest import ROOT, compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import ROOT, compose_config
+from lora_sweep.checks.validate import validate
 from lora_sweep.config import config_hash
 from lora_sweep.errors import ConfigError
-from lora_sweep.checks.validate import validate
 
 GROUPS = ["noise", "loss", "optimizer", "precision", "model", "data", "network", "train", "tracking"]
 
@@ -97,7 +97,8 @@ def test_timestep_bounds_change_the_hash_only_away_from_kohyas_defaults():
     assert config_hash(compose_config("noise.min_timestep=0", "noise.max_timestep=1000")) == base
     assert config_hash(compose_config("noise.max_timestep=500")) != base
     assert config_hash(compose_config("noise.min_timestep=200")) != base
-    assert config_hash(compose_config("noise.min_timestep=200")) != config_hash(compose_config("noise.min_timestep=201"))
+    assert config_hash(compose_config("noise.min_timestep=200")) != config_hash(
+        compose_config("noise.min_timestep=201"))
 
 
 @pytest.mark.parametrize("launcher", ["gpu_queue", "ray", "submitit_slurm"])
@@ -117,8 +118,8 @@ def test_every_launcher_composes_with_the_projects_config(launcher):
 def test_a_key_added_with_plus_is_a_problem_naming_the_closest_real_key():
     """`+noise.ofset=0.1` composes (Hydra adds any key with '+') and nothing reads it: refused, with noise.offset;
     keys under optimizer.args (kohya's --optimizer_args) are free-form and checked against the optimizer instead."""
-    from lora_sweep.config import unknown_keys
     from lora_sweep.checks.validate import config_problems
+    from lora_sweep.config import unknown_keys
 
     cfg = compose_config("+noise.ofset=0.1", "+optimizer.args.amsgrad=true", "+train.unet_lr=0.5")
     assert unknown_keys(cfg) == ["noise.ofset", "train.unet_lr"]

@@ -102,7 +102,7 @@ def test_failed_record_becomes_a_failed_job_return_with_its_reason(tmp_path):
     ret = to_job_return(_record(tmp_path, "FAILED", "loss is NaN at step 4", {"label": "v2"}))
     assert ret.status == JobStatus.FAILED
     with pytest.raises(RuntimeError, match="v2.*FAILED: loss is NaN"):
-        ret.return_value
+        _ = ret.return_value
     assert to_job_return(_record(tmp_path, "SKIPPED", "done")).status == JobStatus.COMPLETED
 
 
@@ -180,7 +180,7 @@ def test_a_failed_job_re_raises_compactly_keeping_its_own_exception(tmp_path):
     record.job_return, record.user_error = _failed(own), True
     ret = to_job_return(record, " (1 of 2 jobs did not finish: see the summary above)")
     with pytest.raises(CompactHydraException) as err:
-        ret.return_value
+        _ = ret.return_value
     assert str(err.value) == ("job #1 (v2) FAILED: ValueError: bad lr "
                               "(1 of 2 jobs did not finish: see the summary above)")
     assert err.value.job_exception is own and err.value.__cause__ is own and err.value.user_error

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import compose_config
+
 from lora_sweep import jobs
 from lora_sweep.run import variant_name
 
@@ -63,10 +63,10 @@ def test_a_cut_run_name_and_its_folder_carry_the_same_hash(tmp_path):
 
 
 def test_the_sweep_config_names_job_folders_through_the_resolver(tmp_path):
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from conftest import ROOT
     from lora_sweep.config import register_configs
 
     register_configs()

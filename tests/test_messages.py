@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
-from lora_sweep.config import Config, flatten, to_container
 from lora_sweep.checks.validate import config_problems
+from lora_sweep.config import Config, flatten, to_container
 
 SOURCES = sorted((ROOT / "lora_sweep").rglob("*.py")) + [ROOT / "sweep.py"]
 GROUPS = ("model", "data", "noise", "loss", "optimizer", "precision", "network", "train", "sampling", "validation",

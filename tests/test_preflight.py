@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, compose_config, write_image
 from PIL import Image
 
-from conftest import ROOT, compose_config, write_image
-from lora_sweep.paths import make_paths_absolute
 from lora_sweep.checks.preflight import check_job
+from lora_sweep.paths import make_paths_absolute
 
 CP1252 = bytes.fromhex("6172746973749273")  # cp1252 "artist's": not UTF-8 at byte 6
 
@@ -133,7 +133,8 @@ def test_a_sweep_whose_jobs_log_to_different_experiments_is_refused(app):
     """One parent run nests its jobs, and MLflow nests runs only within one experiment of one store."""
     code, out = app("-m", "tracking.experiment=mine,yours")
     assert code == 2
-    assert "tracking.experiment / tracking.uri: the sweep's jobs log to different places (#0 -> experiment 'mine'" in out
+    assert ("tracking.experiment / tracking.uri: the sweep's jobs log to different places "
+            "(#0 -> experiment 'mine'") in out
     assert "#1 -> experiment 'yours'" in out and "set tracking.experiment=NAME" in out
 
 

@@ -13,12 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 import pytest
+import torch
+from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config
 from lora_sweep.run import run_job
 
 JOB = textwrap.dedent("""

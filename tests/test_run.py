@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import ROOT, compose_config
 from lora_sweep import jobs, tracking
 from lora_sweep.config import config_hash
 from lora_sweep.errors import UserError

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 
-from hydra_plugins.slurm_sweep_launcher._outcome import JobDied, JobOutcome, decide, finalize, summary, \
-    summary_json, to_job_return
+from hydra_plugins.slurm_sweep_launcher._outcome import (
+    JobDied,
+    JobOutcome,
+    decide,
+    finalize,
+    summary,
+    summary_json,
+    to_job_return,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
 import toy_harness as toy  # noqa: E402

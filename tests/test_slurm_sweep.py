@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from lora_sweep.data.photos import PHOTOS
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, compose_config
+from mlflow.tracking import MlflowClient
 
 TINY_SAMPLES = ("sampling.prompts=[a cat]", "sampling.width=64", "sampling.height=64", "sampling.steps=2")
 

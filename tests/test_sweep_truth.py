@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ROOT
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from lora_sweep import tracking
 
 NEGATIVE = "blurry, lowres/jpeg artifacts, " * 67  # 2,000+ characters, with '/' and spaces

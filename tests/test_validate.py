@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import compose_config
-from lora_sweep.errors import ConfigError
+
 from lora_sweep.checks.validate import validate
+from lora_sweep.errors import ConfigError
 
 BAD = [  # (overrides, the field the message must name), across every group
     (["model.name=sd15"], "model.name"),
@@ -140,7 +140,7 @@ def test_every_bad_value_of_one_group_is_reported_not_the_first(overrides, start
 
     problems = config_problems(compose_config(*overrides))
     assert len(problems) == len(starts), problems
-    for problem, start in zip(problems, starts):
+    for problem, start in zip(problems, starts, strict=True):
         assert problem.startswith(start), (problem, start)
 
 

@@ -14,12 +14,13 @@ import math
 import shutil
 import textwrap
 import time
-from typing import Any, Iterable, Sequence, TextIO
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
 
 from ._outcome import DONE_STATES, JobRecord, headline, log_tail, read_status
+from ._slots import Slot
 
 MAX_LOGS_LISTED = 5  # per failure paragraph; gpu_queue_summary.json lists every job's log
-from ._slots import Slot
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -96,7 +97,7 @@ def event_line(record: JobRecord) -> str:
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def failure_groups(records: Sequence[JobRecord]) -> list[tuple[str, list[JobRecord]]]:

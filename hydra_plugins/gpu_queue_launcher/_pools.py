@@ -84,13 +84,16 @@ class ForkServerPool:
                 out.append(self.conn.recv())
             return out
         except (EOFError, OSError):
-            raise PoolDied(f"the fork server died ({_proc.describe_exit(self.proc.wait())}); see {self.log_path}")
+            raise self._died() from None
 
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             self.conn.send(msg)
         except OSError:
-            raise PoolDied(f"the fork server died ({_proc.describe_exit(self.proc.wait())}); see {self.log_path}")
+            raise self._died() from None
+
+    def _died(self) -> PoolDied:
+        return PoolDied(f"the fork server died ({_proc.describe_exit(self.proc.wait())}); see {self.log_path}")
 
     def close(self) -> None:
         """Stop the server (it kills any job still running) and wait for it; safe to call twice."""

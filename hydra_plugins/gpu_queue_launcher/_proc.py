@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 _PR_SET_PDEATHSIG = 1
 

@@ -13,7 +13,8 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._console import Console
 from ._outcome import JobRecord, finalize, read_status
@@ -31,7 +32,7 @@ class Interrupts:
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
 
-    def __enter__(self) -> "Interrupts":
+    def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -5,7 +5,7 @@ sys.modules, and dataclasses then cannot resolve string annotations.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -21,7 +21,7 @@ class GpuQueueLauncherConf:
     # Concurrent jobs when there is no GPU at all.
     cpu_slots: int = 1
     # Modules imported once in the fork server, before any job is forked: `module` or `module:attribute`.
-    preload: List[str] = field(default_factory=list)
+    preload: list[str] = field(default_factory=list)
     # forkserver: fork each job from a process that has `preload` imported (fast start, full isolation).
     # spawn: a fresh interpreter per job (pays the imports every time; for when forking is not wanted).
     start_method: str = "forkserver"

@@ -14,8 +14,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -62,9 +63,9 @@ class GpuQueueLauncher(Launcher):
         self.kill_grace_s, self.refresh_s = float(kill_grace_s), float(refresh_s)
         self.log_tail_lines = int(log_tail_lines)
         self.progress_every_s = float(progress_every_s)
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
         self._pool: Any = None
         self._records: list = []
         self._warned_pickle = False
@@ -107,7 +108,7 @@ class GpuQueueLauncher(Launcher):
         note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
         return [to_job_return(r, note) for r in records]
 
-    def _prepare(self, overrides: List[str], idx: int, work_dir: Path, common: set) -> Any:
+    def _prepare(self, overrides: list[str], idx: int, work_dir: Path, common: set) -> Any:
         """Compose the job's config and find its directory, exactly as run_job will in the job process."""
         import cloudpickle
 

@@ -9,9 +9,10 @@ read with the local queue's `log_tail`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra_plugins.gpu_queue_launcher._outcome import log_tail
 
@@ -104,7 +105,7 @@ def to_job_return(outcome: JobOutcome) -> Any:
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def summary(outcomes: Sequence[JobOutcome], tail_lines: int = 12) -> str:

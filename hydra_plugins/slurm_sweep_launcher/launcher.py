@@ -16,16 +16,25 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
 from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
-from ._outcome import FINAL_SLURM_STATES, STATUS_ENV, JobOutcome, finalize, read_status, summary, summary_json, \
-    to_job_return
+from ._outcome import (
+    FINAL_SLURM_STATES,
+    STATUS_ENV,
+    JobOutcome,
+    finalize,
+    read_status,
+    summary,
+    summary_json,
+    to_job_return,
+)
 
 log = logging.getLogger(__name__)
 NO_RESULT_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared FS)
@@ -57,7 +66,7 @@ def _warning_signal() -> signal.Signals:
     return signal.Signals[f"SIG{SlurmJobEnvironment.USR_SIG.removeprefix('SIG')}"]
 
 
-def squeue_states(array_id: str) -> Dict[str, str] | None:
+def squeue_states(array_id: str) -> dict[str, str] | None:
     """{"<array>_<task>": state} for every task of the array Slurm still lists (final states included), or None
     when squeue cannot be asked."""
     try:
@@ -93,7 +102,7 @@ class SlurmSubmitError(RuntimeError, CompactHydraException):
     """sbatch refused the sweep's job array (no controller, a bad option): Hydra prints the message alone, exit 1."""
 
 
-def submit_error(exc: BaseException, jobs: int, params: Dict[str, Any], folder: Any) -> str:
+def submit_error(exc: BaseException, jobs: int, params: dict[str, Any], folder: Any) -> str:
     """One paragraph: what sbatch said (its stderr, which submitit raises as FailedJobError over the
     CalledProcessError) and its exit status, or that sbatch cannot be run; what to check; that nothing ran."""
     called = exc.__cause__ if isinstance(exc.__cause__, subprocess.CalledProcessError) else None
@@ -118,8 +127,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     status_dir: str | None = None  # set by launch() before the launcher is pickled for the jobs
 
     # ------------------------------------------------------------------------------------------ on the node
-    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict[type, Singleton]) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
 
         status_file = Path(self.status_dir) / f"{job_num}.json" if self.status_dir else None
@@ -190,7 +199,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
             try:  # submitit prints sbatch's stderr itself before raising: the paragraph below says it once
                 with contextlib.redirect_stderr(io.StringIO()):
-                    jobs = executor.map_array(self, *zip(*args))
+                    jobs = executor.map_array(self, *zip(*args, strict=True))
             except (FailedJobError, OSError) as exc:
                 folder = Path(str(executor.folder))
                 raise SlurmSubmitError(submit_error(exc, len(args), self.params,
@@ -205,13 +214,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         (sweep_dir / "slurm_summary.json").write_text(summary_json(outcomes))
         return [to_job_return(o) for o in outcomes]
 
-    def _wait_all(self, jobs: Sequence[Any], overrides: List[List[str]], first_idx: int) -> List[JobOutcome]:
+    def _wait_all(self, jobs: Sequence[Any], overrides: list[list[str]], first_idx: int) -> list[JobOutcome]:
         """Every job's outcome, however it ended; a job Slurm no longer runs and that left no result within
         NO_RESULT_GRACE_S is FAILED with its last Slurm state."""
         outcomes = [JobOutcome(first_idx + i, overrides[i], job.job_id,
                                [str(job.paths.stdout), str(job.paths.stderr)]) for i, job in enumerate(jobs)]
         open_jobs = dict(enumerate(jobs))
-        ended_at: Dict[int, tuple[float, str]] = {}
+        ended_at: dict[int, tuple[float, str]] = {}
         next_squeue = time.monotonic() + SQUEUE_EVERY_S
         array_id = jobs[0].job_id.split("_")[0]
         while open_jobs:

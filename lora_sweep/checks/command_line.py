@@ -10,13 +10,14 @@ types. What needs the composed config (ranges, combinations, files) is the pre-f
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List
+from collections.abc import Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_sweep.config import Config, _is_free_form, config_groups, schema_keys, unknown_key_message
 from lora_sweep.checks.groups import group_options, missing_option_message
+from lora_sweep.config import Config, _is_free_form, config_groups, schema_keys, unknown_key_message
 
 _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
 
@@ -46,7 +47,7 @@ def _type_problem(template, key: str, value: Any, text: str) -> str | None:
     return None
 
 
-def command_line_problems(argv: List[str]) -> List[str]:
+def command_line_problems(argv: list[str]) -> list[str]:
     """Every problem of `python sweep.py` overrides that can be found before Hydra composes, one message each:
     a key the schema lacks (`noise.ofset=0.1`, `trian.lr=1`, also swept), a group option that does not exist
     (`noise=ofset`, each of a sweep or list), a value of the wrong type (`train.max_steps=abc`). Overrides with `+`,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 from omegaconf import OmegaConf
 

@@ -10,8 +10,8 @@ as null is (`noise.adaptive_scale`, `loss.min_snr_gamma`), never an error: kohya
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -88,7 +88,8 @@ def _checks(cfg) -> list[Callable[[], None]]:
             max_reso=d.max_bucket_reso),
         lambda: _range("data.validation_split", d.validation_split, 0.0, 1.0, high_open=True),
         lambda: noise.check_noise_options(  # 0, like null, is off (see the module docstring)
-            offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=_off_if_zero(n.adaptive_scale),
+            offset=n.offset, offset_random_strength=n.offset_random_strength,
+            adaptive_scale=_off_if_zero(n.adaptive_scale),
             multires_iterations=n.multires_iterations, multires_discount=n.multires_discount,
             ip_gamma=n.ip_gamma, ip_gamma_random_strength=n.ip_gamma_random_strength,
             min_timestep=n.min_timestep, max_timestep=n.max_timestep, num_timesteps=NUM_TRAIN_TIMESTEPS),

@@ -9,8 +9,8 @@ evaluation noise only (one run each), `†` an interval clipped at the metric's 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from itertools import combinations
-from typing import Iterable
 
 from lora_sweep.compare.effects import EVAL_NOISE_ONLY
 

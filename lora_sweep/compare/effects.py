@@ -33,14 +33,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from lora_sweep.compare.metrics import METRIC_KEYS, image_metrics
-from lora_sweep.compare.params import knobs, Knob
+from lora_sweep.compare.params import Knob, knobs
 from lora_sweep.compare.stats import (
-    NO_INTERVAL_N1, Difference, Estimate, clip, fitting_speed, mean_interval, no_interval, paired_difference, resolved,
+    NO_INTERVAL_N1,
+    Difference,
+    Estimate,
+    clip,
+    fitting_speed,
+    mean_interval,
+    no_interval,
+    paired_difference,
+    resolved,
     unpaired_difference,
 )
 from lora_sweep.compare.variants import VariantData, VariantGroup

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
@@ -75,7 +75,7 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
     handles = {}
     for panel, key in enumerate(keys):
         axes = figure.add_subplot(rows, cols, panel + 1)
-        for variant, index, label in zip(variants, colors, labels):
+        for variant, index, label in zip(variants, colors, labels, strict=True):
             history = curve(variant, key)
             if not history:
                 continue

@@ -4,24 +4,23 @@ The article's author compared twelve variants by eye. These statistics do not ju
 few properties the author's remarks are about, so that two variants' samples (same prompt, same seed, same step)
 can be compared with numbers as well as eyes:
 
-| key              | what it measures                                   | article remark it quantifies                    |
-|------------------|----------------------------------------------------|-------------------------------------------------|
-| luminance_mean   | mean luma (BT.709 weights on sRGB values, 0..1)   | noise offset "changes how bright and dark areas |
-| luminance_std    | spread of luma over the image (global contrast)    | are strengthened or weakened"                   |
-| edge_energy      | variance of the 4-neighbour Laplacian of the luma  | multires noise "stronger edges"; min-SNR "soft  |
-|                  | (the classic blur/sharpness measure)               | edges, loss of fine detail"; debiased "very     |
-|                  |                                                    | strong edges"; IP noise "adds some detail"      |
-| colorfulness     | Hasler & Süsstrunk (2003) colourfulness, 0..255    | Prodigy "keeps colours stable"; fp16 "more      |
-|                  | scale (0 = grey; ~33 "moderately", ~59 "quite")    | varied content"                                 |
-| cast_yb          | mean of (R+G)/2 - B, 0..1 scale; > 0 = yellow      | the yellow cast most variants showed (white     |
-| cast_rg          | mean of R - G, 0..1 scale; > 0 = red, < 0 = green  | balance of the training photos); v56, v61 not   |
+- luminance_mean: mean luma (BT.709 weights on sRGB values, 0..1); noise offset "changes how bright and dark
+  areas are strengthened or weakened".
+- luminance_std: spread of luma over the image (global contrast); the same remark.
+- edge_energy: variance of the 4-neighbour Laplacian of the luma (the classic sharpness measure); multires noise
+  "stronger edges", min-SNR "soft edges, loss of fine detail", debiased "very strong edges", IP noise "adds some
+  detail".
+- colorfulness: Hasler & Süsstrunk (2003), 0..255 (0 = grey; ~33 "moderately", ~59 "quite"); Prodigy "keeps
+  colours stable", fp16 "more varied content".
+- cast_yb: mean of (R+G)/2 - B, 0..1, > 0 = yellow; cast_rg: mean of R - G, 0..1, > 0 = red: the yellow cast most
+  variants showed (white balance of the training photos), v56 and v61 not.
 
 All functions are pure (PIL or numpy in, floats out) and cost a few milliseconds per image.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image

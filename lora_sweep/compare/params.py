@@ -9,8 +9,8 @@ A *knob* is what a user turns in one override: a config-group choice (`noise=off
 by sweep.py as the `lora_sweep.choice.<group>` tags) or one value (`loss.huber_c=0.01` -> `0.05`). The values a
 changed group choice brings with it are that one knob. Where a run has no choice tag for one of the groups noise,
 loss, optimizer and precision (older runs; Hydra records no choice for a list such as loss=[huber_snr,debiased]),
-the values that differ inside that group count as one knob. Keys that do not change a training (sampling, validation, tracking,
-paths, the seed: replicates) are never knobs.
+the values that differ inside that group count as one knob. Keys that do not change a training (sampling,
+validation, tracking, paths, the seed: replicates) are never knobs.
 
 A group choice is one knob, but it may change several mechanisms at once: `noise=offset_ip` -> `multires_ip`
 switches the offset off (0.0357 -> 0) and multires noise on (0 -> 6). `Knob.values` lists the values a knob
@@ -22,7 +22,7 @@ marks it, so a reader can tell it from a true single-value change.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from lora_sweep.compare.variants import SEED_KEY, VariantGroup, is_config_key
 
@@ -169,7 +169,7 @@ def parameter_table(groups: Sequence[VariantGroup]) -> tuple[list[tuple[str, lis
         if parent and _determined(key, parent, groups):
             shared.append((key, f"each {parent}'s own (see the full configs)"))
             continue
-        effective = {v for g, v in zip(groups, values) if key == "status" or has_effect(key, g.params)}
+        effective = {v for g, v in zip(groups, values, strict=True) if key == "status" or has_effect(key, g.params)}
         if key not in ("status",) and len(effective) == 1 and any(not has_effect(key, g.params) for g in groups):
             shared.append((key, f"{effective.pop()} (where it applies)"))
             continue
@@ -214,7 +214,8 @@ def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[st
     a_choices, b_choices = a_choices or {}, b_choices or {}
     keys = {table_key(k) for k in (*a_params, *b_params)
             if is_config_key(k) and k not in DERIVED and not k.startswith(NOT_KNOBS)}
-    if a_params.get("train.lr") == a_params.get("optimizer.lr") and b_params.get("train.lr") == b_params.get("optimizer.lr"):
+    follows = [p.get("train.lr") == p.get("optimizer.lr") for p in (a_params, b_params)]
+    if all(follows):
         keys.discard("train.lr")  # follows optimizer.lr (${optimizer.lr}): part of the optimizer knob
     changed = {k: (display(k, a_params), display(k, b_params)) for k in sorted(keys, key=_sort_key)}
     changed = {k: ab for k, ab in changed.items() if ab[0] != ab[1]}

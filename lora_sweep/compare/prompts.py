@@ -1,4 +1,4 @@
-"""Sample prompts: kohya sd-scripts' prompt-file format, parsed into `PromptSpec`s.
+r"""Sample prompts: kohya sd-scripts' prompt-file format, parsed into `PromptSpec`s.
 
 A prompt file is text with one prompt per line; blank lines and lines starting with `#` are skipped. A line is
 split at " --"; the first part is the prompt, the others are options (case-insensitive), as in kohya v0.8.7:
@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Sequence
 
 from lora_sweep.errors import Fallback, UserError
 

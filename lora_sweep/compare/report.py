@@ -15,12 +15,26 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lora_sweep.compare.runs import (  # noqa: F401  (re-exported: the report's public names)
-    DEFAULT_EXPERIMENT, IMAGE_ARTIFACT, PARENT_TAG, ROLE_TAG, VARIANT_TAG, LoggedImage, column_titles, download_image,
-    find_runs, logged_images, parse_image_artifact, read_points, read_run, reused_runs, sweep_runs, variant_names,
+    DEFAULT_EXPERIMENT,
+    IMAGE_ARTIFACT,
+    PARENT_TAG,
+    ROLE_TAG,
+    VARIANT_TAG,
+    LoggedImage,
+    column_titles,
+    download_image,
+    find_runs,
+    logged_images,
+    parse_image_artifact,
+    read_points,
+    read_run,
+    reused_runs,
+    sweep_runs,
+    variant_names,
 )
 from lora_sweep.errors import UserError
 
@@ -97,7 +111,7 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
     image_keys = sorted({key for images in images_per_run for key, _ in images})
     progression_key = image_keys[0] if image_keys else None
     columns = progression_steps([s for images in images_per_run for k, s in images if k == progression_key])
-    for run, images in zip(shown, images_per_run):
+    for run, images in zip(shown, images_per_run, strict=True):
         for key in image_keys:
             steps = sorted(s for k, s in images if k == key)
             at = chosen if chosen is not None else (steps[-1] if steps else None)

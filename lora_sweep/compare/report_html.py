@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
-from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report's public names)
-    CELL_MAX_PX, CURVE_GROUPS, GRID_CELL_MAX_PX, cell_data_uri, curve_figure, ema, labelled_grid_png, png_data_uri,
-)
 from lora_sweep.compare.cells import (  # noqa: F401  (re-exported: the report's public names)
-    CLIPPED_MARK, EVAL_NOISE_MARK, effect_text, estimate_text, format_number, row_decimals, signed, start_text,
+    CLIPPED_MARK,
+    EVAL_NOISE_MARK,
+    effect_text,
+    estimate_text,
+    format_number,
+    row_decimals,
+    signed,
+    start_text,
+)
+from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report's public names)
+    CELL_MAX_PX,
+    CURVE_GROUPS,
+    GRID_CELL_MAX_PX,
+    cell_data_uri,
+    curve_figure,
+    ema,
+    labelled_grid_png,
+    png_data_uri,
 )
 from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT

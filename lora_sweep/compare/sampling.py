@@ -20,7 +20,8 @@ import contextlib
 import dataclasses
 import logging
 import random
-from typing import Callable, ContextManager, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -116,7 +117,7 @@ def sample_images(
     tokenizer,
     tokenizer_2,
     prompts: Sequence[PromptSpec],
-    autocast: Callable[[], ContextManager] | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
@@ -189,7 +190,7 @@ def sample_images(
             pass  # the image being drawn is dropped; the finished ones are returned
         finally:
             bar.close()
-            for module, mode in zip(modules, was_training):
+            for module, mode in zip(modules, was_training, strict=True):
                 module.train(mode)
     return images
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -87,8 +87,8 @@ class Difference:
     note: str = ""
     identical: bool = False
     clipped: bool = False  # the interval was cut at the metric's natural bounds (`clip`)
-    at_start: "Difference | None" = None  # the same difference at step 0, before any training
-    change: "Difference | None" = None  # the difference of the changes from step 0 (the effect of training)
+    at_start: Difference | None = None  # the same difference at step 0, before any training
+    change: Difference | None = None  # the difference of the changes from step 0 (the effect of training)
     of: str = ""  # the metric this difference is in, when it is not the row's own (at_start of the fitting speed)
 
     @property
@@ -184,7 +184,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pa
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pairs need equal lengths")
     d = np.array([resolved(x, y, scale) if math.isfinite(x) and math.isfinite(y) else math.nan
-                  for x, y in zip(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))])
+                  for x, y in zip(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), strict=True)])
     d = d[np.isfinite(d)]
     basis = f"paired over {d.size} {unit}"
     if d.size == 0:

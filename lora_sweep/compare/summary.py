@@ -35,7 +35,14 @@ import json
 from typing import Any
 
 from lora_sweep.compare.effects import (
-    METRIC_NOTES, difference, effect_dict, estimate, one_knob_pairs, present_metrics, row_steps, same_training,
+    METRIC_NOTES,
+    difference,
+    effect_dict,
+    estimate,
+    one_knob_pairs,
+    present_metrics,
+    row_steps,
+    same_training,
 )
 from lora_sweep.compare.stats import CONFIDENCE
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OPTIMIZER_ABBREVIATIONS = {"dadapt_adam_preprint": "DAP", "lion8bit": "L8", "prodigy": "Pg"}  # the article's legend
@@ -66,7 +66,8 @@ def render(header: list[str], rows: list[list[str]], fmt: str = "text") -> str:
         csv.writer(out, lineterminator="\n").writerows([header, *rows])
         return out.getvalue()
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     if fmt == "markdown":
         return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]) + "\n"
-    return "\n".join(["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]) + "\n"
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines) + "\n"

@@ -19,12 +19,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
 from lora_sweep.errors import UserError
-
 
 DEFAULT_EXPERIMENT = "lora-sweep"
 

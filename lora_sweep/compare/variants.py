@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 

@@ -23,12 +23,20 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lora_sweep import atomic
 from lora_sweep.data.cache_keys import (  # noqa: F401  (re-exported: the public API)
-    CACHE_FORMAT, RESAMPLE, cache_key, file_sha256, latent_cache_key, model_identity, posterior_seed, text_cache_key,
+    CACHE_FORMAT,
+    RESAMPLE,
+    cache_key,
+    file_sha256,
+    latent_cache_key,
+    model_identity,
+    posterior_seed,
+    text_cache_key,
 )
 from lora_sweep.errors import UserError
 from lora_sweep.paths import default_cache_dir  # noqa: F401  (re-exported: the public API)
@@ -184,7 +192,7 @@ class TensorCache:
                 outputs = list(compute_batch(indices)) if indices else []
                 if len(outputs) != len(indices):
                     raise ValueError(f"compute_batch returned {len(outputs)} entries for {len(indices)} indices")
-                for index, tensors in zip(indices, outputs):
+                for index, tensors in zip(indices, outputs, strict=True):
                     results[index] = self._write(kind, keys[index], tensors, metas[index] if metas else None)
                     self._count(kind, hit=False)
             finally:

@@ -13,8 +13,9 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from lora_sweep import atomic
 from lora_sweep.errors import UserError

@@ -10,9 +10,9 @@ reworded, a file added, removed or moved to another subset) changes it; copying 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from lora_sweep.data.cache_keys import file_sha256
 from lora_sweep.data.dataset import IMAGE_EXTENSIONS, subset_params
@@ -52,6 +52,6 @@ def dataset_fingerprint(folders: Sequence[Path], caption_extension: str = ".txt"
         digest.update(f"folder {index}\n".encode())
         for path in dataset_files(root, caption_extension):
             sha = file_sha256(path, memo_dir=memo_dir)
-            digest.update(f"{path.relative_to(root).as_posix()}\t{sha}\n".encode("utf-8"))
+            digest.update(f"{path.relative_to(root).as_posix()}\t{sha}\n".encode())
             count += 1
     return Fingerprint(digest.hexdigest()[:16], count, tuple(str(r) for r in resolved))

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from lora_sweep.data import buckets, cache as cache_lib
+from lora_sweep.data import buckets
+from lora_sweep.data import cache as cache_lib
 from lora_sweep.data.buckets import bucket_settings  # noqa: F401  (re-exported: the public API)
 from lora_sweep.data.dataset import FolderScan, ImageItem, load_rgb
 from lora_sweep.errors import UserError
@@ -105,8 +106,8 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
             vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
             crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
         )
-        encode = lambda flipped=flipped, key=key: _encode_latents(parts, item, bucket, resized, flipped, key,
-                                                                  data_cfg.latent_sample, device)  # noqa: E731
+        def encode(flipped=flipped, key=key):
+            return _encode_latents(parts, item, bucket, resized, flipped, key, data_cfg.latent_sample, device)
         latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
     context = pooled = None
     if encode_text:

@@ -15,7 +15,8 @@ UNSCALED; the trainer multiplies by `VAE_SCALE_FACTOR` (SDXL 0.13025, the tiny V
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

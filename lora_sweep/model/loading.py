@@ -17,14 +17,21 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections import Counter
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from lora_sweep.errors import UserError
-from lora_sweep.model.tiny_sdxl import CLIP_BPE_GZ, SDXL_BASE_ASSETS, TINY_RECIPE_VERSION, read_clip_merges, \
-    sdxl_asset_config, write_clip_tokenizer
+from lora_sweep.model.tiny_sdxl import (
+    CLIP_BPE_GZ,
+    SDXL_BASE_ASSETS,
+    TINY_RECIPE_VERSION,
+    read_clip_merges,
+    sdxl_asset_config,
+    write_clip_tokenizer,
+)
 
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights

@@ -128,7 +128,7 @@ def tiny_text_encoder_config(second: bool) -> dict:
     )
 
 
-def build_tiny_sdxl(seed: int = 0) -> "StableDiffusionXLPipeline":
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """Assemble the tiny StableDiffusionXLPipeline with weights drawn from `seed`.
 
     The global torch RNG is forked (and held under a lock against other threads), so building does not disturb
@@ -163,7 +163,7 @@ def _tokenizer_kwargs(name: str) -> dict:
     return {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length")}
 
 
-def save_tiny_sdxl(pipe: "StableDiffusionXLPipeline", folder: Path) -> None:
+def save_tiny_sdxl(pipe: StableDiffusionXLPipeline, folder: Path) -> None:
     """Save as a diffusers folder in SDXL's own layout, tokenizers as vocab.json + merges.txt (not tokenizer.json),
     so loading the tiny folder goes through exactly the files a real SDXL download has."""
     import shutil
@@ -174,7 +174,7 @@ def save_tiny_sdxl(pipe: "StableDiffusionXLPipeline", folder: Path) -> None:
         write_clip_tokenizer(folder / name, TINY_MERGES, sdxl_asset_config(name))
 
 
-def save_single_file(pipe: "StableDiffusionXLPipeline", path: Path, recipe: str | None = TINY_RECIPE_VERSION) -> None:
+def save_single_file(pipe: StableDiffusionXLPipeline, path: Path, recipe: str | None = TINY_RECIPE_VERSION) -> None:
     """Write an SDXL-architecture pipeline's weights as one .safetensors in the original (SGM) checkpoint layout.
 
     Why: it lets the tests and the demo drive the single-file branch of `load_sdxl` with no real checkpoint.

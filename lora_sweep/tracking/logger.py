@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lora_sweep.tracking.store import FAILURE, MAX_PARAM_CHARS, MAX_TAG_CHARS, fit, last_logged_step
 

@@ -9,8 +9,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from lora_sweep.errors import UserError
 

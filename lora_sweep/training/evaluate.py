@@ -69,7 +69,7 @@ class Sampler:
     prompts: list
 
     @classmethod
-    def from_config(cls, cfg, resolution: int) -> "Sampler | None":
+    def from_config(cls, cfg, resolution: int) -> Sampler | None:
         from lora_sweep.compare.prompts import load_prompts
 
         sc = cfg.sampling
@@ -153,7 +153,7 @@ class Validator:
         rows = []
         try:
             timesteps = torch.tensor(self.timesteps, device=s.device)
-            for example, noise in zip(self.examples, self.noise):
+            for example, noise in zip(self.examples, self.noise, strict=True):
                 if s.should_stop():
                     return None
                 x0 = (example.latents * s.vae_scale).unsqueeze(0).to(s.device, s.policy.latent_dtype)
@@ -169,7 +169,7 @@ class Validator:
                 target = velocity_target(x0, eps, timesteps, s.alphas_cumprod) if s.cfg.model.v_prediction else eps
                 rows.append(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).double().cpu())
         finally:
-            for module, mode in zip(modules, modes):
+            for module, mode in zip(modules, modes, strict=True):
                 module.train(mode)
         return torch.stack(rows)
 

@@ -13,8 +13,8 @@ import re
 import shutil
 import tempfile
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from lora_sweep.errors import SamplingOutOfMemory, UserError, is_out_of_memory  # noqa: F401  (re-exported)
 

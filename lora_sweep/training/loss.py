@@ -158,7 +158,8 @@ def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
                sample_weights: torch.Tensor | None = None) -> LossTerms:
     """kohya v0.8.7's loss: element loss -> mean over (C, h, w) -> x sample_weights (kohya's prior_loss_weight per
     sample, optional) -> x min-SNR (if gamma) -> x debiased (if set) -> batch mean. min-SNR and debiased multiply
-    when both are on. `target` is eps, or the velocity under v-prediction (see `lora_sweep.training.noise.velocity_target`).
+    when both are on. `target` is eps, or the velocity under v-prediction (see
+    `lora_sweep.training.noise.velocity_target`).
     """
     _check_choice("loss.type", loss_type, LOSS_TYPES)
     timesteps = timesteps.to(pred.device)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import time
 
-from lora_sweep.training import optim
 from lora_sweep.config import config_hash
+from lora_sweep.training import optim
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
     "fp32": ("no", False), "fp16": ("fp16", False), "bf16": ("bf16", False),

@@ -14,26 +14,33 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
-from lora_sweep.training import metadata, optim, placement, precision
-from lora_sweep.model import loading as model_lib
-from lora_sweep.config import config_hash, flatten, to_container
-from lora_sweep.data.dataset import scan_folder
-from lora_sweep.errors import Fallback, UserError
 from lora_sweep.atomic import write_text
+from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
+from lora_sweep.data.dataset import scan_folder
+from lora_sweep.data.prepare import Prepared, prepare_examples
+from lora_sweep.errors import Fallback, UserError
+from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
+from lora_sweep.model.network import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    add_lora,
+    kohya_state_dict,
+    lora_parameters,
+    save_diffusers,
+    save_kohya,
+)
+from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, split_validation
 from lora_sweep.training.loss import one_timestep_per_batch
-from lora_sweep.model.network import (
-    TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, kohya_state_dict, lora_parameters, save_diffusers, save_kohya,
-)
-from lora_sweep.data.prepare import Prepared, prepare_examples
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,9 @@ class Session:
             return context, pooled
         captions = [e.item.caption for e in examples]
         if self.cfg.data.shuffle_caption:
-            from lora_sweep.data.captions import shuffle_caption
             import random
+
+            from lora_sweep.data.captions import shuffle_caption
 
             captions = [
                 shuffle_caption(c, keep_tokens=self.cfg.data.keep_tokens, separator=self.cfg.data.caption_separator,
@@ -116,7 +124,8 @@ class Session:
         cfg = self.cfg
         meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
-        te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if cfg.network.train_text_encoder else (None,) * 2
+        trained_te = cfg.network.train_text_encoder
+        te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
         diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2)
         self.sink.artifact(kohya_file, "lora")
         self.sink.artifact(diffusers_file, "lora/diffusers")
@@ -294,7 +303,8 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     if sampler is not None:
         hooks.append(sampler)
     return Session(
-        hooks=hooks, lora=lora, cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=prepared,
+        hooks=hooks, lora=lora, cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy,
+        prepared=prepared,
         batch_items=items, batch_buckets=batch_buckets, params=params,
         optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
         alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),

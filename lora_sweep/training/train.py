@@ -20,17 +20,20 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from lora_sweep.training import checkpoint, loss as loss_lib, noise as noise_lib, optim, precision
 from lora_sweep.data.buckets import bucket_batches, format_histogram
-from lora_sweep.training.checkpoint import Position
 from lora_sweep.errors import UserError
+from lora_sweep.training import checkpoint, optim, precision
+from lora_sweep.training import loss as loss_lib
+from lora_sweep.training import noise as noise_lib
+from lora_sweep.training.checkpoint import Position
 from lora_sweep.training.failures import inject_fault, parse_fault
 from lora_sweep.training.session import Session, batches_per_epoch, build_session, num_epochs
 
@@ -80,8 +83,9 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random) -> l
     cfg, device = s.cfg, s.device
     examples = [s.prepared.examples[i] for i in batch]
     flips = [bool(e.latents_flipped is not None and flip_rng.random() < 0.5) for e in examples]
-    latents = torch.stack([e.latents_flipped if f else e.latents for e, f in zip(examples, flips)]).to(device)
-    time_ids = torch.stack([e.time_ids_flipped if f else e.time_ids for e, f in zip(examples, flips)]).to(device)
+    pairs = list(zip(examples, flips, strict=True))
+    latents = torch.stack([e.latents_flipped if f else e.latents for e, f in pairs]).to(device)
+    time_ids = torch.stack([e.time_ids_flipped if f else e.time_ids for e, f in pairs]).to(device)
     # kohya: cast the cached latents to weight_dtype, then scale; latents and so the noise are in weight_dtype.
     latents = noise_lib.scale_cached_latents(latents, s.vae_scale, s.policy.latent_dtype)
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from lora_sweep.compare.effects import (
-    EVAL_NOISE_ONLY, NotComparable, difference, estimate, one_knob_pairs, present_metrics, run_value,
+    EVAL_NOISE_ONLY,
+    NotComparable,
+    difference,
+    estimate,
+    one_knob_pairs,
+    present_metrics,
+    run_value,
 )
 from lora_sweep.compare.summary import build_summary
 from lora_sweep.compare.variants import VariantData, group_replicates
@@ -45,7 +51,8 @@ def test_replicates_pair_over_seeds_and_separate_a_real_effect():
 
 def test_without_common_seeds_the_difference_is_unpaired():
     ga, gb = groups_of(make_run("a", 1, 0.5), make_run("a", 2, 0.52),
-                       make_run("b", 3, 0.7, **{"noise.offset": "0.1"}), make_run("b", 4, 0.71, **{"noise.offset": "0.1"}))
+                       make_run("b", 3, 0.7, **{"noise.offset": "0.1"}),
+                       make_run("b", 4, 0.71, **{"noise.offset": "0.1"}))
     assert difference(ga, gb, "fit/loss").basis == "unpaired, 2 + 2 runs"
 
 

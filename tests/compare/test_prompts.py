@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_sweep.errors import UserError
 from lora_sweep.compare.prompts import PromptSpec, load_prompts, parse_prompt_line, round_size
+from lora_sweep.errors import UserError
 
 
 def test_inline_options_are_parsed():

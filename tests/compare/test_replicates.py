@@ -11,8 +11,8 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-
 from conftest import ROOT
+
 from lora_sweep.compare.report import build_report, main
 from lora_sweep.compare.report_html import effect_text, estimate_text, row_decimals
 

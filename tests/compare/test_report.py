@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_sweep.errors import UserError
 from lora_sweep.compare.metrics import mean_metrics
 from lora_sweep.compare.prompts import PromptSpec
 from lora_sweep.compare.report import build_report, choose_step, main, parse_image_artifact
 from lora_sweep.compare.report_html import delta_text, ema
 from lora_sweep.compare.sampling import log_samples
+from lora_sweep.errors import UserError
 
 VARIANTS = {  # name -> params that differ (everything else shared)
     "v53": {"noise.offset": "0.0357", "loss.min_snr_gamma": "5.0", "optimizer.name": "DAdaptAdamPreprint"},
@@ -112,15 +112,16 @@ def assert_cells_match(cells, store, step):
         prompt = int(cell["data-key"][len("sample_p"):])
         assert int(cell["data-step"]) == step
         expected = cell_colour(variant, prompt, step)
-        assert all(abs(a - b) <= 3 for a, b in zip(decode(cell["src"]), expected)), (cell["alt"], expected)
+        assert all(abs(a - b) <= 3 for a, b in zip(decode(cell["src"]), expected, strict=True)), (cell["alt"], expected)
 
 
 def test_image_artifact_names_old_and_new():
-    new = parse_image_artifact("images/sample_p00+step+10+timestamp+1700000000000+0b5f6c1e-1c2d-4e5f-8a9b-0c1d2e3f4a5b.png")
+    uuid = "0b5f6c1e-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
+    new = parse_image_artifact(f"images/sample_p00+step+10+timestamp+1700000000000+{uuid}.png")
     assert (new.key, new.step, new.timestamp) == ("sample_p00", 10, 1700000000000)
     old = parse_image_artifact("images/a#b%step%3%timestamp%17%0b5f6c1e-1c2d-4e5f-8a9b-0c1d2e3f4a5b.png")
     assert (old.key, old.step) == ("a/b", 3)
-    assert parse_image_artifact("images/x+step+1+timestamp+2+0b5f6c1e-1c2d-4e5f-8a9b-0c1d2e3f4a5b+compressed.webp") is None
+    assert parse_image_artifact(f"images/x+step+1+timestamp+2+{uuid}+compressed.webp") is None
     assert parse_image_artifact("samples/grid_step000010.png") is None
 
 

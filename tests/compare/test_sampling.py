@@ -57,7 +57,7 @@ def draw(pipeline, specs=SPECS, **kwargs) -> list[np.ndarray]:
 
 def test_same_seed_same_image_and_seed_matters(pipe):
     first, second = draw(pipe), draw(pipe)
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     reseeded = draw(pipe, [SPECS[0], PromptSpec(**{**SPECS[0].__dict__, "seed": 99})])
     assert not np.array_equal(reseeded[0], reseeded[1])
 
@@ -74,7 +74,7 @@ def test_lora_weights_change_the_samples(pipe):
         after = draw(pipe, SPECS[:1])[0]
     finally:
         with torch.no_grad():
-            for parameter, value in zip(lora_parameters(pipe.unet), saved):
+            for parameter, value in zip(lora_parameters(pipe.unet), saved, strict=True):
                 parameter.copy_(value)
     assert np.abs(before.astype(int) - after.astype(int)).mean() > 1.0
 
@@ -186,11 +186,11 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
     sampled at steps 0 and 4; the report's grid cell for each run is that run's own sample."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
+    from test_report import GridCells
 
     from lora_sweep.compare.metrics import mean_metrics
-    from lora_sweep.model.network import lora_parameters
     from lora_sweep.compare.report import build_report
-    from test_report import GridCells
+    from lora_sweep.model.network import lora_parameters
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -206,7 +206,7 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
             client.log_param(run_id, "network.scale", str(scale))
             for step in (0, 4):
                 with torch.no_grad():
-                    for parameter, value in zip(lora_parameters(pipe.unet), saved):
+                    for parameter, value in zip(lora_parameters(pipe.unet), saved, strict=True):
                         parameter.copy_(value * scale * step / 4)
                 images = [Image.fromarray(a) for a in draw(pipe)]
                 log_samples(images, SPECS, step, client=client, run_id=run_id)
@@ -216,7 +216,7 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
             client.set_terminated(run_id)
     finally:
         with torch.no_grad():
-            for parameter, value in zip(lora_parameters(pipe.unet), saved):
+            for parameter, value in zip(lora_parameters(pipe.unet), saved, strict=True):
                 parameter.copy_(value)
 
     html_text = build_report(sweep_run_id=parent, out_dir=tmp_path / "report", tracking_uri=uri).read_text()

@@ -10,7 +10,13 @@ import pytest
 from scipy import stats as scipy_stats
 
 from lora_sweep.compare.stats import (
-    DID_NOT_DECREASE, NO_INTERVAL_N1, ONLY_START_AND_END, fitting_speed, mean_interval, no_interval, paired_difference,
+    DID_NOT_DECREASE,
+    NO_INTERVAL_N1,
+    ONLY_START_AND_END,
+    fitting_speed,
+    mean_interval,
+    no_interval,
+    paired_difference,
     unpaired_difference,
 )
 

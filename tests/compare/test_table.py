@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, compose_config
+
 from lora_sweep.compare.table import ROWS, build_table, experiment_names, render
 
 # The article's table (../shared/article.md), verbatim: test data, not a source for the code.

@@ -1,4 +1,5 @@
-"""A real browser on the real pages: `mlflow server` (started by lora_sweep.compare.ui) over a test store, and the report.
+"""A real browser on the real pages: `mlflow server` (started by lora_sweep.compare.ui) over a test store, and the
+report.
 
 Headless Chromium (Debian's `chromium` package; installed here with apt-get when missing and possible, otherwise
 the test is skipped with the reason) renders MLflow 3's JavaScript app; `--dump-dom` after a virtual-time budget
@@ -17,11 +18,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
-from lora_sweep.compare.report import build_report
-from lora_sweep import tracking
-from lora_sweep.compare.ui import experiment_page, free_port, running_server
 from test_report import VARIANTS, fill_store
+
+from lora_sweep import tracking
+from lora_sweep.compare.report import build_report
+from lora_sweep.compare.ui import experiment_page, free_port, running_server
 
 pytestmark = pytest.mark.slow
 

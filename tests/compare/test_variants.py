@@ -4,11 +4,17 @@ article's table and the one-knob pairs, on the twelve article configs composed b
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT
+
 from lora_sweep.compare.params import display, knobs, parameter_table
 from lora_sweep.compare.variants import (
-    VariantData, baseline_index, configured_baseline, group_replicates, natural_key, replicate_key, strip_seed,
+    VariantData,
+    baseline_index,
+    configured_baseline,
+    group_replicates,
+    natural_key,
+    replicate_key,
+    strip_seed,
 )
 from lora_sweep.errors import UserError
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_image
 from PIL import Image
 
-from conftest import write_image
 from lora_sweep.data.dataset import inspect_folder, scan_folder
 from lora_sweep.errors import UserError
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose_config
+
 from lora_sweep.data.dataset import scan_folder
 from lora_sweep.data.prepare import prepare_examples
 from lora_sweep.run import run_job
@@ -64,7 +64,7 @@ def test_second_pass_hits_everything_and_an_edited_caption_misses_once(parts, da
     assert first.cache_stats["cache/misses"] == 8 and first.cache_stats["cache/hits"] == 0  # 4 latents + 4 texts
     again = prepare(parts, dataset, cache)
     assert again.cache_stats["cache/misses"] == 0 and again.cache_stats["cache/hits"] == 8
-    for a, b in zip(first.examples, again.examples):
+    for a, b in zip(first.examples, again.examples, strict=True):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.context, b.context)
     (dataset / "2_photo" / "coffee.txt").write_text("a photo of a cup of tea\n")
     edited = prepare(parts, dataset, cache)

@@ -19,8 +19,13 @@ import pytest
 import torch
 
 from lora_sweep.errors import UserError
-from lora_sweep.model.loading import (build_folder_once, check_model_path, load_sdxl, sdxl_base_config_dir,
-                                      tiny_model_dir)
+from lora_sweep.model.loading import (
+    build_folder_once,
+    check_model_path,
+    load_sdxl,
+    sdxl_base_config_dir,
+    tiny_model_dir,
+)
 from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION, build_tiny_sdxl, save_single_file
 
 REPO = Path(__file__).resolve().parents[2]

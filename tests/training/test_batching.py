@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import compose_config
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import compose_config
 from lora_sweep.run import run_job
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -14,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
+from lora_sweep.errors import UserError
 from lora_sweep.training import checkpoint
 from lora_sweep.training.checkpoint import Position
-from lora_sweep.errors import UserError
 
 
 def draws(flip_rng: random.Random) -> tuple:

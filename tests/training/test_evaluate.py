@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from safetensors.torch import load_file
 
-from conftest import compose_config
 from lora_sweep.run import run_job
 from lora_sweep.training.evaluate import fit_subset
 

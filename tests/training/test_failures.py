@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_config
-from lora_sweep.training import checkpoint
 from lora_sweep import tracking
 from lora_sweep.errors import UserError
-from lora_sweep.training.failures import (
-    check_free_space, describe_os_error, is_out_of_memory, out_of_memory_message,
-)
 from lora_sweep.run import run_job
+from lora_sweep.training import checkpoint
+from lora_sweep.training.failures import (
+    check_free_space,
+    describe_os_error,
+    is_out_of_memory,
+    out_of_memory_message,
+)
 
 
 def tiny_job(tmp_path: Path, *overrides: str, output: str = "out"):
@@ -115,7 +118,7 @@ def test_out_of_memory_while_sampling_names_the_prompt_and_its_size_not_training
     real = sampling.build_pipeline
 
     def out_of_memory_pipeline(**parts):
-        pipeline = real(**parts)
+        real(**parts)  # the real pipeline is built; only drawing runs out
 
         def draw(**kwargs):  # what the allocator says for 100000x100000 latents
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 GiB (GPU 0; 23.6 GiB total)")

@@ -1,4 +1,4 @@
-"""lora_sweep.training.loss against values computed by hand from kohya v0.8.7's formulas (reference doc sections 2 and 3)."""
+"""lora_sweep.training.loss against values computed by hand from kohya v0.8.7's formulas (reference sections 2, 3)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from lora_sweep.errors import ConfigError
-from lora_sweep.training.loss import (LossTerms, check_loss_options, debiased_weight, elementwise_loss, huber_c,
-                             kohya_loss, kohya_scheduler_alphas_cumprod, min_snr_weight, one_timestep_per_batch, snr)
+from lora_sweep.training.loss import (
+    LossTerms,
+    check_loss_options,
+    debiased_weight,
+    elementwise_loss,
+    huber_c,
+    kohya_loss,
+    kohya_scheduler_alphas_cumprod,
+    min_snr_weight,
+    one_timestep_per_batch,
+    snr,
+)
 
 ABAR = kohya_scheduler_alphas_cumprod()
 ALL_T = torch.arange(1000)
@@ -125,7 +135,7 @@ def test_elementwise_losses_closed_forms():
     assert elementwise_loss(a, target, "l2").tolist() == pytest.approx([x * x for x in a.tolist()])
     huber = elementwise_loss(a, target, "huber", c).tolist()
     smooth = elementwise_loss(a, target, "smooth_l1", c).tolist()
-    for x, h, s in zip(a.tolist(), huber, smooth):
+    for x, h, s in zip(a.tolist(), huber, smooth, strict=True):
         assert h == pytest.approx(2 * c * (math.sqrt(x * x + c * c) - c), rel=1e-5, abs=1e-7)
         assert s == pytest.approx(2 * (math.sqrt(x * x + c * c) - c), rel=1e-5, abs=1e-7)
     assert not torch.allclose(elementwise_loss(a, target, "smooth_l1", c),

@@ -15,9 +15,17 @@ from torch import nn
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.training.loss import kohya_scheduler_alphas_cumprod
-from lora_sweep.training.noise import (NoisyLatents, add_noise, apply_noise_offset, check_noise_options,
-                                       kohya_noisy_latents, pyramid_noise, sample_timesteps, scale_cached_latents,
-                                       velocity_target)
+from lora_sweep.training.noise import (
+    NoisyLatents,
+    add_noise,
+    apply_noise_offset,
+    check_noise_options,
+    kohya_noisy_latents,
+    pyramid_noise,
+    sample_timesteps,
+    scale_cached_latents,
+    velocity_target,
+)
 from lora_sweep.training.precision import PRECISIONS
 
 ABAR = kohya_scheduler_alphas_cumprod()

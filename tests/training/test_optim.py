@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_sweep.training import optim
 from lora_sweep.errors import ConfigError
+from lora_sweep.training import optim
 
 SMALL_8BIT = {"min_8bit_size": 64}  # every LoRA matrix here has 128-256 elements; the default 4096 keeps them 32-bit
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from torch.overrides import TorchFunctionMode
 
-from conftest import compose_config
 from lora_sweep.model import loading
-from lora_sweep.training import placement, precision, session as session_lib
+from lora_sweep.training import placement, precision
+from lora_sweep.training import session as session_lib
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_sweep.training import precision
 from lora_sweep.errors import ConfigError
-
+from lora_sweep.training import precision
 
 
 def _batch(dtype: torch.dtype, seed: int = 1) -> dict:
@@ -235,14 +234,14 @@ def test_a_precomputed_total_norm_clips_exactly_like_clip_grad_norm() -> None:
     grads = [torch.randn(p.shape) * 10 for p in params]
     clipped = {}
     for how in ("clip_grad_norm_", "precomputed"):
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         optimizer = torch.optim.SGD(params, lr=0.0)
         scaler = precision.make_grad_scaler(precision.PRECISIONS["fp32"], "cpu")
         norm = precision.grad_total_norm(params) if how == "precomputed" else None
         assert precision.scaled_step(scaler, optimizer, params, max_grad_norm=1.0, total_norm=norm)
         clipped[how] = [p.grad.clone() for p in params]
-    assert all(torch.equal(a, b) for a, b in zip(clipped["clip_grad_norm_"], clipped["precomputed"]))
+    assert all(torch.equal(a, b) for a, b in zip(clipped["clip_grad_norm_"], clipped["precomputed"], strict=True))
     assert float(torch.linalg.vector_norm(torch.cat(clipped["precomputed"]))) == pytest.approx(1.0, rel=1e-5)
     assert precision.grad_total_norm([torch.nn.Parameter(torch.ones(2))]) is None  # no grads, no norm
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import compose_config
+
 from lora_sweep.errors import UserError
 from lora_sweep.run import run_job
 

@@ -16,8 +16,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import compose_config
+
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training import train as train_lib
 from lora_sweep.training.precision import PRECISIONS
