@@ -6,7 +6,8 @@ Where things live (imports flow one way, top to bottom; see README's Layout):
 - `training/`: the loop and the pure math it composes (`noise`, `loss`, `optim`, `precision`, checkpoints);
 - `data/`: folder -> bucketed, cached examples (`dataset`, `captions`, `buckets`, `cache`, `prepare`);
 - `model/`: SDXL loading, the tiny model, LoRA on kohya's targets and its file formats, encoders;
-- `compare/`: sampling, image metrics, the report, the article's table, the MLflow UI.
+- `sampling/`: prompt files, sample images during training, per-sample image metrics;
+- `compare/`: the report, the article's table, the MLflow UI.
 """
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,19 @@ def write_image(path: Path, size=(64, 64), caption: str | bytes | None = None, c
         target = path.with_suffix(".txt")
         target.write_bytes(caption) if isinstance(caption, bytes) else target.write_text(caption, encoding="utf-8")
     return path
+
+
+class GridCells(HTMLParser):
+    """Collects the <img> cells of the sample grid with their data-* attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "img" and "data-run-id" in attributes:
+            self.cells.append(attributes)
 
 
 @pytest.fixture(scope="session")

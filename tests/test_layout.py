@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_sweep"
-SUBPACKAGES = ("data", "model", "training", "compare")
+SUBPACKAGES = ("data", "model", "sampling", "training", "compare")
 # Top-level modules anyone may import: small, cross-cutting, no diffusion in them.
 SHARED = {"errors", "atomic", "config", "paths", "tracking"}
 # What each subpackage may import besides SHARED (and itself). `training` composes the rest; `data` encodes with
@@ -21,8 +21,9 @@ SHARED = {"errors", "atomic", "config", "paths", "tracking"}
 ALLOWED = {
     "model": set(),
     "data": {"model"},
-    "compare": {"model"},
-    "training": {"data", "model", "compare"},
+    "sampling": {"model"},
+    "compare": {"model", "sampling"},
+    "training": {"data", "model", "sampling", "compare"},
 }
 PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/precision.py")
 

@@ -164,7 +164,7 @@ def _bucket_problems(items, settings: dict, setting: str) -> list[str]:
 
 
 def _check_prompts(cfg, report: Report) -> None:
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     s = cfg.sampling
     if not s.prompts and not s.prompt_file:

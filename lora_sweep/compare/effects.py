@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lora_sweep.compare.metrics import METRIC_KEYS, image_metrics
 from lora_sweep.compare.params import Knob, knobs
 from lora_sweep.compare.stats import (
     NO_INTERVAL_N1,
@@ -52,6 +51,7 @@ from lora_sweep.compare.stats import (
     unpaired_difference,
 )
 from lora_sweep.compare.variants import VariantData, VariantGroup
+from lora_sweep.sampling.metrics import METRIC_KEYS, image_metrics
 
 POINT_METRICS = ("fit/loss", "val/loss")
 SPEED_METRICS = ("fit/loss_auc", "fit/steps_to_half")
@@ -72,7 +72,7 @@ START_OF = {"fit/loss": "fit/loss", "val/loss": "val/loss", "fit/loss_auc": "fit
 # [0, 1] pixels (colourfulness on Hasler and Suesstrunk's 0..255 scale); the steps to half have none (0).
 SCALE = {"fit/loss": 1.0, "val/loss": 1.0, "fit/loss_auc": 1.0, **{m: 1.0 for m in IMAGE_METRICS},
          "img/colorfulness": 255.0}
-BOUNDS = {  # the values a metric can take (lora_sweep.compare.metrics for the image statistics)
+BOUNDS = {  # the values a metric can take (lora_sweep.sampling.metrics for the image statistics)
     "fit/loss": (0.0, math.inf), "val/loss": (0.0, math.inf), "fit/loss_auc": (0.0, math.inf),
     "img/luminance_mean": (0.0, 1.0), "img/luminance_std": (0.0, 0.5), "img/edge_energy": (0.0, math.inf),
     "img/colorfulness": (0.0, math.inf), "img/cast_yb": (-1.0, 1.0), "img/cast_rg": (-1.0, 1.0),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from lora_sweep.compare.metrics import METRIC_KEYS
+from lora_sweep.sampling.metrics import METRIC_KEYS
 
 STEP_SIZE = "train/step_size"  # a derived curve: train/d_lr (d*lr of D-Adaptation/Prodigy) where logged, else train/lr
 CURVE_GROUPS = {
@@ -121,7 +121,7 @@ def png_data_uri(png: bytes) -> str:
 
 def labelled_grid_png(cells: Sequence[Image.Image | None], rows: int, cols: int, labels: Sequence[str]) -> bytes:
     """Cells (row-major, None = blank) as one labelled PNG, each downscaled to GRID_CELL_MAX_PX."""
-    from lora_sweep.compare.sampling import make_grid
+    from lora_sweep.sampling.images import make_grid
 
     buffer = io.BytesIO()
     make_grid([thumbnail(c, GRID_CELL_MAX_PX) for c in cells], rows=rows, cols=cols,

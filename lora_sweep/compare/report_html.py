@@ -366,7 +366,7 @@ def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | Non
         parts += body
     parts.append("<p class='sub'>img/* are means over the step's sample images: luminance (noise offset), edge "
                  "energy = variance of the Laplacian (multires noise, min-SNR, debiased), colorfulness, and the "
-                 "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/compare/metrics.py. "
+                 "colour casts cast_yb (&gt; 0 yellow) and cast_rg (&gt; 0 red). See lora_sweep/sampling/metrics.py. "
                  f"The numbers of this page are in the JSON block #{html.escape('lora-sweep-summary')}.</p>")
     parts.append(script_block(summary))
     parts.append("</body></html>")

@@ -9,7 +9,7 @@ MLflow conventions of lora-sweep (run.py writes them, this module reads them):
   sweep.py `lora_sweep.job_num` (the Hydra job number: the sweep's order) and `lora_sweep.choice.<group>`.
 - Params: the resolved config flattened with dot keys (`noise.offset`, `loss.type`, `optimizer.name`, ...).
 - Metrics, step = optimizer step: `train/loss`, `train/lr`, `fit/loss`, `val/loss`, and `img/<metric>` (the mean
-  over the step's sample images of `lora_sweep.compare.metrics.image_metrics`); per-point values of the final
+  over the step's sample images of `lora_sweep.sampling.metrics.image_metrics`); per-point values of the final
   fit/val evaluation as artifacts `evaluation/fit_points.json`, `evaluation/val_points.json`.
 - Images: `log_image(key="sample_pNN", step=step)` per prompt (the seed is fixed per prompt), one grid per
   sampling step as artifact `samples/grid_stepNNNNNN.png`, and the prompt specs as `samples/prompts.json`.

@@ -70,7 +70,7 @@ class Sampler:
 
     @classmethod
     def from_config(cls, cfg, resolution: int) -> Sampler | None:
-        from lora_sweep.compare.prompts import load_prompts
+        from lora_sweep.sampling.prompts import load_prompts
 
         sc = cfg.sampling
         if not sc.prompts and not sc.prompt_file:
@@ -86,8 +86,8 @@ class Sampler:
         """Sample if due at `step`; False if a stop request cut the sampling short (then nothing is logged)."""
         if not due(step, s.cfg.sampling.every, final):
             return True
-        from lora_sweep.compare.metrics import mean_metrics
-        from lora_sweep.compare.sampling import log_samples, sample_images
+        from lora_sweep.sampling.images import log_samples, sample_images
+        from lora_sweep.sampling.metrics import mean_metrics
 
         log.info("sampling %d prompt(s) at step %d", len(self.prompts), step)  # minutes at 1024px on a CPU
         parts = s.parts  # sample_images brings encoders parked on the CPU to the UNet's device and back

@@ -10,19 +10,19 @@ import base64
 import io
 import re
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import GridCells
 from PIL import Image
 
-from lora_sweep.compare.metrics import mean_metrics
-from lora_sweep.compare.prompts import PromptSpec
 from lora_sweep.compare.report import build_report, choose_step, main, parse_image_artifact
 from lora_sweep.compare.report_html import delta_text, ema
-from lora_sweep.compare.sampling import log_samples
 from lora_sweep.errors import UserError
+from lora_sweep.sampling.images import log_samples
+from lora_sweep.sampling.metrics import mean_metrics
+from lora_sweep.sampling.prompts import PromptSpec
 
 VARIANTS = {  # name -> params that differ (everything else shared)
     "v53": {"noise.offset": "0.0357", "loss.min_snr_gamma": "5.0", "optimizer.name": "DAdaptAdamPreprint"},
@@ -83,19 +83,6 @@ def sweep_report(store, tmp_path_factory) -> Path:
     """The report of the sweep, built once by --sweep run id."""
     out = tmp_path_factory.mktemp("sweep_report")
     return build_report(sweep_run_id=store["parent"], out_dir=out, tracking_uri=store["uri"])
-
-
-class GridCells(HTMLParser):
-    """Collects the <img> cells of the sample grid with their data-* attributes."""
-
-    def __init__(self):
-        super().__init__()
-        self.cells: list[dict[str, str]] = []
-
-    def handle_starttag(self, tag, attrs):
-        attributes = dict(attrs)
-        if tag == "img" and "data-run-id" in attributes:
-            self.cells.append(attributes)
 
 
 def decode(data_uri: str) -> tuple[int, int, int]:

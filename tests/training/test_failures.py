@@ -113,7 +113,7 @@ def test_out_of_memory_while_sampling_names_the_prompt_and_its_size_not_training
                                                                                         monkeypatch):
     """TESTER_A item 10: `--w 100000 --h 100000` ran out of memory while sampling at step 0, and the failure blamed
     training (precision, gradient checkpointing, rank) and claimed a saved state that was never written."""
-    from lora_sweep.compare import sampling
+    from lora_sweep.sampling import images as sampling
 
     real = sampling.build_pipeline
 

@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lora_sweep.compare.prompts import PromptSpec
+from lora_sweep.sampling.prompts import PromptSpec
 
 log = logging.getLogger(__name__)
 

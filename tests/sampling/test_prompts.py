@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_sweep.compare.prompts import PromptSpec, load_prompts, parse_prompt_line, round_size
 from lora_sweep.errors import UserError
+from lora_sweep.sampling.prompts import PromptSpec, load_prompts, parse_prompt_line, round_size
 
 
 def test_inline_options_are_parsed():
@@ -40,7 +40,7 @@ def test_kohya_rounding_clamping_and_case():
 
 def test_values_kohya_changes_are_warned_naming_the_file_line_and_value_used(tmp_path):
     """TESTER_A item 10: `--s 0`, `--w 65 --h 10` were sampled at 64x64 / 1 step without a word."""
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("a car --h 0 --s 0\na car --w 65 --h 10 --l 3\na car --w 512 --h 512\n", encoding="utf-8")
@@ -59,7 +59,7 @@ def test_values_kohya_changes_are_warned_naming_the_file_line_and_value_used(tmp
 def test_negative_values_are_refused_as_kohya_cannot_use_them(tmp_path):
     """kohya v0.8.7's patterns take digits only: `--h -64` / `--l -3` match nothing and kohya samples with its
     defaults without a word; lora-sweep refuses them, naming the line, the option and what is accepted."""
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("a car --h -64 --s 0\na car --w 65 --h 10 --l -3 --d -1 --s -2\na car --h -0\n",
@@ -78,7 +78,7 @@ def test_negative_values_are_refused_as_kohya_cannot_use_them(tmp_path):
 
 def test_sample_sizes_above_4096_are_warned_not_refused(tmp_path):
     """TESTER_A item 10: `--w 100000 --h 100000` passed the pre-flight silently and ran out of memory later."""
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p6.txt"
     path.write_text("a car --w 100000 --h 100000\na car --w 4096 --h 4096\n", encoding="utf-8")
@@ -144,7 +144,7 @@ def test_label_is_short():
 
 
 def test_prompt_file_problems_name_the_setting_file_and_line_all_at_once(tmp_path):
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "prompts.txt"
     path.write_text("# comment\n\na cat\na tree --seed 7\na dog --w wide\n", encoding="utf-8")
@@ -160,7 +160,7 @@ def test_prompt_file_problems_name_the_setting_file_and_line_all_at_once(tmp_pat
 
 
 def test_single_dash_options_stay_in_the_prompt_with_a_warning(tmp_path):
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "prompts.txt"
     path.write_text("a dog -w 640 -h 1280 -s 16\na well-lit room, a t-shirt\n", encoding="utf-8")
@@ -179,7 +179,7 @@ def test_prompt_file_not_utf8_names_the_line(tmp_path):
 
 
 def test_an_empty_prompt_source_names_the_setting_that_turns_sampling_off(tmp_path):
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("# only comments\n\n", encoding="utf-8")
@@ -192,7 +192,7 @@ def test_an_empty_prompt_source_names_the_setting_that_turns_sampling_off(tmp_pa
 
 def test_every_bad_option_of_a_prompt_line_is_named_not_the_first(tmp_path):
     """TESTER_A item 5: line 8 `a house --d 1.5 --l notnum --n` named only `--d 1.5`."""
-    from lora_sweep.compare.prompts import check_prompts
+    from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("a cat\n" * 7 + "a house --d 1.5 --l notnum --n\n")

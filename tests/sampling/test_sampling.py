@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GridCells
 from PIL import Image
 
-from lora_sweep.compare.prompts import PromptSpec
-from lora_sweep.compare.sampling import (
+from lora_sweep.sampling.images import (
     SDXL_EULER_CONFIG,
     grid_layout,
     log_samples,
@@ -23,6 +23,7 @@ from lora_sweep.compare.sampling import (
     prompts_grid,
     sample_images,
 )
+from lora_sweep.sampling.prompts import PromptSpec
 
 SPECS = [
     PromptSpec("a photo of a cat", width=64, height=64, seed=1, steps=3, cfg=5.0),
@@ -186,11 +187,10 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
     sampled at steps 0 and 4; the report's grid cell for each run is that run's own sample."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
-    from test_report import GridCells
 
-    from lora_sweep.compare.metrics import mean_metrics
     from lora_sweep.compare.report import build_report
     from lora_sweep.model.network import lora_parameters
+    from lora_sweep.sampling.metrics import mean_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -234,7 +234,7 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
 
 
 def test_modules_on_leaves_modules_already_there_untouched():
-    from lora_sweep.compare.sampling import modules_on
+    from lora_sweep.sampling.images import modules_on
 
     module = torch.nn.Linear(2, 2)
     weight = module.weight
@@ -245,7 +245,7 @@ def test_modules_on_leaves_modules_already_there_untouched():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move a module away and back")
 def test_modules_on_moves_and_returns():
-    from lora_sweep.compare.sampling import modules_on
+    from lora_sweep.sampling.images import modules_on
 
     parked = torch.nn.Linear(2, 2)
     with modules_on(torch.device("cuda", 0), parked):
@@ -258,7 +258,7 @@ def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd):
     all denoising steps (3 + 3 here) naming the prompt being drawn."""
     import logging
 
-    with caplog.at_level(logging.INFO, logger="lora_sweep.compare.sampling"):
+    with caplog.at_level(logging.INFO, logger="lora_sweep.sampling.images"):
         draw(pipe, label="step 0")
     assert caplog.messages == ["sampling at step 0: 2 prompts, p00 64x64 3 steps, p01 64x64 3 steps"]
     bar = capfd.readouterr().err

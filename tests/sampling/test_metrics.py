@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from lora_sweep.compare.metrics import METRIC_KEYS, image_metrics, laplacian_variance, mean_metrics
+from lora_sweep.sampling.metrics import METRIC_KEYS, image_metrics, laplacian_variance, mean_metrics
 
 
 @pytest.fixture(scope="module")
