@@ -23,7 +23,7 @@ ALLOWED = {
     "data": {"model"},
     "sampling": {"model"},
     "compare": {"model", "sampling"},
-    "training": {"data", "model", "sampling", "compare"},
+    "training": {"data", "model", "sampling"},
 }
 PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/precision.py")
 

@@ -2,7 +2,7 @@
 
 Common metrics (the same measurement on the same inputs for every variant, whatever its loss or optimizer):
 `fit/loss` and `val/loss` (fixed (image, t, eps) points, plain MSE), the fitting speed derived from the `fit/loss`
-curve (`fit/loss_auc`, `fit/steps_to_half`, lora_sweep.compare.stats.fitting_speed) and the image metrics of the
+curve (`fit/loss_auc`, `fit/steps_to_half`, lora_sweep.sampling.metrics.fitting_speed) and the image metrics of the
 samples (`img/*`, same prompts and seeds). `train/loss` (each variant's own objective), the loss weights and
 huber_c, the learning rate (d*lr for D-Adaptation/Prodigy) stay curves; cache counts and other bookkeeping are
 not compared at all.
@@ -21,7 +21,7 @@ variant), with the interval the runs allow:
 Two variants measured on different inputs (other sample prompts, other validation or data settings) are "not
 comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: a run whose
 final fit/loss is not below its start, or whose fit/loss was evaluated only at the start and the end, has no steps
-to half: see stats.fitting_speed). Intervals are clipped at the metric's `bounds`.
+to half: see sampling.metrics.fitting_speed). Intervals are clipped at the metric's `bounds`.
 
 Two variants that already differ at step 0, before any training (every LoRA starts at zero, so only the base
 model can make them differ there: fp8 vs fp16 base weights), are flagged: the difference carries the step-0
@@ -43,7 +43,6 @@ from lora_sweep.compare.stats import (
     Difference,
     Estimate,
     clip,
-    fitting_speed,
     mean_interval,
     no_interval,
     paired_difference,
@@ -51,7 +50,7 @@ from lora_sweep.compare.stats import (
     unpaired_difference,
 )
 from lora_sweep.compare.variants import VariantData, VariantGroup
-from lora_sweep.sampling.metrics import METRIC_KEYS, image_metrics
+from lora_sweep.sampling.metrics import METRIC_KEYS, fitting_speed, image_metrics
 
 POINT_METRICS = ("fit/loss", "val/loss")
 SPEED_METRICS = ("fit/loss_auc", "fit/steps_to_half")

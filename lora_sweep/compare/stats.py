@@ -20,9 +20,9 @@ equal; the magnitude is at least the metric's `scale`, the size of the terms it 
 unit-variance noise or a statistic of [0, 1] pixels), since a value near 0 made of such terms carries their
 rounding (the spread of a flat image's luma is 1e-17, not 0). The metrics are computed in float32 on the device
 (one float32 step is 2^-23 ~ 1.2e-7 of the value, so a real difference between two runs is never smaller than
-~6e-8 relative), then post-processed in float64 here (sums, the interpolation of `fitting_speed`), whose
-rounding stays orders of magnitude below 1e-9: a difference
-of -5.551e-12 steps between two fitting speeds is rounding, and reads 0.
+~6e-8 relative), then post-processed in float64 (sums here, the interpolation of `sampling.metrics.fitting_speed`),
+whose rounding stays orders of magnitude below 1e-9: a difference of -5.551e-12 steps between two fitting speeds is
+rounding, and reads 0.
 
 Bounds: `clip` cuts an interval at a metric's natural bounds (a step count lies within the run, an MSE is not
 negative). The true value lies inside those bounds, so the clipped interval covers it whenever the t interval
@@ -222,48 +222,3 @@ def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_IN
     when the two values are equal."""
     effect = resolved(a, b, scale)
     return Difference(effect, None, None, 2, basis, note, identical=effect == 0.0)
-
-
-FEWEST_FOR_HALF = 3  # fit/loss evaluations below which the steps to half are fixed by the grid, not the run
-
-
-@dataclass(frozen=True)
-class FittingSpeed:
-    """How fast a loss curve falls. `loss_auc`: the area under the curve divided by the steps it spans (its
-    time-average, in loss units). `steps_to_half`: the step at which the curve first reaches half of the run's total
-    decrease (start - final), linearly interpolated between evaluations; None (`why_none` says why) when the final
-    value is not below the start ("did not decrease"), or when the curve has fewer than three evaluations: with
-    only the start and the end, the interpolation puts half of any decrease at exactly the middle step, whatever
-    the run did, so the number would describe the evaluation grid (validation.every), not the run."""
-
-    loss_auc: float
-    steps_to_half: float | None
-    why_none: str = ""
-
-
-ONLY_START_AND_END = "fit/loss evaluated only at the start and end: set validation.every"
-DID_NOT_DECREASE = "did not decrease (the final fit/loss is not below its start)"
-
-
-def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
-    """`history` = [(step, value)] (any order; non-finite values dropped). None with fewer than two steps."""
-    from scipy.integrate import trapezoid
-
-    points = sorted((int(s), float(v)) for s, v in history if math.isfinite(v))
-    if len(points) < 2 or points[0][0] == points[-1][0]:
-        return None
-    steps = np.array([s for s, _ in points], dtype=np.float64)
-    values = np.array([v for _, v in points], dtype=np.float64)
-    auc = float(trapezoid(values, steps) / (steps[-1] - steps[0]))
-    if len(set(steps.tolist())) < FEWEST_FOR_HALF:
-        return FittingSpeed(auc, None, ONLY_START_AND_END)
-    drops = values[0] - values  # how far each evaluation is below the start (drops[0] = 0 exactly)
-    decrease = float(drops[-1])  # the run's total decrease: start - final
-    if decrease <= 0:
-        return FittingSpeed(auc, None, DID_NOT_DECREASE)
-    half = decrease / 2  # exact in binary
-    i = int(np.argmax(drops >= half))  # the first evaluation at or past half the decrease (i >= 1)
-    # interpolated on the drops, not the values: no cancellation of two nearly equal losses, so a curve that
-    # reaches half between two evaluations of a straight fall gives exactly the mid-step.
-    fraction = (half - drops[i - 1]) / (drops[i] - drops[i - 1])
-    return FittingSpeed(auc, float(steps[i - 1] + fraction * (steps[i] - steps[i - 1])))

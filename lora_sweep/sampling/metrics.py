@@ -16,11 +16,16 @@ can be compared with numbers as well as eyes:
   variants showed (white balance of the training photos), v56 and v61 not.
 
 All functions are pure (PIL or numpy in, floats out) and cost a few milliseconds per image.
+
+`fitting_speed` measures a run's fit/loss curve instead: how fast it falls. Training logs it at the end of a run
+and the report recomputes it from the run's whole history, so it lives here, where both may import it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -109,3 +114,48 @@ def mean_metrics(images: Iterable[Image.Image | np.ndarray], prefix: str = "img/
     if not per_image:
         raise ValueError("mean_metrics needs at least one image")
     return {f"{prefix}{key}": float(np.mean([m[key] for m in per_image])) for key in METRIC_KEYS}
+
+
+FEWEST_FOR_HALF = 3  # fit/loss evaluations below which the steps to half are fixed by the grid, not the run
+
+
+@dataclass(frozen=True)
+class FittingSpeed:
+    """How fast a loss curve falls. `loss_auc`: the area under the curve divided by the steps it spans (its
+    time-average, in loss units). `steps_to_half`: the step at which the curve first reaches half of the run's total
+    decrease (start - final), linearly interpolated between evaluations; None (`why_none` says why) when the final
+    value is not below the start ("did not decrease"), or when the curve has fewer than three evaluations: with
+    only the start and the end, the interpolation puts half of any decrease at exactly the middle step, whatever
+    the run did, so the number would describe the evaluation grid (validation.every), not the run."""
+
+    loss_auc: float
+    steps_to_half: float | None
+    why_none: str = ""
+
+
+ONLY_START_AND_END = "fit/loss evaluated only at the start and end: set validation.every"
+DID_NOT_DECREASE = "did not decrease (the final fit/loss is not below its start)"
+
+
+def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
+    """`history` = [(step, value)] (any order; non-finite values dropped). None with fewer than two steps."""
+    from scipy.integrate import trapezoid
+
+    points = sorted((int(s), float(v)) for s, v in history if math.isfinite(v))
+    if len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    steps = np.array([s for s, _ in points], dtype=np.float64)
+    values = np.array([v for _, v in points], dtype=np.float64)
+    auc = float(trapezoid(values, steps) / (steps[-1] - steps[0]))
+    if len(set(steps.tolist())) < FEWEST_FOR_HALF:
+        return FittingSpeed(auc, None, ONLY_START_AND_END)
+    drops = values[0] - values  # how far each evaluation is below the start (drops[0] = 0 exactly)
+    decrease = float(drops[-1])  # the run's total decrease: start - final
+    if decrease <= 0:
+        return FittingSpeed(auc, None, DID_NOT_DECREASE)
+    half = decrease / 2  # exact in binary
+    i = int(np.argmax(drops >= half))  # the first evaluation at or past half the decrease (i >= 1)
+    # interpolated on the drops, not the values: no cancellation of two nearly equal losses, so a curve that
+    # reaches half between two evaluations of a straight fall gives exactly the mid-step.
+    fraction = (half - drops[i - 1]) / (drops[i] - drops[i - 1])
+    return FittingSpeed(auc, float(steps[i - 1] + fraction * (steps[i] - steps[i - 1])))

@@ -14,7 +14,7 @@ does not change the training (tests/training/test_evaluate.py checks that the Lo
   curve, `fit/loss_auc` and `fit/steps_to_half`: the steps until fit/loss first reaches half of the run's total
   decrease (start - final), logged only when fit/loss was evaluated at least three times (validation.every > 0;
   with only the start and the end it would be max_steps/2 for any run) and its final value is below its start
-  (see `lora_sweep.compare.stats.fitting_speed`).
+  (see `lora_sweep.sampling.metrics.fitting_speed`).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class Validator:
     def _fitting_speed(self) -> dict[str, float]:
         """fit/loss_auc and fit/steps_to_half from this process's curve; nothing when it does not start at step 0
         (a resumed run: the report computes them from the whole MLflow history instead)."""
-        from lora_sweep.compare.stats import fitting_speed
+        from lora_sweep.sampling.metrics import fitting_speed
 
         if not self.history or self.history[0][0] != 0:
             log.info("fit/loss_auc and fit/steps_to_half not logged: this process saw the fit/loss curve only from "

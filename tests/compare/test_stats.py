@@ -3,17 +3,12 @@ that one value never gets a made-up interval."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
 from lora_sweep.compare.stats import (
-    DID_NOT_DECREASE,
     NO_INTERVAL_N1,
-    ONLY_START_AND_END,
-    fitting_speed,
     mean_interval,
     no_interval,
     paired_difference,
@@ -83,26 +78,6 @@ def test_pairing_gives_a_narrower_interval_than_unpaired_on_the_same_numbers():
         paired_difference([1.0, 2.0], [1.0])
 
 
-def test_fitting_speed_area_and_half_decrease():
-    # 1.0 -> 0.2 linearly over 100 steps, then flat: total decrease 0.8, half reached at 0.6 = step 50
-    history = [(0, 1.0), (100, 0.2), (200, 0.2)]
-    speed = fitting_speed(history)
-    assert speed.steps_to_half == pytest.approx(50.0)
-    assert speed.loss_auc == pytest.approx((0.6 * 100 + 0.2 * 100) / 200)
-    faster = fitting_speed([(0, 1.0), (50, 0.2), (200, 0.2)])
-    assert faster.steps_to_half < speed.steps_to_half and faster.loss_auc < speed.loss_auc
-    # a curve that dips and comes back up to its start did not decrease: no value, and why
-    back = fitting_speed([(0, 1.0), (10, 0.0), (20, 1.0)])
-    assert back.steps_to_half is None and back.why_none == DID_NOT_DECREASE
-    assert fitting_speed([(0, 1.0), (5, 1.05), (10, 1.1)]).why_none == DID_NOT_DECREASE  # never decreases
-    # the tester's v57: 1.156097 -> 1.1560910 -> 1.1561027 ends above its start: no value (it read 2.0)
-    assert fitting_speed([(0, 1.156097), (4, 1.1560910), (8, 1.1561027)]).steps_to_half is None
-    # a dip below the final value: half of the total decrease (start - final = 0.5), not of start - lowest
-    assert fitting_speed([(0, 1.0), (10, 0.0), (20, 0.5)]).steps_to_half == pytest.approx(2.5)
-    assert fitting_speed([(0, 1.0)]) is None
-    assert math.isfinite(fitting_speed([(10, 0.5), (0, 1.0), (5, float("nan"))]).loss_auc)
-
-
 def test_identical_values_read_no_difference_and_rounding_is_no_difference():
     from lora_sweep.compare.stats import RESOLUTION, resolved
 
@@ -123,27 +98,6 @@ def test_identical_values_read_no_difference_and_rounding_is_no_difference():
     assert no_interval(1.388e-17, 5.551e-17).verdict == "no interval"
     assert no_interval(1.388e-17, 5.551e-17, scale=1.0).verdict == "no difference"
     assert paired_difference([1e-17, 2e-17], [5e-17, -3e-17], scale=1.0).verdict == "no difference"
-
-
-def test_fitting_speed_is_exact_where_the_curve_halves_between_two_evaluations():
-    # Two variants whose fit/loss falls by a tiny amount in one evaluation interval both reach half of their
-    # decrease at the mid-step; computed from the values (v0 - target) / (v0 - v1) this came out 4 +- 5e-12.
-    for start, decrease in ((0.1234567, 3e-5), (0.0987654, 1.1e-6), (0.15, 7.77e-5)):
-        assert fitting_speed([(0, start), (8, start - decrease), (16, start - decrease)]).steps_to_half == 4.0
-    # total decrease 1.0 - 0.25 = 0.75, half = 0.375, reached between step 4 (drop 0.1) and step 8 (drop 0.8)
-    assert fitting_speed([(0, 1.0), (4, 0.9), (8, 0.2), (12, 0.25)]).steps_to_half == pytest.approx(
-        4 + (0.375 - 0.1) / (0.8 - 0.1) * 4)
-
-
-def test_steps_to_half_needs_more_than_the_start_and_the_end():
-    # validation.every=0 (the default) evaluates fit/loss at step 0 and the end: the interpolation would put half
-    # of any decrease at max_steps/2 for every run (the tester's "2 (no spread)", "no difference")
-    for history in ([(0, 1.0), (4, 0.5)], [(0, 1.0), (4, 0.999)], [(0, 1.0), (4, 0.1)]):
-        speed = fitting_speed(history)
-        assert speed.steps_to_half is None and speed.why_none == ONLY_START_AND_END
-        assert speed.loss_auc == pytest.approx((1.0 + history[-1][1]) / 2)  # the area is still there
-    assert ONLY_START_AND_END == "fit/loss evaluated only at the start and end: set validation.every"
-    assert fitting_speed([(0, 1.0), (2, 0.75), (4, 0.5)]).steps_to_half == pytest.approx(2.0)  # three: a value
 
 
 def test_clip_keeps_an_interval_within_the_metrics_bounds():
