@@ -7,7 +7,7 @@ Where things live (imports flow one way, top to bottom; see README's Layout):
 - `data/`: folder -> bucketed, cached examples (`dataset`, `captions`, `buckets`, `cache`, `prepare`);
 - `model/`: SDXL loading, the tiny model, LoRA on kohya's targets and its file formats, encoders;
 - `sampling/`: prompt files, sample images during training, per-sample image metrics;
-- `compare/`: the report, the article's table, the MLflow UI.
+- `compare/`: the report and the article's table; `tracking/ui`: the MLflow UI.
 """
 
 __version__ = "0.1.0"

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return report.main(rest)
     if args.command == "ui":
-        from lora_sweep.compare import ui
+        from lora_sweep.tracking import ui
 
         return ui.main(rest)
     if rest:

@@ -122,7 +122,7 @@ class MlflowSweepCallback(Callback):
 
             path = build_report(experiment=None, sweep_run_id=run_id, step=None, out_dir=self.sweep_dir / "report",
                                 baseline=None, tracking_uri=self.client.tracking_uri)
-            from lora_sweep.compare.ui import browse_command
+            from lora_sweep.tracking.ui import browse_command
 
             log.info("comparison report: %s  (browse the runs with `%s`)", path,
                      browse_command(self.client.tracking_uri, self.experiment, self.experiment_id))

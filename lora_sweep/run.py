@@ -374,7 +374,7 @@ def _parent_run_id(sweep_dir: Path | None) -> str | None:
 def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None) -> None:
     """The job's last log line, with the exact command that browses the store the run used; a bug's failure logs
     its traceback too (the queue shows the log's last lines)."""
-    from lora_sweep.compare.ui import browse_command
+    from lora_sweep.tracking.ui import browse_command
 
     where = f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}' ({uri})"
     browse = f"Browse with `{browse_command(uri, cfg.tracking.experiment, exp_id)}`."

@@ -5,7 +5,7 @@ Any test can use them: tests/conftest.py imports the fixtures `mlflow_server` (o
 
 - `mlflow_server`: `mlflow server` on a free loopback port with a sqlite backend and a local artifact folder
   (artifacts are proxied over HTTP, `mlflow-artifacts:/`, as cluster jobs need), in its own process group
-  (lora_sweep.compare.ui.running_server); teardown stops the whole group and checks that nothing of it is left.
+  (lora_sweep.tracking.ui.running_server); teardown stops the whole group and checks that nothing of it is left.
   Tests share it: give each test its own experiment name. Ready in 7-25 s (2 busy cores).
 - `slurm_cluster`: Debian's Slurm 22.05 (`slurm-wlm`, `munge`; .ci/run installs them with apt-get). The fixture
   writes a `slurm.conf` for this one machine (its CPUs, sockets and memory as `slurmd -C` reports them, two fake
@@ -63,7 +63,7 @@ def _group_alive(pgid: int) -> bool:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     """One `mlflow server` for the test session (sqlite backend, loopback, proxied local artifacts)."""
-    from lora_sweep.compare.ui import free_port, running_server
+    from lora_sweep.tracking.ui import free_port, running_server
 
     root = tmp_path_factory.mktemp("mlflow-server")
     store = f"sqlite:///{root / 'mlflow.db'}"

@@ -95,7 +95,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
 
 
 def test_make_ui_prints_the_experiments_runs_page(store):
-    from lora_sweep.compare.ui import experiment_page
+    from lora_sweep.tracking.ui import experiment_page
 
     client = MlflowClient(store)
     exp = client.create_experiment("printed")  # untagged: tagged when the UI starts

@@ -1,4 +1,4 @@
-"""The MLflow face of lora-sweep: where the store is, one run's logger, sweep parent runs.
+"""The MLflow face of lora-sweep: where the store is, one run's logger, sweep parent runs, the UI server (`ui`).
 
 Conventions (the report and the queue rely on them):
 - URI: `tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db with artifacts in <cwd>/mlruns.

@@ -1,4 +1,4 @@
-"""A real browser on the real pages: `mlflow server` (started by lora_sweep.compare.ui) over a test store, and the
+"""A real browser on the real pages: `mlflow server` (started by lora_sweep.tracking.ui) over a test store, and the
 report.
 
 Headless Chromium (Debian's `chromium` package; installed here with apt-get when missing and possible, otherwise
@@ -22,7 +22,7 @@ from test_report import VARIANTS, fill_store
 
 from lora_sweep import tracking
 from lora_sweep.compare.report import build_report
-from lora_sweep.compare.ui import experiment_page, free_port, running_server
+from lora_sweep.tracking.ui import experiment_page, free_port, running_server
 
 pytestmark = pytest.mark.slow
 
