@@ -48,8 +48,9 @@ def article_variants() -> list[list[str]]:
 def cache_reuse(variants: list[list[str]], workdir: Path) -> dict:
     """Encoded items per encoder and seconds, for "shared" (one cache) and "separate" (an empty cache per variant)."""
     from lora_sweep.data.dataset import scan_folder
+    from lora_sweep.data.photos import data_folder
     from lora_sweep.data.prepare import prepare_examples
-    from lora_sweep.training.session import data_folder, load_parts
+    from lora_sweep.training.session import load_parts
 
     configs = [compose(*o) for o in variants]
     parts = load_parts(configs[0])

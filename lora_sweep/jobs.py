@@ -281,7 +281,8 @@ class StopOnSignal:
 def dataset_of(cfg) -> Fingerprint:
     """The content fingerprint of the job's dataset (and validation folder), reusing the cache's file digests."""
     from lora_sweep.data.fingerprint import dataset_fingerprint
-    from lora_sweep.training.session import cache_root, data_folder
+    from lora_sweep.data.photos import data_folder
+    from lora_sweep.paths import cache_root
 
     folders = [data_folder(cfg), *([Path(cfg.data.validation_dir)] if cfg.data.validation_dir else [])]
     return dataset_fingerprint(folders, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")

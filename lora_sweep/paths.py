@@ -1,4 +1,5 @@
-"""Where lora-sweep keeps things of its own: the per-user cache root shared by every sweep.
+"""Where lora-sweep keeps things of its own (the per-user cache root shared by every sweep, the training states),
+and what a path setting means (relative to the launch folder; the project's own files).
 
 Cross-cutting on purpose: the model loader (the tiny model's folder), the latent/text cache and the training states
 all live under the same root, and none of them should import another to find it.
@@ -18,6 +19,16 @@ def default_cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lora-sweep"
     return Path.home() / ".cache" / "lora-sweep"
+
+
+def cache_root(cfg) -> Path:
+    """`data.cache_dir`, else the per-user default (`default_cache_dir`)."""
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+
+def state_root(cfg) -> Path:
+    """`train.state_dir`, else `<cache root>/states`: stable across sweeps and working folders (see checkpoint.py)."""
+    return Path(cfg.train.state_dir).expanduser().resolve() if cfg.train.state_dir else cache_root(cfg) / "states"
 
 
 PROJECT_RESOLVER = "lora_sweep_project"

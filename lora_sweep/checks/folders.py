@@ -17,17 +17,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lora_sweep.errors import UserError
+from lora_sweep.paths import cache_root, state_root
 
 CONNECT_TIMEOUT_S = 5.0  # a reachable MLflow server answers a TCP connection well within this
 # URI schemes MLflow 3 has a tracking store for (a database's may carry a driver: postgresql+psycopg2)
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "file", "")
-
-
-def cache_root(cfg) -> Path:
-    """`data.cache_dir`, else the per-user default (as `training.session.cache_root`, without importing torch)."""
-    from lora_sweep.paths import default_cache_dir
-
-    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
 def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
@@ -37,7 +31,7 @@ def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]
     from lora_sweep.training.failures import sqlite_store_folder
 
     folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
-               ("train.state_dir", cfg.train.state_dir or cache_root(cfg) / "states"),
+               ("train.state_dir", state_root(cfg)),
                ("data.cache_dir", cache_root(cfg))]
     uri = tracking.tracking_uri(cfg.tracking.uri)
     problems = store_problems(uri)
@@ -104,8 +98,6 @@ def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
     """Every folder this job writes, proven writable (created if needed) and with free space, at the start of the
     job, before the model loads; returns the state root. Raises UserError naming the setting and the path."""
     from lora_sweep.training.failures import check_free_space, check_writable, sqlite_store_folder
-    from lora_sweep.training.session import cache_root, state_root
-
     check_writable(output_dir, "train.output_dir")
     root = check_writable(state_root(cfg), "train.state_dir")
     check_writable(cache_root(cfg), "data.cache_dir")

@@ -41,9 +41,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from lora_sweep.checks.folders import cache_root, check_job_folders, folder_problems  # noqa: F401  (re-exported)
+from lora_sweep.checks.folders import check_job_folders, folder_problems  # noqa: F401  (re-exported)
 from lora_sweep.checks.validate import list_option_conflicts
 from lora_sweep.errors import ConfigError, Fallback, UserError
+from lora_sweep.paths import cache_root
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_sweep.paths import cache_root
+
 # name in skimage.data -> caption (what a tagger or a person would write)
 PHOTOS: dict[str, str] = {
     "astronaut": "a photo of an astronaut in a white spacesuit, american flag, portrait",
@@ -53,3 +55,10 @@ def photos_dir(cache_root: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def data_folder(cfg) -> Path:
+    """The training images: `data.dir`, or the bundled photos (written on first use) for data=photos without one."""
+    if cfg.data.name == "photos" and not cfg.data.dir:
+        return photos_dir(cache_root(cfg))
+    return Path(cfg.data.dir)

@@ -32,6 +32,7 @@ from lora_sweep.model.tiny_sdxl import (
     sdxl_asset_config,
     write_clip_tokenizer,
 )
+from lora_sweep.paths import default_cache_dir
 
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights
@@ -90,13 +91,6 @@ def kohya_noise_scheduler() -> Any:
 
     return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          num_train_timesteps=1000, clip_sample=False)
-
-
-def default_cache_root() -> Path:
-    """The same per-user cache as the latents (lora_sweep.paths.default_cache_dir)."""
-    from lora_sweep.paths import default_cache_dir
-
-    return default_cache_dir()
 
 
 def check_model_path(path: str | os.PathLike | None) -> Path:
@@ -198,7 +192,7 @@ def tiny_model_dir(cache_root: Path | None = None, seed: int = 0) -> Path:
     """The tiny SDXL as a diffusers folder `<cache>/models/<recipe version>-seed<seed>`, built on first use."""
     from lora_sweep.model.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 
-    final = Path(cache_root or default_cache_root()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
+    final = Path(cache_root or default_cache_dir()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
     return build_folder_once(final, lambda staging: save_tiny_sdxl(build_tiny_sdxl(seed), staging))
 
 
@@ -208,7 +202,7 @@ def sdxl_base_config_dir(cache_root: Path | None = None) -> Path:
     digest = hashlib.sha256(CLIP_BPE_GZ.read_bytes())
     for file in sorted(SDXL_BASE_ASSETS.rglob("*.json")):
         digest.update(file.relative_to(SDXL_BASE_ASSETS).as_posix().encode() + file.read_bytes())
-    final = Path(cache_root or default_cache_root()) / "models" / f"sdxl-base-config-{digest.hexdigest()[:12]}"
+    final = Path(cache_root or default_cache_dir()) / "models" / f"sdxl-base-config-{digest.hexdigest()[:12]}"
 
     def build(staging: Path) -> None:
         shutil.copytree(SDXL_BASE_ASSETS, staging, dirs_exist_ok=True)

@@ -25,6 +25,7 @@ from lora_sweep.atomic import write_text
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
 from lora_sweep.data.dataset import scan_folder
+from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Prepared, prepare_examples
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
@@ -38,6 +39,7 @@ from lora_sweep.model.network import (
     save_diffusers,
     save_kohya,
 )
+from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, split_validation
 from lora_sweep.training.loss import one_timestep_per_batch
@@ -169,12 +171,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cache_root(cfg) -> Path:
-    from lora_sweep.data.cache import default_cache_dir
-
-    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-
-
 def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
     """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
     scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log).
@@ -197,14 +193,6 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None, *,
         on_disk = model_lib.checkpoint_dtypes(model_lib.check_model_path(path))
         dtypes = placement.load_dtypes(policy, on_disk, text_encoders_in_step=text_encoders_in_step)
     return model_lib.load_sdxl(path, cache_root=cache_root(cfg), dtypes=dtypes)
-
-
-def data_folder(cfg) -> Path:
-    if cfg.data.name == "photos" and not cfg.data.dir:
-        from lora_sweep.data.photos import photos_dir
-
-        return photos_dir(cache_root(cfg))
-    return Path(cfg.data.dir)
 
 
 def build_session(cfg, *, output_dir: Path, sink) -> Session:
@@ -315,11 +303,6 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
 
 def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad}
-
-
-def state_root(cfg) -> Path:
-    """`train.state_dir`, else `<cache root>/states`: stable across sweeps and working folders (see checkpoint.py)."""
-    return Path(cfg.train.state_dir).expanduser().resolve() if cfg.train.state_dir else cache_root(cfg) / "states"
 
 
 def batches_per_epoch(buckets: list[tuple[int, int]], batch_size: int) -> int:
