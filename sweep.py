@@ -1,6 +1,6 @@
 """lora-sweep's entry point: `python sweep.py [group=option ...] [key=value ...]`, `-m` for a sweep.
 
-Hydra composes conf/ into one config per job; this file hands it to `lora_sweep.run.run_job` and turns a user error
+Hydra composes conf/ into one config per job; this file hands it to `lora_sweep.job.run.run_job` and turns a user error
 into one readable paragraph and a non-zero exit status instead of a traceback. Before that, the pre-flight
 (`lora_sweep.checks.preflight.PreflightCallback`, first in conf/config.yaml's hydra.callbacks) has checked every job's
 config and files and exits with status 2, having written nothing, if any is wrong.
@@ -76,7 +76,7 @@ def share_cpu_cores(hc) -> None:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from lora_sweep.run import run_job
+    from lora_sweep.job.run import run_job
 
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"

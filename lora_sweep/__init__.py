@@ -1,23 +1,27 @@
 """lora-sweep: an experiment-matrix runner for SDXL LoRA training with kohya sd-scripts v0.8.7 semantics.
 
 Where things live (imports flow one way, top to bottom; see README's Layout):
-- top level: compose and check a config (`config`, `validate`), one job's life in MLflow (`run`, `tracking`,
-  `callbacks`), shared helpers (`errors`, `atomic`, `paths`), and `python -m lora_sweep` (`__main__`);
+- top level: the config schema (`config`), the sweep's parent run (`callbacks`), shared helpers (`errors`,
+  `atomic`, `paths`), and `python -m lora_sweep` (`__main__`);
+- `checks/`: the command line, the config's values and the pre-flight of files, before anything heavy loads;
+- `job/`: one job's life in MLflow (`run`), its names, what it reports (`status`), skip-finished;
+- `tracking/`: the MLflow store, a run's logger, the UI server;
 - `training/`: the loop and the pure math it composes (`noise`, `loss`, `optim`, `precision`, checkpoints);
 - `data/`: folder -> bucketed, cached examples (`dataset`, `captions`, `buckets`, `cache`, `prepare`);
 - `model/`: SDXL loading, the tiny model, LoRA on kohya's targets and its file formats, encoders;
 - `sampling/`: prompt files, sample images during training, per-sample image metrics;
-- `compare/`: the report and the article's table; `tracking/ui`: the MLflow UI.
+- `compare/`: the report and the article's table.
 """
 
 __version__ = "0.1.0"
 
 
 def _register_resolvers() -> None:
-    """Hydra resolvers conf/ uses, in every process that imports lora_sweep (see jobs.register_resolver)."""
-    from lora_sweep import jobs, paths
+    """Hydra resolvers conf/ uses, in every process that imports lora_sweep (see job.names.register_resolver)."""
+    from lora_sweep import paths
+    from lora_sweep.job import names
 
-    jobs.register_resolver()
+    names.register_resolver()
     paths.register_resolver()
 
 

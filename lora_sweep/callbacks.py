@@ -3,7 +3,7 @@
 `on_multirun_start` runs once, in the process that launches the sweep, before any job: it checks the tracking store
 (one paragraph and exit 2 if it cannot be used), marks KILLED the runs that earlier processes on this host left
 RUNNING (a SIGKILLed sweep), creates the parent run and writes, into the sweep folder, its id
-(`.mlflow_parent_run_id`) and the keys the command line varies (`jobs.write_swept_keys`, for short run names).
+(`.mlflow_parent_run_id`) and the keys the command line varies (`job.names.write_swept_keys`, for short run names).
 Every job, local, Ray or Slurm, finds them there and nests its own run under the parent.
 
 The parent is closed once (`on_multirun_end`, or an atexit hook when Hydra skips that: after a failed job or Ctrl-C)
@@ -52,10 +52,11 @@ class MlflowSweepCallback(Callback):
             sys.exit(2)
 
     def _start(self, config: DictConfig) -> None:
-        from lora_sweep import jobs, tracking
+        from lora_sweep import tracking
         from lora_sweep.atomic import write_text
         from lora_sweep.checks.preflight import SWEEP_TRACKING
         from lora_sweep.checks.sweep import tracking_target
+        from lora_sweep.job.names import swept_keys, write_swept_keys
 
         sweep_dir = Path(config.hydra.sweep.dir)
         # where the jobs log, as the pre-flight composed them: experiment files may set tracking.experiment, and
@@ -74,7 +75,7 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, experiment, exp_id
         write_text(sweep_dir / tracking.PARENT_FILE, self.run_id)
         try:
-            jobs.write_swept_keys(sweep_dir, jobs.swept_keys(task))
+            write_swept_keys(sweep_dir, swept_keys(task))
         except Exception as exc:  # names fall back to every override
             log.debug("could not parse the sweep's overrides: %s", exc)
         self._pid = os.getpid()  # forked job processes inherit atexit hooks: only this process may close the run
@@ -141,9 +142,10 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
     """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
     (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here
     (FAILED, or KILLED if the sweep stopped)."""
-    from lora_sweep import jobs, tracking
+    from lora_sweep import tracking
+    from lora_sweep.job.status import read_outcomes
 
-    outcomes = jobs.read_outcomes(sweep_dir)
+    outcomes = read_outcomes(sweep_dir)
     queue = _queue_summary(sweep_dir)
     queued = {int(j["idx"]): j for j in queue.get("jobs", []) if j.get("idx") is not None}
     states: dict[Any, dict[str, Any]] = {}

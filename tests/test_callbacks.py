@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lora_sweep import jobs, tracking
+from lora_sweep import tracking
 from lora_sweep.callbacks import QUEUE_SUMMARY, sweep_summary
+from lora_sweep.job.status import write_outcome
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,10 @@ def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
     done = child(client, exp, parent, "j0", "FINISHED")
     early = child(client, exp, parent, "j1", "FAILED")  # failed before training: a run made to carry the reason
     orphan = child(client, exp, parent, "j3", None)  # its process was SIGKILLed: still RUNNING
-    jobs.write_outcome(tmp_path, 0, status="FINISHED", run_id=done, label="j0")
-    jobs.write_outcome(tmp_path, 1, status="FAILED", run_id=early, label="j1", reason="loss.huber_c: must be > 0",
+    write_outcome(tmp_path, 0, status="FINISHED", run_id=done, label="j0")
+    write_outcome(tmp_path, 1, status="FAILED", run_id=early, label="j1", reason="loss.huber_c: must be > 0",
                        user_error=True)
-    jobs.write_outcome(tmp_path, 2, status="SKIPPED", run_id=done, label="j2", reason="already FINISHED")
+    write_outcome(tmp_path, 2, status="SKIPPED", run_id=done, label="j2", reason="already FINISHED")
     queue_summary(tmp_path, False, (0, "FINISHED", "", done), (1, "FAILED", "loss.huber_c: must be > 0", early),
                   (2, "SKIPPED", "already FINISHED", done),
                   (3, "FAILED", "died without a result: killed by SIGKILL (9)", orphan),
@@ -65,7 +66,7 @@ def test_a_stopped_sweep_ends_killed_and_closes_what_its_jobs_left_running(clien
     exp, parent = make_sweep(client, tmp_path, "stopped")
     stopped = child(client, exp, parent, "j0", "KILLED")
     orphan = child(client, exp, parent, "j1", None)
-    jobs.write_outcome(tmp_path, 0, status="KILLED", run_id=stopped, reason="stopped by signal")
+    write_outcome(tmp_path, 0, status="KILLED", run_id=stopped, reason="stopped by signal")
     queue_summary(tmp_path, True, (0, "KILLED", "stopped by signal", stopped),
                   (1, "KILLED", "killed (SIGKILL) after the interrupts", orphan),
                   (2, "CANCELLED", "not started: the sweep was interrupted", None))
@@ -79,7 +80,7 @@ def test_a_stopped_sweep_ends_killed_and_closes_what_its_jobs_left_running(clien
 def test_clean_sweeps_finish_and_a_sweep_that_broke_off_does_not(client, tmp_path):
     exp, parent = make_sweep(client, tmp_path, "clean")
     run_id = child(client, exp, parent, "j0", "FINISHED")
-    jobs.write_outcome(tmp_path, 0, status="FINISHED", run_id=run_id, label="j0")
+    write_outcome(tmp_path, 0, status="FINISHED", run_id=run_id, label="j0")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["failure"] == ""
     assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0, "cancelled": 0}
@@ -104,7 +105,7 @@ def test_a_sweep_whose_jobs_were_all_skipped_still_has_results(client, tmp_path)
     done = [child(client, exp, earlier, f"j{i}", "FINISHED") for i in range(2)]
     _, parent = make_sweep(client, tmp_path, "rerun")
     for i, run_id in enumerate(done):
-        jobs.write_outcome(tmp_path, i, status="SKIPPED", run_id=run_id, label=f"j{i}", reason="already FINISHED")
+        write_outcome(tmp_path, i, status="SKIPPED", run_id=run_id, label=f"j{i}", reason="already FINISHED")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["any_finished"] and summary["counts"]["skipped"] == 2
     assert tracking.read_job_runs(tracking.job_runs_tags(summary["job_runs"])) == {0: done[0], 1: done[1]}

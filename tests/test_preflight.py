@@ -57,7 +57,7 @@ def app(tmp_path, monkeypatch, capfd):
             pytest.fail(f"{what} although the pre-flight should have stopped the command")
         return fail
 
-    monkeypatch.setattr("lora_sweep.run.run_job", never("a job started"))
+    monkeypatch.setattr("lora_sweep.job.run.run_job", never("a job started"))
     monkeypatch.setattr("lora_sweep.model.loading.load_sdxl", never("the model loaded"))
 
     def run(*argv: str) -> tuple[int, str]:

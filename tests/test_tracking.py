@@ -103,3 +103,15 @@ def test_make_ui_prints_the_experiments_runs_page(store):
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
     assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
     assert "no experiment 'nope'" in experiment_page(store, "http://127.0.0.1:5000", "nope")
+
+
+@pytest.mark.parametrize("value", ["a" * 5999, "a" * 6000, "a" * 6001, "é" * 9000])
+def test_fit_cuts_with_a_visible_marker(value):
+    from lora_sweep.tracking import fit
+
+    out = fit(value, 6000, "config.yaml")
+    assert len(out) <= 6000
+    if len(value) <= 6000:
+        assert out == value
+    else:
+        assert out.endswith("the whole value is in config.yaml]") and f"{len(value)} characters" in out

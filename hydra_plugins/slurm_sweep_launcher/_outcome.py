@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra_plugins.gpu_queue_launcher._outcome import log_tail
 
-STATUS_ENV = "GPU_QUEUE_STATUS_FILE"  # the local queue's status-file protocol, which lora_sweep.run speaks
+STATUS_ENV = "GPU_QUEUE_STATUS_FILE"  # the local queue's status-file protocol, which lora_sweep.job.status speaks
 # squeue states after which a job will not run again (squeue -t all keeps them MinJobAge seconds, 300 by default).
 FINAL_SLURM_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",

@@ -3,7 +3,7 @@
 Runs after the config is composed and before anything heavy or lasting happens: in `sweep.py` as a Hydra callback
 (`PreflightCallback`, first in conf/config.yaml's hydra.callbacks) before Hydra creates an output folder or the
 sweep's MLflow parent run exists, for every job of a sweep in the launching process (gpu_queue, Ray, Slurm alike);
-and again, cheaply, at the start of each job (`run.run_job`), where its fallbacks are logged on the MLflow run.
+and again, cheaply, at the start of each job (`job.run.run_job`), where its fallbacks are logged on the MLflow run.
 
 `check_job(cfg)` makes these checks and never stops at the first problem:
 - the config's keys and values (`validate.config_problems`: a key the schema lacks, ranges, combinations, paths);

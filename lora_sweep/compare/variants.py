@@ -177,7 +177,7 @@ def natural_key(name: str) -> tuple:
 
 SEED_PART = re.compile(r"[ ,]\+{0,2}" + re.escape(SEED_KEY) + r"=[^ ,]*|^\+{0,2}" + re.escape(SEED_KEY)
                        + r"=[^ ,]*[ ,]?")  # the seed override with one separator next to it
-CUT_HASH = re.compile(r" #[0-9a-f]{6,}$")  # jobs.run_label's mark of a cut name: a hash of all the overrides
+CUT_HASH = re.compile(r" #[0-9a-f]{6,}$")  # job.names.run_label's mark of a cut name: a hash of all the overrides
 
 
 def strip_seed(name: str) -> str:

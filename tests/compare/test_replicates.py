@@ -33,7 +33,7 @@ def sweep(tmp_path_factory):
     import sweep as sweep_entry
     from lora_sweep import tracking
     from lora_sweep.config import register_configs
-    from lora_sweep.run import run_job
+    from lora_sweep.job.run import run_job
 
     tmp = tmp_path_factory.mktemp("replicates")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

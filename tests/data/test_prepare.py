@@ -12,7 +12,7 @@ from conftest import compose_config
 
 from lora_sweep.data.dataset import scan_folder
 from lora_sweep.data.prepare import prepare_examples
-from lora_sweep.run import run_job
+from lora_sweep.job.run import run_job
 
 
 @pytest.fixture(scope="module")

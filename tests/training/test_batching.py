@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
 
-from lora_sweep.run import run_job
+from lora_sweep.job.run import run_job
 
 
 def square_dataset(root: Path, repeats: int, images: int = 2) -> Path:

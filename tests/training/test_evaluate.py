@@ -12,7 +12,7 @@ import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 
-from lora_sweep.run import run_job
+from lora_sweep.job.run import run_job
 from lora_sweep.training.evaluate import fit_subset
 
 COMMON = ("train.max_steps=2", "train.batch_size=2", "validation.every=1", "validation.fit_images=3",

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from lora_sweep import tracking
 from lora_sweep.errors import UserError
-from lora_sweep.run import run_job
+from lora_sweep.job.run import run_job
 from lora_sweep.training import checkpoint
 from lora_sweep.training.failures import (
     check_free_space,

@@ -10,7 +10,7 @@ import torch
 from conftest import compose_config
 
 from lora_sweep.errors import UserError
-from lora_sweep.run import run_job
+from lora_sweep.job.run import run_job
 
 
 def train_tiny(tmp_path: Path, *overrides: str):

@@ -19,7 +19,7 @@ from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from lora_sweep.run import run_job
+from lora_sweep.job.run import run_job
 
 JOB = textwrap.dedent("""
     import sys, torch
@@ -27,7 +27,7 @@ JOB = textwrap.dedent("""
     sys.path[:0] = [{root!r}, {tests!r}]
     from pathlib import Path
     from conftest import compose_config
-    from lora_sweep.run import run_job
+    from lora_sweep.job.run import run_job
     out = run_job(compose_config(*sys.argv[2:]), output_dir=Path(sys.argv[1]))
     print("OUTCOME", out.status, out.run_id)
 """).format(root=str(ROOT), tests=str(ROOT / "tests"))

@@ -15,11 +15,13 @@ from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from lora_sweep import jobs, tracking
+from lora_sweep import tracking
 from lora_sweep.config import config_hash
 from lora_sweep.errors import UserError
+from lora_sweep.job.names import write_swept_keys
+from lora_sweep.job.run import run_job
+from lora_sweep.job.status import read_outcomes
 from lora_sweep.paths import make_paths_absolute
-from lora_sweep.run import run_job
 
 
 def tiny(tmp_path: Path, *overrides: str):
@@ -45,7 +47,7 @@ def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_p
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     (sweep_dir / tracking.PARENT_FILE).write_text(parent)
-    jobs.write_swept_keys(sweep_dir, ["train.debug_fault"])
+    write_swept_keys(sweep_dir, ["train.debug_fault"])
     overrides = ["train.debug_fault=setup_error", "train.max_steps=1"]
     with pytest.raises(UserError, match="setup_error"):
         run_job(tiny(tmp_path, *overrides), output_dir=sweep_dir / "3_x", sweep_dir=sweep_dir, overrides=overrides,
@@ -56,7 +58,7 @@ def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_p
     assert run.data.tags["lora_sweep.overrides"] == " ".join(overrides)
     assert run.data.tags[tracking.PID] and run.data.params["train.max_steps"] == "1"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    outcome = jobs.read_outcomes(sweep_dir)[3]
+    outcome = read_outcomes(sweep_dir)[3]
     assert outcome["status"] == "FAILED" and outcome["run_id"] == run.info.run_id and outcome["user_error"]
 
 

@@ -129,7 +129,7 @@ def test_a_stop_during_the_final_evaluation_ends_killed_and_the_resumed_run_only
     """A stop that arrives once train.max_steps is reached cuts the end-of-run evaluation short: a state at
     max_steps, KILLED. Resuming from it trains nothing and logs the evaluation, each metric once per step."""
     from lora_sweep import tracking
-    from lora_sweep.jobs import JobSink, StatusFile
+    from lora_sweep.job.status import JobSink, StatusFile
     from lora_sweep.training.train import StateTarget, train
 
     cfg = compose_config("train.max_steps=2", "train.batch_size=2", "train.device=cpu", *TINY_SAMPLES)

@@ -32,15 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_sweep import jobs, tracking
+from lora_sweep import tracking
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.validate import validate
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError
-from lora_sweep.jobs import STATUS_ENV, JobSink, StatusFile  # noqa: F401
-from lora_sweep.jobs import StopOnSignal as _StopOnSignal
+from lora_sweep.job.finished import dataset_of, finished_match, skip_key
+from lora_sweep.job.names import read_swept_keys, run_label
+from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, write_outcome
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.training.checkpoint import (
     ConfigLock,
@@ -80,8 +81,8 @@ def git_commit() -> str:
 
 
 def variant_name(cfg, overrides: list[str] | None, swept: list[str] | None = None) -> str:
-    """The job's short name (run name, `variant` tag, the queue's label): see `jobs.run_label`."""
-    return jobs.run_label(cfg.tracking.variant, overrides, swept)
+    """The job's short name (run name, `variant` tag, the queue's label): see `names.run_label`."""
+    return run_label(cfg.tracking.variant, overrides, swept)
 
 
 @dataclass
@@ -106,16 +107,16 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
 
     Set-up (config, paths, tracking store, the config's lock, skip-finished) runs before any run exists; a failure
     there is raised (a UserError, or the bug's own exception) after being recorded: in a sweep, as a FAILED child
-    run of the sweep's parent carrying the reason, and in the sweep folder (`jobs.write_outcome`, job `job_num`).
+    run of the sweep's parent carrying the reason, and in the sweep folder (`status.write_outcome`, job `job_num`).
     A failure during training is returned as a FAILED outcome, its run FAILED with the reason. `tags` are added to
     the run's tags (sweep.py adds the Hydra job number and group choices the report orders and compares by)."""
     make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
     extra_tags = dict(tags or {})
-    swept = jobs.read_swept_keys(sweep_dir)
+    swept = read_swept_keys(sweep_dir)
     label = variant_name(cfg, overrides, swept=swept)
     status = StatusFile(label)
     status.update(force=True)  # the queue names the job by its run name from its "started" line on
-    record = functools.partial(jobs.write_outcome, sweep_dir, job_num, label=label)
+    record = functools.partial(write_outcome, sweep_dir, job_num, label=label)
     with contextlib.ExitStack() as held:
         found: dict[str, Any] = {"extra_tags": extra_tags}
         try:
@@ -187,11 +188,11 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
         status.update(force=True, note="")
         log.info("config %s is free again: going on", chash)
     held.callback(lock.release)
-    fingerprint = jobs.dataset_of(cfg)
-    key = jobs.skip_key(cfg, chash, fingerprint)
+    fingerprint = dataset_of(cfg)
+    key = skip_key(cfg, chash, fingerprint)
     found.update(fingerprint=fingerprint, skip_key=key)
     if cfg.sweep.skip_finished:
-        done = jobs.finished_match(client, exp_id, chash, key, fingerprint, label)
+        done = finished_match(client, exp_id, chash, key, fingerprint, label)
         if done is not None:
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
@@ -234,7 +235,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
 
         sink = JobSink(logger, status, label, on_warning=warn)
         states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
-        with _StopOnSignal() as stop:
+        with StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states)
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
                              reason="stopped by signal" if result.stopped_early else "",

@@ -1,0 +1,132 @@
+"""What a job reports about itself: to the gpu_queue launcher while it runs, to the sweep's parent run when it ends.
+
+The job's side of the queue's protocols (hydra_plugins/gpu_queue_launcher): its status file (`StatusFile`: state,
+label, progress, reason, `user_error`, `note`), the trainer's sink (`JobSink`), and the stop-on-signal handler
+(`StopOnSignal`). And each job's outcome (status, reason, run id, label) in the sweep folder,
+`.lora_sweep/jobs/<job number>.json` (`write_outcome`), so the parent run can count finished / failed / skipped
+jobs, including those that failed before a run existed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lora_sweep.atomic import write_text
+from lora_sweep.job.names import state_folder
+
+log = logging.getLogger(__name__)
+STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
+
+
+class StatusFile:
+    """The queue's view of this job (see hydra_plugins/gpu_queue_launcher): rewritten atomically, at most 2x/s."""
+
+    def __init__(self, label: str):
+        self.path = os.environ.get(STATUS_ENV)
+        self.state = {"state": "running", "label": label}
+        self._last = 0.0
+
+    def update(self, force: bool = False, **values) -> None:
+        self.state.update(values)
+        if self.path and (force or time.monotonic() - self._last > 0.5):
+            write_text(self.path, json.dumps(self.state))
+            self._last = time.monotonic()
+
+
+class JobSink:
+    """The trainer's `Sink`: MLflow run logger + progress bar + the queue's status file."""
+
+    def __init__(self, logger: Any, status: StatusFile, label: str,  # logger: tracking.RunLogger
+                 on_warning: Callable[[Any], None] | None = None):
+        from tqdm.auto import tqdm
+
+        self.logger, self.status, self.bar = logger, status, tqdm(desc=label, unit="step", dynamic_ncols=True)
+        self.on_warning = on_warning
+
+    def warn(self, fallback) -> None:
+        """A fallback found while training (an image that failed to decode): the run's warnings, as the
+        pre-flight's."""
+        if self.on_warning is not None:
+            self.on_warning(fallback)
+
+    def params(self, values):
+        self.logger.log_params(values)
+
+    def metrics(self, values, step):
+        self.logger.log_metrics(values, step)
+
+    def artifact(self, path, artifact_path=None):
+        self.logger.log_artifact(path, artifact_path)
+
+    def image(self, image, key, step):
+        self.logger.log_image(image, key, step)
+
+    def flush(self):
+        self.logger.flush()
+
+    def progress(self, step, max_steps, loss, speed):
+        """Step, loss and speed on the bar and in the status file; no loss before the first step (there is none yet,
+        not a NaN one)."""
+        if self.bar.total != max_steps:  # the first call, once set-up is done: the bar's clock starts here
+            self.bar.reset(total=max_steps)
+            self.bar.initial = step  # a resumed run: speed counts only the steps of this process
+        self.bar.n = step
+        shown = loss if step > 0 else None
+        if shown is not None:
+            self.bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
+        self.bar.refresh()
+        self.status.update(step=step, max_steps=max_steps, loss=shown, speed=speed)
+
+
+class StopOnSignal:
+    """First SIGINT/SIGTERM: ask the loop to stop after this step (sampling and evaluation in progress give up at
+    their next prompt, image or denoising step); a second SIGINT: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested: ending after the current step (no end-of-run sampling or evaluation), saving a "
+                    "training state, then stopping (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def write_outcome(sweep_dir: Path | None, job_num: int | None, **outcome: Any) -> None:
+    """Record a job's end (status FINISHED | FAILED | KILLED | SKIPPED, reason, run_id, label, user_error) where
+    the sweep's parent run will read it. Never raises: bookkeeping must not fail a job."""
+    if sweep_dir is None or job_num is None:
+        return
+    try:
+        write_text(state_folder(sweep_dir) / "jobs" / f"{int(job_num)}.json",
+                   json.dumps({"job": int(job_num), **outcome}, default=str))
+    except OSError:
+        pass
+
+
+def read_outcomes(sweep_dir: Path) -> dict[int, dict[str, Any]]:
+    """Every job outcome recorded in the sweep folder, by job number."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in sorted((state_folder(sweep_dir) / "jobs").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            found[int(data["job"])] = data
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
