@@ -80,11 +80,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def variant_name(cfg, overrides: list[str] | None, swept: list[str] | None = None) -> str:
-    """The job's short name (run name, `variant` tag, the queue's label): see `names.run_label`."""
-    return run_label(cfg.tracking.variant, overrides, swept)
-
-
 @dataclass
 class _Ready:
     """What a job's set-up established before its MLflow run exists."""
@@ -113,7 +108,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
     extra_tags = dict(tags or {})
     swept = read_swept_keys(sweep_dir)
-    label = variant_name(cfg, overrides, swept=swept)
+    label = run_label(cfg.tracking.variant, overrides, swept)  # run name, `variant` tag, the queue's label
     status = StatusFile(label)
     status.update(force=True)  # the queue names the job by its run name from its "started" line on
     record = functools.partial(write_outcome, sweep_dir, job_num, label=label)

@@ -7,7 +7,6 @@ import os
 from conftest import compose_config
 
 from lora_sweep.job import names, status
-from lora_sweep.job.run import variant_name
 
 LONG = "sampling.negative=" + "blurry, low quality/ " * 100  # 2,000+ characters with '/' in it
 
@@ -79,10 +78,10 @@ def test_the_sweep_config_names_job_folders_through_the_resolver(tmp_path):
     assert OmegaConf.select(cfg, "hydra.sweep.subdir") == "4_loss.huber_c=0.1"
 
 
-def test_variant_name_keeps_its_signature():
+def test_a_jobs_label_is_its_experiments_variant_or_its_overrides():
     cfg = compose_config("experiment=v57")
-    assert variant_name(cfg, ["experiment=v57"]) == "v57"
-    assert variant_name(compose_config(), ["noise=ip", "tracking.uri=x"]) == "noise=ip"
+    assert names.run_label(cfg.tracking.variant, ["experiment=v57"]) == "v57"
+    assert names.run_label(compose_config().tracking.variant, ["noise=ip", "tracking.uri=x"]) == "noise=ip"
 
 
 def test_outcomes_round_trip_and_never_raise(tmp_path):
