@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -32,9 +31,9 @@ from lora_sweep.model.tiny_sdxl import (
     sdxl_asset_config,
     write_clip_tokenizer,
 )
+from lora_sweep.model.weights import ACCEPTS, FOLDER_PARTS, load_cast, read_safetensors_header
 from lora_sweep.paths import default_cache_dir
 
-FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights
 # Each component's keys in a single-file (SGM layout) checkpoint start with these.
 SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
@@ -49,8 +48,6 @@ SINGLE_FILE_KEYS = {
         "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
     "text encoder 2 (OpenCLIP ViT-bigG)": "conditioner.embedders.1.model.positional_embedding",
 }
-ACCEPTS = ("model.path accepts a diffusers SDXL folder (model_index.json plus the sub-folders "
-           + ", ".join(f"{p}/" for p in FOLDER_PARTS) + ") or a single SDXL .safetensors checkpoint file")
 SMALL_FILE_BYTES = 64 * 2**20  # identity hashes the content of files up to this size, and size + mtime above it
 
 
@@ -115,18 +112,6 @@ def check_model_path(path: str | os.PathLike | None) -> Path:
                         f"original layout: it lacks the {', '.join(missing)} weights (is it a LoRA, a refiner, or a "
                         f"single diffusers component?); {ACCEPTS}.")
     return model_path
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, __metadata__) without reading data."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 2**20:
-                raise ValueError(f"header length {length}")
-            return json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as error:
-        raise UserError(f"model.path={str(path)!r} is not a readable .safetensors file ({error}); {ACCEPTS}.") from None
 
 
 def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, Any]:
@@ -260,8 +245,6 @@ def _cast_while_reading(folder: Path, wanted: Mapping[str, Any], variant: str | 
     """The diffusers components of `folder` whose wanted dtype differs from the one on disk, read straight into it
     (weights.load_cast); passed to the pipeline's from_pretrained, which then does not load them again."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from lora_sweep.model.weights import load_cast
 
     on_disk = checkpoint_dtypes(folder)
     loaded = {}

@@ -7,16 +7,37 @@ SDXL), the peak of a whole training job on the CPU side. Reading the file in sli
 through its own short-lived mapping, converted and released before the next) keeps that peak at the converted
 model plus one slice. Components already in the wanted dtype don't need this: diffusers maps them without copying.
 The conversion itself is torch's `Tensor.to(dtype)`, tensor by tensor, as diffusers does it.
+
+Also the file side that the loader builds on: what `model.path` accepts (`ACCEPTS`) and a .safetensors header read
+without its data (`read_safetensors_header`).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
+from lora_sweep.errors import UserError
+
 SLICE_BYTES = 256 * 2**20
 WEIGHTS_NAME = "diffusion_pytorch_model"
+FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+ACCEPTS = ("model.path accepts a diffusers SDXL folder (model_index.json plus the sub-folders "
+           + ", ".join(f"{p}/" for p in FOLDER_PARTS) + ") or a single SDXL .safetensors checkpoint file")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, __metadata__) without reading data."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError(f"header length {length}")
+            return json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise UserError(f"model.path={str(path)!r} is not a readable .safetensors file ({error}); {ACCEPTS}.") from None
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path] | None:
@@ -41,8 +62,6 @@ def read_cast_state_dict(files: list[Path], dtype: Any) -> dict[str, Any]:
     (and its pages released) before the next one opens. Peak memory: the result plus one slice.
     """
     from safetensors import safe_open
-
-    from lora_sweep.model.loading import read_safetensors_header
 
     state: dict[str, Any] = {}
     for file in files:
