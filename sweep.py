@@ -109,8 +109,7 @@ def cli(argv: list[str] | None = None) -> None:
     shows its whole traceback. With HYDRA_FULL_ERROR=1 set by the user, Hydra reports everything itself."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from lora_sweep.checks.command_line import command_line_problems
-    from lora_sweep.errors import hydra_error_text
+    from lora_sweep.checks.command_line import command_line_problems, hydra_error_text
 
     problems = command_line_problems(sys.argv[1:] if argv is None else argv)
     if problems:

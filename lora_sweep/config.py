@@ -2,15 +2,14 @@
 
 Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key in a file or a wrong type fails
 at compose time. On the command line Hydra would advise adding a misspelt key with '+', and a '+' key composes and
-is never read: `checks.command_line.command_line_problems` (before Hydra) and `unknown_keys` (in the pre-flight)
-refuse both, naming the closest real keys. Range and cross-field checks live in `lora_sweep.checks.validate`; the
-config hash (what identifies a training's result) is `config_hash` below. No torch import here: `--help`,
-`make table` and config checks answer in about a second.
+is never read: `checks.command_line.command_line_problems` (before Hydra) and `checks.keys.unknown_keys` (in the
+pre-flight) refuse both, naming the closest real keys. Range and cross-field checks live in
+`lora_sweep.checks.validate`; the config hash (what identifies a training's result) is `config_hash` below. No torch
+import here: `--help`, `make table` and config checks answer in about a second.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -180,6 +179,9 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config groups: conf/<group>/<option>.yaml
+
+
 def register_configs() -> None:
     """Register the schema so `conf/config.yaml` can start its defaults list with `config_schema`.
 
@@ -256,140 +258,3 @@ def config_hash(cfg: DictConfig | Config) -> str:
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-# -- Keys: what the schema knows, and the closest real key to a misspelt one -------------------------------------------
-
-FREE_FORM = ("optimizer.args",)  # Dict[str, Any] fields: any key goes (kohya's --optimizer_args), checked elsewhere
-INTERNAL = ("train.debug_fault",)  # valid, never listed or suggested: a testing aid (lora_sweep/training/failures.py)
-# kohya's flag names (README, the schema's comments) for settings named otherwise here, so that a kohya user's name
-# finds ours: `network.dim` or `network_dim` -> network.rank. `<group>.<rest>` also matches `<group>_<rest>`.
-KOHYA_NAMES = {
-    "network_dim": "network.rank", "dim": "network.rank", "network_alpha": "network.alpha",
-    "network_dropout": "network.dropout", "noise_offset": "noise.offset",
-    "noise_offset_random_strength": "noise.offset_random_strength", "adaptive_noise_scale": "noise.adaptive_scale",
-    "multires_noise_iterations": "noise.multires_iterations", "multires_noise_discount": "noise.multires_discount",
-    "ip_noise_gamma": "noise.ip_gamma", "ip_noise_gamma_random_strength": "noise.ip_gamma_random_strength",
-    "loss_type": "loss.type", "debiased_estimation_loss": "loss.debiased", "optimizer_type": "optimizer.name",
-    "optimizer_args": "optimizer.args", "learning_rate": "optimizer.lr", "lr_scheduler": "optimizer.scheduler",
-    "lr_warmup_steps": "optimizer.warmup_steps", "mixed_precision": "precision.name",
-    "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum", "save_every_n_steps": "train.save_every",
-    "save_every_n_epochs": "train.save_every_epochs", "v_parameterization": "model.v_prediction",
-    "pretrained_model_name_or_path": "model.path", "train_data_dir": "data.dir",
-    "sample_prompts": "sampling.prompt_file", "sample_every_n_steps": "sampling.every",
-}
-_CONF = Path(__file__).resolve().parents[1] / "conf"
-CONF_DIR = _CONF
-
-
-def schema_keys() -> list[str]:
-    """Every setting of the schema, dotted (`noise.offset`, ..., `optimizer.args` for the free-form map)."""
-    return list(_schema_keys())
-
-
-def public_keys() -> list[str]:
-    """The settings a message may list or suggest: the schema's, less `INTERNAL`."""
-    return [k for k in _schema_keys() if k not in INTERNAL]
-
-
-@functools.lru_cache(maxsize=1)
-def _schema_keys() -> tuple[str, ...]:
-    return tuple(flatten(to_container(OmegaConf.structured(Config))))
-
-
-def config_groups() -> list[str]:
-    """The config groups of conf/ (`noise`, `experiment`, `preset`, ...): what `group=option` may name."""
-    return sorted(p.name for p in _CONF.iterdir() if p.is_dir() and p.name != "hydra") if _CONF.is_dir() else []
-
-
-def _is_free_form(key: str) -> bool:
-    return any(key == f or key.startswith(f + ".") for f in FREE_FORM)
-
-
-def unknown_keys(cfg: DictConfig) -> list[str]:
-    """Dotted keys of a composed config that the schema does not have (added with `+key=value`, which Hydra allows
-    on any node): nothing reads them, so a run would silently train without them. Keys under a free-form map
-    (`optimizer.args`) and the `hydra` node are not checked here."""
-    known = set(schema_keys())
-    prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
-    tree = OmegaConf.to_container(cfg, resolve=False)
-    tree.pop("hydra", None)
-    found = []
-
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if _is_free_form(name):
-                continue
-            if isinstance(value, dict) and name in prefixes:
-                walk(value, f"{name}.")
-            elif name not in known:
-                found.append(name)
-
-    walk(tree, "")
-    return found
-
-
-def kohya_name(key: str) -> str | None:  # `network.dim`, `network_dim`, `train.learning_rate`: kohya's flag names
-    parent, _, leaf = key.rpartition(".")
-    return KOHYA_NAMES.get(leaf) or (KOHYA_NAMES.get(f"{parent}_{leaf}") if parent else None)
-
-
-def _respelt(key: str, candidates: list[str]) -> list[str]:
-    """`optimizer.arg.eps` -> `optimizer.args.eps`: the first part before the last that names no node of
-    `candidates`, respelt as the closest node there, the rest kept (under a free-form map any rest goes)."""
-    import difflib
-
-    parts = key.split(".")
-    nodes = {c.rsplit(".", i)[0] for c in candidates for i in range(c.count(".") + 1)}
-    for i in range(len(parts) - 1):
-        if ".".join(parts[:i + 1]) in nodes:
-            continue
-        parent = ".".join(parts[:i])
-        children = [n.rpartition(".")[2] for n in nodes if n.count(".") == i and n.rpartition(".")[0] == parent]
-        fixed = [".".join([*parts[:i], near, *parts[i + 1:]]) for near in
-                 difflib.get_close_matches(parts[i], children, n=3, cutoff=0.6)]
-        return [f for f in fixed if f in candidates or (_is_free_form(f) and f not in FREE_FORM)]
-    return []
-
-
-def closest_keys(key: str, candidates: list[str] | None = None, n: int = 3) -> list[str]:
-    """The settings a misspelt `key` meant: with a misspelt node, the same key under the closest node
-    (`optimizer.arg.eps` -> `optimizer.args.eps`); kohya's name of a setting (`network.dim` -> `network.rank`);
-    else the settings spelt most like it (difflib), its siblings first (`noise.ofset` -> `noise.offset`), then any
-    setting (`noise.huber_c` -> `loss.huber_c`). Internal settings are never suggested."""
-    import difflib
-
-    candidates = [c for c in (candidates if candidates is not None else schema_keys()) if c not in INTERNAL]
-    kohya = kohya_name(key)
-    exact = _respelt(key, candidates) + ([kohya] if kohya in candidates and kohya != key else [])
-    if exact:
-        return list(dict.fromkeys(exact))[:n]
-    parent, _, leaf = key.rpartition(".")
-    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == parent}
-    near = [siblings[s] for s in difflib.get_close_matches(leaf, list(siblings), n=n, cutoff=0.6)]
-    near += difflib.get_close_matches(key, candidates, n=n, cutoff=0.75)
-    return list(dict.fromkeys(near))[:n]
-
-
-def unknown_key_message(key: str, *, added: bool = False, known: list[str] | None = None) -> str:
-    """One paragraph for a key the schema lacks: the closest real settings, else the settings of its group.
-    `added`: it came in with `+`, which Hydra accepts, so say that nothing would read it. `known`: the dotted keys
-    of the node the key was looked up in, for a key outside the schema (`hydra.launcher.cpu_slot`: the active
-    launcher's settings)."""
-    added_text = f": '+{key}=...' adds it, but nothing reads it, so the run would train without it" if added else ""
-    keys = public_keys() if known is None else known
-    if known is None and "." not in key:  # `nosie=offset`: a config group or a node of settings was meant
-        import difflib
-
-        groups, nodes = config_groups(), sorted({k.split(".")[0] for k in keys} - set(config_groups()))
-        near = [kohya_name(key)] if kohya_name(key) else difflib.get_close_matches(key, groups + nodes, n=2, cutoff=0.6)
-        return (f"{key} is neither a config group nor a setting{added_text}."
-                + (f" Did you mean {' or '.join(near)}?" if near else "")
-                + f" The config groups (group=option) are: {', '.join(groups)}; other settings are under "
-                  f"{', '.join(nodes)}.")
-    parent = key.split(".", 1)[0] if known is None else key.rpartition(".")[0]
-    near = closest_keys(key, keys)
-    text = f"{key} is not a setting{added_text}." + (f" Did you mean {' or '.join(near)}?" if near else "")
-    group = dict.fromkeys(k[len(parent) + 1:].split(".")[0] for k in keys if k.startswith(parent + "."))
-    return text + (f" The {parent} settings are: {', '.join(group)}." if group else "")

@@ -118,8 +118,8 @@ def test_every_launcher_composes_with_the_projects_config(launcher):
 def test_a_key_added_with_plus_is_a_problem_naming_the_closest_real_key():
     """`+noise.ofset=0.1` composes (Hydra adds any key with '+') and nothing reads it: refused, with noise.offset;
     keys under optimizer.args (kohya's --optimizer_args) are free-form and checked against the optimizer instead."""
+    from lora_sweep.checks.keys import unknown_keys
     from lora_sweep.checks.validate import config_problems
-    from lora_sweep.config import unknown_keys
 
     cfg = compose_config("+noise.ofset=0.1", "+optimizer.args.amsgrad=true", "+train.unet_lr=0.5")
     assert unknown_keys(cfg) == ["noise.ofset", "train.unet_lr"]
@@ -188,7 +188,7 @@ def test_every_value_of_the_wrong_type_is_reported_at_once_in_hydras_words():
 
 
 def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option():
-    from lora_sweep.errors import hydra_error_text
+    from lora_sweep.checks.command_line import hydra_error_text
 
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("noise=ofset")
@@ -218,7 +218,7 @@ def test_the_readme_variant_at_demo_scale_keeps_its_knobs_and_changes_only_the_s
 
 
 def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
-    from lora_sweep.errors import hydra_error_text
+    from lora_sweep.checks.command_line import hydra_error_text
 
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nnoise:\n  ofset: 0.1\n")
@@ -240,7 +240,7 @@ def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
 def test_kohyas_flag_names_find_our_settings(argv, suggestion):
     """TESTER_A item 13: `network.dim=8` got no "Did you mean network.rank?"."""
     from lora_sweep.checks.command_line import command_line_problems
-    from lora_sweep.config import KOHYA_NAMES, schema_keys
+    from lora_sweep.checks.keys import KOHYA_NAMES, schema_keys
 
     assert set(KOHYA_NAMES.values()) <= set(schema_keys())
     (problem,) = command_line_problems(argv)
@@ -269,8 +269,8 @@ def test_a_misspelt_launcher_setting_names_the_active_launchers_settings():
     from hydra import compose, initialize_config_dir
 
     from hydra_plugins.gpu_queue_launcher.config import GpuQueueLauncherConf
+    from lora_sweep.checks.command_line import hydra_error_text
     from lora_sweep.config import register_configs
-    from lora_sweep.errors import hydra_error_text
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):

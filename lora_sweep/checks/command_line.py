@@ -6,6 +6,9 @@ the schema lacks it advises adding it with '+', which would train without it. He
 own: keys against the schema (with the closest real keys), `group=option` against the options Hydra's config loader
 lists for the group (also each option of a sweep `noise=a,b` or a list `loss=[a,b]`), and values against the schema's
 types. What needs the composed config (ranges, combinations, files) is the pre-flight's.
+
+What escapes to Hydra anyway (a bad override, an unknown group option, a value of the wrong type) is turned into one
+paragraph by `hydra_error_text`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep.checks.groups import group_options, missing_option_message
-from lora_sweep.config import Config, _is_free_form, config_groups, schema_keys, unknown_key_message
+from lora_sweep.checks.keys import config_groups, is_free_form, schema_keys, unknown_key_message
+from lora_sweep.config import Config, flatten
 
 _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
 
@@ -77,7 +81,7 @@ def command_line_problems(argv: list[str]) -> list[str]:
         key = override.key_or_group
         if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
             continue
-        if key.startswith("hydra") or _is_free_form(key):
+        if key.startswith("hydra") or is_free_form(key):
             continue
         if "/" in key or key in groups:
             if check_options:
@@ -102,3 +106,63 @@ def _group_problems(group: str, values: list[Any]) -> list[str]:
         return []  # not a group Hydra knows (`hydra/...` plugins load later): Hydra's own error says so
     return [missing_option_message(group, name, options)
             for value in values for name in _option_names(value) if name not in options]
+
+
+def hydra_error_text(error: BaseException) -> str:
+    """A Hydra composition error (a bad override, an unknown group option, a value of the wrong type) as one
+    paragraph: Hydra's message and its OmegaConf cause, as Hydra prints them for a single run, without the config
+    search path and OmegaConf's `full_key:`/`reference_type=` lines; a group's available options on one line with
+    the closest one (`noise=ofset` -> "Did you mean noise=offset?"); for a key the schema lacks, the closest real
+    settings instead of Hydra's advice to add it with '+' (which would train without it)."""
+    import difflib
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = error.__cause__
+    missing = re.match(r"Could not override '([^']+)'", str(error))
+    if missing and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        if missing[1].startswith("hydra.") and getattr(cause, "parent_node", None) is not None:
+            return unknown_key_message(missing[1], known=_node_keys(cause))  # the active launcher's, and so on
+        if not is_free_form(missing[1]):
+            return unknown_key_message(missing[1])
+    text = str(error) + ("\n" + str(cause) if isinstance(cause, OmegaConfBaseException) else "")
+    override = getattr(error, "override", None)  # OverrideParseException: a syntax error in one override
+    if isinstance(override, str) and override not in text:
+        text = f"Error parsing override '{override}':\n{text}"
+    lines, options, available = [], None, {}
+    for line in text.splitlines():
+        if line.startswith("Config search path"):
+            break
+        if re.match(r"\s+(full_key|reference_type|object_type|key|value_type|parent_node)\b", line) or not line.strip():
+            continue
+        heading = re.match(r"Available options in '([^']+)':$", line)
+        if heading:
+            options = (heading[1], available.setdefault(heading[1], []))
+            lines.append(line)
+        elif options is not None and line.startswith(("\t", " ")):
+            options[1].append(line.strip())
+            lines[-1] = f"Available options in '{options[0]}': {', '.join(options[1])}"
+        else:
+            options = None
+            lines.append(line.strip())
+    paragraph = " ".join(line if line.endswith((".", ":", "?")) else line + "." for line in lines)
+    unknown = re.search(r"Key '[^']+' not in '\w+'\s+full_key: (\S+)", text)  # a config file's misspelt key
+    if unknown:
+        paragraph += "" if is_free_form(unknown[1]) else " " + unknown_key_message(unknown[1])
+    wanted = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if wanted and available.get(wanted[1]):
+        near = difflib.get_close_matches(wanted[2], available[wanted[1]], n=2, cutoff=0.5)
+        paragraph += f" Did you mean {' or '.join(f'{wanted[1]}={o}' for o in near)}?" if near else ""
+    return paragraph
+
+
+def _node_keys(cause) -> list[str]:
+    """The dotted keys of the node an OmegaConf key error looked the missing key up in (`hydra.launcher`: the active
+    launcher's settings), without the `_target_`-like private ones."""
+    from omegaconf import OmegaConf
+
+    parent = str(getattr(cause, "full_key", "") or "").rpartition(".")[0]
+    tree = OmegaConf.to_container(cause.parent_node, resolve=False)
+    keys = flatten(tree) if isinstance(tree, dict) else {}
+    return [f"{parent}.{k}" if parent else k for k in keys if not k.startswith("_")]

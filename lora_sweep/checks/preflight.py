@@ -331,7 +331,7 @@ def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lora_sweep.errors import hydra_error_text
+    from lora_sweep.checks.command_line import hydra_error_text
 
     sweeper = config.hydra.sweeper
     if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):

@@ -232,7 +232,7 @@ def list_option_conflicts(cfg) -> list[str]:
 def config_problems(cfg) -> list[str]:
     """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid. A key the schema
     lacks (`+noise.ofset=0.1`: Hydra adds it, nothing reads it) is a problem too, with the closest real keys."""
-    from lora_sweep.config import unknown_key_message, unknown_keys
+    from lora_sweep.checks.keys import unknown_key_message, unknown_keys
 
     keys = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
     problems = [unknown_key_message(key, added=True) for key in keys]
