@@ -24,12 +24,37 @@ CONNECT_TIMEOUT_S = 5.0  # a reachable MLflow server answers a TCP connection we
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "file", "")
 
 
+def check_writable(path: Path, what: str) -> Path:
+    """Create `path` if needed and prove a file can be written there; a UserError naming `what` and the path if not."""
+    path = Path(path).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lora-sweep-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"{what}: cannot write to '{path}' ({exc.strerror or exc}). Make the folder writable, or point {what} at "
+            "a folder on a disk with space (nothing was trained)."
+        ) from exc
+    return path
+
+
+def sqlite_store_folder(uri: str) -> Path | None:
+    """The folder holding a local MLflow store (sqlite file or file store), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
+    if "://" not in uri:
+        return Path(uri).expanduser().resolve()
+    return None
+
+
 def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
     """Every folder a job will write to that could not be created or written, and every problem of its MLflow
     store, all of them (not the first only)."""
     from lora_sweep import tracking
-    from lora_sweep.training.failures import sqlite_store_folder
-
     folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
                ("train.state_dir", state_root(cfg)),
                ("data.cache_dir", cache_root(cfg))]
@@ -97,7 +122,7 @@ def store_problems(uri: str) -> list[str]:
 def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
     """Every folder this job writes, proven writable (created if needed) and with free space, at the start of the
     job, before the model loads; returns the state root. Raises UserError naming the setting and the path."""
-    from lora_sweep.training.failures import check_free_space, check_writable, sqlite_store_folder
+    from lora_sweep.training.failures import check_free_space
     check_writable(output_dir, "train.output_dir")
     root = check_writable(state_root(cfg), "train.state_dir")
     check_writable(cache_root(cfg), "data.cache_dir")

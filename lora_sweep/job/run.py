@@ -35,6 +35,7 @@ from typing import Any
 from lora_sweep import tracking
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
+from lora_sweep.checks.folders import check_writable
 from lora_sweep.checks.validate import validate
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
@@ -52,7 +53,6 @@ from lora_sweep.training.checkpoint import (
     run_folder,
 )
 from lora_sweep.training.failures import (
-    check_writable,
     failure_reason,
     is_out_of_memory,
     raise_setup_fault,

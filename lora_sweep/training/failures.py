@@ -1,8 +1,8 @@
-"""Failing early and clearly: writable folders and free space before training, and messages a user can act on.
+"""Failing early and clearly: free space before training, and messages a user can act on.
 
-A sweep of a dozen hours-long runs must not find out at step 4000 that its output folder is read-only or its disk
-is full, and an out-of-memory error should say which knobs lower memory. Everything here is checked before the
-model loads (paths, writability) or right after the LoRA exists (free space against its real size).
+A sweep of a dozen hours-long runs must not find out at step 4000 that its disk is full, and an out-of-memory error
+should say which knobs lower memory. Free space is checked right after the LoRA exists (against its real size);
+writable folders before the model loads (lora_sweep/checks/folders.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import errno
 import os
 import re
 import shutil
-import tempfile
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,33 +26,6 @@ HEADROOM_BYTES = 16 * 2**20
 FAULT_SPEC = re.compile(r"(nan_loss|inf_grad|oom)@([1-9]\d*)(\+?)|(setup_error|setup_crash)")
 FAULT_CHOICES = "nan_loss@STEP, inf_grad@STEP, oom@STEP (STEP >= 1; STEP+ for every step from STEP on), setup_error, " \
                 "setup_crash"
-
-
-def check_writable(path: Path, what: str) -> Path:
-    """Create `path` if needed and prove a file can be written there; a UserError naming `what` and the path if not."""
-    path = Path(path).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".lora-sweep-write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(
-            f"{what}: cannot write to '{path}' ({exc.strerror or exc}). Make the folder writable, or point {what} at "
-            "a folder on a disk with space (nothing was trained)."
-        ) from exc
-    return path
-
-
-def sqlite_store_folder(uri: str) -> Path | None:
-    """The folder holding a local MLflow store (sqlite file or file store), None for a server."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-    if uri.startswith("file:"):
-        return Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
-    if "://" not in uri:
-        return Path(uri).expanduser().resolve()
-    return None
 
 
 def check_free_space(needs: Mapping[Path, tuple[str, int]]) -> None:
