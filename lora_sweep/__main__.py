@@ -173,7 +173,7 @@ def _clean_finished_states(root: Path, uri: str | None) -> int:
 
 
 def _cache(args) -> int:
-    from lora_sweep.data.cache import default_cache_dir
+    from lora_sweep.paths import default_cache_dir
 
     if (args.finished_states or args.tracking_uri) and (args.action != "clean" or args.states):
         print("error: --finished-states (with its --tracking-uri) goes with `cache clean` alone, not with info or "

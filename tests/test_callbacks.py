@@ -125,7 +125,7 @@ def test_compare_takes_the_newest_sweep_with_runs_including_the_ones_its_skipped
     a rerun whose jobs were all skipped shows the runs they matched, in its own job order."""
     import time
 
-    from lora_sweep.compare.report import find_runs
+    from lora_sweep.compare.runs import find_runs
 
     exp, first = make_sweep(client, tmp_path, "select")
     runs = [child(client, exp, first, f"j{i}", "FINISHED") for i in range(2)]

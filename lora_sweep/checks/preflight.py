@@ -41,7 +41,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from lora_sweep.checks.folders import check_job_folders, folder_problems  # noqa: F401  (re-exported)
+from lora_sweep.checks.folders import folder_problems
 from lora_sweep.checks.validate import list_option_conflicts
 from lora_sweep.errors import ConfigError, Fallback, UserError
 from lora_sweep.paths import cache_root

@@ -18,23 +18,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_sweep.compare.runs import (  # noqa: F401  (re-exported: the report's public names)
+from lora_sweep.compare.runs import (
     DEFAULT_EXPERIMENT,
-    IMAGE_ARTIFACT,
     PARENT_TAG,
-    ROLE_TAG,
-    VARIANT_TAG,
     LoggedImage,
     column_titles,
     download_image,
     find_runs,
     logged_images,
-    parse_image_artifact,
-    read_points,
     read_run,
-    reused_runs,
-    sweep_runs,
-    variant_names,
 )
 from lora_sweep.errors import UserError
 

@@ -13,30 +13,24 @@ import dataclasses
 import html
 from collections.abc import Sequence
 
-from lora_sweep.compare.cells import (  # noqa: F401  (re-exported: the report's public names)
+from lora_sweep.compare.cells import (
     CLIPPED_MARK,
     EVAL_NOISE_MARK,
     effect_text,
     estimate_text,
-    format_number,
     row_decimals,
-    signed,
     start_text,
 )
-from lora_sweep.compare.figures import (  # noqa: F401  (re-exported: the report's public names)
-    CELL_MAX_PX,
+from lora_sweep.compare.figures import (
     CURVE_GROUPS,
-    GRID_CELL_MAX_PX,
     cell_data_uri,
-    curve_figure,
-    ema,
     labelled_grid_png,
     png_data_uri,
 )
 from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
 from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
-from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text  # noqa: F401
+from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text
 
 
 @dataclasses.dataclass

@@ -28,18 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_sweep import atomic
-from lora_sweep.data.cache_keys import (  # noqa: F401  (re-exported: the public API)
+from lora_sweep.data.cache_keys import (
     CACHE_FORMAT,
-    RESAMPLE,
-    cache_key,
     file_sha256,
-    latent_cache_key,
     model_identity,
-    posterior_seed,
-    text_cache_key,
 )
 from lora_sweep.errors import UserError
-from lora_sweep.paths import default_cache_dir  # noqa: F401  (re-exported: the public API)
+from lora_sweep.paths import default_cache_dir
 
 try:
     import fcntl

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_sweep.data.captions import caption_path, read_caption
-from lora_sweep.data.images import load_rgb, probe_image  # noqa: F401  (load_rgb: re-exported, the public API)
+from lora_sweep.data.images import probe_image
 from lora_sweep.errors import Fallback, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")

@@ -17,10 +17,13 @@ from PIL import ImageOps
 
 from lora_sweep.data import buckets
 from lora_sweep.data import cache as cache_lib
-from lora_sweep.data.buckets import bucket_settings  # noqa: F401  (re-exported: the public API)
-from lora_sweep.data.dataset import FolderScan, ImageItem, load_rgb
+from lora_sweep.data.buckets import bucket_settings
+from lora_sweep.data.cache_keys import latent_cache_key, posterior_seed, text_cache_key
+from lora_sweep.data.dataset import FolderScan, ImageItem
+from lora_sweep.data.images import load_rgb
 from lora_sweep.errors import UserError
 from lora_sweep.model.encode import encode_images, encode_prompts
+from lora_sweep.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     from `scan.items` to `scan.skipped` (so the run's data.images / data.skipped_images count it) and never
     cached. Raises UserError when no image is left.
     """
-    store = cache_lib.TensorCache(Path(data_cfg.cache_dir or cache_lib.default_cache_dir()))
+    store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
     settings = bucket_settings(data_cfg)
     vae_id = store.model_identity(parts.source, "vae")
     text_id = store.model_identity(parts.source, "text") if encode_text else ""
@@ -102,7 +105,7 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
     image_sha = store.file_sha256(item.path)
     latents = {}
     for flipped in ([False, True] if data_cfg.flip_aug else [False]):
-        key = cache_lib.latent_cache_key(
+        key = latent_cache_key(
             vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
             crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
         )
@@ -111,7 +114,7 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
         latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
     context = pooled = None
     if encode_text:
-        key = cache_lib.text_cache_key(text_encoders=text_id, caption=item.caption)
+        key = text_cache_key(text_encoders=text_id, caption=item.caption)
         text = store.get_or_compute("text", key, lambda c=item.caption: _encode_caption(parts, c),
                                     {"source": str(item.path), "caption": item.caption})
         context, pooled = text["context"], text["pooled"]
@@ -138,7 +141,7 @@ def _encode_latents(parts, item: ImageItem, bucket, resized, flipped: bool, key:
     cropped, _ = buckets.resize_and_center_crop(image, bucket, resized)
     if flipped:
         cropped = ImageOps.mirror(cropped)
-    generator = torch.Generator(device="cpu").manual_seed(cache_lib.posterior_seed(key))
+    generator = torch.Generator(device="cpu").manual_seed(posterior_seed(key))
     pixels = _pixels(cropped).unsqueeze(0).to(device, torch.float32)
     out = encode_images(parts.vae, pixels, sample=mode == "sample", generator=generator)
     return {"latents": out[0].float().cpu()}

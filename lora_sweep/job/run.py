@@ -35,11 +35,11 @@ from typing import Any
 from lora_sweep import tracking
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
-from lora_sweep.checks.folders import check_writable
+from lora_sweep.checks.folders import check_job_folders, check_writable
 from lora_sweep.checks.validate import validate
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.finished import dataset_of, finished_match, skip_key
 from lora_sweep.job.names import read_swept_keys, run_label
 from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, write_outcome
@@ -54,7 +54,6 @@ from lora_sweep.training.checkpoint import (
 )
 from lora_sweep.training.failures import (
     failure_reason,
-    is_out_of_memory,
     raise_setup_fault,
 )
 
@@ -155,7 +154,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     uri = tracking.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri
     tracking.check_store_uri(uri)
-    state_root = preflight_lib.check_job_folders(cfg, output_dir, uri)
+    state_root = check_job_folders(cfg, output_dir, uri)
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
     found.update(client=client, exp_id=exp_id)

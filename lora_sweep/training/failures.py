@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from lora_sweep.errors import SamplingOutOfMemory, UserError, is_out_of_memory  # noqa: F401  (re-exported)
+from lora_sweep.errors import SamplingOutOfMemory, UserError, is_out_of_memory
 
 # Optimizer state tensors per LoRA parameter, roughly (8-bit states are a quarter of fp32 ones).
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,

@@ -102,7 +102,7 @@ def with_history(name: str, seed: int, history, **params: str) -> VariantData:
 
 
 def test_a_run_whose_fit_loss_did_not_decrease_says_why_it_has_no_steps_to_half():
-    from lora_sweep.compare.report_html import effect_text, estimate_text
+    from lora_sweep.compare.cells import effect_text, estimate_text
 
     rising = [(0, 1.0), (4, 1.1), (8, 1.2)]
     ga, gb = groups_of(make_run("v57", 1, 0.2), with_history("v59", 1, rising, **{"loss.huber_c": "0.08"}))

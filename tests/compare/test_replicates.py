@@ -13,8 +13,8 @@ from html.parser import HTMLParser
 import pytest
 from conftest import ROOT
 
+from lora_sweep.compare.cells import effect_text, estimate_text, row_decimals
 from lora_sweep.compare.report import build_report, main
-from lora_sweep.compare.report_html import effect_text, estimate_text, row_decimals
 
 pytestmark = pytest.mark.slow
 

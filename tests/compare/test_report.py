@@ -17,8 +17,10 @@ import pytest
 from conftest import GridCells
 from PIL import Image
 
-from lora_sweep.compare.report import build_report, choose_step, main, parse_image_artifact
-from lora_sweep.compare.report_html import delta_text, ema
+from lora_sweep.compare.figures import ema
+from lora_sweep.compare.report import build_report, choose_step, main
+from lora_sweep.compare.report_html import delta_text
+from lora_sweep.compare.runs import parse_image_artifact
 from lora_sweep.errors import UserError
 from lora_sweep.sampling.images import log_samples
 from lora_sweep.sampling.metrics import mean_metrics

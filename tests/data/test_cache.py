@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_sweep import paths
 from lora_sweep.data import cache as cache_lib
-from lora_sweep.data.cache import TensorCache, cache_key, latent_cache_key, text_cache_key
+from lora_sweep.data import cache_keys
+from lora_sweep.data.cache import TensorCache
+from lora_sweep.data.cache_keys import cache_key, latent_cache_key, text_cache_key
 from lora_sweep.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +30,11 @@ LATENT_FIELDS = dict(vae="v" * 64, image_sha256="i" * 64, bucket=(832, 1216), re
 def test_default_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_SWEEP_CACHE_DIR", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_lib.default_cache_dir() == tmp_path / "a"
+    assert paths.default_cache_dir() == tmp_path / "a"
     monkeypatch.setenv("LORA_SWEEP_CACHE_DIR", "")
-    assert cache_lib.default_cache_dir() == tmp_path / "xdg" / "lora-sweep"
+    assert paths.default_cache_dir() == tmp_path / "xdg" / "lora-sweep"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert cache_lib.default_cache_dir() == Path.home() / ".cache" / "lora-sweep"
+    assert paths.default_cache_dir() == Path.home() / ".cache" / "lora-sweep"
 
 
 def test_cache_key_is_canonical_and_content_only():
@@ -63,13 +66,13 @@ def test_file_sha256_and_memo(tmp_path):
     f = tmp_path / "img.png"
     f.write_bytes(b"abc" * 1000)
     memo = tmp_path / "memo"
-    assert cache_lib.file_sha256(f, memo_dir=memo) and not memo.exists()  # just written: never memoized
+    assert cache_keys.file_sha256(f, memo_dir=memo) and not memo.exists()  # just written: never memoized
     os.utime(f, (time.time() - 60, time.time() - 60))
-    assert cache_lib.file_sha256(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
-    assert cache_lib.file_sha256(f, memo_dir=memo) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert cache_keys.file_sha256(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert cache_keys.file_sha256(f, memo_dir=memo) == hashlib.sha256(b"abc" * 1000).hexdigest()
     assert any(memo.rglob("*.json"))
     f.write_bytes(b"abd" * 1001)  # edited: size and mtime change, the memo does not apply
-    assert cache_lib.file_sha256(f, memo_dir=memo) == hashlib.sha256(b"abd" * 1001).hexdigest()
+    assert cache_keys.file_sha256(f, memo_dir=memo) == hashlib.sha256(b"abd" * 1001).hexdigest()
 
 
 def _diffusers_folder(root: Path) -> Path:
@@ -89,21 +92,21 @@ def test_model_identity_of_diffusers_folder_by_component(tmp_path):
     for f in model.rglob("*"):
         os.utime(f, (time.time() - 60, time.time() - 60))
     memo = tmp_path / "memo"
-    vae, text = cache_lib.model_identity(model, "vae"), cache_lib.model_identity(model, "text", memo_dir=memo)
+    vae, text = cache_keys.model_identity(model, "vae"), cache_keys.model_identity(model, "text", memo_dir=memo)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"other unet")
     (model / ".cache" / "junk").write_text("changed")
-    assert cache_lib.model_identity(model, "vae") == vae  # the U-Net and hidden files are not part of it
-    assert cache_lib.model_identity(model, "text", memo_dir=memo) == text
+    assert cache_keys.model_identity(model, "vae") == vae  # the U-Net and hidden files are not part of it
+    assert cache_keys.model_identity(model, "text", memo_dir=memo) == text
     (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"fp16-fix vae")  # swap the VAE
-    assert cache_lib.model_identity(model, "vae") != vae
-    assert cache_lib.model_identity(model, "text", memo_dir=memo) == text
+    assert cache_keys.model_identity(model, "vae") != vae
+    assert cache_keys.model_identity(model, "text", memo_dir=memo) == text
     (model / "tokenizer_2" / "vocab.json").write_bytes(b"other vocab")
-    assert cache_lib.model_identity(model, "text", memo_dir=memo) != text
+    assert cache_keys.model_identity(model, "text", memo_dir=memo) != text
     moved = model.rename(tmp_path / "renamed")  # content, not location
-    assert cache_lib.model_identity(moved, "vae") == cache_lib.model_identity(moved, "vae", memo_dir=memo)
+    assert cache_keys.model_identity(moved, "vae") == cache_keys.model_identity(moved, "vae", memo_dir=memo)
     assert any(memo.rglob("*.json"))
     with pytest.raises(UserError, match="does not exist"):
-        cache_lib.model_identity(tmp_path / "missing", "vae")
+        cache_keys.model_identity(tmp_path / "missing", "vae")
 
 
 def test_model_identity_of_single_file_checkpoint(tmp_path):
@@ -115,16 +118,16 @@ def test_model_identity_of_single_file_checkpoint(tmp_path):
         return path
 
     path = checkpoint(1.0, 1.0, 1.0)
-    vae, text = cache_lib.model_identity(path, "vae"), cache_lib.model_identity(path, "text")
+    vae, text = cache_keys.model_identity(path, "vae"), cache_keys.model_identity(path, "text")
     checkpoint(1.0, 2.0, 1.0)  # only the U-Net changed
-    assert cache_lib.model_identity(path, "vae", memo_dir=tmp_path / "m") == vae
-    assert cache_lib.model_identity(path, "text") == text
+    assert cache_keys.model_identity(path, "vae", memo_dir=tmp_path / "m") == vae
+    assert cache_keys.model_identity(path, "text") == text
     checkpoint(3.0, 2.0, 1.0)
-    assert cache_lib.model_identity(path, "vae", memo_dir=tmp_path / "m") != vae
+    assert cache_keys.model_identity(path, "vae", memo_dir=tmp_path / "m") != vae
     standalone = tmp_path / "vae.safetensors"  # a lone VAE file has no prefixes: hashed whole
     save_file({"encoder.w": torch.ones(2)}, str(standalone))
-    assert cache_lib.model_identity(standalone, "vae") == hashlib.sha256(
-        f"file\t{cache_lib.file_sha256(standalone)}".encode()).hexdigest()
+    assert cache_keys.model_identity(standalone, "vae") == hashlib.sha256(
+        f"file\t{cache_keys.file_sha256(standalone)}".encode()).hexdigest()
 
 
 def test_get_or_compute_counts_and_returns_what_is_stored(tmp_path):

@@ -72,7 +72,7 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def image_steps(client: MlflowClient, run_id: str) -> list[int]:
     """The steps of the run's sample images, as the report reads them."""
-    from lora_sweep.compare.report import logged_images
+    from lora_sweep.compare.runs import logged_images
 
     return sorted(step for _, step in logged_images(client, run_id))
 

@@ -145,7 +145,7 @@ def test_grid_layout_is_prompts_by_seeds():
 def test_log_samples_to_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from lora_sweep.compare.report import logged_images
+    from lora_sweep.compare.runs import logged_images
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("s", artifact_location=(tmp_path / "mlruns").as_uri())

@@ -15,13 +15,12 @@ from conftest import compose_config
 from mlflow.tracking import MlflowClient
 
 from lora_sweep import tracking
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.run import run_job
 from lora_sweep.training import checkpoint
 from lora_sweep.training.failures import (
     check_free_space,
     describe_os_error,
-    is_out_of_memory,
     out_of_memory_message,
 )
 
