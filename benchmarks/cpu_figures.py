@@ -173,7 +173,8 @@ class _Clock:
 def tracking_overhead(steps: int, batch_size: int, workdir: Path, flush_every: int | None = None) -> dict:
     """Figure 4: a real `train()` logging to a fresh sqlite MLflow store through lora-sweep's RunLogger; the MLflow
     seconds spent inside the loop (RunLogger.seconds_in_mlflow) over the loop's wall time, plus one-off costs."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking import store as tracking_store
+    from lora_sweep.tracking.logger import RunLogger
     from lora_sweep.training.train import train
 
     overrides = [f"train.max_steps={steps}", f"train.batch_size={batch_size}", "precision=fp32"]
@@ -182,10 +183,10 @@ def tracking_overhead(steps: int, batch_size: int, workdir: Path, flush_every: i
     cfg = compose(*overrides)
     store = Path(tempfile.mkdtemp(prefix="fig4-mlflow-", dir=workdir))
     started = time.perf_counter()
-    client = tracking.client(f"sqlite:///{store / 'mlflow.db'}")
+    client = tracking_store.client(f"sqlite:///{store / 'mlflow.db'}")
     exp_id = client.create_experiment("bench-tracking", artifact_location=(store / "artifacts").as_uri())
-    logger = tracking.RunLogger.start(client, exp_id, name="bench", tags={tracking.ROLE: "job"},
-                                      flush_every=cfg.tracking.flush_every)
+    logger = RunLogger.start(client, exp_id, name="bench", tags={tracking_store.ROLE: "job"},
+                             flush_every=cfg.tracking.flush_every)
     setup_s = time.perf_counter() - started
     sink = _Clock(logger)
     train(cfg, output_dir=workdir / "fig4-out", sink=sink)

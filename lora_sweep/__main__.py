@@ -131,9 +131,9 @@ def finished_run_states(root: Path, uri: str) -> tuple[list[Path], int]:
     """The state folders (`<root>/states/<config hash>/<run id>/`) of runs the MLflow store at `uri` has FINISHED,
     and how many run folders it does not know (kept: another store's runs, or runs whose record is gone). A
     finished run never resumes by itself; only an explicit `train.resume=PATH` would continue from its state."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking import store
 
-    client, finished, unknown = tracking.client(uri), [], 0
+    client, finished, unknown = store.client(uri), [], 0
     for config_folder in _owned(root / "states", _STATES):
         for run_folder in sorted(p for p in config_folder.iterdir() if p.is_dir() and not p.is_symlink()):
             try:
@@ -149,10 +149,10 @@ def finished_run_states(root: Path, uri: str) -> tuple[list[Path], int]:
 def _clean_finished_states(root: Path, uri: str | None) -> int:
     import shutil
 
-    from lora_sweep import tracking
     from lora_sweep.checks.folders import store_problems
+    from lora_sweep.tracking import store
 
-    uri = tracking.tracking_uri(uri)
+    uri = store.tracking_uri(uri)
     problems = store_problems(uri)  # a server that does not answer would hang MLflow's retries for minutes
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         problems.append(f"--tracking-uri: there is no MLflow store at {uri} (the file does not exist), so no run is "

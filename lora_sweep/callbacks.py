@@ -14,7 +14,7 @@ runs (a child still RUNNING now lost its process: it is marked FAILED, or KILLED
 - tags `lora_sweep.jobs_total|finished|failed|skipped|killed|cancelled` (cancelled: never started, as the queue
   does with the jobs still waiting when the sweep is stopped), and `lora_sweep.failure` listing each distinct
   failure reason with the jobs it hit;
-- tag `lora_sweep.job_runs` (`tracking.job_runs_tags`): every job's run, including the FINISHED run of an earlier
+- tag `lora_sweep.job_runs` (`tracking.store.job_runs_tags`): every job's run, including the FINISHED run of an earlier
   sweep that a skipped job matched, so the report of a rerun (and `compare` of the newest sweep) shows them;
 - the comparison report, when a job finished or was skipped as already FINISHED.
 """
@@ -52,28 +52,28 @@ class MlflowSweepCallback(Callback):
             sys.exit(2)
 
     def _start(self, config: DictConfig) -> None:
-        from lora_sweep import tracking
         from lora_sweep.atomic import write_text
         from lora_sweep.checks.preflight import SWEEP_TRACKING
         from lora_sweep.checks.sweep import tracking_target
         from lora_sweep.job.names import swept_keys, write_swept_keys
+        from lora_sweep.tracking import store
 
         sweep_dir = Path(config.hydra.sweep.dir)
         # where the jobs log, as the pre-flight composed them: experiment files may set tracking.experiment, and
         # the parent must be in the same experiment as its children (MLflow nests runs only within one)
         uri, experiment = SWEEP_TRACKING.get(str(sweep_dir)) or tracking_target(config)
-        self.client = tracking.client(uri)
-        exp_id = tracking.experiment_id(self.client, experiment)
-        tracking.close_stale_runs(self.client, exp_id, by=f"the sweep in {sweep_dir}")
+        self.client = store.client(uri)
+        exp_id = store.experiment_id(self.client, experiment)
+        store.close_stale_runs(self.client, exp_id, by=f"the sweep in {sweep_dir}")
         task = list(config.hydra.overrides.task)
         run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags={
-            tracking.ROLE: "sweep", "sweep_dir": str(sweep_dir.resolve()),
-            "overrides": tracking.fit(" ".join(task), tracking.MAX_TAG_CHARS, f"{sweep_dir}/multirun.yaml"),
-            **tracking.process_tags(),
+            store.ROLE: "sweep", "sweep_dir": str(sweep_dir.resolve()),
+            "overrides": store.fit(" ".join(task), store.MAX_TAG_CHARS, f"{sweep_dir}/multirun.yaml"),
+            **store.process_tags(),
         })
         self.run_id = run.info.run_id
         self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, experiment, exp_id
-        write_text(sweep_dir / tracking.PARENT_FILE, self.run_id)
+        write_text(sweep_dir / store.PARENT_FILE, self.run_id)
         try:
             write_swept_keys(sweep_dir, swept_keys(task))
         except Exception as exc:  # names fall back to every override
@@ -97,12 +97,12 @@ class MlflowSweepCallback(Callback):
             log.warning("could not read the sweep's job outcomes: %s", exc)
             summary = {"status": "FAILED", "counts": {}, "failure": f"the sweep's outcome is unknown: {exc}",
                        "any_finished": True}
-        from lora_sweep import tracking
+        from lora_sweep.tracking import store
 
         tags = {f"lora_sweep.jobs_{k}": str(v) for k, v in summary["counts"].items()}
-        tags.update(tracking.job_runs_tags(summary.get("job_runs", {})))
+        tags.update(store.job_runs_tags(summary.get("job_runs", {})))
         if summary["failure"]:
-            tags[tracking.FAILURE] = tracking.fit(summary["failure"], tracking.MAX_TAG_CHARS, "the sweep's console")
+            tags[store.FAILURE] = store.fit(summary["failure"], store.MAX_TAG_CHARS, "the sweep's console")
         try:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
@@ -142,8 +142,8 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
     """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
     (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here
     (FAILED, or KILLED if the sweep stopped)."""
-    from lora_sweep import tracking
     from lora_sweep.job.status import read_outcomes
+    from lora_sweep.tracking import store
 
     outcomes = read_outcomes(sweep_dir)
     queue = _queue_summary(sweep_dir)
@@ -167,13 +167,13 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
         known = states.get(num, {})
         status = "KILLED" if interrupted or known.get("status") in ("KILLED", "CANCELLED") else "FAILED"
         reason = known.get("reason") or "its job process ended without closing the run (killed, or it crashed)"
-        client.set_tag(child.info.run_id, tracking.FAILURE, tracking.fit(reason, tracking.MAX_TAG_CHARS, "the log"))
+        client.set_tag(child.info.run_id, store.FAILURE, store.fit(reason, store.MAX_TAG_CHARS, "the log"))
         client.set_terminated(child.info.run_id, status=status)
         states[num] = {**known, "status": status, "reason": reason, "label": known.get("label") or child.info.run_name}
     for child in children:  # jobs whose own record is missing (another launcher, a lost file): their run says
         if child.info.run_id not in by_run and f"run {child.info.run_id}" not in states:
             states[f"run {child.info.run_id}"] = {"status": child.info.status, "label": child.info.run_name,
-                                                  "reason": child.data.tags.get(tracking.FAILURE, "")}
+                                                  "reason": child.data.tags.get(store.FAILURE, "")}
     counts = {"total": len(states)}
     for name in ("finished", "failed", "skipped", "killed", "cancelled"):
         counts[name] = sum(s.get("status") == name.upper() for s in states.values())

@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lora_sweep import tracking
 from lora_sweep.callbacks import QUEUE_SUMMARY, sweep_summary
 from lora_sweep.job.status import write_outcome
+from lora_sweep.tracking.store import (
+    FAILURE,
+    JOB_RUNS_TAG,
+    MAX_TAG_CHARS,
+    ROLE,
+    experiment_id,
+    job_runs_tags,
+    read_job_runs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +27,8 @@ def client(tmp_path_factory) -> MlflowClient:
 
 
 def make_sweep(client: MlflowClient, tmp_path: Path, name: str) -> tuple[str, str]:
-    exp = tracking.experiment_id(client, name)
-    parent = client.create_run(exp, run_name="sweep", tags={tracking.ROLE: "sweep"}).info.run_id
+    exp = experiment_id(client, name)
+    parent = client.create_run(exp, run_name="sweep", tags={ROLE: "sweep"}).info.run_id
     return exp, parent
 
 
@@ -55,7 +63,7 @@ def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
     assert summary["counts"] == {"total": 5, "finished": 1, "failed": 3, "skipped": 1, "killed": 0, "cancelled": 0}
     assert summary["job_runs"] == {0: done, 1: early, 2: done, 3: orphan}  # job 2 skipped: the run it matched
     run = client.get_run(orphan)
-    assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags[tracking.FAILURE]
+    assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags[FAILURE]
     text = summary["failure"]
     assert text.startswith("3 of 5 jobs failed:")
     assert "- loss.huber_c: must be > 0 (#1 j1)" in text and "(#3 j3)" in text and "disk full (#4 j4)" in text
@@ -93,7 +101,7 @@ def test_without_job_records_the_child_runs_still_count(client, tmp_path):
     exp, parent = make_sweep(client, tmp_path, "bare")
     child(client, exp, parent, "a", "FINISHED")
     failed = child(client, exp, parent, "b", "FAILED")
-    client.set_tag(failed, tracking.FAILURE, "NonFiniteLoss: train/loss is nan")
+    client.set_tag(failed, FAILURE, "NonFiniteLoss: train/loss is nan")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
     assert summary["status"] == "FAILED" and summary["counts"]["failed"] == 1 and summary["counts"]["total"] == 2
     assert "NonFiniteLoss: train/loss is nan" in summary["failure"]
@@ -108,16 +116,16 @@ def test_a_sweep_whose_jobs_were_all_skipped_still_has_results(client, tmp_path)
         write_outcome(tmp_path, i, status="SKIPPED", run_id=run_id, label=f"j{i}", reason="already FINISHED")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["any_finished"] and summary["counts"]["skipped"] == 2
-    assert tracking.read_job_runs(tracking.job_runs_tags(summary["job_runs"])) == {0: done[0], 1: done[1]}
+    assert read_job_runs(job_runs_tags(summary["job_runs"])) == {0: done[0], 1: done[1]}
 
 
 def test_job_runs_tags_stay_within_mlflows_limit_and_read_back_whole():
     runs = {i: f"{i:032x}" for i in range(600)}  # ~22,000 characters: three tags
-    tags = tracking.job_runs_tags(runs)
-    assert len(tags) == 3 and all(len(v) <= tracking.MAX_TAG_CHARS for v in tags.values())
-    assert tags[tracking.JOB_RUNS_TAG].startswith(f"0={runs[0]} 1={runs[1]}")
-    assert tracking.read_job_runs({**tags, "other": "x"}) == runs
-    assert tracking.job_runs_tags({}) == {} and tracking.read_job_runs({}) == {}
+    tags = job_runs_tags(runs)
+    assert len(tags) == 3 and all(len(v) <= MAX_TAG_CHARS for v in tags.values())
+    assert tags[JOB_RUNS_TAG].startswith(f"0={runs[0]} 1={runs[1]}")
+    assert read_job_runs({**tags, "other": "x"}) == runs
+    assert job_runs_tags({}) == {} and read_job_runs({}) == {}
 
 
 def test_compare_takes_the_newest_sweep_with_runs_including_the_ones_its_skipped_jobs_matched(client, tmp_path):
@@ -134,7 +142,7 @@ def test_compare_takes_the_newest_sweep_with_runs_including_the_ones_its_skipped
     assert find_runs(client, experiment="select", sweep_run_id=None)[0].info.run_id == first
     time.sleep(0.01)
     _, rerun = make_sweep(client, tmp_path, "select")
-    for key, value in tracking.job_runs_tags({0: runs[1], 1: runs[0]}).items():  # its job 0 matched j1
+    for key, value in job_runs_tags({0: runs[1], 1: runs[0]}).items():  # its job 0 matched j1
         client.set_tag(rerun, key, value)
     parent, found = find_runs(client, experiment="select", sweep_run_id=None)
     assert parent.info.run_id == rerun and {r.info.run_id for r in found} == set(runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import psutil
 
-from lora_sweep import tracking
+from lora_sweep.tracking import store
 
 
 def test_server_is_http_on_loopback_only(mlflow_server):
@@ -20,10 +20,10 @@ def test_proxied_artifacts_are_not_mistaken_for_a_local_folder(mlflow_server, tm
     """The server's experiments keep artifacts at `mlflow-artifacts:/<id>`; the job's pre-flight must not take that
     for a relative folder (it used to create `./mlflow-artifacts:/1` in the working directory)."""
     monkeypatch.chdir(tmp_path)
-    client = tracking.client(tracking.tracking_uri(mlflow_server.uri))
-    exp_id = tracking.experiment_id(client, "proxied-artifacts")
+    client = store.client(store.tracking_uri(mlflow_server.uri))
+    exp_id = store.experiment_id(client, "proxied-artifacts")
     assert client.get_experiment(exp_id).artifact_location.startswith("mlflow-artifacts:")
-    assert tracking.local_artifact_folder(client, exp_id) is None
+    assert store.local_artifact_folder(client, exp_id) is None
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,7 +17,7 @@ from conftest import ROOT
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from lora_sweep import tracking
+from lora_sweep.tracking.store import FAILURE, PID, ROLE
 
 NEGATIVE = "blurry, lowres/jpeg artifacts, " * 67  # 2,000+ characters, with '/' and spaces
 
@@ -38,7 +38,7 @@ def runs_by_role(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lora-sweep")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    sweeps = [r for r in runs if r.data.tags.get(tracking.ROLE) == "sweep"]
+    sweeps = [r for r in runs if r.data.tags.get(ROLE) == "sweep"]
     return client, sweeps, runs
 
 
@@ -95,12 +95,12 @@ def test_mlflow_agrees_with_the_console(failing_sweep):
     tags = parent.data.tags
     assert [tags[f"lora_sweep.jobs_{k}"] for k in ("total", "finished", "failed", "skipped", "killed")] == \
         ["3", "1", "2", "0", "0"]
-    assert "2 of 3 jobs failed" in tags[tracking.FAILURE] and "set-up failed on purpose" in tags[tracking.FAILURE]
+    assert "2 of 3 jobs failed" in tags[FAILURE] and "set-up failed on purpose" in tags[FAILURE]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     early = children["train.debug_fault=setup_error"]  # failed before its own run existed: still a child run
-    assert early.info.status == "FAILED" and "set-up failed on purpose" in early.data.tags[tracking.FAILURE]
+    assert early.info.status == "FAILED" and "set-up failed on purpose" in early.data.tags[FAILURE]
     nan = children["train.debug_fault=nan_loss@1"]
-    assert nan.info.status == "FAILED" and "train/loss is nan at optimizer step 1" in nan.data.tags[tracking.FAILURE]
+    assert nan.info.status == "FAILED" and "train/loss is nan at optimizer step 1" in nan.data.tags[FAILURE]
     assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # one job finished: a report
 
 
@@ -161,7 +161,7 @@ def test_gpu_slots_on_a_machine_without_cuda_are_refused_not_trained_on_the_cpu(
     assert "torch sees no CUDA device" in out.stdout and "hydra.launcher.gpus=[]" in out.stdout
     assert "Traceback" not in text
     _, _, runs = runs_by_role(tmp_path)
-    jobs_ = [r for r in runs if r.data.tags.get(tracking.ROLE) == "job"]
+    jobs_ = [r for r in runs if r.data.tags.get(ROLE) == "job"]
     assert len(jobs_) == 2 and all(r.info.status == "FAILED" for r in jobs_)
     assert all(r.data.tags.get("lora_sweep.stage") == "set-up" for r in jobs_)  # failed before training
 
@@ -184,9 +184,9 @@ def test_a_sigkilled_sweep_is_marked_killed_by_the_next_one_which_resumes_its_jo
     killed_at = newest_state(tmp_path / "states")
     assert 2 <= killed_at < 12, f"the kill came too late or never (state {killed_at})"
     client, (old_parent,), runs = runs_by_role(tmp_path)
-    (job,) = [r for r in runs if r.data.tags.get(tracking.ROLE) == "job"]
+    (job,) = [r for r in runs if r.data.tags.get(ROLE) == "job"]
     assert old_parent.info.status == "RUNNING" and job.info.status == "RUNNING"  # nobody could close them
-    job_pid = int(job.data.tags[tracking.PID])
+    job_pid = int(job.data.tags[PID])
     deadline = time.monotonic() + 30
     while psutil.pid_exists(job_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -195,14 +195,14 @@ def test_a_sigkilled_sweep_is_marked_killed_by_the_next_one_which_resumes_its_jo
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     old = client.get_run(old_parent.info.run_id)
     assert old.info.status == "KILLED"
-    assert f"process ({old_parent.data.tags[tracking.PID]} on" in old.data.tags[tracking.FAILURE]
-    assert "marked KILLED by the sweep in" in old.data.tags[tracking.FAILURE]
+    assert f"process ({old_parent.data.tags[PID]} on" in old.data.tags[FAILURE]
+    assert "marked KILLED by the sweep in" in old.data.tags[FAILURE]
     _, sweeps, _ = runs_by_role(tmp_path)
     new_parent = next(s for s in sweeps if s.info.run_id != old_parent.info.run_id)
     assert new_parent.info.status == "FINISHED" and new_parent.data.tags["lora_sweep.jobs_finished"] == "1"
     resumed = client.get_run(job.info.run_id)  # the same run went on, under the new sweep
     assert resumed.info.status == "FINISHED" and resumed.data.tags["lora_sweep.resumes"] == "1"
     assert resumed.data.tags["mlflow.parentRunId"] == new_parent.info.run_id
-    assert tracking.FAILURE not in resumed.data.tags
+    assert FAILURE not in resumed.data.tags
     steps = [m.step for m in client.get_metric_history(job.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 13))

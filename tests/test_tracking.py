@@ -9,12 +9,13 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lora_sweep import tracking
 from lora_sweep.errors import UserError
+from lora_sweep.tracking import store
+from lora_sweep.tracking.logger import RunLogger
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store_uri(tmp_path_factory) -> str:
     """One sqlite store for the module (creating one costs seconds); each test uses its own experiment."""
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
@@ -23,38 +24,38 @@ def store(tmp_path_factory) -> str:
 def test_a_file_store_is_one_paragraph_naming_the_uri_and_the_fixes(uri, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(UserError) as err:
-        tracking.client(uri)
+        store.client(uri)
     text = str(err.value)
     assert uri in text and "MLFLOW_ALLOW_FILE_STORE=true" in text and "sqlite" in text and "\n" not in text
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    tracking.check_store_uri(uri)  # allowed: MLflow's own opt-out
+    store.check_store_uri(uri)  # allowed: MLflow's own opt-out
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "maybe")
     with pytest.raises(UserError, match="MLFLOW_ALLOW_FILE_STORE='maybe'"):
-        tracking.check_store_uri(uri)
+        store.check_store_uri(uri)
 
 
-def test_other_stores_pass_the_check(store):
-    for uri in (store, "http://127.0.0.1:5000", "postgresql://u@h/db"):
-        tracking.check_store_uri(uri)
+def test_other_stores_pass_the_check(store_uri):
+    for uri in (store_uri, "http://127.0.0.1:5000", "postgresql://u@h/db"):
+        store.check_store_uri(uri)
 
 
-def test_experiments_are_model_training_ones_and_old_ones_get_tagged(store):
-    client = tracking.client(store)
-    new = tracking.experiment_id(client, "fresh")
-    assert client.get_experiment(new).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+def test_experiments_are_model_training_ones_and_old_ones_get_tagged(store_uri):
+    client = store.client(store_uri)
+    new = store.experiment_id(client, "fresh")
+    assert client.get_experiment(new).tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
     old = client.create_experiment("old")  # made before lora-sweep tagged experiments
-    assert tracking.experiment_id(client, "old") == old
-    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    client.set_experiment_tag(old, tracking.EXPERIMENT_KIND_TAG, "genai_development")  # a user's own choice stays
-    tracking.experiment_id(client, "old")
-    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
-    url = tracking.runs_page_url("http://127.0.0.1:5000/", new)
+    assert store.experiment_id(client, "old") == old
+    assert client.get_experiment(old).tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(old, store.EXPERIMENT_KIND_TAG, "genai_development")  # a user's own choice stays
+    store.experiment_id(client, "old")
+    assert client.get_experiment(old).tags[store.EXPERIMENT_KIND_TAG] == "genai_development"
+    url = store.runs_page_url("http://127.0.0.1:5000/", new)
     assert url == f"http://127.0.0.1:5000/#/experiments/{new}/runs?workflowType=machine_learning"
 
 
-def test_long_params_are_cut_with_a_marker_and_named_in_a_tag(store):
-    client = tracking.client(store)
-    logger = tracking.RunLogger.start(client, tracking.experiment_id(client, "e"), name="r", tags={})
+def test_long_params_are_cut_with_a_marker_and_named_in_a_tag(store_uri):
+    client = store.client(store_uri)
+    logger = RunLogger.start(client, store.experiment_id(client, "e"), name="r", tags={})
     logger.log_params({"sampling.prompts": ["a long prompt " * 40] * 20, "noise.offset": 0.05})
     logger.log_params({"noise.offset": 0.07})  # logged already: kept as first logged, no refused batch
     logger.end("FINISHED")
@@ -71,43 +72,43 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
-    client = MlflowClient(store)
-    exp = tracking.experiment_id(client, "stale")
-    mine = tracking.process_tags()
+def test_runs_left_running_by_a_dead_process_are_marked_killed(store_uri):
+    client = MlflowClient(store_uri)
+    exp = store.experiment_id(client, "stale")
+    mine = store.process_tags()
     alive = client.create_run(exp, run_name="alive", tags=mine).info.run_id
-    dead = client.create_run(exp, run_name="dead", tags={**mine, tracking.PID: str(dead_pid())}).info.run_id
-    reused = client.create_run(exp, run_name="pid reused", tags={**mine, tracking.PID_STARTED: "12.0"}).info.run_id
+    dead = client.create_run(exp, run_name="dead", tags={**mine, store.PID: str(dead_pid())}).info.run_id
+    reused = client.create_run(exp, run_name="pid reused", tags={**mine, store.PID_STARTED: "12.0"}).info.run_id
     elsewhere = client.create_run(exp, run_name="other host", tags={
-        **mine, tracking.HOST: socket.gethostname() + "-elsewhere", tracking.PID: str(dead_pid())}).info.run_id
+        **mine, store.HOST: socket.gethostname() + "-elsewhere", store.PID: str(dead_pid())}).info.run_id
     untagged = client.create_run(exp, run_name="older lora-sweep").info.run_id
 
-    closed = tracking.close_stale_runs(client, exp, by="a test")
+    closed = store.close_stale_runs(client, exp, by="a test")
     assert sorted(closed) == sorted([dead, reused])
     for run_id in (dead, reused):
         run = client.get_run(run_id)
         assert run.info.status == "KILLED"
-        assert "ended without closing the run" in run.data.tags[tracking.FAILURE]
-        assert "marked KILLED by a test" in run.data.tags[tracking.FAILURE]
+        assert "ended without closing the run" in run.data.tags[store.FAILURE]
+        assert "marked KILLED by a test" in run.data.tags[store.FAILURE]
     for run_id in (alive, elsewhere, untagged):
         assert client.get_run(run_id).info.status == "RUNNING"
-    assert tracking.process_alive(int(mine[tracking.PID]), float(mine[tracking.PID_STARTED]))
+    assert store.process_alive(int(mine[store.PID]), float(mine[store.PID_STARTED]))
 
 
-def test_make_ui_prints_the_experiments_runs_page(store):
+def test_make_ui_prints_the_experiments_runs_page(store_uri):
     from lora_sweep.tracking.ui import experiment_page
 
-    client = MlflowClient(store)
+    client = MlflowClient(store_uri)
     exp = client.create_experiment("printed")  # untagged: tagged when the UI starts
-    url = experiment_page(store, "http://127.0.0.1:5000", "printed")
+    url = experiment_page(store_uri, "http://127.0.0.1:5000", "printed")
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
-    assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
-    assert "no experiment 'nope'" in experiment_page(store, "http://127.0.0.1:5000", "nope")
+    assert client.get_experiment(exp).tags[store.EXPERIMENT_KIND_TAG] == store.EXPERIMENT_KIND
+    assert "no experiment 'nope'" in experiment_page(store_uri, "http://127.0.0.1:5000", "nope")
 
 
 @pytest.mark.parametrize("value", ["a" * 5999, "a" * 6000, "a" * 6001, "é" * 9000])
 def test_fit_cuts_with_a_visible_marker(value):
-    from lora_sweep.tracking import fit
+    from lora_sweep.tracking.store import fit
 
     out = fit(value, 6000, "config.yaml")
     assert len(out) <= 6000

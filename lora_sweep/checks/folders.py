@@ -54,11 +54,11 @@ def sqlite_store_folder(uri: str) -> Path | None:
 def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
     """Every folder a job will write to that could not be created or written, and every problem of its MLflow
     store, all of them (not the first only)."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking.store import tracking_uri
     folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
                ("train.state_dir", state_root(cfg)),
                ("data.cache_dir", cache_root(cfg))]
-    uri = tracking.tracking_uri(cfg.tracking.uri)
+    uri = tracking_uri(cfg.tracking.uri)
     problems = store_problems(uri)
     if not problems:
         folders.append((f"tracking.uri ({uri})", sqlite_store_folder(uri)))

@@ -64,9 +64,9 @@ def _listed(labels: list[Any]) -> str:
 
 def tracking_target(cfg) -> tuple[str, str]:
     """(store URI, experiment name) a job logs to (`tracking.uri` resolved as the job resolves it)."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking.store import tracking_uri
 
-    return tracking.tracking_uri(cfg.tracking.uri), str(cfg.tracking.experiment)
+    return tracking_uri(cfg.tracking.uri), str(cfg.tracking.experiment)
 
 
 def mixed_tracking_problem(targets: dict[str, tuple[str, str]]) -> str:

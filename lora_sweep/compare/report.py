@@ -46,9 +46,9 @@ def _quiet_downloads():
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    from lora_sweep import tracking
+    from lora_sweep.tracking import store
 
-    return tracking.tracking_uri(tracking_uri)
+    return store.tracking_uri(tracking_uri)
 
 
 

@@ -75,7 +75,7 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None, all_s
     its job runs. `all_sweeps`: every job run of the experiment, whichever sweep ran it (no parent): variants that
     needed a sweep of their own (other GPUs or time limits) compared together, replicates of one config from
     different sweeps grouped as usual."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking.store import read_job_runs
 
     if sweep_run_id:
         try:
@@ -99,7 +99,7 @@ def find_runs(client, *, experiment: str | None, sweep_run_id: str | None, all_s
         parent = sweeps[0] if sweeps else None
         for sweep in sweeps:
             if client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}'", max_results=1) \
-                    or tracking.read_job_runs(sweep.data.tags):
+                    or read_job_runs(sweep.data.tags):
                 parent = sweep
                 break
     if parent is None:
@@ -134,11 +134,11 @@ def reused_runs(client, parent, children: set[str]) -> list:
     and runs its jobs ran that did not finish but that the children search misses (an earlier sweep's run a job
     resumed, a run in another experiment): the report names those as not finished. Each takes this sweep's job
     number (`lora_sweep.job_num`), so the report orders it as this sweep's job."""
-    from lora_sweep import tracking
     from lora_sweep.compare.variants import JOB_NUM_TAG
+    from lora_sweep.tracking.store import read_job_runs
 
     found = []
-    for num, run_id in sorted(tracking.read_job_runs(parent.data.tags).items()):
+    for num, run_id in sorted(read_job_runs(parent.data.tags).items()):
         if run_id in children:
             continue
         try:

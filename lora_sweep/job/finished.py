@@ -38,9 +38,9 @@ def finished_match(client, exp_id: str, chash: str, key: str, fingerprint: Finge
                    label: str) -> tuple[str, str] | None:
     """(run id, skip line) of a FINISHED run with this config and skip key; else None, saying why a FINISHED run of
     the same config does not count."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking.store import finished_runs
 
-    runs = tracking.finished_runs(client, exp_id, chash)
+    runs = finished_runs(client, exp_id, chash)
     for run in runs:
         if run.data.tags.get("lora_sweep.skip_key") == key:
             line = (f"config {chash} with {fingerprint.describe()} already FINISHED as run {run.info.run_id} "

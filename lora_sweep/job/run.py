@@ -5,7 +5,7 @@ Knows MLflow and the queue's status-file protocol; knows nothing of launchers. E
 MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly, with a state), FAILED
 (with the reason as the `lora_sweep.failure` tag: NaN, out of memory, disk, ...). A run is never marked FINISHED
 without its LoRA files; only a SIGKILL leaves it RUNNING, until a later sweep or run on the same host sees its
-process gone and marks it KILLED (`tracking.close_stale_runs`), and the next run of its config continues it from its
+process gone and marks it KILLED (`store.close_stale_runs`), and the next run of its config continues it from its
 newest state (if it saved one). A job of a sweep that fails before its run exists (a set-up failure) still gets a
 FAILED child run carrying the reason; every job of a sweep records its outcome in the sweep folder for the parent run.
 
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_sweep import tracking
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.folders import check_job_folders, check_writable
@@ -44,6 +43,8 @@ from lora_sweep.job.finished import dataset_of, finished_match, skip_key
 from lora_sweep.job.names import read_swept_keys, run_label
 from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, write_outcome
 from lora_sweep.paths import make_paths_absolute
+from lora_sweep.tracking import store
+from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.training.checkpoint import (
     ConfigLock,
     find_resumable,
@@ -151,18 +152,18 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     device = check_device(cfg)  # a GPU slot where torch sees no GPU: refused; elsewhere said and logged
     checked.fallbacks += [device] if device is not None else []
     preflight_lib.announce(checked.fallbacks)
-    uri = tracking.tracking_uri(cfg.tracking.uri)
+    uri = store.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri
-    tracking.check_store_uri(uri)
+    store.check_store_uri(uri)
     state_root = check_job_folders(cfg, output_dir, uri)
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
+    client = store.client(uri)
+    exp_id = store.experiment_id(client, cfg.tracking.experiment)
     found.update(client=client, exp_id=exp_id)
-    artifacts = tracking.local_artifact_folder(client, exp_id)
+    artifacts = store.local_artifact_folder(client, exp_id)
     if artifacts is not None:
         check_writable(artifacts, "tracking.uri (artifact folder)")
     if sweep_dir is None:  # a sweep's callback does this once for all its jobs
-        tracking.close_stale_runs(client, exp_id, by="a new run of lora-sweep")
+        store.close_stale_runs(client, exp_id, by="a new run of lora-sweep")
     chash = config_hash(cfg)
     found["chash"] = chash
     lock = ConfigLock(state_root / chash)
@@ -208,10 +209,10 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     if resume_from:
         tags["lora_sweep.resumed_from"] = str(resume_from)
     if ready.continued_run:
-        logger = tracking.RunLogger.reopen(client, ready.continued_run, tags=tags,
+        logger = RunLogger.reopen(client, ready.continued_run, tags=tags,
                                            flush_every=cfg.tracking.flush_every, pending_file=pending)
     else:
-        logger = tracking.RunLogger.start(client, ready.exp_id, name=label, tags=tags,
+        logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags,
                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
     outcome, sink = JobOutcome("FAILED", logger.run_id), None
     checked = ready.checked or preflight_lib.Report()
@@ -257,7 +258,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     return outcome
 
 
-def log_fallbacks(logger: tracking.RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
+def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
     """The pre-flight's warnings on the run, `data/warnings.txt` (each with every path it concerns), rewritten when
     training finds another (an image that fails to decode); `data.warnings` (how many) is logged once as the run
     ends. A sweep's report can show what trained on something other than asked."""
@@ -267,18 +268,18 @@ def log_fallbacks(logger: tracking.RunLogger, checked: preflight_lib.Report, out
 
 def _run_tags(cfg, label: str, chash: str, output_dir: Path, sweep_dir: Path | None,
               overrides: list[str] | None) -> dict[str, str]:
-    tags = {tracking.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
+    tags = {store.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir),
-            "lora_sweep.overrides": tracking.fit(" ".join(overrides or []), tracking.MAX_TAG_CHARS,
+            "lora_sweep.overrides": store.fit(" ".join(overrides or []), store.MAX_TAG_CHARS,
                                                  "the run's config.yaml"),
-            **tracking.process_tags()}
+            **store.process_tags()}
     parent = _parent_run_id(sweep_dir)
     if parent:
         tags["mlflow.parentRunId"] = parent  # a continued run moves to the sweep that continues it
     return tags
 
 
-def _log_config(cfg, logger: tracking.RunLogger, output_dir: Path) -> None:
+def _log_config(cfg, logger: RunLogger, output_dir: Path) -> None:
     """The whole resolved config as the run's `config.yaml` (params hold it too, but cut at MLflow's limits)."""
     from omegaconf import OmegaConf
 
@@ -314,15 +315,15 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
                        overrides: list[str] | None, found: dict[str, Any]) -> str | None:
     """Best effort (the store itself may be what failed): the run id, or None."""
     try:
-        client = found.get("client") or tracking.client(found.get("uri") or tracking.tracking_uri(cfg.tracking.uri))
-        exp_id = found.get("exp_id") or tracking.experiment_id(client, cfg.tracking.experiment)
+        client = found.get("client") or store.client(found.get("uri") or store.tracking_uri(cfg.tracking.uri))
+        exp_id = found.get("exp_id") or store.experiment_id(client, cfg.tracking.experiment)
         chash = found.get("chash")
         if chash is None:
             with contextlib.suppress(Exception):
                 chash = config_hash(cfg)
         tags = {**_run_tags(cfg, label, chash or "", output_dir, sweep_dir, overrides), **found.get("extra_tags", {})}
         tags["lora_sweep.stage"] = "set-up"  # failed before training started
-        logger = tracking.RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=1)
+        logger = RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=1)
         with contextlib.suppress(Exception):
             logger.log_params(flatten(to_container(cfg)))
             _log_config(cfg, logger, output_dir)
@@ -341,7 +342,7 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path 
         return None, None
 
     def resumable(run_id: str) -> bool:
-        return tracking.resumable_run(client, exp_id, run_id)
+        return store.resumable_run(client, exp_id, run_id)
 
     if mode == "auto":
         state = find_resumable(root / chash, resumable)
@@ -362,7 +363,7 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path 
 def _parent_run_id(sweep_dir: Path | None) -> str | None:
     if sweep_dir is None:
         return None
-    marker = Path(sweep_dir) / tracking.PARENT_FILE
+    marker = Path(sweep_dir) / store.PARENT_FILE
     return marker.read_text().strip() if marker.exists() else None
 
 

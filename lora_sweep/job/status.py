@@ -43,7 +43,7 @@ class StatusFile:
 class JobSink:
     """The trainer's `Sink`: MLflow run logger + progress bar + the queue's status file."""
 
-    def __init__(self, logger: Any, status: StatusFile, label: str,  # logger: tracking.RunLogger
+    def __init__(self, logger: Any, status: StatusFile, label: str,  # logger: tracking.logger.RunLogger
                  on_warning: Callable[[Any], None] | None = None):
         from tqdm.auto import tqdm
 

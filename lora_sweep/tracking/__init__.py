@@ -11,36 +11,3 @@ Conventions (the report and the queue rely on them):
   table, not its GenAI pages; `runs_page_url` is the address `make ui` prints.
 All calls go through `MlflowClient` with explicit run ids (the fluent API is not thread-safe and keeps globals).
 """
-
-from lora_sweep.tracking.logger import RunLogger  # noqa: F401
-from lora_sweep.tracking.store import (  # noqa: F401
-    EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
-    FAILURE,
-    FILE_STORE_ENV,
-    HOST,
-    JOB_RUNS_TAG,
-    MAX_PARAM_CHARS,
-    MAX_TAG_CHARS,
-    PARENT_FILE,
-    PID,
-    PID_STARTED,
-    ROLE,
-    check_store_uri,
-    client,
-    close_stale_runs,
-    default_artifact_root,
-    experiment_id,
-    find_finished,
-    finished_runs,
-    fit,
-    job_runs_tags,
-    last_logged_step,
-    local_artifact_folder,
-    process_alive,
-    process_tags,
-    read_job_runs,
-    resumable_run,
-    runs_page_url,
-    tracking_uri,
-)

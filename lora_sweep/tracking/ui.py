@@ -35,7 +35,7 @@ def browse_command(store_uri: str, experiment: str = DEFAULT_EXPERIMENT, experim
     import shlex
 
     if urlparse(store_uri).scheme in ("http", "https"):
-        from lora_sweep.tracking import runs_page_url
+        from lora_sweep.tracking.store import runs_page_url
 
         return runs_page_url(store_uri.rstrip("/"), experiment_id) if experiment_id else store_uri
     command = f"python -m lora_sweep ui --tracking-uri {shlex.quote(store_uri)}"
@@ -43,7 +43,7 @@ def browse_command(store_uri: str, experiment: str = DEFAULT_EXPERIMENT, experim
 
 
 def default_store_uri() -> str:
-    from lora_sweep.tracking import tracking_uri
+    from lora_sweep.tracking.store import tracking_uri
 
     return tracking_uri(None)
 
@@ -152,7 +152,7 @@ def experiment_page(store_uri: str, base_url: str, experiment: str) -> str:
     the experiment does not exist yet."""
     from mlflow.tracking import MlflowClient
 
-    from lora_sweep import tracking
+    from lora_sweep.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, runs_page_url
 
     try:
         client = MlflowClient(store_uri)
@@ -161,10 +161,10 @@ def experiment_page(store_uri: str, base_url: str, experiment: str) -> str:
         return f"(could not look up experiment '{experiment}': {str(exc).splitlines()[0][:200]})"
     if found is None:
         return f"(no experiment '{experiment}' in this store yet: run a sweep, then reload {base_url})"
-    if tracking.EXPERIMENT_KIND_TAG not in (found.tags or {}):
+    if EXPERIMENT_KIND_TAG not in (found.tags or {}):
         with contextlib.suppress(Exception):
-            client.set_experiment_tag(found.experiment_id, tracking.EXPERIMENT_KIND_TAG, tracking.EXPERIMENT_KIND)
-    return tracking.runs_page_url(base_url, found.experiment_id)
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return runs_page_url(base_url, found.experiment_id)
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -31,19 +31,19 @@ def sweep(tmp_path_factory):
     from omegaconf import open_dict
 
     import sweep as sweep_entry
-    from lora_sweep import tracking
     from lora_sweep.config import register_configs
     from lora_sweep.job.run import run_job
+    from lora_sweep.tracking import store
 
     tmp = tmp_path_factory.mktemp("replicates")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        client = tracking.client(uri)
-        parent = client.create_run(tracking.experiment_id(client, "lora-sweep"), run_name="sweep",
-                                   tags={tracking.ROLE: "sweep"}).info.run_id
+        client = store.client(uri)
+        parent = client.create_run(store.experiment_id(client, "lora-sweep"), run_name="sweep",
+                                   tags={store.ROLE: "sweep"}).info.run_id
         (tmp / "sweep").mkdir()
-        (tmp / "sweep" / tracking.PARENT_FILE).write_text(parent)
+        (tmp / "sweep" / store.PARENT_FILE).write_text(parent)
         register_configs()
         jobs = [(name, seed) for name in VARIANTS for seed in SEEDS]  # Hydra's order: job numbers 0..3
         with initialize_config_dir(str(ROOT / "conf"), version_base=None):

@@ -20,8 +20,8 @@ from urllib.parse import quote
 import pytest
 from test_report import VARIANTS, fill_store
 
-from lora_sweep import tracking
 from lora_sweep.compare.report import build_report
+from lora_sweep.tracking.store import EXPERIMENT_KIND_TAG, experiment_id
 from lora_sweep.tracking.ui import experiment_page, free_port, running_server
 
 pytestmark = pytest.mark.slow
@@ -82,16 +82,16 @@ def test_mlflow_ui_and_report_render_in_chromium(chromium, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = fill_store(uri, tmp_path / "mlruns")
-    experiment_id = store["client"].get_experiment_by_name("lora-sweep").experiment_id
+    exp_id = store["client"].get_experiment_by_name("lora-sweep").experiment_id
     report = build_report(sweep_run_id=store["parent"], out_dir=tmp_path / "report", tracking_uri=uri)
 
-    assert tracking.experiment_id(store["client"], "lora-sweep") == experiment_id  # tags the older experiment
-    kind = store["client"].get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG]
+    assert experiment_id(store["client"], "lora-sweep") == exp_id  # tags the older experiment
+    kind = store["client"].get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG]
     assert kind == "custom_model_development"  # what MLflow 3's UI calls "Model training"
 
     with running_server(uri, port=free_port(), log_path=tmp_path / "server.log") as server:
         experiment_url = experiment_page(uri, server.url, "lora-sweep")  # what `make ui` prints
-        assert experiment_url.startswith(f"{server.url}/#/experiments/{experiment_id}/runs")
+        assert experiment_url.startswith(f"{server.url}/#/experiments/{exp_id}/runs")
         text = visible_text(run_chromium(chromium, experiment_url, tmp_path / "profile"))
         assert "lora-sweep" in text and "sweep" in text, text[:2000]
         assert "4 matching runs" in text, text[:2000]  # the parent and its three jobs (nested under it)
@@ -100,7 +100,7 @@ def test_mlflow_ui_and_report_render_in_chromium(chromium, tmp_path):
         run_chromium(chromium, experiment_url, tmp_path / "profile", screenshot=ARTIFACTS / "ui_experiment.png")
 
         run_ids = quote(json.dumps(list(store["runs"].values())))
-        compare_url = f"{server.url}/#/compare-runs?runs={run_ids}&experiments={quote(json.dumps([experiment_id]))}"
+        compare_url = f"{server.url}/#/compare-runs?runs={run_ids}&experiments={quote(json.dumps([exp_id]))}"
         text = visible_text(run_chromium(chromium, compare_url, tmp_path / "profile"))
         assert all(name in text for name in VARIANTS), text[:2000]
         assert "noise.ip_gamma" in text and "img/cast_yb" in text

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep import tracking
 from lora_sweep.compare.report import build_report, main
 from lora_sweep.errors import UserError
+from lora_sweep.tracking.store import FAILURE, job_runs_tags
 
 REASON = "NonFiniteLoss: train/loss is nan at step 3 (lower the learning rate)"
 
@@ -28,7 +28,7 @@ def job(client, exp, parent, variant, seed, status="FINISHED", *, fit=1.0, offse
                                      Param("validation.seed", "0")],
                      metrics=[Metric("fit/loss", v, 0, s) for s, v in ((0, 1.2), (2, 1.1), (4, fit))])
     if reason:
-        client.set_tag(run_id, tracking.FAILURE, reason)
+        client.set_tag(run_id, FAILURE, reason)
     client.set_terminated(run_id, status=status)
     return run_id
 
@@ -49,7 +49,7 @@ def sweep(tmp_path_factory):
     ids |= {f"xb{s}": job(client, exp, parent, "xb", s, fit=0.9 + 0.01 * s, offset="0.1") for s in (1, 2)}
     ids["xb3"] = job(client, exp, parent, "xb", 3, "FAILED", fit=float("nan"), offset="0.1", reason=REASON)
     ids["xb4"] = job(client, other, parent, "xb", 4, "KILLED", offset="0.1", reason="SIGTERM from the queue")
-    for key, value in tracking.job_runs_tags({i: ids[k] for i, k in enumerate(ids)}).items():
+    for key, value in job_runs_tags({i: ids[k] for i, k in enumerate(ids)}).items():
         client.set_tag(parent, key, value)
     return {"uri": uri, "parent": parent, "ids": ids, "root": root}
 

@@ -15,13 +15,13 @@ from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from lora_sweep import tracking
 from lora_sweep.config import config_hash
 from lora_sweep.errors import UserError
 from lora_sweep.job.names import write_swept_keys
 from lora_sweep.job.run import run_job
 from lora_sweep.job.status import read_outcomes
 from lora_sweep.paths import make_paths_absolute
+from lora_sweep.tracking.store import FAILURE, PARENT_FILE, PID, ROLE, experiment_id
 
 
 def tiny(tmp_path: Path, *overrides: str):
@@ -42,11 +42,11 @@ def make_dataset(folder: Path, seed: int, caption: str = "a photo of a thing") -
 
 def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
-    exp = tracking.experiment_id(client, "lora-sweep")
-    parent = client.create_run(exp, run_name="sweep", tags={tracking.ROLE: "sweep"}).info.run_id
+    exp = experiment_id(client, "lora-sweep")
+    parent = client.create_run(exp, run_name="sweep", tags={ROLE: "sweep"}).info.run_id
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
-    (sweep_dir / tracking.PARENT_FILE).write_text(parent)
+    (sweep_dir / PARENT_FILE).write_text(parent)
     write_swept_keys(sweep_dir, ["train.debug_fault"])
     overrides = ["train.debug_fault=setup_error", "train.max_steps=1"]
     with pytest.raises(UserError, match="setup_error"):
@@ -54,9 +54,9 @@ def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_p
                 job_num=3)
     (run,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
     assert run.info.status == "FAILED" and run.info.run_name == "train.debug_fault=setup_error"
-    assert "set-up failed on purpose" in run.data.tags[tracking.FAILURE]
+    assert "set-up failed on purpose" in run.data.tags[FAILURE]
     assert run.data.tags["lora_sweep.overrides"] == " ".join(overrides)
-    assert run.data.tags[tracking.PID] and run.data.params["train.max_steps"] == "1"
+    assert run.data.tags[PID] and run.data.params["train.max_steps"] == "1"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     outcome = read_outcomes(sweep_dir)[3]
     assert outcome["status"] == "FAILED" and outcome["run_id"] == run.info.run_id and outcome["user_error"]

@@ -128,13 +128,14 @@ def test_a_stop_mid_training_saves_a_state_without_the_end_of_run_evaluation_whi
 def test_a_stop_during_the_final_evaluation_ends_killed_and_the_resumed_run_only_evaluates(tmp_path, mlflow_uri):
     """A stop that arrives once train.max_steps is reached cuts the end-of-run evaluation short: a state at
     max_steps, KILLED. Resuming from it trains nothing and logs the evaluation, each metric once per step."""
-    from lora_sweep import tracking
     from lora_sweep.job.status import JobSink, StatusFile
+    from lora_sweep.tracking.logger import RunLogger
+    from lora_sweep.tracking.store import experiment_id
     from lora_sweep.training.train import StateTarget, train
 
     cfg = compose_config("train.max_steps=2", "train.batch_size=2", "train.device=cpu", *TINY_SAMPLES)
     client = MlflowClient(mlflow_uri)
-    logger = tracking.RunLogger.start(client, tracking.experiment_id(client, "stop"), name="final", tags={})
+    logger = RunLogger.start(client, experiment_id(client, "stop"), name="final", tags={})
     sink = JobSink(logger, StatusFile("final"), "final")
     at_the_end = lambda: sink.status.state.get("step", 0) >= 2  # noqa: E731  (what a Ctrl-C at step 2 does)
     first = train(cfg, output_dir=tmp_path / "out", sink=sink, should_stop=at_the_end,
@@ -145,7 +146,7 @@ def test_a_stop_during_the_final_evaluation_ends_killed_and_the_resumed_run_only
     assert steps(client, run_id, "train/loss") == [1, 2]
     assert steps(client, run_id, "fit/loss") == [0] and image_steps(client, run_id) == [0]
 
-    logger = tracking.RunLogger.reopen(client, run_id, tags={})
+    logger = RunLogger.reopen(client, run_id, tags={})
     sink = JobSink(logger, StatusFile("final"), "final")
     second = train(cfg, output_dir=tmp_path / "out", sink=sink,
                    states=StateTarget(tmp_path / "states", run_id, "chash", resume_from=first.last_state))

@@ -14,9 +14,10 @@ import torch
 from conftest import compose_config
 from mlflow.tracking import MlflowClient
 
-from lora_sweep import tracking
 from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.run import run_job
+from lora_sweep.tracking import store
+from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.training import checkpoint
 from lora_sweep.training.failures import (
     check_free_space,
@@ -208,13 +209,13 @@ def test_unreachable_tracking_server_at_start_names_the_uri(tmp_path, mlflow_uri
 
 
 def test_metrics_survive_a_tracking_outage_and_are_spilled_if_it_lasts(tmp_path, mlflow_uri, fast_http_failures):
-    good = tracking.client(mlflow_uri)
-    exp_id = tracking.experiment_id(good, "outage")
-    logger = tracking.RunLogger.start(good, exp_id, name="outage", tags={}, flush_every=2,
+    good = store.client(mlflow_uri)
+    exp_id = store.experiment_id(good, "outage")
+    logger = RunLogger.start(good, exp_id, name="outage", tags={}, flush_every=2,
                                       pending_file=tmp_path / "out" / "mlflow_pending.json")
     logger.log_metrics({"train/loss": 1.0}, 1)
     assert logger.flush()
-    logger.client = tracking.client(f"http://127.0.0.1:{free_port()}")  # the server goes away mid-run
+    logger.client = store.client(f"http://127.0.0.1:{free_port()}")  # the server goes away mid-run
     for step in (2, 3, 4):
         logger.log_metrics({"train/loss": float(step)}, step)  # flushes every 2 steps: fails, training goes on
     assert not logger.flush()
@@ -222,7 +223,7 @@ def test_metrics_survive_a_tracking_outage_and_are_spilled_if_it_lasts(tmp_path,
     assert logger.flush()
     assert [m.step for m in good.get_metric_history(logger.run_id, "train/loss")] == [1, 2, 3, 4]
 
-    logger.client = tracking.client(f"http://127.0.0.1:{free_port()}")
+    logger.client = store.client(f"http://127.0.0.1:{free_port()}")
     logger.log_metrics({"train/loss": 5.0}, 5)
     spilled = logger.end("FINISHED")
     assert spilled == tmp_path / "out" / "mlflow_pending.json"
