@@ -22,12 +22,11 @@ from lora_sweep.compare.cells import (
     start_text,
 )
 from lora_sweep.compare.figures import (
-    CURVE_GROUPS,
     cell_data_uri,
     labelled_grid_png,
     png_data_uri,
 )
-from lora_sweep.compare.params import PARAM_ORDER, cut, parameter_table, row_label
+from lora_sweep.compare.params import cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
 from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
 from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text
@@ -52,30 +51,6 @@ class ReportData:
     def __post_init__(self):
         if not self.groups:
             self.groups = group_replicates(self.variants)
-
-
-def _param_sort_key(key: str) -> tuple[int, str]:
-    for rank, prefix in enumerate(PARAM_ORDER):
-        if key.startswith(prefix):
-            return rank, key
-    return len(PARAM_ORDER), key
-
-
-def differing_params(variants: Sequence[VariantData]) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
-    """Raw params of runs split into rows that differ and rows shared by all ("x" where a run lacks one)."""
-    keys = sorted({k for v in variants for k in v.params} | {"status"}, key=_param_sort_key)
-    differ, shared = [], []
-    for key in keys:
-        values = [v.status if key == "status" else v.params.get(key, "x") for v in variants]
-        (differ if len(set(values)) > 1 else shared).append((key, values))
-    return differ, [(key, values[0]) for key, values in shared]
-
-
-def ordered_metric_keys(variants: Sequence[VariantData]) -> list[str]:
-    """Known keys first (losses, then image metrics in their documented order), then any others alphabetically."""
-    present = {k for v in variants for k in v.final_metrics}
-    known = [k for group in CURVE_GROUPS.values() for k in group if k in present]
-    return known + sorted(present - set(known))
 
 
 def delta_text(value: float | None, base: float | None) -> str:

@@ -151,12 +151,6 @@ def reused_runs(client, parent, children: set[str]) -> list:
     return found
 
 
-def variant_names(runs) -> list[str]:
-    """The `variant` tag (else the run name); duplicates (reruns) get the run id's first 6 characters."""
-    names = [run.data.tags.get(VARIANT_TAG) or run.info.run_name or run.info.run_id[:8] for run in runs]
-    return [f"{n} ({run.info.run_id[:6]})" if names.count(n) > 1 else n for n, run in zip(names, runs, strict=True)]
-
-
 def download_image(client, run_id: str, artifact_path: str, scratch: Path):
     from PIL import Image
 

@@ -212,11 +212,6 @@ def assign_with_settings(size: tuple[int, int], settings: dict) -> tuple[tuple[i
     return assign_bucket(*size, **settings)
 
 
-def aspect_ratio_error(width: int, height: int, bucket: tuple[int, int]) -> float:
-    """kohya's signed `ar_error` = bucket_w/bucket_h - width/height (it prints the mean of its absolute value)."""
-    return bucket[0] / bucket[1] - width / height
-
-
 def resize_and_center_crop(
     image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]
 ) -> tuple[Image.Image, tuple[int, int]]:

@@ -197,11 +197,6 @@ def read_prompt_lines(path: str | Path, *, setting: str = "sampling.prompt_file"
             if line.strip() and not line.strip().startswith("#")]
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """The prompt lines of a kohya .txt prompt file: stripped, without blank lines and `#` comment lines."""
-    return [text for _, text in read_prompt_lines(path)]
-
-
 def check_prompts(
     prompts: str | Path | Sequence[str] = (),
     *,

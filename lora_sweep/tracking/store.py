@@ -145,16 +145,6 @@ def last_logged_step(mlflow_client, run_id: str, key: str = "train/loss") -> int
     return max((m.step for m in history), default=-1)
 
 
-def find_finished(mlflow_client, exp_id: str, config_hash: str) -> str | None:
-    """The id of a FINISHED job run with this config hash, if any (what skip-finished skips)."""
-    runs = mlflow_client.search_runs(
-        [exp_id],
-        filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def finished_runs(mlflow_client, exp_id: str, config_hash: str) -> list:
     """FINISHED job runs with this config hash, newest first (skip-finished then compares their skip keys)."""
     return mlflow_client.search_runs(

@@ -344,12 +344,6 @@ def peak_gpu_memory_bytes() -> int | None:
     return int(torch.cuda.max_memory_allocated())
 
 
-def reset_peak_gpu_memory() -> None:
-    """Start a new peak measurement (several trainings can share one process under Hydra's basic launcher)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
-
-
 def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
     """Recompute activations in backward (diffusers' non-reentrant checkpointing, so frozen-base LoRA still gets
     grads); kohya also puts the U-Net in train mode when checkpointing."""

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from lora_sweep.atomic import write_text
-from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
 from lora_sweep.data.dataset import scan_folder
 from lora_sweep.data.photos import data_folder
@@ -327,7 +326,3 @@ def check_disk_space(cfg, output_dir: Path, *, lora_numel: int, epochs: int) -> 
     root.mkdir(parents=True, exist_ok=True)
     check_free_space({root: ("train.state_dir", states), Path(output_dir): ("train.output_dir", outputs)})
 
-
-def describe(cfg) -> dict:
-    """Flattened resolved config and its hash (for run params and tags)."""
-    return {"params": flatten(to_container(cfg)), "config_hash": config_hash(cfg)}
