@@ -15,8 +15,8 @@ def filled_root(root: Path) -> Path:
     the tiny model, the bundled photos, and a file lora-sweep did not write."""
     store = TensorCache(root)
     for i in range(2):
-        store.put("latents", f"{i:064x}", {"latents": torch.zeros(4, 8, 8)})
-    store.put("text", "f" * 64, {"context": torch.zeros(77, 64)})
+        store.get_or_compute("latents", f"{i:064x}", lambda: {"latents": torch.zeros(4, 8, 8)})
+    store.get_or_compute("text", "f" * 64, lambda: {"context": torch.zeros(77, 64)})
     store.file_sha256(Path(__file__))  # a digest in .hashes/
     run = root / "states" / "0123456789abcdef" / "run1"
     run.mkdir(parents=True)

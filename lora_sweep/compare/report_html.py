@@ -53,15 +53,6 @@ class ReportData:
             self.groups = group_replicates(self.variants)
 
 
-def delta_text(value: float | None, base: float | None) -> str:
-    """'+0.012 (+3.1%)': the signed difference from the baseline, and relative when the baseline is not ~0."""
-    if value is None or base is None:
-        return ""
-    diff = value - base
-    relative = f" ({diff / abs(base):+.1%})" if abs(base) > 1e-12 else ""
-    return f"{diff:+.3g}{relative}"
-
-
 def grid_png(data: ReportData) -> bytes | None:
     """The sample grid as one labelled PNG (rows = variants, columns = prompts) for use outside the HTML."""
     if not data.image_keys or not data.groups:

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,7 @@ class _KeyLock:
 
 
 class TensorCache:
-    """Entries of named tensors by (kind, key); counts hits and misses of `get_or_compute*` for the run's metrics."""
+    """Entries of named tensors by (kind, key); counts hits and misses of `get_or_compute` for the run's metrics."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, lock_timeout_s: float = 900.0):
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
@@ -132,13 +132,6 @@ class TensorCache:
             log.warning("cache: unreadable entry %s (%s); recomputing it", path, error)
             return None
 
-    def put(self, kind: str, key: str, tensors: Mapping[str, torch.Tensor],
-            meta: Mapping[str, Any] | None = None) -> Path:
-        """Store an entry atomically; if a readable one is already there (another job's), keep it. `meta` goes into
-        the safetensors header (non-strings as JSON); its "source" names the input in error messages."""
-        self._write(kind, key, tensors, meta)
-        return self.path_for(kind, key)
-
     def get_or_compute(self, kind: str, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
                        meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """The cached entry, or `compute()` stored and returned as stored (CPU copies), so a first run and a cached
@@ -153,53 +146,6 @@ class TensorCache:
                     return stored
         self._count(kind, hit=True)
         return tensors
-
-    def get_or_compute_many(self, kind: str, keys: Sequence[str],
-                            compute_batch: Callable[[list[int]], Sequence[Mapping[str, torch.Tensor]]], *,
-                            batch_size: int, metas: Sequence[Mapping[str, Any] | None] | None = None,
-                            ) -> list[dict[str, torch.Tensor]]:
-        """`get_or_compute` for many keys, computing misses `batch_size` at a time (the VAE's batch):
-        `compute_batch(indices)` gets indices into `keys` and returns their tensors in order. Keys another job holds
-        are left for the end and then waited for, so concurrent jobs split the work instead of repeating it."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        results: list[dict | None] = [None] * len(keys)
-        first: dict[str, int] = {}
-        for index, key in enumerate(keys):
-            first.setdefault(key, index)
-        todo = [key for key, index in first.items() if not self._fill_from_cache(kind, key, index, results)]
-        deferred: list[str] = []
-        pending = iter(todo)
-        while True:
-            claimed: list[tuple[str, _KeyLock]] = []
-            try:
-                for key in pending:
-                    lock = _KeyLock(self._lock_path(kind, key))
-                    if not lock.acquire(0.0):
-                        deferred.append(key)
-                    elif self._fill_from_cache(kind, key, first[key], results):
-                        lock.release()
-                    else:
-                        claimed.append((key, lock))
-                    if len(claimed) == batch_size:
-                        break
-                indices = [first[key] for key, _ in claimed]
-                outputs = list(compute_batch(indices)) if indices else []
-                if len(outputs) != len(indices):
-                    raise ValueError(f"compute_batch returned {len(outputs)} entries for {len(indices)} indices")
-                for index, tensors in zip(indices, outputs, strict=True):
-                    results[index] = self._write(kind, keys[index], tensors, metas[index] if metas else None)
-                    self._count(kind, hit=False)
-            finally:
-                for _, lock in claimed:
-                    lock.release()
-            if len(claimed) < batch_size:  # the keys ran out
-                break
-        for key in deferred:
-            index = first[key]
-            results[index] = self.get_or_compute(kind, key, lambda i=index: compute_batch([i])[0],
-                                                 metas[index] if metas else None)
-        return [results[first[key]] for key in keys]
 
     def stats(self) -> dict[str, int]:
         """Metrics for the run: cache/hits, cache/misses, and cache/<kind>/hits|misses."""
@@ -260,13 +206,6 @@ class TensorCache:
         else:
             self.misses += 1
             self.misses_by_kind[kind] = self.misses_by_kind.get(kind, 0) + 1
-
-    def _fill_from_cache(self, kind: str, key: str, index: int, results: list) -> bool:
-        tensors = self.get(kind, key)
-        if tensors is not None:
-            self._count(kind, hit=True)
-            results[index] = tensors
-        return tensors is not None
 
     def _lock_path(self, kind: str, key: str) -> Path:
         self.path_for(kind, key)  # validates

@@ -43,15 +43,6 @@ def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
-def slug(text: str, limit: int = FOLDER_SLUG) -> str:
-    """`text` as a safe file name of at most `limit` characters. Unchanged if it already is one; otherwise unsafe
-    runs become "_" and the result ends with "-<short_hash(text)>", so "a/b" and "a_b" stay apart."""
-    if text and len(text) <= limit and not _UNSAFE.search(text) and not text.startswith("."):
-        return text
-    safe = _UNSAFE.sub("_", text).lstrip("._") or "job"
-    return f"{safe[:max(1, limit - 9)]}-{short_hash(text)}"
-
-
 def job_dir_name(num: Any, variant: Any = None, overrides: Any = (), sweep_dir: Any = None) -> str:
     """`<num>_<the run label, filesystem-safe>`: a job's Hydra multirun subfolder (`3_v57`, `0_loss.huber_c=0.1`,
     `1_v57_noise=ip`), named like its MLflow run (`run_label`, from the keys the sweep varies, which the sweep

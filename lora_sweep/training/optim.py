@@ -7,7 +7,6 @@ The optimizer libraries (bitsandbytes, prodigyopt, dadaptation) are imported onl
 
 from __future__ import annotations
 
-import ast
 import importlib
 import inspect
 import math
@@ -81,21 +80,6 @@ def resolve_optimizer_name(name: str) -> str:
     if key in _KOHYA_ALIASES:
         return _KOHYA_ALIASES[key]
     raise ConfigError(f"optimizer={name!r} is not an optimizer option; choose one of {sorted(OPTIMIZERS)}.")
-
-
-def parse_kohya_optimizer_args(text: str) -> dict[str, Any]:
-    """Read a kohya GUI "optimizer extra arguments" string ("decouple=True d0=1e-4 betas=0.9,0.99"): the GUI drops
-    '"' and splits on whitespace; sd-scripts splits each item on '=' and parses the value with ast.literal_eval."""
-    parsed: dict[str, Any] = {}
-    for item in text.replace('"', "").split():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"optimizer argument {item!r} is not key=value (e.g. d_coef=2).")
-        try:
-            parsed[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as err:
-            raise ConfigError(f"optimizer argument {item!r}: {value!r} is not a Python literal ({err}).") from None
-    return parsed
 
 
 def _load_class(import_path: str) -> type[torch.optim.Optimizer]:

@@ -19,7 +19,6 @@ from PIL import Image
 
 from lora_sweep.compare.figures import ema
 from lora_sweep.compare.report import build_report, choose_step, main
-from lora_sweep.compare.report_html import delta_text
 from lora_sweep.compare.runs import parse_image_artifact
 from lora_sweep.errors import UserError
 from lora_sweep.sampling.images import log_samples
@@ -183,8 +182,6 @@ def test_cli(store, tmp_path, capsys):
 def test_small_helpers():
     assert ema([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no warm-up dip
     assert ema([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 10.0 * 0.5 / 0.75])
-    assert delta_text(1.1, 1.0) == "+0.1 (+10.0%)"
-    assert delta_text(None, 1.0) == ""
 
 
 def test_a_step_without_samples_is_refused_with_the_steps_that_exist(store, tmp_path, capsys):

@@ -163,10 +163,15 @@ def test_editing_a_caption_misses_once(tmp_path):
     assert (store.hits, store.misses) == (2, 2)
 
 
-def test_put_keeps_an_existing_entry(tmp_path):
+def test_a_writer_finishing_second_keeps_the_entry_already_there(tmp_path):
     store, key = TensorCache(tmp_path), "a" * 64
-    store.put("latents", key, {"x": torch.zeros(3)})
-    store.put("latents", key, {"x": torch.ones(3)})  # a concurrent writer finishing second
+    impatient = TensorCache(tmp_path, lock_timeout_s=0.0)  # does not wait for the lock: computes its own copy
+
+    def compute():
+        impatient.get_or_compute("latents", key, lambda: {"x": torch.zeros(3)})  # finishes first
+        return {"x": torch.ones(3)}
+
+    store.get_or_compute("latents", key, compute)
     assert torch.equal(store.get("latents", key)["x"], torch.zeros(3))
 
 
@@ -198,7 +203,7 @@ def test_nan_is_refused_with_the_image_named(tmp_path):
 def test_clear_reports_bytes_and_spares_other_files(tmp_path):
     store = TensorCache(tmp_path)
     for i in range(3):
-        store.put("latents", f"{i:064x}", {"x": torch.zeros(100)})
+        store.get_or_compute("latents", f"{i:064x}", lambda: {"x": torch.zeros(100)})
     entry = store.path_for("latents", f"{0:064x}")
     os.utime(entry, (time.time() - 60, time.time() - 60))
     store.file_sha256(entry)  # remembered under .hashes/
@@ -274,23 +279,17 @@ _WORKER = textwrap.dedent("""
         log.write(f"{os.getpid()} {key}\\n")
         log.flush()
 
-    def compute_batch(indices):
-        time.sleep(0.15)  # slow enough for the other job to arrive mid-write
-        for i in indices:
-            record(many[i])
-        return [{"x": torch.rand(8)} for _ in indices]  # random: two computations would differ
-
     def compute_one(key):
         def run():
-            time.sleep(0.15)
+            time.sleep(0.15)  # slow enough for the other job to arrive mid-write
             record(key)
-            return {"x": torch.rand(8)}
+            return {"x": torch.rand(8)}  # random: two computations would differ
         return run
 
     out.with_suffix(".ready").touch()  # imports done
     while not go.exists():
         time.sleep(0.005)
-    got = store.get_or_compute_many("latents", many, compute_batch, batch_size=2)
+    got = [store.get_or_compute("latents", key, compute_one(key)) for key in many]
     got += [store.get_or_compute("text", key, compute_one(key)) for key in single]
     save_file({f"t{i}": t["x"] for i, t in enumerate(got)}, str(out))
     out.with_suffix(".json").write_text(json.dumps(store.stats()))

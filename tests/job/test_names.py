@@ -11,15 +11,6 @@ from lora_sweep.job import names, status
 LONG = "sampling.negative=" + "blurry, low quality/ " * 100  # 2,000+ characters with '/' in it
 
 
-def test_slug_keeps_safe_short_names_and_hashes_everything_else():
-    assert names.slug("loss.huber_c=0.1,noise=multires") == "loss.huber_c=0.1,noise=multires"
-    cut = names.slug(LONG)
-    assert len(cut) <= names.FOLDER_SLUG and "/" not in cut and " " not in cut
-    assert cut.endswith("-" + names.short_hash(LONG))
-    assert names.slug("a/b") != names.slug("a_b")  # a replaced character still tells them apart
-    assert not names.slug(".hidden").startswith(".")
-
-
 def test_run_label_names_the_variant_and_the_swept_values_only():
     assert names.run_label(None, ["noise=multires", "loss=huber_snr"]) == "noise=multires loss=huber_snr"
     assert names.run_label("v57", ["experiment=v57", "train.max_steps=2"]) == "v57"

@@ -94,13 +94,6 @@ def test_defaults_merge_with_extra_args_and_describe_like_kohya() -> None:
     assert type(optim.build_optimizer("DAdaptation", _tensor_groups(None), lr=1.0)).__name__ == "DAdaptAdamPreprint"
 
 
-def test_kohya_optimizer_args_string() -> None:
-    parsed = optim.parse_kohya_optimizer_args('"decouple=True weight_decay=0.01 d0=0.0001 betas=0.9,0.99"')
-    assert parsed == {"decouple": True, "weight_decay": 0.01, "d0": 0.0001, "betas": (0.9, 0.99)}
-    with pytest.raises(ConfigError, match="key=value"):
-        optim.parse_kohya_optimizer_args("d_coef")
-
-
 def test_adaptive_optimizers_warn_about_a_low_lr() -> None:
     with pytest.warns(UserWarning, match="around 1.0"):
         optim.build_optimizer("dadapt_adam", _tensor_groups(None), lr=1e-4)
