@@ -63,7 +63,7 @@ def _group_alive(pgid: int) -> bool:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     """One `mlflow server` for the test session (sqlite backend, loopback, proxied local artifacts)."""
-    from lora_sweep.tracking.ui import free_port, running_server
+    from lora_sweep.tracking.ui import running_server
 
     root = tmp_path_factory.mktemp("mlflow-server")
     store = f"sqlite:///{root / 'mlflow.db'}"
@@ -94,7 +94,8 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port the OS says is free right now (so a test's server does not clash with a developer's own)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -228,7 +229,7 @@ def start_slurm(root: Path, ready_timeout_s: float = 60) -> SlurmCluster:
         folder.chmod(0o755)
     gpus = _fake_gpu_devices(root)
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node, node_hardware(), _free_port(), _free_port(), gpus))
+    conf.write_text(slurm_conf(root, node, node_hardware(), free_port(), free_port(), gpus))
     if gpus:
         (root / "gres.conf").write_text(f"NodeName={node} Name=gpu File={root}/gpu[0-{gpus - 1}]\n")
     cluster = SlurmCluster(root, conf, node, gpus)

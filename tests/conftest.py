@@ -47,6 +47,16 @@ def write_image(path: Path, size=(64, 64), caption: str | bytes | None = None, c
     return path
 
 
+def kohya_scheduler_alphas_cumprod():
+    """abar_t = prod_{i<=t} (1 - beta_i), beta_i = linspace(sqrt(0.00085), sqrt(0.012), 1000)_i ** 2, all in fp32:
+    the values diffusers' DDPMScheduler holds for kohya's settings (scaled_linear betas from 0.00085 to 0.012 over
+    1000 steps), computed from the formula as a reference for the noise and loss tests."""
+    import torch
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 class GridCells(HTMLParser):
     """Collects the <img> cells of the sample grid with their data-* attributes."""
 

@@ -120,7 +120,7 @@ def test_a_runs_console_is_clean_and_names_the_store_to_browse(tmp_path):
     """A single run: no `loss=nan` before the first step, no library noise (transformers' torchvision fallback,
     bitsandbytes' kernels), the optimizer's advice as one clean log line, and a last line whose command opens the
     UI on the store this run used (not the repository's ./mlflow.db); `compare` takes the same option."""
-    from lora_sweep.tracking.ui import free_port
+    from cluster_fixtures import free_port
 
     out = run_sweep(tmp_path, "train.max_steps=1", "optimizer=prodigy", "train.lr=0.1", timeout=300)
     text = out.stdout + out.stderr

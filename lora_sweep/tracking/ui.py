@@ -64,13 +64,6 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now (tests use it to avoid clashing with a developer's own UI)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def server_command(store_uri: str, host: str, port: int) -> list[str]:
     """`mlflow server` with one worker; artifacts of experiments created from the UI go beside the database."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,

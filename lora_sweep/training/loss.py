@@ -23,17 +23,8 @@ from lora_sweep.errors import ConfigError, Problems
 
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
-# kohya's DDPMScheduler: scaled_linear betas from 0.00085 to 0.012 over 1000 steps.
-BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
 # kohya caps SNR at 1000 for the debiased weight (only t = 0 exceeds it).
 DEBIASED_SNR_CAP = 1000.0
-
-
-def kohya_scheduler_alphas_cumprod() -> torch.Tensor:
-    """abar_t = prod_{i<=t} (1 - beta_i), beta_i = linspace(sqrt(0.00085), sqrt(0.012), 1000)_i ** 2, all in fp32
-    (the values diffusers' DDPMScheduler holds for kohya's settings, without importing diffusers)."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

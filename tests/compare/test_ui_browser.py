@@ -18,11 +18,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from cluster_fixtures import free_port
 from test_report import VARIANTS, fill_store
 
 from lora_sweep.compare.report import build_report
 from lora_sweep.tracking.store import EXPERIMENT_KIND_TAG, experiment_id
-from lora_sweep.tracking.ui import experiment_page, free_port, running_server
+from lora_sweep.tracking.ui import experiment_page, running_server
 
 pytestmark = pytest.mark.slow
 

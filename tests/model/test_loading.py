@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sgm_checkpoint import save_single_file
 
 from lora_sweep.errors import UserError
 from lora_sweep.model.loading import (
@@ -26,7 +27,7 @@ from lora_sweep.model.loading import (
     sdxl_base_config_dir,
     tiny_model_dir,
 )
-from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION, build_tiny_sdxl, save_single_file
+from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION, build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cluster_fixtures import free_port
 from conftest import compose_config
 from mlflow.tracking import MlflowClient
 
@@ -185,12 +185,6 @@ def test_not_enough_free_space_names_the_folders(tmp_path):
 def test_disk_full_mid_run_message_names_the_file():
     message = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/data/states/state-step1.pt"))
     assert "disk full" in message and "/data/states/state-step1.pt" in message and "resumes" in message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

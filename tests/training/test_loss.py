@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import kohya_scheduler_alphas_cumprod
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.training.loss import (
@@ -16,7 +17,6 @@ from lora_sweep.training.loss import (
     elementwise_loss,
     huber_c,
     kohya_loss,
-    kohya_scheduler_alphas_cumprod,
     min_snr_weight,
     one_timestep_per_batch,
     snr,

@@ -11,10 +11,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import kohya_scheduler_alphas_cumprod
 from torch import nn
 
 from lora_sweep.errors import ConfigError
-from lora_sweep.training.loss import kohya_scheduler_alphas_cumprod
 from lora_sweep.training.noise import (
     NoisyLatents,
     add_noise,

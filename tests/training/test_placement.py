@@ -208,7 +208,9 @@ def test_load_dtypes_table():
 
 
 def test_checkpoint_dtypes_read_headers_of_folders_and_single_files(fp16_model, tmp_path):
-    from lora_sweep.model.tiny_sdxl import build_tiny_sdxl, save_single_file
+    from sgm_checkpoint import save_single_file
+
+    from lora_sweep.model.tiny_sdxl import build_tiny_sdxl
 
     assert loading.checkpoint_dtypes(fp16_model) == dict.fromkeys(COMPONENTS, torch.float16)
     single = tmp_path / "tiny.safetensors"
