@@ -46,13 +46,12 @@ def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma:
     return capped / (snr_t + 1) if v_prediction else capped / snr_t
 
 
-def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, v_prediction: bool = False) -> torch.Tensor:
+def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Debiased-estimation weight 1 / sqrt(min(SNR_t, 1000)) (arXiv 2310.08442).
 
-    v0.8.7 uses the same weight for epsilon and v-prediction, so `v_prediction` changes nothing here; it is accepted
-    so callers can pass it uniformly (newer sd-scripts, PR #1715, use 1 / (SNR + 1) for v-prediction).
+    v0.8.7 uses the same weight for epsilon and v-prediction (newer sd-scripts, PR #1715, use 1 / (SNR + 1) for
+    v-prediction).
     """
-    del v_prediction  # v0.8.7: identical for both parameterizations
     snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=DEBIASED_SNR_CAP)
     return 1 / torch.sqrt(snr_t)
 
@@ -168,7 +167,7 @@ def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
         snr_factor = min_snr_weight(timesteps, alphas_cumprod, min_snr_gamma, v_prediction)
         per_sample, weight = per_sample * snr_factor, weight * snr_factor
     if debiased:
-        debias_factor = debiased_weight(timesteps, alphas_cumprod, v_prediction)
+        debias_factor = debiased_weight(timesteps, alphas_cumprod)
         per_sample, weight = debias_factor * per_sample, weight * debias_factor
     return LossTerms(per_sample.mean(), per_sample, raw, weight, c_used)
 

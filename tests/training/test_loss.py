@@ -97,7 +97,10 @@ def test_debiased_weight_doc_values_and_same_for_v_prediction():
     assert weight[2].item() == pytest.approx(1.62, abs=0.005)
     assert weight[3].item() == pytest.approx(14.6, abs=0.05)
     assert weight[3].item() == pytest.approx(1 / math.sqrt(SNR_999), rel=1e-3)
-    assert torch.equal(debiased_weight(timesteps, ABAR, v_prediction=True), weight)  # v0.8.7: no v-pred variant
+    pred, target = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    eps = kohya_loss(pred, target, timesteps, ABAR, debiased=True)
+    v = kohya_loss(pred, target, timesteps, ABAR, debiased=True, v_prediction=True)
+    assert torch.equal(v.weight, eps.weight) and torch.equal(eps.weight, weight)  # v0.8.7: no v-pred variant
 
 
 def test_huber_c_snr_schedule_doc_values():
