@@ -90,17 +90,13 @@ def check_bucket_options(
     return width, height
 
 
+@functools.lru_cache(maxsize=64)
 def make_bucket_resolutions(
     max_reso: tuple[int, int], min_size: int = 256, max_size: int = 1024, divisible: int = 64
-) -> list[tuple[int, int]]:
+) -> tuple[tuple[int, int], ...]:
     """Mode (a)'s predefined buckets, sorted: the square floor(sqrt(W*H)/d)*d, and for every width
     min_size, min_size+d, ... <= max_size the height min(max_size, floor((W*H // width)/d)*d) if >= min_size, in both
     orientations. The widths are not rounded to d: kohya v0.8.7 steps from min_size as given."""
-    return list(_bucket_set(tuple(max_reso), min_size, max_size, divisible))
-
-
-@functools.lru_cache(maxsize=64)
-def _bucket_set(max_reso: tuple[int, int], min_size: int, max_size: int, divisible: int) -> tuple[tuple[int, int], ...]:
     max_area = max_reso[0] * max_reso[1]
     side = int(math.sqrt(max_area) // divisible) * divisible
     resos = {(side, side)}
@@ -136,7 +132,7 @@ def assign_bucket(
         raise UserError(f"image size {width}x{height} is empty; every image needs a positive width and height.")
     aspect = width / height
     if not no_upscale:
-        return _assign_predefined(width, height, aspect, _bucket_set(base, min_reso, max_reso, reso_steps))
+        return _assign_predefined(width, height, aspect, make_bucket_resolutions(base, min_reso, max_reso, reso_steps))
     return _assign_no_upscale(width, height, aspect, base[0] * base[1], reso_steps)
 
 

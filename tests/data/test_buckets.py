@@ -22,13 +22,13 @@ def test_bucket_set_base_512_steps_64_by_hand():
         (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256),
         (1024, 256),
     ]
-    assert buckets.make_bucket_resolutions((512, 512), 256, 1024, 64) == expected
+    assert list(buckets.make_bucket_resolutions((512, 512), 256, 1024, 64)) == expected
 
 
 def test_bucket_set_2048_steps_32_has_113_buckets():
     # max_area = 2048^2 = 4194304. Every width w in 256..2048 (57 widths, step 32) has 4194304 // w >= 2048, so
     # height = min(2048, ...) = 2048: buckets (w, 2048) and (2048, w); 57 + 57 - 1 (2048x2048 twice) = 113.
-    resos = buckets.make_bucket_resolutions((2048, 2048), 256, 2048, 32)
+    resos = list(buckets.make_bucket_resolutions((2048, 2048), 256, 2048, 32))
     assert len(resos) == 113
     assert resos == sorted(resos)
     assert all(2048 in r for r in resos)
