@@ -1,6 +1,6 @@
 """lora-sweep: an experiment-matrix runner for SDXL LoRA training with kohya sd-scripts v0.8.7 semantics.
 
-Where things live (imports flow one way, top to bottom; see README's Layout):
+Where things live (imports flow one way, top to bottom; see docs/architecture.md):
 - top level: compose and check a config (`config`, `validate`), one job's life in MLflow (`run`, `tracking`,
   `callbacks`), shared helpers (`errors`, `atomic`, `paths`), and `python -m lora_sweep` (`__main__`);
 - `training/`: the loop and the pure math it composes (`noise`, `loss`, `optim`, `precision`, checkpoints);

@@ -1,7 +1,7 @@
 """The cluster path, for real: `python sweep.py -m ... hydra/launcher=submitit_slurm` through a one-node Slurm
 (slurmctld + slurmd + munged, tests/cluster_fixtures.py) into an `mlflow server` over HTTP.
 
-One test, two sweeps, tiny settings (it is the README's cluster section, run):
+One test, two sweeps, tiny settings (it is docs/sweeps.md's Slurm section, run):
 1. `noise=none,offset`: one Slurm job array, two jobs at once, each with its own (fake) GPU. Job 0 gets Slurm's
    time-limit/preemption warning (USR2, what `--signal=USR2@signal_delay_s` sends) in the middle of training: it
    saves a state and stops, submitit requeues it, and it resumes in the same MLflow run to the last step. Both

@@ -1,4 +1,4 @@
-"""lora_sweep.training.loss against values computed by hand from kohya v0.8.7's formulas (reference sections 2, 3)."""
+"""lora_sweep.training.loss against values computed by hand from kohya's formulas (docs/kohya-reference.md §2, §3)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from lora_sweep.training.loss import (
 
 ABAR = kohya_scheduler_alphas_cumprod()
 ALL_T = torch.arange(1000)
-# The reference doc's figures (section 2).
+# The figures of docs/kohya-reference.md §2.
 SNR_0, SNR_1, SNR_999 = 1175.5, 585.9, 0.00468
 
 

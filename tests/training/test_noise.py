@@ -1,6 +1,6 @@
 """lora_sweep.training.noise against hand-written replays of kohya v0.8.7's draw sequence and against diffusers.
 
-Reference: /work/shared/reference/kohya-v0.8.7.md section 1. All on CPU, where the "device" RNG and the CPU RNG are
+Reference: docs/kohya-reference.md §1. All on CPU, where the "device" RNG and the CPU RNG are
 the same stream, so a replay checks the order of every draw.
 """
 
@@ -92,7 +92,7 @@ def test_noise_is_drawn_in_latents_dtype_and_offset_promotes_to_fp32():
 # --- pyramid ----------------------------------------------------------------------------------------------------------
 
 def _pyramid_by_hand(noise: torch.Tensor, iterations: int, discount: float) -> tuple[torch.Tensor, int]:
-    """kohya's pyramid_noise_like as the reference doc states it, on the global RNGs; returns (noise, levels used)."""
+    """kohya's pyramid_noise_like (docs/kohya-reference.md §1) on the global RNGs; returns (noise, levels used)."""
     b, c, h, w = noise.shape
     upsample = nn.Upsample(size=(h, w), mode="bilinear")
     acc = noise.clone()
