@@ -108,7 +108,7 @@ def test_sweep_through_slurm_into_an_mlflow_server(slurm_cluster, mlflow_server,
     parent = next(r for r in runs if r.data.tags.get("lora_sweep.role") == "sweep")
     children = {r.data.tags["variant"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_dir"] == str(first)
-    assert set(children) == {"noise=none", "noise=offset"}  # the keys the sweep varies (issue 18)
+    assert set(children) == {"noise=none", "noise=offset"}  # the keys the sweep varies
     assert all(r.info.status == "FINISHED" for r in children.values())
     if cluster.gpus:  # --gpus-per-node=1: Slurm gave each job one of the node's GPUs
         assert all(r.data.tags["gpu"] in {"0", "1"} for r in children.values())
