@@ -1,6 +1,6 @@
 """lora-sweep: an experiment-matrix runner for SDXL LoRA training with kohya sd-scripts v0.8.7 semantics.
 
-Where things live (imports flow one way, top to bottom; see README's Layout):
+Where things live (imports flow one way, top to bottom; see docs/architecture.md):
 - top level: the config schema (`config`), the sweep's parent run (`callbacks`), shared helpers (`errors`,
   `atomic`, `paths`), and `python -m lora_sweep` (`__main__`);
 - `checks/`: the command line, the config's values and the pre-flight of files, before anything heavy loads;

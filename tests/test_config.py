@@ -153,7 +153,7 @@ def test_what_hydra_checks_itself_is_left_to_it():
 
 
 def test_every_misspelt_key_of_the_command_line_is_reported_at_once():
-    """TESTER_A item 5: `train.max_steps=2 noise.ofset=0.1 trian.lr=1` named only noise.ofset."""
+    """`train.max_steps=2 noise.ofset=0.1 trian.lr=1` names both misspelt keys, not only noise.ofset."""
     from lora_sweep.checks.command_line import command_line_problems
 
     first, second = command_line_problems(["train.max_steps=2", "noise.ofset=0.1", "trian.lr=1"])
@@ -163,7 +163,7 @@ def test_every_misspelt_key_of_the_command_line_is_reported_at_once():
 
 @pytest.mark.parametrize("argv", [["noise=ofset", "loss=hubr"], ["-m", "noise=ofset,none", "loss=l2,hubr"]])
 def test_every_wrong_group_option_is_reported_at_once_with_hydras_options(argv):
-    """TESTER_A item 5: Hydra stops at the first (`loss/hubr`); noise=ofset was never mentioned."""
+    """Every wrong option is named, where Hydra stops at the first one it meets."""
     from lora_sweep.checks.command_line import command_line_problems
 
     assert command_line_problems(argv) == [
@@ -176,7 +176,7 @@ def test_every_wrong_group_option_is_reported_at_once_with_hydras_options(argv):
 
 
 def test_every_value_of_the_wrong_type_is_reported_at_once_in_hydras_words():
-    """TESTER_A item 5: `train.max_steps=abc train.lr=abc` named only the first."""
+    """`train.max_steps=abc train.lr=abc` names both, not only the first."""
     from lora_sweep.checks.command_line import command_line_problems
 
     assert command_line_problems(["train.max_steps=abc", "train.lr=abc"]) == [
@@ -230,7 +230,7 @@ def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
 
 
 @pytest.mark.parametrize("argv, suggestion", [
-    (["network.dim=8"], "Did you mean network.rank?"),  # README: network.rank is kohya's --network_dim
+    (["network.dim=8"], "Did you mean network.rank?"),  # docs/options.md: network.rank is kohya's --network_dim
     (["network_dim=8"], "Did you mean network.rank?"),
     (["network.network_alpha=2"], "Did you mean network.alpha?"),
     (["train.learning_rate=1"], "Did you mean optimizer.lr?"),
@@ -238,7 +238,7 @@ def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
     (["optimizer.type=prodigy"], "Did you mean optimizer.name?"),
 ])
 def test_kohyas_flag_names_find_our_settings(argv, suggestion):
-    """TESTER_A item 13: `network.dim=8` got no "Did you mean network.rank?"."""
+    """kohya's names find ours: `network.dim=8` gets "Did you mean network.rank?"."""
     from lora_sweep.checks.command_line import command_line_problems
     from lora_sweep.checks.keys import KOHYA_NAMES, schema_keys
 
@@ -248,7 +248,7 @@ def test_kohyas_flag_names_find_our_settings(argv, suggestion):
 
 
 def test_a_misspelt_node_keeps_the_rest_of_the_key():
-    """TESTER_A item 13: `optimizer.arg.eps=1` suggested optimizer.args, optimizer.name, optimizer.warmup_steps."""
+    """`optimizer.arg.eps=1` suggests optimizer.args.eps, not optimizer.args, optimizer.name, optimizer.warmup_steps."""
     from lora_sweep.checks.command_line import command_line_problems
 
     (problem,) = command_line_problems(["optimizer.arg.eps=1"])
@@ -256,7 +256,7 @@ def test_a_misspelt_node_keeps_the_rest_of_the_key():
 
 
 def test_internal_settings_are_neither_listed_nor_suggested():
-    """TESTER_A item 13: "The train settings are: ..., debug_fault" (a testing aid); it still works when set."""
+    """A testing aid (debug_fault) is not in "The train settings are: ..."; it still works when set."""
     from lora_sweep.checks.command_line import command_line_problems
 
     (problem,) = command_line_problems(["train.debug_fult=1"])
@@ -265,7 +265,7 @@ def test_internal_settings_are_neither_listed_nor_suggested():
 
 
 def test_a_misspelt_launcher_setting_names_the_active_launchers_settings():
-    """TESTER_A item 13: `hydra.launcher.cpu_slot=2` -> "is not a setting." with no suggestion and no list."""
+    """`hydra.launcher.cpu_slot=2` gets a suggestion and the list, not a bare "is not a setting."."""
     from hydra import compose, initialize_config_dir
 
     from hydra_plugins.gpu_queue_launcher.config import GpuQueueLauncherConf

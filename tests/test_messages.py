@@ -1,5 +1,5 @@
 """Messages name only what exists: every setting a message suggests is a key of the schema, every `key=value` it
-suggests composes and validates, every `group=option` is a file in conf/ (issue 17: `train.unet_lr` was not).
+suggests composes and validates, every `group=option` is a file in conf/ (never, say, `train.unet_lr`: no such setting).
 
 Read from the source with `ast`: the strings of every error, warning, log call and `Fallback` in lora_sweep/ and
 sweep.py (f-strings by their literal parts), so a new message with a wrong name fails here by name.

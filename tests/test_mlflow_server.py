@@ -18,7 +18,7 @@ def test_server_is_http_on_loopback_only(mlflow_server):
 
 def test_proxied_artifacts_are_not_mistaken_for_a_local_folder(mlflow_server, tmp_path, monkeypatch):
     """The server's experiments keep artifacts at `mlflow-artifacts:/<id>`; the job's pre-flight must not take that
-    for a relative folder (it used to create `./mlflow-artifacts:/1` in the working directory)."""
+    for a relative folder (not `./mlflow-artifacts:/1` in the working directory)."""
     monkeypatch.chdir(tmp_path)
     client = store.client(store.tracking_uri(mlflow_server.uri))
     exp_id = store.experiment_id(client, "proxied-artifacts")

@@ -78,7 +78,7 @@ def app(tmp_path, monkeypatch, capfd):
 
 
 def test_every_problem_at_once_exit_2_nothing_written(tmp_path, app):
-    """Cases 1, 2, 6, 7 and 8 of issue 17 in one command: each named with its setting, file and line."""
+    """Several bad inputs in one command: each named with its setting, file and line."""
     ds = tmp_path / "ds"
     image(ds / "1_subj" / "img1.png", caption=CP1252)
     image(ds / "1_subj" / "img2.png", caption=CP1252)
@@ -226,7 +226,7 @@ def test_sixteen_bit_scan_is_header_only_and_the_caption_policy_is_warned(tmp_pa
 
 
 def test_prompt_file_sizes_and_steps_are_refused_or_warned_before_the_model_loads(tmp_path):
-    """TESTER_A item 10: negative values refused (kohya cannot use them), kohya's rounding and clamping said with
+    """Negative values refused (kohya cannot use them), kohya's rounding and clamping said with
     the values used, a size above 4096 px warned; each names the file and line."""
     path = tmp_path / "p.txt"
     path.write_text("a car --h -64 --s 0\na car --w 65 --h 10\na car --w 100000 --h 100000\n", encoding="utf-8")
@@ -243,7 +243,7 @@ def test_prompt_file_sizes_and_steps_are_refused_or_warned_before_the_model_load
 
 @pytest.mark.slow
 def test_a_chdir_job_with_relative_paths_trains_and_logs_its_warnings(tmp_path, monkeypatch):
-    """Case 10 end to end: hydra.job.chdir=true with data.dir=./ds and a relative prompt file trains; params and
+    """End to end: hydra.job.chdir=true with data.dir=./ds and a relative prompt file trains; params and
     the config hash hold absolute paths; the default MLflow store is in the launch folder, not the job's; the
     warnings are printed once and logged on the run (data.warnings + data/warnings.txt)."""
     import runpy
@@ -446,7 +446,7 @@ def test_an_unreachable_mlflow_server_is_refused_at_once(app, monkeypatch):
 @pytest.mark.parametrize("argv", [["loss=[huber_snr,smooth_l1_snr]", "train.max_steps=1"],
                                   ["-m", "loss=[huber_snr,smooth_l1_snr],l2", "train.max_steps=1"]])
 def test_a_list_of_options_that_disagree_on_a_setting_is_refused(app, argv):
-    """TESTER_A item 11: `loss=[huber_snr,smooth_l1_snr]` trained smooth_l1 (the last option's loss.type) silently."""
+    """`loss=[huber_snr,smooth_l1_snr]` is refused: it would train smooth_l1 (the last option's loss.type) silently."""
     code, out = app(*argv)
     assert code == 2 and ("loss: the options huber_snr and smooth_l1_snr both set loss.type (huber_snr: 'huber', "
                           "smooth_l1_snr: 'smooth_l1'); in a list the last one would win without a word. Choose one "
@@ -464,7 +464,7 @@ def test_options_that_add_up_are_no_conflict():
 @pytest.mark.parametrize("name, said", [("pdir", "is not an existing file (it is a folder)."),
                                         ("missing.json", "is not an existing file.")])
 def test_a_prompt_file_that_is_a_folder_or_missing_is_one_problem(tmp_path, name, said):
-    """TESTER_A item 13: a folder gave "is not an existing file" and "is not a .txt prompt file" for one problem."""
+    """One problem, one line: a folder is not also "not a .txt prompt file"."""
     (tmp_path / "pdir").mkdir()
     report = check_job(compose_config(f"sampling.prompt_file={tmp_path / name}"))
     assert [p for p in report.problems if p.startswith("sampling.prompt_file")] == [

@@ -1,7 +1,7 @@
 """The cluster path, for real: `python sweep.py -m ... hydra/launcher=submitit_slurm` through a one-node Slurm
 (slurmctld + slurmd + munged, tests/cluster_fixtures.py) into an `mlflow server` over HTTP.
 
-One test, two sweeps, tiny settings (it is the README's cluster section, run):
+One test, two sweeps, tiny settings (it is docs/sweeps.md's Slurm section, run):
 1. `noise=none,offset`: one Slurm job array, two jobs at once, each with its own (fake) GPU. Job 0 gets Slurm's
    time-limit/preemption warning (USR2, what `--signal=USR2@signal_delay_s` sends) in the middle of training: it
    saves a state and stops, submitit requeues it, and it resumes in the same MLflow run to the last step. Both
@@ -108,7 +108,7 @@ def test_sweep_through_slurm_into_an_mlflow_server(slurm_cluster, mlflow_server,
     parent = next(r for r in runs if r.data.tags.get("lora_sweep.role") == "sweep")
     children = {r.data.tags["variant"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_dir"] == str(first)
-    assert set(children) == {"noise=none", "noise=offset"}  # the keys the sweep varies (issue 18)
+    assert set(children) == {"noise=none", "noise=offset"}  # the keys the sweep varies
     assert all(r.info.status == "FINISHED" for r in children.values())
     if cluster.gpus:  # --gpus-per-node=1: Slurm gave each job one of the node's GPUs
         assert all(r.data.tags["gpu"] in {"0", "1"} for r in children.values())

@@ -1,4 +1,4 @@
-"""After a sweep, MLflow and the console agree on what happened to every job (issue 18), end to end:
+"""After a sweep, MLflow and the console agree on what happened to every job, end to end:
 `python sweep.py -m ...` as a user types it, the gpu_queue launcher, the tiny model and a real sqlite store."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def test_a_runs_console_is_clean_and_names_the_store_to_browse(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_slots_on_a_machine_without_cuda_are_refused_not_trained_on_the_cpu(tmp_path):
-    """The tester's `hydra.launcher.gpus=[0,1]` on a machine with no GPU: both jobs fail in their set-up with one
+    """`hydra.launcher.gpus=[0,1]` on a machine with no GPU: both jobs fail in their set-up with one
     paragraph saying so (no model loaded, nothing trained), instead of training on the CPU under gpu0/gpu1."""
     out = run_sweep(tmp_path, "-m", "noise=none,offset", "train.max_steps=1", "hydra.launcher.gpus=[0,1]",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)

@@ -107,7 +107,7 @@ def test_validation_is_fast_and_loads_no_model():
 
 
 def test_zero_is_off_like_null_for_optional_strengths():
-    """kohya tests these as `if args.x:`; a GUI's default 0 must not fail a run (sd-scripts #1275, issue 17 case 9)."""
+    """kohya tests these as `if args.x:`; a GUI's default 0 must not fail a run (sd-scripts #1275)."""
     validate(compose_config("noise=none", "noise.adaptive_scale=0"))
     validate(compose_config("noise=offset", "noise.adaptive_scale=0"))
     validate(compose_config("loss.min_snr_gamma=0"))
@@ -134,8 +134,8 @@ def test_fixed_resolution_without_buckets_must_suit_the_vae():
     (["optimizer.scheduler=step", "optimizer.warmup_steps=-1"], ["optimizer.scheduler", "optimizer.warmup_steps"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and "=" in v[0] else None)
 def test_every_bad_value_of_one_group_is_reported_not_the_first(overrides, starts):
-    """TESTER_A item 5: each group's check stopped at its first problem (offset hid ip_gamma and the timesteps,
-    huber_c hid min_snr_gamma, 2000 hid -5, a bad resolution hid the bucket settings)."""
+    """Each group's check names every problem, not the first (offset does not hide ip_gamma and the timesteps,
+    huber_c does not hide min_snr_gamma, 2000 does not hide -5, a bad resolution does not hide the buckets)."""
     from lora_sweep.checks.validate import config_problems
 
     problems = config_problems(compose_config(*overrides))
@@ -145,7 +145,7 @@ def test_every_bad_value_of_one_group_is_reported_not_the_first(overrides, start
 
 
 def test_a_resume_value_that_is_no_file_is_shown_as_typed(tmp_path, monkeypatch):
-    """TESTER_A item 13: `train.resume=sometimes` -> "got /tmp/userA/sometimes" (made absolute, hiding the typo)."""
+    """`train.resume=sometimes` is shown as typed, not "got /tmp/userA/sometimes" (made absolute, hiding the typo)."""
     from lora_sweep.checks.validate import config_problems
     from lora_sweep.paths import make_paths_absolute
 

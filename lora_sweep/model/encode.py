@@ -77,7 +77,7 @@ def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],
     """SDXL's six micro-conditioning numbers, in its order: (orig_h, orig_w, crop_top, crop_left, target_h,
     target_w), as float32 of shape (6,). Stack per-sample rows to (B, 6) for the UNet's `time_ids`.
 
-    Kohya's crop_top_left is the letterbox offset (see kohya-v0.8.7.md section 7), computed by the bucketing code.
+    Kohya's crop_top_left is the letterbox offset (docs/kohya-reference.md §7), computed by the bucketing code.
     """
     values = (*original_hw, *crop_top_left, *target_hw)
     if len(values) != 6:

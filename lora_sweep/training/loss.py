@@ -1,6 +1,6 @@
 """The training loss of one step, computed the way kohya sd-scripts v0.8.7 computes it.
 
-Reference: /work/shared/reference/kohya-v0.8.7.md, sections 2 and 3. Order per micro-batch: element loss on fp32
+Reference: docs/kohya-reference.md §2 and §3. Order per micro-batch: element loss on fp32
 copies of pred and target -> mean over (C, h, w) -> x sample weight (prior_loss_weight) -> x min-SNR weight ->
 x debiased weight -> mean over the batch. The caller divides by gradient accumulation (accelerate does in kohya).
 

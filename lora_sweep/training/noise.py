@@ -1,7 +1,7 @@
 """The noise of one training step, made the way kohya sd-scripts v0.8.7 makes it.
 
 A sweep is only comparable with kohya runs if the target epsilon and the noisy input are built in kohya's order, from
-kohya's generators, in kohya's dtypes (reference: /work/shared/reference/kohya-v0.8.7.md, sections 1 and 2):
+kohya's generators, in kohya's dtypes (docs/kohya-reference.md §1 and §2):
 
     randn_like(eps) -> [rand(1): offset strength] -> [randn(B,C,1,1): offset] -> [pyramid: Python random
     + CPU randn per level] -> timesteps -> [rand(1): ip strength] -> [randn_like(xi)]

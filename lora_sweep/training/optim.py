@@ -1,6 +1,7 @@
 """Optimizer and LR-scheduler factories for the `optimizer` config group, with kohya sd-scripts v0.8.7's rules.
 
-Reference §5/§6. Each option names the class kohya's `--optimizer_type` loads and spells out that class's defaults,
+Reference: docs/kohya-reference.md §5 and §6.
+Each option names the class kohya's `--optimizer_type` loads and spells out that class's defaults,
 so a config shows every value the run uses; `optimizer.args` overrides or extends them (kohya's `--optimizer_args`).
 The optimizer libraries (bitsandbytes, prodigyopt, dadaptation) are imported only when an option is built.
 """

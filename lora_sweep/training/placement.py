@@ -1,6 +1,6 @@
 """Where each model component's weights live, and in which dtype, from the file on disk to the training device.
 
-kohya sd-scripts v0.8.7 (train_network.py, reference §4) casts the U-Net and the text encoders to weight_dtype
+kohya v0.8.7 (train_network.py, docs/kohya-reference.md §4) casts the U-Net and the text encoders to weight_dtype
 (float8_e4m3fn under --fp8_base), keeps the VAE in fp32 under --no_half_vae and creates its LoRA modules in fp32.
 lora-sweep stores the same dtypes, but never holds a wider copy than needed on the way: every component is read in
 its checkpoint's own dtype, or directly in the dtype it will be stored in, and is cast on the CPU before it is

@@ -1,6 +1,6 @@
 """Precision policies: the dtype frozen base weights are stored in, the dtype ops run in, and fp16 loss scaling.
 
-kohya sd-scripts v0.8.7 semantics (reference §4):
+kohya sd-scripts v0.8.7 semantics (docs/kohya-reference.md §4):
 - `fp16` / `bf16` = `--mixed_precision fp16|bf16`: base weights cast to that dtype, LoRA params stay fp32, the forward
   runs under autocast. fp16 adds a dynamic GradScaler whose overflowing steps are skipped (no optimizer step, no LR
   scheduler step).

@@ -9,7 +9,8 @@ Per micro-batch (kohya `train_network.py`):
     backward; every grad_accum micro-batches (and at an epoch's end): clip, step, schedule, zero
 `train.max_steps` counts optimizer updates. Everything the caller wants to see goes through `sink`.
 
-Checkpoints (reference §6): every `train.save_every` steps a LoRA `<name>-step00000500.safetensors` and a training
+Checkpoints (docs/kohya-reference.md §6):
+every `train.save_every` steps a LoRA `<name>-step00000500.safetensors` and a training
 state; at the end of epoch e (1-based) when e % `train.save_every_epochs` == 0 and e is not the last epoch, a LoRA
 `<name>-00000e.safetensors` and a state; a state at the end and on a clean stop. A state (checkpoint.py) restores
 the loop exactly, so a resumed training computes the same numbers as one that never stopped.

@@ -70,7 +70,7 @@ def test_the_step_0_flag_names_the_metric_it_measures():
 
 
 def test_means_of_one_metric_print_with_the_same_decimals():
-    # the tester's row: xa 1.12421 [..], xb 1.1242 [..], xc 1.124 (n = 1): which is lower could not be read
+    # xa 1.12421 [..], xb 1.1242 [..], xc 1.124 (n = 1) would not tell which is lower
     row = [entry(Estimate(1.124212, 1.124120, 1.124304, 3)), entry(Estimate(1.12421899, 1.1241, 1.1244, 2)),
            entry(Estimate(1.12422945, None, None, 1))]
     decimals = row_decimals(row)

@@ -121,7 +121,7 @@ def test_a_run_whose_fit_loss_did_not_decrease_says_why_it_has_no_steps_to_half(
     assert estimate(mixed, "fit/steps_to_half").missing == "1 of 3 runs: did not decrease (not in the mean)"
     assert estimate_text(estimate(mixed, "fit/steps_to_half").as_dict()).endswith("(1 of 3 runs: did not decrease "
                                                                                   "(not in the mean))")
-    # a dip that comes back above the start (the tester's v57) did not decrease either, though it fell at first
+    # a dip that comes back above the start (as v57's) did not decrease either, though it fell at first
     (dip,) = groups_of(with_history("v57", 1, [(0, 1.156097), (4, 1.1560910), (8, 1.1561027)]))
     assert estimate(dip, "fit/steps_to_half").missing == "did not decrease (the final fit/loss is not below its start)"
     (short,) = groups_of(with_history("v62", 1, [(0, 1.0)]))
@@ -188,7 +188,7 @@ def test_steps_to_half_is_missing_when_fit_loss_has_only_its_start_and_end():
 
 
 def test_a_difference_is_always_the_difference_of_the_means_shown():
-    """The tester's sweep: xa seeds 1, 2, 3; xb seeds 1, 2 (its seed 3 failed); xc one run, seed 1."""
+    """A sweep: xa seeds 1, 2, 3; xb seeds 1, 2 (its seed 3 failed); xc one run, seed 1."""
     off = {"noise.offset": "0.1"}
     xa = [make_run("xa", s, v, points_shift=0.0) for s, v in ((1, 1.124200), (2, 1.124230), (3, 1.124260))]
     xb = [make_run("xb", s, v, points_shift=0.0, **off) for s, v in ((1, 1.124229), (2, 1.124209))]

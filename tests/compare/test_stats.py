@@ -81,7 +81,7 @@ def test_pairing_gives_a_narrower_interval_than_unpaired_on_the_same_numbers():
 def test_identical_values_read_no_difference_and_rounding_is_no_difference():
     from lora_sweep.compare.stats import RESOLUTION, resolved
 
-    # the tester's v55 -> v56 steps to half: -5.551e-12 is float64 rounding, not an effect
+    # steps to half of v55 -> v56: -5.551e-12 is float64 rounding, not an effect
     assert resolved(4.0, 4.0 - 5.551e-12) == 0.0 and RESOLUTION == 1e-9
     bare = no_interval(4.0, 4.0 - 5.551e-12)
     assert bare.effect == 0.0 and bare.identical and bare.verdict == "no difference"

@@ -11,7 +11,7 @@ from conftest import ROOT, compose_config
 
 from lora_sweep.compare.table import ROWS, build_table, experiment_names, render
 
-# The article's table (../shared/article.md), verbatim: test data, not a source for the code.
+# The article's table, verbatim: test data, not a source for the code.
 ARTICLE = {
     "precision":                 "fp8 fp8 fp8 fp8 fp8 fp8 fp8 fp8 fp8 fp8 fp8 fp16",
     "optimizer":                 "DAP L8 DAP DAP DAP DAP DAP DAP Pg Pg DAP DAP",

@@ -166,7 +166,7 @@ def test_a_group_choice_that_changes_several_values_is_compound(article_runs):
 
     groups = group_replicates(article_runs)
     pairs = {(groups[p.a].name, groups[p.b].name): p.knob for p in one_knob_pairs(groups, [])}
-    # the tester's v53 -> v58 / v60: one knob (noise: offset -> multires_ip), three mechanisms
+    # v53 -> v58 / v60: one knob (noise: offset -> multires_ip), three mechanisms
     assert pairs[("v53", "v60")].compound and pairs[("v53", "v60")].values == (
         ("noise.offset", "0.0357", "0"), ("noise.multires_iterations", "0", "6"), ("noise.ip_gamma", "0", "0.1"))
     assert pairs[("v57", "v58")].entails == "noise.offset 0.0357 -> 0; noise.multires_iterations 0 -> 10"

@@ -109,7 +109,7 @@ def test_a_clean_dataset_has_no_problems_and_no_warnings(tmp_path):
 
 
 def test_scan_benchmark_runs_small():
-    """benchmarks/scan_bench.py (issue 16's header-only scan figure) at a toy size; the figure itself is a benchmark."""
+    """benchmarks/scan_bench.py (the header-only scan figure) at a toy size; the figure itself is a benchmark."""
     from benchmarks.scan_bench import main
 
     result = main(["--images", "3", "--size", "64", "--repeats", "1"])

@@ -14,7 +14,7 @@ def _noise16(shape=(96, 128)) -> np.ndarray:
 
 
 def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
-    """The issue's case: a 128x96 I;16 PNG of uniform noise over 0..65535 (convert("RGB") gave mean 254.6)."""
+    """A 128x96 I;16 PNG of uniform noise over 0..65535 (convert("RGB") gave mean 254.6)."""
     path = tmp_path / "gray16.png"
     Image.fromarray(_noise16()).save(path)
     assert Image.open(path).mode == "I;16"

@@ -78,7 +78,7 @@ def test_skip_finished_keys_on_the_dataset_not_only_the_config(tmp_path, mlflow_
     assert again.status == "SKIPPED" and again.run_id == first.run_id
     assert run.data.tags["lora_sweep.dataset"] in again.reason and "2_thing" not in again.reason
     hashed = tiny(tmp_path, *args)
-    make_paths_absolute(hashed)  # as run_job does: the hash holds the path the user meant (issue 17)
+    make_paths_absolute(hashed)  # as run_job does: the hash holds the path the user meant
     assert f"config {config_hash(hashed)}" in again.reason and "4 files in" in again.reason
 
     monkeypatch.chdir(other_home)

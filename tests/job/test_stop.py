@@ -79,7 +79,7 @@ def image_steps(client: MlflowClient, run_id: str) -> list[int]:
 
 @pytest.mark.slow
 def test_ctrl_c_during_expensive_sampling_stops_within_one_denoising_step(tmp_path):
-    """The tester's case: one 1024x1024 prompt of 30 Euler steps at step 0 takes minutes on a CPU; a Ctrl-C during
+    """One 1024x1024 prompt of 30 Euler steps at step 0 takes minutes on a CPU; a Ctrl-C during
     it ends the run within seconds, KILLED, with nothing sampled and no state (nothing was trained)."""
     proc, _, console = start(tmp_path, "train.max_steps=3", "sampling.prompts=[a cat]", "sampling.width=1024",
                              "sampling.height=1024", "sampling.steps=30")

@@ -115,7 +115,7 @@ def test_fitting_speed_area_and_half_decrease():
     back = fitting_speed([(0, 1.0), (10, 0.0), (20, 1.0)])
     assert back.steps_to_half is None and back.why_none == DID_NOT_DECREASE
     assert fitting_speed([(0, 1.0), (5, 1.05), (10, 1.1)]).why_none == DID_NOT_DECREASE  # never decreases
-    # the tester's v57: 1.156097 -> 1.1560910 -> 1.1561027 ends above its start: no value (it read 2.0)
+    # 1.156097 -> 1.1560910 -> 1.1561027 ends above its start: no value (not 2.0)
     assert fitting_speed([(0, 1.156097), (4, 1.1560910), (8, 1.1561027)]).steps_to_half is None
     # a dip below the final value: half of the total decrease (start - final = 0.5), not of start - lowest
     assert fitting_speed([(0, 1.0), (10, 0.0), (20, 0.5)]).steps_to_half == pytest.approx(2.5)
@@ -135,7 +135,7 @@ def test_fitting_speed_is_exact_where_the_curve_halves_between_two_evaluations()
 
 def test_steps_to_half_needs_more_than_the_start_and_the_end():
     # validation.every=0 (the default) evaluates fit/loss at step 0 and the end: the interpolation would put half
-    # of any decrease at max_steps/2 for every run (the tester's "2 (no spread)", "no difference")
+    # of any decrease at max_steps/2 for every run ("2 (no spread)", "no difference")
     for history in ([(0, 1.0), (4, 0.5)], [(0, 1.0), (4, 0.999)], [(0, 1.0), (4, 0.1)]):
         speed = fitting_speed(history)
         assert speed.steps_to_half is None and speed.why_none == ONLY_START_AND_END

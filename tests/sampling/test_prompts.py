@@ -39,7 +39,7 @@ def test_kohya_rounding_clamping_and_case():
 
 
 def test_values_kohya_changes_are_warned_naming_the_file_line_and_value_used(tmp_path):
-    """TESTER_A item 10: `--s 0`, `--w 65 --h 10` were sampled at 64x64 / 1 step without a word."""
+    """`--s 0`, `--w 65 --h 10` are sampled at 64x64 / 1 step, and a warning says so."""
     from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p.txt"
@@ -77,7 +77,7 @@ def test_negative_values_are_refused_as_kohya_cannot_use_them(tmp_path):
 
 
 def test_sample_sizes_above_4096_are_warned_not_refused(tmp_path):
-    """TESTER_A item 10: `--w 100000 --h 100000` passed the pre-flight silently and ran out of memory later."""
+    """`--w 100000 --h 100000` gets a warning from the pre-flight, rather than an out-of-memory later."""
     from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p6.txt"
@@ -191,7 +191,7 @@ def test_an_empty_prompt_source_names_the_setting_that_turns_sampling_off(tmp_pa
 
 
 def test_every_bad_option_of_a_prompt_line_is_named_not_the_first(tmp_path):
-    """TESTER_A item 5: line 8 `a house --d 1.5 --l notnum --n` named only `--d 1.5`."""
+    """Line 8 `a house --d 1.5 --l notnum --n`: every bad option is named, not only `--d 1.5`."""
     from lora_sweep.sampling.prompts import check_prompts
 
     path = tmp_path / "p.txt"

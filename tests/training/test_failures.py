@@ -111,8 +111,8 @@ def test_out_of_memory_message_from_cuda_error_suggests_only_knobs_not_in_use():
 
 def test_out_of_memory_while_sampling_names_the_prompt_and_its_size_not_training_knobs(tmp_path, mlflow_uri,
                                                                                         monkeypatch):
-    """TESTER_A item 10: `--w 100000 --h 100000` ran out of memory while sampling at step 0, and the failure blamed
-    training (precision, gradient checkpointing, rank) and claimed a saved state that was never written."""
+    """`--w 100000 --h 100000` runs out of memory while sampling at step 0: the failure names the prompt and its size,
+    not training knobs (precision, gradient checkpointing, rank), and claims no saved state that was never written."""
     from lora_sweep.sampling import images as sampling
 
     real = sampling.build_pipeline

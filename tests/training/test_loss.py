@@ -1,4 +1,4 @@
-"""lora_sweep.training.loss against values computed by hand from kohya v0.8.7's formulas (reference sections 2, 3)."""
+"""lora_sweep.training.loss against values computed by hand from kohya's formulas (docs/kohya-reference.md §2, §3)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from lora_sweep.training.loss import (
 
 ABAR = kohya_scheduler_alphas_cumprod()
 ALL_T = torch.arange(1000)
-# The reference doc's figures (section 2).
+# The figures of docs/kohya-reference.md §2.
 SNR_0, SNR_1, SNR_999 = 1175.5, 585.9, 0.00468
 
 
@@ -250,9 +250,9 @@ def test_unknown_types_list_the_accepted_values():
         huber_c(_t(0), ABAR, "cosine", 0.1)
 
 
-# --- kohya's rounding, to the last bit (issue 14) -------------------------------------------------------------------
+# --- kohya's rounding, to the last bit -----------------------------------------------------------------------------
 # kohya's constant/exponential huber_c is a Python float: c**2 and 2c are computed in double and rounded to fp32 once,
-# where they meet the tensor. Its snr huber_c is an fp32 tensor. The figures below are kohya's values on the issue's
+# where they meet the tensor. Its snr huber_c is an fp32 tensor. The figures below are kohya's values on a
 # minimal input (pred 0.01, target 0, --huber_c 0.1), derived by hand with IEEE fp32 arithmetic (numpy), which is
 # what CUDA computes. torch's CPU sqrt (MKL) is not always correctly rounded, so on the CPU the same derivation uses
 # the device's own sqrt, exactly as kohya's code run on that CPU would.
@@ -308,7 +308,7 @@ def _conditional_loss_by_hand(a: float, c: float, loss_type: str, sqrt) -> float
     return float(f(f(2 * c) * diff) if loss_type == "huber" else f(f(2) * diff))
 
 
-def test_the_issue_figure_is_kohyas_ieee_value_and_fp32_squaring_misses_it():
+def test_the_figure_is_kohyas_ieee_value_and_fp32_squaring_misses_it():
     assert _conditional_loss_by_hand(0.01, 0.1, "huber", _ieee_sqrt) == pytest.approx(9.974986e-05, abs=5e-12)
     c32 = float(np.float32(0.1))  # c made fp32 first, then squared: c**2 = 0.0100000007 instead of 0.0099999998
     assert np.float32(0.1 * 0.1) == np.float32(0.0099999998) and np.float32(c32 * c32) == np.float32(0.0100000007)

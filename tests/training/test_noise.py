@@ -1,6 +1,6 @@
 """lora_sweep.training.noise against hand-written replays of kohya v0.8.7's draw sequence and against diffusers.
 
-Reference: /work/shared/reference/kohya-v0.8.7.md section 1. All on CPU, where the "device" RNG and the CPU RNG are
+Reference: docs/kohya-reference.md §1. All on CPU, where the "device" RNG and the CPU RNG are
 the same stream, so a replay checks the order of every draw.
 """
 
@@ -92,7 +92,7 @@ def test_noise_is_drawn_in_latents_dtype_and_offset_promotes_to_fp32():
 # --- pyramid ----------------------------------------------------------------------------------------------------------
 
 def _pyramid_by_hand(noise: torch.Tensor, iterations: int, discount: float) -> tuple[torch.Tensor, int]:
-    """kohya's pyramid_noise_like as the reference doc states it, on the global RNGs; returns (noise, levels used)."""
+    """kohya's pyramid_noise_like (docs/kohya-reference.md §1) on the global RNGs; returns (noise, levels used)."""
     b, c, h, w = noise.shape
     upsample = nn.Upsample(size=(h, w), mode="bilinear")
     acc = noise.clone()
@@ -292,7 +292,7 @@ def test_bad_noise_options_raise_config_error_naming_the_field(options, field):
         check_noise_options(**options)
 
 
-# --- kohya's draws, casts and dtypes, to the last bit (issue 14) ----------------------------------------------------
+# --- kohya's draws, casts and dtypes, to the last bit --------------------------------------------------------------
 
 def _bf16(x: float) -> float:
     """Round an fp32 value to bfloat16 by hand (round to nearest, ties to even), back as a float."""
@@ -329,7 +329,7 @@ def test_cached_latents_are_cast_to_weight_dtype_then_scaled(name):
     x0 = scale_cached_latents(cached, scale, dtype)
     assert x0.dtype == dtype and x0.item() == by_hand
     if dtype == torch.float16:
-        assert by_hand == 0.1431884765625  # the issue's figure; scaling before the cast gives 0.143310546875
+        assert by_hand == 0.1431884765625  # kohya's figure; scaling before the cast gives 0.143310546875
         assert (cached * scale).to(dtype).item() == 0.143310546875
     if dtype == torch.bfloat16:
         assert by_hand == 0.1435546875
@@ -348,7 +348,7 @@ def test_add_noise_in_fp16_is_kohyas_x_t_not_the_fp32_one():
     by_hand = f16(f16(f16(np.sqrt(f(abar))) * f16(-0.8)) + f16(f16(np.sqrt(f(f16(1) - abar))) * f16(0.5)))
     assert float(by_hand) == 0.004638671875
     in_fp32 = f(f(np.sqrt(f(abar)) * f(f16(-0.8))) + f(np.sqrt(f(f16(1) - abar)) * f(f16(0.5))))
-    assert float(in_fp32) == pytest.approx(0.0048706533, abs=1e-9)  # the issue's figure, to its last digit
+    assert float(in_fp32) == pytest.approx(0.0048706533, abs=1e-9)  # kohya's figure, to its last digit
 
 
 @pytest.mark.parametrize("name", sorted(PRECISIONS))

@@ -189,7 +189,7 @@ def test_invalid_schedules_fail_clearly() -> None:
 
 @pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "dadapt_adam_preprint"])
 def test_learning_rate_groups_are_checked_without_parameters(name):
-    """The pre-flight's form of the check (issue 17 case 8): no model, no params; the advice names real keys."""
+    """The pre-flight's form of the check: no model, no params; the advice names real keys."""
     from lora_sweep.training.optim import check_learning_rates
 
     with pytest.raises(ConfigError) as error:

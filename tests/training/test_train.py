@@ -124,7 +124,7 @@ def test_unreadable_image_is_skipped_with_warning_and_counted(tmp_path, mlflow_u
 
 
 def test_empty_data_folder_is_a_clear_error_and_no_run_finishes(tmp_path, mlflow_uri):
-    """Found by the pre-flight (issue 17): refused before any MLflow run exists, rather than a FAILED run."""
+    """Refused before any MLflow run exists (the pre-flight's check), rather than a FAILED run."""
     (tmp_path / "empty" / "10_nothing").mkdir(parents=True)
     with pytest.raises(UserError, match="data.dir: no readable images"):
         train_tiny(tmp_path, "data=folder", f"data.dir={tmp_path / 'empty'}")

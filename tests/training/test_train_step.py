@@ -1,5 +1,5 @@
 """One micro-batch of the real training step (train.micro_batch_loss on the tiny SDXL and the bundled photos),
-watched at the lines where kohya v0.8.7's `train_network.py` fixes dtypes and the autocast boundary (issue 14):
+watched at the lines where kohya v0.8.7's `train_network.py` fixes dtypes and the autocast boundary:
 
     latents = batch["latents"].to(device).to(dtype=weight_dtype); latents = latents * vae_scale_factor
     with autocast(): text encoders
