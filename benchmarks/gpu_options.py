@@ -8,7 +8,6 @@ option maps onto lora-sweep today:
 - fused_adamw: `optimizer.args.fused=true` already passes through to torch.optim.AdamW;
 - tf32: a global torch setting (what stays fp32 under autocast is elementwise, so little is expected);
 - channels_last: the UNet's 4-D weights in NHWC for cuDNN's convolutions;
-- cuda_graphs: gpu_graphs.GraphedStep, one captured step for a fixed-shape (single bucket) run;
 - compile: torch.compile of the repeated transformer blocks (diffusers' compile_repeated_blocks).
 """
 
@@ -18,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-OPTIONS = ("loop_checks", "tf32", "fused_adamw", "channels_last", "cuda_graphs", "compile")
+OPTIONS = ("loop_checks", "tf32", "fused_adamw", "channels_last", "compile")
 _TF32_DEFAULTS: list = []
 
 
@@ -68,15 +67,6 @@ def option_step(option: str, unet, session: Callable[..., object], batch: int,
     if option == "channels_last":
         unet.to(memory_format=torch.channels_last)
         return lora_sweep_step(session(batch, False))
-    if option == "cuda_graphs":
-        from benchmarks.gpu_graphs import GraphedStep
-
-        s = session(batch, False, {"capturable": True})
-        graphed = GraphedStep(s)
-        graphed.reset(lora)
-        cpu = {k: torch.stack([getattr(e, k) for e in s.prepared.examples])
-               for k in ("latents", "context", "pooled", "time_ids")}
-        return lambda: graphed(cpu)
     if option == "compile":
         compile_unet(unet)
         return lora_sweep_step(session(batch, False))
