@@ -291,6 +291,13 @@ def details(r: dict) -> list[str]:
     return lines
 
 
+def render(r: dict) -> list[str]:
+    lines = ["**Quick run (`--quick`): sizes too small for the figures to mean anything.**", ""] if r["quick"] else []
+    return lines + [f"Torch threads: 1 in the benchmark process and in each sweep job; total time "
+                    f"{r['seconds']['total']:.0f} s.", "",
+                    *table(["#", "figure", "measured", "target", "status"], summary_rows(r)), *details(r)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figures", default="1,2,3,4,5", help="comma-separated subset of 1..5")
@@ -330,11 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"]["total"] = time.perf_counter() - started
     results["machine"]["load_average_end"] = load_average()
-    lines = ["**Quick run (`--quick`): sizes too small for the figures to mean anything.**", ""] if args.quick else []
-    lines += [f"Torch threads: 1 in the benchmark process and in each sweep job; total time "
-              f"{results['seconds']['total']:.0f} s.", "",
-              *table(["#", "figure", "measured", "target", "status"], summary_rows(results)), *details(results)]
-    publish("cpu-bench", "CPU figures (`make bench`)", results, lines, out=args.out, markdown=args.markdown or None)
+    publish("cpu-bench", "CPU figures (`make bench`)", results, render(results), out=args.out,
+            markdown=args.markdown or None)
     return 0
 
 

@@ -65,7 +65,7 @@ def machine_lines(info: dict) -> list[str]:
              f"- Command: `{info['command']}`."]
     if info.get("load_average_start"):
         lines.append(f"- Load average (1/5/15 min) at start {info['load_average_start']}, at end "
-                     f"{info.get('load_average_end')}: above the core count, other processes shared the machine.")
+                     f"{info.get('load_average_end')} (above the core count: other processes shared the machine).")
     return lines
 
 
