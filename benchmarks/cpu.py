@@ -1,12 +1,7 @@
-"""`make bench`: lora-sweep's CPU figures on the tiny SDXL, each a ratio of two things measured in the same run.
+"""`make bench`: lora-sweep's five CPU figures on the tiny SDXL (BENCHMARKS.md says what each measures).
 
     python -m benchmarks.cpu [--figures 1,2,3,4,5] [--quick] [--out FILE] [--markdown FILE | --markdown '']
 
-1 trainer overhead  train()'s step against the bare diffusers + peft loop (measure.py)   target <= 1.10x
-2 cache reuse       encodes of the 12 demo variants through one cache against one each   target = dataset size
-3 queue overhead    slot free -> the job's MLflow run, fork server against fresh process target < 1 s
-4 tracking          MLflow seconds inside the loop over the loop's time                  target < 2 %
-5 sweep makespan    12 tiny jobs on K fake slots against ceil(12/K) x one job's time     reported
 Everything runs in a temporary folder (cache, MLflow stores, sweeps) removed at the end. Torch runs one thread here
 and in every sweep job (one core per fake slot), which keeps timings steady on a shared machine.
 """

@@ -1,15 +1,11 @@
-"""`make bench-gpu`: lora-sweep's training loop on SDXL base at 1024 px on a CUDA GPU: speed, MFU and memory.
+"""`make bench-gpu`: lora-sweep's training loop on SDXL base at 1024 px on a CUDA GPU: images/s, MFU, memory.
 
     python -m benchmarks.gpu [--precisions bf16,fp16,fp8] [--batches 1,4] [--checkpointing off,on] ...
     python -m benchmarks.gpu --toy --device cpu    # the same code paths on the tiny model at 64 px, on the CPU
 
-Each row is `train()` of one lora-sweep config (measure.trainer_overhead) on SDXL base with random weights (the model
-of `make bench-sdxl`, built once), the bundled photos centre-cropped to 1024 x 1024, an empty latent/text cache:
-precision x batch x gradient checkpointing, then fp8 with text-encoder LoRA and bf16 with fused AdamW. The bare
-diffusers + peft loop runs beside each bf16 and fp16 row on the same weights. Per row: images/s; MFU = images/s x
-model FLOPs per image (torch.utils.flop_counter, meta device) / the GPU's dense bf16 peak, HFU counting the forward
-that checkpointing recomputes; peak memory of the set-up (load, caching, LoRA, casts) and of training. A row that
-fails (out of memory, a precision the stack lacks) records its error; rows after `--budget-s` are skipped.
+One row per lora-sweep config (measure.trainer_overhead, beside the bare loop where diffusers' examples have the
+precision), each from an empty latent/text cache; BENCHMARKS.md says what each column measures. A row that fails
+records its error; rows starting after `--budget-s` are skipped.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """`make bench-sdxl`: lora-sweep on SDXL base's real architecture with random weights, on the CPU: memory, load,
-the step against the bare loop, and the LoRA files kohya and diffusers read.
+the step against the bare loop, and the LoRA files kohya and diffusers read (BENCHMARKS.md says what each measures).
 
     python -m benchmarks.sdxl [--cache-dir DIR] [--cases bf16,fp8_te] [--skip diffusers,step] [--toy] ...
 
-1. Builds SDXL base from lora_sweep/assets/sdxl_base with random weights as an fp16 diffusers folder, once, in the
-   cache (`<cache>/models/sdxl-base-random-fp16-v1-<hash>`: ~6.9 GB of disk, about a minute). `--toy` takes the
-   tiny model at 64 px instead: the same code paths in a minute.
-2. Runs `python sweep.py model=sdxl data.resolution=128 train.max_steps=2 train.batch_size=1` on the bundled photos
-   for each case, one job at a time, each in its own process probed from the inside (`python -m benchmarks.sdxl
-   job ...`): model load and set-up seconds, each step, the peak resident set (the kernel's high-water mark,
-   VmHWM, which includes file pages a loader mapped). The first job fills an empty latent/text cache.
-3. Counts the LoRA modules of each job's kohya file (kohya: 722 UNet, 264 text encoders, SGM names) and loads the
-   fp8_te job's file with diffusers' own `load_lora_weights`, collecting any warning about unexpected keys.
-4. Times train()'s step against the bare loop on the same weights (fp32, 128 px, batch 1; measure.py).
+Each job runs `sweep.py` in its own process, probed from the inside (`python -m benchmarks.sdxl job RECORD
+OVERRIDES...`). `--toy` takes the tiny model at 64 px: the same code paths in a minute.
 """
 
 from __future__ import annotations
