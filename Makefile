@@ -45,14 +45,14 @@ ui: $(STAMP)
 	$(BIN)/python -m lora_sweep ui $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI)) $(if $(PORT),--port $(PORT)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/cpu_bench.py
+	$(BIN)/python -m benchmarks.cpu $(ARGS)
 
 bench-gpu: $(STAMP)
-	$(BIN)/python benchmarks/gpu_bench.py
+	$(BIN)/python -m benchmarks.gpu $(ARGS)
 
 # SDXL base's real architecture with random weights (built once into the cache, ~6.9 GB): memory, load, steps, files.
 bench-sdxl: $(STAMP)
-	$(BIN)/python benchmarks/sdxl_bench.py $(ARGS)
+	$(BIN)/python -m benchmarks.sdxl $(ARGS)
 
 cache-clean: $(STAMP)
 	$(BIN)/python -m lora_sweep cache clean

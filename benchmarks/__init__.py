@@ -1,4 +1,3 @@
-"""lora-sweep's benchmarks: `make bench` (cpu_bench.py) and `make bench-gpu` (gpu_bench.py); results in BENCHMARKS.md.
-
-A package so the smoke test (tests/test_benchmarks.py) can import the measurement code it checks.
-"""
+"""lora-sweep's benchmarks, one suite in three parts: `make bench` (cpu.py), `make bench-gpu` (gpu.py) and
+`make bench-sdxl` (sdxl.py). They share measure.py (lora-sweep's train() timed against bare_loop.py) and report.py,
+the one writer of BENCHMARKS.md and benchmarks/results/; tests/test_benchmarks.py checks their logic."""

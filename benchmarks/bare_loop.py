@@ -1,11 +1,11 @@
-"""The yardstick: a bare diffusers + peft + torch SDXL LoRA training step, the way diffusers' training examples write
-it, with no lora-sweep code at all.
+"""The yardstick: a bare diffusers + peft + torch SDXL LoRA training step, as diffusers' training examples write it,
+with no lora-sweep code at all.
 
-Why it exists: "trainer overhead" (figure 1 of `make bench`) and the GPU comparison need a loop that does the same
-work as lora-sweep's step (same UNet, LoRA targets, rank, alpha, optimizer, clipping, precision, batch) and nothing
-else, so the ratio of the two step times is what lora-sweep's structure costs. It takes already-encoded inputs,
-like a run with cached latents and text embeddings. The kohya target set is written out here on purpose rather than
-imported: the smoke test checks that both sides wrap the same modules.
+The trainer-overhead figures divide lora-sweep's step time by this loop's, doing the same work (same UNet weights,
+LoRA targets, rank, alpha, AdamW, clipping, precision, inputs), so the ratio is what lora-sweep's structure costs.
+It takes encoded inputs, like a run with cached latents and text embeddings. It is an independent copy of the
+step's math on purpose: the kohya target set is written out here, not imported, and tests/test_benchmarks.py checks
+that it computes lora-sweep's loss and update.
 """
 
 from __future__ import annotations
@@ -33,20 +33,17 @@ class Batch:
 class BareLoop:
     """unet + LoRA + AdamW + DDPM noise + MSE, as a diffusers example trains it.
 
-    weight_dtype: the frozen base weights' dtype (the examples' `unet.to(weight_dtype)`); autocast_dtype: the
-    mixed-precision dtype or None for fp32; fp16 adds a GradScaler. LoRA params are kept in fp32.
+    The frozen weights are used in the dtype they come in; autocast_dtype is the mixed-precision dtype (None: fp32),
+    fp16 adds a GradScaler. LoRA params are kept in fp32.
     """
 
-    def __init__(self, unet, *, rank: int = 4, alpha: float = 1.0, lr: float = 1e-4, max_grad_norm: float = 1.0,
-                 weight_dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None,
-                 fused: bool | None = None) -> None:
+    def __init__(self, unet, *, rank: int, alpha: float, lr: float, max_grad_norm: float,
+                 autocast_dtype: torch.dtype | None = None, fused: bool | None = None) -> None:
         from diffusers import DDPMScheduler
         from peft import LoraConfig
 
         self.unet, self.max_grad_norm, self.autocast_dtype = unet, max_grad_norm, autocast_dtype
         unet.requires_grad_(False)
-        if weight_dtype != torch.float32:
-            unet.to(dtype=weight_dtype)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
                                     target_modules=KOHYA_UNET_TARGETS))
         self.params = [p for p in unet.parameters() if p.requires_grad]
@@ -80,22 +77,46 @@ class BareLoop:
         return loss.detach()
 
 
-def copy_lora_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:
-    """Give `target`'s LoRA tensors the values of `source`'s (same PEFT names); returns how many were copied.
+def lora_values(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the LoRA tensors of a PEFT-wrapped UNet, by name."""
+    return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
 
-    Both sides then start from the same LoRA init, so their losses can be compared step by step."""
-    wanted = {n: p for n, p in source.named_parameters() if "lora_" in n}
-    copied = 0
+
+def load_lora_values(unet: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Give `unet`'s LoRA tensors `values` (same PEFT names, every one of them)."""
+    own = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    if own.keys() != values.keys():
+        raise ValueError(f"LoRA tensors differ: {len(values)} given, {len(own)} in the UNet")
     with torch.no_grad():
-        for name, param in target.named_parameters():
-            if "lora_" in name:
-                param.copy_(wanted[name].to(param.device, param.dtype))
-                copied += 1
-    if copied != len(wanted):
-        raise ValueError(f"LoRA tensors differ: {len(wanted)} in source, {copied} copied into target")
-    return copied
+        for name, param in own.items():
+            param.copy_(values[name])
 
 
 def wrapped_modules(unet: torch.nn.Module) -> set[str]:
     """Names of the modules that carry a LoRA (to check two UNets got the same target set)."""
     return {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A" in n}
+
+
+def shared_bare_loop(s) -> BareLoop:
+    """A BareLoop beside lora-sweep's session `s`: a second UNet module tree holding s's own frozen tensors (no copy,
+    so one UNet is in memory), set up from s's config, starting from s's LoRA values."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = s.cfg
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(s.unet.config)
+    frozen = {name.replace(".base_layer.", "."): tensor for name, tensor in
+              [*s.unet.named_parameters(), *s.unet.named_buffers()] if "lora_" not in name}
+    unet.load_state_dict(frozen, strict=True, assign=True)
+    dtype = next(iter(frozen.values())).dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the bare loop has no {dtype} base weights (diffusers' examples have no fp8 training)")
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    bare = BareLoop(unet, rank=cfg.network.rank, alpha=cfg.network.alpha, lr=float(cfg.train.lr),
+                    max_grad_norm=cfg.train.max_grad_norm, autocast_dtype=None if dtype == torch.float32 else dtype,
+                    fused=cfg.optimizer.args.get("fused"))
+    if wrapped_modules(bare.unet) != wrapped_modules(s.unet):
+        raise AssertionError("the bare loop and lora-sweep put LoRA on different modules")
+    load_lora_values(bare.unet, lora_values(s.unet))
+    return bare

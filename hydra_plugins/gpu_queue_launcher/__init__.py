@@ -16,9 +16,9 @@ per job; the child runs the job and exits. A crash, an OOM kill or a leaked CUDA
 fork server never initialises CUDA (it only imports; if an import does initialise it, the launcher logs which one
 and falls back to `spawn`) and runs no OpenMP parallel region, which a forked child could not reuse. An entry
 that fails to import is logged and skipped. OpenMP read OMP_NUM_THREADS when the server imported torch, so to
-limit a job's CPU threads call torch.set_num_threads in the job. Measured (benchmarks/queue_overhead.py, 2-core
-CPU box, preload torch + diffusers' SDXL pipeline + peft): about 0.2 s from a free slot to the task function,
-against about 12 s for a fresh interpreter.
+limit a job's CPU threads call torch.set_num_threads in the job. Measured (`make bench`, figure 3 of BENCHMARKS.md,
+2-core CPU box, conf/'s preload): about 0.45 s from a free slot to a lora-sweep job's MLflow run, against 10-12 s
+for a fresh interpreter.
 
 Protocols between the launcher and a job (the job side is optional: a job that ignores them still runs):
 

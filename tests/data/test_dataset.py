@@ -108,14 +108,6 @@ def test_a_clean_dataset_has_no_problems_and_no_warnings(tmp_path):
     assert not scan.problems and not scan.fallbacks and scan.items[0].repeats == 5
 
 
-def test_scan_benchmark_runs_small():
-    """benchmarks/scan_bench.py (the header-only scan figure) at a toy size; the figure itself is a benchmark."""
-    from benchmarks.scan_bench import main
-
-    result = main(["--images", "3", "--size", "64", "--repeats", "1"])
-    assert result["images"] == 3 and {"header_scan_s", "full_decode_s", "meets_target"} <= set(result)  # no timing
-
-
 def test_pointing_at_a_repeats_folder_itself_says_so(tmp_path):
     image(tmp_path / "10_mychar" / "a.png", caption="a")
     scan = inspect_folder(tmp_path / "10_mychar")
