@@ -39,8 +39,9 @@ def cache_reuse(work: Path, variants: list[str] | None = None) -> dict:
     import torch
 
     from lora_sweep.data.dataset import scan_folder
+    from lora_sweep.data.photos import data_folder
     from lora_sweep.data.prepare import prepare_examples
-    from lora_sweep.training.session import data_folder, load_parts
+    from lora_sweep.training.session import load_parts
 
     names = variants or sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("v*.yaml"))
     configs = [compose("preset=demo", f"experiment={name}") for name in names]
@@ -89,17 +90,18 @@ class _Clock(NullSink):
 def tracking_overhead(steps: int, batch_size: int, work: Path, flush_every: int | None = None) -> dict:
     """Figure 4: a real `train()` logging to a fresh sqlite store through lora-sweep's RunLogger; the MLflow seconds
     inside the loop (RunLogger.seconds_in_mlflow) over the loop's wall time, and the one-off MLflow seconds."""
-    from lora_sweep import tracking
+    from lora_sweep.tracking.logger import RunLogger
+    from lora_sweep.tracking.store import ROLE
+    from lora_sweep.tracking.store import client as mlflow_client
     from lora_sweep.training.train import train
 
     extra = [] if flush_every is None else [f"tracking.flush_every={flush_every}"]
     cfg = compose(f"train.max_steps={steps}", f"train.batch_size={batch_size}", "precision=fp32", *extra)
     store = Path(tempfile.mkdtemp(prefix="fig4-mlflow-", dir=work))
     started = time.perf_counter()
-    client = tracking.client(f"sqlite:///{store / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{store / 'mlflow.db'}")
     exp_id = client.create_experiment("bench-tracking", artifact_location=(store / "artifacts").as_uri())
-    logger = tracking.RunLogger.start(client, exp_id, name="bench", tags={tracking.ROLE: "job"},
-                                      flush_every=cfg.tracking.flush_every)
+    logger = RunLogger.start(client, exp_id, name="bench", tags={ROLE: "job"}, flush_every=cfg.tracking.flush_every)
     setup_s = time.perf_counter() - started
     sink = _Clock(logger)
     train(cfg, output_dir=work / "fig4-out", sink=sink)
