@@ -35,7 +35,6 @@ from lora_sweep.training import checkpoint, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training.checkpoint import Position
-from lora_sweep.training.failures import inject_fault, parse_fault
 from lora_sweep.training.session import Session, batches_per_epoch, build_session, num_epochs
 
 log = logging.getLogger(__name__)
@@ -79,8 +78,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random) -> loss_lib.LossTerms:
-    """Forward one micro-batch and return kohya's weighted loss terms."""
+def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step: int) -> loss_lib.LossTerms:
+    """Forward one micro-batch (example indices `batch`) and return kohya's weighted loss terms. `step`: the
+    optimizer step (1-based) it counts towards; the loss does not depend on it, a wrapper of this function reads it."""
     cfg, device = s.cfg, s.device
     examples = [s.prepared.examples[i] for i in batch]
     flips = [bool(e.latents_flipped is not None and flip_rng.random() < 0.5) for e in examples]
@@ -134,7 +134,6 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
         stopped = pos.step >= max_steps and not s.after_step(pos.step, final=True)
     else:
         stopped = not s.after_step(0) or should_stop()  # a stop during step 0's evaluation: nothing to save
-    fault = parse_fault(cfg.train.debug_fault)
     window: list[loss_lib.LossTerms] = []
     pending, skipped_in_a_row = 0, 0
     started, start_step, start_images = time.perf_counter(), pos.step, pos.images_seen
@@ -144,8 +143,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
         batches = bucket_batches(s.batch_buckets, cfg.train.batch_size, cfg.train.seed, epoch)
         for i in range(pos.batch_index, len(batches)):
             last_of_epoch = i == len(batches) - 1
-            terms = micro_batch_loss(s, [s.batch_items[j] for j in batches[i]], flip_rng)
-            terms = inject_fault(fault, pos.step + 1, terms, s, when="loss")
+            terms = micro_batch_loss(s, [s.batch_items[j] for j in batches[i]], flip_rng, pos.step + 1)
             pending, pos.images_seen = pending + 1, pos.images_seen + len(batches[i])
             if torch.isfinite(terms.loss):
                 s.scaler.scale(terms.loss / accum).backward()
@@ -155,7 +153,6 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             if pending < accum and not last_of_epoch:
                 continue
             pending = 0
-            inject_fault(fault, pos.step + 1, terms, s, when="grad")
             norm = None if s.scaler.is_enabled() or not window else precision.grad_total_norm(s.params)
             finite = bool(window) and grads_finite(s, pos.step + 1, epoch, last_state, norm)
             stepped = finite and precision.scaled_step(s.scaler, s.optimizer, s.params, cfg.train.max_grad_norm, norm)

@@ -68,7 +68,7 @@ def watched(session, monkeypatch):
             seen.clear()
             batch = [session.batch_items[0], session.batch_items[1]]
             with torch.no_grad():
-                terms = train_lib.micro_batch_loss(session, batch, random.Random(0))
+                terms = train_lib.micro_batch_loss(session, batch, random.Random(0), 1)
             seen["terms"], seen["cached"] = terms, torch.stack([session.prepared.examples[i].latents for i in batch])
             return seen
         finally:
