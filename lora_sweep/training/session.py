@@ -41,7 +41,8 @@ from lora_sweep.model.network import (
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, split_validation
-from lora_sweep.training.loss import one_timestep_per_batch
+from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
+from lora_sweep.training.noise import NoiseOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class Session:
     scaler: Any
     alphas_cumprod: torch.Tensor
     vae_scale: float
-    one_timestep_per_batch: bool
+    noise_options: NoiseOptions
+    loss_options: LossOptions
     lora: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trained tensors by name (for states)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
@@ -296,8 +298,26 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
         optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
         alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
-        one_timestep_per_batch=one_timestep_per_batch(cfg.loss.type, cfg.loss.per_sample_timesteps),
+        noise_options=noise_options(cfg), loss_options=loss_options(cfg),
     )
+
+
+def noise_options(cfg) -> NoiseOptions:
+    """The `noise` group (and v0.8.7's one timestep per batch for huber / smooth_l1) as the noise step takes it."""
+    n = cfg.noise
+    return NoiseOptions(
+        offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=n.adaptive_scale,
+        multires_iterations=n.multires_iterations, multires_discount=n.multires_discount, ip_gamma=n.ip_gamma,
+        ip_gamma_random_strength=n.ip_gamma_random_strength,
+        one_timestep_per_batch=one_timestep_per_batch(cfg.loss.type, cfg.loss.per_sample_timesteps),
+        min_timestep=n.min_timestep, max_timestep=n.max_timestep)
+
+
+def loss_options(cfg) -> LossOptions:
+    """The `loss` group and model.v_prediction as the loss takes them."""
+    lo = cfg.loss
+    return LossOptions(loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
+                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction)
 
 
 def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:

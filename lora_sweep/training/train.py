@@ -81,7 +81,7 @@ def seed_everything(seed: int) -> None:
 def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step: int) -> loss_lib.LossTerms:
     """Forward one micro-batch (example indices `batch`) and return kohya's weighted loss terms. `step`: the
     optimizer step (1-based) it counts towards; the loss does not depend on it, a wrapper of this function reads it."""
-    cfg, device = s.cfg, s.device
+    device = s.device
     examples = [s.prepared.examples[i] for i in batch]
     flips = [bool(e.latents_flipped is not None and flip_rng.random() < 0.5) for e in examples]
     pairs = list(zip(examples, flips, strict=True))
@@ -93,28 +93,16 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
     with precision.autocast(s.policy, device.type):
         context, pooled = s.text_for(examples)
     # kohya draws the noise and builds x_t outside autocast (CUDA autocast would compute x_t in fp32).
-    n = noise_lib.kohya_noisy_latents(
-        latents, s.alphas_cumprod,
-        offset=cfg.noise.offset, offset_random_strength=cfg.noise.offset_random_strength,
-        adaptive_scale=cfg.noise.adaptive_scale, multires_iterations=cfg.noise.multires_iterations,
-        multires_discount=cfg.noise.multires_discount, ip_gamma=cfg.noise.ip_gamma,
-        ip_gamma_random_strength=cfg.noise.ip_gamma_random_strength,
-        one_timestep_per_batch=s.one_timestep_per_batch,
-        min_timestep=cfg.noise.min_timestep, max_timestep=cfg.noise.max_timestep,
-    )
+    n = noise_lib.kohya_noisy_latents(latents, s.alphas_cumprod, s.noise_options)
     with precision.autocast(s.policy, device.type):
         pred = s.unet(
             n.noisy_latents.to(s.policy.latent_dtype), n.timesteps, context,  # kohya sdxl call_unet: .to(weight_dtype)
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)},
         ).sample
     target = n.noise
-    if cfg.model.v_prediction:
+    if s.loss_options.v_prediction:
         target = s.noise_scheduler.get_velocity(latents, n.noise, n.timesteps)
-    return loss_lib.kohya_loss(
-        pred.float(), target.float(), n.timesteps, s.alphas_cumprod,
-        loss_type=cfg.loss.type, huber_schedule=cfg.loss.huber_schedule, huber_c=cfg.loss.huber_c,
-        min_snr_gamma=cfg.loss.min_snr_gamma, debiased=cfg.loss.debiased, v_prediction=cfg.model.v_prediction,
-    )
+    return loss_lib.kohya_loss(pred.float(), target.float(), n.timesteps, s.alphas_cumprod, s.loss_options)
 
 
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,

@@ -12,6 +12,7 @@ autocast state seen by the noise step and the dtypes of its input and of the U-N
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -45,11 +46,11 @@ def watched(session, monkeypatch):
     seen: dict = {}
     real_noise = noise_lib.kohya_noisy_latents
 
-    def noise_step(latents, *args, **kwargs):
+    def noise_step(latents, alphas_cumprod, options, **kwargs):
         seen["autocast_in_noise"] = torch.is_autocast_enabled("cpu")
         seen["x0"] = latents
-        seen["bounds"] = (kwargs.get("min_timestep"), kwargs.get("max_timestep"))
-        seen["noisy"] = real_noise(latents, *args, **kwargs)
+        seen["bounds"] = (options.min_timestep, options.max_timestep)
+        seen["noisy"] = real_noise(latents, alphas_cumprod, options, **kwargs)
         return seen["noisy"]
 
     def unet_input(module, args, kwargs):
@@ -58,12 +59,11 @@ def watched(session, monkeypatch):
 
     monkeypatch.setattr(noise_lib, "kohya_noisy_latents", noise_step)
     handle = session.unet.register_forward_pre_hook(unet_input, with_kwargs=True)
-    original_policy = session.policy
+    original_policy, original_noise = session.policy, session.noise_options
 
     def run(name: str, **noise_overrides):
         session.policy = PRECISIONS[name]
-        saved = {k: session.cfg.noise[k] for k in noise_overrides}
-        session.cfg.noise.update(noise_overrides)
+        session.noise_options = dataclasses.replace(original_noise, **noise_overrides)
         try:
             seen.clear()
             batch = [session.batch_items[0], session.batch_items[1]]
@@ -72,7 +72,7 @@ def watched(session, monkeypatch):
             seen["terms"], seen["cached"] = terms, torch.stack([session.prepared.examples[i].latents for i in batch])
             return seen
         finally:
-            session.cfg.noise.update(saved)
+            session.noise_options = original_noise
 
     yield run
     handle.remove()
