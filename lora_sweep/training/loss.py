@@ -169,7 +169,7 @@ def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
     """kohya v0.8.7's loss: element loss -> mean over (C, h, w) -> x sample_weights (kohya's prior_loss_weight per
     sample, optional) -> x min-SNR (if gamma) -> x debiased (if set) -> batch mean. min-SNR and debiased multiply
     when both are on. `pred` and `target` (B, C, h, w); `target` is eps, or the velocity under v-prediction
-    (`lora_sweep.training.noise.velocity_target`).
+    (`lora_sweep.training.noise.prediction_target`).
     """
     o = options
     timesteps = timesteps.to(pred.device)

@@ -140,6 +140,13 @@ def velocity_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     return sqrt_abar * noise - sqrt_one_minus_abar * latents
 
 
+def prediction_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """What the U-Net learns to predict (docs/kohya-reference.md §1): eps, or under v-prediction the velocity
+    `velocity_target(latents, noise, ...)`, with abar in the latents' dtype. Shape (B, C, h, w) of the latents."""
+    return velocity_target(latents, noise, timesteps, alphas_cumprod) if v_prediction else noise
+
+
 def sample_timesteps(batch_size: int, *, one_per_batch: bool, min_timestep: int, max_timestep: int,
                      device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
     """t ~ randint(min, max) (upper bound excluded), LongTensor (B,).

@@ -75,8 +75,18 @@ class Session:
         return self.parts.unet
 
     @property
-    def noise_scheduler(self):
-        return self.parts.noise_scheduler
+    def v_prediction(self) -> bool:
+        return self.loss_options.v_prediction
+
+    def unet_forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                     pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The SDXL U-Net's prediction (B, C, h, w) for x_t at `timesteps` (B,), with the text context (B, 77, 2048),
+        the pooled text embedding (B, 1280) and the size conditioning `time_ids` (B, 6), under autocast. As kohya's
+        sdxl call_unet: x_t is cast to weight_dtype and time_ids to the pooled embedding's dtype
+        (docs/kohya-reference.md §4 and §7)."""
+        with precision.autocast(self.policy, self.device.type):
+            return self.unet(noisy_latents.to(self.policy.latent_dtype), timesteps, context, added_cond_kwargs={
+                "text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}).sample
 
     def text_for(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached embeddings when the text encoders are frozen; otherwise encode now (with grads if trained)."""

@@ -94,14 +94,8 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
         context, pooled = s.text_for(examples)
     # kohya draws the noise and builds x_t outside autocast (CUDA autocast would compute x_t in fp32).
     n = noise_lib.kohya_noisy_latents(latents, s.alphas_cumprod, s.noise_options)
-    with precision.autocast(s.policy, device.type):
-        pred = s.unet(
-            n.noisy_latents.to(s.policy.latent_dtype), n.timesteps, context,  # kohya sdxl call_unet: .to(weight_dtype)
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)},
-        ).sample
-    target = n.noise
-    if s.loss_options.v_prediction:
-        target = s.noise_scheduler.get_velocity(latents, n.noise, n.timesteps)
+    pred = s.unet_forward(n.noisy_latents, n.timesteps, context, pooled, time_ids)
+    target = noise_lib.prediction_target(latents, n.noise, n.timesteps, s.alphas_cumprod, s.v_prediction)
     return loss_lib.kohya_loss(pred.float(), target.float(), n.timesteps, s.alphas_cumprod, s.loss_options)
 
 
