@@ -53,7 +53,7 @@ class Session:
     cfg: Any
     device: torch.device
     output_dir: Path
-    sink: Any
+    sink: Any  # a train.Sink
     parts: model_lib.SDXLParts
     policy: precision.PrecisionPolicy
     prepared: Prepared
@@ -304,9 +304,8 @@ def frozen_encoders_on(parts: model_lib.SDXLParts, device: torch.device, *, text
 
 def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
     """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
-    scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log).
-    A sink without `warn` (a test's) is told nothing."""
-    if paths and hasattr(sink, "warn"):
+    scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log)."""
+    if paths:
         sink.warn(Fallback(setting, "images whose pixels failed to decode (truncated or corrupt after a valid header): "
                            "skipped (counted in data.skipped_images)", tuple(paths), "Re-save them as PNG or JPEG."))
 

@@ -24,30 +24,40 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from lora_sweep.data.buckets import bucket_batches, format_histogram
 from lora_sweep.data.dataset import FolderScan
-from lora_sweep.errors import UserError
+from lora_sweep.errors import Fallback, UserError
 from lora_sweep.training import checkpoint, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training.checkpoint import Position
 from lora_sweep.training.session import Session, batches_per_epoch, build_session, num_epochs
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
 log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
-    """Where a training reports to (run.py implements it with MLflow and the queue's status file)."""
+    """Where a training reports to: job.status.JobSink (the MLflow run, the progress bar, the queue's status file)."""
 
-    def params(self, values: dict) -> None: ...
-    def metrics(self, values: dict, step: int) -> None: ...
+    def params(self, values: dict[str, Any]) -> None: ...
+    def metrics(self, values: dict[str, float], step: int) -> None: ...
+    # the file is copied (or uploaded) when this returns: the caller may overwrite it
     def artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def image(self, image: Image, key: str, step: int) -> None: ...
+    # loss: the mean loss of the last step (NaN before the first); speed: e.g. "1.52 it/s"
     def progress(self, step: int, max_steps: int, loss: float, speed: str) -> None: ...
+    # a fallback found while training (an image that fails to decode), as the pre-flight's warnings
+    def warn(self, fallback: Fallback) -> None: ...
+    # every metric logged so far is stored when this returns (before a state is written)
+    def flush(self) -> None: ...
 
 
 class NonFiniteLoss(RuntimeError):
@@ -200,9 +210,7 @@ def resume(s: Session, path: Path, flip_rng: random.Random) -> Position:
 
 def write_state(s: Session, states: StateTarget, pos: Position, flip_rng: random.Random) -> Path:
     """Metrics up to this step reach MLflow before the state exists, so a resumed run never misses a step."""
-    flush = getattr(s.sink, "flush", None)
-    if flush is not None:
-        flush()
+    s.sink.flush()
     return checkpoint.save_state(
         states.folder, lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, scaler=s.scaler,
         position=pos, rng=checkpoint.capture_rng(flip_rng), config_hash=states.config_hash, run_id=states.run_id,

@@ -17,7 +17,7 @@ import random
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import RecordingSink, compose_config
 
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training import train as train_lib
@@ -25,19 +25,12 @@ from lora_sweep.training.precision import PRECISIONS
 from lora_sweep.training.session import build_session
 
 
-class _Sink:
-    def params(self, values): pass
-    def metrics(self, values, step): pass
-    def artifact(self, path, artifact_path=None): pass
-    def progress(self, step, max_steps, loss, speed): pass
-
-
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """One fp32 session; each test swaps in the precision policy it looks at (the step reads only its dtypes)."""
     cfg = compose_config("train.max_steps=1", "train.batch_size=2", "train.device=cpu")
     torch.manual_seed(0)
-    return build_session(cfg, output_dir=tmp_path_factory.mktemp("step"), sink=_Sink())
+    return build_session(cfg, output_dir=tmp_path_factory.mktemp("step"), sink=RecordingSink())
 
 
 @pytest.fixture
@@ -142,7 +135,7 @@ def test_the_scans_a_caller_made_are_not_made_again(tmp_path, monkeypatch):
     monkeypatch.setattr(session_lib, "scan_folder", lambda *args, **kwargs: pytest.fail("scanned again"))
     seen = {}
     monkeypatch.setattr(session_lib, "log_data", lambda cfg, data, sink, output_dir: seen.update(data=data))
-    result = train_lib.train(cfg, output_dir=tmp_path / "out", sink=_Sink(), scan=scan,
+    result = train_lib.train(cfg, output_dir=tmp_path / "out", sink=RecordingSink(), scan=scan,
                              validation_scan=validation_scan)
     assert result.steps == 1 and seen["data"].scan is scan
     assert [e.item.path.name for e in seen["data"].validation] == ["a.png"]
