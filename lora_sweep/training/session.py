@@ -76,6 +76,12 @@ class Session:
         return self.parts.unet
 
     @property
+    def epochs(self) -> int:
+        """kohya's num_train_epochs: the epochs train.max_steps updates reach (the last one may be partial)."""
+        t = self.cfg.train
+        return num_epochs(t.max_steps, batches_per_epoch(self.batch_buckets, t.batch_size), t.grad_accum)
+
+    @property
     def v_prediction(self) -> bool:
         return self.loss_options.v_prediction
 

@@ -112,6 +112,19 @@ def test_skip_step_fails_the_run_after_a_bounded_run_of_skipped_steps(tmp_path, 
     assert strict.status == "FAILED" and "skipped 1 optimizer steps in a row" in strict.reason  # 1: no skip at all
 
 
+def test_fp16_overflows_are_skipped_by_the_loss_scaler_and_do_not_count_as_non_finite(tmp_path, mlflow_uri):
+    """Under fp16 an inf gradient is what an overflow leaves: the loss scaler skips that update and halves its
+    scale; train.on_nan is not involved (a bound of 1 would fail the run at a counted skip)."""
+    with fault("inf_grad", 2):
+        outcome = tiny_job(tmp_path, "precision=fp16", "train.on_nan=skip_step", "train.max_consecutive_skips=1")
+    assert outcome.status == "FINISHED"
+    client = MlflowClient(mlflow_uri)
+    skipped = sorted((m.step, m.value) for m in client.get_metric_history(outcome.run_id, "train/skipped_steps"))
+    assert skipped == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    scale = dict((m.step, m.value) for m in client.get_metric_history(outcome.run_id, "train/loss_scale"))
+    assert scale[2] == scale[1] / 2 and scale[3] == scale[2]
+
+
 def test_out_of_memory_fails_the_job_with_the_memory_knobs_and_returns(tmp_path, mlflow_uri, monkeypatch):
     status_file = tmp_path / "status.json"
     monkeypatch.setenv("GPU_QUEUE_STATUS_FILE", str(status_file))
