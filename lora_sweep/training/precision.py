@@ -13,7 +13,7 @@ the path a GPU runs):
 - fp8-stored weights get a forward pre-hook that puts an upcast copy (compute dtype) in place of the stored tensor
   for the duration of the module's forward, as a new tensor; a forward hook puts the stored one back. On CUDA,
   kohya relies on autocast to do that cast per op; e4m3fn values are exact in fp16 and bf16, so the numbers are
-  the same. The tensor is swapped, never `.data` (swapping `.data` breaks backward, stack-notes), and names,
+  the same. The tensor is swapped, never `.data` (swapping `.data` breaks backward), and names,
   `state_dict()` keys and storage are unchanged outside a forward.
 - Norm layers (GroupNorm, LayerNorm, ...) stored in a reduced dtype get the same hook upcasting to fp32. CUDA
   autocast runs group_norm/layer_norm in fp32 itself; CPU autocast does not, and there a GroupNorm with fp8

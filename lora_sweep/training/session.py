@@ -1,9 +1,10 @@
 """Everything one training holds: model parts with LoRA, examples, optimizer, precision policy; built in one place.
 
-`build_session` does the set-up in kohya's order (load model -> prepare data with the frozen encoders -> add LoRA ->
-store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop. Each
-component is read in the dtype it is stored in (or its checkpoint's), and LoRA and casts happen on the CPU before the
-U-Net (and the text encoders the step runs) go to the training device (placement.py has the table).
+`build_session` does the set-up in kohya's order, one named step each: `load_parts` -> `prepare_data` (with the
+frozen encoders) -> `attach_lora` (and the base weights in the training precision) -> `make_optimizer` ->
+`evaluation_hooks`, so `train.py` is only the loop. Each component is read in the dtype it is stored in (or its
+checkpoint's), and LoRA and casts happen on the CPU before the U-Net (and the text encoders the step runs) go to the
+training device (placement.py has the table).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Session:
+    """What the loop needs: the config, the model parts with LoRA, the examples, the optimizer and its schedule, the
+    precision policy and loss scaler, the noise and loss options, the evaluation hooks and where to report."""
+
     cfg: Any
     device: torch.device
     output_dir: Path

@@ -73,6 +73,8 @@ class StateTarget:
 
 @dataclass
 class TrainResult:
+    """How a training ended: `files` the final LoRA ("kohya", "diffusers"; none when stopped before step 1)."""
+
     final_loss: float | None  # the mean loss of the last logging window; None when no step was taken
     steps: int
     stopped_early: bool
@@ -81,6 +83,7 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (CPU and CUDA), as accelerate's set_seed does for kohya."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
