@@ -115,9 +115,6 @@ class TrainConfig:
     # would otherwise skip every step and end FINISHED with a useless LoRA).
     max_consecutive_skips: int = 10
     device: str = "auto"  # auto | cpu | cuda
-    # testing aid: "nan_loss@STEP" | "inf_grad@STEP" | "oom@STEP" (STEP+ : that step and every later one) |
-    # "setup_error" | "setup_crash" (a user error / a bug in a job's set-up, before its MLflow run exists)
-    debug_fault: str | None = None
 
 
 @dataclass
@@ -211,7 +208,6 @@ _HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs
     "train.save_every",
     "train.save_every_epochs",
     "train.state_dir",
-    "train.debug_fault",
     "train.max_consecutive_skips",  # a run either ends as it would without the bound, or fails
     "train.device",
     "data.cache_dir",

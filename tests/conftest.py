@@ -57,6 +57,42 @@ def kohya_scheduler_alphas_cumprod():
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+class RecordingSink:
+    """The trainer's `Sink` (lora_sweep.training.train.Sink) for tests: keeps what a training reports. `logged`:
+    metrics as {"key@step": value}; `artifacts`: (file name, artifact path, bytes when logged); `images`: (key,
+    step, size)."""
+
+    def __init__(self) -> None:
+        self.logged_params: dict = {}
+        self.logged: dict = {}
+        self.artifacts: list[tuple[str, str | None, int]] = []
+        self.images: list[tuple[str, int, tuple[int, int]]] = []
+        self.fallbacks: list = []
+        self.steps: list[int] = []
+        self.flushes = 0
+
+    def params(self, values) -> None:
+        self.logged_params.update(values)
+
+    def metrics(self, values, step) -> None:
+        self.logged.update({f"{key}@{step}": value for key, value in values.items()})
+
+    def artifact(self, path, artifact_path=None) -> None:
+        self.artifacts.append((Path(path).name, artifact_path, Path(path).stat().st_size))
+
+    def image(self, image, key, step) -> None:
+        self.images.append((key, step, image.size))
+
+    def progress(self, step, max_steps, loss, speed) -> None:
+        self.steps.append(step)
+
+    def warn(self, fallback) -> None:
+        self.fallbacks.append(fallback)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
 class GridCells(HTMLParser):
     """Collects the <img> cells of the sample grid with their data-* attributes."""
 

@@ -255,15 +255,6 @@ def test_a_misspelt_node_keeps_the_rest_of_the_key():
     assert problem.startswith("optimizer.arg.eps is not a setting. Did you mean optimizer.args.eps? The optimizer")
 
 
-def test_internal_settings_are_neither_listed_nor_suggested():
-    """A testing aid (debug_fault) is not in "The train settings are: ..."; it still works when set."""
-    from lora_sweep.checks.command_line import command_line_problems
-
-    (problem,) = command_line_problems(["train.debug_fult=1"])
-    assert "debug_fault" not in problem and "The train settings are: max_steps" in problem
-    assert command_line_problems(["train.debug_fault=nan_loss@2"]) == []
-
-
 def test_a_misspelt_launcher_setting_names_the_active_launchers_settings():
     """`hydra.launcher.cpu_slot=2` gets a suggestion and the list, not a bare "is not a setting."."""
     from hydra import compose, initialize_config_dir

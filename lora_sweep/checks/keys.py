@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from lora_sweep.config import CONF_DIR, Config, flatten, to_container
 
 FREE_FORM = ("optimizer.args",)  # Dict[str, Any] fields: any key goes (kohya's --optimizer_args), checked elsewhere
-INTERNAL = ("train.debug_fault",)  # valid, never listed or suggested: a testing aid (lora_sweep/training/failures.py)
 # kohya's flag names (README, the schema's comments) for settings named otherwise here, so that a kohya user's name
 # finds ours: `network.dim` or `network_dim` -> network.rank. `<group>.<rest>` also matches `<group>_<rest>`.
 KOHYA_NAMES = {
@@ -36,11 +35,6 @@ KOHYA_NAMES = {
 def schema_keys() -> list[str]:
     """Every setting of the schema, dotted (`noise.offset`, ..., `optimizer.args` for the free-form map)."""
     return list(_schema_keys())
-
-
-def public_keys() -> list[str]:
-    """The settings a message may list or suggest: the schema's, less `INTERNAL`."""
-    return [k for k in _schema_keys() if k not in INTERNAL]
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,10 +102,10 @@ def closest_keys(key: str, candidates: list[str] | None = None, n: int = 3) -> l
     """The settings a misspelt `key` meant: with a misspelt node, the same key under the closest node
     (`optimizer.arg.eps` -> `optimizer.args.eps`); kohya's name of a setting (`network.dim` -> `network.rank`);
     else the settings spelt most like it (difflib), its siblings first (`noise.ofset` -> `noise.offset`), then any
-    setting (`noise.huber_c` -> `loss.huber_c`). Internal settings are never suggested."""
+    setting (`noise.huber_c` -> `loss.huber_c`)."""
     import difflib
 
-    candidates = [c for c in (candidates if candidates is not None else schema_keys()) if c not in INTERNAL]
+    candidates = list(candidates if candidates is not None else schema_keys())
     kohya = kohya_name(key)
     exact = _respelt(key, candidates) + ([kohya] if kohya in candidates and kohya != key else [])
     if exact:
@@ -129,7 +123,7 @@ def unknown_key_message(key: str, *, added: bool = False, known: list[str] | Non
     of the node the key was looked up in, for a key outside the schema (`hydra.launcher.cpu_slot`: the active
     launcher's settings)."""
     added_text = f": '+{key}=...' adds it, but nothing reads it, so the run would train without it" if added else ""
-    keys = public_keys() if known is None else known
+    keys = schema_keys() if known is None else known
     if known is None and "." not in key:  # `nosie=offset`: a config group or a node of settings was meant
         import difflib
 

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 
 from lora_sweep.errors import ConfigError, Problems, UserError, problem_messages
 from lora_sweep.paths import absolute
-from lora_sweep.training.failures import FAULT_CHOICES, FAULT_SPEC
 
 MODELS = ("tiny", "sdxl")
 DATASETS = ("photos", "folder")
@@ -120,8 +119,6 @@ def _checks(cfg) -> list[Callable[[], None]]:
             "command was started in)", "auto, never, a state file (state-step*.pt) or a run's state folder"),
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
-        lambda: t.debug_fault is None or FAULT_SPEC.fullmatch(t.debug_fault) or _fail(
-            "train.debug_fault", t.debug_fault, f"null or {FAULT_CHOICES}"),
         lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
         lambda: _enum("sweep.on_busy", cfg.sweep.on_busy, ON_BUSY),
         lambda: _positive("sampling.every", s.every, allow_zero=True),

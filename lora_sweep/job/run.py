@@ -53,10 +53,7 @@ from lora_sweep.training.checkpoint import (
     resolve_state_arg,
     run_folder,
 )
-from lora_sweep.training.failures import (
-    failure_reason,
-    raise_setup_fault,
-)
+from lora_sweep.training.failures import failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +189,6 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
     resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
-    raise_setup_fault(cfg.train.debug_fault)
     return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, resume_from, continued_run, checked)
 
 

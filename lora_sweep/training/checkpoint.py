@@ -1,4 +1,10 @@
-"""Training states: everything needed to continue a training as if it had never stopped.
+"""What a training saves to go on later: kohya's LoRA checkpoints and training states, and resuming from one.
+
+`Checkpoints` is the loop's collaborator (docs/kohya-reference.md §6): every `train.save_every` steps a LoRA
+`<output_name>-step00000500.safetensors` and a state; at the end of epoch e (1-based) when e % train.save_every_epochs
+== 0 and e is not the last epoch, a LoRA `<output_name>-00000e.safetensors` and a state; a state at the end and on a
+stop; the newest `train.keep_states` states are kept. A state restores the loop exactly, so a resumed training
+computes the same numbers as one that never stopped.
 
 A state is one file, `state-step00000500.pt`, written after optimizer step 500 through `atomic.write_with` (a
 temporary name in the same folder, then a rename), so a kill mid-write leaves the previous states untouched and no
@@ -119,6 +125,57 @@ class ConfigLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+class Checkpoints:
+    """The LoRA files and training states of one training. `s`: its Session; `target`: a train.StateTarget (folder,
+    run id, config hash, the state to resume from), or None to write no states; `flip_rng`: the loop's flip RNG,
+    saved and restored with the others. `last_state`: the newest state written or resumed (None: none yet)."""
+
+    def __init__(self, s: Any, target: Any | None, flip_rng: random.Random):
+        self.s, self.target, self.flip_rng = s, target, flip_rng
+        self.last_state: Path | None = None
+
+    def resume(self) -> Position:
+        """Where the loop starts: a fresh Position, or the state `target.resume_from` put back into the freshly built
+        session (after every set-up draw from the RNGs). UserError if the state is beyond train.max_steps."""
+        if self.target is None or self.target.resume_from is None:
+            return Position()
+        s, path = self.s, self.target.resume_from
+        pos = restore(load_state(path), lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler,
+                      scaler=s.scaler, flip_rng=self.flip_rng)
+        if pos.step > s.cfg.train.max_steps:
+            raise UserError(f"train.resume: the state '{path}' is at step {pos.step}, beyond train.max_steps="
+                            f"{s.cfg.train.max_steps}.")
+        log.info("resumed from %s: step %d, epoch %d, batch %d", path, pos.step, pos.epoch + 1, pos.batch_index)
+        self.last_state = path
+        return pos
+
+    def after_step(self, pos: Position, epoch: int, last_of_epoch: bool, final: bool) -> None:
+        """After optimizer step `pos.step` of `epoch` (0-based): the LoRA files due, and a state with them, or at the
+        end of the loop (`final`: train.max_steps reached, or a stop)."""
+        if (self._lora_files(pos.step, epoch + 1, last_of_epoch) or final) and self.target is not None:
+            self.last_state = self._state(pos)
+
+    def _lora_files(self, step: int, done: int, last_of_epoch: bool) -> bool:
+        """kohya's `-step00000500` and `-000005` files when due (`done`: epochs done, 1-based); True if any."""
+        s, t = self.s, self.s.cfg.train
+        by_step = bool(t.save_every) and step % t.save_every == 0
+        by_epoch = last_of_epoch and bool(t.save_every_epochs) and done % t.save_every_epochs == 0 and done < s.epochs
+        if by_step:
+            s.save_checkpoint(f"{t.output_name}-step{step:08d}.safetensors", steps=step, epoch=done)
+        if by_epoch:
+            s.save_checkpoint(f"{t.output_name}-{done:06d}.safetensors", steps=step, epoch=done)
+        return by_step or by_epoch
+
+    def _state(self, pos: Position) -> Path:
+        """The metrics up to this step reach the run before the state exists, so a resumed run never misses a step."""
+        s, target = self.s, self.target
+        s.sink.flush()
+        return save_state(
+            target.folder, lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, scaler=s.scaler,
+            position=pos, rng=capture_rng(self.flip_rng), config_hash=target.config_hash, run_id=target.run_id,
+            keep=s.cfg.train.keep_states)
 
 
 def state_path(folder: Path, step: int) -> Path:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_sweep.training import precision
-from lora_sweep.training.noise import add_noise, velocity_target
+from lora_sweep.training.noise import add_noise, prediction_target, scale_cached_latents
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +153,18 @@ class Validator:
         rows = []
         try:
             timesteps = torch.tensor(self.timesteps, device=s.device)
+            n = len(self.timesteps)
             for example, noise in zip(self.examples, self.noise, strict=True):
                 if s.should_stop():
                     return None
-                x0 = (example.latents * s.vae_scale).unsqueeze(0).to(s.device, s.policy.latent_dtype)
-                x0 = x0.expand(len(self.timesteps), *x0.shape[1:])
+                x0 = scale_cached_latents(example.latents.unsqueeze(0).to(s.device), s.vae_scale,
+                                          s.policy.latent_dtype).expand(n, *example.latents.shape)
                 eps = noise.to(s.device, x0.dtype)
-                noisy = add_noise(x0, eps, timesteps, s.alphas_cumprod)
                 context, pooled = self._text(s, example)
-                n = len(self.timesteps)
-                time_ids = example.time_ids.unsqueeze(0).to(s.device, pooled.dtype).repeat(n, 1)
-                with precision.autocast(s.policy, s.device.type):
-                    pred = s.unet(noisy, timesteps, context.repeat(n, 1, 1), added_cond_kwargs={
-                        "text_embeds": pooled.repeat(n, 1), "time_ids": time_ids}).sample
-                target = velocity_target(x0, eps, timesteps, s.alphas_cumprod) if s.cfg.model.v_prediction else eps
+                pred = s.unet_forward(add_noise(x0, eps, timesteps, s.alphas_cumprod), timesteps,
+                                      context.repeat(n, 1, 1), pooled.repeat(n, 1),
+                                      example.time_ids.unsqueeze(0).to(s.device).repeat(n, 1))
+                target = prediction_target(x0, eps, timesteps, s.alphas_cumprod, s.v_prediction)
                 rows.append(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).double().cpu())
         finally:
             for module, mode in zip(modules, modes, strict=True):
@@ -218,6 +216,6 @@ class Validator:
         points = [{"image": image_id(e), "t": t, "value": float(values[i, j])}
                   for i, e in enumerate(self.examples) for j, t in enumerate(self.timesteps)]
         payload = {"metric": f"{self.prefix}/loss", "step": step, "seed": self.seed,
-                   "target": "v" if s.cfg.model.v_prediction else "eps", "points": points}
+                   "target": "v" if s.v_prediction else "eps", "points": points}
         path = write_text(s.output_dir / "evaluation" / f"{self.prefix}_points.json", json.dumps(payload, indent=1))
         s.sink.artifact(path, "evaluation")

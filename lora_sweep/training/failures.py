@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import traceback
 from collections.abc import Mapping
@@ -21,11 +20,6 @@ from lora_sweep.errors import SamplingOutOfMemory, UserError, is_out_of_memory
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
                          "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0}
 HEADROOM_BYTES = 16 * 2**20
-# train.debug_fault: KIND@STEP fails optimizer step STEP, KIND@STEP+ that step and every later one; setup_error /
-# setup_crash fail a job's set-up (after its checks, before its MLflow run exists) as a user error / as a bug.
-FAULT_SPEC = re.compile(r"(nan_loss|inf_grad|oom)@([1-9]\d*)(\+?)|(setup_error|setup_crash)")
-FAULT_CHOICES = "nan_loss@STEP, inf_grad@STEP, oom@STEP (STEP >= 1; STEP+ for every step from STEP on), setup_error, " \
-                "setup_crash"
 
 
 def check_free_space(needs: Mapping[Path, tuple[str, int]]) -> None:
@@ -134,47 +128,3 @@ def _free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def parse_fault(spec: str | None) -> tuple[str, int] | None:
-    """`train.debug_fault` ("nan_loss@3"): a testing aid that makes step 3 fail through the real code paths.
-    Returns (kind, step): kind ends with "+" for STEP+ (every step from STEP on); set-up faults have step 0."""
-    if not spec:
-        return None
-    m = FAULT_SPEC.fullmatch(spec)
-    if not m:
-        raise UserError(f"train.debug_fault: '{spec}' is not one of {FAULT_CHOICES}.")
-    if m[4]:
-        return m[4], 0
-    return m[1] + m[3], int(m[2])
-
-
-def raise_setup_fault(spec: str | None) -> None:
-    """train.debug_fault=setup_error / setup_crash: fail the job's set-up, once its checks have passed and before its
-    MLflow run exists (what a lost lock, a store hiccup or a bug there would do), as a UserError or as a bug."""
-    fault = parse_fault(spec)
-    if fault is not None and fault[0] == "setup_error":
-        raise UserError("this job's set-up failed on purpose, as train.debug_fault=setup_error asks (a testing aid); "
-                        "set train.debug_fault=null to train.")
-    if fault is not None and fault[0] == "setup_crash":
-        raise RuntimeError("train.debug_fault=setup_crash: a simulated bug in a job's set-up")
-
-
-def inject_fault(fault: tuple[str, int] | None, step: int, terms, s, *, when: str):
-    """Make the fault happen at optimizer step `step` (when="loss": after the forward; "grad": before the update)."""
-    import dataclasses
-
-    import torch
-
-    if fault is None or fault[1] < 1:
-        return terms
-    kind, every = fault[0].rstrip("+"), fault[0].endswith("+")
-    if step != fault[1] and not (every and step > fault[1]):
-        return terms
-    if kind == "nan_loss" and when == "loss":
-        return dataclasses.replace(terms, loss=terms.loss * float("nan"))
-    if kind == "inf_grad" and when == "grad":
-        next(p for p in s.lora.values() if p.grad is not None).grad.fill_(float("inf"))
-    if kind == "oom" and when == "loss":
-        torch.empty(2**50, dtype=torch.uint8, device=s.device)  # a real allocation failure, on any device
-    return terms

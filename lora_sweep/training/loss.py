@@ -56,10 +56,14 @@ def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> to
     return 1 / torch.sqrt(snr_t)
 
 
+def _unknown(field: str, value: Any, accepted: tuple[str, ...]) -> ConfigError:
+    return ConfigError(f"{field} = {value!r} is not known: the accepted values are {', '.join(accepted)} "
+                       "(as in kohya sd-scripts v0.8.7).")
+
+
 def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> str:
     if value not in accepted:
-        raise ConfigError(f"{field} = {value!r} is not known: the accepted values are {', '.join(accepted)} "
-                          "(as in kohya sd-scripts v0.8.7).")
+        raise _unknown(field, value, accepted)
     return value
 
 
@@ -76,13 +80,14 @@ def huber_c(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: str
     `dtype` (exactly, for float64). v0.8.7 computes c for one timestep per batch; with per-sample timesteps each
     sample gets its own c (as newer sd-scripts do). Raises ConfigError for an unknown schedule.
     """
-    _check_choice("loss.huber_schedule", schedule, HUBER_SCHEDULES)
     if schedule == "constant":
         return torch.full(timesteps.shape, float(c), dtype=dtype, device=timesteps.device)
     if schedule == "exponential":
         alpha = -math.log(c) / alphas_cumprod.shape[0]  # kohya: / noise_scheduler.config.num_train_timesteps
         values = [math.exp(-alpha * t) for t in timesteps.tolist()]  # kohya: math.exp(-alpha * timesteps.item())
         return torch.tensor(values, dtype=torch.float64, device=timesteps.device).reshape(timesteps.shape).to(dtype)
+    if schedule != "snr":
+        raise _unknown("loss.huber_schedule", schedule, HUBER_SCHEDULES)
     abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
     sigma = ((1.0 - abar) / abar) ** 0.5
     return ((1 - c) / (1 + sigma) ** 2 + c).to(dtype)
@@ -104,9 +109,8 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
     fp32 arithmetic when c is already an fp32 value (kohya's snr schedule, a tensor), since the double product of two
     fp32 values is exact. Everything else is kohya's expression literally, in fp32, including the cancellation in
     sqrt(a**2 + c**2) - c when |a| << c. Raises ValueError without huber_c for huber/smooth_l1, or when a per-sample
-    huber_c does not have one value per sample.
+    huber_c does not have one value per sample; ConfigError for an unknown loss type.
     """
-    _check_choice("loss.type", loss_type, LOSS_TYPES)
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         return F.mse_loss(pred, target, reduction="none")
@@ -119,7 +123,11 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
         c = c.reshape((-1,) + (1,) * (pred.ndim - 1))
     c_squared, twice_c, c = (c**2).float(), (2 * c).float(), c.float()  # each rounded once, as kohya's scalars are
     root = torch.sqrt((pred - target) ** 2 + c_squared)
-    return twice_c * (root - c) if loss_type == "huber" else 2 * (root - c)
+    if loss_type == "huber":
+        return twice_c * (root - c)
+    if loss_type == "smooth_l1":
+        return 2 * (root - c)
+    raise _unknown("loss.type", loss_type, LOSS_TYPES)
 
 
 def one_timestep_per_batch(loss_type: str, per_sample_timesteps: bool) -> bool:
@@ -142,31 +150,43 @@ class LossTerms:
     huber_c: torch.Tensor
 
 
-def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, *,
-               loss_type: str = "l2", huber_schedule: str = "snr", huber_c: float = 0.1,
-               min_snr_gamma: float | None = None, debiased: bool = False, v_prediction: bool = False,
-               sample_weights: torch.Tensor | None = None) -> LossTerms:
+@dataclass(frozen=True)
+class LossOptions:
+    """kohya's loss flags for one training (docs/kohya-reference.md §2 and §3): --loss_type, --huber_schedule,
+    --huber_c, --min_snr_gamma (None or 0: off), --debiased_estimation_loss, --v_parameterization. Values are taken
+    as valid: `check_loss_options` checks them once, before training."""
+
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    min_snr_gamma: float | None = None
+    debiased: bool = False
+    v_prediction: bool = False
+
+
+def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+               options: LossOptions = LossOptions(), *, sample_weights: torch.Tensor | None = None) -> LossTerms:
     """kohya v0.8.7's loss: element loss -> mean over (C, h, w) -> x sample_weights (kohya's prior_loss_weight per
     sample, optional) -> x min-SNR (if gamma) -> x debiased (if set) -> batch mean. min-SNR and debiased multiply
-    when both are on. `target` is eps, or the velocity under v-prediction (see
-    `lora_sweep.training.noise.velocity_target`).
+    when both are on. `pred` and `target` (B, C, h, w); `target` is eps, or the velocity under v-prediction
+    (`lora_sweep.training.noise.prediction_target`).
     """
-    _check_choice("loss.type", loss_type, LOSS_TYPES)
+    o = options
     timesteps = timesteps.to(pred.device)
-    if loss_type == "l2":
+    if o.loss_type == "l2":
         c_used = torch.full(timesteps.shape, float("nan"), dtype=torch.float32, device=pred.device)
-        elements = elementwise_loss(pred, target, loss_type)
+        elements = elementwise_loss(pred, target, o.loss_type)
     else:
-        c_exact = _huber_c_schedule(timesteps, alphas_cumprod, huber_schedule, huber_c, dtype=torch.float64)
+        c_exact = _huber_c_schedule(timesteps, alphas_cumprod, o.huber_schedule, o.huber_c, dtype=torch.float64)
         c_used = c_exact.float()
-        elements = elementwise_loss(pred, target, loss_type, c_exact)
+        elements = elementwise_loss(pred, target, o.loss_type, c_exact)
     raw = elements.mean(dim=tuple(range(1, elements.ndim)))
     per_sample = raw if sample_weights is None else raw * sample_weights.to(raw.device)
     weight = torch.ones_like(raw)
-    if min_snr_gamma:  # kohya: `if args.min_snr_gamma:` (None and 0 are off)
-        snr_factor = min_snr_weight(timesteps, alphas_cumprod, min_snr_gamma, v_prediction)
+    if o.min_snr_gamma:  # kohya: `if args.min_snr_gamma:` (None and 0 are off)
+        snr_factor = min_snr_weight(timesteps, alphas_cumprod, o.min_snr_gamma, o.v_prediction)
         per_sample, weight = per_sample * snr_factor, weight * snr_factor
-    if debiased:
+    if o.debiased:
         debias_factor = debiased_weight(timesteps, alphas_cumprod)
         per_sample, weight = debias_factor * per_sample, weight * debias_factor
     return LossTerms(per_sample.mean(), per_sample, raw, weight, c_used)

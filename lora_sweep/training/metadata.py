@@ -18,6 +18,9 @@ PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
 
 
 def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[str, str]:
+    """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys for this config, `prepared` data (bucket histogram,
+    images x repeats) and `optimizer`, after `steps` optimizer steps in `epoch` (1-based); the config hash and
+    variant; the SAI model spec. Values as strings (None: "None")."""
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
     te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
     meta = {
@@ -70,12 +73,21 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_output_name": cfg.train.output_name,
         "lora_sweep_config_hash": config_hash(cfg),
         "lora_sweep_variant": cfg.tracking.variant or "",
+    }
+    meta |= sai_model_spec(cfg)
+    return {k: ("None" if v is None else str(v)) for k, v in meta.items()}
+
+
+def sai_model_spec(cfg) -> dict[str, str]:
+    """kohya's `train_util.get_sai_model_spec` keys for an SDXL LoRA; `modelspec.timestep_range` ("min,max") only
+    when noise.min_timestep or noise.max_timestep is set."""
+    spec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": cfg.train.output_name,
     }
-    low, high = getattr(cfg.noise, "min_timestep", None), getattr(cfg.noise, "max_timestep", None)
-    if low is not None or high is not None:  # kohya train_util.get_sai_model_spec: "min,max", only when one is set
-        meta["modelspec.timestep_range"] = f"{0 if low is None else low},{1000 if high is None else high}"
-    return {k: ("None" if v is None else str(v)) for k, v in meta.items()}
+    low, high = cfg.noise.min_timestep, cfg.noise.max_timestep
+    if low is not None or high is not None:
+        spec["modelspec.timestep_range"] = f"{0 if low is None else low},{1000 if high is None else high}"
+    return spec

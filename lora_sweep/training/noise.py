@@ -140,6 +140,13 @@ def velocity_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     return sqrt_abar * noise - sqrt_one_minus_abar * latents
 
 
+def prediction_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """What the U-Net learns to predict (docs/kohya-reference.md §1): eps, or under v-prediction the velocity
+    `velocity_target(latents, noise, ...)`, with abar in the latents' dtype. Shape (B, C, h, w) of the latents."""
+    return velocity_target(latents, noise, timesteps, alphas_cumprod) if v_prediction else noise
+
+
 def sample_timesteps(batch_size: int, *, one_per_batch: bool, min_timestep: int, max_timestep: int,
                      device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
     """t ~ randint(min, max) (upper bound excluded), LongTensor (B,).
@@ -154,6 +161,26 @@ def sample_timesteps(batch_size: int, *, one_per_batch: bool, min_timestep: int,
 
 
 @dataclass(frozen=True)
+class NoiseOptions:
+    """kohya's noise flags for one training (docs/kohya-reference.md §1): --noise_offset (+ _random_strength),
+    --adaptive_noise_scale, --multires_noise_iterations / _discount, --ip_noise_gamma (+ _random_strength),
+    --min_timestep / --max_timestep (None: 0 and the schedule's length). `one_timestep_per_batch`: v0.8.7's huber and
+    smooth_l1 draw one timestep for the whole batch (`lora_sweep.training.loss.one_timestep_per_batch`).
+    Values are taken as valid: `check_noise_options` checks them once, before training."""
+
+    offset: float = 0.0
+    offset_random_strength: bool = False
+    adaptive_scale: float | None = None
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+    ip_gamma: float = 0.0
+    ip_gamma_random_strength: bool = False
+    one_timestep_per_batch: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+
+
+@dataclass(frozen=True)
 class NoisyLatents:
     """One step's noise. `noise` is the epsilon target (without the input perturbation); strengths are for logging
     (0.0 where the option is off)."""
@@ -165,57 +192,44 @@ class NoisyLatents:
     ip_strength: float
 
 
-def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, *, offset: float = 0.0,
-                        offset_random_strength: bool = False, adaptive_scale: float | None = None,
-                        multires_iterations: int = 0, multires_discount: float = 0.3, ip_gamma: float = 0.0,
-                        ip_gamma_random_strength: bool = False, one_timestep_per_batch: bool = False,
-                        min_timestep: int | None = 0, max_timestep: int | None = 1000,
-                        generator: torch.Generator | None = None) -> NoisyLatents:
+def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, options: NoiseOptions = NoiseOptions(),
+                        *, generator: torch.Generator | None = None) -> NoisyLatents:
     """kohya v0.8.7's `get_noise_noisy_latents_and_timesteps`: noise, timesteps and x_t in kohya's RNG order.
 
-    `latents` are the scaled VAE latents already in the training dtype (`scale_cached_latents`): eps and xi are drawn
-    with `randn_like(latents)` in that dtype and memory format (fp16 noise under fp16), and x_t uses abar cast to it.
-    Call it outside autocast, as kohya does, so x_t stays in that dtype (a noise offset makes it fp32, as in kohya).
-    Timesteps are drawn from [min_timestep, max_timestep) (kohya's --min_timestep / --max_timestep; None is kohya's
-    default, 0 and the schedule's length T); ConfigError unless 0 <= min_timestep < max_timestep <= T. An option
-    that is 0 / False makes no draw at all. Random strengths keep
-    kohya's (1,)-shaped fp32 tensor in the arithmetic (it decides dtypes) and are reported as floats. With
-    `ip_gamma` g: x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi), while the target stays eps.
+    `latents` (B, C, h, w) are the scaled VAE latents already in the training dtype (`scale_cached_latents`): eps and
+    xi are drawn with `randn_like(latents)` in that dtype and memory format (fp16 noise under fp16), and x_t uses abar
+    cast to it. Call it outside autocast, as kohya does, so x_t stays in that dtype (a noise offset makes it fp32, as
+    in kohya). An option that is 0 / False makes no draw at all. Random strengths keep kohya's (1,)-shaped fp32
+    tensor in the arithmetic (it decides dtypes) and are reported as floats. With ip_gamma g:
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi), while the target stays eps.
     """
-    num_timesteps = alphas_cumprod.shape[0]
-    min_timestep = 0 if min_timestep is None else min_timestep  # kohya: None means 0 ...
-    max_timestep = num_timesteps if max_timestep is None else max_timestep  # ... and num_train_timesteps
-    if not 0 <= min_timestep < max_timestep <= num_timesteps:
-        raise ConfigError(
-            f"min_timestep={min_timestep} / max_timestep={max_timestep}: timesteps are drawn from "
-            f"[min_timestep, max_timestep), so 0 <= min_timestep < max_timestep <= {num_timesteps} is required "
-            "(kohya's --min_timestep / --max_timestep; defaults 0 and 1000)."
-        )
+    o = options
     device = latents.device
     noise = _randn_like(latents, generator)
 
     offset_strength = 0.0
-    if offset:
-        strength: float | torch.Tensor = offset
-        if offset_random_strength:
-            strength = _draw(torch.rand, (1,), device=device, generator=generator) * offset
+    if o.offset:
+        strength: float | torch.Tensor = o.offset
+        if o.offset_random_strength:
+            strength = _draw(torch.rand, (1,), device=device, generator=generator) * o.offset
         offset_strength = float(strength)
-        noise = apply_noise_offset(latents, noise, strength, adaptive_scale, generator=generator)
-    if multires_iterations:
-        noise = pyramid_noise(noise, multires_iterations, multires_discount, generator=generator)
+        noise = apply_noise_offset(latents, noise, strength, o.adaptive_scale, generator=generator)
+    if o.multires_iterations:
+        noise = pyramid_noise(noise, o.multires_iterations, o.multires_discount, generator=generator)
 
-    timesteps = sample_timesteps(latents.shape[0], one_per_batch=one_timestep_per_batch, min_timestep=min_timestep,
-                                 max_timestep=max_timestep, device=device, generator=generator)
+    low = 0 if o.min_timestep is None else o.min_timestep  # kohya: None means 0 ...
+    high = alphas_cumprod.shape[0] if o.max_timestep is None else o.max_timestep  # ... and num_train_timesteps
+    timesteps = sample_timesteps(latents.shape[0], one_per_batch=o.one_timestep_per_batch, min_timestep=low,
+                                 max_timestep=high, device=device, generator=generator)
 
     model_noise = noise
     ip_strength = 0.0
-    if ip_gamma:
-        ip_scale: float | torch.Tensor = ip_gamma
-        if ip_gamma_random_strength:
-            ip_scale = _draw(torch.rand, (1,), device=device, generator=generator) * ip_gamma
+    if o.ip_gamma:
+        ip_scale: float | torch.Tensor = o.ip_gamma
+        if o.ip_gamma_random_strength:
+            ip_scale = _draw(torch.rand, (1,), device=device, generator=generator) * o.ip_gamma
         ip_strength = float(ip_scale)
-        perturbation = _randn_like(latents, generator)
-        model_noise = noise + ip_scale * perturbation
+        model_noise = noise + ip_scale * _randn_like(latents, generator)
 
     noisy = add_noise(latents, model_noise, timesteps, alphas_cumprod)
     return NoisyLatents(noise, noisy, timesteps, offset_strength, ip_strength)

@@ -69,8 +69,7 @@ _KOHYA_ALIASES = {"dadaptation": "dadapt_adam_preprint"} | {o.kohya_name.lower()
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 
 LOW_ADAPTIVE_LR = 0.1  # kohya warns at or below this for D-Adaptation/Prodigy ("set learning rate around 1.0").
-# kohya checks the first group's lr; this checks the lr the optimizer uses (the largest group lr), so a frozen
-# text-encoder group with lr 0 does not raise a false alarm.
+# kohya checks group 0's lr; here the largest group lr, so a frozen (lr 0) text-encoder group raises no false alarm.
 
 
 def resolve_optimizer_name(name: str) -> str:

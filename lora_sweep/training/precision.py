@@ -13,7 +13,7 @@ the path a GPU runs):
 - fp8-stored weights get a forward pre-hook that puts an upcast copy (compute dtype) in place of the stored tensor
   for the duration of the module's forward, as a new tensor; a forward hook puts the stored one back. On CUDA,
   kohya relies on autocast to do that cast per op; e4m3fn values are exact in fp16 and bf16, so the numbers are
-  the same. The tensor is swapped, never `.data` (swapping `.data` breaks backward, stack-notes), and names,
+  the same. The tensor is swapped, never `.data` (swapping `.data` breaks backward), and names,
   `state_dict()` keys and storage are unchanged outside a forward.
 - Norm layers (GroupNorm, LayerNorm, ...) stored in a reduced dtype get the same hook upcasting to fp32. CUDA
   autocast runs group_norm/layer_norm in fp32 itself; CPU autocast does not, and there a GroupNorm with fp8
@@ -287,9 +287,8 @@ def grad_total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None
 
     Exactly the norm `torch.nn.utils.clip_grad_norm_` clips with (it is `torch.nn.utils.get_total_norm`, fused with
     foreach kernels where the device has them), so the training loop computes it once per step for two uses: the
-    non-finite check (it is NaN/Inf exactly when some gradient is, or when finite gradients are so large that the
-    sum of their squares overflows) and the clipping (`scaled_step(..., total_norm=...)`). With SDXL's 1,444 LoRA
-    tensors that is one reduction where a check per tensor costs 1,444 kernels and a stack.
+    non-finite check and the clipping (`clip_grads`). With SDXL's 1,444 LoRA tensors that is one reduction where a
+    check per tensor costs 1,444 kernels and a stack.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -297,37 +296,20 @@ def grad_total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
-def scaled_step(
-    scaler: torch.amp.GradScaler,
-    optimizer: torch.optim.Optimizer,
-    params: Iterable[torch.nn.Parameter],
-    max_grad_norm: float,
-    total_norm: torch.Tensor | None = None,
-) -> bool:
-    """Unscale, clip, step; return True if the optimizer stepped, False if fp16 overflow made the scaler skip it.
+def unscaled_grad_norm(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                       params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
+    """`grad_total_norm(params)` of the true gradients: fp16's scaler unscales them first (once per update: the
+    caller then steps through the scaler); a no-op for every other policy. Call it only when there are gradients."""
+    scaler.unscale_(optimizer)
+    return grad_total_norm(params)
 
-    The caller scaled the loss (`scaler.scale(loss).backward()`), zeroes grads afterwards, counts `False` as a skipped
-    step and, as kohya/accelerate do, does not advance the LR scheduler on it. Clipping (kohya's max_grad_norm,
-    default 1.0; 0 = off) sees unscaled grads. `total_norm`: `grad_total_norm(params)` if the caller has it already
-    (same params, same order); ignored when the scaler unscales, since that changes the grads. Either way the clip is
-    `clip_grad_norm_`'s, bit for bit (`get_total_norm` then `clip_grads_with_norm_`).
-    """
-    params = [p for p in params if p.grad is not None]
-    if scaler.is_enabled():
-        scaler.unscale_(optimizer)
-        total_norm = None
-    if max_grad_norm > 0 and params:
-        if total_norm is None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
-    if not scaler.is_enabled():
-        optimizer.step()
-        return True
-    scale_before = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    return scaler.get_scale() >= scale_before  # the scale only shrinks when inf/nan grads skipped the step
+
+def clip_grads(params: Iterable[torch.nn.Parameter], max_grad_norm: float, total_norm: torch.Tensor | None) -> None:
+    """kohya's --max_grad_norm (default 1.0; 0 = off): scale the gradients so their total 2-norm, `total_norm` (from
+    `grad_total_norm(params)`), is at most `max_grad_norm`. The clip of `clip_grad_norm_`, bit for bit
+    (`get_total_norm` then `clip_grads_with_norm_`), without computing the norm twice."""
+    if max_grad_norm > 0 and total_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
 
 
 def base_weight_bytes(module: torch.nn.Module) -> int:

@@ -1,20 +1,22 @@
 """Everything one training holds: model parts with LoRA, examples, optimizer, precision policy; built in one place.
 
-`build_session` does the set-up in kohya's order (load model -> prepare data with the frozen encoders -> add LoRA ->
-store base weights in the training precision -> optimizer and LR schedule), so `train.py` is only the loop. Each
-component is read in the dtype it is stored in (or its checkpoint's), and LoRA and casts happen on the CPU before the
-U-Net (and the text encoders the step runs) go to the training device (placement.py has the table).
+`build_session` does the set-up in kohya's order, one named step each: `load_parts` -> `prepare_data` (with the
+frozen encoders) -> `attach_lora` (and the base weights in the training precision) -> `make_optimizer` ->
+`evaluation_hooks`, so `train.py` is only the loop. Each component is read in the dtype it is stored in (or its
+checkpoint's), and LoRA and casts happen on the CPU before the U-Net (and the text encoders the step runs) go to the
+training device (placement.py has the table).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,9 @@ import torch
 
 from lora_sweep.atomic import write_text
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
-from lora_sweep.data.dataset import scan_folder
+from lora_sweep.data.dataset import FolderScan, scan_folder
 from lora_sweep.data.photos import data_folder
-from lora_sweep.data.prepare import Prepared, prepare_examples
+from lora_sweep.data.prepare import Example, Prepared, prepare_examples
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
@@ -41,17 +43,21 @@ from lora_sweep.model.network import (
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, split_validation
-from lora_sweep.training.loss import one_timestep_per_batch
+from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
+from lora_sweep.training.noise import NoiseOptions
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Session:
+    """What the loop needs: the config, the model parts with LoRA, the examples, the optimizer and its schedule, the
+    precision policy and loss scaler, the noise and loss options, the evaluation hooks and where to report."""
+
     cfg: Any
     device: torch.device
     output_dir: Path
-    sink: Any
+    sink: Any  # a train.Sink
     parts: model_lib.SDXLParts
     policy: precision.PrecisionPolicy
     prepared: Prepared
@@ -63,7 +69,8 @@ class Session:
     scaler: Any
     alphas_cumprod: torch.Tensor
     vae_scale: float
-    one_timestep_per_batch: bool
+    noise_options: NoiseOptions
+    loss_options: LossOptions
     lora: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trained tensors by name (for states)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
@@ -73,8 +80,24 @@ class Session:
         return self.parts.unet
 
     @property
-    def noise_scheduler(self):
-        return self.parts.noise_scheduler
+    def epochs(self) -> int:
+        """kohya's num_train_epochs: the epochs train.max_steps updates reach (the last one may be partial)."""
+        t = self.cfg.train
+        return num_epochs(t.max_steps, batches_per_epoch(self.batch_buckets, t.batch_size), t.grad_accum)
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.loss_options.v_prediction
+
+    def unet_forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                     pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The SDXL U-Net's prediction (B, C, h, w) for x_t at `timesteps` (B,), with the text context (B, 77, 2048),
+        the pooled text embedding (B, 1280) and the size conditioning `time_ids` (B, 6), under autocast. As kohya's
+        sdxl call_unet: x_t is cast to weight_dtype and time_ids to the pooled embedding's dtype
+        (docs/kohya-reference.md §4 and §7)."""
+        with precision.autocast(self.policy, self.device.type):
+            return self.unet(noisy_latents.to(self.policy.latent_dtype), timesteps, context, added_cond_kwargs={
+                "text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}).sample
 
     def text_for(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached embeddings when the text encoders are frozen; otherwise encode now (with grads if trained)."""
@@ -170,134 +193,222 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
-    """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
-    scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log).
-    A sink without `warn` (a test's) is told nothing."""
-    from lora_sweep.errors import Fallback
-
-    if paths and hasattr(sink, "warn"):
-        sink.warn(Fallback(setting, "images whose pixels failed to decode (truncated or corrupt after a valid header): "
-                           "skipped (counted in data.skipped_images)", tuple(paths), "Re-save them as PNG or JPEG."))
-
-
-def load_parts(cfg, policy: precision.PrecisionPolicy | None = None, *,
-               text_encoders_in_step: bool = False) -> model_lib.SDXLParts:
-    """The tiny model is built once into the cache (seed 0: every variant and seed shares one base model) and then
-    loaded like real SDXL, through the same loader. With a `policy`, each component is read in the dtype
-    `placement.load_dtypes` gives it (the checkpoint's, or the one it will be stored in); without, in fp32."""
+def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_lib.SDXLParts:
+    """The model of `cfg`: the tiny model is built once into the cache (seed 0: every variant and seed shares one
+    base model) and then loaded like real SDXL, through the same loader. With a `policy`, each component is read in
+    the dtype `placement.load_dtypes` gives it (the checkpoint's, or the one it will be stored in); without, in
+    fp32."""
+    started = time.perf_counter()
     path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))
     dtypes = None
     if policy is not None:
         on_disk = model_lib.checkpoint_dtypes(model_lib.check_model_path(path))
-        dtypes = placement.load_dtypes(policy, on_disk, text_encoders_in_step=text_encoders_in_step)
-    return model_lib.load_sdxl(path, cache_root=cache_root(cfg), dtypes=dtypes)
+        dtypes = placement.load_dtypes(policy, on_disk, text_encoders_in_step=encodes_text_in_step(cfg))
+    parts = model_lib.load_sdxl(path, cache_root=cache_root(cfg), dtypes=dtypes)
+    log.info("model loaded in %.1f s from %s", time.perf_counter() - started, parts.source)
+    return parts
 
 
-def build_session(cfg, *, output_dir: Path, sink) -> Session:
+def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None,
+                  validation_scan: FolderScan | None = None) -> Session:
+    """Set up one training in kohya's order: load the model, prepare the data with the frozen encoders (so the cache
+    is filled before LoRA changes anything), attach LoRA and store the base weights in the training precision, make
+    the optimizer and LR schedule, then the evaluation hooks. `scan` / `validation_scan`: the caller's scans of
+    data.dir (or the bundled photos) and data.validation_dir; None: scanned here. Raises UserError (no image left,
+    no disk space) and ConfigError (the optimizer refuses its arguments)."""
     device = pick_device(cfg.train.device)
     policy = precision.precision_policy(cfg.precision.name, device.type)
     output_dir.mkdir(parents=True, exist_ok=True)
-    encode_text_online = cfg.network.train_text_encoder or cfg.data.shuffle_caption
-    started = time.perf_counter()
-    parts = load_parts(cfg, policy, text_encoders_in_step=encode_text_online)  # in storage dtypes (placement.py)
-    log.info("model loaded in %.1f s from %s", time.perf_counter() - started, parts.source)
-    encoders = (parts.text_encoder, parts.text_encoder_2)
+    parts = load_parts(cfg, policy)  # in storage dtypes (placement.py)
+    data = prepare_data(cfg, parts, device, sink, scan, validation_scan)
+    log_data(cfg, data, sink, output_dir)
+    lora = attach_lora(cfg, parts, policy, device)
+    groups = lora_param_groups(cfg, parts)
+    params = [p for g in groups for p in g["params"]]
+    t = cfg.train
+    epochs = num_epochs(t.max_steps, batches_per_epoch(data.buckets, t.batch_size), t.grad_accum)
+    check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params), epochs=epochs)
+    optimizer, lr_scheduler = make_optimizer(cfg, groups)
+    sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(parts.unet)}, 0)
+    return Session(
+        cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=data.prepared,
+        batch_items=data.items, batch_buckets=data.buckets, params=params, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
+        alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
+        vae_scale=float(parts.vae.config.scaling_factor),
+        noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,
+        hooks=evaluation_hooks(cfg, data),
+    )
 
-    # Data first, with the frozen encoders, so the cache can be filled before LoRA changes anything.
-    scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
-    if encode_text_online:
+
+@dataclass
+class Data:
+    """A training's examples: `prepared` holds data.dir's (its `histogram` counts the training entries), `scan` what
+    the folder scan found, `train_indices` the examples not held out, `items` the example index of each dataset
+    entry (repeats expanded), `validation` the held-out and data.validation_dir examples."""
+
+    prepared: Prepared
+    scan: FolderScan
+    train_indices: list[int]
+    items: list[int]
+    validation: list[Example]
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """The bucket of each dataset entry."""
+        return [self.prepared.examples[i].bucket for i in self.items]
+
+
+def encodes_text_in_step(cfg) -> bool:
+    """Captions are encoded at every step (text-encoder LoRA, or shuffled captions), not cached, as kohya does."""
+    return bool(cfg.network.train_text_encoder or cfg.data.shuffle_caption)
+
+
+def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, scan: FolderScan | None,
+                 validation_scan: FolderScan | None) -> Data:
+    """data.dir's examples (latents, and text embeddings unless the step encodes text), encoded with the frozen VAE
+    and text encoders on `device` through the shared cache; the held-out split; data.validation_dir's examples.
+    The split uses validation.seed, not train.seed: replicates (train.seed=1,2,3) train and are measured on the
+    same images, so their val/loss and fit/loss points pair across seeds."""
+    cache_text = not encodes_text_in_step(cfg)
+    if not cache_text:
         why = "network.train_text_encoder=true" if cfg.network.train_text_encoder else "data.shuffle_caption=true"
         log.info("text-encoder outputs are not cached in this run (%s): captions are encoded at every step, "
                  "as kohya does", why)
-    else:  # they only fill the shared text cache, in fp32 whatever the precision
-        for encoder in encoders:
-            placement.compute_in_fp32(encoder)
-            encoder.to(device)
-    parts.vae.to(device)
+    scan = scan if scan is not None else scan_folder(data_folder(cfg), cfg.data.caption_extension)
     started = time.perf_counter()
-    prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=not encode_text_online)
-    _warn_unreadable(sink, "data.dir", prepared.unreadable)
-    log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
-             ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
-    parts.vae.to("cpu")  # latents are cached: the VAE is not needed on the training device
-    if not encode_text_online:
+    with frozen_encoders_on(parts, device, text=cache_text):
+        prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=cache_text)
+        _warn_unreadable(sink, "data.dir", prepared.unreadable)
+        log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
+                 ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
+    train_indices, held_out = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
+    validation = [prepared.examples[i] for i in held_out]
+    if cfg.data.validation_dir:
+        if validation_scan is None:
+            validation_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
+        val_prepared = prepare_examples(parts, validation_scan, cfg.data, device=device, encode_text=cache_text)
+        _warn_unreadable(sink, "data.validation_dir", val_prepared.unreadable)
+        validation += val_prepared.examples
+    items = [i for i in train_indices for _ in range(prepared.examples[i].item.repeats)]
+    prepared.histogram = bucket_histogram([prepared.examples[i].bucket for i in items])  # training entries only
+    return Data(prepared, scan, train_indices, items, validation)
+
+
+@contextlib.contextmanager
+def frozen_encoders_on(parts: model_lib.SDXLParts, device: torch.device, *, text: bool) -> Iterator[None]:
+    """The VAE, and with `text` the text encoders (computing in fp32: the text cache is shared by every precision),
+    on `device` while the cache is filled; on the CPU afterwards (they are not needed on the training device)."""
+    encoders = (parts.text_encoder, parts.text_encoder_2) if text else ()
+    for encoder in encoders:
+        placement.compute_in_fp32(encoder)
+        encoder.to(device)
+    parts.vae.to(device)
+    try:
+        yield
+    finally:
+        parts.vae.to("cpu")
         for encoder in encoders:
             encoder.to("cpu")
-    # held out with validation.seed, not train.seed: replicates (train.seed=1,2,3) train and are measured on the
-    # same images, so their val/loss and fit/loss points pair across seeds
-    train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
-    val_examples = [prepared.examples[i] for i in val_idx]
-    if cfg.data.validation_dir:
-        val_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
-        val_prepared = prepare_examples(parts, val_scan, cfg.data, device=device, encode_text=not encode_text_online)
-        _warn_unreadable(sink, "data.validation_dir", val_prepared.unreadable)
-        val_examples += val_prepared.examples
-    items = [i for i in train_idx for _ in range(prepared.examples[i].item.repeats)]
+
+
+def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
+    """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
+    scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log)."""
+    if paths:
+        sink.warn(Fallback(setting, "images whose pixels failed to decode (truncated or corrupt after a valid header): "
+                           "skipped (counted in data.skipped_images)", tuple(paths), "Re-save them as PNG or JPEG."))
+
+
+def log_data(cfg, data: Data, sink, output_dir: Path) -> None:
+    """What the data step found, on the run: counts as params, cache hits and misses, the bucket histogram."""
     sink.params({
-        "data.images": len(scan.items), "data.skipped_images": len(scan.skipped),
-        "data.entries_with_repeats": len(items), "data.validation_images": len(val_examples),
+        "data.images": len(data.scan.items), "data.skipped_images": len(data.scan.skipped),
+        "data.entries_with_repeats": len(data.items), "data.validation_images": len(data.validation),
         "train.total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
     })
-    sink.metrics(prepared.cache_stats, 0)
-    prepared.histogram = bucket_histogram([prepared.examples[i].bucket for i in items])  # training entries only
-    sink.artifact(write_text(output_dir / "buckets.json", json.dumps(prepared.histogram, indent=1)), "data")
+    sink.metrics(data.prepared.cache_stats, 0)
+    histogram = json.dumps(data.prepared.histogram, indent=1)
+    sink.artifact(write_text(output_dir / "buckets.json", histogram), "data")
 
-    # LoRA (fp32), then the base weights in their storage dtype, on the CPU; only then onto the training device.
-    unet = parts.unet
+
+def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPolicy,
+                device: torch.device) -> dict[str, torch.nn.Parameter]:
+    """Add LoRA on kohya's targets (fp32, as kohya creates it), store the base weights in the training precision on
+    the CPU, and only then move the U-Net (and the text encoders the step runs, stored like the U-Net: kohya's
+    te_weight_dtype) to the training device. Returns the trained tensors by name, for states."""
+    net, unet = cfg.network, parts.unet
+    encoders = (parts.text_encoder, parts.text_encoder_2)
     unet.train()
     with placement.adapters_in_fp32(unet):
-        add_lora(unet, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=UNET_TARGETS,
-                 dropout=cfg.network.dropout)
-    if cfg.network.train_text_encoder:
+        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS, dropout=net.dropout)
+    if net.train_text_encoder:
         for encoder in encoders:
             with placement.adapters_in_fp32(encoder):
-                add_lora(encoder, rank=cfg.network.rank, alpha=cfg.network.alpha, targets=TEXT_ENCODER_TARGETS,
-                         dropout=cfg.network.dropout)
+                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=TEXT_ENCODER_TARGETS, dropout=net.dropout)
             encoder.train()
     precision.apply_base_precision(unet, policy)
     unet.to(device)
-    if encode_text_online:  # the step runs the text encoders: stored like the U-Net (kohya's te_weight_dtype)
-        for encoder in encoders:
-            precision.apply_base_precision(encoder, policy)
-            encoder.to(device)
+    in_step = encodes_text_in_step(cfg)
+    for encoder in encoders if in_step else ():
+        precision.apply_base_precision(encoder, policy)
+        encoder.to(device)
     log.info("weights on %s: unet %s%s", device, placement.describe(unet), "; text encoders " + " and ".join(
-        placement.describe(e) for e in encoders) if encode_text_online else "")
-    groups = [{"name": "unet", "params": lora_parameters(unet), "lr": cfg.train.lr}]
-    lora = named_lora(unet, "unet")
-    if cfg.network.train_text_encoder:
-        te_params = []
-        for name, encoder in (("text_encoder", parts.text_encoder), ("text_encoder_2", parts.text_encoder_2)):
-            te_params += lora_parameters(encoder)
-            lora |= named_lora(encoder, name)
-        te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
-        groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})  # kohya: [TE group, U-Net group]
+        placement.describe(e) for e in encoders) if in_step else "")
     if cfg.train.gradient_checkpointing:
         precision.enable_gradient_checkpointing(unet)
-    params = [p for g in groups for p in g["params"]]
-    batch_buckets = [prepared.examples[i].bucket for i in items]
-    check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params),
-                     epochs=num_epochs(cfg.train.max_steps, batches_per_epoch(batch_buckets, cfg.train.batch_size),
-                                       cfg.train.grad_accum))
+    lora = named_lora(unet, "unet")
+    if net.train_text_encoder:
+        lora |= named_lora(parts.text_encoder, "text_encoder") | named_lora(parts.text_encoder_2, "text_encoder_2")
+    return lora
+
+
+def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
+    """The optimizer's parameter groups in kohya's order, [text encoders, U-Net]: the text encoders' with
+    train.text_encoder_lr (null: train.lr) when they are trained."""
+    groups = [{"name": "unet", "params": lora_parameters(parts.unet), "lr": cfg.train.lr}]
+    if cfg.network.train_text_encoder:
+        te_params = lora_parameters(parts.text_encoder) + lora_parameters(parts.text_encoder_2)
+        te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
+        groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})
+    return groups
+
+
+def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]:
+    """The `optimizer` group's optimizer over `groups` and its LR schedule over train.max_steps updates."""
     optimizer = optim.build_optimizer(cfg.optimizer.name, groups, lr=cfg.train.lr, args=dict(cfg.optimizer.args))
     lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
                                             warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
-    sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(unet)}, 0)
-    hooks = [Validator(val_examples, list(cfg.validation.timesteps), cfg.validation.seed)]
-    fit_examples = [prepared.examples[i] for i in fit_subset(train_idx, cfg.validation.fit_images, cfg.validation.seed)]
-    hooks.append(Validator(fit_examples, list(cfg.validation.timesteps), cfg.validation.seed, prefix="fit"))
+    return optimizer, lr_scheduler
+
+
+def evaluation_hooks(cfg, data: Data) -> list:
+    """What runs at step 0 and after optimizer steps: val/loss on the held-out examples, fit/loss on a fixed subset
+    of the training examples (validation.fit_images, chosen with validation.seed), samples of the prompts if any."""
+    v = cfg.validation
+    fit = [data.prepared.examples[i] for i in fit_subset(data.train_indices, v.fit_images, v.seed)]
+    hooks = [Validator(data.validation, list(v.timesteps), v.seed),
+             Validator(fit, list(v.timesteps), v.seed, prefix="fit")]
     sampler = Sampler.from_config(cfg, min(parse_resolution(cfg.data.resolution)))
-    if sampler is not None:
-        hooks.append(sampler)
-    return Session(
-        hooks=hooks, lora=lora, cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy,
-        prepared=prepared,
-        batch_items=items, batch_buckets=batch_buckets, params=params,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
-        alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
-        vae_scale=float(parts.vae.config.scaling_factor),
+    return hooks + ([sampler] if sampler is not None else [])
+
+
+def noise_options(cfg) -> NoiseOptions:
+    """The `noise` group (and v0.8.7's one timestep per batch for huber / smooth_l1) as the noise step takes it."""
+    n = cfg.noise
+    return NoiseOptions(
+        offset=n.offset, offset_random_strength=n.offset_random_strength, adaptive_scale=n.adaptive_scale,
+        multires_iterations=n.multires_iterations, multires_discount=n.multires_discount, ip_gamma=n.ip_gamma,
+        ip_gamma_random_strength=n.ip_gamma_random_strength,
         one_timestep_per_batch=one_timestep_per_batch(cfg.loss.type, cfg.loss.per_sample_timesteps),
-    )
+        min_timestep=n.min_timestep, max_timestep=n.max_timestep)
+
+
+def loss_options(cfg) -> LossOptions:
+    """The `loss` group and model.v_prediction as the loss takes them."""
+    lo = cfg.loss
+    return LossOptions(loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
+                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction)
 
 
 def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:

@@ -40,21 +40,27 @@ def make_dataset(folder: Path, seed: int, caption: str = "a photo of a thing") -
     return folder
 
 
-def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_path, mlflow_uri):
+def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_path, mlflow_uri, monkeypatch):
+    """The set-up fails after its checks and before the job's run exists (as a state folder lost between the checks
+    and the resume plan would): the sweep still gets a FAILED child run carrying the reason, and the job's outcome."""
+    def lost(*args, **kwargs):
+        raise UserError("train.resume: the state folder went away during the set-up")
+
+    monkeypatch.setattr("lora_sweep.job.run.plan_resume", lost)
     client = MlflowClient(mlflow_uri)
     exp = experiment_id(client, "lora-sweep")
     parent = client.create_run(exp, run_name="sweep", tags={ROLE: "sweep"}).info.run_id
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     (sweep_dir / PARENT_FILE).write_text(parent)
-    write_swept_keys(sweep_dir, ["train.debug_fault"])
-    overrides = ["train.debug_fault=setup_error", "train.max_steps=1"]
-    with pytest.raises(UserError, match="setup_error"):
+    write_swept_keys(sweep_dir, ["train.seed"])
+    overrides = ["train.seed=7", "train.max_steps=1"]
+    with pytest.raises(UserError, match="went away during the set-up"):
         run_job(tiny(tmp_path, *overrides), output_dir=sweep_dir / "3_x", sweep_dir=sweep_dir, overrides=overrides,
                 job_num=3)
     (run,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
-    assert run.info.status == "FAILED" and run.info.run_name == "train.debug_fault=setup_error"
-    assert "set-up failed on purpose" in run.data.tags[FAILURE]
+    assert run.info.status == "FAILED" and run.info.run_name == "train.seed=7"
+    assert "the state folder went away during the set-up" in run.data.tags[FAILURE]
     assert run.data.tags["lora_sweep.overrides"] == " ".join(overrides)
     assert run.data.tags[PID] and run.data.params["train.max_steps"] == "1"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

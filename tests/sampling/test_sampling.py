@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GridCells
+from conftest import GridCells, RecordingSink
 from PIL import Image
 
 from lora_sweep.sampling.images import (
@@ -164,17 +164,7 @@ def test_log_samples_to_mlflow(tmp_path):
 
 
 def test_log_samples_to_a_sink():
-    class Sink:
-        def __init__(self):
-            self.images, self.artifacts = [], []
-
-        def image(self, image, key, step):
-            self.images.append((key, step, image.size))
-
-        def artifact(self, path, artifact_path=None):
-            self.artifacts.append((Path(path).name, artifact_path, Path(path).stat().st_size))
-
-    sink = Sink()
+    sink = RecordingSink()
     log_samples([Image.new("RGB", (64, 64))] * 2, SPECS, 12, sink=sink)
     assert sink.images == [("sample_p00", 12, (64, 64)), ("sample_p01", 12, (64, 64))]
     assert [(n, a) for n, a, _ in sink.artifacts] == [("grid_step000012.png", "samples"), ("prompts.json", "samples")]

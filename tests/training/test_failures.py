@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -19,6 +21,7 @@ from lora_sweep.job.run import run_job
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.training import checkpoint
+from lora_sweep.training import train as train_module
 from lora_sweep.training.failures import (
     check_free_space,
     describe_os_error,
@@ -32,8 +35,34 @@ def tiny_job(tmp_path: Path, *overrides: str, output: str = "out"):
     return run_job(cfg, output_dir=tmp_path / output)
 
 
+@contextlib.contextmanager
+def fault(kind: str, step: int, *, and_later: bool = False):
+    """Within the block, the micro-batches of optimizer step `step` (and of every later one with `and_later`) fail
+    through the loop's real paths: "nan_loss" returns a NaN loss, "inf_grad" makes backward leave an inf gradient
+    in the first LoRA tensor, "oom" asks the device for 1 PiB first (a real allocation failure)."""
+    real, hooks = train_module.micro_batch_loss, []
+
+    def faulty(s, batch, flip_rng, at):
+        for hook in hooks:
+            hook.remove()
+        hooks.clear()
+        if at != step and not (and_later and at > step):
+            return real(s, batch, flip_rng, at)
+        if kind == "oom":
+            torch.empty(2**50, dtype=torch.uint8, device=s.device)
+        if kind == "inf_grad":
+            hooks.append(next(iter(s.lora.values())).register_hook(lambda grad: torch.full_like(grad, float("inf"))))
+        terms = real(s, batch, flip_rng, at)
+        return dataclasses.replace(terms, loss=terms.loss * float("nan")) if kind == "nan_loss" else terms
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "micro_batch_loss", faulty)
+        yield
+
+
 def test_nan_loss_fails_the_run_naming_step_and_tensor_and_keeps_the_last_good_state(tmp_path, mlflow_uri):
-    outcome = tiny_job(tmp_path, "train.debug_fault=nan_loss@3")
+    with fault("nan_loss", 3):
+        outcome = tiny_job(tmp_path)
     assert outcome.status == "FAILED"
     assert "train/loss is nan at optimizer step 3" in outcome.reason
     client = MlflowClient(mlflow_uri)
@@ -44,20 +73,21 @@ def test_nan_loss_fails_the_run_naming_step_and_tensor_and_keeps_the_last_good_s
     assert str(states[-1]) in outcome.reason  # the message says which state is kept
     assert checkpoint.load_state(states[-1])["position"]["step"] == 2
 
-    # The same config again (the fault is a testing aid, outside the config hash): it resumes the failed run at
-    # step 2 and finishes it, each step logged once.
+    # The same config again: it resumes the failed run at step 2 and finishes it, each step logged once.
     again = tiny_job(tmp_path, output="out2")
     assert again.status == "FINISHED" and again.run_id == outcome.run_id
     assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
 def test_non_finite_gradient_names_the_tensor_or_skips_the_step(tmp_path, mlflow_uri):
-    failed = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.save_every=0")
+    with fault("inf_grad", 2):
+        failed = tiny_job(tmp_path, "train.save_every=0")
     assert failed.status == "FAILED"
     assert "gradient of unet." in failed.reason and "lora_" in failed.reason and "step 2" in failed.reason
     assert "no state had been saved yet" in failed.reason
 
-    skipped = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.on_nan=skip_step", "train.resume=never")
+    with fault("inf_grad", 2):
+        skipped = tiny_job(tmp_path, "train.on_nan=skip_step", "train.resume=never")
     assert skipped.status == "FINISHED"
     history = MlflowClient(mlflow_uri).get_metric_history(skipped.run_id, "train/skipped_steps")
     assert sorted((m.step, m.value) for m in history) == [(1, 0), (2, 1), (3, 1), (4, 1)]
@@ -66,8 +96,8 @@ def test_non_finite_gradient_names_the_tensor_or_skips_the_step(tmp_path, mlflow
 def test_skip_step_fails_the_run_after_a_bounded_run_of_skipped_steps(tmp_path, mlflow_uri):
     """A diverged training under train.on_nan=skip_step does not skip to the end and finish: it fails at the bound,
     naming the setting; a bound of 1 allows no skipped step."""
-    failed = tiny_job(tmp_path, "train.debug_fault=inf_grad@2+", "train.on_nan=skip_step", "train.max_steps=8",
-                      "train.max_consecutive_skips=3")
+    with fault("inf_grad", 2, and_later=True):
+        failed = tiny_job(tmp_path, "train.on_nan=skip_step", "train.max_steps=8", "train.max_consecutive_skips=3")
     assert failed.status == "FAILED"
     assert "skipped 3 optimizer steps in a row (steps 2-4; train.max_consecutive_skips=3)" in failed.reason
     assert str(checkpoint.list_states(next((tmp_path / "states").glob(f"*/{failed.run_id}")))[-1]) in failed.reason
@@ -76,15 +106,30 @@ def test_skip_step_fails_the_run_after_a_bounded_run_of_skipped_steps(tmp_path, 
     history = MlflowClient(mlflow_uri).get_metric_history(failed.run_id, "train/skipped_steps")
     assert max(m.step for m in history) == 3  # step 4's metrics never logged: it failed there
 
-    strict = tiny_job(tmp_path, "train.debug_fault=inf_grad@2", "train.on_nan=skip_step", "train.resume=never",
-                      "train.max_consecutive_skips=1", "sweep.skip_finished=false")
+    with fault("inf_grad", 2):
+        strict = tiny_job(tmp_path, "train.on_nan=skip_step", "train.resume=never", "train.max_consecutive_skips=1",
+                          "sweep.skip_finished=false")
     assert strict.status == "FAILED" and "skipped 1 optimizer steps in a row" in strict.reason  # 1: no skip at all
+
+
+def test_fp16_overflows_are_skipped_by_the_loss_scaler_and_do_not_count_as_non_finite(tmp_path, mlflow_uri):
+    """Under fp16 an inf gradient is what an overflow leaves: the loss scaler skips that update and halves its
+    scale; train.on_nan is not involved (a bound of 1 would fail the run at a counted skip)."""
+    with fault("inf_grad", 2):
+        outcome = tiny_job(tmp_path, "precision=fp16", "train.on_nan=skip_step", "train.max_consecutive_skips=1")
+    assert outcome.status == "FINISHED"
+    client = MlflowClient(mlflow_uri)
+    skipped = sorted((m.step, m.value) for m in client.get_metric_history(outcome.run_id, "train/skipped_steps"))
+    assert skipped == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    scale = dict((m.step, m.value) for m in client.get_metric_history(outcome.run_id, "train/loss_scale"))
+    assert scale[2] == scale[1] / 2 and scale[3] == scale[2]
 
 
 def test_out_of_memory_fails_the_job_with_the_memory_knobs_and_returns(tmp_path, mlflow_uri, monkeypatch):
     status_file = tmp_path / "status.json"
     monkeypatch.setenv("GPU_QUEUE_STATUS_FILE", str(status_file))
-    outcome = tiny_job(tmp_path, "train.debug_fault=oom@2")  # a real allocation the device cannot satisfy
+    with fault("oom", 2):  # a real allocation the device cannot satisfy
+        outcome = tiny_job(tmp_path)
     assert outcome.status == "FAILED"  # returned, not raised: the queue moves on to the next job
     assert outcome.reason.startswith("OutOfMemoryError: out of memory during training")
     for knob in ("precision=fp8", "train.gradient_checkpointing=true", "train.batch_size=1 train.grad_accum=2"):

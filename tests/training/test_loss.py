@@ -11,6 +11,7 @@ from conftest import kohya_scheduler_alphas_cumprod
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.training.loss import (
+    LossOptions,
     LossTerms,
     check_loss_options,
     debiased_weight,
@@ -98,8 +99,8 @@ def test_debiased_weight_doc_values_and_same_for_v_prediction():
     assert weight[3].item() == pytest.approx(14.6, abs=0.05)
     assert weight[3].item() == pytest.approx(1 / math.sqrt(SNR_999), rel=1e-3)
     pred, target = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
-    eps = kohya_loss(pred, target, timesteps, ABAR, debiased=True)
-    v = kohya_loss(pred, target, timesteps, ABAR, debiased=True, v_prediction=True)
+    eps = kohya_loss(pred, target, timesteps, ABAR, LossOptions(debiased=True))
+    v = kohya_loss(pred, target, timesteps, ABAR, LossOptions(debiased=True, v_prediction=True))
     assert torch.equal(v.weight, eps.weight) and torch.equal(eps.weight, weight)  # v0.8.7: no v-pred variant
 
 
@@ -174,7 +175,7 @@ def test_kohya_loss_l2_with_min_snr_and_debiased_by_hand():
     timesteps = _t(0, 500, 999)
     diff = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1).expand(3, 4, 2, 2)
     target = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    terms = kohya_loss(target + diff, target, timesteps, ABAR, min_snr_gamma=5.0, debiased=True)
+    terms = kohya_loss(target + diff, target, timesteps, ABAR, LossOptions(min_snr_gamma=5.0, debiased=True))
     assert isinstance(terms, LossTerms)
     snr_500 = snr(_t(500), ABAR).item()
     weight = [5 / SNR_0 / math.sqrt(1000), 1 / math.sqrt(snr_500), 1 / math.sqrt(SNR_999)]  # min-SNR x debiased
@@ -197,18 +198,19 @@ def test_kohya_loss_without_weights_is_plain_mse_and_sample_weights_apply():
 
 def test_kohya_loss_v_prediction_uses_snr_plus_one():
     pred, target = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
-    terms = kohya_loss(pred, target, _t(0, 999), ABAR, min_snr_gamma=5.0, v_prediction=True)
+    terms = kohya_loss(pred, target, _t(0, 999), ABAR, LossOptions(min_snr_gamma=5.0, v_prediction=True))
     assert terms.weight.tolist() == pytest.approx([5 / (SNR_0 + 1), SNR_999 / (SNR_999 + 1)], rel=1e-3)
 
 
 def test_kohya_loss_huber_one_timestep_gives_one_c_and_per_sample_gives_each_its_own():
     pred = torch.full((3, 4, 2, 2), 0.7)
     target = torch.zeros_like(pred)
-    shared = kohya_loss(pred, target, _t(250, 250, 250), ABAR, loss_type="huber")
+    shared = kohya_loss(pred, target, _t(250, 250, 250), ABAR, LossOptions(loss_type="huber"))
     assert shared.huber_c.tolist() == pytest.approx([0.413] * 3, abs=6e-4)  # v0.8.7: one scalar c per batch
     c = shared.huber_c[0].item()
     assert shared.loss.item() == pytest.approx(2 * c * (math.sqrt(0.49 + c * c) - c), rel=1e-5)
-    own = kohya_loss(pred, target, _t(0, 500, 999), ABAR, loss_type="smooth_l1", huber_schedule="exponential")
+    own = kohya_loss(pred, target, _t(0, 500, 999), ABAR,
+                     LossOptions(loss_type="smooth_l1", huber_schedule="exponential"))
     assert own.huber_c.tolist() == pytest.approx([1.0, 0.1**0.5, 0.1**0.999], rel=1e-6)
     expected = [2 * (math.sqrt(0.49 + k * k) - k) for k in own.huber_c.tolist()]
     assert own.per_sample.tolist() == pytest.approx(expected, rel=1e-5)
@@ -322,8 +324,8 @@ def test_the_figure_is_kohyas_ieee_value_and_fp32_squaring_misses_it():
 @pytest.mark.parametrize("schedule, t, loss_type", list(KOHYA_MINIMAL))
 def test_huber_loss_is_kohyas_to_the_bit_on_the_minimal_input(device, schedule, t, loss_type):
     terms = kohya_loss(torch.full((1, 1, 1, 1), 0.01, device=device), torch.zeros(1, 1, 1, 1, device=device),
-                       torch.tensor([t], device=device), ABAR.to(device), loss_type=loss_type,
-                       huber_schedule=schedule, huber_c=0.1)
+                       torch.tensor([t], device=device), ABAR.to(device),
+                       LossOptions(loss_type=loss_type, huber_schedule=schedule, huber_c=0.1))
     sqrt = _device_sqrt(device)
     c = _kohya_huber_c(schedule, t, 0.1, device)
     if schedule == "snr":
@@ -350,8 +352,8 @@ def test_huber_loss_replays_kohyas_conditional_loss_bit_for_bit(device, schedule
             expected = 2 * c * (torch.sqrt((pred - target) ** 2 + c**2) - c)
         else:
             expected = 2 * (torch.sqrt((pred - target) ** 2 + c**2) - c)
-        terms = kohya_loss(pred, target, torch.tensor([t], device=device), ABAR.to(device), loss_type=loss_type,
-                           huber_schedule=schedule, huber_c=0.1)
+        terms = kohya_loss(pred, target, torch.tensor([t], device=device), ABAR.to(device),
+                           LossOptions(loss_type=loss_type, huber_schedule=schedule, huber_c=0.1))
         assert torch.equal(terms.raw_per_sample, expected.mean([1, 2, 3])), t
         assert torch.equal(elementwise_loss(pred, target, loss_type, c), expected), t
 
@@ -360,7 +362,8 @@ def test_per_sample_huber_c_rounds_each_sample_like_kohyas_python_float():
     """Per-sample timesteps (newer sd-scripts' mode): each sample's c**2 is rounded once from its own double c."""
     pred = torch.full((3, 1, 1, 1), 0.01)
     timesteps = _t(1, 4, 14)  # t where rounding c**2 once and squaring fp32 c differ
-    terms = kohya_loss(pred, torch.zeros_like(pred), timesteps, ABAR, loss_type="huber", huber_schedule="exponential")
+    terms = kohya_loss(pred, torch.zeros_like(pred), timesteps, ABAR,
+                       LossOptions(loss_type="huber", huber_schedule="exponential"))
     for b, t in enumerate(timesteps.tolist()):
         c = _kohya_huber_c("exponential", t, 0.1)
         assert terms.raw_per_sample[b].item() == _conditional_loss_by_hand(0.01, c, "huber", _device_sqrt("cpu"))

@@ -16,6 +16,7 @@ from torch import nn
 
 from lora_sweep.errors import ConfigError
 from lora_sweep.training.noise import (
+    NoiseOptions,
     NoisyLatents,
     add_noise,
     apply_noise_offset,
@@ -85,7 +86,7 @@ def test_noise_is_drawn_in_latents_dtype_and_offset_promotes_to_fp32():
     latents = _latents(dtype=torch.bfloat16)
     plain = kohya_noisy_latents(latents, ABAR)
     assert plain.noise.dtype == torch.bfloat16
-    with_offset = kohya_noisy_latents(latents, ABAR, offset=0.05)
+    with_offset = kohya_noisy_latents(latents, ABAR, NoiseOptions(offset=0.05))
     assert with_offset.noise.dtype == torch.float32  # bf16 eps + fp32 eta (kohya's side effect)
 
 
@@ -187,13 +188,6 @@ def test_one_timestep_per_batch_repeats_a_single_cpu_draw():
     assert len(per_sample.unique()) == 100
 
 
-def test_timestep_bounds_are_checked():
-    with pytest.raises(ConfigError, match="max_timestep"):
-        kohya_noisy_latents(_latents(), ABAR, min_timestep=500, max_timestep=500)
-    with pytest.raises(ConfigError, match="max_timestep"):
-        kohya_noisy_latents(_latents(), ABAR, max_timestep=1001)
-
-
 # --- the composed step ----------------------------------------------------------------------------------------------
 
 ALL_ON = dict(offset=0.1, offset_random_strength=True, adaptive_scale=0.5, multires_iterations=3,
@@ -204,7 +198,7 @@ def test_kohya_noisy_latents_replays_kohya_rng_call_order_with_everything_on():
     b, c, h, w = 2, 4, 16, 16
     latents = _latents((b, c, h, w))
     _seed_global_rngs(123)
-    out = kohya_noisy_latents(latents, ABAR, **ALL_ON)
+    out = kohya_noisy_latents(latents, ABAR, NoiseOptions(**ALL_ON))
 
     _seed_global_rngs(123)
     eps = torch.randn(b, c, h, w)                                         # 1. base noise
@@ -228,7 +222,7 @@ def test_kohya_noisy_latents_replays_kohya_rng_call_order_with_everything_on():
 def test_kohya_noisy_latents_l2_path_draws_eps_then_per_sample_timesteps_only():
     latents = _latents((3, 4, 8, 8))
     torch.manual_seed(5)
-    out = kohya_noisy_latents(latents, ABAR, min_timestep=10, max_timestep=20)
+    out = kohya_noisy_latents(latents, ABAR, NoiseOptions(min_timestep=10, max_timestep=20))
     torch.manual_seed(5)
     eps = torch.randn(3, 4, 8, 8)
     t = torch.randint(10, 20, (3,))
@@ -239,7 +233,7 @@ def test_kohya_noisy_latents_l2_path_draws_eps_then_per_sample_timesteps_only():
 
 def test_ip_perturbation_enters_noisy_latents_but_not_the_target():
     latents = _latents()
-    with_ip = kohya_noisy_latents(latents, ABAR, ip_gamma=0.2, generator=torch.Generator().manual_seed(1))
+    with_ip = kohya_noisy_latents(latents, ABAR, NoiseOptions(ip_gamma=0.2), generator=torch.Generator().manual_seed(1))
     without = kohya_noisy_latents(latents, ABAR, generator=torch.Generator().manual_seed(1))
     assert torch.equal(with_ip.noise, without.noise) and torch.equal(with_ip.timesteps, without.timesteps)
     replay = torch.Generator().manual_seed(1)
@@ -252,7 +246,7 @@ def test_ip_perturbation_enters_noisy_latents_but_not_the_target():
 
 def test_same_generator_seed_gives_same_draws_and_other_seed_differs():
     latents = _latents()
-    runs = [kohya_noisy_latents(latents, ABAR, **ALL_ON, generator=torch.Generator().manual_seed(s))
+    runs = [kohya_noisy_latents(latents, ABAR, NoiseOptions(**ALL_ON), generator=torch.Generator().manual_seed(s))
             for s in (21, 21, 22)]
     for field in ("noise", "noisy_latents", "timesteps"):
         assert torch.equal(getattr(runs[0], field), getattr(runs[1], field))
@@ -261,7 +255,8 @@ def test_same_generator_seed_gives_same_draws_and_other_seed_differs():
 
 
 def test_fixed_strengths_are_reported_as_given():
-    out = kohya_noisy_latents(_latents(), ABAR, offset=0.0357, ip_gamma=0.1, generator=torch.Generator())
+    out = kohya_noisy_latents(_latents(), ABAR, NoiseOptions(offset=0.0357, ip_gamma=0.1),
+                              generator=torch.Generator())
     assert (out.offset_strength, out.ip_strength) == (0.0357, 0.1)
 
 
@@ -356,8 +351,9 @@ def test_x_t_is_in_weight_dtype_per_precision_and_fp32_with_an_offset(name):
     dtype = LATENT_DTYPES[name]
     latents = _latents((2, 4, 8, 8)).to(dtype)
     assert kohya_noisy_latents(latents, ABAR, generator=torch.Generator()).noisy_latents.dtype == dtype
-    assert kohya_noisy_latents(latents, ABAR, ip_gamma=0.1, generator=torch.Generator()).noisy_latents.dtype == dtype
-    offset = kohya_noisy_latents(latents, ABAR, offset=0.05, generator=torch.Generator())
+    assert kohya_noisy_latents(latents, ABAR, NoiseOptions(ip_gamma=0.1),
+                               generator=torch.Generator()).noisy_latents.dtype == dtype
+    offset = kohya_noisy_latents(latents, ABAR, NoiseOptions(offset=0.05), generator=torch.Generator())
     assert offset.noise.dtype == offset.noisy_latents.dtype == torch.float32  # kohya's fp32 eta promotes
 
 
@@ -365,7 +361,7 @@ def test_channels_last_latents_get_kohyas_randn_like_draws():
     """kohya draws eps and xi with torch.randn_like(latents): the fill follows the latents' memory order."""
     zeros = torch.zeros(1, 4, 4, 4).to(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    out = kohya_noisy_latents(zeros, ABAR, ip_gamma=0.1)
+    out = kohya_noisy_latents(zeros, ABAR, NoiseOptions(ip_gamma=0.1))
     after = torch.rand(1)
     torch.manual_seed(0)  # kohya v0.8.7 get_noise_noisy_latents_and_timesteps, replayed
     eps = torch.randn_like(zeros, device=zeros.device)
@@ -387,7 +383,7 @@ def test_channels_last_latents_get_kohyas_randn_like_draws():
 
 def test_a_generator_draws_like_the_latents_too():
     zeros = torch.zeros(1, 4, 4, 4).to(memory_format=torch.channels_last)
-    out = kohya_noisy_latents(zeros, ABAR, ip_gamma=0.1, generator=torch.Generator().manual_seed(0))
+    out = kohya_noisy_latents(zeros, ABAR, NoiseOptions(ip_gamma=0.1), generator=torch.Generator().manual_seed(0))
     replay = torch.Generator().manual_seed(0)
     eps = torch.randn_like(zeros, generator=replay)
     t = torch.randint(0, 1000, (1,), generator=replay)
@@ -404,7 +400,7 @@ def test_null_timestep_bounds_are_kohyas_defaults():
     runs = []
     for bounds in ({}, dict(min_timestep=None, max_timestep=None), dict(min_timestep=0, max_timestep=1000)):
         torch.manual_seed(2)
-        runs.append(kohya_noisy_latents(latents, ABAR, **bounds))
+        runs.append(kohya_noisy_latents(latents, ABAR, NoiseOptions(**bounds)))
     assert all(torch.equal(r.timesteps, runs[0].timesteps) for r in runs)
 
 
@@ -412,13 +408,12 @@ def test_null_timestep_bounds_are_kohyas_defaults():
 def test_timestep_bounds_are_kohyas_randint_min_max(one_per_batch):
     latents = _latents((4, 4, 8, 8))
     torch.manual_seed(6)
-    out = kohya_noisy_latents(latents, ABAR, min_timestep=998, max_timestep=None,
-                              one_timestep_per_batch=one_per_batch)
+    out = kohya_noisy_latents(latents, ABAR, NoiseOptions(min_timestep=998, one_timestep_per_batch=one_per_batch))
     torch.manual_seed(6)
     torch.randn(4, 4, 8, 8)
     t = torch.randint(998, 1000, (1,) if one_per_batch else (4,))  # upper bound excluded
     assert torch.equal(out.timesteps, t.repeat(4) if one_per_batch else t)
-    seen = {int(kohya_noisy_latents(latents, ABAR, min_timestep=998, max_timestep=None,
+    seen = {int(kohya_noisy_latents(latents, ABAR, NoiseOptions(min_timestep=998, max_timestep=None),
                                     generator=torch.Generator().manual_seed(s)).timesteps[0]) for s in range(40)}
     assert seen == {998, 999}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import RecordingSink, compose_config
 from torch.overrides import TorchFunctionMode
 
 from lora_sweep.model import loading
@@ -67,21 +67,8 @@ def build_recorded(fp16_model: Path, tmp_path: Path, monkeypatch, *overrides: st
 
     monkeypatch.setattr(loading, "load_sdxl", recorded_load)
     with recorder:
-        s = session_lib.build_session(cfg, output_dir=tmp_path / "out", sink=_Sink())
+        s = session_lib.build_session(cfg, output_dir=tmp_path / "out", sink=RecordingSink())
     return s, read, recorder.placed
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.logged: dict = {}
-
-    def params(self, values) -> None: ...
-    def metrics(self, values, step) -> None:
-        self.logged.update({f"{key}@{step}": value for key, value in values.items()})
-
-    def artifact(self, path, artifact_path=None) -> None: ...
-    def image(self, image, key, step) -> None: ...
-    def progress(self, step, max_steps, loss, speed) -> None: ...
 
 
 def _base(module) -> dict[str, torch.nn.Parameter]:
@@ -130,7 +117,7 @@ def _train(cfg_overrides, tmp_path: Path, fp16_model: Path):
     from lora_sweep.training.train import train
 
     cfg = compose_config(f"model.path={fp16_model}", "train.max_steps=2", "train.batch_size=2", *cfg_overrides)
-    sink = _Sink()
+    sink = RecordingSink()
     result = train(cfg, output_dir=tmp_path, sink=sink)
     from safetensors.torch import load_file
 

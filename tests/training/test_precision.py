@@ -46,6 +46,17 @@ def _prepared(unet: torch.nn.Module, name: str) -> tuple[torch.nn.Module, precis
     return model, policy
 
 
+def _update(scaler, optimizer, params, max_grad_norm: float) -> bool:
+    """The training loop's update (lora_sweep.training.train.train): unscale, one norm, clip, the scaler's step;
+    True if the optimizer stepped (the loop reads a shrunk scale as a skipped step)."""
+    params = list(params)
+    precision.clip_grads(params, max_grad_norm, precision.unscaled_grad_norm(scaler, optimizer, params))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale
+
+
 @pytest.mark.parametrize("name", list(precision.PRECISIONS))
 def test_each_precision_trains_the_lora_on_cpu(tiny_lora_unet: torch.nn.Module, name: str) -> None:
     unet, policy = _prepared(tiny_lora_unet, name)
@@ -59,7 +70,7 @@ def test_each_precision_trains_the_lora_on_cpu(tiny_lora_unet: torch.nn.Module, 
         scaler.scale(loss).backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.values())
         assert sum(p.grad.abs().sum().item() for p in lora.values()) > 0
-        assert precision.scaled_step(scaler, optimizer, lora.values(), max_grad_norm=1.0)
+        assert _update(scaler, optimizer, lora.values(), max_grad_norm=1.0)
         optimizer.zero_grad(set_to_none=True)
     assert all(not torch.equal(before[n], p) for n, p in lora.items())
     assert {p.dtype for p in lora.values()} == {torch.float32}
@@ -114,13 +125,13 @@ def test_fp16_scaler_skips_an_overflowing_step_and_says_so(tiny_lora_unet: torch
     scaler.scale(_loss(unet, policy)).backward()
     next(iter(lora.values())).grad[0, 0] = math.inf  # what an fp16 overflow leaves behind
     before = {n: p.detach().clone() for n, p in lora.items()}
-    stepped = precision.scaled_step(scaler, optimizer, lora.values(), max_grad_norm=1.0)
+    stepped = _update(scaler, optimizer, lora.values(), max_grad_norm=1.0)
     assert not stepped
     assert all(torch.equal(before[n], p) for n, p in lora.items())
     assert scaler.get_scale() == 2.0**15
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(_loss(unet, policy)).backward()
-    assert precision.scaled_step(scaler, optimizer, lora.values(), max_grad_norm=1.0)
+    assert _update(scaler, optimizer, lora.values(), max_grad_norm=1.0)
     assert any(not torch.equal(before[n], p) for n, p in lora.items())
 
 
@@ -131,7 +142,7 @@ def test_clipping_sees_unscaled_grads(tiny_lora_unet: torch.nn.Module, name: str
     optimizer = torch.optim.SGD(lora, lr=0.0)
     scaler = precision.make_grad_scaler(policy, "cpu")
     scaler.scale(_loss(unet, policy)).backward()
-    assert precision.scaled_step(scaler, optimizer, lora, max_grad_norm=1e-4)
+    assert _update(scaler, optimizer, lora, max_grad_norm=1e-4)
     total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in lora]))
     assert total_norm.item() == pytest.approx(1e-4, rel=1e-3)
 
@@ -228,7 +239,7 @@ def test_fp8_backward_keeps_stored_weights_instead_of_upcast_copies(tiny_lora_un
     assert not precision._UPCAST_COPIES  # nothing left registered after the forward
 
 
-def test_a_precomputed_total_norm_clips_exactly_like_clip_grad_norm() -> None:
+def test_one_precomputed_total_norm_clips_exactly_like_clip_grad_norm() -> None:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7, 3)]
     grads = [torch.randn(p.shape) * 10 for p in params]
@@ -236,30 +247,34 @@ def test_a_precomputed_total_norm_clips_exactly_like_clip_grad_norm() -> None:
     for how in ("clip_grad_norm_", "precomputed"):
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
-        optimizer = torch.optim.SGD(params, lr=0.0)
-        scaler = precision.make_grad_scaler(precision.PRECISIONS["fp32"], "cpu")
-        norm = precision.grad_total_norm(params) if how == "precomputed" else None
-        assert precision.scaled_step(scaler, optimizer, params, max_grad_norm=1.0, total_norm=norm)
+        if how == "precomputed":
+            precision.clip_grads(params, 1.0, precision.grad_total_norm(params))
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         clipped[how] = [p.grad.clone() for p in params]
     assert all(torch.equal(a, b) for a, b in zip(clipped["clip_grad_norm_"], clipped["precomputed"], strict=True))
     assert float(torch.linalg.vector_norm(torch.cat(clipped["precomputed"]))) == pytest.approx(1.0, rel=1e-5)
+    precision.clip_grads(params, 0.0, precision.grad_total_norm(params))  # 0: off
+    assert all(torch.equal(p.grad, c) for p, c in zip(params, clipped["precomputed"], strict=True))
     assert precision.grad_total_norm([torch.nn.Parameter(torch.ones(2))]) is None  # no grads, no norm
 
 
-def test_one_norm_checks_every_gradient_and_names_the_bad_one(monkeypatch) -> None:
+def test_one_norm_checks_every_gradient_and_names_the_bad_one() -> None:
     from types import SimpleNamespace
 
-    from lora_sweep.training import train as train_module
+    from lora_sweep.training.train import NonFiniteGuard, NonFiniteLoss
 
     lora = {f"unet.l{i}.lora_A.weight": torch.nn.Parameter(torch.ones(3)) for i in range(4)}
-    s = SimpleNamespace(scaler=precision.make_grad_scaler(precision.PRECISIONS["bf16"], "cpu"), lora=lora,
-                        params=list(lora.values()), cfg=SimpleNamespace(train=SimpleNamespace(on_nan="stop")))
-    for p in lora.values():
+    s = SimpleNamespace(scaler=precision.make_grad_scaler(precision.PRECISIONS["bf16"], "cpu"), lora=lora)
+    guard = NonFiniteGuard("stop", 10, kept=lambda: None)
+    params = list(lora.values())
+    for p in params:
         p.grad = torch.ones(3)
-    assert train_module.grads_finite(s, 1, 0, None)
-    for p in lora.values():
+    assert guard.gradients_are_finite(s, precision.grad_total_norm(params), 1, 0)
+    for p in params:
         p.grad = torch.full((3,), 3e38)  # finite, but the sum of squares overflows: the step goes on, as before
-    assert not torch.isfinite(precision.grad_total_norm(s.params)) and train_module.grads_finite(s, 1, 0, None)
+    norm = precision.grad_total_norm(params)
+    assert not torch.isfinite(norm) and guard.gradients_are_finite(s, norm, 1, 0)
     lora["unet.l2.lora_A.weight"].grad = torch.tensor([0.0, float("nan"), 0.0])
-    with pytest.raises(train_module.NonFiniteLoss, match=r"gradient of unet\.l2\.lora_A\.weight is not finite"):
-        train_module.grads_finite(s, 1, 0, None)
+    with pytest.raises(NonFiniteLoss, match=r"gradient of unet\.l2\.lora_A\.weight is not finite at optimizer step 1"):
+        guard.gradients_are_finite(s, precision.grad_total_norm(params), 1, 0)

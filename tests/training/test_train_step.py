@@ -12,11 +12,12 @@ autocast state seen by the noise step and the dtypes of its input and of the U-N
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import RecordingSink, compose_config
 
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training import train as train_lib
@@ -24,19 +25,12 @@ from lora_sweep.training.precision import PRECISIONS
 from lora_sweep.training.session import build_session
 
 
-class _Sink:
-    def params(self, values): pass
-    def metrics(self, values, step): pass
-    def artifact(self, path, artifact_path=None): pass
-    def progress(self, step, max_steps, loss, speed): pass
-
-
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """One fp32 session; each test swaps in the precision policy it looks at (the step reads only its dtypes)."""
     cfg = compose_config("train.max_steps=1", "train.batch_size=2", "train.device=cpu")
     torch.manual_seed(0)
-    return build_session(cfg, output_dir=tmp_path_factory.mktemp("step"), sink=_Sink())
+    return build_session(cfg, output_dir=tmp_path_factory.mktemp("step"), sink=RecordingSink())
 
 
 @pytest.fixture
@@ -45,11 +39,11 @@ def watched(session, monkeypatch):
     seen: dict = {}
     real_noise = noise_lib.kohya_noisy_latents
 
-    def noise_step(latents, *args, **kwargs):
+    def noise_step(latents, alphas_cumprod, options, **kwargs):
         seen["autocast_in_noise"] = torch.is_autocast_enabled("cpu")
         seen["x0"] = latents
-        seen["bounds"] = (kwargs.get("min_timestep"), kwargs.get("max_timestep"))
-        seen["noisy"] = real_noise(latents, *args, **kwargs)
+        seen["bounds"] = (options.min_timestep, options.max_timestep)
+        seen["noisy"] = real_noise(latents, alphas_cumprod, options, **kwargs)
         return seen["noisy"]
 
     def unet_input(module, args, kwargs):
@@ -58,21 +52,20 @@ def watched(session, monkeypatch):
 
     monkeypatch.setattr(noise_lib, "kohya_noisy_latents", noise_step)
     handle = session.unet.register_forward_pre_hook(unet_input, with_kwargs=True)
-    original_policy = session.policy
+    original_policy, original_noise = session.policy, session.noise_options
 
     def run(name: str, **noise_overrides):
         session.policy = PRECISIONS[name]
-        saved = {k: session.cfg.noise[k] for k in noise_overrides}
-        session.cfg.noise.update(noise_overrides)
+        session.noise_options = dataclasses.replace(original_noise, **noise_overrides)
         try:
             seen.clear()
             batch = [session.batch_items[0], session.batch_items[1]]
             with torch.no_grad():
-                terms = train_lib.micro_batch_loss(session, batch, random.Random(0))
+                terms = train_lib.micro_batch_loss(session, batch, random.Random(0), 1)
             seen["terms"], seen["cached"] = terms, torch.stack([session.prepared.examples[i].latents for i in batch])
             return seen
         finally:
-            session.cfg.noise.update(saved)
+            session.noise_options = original_noise
 
     yield run
     handle.remove()
@@ -124,3 +117,25 @@ def test_timestep_bounds_are_in_the_lora_metadata_as_kohya_writes_them(session):
     assert timestep_range(min_timestep=200) == "200,1000"
     assert timestep_range(max_timestep=500) == "0,500"
     assert timestep_range(min_timestep=100, max_timestep=900) == "100,900"
+
+
+def test_the_scans_a_caller_made_are_not_made_again(tmp_path, monkeypatch):
+    """train(scan=..., validation_scan=...) trains on the caller's scans of data.dir and data.validation_dir."""
+    from conftest import write_image
+
+    from lora_sweep.data.dataset import scan_folder
+    from lora_sweep.data.photos import data_folder
+    from lora_sweep.training import session as session_lib
+
+    write_image(tmp_path / "held_out" / "1_thing" / "a.png", caption="a thing")
+    cfg = compose_config("train.max_steps=1", "train.batch_size=2", "train.device=cpu",
+                         f"data.validation_dir={tmp_path / 'held_out'}", "validation.timesteps=[500]")
+    scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
+    validation_scan = scan_folder(tmp_path / "held_out", cfg.data.caption_extension)
+    monkeypatch.setattr(session_lib, "scan_folder", lambda *args, **kwargs: pytest.fail("scanned again"))
+    seen = {}
+    monkeypatch.setattr(session_lib, "log_data", lambda cfg, data, sink, output_dir: seen.update(data=data))
+    result = train_lib.train(cfg, output_dir=tmp_path / "out", sink=RecordingSink(), scan=scan,
+                             validation_scan=validation_scan)
+    assert result.steps == 1 and seen["data"].scan is scan
+    assert [e.item.path.name for e in seen["data"].validation] == ["a.png"]
