@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+from lora_sweep.data.dataset import inspect_folder
 from lora_sweep.data.fingerprint import Fingerprint, dataset_fingerprint
 from lora_sweep.data.photos import data_folder
 from lora_sweep.paths import cache_root
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 def dataset_of(cfg) -> Fingerprint:
     """The content fingerprint of the job's dataset (and validation folder), reusing the cache's file digests."""
     folders = [data_folder(cfg), *([Path(cfg.data.validation_dir)] if cfg.data.validation_dir else [])]
-    return dataset_fingerprint(folders, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")
+    scans = [inspect_folder(folder, cfg.data.caption_extension) for folder in folders]
+    return dataset_fingerprint(scans, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")
 
 
 def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:
