@@ -23,7 +23,7 @@ import torch
 
 from lora_sweep.atomic import write_text
 from lora_sweep.data.buckets import bucket_histogram, parse_resolution
-from lora_sweep.data.dataset import scan_folder
+from lora_sweep.data.dataset import FolderScan, scan_folder
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Prepared, prepare_examples
 from lora_sweep.errors import Fallback, UserError
@@ -194,7 +194,8 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None, *,
     return model_lib.load_sdxl(path, cache_root=cache_root(cfg), dtypes=dtypes)
 
 
-def build_session(cfg, *, output_dir: Path, sink) -> Session:
+def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None,
+                  validation_scan: FolderScan | None = None) -> Session:
     device = pick_device(cfg.train.device)
     policy = precision.precision_policy(cfg.precision.name, device.type)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     encoders = (parts.text_encoder, parts.text_encoder_2)
 
     # Data first, with the frozen encoders, so the cache can be filled before LoRA changes anything.
-    scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
+    scan = scan if scan is not None else scan_folder(data_folder(cfg), cfg.data.caption_extension)
     if encode_text_online:
         why = "network.train_text_encoder=true" if cfg.network.train_text_encoder else "data.shuffle_caption=true"
         log.info("text-encoder outputs are not cached in this run (%s): captions are encoded at every step, "
@@ -229,7 +230,8 @@ def build_session(cfg, *, output_dir: Path, sink) -> Session:
     train_idx, val_idx = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
     val_examples = [prepared.examples[i] for i in val_idx]
     if cfg.data.validation_dir:
-        val_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
+        val_scan = validation_scan if validation_scan is not None else scan_folder(
+            Path(cfg.data.validation_dir), cfg.data.caption_extension)
         val_prepared = prepare_examples(parts, val_scan, cfg.data, device=device, encode_text=not encode_text_online)
         _warn_unreadable(sink, "data.validation_dir", val_prepared.unreadable)
         val_examples += val_prepared.examples

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lora_sweep.data.buckets import bucket_batches, format_histogram
+from lora_sweep.data.dataset import FolderScan
 from lora_sweep.errors import UserError
 from lora_sweep.training import checkpoint, optim, precision
 from lora_sweep.training import loss as loss_lib
@@ -118,10 +119,13 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random) -> l
 
 
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,
-          states: StateTarget | None = None) -> TrainResult:
-    """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`."""
+          states: StateTarget | None = None, scan: FolderScan | None = None,
+          validation_scan: FolderScan | None = None) -> TrainResult:
+    """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`.
+    `scan`, `validation_scan`: the caller's scans of data.dir (or the bundled photos) and data.validation_dir;
+    None: the session scans them itself."""
     seed_everything(cfg.train.seed)
-    s = build_session(cfg, output_dir=output_dir, sink=sink)
+    s = build_session(cfg, output_dir=output_dir, sink=sink, scan=scan, validation_scan=validation_scan)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum
     epochs = num_epochs(max_steps, batches_per_epoch(s.batch_buckets, cfg.train.batch_size), accum)
