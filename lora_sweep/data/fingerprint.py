@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep.data.cache_keys import file_sha256
-from lora_sweep.data.dataset import IMAGE_EXTENSIONS, FolderScan
+from lora_sweep.data.dataset import IMAGE_EXTENSIONS, FolderScan, gone
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Fingerprint:
 def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".txt", *,
                         memo_dir: Path | None = None) -> Fingerprint:
     """Fingerprint of the training folder's scan and any validation folder's (in that order: swapping them changes
-    it): each image and `caption_extension` file of their subsets, hidden files aside.
+    it): each image and `caption_extension` file of their subsets, hidden files aside. A file removed since the
+    scan is a UserError naming it.
 
     `memo_dir`: the cache's `.hashes/` folder, where file digests are remembered between runs."""
     digest = hashlib.sha256()
@@ -42,7 +43,10 @@ def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".
         digest.update(f"folder {index}\n".encode())
         for path in scan.subset_files:
             if path.suffix.lower() in suffixes:
-                sha = file_sha256(path, memo_dir=memo_dir)
+                try:
+                    sha = file_sha256(path, memo_dir=memo_dir)
+                except FileNotFoundError:
+                    raise gone(scan, path) from None
                 digest.update(f"{path.relative_to(scan.root).as_posix()}\t{sha}\n".encode())
                 count += 1
     return Fingerprint(digest.hexdigest()[:16], count, tuple(str(scan.root.resolve()) for scan in scans))
