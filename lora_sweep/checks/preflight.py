@@ -22,6 +22,8 @@ whose config the launching process never saw (a sweeper that picks jobs as it ru
   creatable, and the MLflow store's scheme and server (lora_sweep/checks/folders.py);
 - for a sweep, the sweep as a whole: no jobs, jobs sharing one output folder, the launcher's settings
   (lora_sweep/checks/sweep.py).
+Each problem has one source: a check skips what another one names (a missing folder or prompt file is the config
+checks'; bucket settings with a value problem are not used to assign images).
 An exception in the checks themselves also stops the command (`PreflightCallback`): Hydra would only warn.
 A problem is one line naming the setting and the file (and line); a `Fallback` is something used instead of what the
 user gave, printed once as a warning. With any problem the command exits with status 2 and has written nothing: no
@@ -99,7 +101,6 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
     report.problems += folder_problems(cfg, hydra_dir)
-    report.problems = list(dict.fromkeys(report.problems))  # a path problem found twice is said once
     return report
 
 
@@ -190,9 +191,10 @@ def _bucket_problems(items, settings: dict, setting: str) -> list[str]:
 
 
 def _check_prompts(cfg, report: Report, memo: Memo) -> None:
+    if cfg.sampling.prompt_file is not None and not Path(cfg.sampling.prompt_file).is_file():
+        return  # the config checks name the missing file; its lines and sampling.prompts are read once it exists
     problems, fallbacks = parse_prompts(cfg, memo)
-    s = cfg.sampling
-    report.problems += [p for p in problems if not (s.prompt_file and "does not exist" in p)]  # said by validate
+    report.problems += problems
     report.fallbacks += fallbacks
 
 
