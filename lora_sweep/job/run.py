@@ -277,9 +277,9 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
 
 
 def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
-    """The pre-flight's warnings on the run, `data/warnings.txt` (each with every path it concerns), rewritten when
-    training finds another (an image that fails to decode); `data.warnings` (how many) is logged once as the run
-    ends. A sweep's report can show what trained on something other than asked."""
+    """The job's warnings (its reads' fallbacks, the device's) on the run, `data/warnings.txt` (each with every path
+    it concerns), rewritten when training finds another (an image that fails to decode); `data.warnings` (how many)
+    is logged once as the run ends. A sweep's report can show what trained on something other than asked."""
     if checked.fallbacks:
         logger.log_artifact(write_text(Path(output_dir) / "warnings.txt", checked.warnings_text()), "data")
 
