@@ -21,10 +21,12 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import lora_sweep  # noqa: E402
 from lora_sweep.config import register_configs  # noqa: E402
 from lora_sweep.errors import UserError  # noqa: E402
 from lora_sweep.paths import make_paths_absolute  # noqa: E402
 
+lora_sweep.setup()
 register_configs()
 log = logging.getLogger("lora_sweep")
 
@@ -78,6 +80,7 @@ def share_cpu_cores(hc) -> None:
 def main(cfg: DictConfig) -> float | None:
     from lora_sweep.job.run import run_job
 
+    lora_sweep.setup()  # a launcher's job process (forked, Ray, Slurm) runs this function, not the module's start
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     make_paths_absolute(cfg)  # relative paths mean where the command started, also with hydra.job.chdir=true

@@ -29,8 +29,10 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import lora_sweep
     from lora_sweep.config import register_configs
 
+    lora_sweep.setup()
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         return hydra_compose("config", overrides=list(overrides))

@@ -11,18 +11,11 @@ Where things live (imports flow one way, top to bottom; see docs/architecture.md
 - `model/`: SDXL loading, the tiny model, LoRA on kohya's targets and its file formats, encoders;
 - `sampling/`: prompt files, sample images during training, per-sample image metrics;
 - `compare/`: the report and the article's table.
+
+Importing the package changes nothing in the process; every entry point calls `setup()` first.
 """
 
 __version__ = "0.1.0"
-
-
-def _register_resolvers() -> None:
-    """Hydra resolvers conf/ uses, in every process that imports lora_sweep (see job.names.register_resolver)."""
-    from lora_sweep import paths
-    from lora_sweep.job import names
-
-    names.register_resolver()
-    paths.register_resolver()
 
 
 # Library messages that say nothing a lora-sweep user can act on, dropped by (logger, text). Nothing of ours is here.
@@ -33,6 +26,27 @@ LIBRARY_NOISE = (
     # bitsandbytes: an optional CPU kernel for 4-bit layers (lora-sweep has none; its 8-bit optimizers need none)
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
 )
+
+
+def setup() -> None:
+    """Make this process ready for lora-sweep: register the Hydra resolvers conf/ uses (`lora_sweep_job_dir`,
+    `lora_sweep_project`), drop LIBRARY_NOISE from the logs, and log Python warnings as one clean line each.
+    Idempotent. Called by every entry point: sweep.py (as it starts, and in `main`, the task function a launcher's
+    job process runs), `python -m lora_sweep`. A job process has the resolvers before `main` runs, when Hydra
+    resolves the job's folder: every launcher hands its jobs Hydra's singleton state, which holds them."""
+    import logging
+    import warnings
+
+    from lora_sweep import paths
+    from lora_sweep.job import names
+
+    names.register_resolver()
+    paths.register_resolver()
+    for logger_name, text in LIBRARY_NOISE:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropText) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropText(text))
+    warnings.showwarning = _log_python_warning
 
 
 class _DropText:
@@ -52,18 +66,3 @@ def _log_python_warning(message, category, filename, lineno, file=None, line=Non
     import logging
 
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
-
-
-def _tidy_library_output() -> None:
-    """In every process that imports lora_sweep (the sweep, its jobs, workers): LIBRARY_NOISE dropped, Python
-    warnings logged as clean lines."""
-    import logging
-    import warnings
-
-    for logger_name, text in LIBRARY_NOISE:
-        logging.getLogger(logger_name).addFilter(_DropText(text))
-    warnings.showwarning = _log_python_warning
-
-
-_register_resolvers()
-_tidy_library_output()

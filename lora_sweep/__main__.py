@@ -206,6 +206,9 @@ def _cache(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lora_sweep import setup
+
+    setup()
     parser = argparse.ArgumentParser(prog="python -m lora_sweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="print the article's table from the composed experiment configs")

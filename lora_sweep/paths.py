@@ -42,7 +42,7 @@ def project_path(relative: str) -> str:
 
 
 def register_resolver() -> None:
-    """Register `project_path` as the `lora_sweep_project` resolver (done when `lora_sweep` is imported)."""
+    """Register `project_path` as the `lora_sweep_project` resolver (by `lora_sweep.setup()`)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver(PROJECT_RESOLVER):

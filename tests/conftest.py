@@ -22,6 +22,10 @@ if str(ROOT) not in sys.path:
 
 from cluster_fixtures import mlflow_server, slurm_cluster  # noqa: E402,F401  (an MLflow server, a one-node Slurm)
 
+import lora_sweep  # noqa: E402
+
+lora_sweep.setup()  # the test session is an entry point: resolvers, library output
+
 
 def compose_config(*overrides: str):
     """Compose conf/ exactly as sweep.py does (schema registered, same defaults list)."""

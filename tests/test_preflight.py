@@ -486,3 +486,18 @@ def test_a_prompt_file_that_is_a_folder_or_missing_is_one_problem(tmp_path, name
     report = check_job(compose_config(f"sampling.prompt_file={tmp_path / name}"))
     assert [p for p in report.problems if p.startswith("sampling.prompt_file")] == [
         f"sampling.prompt_file: '{tmp_path / name}' {said}"]
+
+
+def test_each_problem_has_one_source(tmp_path):
+    """Inputs several checks look at (a missing folder, prompt file or state, an unknown optimizer, bad bucket
+    settings over real images) are each named once: no check repeats what another one says."""
+    for name in "ab":
+        image(tmp_path / "ds" / "1_x" / f"{name}.png", caption=name)
+    problems = check_job(compose_config(
+        "data=folder", f"data.dir={tmp_path / 'ds'}", f"data.validation_dir={tmp_path / 'no_val'}",
+        "data.resolution=128", "data.max_bucket_reso=64", f"sampling.prompt_file={tmp_path / 'no.txt'}",
+        f"train.resume={tmp_path / 'no_state.pt'}", "optimizer.name=adamw9", "train.text_encoder_lr=0.5")).problems
+    assert len(problems) == len(set(problems))
+    for setting in ("data.validation_dir", "data.max_bucket_reso", "sampling.prompt_file", "train.resume",
+                    "optimizer.name"):
+        assert sum(p.startswith(setting) for p in problems) == 1, (setting, problems)

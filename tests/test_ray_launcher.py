@@ -94,9 +94,12 @@ def test_ray_runs_the_same_job_function_one_fake_gpu_per_job(tmp_path):
     (tmp_path / "fail" / "e.fail").write_text("raise")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = toy.sweep_env(HOME=str(tmp_path / "home"), RAY_TMPDIR=ray_tmp)
+    # The job folders are named by a resolver only the toy's entry point registers: a Ray worker has it from the
+    # Hydra singleton state the launcher hands each job (tests/test_job_setup.py checks the same for gpu_queue).
+    subdir = "hydra.sweep.subdir='${toy_job_dir:${hydra.job.num},${label}}'"
     command = [*NETNS, *toy.toy_command(
         tmp_path, [*LABELS, "e"], "hydra/launcher=ray", f"hydra.searchpath=[file://{toy.ROOT / 'conf'}]",
-        "hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.init.num_cpus=4")]
+        "hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.init.num_cpus=4", subdir)]
     try:
         result = subprocess.run(command, cwd=toy.ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
                                 start_new_session=True)
@@ -120,3 +123,5 @@ def test_ray_runs_the_same_job_function_one_fake_gpu_per_job(tmp_path):
             if x < y and spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]:
                 assert recs[x]["cuda_visible_devices"] != recs[y]["cuda_visible_devices"], (x, y)
     assert left == [], f"processes left behind: {left}"
+    assert sorted(p.name for p in (tmp_path / "multirun").glob("job-*")) == [f"job-{n}-{x}"
+                                                                           for n, x in enumerate([*LABELS, "e"])]

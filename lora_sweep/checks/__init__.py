@@ -8,5 +8,7 @@
 - `preflight`: what files alone can answer (dataset, captions, buckets, prompt files, optimizer arguments, resume
   states), per job, as the first Hydra callback; `folders`: every folder a job writes and the MLflow store;
   `sweep`: the sweep as a whole (shared output folders, launcher settings, a sweep with no jobs).
-The entry (sweep.py, job/run, callbacks) calls them; nothing below the top (data, model, training, ...) imports them.
+Each runs once per process: the command line and the pre-flight in the launching process; a job reads its files
+with the pre-flight's readers (`job/inputs`) and checks only what it alone can know (device, folders, store, lock).
+The entry (sweep.py, job/, callbacks) calls them; nothing below the top (data, model, training, ...) imports them.
 """

@@ -2,8 +2,11 @@
 
 Runs after the config is composed and before anything heavy or lasting happens: in `sweep.py` as a Hydra callback
 (`PreflightCallback`, first in conf/config.yaml's hydra.callbacks) before Hydra creates an output folder or the
-sweep's MLflow parent run exists, for every job of a sweep in the launching process (gpu_queue, Ray, Slurm alike);
-and again, cheaply, at the start of each job (`job.run.run_job`), where its fallbacks are logged on the MLflow run.
+sweep's MLflow parent run exists, for every job of a sweep in the launching process (gpu_queue, Ray, Slurm alike).
+A job does not check again: it reads its dataset and prompts once for its own use (`job.inputs`, with the same
+`scan_dataset` and `parse_prompts`), and checks only what the job alone can know (device, lock, store). Only a job
+whose config the launching process never saw (a sweeper that picks jobs as it runs: `needs_job_check`) runs
+`check_job` itself.
 
 `check_job(cfg)` makes these checks and never stops at the first problem:
 - the config's keys and values (`validate.config_problems`: a key the schema lacks, ranges, combinations, paths);
@@ -19,6 +22,8 @@ and again, cheaply, at the start of each job (`job.run.run_job`), where its fall
   creatable, and the MLflow store's scheme and server (lora_sweep/checks/folders.py);
 - for a sweep, the sweep as a whole: no jobs, jobs sharing one output folder, the launcher's settings
   (lora_sweep/checks/sweep.py).
+Each problem has one source: a check skips what another one names (a missing folder or prompt file is the config
+checks'; bucket settings with a value problem are not used to assign images).
 An exception in the checks themselves also stops the command (`PreflightCallback`): Hydra would only warn.
 A problem is one line naming the setting and the file (and line); a `Fallback` is something used instead of what the
 user gave, printed once as a warning. With any problem the command exits with status 2 and has written nothing: no
@@ -69,8 +74,9 @@ class Report:
         return "\n".join(f.full() for f in self.fallbacks) + "\n"
 
 
-class _Memo:
-    """Scans and state reads shared by the jobs of one sweep (they mostly share a dataset)."""
+class Memo:
+    """Scans, prompt parses and state reads made once per process: shared by the jobs of one sweep (they mostly
+    share a dataset), and by a job's own checks and reads (`job.inputs`)."""
 
     def __init__(self) -> None:
         self.values: dict[tuple, Any] = {}
@@ -81,22 +87,37 @@ class _Memo:
         return self.values[key]
 
 
-def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: _Memo | None = None) -> Report:
+def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: Memo | None = None) -> Report:
     """Every pre-flight check of one composed job config (paths already absolute: `paths.make_paths_absolute`).
     `hydra_dir`: (its setting, the folder) Hydra will create for the job's outputs, checked for writability, if
     known. Never raises for what it finds; loads no model and writes nothing."""
     from lora_sweep.checks.validate import config_problems
 
-    memo = memo or _Memo()
+    memo = memo or Memo()
     report = Report(problems=config_problems(cfg))
     _check_data(cfg, report, memo)
-    _check_prompts(cfg, report)
+    _check_prompts(cfg, report, memo)
     _attempt(report, lambda: _check_learning_rates(cfg))
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
     report.problems += folder_problems(cfg, hydra_dir)
-    report.problems = list(dict.fromkeys(report.problems))  # a path problem found twice is said once
     return report
+
+
+def needs_job_check() -> bool:
+    """True in a job of a sweep whose sweeper picks its jobs as it runs (e.g. Optuna): the launching process checked
+    only the sweep's base config, so the job checks its own (`job.run`). False in a single run, in a sweep that
+    Hydra's BasicSweeper expanded (every job was checked before any started), and outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return getattr(hc.mode, "name", None) == "MULTIRUN" and not _expands_before_launch(hc.sweeper)
+
+
+def _expands_before_launch(sweeper) -> bool:
+    return str(sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
 def _attempt(report: Report, check: Callable[[], None]) -> None:
@@ -106,21 +127,26 @@ def _attempt(report: Report, check: Callable[[], None]) -> None:
         report.problems += str(error).splitlines()
 
 
-def _check_data(cfg, report: Report, memo: _Memo) -> None:
-    from lora_sweep.data.dataset import inspect_folder
-
+def _check_data(cfg, report: Report, memo: Memo) -> None:
     d = cfg.data
     folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
     settings = _bucket_settings_or_none(d)
     for setting, folder in folders:
         if folder is None or not Path(folder).is_dir():  # a missing folder is a config problem, reported there
             continue
-        scan = memo.get(("scan", str(folder), d.caption_extension, setting),
-                        lambda f=folder, s=setting: inspect_folder(f, d.caption_extension, setting=s))
+        scan = scan_dataset(folder, d.caption_extension, setting, memo)
         report.problems += scan.problems
         report.fallbacks += scan.fallbacks
         if settings is not None:
             report.problems += _bucket_problems(scan.items, settings, setting)
+
+
+def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None = None):
+    """`data.dataset.inspect_folder` of `folder` (named `setting` in messages), once per memo."""
+    from lora_sweep.data.dataset import inspect_folder
+
+    key = ("scan", str(Path(folder)), caption_extension, setting)
+    return (memo or Memo()).get(key, lambda: inspect_folder(folder, caption_extension, setting=setting))
 
 
 def _bucket_settings_or_none(d) -> dict | None:
@@ -164,17 +190,31 @@ def _bucket_problems(items, settings: dict, setting: str) -> list[str]:
     return problems
 
 
-def _check_prompts(cfg, report: Report) -> None:
+def _check_prompts(cfg, report: Report, memo: Memo) -> None:
+    if cfg.sampling.prompt_file is not None and not Path(cfg.sampling.prompt_file).is_file():
+        return  # the config checks name the missing file; its lines and sampling.prompts are read once it exists
+    problems, fallbacks = parse_prompts(cfg, memo)
+    report.problems += problems
+    report.fallbacks += fallbacks
+
+
+def parse_prompts(cfg, memo: Memo | None = None) -> tuple[list[str], list[Fallback]]:
+    """(problems, fallbacks) of `sampling.prompts` and `sampling.prompt_file` (each problem with the file and line),
+    parsed once per memo; none when neither is set."""
     from lora_sweep.sampling.prompts import check_prompts
 
     s = cfg.sampling
     if not s.prompts and not s.prompt_file:
-        return
+        return [], []
     prompts = s.prompts if isinstance(s.prompts, str) else list(s.prompts)
-    _, problems, fallbacks = check_prompts(prompts, prompt_file=s.prompt_file, default_steps=s.steps,
-                                           default_cfg=s.cfg, default_seed=s.seed, default_negative=s.negative)
-    report.problems += [p for p in problems if not (s.prompt_file and "does not exist" in p)]  # said by validate
-    report.fallbacks += fallbacks
+
+    def parse() -> tuple[list[str], list[Fallback]]:
+        _, problems, fallbacks = check_prompts(prompts, prompt_file=s.prompt_file, default_steps=s.steps,
+                                               default_cfg=s.cfg, default_seed=s.seed, default_negative=s.negative)
+        return problems, fallbacks
+
+    key = ("prompts", repr(prompts), s.prompt_file, s.steps, s.cfg, s.seed, s.negative)
+    return (memo or Memo()).get(key, parse)
 
 
 def _check_learning_rates(cfg) -> None:
@@ -189,7 +229,7 @@ def _check_learning_rates(cfg) -> None:
                                    train_text_encoder=cfg.network.train_text_encoder)
 
 
-def _optimizer_arg_problems(cfg, memo: _Memo) -> list[str]:
+def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
     """`optimizer.args` against the optimizer class: names (with the closest real one) and values (the class
     built once on a dummy parameter), once per distinct (optimizer, args) of a sweep."""
     import json
@@ -217,7 +257,7 @@ def _optimizer_arg_problems(cfg, memo: _Memo) -> list[str]:
         quiet.setLevel(level)
 
 
-def _check_resume_state(cfg, memo: _Memo) -> None:
+def _check_resume_state(cfg, memo: Memo) -> None:
     from lora_sweep.training.checkpoint import read_meta, resolve_state_arg
 
     t = cfg.train
@@ -291,7 +331,7 @@ class PreflightCallback(Callback):
     def _multirun_start(self, config: DictConfig) -> None:
         from lora_sweep.checks.sweep import mixed_tracking_problem, sweep_problems, tracking_target
 
-        memo, results, targets, jobs = _Memo(), [], {}, {}
+        memo, results, targets, jobs = Memo(), [], {}, {}
         for label, job_config, error in sweep_job_configs(config):
             if error is not None:
                 # said once for all the jobs it hits: format_problems adds their labels
@@ -334,7 +374,7 @@ def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, 
     from lora_sweep.checks.command_line import hydra_error_text
 
     sweeper = config.hydra.sweeper
-    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+    if not _expands_before_launch(sweeper):
         log.info("pre-flight: the sweeper %s picks its jobs as it runs; checking the sweep's base config now and "
                  "each job when it starts", sweeper.get("_target_"))
         return [("the sweep's base config", config, None)]

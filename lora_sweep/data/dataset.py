@@ -54,11 +54,22 @@ class ImageItem:
 
 @dataclass
 class FolderScan:
-    items: list[ImageItem]
+    root: Path  # the folder scanned (a user's ~ expanded)
+    setting: str = "data.dir"  # the config key naming it in messages (data.dir or data.validation_dir)
+    items: list[ImageItem] = field(default_factory=list)
+    # every file directly in a <repeats>_<name> folder (0 repeats too), hidden ones aside, in scan order: what the
+    # dataset's fingerprint digests (data/fingerprint.py), so nothing lists the folder again
+    subset_files: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # unreadable images (header at scan time, pixels at encode time)
     ignored_dirs: list[Path] = field(default_factory=list)  # subfolders without the `<repeats>_` prefix
     problems: list[str] = field(default_factory=list)  # one line each, naming the setting and file: refused
     fallbacks: list[Fallback] = field(default_factory=list)  # what was used instead of what the user gave
+
+
+def gone(scan: FolderScan, path: Path) -> UserError:
+    """A file `scan` listed that is no longer there (removed while the job set up): one paragraph naming it."""
+    return UserError(f"{scan.setting}: '{path}' is gone: it was removed after the dataset was scanned, before "
+                     "training started. Put it back, or start again to train on the files that are there.")
 
 
 def scan_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir") -> FolderScan:
@@ -74,7 +85,7 @@ def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting
     (after EXIF orientation), reading image headers only. Never raises for what it finds: problems and fallbacks are
     in the returned scan. `setting` names the config key in messages (data.dir or data.validation_dir)."""
     root = Path(root).expanduser()
-    scan = FolderScan(items=[])
+    scan = FolderScan(root, setting)
     if not root.is_dir():
         scan.problems.append(
             f"{setting}: '{root}' is not a folder. Point {setting} at a dataset in kohya's layout: a folder holding "
@@ -92,6 +103,7 @@ def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting
                 scan.ignored_dirs.append(entry)
             elif params[0] < 1:
                 found.zero_repeats.append(entry)
+                scan.subset_files += sorted(p for p in entry.iterdir() if not p.name.startswith(".") and p.is_file())
             else:
                 if not params[1]:
                     found.empty_class_token.append(entry)
@@ -155,6 +167,7 @@ def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension
     for path in files:
         if path.is_file():
             by_stem[path.stem].append(path)
+            scan.subset_files.append(path)
         elif path.is_dir():
             found.nested += _images_in(path)
     for path in files:

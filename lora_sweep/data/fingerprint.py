@@ -5,6 +5,7 @@ by relative path and content, the content digest being the one the latent cache 
 (`cache_keys.file_sha256`, memoized in the cache's `.hashes/` by path, size, mtime and inode): after a training
 has encoded the dataset, fingerprinting it costs one `stat` per file. Any edit (an image touched up, a caption
 reworded, a file added, removed or moved to another subset) changes it; copying the dataset elsewhere does not.
+The files are the ones the job's scan listed (`FolderScan.subset_files`): the folders are not listed again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep.data.cache_keys import file_sha256
-from lora_sweep.data.dataset import IMAGE_EXTENSIONS, subset_params
+from lora_sweep.data.dataset import IMAGE_EXTENSIONS, FolderScan, gone
 
 
 @dataclass(frozen=True)
@@ -28,30 +29,24 @@ class Fingerprint:
         return f"dataset {self.digest} ({self.files} files in {', '.join(self.folders)})"
 
 
-def dataset_files(root: Path, caption_extension: str) -> list[Path]:
-    """Images and captions of `root`'s subsets, sorted (hidden files skipped)."""
-    found: list[Path] = []
-    if not root.is_dir():
-        return found
-    suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
-    for subset in sorted(p for p in root.iterdir() if p.is_dir() and subset_params(p.name) is not None):
-        found += sorted(p for p in subset.iterdir()
-                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
-    return found
-
-
-def dataset_fingerprint(folders: Sequence[Path], caption_extension: str = ".txt", *,
+def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".txt", *,
                         memo_dir: Path | None = None) -> Fingerprint:
-    """Fingerprint of the training folder and any validation folder (in that order: swapping them changes it).
+    """Fingerprint of the training folder's scan and any validation folder's (in that order: swapping them changes
+    it): each image and `caption_extension` file of their subsets, hidden files aside. A file removed since the
+    scan is a UserError naming it.
 
     `memo_dir`: the cache's `.hashes/` folder, where file digests are remembered between runs."""
     digest = hashlib.sha256()
     count = 0
-    resolved = [Path(f).expanduser().resolve() for f in folders]
-    for index, root in enumerate(resolved):
+    suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
+    for index, scan in enumerate(scans):
         digest.update(f"folder {index}\n".encode())
-        for path in dataset_files(root, caption_extension):
-            sha = file_sha256(path, memo_dir=memo_dir)
-            digest.update(f"{path.relative_to(root).as_posix()}\t{sha}\n".encode())
-            count += 1
-    return Fingerprint(digest.hexdigest()[:16], count, tuple(str(r) for r in resolved))
+        for path in scan.subset_files:
+            if path.suffix.lower() in suffixes:
+                try:
+                    sha = file_sha256(path, memo_dir=memo_dir)
+                except FileNotFoundError:
+                    raise gone(scan, path) from None
+                digest.update(f"{path.relative_to(scan.root).as_posix()}\t{sha}\n".encode())
+                count += 1
+    return Fingerprint(digest.hexdigest()[:16], count, tuple(str(scan.root.resolve()) for scan in scans))

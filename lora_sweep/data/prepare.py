@@ -19,7 +19,7 @@ from lora_sweep.data import buckets
 from lora_sweep.data import cache as cache_lib
 from lora_sweep.data.buckets import bucket_settings
 from lora_sweep.data.cache_keys import latent_cache_key, posterior_seed, text_cache_key
-from lora_sweep.data.dataset import FolderScan, ImageItem
+from lora_sweep.data.dataset import FolderScan, ImageItem, gone
 from lora_sweep.data.images import load_rgb
 from lora_sweep.errors import UserError
 from lora_sweep.model.encode import encode_images, encode_prompts
@@ -75,7 +75,7 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     The VAE always encodes in fp32 (kohya's --no_half_vae), so every precision variant shares the same entries.
     Pixels are decoded only here, on a cache miss: an image that fails to decode is skipped with a warning, moved
     from `scan.items` to `scan.skipped` (so the run's data.images / data.skipped_images count it) and never
-    cached. Raises UserError when no image is left.
+    cached. Raises UserError when no image is left, or when an image of the scan is gone.
     """
     store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
     settings = bucket_settings(data_cfg)
@@ -91,6 +91,10 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
             scan.items.remove(item)
             scan.skipped.append(item.path)
             unreadable.append(str(item.path))
+        except FileNotFoundError:
+            if item.path.exists():
+                raise
+            raise gone(scan, item.path) from None
     if not examples:
         raise UserError(f"data.dir: no readable images to train on: all {len(scan.skipped)} image(s) failed to "
                         f"decode (e.g. '{scan.skipped[0] if scan.skipped else ''}'). Re-save them as PNG or JPEG.")

@@ -7,19 +7,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.fingerprint import Fingerprint, dataset_fingerprint
-from lora_sweep.data.photos import data_folder
 from lora_sweep.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 
-def dataset_of(cfg) -> Fingerprint:
-    """The content fingerprint of the job's dataset (and validation folder), reusing the cache's file digests."""
-    folders = [data_folder(cfg), *([Path(cfg.data.validation_dir)] if cfg.data.validation_dir else [])]
-    return dataset_fingerprint(folders, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")
+def dataset_of(cfg, scans: Sequence[FolderScan]) -> Fingerprint:
+    """The content fingerprint of the job's scanned dataset (and validation folder, in that order), reusing the
+    cache's file digests."""
+    return dataset_fingerprint(scans, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")
 
 
 def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:

@@ -15,7 +15,7 @@ The keys the sweep's command line varies are written by the sweep callback to `.
 sweep folder (`state_folder`: lora-sweep's files there, shared by every launcher through the filesystem, as
 Hydra's own outputs are), and read back here for run names.
 
-Import-light: `lora_sweep/__init__` imports this module for its resolver.
+Import-light: `lora_sweep.setup()` imports this module for its resolver.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def label_hash(overrides: Sequence[str]) -> str:
 def register_resolver() -> None:
     """`${lora_sweep_job_dir:${hydra.job.num},${tracking.variant},${hydra.overrides.task},${hydra.sweep.dir}}`.
 
-    Registered when `lora_sweep` is imported, so every process that resolves a job's folder has it: the sweep
-    process, the queue's forked jobs (their fork server preloads lora_sweep) and Ray/Slurm workers (unpickling the
-    task function imports lora_sweep)."""
+    Registered by `lora_sweep.setup()` in the sweep process; a job process gets it from the sweep process with
+    Hydra's singleton state (`Singleton.get_state`, which the gpu_queue, Ray and Slurm launchers hand each job and
+    set before Hydra's run_job resolves the job's folder)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver(RESOLVER):

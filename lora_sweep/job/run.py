@@ -1,5 +1,5 @@
-"""One job's life: validate, check every folder it writes, lock its config, skip if already finished, resume if a
-state says so, an MLflow (child) run around `train`, an honest end status.
+"""One job's life: read its files once, make the folders it writes, lock its config, skip if already finished,
+resume if a state says so, an MLflow (child) run around `train`, an honest end status.
 
 Knows MLflow and the queue's status-file protocol; knows nothing of launchers. Every way a job can end maps to one
 MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly, with a state), FAILED
@@ -9,7 +9,9 @@ process gone and marks it KILLED (`store.close_stale_runs`), and the next run of
 newest state (if it saved one). A job of a sweep that fails before its run exists (a set-up failure) still gets a
 FAILED child run carrying the reason; every job of a sweep records its outcome in the sweep folder for the parent run.
 
-Set-up, in order: validate -> the tracking store -> writable folders -> the config's lock (`ConfigLock` on
+Set-up, in order: the job's inputs (`inputs.read_inputs`: the dataset scanned and the prompts parsed once, for the
+fingerprint, training and the run's warnings; the pre-flight checked them in the launching process, and is not
+rerun) -> the device -> writable folders -> the tracking store -> the config's lock (`ConfigLock` on
 `<state root>/<config_hash>/`: a second process on the same config waits, or skips with sweep.on_busy=skip) ->
 skip-finished, which needs a FINISHED run with the same config hash *and* skip key (absolute model/data/prompt paths
 and the dataset's content fingerprint, `data.fingerprint`), so an edited dataset trains again.
@@ -35,11 +37,11 @@ from typing import Any
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.folders import check_job_folders, check_writable
-from lora_sweep.checks.validate import validate
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.finished import dataset_of, finished_match, skip_key
+from lora_sweep.job.inputs import JobInputs, read_inputs
 from lora_sweep.job.names import read_swept_keys, run_label
 from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, write_outcome
 from lora_sweep.paths import make_paths_absolute
@@ -88,9 +90,10 @@ class _Ready:
     lock: ConfigLock
     fingerprint: Fingerprint
     skip_key: str
+    inputs: JobInputs  # the job's dataset scans, handed to training
     resume_from: Path | None = None
     continued_run: str | None = None
-    checked: preflight_lib.Report | None = None  # the pre-flight's findings (its warnings go on the run)
+    checked: preflight_lib.Report | None = None  # the fallbacks of the job's reads (its warnings go on the run)
 
 
 def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None,
@@ -138,49 +141,23 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
 
 def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: StatusFile,
             held: contextlib.ExitStack, found: dict[str, Any]) -> _Ready | JobOutcome:
-    """Checks, store, lock and skip-finished, in that order; `found` collects what is known so far (for the record
-    of a failure). Returns a SKIPPED outcome, or what training needs."""
-    validate(cfg)
-    checked = preflight_lib.check_job(cfg)  # files: data, captions, buckets, prompts, lr groups, resume state
-    if checked.problems:
-        raise checked.error()
+    """The job's reads of its files (once: the pre-flight checked them in the launching process), then what only
+    the job can know: its device, store, folders, the config's lock, skip-finished, resume. `found` collects what
+    is known so far (for the record of a failure). Returns a SKIPPED outcome, or what training needs."""
     from lora_sweep.training.session import check_device
 
+    inputs = read_inputs(cfg)  # a file gone since the pre-flight: one UserError naming it
     device = check_device(cfg)  # a GPU slot where torch sees no GPU: refused; elsewhere said and logged
-    checked.fallbacks += [device] if device is not None else []
+    checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
     preflight_lib.announce(checked.fallbacks)
-    uri = store.tracking_uri(cfg.tracking.uri)
-    found["uri"] = uri
-    store.check_store_uri(uri)
-    state_root = check_job_folders(cfg, output_dir, uri)
-    client = store.client(uri)
-    exp_id = store.experiment_id(client, cfg.tracking.experiment)
-    found.update(client=client, exp_id=exp_id)
-    artifacts = store.local_artifact_folder(client, exp_id)
-    if artifacts is not None:
-        check_writable(artifacts, "tracking.uri (artifact folder)")
-    if sweep_dir is None:  # a sweep's callback does this once for all its jobs
-        store.close_stale_runs(client, exp_id, by="a new run of lora-sweep")
+    client, exp_id, state_root = _open_store(cfg, output_dir, sweep_dir, found)
     chash = config_hash(cfg)
     found["chash"] = chash
-    lock = ConfigLock(state_root / chash)
-    if not lock.try_acquire():
-        holder = lock.describe_holder()
-        if cfg.sweep.on_busy == "skip":
-            reason = (f"config {chash} is being trained by {holder}; skipped (sweep.on_busy=wait to wait for it, "
-                      "then resume or skip)")
-            log.warning("skipped %s: %s", label, reason)
-            status.update(force=True, state="skipped", reason=reason)
-            return JobOutcome("SKIPPED", None, reason=reason)
-        log.warning("config %s is being trained by %s: waiting for it to end (sweep.on_busy=skip to skip instead)",
-                    chash, holder)
-        status.update(force=True, note=f"waiting for {holder.split(' (')[0]}")
-        while not lock.try_acquire():
-            time.sleep(1.0)
-        status.update(force=True, note="")
-        log.info("config %s is free again: going on", chash)
+    lock = _take_lock(cfg, ConfigLock(state_root / chash), chash, label, status)
+    if isinstance(lock, JobOutcome):
+        return lock
     held.callback(lock.release)
-    fingerprint = dataset_of(cfg)
+    fingerprint = dataset_of(cfg, inputs.scans)
     key = skip_key(cfg, chash, fingerprint)
     found.update(fingerprint=fingerprint, skip_key=key)
     if cfg.sweep.skip_finished:
@@ -189,7 +166,47 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
     resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
-    return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, resume_from, continued_run, checked)
+    return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, inputs, resume_from, continued_run,
+                  checked)
+
+
+def _open_store(cfg, output_dir: Path, sweep_dir: Path | None, found: dict[str, Any]) -> tuple[Any, str, Path]:
+    """(client, experiment id, state root): the job's folders made and written to, its MLflow experiment, the
+    store's artifact folder proven writable, and (a single run) its stale runs closed."""
+    uri = store.tracking_uri(cfg.tracking.uri)
+    found["uri"] = uri
+    state_root = check_job_folders(cfg, output_dir, uri)
+    client = store.client(uri)  # a store MLflow cannot use: a UserError naming it
+    exp_id = store.experiment_id(client, cfg.tracking.experiment)
+    found.update(client=client, exp_id=exp_id)
+    artifacts = store.local_artifact_folder(client, exp_id)
+    if artifacts is not None:
+        check_writable(artifacts, "tracking.uri (artifact folder)")
+    if sweep_dir is None:  # a sweep's callback does this once for all its jobs
+        store.close_stale_runs(client, exp_id, by="a new run of lora-sweep")
+    return client, exp_id, state_root
+
+
+def _take_lock(cfg, lock: ConfigLock, chash: str, label: str, status: StatusFile) -> ConfigLock | JobOutcome:
+    """The config's lock, waited for while another process trains the config (sweep.on_busy=wait), or a SKIPPED
+    outcome (sweep.on_busy=skip)."""
+    if lock.try_acquire():
+        return lock
+    holder = lock.describe_holder()
+    if cfg.sweep.on_busy == "skip":
+        reason = (f"config {chash} is being trained by {holder}; skipped (sweep.on_busy=wait to wait for it, "
+                  "then resume or skip)")
+        log.warning("skipped %s: %s", label, reason)
+        status.update(force=True, state="skipped", reason=reason)
+        return JobOutcome("SKIPPED", None, reason=reason)
+    log.warning("config %s is being trained by %s: waiting for it to end (sweep.on_busy=skip to skip instead)",
+                chash, holder)
+    status.update(force=True, note=f"waiting for {holder.split(' (')[0]}")
+    while not lock.try_acquire():
+        time.sleep(1.0)
+    status.update(force=True, note="")
+    log.info("config %s is free again: going on", chash)
+    return lock
 
 
 def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_dir: Path, sweep_dir: Path | None,
@@ -227,7 +244,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         sink = JobSink(logger, status, label, on_warning=warn)
         states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
         with StopOnSignal() as stop:
-            result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states)
+            result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
+                           scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan)
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
                              reason="stopped by signal" if result.stopped_early else "",
                              final_loss=result.final_loss, files=result.files)
@@ -255,9 +273,9 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
 
 
 def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
-    """The pre-flight's warnings on the run, `data/warnings.txt` (each with every path it concerns), rewritten when
-    training finds another (an image that fails to decode); `data.warnings` (how many) is logged once as the run
-    ends. A sweep's report can show what trained on something other than asked."""
+    """The job's warnings (its reads' fallbacks, the device's) on the run, `data/warnings.txt` (each with every path
+    it concerns), rewritten when training finds another (an image that fails to decode); `data.warnings` (how many)
+    is logged once as the run ends. A sweep's report can show what trained on something other than asked."""
     if checked.fallbacks:
         logger.log_artifact(write_text(Path(output_dir) / "warnings.txt", checked.warnings_text()), "data")
 

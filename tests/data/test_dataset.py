@@ -129,7 +129,6 @@ def test_a_folder_without_a_name_trains_with_an_empty_class_token_as_in_kohya(tm
     extract_dreambooth_params): `10_` and `10` are 10 repeats with an empty class token, `3_my_char` has the class
     token `my_char`. Trained, and said: images without a caption there train on an empty caption."""
     from lora_sweep.data.dataset import subset_params
-    from lora_sweep.data.fingerprint import dataset_files
 
     assert [subset_params(n) for n in ("10_", "10", "3_my_char", "notes", "x_10")] == [
         (10, ""), (10, ""), (3, "my_char"), None, None]
@@ -142,4 +141,4 @@ def test_a_folder_without_a_name_trains_with_an_empty_class_token_as_in_kohya(tm
     assert fallback(scan, "without a <name>").paths == (str(tmp_path / "10_"), str(tmp_path / "2"))
     assert "empty class token, as kohya does" in fallback(scan, "without a <name>").line()
     assert not scan.ignored_dirs and not scan.problems
-    assert [p.name for p in dataset_files(tmp_path, ".txt")] == ["a.png", "b.png", "b.txt", "c.png"]
+    assert [p.name for p in scan.subset_files] == ["a.png", "b.png", "b.txt", "c.png"]  # what the fingerprint reads

@@ -134,13 +134,11 @@ def test_empty_data_folder_is_a_clear_error_and_no_run_finishes(tmp_path, mlflow
     assert exp is None or not MlflowClient(mlflow_uri).search_runs([exp.experiment_id])
 
 
-def test_non_positive_max_steps_fails_before_any_run(tmp_path, mlflow_uri):
-    with pytest.raises(UserError, match="train.max_steps"):
-        train_tiny(tmp_path, "train.max_steps=0")
-    from mlflow.tracking import MlflowClient
+def test_non_positive_max_steps_fails_before_any_run():
+    """A value problem is the pre-flight's, which stops the command before any job or run starts."""
+    from lora_sweep.checks.preflight import check_job
 
-    exp = MlflowClient(mlflow_uri).get_experiment_by_name("lora-sweep")
-    assert exp is None or not MlflowClient(mlflow_uri).search_runs([exp.experiment_id])
+    assert "train.max_steps: must be > 0, got 0." in check_job(compose_config("train.max_steps=0")).problems
 
 
 def test_text_encoder_lora_trains_saves_kohya_te_keys_and_loads(tmp_path, mlflow_uri):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from toy_setup import setup
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -112,4 +113,5 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    setup()
     main()

@@ -1,0 +1,54 @@
+"""What a job reads of its files before it trains, once: its dataset scans and its prompts.
+
+The pre-flight checked these files in the launching process, maybe hours before the job starts (a Slurm queue, a
+Ray cluster, a long sweep). The job reads them because it needs them, not to check them again: the scans go to
+the skip-finished fingerprint and to training, the fallbacks (what is used instead of what the user gave) to the
+run's warnings. What changed meanwhile so that the job cannot train (the dataset folder deleted, a caption made
+unreadable, the prompt file gone) is one UserError naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_sweep.checks.preflight import Memo, check_job, needs_job_check, parse_prompts, scan_dataset
+from lora_sweep.data.dataset import FolderScan
+from lora_sweep.data.photos import data_folder
+from lora_sweep.errors import Fallback, UserError
+
+CHANGED = "A file this job reads changed after the pre-flight checked it, so the job did not start training:"
+
+
+@dataclass
+class JobInputs:
+    scan: FolderScan  # data.dir, or the bundled photos (written first if needed)
+    validation_scan: FolderScan | None  # data.validation_dir
+    fallbacks: list[Fallback]  # the scans' and the prompts', in that order
+
+    @property
+    def scans(self) -> list[FolderScan]:
+        return [self.scan, *([self.validation_scan] if self.validation_scan is not None else [])]
+
+
+def read_inputs(cfg) -> JobInputs:
+    """Scan data.dir (or the bundled photos) and data.validation_dir, parse the prompts. Raises UserError: `CHANGED`
+    and every problem. A job whose config the launching process never checked (`preflight.needs_job_check`) runs
+    the pre-flight's `check_job` first, sharing its reads."""
+    memo = Memo()
+    if needs_job_check():
+        report = check_job(cfg, memo=memo)
+        if report.problems:
+            raise report.error()
+    d = cfg.data
+    scan = scan_dataset(data_folder(cfg), d.caption_extension, "data.dir", memo)
+    validation = None
+    if d.validation_dir:
+        validation = scan_dataset(Path(d.validation_dir), d.caption_extension, "data.validation_dir", memo)
+    inputs = JobInputs(scan, validation, [])
+    prompt_problems, prompt_fallbacks = parse_prompts(cfg, memo)
+    problems = [p for s in inputs.scans for p in s.problems] + prompt_problems
+    if problems:
+        raise UserError(" ".join([CHANGED, *problems]))
+    inputs.fallbacks = [f for s in inputs.scans for f in s.fallbacks] + prompt_fallbacks
+    return inputs

@@ -1,0 +1,147 @@
+"""A job reads its files once and does not rerun the pre-flight: its one scan of the dataset feeds the
+skip-finished fingerprint, training and the run's warnings. A file gone or changed between the pre-flight and the
+job (a job may start hours later under Slurm, Ray or a long queue) is one paragraph naming it, never a traceback.
+Each test runs the pre-flight (`check_job`), alters a file, then runs the job in this process on the tiny model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose_config, write_image
+from mlflow.tracking import MlflowClient
+
+from lora_sweep.checks.preflight import check_job
+from lora_sweep.errors import UserError
+from lora_sweep.job import run as run_module
+from lora_sweep.job.run import run_job
+
+
+def checked(tmp_path: Path, *overrides: str):
+    """A tiny job's config over the dataset tmp_path/ds (three captioned images), passed by the pre-flight."""
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / "ds" / "2_thing" / f"{name}.png", caption=f"a photo of {name}")
+    cfg = compose_config("train.max_steps=1", "train.device=cpu", "data=folder", f"data.dir={tmp_path / 'ds'}",
+                         f"train.state_dir={tmp_path / 'states'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+    report = check_job(cfg)
+    assert report.problems == [], report.problems
+    return cfg
+
+
+def refused(cfg, tmp_path: Path, store_uri: str) -> str:
+    """The set-up's UserError: one paragraph, and nothing trained or logged."""
+    with pytest.raises(UserError) as error:
+        run_job(cfg, output_dir=tmp_path / "out")
+    text = str(error.value)
+    assert "Traceback" not in text and "\n" not in text
+    assert text.startswith("A file this job reads changed after the pre-flight checked it")
+    assert not list((tmp_path / "states").glob("*/*/state-*.pt"))
+    client = MlflowClient(store_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    return text
+
+
+def test_a_dataset_folder_deleted_after_the_pre_flight(tmp_path, mlflow_uri):
+    cfg = checked(tmp_path)
+    shutil.rmtree(tmp_path / "ds")
+    assert f"data.dir: '{tmp_path / 'ds'}' is not a folder." in refused(cfg, tmp_path, mlflow_uri)
+
+
+def test_a_prompt_file_gone_after_the_pre_flight(tmp_path, mlflow_uri):
+    (tmp_path / "prompts.txt").write_text("a photo of a thing\n", encoding="utf-8")
+    cfg = checked(tmp_path, f"sampling.prompt_file={tmp_path / 'prompts.txt'}")
+    (tmp_path / "prompts.txt").unlink()
+    said = refused(cfg, tmp_path, mlflow_uri)
+    assert f"sampling.prompt_file: the prompt file '{tmp_path / 'prompts.txt'}' does not exist" in said
+
+
+def test_a_caption_made_unreadable_after_the_pre_flight(tmp_path, mlflow_uri):
+    cfg = checked(tmp_path)
+    (tmp_path / "ds" / "2_thing" / "b.txt").write_bytes(bytes.fromhex("6172746973749273"))  # cp1252, not UTF-8
+    said = refused(cfg, tmp_path, mlflow_uri)
+    assert f"data.dir: caption file '{tmp_path / 'ds' / '2_thing' / 'b.txt'}' is not valid UTF-8" in said
+
+
+def test_an_image_removed_while_the_job_sets_up(tmp_path, mlflow_uri, monkeypatch):
+    """Removed after the job's scan listed it: before the fingerprint read it, the set-up refuses; once the run
+    exists (the model loading), the run is FAILED with the reason, a user's error."""
+    cfg = checked(tmp_path)
+    image = tmp_path / "ds" / "2_thing" / "b.png"
+    said = f"data.dir: '{image}' is gone: it was removed after the dataset was scanned, before training started."
+    read_inputs, dataset_of = run_module.read_inputs, run_module.dataset_of
+    monkeypatch.setattr(run_module, "read_inputs", lambda cfg: (read_inputs(cfg), image.unlink())[0])
+    with pytest.raises(UserError, match="is gone") as error:
+        run_job(cfg, output_dir=tmp_path / "out")
+    assert str(error.value).startswith(said)
+
+    write_image(image, caption="a photo of b")
+    monkeypatch.setattr(run_module, "read_inputs", read_inputs)
+    monkeypatch.setattr(run_module, "dataset_of", lambda cfg, scans: (dataset_of(cfg, scans), image.unlink())[0])
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FAILED" and outcome.user_error and "Traceback" not in outcome.reason
+    assert said in outcome.reason
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and said in run.data.tags["lora_sweep.failure"]
+
+
+def test_a_model_path_gone_after_the_pre_flight_fails_its_run_with_a_paragraph(tmp_path, mlflow_uri, cache_dir):
+    from lora_sweep.model.loading import tiny_model_dir
+
+    (tmp_path / "model").symlink_to(tiny_model_dir(cache_dir), target_is_directory=True)
+    cfg = checked(tmp_path, f"model.path={tmp_path / 'model'}")
+    (tmp_path / "model").unlink()
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FAILED" and outcome.user_error and "Traceback" not in outcome.reason
+    assert f"model.path='{tmp_path / 'model'}' does not exist" in outcome.reason
+
+
+def test_one_scan_feeds_training_and_its_warnings_after_an_image_was_removed_or_truncated(
+        tmp_path, mlflow_uri, monkeypatch):
+    """The job trains on the dataset as it finds it: an image removed since the pre-flight is not in its scan, one
+    truncated to a broken header is skipped and named in the run's warnings. The folder is scanned once."""
+    from lora_sweep.data import dataset
+
+    cfg = checked(tmp_path)
+    (tmp_path / "ds" / "2_thing" / "a.png").unlink()
+    truncated = tmp_path / "ds" / "2_thing" / "b.png"
+    truncated.write_bytes(truncated.read_bytes()[:20])
+    scans = []
+    inspect_folder = dataset.inspect_folder
+    monkeypatch.setattr(dataset, "inspect_folder", lambda *a, **k: scans.append(a[0]) or inspect_folder(*a, **k))
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED", outcome.reason
+    assert scans == [tmp_path / "ds"]
+    params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
+    assert (params["data.images"], params["data.skipped_images"], params["data.warnings"]) == ("1", "1", "1")
+    warnings = (tmp_path / "out" / "warnings.txt").read_text()
+    assert warnings.startswith("data.dir: 1 image PIL cannot read: skipped") and str(truncated) in warnings
+
+
+@pytest.mark.parametrize("sweeper, checks", [("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", True),
+                                             ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", False)])
+def test_only_a_job_the_launching_process_never_saw_runs_the_pre_flight(tmp_path, mlflow_uri, sweeper, checks):
+    """A sweeper that picks its jobs as it runs (e.g. Optuna) left the pre-flight the sweep's base config only: its
+    jobs check their own config, as the pre-flight would have; a BasicSweeper's jobs were all checked at launch."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lora_sweep.checks.preflight import needs_job_check
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        job = compose("config", return_hydra_config=True)
+    with open_dict(job):
+        job.hydra.mode, job.hydra.sweeper._target_, job.hydra.runtime.cwd = "MULTIRUN", sweeper, str(tmp_path)
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(job)
+    try:
+        assert needs_job_check() is checks
+        if checks:
+            with pytest.raises(UserError, match=r"(?s)Pre-flight found 1 problem.*train.max_steps: must be > 0, got 0"):
+                run_job(compose_config("train.max_steps=0", f"train.state_dir={tmp_path / 'states'}"),
+                        output_dir=tmp_path / "out")
+    finally:
+        HydraConfig.instance().cfg = saved
