@@ -93,7 +93,7 @@ def test_verdict(returncode, job_return, status, signals, expected):
 
 def _record(tmp_path: Path, state: str, reason: str = "", status: dict | None = None) -> JobRecord:
     job = Job(idx=1, overrides=["experiment=v2"], label="experiment=v2", job_dir=tmp_path, spec_path=tmp_path / "s",
-              result_path=tmp_path / "r", payload=b"")
+              result_path=tmp_path / "r", status_path=tmp_path / "st", payload=b"")
     return JobRecord(job=job, state=state, slot=Slot(1, "1"), reason=reason, status=status or {},
                      started_at=100.0, ended_at=163.0)
 
@@ -147,7 +147,7 @@ def test_one_paragraph_per_distinct_reason_and_a_log_tail_only_for_bugs(tmp_path
         job_dir.mkdir()
         (job_dir / "console.log").write_text("Traceback (most recent call last):\n  File x\nValueError: boom\n")
         job = Job(idx=idx, overrides=[f"x={idx}"], label=f"x={idx}", job_dir=job_dir, spec_path=tmp_path / "s",
-                  result_path=tmp_path / "r", payload=b"")
+                  result_path=tmp_path / "r", status_path=tmp_path / "st", payload=b"")
         return JobRecord(job=job, state="FAILED", slot=Slot(0, None), reason=reason, user_error=user_error,
                          started_at=1.0, ended_at=2.0)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from hydra_plugins._job_outcome import read_status, status_path
 from lora_sweep.data.photos import PHOTOS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "faults"))
@@ -66,10 +67,7 @@ def run_sweep(cluster, server, work: Path, sweep_dir: Path, *overrides: str, dur
 
 
 def status(sweep_dir: Path, idx: int) -> dict:
-    try:
-        return json.loads((sweep_dir / ".slurm_status" / f"{idx}.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_status(status_path(sweep_dir, idx))
 
 
 def warn_job_mid_training(cluster, sweep_dir: Path, idx: int, at_step: int, found: dict):

@@ -22,16 +22,17 @@ for a fresh interpreter.
 
 Protocols between the launcher and a job (the job side is optional: a job that ignores them still runs):
 
-1. Status file. Each job gets env `GPU_QUEUE_STATUS_FILE=<job dir>/.status.json`. The job may rewrite it
-   atomically (temp file + rename) with a JSON object: `state` ("running" | "finished" | "failed" | "skipped" |
-   "killed"), `label` (variant name), `step`, `max_steps`, `loss`, `speed` (e.g. "3.2 it/s"), `reason`, `run_id`,
-   `final_loss`, `note` (shown on the slot line, e.g. "waiting for ..."), `user_error` (true: `reason` is a message
-   for the user, shown whole without a traceback; otherwise the failure counts as a bug and the summary shows the
-   last lines of the job's log; a true `user_error` attribute on the exception the task function raises says the
-   same). The launcher reads it for the live slot lines and the summary. Its final `state` outranks a clean
-   return: "failed" makes the job FAILED (with `reason`) even if the task function returned, "skipped" makes it
-   SKIPPED, "killed" KILLED. A job that dies without a result is FAILED with its signal or exit code (KILLED if
-   the launcher had interrupted it), and the tail of its log is shown under the summary.
+1. Status file. Each job gets env `GPU_QUEUE_STATUS_FILE=<sweep dir>/.job_status/<job number>.json` (the Slurm
+   launcher gives the same, and a job of another launcher may keep it there itself: hydra_plugins/_job_outcome.py).
+   The job may rewrite it atomically (temp file + rename) with a JSON object: `state` ("running" | "finished" |
+   "failed" | "skipped" | "killed"), `label` (variant name), `step`, `max_steps`, `loss`, `speed` (e.g. "3.2 it/s"),
+   `reason`, `run_id`, `final_loss`, `note` (shown on the slot line, e.g. "waiting for ..."), `user_error` (true:
+   `reason` is a message for the user, shown whole without a traceback; otherwise the failure counts as a bug and the
+   summary shows the last lines of the job's log; a true `user_error` attribute on the exception the task function
+   raises says the same). The launcher reads it for the live slot lines and the summary. Its final `state` outranks a
+   clean return: "failed" makes the job FAILED (with `reason`) even if the task function returned, "skipped" makes it
+   SKIPPED, "killed" KILLED. A job that dies without a result is FAILED with its signal or exit code (KILLED if the
+   launcher had interrupted it), and the tail of its log is shown under the summary.
 2. Slot. Each job gets `GPU_QUEUE_SLOT=<slot index>` and `CUDA_VISIBLE_DEVICES=<its GPU>` (one index or UUID,
    so the job sees it as cuda:0). A CPU slot gets `CUDA_VISIBLE_DEVICES=""`: no GPU at all, also on a machine that
    has some (that is what choosing CPU slots means; where there are no GPUs it changes nothing).
@@ -57,6 +58,6 @@ Protocols between the launcher and a job (the job side is optional: a job that i
    the sweep process's environment as it is when the job starts, plus the variables above.
 
 Files: `<sweep dir>/gpu_queue_summary.json` (every job: state, reason, slot, pid, times, run_id, final_loss),
-`<sweep dir>/.gpu_queue/` (the fork server's log; each job's spec file while it runs, mode 0600 since it holds
-the environment).
+`<sweep dir>/.job_status/` (the status files), `<sweep dir>/.gpu_queue/` (the fork server's log; each job's spec
+file while it runs, mode 0600 since it holds the environment).
 """

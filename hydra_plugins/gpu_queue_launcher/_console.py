@@ -17,7 +17,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from ._outcome import DONE_STATES, JobRecord, headline, log_tail, read_status
+from hydra_plugins._job_outcome import headline, log_tail, read_status
+
+from ._outcome import DONE_STATES, JobRecord
 from ._slots import Slot
 
 MAX_LOGS_LISTED = 5  # per failure paragraph; gpu_queue_summary.json lists every job's log

@@ -8,7 +8,6 @@ signals the launcher sent it. The status file outranks a clean return: a job tha
 
 from __future__ import annotations
 
-import json
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
+
+from hydra_plugins._job_outcome import headline, read_status
 
 from ._proc import describe_exit
 from ._slots import Slot
@@ -43,16 +44,13 @@ class Job:
     job_dir: Path
     spec_path: Path
     result_path: Path
+    status_path: Path
     payload: bytes = field(repr=False)
     sweep_config: Any = field(default=None, repr=False)
 
     @property
     def log_path(self) -> Path:
         return self.job_dir / "console.log"
-
-    @property
-    def status_path(self) -> Path:
-        return self.job_dir / ".status.json"
 
 
 @dataclass
@@ -85,30 +83,6 @@ class JobRecord:
         return self.ended_at - self.started_at if self.started_at and self.ended_at else None
 
 
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The job's status file, or None when absent or unreadable (it is rewritten by rename, so never half)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def log_tail(path: Path | str, lines: int) -> str:
-    """The last `lines` non-blank lines of a log (its last 64 KiB read; tqdm's carriage returns end lines too).
-
-    Shared with the Slurm launcher, whose jobs' logs are read the same way."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 65536))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    return "\n".join(kept[-lines:]) if lines > 0 else ""
-
-
 def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | None,
            signals_sent: int) -> tuple[str, str]:
     """(state, reason) of a job whose process has exited. `job_return` is Hydra's JobReturn or None."""
@@ -131,14 +105,6 @@ def decide(returncode: int | None, job_return: Any, status: dict[str, Any] | Non
             return "KILLED", f"stopped by the interrupt ({describe_exit(returncode if returncode is not None else -1)})"
         return "FAILED", f"died without a result: {describe_exit(returncode if returncode is not None else -1)}"
     return "FINISHED", ""
-
-
-def headline(reason: str) -> str:
-    """The first line of a reason; a header line ending in ':' ("Invalid configuration:") takes the next one too."""
-    lines = [line.strip() for line in (reason or "").strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def is_user_error(job_return: Any, status: dict[str, Any] | None) -> bool:

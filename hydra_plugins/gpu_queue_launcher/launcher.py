@@ -25,10 +25,11 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hydra_plugins._job_outcome import STATUS_ENV, status_path
+
 from ._slots import check_choices, plan_slots
 
 log = logging.getLogger(__name__)
-STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
 
 
 def short_label(overrides: Sequence[str], value_chars: int = 32, total_chars: int = 100) -> str:
@@ -141,7 +142,8 @@ class GpuQueueLauncher(Launcher):
             payload = cloudpickle.dumps(job)
         label = short_label([o for o in filter_overrides(overrides) if o not in common]) or f"job {idx}"
         return Job(idx=idx, overrides=overrides, label=label, job_dir=job_dir, spec_path=work_dir / f"{idx}.spec",
-                   result_path=work_dir / f"{idx}.result", payload=payload, sweep_config=sweep_config)
+                   result_path=work_dir / f"{idx}.result", status_path=status_path(work_dir.parent, idx),
+                   payload=payload, sweep_config=sweep_config)
 
     def _start(self, pool: Any, record: Any) -> None:
         """Write the job's spec (environment pinned to its slot) and hand it to the pool."""
@@ -149,6 +151,7 @@ class GpuQueueLauncher(Launcher):
 
         job = record.job
         job.job_dir.mkdir(parents=True, exist_ok=True)
+        job.status_path.parent.mkdir(parents=True, exist_ok=True)
         for stale in (job.status_path, job.result_path):
             stale.unlink(missing_ok=True)
         env = {**os.environ, **record.slot.env(), STATUS_ENV: str(job.status_path)}

@@ -16,9 +16,9 @@ with submitit 1.5.4, tests/test_slurm_sweep.py):
    "Bypassing sacct error" warning is shown once.
 3. **A summary.** The sweep ends with a table (variant, status, Slurm job id, MLflow run, note), each failure's
    reason with its log files and their tail, and `<sweep dir>/slurm_summary.json`. It reads the status-file
-   protocol of the local queue (hydra_plugins/gpu_queue_launcher: env `GPU_QUEUE_STATUS_FILE`, a JSON object with
-   `state` finished | failed | skipped | killed, `label`, `reason`, `run_id`, `final_loss`); a job that ignores it
-   is judged by its return value alone.
+   protocol of the local queue (hydra_plugins/gpu_queue_launcher: env `GPU_QUEUE_STATUS_FILE`, at
+   `<sweep dir>/.job_status/<job number>.json`, a JSON object with `state` finished | failed | skipped | killed,
+   `label`, `reason`, `run_id`, `final_loss`); a job that ignores it is judged by its return value alone.
 4. **The time-limit warning stops training cleanly before submitit requeues.** submitit asks sbatch for
    `--signal=USR2@signal_delay_s` and, on USR2, checkpoints and requeues from inside the signal handler, in the
    middle of a training step: the run ended FAILED ("UncompletedJobError: Job not requeued because: timed-out too

@@ -2,8 +2,7 @@
 
 Pure functions over three facts per job: the JobReturn submitit brought back (None if the job left no result),
 the error submitit raised instead (the job died: time limit, OOM kill, cancelled, node failure), and the job's
-last status file (the gpu_queue protocol, see __init__). No Slurm or submitit import: tested without a cluster. Logs are
-read with the local queue's `log_tail`.
+last status file (hydra_plugins/_job_outcome.py). No Slurm or submitit import: tested without a cluster.
 """
 
 from __future__ import annotations
@@ -11,12 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hydra_plugins.gpu_queue_launcher._outcome import log_tail
+from hydra_plugins._job_outcome import log_tail
 
-STATUS_ENV = "GPU_QUEUE_STATUS_FILE"  # the local queue's status-file protocol, which lora_sweep.job.status speaks
 # squeue states after which a job will not run again (squeue -t all keeps them MinJobAge seconds, 300 by default).
 FINAL_SLURM_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -49,17 +46,6 @@ class JobOutcome:
     @property
     def label(self) -> str:
         return str(self.status.get("label") or " ".join(self.overrides) or f"job {self.idx}")
-
-
-def read_status(path: Path | str | None) -> dict[str, Any]:
-    """The job's status file ({} when absent or unreadable: it is replaced by rename, so never half written)."""
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def decide(job_return: Any, error: str, status: dict[str, Any]) -> tuple[str, str]:

@@ -25,12 +25,12 @@ from hydra.core.utils import JobReturn
 from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
+from hydra_plugins._job_outcome import STATUS_ENV, read_status, status_path
+
 from ._outcome import (
     FINAL_SLURM_STATES,
-    STATUS_ENV,
     JobOutcome,
     finalize,
-    read_status,
     summary,
     summary_json,
     to_job_return,
@@ -124,14 +124,14 @@ def submit_error(exc: BaseException, jobs: int, params: dict[str, Any], folder: 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher: same settings, every job awaited, a summary, clean preemption."""
 
-    status_dir: str | None = None  # set by launch() before the launcher is pickled for the jobs
+    sweep_dir: str | None = None  # set by launch() before the launcher is pickled for the jobs
 
     # ------------------------------------------------------------------------------------------ on the node
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict[type, Singleton]) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
 
-        status_file = Path(self.status_dir) / f"{job_num}.json" if self.status_dir else None
+        status_file = status_path(self.sweep_dir, job_num) if self.sweep_dir else None
         if status_file is not None:
             os.environ[STATUS_ENV] = str(status_file)
         warning = _warning_signal()
@@ -184,8 +184,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        self.status_dir = str(sweep_dir / ".slurm_status")
-        Path(self.status_dir).mkdir(exist_ok=True)
+        self.sweep_dir = str(sweep_dir.absolute())
+        status_path(sweep_dir, 0).parent.mkdir(exist_ok=True)
         executor = self._executor()
         args = []
         for i, overrides in enumerate(job_overrides):
@@ -242,8 +242,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                         del open_jobs[i]
             time.sleep(1.0)
         for outcome in outcomes:
-            outcome.status = read_status(Path(self.status_dir or ".") / f"{outcome.idx}.json") if self.status_dir \
-                else {}
+            outcome.status = read_status(status_path(self.sweep_dir, outcome.idx)) if self.sweep_dir else {}
             finalize(outcome)
         return outcomes
 

@@ -41,7 +41,7 @@ from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.finished import dataset_of, finished_match, skip_key
 from lora_sweep.job.names import read_swept_keys, run_label
-from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, write_outcome
+from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, status_file_path, write_outcome
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
@@ -109,7 +109,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     extra_tags = dict(tags or {})
     swept = read_swept_keys(sweep_dir)
     label = run_label(cfg.tracking.variant, overrides, swept)  # run name, `variant` tag, the queue's label
-    status = StatusFile(label)
+    status = StatusFile(label, status_file_path(sweep_dir, job_num))
     status.update(force=True)  # the queue names the job by its run name from its "started" line on
     record = functools.partial(write_outcome, sweep_dir, job_num, label=label)
     with contextlib.ExitStack() as held:
