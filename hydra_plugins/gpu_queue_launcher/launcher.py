@@ -1,8 +1,9 @@
 """GpuQueueLauncher: Hydra's Launcher interface over the slot queue (see the package docstring for the protocols).
 
 launch() prepares every job of the batch (its composed config and job directory, as Hydra's basic launcher does),
-starts the fork server once per launcher (kept for later batches, stopped at exit), runs the queue, prints the
-summary, writes `<sweep dir>/gpu_queue_summary.json`, and hands Hydra one JobReturn per job.
+starts the fork server once per launcher (kept for later batches, stopped at exit), runs the queue, writes the
+verdict of each job that could not say how it ended into its status file, prints the summary, writes
+`<sweep dir>/gpu_queue_summary.json`, and hands Hydra one JobReturn per job.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hydra_plugins._job_outcome import STATUS_ENV, status_path
+from hydra_plugins._job_outcome import STATUS_ENV, headline, record_verdict, status_path, to_job_return
 
 from ._slots import check_choices, plan_slots
 
@@ -76,7 +77,7 @@ class GpuQueueLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from ._console import Console, summary
-        from ._outcome import JobRecord, to_job_return
+        from ._outcome import JobRecord
         from ._queue import run_queue
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -98,6 +99,9 @@ class GpuQueueLauncher(Launcher):
         interrupted = run_queue(records, slots, pool, console, start=lambda r: self._start(pool, r),
                                 kill_grace_s=self.kill_grace_s)
         console.close()
+        for r in records:
+            if r.job_return is None:  # it died, was killed or never started: it could not say how it ended
+                record_verdict(r.job.status_path, r.outcome())
         self._records += records
         self._write_summary(sweep_dir / "gpu_queue_summary.json", pool, interrupted)
         sys.stdout.write(summary(records, self.log_tail_lines))
@@ -107,7 +111,9 @@ class GpuQueueLauncher(Launcher):
             raise SystemExit(130)  # like a shell after Ctrl-C; the table above says what happened
         unfinished = sum(r.state not in ("FINISHED", "SKIPPED") for r in records)
         note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
-        return [to_job_return(r, note) for r in records]
+        return [to_job_return(r.outcome(), r.job_return, overrides=r.job.overrides, working_dir=str(r.job.job_dir),
+                              message=f"job #{r.job.idx} ({r.label}) {r.state}: {headline(r.reason)}{note}")
+                for r in records]
 
     def _prepare(self, overrides: list[str], idx: int, work_dir: Path, common: set) -> Any:
         """Compose the job's config and find its directory, exactly as run_job will in the job process."""
@@ -200,7 +206,7 @@ class GpuQueueLauncher(Launcher):
             "user_error": r.user_error,
             "slot": r.slot.index if r.slot else None, "device": r.slot.device if r.slot else None,
             "pid": r.pid, "returncode": r.returncode, "duration_s": r.duration,
-            "final_loss": _json_number(r.status.get("final_loss")), "run_id": r.status.get("run_id"),
+            "final_loss": _json_number(r.final_loss), "run_id": r.run_id or r.status.get("run_id"),
             "job_dir": str(r.job.job_dir), "log": str(r.job.log_path), "slot_free_at": r.slot_free_at,
             "dispatched_at": r.dispatched_at, "started_at": r.started_at, "ended_at": r.ended_at,
         } for r in self._records]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra_plugins._job_outcome import JobOutcome
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.folders import check_job_folders, check_writable
@@ -59,16 +60,6 @@ from lora_sweep.training.failures import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JobOutcome:
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED
-    run_id: str | None
-    reason: str = ""
-    final_loss: float | None = None
-    files: dict | None = None
-    user_error: bool = False  # the reason is a message for the user (no traceback needed)
 
 
 def git_commit() -> str:
@@ -103,7 +94,8 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
     Set-up (config, paths, tracking store, the config's lock, skip-finished) runs before any run exists; a failure
     there is raised (a UserError, or the bug's own exception) after being recorded: in a sweep, as a FAILED child
     run of the sweep's parent carrying the reason, and in the sweep folder (`status.write_outcome`, job `job_num`).
-    A failure during training is returned as a FAILED outcome, its run FAILED with the reason. `tags` are added to
+    A failure during training is returned as a FAILED outcome, its run FAILED with the reason; an interrupt, as a
+    KILLED one (before training: without a run). `tags` are added to
     the run's tags (sweep.py adds the Hydra job number and group choices the report orders and compares by)."""
     make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
     extra_tags = dict(tags or {})
@@ -117,9 +109,11 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
         try:
             ready = _set_up(cfg, Path(output_dir), sweep_dir, label, status, held, found)
         except KeyboardInterrupt:
-            status.update(force=True, state="killed", reason="interrupted before training started")
-            record(status="KILLED", reason="interrupted before training started")
-            raise
+            reason = "interrupted before training started"
+            log.warning("stopped: %s", reason)
+            status.update(force=True, state="killed", reason=reason)
+            record(status="KILLED", reason=reason)
+            return JobOutcome("KILLED", None, reason=reason)
         except Exception as exc:
             _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
                                overrides=overrides, found=found, record=record)
