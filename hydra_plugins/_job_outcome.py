@@ -81,6 +81,21 @@ def read_status(path: str | os.PathLike | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def read_statuses(sweep_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """Every status file of a sweep folder, by job number."""
+    found = {}
+    for path in (Path(sweep_dir) / STATUS_DIR).glob("*.json"):
+        if path.stem.isdigit() and (data := read_status(path)):
+            found[int(path.stem)] = data
+    return found
+
+
+def remove_statuses(sweep_dir: str | os.PathLike) -> None:
+    """Delete the status files of a sweep folder (an earlier sweep's, before a new one starts there)."""
+    for path in (Path(sweep_dir) / STATUS_DIR).glob("*.json"):
+        path.unlink(missing_ok=True)
+
+
 def write_status(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Replace a status file atomically (a temporary file, then a rename), making its folder if needed."""
     path = Path(path)
