@@ -22,6 +22,7 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import lora_sweep  # noqa: E402
+from hydra_plugins._job_outcome import JobNotFinished, JobOutcome  # noqa: E402
 from lora_sweep.config import register_configs  # noqa: E402
 from lora_sweep.errors import UserError  # noqa: E402
 from lora_sweep.paths import make_paths_absolute  # noqa: E402
@@ -31,26 +32,21 @@ register_configs()
 log = logging.getLogger("lora_sweep")
 
 
-class JobFailed(RuntimeError):
-    """A sweep job that did not finish: launchers record it FAILED with this message and go on with the others.
-
-    `user_error`: the message is all a user needs (a config, path or data problem, a NaN, an out-of-memory), so
-    the gpu_queue launcher shows it without a traceback; otherwise it is a bug and the job log's last lines are
-    shown too."""
-
-    user_error = False
-
-    def __init__(self, message: str, user_error: bool = False):
-        super().__init__(message)
-        self.user_error = user_error
+class JobFailed(JobNotFinished):
+    """A sweep job that did not finish (FAILED or KILLED), carrying its outcome: launchers record it with this
+    message and go on with the others; for a bug (not `user_error`) they show the job log's last lines too."""
 
 
 class UserJobFailed(JobFailed, CompactHydraException):
-    """A JobFailed on the user's input. Hydra prints a CompactHydraException as its message alone, so under the
-    basic, Ray and Slurm launchers too a user's mistake reads as one paragraph, not a traceback."""
+    """A JobFailed whose message is all a user needs (a config, path or data problem, a NaN, an out-of-memory, a
+    stop). Hydra prints a CompactHydraException as its message alone, so under the basic, Ray and Slurm launchers
+    too it reads as one paragraph, not a traceback."""
 
-    def __init__(self, message: str):
-        super().__init__(message, user_error=True)
+
+def job_failed(outcome: JobOutcome) -> JobFailed:
+    """The exception that hands a FAILED or KILLED outcome to the launcher through Hydra's JobReturn."""
+    message = f"{outcome.status}: {outcome.reason.splitlines()[0] if outcome.reason else ''}"
+    return (UserJobFailed if outcome.user_error or outcome.status == "KILLED" else JobFailed)(outcome, message)
 
 
 CHOICE_GROUPS = ("model", "data", "noise", "loss", "optimizer", "precision", "network", "train")
@@ -77,7 +73,9 @@ def share_cpu_cores(hc) -> None:
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> JobOutcome:
+    """One job. Its outcome reaches the launcher through Hydra's JobReturn: returned when FINISHED or SKIPPED,
+    raised (`JobFailed`) when FAILED or KILLED in a sweep; a single run exits 1, 2 (bad input) or 130 (stopped)."""
     from lora_sweep.job.run import run_job
 
     lora_sweep.setup()  # a launcher's job process (forked, Ray, Slurm) runs this function, not the module's start
@@ -90,17 +88,16 @@ def main(cfg: DictConfig) -> float | None:
     try:
         outcome = run_job(cfg, output_dir=output_dir, sweep_dir=sweep_dir, overrides=list(hc.overrides.task),
                           tags=job_tags(hc, multirun), job_num=hc.job.num if multirun else None)
-    except UserError as exc:
+    except UserError as exc:  # refused in its set-up, which recorded it
         log.error("%s", exc)
         if multirun:  # an exception, not sys.exit: Ray would treat an exiting worker as a crash and abort the sweep
-            raise UserJobFailed(str(exc)) from None
+            raise UserJobFailed(JobOutcome("FAILED", reason=str(exc), user_error=True), str(exc)) from None
         sys.exit(2)
     if outcome.status in ("FAILED", "KILLED"):
         if multirun:
-            message = f"{outcome.status}: {outcome.reason.splitlines()[0] if outcome.reason else ''}"
-            raise UserJobFailed(message) if outcome.user_error or outcome.status == "KILLED" else JobFailed(message)
+            raise job_failed(outcome)
         sys.exit(130 if outcome.status == "KILLED" else 1)  # stopped: 130, as a stopped sweep and a shell exit
-    return outcome.final_loss
+    return outcome
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -7,9 +7,10 @@ RUNNING (a SIGKILLed sweep), creates the parent run and writes, into the sweep f
 Every job, local, Ray or Slurm, finds them there and nests its own run under the parent.
 
 The parent is closed once (`on_multirun_end`, or an atexit hook when Hydra skips that: after a failed job or Ctrl-C)
-from the jobs' outcomes (`.lora_sweep/jobs/*.json`, written by each job, also by jobs that failed before their run
-existed), the gpu_queue launcher's summary when there is one (jobs that died or were never started), and the child
-runs (a child still RUNNING now lost its process: it is marked FAILED, or KILLED when the sweep was stopped):
+from the records of its jobs: each job's child run, and the status file (hydra_plugins/_job_outcome.py) of a job
+without a run of its own: skipped (the run it matched), failed before its run could be created, or (written by its
+launcher) died or never started. A child still RUNNING lost its process: it is closed FAILED, or KILLED when the
+sweep was stopped, with the launcher's reason when it wrote one. So:
 - status KILLED if the sweep was stopped, else FAILED if any job failed, else FINISHED;
 - tags `lora_sweep.jobs_total|finished|failed|skipped|killed|cancelled` (cancelled: never started, as the queue
   does with the jobs still waiting when the sweep is stopped), and `lora_sweep.failure` listing each distinct
@@ -22,10 +23,10 @@ runs (a child still RUNNING now lost its process: it is marked FAILED, or KILLED
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
-QUEUE_SUMMARY = "gpu_queue_summary.json"  # hydra_plugins/gpu_queue_launcher's record of every job
+LEFT_OPEN = "its job process ended without closing the run (killed, or it crashed)"
+ENDED = ("FINISHED", "FAILED", "KILLED", "SKIPPED", "CANCELLED")
 
 
 class MlflowSweepCallback(Callback):
@@ -52,6 +54,7 @@ class MlflowSweepCallback(Callback):
             sys.exit(2)
 
     def _start(self, config: DictConfig) -> None:
+        from hydra_plugins._job_outcome import remove_statuses
         from lora_sweep.atomic import write_text
         from lora_sweep.checks.preflight import SWEEP_TRACKING
         from lora_sweep.checks.sweep import tracking_target
@@ -74,6 +77,7 @@ class MlflowSweepCallback(Callback):
         self.run_id = run.info.run_id
         self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, experiment, exp_id
         write_text(sweep_dir / store.PARENT_FILE, self.run_id)
+        remove_statuses(sweep_dir)  # an earlier sweep's in this folder are not this one's jobs
         try:
             write_swept_keys(sweep_dir, swept_keys(task))
         except Exception as exc:  # names fall back to every override
@@ -131,52 +135,23 @@ class MlflowSweepCallback(Callback):
             log.warning("could not write the comparison report: %s", exc)
 
 
-def _queue_summary(sweep_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(sweep_dir) / QUEUE_SUMMARY).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
     """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
-    (text), job_runs ({job number: run id}), any_finished}. Child runs left RUNNING by a dead job are closed here
-    (FAILED, or KILLED if the sweep stopped)."""
-    from lora_sweep.job.status import read_outcomes
-    from lora_sweep.tracking import store
+    (text), job_runs ({job number: run id}), any_finished}, from the parent's child runs and the status files of
+    jobs without a run of their own. Child runs left RUNNING by a dead job are closed here."""
+    from hydra_plugins._job_outcome import read_statuses
 
-    outcomes = read_outcomes(sweep_dir)
-    queue = _queue_summary(sweep_dir)
-    queued = {int(j["idx"]): j for j in queue.get("jobs", []) if j.get("idx") is not None}
-    states: dict[Any, dict[str, Any]] = {}
-    for num, job in queued.items():
-        states[num] = {"status": job.get("state"), "reason": job.get("reason") or "", "label": job.get("label"),
-                       "run_id": job.get("run_id")}
-    for num, outcome in outcomes.items():
-        states[num] = {**states.get(num, {}), **{k: v for k, v in outcome.items() if v not in (None, "")}}
-    interrupted = bool(queue.get("interrupted")) or any(s.get("status") in ("KILLED", "CANCELLED")
-                                                        for s in states.values())
     experiment = client.get_run(run_id).info.experiment_id
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
                                   max_results=5000)
-    by_run = {s.get("run_id"): num for num, s in states.items() if s.get("run_id")}
-    for child in children:
-        if child.info.status != "RUNNING":
-            continue
-        num = by_run.get(child.info.run_id, f"run {child.info.run_id}")
-        known = states.get(num, {})
-        status = "KILLED" if interrupted or known.get("status") in ("KILLED", "CANCELLED") else "FAILED"
-        reason = known.get("reason") or "its job process ended without closing the run (killed, or it crashed)"
-        client.set_tag(child.info.run_id, store.FAILURE, store.fit(reason, store.MAX_TAG_CHARS, "the log"))
-        client.set_terminated(child.info.run_id, status=status)
-        states[num] = {**known, "status": status, "reason": reason, "label": known.get("label") or child.info.run_name}
-    for child in children:  # jobs whose own record is missing (another launcher, a lost file): their run says
-        if child.info.run_id not in by_run and f"run {child.info.run_id}" not in states:
-            states[f"run {child.info.run_id}"] = {"status": child.info.status, "label": child.info.run_name,
-                                                  "reason": child.data.tags.get(store.FAILURE, "")}
-    counts = {"total": len(states)}
+    jobs = _jobs(children, read_statuses(sweep_dir))
+    interrupted = any((job.get("verdict") or job["status"]) in ("KILLED", "CANCELLED") for job in jobs.values())
+    for job in jobs.values():
+        if job["status"] == "RUNNING":
+            _close_left_open(client, job, interrupted)
+    counts = {"total": len(jobs)}
     for name in ("finished", "failed", "skipped", "killed", "cancelled"):
-        counts[name] = sum(s.get("status") == name.upper() for s in states.values())
+        counts[name] = sum(job["status"] == name.upper() for job in jobs.values())
     if interrupted:
         status = "KILLED"
     elif counts["failed"] or not ended_normally:
@@ -184,21 +159,65 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
     else:
         status = "FINISHED"
     how = "stopped" if interrupted else "ended" if ended_normally or counts["failed"] else "broke off"
-    failure = _failure_text(states, counts, how)
-    job_runs = {num: s["run_id"] for num, s in states.items() if isinstance(num, int) and s.get("run_id")}
-    reused = any(s.get("status") == "SKIPPED" and s.get("run_id") for s in states.values())  # matched FINISHED runs
-    return {"status": status, "counts": counts, "failure": failure, "job_runs": job_runs,
+    job_runs = {num: job["run_id"] for num, job in jobs.items() if isinstance(num, int) and job.get("run_id")}
+    reused = any(job["status"] == "SKIPPED" and job.get("run_id") for job in jobs.values())  # matched FINISHED runs
+    return {"status": status, "counts": counts, "failure": _failure_text(jobs, counts, how), "job_runs": job_runs,
             "any_finished": reused or any(c.info.status == "FINISHED" for c in children)}
 
 
-def _failure_text(states: dict[Any, dict[str, Any]], counts: dict[str, int], how: str) -> str:
+def _jobs(children: list, statuses: Mapping[int, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Each job's end by job number ("run <id>" for a child run without one): its run's status and failure tag, or,
+    for a job without a run of its own, what its status file says. A run left RUNNING gets the launcher's verdict
+    from the status file, if it wrote one (`verdict`, `reason`)."""
+    from lora_sweep.compare.variants import JOB_NUM_TAG
+    from lora_sweep.tracking.store import FAILURE
+
+    jobs: dict[Any, dict[str, Any]] = {}
+    for child in sorted(children, key=lambda c: c.info.start_time or 0):  # a job's newest run counts
+        num = _number(child.data.tags.get(JOB_NUM_TAG))
+        jobs[num if num is not None else f"run {child.info.run_id}"] = {
+            "status": child.info.status, "run_id": child.info.run_id, "label": child.info.run_name,
+            "reason": child.data.tags.get(FAILURE, "")}
+    for num, written in statuses.items():
+        state, reason = str(written.get("state") or "").upper(), str(written.get("reason") or "")
+        if num in jobs:  # its run is its record
+            if jobs[num]["status"] == "RUNNING" and state in ENDED:
+                jobs[num].update(verdict=state, reason=reason)
+            continue
+        if state not in ENDED:  # no run, no end written: its process ended before it could say anything
+            state, reason = "FAILED", reason or "its job process ended without a result"
+        jobs[num] = {"status": state, "run_id": written.get("run_id"), "label": written.get("label"),
+                     "reason": reason}
+    return jobs
+
+
+def _number(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _close_left_open(client, job: dict[str, Any], interrupted: bool) -> None:
+    """Close a run whose job process ended without closing it: KILLED if the sweep was stopped (or its launcher
+    says so), else FAILED; with the launcher's reason, else LEFT_OPEN."""
+    from lora_sweep.tracking import store
+
+    status = "KILLED" if interrupted or job.get("verdict") in ("KILLED", "CANCELLED") else "FAILED"
+    reason = job.get("reason") or LEFT_OPEN
+    client.set_tag(job["run_id"], store.FAILURE, store.fit(reason, store.MAX_TAG_CHARS, "the log"))
+    client.set_terminated(job["run_id"], status=status)
+    job.update(status=status, reason=reason)
+
+
+def _failure_text(jobs: dict[Any, dict[str, Any]], counts: dict[str, int], how: str) -> str:
     """Each distinct failure reason (its first line) with the jobs it hit; `how` the sweep ended: ended (its
     launcher returned), stopped (interrupted) or broke off (the sweep process ended otherwise)."""
     groups: dict[str, list[str]] = {}
-    for num, state in sorted(states.items(), key=lambda item: str(item[0])):
-        if state.get("status") == "FAILED":
-            head = (state.get("reason") or "no reason recorded").strip().splitlines()[0]
-            groups.setdefault(head, []).append(f"#{num} {state.get('label') or ''}".strip())
+    for num, job in sorted(jobs.items(), key=lambda item: str(item[0])):
+        if job["status"] == "FAILED":
+            head = (job.get("reason") or "no reason recorded").strip().splitlines()[0]
+            groups.setdefault(head, []).append(f"#{num} {job.get('label') or ''}".strip())
     lines = {"stopped": ["the sweep was stopped (Ctrl-C or a signal) before all its jobs ran."],
              "broke off": ["the sweep process ended before its launcher returned (see its console)."],
              "ended": []}[how]

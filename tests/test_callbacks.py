@@ -1,15 +1,15 @@
-"""The sweep's parent run ends saying what happened to every job (real sqlite store, the files jobs leave)."""
+"""The sweep's parent run ends saying what happened to every job (real sqlite store, the status files that jobs
+without a run of their own and their launchers leave)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lora_sweep.callbacks import QUEUE_SUMMARY, sweep_summary
-from lora_sweep.job.status import write_outcome
+from hydra_plugins._job_outcome import status_path, write_status
+from lora_sweep.callbacks import sweep_summary
 from lora_sweep.tracking.store import (
     FAILURE,
     JOB_RUNS_TAG,
@@ -32,31 +32,33 @@ def make_sweep(client: MlflowClient, tmp_path: Path, name: str) -> tuple[str, st
     return exp, parent
 
 
-def child(client: MlflowClient, exp: str, parent: str, name: str, status: str | None) -> str:
-    run_id = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+def child(client: MlflowClient, exp: str, parent: str, name: str, status: str | None, num: int | None = None,
+          reason: str = "") -> str:
+    """A job's run under the sweep's parent, as the job leaves it: tagged with its job number, ended (or not)."""
+    tags = {"mlflow.parentRunId": parent, **({"lora_sweep.job_num": str(num)} if num is not None else {})}
+    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    if reason:
+        client.set_tag(run_id, FAILURE, reason)
     if status:
         client.set_terminated(run_id, status=status)
     return run_id
 
 
-def queue_summary(sweep_dir: Path, interrupted: bool, *entries: tuple[int, str, str, str | None]) -> None:
-    jobs_ = [{"idx": i, "label": f"j{i}", "state": s, "reason": r, "run_id": run} for i, s, r, run in entries]
-    (sweep_dir / QUEUE_SUMMARY).write_text(json.dumps({"interrupted": interrupted, "jobs": jobs_}))
+def status_file(sweep_dir: Path, num: int, **written) -> None:
+    """A job's status file as it is left: live progress, an end the job wrote, or a verdict its launcher wrote."""
+    write_status(status_path(sweep_dir, num), {"label": f"j{num}", **written})
 
 
 def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
     exp, parent = make_sweep(client, tmp_path, "mixed")
-    done = child(client, exp, parent, "j0", "FINISHED")
-    early = child(client, exp, parent, "j1", "FAILED")  # failed before training: a run made to carry the reason
-    orphan = child(client, exp, parent, "j3", None)  # its process was SIGKILLed: still RUNNING
-    write_outcome(tmp_path, 0, status="FINISHED", run_id=done, label="j0")
-    write_outcome(tmp_path, 1, status="FAILED", run_id=early, label="j1", reason="loss.huber_c: must be > 0",
-                       user_error=True)
-    write_outcome(tmp_path, 2, status="SKIPPED", run_id=done, label="j2", reason="already FINISHED")
-    queue_summary(tmp_path, False, (0, "FINISHED", "", done), (1, "FAILED", "loss.huber_c: must be > 0", early),
-                  (2, "SKIPPED", "already FINISHED", done),
-                  (3, "FAILED", "died without a result: killed by SIGKILL (9)", orphan),
-                  (4, "FAILED", "could not start: OSError: disk full", None))
+    done = child(client, exp, parent, "j0", "FINISHED", 0)
+    early = child(client, exp, parent, "j1", "FAILED", 1, "loss.huber_c: must be > 0")  # a run made for the reason
+    orphan = child(client, exp, parent, "j3", None, 3)  # its process was SIGKILLed: still RUNNING
+    status_file(tmp_path, 0, state="running", run_id=done, step=3)
+    status_file(tmp_path, 1, state="running", run_id=early)
+    status_file(tmp_path, 2, state="skipped", run_id=done, reason="already FINISHED")  # matched job 0's run
+    status_file(tmp_path, 3, state="failed", run_id=orphan, reason="died without a result: killed by SIGKILL (9)")
+    status_file(tmp_path, 4, state="failed", reason="could not start: OSError: disk full")  # by its launcher
 
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)  # Hydra re-raised: no on_multirun_end
     assert summary["status"] == "FAILED"
@@ -72,23 +74,23 @@ def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
 
 def test_a_stopped_sweep_ends_killed_and_closes_what_its_jobs_left_running(client, tmp_path):
     exp, parent = make_sweep(client, tmp_path, "stopped")
-    stopped = child(client, exp, parent, "j0", "KILLED")
-    orphan = child(client, exp, parent, "j1", None)
-    write_outcome(tmp_path, 0, status="KILLED", run_id=stopped, reason="stopped by signal")
-    queue_summary(tmp_path, True, (0, "KILLED", "stopped by signal", stopped),
-                  (1, "KILLED", "killed (SIGKILL) after the interrupts", orphan),
-                  (2, "CANCELLED", "not started: the sweep was interrupted", None))
+    stopped = child(client, exp, parent, "j0", "KILLED", 0, "stopped by signal")
+    orphan = child(client, exp, parent, "j1", None, 1)
+    status_file(tmp_path, 0, state="running", run_id=stopped)
+    status_file(tmp_path, 1, state="killed", run_id=orphan, reason="killed (SIGKILL) after the interrupts")
+    status_file(tmp_path, 2, state="cancelled", reason="not started: the sweep was interrupted")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
     # job 2 never started: cancelled, not killed (the parent once said "3 killed of 3 jobs")
     assert summary["status"] == "KILLED" and summary["counts"]["killed"] == 2 and summary["counts"]["cancelled"] == 1
-    assert client.get_run(orphan).info.status == "KILLED"
+    run = client.get_run(orphan)
+    assert run.info.status == "KILLED" and run.data.tags[FAILURE] == "killed (SIGKILL) after the interrupts"
     assert summary["failure"].startswith("the sweep was stopped")
 
 
 def test_clean_sweeps_finish_and_a_sweep_that_broke_off_does_not(client, tmp_path):
     exp, parent = make_sweep(client, tmp_path, "clean")
-    run_id = child(client, exp, parent, "j0", "FINISHED")
-    write_outcome(tmp_path, 0, status="FINISHED", run_id=run_id, label="j0")
+    run_id = child(client, exp, parent, "j0", "FINISHED", 0)
+    status_file(tmp_path, 0, state="running", run_id=run_id)
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["failure"] == ""
     assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0, "cancelled": 0}
@@ -96,15 +98,27 @@ def test_clean_sweeps_finish_and_a_sweep_that_broke_off_does_not(client, tmp_pat
     assert broke["status"] == "FAILED" and "before its launcher returned" in broke["failure"]
 
 
-def test_without_job_records_the_child_runs_still_count(client, tmp_path):
-    """Another launcher, no outcome files: the children's own statuses are what is known."""
+def test_without_status_files_or_job_numbers_the_child_runs_still_count(client, tmp_path):
+    """Runs without a job number, no status file: the children's own statuses are what is known."""
     exp, parent = make_sweep(client, tmp_path, "bare")
     child(client, exp, parent, "a", "FINISHED")
-    failed = child(client, exp, parent, "b", "FAILED")
-    client.set_tag(failed, FAILURE, "NonFiniteLoss: train/loss is nan")
+    child(client, exp, parent, "b", "FAILED", reason="NonFiniteLoss: train/loss is nan")
+    orphan = child(client, exp, parent, "c", None)
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)
-    assert summary["status"] == "FAILED" and summary["counts"]["failed"] == 1 and summary["counts"]["total"] == 2
+    assert summary["status"] == "FAILED" and summary["counts"]["failed"] == 2 and summary["counts"]["total"] == 3
     assert "NonFiniteLoss: train/loss is nan" in summary["failure"]
+    assert client.get_run(orphan).data.tags[FAILURE].startswith("its job process ended without closing the run")
+
+
+def test_a_job_that_ended_without_a_word_counts_as_failed(client, tmp_path):
+    """A status file still "running" and no run: its process ended before it could record anything (under Ray, no
+    launcher writes a verdict for it)."""
+    exp, parent = make_sweep(client, tmp_path, "silent")
+    child(client, exp, parent, "j0", "FINISHED", 0)
+    status_file(tmp_path, 1, state="running")
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
+    assert summary["counts"] == {"total": 2, "finished": 1, "failed": 1, "skipped": 0, "killed": 0, "cancelled": 0}
+    assert "its job process ended without a result (#1 j1)" in summary["failure"]
 
 
 def test_a_sweep_whose_jobs_were_all_skipped_still_has_results(client, tmp_path):
@@ -113,7 +127,7 @@ def test_a_sweep_whose_jobs_were_all_skipped_still_has_results(client, tmp_path)
     done = [child(client, exp, earlier, f"j{i}", "FINISHED") for i in range(2)]
     _, parent = make_sweep(client, tmp_path, "rerun")
     for i, run_id in enumerate(done):
-        write_outcome(tmp_path, i, status="SKIPPED", run_id=run_id, label=f"j{i}", reason="already FINISHED")
+        status_file(tmp_path, i, state="skipped", run_id=run_id, reason="already FINISHED")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["any_finished"] and summary["counts"]["skipped"] == 2
     assert read_job_runs(job_runs_tags(summary["job_runs"])) == {0: done[0], 1: done[1]}

@@ -17,8 +17,9 @@ from hydra.core.utils import JobReturn, JobStatus
 sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
 import toy_harness as toy  # noqa: E402
 
+from hydra_plugins._job_outcome import JobNotFinished, JobOutcome, to_job_return, verdict  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._console import slot_line, summary  # noqa: E402
-from hydra_plugins.gpu_queue_launcher._outcome import Job, JobRecord, decide, to_job_return  # noqa: E402
+from hydra_plugins.gpu_queue_launcher._outcome import Job, JobRecord  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._preload import preload  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._slots import GpuQueueConfigError, Slot, plan_slots, visible_gpus  # noqa: E402
 
@@ -73,43 +74,70 @@ def _failed(exc: BaseException) -> JobReturn:
     return ret
 
 
+NAN = JobOutcome("FAILED", "r2", "loss is NaN at step 4", user_error=True)
+
+
 @pytest.mark.parametrize("returncode, job_return, status, signals, expected", [
-    (0, _completed(), None, 0, ("FINISHED", "")),
-    (0, _completed(), {"state": "finished"}, 0, ("FINISHED", "")),
-    (0, _completed(), {"state": "failed", "reason": "loss is NaN at step 4"}, 0, ("FAILED", "loss is NaN at step 4")),
-    (0, _completed(), {"state": "skipped", "reason": "done as run r1"}, 0, ("SKIPPED", "done as run r1")),
-    (0, _failed(ValueError("bad lr")), {"state": "running"}, 0, ("FAILED", "ValueError: bad lr")),
-    (0, _completed(), {"state": "killed", "reason": "stopped at step 9"}, 1, ("KILLED", "stopped at step 9")),
-    (0, _failed(KeyboardInterrupt()), None, 2, ("KILLED", "stopped on request")),
-    (-9, None, {"state": "running"}, 0, ("FAILED", "died without a result: killed by SIGKILL (9)")),
-    (3, None, None, 0, ("FAILED", "died without a result: exit code 3")),
-    (-9, None, {"state": "running"}, 3, ("KILLED", "killed (SIGKILL) after the interrupts")),
+    (0, _completed(), None, 0, ("FINISHED", "", False)),
+    (0, _completed("a plain value"), {"state": "running", "run_id": "r0"}, 0, ("FINISHED", "", False)),
+    (0, _completed(JobOutcome("FINISHED", "r1", final_loss=0.1)), {}, 0, ("FINISHED", "", False)),
+    (0, _completed(JobOutcome("SKIPPED", "r1", "done as run r1")), {}, 0, ("SKIPPED", "done as run r1", False)),
+    (0, _failed(JobNotFinished(NAN)), {}, 0, ("FAILED", "loss is NaN at step 4", True)),
+    (0, _failed(JobNotFinished(JobOutcome("FAILED", None, "RuntimeError: boom\nTraceback ..."))), {}, 0,
+     ("FAILED", "RuntimeError: boom", False)),  # a bug's first line; its traceback is in its log
+    (0, _failed(ValueError("bad lr")), {"state": "running"}, 0, ("FAILED", "ValueError: bad lr", False)),
+    (0, _failed(JobNotFinished(JobOutcome("KILLED", "r3", "stopped at step 9"))), {}, 1,
+     ("KILLED", "stopped at step 9", False)),
+    (0, _failed(KeyboardInterrupt()), None, 2, ("KILLED", "stopped on request", False)),
+    (-9, None, {"state": "running"}, 0, ("FAILED", "died without a result: killed by SIGKILL (9) (out of memory? "
+                                                   "the kernel's OOM killer sends SIGKILL)", False)),
+    (3, None, None, 0, ("FAILED", "died without a result: exit code 3", False)),
+    (-9, None, {"state": "running"}, 3, ("KILLED", "killed (SIGKILL) after the interrupts", False)),
 ])
 def test_verdict(returncode, job_return, status, signals, expected):
-    state, reason = decide(returncode, job_return, status, signals)
-    assert state == expected[0]
-    assert reason.startswith(expected[1])
+    """The job's own word (returned or raised) decides; without one, how its process ended."""
+    ended = verdict(job_return, status, returncode=returncode, signals_sent=signals)
+    assert (ended.status, ended.user_error) == (expected[0], expected[2])
+    assert ended.reason == expected[1]
+
+
+def test_the_verdict_names_the_job_and_its_run_from_its_status_file():
+    ended = verdict(None, {"state": "running", "label": "v57", "run_id": "r9", "step": 40}, returncode=-9)
+    assert (ended.status, ended.label, ended.run_id) == ("FAILED", "v57", "r9")  # the run it left open
+    said = verdict(_completed(JobOutcome("FINISHED", "r1", final_loss=0.25)), {"label": "v53", "run_id": "r1"})
+    assert (said.label, said.run_id, said.final_loss) == ("v53", "r1", 0.25)
+
+
+def test_an_outcome_survives_the_trip_to_the_launcher():
+    import cloudpickle
+
+    back = cloudpickle.loads(cloudpickle.dumps(_failed(JobNotFinished(NAN, "FAILED: loss is NaN"))))
+    assert str(back._return_value) == "FAILED: loss is NaN" and verdict(back).reason == NAN.reason
 
 
 def _record(tmp_path: Path, state: str, reason: str = "", status: dict | None = None) -> JobRecord:
     job = Job(idx=1, overrides=["experiment=v2"], label="experiment=v2", job_dir=tmp_path, spec_path=tmp_path / "s",
-              result_path=tmp_path / "r", payload=b"")
+              result_path=tmp_path / "r", status_path=tmp_path / "st", payload=b"")
     return JobRecord(job=job, state=state, slot=Slot(1, "1"), reason=reason, status=status or {},
                      started_at=100.0, ended_at=163.0)
 
 
-def test_failed_record_becomes_a_failed_job_return_with_its_reason(tmp_path):
-    ret = to_job_return(_record(tmp_path, "FAILED", "loss is NaN at step 4", {"label": "v2"}))
+def test_failed_verdict_becomes_a_failed_job_return_with_its_message():
+    ret = to_job_return(JobOutcome("FAILED", reason="loss is NaN at step 4"), None, overrides=["x=1"],
+                        message="job #1 (v2) FAILED: loss is NaN at step 4")
     assert ret.status == JobStatus.FAILED
     with pytest.raises(RuntimeError, match="v2.*FAILED: loss is NaN"):
         _ = ret.return_value
-    assert to_job_return(_record(tmp_path, "SKIPPED", "done")).status == JobStatus.COMPLETED
+    skipped = to_job_return(JobOutcome("SKIPPED", "r1", "done"), _completed(JobOutcome("SKIPPED", "r1", "done")),
+                            overrides=["x=1"], message="")
+    assert skipped.status == JobStatus.COMPLETED and skipped.return_value.run_id == "r1"
 
 
 def test_summary_and_live_line_show_what_the_job_reported(tmp_path):
     (tmp_path / "console.log").write_text("step 1\nTraceback ...\nRuntimeError: boom\n")
     failed = _record(tmp_path, "FAILED", "RuntimeError: boom", {"label": "v2", "run_id": "abc123"})
-    finished = _record(tmp_path, "FINISHED", "", {"label": "v1", "final_loss": 0.0912, "run_id": "def456"})
+    finished = _record(tmp_path, "FINISHED", "", {"label": "v1", "run_id": "def456"})
+    finished.final_loss = 0.0912
     text = summary([finished, failed], tail_lines=2)
     assert "variant" in text and "MLflow run" in text and "final loss" in text
     assert "v1" in text and "FINISHED" in text and "1m03s" in text and "0.0912" in text and "def456" in text
@@ -147,7 +175,7 @@ def test_one_paragraph_per_distinct_reason_and_a_log_tail_only_for_bugs(tmp_path
         job_dir.mkdir()
         (job_dir / "console.log").write_text("Traceback (most recent call last):\n  File x\nValueError: boom\n")
         job = Job(idx=idx, overrides=[f"x={idx}"], label=f"x={idx}", job_dir=job_dir, spec_path=tmp_path / "s",
-                  result_path=tmp_path / "r", payload=b"")
+                  result_path=tmp_path / "r", status_path=tmp_path / "st", payload=b"")
         return JobRecord(job=job, state="FAILED", slot=Slot(0, None), reason=reason, user_error=user_error,
                          started_at=1.0, ended_at=2.0)
 
@@ -176,9 +204,9 @@ def test_a_failed_job_re_raises_compactly_keeping_its_own_exception(tmp_path):
     from hydra.errors import CompactHydraException
 
     own = ValueError("bad lr")
-    record = _record(tmp_path, "FAILED", "ValueError: bad lr", {"label": "v2", "user_error": True})
-    record.job_return, record.user_error = _failed(own), True
-    ret = to_job_return(record, " (1 of 2 jobs did not finish: see the summary above)")
+    ret = to_job_return(JobOutcome("FAILED", reason="ValueError: bad lr", user_error=True), _failed(own),
+                        overrides=["x=1"], message="job #1 (v2) FAILED: ValueError: bad lr "
+                                                   "(1 of 2 jobs did not finish: see the summary above)")
     with pytest.raises(CompactHydraException) as err:
         _ = ret.return_value
     assert str(err.value) == ("job #1 (v2) FAILED: ValueError: bad lr "
@@ -206,7 +234,8 @@ def test_four_jobs_on_two_gpu_slots(tmp_path):
     assert {j["state"] for j in jobs.values()} == {"FINISHED"}
     assert "no_such_module_xyz" in result.stdout + result.stderr
     assert "toy a: finished" in Path(jobs["a"]["log"]).read_text()  # the job's stdout went to its log file
-    assert toy.status_files(tmp_path / "multirun")["a"]["state"] == "finished"
+    assert jobs["a"]["run_id"].startswith("run-a-") and jobs["a"]["final_loss"] == 0.1  # the outcome it returned
+    assert toy.status_files(tmp_path / "multirun")["a"]["step"] == 10
     # The callback holds a lock and cannot be pickled: every job still ran it, from a fresh instance.
     assert "cannot be pickled" in result.stdout + result.stderr
     assert sorted(p.name.split(".")[0] for p in (tmp_path / "callbacks").iterdir()) == LABELS
@@ -287,11 +316,12 @@ def test_ctrl_c_stops_running_jobs_cleanly_and_starts_no_more(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground process group
     output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 130, output
-    states = toy.status_files(tmp_path / "multirun")
-    assert {k: s["state"] for k, s in states.items()} == {"a": "killed", "b": "killed"}  # stopped cleanly
     jobs = toy.summary(tmp_path / "multirun")
     assert {k: j["state"] for k, j in jobs.items()} == {"a": "KILLED", "b": "KILLED", "c": "CANCELLED",
                                                           "d": "CANCELLED"}
+    assert all(jobs[k]["reason"].startswith("stopped at step") for k in "ab")  # each stopped cleanly, and said so
+    states = toy.status_files(tmp_path / "multirun")  # the launcher wrote down the jobs that never started
+    assert sorted(s["state"] for s in states.values()) == ["cancelled", "cancelled", "killed", "killed"]
     assert "2 killed, 2 cancelled" in output  # the two that never started are not counted as killed
     assert toy.no_processes_left(token) == []
 

@@ -354,33 +354,19 @@ def test_data_folder_without_a_folder_names_the_setting_to_set(app):
     assert "'None'" not in out
 
 
-SET_UP_FAILS = """
-import runpy, sys
-import lora_sweep.job.run
-from lora_sweep.errors import UserError
-
-def lost(*args, **kwargs):
-    raise UserError("train.resume: the state folder went away during the set-up")
-
-lora_sweep.job.run.plan_resume = lost
-sys.argv[0] = sys.argv[1]
-del sys.argv[1]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def test_a_failed_sweep_job_ends_with_its_reason_not_hydras_advice(tmp_path):
-    """A user's error in a job (here its set-up failing after the checks, which no pre-flight can see) ends the
-    sweep with exit 1 and the reason alone: no "Set the environment variable HYDRA_FULL_ERROR=1" line, no
-    traceback."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", SET_UP_FAILS, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic",
-                          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+    """A user's error in a job (here a set-up fault no pre-flight can see) ends the sweep with exit 1 and the
+    reason alone: no "Set the environment variable HYDRA_FULL_ERROR=1" line, no traceback."""
+    sys.path.insert(0, str(ROOT / "tests" / "apps" / "faults"))
+    from fault_hook import FOLDER, SETUP_MESSAGE, fault_overrides
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(FOLDER))
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic",
+                          *fault_overrides({0: "setup_error"}), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-3000:]
-    assert "HYDRA_FULL_ERROR" not in text and "Traceback" not in text
-    assert "the state folder went away during the set-up" in out.stderr
+    assert "HYDRA_FULL_ERROR" not in text and "Traceback" not in text and SETUP_MESSAGE in out.stderr
 
 
 @pytest.mark.parametrize("argv", [["data.bucket_reso_steps=0"],

@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 
-from hydra_plugins.slurm_sweep_launcher._outcome import (
-    JobDied,
-    JobOutcome,
-    decide,
-    finalize,
-    summary,
-    summary_json,
-    to_job_return,
-)
+from hydra_plugins._job_outcome import JobFailed, JobNotFinished, JobOutcome
+from hydra_plugins.slurm_sweep_launcher._outcome import SlurmJob, finalize, job_return, summary, summary_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
 import toy_harness as toy  # noqa: E402
@@ -75,45 +68,49 @@ def _ret(status: JobStatus, value=None) -> JobReturn:
     return ret
 
 
+NAN = "NonFiniteLoss: train/loss is nan at optimizer step 1"
+
+
 @pytest.mark.parametrize("job_return, error, status, expected", [
-    (_ret(JobStatus.COMPLETED, 0.5), "", {"state": "finished"}, ("FINISHED", "")),
-    (_ret(JobStatus.COMPLETED), "", {"state": "skipped", "reason": "finished as run abc"},
+    (_ret(JobStatus.COMPLETED, JobOutcome("FINISHED", "r0", final_loss=0.5)), "", {}, ("FINISHED", "")),
+    (_ret(JobStatus.COMPLETED, JobOutcome("SKIPPED", "abc", "finished as run abc")), "", {"state": "skipped"},
      ("SKIPPED", "finished as run abc")),
-    (_ret(JobStatus.FAILED, RuntimeError("FAILED: NonFiniteLoss")), "",
-     {"state": "failed", "reason": "NonFiniteLoss: train/loss is nan at optimizer step 1"},
-     ("FAILED", "NonFiniteLoss: train/loss is nan at optimizer step 1")),
-    (_ret(JobStatus.FAILED, RuntimeError("KILLED: stopped by signal")), "", {"state": "killed"},
-     ("KILLED", "stopped by a signal")),
+    (_ret(JobStatus.FAILED, JobNotFinished(JobOutcome("FAILED", "r1", NAN, user_error=True))), "", {}, ("FAILED", NAN)),
+    (_ret(JobStatus.FAILED, JobNotFinished(JobOutcome("KILLED", "r2", "stopped by signal"))), "", {"state": "running"},
+     ("KILLED", "stopped by signal")),
     (_ret(JobStatus.FAILED, ValueError("bad")), "", {}, ("FAILED", "ValueError: bad")),
-    (_ret(JobStatus.COMPLETED), "", {"state": "failed", "reason": "disk full"}, ("FAILED", "disk full")),
     (None, "Slurm job 7_1 ended without a result (squeue: TIMEOUT)", {"state": "running", "step": 40},
      ("FAILED", "Slurm job 7_1 ended without a result (squeue: TIMEOUT) (its last status: running)")),
 ])
-def test_decide(job_return, error, status, expected):
-    assert decide(job_return, error, status) == expected
+def test_the_verdict_of_a_slurm_job(job_return, error, status, expected):
+    job = SlurmJob(0, ["noise=none"], "7_0", job_return=job_return, error=error, status=status)
+    finalize(job)
+    assert (job.state, job.reason) == expected
 
 
 def test_a_dead_job_fails_alone_in_the_summary_and_in_hydra(tmp_path):
     err = tmp_path / "7_1_0_log.err"
     err.write_text("step 1\r step 2\nTraceback (most recent call last):\nMemoryError\n")
-    outcomes = [
-        JobOutcome(0, ["noise=none"], "7_0", job_return=_ret(JobStatus.COMPLETED, 0.4),
-                   status={"state": "finished", "label": "v53", "run_id": "r0", "final_loss": 0.4}),
-        JobOutcome(1, ["noise=offset"], "7_1", log_files=[str(tmp_path / "7_1_0_log.out"), str(err)],
-                   error="Slurm job 7_1 ended without a result (squeue: OUT_OF_MEMORY)"),
+    finished = JobOutcome("FINISHED", "r0", final_loss=0.4)
+    jobs = [
+        SlurmJob(0, ["noise=none"], "7_0", job_return=_ret(JobStatus.COMPLETED, finished),
+                 status={"state": "running", "label": "v53", "run_id": "r0"}),
+        SlurmJob(1, ["noise=offset"], "7_1", log_files=[str(tmp_path / "7_1_0_log.out"), str(err)],
+                 error="Slurm job 7_1 ended without a result (squeue: OUT_OF_MEMORY)"),
     ]
-    for o in outcomes:
-        finalize(o)
-    text = summary(outcomes)
+    for job in jobs:
+        finalize(job)
+    text = summary(jobs)
     assert "Slurm sweep: 2 jobs: 1 FAILED, 1 FINISHED" in text
     assert "v53" in text and "r0" in text and "0.4000" in text
     assert "#1 noise=offset FAILED: Slurm job 7_1 ended without a result (squeue: OUT_OF_MEMORY)" in text
     assert f"log: {err}" in text and "| MemoryError" in text
-    returns = [to_job_return(o) for o in outcomes]
-    assert returns[0].status == JobStatus.COMPLETED and returns[0].return_value == 0.4
-    assert returns[1].status == JobStatus.FAILED and isinstance(returns[1]._return_value, JobDied)
-    assert "OUT_OF_MEMORY" in str(returns[1]._return_value)
-    assert '"state": "FAILED"' in summary_json(outcomes)
+    returns = [job_return(job) for job in jobs]
+    assert returns[0].status == JobStatus.COMPLETED and returns[0].return_value == finished
+    assert returns[1].status == JobStatus.FAILED and isinstance(returns[1]._return_value, JobFailed)
+    assert str(returns[1]._return_value) == ("job #1 (noise=offset, Slurm job 7_1) FAILED: Slurm job 7_1 ended "
+                                             "without a result (squeue: OUT_OF_MEMORY)")
+    assert '"state": "FAILED"' in summary_json(jobs) and '"final_loss": 0.4' in summary_json(jobs)
 
 
 def test_the_sweep_warns_when_the_tracking_store_is_not_a_server(monkeypatch, caplog):
@@ -163,12 +160,11 @@ def test_a_job_killed_on_a_cluster_without_accounting_fails_alone(slurm_cluster,
         jobs = executor.map_array(_task, [0, 1])
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    launcher = module.SlurmLauncher.__new__(module.SlurmLauncher)
-    launcher.status_dir = None
-    outcomes = launcher._wait_all(jobs, [["i=0"], ["i=1"]], 0)
-    assert [o.state for o in outcomes] == ["FINISHED", "FAILED"]
-    assert outcomes[0].job_return.return_value == 0
-    assert re.fullmatch(r"Slurm job \d+_1 ended without a result \(squeue: FAILED\)", outcomes[1].reason)
+    launcher = module.SlurmLauncher.__new__(module.SlurmLauncher)  # no sweep folder: no status files
+    judged = launcher._wait_all(jobs, [["i=0"], ["i=1"]], 0)
+    assert [j.state for j in judged] == ["FINISHED", "FAILED"]
+    assert judged[0].job_return.return_value == 0
+    assert re.fullmatch(r"Slurm job \d+_1 ended without a result \(squeue: FAILED\)", judged[1].reason)
 
 
 @pytest.mark.slow

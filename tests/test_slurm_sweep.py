@@ -7,9 +7,9 @@ One test, two sweeps, tiny settings (it is docs/sweeps.md's Slurm section, run):
    saves a state and stops, submitit requeues it, and it resumes in the same MLflow run to the last step. Both
    runs are children of the sweep's parent run on the server, the latent cache is shared (each image encoded once
    across the array), the report is written and logged on the parent.
-2. The same sweep grown by `noise=multires` with an injected fault (`train.debug_fault=nan_loss@1`, left out of the
-   config hash): the two finished configs are skipped, the new job fails alone, with its reason on its run and in
-   the summary, and the sweep exits non-zero.
+2. The same sweep grown by `noise=multires`, whose job gets a NaN loss at step 1 (tests/apps/faults, a Hydra
+   callback that patches the job's process on the node): the two finished configs are skipped, the new job fails
+   alone, with its reason on its run and in the summary, and the sweep exits non-zero.
 Skipped with the reason where Slurm cannot run (see cluster_fixtures.slurm_unavailable). About 2 minutes on 2 cores.
 """
 
@@ -26,7 +26,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from hydra_plugins._job_outcome import read_status, status_path
 from lora_sweep.data.photos import PHOTOS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "faults"))
+from fault_hook import FOLDER, fault_overrides  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +43,7 @@ def run_sweep(cluster, server, work: Path, sweep_dir: Path, *overrides: str, dur
     """`python sweep.py -m ... hydra/launcher=submitit_slurm` with this cluster and server; `during(proc)` runs
     while it does. Returns (exit code, stdout + stderr)."""
     env = {**cluster.env, "MLFLOW_TRACKING_URI": server.uri, "LORA_SWEEP_CACHE_DIR": str(work / "cache"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(FOLDER)}
     gpus = [] if cluster.gpus else ["hydra.launcher.gpus_per_node=null"]
     command = [sys.executable, str(ROOT / "sweep.py"), "-m", *overrides, f"train.max_steps={STEPS}",
                "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
@@ -63,10 +67,7 @@ def run_sweep(cluster, server, work: Path, sweep_dir: Path, *overrides: str, dur
 
 
 def status(sweep_dir: Path, idx: int) -> dict:
-    try:
-        return json.loads((sweep_dir / ".slurm_status" / f"{idx}.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_status(status_path(sweep_dir, idx))
 
 
 def warn_job_mid_training(cluster, sweep_dir: Path, idx: int, at_step: int, found: dict):
@@ -137,7 +138,7 @@ def test_sweep_through_slurm_into_an_mlflow_server(slurm_cluster, mlflow_server,
     # The rerun, grown by one config that fails: finished configs are skipped, the failure stays alone.
     second = tmp_path / "sweep2"
     code, out = run_sweep(cluster, server, tmp_path, second, "noise=multires,none,offset",
-                          "train.debug_fault=nan_loss@1")
+                          *fault_overrides({0: "nan_loss@1"}))
     assert code == 1, out[-6000:]
     assert "Slurm sweep: 3 jobs: 1 FAILED, 2 SKIPPED" in out, out[-6000:]
     summary = {job["idx"]: job for job in json.loads((second / "slurm_summary.json").read_text())}

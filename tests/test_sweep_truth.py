@@ -19,6 +19,9 @@ from omegaconf import OmegaConf
 
 from lora_sweep.tracking.store import FAILURE, PID, ROLE
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "faults"))
+from fault_hook import FOLDER, fault_overrides  # noqa: E402
+
 NEGATIVE = "blurry, lowres/jpeg artifacts, " * 67  # 2,000+ characters, with '/' and spaces
 
 
@@ -44,12 +47,12 @@ def runs_by_role(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def failing_sweep(tmp_path_factory):
-    """Three jobs of one config, each with the 2,000-character negative prompt: one trains, one fails in its set-up
-    before its run exists (a failure no pre-flight can see), one goes NaN at step 1."""
+    """Three jobs (three seeds), each with the 2,000-character negative prompt: one trains, one fails in its set-up
+    before its run exists (a failure no pre-flight can see), one goes NaN at step 1 (tests/apps/faults)."""
     tmp_path = tmp_path_factory.mktemp("failing")
-    out = run_sweep(tmp_path, "-m", "train.max_steps=2", f"sampling.negative='{NEGATIVE}'",
-                    "train.debug_fault=null,setup_error,nan_loss@1", "sweep.skip_finished=false", "train.resume=never",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    out = run_sweep(tmp_path, "-m", "train.max_steps=2", f"sampling.negative='{NEGATIVE}'", "train.seed=1,2,3",
+                    *fault_overrides({1: "setup_error", 2: "nan_loss@1"}), "sweep.skip_finished=false",
+                    "train.resume=never", f"hydra.sweep.dir={tmp_path / 'sweep'}", PYTHONPATH=str(FOLDER))
     return tmp_path, out
 
 
@@ -59,11 +62,11 @@ def test_console_says_what_failed_once_without_tracebacks(failing_sweep):
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-4000:]
     assert "Traceback" not in text and "Error executing job" not in text
-    assert "(1) FAILED, 1 job: #1 train.debug_fault=setup_error" in out.stdout
-    assert "(2) FAILED, 1 job: #2 train.debug_fault=nan_loss@1" in out.stdout
+    assert "(1) FAILED, 1 job: #1 train.seed=2" in out.stdout
+    assert "(2) FAILED, 1 job: #2 train.seed=3" in out.stdout
     assert out.stdout.count("(1) FAILED") == 1 and out.stdout.count("(2) FAILED") == 1 and "(3) FAILED" not in text
     assert "see (1) below" in out.stdout and "see (2) below" in out.stdout  # the table points at the paragraphs
-    assert re.search(r"log #1: \S+/1_train\.debug_fault=setup_error/console\.log", out.stdout)
+    assert re.search(r"log #1: \S+/1_train\.seed=2/console\.log", out.stdout)
     assert "gpu_queue: 3 jobs: 0 running, 0 queued, 1 finished, 2 failed" in out.stdout
     assert "ended FAILED (1 finished, 2 failed of 3 jobs)" in text
 
@@ -72,14 +75,12 @@ def test_console_says_what_failed_once_without_tracebacks(failing_sweep):
 def test_a_2000_character_value_neither_breaks_folders_nor_names(failing_sweep):
     tmp_path, out = failing_sweep
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
-    assert folders == ["0_train.debug_fault=null", "1_train.debug_fault=setup_error",
-                       "2_train.debug_fault=nan_loss@1"]
+    assert folders == ["0_train.seed=1", "1_train.seed=2", "2_train.seed=3"]
     client, (parent,), runs = runs_by_role(tmp_path)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(children) == ["train.debug_fault=nan_loss@1", "train.debug_fault=null",
-                                "train.debug_fault=setup_error"]
-    done = children["train.debug_fault=null"]
-    assert done.info.status == "FINISHED" and done.data.tags["variant"] == "train.debug_fault=null"
+    assert sorted(children) == ["train.seed=1", "train.seed=2", "train.seed=3"]
+    done = children["train.seed=1"]
+    assert done.info.status == "FINISHED" and done.data.tags["variant"] == "train.seed=1"
     assert done.data.params["sampling.negative"] == NEGATIVE  # the whole value, under MLflow's limit
     assert f"sampling.negative='{NEGATIVE}'" in done.data.tags["lora_sweep.overrides"]
     config = Path(client.download_artifacts(done.info.run_id, "config.yaml", str(tmp_path)))
@@ -97,9 +98,9 @@ def test_mlflow_agrees_with_the_console(failing_sweep):
         ["3", "1", "2", "0", "0"]
     assert "2 of 3 jobs failed" in tags[FAILURE] and "set-up failed on purpose" in tags[FAILURE]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    early = children["train.debug_fault=setup_error"]  # failed before its own run existed: still a child run
+    early = children["train.seed=2"]  # failed before its own run existed: still a child run
     assert early.info.status == "FAILED" and "set-up failed on purpose" in early.data.tags[FAILURE]
-    nan = children["train.debug_fault=nan_loss@1"]
+    nan = children["train.seed=3"]
     assert nan.info.status == "FAILED" and "train/loss is nan at optimizer step 1" in nan.data.tags[FAILURE]
     assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # one job finished: a report
 

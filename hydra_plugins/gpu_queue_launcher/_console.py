@@ -17,7 +17,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from ._outcome import DONE_STATES, JobRecord, headline, log_tail, read_status
+from hydra_plugins._job_outcome import headline, log_tail, read_status
+
+from ._outcome import DONE_STATES, JobRecord
 from ._slots import Slot
 
 MAX_LOGS_LISTED = 5  # per failure paragraph; gpu_queue_summary.json lists every job's log
@@ -86,7 +88,7 @@ def event_line(record: JobRecord) -> str:
     if record.state not in DONE_STATES:
         return start_line(record)
     text = f"[{where}] {record.state} #{record.job.idx} {record.label}  {fmt_seconds(record.duration)}"
-    loss = record.status.get("final_loss", record.status.get("loss"))
+    loss = record.final_loss if record.final_loss is not None else record.status.get("loss")
     if loss is not None and record.state == "FINISHED":
         text += f"  loss {fmt_loss(loss)}"
     head = headline(record.reason)
@@ -140,7 +142,7 @@ def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
         note = (f"see ({number[id(r)]}) below" if id(r) in number else f"see ({skips_at}) below" if id(r) in skipped_ids
                 else shorten(headline(r.reason), 70))
         rows.append([str(r.job.idx), r.label[:48], r.state, r.slot.name if r.slot else "-", fmt_seconds(r.duration),
-                     fmt_loss(r.status.get("final_loss")), str(r.status.get("run_id") or "-"), note])
+                     fmt_loss(r.final_loss), str(r.run_id or r.status.get("run_id") or "-"), note])
     lines = ["", counts_line(records), *("  " + line for line in _table(rows))]
     for i, (reason, members) in enumerate(groups, 1):
         lines += ["", *failure_paragraph(i, reason, members, tail_lines)]

@@ -16,6 +16,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from hydra_plugins._job_outcome import describe_exit
+
 from . import _proc
 
 
@@ -63,7 +65,7 @@ class ForkServerPool:
         try:
             return self.conn.recv()["report"]
         except (EOFError, OSError):
-            raise PoolDied(f"the fork server exited ({_proc.describe_exit(self.proc.wait())}) before it was "
+            raise PoolDied(f"the fork server exited ({describe_exit(self.proc.wait())}) before it was "
                            f"ready; its output is in {self.log_path}") from None
 
     def alive(self) -> bool:
@@ -93,7 +95,7 @@ class ForkServerPool:
             raise self._died() from None
 
     def _died(self) -> PoolDied:
-        return PoolDied(f"the fork server died ({_proc.describe_exit(self.proc.wait())}); see {self.log_path}")
+        return PoolDied(f"the fork server died ({describe_exit(self.proc.wait())}); see {self.log_path}")
 
     def close(self) -> None:
         """Stop the server (it kills any job still running) and wait for it; safe to call twice."""

@@ -84,16 +84,3 @@ def kill_group(pgid: int, sig: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
-
-
-def describe_exit(returncode: int) -> str:
-    """'exit code 3' / 'killed by SIGKILL (9)', with the usual cause of a SIGKILL nobody asked for."""
-    if returncode >= 0:
-        return f"exit code {returncode}"
-    sig = -returncode
-    try:
-        name = signal.Signals(sig).name
-    except ValueError:
-        name = f"signal {sig}"
-    hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if sig == signal.SIGKILL else ""
-    return f"killed by {name} ({sig}){hint}"

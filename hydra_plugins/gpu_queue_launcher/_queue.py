@@ -16,8 +16,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hydra_plugins._job_outcome import read_status
+
 from ._console import Console
-from ._outcome import JobRecord, finalize, read_status
+from ._outcome import JobRecord, finalize
 from ._pools import PoolDied
 from ._slots import Slot
 

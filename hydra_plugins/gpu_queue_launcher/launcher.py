@@ -1,8 +1,9 @@
 """GpuQueueLauncher: Hydra's Launcher interface over the slot queue (see the package docstring for the protocols).
 
 launch() prepares every job of the batch (its composed config and job directory, as Hydra's basic launcher does),
-starts the fork server once per launcher (kept for later batches, stopped at exit), runs the queue, prints the
-summary, writes `<sweep dir>/gpu_queue_summary.json`, and hands Hydra one JobReturn per job.
+starts the fork server once per launcher (kept for later batches, stopped at exit), runs the queue, writes the
+verdict of each job that could not say how it ended into its status file, prints the summary, writes
+`<sweep dir>/gpu_queue_summary.json`, and hands Hydra one JobReturn per job.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hydra_plugins._job_outcome import STATUS_ENV, headline, record_verdict, status_path, to_job_return
+
 from ._slots import check_choices, plan_slots
 
 log = logging.getLogger(__name__)
-STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
 
 
 def short_label(overrides: Sequence[str], value_chars: int = 32, total_chars: int = 100) -> str:
@@ -75,7 +77,7 @@ class GpuQueueLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from ._console import Console, summary
-        from ._outcome import JobRecord, to_job_return
+        from ._outcome import JobRecord
         from ._queue import run_queue
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -97,6 +99,9 @@ class GpuQueueLauncher(Launcher):
         interrupted = run_queue(records, slots, pool, console, start=lambda r: self._start(pool, r),
                                 kill_grace_s=self.kill_grace_s)
         console.close()
+        for r in records:
+            if r.job_return is None:  # it died, was killed or never started: it could not say how it ended
+                record_verdict(r.job.status_path, r.outcome())
         self._records += records
         self._write_summary(sweep_dir / "gpu_queue_summary.json", pool, interrupted)
         sys.stdout.write(summary(records, self.log_tail_lines))
@@ -106,7 +111,9 @@ class GpuQueueLauncher(Launcher):
             raise SystemExit(130)  # like a shell after Ctrl-C; the table above says what happened
         unfinished = sum(r.state not in ("FINISHED", "SKIPPED") for r in records)
         note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
-        return [to_job_return(r, note) for r in records]
+        return [to_job_return(r.outcome(), r.job_return, overrides=r.job.overrides, working_dir=str(r.job.job_dir),
+                              message=f"job #{r.job.idx} ({r.label}) {r.state}: {headline(r.reason)}{note}")
+                for r in records]
 
     def _prepare(self, overrides: list[str], idx: int, work_dir: Path, common: set) -> Any:
         """Compose the job's config and find its directory, exactly as run_job will in the job process."""
@@ -141,7 +148,8 @@ class GpuQueueLauncher(Launcher):
             payload = cloudpickle.dumps(job)
         label = short_label([o for o in filter_overrides(overrides) if o not in common]) or f"job {idx}"
         return Job(idx=idx, overrides=overrides, label=label, job_dir=job_dir, spec_path=work_dir / f"{idx}.spec",
-                   result_path=work_dir / f"{idx}.result", payload=payload, sweep_config=sweep_config)
+                   result_path=work_dir / f"{idx}.result", status_path=status_path(work_dir.parent, idx),
+                   payload=payload, sweep_config=sweep_config)
 
     def _start(self, pool: Any, record: Any) -> None:
         """Write the job's spec (environment pinned to its slot) and hand it to the pool."""
@@ -149,6 +157,7 @@ class GpuQueueLauncher(Launcher):
 
         job = record.job
         job.job_dir.mkdir(parents=True, exist_ok=True)
+        job.status_path.parent.mkdir(parents=True, exist_ok=True)
         for stale in (job.status_path, job.result_path):
             stale.unlink(missing_ok=True)
         env = {**os.environ, **record.slot.env(), STATUS_ENV: str(job.status_path)}
@@ -197,7 +206,7 @@ class GpuQueueLauncher(Launcher):
             "user_error": r.user_error,
             "slot": r.slot.index if r.slot else None, "device": r.slot.device if r.slot else None,
             "pid": r.pid, "returncode": r.returncode, "duration_s": r.duration,
-            "final_loss": _json_number(r.status.get("final_loss")), "run_id": r.status.get("run_id"),
+            "final_loss": _json_number(r.final_loss), "run_id": r.run_id or r.status.get("run_id"),
             "job_dir": str(r.job.job_dir), "log": str(r.job.log_path), "slot_free_at": r.slot_free_at,
             "dispatched_at": r.dispatched_at, "started_at": r.started_at, "ended_at": r.ended_at,
         } for r in self._records]

@@ -15,15 +15,17 @@ with submitit 1.5.4, tests/test_slurm_sweep.py):
    a final state, without a result after a grace period is FAILED with that state. submitit's repeated
    "Bypassing sacct error" warning is shown once.
 3. **A summary.** The sweep ends with a table (variant, status, Slurm job id, MLflow run, note), each failure's
-   reason with its log files and their tail, and `<sweep dir>/slurm_summary.json`. It reads the status-file
-   protocol of the local queue (hydra_plugins/gpu_queue_launcher: env `GPU_QUEUE_STATUS_FILE`, a JSON object with
-   `state` finished | failed | skipped | killed, `label`, `reason`, `run_id`, `final_loss`); a job that ignores it
-   is judged by its return value alone.
+   reason with its log files and their tail, and `<sweep dir>/slurm_summary.json`. Jobs speak the local queue's
+   protocols (hydra_plugins/gpu_queue_launcher): the outcome the task function returns or raises, judged by the
+   same verdict (hydra_plugins/_job_outcome.py), and the status file (env `GPU_QUEUE_STATUS_FILE`, at
+   `<sweep dir>/.job_status/<job number>.json`) for the label and run of a job that died, whose verdict the
+   launcher writes there.
 4. **The time-limit warning stops training cleanly before submitit requeues.** submitit asks sbatch for
    `--signal=USR2@signal_delay_s` and, on USR2, checkpoints and requeues from inside the signal handler, in the
    middle of a training step: the run ended FAILED ("UncompletedJobError: Job not requeued because: timed-out too
    many times") and the steps since the last periodic state were lost. Here USR2 is forwarded as SIGTERM to the
-   training loop, which finishes its step, saves a training state and ends its run KILLED; only then does
-   submitit's own handler run: with `max_num_timeout` > 0 (or on preemption) it requeues the job, which resumes
-   from that state in the same MLflow run; otherwise the job is reported KILLED and rerunning the sweep resumes it.
+   training loop, which finishes its step, saves a training state and ends its run KILLED; only then (the job's
+   outcome says KILLED) does submitit's own handler run: with `max_num_timeout` > 0 (or on preemption) it requeues
+   the job, which resumes from that state in the same MLflow run; otherwise the job is reported KILLED and rerunning
+   the sweep resumes it.
 """

@@ -25,16 +25,9 @@ from hydra.core.utils import JobReturn
 from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
-from ._outcome import (
-    FINAL_SLURM_STATES,
-    STATUS_ENV,
-    JobOutcome,
-    finalize,
-    read_status,
-    summary,
-    summary_json,
-    to_job_return,
-)
+from hydra_plugins._job_outcome import STATUS_ENV, read_status, record_verdict, status_path, verdict
+
+from ._outcome import FINAL_SLURM_STATES, SlurmJob, finalize, job_return, summary, summary_json
 
 log = logging.getLogger(__name__)
 NO_RESULT_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared FS)
@@ -124,14 +117,14 @@ def submit_error(exc: BaseException, jobs: int, params: dict[str, Any], folder: 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher: same settings, every job awaited, a summary, clean preemption."""
 
-    status_dir: str | None = None  # set by launch() before the launcher is pickled for the jobs
+    sweep_dir: str | None = None  # set by launch() before the launcher is pickled for the jobs
 
     # ------------------------------------------------------------------------------------------ on the node
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict[type, Singleton]) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
 
-        status_file = Path(self.status_dir) / f"{job_num}.json" if self.status_dir else None
+        status_file = status_path(self.sweep_dir, job_num) if self.sweep_dir else None
         if status_file is not None:
             os.environ[STATUS_ENV] = str(status_file)
         warning = _warning_signal()
@@ -154,7 +147,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
         finally:
             signal.signal(warning, submitit_handler)
-        if warned and callable(submitit_handler) and read_status(status_file).get("state") == "killed":
+        if warned and callable(submitit_handler) and verdict(ret).status == "KILLED":
             try:  # submitit's own decision now that a state is saved: requeue (then exit) or not
                 submitit_handler(warning, None)
             except UncompletedJobError as exc:
@@ -184,8 +177,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        self.status_dir = str(sweep_dir / ".slurm_status")
-        Path(self.status_dir).mkdir(exist_ok=True)
+        self.sweep_dir = str(sweep_dir.absolute())
+        status_path(sweep_dir, 0).parent.mkdir(exist_ok=True)
         executor = self._executor()
         args = []
         for i, overrides in enumerate(job_overrides):
@@ -206,19 +199,22 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                                                     folder.parent if "%" in folder.name else folder)) from None
             log.info("Slurm job array %s: %d jobs (at most %s at once); job logs in %s", jobs[0].job_id.split("_")[0],
                      len(jobs), self.params.get("array_parallelism"), jobs[0].paths.folder)
-            outcomes = self._wait_all(jobs, [list(o) for o in job_overrides], initial_job_idx)
+            judged = self._wait_all(jobs, [list(o) for o in job_overrides], initial_job_idx)
         finally:
             logging.getLogger("submitit").removeFilter(quiet)
-        text = summary(outcomes)
+        for one in judged:
+            if one.job_return is None:  # it died: it could not say how it ended
+                record_verdict(status_path(sweep_dir, one.idx), one.outcome)
+        text = summary(judged)
         log.info("%s", text)
-        (sweep_dir / "slurm_summary.json").write_text(summary_json(outcomes))
-        return [to_job_return(o) for o in outcomes]
+        (sweep_dir / "slurm_summary.json").write_text(summary_json(judged))
+        return [job_return(one) for one in judged]
 
-    def _wait_all(self, jobs: Sequence[Any], overrides: list[list[str]], first_idx: int) -> list[JobOutcome]:
-        """Every job's outcome, however it ended; a job Slurm no longer runs and that left no result within
+    def _wait_all(self, jobs: Sequence[Any], overrides: list[list[str]], first_idx: int) -> list[SlurmJob]:
+        """Every job's verdict, however it ended; a job Slurm no longer runs and that left no result within
         NO_RESULT_GRACE_S is FAILED with its last Slurm state."""
-        outcomes = [JobOutcome(first_idx + i, overrides[i], job.job_id,
-                               [str(job.paths.stdout), str(job.paths.stderr)]) for i, job in enumerate(jobs)]
+        judged = [SlurmJob(first_idx + i, overrides[i], job.job_id, [str(job.paths.stdout), str(job.paths.stderr)])
+                  for i, job in enumerate(jobs)]
         open_jobs = dict(enumerate(jobs))
         ended_at: dict[int, tuple[float, str]] = {}
         next_squeue = time.monotonic() + SQUEUE_EVERY_S
@@ -226,7 +222,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         while open_jobs:
             for i, job in list(open_jobs.items()):
                 if job.done():
-                    self._collect(job, outcomes[i])
+                    self._collect(job, judged[i])
                     del open_jobs[i]
             if open_jobs and time.monotonic() >= next_squeue:
                 next_squeue = time.monotonic() + SQUEUE_EVERY_S
@@ -238,21 +234,20 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                         continue
                     since, _ = ended_at.setdefault(i, (time.monotonic(), state))
                     if time.monotonic() - since >= NO_RESULT_GRACE_S and not job.paths.result_pickle.exists():
-                        outcomes[i].error = f"Slurm job {job.job_id} ended without a result (squeue: {state})"
+                        judged[i].error = f"Slurm job {job.job_id} ended without a result (squeue: {state})"
                         del open_jobs[i]
             time.sleep(1.0)
-        for outcome in outcomes:
-            outcome.status = read_status(Path(self.status_dir or ".") / f"{outcome.idx}.json") if self.status_dir \
-                else {}
-            finalize(outcome)
-        return outcomes
+        for one in judged:
+            one.status = read_status(status_path(self.sweep_dir, one.idx)) if self.sweep_dir else {}
+            finalize(one)
+        return judged
 
     @staticmethod
-    def _collect(job: Any, outcome: JobOutcome) -> None:
+    def _collect(job: Any, judged: SlurmJob) -> None:
         try:
-            outcome.job_return = job.results()[0]
+            judged.job_return = job.results()[0]
         except Exception as exc:  # submitit: no result (died), or the job raised outside Hydra's run_job
             text = str(exc).strip()
-            outcome.error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            judged.error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
             if "has not produced any output" in text:
-                outcome.error = f"Slurm job {job.job_id} {text.splitlines()[1].strip()}"
+                judged.error = f"Slurm job {job.job_id} {text.splitlines()[1].strip()}"

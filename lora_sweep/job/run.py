@@ -7,7 +7,8 @@ MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stoppe
 without its LoRA files; only a SIGKILL leaves it RUNNING, until a later sweep or run on the same host sees its
 process gone and marks it KILLED (`store.close_stale_runs`), and the next run of its config continues it from its
 newest state (if it saved one). A job of a sweep that fails before its run exists (a set-up failure) still gets a
-FAILED child run carrying the reason; every job of a sweep records its outcome in the sweep folder for the parent run.
+FAILED child run carrying the reason. Each outcome is written once: on the job's MLflow run, or, for a job without a
+run of its own (skipped: the run it matched; stopped or failed before a run could be created), in its status file.
 
 Set-up, in order: the job's inputs (`inputs.read_inputs`: the dataset scanned and the prompts parsed once, for the
 fingerprint, training and the run's warnings; the pre-flight checked them in the launching process, and is not
@@ -24,7 +25,6 @@ logged twice. train.resume=PATH: that state, in its own run if it is that run's 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import subprocess
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra_plugins._job_outcome import JobOutcome
 from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.folders import check_job_folders, check_writable
@@ -43,7 +44,7 @@ from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.finished import dataset_of, finished_match, skip_key
 from lora_sweep.job.inputs import JobInputs, read_inputs
 from lora_sweep.job.names import read_swept_keys, run_label
-from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, write_outcome
+from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, status_file_path
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
@@ -58,16 +59,6 @@ from lora_sweep.training.checkpoint import (
 from lora_sweep.training.failures import failure_reason
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JobOutcome:
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED
-    run_id: str | None
-    reason: str = ""
-    final_loss: float | None = None
-    files: dict | None = None
-    user_error: bool = False  # the reason is a message for the user (no traceback needed)
 
 
 def git_commit() -> str:
@@ -102,41 +93,38 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
 
     Set-up (config, paths, tracking store, the config's lock, skip-finished) runs before any run exists; a failure
     there is raised (a UserError, or the bug's own exception) after being recorded: in a sweep, as a FAILED child
-    run of the sweep's parent carrying the reason, and in the sweep folder (`status.write_outcome`, job `job_num`).
-    A failure during training is returned as a FAILED outcome, its run FAILED with the reason. `tags` are added to
-    the run's tags (sweep.py adds the Hydra job number and group choices the report orders and compares by)."""
+    run of the sweep's parent carrying the reason, else (or if that fails) in the job's status file.
+    A failure during training is returned as a FAILED outcome, its run FAILED with the reason; an interrupt, as a
+    KILLED one (before training: without a run). `tags` are added to the run's tags (sweep.py adds the Hydra job
+    number and group choices the report orders and compares by)."""
     make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
     extra_tags = dict(tags or {})
     swept = read_swept_keys(sweep_dir)
     label = run_label(cfg.tracking.variant, overrides, swept)  # run name, `variant` tag, the queue's label
-    status = StatusFile(label)
+    status = StatusFile(label, status_file_path(sweep_dir, job_num))
     status.update(force=True)  # the queue names the job by its run name from its "started" line on
-    record = functools.partial(write_outcome, sweep_dir, job_num, label=label)
     with contextlib.ExitStack() as held:
         found: dict[str, Any] = {"extra_tags": extra_tags}
         try:
             ready = _set_up(cfg, Path(output_dir), sweep_dir, label, status, held, found)
         except KeyboardInterrupt:
-            status.update(force=True, state="killed", reason="interrupted before training started")
-            record(status="KILLED", reason="interrupted before training started")
-            raise
+            reason = "interrupted before training started"
+            log.warning("stopped: %s", reason)
+            status.update(force=True, state="killed", reason=reason)
+            return JobOutcome("KILLED", None, reason=reason)
         except Exception as exc:
             _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
-                               overrides=overrides, found=found, record=record)
+                               overrides=overrides, found=found)
             raise
-        if isinstance(ready, JobOutcome):
-            record(status=ready.status, reason=ready.reason, run_id=ready.run_id)
+        if isinstance(ready, JobOutcome):  # SKIPPED: written in its status file
             return ready
         try:
-            outcome = _train_in_run(cfg, ready, label=label, status=status, output_dir=Path(output_dir),
-                                    sweep_dir=sweep_dir, overrides=overrides, extra_tags=extra_tags)
+            return _train_in_run(cfg, ready, label=label, status=status, output_dir=Path(output_dir),
+                                 sweep_dir=sweep_dir, overrides=overrides, extra_tags=extra_tags)
         except Exception as exc:  # the run could not even be created (the store went away): as in set-up
             _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
-                               overrides=overrides, found=found, record=record)
+                               overrides=overrides, found=found)
             raise
-    record(status=outcome.status, reason=outcome.reason, run_id=outcome.run_id, user_error=outcome.user_error,
-           final_loss=outcome.final_loss)
-    return outcome
 
 
 def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: StatusFile,
@@ -264,10 +252,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             logger.log_params({"data.warnings": len(checked.fallbacks)})
         except Exception as exc:  # noqa: BLE001  (the run must still be closed)
             log.warning("could not log data.warnings: %s", exc)
-        spilled = logger.end(outcome.status, outcome.reason or None)
-        status.update(force=True, state={"FINISHED": "finished", "KILLED": "killed"}.get(outcome.status, "failed"),
-                      reason=_status_reason(outcome.reason, outcome.user_error), user_error=outcome.user_error,
-                      final_loss=outcome.final_loss, **({"mlflow_pending": str(spilled)} if spilled else {}))
+        logger.end(outcome.status, outcome.reason or None)  # the job's record
     _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
     return outcome
 
@@ -310,19 +295,20 @@ def _status_reason(reason: str, user_error: bool) -> str:
 
 
 def _failed_before_run(cfg, exc: BaseException, *, label: str, status: StatusFile, output_dir: Path,
-                       sweep_dir: Path | None, overrides: list[str] | None, found: dict[str, Any], record) -> None:
-    """A job that failed before its MLflow run existed: in a sweep, a FAILED child run of the parent carrying the
-    reason (so MLflow shows every job of the sweep); always the status file and the sweep folder's outcome."""
+                       sweep_dir: Path | None, overrides: list[str] | None, found: dict[str, Any]) -> None:
+    """Record a job that failed before its MLflow run existed: in a sweep, as a FAILED child run of the parent
+    carrying the reason (so MLflow shows every job of the sweep; its id goes in the status file); without one, in
+    the status file."""
     user_error = isinstance(exc, UserError)
     reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
     run_id = None
-    parent = _parent_run_id(sweep_dir)
-    if parent:
+    if _parent_run_id(sweep_dir):
         run_id = _record_failed_run(cfg, reason, label=label, output_dir=output_dir, sweep_dir=sweep_dir,
                                     overrides=overrides, found=found)
-    status.update(force=True, state="failed", reason=_status_reason(reason, user_error), user_error=user_error,
-                  **({"run_id": run_id} if run_id else {}))
-    record(status="FAILED", reason=reason, run_id=run_id, user_error=user_error)
+    if run_id:
+        status.update(force=True, run_id=run_id)
+    else:
+        status.update(force=True, state="failed", reason=_status_reason(reason, user_error), user_error=user_error)
 
 
 def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_dir: Path | None,

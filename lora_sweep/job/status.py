@@ -1,10 +1,9 @@
-"""What a job reports about itself: to the gpu_queue launcher while it runs, to the sweep's parent run when it ends.
+"""What a job reports about itself while it runs: the job's side of the launchers' protocols
+(hydra_plugins/gpu_queue_launcher).
 
-The job's side of the queue's protocols (hydra_plugins/gpu_queue_launcher): its status file (`StatusFile`: state,
-label, progress, reason, `user_error`, `note`), the trainer's sink (`JobSink`), and the stop-on-signal handler
-(`StopOnSignal`). And each job's outcome (status, reason, run id, label) in the sweep folder,
-`.lora_sweep/jobs/<job number>.json` (`write_outcome`), so the parent run can count finished / failed / skipped
-jobs, including those that failed before a run existed.
+Its status file (`StatusFile`, at `status_file_path`: label, progress, note, run id; the end of a job that has no
+MLflow run of its own: skipped, or stopped or failed before one existed), the trainer's sink (`JobSink`), and the
+stop-on-signal handler (`StopOnSignal`).
 """
 
 from __future__ import annotations
@@ -18,18 +17,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra_plugins._job_outcome import STATUS_ENV, status_path
 from lora_sweep.atomic import write_text
-from lora_sweep.job.names import state_folder
 
 log = logging.getLogger(__name__)
-STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
+
+
+def status_file_path(sweep_dir: Path | None, job_num: int | None) -> Path | None:
+    """Where this job keeps its status file: where its launcher says (`STATUS_ENV`: the gpu_queue, Slurm), else,
+    in a sweep (Ray, the basic launcher), the same place from its sweep folder and job number; None in a single
+    run that no launcher watches."""
+    given = os.environ.get(STATUS_ENV)
+    if given:
+        return Path(given)
+    return status_path(sweep_dir, job_num) if sweep_dir is not None and job_num is not None else None
 
 
 class StatusFile:
-    """The queue's view of this job (see hydra_plugins/gpu_queue_launcher): rewritten atomically, at most 2x/s."""
+    """The launcher's view of this job (see hydra_plugins/gpu_queue_launcher): rewritten atomically, at most 2x/s."""
 
-    def __init__(self, label: str):
-        self.path = os.environ.get(STATUS_ENV)
+    def __init__(self, label: str, path: Path | None = None):
+        self.path = path
         self.state = {"state": "running", "label": label}
         self._last = 0.0
 
@@ -106,27 +114,3 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-def write_outcome(sweep_dir: Path | None, job_num: int | None, **outcome: Any) -> None:
-    """Record a job's end (status FINISHED | FAILED | KILLED | SKIPPED, reason, run_id, label, user_error) where
-    the sweep's parent run will read it. Never raises: bookkeeping must not fail a job."""
-    if sweep_dir is None or job_num is None:
-        return
-    try:
-        write_text(state_folder(sweep_dir) / "jobs" / f"{int(job_num)}.json",
-                   json.dumps({"job": int(job_num), **outcome}, default=str))
-    except OSError:
-        pass
-
-
-def read_outcomes(sweep_dir: Path) -> dict[int, dict[str, Any]]:
-    """Every job outcome recorded in the sweep folder, by job number."""
-    found: dict[int, dict[str, Any]] = {}
-    for path in sorted((state_folder(sweep_dir) / "jobs").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-            found[int(data["job"])] = data
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return found

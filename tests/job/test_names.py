@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from conftest import compose_config
 
 from lora_sweep.job import names, status
@@ -75,13 +73,15 @@ def test_a_jobs_label_is_its_experiments_variant_or_its_overrides():
     assert names.run_label(compose_config().tracking.variant, ["noise=ip", "tracking.uri=x"]) == "noise=ip"
 
 
-def test_outcomes_round_trip_and_never_raise(tmp_path):
-    status.write_outcome(tmp_path, 2, status="FAILED", reason="bad", label="x", user_error=True)
-    status.write_outcome(tmp_path, 0, status="FINISHED", run_id="r0", label="y")
-    status.write_outcome(None, 1, status="FINISHED")  # outside a sweep: nothing, no error
-    outcomes = status.read_outcomes(tmp_path)
-    assert sorted(outcomes) == [0, 2] and outcomes[2]["user_error"] and outcomes[0]["run_id"] == "r0"
-    if os.geteuid() != 0:
-        (tmp_path / names.STATE_DIR / "jobs").chmod(0o500)
-        status.write_outcome(tmp_path, 3, status="FAILED")  # unwritable: swallowed
-        (tmp_path / names.STATE_DIR / "jobs").chmod(0o700)
+def test_a_jobs_status_file_is_where_its_launcher_says_else_in_its_sweep_folder(tmp_path, monkeypatch):
+    from hydra_plugins._job_outcome import STATUS_ENV, read_statuses
+
+    monkeypatch.delenv(STATUS_ENV, raising=False)
+    assert status.status_file_path(None, None) is None  # a single run nobody watches
+    assert status.status_file_path(tmp_path, 2) == tmp_path / ".job_status" / "2.json"  # e.g. under Ray
+    job = status.StatusFile("x", status.status_file_path(tmp_path, 2))
+    job.update(force=True, state="skipped", run_id="r0", reason="already FINISHED")
+    assert read_statuses(tmp_path) == {2: {"state": "skipped", "label": "x", "run_id": "r0",
+                                           "reason": "already FINISHED"}}
+    monkeypatch.setenv(STATUS_ENV, str(tmp_path / "given.json"))
+    assert status.status_file_path(tmp_path, 2) == tmp_path / "given.json"

@@ -15,11 +15,11 @@ from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from hydra_plugins._job_outcome import read_status, status_path
 from lora_sweep.config import config_hash
 from lora_sweep.errors import UserError
 from lora_sweep.job.names import write_swept_keys
 from lora_sweep.job.run import run_job
-from lora_sweep.job.status import read_outcomes
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.tracking.store import FAILURE, PARENT_FILE, PID, ROLE, experiment_id
 
@@ -40,13 +40,13 @@ def make_dataset(folder: Path, seed: int, caption: str = "a photo of a thing") -
     return folder
 
 
-def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_path, mlflow_uri, monkeypatch):
-    """The set-up fails after its checks and before the job's run exists (as a state folder lost between the checks
-    and the resume plan would): the sweep still gets a FAILED child run carrying the reason, and the job's outcome."""
-    def lost(*args, **kwargs):
-        raise UserError("train.resume: the state folder went away during the set-up")
+def fail_set_up(*args, **kwargs):
+    raise UserError("this job's set-up failed on purpose")
 
-    monkeypatch.setattr("lora_sweep.job.run.plan_resume", lost)
+
+def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_path, mlflow_uri, monkeypatch):
+    """A failure after the checks and before the run exists (here the resume plan raises): a FAILED child run of
+    the sweep carries it, and the job's status file names that run; without a parent, the status file says it."""
     client = MlflowClient(mlflow_uri)
     exp = experiment_id(client, "lora-sweep")
     parent = client.create_run(exp, run_name="sweep", tags={ROLE: "sweep"}).info.run_id
@@ -55,17 +55,25 @@ def test_a_set_up_failure_in_a_sweep_is_a_failed_child_run_with_its_reason(tmp_p
     (sweep_dir / PARENT_FILE).write_text(parent)
     write_swept_keys(sweep_dir, ["train.seed"])
     overrides = ["train.seed=7", "train.max_steps=1"]
-    with pytest.raises(UserError, match="went away during the set-up"):
+    monkeypatch.setattr("lora_sweep.job.run.plan_resume", fail_set_up)
+    with pytest.raises(UserError, match="failed on purpose"):
         run_job(tiny(tmp_path, *overrides), output_dir=sweep_dir / "3_x", sweep_dir=sweep_dir, overrides=overrides,
                 job_num=3)
     (run,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
     assert run.info.status == "FAILED" and run.info.run_name == "train.seed=7"
-    assert "the state folder went away during the set-up" in run.data.tags[FAILURE]
+    assert "set-up failed on purpose" in run.data.tags[FAILURE]
     assert run.data.tags["lora_sweep.overrides"] == " ".join(overrides)
     assert run.data.tags[PID] and run.data.params["train.max_steps"] == "1"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    outcome = read_outcomes(sweep_dir)[3]
-    assert outcome["status"] == "FAILED" and outcome["run_id"] == run.info.run_id and outcome["user_error"]
+    status = read_status(status_path(sweep_dir, 3))  # no launcher gave it a path: it keeps its own there
+    assert status["label"] == "train.seed=7" and status["run_id"] == run.info.run_id and "reason" not in status
+
+    (sweep_dir / PARENT_FILE).unlink()  # no parent run to hang a FAILED run on: the status file is the record
+    with pytest.raises(UserError):
+        run_job(tiny(tmp_path, *overrides), output_dir=sweep_dir / "4_x", sweep_dir=sweep_dir, overrides=overrides,
+                job_num=4)
+    status = read_status(status_path(sweep_dir, 4))
+    assert status["state"] == "failed" and "failed on purpose" in status["reason"] and status["user_error"]
 
 
 def test_skip_finished_keys_on_the_dataset_not_only_the_config(tmp_path, mlflow_uri, monkeypatch, caplog):

@@ -135,8 +135,8 @@ def test_out_of_memory_fails_the_job_with_the_memory_knobs_and_returns(tmp_path,
     for knob in ("precision=fp8", "train.gradient_checkpointing=true", "train.batch_size=1 train.grad_accum=2"):
         assert knob in outcome.reason
     assert "The last saved state is kept (" in outcome.reason and "state-step00000001.pt)" in outcome.reason
-    status = json.loads(status_file.read_text())
-    assert status["state"] == "failed" and "out of memory" in status["reason"]
+    status = json.loads(status_file.read_text())  # live progress; the run (below) is the record of the failure
+    assert status["run_id"] == outcome.run_id and "reason" not in status
     run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
     assert run.info.status == "FAILED" and "gradient_checkpointing" in run.data.tags["lora_sweep.failure"]
 

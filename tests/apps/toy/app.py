@@ -1,12 +1,13 @@
 """A toy Hydra app for the launcher tests: a pretend training that knows nothing of launchers.
 
 It records where and when it ran (records/<label>.json: pid, CUDA_VISIBLE_DEVICES, slot, entered/returned times),
-keeps the queue's status file, stops cleanly on the first SIGINT (state "killed"), and fails on demand: `fail=true`
-(with `fail_mode`), or per label while `<fail_dir>/<label>.fail` exists (its text is the mode). Modes: raise,
-signal (SIGKILL itself, like the OOM killer), nan (writes state "failed" and returns normally), exit (os._exit(3)),
-sysexit (sys.exit(1)).
-A finished config leaves done/<hash>; with skip_finished the next sweep reports it "skipped", as the real job
-does with MLflow. Run with the repository root on PYTHONPATH so Hydra finds hydra_plugins.gpu_queue_launcher.
+keeps the launchers' status file (hydra_plugins/_job_outcome.py), hands its outcome to the launcher as a job of
+lora-sweep does (returns a JobOutcome, or raises JobNotFinished carrying one), stops cleanly on the first SIGINT
+(KILLED), and fails on demand: `fail=true` (with `fail_mode`), or per label while `<fail_dir>/<label>.fail` exists
+(its text is the mode). Modes: raise, signal (SIGKILL itself, like the OOM killer), nan (a FAILED outcome, the
+user's error), exit (os._exit(3)), sysexit (sys.exit(1)).
+A finished config leaves done/<hash>; with skip_finished the next sweep reports it SKIPPED, as the real job does
+with MLflow. Run with the repository root on PYTHONPATH so Hydra finds hydra_plugins.gpu_queue_launcher.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 from toy_setup import setup
+
+from hydra_plugins._job_outcome import JobNotFinished, JobOutcome
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -49,22 +52,24 @@ def fail_mode(cfg: DictConfig) -> str | None:
     return (marker.read_text().strip() or "raise") if marker.exists() else None
 
 
-def fail_now(mode: str, status: Status, step: int) -> None:
+def fail_now(mode: str, status: Status, step: int) -> JobOutcome | None:
     if mode == "raise":
         raise RuntimeError(f"toy job {status.data['label']} asked to fail at step {step}")
     if mode == "signal":
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "nan":
         status.update(state="failed", loss=float("nan"), reason=f"loss is NaN at step {step}")
+        return JobOutcome("FAILED", reason=f"loss is NaN at step {step}", user_error=True)
     if mode == "exit":
         sys.stdout.flush()
         os._exit(3)
     if mode == "sysexit":
         sys.exit(1)
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="toy")
-def main(cfg: DictConfig) -> str:
+def main(cfg: DictConfig) -> JobOutcome:
     entered = time.time()
     record_dir = Path(cfg.record_dir)
     (record_dir / "records").mkdir(parents=True, exist_ok=True)
@@ -77,9 +82,22 @@ def main(cfg: DictConfig) -> str:
     config_hash = hashlib.sha1(f"{label}/{cfg.steps}".encode()).hexdigest()[:10]
     done = record_dir / "done" / config_hash
     if cfg.skip_finished and done.exists():
-        status.update(state="skipped", run_id=done.read_text(), reason=f"config {config_hash} already finished")
-        return "skipped"
+        reason = f"config {config_hash} already finished"
+        status.update(state="skipped", run_id=done.read_text(), reason=reason)
+        return JobOutcome("SKIPPED", done.read_text(), reason)
+    outcome = train(cfg, status, entered)
+    if outcome.status == "FINISHED":
+        done.write_text(outcome.run_id)
+    record.update(returned=time.time(), result=outcome.status.lower())
+    write_json(record_dir / "records" / f"{label}.json", record)
+    print(f"toy {label}: {outcome.status.lower()}", flush=True)
+    if outcome.status != "FINISHED":
+        raise JobNotFinished(outcome)
+    return outcome
 
+
+def train(cfg: DictConfig, status: Status, entered: float) -> JobOutcome:
+    """The pretend training: `steps` steps over `sleep_s` seconds, a clean stop on SIGINT, the asked-for failure."""
     stop = {"requested": False}
     try:
         handler = signal.SIG_IGN if cfg.ignore_sigint else (lambda *_: stop.update(requested=True))
@@ -87,29 +105,19 @@ def main(cfg: DictConfig) -> str:
     except ValueError:  # not the main thread (some launchers): no clean stop, nothing else changes
         pass
     mode = fail_mode(cfg)
-    result = "finished"
     for step in range(1, cfg.steps + 1):
         if stop["requested"]:
             status.update(state="killed", reason=f"stopped at step {step - 1}")
-            result = "killed"
-            break
+            return JobOutcome("KILLED", reason=f"stopped at step {step - 1}")
         time.sleep(cfg.sleep_s / cfg.steps)
-        loss = 1.0 / step
         speed = f"{step / max(time.time() - entered, 1e-6):.1f} it/s"
-        status.update(step=step, max_steps=cfg.steps, loss=loss, speed=speed)
-        if mode and step == max(1, cfg.steps // 2):
-            fail_now(mode, status, step)
-            if status.data["state"] == "failed":
-                result = "failed"
-                break
-    if result == "finished":
-        run_id = f"run-{label}-{os.getpid()}"
-        status.update(state="finished", final_loss=1.0 / cfg.steps, run_id=run_id)
-        done.write_text(run_id)
-    record.update(returned=time.time(), result=result)
-    write_json(record_dir / "records" / f"{label}.json", record)
-    print(f"toy {label}: {result}", flush=True)
-    return result
+        status.update(step=step, max_steps=cfg.steps, loss=1.0 / step, speed=speed)
+        failed = fail_now(mode, status, step) if mode and step == max(1, cfg.steps // 2) else None
+        if failed is not None:
+            return failed
+    run_id = f"run-{status.data['label']}-{os.getpid()}"
+    status.update(state="finished", run_id=run_id)
+    return JobOutcome("FINISHED", run_id, final_loss=1.0 / cfg.steps)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ def summary(sweep_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def status_files(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each job's status file (hydra_plugins/_job_outcome.py), by toy label."""
     out = {}
-    for path in sweep_dir.glob("*/.status.json"):
+    for path in sweep_dir.glob(".job_status/*.json"):
         data = json.loads(path.read_text())
         out[data["label"]] = data
     return out

@@ -1,0 +1,236 @@
+"""How a sweep job ended, decided in one place for the gpu_queue and Slurm launchers and for the job itself.
+
+- The job's word: `JobOutcome` (FINISHED | FAILED | KILLED | SKIPPED, run id, reason, `user_error`, final loss).
+  The task function returns it (FINISHED, SKIPPED) or raises `JobNotFinished` carrying it (FAILED, KILLED), so it
+  reaches the launcher inside Hydra's JobReturn, as any return value or exception does.
+- The status file: a JSON object a job keeps about itself while it runs (hydra_plugins/gpu_queue_launcher lists its
+  keys). `STATUS_ENV` names it in the job's environment; every launcher puts it at `status_path(sweep dir, job
+  number)`, `<sweep dir>/.job_status/<job number>.json`, so a job given no path (Ray, the basic launcher) can keep
+  its own there, and a reader of the sweep folder finds them all.
+- `verdict`: the one judgement of a job whose process is gone: its JobReturn when there is one, else the evidence of
+  its death (exit code or signal, Slurm's state, the interrupts the launcher sent); its last status file gives the
+  label and the run it left open. `record_verdict` writes the verdict of a job that could not say how it ended (it
+  died, was killed or never started) into its status file, for whoever reads the sweep folder after the launcher.
+- `to_job_return`: Hydra's JobReturn for a verdict; a failure re-raises as one compact line (`JobFailed`).
+
+Knows Hydra and files, nothing of what a job does (tests/test_layout.py). The leading underscore keeps Hydra's
+plugin scan from executing this module a second time (a scan re-runs every `hydra_plugins` module it finds, which
+would define its classes anew).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
+
+STATUS_ENV = "GPU_QUEUE_STATUS_FILE"
+STATUS_DIR = ".job_status"
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended: status FINISHED | FAILED | KILLED | SKIPPED (a launcher's verdict may also be CANCELLED: never
+    started); `run_id` of the run that records it (a SKIPPED job: the run it matched); `reason` why it did not
+    finish or was skipped; `user_error`: the reason is a message for the user, shown whole without a traceback (else
+    it is a bug's, and its log's last lines matter); `files` a finished job wrote, by name; `label` names the job
+    where the launcher shows it."""
+
+    status: str
+    run_id: str | None = None
+    reason: str = ""
+    user_error: bool = False
+    final_loss: float | None = None
+    files: dict[str, Any] | None = None
+    label: str | None = None
+
+
+class JobNotFinished(RuntimeError):
+    """What a task function raises when its job ended FAILED or KILLED: Hydra records the job FAILED, and these
+    launchers read how it ended from `outcome`."""
+
+    def __init__(self, outcome: JobOutcome, message: str | None = None):
+        super().__init__(message or f"{outcome.status}: {headline(outcome.reason)}")
+        self.outcome = outcome
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the outcome survives pickling to the launcher's process
+        return type(self), (self.outcome, str(self))
+
+
+def status_path(sweep_dir: str | os.PathLike, job_num: int) -> Path:
+    """Where job `job_num` of the sweep in `sweep_dir` keeps its status file."""
+    return Path(sweep_dir) / STATUS_DIR / f"{int(job_num)}.json"
+
+
+def read_status(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A status file's object ({} when absent or unreadable: it is replaced by rename, so never half written)."""
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_statuses(sweep_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """Every status file of a sweep folder, by job number."""
+    found = {}
+    for path in (Path(sweep_dir) / STATUS_DIR).glob("*.json"):
+        if path.stem.isdigit() and (data := read_status(path)):
+            found[int(path.stem)] = data
+    return found
+
+
+def remove_statuses(sweep_dir: str | os.PathLike) -> None:
+    """Delete the status files of a sweep folder (an earlier sweep's, before a new one starts there)."""
+    for path in (Path(sweep_dir) / STATUS_DIR).glob("*.json"):
+        path.unlink(missing_ok=True)
+
+
+def write_status(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Replace a status file atomically (a temporary file, then a rename), making its folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(data), default=str))
+    os.replace(tmp, path)
+
+
+def record_verdict(path: str | os.PathLike, outcome: JobOutcome) -> None:
+    """Write the verdict of a job that could not (it died, was killed or never started) into its status file, keeping
+    what the job last wrote there (its label, the run it left open)."""
+    known = read_status(path)
+    write_status(path, {"label": outcome.label, **known, "state": outcome.status.lower(), "reason": outcome.reason,
+                        "user_error": outcome.user_error})
+
+
+def verdict(job_return: Any, status: Mapping[str, Any] | None = None, *, returncode: int | None = None,
+            died: str = "", signals_sent: int = 0) -> JobOutcome:
+    """How a job whose process is gone ended. `job_return`: Hydra's JobReturn, or None when the job left none; then
+    `died` (why, when the launcher knows: Slurm's state), else the process's `returncode` and the interrupts the
+    launcher sent (`signals_sent`: 1 SIGINT, 2 a second, 3 SIGKILL) say it. `status`: the job's last status file."""
+    status = status or {}
+    if job_return is None:
+        state, reason = _death(status, returncode, died, signals_sent)
+        return JobOutcome(state, status.get("run_id"), reason, label=status.get("label"))
+    said = _reported(job_return)
+    if said.status == "FAILED" and not said.user_error:
+        said = dataclasses.replace(said, reason=said.reason.strip().split("\n")[0])  # a bug's traceback: in its log
+    return dataclasses.replace(said, run_id=said.run_id or status.get("run_id"),
+                               label=said.label or status.get("label"))
+
+
+def _reported(job_return: Any) -> JobOutcome:
+    """What the task function said: the outcome it returned or raised, else what its return or exception implies."""
+    value = job_return._return_value
+    if job_return.status != JobStatus.FAILED:
+        return value if isinstance(value, JobOutcome) else JobOutcome("FINISHED")
+    if isinstance(value, JobNotFinished):
+        return value.outcome
+    if isinstance(value, KeyboardInterrupt):
+        return JobOutcome("KILLED", reason="stopped on request")
+    return JobOutcome("FAILED", reason=f"{type(value).__name__}: {value}",
+                      user_error=bool(getattr(value, "user_error", False)))
+
+
+def _death(status: Mapping[str, Any], returncode: int | None, died: str, signals_sent: int) -> tuple[str, str]:
+    exit_text = describe_exit(returncode if returncode is not None else -1)
+    if signals_sent >= 3 and returncode == -signal.SIGKILL:
+        return "KILLED", "killed (SIGKILL) after the interrupts"
+    if signals_sent >= 1:  # e.g. interrupted before its own handler was installed
+        return "KILLED", f"stopped by the interrupt ({exit_text})"
+    if died:
+        written, said = status.get("state"), str(status.get("reason") or "")
+        return "FAILED", died + (f" (its last status: {written}{': ' + said if said else ''})" if written else "")
+    return "FAILED", f"died without a result: {exit_text}"
+
+
+def describe_exit(returncode: int) -> str:
+    """'exit code 3' / 'killed by SIGKILL (9)', with the usual cause of a SIGKILL nobody asked for."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    sig = -returncode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if sig == signal.SIGKILL else ""
+    return f"killed by {name} ({sig}){hint}"
+
+
+def headline(reason: str) -> str:
+    """The first line of a reason; a header line ending in ':' ("Invalid configuration:") takes the next one too."""
+    lines = [line.strip() for line in (reason or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def log_tail(path: str | os.PathLike, lines: int) -> str:
+    """The last `lines` non-blank lines of a log (its last 64 KiB read; tqdm's carriage returns end lines too)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:]) if lines > 0 else ""
+
+
+class JobFailed(RuntimeError, CompactHydraException):
+    """What Hydra's sweeper re-raises for a job that did not finish. Hydra prints a CompactHydraException as its
+    message alone: the launcher's summary above it already told the story, so no "Error executing job" block and
+    no second traceback follow it. The job's own exception, if any, is `job_exception` (and the `__cause__`)."""
+
+    def __init__(self, message: str, job_exception: BaseException | None = None, user_error: bool = False):
+        super().__init__(message)
+        self.job_exception = job_exception
+        self.user_error = user_error
+
+
+class QuietJobReturn(JobReturn):
+    """A JobReturn whose failure re-raises without Hydra's "Error executing job with overrides" line (the launcher's
+    summary already named the job and its reason)."""
+
+    @property
+    def return_value(self) -> Any:
+        if self.status == JobStatus.FAILED:
+            raise self._return_value
+        return self._return_value
+
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
+
+
+def to_job_return(outcome: JobOutcome, job_return: Any, *, overrides: Sequence[str], message: str,
+                  working_dir: str | None = None) -> JobReturn:
+    """Hydra's JobReturn for a verdict: the job's own, COMPLETED, for FINISHED and SKIPPED; otherwise FAILED with a
+    JobFailed saying `message`. Hydra's sweeper re-raises the first FAILED one after the batch, which makes the
+    sweep exit 1; the job's own exception stays available as `job_exception` (its traceback is in its log)."""
+    ret = QuietJobReturn(overrides=list(overrides), working_dir=working_dir)
+    if job_return is not None:
+        ret.overrides, ret.cfg, ret.hydra_cfg = job_return.overrides, job_return.cfg, job_return.hydra_cfg
+        ret.working_dir, ret.task_name = job_return.working_dir, job_return.task_name
+        ret.status, ret.return_value = job_return.status, job_return._return_value
+    if outcome.status in ("FINISHED", "SKIPPED"):
+        if ret.status != JobStatus.COMPLETED:
+            ret.status, ret.return_value = JobStatus.COMPLETED, None
+        return ret
+    own = ret._return_value if ret.status == JobStatus.FAILED else None
+    own = own if isinstance(own, BaseException) else None
+    exc = JobFailed(message, own, outcome.user_error)
+    exc.__cause__ = own
+    ret.status, ret.return_value = JobStatus.FAILED, exc
+    return ret
