@@ -240,9 +240,3 @@ def config_problems(cfg) -> list[str]:
             problems += problem_messages(exc) if isinstance(exc, ConfigError) else [str(exc)]
     return problems
 
-
-def validate(cfg) -> None:
-    """Raise one `ConfigError` listing every problem of `cfg` (each names its field)."""
-    problems = config_problems(cfg)
-    if problems:
-        raise ConfigError("Invalid configuration:\n- " + "\n- ".join(problems))
