@@ -65,16 +65,37 @@ def _existing(field: str, value, *, kind: str = "file") -> None:
 
 
 def _checks(cfg) -> list[Callable[[], None]]:
-    from lora_sweep.data import buckets
-    from lora_sweep.training import loss, noise, optim, precision
-
-    t, d, n, lo, s, v = cfg.train, cfg.data, cfg.noise, cfg.loss, cfg.sampling, cfg.validation
+    """Every value check of `cfg`, one call each, by config group in the order their problems are listed."""
     return [
-        lambda: _enum("model.name", cfg.model.name, MODELS),
-        lambda: _check_model_path(cfg),
-        lambda: _positive("model.resolution", cfg.model.resolution),
+        *_model_checks(cfg.model),
+        *_data_checks(cfg.data),
+        *_noise_checks(cfg.noise),
+        *_loss_checks(cfg.loss),
+        *_optimizer_checks(cfg),
+        *_precision_checks(cfg),
+        *_network_checks(cfg.network),
+        *_train_checks(cfg.train),
+        lambda: _enum("sweep.on_busy", cfg.sweep.on_busy, ON_BUSY),
+        *_sampling_checks(cfg.sampling),
+        *_validation_checks(cfg.validation, cfg.data),
+        *_tracking_checks(cfg.tracking),
+    ]
+
+
+def _model_checks(m) -> list[Callable[[], None]]:
+    return [
+        lambda: _enum("model.name", m.name, MODELS),
+        lambda: _check_model_path(m),
+        lambda: _positive("model.resolution", m.resolution),
+    ]
+
+
+def _data_checks(d) -> list[Callable[[], None]]:
+    from lora_sweep.data import buckets
+
+    return [
         lambda: _enum("data.name", d.name, DATASETS),
-        lambda: _check_data_dir(cfg),
+        lambda: _check_data_dir(d),
         lambda: d.validation_dir is None or _existing("data.validation_dir", d.validation_dir, kind="folder"),
         lambda: d.caption_extension.startswith(".") or _fail("data.caption_extension", d.caption_extension,
                                                                "a file extension starting with '.' (e.g. .txt)"),
@@ -86,23 +107,62 @@ def _checks(cfg) -> list[Callable[[], None]]:
             resolution=d.resolution, reso_steps=d.bucket_reso_steps, min_reso=d.min_bucket_reso,
             max_reso=d.max_bucket_reso),
         lambda: _range("data.validation_split", d.validation_split, 0.0, 1.0, high_open=True),
+    ]
+
+
+def _noise_checks(n) -> list[Callable[[], None]]:
+    from lora_sweep.training import noise
+
+    return [
         lambda: noise.check_noise_options(  # 0, like null, is off (see the module docstring)
             offset=n.offset, offset_random_strength=n.offset_random_strength,
             adaptive_scale=_off_if_zero(n.adaptive_scale),
             multires_iterations=n.multires_iterations, multires_discount=n.multires_discount,
             ip_gamma=n.ip_gamma, ip_gamma_random_strength=n.ip_gamma_random_strength,
             min_timestep=n.min_timestep, max_timestep=n.max_timestep, num_timesteps=NUM_TRAIN_TIMESTEPS),
+    ]
+
+
+def _loss_checks(lo) -> list[Callable[[], None]]:
+    from lora_sweep.training import loss
+
+    return [
         lambda: loss.check_loss_options(
             loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
             min_snr_gamma=_off_if_zero(lo.min_snr_gamma), debiased=lo.debiased),
+    ]
+
+
+def _optimizer_checks(cfg) -> list[Callable[[], None]]:
+    from lora_sweep.training import optim
+
+    return [
         lambda: _naming("optimizer.name", optim.resolve_optimizer_name, cfg.optimizer.name),
         lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
         lambda: _check_scheduler(optim, cfg),
+    ]
+
+
+def _precision_checks(cfg) -> list[Callable[[], None]]:
+    from lora_sweep.training import precision
+
+    t = cfg.train
+    return [
         lambda: _naming("precision.name", precision.precision_policy, cfg.precision.name,
                         t.device if t.device in ("cpu", "cuda") else "cuda"),
-        lambda: _positive("network.rank", cfg.network.rank),
-        lambda: _positive("network.alpha", cfg.network.alpha),
-        lambda: _range("network.dropout", cfg.network.dropout, 0.0, 1.0, high_open=True),
+    ]
+
+
+def _network_checks(net) -> list[Callable[[], None]]:
+    return [
+        lambda: _positive("network.rank", net.rank),
+        lambda: _positive("network.alpha", net.alpha),
+        lambda: _range("network.dropout", net.dropout, 0.0, 1.0, high_open=True),
+    ]
+
+
+def _train_checks(t) -> list[Callable[[], None]]:
+    return [
         lambda: _positive("train.max_steps", t.max_steps),
         lambda: _positive("train.batch_size", t.batch_size),
         lambda: _positive("train.grad_accum", t.grad_accum),
@@ -120,7 +180,11 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
-        lambda: _enum("sweep.on_busy", cfg.sweep.on_busy, ON_BUSY),
+    ]
+
+
+def _sampling_checks(s) -> list[Callable[[], None]]:
+    return [
         lambda: _positive("sampling.every", s.every, allow_zero=True),
         lambda: _positive("sampling.steps", s.steps),
         lambda: _positive("sampling.cfg", s.cfg, allow_zero=True),
@@ -130,6 +194,11 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: s.prompt_file is None or _existing("sampling.prompt_file", s.prompt_file),
         lambda: s.every == 0 or s.prompts or s.prompt_file or _fail(
             "sampling.every", s.every, "0 when no prompts are set (set sampling.prompts or sampling.prompt_file)"),
+    ]
+
+
+def _validation_checks(v, d) -> list[Callable[[], None]]:
+    return [
         lambda: _positive("validation.every", v.every, allow_zero=True),
         lambda: _every_timestep(v.timesteps),
         lambda: v.timesteps or _fail("validation.timesteps", "[]", "a non-empty list of timesteps in [0, 1000)"),
@@ -138,8 +207,13 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: v.every == 0 or v.fit_images > 0 or d.validation_split > 0 or d.validation_dir or _fail(
             "validation.every", v.every, "0 without fit/loss images or held-out images (set validation.fit_images, "
             "data.validation_split or data.validation_dir)"),
-        lambda: cfg.tracking.experiment.strip() != "" or _fail("tracking.experiment", "''", "a non-empty name"),
-        lambda: _positive("tracking.flush_every", cfg.tracking.flush_every),
+    ]
+
+
+def _tracking_checks(tr) -> list[Callable[[], None]]:
+    return [
+        lambda: tr.experiment.strip() != "" or _fail("tracking.experiment", "''", "a non-empty name"),
+        lambda: _positive("tracking.flush_every", tr.flush_every),
     ]
 
 
@@ -192,23 +266,23 @@ def _check_scheduler(optim, cfg) -> None:
                           "cosine or linear, or set optimizer.warmup_steps=0.")
 
 
-def _check_model_path(cfg) -> None:
+def _check_model_path(m) -> None:
     from lora_sweep.model.loading import check_model_path
 
-    if cfg.model.name == "sdxl" or cfg.model.path:
-        check_model_path(cfg.model.path)
+    if m.name == "sdxl" or m.path:
+        check_model_path(m.path)
 
 
-def _check_data_dir(cfg) -> None:
-    if cfg.data.name == "folder" and not cfg.data.dir:
+def _check_data_dir(d) -> None:
+    if d.name == "folder" and not d.dir:
         raise ConfigError(
             "data.dir: data=folder trains on your own dataset, and data.dir is not set. Set data.dir=PATH, a folder "
             "in kohya's layout (<dir>/<repeats>_<name>/ with images and .txt captions), or use data=photos for the "
             "bundled photos.")
-    if cfg.data.name == "folder" or cfg.data.dir:
-        if not Path(cfg.data.dir).expanduser().is_dir():
+    if d.name == "folder" or d.dir:
+        if not Path(d.dir).expanduser().is_dir():
             raise ConfigError(
-                f"data.dir: '{cfg.data.dir}' is not a folder. Set data.dir to a dataset in kohya's layout "
+                f"data.dir: '{d.dir}' is not a folder. Set data.dir to a dataset in kohya's layout "
                 "(<dir>/<repeats>_<name>/ with images and .txt captions), or use data=photos for the bundled photos."
             )
 
