@@ -1,14 +1,9 @@
-"""Checks of `python sweep.py` overrides made before Hydra composes anything, so that every problem of the command
-line is reported at once.
+"""Checks of `python sweep.py` overrides before Hydra composes, so every problem of the command line is reported at
+once (Hydra stops at the first, and for an unknown key advises '+', which would train without it).
 
-Hydra stops at the first problem it meets (one misspelt group option, one value of the wrong type), and for a key
-the schema lacks it advises adding it with '+', which would train without it. Here every override is checked on its
-own: keys against the schema (with the closest real keys), `group=option` against the options Hydra's config loader
-lists for the group (also each option of a sweep `noise=a,b` or a list `loss=[a,b]`), and values against the schema's
-types. What needs the composed config (ranges, combinations, files) is the pre-flight's.
-
-What escapes to Hydra anyway (a bad override, an unknown group option, a value of the wrong type) is turned into one
-paragraph by `hydra_error_text`.
+Each override is checked on its own: keys against the schema, `group=option` against the group's options (each of a
+sweep or list too), values against the schema's types. Ranges, combinations and files are the pre-flight's.
+`hydra_error_text` turns what still reaches Hydra into one paragraph.
 """
 
 from __future__ import annotations
@@ -27,15 +22,14 @@ _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
 
 
 def _values(override) -> list[Any]:
-    """The values one override stands for: each of a sweep (`a,b`, `range(1,3)`), else the one value. A glob is
-    Hydra's to expand (empty here)."""
+    """The values one override stands for: each of a sweep (`a,b`, `range(1,3)`), else the one; [] for a glob."""
     if override.is_sweep_override():
         return [] if override.value_type.name == "GLOB_CHOICE_SWEEP" else list(override.sweep_iterator())
     return [override.value()]
 
 
 def _option_names(value: Any) -> Iterable[str]:
-    """The option names a group value holds: one name, or each name of a list (`loss=[huber_snr,min_snr]`)."""
+    """The option names a group value holds: one, or each of a list (`loss=[huber_snr,min_snr]`)."""
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, str):
             yield item
@@ -52,11 +46,9 @@ def _type_problem(template, key: str, value: Any, text: str) -> str | None:
 
 
 def command_line_problems(argv: list[str]) -> list[str]:
-    """Every problem of `python sweep.py` overrides that can be found before Hydra composes, one message each:
-    a key the schema lacks (`noise.ofset=0.1`, `trian.lr=1`, also swept), a group option that does not exist
-    (`noise=ofset`, each of a sweep or list), a value of the wrong type (`train.max_steps=abc`). Overrides with `+`,
-    `++` or `~`, of `hydra.*` and of free-form maps are left to Hydra and the pre-flight; so is everything when
-    another config is chosen (--config-path/-name/-dir), and group options when `hydra.searchpath` adds folders."""
+    """One message per problem of the overrides in `argv`: an unknown key, a missing group option, a wrong type.
+    Left to Hydra and the pre-flight: `+`/`++`/`~` overrides, `hydra.*`, free-form maps; everything when another
+    config is chosen (--config-path/-name/-dir); group options when `hydra.searchpath` adds folders."""
     if any(a in _LEFT_TO_HYDRA for a in argv):  # Hydra answers these and exits
         return []
     from hydra._internal.utils import get_args_parser
@@ -69,7 +61,7 @@ def command_line_problems(argv: list[str]) -> list[str]:
         if args.config_path or args.config_dir or args.config_name not in (None, "config"):
             return []
         overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except (Exception, SystemExit):  # Hydra says what is wrong with the command line itself
+    except (Exception, SystemExit):  # Hydra reports a malformed command line itself
         return []
     keys = set(schema_keys())
     nodes = {k.split(".")[0] for k in keys}
@@ -109,11 +101,9 @@ def _group_problems(group: str, values: list[Any]) -> list[str]:
 
 
 def hydra_error_text(error: BaseException) -> str:
-    """A Hydra composition error (a bad override, an unknown group option, a value of the wrong type) as one
-    paragraph: Hydra's message and its OmegaConf cause, as Hydra prints them for a single run, without the config
-    search path and OmegaConf's `full_key:`/`reference_type=` lines; a group's available options on one line with
-    the closest one (`noise=ofset` -> "Did you mean noise=offset?"); for a key the schema lacks, the closest real
-    settings instead of Hydra's advice to add it with '+' (which would train without it)."""
+    """A Hydra composition error as one paragraph: Hydra's message and its OmegaConf cause without the search path
+    and OmegaConf's `full_key:`-style lines; a group's options on one line with the closest one ("Did you mean
+    noise=offset?"); for an unknown key, the closest real keys instead of Hydra's advice to add it with '+'."""
     import difflib
     import re
 
@@ -158,8 +148,7 @@ def hydra_error_text(error: BaseException) -> str:
 
 
 def _node_keys(cause) -> list[str]:
-    """The dotted keys of the node an OmegaConf key error looked the missing key up in (`hydra.launcher`: the active
-    launcher's settings), without the `_target_`-like private ones."""
+    """Dotted keys of the node an OmegaConf key error searched (e.g. the active launcher's), without `_`-keys."""
     from omegaconf import OmegaConf
 
     parent = str(getattr(cause, "full_key", "") or "").rpartition(".")[0]

@@ -1,11 +1,8 @@
-"""The pre-flight's folder and store checks: every folder a job writes, and the MLflow store it logs to.
+"""Folder and store checks: every folder a job writes, and the MLflow store it logs to.
 
-Split from lora_sweep/checks/preflight.py (which calls `folder_problems` for every job). Each check answers without
-creating anything that stays: a folder that does not exist yet is judged by its nearest existing parent, proven
-writable by creating and removing one probe file there (`os.access` alone says yes to root, also for /proc or a
-read-only mount, and the job then fails after Hydra made its output folder). A store is checked as far as it can be
-without an MLflow call: its scheme, a sqlite file's folder, and for a server that its host:port accepts a TCP
-connection within a few seconds (MLflow's own client retries a refused connection for about four minutes).
+The pre-flight's checks leave nothing behind: a folder not yet there is judged by its nearest existing parent, by
+writing and removing a probe file (`os.access` says yes to root even on a read-only mount). A store is checked
+without MLflow: its scheme, a sqlite file's folder, a server's TCP port (MLflow's client retries for ~4 minutes).
 """
 
 from __future__ import annotations
@@ -19,8 +16,8 @@ from urllib.parse import urlparse
 from lora_sweep.errors import UserError
 from lora_sweep.paths import cache_root, state_root
 
-CONNECT_TIMEOUT_S = 5.0  # a reachable MLflow server answers a TCP connection well within this
-# URI schemes MLflow 3 has a tracking store for (a database's may carry a driver: postgresql+psycopg2)
+CONNECT_TIMEOUT_S = 5.0
+# MLflow 3's tracking-store schemes (a database's may carry a driver: postgresql+psycopg2)
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "file", "")
 
 
@@ -52,8 +49,7 @@ def sqlite_store_folder(uri: str) -> Path | None:
 
 
 def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
-    """Every folder a job will write to that could not be created or written, and every problem of its MLflow
-    store, all of them (not the first only)."""
+    """One message per folder a job writes that cannot be created or written, then its MLflow store's problems."""
     from lora_sweep.tracking.store import tracking_uri
     folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
                ("train.state_dir", state_root(cfg)),
@@ -75,7 +71,7 @@ def _unwritable(folder: Path, setting: str) -> str | None:
         return f"{setting}: cannot create the folder '{folder}': '{existing}' is a file, not a folder."
     reason = None if os.access(existing, os.W_OK | os.X_OK) else "not writable"
     if reason is None:
-        try:  # root passes os.access everywhere: only a real write tells (/proc, a read-only mount)
+        try:  # root passes os.access everywhere: only a real write tells
             fd, probe = tempfile.mkstemp(prefix=".lora-sweep-write-test-", dir=existing)
             os.close(fd)
             os.unlink(probe)
@@ -88,8 +84,8 @@ def _unwritable(folder: Path, setting: str) -> str | None:
 
 
 def store_problems(uri: str) -> list[str]:
-    """The MLflow store `uri` as far as it can be judged without MLflow: a file store it refuses, a scheme it has no
-    store for, a server that does not accept a connection. One paragraph each, naming the URI and the fixes."""
+    """Problems of the MLflow store `uri` found without MLflow (a refused file store, an unknown scheme, a server
+    that does not accept a connection), one paragraph each naming the URI and the fixes."""
     from lora_sweep.tracking.store import check_store_uri
 
     try:
@@ -98,7 +94,7 @@ def store_problems(uri: str) -> list[str]:
         return [str(error)]
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
-    scheme = "" if len(scheme) == 1 else scheme  # a Windows drive letter: a path
+    scheme = "" if len(scheme) == 1 else scheme  # a Windows drive letter
     fixes = ("Unset tracking.uri and MLFLOW_TRACKING_URI for sqlite:///<cwd>/mlflow.db, or set one of them to "
              "sqlite:////absolute/path/mlflow.db or the address of a running MLflow server (http://host:port).")
     if scheme.split("+", 1)[0] not in STORE_SCHEMES:
@@ -120,8 +116,8 @@ def store_problems(uri: str) -> list[str]:
 
 
 def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
-    """Every folder this job writes, proven writable (created if needed) and with free space, at the start of the
-    job, before the model loads; returns the state root. Raises UserError naming the setting and the path."""
+    """Create every folder this job writes and prove it writable with free space; returns the state root.
+    Raises UserError naming the setting and the path."""
     from lora_sweep.training.failures import check_free_space
     check_writable(output_dir, "train.output_dir")
     root = check_writable(state_root(cfg), "train.state_dir")

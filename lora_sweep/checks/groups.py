@@ -1,9 +1,7 @@
-"""Config groups as Hydra's config loader sees them: the options of a group, and options of one group chosen
-together (`loss=[huber_snr,smooth_l1_snr]`) that set the same setting to different values.
+"""Config groups as Hydra's loader sees them: a group's options, and options chosen together that disagree.
 
-Hydra merges the options of a list in order, so the last one's value wins without a word (a huber run trained as
-smooth_l1); a list is meant for options that add up (`noise/offset_ip` is `noise/offset` plus `noise/ip`), so one
-setting given two values is refused, naming both options, the setting and the values.
+Hydra merges a list (`loss=[huber_snr,smooth_l1_snr]`) in order and the last value wins silently; a list is for
+options that add up (`noise/offset_ip`), so one setting given two values is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from lora_sweep.config import CONF_DIR, flatten, register_configs
 
 @functools.lru_cache(maxsize=1)
 def config_loader():
-    """Hydra's config loader over conf/ (and the search-path plugins), as `sweep.py` composes with it."""
+    """Hydra's config loader over conf/ and the search-path plugins, as `sweep.py` composes with it."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
 
@@ -42,15 +40,14 @@ def missing_option_message(group: str, option: str, options: list[str]) -> str:
 
 
 def option_conflicts(overrides: Iterable[str], config_name: str = "config") -> list[str]:
-    """One message per pair of options of one group, chosen together (by the overrides, or by a config's own
-    defaults list), that set a setting to different values; [] when the defaults list cannot be computed (Hydra
-    reports that itself)."""
+    """One message per pair of options of one group, chosen together, that set a key to different values; []
+    when the defaults list cannot be computed (Hydra reports that itself)."""
     from hydra.types import RunMode
 
     loader = config_loader()
     try:
         defaults = loader.compute_defaults_list(config_name, list(overrides), RunMode.RUN).defaults
-    except Exception:  # a bad override or option: Hydra's own error says what
+    except Exception:  # Hydra's own error reports a bad override
         return []
     chosen: dict[tuple, list] = {}
     for default in defaults:

@@ -1,7 +1,4 @@
-"""The schema's keys, and the closest real key to a misspelt one: what the command-line checks, the pre-flight and
-Hydra's composition errors say about a key the schema lacks (`unknown_key_message`), with kohya's flag names
-(`KOHYA_NAMES`) leading to ours.
-"""
+"""The schema's keys, and `unknown_key_message` for a key it lacks: the closest real keys, kohya's names included."""
 
 from __future__ import annotations
 
@@ -12,9 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import CONF_DIR, Config, flatten, to_container
 
-FREE_FORM = ("optimizer.args",)  # Dict[str, Any] fields: any key goes (kohya's --optimizer_args), checked elsewhere
-# kohya's flag names (README, the schema's comments) for settings named otherwise here, so that a kohya user's name
-# finds ours: `network.dim` or `network_dim` -> network.rank. `<group>.<rest>` also matches `<group>_<rest>`.
+FREE_FORM = ("optimizer.args",)  # any key goes (kohya's --optimizer_args); checked against the optimizer
+# kohya's flag name -> ours (`network_dim` -> network.rank); `<group>.<rest>` also matches `<group>_<rest>`
 KOHYA_NAMES = {
     "network_dim": "network.rank", "dim": "network.rank", "network_alpha": "network.alpha",
     "network_dropout": "network.dropout", "noise_offset": "noise.offset",
@@ -33,7 +29,7 @@ KOHYA_NAMES = {
 
 
 def schema_keys() -> list[str]:
-    """Every setting of the schema, dotted (`noise.offset`, ..., `optimizer.args` for the free-form map)."""
+    """Every setting of the schema, dotted (`noise.offset`, ..., `optimizer.args`)."""
     return list(_schema_keys())
 
 
@@ -43,7 +39,7 @@ def _schema_keys() -> tuple[str, ...]:
 
 
 def config_groups() -> list[str]:
-    """The config groups of conf/ (`noise`, `experiment`, `preset`, ...): what `group=option` may name."""
+    """The config groups of conf/ (`noise`, `experiment`, ...): what `group=option` may name."""
     return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra") if CONF_DIR.is_dir() else []
 
 
@@ -52,9 +48,8 @@ def is_free_form(key: str) -> bool:
 
 
 def unknown_keys(cfg: DictConfig) -> list[str]:
-    """Dotted keys of a composed config that the schema does not have (added with `+key=value`, which Hydra allows
-    on any node): nothing reads them, so a run would silently train without them. Keys under a free-form map
-    (`optimizer.args`) and the `hydra` node are not checked here."""
+    """Dotted keys of a composed config the schema lacks (added with `+key=value`; nothing would read them).
+    Free-form maps and the `hydra` node are not checked."""
     known = set(schema_keys())
     prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
     tree = OmegaConf.to_container(cfg, resolve=False)
@@ -75,14 +70,13 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     return found
 
 
-def kohya_name(key: str) -> str | None:  # `network.dim`, `network_dim`, `train.learning_rate`: kohya's flag names
+def kohya_name(key: str) -> str | None:  # `network.dim`, `network_dim` -> network.rank
     parent, _, leaf = key.rpartition(".")
     return KOHYA_NAMES.get(leaf) or (KOHYA_NAMES.get(f"{parent}_{leaf}") if parent else None)
 
 
 def _respelt(key: str, candidates: list[str]) -> list[str]:
-    """`optimizer.arg.eps` -> `optimizer.args.eps`: the first part before the last that names no node of
-    `candidates`, respelt as the closest node there, the rest kept (under a free-form map any rest goes)."""
+    """`optimizer.arg.eps` -> `optimizer.args.eps`: the first non-leaf part naming no node, respelt as the closest."""
     import difflib
 
     parts = key.split(".")
@@ -99,10 +93,8 @@ def _respelt(key: str, candidates: list[str]) -> list[str]:
 
 
 def closest_keys(key: str, candidates: list[str] | None = None, n: int = 3) -> list[str]:
-    """The settings a misspelt `key` meant: with a misspelt node, the same key under the closest node
-    (`optimizer.arg.eps` -> `optimizer.args.eps`); kohya's name of a setting (`network.dim` -> `network.rank`);
-    else the settings spelt most like it (difflib), its siblings first (`noise.ofset` -> `noise.offset`), then any
-    setting (`noise.huber_c` -> `loss.huber_c`)."""
+    """Up to `n` settings a misspelt `key` meant: the key under the closest node, or kohya's name's setting; else
+    the closest spellings, siblings first (`noise.ofset` -> `noise.offset`), then any (`noise.huber_c` -> loss's)."""
     import difflib
 
     candidates = list(candidates if candidates is not None else schema_keys())
@@ -118,13 +110,12 @@ def closest_keys(key: str, candidates: list[str] | None = None, n: int = 3) -> l
 
 
 def unknown_key_message(key: str, *, added: bool = False, known: list[str] | None = None) -> str:
-    """One paragraph for a key the schema lacks: the closest real settings, else the settings of its group.
-    `added`: it came in with `+`, which Hydra accepts, so say that nothing would read it. `known`: the dotted keys
-    of the node the key was looked up in, for a key outside the schema (`hydra.launcher.cpu_slot`: the active
-    launcher's settings)."""
+    """One paragraph for a key the schema lacks: the closest real settings and its group's settings.
+    `added`: it came with `+`, so say nothing reads it. `known`: the keys to match against instead of the schema's
+    (e.g. the active launcher's, for `hydra.launcher.cpu_slot`)."""
     added_text = f": '+{key}=...' adds it, but nothing reads it, so the run would train without it" if added else ""
     keys = schema_keys() if known is None else known
-    if known is None and "." not in key:  # `nosie=offset`: a config group or a node of settings was meant
+    if known is None and "." not in key:  # `nosie=offset`: a group or a node was meant
         import difflib
 
         groups, nodes = config_groups(), sorted({k.split(".")[0] for k in keys} - set(config_groups()))

@@ -1,33 +1,12 @@
-"""The pre-flight: every check that files alone can answer, made before any model loads, reported all at once.
+"""The pre-flight: every check files alone can answer, before any model loads, reported all at once.
 
-Runs after the config is composed and before anything heavy or lasting happens: in `sweep.py` as a Hydra callback
-(`PreflightCallback`, first in conf/config.yaml's hydra.callbacks) before Hydra creates an output folder or the
-sweep's MLflow parent run exists, for every job of a sweep in the launching process (gpu_queue, Ray, Slurm alike).
-A job does not check again: it reads its dataset and prompts once for its own use (`job.inputs`, with the same
-`scan_dataset` and `parse_prompts`), and checks only what the job alone can know (device, lock, store). Only a job
-whose config the launching process never saw (a sweeper that picks jobs as it runs: `needs_job_check`) runs
-`check_job` itself.
-
-`check_job(cfg)` makes these checks and never stops at the first problem:
-- the config's keys and values (`validate.config_problems`: a key the schema lacks, ranges, combinations, paths);
-- the dataset (`data.dir`, `data.validation_dir`): the folder tree, every image header (size after EXIF
-  orientation, frames), every caption file (UTF-8, not empty), and the bucket of every image (an image too small
-  for a bucket is named with its size);
-- the prompt file (`sampling.prompt_file`, with line numbers) and `sampling.prompts`;
-- the optimizer's learning-rate groups (`optimizer.name`, `train.lr`, `train.text_encoder_lr`) and its arguments
-  (`optimizer.args`: names against the class's signature, values by building it once on a dummy parameter and
-  taking one step, where the class can step on CPU);
-- a `train.resume` state against `train.max_steps`;
-- every folder a job writes (output, states, cache, a local MLflow store, Hydra's run or sweep folder): writable or
-  creatable, and the MLflow store's scheme and server (lora_sweep/checks/folders.py);
-- for a sweep, the sweep as a whole: no jobs, jobs sharing one output folder, the launcher's settings
-  (lora_sweep/checks/sweep.py).
-Each problem has one source: a check skips what another one names (a missing folder or prompt file is the config
-checks'; bucket settings with a value problem are not used to assign images).
-An exception in the checks themselves also stops the command (`PreflightCallback`): Hydra would only warn.
-A problem is one line naming the setting and the file (and line); a `Fallback` is something used instead of what the
-user gave, printed once as a warning. With any problem the command exits with status 2 and has written nothing: no
-cache entry, no MLflow run, no output folder.
+`PreflightCallback` (first in conf/config.yaml's hydra.callbacks) runs `check_job` on every job of a run or sweep in
+the launching process, before Hydra makes a folder or the parent run exists. It checks the config's values, the
+dataset (folder tree, image headers, captions, buckets), prompts, the optimizer's learning rates and arguments, a
+resume state, every folder a job writes and the store (`folders`), and the sweep as a whole (`sweep`).
+Each problem has one source: a check skips what another names. A problem is one line naming the setting and file;
+a `Fallback` is printed once as a warning. Any problem: exit 2, nothing written. Jobs read their files with the same
+readers (`job.inputs`); only a job the launching process never saw (`needs_job_check`) runs `check_job` itself.
 """
 
 from __future__ import annotations
@@ -52,16 +31,15 @@ from lora_sweep.errors import ConfigError, Fallback, UserError
 from lora_sweep.paths import cache_root
 
 log = logging.getLogger(__name__)
-SAME_KIND_SHOWN = 10  # problem lines of one kind (same text but for paths and numbers) listed before a summary
+SAME_KIND_SHOWN = 10  # problem lines of one kind (same but for paths and numbers) listed before a summary
 _LOGGED: set[str] = set()  # fallback lines already printed by this process
-# (store URI, experiment) that all jobs of a sweep log to, by sweep folder, as the pre-flight found it: the sweep's
-# parent run goes there (lora_sweep.callbacks), also when experiment files set tracking.experiment themselves.
+# sweep folder -> (store URI, experiment) its jobs log to: where lora_sweep.callbacks opens the parent run
 SWEEP_TRACKING: dict[str, tuple[str, str]] = {}
 
 
 @dataclass
 class Report:
-    """What the pre-flight found for one job: `problems` (one line each; any one stops the job) and `fallbacks`."""
+    """What the pre-flight found for one job: `problems` (one line each; any stops it) and `fallbacks`."""
 
     problems: list[str] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
@@ -75,8 +53,7 @@ class Report:
 
 
 class Memo:
-    """Scans, prompt parses and state reads made once per process: shared by the jobs of one sweep (they mostly
-    share a dataset), and by a job's own checks and reads (`job.inputs`)."""
+    """Scans, prompt parses and state reads made once per process, shared by a sweep's jobs and `job.inputs`."""
 
     def __init__(self) -> None:
         self.values: dict[tuple, Any] = {}
@@ -88,9 +65,8 @@ class Memo:
 
 
 def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: Memo | None = None) -> Report:
-    """Every pre-flight check of one composed job config (paths already absolute: `paths.make_paths_absolute`).
-    `hydra_dir`: (its setting, the folder) Hydra will create for the job's outputs, checked for writability, if
-    known. Never raises for what it finds; loads no model and writes nothing."""
+    """Every pre-flight check of one job config (paths absolute). `hydra_dir`: (setting, folder) Hydra will create
+    for the job, if known. Never raises for what it finds; loads no model and writes nothing."""
     from lora_sweep.checks.validate import config_problems
 
     memo = memo or Memo()
@@ -105,9 +81,8 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
 
 
 def needs_job_check() -> bool:
-    """True in a job of a sweep whose sweeper picks its jobs as it runs (e.g. Optuna): the launching process checked
-    only the sweep's base config, so the job checks its own (`job.run`). False in a single run, in a sweep that
-    Hydra's BasicSweeper expanded (every job was checked before any started), and outside Hydra."""
+    """True in a job whose sweeper picks jobs as it runs (e.g. Optuna): the pre-flight saw only the base config.
+    False in a single run, a BasicSweeper sweep and outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -132,7 +107,7 @@ def _check_data(cfg, report: Report, memo: Memo) -> None:
     folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
     settings = _bucket_settings_or_none(d)
     for setting, folder in folders:
-        if folder is None or not Path(folder).is_dir():  # a missing folder is a config problem, reported there
+        if folder is None or not Path(folder).is_dir():  # the config checks report a missing folder
             continue
         scan = scan_dataset(folder, d.caption_extension, setting, memo)
         report.problems += scan.problems
@@ -150,9 +125,8 @@ def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None
 
 
 def _bucket_settings_or_none(d) -> dict | None:
-    """The bucket settings, or None when they have a value problem of their own (reported by the config checks):
-    images are then not assigned to buckets, since a bad setting (bucket_reso_steps=0) would crash the assignment
-    instead of naming the setting."""
+    """The bucket settings, or None when the config checks report a problem with them (assigning images with
+    bucket_reso_steps=0 would crash instead of naming the setting)."""
     from lora_sweep.data.buckets import bucket_settings, check_bucket_options
 
     try:
@@ -164,8 +138,7 @@ def _bucket_settings_or_none(d) -> dict | None:
 
 
 def _train_folder(cfg) -> Path | None:
-    """data.dir, or the bundled photos if they were already written (they are known-good; writing them is a job's
-    first act, not the pre-flight's)."""
+    """data.dir, or the bundled photos if already written (a job writes them; they are known-good)."""
     if cfg.data.dir:
         return Path(cfg.data.dir)
     if cfg.data.name == "photos":
@@ -192,15 +165,14 @@ def _bucket_problems(items, settings: dict, setting: str) -> list[str]:
 
 def _check_prompts(cfg, report: Report, memo: Memo) -> None:
     if cfg.sampling.prompt_file is not None and not Path(cfg.sampling.prompt_file).is_file():
-        return  # the config checks name the missing file; its lines and sampling.prompts are read once it exists
+        return  # the config checks name the missing file
     problems, fallbacks = parse_prompts(cfg, memo)
     report.problems += problems
     report.fallbacks += fallbacks
 
 
 def parse_prompts(cfg, memo: Memo | None = None) -> tuple[list[str], list[Fallback]]:
-    """(problems, fallbacks) of `sampling.prompts` and `sampling.prompt_file` (each problem with the file and line),
-    parsed once per memo; none when neither is set."""
+    """(problems, fallbacks) of `sampling.prompts` and `sampling.prompt_file` (file and line), once per memo."""
     from lora_sweep.sampling.prompts import check_prompts
 
     s = cfg.sampling
@@ -230,8 +202,7 @@ def _check_learning_rates(cfg) -> None:
 
 
 def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
-    """`optimizer.args` against the optimizer class: names (with the closest real one) and values (the class
-    built once on a dummy parameter), once per distinct (optimizer, args) of a sweep."""
+    """Problems of `optimizer.args` against the optimizer class (names and values), once per (optimizer, args)."""
     import json
 
     from omegaconf import OmegaConf
@@ -244,7 +215,7 @@ def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
     except UserError:
         return []  # reported by the config checks
     args = OmegaConf.to_container(cfg.optimizer.args, resolve=True)
-    quiet = logging.getLogger("bitsandbytes")  # its CPU-kernel notice on import says nothing about the user's input
+    quiet = logging.getLogger("bitsandbytes")  # its CPU-kernel notice on import is not about the user's input
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
@@ -284,8 +255,7 @@ def _shape(line: str) -> str:
 
 
 def format_problems(grouped: list[tuple[str, list[str]]], *, jobs: int) -> str:
-    """The exit message: one line per problem (the jobs it hits, in a sweep, unless all), at most
-    SAME_KIND_SHOWN of one kind, then how many more."""
+    """The exit message: one line per problem (with the jobs it hits unless all), at most SAME_KIND_SHOWN per kind."""
     count = len(grouped)
     head = (f"Pre-flight found {count} problem{'s' * (count != 1)}"
             + (f" in a sweep of {jobs} jobs" if jobs > 1 else "")
@@ -309,13 +279,8 @@ def _jobs_label(hit: list[str]) -> str:
 
 
 class PreflightCallback(Callback):
-    """Hydra callback: the pre-flight of a run or of every job of a sweep, before Hydra creates any folder or any
-    other callback (the MLflow sweep run) starts. List it first in hydra.callbacks. Exits with status 2 on problems;
-    prints each fallback once, grouped over the sweep's jobs.
-
-    Hydra turns an exception raised in a callback into a UserWarning and goes on (a sweep would start its jobs
-    unchecked), so an exception of the checks themselves is caught here and stops the command too (exit 2, as an
-    internal pre-flight error with its traceback): a pre-flight that could not finish has not passed."""
+    """Hydra callback: the pre-flight of a run or of every job of a sweep; list it first in hydra.callbacks.
+    Exits 2 on problems, and on an exception in the checks (Hydra would only warn and start the jobs unchecked)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _guarded(self._run_start, config)
@@ -334,7 +299,6 @@ class PreflightCallback(Callback):
         memo, results, targets, jobs = Memo(), [], {}, {}
         for label, job_config, error in sweep_job_configs(config):
             if error is not None:
-                # said once for all the jobs it hits: format_problems adds their labels
                 results.append((label, Report(problems=[f"the job cannot be composed: {error}"])))
                 continue
             job = _job_copy(job_config)
@@ -363,10 +327,8 @@ def _guarded(check: Callable[[DictConfig], None], config: DictConfig) -> None:
 
 
 def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, str | None]]:
-    """(label, composed config, None) for every job of a sweep, as Hydra's BasicSweeper expands it (its
-    `hydra.sweeper.params`, then the command line's overrides, as a cartesian product) and the launchers compose
-    it (`ConfigLoader.load_sweep_config`); (label, None, error) where that fails. Another sweeper (e.g. Optuna)
-    chooses its jobs as it runs: then the sweep's base config stands for them, and each job checks itself at start."""
+    """(label, config, None) for every job as BasicSweeper expands it and the launchers compose it; (label, None,
+    error) where that fails. Another sweeper (e.g. Optuna): the base config stands for its jobs."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -384,7 +346,7 @@ def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, 
     try:
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    except Exception as error:  # Hydra's own message (an unknown group option in a glob, a bad sweep syntax)
+    except Exception as error:  # Hydra's own message (a bad sweep syntax)
         return [("the sweep", None, hydra_error_text(error))]
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     configs = []
@@ -392,7 +354,7 @@ def sweep_job_configs(config: DictConfig) -> list[tuple[str, DictConfig | None, 
         label = f"#{num}" + "".join(f" {o}" for o in overrides if o.split("=", 1)[0] in swept)
         try:
             configs.append((label, loader.load_sweep_config(config, list(overrides)), None))
-        except Exception as error:  # as a single run shows it: `train.max_steps=abc`, `noise=ofset` and its options
+        except Exception as error:  # shown as a single run shows it
             configs.append((label, None, hydra_error_text(error)))
     return configs
 

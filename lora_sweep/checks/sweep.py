@@ -1,10 +1,5 @@
-"""The pre-flight's checks of a sweep as a whole, beyond each job's own (lora_sweep/checks/preflight.py checks those).
-
-A sweep can be wrong although every job alone is right, and each such problem would otherwise show only after the
-sweep's MLflow parent run and folder exist: no job at all (a glob that matches no option), jobs that write to one
-output folder (each job's LoRA overwrites the others'), jobs that log to different MLflow experiments or stores
-(one parent run cannot nest them), and launcher settings the gpu_queue launcher refuses only
-once it starts (its slots: `hydra.launcher.cpu_slots=0`, `gpus=[abc]`).
+"""The pre-flight's checks of a sweep as a whole, where every job alone may be right: no jobs, jobs sharing an
+output folder, jobs logging to different experiments or stores, gpu_queue launcher settings it would refuse late.
 """
 
 from __future__ import annotations
@@ -17,8 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def sweep_problems(config: DictConfig, jobs: dict[str, DictConfig], count: int) -> list[str]:
-    """Problems of the sweep `config` whose `count` jobs expanded and, where they composed, are `jobs` (label ->
-    the job's config, paths absolute)."""
+    """Problems of the sweep `config` of `count` jobs; `jobs`: label -> config (paths absolute) of those composed."""
     problems = launcher_problems(config)
     if count == 0:
         problems.append(no_jobs_problem(config))
@@ -45,8 +39,7 @@ def no_jobs_problem(config: DictConfig) -> str:
 
 
 def shared_output_problems(jobs: dict[str, DictConfig]) -> list[str]:
-    """A train.output_dir that two or more jobs resolve to: they would write their LoRA, config and samples into
-    one folder, the last to finish overwriting the others (and concurrent jobs interleaving their files)."""
+    """One problem per train.output_dir that two or more jobs resolve to (they would overwrite each other)."""
     by_folder: dict[Path, list[str]] = defaultdict(list)
     for label, job in jobs.items():
         if job.train.output_dir:
@@ -70,8 +63,7 @@ def tracking_target(cfg) -> tuple[str, str]:
 
 
 def mixed_tracking_problem(targets: dict[str, tuple[str, str]]) -> str:
-    """The problem line for a sweep whose jobs log to different experiments or stores: a sweep is one parent run
-    with its jobs nested under it, and MLflow nests runs only within one experiment of one store."""
+    """The problem of jobs logging to different experiments or stores: MLflow nests runs in one experiment only."""
     by_target: dict[tuple[str, str], list[str]] = defaultdict(list)
     for label, target in targets.items():
         by_target[target].append(label.split(" ", 1)[0])

@@ -1,11 +1,7 @@
-"""Range and cross-field checks on a composed config, run before anything heavy loads.
+"""What a composed config's types cannot say: ranges, enums, combinations, paths, and keys added with '+'.
 
-Hydra's schema already rejects wrong types and unknown keys in files; a key added with '+' is refused here (with the
-closest real keys), and this adds what a type cannot say (ranges, enums, combinations, paths). Each failure is a
-`ConfigError` naming the field and what it accepts; all failures of one config are reported together, so a user
-fixes them in one go. Every numeric field has a range here, every string field with fixed choices lists them, every
-path that must exist is checked. An optional strength set to 0 is off,
-as null is (`noise.adaptive_scale`, `loss.min_snr_gamma`), never an error: kohya tests them as `if args.x:`.
+`config_problems` lists every problem, each naming its field and what it accepts. An optional strength of 0 is off,
+like null (`noise.adaptive_scale`, `loss.min_snr_gamma`): kohya tests them as `if args.x:`.
 """
 
 from __future__ import annotations
@@ -114,7 +110,7 @@ def _noise_checks(n) -> list[Callable[[], None]]:
     from lora_sweep.training import noise
 
     return [
-        lambda: noise.check_noise_options(  # 0, like null, is off (see the module docstring)
+        lambda: noise.check_noise_options(
             offset=n.offset, offset_random_strength=n.offset_random_strength,
             adaptive_scale=_off_if_zero(n.adaptive_scale),
             multires_iterations=n.multires_iterations, multires_discount=n.multires_discount,
@@ -218,7 +214,7 @@ def _tracking_checks(tr) -> list[Callable[[], None]]:
 
 
 def _check_fixed_resolution(resolution) -> None:
-    """With buckets off every image is cropped to data.resolution itself, which reaches the VAE and the UNet."""
+    """With buckets off every image is cropped to data.resolution, which the VAE needs in multiples of 8."""
     from lora_sweep.data.buckets import parse_resolution
 
     try:
@@ -231,9 +227,8 @@ def _check_fixed_resolution(resolution) -> None:
 
 
 def _off_if_zero(value):
-    """An optional strength of 0 is off, like null: kohya tests them as `if args.x:`, and GUIs write 0 for "unset"
-    (sd-scripts #1275: a GUI default adaptive_noise_scale=0 made every run fail). The trainer computes for 0 what
-    kohya computes (min-SNR: no weighting; adaptive scale with an offset: offset + 0 * |mean|)."""
+    """0 is off, like null (kohya tests `if args.x:`; GUIs write 0 for unset); the trainer computes for 0 what kohya
+    does (min-SNR: no weighting; adaptive scale: offset + 0 * |mean|)."""
     return None if value == 0 else value
 
 
@@ -248,7 +243,7 @@ def _check_output_name(name: str) -> None:
 
 
 def _every_timestep(timesteps) -> None:
-    """Each bad timestep of validation.timesteps is named (`[2000,-5]`: both), not the first."""
+    """Name each bad timestep of validation.timesteps, not the first only."""
     found = Problems()
     for ts in timesteps:
         found.check(_range, "validation.timesteps", ts, 0, NUM_TRAIN_TIMESTEPS, high_open=True)
@@ -288,8 +283,7 @@ def _check_data_dir(d) -> None:
 
 
 def list_option_conflicts(cfg) -> list[str]:
-    """Options of one group chosen together (`loss=[huber_snr,smooth_l1_snr]`) that disagree on a setting: Hydra
-    keeps the last value silently. Needs the composed config's `hydra` node (its overrides): the pre-flight calls it."""
+    """`groups.option_conflicts` of the overrides in the composed config's `hydra` node; [] without that node."""
     from omegaconf import OmegaConf
 
     from lora_sweep.checks.groups import option_conflicts
@@ -301,8 +295,7 @@ def list_option_conflicts(cfg) -> list[str]:
 
 
 def config_problems(cfg) -> list[str]:
-    """Every problem of `cfg`'s values, one message each naming its field; [] when it is valid. A key the schema
-    lacks (`+noise.ofset=0.1`: Hydra adds it, nothing reads it) is a problem too, with the closest real keys."""
+    """Every problem of `cfg`, one message each naming its field (unknown `+` keys first); [] when it is valid."""
     from lora_sweep.checks.keys import unknown_key_message, unknown_keys
 
     keys = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
