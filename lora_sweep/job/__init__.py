@@ -1,5 +1,4 @@
-"""One job's life: `run` (set-up, the MLflow run around training, resume), `inputs` (the dataset scans and prompts
-a job reads once), `names` (run labels, job folder names, the `lora_sweep_job_dir` resolver), `status` (what a job
-reports to the queue and to the sweep), `finished` (skip-finished: the dataset fingerprint, the skip key, the
-finished match). Knows MLflow, not launchers.
+"""One job's life: `run` (set-up, the MLflow run around training, resume), `inputs` (its files, read once), `names`
+(run labels, job folders), `status` (its status file, the trainer's sink, stop on signal), `finished`
+(skip-finished). Knows MLflow, not launchers.
 """

@@ -1,6 +1,4 @@
-"""Skip-finished: what a job finds already done. A FINISHED run counts only if it trained the same config (hash)
-on the same files: the skip key adds the absolute paths and the dataset's content fingerprint to the hash.
-"""
+"""Skip-finished: a FINISHED run counts only if it trained the same config on the same files (`skip_key`)."""
 
 from __future__ import annotations
 
@@ -18,14 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def dataset_of(cfg, scans: Sequence[FolderScan]) -> Fingerprint:
-    """The content fingerprint of the job's scanned dataset (and validation folder, in that order), reusing the
-    cache's file digests."""
+    """The content fingerprint of the job's scans (dataset, then validation folder), reusing the cache's digests."""
     return dataset_fingerprint(scans, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")
 
 
 def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:
-    """What a finished result depends on beyond the config hash: the absolute paths of the model, dataset, validation
-    folder and prompt file (resolved against the working folder), and the dataset's content fingerprint."""
+    """16 hex digits over the config hash, the absolute model, dataset, validation and prompt-file paths, and the
+    dataset's content fingerprint."""
     paths = {}
     for field in ("model.path", "data.dir", "data.validation_dir", "sampling.prompt_file"):
         group, key = field.split(".")
@@ -37,7 +34,7 @@ def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:
 
 def finished_match(client, exp_id: str, chash: str, key: str, fingerprint: Fingerprint,
                    label: str) -> tuple[str, str] | None:
-    """(run id, skip line) of a FINISHED run with this config and skip key; else None, saying why a FINISHED run of
+    """(run id, skip line) of a FINISHED run with this config and skip key; else None, logging why a FINISHED run of
     the same config does not count."""
     from lora_sweep.tracking.store import finished_runs
 

@@ -1,21 +1,11 @@
-"""A job's names, and the sweep's varied keys they are made from.
+"""A job's names, made from the keys the sweep varies, and bounded in length whatever the override values.
 
-A job's folder and its MLflow run name must not grow with its override values: a 2,000-character negative
-prompt or a value holding `/` once made every job fail with ENAMETOOLONG or nested folders, and run names are
-VARCHAR(250) in MLflow's Postgres/MySQL stores. So:
-- the run name (also the `variant` tag and the queue's label) is the variant and the overrides the sweep varies,
-  each value cut to 32 characters, the whole at most 100, with a hash when cut (`run_label`);
-- the job folder is `<job number>_<that name>` made filesystem-safe and cut to 48 characters, with 8 hex digits
-  of a sha256 of the name when anything was cut or replaced (`job_dir_name`, the `lora_sweep_job_dir` resolver of
-  conf/config.yaml);
-- the full override list is kept as the `lora_sweep.overrides` tag (within MLflow's 8,000 characters; the resolved
-  config is always the run's `config.yaml` artifact).
-
-The keys the sweep's command line varies are written by the sweep callback to `.lora_sweep/swept_keys.json` in the
-sweep folder (`state_folder`: lora-sweep's files there, shared by every launcher through the filesystem, as
-Hydra's own outputs are), and read back here for run names.
-
-Import-light: `lora_sweep.setup()` imports this module for its resolver.
+- `run_label`: the MLflow run name (also the `variant` tag and the queue's label), at most 100 characters (MLflow's
+  SQL stores hold 250), each value cut to 32, with " #<hash>" when cut;
+- `job_dir_name`: the job folder `<num>_<label>`, filesystem-safe, at most 48 characters after the number (the
+  `lora_sweep_job_dir` resolver of conf/config.yaml).
+The sweep callback writes the varied keys to `.lora_sweep/swept_keys.json` in the sweep folder; every launcher's
+jobs read them there. Import-light: `lora_sweep.setup()` imports it for the resolver.
 """
 
 from __future__ import annotations
@@ -31,11 +21,11 @@ from lora_sweep.atomic import write_text
 
 RESOLVER = "lora_sweep_job_dir"
 STATE_DIR = ".lora_sweep"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@-]+")  # everything else (/, spaces, quotes, *, ~, ...) becomes one "_"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@-]+")  # each run of other characters becomes one "_"
 FOLDER_SLUG = 48
 VALUE_CHARS = 32
 LABEL_CHARS = 100
-IGNORED_PREFIXES = ("hydra.", "hydra/", "tracking.")  # not what distinguishes one job's training from another's
+IGNORED_PREFIXES = ("hydra.", "hydra/", "tracking.")  # they do not tell one job's training from another's
 
 
 def short_hash(text: str) -> str:
@@ -44,11 +34,8 @@ def short_hash(text: str) -> str:
 
 
 def job_dir_name(num: Any, variant: Any = None, overrides: Any = (), sweep_dir: Any = None) -> str:
-    """`<num>_<the run label, filesystem-safe>`: a job's Hydra multirun subfolder (`3_v57`, `0_loss.huber_c=0.1`,
-    `1_v57_noise=ip`), named like its MLflow run (`run_label`, from the keys the sweep varies, which the sweep
-    callback wrote into `sweep_dir`). Unsafe characters become "_"; a name cut to FOLDER_SLUG characters ends with
-    "-<hash>", the same hash as the run name's " #<hash>" (`short_hash` of the job's overrides). The job number
-    alone keeps the folders of one sweep apart."""
+    """`<num>_<run_label, filesystem-safe>` (`3_v57`, `1_v57_noise=ip`): a job's multirun subfolder. A name cut to
+    FOLDER_SLUG characters ends with "-<hash>", the run name's hash. The job number alone keeps folders apart."""
     swept = read_swept_keys(Path(str(sweep_dir))) if sweep_dir not in (None, "") else None
     overrides = [str(o) for o in overrides or ()]
     label = run_label(str(variant) if variant not in (None, "") else None, overrides, swept)
@@ -62,17 +49,13 @@ def job_dir_name(num: Any, variant: Any = None, overrides: Any = (), sweep_dir: 
 
 
 def label_hash(overrides: Sequence[str]) -> str:
-    """The hash a cut run name ends with (" #<hash>"), and a cut job folder ("-<hash>"): of the job's overrides
-    without the ones that do not tell jobs apart (hydra.*, tracking.*)."""
+    """The hash a cut run name or job folder ends with: of the overrides without IGNORED_PREFIXES."""
     return short_hash(" ".join(o for o in overrides if not override_key(o).startswith(IGNORED_PREFIXES)))
 
 
 def register_resolver() -> None:
     """`${lora_sweep_job_dir:${hydra.job.num},${tracking.variant},${hydra.overrides.task},${hydra.sweep.dir}}`.
-
-    Registered by `lora_sweep.setup()` in the sweep process; a job process gets it from the sweep process with
-    Hydra's singleton state (`Singleton.get_state`, which the gpu_queue, Ray and Slurm launchers hand each job and
-    set before Hydra's run_job resolves the job's folder)."""
+    Job processes get it with Hydra's singleton state, which every launcher hands them."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver(RESOLVER):
@@ -92,11 +75,9 @@ def _shorten(override: str) -> tuple[str, bool]:
 
 
 def run_label(variant: str | None, overrides: Sequence[str] | None, swept: Iterable[str] | None = None) -> str:
-    """The short name of a job's run: the variant and the overrides that tell this job from the sweep's others.
-
-    `swept`: the keys the sweep varies (None outside a sweep: every override counts, unless a variant names it).
-    Values over 32 characters are cut with "…"; a name over 100 characters is cut too; either way it ends with
-    " #<short_hash of the whole override list>" so that two jobs whose cut names agree still differ."""
+    """A job's run name: the variant and the overrides of the `swept` keys (None outside a sweep: every override,
+    unless a variant names it). Values over VALUE_CHARS end with "…", names over LABEL_CHARS are cut; either way
+    " #<label_hash>" keeps two jobs apart."""
     overrides = [o for o in (overrides or []) if not override_key(o).startswith(IGNORED_PREFIXES)]
     if swept is not None:
         keys = set(swept)
@@ -117,8 +98,7 @@ def run_label(variant: str | None, overrides: Sequence[str] | None, swept: Itera
 
 
 def swept_keys(task_overrides: Sequence[str]) -> list[str]:
-    """The keys a multirun command line varies (`loss.huber_c=0,0.1`, `experiment=glob(v*)`, `x=range(3)`), parsed
-    with Hydra's own override grammar."""
+    """The keys a multirun command line varies (`a=0,0.1`, `glob(v*)`, `range(3)`), by Hydra's override grammar."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(task_overrides))

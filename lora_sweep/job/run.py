@@ -1,25 +1,12 @@
-"""One job's life: read its files once, make the folders it writes, lock its config, skip if already finished,
-resume if a state says so, an MLflow (child) run around `train`, an honest end status.
+"""One job's life: set-up, an MLflow (child) run around `train`, and one end status written once.
 
-Knows MLflow and the queue's status-file protocol; knows nothing of launchers. Every way a job can end maps to one
-MLflow status: FINISHED (trained to max_steps), KILLED (Ctrl-C / SIGTERM: stopped cleanly, with a state), FAILED
-(with the reason as the `lora_sweep.failure` tag: NaN, out of memory, disk, ...). A run is never marked FINISHED
-without its LoRA files; only a SIGKILL leaves it RUNNING, until a later sweep or run on the same host sees its
-process gone and marks it KILLED (`store.close_stale_runs`), and the next run of its config continues it from its
-newest state (if it saved one). A job of a sweep that fails before its run exists (a set-up failure) still gets a
-FAILED child run carrying the reason. Each outcome is written once: on the job's MLflow run, or, for a job without a
-run of its own (skipped: the run it matched; stopped or failed before a run could be created), in its status file.
-
-Set-up, in order: the job's inputs (`inputs.read_inputs`: the dataset scanned and the prompts parsed once, for the
-fingerprint, training and the run's warnings; the pre-flight checked them in the launching process, and is not
-rerun) -> the device -> writable folders -> the tracking store -> the config's lock (`ConfigLock` on
-`<state root>/<config_hash>/`: a second process on the same config waits, or skips with sweep.on_busy=skip) ->
-skip-finished, which needs a FINISHED run with the same config hash *and* skip key (absolute model/data/prompt paths
-and the dataset's content fingerprint, `data.fingerprint`), so an edited dataset trains again.
-
-Resume (train.resume=auto): the newest state under `<state root>/<config_hash>/<run_id>/` whose run is in this
-MLflow store and experiment and not FINISHED; that run is reopened (RUNNING again) and steps it already logged are not
-logged twice. train.resume=PATH: that state, in its own run if it is that run's newest state, else in a new run.
+Set-up, in order: read its inputs once -> the device -> writable folders -> the store -> the config's lock
+(`ConfigLock` on `<state root>/<config_hash>/`; sweep.on_busy: wait or skip) -> skip-finished (same config hash and
+`skip_key`) -> the resume plan (`plan_resume`).
+Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/SIGTERM, with a state),
+FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `store.close_stale_runs`
+marks it KILLED. A sweep's job that fails before its run exists still gets a FAILED child run; a job without a run
+of its own (skipped, failed before one) ends in its status file. Knows MLflow, not launchers.
 """
 
 from __future__ import annotations
@@ -81,28 +68,24 @@ class _Ready:
     lock: ConfigLock
     fingerprint: Fingerprint
     skip_key: str
-    inputs: JobInputs  # the job's dataset scans, handed to training
+    inputs: JobInputs  # handed to training
     resume_from: Path | None = None
     continued_run: str | None = None
-    checked: preflight_lib.Report | None = None  # the fallbacks of the job's reads (its warnings go on the run)
+    checked: preflight_lib.Report | None = None  # the fallbacks of the job's reads, logged on the run
 
 
 def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: list[str] | None = None,
             tags: dict[str, str] | None = None, job_num: int | None = None) -> JobOutcome:
-    """Train one config as an MLflow run (a new one, or the unfinished one its latest state belongs to).
+    """Train one config as an MLflow run (new, or the unfinished one its latest state belongs to).
 
-    Set-up (config, paths, tracking store, the config's lock, skip-finished) runs before any run exists; a failure
-    there is raised (a UserError, or the bug's own exception) after being recorded: in a sweep, as a FAILED child
-    run of the sweep's parent carrying the reason, else (or if that fails) in the job's status file.
-    A failure during training is returned as a FAILED outcome, its run FAILED with the reason; an interrupt, as a
-    KILLED one (before training: without a run). `tags` are added to the run's tags (sweep.py adds the Hydra job
-    number and group choices the report orders and compares by)."""
-    make_paths_absolute(cfg)  # before the hash: a relative path means where the command was started
+    A set-up failure is recorded (`_failed_before_run`), then raised. A training failure returns a FAILED outcome,
+    an interrupt a KILLED one. `tags` are added to the run's (sweep.py: the job number and group choices)."""
+    make_paths_absolute(cfg)  # before the hash: relative paths are from where the command started
     extra_tags = dict(tags or {})
     swept = read_swept_keys(sweep_dir)
     label = run_label(cfg.tracking.variant, overrides, swept)  # run name, `variant` tag, the queue's label
     status = StatusFile(label, status_file_path(sweep_dir, job_num))
-    status.update(force=True)  # the queue names the job by its run name from its "started" line on
+    status.update(force=True)  # the queue shows the run name from the start
     with contextlib.ExitStack() as held:
         found: dict[str, Any] = {"extra_tags": extra_tags}
         try:
@@ -121,7 +104,7 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
         try:
             return _train_in_run(cfg, ready, label=label, status=status, output_dir=Path(output_dir),
                                  sweep_dir=sweep_dir, overrides=overrides, extra_tags=extra_tags)
-        except Exception as exc:  # the run could not even be created (the store went away): as in set-up
+        except Exception as exc:  # the run could not be created: recorded as in set-up
             _failed_before_run(cfg, exc, label=label, status=status, output_dir=Path(output_dir), sweep_dir=sweep_dir,
                                overrides=overrides, found=found)
             raise
@@ -129,13 +112,12 @@ def run_job(cfg, *, output_dir: Path, sweep_dir: Path | None = None, overrides: 
 
 def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: StatusFile,
             held: contextlib.ExitStack, found: dict[str, Any]) -> _Ready | JobOutcome:
-    """The job's reads of its files (once: the pre-flight checked them in the launching process), then what only
-    the job can know: its device, store, folders, the config's lock, skip-finished, resume. `found` collects what
-    is known so far (for the record of a failure). Returns a SKIPPED outcome, or what training needs."""
+    """Read the job's files, then check what only the job can know (device, store, folders, lock), skip-finished,
+    resume. `found` collects what is known so far, for a failure's record. Returns SKIPPED or what training needs."""
     from lora_sweep.training.session import check_device
 
     inputs = read_inputs(cfg)  # a file gone since the pre-flight: one UserError naming it
-    device = check_device(cfg)  # a GPU slot where torch sees no GPU: refused; elsewhere said and logged
+    device = check_device(cfg)  # a GPU slot without a GPU raises; otherwise a fallback or None
     checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
     preflight_lib.announce(checked.fallbacks)
     client, exp_id, state_root = _open_store(cfg, output_dir, sweep_dir, found)
@@ -159,8 +141,8 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
 
 
 def _open_store(cfg, output_dir: Path, sweep_dir: Path | None, found: dict[str, Any]) -> tuple[Any, str, Path]:
-    """(client, experiment id, state root): the job's folders made and written to, its MLflow experiment, the
-    store's artifact folder proven writable, and (a single run) its stale runs closed."""
+    """(client, experiment id, state root), with the job's folders and the store's artifact folder proven writable,
+    and, in a single run, stale runs closed."""
     uri = store.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri
     state_root = check_job_folders(cfg, output_dir, uri)
@@ -176,8 +158,7 @@ def _open_store(cfg, output_dir: Path, sweep_dir: Path | None, found: dict[str, 
 
 
 def _take_lock(cfg, lock: ConfigLock, chash: str, label: str, status: StatusFile) -> ConfigLock | JobOutcome:
-    """The config's lock, waited for while another process trains the config (sweep.on_busy=wait), or a SKIPPED
-    outcome (sweep.on_busy=skip)."""
+    """The config's lock, waited for (sweep.on_busy=wait), or a SKIPPED outcome (sweep.on_busy=skip)."""
     if lock.try_acquire():
         return lock
     holder = lock.describe_holder()
@@ -199,8 +180,8 @@ def _take_lock(cfg, lock: ConfigLock, chash: str, label: str, status: StatusFile
 
 def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_dir: Path, sweep_dir: Path | None,
                   overrides: list[str] | None, extra_tags: dict[str, str] | None = None) -> JobOutcome:
-    """Create (or reopen) the job's run, then train in it; from the moment the run exists, whatever happens ends it
-    with a status and a reason."""
+    """Create (or reopen) the job's run and train in it; once the run exists, any ending gives it a status and a
+    reason."""
     from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
 
     client, chash, resume_from = ready.client, ready.chash, ready.resume_from
@@ -248,19 +229,18 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     finally:
         if sink is not None:
             sink.bar.close()
-        try:  # once, at the end: fallbacks found while training count too
+        try:  # at the end, so fallbacks found while training count
             logger.log_params({"data.warnings": len(checked.fallbacks)})
         except Exception as exc:  # noqa: BLE001  (the run must still be closed)
             log.warning("could not log data.warnings: %s", exc)
-        logger.end(outcome.status, outcome.reason or None)  # the job's record
+        logger.end(outcome.status, outcome.reason or None)
     _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
     return outcome
 
 
 def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
-    """The job's warnings (its reads' fallbacks, the device's) on the run, `data/warnings.txt` (each with every path
-    it concerns), rewritten when training finds another (an image that fails to decode); `data.warnings` (how many)
-    is logged once as the run ends. A sweep's report can show what trained on something other than asked."""
+    """Log the job's fallbacks as the run's `data/warnings.txt` (each with all its paths); rewritten as training
+    finds more."""
     if checked.fallbacks:
         logger.log_artifact(write_text(Path(output_dir) / "warnings.txt", checked.warnings_text()), "data")
 
@@ -279,7 +259,7 @@ def _run_tags(cfg, label: str, chash: str, output_dir: Path, sweep_dir: Path | N
 
 
 def _log_config(cfg, logger: RunLogger, output_dir: Path) -> None:
-    """The whole resolved config as the run's `config.yaml` (params hold it too, but cut at MLflow's limits)."""
+    """The resolved config as the run's `config.yaml` (params are cut at MLflow's limits)."""
     from omegaconf import OmegaConf
 
     path = write_text(output_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
@@ -287,8 +267,7 @@ def _log_config(cfg, logger: RunLogger, output_dir: Path) -> None:
 
 
 def _status_reason(reason: str, user_error: bool) -> str:
-    """What the queue shows: a user's error whole (it is the message), a bug's first line (its traceback stays in
-    the job's log)."""
+    """What the queue shows: a user's error whole, a bug's first line (the traceback stays in the job's log)."""
     if not reason:
         return ""
     return reason if user_error else reason.splitlines()[0]
@@ -296,9 +275,8 @@ def _status_reason(reason: str, user_error: bool) -> str:
 
 def _failed_before_run(cfg, exc: BaseException, *, label: str, status: StatusFile, output_dir: Path,
                        sweep_dir: Path | None, overrides: list[str] | None, found: dict[str, Any]) -> None:
-    """Record a job that failed before its MLflow run existed: in a sweep, as a FAILED child run of the parent
-    carrying the reason (so MLflow shows every job of the sweep; its id goes in the status file); without one, in
-    the status file."""
+    """Record a job that failed before its run existed: in a sweep, as a FAILED child run (its id in the status
+    file); otherwise, or if that fails, in the status file."""
     user_error = isinstance(exc, UserError)
     reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
     run_id = None
@@ -322,7 +300,7 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
             with contextlib.suppress(Exception):
                 chash = config_hash(cfg)
         tags = {**_run_tags(cfg, label, chash or "", output_dir, sweep_dir, overrides), **found.get("extra_tags", {})}
-        tags["lora_sweep.stage"] = "set-up"  # failed before training started
+        tags["lora_sweep.stage"] = "set-up"
         logger = RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=1)
         with contextlib.suppress(Exception):
             logger.log_params(flatten(to_container(cfg)))
@@ -335,8 +313,8 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
 
 
 def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path | None, str | None]:
-    """(state to resume from, MLflow run to continue). auto: the newest state of an unfinished run of this config
-    hash in this store; PATH: that state (in its own run if that run is this config's and unfinished)."""
+    """(state to resume from, run to continue). auto: the newest state of an unfinished run of this config hash in
+    this experiment; PATH: that state, in its own run if it is that unfinished run's newest, else in a new run."""
     mode = cfg.train.resume
     if mode == "never":
         return None, None
@@ -368,8 +346,7 @@ def _parent_run_id(sweep_dir: Path | None) -> str | None:
 
 
 def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None) -> None:
-    """The job's last log line, with the exact command that browses the store the run used; a bug's failure logs
-    its traceback too (the queue shows the log's last lines)."""
+    """The job's last log line, with the command that browses its store; a bug's failure includes its traceback."""
     from lora_sweep.tracking.ui import browse_command
 
     where = f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}' ({uri})"

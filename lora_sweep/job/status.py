@@ -1,9 +1,5 @@
-"""What a job reports about itself while it runs: the job's side of the launchers' protocols
-(hydra_plugins/gpu_queue_launcher).
-
-Its status file (`StatusFile`, at `status_file_path`: label, progress, note, run id; the end of a job that has no
-MLflow run of its own: skipped, or stopped or failed before one existed), the trainer's sink (`JobSink`), and the
-stop-on-signal handler (`StopOnSignal`).
+"""What a job reports while it runs: its status file (progress; the end of a job with no MLflow run of its own), the
+trainer's sink (`JobSink`) and the stop-on-signal handler (`StopOnSignal`).
 """
 
 from __future__ import annotations
@@ -24,9 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def status_file_path(sweep_dir: Path | None, job_num: int | None) -> Path | None:
-    """Where this job keeps its status file: where its launcher says (`STATUS_ENV`: the gpu_queue, Slurm), else,
-    in a sweep (Ray, the basic launcher), the same place from its sweep folder and job number; None in a single
-    run that no launcher watches."""
+    """This job's status file: `STATUS_ENV` if its launcher set it, else from the sweep folder and job number;
+    None in a single run."""
     given = os.environ.get(STATUS_ENV)
     if given:
         return Path(given)
@@ -34,7 +29,7 @@ def status_file_path(sweep_dir: Path | None, job_num: int | None) -> Path | None
 
 
 class StatusFile:
-    """The launcher's view of this job (see hydra_plugins/gpu_queue_launcher): rewritten atomically, at most 2x/s."""
+    """The launcher's view of this job: rewritten atomically, at most twice a second unless forced."""
 
     def __init__(self, label: str, path: Path | None = None):
         self.path = path
@@ -59,8 +54,7 @@ class JobSink:
         self.on_warning = on_warning
 
     def warn(self, fallback) -> None:
-        """A fallback found while training (an image that failed to decode): the run's warnings, as the
-        pre-flight's."""
+        """Record a fallback found while training (an image that failed to decode) with the run's warnings."""
         if self.on_warning is not None:
             self.on_warning(fallback)
 
@@ -80,9 +74,8 @@ class JobSink:
         self.logger.flush()
 
     def progress(self, step, max_steps, loss, speed):
-        """Step, loss and speed on the bar and in the status file; no loss before the first step (there is none yet,
-        not a NaN one)."""
-        if self.bar.total != max_steps:  # the first call, once set-up is done: the bar's clock starts here
+        """Step, loss and speed on the bar and in the status file; loss is None before the first step."""
+        if self.bar.total != max_steps:  # first call, after set-up: the bar's clock starts here
             self.bar.reset(total=max_steps)
             self.bar.initial = step  # a resumed run: speed counts only the steps of this process
         self.bar.n = step
@@ -94,8 +87,8 @@ class JobSink:
 
 
 class StopOnSignal:
-    """First SIGINT/SIGTERM: ask the loop to stop after this step (sampling and evaluation in progress give up at
-    their next prompt, image or denoising step); a second SIGINT: stop at once."""
+    """First SIGINT/SIGTERM: stop after this step (sampling and evaluation give up at their next prompt, image or
+    denoising step); a second SIGINT raises KeyboardInterrupt."""
 
     def __init__(self):
         self.requested = False
