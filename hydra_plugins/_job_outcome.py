@@ -1,21 +1,12 @@
 """How a sweep job ended, decided in one place for the gpu_queue and Slurm launchers and for the job itself.
 
-- The job's word: `JobOutcome` (FINISHED | FAILED | KILLED | SKIPPED, run id, reason, `user_error`, final loss).
-  The task function returns it (FINISHED, SKIPPED) or raises `JobNotFinished` carrying it (FAILED, KILLED), so it
-  reaches the launcher inside Hydra's JobReturn, as any return value or exception does.
-- The status file: a JSON object a job keeps about itself while it runs (hydra_plugins/gpu_queue_launcher lists its
-  keys). `STATUS_ENV` names it in the job's environment; every launcher puts it at `status_path(sweep dir, job
-  number)`, `<sweep dir>/.job_status/<job number>.json`, so a job given no path (Ray, the basic launcher) can keep
-  its own there, and a reader of the sweep folder finds them all.
-- `verdict`: the one judgement of a job whose process is gone: its JobReturn when there is one, else the evidence of
-  its death (exit code or signal, Slurm's state, the interrupts the launcher sent); its last status file gives the
-  label and the run it left open. `record_verdict` writes the verdict of a job that could not say how it ended (it
-  died, was killed or never started) into its status file, for whoever reads the sweep folder after the launcher.
-- `to_job_return`: Hydra's JobReturn for a verdict; a failure re-raises as one compact line (`JobFailed`).
-
-Knows Hydra and files, nothing of what a job does (tests/test_layout.py). The leading underscore keeps Hydra's
-plugin scan from executing this module a second time (a scan re-runs every `hydra_plugins` module it finds, which
-would define its classes anew).
+- `JobOutcome`: returned by the task function, or carried by `JobNotFinished`, inside Hydra's JobReturn.
+- The status file at `status_path` (`<sweep dir>/.job_status/<num>.json`, named by `STATUS_ENV`): what a job
+  says while it runs (keys listed in hydra_plugins/gpu_queue_launcher).
+- `verdict`: how a job whose process is gone ended (its JobReturn, else the evidence of its death);
+  `record_verdict` writes it for a job that could not; `to_job_return` makes Hydra's JobReturn of it.
+Knows Hydra and files, not what a job does. The leading underscore keeps Hydra's plugin scan from importing this
+module a second time (which would define its classes anew).
 """
 
 from __future__ import annotations
@@ -38,11 +29,9 @@ STATUS_DIR = ".job_status"
 
 @dataclass
 class JobOutcome:
-    """How a job ended: status FINISHED | FAILED | KILLED | SKIPPED (a launcher's verdict may also be CANCELLED: never
-    started); `run_id` of the run that records it (a SKIPPED job: the run it matched); `reason` why it did not
-    finish or was skipped; `user_error`: the reason is a message for the user, shown whole without a traceback (else
-    it is a bug's, and its log's last lines matter); `files` a finished job wrote, by name; `label` names the job
-    where the launcher shows it."""
+    """How a job ended: FINISHED | FAILED | KILLED | SKIPPED (or a verdict's CANCELLED: never started); `run_id`
+    records it (SKIPPED: the run it matched); `user_error`: `reason` is for the user, shown whole without a
+    traceback; `files` a finished job wrote; `label` names the job where the launcher shows it."""
 
     status: str
     run_id: str | None = None
@@ -54,14 +43,13 @@ class JobOutcome:
 
 
 class JobNotFinished(RuntimeError):
-    """What a task function raises when its job ended FAILED or KILLED: Hydra records the job FAILED, and these
-    launchers read how it ended from `outcome`."""
+    """Raised by a task function whose job ended FAILED or KILLED; launchers read `outcome`."""
 
     def __init__(self, outcome: JobOutcome, message: str | None = None):
         super().__init__(message or f"{outcome.status}: {headline(outcome.reason)}")
         self.outcome = outcome
 
-    def __reduce__(self) -> tuple[Any, ...]:  # the outcome survives pickling to the launcher's process
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the outcome when pickled to the launcher
         return type(self), (self.outcome, str(self))
 
 
@@ -71,7 +59,7 @@ def status_path(sweep_dir: str | os.PathLike, job_num: int) -> Path:
 
 
 def read_status(path: str | os.PathLike | None) -> dict[str, Any]:
-    """A status file's object ({} when absent or unreadable: it is replaced by rename, so never half written)."""
+    """A status file's object; {} when absent or unreadable (written by rename, never half written)."""
     if not path:
         return {}
     try:
@@ -91,13 +79,13 @@ def read_statuses(sweep_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
 
 
 def remove_statuses(sweep_dir: str | os.PathLike) -> None:
-    """Delete the status files of a sweep folder (an earlier sweep's, before a new one starts there)."""
+    """Delete the status files of a sweep folder (an earlier sweep's)."""
     for path in (Path(sweep_dir) / STATUS_DIR).glob("*.json"):
         path.unlink(missing_ok=True)
 
 
 def write_status(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-    """Replace a status file atomically (a temporary file, then a rename), making its folder if needed."""
+    """Replace a status file atomically, making its folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -106,8 +94,8 @@ def write_status(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
 
 
 def record_verdict(path: str | os.PathLike, outcome: JobOutcome) -> None:
-    """Write the verdict of a job that could not (it died, was killed or never started) into its status file, keeping
-    what the job last wrote there (its label, the run it left open)."""
+    """Write the verdict of a job that could not (died, killed, never started) into its status file, keeping what
+    the job last wrote there."""
     known = read_status(path)
     write_status(path, {"label": outcome.label, **known, "state": outcome.status.lower(), "reason": outcome.reason,
                         "user_error": outcome.user_error})
@@ -115,22 +103,21 @@ def record_verdict(path: str | os.PathLike, outcome: JobOutcome) -> None:
 
 def verdict(job_return: Any, status: Mapping[str, Any] | None = None, *, returncode: int | None = None,
             died: str = "", signals_sent: int = 0) -> JobOutcome:
-    """How a job whose process is gone ended. `job_return`: Hydra's JobReturn, or None when the job left none; then
-    `died` (why, when the launcher knows: Slurm's state), else the process's `returncode` and the interrupts the
-    launcher sent (`signals_sent`: 1 SIGINT, 2 a second, 3 SIGKILL) say it. `status`: the job's last status file."""
+    """How a job whose process is gone ended: its `job_return`, else `died` (e.g. Slurm's state), else `returncode`
+    and `signals_sent` (1 SIGINT, 2 a second, 3 SIGKILL). `status`: its last status file (label, run id)."""
     status = status or {}
     if job_return is None:
         state, reason = _death(status, returncode, died, signals_sent)
         return JobOutcome(state, status.get("run_id"), reason, label=status.get("label"))
     said = _reported(job_return)
     if said.status == "FAILED" and not said.user_error:
-        said = dataclasses.replace(said, reason=said.reason.strip().split("\n")[0])  # a bug's traceback: in its log
+        said = dataclasses.replace(said, reason=said.reason.strip().split("\n")[0])  # the traceback stays in its log
     return dataclasses.replace(said, run_id=said.run_id or status.get("run_id"),
                                label=said.label or status.get("label"))
 
 
 def _reported(job_return: Any) -> JobOutcome:
-    """What the task function said: the outcome it returned or raised, else what its return or exception implies."""
+    """The outcome the task function returned or raised, else what its return or exception implies."""
     value = job_return._return_value
     if job_return.status != JobStatus.FAILED:
         return value if isinstance(value, JobOutcome) else JobOutcome("FINISHED")
@@ -189,9 +176,8 @@ def log_tail(path: str | os.PathLike, lines: int) -> str:
 
 
 class JobFailed(RuntimeError, CompactHydraException):
-    """What Hydra's sweeper re-raises for a job that did not finish. Hydra prints a CompactHydraException as its
-    message alone: the launcher's summary above it already told the story, so no "Error executing job" block and
-    no second traceback follow it. The job's own exception, if any, is `job_exception` (and the `__cause__`)."""
+    """Re-raised by Hydra's sweeper for a job that did not finish; printed as its message alone (the launcher's
+    summary told the rest). The job's own exception, if any, is `job_exception` and `__cause__`."""
 
     def __init__(self, message: str, job_exception: BaseException | None = None, user_error: bool = False):
         super().__init__(message)
@@ -200,8 +186,7 @@ class JobFailed(RuntimeError, CompactHydraException):
 
 
 class QuietJobReturn(JobReturn):
-    """A JobReturn whose failure re-raises without Hydra's "Error executing job with overrides" line (the launcher's
-    summary already named the job and its reason)."""
+    """A JobReturn whose failure re-raises without Hydra's "Error executing job with overrides" line."""
 
     @property
     def return_value(self) -> Any:
@@ -216,9 +201,8 @@ class QuietJobReturn(JobReturn):
 
 def to_job_return(outcome: JobOutcome, job_return: Any, *, overrides: Sequence[str], message: str,
                   working_dir: str | None = None) -> JobReturn:
-    """Hydra's JobReturn for a verdict: the job's own, COMPLETED, for FINISHED and SKIPPED; otherwise FAILED with a
-    JobFailed saying `message`. Hydra's sweeper re-raises the first FAILED one after the batch, which makes the
-    sweep exit 1; the job's own exception stays available as `job_exception` (its traceback is in its log)."""
+    """Hydra's JobReturn for a verdict: COMPLETED for FINISHED and SKIPPED, else FAILED with a JobFailed saying
+    `message` (Hydra re-raises the first after the batch: exit 1)."""
     ret = QuietJobReturn(overrides=list(overrides), working_dir=working_dir)
     if job_return is not None:
         ret.overrides, ret.cfg, ret.hydra_cfg = job_return.overrides, job_return.cfg, job_return.hydra_cfg

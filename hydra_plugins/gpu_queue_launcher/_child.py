@@ -1,12 +1,8 @@
-"""One job, in a process of its own: set the process up, run the Hydra job, leave a result file, exit.
+"""One job in a process of its own: set the process up, run Hydra's `run_job`, leave a result file, exit.
 
-Used twice: by a child the fork server forked (`run_forked`), and as the whole program of a fresh interpreter in
-`start_method: spawn` (`main`). Either way the task function runs through Hydra's own `run_job`, exactly as the
-basic, Ray and submitit launchers run it, so one job function serves every launcher.
-
-A spec file holds a small plain-pickled header (environment, paths) and a cloudpickled payload (Hydra context,
-task function, job config). The header is applied before the payload is unpickled, because unpickling the task
-function imports the user's modules and their import-time code must already see the job's environment.
+Run by a forked child (`run_forked`) or a fresh interpreter (`main`, `start_method: spawn`). A spec file holds a
+plain-pickled header (environment, paths) and a cloudpickled payload; the header is applied first, because
+unpickling the task function imports user modules whose import-time code must see the job's environment.
 """
 
 from __future__ import annotations
@@ -58,8 +54,7 @@ def _picklable(value: Any) -> Any:
 
 
 def _restore_filenames(task_function: Any, filename: str | None) -> None:
-    """cloudpickle ships functions of the main script by value and names their file "<dynamic-code>"; give the
-    task function and its sibling functions their file back, so tracebacks in the job's log show source lines."""
+    """Give `__main__` functions shipped by value (file "<dynamic-code>") their file back, for tracebacks' lines."""
     if not filename:
         return
     for fn in [task_function, *getattr(task_function, "__globals__", {}).values()]:
@@ -80,7 +75,7 @@ def _run(payload: bytes) -> tuple[Any, str | None]:
     setup_globals()
     Singleton.set_state(job["singleton_state"])
     context = job["hydra_context"]
-    if context is None:  # the launcher could not pickle the callbacks: build fresh ones from the job's config
+    if context is None:  # the callbacks could not be pickled: build fresh ones
         from hydra._internal.callbacks import Callbacks
         from hydra.types import HydraContext
 

@@ -1,11 +1,8 @@
-"""What the user sees: one live line per slot on a terminal, event lines otherwise, a summary table at the end,
-then one paragraph per distinct failure reason naming the jobs it hit and their logs. A user's error (the job
-said so: `user_error` in its status file) is shown whole and alone; for anything else, a bug, the last lines of
-the first such job's log (its traceback's last frames) follow.
+"""What the user sees: a live line per slot on a terminal (event lines otherwise), then a summary table and one
+paragraph per distinct failure reason: a user's error whole, a bug with its first job's log tail.
 
-The render functions are pure (records in, text out); `Console` only decides when to draw and, on a terminal,
-redraws its block in place with two ANSI sequences (cursor up N lines, erase line). Lines are cut to the terminal
-width so a wrapped line can never throw the redraw off.
+Render functions are pure (records in, text out); `Console` decides when to draw and redraws its block in place
+(cursor up, erase line), with lines cut to the terminal width so a wrap cannot throw the redraw off.
 """
 
 from __future__ import annotations
@@ -81,9 +78,8 @@ def start_line(record: JobRecord) -> str:
 
 
 def event_line(record: JobRecord) -> str:
-    """`[gpu0] started #1 v57`, then `[gpu0] SKIPPED #1 v57  0.4s` with the reason whole on its own line (a
-    failure's reason is cut at a word: its paragraph in the summary has it all). Both name the job as its status
-    file does (its run name), the launcher's label only for a job that never wrote one."""
+    """`[gpu0] started #1 v57`, then `[gpu0] SKIPPED #1 v57  0.4s` and the reason on its own line (a failure's cut at
+    a word: the summary has it all). The job is named by its status file's label, else the launcher's."""
     where = record.slot.name if record.slot else "-"
     if record.state not in DONE_STATES:
         return start_line(record)
@@ -130,9 +126,7 @@ def failure_paragraph(number: int, reason: str, members: Sequence[JobRecord], ta
 
 
 def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
-    """The end-of-sweep table (variant, status, duration, final loss, MLflow run), then one paragraph per distinct
-    failure reason (see failure_paragraph), then one listing every skipped job with its whole reason (what matched:
-    the run it matched, or the process holding its config)."""
+    """The end-of-sweep table, one paragraph per distinct failure reason, then every skipped job with its reason."""
     groups = failure_groups(records)
     number = {id(r): i for i, (_, members) in enumerate(groups, 1) for r in members}
     skipped = [r for r in records if r.state == "SKIPPED" and headline(r.reason)]
@@ -153,9 +147,8 @@ def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
 
 
 class Console:
-    """Live block of slot lines on a terminal (`live`), or one line per start and end (`plain`), with every
-    `progress_every_s` seconds one `[slot] step/max  loss  speed` line per running job, so that a log file of a
-    long sweep shows progress too (0: none)."""
+    """Live slot lines (`live`), or a line per start and end (`plain`) plus, every `progress_every_s` (0: never),
+    a progress line per running job, so a log file shows progress too."""
 
     def __init__(self, stream: TextIO, mode: str, slots: Sequence[Slot], refresh_s: float,
                  progress_every_s: float = 60.0):

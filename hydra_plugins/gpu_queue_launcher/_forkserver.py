@@ -1,18 +1,15 @@
 """The fork server: a fresh interpreter that imports the heavy modules once and forks one child per job.
 
-Why a separate fresh process rather than forking the sweep process itself: the sweep process has run Hydra
-callbacks (an MLflow parent run, maybe its threads and sqlite connections) that a child must not inherit. This
-process has imported the `preload` list and nothing else, and has run no CUDA and no thread pool, so a fork of it
-is a clean, isolated job process that starts in milliseconds instead of paying the imports again.
+Not the sweep process: its callbacks' threads and sqlite connections must not reach a job. This one has only
+imported `preload`, with no CUDA and no thread pool, so its forks are clean.
 
 Protocol, over one socket (multiprocessing.connection framing, pickled dicts):
   launcher -> server  {"base": [...], "preload": [...]}          once, first
   server -> launcher  {"ev": "ready", "pid", "report": {...}}   once (see _preload.preload)
   launcher -> server  {"cmd": "run", "idx", "spec"} | {"cmd": "signal", "idx", "sig"} | {"cmd": "quit"}
   server -> launcher  {"ev": "started", "idx", "pid", "t"} | {"ev": "exited", "idx", "pid", "returncode", "t"}
-Each job leads its own process group (so a terminal's Ctrl-C reaches only the launcher, which decides what the
-jobs get); when a job's main process exits, whatever it left in its group is killed. If the launcher goes away
-(socket EOF, or SIGTERM sent by the kernel at its death) every job group is killed and the server exits.
+Each job leads its own process group, killed when the job exits. If the launcher goes away (socket EOF, or SIGTERM
+at its death) every job group is killed and the server exits.
 """
 
 from __future__ import annotations
@@ -40,9 +37,7 @@ def main(argv: list[str]) -> int:
     hello = conn.recv()
     base = preload(list(hello["base"]))  # what unpickling a job needs (Hydra, OmegaConf, the scanned plugins)
     report = preload(list(hello["preload"]))
-    # Move everything imported so far out of the garbage collector's reach: a collection in a child would
-    # otherwise walk (and so copy-on-write) every page of the preloaded modules (CPython's gc.freeze, made for
-    # pre-forking servers).
+    # so a child's collections do not touch (and copy-on-write) every preloaded page
     gc.collect()
     gc.freeze()
     conn.send({"ev": "ready", "pid": os.getpid(), "report": {**report, "base_failed": base["failed"]}})
@@ -72,7 +67,7 @@ def _serve(conn: Connection) -> int:
             if conn.fileno() in ready and not _handle(conn, conn.recv(), children, (wake_r, wake_w)):
                 break
     except (EOFError, OSError):
-        pass  # the launcher is gone: fall through and take every job down with us
+        pass  # the launcher is gone: kill every job
     finally:
         for pid in children:
             _proc.kill_group(pid, signal.SIGKILL)
@@ -109,14 +104,14 @@ def _fork_job(conn: Connection, spec_path: str, wake: tuple[int, int]) -> int:
             _proc.reset_signals_for_job()
             for fd in wake:
                 os.close(fd)
-            os.close(conn.fileno())  # the server's end of the launcher socket is not the job's business
+            os.close(conn.fileno())
             code = run_forked(spec_path, server)
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(code)
     try:
-        os.setpgid(pid, pid)  # also here, so the launcher can signal the group as soon as it hears "started"
+        os.setpgid(pid, pid)  # also here: the launcher may signal the group as soon as it hears "started"
     except (PermissionError, ProcessLookupError):
         pass
     return pid

@@ -1,8 +1,5 @@
-"""A job of the queue: what the launcher prepared, its life in the queue, and its verdict once its process is gone.
-
-`finalize` gathers the facts (the result file the job process leaves when Hydra's run_job returns, absent if it
-died; its return code; the interrupts sent to it; its last status file) and hands them to the one verdict of
-hydra_plugins/_job_outcome.py.
+"""A job of the queue: what the launcher prepared, its life in the queue, and its verdict once its process is gone
+(`finalize`: result file, return code, interrupts sent and status file, to `_job_outcome.verdict`).
 """
 
 from __future__ import annotations
@@ -56,7 +53,7 @@ class JobRecord:
     status: dict[str, Any] = field(default_factory=dict)  # the job's status file, as last read
     job_return: Any = None
     traceback: str | None = None
-    user_error: bool = False  # the reason is a message for the user: shown whole, without the log's traceback
+    user_error: bool = False  # the reason is for the user: shown whole, without the log's tail
     run_id: str | None = None
     final_loss: float | None = None
 
@@ -83,7 +80,7 @@ def finalize(record: JobRecord) -> None:
         except Exception as exc:  # e.g. the return value's class cannot be imported here
             unreadable = f"result unreadable: {type(exc).__name__}: {exc}; "
         record.job.result_path.unlink(missing_ok=True)
-    record.job.spec_path.unlink(missing_ok=True)  # it holds a copy of the environment: keep it no longer than needed
+    record.job.spec_path.unlink(missing_ok=True)  # it holds a copy of the environment
     record.status = read_status(record.job.status_path) or record.status
     record.job_return = result["job_return"] if result else None
     record.traceback = result["traceback"] if result else None

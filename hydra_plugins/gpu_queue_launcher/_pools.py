@@ -1,7 +1,7 @@
 """Launcher-side handles on the processes that run jobs: the fork server, or one fresh interpreter per job.
 
-Both offer the same four calls (submit, events, signal, close) and the same events
-({"ev": "started"|"exited", "idx", "pid", "returncode", "t"}), so the queue does not care which one it drives.
+Both offer submit, events, signal and close, with the same events ({"ev": "started"|"exited", "idx", "pid",
+"returncode", "t"}).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from . import _proc
 
 
 def base_modules() -> list[str]:
-    """Modules the job machinery itself needs, as loaded in this process: Hydra, OmegaConf, cloudpickle and the
-    scanned hydra_plugins. Unpickling a job imports them; imported once in the fork server, they cost nothing per
-    job (about 1 s each otherwise)."""
+    """Modules unpickling a job needs, as loaded here (Hydra, OmegaConf, cloudpickle, hydra_plugins): preloaded,
+    they save about 1 s per job."""
     roots = {"hydra", "omegaconf", "cloudpickle", "yaml", "antlr4", "hydra_plugins"}
     return sorted(name for name in list(sys.modules) if name.split(".")[0] in roots)
 
@@ -52,7 +51,7 @@ class ForkServerPool:
         try:
             self.conn.send({"base": base_modules(), "preload": list(preload)})
             self.report: dict[str, Any] = self._wait_ready()
-        except BaseException:  # e.g. Ctrl-C while it preloads: it has no jobs yet, so just kill it
+        except BaseException:  # e.g. Ctrl-C while it preloads: no jobs yet, just kill it
             self.proc.kill()
             self.proc.wait()
             self.conn.close()

@@ -1,12 +1,8 @@
 """Import the launcher's `preload` list in the fork server, so forked jobs start with those modules loaded.
 
-Forking is only safe for what was imported, never for what was *run*: a process that initialised CUDA cannot hand
-a working CUDA to a forked child, and a libgomp (OpenMP) thread pool that ran once hangs the child at its first
-parallel region. So the list is imported, nothing is executed, and the report says which entry, if any, initialised
-CUDA or left threads behind; the launcher then refuses to fork from that process (see launcher.py).
-
-An entry is a module name (`torch`) or `module:attribute` (`diffusers:StableDiffusionXLPipeline`), the latter for
-packages that import lazily on attribute access. An entry that fails to import is reported and skipped.
+Only importing is fork-safe: a child cannot inherit a working CUDA, and an OpenMP pool that ran once hangs it. The
+report names an entry that initialised CUDA or left threads, and the launcher then will not fork (launcher.py).
+An entry is `module` or `module:attribute` (for lazy packages); one that fails to import is reported and skipped.
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ def _load(entry: str) -> None:
 def preload(entries: list[str]) -> dict[str, Any]:
     """Import every entry; return {loaded, failed: {entry: error}, seconds, cuda_initialized_by, threads}."""
     report: dict[str, Any] = {"loaded": [], "failed": {}, "seconds": 0.0, "cuda_initialized_by": None, "threads": []}
-    # torch.cuda.is_available() during an import would otherwise create a CUDA driver context here; the NVML
-    # check answers the same question without one (documented as fork-safe by PyTorch).
+    # the NVML check answers torch.cuda.is_available() without a CUDA context (fork-safe, per PyTorch)
     nvml_was = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     start = time.perf_counter()
@@ -47,7 +42,7 @@ def preload(entries: list[str]) -> dict[str, Any]:
             try:
                 _load(entry)
                 report["loaded"].append(entry)
-            except BaseException as exc:  # an import may even call sys.exit; a bad entry must not stop the sweep
+            except BaseException as exc:  # even sys.exit: a bad entry must not stop the sweep
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 report["failed"][entry] = f"{type(exc).__name__}: {exc}"

@@ -1,7 +1,5 @@
-"""Process plumbing shared by the fork server and the job processes (POSIX; the parent-death signal is Linux-only).
-
-Kept apart from the queue logic because every function here changes process-wide state (signals, file
-descriptors, the environment) and is only ever called in a process that the launcher itself created.
+"""Process plumbing for the fork server and job processes (POSIX; the parent-death signal is Linux-only). Each
+function changes process-wide state, and runs only in a process the launcher created.
 """
 
 from __future__ import annotations
@@ -15,9 +13,7 @@ from collections.abc import Mapping, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
-# Runs in a fresh interpreter (fork server, or one job in `spawn` mode). The launcher's sys.path travels in the
-# environment so `hydra_plugins` and the user's modules resolve exactly as they do in the sweep process, whether
-# or not the project is installed.
+# a fresh interpreter gets the launcher's sys.path, so modules resolve as in the sweep process
 SYS_PATH_ENV = "GPU_QUEUE_SYS_PATH"
 BOOTSTRAP = (
     "import json, os, sys; sys.path[:] = json.loads(os.environ.pop({env!r})); "
@@ -36,11 +32,8 @@ def env_with_sys_path(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def die_with_parent(sig: int, parent: int) -> None:
-    """Ask the kernel to send `sig` to this process when its parent (pid `parent`) dies (Linux only).
-
-    Called by the process itself rather than through Popen's preexec_fn, which is unsafe in a multi-threaded
-    parent. If the parent already died before the call, nobody would ever send the signal: exit instead.
-    """
+    """Ask the kernel to send `sig` to this process when its parent (pid `parent`) dies (Linux only); exit if it
+    already has. Called here, not in Popen's preexec_fn, which is unsafe in a multi-threaded parent."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)

@@ -1,10 +1,5 @@
-"""The queue: FIFO over jobs, bounded by slots; a job starts the moment a slot frees; interrupts escalate.
-
-First SIGINT (Ctrl-C) or SIGTERM: no new job starts, queued ones are CANCELLED, and every running job gets one
-SIGINT to its process group so it can checkpoint and end cleanly. Second: another SIGINT (abort now), and SIGKILL
-`kill_grace_s` later for any job still alive; third: SIGKILL at once (see _on_interrupt). The loop returns only
-when every started job's process has exited, so nothing is left running; if the loop itself fails, the `finally`
-kills whatever still runs.
+"""The queue: FIFO over jobs, bounded by slots; a job starts the moment a slot frees; interrupts escalate
+(`_on_interrupt`). The loop returns only when every started job has exited; if it fails, it kills what still runs.
 """
 
 from __future__ import annotations
@@ -45,12 +40,12 @@ class Interrupts:
             signal.signal(sig, handler)
 
 
-NAME_WAIT_S = 20.0  # how long a started job's "started" line waits for the name its status file gives it
+NAME_WAIT_S = 20.0  # how long a "started" line waits for the job's own name
 
 
 def _announce_named(unnamed: dict[int, JobRecord], console: Console) -> None:
-    """Print the "started" line of each job whose status file now names it (its run name, as its end line will),
-    or that has not named itself within NAME_WAIT_S (then the launcher's label)."""
+    """Print the "started" line of each job whose status file now names it, or, after NAME_WAIT_S, with the
+    launcher's label."""
     for idx, record in list(unnamed.items()):
         status = read_status(record.job.status_path)
         if (status and status.get("label")) or time.time() - (record.started_at or 0) > NAME_WAIT_S:
@@ -122,8 +117,8 @@ def _on_interrupt(count: int, warned: int, pending: deque, running: dict[int, Jo
                   console: Console, kill_grace_s: float) -> int:
     """Escalate to `count` interrupts (called every loop turn); returns how many have been announced.
 
-    1: SIGINT (checkpoint and stop). 2: SIGINT again (abort now: a Python job gets KeyboardInterrupt and can still
-    close its run), then SIGKILL `kill_grace_s` later if it is still alive. 3: SIGKILL at once.
+    Queued jobs are CANCELLED. 1: SIGINT (checkpoint and stop). 2: SIGINT again (abort now), then SIGKILL
+    `kill_grace_s` later. 3: SIGKILL at once.
     """
     while pending:
         record = pending.popleft()

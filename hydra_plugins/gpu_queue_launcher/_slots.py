@@ -1,9 +1,7 @@
-"""Slots: the places a job can run, and the environment that pins a job to its slot.
+"""Slots: where a job can run, and the environment that pins it there.
 
-A GPU slot exports `CUDA_VISIBLE_DEVICES=<that GPU>`, so the job sees exactly one device as `cuda:0`. A CPU slot
-exports `CUDA_VISIBLE_DEVICES=""`, which hides every GPU: a CPU slot means CPU, also when someone forces CPU slots
-(`gpus: []`) on a machine that has GPUs; on a machine without GPUs it changes nothing. Finding the GPUs never
-initialises CUDA in the launcher (no torch import): it reads CUDA_VISIBLE_DEVICES, else asks `nvidia-smi -L`.
+A GPU slot exports `CUDA_VISIBLE_DEVICES=<that GPU>` (the job's `cuda:0`); a CPU slot exports "", hiding every GPU.
+GPUs are found without initialising CUDA: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`.
 """
 
 from __future__ import annotations
@@ -88,8 +86,7 @@ def _gpu_tokens(gpus: Any) -> list[str]:
 
 
 def _checked_tokens(gpus: Any, tokens: list[str]) -> list[str]:
-    """`tokens` if each is a GPU index or UUID: anything else (`abc`) would become a slot whose jobs each fail later
-    with "torch sees no CUDA device"."""
+    """`tokens` if each is a GPU index or UUID, else GpuQueueConfigError (`abc` would fail every job later)."""
     bad = [t for t in tokens if not GPU_TOKEN.fullmatch(t)]
     if bad:
         raise GpuQueueConfigError(
@@ -116,8 +113,7 @@ def check_choices(start_method: Any, console: Any, progress_every_s: Any) -> Non
 
 
 def launcher_problems(settings: Mapping[str, Any]) -> list[str]:
-    """Every problem of the gpu_queue launcher's settings (`hydra.launcher.*`), one paragraph each, for the sweep's
-    pre-flight: found before the sweep's MLflow parent run or folder exists, not by the launcher once they do."""
+    """Every problem of the gpu_queue launcher's settings (`hydra.launcher.*`), one paragraph each (pre-flight)."""
     problems = []
     try:
         check_choices(settings.get("start_method", "forkserver"), settings.get("console", "auto"),
@@ -137,11 +133,7 @@ def launcher_problems(settings: Mapping[str, Any]) -> list[str]:
 
 
 def plan_slots(gpus: Any, jobs_per_gpu: int, cpu_slots: int) -> list[Slot]:
-    """The slots of a sweep, ordered so that free slots fill different GPUs before doubling up on one.
-
-    With GPUs [0, 1] and jobs_per_gpu 2 the order is gpu0, gpu1, gpu0, gpu1. Without any GPU there are
-    `cpu_slots` CPU slots.
-    """
+    """The slots of a sweep, spread over GPUs first (gpu0, gpu1, gpu0, gpu1); `cpu_slots` CPU slots without GPUs."""
     for field, value in (("jobs_per_gpu", jobs_per_gpu), ("cpu_slots", cpu_slots)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GpuQueueConfigError(f"hydra.launcher.{field}={value!r}: must be a whole number >= 1.")

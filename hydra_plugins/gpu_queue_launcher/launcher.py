@@ -1,9 +1,7 @@
-"""GpuQueueLauncher: Hydra's Launcher interface over the slot queue (see the package docstring for the protocols).
+"""GpuQueueLauncher: Hydra's Launcher over the slot queue (the package docstring has the protocols).
 
-launch() prepares every job of the batch (its composed config and job directory, as Hydra's basic launcher does),
-starts the fork server once per launcher (kept for later batches, stopped at exit), runs the queue, writes the
-verdict of each job that could not say how it ended into its status file, prints the summary, writes
-`<sweep dir>/gpu_queue_summary.json`, and hands Hydra one JobReturn per job.
+launch() prepares every job, starts the fork server once (kept for later batches), runs the queue, records the
+verdicts jobs could not, prints the summary, writes gpu_queue_summary.json and returns one JobReturn per job.
 """
 
 from __future__ import annotations
@@ -35,8 +33,7 @@ log = logging.getLogger(__name__)
 
 def short_label(overrides: Sequence[str], value_chars: int = 32, total_chars: int = 100) -> str:
     """The overrides that tell a job from the batch's others, each value cut to `value_chars` and the whole to
-    `total_chars` ("..." marks a cut): a 2,000-character value must not flood the console (the job's status file
-    may name it better)."""
+    `total_chars` ("..." marks a cut)."""
     parts = []
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -100,7 +97,7 @@ class GpuQueueLauncher(Launcher):
                                 kill_grace_s=self.kill_grace_s)
         console.close()
         for r in records:
-            if r.job_return is None:  # it died, was killed or never started: it could not say how it ended
+            if r.job_return is None:  # died, killed or never started
                 record_verdict(r.job.status_path, r.outcome())
         self._records += records
         self._write_summary(sweep_dir / "gpu_queue_summary.json", pool, interrupted)

@@ -1,8 +1,5 @@
-"""Each Slurm job of a sweep as the sweep process sees it at the end, and the end-of-sweep summary.
-
-Three facts per job: the JobReturn submitit brought back (None if the job left no result), the error submitit
-raised instead (the job died: time limit, OOM kill, cancelled, node failure), and the job's last status file; the
-verdict is hydra_plugins/_job_outcome.py's. No Slurm or submitit import: tested without a cluster.
+"""Each Slurm job of a sweep as the sweep process sees it at the end (JobReturn or the error instead, last status
+file, judged by `_job_outcome.verdict`), and the summary. No Slurm or submitit import: tested without a cluster.
 """
 
 from __future__ import annotations

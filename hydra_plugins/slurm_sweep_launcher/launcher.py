@@ -1,9 +1,6 @@
-"""The Slurm launcher (see __init__ for what it changes and why). Two sides:
-
-- `launch` runs in the sweep process: submits one job array through submitit, waits for every job (asking squeue
-  as well as sacct), prints the summary and returns one JobReturn per job.
-- `__call__` runs on the node, inside submitit: points the job at its status file, turns Slurm's time-limit
-  warning (USR2) into a clean stop of the training loop, and lets submitit requeue only after that stop.
+"""The Slurm launcher (__init__ says what it changes). `launch` runs in the sweep process: one job array, every job
+awaited, the summary, one JobReturn per job. `__call__` runs on the node: the job's status file, and Slurm's
+time-limit warning turned into a clean stop before submitit may requeue.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from hydra_plugins._job_outcome import STATUS_ENV, read_status, record_verdict, 
 from ._outcome import FINAL_SLURM_STATES, SlurmJob, finalize, job_return, summary, summary_json
 
 log = logging.getLogger(__name__)
-NO_RESULT_GRACE_S = 30.0  # a job that left the queue gets this long for its result file to appear (shared FS)
+NO_RESULT_GRACE_S = 30.0  # for a gone job's result file to appear on the shared file system
 SQUEUE_EVERY_S = 10.0
 
 
@@ -60,8 +57,7 @@ def _warning_signal() -> signal.Signals:
 
 
 def squeue_states(array_id: str) -> dict[str, str] | None:
-    """{"<array>_<task>": state} for every task of the array Slurm still lists (final states included), or None
-    when squeue cannot be asked."""
+    """{"<array>_<task>": state} of every task squeue still lists (final ones too); None if it cannot be asked."""
     try:
         out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", array_id, "-o", "%i|%T"],
                              capture_output=True, text=True, timeout=60)
@@ -96,8 +92,8 @@ class SlurmSubmitError(RuntimeError, CompactHydraException):
 
 
 def submit_error(exc: BaseException, jobs: int, params: dict[str, Any], folder: Any) -> str:
-    """One paragraph: what sbatch said (its stderr, which submitit raises as FailedJobError over the
-    CalledProcessError) and its exit status, or that sbatch cannot be run; what to check; that nothing ran."""
+    """One paragraph: what sbatch said and its exit status (or that it cannot be run), what to check, that nothing
+    ran."""
     called = exc.__cause__ if isinstance(exc.__cause__, subprocess.CalledProcessError) else None
     said = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or type(exc).__name__
     if isinstance(exc, OSError):
@@ -148,7 +144,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         finally:
             signal.signal(warning, submitit_handler)
         if warned and callable(submitit_handler) and verdict(ret).status == "KILLED":
-            try:  # submitit's own decision now that a state is saved: requeue (then exit) or not
+            try:  # a state is saved: submitit decides whether to requeue
                 submitit_handler(warning, None)
             except UncompletedJobError as exc:
                 log.warning("%s The run ended KILLED with a saved state: rerun the sweep to resume it.", exc)
@@ -190,7 +186,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         try:
             from submitit.core.utils import FailedJobError
 
-            try:  # submitit prints sbatch's stderr itself before raising: the paragraph below says it once
+            try:  # silence submitit's own print of sbatch's stderr: the paragraph below says it
                 with contextlib.redirect_stderr(io.StringIO()):
                     jobs = executor.map_array(self, *zip(*args, strict=True))
             except (FailedJobError, OSError) as exc:
@@ -203,7 +199,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         finally:
             logging.getLogger("submitit").removeFilter(quiet)
         for one in judged:
-            if one.job_return is None:  # it died: it could not say how it ended
+            if one.job_return is None:  # it died
                 record_verdict(status_path(sweep_dir, one.idx), one.outcome)
         text = summary(judged)
         log.info("%s", text)
