@@ -1,9 +1,7 @@
 """lora-sweep's entry point: `python sweep.py [group=option ...] [key=value ...]`, `-m` for a sweep.
 
-Hydra composes conf/ into one config per job; this file hands it to `lora_sweep.job.run.run_job` and turns a user error
-into one readable paragraph and a non-zero exit status instead of a traceback. Before that, the pre-flight
-(`lora_sweep.checks.preflight.PreflightCallback`, first in conf/config.yaml's hydra.callbacks) has checked every job's
-config and files and exits with status 2, having written nothing, if any is wrong.
+Hydra composes conf/ into one config per job (the pre-flight callback checks them first); `main` hands each to
+`lora_sweep.job.run.run_job`. A user error is one paragraph and a non-zero exit status, not a traceback.
 """
 
 from __future__ import annotations
@@ -33,14 +31,12 @@ log = logging.getLogger("lora_sweep")
 
 
 class JobFailed(JobNotFinished):
-    """A sweep job that did not finish (FAILED or KILLED), carrying its outcome: launchers record it with this
-    message and go on with the others; for a bug (not `user_error`) they show the job log's last lines too."""
+    """A sweep job that ended FAILED or KILLED, carrying its outcome to the launcher."""
 
 
 class UserJobFailed(JobFailed, CompactHydraException):
-    """A JobFailed whose message is all a user needs (a config, path or data problem, a NaN, an out-of-memory, a
-    stop). Hydra prints a CompactHydraException as its message alone, so under the basic, Ray and Slurm launchers
-    too it reads as one paragraph, not a traceback."""
+    """A JobFailed whose message is all a user needs (bad input, NaN, out of memory, a stop): Hydra prints a
+    CompactHydraException as its message alone, under every launcher."""
 
 
 def job_failed(outcome: JobOutcome) -> JobFailed:
@@ -53,9 +49,8 @@ CHOICE_GROUPS = ("model", "data", "noise", "loss", "optimizer", "precision", "ne
 
 
 def job_tags(hc, multirun: bool) -> dict[str, str]:
-    """What the comparison report needs from Hydra: the job's place in the sweep (`lora_sweep.job_num`, the order
-    of the sweep's overrides) and the option chosen in each config group (`lora_sweep.choice.<group>`), so a group
-    change (noise=offset -> offset_ip) counts as one knob."""
+    """The report's tags from Hydra: `lora_sweep.job_num` (in a sweep) and `lora_sweep.choice.<group>`, the option
+    of each config group, so a group change counts as one knob."""
     tags = {f"lora_sweep.choice.{group}": option if isinstance(option, str) else ",".join(map(str, option))
             for group, option in hc.runtime.choices.items() if group in CHOICE_GROUPS and option is not None}
     if multirun:
@@ -74,11 +69,11 @@ def share_cpu_cores(hc) -> None:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> JobOutcome:
-    """One job. Its outcome reaches the launcher through Hydra's JobReturn: returned when FINISHED or SKIPPED,
-    raised (`JobFailed`) when FAILED or KILLED in a sweep; a single run exits 1, 2 (bad input) or 130 (stopped)."""
+    """One job: returns its outcome when FINISHED or SKIPPED; FAILED or KILLED raises `JobFailed` in a sweep, and
+    exits a single run with 1, 2 (bad input) or 130 (stopped)."""
     from lora_sweep.job.run import run_job
 
-    lora_sweep.setup()  # a launcher's job process (forked, Ray, Slurm) runs this function, not the module's start
+    lora_sweep.setup()  # a launcher's job process runs this function, not the module's start
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     make_paths_absolute(cfg)  # relative paths mean where the command started, also with hydra.job.chdir=true
@@ -90,23 +85,20 @@ def main(cfg: DictConfig) -> JobOutcome:
                           tags=job_tags(hc, multirun), job_num=hc.job.num if multirun else None)
     except UserError as exc:  # refused in its set-up, which recorded it
         log.error("%s", exc)
-        if multirun:  # an exception, not sys.exit: Ray would treat an exiting worker as a crash and abort the sweep
+        if multirun:  # not sys.exit: Ray aborts the sweep when a worker exits
             raise UserJobFailed(JobOutcome("FAILED", reason=str(exc), user_error=True), str(exc)) from None
         sys.exit(2)
     if outcome.status in ("FAILED", "KILLED"):
         if multirun:
             raise job_failed(outcome)
-        sys.exit(130 if outcome.status == "KILLED" else 1)  # stopped: 130, as a stopped sweep and a shell exit
+        sys.exit(130 if outcome.status == "KILLED" else 1)  # 130, as a stopped sweep
     return outcome
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`python sweep.py ...`: every misspelt key, unknown group option and value of the wrong type of the command
-    line is refused before Hydra starts, all at once (Hydra stops at the first, and would advise adding a misspelt
-    key with '+', which the run would ignore); then `main`. An error that escapes Hydra's
-    composition or a sweep (a bad override or group option, a failed job) is printed as one paragraph, without
-    Hydra's "Set the environment variable HYDRA_FULL_ERROR=1" line: bad input exits 2, a failed sweep 1, and a bug
-    shows its whole traceback. With HYDRA_FULL_ERROR=1 set by the user, Hydra reports everything itself."""
+    """`python sweep.py ...`: the command line's problems, all at once (exit 2), then `main`. A composition error
+    prints as one paragraph (exit 2), a sweep with failed jobs exits 1, a bug shows its traceback. A user's
+    HYDRA_FULL_ERROR=1 leaves all reporting to Hydra."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from lora_sweep.checks.command_line import command_line_problems, hydra_error_text
@@ -118,13 +110,13 @@ def cli(argv: list[str] | None = None) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()
         return
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's run_and_report then re-raises what escapes, for us to print
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises what escapes, for us to print
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as error:
         print(hydra_error_text(error), file=sys.stderr)
         sys.exit(2)
-    except CompactHydraException as error:  # a sweep with failed jobs: the launcher's summary told the story
+    except CompactHydraException as error:  # failed jobs: the launcher's summary said the rest
         print(str(error), file=sys.stderr)
         sys.exit(1)
     finally:

@@ -20,8 +20,7 @@ def _table(args) -> int:
     return 0
 
 
-# What lora-sweep writes under its cache root besides the latent/text entries (lora_sweep.data.cache): folder names
-# only it makes (and their staging names while being built), so a mistaken --dir loses nothing else.
+# folders only lora-sweep makes under a cache root (and their staging names), so a wrong --dir loses nothing else
 _STATES = re.compile(r"[0-9a-f]{16}")  # states/<config_hash>/<run_id>/state-step*.pt (training.checkpoint)
 _STATE_FILE = re.compile(r"state-step\d{8,}\.pt")
 _MODELS = re.compile(r"\.?(tiny-sdxl-v\d+-seed\d+|sdxl-base-config-[0-9a-f]{12})(\..*\.building)?")  # model.loading
@@ -61,9 +60,8 @@ def _plural(n: int, noun: str, nouns: str = "") -> str:
 
 
 def cache_inventory(root: Path) -> list[CachePart]:
-    """Everything under the cache root `root`, by kind: latent and text-encoder entries, the entries' file digests
-    and locks, training states (`<root>/states`, the default train.state_dir), built models (`<root>/models`), the
-    bundled photos (`<root>/datasets`), and anything else (not lora-sweep's). Each with its size in bytes."""
+    """Everything under the cache root `root` by kind, with sizes: cache entries, their digests and locks, training
+    states, built models, bundled photos, and anything else (not lora-sweep's)."""
     from lora_sweep.data.cache import TensorCache
 
     parts, usage = [], TensorCache(root).usage()
@@ -105,8 +103,8 @@ def _owned(folder: Path, pattern: re.Pattern) -> list[Path]:
 
 
 def clean_cache(root: Path, parts: list[CachePart], *, states: bool) -> tuple[list[CachePart], list[CachePart]]:
-    """Remove the latent/text entries, their digests and locks, built models and bundled datasets (all made again
-    when needed), and the training states only with `states`; never anything else. Returns (removed, kept)."""
+    """Remove what is made again when needed (cache entries, built models, bundled datasets), and the training
+    states only with `states`; never anything else. Returns (removed, kept)."""
     import contextlib
     import shutil
 
@@ -128,9 +126,8 @@ def clean_cache(root: Path, parts: list[CachePart], *, states: bool) -> tuple[li
 
 
 def finished_run_states(root: Path, uri: str) -> tuple[list[Path], int]:
-    """The state folders (`<root>/states/<config hash>/<run id>/`) of runs the MLflow store at `uri` has FINISHED,
-    and how many run folders it does not know (kept: another store's runs, or runs whose record is gone). A
-    finished run never resumes by itself; only an explicit `train.resume=PATH` would continue from its state."""
+    """(state folders of runs the store at `uri` has FINISHED, count of run folders it does not know). A FINISHED
+    run never resumes by itself, so its states are safe to remove."""
     from lora_sweep.tracking import store
 
     client, finished, unknown = store.client(uri), [], 0

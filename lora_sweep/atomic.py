@@ -1,7 +1,5 @@
-"""The one place that writes files: to a temporary name in the same folder, then an atomic rename.
-
-A reader (another job, a resumed run, a user) therefore sees either the old file or the whole new one, never a
-half-written one, even when the writer is killed mid-write.
+"""Atomic writes: a temporary name in the same folder, then a rename, so a reader sees the old file or the whole new
+one, even if the writer is killed.
 """
 
 from __future__ import annotations
@@ -15,16 +13,13 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success fsync it and rename it over `target`.
-
-    The temporary file is removed if the body raises, so a failure leaves nothing behind.
-    """
+    """Yield a temporary path beside `target`; on success fsync it and rename it over `target`, else remove it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved LoRA or report should read like any file
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any new file
     try:
         yield tmp
         with open(tmp, "rb") as f:

@@ -1,23 +1,11 @@
-"""Hydra callbacks: a sweep is an MLflow parent run, whatever launcher runs its jobs, and it ends saying what happened.
+"""The sweep's MLflow parent run (a Hydra callback), whatever launcher runs its jobs.
 
-`on_multirun_start` runs once, in the process that launches the sweep, before any job: it checks the tracking store
-(one paragraph and exit 2 if it cannot be used), marks KILLED the runs that earlier processes on this host left
-RUNNING (a SIGKILLed sweep), creates the parent run and writes, into the sweep folder, its id
-(`.mlflow_parent_run_id`) and the keys the command line varies (`job.names.write_swept_keys`, for short run names).
-Every job, local, Ray or Slurm, finds them there and nests its own run under the parent.
-
-The parent is closed once (`on_multirun_end`, or an atexit hook when Hydra skips that: after a failed job or Ctrl-C)
-from the records of its jobs: each job's child run, and the status file (hydra_plugins/_job_outcome.py) of a job
-without a run of its own: skipped (the run it matched), failed before its run could be created, or (written by its
-launcher) died or never started. A child still RUNNING lost its process: it is closed FAILED, or KILLED when the
-sweep was stopped, with the launcher's reason when it wrote one. So:
-- status KILLED if the sweep was stopped, else FAILED if any job failed, else FINISHED;
-- tags `lora_sweep.jobs_total|finished|failed|skipped|killed|cancelled` (cancelled: never started, as the queue
-  does with the jobs still waiting when the sweep is stopped), and `lora_sweep.failure` listing each distinct
-  failure reason with the jobs it hit;
-- tag `lora_sweep.job_runs` (`tracking.store.job_runs_tags`): every job's run, including the FINISHED run of an earlier
-  sweep that a skipped job matched, so the report of a rerun (and `compare` of the newest sweep) shows them;
-- the comparison report, when a job finished or was skipped as already FINISHED.
+`on_multirun_start`, once in the launching process: checks the store (exit 2 if unusable), closes stale runs,
+creates the parent run and writes its id (`.mlflow_parent_run_id`) and the swept keys into the sweep folder, where
+every job finds them. The parent is closed once (`on_multirun_end`, or atexit when Hydra skips it) from its jobs'
+child runs and the status files of jobs without a run (`sweep_summary`): KILLED if stopped, else FAILED if any job
+failed, else FINISHED; tags `lora_sweep.jobs_*`, `lora_sweep.failure` and `lora_sweep.job_runs` (skipped jobs'
+matched runs too); then the comparison report, if any job finished or matched a FINISHED run.
 """
 
 from __future__ import annotations
@@ -49,7 +37,7 @@ class MlflowSweepCallback(Callback):
 
         try:
             self._start(config)
-        except UserError as exc:  # an unusable store: one paragraph, exit 2, before any job starts
+        except UserError as exc:  # an unusable store: exit 2 before any job starts
             log.error("%s", exc)
             sys.exit(2)
 
@@ -62,8 +50,7 @@ class MlflowSweepCallback(Callback):
         from lora_sweep.tracking import store
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        # where the jobs log, as the pre-flight composed them: experiment files may set tracking.experiment, and
-        # the parent must be in the same experiment as its children (MLflow nests runs only within one)
+        # the jobs' own experiment (experiment files may set it): MLflow nests runs only within one
         uri, experiment = SWEEP_TRACKING.get(str(sweep_dir)) or tracking_target(config)
         self.client = store.client(uri)
         exp_id = store.experiment_id(self.client, experiment)
@@ -77,12 +64,12 @@ class MlflowSweepCallback(Callback):
         self.run_id = run.info.run_id
         self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, experiment, exp_id
         write_text(sweep_dir / store.PARENT_FILE, self.run_id)
-        remove_statuses(sweep_dir)  # an earlier sweep's in this folder are not this one's jobs
+        remove_statuses(sweep_dir)  # an earlier sweep's
         try:
             write_swept_keys(sweep_dir, swept_keys(task))
         except Exception as exc:  # names fall back to every override
             log.debug("could not parse the sweep's overrides: %s", exc)
-        self._pid = os.getpid()  # forked job processes inherit atexit hooks: only this process may close the run
+        self._pid = os.getpid()  # forked jobs inherit atexit hooks: only this process closes the run
         atexit.register(self._close)
         log.info("sweep parent run %s; jobs go to %s", self.run_id, sweep_dir)
 
@@ -136,9 +123,8 @@ class MlflowSweepCallback(Callback):
 
 
 def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
-    """What happened to the sweep's jobs: {status, counts (total finished failed skipped killed cancelled), failure
-    (text), job_runs ({job number: run id}), any_finished}, from the parent's child runs and the status files of
-    jobs without a run of their own. Child runs left RUNNING by a dead job are closed here."""
+    """{status, counts, failure, job_runs ({job number: run id}), any_finished} of the sweep, from the parent's child
+    runs and the status files of jobs without a run; closes child runs a dead job left RUNNING."""
     from hydra_plugins._job_outcome import read_statuses
 
     experiment = client.get_run(run_id).info.experiment_id
@@ -166,9 +152,8 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
 
 
 def _jobs(children: list, statuses: Mapping[int, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
-    """Each job's end by job number ("run <id>" for a child run without one): its run's status and failure tag, or,
-    for a job without a run of its own, what its status file says. A run left RUNNING gets the launcher's verdict
-    from the status file, if it wrote one (`verdict`, `reason`)."""
+    """Each job's end by job number ("run <id>" without one): its run's status and failure tag, else its status
+    file's; a run left RUNNING gets the launcher's verdict from the status file, if any."""
     from lora_sweep.compare.variants import JOB_NUM_TAG
     from lora_sweep.tracking.store import FAILURE
 
@@ -199,8 +184,8 @@ def _number(value: Any) -> int | None:
 
 
 def _close_left_open(client, job: dict[str, Any], interrupted: bool) -> None:
-    """Close a run whose job process ended without closing it: KILLED if the sweep was stopped (or its launcher
-    says so), else FAILED; with the launcher's reason, else LEFT_OPEN."""
+    """Close a run its dead job left open: KILLED if the sweep was stopped or the launcher says so, else FAILED;
+    reason: the launcher's, else LEFT_OPEN."""
     from lora_sweep.tracking import store
 
     status = "KILLED" if interrupted or job.get("verdict") in ("KILLED", "CANCELLED") else "FAILED"
@@ -211,8 +196,8 @@ def _close_left_open(client, job: dict[str, Any], interrupted: bool) -> None:
 
 
 def _failure_text(jobs: dict[Any, dict[str, Any]], counts: dict[str, int], how: str) -> str:
-    """Each distinct failure reason (its first line) with the jobs it hit; `how` the sweep ended: ended (its
-    launcher returned), stopped (interrupted) or broke off (the sweep process ended otherwise)."""
+    """Each distinct failure reason (first line) with the jobs it hit, after how the sweep ended (`how`: ended,
+    stopped or broke off)."""
     groups: dict[str, list[str]] = {}
     for num, job in sorted(jobs.items(), key=lambda item: str(item[0])):
         if job["status"] == "FAILED":

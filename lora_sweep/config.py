@@ -1,11 +1,7 @@
-"""The config schema: one dataclass per config group, registered with Hydra's ConfigStore.
+"""The config schema (one dataclass per config group, registered with Hydra's ConfigStore) and `config_hash`.
 
 Hydra merges `conf/<group>/<option>.yaml` onto these dataclasses, so a misspelt key in a file or a wrong type fails
-at compose time. On the command line Hydra would advise adding a misspelt key with '+', and a '+' key composes and
-is never read: `checks.command_line.command_line_problems` (before Hydra) and `checks.keys.unknown_keys` (in the
-pre-flight) refuse both, naming the closest real keys. Range and cross-field checks live in
-`lora_sweep.checks.validate`; the config hash (what identifies a training's result) is `config_hash` below. No torch
-import here: `--help`, `make table` and config checks answer in about a second.
+at compose time; values are checked in `lora_sweep.checks`. No torch import: config checks answer in a second.
 """
 
 from __future__ import annotations
@@ -111,9 +107,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | <state-step*.pt file, or a run's state folder>
     state_dir: str | None = None  # null: <cache root>/states; states go to <state_dir>/<config_hash>/<run_id>/
     on_nan: str = "stop"  # stop | skip_step
-    # on_nan=skip_step: the run fails once this many optimizer steps in a row were skipped (a diverged training
-    # would otherwise skip every step and end FINISHED with a useless LoRA).
-    max_consecutive_skips: int = 10
+    max_consecutive_skips: int = 10  # on_nan=skip_step: fail after this many skipped steps in a row
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -154,9 +148,7 @@ class TrackingConfig:
 @dataclass
 class SweepConfig:
     skip_finished: bool = True  # skip a job whose config and dataset already FINISHED in this experiment
-    # Another process is training this very config (its state folder is locked): wait for it, then skip or resume
-    # (wait), or skip this job now with a message (skip).
-    on_busy: str = "wait"
+    on_busy: str = "wait"  # another process trains this config: wait (then skip or resume) | skip
 
 
 @dataclass
@@ -180,11 +172,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config groups: co
 
 
 def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can start its defaults list with `config_schema`.
-
-    conf/hydra/launcher/{gpu_queue,ray,submitit_slurm}.yaml extend the launcher plugins' schemas of the same name
-    (Hydra 1.3, pinned, merges them and warns that this is deprecated): the warning is silenced, not the merge.
-    """
+    """Register the schema as `config_schema`, the head of conf/config.yaml's defaults list. Silences Hydra 1.3's
+    deprecation warning for conf/hydra/launcher/*.yaml extending the plugins' schemas of the same name."""
     import warnings
 
     from hydra.core.config_store import ConfigStore
@@ -195,8 +184,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
-# Keys that never change what a training computes: they are left out of the config hash.
-_HASH_EXCLUDED = (  # tracking.variant stays in: two named variants are two jobs even if their values agree
+# keys that never change what a training computes; tracking.variant stays in: two variants are two jobs
+_HASH_EXCLUDED = (
     "tracking.experiment",
     "tracking.uri",
     "tracking.flush_every",
@@ -238,8 +227,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# Keys added after runs were recorded, with the values that reproduce those runs: left out of the hash at these values,
-# so existing runs keep their hash (resume and skip still find them), and in it at any other value.
+# keys added later: left out of the hash at the values that reproduce older runs, so those keep their hash
 _HASH_NEUTRAL = {
     "noise.min_timestep": (None, 0),
     "noise.max_timestep": (None, 1000),

@@ -1,7 +1,7 @@
-"""Errors a user can act on.
+"""Exception types, `Problems`, `Fallback` and `is_out_of_memory`, shared by every layer.
 
-Anything raised as a `UserError` is printed as one paragraph (no traceback) by the entry points: it names the
-field or path at fault and what would be accepted instead.
+The entry points print a `UserError` as one paragraph, without a traceback: it names the field or path at fault
+and what is accepted.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    """A config value or combination of values is invalid; raised at compose time, before anything heavy loads."""
+    """A config value or combination of values is invalid."""
 
 
 class ConfigErrors(ConfigError):
-    """Several independent problems found by one check (a group's options), one message each: the pre-flight lists
-    them all, so a user fixes them in one go instead of meeting them one run at a time."""
+    """Several independent problems found by one check, one message each in `problems`."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
@@ -33,9 +32,8 @@ def problem_messages(error: ConfigError) -> list[str]:
 
 
 class Problems:
-    """Collects the `ConfigError`s of independent checks, so a check of many fields reports every bad field, not
-    the first: `value = found.check(fn, *args)` is fn's result, or None after recording its problem;
-    `found.raise_any()` raises them together as one `ConfigErrors`."""
+    """Collects the `ConfigError`s of independent checks: `found.check(fn, *args)` returns fn's result, or None after
+    recording its problem; `found.raise_any()` raises them together."""
 
     def __init__(self) -> None:
         self.messages: list[str] = []
@@ -57,9 +55,8 @@ class Problems:
             raise ConfigErrors(self.messages)
 
 class SamplingOutOfMemory(RuntimeError):
-    """Memory ran out while drawing a sample, not while training: the sampler raises it from the allocator's error
-    (its `__cause__`) so that the failure names the prompt (`where`: the setting, file and line), its size and steps,
-    and the settings that size it, instead of the training knobs."""
+    """Memory ran out while sampling, not training (`__cause__`: the allocator's error); names the prompt (`where`:
+    setting, file and line), its size and steps."""
 
     def __init__(self, index: int, count: int, where: str, width: int, height: int, steps: int):
         self.index, self.count, self.where = index, count, where
@@ -70,12 +67,11 @@ class SamplingOutOfMemory(RuntimeError):
 
 @dataclass(frozen=True)
 class Fallback:
-    """Something the data path used instead of what the user gave (a class token for a missing caption, a skipped
-    folder or image, a first frame, an option-looking token kept in a prompt), said out loud: never an error, never
-    silent. The pre-flight prints each once at start and logs them on the MLflow run (`data/warnings.txt`).
+    """Something used instead of what the user gave (a class token for a missing caption, a skipped image, a first
+    frame): never an error, never silent; printed once and logged on the run (`data/warnings.txt`).
 
-    `setting` is the config key whose input it concerns (e.g. "data.dir"); `what` says what happened to the
-    `paths` (each a file or folder; "file, line N" for prompt lines); `hint` what to do about it, if anything."""
+    `setting`: the config key (e.g. "data.dir"); `what` happened to the `paths` (a plural noun first; "file, line N"
+    for prompt lines); `hint`: what to do, if anything."""
 
     setting: str
     what: str
@@ -96,7 +92,7 @@ class Fallback:
         return f"{self.setting}: {self.count} {self._noun()}{where}." + (f" {self.hint}" if self.hint else "")
 
     def _noun(self) -> str:
-        """`what` starts with a plural noun ("images ...", "caption files ..."): singular for a count of 1."""
+        """`what`, its leading plural noun made singular for a count of 1."""
         words = self.what.split(" ")
         if self.count == 1:
             for i, word in enumerate(words[:2]):

@@ -1,8 +1,5 @@
-"""Where lora-sweep keeps things of its own (the per-user cache root shared by every sweep, the training states),
-and what a path setting means (relative to the launch folder; the project's own files).
-
-Cross-cutting on purpose: the model loader (the tiny model's folder), the latent/text cache and the training states
-all live under the same root, and none of them should import another to find it.
+"""Path helpers: the per-user cache and state roots, the launch folder, absolute path settings, the project's files.
+Shared so the model loader, the cache and the states find one root without importing each other.
 """
 
 from __future__ import annotations
@@ -12,8 +9,7 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
-    """$LORA_SWEEP_CACHE_DIR, else $XDG_CACHE_HOME/lora-sweep, else ~/.cache/lora-sweep: one per user, shared by
-    all sweeps."""
+    """$LORA_SWEEP_CACHE_DIR, else $XDG_CACHE_HOME/lora-sweep, else ~/.cache/lora-sweep."""
     if os.environ.get("LORA_SWEEP_CACHE_DIR"):
         return Path(os.environ["LORA_SWEEP_CACHE_DIR"]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):
@@ -35,9 +31,8 @@ PROJECT_RESOLVER = "lora_sweep_project"
 
 
 def project_path(relative: str) -> str:
-    """`${lora_sweep_project:experiments/prompts/x.txt}` in conf/: a file shipped with lora-sweep (the folder that
-    holds `lora_sweep/`), whatever folder the command starts in. A user's own relative paths mean the launch folder
-    (`absolute`); the project's own files must not."""
+    """`${lora_sweep_project:experiments/prompts/x.txt}` in conf/: a file shipped with lora-sweep, whatever the
+    launch folder (a user's relative paths mean the launch folder: `absolute`)."""
     return str(Path(__file__).resolve().parents[1] / relative)
 
 
@@ -49,35 +44,31 @@ def register_resolver() -> None:
         OmegaConf.register_new_resolver(PROJECT_RESOLVER, project_path)
 
 
-# Every setting that names a file or folder. A relative value means relative to where the user started the command
-# (Hydra's original working directory), whatever hydra.job.chdir says.
+# settings that name a file or folder: relative to the launch folder, whatever hydra.job.chdir says
 PATH_SETTINGS = ("model.path", "data.dir", "data.validation_dir", "data.cache_dir", "sampling.prompt_file",
                  "train.output_dir", "train.state_dir", "train.resume")
 _NOT_PATHS = {"train.resume": ("auto", "never")}
-# Path settings kept as typed when nothing is there: `train.resume=sometimes` is a misspelt word more often than a
-# path, and its message must show what was typed (validate refuses it either way).
+# kept as typed when nothing is there, so a misspelt `train.resume=sometimes` is shown as typed
 _KEPT_IF_MISSING = ("train.resume",)
 
 
 def launch_dir() -> Path:
-    """The folder the command was started in: Hydra's original working directory inside a Hydra job (also after
-    hydra.job.chdir=true moved the job into its output folder), else the current directory."""
+    """The folder the command was started in: Hydra's original working directory in a job, else the current one."""
     from hydra.utils import to_absolute_path
 
     return Path(to_absolute_path("."))
 
 
 def absolute(value: str | os.PathLike) -> str:
-    """`value` with `~` expanded, made absolute against `launch_dir()` (hydra.utils.to_absolute_path) and
-    normalised (`a/./b/../c` -> `a/c`; symlinks are kept as typed)."""
+    """`value` with `~` expanded, made absolute against `launch_dir()` and normalised (symlinks kept as typed)."""
     from hydra.utils import to_absolute_path
 
     return os.path.normpath(to_absolute_path(os.path.expanduser(str(value))))
 
 
 def absolute_tracking_uri(uri: str | None) -> str | None:
-    """A local MLflow store typed as a relative path (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) made absolute
-    against `launch_dir()`; servers (http://...) and absolute paths unchanged."""
+    """A local MLflow store given by a relative path (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) made absolute;
+    servers and absolute paths unchanged."""
     if not uri:
         return uri
     for prefix in ("sqlite:///", "file://", "file:"):
@@ -88,9 +79,8 @@ def absolute_tracking_uri(uri: str | None) -> str | None:
 
 
 def make_paths_absolute(cfg) -> dict[str, str]:
-    """Rewrite every relative path setting of `cfg` (an OmegaConf config, changed in place) as an absolute one, so
-    params, the config hash and every job agree on what the user meant. Returns {setting: new value} for the
-    settings it changed. Call it before the config hash is computed."""
+    """Make every relative path setting of `cfg` absolute, in place; returns {setting: new value} of those changed.
+    Call it before the config hash, so the hash and every job agree on what the user meant."""
     from omegaconf import OmegaConf, open_dict
 
     changed: dict[str, str] = {}
