@@ -1,10 +1,7 @@
 """`python -m lora_sweep compare`: read a sweep's runs from MLflow and write one self-contained comparison page.
 
-How the runs are read from MLflow (the conventions of run.py): `runs.py`.
-
-Runs are grouped into variants (replicates: configs equal but for train.seed) by `variants.py`, compared by
-`effects.py` with `stats.py`, summarised by `summary.py` and rendered by `report_html.py`. The page, its
-`summary.json` and figure PNGs are logged on the sweep's parent run as artifacts under `report/`.
+runs.py reads the runs, variants.py groups them, effects.py and stats.py compare, summary.py summarises and
+report_html.py renders. The page, `summary.json` and the figures go on the sweep's parent run under `report/`.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from lora_sweep.errors import UserError
 
 @contextlib.contextmanager
 def _quiet_downloads():
-    """No tqdm bar per downloaded sample (one per file otherwise): the report prints one line, its path."""
+    """No tqdm bar per downloaded sample: the report prints one line, its path."""
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
@@ -62,11 +59,10 @@ def choose_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], re
 
 
 def check_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], requested: int | None) -> None:
-    """Refuse `--step N` when no compared run logged samples at N, naming the steps that exist: a page of empty
-    cells (or a silently chosen other step) would not be what was asked for. Runs that lack N while others have
-    it are noted on the page instead (a run that stopped early).
+    """Raise UserError (exit 2) naming the sampled steps when no compared run sampled at `--step N`.
 
-    Raises UserError (exit 2)."""
+    Why: empty cells or a silently chosen other step are not what was asked; runs lacking N get a note instead.
+    """
     if requested is None or any(step == requested for images in images_per_run for _, step in images):
         return
     step_sets = [{s for _, s in images} for images in images_per_run if images]
@@ -149,8 +145,7 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
 
 
 def _baseline(client, groups, requested: str) -> int:
-    """`baseline_index`; when `requested` names no compared run but is the id of a run in the store that did not
-    finish, the error says so (such a run was left out), rather than only that it is not among the runs."""
+    """`baseline_index`, whose error says so when `requested` is a stored run that did not finish (left out)."""
     from lora_sweep.compare.variants import FAILURE_TAG, baseline_index
 
     try:
@@ -174,9 +169,10 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
                  all_sweeps: bool = False,
                  out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None,
                  json_path: Path | None = None) -> Path:
-    """Write `out_dir/report.html` (self-contained), `out_dir/summary.json` (the numbers, as embedded in the page)
-    and the figures as PNGs beside it; log them on the sweep's parent run under `report/` when there is one; also
-    write the summary to `json_path` when given. Returns the HTML's path."""
+    """Write `out_dir/report.html` (self-contained), `summary.json` and the figure PNGs; returns the HTML's path.
+
+    They are logged on the sweep's parent run under `report/` when there is one; the summary also goes to `json_path`.
+    """
     from mlflow.tracking import MlflowClient
 
     from lora_sweep.atomic import write_bytes, write_text
@@ -210,8 +206,9 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
 
 
 def default_out(experiment: str | None, sweep_run_id: str | None, all_sweeps: bool = False) -> Path:
-    """Where compare writes without --out: reports/<sweep id> (--sweep), reports/<experiment> (its newest sweep),
-    reports/<experiment>-all-sweeps (--all-sweeps), so the three never overwrite each other."""
+    """Where compare writes without --out: reports/<sweep id>, reports/<experiment> or
+    reports/<experiment>-all-sweeps, so the three never overwrite each other.
+    """
     if sweep_run_id:
         return Path("reports") / sweep_run_id
     name = experiment or DEFAULT_EXPERIMENT
