@@ -82,14 +82,38 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
             all_sweeps: bool = False,
             scratch: Path):
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
-    from lora_sweep.compare.figures import progression_steps
     from lora_sweep.compare.report_html import ReportData
-    from lora_sweep.compare.variants import baseline_index, baseline_note, configured_baseline, group_replicates
+    from lora_sweep.compare.variants import group_replicates
 
     parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id, all_sweeps=all_sweeps)
     records = [read_run(client, run, scratch) for run in runs]
     groups = group_replicates(records)
     shown = [g.representative for g in groups]
+    chosen, image_keys, progression_key, notes = fill_samples(client, shown, step, scratch)
+    index, baseline_notes = choose_baseline(client, groups, baseline)
+    where, scope_notes = sweep_scope(parent, runs)
+    notes += baseline_notes + scope_notes
+    experiment_name = client.get_experiment(runs[0].info.experiment_id).name
+    replicates = sum(g.n for g in groups)
+    data = ReportData(
+        title=f"lora-sweep comparison: {experiment_name}",
+        subtitle=f"{len(groups)} variants ({replicates} runs), {where}, tracking {client.tracking_uri}",
+        step=chosen, image_keys=image_keys,
+        column_titles=column_titles(next((r.prompts for r in shown if r.prompts), None), image_keys),
+        variants=records, baseline=index, notes=notes, groups=groups, experiment=experiment_name,
+        sweep_run_id=parent.info.run_id if parent is not None else None, tracking_uri=str(client.tracking_uri),
+        progression_key=progression_key,
+    )
+    return data, parent
+
+
+def fill_samples(client, shown: list, step: int | None, scratch: Path):
+    """Download each shown run's samples at the chosen step, and its progression of the first prompt.
+
+    Returns (the chosen step, the image keys, the progression's key, notes for the page).
+    """
+    from lora_sweep.compare.figures import progression_steps
+
     images_per_run = [logged_images(client, run.run_id) for run in shown]
     check_step(images_per_run, step)
     chosen = choose_step(images_per_run, step)
@@ -111,37 +135,39 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
                            for s in columns if (progression_key, s) in images]
         if step is not None and image_keys and all(c is None for c in run.cells.values()):
             notes.append(f"{run.name} logged no samples at step {step}.")
+    return chosen, image_keys, progression_key, notes
+
+
+def choose_baseline(client, groups, baseline: str | None) -> tuple[int, list[str]]:
+    """The baseline variant's index: --baseline, else the runs' `compare.baseline`, else the first; with notes."""
+    from lora_sweep.compare.variants import baseline_index, baseline_note, configured_baseline
+
+    notes = []
     if baseline:
         index = _baseline(client, groups, baseline)
         notes += [note] if (note := baseline_note(groups, index, baseline)) else []
-    else:
-        named, disagreement = configured_baseline(groups)
-        notes += [disagreement] if disagreement else []
-        try:
-            index = baseline_index(groups, named, option="compare.baseline")
-        except UserError as exc:
-            notes.append(f"{exc} The first variant is the baseline.")
-            index = 0
+        return index, notes
+    named, disagreement = configured_baseline(groups)
+    notes += [disagreement] if disagreement else []
+    try:
+        index = baseline_index(groups, named, option="compare.baseline")
+    except UserError as exc:
+        notes.append(f"{exc} The first variant is the baseline.")
+        index = 0
+    return index, notes
+
+
+def sweep_scope(parent, runs: list) -> tuple[str, list[str]]:
+    """Which runs the page covers, for its subtitle, and a note on runs that earlier sweeps trained."""
     sweeps = {r.data.tags.get(PARENT_TAG) for r in runs} - {None}
     where = (f"sweep {parent.info.run_id}" if parent is not None else
              f"all job runs of the experiment ({len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''})")
     earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id
                and r.info.status == "FINISHED"]
-    if earlier:
-        notes.append(f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
-                     f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)}).")
-    experiment_name = client.get_experiment(runs[0].info.experiment_id).name
-    replicates = sum(g.n for g in groups)
-    data = ReportData(
-        title=f"lora-sweep comparison: {experiment_name}",
-        subtitle=f"{len(groups)} variants ({replicates} runs), {where}, tracking {client.tracking_uri}",
-        step=chosen, image_keys=image_keys,
-        column_titles=column_titles(next((r.prompts for r in shown if r.prompts), None), image_keys),
-        variants=records, baseline=index, notes=notes, groups=groups, experiment=experiment_name,
-        sweep_run_id=parent.info.run_id if parent is not None else None, tracking_uri=str(client.tracking_uri),
-        progression_key=progression_key,
-    )
-    return data, parent
+    if not earlier:
+        return where, []
+    return where, [f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
+                   f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)})."]
 
 
 def _baseline(client, groups, requested: str) -> int:
