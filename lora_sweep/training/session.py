@@ -88,7 +88,7 @@ class Session:
 
     def unet_forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                      pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-        """The U-Net's prediction (B, C, h, w) under autocast, as kohya's sdxl call_unet (docs/kohya-reference.md §4).
+        """The U-Net's prediction (B, C, h, w) under autocast, as kohya's call_unet (docs/kohya-reference.md §4, §7).
 
         x_t (B, C, h, w) is cast to weight_dtype, `time_ids` (B, 6) to the dtype of `pooled` (B, 1280);
         `context` is (B, 77, 2048).
