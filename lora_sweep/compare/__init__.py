@@ -1,3 +1,4 @@
-"""Reading runs back and comparing them: replicates and their statistics, one-knob effects, the report and the
-article's table. Knows nothing of training internals.
+"""Reading runs back and comparing them: replicates, statistics, one-knob effects, the report, the article's table.
+
+Knows nothing of training internals.
 """

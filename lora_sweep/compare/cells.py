@@ -1,9 +1,7 @@
-"""The text of the report's number cells, from the summary's entries (`summary.build_summary`).
+"""The text of the report's number cells, from the summary's entries: pure, so page and tests render alike.
 
-Pure string functions, so the page and a test can render the same entry the same way. Numbers get as many
-significant digits as it takes for two different numbers of one cell to print differently (an interval never
-reads [1.12, 1.12] when its ends differ), at least 3 (4 for a mean or an effect). Marks: `*` an interval of
-evaluation noise only (one run each), `†` an interval clipped at the metric's natural bounds.
+Numbers get the significant digits it takes for two different numbers of one cell to print differently (at
+least 3; 4 for a mean or an effect). Marks: `*` evaluation noise only (one run each), `†` clipped at the bounds.
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ EVAL_NOISE_MARK = "*"
 
 
 def distinct_digits(values: Iterable[float | None], least: int = 3) -> int:
-    """The fewest significant digits (>= `least`, <= 17) at which every two different finite values print
-    differently with the 'g' format."""
+    """The fewest significant digits (>= `least`, <= 17) at which different finite values print differently ('g')."""
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     for digits in range(least, 17):
         if all(f"{x:.{digits}g}" != f"{y:.{digits}g}" for x, y in combinations(finite, 2) if x != y):
@@ -35,11 +32,11 @@ def format_number(value: float | None, digits: int = 4) -> str:
 
 
 def row_decimals(entries: Iterable[dict], least: int = 4) -> int | None:
-    """The decimals at which a row of means (the summary's estimate entries of one metric) prints: the same for
-    every variant, so means side by side line up and can be told apart ('1.12421', '1.12420', '1.12423', not
-    '1.12421', '1.1242', '1.124'). At least `least` significant digits of the largest mean, more until every two
-    different means, and each entry's mean and interval ends, print differently. None (each number formats on its
-    own, 'g') for magnitudes that fixed decimals would write badly (below 1e-3 or from 1e6 on)."""
+    """The decimals for one row's means, shared so means line up and stay distinct ('1.12421', '1.12420').
+
+    At least `least` significant digits of the largest mean, more until means and interval ends differ. None
+    (each number 'g' on its own) below 1e-3 or from 1e6 on.
+    """
     entries = [e for e in entries if e.get("mean") is not None and math.isfinite(e["mean"])]
     means = [e["mean"] for e in entries]
     largest = max((abs(m) for m in means), default=0.0)
@@ -58,10 +55,10 @@ def signed(value: float | None, digits: int = 4) -> str:
 
 
 def estimate_text(entry: dict, decimals: int | None = None) -> str:
-    """'0.1234 [0.1201, 0.1267]', '0.1234' (no interval: n = 1), '0.1234 (no spread)' (identical replicates), or,
-    without a value, why (e.g. 'did not decrease (the final fit/loss is not below its start)'); when only some runs
-    have one, the number and why the others do not ('2 (1 of 2 runs: did not decrease (not in the mean))').
-    `decimals` (`row_decimals`): every number with that many decimals, as its row's other means."""
+    """'0.1234 [0.1201, 0.1267]', '0.1234' (n = 1), '0.1234 (no spread)', or why there is no value.
+
+    When only some runs have a value, why the others lack one follows. `decimals`: from `row_decimals`.
+    """
     if entry["mean"] is None:
         return entry.get("missing") or entry.get("note") or "—"
     missing = f" ({entry['missing']})" if entry.get("missing") else ""
@@ -89,8 +86,7 @@ def interval_text(entry: dict) -> str:
 
 
 def difference_text(entry: dict, *, compact: bool = False) -> str:
-    """A difference on its own: 'no difference', 'within noise [..]', '+0.05 [..]', '+0.05 (no interval)' ('+0.05'
-    when `compact`)."""
+    """'no difference', 'within noise [..]', '+0.05 [..]' or '+0.05 (no interval)' ('+0.05' when `compact`)."""
     verdict = entry["verdict"]
     if verdict == "no difference":
         return "no difference"
@@ -123,9 +119,10 @@ def effect_text(entry: dict | None) -> tuple[str, str]:
 
 
 def start_text(entry: dict | None) -> str:
-    """'fit/loss differs at step 0 by +0.012 [..]; change from step 0: -0.003 [..]' for two variants that differ
-    before training; '' otherwise. The step-0 difference names what it measures (`at_start.metric`): under
-    fit/steps_to_half it is fit/loss's, in loss units, not a number of steps."""
+    """'fit/loss differs at step 0 by +0.012 [..]; change from step 0: -0.003 [..]', or ''.
+
+    The step-0 difference names its metric (`at_start.metric`): under fit/steps_to_half it is in loss units.
+    """
     if not entry or not entry.get("comparable") or entry.get("at_start") is None:
         return ""
     start = entry["at_start"]

@@ -1,32 +1,11 @@
 """What the report compares, and how: common metrics only, each with its interval, paired where the design pairs.
 
-Common metrics (the same measurement on the same inputs for every variant, whatever its loss or optimizer):
-`fit/loss` and `val/loss` (fixed (image, t, eps) points, plain MSE), the fitting speed derived from the `fit/loss`
-curve (`fit/loss_auc`, `fit/steps_to_half`, lora_sweep.sampling.metrics.fitting_speed) and the image metrics of the
-samples (`img/*`, same prompts and seeds). `train/loss` (each variant's own objective), the loss weights and
-huber_c, the learning rate (d*lr for D-Adaptation/Prodigy) stay curves; cache counts and other bookkeeping are
-not compared at all.
-
-Only finished runs enter the numbers (a failed or stopped run's last value is not a final one). A difference b - a
-(`difference`, `between`) is always the difference of the two means shown beside it (every finished run of each
-variant), with the interval the runs allow:
-1. paired over seeds, when both variants have the same seeds and at least two;
-2. Welch's interval over runs, when both have at least two runs but other seeds (a pairing over the common seeds
-   only would be the difference of other means than those shown);
-3. one run each: paired over the evaluation points of the two runs: the (image, t, eps) points of fit/val loss,
-   the (prompt, seed) images of the image metrics; this interval holds evaluation noise only, not run-to-run
-   noise, and says so ("1 run each");
-4. otherwise (one run against several, or nothing to pair) the bare difference, with no interval and a note that
-   says why ("no interval: seeds differ (xb: 1, 2; xc: 1), and xc has one run").
-Two variants measured on different inputs (other sample prompts, other validation or data settings) are "not
-comparable" for those metrics, with the reason. A variant without a value says why (`missing_reason`: a run whose
-final fit/loss is not below its start, or whose fit/loss was evaluated only at the start and the end, has no steps
-to half: see sampling.metrics.fitting_speed). Intervals are clipped at the metric's `bounds`.
-
-Two variants that already differ at step 0, before any training (every LoRA starts at zero, so only the base
-model can make them differ there: fp8 vs fp16 base weights), are flagged: the difference carries the step-0
-difference (`at_start`) and the difference of the changes from step 0 (`change`), the effect of training with
-the base model's difference taken out; the final difference alone would confound the two.
+Common metrics are the same measurement on the same inputs for every variant: `fit/loss`, `val/loss`, the fitting
+speed from the fit/loss curve, and the sample images' `img/*`. Only finished runs count. A difference b - a is
+always the difference of the two means shown beside it; its interval follows `between` (the table in
+docs/comparing.md, "Intervals and verdicts"). Variants measured on other inputs are "not comparable", with the
+reason. Variants that already differ at step 0 (only the base model can: fp8 vs fp16) also carry that difference
+(`at_start`) and the difference of their changes from step 0 (`change`).
 """
 
 from __future__ import annotations
@@ -67,8 +46,7 @@ EVAL_NOISE_ONLY = "1 run each: evaluation noise only, not run-to-run noise"
 # What each metric is measured from at step 0 (before training): see start_difference.
 START_OF = {"fit/loss": "fit/loss", "val/loss": "val/loss", "fit/loss_auc": "fit/loss", "fit/steps_to_half": "fit/loss",
             **{m: m for m in IMAGE_METRICS}}
-# The size of the terms a metric is computed from (stats.resolved): an MSE of unit-variance noise, a statistic of
-# [0, 1] pixels (colourfulness on Hasler and Suesstrunk's 0..255 scale); the steps to half have none (0).
+# The size of the terms each metric is made of (stats.resolved); colourfulness is on Hasler-Suesstrunk's 0..255.
 SCALE = {"fit/loss": 1.0, "val/loss": 1.0, "fit/loss_auc": 1.0, **{m: 1.0 for m in IMAGE_METRICS},
          "img/colorfulness": 255.0}
 BOUNDS = {  # the values a metric can take (lora_sweep.sampling.metrics for the image statistics)
@@ -91,8 +69,9 @@ class NotComparable:
 
 
 def run_value(run: VariantData, metric: str, step: int | None = None) -> float | None:
-    """A run's final value of a common metric: the last logged value; image metrics at the report's `step` when
-    the run logged that step; fitting speed recomputed from the whole fit/loss history (a resumed run's too)."""
+    """A run's final value of a common metric: the last logged value (image metrics at the report's `step` if
+    logged there); the fitting speed recomputed from the whole fit/loss history (a resumed run's too).
+    """
     if metric in SPEED_METRICS:
         speed = fitting_speed(run.histories.get("fit/loss") or [])
         if speed is None:
@@ -109,8 +88,7 @@ def run_value(run: VariantData, metric: str, step: int | None = None) -> float |
 
 
 def value_step(run: VariantData, metric: str, step: int | None = None) -> int | None:
-    """The step `run_value`'s value is from: the report's `step` for an image metric the run logged there, else
-    the metric's last logged step (for the fitting speed, the last fit/loss evaluation, the curve's end)."""
+    """The step `run_value`'s value comes from (the fitting speed's: the last fit/loss evaluation)."""
     history = run.histories.get(START_OF.get(metric, metric) if metric in SPEED_METRICS else metric) or []
     if metric in IMAGE_METRICS and step is not None and any(s == step for s, _ in history):
         return step
@@ -118,9 +96,10 @@ def value_step(run: VariantData, metric: str, step: int | None = None) -> int | 
 
 
 def row_steps(groups: Sequence[VariantGroup], metric: str, step: int | None = None) -> dict:
-    """Which steps a row of the final metrics shows: {"steps": [...], "final": every value is its run's last,
-    "at": "final (step 8)" | "step 4" | "steps 4, 8"}. `--step N` moves the image metrics to step N while the
-    losses stay final; the page says so per row rather than letting one title claim "final" for both."""
+    """Which steps a final-metrics row shows: {"steps", "final" (every value is its run's last), "at"}.
+
+    "at" is "final (step 8)", "step 4" or "steps 4, 8": `--step N` moves only the image metrics, so each row says.
+    """
     found, final = set(), True
     for run in (r for g in groups for r in g.finished if run_value(r, metric, step) is not None):
         at = value_step(run, metric, step)
@@ -142,8 +121,7 @@ def present_metrics(groups: Sequence[VariantGroup], step: int | None = None) -> 
 
 
 def start_value(run: VariantData, metric: str) -> float | None:
-    """The run's value before any training (step 0) of what `metric` is measured from: fit/loss for the fitting
-    speed, the metric itself otherwise; None when the run has no step-0 value or the metric has no start."""
+    """The run's step-0 value of what `metric` is measured from (fit/loss for the fitting speed), else None."""
     key = START_OF.get(metric)
     at = [v for s, v in (run.histories.get(key) or []) if s == 0] if key else []
     return _finite(at[-1]) if at else None
@@ -162,8 +140,7 @@ def missing_reason(run: VariantData, metric: str) -> str:
 
 
 def bounds(metric: str, runs: Sequence[VariantData]) -> tuple[float, float]:
-    """The values `metric` can take: an MSE or an area is >= 0, an image statistic has its range, the steps to
-    half lie within the runs' fit/loss evaluations [0, last step]."""
+    """The values `metric` can take; the steps to half lie within [0, the runs' last fit/loss step]."""
     if metric == "fit/steps_to_half":
         last = max((s for r in runs for s, _ in r.histories.get("fit/loss") or []), default=math.inf)
         return 0.0, float(last)
@@ -180,8 +157,9 @@ def _join(*notes: str) -> str:
 
 
 def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[float], str]:
-    """(the values of the finished runs, why runs have none: 'did not decrease (...)' when none has a value,
-    '1 of 3 runs: did not decrease (not in the mean)' when some have)."""
+    """(values of the finished runs, why runs lack one): the reasons when none has a value, else
+    '1 of 3 runs: did not decrease (not in the mean)'.
+    """
     if not group.finished:
         return [], "no finished run"
     values, missing = [], []
@@ -197,9 +175,10 @@ def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[f
 
 
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:
-    """Mean over the variant's finished replicates with its t interval (none for n = 1), clipped at the metric's
-    `bounds`; `missing` (and the note) says why runs have no value (e.g. fit/loss did not decrease). A mean over
-    the runs that have a value favours the variant: the page shows that note beside it."""
+    """Mean over the variant's finished runs with its t interval (none for n = 1), clipped at `bounds`.
+
+    `missing` says why runs lack a value: a mean over the rest favours the variant, so the page shows the note.
+    """
     values, reasons = _reasons(group, metric, step)
     found = mean_interval(values, scale=SCALE.get(metric, 0.0))
     found = dataclasses.replace(found, note=reasons if not values else _join(found.note, reasons), missing=reasons)
@@ -239,7 +218,7 @@ def _seeds(values: Values) -> str:
 
 
 def _pairable(va: Values, vb: Values) -> bool:
-    """Both sides have the same seeds, each once (and known): the runs pair one to one by seed."""
+    """Both sides have the same known seeds, each once: the runs pair one to one by seed."""
     sa, sb = [r.seed for r, _ in va], [r.seed for r, _ in vb]
     return None not in sa and len(set(sa)) == len(sa) and sorted(sa) == sorted(sb)
 
@@ -247,16 +226,14 @@ def _pairable(va: Values, vb: Values) -> bool:
 def between(name_a: str, va: Values, name_b: str, vb: Values, scale: float, *,
             one_each: Callable[[VariantData, VariantData], Difference | None] | None = None,
             bare_note: str = NO_INTERVAL_N1) -> Difference:
-    """b - a: always the difference of the two means the page shows beside it (every finished run of each side
-    that has a value), with the interval those runs allow:
-    1. paired over seeds when both sides have the same seeds (each once) and n >= 2: the mean of the pairs'
-       differences is then exactly the difference of the means;
-    2. Welch's interval over runs when both have n >= 2 but other seeds (pairing the common seeds only would show
-       the difference of other means than those shown, which can even have the other sign);
-    3. one run each: `one_each(run_a, run_b)` (paired over the two runs' evaluation points), else no interval
-       (`bare_note`);
-    4. one run against several: no interval, and the note says why (the seeds differ, one side has one run).
-    `identical` ("no difference") only when the values themselves are identical."""
+    """b - a, the difference of the two means shown, with the interval the runs allow.
+
+    1. same seeds, n >= 2: paired over seeds (the mean of pair differences is the difference of the means);
+    2. n >= 2 each, other seeds: Welch's (pairing the common seeds only would change the means shown);
+    3. one run each: `one_each(run_a, run_b)`, else no interval (`bare_note`);
+    4. one run against several: no interval, and the note says why.
+    `identical` only when the values themselves are.
+    """
     effect = resolved(float(np.mean([v for _, v in va])), float(np.mean([v for _, v in vb])), scale)
     seeds = f"seeds differ ({name_b}: {_seeds(vb)}; {name_a}: {_seeds(va)})"
     if len(va) >= 2 and len(vb) >= 2:
@@ -278,8 +255,7 @@ def between(name_a: str, va: Values, name_b: str, vb: Values, scale: float, *,
 
 
 def _points_difference(metric: str, images: dict) -> Callable[[VariantData, VariantData], Difference | None]:
-    """For one run each: b - a paired over the evaluation points of the two runs (the (image, t, eps) points of
-    fit/val loss, the (prompt, seed) images of the image metrics), an interval of evaluation noise only."""
+    """One run each: b - a paired over the two runs' evaluation points (evaluation noise only)."""
     scale = SCALE.get(metric, 0.0)
 
     def paired(ra: VariantData, rb: VariantData) -> Difference | None:
@@ -304,11 +280,11 @@ def _points_difference(metric: str, images: dict) -> Callable[[VariantData, Vari
 
 def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None,
                images: dict[str, dict[str, dict[str, float]]] | None = None) -> Difference | NotComparable:
-    """b - a for `metric` (`between`: the difference of the two means shown, with the interval the runs allow),
-    its interval clipped at the metric's bounds. A side without a value gives a Difference with no value whose
-    note says why ("v59: did not decrease (the final fit/loss is not below its start)"). When the two already
-    differ at step 0 (`start_difference`), the result carries that difference (`at_start`) and the difference of
-    the changes from step 0 (`change`). `images` caches `image_values` by run id."""
+    """b - a for `metric` (`between`), its interval clipped at the metric's bounds.
+
+    A side without a value gives a valueless Difference whose note says why. Variants that differ at step 0 carry
+    `at_start` and `change`. `images` caches `image_values` by run id.
+    """
     why = comparable(a, b, metric)
     if why is not None:
         return why
@@ -329,11 +305,11 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
 
 
 def start_difference(a: VariantGroup, b: VariantGroup, metric: str) -> Difference | None:
-    """b - a at step 0, before any training, when it is not zero; None when the two start alike (or a side has
-    no step-0 value). At step 0 every LoRA is zero, so two variants on the same base model measure the same
-    points alike; a difference there comes from the base model itself (fp8 vs fp16 base weights: quantisation),
-    and a final difference between them is not an effect of training alone. `of` names what was measured at
-    step 0 (fit/loss for the fitting speed), so the page labels it in its own units."""
+    """b - a at step 0 when it is not zero, else None.
+
+    Every LoRA is zero at step 0, so a difference there comes from the base model (fp8 vs fp16) and the final
+    difference is not training's alone. `of` names what was measured (fit/loss for the fitting speed).
+    """
     sa = [(r, v) for r in a.finished if (v := start_value(r, metric)) is not None]
     sb = [(r, v) for r in b.finished if (v := start_value(r, metric)) is not None]
     if not sa or not sb:
@@ -343,9 +319,10 @@ def start_difference(a: VariantGroup, b: VariantGroup, metric: str) -> Differenc
 
 
 def change_difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None = None) -> Difference | None:
-    """The difference of the changes from step 0: (b_final - b_0) - (a_final - a_0), on the same basis as any
-    difference (`between`), the effect of training with the starting difference taken out. None for the steps to
-    half (already measured from each run's own start) or without step-0 values."""
+    """(b_final - b_0) - (a_final - a_0) by `between`: training's effect without the starting difference.
+
+    None for the steps to half (already from each run's start) or without step-0 values.
+    """
     if metric == "fit/steps_to_half":
         return None
 
@@ -371,9 +348,7 @@ class OneKnobPair:
 
 def one_knob_pairs(groups: Sequence[VariantGroup], metrics: Sequence[str], step: int | None = None,
                    images: dict | None = None) -> list[OneKnobPair]:
-    """Every pair (a before b in the natural order) whose configs differ in exactly one knob: first those whose
-    knob changes one value, then the compound ones (a group choice that changes several values), each in the
-    natural order."""
+    """Every pair (a before b) differing in exactly one knob; single-value knobs first, then compound ones."""
     images = images if images is not None else {}
     pairs = []
     for i, a in enumerate(groups):
@@ -387,8 +362,7 @@ def one_knob_pairs(groups: Sequence[VariantGroup], metrics: Sequence[str], step:
 
 
 def same_training(groups: Sequence[VariantGroup]) -> list[tuple[int, int]]:
-    """Pairs of variants that train the same config under two names (they differ in no knob, e.g. v61 and v62 of
-    `make demo`, whose only difference, the step budget, the demo sets to the same value)."""
+    """Pairs of variants that train the same config under two names (they differ in no knob)."""
     return [(i, j) for i, a in enumerate(groups) for j in range(i + 1, len(groups))
             if not knobs(a.params, groups[j].params, a.representative.choices, groups[j].representative.choices)]
 

@@ -1,7 +1,5 @@
-"""The report's pictures: curves on shared axes (PNG via matplotlib's Agg canvas), labelled sample grids, and the
-downscaled JPEG data URIs that keep the HTML self-contained.
-
-Curves are drawn per run; the replicates of one variant share its colour and one legend entry.
+"""The report's pictures: curves on shared axes (matplotlib Agg PNGs), labelled sample grids, and downscaled
+JPEG data URIs that keep the HTML self-contained. Replicates of a variant share its colour and legend entry.
 """
 
 from __future__ import annotations
@@ -50,8 +48,7 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
                  labels: Sequence[str] | None = None) -> bytes | None:
     """One PNG with a panel per metric key, one line per run on shared axes; None when no key has data.
 
-    `variants`: objects with `.name` and `.histories`. `colors[i]`/`labels[i]`: the colour index and legend label of
-    run i (replicates of a variant share both; a label is shown once). Default: one colour and label per run.
+    `colors[i]`/`labels[i]`: run i's colour index and legend label (default: one per run).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -1,22 +1,10 @@
 """The article's table over any set of variants, and the knobs two variants differ in.
 
-Pure functions on MLflow params (flattened config keys -> strings). A value is shown only where it has an effect,
-as the article's table does: "x" where the knob is off (no noise offset, no min-SNR, huber_c under an l2 loss,
-the multires discount without multires noise), "v" where a switch is on. Long values (a 500-character override)
-are cut in the table (`cut`); the full value stays in each variant's resolved config.
-
-A *knob* is what a user turns in one override: a config-group choice (`noise=offset` -> `noise=offset_ip`, recorded
-by sweep.py as the `lora_sweep.choice.<group>` tags) or one value (`loss.huber_c=0.01` -> `0.05`). The values a
-changed group choice brings with it are that one knob. Where a run has no choice tag for one of the groups noise,
-loss, optimizer and precision (older runs; Hydra records no choice for a list such as loss=[huber_snr,debiased]),
-the values that differ inside that group count as one knob. Keys that do not change a training (sampling,
-validation, tracking, paths, the seed: replicates) are never knobs.
-
-A group choice is one knob, but it may change several mechanisms at once: `noise=offset_ip` -> `multires_ip`
-switches the offset off (0.0357 -> 0) and multires noise on (0 -> 6). `Knob.values` lists the values a knob
-changes (raw values: 0 where the table writes x; a dependent setting that only becomes active, such as the
-multires discount, is not a value of its own), and a knob that changes more than one is `compound`: the report
-marks it, so a reader can tell it from a true single-value change.
+Pure functions on MLflow params. A value is shown only where it has an effect: "x" where off or inert, "v" for
+an on switch; long values are `cut`. A *knob* is what a user turns in one override: a config-group choice
+(`lora_sweep.choice.<group>` tags), with every value it brings, or one value. Without a choice tag (older runs,
+or a list choice Hydra does not record) a group's changed values count as one knob. Keys that do not change a
+training are never knobs. A knob changing more than one value (`Knob.values`) is `compound`, and marked.
 """
 
 from __future__ import annotations
@@ -28,8 +16,7 @@ from lora_sweep.compare.variants import SEED_KEY, VariantGroup, is_config_key
 
 GROUP_KNOBS = ("noise", "loss", "optimizer", "precision")  # one knob each when runs carry no choice tags
 NOT_KNOBS = ("sampling.", "validation.", "tracking.", SEED_KEY)
-# Params the trainer logs about the data it found (run.py / session.py), and train.total_batch_size: derived.
-# data.warnings counts the fallbacks the pre-flight allowed (a fact about the data found, not a setting).
+# Facts the job logs about the data it found, and train.total_batch_size: params, but not settings.
 DERIVED = {"data.images", "data.skipped_images", "data.entries_with_repeats", "data.validation_images",
            "train.total_batch_size", "data.warnings"}
 CUT_CHARS = 60  # longer values are cut in the table (the resolved configs hold them whole)
@@ -60,8 +47,9 @@ def parse(value: str | None):
 
 
 def has_effect(key: str, params: dict[str, str]) -> bool:
-    """False where a setting is inert: Huber settings under l2, the multires discount without multires noise,
-    offset options without an offset, IP-noise options without IP noise (kohya ignores them there too)."""
+    """False where a setting is inert, as kohya ignores it: Huber settings under l2, the multires discount
+    without multires noise, offset or IP-noise options without their strength.
+    """
     get = lambda k: parse(params.get(k))  # noqa: E731
     if key in ("loss.huber_c", "loss.huber_schedule"):
         return get("loss.type") not in (None, "l2")
@@ -103,8 +91,7 @@ def cut(text: str, limit: int = CUT_CHARS) -> str:
 
 
 def raw_text(key: str, params: dict[str, str]) -> str:
-    """A value as set, for saying what a knob changes: '0' or 'off' where the table writes x, 'unset' when the
-    run has no such key."""
+    """A value as set, for what a knob changes: 'off' where the table writes x, 'unset' when the run lacks it."""
     if key == OPTIMIZER_ARGS:
         shown = display(key, params)
         return "none" if shown == "x" else shown
@@ -134,8 +121,9 @@ def row_label(key: str) -> str:
 
 
 def table_keys(groups: Sequence[VariantGroup]) -> list[str]:
-    """Every row the table may show: config keys (optimizer args folded into one row), not labels, seeds or
-    derived counts; train.lr only where it is not simply the optimizer's lr."""
+    """Every row the table may show: config keys (optimizer args as one row), no labels, seeds or derived counts;
+    train.lr only where it is not simply the optimizer's lr.
+    """
     keys = {table_key(k) for g in groups for k in g.params
             if is_config_key(k) and k not in DERIVED and k not in (SEED_KEY, "tracking.variant")}
     if all(g.params.get("train.lr") == g.params.get("optimizer.lr") for g in groups):
@@ -153,10 +141,8 @@ def _determined(key: str, parent: str, groups: Sequence[VariantGroup]) -> bool:
 def parameter_table(groups: Sequence[VariantGroup]) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
     """(rows that differ: [(key, [value per variant])], rows shared by all: [(key, value)]).
 
-    A dependent setting whose value is the same wherever it has an effect (the multires discount 0.3 wherever
-    multires is on) is shared, shown with "(where it applies)"; the optimizer arguments, when each optimizer keeps
-    its own defaults, are shared as "each optimizer.name's own". The run status is a row where it differs, so a
-    failed variant stands out; the shared rows hold settings only (no status, no data counts).
+    A dependent setting equal wherever it applies is shared ("(where it applies)"); per-optimizer defaults are shared
+    as "each optimizer.name's own". Status is a row only where it differs; shared rows hold settings only.
     """
     differ, shared = [], []
     for key in [*table_keys(groups), "status"]:
@@ -179,9 +165,10 @@ def parameter_table(groups: Sequence[VariantGroup]) -> tuple[list[tuple[str, lis
 
 @dataclasses.dataclass(frozen=True)
 class Knob:
-    """One thing two variants differ in: a group (`name` = "noise", `a`/`b` = the options chosen) or a value
-    (`name` = the key, `a`/`b` = the values shown). `detail` lists the values a group change brings, as the table
-    shows them; `values` the (key, from, to) it changes, as set (see the module docstring)."""
+    """One thing two variants differ in: a group (`name` "noise", `a`/`b` the options) or a value (`name` the key).
+
+    `detail`: the values a group change brings, as shown; `values`: the (key, from, to) it changes, as set.
+    """
 
     name: str
     a: str

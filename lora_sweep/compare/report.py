@@ -1,10 +1,7 @@
 """`python -m lora_sweep compare`: read a sweep's runs from MLflow and write one self-contained comparison page.
 
-How the runs are read from MLflow (the conventions of run.py): `runs.py`.
-
-Runs are grouped into variants (replicates: configs equal but for train.seed) by `variants.py`, compared by
-`effects.py` with `stats.py`, summarised by `summary.py` and rendered by `report_html.py`. The page, its
-`summary.json` and figure PNGs are logged on the sweep's parent run as artifacts under `report/`.
+runs.py reads the runs, variants.py groups them, effects.py and stats.py compare, summary.py summarises and
+report_html.py renders. The page, `summary.json` and the figures go on the sweep's parent run under `report/`.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from lora_sweep.errors import UserError
 
 @contextlib.contextmanager
 def _quiet_downloads():
-    """No tqdm bar per downloaded sample (one per file otherwise): the report prints one line, its path."""
+    """No tqdm bar per downloaded sample: the report prints one line, its path."""
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
@@ -62,11 +59,10 @@ def choose_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], re
 
 
 def check_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], requested: int | None) -> None:
-    """Refuse `--step N` when no compared run logged samples at N, naming the steps that exist: a page of empty
-    cells (or a silently chosen other step) would not be what was asked for. Runs that lack N while others have
-    it are noted on the page instead (a run that stopped early).
+    """Raise UserError (exit 2) naming the sampled steps when no compared run sampled at `--step N`.
 
-    Raises UserError (exit 2)."""
+    Why: empty cells or a silently chosen other step are not what was asked; runs lacking N get a note instead.
+    """
     if requested is None or any(step == requested for images in images_per_run for _, step in images):
         return
     step_sets = [{s for _, s in images} for images in images_per_run if images]
@@ -86,14 +82,38 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
             all_sweeps: bool = False,
             scratch: Path):
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
-    from lora_sweep.compare.figures import progression_steps
     from lora_sweep.compare.report_html import ReportData
-    from lora_sweep.compare.variants import baseline_index, baseline_note, configured_baseline, group_replicates
+    from lora_sweep.compare.variants import group_replicates
 
     parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id, all_sweeps=all_sweeps)
     records = [read_run(client, run, scratch) for run in runs]
     groups = group_replicates(records)
     shown = [g.representative for g in groups]
+    chosen, image_keys, progression_key, notes = fill_samples(client, shown, step, scratch)
+    index, baseline_notes = choose_baseline(client, groups, baseline)
+    where, scope_notes = sweep_scope(parent, runs)
+    notes += baseline_notes + scope_notes
+    experiment_name = client.get_experiment(runs[0].info.experiment_id).name
+    replicates = sum(g.n for g in groups)
+    data = ReportData(
+        title=f"lora-sweep comparison: {experiment_name}",
+        subtitle=f"{len(groups)} variants ({replicates} runs), {where}, tracking {client.tracking_uri}",
+        step=chosen, image_keys=image_keys,
+        column_titles=column_titles(next((r.prompts for r in shown if r.prompts), None), image_keys),
+        variants=records, baseline=index, notes=notes, groups=groups, experiment=experiment_name,
+        sweep_run_id=parent.info.run_id if parent is not None else None, tracking_uri=str(client.tracking_uri),
+        progression_key=progression_key,
+    )
+    return data, parent
+
+
+def fill_samples(client, shown: list, step: int | None, scratch: Path):
+    """Download each shown run's samples at the chosen step, and its progression of the first prompt.
+
+    Returns (the chosen step, the image keys, the progression's key, notes for the page).
+    """
+    from lora_sweep.compare.figures import progression_steps
+
     images_per_run = [logged_images(client, run.run_id) for run in shown]
     check_step(images_per_run, step)
     chosen = choose_step(images_per_run, step)
@@ -115,42 +135,43 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
                            for s in columns if (progression_key, s) in images]
         if step is not None and image_keys and all(c is None for c in run.cells.values()):
             notes.append(f"{run.name} logged no samples at step {step}.")
+    return chosen, image_keys, progression_key, notes
+
+
+def choose_baseline(client, groups, baseline: str | None) -> tuple[int, list[str]]:
+    """The baseline variant's index: --baseline, else the runs' `compare.baseline`, else the first; with notes."""
+    from lora_sweep.compare.variants import baseline_index, baseline_note, configured_baseline
+
+    notes = []
     if baseline:
         index = _baseline(client, groups, baseline)
         notes += [note] if (note := baseline_note(groups, index, baseline)) else []
-    else:
-        named, disagreement = configured_baseline(groups)
-        notes += [disagreement] if disagreement else []
-        try:
-            index = baseline_index(groups, named, option="compare.baseline")
-        except UserError as exc:
-            notes.append(f"{exc} The first variant is the baseline.")
-            index = 0
+        return index, notes
+    named, disagreement = configured_baseline(groups)
+    notes += [disagreement] if disagreement else []
+    try:
+        index = baseline_index(groups, named, option="compare.baseline")
+    except UserError as exc:
+        notes.append(f"{exc} The first variant is the baseline.")
+        index = 0
+    return index, notes
+
+
+def sweep_scope(parent, runs: list) -> tuple[str, list[str]]:
+    """Which runs the page covers, for its subtitle, and a note on runs that earlier sweeps trained."""
     sweeps = {r.data.tags.get(PARENT_TAG) for r in runs} - {None}
     where = (f"sweep {parent.info.run_id}" if parent is not None else
              f"all job runs of the experiment ({len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''})")
     earlier = [r for r in runs if parent is not None and r.data.tags.get(PARENT_TAG) != parent.info.run_id
                and r.info.status == "FINISHED"]
-    if earlier:
-        notes.append(f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
-                     f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)}).")
-    experiment_name = client.get_experiment(runs[0].info.experiment_id).name
-    replicates = sum(g.n for g in groups)
-    data = ReportData(
-        title=f"lora-sweep comparison: {experiment_name}",
-        subtitle=f"{len(groups)} variants ({replicates} runs), {where}, tracking {client.tracking_uri}",
-        step=chosen, image_keys=image_keys,
-        column_titles=column_titles(next((r.prompts for r in shown if r.prompts), None), image_keys),
-        variants=records, baseline=index, notes=notes, groups=groups, experiment=experiment_name,
-        sweep_run_id=parent.info.run_id if parent is not None else None, tracking_uri=str(client.tracking_uri),
-        progression_key=progression_key,
-    )
-    return data, parent
+    if not earlier:
+        return where, []
+    return where, [f"{len(earlier)} of these runs were trained by earlier sweeps: this sweep skipped those jobs as "
+                   f"already FINISHED ({', '.join(r.info.run_id[:8] for r in earlier)})."]
 
 
 def _baseline(client, groups, requested: str) -> int:
-    """`baseline_index`; when `requested` names no compared run but is the id of a run in the store that did not
-    finish, the error says so (such a run was left out), rather than only that it is not among the runs."""
+    """`baseline_index`, whose error says so when `requested` is a stored run that did not finish (left out)."""
     from lora_sweep.compare.variants import FAILURE_TAG, baseline_index
 
     try:
@@ -174,9 +195,10 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
                  all_sweeps: bool = False,
                  out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None,
                  json_path: Path | None = None) -> Path:
-    """Write `out_dir/report.html` (self-contained), `out_dir/summary.json` (the numbers, as embedded in the page)
-    and the figures as PNGs beside it; log them on the sweep's parent run under `report/` when there is one; also
-    write the summary to `json_path` when given. Returns the HTML's path."""
+    """Write `out_dir/report.html` (self-contained), `summary.json` and the figure PNGs; returns the HTML's path.
+
+    They are logged on the sweep's parent run under `report/` when there is one; the summary also goes to `json_path`.
+    """
     from mlflow.tracking import MlflowClient
 
     from lora_sweep.atomic import write_bytes, write_text
@@ -210,8 +232,9 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
 
 
 def default_out(experiment: str | None, sweep_run_id: str | None, all_sweeps: bool = False) -> Path:
-    """Where compare writes without --out: reports/<sweep id> (--sweep), reports/<experiment> (its newest sweep),
-    reports/<experiment>-all-sweeps (--all-sweeps), so the three never overwrite each other."""
+    """Where compare writes without --out: reports/<sweep id>, reports/<experiment> or
+    reports/<experiment>-all-sweeps, so the three never overwrite each other.
+    """
     if sweep_run_id:
         return Path("reports") / sweep_run_id
     name = experiment or DEFAULT_EXPERIMENT

@@ -1,10 +1,7 @@
-"""The comparison report's content, from plain data to one self-contained HTML page.
+"""The comparison report's content, from plain data to one self-contained HTML page (no MLflow here).
 
-No MLflow here (`report.py` reads the runs and fills `ReportData`): this module only decides what a reader sees,
-in the order a reader asks: which settings differ (the article's table), which variant is better on a common
-yardstick and by more than the noise (final metrics with intervals, one-knob effects), then the pictures (samples
-at one step, one prompt over the steps) and the curves. Every number is rendered from the summary
-(`summary.build_summary`) that the page also embeds as JSON.
+In a reader's order: which settings differ, which variant is better by more than the noise, the pictures, the
+curves. Every number is rendered from the summary (`summary.build_summary`) the page also embeds as JSON.
 """
 
 from __future__ import annotations
@@ -279,9 +276,9 @@ def _curves(figures: dict[str, bytes]) -> tuple[str, list[str]]:
 
 
 def _data_warnings(data: ReportData, summary: dict) -> list[str]:
-    """A note for the runs whose data had fallbacks (the pre-flight's warnings), one per distinct warnings file
-    (replicates and variants on the same data share one): the count, the variants, the text of data/warnings.txt
-    when the report could read it, and a link to the first run's artifact where it is a local file."""
+    """A note per distinct data/warnings.txt (runs on the same data share one): count, variants, its text when
+    read, and a link to the first run's artifact where it is a local file.
+    """
     runs = {r.run_id: r for g in data.groups for r in g.runs}
     total = len(runs)
     shared: dict[tuple[int, str], list[dict]] = {}
@@ -307,9 +304,7 @@ def _data_warnings(data: ReportData, summary: dict) -> list[str]:
 
 
 def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | None = None) -> str:
-    """The whole page; every image is embedded, so the file can be mailed or opened from anywhere. Sections are
-    numbered in the order they appear (a section with nothing to show, such as the progression without samples,
-    is left out and the numbers stay continuous)."""
+    """The whole page, every image embedded; sections with nothing to show are left out, numbering stays continuous."""
     summary = summary if summary is not None else build_summary(data)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>",

@@ -1,23 +1,13 @@
-"""Reading a comparison's runs from MLflow: which runs (a sweep's, an experiment's), and what each holds (params,
-tags, metric histories, evaluation points, sample specs, logged images). `report.py` turns them into the page.
+"""Reading a comparison's runs from MLflow: which runs, and what each holds. `report.py` turns them into the page.
 
-MLflow conventions of lora-sweep (run.py writes them, this module reads them):
-- Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts in <cwd>/mlruns). Experiment =
-  `tracking.experiment` (default "lora-sweep").
-- Sweep parent run: tag `lora_sweep.role` = "sweep". Job runs: tags `lora_sweep.role` = "job",
-  `mlflow.parentRunId` = the parent's id (when in a sweep), `variant` (e.g. "v57"), `config_hash`, and from
-  sweep.py `lora_sweep.job_num` (the Hydra job number: the sweep's order) and `lora_sweep.choice.<group>`.
-- Params: the resolved config flattened with dot keys (`noise.offset`, `loss.type`, `optimizer.name`, ...).
-- Metrics, step = optimizer step: `train/loss`, `train/lr`, `fit/loss`, `val/loss`, and `img/<metric>` (the mean
-  over the step's sample images of `lora_sweep.sampling.metrics.image_metrics`); per-point values of the final
-  fit/val evaluation as artifacts `evaluation/fit_points.json`, `evaluation/val_points.json`.
-- Images: `log_image(key="sample_pNN", step=step)` per prompt (the seed is fixed per prompt), one grid per
-  sampling step as artifact `samples/grid_stepNNNNNN.png`, and the prompt specs as `samples/prompts.json`.
-
-How MLflow 3 stores `log_image(key=..., step=...)`: two artifacts per call under `images/`, named
-`{key}+step+{step}+timestamp+{ms}+{uuid4}.png` (full size) and `...+compressed.webp` (a <= 256 px preview),
-with "/" in the key written as "~". MLflow before 2.22 / 3.0 used "%" as the separator and "#" for "/"; both
-spellings are read here. When one (key, step) was logged twice (a resumed run), the latest timestamp wins.
+The conventions it reads (the job writes them):
+- Sweep parent run: tag `lora_sweep.role` = "sweep". Job runs: `lora_sweep.role` = "job", `mlflow.parentRunId`,
+  `variant`, `config_hash`, `lora_sweep.job_num` (the sweep's order) and `lora_sweep.choice.<group>`.
+- Params: the resolved config with dot keys. Metrics by optimizer step: `train/*`, `fit/loss`, `val/loss`,
+  `img/<metric>`; the final fit/val points as `evaluation/{fit,val}_points.json`.
+- Images: `sample_pNN` per prompt and step, specs in `samples/prompts.json`. MLflow stores them as
+  `images/{key}+step+{step}+timestamp+{ms}+{uuid}.png` ("/" as "~"; before MLflow 2.22 "%" and "#": both read);
+  of a (key, step) logged twice (a resumed run) the latest wins.
 """
 
 from __future__ import annotations
@@ -69,12 +59,12 @@ def logged_images(client, run_id: str) -> dict[tuple[str, int], LoggedImage]:
 
 
 def find_runs(client, *, experiment: str | None, sweep_run_id: str | None, all_sweeps: bool = False):
-    """(parent run or None, job runs in launch order). A sweep's runs are its children and the FINISHED runs its
-    skipped jobs matched (`reused_runs`). With neither argument: the newest sweep of the default experiment that
-    has runs (one stopped or refused before any job ran has none); with an experiment that has no sweep run: all
-    its job runs. `all_sweeps`: every job run of the experiment, whichever sweep ran it (no parent): variants that
-    needed a sweep of their own (other GPUs or time limits) compared together, replicates of one config from
-    different sweeps grouped as usual."""
+    """(parent run or None, job runs in launch order); UserError when there are none.
+
+    A sweep's runs: its children and `reused_runs`. Neither argument: the newest sweep of the default experiment
+    that has runs; an experiment without sweep runs: all its job runs. `all_sweeps`: every job run of the experiment
+    (no parent), replicates from different sweeps grouped as usual.
+    """
     from lora_sweep.tracking.store import read_job_runs
 
     if sweep_run_id:
@@ -129,11 +119,11 @@ def sweep_runs(client, experiment_id: str, parent) -> list:
 
 
 def reused_runs(client, parent, children: set[str]) -> list:
-    """The runs of this sweep's jobs that are not its children (the parent's `lora_sweep.job_runs` tag, written
-    when the sweep ended): the FINISHED runs of earlier sweeps that its skipped jobs matched, part of its results;
-    and runs its jobs ran that did not finish but that the children search misses (an earlier sweep's run a job
-    resumed, a run in another experiment): the report names those as not finished. Each takes this sweep's job
-    number (`lora_sweep.job_num`), so the report orders it as this sweep's job."""
+    """The runs of this sweep's jobs that are not its children (the parent's `lora_sweep.job_runs` tag).
+
+    FINISHED runs of earlier sweeps its skipped jobs matched, and unfinished runs the children search misses. Each
+    takes this sweep's job number, so the report orders it as this sweep's job.
+    """
     from lora_sweep.compare.variants import JOB_NUM_TAG
     from lora_sweep.tracking.store import read_job_runs
 
@@ -168,8 +158,7 @@ def _download_json(client, run_id: str, artifact_path: str, scratch: Path):
 
 
 def read_points(client, run_id: str, scratch: Path) -> dict[str, dict[tuple[str, int], float]]:
-    """The per-point values of a run's final fit/val evaluation (`evaluation/<prefix>_points.json`, written by
-    training/evaluate.py): {"fit/loss": {(image, t): value}}."""
+    """The per-point values of a run's final fit/val evaluation: {"fit/loss": {(image, t): value}}."""
     found = {}
     names = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
     for prefix in ("fit", "val"):

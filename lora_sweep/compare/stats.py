@@ -1,32 +1,14 @@
-"""The statistics of a comparison: means with intervals, differences with intervals, and how fast a curve falls.
+"""The statistics of a comparison: means and differences with intervals. Pure functions on plain numbers.
 
-Pure functions on plain numbers (no MLflow, no torch); the distributions come from scipy. Every interval is a
-two-sided Student t interval at `CONFIDENCE` (0.95):
-- a mean over n replicates: mean +- t_{n-1} * s / sqrt(n) (`mean_interval`);
-- a paired difference over n pairs (the same seed, the same (image, t, eps) point or the same (prompt, seed)
-  image in both variants): the mean of b - a with the t interval of the differences (`paired_difference`), which
-  removes what the pairs share (a hard image, a high timestep) and so is narrower than the unpaired interval;
-- an unpaired difference: Welch's interval (unequal variances, Welch-Satterthwaite degrees of freedom),
-  `unpaired_difference`.
-With one value (n = 1) there is no spread to estimate: no interval is made up, and the note says so.
+Every interval is a two-sided Student t interval at `CONFIDENCE`: a mean over n replicates (`mean_interval`); a
+paired difference over n pairs (same seed, (image, t, eps) point or (prompt, seed) image: narrower, since it
+removes what pairs share; `paired_difference`); Welch's unpaired difference (`unpaired_difference`). n = 1 gets
+no interval, and a note. Verdicts: "within noise" when the interval covers 0; "no difference" when the values are
+identical (two names for one config), never "within noise [+0, +0]".
 
-A difference is "within noise" when its interval covers zero; the report then shows "within noise", never a
-percentage. It is "no difference" when the values are identical: every pair's difference is zero (or, one run
-each, the two values are equal), so there is no spread either; that is what two variants that train the same
-config show, and "within noise [+0, +0]" would wrongly suggest a noise that is not there.
-
-Floating-point resolution: two values whose difference is at most `RESOLUTION` (1e-9) times their magnitude are
-equal; the magnitude is at least the metric's `scale`, the size of the terms it is computed from (1 for an MSE of
-unit-variance noise or a statistic of [0, 1] pixels), since a value near 0 made of such terms carries their
-rounding (the spread of a flat image's luma is 1e-17, not 0). The metrics are computed in float32 on the device
-(one float32 step is 2^-23 ~ 1.2e-7 of the value, so a real difference between two runs is never smaller than
-~6e-8 relative), then post-processed in float64 (sums here, the interpolation of `sampling.metrics.fitting_speed`),
-whose rounding stays orders of magnitude below 1e-9: a difference of -5.551e-12 steps between two fitting speeds is
-rounding, and reads 0.
-
-Bounds: `clip` cuts an interval at a metric's natural bounds (a step count lies within the run, an MSE is not
-negative). The true value lies inside those bounds, so the clipped interval covers it whenever the t interval
-does: the coverage stays 95 %, and the interval no longer shows values the metric cannot take.
+Resolution: values within `RESOLUTION` (1e-9) of their magnitude, at least the metric's `scale`, are equal.
+Why 1e-9: metrics are float32 (real differences >= ~6e-8 relative), post-processing float64 (rounding far below).
+`clip` cuts intervals at a metric's natural bounds; the true value is inside them, so coverage stays 95 %.
 """
 
 from __future__ import annotations
@@ -52,7 +34,7 @@ def resolved(a: float, b: float, scale: float = 0.0) -> float:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean with its interval. `low`/`high` are None when there is no interval (n < 2), and `note` says why."""
+    """A mean with its interval; `low`/`high` None when there is none (n < 2), and `note` says why."""
 
     mean: float
     low: float | None
@@ -73,11 +55,11 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Difference:
-    """b - a with its interval. `basis` says what was paired ("paired over 3 seeds", ...); `n` counts pairs
-    (paired) or all values (unpaired). No interval: `low`/`high` None and `note` says why. No value at all (a side
-    has none): `effect` NaN, `n` 0 and `note` says why. `identical`: the values are the same (every pair's
-    difference is zero, or the one value of each side is equal). `at_start`/`change`: set by the comparison when
-    the two variants already differ before training (see effects.difference)."""
+    """b - a with its interval. `basis`: what was paired ("paired over 3 seeds"); `n`: pairs, or all values.
+
+    No interval: `low`/`high` None, `note` says why. No value (a side has none): `effect` NaN, `n` 0.
+    `identical`: the values are the same. `at_start`/`change`: set when the variants differ before training.
+    """
 
     effect: float
     low: float | None
@@ -97,8 +79,7 @@ class Difference:
 
     @property
     def within_noise(self) -> bool | None:
-        """True when the interval covers zero (identical values too), False when it excludes zero, None without
-        an interval."""
+        """True when the interval covers zero, False when it excludes it, None without an interval."""
         if not self.has_interval:
             return None
         return self.low <= 0.0 <= self.high
@@ -125,8 +106,7 @@ class Difference:
 
 
 def clip(found, lower: float, upper: float, what: str = "the metric's natural bounds"):
-    """An `Estimate` or `Difference` whose interval is cut to [lower, upper] (unchanged when it lies inside; the
-    coverage argument is in the module docstring). `clipped` is set and the note says so."""
+    """`found` with its interval cut to [lower, upper]; `clipped` is set and the note says so."""
     if not found.has_interval or (found.low >= lower and found.high <= upper):
         return found
     note = "; ".join(n for n in (found.note, f"interval clipped at {what} [{lower:g}, {upper:g}]") if n)
@@ -155,9 +135,9 @@ def _t_interval(mean: float, sem: float, df: float, confidence: float) -> tuple[
 
 
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE, *, scale: float = 0.0) -> Estimate:
-    """Mean of `values` (non-finite ones dropped) with its t interval over n - 1 degrees of freedom.
+    """Mean of `values` (non-finite dropped) with its t interval over n - 1 degrees of freedom.
 
-    n = 0 gives a NaN mean and n = 1 the value itself, both without an interval (and a note saying why).
+    n = 0: a NaN mean; n = 1: the value; neither has an interval (the note says why).
     """
     from scipy import stats
 
@@ -175,11 +155,10 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE, *, sc
 
 def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pairs",
                       confidence: float = CONFIDENCE, scale: float = 0.0) -> Difference:
-    """Mean of b[i] - a[i] over the pairs where both are finite, with the t interval of the differences
-    (the interval of scipy.stats.ttest_rel). `unit` names what a pair is ("seeds", "(image, t, eps) points").
-    Each pair's difference is `resolved` (rounding reads 0); when every one is 0 the result is `identical`.
+    """Mean of b[i] - a[i] over pairs with both finite, with the differences' t interval (as ttest_rel).
 
-    Raises ValueError when a and b have different lengths (the pairing would be a guess).
+    `unit` names a pair ("seeds"). Each difference is `resolved`; all 0 gives `identical`.
+    Raises ValueError for unequal lengths (the pairing would be a guess).
     """
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pairs need equal lengths")
@@ -197,8 +176,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "pa
 
 def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "runs",
                         confidence: float = CONFIDENCE, scale: float = 0.0) -> Difference:
-    """mean(b) - mean(a) with Welch's t interval (scipy.stats.ttest_ind(b, a, equal_var=False)); no interval
-    unless both sides have at least two values."""
+    """mean(b) - mean(a) with Welch's t interval; no interval unless each side has two values."""
     from scipy import stats
 
     xa, xb = _finite(a), _finite(b)
@@ -218,7 +196,6 @@ def unpaired_difference(a: Sequence[float], b: Sequence[float], *, unit: str = "
 
 def no_interval(a: float, b: float, basis: str = "1 run each", note: str = NO_INTERVAL_N1, *,
                 scale: float = 0.0) -> Difference:
-    """b - a (`resolved`) when nothing pairs or replicates them: the difference, and no interval; `identical`
-    when the two values are equal."""
+    """b - a (`resolved`) when nothing pairs or replicates them; `identical` when equal."""
     effect = resolved(a, b, scale)
     return Difference(effect, None, None, 2, basis, note, identical=effect == 0.0)

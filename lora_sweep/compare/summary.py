@@ -1,6 +1,5 @@
-"""The comparison as plain data: the JSON the page embeds (`<script type="application/json"
-id="lora-sweep-summary">`) and `compare --json PATH` writes, and from which the page's tables are rendered, so
-the two can never disagree.
+"""The comparison as plain data: the JSON the page embeds and `compare --json PATH` writes; the page's tables
+are rendered from it, so the two never disagree.
 
 Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
 {
@@ -21,12 +20,8 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "data_warnings": [{"variant", "run_id", "count", "artifact"}],   # runs whose data had fallbacks
   "notes": [...]
 }
-verdict: "no difference" (identical values), "different" (the interval excludes 0), "within noise" (it covers
-0), "no interval" (n = 1, nothing to pair, or one run against several; note says why), "no value" (a side has
-none; note says why). "at_start" (step 0's difference, with "metric": what was measured at step 0, fit/loss under
-fit/loss_auc and fit/steps_to_half, so it is in that metric's units) and "change" (the difference of the changes
-from step 0) are present only when the two variants already differ before training. "clipped": the interval was
-cut at the metric's natural bounds.
+verdict: "no difference", "different", "within noise", "no interval" or "no value" (stats.Difference.verdict).
+"at_start" (its "metric": what step 0 measured) and "change" appear only when the variants differ before training.
 """
 
 from __future__ import annotations
@@ -92,9 +87,7 @@ def build_summary(data) -> dict[str, Any]:
 
 
 def unfinished_note(group) -> str:
-    """'xb: 1 of 3 runs did not finish and is left out of the numbers: seed 3 FAILED (NonFiniteLoss: ...), run
-    9b2515ab.': every unfinished run of the variant with its seed, status and the reason MLflow holds, since it
-    changes the variant's n and the seeds its differences can pair."""
+    """'xb: 1 of 3 runs did not finish and is left out of the numbers: seed 3 FAILED (...), run 9b2515ab.'"""
     runs = group.unfinished
     each = "; ".join(f"{'seed ' + str(r.seed) if r.seed is not None else 'a run'} {r.status}"
                      + (f" ({r.failure})" if r.failure else "") + f", run {r.run_id[:8]}" for r in runs)

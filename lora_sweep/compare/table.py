@@ -1,7 +1,6 @@
 """The article's table, rebuilt from the composed experiment configs (never from a copy of the table).
 
-Rows use the article's parameter names; columns are the experiments (v53 ... v64); "x" means off. Changing an
-experiment file changes the table, so the table doubles as a check that the experiments say what the article says.
+Rows use the article's names, columns are the experiments, "x" means off: the table checks the experiment files.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """From runs to variants: replicates grouped, variants in their natural order, the baseline chosen.
 
-Pure data (no MLflow: `report.py` fills `VariantData` from the store). Definitions:
-- A *run* is one MLflow job run (`VariantData`).
-- *Replicates* are runs whose configs differ only in `train.seed`: their params, less `train.seed` and the keys that
-  never change a training (`config.is_hash_excluded`: paths, tracking, sweep and compare settings), hash to the same
-  `replicate_key`. A sweep over `train.seed=1,2,3` asks for them.
-- A *variant* (`VariantGroup`) is a set of replicates, named by the runs' `variant` tag less its `train.seed=N`
-  part (run.py names a sweep's job by the overrides it varies, space-separated: `noise=none train.seed=1`; older
-  tags are comma-separated), so the replicates of `-m noise=none,offset train.seed=1,2,3` form the variants
-  `noise=none` and `noise=offset`; the group's `label` adds n and the seeds (`noise=none (n = 3, seeds 1, 2, 3)`).
-- *Natural order*: the order of the sweep's overrides (the Hydra job number, tag `lora_sweep.job_num`) when every
-  run has one, else the names in natural order (v9 < v53 < v64), then start time.
+Pure data (`report.py` fills `VariantData` from MLflow). A *run* is one job run (`VariantData`). *Replicates*
+differ only in `train.seed` (and keys that never change a training): equal `replicate_key`. A *variant*
+(`VariantGroup`) is a set of replicates, named by the runs' `variant` tag less its `train.seed=N` part (tags are
+space-separated overrides; older ones comma-separated). *Natural order*: the Hydra job number when every run has
+one, else the names in natural order (v9 < v53 < v64), then start time.
 """
 
 from __future__ import annotations
@@ -68,8 +62,8 @@ class VariantData:
 
     @property
     def failure(self) -> str:
-        """Why the run did not finish, as MLflow holds it (the `lora_sweep.failure` tag run.py and the sweep set:
-        the exception, or the queue's reason for a killed job), cut to its first line; '' when none is recorded."""
+        """Why the run did not finish (the `lora_sweep.failure` tag), its first line cut to FAILURE_CHARS; '' if none.
+        """
         lines = (self.tags.get(FAILURE_TAG) or "").strip().splitlines()
         first = lines[0].strip() if lines else ""
         return first if len(first) <= FAILURE_CHARS else first[:FAILURE_CHARS - 3] + "..."
@@ -98,8 +92,10 @@ class VariantGroup:
 
     @property
     def label(self) -> str:
-        """The name with the finished replicates the numbers use, for legends: 'noise=none (n = 3, seeds 1, 2, 3)';
-        the name alone for one finished run; '(no finished run)' when none finished."""
+        """The name with the finished replicates, for legends: 'noise=none (n = 3, seeds 1, 2, 3)'.
+
+        The name alone for one finished run; '(no finished run)' added when none finished.
+        """
         finished = self.finished
         if not finished:
             return f"{self.name} (no finished run)"
@@ -110,8 +106,9 @@ class VariantGroup:
 
     @property
     def representative(self) -> VariantData:
-        """The run shown in the picture grids, whose evaluation points stand for the variant when it has one run:
-        the finished replicate with the lowest seed (else the first run)."""
+        """The run shown in picture grids (and whose points stand for a one-run variant): the finished
+        replicate with the lowest seed, else the first run.
+        """
         return (self.finished or self.runs)[0]
 
     @property
@@ -121,17 +118,16 @@ class VariantGroup:
 
     @property
     def unfinished(self) -> list[VariantData]:
-        """The replicates that did not finish (FAILED, KILLED, still RUNNING): left out of the numbers, named on the
-        page with their reason, since they change n and the seeds the differences can pair. A run whose seed has a
-        finished run in the group (a job stopped before its first state, then trained again by a later sweep) lost
-        nothing and is not listed."""
+        """Replicates that did not finish, named on the page since they change n and the pairing.
+
+        A run whose seed also has a finished run (trained again later) lost nothing and is not listed.
+        """
         done = {r.seed for r in self.runs if r.status == "FINISHED"}
         return [r for r in self.runs if r.status != "FINISHED" and (r.seed is None or r.seed not in done)]
 
     @property
     def n_text(self) -> str:
-        """'n = 2 · seeds 1, 2 · 1 failed (seed 3)': the finished replicates the numbers use, then those that did
-        not finish (the page's note and the summary say why)."""
+        """'n = 2 · seeds 1, 2 · 1 failed (seed 3)': the finished replicates, then those that did not finish."""
         seeds = [str(r.seed) for r in self.finished if r.seed is not None]
         text = f"n = {len(self.finished)}" + (f" · seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
                                              if seeds else "")
@@ -181,8 +177,7 @@ CUT_HASH = re.compile(r" #[0-9a-f]{6,}$")  # job.names.run_label's mark of a cut
 
 
 def strip_seed(name: str) -> str:
-    """A variant tag made from overrides ('noise=multires train.seed=2', 'noise=multires,train.seed=2',
-    'v57 +train.seed=3') without its seed part; 'default' when nothing else is left."""
+    """A variant tag without its seed override ('noise=multires train.seed=2' -> 'noise=multires'); else 'default'."""
     return SEED_PART.sub("", name).strip() or "default"
 
 
@@ -214,12 +209,11 @@ def group_replicates(runs: Sequence[VariantData]) -> list[VariantGroup]:
 
 
 def baseline_index(groups: Sequence[VariantGroup], requested: str | None, *, option: str = "--baseline") -> int:
-    """The index of the variant named (or whose run id is, or starts with) `requested`; when None, the first variant
-    with a finished run (else 0). A run id of
-    a run that did not finish names its variant when the variant has finished runs (`baseline_note` says so).
+    """The index of the variant named by `requested` (its name, or a run id or its prefix); None: the first
+    variant with a finished run (else 0).
 
-    Raises UserError naming `option` and the variants when nothing matches, or when the named run did not finish
-    and its variant has no finished run (nothing to compare against).
+    Raises UserError naming `option` when nothing matches, or when the named run did not finish and its variant
+    has no finished run. Otherwise an unfinished run names its variant (`baseline_note` says so).
     """
     if not requested:  # the first variant that has a finished run: one whose runs all failed compares nothing
         return next((index for index, group in enumerate(groups) if group.finished), 0)
@@ -239,8 +233,7 @@ def baseline_index(groups: Sequence[VariantGroup], requested: str | None, *, opt
 
 
 def baseline_note(groups: Sequence[VariantGroup], index: int, requested: str | None) -> str | None:
-    """A note when `requested` (a --baseline) is the run id of a run that did not finish: that run is left out,
-    and its variant's finished runs are the baseline."""
+    """A note when `requested` names a run that did not finish: it is left out, its variant is the baseline."""
     group = groups[index]
     run = _named_run(group, requested) if requested and requested != group.name else None
     if run is None or run.status == "FINISHED":
@@ -258,8 +251,7 @@ def _why(run: VariantData) -> str:
 
 
 def configured_baseline(groups: Sequence[VariantGroup]) -> tuple[str | None, str | None]:
-    """(`compare.baseline` the runs were configured with, a note when they disagree). An experiment file or the
-    sweep's command line sets it; --baseline overrides it."""
+    """(`compare.baseline` the runs were configured with, a note when runs disagree); --baseline overrides it."""
     named = [r.params.get("compare.baseline") for g in groups for r in g.runs]
     named = [n for n in named if n not in (None, "", "None", "null")]
     if not named:

@@ -1,5 +1,4 @@
-"""One MLflow run's logger (`RunLogger`): params, tags, batched metrics, artifacts, images and its end status, kept
-and retried while the store is unreachable."""
+"""One MLflow run's logger (`RunLogger`): params, tags, batched metrics, artifacts, images and its end status."""
 
 from __future__ import annotations
 
@@ -18,12 +17,10 @@ log = logging.getLogger(__name__)
 class RunLogger:
     """One MLflow run: params, tags, batched metrics, artifacts, images, and its end status.
 
-    If the tracking server drops mid-run, nothing stops the training: metrics, images and artifacts stay pending and
-    are retried at each flush; what is still pending when the run ends is written to `pending_file` (JSON) beside
-    the run's local outputs. On a resumed run, steps up to `skip_through_step` were logged before: they are not
-    logged again, so every metric history holds each step once. That last step itself may have been logged only in
-    part (a stop request cut its evaluation short): its metrics are checked key by key, and its images go again
-    (the report takes the newest image of a key and step).
+    An unreachable store never stops the training: what fails stays pending, is retried at each flush, and is
+    written to `pending_file` (JSON) if still pending at the end. A resumed run skips steps up to
+    `skip_through_step`, so each history holds each step once; that step itself is checked key by key (it may have
+    been cut short) and its images go again (the report takes the newest).
     """
 
     def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None):
@@ -70,8 +67,7 @@ class RunLogger:
             self.seconds_in_mlflow += time.perf_counter() - start
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """On a reopened run, only new keys: a value that legitimately changed (an output folder) stays as first
-        logged, since MLflow refuses to change a param."""
+        """Queue params and flush; on a reopened run only new keys (MLflow refuses to change a param)."""
         from mlflow.entities import Param
 
         fresh = {k: str(v) for k, v in params.items() if k not in self._known_params}
@@ -88,8 +84,9 @@ class RunLogger:
         self._timed(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue metrics for `step`; every `flush_every` steps, when the next step begins (so a step's metrics are
-        sent together, never half of them), and at `flush()`, they are sent."""
+        """Queue metrics for `step`; sent every `flush_every` steps when the next step begins (a step's metrics
+        together), and at `flush()`.
+        """
         from mlflow.entities import Metric
 
         if step < self.skip_through_step:

@@ -1,7 +1,4 @@
-"""Where the MLflow store is and what is in it: URIs, experiments, finished/resumable/stale runs, a sweep's job runs.
-
-The conventions are in the package docstring (lora_sweep/tracking/__init__.py).
-"""
+"""Where the MLflow store is and what it holds: URIs, experiments, finished/resumable/stale runs, a sweep's job runs."""
 
 from __future__ import annotations
 
@@ -18,8 +15,7 @@ log = logging.getLogger(__name__)
 ROLE = "lora_sweep.role"
 PARENT_FILE = ".mlflow_parent_run_id"  # written in a sweep's directory by the sweep callback
 FAILURE = "lora_sweep.failure"
-# MLflow 3's UI offers two experiment kinds (its selector's values): "genai_development" opens on traces and
-# "custom_model_development" ("Model training") on the runs table; finetuning/regression/... map to the latter too.
+# MLflow 3's "Model training" experiment kind, whose UI opens on the runs table (not GenAI traces).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 HOST, PID, PID_STARTED = "lora_sweep.host", "lora_sweep.pid", "lora_sweep.pid_started"
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 8000  # mlflow.utils.validation MAX_PARAM_VAL_LENGTH / MAX_TAG_VAL_LENGTH
@@ -38,22 +34,21 @@ def tracking_uri(configured: str | None = None) -> str:
 
 
 def default_artifact_root(uri: str) -> str:
-    """Artifacts of a sqlite store go to `mlruns/` beside the database file (MLflow's own default is the cwd,
-    which scatters them when jobs run from other folders)."""
+    """Artifacts of a sqlite store go to `mlruns/` beside the database, not MLflow's default cwd."""
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 def fit(value: str, limit: int, where: str) -> str:
-    """`value` cut to MLflow's `limit` characters with a visible marker saying how long it was and where the whole
-    value is (MLflow would otherwise refuse the batch, and values cut without a marker pass for whole ones)."""
+    """`value` cut to MLflow's `limit` characters, with a marker saying its length and where the whole value is."""
     marker = f" …[cut: {len(value)} characters in all; the whole value is in {where}]"
     return value if len(value) <= limit else value[:limit - len(marker)] + marker
 
 
 def check_store_uri(uri: str) -> None:
-    """Refuse, in one paragraph naming the URI and the fixes, a store MLflow itself would refuse with a traceback:
-    a file store (`file:///...` or a bare path) without MLFLOW_ALLOW_FILE_STORE=true (MLflow 3 keeps it only in
-    maintenance mode). Other stores are checked by their first use (`experiment_id`)."""
+    """Raise UserError naming the URI and the fixes for a store MLflow would refuse with a traceback.
+
+    That is a file store without MLFLOW_ALLOW_FILE_STORE=true (MLflow 3); others are checked by `experiment_id`.
+    """
     from urllib.parse import urlparse
 
     scheme = urlparse(uri).scheme.lower()
@@ -77,7 +72,7 @@ def check_store_uri(uri: str) -> None:
 
 
 def client(uri: str):
-    """An MlflowClient for `uri` (checked first: a store MLflow cannot use is a UserError, not a traceback)."""
+    """An MlflowClient for `uri`, checked first (`check_store_uri`)."""
     from mlflow.tracking import MlflowClient
 
     check_store_uri(uri)
@@ -85,7 +80,7 @@ def client(uri: str):
 
 
 def experiment_id(mlflow_client, name: str) -> str:
-    """Get or create the experiment; artifacts of a sqlite store go to ./mlruns as MLflow's own default does."""
+    """Get or create the experiment (tagged model-training; UserError when the store is unreachable)."""
     try:
         found = mlflow_client.get_experiment_by_name(name)
     except Exception as exc:  # network errors, bad URIs
@@ -112,15 +107,13 @@ def experiment_id(mlflow_client, name: str) -> str:
 
 
 def runs_page_url(base_url: str, experiment_id: str) -> str:
-    """The experiment's runs table in MLflow 3's UI. `workflowType=machine_learning` selects the UI's "Model
-    training" view whatever the browser last used (MLflow 3.17's UI reads the view from the URL, else the browser's
-    local storage, default GenAI)."""
+    """The experiment's runs table in MLflow 3's UI; `workflowType=machine_learning` forces the "Model training" view.
+    """
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def local_artifact_folder(mlflow_client, exp_id: str) -> Path | None:
-    """The experiment's artifact folder when it is on a local disk (checked for writability before training);
-    None for remote ones, including an MLflow server's proxied `mlflow-artifacts:/1` (not a relative folder)."""
+    """The experiment's artifact folder when on a local disk (checked for writability); None when remote."""
     from urllib.parse import unquote, urlparse
 
     location = mlflow_client.get_experiment(exp_id).artifact_location or ""
@@ -153,9 +146,10 @@ def finished_runs(mlflow_client, exp_id: str, config_hash: str) -> list:
 
 
 def job_runs_tags(job_runs: Mapping[int, str]) -> dict[str, str]:
-    """A sweep's jobs and their runs as parent-run tags: `lora_sweep.job_runs` = "0=<run id> 1=<run id> ...", in
-    job order, continued in `lora_sweep.job_runs.2`, `.3`, ... past MLflow's 8,000 characters a tag. A skipped job's
-    run is the FINISHED run of an earlier sweep it matched: not a child of this sweep, yet part of its results."""
+    """A sweep's jobs and runs as parent tags: `lora_sweep.job_runs` = "0=<run id> 1=<run id> ...".
+
+    Continued in `.2`, `.3`, ... past MLflow's 8,000 characters. Skipped jobs' runs (earlier sweeps) are listed too.
+    """
     chunks, current = [], ""
     for num, run_id in sorted(job_runs.items()):
         token = f"{num}={run_id}"
@@ -180,8 +174,7 @@ def read_job_runs(tags: Mapping[str, str]) -> dict[int, str]:
 
 
 def process_tags(pid: int | None = None) -> dict[str, str]:
-    """Which process owns a run: host name, pid and the process's start time (so a reused pid is not mistaken for
-    the owner)."""
+    """The run's owner: host, pid and the process's start time (so a reused pid is not taken for the owner)."""
     import psutil
 
     pid = os.getpid() if pid is None else pid
@@ -204,9 +197,10 @@ def process_alive(pid: int, started: float | None) -> bool:
 
 
 def close_stale_runs(mlflow_client, exp_id: str, *, by: str) -> list[str]:
-    """Mark KILLED the RUNNING runs of the experiment whose owning process (see `process_tags`) is gone from this
-    host, e.g. after a SIGKILL, with the reason as the failure tag. Runs owned by other hosts, and runs without an
-    owner tag, are left alone (their process cannot be checked from here). Returns the ids marked."""
+    """Mark KILLED the RUNNING runs whose owning process is gone from this host; returns their ids.
+
+    Runs of other hosts or without an owner tag are left alone: their process cannot be checked from here.
+    """
     host = socket.gethostname()
     try:
         runs = mlflow_client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)

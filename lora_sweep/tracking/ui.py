@@ -1,9 +1,7 @@
 """`make ui` / `python -m lora_sweep ui`: the MLflow web UI over this project's store, on loopback only.
 
-`mlflow server` spawns worker processes. Started plainly, a Ctrl-C can leave workers behind that keep the port
-and the sqlite file busy. So the server runs in its own session (process group): Ctrl-C or SIGTERM here stops
-the whole group (SIGTERM, then SIGKILL after a grace period), and nothing is left running. It binds 127.0.0.1
-by default: the store holds file paths and run details that should not be served to the network.
+`mlflow server` spawns workers that a plain Ctrl-C can leave holding the port and the sqlite file, so it runs in
+its own process group and the whole group is stopped. Loopback by default: the store holds paths and run details.
 """
 
 from __future__ import annotations
@@ -29,9 +27,9 @@ DEFAULT_EXPERIMENT = "lora-sweep"
 
 
 def browse_command(store_uri: str, experiment: str = DEFAULT_EXPERIMENT, experiment_id: str | None = None) -> str:
-    """What to type to see `experiment`'s runs in `store_uri`, whatever folder the run started in: for an MLflow
-    server its own runs page (or address), else `python -m lora_sweep ui --tracking-uri <store>` (`make ui` serves
-    $MLFLOW_TRACKING_URI or the repository's ./mlflow.db, which need not be the store the run used)."""
+    """What to type to see `experiment`'s runs in `store_uri`: an MLflow server's runs page, else
+    `python -m lora_sweep ui --tracking-uri <store>` (`make ui` serves another store than the run's, maybe).
+    """
     import shlex
 
     if urlparse(store_uri).scheme in ("http", "https"):
@@ -85,7 +83,7 @@ def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
             process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             continue
-        # The leader is gone; make sure no worker of its group survives it.
+        # the leader is gone: no worker of its group may survive it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         break
@@ -141,8 +139,8 @@ def running_server(store_uri: str, host: str = "127.0.0.1", port: int = 5000, *,
 
 
 def experiment_page(store_uri: str, base_url: str, experiment: str) -> str:
-    """The URL of `experiment`'s runs table (tagged as a model-training experiment if it was not), or a line saying
-    the experiment does not exist yet."""
+    """The URL of `experiment`'s runs table (tagging it model-training if needed), or a line saying it does not exist.
+    """
     from mlflow.tracking import MlflowClient
 
     from lora_sweep.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, runs_page_url
@@ -166,11 +164,9 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def serve(store_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
           experiment: str = DEFAULT_EXPERIMENT) -> int:
-    """Run the UI until Ctrl-C or SIGTERM; print the URL of `experiment`'s runs table when it is ready. Returns the
-    exit code."""
+    """Run the UI until Ctrl-C or SIGTERM, printing the runs table's URL when ready; returns the exit code."""
     store_uri = store_uri or default_store_uri()
-    # Explicit handlers: a process started in the background by a non-interactive shell inherits SIGINT as
-    # "ignored", and Python would then never raise KeyboardInterrupt.
+    # Explicit handlers: a background process of a non-interactive shell inherits SIGINT as ignored.
     previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with running_server(store_uri, host, port) as server:

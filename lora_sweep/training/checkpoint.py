@@ -1,28 +1,14 @@
 """What a training saves to go on later: kohya's LoRA checkpoints and training states, and resuming from one.
 
-`Checkpoints` is the loop's collaborator (docs/kohya-reference.md §6): every `train.save_every` steps a LoRA
-`<output_name>-step00000500.safetensors` and a state; at the end of epoch e (1-based) when e % train.save_every_epochs
-== 0 and e is not the last epoch, a LoRA `<output_name>-00000e.safetensors` and a state; a state at the end and on a
-stop; the newest `train.keep_states` states are kept. A state restores the loop exactly, so a resumed training
-computes the same numbers as one that never stopped.
+`Checkpoints` (docs/kohya-reference.md §6): every `train.save_every` steps a LoRA `-step00000500` and a state; at
+the end of epoch e when e % save_every_epochs == 0 and e is not the last, a LoRA `-00000e` and a state; a state
+at the end and on a stop; the newest `train.keep_states` kept. Resuming reproduces a run that never stopped.
 
-A state is one file, `state-step00000500.pt`, written after optimizer step 500 through `atomic.write_with` (a
-temporary name in the same folder, then a rename), so a kill mid-write leaves the previous states untouched and no
-half-written file under a state's name. It holds:
-- the LoRA tensors (U-Net, and text encoders when trained) by parameter name,
-- optimizer, LR-scheduler and loss-scaler `state_dict`s,
-- the loop's position: global step, epoch and the index of the next batch in that epoch's (seeded) batch order,
-  images seen, skipped steps, last loss,
-- every RNG the loop draws from: Python's `random`, NumPy, torch CPU and CUDA, and the flip-augmentation RNG,
-- the config hash and the MLflow run id it belongs to.
-
-Layout: `<train.state_dir>/<config_hash>/<run_id>/state-step*.pt` (`train.state_dir` null: `<cache root>/states`).
-The folder does not depend on Hydra's per-sweep job directory, so a rerun of the sweep finds it; one folder per
-MLflow run, so a fresh start of the same config never mixes its states with an older run's. Loading uses
-`torch.load(weights_only=True)`: only tensors and plain containers, never arbitrary pickled code.
-
-`<config_hash>/.lock` (`ConfigLock`): while a process trains a config it holds an exclusive flock there, so a second
-process on the same config (another terminal, a duplicate job) cannot resume the same run at the same time.
+A state, `state-step00000500.pt` (written atomically), holds the LoRA tensors, optimizer / LR-scheduler / scaler
+state_dicts, the loop's `Position`, every RNG the loop draws from, and its config hash and run id. It lives in
+`<train.state_dir>/<config_hash>/<run_id>/` (independent of Hydra's job folder, so a rerun finds it; one folder
+per run, so a fresh start never mixes with an old run), read with `weights_only=True`. `ConfigLock` keeps a second
+process off a config being trained.
 """
 
 from __future__ import annotations
@@ -66,9 +52,9 @@ class Position:
 class ConfigLock:
     """An exclusive flock on `<state root>/<config_hash>/.lock`, held while one process trains that config.
 
-    The kernel drops a flock when its process dies, so the lock never goes stale after a SIGKILL. The file says who
-    holds it (pid, host, since, run id) for the message the waiting process shows. Where flock is unavailable
-    (Windows, some network filesystems) it warns once and locks nothing."""
+    The kernel drops it when the process dies (never stale). The file names the holder for the waiter's message.
+    Where flock is unavailable it warns once and locks nothing.
+    """
 
     def __init__(self, hash_folder: Path):
         self.path = Path(hash_folder) / ".lock"
@@ -128,17 +114,21 @@ class ConfigLock:
 
 
 class Checkpoints:
-    """The LoRA files and training states of one training. `s`: its Session; `target`: a train.StateTarget (folder,
-    run id, config hash, the state to resume from), or None to write no states; `flip_rng`: the loop's flip RNG,
-    saved and restored with the others. `last_state`: the newest state written or resumed (None: none yet)."""
+    """The LoRA files and training states of one training.
+
+    `target`: a train.StateTarget, or None to write no states; `flip_rng` is saved with the other RNGs.
+    `last_state`: the newest state written or resumed (None: none yet).
+    """
 
     def __init__(self, s: Any, target: Any | None, flip_rng: random.Random):
         self.s, self.target, self.flip_rng = s, target, flip_rng
         self.last_state: Path | None = None
 
     def resume(self) -> Position:
-        """Where the loop starts: a fresh Position, or the state `target.resume_from` put back into the freshly built
-        session (after every set-up draw from the RNGs). UserError if the state is beyond train.max_steps."""
+        """A fresh Position, or the one `target.resume_from` restores into the freshly built session.
+
+        Call it after every set-up draw from the RNGs. UserError if the state is beyond train.max_steps.
+        """
         if self.target is None or self.target.resume_from is None:
             return Position()
         s, path = self.s, self.target.resume_from
@@ -152,8 +142,8 @@ class Checkpoints:
         return pos
 
     def after_step(self, pos: Position, epoch: int, last_of_epoch: bool, final: bool) -> None:
-        """After optimizer step `pos.step` of `epoch` (0-based): the LoRA files due, and a state with them, or at the
-        end of the loop (`final`: train.max_steps reached, or a stop)."""
+        """After optimizer step `pos.step` of `epoch` (0-based): the LoRA files due with a state, or a state if `final`.
+        """
         if (self._lora_files(pos.step, epoch + 1, last_of_epoch) or final) and self.target is not None:
             self.last_state = self._state(pos)
 
@@ -169,7 +159,7 @@ class Checkpoints:
         return by_step or by_epoch
 
     def _state(self, pos: Position) -> Path:
-        """The metrics up to this step reach the run before the state exists, so a resumed run never misses a step."""
+        """Write a state after flushing the metrics, so a resumed run never misses a step's metrics."""
         s, target = self.s, self.target
         s.sink.flush()
         return save_state(

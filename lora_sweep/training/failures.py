@@ -1,8 +1,7 @@
 """Failing early and clearly: free space before training, and messages a user can act on.
 
-A sweep of a dozen hours-long runs must not find out at step 4000 that its disk is full, and an out-of-memory error
-should say which knobs lower memory. Free space is checked right after the LoRA exists (against its real size);
-writable folders before the model loads (lora_sweep/checks/folders.py).
+Why: a sweep of hours-long runs must not find its disk full at step 4000. Free space is checked once the LoRA
+exists (its real size); writable folders before the model loads (checks/folders.py).
 """
 
 from __future__ import annotations
@@ -41,8 +40,10 @@ def check_free_space(needs: Mapping[Path, tuple[str, int]]) -> None:
 
 def expected_bytes(*, lora_numel: int, optimizer: str, keep_states: int, save_every: int, max_steps: int,
                    epoch_checkpoints: int) -> tuple[int, int]:
-    """(state folder bytes, output folder bytes) this training writes at most: `keep_states` states plus the one being
-    written; every step and epoch LoRA checkpoint plus the final LoRA in two formats (fp32 tensors)."""
+    """(state folder bytes, output folder bytes) this training writes at most.
+
+    `keep_states` states plus the one being written; every LoRA checkpoint plus the final LoRA in two formats (fp32).
+    """
     lora_bytes = lora_numel * 4
     state_bytes = int(lora_bytes * (1 + OPTIMIZER_STATE_SLOTS.get(optimizer, 4.0))) + 2**20
     checkpoints = (max_steps // save_every if save_every else 0) + epoch_checkpoints
@@ -54,9 +55,10 @@ def _mib(n: int) -> str:
 
 
 def out_of_memory_message(cfg, exc: BaseException, last_state: Path | None = None) -> str:
-    """What ran out and the knobs that lower memory, with this config's values, most effective first; for a sample
-    (a `SamplingOutOfMemory`), the prompt and the settings that size it instead. `last_state`: the state a rerun
-    resumes from, None when none was saved."""
+    """What ran out and the knobs that lower memory, with this config's values, most effective first.
+
+    For a `SamplingOutOfMemory`, the prompt and the settings that size it. `last_state`: the state a rerun resumes from.
+    """
     if isinstance(exc, SamplingOutOfMemory):
         return _sampling_out_of_memory_message(exc) + _kept(last_state)
     t = cfg.train
@@ -109,8 +111,7 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def failure_reason(cfg, exc: BaseException, last_state: Path | None = None) -> str:
-    """One readable line first (the status file and the queue show it), details after. `last_state`: the state a
-    rerun resumes from (None: none was saved)."""
+    """One readable line first (the status file and the queue show it), details after."""
     if is_out_of_memory(exc):
         _free_gpu_memory()
         return "OutOfMemoryError: " + out_of_memory_message(cfg, exc, last_state)
@@ -120,7 +121,7 @@ def failure_reason(cfg, exc: BaseException, last_state: Path | None = None) -> s
 
 
 def _free_gpu_memory() -> None:
-    """So the next job of a basic-launcher sweep (same process) starts with the memory this one held."""
+    """Free this job's GPU memory for the next job of a basic-launcher sweep (same process)."""
     import gc
 
     import torch

@@ -1,13 +1,9 @@
-"""The training loss of one step, computed the way kohya sd-scripts v0.8.7 computes it.
+"""The training loss of one step, computed as kohya sd-scripts v0.8.7 computes it (docs/kohya-reference.md §2, §3).
 
-Reference: docs/kohya-reference.md §2 and §3. Order per micro-batch: element loss on fp32
-copies of pred and target -> mean over (C, h, w) -> x sample weight (prior_loss_weight) -> x min-SNR weight ->
-x debiased weight -> mean over the batch. The caller divides by gradient accumulation (accelerate does in kohya).
-
-Papers: min-SNR weighting (arXiv 2303.09556), debiased estimation (2310.08442), scheduled pseudo-Huber (2403.16728).
-The SNR used by both weights is kohya's `all_snr = (sqrt(abar) / sqrt(1 - abar))**2` in fp32, computed from the
-schedule as built: pass the alphas_cumprod from before any zero-terminal-SNR rescale to keep kohya's quirk that the
-weights ignore that rescale.
+Per micro-batch: element loss on fp32 copies of pred and target -> mean over (C, h, w) -> x prior_loss_weight ->
+x min-SNR weight -> x debiased weight -> batch mean; the caller divides by gradient accumulation.
+Papers: min-SNR (arXiv 2303.09556), debiased estimation (2310.08442), scheduled pseudo-Huber (2403.16728).
+Kohya quirk kept: the SNR weights use alphas_cumprod from before any zero-terminal-SNR rescale.
 """
 
 from __future__ import annotations
@@ -36,10 +32,9 @@ def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
                    v_prediction: bool = False) -> torch.Tensor:
-    """Min-SNR-gamma weight: min(SNR_t, gamma) / SNR_t, or min(SNR_t, gamma) / (SNR_t + 1) for v-prediction.
+    """Min-SNR-gamma weight: min(SNR_t, gamma) / SNR_t, or / (SNR_t + 1) under v-prediction.
 
-    Why: low-noise timesteps (huge SNR) have easy, low-loss targets that dominate the gradient direction; capping the
-    effective weight at gamma balances the timesteps (arXiv 2303.09556). For epsilon it is 1 wherever SNR <= gamma.
+    Why: caps the weight of easy low-noise timesteps that would dominate the gradient (arXiv 2303.09556).
     """
     snr_t = snr(timesteps, alphas_cumprod)
     capped = torch.clamp(snr_t, max=float(gamma))
@@ -49,8 +44,7 @@ def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma:
 def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Debiased-estimation weight 1 / sqrt(min(SNR_t, 1000)) (arXiv 2310.08442).
 
-    v0.8.7 uses the same weight for epsilon and v-prediction (newer sd-scripts, PR #1715, use 1 / (SNR + 1) for
-    v-prediction).
+    v0.8.7 uses it for v-prediction too (newer sd-scripts, PR #1715, use 1 / (SNR + 1)).
     """
     snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=DEBIASED_SNR_CAP)
     return 1 / torch.sqrt(snr_t)
@@ -69,16 +63,11 @@ def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> str:
 
 def huber_c(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: str, c: float,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The pseudo-Huber c for each timestep, shape (B,), in `dtype` (fp32 by default): large c at low noise (L2-like,
-    keeps detail), small c at high noise (L1-like, robust to outliers) (arXiv 2403.16728).
+    """The pseudo-Huber c per timestep, shape (B,), in `dtype` (arXiv 2403.16728; kohya `get_timesteps_and_huber_c`).
 
-    kohya `train_util.get_timesteps_and_huber_c`: constant: c. exponential: exp(-alpha t) with alpha = -ln(c) / T,
-    i.e. c**(t/T) (1 at t=0, ~c at t=T-1). Both are Python floats (double) in kohya and are computed here with
-    Python's `math`, exactly; ask for `dtype=torch.float64` to keep them exact (what `kohya_loss` passes on, so that
-    c**2 is rounded once, as kohya's Python float is), fp32 rounds them. snr: (1 - c) / (1 + sigma_t)**2 + c with
-    sigma_t = sqrt((1 - abar_t) / abar_t), a tensor computed in fp32 from fp32 abar as kohya does, then cast to
-    `dtype` (exactly, for float64). v0.8.7 computes c for one timestep per batch; with per-sample timesteps each
-    sample gets its own c (as newer sd-scripts do). Raises ConfigError for an unknown schedule.
+    constant: c. exponential: c**(t/T), in Python doubles as kohya (pass float64 to keep them exact). snr:
+    (1 - c) / (1 + sigma_t)**2 + c, sigma_t = sqrt((1 - abar_t) / abar_t), in fp32 as kohya. Per-sample timesteps
+    get one c each (newer sd-scripts). Raises ConfigError for an unknown schedule.
     """
     if schedule == "constant":
         return torch.full(timesteps.shape, float(c), dtype=dtype, device=timesteps.device)
@@ -98,18 +87,12 @@ _huber_c_schedule = huber_c  # kohya_loss's `huber_c` argument shadows the funct
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
                      huber_c: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Per-element loss in fp32 (pred's shape), with a = pred - target (kohya `train_util.conditional_loss`):
+    """Per-element loss in fp32 (pred's shape), a = pred - target (kohya `train_util.conditional_loss`).
 
-    l2: a**2. huber: 2c (sqrt(a**2 + c**2) - c), twice the pseudo-Huber (~a**2 for |a| << c, ~2c|a| - 2c**2 for
-    |a| >> c). smooth_l1: 2 (sqrt(a**2 + c**2) - c) (~a**2/c, ~2|a| - 2c); NOT torch's smooth_l1_loss.
-
-    `huber_c` is a scalar or one value per sample (B,). The scalars c**2 and 2c are computed in double and rounded to
-    fp32 once, where they meet the fp32 tensor: that is what kohya does with its Python-float c (constant and
-    exponential schedules; pass a Python float or a float64 tensor to keep c exact), and it gives the same bits as
-    fp32 arithmetic when c is already an fp32 value (kohya's snr schedule, a tensor), since the double product of two
-    fp32 values is exact. Everything else is kohya's expression literally, in fp32, including the cancellation in
-    sqrt(a**2 + c**2) - c when |a| << c. Raises ValueError without huber_c for huber/smooth_l1, or when a per-sample
-    huber_c does not have one value per sample; ConfigError for an unknown loss type.
+    l2: a**2. huber: 2c (sqrt(a**2 + c**2) - c). smooth_l1: 2 (sqrt(a**2 + c**2) - c), NOT torch's smooth_l1_loss.
+    `huber_c` is a scalar or (B,). c**2 and 2c are computed in double and rounded to fp32 once, as kohya's Python
+    float c is; the rest is kohya's fp32 expression, cancellation included. Raises ValueError for a missing or
+    mis-sized huber_c, ConfigError for an unknown loss type.
     """
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
@@ -131,17 +114,18 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
 
 
 def one_timestep_per_batch(loss_type: str, per_sample_timesteps: bool) -> bool:
-    """Whether the batch shares one timestep: v0.8.7 does that for huber and smooth_l1 (one huber_c per batch),
-    unless `per_sample_timesteps` asks for newer sd-scripts' behaviour. l2 always draws per sample."""
+    """Whether the batch shares one timestep: v0.8.7's huber and smooth_l1 do, unless `per_sample_timesteps`."""
     _check_choice("loss.type", loss_type, LOSS_TYPES)
     return loss_type != "l2" and not per_sample_timesteps
 
 
 @dataclass(frozen=True)
 class LossTerms:
-    """One micro-batch's loss. `loss` = per_sample.mean() (before the /grad-accumulation division);
-    `per_sample` (B,) weighted; `raw_per_sample` (B,) the unweighted mean over (C, h, w); `weight` (B,) the product
-    of the SNR-type weights (1 where none); `huber_c` (B,) the c used, NaN for l2 (kohya passes a dummy 1 there)."""
+    """One micro-batch's loss: `loss` = per_sample.mean() (before the grad-accumulation division).
+
+    (B,) each: `per_sample` weighted, `raw_per_sample` unweighted, `weight` the SNR weights' product, `huber_c` (NaN
+    for l2).
+    """
 
     loss: torch.Tensor
     per_sample: torch.Tensor
@@ -152,9 +136,10 @@ class LossTerms:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """kohya's loss flags for one training (docs/kohya-reference.md §2 and §3): --loss_type, --huber_schedule,
-    --huber_c, --min_snr_gamma (None or 0: off), --debiased_estimation_loss, --v_parameterization. Values are taken
-    as valid: `check_loss_options` checks them once, before training."""
+    """kohya's loss flags (docs/kohya-reference.md §2, §3); min_snr_gamma None or 0: off.
+
+    Checked once, before training, by `check_loss_options`.
+    """
 
     loss_type: str = "l2"
     huber_schedule: str = "snr"
@@ -166,10 +151,9 @@ class LossOptions:
 
 def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
                options: LossOptions = LossOptions(), *, sample_weights: torch.Tensor | None = None) -> LossTerms:
-    """kohya v0.8.7's loss: element loss -> mean over (C, h, w) -> x sample_weights (kohya's prior_loss_weight per
-    sample, optional) -> x min-SNR (if gamma) -> x debiased (if set) -> batch mean. min-SNR and debiased multiply
-    when both are on. `pred` and `target` (B, C, h, w); `target` is eps, or the velocity under v-prediction
-    (`lora_sweep.training.noise.prediction_target`).
+    """kohya v0.8.7's loss, in the order of the module docstring; min-SNR and debiased multiply when both are on.
+
+    `pred`, `target` (B, C, h, w); `target` from `noise.prediction_target`; `sample_weights` (B,) optional.
     """
     o = options
     timesteps = timesteps.to(pred.device)
@@ -200,11 +184,10 @@ def _finite_number(field: str, value: Any, what: str) -> float:
 
 def check_loss_options(loss_type: str, huber_schedule: str, huber_c: float, min_snr_gamma: float | None,
                        debiased: bool = False, per_sample_timesteps: bool = False) -> None:
-    """Reject loss settings before anything heavy loads; raise ConfigError naming the field.
+    """Raise ConfigError listing bad loss settings, before anything heavy loads.
 
-    huber_c must be in (0, 1]: the exponential schedule takes its log and decays from 1 to c, the snr schedule
-    blends from ~1 down to c. It is checked for every loss type so a typo does not wait for a huber run.
-    min_snr_gamma is null (off) or > 0 (kohya treats 0 as off; here off is spelled null).
+    huber_c in (0, 1] for every loss type (the schedules take its log / decay to it), so a typo does not wait for
+    a huber run; min_snr_gamma null (off) or > 0.
     """
     found = Problems()  # every bad setting is reported, not the first
     found.check(_check_choice, "loss.type", loss_type, LOSS_TYPES)

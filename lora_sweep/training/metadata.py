@@ -18,9 +18,10 @@ PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
 
 
 def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[str, str]:
-    """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys for this config, `prepared` data (bucket histogram,
-    images x repeats) and `optimizer`, after `steps` optimizer steps in `epoch` (1-based); the config hash and
-    variant; the SAI model spec. Values as strings (None: "None")."""
+    """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys, the config hash and variant, the SAI model spec.
+
+    `steps` optimizer steps in `epoch` (1-based). Values are strings (None: "None").
+    """
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
     te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
     meta = {
@@ -79,8 +80,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
 
 
 def sai_model_spec(cfg) -> dict[str, str]:
-    """kohya's `train_util.get_sai_model_spec` keys for an SDXL LoRA; `modelspec.timestep_range` ("min,max") only
-    when noise.min_timestep or noise.max_timestep is set."""
+    """kohya's `get_sai_model_spec` keys for an SDXL LoRA; `modelspec.timestep_range` only if a bound is set."""
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",

@@ -1,21 +1,13 @@
-"""The noise of one training step, made the way kohya sd-scripts v0.8.7 makes it.
+"""The noise of one training step, made as kohya sd-scripts v0.8.7 makes it (docs/kohya-reference.md §1, §2).
 
-A sweep is only comparable with kohya runs if the target epsilon and the noisy input are built in kohya's order, from
-kohya's generators, in kohya's dtypes (docs/kohya-reference.md §1 and §2):
+kohya's draw order, which `kohya_noisy_latents` keeps so runs stay comparable with kohya's:
 
     randn_like(eps) -> [rand(1): offset strength] -> [randn(B,C,1,1): offset] -> [pyramid: Python random
     + CPU randn per level] -> timesteps -> [rand(1): ip strength] -> [randn_like(xi)]
 
-The pieces are pure functions; `kohya_noisy_latents` composes them in that order. `scale_cached_latents` makes its
-input the way kohya's `train_network.py` does (cast to weight_dtype, then scale). kohya calls the noise step outside
-`accelerator.autocast()`: callers must too, or on CUDA x_t is computed in fp32 (autocast runs `pow` in fp32).
-
-Random numbers: with ``generator=None`` every draw uses the global RNGs exactly as kohya does (torch's RNG of the
-latents' device; the CPU generator for pyramid levels and for the one-per-batch timestep; Python's `random` for the
-pyramid's scale factors), so seeding the way accelerate's `set_seed` does reproduces kohya's streams. With a
-`torch.Generator`, every torch draw comes from it (on the generator's device, then moved to the latents' device) and
-the pyramid's scale factors come from a `random.Random` seeded by one 63-bit integer drawn from that generator: one
-generator then determines everything and no global state is touched.
+Call it outside autocast, as kohya does (CUDA autocast runs `pow` in fp32). With ``generator=None`` draws use the
+global RNGs as kohya does; with a `torch.Generator` every draw, the pyramid's Python `random` included (seeded from
+it), comes from that generator and no global state is touched.
 """
 
 from __future__ import annotations
@@ -41,12 +33,9 @@ def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device
 
 
 def _randn_like(latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """kohya's `torch.randn_like(latents)`: N(0, 1) of latents' shape, dtype, device and memory format.
+    """kohya's `torch.randn_like(latents)`: N(0, 1) in latents' shape, dtype, device and memory format.
 
-    The draw fills the tensor in its memory order, so a channels-last latents tensor gets other values at each
-    (b, c, h, w) than `randn(shape)` would, and can leave the generator elsewhere: drawing "like" the latents is what
-    keeps a channels-last run on kohya's numbers. With a generator: the same draw on the generator's device, then moved
-    (`.to` keeps the memory format).
+    Why "like": the draw fills memory order, so channels-last latents get other values than `randn(shape)` would.
     """
     if generator is None:
         return torch.randn_like(latents)
@@ -54,13 +43,10 @@ def _randn_like(latents: torch.Tensor, generator: torch.Generator | None) -> tor
 
 
 def scale_cached_latents(latents: torch.Tensor, vae_scale: float, weight_dtype: torch.dtype) -> torch.Tensor:
-    """x0 from cached VAE latents, as kohya v0.8.7's `train_network.py` makes it: first
-    `latents.to(dtype=weight_dtype)`, then `latents * vae_scale_factor` (a Python float: SDXL 0.13025).
+    """x0 from cached VAE latents as kohya's `train_network.py`: cast to `weight_dtype`, then `* vae_scale`.
 
-    Cast first, scale second: under fp16/bf16 the product is rounded from the rounded latent, which is not always the
-    rounding of the fp32 product (1.1 under fp16: 0.1431884765625, not 0.143310546875). `weight_dtype` is kohya's
-    variable: fp32 / fp16 / bf16 for mixed precision no / fp16 / bf16, fp8_base included (its fp8 is the U-Net's
-    storage, not weight_dtype). Shape (B, C, h, w) in and out; the result is in `weight_dtype`, on latents' device.
+    Cast first on purpose (kohya's order): under fp16/bf16 the product is rounded from the rounded latent.
+    `weight_dtype` is fp32/fp16/bf16 by mixed precision (fp8_base too). (B, C, h, w) in and out, on latents' device.
     """
     return latents.to(dtype=weight_dtype) * vae_scale
 
@@ -68,14 +54,11 @@ def scale_cached_latents(latents: torch.Tensor, vae_scale: float, weight_dtype: 
 def apply_noise_offset(latents: torch.Tensor, noise: torch.Tensor, offset: float | torch.Tensor,
                        adaptive_scale: float | None = None, *,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Return ``noise + s * eta`` with one eta ~ N(0, 1) per (sample, channel), shape (B, C, 1, 1), fp32.
+    """``noise + s * eta``, one eta ~ N(0, 1) per (sample, channel), shape (B, C, 1, 1), fp32.
 
-    Why: the mean of a latent channel barely changes in the forward process, so a model trained on plain noise never
-    learns to move an image's overall brightness; a constant shift per channel teaches it to. s is `offset` (already
-    the random strength, if any: the caller draws it), or with `adaptive_scale` a:
-    ``s_bc = max(0, offset + a * |mean_hw(latents_bc)|)`` computed from the (scaled) latents in their own dtype.
-    eta is fp32, so fp16/bf16 noise comes back fp32 (kohya's side effect). The draw always happens: callers skip
-    the call when the offset is off, as kohya does.
+    Why: teaches the model to shift a channel's mean (overall brightness). s is `offset` (the caller draws any random
+    strength), or with `adaptive_scale` a: ``s_bc = max(0, offset + a * |mean_hw(latents_bc)|)``.
+    Kohya quirk kept: eta is fp32, so fp16/bf16 noise comes back fp32.
     """
     strength: float | torch.Tensor = offset
     if adaptive_scale is not None:
@@ -88,14 +71,11 @@ def apply_noise_offset(latents: torch.Tensor, noise: torch.Tensor, offset: float
 
 def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, *,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multi-resolution ("pyramid") noise: add coarser N(0, 1) fields, then rescale to unit global std.
+    """Multi-resolution noise: add coarser N(0, 1) fields, then divide by the global unbiased std.
 
-    Why: white noise leaves low frequencies almost unnoised at small t; coarse fields add energy there. For level
-    i = 0..iterations-1: r_i = 2 + 2*U[0,1) (one per level, whole batch), size (max(1, int(h / r_i**i)),
-    max(1, int(w / r_i**i))), z_i ~ N(0, 1) drawn on the CPU (fp32), upsampled bilinearly (align_corners=False) to
-    (h, w) and added with weight discount**i; stop after the first level whose size reaches 1. Level 0 is a second
-    full-resolution field of weight 1. Finally divide by the unbiased std of the whole tensor (one scalar).
-    The input is not modified; the result keeps the input's dtype (kohya adds in place).
+    Why: white noise leaves low frequencies almost unnoised at small t. Level i (r_i = 2 + 2*U[0,1) per level) is
+    drawn on the CPU at size max(1, int(h / r_i**i)) x max(1, int(w / r_i**i)), upsampled bilinearly and weighted
+    discount**i; stop after the first level of size 1. The input is not modified; the dtype is kept.
     """
     if generator is None:
         scale_rng: Any = random  # kohya's global `random.random()`
@@ -126,9 +106,10 @@ def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: to
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward process x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, exactly as DDPMScheduler.add_noise: abar is
-    cast to the latents' dtype first, so fp16 latents and noise give fp16 x_t with every op rounded to fp16 (fp32
-    noise promotes x_t to fp32). Outside autocast only: CUDA autocast would run the `** 0.5` in fp32."""
+    """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise, as DDPMScheduler.add_noise.
+
+    abar is cast to the latents' dtype first, so fp16 in gives fp16 x_t (fp32 noise promotes). Outside autocast only.
+    """
     sqrt_abar, sqrt_one_minus_abar = _sqrt_alphas(alphas_cumprod, timesteps, latents)
     return sqrt_abar * latents + sqrt_one_minus_abar * noise
 
@@ -142,17 +123,18 @@ def velocity_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
 
 def prediction_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       alphas_cumprod: torch.Tensor, v_prediction: bool) -> torch.Tensor:
-    """What the U-Net learns to predict (docs/kohya-reference.md §1): eps, or under v-prediction the velocity
-    `velocity_target(latents, noise, ...)`, with abar in the latents' dtype. Shape (B, C, h, w) of the latents."""
+    """The U-Net's target (docs/kohya-reference.md §1): eps, or the velocity under v-prediction.
+
+    Shape (B, C, h, w) of the latents, abar in their dtype.
+    """
     return velocity_target(latents, noise, timesteps, alphas_cumprod) if v_prediction else noise
 
 
 def sample_timesteps(batch_size: int, *, one_per_batch: bool, min_timestep: int, max_timestep: int,
                      device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ randint(min, max) (upper bound excluded), LongTensor (B,).
+    """t ~ randint(min, max) (max excluded), LongTensor (B,).
 
-    Per sample on the device RNG (kohya's l2), or ONE draw on the CPU generator repeated over the batch (kohya
-    v0.8.7's huber/smooth_l1, which then uses one huber_c per batch).
+    Per sample on the device RNG (kohya's l2), or one CPU draw repeated over the batch (kohya v0.8.7's huber/smooth_l1).
     """
     if one_per_batch:
         one = _draw(torch.randint, min_timestep, max_timestep, (1,), device="cpu", generator=generator)
@@ -162,11 +144,10 @@ def sample_timesteps(batch_size: int, *, one_per_batch: bool, min_timestep: int,
 
 @dataclass(frozen=True)
 class NoiseOptions:
-    """kohya's noise flags for one training (docs/kohya-reference.md §1): --noise_offset (+ _random_strength),
-    --adaptive_noise_scale, --multires_noise_iterations / _discount, --ip_noise_gamma (+ _random_strength),
-    --min_timestep / --max_timestep (None: 0 and the schedule's length). `one_timestep_per_batch`: v0.8.7's huber and
-    smooth_l1 draw one timestep for the whole batch (`lora_sweep.training.loss.one_timestep_per_batch`).
-    Values are taken as valid: `check_noise_options` checks them once, before training."""
+    """kohya's noise flags (docs/kohya-reference.md §1); min/max_timestep None: 0 and the schedule's length.
+
+    `one_timestep_per_batch`: v0.8.7's huber/smooth_l1 draw one t per batch. Checked once by `check_noise_options`.
+    """
 
     offset: float = 0.0
     offset_random_strength: bool = False
@@ -182,8 +163,7 @@ class NoiseOptions:
 
 @dataclass(frozen=True)
 class NoisyLatents:
-    """One step's noise. `noise` is the epsilon target (without the input perturbation); strengths are for logging
-    (0.0 where the option is off)."""
+    """One step's noise: `noise` is the eps target (without ip noise); strengths for logging (0.0 when off)."""
 
     noise: torch.Tensor
     noisy_latents: torch.Tensor
@@ -196,12 +176,10 @@ def kohya_noisy_latents(latents: torch.Tensor, alphas_cumprod: torch.Tensor, opt
                         *, generator: torch.Generator | None = None) -> NoisyLatents:
     """kohya v0.8.7's `get_noise_noisy_latents_and_timesteps`: noise, timesteps and x_t in kohya's RNG order.
 
-    `latents` (B, C, h, w) are the scaled VAE latents already in the training dtype (`scale_cached_latents`): eps and
-    xi are drawn with `randn_like(latents)` in that dtype and memory format (fp16 noise under fp16), and x_t uses abar
-    cast to it. Call it outside autocast, as kohya does, so x_t stays in that dtype (a noise offset makes it fp32, as
-    in kohya). An option that is 0 / False makes no draw at all. Random strengths keep kohya's (1,)-shaped fp32
-    tensor in the arithmetic (it decides dtypes) and are reported as floats. With ip_gamma g:
-    x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi), while the target stays eps.
+    `latents` (B, C, h, w): scaled, in the training dtype (`scale_cached_latents`); eps, xi and x_t keep that dtype (a
+    noise offset makes x_t fp32, as in kohya). An option that is off makes no draw. Random strengths stay kohya's
+    (1,)-shaped fp32 tensors in the arithmetic (they decide dtypes). With ip_gamma g:
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + g xi); the target stays eps.
     """
     o = options
     device = latents.device
@@ -265,14 +243,11 @@ def check_noise_options(*, offset: float = 0.0, offset_random_strength: bool = F
                         multires_discount: float = 0.3, ip_gamma: float = 0.0,
                         ip_gamma_random_strength: bool = False, min_timestep: int | None = None,
                         max_timestep: int | None = None, num_timesteps: int = 1000) -> None:
-    """Reject noise settings kohya would reject, and ones that would silently do nothing; raise ConfigError.
+    """Raise ConfigError listing the noise settings kohya would reject or that would do nothing.
 
-    kohya itself bounds only adaptive_noise_scale (needs noise_offset). We also refuse negative strengths (a negative
-    offset or gamma is the same distribution as its absolute value, so it is a typo), negative iterations (kohya would
-    still renormalise the noise), a discount outside (0, 1] (0 reduces the pyramid to white noise; above 1 coarse
-    levels dominate, the opposite of a discount), and random-strength flags on a strength of 0.
-    min_timestep / max_timestep (kohya's --min_timestep / --max_timestep; null = 0 / `num_timesteps`) must satisfy
-    0 <= min < max <= num_timesteps, since t ~ randint(min, max) excludes max (kohya would fail at the first step).
+    Beyond kohya (which only requires noise_offset for adaptive_noise_scale): negative strengths (typos: the sign is
+    random), negative iterations, a discount outside (0, 1], random-strength flags on a 0 strength, and timestep
+    bounds outside 0 <= min < max <= num_timesteps.
     """
     found = Problems()  # every bad setting is reported, not the first
     offset = found.check(_finite_number, "noise.offset", offset,

@@ -1,9 +1,8 @@
-"""Optimizer and LR-scheduler factories for the `optimizer` config group, with kohya sd-scripts v0.8.7's rules.
+"""Optimizer and LR-scheduler factories for the `optimizer` config group, with kohya v0.8.7's rules.
 
-Reference: docs/kohya-reference.md §5 and §6.
-Each option names the class kohya's `--optimizer_type` loads and spells out that class's defaults,
-so a config shows every value the run uses; `optimizer.args` overrides or extends them (kohya's `--optimizer_args`).
-The optimizer libraries (bitsandbytes, prodigyopt, dadaptation) are imported only when an option is built.
+Reference: docs/kohya-reference.md §5 and §6. Each option names the class kohya's `--optimizer_type` loads and
+spells out its defaults, so a config shows every value used; `optimizer.args` overrides them (--optimizer_args).
+Optimizer libraries (bitsandbytes, prodigyopt, dadaptation) are imported only when an option is built.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ _ADAM_BETAS = (0.9, 0.999)
 
 @dataclass(frozen=True)
 class OptimizerOption:
-    """import_path "module:Class"; kohya_name: kohya's --optimizer_type; adaptive: D-Adaptation/Prodigy, whose
-    effective step is d*lr with lr around 1.0; default_lr: the lr a config for this option starts from."""
+    """import_path "module:Class"; kohya_name: --optimizer_type; adaptive: D-Adaptation/Prodigy (step d*lr,
+    lr around 1.0); default_lr: the lr a config for this option starts from.
+    """
 
     import_path: str
     kohya_name: str
@@ -135,10 +135,9 @@ def _shown(value: Any) -> str:
 
 def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float, *,
              step: bool = False) -> BaseException | None:
-    """The exception `optimizer_class` raises when built with `kwargs` on a one-element dummy parameter (and, with
-    `step`, when it takes one step with a gradient set), else None. Any exception type counts: torch's AdamW raises
-    IndexError for a one-value betas, Prodigy a TypeError at its first step for d_coef='abc' (it reads many of its
-    arguments only in step())."""
+    """The exception `optimizer_class` raises when built with `kwargs` on a one-element dummy (and, with `step`, on one
+    step), else None. Any exception type counts: AdamW raises IndexError for one beta, Prodigy TypeError in step().
+    """
     dummy = torch.nn.Parameter(torch.zeros(1))
     try:
         with warnings.catch_warnings():
@@ -153,21 +152,19 @@ def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float, *,
 
 
 def _steps_on_cpu(optimizer_class: type, defaults: Mapping[str, Any], lr: float) -> bool:
-    """Whether the class takes a step on a CPU dummy parameter with its option's defaults: bitsandbytes' 8-bit
-    optimizers may need CUDA for it, and a schedule-free one a train() call; their values are then checked by
-    building only (a step failure would not be the user's value)."""
+    """Whether the class can step a CPU dummy with its defaults (bitsandbytes may need CUDA); if not, values are
+    checked by building only.
+    """
     return _refusal(optimizer_class, defaults, lr, step=True) is None
 
 
 def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None) -> list[str]:
-    """Every problem of `optimizer.args` for the option `name`, found without a model, one paragraph each naming
-    the setting: an argument the optimizer class does not take (with the closest real one); a sequence whose length
-    differs from the option's default (betas takes 2 values); a value the class refuses, found by building the
-    optimizer once on a one-element CPU dummy parameter and taking one step (where the class can step on CPU), with
-    the option's default lr (the learning rates are
-    `check_learning_rates`'), each argument that differs from the option's default tried alone to name the one at
-    fault. Imports the optimizer's library (bitsandbytes, ~5 s, only for its options). Raises ConfigError for an
-    unknown optimizer name."""
+    """Every problem of `optimizer.args` for option `name`, without a model, one paragraph each naming the setting.
+
+    Unknown arguments (with the closest real one), sequences of the wrong length, and values the class refuses when
+    built (and stepped, where it can step on CPU) on a dummy parameter at the default lr, each changed argument tried
+    alone to name the one at fault. Imports the optimizer's library. Raises ConfigError for an unknown name.
+    """
     option_name = resolve_optimizer_name(name)
     option = OPTIMIZERS[option_name]
     optimizer_class = _load_class(option.import_path)
@@ -236,9 +233,10 @@ def _check_lrs(name: str, option: OptimizerOption, group_lrs: list[tuple[str, fl
 
 
 def check_learning_rates(name: str, *, lr: float, text_encoder_lr: float | None, train_text_encoder: bool) -> None:
-    """The learning-rate checks of `build_optimizer` on the groups `build_session` will make (text-encoder group
-    first, as kohya orders them), without any parameter: the pre-flight calls it before the model loads. Raises
-    ConfigError (e.g. D-Adaptation/Prodigy with different non-zero group lrs); warns when an adaptive lr is low."""
+    """`build_optimizer`'s learning-rate checks on the groups `build_session` will make, for the pre-flight.
+
+    Raises ConfigError (e.g. D-Adaptation/Prodigy with different non-zero group lrs); warns when an adaptive lr is low.
+    """
     option_name = resolve_optimizer_name(name)
     groups = [{"name": "unet", "lr": lr}]
     if train_text_encoder:
@@ -249,8 +247,10 @@ def check_learning_rates(name: str, *, lr: float, text_encoder_lr: float | None,
 def build_optimizer(
     name: str, param_groups: list[dict], *, lr: float, args: Mapping[str, Any] | None = None
 ) -> torch.optim.Optimizer:
-    """The optimizer option `name` over `param_groups` (dicts with "params" and optionally "lr" and "name"; a group
-    without "lr" uses `lr`, as in kohya), built with the option's defaults updated by `args`."""
+    """The optimizer `name` over `param_groups` ("params", optional "lr" and "name"), defaults updated by `args`.
+
+    A group without "lr" uses `lr`, as in kohya.
+    """
     option_name = resolve_optimizer_name(name)
     option = OPTIMIZERS[option_name]
     kwargs = {**option.defaults, **_normalized_args(args)}
@@ -266,8 +266,10 @@ def build_optimizer(
 
 
 def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
-    """kohya's `ss_optimizer` metadata form "module.Class(k=v,...)". kohya lists only the user's --optimizer_args;
-    this lists every keyword passed except lr (the option defaults are explicit here)."""
+    """kohya's `ss_optimizer` metadata form "module.Class(k=v,...)", listing every keyword passed but lr.
+
+    kohya lists only the user's --optimizer_args; here the option defaults are explicit.
+    """
     optimizer_class = type(optimizer)
     kwargs = getattr(optimizer, "lora_sweep_kwargs", None)
     if kwargs is None:
@@ -278,8 +280,10 @@ def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
 
 
 def _reporting_group(optimizer: torch.optim.Optimizer, group: int | None) -> dict:
-    """The group whose lr is "the" lr: `group` if given, else the first group whose scheduled base lr is non-zero
-    (kohya reads group 0; with its GUI a zero-lr text-encoder group does not exist, so that is the same group)."""
+    """The group whose lr is "the" lr: `group`, or the first with a non-zero base lr.
+
+    kohya reads group 0; skipping a zero-lr text-encoder group picks the same group.
+    """
     groups = optimizer.param_groups
     if group is not None:
         return groups[group]
@@ -300,9 +304,10 @@ def d_times_lr(optimizer: torch.optim.Optimizer, group: int | None = None) -> fl
 
 
 def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The per-optimizer-step metrics: train/lr, and d*lr for adaptive optimizers as `train/d_lr` (MLflow metric
-    names may not contain '*'; kohya's TensorBoard key is lr/d*lr). kohya logs them after
-    optimizer.step() and lr_scheduler.step(), i.e. the lr the next step will use; call it at the same point."""
+    """train/lr, and d*lr as `train/d_lr` for adaptive optimizers (MLflow names may not contain '*').
+
+    Call it after optimizer.step() and lr_scheduler.step(), as kohya logs them.
+    """
     metrics = {"train/lr": current_lr(optimizer)}
     step = d_times_lr(optimizer)
     if step is not None:
@@ -311,8 +316,10 @@ def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def lr_multiplier(schedule: str, step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """The factor on the base lr after `step` optimizer steps (diffusers' formulas that kohya calls; cosine is a
-    half cosine to 0 at total_steps, linear a straight line to 0; warmup rises linearly from 0)."""
+    """The factor on the base lr after `step` optimizer steps (diffusers' formulas, as kohya).
+
+    Warmup rises linearly from 0; cosine is a half cosine to 0 at total_steps, linear a line to 0.
+    """
     if schedule == "constant":
         return 1.0
     if step < warmup_steps:
@@ -330,8 +337,7 @@ def lr_multiplier(schedule: str, step: int, *, warmup_steps: int, total_steps: i
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, name: str, *, warmup_steps: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR advanced once per optimizer step that was taken (not on fp16-skipped steps). `warmup_steps` and
-    `total_steps` count optimizer steps (kohya's max_train_steps x processes)."""
+    """A LambdaLR advanced once per optimizer step taken (not on fp16-skipped ones); steps count optimizer updates."""
     if name not in SCHEDULERS:
         raise ConfigError(f"optimizer.scheduler={name!r} is not a scheduler; choose one of {list(SCHEDULERS)}.")
     if warmup_steps < 0 or total_steps < 1:

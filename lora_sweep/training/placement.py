@@ -1,25 +1,17 @@
 """Where each model component's weights live, and in which dtype, from the file on disk to the training device.
 
-kohya v0.8.7 (train_network.py, docs/kohya-reference.md §4) casts the U-Net and the text encoders to weight_dtype
-(float8_e4m3fn under --fp8_base), keeps the VAE in fp32 under --no_half_vae and creates its LoRA modules in fp32.
-lora-sweep stores the same dtypes, but never holds a wider copy than needed on the way: every component is read in
-its checkpoint's own dtype, or directly in the dtype it will be stored in, and is cast on the CPU before it is
-placed on the training device. SDXL's released weights are fp16, so reading them in fp32 (as diffusers does by
-default) would add memory and no precision.
+kohya v0.8.7 (docs/kohya-reference.md §4) stores the U-Net and text encoders in weight_dtype (fp8 under
+--fp8_base), the VAE in fp32 (--no_half_vae) and LoRA in fp32. lora-sweep stores the same, but reads each
+component in its checkpoint's dtype or its storage dtype and casts on the CPU: never a wider copy than needed.
 
     component                                read as (`load_dtypes`)            stored on the training device
     U-Net                                    weight_dtype                       weight_dtype, LoRA fp32
     text encoders the training step runs     weight_dtype (fp8: checkpoint's)   like the U-Net (apply_base_precision)
-      (network.train_text_encoder, or data.shuffle_caption: captions encoded at every step)
     text encoders that only fill the cache   the checkpoint's dtype             the same (embeddings fp32), fp32 compute
     VAE (fills the latent cache, samples)    fp32                               fp32 (kohya's --no_half_vae)
 
-`precision=fp32` reads everything in fp32. The caches are filled in fp32 whatever the precision (the VAE is fp32;
-`compute_in_fp32` upcasts the text encoders' stored weights module by module), so every precision variant shares
-their entries, and for an fp16 checkpoint the cached values are exactly those of fp32 weights. fp8 storage is cast
-from the checkpoint's dtype (never through a narrower one), so it equals kohya's cast from fp32 bit for bit. The
-U-Net is read straight into fp8 (SDXL's U-Net has no nn.Embedding, the one layer fp8 storage keeps wider); the text
-encoders' embeddings stay in weight_dtype under fp8, so they are read in the checkpoint's dtype and cast after.
+`precision=fp32` reads everything in fp32. Caches are filled in fp32 for every precision, so variants share them.
+fp8 is cast from the checkpoint's dtype, bit-equal to kohya's cast from fp32.
 """
 
 from __future__ import annotations
@@ -41,11 +33,8 @@ def load_dtypes(policy: PrecisionPolicy, checkpoint: Mapping[str, torch.dtype | 
                 text_encoders_in_step: bool) -> dict[str, torch.dtype]:
     """The dtype to read each component in ("unet", "vae", "text_encoder", "text_encoder_2").
 
-    checkpoint: each component's dtype on disk (`lora_sweep.model.loading.checkpoint_dtypes`; None if unknown).
-    text_encoders_in_step: the text encoders run in the training step (trained, or encoding captions per step)
-    rather than only filling the text cache. Text encoders stored in fp8 are read in the checkpoint's dtype and cast
-    after their LoRA exists (apply_base_precision keeps their embeddings in weight_dtype, from the checkpoint's
-    values); the U-Net, which has no embedding layer, is read straight into fp8.
+    checkpoint: dtypes on disk (None: unknown). text_encoders_in_step: they run in the step, not only for the cache.
+    fp8 text encoders are read in the checkpoint's dtype (their embeddings stay wider); the U-Net straight into fp8.
     """
     def on_disk(component: str) -> torch.dtype:
         dtype = checkpoint.get(component)
@@ -64,15 +53,10 @@ def load_dtypes(policy: PrecisionPolicy, checkpoint: Mapping[str, torch.dtype | 
 
 @contextlib.contextmanager
 def adapters_in_fp32(module: torch.nn.Module) -> Iterator[None]:
-    """While PEFT injects a LoRA into `module`, make it create (and initialise) the adapter tensors in fp32.
+    """While PEFT injects a LoRA into `module`, make it create the adapter tensors in fp32, as kohya does.
 
-    PEFT moves each new adapter to its base layer's device *and dtype* (peft's tuners_utils
-    `_move_adapter_to_device_of_base_layer`), so a LoRA added to fp16/bf16/fp8 base weights would start from
-    rounded values (or live in fp8). kohya creates its LoRA modules in fp32 whatever the base dtype. Inside this
-    context every floating `weight` narrower than fp32 is presented as an fp32 stand-in of the same shape and device
-    (one element expanded: no memory), and the stored weight is put back on exit with the stand-in's requires_grad
-    (add_lora freezes the base), so the adapters get the fp32 values they would get on an fp32 base, drawn from the
-    same random stream.
+    Why: PEFT gives new adapters the base layer's dtype. Narrower weights are presented as zero-memory fp32
+    stand-ins and put back on exit, so adapters get the values (and RNG stream) of an fp32 base.
     """
     swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
     for sub in module.modules():
@@ -93,13 +77,8 @@ def adapters_in_fp32(module: torch.nn.Module) -> Iterator[None]:
 def compute_in_fp32(module: torch.nn.Module) -> int:
     """Make a frozen `module` compute in fp32 from weights stored narrower; returns how many submodules it hooked.
 
-    Each submodule holding fp16/bf16 tensors gets the forward hooks of `apply_base_precision`'s fp8 path (an fp32
-    copy in place of the stored tensor during its forward, the stored one back afterwards). nn.Embedding tables are
-    stored in fp32 instead (an exact upcast, 0.2 GB for SDXL's two encoders, so no table is copied per forward);
-    being the encoders' first parameters, they also make `module.dtype` fp32, so diffusers' pipeline keeps
-    sampling with fp32 prompt embeddings and latents, as with fp32 encoders. The outputs equal those of fp32
-    weights holding the same values: bit for bit when the checkpoint is fp16. For the text encoders that fill the
-    shared text cache (its entries are fp32 computations for every precision).
+    For the text encoders that fill the shared (fp32) text cache. Embeddings are stored in fp32 (which also keeps
+    diffusers' pipeline in fp32); outputs are bit-equal to fp32 weights for an fp16 checkpoint.
     """
     hooked = 0
     for sub in module.modules():

@@ -1,26 +1,14 @@
-"""Precision policies: the dtype frozen base weights are stored in, the dtype ops run in, and fp16 loss scaling.
+"""Precision policies: the dtype frozen base weights are stored in, the dtype ops run in, fp16 loss scaling.
 
-kohya sd-scripts v0.8.7 semantics (docs/kohya-reference.md §4):
-- `fp16` / `bf16` = `--mixed_precision fp16|bf16`: base weights cast to that dtype, LoRA params stay fp32, the forward
-  runs under autocast. fp16 adds a dynamic GradScaler whose overflowing steps are skipped (no optimizer step, no LR
-  scheduler step).
-- `fp8` / `fp8_bf16` = `--fp8_base` with mixed precision fp16 / bf16: every base weight is stored as float8_e4m3fn
-  (a plain, unscaled cast); each op computes with an upcast copy; LoRA params stay fp32.
+kohya v0.8.7 (docs/kohya-reference.md §4): `fp16` / `bf16` = --mixed_precision: base weights cast, LoRA fp32,
+forward under autocast; fp16 adds a GradScaler whose overflowing steps are skipped (no optimizer or LR step).
+`fp8` / `fp8_bf16` = --fp8_base with fp16 / bf16: base weights stored as float8_e4m3fn (plain cast), LoRA fp32.
 
-How the storage dtype meets the compute dtype here (one recipe on every device, so the path the CPU tests cover is
-the path a GPU runs):
-- Linear/Conv weights stored in fp16/bf16 are used as they are: autocast runs those ops in the compute dtype.
-- fp8-stored weights get a forward pre-hook that puts an upcast copy (compute dtype) in place of the stored tensor
-  for the duration of the module's forward, as a new tensor; a forward hook puts the stored one back. On CUDA,
-  kohya relies on autocast to do that cast per op; e4m3fn values are exact in fp16 and bf16, so the numbers are
-  the same. The tensor is swapped, never `.data` (swapping `.data` breaks backward), and names,
-  `state_dict()` keys and storage are unchanged outside a forward.
-- Norm layers (GroupNorm, LayerNorm, ...) stored in a reduced dtype get the same hook upcasting to fp32. CUDA
-  autocast runs group_norm/layer_norm in fp32 itself; CPU autocast does not, and there a GroupNorm with fp8
-  params, or fp16 params and an fp32 input, fails with "mixed dtype (CPU)". With fp32 norm params every device
-  normalises with the weights CUDA autocast uses, for a few KB of copies per forward.
-- nn.Embedding under fp8 is stored in the latent dtype instead (kohya keeps the text encoders' embeddings out of
-  fp8: embedding has no fp8 kernel).
+One recipe on every device, so the CPU tests cover the GPU's path: fp16/bf16 Linear/Conv weights are used as
+stored (autocast); fp8 weights, and norm weights stored narrower (in fp32: CPU autocast does not upcast norms),
+are swapped for an upcast copy during their module's forward (a new tensor, never `.data`, which breaks
+backward); e4m3fn values are exact in fp16/bf16, so the numbers equal kohya's. nn.Embedding under fp8 is stored
+in the latent dtype (no fp8 kernel; kohya keeps embeddings out of fp8 too).
 """
 
 from __future__ import annotations
@@ -41,10 +29,8 @@ LORA_MARKER = "lora_"  # PEFT names every adapter tensor lora_A/lora_B/lora_magn
 class PrecisionPolicy:
     """One precision option.
 
-    weight_dtype: storage dtype of the frozen base weights.
-    compute_dtype: autocast dtype, or None for plain fp32 (no autocast).
-    latent_dtype: kohya's `weight_dtype` variable: the dtype of latents, noise and the U-Net input.
-    mixed_precision: kohya's `--mixed_precision` value ("no", "fp16", "bf16"), for metadata.
+    weight_dtype: storage dtype of the frozen base weights. compute_dtype: autocast dtype (None: fp32, no autocast).
+    latent_dtype: kohya's `weight_dtype` (latents, noise, U-Net input). mixed_precision: kohya's flag, for metadata.
     """
 
     name: str
@@ -80,7 +66,7 @@ def _device_available(device_type: str) -> bool:
 
 
 def _autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
-    """torch disables autocast (with a warning) for a dtype the device cannot autocast to; ask it."""
+    """Whether torch enables autocast to `dtype` on the device (it disables it with a warning otherwise)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -98,10 +84,9 @@ def _fp8_casts_on(device_type: str, compute_dtype: torch.dtype) -> bool:
 
 
 def precision_policy(name: str, device_type: str) -> PrecisionPolicy:
-    """The policy for `precision=<name>` on `device_type` ("cpu", "cuda", ...).
+    """The policy for `precision=<name>` on `device_type`; raises ConfigError.
 
-    Device checks run only where that device is present (so a config can be validated on a machine without the GPU
-    it will train on); train-time calls on the real device catch the rest.
+    Device checks run only where that device is present, so a config validates on a machine without its GPU.
     """
     policy = PRECISIONS.get(name)
     if policy is None:
@@ -135,7 +120,7 @@ def check_policy_supported(policy: PrecisionPolicy, device_type: str) -> None:
 
 
 class _UpcastDuringForward:
-    """Forward hooks that replace a module's stored low-precision tensors by upcast copies, then restore them."""
+    """Forward hooks that swap a module's stored low-precision tensors for upcast copies, then back."""
 
     def __init__(self, tensor_names: list[str], dtype: torch.dtype) -> None:
         self.tensor_names = tensor_names
@@ -171,8 +156,7 @@ _UPCAST_COPIES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 @dataclass(frozen=True)
 class _Recast:
-    """What autograd keeps for backward instead of an upcast copy (or a view of one, such as the `weight.t()` a
-    Linear's matmul saves): the stored tensor, the dtype to cast it to, and the view's geometry."""
+    """What autograd keeps instead of an upcast copy (or a view of one): the stored tensor, dtype and view geometry."""
 
     stored: torch.Tensor
     dtype: torch.dtype
@@ -182,8 +166,7 @@ class _Recast:
 
 
 def _save_stored(tensor: torch.Tensor) -> object:
-    """saved_tensors_hooks pack: an op (a Linear's matmul, a conv, a norm) saving an upcast copy of a stored weight,
-    or a view of one, for its backward keeps the stored tensor instead (fp8: half the bytes of an fp16 copy)."""
+    """saved_tensors_hooks pack: keep the stored tensor, not the upcast copy (or its view) an op saves."""
     try:
         entry = _UPCAST_COPIES.get(tensor.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):  # tensors without a plain storage
@@ -195,16 +178,14 @@ def _save_stored(tensor: torch.Tensor) -> object:
 
 
 def _recast_saved(saved: object) -> torch.Tensor:
-    """saved_tensors_hooks unpack: cast the stored tensor again (the same values: a cast is deterministic) and take
-    the same view of it."""
+    """saved_tensors_hooks unpack: cast the stored tensor again (deterministic) and take the same view."""
     if not isinstance(saved, _Recast):
         return saved
     return saved.stored.to(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
-    """GroupNorm, LayerNorm, RMSNorm and diffusers' *Norm classes (BatchNorm, absent from SDXL, is not: its
-    running stats are updated in place, which a swapped-in copy would lose)."""
+    """GroupNorm, LayerNorm, RMSNorm and diffusers' *Norm (not BatchNorm: a swapped copy would lose running stats)."""
     torch_norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
     return isinstance(module, torch_norms) or type(module).__name__.endswith("Norm")
 
@@ -223,10 +204,9 @@ def _frozen_base_tensor_names(module_name: str, module: torch.nn.Module) -> list
 
 
 def apply_base_precision(module: torch.nn.Module, policy: PrecisionPolicy) -> None:
-    """Store the frozen base weights of `module` in `policy.weight_dtype`; LoRA and trainable params stay as they are.
+    """Store `module`'s frozen base weights in `policy.weight_dtype`; LoRA and trainable params stay as they are.
 
-    Call it once, after the LoRA adapter exists (PEFT creates adapter params in the base layer's dtype) and after
-    `requires_grad_(False)` on the base. Device moves afterwards are fine; a later `module.to(dtype)` would undo it.
+    Call it once, after the LoRA exists and the base is frozen; a later `module.to(dtype)` would undo it.
     """
     if getattr(module, "_lora_sweep_precision", None) is not None:
         raise RuntimeError(f"apply_base_precision already ran on this module ({module._lora_sweep_precision}).")
@@ -258,14 +238,10 @@ def apply_base_precision(module: torch.nn.Module, policy: PrecisionPolicy) -> No
 
 @contextlib.contextmanager
 def autocast(policy: PrecisionPolicy, device_type: str) -> Iterator[None]:
-    """torch.autocast in the policy's compute dtype (a no-op for fp32); under fp8, autograd keeping stored weights.
+    """torch.autocast in the policy's compute dtype (no-op for fp32); under fp8, backward keeps the stored weights.
 
-    With fp8 base weights, an upcast copy that an op saves for its backward (an fp8 Linear's fp16 weight, or the
-    `weight.t()` view its matmul saves) is kept as the stored fp8 tensor and cast again when backward needs it
-    (saved_tensors_hooks). Without that, the whole U-Net's upcast weights stay alive from the forward to the
-    backward (4.8 GiB of fp16 for SDXL, twice the fp8 weights themselves). The gradients are bit-identical; the cost
-    is a second cast per op in backward. Gradient checkpointing's own hooks take over inside checkpointed blocks.
-    fp16/bf16 weights are used as stored (only norms get small fp32 copies), so they need no hooks.
+    Why: an op saving its fp16 upcast copy would keep the whole U-Net's copies alive until backward (4.8 GiB for
+    SDXL); instead the fp8 tensor is saved and cast again (bit-identical gradients, one more cast per op).
     """
     if policy.compute_dtype is None:
         yield
@@ -277,18 +253,14 @@ def autocast(policy: PrecisionPolicy, device_type: str) -> Iterator[None]:
 
 
 def make_grad_scaler(policy: PrecisionPolicy, device_type: str) -> torch.amp.GradScaler:
-    """A dynamic loss scaler for fp16 compute (accelerate's defaults: init 2**16, x2 every 2000 good steps, x0.5 on
-    overflow); disabled (scale/unscale are no-ops) for every other policy."""
+    """fp16's dynamic loss scaler (accelerate's defaults); disabled (no-op) for every other policy."""
     return torch.amp.GradScaler(_device_kind(device_type), enabled=policy.needs_grad_scaler)
 
 
 def grad_total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
-    """The 2-norm of all gradients of `params` together (0-dim fp32 tensor on their device; None if none has one).
+    """The 2-norm of all gradients of `params` (0-dim fp32 tensor; None if none has one).
 
-    Exactly the norm `torch.nn.utils.clip_grad_norm_` clips with (it is `torch.nn.utils.get_total_norm`, fused with
-    foreach kernels where the device has them), so the training loop computes it once per step for two uses: the
-    non-finite check and the clipping (`clip_grads`). With SDXL's 1,444 LoRA tensors that is one reduction where a
-    check per tensor costs 1,444 kernels and a stack.
+    The norm `clip_grad_norm_` clips with, computed once per step for the non-finite check and `clip_grads`.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -298,16 +270,16 @@ def grad_total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None
 
 def unscaled_grad_norm(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
                        params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
-    """`grad_total_norm(params)` of the true gradients: fp16's scaler unscales them first (once per update: the
-    caller then steps through the scaler); a no-op for every other policy. Call it only when there are gradients."""
+    """`grad_total_norm` of the true gradients: fp16's scaler unscales first (once per update).
+
+    Call it only when there are gradients.
+    """
     scaler.unscale_(optimizer)
     return grad_total_norm(params)
 
 
 def clip_grads(params: Iterable[torch.nn.Parameter], max_grad_norm: float, total_norm: torch.Tensor | None) -> None:
-    """kohya's --max_grad_norm (default 1.0; 0 = off): scale the gradients so their total 2-norm, `total_norm` (from
-    `grad_total_norm(params)`), is at most `max_grad_norm`. The clip of `clip_grad_norm_`, bit for bit
-    (`get_total_norm` then `clip_grads_with_norm_`), without computing the norm twice."""
+    """kohya's --max_grad_norm (0 = off): `clip_grad_norm_` bit for bit, reusing `total_norm`."""
     if max_grad_norm > 0 and total_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
 
@@ -327,7 +299,6 @@ def peak_gpu_memory_bytes() -> int | None:
 
 
 def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
-    """Recompute activations in backward (diffusers' non-reentrant checkpointing, so frozen-base LoRA still gets
-    grads); kohya also puts the U-Net in train mode when checkpointing."""
+    """diffusers' non-reentrant checkpointing (frozen-base LoRA still gets grads); train mode, as kohya."""
     unet.enable_gradient_checkpointing()
     unet.train()

@@ -1,10 +1,8 @@
-"""Everything one training holds: model parts with LoRA, examples, optimizer, precision policy; built in one place.
+"""Everything one training holds (model parts with LoRA, examples, optimizer, precision policy), built in one place.
 
-`build_session` does the set-up in kohya's order, one named step each: `load_parts` -> `prepare_data` (with the
-frozen encoders) -> `attach_lora` (and the base weights in the training precision) -> `make_optimizer` ->
-`evaluation_hooks`, so `train.py` is only the loop. Each component is read in the dtype it is stored in (or its
-checkpoint's), and LoRA and casts happen on the CPU before the U-Net (and the text encoders the step runs) go to the
-training device (placement.py has the table).
+`build_session` follows kohya's order: `load_parts` -> `prepare_data` (frozen encoders) -> `attach_lora` (base
+weights in the training precision) -> `make_optimizer` -> `evaluation_hooks`. Components load in their storage
+dtype; LoRA and casts happen on the CPU before the U-Net moves to the device (placement.py has the table).
 """
 
 from __future__ import annotations
@@ -51,8 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Session:
-    """What the loop needs: the config, the model parts with LoRA, the examples, the optimizer and its schedule, the
-    precision policy and loss scaler, the noise and loss options, the evaluation hooks and where to report."""
+    """What the loop needs: config, model with LoRA, examples, optimizer and schedule, precision, hooks, sink."""
 
     cfg: Any
     device: torch.device
@@ -81,7 +78,7 @@ class Session:
 
     @property
     def epochs(self) -> int:
-        """kohya's num_train_epochs: the epochs train.max_steps updates reach (the last one may be partial)."""
+        """kohya's num_train_epochs: the epochs train.max_steps updates reach (the last may be partial)."""
         t = self.cfg.train
         return num_epochs(t.max_steps, batches_per_epoch(self.batch_buckets, t.batch_size), t.grad_accum)
 
@@ -91,10 +88,11 @@ class Session:
 
     def unet_forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                      pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-        """The SDXL U-Net's prediction (B, C, h, w) for x_t at `timesteps` (B,), with the text context (B, 77, 2048),
-        the pooled text embedding (B, 1280) and the size conditioning `time_ids` (B, 6), under autocast. As kohya's
-        sdxl call_unet: x_t is cast to weight_dtype and time_ids to the pooled embedding's dtype
-        (docs/kohya-reference.md §4 and §7)."""
+        """The U-Net's prediction (B, C, h, w) under autocast, as kohya's call_unet (docs/kohya-reference.md §4, §7).
+
+        x_t (B, C, h, w) is cast to weight_dtype, `time_ids` (B, 6) to the dtype of `pooled` (B, 1280);
+        `context` is (B, 77, 2048).
+        """
         with precision.autocast(self.policy, self.device.type):
             return self.unet(noisy_latents.to(self.policy.latent_dtype), timesteps, context, added_cond_kwargs={
                 "text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}).sample
@@ -119,8 +117,10 @@ class Session:
         return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
 
     def after_step(self, step: int, final: bool = False) -> bool:
-        """Run the evaluation hooks due at `step` (samples, fit/val losses). False if a stop request cut them short:
-        a hook returns False when it gave up (logging nothing), and once a stop is requested no further hook starts."""
+        """Run the evaluation hooks due at `step`; False if a stop request cut them short.
+
+        A hook returns False when it gave up; once a stop is requested no further hook starts.
+        """
         complete = True
         for hook in self.hooks:
             if self.should_stop() or hook(self, step, final) is False:
@@ -136,8 +136,7 @@ class Session:
                                 layers_per_block=self.parts.unet.config.layers_per_block)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
-        """A kohya-format LoRA for users (`<output_name>-step00000500.safetensors`, `-000005` per epoch), logged to
-        the run as soon as it is written."""
+        """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
         meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
         path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
         self.sink.artifact(path, "lora/checkpoints")
@@ -157,15 +156,11 @@ class Session:
 
 
 def check_device(cfg, env: Mapping[str, str] | None = None) -> Fallback | None:
-    """train.device=auto where CUDA_VISIBLE_DEVICES names GPUs but torch sees no CUDA device (a CPU-only torch, no
-    driver, a wrong index), which would make `pick_device` train on the CPU without a word.
+    """A Fallback when train.device=auto, CUDA_VISIBLE_DEVICES names GPUs and torch sees none; else None.
 
-    In a gpu_queue GPU slot (GPU_QUEUE_SLOT set: the launcher planned this job for a GPU, from hydra.launcher.gpus or
-    the GPUs nvidia-smi lists) that is refused with a UserError before the model loads: every job of the sweep
-    would crawl on the CPU, the slots sharing its cores, for hours instead of failing in seconds. Elsewhere (a
-    Slurm allocation, a shell's setting) the run goes on, on the CPU, and says so: the returned Fallback is printed
-    and logged on the run (`data.warnings`, `data/warnings.txt`). train.device=cpu (or cuda) is the user's choice:
-    None. env: os.environ by default."""
+    In a gpu_queue GPU slot (GPU_QUEUE_SLOT set) raise UserError instead: every job would crawl on the CPU for hours.
+    train.device=cpu or cuda is the user's choice (None). env: os.environ by default.
+    """
     env = os.environ if env is None else env
     tokens = []
     for token in (t.strip() for t in env.get("CUDA_VISIBLE_DEVICES", "").split(",")):
@@ -194,10 +189,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_lib.SDXLParts:
-    """The model of `cfg`: the tiny model is built once into the cache (seed 0: every variant and seed shares one
-    base model) and then loaded like real SDXL, through the same loader. With a `policy`, each component is read in
-    the dtype `placement.load_dtypes` gives it (the checkpoint's, or the one it will be stored in); without, in
-    fp32."""
+    """The model of `cfg`, loaded in the dtypes `placement.load_dtypes` gives under `policy` (fp32 without).
+
+    The tiny model is built once into the cache (seed 0, shared by every variant) and loaded like real SDXL.
+    """
     started = time.perf_counter()
     path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))
     dtypes = None
@@ -211,11 +206,11 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_li
 
 def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None,
                   validation_scan: FolderScan | None = None) -> Session:
-    """Set up one training in kohya's order: load the model, prepare the data with the frozen encoders (so the cache
-    is filled before LoRA changes anything), attach LoRA and store the base weights in the training precision, make
-    the optimizer and LR schedule, then the evaluation hooks. `scan` / `validation_scan`: the caller's scans of
-    data.dir (or the bundled photos) and data.validation_dir; None: scanned here. Raises UserError (no image left,
-    no disk space) and ConfigError (the optimizer refuses its arguments)."""
+    """Set up one training in kohya's order (the module docstring); the frozen encoders fill the cache before LoRA.
+
+    `scan` / `validation_scan`: the caller's scans (None: scanned here). Raises UserError (no image left, no disk
+    space) and ConfigError (the optimizer refuses its arguments).
+    """
     device = pick_device(cfg.train.device)
     policy = precision.precision_policy(cfg.precision.name, device.type)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -243,9 +238,9 @@ def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None
 
 @dataclass
 class Data:
-    """A training's examples: `prepared` holds data.dir's (its `histogram` counts the training entries), `scan` what
-    the folder scan found, `train_indices` the examples not held out, `items` the example index of each dataset
-    entry (repeats expanded), `validation` the held-out and data.validation_dir examples."""
+    """A training's examples: `prepared` (its histogram counts training entries), the folder `scan`, `train_indices`
+    (not held out), `items` (example index per dataset entry, repeats expanded), `validation` examples.
+    """
 
     prepared: Prepared
     scan: FolderScan
@@ -266,10 +261,11 @@ def encodes_text_in_step(cfg) -> bool:
 
 def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, scan: FolderScan | None,
                  validation_scan: FolderScan | None) -> Data:
-    """data.dir's examples (latents, and text embeddings unless the step encodes text), encoded with the frozen VAE
-    and text encoders on `device` through the shared cache; the held-out split; data.validation_dir's examples.
-    The split uses validation.seed, not train.seed: replicates (train.seed=1,2,3) train and are measured on the
-    same images, so their val/loss and fit/loss points pair across seeds."""
+    """data.dir's examples encoded with the frozen encoders on `device` via the cache, the held-out split, and
+    data.validation_dir's examples.
+
+    The split uses validation.seed, not train.seed, so replicates are measured on the same images.
+    """
     cache_text = not encodes_text_in_step(cfg)
     if not cache_text:
         why = "network.train_text_encoder=true" if cfg.network.train_text_encoder else "data.shuffle_caption=true"
@@ -297,8 +293,9 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
 
 @contextlib.contextmanager
 def frozen_encoders_on(parts: model_lib.SDXLParts, device: torch.device, *, text: bool) -> Iterator[None]:
-    """The VAE, and with `text` the text encoders (computing in fp32: the text cache is shared by every precision),
-    on `device` while the cache is filled; on the CPU afterwards (they are not needed on the training device)."""
+    """The VAE, and with `text` the text encoders (in fp32: the text cache is shared by every precision), on
+    `device` while the cache is filled; back on the CPU afterwards.
+    """
     encoders = (parts.text_encoder, parts.text_encoder_2) if text else ()
     for encoder in encoders:
         placement.compute_in_fp32(encoder)
@@ -313,8 +310,7 @@ def frozen_encoders_on(parts: model_lib.SDXLParts, device: torch.device, *, text
 
 
 def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
-    """Images the header scan passed whose pixels failed to decode (a truncated file): skipped like the others the
-    scan finds, so said the same way, as a fallback in data.warnings and data/warnings.txt (not only in the log)."""
+    """Report images whose pixels failed to decode as a Fallback, like the scan's other skips."""
     if paths:
         sink.warn(Fallback(setting, "images whose pixels failed to decode (truncated or corrupt after a valid header): "
                            "skipped (counted in data.skipped_images)", tuple(paths), "Re-save them as PNG or JPEG."))
@@ -334,9 +330,11 @@ def log_data(cfg, data: Data, sink, output_dir: Path) -> None:
 
 def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPolicy,
                 device: torch.device) -> dict[str, torch.nn.Parameter]:
-    """Add LoRA on kohya's targets (fp32, as kohya creates it), store the base weights in the training precision on
-    the CPU, and only then move the U-Net (and the text encoders the step runs, stored like the U-Net: kohya's
-    te_weight_dtype) to the training device. Returns the trained tensors by name, for states."""
+    """Add LoRA (fp32, as kohya), store base weights in the training precision on the CPU, then move to the device.
+
+    The text encoders the step runs move too, stored like the U-Net (kohya's te_weight_dtype). Returns the trained
+    tensors by name, for states.
+    """
     net, unet = cfg.network, parts.unet
     encoders = (parts.text_encoder, parts.text_encoder_2)
     unet.train()
@@ -364,8 +362,7 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
 
 
 def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
-    """The optimizer's parameter groups in kohya's order, [text encoders, U-Net]: the text encoders' with
-    train.text_encoder_lr (null: train.lr) when they are trained."""
+    """The optimizer's groups in kohya's order [text encoders, U-Net]; train.text_encoder_lr null means train.lr."""
     groups = [{"name": "unet", "params": lora_parameters(parts.unet), "lr": cfg.train.lr}]
     if cfg.network.train_text_encoder:
         te_params = lora_parameters(parts.text_encoder) + lora_parameters(parts.text_encoder_2)
@@ -383,8 +380,9 @@ def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]
 
 
 def evaluation_hooks(cfg, data: Data) -> list:
-    """What runs at step 0 and after optimizer steps: val/loss on the held-out examples, fit/loss on a fixed subset
-    of the training examples (validation.fit_images, chosen with validation.seed), samples of the prompts if any."""
+    """Hooks for step 0 and after optimizer steps: val/loss (held out), fit/loss (validation.fit_images training
+    examples, chosen with validation.seed), samples if there are prompts.
+    """
     v = cfg.validation
     fit = [data.prepared.examples[i] for i in fit_subset(data.train_indices, v.fit_images, v.seed)]
     hooks = [Validator(data.validation, list(v.timesteps), v.seed),

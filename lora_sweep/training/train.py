@@ -1,16 +1,14 @@
 """The training loop: one SDXL LoRA, kohya sd-scripts v0.8.7 semantics, no Hydra and no MLflow inside.
 
-Per micro-batch (`micro_batch_loss`, kohya's `train_network.py`; docs/kohya-reference.md §1-§3):
+Per micro-batch (`micro_batch_loss`; docs/kohya-reference.md §1-§3):
     x0 = latents.to(weight_dtype) * vae_scale
     context, pooled = text(captions)        # under autocast
     eps, x_t, t = noise(x0)                 # outside autocast: offset -> pyramid -> timesteps -> input perturbation
     pred = unet(x_t.to(weight_dtype), t, text context, pooled + size conditioning)   # under autocast
     loss = mean_b( weights(t) * mean_chw( element_loss(pred, eps or v) ) )
-then (`train`, §4 and §6) backward of loss / grad_accum; every grad_accum micro-batches and at an epoch's end:
-unscale (fp16), clip, optimizer step, LR schedule, zero; log; evaluation hooks; checkpoints. `train.max_steps`
-counts optimizer updates. Everything the caller wants to see goes through `sink`. Two collaborators keep their
-policies out of the loop: `NonFiniteGuard` (train.on_nan) and `checkpoint.Checkpoints` (LoRA files, states,
-resume); `stop_here` is the stop rule.
+then (`train`, §4, §6) backward of loss / grad_accum; every grad_accum micro-batches and at an epoch's end:
+unscale (fp16), clip, step, LR schedule, zero; log; hooks; checkpoints. `train.max_steps` counts optimizer updates.
+Collaborators: `NonFiniteGuard` (train.on_nan), `checkpoint.Checkpoints`; `stop_here` is the stop rule.
 """
 
 from __future__ import annotations
@@ -90,8 +88,10 @@ def seed_everything(seed: int) -> None:
 
 
 def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step: int) -> loss_lib.LossTerms:
-    """Forward one micro-batch (example indices `batch`) and return kohya's weighted loss terms. `step`: the
-    optimizer step (1-based) it counts towards; the loss does not depend on it, a wrapper of this function reads it."""
+    """Forward one micro-batch (example indices `batch`) and return kohya's weighted loss terms.
+
+    `step` (the 1-based optimizer step) is unused here; wrappers of this function read it.
+    """
     device = s.device
     examples = [s.prepared.examples[i] for i in batch]
     flips = [bool(e.latents_flipped is not None and flip_rng.random() < 0.5) for e in examples]
@@ -114,9 +114,10 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
           states: StateTarget | None = None, scan: FolderScan | None = None,
           validation_scan: FolderScan | None = None) -> TrainResult:
     """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`.
-    `scan` / `validation_scan`: the caller's scans of data.dir (or the bundled photos) and data.validation_dir (None:
-    scanned here); an image whose pixels fail to decode moves from a scan's `items` to its `skipped`. Raises
-    NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no disk space) and what the step raises."""
+
+    `scan` / `validation_scan`: the caller's scans (None: scanned here); images that fail to decode move to `skipped`.
+    Raises NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no disk space) and what the step raises.
+    """
     t = cfg.train
     seed_everything(t.seed)
     s = build_session(cfg, output_dir=output_dir, sink=sink, scan=scan, validation_scan=validation_scan)
@@ -172,10 +173,11 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
 
 
 def stop_here(s: Session, step: int) -> bool:
-    """The stop rule, at step 0 and after every optimizer step: True when a stop request (Ctrl-C, SIGTERM) ends the
-    loop here, with a state. A request already made skips the evaluation due at `step` (samples and fit/val losses
-    belong to a run that reached train.max_steps); one made during it cuts it short (`Session.after_step` returns
-    False). At max_steps the evaluation runs whatever happens, and a request can only cut it short."""
+    """The stop rule, at step 0 and after every optimizer step: True when a stop request ends the loop here.
+
+    A request already made skips the evaluation due at `step`; one made during it cuts it short. At max_steps the
+    evaluation always runs (a request can only cut it short).
+    """
     final = step >= s.cfg.train.max_steps
     if not final and s.should_stop():
         return True
@@ -222,10 +224,12 @@ def step_metrics(s: Session, window, pos: Position, epoch: int, images_per_s: fl
 
 
 class NonFiniteGuard:
-    """train.on_nan for a NaN/Inf loss or gradient. stop: raise NonFiniteLoss naming the step and the first
-    non-finite tensor, and the state a rerun resumes from (`kept()`). skip_step: warn and leave the micro-batch out,
-    or skip the update; fail once `max_consecutive_skips` updates in a row were skipped (a diverged training would
-    otherwise skip to the end and finish). fp16's loss scaler handles its own overflows: its skips do not count."""
+    """train.on_nan for a NaN/Inf loss or gradient.
+
+    stop: raise NonFiniteLoss naming the step, the tensor and the last state (`kept()`). skip_step: warn and skip,
+    but fail after `max_consecutive_skips` skipped updates in a row (a diverged run would otherwise "finish").
+    fp16's loss scaler handles its own overflows: those skips do not count.
+    """
 
     def __init__(self, on_nan: str, max_consecutive_skips: int, kept: Callable[[], Path | None]):
         self.on_nan, self.limit, self.kept = on_nan, max_consecutive_skips, kept
@@ -239,10 +243,11 @@ class NonFiniteGuard:
         return False
 
     def gradients_are_finite(self, s: Session, total_norm: torch.Tensor | None, step: int, epoch: int) -> bool:
-        """True if the update may go on. One host sync on the total gradient norm (`precision.unscaled_grad_norm`),
-        which is non-finite exactly when a gradient is or when the sum of squares overflows; only then are the
-        tensors scanned, to name the first non-finite one. If none is (finite gradients whose norm overflows), the
-        update goes on: clipping scales it to zero. Under fp16 the scaler checks (True)."""
+        """True if the update may go on; under fp16 the scaler checks (True).
+
+        One host sync on the total norm; only when it is non-finite are tensors scanned to name one. If none is (the
+        sum of squares overflowed), the update goes on: clipping scales it to zero.
+        """
         if s.scaler.is_enabled() or total_norm is None or bool(torch.isfinite(total_norm)):
             return True
         bad = next((n for n, p in s.lora.items() if p.grad is not None and not torch.isfinite(p.grad).all()), None)
