@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_sweep.checks.preflight import Memo, check_job, needs_job_check, parse_prompts, scan_dataset
+from lora_sweep.checks.preflight import Memo, check_job, needs_job_check, scan_dataset
 from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.photos import data_folder
 from lora_sweep.errors import Fallback, UserError
+from lora_sweep.training.evaluate import read_prompts
 
 CHANGED = "A file this job reads changed after the pre-flight checked it, so the job did not start training:"
 
@@ -25,6 +26,7 @@ class JobInputs:
     scan: FolderScan  # data.dir, or the bundled photos (written first if needed)
     validation_scan: FolderScan | None  # data.validation_dir
     fallbacks: list[Fallback]  # the scans' and the prompts', in that order
+    prompts: list  # the sample PromptSpecs, parsed with the Sampler's defaults (training.evaluate.read_prompts)
 
     @property
     def scans(self) -> list[FolderScan]:
@@ -45,8 +47,8 @@ def read_inputs(cfg) -> JobInputs:
     validation = None
     if d.validation_dir:
         validation = scan_dataset(Path(d.validation_dir), d.caption_extension, "data.validation_dir", memo)
-    inputs = JobInputs(scan, validation, [])
-    prompt_problems, prompt_fallbacks = parse_prompts(cfg, memo)
+    prompts, prompt_problems, prompt_fallbacks = read_prompts(cfg)
+    inputs = JobInputs(scan, validation, [], prompts)
     problems = [p for s in inputs.scans for p in s.problems] + prompt_problems
     if problems:
         raise UserError(" ".join([CHANGED, *problems]))

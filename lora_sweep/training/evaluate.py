@@ -62,25 +62,29 @@ def due(step: int, every: int, final: bool) -> bool:
     return step == 0 or final or (every > 0 and step % every == 0)
 
 
+def read_prompts(cfg) -> tuple[list, list[str], list]:
+    """`sampling.prompts` and `sampling.prompt_file` as the Sampler draws them: `check_prompts`' (specs, problems,
+    fallbacks) with the sampling group's defaults (width/height: sampling.width/height, else the shorter side of
+    data.resolution); nothing when neither is set."""
+    from lora_sweep.data.buckets import parse_resolution
+    from lora_sweep.sampling.prompts import check_prompts
+
+    sc = cfg.sampling
+    if not sc.prompts and not sc.prompt_file:
+        return [], [], []
+    side = min(parse_resolution(cfg.data.resolution))
+    return check_prompts(
+        list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
+        default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=sc.seed,
+        default_negative=sc.negative,
+    )
+
+
 @dataclass
 class Sampler:
     """Draw the prompts with the current LoRA and log images, the grid and image metrics."""
 
     prompts: list
-
-    @classmethod
-    def from_config(cls, cfg, resolution: int) -> Sampler | None:
-        from lora_sweep.sampling.prompts import load_prompts
-
-        sc = cfg.sampling
-        if not sc.prompts and not sc.prompt_file:
-            return None
-        specs = load_prompts(
-            list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or resolution,
-            default_height=sc.height or resolution, default_steps=sc.steps, default_cfg=sc.cfg,
-            default_seed=sc.seed, default_negative=sc.negative,
-        )
-        return cls(specs)
 
     def __call__(self, s, step: int, final: bool) -> bool:
         """Sample if due at `step`; False if a stop request cut the sampling short (then nothing is logged)."""
