@@ -203,9 +203,10 @@ def check_prompts(
     prompt_file: str | Path | None = None,
     **defaults,
 ) -> tuple[list[PromptSpec], list[str], list[Fallback]]:
-    """Parse every prompt, never stopping at the first problem: (specs, problems, fallbacks). A problem is one line
-    naming the setting (with the file and line number for a prompt file); `defaults` are `load_prompts`' default_*
-    keywords. See `load_prompts` for the sources and their order."""
+    """`sampling.prompts` / `sampling.prompt_file` -> (specs, problems, fallbacks), never stopping at the first
+    problem. Specs in order: the file's lines, then the list's entries (same syntax; `#` entries skipped);
+    `prompts` may itself be a path to a .txt file. A problem is one line naming the setting (with the file and line
+    number); no prompt at all is one. `defaults`: `parse_prompt_line`'s default_* keywords."""
     setting = "sampling.prompt_file"
     if isinstance(prompts, (str, Path)):
         if prompt_file is not None:
@@ -257,29 +258,3 @@ def size_warnings(placed: Sequence[tuple[str, PromptSpec]], setting: str) -> lis
                   "it); sampling may run out of memory", large,
                   "Lower --w/--h there (or sampling.width/sampling.height) if that is not meant.")] if large else [])
 
-
-def load_prompts(
-    prompts: str | Path | Sequence[str] = (),
-    *,
-    prompt_file: str | Path | None = None,
-    default_width: int = 1024,
-    default_height: int = 1024,
-    default_steps: int = 30,
-    default_cfg: float = 7.5,
-    default_seed: int = 0,
-    default_negative: str = "",
-) -> list[PromptSpec]:
-    """`sampling.prompts` / `sampling.prompt_file` -> specs, in order: the file's lines, then the list's entries.
-
-    `prompts` may itself be a path (str/Path) to a kohya .txt file instead of a list. List entries use the same
-    inline-option syntax as file lines; entries starting with `#` are skipped there too. An empty result is an
-    error: asking to sample with no prompts is always a configuration mistake. Raises one UserError listing every
-    problem, one per line (the pre-flight reports them before the model loads; see `check_prompts`).
-    """
-    specs, problems, _ = check_prompts(
-        prompts, prompt_file=prompt_file, default_width=default_width, default_height=default_height,
-        default_steps=default_steps, default_cfg=default_cfg, default_seed=default_seed,
-        default_negative=default_negative)
-    if problems:
-        raise UserError("\n".join(problems))
-    return specs
