@@ -136,63 +136,82 @@ def sample_images(
     CFG), described by the prompt being drawn; it leaves no line behind. A 1024^2 sample on a CPU takes minutes:
     this is what the console shows meanwhile.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
     )
-    modules = (unet, vae, text_encoder, text_encoder_2)
-    was_training = [module.training for module in modules]  # text encoders train too when their LoRA does
-    images: list[Image.Image] = []
     device = next(unet.parameters()).device
-    with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2):
-        for module in modules:
-            module.eval()
+    with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2), \
+            _in_eval_mode(unet, vae, text_encoder, text_encoder_2):
         sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps" for i, p in enumerate(prompts))
         log.info("sampling%s: %d prompt%s, %s", f" at {label}" if label else "", len(prompts),
                  "s" * (len(prompts) != 1), sizes)
-        bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+        return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop)
 
-        stop_check = _stop_check(should_stop) if should_stop is not None else None
 
-        def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
-            bar.update(1)
-            return stop_check(pipe, step, timestep, tensors) if stop_check is not None else tensors
+@contextlib.contextmanager
+def _in_eval_mode(*modules) -> Iterator[None]:
+    """eval() for the duration, then each module's own mode back (text encoders train too when their LoRA does)."""
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, was_training, strict=True):
+            module.train(mode)
 
-        try:
-            for index, spec in enumerate(prompts):
-                if should_stop is not None and should_stop():
-                    break
-                bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
-                                    f"{spec.width}x{spec.height}")
-                generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-                size = (spec.height, spec.width)
-                with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
-                        index, len(prompts), spec):
-                    output = pipeline(
-                        prompt=spec.prompt,
-                        negative_prompt=spec.negative,
-                        width=spec.width,
-                        height=spec.height,
-                        num_inference_steps=spec.steps,
-                        guidance_scale=spec.cfg,
-                        generator=generator,
-                        original_size=size,
-                        target_size=size,
-                        crops_coords_top_left=(0, 0),
-                        output_type="pil",
-                        callback_on_step_end=advance,
-                    )
-                images.append(output.images[0])
-        except _Stopped:
-            pass  # the image being drawn is dropped; the finished ones are returned
-        finally:
-            bar.close()
-            for module, mode in zip(modules, was_training, strict=True):
-                module.train(mode)
+
+def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
+              should_stop: Callable[[], bool] | None) -> list[Image.Image]:
+    """One image per prompt under a tqdm bar over all their denoising steps; once `should_stop` answers True, the
+    image under way is dropped and the finished ones are returned."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+    stop_check = _stop_check(should_stop) if should_stop is not None else None
+
+    def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
+        bar.update(1)
+        return stop_check(pipe, step, timestep, tensors) if stop_check is not None else tensors
+
+    images: list[Image.Image] = []
+    try:
+        for index, spec in enumerate(prompts):
+            if should_stop is not None and should_stop():
+                break
+            bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
+                                f"{spec.width}x{spec.height}")
+            with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
+                    index, len(prompts), spec):
+                images.append(_draw(pipeline, spec, advance))
+    except _Stopped:
+        pass
+    finally:
+        bar.close()
     return images
+
+
+def _draw(pipeline, spec: PromptSpec, callback) -> Image.Image:
+    """`spec`'s image: noise from its seed's CPU generator, SDXL's size conditioning original = target = (h, w)."""
+    import torch
+
+    size = (spec.height, spec.width)
+    output = pipeline(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative,
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.cfg,
+        generator=torch.Generator(device="cpu").manual_seed(spec.seed),
+        original_size=size,
+        target_size=size,
+        crops_coords_top_left=(0, 0),
+        output_type="pil",
+        callback_on_step_end=callback,
+    )
+    return output.images[0]
 
 
 @contextlib.contextmanager
