@@ -116,40 +116,10 @@ def parse_prompt_line(
     changed: list[str] = []  # values kohya's arithmetic changed, said as a warning by `check_prompts`
     for option in parts[1:]:
         option = option.strip()
-        if not option:
-            continue
-        match = _OPTION.match(option)
-        name = match.group("name").lower() if match else ""
-        value = (match.group("value") or "").strip() if match else ""
-        try:
-            if name in _AT_LEAST and value.startswith("-") and float(value) <= 0:  # "-0" too: a sign kohya drops
-                bad.append(f"{where}: option '--{option}' in {line!r} is negative; give {_AT_LEAST[name]}. (kohya "
-                           "v0.8.7 takes digits only there: it would drop the option and use its default.)")
-            elif name in ("w", "h", "s"):
-                given = int(value)
-                used = clamp_steps(given) if name == "s" else round_size(given)
-                values[{"w": "width", "h": "height", "s": "steps"}[name]] = used
-                if used != given:
-                    changed.append(f"--{name} {given} used as {used}")
-            elif name == "d":
-                values["seed"] = int(value)
-            elif name == "l":
-                values["cfg"] = float(value)
-            elif name == "n":
-                values["negative"] = value
-            elif name in IGNORED_KOHYA_OPTIONS:
-                continue
-            else:
-                bad.append(
-                    f"{where}: unknown option '--{option.split()[0]}' in {line!r}. Accepted: "
-                    "--w WIDTH, --h HEIGHT, --d SEED, --s STEPS, --l CFG, --n NEGATIVE PROMPT "
-                    "(kohya's --ss, --cn, --am and --f are accepted and ignored)."
-                )
-        except ValueError:
-            bad.append(
-                f"{where}: option '--{option}' in {line!r} needs a number "
-                "(--w/--h/--d/--s take whole numbers, --l a decimal)."
-            )
+        if option:
+            problem = _read_option(option, line, values, changed)
+            if problem:
+                bad.append(f"{where}: {problem}")
     if bad:
         raise UserError("\n".join(bad))
     return PromptSpec(
@@ -164,6 +134,36 @@ def parse_prompt_line(
         changed=tuple(changed),
     )
 
+
+
+def _read_option(option: str, line: str, values: dict[str, object], changed: list[str]) -> str | None:
+    """Set `values` from one option of `line` ("w 1024"); the problem with it, if any."""
+    match = _OPTION.match(option)
+    name = match.group("name").lower() if match else ""
+    value = (match.group("value") or "").strip() if match else ""
+    try:
+        if name in _AT_LEAST and value.startswith("-") and float(value) <= 0:  # "-0" too: a sign kohya drops
+            return (f"option '--{option}' in {line!r} is negative; give {_AT_LEAST[name]}. (kohya v0.8.7 takes "
+                    "digits only there: it would drop the option and use its default.)")
+        if name in ("w", "h", "s"):
+            given = int(value)
+            used = clamp_steps(given) if name == "s" else round_size(given)
+            values[{"w": "width", "h": "height", "s": "steps"}[name]] = used
+            if used != given:
+                changed.append(f"--{name} {given} used as {used}")
+        elif name == "d":
+            values["seed"] = int(value)
+        elif name == "l":
+            values["cfg"] = float(value)
+        elif name == "n":
+            values["negative"] = value
+        elif name not in IGNORED_KOHYA_OPTIONS:
+            return (f"unknown option '--{option.split()[0]}' in {line!r}. Accepted: --w WIDTH, --h HEIGHT, --d SEED, "
+                    "--s STEPS, --l CFG, --n NEGATIVE PROMPT (kohya's --ss, --cn, --am and --f are accepted and "
+                    "ignored).")
+    except ValueError:
+        return f"option '--{option}' in {line!r} needs a number (--w/--h/--d/--s take whole numbers, --l a decimal)."
+    return None
 
 def single_dash_options(line: str) -> list[str]:
     """Tokens of the prompt part of `line` that look like kohya options written with one dash ("-w"): they are
