@@ -1,10 +1,6 @@
-"""What a job reads of its files before it trains, once: its dataset scans and its prompts.
-
-The pre-flight checked these files in the launching process, maybe hours before the job starts (a Slurm queue, a
-Ray cluster, a long sweep). The job reads them because it needs them, not to check them again: the scans go to
-the skip-finished fingerprint and to training, the fallbacks (what is used instead of what the user gave) to the
-run's warnings. What changed meanwhile so that the job cannot train (the dataset folder deleted, a caption made
-unreadable, the prompt file gone) is one UserError naming the file.
+"""What a job reads of its files before it trains, once: its dataset scans and its prompts. The pre-flight checked them,
+maybe hours earlier; the job reads them for use (the fingerprint, training, the run's warnings), and what changed
+meanwhile so that it cannot train is one UserError naming the file.
 """
 
 from __future__ import annotations
@@ -34,9 +30,9 @@ class JobInputs:
 
 
 def read_inputs(cfg) -> JobInputs:
-    """Scan data.dir (or the bundled photos) and data.validation_dir, parse the prompts. Raises UserError: `CHANGED`
-    and every problem. A job whose config the launching process never checked (`preflight.needs_job_check`) runs
-    the pre-flight's `check_job` first, sharing its reads."""
+    """Scan data.dir (or the bundled photos) and data.validation_dir and parse the prompts. Raises UserError: `CHANGED`
+    and every problem. A job the launching process never checked (`preflight.needs_job_check`) runs `check_job`
+    first, sharing its scans."""
     memo = Memo()
     if needs_job_check():
         report = check_job(cfg, memo=memo)
