@@ -1,17 +1,10 @@
-"""Aspect-ratio buckets, resize/crop and SDXL size conditioning, exactly as kohya sd-scripts v0.8.7 does them.
+"""Aspect-ratio buckets, resize/crop and SDXL size conditioning as kohya sd-scripts v0.8.7 does them (`BucketManager`,
+`make_bucket_resolutions`), as pure functions of plain ints.
 
-kohya's `BucketManager` (library/train_util.py) and `make_bucket_resolutions` (library/model_util.py) are rewritten
-here as pure functions of plain ints, so the same image always lands in the same bucket whatever else a sweep varies.
-Two modes, chosen by `bucket_no_upscale`:
-
-(a) False: a predefined bucket set (see `make_bucket_resolutions`); an image takes the bucket whose aspect ratio is
-    closest to its own and is scaled (up or down) to *cover* it, then centre-cropped.
-(b) True: no predefined set; an image larger than the base area is shrunk to about that area, keeping its aspect
-    ratio; smaller images keep their size. The bucket is the resized size rounded *down* to `reso_steps`, so the
-    crop removes less than `reso_steps` pixels per side. min/max_bucket_reso are ignored (kohya warns the same).
-
-Sizes are (width, height) unless a name ends in `_hw`. Batch order (`bucket_batches`) is one shuffle per epoch of
-(bucket, batch) pairs with Python's `random` seeded by seed + epoch, as kohya's `shuffle_buckets` does.
+Two modes (`bucket_no_upscale`): (a) False: a predefined bucket set; an image takes the bucket closest in aspect
+ratio, scaled to cover it, then centre-cropped. (b) True: an image larger than the base area shrinks to about that
+area; the bucket is its size rounded down to `reso_steps`; min/max_bucket_reso are ignored, as in kohya. Sizes are
+(width, height) unless a name ends in `_hw`.
 """
 
 from __future__ import annotations
@@ -30,8 +23,7 @@ SD_SCRIPTS_MAX_BUCKET_RESO = 1024  # sd-scripts' --max_bucket_reso default (kohy
 
 
 def parse_resolution(value: int | str | Sequence[int]) -> tuple[int, int]:
-    """`data.resolution` as (W, H): an int R gives (R, R); "W,H", "R" and [W, H] are accepted, as kohya's
-    `--resolution` is ("R" or "W,H")."""
+    """`data.resolution` as (W, H): an int R, "R", "W,H" or [W, H], as kohya's `--resolution`. Raises ConfigError."""
     parts: Sequence
     if isinstance(value, bool):
         parts = ()
@@ -62,11 +54,8 @@ def parse_resolution(value: int | str | Sequence[int]) -> tuple[int, int]:
 def check_bucket_options(
     *, resolution: int | str | Sequence[int], reso_steps: int, min_reso: int | None = None, max_reso: int | None = None
 ) -> tuple[int, int]:
-    """Raise ConfigError, naming the `data.*` field, for settings sd-scripts v0.8.7 rejects (its asserts); return
-    the parsed resolution (W, H). A None min/max is not checked (the caller fills in its default later).
-
-    SDXL requires bucket_reso_steps % 32 == 0; BucketManager and the dataset require min_bucket_reso <=
-    min(resolution), max(resolution) <= max_bucket_reso and min <= max, in both modes."""
+    """The parsed resolution (W, H); raises ConfigError naming each `data.*` setting kohya v0.8.7 asserts against
+    (reso_steps % 32 for SDXL, min <= min(resolution), max(resolution) <= max, min <= max). None: not checked."""
     found = Problems()  # every bad setting is reported, not the first
     size = found.check(parse_resolution, resolution)
     if isinstance(reso_steps, bool) or not isinstance(reso_steps, int) or reso_steps <= 0 or reso_steps % 32:
@@ -94,9 +83,9 @@ def check_bucket_options(
 def make_bucket_resolutions(
     max_reso: tuple[int, int], min_size: int = 256, max_size: int = 1024, divisible: int = 64
 ) -> tuple[tuple[int, int], ...]:
-    """Mode (a)'s predefined buckets, sorted: the square floor(sqrt(W*H)/d)*d, and for every width
-    min_size, min_size+d, ... <= max_size the height min(max_size, floor((W*H // width)/d)*d) if >= min_size, in both
-    orientations. The widths are not rounded to d: kohya v0.8.7 steps from min_size as given."""
+    """Mode (a)'s buckets, sorted: the square floor(sqrt(W*H)/d)*d, and for widths min_size, min_size+d, ... <= max_size
+    the height min(max_size, floor((W*H // width)/d)*d) if >= min_size, both orientations. Widths are not rounded to
+    d: kohya v0.8.7 steps from min_size as given."""
     max_area = max_reso[0] * max_reso[1]
     side = int(math.sqrt(max_area) // divisible) * divisible
     resos = {(side, side)}
@@ -120,12 +109,9 @@ def assign_bucket(
     min_reso: int = 256,
     max_reso: int | None = None,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The bucket and the resized size of a `width` x `height` image: ((bucket_w, bucket_h), (resized_w, resized_h)).
-
-    `resolution` is the base (`data.resolution`, parsed by `parse_resolution`); `max_reso=None` means sd-scripts'
-    default 1024. The resized image always covers the bucket; the excess is centre-cropped by
-    `resize_and_center_crop`. Raises ConfigError for invalid settings, UserError for an image too small or too
-    elongated to give a non-empty bucket in mode (b)."""
+    """((bucket_w, bucket_h), (resized_w, resized_h)) of a `width` x `height` image; the resized size covers the bucket.
+    `max_reso=None`: sd-scripts' 1024. Raises ConfigError for bad settings, UserError for an image that gets an empty
+    bucket in mode (b)."""
     max_reso = SD_SCRIPTS_MAX_BUCKET_RESO if max_reso is None else max_reso
     base = check_bucket_options(resolution=resolution, reso_steps=reso_steps, min_reso=min_reso, max_reso=max_reso)
     if width <= 0 or height <= 0:
@@ -183,9 +169,8 @@ def _too_small(width: int, height: int, steps: int) -> str:
 
 
 def bucket_settings(data_cfg) -> dict:
-    """The bucket arguments of `assign_bucket` from a `data` config, with lora-sweep's size-relative defaults
-    filled in (min_bucket_reso: a quarter of the shorter side, as 256 is for 1024; max_bucket_reso: twice the longer
-    side); `{"resolution": (W, H), "fixed": True}` when `data.enable_bucket` is false."""
+    """`assign_bucket`'s keywords from a `data` config, with size-relative defaults (min_bucket_reso: a quarter of the
+    shorter side; max_bucket_reso: twice the longer side); `{"resolution": (W, H), "fixed": True}` with buckets off."""
     width, height = parse_resolution(data_cfg.resolution)
     steps = int(data_cfg.bucket_reso_steps)
     min_reso = data_cfg.min_bucket_reso or max(steps, (min(width, height) // 4) // steps * steps)
@@ -197,9 +182,8 @@ def bucket_settings(data_cfg) -> dict:
 
 
 def assign_with_settings(size: tuple[int, int], settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(bucket, resized) of an image of `size` (W, H) under `bucket_settings(...)`: `assign_bucket`, or with
-    buckets off the resolution itself, the image scaled to cover it (then centre-cropped). Raises UserError for an
-    image that gets an empty bucket (mode (b)); the message names the settings, not the file (the caller does)."""
+    """(bucket, resized) of an image of `size` (W, H) under `bucket_settings(...)`; with buckets off, scaled to cover
+    the resolution. Raises UserError for an empty bucket (naming the settings; the caller names the file)."""
     if settings.get("fixed"):
         width, height = size
         bucket_w, bucket_h = settings["resolution"]
@@ -211,15 +195,10 @@ def assign_with_settings(size: tuple[int, int], settings: dict) -> tuple[tuple[i
 def resize_and_center_crop(
     image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize to `resized` then centre-crop to `bucket`, as kohya's `trim_and_resize_if_required`; also returns
-    the real crop offset (left, top) in resized pixels (offset = excess // 2 per axis).
-
-    kohya v0.8.7 resizes with cv2.INTER_AREA in both directions. This uses PIL's BOX filter, the same area
-    averaging (each output pixel is the area-weighted mean of the input pixels it covers; for upscaling, the input
-    pixel under it, blended where two meet), so no OpenCV dependency is needed; values may differ from OpenCV's by
-    one grey level through rounding. Non-RGB images are converted to RGB first, as kohya's loader does (PIL would
-    also resize palette images with NEAREST only). Flip after cropping, as kohya does, not before: with an odd
-    excess the crop is not symmetric."""
+    """Resize to `resized`, centre-crop to `bucket` (kohya's `trim_and_resize_if_required`); returns the image and the
+    crop offset (left, top). PIL's BOX filter stands in for kohya's cv2.INTER_AREA (same area averaging, may differ
+    by one grey level); non-RGB is converted first. Flip after cropping, as kohya: an odd excess crops
+    asymmetrically."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != tuple(resized):
@@ -236,10 +215,9 @@ def kohya_crop_top_left(
 ) -> tuple[int, int]:
     """SDXL's crop_top_left (top, left) as kohya v0.8.7 computes it (`BucketManager.get_crop_ltrb`).
 
-    A quirk reproduced on purpose: it is not the real crop but the centred offset of the image *fitted inside* the
-    bucket (letterboxed). A 1000x1500 image in bucket 832x1216 is really cropped 16 px at the top, yet this gives
-    (top=0, left=10): fitted width = 1216 * 1000/1500 = 810.67, left = (832 - 810.67) // 2 = 10. When flipped,
-    left = bucket_w - (left + fitted_w). Values are truncated to int at the end, as kohya's batch does."""
+    A quirk kept on purpose: it is the centred offset of the image *fitted inside* the bucket, not the real crop
+    (1000x1500 in 832x1216 gives (0, 10)). Flipped: left = bucket_w - (left + fitted_w). Truncated to int.
+    """
     bucket_w, bucket_h = bucket
     image_ar = original_size_wh[0] / original_size_wh[1]
     if bucket_w / bucket_h > image_ar:  # bucket is wider: fit the heights
@@ -256,22 +234,17 @@ def kohya_crop_top_left(
 def sdxl_time_ids(
     original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]
 ) -> list[int]:
-    """The 6 SDXL size-conditioning numbers in kohya's (and diffusers') order:
-    [original_h, original_w, crop_top, crop_left, target_h, target_w]; target is the bucket (h, w)."""
+    """SDXL's 6 size-conditioning numbers: [original_h, original_w, crop_top, crop_left, target_h, target_w]."""
     return [int(v) for v in (*original_hw, *crop_top_left, *target_hw)]
 
 
 def bucket_batches(
     bucket_of_item: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int
 ) -> list[list[int]]:
-    """One epoch's batches as lists of item indices; every batch holds items of one bucket only.
-
-    Items (repeats included, as separate entries) are grouped by bucket, buckets in sorted (w, h) order; each bucket
-    is cut into ceil(n / batch_size) batches, the last one possibly smaller. As in kohya's `shuffle_buckets`, a
-    `random.Random(seed + epoch)` shuffles the list of (bucket, batch) pairs, then the items inside each bucket.
-    Difference from kohya, on purpose: kohya shuffles its lists in place, so epoch e's order depends on every
-    earlier epoch, and its DataLoader(shuffle=True) reorders batches again with torch's RNG; here an epoch's order
-    depends only on (seed, epoch), so a resumed run sees the same batches."""
+    """One epoch's batches of item indices, each from one bucket: every bucket cut into ceil(n / batch_size) batches,
+    then `random.Random(seed + epoch)` shuffles the (bucket, batch) pairs and each bucket's items, as kohya's
+    `shuffle_buckets`. Unlike kohya (in-place shuffles, plus the DataLoader's), an epoch's order depends only on
+    (seed, epoch), so a resumed run sees the same batches."""
     if batch_size < 1:
         raise ConfigError(f"train.batch_size: {batch_size} must be >= 1.")
     members: dict[tuple[int, int], list[int]] = {}
@@ -287,14 +260,13 @@ def bucket_batches(
 
 
 def bucket_histogram(buckets: Iterable[tuple[int, int]]) -> dict[str, int]:
-    """Bucket "WxH" -> number of entries, sorted by (w, h). Pass one entry per image *per repeat* to count as
-    kohya's "number of images (including repeats)" does."""
+    """Bucket "WxH" -> entries, sorted by (w, h); one entry per image per repeat, as kohya counts."""
     counts = Counter(tuple(b) for b in buckets)
     return {f"{w}x{h}": counts[(w, h)] for w, h in sorted(counts)}
 
 
 def format_histogram(histogram: Mapping[str, int], mean_ar_error: float | None = None) -> str:
-    """The histogram as kohya prints it at start: one `bucket i: resolution (w, h), count: n` line per bucket."""
+    """The histogram as kohya prints it at start: one `bucket i: resolution (w, h), count: n` line each."""
     def size(name: str) -> tuple[int, int]:
         w, h = name.split("x")
         return int(w), int(h)

@@ -1,18 +1,10 @@
-"""A content-addressed tensor cache on disk, shared by every job of every sweep (latents, text-encoder outputs).
+"""A content-addressed tensor cache on disk (latents, text-encoder outputs), shared by every job of every sweep.
 
-An entry's key is the sha256 of what determines the tensor and nothing else (`cache_key`): for latents the VAE's
-weights, the image bytes, bucket, resize, crop and flip; for text the encoders' and tokenizers' files and the
-caption. Noise, loss, optimizer, learning rate and training precision are not in it, so every variant of a sweep
-reads what the first wrote; an edited image or caption or a swapped VAE misses exactly for the entries it changes.
-(kohya keys its .npz by file name and size and reuses stale latents after an edit: kohya_ss #1629.)
-
-Layout under the root: `<kind>/<key[:2]>/<key>.safetensors`; `.locks/<kind>/<key>.lock` while a job computes an
-entry; `.hashes/` remembers file digests by (path, size, mtime, inode). Writes go to a temporary name and are renamed
-into place (lora_sweep.atomic), so a reader sees a whole entry or none, even if the writer is killed. Several jobs
-filling the cache at once take a per-key `flock`: the second waits and then reads what the first wrote, so a sweep
-encodes each image once; the kernel drops the lock of a killed job, so no lock goes stale. Where flock is missing
-(Windows, some network filesystems) or a wait exceeds `lock_timeout_s`, a job computes its own copy: the rename keeps
-that safe, it only costs the duplicate work.
+Keys hash what determines a tensor and nothing else (`cache_keys`), so every variant of a sweep reads what the first
+wrote and an edit misses exactly the entries it changes. Layout: `<kind>/<key[:2]>/<key>.safetensors`,
+`.locks/<kind>/<key>.lock`, `.hashes/` (file digests). Writes are atomic renames; concurrent jobs take a per-key
+`flock` (the second waits, then reads). Without flock, or past `lock_timeout_s`, a job computes its own copy: the
+rename keeps that safe.
 """
 
 from __future__ import annotations
@@ -56,10 +48,8 @@ class NonFiniteCacheError(UserError, RuntimeError):
 
 
 class _KeyLock:
-    """An exclusive flock on a per-key lock file, deleted on release.
-
-    After locking, the path must still name the locked inode: a holder may have deleted the file meanwhile, and
-    locking a deleted file would exclude no one. The kernel releases the flock when its process dies."""
+    """An exclusive flock on a per-key lock file, deleted on release. After locking, the path must still name the locked
+    inode (a holder may have deleted it); the kernel releases the flock when its process dies."""
 
     def __init__(self, path: Path):
         self.path, self.fd = path, None
@@ -134,8 +124,8 @@ class TensorCache:
 
     def get_or_compute(self, kind: str, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
                        meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        """The cached entry, or `compute()` stored and returned as stored (CPU copies), so a first run and a cached
-        run see identical tensors. Another job computing the same key is waited for, then read."""
+        """The cached entry, or `compute()` stored and returned as stored (CPU copies: a first run and a cached run see
+        identical tensors). Another job computing the same key is waited for, then read."""
         tensors = self.get(kind, key)
         if tensors is None:
             with self._locked(kind, key, self.lock_timeout_s):
@@ -167,8 +157,7 @@ class TensorCache:
         return sum(_size(f) for f in self._owned_files())
 
     def clear(self) -> int:
-        """Delete the cache's files (only names it writes, so a mistaken root loses nothing else); bytes freed.
-        Safe while jobs run: they recompute what they miss."""
+        """Delete the files the cache writes (only its own names) and return the bytes freed; safe while jobs run."""
         freed = 0
         for folder in self._owned_folders():
             for f in [f for f in folder.iterdir() if _OWNED.fullmatch(f.name) and f.is_file()]:
@@ -182,8 +171,8 @@ class TensorCache:
         return freed
 
     def usage(self) -> dict[str, tuple[int, int]]:
-        """(entries, bytes) per kind of entry (`latents`, `text`, ...; leftovers of killed writes counted in bytes
-        only), and under "bookkeeping" (files, bytes) of the file digests (`.hashes/`) and per-key locks."""
+        """(entries, bytes) per kind (`latents`, `text`; leftovers of killed writes in bytes only), and "bookkeeping":
+        (files, bytes) of digests and locks."""
         usage: dict[str, list[int]] = {}
         for f in self._owned_files():
             top = f.parent.parent.name  # <root>/<kind>/<shard>/file, <root>/.hashes/<shard>/file, .locks/<kind>/file
@@ -197,7 +186,6 @@ class TensorCache:
         entries = sum(1 for f in self._owned_files() if f.suffix == ".safetensors")
         return f"{entries} entries, {self.size_bytes() / 2**20:.1f} MiB in {self.root}"
 
-    # -- internals --------------------------------------------------------------------------------------------
 
     def _count(self, kind: str, *, hit: bool) -> None:
         if hit:

@@ -1,8 +1,5 @@
-"""Cache keys: what identifies a cached tensor (content hashes of images, captions and model weights).
-
-An entry's key is the sha256 of what determines the tensor and nothing else; training options (noise, loss,
-optimizer, lr, precision) are not parameters of these functions, so they cannot reach a key. File digests are
-memoized by (path, size, mtime, inode) so unchanged files are read once.
+"""Cache keys: sha256 of what determines a cached tensor (image, caption and model-weight content) and nothing else;
+training options are not parameters here, so they cannot reach a key.
 """
 
 from __future__ import annotations
@@ -22,17 +19,14 @@ from lora_sweep.errors import UserError
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes for the same identity; it is part of every key
 RESAMPLE = "pil-box"  # the resize of lora_sweep.data.buckets.resize_and_center_crop, part of latent keys
-# Where a single-file SDXL checkpoint keeps each part (a diffusers folder keeps them in the sub-folders below).
+# Where a single-file SDXL checkpoint keeps each part (a diffusers folder: the sub-folders below).
 _FILE_PREFIXES = {"vae": ("first_stage_model.",), "text": ("conditioner.embedders.", "cond_stage_model.")}
 _SUBFOLDERS = {"vae": ("vae",), "text": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
 
 
 def cache_key(**identity: Any) -> str:
-    """sha256 (hex) of the canonical JSON of `identity` plus CACHE_FORMAT.
-
-    Put in it what changes the tensor and nothing else; prefer `latent_cache_key` / `text_cache_key`, whose
-    signatures list the fields. Values must be JSON data (tuples count as lists); a Path is refused, because a
-    path names a file, not its content: hash the content (`file_sha256`, `model_identity`)."""
+    """sha256 (hex) of the canonical JSON of `identity` plus CACHE_FORMAT. Values are JSON data; a Path is refused (hash
+    the file's content instead). Prefer `latent_cache_key` / `text_cache_key`."""
     if not identity:
         raise ValueError("cache_key needs at least one identity field")
 
@@ -47,9 +41,8 @@ def cache_key(**identity: Any) -> str:
 def latent_cache_key(*, vae: str, image_sha256: str, bucket: Sequence[int], resized: Sequence[int],
                      crop_left_top: Sequence[int], flipped: bool, latent: str = "sample",
                      vae_dtype: str = "float32") -> str:
-    """Key of one image's latents: VAE identity, image bytes, bucket, resize, crop, flip, sample-or-mean, and the
-    dtype the VAE encodes in (it changes the latents; keep it fixed, not tied to the training precision, so that
-    precision variants share entries)."""
+    """Key of one image's latents: VAE identity, image bytes, bucket, resize, crop, flip, sample-or-mean and the VAE's
+    encode dtype (fixed, not the training precision's, so precision variants share entries)."""
     return cache_key(kind="latents", vae=vae, image=image_sha256, bucket=list(bucket), resized=list(resized),
                      crop=list(crop_left_top), flip=bool(flipped), latent=latent, vae_dtype=vae_dtype,
                      resample=RESAMPLE)
@@ -62,27 +55,24 @@ def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 
 
 
 def posterior_seed(key: str) -> int:
-    """A seed for the one posterior sample kohya caches, derived from the entry's key: the cached sample is then a
-    function of its content, the same whichever job writes it (use one torch.Generator per image)."""
+    """A seed for the one posterior sample kohya caches, from the entry's key: the sample is the same whichever job
+    writes it."""
     return int(key[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def file_sha256(path: str | os.PathLike, *, memo_dir: Path | None = None) -> str:
-    """sha256 (hex) of a file's bytes; with `memo_dir`, remembered by (path, size, mtime, inode) so unchanged files
-    are read once (files modified in the last 2 s are always read, as git treats "racily clean" files)."""
+    """sha256 (hex) of a file's bytes; with `memo_dir`, remembered by (path, size, mtime, inode) (files modified in the
+    last 2 s are always read, as git does)."""
     return _memoized(Path(path), "file", memo_dir, lambda: _sha256_ranges(Path(path), None))
 
 
 def model_identity(path: str | os.PathLike, component: str | None = None, *, memo_dir: Path | None = None) -> str:
-    """Identity of model weights for cache keys: a sha256 over file contents, so renaming or copying a model keeps
-    its entries and editing any weight invalidates them.
+    """sha256 over the weights' file contents: renaming a model keeps its entries, editing a weight misses.
 
-    `component` narrows it to what the cached tensor depends on, so swapping the VAE invalidates latents only:
-    "vae" (a diffusers folder's vae/; a single-file checkpoint's first_stage_model.* tensors) or "text"
-    (text_encoder*/ and tokenizer*/; conditioner.embedders.* tensors). A folder without those sub-folders, or a
-    file without such tensors (a standalone VAE file), counts whole. Trade-off: exact content hashing reads the
-    bytes once (about 1 s per GB); with `memo_dir` (TensorCache.model_identity passes one) later calls cost a stat
-    per file. Hidden files and folders (.cache/, .git/) are skipped."""
+    `component` narrows it: "vae" (vae/; a single file's first_stage_model.*) or "text" (text_encoder*/, tokenizer*/;
+    conditioner.embedders.*); without those, the whole folder or file counts. Hidden files are skipped. About 1 s per
+    GB once; with `memo_dir`, a stat per file after.
+    """
     path = Path(path).expanduser()
     if component is not None and component not in _SUBFOLDERS:
         raise ValueError(f"component must be one of {sorted(_SUBFOLDERS)} or None, not {component!r}")
@@ -111,8 +101,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def _sha256_ranges(path: Path, prefixes: tuple[str, ...] | None) -> str | None:
-    """sha256 of the whole file, or (prefixes given) of the names, dtypes, shapes and bytes of the safetensors
-    tensors whose names start with them; None if no tensor does."""
+    """sha256 of the file, or of the names, dtypes, shapes and bytes of the tensors under `prefixes`; None if none."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         if prefixes is None:

@@ -1,11 +1,5 @@
-"""Captions as kohya sd-scripts v0.8.7 reads and shuffles them.
-
-A caption is the first line of `<image stem><caption_extension>` beside the image (kohya's `read_caption`); without
-that file the caller falls back to the folder's class tokens. The policy, as kohya's: an empty file (0 bytes) is an
-error; a file whose first line is blank gives an empty caption (the dataset scan warns, naming the files); bytes
-that are not UTF-8 are an error naming the byte. `shuffle_caption` is kohya's `process_caption` with
-`shuffle_caption=True`: split on the separator, keep the first `keep_tokens` in place, shuffle the rest, re-join with
-", ". The random generator is passed in, so a run can seed it (kohya uses the global `random`).
+"""Captions as kohya sd-scripts v0.8.7 reads and shuffles them (`read_caption`, `process_caption`). The shuffle's random
+generator is passed in, so a run seeds it (kohya uses the global `random`).
 """
 
 from __future__ import annotations
@@ -17,8 +11,7 @@ from lora_sweep.errors import UserError
 
 
 def caption_path(image_path: str | Path, caption_extension: str = ".txt") -> Path:
-    """The caption file of an image: same folder and stem, `caption_extension` ("txt" is read as ".txt", as kohya
-    adds the missing dot)."""
+    """The caption file of an image: same folder and stem, `caption_extension` ("txt" read as ".txt", as kohya)."""
     if caption_extension and not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     image_path = Path(image_path)
@@ -26,10 +19,8 @@ def caption_path(image_path: str | Path, caption_extension: str = ".txt") -> Pat
 
 
 def read_caption(image_path: str | Path, caption_extension: str = ".txt") -> str | None:
-    """The first line of the image's caption file, stripped; None when there is no such file.
-
-    Like kohya, an empty file is an error (kohya asserts), and only the first line counts. A UTF-8 byte-order mark
-    is dropped (kohya keeps it as a character of the first tag, which editors on Windows add unseen)."""
+    """The first line of the image's caption file, stripped; None without the file. An empty file is an error (kohya
+    asserts). A UTF-8 BOM is dropped (kohya keeps it in the first tag)."""
     path = caption_path(image_path, caption_extension)
     if not path.is_file():
         return None
@@ -55,12 +46,9 @@ def shuffle_caption(
     rng: random.Random,
     keep_tokens_separator: str | None = None,
 ) -> str:
-    """kohya's caption shuffle: tags = caption split on `separator`, each stripped; the first `keep_tokens` stay,
-    the rest are shuffled with `rng`; the result is joined with ", " (whatever the separator was).
-
-    Empty tags are kept, as in kohya ("a,,b" has an empty middle tag). With `keep_tokens_separator` present in the
-    caption (kohya's option of that name), the part before it is the fixed prefix instead of `keep_tokens`, a second
-    occurrence starts a fixed suffix, and empty tags are dropped, as kohya does in that branch."""
+    """kohya's caption shuffle: split on `separator`, strip, keep the first `keep_tokens`, shuffle the rest with `rng`,
+    join with ", ". Empty tags are kept, as kohya. With `keep_tokens_separator` in the caption, the part before it is
+    the fixed prefix, a second one starts a fixed suffix, and empty tags are dropped (kohya's branch)."""
     if keep_tokens < 0:
         raise UserError(f"data.keep_tokens: {keep_tokens} must be >= 0.")
     suffix: list[str] = []

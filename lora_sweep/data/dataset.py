@@ -1,19 +1,11 @@
 """A dataset folder in kohya's DreamBooth layout: `<dir>/<repeats>_<name>/<image>` + `<image><caption_extension>`.
 
-The scan reads headers only (`images.probe_image`: size after EXIF orientation, frame count), every caption file,
-and the folder tree, in milliseconds per image; pixels are decoded later, only for images whose latents are not
-cached. It never stops at the first problem: `inspect_folder` returns every problem (a caption that is not UTF-8,
-an empty caption file, a dataset with nothing to train on; one line each, naming the setting and the file) and every
-fallback it took, as `Fallback`s with counts and paths, so nothing changes what trains without a word:
-
-- an image without a caption file trains on its folder's class token (the `<name>` of `<repeats>_<name>`), as in
-  kohya; the warning says when caption files with another extension sit beside those images;
-- a caption file whose first line is blank gives an empty caption, as kohya reads only the first line;
-- an image PIL cannot identify is skipped and counted (`data.skipped_images`);
-- an animated or multi-frame image trains on its first frame;
-- subfolders without the `<repeats>_` prefix, folders with 0 repeats, images inside nested subfolders of a
-  `<repeats>_<name>` folder and images directly in `data.dir` are not used (kohya ignores them silently);
-- files with an image extension PIL does not read here (.heic, .jxl, .psd, raw files) are not used.
+The scan reads image headers, caption files and the tree (pixels are decoded later, on a cache miss) and never stops
+at the first problem: `inspect_folder` returns every problem (one line each, naming the setting and file) and every
+`Fallback` taken: an image without a caption trains on its folder's class token (as kohya); a blank first line is an
+empty caption; an unreadable image is skipped and counted; a multi-frame image trains on its first frame; folders
+without `<repeats>_`, with 0 repeats or nested, images directly in `data.dir` and formats PIL cannot read here are
+not used (kohya ignores them silently).
 """
 
 from __future__ import annotations
@@ -33,10 +25,8 @@ _NOT_CAPTIONS = (*IMAGE_EXTENSIONS, *NOT_READ_EXTENSIONS, ".npz", ".json", ".xmp
 
 
 def subset_params(name: str) -> tuple[int, str] | None:
-    """(repeats, class token) of a folder name, as kohya reads it (config_util.py, `extract_dreambooth_params`):
-    split on '_', the first part an integer, the rest joined by '_' the class token: `10_my_char` -> (10, "my_char"),
-    `10_` and `10` -> (10, "") (an empty class token), `notes` -> None (not a subset); fewer than 1 repeat is not
-    used (kohya skips it)."""
+    """(repeats, class token) of a folder name, as kohya's `extract_dreambooth_params`: `10_my_char` -> (10, "my_char"),
+    `10_` and `10` -> (10, ""), `notes` -> None; fewer than 1 repeat is not used."""
     head, _, rest = name.partition("_")
     try:
         return int(head), rest
@@ -57,8 +47,7 @@ class FolderScan:
     root: Path  # the folder scanned (a user's ~ expanded)
     setting: str = "data.dir"  # the config key naming it in messages (data.dir or data.validation_dir)
     items: list[ImageItem] = field(default_factory=list)
-    # every file directly in a <repeats>_<name> folder (0 repeats too), hidden ones aside, in scan order: what the
-    # dataset's fingerprint digests (data/fingerprint.py), so nothing lists the folder again
+    # every non-hidden file directly in a <repeats>_<name> folder: what the fingerprint digests
     subset_files: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # unreadable images (header at scan time, pixels at encode time)
     ignored_dirs: list[Path] = field(default_factory=list)  # subfolders without the `<repeats>_` prefix
@@ -81,9 +70,8 @@ def scan_folder(root: str | Path, caption_extension: str = ".txt", *, setting: s
 
 
 def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir") -> FolderScan:
-    """Find every readable image in `root`'s `<repeats>_<name>` subfolders with its caption, repeat count and size
-    (after EXIF orientation), reading image headers only. Never raises for what it finds: problems and fallbacks are
-    in the returned scan. `setting` names the config key in messages (data.dir or data.validation_dir)."""
+    """Every readable image in `root`'s `<repeats>_<name>` subfolders with its caption, repeats and size (after EXIF
+    orientation), from headers only. Never raises for what it finds; `setting` names the config key in messages."""
     root = Path(root).expanduser()
     scan = FolderScan(root, setting)
     if not root.is_dir():

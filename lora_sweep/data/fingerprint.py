@@ -1,11 +1,7 @@
-"""A dataset's fingerprint: what skip-finished compares besides the config, so an edited dataset trains again.
-
-The fingerprint is a sha256 over every image and caption file of the kohya subsets (`<repeats>_<name>/` folders)
-by relative path and content, the content digest being the one the latent cache already keys its entries by
-(`cache_keys.file_sha256`, memoized in the cache's `.hashes/` by path, size, mtime and inode): after a training
-has encoded the dataset, fingerprinting it costs one `stat` per file. Any edit (an image touched up, a caption
-reworded, a file added, removed or moved to another subset) changes it; copying the dataset elsewhere does not.
-The files are the ones the job's scan listed (`FolderScan.subset_files`): the folders are not listed again.
+"""A dataset's fingerprint, which skip-finished compares besides the config so an edited dataset trains again: a sha256
+over every subset file by relative path and content. The content digest is the latent cache's
+(`cache_keys.file_sha256`, memoized in `.hashes/`), so after a training it costs a `stat` per file. Copying the
+dataset elsewhere keeps it.
 """
 
 from __future__ import annotations
@@ -31,11 +27,8 @@ class Fingerprint:
 
 def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".txt", *,
                         memo_dir: Path | None = None) -> Fingerprint:
-    """Fingerprint of the training folder's scan and any validation folder's (in that order: swapping them changes
-    it): each image and `caption_extension` file of their subsets, hidden files aside. A file removed since the
-    scan is a UserError naming it.
-
-    `memo_dir`: the cache's `.hashes/` folder, where file digests are remembered between runs."""
+    """Fingerprint of the training scan's subset files and any validation scan's (in that order), hidden files aside.
+    `memo_dir`: the cache's `.hashes/`. A file removed since the scan is a UserError naming it."""
     digest = hashlib.sha256()
     count = 0
     suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}

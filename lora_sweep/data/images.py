@@ -1,19 +1,9 @@
-"""Reading training images: their size from the header alone, and their pixels as the RGB a viewer would show.
+"""Training images: the size from the header alone (`probe_image`, for the scan) and the pixels as the RGB a viewer
+shows (`load_rgb`, on a cache miss); both apply the same EXIF orientation, so the sizes agree.
 
-Two steps, so a dataset scan stays cheap: `probe_image` opens the file lazily (PIL reads only the header) and returns
-the size after EXIF orientation, the frame count and the mode; `load_rgb` decodes the pixels, and is called only
-when an image is encoded (a cache miss). Both read the orientation through `exif_orientation`, so the size a scan
-reports is the size the decode produces.
-
-Decoding follows what an image viewer shows, whatever mode PIL opens a file in (kohya calls `convert("RGB")`, which
-clips high-bit-depth values instead of scaling them; this does not):
-- 1, L, P, RGB, CMYK, YCbCr, LAB, HSV: PIL's own conversion to RGB.
-- Transparency (RGBA, LA, PA, RGBa, P/L/RGB with a `transparency` key): composited onto white.
-- 16-bit integers (I;16, I;16B, I;16L, I;16N): scaled from 0..65535 to 0..255 (scikit-image's `img_as_ubyte`);
-  32-bit integers (I) whose values fit in 0..65535 are treated as 16-bit, others and floats (F) outside 0..1 are
-  stretched from their own minimum..maximum (with a warning); floats in 0..1 are scaled by 255.
-- Animated or multi-frame files (GIF, WebP, APNG, multi-page TIFF, MPO) give their first frame; `probe_image`
-  reports the frame count so the scan can warn.
+Unlike kohya's `convert("RGB")`, which clips high bit depths: transparency is composited onto white; 16-bit integers
+are scaled 0..65535 -> 0..255 (32-bit ones that fit, too); other integers and floats outside 0..1 are stretched from
+their min..max with a warning; floats in 0..1 are scaled by 255. Multi-frame files give their first frame.
 """
 
 from __future__ import annotations
@@ -27,8 +17,7 @@ from PIL import ExifTags, Image
 
 log = logging.getLogger(__name__)
 
-# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright (the EXIF 2.3 table, as in
-# PIL.ImageOps.exif_transpose). 5-8 swap width and height.
+# EXIF orientation -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose); 5-8 swap W and H
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -44,8 +33,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What the header says: `size` (width, height) in pixels after EXIF orientation, PIL `mode`, `frames` (1 for
-    a still image), and `orientation` (the EXIF tag, 1 when absent)."""
+    """The header's facts: `size` (W, H) after EXIF orientation, PIL `mode`, `frames`, `orientation` (1 if absent)."""
 
     size: tuple[int, int]
     mode: str
@@ -55,11 +43,8 @@ class ImageInfo:
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1-8) of an opened, not yet decoded image; 1 when there is none.
-
-    Read from the header only: JPEG's APP1, WebP's EXIF chunk, TIFF's IFD, a PNG's eXIf chunk when it precedes the
-    pixel data. (PIL's PNG reader decodes the whole image to look for an eXIf chunk after the pixels; such a late
-    chunk is ignored here, in the scan and the decode alike, so both agree on the size.)"""
+    """The EXIF orientation (1-8) of an opened, undecoded image; 1 when there is none. Header only: a PNG eXIf chunk
+    after the pixels is ignored (PIL would decode the image to find it), in the scan and the decode alike."""
     try:
         exif = Image.Image.getexif(img)  # the base method: never triggers the PNG plugin's full decode
         value = int(exif.get(ExifTags.Base.Orientation, 1))
@@ -69,9 +54,8 @@ def exif_orientation(img: Image.Image) -> int:
 
 
 def probe_image(path: str | Path) -> ImageInfo:
-    """The header's facts about one image, without decoding its pixels (milliseconds even for 2048 px JPEGs).
-
-    Raises whatever PIL raises for a file it cannot identify (`PIL.UnidentifiedImageError`, OSError, ...)."""
+    """The header's facts about one image, without decoding its pixels. Raises what PIL raises for an unidentifiable
+    file."""
     with Image.open(path) as img:
         orientation = exif_orientation(img)
         width, height = img.size
@@ -82,8 +66,8 @@ def probe_image(path: str | Path) -> ImageInfo:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully as 8-bit RGB, upright (EXIF orientation applied), first frame, alpha flattened onto
-    white, high-bit-depth values scaled (see the module docstring). Raises PIL's errors for unreadable files."""
+    """The image as 8-bit RGB, upright, first frame, alpha on white, high bit depths scaled (module docstring). Raises
+    PIL's errors."""
     with Image.open(path) as img:
         method = _TRANSPOSE.get(exif_orientation(img))
         img.seek(0)

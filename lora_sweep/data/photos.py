@@ -1,8 +1,5 @@
-"""The bundled dataset: scikit-image's sample photos, written once as a kohya-layout folder.
-
-The photos ship inside the scikit-image wheel, so the demo and the tests train on real images without any download.
-They keep their own sizes and aspect ratios (square, 3:2 landscape, portrait-ish crops), which exercises bucketing.
-Writing them as `<repeats>_<name>/<image>.png + <image>.txt` means the same folder loader serves them and a user's data.
+"""The bundled dataset: scikit-image's sample photos (in its wheel: no download), written once as a kohya-layout folder.
+Their mixed sizes and aspect ratios exercise bucketing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Turn a dataset folder into training examples: bucketed latents and text embeddings, through the shared cache.
-
-Each image is assigned a bucket (kohya's algorithm), resized and centre-cropped, and VAE-encoded once; each caption
-is encoded by both text encoders once. The cache is content-addressed, so every variant of a sweep (another noise,
-loss, optimizer, precision) reads what the first one wrote, and an edited image or caption misses exactly once.
+"""A dataset folder -> training examples: bucketed latents and text embeddings, encoded once through the shared
+content-addressed cache.
 """
 
 from __future__ import annotations
@@ -69,14 +66,10 @@ def _time_ids(item: ImageItem, bucket, flipped: bool) -> torch.Tensor:
 
 
 def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: bool) -> Prepared:
-    """Encode (or read from the cache) every image's latents, and captions' embeddings unless `encode_text` is
-    False (text-encoder LoRA or shuffled captions: then text is encoded at every step, as kohya does).
-
-    The VAE always encodes in fp32 (kohya's --no_half_vae), so every precision variant shares the same entries.
-    Pixels are decoded only here, on a cache miss: an image that fails to decode is skipped with a warning, moved
-    from `scan.items` to `scan.skipped` (so the run's data.images / data.skipped_images count it) and never
-    cached. Raises UserError when no image is left, or when an image of the scan is gone.
-    """
+    """Every image's latents, and captions' embeddings unless `encode_text` is False (text-encoder LoRA or shuffled
+    captions: encoded at every step, as kohya), from the cache or encoded. The VAE encodes in fp32 (kohya's
+    --no_half_vae) so precision variants share entries. An image whose pixels fail to decode moves from `scan.items`
+    to `scan.skipped`, with a warning. Raises UserError when no image is left or one is gone."""
     store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
     settings = bucket_settings(data_cfg)
     vae_id = store.model_identity(parts.source, "vae")

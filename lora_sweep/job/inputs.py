@@ -1,10 +1,6 @@
-"""What a job reads of its files before it trains, once: its dataset scans and its prompts.
-
-The pre-flight checked these files in the launching process, maybe hours before the job starts (a Slurm queue, a
-Ray cluster, a long sweep). The job reads them because it needs them, not to check them again: the scans go to
-the skip-finished fingerprint and to training, the fallbacks (what is used instead of what the user gave) to the
-run's warnings. What changed meanwhile so that the job cannot train (the dataset folder deleted, a caption made
-unreadable, the prompt file gone) is one UserError naming the file.
+"""What a job reads of its files before it trains, once: its dataset scans and its prompts. The pre-flight checked them,
+maybe hours earlier; the job reads them for use (the fingerprint, training, the run's warnings), and what changed
+meanwhile so that it cannot train is one UserError naming the file.
 """
 
 from __future__ import annotations
@@ -12,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_sweep.checks.preflight import Memo, check_job, needs_job_check, parse_prompts, scan_dataset
+from lora_sweep.checks.preflight import Memo, check_job, needs_job_check, scan_dataset
 from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.photos import data_folder
 from lora_sweep.errors import Fallback, UserError
+from lora_sweep.training.evaluate import read_prompts
 
 CHANGED = "A file this job reads changed after the pre-flight checked it, so the job did not start training:"
 
@@ -25,6 +22,7 @@ class JobInputs:
     scan: FolderScan  # data.dir, or the bundled photos (written first if needed)
     validation_scan: FolderScan | None  # data.validation_dir
     fallbacks: list[Fallback]  # the scans' and the prompts', in that order
+    prompts: list  # the sample PromptSpecs, parsed with the Sampler's defaults (training.evaluate.read_prompts)
 
     @property
     def scans(self) -> list[FolderScan]:
@@ -32,9 +30,9 @@ class JobInputs:
 
 
 def read_inputs(cfg) -> JobInputs:
-    """Scan data.dir (or the bundled photos) and data.validation_dir, parse the prompts. Raises UserError: `CHANGED`
-    and every problem. A job whose config the launching process never checked (`preflight.needs_job_check`) runs
-    the pre-flight's `check_job` first, sharing its reads."""
+    """Scan data.dir (or the bundled photos) and data.validation_dir and parse the prompts. Raises UserError: `CHANGED`
+    and every problem. A job the launching process never checked (`preflight.needs_job_check`) runs `check_job`
+    first, sharing its scans."""
     memo = Memo()
     if needs_job_check():
         report = check_job(cfg, memo=memo)
@@ -45,8 +43,8 @@ def read_inputs(cfg) -> JobInputs:
     validation = None
     if d.validation_dir:
         validation = scan_dataset(Path(d.validation_dir), d.caption_extension, "data.validation_dir", memo)
-    inputs = JobInputs(scan, validation, [])
-    prompt_problems, prompt_fallbacks = parse_prompts(cfg, memo)
+    prompts, prompt_problems, prompt_fallbacks = read_prompts(cfg)
+    inputs = JobInputs(scan, validation, [], prompts)
     problems = [p for s in inputs.scans for p in s.problems] + prompt_problems
     if problems:
         raise UserError(" ".join([CHANGED, *problems]))

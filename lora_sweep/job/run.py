@@ -214,7 +214,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
         with StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
-                           scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan)
+                           scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan,
+                           prompts=ready.inputs.prompts)
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
                              reason="stopped by signal" if result.stopped_early else "",
                              final_loss=result.final_loss, files=result.files)

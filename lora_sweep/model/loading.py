@@ -1,12 +1,8 @@
 """Load SDXL, real or tiny, through one path: a diffusers folder or a single .safetensors checkpoint.
 
-Why one path: the tiny model (`model=tiny`) is saved once as a diffusers folder in the cache and then opened by
-`load_sdxl` exactly like a real SDXL download, so every test and demo run exercises the loader that real training
-uses. Single-file checkpoints are opened with diffusers' `from_single_file(..., config=<local folder>)`: the folder
-holds configs and tokenizers only (SDXL-base's, bundled in `assets/`, or the tiny model's), so nothing is fetched.
-
-Cheap on purpose: importing this module and `check_model_path` touch neither torch nor diffusers, so a wrong
-`model.path` is reported before anything heavy loads.
+The tiny model is a diffusers folder in the cache, opened like a real download, so tests and the demo exercise the
+real loader. Single files read their configs from a local folder (`single_file_config_dir`): nothing is fetched.
+Importing this module and `check_model_path` touch neither torch nor diffusers, so a bad path is said early.
 """
 
 from __future__ import annotations
@@ -53,12 +49,8 @@ SMALL_FILE_BYTES = 64 * 2**20  # identity hashes the content of files up to this
 
 @dataclass
 class SDXLParts:
-    """Everything the trainer takes from a model, already on `device` in `dtype`.
-
-    noise_scheduler: kohya's training DDPMScheduler (never the folder's). scheduler: the folder's own sampling
-    scheduler (Euler for SDXL). identity: cheap fingerprints of the weights per component, for cache keys (see
-    `weights_identity`). resolution: the model's native image side (64 tiny, 1024 SDXL).
-    """
+    """Everything the trainer takes from a model. noise_scheduler: kohya's training DDPMScheduler; scheduler: the
+    folder's sampling scheduler; identity: per-component fingerprints for cache keys; resolution: the native side."""
 
     unet: Any
     vae: Any
@@ -115,9 +107,8 @@ def check_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, Any]:
-    """Each component's dtype on disk ({"unet": torch.float16, ...}), from safetensors headers only (no weights
-    read): the dtype most of its floating tensors have. None for a component without a .safetensors file to read
-    (e.g. pickled .bin weights): the loader then reads it in fp32, as before."""
+    """Each component's dtype on disk (the dtype most of its floating tensors have), from safetensors headers only; None
+    for a component without a .safetensors file (then read in fp32)."""
     import torch
 
     model_path = Path(path)
@@ -152,11 +143,8 @@ def resolve_model_path(name: str, path: str | None, *, cache_root: Path | None =
 
 
 def build_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Create `final` by `build(staging)` in a temp folder beside it, then one atomic rename.
-
-    Readers see no folder or a complete one. Two processes racing both build (it is cheap); the first rename wins
-    and the loser, whose rename fails because `final` is now a non-empty folder, discards its copy.
-    """
+    """Create `final` by `build(staging)` beside it, then one atomic rename: readers see no folder or a whole one.
+    Racing processes both build; the loser's rename fails and it discards its copy."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +170,8 @@ def tiny_model_dir(cache_root: Path | None = None, seed: int = 0) -> Path:
 
 
 def sdxl_base_config_dir(cache_root: Path | None = None) -> Path:
-    """A weight-less SDXL-base diffusers folder (bundled configs + the real CLIP vocab rebuilt from its BPE file),
-    which `from_single_file` reads instead of the Hub. Keyed by a hash of the assets."""
+    """A weight-less SDXL-base diffusers folder (bundled configs, CLIP vocab rebuilt from its BPE file) that
+    `from_single_file` reads instead of the Hub; keyed by a hash of the assets."""
     digest = hashlib.sha256(CLIP_BPE_GZ.read_bytes())
     for file in sorted(SDXL_BASE_ASSETS.rglob("*.json")):
         digest.update(file.relative_to(SDXL_BASE_ASSETS).as_posix().encode() + file.read_bytes())
@@ -200,15 +188,11 @@ def sdxl_base_config_dir(cache_root: Path | None = None) -> Path:
 
 def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu",
               cache_root: Path | None = None, dtypes: Mapping[str, Any] | None = None) -> SDXLParts:
-    """The one loader: a diffusers SDXL folder or a single-file SDXL checkpoint -> SDXLParts.
+    """A diffusers SDXL folder or a single-file checkpoint -> SDXLParts, never touching the network.
 
-    dtypes: the torch dtype to read each component in ("unet", "vae", "text_encoder", "text_encoder_2"; missing
-    ones take `dtype`), e.g. training.placement.load_dtypes' plan; dtype: the rest (default fp32). From a folder,
-    a component already in its dtype on disk is mapped by diffusers without a copy, and a diffusers component in
-    another dtype is read straight into it slice by slice (`weights.load_cast`), so no second full copy of it
-    exists; a single file is read in its own dtype and each component then cast.
-    Never touches the network (local_files_only; single files read configs from `single_file_config_dir`).
-    A bad path, or files diffusers cannot read, raise UserError naming model.path.
+    `dtypes`: the dtype to read each component in (e.g. `placement.load_dtypes`' plan); `dtype`: the rest (fp32). A
+    folder's component already in its dtype is mapped without a copy, another is read straight into it
+    (`weights.load_cast`); a single file is read in its own dtype, then cast. Raises UserError naming model.path.
     """
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -242,8 +226,8 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
 
 
 def _cast_while_reading(folder: Path, wanted: Mapping[str, Any], variant: str | None) -> dict[str, Any]:
-    """The diffusers components of `folder` whose wanted dtype differs from the one on disk, read straight into it
-    (weights.load_cast); passed to the pipeline's from_pretrained, which then does not load them again."""
+    """The folder's components whose wanted dtype differs from the disk's, read by `weights.load_cast`, for
+    from_pretrained to take as given."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     on_disk = checkpoint_dtypes(folder)
@@ -257,8 +241,8 @@ def _cast_while_reading(folder: Path, wanted: Mapping[str, Any], variant: str | 
 
 
 def single_file_config_dir(checkpoint: Path, cache_root: Path | None = None) -> Path:
-    """The config folder describing a single-file checkpoint: the tiny recipe's when the file's metadata names it,
-    else SDXL base's; the UNet's input conv must match it (e.g. a 9-channel inpainting UNet does not)."""
+    """The config folder for a single-file checkpoint: the tiny recipe's when its metadata names it, else SDXL base's;
+    the UNet's input conv must match it."""
     header = read_safetensors_header(checkpoint)
     recipe = header.get("__metadata__", {}).get("lora_sweep.recipe")
     if recipe is not None and recipe != TINY_RECIPE_VERSION:
@@ -282,13 +266,11 @@ def _weights_variant(folder: Path) -> str | None:
 
 
 def weights_identity(model_path: Path, config_dir: Path | None = None) -> dict[str, str]:
-    """Cheap fingerprints per component ("unet", "vae", "text_encoder", "text_encoder_2") for cache keys.
+    """Cheap per-component fingerprints ("unet", "vae", "text_encoder", "text_encoder_2") for cache keys.
 
-    Each is a sha256 over (relative file name, content sha256) for files up to 64 MiB and (relative name, size,
-    mtime_ns) for larger ones, so the tiny model is fingerprinted by content and real weights without reading
-    gigabytes. A text encoder's files include its tokenizer's (a text-embedding cache depends on both). A single
-    file gives every component the whole file's fingerprint combined with that component's configs (so any change
-    to the file invalidates every component's caches). Dtype and device are not part of it: caches add those.
+    sha256 over (relative name, content sha256) of files up to 64 MiB and (name, size, mtime_ns) above; a text
+    encoder's includes its tokenizer. A single file gives each component the whole file's fingerprint plus its
+    configs. Dtype and device are not in it.
     """
     sources = {"unet": ["unet"], "vae": ["vae"], "text_encoder": ["text_encoder", "tokenizer"],
                "text_encoder_2": ["text_encoder_2", "tokenizer_2"]}

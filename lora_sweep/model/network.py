@@ -1,14 +1,6 @@
-"""LoRA on kohya's SDXL targets, and saving it in the two formats users load.
-
-kohya's `networks/lora.py` puts a LoRA on every Linear inside the UNet's transformer blocks (attention q/k/v/out,
-proj_in/proj_out, feed-forward) and, optionally, on the CLIP attention and MLP linears of both text encoders. PEFT's
-default LoRA init is kohya's (down: kaiming-uniform with a=sqrt(5), up: zeros) and its scale is alpha/rank, so a
-PEFT adapter with the same targets, rank and alpha trains the same network.
-
-Saved formats:
-- kohya (`lora_unet_input_blocks_4_1_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`, `ss_*` metadata):
-  ComfyUI, A1111 and diffusers' `load_lora_weights` read it. Module names use kohya's SGM block names.
-- diffusers/PEFT (`pytorch_lora_weights.safetensors`), via the pipeline's `save_lora_weights`.
+"""LoRA on kohya's SDXL targets (`networks/lora.py`: every Linear in the UNet's transformer blocks, optionally the CLIP
+attention and MLP linears), and saving it as kohya and diffusers/PEFT files. PEFT's init (down kaiming-uniform
+a=sqrt(5), up zeros) and scale alpha/rank are kohya's, so the same targets, rank and alpha train the same network.
 """
 
 from __future__ import annotations
@@ -33,11 +25,8 @@ ADAPTER = "default"
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropout: float = 0.0) -> list[str]:
-    """Freeze `module` and attach a PEFT LoRA adapter; return the names of the wrapped modules.
-
-    diffusers models use their own `add_adapter`; text encoders get peft's `inject_adapter_in_model` directly
-    (transformers' `add_adapter` wants a newer peft than the one pinned here, and adds nothing we need).
-    """
+    """Freeze `module`, attach a PEFT LoRA adapter and return the wrapped modules' names. Text encoders use peft's
+    `inject_adapter_in_model` (transformers' `add_adapter` wants a newer peft than pinned)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     module.requires_grad_(False)
@@ -54,12 +43,8 @@ def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def sgm_unet_name(diffusers_name: str, layers_per_block: int) -> str:
-    """Map a diffusers UNet module path to kohya's SGM name (input_blocks / middle_block / output_blocks).
-
-    down_blocks.b.attentions.j -> input_blocks.{1 + b*(lpb+1) + j}.1 (input_blocks.0 is conv_in and every down block
-    but the last ends with a downsampler); mid_block.attentions.0 -> middle_block.1; up_blocks.b.attentions.j ->
-    output_blocks.{b*(lpb+1) + j}.1 (up blocks hold lpb+1 layers).
-    """
+    """A diffusers UNet module path as kohya's SGM name: down_blocks.b.attentions.j -> input_blocks.{1 + b*(lpb+1) +
+    j}.1, mid_block.attentions.0 -> middle_block.1, up_blocks.b.attentions.j -> output_blocks.{b*(lpb+1) + j}.1."""
     lpb = layers_per_block
     m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", diffusers_name)
     if m:
@@ -76,10 +61,8 @@ def sgm_unet_name(diffusers_name: str, layers_per_block: int) -> str:
 def kohya_state_dict(
     modules: Mapping[str, torch.nn.Module], *, alpha: float, layers_per_block: int, dtype=torch.float32
 ) -> dict[str, torch.Tensor]:
-    """kohya keys for every LoRA-wrapped module of the UNet and text encoders.
-
-    `modules` maps a kohya prefix (`lora_unet`, `lora_te1`, `lora_te2`) to the model holding PEFT LoRA layers.
-    """
+    """kohya keys of every LoRA-wrapped module; `modules` maps a prefix (`lora_unet`, `lora_te1`, `lora_te2`) to its
+    model."""
     out: dict[str, torch.Tensor] = {}
     for prefix, model in modules.items():
         for name, layer in model.named_modules():

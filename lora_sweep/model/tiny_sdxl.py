@@ -1,19 +1,7 @@
-"""A tiny SDXL-architecture pipeline with seeded random weights, built from configs with no network.
-
-Why: no SDXL weights can be downloaded where the tests and the demo run, yet every code path (two text encoders,
-text_time micro-conditioning, a VAE with spatial factor 8, SDXL's tokenizers and schedulers) must run for real.
-The tiny model keeps SDXL's *layout* and shrinks only widths and depths (about 2 M UNet parameters):
-
-- UNet: SDXL's block pattern (no attention at the first level, cross-attention below), linear projections,
-  `addition_embed_type="text_time"`; cross_attention_dim = TE1 hidden + TE2 hidden (real SDXL 768 + 1280),
-  projection_class_embeddings_input_dim = TE2 projection_dim + 6 * addition_time_embed_dim (real 1280 + 6 * 256).
-- Text encoders: a CLIPTextModel and a CLIPTextModelWithProjection with *different* hidden sizes (32 and 48, like
-  SDXL's 768 and 1280) so that a swapped pair or a wrong concat order fails loudly, and so diffusers' single-file
-  loader can tell the two CLIP towers apart by their width, as it does for real SDXL.
-- VAE: four levels, so latents are 1/8 of the image side like SDXL; scaling_factor 0.13025 as SDXL.
-- Tokenizers: byte-level BPE files in CLIP's layout, generated here (`write_clip_tokenizer`), with SDXL's tokenizer
-  configs (model_max_length 77; tokenizer_2 pads with "!").
-- Sampling scheduler: SDXL's EulerDiscreteScheduler config, read from the bundled SDXL-base assets.
+"""A tiny SDXL-architecture pipeline with seeded random weights, built from configs with no network, so tests and the
+demo run every SDXL code path without its weights. It keeps SDXL's layout and shrinks widths and depths (about 2 M
+UNet parameters); the two text encoders have different widths (32, 48, like 768 and 1280), so a swapped pair fails
+and diffusers' single-file loader tells them apart; the VAE has four levels (1/8 latents).
 """
 
 from __future__ import annotations
@@ -33,8 +21,7 @@ TINY_RECIPE_VERSION = "tiny-sdxl-v1"
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 SDXL_BASE_ASSETS = ASSETS_DIR / "sdxl_base"
 CLIP_BPE_GZ = ASSETS_DIR / "bpe_simple_vocab_16e6.txt.gz"
-# CLIP keeps the first 49152 - 256 - 2 merge lines after the header: 256 bytes + 256 bytes</w> + merges + 2 specials
-# = 49408 tokens, the vocab_size of both SDXL text encoders.
+# 256 bytes + 256 bytes</w> + merges + 2 specials = 49408 tokens, both SDXL text encoders' vocab_size
 CLIP_NUM_MERGES = 49152 - 256 - 2
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
@@ -52,8 +39,8 @@ _SEEDED_BUILD = threading.Lock()
 
 
 def byte_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) reversible byte -> printable character table: printable Latin-1 bytes map to themselves,
-    the other 68 bytes to code points 256.. in byte order, so BPE files never contain whitespace or control chars."""
+    """CLIP's (GPT-2's) reversible byte -> printable character table: printable Latin-1 maps to itself, the other 68
+    bytes to 256.. in order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {byte: chr(byte) for byte in printable}
     extra = 0
@@ -65,8 +52,8 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 def clip_vocab(merges: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> dict[str, int]:
-    """The token -> id table CLIP derives from its merges: bytes, bytes + "</w>", one token per merge, then
-    <|startoftext|> and <|endoftext|> last (so eos has the highest id, which the legacy argmax pooling relies on)."""
+    """CLIP's token -> id table from its merges: bytes, bytes + "</w>", one token per merge, then <|startoftext|>,
+    <|endoftext|> (eos has the highest id, which legacy argmax pooling relies on)."""
     byte_chars = list(byte_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}
@@ -129,12 +116,8 @@ def tiny_text_encoder_config(second: bool) -> dict:
 
 
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
-    """Assemble the tiny StableDiffusionXLPipeline with weights drawn from `seed`.
-
-    The global torch RNG is forked (and held under a lock against other threads), so building does not disturb
-    the caller's random stream, and the same seed always gives the same weights. Takes well under a second once
-    diffusers is imported.
-    """
+    """The tiny StableDiffusionXLPipeline with weights drawn from `seed`; the global torch RNG is forked (under a lock),
+    so the caller's stream is undisturbed and a seed always gives the same weights."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -164,8 +147,8 @@ def _tokenizer_kwargs(name: str) -> dict:
 
 
 def save_tiny_sdxl(pipe: StableDiffusionXLPipeline, folder: Path) -> None:
-    """Save as a diffusers folder in SDXL's own layout, tokenizers as vocab.json + merges.txt (not tokenizer.json),
-    so loading the tiny folder goes through exactly the files a real SDXL download has."""
+    """Save as a diffusers folder in SDXL's layout, tokenizers as vocab.json + merges.txt, so loading it reads the files
+    a real SDXL download has."""
     import shutil
 
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -1,15 +1,9 @@
 """Read a diffusers component's safetensors weights straight into another dtype, without a second full copy.
 
-Why: SDXL ships fp16 weights, and `precision=bf16` stores the U-Net in bf16. diffusers' `from_pretrained(dtype=...)`
-maps the whole 4.8 GiB file and keeps every page it has read mapped until the last tensor is converted, so the
-process briefly holds the fp16 file pages *and* the bf16 copy: about twice the U-Net in resident memory (10 GiB for
-SDXL), the peak of a whole training job on the CPU side. Reading the file in slices of about 256 MB (each slice
-through its own short-lived mapping, converted and released before the next) keeps that peak at the converted
-model plus one slice. Components already in the wanted dtype don't need this: diffusers maps them without copying.
-The conversion itself is torch's `Tensor.to(dtype)`, tensor by tensor, as diffusers does it.
-
-Also the file side that the loader builds on: what `model.path` accepts (`ACCEPTS`) and a .safetensors header read
-without its data (`read_safetensors_header`).
+diffusers' `from_pretrained(dtype=...)` keeps the read file pages mapped until the last tensor is converted: about
+twice the U-Net resident (10 GiB for SDXL fp16 -> bf16). Reading in slices of about 256 MB, each through its own
+mapping released before the next, keeps the peak at the converted model plus one slice. Also what `model.path`
+accepts (`ACCEPTS`) and a header read without data.
 """
 
 from __future__ import annotations
@@ -41,8 +35,8 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path] | None:
-    """The safetensors file(s) diffusers would read from a component folder (single file, or the shards of an
-    index), for `variant` ("fp16" or None); None if the folder holds no such safetensors weights."""
+    """The safetensors file(s) diffusers would read from a component folder for `variant` (single file or an index's
+    shards); None if there are none."""
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     single = folder / f"{WEIGHTS_NAME}{suffix}"
     if single.is_file():
@@ -56,11 +50,8 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path] | None:
 
 
 def read_cast_state_dict(files: list[Path], dtype: Any) -> dict[str, Any]:
-    """Every tensor of the safetensors `files`, floating ones converted to `dtype` (others copied as they are).
-
-    Tensors are read in file order, in slices of about SLICE_BYTES, each slice through a mapping that is closed
-    (and its pages released) before the next one opens. Peak memory: the result plus one slice.
-    """
+    """Every tensor of `files`, floating ones converted to `dtype`, read in file order in slices of about SLICE_BYTES,
+    each mapping closed before the next. Peak: the result plus one slice."""
     from safetensors import safe_open
 
     state: dict[str, Any] = {}
@@ -84,10 +75,8 @@ def read_cast_state_dict(files: list[Path], dtype: Any) -> dict[str, Any]:
 
 
 def load_cast(cls: Any, folder: Path, dtype: Any, variant: str | None = None) -> Any | None:
-    """A diffusers model class (`UNet2DConditionModel`, `AutoencoderKL`) from `folder`, its weights read straight into
-    `dtype` by `read_cast_state_dict`, in eval mode; None when the folder has no safetensors weights to stream (the
-    caller then uses `from_pretrained`). The model is built without weights (diffusers' own `no_init_weights` and
-    accelerate's `init_empty_weights`, as `from_pretrained` does) and takes the tensors as its parameters."""
+    """A diffusers model class from `folder`, built without weights (as from_pretrained), its tensors read into `dtype`
+    by `read_cast_state_dict`, in eval mode; None when the folder has no safetensors weights."""
     from accelerate import init_empty_weights
     from diffusers.models.modeling_utils import no_init_weights
 

@@ -1,17 +1,12 @@
-"""Sample images with the LoRA being trained, drawn so that every variant and every step is comparable.
+"""Sample images with the LoRA being trained, drawn the same way for every variant and step so they compare:
 
-Comparability is the point: the article's author compared variants by eye, which only means something when every
-variant draws the same prompts from the same starting noise with the same sampler. So:
-- each prompt has a fixed seed (`PromptSpec.seed`) and its own CPU `torch.Generator`: the initial latents are the
-  same for every variant, every step and every device (a CPU generator gives the same numbers on CPU and CUDA);
-- the sampler is always SDXL's Euler (`EulerDiscreteScheduler` with SDXL base's config), with CFG and a negative
-  prompt, at SDXL's size conditioning original = target = (h, w), crop (0, 0) as kohya uses;
-- sampling must not change the training: the torch CPU (+ CUDA), numpy and Python `random` RNG states are saved
-  before and restored after (kohya restores only torch's), and the UNet and text encoders go to eval() and back.
-- an empty negative prompt gives zero negative embeddings (`force_zeros_for_empty_prompt`, SDXL base's setting).
+- each prompt's seed seeds its own CPU `torch.Generator` (the same noise on every device);
+- always SDXL's Euler with CFG and a negative prompt, size conditioning original = target = (h, w), crop (0, 0);
+- torch (CPU, CUDA), numpy and `random` RNG states are restored after, and module modes too (kohya restores only
+  torch's), so sampling does not change the training;
+- an empty negative prompt gives zero embeddings (`force_zeros_for_empty_prompt`, SDXL base's setting).
 
-`log_samples` sends the images to MLflow: one `log_image(key="sample_pNN", step=step)` per prompt (MLflow's image
-grid and step slider) and one labelled grid PNG per sampling step as artifact `samples/grid_stepNNNNNN.png`.
+`log_samples` logs one MLflow image per prompt (`sample_pNN`, at the step) and a grid PNG per step.
 """
 
 from __future__ import annotations
@@ -30,8 +25,7 @@ from lora_sweep.sampling.prompts import PromptSpec
 
 log = logging.getLogger(__name__)
 
-# SDXL base 1.0's scheduler_config.json (EulerDiscreteScheduler), the schedule the UNet was trained with; equal to
-# lora_sweep/assets/sdxl_base/scheduler/scheduler_config.json (a test checks it).
+# SDXL base 1.0's scheduler_config.json, as in lora_sweep/assets/sdxl_base/scheduler/ (a test checks it)
 SDXL_EULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -47,11 +41,8 @@ SDXL_EULER_CONFIG = {
 
 @contextlib.contextmanager
 def preserved_rng_state() -> Iterator[None]:
-    """Restore torch CPU, all CUDA devices', numpy's and Python's RNG states on exit, whatever ran inside.
-
-    Training draws noise, timesteps and shuffles from these generators; sampling in the middle of a run would
-    otherwise shift every later draw, and a run with sampling would train differently from one without.
-    """
+    """Restore torch CPU, all CUDA devices', numpy's and Python's RNG states on exit, whatever ran inside: a run with
+    sampling trains exactly as one without."""
     import torch
 
     torch_state = torch.get_rng_state()
@@ -70,8 +61,8 @@ def preserved_rng_state() -> Iterator[None]:
 
 @contextlib.contextmanager
 def modules_on(device, *modules) -> Iterator[None]:
-    """Move the modules that live elsewhere (e.g. a VAE or text encoders parked on the CPU after caching) to
-    `device` for the duration, and back afterwards: the pipeline computes every stage on one device."""
+    """Move the modules that live elsewhere (e.g. encoders parked on the CPU) to `device` for the duration, and back
+    after: the pipeline computes every stage on one device."""
     moved = []
     for module in modules:
         home = next(module.parameters()).device
@@ -86,11 +77,8 @@ def modules_on(device, *modules) -> Iterator[None]:
 
 
 def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
-    """An SDXL pipeline around the training modules themselves (no copies), with SDXL's Euler scheduler.
-
-    The UNet is the one being trained, LoRA layers included, so the samples show the LoRA as it is now. No
-    watermarker (it would change the pixels the image metrics measure).
-    """
+    """An SDXL pipeline around the training modules themselves (LoRA included, no copies) with SDXL's Euler; no
+    watermarker (it would change the pixels the metrics measure)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline(
@@ -121,84 +109,95 @@ def sample_images(
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
-    """Draw one image per prompt with the current (LoRA-equipped) UNet; training state is left exactly as found.
+    """One image per prompt with the current (LoRA-equipped) UNet, leaving training state as found.
 
-    `should_stop`: asked before each prompt and after each denoising step; once it answers True, drawing stops and
-    the images finished so far are returned (fewer than `prompts`: the caller decides what a partial set is worth).
-
-    `unet` must be the unwrapped module (`accelerator.unwrap_model(unet)`); the VAE and text encoders are moved to
-    its device for the call if they are elsewhere. `autocast` is an optional factory of the training precision's
-    autocast context, needed when base weights are stored in fp8/fp16 or the modules' dtypes differ, so that the
-    forward passes run the way they do in training.
-
-    Progress: one log line naming every prompt's size and steps (e.g. "sampling at step 0 (`label`): 3 prompts,
-    p00 1024x1024 30 steps, ..."), then a tqdm bar over all their denoising steps (one UNet call each, two with
-    CFG), described by the prompt being drawn; it leaves no line behind. A 1024^2 sample on a CPU takes minutes:
-    this is what the console shows meanwhile.
+    `unet`: the unwrapped module; the VAE and text encoders move to its device for the call. `autocast`: a factory of
+    the training precision's autocast context (fp8/fp16 base weights, mixed dtypes). `should_stop`: asked before each
+    prompt and after each denoising step; once True, the finished images are returned (fewer than `prompts`). Logs
+    one line of every prompt's size and steps, then a tqdm bar over all denoising steps that leaves no line behind.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
     )
-    modules = (unet, vae, text_encoder, text_encoder_2)
-    was_training = [module.training for module in modules]  # text encoders train too when their LoRA does
-    images: list[Image.Image] = []
     device = next(unet.parameters()).device
-    with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2):
-        for module in modules:
-            module.eval()
+    with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2), \
+            _in_eval_mode(unet, vae, text_encoder, text_encoder_2):
         sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps" for i, p in enumerate(prompts))
         log.info("sampling%s: %d prompt%s, %s", f" at {label}" if label else "", len(prompts),
                  "s" * (len(prompts) != 1), sizes)
-        bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+        return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop)
 
-        stop_check = _stop_check(should_stop) if should_stop is not None else None
 
-        def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
-            bar.update(1)
-            return stop_check(pipe, step, timestep, tensors) if stop_check is not None else tensors
+@contextlib.contextmanager
+def _in_eval_mode(*modules) -> Iterator[None]:
+    """eval() for the duration, then each module's own mode back (text encoders train too when their LoRA does)."""
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, was_training, strict=True):
+            module.train(mode)
 
-        try:
-            for index, spec in enumerate(prompts):
-                if should_stop is not None and should_stop():
-                    break
-                bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
-                                    f"{spec.width}x{spec.height}")
-                generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-                size = (spec.height, spec.width)
-                with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
-                        index, len(prompts), spec):
-                    output = pipeline(
-                        prompt=spec.prompt,
-                        negative_prompt=spec.negative,
-                        width=spec.width,
-                        height=spec.height,
-                        num_inference_steps=spec.steps,
-                        guidance_scale=spec.cfg,
-                        generator=generator,
-                        original_size=size,
-                        target_size=size,
-                        crops_coords_top_left=(0, 0),
-                        output_type="pil",
-                        callback_on_step_end=advance,
-                    )
-                images.append(output.images[0])
-        except _Stopped:
-            pass  # the image being drawn is dropped; the finished ones are returned
-        finally:
-            bar.close()
-            for module, mode in zip(modules, was_training, strict=True):
-                module.train(mode)
+
+def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
+              should_stop: Callable[[], bool] | None) -> list[Image.Image]:
+    """One image per prompt under a tqdm bar over all their denoising steps; once `should_stop` answers True, the
+    image under way is dropped and the finished ones are returned."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+    stop_check = _stop_check(should_stop) if should_stop is not None else None
+
+    def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
+        bar.update(1)
+        return stop_check(pipe, step, timestep, tensors) if stop_check is not None else tensors
+
+    images: list[Image.Image] = []
+    try:
+        for index, spec in enumerate(prompts):
+            if should_stop is not None and should_stop():
+                break
+            bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
+                                f"{spec.width}x{spec.height}")
+            with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
+                    index, len(prompts), spec):
+                images.append(_draw(pipeline, spec, advance))
+    except _Stopped:
+        pass
+    finally:
+        bar.close()
     return images
+
+
+def _draw(pipeline, spec: PromptSpec, callback) -> Image.Image:
+    """`spec`'s image: noise from its seed's CPU generator, SDXL's size conditioning original = target = (h, w)."""
+    import torch
+
+    size = (spec.height, spec.width)
+    output = pipeline(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative,
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.cfg,
+        generator=torch.Generator(device="cpu").manual_seed(spec.seed),
+        original_size=size,
+        target_size=size,
+        crops_coords_top_left=(0, 0),
+        output_type="pil",
+        callback_on_step_end=callback,
+    )
+    return output.images[0]
 
 
 @contextlib.contextmanager
 def _says_prompt(index: int, count: int, spec: PromptSpec):
-    """An out-of-memory error while drawing `spec` becomes a `SamplingOutOfMemory` naming the prompt, its size and
-    steps: the run's failure then blames the sample, not training (lora_sweep.training.failures)."""
+    """An out-of-memory error while drawing `spec` becomes a `SamplingOutOfMemory` naming the prompt, size and steps, so
+    the run's failure blames the sample (training.failures)."""
     from lora_sweep.errors import SamplingOutOfMemory, is_out_of_memory
 
     try:
@@ -215,8 +214,8 @@ class _Stopped(Exception):
 
 
 def _stop_check(should_stop: Callable[[], bool]):
-    """A diffusers `callback_on_step_end` that ends the denoising loop (by raising `_Stopped`) once a stop is
-    requested: one image at 1024x1024 with 30 steps can take minutes on a CPU."""
+    """A diffusers `callback_on_step_end` that raises `_Stopped` once a stop is requested (one 1024 px image can take
+    minutes on a CPU)."""
 
     def check(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
         if should_stop():
@@ -227,11 +226,8 @@ def _stop_check(should_stop: Callable[[], bool]):
 
 
 def grid_layout(prompts: Sequence[PromptSpec]) -> list[list[int | None]]:
-    """Arrange sample indices as rows = distinct prompts, columns = that prompt's seeds (in file order).
-
-    A prompt file that repeats a prompt with different `--d` seeds gives a prompts x seeds grid; a file of
-    distinct prompts (one seed each) gives a single row. Short rows are padded with None (an empty cell).
-    """
+    """Sample indices as rows = distinct prompts, columns = that prompt's seeds in file order (one row when each prompt
+    has one seed); short rows padded with None."""
     rows: dict[PromptSpec, list[int]] = {}
     for index, spec in enumerate(prompts):
         rows.setdefault(dataclasses.replace(spec, seed=0), []).append(index)
@@ -266,10 +262,8 @@ def make_grid(
     padding: int = 4,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> Image.Image:
-    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, each with its label underneath.
-
-    Cells take the largest image's size; smaller images are centred. Labels are shortened to the cell width.
-    """
+    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, labels underneath (shortened to the cell);
+    cells take the largest image's size, smaller ones centred."""
     if len(images) > rows * cols:
         raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     present = [image for image in images if image is not None]
@@ -314,13 +308,9 @@ def log_samples(
     run_id: str | None = None,
     sink=None,
 ) -> None:
-    """Log a sampling step: each image under its prompt's key at `step`, plus the step's grid PNG.
-
-    Also (re)writes `samples/prompts.json` (the specs, with seeds) so the report can title its columns. Goes to
-    `sink` when given (any object with `image(image, key, step)` and `artifact(path, artifact_path)`, e.g. the
-    trainer's sink; `artifact` must have copied the file when it returns), else to MLflow through
-    `client`/`run_id`, else through the fluent API's active run.
-    """
+    """Log a sampling step: each image under its prompt's key at `step`, the step's grid PNG and `samples/prompts.json`
+    (the specs, for the report's column titles). To `sink` (its `image` and `artifact`; the file is copied when
+    `artifact` returns), else `client`/`run_id`, else the active MLflow run."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     grid = prompts_grid(images, prompts)

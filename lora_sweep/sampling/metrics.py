@@ -1,24 +1,12 @@
-"""Cheap, model-free statistics of a sample image, each chosen to put a number on one of the article's remarks.
+"""Cheap, model-free statistics of a sample image, each a number for one of the article's by-eye remarks (they do not
+judge quality). Pure functions, a few milliseconds per image:
 
-The article's author compared twelve variants by eye. These statistics do not judge quality; they measure the
-few properties the author's remarks are about, so that two variants' samples (same prompt, same seed, same step)
-can be compared with numbers as well as eyes:
+- luminance_mean, luminance_std: BT.709 luma 0..1 and its spread (noise offset: "bright and dark areas");
+- edge_energy: variance of the 4-neighbour Laplacian of the luma (sharpness: multires, min-SNR, debiased, IP noise);
+- colorfulness: Hasler & Süsstrunk (2003), 0..255 (Prodigy "keeps colours stable");
+- cast_yb: mean (R+G)/2 - B, > 0 yellow; cast_rg: mean R - G, > 0 red (the yellow cast most variants showed).
 
-- luminance_mean: mean luma (BT.709 weights on sRGB values, 0..1); noise offset "changes how bright and dark
-  areas are strengthened or weakened".
-- luminance_std: spread of luma over the image (global contrast); the same remark.
-- edge_energy: variance of the 4-neighbour Laplacian of the luma (the classic sharpness measure); multires noise
-  "stronger edges", min-SNR "soft edges, loss of fine detail", debiased "very strong edges", IP noise "adds some
-  detail".
-- colorfulness: Hasler & Süsstrunk (2003), 0..255 (0 = grey; ~33 "moderately", ~59 "quite"); Prodigy "keeps
-  colours stable", fp16 "more varied content".
-- cast_yb: mean of (R+G)/2 - B, 0..1, > 0 = yellow; cast_rg: mean of R - G, 0..1, > 0 = red: the yellow cast most
-  variants showed (white balance of the training photos), v56 and v61 not.
-
-All functions are pure (PIL or numpy in, floats out) and cost a few milliseconds per image.
-
-`fitting_speed` measures a run's fit/loss curve instead: how fast it falls. Training logs it at the end of a run
-and the report recomputes it from the run's whole history, so it lives here, where both may import it.
+`fitting_speed` measures a fit/loss curve instead; training and the report both import it from here.
 """
 
 from __future__ import annotations
@@ -30,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-# BT.709 luma weights, applied to the gamma-encoded sRGB values as stored in the PNG (i.e. luma Y', not CIE Y):
-# what a viewer perceives as brightness, and what the article's "bright and dark areas" remark is about.
+# BT.709 weights on the gamma-encoded sRGB values (luma Y', not CIE Y): brightness as a viewer perceives it
 LUMA_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float64)
 
 METRIC_KEYS = ("luminance_mean", "luminance_std", "edge_energy", "colorfulness", "cast_yb", "cast_rg")
@@ -39,11 +26,8 @@ METRIC_KEYS = ("luminance_mean", "luminance_std", "edge_energy", "colorfulness",
 
 
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Return the image as float64 RGB in [0, 1], shape (H, W, 3).
-
-    PIL images of any mode are converted to RGB (alpha is dropped: samples are opaque). numpy input may be
-    uint8 (0..255), float (taken as 0..1), (H, W) grey or (H, W, 3|4).
-    """
+    """The image as float64 RGB in [0, 1], (H, W, 3): any PIL mode (alpha dropped), or numpy uint8 (0..255) or float
+    (0..1), (H, W) grey or (H, W, 3|4)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     array = np.asarray(image)
@@ -62,11 +46,8 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def laplacian_variance(gray: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian over the interior pixels (no padding, so borders add no edges).
-
-    A blur removes high frequencies and lowers it; added fine texture or crisper edges raise it. Needs at least
-    3x3 pixels.
-    """
+    """Variance of the 4-neighbour Laplacian over the interior pixels (borders add no edges); blur lowers it, fine
+    texture raises it. Needs at least 3x3 pixels."""
     if gray.shape[0] < 3 or gray.shape[1] < 3:
         raise ValueError(f"edge energy needs an image of at least 3x3 pixels, got {gray.shape[1]}x{gray.shape[0]}")
     center = gray[1:-1, 1:-1]
@@ -75,12 +56,8 @@ def laplacian_variance(gray: np.ndarray) -> float:
 
 
 def hasler_susstrunk_colorfulness(rgb: np.ndarray) -> float:
-    """Colourfulness M = sigma_rgyb + 0.3 * mu_rgyb on the 0..255 scale of the paper.
-
-    rg = R - G and yb = (R + G)/2 - B are the opponent channels; sigma/mu are the root-sum-squares of their
-    standard deviations/means. The 0..255 scale keeps the paper's interpretive thresholds (15 slightly, 33
-    moderately, 45 averagely, 59 quite, 82 highly, 109 extremely colourful).
-    """
+    """M = sigma_rgyb + 0.3 * mu_rgyb of the opponent channels rg = R - G, yb = (R + G)/2 - B, on the paper's 0..255
+    scale (its thresholds: 15 slightly, 33 moderately, 59 quite, 109 extremely colourful)."""
     rgb255 = rgb * 255.0
     rg = rgb255[:, :, 0] - rgb255[:, :, 1]
     yb = 0.5 * (rgb255[:, :, 0] + rgb255[:, :, 1]) - rgb255[:, :, 2]
@@ -105,11 +82,8 @@ def image_metrics(image: Image.Image | np.ndarray) -> dict[str, float]:
 
 
 def mean_metrics(images: Iterable[Image.Image | np.ndarray], prefix: str = "img/") -> dict[str, float]:
-    """Mean of each statistic over a sampling step's images, keys prefixed for MLflow (`img/luminance_mean`, ...).
-
-    The mean over the fixed prompt set is what the curves follow across steps and variants: the prompts and seeds
-    are the same everywhere, so a change in the mean is a change caused by training.
-    """
+    """Mean of each statistic over a sampling step's images, keyed `img/<name>`: the prompts and seeds are fixed, so a
+    change in the mean comes from training."""
     per_image = [image_metrics(image) for image in images]
     if not per_image:
         raise ValueError("mean_metrics needs at least one image")
@@ -121,12 +95,9 @@ FEWEST_FOR_HALF = 3  # fit/loss evaluations below which the steps to half are fi
 
 @dataclass(frozen=True)
 class FittingSpeed:
-    """How fast a loss curve falls. `loss_auc`: the area under the curve divided by the steps it spans (its
-    time-average, in loss units). `steps_to_half`: the step at which the curve first reaches half of the run's total
-    decrease (start - final), linearly interpolated between evaluations; None (`why_none` says why) when the final
-    value is not below the start ("did not decrease"), or when the curve has fewer than three evaluations: with
-    only the start and the end, the interpolation puts half of any decrease at exactly the middle step, whatever
-    the run did, so the number would describe the evaluation grid (validation.every), not the run."""
+    """How fast a loss curve falls. `loss_auc`: the area under it divided by the steps it spans. `steps_to_half`: the
+    interpolated step where it first reaches half of start - final; None (`why_none` says why) when it did not
+    decrease, or with fewer than three evaluations (then the evaluation grid fixes the answer)."""
 
     loss_auc: float
     steps_to_half: float | None
@@ -155,7 +126,6 @@ def fitting_speed(history: Sequence[tuple[int, float]]) -> FittingSpeed | None:
         return FittingSpeed(auc, None, DID_NOT_DECREASE)
     half = decrease / 2  # exact in binary
     i = int(np.argmax(drops >= half))  # the first evaluation at or past half the decrease (i >= 1)
-    # interpolated on the drops, not the values: no cancellation of two nearly equal losses, so a curve that
-    # reaches half between two evaluations of a straight fall gives exactly the mid-step.
+    # interpolated on the drops, not the values: no cancellation of two nearly equal losses
     fraction = (half - drops[i - 1]) / (drops[i] - drops[i - 1])
     return FittingSpeed(auc, float(steps[i - 1] + fraction * (steps[i] - steps[i - 1])))

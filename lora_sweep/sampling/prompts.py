@@ -1,34 +1,19 @@
-r"""Sample prompts: kohya sd-scripts' prompt-file format, parsed into `PromptSpec`s.
+"""Sample prompts in kohya sd-scripts v0.8.7's prompt-file format, parsed into `PromptSpec`s.
 
-A prompt file is text with one prompt per line; blank lines and lines starting with `#` are skipped. A line is
-split at " --"; the first part is the prompt, the others are options (case-insensitive), as in kohya v0.8.7:
+One prompt per line (blank and `#` lines skipped), split at " --" into the prompt and options (case-insensitive):
 
     a photo of a cat --w 1024 --h 1024 --d 42 --s 30 --l 7.5 --n blurry, lowres
 
-    --w / --h  width / height in pixels, rounded down to a multiple of 8 with a minimum of 64 (kohya's rounding)
-    --d        seed
-    --s        sampling steps, clamped to 1..1000 (kohya's clamp)
-    --l        CFG (guidance) scale
-    --n        negative prompt (runs to the next " --" or the end of the line)
-    --ss, --cn, --am, --f   kohya options with no meaning here (sampler, ControlNet, ...); accepted and ignored:
-               lora-sweep always samples with Euler so that every variant is drawn the same way.
+    --w / --h  size, rounded down to a multiple of 8, at least 64      --d  seed
+    --s        steps, clamped to 1..1000                               --l  CFG scale
+    --n        negative prompt (to the next " --")
+    --ss, --cn, --am, --f  accepted and ignored (sampling is always Euler)
 
-The arithmetic is kohya v0.8.7's (`train_util.line_to_prompt_dict`: `--s` becomes max(1, min(1000, s));
-`sample_image_inference`: a size becomes max(64, x - x % 8)), but a value it changes is said: one warning
-(a `Fallback`) names every such line and the value used ("--w 65 used as 64"). A size above `LARGE_SIDE` pixels is
-sampled as given, with a warning: kohya allows it, and it can run out of memory.
-
-Negative numbers are refused. kohya cannot use them: its patterns take digits only (`w (\d+)`, `s (\d+)`,
-`l ([\d.]+)`, ...), so `--h -64` or `--l -3` matches nothing and kohya drops the option without a word and samples
-with its default (512 px, 30 steps, CFG 7.5, a random seed); lora-sweep names the option instead of guessing.
-
-Problems are reported all at once, each naming `sampling.prompt_file` with the file and its line number (or
-`sampling.prompts[i]`); kohya ignores an unknown option, lora-sweep refuses it. A kohya option written with one
-dash (`a dog -w 640`) is not an option, in kohya as here: it stays in the prompt text, with a warning.
-
-Unlike kohya, where a missing `--d` means a fresh random seed each time, a prompt without `--d` gets the seed
-`default_seed + index`: every variant and every sampling step then start from the same noise, which is what
-makes their samples comparable.
+The arithmetic is kohya's (`line_to_prompt_dict`, `sample_image_inference`); a value it changes is warned about, as
+are sides above `LARGE_SIDE`. Unlike kohya, which silently drops what its digit-only patterns miss and ignores
+unknown options, negative numbers and unknown options are problems, all reported at once naming the file and line; a
+one-dash option stays prompt text, with a warning. A prompt without `--d` gets `default_seed + index`, not a random
+seed, so every variant and step start from the same noise.
 """
 
 from __future__ import annotations
@@ -92,13 +77,9 @@ def parse_prompt_line(
     default_negative: str = "",
     where: str | None = None,
 ) -> PromptSpec:
-    """Parse one prompt line with inline options (see the module docstring) into a `PromptSpec`.
-
-    `index` is the prompt's position in its list; it picks the default seed. `where` names the line in errors (the
-    setting, and the file and line number for a prompt file); default "sampling.prompts[index]". Raises UserError
-    naming every bad option of the line, one per line of its message, so all are fixed in one go. The spec's
-    `changed` lists the options kohya's arithmetic changed ("--s 0 used as 1"); `check_prompts` warns about them.
-    """
+    """One prompt line with inline options (module docstring) as a `PromptSpec`; `index` picks the default seed, `where`
+    names the line in errors (default "sampling.prompts[index]"). Raises one UserError naming every bad option, one
+    per line. `changed` lists kohya's changes ("--s 0 used as 1") for `check_prompts` to warn about."""
     where = where or f"sampling.prompts[{index}]"
     parts = (" " + line.strip()).split(" --")  # the leading space lets a line that starts with "--" be caught
     prompt = parts[0].strip()
@@ -116,40 +97,10 @@ def parse_prompt_line(
     changed: list[str] = []  # values kohya's arithmetic changed, said as a warning by `check_prompts`
     for option in parts[1:]:
         option = option.strip()
-        if not option:
-            continue
-        match = _OPTION.match(option)
-        name = match.group("name").lower() if match else ""
-        value = (match.group("value") or "").strip() if match else ""
-        try:
-            if name in _AT_LEAST and value.startswith("-") and float(value) <= 0:  # "-0" too: a sign kohya drops
-                bad.append(f"{where}: option '--{option}' in {line!r} is negative; give {_AT_LEAST[name]}. (kohya "
-                           "v0.8.7 takes digits only there: it would drop the option and use its default.)")
-            elif name in ("w", "h", "s"):
-                given = int(value)
-                used = clamp_steps(given) if name == "s" else round_size(given)
-                values[{"w": "width", "h": "height", "s": "steps"}[name]] = used
-                if used != given:
-                    changed.append(f"--{name} {given} used as {used}")
-            elif name == "d":
-                values["seed"] = int(value)
-            elif name == "l":
-                values["cfg"] = float(value)
-            elif name == "n":
-                values["negative"] = value
-            elif name in IGNORED_KOHYA_OPTIONS:
-                continue
-            else:
-                bad.append(
-                    f"{where}: unknown option '--{option.split()[0]}' in {line!r}. Accepted: "
-                    "--w WIDTH, --h HEIGHT, --d SEED, --s STEPS, --l CFG, --n NEGATIVE PROMPT "
-                    "(kohya's --ss, --cn, --am and --f are accepted and ignored)."
-                )
-        except ValueError:
-            bad.append(
-                f"{where}: option '--{option}' in {line!r} needs a number "
-                "(--w/--h/--d/--s take whole numbers, --l a decimal)."
-            )
+        if option:
+            problem = _read_option(option, line, values, changed)
+            if problem:
+                bad.append(f"{where}: {problem}")
     if bad:
         raise UserError("\n".join(bad))
     return PromptSpec(
@@ -165,17 +116,46 @@ def parse_prompt_line(
     )
 
 
+
+def _read_option(option: str, line: str, values: dict[str, object], changed: list[str]) -> str | None:
+    """Set `values` from one option of `line` ("w 1024"); the problem with it, if any."""
+    match = _OPTION.match(option)
+    name = match.group("name").lower() if match else ""
+    value = (match.group("value") or "").strip() if match else ""
+    try:
+        if name in _AT_LEAST and value.startswith("-") and float(value) <= 0:  # "-0" too: a sign kohya drops
+            return (f"option '--{option}' in {line!r} is negative; give {_AT_LEAST[name]}. (kohya v0.8.7 takes "
+                    "digits only there: it would drop the option and use its default.)")
+        if name in ("w", "h", "s"):
+            given = int(value)
+            used = clamp_steps(given) if name == "s" else round_size(given)
+            values[{"w": "width", "h": "height", "s": "steps"}[name]] = used
+            if used != given:
+                changed.append(f"--{name} {given} used as {used}")
+        elif name == "d":
+            values["seed"] = int(value)
+        elif name == "l":
+            values["cfg"] = float(value)
+        elif name == "n":
+            values["negative"] = value
+        elif name not in IGNORED_KOHYA_OPTIONS:
+            return (f"unknown option '--{option.split()[0]}' in {line!r}. Accepted: --w WIDTH, --h HEIGHT, --d SEED, "
+                    "--s STEPS, --l CFG, --n NEGATIVE PROMPT (kohya's --ss, --cn, --am and --f are accepted and "
+                    "ignored).")
+    except ValueError:
+        return f"option '--{option}' in {line!r} needs a number (--w/--h/--d/--s take whole numbers, --l a decimal)."
+    return None
+
 def single_dash_options(line: str) -> list[str]:
-    """Tokens of the prompt part of `line` that look like kohya options written with one dash ("-w"): they are
-    not options (kohya splits at " --"), so they stay in the prompt text."""
+    """The tokens of `line`'s prompt that look like one-dash kohya options ("-w"): prompt text, since kohya splits at "
+    --"."""
     prompt = (" " + line.strip()).split(" --")[0]
     return ["-" + m.group(1) for m in _SINGLE_DASH.finditer(prompt)]
 
 
 def read_prompt_lines(path: str | Path, *, setting: str = "sampling.prompt_file") -> list[tuple[int, str]]:
-    """(line number from 1, stripped text) of every prompt line of a kohya .txt prompt file: blank lines and `#`
-    comment lines are left out, their numbers kept. Raises UserError naming `setting` for a missing file, another
-    extension, or bytes that are not UTF-8 (with the line number)."""
+    """(line number, stripped text) of each prompt line of a .txt prompt file (blank and `#` lines left out). Raises
+    UserError naming `setting` for a missing file, another extension, or bytes that are not UTF-8."""
     path = Path(path)
     if not path.is_file():  # first: a folder or a missing file is one problem, whatever its name ends with
         raise UserError(f"{setting}: the prompt file '{path}' does not exist"
@@ -203,9 +183,10 @@ def check_prompts(
     prompt_file: str | Path | None = None,
     **defaults,
 ) -> tuple[list[PromptSpec], list[str], list[Fallback]]:
-    """Parse every prompt, never stopping at the first problem: (specs, problems, fallbacks). A problem is one line
-    naming the setting (with the file and line number for a prompt file); `defaults` are `load_prompts`' default_*
-    keywords. See `load_prompts` for the sources and their order."""
+    """`sampling.prompts` / `sampling.prompt_file` -> (specs, problems, fallbacks), never stopping at the first
+    problem. Specs in order: the file's lines, then the list's entries (same syntax; `#` entries skipped);
+    `prompts` may itself be a path to a .txt file. A problem is one line naming the setting (with the file and line
+    number); no prompt at all is one. `defaults`: `parse_prompt_line`'s default_* keywords."""
     setting = "sampling.prompt_file"
     if isinstance(prompts, (str, Path)):
         if prompt_file is not None:
@@ -257,29 +238,3 @@ def size_warnings(placed: Sequence[tuple[str, PromptSpec]], setting: str) -> lis
                   "it); sampling may run out of memory", large,
                   "Lower --w/--h there (or sampling.width/sampling.height) if that is not meant.")] if large else [])
 
-
-def load_prompts(
-    prompts: str | Path | Sequence[str] = (),
-    *,
-    prompt_file: str | Path | None = None,
-    default_width: int = 1024,
-    default_height: int = 1024,
-    default_steps: int = 30,
-    default_cfg: float = 7.5,
-    default_seed: int = 0,
-    default_negative: str = "",
-) -> list[PromptSpec]:
-    """`sampling.prompts` / `sampling.prompt_file` -> specs, in order: the file's lines, then the list's entries.
-
-    `prompts` may itself be a path (str/Path) to a kohya .txt file instead of a list. List entries use the same
-    inline-option syntax as file lines; entries starting with `#` are skipped there too. An empty result is an
-    error: asking to sample with no prompts is always a configuration mistake. Raises one UserError listing every
-    problem, one per line (the pre-flight reports them before the model loads; see `check_prompts`).
-    """
-    specs, problems, _ = check_prompts(
-        prompts, prompt_file=prompt_file, default_width=default_width, default_height=default_height,
-        default_steps=default_steps, default_cfg=default_cfg, default_seed=default_seed,
-        default_negative=default_negative)
-    if problems:
-        raise UserError("\n".join(problems))
-    return specs

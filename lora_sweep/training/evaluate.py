@@ -1,20 +1,12 @@
 """What a training does between optimizer steps to make variants comparable: samples, validation and fitting loss.
 
-All draw only from their own seeded generators and restore every mode they change, so turning them on or off
-does not change the training (tests/training/test_evaluate.py checks that the LoRA is bit-identical).
-- Samples: the same prompts and seeds for every variant, at step 0, every `sampling.every` steps and at the end;
-  logged as MLflow images (`sample_pNN`), a grid PNG, and image statistics (`img/...`).
-- `val/loss`: held-out images; `fit/loss`: a fixed subset of the *training* images (`validation.fit_images`, chosen
-  with `validation.seed`, so the same images for every variant and every train.seed). Both at fixed timesteps
-  (`validation.timesteps`) with fixed noise (drawn once from `torch.Generator().manual_seed(validation.seed)`),
-  plain epsilon MSE (velocity MSE for v-prediction): no loss weighting, no noise offset, whatever the variant's
-  training loss. So every variant is measured on the same (image, t, eps) points, at step 0, every
-  `validation.every` steps and at the end. At the end a run also logs the per-point values
-  (`evaluation/fit_points.json`, `evaluation/val_points.json`, for paired comparisons) and, from its `fit/loss`
-  curve, `fit/loss_auc` and `fit/steps_to_half`: the steps until fit/loss first reaches half of the run's total
-  decrease (start - final), logged only when fit/loss was evaluated at least three times (validation.every > 0;
-  with only the start and the end it would be max_steps/2 for any run) and its final value is below its start
-  (see `lora_sweep.sampling.metrics.fitting_speed`).
+Each draws only from its own seeded generators and restores every mode it changes, so turning it on or off leaves
+the LoRA bit-identical (tests/training/test_evaluate.py). At step 0, every `*.every` steps and at the end:
+- samples: the same prompts and seeds for every variant (`sample_pNN` images, a grid, `img/...` statistics);
+- `val/loss` (held-out images) and `fit/loss` (`validation.fit_images` training images chosen with
+  `validation.seed`): plain eps (or v) MSE at fixed timesteps with fixed noise, whatever the variant's loss, so
+  every variant is measured on the same (image, t, eps) points. At the end: the per-point values
+  (`evaluation/<prefix>_points.json`) and `fit/loss_auc`, `fit/steps_to_half` (`sampling.metrics.fitting_speed`).
 """
 
 from __future__ import annotations
@@ -42,8 +34,8 @@ def split_validation(n_items: int, fraction: float, seed: int) -> tuple[list[int
 
 
 def fit_subset(train_indices: list[int], k: int, seed: int) -> list[int]:
-    """The `fit/loss` images: a seeded choice of k of the training examples (all of them when there are fewer),
-    in index order. Depends only on the training examples and `seed` (validation.seed), never on train.seed's RNG."""
+    """The `fit/loss` images: k of the training examples chosen with `seed` (validation.seed), in index order; all when
+    there are fewer. Never touches train.seed's RNG."""
     ordered = sorted(train_indices)
     if k <= 0:
         return []
@@ -62,25 +54,29 @@ def due(step: int, every: int, final: bool) -> bool:
     return step == 0 or final or (every > 0 and step % every == 0)
 
 
+def read_prompts(cfg) -> tuple[list, list[str], list]:
+    """`sampling.prompts` and `sampling.prompt_file` as the Sampler draws them: `check_prompts`' (specs, problems,
+    fallbacks) with the sampling group's defaults (width/height: sampling.width/height, else the shorter side of
+    data.resolution); nothing when neither is set."""
+    from lora_sweep.data.buckets import parse_resolution
+    from lora_sweep.sampling.prompts import check_prompts
+
+    sc = cfg.sampling
+    if not sc.prompts and not sc.prompt_file:
+        return [], [], []
+    side = min(parse_resolution(cfg.data.resolution))
+    return check_prompts(
+        list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
+        default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=sc.seed,
+        default_negative=sc.negative,
+    )
+
+
 @dataclass
 class Sampler:
     """Draw the prompts with the current LoRA and log images, the grid and image metrics."""
 
     prompts: list
-
-    @classmethod
-    def from_config(cls, cfg, resolution: int) -> Sampler | None:
-        from lora_sweep.sampling.prompts import load_prompts
-
-        sc = cfg.sampling
-        if not sc.prompts and not sc.prompt_file:
-            return None
-        specs = load_prompts(
-            list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or resolution,
-            default_height=sc.height or resolution, default_steps=sc.steps, default_cfg=sc.cfg,
-            default_seed=sc.seed, default_negative=sc.negative,
-        )
-        return cls(specs)
 
     def __call__(self, s, step: int, final: bool) -> bool:
         """Sample if due at `step`; False if a stop request cut the sampling short (then nothing is logged)."""
@@ -109,13 +105,10 @@ class Sampler:
 
 @dataclass
 class Validator:
-    """Fixed-timestep, fixed-noise MSE over fixed examples, logged as `<prefix>/loss` and `<prefix>/loss_tNNN`.
-
-    prefix "val": held-out examples; prefix "fit": a fixed subset of the training examples. The noise of every
-    (example, timestep) point is drawn once, on the CPU, from its own generator seeded with `seed`, in example
-    order: noise[i] has shape (len(timesteps), C, h, w), float32. Each example's timesteps go through the UNet as
-    one batch of len(timesteps), in eval mode and without gradients.
-    """
+    """Fixed-timestep, fixed-noise MSE over fixed examples, logged as `<prefix>/loss` and `<prefix>/loss_tNNN` ("val":
+    held-out examples; "fit": a fixed subset of the training ones). Noise: drawn once on the CPU from a generator
+    seeded with `seed`, in example order, noise[i] of shape (len(timesteps), C, h, w) float32. Each example's
+    timesteps are one UNet batch, in eval mode, without gradients."""
 
     examples: list
     timesteps: list[int]
@@ -143,9 +136,8 @@ class Validator:
 
     @torch.no_grad()
     def point_losses(self, s) -> torch.Tensor | None:
-        """(len(examples), len(timesteps)) float64 on the CPU: the MSE of each (example, t, eps) point, the mean over
-        latent channels and pixels of (prediction - target)^2, target = eps (or v for model.v_prediction).
-        None if `s.should_stop()` turned True between two examples (a stop request)."""
+        """(len(examples), len(timesteps)) float64 on the CPU: each point's mean over latent channels and pixels of
+        (prediction - target)^2, target eps (v for model.v_prediction). None after a stop request."""
         modules = [m for m in (s.unet, s.parts.text_encoder, s.parts.text_encoder_2) if m is not None]
         modes = [m.training for m in modules]
         for module in modules:
@@ -191,7 +183,7 @@ class Validator:
 
     def _fitting_speed(self) -> dict[str, float]:
         """fit/loss_auc and fit/steps_to_half from this process's curve; nothing when it does not start at step 0
-        (a resumed run: the report computes them from the whole MLflow history instead)."""
+        (resumed: the report computes them from the whole history)."""
         from lora_sweep.sampling.metrics import fitting_speed
 
         if not self.history or self.history[0][0] != 0:

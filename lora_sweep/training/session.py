@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lora_sweep.atomic import write_text
-from lora_sweep.data.buckets import bucket_histogram, parse_resolution
+from lora_sweep.data.buckets import bucket_histogram
 from lora_sweep.data.dataset import FolderScan, scan_folder
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Example, Prepared, prepare_examples
@@ -40,7 +40,7 @@ from lora_sweep.model.network import (
 )
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
-from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, split_validation
+from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
 from lora_sweep.training.noise import NoiseOptions
 
@@ -205,11 +205,11 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_li
 
 
 def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None,
-                  validation_scan: FolderScan | None = None) -> Session:
+                  validation_scan: FolderScan | None = None, prompts: list | None = None) -> Session:
     """Set up one training in kohya's order (the module docstring); the frozen encoders fill the cache before LoRA.
 
-    `scan` / `validation_scan`: the caller's scans (None: scanned here). Raises UserError (no image left, no disk
-    space) and ConfigError (the optimizer refuses its arguments).
+    `scan` / `validation_scan` / `prompts`: the caller's scans and sample PromptSpecs (None: read here). Raises
+    UserError (no image left, no disk space, a bad prompt) and ConfigError (the optimizer refuses its arguments).
     """
     device = pick_device(cfg.train.device)
     policy = precision.precision_policy(cfg.precision.name, device.type)
@@ -232,7 +232,7 @@ def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None
         alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,
-        hooks=evaluation_hooks(cfg, data),
+        hooks=evaluation_hooks(cfg, data, prompts),
     )
 
 
@@ -379,16 +379,19 @@ def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]
     return optimizer, lr_scheduler
 
 
-def evaluation_hooks(cfg, data: Data) -> list:
+def evaluation_hooks(cfg, data: Data, prompts: list | None = None) -> list:
     """Hooks for step 0 and after optimizer steps: val/loss (held out), fit/loss (validation.fit_images training
-    examples, chosen with validation.seed), samples if there are prompts.
+    examples, chosen with validation.seed), samples of `prompts` if any.
     """
     v = cfg.validation
     fit = [data.prepared.examples[i] for i in fit_subset(data.train_indices, v.fit_images, v.seed)]
     hooks = [Validator(data.validation, list(v.timesteps), v.seed),
              Validator(fit, list(v.timesteps), v.seed, prefix="fit")]
-    sampler = Sampler.from_config(cfg, min(parse_resolution(cfg.data.resolution)))
-    return hooks + ([sampler] if sampler is not None else [])
+    if prompts is None:
+        prompts, problems, _ = read_prompts(cfg)
+        if problems:
+            raise UserError("\n".join(problems))
+    return hooks + ([Sampler(prompts)] if prompts else [])
 
 
 def noise_options(cfg) -> NoiseOptions:

@@ -112,15 +112,17 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
 
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,
           states: StateTarget | None = None, scan: FolderScan | None = None,
-          validation_scan: FolderScan | None = None) -> TrainResult:
+          validation_scan: FolderScan | None = None, prompts: list | None = None) -> TrainResult:
     """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`.
 
-    `scan` / `validation_scan`: the caller's scans (None: scanned here); images that fail to decode move to `skipped`.
-    Raises NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no disk space) and what the step raises.
+    `scan` / `validation_scan` / `prompts`: the caller's scans and sample PromptSpecs (None: read here); images that
+    fail to decode move to `skipped`. Raises NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no
+    disk space, a bad prompt) and what the step raises.
     """
     t = cfg.train
     seed_everything(t.seed)
-    s = build_session(cfg, output_dir=output_dir, sink=sink, scan=scan, validation_scan=validation_scan)
+    s = build_session(cfg, output_dir=output_dir, sink=sink, scan=scan, validation_scan=validation_scan,
+                      prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     saver = Checkpoints(s, states, flip_rng)

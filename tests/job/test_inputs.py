@@ -145,3 +145,26 @@ def test_only_a_job_the_launching_process_never_saw_runs_the_pre_flight(tmp_path
                         output_dir=tmp_path / "out")
     finally:
         HydraConfig.instance().cfg = saved
+
+
+def test_the_job_reads_its_prompt_file_once_and_samples_what_it_read(tmp_path, mlflow_uri, monkeypatch):
+    """The prompts parsed with the dataset scan are the ones sampled: the file changed later is not read again."""
+    import json
+
+    from lora_sweep.sampling import prompts as prompts_module
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a photo of a thing --s 1\n", encoding="utf-8")
+    cfg = checked(tmp_path, f"sampling.prompt_file={prompt_file}", "sampling.width=64", "sampling.height=64")
+    reads = []
+    read_prompt_lines = prompts_module.read_prompt_lines
+    monkeypatch.setattr(prompts_module, "read_prompt_lines", lambda *a, **k: reads.append(a[0]) or
+                        read_prompt_lines(*a, **k))
+    read_inputs = run_module.read_inputs
+    changed = lambda cfg: (read_inputs(cfg), prompt_file.write_text("another prompt --s 1\n"))[0]  # noqa: E731
+    monkeypatch.setattr(run_module, "read_inputs", changed)
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED", outcome.reason
+    assert [str(path) for path in reads] == [str(prompt_file)]
+    local = MlflowClient(mlflow_uri).download_artifacts(outcome.run_id, "samples/prompts.json", str(tmp_path))
+    assert [spec["prompt"] for spec in json.loads(Path(local).read_text())] == ["a photo of a thing"]
