@@ -13,8 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _table(args) -> int:
-    from lora_sweep.compare.table import build_table, render
+    from lora_sweep.compare.table import build_table, experiment_names, render
 
+    known = experiment_names("*")
+    unknown = [name for name in args.experiments if name not in known]
+    if unknown:
+        print(f"error: no experiment {', '.join(unknown)} in conf/experiment/; the experiments are: "
+              f"{', '.join(known)}.", file=sys.stderr)
+        return 2
     header, rows = build_table(args.experiments or None)
     sys.stdout.write(render(header, rows, args.format))
     return 0

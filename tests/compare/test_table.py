@@ -60,3 +60,10 @@ def test_markdown_render_has_a_row_per_parameter():
     header, rows = build_table(["v53", "v64"])
     text = render(header, rows, "markdown")
     assert text.splitlines()[0].startswith("| parameter") and len(text.splitlines()) == 2 + len(ARTICLE)
+
+
+def test_an_unknown_experiment_is_one_line_naming_the_known_ones():
+    out = subprocess.run([sys.executable, "-m", "lora_sweep", "table", "v99"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stdout == ""
+    assert out.stderr.startswith("error: no experiment v99 in conf/experiment/; the experiments are: article,")
