@@ -44,9 +44,9 @@ class MlflowSweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         from hydra_plugins._job_outcome import remove_statuses
         from lora_sweep.atomic import write_text
-        from lora_sweep.checks.preflight import SWEEP_TRACKING
+        from lora_sweep.checks.preflight import SWEEP_DATASETS, SWEEP_TRACKING
         from lora_sweep.checks.sweep import tracking_target
-        from lora_sweep.job.names import swept_keys, write_swept_keys
+        from lora_sweep.job.names import swept_keys, write_datasets_seen, write_swept_keys
         from lora_sweep.tracking import store
 
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -65,6 +65,7 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir, self.experiment, self.experiment_id = sweep_dir, experiment, exp_id
         write_text(sweep_dir / store.PARENT_FILE, self.run_id)
         remove_statuses(sweep_dir)  # an earlier sweep's
+        write_datasets_seen(sweep_dir, SWEEP_DATASETS.pop(str(sweep_dir), {}))  # replaces an earlier sweep's
         try:
             write_swept_keys(sweep_dir, swept_keys(task))
         except Exception as exc:  # names fall back to every override

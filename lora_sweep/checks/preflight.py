@@ -35,6 +35,8 @@ SAME_KIND_SHOWN = 10  # problem lines of one kind (same but for paths and number
 _LOGGED: set[str] = set()  # fallback lines already printed by this process
 # sweep folder -> (store URI, experiment) its jobs log to: where lora_sweep.callbacks opens the parent run
 SWEEP_TRACKING: dict[str, tuple[str, str]] = {}
+# sweep folder -> {dataset folder: data.dataset.files_seen}: lora_sweep.callbacks writes it for the jobs to compare
+SWEEP_DATASETS: dict[str, dict[str, dict[str, list[int]]]] = {}
 
 
 @dataclass
@@ -313,6 +315,15 @@ class PreflightCallback(Callback):
         count = len(results) - (len(set(targets.values())) > 1)
         results.append(("", Report(problems=sweep_problems(config, jobs, count))))
         _finish(results, jobs=count)
+        SWEEP_DATASETS[str(config.hydra.sweep.dir)] = datasets_seen(memo)
+
+
+def datasets_seen(memo: Memo) -> dict[str, dict[str, list[int]]]:
+    """{resolved dataset folder: `files_seen`} of every folder the pre-flight scanned."""
+    from lora_sweep.data.dataset import files_seen
+
+    return {str(scan.root.resolve()): files_seen(scan, key[2]) for key, scan in memo.values.items()
+            if key[0] == "scan"}
 
 
 def _guarded(check: Callable[[DictConfig], None], config: DictConfig) -> None:

@@ -10,6 +10,7 @@ not used (kohya ignores them silently).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,37 @@ def gone(scan: FolderScan, path: Path) -> UserError:
     """A file `scan` listed that is no longer there (removed while the job set up): one paragraph naming it."""
     return UserError(f"{scan.setting}: '{path}' is gone: it was removed after the dataset was scanned, before "
                      "training started. Put it back, or start again to train on the files that are there.")
+
+
+def files_seen(scan: FolderScan, caption_extension: str = ".txt") -> dict[str, list[int]]:
+    """The scan's images and captions: {relative posix path: [size in bytes, mtime in ns]}, for `dataset_changes`."""
+    suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
+    seen = {}
+    for path in scan.subset_files:
+        if path.suffix.lower() in suffixes:
+            with contextlib.suppress(OSError):  # gone since the scan: the job's scan tells
+                stat = path.stat()
+                seen[path.relative_to(scan.root).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    return seen
+
+
+def dataset_changes(scan: FolderScan, seen: dict[str, list[int]], caption_extension: str = ".txt") -> list[str]:
+    """One line naming the files removed, changed and added in `scan` since `seen` (`files_seen` of an earlier scan
+    of the same folder); none when they match. A sweep's variants must train on the files its pre-flight checked."""
+    now = files_seen(scan, caption_extension)
+    kinds = [("removed", sorted(seen.keys() - now.keys())),
+             ("changed", sorted(k for k in seen.keys() & now.keys() if seen[k] != now[k])),
+             ("added", sorted(now.keys() - seen.keys()))]
+    said = [f"{kind} {_some(paths)}" for kind, paths in kinds if paths]
+    if not said:
+        return []
+    return [f"{scan.setting}: in '{scan.root}', since the pre-flight, {'; '.join(said)}. A sweep's variants train on "
+            "the files its pre-flight checked: put them back as they were, or start the sweep again."]
+
+
+def _some(paths: list[str], shown: int = 5) -> str:
+    names = ", ".join(f"'{p}'" for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def scan_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir") -> FolderScan:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep.checks.preflight import Memo, check_job, needs_job_check, scan_dataset
-from lora_sweep.data.dataset import FolderScan
+from lora_sweep.data.dataset import FolderScan, dataset_changes
 from lora_sweep.data.photos import data_folder
 from lora_sweep.errors import Fallback, UserError
+from lora_sweep.job.names import read_datasets_seen
 from lora_sweep.training.evaluate import read_prompts
 
 CHANGED = "A file this job reads changed after the pre-flight checked it, so the job did not start training:"
@@ -29,10 +30,11 @@ class JobInputs:
         return [self.scan, *([self.validation_scan] if self.validation_scan is not None else [])]
 
 
-def read_inputs(cfg) -> JobInputs:
+def read_inputs(cfg, sweep_dir: Path | None = None) -> JobInputs:
     """Scan data.dir (or the bundled photos) and data.validation_dir and parse the prompts. Raises UserError: `CHANGED`
-    and every problem. A job the launching process never checked (`preflight.needs_job_check`) runs `check_job`
-    first, sharing its scans."""
+    and every problem, including a dataset file removed, changed or added since the sweep's pre-flight recorded it
+    (`job.names.read_datasets_seen(sweep_dir)`). A job the launching process never checked
+    (`preflight.needs_job_check`) runs `check_job` first, sharing its scans."""
     memo = Memo()
     if needs_job_check():
         report = check_job(cfg, memo=memo)
@@ -45,7 +47,10 @@ def read_inputs(cfg) -> JobInputs:
         validation = scan_dataset(Path(d.validation_dir), d.caption_extension, "data.validation_dir", memo)
     prompts, prompt_problems, prompt_fallbacks = read_prompts(cfg)
     inputs = JobInputs(scan, validation, [], prompts)
+    seen = read_datasets_seen(sweep_dir)
     problems = [p for s in inputs.scans for p in s.problems] + prompt_problems
+    problems += [line for s in inputs.scans if str(s.root.resolve()) in seen
+                 for line in dataset_changes(s, seen[str(s.root.resolve())], d.caption_extension)]
     if problems:
         raise UserError(" ".join([CHANGED, *problems]))
     inputs.fallbacks = [f for s in inputs.scans for f in s.fallbacks] + prompt_fallbacks

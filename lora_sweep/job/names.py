@@ -114,6 +114,21 @@ def write_swept_keys(sweep_dir: Path, keys: Sequence[str]) -> None:
     write_text(state_folder(sweep_dir) / "swept_keys.json", json.dumps(list(keys)))
 
 
+def write_datasets_seen(sweep_dir: Path, seen: dict[str, dict[str, list[int]]]) -> None:
+    """The pre-flight's `data.dataset.files_seen` per dataset folder, for the sweep's jobs to compare."""
+    write_text(state_folder(sweep_dir) / "datasets_seen.json", json.dumps(seen))
+
+
+def read_datasets_seen(sweep_dir: Path | None) -> dict[str, dict[str, list[int]]]:
+    """What `write_datasets_seen` wrote; empty outside a sweep or before the pre-flight recorded anything."""
+    if sweep_dir is None:
+        return {}
+    try:
+        return dict(json.loads((state_folder(sweep_dir) / "datasets_seen.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 def read_swept_keys(sweep_dir: Path | None) -> list[str] | None:
     """The sweep's varied keys, or None outside a sweep (or if the callback did not run)."""
     if sweep_dir is None:

@@ -116,7 +116,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     resume. `found` collects what is known so far, for a failure's record. Returns SKIPPED or what training needs."""
     from lora_sweep.training.session import check_device
 
-    inputs = read_inputs(cfg)  # a file gone since the pre-flight: one UserError naming it
+    inputs = read_inputs(cfg, sweep_dir)  # a file gone or changed since the pre-flight: one UserError naming it
     device = check_device(cfg)  # a GPU slot without a GPU raises; otherwise a fallback or None
     checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
     preflight_lib.announce(checked.fallbacks)

@@ -12,27 +12,28 @@ import pytest
 from conftest import ROOT, compose_config, write_image
 from mlflow.tracking import MlflowClient
 
-from lora_sweep.checks.preflight import check_job
+from lora_sweep.checks.preflight import Memo, check_job, datasets_seen
 from lora_sweep.errors import UserError
 from lora_sweep.job import run as run_module
+from lora_sweep.job.names import write_datasets_seen
 from lora_sweep.job.run import run_job
 
 
-def checked(tmp_path: Path, *overrides: str):
+def checked(tmp_path: Path, *overrides: str, memo: Memo | None = None):
     """A tiny job's config over the dataset tmp_path/ds (three captioned images), passed by the pre-flight."""
     for name in ("a", "b", "c"):
         write_image(tmp_path / "ds" / "2_thing" / f"{name}.png", caption=f"a photo of {name}")
     cfg = compose_config("train.max_steps=1", "train.device=cpu", "data=folder", f"data.dir={tmp_path / 'ds'}",
                          f"train.state_dir={tmp_path / 'states'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides)
-    report = check_job(cfg)
+    report = check_job(cfg, memo=memo)
     assert report.problems == [], report.problems
     return cfg
 
 
-def refused(cfg, tmp_path: Path, store_uri: str) -> str:
+def refused(cfg, tmp_path: Path, store_uri: str, sweep_dir: Path | None = None) -> str:
     """The set-up's UserError: one paragraph, and nothing trained or logged."""
     with pytest.raises(UserError) as error:
-        run_job(cfg, output_dir=tmp_path / "out")
+        run_job(cfg, output_dir=tmp_path / "out", sweep_dir=sweep_dir)
     text = str(error.value)
     assert "Traceback" not in text and "\n" not in text
     assert text.startswith("A file this job reads changed after the pre-flight checked it")
@@ -70,7 +71,7 @@ def test_an_image_removed_while_the_job_sets_up(tmp_path, mlflow_uri, monkeypatc
     image = tmp_path / "ds" / "2_thing" / "b.png"
     said = f"data.dir: '{image}' is gone: it was removed after the dataset was scanned, before training started."
     read_inputs, dataset_of = run_module.read_inputs, run_module.dataset_of
-    monkeypatch.setattr(run_module, "read_inputs", lambda cfg: (read_inputs(cfg), image.unlink())[0])
+    monkeypatch.setattr(run_module, "read_inputs", lambda *a: (read_inputs(*a), image.unlink())[0])
     with pytest.raises(UserError, match="is gone") as error:
         run_job(cfg, output_dir=tmp_path / "out")
     assert str(error.value).startswith(said)
@@ -83,6 +84,45 @@ def test_an_image_removed_while_the_job_sets_up(tmp_path, mlflow_uri, monkeypatc
     assert said in outcome.reason
     run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
     assert run.info.status == "FAILED" and said in run.data.tags["lora_sweep.failure"]
+
+
+def test_a_sweeps_job_refuses_a_dataset_changed_since_the_pre_flight_recorded_it(tmp_path, mlflow_uri):
+    """Every variant of a sweep trains on the files its pre-flight checked: an image removed, a caption edited and an
+    image added since are named, and the job does not start."""
+    memo = Memo()
+    cfg = checked(tmp_path, memo=memo)
+    write_datasets_seen(tmp_path / "sweep", datasets_seen(memo))
+    folder = tmp_path / "ds" / "2_thing"
+    (folder / "a.png").unlink()
+    (folder / "b.txt").write_text("another caption", encoding="utf-8")
+    write_image(folder / "d.png", caption="a photo of d")
+    said = refused(cfg, tmp_path, mlflow_uri, sweep_dir=tmp_path / "sweep")
+    assert said.endswith(
+        f"data.dir: in '{tmp_path / 'ds'}', since the pre-flight, removed '2_thing/a.png'; changed '2_thing/b.txt'; "
+        "added '2_thing/d.png', '2_thing/d.txt'. A sweep's variants train on the files its pre-flight checked: put "
+        "them back as they were, or start the sweep again.")
+
+
+def test_a_sweep_records_its_dataset_for_jobs_that_start_later(tmp_path):
+    """The record travels through the sweep folder: an image deleted as a job starts fails that job with the file's
+    name (exit 1), no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "apps" / "faults"))
+    from fault_hook import FOLDER, fault_overrides
+
+    cfg = checked(tmp_path)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(FOLDER))
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic", "train.seed=1",
+                          "data=folder", f"data.dir={cfg.data.dir}", f"data.cache_dir={cfg.data.cache_dir}",
+                          *fault_overrides({0: f"remove:{tmp_path / 'ds' / '2_thing' / 'c.png'}"}),
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "Traceback" not in text, text[-3000:]
+    assert "since the pre-flight, removed '2_thing/c.png'." in text, text[-3000:]
 
 
 def test_a_model_path_gone_after_the_pre_flight_fails_its_run_with_a_paragraph(tmp_path, mlflow_uri, cache_dir):
@@ -98,8 +138,9 @@ def test_a_model_path_gone_after_the_pre_flight_fails_its_run_with_a_paragraph(t
 
 def test_one_scan_feeds_training_and_its_warnings_after_an_image_was_removed_or_truncated(
         tmp_path, mlflow_uri, monkeypatch):
-    """The job trains on the dataset as it finds it: an image removed since the pre-flight is not in its scan, one
-    truncated to a broken header is skipped and named in the run's warnings. The folder is scanned once."""
+    """Outside a sweep the job trains on the dataset as it finds it: an image removed since the pre-flight is not in
+    its scan, one truncated to a broken header is skipped and named in the run's warnings. The folder is scanned
+    once."""
     from lora_sweep.data import dataset
 
     cfg = checked(tmp_path)
@@ -161,7 +202,7 @@ def test_the_job_reads_its_prompt_file_once_and_samples_what_it_read(tmp_path, m
     monkeypatch.setattr(prompts_module, "read_prompt_lines", lambda *a, **k: reads.append(a[0]) or
                         read_prompt_lines(*a, **k))
     read_inputs = run_module.read_inputs
-    changed = lambda cfg: (read_inputs(cfg), prompt_file.write_text("another prompt --s 1\n"))[0]  # noqa: E731
+    changed = lambda *a: (read_inputs(*a), prompt_file.write_text("another prompt --s 1\n"))[0]  # noqa: E731
     monkeypatch.setattr(run_module, "read_inputs", changed)
     outcome = run_job(cfg, output_dir=tmp_path / "out")
     assert outcome.status == "FINISHED", outcome.reason

@@ -8,7 +8,8 @@ gpu_queue, Slurm, Ray and basic launchers) and patches lora-sweep there, for the
 - `nan_loss@N`: `lora_sweep.training.train.micro_batch_loss` returns a NaN loss from the N-th micro-batch of the
   process on (optimizer step N with train.grad_accum=1 and no resume);
 - `setup_error` / `setup_crash`: `lora_sweep.job.run.plan_resume` raises a UserError / a RuntimeError: the job's
-  set-up fails after its checks, before its MLflow run exists.
+  set-up fails after its checks, before its MLflow run exists;
+- `remove:<path>`: the file is deleted as the job starts (after the sweep's pre-flight).
 `on_job_end` undoes the patch (the basic launcher runs every job in one process).
 """
 
@@ -50,6 +51,9 @@ class FaultHook(Callback):
 
 def inject(fault: str) -> Callable[[], None]:
     """Patch this process for `fault`; returns what undoes it."""
+    if fault.startswith("remove:"):
+        Path(fault.partition(":")[2]).unlink()
+        return lambda: None
     if fault.startswith("nan_loss@"):
         import lora_sweep.training.train as module
 
@@ -59,7 +63,7 @@ def inject(fault: str) -> Callable[[], None]:
 
         name, wrapper = "plan_resume", _failing(module.plan_resume, fault)
     else:
-        raise ValueError(f"unknown fault {fault!r}: nan_loss@N, setup_error or setup_crash")
+        raise ValueError(f"unknown fault {fault!r}: nan_loss@N, setup_error, setup_crash or remove:<path>")
     real = getattr(module, name)
     setattr(module, name, wrapper)
     return lambda: setattr(module, name, real)
