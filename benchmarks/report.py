@@ -64,8 +64,10 @@ def machine_lines(info: dict) -> list[str]:
              f"- Python {info['python']}; {versions}; lora-sweep {info['git_commit']}.",
              f"- Command: `{info['command']}`."]
     if info.get("load_average_start"):
+        loads = [*info["load_average_start"], *(info.get("load_average_end") or [])]
+        shared = " (above the core count: other processes shared the machine)" if max(loads) > info["cores"] else ""
         lines.append(f"- Load average (1/5/15 min) at start {info['load_average_start']}, at end "
-                     f"{info.get('load_average_end')} (above the core count: other processes shared the machine).")
+                     f"{info.get('load_average_end')}{shared}.")
     return lines
 
 

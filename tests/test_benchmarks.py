@@ -195,3 +195,12 @@ def test_sdxl_rows_follow_the_targets():
     lines = sdxl.render(results)
     statuses = [line.rsplit("|", 2)[-2].strip() for line in lines if line.startswith("| ") and "status" not in line]
     assert statuses == ["met", "**missed**", "-", "-", "met", "met", "**missed**"]
+
+
+def test_the_load_line_says_the_machine_was_shared_only_when_it_was():
+    info = {"date_utc": "d", "host": "h", "cpu": "c", "cores": 2, "memory_gib": 24, "python": "3.11",
+            "versions": {}, "git_commit": "x", "command": "python -m benchmarks.cpu"}
+    quiet = report.machine_lines({**info, "load_average_start": [0.3, 0.5, 0.8], "load_average_end": [1.2, 0.9, 0.9]})
+    busy = report.machine_lines({**info, "load_average_start": [1.5, 2.1, 2.5], "load_average_end": [2.0, 2.2, 2.4]})
+    assert quiet[-1] == "- Load average (1/5/15 min) at start [0.3, 0.5, 0.8], at end [1.2, 0.9, 0.9]."
+    assert busy[-1].endswith("(above the core count: other processes shared the machine).")
