@@ -355,18 +355,24 @@ def test_data_folder_without_a_folder_names_the_setting_to_set(app):
 
 
 def test_a_failed_sweep_job_ends_with_its_reason_not_hydras_advice(tmp_path):
-    """A user's error in a job (here a set-up fault no pre-flight can see) ends the sweep with exit 1 and the
-    reason alone: no "Set the environment variable HYDRA_FULL_ERROR=1" line, no traceback."""
+    """A user's error in a job that no pre-flight can see (here an image deleted as the job starts, after the
+    pre-flight recorded the dataset in the sweep folder) ends the sweep with exit 1 and the reason alone, naming the
+    file: no "Set the environment variable HYDRA_FULL_ERROR=1" line, no traceback."""
     sys.path.insert(0, str(ROOT / "tests" / "apps" / "faults"))
-    from fault_hook import FOLDER, SETUP_MESSAGE, fault_overrides
+    from fault_hook import FOLDER, fault_overrides
 
+    for name in ("a", "b"):
+        write_image(tmp_path / "ds" / "2_thing" / f"{name}.png", caption=f"a photo of {name}")
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(FOLDER))
-    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic",
-                          *fault_overrides({0: "setup_error"}), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic", "data=folder",
+                          f"data.dir={tmp_path / 'ds'}", f"data.cache_dir={tmp_path / 'cache'}",
+                          *fault_overrides({0: f"remove:{tmp_path / 'ds' / '2_thing' / 'b.png'}"}),
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text[-3000:]
-    assert "HYDRA_FULL_ERROR" not in text and "Traceback" not in text and SETUP_MESSAGE in out.stderr
+    assert "HYDRA_FULL_ERROR" not in text and "Traceback" not in text
+    assert f"data.dir: in '{tmp_path / 'ds'}', since the pre-flight, removed '2_thing/b.png'." in out.stderr
 
 
 @pytest.mark.parametrize("argv", [["data.bucket_reso_steps=0"],
