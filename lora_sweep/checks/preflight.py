@@ -35,7 +35,7 @@ SAME_KIND_SHOWN = 10  # problem lines of one kind (same but for paths and number
 _LOGGED: set[str] = set()  # fallback lines already printed by this process
 # sweep folder -> (store URI, experiment) its jobs log to: where lora_sweep.callbacks opens the parent run
 SWEEP_TRACKING: dict[str, tuple[str, str]] = {}
-# sweep folder -> {dataset folder: data.dataset.files_seen}: lora_sweep.callbacks writes it for the jobs to compare
+# sweep folder -> {data.dataset.seen_key: files_seen}: lora_sweep.callbacks writes it for the jobs to compare
 SWEEP_DATASETS: dict[str, dict[str, dict[str, list[int]]]] = {}
 
 
@@ -319,11 +319,10 @@ class PreflightCallback(Callback):
 
 
 def datasets_seen(memo: Memo) -> dict[str, dict[str, list[int]]]:
-    """{resolved dataset folder: `files_seen`} of every folder the pre-flight scanned."""
-    from lora_sweep.data.dataset import files_seen
+    """{`seen_key`: `files_seen`} of every folder the pre-flight scanned, with each caption extension it used."""
+    from lora_sweep.data.dataset import files_seen, seen_key
 
-    return {str(scan.root.resolve()): files_seen(scan, key[2]) for key, scan in memo.values.items()
-            if key[0] == "scan"}
+    return {seen_key(scan, key[2]): files_seen(scan, key[2]) for key, scan in memo.values.items() if key[0] == "scan"}
 
 
 def _guarded(check: Callable[[DictConfig], None], config: DictConfig) -> None:

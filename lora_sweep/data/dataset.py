@@ -74,9 +74,19 @@ def files_seen(scan: FolderScan, caption_extension: str = ".txt") -> dict[str, l
     return seen
 
 
-def dataset_changes(scan: FolderScan, seen: dict[str, list[int]], caption_extension: str = ".txt") -> list[str]:
-    """One line naming the files removed, changed and added in `scan` since `seen` (`files_seen` of an earlier scan
-    of the same folder); none when they match. A sweep's variants must train on the files its pre-flight checked."""
+def seen_key(scan: FolderScan, caption_extension: str = ".txt") -> str:
+    """A record's key for `files_seen(scan, caption_extension)`: the resolved folder and the caption extension."""
+    return f"{scan.root.resolve()} {caption_extension}"
+
+
+def dataset_changes(scan: FolderScan, record: dict[str, dict[str, list[int]]],
+                    caption_extension: str = ".txt") -> list[str]:
+    """One line naming the files removed, changed and added in `scan` since `record` (`files_seen` of earlier scans
+    by `seen_key`); none when they match or the record has no such scan. A sweep's variants must train on the files
+    its pre-flight checked."""
+    seen = record.get(seen_key(scan, caption_extension))
+    if seen is None:
+        return []
     now = files_seen(scan, caption_extension)
     kinds = [("removed", sorted(seen.keys() - now.keys())),
              ("changed", sorted(k for k in seen.keys() & now.keys() if seen[k] != now[k])),

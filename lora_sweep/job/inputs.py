@@ -49,8 +49,7 @@ def read_inputs(cfg, sweep_dir: Path | None = None) -> JobInputs:
     inputs = JobInputs(scan, validation, [], prompts)
     seen = read_datasets_seen(sweep_dir)
     problems = [p for s in inputs.scans for p in s.problems] + prompt_problems
-    problems += [line for s in inputs.scans if str(s.root.resolve()) in seen
-                 for line in dataset_changes(s, seen[str(s.root.resolve())], d.caption_extension)]
+    problems += [line for s in inputs.scans for line in dataset_changes(s, seen, d.caption_extension)]
     if problems:
         raise UserError(" ".join([CHANGED, *problems]))
     inputs.fallbacks = [f for s in inputs.scans for f in s.fallbacks] + prompt_fallbacks

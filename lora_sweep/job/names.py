@@ -115,7 +115,7 @@ def write_swept_keys(sweep_dir: Path, keys: Sequence[str]) -> None:
 
 
 def write_datasets_seen(sweep_dir: Path, seen: dict[str, dict[str, list[int]]]) -> None:
-    """The pre-flight's `data.dataset.files_seen` per dataset folder, for the sweep's jobs to compare."""
+    """The pre-flight's `data.dataset.files_seen` by `seen_key` (folder, caption extension), for the jobs."""
     write_text(state_folder(sweep_dir) / "datasets_seen.json", json.dumps(seen))
 
 

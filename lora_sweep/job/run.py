@@ -191,11 +191,11 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     if resume_from:
         tags["lora_sweep.resumed_from"] = str(resume_from)
     if ready.continued_run:
-        logger = RunLogger.reopen(client, ready.continued_run, tags=tags,
-                                           flush_every=cfg.tracking.flush_every, pending_file=pending)
+        logger = RunLogger.reopen(client, ready.continued_run, tags=tags, flush_every=cfg.tracking.flush_every,
+                                  pending_file=pending)
     else:
-        logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags,
-                                          flush_every=cfg.tracking.flush_every, pending_file=pending)
+        logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every,
+                                 pending_file=pending)
     outcome, sink = JobOutcome("FAILED", logger.run_id), None
     checked = ready.checked or preflight_lib.Report()
     try:
@@ -250,8 +250,7 @@ def _run_tags(cfg, label: str, chash: str, output_dir: Path, sweep_dir: Path | N
               overrides: list[str] | None) -> dict[str, str]:
     tags = {store.ROLE: "job", "variant": label, "config_hash": chash, "git_commit": git_commit(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "output_dir": str(output_dir),
-            "lora_sweep.overrides": store.fit(" ".join(overrides or []), store.MAX_TAG_CHARS,
-                                                 "the run's config.yaml"),
+            "lora_sweep.overrides": store.fit(" ".join(overrides or []), store.MAX_TAG_CHARS, "the run's config.yaml"),
             **store.process_tags()}
     parent = _parent_run_id(sweep_dir)
     if parent:

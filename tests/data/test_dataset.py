@@ -8,7 +8,7 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from lora_sweep.data.dataset import inspect_folder, scan_folder
+from lora_sweep.data.dataset import dataset_changes, files_seen, inspect_folder, scan_folder, seen_key
 from lora_sweep.errors import UserError
 
 CP1252_ARTISTS = bytes.fromhex("6172746973749273")  # "artist's" with cp1252's right quote
@@ -142,3 +142,17 @@ def test_a_folder_without_a_name_trains_with_an_empty_class_token_as_in_kohya(tm
     assert "empty class token, as kohya does" in fallback(scan, "without a <name>").line()
     assert not scan.ignored_dirs and not scan.problems
     assert [p.name for p in scan.subset_files] == ["a.png", "b.png", "b.txt", "c.png"]  # what the fingerprint reads
+
+
+def test_a_record_is_compared_only_with_a_scan_of_the_same_folder_and_caption_extension(tmp_path):
+    """A sweep over data.caption_extension=.txt,.caption: the .txt record does not make .caption files "added"."""
+    write_image(tmp_path / "ds" / "1_x" / "a.png", caption="a")
+    (tmp_path / "ds" / "1_x" / "a.caption").write_text("another", encoding="utf-8")
+    scan = scan_folder(tmp_path / "ds")
+    record = {seen_key(scan, ".txt"): files_seen(scan, ".txt")}
+    assert sorted(record[seen_key(scan, ".txt")]) == ["1_x/a.png", "1_x/a.txt"]
+    assert dataset_changes(scan, record, ".txt") == dataset_changes(scan, record, ".caption") == []
+    (tmp_path / "ds" / "1_x" / "a.txt").unlink()
+    assert dataset_changes(scan_folder(tmp_path / "ds"), record, ".txt")[0].endswith(
+        "since the pre-flight, removed '1_x/a.txt'. A sweep's variants train on the files its pre-flight checked: "
+        "put them back as they were, or start the sweep again.")

@@ -251,7 +251,7 @@ def test_metrics_survive_a_tracking_outage_and_are_spilled_if_it_lasts(tmp_path,
     good = store.client(mlflow_uri)
     exp_id = store.experiment_id(good, "outage")
     logger = RunLogger.start(good, exp_id, name="outage", tags={}, flush_every=2,
-                                      pending_file=tmp_path / "out" / "mlflow_pending.json")
+                             pending_file=tmp_path / "out" / "mlflow_pending.json")
     logger.log_metrics({"train/loss": 1.0}, 1)
     assert logger.flush()
     logger.client = store.client(f"http://127.0.0.1:{free_port()}")  # the server goes away mid-run
