@@ -17,7 +17,7 @@ def save_single_file(pipe, path: Path, recipe: str | None = TINY_RECIPE_VERSION)
     """
     from safetensors.torch import save_file
 
-    tensors = {"model.diffusion_model." + k: v for k, v in _unet_to_sgm(pipe.unet).items()}
+    tensors = {"model.diffusion_model." + k: v for k, v in unet_to_sgm(pipe.unet).items()}
     tensors |= {"first_stage_model." + k: v for k, v in _vae_to_ldm(pipe.vae).items()}
     for key, value in pipe.text_encoder.state_dict().items():
         if not key.endswith("position_ids"):
@@ -41,7 +41,7 @@ _RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb
                   ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 
 
-def _unet_to_sgm(unet) -> dict:
+def unet_to_sgm(unet) -> dict:
     """diffusers UNet keys -> SGM (input_blocks / middle_block / output_blocks) keys."""
     import re
 

@@ -59,10 +59,11 @@ def sgm_unet_name(diffusers_name: str, layers_per_block: int) -> str:
 
 
 def kohya_state_dict(
-    modules: Mapping[str, torch.nn.Module], *, alpha: float, layers_per_block: int, dtype=torch.float32
+    modules: Mapping[str, torch.nn.Module], *, layers_per_block: int, dtype=torch.float32
 ) -> dict[str, torch.Tensor]:
     """kohya keys of every LoRA-wrapped module; `modules` maps a prefix (`lora_unet`, `lora_te1`, `lora_te2`) to its
-    model."""
+    model. Each module's `.alpha` is the one its PEFT layer trains with, so the file's alpha/rank is the trained
+    scale."""
     out: dict[str, torch.Tensor] = {}
     for prefix, model in modules.items():
         for name, layer in model.named_modules():
@@ -75,7 +76,7 @@ def kohya_state_dict(
             key = f"{prefix}_{path.replace('.', '_')}"
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+            out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
     return out
 
 
@@ -88,13 +89,21 @@ def save_kohya(path: Path, state: dict[str, torch.Tensor], metadata: Mapping[str
 
 
 def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (diffusers/PEFT keys) into `folder`, atomically."""
+    """Write `pytorch_lora_weights.safetensors` into `folder`, atomically: PEFT keys (`unet.<module>.lora_A.weight`,
+    `text_encoder.`, `text_encoder_2.`) and each model's LoraConfig (rank, alpha, targets) in the safetensors metadata
+    `lora_adapter_metadata`, as diffusers' own writers store it, so `load_lora_weights` applies alpha/rank.
+
+    The keys stay PEFT's, unconverted, as `save_lora_adapter` writes them: diffusers' loader converts the UNet's
+    older `.lora.down` names only when the first key lacks `lora_A`, and kohya's targets put `proj_in` first.
+    """
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(model):
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model)) if model is not None else None
+        return get_peft_model_state_dict(model, adapter_name=ADAPTER) if model is not None else None
+
+    def config(model):
+        return model.peft_config[ADAPTER].to_dict() if model is not None else None
 
     target = Path(folder) / "pytorch_lora_weights.safetensors"
 
@@ -104,6 +113,9 @@ def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -
             unet_lora_layers=layers(unet),
             text_encoder_lora_layers=layers(text_encoder),
             text_encoder_2_lora_layers=layers(text_encoder_2),
+            unet_lora_adapter_metadata=config(unet),
+            text_encoder_lora_adapter_metadata=config(text_encoder),
+            text_encoder_2_lora_adapter_metadata=config(text_encoder_2),
             weight_name=tmp.name,
             safe_serialization=True,
         )

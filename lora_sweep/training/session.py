@@ -132,8 +132,7 @@ class Session:
         modules = {"lora_unet": self.parts.unet}
         if self.cfg.network.train_text_encoder:
             modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        return kohya_state_dict(modules, alpha=self.cfg.network.alpha,
-                                layers_per_block=self.parts.unet.config.layers_per_block)
+        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""

@@ -63,5 +63,9 @@ def test_partial_accumulation_at_epoch_end_steps_and_checkpoints_follow_sd_scrip
                        "lora.safetensors"]
     with safe_open(str(out / "lora-000002.safetensors"), "pt") as f:
         assert f.metadata()["ss_epoch"] == "2" and f.metadata()["ss_steps"] == "4"
+    for name in written:  # every file carries each module's alpha (network.alpha 1), which its consumers read
+        with safe_open(str(out / name), "pt") as f:
+            downs = [k for k in f.keys() if k.endswith(".lora_down.weight")]
+            assert downs and {f.get_tensor(k.replace(".lora_down.weight", ".alpha")).item() for k in downs} == {1.0}
     logged = {Path(a.path).name for a in MlflowClient(mlflow_uri).list_artifacts(outcome.run_id, "lora/checkpoints")}
     assert logged == {"lora-000001.safetensors", "lora-000002.safetensors", "lora-step00000004.safetensors"}

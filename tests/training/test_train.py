@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config
+from lora_files import assert_loads_as_kohya_merge
 
 from lora_sweep.errors import UserError
 from lora_sweep.job.run import run_job
@@ -89,15 +90,10 @@ def test_kohya_lora_loads_in_diffusers_and_changes_output(trained):
     np.testing.assert_array_equal(_sample(pipe), base)
 
 
-def test_diffusers_file_loads_too(trained):
-    from diffusers import StableDiffusionXLPipeline
-
-    from lora_sweep.model.loading import tiny_model_dir
-
+def test_diffusers_file_loads_at_the_kohya_files_strength(trained):
+    """The run's diffusers file gives the U-Net the kohya file's merge W + alpha/r * up @ down (rank 4, alpha 1)."""
     outcome, _, _ = trained
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir()))
-    pipe.load_lora_weights(str(outcome.files["diffusers"].parent))
-    assert pipe.get_list_adapters()["unet"]
+    assert_loads_as_kohya_merge(outcome.files["diffusers"], outcome.files["kohya"])
 
 
 def test_unreadable_image_is_skipped_with_warning_and_counted(tmp_path, mlflow_uri, caplog):
@@ -159,3 +155,5 @@ def test_text_encoder_lora_trains_saves_kohya_te_keys_and_loads(tmp_path, mlflow
     pipe.load_lora_weights(str(outcome.files["kohya"]))
     adapters = pipe.get_list_adapters()
     assert adapters.get("text_encoder") and adapters.get("text_encoder_2") and adapters.get("unet")
+    found = assert_loads_as_kohya_merge(outcome.files["diffusers"], outcome.files["kohya"])
+    assert {name.split("_", 2)[1] for name in found} == {"unet", "te1", "te2"}
