@@ -136,7 +136,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
         if done is not None:
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
-    resume_from, continued_run, changed = plan_resume(cfg, client, exp_id, chash, state_root)
+    resume_from, continued_run, changed = plan_resume(cfg, client, exp_id, chash, state_root, fingerprint.digest)
     return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, inputs, resume_from, continued_run,
                   changed, checked)
 
@@ -214,7 +214,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             log_fallbacks(logger, checked, output_dir)
 
         sink = JobSink(logger, status, label, on_warning=warn)
-        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
+        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from,
+                             ready.fingerprint.digest)
         with StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
                            scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan,
@@ -315,11 +316,13 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
         return None
 
 
-def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path | None, str | None, str]:
+def plan_resume(cfg, client, exp_id: str, chash: str, root: Path,
+                dataset: str | None = None) -> tuple[Path | None, str | None, str]:
     """(state to resume from, run to continue, the settings changed from the state's). auto: the newest state of an
-    unfinished run of this config hash in this experiment (none: a hint names a state of a config this one could
-    continue); PATH: that state, in its own run if it is that unfinished run's newest, else in a new run, under this
-    config where every change is one a state follows (`resume.check_state_config`, else a UserError)."""
+    unfinished run of this config hash in this experiment, if it trained on the same files (`dataset` digest; none:
+    a hint names a state of a config this one could continue); PATH: that state, in its own run if it is that
+    unfinished run's newest, else in a new run, under this config where every change is one a state follows
+    (`resume.check_state_config`, else a UserError)."""
     from lora_sweep.training import resume
 
     mode = cfg.train.resume
@@ -331,10 +334,16 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path 
 
     if mode == "auto":
         state = find_resumable(root / chash, resumable)
+        other_files = resume.dataset_change(read_meta(state), dataset) if state is not None else {}
+        if other_files:
+            old, new = other_files[resume.DATASET]
+            log.warning("not resuming %s: it trained on other files (dataset %s, now %s); this config starts fresh "
+                        "in a new run", state, old, new)
+            state = None
         if state is not None:
             log.info("resuming config %s from %s (train.resume=never to start over)", chash, state)
             return state, state.parent.name, ""
-        near = resume.nearest_state(cfg, root, chash)
+        near = resume.nearest_state(cfg, root, chash, dataset)
         if near is not None:
             log.info("no state of config %s: starting fresh. A state of a config differing only in settings a resume "
                      "follows exists (%s); to continue it instead: train.resume=%s", chash, resume.describe(near[1]),
@@ -342,7 +351,7 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path 
         return None, None, ""
     state = resolve_state_arg(mode)
     meta = read_meta(state)
-    changes = resume.check_state_config(cfg, meta, state, chash)
+    changes = resume.check_state_config(cfg, meta, state, chash, dataset)
     if changes:
         changed = resume.describe(changes)
         log.warning("train.resume: %s was saved by config %s, this is %s: resuming it in a new run, following this "

@@ -168,7 +168,7 @@ class Checkpoints:
         return save_state(
             target.folder, lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, scaler=s.scaler,
             position=pos, rng=capture_rng(self.flip_rng), config_hash=target.config_hash, run_id=target.run_id,
-            keep=s.cfg.train.keep_states, params=hashed_settings(s.cfg))
+            keep=s.cfg.train.keep_states, params=hashed_settings(s.cfg), dataset=getattr(target, "dataset", None))
 
 
 def state_path(folder: Path, step: int) -> Path:
@@ -217,13 +217,15 @@ def _tuples(value):
 def save_state(
     folder: Path, *, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler, position: Position,
     rng: dict[str, Any], config_hash: str, run_id: str, keep: int, params: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> Path:
-    """Write the state of `position.step` atomically, then drop all but the newest `keep` states. `params`: the
-    config's hashed settings, for resuming under a changed config (`resume.check_state_config`)."""
+    """Write the state of `position.step` atomically, then drop all but the newest `keep` states. `params` (the
+    config's hashed settings) and `dataset` (the files' digest) are for checking a resume (`resume.py`)."""
     meta = {"config_hash": config_hash, "run_id": run_id, "step": position.step}
+    meta |= {k: v for k, v in (("params", params), ("dataset", dataset)) if v is not None}
     state = {
         "format": FORMAT_VERSION,
-        "meta": meta if params is None else {**meta, "params": params},
+        "meta": meta,
         "position": asdict(position),
         "lora": {k: v.detach().to("cpu", copy=True) for k, v in lora.items()},
         "optimizer": optimizer.state_dict(),
@@ -250,8 +252,8 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """Config hash, run id, step (and the config's `params` where saved) of a state, without reading its tensors
-    (memory-mapped load)."""
+    """Config hash, run id, step (and the config's `params` and the `dataset` digest where saved) of a state,
+    without reading its tensors (memory-mapped load)."""
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
         return dict(state["meta"])

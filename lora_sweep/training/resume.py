@@ -34,10 +34,12 @@ class Rule:
 
 
 _DATA_ORDER = "the state's position (epoch, batch) indexes the batch order of the old images, buckets and batch size"
+DATASET = "dataset"  # not a config key: the content digest of the files trained on (data.dir's images and captions)
 _EVALUATION = "evaluation only; the state holds none of it"
 # One row per setting (or group of settings); the longest matching key wins. tests/training/test_resume_rules.py
 # checks that every hashed key of every optimizer option has a row.
 RULES: tuple[Rule, ...] = (
+    Rule(DATASET, REFUSE, "images or captions changed: " + _DATA_ORDER),
     Rule("model.name", REFUSE, "the state's LoRA was trained on another base model"),
     Rule("model.path", REFUSE, "the state's LoRA was trained on another base model"),
     Rule("model.resolution", REFUSE, _DATA_ORDER),
@@ -112,11 +114,20 @@ def describe(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
 
 
-def check_state_config(cfg, meta: dict[str, Any], state: Path, chash: str) -> dict[str, tuple[Any, Any]]:
+def dataset_change(meta: dict[str, Any], dataset: str | None) -> dict[str, tuple[Any, Any]]:
+    """{DATASET: (the state's digest, this one)} when both are known and differ, else {}."""
+    saved = meta.get(DATASET)
+    return {DATASET: (saved, dataset)} if saved and dataset and saved != dataset else {}
+
+
+def check_state_config(cfg, meta: dict[str, Any], state: Path, chash: str,
+                       dataset: str | None = None) -> dict[str, tuple[Any, Any]]:
     """The settings `cfg` changes from those `state` was saved with (meta of `checkpoint.read_meta`), all of them
-    followable; else UserError, one paragraph naming each refused setting and what to do.
+    followable; else UserError, one paragraph naming each refused setting (or the files, by `dataset` digest) and
+    what to do.
     """
     if meta.get("config_hash") == chash:
+        _refuse(state, dataset_change(meta, dataset))
         return {}
     if "params" not in meta:
         raise UserError(
@@ -124,16 +135,19 @@ def check_state_config(cfg, meta: dict[str, Any], state: Path, chash: str) -> di
             "does not record that config (an older lora-sweep wrote it), so what would change cannot be checked. "
             "Resume it with the config it was saved with, or set train.resume=never to start over.")
     changes = changed_settings(meta["params"], hashed_settings(cfg))
-    bad = refused(changes)
+    _refuse(state, refused(changes) | dataset_change(meta, dataset))
+    return changes
+
+
+def _refuse(state: Path, bad: dict[str, tuple[Any, Any]]) -> None:
     if bad:
         listing = "; ".join(f"{k} {old} -> {new} ({_why(k)})" for k, (old, new) in bad.items())
         raise UserError(
             f"train.resume: the state '{state}' cannot continue under this config: it changes settings a state "
-            f"cannot follow: {listing}. Resume it with the state's values for these settings, or set "
+            f"cannot follow: {listing}. Resume it with what the state was trained with, or set "
             "train.resume=never to start over with this config. Learning rates, optimizer.args (but d0), the LR "
             "schedule, train.max_steps, loss, noise, precision and evaluation settings may change on resume "
             "(docs/sweeps.md#changing-settings-on-resume).")
-    return changes
 
 
 def _why(key: str) -> str:
@@ -141,9 +155,10 @@ def _why(key: str) -> str:
     return rule.why if rule is not None else "no rule says a state can follow it"
 
 
-def nearest_state(cfg, root: Path, chash: str) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
+def nearest_state(cfg, root: Path, chash: str,
+                  dataset: str | None = None) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
     """The newest state under `root` of another config that `cfg` could continue (every difference followable,
-    its step within train.max_steps), with the fewest changed settings; None if there is none.
+    the same files, its step within train.max_steps), with the fewest changed settings; None if there is none.
     """
     now, found = hashed_settings(cfg), []
     for run_dir in sorted(Path(root).glob("*/*")) if Path(root).is_dir() else []:
@@ -157,7 +172,7 @@ def nearest_state(cfg, root: Path, chash: str) -> tuple[Path, dict[str, tuple[An
         if "params" not in meta or int(meta.get("step", 0)) > cfg.train.max_steps:
             continue
         changes = changed_settings(meta["params"], now)
-        if changes and not refused(changes):
+        if changes and not refused(changes) and not dataset_change(meta, dataset):
             found.append((len(changes), -states[-1].stat().st_mtime_ns, states[-1], changes))
     if not found:
         return None

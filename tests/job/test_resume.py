@@ -19,7 +19,9 @@ from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from lora_sweep.errors import UserError
 from lora_sweep.job.run import run_job
+from lora_sweep.training.checkpoint import read_meta
 
 JOB = textwrap.dedent("""
     import sys, torch
@@ -192,6 +194,19 @@ def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(t
     assert run.data.params["train.max_steps"] == "4"
     assert run.data.tags["lora_sweep.resume_changed"] == ("optimizer.lr 0.0001 -> 5e-05; train.lr 0.0001 -> 5e-05; "
                                                           "train.max_steps 3 -> 4")
+
+    # A state records the files it trained on: other files are refused, whatever the settings.
+    assert read_meta(state)["dataset"] == run.data.tags["lora_sweep.dataset"]
+    resumed = compose_config(*overrides(tmp_path, *new, f"train.resume={state}"))
+    with pytest.raises(UserError, match=r"dataset \w{16} -> 0{16} \(images or captions changed: the state's position"):
+        plan_resume(resumed, client, run.info.experiment_id, config_hash(resumed), tmp_path / "states", "0" * 16)
+    client.set_terminated(first.run_id, "KILLED")  # A as a stopped run, which a rerun of its config continues
+    rerun = compose_config(*overrides(tmp_path, "train.max_steps=3", *cosine))
+    plan = (rerun, client, run.info.experiment_id, config_hash(rerun), tmp_path / "states")
+    assert plan_resume(*plan, read_meta(state)["dataset"]) == (final_state, first.run_id, "")
+    with caplog.at_level("INFO", logger="lora_sweep.job.run"):
+        assert plan_resume(*plan, "0" * 16) == (None, None, "")  # other files: a fresh start, with a warning
+    assert f"not resuming {final_state}: it trained on other files" in caplog.text
 
 
 def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(tmp_path, monkeypatch):

@@ -111,3 +111,17 @@ def test_the_nearest_followable_state_of_another_config_is_found(tmp_path):
     assert resume.nearest_state(other_rank, tmp_path, config_hash(other_rank)) is None
     fewer_steps = compose_config("optimizer.lr=5e-5", "train.max_steps=2")  # the state is at step 3
     assert resume.nearest_state(fewer_steps, tmp_path, config_hash(fewer_steps)) is None
+
+
+def test_a_state_of_other_files_is_refused_even_under_the_same_config(tmp_path):
+    cfg = compose_config()
+    layer, optimizer, scheduler = built(cfg)
+    state = checkpoint.save_state(
+        tmp_path, lora=dict(layer.named_parameters()), optimizer=optimizer, lr_scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), position=checkpoint.Position(step=1),
+        rng=checkpoint.capture_rng(random.Random(0)), config_hash=config_hash(cfg), run_id="r", keep=1,
+        params=hashed_settings(cfg), dataset="a" * 16)
+    meta = checkpoint.read_meta(state)
+    assert resume.check_state_config(cfg, meta, state, config_hash(cfg), "a" * 16) == {}
+    with pytest.raises(UserError, match=f"dataset {'a' * 16} -> {'b' * 16} \\(images or captions changed"):
+        resume.check_state_config(cfg, meta, state, config_hash(cfg), "b" * 16)
