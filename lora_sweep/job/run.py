@@ -204,7 +204,10 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     try:
         ready.lock.note(run_id=logger.run_id)
         status.update(force=True, run_id=logger.run_id)
-        logger.log_params(flatten(to_container(cfg)))
+        params = flatten(to_container(cfg))
+        if ready.continued_run:
+            _say_changed_params(logger, client.get_run(logger.run_id).data.params, params)
+        logger.log_params(params)
         _log_config(cfg, logger, output_dir)
         log_fallbacks(logger, checked, output_dir)
 
@@ -241,6 +244,18 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         logger.end(outcome.status, outcome.reason or None)
     _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
     return outcome
+
+
+def _say_changed_params(logger: RunLogger, logged: dict[str, str], params: dict[str, Any]) -> None:
+    """A continued run keeps the params it started with (MLflow cannot change one): the settings this process
+    changes (only unhashed ones, e.g. train.device) go in one warning and the `lora_sweep.resume_changed` tag."""
+    changed = {k: (logged[k], v) for k, v in params.items()
+               if k in logged and logged[k] != store.fit(str(v), store.MAX_PARAM_CHARS, "the run's config.yaml")}
+    if changed:
+        text = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        log.warning("run %s goes on with settings changed since it started (its params keep the first values): %s",
+                    logger.run_id, text)
+        logger.set_tags({"lora_sweep.resume_changed": store.fit(text, store.MAX_TAG_CHARS, "the job's log")})
 
 
 def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:

@@ -211,7 +211,7 @@ def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(t
 
 def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(tmp_path, monkeypatch):
     """The first SIGINT ends the step in progress, writes a state there (not only at save_every) and ends KILLED; the
-    next run of the config continues that run to the end, each step logged once."""
+    next run of the config continues that run to the end, each step logged once, and tags what it set otherwise."""
     def interrupt_after_state_3():
         deadline = time.monotonic() + 120
         while newest_state_step(tmp_path / "states") < 3 and time.monotonic() < deadline:
@@ -225,6 +225,9 @@ def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(
     assert logged == list(range(1, logged[-1] + 1)) and 3 < logged[-1] < STEPS
     assert newest_state_step(tmp_path / "states") == logged[-1]  # a state where it stopped
 
-    again = in_process(tmp_path, "second", monkeypatch, "train.save_every=3")
+    again = in_process(tmp_path, "second", monkeypatch, "train.save_every=4")  # not hashed: the same config
     assert again.status == "FINISHED" and again.run_id == stopped.run_id
+    run = client_of(tmp_path).get_run(again.run_id)
+    assert run.data.params["train.save_every"] == "3"  # MLflow keeps a run's first params
+    assert run.data.tags["lora_sweep.resume_changed"] == "train.save_every 3 -> 4"
     assert [s for s, _ in loss_history(tmp_path, again.run_id)] == list(range(1, STEPS + 1))
