@@ -125,3 +125,15 @@ def test_a_state_of_other_files_is_refused_even_under_the_same_config(tmp_path):
     assert resume.check_state_config(cfg, meta, state, config_hash(cfg), "a" * 16) == {}
     with pytest.raises(UserError, match=f"dataset {'a' * 16} -> {'b' * 16} \\(images or captions changed"):
         resume.check_state_config(cfg, meta, state, config_hash(cfg), "b" * 16)
+
+
+def test_fp16_after_a_state_without_a_scaler_starts_its_scaler_afresh(tmp_path):
+    state = state_after(tmp_path, compose_config(), 2)  # fp32: the state's scaler is empty
+    cfg = compose_config("precision=fp16")
+    assert resume.check_state_config(cfg, checkpoint.read_meta(state), state, config_hash(cfg)) == {
+        "precision.name": ("fp32", "fp16")}
+    layer, optimizer, scheduler = built(cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    checkpoint.restore(checkpoint.load_state(state), lora=dict(layer.named_parameters()), optimizer=optimizer,
+                       lr_scheduler=scheduler, scaler=scaler, flip_rng=random.Random(0))
+    assert scaler.is_enabled() and scaler.get_scale() == 1024.0
