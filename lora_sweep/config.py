@@ -203,6 +203,11 @@ _HASH_EXCLUDED = (
 )
 
 
+def hashed_settings(cfg: DictConfig | Config) -> dict[str, Any]:
+    """The flat config keys that change what a training computes (those `config_hash` hashes), with their values."""
+    return {k: v for k, v in flatten(to_container(cfg)).items() if not is_hash_excluded(k)}
+
+
 def is_hash_excluded(key: str) -> bool:
     """True for a flattened key that never changes what a training computes (left out of `config_hash`)."""
     return any(key == x or key.startswith(x + ".") for x in _HASH_EXCLUDED)
@@ -236,9 +241,7 @@ _HASH_NEUTRAL = {
 
 def config_hash(cfg: DictConfig | Config) -> str:
     """A short hash of everything that changes the trained result (not paths, tracking or sweep settings)."""
-    flat = flatten(to_container(cfg))
-    kept = {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in _HASH_EXCLUDED)}
-    kept = {k: v for k, v in kept.items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
+    kept = {k: v for k, v in hashed_settings(cfg).items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -179,6 +179,30 @@ def test_a_resume_state_beyond_max_steps_is_found_before_the_model_loads(tmp_pat
                                "train.max_steps, or set train.resume=never to start over."]
 
 
+def test_resuming_a_state_under_settings_it_cannot_follow_exits_2_naming_them(tmp_path, app):
+    """A state of rank 4 resumed with network.rank=8 and optimizer=prodigy: refused before anything is written."""
+    import random
+
+    import torch
+
+    from lora_sweep.config import config_hash, hashed_settings
+    from lora_sweep.training import checkpoint
+
+    cfg = compose_config()
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    state = checkpoint.save_state(
+        tmp_path / "states", lora=dict(layer.named_parameters()), optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), scaler=torch.amp.GradScaler(
+            "cpu", enabled=False), position=checkpoint.Position(step=3), rng=checkpoint.capture_rng(random.Random(0)),
+        config_hash=config_hash(cfg), run_id="r", keep=1, params=hashed_settings(cfg))
+    code, out = app(f"train.resume={state}", "network.rank=8", "optimizer=prodigy")
+    assert code == 2 and "Traceback" not in out
+    assert (f"train.resume: the state '{state}' cannot continue under this config: it changes settings a state "
+            "cannot follow: network.rank 4 -> 8 (the state's LoRA tensors have the old rank's shapes); optimizer.name "
+            "adamw -> prodigy (the state's optimizer moments belong to another optimizer).") in out
+
+
 def test_folders_that_cannot_be_written_are_named_without_creating_anything(tmp_path):
     (tmp_path / "file").write_text("")
     cfg = compose_config(f"train.output_dir={tmp_path / 'file' / 'out'}", f"train.state_dir={tmp_path / 'new' / 's'}")

@@ -2,7 +2,7 @@
 
 Set-up, in order: read its inputs once -> the device -> writable folders -> the store -> the config's lock
 (`ConfigLock` on `<state root>/<config_hash>/`; sweep.on_busy: wait or skip) -> skip-finished (same config hash and
-`skip_key`) -> the resume plan (`plan_resume`).
+`skip_key`; not when train.resume names a state) -> the resume plan (`plan_resume`).
 Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/SIGTERM, with a state),
 FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `store.close_stale_runs`
 marks it KILLED. A sweep's job that fails before its run exists still gets a FAILED child run; a job without a run
@@ -71,6 +71,7 @@ class _Ready:
     inputs: JobInputs  # handed to training
     resume_from: Path | None = None
     continued_run: str | None = None
+    resume_changed: str = ""  # the settings this config changes from the resumed state's (training.resume)
     checked: preflight_lib.Report | None = None  # the fallbacks of the job's reads, logged on the run
 
 
@@ -130,14 +131,14 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     fingerprint = dataset_of(cfg, inputs.scans)
     key = skip_key(cfg, chash, fingerprint)
     found.update(fingerprint=fingerprint, skip_key=key)
-    if cfg.sweep.skip_finished:
+    if cfg.sweep.skip_finished and cfg.train.resume in ("auto", "never"):  # a state asked for is resumed, as kohya
         done = finished_match(client, exp_id, chash, key, fingerprint, label)
         if done is not None:
             status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
             return JobOutcome("SKIPPED", done[0], reason=done[1])
-    resume_from, continued_run = plan_resume(cfg, client, exp_id, chash, state_root)
+    resume_from, continued_run, changed = plan_resume(cfg, client, exp_id, chash, state_root, fingerprint.digest)
     return _Ready(client, exp_id, chash, state_root, lock, fingerprint, key, inputs, resume_from, continued_run,
-                  checked)
+                  changed, checked)
 
 
 def _open_store(cfg, output_dir: Path, sweep_dir: Path | None, found: dict[str, Any]) -> tuple[Any, str, Path]:
@@ -190,6 +191,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     pending = output_dir / "mlflow_pending.json"
     if resume_from:
         tags["lora_sweep.resumed_from"] = str(resume_from)
+    if ready.resume_changed:
+        tags["lora_sweep.resume_changed"] = store.fit(ready.resume_changed, store.MAX_TAG_CHARS, "the job's log")
     if ready.continued_run:
         logger = RunLogger.reopen(client, ready.continued_run, tags=tags, flush_every=cfg.tracking.flush_every,
                                   pending_file=pending)
@@ -201,7 +204,10 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     try:
         ready.lock.note(run_id=logger.run_id)
         status.update(force=True, run_id=logger.run_id)
-        logger.log_params(flatten(to_container(cfg)))
+        params = flatten(to_container(cfg))
+        if ready.continued_run:
+            _say_changed_params(logger, client.get_run(logger.run_id).data.params, params)
+        logger.log_params(params)
         _log_config(cfg, logger, output_dir)
         log_fallbacks(logger, checked, output_dir)
 
@@ -211,7 +217,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             log_fallbacks(logger, checked, output_dir)
 
         sink = JobSink(logger, status, label, on_warning=warn)
-        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from)
+        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from,
+                             ready.fingerprint.digest)
         with StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
                            scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan,
@@ -237,6 +244,18 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         logger.end(outcome.status, outcome.reason or None)
     _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
     return outcome
+
+
+def _say_changed_params(logger: RunLogger, logged: dict[str, str], params: dict[str, Any]) -> None:
+    """A continued run keeps the params it started with (MLflow cannot change one): the settings this process
+    changes (only unhashed ones, e.g. train.device) go in one warning and the `lora_sweep.resume_changed` tag."""
+    changed = {k: (logged[k], v) for k, v in params.items()
+               if k in logged and logged[k] != store.fit(str(v), store.MAX_PARAM_CHARS, "the run's config.yaml")}
+    if changed:
+        text = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        log.warning("run %s goes on with settings changed since it started (its params keep the first values): %s",
+                    logger.run_id, text)
+        logger.set_tags({"lora_sweep.resume_changed": store.fit(text, store.MAX_TAG_CHARS, "the job's log")})
 
 
 def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:
@@ -312,30 +331,52 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
         return None
 
 
-def plan_resume(cfg, client, exp_id: str, chash: str, root: Path) -> tuple[Path | None, str | None]:
-    """(state to resume from, run to continue). auto: the newest state of an unfinished run of this config hash in
-    this experiment; PATH: that state, in its own run if it is that unfinished run's newest, else in a new run."""
+def plan_resume(cfg, client, exp_id: str, chash: str, root: Path,
+                dataset: str | None = None) -> tuple[Path | None, str | None, str]:
+    """(state to resume from, run to continue, the settings changed from the state's). auto: the newest state of an
+    unfinished run of this config hash in this experiment, if it trained on the same files (`dataset` digest; none:
+    a hint names a state of a config this one could continue); PATH: that state, in its own run if it is that
+    unfinished run's newest, else in a new run, under this config where every change is one a state follows
+    (`resume.check_state_config`, else a UserError)."""
+    from lora_sweep.training import resume
+
     mode = cfg.train.resume
     if mode == "never":
-        return None, None
+        return None, None, ""
 
     def resumable(run_id: str) -> bool:
         return store.resumable_run(client, exp_id, run_id)
 
     if mode == "auto":
         state = find_resumable(root / chash, resumable)
+        other_files = resume.dataset_change(read_meta(state), dataset) if state is not None else {}
+        if other_files:
+            old, new = other_files[resume.DATASET]
+            log.warning("not resuming %s: it trained on other files (dataset %s, now %s); this config starts fresh "
+                        "in a new run", state, old, new)
+            state = None
         if state is not None:
             log.info("resuming config %s from %s (train.resume=never to start over)", chash, state)
-        return state, (state.parent.name if state is not None else None)
+            return state, state.parent.name, ""
+        near = resume.nearest_state(cfg, root, chash, dataset)
+        if near is not None:
+            log.info("no state of config %s: starting fresh. A state of a config differing only in settings a resume "
+                     "follows exists (%s); to continue it instead: train.resume=%s", chash, resume.describe(near[1]),
+                     near[0])
+        return None, None, ""
     state = resolve_state_arg(mode)
     meta = read_meta(state)
-    if meta["config_hash"] != chash:
-        log.warning("train.resume: %s was saved by config %s, this is %s: resuming its weights and optimizer in a new "
-                    "run", state, meta["config_hash"], chash)
-        return state, None
+    changes = resume.check_state_config(cfg, meta, state, chash, dataset)
+    if changes:
+        changed = resume.describe(changes)
+        log.warning("train.resume: %s was saved by config %s, this is %s: resuming it in a new run, following this "
+                    "config's %s", state, meta["config_hash"], chash, changed)
+        return state, None, changed
+    if meta["config_hash"] != chash:  # no setting that a training computes with differs
+        return state, None, ""
     newest = list_states(state.parent)
     same_run = resumable(meta["run_id"]) and newest and newest[-1].resolve() == state.resolve()
-    return state, (meta["run_id"] if same_run else None)  # an older state starts a new run: one timeline per run
+    return state, (meta["run_id"] if same_run else None), ""  # an older state starts a new run: one timeline per run
 
 
 def _parent_run_id(sweep_dir: Path | None) -> str | None:

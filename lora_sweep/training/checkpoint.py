@@ -5,7 +5,9 @@ the end of epoch e when e % save_every_epochs == 0 and e is not the last, a LoRA
 at the end and on a stop; the newest `train.keep_states` kept. Resuming reproduces a run that never stopped.
 
 A state, `state-step00000500.pt` (written atomically), holds the LoRA tensors, optimizer / LR-scheduler / scaler
-state_dicts, the loop's `Position`, every RNG the loop draws from, and its config hash and run id. It lives in
+state_dicts, the loop's `Position`, every RNG the loop draws from, and its config hash, run id and the config's
+hashed settings (`config.hashed_settings`). Restored, the optimizer's hyperparameters and the LR schedule follow the
+config being trained (`resume.RULES` says which changes a state can follow). It lives in
 `<train.state_dir>/<config_hash>/<run_id>/` (independent of Hydra's job folder, so a rerun finds it; one folder
 per run, so a fresh start never mixes with an old run), read with `weights_only=True`. `ConfigLock` keeps a second
 process off a config being trained.
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from lora_sweep.atomic import write_with
+from lora_sweep.config import hashed_settings
 from lora_sweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -165,7 +168,7 @@ class Checkpoints:
         return save_state(
             target.folder, lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, scaler=s.scaler,
             position=pos, rng=capture_rng(self.flip_rng), config_hash=target.config_hash, run_id=target.run_id,
-            keep=s.cfg.train.keep_states)
+            keep=s.cfg.train.keep_states, params=hashed_settings(s.cfg), dataset=getattr(target, "dataset", None))
 
 
 def state_path(folder: Path, step: int) -> Path:
@@ -213,12 +216,16 @@ def _tuples(value):
 
 def save_state(
     folder: Path, *, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler, position: Position,
-    rng: dict[str, Any], config_hash: str, run_id: str, keep: int,
+    rng: dict[str, Any], config_hash: str, run_id: str, keep: int, params: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> Path:
-    """Write the state of `position.step` atomically, then drop all but the newest `keep` states."""
+    """Write the state of `position.step` atomically, then drop all but the newest `keep` states. `params` (the
+    config's hashed settings) and `dataset` (the files' digest) are for checking a resume (`resume.py`)."""
+    meta = {"config_hash": config_hash, "run_id": run_id, "step": position.step}
+    meta |= {k: v for k, v in (("params", params), ("dataset", dataset)) if v is not None}
     state = {
         "format": FORMAT_VERSION,
-        "meta": {"config_hash": config_hash, "run_id": run_id, "step": position.step},
+        "meta": meta,
         "position": asdict(position),
         "lora": {k: v.detach().to("cpu", copy=True) for k, v in lora.items()},
         "optimizer": optimizer.state_dict(),
@@ -245,7 +252,8 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """Config hash, run id and step of a state, without reading its tensors (memory-mapped load)."""
+    """Config hash, run id, step (and the config's `params` and the `dataset` digest where saved) of a state,
+    without reading its tensors (memory-mapped load)."""
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
         return dict(state["meta"])
@@ -255,7 +263,11 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def restore(state: dict[str, Any], *, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
             flip_rng: random.Random) -> Position:
-    """Put a loaded state back into freshly built objects and the RNGs; return the loop's position."""
+    """Put a loaded state back into freshly built objects and the RNGs; return the loop's position.
+
+    The LoRA tensors, the optimizer's moments, the schedule's step, the scaler and the RNGs come from the state; the
+    optimizer's hyperparameters and the LR schedule stay those the fresh objects were built with (`follow_config`).
+    """
     missing = sorted(set(lora) ^ set(state["lora"]))
     if missing:
         raise UserError(f"train.resume: the state's LoRA does not match this network (e.g. {missing[:3]}): it was "
@@ -263,11 +275,28 @@ def restore(state: dict[str, Any], *, lora: dict[str, torch.Tensor], optimizer, 
     with torch.no_grad():
         for name, param in lora.items():
             param.copy_(state["lora"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    follow_config(optimizer, lr_scheduler, state["optimizer"], state["lr_scheduler"])
+    if state["scaler"]:  # a state saved without fp16's scaler has none: this run's scaler starts afresh
+        scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"], flip_rng)
     return Position(**state["position"])
+
+
+def follow_config(optimizer, lr_scheduler, saved_optimizer: dict, saved_scheduler: dict) -> None:
+    """Load the saved optimizer and schedule step into `optimizer` / `lr_scheduler` (a LambdaLR), keeping the
+    hyperparameters and the schedule they were built with: group lr = base lr x the schedule's factor at the saved
+    step. The same config gives back the saved lrs exactly (the same product LambdaLR computes).
+    """
+    hyper = {*getattr(optimizer, "lora_sweep_kwargs", optimizer.defaults), "initial_lr"}  # not D-Adaptation's d
+    built = [{k: v for k, v in group.items() if k in hyper} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved_optimizer)
+    for group, values in zip(optimizer.param_groups, built, strict=True):
+        group.update(values)
+    step = saved_scheduler["last_epoch"]
+    lrs = [base * factor(step) for factor, base in zip(lr_scheduler.lr_lambdas, lr_scheduler.base_lrs, strict=True)]
+    lr_scheduler.load_state_dict({**saved_scheduler, "base_lrs": list(lr_scheduler.base_lrs), "_last_lr": lrs})
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
 
 
 # --- listing ----------------------------------------------------------------------------------------------------

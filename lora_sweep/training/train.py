@@ -67,6 +67,7 @@ class StateTarget:
     run_id: str
     config_hash: str
     resume_from: Path | None = None
+    dataset: str | None = None  # the content digest of the files trained on, recorded in each state
 
 
 @dataclass

@@ -19,7 +19,9 @@ from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from lora_sweep.errors import UserError
 from lora_sweep.job.run import run_job
+from lora_sweep.training.checkpoint import read_meta
 
 JOB = textwrap.dedent("""
     import sys, torch
@@ -138,23 +140,78 @@ def test_sigkilled_run_resumes_to_the_same_lora_and_loss_history(tmp_path, monke
 ], ids=["plain", "shuffle_flip", "samples_validation"])
 def test_resume_from_a_given_state_file_continues_exactly_in_a_new_run(tmp_path, monkeypatch, variant):
     """train.resume=PATH: the state of step 2 of a finished run, continued to step 4 in this process, ends with the
-    same LoRA as that run; the history of the new run starts at step 3."""
+    same LoRA as that run; the history of the new run starts at step 3. A state asked for is resumed although its
+    config FINISHED (skip-finished is for reruns), as kohya resumes when asked."""
     first = in_process(tmp_path, "first", monkeypatch, "train.max_steps=4", *variant)
     assert first.status == "FINISHED"
     (state,) = tmp_path.glob(f"states/*/{first.run_id}/state-step00000002.pt")
-    second = in_process(tmp_path, "second", monkeypatch, "train.max_steps=4", f"train.resume={state}",
-                        "sweep.skip_finished=false", *variant)
+    second = in_process(tmp_path, "second", monkeypatch, "train.max_steps=4", f"train.resume={state}", *variant)
     assert second.status == "FINISHED" and second.run_id != first.run_id  # the finished run stays as it was
     assert [s for s, _ in loss_history(tmp_path, second.run_id)] == [3, 4]
     assert loss_history(tmp_path, second.run_id) == loss_history(tmp_path, first.run_id)[2:]
     a, b = load_file(str(first.files["kohya"])), load_file(str(second.files["kohya"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert client_of(tmp_path).get_run(second.run_id).data.tags["lora_sweep.resumed_from"] == str(state)
+    tags = client_of(tmp_path).get_run(second.run_id).data.tags
+    assert tags["lora_sweep.resumed_from"] == str(state) and "lora_sweep.resume_changed" not in tags
+
+
+def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(tmp_path, monkeypatch, caplog):
+    """Run A (lr 1e-4, cosine over 3 steps) resumed from its state of step 1 with optimizer.lr=5e-5 and
+    train.max_steps=4: steps 2-4 log train/lr = 5e-5 x the cosine factor over 4 steps, the run's params say what
+    trained, its tag what the state was trained with. Before that, a plain run of the new config starts fresh and
+    names A's state as one it could continue."""
+    from lora_sweep.config import config_hash
+    from lora_sweep.job.run import plan_resume
+    from lora_sweep.paths import make_paths_absolute
+    from lora_sweep.training.optim import lr_multiplier
+
+    cosine = ("optimizer.scheduler=cosine", "train.keep_states=3")
+    first = in_process(tmp_path, "first", monkeypatch, "train.max_steps=3", *cosine)
+    (state,) = tmp_path.glob(f"states/*/{first.run_id}/state-step00000001.pt")
+    assert [m.value for m in sorted(client_of(tmp_path).get_metric_history(first.run_id, "train/lr"),
+                                    key=lambda m: m.step)] == [1e-4 * lr_multiplier("cosine", s, warmup_steps=0,
+                                                                                    total_steps=3) for s in (1, 2, 3)]
+
+    new = (*cosine, "optimizer.lr=5e-5", "train.max_steps=4")
+    cfg = compose_config(*overrides(tmp_path, *new))
+    make_paths_absolute(cfg)
+    client = client_of(tmp_path)
+    with caplog.at_level("INFO", logger="lora_sweep.job.run"):
+        plan = plan_resume(cfg, client, client.get_experiment_by_name("lora-sweep").experiment_id, config_hash(cfg),
+                           tmp_path / "states")
+    assert plan == (None, None, "")
+    (final_state,) = tmp_path.glob(f"states/*/{first.run_id}/state-step00000003.pt")  # the newest of A's states
+    assert ("differing only in settings a resume follows exists (optimizer.lr 0.0001 -> 5e-05; train.lr 0.0001 -> "
+            f"5e-05; train.max_steps 3 -> 4); to continue it instead: train.resume={final_state}") in caplog.text
+
+    second = in_process(tmp_path, "second", monkeypatch, *new, f"train.resume={state}")
+    assert second.status == "FINISHED"
+    lrs = {m.step: m.value for m in client.get_metric_history(second.run_id, "train/lr")}
+    assert lrs == {s: 5e-5 * lr_multiplier("cosine", s, warmup_steps=0, total_steps=4) for s in (2, 3, 4)}
+    assert lrs[2] == 2.5e-05  # A trained its step 2 at 2.5e-05 too: 1e-4 x 0.25 (3 steps), now 5e-5 x 0.5 (4 steps)
+    run = client.get_run(second.run_id)
+    assert (run.data.params["optimizer.lr"], run.data.params["train.lr"]) == ("5e-05", "5e-05")
+    assert run.data.params["train.max_steps"] == "4"
+    assert run.data.tags["lora_sweep.resume_changed"] == ("optimizer.lr 0.0001 -> 5e-05; train.lr 0.0001 -> 5e-05; "
+                                                          "train.max_steps 3 -> 4")
+
+    # A state records the files it trained on: other files are refused, whatever the settings.
+    assert read_meta(state)["dataset"] == run.data.tags["lora_sweep.dataset"]
+    resumed = compose_config(*overrides(tmp_path, *new, f"train.resume={state}"))
+    with pytest.raises(UserError, match=r"dataset \w{16} -> 0{16} \(images or captions changed: the state's position"):
+        plan_resume(resumed, client, run.info.experiment_id, config_hash(resumed), tmp_path / "states", "0" * 16)
+    client.set_terminated(first.run_id, "KILLED")  # A as a stopped run, which a rerun of its config continues
+    rerun = compose_config(*overrides(tmp_path, "train.max_steps=3", *cosine))
+    plan = (rerun, client, run.info.experiment_id, config_hash(rerun), tmp_path / "states")
+    assert plan_resume(*plan, read_meta(state)["dataset"]) == (final_state, first.run_id, "")
+    with caplog.at_level("INFO", logger="lora_sweep.job.run"):
+        assert plan_resume(*plan, "0" * 16) == (None, None, "")  # other files: a fresh start, with a warning
+    assert f"not resuming {final_state}: it trained on other files" in caplog.text
 
 
 def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(tmp_path, monkeypatch):
     """The first SIGINT ends the step in progress, writes a state there (not only at save_every) and ends KILLED; the
-    next run of the config continues that run to the end, each step logged once."""
+    next run of the config continues that run to the end, each step logged once, and tags what it set otherwise."""
     def interrupt_after_state_3():
         deadline = time.monotonic() + 120
         while newest_state_step(tmp_path / "states") < 3 and time.monotonic() < deadline:
@@ -168,6 +225,9 @@ def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(
     assert logged == list(range(1, logged[-1] + 1)) and 3 < logged[-1] < STEPS
     assert newest_state_step(tmp_path / "states") == logged[-1]  # a state where it stopped
 
-    again = in_process(tmp_path, "second", monkeypatch, "train.save_every=3")
+    again = in_process(tmp_path, "second", monkeypatch, "train.save_every=4")  # not hashed: the same config
     assert again.status == "FINISHED" and again.run_id == stopped.run_id
+    run = client_of(tmp_path).get_run(again.run_id)
+    assert run.data.params["train.save_every"] == "3"  # MLflow keeps a run's first params
+    assert run.data.tags["lora_sweep.resume_changed"] == "train.save_every 3 -> 4"
     assert [s for s, _ in loss_history(tmp_path, again.run_id)] == list(range(1, STEPS + 1))
