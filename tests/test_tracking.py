@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,8 +131,9 @@ def hold_exclusive(db: Path, seconds: float) -> subprocess.Popen:
 
 
 def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prints_sql(store_uri, caplog, capfd):
-    """Another process holds the store locked for 3 s while training logs every 2 steps: no step waits on it,
-    nothing of MLflow's SQL reaches the console, and every step arrives once the lock is gone."""
+    """Another process holds the store locked for 3 s while training logs every 2 steps and a sample grid from a
+    folder removed right after (as sampling does): no step waits on it, nothing of MLflow's SQL reaches the console,
+    and every step and the grid arrive once the lock is gone."""
     caplog.set_level("WARNING")
     client = store.client(store_uri)
     logger = RunLogger.start(client, store.experiment_id(client, "locked"), name="locked", tags={}, flush_every=2)
@@ -141,6 +143,10 @@ def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prin
             holder = hold_exclusive(Path(store_uri.removeprefix("sqlite:///")), 3.0)
         started = time.perf_counter()
         logger.log_metrics({"train/loss": 1.0 / step}, step)
+        if step == 6:
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "grid_step000006.png").write_bytes(b"png")
+                logger.log_artifact(Path(folder) / "grid_step000006.png", "samples")
         waits.append(time.perf_counter() - started)
         time.sleep(0.03)  # the step's own work
     holder.wait()
@@ -148,6 +154,7 @@ def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prin
     assert max(waits) < 0.5, max(waits)
     assert sorted(m.step for m in client.get_metric_history(logger.run_id, "train/loss")) == list(range(1, 81))
     assert client.get_run(logger.run_id).info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(logger.run_id, "samples")] == ["samples/grid_step000006.png"]
     printed = capfd.readouterr()
     text = printed.out + printed.err + "\n".join(r.getMessage() for r in caplog.records)
     assert "SQL" not in text.replace("SQLAlchemy", "") and "Traceback" not in text, text

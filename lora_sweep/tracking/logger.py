@@ -4,7 +4,10 @@ sent by a background writer so that training never waits on the store."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -44,6 +47,8 @@ class RunLogger:
         self._failing_since: float | None = None
         self._refused: Exception | None = None
         self._spilled_early = 0
+        self._staging: Path | None = None  # artifacts waiting for the writer (links or copies)
+        self._staged = 0
         self.seconds_in_mlflow = 0.0  # time the training thread spent in this logger, for the benchmark
         self._writer = threading.Thread(target=self._write, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
         self._writer.start()
@@ -125,7 +130,25 @@ class RunLogger:
             self._put("image", (image.copy(), key, int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._put("artifact", (Path(path), artifact_path))
+        """Queue a file or folder; a hard link (else a copy) is taken now, so the caller may overwrite or delete it."""
+        self._put("artifact", (self._stage(Path(path)), artifact_path))
+
+    def _stage(self, path: Path) -> Path:
+        import tempfile
+
+        if self._staging is None:
+            folder = self.pending_file.parent if self.pending_file else None
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix="mlflow-sending-", dir=folder))
+        self._staged += 1
+        staged = self._staging / f"{self._staged:05d}" / path.name
+        staged.parent.mkdir()
+        if path.is_dir():
+            shutil.copytree(path, staged, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, staged)
+        return staged
 
     def flush(self, wait_s: float = 1.0) -> bool:
         """Hand everything to the writer and wait up to `wait_s` while the store answers (not at all while it is
@@ -151,9 +174,15 @@ class RunLogger:
         with self._wake:
             self._abandoned = True  # a call still hanging in the writer is spilled too (replays are idempotent)
             left, self._queue = list(self._queue), collections.deque()
-        if not left and not self._spilled_early:
-            return None
-        return self._spill(left, at_end=True)
+        try:
+            if not left and not self._spilled_early:
+                return None
+            return self._spill(left, at_end=True)
+        finally:
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                with contextlib.suppress(OSError):  # a run folder made only for the staging
+                    self._staging.parent.rmdir()
 
     # ---------------------------------------------------------------------------------------------- writer thread
 
@@ -205,10 +234,8 @@ class RunLogger:
             client.log_image(run_id, image, key=key, step=step)
         elif kind == "artifact":
             path, artifact_path = payload
-            if not path.exists():
-                log.warning("%s was removed before it could be logged to MLflow run %s", path, run_id)
-                return
             client.log_artifact(run_id, str(path), artifact_path)
+            shutil.rmtree(path.parent, ignore_errors=True)  # the staged link or copy
         elif kind == "end":
             status, reason = payload
             if self._refused is not None:  # the run cannot count as finished
@@ -266,3 +293,11 @@ class RunLogger:
                       "local disk", uri, self.run_id, metrics, " and the run's end status" if ended else "",
                       self.pending_file)
         return self.pending_file
+
+
+def _link_or_copy(source, target) -> None:
+    """A hard link (instant, and the caller's later rewrite or removal leaves it intact), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
