@@ -16,7 +16,7 @@ import pytest
 from lora_sweep.__main__ import main
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
-from lora_sweep.tracking.replay import replay_quietly
+from lora_sweep.tracking.replay import pending_files, replay_quietly
 
 
 def test_server_is_http_on_loopback_only(mlflow_server):
@@ -161,3 +161,23 @@ def test_the_next_run_of_a_config_replays_what_the_last_one_could_not_send(stopp
     assert again.status == "SKIPPED" and again.run_id == first.run_id
     assert sorted(m.step for m in client.get_metric_history(first.run_id, "train/loss")) == [1, 2, 3, 4]
     assert client.get_run(first.run_id).info.status == "FINISHED" and not pending.exists()
+
+
+def test_a_sweeps_parent_run_that_a_stopped_server_did_not_take_is_replayed(stoppable, quick_http, tmp_path):
+    """The sweep's end (tags, status) meets a stopped server: one error line, a pending file in the sweep folder,
+    and the replay gives the parent its tags and status."""
+    from lora_sweep.callbacks import MlflowSweepCallback
+
+    client = store.client(stoppable.uri)
+    run_id = client.create_run(store.experiment_id(client, "parent-spilled"), run_name="sweep").info.run_id
+    callback = MlflowSweepCallback()
+    callback.client, callback.sweep_dir = client, tmp_path
+    tags = {"lora_sweep.jobs_total": "2", store.FAILURE: "1 of 2 jobs failed"}
+    os.killpg(stoppable.pgid, signal.SIGSTOP)
+    started = time.perf_counter()
+    assert not callback._end_parent(run_id, tags, {"status": "FAILED", "any_finished": False})
+    assert time.perf_counter() - started < 5
+    os.killpg(stoppable.pgid, signal.SIGCONT)
+    assert [r.status for r in replay_quietly(pending_files(tmp_path))] == ["FAILED"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and {k: run.data.tags[k] for k in tags} == tags

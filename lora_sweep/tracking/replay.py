@@ -99,7 +99,7 @@ def replay(path: Path, client=None) -> Replayed:
     metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in data["metrics"]]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
-    others = len(params) + len(data["tags"])
+    others, tagged_failure = len(params) + len(data["tags"]), FAILURE in data["tags"]
     data.update(params={}, tags={}, metrics=[])
     write_text(path, json.dumps(data, indent=1))  # images and artifacts are not idempotent: progress is kept
     while data["images"]:
@@ -118,7 +118,7 @@ def replay(path: Path, client=None) -> Replayed:
     if data["status"]:
         if data["reason"]:
             client.set_tag(run_id, FAILURE, fit(data["reason"], MAX_TAG_CHARS, "the job's log"))
-        elif FAILURE in client.get_run(run_id).data.tags:  # e.g. "marked KILLED" by a run that found it RUNNING
+        elif not tagged_failure and FAILURE in client.get_run(run_id).data.tags:  # e.g. "marked KILLED" meanwhile
             client.delete_tag(run_id, FAILURE)
         client.set_terminated(run_id, status=data["status"])
     path.unlink()
