@@ -158,3 +158,31 @@ def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prin
     printed = capfd.readouterr()
     text = printed.out + printed.err + "\n".join(r.getMessage() for r in caplog.records)
     assert "SQL" not in text.replace("SQLAlchemy", "") and "Traceback" not in text, text
+
+
+def test_a_store_that_refuses_connections_overflows_the_buffer_into_the_pending_file(store_uri, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """Nothing listens at the store's address: no call waits, what passes max_held (50 metrics) goes to the
+    pending file at once with one line saying so, the rest at the end; replayed, the run has all 122 steps."""
+    from cluster_fixtures import free_port
+
+    from lora_sweep.tracking.replay import replay
+
+    caplog.set_level("WARNING")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    good = store.client(store_uri)
+    run_id = good.create_run(store.experiment_id(good, "refused")).info.run_id
+    pending = tmp_path / "mlflow_pending.json"
+    logger = RunLogger(store.client(f"http://127.0.0.1:{free_port()}"), run_id, flush_every=10, pending_file=pending,
+                       max_held=50)
+    waits = []
+    for step in range(1, 123):
+        started = time.perf_counter()
+        logger.log_metrics({"train/loss": 1.0 / step}, step)
+        waits.append(time.perf_counter() - started)
+    assert max(waits) < 0.5, max(waits)
+    assert "held metrics moved to" in caplog.text
+    assert logger.end("FINISHED") == pending
+    assert replay(pending, good).metrics == 122
+    assert sorted(m.step for m in good.get_metric_history(run_id, "train/loss")) == list(range(1, 123))
+    assert good.get_run(run_id).info.status == "FINISHED"

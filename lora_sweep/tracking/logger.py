@@ -150,9 +150,9 @@ class RunLogger:
             _link_or_copy(path, staged)
         return staged
 
-    def flush(self, wait_s: float = 1.0) -> bool:
+    def flush(self, wait_s: float = 5.0) -> bool:
         """Hand everything to the writer and wait up to `wait_s` while the store answers (not at all while it is
-        unreachable); True if the store has it all."""
+        unreachable), so that a state written next never runs ahead of its metrics; True if the store has it all."""
         self._hand_over()
         start = time.perf_counter()
         with self._wake:
@@ -210,13 +210,13 @@ class RunLogger:
                 if self._abandoned:
                     return
                 self._queue.popleft()
+                back, held = self._failing_since, self._held  # counted before this item's metrics leave it
                 self._held -= len(payload) if kind == "metrics" else 0
-                back = self._failing_since
                 self._failing_since = None
                 self._wake.notify_all()
             if back is not None:
-                log.warning("MLflow store %s reachable again after %.0f s: the held metrics are being sent",
-                            self.client.tracking_uri, time.monotonic() - back)
+                log.warning("MLflow store %s reachable again after %.0f s: sending the %d metrics held meanwhile",
+                            self.client.tracking_uri, time.monotonic() - back, held)
 
     def _send(self, kind: str, payload: Any) -> None:
         run_id, client = self.run_id, self.client
