@@ -13,6 +13,10 @@ LIBRARY_NOISE = (
     ("transformers.utils.import_utils", "requires torchvision (not installed)"),
     # a CPU kernel for 4-bit layers, which lora-sweep does not have
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    # MLflow's HTTP client retrying a store that is down: the run logger says so in one line (tracking.logger)
+    ("urllib3.connectionpool", "Retrying ("),
+    # a locked or failing sqlite store: the SQL statement and a traceback; the run logger says so in one line
+    ("mlflow.store.db.utils", "SQLAlchemy database error"),
 )
 
 

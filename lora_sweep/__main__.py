@@ -1,4 +1,4 @@
-"""`python -m lora_sweep table|compare|cache|ui`: the commands that are not trainings."""
+"""`python -m lora_sweep table|compare|cache|replay|ui`: the commands that are not trainings."""
 
 from __future__ import annotations
 
@@ -208,6 +208,22 @@ def _cache(args) -> int:
     return 0
 
 
+def _replay(args) -> int:
+    from lora_sweep.paths import default_cache_dir
+    from lora_sweep.tracking.replay import pending_files, replay_quietly
+
+    roots = [Path(p).expanduser() for p in args.paths] or [Path(default_cache_dir()).expanduser() / "states"]
+    files = pending_files(*roots)
+    if not files:
+        print(f"nothing to replay: no mlflow_pending.json under {', '.join(map(str, roots))}")
+        return 0
+    done = replay_quietly(files)
+    for replayed in done:
+        print(f"run {replayed.run_id}: sent {replayed.metrics} metrics and {replayed.others} other records"
+              + (f", status {replayed.status}" if replayed.status else ""))
+    return 0 if len(done) == len(files) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from lora_sweep import setup
 
@@ -231,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                        "an explicit train.resume=PATH); entries, models and other runs' states stay")
     cache.add_argument("--tracking-uri", help="with --finished-states: the MLflow store (default: tracking.uri's: "
                        "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    replay = sub.add_parser(
+        "replay", help="send what runs could not send to their MLflow store (mlflow_pending.json), end status too",
+        description="A run whose store was unreachable at its end keeps the rest in mlflow_pending.json in its "
+        "state folder; the next run of the same config sends it, or this command does. Sending twice sends "
+        "nothing twice.")
+    replay.add_argument("paths", nargs="*", help="pending files, or folders to search (default: the state root, "
+                        "$LORA_SWEEP_CACHE_DIR/states or ~/.cache/lora-sweep/states)")
     sub.add_parser("compare", help="write the comparison report (see --help)", add_help=False)
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -244,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return ui.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"table": _table, "cache": _cache}[args.command](args)
+    return {"table": _table, "cache": _cache, "replay": _replay}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -95,18 +95,34 @@ class MlflowSweepCallback(Callback):
         tags.update(store.job_runs_tags(summary.get("job_runs", {})))
         if summary["failure"]:
             tags[store.FAILURE] = store.fit(summary["failure"], store.MAX_TAG_CHARS, "the sweep's console")
-        try:
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
-        except Exception as exc:
-            log.warning("could not tag the sweep's parent run %s: %s", run_id, exc)
-        if summary["any_finished"]:
-            self._report(run_id)
-        self.client.set_terminated(run_id, status=summary["status"])
+        if not self._end_parent(run_id, tags, summary):
+            return
         counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if k != "total" and v)
         total = summary["counts"].get("total", 0)
         log.info("sweep parent run %s ended %s (%s)", run_id, summary["status"],
                  f"{counts or 'none'} of {total} jobs" if total else "no job ran")
+
+    def _end_parent(self, run_id: str, tags: dict[str, str], summary: dict[str, Any]) -> bool:
+        """Tag the parent, write the report, close it; a store that does not take it gets a pending file that
+        `python -m lora_sweep replay` sends later (False then)."""
+        from mlflow.entities import RunTag
+
+        from lora_sweep.tracking.replay import PENDING_NAME, spill
+        from lora_sweep.tracking.store import first_line
+
+        tag_list = [RunTag(k, v) for k, v in tags.items()]
+        try:
+            self.client.log_batch(run_id, tags=tag_list)
+            if summary["any_finished"]:
+                self._report(run_id)
+            self.client.set_terminated(run_id, status=summary["status"])
+        except Exception as exc:
+            pending = self.sweep_dir / PENDING_NAME
+            spill(pending, run_id, self.client.tracking_uri, [("tags", tag_list), ("end", (summary["status"], None))])
+            log.error("MLflow store %s did not take the end of the sweep's parent run %s (%s): it shows RUNNING until "
+                      "`python -m lora_sweep replay %s`", self.client.tracking_uri, run_id, first_line(exc), pending)
+            return False
+        return True
 
     def _report(self, run_id: str) -> None:
         """The side-by-side report of the sweep's runs, logged on the parent run (a failure here fails nothing)."""

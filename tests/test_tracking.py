@@ -5,6 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -116,3 +119,70 @@ def test_fit_cuts_with_a_visible_marker(value):
         assert out == value
     else:
         assert out.endswith("the whole value is in config.yaml]") and f"{len(value)} characters" in out
+
+
+def hold_exclusive(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process writing to the sqlite store: an exclusive transaction held for `seconds`."""
+    code = ("import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); c.execute('BEGIN EXCLUSIVE'); "
+            "print('locked', flush=True); time.sleep(float(sys.argv[2])); c.rollback()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(db), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prints_sql(store_uri, caplog, capfd):
+    """Another process holds the store locked for 3 s while training logs every 2 steps and a sample grid from a
+    folder removed right after (as sampling does): no step waits on it, nothing of MLflow's SQL reaches the console,
+    and every step and the grid arrive once the lock is gone."""
+    caplog.set_level("WARNING")
+    client = store.client(store_uri)
+    logger = RunLogger.start(client, store.experiment_id(client, "locked"), name="locked", tags={}, flush_every=2)
+    waits, holder = [], None
+    for step in range(1, 81):
+        if step == 5:
+            holder = hold_exclusive(Path(store_uri.removeprefix("sqlite:///")), 3.0)
+        started = time.perf_counter()
+        logger.log_metrics({"train/loss": 1.0 / step}, step)
+        if step == 6:
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "grid_step000006.png").write_bytes(b"png")
+                logger.log_artifact(Path(folder) / "grid_step000006.png", "samples")
+        waits.append(time.perf_counter() - started)
+        time.sleep(0.03)  # the step's own work
+    holder.wait()
+    assert logger.end("FINISHED") is None
+    assert max(waits) < 0.5, max(waits)
+    assert sorted(m.step for m in client.get_metric_history(logger.run_id, "train/loss")) == list(range(1, 81))
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(logger.run_id, "samples")] == ["samples/grid_step000006.png"]
+    printed = capfd.readouterr()
+    text = printed.out + printed.err + "\n".join(r.getMessage() for r in caplog.records)
+    assert "SQL" not in text.replace("SQLAlchemy", "") and "Traceback" not in text, text
+
+
+def test_a_store_that_refuses_connections_overflows_the_buffer_into_the_pending_file(store_uri, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """Nothing listens at the store's address: no call waits, what passes max_held (50 metrics) goes to the
+    pending file at once with one line saying so, the rest at the end; replayed, the run has all 122 steps."""
+    from cluster_fixtures import free_port
+
+    from lora_sweep.tracking.replay import replay
+
+    caplog.set_level("WARNING")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    good = store.client(store_uri)
+    run_id = good.create_run(store.experiment_id(good, "refused")).info.run_id
+    pending = tmp_path / "mlflow_pending.json"
+    logger = RunLogger(store.client(f"http://127.0.0.1:{free_port()}"), run_id, flush_every=10, pending_file=pending,
+                       max_held=50)
+    waits = []
+    for step in range(1, 123):
+        started = time.perf_counter()
+        logger.log_metrics({"train/loss": 1.0 / step}, step)
+        waits.append(time.perf_counter() - started)
+    assert max(waits) < 0.5, max(waits)
+    assert "held metrics moved to" in caplog.text
+    assert logger.end("FINISHED") == pending
+    assert replay(pending, good).metrics == 122
+    assert sorted(m.step for m in good.get_metric_history(run_id, "train/loss")) == list(range(1, 123))
+    assert good.get_run(run_id).info.status == "FINISHED"

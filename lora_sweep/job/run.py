@@ -1,8 +1,9 @@
 """One job's life: set-up, an MLflow (child) run around `train`, and one end status written once.
 
 Set-up, in order: read its inputs once -> the device -> writable folders -> the store -> the config's lock
-(`ConfigLock` on `<state root>/<config_hash>/`; sweep.on_busy: wait or skip) -> skip-finished (same config hash and
-`skip_key`; not when train.resume names a state) -> the resume plan (`plan_resume`).
+(`ConfigLock` on `<state root>/<config_hash>/`; sweep.on_busy: wait or skip) -> replay what this config's runs could
+not send (`tracking.replay`) -> skip-finished (same config hash and `skip_key`; not when train.resume names a state)
+-> the resume plan (`plan_resume`).
 Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/SIGTERM, with a state),
 FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `store.close_stale_runs`
 marks it KILLED. A sweep's job that fails before its run exists still gets a FAILED child run; a job without a run
@@ -35,6 +36,7 @@ from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, status_file
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
+from lora_sweep.tracking.replay import PENDING_NAME, ends_the_run, pending_files, replay_quietly
 from lora_sweep.training.checkpoint import (
     ConfigLock,
     find_resumable,
@@ -131,6 +133,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     fingerprint = dataset_of(cfg, inputs.scans)
     key = skip_key(cfg, chash, fingerprint)
     found.update(fingerprint=fingerprint, skip_key=key)
+    replay_quietly(pending_files(state_root / chash))  # an earlier run's end, before deciding what it finished
     if cfg.sweep.skip_finished and cfg.train.resume in ("auto", "never"):  # a state asked for is resumed, as kohya
         done = finished_match(client, exp_id, chash, key, fingerprint, label)
         if done is not None:
@@ -188,17 +191,15 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     client, chash, resume_from = ready.client, ready.chash, ready.resume_from
     tags = {**_run_tags(cfg, label, chash, output_dir, sweep_dir, overrides), **(extra_tags or {})}
     tags.update({"lora_sweep.dataset": ready.fingerprint.digest, "lora_sweep.skip_key": ready.skip_key})
-    pending = output_dir / "mlflow_pending.json"
     if resume_from:
         tags["lora_sweep.resumed_from"] = str(resume_from)
     if ready.resume_changed:
         tags["lora_sweep.resume_changed"] = store.fit(ready.resume_changed, store.MAX_TAG_CHARS, "the job's log")
     if ready.continued_run:
-        logger = RunLogger.reopen(client, ready.continued_run, tags=tags, flush_every=cfg.tracking.flush_every,
-                                  pending_file=pending)
+        logger = RunLogger.reopen(client, ready.continued_run, tags=tags, flush_every=cfg.tracking.flush_every)
     else:
-        logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every,
-                                 pending_file=pending)
+        logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every)
+    logger.pending_file = run_folder(ready.state_root, chash, logger.run_id) / PENDING_NAME
     outcome, sink = JobOutcome("FAILED", logger.run_id), None
     checked = ready.checked or preflight_lib.Report()
     try:
@@ -241,8 +242,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             logger.log_params({"data.warnings": len(checked.fallbacks)})
         except Exception as exc:  # noqa: BLE001  (the run must still be closed)
             log.warning("could not log data.warnings: %s", exc)
-        logger.end(outcome.status, outcome.reason or None)
-    _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id)
+        pending = logger.end(outcome.status, outcome.reason or None)
+    _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id, pending)
     return outcome
 
 
@@ -386,18 +387,24 @@ def _parent_run_id(sweep_dir: Path | None) -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
-def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None) -> None:
-    """The job's last log line, with the command that browses its store; a bug's failure includes its traceback."""
+def _closing_line(cfg, outcome: JobOutcome, uri: str, exp_id: str | None = None, pending: Path | None = None) -> None:
+    """The job's last log line, with the command that browses its store; a bug's failure includes its traceback.
+    With a `pending` file it says what MLflow shows until that file is replayed."""
     from lora_sweep.tracking.ui import browse_command
 
     where = f"MLflow run {outcome.run_id} in experiment '{cfg.tracking.experiment}' ({uri})"
     browse = f"Browse with `{browse_command(uri, cfg.tracking.experiment, exp_id)}`."
+    if pending is not None:
+        shown = "shows RUNNING" if ends_the_run(pending) else f"shows {outcome.status} but lacks some metrics"
+        browse = (f"MLflow still {shown} until `python -m lora_sweep replay {pending}` (the next run of this config "
+                  f"does it too). {browse}")
+    here = " here;" if pending is not None else ""
     if outcome.status == "FINISHED":
-        log.info("FINISHED %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). %s",
-                 where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"], browse)
+        log.info("FINISHED%s %s: final loss %.4f; LoRA: %s (kohya) and %s (diffusers). %s",
+                 here, where, outcome.final_loss, outcome.files["kohya"], outcome.files["diffusers"], browse)
     elif outcome.status == "FAILED" and not outcome.user_error:
-        log.error("FAILED %s: %s", where, outcome.reason)
+        log.error("FAILED%s %s: %s%s", here, where, outcome.reason, f"\n{browse}" if pending is not None else "")
     else:
         reason = (outcome.reason or "").rstrip()
-        log.error("%s %s: %s %s", outcome.status, where, reason + ("" if not reason or reason.endswith(".") else "."),
-                  browse)
+        log.error("%s%s %s: %s %s", outcome.status, here, where,
+                  reason + ("" if not reason or reason.endswith(".") else "."), browse)

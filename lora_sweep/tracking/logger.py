@@ -1,15 +1,20 @@
-"""One MLflow run's logger (`RunLogger`): params, tags, batched metrics, artifacts, images and its end status."""
+"""One MLflow run's logger (`RunLogger`): params, tags, batched metrics, artifacts, images and its end status, all
+sent by a background writer so that training never waits on the store."""
 
 from __future__ import annotations
 
-import json
+import collections
+import contextlib
 import logging
+import os
+import shutil
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lora_sweep.tracking.store import FAILURE, MAX_PARAM_CHARS, MAX_TAG_CHARS, fit, last_logged_step
+from lora_sweep.tracking.store import FAILURE, MAX_PARAM_CHARS, MAX_TAG_CHARS, first_line, fit, last_logged_step
 
 log = logging.getLogger(__name__)
 
@@ -17,183 +22,282 @@ log = logging.getLogger(__name__)
 class RunLogger:
     """One MLflow run: params, tags, batched metrics, artifacts, images, and its end status.
 
-    An unreachable store never stops the training: what fails stays pending, is retried at each flush, and is
-    written to `pending_file` (JSON) if still pending at the end. A resumed run skips steps up to
-    `skip_through_step`, so each history holds each step once; that step itself is checked key by key (it may have
-    been cut short) and its images go again (the report takes the newest).
+    Every call only queues (a bounded buffer of `max_held` metrics); one writer thread sends the queue in order and,
+    while the store is unreachable, retries every `retry_s` seconds. What overflows the buffer, or is still unsent
+    `end_wait_s` after `end`, goes to `pending_file` (`tracking.replay` sends it later, end status included). A
+    resumed run skips steps up to `skip_through_step`, so each history holds each step once; that step itself is
+    checked key by key (it may have been cut short) and its images go again (the report takes the newest).
     """
 
-    def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None):
+    def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None, *,
+                 max_held: int = 200_000, retry_s: float = 5.0, end_wait_s: float = 30.0):
         self.client, self.run_id, self.flush_every = mlflow_client, run_id, max(1, flush_every)
         self.pending_file = pending_file
+        self.max_held, self.retry_s, self.end_wait_s = max_held, retry_s, end_wait_s
         self.skip_through_step = -1
-        self._pending: list = []
-        self._pending_params: list = []
-        self._pending_images: list = []  # (image, key, step): sent with the metrics of their step
-        self._pending_artifacts: list[tuple[Path, str | None]] = []  # copies of files that failed to upload
+        self._batch: list = []  # this step's and the last few steps' metrics, handed over every flush_every steps
         self._known_params: dict[str, str] = {}  # a reopened run's params (MLflow refuses to change one)
         self._logged_at_boundary: dict[str, bool] = {}  # key -> already has a value at skip_through_step
         self._steps_since_flush = 0
         self._current_step: int | None = None
+        self._queue: collections.deque = collections.deque()  # (kind, payload), sent in order by the writer
+        self._held = 0  # metrics in the queue
+        self._wake = threading.Condition()
+        self._closing = self._abandoned = False
         self._failing_since: float | None = None
-        self.seconds_in_mlflow = 0.0  # tracking overhead, for the benchmark
+        self._refused: Exception | None = None
+        self._spilled_early = 0
+        self._staging: Path | None = None  # artifacts waiting for the writer (links or copies)
+        self._staged = 0
+        self.seconds_in_mlflow = 0.0  # time the training thread spent in this logger, for the benchmark
+        self._writer = threading.Thread(target=self._write, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
+        self._writer.start()
 
     @classmethod
     def start(cls, mlflow_client, exp_id: str, *, name: str, tags: Mapping[str, str], flush_every: int = 25,
-              pending_file: Path | None = None):
+              pending_file: Path | None = None, **options):
         run = mlflow_client.create_run(exp_id, run_name=name, tags=dict(tags))
-        return cls(mlflow_client, run.info.run_id, flush_every, pending_file)
+        return cls(mlflow_client, run.info.run_id, flush_every, pending_file, **options)
 
     @classmethod
     def reopen(cls, mlflow_client, run_id: str, *, tags: Mapping[str, str], flush_every: int = 25,
-               pending_file: Path | None = None):
+               pending_file: Path | None = None, **options):
         """Continue an unfinished run: RUNNING again, its failure tag cleared, already-logged steps skipped."""
         run = mlflow_client.get_run(run_id)
         mlflow_client.update_run(run_id, status="RUNNING")
-        if "lora_sweep.failure" in run.data.tags:
-            mlflow_client.delete_tag(run_id, "lora_sweep.failure")
-        logger = cls(mlflow_client, run_id, flush_every, pending_file)
+        if FAILURE in run.data.tags:
+            mlflow_client.delete_tag(run_id, FAILURE)
+        logger = cls(mlflow_client, run_id, flush_every, pending_file, **options)
         logger.skip_through_step = last_logged_step(mlflow_client, run_id)
         resumes = int(run.data.tags.get("lora_sweep.resumes", "0")) + 1
         logger.set_tags({**tags, "lora_sweep.resumes": resumes})
         logger._known_params = dict(run.data.params)
         return logger
 
-    def _timed(self, fn, *args, **kwargs):
+    # ------------------------------------------------------------------------------------------ training thread
+
+    def _put(self, kind: str, payload: Any, size: int = 0) -> None:
         start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.seconds_in_mlflow += time.perf_counter() - start
+        with self._wake:
+            self._queue.append((kind, payload))
+            self._held += size
+            if self._held > self.max_held:
+                self._overflow()
+            self._wake.notify_all()
+        self.seconds_in_mlflow += time.perf_counter() - start
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Queue params and flush; on a reopened run only new keys (MLflow refuses to change a param)."""
+        """Queue params; on a reopened run only new keys (MLflow refuses to change a param)."""
         from mlflow.entities import Param
 
         fresh = {k: str(v) for k, v in params.items() if k not in self._known_params}
-        self._pending_params += [Param(k, fit(v, MAX_PARAM_CHARS, "the run's config.yaml")) for k, v in fresh.items()]
         self._known_params.update(fresh)  # a param logged twice with another value would fail the whole batch
         cut = sorted(k for k, v in fresh.items() if len(v) > MAX_PARAM_CHARS)
+        if fresh:
+            self._put("params", [Param(k, fit(v, MAX_PARAM_CHARS, "the run's config.yaml")) for k, v in fresh.items()])
         if cut:
             self.set_tags({"lora_sweep.cut_params": fit(", ".join(cut), MAX_TAG_CHARS, "config.yaml")})
-        self.flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._timed(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._put("tags", [RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue metrics for `step`; sent every `flush_every` steps when the next step begins (a step's metrics
-        together), and at `flush()`.
-        """
+        """Queue metrics for `step`; handed to the writer every `flush_every` steps when the next step begins (a
+        step's metrics together), and at `flush()`."""
         from mlflow.entities import Metric
 
         if step < self.skip_through_step:
             return
-        if step == self.skip_through_step:
-            metrics = {k: v for k, v in metrics.items() if not self._logged_at_skip_step(k)}
-            if not metrics:
-                return
         if step != self._current_step:
             if self._steps_since_flush >= self.flush_every:
-                self.flush()
+                self._hand_over()
             self._current_step = step
             self._steps_since_flush += 1
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._batch += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
 
-    def _logged_at_skip_step(self, key: str) -> bool:
-        if key not in self._logged_at_boundary:
-            history = self._timed(self.client.get_metric_history, self.run_id, key)
-            self._logged_at_boundary[key] = any(m.step == self.skip_through_step for m in history)
-        return self._logged_at_boundary[key]
+    def _hand_over(self) -> None:
+        self._steps_since_flush = 0
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._put("metrics", batch, len(batch))
 
     def log_image(self, image, key: str, step: int) -> None:
         if step >= self.skip_through_step:
-            self._pending_images.append((image, key, int(step)))
+            self._hand_over()  # an image goes with (after) the metrics of its step
+            self._put("image", (image.copy(), key, int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        try:
-            self._timed(self.client.log_artifact, self.run_id, str(path), artifact_path)
-        except Exception as exc:  # keep a copy (the caller may delete its file) and retry at the next flush
-            self._pending_artifacts.append((self._keep_copy(Path(path)), artifact_path))
-            self._unreachable(exc)
+        """Queue a file or folder; a hard link (else a copy) is taken now, so the caller may overwrite or delete it."""
+        self._put("artifact", (self._stage(Path(path)), artifact_path))
 
-    def _keep_copy(self, path: Path) -> Path:
-        import shutil
+    def _stage(self, path: Path) -> Path:
+        import tempfile
 
-        folder = (self.pending_file.parent if self.pending_file else Path.cwd()) / "mlflow_pending_artifacts"
-        folder.mkdir(parents=True, exist_ok=True)
-        copy = folder / f"{len(self._pending_artifacts):04d}_{path.name}"
-        (shutil.copytree if path.is_dir() else shutil.copy2)(path, copy)
-        return copy
+        if self._staging is None:
+            folder = self.pending_file.parent if self.pending_file else None
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix="mlflow-sending-", dir=folder))
+        self._staged += 1
+        staged = self._staging / f"{self._staged:05d}" / path.name
+        staged.parent.mkdir()
+        if path.is_dir():
+            shutil.copytree(path, staged, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, staged)
+        return staged
 
-    def flush(self) -> bool:
-        """Send everything pending; True if the store took it all. A failure keeps it pending for the next flush."""
-        self._steps_since_flush = 0
-        try:
-            while self._pending_params:
-                self._timed(self.client.log_batch, self.run_id, params=self._pending_params[:100])
-                self._pending_params = self._pending_params[100:]
-            while self._pending:
-                self._timed(self.client.log_batch, self.run_id, metrics=self._pending[:1000])
-                self._pending = self._pending[1000:]
-            while self._pending_images:
-                image, key, step = self._pending_images[0]
-                self._timed(self.client.log_image, self.run_id, image, key=key, step=step)
-                self._pending_images.pop(0)
-            while self._pending_artifacts:
-                path, artifact_path = self._pending_artifacts[0]
-                self._timed(self.client.log_artifact, self.run_id, str(path), artifact_path)
-                self._pending_artifacts.pop(0)
-        except Exception as exc:
-            if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
-                raise  # the store answered and refused the data: a bug to report, not an outage to wait out
-            self._unreachable(exc)
-            return False
-        if self._failing_since is not None:
-            log.warning("MLflow store %s reachable again after %.0f s; pending metrics sent",
-                        self.client.tracking_uri, time.monotonic() - self._failing_since)
-            self._failing_since = None
-        return True
-
-    def _unreachable(self, exc: Exception) -> None:
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            log.warning("MLflow store %s unreachable (%s): training goes on, metrics are kept and retried",
-                        self.client.tracking_uri, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-
-    def spill(self, status: str = "", reason: str | None = None) -> Path | None:
-        """Write what could not be sent to `pending_file` (metrics as JSON; artifacts stay in their copies)."""
-        if not (self._pending or self._pending_params or self._pending_images or self._pending_artifacts) \
-                or self.pending_file is None:
-            return None
-        from lora_sweep.atomic import write_text
-
-        data = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri, "status": status, "reason": reason,
-                "params": {p.key: p.value for p in self._pending_params},
-                "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                            for m in self._pending],
-                "images_not_sent": [{"key": k, "step": s} for _, k, s in self._pending_images],
-                "artifacts_not_sent": [{"file": str(p), "artifact_path": a} for p, a in self._pending_artifacts]}
-        write_text(self.pending_file, json.dumps(data, indent=1))
-        log.error("MLflow store %s still unreachable at the end of run %s: %d metrics written to %s; the LoRA files "
-                  "are on local disk", self.client.tracking_uri, self.run_id, len(self._pending), self.pending_file)
-        return self.pending_file
+    def flush(self, wait_s: float = 5.0) -> bool:
+        """Hand everything to the writer and wait up to `wait_s` while the store answers (not at all while it is
+        unreachable), so that a state written next never runs ahead of its metrics; True if the store has it all."""
+        self._hand_over()
+        start = time.perf_counter()
+        with self._wake:
+            self._wake.wait_for(lambda: not self._queue or self._failing_since is not None, timeout=wait_s)
+            sent = not self._queue
+        self.seconds_in_mlflow += time.perf_counter() - start
+        return sent
 
     def end(self, status: str, reason: str | None = None) -> Path | None:
-        """Flush and close the run as FINISHED, FAILED or KILLED, recording why it did not finish. Returns the
-        pending file if the store could not take everything."""
+        """Close the run as FINISHED, FAILED or KILLED, recording why it did not finish: waits up to `end_wait_s`
+        for the writer (once, without retries, when the store is unreachable). Returns the pending file when the
+        store did not take everything, the end status included (the run then still shows RUNNING there)."""
+        self._hand_over()
+        self._put("end", (status, reason))
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        self._writer.join(self.end_wait_s)
+        with self._wake:
+            self._abandoned = True  # a call still hanging in the writer is spilled too (replays are idempotent)
+            left, self._queue = list(self._queue), collections.deque()
         try:
-            if not self.flush():
-                return self.spill(status, reason)
-        except Exception as exc:  # refused data: the run cannot count as finished
-            status, reason = "FAILED", f"MLflow refused the run's data: {exc}\n{reason or ''}"
-        try:
+            if not left and not self._spilled_early:
+                return None
+            return self._spill(left, at_end=True)
+        finally:
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                with contextlib.suppress(OSError):  # a run folder made only for the staging
+                    self._staging.parent.rmdir()
+
+    # ---------------------------------------------------------------------------------------------- writer thread
+
+    def _write(self) -> None:
+        """Send the queue in order; an outage keeps the item and retries it (once more only when closing)."""
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._queue or self._closing or self._abandoned)
+                if self._abandoned or not self._queue:
+                    return
+                kind, payload = self._queue[0]
+            try:
+                self._send(kind, payload)
+            except Exception as exc:
+                if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
+                    self._refused = self._refused or exc  # the store answered and refused: the run fails, not waits
+                else:
+                    self._unreachable(exc)
+                    with self._wake:
+                        if self._closing:
+                            return
+                        self._wake.wait(self.retry_s)  # `end` wakes it for one last try
+                    continue
+            with self._wake:
+                if self._abandoned:
+                    return
+                self._queue.popleft()
+                back, held = self._failing_since, self._held  # counted before this item's metrics leave it
+                self._held -= len(payload) if kind == "metrics" else 0
+                self._failing_since = None
+                self._wake.notify_all()
+            if back is not None:
+                log.warning("MLflow store %s reachable again after %.0f s: sending the %d metrics held meanwhile",
+                            self.client.tracking_uri, time.monotonic() - back, held)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        run_id, client = self.run_id, self.client
+        if kind == "metrics":
+            metrics = [m for m in payload if m.step != self.skip_through_step or not self._logged_at_skip_step(m.key)]
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        elif kind == "params":
+            for i in range(0, len(payload), 100):
+                client.log_batch(run_id, params=payload[i:i + 100])
+        elif kind == "tags":
+            client.log_batch(run_id, tags=payload)
+        elif kind == "image":
+            image, key, step = payload
+            client.log_image(run_id, image, key=key, step=step)
+        elif kind == "artifact":
+            path, artifact_path = payload
+            client.log_artifact(run_id, str(path), artifact_path)
+            shutil.rmtree(path.parent, ignore_errors=True)  # the staged link or copy
+        elif kind == "end":
+            status, reason = payload
+            if self._refused is not None:  # the run cannot count as finished
+                status, reason = "FAILED", f"MLflow refused the run's data: {self._refused}\n{reason or ''}"
             if reason:
-                self.set_tags({FAILURE: fit(reason, MAX_TAG_CHARS, "the job's log")})
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as exc:
-            log.error("could not mark MLflow run %s %s (%s)", self.run_id, status, exc)
-        return None
+                client.set_tag(run_id, FAILURE, fit(reason, MAX_TAG_CHARS, "the job's log"))
+            client.set_terminated(run_id, status=status)
+
+    def _logged_at_skip_step(self, key: str) -> bool:
+        if key not in self._logged_at_boundary:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._logged_at_boundary[key] = any(m.step == self.skip_through_step for m in history)
+        return self._logged_at_boundary[key]
+
+    def _unreachable(self, exc: Exception) -> None:
+        with self._wake:
+            first = self._failing_since is None
+            if first:
+                self._failing_since = time.monotonic()
+            self._wake.notify_all()  # a waiting `flush` stops waiting
+        if first:
+            log.warning("MLflow store %s unreachable (%s): training goes on; up to %d metrics are held in memory "
+                        "and sent when it is back, more go to %s", self.client.tracking_uri, first_line(exc),
+                        self.max_held, self.pending_file or "the log")
+
+    # ------------------------------------------------------------------------------------------------- spilling
+
+    def _overflow(self) -> None:
+        """(Holding `_wake`.) Move queued metrics, oldest first but never the one in flight, to the pending file."""
+        moved = [item for item in list(self._queue)[1:] if item[0] == "metrics"]
+        for item in moved:
+            self._queue.remove(item)
+        count = sum(len(payload) for _, payload in moved)
+        self._held -= count
+        self._spill(moved, at_end=False)
+        self._spilled_early += count
+
+    def _spill(self, items: list, *, at_end: bool) -> Path | None:
+        """Add `items` to the pending file and say what went there (at the end: everything held so far)."""
+        from lora_sweep.tracking.replay import spill
+
+        uri, metrics = self.client.tracking_uri, sum(len(p) for kind, p in items if kind == "metrics")
+        metrics += self._spilled_early if at_end else 0
+        if self.pending_file is None:
+            log.error("MLflow store %s unreachable: run %s lost %d metrics and %d other records (no pending file)",
+                      uri, self.run_id, metrics, len(items))
+            return None
+        spill(self.pending_file, self.run_id, uri, items)
+        if not at_end:
+            log.warning("MLflow store %s still unreachable: %d held metrics moved to %s", uri, metrics,
+                        self.pending_file)
+        else:
+            ended = any(kind == "end" for kind, _ in items)
+            log.error("MLflow store %s did not take all of run %s: %d metrics%s kept in %s; the LoRA files are on "
+                      "local disk", uri, self.run_id, metrics, " and the run's end status" if ended else "",
+                      self.pending_file)
+        return self.pending_file
+
+
+def _link_or_copy(source, target) -> None:
+    """A hard link (instant, and the caller's later rewrite or removal leaves it intact), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)

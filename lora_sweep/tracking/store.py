@@ -21,6 +21,10 @@ HOST, PID, PID_STARTED = "lora_sweep.host", "lora_sweep.pid", "lora_sweep.pid_st
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 8000  # mlflow.utils.validation MAX_PARAM_VAL_LENGTH / MAX_TAG_VAL_LENGTH
 FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 JOB_RUNS_TAG = "lora_sweep.job_runs"  # on a sweep's parent: `<job number>=<run id>` of every job that has a run
+# MLflow's HTTP client retries for ~4 min by default (7 retries, backoff 2, 120 s timeout); ours gives up in seconds
+# and the logger's writer retries in the background. A value the user set wins.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -71,11 +75,20 @@ def check_store_uri(uri: str) -> None:
                 f"(its file backend is in maintenance mode). Fix: {fixes}. Nothing was trained.")
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line (MLflow's carry SQL statements and tracebacks on later lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def client(uri: str):
-    """An MlflowClient for `uri`, checked first (`check_store_uri`)."""
+    """An MlflowClient for `uri`, checked first (`check_store_uri`), with MLflow's HTTP retries bounded
+    (`HTTP_BOUNDS`)."""
     from mlflow.tracking import MlflowClient
 
     check_store_uri(uri)
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -18,8 +18,6 @@ from mlflow.tracking import MlflowClient
 
 from lora_sweep.errors import UserError, is_out_of_memory
 from lora_sweep.job.run import run_job
-from lora_sweep.tracking import store
-from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.training import checkpoint
 from lora_sweep.training import train as train_module
 from lora_sweep.training.failures import (
@@ -245,27 +243,3 @@ def test_unreachable_tracking_server_at_start_names_the_uri(tmp_path, mlflow_uri
         tiny_job(tmp_path, f"tracking.uri={uri}")
     assert uri in str(err.value) and "tracking.uri" in str(err.value)
     assert time.perf_counter() - start < 30
-
-
-def test_metrics_survive_a_tracking_outage_and_are_spilled_if_it_lasts(tmp_path, mlflow_uri, fast_http_failures):
-    good = store.client(mlflow_uri)
-    exp_id = store.experiment_id(good, "outage")
-    logger = RunLogger.start(good, exp_id, name="outage", tags={}, flush_every=2,
-                             pending_file=tmp_path / "out" / "mlflow_pending.json")
-    logger.log_metrics({"train/loss": 1.0}, 1)
-    assert logger.flush()
-    logger.client = store.client(f"http://127.0.0.1:{free_port()}")  # the server goes away mid-run
-    for step in (2, 3, 4):
-        logger.log_metrics({"train/loss": float(step)}, step)  # flushes every 2 steps: fails, training goes on
-    assert not logger.flush()
-    logger.client = good  # back again: everything pending arrives
-    assert logger.flush()
-    assert [m.step for m in good.get_metric_history(logger.run_id, "train/loss")] == [1, 2, 3, 4]
-
-    logger.client = store.client(f"http://127.0.0.1:{free_port()}")
-    logger.log_metrics({"train/loss": 5.0}, 5)
-    spilled = logger.end("FINISHED")
-    assert spilled == tmp_path / "out" / "mlflow_pending.json"
-    data = json.loads(spilled.read_text())
-    assert data["run_id"] == logger.run_id and data["status"] == "FINISHED"
-    assert [(m["step"], m["value"]) for m in data["metrics"]] == [(5, 5.0)]
