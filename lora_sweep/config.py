@@ -32,8 +32,8 @@ class DataConfig:
     enable_bucket: bool = True
     bucket_reso_steps: int = 32
     bucket_no_upscale: bool = False
-    min_bucket_reso: int | None = None  # null: a quarter of the resolution, as 256 is for 1024
-    max_bucket_reso: int | None = None  # null: twice the resolution, as kohya_ss's GUI uses 2048 for 1024
+    min_bucket_reso: int | None = None  # null: a quarter of the shorter side, down to a multiple of the steps
+    max_bucket_reso: int | None = None  # null: twice the longer side, as kohya_ss's GUI uses 2048 for 1024
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_separator: str = ","
