@@ -87,22 +87,30 @@ class JobSink:
 
 
 class StopOnSignal:
-    """First SIGINT/SIGTERM: stop after this step (sampling and evaluation give up at their next prompt, image or
-    denoising step); a second SIGINT raises KeyboardInterrupt."""
+    """First SIGINT, SIGTERM or SIGHUP (unless ignored, as under nohup): stop after this step (sampling and evaluation
+    give up at their next prompt, image or denoising step); `signum` is that signal. A second SIGINT raises
+    KeyboardInterrupt."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        caught = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # a closed terminal: save a state too
+            caught.append(signal.SIGHUP)
+        self._old = {s: signal.signal(s, self._handle) for s in caught}
         return self
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: ending after the current step (no end-of-run sampling or evaluation), saving a "
-                    "training state, then stopping (Ctrl-C again to abort)")
+        if self.requested:
+            return
+        self.requested, self.signum = True, signum
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+        log.warning("%s received: ending after the current step (no end-of-run sampling or evaluation), saving a "
+                    "training state, then stopping%s", signal.Signals(signum).name, again)
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
