@@ -472,6 +472,19 @@ def test_launcher_settings_and_an_empty_sweep_are_pre_flight_problems(app, argv,
     assert code == 2 and message in out and "Traceback" not in out and "Pre-flight found" in out
 
 
+def test_gpu_slots_torch_cannot_use_are_refused_unless_every_job_is_on_the_cpu(app, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    count = torch.cuda.device_count()
+    slots = f"hydra.launcher.gpus=[{count},{count + 1}]"  # past the last device torch sees, none on a CPU machine
+    code, out = app("-m", slots, "noise=none,offset")
+    assert code == 2 and f"{slots.replace(',', ', ')}: the sweep's GPU slots gpu{count}, gpu{count + 1} cannot" in out
+    assert "hydra.launcher.gpus=[]" in out and "Traceback" not in out
+    code, out = app("-m", slots, "noise=none,offset", "train.device=cpu", "train.max_steps=-1")
+    assert code == 2 and "hydra.launcher.gpus" not in out  # CPU jobs on GPU slots: the user's choice
+
+
 def test_unusable_folders_and_stores_are_all_named_at_once(tmp_path, app, monkeypatch):
     """As root, os.access says /proc is writable: Hydra then made outputs/ before the job refused it."""
     code, out = app("train.output_dir=/proc/out", "train.state_dir=/proc/states", "hydra.run.dir=/proc/x")
