@@ -244,6 +244,19 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+NO_GLYPH = "\U000f0000"  # a private-use code point: fonts draw it as their missing-glyph box
+
+
+def has_glyphs(text: str, font) -> bool:
+    """True if `font` draws every character of `text` (none comes out as the font's missing-glyph box)."""
+    def drawn(char: str) -> tuple:
+        mask = font.getmask(char)
+        return mask.size, bytes(mask)
+
+    missing = drawn(NO_GLYPH)
+    return all(drawn(char) != missing for char in set(text) if not char.isspace())
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
     """Shorten `text` with an ellipsis until it fits `max_width` pixels."""
     if draw.textlength(text, font=font) <= max_width:
@@ -287,10 +300,18 @@ def make_grid(
 
 
 def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -> Image.Image:
-    """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index and seed."""
+    """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index, seed and the
+    prompt's first words; only `p00 s42` where the label font lacks a glyph of the prompt (Pillow's default font has
+    Latin letters only: CJK would be boxes). The prompts are in the step's `samples/prompts.json`."""
     layout = grid_layout(prompts)
     cells = [images[i] if i is not None else None for row in layout for i in row]
-    labels = [prompts[i].label(i) if i is not None else "" for row in layout for i in row]
+    font = _font(10)
+
+    def label(i: int) -> str:
+        text = prompts[i].label(i)
+        return text if has_glyphs(text, font) else text.split(":", 1)[0]
+
+    labels = [label(i) if i is not None else "" for row in layout for i in row]
     return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels)
 
 
@@ -326,7 +347,7 @@ def log_samples(
             grid_path = Path(folder) / f"grid_step{int(step):06d}.png"
             grid.save(grid_path)
             specs_path = Path(folder) / "prompts.json"
-            specs_path.write_text(json.dumps(specs, indent=1), encoding="utf-8")
+            specs_path.write_text(json.dumps(specs, indent=1, ensure_ascii=False), encoding="utf-8")
             sink.artifact(grid_path, "samples")
             sink.artifact(specs_path, "samples")
         return
