@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra_plugins._job_outcome import STATUS_ENV, status_path
+from lora_sweep import progress as progress_lib
 from lora_sweep.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,17 @@ class StatusFile:
 
 
 class JobSink:
-    """The trainer's `Sink`: MLflow run logger + progress bar + the queue's status file."""
+    """The trainer's `Sink`: MLflow run logger + progress (a bar on a terminal, else a log line every
+    `progress.EVERY_S` seconds and at the last step) + the queue's status file."""
 
     def __init__(self, logger: Any, status: StatusFile, label: str,  # logger: tracking.logger.RunLogger
                  on_warning: Callable[[Any], None] | None = None):
         from tqdm.auto import tqdm
 
-        self.logger, self.status, self.bar = logger, status, tqdm(desc=label, unit="step", dynamic_ncols=True)
+        self.logger, self.status, self.label = logger, status, label
+        self.bar = tqdm(desc=label, unit="step", dynamic_ncols=True, disable=not progress_lib.on_terminal())
         self.on_warning = on_warning
+        self._last_line = time.monotonic()
 
     def warn(self, fallback) -> None:
         """Record a fallback found while training (an image that failed to decode) with the run's warnings."""
@@ -84,6 +88,11 @@ class JobSink:
             self.bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
         self.bar.refresh()
         self.status.update(step=step, max_steps=max_steps, loss=shown, speed=speed)
+        due = step >= max_steps or time.monotonic() - self._last_line >= progress_lib.EVERY_S
+        if self.bar.disable and step > 0 and due:  # no terminal: a log line now and then
+            self._last_line = time.monotonic()
+            log.info("training %s: step %d/%d%s%s", self.label, step, max_steps,
+                     f", loss {shown:.4f}" if shown is not None else "", f", {speed}" if speed else "")
 
 
 class StopOnSignal:

@@ -114,7 +114,8 @@ def sample_images(
     `unet`: the unwrapped module; the VAE and text encoders move to its device for the call. `autocast`: a factory of
     the training precision's autocast context (fp8/fp16 base weights, mixed dtypes). `should_stop`: asked before each
     prompt and after each denoising step; once True, the finished images are returned (fewer than `prompts`). Logs
-    one line of every prompt's size and steps, then a tqdm bar over all denoising steps that leaves no line behind.
+    one line of every prompt's size and steps, then a `Progress` over all denoising steps (a bar that leaves no line
+    behind on a terminal).
     """
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -144,11 +145,12 @@ def _in_eval_mode(*modules) -> Iterator[None]:
 
 def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
               should_stop: Callable[[], bool] | None) -> list[Image.Image]:
-    """One image per prompt under a tqdm bar over all their denoising steps; once `should_stop` answers True, the
+    """One image per prompt under a `Progress` over all their denoising steps; once `should_stop` answers True, the
     image under way is dropped and the finished ones are returned."""
-    from tqdm.auto import tqdm
+    from lora_sweep.progress import Progress
 
-    bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+    bar = Progress(f"sampling{f' at {label}' if label else ''}", sum(p.steps for p in prompts), "step", leave=False,
+                   announce=False)  # sample_images' line names the prompts
     stop_check = _stop_check(should_stop) if should_stop is not None else None
 
     def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
@@ -160,8 +162,7 @@ def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
         for index, spec in enumerate(prompts):
             if should_stop is not None and should_stop():
                 break
-            bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
-                                f"{spec.width}x{spec.height}")
+            bar.describe(f"prompt {index + 1}/{len(prompts)}, {spec.width}x{spec.height}")
             with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
                     index, len(prompts), spec):
                 images.append(_draw(pipeline, spec, advance))

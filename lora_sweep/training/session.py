@@ -201,6 +201,7 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_li
     """
     started = time.perf_counter()
     path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))
+    log.info("loading the model from %s", path)  # a minute or more for SDXL from a slow disk
     dtypes = None
     if policy is not None:
         on_disk = model_lib.checkpoint_dtypes(model_lib.check_model_path(path))

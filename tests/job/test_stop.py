@@ -83,7 +83,7 @@ def test_ctrl_c_during_expensive_sampling_stops_within_one_denoising_step(tmp_pa
     it ends the run within seconds, KILLED, with nothing sampled and no state (nothing was trained)."""
     proc, _, console = start(tmp_path, "train.max_steps=3", "sampling.prompts=[a cat]", "sampling.width=1024",
                              "sampling.height=1024", "sampling.steps=30")
-    wait_for(proc, lambda: "sampling 1 prompt(s) at step 0" in console.read_text(), "step 0's sampling")
+    wait_for(proc, lambda: "sampling at step 0: 1 prompt" in console.read_text(), "step 0's sampling")
     time.sleep(1.0)  # inside the pipeline's denoising loop
     proc.send_signal(signal.SIGINT)
     took = ended_within(proc, 90)

@@ -256,11 +256,12 @@ def test_modules_on_moves_and_returns():
     assert parked.weight.device.type == "cpu"
 
 
-def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd):
-    """A long sample is never a silent `0step`: one log line with every prompt's size and steps, then a bar over
-    all denoising steps (3 + 3 here) naming the prompt being drawn."""
+def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd, monkeypatch):
+    """A long sample is never a silent `0step`: one log line with every prompt's size and steps, then on a terminal
+    a bar over all denoising steps (3 + 3 here) naming the prompt being drawn."""
     import logging
 
+    monkeypatch.setattr("lora_sweep.progress.on_terminal", lambda: True)
     with caplog.at_level(logging.INFO, logger="lora_sweep.sampling.images"):
         draw(pipe, label="step 0")
     assert caplog.messages == ["sampling at step 0: 2 prompts, p00 64x64 3 steps, p01 64x64 3 steps"]
