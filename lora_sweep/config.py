@@ -38,7 +38,7 @@ class DataConfig:
     keep_tokens: int = 0
     caption_separator: str = ","
     flip_aug: bool = False
-    cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR or ~/.cache/lora-sweep
+    cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR, $XDG_CACHE_HOME/lora-sweep or ~/.cache/lora-sweep
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
     validation_split: float = 0.0
     validation_dir: str | None = None
