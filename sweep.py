@@ -70,7 +70,7 @@ def share_cpu_cores(hc) -> None:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> JobOutcome:
     """One job: returns its outcome when FINISHED or SKIPPED; FAILED or KILLED raises `JobFailed` in a sweep, and
-    exits a single run with 1, 2 (bad input) or 130 (stopped)."""
+    exits a single run with 1, 2 (bad input) or 128 + the signal that stopped it (130 SIGINT, 143 SIGTERM)."""
     from lora_sweep.job.run import run_job
 
     lora_sweep.setup()  # a launcher's job process runs this function, not the module's start
@@ -91,7 +91,7 @@ def main(cfg: DictConfig) -> JobOutcome:
     if outcome.status in ("FAILED", "KILLED"):
         if multirun:
             raise job_failed(outcome)
-        sys.exit(130 if outcome.status == "KILLED" else 1)  # 130, as a stopped sweep
+        sys.exit(128 + (outcome.stop_signal or 2) if outcome.status == "KILLED" else 1)  # as a shell reports it
     return outcome
 
 

@@ -40,6 +40,7 @@ class JobOutcome:
     final_loss: float | None = None
     files: dict[str, Any] | None = None
     label: str | None = None
+    stop_signal: int | None = None  # KILLED by this signal: a single run exits 128 + it, as a shell reports
 
 
 class JobNotFinished(RuntimeError):

@@ -32,13 +32,13 @@ class DataConfig:
     enable_bucket: bool = True
     bucket_reso_steps: int = 32
     bucket_no_upscale: bool = False
-    min_bucket_reso: int | None = None  # null: a quarter of the resolution, as 256 is for 1024
-    max_bucket_reso: int | None = None  # null: twice the resolution, as kohya_ss's GUI uses 2048 for 1024
+    min_bucket_reso: int | None = None  # null: a quarter of the shorter side, down to a multiple of the steps
+    max_bucket_reso: int | None = None  # null: twice the longer side, as kohya_ss's GUI uses 2048 for 1024
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_separator: str = ","
     flip_aug: bool = False
-    cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR or ~/.cache/lora-sweep
+    cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR, $XDG_CACHE_HOME/lora-sweep or ~/.cache/lora-sweep
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
     validation_split: float = 0.0
     validation_dir: str | None = None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import ROOT, compose_config
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lora_sweep.checks.validate import config_problems
@@ -271,3 +274,59 @@ def test_a_misspelt_launcher_setting_names_the_active_launchers_settings():
             compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"],
                     return_hydra_config=True)
         assert "Did you mean hydra.launcher.partition" in hydra_error_text(err.value)
+
+
+def _literal(text: str):
+    """A documented default as a value: `word`, true/false, null (also "null: ..."), a number; None if prose."""
+    text = text.split(":")[0].strip()
+    if re.fullmatch(r"`[^`]+`", text):
+        return text.strip("`")
+    if text in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[text]
+    try:
+        return float(text)
+    except ValueError:
+        return _PROSE
+
+
+_PROSE = object()
+
+
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of each body row of the first table after `heading`."""
+    table = text.split(heading, 1)[1].split("\n|", 1)[1].split("\n\n")[0]
+    return [[c.strip() for c in row.strip().strip("|").split("|")] for row in ("|" + table).splitlines()[2:]]
+
+
+def test_documented_defaults_are_the_composed_ones():
+    cfg = compose_config()
+    rows = _table_rows((ROOT / "docs" / "options.md").read_text(encoding="utf-8"), "## Other keys")
+    checked = 0
+    for keys, default, _ in rows:
+        keys = re.findall(r"`([^`]+)`", keys)
+        defaults = default.split(", ") if default else []
+        for key, text in zip(keys, defaults, strict=False):
+            documented = _literal(text)
+            if documented is not _PROSE:
+                assert OmegaConf.select(cfg, key) == documented, f"docs/options.md: {key} defaults to {text}"
+                checked += 1
+    assert checked >= 20
+
+
+def test_readme_optimizer_defaults_are_the_options_files():
+    checked = 0
+    rows = _table_rows((ROOT / "README.md").read_text(encoding="utf-8"), "| optimizer option |")
+    for option, _, defaults in rows:
+        cfg = compose_config(f"optimizer={option.strip('`')}").optimizer
+        for item in re.split(r", (?![^(]*\))", defaults):  # not inside "(0.9, 0.99)"
+            name, _, value = item.partition(" ")
+            if name == "lr":
+                assert cfg.lr == float(value), f"README: {option} {item}"
+            elif name == "betas":
+                assert list(cfg.args.betas) == [float(v) for v in value.strip("()").split(", ")], option
+            elif name in cfg.args:
+                assert cfg.args[name] == (True if not value else float(value)), f"README: {option} {item}"
+            else:
+                continue
+            checked += 1
+    assert checked >= 10

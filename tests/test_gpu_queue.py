@@ -326,6 +326,17 @@ def test_ctrl_c_stops_running_jobs_cleanly_and_starts_no_more(tmp_path):
     assert toy.no_processes_left(token) == []
 
 
+def test_sigterm_to_the_sweep_names_it_and_exits_143(tmp_path):
+    proc, token = _start_long_sweep(tmp_path)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's stop: to the sweep process alone
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 143, output
+    assert "gpu_queue: SIGTERM received: no new jobs" in output and "gpu_queue: interrupted" not in output
+    jobs = toy.summary(tmp_path / "multirun")
+    assert [jobs[k]["state"] for k in LABELS] == ["KILLED", "KILLED", "CANCELLED", "CANCELLED"]
+    assert toy.no_processes_left(token) == []
+
+
 def test_second_ctrl_c_kills_jobs_that_do_not_stop(tmp_path):
     proc, token = _start_long_sweep(tmp_path, "ignore_sigint=true", "hydra.launcher.kill_grace_s=0.5")
     os.killpg(proc.pid, signal.SIGINT)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_sweep"
 SUBPACKAGES = ("data", "model", "sampling", "training", "compare", "job")
 # Modules anyone may import: small, cross-cutting, no diffusion in them.
-SHARED = {"errors", "atomic", "config", "paths", "tracking"}
+SHARED = {"errors", "atomic", "config", "paths", "progress", "tracking"}
 # The top level holds the package's entry points (the CLI, the sweep's Hydra callback) and the shared modules, and
 # nothing else: every other topic is a folder named for it (a subpackage, or checks/ for the input checks).
 ENTRY = {"__main__", "callbacks"}

@@ -225,6 +225,27 @@ def test_the_real_command_exits_2_without_a_traceback_and_writes_nothing(tmp_pat
     assert list(work.iterdir()) == []
 
 
+def test_an_override_hydras_grammar_cannot_read_is_one_paragraph_exit_2(tmp_path):
+    """The real command: an unquoted non-ASCII value (a lexer error) and a cut-off list (a parser error)."""
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "data.dir=/data/訓練", "train.max_steps=[1,"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines() == [
+        "Cannot read the override 'data.dir=/data/訓練': '訓' (character 16) cannot appear in an unquoted value, "
+        "which holds only ASCII letters, digits, spaces and / \\ - + . _ : $ % * @ ? |. Quote the value, and the "
+        "whole override for the shell: 'data.dir=\"/data/訓練\"'. Hydra's override grammar: "
+        "https://hydra.cc/docs/advanced/override_grammar/basic/",
+        "Cannot read the override 'train.max_steps=[1,': no viable alternative at input '[1,'. Write key=value, a "
+        "list as [a,b], a sweep as a,b, and quote a value with other characters: 'key=\"value\"'. Hydra's override "
+        "grammar: https://hydra.cc/docs/advanced/override_grammar/basic/"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_quoted_value_that_message_suggests_composes():
+    assert compose_config('data.dir="/data/訓練"').data.dir == "/data/訓練"
+    assert list(compose_config('sampling.prompts=["a cat","訓練"]').sampling.prompts) == ["a cat", "訓練"]
+
+
 def test_sixteen_bit_scan_is_header_only_and_the_caption_policy_is_warned(tmp_path):
     """Warnings (fallbacks) never stop a run: missing captions with another extension beside them, a blank
     first line, a nested folder, an animated file, a single-dash prompt option."""
@@ -449,6 +470,19 @@ def test_a_sweep_whose_jobs_share_one_output_folder_is_refused(tmp_path, app):
 def test_launcher_settings_and_an_empty_sweep_are_pre_flight_problems(app, argv, message):
     code, out = app("-m", "noise=none,offset", *argv) if "glob" not in argv[-1] else app("-m", *argv)
     assert code == 2 and message in out and "Traceback" not in out and "Pre-flight found" in out
+
+
+def test_gpu_slots_torch_cannot_use_are_refused_unless_every_job_is_on_the_cpu(app, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    count = torch.cuda.device_count()
+    slots = f"hydra.launcher.gpus=[{count},{count + 1}]"  # past the last device torch sees, none on a CPU machine
+    code, out = app("-m", slots, "noise=none,offset")
+    assert code == 2 and f"{slots.replace(',', ', ')}: the sweep's GPU slots gpu{count}, gpu{count + 1} cannot" in out
+    assert "hydra.launcher.gpus=[]" in out and "Traceback" not in out
+    code, out = app("-m", slots, "noise=none,offset", "train.device=cpu", "train.max_steps=-1")
+    assert code == 2 and "hydra.launcher.gpus" not in out  # CPU jobs on GPU slots: the user's choice
 
 
 def test_unusable_folders_and_stores_are_all_named_at_once(tmp_path, app, monkeypatch):

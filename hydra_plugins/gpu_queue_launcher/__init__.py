@@ -25,7 +25,7 @@ Protocols with a job (the job side is optional):
 4. Output: file descriptors 1 and 2 go to `<job dir>/console.log`.
 5. Signals: each job leads its own process group. First SIGINT/SIGTERM: no new jobs, queued ones CANCELLED,
    running ones get SIGINT. Second: another SIGINT, then SIGKILL after `kill_grace_s`. Third: SIGKILL. The sweep
-   exits 130. (Handlers only when Hydra runs in the main thread.)
+   exits 128 + the first signal (130 SIGINT, 143 SIGTERM). (Handlers only when Hydra runs in the main thread.)
 6. Exit status: FAILED, KILLED and CANCELLED become FAILED JobReturns; Hydra re-raises the first as one compact
    line, so the sweep exits 1. Hydra 1.3.8 then skips Callback.on_multirun_end. Under Ray a sys.exit in a task
    kills the worker and the sweep: raise instead.

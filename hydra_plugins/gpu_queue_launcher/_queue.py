@@ -20,14 +20,17 @@ from ._slots import Slot
 
 
 class Interrupts:
-    """Counts SIGINT/SIGTERM while active (main thread only: Python allows handlers nowhere else)."""
+    """Counts SIGINT/SIGTERM while active (main thread only: Python allows handlers nowhere else); `first` is the
+    first one's number."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.first: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
+        self.first = self.first or signum
 
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
@@ -55,8 +58,8 @@ def _announce_named(unnamed: dict[int, JobRecord], console: Console) -> None:
 
 
 def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, console: Console,
-              start: Callable[[JobRecord], None], kill_grace_s: float = 5.0, poll_s: float = 0.1) -> bool:
-    """Run every record to a final state; True if the sweep was interrupted."""
+              start: Callable[[JobRecord], None], kill_grace_s: float = 5.0, poll_s: float = 0.1) -> int | None:
+    """Run every record to a final state; the first signal that interrupted the sweep, or None."""
     pending = deque(records)
     running: dict[int, JobRecord] = {}
     free = sorted(slots, key=lambda s: s.index)
@@ -67,7 +70,8 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
         try:
             while pending or running:
                 if interrupts.count:
-                    warned = _on_interrupt(interrupts.count, warned, pending, running, pool, console, kill_grace_s)
+                    warned = _on_interrupt(interrupts.count, warned, pending, running, pool, console, kill_grace_s,
+                                           signal.Signals(interrupts.first or signal.SIGINT).name)
                 while pending and free and not interrupts.count:
                     record, slot = pending.popleft(), free.pop(0)
                     record.slot, record.slot_free_at, record.state = slot, free_since[slot.index], "STARTING"
@@ -110,11 +114,11 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
             pending.clear()
         finally:
             _kill_all(running, pool)
-    return interrupts.count > 0
+    return interrupts.first
 
 
 def _on_interrupt(count: int, warned: int, pending: deque, running: dict[int, JobRecord], pool: Any,
-                  console: Console, kill_grace_s: float) -> int:
+                  console: Console, kill_grace_s: float, name: str = "SIGINT") -> int:
     """Escalate to `count` interrupts (called every loop turn); returns how many have been announced.
 
     Queued jobs are CANCELLED. 1: SIGINT (checkpoint and stop). 2: SIGINT again (abort now), then SIGKILL
@@ -136,7 +140,7 @@ def _on_interrupt(count: int, warned: int, pending: deque, running: dict[int, Jo
             record.signals_sent = 3
     if warned < level:
         console.message({
-            1: f"gpu_queue: interrupted: no new jobs; asked {len(running)} running job(s) to stop cleanly "
+            1: f"gpu_queue: {name} received: no new jobs; asked {len(running)} running job(s) to stop cleanly "
                "(interrupt again to abort them)",
             2: f"gpu_queue: interrupted again: aborting {len(running)} running job(s); any still running in "
                f"{kill_grace_s:g}s gets SIGKILL (interrupt once more to kill now)",

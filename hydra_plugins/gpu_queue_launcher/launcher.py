@@ -93,19 +93,20 @@ class GpuQueueLauncher(Launcher):
                  ", ".join(s.name for s in slots), sweep_dir)
         pool = self._ensure_pool(work_dir)
         console = Console(sys.stdout, self.console_mode, slots, self.refresh_s, self.progress_every_s)
-        interrupted = run_queue(records, slots, pool, console, start=lambda r: self._start(pool, r),
-                                kill_grace_s=self.kill_grace_s)
+        stopped_by = run_queue(records, slots, pool, console, start=lambda r: self._start(pool, r),
+                               kill_grace_s=self.kill_grace_s)
         console.close()
         for r in records:
             if r.job_return is None:  # died, killed or never started
                 record_verdict(r.job.status_path, r.outcome())
         self._records += records
+        interrupted = stopped_by is not None
         self._write_summary(sweep_dir / "gpu_queue_summary.json", pool, interrupted)
         sys.stdout.write(summary(records, self.log_tail_lines))
         sys.stdout.flush()
         if interrupted:
             self._close_pool()
-            raise SystemExit(130)  # like a shell after Ctrl-C; the table above says what happened
+            raise SystemExit(128 + stopped_by)  # as a shell reports the signal; the table above says what happened
         unfinished = sum(r.state not in ("FINISHED", "SKIPPED") for r in records)
         note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
         return [to_job_return(r.outcome(), r.job_return, overrides=r.job.overrides, working_dir=str(r.job.job_dir),

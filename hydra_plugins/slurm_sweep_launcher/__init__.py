@@ -12,6 +12,6 @@ and jobs still run Hydra's `run_job` through submitit as one job array. What it 
 3. **A summary**: a table, each failure's reason with its logs' tail, and `<sweep dir>/slurm_summary.json`. Jobs
    speak the gpu_queue's protocols (outcome, status file) and are judged by `_job_outcome.verdict`.
 4. **The time-limit warning stops training cleanly.** submitit checkpoints and requeues from inside its USR2
-   handler, mid-step. Here USR2 goes to the training loop as SIGTERM: it saves a state and ends KILLED; only then
+   handler, mid-step. Here USR2 goes to the training loop's stop handler: it saves a state and ends KILLED; only then
    does submitit's handler decide to requeue (the job resumes from that state in the same run) or not.
 """

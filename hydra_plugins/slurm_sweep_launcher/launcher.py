@@ -133,7 +133,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             if callable(stop) and getattr(stop, "__name__", "") != "bypass":  # the training loop's handler
                 log.warning("Slurm's %s (time limit or preemption near): stopping after this step, saving a "
                             "training state", signal.Signals(signum).name)
-                stop(signal.SIGTERM, frame)
+                stop(signum, frame)  # the run records the signal that stopped it
             else:
                 log.warning("Slurm's %s arrived before training started: the job goes on; Slurm's SIGTERM at the "
                             "limit will stop it cleanly", signal.Signals(signum).name)

@@ -53,15 +53,19 @@ def command_line_problems(argv: list[str]) -> list[str]:
         return []
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     parser = get_args_parser()
     parser.exit_on_error = False
     try:
         args, _ = parser.parse_known_args(argv)
-        if args.config_path or args.config_dir or args.config_name not in (None, "config"):
-            return []
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
     except (Exception, SystemExit):  # Hydra reports a malformed command line itself
+        return []
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException:
+        return _syntax_problems(args.overrides)
+    if args.config_path or args.config_dir or args.config_name not in (None, "config"):
         return []
     keys = set(schema_keys())
     nodes = {k.split(".")[0] for k in keys}
@@ -92,6 +96,41 @@ def command_line_problems(argv: list[str]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def _syntax_problems(texts: list[str]) -> list[str]:
+    """One `override_syntax_message` per override Hydra's grammar cannot read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, problems = OverridesParser.create(), []
+    for text in texts:
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException as exc:
+            problems.append(override_syntax_message(text, exc))
+    return problems
+
+
+def override_syntax_message(override: str, error: BaseException) -> str:
+    """One paragraph for an override Hydra's grammar cannot read: for its lexer's error (a character such as
+    non-ASCII text), the character and the override with its value quoted; for its parser's error, Hydra's detail."""
+    lines = str(error).splitlines()
+    lexer = "LexerNoViableAltException: "
+    grammar = "Hydra's override grammar: https://hydra.cc/docs/advanced/override_grammar/basic/"
+    at = lines[1].index("^") - len(lexer) if lines[0].startswith(lexer) and "^" in "".join(lines[1:2]) else -1
+    key, equals, value = override.partition("=")
+    if equals and 0 <= at < len(override):  # the caret sits under the first character the lexer cannot read
+        if value.startswith("[") and value.endswith("]"):  # a list: quote each item
+            value = "[" + ",".join(f'"{item.strip()}"' for item in value[1:-1].split(",")) + "]"
+        else:
+            value = f'"{value}"'
+        return (f"Cannot read the override {override!r}: {override[at]!r} (character {at + 1}) cannot appear in "
+                "an unquoted value, which holds only ASCII letters, digits, spaces and / \\ - + . _ : $ % * @ ? |. "
+                f"Quote the value, and the whole override for the shell: '{key}={value}'. {grammar}")
+    detail = next((line for line in lines if line and not line.startswith(("Error parsing", "See "))), "")
+    return (f"Cannot read the override {override!r}: {detail.rstrip('.')}. Write key=value, a list as [a,b], a "
+            f"sweep as a,b, and quote a value with other characters: 'key=\"value\"'. {grammar}")
+
+
 def _group_problems(group: str, values: list[Any]) -> list[str]:
     options = group_options(group)
     if not options:
@@ -118,8 +157,8 @@ def hydra_error_text(error: BaseException) -> str:
             return unknown_key_message(missing[1])
     text = str(error) + ("\n" + str(cause) if isinstance(cause, OmegaConfBaseException) else "")
     override = getattr(error, "override", None)  # OverrideParseException: a syntax error in one override
-    if isinstance(override, str) and override not in text:
-        text = f"Error parsing override '{override}':\n{text}"
+    if isinstance(override, str):
+        return override_syntax_message(override, error)
     lines, options, available = [], None, {}
     for line in text.splitlines():
         if line.startswith("Config search path"):

@@ -1,9 +1,11 @@
 """The pre-flight's checks of a sweep as a whole, where every job alone may be right: no jobs, jobs sharing an
-output folder, jobs logging to different experiments or stores, gpu_queue launcher settings it would refuse late.
+output folder, jobs logging to different experiments or stores, gpu_queue launcher settings it would refuse late,
+GPU slots this machine's torch cannot use.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 def sweep_problems(config: DictConfig, jobs: dict[str, DictConfig], count: int) -> list[str]:
     """Problems of the sweep `config` of `count` jobs; `jobs`: label -> config (paths absolute) of those composed."""
     problems = launcher_problems(config)
+    problems += [] if problems else gpu_slot_problems(config, jobs)
     if count == 0:
         problems.append(no_jobs_problem(config))
     problems += shared_output_problems(jobs)
@@ -28,6 +31,36 @@ def launcher_problems(config: DictConfig) -> list[str]:
 
     settings = OmegaConf.to_container(launcher, resolve=True)
     return gpu_queue_problems(settings)
+
+
+def gpu_slot_problems(config: DictConfig, jobs: dict[str, DictConfig]) -> list[str]:
+    """The gpu_queue's GPU slots that torch here cannot use (no CUDA device, or an index past the last one) while a
+    job would use CUDA (train.device auto or cuda): each such job would be refused as it starts. The launcher itself
+    stays free of torch; this check runs in the sweep's pre-flight."""
+    launcher = config.hydra.get("launcher") or {}
+    if not str(launcher.get("_target_", "")).endswith("GpuQueueLauncher"):
+        return []
+    from hydra_plugins.gpu_queue_launcher._slots import plan_slots
+
+    gpus = OmegaConf.to_container(launcher, resolve=True).get("gpus", "auto")
+    devices = list(dict.fromkeys(s.device for s in plan_slots(gpus, 1, 1) if s.device is not None))
+    if not devices or all(str(job.train.device) == "cpu" for job in jobs.values()):
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    if count and os.environ.get("CUDA_VISIBLE_DEVICES") is None:  # the slots' indices are this machine's
+        unusable = [d for d in devices if d.isdigit() and int(d) >= count]
+    else:
+        unusable = [] if count else devices
+    if not unusable:
+        return []
+    sees = (f"no CUDA device (this torch {torch.__version__} is a CPU-only build)" if torch.version.cuda is None
+            else f"{count} CUDA device(s)" + ("" if count else ": the driver finds none"))
+    return [f"hydra.launcher.gpus={gpus}: the sweep's GPU slots {', '.join(f'gpu{d}' for d in unusable)} cannot be "
+            f"used: torch on this machine sees {sees}, so every job started there with train.device=auto or cuda "
+            "would be refused. Run on CPU slots with hydra.launcher.gpus=[] (hydra.launcher.cpu_slots=N), list the "
+            "GPUs torch sees, or fix the GPU set-up (a CUDA build of torch, the NVIDIA driver)."]
 
 
 def no_jobs_problem(config: DictConfig) -> str:

@@ -168,12 +168,19 @@ def _too_small(width: int, height: int, steps: int) -> str:
     )
 
 
+def default_min_bucket_reso(width: int, height: int, steps: int) -> int:
+    """min_bucket_reso when null: a quarter of the shorter side rounded down to a multiple of `steps`, at least one
+    step (1024 -> 256, 1000 -> 224 at steps 32; 96 and 64 -> 32). On the step grid because bucket widths step from
+    it (kohya's fixed 256 is this at 1024)."""
+    return max(steps, min(width, height) // 4 // steps * steps)
+
+
 def bucket_settings(data_cfg) -> dict:
-    """`assign_bucket`'s keywords from a `data` config, with size-relative defaults (min_bucket_reso: a quarter of the
-    shorter side; max_bucket_reso: twice the longer side); `{"resolution": (W, H), "fixed": True}` with buckets off."""
+    """`assign_bucket`'s keywords from a `data` config, with size-relative defaults (`default_min_bucket_reso`;
+    max_bucket_reso: twice the longer side); `{"resolution": (W, H), "fixed": True}` with buckets off."""
     width, height = parse_resolution(data_cfg.resolution)
     steps = int(data_cfg.bucket_reso_steps)
-    min_reso = data_cfg.min_bucket_reso or max(steps, (min(width, height) // 4) // steps * steps)
+    min_reso = data_cfg.min_bucket_reso or default_min_bucket_reso(width, height, steps)
     max_reso = data_cfg.max_bucket_reso or max(width, height) * 2
     if not data_cfg.enable_bucket:  # every image centre-cropped to the resolution
         return {"resolution": (width, height), "fixed": True}

@@ -21,6 +21,7 @@ from lora_sweep.data.images import load_rgb
 from lora_sweep.errors import UserError
 from lora_sweep.model.encode import encode_images, encode_prompts
 from lora_sweep.paths import default_cache_dir
+from lora_sweep.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     text_id = store.model_identity(parts.source, "text") if encode_text else ""
     examples: list[Example] = []
     unreadable: list[str] = []
-    for item in list(scan.items):
+    items = list(scan.items)
+    for item in progress(items, f"encoding {len(items)} images into {store.root}", unit="image"):
         try:
             examples.append(_example(parts, store, item, settings, data_cfg, device, vae_id, text_id, encode_text))
         except UnreadableImage as error:  # the header was fine, the pixels are not: skipped, counted, not cached

@@ -75,15 +75,18 @@ def _shorten(override: str) -> tuple[str, bool]:
 
 
 def run_label(variant: str | None, overrides: Sequence[str] | None, swept: Iterable[str] | None = None) -> str:
-    """A job's run name: the variant and the overrides of the `swept` keys (None outside a sweep: every override,
-    unless a variant names it). Values over VALUE_CHARS end with "…", names over LABEL_CHARS are cut; either way
-    " #<label_hash>" keeps two jobs apart."""
+    """A job's run name (MLflow's, the progress bar's, the queue's): the variant and the overrides of the `swept`
+    keys; outside a sweep (`swept` None), unless a variant names it, the overrides that change what trains (not
+    paths of states, outputs or caches, the device or saving: `config.is_hash_excluded`). Values over VALUE_CHARS
+    end with "…", names over LABEL_CHARS are cut; either way " #<label_hash>" keeps two jobs apart."""
+    from lora_sweep.config import is_hash_excluded
+
     overrides = [o for o in (overrides or []) if not override_key(o).startswith(IGNORED_PREFIXES)]
     if swept is not None:
         keys = set(swept)
         picked = [o for o in overrides if override_key(o) in keys]
     else:
-        picked = [] if variant else overrides
+        picked = [] if variant else [o for o in overrides if not is_hash_excluded(override_key(o))]
     if variant:
         picked = [o for o in picked if override_key(o) != "experiment"]  # the variant already says it
     parts, cut = ([str(variant)] if variant else []), False

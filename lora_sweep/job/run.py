@@ -4,7 +4,7 @@ Set-up, in order: read its inputs once -> the device -> writable folders -> the 
 (`ConfigLock` on `<state root>/<config_hash>/`; sweep.on_busy: wait or skip) -> replay what this config's runs could
 not send (`tracking.replay`) -> skip-finished (same config hash and `skip_key`; not when train.resume names a state)
 -> the resume plan (`plan_resume`).
-Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/SIGTERM, with a state),
+Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/TERM/HUP, with a state),
 FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `store.close_stale_runs`
 marks it KILLED. A sweep's job that fails before its run exists still gets a FAILED child run; a job without a run
 of its own (skipped, failed before one) ends in its status file. Knows MLflow, not launchers.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import time
 import traceback
@@ -224,11 +225,14 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
                            scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan,
                            prompts=ready.inputs.prompts)
+        stopped_by = signal.Signals(stop.signum).name if stop.signum else "request"
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
-                             reason="stopped by signal" if result.stopped_early else "",
-                             final_loss=result.final_loss, files=result.files)
+                             reason=f"stopped by {stopped_by}" if result.stopped_early else "",
+                             final_loss=result.final_loss, files=result.files,
+                             stop_signal=stop.signum if result.stopped_early else None)
     except KeyboardInterrupt:
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
+        outcome.stop_signal = signal.SIGINT
     except (UserError, NonFiniteLoss) as exc:
         outcome.reason, outcome.user_error = f"{type(exc).__name__}: {exc}", True
     except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra_plugins._job_outcome import STATUS_ENV, status_path
+from lora_sweep import progress as progress_lib
 from lora_sweep.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,17 @@ class StatusFile:
 
 
 class JobSink:
-    """The trainer's `Sink`: MLflow run logger + progress bar + the queue's status file."""
+    """The trainer's `Sink`: MLflow run logger + progress (a bar on a terminal, else a log line every
+    `progress.EVERY_S` seconds and at the last step) + the queue's status file."""
 
     def __init__(self, logger: Any, status: StatusFile, label: str,  # logger: tracking.logger.RunLogger
                  on_warning: Callable[[Any], None] | None = None):
         from tqdm.auto import tqdm
 
-        self.logger, self.status, self.bar = logger, status, tqdm(desc=label, unit="step", dynamic_ncols=True)
+        self.logger, self.status, self.label = logger, status, label
+        self.bar = tqdm(desc=label, unit="step", dynamic_ncols=True, disable=not progress_lib.on_terminal())
         self.on_warning = on_warning
+        self._last_line = time.monotonic()
 
     def warn(self, fallback) -> None:
         """Record a fallback found while training (an image that failed to decode) with the run's warnings."""
@@ -84,25 +88,38 @@ class JobSink:
             self.bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
         self.bar.refresh()
         self.status.update(step=step, max_steps=max_steps, loss=shown, speed=speed)
+        due = step >= max_steps or time.monotonic() - self._last_line >= progress_lib.EVERY_S
+        if self.bar.disable and step > 0 and due:  # no terminal: a log line now and then
+            self._last_line = time.monotonic()
+            log.info("training %s: step %d/%d%s%s", self.label, step, max_steps,
+                     f", loss {shown:.4f}" if shown is not None else "", f", {speed}" if speed else "")
 
 
 class StopOnSignal:
-    """First SIGINT/SIGTERM: stop after this step (sampling and evaluation give up at their next prompt, image or
-    denoising step); a second SIGINT raises KeyboardInterrupt."""
+    """First SIGINT, SIGTERM or SIGHUP (unless ignored, as under nohup): stop after this step (sampling and evaluation
+    give up at their next prompt, image or denoising step); `signum` is that signal. A second SIGINT raises
+    KeyboardInterrupt."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        caught = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # a closed terminal: save a state too
+            caught.append(signal.SIGHUP)
+        self._old = {s: signal.signal(s, self._handle) for s in caught}
         return self
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: ending after the current step (no end-of-run sampling or evaluation), saving a "
-                    "training state, then stopping (Ctrl-C again to abort)")
+        if self.requested:
+            return
+        self.requested, self.signum = True, signum
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+        log.warning("%s received: ending after the current step (no end-of-run sampling or evaluation), saving a "
+                    "training state, then stopping%s", signal.Signals(signum).name, again)
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():

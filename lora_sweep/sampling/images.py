@@ -114,7 +114,8 @@ def sample_images(
     `unet`: the unwrapped module; the VAE and text encoders move to its device for the call. `autocast`: a factory of
     the training precision's autocast context (fp8/fp16 base weights, mixed dtypes). `should_stop`: asked before each
     prompt and after each denoising step; once True, the finished images are returned (fewer than `prompts`). Logs
-    one line of every prompt's size and steps, then a tqdm bar over all denoising steps that leaves no line behind.
+    one line of every prompt's size and steps, then a `Progress` over all denoising steps (a bar that leaves no line
+    behind on a terminal).
     """
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -144,11 +145,12 @@ def _in_eval_mode(*modules) -> Iterator[None]:
 
 def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
               should_stop: Callable[[], bool] | None) -> list[Image.Image]:
-    """One image per prompt under a tqdm bar over all their denoising steps; once `should_stop` answers True, the
+    """One image per prompt under a `Progress` over all their denoising steps; once `should_stop` answers True, the
     image under way is dropped and the finished ones are returned."""
-    from tqdm.auto import tqdm
+    from lora_sweep.progress import Progress
 
-    bar = tqdm(total=sum(p.steps for p in prompts), unit="step", leave=False, dynamic_ncols=True)
+    bar = Progress(f"sampling{f' at {label}' if label else ''}", sum(p.steps for p in prompts), "step", leave=False,
+                   announce=False)  # sample_images' line names the prompts
     stop_check = _stop_check(should_stop) if should_stop is not None else None
 
     def advance(pipe, step, timestep, tensors):  # diffusers' callback_on_step_end: after each denoising step
@@ -160,8 +162,7 @@ def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
         for index, spec in enumerate(prompts):
             if should_stop is not None and should_stop():
                 break
-            bar.set_description(f"sampling{f' at {label}' if label else ''}: prompt {index + 1}/{len(prompts)}, "
-                                f"{spec.width}x{spec.height}")
+            bar.describe(f"prompt {index + 1}/{len(prompts)}, {spec.width}x{spec.height}")
             with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
                     index, len(prompts), spec):
                 images.append(_draw(pipeline, spec, advance))
@@ -244,6 +245,19 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+NO_GLYPH = "\U000f0000"  # a private-use code point: fonts draw it as their missing-glyph box
+
+
+def has_glyphs(text: str, font) -> bool:
+    """True if `font` draws every character of `text` (none comes out as the font's missing-glyph box)."""
+    def drawn(char: str) -> tuple:
+        mask = font.getmask(char)
+        return mask.size, bytes(mask)
+
+    missing = drawn(NO_GLYPH)
+    return all(drawn(char) != missing for char in set(text) if not char.isspace())
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
     """Shorten `text` with an ellipsis until it fits `max_width` pixels."""
     if draw.textlength(text, font=font) <= max_width:
@@ -287,10 +301,18 @@ def make_grid(
 
 
 def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -> Image.Image:
-    """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index and seed."""
+    """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index, seed and the
+    prompt's first words; only `p00 s42` where the label font lacks a glyph of the prompt (Pillow's default font has
+    Latin letters only: CJK would be boxes). The prompts are in the step's `samples/prompts.json`."""
     layout = grid_layout(prompts)
     cells = [images[i] if i is not None else None for row in layout for i in row]
-    labels = [prompts[i].label(i) if i is not None else "" for row in layout for i in row]
+    font = _font(10)
+
+    def label(i: int) -> str:
+        text = prompts[i].label(i)
+        return text if has_glyphs(text, font) else text.split(":", 1)[0]
+
+    labels = [label(i) if i is not None else "" for row in layout for i in row]
     return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels)
 
 
@@ -326,7 +348,7 @@ def log_samples(
             grid_path = Path(folder) / f"grid_step{int(step):06d}.png"
             grid.save(grid_path)
             specs_path = Path(folder) / "prompts.json"
-            specs_path.write_text(json.dumps(specs, indent=1), encoding="utf-8")
+            specs_path.write_text(json.dumps(specs, indent=1, ensure_ascii=False), encoding="utf-8")
             sink.artifact(grid_path, "samples")
             sink.artifact(specs_path, "samples")
         return

@@ -85,7 +85,6 @@ class Sampler:
         from lora_sweep.sampling.images import log_samples, sample_images
         from lora_sweep.sampling.metrics import mean_metrics
 
-        log.info("sampling %d prompt(s) at step %d", len(self.prompts), step)  # minutes at 1024px on a CPU
         parts = s.parts  # sample_images brings encoders parked on the CPU to the UNet's device and back
         images = sample_images(
             unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
@@ -135,17 +134,21 @@ class Validator:
         return encode_prompts(s.parts, [example.item.caption])
 
     @torch.no_grad()
-    def point_losses(self, s) -> torch.Tensor | None:
+    def point_losses(self, s, step: int | None = None) -> torch.Tensor | None:
         """(len(examples), len(timesteps)) float64 on the CPU: each point's mean over latent channels and pixels of
         (prediction - target)^2, target eps (v for model.v_prediction). None after a stop request."""
+        from lora_sweep.progress import Progress
+
         modules = [m for m in (s.unet, s.parts.text_encoder, s.parts.text_encoder_2) if m is not None]
         modes = [m.training for m in modules]
         for module in modules:
             module.eval()  # no dropout draws: the training RNG is not touched
-        rows = []
+        rows, n = [], len(self.timesteps)
+        at = "" if step is None else f" at step {step}"
+        shown = Progress(f"{self.prefix}/loss{at}: {len(self.examples)} images x {n} timesteps", len(self.examples),
+                         "image", leave=False, announce=False)  # each validation: lines only when it runs long
         try:
             timesteps = torch.tensor(self.timesteps, device=s.device)
-            n = len(self.timesteps)
             for example, noise in zip(self.examples, self.noise, strict=True):
                 if s.should_stop():
                     return None
@@ -158,7 +161,9 @@ class Validator:
                                       example.time_ids.unsqueeze(0).to(s.device).repeat(n, 1))
                 target = prediction_target(x0, eps, timesteps, s.alphas_cumprod, s.v_prediction)
                 rows.append(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).double().cpu())
+                shown.update()
         finally:
+            shown.close()
             for module, mode in zip(modules, modes, strict=True):
                 module.train(mode)
         return torch.stack(rows)
@@ -167,7 +172,7 @@ class Validator:
         """Measure if due at `step`; False if a stop request cut it short (then nothing is logged)."""
         if not self.examples or not due(step, s.cfg.validation.every, final):
             return True
-        values = self.point_losses(s)
+        values = self.point_losses(s, step)
         if values is None:
             return False
         p = self.prefix

@@ -158,9 +158,16 @@ def check_device(cfg, env: Mapping[str, str] | None = None) -> Fallback | None:
     """A Fallback when train.device=auto, CUDA_VISIBLE_DEVICES names GPUs and torch sees none; else None.
 
     In a gpu_queue GPU slot (GPU_QUEUE_SLOT set) raise UserError instead: every job would crawl on the CPU for hours.
-    train.device=cpu or cuda is the user's choice (None). env: os.environ by default.
+    train.device=cuda where torch sees no CUDA device raises UserError; train.device=cpu is the user's choice (None).
+    env: os.environ by default.
     """
     env = os.environ if env is None else env
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "its CUDA driver finds no usable device"
+        raise UserError(f"train.device=cuda, but torch {torch.__version__} on this machine sees no CUDA device "
+                        f"({why}). Nothing was trained. Use "
+                        "train.device=auto or cpu to train on the CPU, or fix the GPU set-up (a CUDA build of torch, "
+                        "the NVIDIA driver).")
     tokens = []
     for token in (t.strip() for t in env.get("CUDA_VISIBLE_DEVICES", "").split(",")):
         if not token or (token.lstrip("-").isdigit() and int(token) < 0):
@@ -194,6 +201,7 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_li
     """
     started = time.perf_counter()
     path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))
+    log.info("loading the model from %s", path)  # a minute or more for SDXL from a slow disk
     dtypes = None
     if policy is not None:
         on_disk = model_lib.checkpoint_dtypes(model_lib.check_model_path(path))

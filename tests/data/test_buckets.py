@@ -209,6 +209,20 @@ def test_check_bucket_options_skips_unset_min_max():
         buckets.check_bucket_options(resolution=1024, reso_steps=64, max_reso=512)
 
 
+@pytest.mark.parametrize("resolution, steps, expected", [
+    ("1000", 32, 224),  # 1000 // 4 = 250 -> 7 steps of 32
+    ("1024", 32, 256), ("1024", 64, 256),  # kohya's fixed default at SDXL's size
+    ("1000", 64, 192),  # 250 -> 3 steps of 64
+    ("96", 32, 32), ("64", 32, 32),  # a quarter (24, 16) is under one step
+    ("832,1216", 32, 192),  # the shorter side: 832 // 4 = 208 -> 6 steps of 32
+])
+def test_min_bucket_reso_default(resolution, steps, expected):
+    from conftest import compose_config
+
+    cfg = compose_config(f"data.resolution='{resolution}'", f"data.bucket_reso_steps={steps}")
+    assert buckets.bucket_settings(cfg.data)["min_reso"] == expected
+
+
 def test_max_reso_default_is_sd_scripts_1024():
     with pytest.raises(ConfigError, match="data.max_bucket_reso"):
         buckets.assign_bucket(100, 100, resolution=2048, reso_steps=64, no_upscale=False)

@@ -113,3 +113,17 @@ def test_an_image_whose_pixels_fail_to_decode_is_skipped_counted_and_never_cache
     assert "skipping unreadable image" in caplog.text and "truncated.png" in caplog.text
     entries = list((cache / "latents").rglob("*.safetensors"))
     assert len(entries) == 4  # the four readable images only
+
+
+def test_encoding_names_itself_and_its_cache_and_logs_progress_without_a_terminal(parts, dataset, tmp_path, caplog,
+                                                                                   monkeypatch):
+    import logging
+
+    monkeypatch.setattr("lora_sweep.progress.EVERY_S", 0.0)  # a line per image (30 s apart in a real run)
+    with caplog.at_level(logging.INFO, logger="lora_sweep.progress"):
+        prepare(parts, dataset, tmp_path / "cache")  # pytest's stderr is no terminal: log lines, not a bar
+    lines = [r.getMessage() for r in caplog.records if r.name == "lora_sweep.progress"]
+    name = f"encoding 4 images into {tmp_path / 'cache'}"
+    assert lines[0] == f"{name} (4 image)"
+    assert lines[1:5] == [f"{name}: {i}/4 image" for i in range(1, 5)]
+    assert lines[5].startswith(f"{name}: 4/4 image in ") and len(lines) == 6

@@ -85,3 +85,16 @@ def test_a_jobs_status_file_is_where_its_launcher_says_else_in_its_sweep_folder(
                                            "reason": "already FINISHED"}}
     monkeypatch.setenv(STATUS_ENV, str(tmp_path / "given.json"))
     assert status.status_file_path(tmp_path, 2) == tmp_path / "given.json"
+
+
+def test_a_single_runs_name_and_bar_leave_out_where_it_runs_and_saves(tmp_path, monkeypatch):
+    overrides = ["data=folder", f"data.dir={tmp_path / 'ds'}", "train.device=cpu", f"train.state_dir={tmp_path}/s",
+                 f"data.cache_dir={tmp_path}/c", f"train.output_dir={tmp_path}/o", "train.save_every=50",
+                 "network.rank=8", "tracking.uri=sqlite:///x.db", "hydra.run.dir=/tmp/x"]
+    label = names.run_label(None, overrides)
+    assert label.startswith("data=folder data.dir=") and " network.rank=8 #" in label  # a long path is cut
+    assert not any(key in label for key in ("device", "state_dir", "cache_dir", "output_dir", "save_every", "uri"))
+    monkeypatch.setattr("lora_sweep.progress.on_terminal", lambda: True)  # a bar, as in a terminal
+    sink = status.JobSink(None, status.StatusFile(label), label)  # run_job gives the bar the run's name
+    assert sink.bar.desc == label
+    sink.bar.close()

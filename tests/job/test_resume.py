@@ -220,7 +220,7 @@ def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(
 
     threading.Thread(target=interrupt_after_state_3, daemon=True).start()
     stopped = in_process(tmp_path, "first", monkeypatch, "train.save_every=3")
-    assert stopped.status == "KILLED" and stopped.reason == "stopped by signal"
+    assert stopped.status == "KILLED" and stopped.reason == "stopped by SIGINT"
     logged = [s for s, _ in loss_history(tmp_path, stopped.run_id)]
     assert logged == list(range(1, logged[-1] + 1)) and 3 < logged[-1] < STEPS
     assert newest_state_step(tmp_path / "states") == logged[-1]  # a state where it stopped

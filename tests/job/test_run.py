@@ -175,6 +175,11 @@ def test_a_gpu_slot_without_a_cuda_device_is_refused_and_elsewhere_trains_on_the
 
     assert check_device(compose_config("train.device=cpu")) is None
     assert check_device(compose_config(), {"CUDA_VISIBLE_DEVICES": "", "GPU_QUEUE_SLOT": "1"}) is None  # CPU slot
+    import torch
+
+    if not torch.cuda.is_available():  # train.device=cuda here: refused before the model loads
+        with pytest.raises(UserError, match=r"^train\.device=cuda, but torch .* sees no CUDA device"):
+            check_device(compose_config("train.device=cuda"), {})
 
 
 def test_a_truncated_image_skipped_while_loading_counts_in_the_runs_warnings(tmp_path, mlflow_uri):

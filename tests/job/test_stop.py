@@ -83,7 +83,7 @@ def test_ctrl_c_during_expensive_sampling_stops_within_one_denoising_step(tmp_pa
     it ends the run within seconds, KILLED, with nothing sampled and no state (nothing was trained)."""
     proc, _, console = start(tmp_path, "train.max_steps=3", "sampling.prompts=[a cat]", "sampling.width=1024",
                              "sampling.height=1024", "sampling.steps=30")
-    wait_for(proc, lambda: "sampling 1 prompt(s) at step 0" in console.read_text(), "step 0's sampling")
+    wait_for(proc, lambda: "sampling at step 0: 1 prompt" in console.read_text(), "step 0's sampling")
     time.sleep(1.0)  # inside the pipeline's denoising loop
     proc.send_signal(signal.SIGINT)
     took = ended_within(proc, 90)
@@ -92,7 +92,7 @@ def test_ctrl_c_during_expensive_sampling_stops_within_one_denoising_step(tmp_pa
     assert "sampling at step 0 stopped after 0 of 1 prompts" in text and "Traceback" not in text
     assert took < 60, f"{took:.0f} s from the stop request to the end"
     client, run = only_run(tmp_path)
-    assert run.info.status == "KILLED" and run.data.tags["lora_sweep.failure"] == "stopped by signal"
+    assert run.info.status == "KILLED" and run.data.tags["lora_sweep.failure"] == "stopped by SIGINT"
     assert steps(client, run.info.run_id, "train/loss") == [] and image_steps(client, run.info.run_id) == []
     assert not list((tmp_path / "states").glob("*/*/state-step*.pt"))  # the rerun starts from scratch
 
@@ -107,8 +107,9 @@ def test_a_stop_mid_training_saves_a_state_without_the_end_of_run_evaluation_whi
     proc.send_signal(signal.SIGTERM)
     ended_within(proc, 90)
     text = console.read_text()
-    assert proc.returncode == 130, text[-3000:]
-    assert "stopped by signal. Browse with" in text
+    assert proc.returncode == 143, text[-3000:]  # 128 + SIGTERM, as a shell reports it
+    assert "SIGTERM received: ending after the current step" in text and "Ctrl-C" not in text
+    assert "stopped by SIGTERM. Browse with" in text
     client, run = only_run(tmp_path)
     run_id = run.info.run_id
     stopped_at = steps(client, run_id, "train/loss")[-1]
@@ -155,3 +156,16 @@ def test_a_stop_during_the_final_evaluation_ends_killed_and_the_resumed_run_only
     assert steps(client, run_id, "train/loss") == [1, 2]  # not logged twice
     assert steps(client, run_id, "fit/loss") == [0, 2] and image_steps(client, run_id) == [0, 2]
     assert "evaluation/fit_points.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stop_request_names_the_signal_received(signum, exit_code, caplog):
+    from lora_sweep.job.status import StopOnSignal
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signum)  # handled in the main thread at the next bytecode
+        time.sleep(0.01)
+    name = signal.Signals(signum).name
+    assert stop.requested and stop.signum == signum and 128 + stop.signum == exit_code
+    assert f"{name} received: ending after the current step" in caplog.text
+    assert ("Ctrl-C again to abort" in caplog.text) == (signum == signal.SIGINT)

@@ -142,6 +142,19 @@ def test_grid_layout_is_prompts_by_seeds():
     assert two_by_two.height > one_row.height
 
 
+def test_a_cjk_prompt_is_labelled_by_its_number_not_drawn_as_boxes():
+    from PIL import ImageChops, ImageFont
+
+    from lora_sweep.sampling.images import NO_GLYPH, has_glyphs
+
+    font = ImageFont.load_default(size=12)
+    assert has_glyphs("p00 s1: a cat", font) and not has_glyphs("訓練", font) and not has_glyphs(NO_GLYPH, font)
+    images = [Image.new("RGB", (128, 128), (200, 200, 200))] * 2
+    prompts = [PromptSpec("訓練された猫", seed=1), PromptSpec("a cat", seed=1)]
+    expected = make_grid(images, rows=1, cols=2, labels=["p00 s1", "p01 s1: a cat"])
+    assert ImageChops.difference(prompts_grid(images, prompts), expected).getbbox() is None
+
+
 def test_log_samples_to_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -243,11 +256,12 @@ def test_modules_on_moves_and_returns():
     assert parked.weight.device.type == "cpu"
 
 
-def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd):
-    """A long sample is never a silent `0step`: one log line with every prompt's size and steps, then a bar over
-    all denoising steps (3 + 3 here) naming the prompt being drawn."""
+def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd, monkeypatch):
+    """A long sample is never a silent `0step`: one log line with every prompt's size and steps, then on a terminal
+    a bar over all denoising steps (3 + 3 here) naming the prompt being drawn."""
     import logging
 
+    monkeypatch.setattr("lora_sweep.progress.on_terminal", lambda: True)
     with caplog.at_level(logging.INFO, logger="lora_sweep.sampling.images"):
         draw(pipe, label="step 0")
     assert caplog.messages == ["sampling at step 0: 2 prompts, p00 64x64 3 steps, p01 64x64 3 steps"]
