@@ -112,7 +112,6 @@ def clean_cache(root: Path, parts: list[CachePart], *, states: bool) -> tuple[li
     """Remove what is made again when needed (cache entries, built models, bundled datasets), and the training
     states only with `states`; never anything else. Returns (removed, kept)."""
     import contextlib
-    import shutil
 
     from lora_sweep.data.cache import TensorCache
 
@@ -122,13 +121,35 @@ def clean_cache(root: Path, parts: list[CachePart], *, states: bool) -> tuple[li
         if part.kind == "other" or part.kind == "states" and not states:
             kept.append(part)
             continue
-        for folder in part.folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        unsent = [run for folder in part.folders for run in _remove_keeping_unsent(folder)]
         removed.append(part)
+        if unsent:
+            kept.append(CachePart("states", "records MLflow has not received", _plural(len(unsent), "run"),
+                                  sum(map(_tree_size, unsent)), note="send them with `python -m lora_sweep replay`"))
     for folder in ("states", "models", "datasets"):
         with contextlib.suppress(OSError):
             (root / folder).rmdir()  # only when empty
     return removed, kept
+
+
+def _remove_keeping_unsent(folder: Path) -> list[Path]:
+    """Remove `folder`, but for the records its runs could not send to MLflow (pending files and their copies, which
+    `replay` sends): only those runs' states go. Returns the run folders kept."""
+    import shutil
+
+    from lora_sweep.tracking.replay import pending_files
+
+    unsent = sorted({f.parent for f in pending_files(folder)})
+    if not unsent:
+        shutil.rmtree(folder, ignore_errors=True)
+        return []
+    for run in unsent:
+        for state in run.glob("state-step*.pt"):
+            state.unlink()
+    for child in folder.iterdir():
+        if child.is_dir() and not any(run.is_relative_to(child) or child.is_relative_to(run) for run in unsent):
+            shutil.rmtree(child, ignore_errors=True)
+    return unsent
 
 
 def finished_run_states(root: Path, uri: str) -> tuple[list[Path], int]:
@@ -165,13 +186,16 @@ def _clean_finished_states(root: Path, uri: str | None) -> int:
         return 2
     folders, unknown = finished_run_states(root, uri)
     size = sum(map(_tree_size, folders))
+    unsent = 0
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        unsent += len(_remove_keeping_unsent(folder))
         if not any(folder.parent.iterdir()) or [p.name for p in folder.parent.iterdir()] == [".lock"]:
             shutil.rmtree(folder.parent, ignore_errors=True)
     print(f"cache at {root}: removed the training states of {_plural(len(folders), 'finished run')} in {uri}, "
           f"{_mib(size)}; kept those of unfinished runs (they resume from them)"
-          + (f" and of {_plural(unknown, 'run')} this store does not know." if unknown else "."))
+          + (f" and of {_plural(unknown, 'run')} this store does not know." if unknown else ".")
+          + (f" Kept what MLflow has not received from {_plural(unsent, 'run')}: send it with "
+             "`python -m lora_sweep replay`." if unsent else ""))
     return 0
 
 

@@ -98,3 +98,23 @@ def test_clean_finished_states_against_a_store_that_cannot_answer_is_refused_at_
         assert main(["cache", "clean", "--finished-states", "--tracking-uri", uri, "--dir", str(root)]) == 2
         assert uri in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists() and (root / "states" / ("0" * 16) / "run1").is_dir()
+
+
+def test_removing_states_keeps_what_mlflow_has_not_received(tmp_path, capsys):
+    """A run whose store was down keeps `mlflow_pending.json` (and its copies) beside its states: removing states
+    must not lose it, only `replay` sends and removes it."""
+    root = filled_root(tmp_path / "cache")
+    run = root / "states" / "0123456789abcdef" / "run1"
+    (run / "mlflow_pending.json").write_text("{}")
+    (run / "mlflow_pending_files").mkdir()
+    (run / "mlflow_pending_files" / "image00000.png").write_bytes(b"png")
+    other = run.parent / "run2"
+    other.mkdir()
+    (other / "state-step00000001.pt").write_bytes(b"s")
+    assert main(["cache", "clean", "--states", "--dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert ("  kept records MLflow has not received: 1 run, 0.0 MiB (send them with `python -m lora_sweep replay`)"
+            in out)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
+        "mlflow_pending.json", "mlflow_pending_files", "mlflow_pending_files/image00000.png"]
+    assert not other.exists()
