@@ -1,5 +1,6 @@
 """A fault for cross-process tests: a Hydra callback whose `on_job_start` runs in the job's own process (under the
-gpu_queue, Slurm, Ray and basic launchers) and patches lora-sweep there, for the job numbers it is given.
+gpu_queue, Slurm, Ray and basic launchers, and in a single run, as job 0) and patches lora-sweep there, for the job
+numbers it is given.
 
     PYTHONPATH=tests/apps/faults python sweep.py -m train.seed=1,2,3 \\
         +hydra.callbacks.fault._target_=fault_hook.FaultHook '+hydra.callbacks.fault.jobs={1: setup_error}'
@@ -40,7 +41,10 @@ class FaultHook(Callback):
         self._undo: list[Callable[[], None]] = []
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        fault = self.jobs.get(int(config.hydra.job.num))
+        from omegaconf import OmegaConf
+
+        single_run = OmegaConf.is_missing(config.hydra.job, "num")  # a single run is job 0
+        fault = self.jobs.get(0 if single_run else int(config.hydra.job.num))
         if fault is not None:
             self._undo.append(inject(fault))
 
