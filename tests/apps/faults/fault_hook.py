@@ -10,7 +10,9 @@ numbers it is given.
   process on (optimizer step N with train.grad_accum=1 and no resume);
 - `setup_error` / `setup_crash`: `lora_sweep.job.run.plan_resume` raises a UserError / a RuntimeError: the job's
   set-up fails after its checks, before its MLflow run exists;
-- `remove:<path>`: the file is deleted as the job starts (after the sweep's pre-flight).
+- `remove:<path>`: the file is deleted as the job starts (after the sweep's pre-flight);
+- `fill@N:<folder>`: from the N-th micro-batch on, another writer fills the disk of `<folder>` (a file there grows
+  until the disk is full).
 `on_job_end` undoes the patch (the basic launcher runs every job in one process).
 """
 
@@ -58,7 +60,12 @@ def inject(fault: str) -> Callable[[], None]:
     if fault.startswith("remove:"):
         Path(fault.partition(":")[2]).unlink()
         return lambda: None
-    if fault.startswith("nan_loss@"):
+    if fault.startswith("fill@"):
+        import lora_sweep.training.train as module
+
+        at, _, folder = fault.removeprefix("fill@").partition(":")
+        name, wrapper = "micro_batch_loss", _filling_from(module.micro_batch_loss, int(at), Path(folder))
+    elif fault.startswith("nan_loss@"):
         import lora_sweep.training.train as module
 
         name, wrapper = "micro_batch_loss", _nan_from(module.micro_batch_loss, int(fault.partition("@")[2]))
@@ -67,7 +74,8 @@ def inject(fault: str) -> Callable[[], None]:
 
         name, wrapper = "plan_resume", _failing(module.plan_resume, fault)
     else:
-        raise ValueError(f"unknown fault {fault!r}: nan_loss@N, setup_error, setup_crash or remove:<path>")
+        raise ValueError(f"unknown fault {fault!r}: nan_loss@N, fill@N:<folder>, setup_error, setup_crash or "
+                         "remove:<path>")
     real = getattr(module, name)
     setattr(module, name, wrapper)
     return lambda: setattr(module, name, real)
@@ -84,6 +92,24 @@ def _nan_from(real: Callable[..., Any], first: int) -> Callable[..., Any]:
         if dataclasses.is_dataclass(result):  # the loss terms: their `loss` turns NaN
             return dataclasses.replace(result, loss=result.loss * float("nan"))
         return result * float("nan")
+
+    return wrapper
+
+
+def _filling_from(real: Callable[..., Any], first: int, folder: Path) -> Callable[..., Any]:
+    calls = itertools.count(1)
+
+    @functools.wraps(real)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == first:
+            try:
+                with open(folder / "filler", "ab") as f:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            except OSError:  # the disk is full
+                pass
+        return real(*args, **kwargs)
 
     return wrapper
 
