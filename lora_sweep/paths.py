@@ -4,6 +4,7 @@ a run's own folder. Shared so the model loader, the cache and the states find on
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -47,7 +48,7 @@ def new_dir(path: Any) -> str:
     another process made it first. `mkdir` is atomic, so two runs started in the same second get a folder each. The
     resolver is cached, and Hydra copies a config's cache into each job's config (launchers pickle it with the
     config): a sweep's jobs share the folder their parent made. A folder that cannot be made is returned as it is,
-    for the pre-flight to name."""
+    for the pre-flight to name; one still empty when the process ends is removed."""
     path = str(path)
     parents = [p for p in Path(path).parents if not p.exists()]  # deepest first
     try:
@@ -59,6 +60,7 @@ def new_dir(path: Any) -> str:
             except FileExistsError:
                 continue
             MADE_DIRS[candidate] = [str(p) for p in parents]
+            atexit.register(remove_if_unused, candidate)  # e.g. `--cfg hydra --resolve`, which only prints it
             return candidate
     except OSError:
         pass

@@ -21,6 +21,15 @@ def test_a_taken_folder_gets_the_next_free_suffix(tmp_path):
     assert (Path(first) / "lora.safetensors").read_bytes() == b"run 1"
 
 
+def test_a_folder_left_empty_is_removed_when_the_process_ends(tmp_path):
+    """`python sweep.py --cfg hydra --resolve` resolves the run and sweep folders only to print them."""
+    code = "import sys; from lora_sweep.paths import new_dir; new_dir(sys.argv[1]); new_dir(sys.argv[2] + '/kept')"
+    (tmp_path / "b").mkdir()
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a" / "03-15-20"), str(tmp_path / "b")], check=True,
+                   cwd=ROOT)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["b"]
+
+
 @pytest.mark.slow
 def test_two_runs_started_in_the_same_second_write_separate_folders(tmp_path):
     """Two real `python sweep.py` processes at once, each stopped after its set-up by the fault hook. The run folder
