@@ -1,14 +1,21 @@
 """Atomic writes: a temporary name in the same folder, then a rename, so a reader sees the old file or the whole new
-one, even if the writer is killed.
+one, even if the writer is killed or the disk fills. A write that fails on a full disk raises an OSError (ENOSPC or
+EDQUOT) naming the target file, whatever the writer raised (torch.save says "unexpected pos").
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from lora_sweep.errors import disk_full_error
+
+FULL_BELOW_BYTES = 2**20  # a write that failed with less free than this on its disk failed for want of space
 
 
 @contextlib.contextmanager
@@ -25,9 +32,23 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except Exception as error:
+        full = disk_full_error(error)
+        if full is None and _free_bytes(target.parent) < FULL_BELOW_BYTES:
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if full is not None and full.filename != str(target):
+            raise OSError(full.errno, full.strerror, str(target)) from error
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return FULL_BELOW_BYTES
 
 
 def _umask() -> int:

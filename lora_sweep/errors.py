@@ -1,4 +1,4 @@
-"""Exception types, `Problems`, `Fallback` and `is_out_of_memory`, shared by every layer.
+"""Exception types, `Problems`, `Fallback`, `is_out_of_memory` and `disk_full_error`, shared by every layer.
 
 The entry points print a `UserError` as one paragraph, without a traceback: it names the field or path at fault
 and what is accepted.
@@ -6,6 +6,8 @@ and what is accepted.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -114,3 +116,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT `OSError` in `exc` or its causes, or None. A safetensors error that says so (its Rust I/O
+    error is not an OSError) counts, as an OSError without a file name."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        for code in DISK_FULL_ERRNOS:
+            if f"(os error {code})" in str(exc):
+                return OSError(code, os.strerror(code))
+        exc = exc.__cause__ or exc.__context__
+    return None
+

@@ -1,11 +1,15 @@
-"""Path helpers: the per-user cache and state roots, the launch folder, absolute path settings, the project's files.
-Shared so the model loader, the cache and the states find one root without importing each other.
+"""Path helpers: the per-user cache and state roots, the launch folder, absolute path settings, the project's files,
+a run's own folder. Shared so the model loader, the cache and the states find one root without importing each other.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import itertools
 import os
 from pathlib import Path
+from typing import Any
 
 
 def default_cache_dir() -> Path:
@@ -28,6 +32,9 @@ def state_root(cfg) -> Path:
 
 
 PROJECT_RESOLVER = "lora_sweep_project"
+NEW_DIR_RESOLVER = "lora_sweep_new_dir"
+# folder `new_dir` made in this process -> the parents it made for it: removed again if the pre-flight refuses
+MADE_DIRS: dict[str, list[str]] = {}
 
 
 def project_path(relative: str) -> str:
@@ -36,12 +43,48 @@ def project_path(relative: str) -> str:
     return str(Path(__file__).resolve().parents[1] / relative)
 
 
+def new_dir(path: Any) -> str:
+    """`${lora_sweep_new_dir:outputs/<date>/<time>}` in conf/: `path`, made here, or `path_2`, `path_3`, ... when
+    another process made it first. `mkdir` is atomic, so two runs started in the same second get a folder each. The
+    resolver is cached, and Hydra copies a config's cache into each job's config (launchers pickle it with the
+    config): a sweep's jobs share the folder their parent made. A folder that cannot be made is returned as it is,
+    for the pre-flight to name; one still empty when the process ends is removed."""
+    path = str(path)
+    parents = [p for p in Path(path).parents if not p.exists()]  # deepest first
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        for n in itertools.count(1):
+            candidate = path if n == 1 else f"{path}_{n}"
+            try:
+                os.mkdir(candidate)
+            except FileExistsError:
+                continue
+            MADE_DIRS[candidate] = [str(p) for p in parents]
+            atexit.register(remove_if_unused, candidate)  # e.g. `--cfg hydra --resolve`, which only prints it
+            return candidate
+    except OSError:
+        pass
+    return path
+
+
+def remove_if_unused(path: Any) -> None:
+    """Remove a folder `new_dir` made in this process, and the parents it made, while empty (a refused run leaves
+    nothing)."""
+    if str(path) in MADE_DIRS:
+        with contextlib.suppress(OSError):  # stops at the first folder that holds something
+            for folder in [str(path), *MADE_DIRS.pop(str(path))]:
+                os.rmdir(folder)
+
+
 def register_resolver() -> None:
-    """Register `project_path` as the `lora_sweep_project` resolver (by `lora_sweep.setup()`)."""
+    """Register `project_path` as the `lora_sweep_project` resolver and `new_dir` as `lora_sweep_new_dir` (cached:
+    one folder per config), by `lora_sweep.setup()`."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver(PROJECT_RESOLVER):
         OmegaConf.register_new_resolver(PROJECT_RESOLVER, project_path)
+    if not OmegaConf.has_resolver(NEW_DIR_RESOLVER):
+        OmegaConf.register_new_resolver(NEW_DIR_RESOLVER, new_dir, use_cache=True)
 
 
 # settings that name a file or folder: relative to the launch folder, whatever hydra.job.chdir says

@@ -7,7 +7,9 @@ without MLflow: its scheme, a sqlite file's folder, a server's TCP port (MLflow'
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -15,6 +17,8 @@ from urllib.parse import urlparse
 
 from lora_sweep.errors import UserError
 from lora_sweep.paths import cache_root, state_root
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 # MLflow 3's tracking-store schemes (a database's may carry a driver: postgresql+psycopg2)
@@ -115,15 +119,30 @@ def store_problems(uri: str) -> list[str]:
                 f"--host {host} --port {port}) or check its address. {fixes}"]
 
 
-def check_job_folders(cfg, output_dir: Path, uri: str) -> Path:
-    """Create every folder this job writes and prove it writable with free space; returns the state root.
-    Raises UserError naming the setting and the path."""
-    from lora_sweep.training.failures import check_free_space
+def check_job_folders(cfg, output_dir: Path, uri: str, scans=()) -> Path:
+    """Create every folder this job writes and prove it writable with free space (the cache: room for one image's
+    entries; a warning when `scans`' entries may not all fit); returns the state root. Raises UserError naming the
+    setting and the path."""
+    from lora_sweep.training.failures import HEADROOM_BYTES, cache_bytes, check_free_space
+    from lora_sweep.training.session import encodes_text_in_step
+
     check_writable(output_dir, "train.output_dir")
     root = check_writable(state_root(cfg), "train.state_dir")
-    check_writable(cache_root(cfg), "data.cache_dir")
+    cache = check_writable(cache_root(cfg), "data.cache_dir")
+    needs = {output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)}
     store = sqlite_store_folder(uri)
     if store is not None:
         check_writable(store, f"tracking.uri ({uri})")
-    check_free_space({output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)})
+        needs[store] = (f"tracking.uri ({uri})", 0)
+    text = not encodes_text_in_step(cfg)
+    items = sum(len(scan.items) for scan in scans)
+    entries = cache_bytes(scans, cfg.data, text=text)
+    needs[cache] = ("data.cache_dir", entries // items if items else 0)
+    check_free_space(needs)
+    free = shutil.disk_usage(cache).free
+    if free < entries + HEADROOM_BYTES:
+        log.warning("data.cache_dir: '%s' has %.1f MiB free, and the cache entries of this dataset's %d images take "
+                    "up to %.1f MiB where they are not cached yet: encoding may fill the disk (the run then stops, "
+                    "naming the file). Free some space or point data.cache_dir at another disk.",
+                    cache, free / 2**20, items, entries / 2**20)
     return root

@@ -11,13 +11,14 @@ readers (`job.inputs`); only a job the launching process never saw (`needs_job_c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 from lora_sweep.checks.folders import folder_problems
 from lora_sweep.checks.validate import list_option_conflicts
 from lora_sweep.errors import ConfigError, Fallback, UserError
-from lora_sweep.paths import cache_root
+from lora_sweep.paths import cache_root, remove_if_unused
 
 log = logging.getLogger(__name__)
 SAME_KIND_SHOWN = 10  # problem lines of one kind (same but for paths and numbers) listed before a summary
@@ -288,10 +289,12 @@ class PreflightCallback(Callback):
     Exits 2 on problems, and on an exception in the checks (Hydra would only warn and start the jobs unchecked)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _guarded(self._run_start, config)
+        with _unused_folder_removed(config.hydra.run.dir):
+            _guarded(self._run_start, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _guarded(self._multirun_start, config)
+        with _unused_folder_removed(config.hydra.sweep.dir):
+            _guarded(self._multirun_start, config)
 
     def _run_start(self, config: DictConfig) -> None:
         report = check_job(_job_copy(config), hydra_dir=("hydra.run.dir", Path(config.hydra.run.dir)))
@@ -326,6 +329,16 @@ def datasets_seen(memo: Memo) -> dict[str, dict[str, list[int]]]:
     from lora_sweep.data.dataset import files_seen, seen_key
 
     return {seen_key(scan, key[2]): files_seen(scan, key[2]) for key, scan in memo.values.items() if key[0] == "scan"}
+
+
+@contextlib.contextmanager
+def _unused_folder_removed(folder: str) -> Iterator[None]:
+    """On a refusal, remove the run's or sweep's folder if `paths.new_dir` made it and it is still empty."""
+    try:
+        yield
+    except SystemExit:
+        remove_if_unused(folder)
+        raise
 
 
 def _guarded(check: Callable[[DictConfig], None], config: DictConfig) -> None:

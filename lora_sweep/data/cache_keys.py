@@ -86,7 +86,12 @@ def model_identity(path: str | os.PathLike, component: str | None = None, *, mem
     if not path.is_dir():
         raise UserError(f"model path '{path}' does not exist; give a diffusers folder or a .safetensors file.")
     roots = [path / name for name in _SUBFOLDERS.get(component or "", ()) if (path / name).is_dir()] or [path]
-    lines = [f"{f.relative_to(path).as_posix()}\t{file_sha256(f, memo_dir=memo_dir)}" for r in roots for f in _files(r)]
+    files = [f for r in roots for f in _files(r)]
+    for f in files:
+        if not f.exists():  # listed but gone: a link whose blob or target was removed
+            raise UserError(f"model folder '{path}': '{f}' is a link to '{os.readlink(f)}', which is gone. Restore "
+                            "it (download the model again) or point model.path at a complete copy.")
+    lines = [f"{f.relative_to(path).as_posix()}\t{file_sha256(f, memo_dir=memo_dir)}" for f in files]
     if not lines:
         raise UserError(f"model folder '{path}' holds no files for {component or 'the model'}.")
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()

@@ -4,6 +4,7 @@ generator is passed in, so a run seeds it (kohya uses the global `random`).
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -19,17 +20,25 @@ def caption_path(image_path: str | Path, caption_extension: str = ".txt") -> Pat
 
 
 def read_caption(image_path: str | Path, caption_extension: str = ".txt") -> str | None:
-    """The first line of the image's caption file, stripped; None without the file. An empty file is an error (kohya
-    asserts). A UTF-8 BOM is dropped (kohya keeps it in the first tag)."""
+    """The first line of the image's caption file, stripped; None without the file. An empty file, or one that cannot be
+    read (a link to nothing, no permission, a folder), is an error (kohya asserts or raises). A UTF-8 BOM is dropped
+    (kohya keeps it in the first tag)."""
     path = caption_path(image_path, caption_extension)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    why = None if path.is_file() else (f"a link to '{os.readlink(path)}', which is gone" if not path.exists()
+                                       else "not a regular file")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # universal newlines, like kohya's readlines()
+        text = "" if why else path.read_text(encoding="utf-8-sig")  # universal newlines, like kohya's readlines()
+    except OSError as error:
+        why = error.strerror or str(error)
     except UnicodeDecodeError as error:
         raise UserError(
             f"caption file '{path}' is not valid UTF-8 ({error.reason} at byte {error.start}). Save it as UTF-8."
         ) from None
+    if why:
+        raise UserError(f"caption file '{path}' cannot be read ({why}). Restore or fix it, or delete it to use the "
+                        "folder's class tokens (the <name> of <repeats>_<name>) instead.")
     if not text:
         raise UserError(
             f"caption file '{path}' is empty. Write the caption on its first line, or delete the file to use the "

@@ -3,7 +3,9 @@
 The scan reads image headers, caption files and the tree (pixels are decoded later, on a cache miss) and never stops
 at the first problem: `inspect_folder` returns every problem (one line each, naming the setting and file) and every
 `Fallback` taken: an image without a caption trains on its folder's class token (as kohya); a blank first line is an
-empty caption; an unreadable image is skipped and counted; a multi-frame image trains on its first frame; folders
+empty caption; an image that cannot be read (a broken link, no permission, not a regular file, a file PIL cannot
+identify) is skipped, counted and named with why; a dataset with no readable image, or a caption file that cannot be
+read, is refused (kohya stops with an error); a multi-frame image trains on its first frame; folders
 without `<repeats>_`, with 0 repeats or nested, images directly in `data.dir` and formats PIL cannot read here are
 not used (kohya ignores them silently).
 """
@@ -11,6 +13,8 @@ not used (kohya ignores them silently).
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +52,11 @@ class FolderScan:
     root: Path  # the folder scanned (a user's ~ expanded)
     setting: str = "data.dir"  # the config key naming it in messages (data.dir or data.validation_dir)
     items: list[ImageItem] = field(default_factory=list)
-    # every non-hidden file directly in a <repeats>_<name> folder: what the fingerprint digests
+    # every non-hidden entry but folders directly in a <repeats>_<name> folder (broken links too): what the fingerprint
+    # digests
     subset_files: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # unreadable images (header at scan time, pixels at encode time)
+    skipped_why: list[str] = field(default_factory=list)  # "<path> (<why>)" for each image the scan skipped
     ignored_dirs: list[Path] = field(default_factory=list)  # subfolders without the `<repeats>_` prefix
     problems: list[str] = field(default_factory=list)  # one line each, naming the setting and file: refused
     fallbacks: list[Fallback] = field(default_factory=list)  # what was used instead of what the user gave
@@ -122,18 +128,26 @@ def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting
             "subfolders named <repeats>_<name> (e.g. 10_mychar) with images and same-named caption files.")
         return scan
     found = _Found()
-    for entry in sorted(root.iterdir()):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        scan.problems.append(f"{setting}: cannot list the folder '{root}' ({error.strerror or error}). Make it "
+                             "readable.")
+        return scan
+    for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+        if not entry.is_dir() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             found.loose.append(entry)
+        elif not entry.exists():  # a link whose target is gone (a moved folder, an unplugged drive)
+            found.broken_links.append(f"{entry} (a link to '{os.readlink(entry)}', which is gone)")
         elif entry.is_dir():
             params = subset_params(entry.name)
             if params is None:
                 scan.ignored_dirs.append(entry)
             elif params[0] < 1:
                 found.zero_repeats.append(entry)
-                scan.subset_files += sorted(p for p in entry.iterdir() if not p.name.startswith(".") and p.is_file())
+                scan.subset_files += [p for p in _listing(entry, found) if not p.is_dir()]
             else:
                 if not params[1]:
                     found.empty_class_token.append(entry)
@@ -149,6 +163,8 @@ class _Found:
     """What the scan saw besides the items, gathered for the warnings."""
 
     loose: list[Path] = field(default_factory=list)  # images directly in the root
+    broken_links: list[str] = field(default_factory=list)  # "<link> (<target>)" of links to nothing, not images
+    unlisted: list[str] = field(default_factory=list)  # "<folder> (<why>)" of subset folders that cannot be listed
     zero_repeats: list[Path] = field(default_factory=list)
     empty_class_token: list[Path] = field(default_factory=list)  # `10_` or `10`: trained, with an empty class token
     nested: list[Path] = field(default_factory=list)  # images in subfolders of a subset folder
@@ -168,8 +184,11 @@ class _Found:
              f"Write a {ext} file beside each image to caption it."),
             (self.blank_first_line, f"caption files ({ext}) whose first line is blank: trained with an empty caption "
              "(kohya reads only the first line)", "Put the caption on the first line."),
-            (scan.skipped, "images PIL cannot read: skipped (counted in data.skipped_images)",
-             "Re-save them as PNG or JPEG."),
+            (scan.skipped_why, "images that cannot be read: skipped (counted in data.skipped_images)",
+             "Restore a link's target, make the file readable, or re-save it as PNG or JPEG."),
+            (self.broken_links, "links whose target is gone: not used",
+             "Restore the target (reconnect the drive, move the folder back) or remove the link."),
+            (self.unlisted, "subset folders that cannot be listed: not used", "Make them readable."),
             (self.multi_frame, "images that are animated or have several frames: trained on their first frame only",
              "Extract the frames you want as separate images."),
             (scan.ignored_dirs, "subfolders without kohya's '<repeats>_' prefix: not used",
@@ -190,26 +209,59 @@ class _Found:
         return [Fallback(setting, what, tuple(map(str, paths)), hint) for paths, what, hint in rows if paths]
 
 
+def _listing(folder: Path, found: _Found) -> list[Path]:
+    """The non-hidden entries of a subset folder, sorted; none (and the folder named) when it cannot be listed."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as error:
+        found.unlisted.append(f"{folder} ({error.strerror or error})")
+        return []
+
+
+def unreadable_why(path: Path) -> str | None:
+    """Why a file listed as an image cannot be read, in a few words; None when its header can be read."""
+    try:
+        mode = os.stat(path).st_mode  # follows links
+    except FileNotFoundError:
+        return f"a link to '{os.readlink(path)}', which is gone" if path.is_symlink() else "gone since it was listed"
+    except OSError as error:
+        return error.strerror or str(error)
+    if not stat.S_ISREG(mode):  # a FIFO would block the read; a device is not an image
+        return "not a regular file"
+    try:
+        probe_image(path)
+    except OSError as error:
+        if error.errno is not None:  # the OS refused (permission, I/O): PIL's own OSErrors carry no errno
+            return error.strerror or str(error)
+        return "empty (0 bytes)" if os.stat(path).st_size == 0 else f"PIL cannot read it: {error}"
+    except Exception as error:  # PIL raises many types for files it cannot identify
+        return f"PIL cannot read it: {type(error).__name__}"
+    return None
+
+
 def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension: str, setting: str,
                  scan: FolderScan, found: _Found) -> None:
-    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = _listing(folder, found)
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for path in files:
-        if path.is_file():
+        if path.is_dir():
+            found.nested += _images_in(path)
+        else:  # files, and links whose target is gone: the image loop names those
             by_stem[path.stem].append(path)
             scan.subset_files.append(path)
-        elif path.is_dir():
-            found.nested += _images_in(path)
     for path in files:
         suffix = path.suffix.lower()
         if suffix in NOT_READ_EXTENSIONS:
             found.not_read.append(path)
-        if suffix not in IMAGE_EXTENSIONS or not path.is_file():
+        if suffix not in IMAGE_EXTENSIONS or path.is_dir():
             continue
         try:
-            info = probe_image(path)
-        except Exception:  # PIL raises many types for files it cannot identify
+            info = probe_image(path) if stat.S_ISREG(os.stat(path).st_mode) else None
+        except Exception:  # PIL raises many types for files it cannot identify; the OS, OSErrors
+            info = None
+        if info is None:
             scan.skipped.append(path)
+            scan.skipped_why.append(f"{path} ({unreadable_why(path) or 'cannot be read'})")
             continue
         if info.frames > 1:
             found.multi_frame.append(f"{path} ({info.frames} frames)")
@@ -236,8 +288,14 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def _listed(lines: list[str], shown: int = 3) -> str:
+    return ", ".join(lines[:shown]) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
+
+
 def _nothing_to_train(root: Path, setting: str, caption_extension: str, scan: FolderScan, found: _Found) -> str:
-    reasons = [f"{len(scan.skipped)} image(s) could not be read"] if scan.skipped else []
+    reasons = [f"{len(scan.skipped)} image(s) could not be read: {_listed(scan.skipped_why)}"] if scan.skipped else []
+    if found.broken_links:
+        reasons.append(f"links whose target is gone: {_listed(found.broken_links)}")
     if found.zero_repeats:
         reasons.append(f"folders with 0 repeats are not used: {[p.name for p in found.zero_repeats]}")
     if scan.ignored_dirs:

@@ -7,6 +7,7 @@ dataset elsewhere keeps it.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +29,26 @@ class Fingerprint:
 def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".txt", *,
                         memo_dir: Path | None = None) -> Fingerprint:
     """Fingerprint of the training scan's subset files and any validation scan's (in that order), hidden files aside.
-    `memo_dir`: the cache's `.hashes/`. A file removed since the scan is a UserError naming it."""
+    `memo_dir`: the cache's `.hashes/`. A file removed since the scan is a UserError naming it; one the scan could not
+    read counts by its name alone."""
     digest = hashlib.sha256()
     count = 0
     suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
     for index, scan in enumerate(scans):
         digest.update(f"folder {index}\n".encode())
         for path in scan.subset_files:
-            if path.suffix.lower() in suffixes:
-                try:
-                    sha = file_sha256(path, memo_dir=memo_dir)
-                except FileNotFoundError:
-                    raise gone(scan, path) from None
-                digest.update(f"{path.relative_to(scan.root).as_posix()}\t{sha}\n".encode())
-                count += 1
+            if path.suffix.lower() not in suffixes:
+                continue
+            relative = path.relative_to(scan.root).as_posix()
+            try:  # a broken link, a FIFO, a file without read permission: named by the scan, counted by name
+                sha = file_sha256(path, memo_dir=memo_dir) if path.is_file() or not os.path.lexists(path) else None
+            except FileNotFoundError:
+                raise gone(scan, path) from None
+            except PermissionError:
+                sha = None
+            if sha is None:
+                digest.update(f"{relative}\tunreadable\n".encode())
+                continue
+            digest.update(f"{relative}\t{sha}\n".encode())
+            count += 1
     return Fingerprint(digest.hexdigest()[:16], count, tuple(str(scan.root.resolve()) for scan in scans))

@@ -69,8 +69,9 @@ def _time_ids(item: ImageItem, bucket, flipped: bool) -> torch.Tensor:
 def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: bool) -> Prepared:
     """Every image's latents, and captions' embeddings unless `encode_text` is False (text-encoder LoRA or shuffled
     captions: encoded at every step, as kohya), from the cache or encoded. The VAE encodes in fp32 (kohya's
-    --no_half_vae) so precision variants share entries. An image whose pixels fail to decode moves from `scan.items`
-    to `scan.skipped`, with a warning. Raises UserError when no image is left or one is gone."""
+    --no_half_vae) so precision variants share entries. An image whose pixels fail to decode, or that the OS refuses
+    to read since the scan, moves from `scan.items` to `scan.skipped`, with a warning. Raises UserError when no image
+    is left or one is gone."""
     store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
     settings = bucket_settings(data_cfg)
     vae_id = store.model_identity(parts.source, "vae")
@@ -90,8 +91,15 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
             if item.path.exists():
                 raise
             raise gone(scan, item.path) from None
+        except OSError as error:
+            if error.filename not in (str(item.path), item.path):  # the cache's disk, not the image
+                raise
+            log.warning("skipping unreadable image '%s': %s", item.path, error.strerror or error)
+            scan.items.remove(item)
+            scan.skipped.append(item.path)
+            unreadable.append(str(item.path))
     if not examples:
-        raise UserError(f"data.dir: no readable images to train on: all {len(scan.skipped)} image(s) failed to "
+        raise UserError(f"{scan.setting}: no readable images to train on: all {len(scan.skipped)} image(s) failed to "
                         f"decode (e.g. '{scan.skipped[0] if scan.skipped else ''}'). Re-save them as PNG or JPEG.")
     histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
     return Prepared(examples, histogram, cache_stats=store.stats(), unreadable=unreadable)

@@ -29,7 +29,7 @@ from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.folders import check_job_folders, check_writable
 from lora_sweep.config import config_hash, flatten, to_container
 from lora_sweep.data.fingerprint import Fingerprint
-from lora_sweep.errors import UserError, is_out_of_memory
+from lora_sweep.errors import UserError, disk_full_error, is_out_of_memory
 from lora_sweep.job.finished import dataset_of, finished_match, skip_key
 from lora_sweep.job.inputs import JobInputs, read_inputs
 from lora_sweep.job.names import read_swept_keys, run_label
@@ -121,6 +121,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
     from lora_sweep.training.session import check_device
 
     inputs = read_inputs(cfg, sweep_dir)  # a file gone or changed since the pre-flight: one UserError naming it
+    found["scans"] = inputs.scans  # the cache's space is checked with the folders
     device = check_device(cfg)  # a GPU slot without a GPU raises; otherwise a fallback or None
     checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
     preflight_lib.announce(checked.fallbacks)
@@ -150,7 +151,7 @@ def _open_store(cfg, output_dir: Path, sweep_dir: Path | None, found: dict[str, 
     and, in a single run, stale runs closed."""
     uri = store.tracking_uri(cfg.tracking.uri)
     found["uri"] = uri
-    state_root = check_job_folders(cfg, output_dir, uri)
+    state_root = check_job_folders(cfg, output_dir, uri, found.get("scans", ()))
     client = store.client(uri)  # a store MLflow cannot use: a UserError naming it
     exp_id = store.experiment_id(client, cfg.tracking.experiment)
     found.update(client=client, exp_id=exp_id)
@@ -237,8 +238,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         outcome.reason, outcome.user_error = f"{type(exc).__name__}: {exc}", True
     except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)
         kept = list_states(run_folder(ready.state_root, chash, logger.run_id)) or [resume_from]  # None: no state
-        outcome.reason = failure_reason(cfg, exc, kept[-1])
-        outcome.user_error = is_out_of_memory(exc)
+        outcome.reason = failure_reason(cfg, exc, kept[-1], output_dir)
+        outcome.user_error = is_out_of_memory(exc) or disk_full_error(exc) is not None
     finally:
         if sink is not None:
             sink.bar.close()

@@ -1,7 +1,9 @@
 """Failing early and clearly: free space before training, and messages a user can act on.
 
-Why: a sweep of hours-long runs must not find its disk full at step 4000. Free space is checked once the LoRA
-exists (its real size); writable folders before the model loads (checks/folders.py).
+Why: a sweep of hours-long runs must not find its disk full at step 4000. Writable folders with free space are
+checked before the model loads (checks/folders.py), the states' and checkpoints' space once the LoRA exists (its real
+size). A disk that fills at any moment anyway ends the run in `failure_reason`: one paragraph naming the file and
+what was saved.
 """
 
 from __future__ import annotations
@@ -13,29 +15,41 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from lora_sweep.errors import SamplingOutOfMemory, UserError, is_out_of_memory
+from lora_sweep.errors import SamplingOutOfMemory, UserError, disk_full_error, is_out_of_memory
+from lora_sweep.paths import cache_root, state_root
 
 # Optimizer state tensors per LoRA parameter, roughly (8-bit states are a quarter of fp32 ones).
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
                          "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0}
-HEADROOM_BYTES = 16 * 2**20
+HEADROOM_BYTES = 16 * 2**20  # left free on each disk: logs, MLflow's files, the store's journal
 
 
 def check_free_space(needs: Mapping[Path, tuple[str, int]]) -> None:
-    """`needs`: folder -> (config field, bytes it will receive). Folders on one filesystem share its free space."""
+    """`needs`: folder -> (config field, bytes it will receive). Folders on one filesystem share its free space, which
+    must hold their bytes plus HEADROOM_BYTES; a UserError naming them if not."""
     by_device: dict[int, list[tuple[Path, str, int]]] = {}
     for folder, (what, size) in needs.items():
         by_device.setdefault(os.stat(folder).st_dev, []).append((Path(folder), what, size))
     for entries in by_device.values():
-        need = sum(size for _, _, size in entries) + HEADROOM_BYTES
+        written = sum(size for _, _, size in entries)
         free = shutil.disk_usage(entries[0][0]).free
-        if free < need:
+        if free < written + HEADROOM_BYTES:
             listing = ", ".join(f"{what} '{folder}' ({_mib(size)})" for folder, what, size in entries)
             raise UserError(
-                f"not enough free disk space: {_mib(free)} free where this training will write about {_mib(need)}: "
-                f"{listing}. Free some space, lower train.keep_states or raise train.save_every, or point those "
-                "folders at another disk (nothing was trained)."
+                f"not enough free disk space: {_mib(free)} free where this training will write about {_mib(written)} "
+                f"and lora-sweep keeps {_mib(HEADROOM_BYTES)} free: {listing}. Free some space, or point those "
+                "folders at another disk; states and checkpoints take less with a lower train.keep_states or a "
+                "higher train.save_every (nothing was trained)."
             )
+
+
+def cache_bytes(scans, data_cfg, *, text: bool) -> int:
+    """Bytes the cache entries of `scans` take at most (none cached yet), for SDXL: fp32 latents of 4 x H/8 x W/8 at
+    the training resolution's area (twice with flip_aug), and with `text` a caption's (77, 2048) context and 1280
+    pooled floats."""
+    latent = 4 * 4 * (data_cfg.resolution // 8) ** 2 * (2 if data_cfg.flip_aug else 1) + 2**12  # + the header
+    captions = {item.caption for scan in scans for item in scan.items}
+    return latent * sum(len(scan.items) for scan in scans) + (77 * 2048 + 1280) * 4 * len(captions) * text
 
 
 def expected_bytes(*, lora_numel: int, optimizer: str, keep_states: int, save_every: int, max_steps: int,
@@ -110,8 +124,48 @@ def describe_os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def failure_reason(cfg, exc: BaseException, last_state: Path | None = None) -> str:
-    """One readable line first (the status file and the queue show it), details after."""
+def disk_full_message(cfg, full: OSError, last_state: Path | None, output_dir: Path | None) -> str:
+    """A full disk (ENOSPC, EDQUOT) met mid-run: the file, the disk's folders and free space, what was saved."""
+    folders = _run_folders(cfg, output_dir)
+    if full.filename:
+        target = Path(full.filename)
+        setting = next((s for s, f in folders if target.is_relative_to(f)), None)
+        where = f"while writing '{target}'" + (f" ({setting})" if setting else "")
+        fix = f"free space on that disk or point {setting or 'it'} at another disk"
+    else:
+        where = "while writing a file the library did not name"
+        fix = "free space on the disk of a folder above (or point its setting at another disk)"
+    free = "; ".join(f"{s} '{f}' {_mib(_free(f))} free" for s, f in folders)
+    kinds = {errno.EDQUOT: "disk quota exceeded"}
+    return (f"disk full ({kinds.get(full.errno, 'no space left on device')}) {where}. Now: {free}. "
+            f"Saved: {_saved_files(output_dir)}.{_kept(last_state)} To go on, {fix} and rerun.")
+
+
+def _run_folders(cfg, output_dir: Path | None) -> list[tuple[str, Path]]:
+    """(setting, folder) of the folders a run writes besides its store: states before the cache (they live in it by
+    default)."""
+    folders = [("train.output_dir", Path(output_dir))] if output_dir else []
+    return folders + [("train.state_dir", state_root(cfg)), ("data.cache_dir", cache_root(cfg).resolve())]
+
+
+def _free(folder: Path) -> int:
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return shutil.disk_usage(existing).free
+    return 0
+
+
+def _saved_files(output_dir: Path | None) -> str:
+    files = sorted(Path(output_dir).rglob("*.safetensors")) if output_dir and Path(output_dir).is_dir() else []
+    return ", ".join(f"'{f}'" for f in files) if files else "no LoRA file yet"
+
+
+def failure_reason(cfg, exc: BaseException, last_state: Path | None = None, output_dir: Path | None = None) -> str:
+    """One readable line first (the status file and the queue show it), details after. Out of memory and a full
+    disk are one paragraph without a traceback (`output_dir`: where the run's LoRA files are, for the latter)."""
+    full = disk_full_error(exc)
+    if full is not None:
+        return "OSError: " + disk_full_message(cfg, full, last_state, output_dir)
     if is_out_of_memory(exc):
         _free_gpu_memory()
         return "OutOfMemoryError: " + out_of_memory_message(cfg, exc, last_state)

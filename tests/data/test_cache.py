@@ -109,6 +109,18 @@ def test_model_identity_of_diffusers_folder_by_component(tmp_path):
         cache_keys.model_identity(tmp_path / "missing", "vae")
 
 
+def test_a_model_file_that_is_a_broken_link_is_named(tmp_path):
+    model = _diffusers_folder(tmp_path / "m")
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "blobs" / "0a1b")  # an HF snapshot whose blob was removed
+    with pytest.raises(UserError) as error:
+        cache_keys.model_identity(model, "vae")
+    assert str(error.value) == (f"model folder '{model}': '{weights}' is a link to '{tmp_path / 'blobs' / '0a1b'}', "
+                                "which is gone. Restore it (download the model again) or point model.path at a "
+                                "complete copy.")
+
+
 def test_model_identity_of_single_file_checkpoint(tmp_path):
     def checkpoint(vae: float, unet: float, text: float) -> Path:
         path = tmp_path / "sdxl.safetensors"

@@ -8,7 +8,7 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from lora_sweep.data.dataset import dataset_changes, files_seen, inspect_folder, scan_folder, seen_key
+from lora_sweep.data.dataset import FolderScan, dataset_changes, files_seen, inspect_folder, scan_folder, seen_key
 from lora_sweep.errors import UserError
 
 CP1252_ARTISTS = bytes.fromhex("6172746973749273")  # "artist's" with cp1252's right quote
@@ -89,7 +89,8 @@ def test_unreadable_and_animated_images_and_unsupported_formats(tmp_path):
     scan = inspect_folder(tmp_path)
     assert sorted(i.path.name for i in scan.items) == ["anim.gif", "good.png"]
     assert scan.skipped == [tmp_path / "1_s" / "broken.png"]
-    assert fallback(scan, "PIL cannot read").count == 1
+    assert fallback(scan, "images that cannot be read").paths == (
+        f"{tmp_path / '1_s' / 'broken.png'} (PIL cannot read it: Truncated File Read)",)
     assert fallback(scan, "first frame").paths == (f"{tmp_path / '1_s' / 'anim.gif'} (2 frames)",)
     assert fallback(scan, "does not read").paths == (str(tmp_path / "1_s" / "phone.HEIC"),)
 
@@ -156,3 +157,90 @@ def test_a_record_is_compared_only_with_a_scan_of_the_same_folder_and_caption_ex
     assert dataset_changes(scan_folder(tmp_path / "ds"), record, ".txt")[0].endswith(
         "since the pre-flight, removed '1_x/a.txt'. A sweep's variants train on the files its pre-flight checked: "
         "put them back as they were, or start the sweep again.")
+
+
+def test_broken_links_are_skipped_counted_and_each_named(tmp_path):
+    image(tmp_path / "1_s" / "kept.png", caption="k")
+    for name in ("a", "b", "c"):  # their drive was unplugged
+        (tmp_path / "1_s" / f"{name}.png").symlink_to(tmp_path / "unplugged" / f"{name}.png")
+    scan = inspect_folder(tmp_path)
+    assert [i.path.name for i in scan.items] == ["kept.png"] and not scan.problems
+    assert len(scan.skipped) == 3  # data.skipped_images
+    assert fallback(scan, "images that cannot be read").paths == tuple(
+        f"{tmp_path / '1_s' / n}.png (a link to '{tmp_path / 'unplugged' / n}.png', which is gone)" for n in "abc")
+
+
+def test_a_fifo_an_empty_file_and_a_dangling_folder_link_are_named_not_read(tmp_path):
+    import os
+
+    image(tmp_path / "1_s" / "kept.png", caption="k")
+    os.mkfifo(tmp_path / "1_s" / "pipe.png")  # opening it would wait for a writer forever
+    (tmp_path / "1_s" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "2_moved").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    scan = inspect_folder(tmp_path)
+    assert fallback(scan, "images that cannot be read").paths == (
+        f"{tmp_path / '1_s' / 'empty.jpg'} (empty (0 bytes))", f"{tmp_path / '1_s' / 'pipe.png'} (not a regular file)")
+    assert fallback(scan, "links whose target is gone").paths == (
+        f"{tmp_path / '2_moved'} (a link to '{tmp_path / 'elsewhere'}', which is gone)",)
+
+
+def test_a_caption_that_is_a_broken_link_is_refused_not_replaced_by_the_class_token(tmp_path):
+    image(tmp_path / "1_s" / "a.png")
+    (tmp_path / "1_s" / "a.txt").symlink_to(tmp_path / "gone.txt")
+    assert inspect_folder(tmp_path).problems == [
+        f"data.dir: caption file '{tmp_path / '1_s' / 'a.txt'}' cannot be read (a link to '{tmp_path / 'gone.txt'}', "
+        "which is gone). Restore or fix it, or delete it to use the folder's class tokens (the <name> of "
+        "<repeats>_<name>) instead."]
+
+
+def test_a_dataset_of_broken_links_only_is_a_problem_naming_them(tmp_path):
+    (tmp_path / "1_s").mkdir()
+    (tmp_path / "1_s" / "a.png").symlink_to(tmp_path / "gone.png")
+    problems = inspect_folder(tmp_path).problems
+    assert len(problems) == 1 and problems[0].startswith(f"data.dir: no readable images to train on in '{tmp_path}'")
+    assert f"1 image(s) could not be read: {tmp_path / '1_s' / 'a.png'} (a link to '{tmp_path / 'gone.png'}'" \
+        in problems[0]
+
+
+def scan_as_nobody(root: Path) -> FolderScan:
+    """`inspect_folder(root)` by a user without root's rights (chmod 000 stops only such a user): as root, in a forked
+    child that drops to nobody; otherwise here."""
+    import os
+    import pickle
+
+    if os.geteuid() != 0:
+        return inspect_folder(root)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, scan, send the scan back, exit without pytest's clean-up
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, pickle.dumps(inspect_folder(root)))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
+
+
+def test_files_and_folders_without_read_permission_are_counted_and_named():
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp())  # not tmp_path: nobody cannot enter pytest's 0700 base folder
+    try:
+        base.chmod(0o755)
+        image(base / "1_s" / "kept.png", caption="k")
+        image(base / "1_s" / "locked.png", caption="l").chmod(0o000)
+        image(base / "2_locked" / "x.png", caption="x")
+        (base / "2_locked").chmod(0o000)
+        scan = scan_as_nobody(base)
+    finally:
+        (base / "2_locked").chmod(0o755)
+        shutil.rmtree(base)
+    assert [i.path.name for i in scan.items] == ["kept.png"] and scan.problems == []
+    assert fallback(scan, "images that cannot be read").paths == (f"{base / '1_s' / 'locked.png'} (Permission denied)",)
+    assert fallback(scan, "cannot be listed").paths == (f"{base / '2_locked'} (Permission denied)",)

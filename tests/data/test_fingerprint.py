@@ -65,3 +65,14 @@ def test_the_digest_is_the_one_runs_were_recorded_with(tmp_path):
     both = fingerprint(tmp_path / "train", tmp_path / "val", memo_dir=tmp_path / "memo")
     assert (both.digest, both.files) == ("ef4c65eea55c1462", 10)
     assert (fingerprint(tmp_path / "train").digest, fingerprint(tmp_path / "train").files) == ("28f4decee054d176", 8)
+
+
+def test_broken_links_and_fifos_count_by_name_without_being_read(tmp_path):
+    import os
+
+    data = make(tmp_path / "data")
+    base = fingerprint(data)
+    (data / "10_cat" / "b.png").symlink_to(tmp_path / "unplugged.png")
+    linked = fingerprint(data)
+    os.mkfifo(data / "10_cat" / "c.png")  # reading it would wait forever
+    assert len({base.digest, linked.digest, fingerprint(data).digest}) == 3 and linked.files == base.files == 2

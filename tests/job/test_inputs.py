@@ -134,7 +134,7 @@ def test_one_scan_feeds_training_and_its_warnings_after_an_image_was_removed_or_
     params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
     assert (params["data.images"], params["data.skipped_images"], params["data.warnings"]) == ("1", "1", "1")
     warnings = (tmp_path / "out" / "warnings.txt").read_text()
-    assert warnings.startswith("data.dir: 1 image PIL cannot read: skipped") and str(truncated) in warnings
+    assert warnings.startswith("data.dir: 1 image that cannot be read: skipped") and str(truncated) in warnings
 
 
 @pytest.mark.parametrize("sweeper, checks", [("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", True),
@@ -187,3 +187,22 @@ def test_the_job_reads_its_prompt_file_once_and_samples_what_it_read(tmp_path, m
     assert [str(path) for path in reads] == [str(prompt_file)]
     local = MlflowClient(mlflow_uri).download_artifacts(outcome.run_id, "samples/prompts.json", str(tmp_path))
     assert [spec["prompt"] for spec in json.loads(Path(local).read_text())] == ["a photo of a thing"]
+
+
+def test_images_behind_broken_links_are_counted_in_skipped_images_and_named(tmp_path, mlflow_uri, caplog):
+    """4 images, 3 of them links whose targets were moved away: the run trains on 1 and says which 3 it skipped."""
+    write_image(tmp_path / "ds" / "2_thing" / "kept.png", caption="a photo")
+    for name in ("a", "b", "c"):
+        (tmp_path / "ds" / "2_thing" / f"{name}.png").symlink_to(tmp_path / "moved" / f"{name}.png")
+    cfg = compose_config("train.max_steps=1", "train.device=cpu", "data=folder", f"data.dir={tmp_path / 'ds'}",
+                         f"train.state_dir={tmp_path / 'states'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert check_job(cfg).problems == []
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED", outcome.reason
+    params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
+    assert (params["data.images"], params["data.skipped_images"]) == ("1", "3")
+    warnings = (tmp_path / "out" / "warnings.txt").read_text()
+    assert warnings.startswith("data.dir: 3 images that cannot be read: skipped (counted in data.skipped_images)")
+    for name in ("a", "b", "c"):
+        link = f"{tmp_path / 'ds' / '2_thing' / name}.png (a link to '{tmp_path / 'moved' / name}.png', which is gone)"
+        assert link in warnings and link in caplog.text

@@ -230,6 +230,33 @@ def test_disk_full_mid_run_message_names_the_file():
     assert "disk full" in message and "/data/states/state-step1.pt" in message and "resumes" in message
 
 
+def test_a_full_disk_in_any_writer_is_one_paragraph_naming_the_file_and_what_was_saved(tmp_path):
+    from lora_sweep.atomic import write_with
+    from lora_sweep.errors import disk_full_error
+    from lora_sweep.training.failures import failure_reason
+
+    rust = RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")  # safetensors'
+    assert disk_full_error(RuntimeError("wrapped")) is None
+    assert disk_full_error(rust).errno == errno.EDQUOT
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "lora-step00000001.safetensors").write_bytes(b"saved")
+
+    def quota(path):
+        path.write_bytes(b"half")
+        raise rust
+
+    with pytest.raises(OSError) as raised:  # the atomic writer names the target and leaves no half file
+        write_with(tmp_path / "out" / "lora-step00000002.safetensors", quota)
+    assert raised.value.filename == str(tmp_path / "out" / "lora-step00000002.safetensors")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-step00000001.safetensors"]
+    cfg = compose_config(f"data.cache_dir={tmp_path / 'cache'}")
+    reason = failure_reason(cfg, raised.value, tmp_path / "state-step00000001.pt", tmp_path / "out")
+    assert reason.startswith(f"OSError: disk full (disk quota exceeded) while writing "
+                             f"'{tmp_path / 'out' / 'lora-step00000002.safetensors'}' (train.output_dir). Now: ")
+    assert f"Saved: '{tmp_path / 'out' / 'lora-step00000001.safetensors'}'. The last saved state is kept " \
+           f"({tmp_path / 'state-step00000001.pt'})" in reason and "Traceback" not in reason
+
+
 @pytest.fixture
 def fast_http_failures(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -115,7 +115,7 @@ def test_unreadable_image_is_skipped_with_warning_and_counted(tmp_path, mlflow_u
     assert params["data.skipped_images"] == "1" and params["data.images"] == "2"
     assert params["data.warnings"] == "2"  # the skip and the missing captions, in data/warnings.txt with paths
     warnings_txt = Path(client.download_artifacts(outcome.run_id, "data/warnings.txt", str(tmp_path)))
-    assert "PIL cannot read: skipped" in warnings_txt.read_text()
+    assert "image that cannot be read: skipped" in warnings_txt.read_text()
     assert str(data / "broken.png") in warnings_txt.read_text()
 
 

@@ -1,5 +1,6 @@
 """A fault for cross-process tests: a Hydra callback whose `on_job_start` runs in the job's own process (under the
-gpu_queue, Slurm, Ray and basic launchers) and patches lora-sweep there, for the job numbers it is given.
+gpu_queue, Slurm, Ray and basic launchers, and in a single run, as job 0) and patches lora-sweep there, for the job
+numbers it is given.
 
     PYTHONPATH=tests/apps/faults python sweep.py -m train.seed=1,2,3 \\
         +hydra.callbacks.fault._target_=fault_hook.FaultHook '+hydra.callbacks.fault.jobs={1: setup_error}'
@@ -9,7 +10,9 @@ gpu_queue, Slurm, Ray and basic launchers) and patches lora-sweep there, for the
   process on (optimizer step N with train.grad_accum=1 and no resume);
 - `setup_error` / `setup_crash`: `lora_sweep.job.run.plan_resume` raises a UserError / a RuntimeError: the job's
   set-up fails after its checks, before its MLflow run exists;
-- `remove:<path>`: the file is deleted as the job starts (after the sweep's pre-flight).
+- `remove:<path>`: the file is deleted as the job starts (after the sweep's pre-flight);
+- `fill@N:<folder>`: from the N-th micro-batch on, another writer fills the disk of `<folder>` (a file there grows
+  until the disk is full).
 `on_job_end` undoes the patch (the basic launcher runs every job in one process).
 """
 
@@ -40,7 +43,10 @@ class FaultHook(Callback):
         self._undo: list[Callable[[], None]] = []
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        fault = self.jobs.get(int(config.hydra.job.num))
+        from omegaconf import OmegaConf
+
+        single_run = OmegaConf.is_missing(config.hydra.job, "num")  # a single run is job 0
+        fault = self.jobs.get(0 if single_run else int(config.hydra.job.num))
         if fault is not None:
             self._undo.append(inject(fault))
 
@@ -54,7 +60,12 @@ def inject(fault: str) -> Callable[[], None]:
     if fault.startswith("remove:"):
         Path(fault.partition(":")[2]).unlink()
         return lambda: None
-    if fault.startswith("nan_loss@"):
+    if fault.startswith("fill@"):
+        import lora_sweep.training.train as module
+
+        at, _, folder = fault.removeprefix("fill@").partition(":")
+        name, wrapper = "micro_batch_loss", _filling_from(module.micro_batch_loss, int(at), Path(folder))
+    elif fault.startswith("nan_loss@"):
         import lora_sweep.training.train as module
 
         name, wrapper = "micro_batch_loss", _nan_from(module.micro_batch_loss, int(fault.partition("@")[2]))
@@ -63,7 +74,8 @@ def inject(fault: str) -> Callable[[], None]:
 
         name, wrapper = "plan_resume", _failing(module.plan_resume, fault)
     else:
-        raise ValueError(f"unknown fault {fault!r}: nan_loss@N, setup_error, setup_crash or remove:<path>")
+        raise ValueError(f"unknown fault {fault!r}: nan_loss@N, fill@N:<folder>, setup_error, setup_crash or "
+                         "remove:<path>")
     real = getattr(module, name)
     setattr(module, name, wrapper)
     return lambda: setattr(module, name, real)
@@ -80,6 +92,24 @@ def _nan_from(real: Callable[..., Any], first: int) -> Callable[..., Any]:
         if dataclasses.is_dataclass(result):  # the loss terms: their `loss` turns NaN
             return dataclasses.replace(result, loss=result.loss * float("nan"))
         return result * float("nan")
+
+    return wrapper
+
+
+def _filling_from(real: Callable[..., Any], first: int, folder: Path) -> Callable[..., Any]:
+    calls = itertools.count(1)
+
+    @functools.wraps(real)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == first:
+            try:
+                with open(folder / "filler", "ab") as f:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            except OSError:  # the disk is full
+                pass
+        return real(*args, **kwargs)
 
     return wrapper
 
