@@ -109,6 +109,32 @@ def test_make_ui_prints_the_experiments_runs_page(store_uri):
     assert "no experiment 'nope'" in experiment_page(store_uri, "http://127.0.0.1:5000", "nope")
 
 
+def _open_store(uri: str, go, errors) -> None:
+    go.wait()
+    try:
+        store.experiment_id(store.client(uri), "lora-sweep")
+    except Exception as exc:  # noqa: BLE001  (reported to the test)
+        errors.put(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path):
+    """Two single runs started together on a fresh store: MLflow creates the tables as it opens the database, and
+    concurrent creations failed ("duplicate column name: step", "table latest_metrics already exists")."""
+    import multiprocessing
+
+    uri, ctx = f"sqlite:///{tmp_path / 'mlflow.db'}", multiprocessing.get_context("fork")
+    go, errors = ctx.Event(), ctx.Queue()
+    processes = [ctx.Process(target=_open_store, args=(uri, go, errors)) for _ in range(2)]
+    for p in processes:
+        p.start()
+    go.set()  # both open the store at the same moment
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert [errors.get() for _ in range(errors.qsize())] == []
+    assert [e.name for e in MlflowClient(uri).search_experiments()] == ["lora-sweep", "Default"]
+
+
 @pytest.mark.parametrize("value", ["a" * 5999, "a" * 6000, "a" * 6001, "é" * 9000])
 def test_fit_cuts_with_a_visible_marker(value):
     from lora_sweep.tracking.store import fit

@@ -199,14 +199,13 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
 
     They are logged on the sweep's parent run under `report/` when there is one; the summary also goes to `json_path`.
     """
-    from mlflow.tracking import MlflowClient
-
     from lora_sweep.atomic import write_bytes, write_text
     from lora_sweep.compare.figures import CURVE_GROUPS, curve_figure
     from lora_sweep.compare.report_html import grid_png, progression_png, render_html
     from lora_sweep.compare.summary import build_summary, to_json
+    from lora_sweep.tracking import store
 
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    client = store.client(resolve_tracking_uri(tracking_uri))
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lora_sweep_report_") as scratch, _quiet_downloads():
         data, parent = collect(client, experiment=experiment, sweep_run_id=sweep_run_id, step=step,

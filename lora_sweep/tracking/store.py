@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -89,7 +90,26 @@ def client(uri: str):
     check_store_uri(uri)
     for name, value in HTTP_BOUNDS.items():
         os.environ.setdefault(name, value)
-    return MlflowClient(tracking_uri=uri)
+    with _opening(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def _opening(uri: str):
+    """Hold an exclusive lock on a sqlite store's folder: MLflow creates or migrates the database's tables as it
+    opens it, and two processes doing so at once fail ("duplicate column name", "table ... already exists")."""
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    if not uri.startswith("sqlite:///") or not folder.is_dir():
+        yield
+        return
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)  # a lock on the folder writes nothing beside the user's database
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def experiment_id(mlflow_client, name: str) -> str:

@@ -141,12 +141,11 @@ def running_server(store_uri: str, host: str = "127.0.0.1", port: int = 5000, *,
 def experiment_page(store_uri: str, base_url: str, experiment: str) -> str:
     """The URL of `experiment`'s runs table (tagging it model-training if needed), or a line saying it does not exist.
     """
-    from mlflow.tracking import MlflowClient
-
+    from lora_sweep.tracking import store
     from lora_sweep.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, runs_page_url
 
     try:
-        client = MlflowClient(store_uri)
+        client = store.client(store_uri)
         found = client.get_experiment_by_name(experiment)
     except Exception as exc:  # the UI still serves whatever the store holds
         return f"(could not look up experiment '{experiment}': {str(exc).splitlines()[0][:200]})"
