@@ -87,9 +87,10 @@ def test_the_listed_params_are_really_logged():
 
 
 def _literal_values() -> list[tuple[str, str, str]]:
-    """Suggestions with a concrete value (not a placeholder such as PATH or STEP, not an f-string hole)."""
+    """Suggestions with a concrete value (not a placeholder such as PATH or STEP, not an f-string or %-format hole)."""
     return sorted({(where, key, value) for where, key, value in suggestions()
-                   if value and "{}" not in value and not re.fullmatch(r"[A-Z_@]+", value.split("@")[0] or "X")
+                   if value and "{}" not in value and not re.search(r"%[sdrf]", value)
+                   and not re.fullmatch(r"[A-Z_@]+", value.split("@")[0] or "X")
                    and not value.endswith(".")})
 
 
