@@ -24,7 +24,7 @@ def on_terminal() -> bool:
 
 class Progress:
     """`update(n)` as work is done; `close()` (or the `with` block's end) at the phase's end. `name` says what the
-    phase does ("encoding 2000 images into <cache>"); `total` in `unit`s (None: unknown). `announce=False` (a phase
+    phase does ("encoding images into <cache>"); `total` in `unit`s (None: unknown). `announce=False` (a phase
     that repeats, such as each validation): log lines only once it has run `every_s`."""
 
     def __init__(self, name: str, total: int | None = None, unit: str = "it", *, every_s: float | None = None,
@@ -35,7 +35,7 @@ class Progress:
         self._last_line, self._logged = self.started, announce
         self.bar = None
         if announce:
-            log.info("%s%s", name, f" ({total} {unit})" if total is not None else "")
+            log.info("%s%s", name, f" ({total} {self._units(total)})" if total is not None else "")
         if on_terminal():
             from tqdm.auto import tqdm
 
@@ -62,7 +62,12 @@ class Progress:
             log.info("%s: %s in %.1f s", self.name, self._count(), time.monotonic() - self.started)
 
     def _count(self) -> str:
-        return f"{self.done}/{self.total} {self.unit}" if self.total is not None else f"{self.done} {self.unit}"
+        if self.total is None:
+            return f"{self.done} {self._units(self.done)}"
+        return f"{self.done}/{self.total} {self._units(self.total)}"
+
+    def _units(self, n: int) -> str:
+        return self.unit if n == 1 else f"{self.unit}s"
 
     def __enter__(self) -> Progress:
         return self

@@ -20,8 +20,8 @@ def test_a_phase_that_repeats_logs_only_when_it_runs_long(caplog):
         with Progress("val/loss at step 8: 3 images x 2 timesteps", 3, "image", announce=False, every_s=0) as slow:
             slow.describe("image 1")
             slow.update()
-    assert messages(caplog)[0] == "val/loss at step 8: 3 images x 2 timesteps: 1/3 image (image 1)"
-    assert messages(caplog)[1].startswith("val/loss at step 8: 3 images x 2 timesteps: 1/3 image in ")
+    assert messages(caplog)[0] == "val/loss at step 8: 3 images x 2 timesteps: 1/3 images (image 1)"
+    assert messages(caplog)[1].startswith("val/loss at step 8: 3 images x 2 timesteps: 1/3 images in ")
 
 
 def test_the_training_bar_without_a_terminal_is_a_log_line_with_the_runs_name(caplog, monkeypatch):

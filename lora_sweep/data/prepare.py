@@ -79,7 +79,7 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     examples: list[Example] = []
     unreadable: list[str] = []
     items = list(scan.items)
-    for item in progress(items, f"encoding {len(items)} images into {store.root}", unit="image"):
+    for item in progress(items, f"encoding images into {store.root}", unit="image"):
         try:
             examples.append(_example(parts, store, item, settings, data_cfg, device, vae_id, text_id, encode_text))
         except UnreadableImage as error:  # the header was fine, the pixels are not: skipped, counted, not cached

@@ -123,7 +123,7 @@ def test_encoding_names_itself_and_its_cache_and_logs_progress_without_a_termina
     with caplog.at_level(logging.INFO, logger="lora_sweep.progress"):
         prepare(parts, dataset, tmp_path / "cache")  # pytest's stderr is no terminal: log lines, not a bar
     lines = [r.getMessage() for r in caplog.records if r.name == "lora_sweep.progress"]
-    name = f"encoding 4 images into {tmp_path / 'cache'}"
-    assert lines[0] == f"{name} (4 image)"
-    assert lines[1:5] == [f"{name}: {i}/4 image" for i in range(1, 5)]
-    assert lines[5].startswith(f"{name}: 4/4 image in ") and len(lines) == 6
+    name = f"encoding images into {tmp_path / 'cache'}"
+    assert lines[0] == f"{name} (4 images)"
+    assert lines[1:5] == [f"{name}: {i}/4 images" for i in range(1, 5)]
+    assert lines[5].startswith(f"{name}: 4/4 images in ") and len(lines) == 6
