@@ -17,6 +17,9 @@ LIBRARY_NOISE = (
     ("urllib3.connectionpool", "Retrying ("),
     # a locked or failing sqlite store: the SQL statement and a traceback; the run logger says so in one line
     ("mlflow.store.db.utils", "SQLAlchemy database error"),
+    # a new sqlite store's tables being made: nothing to act on
+    ("mlflow.store.db.utils", "Creating initial MLflow database tables"),
+    ("mlflow.store.db.utils", "Updating database tables"),
 )
 
 

@@ -119,8 +119,9 @@ def test_a_file_store_is_refused_in_one_paragraph_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_a_runs_console_is_clean_and_names_the_store_to_browse(tmp_path):
     """A single run: no `loss=nan` before the first step, no library noise (transformers' torchvision fallback,
-    bitsandbytes' kernels), the optimizer's advice as one clean log line, and a last line whose command opens the
-    UI on the store this run used (not the repository's ./mlflow.db); `compare` takes the same option."""
+    bitsandbytes' kernels, MLflow making a new store's tables, diffusers' loading bars), the optimizer's advice as one
+    clean log line, and a last line whose command opens the UI on the store this run used (not the repository's
+    ./mlflow.db); `compare` takes the same option."""
     from cluster_fixtures import free_port
 
     out = run_sweep(tmp_path, "train.max_steps=1", "optimizer=prodigy", "train.lr=0.1", timeout=300)
@@ -128,6 +129,7 @@ def test_a_runs_console_is_clean_and_names_the_store_to_browse(tmp_path):
     assert out.returncode == 0, text[-4000:]
     assert "loss=nan" not in text
     assert "torchvision (not installed)" not in text and "gemm_4bit_forward" not in text
+    assert "database tables" not in text and "Loading pipeline components" not in text  # a new store; no terminal
     assert "[py.warnings][WARNING] - UserWarning: learning rate 0.1 is too low for prodigy" in text
     assert "warnings.warn(" not in text and "optim.py:" not in text  # no file name, no source line
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

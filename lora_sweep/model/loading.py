@@ -194,10 +194,17 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
     folder's component already in its dtype is mapped without a copy, another is read straight into it
     (`weights.load_cast`); a single file is read in its own dtype, then cast. Raises UserError naming model.path.
     """
+    import diffusers
     import torch
+    import transformers
     from diffusers import StableDiffusionXLPipeline
 
+    from lora_sweep.progress import on_terminal
+
     model_path = check_model_path(path)
+    if not on_terminal():  # their bars would fill a job's log with carriage returns; ours names the phase
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     wanted = {name: (dtypes or {}).get(name) or dtype or torch.float32 for name in COMPONENTS}
     config_dir = None if model_path.is_dir() else single_file_config_dir(model_path, cache_root)
     try:
