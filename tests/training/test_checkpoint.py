@@ -143,3 +143,24 @@ def test_a_write_killed_half_way_leaves_the_previous_state_loadable(tmp_path):
     assert state["position"]["step"] == 1 and state["lora"]["big"].numel() == 32 * 2**20
     checkpoint.prune(tmp_path, keep=5)
     assert not partial.exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    """LoRA files and cache entries are read by other programs and accounts (ComfyUI, a shared cache): mkstemp's
+    0600, which safetensors' writer kept by replacing the file, made them owner-only whatever the umask."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from lora_sweep.atomic import write_text, write_with
+    from lora_sweep.model.network import save_kohya
+
+    old = os.umask(umask)
+    try:
+        files = [write_with(tmp_path / "a.safetensors", lambda tmp: save_file({"x": torch.zeros(1)}, str(tmp))),
+                 write_text(tmp_path / "b.txt", "b"),
+                 save_kohya(tmp_path / "lora.safetensors", {"x": torch.zeros(1)}, {"ss_network_dim": 4})]
+    finally:
+        os.umask(old)
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(mode)] * 3
