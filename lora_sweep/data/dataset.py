@@ -168,6 +168,7 @@ class _Found:
     zero_repeats: list[Path] = field(default_factory=list)
     empty_class_token: list[Path] = field(default_factory=list)  # `10_` or `10`: trained, with an empty class token
     nested: list[Path] = field(default_factory=list)  # images in subfolders of a subset folder
+    no_images: list[Path] = field(default_factory=list)  # subset folders with nothing named like an image
     not_read: list[Path] = field(default_factory=list)
     missing_caption: list[Path] = field(default_factory=list)
     other_caption_ext: Counter = field(default_factory=Counter)  # extension -> images that have such a file
@@ -196,6 +197,8 @@ class _Found:
             (self.empty_class_token, "folders named <repeats>_ or <repeats> without a <name>: trained with an empty "
              "class token, as kohya does (their images without a caption file train on an empty caption)",
              "Name the folder <repeats>_<name> (e.g. 10_mychar) to give it a class token."),
+            (self.no_images, "<repeats>_<name> folders without an image: nothing trained from them",
+             "Put images in them, or remove them."),
             (self.zero_repeats, f"folders with 0 repeats: not used ({zero_images} images)",
              "Give them 1 or more repeats to train on them."),
             (self.nested, "images inside subfolders of a <repeats>_<name> folder: not used (kohya does not look "
@@ -244,6 +247,9 @@ def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension
     files = _listing(folder, found)
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for path in files:
+        if path.is_dir() and path.suffix.lower() in IMAGE_EXTENSIONS:  # kohya's glob would take it for an image
+            scan.skipped.append(path)
+            scan.skipped_why.append(f"{path} (a folder, not an image file)")
         if path.is_dir():
             found.nested += _images_in(path)
         else:  # files, and links whose target is gone: the image loop names those
@@ -281,6 +287,8 @@ def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension
         elif caption == "":
             found.blank_first_line.append(caption_path(path, caption_extension))
         scan.items.append(ImageItem(path=path, caption=caption, repeats=repeats, size=info.size))
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+        found.no_images.append(folder)
 
 
 def _images_in(folder: Path) -> list[Path]:

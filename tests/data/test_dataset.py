@@ -184,6 +184,19 @@ def test_a_fifo_an_empty_file_and_a_dangling_folder_link_are_named_not_read(tmp_
         f"{tmp_path / '2_moved'} (a link to '{tmp_path / 'elsewhere'}', which is gone)",)
 
 
+def test_a_folder_named_like_an_image_is_skipped_and_an_empty_subset_folder_said(tmp_path):
+    """kohya's glob would take `dir.png/` for an image; `3_sub/` trains nothing: neither may vanish without a word."""
+    image(tmp_path / "5_x" / "kept.png", caption="k")
+    (tmp_path / "5_x" / "dir.png").mkdir()
+    (tmp_path / "3_sub").mkdir()
+    scan = inspect_folder(tmp_path)
+    assert [i.path.name for i in scan.items] == ["kept.png"] and not scan.problems
+    assert fallback(scan, "images that cannot be read").paths == (
+        f"{tmp_path / '5_x' / 'dir.png'} (a folder, not an image file)",)
+    assert len(scan.skipped) == 1  # data.skipped_images
+    assert fallback(scan, "folders without an image").paths == (str(tmp_path / "3_sub"),)
+
+
 def test_a_caption_that_is_a_broken_link_is_refused_not_replaced_by_the_class_token(tmp_path):
     image(tmp_path / "1_s" / "a.png")
     (tmp_path / "1_s" / "a.txt").symlink_to(tmp_path / "gone.txt")
