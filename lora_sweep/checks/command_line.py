@@ -205,6 +205,8 @@ def hydra_error_text(error: BaseException) -> str:
             return unknown_key_message(missing[1], known=_node_keys(cause))  # the active launcher's, and so on
         if not is_free_form(missing[1]):
             return unknown_key_message(missing[1])
+        if getattr(cause, "parent_node", None) is not None:
+            return _free_form_message(missing[1], cause)
     text = str(error) + ("\n" + str(cause) if isinstance(cause, OmegaConfBaseException) else "")
     override = getattr(error, "override", None)  # OverrideParseException: a syntax error in one override
     if isinstance(override, str):
@@ -234,6 +236,23 @@ def hydra_error_text(error: BaseException) -> str:
         near = difflib.get_close_matches(wanted[2], available[wanted[1]], n=2, cutoff=0.5)
         paragraph += f" Did you mean {' or '.join(f'{wanted[1]}={o}' for o in near)}?" if near else ""
     return paragraph
+
+
+def _free_form_message(key: str, cause) -> str:
+    """For `optimizer.args.weight_decai=0.1` (a key the chosen option's free-form map lacks, set without '+'): the
+    closest key it sets, its keys, and '+' for an argument it does not set, instead of Hydra's advice to add it."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    owner_node, group = cause.parent_node._get_parent(), key.split(".")[0]
+    name = owner_node.get("name") if owner_node is not None and group in config_groups() else None
+    owner = f"the {group}={name} config" if isinstance(name, str) else parent
+    keys = [k.rpartition(".")[2] for k in _node_keys(cause)]
+    near = difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)
+    return (f"{key} is not set by {owner}." + (f" Did you mean {' or '.join(f'{parent}.{k}' for k in near)}?"
+                                               if near else "")
+            + f" It sets {parent}: {', '.join(keys) or 'nothing'}; another argument is passed with "
+              f"'+{parent}.<name>=<value>' (the pre-flight checks it against the class).")
 
 
 def _node_keys(cause) -> list[str]:
