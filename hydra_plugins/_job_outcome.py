@@ -105,7 +105,7 @@ def record_verdict(path: str | os.PathLike, outcome: JobOutcome) -> None:
 def verdict(job_return: Any, status: Mapping[str, Any] | None = None, *, returncode: int | None = None,
             died: str = "", signals_sent: int = 0) -> JobOutcome:
     """How a job whose process is gone ended: its `job_return`, else `died` (e.g. Slurm's state), else `returncode`
-    and `signals_sent` (1 SIGINT, 2 a second, 3 SIGKILL). `status`: its last status file (label, run id)."""
+    and `signals_sent` (1 the sweep's signal, 2 SIGINT, 3 SIGKILL). `status`: its last status file (label, run id)."""
     status = status or {}
     if job_return is None:
         state, reason = _death(status, returncode, died, signals_sent)

@@ -330,3 +330,28 @@ def test_readme_optimizer_defaults_are_the_options_files():
                 continue
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("overrides, start", [
+    (["optimizer.args.weight_decai=0.1"], "optimizer.args.weight_decai is not set by the optimizer=adamw config. "
+                                          "Did you mean optimizer.args.weight_decay? It sets optimizer.args: betas, "
+                                          "eps, weight_decay;"),
+    (["optimizer=prodigy", "optimizer.args.amsgrad=true"], "optimizer.args.amsgrad is not set by the "
+                                                           "optimizer=prodigy config. It sets optimizer.args: betas,"),
+])
+def test_a_misspelt_optimizer_argument_names_the_closest_one_not_hydras_advice(overrides, start):
+    """A free-form map (kohya's --optimizer_args) takes new keys only with '+': a typo set without it gets the
+    closest key the option sets, and '+' only as the way to pass another argument."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.checks.command_line import hydra_error_text
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("config", overrides=overrides)
+    text = hydra_error_text(err.value)
+    assert text.startswith(start) and "\n" not in text and "To append" not in text
+    assert text.endswith("another argument is passed with '+optimizer.args.<name>=<value>' (the pre-flight checks "
+                         "it against the class).")

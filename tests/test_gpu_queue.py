@@ -320,6 +320,7 @@ def test_ctrl_c_stops_running_jobs_cleanly_and_starts_no_more(tmp_path):
     assert {k: j["state"] for k, j in jobs.items()} == {"a": "KILLED", "b": "KILLED", "c": "CANCELLED",
                                                           "d": "CANCELLED"}
     assert all(jobs[k]["reason"].startswith("stopped at step") for k in "ab")  # each stopped cleanly, and said so
+    assert all(jobs[k]["reason"].endswith(" by SIGINT") for k in "ab")
     states = toy.status_files(tmp_path / "multirun")  # the launcher wrote down the jobs that never started
     assert sorted(s["state"] for s in states.values()) == ["cancelled", "cancelled", "killed", "killed"]
     assert "2 killed, 2 cancelled" in output  # the two that never started are not counted as killed
@@ -334,6 +335,7 @@ def test_sigterm_to_the_sweep_names_it_and_exits_143(tmp_path):
     assert "gpu_queue: SIGTERM received: no new jobs" in output and "gpu_queue: interrupted" not in output
     jobs = toy.summary(tmp_path / "multirun")
     assert [jobs[k]["state"] for k in LABELS] == ["KILLED", "KILLED", "CANCELLED", "CANCELLED"]
+    assert [jobs[k]["reason"].rpartition(" by ")[2] for k in "ab"] == ["SIGTERM", "SIGTERM"]  # forwarded as is
     assert toy.no_processes_left(token) == []
 
 

@@ -551,3 +551,33 @@ def test_each_problem_has_one_source(tmp_path):
     for setting in ("data.validation_dir", "data.max_bucket_reso", "sampling.prompt_file", "train.resume",
                     "optimizer.name"):
         assert sum(p.startswith(setting) for p in problems) == 1, (setting, problems)
+
+
+@pytest.mark.parametrize("override, advice, values", [
+    ("data.dir=/tmp/訓練,/tmp/x", 'data.dir="/tmp/訓練",/tmp/x', ["/tmp/訓練", "/tmp/x"]),
+    ("data.dir=choice(/tmp/訓練,/tmp/x)", 'data.dir="/tmp/訓練",/tmp/x', ["/tmp/訓練", "/tmp/x"]),
+    ("data.dir=/data/訓練", 'data.dir="/data/訓練"', ["/data/訓練"]),
+    ("x=[訓,b],[c,d]", 'x=["訓",b],[c,d]', [["訓", "b"], ["c", "d"]]),
+])
+def test_the_advised_quoting_keeps_a_sweep_of_two_values_two(override, advice, values):
+    """Quoting the whole `/tmp/訓練,/tmp/x` would sweep one folder: each element that needs it is quoted instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lora_sweep.checks.command_line import _syntax_problems, command_line_problems
+
+    (problem,) = _syntax_problems([override])
+    assert f"Quote the value, and the whole override for the shell: '{advice}'." in problem
+    parser = OverridesParser.create()
+    (advised,) = parser.parse_overrides([advice])
+    key = advised.key_or_group
+    sweep = advised.is_sweep_override()  # the texts Hydra's basic sweeper puts in each job's overrides
+    texts = list(advised.sweep_string_iterator()) if sweep else [advised.get_value_element_as_str()]
+    assert [parser.parse_overrides([f"{key}={t}"])[0].value() for t in texts] == values  # as each job gets it
+    if key == "data.dir":
+        assert command_line_problems(["-m", "data=folder", advice]) == []
+
+
+def test_a_quoted_element_of_a_sweep_is_type_checked_as_its_text():
+    from lora_sweep.checks.command_line import command_line_problems
+
+    assert command_line_problems(["-m", 'train.max_steps="3",4']) == []

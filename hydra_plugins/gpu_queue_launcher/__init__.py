@@ -24,7 +24,8 @@ Protocols with a job (the job side is optional):
 3. Slot: env `GPU_QUEUE_SLOT` and `CUDA_VISIBLE_DEVICES` (one GPU, seen as cuda:0; "" for a CPU slot).
 4. Output: file descriptors 1 and 2 go to `<job dir>/console.log`.
 5. Signals: each job leads its own process group. First SIGINT/SIGTERM: no new jobs, queued ones CANCELLED,
-   running ones get SIGINT. Second: another SIGINT, then SIGKILL after `kill_grace_s`. Third: SIGKILL. The sweep
+   running ones get that signal (a job's SIGTERM raises KeyboardInterrupt until it sets its own handler).
+   Second: another SIGINT, then SIGKILL after `kill_grace_s`. Third: SIGKILL. The sweep
    exits 128 + the first signal (130 SIGINT, 143 SIGTERM). (Handlers only when Hydra runs in the main thread.)
 6. Exit status: FAILED, KILLED and CANCELLED become FAILED JobReturns; Hydra re-raises the first as one compact
    line, so the sweep exits 1. Hydra 1.3.8 then skips Callback.on_multirun_end. Under Ray a sys.exit in a task

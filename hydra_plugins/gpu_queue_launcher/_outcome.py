@@ -47,7 +47,7 @@ class JobRecord:
     started_at: float | None = None
     ended_at: float | None = None
     returncode: int | None = None
-    signals_sent: int = 0  # 1: SIGINT, 2: second SIGINT, 3: SIGKILL
+    signals_sent: int = 0  # 1: the sweep's signal, 2: SIGINT, 3: SIGKILL
     kill_at: float | None = None  # monotonic time of the SIGKILL that follows a second interrupt
     reason: str = ""
     status: dict[str, Any] = field(default_factory=dict)  # the job's status file, as last read

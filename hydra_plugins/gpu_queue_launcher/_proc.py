@@ -44,10 +44,12 @@ def die_with_parent(sig: int, parent: int) -> None:
 
 
 def reset_signals_for_job() -> None:
-    """Give a job the signal dispositions of a fresh Python: SIGINT raises KeyboardInterrupt, the rest default."""
+    """Give a job the signal dispositions of a fresh Python, but SIGTERM raises KeyboardInterrupt as SIGINT does:
+    the queue forwards either, and a job stopped before its own handler is set unwinds the same way."""
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
 
 

@@ -71,7 +71,7 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
             while pending or running:
                 if interrupts.count:
                     warned = _on_interrupt(interrupts.count, warned, pending, running, pool, console, kill_grace_s,
-                                           signal.Signals(interrupts.first or signal.SIGINT).name)
+                                           signal.Signals(interrupts.first or signal.SIGINT))
                 while pending and free and not interrupts.count:
                     record, slot = pending.popleft(), free.pop(0)
                     record.slot, record.slot_free_at, record.state = slot, free_since[slot.index], "STARTING"
@@ -118,19 +118,20 @@ def run_queue(records: Sequence[JobRecord], slots: Sequence[Slot], pool: Any, co
 
 
 def _on_interrupt(count: int, warned: int, pending: deque, running: dict[int, JobRecord], pool: Any,
-                  console: Console, kill_grace_s: float, name: str = "SIGINT") -> int:
+                  console: Console, kill_grace_s: float, first: signal.Signals = signal.SIGINT) -> int:
     """Escalate to `count` interrupts (called every loop turn); returns how many have been announced.
 
-    Queued jobs are CANCELLED. 1: SIGINT (checkpoint and stop). 2: SIGINT again (abort now), then SIGKILL
-    `kill_grace_s` later. 3: SIGKILL at once.
+    Queued jobs are CANCELLED. 1: the sweep's `first` signal, SIGINT or SIGTERM (checkpoint and stop; the job names
+    it). 2: SIGINT (abort now), then SIGKILL `kill_grace_s` later. 3: SIGKILL at once.
     """
+    name = first.name
     while pending:
         record = pending.popleft()
         record.state, record.reason = "CANCELLED", "not started: the sweep was interrupted"
     level, now = min(count, 3), time.monotonic()
     for record in running.values():
         if record.signals_sent < 1 <= level:
-            pool.signal(record.job.idx, signal.SIGINT)
+            pool.signal(record.job.idx, first)
             record.signals_sent = 1
         if record.signals_sent < 2 <= level:
             pool.signal(record.job.idx, signal.SIGINT)

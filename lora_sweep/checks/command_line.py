@@ -23,8 +23,11 @@ _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
 
 def _values(override) -> list[Any]:
     """The values one override stands for: each of a sweep (`a,b`, `range(1,3)`), else the one; [] for a glob."""
-    if override.is_sweep_override():
-        return [] if override.value_type.name == "GLOB_CHOICE_SWEEP" else list(override.sweep_iterator())
+    from hydra.core.override_parser.types import QuotedString
+
+    if override.is_sweep_override():  # a sweep's quoted element comes as a QuotedString: its text is the value
+        return [] if override.value_type.name == "GLOB_CHOICE_SWEEP" else [
+            v.text if isinstance(v, QuotedString) else v for v in override.sweep_iterator()]
     return [override.value()]
 
 
@@ -119,16 +122,63 @@ def override_syntax_message(override: str, error: BaseException) -> str:
     at = lines[1].index("^") - len(lexer) if lines[0].startswith(lexer) and "^" in "".join(lines[1:2]) else -1
     key, equals, value = override.partition("=")
     if equals and 0 <= at < len(override):  # the caret sits under the first character the lexer cannot read
-        if value.startswith("[") and value.endswith("]"):  # a list: quote each item
-            value = "[" + ",".join(f'"{item.strip()}"' for item in value[1:-1].split(",")) + "]"
-        else:
-            value = f'"{value}"'
+        value = _quoted(value)
         return (f"Cannot read the override {override!r}: {override[at]!r} (character {at + 1}) cannot appear in "
                 "an unquoted value, which holds only ASCII letters, digits, spaces and / \\ - + . _ : $ % * @ ? |. "
                 f"Quote the value, and the whole override for the shell: '{key}={value}'. {grammar}")
     detail = next((line for line in lines if line and not line.startswith(("Error parsing", "See "))), "")
     return (f"Cannot read the override {override!r}: {detail.rstrip('.')}. Write key=value, a list as [a,b], a "
             f"sweep as a,b, and quote a value with other characters: 'key=\"value\"'. {grammar}")
+
+
+_SWEEP_FUNCTIONS = ("glob", "shuffle", "sort")
+
+
+def _quoted(value: str) -> str:
+    """`value` with each element the grammar cannot read quoted: of a list (`[a,b]`), a sweep (`a,b`, also
+    `choice(a,b)`) or a sweep function (`sort(a,b)`), so a sweep of two values stays two; else the whole value."""
+    fn, paren, rest = value.partition("(")
+    if len(_split_top_level(value)) > 1:
+        return _quoted_items(value)
+    if paren and fn == "choice" and rest.endswith(")"):  # Hydra's sweeper hands each job choice()'s text unquoted
+        return _quoted_items(rest[:-1])
+    if paren and fn in _SWEEP_FUNCTIONS and rest.endswith(")"):
+        return f"{fn}({_quoted_items(rest[:-1])})"
+    if value.startswith("[") and value.endswith("]"):
+        return f"[{_quoted_items(value[1:-1])}]"
+    return f'"{value}"'
+
+
+def _quoted_items(text: str) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, out = OverridesParser.create(), []
+    for item in (i.strip() for i in _split_top_level(text)):
+        try:
+            parser.parse_overrides([f"k={item}"])
+            out.append(item)  # readable as it is
+        except OverrideParseException:
+            out.append(_quoted(item))
+    return ",".join(out)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets, parentheses and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
 
 
 def _group_problems(group: str, values: list[Any]) -> list[str]:
@@ -155,6 +205,8 @@ def hydra_error_text(error: BaseException) -> str:
             return unknown_key_message(missing[1], known=_node_keys(cause))  # the active launcher's, and so on
         if not is_free_form(missing[1]):
             return unknown_key_message(missing[1])
+        if getattr(cause, "parent_node", None) is not None:
+            return _free_form_message(missing[1], cause)
     text = str(error) + ("\n" + str(cause) if isinstance(cause, OmegaConfBaseException) else "")
     override = getattr(error, "override", None)  # OverrideParseException: a syntax error in one override
     if isinstance(override, str):
@@ -184,6 +236,23 @@ def hydra_error_text(error: BaseException) -> str:
         near = difflib.get_close_matches(wanted[2], available[wanted[1]], n=2, cutoff=0.5)
         paragraph += f" Did you mean {' or '.join(f'{wanted[1]}={o}' for o in near)}?" if near else ""
     return paragraph
+
+
+def _free_form_message(key: str, cause) -> str:
+    """For `optimizer.args.weight_decai=0.1` (a key the chosen option's free-form map lacks, set without '+'): the
+    closest key it sets, its keys, and '+' for an argument it does not set, instead of Hydra's advice to add it."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    owner_node, group = cause.parent_node._get_parent(), key.split(".")[0]
+    name = owner_node.get("name") if owner_node is not None and group in config_groups() else None
+    owner = f"the {group}={name} config" if isinstance(name, str) else parent
+    keys = [k.rpartition(".")[2] for k in _node_keys(cause)]
+    near = difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)
+    return (f"{key} is not set by {owner}." + (f" Did you mean {' or '.join(f'{parent}.{k}' for k in near)}?"
+                                               if near else "")
+            + f" It sets {parent}: {', '.join(keys) or 'nothing'}; another argument is passed with "
+              f"'+{parent}.<name>=<value>' (the pre-flight checks it against the class).")
 
 
 def _node_keys(cause) -> list[str]:

@@ -3,9 +3,9 @@
 It records where and when it ran (records/<label>.json: pid, CUDA_VISIBLE_DEVICES, slot, entered/returned times),
 keeps the launchers' status file (hydra_plugins/_job_outcome.py), hands its outcome to the launcher as a job of
 lora-sweep does (returns a JobOutcome, or raises JobNotFinished carrying one), stops cleanly on the first SIGINT
-(KILLED), and fails on demand: `fail=true` (with `fail_mode`), or per label while `<fail_dir>/<label>.fail` exists
-(its text is the mode). Modes: raise, signal (SIGKILL itself, like the OOM killer), nan (a FAILED outcome, the
-user's error), exit (os._exit(3)), sysexit (sys.exit(1)).
+or SIGTERM (KILLED, naming it), and fails on demand: `fail=true` (with `fail_mode`), or per label while
+`<fail_dir>/<label>.fail` exists (its text is the mode). Modes: raise, signal (SIGKILL itself, like the OOM
+killer), nan (a FAILED outcome, the user's error), exit (os._exit(3)), sysexit (sys.exit(1)).
 A finished config leaves done/<hash>; with skip_finished the next sweep reports it SKIPPED, as the real job does
 with MLflow. Run with the repository root on PYTHONPATH so Hydra finds hydra_plugins.gpu_queue_launcher.
 """
@@ -97,18 +97,20 @@ def main(cfg: DictConfig) -> JobOutcome:
 
 
 def train(cfg: DictConfig, status: Status, entered: float) -> JobOutcome:
-    """The pretend training: `steps` steps over `sleep_s` seconds, a clean stop on SIGINT, the asked-for failure."""
-    stop = {"requested": False}
-    try:
-        handler = signal.SIG_IGN if cfg.ignore_sigint else (lambda *_: stop.update(requested=True))
-        signal.signal(signal.SIGINT, handler)
+    """The pretend training: `steps` steps over `sleep_s` seconds, a clean stop on SIGINT/TERM, the failure asked."""
+    stop: dict = {"by": None}
+    try:  # as lora-sweep's job: the first SIGINT or SIGTERM stops it cleanly
+        handler = signal.SIG_IGN if cfg.ignore_sigint else (lambda signum, _: stop.update(by=stop["by"] or signum))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
     except ValueError:  # not the main thread (some launchers): no clean stop, nothing else changes
         pass
     mode = fail_mode(cfg)
     for step in range(1, cfg.steps + 1):
-        if stop["requested"]:
-            status.update(state="killed", reason=f"stopped at step {step - 1}")
-            return JobOutcome("KILLED", reason=f"stopped at step {step - 1}")
+        if stop["by"]:
+            reason = f"stopped at step {step - 1} by {signal.Signals(stop['by']).name}"
+            status.update(state="killed", reason=reason)
+            return JobOutcome("KILLED", reason=reason)
         time.sleep(cfg.sleep_s / cfg.steps)
         speed = f"{step / max(time.time() - entered, 1e-6):.1f} it/s"
         status.update(step=step, max_steps=cfg.steps, loss=1.0 / step, speed=speed)
