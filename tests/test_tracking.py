@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from lora_sweep.errors import UserError
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
+from lora_sweep.tracking.stale import close_stale_runs
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store_uri):
         **mine, store.HOST: socket.gethostname() + "-elsewhere", store.PID: str(dead_pid())}).info.run_id
     untagged = client.create_run(exp, run_name="older lora-sweep").info.run_id
 
-    closed = store.close_stale_runs(client, exp, by="a test")
+    closed = close_stale_runs(client, exp, by="a test")
     assert sorted(closed) == sorted([dead, reused])
     for run_id in (dead, reused):
         run = client.get_run(run_id)
@@ -96,6 +98,49 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store_uri):
     for run_id in (alive, elsewhere, untagged):
         assert client.get_run(run_id).info.status == "RUNNING"
     assert store.process_alive(int(mine[store.PID]), float(mine[store.PID_STARTED]))
+
+
+def test_a_dead_runs_pending_end_is_replayed_not_marked_killed(store_uri, tmp_path, caplog):
+    """A run that ended "FINISHED here; MLflow still shows RUNNING until replay" (its process is gone, its pending
+    file holds 120 train/loss points and the end): the next run's stale-run check replays it, never KILLED."""
+    from mlflow.entities import Metric
+
+    from lora_sweep.tracking.replay import PENDING_NAME, spill
+
+    caplog.set_level("INFO")
+    client = MlflowClient(store_uri)
+    exp = store.experiment_id(client, "pending end")
+    run_id = client.create_run(exp, run_name="train.max_steps=120 train.seed=60", tags={
+        **store.process_tags(), store.PID: str(dead_pid())}).info.run_id
+    pending = tmp_path / "states" / "0123abcd" / run_id / PENDING_NAME
+    metrics = [Metric("train/loss", 1.0 / step, 1000 + step, step) for step in range(1, 121)]
+    spill(pending, run_id, store_uri, [("metrics", metrics), ("end", ("FINISHED", None))])
+
+    assert close_stale_runs(client, exp, by="a test", state_root=tmp_path / "states") == []
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and store.FAILURE not in run.data.tags
+    assert len(client.get_metric_history(run_id, "train/loss")) == 120
+    assert not pending.exists()
+    assert "marked KILLED" not in caplog.text
+
+
+def test_a_dead_runs_pending_end_that_will_not_replay_leaves_it_running_and_names_the_command(store_uri, tmp_path,
+                                                                                               caplog):
+    from lora_sweep.tracking.replay import PENDING_NAME, spill
+
+    client = MlflowClient(store_uri)
+    exp = store.experiment_id(client, "pending end refused")
+    run_id = client.create_run(exp, tags={**store.process_tags(), store.PID: str(dead_pid())}).info.run_id
+    pending = tmp_path / "0123abcd" / run_id / PENDING_NAME
+    spill(pending, run_id, store_uri, [("end", ("FINISHED", None))])
+    data = json.loads(pending.read_text())
+    data["images"] = [{"file": "image00000.png", "key": "sample_0", "step": 120}]  # its copy is gone
+    pending.write_text(json.dumps(data))
+
+    assert close_stale_runs(client, exp, by="a test", state_root=tmp_path) == []
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and store.FAILURE not in run.data.tags and pending.exists()
+    assert f"stays RUNNING until `python -m lora_sweep replay {pending}`" in caplog.text
 
 
 def test_make_ui_prints_the_experiments_runs_page(store_uri):

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -227,37 +226,3 @@ def process_alive(pid: int, started: float | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def close_stale_runs(mlflow_client, exp_id: str, *, by: str) -> list[str]:
-    """Mark KILLED the RUNNING runs whose owning process is gone from this host; returns their ids.
-
-    Runs of other hosts or without an owner tag are left alone: their process cannot be checked from here.
-    """
-    host = socket.gethostname()
-    try:
-        runs = mlflow_client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
-    except Exception as exc:
-        log.warning("could not look for stale runs in experiment %s: %s", exp_id, exc)
-        return []
-    closed = []
-    for run in runs:
-        tags = run.data.tags
-        if tags.get(HOST) != host or not str(tags.get(PID, "")).isdigit():
-            continue
-        pid, started = int(tags[PID]), tags.get(PID_STARTED)
-        if process_alive(pid, float(started) if started else None):
-            continue
-        reason = (f"its process ({pid} on {host}) ended without closing the run (killed, or the machine went down); "
-                  f"marked KILLED by {by} at {time.strftime('%Y-%m-%d %H:%M:%S')}. Rerun the same command to "
-                  "resume it from its newest training state.")
-        try:
-            mlflow_client.set_tag(run.info.run_id, FAILURE, reason)
-            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
-        except Exception as exc:
-            log.warning("could not mark stale run %s KILLED: %s", run.info.run_id, exc)
-            continue
-        closed.append(run.info.run_id)
-        log.warning("MLflow run %s (%s) was left RUNNING by process %d, which is gone: marked KILLED",
-                    run.info.run_id, run.info.run_name, pid)
-    return closed
