@@ -203,26 +203,33 @@ def hold_exclusive(db: Path, seconds: float) -> subprocess.Popen:
 
 def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prints_sql(store_uri, caplog, capfd):
     """Another process holds the store locked for 3 s while training logs every 2 steps and a sample grid from a
-    folder removed right after (as sampling does): no step waits on it, nothing of MLflow's SQL reaches the console,
-    and every step and the grid arrive once the lock is gone."""
+    folder removed right after (as sampling does): no step waits on it, nor a state's flush, the outage is said within
+    a second past stall_s (1 s), nothing of MLflow's SQL reaches the console, and every step and the grid arrive once
+    the lock is gone."""
     caplog.set_level("WARNING")
     client = store.client(store_uri)
-    logger = RunLogger.start(client, store.experiment_id(client, "locked"), name="locked", tags={}, flush_every=2)
-    waits, holder = [], None
+    logger = RunLogger.start(client, store.experiment_id(client, "locked"), name="locked", tags={}, flush_every=2,
+                             stall_s=1.0)
+    waits, holder, locked_at = [], None, 0.0
     for step in range(1, 81):
         if step == 5:
             holder = hold_exclusive(Path(store_uri.removeprefix("sqlite:///")), 3.0)
+            locked_at = time.time()
         started = time.perf_counter()
         logger.log_metrics({"train/loss": 1.0 / step}, step)
         if step == 6:
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / "grid_step000006.png").write_bytes(b"png")
                 logger.log_artifact(Path(folder) / "grid_step000006.png", "samples")
+        if step == 10:  # a training state is saved
+            logger.flush()
         waits.append(time.perf_counter() - started)
         time.sleep(0.03)  # the step's own work
     holder.wait()
     assert logger.end("FINISHED") is None
-    assert max(waits) < 0.5, max(waits)
+    assert max(waits) < 1.0, max(waits)
+    said = [r.created for r in caplog.records if "unreachable" in r.getMessage()]
+    assert said and said[0] - locked_at < 2.5, (said, locked_at)
     assert sorted(m.step for m in client.get_metric_history(logger.run_id, "train/loss")) == list(range(1, 81))
     assert client.get_run(logger.run_id).info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(logger.run_id, "samples")] == ["samples/grid_step000006.png"]
