@@ -23,8 +23,10 @@ FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 JOB_RUNS_TAG = "lora_sweep.job_runs"  # on a sweep's parent: `<job number>=<run id>` of every job that has a run
 # MLflow's HTTP client retries for ~4 min by default (7 retries, backoff 2, 120 s timeout); ours gives up in seconds
 # and the logger's writer retries in the background. A value the user set wins.
-HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+              # no "View run ... at: http://..." at each run's end: our closing line names the run and how to browse
+              "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -82,12 +84,12 @@ def first_line(exc: BaseException) -> str:
 
 
 def client(uri: str):
-    """An MlflowClient for `uri`, checked first (`check_store_uri`), with MLflow's HTTP retries bounded
-    (`HTTP_BOUNDS`)."""
+    """An MlflowClient for `uri`, checked first (`check_store_uri`), with MLflow's HTTP retries bounded and its
+    run URLs unprinted (`CLIENT_ENV`)."""
     from mlflow.tracking import MlflowClient
 
     check_store_uri(uri)
-    for name, value in HTTP_BOUNDS.items():
+    for name, value in CLIENT_ENV.items():
         os.environ.setdefault(name, value)
     with _opening(uri):
         return MlflowClient(tracking_uri=uri)
