@@ -47,14 +47,16 @@ class MlflowSweepCallback(Callback):
         from lora_sweep.checks.preflight import SWEEP_DATASETS, SWEEP_TRACKING
         from lora_sweep.checks.sweep import tracking_target
         from lora_sweep.job.names import swept_keys, write_datasets_seen, write_swept_keys
+        from lora_sweep.paths import state_root
         from lora_sweep.tracking import store
+        from lora_sweep.tracking.stale import close_stale_runs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         # the jobs' own experiment (experiment files may set it): MLflow nests runs only within one
         uri, experiment = SWEEP_TRACKING.get(str(sweep_dir)) or tracking_target(config)
         self.client = store.client(uri)
         exp_id = store.experiment_id(self.client, experiment)
-        store.close_stale_runs(self.client, exp_id, by=f"the sweep in {sweep_dir}")
+        close_stale_runs(self.client, exp_id, by=f"the sweep in {sweep_dir}", state_root=state_root(config))
         task = list(config.hydra.overrides.task)
         run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags={
             store.ROLE: "sweep", "sweep_dir": str(sweep_dir.resolve()),

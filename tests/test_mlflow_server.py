@@ -95,7 +95,8 @@ def test_a_server_stopped_mid_run_never_stalls_training_and_gets_every_step_when
 def test_what_a_stopped_server_did_not_take_is_replayed_once_by_the_command(stoppable, quick_http, tmp_path,
                                                                           monkeypatch, capsys):
     """Down at the end of the run: `end` returns in seconds with everything in the pending file, end status
-    included; `python -m lora_sweep replay` sends it, and replaying it again sends nothing twice."""
+    included; `python -m lora_sweep replay` sends it without MLflow's URL lines, and replaying it again sends nothing
+    twice."""
     client = store.client(stoppable.uri)
     pending = tmp_path / "states" / "cfg" / "run" / "mlflow_pending.json"
     logger = RunLogger.start(client, store.experiment_id(client, "spilled"), name="spilled", tags={}, flush_every=50,
@@ -119,6 +120,7 @@ def test_what_a_stopped_server_did_not_take_is_replayed_once_by_the_command(stop
     assert main(["replay"]) == 0  # the default: every pending file under the state root
     printed = capsys.readouterr().out
     assert f"run {logger.run_id}: sent 122 metrics" in printed and "status FINISHED" in printed
+    assert "View run" not in printed and "View experiment" not in printed, printed  # MLflow's own URL lines
     assert not pending.exists() and main(["replay"]) == 0 and "nothing to replay" in capsys.readouterr().out
     assert [r.metrics for r in replay_quietly([copy])] == [122]  # as a replay cut short would be rerun
     run = client.get_run(logger.run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from lora_sweep.errors import UserError
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
+from lora_sweep.tracking.stale import close_stale_runs
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store_uri):
         **mine, store.HOST: socket.gethostname() + "-elsewhere", store.PID: str(dead_pid())}).info.run_id
     untagged = client.create_run(exp, run_name="older lora-sweep").info.run_id
 
-    closed = store.close_stale_runs(client, exp, by="a test")
+    closed = close_stale_runs(client, exp, by="a test")
     assert sorted(closed) == sorted([dead, reused])
     for run_id in (dead, reused):
         run = client.get_run(run_id)
@@ -96,6 +98,49 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store_uri):
     for run_id in (alive, elsewhere, untagged):
         assert client.get_run(run_id).info.status == "RUNNING"
     assert store.process_alive(int(mine[store.PID]), float(mine[store.PID_STARTED]))
+
+
+def test_a_dead_runs_pending_end_is_replayed_not_marked_killed(store_uri, tmp_path, caplog):
+    """A run that ended "FINISHED here; MLflow still shows RUNNING until replay" (its process is gone, its pending
+    file holds 120 train/loss points and the end): the next run's stale-run check replays it, never KILLED."""
+    from mlflow.entities import Metric
+
+    from lora_sweep.tracking.replay import PENDING_NAME, spill
+
+    caplog.set_level("INFO")
+    client = MlflowClient(store_uri)
+    exp = store.experiment_id(client, "pending end")
+    run_id = client.create_run(exp, run_name="train.max_steps=120 train.seed=60", tags={
+        **store.process_tags(), store.PID: str(dead_pid())}).info.run_id
+    pending = tmp_path / "states" / "0123abcd" / run_id / PENDING_NAME
+    metrics = [Metric("train/loss", 1.0 / step, 1000 + step, step) for step in range(1, 121)]
+    spill(pending, run_id, store_uri, [("metrics", metrics), ("end", ("FINISHED", None))])
+
+    assert close_stale_runs(client, exp, by="a test", state_root=tmp_path / "states") == []
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and store.FAILURE not in run.data.tags
+    assert len(client.get_metric_history(run_id, "train/loss")) == 120
+    assert not pending.exists()
+    assert "marked KILLED" not in caplog.text
+
+
+def test_a_dead_runs_pending_end_that_will_not_replay_leaves_it_running_and_names_the_command(store_uri, tmp_path,
+                                                                                               caplog):
+    from lora_sweep.tracking.replay import PENDING_NAME, spill
+
+    client = MlflowClient(store_uri)
+    exp = store.experiment_id(client, "pending end refused")
+    run_id = client.create_run(exp, tags={**store.process_tags(), store.PID: str(dead_pid())}).info.run_id
+    pending = tmp_path / "0123abcd" / run_id / PENDING_NAME
+    spill(pending, run_id, store_uri, [("end", ("FINISHED", None))])
+    data = json.loads(pending.read_text())
+    data["images"] = [{"file": "image00000.png", "key": "sample_0", "step": 120}]  # its copy is gone
+    pending.write_text(json.dumps(data))
+
+    assert close_stale_runs(client, exp, by="a test", state_root=tmp_path) == []
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and store.FAILURE not in run.data.tags and pending.exists()
+    assert f"stays RUNNING until `python -m lora_sweep replay {pending}`" in caplog.text
 
 
 def test_make_ui_prints_the_experiments_runs_page(store_uri):
@@ -158,26 +203,33 @@ def hold_exclusive(db: Path, seconds: float) -> subprocess.Popen:
 
 def test_a_sqlite_store_locked_by_another_process_never_stalls_training_nor_prints_sql(store_uri, caplog, capfd):
     """Another process holds the store locked for 3 s while training logs every 2 steps and a sample grid from a
-    folder removed right after (as sampling does): no step waits on it, nothing of MLflow's SQL reaches the console,
-    and every step and the grid arrive once the lock is gone."""
+    folder removed right after (as sampling does): no step waits on it, nor a state's flush, the outage is said within
+    a second past stall_s (1 s), nothing of MLflow's SQL reaches the console, and every step and the grid arrive once
+    the lock is gone."""
     caplog.set_level("WARNING")
     client = store.client(store_uri)
-    logger = RunLogger.start(client, store.experiment_id(client, "locked"), name="locked", tags={}, flush_every=2)
-    waits, holder = [], None
+    logger = RunLogger.start(client, store.experiment_id(client, "locked"), name="locked", tags={}, flush_every=2,
+                             stall_s=1.0)
+    waits, holder, locked_at = [], None, 0.0
     for step in range(1, 81):
         if step == 5:
             holder = hold_exclusive(Path(store_uri.removeprefix("sqlite:///")), 3.0)
+            locked_at = time.time()
         started = time.perf_counter()
         logger.log_metrics({"train/loss": 1.0 / step}, step)
         if step == 6:
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / "grid_step000006.png").write_bytes(b"png")
                 logger.log_artifact(Path(folder) / "grid_step000006.png", "samples")
+        if step == 10:  # a training state is saved
+            logger.flush()
         waits.append(time.perf_counter() - started)
         time.sleep(0.03)  # the step's own work
     holder.wait()
     assert logger.end("FINISHED") is None
-    assert max(waits) < 0.5, max(waits)
+    assert max(waits) < 1.0, max(waits)
+    said = [r.created for r in caplog.records if "unreachable" in r.getMessage()]
+    assert said and said[0] - locked_at < 2.5, (said, locked_at)
     assert sorted(m.step for m in client.get_metric_history(logger.run_id, "train/loss")) == list(range(1, 81))
     assert client.get_run(logger.run_id).info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(logger.run_id, "samples")] == ["samples/grid_step000006.png"]

@@ -5,7 +5,7 @@ Set-up, in order: read its inputs once -> the device -> writable folders -> the 
 not send (`tracking.replay`) -> skip-finished (same config hash and `skip_key`; not when train.resume names a state)
 -> the resume plan (`plan_resume`).
 Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/TERM/HUP, with a state),
-FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `store.close_stale_runs`
+FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `close_stale_runs`
 marks it KILLED. A sweep's job that fails before its run exists still gets a FAILED child run; a job without a run
 of its own (skipped, failed before one) ends in its status file. Knows MLflow, not launchers.
 """
@@ -38,6 +38,7 @@ from lora_sweep.paths import make_paths_absolute
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.tracking.replay import PENDING_NAME, ends_the_run, pending_files, replay_quietly
+from lora_sweep.tracking.stale import close_stale_runs
 from lora_sweep.training.checkpoint import (
     ConfigLock,
     find_resumable,
@@ -159,7 +160,7 @@ def _open_store(cfg, output_dir: Path, sweep_dir: Path | None, found: dict[str, 
     if artifacts is not None:
         check_writable(artifacts, "tracking.uri (artifact folder)")
     if sweep_dir is None:  # a sweep's callback does this once for all its jobs
-        store.close_stale_runs(client, exp_id, by="a new run of lora-sweep")
+        close_stale_runs(client, exp_id, by="a new run of lora-sweep", state_root=state_root)
     return client, exp_id, state_root
 
 

@@ -161,11 +161,25 @@ def build_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
+def library_bars_off_unless_on_terminal() -> None:
+    """diffusers' and transformers' progress bars only on a terminal: in a job's log they are carriage returns, and
+    our own lines name the phase."""
+    import diffusers
+    import transformers
+
+    from lora_sweep.progress import on_terminal
+
+    if not on_terminal():
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def tiny_model_dir(cache_root: Path | None = None, seed: int = 0) -> Path:
     """The tiny SDXL as a diffusers folder `<cache>/models/<recipe version>-seed<seed>`, built on first use."""
     from lora_sweep.model.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 
     final = Path(cache_root or default_cache_dir()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
+    library_bars_off_unless_on_terminal()  # saving shows transformers' "Writing model shards" bar
     return build_folder_once(final, lambda staging: save_tiny_sdxl(build_tiny_sdxl(seed), staging))
 
 
@@ -194,17 +208,11 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
     folder's component already in its dtype is mapped without a copy, another is read straight into it
     (`weights.load_cast`); a single file is read in its own dtype, then cast. Raises UserError naming model.path.
     """
-    import diffusers
     import torch
-    import transformers
     from diffusers import StableDiffusionXLPipeline
 
-    from lora_sweep.progress import on_terminal
-
     model_path = check_model_path(path)
-    if not on_terminal():  # their bars would fill a job's log with carriage returns; ours names the phase
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    library_bars_off_unless_on_terminal()
     wanted = {name: (dtypes or {}).get(name) or dtype or torch.float32 for name in COMPONENTS}
     config_dir = None if model_path.is_dir() else single_file_config_dir(model_path, cache_root)
     try:

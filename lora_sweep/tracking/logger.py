@@ -23,17 +23,18 @@ class RunLogger:
     """One MLflow run: params, tags, batched metrics, artifacts, images, and its end status.
 
     Every call only queues (a bounded buffer of `max_held` metrics); one writer thread sends the queue in order and,
-    while the store is unreachable, retries every `retry_s` seconds. What overflows the buffer, or is still unsent
+    while the store is unreachable (an error, or a call unanswered for `stall_s` seconds, e.g. a sqlite store locked
+    by another process), retries every `retry_s` seconds. What overflows the buffer, or is still unsent
     `end_wait_s` after `end`, goes to `pending_file` (`tracking.replay` sends it later, end status included). A
     resumed run skips steps up to `skip_through_step`, so each history holds each step once; that step itself is
     checked key by key (it may have been cut short) and its images go again (the report takes the newest).
     """
 
     def __init__(self, mlflow_client, run_id: str, flush_every: int = 25, pending_file: Path | None = None, *,
-                 max_held: int = 200_000, retry_s: float = 5.0, end_wait_s: float = 30.0):
+                 max_held: int = 200_000, retry_s: float = 5.0, end_wait_s: float = 30.0, stall_s: float = 3.0):
         self.client, self.run_id, self.flush_every = mlflow_client, run_id, max(1, flush_every)
         self.pending_file = pending_file
-        self.max_held, self.retry_s, self.end_wait_s = max_held, retry_s, end_wait_s
+        self.max_held, self.retry_s, self.end_wait_s, self.stall_s = max_held, retry_s, end_wait_s, stall_s
         self.skip_through_step = -1
         self._batch: list = []  # this step's and the last few steps' metrics, handed over every flush_every steps
         self._known_params: dict[str, str] = {}  # a reopened run's params (MLflow refuses to change one)
@@ -45,6 +46,7 @@ class RunLogger:
         self._wake = threading.Condition()
         self._closing = self._abandoned = False
         self._failing_since: float | None = None
+        self._sending_since: float | None = None  # when the writer's call in flight began
         self._refused: Exception | None = None
         self._spilled_early = 0
         self._staging: Path | None = None  # artifacts waiting for the writer (links or copies)
@@ -108,6 +110,7 @@ class RunLogger:
         step's metrics together), and at `flush()`."""
         from mlflow.entities import Metric
 
+        self._check_stalled()
         if step < self.skip_through_step:
             return
         if step != self._current_step:
@@ -150,9 +153,11 @@ class RunLogger:
             _link_or_copy(path, staged)
         return staged
 
-    def flush(self, wait_s: float = 5.0) -> bool:
+    def flush(self, wait_s: float = 0.5) -> bool:
         """Hand everything to the writer and wait up to `wait_s` while the store answers (not at all while it is
-        unreachable), so that a state written next never runs ahead of its metrics; True if the store has it all."""
+        unreachable), so that a state written next rarely runs ahead of its metrics (what is unsent then still
+        reaches the store, or the pending file at `end`); True if the store has it all."""
+        self._check_stalled()
         self._hand_over()
         start = time.perf_counter()
         with self._wake:
@@ -194,9 +199,11 @@ class RunLogger:
                 if self._abandoned or not self._queue:
                     return
                 kind, payload = self._queue[0]
+                self._sending_since = time.monotonic()
             try:
                 self._send(kind, payload)
             except Exception as exc:
+                self._sending_since = None
                 if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
                     self._refused = self._refused or exc  # the store answered and refused: the run fails, not waits
                 else:
@@ -210,6 +217,7 @@ class RunLogger:
                 if self._abandoned:
                     return
                 self._queue.popleft()
+                self._sending_since = None
                 back, held = self._failing_since, self._held  # counted before this item's metrics leave it
                 self._held -= len(payload) if kind == "metrics" else 0
                 self._failing_since = None
@@ -249,6 +257,16 @@ class RunLogger:
             history = self.client.get_metric_history(self.run_id, key)
             self._logged_at_boundary[key] = any(m.step == self.skip_through_step for m in history)
         return self._logged_at_boundary[key]
+
+    def _check_stalled(self) -> None:
+        """(Training thread.) Count a writer call unanswered for `stall_s` as an outage, so it is said at once."""
+        since = self._sending_since
+        if since is None or self._failing_since is not None or time.monotonic() - since < self.stall_s:
+            return
+        with self._wake:
+            stalled = self._sending_since == since and self._failing_since is None
+        if stalled:
+            self._unreachable(TimeoutError(f"a call has had no answer for {self.stall_s:g} s"))
 
     def _unreachable(self, exc: Exception) -> None:
         with self._wake:

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,8 +23,10 @@ FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 JOB_RUNS_TAG = "lora_sweep.job_runs"  # on a sweep's parent: `<job number>=<run id>` of every job that has a run
 # MLflow's HTTP client retries for ~4 min by default (7 retries, backoff 2, 120 s timeout); ours gives up in seconds
 # and the logger's writer retries in the background. A value the user set wins.
-HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+              # no "View run ... at: http://..." at each run's end: our closing line names the run and how to browse
+              "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -83,12 +84,12 @@ def first_line(exc: BaseException) -> str:
 
 
 def client(uri: str):
-    """An MlflowClient for `uri`, checked first (`check_store_uri`), with MLflow's HTTP retries bounded
-    (`HTTP_BOUNDS`)."""
+    """An MlflowClient for `uri`, checked first (`check_store_uri`), with MLflow's HTTP retries bounded and its
+    run URLs unprinted (`CLIENT_ENV`)."""
     from mlflow.tracking import MlflowClient
 
     check_store_uri(uri)
-    for name, value in HTTP_BOUNDS.items():
+    for name, value in CLIENT_ENV.items():
         os.environ.setdefault(name, value)
     with _opening(uri):
         return MlflowClient(tracking_uri=uri)
@@ -227,37 +228,3 @@ def process_alive(pid: int, started: float | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-def close_stale_runs(mlflow_client, exp_id: str, *, by: str) -> list[str]:
-    """Mark KILLED the RUNNING runs whose owning process is gone from this host; returns their ids.
-
-    Runs of other hosts or without an owner tag are left alone: their process cannot be checked from here.
-    """
-    host = socket.gethostname()
-    try:
-        runs = mlflow_client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
-    except Exception as exc:
-        log.warning("could not look for stale runs in experiment %s: %s", exp_id, exc)
-        return []
-    closed = []
-    for run in runs:
-        tags = run.data.tags
-        if tags.get(HOST) != host or not str(tags.get(PID, "")).isdigit():
-            continue
-        pid, started = int(tags[PID]), tags.get(PID_STARTED)
-        if process_alive(pid, float(started) if started else None):
-            continue
-        reason = (f"its process ({pid} on {host}) ended without closing the run (killed, or the machine went down); "
-                  f"marked KILLED by {by} at {time.strftime('%Y-%m-%d %H:%M:%S')}. Rerun the same command to "
-                  "resume it from its newest training state.")
-        try:
-            mlflow_client.set_tag(run.info.run_id, FAILURE, reason)
-            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
-        except Exception as exc:
-            log.warning("could not mark stale run %s KILLED: %s", run.info.run_id, exc)
-            continue
-        closed.append(run.info.run_id)
-        log.warning("MLflow run %s (%s) was left RUNNING by process %d, which is gone: marked KILLED",
-                    run.info.run_id, run.info.run_name, pid)
-    return closed

@@ -7,8 +7,10 @@ Optimizer libraries (bitsandbytes, prodigyopt, dadaptation) are imported only wh
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -87,6 +89,13 @@ def _load_class(import_path: str) -> type[torch.optim.Optimizer]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def _construct(optimizer_class: type, param_groups: list[dict], lr: float, kwargs: Mapping[str, Any]):
+    """`optimizer_class(param_groups, lr=lr, **kwargs)`, its prints kept off the console (prodigyopt prints "Using
+    decoupled weight decay"; the run's optimizer line says every argument)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return optimizer_class(param_groups, lr=lr, **kwargs)
+
+
 def _normalized_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     """Sequences (YAML lists, OmegaConf ListConfig) become tuples: optimizers expect betas=(b1, b2)."""
     normalized = {}
@@ -142,7 +151,7 @@ def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float, *,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            optimizer = optimizer_class([{"params": [dummy]}], lr=lr, **kwargs)
+            optimizer = _construct(optimizer_class, [{"params": [dummy]}], lr, kwargs)
             if step:
                 dummy.grad = torch.ones(1)
                 optimizer.step()
@@ -258,7 +267,7 @@ def build_optimizer(
     optimizer_class = _load_class(option.import_path)
     _check_accepted(option_name, optimizer_class, kwargs)
     try:
-        optimizer = optimizer_class(param_groups, lr=lr, **kwargs)
+        optimizer = _construct(optimizer_class, param_groups, lr, kwargs)
     except (ValueError, TypeError, IndexError) as err:
         raise ConfigError(f"{optimizer_class.__name__} ({option_name}) rejected its arguments {kwargs}: {err}") from err
     optimizer.lora_sweep_kwargs = dict(kwargs)  # for optimizer_description; torch keeps no record of what was passed

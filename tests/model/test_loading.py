@@ -233,7 +233,12 @@ def test_two_processes_racing_produce_one_complete_folder(tmp_path):
     assert [p.name for p in final.parent.iterdir()] == ["thing"]  # no staging folders left behind
 
 
-def test_tiny_model_dir_threads_racing(tmp_path):
+def test_tiny_model_dir_threads_racing(tmp_path, capfd):
+    """Two threads build the tiny model at once: one folder with the seeded weights; with stderr not a terminal,
+    no library bar ("Writing model shards", loading bars) reaches it."""
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()  # as in a fresh process (an earlier test may have disabled it)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(tiny_model_dir(tmp_path, seed=3))) for _ in range(2)]
     for thread in threads:
@@ -244,6 +249,8 @@ def test_tiny_model_dir_threads_racing(tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir()] == [f"{TINY_RECIPE_VERSION}-seed3"]
     loaded, expected = load_sdxl(results[0]).unet.state_dict(), build_tiny_sdxl(3).unet.state_dict()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)  # concurrent builds keep seeded weights
+    printed = capfd.readouterr()
+    assert "Writing model shards" not in printed.err and "Loading" not in printed.err, printed.err
 
 
 def test_build_folder_once_leaves_nothing_when_the_build_fails(tmp_path):

@@ -94,6 +94,13 @@ def test_defaults_merge_with_extra_args_and_describe_like_kohya() -> None:
     assert type(optim.build_optimizer("DAdaptation", _tensor_groups(None), lr=1.0)).__name__ == "DAdaptAdamPreprint"
 
 
+def test_prodigy_prints_nothing_in_the_pre_flight_check_nor_when_built(capfd) -> None:
+    assert optim.optimizer_arg_problems("prodigy", {"weight_decay": 0.01}) == []
+    optim.build_optimizer("prodigy", _tensor_groups(None), lr=1.0)
+    printed = capfd.readouterr()
+    assert "Using decoupled weight decay" not in printed.out + printed.err
+
+
 def test_adaptive_optimizers_warn_about_a_low_lr() -> None:
     with pytest.warns(UserWarning, match="around 1.0"):
         optim.build_optimizer("dadapt_adam", _tensor_groups(None), lr=1e-4)
