@@ -264,3 +264,24 @@ def test_a_store_that_refuses_connections_overflows_the_buffer_into_the_pending_
     assert replay(pending, good).metrics == 122
     assert sorted(m.step for m in good.get_metric_history(run_id, "train/loss")) == list(range(1, 123))
     assert good.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_run_names_the_steps_whose_metrics_never_reached_the_store(store_uri, caplog):
+    """A process killed while the store lagged took steps 3-4's metrics with it; its state is at step 4, so the
+    resumed run trains from 5 on: the gap is said and tagged, not left for a reader to find."""
+    from lora_sweep.job.run import _say_history_gap
+
+    client = store.client(store_uri)
+    logger = RunLogger.start(client, store.experiment_id(client, "gaps"), name="killed", tags={})
+    for step in (1, 2):
+        logger.log_metrics({"train/loss": 0.5}, step)
+    assert logger.end("KILLED") is None
+    reopened = RunLogger.reopen(client, logger.run_id, tags={})
+    with caplog.at_level("WARNING"):
+        _say_history_gap(reopened, 4)
+        _say_history_gap(reopened, 2)  # every step up to the state arrived: nothing to say
+    assert reopened.end("FINISHED") is None
+    assert [r.getMessage() for r in caplog.records if "has no metrics" in r.getMessage()] == [
+        f"MLflow run {logger.run_id} has no metrics for steps 3-4: the process that trained them ended before the "
+        "store took them; training resumes after step 4"]
+    assert client.get_run(logger.run_id).data.tags["lora_sweep.history_gap"] == "3-4"

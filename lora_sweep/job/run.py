@@ -203,6 +203,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     else:
         logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every)
     logger.pending_file = run_folder(ready.state_root, chash, logger.run_id) / PENDING_NAME
+    if ready.continued_run:
+        _say_history_gap(logger, read_meta(resume_from)["step"])
     outcome, sink = JobOutcome("FAILED", logger.run_id), None
     checked = ready.checked or preflight_lib.Report()
     try:
@@ -263,6 +265,16 @@ def _say_changed_params(logger: RunLogger, logged: dict[str, str], params: dict[
         log.warning("run %s goes on with settings changed since it started (its params keep the first values): %s",
                     logger.run_id, text)
         logger.set_tags({"lora_sweep.resume_changed": store.fit(text, store.MAX_TAG_CHARS, "the job's log")})
+
+
+def _say_history_gap(logger: RunLogger, state_step: int) -> None:
+    """A process killed while MLflow lagged took the metrics after the store's last step with it; training goes on
+    after the state's step, so those steps stay missing: say so in the log and a tag, never silently."""
+    if logger.skip_through_step < state_step:
+        gap = f"{max(logger.skip_through_step + 1, 1)}-{state_step}"
+        log.warning("MLflow run %s has no metrics for steps %s: the process that trained them ended before the store "
+                    "took them; training resumes after step %d", logger.run_id, gap, state_step)
+        logger.set_tags({"lora_sweep.history_gap": gap})
 
 
 def log_fallbacks(logger: RunLogger, checked: preflight_lib.Report, output_dir: Path) -> None:

@@ -162,7 +162,8 @@ class Checkpoints:
         return by_step or by_epoch
 
     def _state(self, pos: Position) -> Path:
-        """Write a state after flushing the metrics, so a resumed run never misses a step's metrics."""
+        """Write a state after a short flush of the metrics (a store that lags is not waited for: a resume names
+        any steps whose metrics never arrived)."""
         s, target = self.s, self.target
         s.sink.flush()
         return save_state(
