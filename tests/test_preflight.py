@@ -175,8 +175,9 @@ def test_a_resume_state_beyond_max_steps_is_found_before_the_model_loads(tmp_pat
     state = tmp_path / "state-step00000050.pt"
     torch.save({"format": 1, "meta": {"config_hash": "x", "run_id": "r", "step": 50}}, state)
     report = check_job(compose_config(f"train.resume={state}", "train.max_steps=20"))
-    assert report.problems == [f"train.resume: the state '{state}' is at step 50, beyond train.max_steps=20. Raise "
-                               "train.max_steps, or set train.resume=never to start over."]
+    assert report.problems == [f"train.resume: '{state}' is at step 50, beyond train.max_steps=20: nothing is left "
+                               "to train; raise train.max_steps to continue it, or set train.resume=never to start "
+                               "over."]
 
 
 def test_resuming_a_state_under_settings_it_cannot_follow_exits_2_naming_them(tmp_path, app):

@@ -234,16 +234,14 @@ def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
 def _check_resume_state(cfg, memo: Memo) -> None:
     from lora_sweep.config import config_hash
     from lora_sweep.training.checkpoint import read_meta, resolve_state_arg
-    from lora_sweep.training.resume import check_state_config
+    from lora_sweep.training.resume import check_state_config, check_steps_left
 
     t = cfg.train
     if t.resume in ("auto", "never") or not Path(t.resume).exists():
         return  # auto: states live under the config hash, which includes train.max_steps
     state = resolve_state_arg(t.resume)
     meta = memo.get(("state", str(state)), lambda: read_meta(state))
-    if int(meta.get("step", 0)) > t.max_steps:
-        raise UserError(f"train.resume: the state '{state}' is at step {meta['step']}, beyond train.max_steps="
-                        f"{t.max_steps}. Raise train.max_steps, or set train.resume=never to start over.")
+    check_steps_left(state, int(meta.get("step", 0)), t.max_steps)
     check_state_config(cfg, meta, state, config_hash(cfg))  # a setting the state cannot follow: one paragraph
 
 
