@@ -486,6 +486,14 @@ def test_gpu_slots_torch_cannot_use_are_refused_unless_every_job_is_on_the_cpu(a
     assert code == 2 and "hydra.launcher.gpus" not in out  # CPU jobs on GPU slots: the user's choice
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_train_device_cuda_without_a_gpu_is_refused_before_any_folder_exists(app):
+    """`python sweep.py train.max_steps=1 train.device=cuda` on CPU torch: exit 2, no outputs/<date>/<time>/."""
+    code, out = app("train.max_steps=1", "train.device=cuda")
+    assert code == 2 and "- train.device=cuda, but torch " in out and "sees no CUDA device" in out
+    assert "Traceback" not in out  # and the app fixture finds the working folder empty
+
+
 def test_unusable_folders_and_stores_are_all_named_at_once(tmp_path, app, monkeypatch):
     """As root, os.access says /proc is writable: Hydra then made outputs/ before the job refused it."""
     code, out = app("train.output_dir=/proc/out", "train.state_dir=/proc/states", "hydra.run.dir=/proc/x")

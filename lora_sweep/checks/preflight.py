@@ -67,13 +67,18 @@ class Memo:
         return self.values[key]
 
 
-def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: Memo | None = None) -> Report:
+def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: Memo | None = None,
+              runs_here: bool = True) -> Report:
     """Every pre-flight check of one job config (paths absolute). `hydra_dir`: (setting, folder) Hydra will create
-    for the job, if known. Never raises for what it finds; loads no model and writes nothing."""
+    for the job, if known; `runs_here`: the job trains on this machine (its device is checked). Never raises for
+    what it finds; loads no model and writes nothing."""
     from lora_sweep.checks.validate import config_problems
+    from lora_sweep.training.session import cuda_problem
 
     memo = memo or Memo()
     report = Report(problems=config_problems(cfg))
+    if runs_here and (device := cuda_problem(cfg)) is not None:
+        report.problems.append(device)
     _check_data(cfg, report, memo)
     _check_prompts(cfg, report, memo)
     _attempt(report, lambda: _check_learning_rates(cfg))
@@ -92,6 +97,12 @@ def needs_job_check() -> bool:
         return False
     hc = HydraConfig.get()
     return getattr(hc.mode, "name", None) == "MULTIRUN" and not _expands_before_launch(hc.sweeper)
+
+
+def _launches_here(config: DictConfig) -> bool:
+    """True where the sweep's launcher runs its jobs on this machine (a cluster node may see other devices)."""
+    target = str((config.hydra.get("launcher") or {}).get("_target_", ""))
+    return target.endswith(("BasicLauncher", "GpuQueueLauncher"))
 
 
 def _expands_before_launch(sweeper) -> bool:
@@ -308,7 +319,8 @@ class PreflightCallback(Callback):
                 results.append((label, Report(problems=[f"the job cannot be composed: {error}"])))
                 continue
             job = _job_copy(job_config)
-            report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
+            report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo,
+                               runs_here=_launches_here(config))
             report.problems[:0] = list_option_conflicts(job_config)
             results.append((label, report))
             targets[label], jobs[label] = tracking_target(job), job

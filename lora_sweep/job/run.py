@@ -122,7 +122,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
 
     inputs = read_inputs(cfg, sweep_dir)  # a file gone or changed since the pre-flight: one UserError naming it
     found["scans"] = inputs.scans  # the cache's space is checked with the folders
-    device = check_device(cfg)  # a GPU slot without a GPU raises; otherwise a fallback or None
+    device = check_device(cfg)  # what the pre-flight could not see: a queue's GPU slot, a cluster node's GPUs
     checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
     preflight_lib.announce(checked.fallbacks)
     client, exp_id, state_root = _open_store(cfg, output_dir, sweep_dir, found)
