@@ -84,7 +84,7 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
     _attempt(report, lambda: _check_learning_rates(cfg))
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
-    report.problems += folder_problems(cfg, hydra_dir)
+    report.problems += folder_problems(cfg, hydra_dir, _scans(cfg, memo))
     return report
 
 
@@ -128,6 +128,14 @@ def _check_data(cfg, report: Report, memo: Memo) -> None:
         report.fallbacks += scan.fallbacks
         if settings is not None:
             report.problems += _bucket_problems(scan.items, settings, setting)
+
+
+def _scans(cfg, memo: Memo) -> list:
+    """The scans of the job's training and validation folders that exist (memoized by `_check_data`)."""
+    d = cfg.data
+    folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
+    return [scan_dataset(folder, d.caption_extension, setting, memo) for setting, folder in folders
+            if folder is not None and Path(folder).is_dir()]
 
 
 def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None = None):
