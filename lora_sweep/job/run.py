@@ -235,7 +235,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
         outcome.stop_signal = signal.SIGINT
     except (UserError, NonFiniteLoss) as exc:
-        outcome.reason, outcome.user_error = f"{type(exc).__name__}: {exc}", True
+        outcome.reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"  # its own words
+        outcome.user_error = True
     except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)
         kept = list_states(run_folder(ready.state_root, chash, logger.run_id)) or [resume_from]  # None: no state
         outcome.reason = failure_reason(cfg, exc, kept[-1], output_dir)
