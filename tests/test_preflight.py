@@ -175,8 +175,9 @@ def test_a_resume_state_beyond_max_steps_is_found_before_the_model_loads(tmp_pat
     state = tmp_path / "state-step00000050.pt"
     torch.save({"format": 1, "meta": {"config_hash": "x", "run_id": "r", "step": 50}}, state)
     report = check_job(compose_config(f"train.resume={state}", "train.max_steps=20"))
-    assert report.problems == [f"train.resume: the state '{state}' is at step 50, beyond train.max_steps=20. Raise "
-                               "train.max_steps, or set train.resume=never to start over."]
+    assert report.problems == [f"train.resume: '{state}' is at step 50, beyond train.max_steps=20: nothing is left "
+                               "to train; raise train.max_steps to continue it, or set train.resume=never to start "
+                               "over."]
 
 
 def test_resuming_a_state_under_settings_it_cannot_follow_exits_2_naming_them(tmp_path, app):
@@ -483,6 +484,14 @@ def test_gpu_slots_torch_cannot_use_are_refused_unless_every_job_is_on_the_cpu(a
     assert "hydra.launcher.gpus=[]" in out and "Traceback" not in out
     code, out = app("-m", slots, "noise=none,offset", "train.device=cpu", "train.max_steps=-1")
     assert code == 2 and "hydra.launcher.gpus" not in out  # CPU jobs on GPU slots: the user's choice
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_train_device_cuda_without_a_gpu_is_refused_before_any_folder_exists(app):
+    """`python sweep.py train.max_steps=1 train.device=cuda` on CPU torch: exit 2, no outputs/<date>/<time>/."""
+    code, out = app("train.max_steps=1", "train.device=cuda")
+    assert code == 2 and "- train.device=cuda, but torch " in out and "sees no CUDA device" in out
+    assert "Traceback" not in out  # and the app fixture finds the working folder empty
 
 
 def test_unusable_folders_and_stores_are_all_named_at_once(tmp_path, app, monkeypatch):

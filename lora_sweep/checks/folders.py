@@ -52,9 +52,11 @@ def sqlite_store_folder(uri: str) -> Path | None:
     return None
 
 
-def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]:
-    """One message per folder a job writes that cannot be created or written, then its MLflow store's problems."""
+def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None, scans=()) -> list[str]:
+    """One message per folder a job writes that cannot be created or written, then its MLflow store's problems, then
+    a disk without room for what the job writes before the model loads (`space_needs` of `scans`)."""
     from lora_sweep.tracking.store import tracking_uri
+    from lora_sweep.training.failures import free_space_problem
     folders = [("train.output_dir", cfg.train.output_dir), hydra_dir or ("hydra.run.dir", None),
                ("train.state_dir", state_root(cfg)),
                ("data.cache_dir", cache_root(cfg))]
@@ -62,8 +64,13 @@ def folder_problems(cfg, hydra_dir: tuple[str, Path] | None = None) -> list[str]
     problems = store_problems(uri)
     if not problems:
         folders.append((f"tracking.uri ({uri})", sqlite_store_folder(uri)))
-    return [p for setting, folder in folders if folder is not None and (p := _unwritable(Path(folder), setting))] \
+    problems = [p for setting, folder in folders if folder is not None and (p := _unwritable(Path(folder), setting))] \
         + problems
+    output_dir = cfg.train.output_dir or (hydra_dir[1] if hydra_dir else None)  # null: in the Hydra job folder
+    if problems or output_dir is None:
+        return problems
+    space = free_space_problem(space_needs(cfg, Path(output_dir), uri, scans))
+    return [space] if space is not None else []
 
 
 def _unwritable(folder: Path, setting: str) -> str | None:
@@ -119,6 +126,30 @@ def store_problems(uri: str) -> list[str]:
                 f"--host {host} --port {port}) or check its address. {fixes}"]
 
 
+def space_needs(cfg, output_dir: Path, uri: str, scans=()) -> dict[Path, tuple[str, int | None]]:
+    """Folder -> (setting, bytes a job writes there; None: known once the model loads), from the config and `scans`
+    before anything is made: states and LoRA files (`planned_bytes`), the tiny model and photos not built yet and one
+    image's cache entries."""
+    from lora_sweep.training.failures import cache_bytes, first_use_bytes, planned_bytes
+    from lora_sweep.training.session import encodes_text_in_step
+
+    planned = planned_bytes(cfg)
+    states, outputs = planned if planned is not None else (None, None)
+    resolved = {Path(p).expanduser().resolve() for p in (output_dir, state_root(cfg))}
+    needs = {Path(output_dir).expanduser().resolve(): ("train.output_dir", outputs),
+             state_root(cfg).expanduser().resolve(): ("train.state_dir", states)}
+    if len(resolved) == 1:  # one folder for both
+        needs = {next(iter(resolved)): ("train.output_dir and train.state_dir", (states or 0) + (outputs or 0) or None)}
+    store = sqlite_store_folder(uri)
+    if store is not None:
+        needs.setdefault(store, (f"tracking.uri ({uri})", 0))
+    items = sum(len(scan.items) for scan in scans)
+    entries = cache_bytes(scans, cfg.data, text=not encodes_text_in_step(cfg))
+    cache = cache_root(cfg).expanduser().resolve()
+    needs.setdefault(cache, ("data.cache_dir", first_use_bytes(cfg) + (entries // items if items else 0)))
+    return needs
+
+
 def check_job_folders(cfg, output_dir: Path, uri: str, scans=()) -> Path:
     """Create every folder this job writes and prove it writable with free space (the cache: room for one image's
     entries; a warning when `scans`' entries may not all fit); returns the state root. Raises UserError naming the
@@ -126,19 +157,15 @@ def check_job_folders(cfg, output_dir: Path, uri: str, scans=()) -> Path:
     from lora_sweep.training.failures import HEADROOM_BYTES, cache_bytes, check_free_space
     from lora_sweep.training.session import encodes_text_in_step
 
+    check_free_space(space_needs(cfg, Path(output_dir), uri, scans))  # before making any folder: a refusal leaves none
     check_writable(output_dir, "train.output_dir")
     root = check_writable(state_root(cfg), "train.state_dir")
     cache = check_writable(cache_root(cfg), "data.cache_dir")
-    needs = {output_dir: ("train.output_dir", 0), root: ("train.state_dir", 0)}
     store = sqlite_store_folder(uri)
     if store is not None:
         check_writable(store, f"tracking.uri ({uri})")
-        needs[store] = (f"tracking.uri ({uri})", 0)
-    text = not encodes_text_in_step(cfg)
     items = sum(len(scan.items) for scan in scans)
-    entries = cache_bytes(scans, cfg.data, text=text)
-    needs[cache] = ("data.cache_dir", entries // items if items else 0)
-    check_free_space(needs)
+    entries = cache_bytes(scans, cfg.data, text=not encodes_text_in_step(cfg))
     free = shutil.disk_usage(cache).free
     if free < entries + HEADROOM_BYTES:
         log.warning("data.cache_dir: '%s' has %.1f MiB free, and the cache entries of this dataset's %d images take "

@@ -67,19 +67,24 @@ class Memo:
         return self.values[key]
 
 
-def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: Memo | None = None) -> Report:
+def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, memo: Memo | None = None,
+              runs_here: bool = True) -> Report:
     """Every pre-flight check of one job config (paths absolute). `hydra_dir`: (setting, folder) Hydra will create
-    for the job, if known. Never raises for what it finds; loads no model and writes nothing."""
+    for the job, if known; `runs_here`: the job trains on this machine (its device is checked). Never raises for
+    what it finds; loads no model and writes nothing."""
     from lora_sweep.checks.validate import config_problems
+    from lora_sweep.training.session import cuda_problem
 
     memo = memo or Memo()
     report = Report(problems=config_problems(cfg))
+    if runs_here and (device := cuda_problem(cfg)) is not None:
+        report.problems.append(device)
     _check_data(cfg, report, memo)
     _check_prompts(cfg, report, memo)
     _attempt(report, lambda: _check_learning_rates(cfg))
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
-    report.problems += folder_problems(cfg, hydra_dir)
+    report.problems += folder_problems(cfg, hydra_dir, _scans(cfg, memo))
     return report
 
 
@@ -92,6 +97,12 @@ def needs_job_check() -> bool:
         return False
     hc = HydraConfig.get()
     return getattr(hc.mode, "name", None) == "MULTIRUN" and not _expands_before_launch(hc.sweeper)
+
+
+def _launches_here(config: DictConfig) -> bool:
+    """True where the sweep's launcher runs its jobs on this machine (a cluster node may see other devices)."""
+    target = str((config.hydra.get("launcher") or {}).get("_target_", ""))
+    return target.endswith(("BasicLauncher", "GpuQueueLauncher"))
 
 
 def _expands_before_launch(sweeper) -> bool:
@@ -117,6 +128,14 @@ def _check_data(cfg, report: Report, memo: Memo) -> None:
         report.fallbacks += scan.fallbacks
         if settings is not None:
             report.problems += _bucket_problems(scan.items, settings, setting)
+
+
+def _scans(cfg, memo: Memo) -> list:
+    """The scans of the job's training and validation folders that exist (memoized by `_check_data`)."""
+    d = cfg.data
+    folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
+    return [scan_dataset(folder, d.caption_extension, setting, memo) for setting, folder in folders
+            if folder is not None and Path(folder).is_dir()]
 
 
 def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None = None):
@@ -234,16 +253,14 @@ def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
 def _check_resume_state(cfg, memo: Memo) -> None:
     from lora_sweep.config import config_hash
     from lora_sweep.training.checkpoint import read_meta, resolve_state_arg
-    from lora_sweep.training.resume import check_state_config
+    from lora_sweep.training.resume import check_state_config, check_steps_left
 
     t = cfg.train
     if t.resume in ("auto", "never") or not Path(t.resume).exists():
         return  # auto: states live under the config hash, which includes train.max_steps
     state = resolve_state_arg(t.resume)
     meta = memo.get(("state", str(state)), lambda: read_meta(state))
-    if int(meta.get("step", 0)) > t.max_steps:
-        raise UserError(f"train.resume: the state '{state}' is at step {meta['step']}, beyond train.max_steps="
-                        f"{t.max_steps}. Raise train.max_steps, or set train.resume=never to start over.")
+    check_steps_left(state, int(meta.get("step", 0)), t.max_steps)
     check_state_config(cfg, meta, state, config_hash(cfg))  # a setting the state cannot follow: one paragraph
 
 
@@ -310,7 +327,8 @@ class PreflightCallback(Callback):
                 results.append((label, Report(problems=[f"the job cannot be composed: {error}"])))
                 continue
             job = _job_copy(job_config)
-            report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo)
+            report = check_job(job, hydra_dir=("hydra.sweep.dir", Path(config.hydra.sweep.dir)), memo=memo,
+                               runs_here=_launches_here(config))
             report.problems[:0] = list_option_conflicts(job_config)
             results.append((label, report))
             targets[label], jobs[label] = tracking_target(job), job

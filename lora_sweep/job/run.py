@@ -123,7 +123,7 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
 
     inputs = read_inputs(cfg, sweep_dir)  # a file gone or changed since the pre-flight: one UserError naming it
     found["scans"] = inputs.scans  # the cache's space is checked with the folders
-    device = check_device(cfg)  # a GPU slot without a GPU raises; otherwise a fallback or None
+    device = check_device(cfg)  # what the pre-flight could not see: a queue's GPU slot, a cluster node's GPUs
     checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
     preflight_lib.announce(checked.fallbacks)
     client, exp_id, state_root = _open_store(cfg, output_dir, sweep_dir, found)
@@ -238,7 +238,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
         outcome.stop_signal = signal.SIGINT
     except (UserError, NonFiniteLoss) as exc:
-        outcome.reason, outcome.user_error = f"{type(exc).__name__}: {exc}", True
+        outcome.reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"  # its own words
+        outcome.user_error = True
     except Exception as exc:  # OOM, disk full, anything else (then with the traceback's tail)
         kept = list_states(run_folder(ready.state_root, chash, logger.run_id)) or [resume_from]  # None: no state
         outcome.reason = failure_reason(cfg, exc, kept[-1], output_dir)
@@ -385,6 +386,7 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path,
         return None, None, ""
     state = resolve_state_arg(mode)
     meta = read_meta(state)
+    resume.check_steps_left(state, int(meta.get("step", 0)), cfg.train.max_steps)
     changes = resume.check_state_config(cfg, meta, state, chash, dataset)
     if changes:
         changed = resume.describe(changes)

@@ -22,25 +22,72 @@ from lora_sweep.paths import cache_root, state_root
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
                          "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0}
 HEADROOM_BYTES = 16 * 2**20  # left free on each disk: logs, MLflow's files, the store's journal
+# LoRA parameters per unit of network.rank (U-Net, both text encoders) of a model whose size is known before it loads
+LORA_NUMEL_PER_RANK = {"tiny": (24_960, 3_360)}
+TINY_MODEL_BYTES = 9_700_000  # the tiny model's diffusers folder, built into the cache on first use
+PHOTOS_BYTES = 5_200_000  # the bundled photos as PNGs, written into the cache on first use
 
 
-def check_free_space(needs: Mapping[Path, tuple[str, int]]) -> None:
-    """`needs`: folder -> (config field, bytes it will receive). Folders on one filesystem share its free space, which
-    must hold their bytes plus HEADROOM_BYTES; a UserError naming them if not."""
-    by_device: dict[int, list[tuple[Path, str, int]]] = {}
+def check_free_space(needs: Mapping[Path, tuple[str, int | None]]) -> None:
+    """`needs`: folder (made or not yet) -> (config field, bytes it will receive; None: not known before the model
+    loads). Folders on one filesystem share its free space, which must hold their bytes plus HEADROOM_BYTES; a
+    UserError naming them if not. Makes nothing."""
+    if (problem := free_space_problem(needs)) is not None:
+        raise UserError(problem)
+
+
+def free_space_problem(needs: Mapping[Path, tuple[str, int | None]]) -> str | None:
+    """`check_free_space`'s paragraph, or None when every disk has room."""
+    by_device: dict[int, list[tuple[Path, str, int | None]]] = {}
     for folder, (what, size) in needs.items():
-        by_device.setdefault(os.stat(folder).st_dev, []).append((Path(folder), what, size))
+        by_device.setdefault(os.stat(_existing(folder)).st_dev, []).append((Path(folder), what, size))
     for entries in by_device.values():
-        written = sum(size for _, _, size in entries)
-        free = shutil.disk_usage(entries[0][0]).free
-        if free < written + HEADROOM_BYTES:
-            listing = ", ".join(f"{what} '{folder}' ({_mib(size)})" for folder, what, size in entries)
-            raise UserError(
-                f"not enough free disk space: {_mib(free)} free where this training will write about {_mib(written)} "
-                f"and lora-sweep keeps {_mib(HEADROOM_BYTES)} free: {listing}. Free some space, or point those "
-                "folders at another disk; states and checkpoints take less with a lower train.keep_states or a "
-                "higher train.save_every (nothing was trained)."
-            )
+        written = sum(size or 0 for _, _, size in entries)
+        free = shutil.disk_usage(_existing(entries[0][0])).free
+        if free >= written + HEADROOM_BYTES:
+            continue
+        listing = ", ".join(f"{what} '{folder}'" + (f" ({_mib(size)})" if size else "")
+                            for folder, what, size in entries)
+        unknown = any(size is None for _, _, size in entries)
+        writes = (f"this training will write {'at least' if unknown else 'about'} {_mib(written)} and " if written
+                  else "")
+        return (f"not enough free disk space: {_mib(free)} free where {writes}lora-sweep keeps {_mib(HEADROOM_BYTES)} "
+                f"free: {listing}. Free some space, or point those folders at another disk; states and checkpoints "
+                "take less with a lower train.keep_states or a higher train.save_every (nothing was trained).")
+    return None
+
+
+def _existing(folder: Path) -> Path:
+    """`folder`, or its nearest parent that exists (whose disk it will be on)."""
+    folder = Path(folder).expanduser()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def planned_bytes(cfg) -> tuple[int, int] | None:
+    """(state folder bytes, output folder bytes) from the config alone, without epoch checkpoints; None where the
+    model's LoRA size is known only once it loads (SDXL, model.path)."""
+    per_rank = None if cfg.model.path else LORA_NUMEL_PER_RANK.get(cfg.model.name)
+    if per_rank is None:
+        return None
+    unet, text = per_rank
+    numel = cfg.network.rank * (unet + text * bool(cfg.network.train_text_encoder))
+    return expected_bytes(lora_numel=numel, optimizer=cfg.optimizer.name, keep_states=cfg.train.keep_states,
+                          save_every=cfg.train.save_every, max_steps=cfg.train.max_steps, epoch_checkpoints=0)
+
+
+def first_use_bytes(cfg) -> int:
+    """Bytes a job writes into data.cache_dir before encoding, where not there yet: the built tiny model, the
+    bundled photos."""
+    from lora_sweep.data.photos import VERSION
+    from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION
+
+    cache = cache_root(cfg)
+    model = cfg.model.name == "tiny" and not cfg.model.path and not (cache / "models" / f"{TINY_RECIPE_VERSION}-seed0"
+                                                                     ).is_dir()
+    photos = cfg.data.name == "photos" and not cfg.data.dir and not (cache / "datasets" / VERSION).is_dir()
+    return TINY_MODEL_BYTES * model + PHOTOS_BYTES * photos
 
 
 def cache_bytes(scans, data_cfg, *, text: bool) -> int:

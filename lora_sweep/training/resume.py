@@ -139,6 +139,17 @@ def check_state_config(cfg, meta: dict[str, Any], state: Path, chash: str,
     return changes
 
 
+def check_steps_left(state: Path, step: int, max_steps: int) -> None:
+    """UserError unless a state at `step` leaves steps to train under `max_steps` (a resume would train none)."""
+    if step == max_steps:
+        raise UserError(f"train.resume: '{state}' is at step {step}, which is train.max_steps: nothing is left to "
+                        "train; raise train.max_steps to continue it, or set train.resume=never to start over.")
+    if step > max_steps:
+        raise UserError(f"train.resume: '{state}' is at step {step}, beyond train.max_steps={max_steps}: nothing "
+                        "is left to train; raise train.max_steps to continue it, or set train.resume=never to start "
+                        "over.")
+
+
 def _refuse(state: Path, bad: dict[str, tuple[Any, Any]]) -> None:
     if bad:
         listing = "; ".join(f"{k} {old} -> {new} ({_why(k)})" for k, (old, new) in bad.items())
@@ -158,7 +169,7 @@ def _why(key: str) -> str:
 def nearest_state(cfg, root: Path, chash: str,
                   dataset: str | None = None) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
     """The newest state under `root` of another config that `cfg` could continue (every difference followable,
-    the same files, its step within train.max_steps), with the fewest changed settings; None if there is none.
+    the same files, its step below train.max_steps), with the fewest changed settings; None if there is none.
     """
     now, found = hashed_settings(cfg), []
     for run_dir in sorted(Path(root).glob("*/*")) if Path(root).is_dir() else []:
@@ -169,7 +180,7 @@ def nearest_state(cfg, root: Path, chash: str,
             meta = read_meta(states[-1])
         except UserError:
             continue  # an unreadable state is no hint
-        if "params" not in meta or int(meta.get("step", 0)) > cfg.train.max_steps:
+        if "params" not in meta or int(meta.get("step", 0)) >= cfg.train.max_steps:
             continue
         changes = changed_settings(meta["params"], now)
         if changes and not refused(changes) and not dataset_change(meta, dataset):

@@ -162,12 +162,8 @@ def check_device(cfg, env: Mapping[str, str] | None = None) -> Fallback | None:
     env: os.environ by default.
     """
     env = os.environ if env is None else env
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        why = "a CPU-only build" if torch.version.cuda is None else "its CUDA driver finds no usable device"
-        raise UserError(f"train.device=cuda, but torch {torch.__version__} on this machine sees no CUDA device "
-                        f"({why}). Nothing was trained. Use "
-                        "train.device=auto or cpu to train on the CPU, or fix the GPU set-up (a CUDA build of torch, "
-                        "the NVIDIA driver).")
+    if (problem := cuda_problem(cfg)) is not None:
+        raise UserError(problem)
     tokens = []
     for token in (t.strip() for t in env.get("CUDA_VISIBLE_DEVICES", "").split(",")):
         if not token or (token.lstrip("-").isdigit() and int(token) < 0):
@@ -186,6 +182,16 @@ def check_device(cfg, env: Mapping[str, str] | None = None) -> Fallback | None:
     return Fallback("train.device", "GPUs named by CUDA_VISIBLE_DEVICES that torch cannot use", tuple(tokens),
                     f"torch sees no CUDA device ({why}): this run trains on the CPU (train.device=auto). Install a "
                     "CUDA build of torch or fix the driver, or set train.device=cpu to train on the CPU on purpose.")
+
+
+def cuda_problem(cfg) -> str | None:
+    """The paragraph refusing train.device=cuda where torch on this machine sees no CUDA device; else None."""
+    if cfg.train.device != "cuda" or torch.cuda.is_available():
+        return None
+    why = "a CPU-only build" if torch.version.cuda is None else "its CUDA driver finds no usable device"
+    return (f"train.device=cuda, but torch {torch.__version__} on this machine sees no CUDA device ({why}). Use "
+            "train.device=auto or cpu to train on the CPU, or fix the GPU set-up (a CUDA build of torch, the NVIDIA "
+            "driver).")
 
 
 def pick_device(name: str) -> torch.device:

@@ -54,9 +54,10 @@ def test_a_full_cache_disk_is_refused_before_the_model_loads(tmp_path):
     fill = f"mkdir {disk / 'cache'} && (cat /dev/zero > {disk / 'filler'} 2>/dev/null || true) &&"
     code, out, _ = sweep_on_small_disk(tmp_path, disk, "1m", f"data.cache_dir={disk / 'cache'}", before=fill)
     assert code == 2, out[-3000:]
-    assert "not enough free disk space: 0.0 MiB free where this training will write about 0.6 MiB and lora-sweep " \
-           f"keeps 16.0 MiB free: train.state_dir '{disk / 'cache' / 'states'}' (0.0 MiB), data.cache_dir " \
+    assert "not enough free disk space: 0.0 MiB free where this training will write at least 0.6 MiB and " \
+           f"lora-sweep keeps 16.0 MiB free: train.state_dir '{disk / 'cache' / 'states'}', data.cache_dir " \
            f"'{disk / 'cache'}' (0.6 MiB)." in out  # one image's latents and caption embeddings, at SDXL's sizes
+    assert "Pre-flight found 1 problem" in out  # before Hydra's folder or any other is made
     assert "Traceback" not in out and "buckets" not in out  # refused in the set-up: nothing was encoded
 
 

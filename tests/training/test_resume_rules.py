@@ -119,6 +119,23 @@ def test_the_nearest_followable_state_of_another_config_is_found(tmp_path):
     assert resume.nearest_state(fewer_steps, tmp_path, config_hash(fewer_steps)) is None
 
 
+def test_a_state_at_train_max_steps_is_refused_with_nothing_left_to_train(tmp_path):
+    """The final state of a finished run resumed with the same train.max_steps=1 would train 0 steps."""
+    from lora_sweep.checks.preflight import check_job
+    from lora_sweep.job.run import plan_resume
+
+    state = state_after(tmp_path, compose_config("train.max_steps=1"), 1)
+    cfg = compose_config("train.max_steps=1", f"train.resume={state}")
+    expected = (f"train.resume: '{state}' is at step 1, which is train.max_steps: nothing is left to train; raise "
+                "train.max_steps to continue it, or set train.resume=never to start over.")
+    assert expected in check_job(cfg).problems
+    with pytest.raises(UserError, match="nothing is left to train"):
+        plan_resume(cfg, None, "0", config_hash(cfg), tmp_path)
+    same_lr = compose_config("train.max_steps=1", "optimizer.lr=5e-5")  # not offered as a state to continue
+    assert resume.nearest_state(same_lr, tmp_path, config_hash(same_lr)) is None
+    assert resume.nearest_state(compose_config("train.max_steps=2", "optimizer.lr=5e-5"), tmp_path, "x") is not None
+
+
 def test_a_state_of_other_files_is_refused_even_under_the_same_config(tmp_path):
     cfg = compose_config()
     layer, optimizer, scheduler = built(cfg)
