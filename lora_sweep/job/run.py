@@ -193,18 +193,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
 
     client, chash, resume_from = ready.client, ready.chash, ready.resume_from
     tags = {**_run_tags(cfg, label, chash, output_dir, sweep_dir, overrides), **(extra_tags or {})}
-    tags.update({"lora_sweep.dataset": ready.fingerprint.digest, "lora_sweep.skip_key": ready.skip_key})
-    if resume_from:
-        tags["lora_sweep.resumed_from"] = str(resume_from)
-    if ready.resume_changed:
-        tags["lora_sweep.resume_changed"] = store.fit(ready.resume_changed, store.MAX_TAG_CHARS, "the job's log")
-    if ready.continued_run:
-        logger = RunLogger.reopen(client, ready.continued_run, tags=tags, flush_every=cfg.tracking.flush_every)
-    else:
-        logger = RunLogger.start(client, ready.exp_id, name=label, tags=tags, flush_every=cfg.tracking.flush_every)
-    logger.pending_file = run_folder(ready.state_root, chash, logger.run_id) / PENDING_NAME
-    if ready.continued_run:
-        _say_history_gap(logger, read_meta(resume_from)["step"])
+    logger = _open_run(cfg, ready, label, tags)
     outcome, sink = JobOutcome("FAILED", logger.run_id), None
     checked = ready.checked or preflight_lib.Report()
     try:
@@ -254,6 +243,25 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         pending = logger.end(outcome.status, outcome.reason or None)
     _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id, pending)
     return outcome
+
+
+def _open_run(cfg, ready: _Ready, label: str, tags: dict[str, str]) -> RunLogger:
+    """The job's run: a new one, or the unfinished one its state belongs to (reopened, any gap in its history said),
+    tagged with the dataset, the skip key and what a resume changed; its pending file in the run's state folder."""
+    tags = {**tags, "lora_sweep.dataset": ready.fingerprint.digest, "lora_sweep.skip_key": ready.skip_key}
+    if ready.resume_from:
+        tags["lora_sweep.resumed_from"] = str(ready.resume_from)
+    if ready.resume_changed:
+        tags["lora_sweep.resume_changed"] = store.fit(ready.resume_changed, store.MAX_TAG_CHARS, "the job's log")
+    every = cfg.tracking.flush_every
+    if ready.continued_run:
+        logger = RunLogger.reopen(ready.client, ready.continued_run, tags=tags, flush_every=every)
+    else:
+        logger = RunLogger.start(ready.client, ready.exp_id, name=label, tags=tags, flush_every=every)
+    logger.pending_file = run_folder(ready.state_root, ready.chash, logger.run_id) / PENDING_NAME
+    if ready.continued_run:
+        _say_history_gap(logger, read_meta(ready.resume_from)["step"])
+    return logger
 
 
 def _say_changed_params(logger: RunLogger, logged: dict[str, str], params: dict[str, Any]) -> None:
