@@ -44,6 +44,15 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def give_new_file_modes(folder: Path) -> None:
+    """Give `folder`, its subfolders and files the modes the umask gives new ones: mkdtemp makes 0700 and some writers
+    (diffusers' save_pretrained) 0600, which another account sharing a cache could not read."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _free_bytes(folder: Path) -> int:
     try:
         return shutil.disk_usage(folder).free

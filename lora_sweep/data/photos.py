@@ -4,11 +4,9 @@ Their mixed sizes and aspect ratios exercise bucketing.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from lora_sweep.model.loading import build_folder_once
 from lora_sweep.paths import cache_root
 
 # name in skimage.data -> caption (what a tagger or a person would write)
@@ -35,23 +33,15 @@ def photos_dir(cache_root: Path) -> Path:
     import skimage.data
     from PIL import Image
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{VERSION}.", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         sub = staging / FOLDER
         sub.mkdir()
         for name, caption in PHOTOS.items():
             pixels = np.asarray(getattr(skimage.data, name)())
             Image.fromarray(pixels).convert("RGB").save(sub / f"{name}.png")
             (sub / f"{name}.txt").write_text(caption + "\n")
-        try:
-            os.rename(staging, target)
-        except OSError:  # another job finished first: keep theirs
-            if not (target / FOLDER).is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return build_folder_once(target, write)
 
 
 def data_folder(cfg) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_sweep.atomic import give_new_file_modes
 from lora_sweep.errors import UserError
 from lora_sweep.model.tiny_sdxl import (
     CLIP_BPE_GZ,
@@ -143,14 +144,16 @@ def resolve_model_path(name: str, path: str | None, *, cache_root: Path | None =
 
 
 def build_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Create `final` by `build(staging)` beside it, then one atomic rename: readers see no folder or a whole one.
-    Racing processes both build; the loser's rename fails and it discards its copy."""
+    """Create `final` by `build(staging)` beside it, then one atomic rename: readers see no folder or a whole one,
+    with the modes of any new folder and file. Racing processes both build; the loser's rename fails and it discards
+    its copy."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".building", dir=final.parent))
     try:
         build(staging)
+        give_new_file_modes(staging)
         try:
             os.rename(staging, final)
         except OSError:

@@ -263,3 +263,22 @@ def test_build_folder_once_leaves_nothing_when_the_build_fails(tmp_path):
     assert list((tmp_path / "models").iterdir()) == []
     with pytest.raises(UserError, match="model.path"):
         check_model_path(tmp_path / "models" / "x")
+
+
+def test_a_built_folder_has_the_modes_of_any_new_folder_and_file(tmp_path):
+    """The cache's model and photos folders are shared by accounts and groups: mkdtemp's 0700, and the 0600 files
+    diffusers' save_pretrained writes, made them owner-only whatever the umask."""
+    import os
+
+    def build(staging: Path) -> None:
+        (staging / "unet").mkdir()
+        (staging / "unet" / "w.safetensors").write_bytes(b"w")
+        (staging / "unet" / "w.safetensors").chmod(0o600)  # as save_pretrained leaves it
+
+    old = os.umask(0o022)
+    try:
+        final = build_folder_once(tmp_path / "models" / "x", build)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(final).as_posix(): oct(p.stat().st_mode & 0o777) for p in [final, *final.rglob("*")]}
+    assert modes == {".": "0o755", "unet": "0o755", "unet/w.safetensors": "0o644"}
