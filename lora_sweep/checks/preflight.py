@@ -282,7 +282,7 @@ def format_problems(grouped: list[tuple[str, list[str]]], *, jobs: int) -> str:
     count = len(grouped)
     head = (f"Pre-flight found {count} problem{'s' * (count != 1)}"
             + (f" in a sweep of {jobs} jobs" if jobs > 1 else "")
-            + "; nothing was started or written. Fix them and run again:")
+            + f"; nothing was started or written. Fix {'them' if count != 1 else 'it'} and run again:")
     lines, per_kind = [head], defaultdict(int)
     for problem, hit in grouped:
         per_kind[_shape(problem)] += 1
