@@ -164,9 +164,9 @@ def _train_folder(cfg) -> Path | None:
     if cfg.data.dir:
         return Path(cfg.data.dir)
     if cfg.data.name == "photos":
-        from lora_sweep.data.photos import VERSION
+        from lora_sweep.data.photos import photos_path
 
-        folder = cache_root(cfg) / "datasets" / VERSION
+        folder = photos_path(cache_root(cfg))
         return folder if folder.is_dir() else None
     return None
 

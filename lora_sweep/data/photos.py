@@ -24,9 +24,14 @@ FOLDER = "5_photo"  # 5 repeats, class token "photo"
 VERSION = "photos-v1"
 
 
+def photos_path(cache_root: Path) -> Path:
+    """Where `photos_dir` writes the photos dataset under `cache_root`, written or not."""
+    return Path(cache_root) / "datasets" / VERSION
+
+
 def photos_dir(cache_root: Path) -> Path:
     """Return the photos dataset folder under `cache_root`, writing it once (atomically, safe if jobs race)."""
-    target = Path(cache_root) / "datasets" / VERSION
+    target = photos_path(cache_root)
     if (target / FOLDER).is_dir():
         return target
     import numpy as np

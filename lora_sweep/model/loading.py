@@ -177,11 +177,16 @@ def library_bars_off_unless_on_terminal() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def tiny_model_path(cache_root: Path | None = None, seed: int = 0) -> Path:
+    """Where `tiny_model_dir` keeps the tiny SDXL, `<cache>/models/<recipe version>-seed<seed>`, built or not."""
+    return Path(cache_root or default_cache_dir()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
+
+
 def tiny_model_dir(cache_root: Path | None = None, seed: int = 0) -> Path:
-    """The tiny SDXL as a diffusers folder `<cache>/models/<recipe version>-seed<seed>`, built on first use."""
+    """The tiny SDXL as a diffusers folder (`tiny_model_path`), built on first use."""
     from lora_sweep.model.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 
-    final = Path(cache_root or default_cache_dir()) / "models" / f"{TINY_RECIPE_VERSION}-seed{seed}"
+    final = tiny_model_path(cache_root, seed)
     library_bars_off_unless_on_terminal()  # saving shows transformers' "Writing model shards" bar
     return build_folder_once(final, lambda staging: save_tiny_sdxl(build_tiny_sdxl(seed), staging))
 

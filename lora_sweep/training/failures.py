@@ -80,13 +80,12 @@ def planned_bytes(cfg) -> tuple[int, int] | None:
 def first_use_bytes(cfg) -> int:
     """Bytes a job writes into data.cache_dir before encoding, where not there yet: the built tiny model, the
     bundled photos."""
-    from lora_sweep.data.photos import VERSION
-    from lora_sweep.model.tiny_sdxl import TINY_RECIPE_VERSION
+    from lora_sweep.data.photos import photos_path
+    from lora_sweep.model.loading import tiny_model_path
 
     cache = cache_root(cfg)
-    model = cfg.model.name == "tiny" and not cfg.model.path and not (cache / "models" / f"{TINY_RECIPE_VERSION}-seed0"
-                                                                     ).is_dir()
-    photos = cfg.data.name == "photos" and not cfg.data.dir and not (cache / "datasets" / VERSION).is_dir()
+    model = cfg.model.name == "tiny" and not cfg.model.path and not tiny_model_path(cache).is_dir()
+    photos = cfg.data.name == "photos" and not cfg.data.dir and not photos_path(cache).is_dir()
     return TINY_MODEL_BYTES * model + PHOTOS_BYTES * photos
 
 
@@ -196,10 +195,7 @@ def _run_folders(cfg, output_dir: Path | None) -> list[tuple[str, Path]]:
 
 
 def _free(folder: Path) -> int:
-    for existing in (folder, *folder.parents):
-        if existing.exists():
-            return shutil.disk_usage(existing).free
-    return 0
+    return shutil.disk_usage(_existing(folder)).free
 
 
 def _saved_files(output_dir: Path | None) -> str:
