@@ -29,6 +29,10 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _write(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=1))
+
+
 def spill(path: Path, run_id: str, tracking_uri: str, items: list) -> None:
     """Add the logger's queued `items` ((kind, payload) pairs) to the pending file at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +66,7 @@ def spill(path: Path, run_id: str, tracking_uri: str, items: list) -> None:
             data["artifacts"].append({"file": str(copy.relative_to(folder)), "artifact_path": artifact_path})
         elif kind == "end":
             data["status"], data["reason"] = payload
-    write_text(path, json.dumps(data, indent=1))
+    _write(path, data)
 
 
 def ends_the_run(path: Path) -> bool:
@@ -101,20 +105,20 @@ def replay(path: Path, client=None) -> Replayed:
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
     others, tagged_failure = len(params) + len(data["tags"]), FAILURE in data["tags"]
     data.update(params={}, tags={}, metrics=[])
-    write_text(path, json.dumps(data, indent=1))  # images and artifacts are not idempotent: progress is kept
+    _write(path, data)  # images and artifacts are not idempotent: progress is kept
     while data["images"]:
         image = data["images"][0]
         with Image.open(folder / image["file"]) as opened:
             client.log_image(run_id, opened.copy(), key=image["key"], step=image["step"])
         data["images"].pop(0)
         others += 1
-        write_text(path, json.dumps(data, indent=1))
+        _write(path, data)
     while data["artifacts"]:
         artifact = data["artifacts"][0]
         client.log_artifact(run_id, str(folder / artifact["file"]), artifact["artifact_path"])
         data["artifacts"].pop(0)
         others += 1
-        write_text(path, json.dumps(data, indent=1))
+        _write(path, data)
     if data["status"]:
         if data["reason"]:
             client.set_tag(run_id, FAILURE, fit(data["reason"], MAX_TAG_CHARS, "the job's log"))
