@@ -1,0 +1,30 @@
+"""The golden run: v53 at demo scale, recorded before issues 25-28 added kohya's dataset, text, network and schedule
+options. Every option at its default must reproduce it bit for bit: the loss of every step and the LoRA's tensors."""
+
+from __future__ import annotations
+
+import hashlib
+
+from conftest import RecordingSink, compose_config
+from safetensors.torch import load_file
+
+from lora_sweep.training.train import train
+
+# float.hex() of train/loss at steps 1-8, and sha256 over the kohya file's (sorted name, tensor bytes)
+GOLDEN_LOSSES = ["0x1.e3331a0000000p-1", "0x1.1336b60000000p+0", "0x1.f7c6260000000p-1", "0x1.3068800000000p+0",
+                 "0x1.2de8820000000p+0", "0x1.2ca03a0000000p+0", "0x1.ed64080000000p-1", "0x1.0659020000000p+0"]
+GOLDEN_TENSORS = "102269c1be1636141afb764c627f3e5dd1ba0c347fd66b4daf65c872ce700ae4"
+
+
+def test_v53_at_demo_scale_reproduces_the_golden_run(tmp_path):
+    cfg = compose_config("experiment=v53", "preset=demo", "sampling.prompts=[]", "validation.fit_images=0")
+    sink = RecordingSink()
+    result = train(cfg, output_dir=tmp_path / "out", sink=sink)
+    losses = [float(sink.logged[f"train/loss@{step}"]).hex() for step in range(1, cfg.train.max_steps + 1)]
+    tensors = load_file(result.files["kohya"])
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].numpy().tobytes())
+    assert losses == GOLDEN_LOSSES
+    assert (len(tensors), digest.hexdigest()) == (396, GOLDEN_TENSORS)
