@@ -38,6 +38,22 @@ class DataConfig:
     keep_tokens: int = 0
     caption_separator: str = ","
     flip_aug: bool = False
+    # kohya's dataset config (docs/datasets.md): the same keys as a subset, per dataset and per subset
+    datasets: list[dict[str, Any]] = field(default_factory=list)  # [[datasets]] tables: resolution, subsets, ...
+    dataset_config: str | None = None  # --dataset_config: a .toml or .json read as v0.8.7 reads it
+    reg_data_dir: str | None = None  # --reg_data_dir: regularization images in <repeats>_<class> folders
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    keep_tokens_separator: str = ""  # e.g. "|||": the tags before it are kept in place (empty: keep_tokens counts)
+    secondary_separator: str | None = None  # e.g. ";;;": joins tags that shuffle and drop out as one
+    enable_wildcard: bool = False  # {red|blue} picks one per step; a multi-line caption file, one line per step
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0  # < 1: a fraction of train.max_steps
+    random_crop: bool = False  # refused: needs pixels encoded at every step
+    color_aug: bool = False  # refused: needs pixels encoded at every step
     cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR, $XDG_CACHE_HOME/lora-sweep or ~/.cache/lora-sweep
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
     validation_split: float = 0.0
@@ -65,6 +81,7 @@ class LossConfig:
     min_snr_gamma: float | None = None
     debiased: bool = False  # --debiased_estimation_loss
     per_sample_timesteps: bool = False  # false: v0.8.7 (one t per batch for huber/smooth_l1)
+    prior_loss_weight: float = 1.0  # --prior_loss_weight: the loss weight of regularization images
 
 
 @dataclass
@@ -236,6 +253,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _HASH_NEUTRAL = {
     "noise.min_timestep": (None, 0),
     "noise.max_timestep": (None, 1000),
+    # issue 25: kohya's datasets, regularization images and caption options
+    "data.datasets": ([],),
+    "data.dataset_config": (None,),
+    "data.reg_data_dir": (None,),
+    "data.caption_prefix": (None, ""),
+    "data.caption_suffix": (None, ""),
+    "data.caption_dropout_rate": (0.0,),
+    "data.caption_dropout_every_n_epochs": (0,),
+    "data.caption_tag_dropout_rate": (0.0,),
+    "data.keep_tokens_separator": ("",),
+    "data.secondary_separator": (None, ""),
+    "data.enable_wildcard": (False,),
+    "data.token_warmup_min": (1,),
+    "data.token_warmup_step": (0.0,),
+    "data.random_crop": (False,),
+    "data.color_aug": (False,),
+    "loss.prior_loss_weight": (1.0,),
 }
 
 

@@ -25,6 +25,22 @@ KOHYA_NAMES = {
     "save_every_n_epochs": "train.save_every_epochs", "v_parameterization": "model.v_prediction",
     "pretrained_model_name_or_path": "model.path", "train_data_dir": "data.dir",
     "sample_prompts": "sampling.prompt_file", "sample_every_n_steps": "sampling.every",
+    "dataset_config": "data.dataset_config", "reg_data_dir": "data.reg_data_dir",
+    "prior_loss_weight": "loss.prior_loss_weight", "in_json": "data.dataset_config",
+    "caption_dropout_rate": "data.caption_dropout_rate",
+    "caption_dropout_every_n_epochs": "data.caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate": "data.caption_tag_dropout_rate", "caption_prefix": "data.caption_prefix",
+    "caption_suffix": "data.caption_suffix", "keep_tokens_separator": "data.keep_tokens_separator",
+    "secondary_separator": "data.secondary_separator", "enable_wildcard": "data.enable_wildcard",
+    "token_warmup_min": "data.token_warmup_min", "token_warmup_step": "data.token_warmup_step",
+    "shuffle_caption": "data.shuffle_caption", "keep_tokens": "data.keep_tokens",
+    "caption_separator": "data.caption_separator", "caption_extension": "data.caption_extension",
+    "flip_aug": "data.flip_aug", "random_crop": "data.random_crop", "color_aug": "data.color_aug",
+    "enable_bucket": "data.enable_bucket", "bucket_no_upscale": "data.bucket_no_upscale",
+    "bucket_reso_steps": "data.bucket_reso_steps", "min_bucket_reso": "data.min_bucket_reso",
+    "max_bucket_reso": "data.max_bucket_reso", "resolution": "data.resolution", "num_repeats": "data.datasets",
+    "dataset_repeats": "data.datasets", "class_tokens": "data.datasets", "is_reg": "data.datasets",
+    "image_dir": "data.datasets", "subsets": "data.datasets", "network_multiplier": "data.datasets",
 }
 
 
