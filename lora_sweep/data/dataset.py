@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lora_sweep.data.captions import caption_path, read_caption
 from lora_sweep.data.images import probe_image
+from lora_sweep.data.subsets import Subset
 from lora_sweep.errors import Fallback, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
@@ -43,8 +44,10 @@ def subset_params(name: str) -> tuple[int, str] | None:
 class ImageItem:
     path: Path
     caption: str
-    repeats: int
+    repeats: int  # the subset's num_repeats; a reg image's after v0.8.7's balancing (0: never used)
     size: tuple[int, int]  # (width, height) after EXIF orientation
+    subset: Subset | None = None  # the options it trains with
+    dataset: int = 0  # index of its DatasetSpec
 
 
 @dataclass
