@@ -1,20 +1,31 @@
 """kohya's `ss_*` metadata for a saved LoRA, so A1111/ComfyUI extensions and kohya's tools can read the settings.
 
-The names follow sd-scripts v0.8.7's `train_network.py`; values are strings (safetensors metadata is str -> str).
+The names and formats follow sd-scripts v0.8.7's `train_network.py` (`NetworkTrainer.train`, the metadata dict and
+its two dataset branches); values are strings (safetensors metadata is str -> str), each `str(value)` as v0.8.7
+writes it. Facts v0.8.7 does not record go under `lora_sweep_*` keys. docs/datasets.md lists the dataset keys.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Sequence
+
+import numpy as np
 
 from lora_sweep.config import config_hash
+from lora_sweep.data.buckets import bucket_settings, parse_resolution
+from lora_sweep.data.dataset import ImageItem
+from lora_sweep.data.subsets import DatasetSpec, Subset
 from lora_sweep.training import optim
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
     "fp32": ("no", False), "fp16": ("fp16", False), "bf16": ("bf16", False),
     "fp8": ("fp16", True), "fp8_bf16": ("bf16", True),
 }
+
+Entry = tuple[ImageItem, tuple[int, int] | None]  # an image and its bucket (w, h)
 
 
 def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[str, str]:
@@ -76,7 +87,168 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "lora_sweep_variant": cfg.tracking.variant or "",
     }
     meta |= sai_model_spec(cfg)
-    return {k: ("None" if v is None else str(v)) for k, v in meta.items()}
+    return {k: str(v) for k, v in meta.items()}  # as v0.8.7: "None", "True", "1e-05", "(1024, 1024)"
+
+
+def dataset_metadata(specs: Sequence[DatasetSpec], entries: Sequence[Entry], *, toml_mode: bool,
+                     cfg) -> dict[str, str]:
+    """v0.8.7's dataset keys: folder mode (data.dir, data.reg_data_dir) or TOML mode (data.datasets,
+    data.dataset_config: `ss_datasets`), each with its v0.8.7 keys only, plus the caption and prior-loss keys.
+
+    `entries`: every image of every subset, in subset order then path, with its bucket (w, h); a reg image v0.8.7's
+    balancing never reaches has `repeats` 0 (its bucket is not read). `ImageItem.caption` is the raw caption (tag
+    counts split it on "," whatever data.caption_separator is, as v0.8.7's `set_tag_frequency`).
+    """
+    datasets = [_dataset_facts(i, spec, entries) for i, spec in enumerate(specs)]
+    meta: dict[str, object] = {
+        "ss_num_train_images": sum(d["num_train_images"] for d in datasets),
+        "ss_num_reg_images": sum(d["num_reg_images"] for d in datasets),  # folder repeats x images, not balanced
+        # v0.8.7 writes the command-line values: subset-level caption dropout is not reflected
+        "ss_caption_dropout_rate": cfg.data.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.data.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": cfg.data.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": None,  # refused by lora-sweep: always kohya's unset value
+        "ss_prior_loss_weight": cfg.loss.prior_loss_weight,
+        "lora_sweep_reg_entries": sum(d["reg_entries"] for d in datasets),
+        "lora_sweep_unused_reg_images": sum(d["unused_reg_images"] for d in datasets),
+    }
+    meta |= _toml_keys(datasets) if toml_mode else _folder_keys(datasets[0], cfg)
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _folder_keys(dataset: dict, cfg) -> dict[str, object]:
+    """The keys v0.8.7 writes without --dataset_config: the command line's values and the one dataset's dirs."""
+    dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}
+    for subset, items in dataset["subsets"]:
+        (reg_dirs if subset.is_reg else dirs)[_basename(subset)] = {"n_repeats": subset.num_repeats,
+                                                                    "img_count": len(items)}
+    return {
+        "ss_batch_size_per_device": cfg.train.batch_size,
+        "ss_total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
+        "ss_resolution": parse_resolution(cfg.data.resolution),  # a tuple: "(1024, 1024)"
+        "ss_color_aug": bool(cfg.data.color_aug),
+        "ss_flip_aug": bool(cfg.data.flip_aug),
+        "ss_random_crop": bool(cfg.data.random_crop),
+        "ss_shuffle_caption": bool(cfg.data.shuffle_caption),
+        "ss_enable_bucket": dataset["enable_bucket"],
+        "ss_bucket_no_upscale": dataset["bucket_no_upscale"],
+        "ss_min_bucket_reso": dataset["min_bucket_reso"],
+        "ss_max_bucket_reso": dataset["max_bucket_reso"],
+        "ss_keep_tokens": cfg.data.keep_tokens,
+        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+        "ss_tag_frequency": json.dumps(dataset["tag_frequency"]),
+        "ss_bucket_info": json.dumps(dataset["bucket_info"]),
+    }
+
+
+def _toml_keys(datasets: list[dict]) -> dict[str, object]:
+    """The keys v0.8.7 writes with --dataset_config: `ss_datasets`, and the dirs and tag counts merged over datasets
+    (a dir's tags from its first dataset; a train dir seen again named "<dir> (2)"; reg dirs left out)."""
+    listed, tag_frequency, dirs = [], {}, {}
+    for dataset in datasets:
+        subsets = []
+        for subset, items in dataset["subsets"]:
+            subsets.append(_subset_entry(subset, len(items)))
+            if subset.is_reg:
+                continue
+            name, n = _basename(subset), 2
+            while name in dirs:
+                name, n = f"{_basename(subset)} ({n})", n + 1
+            dirs[name] = {"n_repeats": subset.num_repeats, "img_count": len(items)}
+        listed.append({
+            "is_dreambooth": True,
+            "batch_size_per_device": dataset["batch_size"],
+            "num_train_images": dataset["num_train_images"],
+            "num_reg_images": dataset["num_reg_images"],
+            "resolution": dataset["resolution"],
+            "enable_bucket": dataset["enable_bucket"],
+            "min_bucket_reso": dataset["min_bucket_reso"],
+            "max_bucket_reso": dataset["max_bucket_reso"],
+            "tag_frequency": dataset["tag_frequency"],
+            "bucket_info": dataset["bucket_info"],
+            "subsets": subsets,
+        })
+        for name, counts in dataset["tag_frequency"].items():
+            tag_frequency.setdefault(name, counts)
+    return {"ss_datasets": json.dumps(listed), "ss_tag_frequency": json.dumps(tag_frequency),
+            "ss_dataset_dirs": json.dumps(dirs)}
+
+
+def _subset_entry(subset: Subset, img_count: int) -> dict[str, object]:
+    """One subset of `ss_datasets`, v0.8.7's keys in its order (color_aug and random_crop: refused, so false)."""
+    return {
+        "img_count": img_count,
+        "num_repeats": subset.num_repeats,
+        "color_aug": False,
+        "flip_aug": bool(subset.flip_aug),
+        "random_crop": False,
+        "shuffle_caption": bool(subset.shuffle_caption),
+        "keep_tokens": subset.keep_tokens,
+        "keep_tokens_separator": subset.keep_tokens_separator,
+        "secondary_separator": subset.secondary_separator,
+        "enable_wildcard": bool(subset.enable_wildcard),
+        "caption_prefix": subset.caption_prefix,
+        "caption_suffix": subset.caption_suffix,
+        "image_dir": _basename(subset),
+        "class_tokens": subset.class_tokens,
+        "is_reg": subset.is_reg,
+    }
+
+
+def _dataset_facts(index: int, spec: DatasetSpec, entries: Sequence[Entry]) -> dict:
+    """What v0.8.7's DreamBoothDataset knows of one dataset once built: its subsets with their images (sorted path),
+    image counts (raw repeats), tag counts per dir, bucket settings in use and `bucket_info`."""
+    by_subset: dict[Subset, list[Entry]] = {}
+    for item, bucket in entries:
+        if item.dataset == index:
+            by_subset.setdefault(item.subset, []).append((item, bucket))
+    order = [s for s in spec.subsets if s in by_subset] or sorted(by_subset, key=lambda s: s.is_reg)
+    subsets = [(s, sorted(by_subset[s], key=lambda e: str(e[0].path))) for s in order]
+    settings = bucket_settings(spec)
+    bucketed = not settings.get("fixed")
+    tag_frequency: dict[str, dict[str, int]] = {}
+    for subset, items in subsets:
+        counts = tag_frequency.setdefault(_basename(subset), {})  # a dir named twice adds up, as v0.8.7
+        tags = (tag.strip().lower() for item, _ in items for tag in item.caption.split(","))
+        for tag in filter(None, tags):
+            counts[tag] = counts.get(tag, 0) + 1
+    # v0.8.7 registers train images first, then the reg images its balancing reaches
+    registered = [e for s, items in subsets if not s.is_reg for e in items]
+    registered += [e for s, items in subsets if s.is_reg for e in items if e[0].repeats > 0]
+    reg = [item for s, items in subsets if s.is_reg for item, _ in items]
+    return {
+        "subsets": subsets,
+        "batch_size": spec.batch_size,
+        "resolution": tuple(spec.resolution),
+        "enable_bucket": bucketed,
+        "bucket_no_upscale": bucketed and bool(spec.bucket_no_upscale),
+        "min_bucket_reso": settings.get("min_reso"),
+        "max_bucket_reso": settings.get("max_reso"),
+        "num_train_images": sum(s.num_repeats * len(items) for s, items in subsets if not s.is_reg),
+        "num_reg_images": sum(s.num_repeats * len(items) for s, items in subsets if s.is_reg),
+        "reg_entries": sum(item.repeats for item in reg),
+        "unused_reg_images": sum(item.repeats == 0 for item in reg),
+        "tag_frequency": tag_frequency,
+        "bucket_info": bucket_info(registered) if bucketed else None,
+    }
+
+
+def bucket_info(registered: Sequence[Entry]) -> dict[str, object]:
+    """v0.8.7's `BaseDataset.bucket_info`: buckets numbered in (w, h) order, each its resolution and its entries
+    (images x repeats), and the mean |bucket aspect - image aspect| over the images (without repeats)."""
+    counts: dict[tuple[int, int], int] = {}
+    for item, bucket in registered:
+        counts[tuple(bucket)] = counts.get(tuple(bucket), 0) + item.repeats
+    errors = [bucket[0] / bucket[1] - item.size[0] / item.size[1] for item, bucket in registered]
+    buckets = {i: {"resolution": list(reso), "count": counts[reso]} for i, reso in enumerate(sorted(counts))}
+    # numpy's mean, as v0.8.7: its pairwise sum can differ from Python's sum in the last digit
+    return {"buckets": buckets, "mean_img_ar_error": float(np.mean(np.abs(np.array(errors))))}
+
+
+def _basename(subset: Subset) -> str:
+    return os.path.basename(subset.image_dir)
 
 
 def sai_model_spec(cfg) -> dict[str, str]:
