@@ -7,6 +7,7 @@ writes it. Facts v0.8.7 does not record go under `lora_sweep_*` keys. docs/datas
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -251,13 +252,19 @@ def _basename(subset: Subset) -> str:
     return os.path.basename(subset.image_dir)
 
 
-def sai_model_spec(cfg) -> dict[str, str]:
-    """kohya's `get_sai_model_spec` keys for an SDXL LoRA; `modelspec.timestep_range` only if a bound is set."""
+def sai_model_spec(cfg, *, now: float | None = None) -> dict[str, str]:
+    """kohya's `get_sai_model_spec` keys for an SDXL LoRA (`library/sai_model_spec.py` `build_metadata`): the date
+    of `now` (default: the current time) in local time, `data.resolution` as "WxH", the prediction type;
+    `modelspec.timestep_range` only if a bound is set."""
+    width, height = parse_resolution(cfg.data.resolution)
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": cfg.train.output_name,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(time.time() if now is None else now)).isoformat(),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if cfg.model.v_prediction else "epsilon",
     }
     low, high = cfg.noise.min_timestep, cfg.noise.max_timestep
     if low is not None or high is not None:

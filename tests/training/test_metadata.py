@@ -4,6 +4,7 @@ expected strings worked out by hand from v0.8.7's code."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import compose_config
 from lora_sweep.data.buckets import assign_with_settings, bucket_settings
 from lora_sweep.data.dataset import ImageItem
 from lora_sweep.data.subsets import DatasetSpec, Subset
-from lora_sweep.training.metadata import dataset_metadata
+from lora_sweep.training.metadata import dataset_metadata, sai_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,11 @@ def test_toml_mode_writes_ss_datasets_and_merges_dirs(cfg):
         "ss_dataset_dirs": '{"cat": {"n_repeats": 2, "img_count": 2}, "cat (2)": {"n_repeats": 3, "img_count": 1}}',
     }
     assert json.loads(meta["ss_datasets"])[1]["subsets"][0]["image_dir"] == "cat"  # the basename, as v0.8.7
+
+
+def test_the_model_spec_names_the_resolution_date_and_prediction_type(cfg):
+    """v0.8.7's build_metadata writes these three on every save: "WxH", the local date to the second, epsilon or v."""
+    spec = sai_model_spec(cfg, now=86400.7)
+    assert (spec["modelspec.resolution"], spec["modelspec.prediction_type"]) == ("64x64", "epsilon")
+    assert "." not in spec["modelspec.date"]  # whole seconds, local time without an offset
+    assert datetime.datetime.fromisoformat(spec["modelspec.date"]).timestamp() == 86400
