@@ -4,12 +4,14 @@ sd-scripts v0.8.7 reads it (types, levels, precedence, refusals with file and li
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import ROOT, compose_config
 from kohya_dataset import write_kohya_dataset
 
+from lora_sweep.checks.validate import config_problems
 from lora_sweep.data.subsets import Subset, balance_reg, dataset_problems, dataset_specs
 from lora_sweep.errors import ConfigError
 
@@ -210,3 +212,70 @@ def test_dataset_specs_raises_every_problem_at_once():
         "data.datasets[0].subsets[0].token_warmup_min: must be >= 1, got 0.",
         "data.datasets[0].subsets[0].image_dir: '/nonexistent/a' is not an existing folder (a relative path is read "
         "from the folder the command was started in)."]
+
+
+# --- validate: the data.* values, and the command's exit status
+
+
+@pytest.mark.parametrize("override,field", [
+    ("data.caption_dropout_rate=1.5", "data.caption_dropout_rate"),
+    ("data.caption_tag_dropout_rate=-0.1", "data.caption_tag_dropout_rate"),
+    ("data.caption_dropout_every_n_epochs=-1", "data.caption_dropout_every_n_epochs"),
+    ("data.token_warmup_min=0", "data.token_warmup_min"),
+    ("data.token_warmup_step=-1", "data.token_warmup_step"),
+    ("data.reg_data_dir=/nonexistent/reg", "data.reg_data_dir"),
+    ("loss.prior_loss_weight=-1", "loss.prior_loss_weight"),
+    ("loss.prior_loss_weight=inf", "loss.prior_loss_weight"),
+    ("data.color_aug=true", "data.color_aug"),
+])
+def test_validate_names_each_bad_data_value(override, field):
+    assert [p for p in config_problems(compose_config(override)) if p.startswith(field)], override
+
+
+def test_validate_passes_the_fixture_file(work):
+    assert config_problems(compose_config(f"data.dataset_config={work / 'kohya_dataset.toml'}")) == []
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch, capfd):
+    """`run(*argv)` -> (exit status, output) of `python sweep.py *argv`, run in this process (as tests/test_preflight.py
+    does: a subprocess costs seconds of imports) from tmp_path/work, with its own cache and MLflow store."""
+    import logging
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LORA_SWEEP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def run(*argv: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["sweep.py", *argv])
+        code = 0
+        try:
+            runpy.run_path(str(ROOT / "sweep.py"), run_name="__main__")
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            GlobalHydra.instance().clear()
+        captured = capfd.readouterr()
+        return code, captured.out + captured.err
+
+    yield run
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_the_command_exits_2_naming_the_setting(tmp_path, sweep):
+    path = toml(tmp_path, "[[datasets]]\nnetwork_multiplier = 1\n[[datasets.subsets]]\nimage_dir = '.'\n")
+    code, output = sweep(f"data.dataset_config={path}")
+    expected = (f"data.dataset_config '{path}' line 2: datasets[0].network_multiplier: must be a float, got 1 (write "
+                "1.0: v0.8.7 checks the type exactly, and 1 is an int).")
+    assert code == 2 and expected in output, output[-2000:]
+    code, output = sweep("data.datasets=[{subsets: [{image_dir: ., random_crop: true}]}]")
+    assert code == 2 and "data.datasets[0].subsets[0].random_crop: needs the pixels encoded at every step" in output, \
+        output[-2000:]
