@@ -214,6 +214,15 @@ def test_dataset_specs_raises_every_problem_at_once():
         "from the folder the command was started in)."]
 
 
+def test_a_datasets_bucket_sizes_are_checked_as_v087_asserts_them(tmp_path):
+    subsets = f"subsets: [{{image_dir: {tmp_path}}}]"
+    assert problems_of(f"data.datasets=[{{resolution: [64, 96], min_bucket_reso: 80, max_bucket_reso: 64, {subsets}}}, "
+                       f"{{enable_bucket: false, min_bucket_reso: 128, {subsets}}}]") == [
+        "data.datasets[0]: min_bucket_reso (80) is larger than max_bucket_reso (64).",
+        "data.datasets[0]: max_bucket_reso (64) is smaller than the resolution 64x96; it must be >= both sides.",
+        "data.datasets[0]: min_bucket_reso (80) is larger than the shorter side of the resolution 64x96."]
+
+
 # --- validate: the data.* values, and the command's exit status
 
 
