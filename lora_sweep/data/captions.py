@@ -25,12 +25,29 @@ def caption_path(image_path: str | Path, caption_extension: str = ".txt") -> Pat
     return image_path.with_name(image_path.stem + caption_extension)
 
 
-def read_caption(image_path: str | Path, caption_extension: str = ".txt") -> str | None:
-    """The first line of the image's caption file, stripped; None without the file. An empty file, or one that cannot be
-    read (a link to nothing, no permission, a folder), is an error (kohya asserts or raises). A UTF-8 BOM is dropped
-    (kohya keeps it in the first tag)."""
+def caption_file(image_path: str | Path, caption_extension: str = ".txt") -> Path | None:
+    """The caption file `read_caption` reads, or None: the image's own, else (a face-crop name `<stem>_cx_cy_w_h`,
+    five or more `_` tokens) the stem without its last four tokens, as v0.8.7. v0.8.7 splits the whole path, so
+    underscores in folder names count; lora-sweep splits the file name, so the file stays in the image's folder."""
     path = caption_path(image_path, caption_extension)
-    if not os.path.lexists(path):
+    if os.path.lexists(path):
+        return path
+    tokens = path.stem.split("_")
+    if len(tokens) >= 5:
+        face_crop = path.with_name("_".join(tokens[:-4]) + path.suffix)
+        if os.path.lexists(face_crop):
+            return face_crop
+    return None
+
+
+def read_caption(image_path: str | Path, caption_extension: str = ".txt", *,
+                 enable_wildcard: bool = False) -> str | None:
+    """The image's caption (`caption_file`); None without the file. Without `enable_wildcard` the first line, stripped;
+    with it every non-blank line, stripped, joined with "\\n" (`process_caption` picks one). An empty file, or one that
+    cannot be read (a link to nothing, no permission, a folder), is an error (kohya asserts or raises). A UTF-8 BOM
+    is dropped (kohya keeps it in the first tag)."""
+    path = caption_file(image_path, caption_extension)
+    if path is None:
         return None
     why = None if path.is_file() else (f"a link to '{os.readlink(path)}', which is gone" if not path.exists()
                                        else "not a regular file")
@@ -50,6 +67,8 @@ def read_caption(image_path: str | Path, caption_extension: str = ".txt") -> str
             f"caption file '{path}' is empty. Write the caption on its first line, or delete the file to use the "
             "folder's class tokens (the <name> of <repeats>_<name>) instead."
         )
+    if enable_wildcard:
+        return "\n".join(line.strip() for line in text.split("\n") if line.strip())
     return text.split("\n", 1)[0].strip()
 
 

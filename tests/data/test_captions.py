@@ -37,6 +37,27 @@ def test_read_caption_bom_blank_first_line_and_empty_file(tmp_path):
         read_caption(tmp_path / "latin.jpg")
 
 
+def test_read_caption_with_wildcards_keeps_every_non_blank_line(tmp_path):
+    (tmp_path / "a.txt").write_text(" one {x|y} \r\n\n  \ntwo\n", encoding="utf-8")
+    assert read_caption(tmp_path / "a.png", enable_wildcard=True) == "one {x|y}\ntwo"
+    assert read_caption(tmp_path / "a.png") == "one {x|y}"
+    (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
+    assert read_caption(tmp_path / "blank.png", enable_wildcard=True) == ""
+
+
+def test_read_caption_face_crop_name_falls_back_to_the_stem_without_four_tokens(tmp_path):
+    (tmp_path / "img_01.txt").write_text("face crop", encoding="utf-8")
+    assert read_caption(tmp_path / "img_01_120_80_64_64.png") == "face crop"
+    assert read_caption(tmp_path / "img_01_120_80_64.png") is None  # four tokens: no fallback
+    (tmp_path / "img_01_120_80_64_64.txt").write_text("own", encoding="utf-8")
+    assert read_caption(tmp_path / "img_01_120_80_64_64.png") == "own"  # its own file first
+    # tokens are counted in the file name only (v0.8.7 counts the folders' underscores too)
+    folder = tmp_path / "10_a_b_c_d"
+    folder.mkdir()
+    (tmp_path / "10.txt").write_text("outside", encoding="utf-8")
+    assert read_caption(folder / "x.png") is None
+
+
 def test_shuffle_keeps_first_tokens_and_uses_rng():
     caption = "sks dog,  red ball ,grass, sunny,park"
     flex = ["red ball", "grass", "sunny", "park"]
