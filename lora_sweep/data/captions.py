@@ -12,9 +12,11 @@ import re
 from pathlib import Path
 
 from lora_sweep.data.subsets import Subset
-from lora_sweep.errors import UserError
+from lora_sweep.errors import Fallback, UserError
 
 WILDCARD = re.compile(r"\{([^}]+)\}")  # v0.8.7's pattern: any {...}, one choice each, no nesting
+WILDCARD_SYNTAX = re.compile(r"\{[^{}|]*\|[^{}]*\}")  # what reads as a wildcard someone meant: {a|b}
+FOLDER_SETTINGS = ("data.dir", "data.reg_data_dir")  # subsets whose options are the data.* keys
 
 
 def caption_path(image_path: str | Path, caption_extension: str = ".txt") -> Path:
@@ -194,6 +196,34 @@ def seen_position(epoch: int, batch_index: int, batches_per_epoch: int, grad_acc
     previous_epoch, previous_index = divmod(n - 1, batches_per_epoch)
     body_before = n - 3 if previous_index >= 1 else n - 2
     return previous_epoch + 1, global_step(body_before)
+
+
+def caption_syntax_fallbacks(items) -> list[Fallback]:
+    """Captions with kohya syntax their subset's option leaves as literal text: "|||" without a
+    keep_tokens_separator, `{a|b}` without enable_wildcard. One Fallback per option, naming the caption files (the
+    image, for a caption from class tokens); kohya says nothing."""
+    keep, wildcard = [], []
+    for item in items:
+        subset = item.subset
+        if "|||" in item.caption and not subset.keep_tokens_separator:
+            keep.append(item)
+        if not subset.enable_wildcard and WILDCARD_SYNTAX.search(item.caption):
+            wildcard.append(item)
+    rows = ((keep, "keep_tokens_separator", "'|||'", "'|||'"),
+            (wildcard, "enable_wildcard", "'{a|b}' wildcards", "true"))
+    return [_syntax_fallback(found, key, syntax, value) for found, key, syntax, value in rows if found]
+
+
+def _syntax_fallback(items, key: str, syntax: str, value: str) -> Fallback:
+    """One Fallback for `items`, whose captions hold `syntax` while their subsets' `key` is off; the hint names the
+    setting to turn on: `data.<key>` for data.dir and data.reg_data_dir folders, the subset's own otherwise."""
+    paths = tuple(dict.fromkeys(str(caption_file(item.path, item.subset.caption_extension) or item.path)
+                                for item in items))
+    places = dict.fromkeys(f"data.{key}={value}" if item.subset.setting.startswith(FOLDER_SETTINGS)
+                           else f"{key}={value} in {item.subset.setting}" for item in items)
+    off = "is empty" if key == "keep_tokens_separator" else "is off"
+    return Fallback(f"data.{key}", f"caption files with {syntax} while data.{key} {off}: trained as literal text "
+                    "(kohya is silent)", paths, f"Set {' and '.join(places)}, or take {syntax} out of the captions.")
 
 
 def shuffle_caption(
