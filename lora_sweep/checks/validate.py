@@ -6,12 +6,13 @@ like null (`noise.adaptive_scale`, `loss.min_snr_gamma`): kohya tests them as `i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lora_sweep.errors import ConfigError, Problems, UserError, problem_messages
+from lora_sweep.errors import ConfigError, ConfigErrors, Problems, UserError, problem_messages
 from lora_sweep.paths import absolute
 
 MODELS = ("tiny", "sdxl")
@@ -65,6 +66,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
     return [
         *_model_checks(cfg.model),
         *_data_checks(cfg.data),
+        lambda: _dataset_checks(cfg),
         *_noise_checks(cfg.noise),
         *_loss_checks(cfg.loss),
         *_optimizer_checks(cfg),
@@ -103,7 +105,34 @@ def _data_checks(d) -> list[Callable[[], None]]:
             resolution=d.resolution, reso_steps=d.bucket_reso_steps, min_reso=d.min_bucket_reso,
             max_reso=d.max_bucket_reso),
         lambda: _range("data.validation_split", d.validation_split, 0.0, 1.0, high_open=True),
+        *(lambda key=key: _dataset_value(d, key) for key in _DATASET_VALUES),
+        lambda: d.reg_data_dir is None or _existing("data.reg_data_dir", d.reg_data_dir, kind="folder"),
     ]
+
+
+# the data.* keys that are kohya dataset-config keys too: range-checked as a file's values are
+_DATASET_VALUES = ("caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+                   "token_warmup_min", "token_warmup_step")
+
+
+def _dataset_value(d, key: str) -> None:
+    from lora_sweep.data.subsets import value_problem
+
+    problem = value_problem(key, d[key])
+    if problem:
+        raise ConfigError(f"data.{key}: {problem}.")
+
+
+def _dataset_checks(cfg) -> None:
+    """data.datasets / data.dataset_config read as kohya v0.8.7 reads them, and the combinations lora-sweep refuses
+    (docs/datasets.md); the folders' contents are the pre-flight's."""
+    from lora_sweep.data.subsets import dataset_problems
+    from lora_sweep.paths import absolute
+
+    folder = Path(absolute(cfg.data.dir)) if cfg.data.get("dir") else None  # get: data=folder's dir may be ???
+    problems = dataset_problems(cfg, folder)
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def _noise_checks(n) -> list[Callable[[], None]]:
@@ -126,6 +155,9 @@ def _loss_checks(lo) -> list[Callable[[], None]]:
         lambda: loss.check_loss_options(
             loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
             min_snr_gamma=_off_if_zero(lo.min_snr_gamma), debiased=lo.debiased),
+        lambda: math.isfinite(lo.prior_loss_weight) and lo.prior_loss_weight >= 0 or _fail(
+            "loss.prior_loss_weight", lo.prior_loss_weight, "a finite number >= 0 (1.0: reg images weigh as train "
+            "images)"),
     ]
 
 
@@ -269,6 +301,8 @@ def _check_model_path(m) -> None:
 
 
 def _check_data_dir(d) -> None:
+    if d.datasets or d.dataset_config:
+        return  # the subsets name the folders; _dataset_checks refuses data.dir beside them
     if d.name == "folder" and not d.dir:
         raise ConfigError(
             "data.dir: data=folder trains on your own dataset, and data.dir is not set. Set data.dir=PATH, a folder "
@@ -304,6 +338,7 @@ def config_problems(cfg) -> list[str]:
         try:
             check()
         except UserError as exc:
-            problems += problem_messages(exc) if isinstance(exc, ConfigError) else [str(exc)]
+            found = problem_messages(exc) if isinstance(exc, ConfigError) else [str(exc)]
+            problems += [p for p in found if p not in problems]  # two checks may see one bad value
     return problems
 
