@@ -158,7 +158,8 @@ def training_scans(cfg, train_folder: Path | None, memo: Memo | None = None, *,
     config checks), reg images balanced (`dataset.balance_datasets`). A config the dataset checks refuse: ([], []),
     or its ConfigError without `skip_missing`."""
     from lora_sweep.data import dataset
-    from lora_sweep.data.subsets import dataset_specs
+    from lora_sweep.data.dataset import folder_setting
+    from lora_sweep.data.subsets import Subset, dataset_specs
 
     memo = memo or Memo()
     try:
@@ -168,23 +169,18 @@ def training_scans(cfg, train_folder: Path | None, memo: Memo | None = None, *,
             raise
         return [], []
 
-    def inspect(kind: str, target, index: int, spec):
-        if kind == "subset":
-            key = ("scan", str(Path(target.image_dir)), target.caption_extension, target.setting, target, index)
-            return memo.get(key, lambda: dataset.inspect_subset(target, index))
-        folder, is_reg = target
-        setting = "data.reg_data_dir" if is_reg else spec.template.setting if spec.template else spec.setting
-        ext = spec.template.caption_extension if spec.template else ".txt"
-        key = ("scan", str(Path(folder)), ext, setting, spec.template, is_reg, index)
-        return memo.get(key, lambda: dataset.inspect_folder(folder, setting=setting, template=spec.template,
-                                                            is_reg=is_reg, dataset=index))
+    def inspect(target, index: int, spec):
+        if isinstance(target, Subset):
+            folder, ext, setting, extra = target.image_dir, target.caption_extension, target.setting, (target,)
+        else:
+            folder, ext, setting = target[0], spec.template.caption_extension, folder_setting(spec, target[1])
+            extra = (spec.template, target[1])
+        if skip_missing and not Path(folder).is_dir():
+            return None
+        key = ("scan", str(Path(folder)), ext, setting, *extra, index)
+        return memo.get(key, lambda: dataset.inspect_one(target, index, spec))
 
-    return specs, dataset.balance_datasets([inspect(kind, target, i, spec) for i, spec in enumerate(specs)
-                                            for kind, target in [*(("folder", f) for f in spec.folders),
-                                                                 *(("subset", s) for s in spec.subsets)]
-                                            if not skip_missing or Path(target[0] if kind == "folder"
-                                                                        else target.image_dir).is_dir()],
-                                           specs)
+    return specs, dataset.inspect_datasets(specs, inspect)
 
 
 def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None = None):

@@ -197,19 +197,26 @@ def inspect_subset(subset: Subset, dataset: int = 0) -> FolderScan:
 
 def inspect_datasets(specs: Sequence[DatasetSpec], inspect=None) -> list[FolderScan]:
     """The training scans of `specs` in order (each dataset's `folders`, then its `subsets`), reg images balanced
-    (`balance_datasets`). `inspect(kind, target, spec_index, spec)` scans one folder or subset (default: no memo)."""
-    inspect = inspect or _inspect
-    scans = [inspect(kind, target, index, spec) for index, spec in enumerate(specs)
-             for kind, target in [*(("folder", f) for f in spec.folders), *(("subset", s) for s in spec.subsets)]]
-    return balance_datasets(scans, specs)
+    (`balance_datasets`). `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None
+    to leave it out (default: `inspect_one`)."""
+    inspect = inspect or inspect_one
+    scans = [inspect(target, index, spec) for index, spec in enumerate(specs) for target in [*spec.folders,
+                                                                                            *spec.subsets]]
+    return balance_datasets([scan for scan in scans if scan is not None], specs)
 
 
-def _inspect(kind: str, target, index: int, spec: DatasetSpec) -> FolderScan:
-    if kind == "subset":
+def inspect_one(target: Subset | tuple[Path, bool], index: int, spec: DatasetSpec) -> FolderScan:
+    """`inspect_subset` of a Subset, or `inspect_folder` of a (folder, is_reg) of dataset `index` (`spec`)."""
+    if isinstance(target, Subset):
         return inspect_subset(target, index)
     folder, is_reg = target
-    setting = "data.reg_data_dir" if is_reg else spec.template.setting if spec.template else spec.setting
-    return inspect_folder(folder, setting=setting, template=spec.template, is_reg=is_reg, dataset=index)
+    return inspect_folder(folder, setting=folder_setting(spec, is_reg), template=spec.template, is_reg=is_reg,
+                          dataset=index)
+
+
+def folder_setting(spec: DatasetSpec, is_reg: bool) -> str:
+    """The setting naming a `<repeats>_<name>` tree of `spec` in messages: data.dir or data.reg_data_dir."""
+    return "data.reg_data_dir" if is_reg else spec.template.setting if spec.template else spec.setting
 
 
 NEVER_USED = ("reg images never used: v0.8.7's balancing stops once the reg entries reach the train entries "
