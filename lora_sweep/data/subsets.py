@@ -181,6 +181,7 @@ def dataset_problems(cfg, train_folder: Path | None) -> list[str]:
 
 
 def _read(cfg, train_folder: Path | None) -> tuple[list[DatasetSpec], list[str]]:
+    """(the specs, every problem): a file, else data.datasets, else folder mode."""
     from omegaconf import OmegaConf
 
     d = cfg.data
