@@ -338,6 +338,7 @@ def config_problems(cfg) -> list[str]:
         try:
             check()
         except UserError as exc:
-            problems += problem_messages(exc) if isinstance(exc, ConfigError) else [str(exc)]
+            found = problem_messages(exc) if isinstance(exc, ConfigError) else [str(exc)]
+            problems += [p for p in found if p not in problems]  # two checks may see one bad value
     return problems
 

@@ -181,6 +181,7 @@ def dataset_problems(cfg, train_folder: Path | None) -> list[str]:
 
 
 def _read(cfg, train_folder: Path | None) -> tuple[list[DatasetSpec], list[str]]:
+    """(the specs, every problem): a file, else data.datasets, else folder mode."""
     from omegaconf import OmegaConf
 
     d = cfg.data
@@ -191,10 +192,12 @@ def _read(cfg, train_folder: Path | None) -> tuple[list[DatasetSpec], list[str]]
                  if d.get(key)]
     if d.dataset_config:
         source, general, tables = _load_file(str(d.dataset_config), problems)
-        return _datasets(cfg, source, general, tables, problems), problems
-    if datasets:
-        return _datasets(cfg, _Source("data.datasets"), {}, datasets, problems), problems
-    return ([] if train_folder is None else [_folder_spec(cfg, Path(train_folder))]), problems
+        specs = _datasets(cfg, source, general, tables, problems)
+    elif datasets:
+        specs = _datasets(cfg, _Source("data.datasets"), {}, datasets, problems)
+    else:
+        specs = [] if train_folder is None else [_folder_spec(cfg, Path(train_folder), problems)]
+    return specs, list(dict.fromkeys(problems))  # data.resolution's problem once, however many datasets read it
 
 
 def _mode_conflicts(d, has_datasets: bool) -> list[str]:
@@ -216,18 +219,43 @@ def _mode_conflicts(d, has_datasets: bool) -> list[str]:
     return problems
 
 
-def _folder_spec(cfg, train_folder: Path) -> DatasetSpec:
+def _folder_spec(cfg, train_folder: Path, problems: list[str]) -> DatasetSpec:
     """Folder mode (kohya's --train_data_dir / --reg_data_dir, `CU L578-615`): one dataset, every option from data.*."""
-    from lora_sweep.data.buckets import parse_resolution
     from lora_sweep.paths import absolute
 
     d = cfg.data
     template = Subset(image_dir=train_folder, setting="data.dir", caption_separator=d.caption_separator,
                       **{key: d[key] for key in _CAPTION_FIELDS if d[key] is not None})
     reg = ((Path(absolute(d.reg_data_dir)), True),) if d.reg_data_dir else ()
-    return DatasetSpec(setting="data.dir", resolution=parse_resolution(d.resolution), batch_size=cfg.train.batch_size,
+    return DatasetSpec(setting="data.dir", resolution=_data_resolution(d, problems), batch_size=cfg.train.batch_size,
                        **{key: d[key] for key in _BUCKET_FIELDS}, folders=((train_folder, False), *reg),
                        template=template)
+
+
+def _data_resolution(d, problems: list[str]) -> tuple[int, int]:
+    """data.resolution as (W, H); (0, 0) and its problem when it is no resolution."""
+    from lora_sweep.data.buckets import parse_resolution
+
+    try:
+        return parse_resolution(d.resolution)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return (0, 0)
+
+
+def _bucket_problems(at: str, resolution: tuple[int, int], min_reso: int | None, max_reso: int | None) -> list[str]:
+    """What v0.8.7 asserts of a bucketed dataset's sizes (`TU:DreamBoothDataset.__init__ L1446-1452`): min <= each
+    side <= max (and min <= max, as lora-sweep's data.* check)."""
+    problems = []
+    if min_reso is not None and max_reso is not None and min_reso > max_reso:
+        problems.append(f"{at}: min_bucket_reso ({min_reso}) is larger than max_bucket_reso ({max_reso}).")
+    if max_reso is not None and max(resolution) > max_reso:
+        problems.append(f"{at}: max_bucket_reso ({max_reso}) is smaller than the resolution {resolution[0]}x"
+                        f"{resolution[1]}; it must be >= both sides.")
+    if min_reso is not None and min(resolution) < min_reso:
+        problems.append(f"{at}: min_bucket_reso ({min_reso}) is larger than the shorter side of the resolution "
+                        f"{resolution[0]}x{resolution[1]}.")
+    return problems
 
 
 @dataclass
@@ -364,8 +392,6 @@ def _no_effect(source: _Source, path) -> Fallback:
 
 
 def _dataset(cfg, source: _Source, i: int, dataset: dict, upper: list[dict], problems: list[str]) -> DatasetSpec:
-    from lora_sweep.data.buckets import parse_resolution
-
     d = cfg.data
     levels = [dataset, *upper]
 
@@ -398,12 +424,17 @@ def _dataset(cfg, source: _Source, i: int, dataset: dict, upper: list[dict], pro
             seen.add(written)
             subsets.append(subset)
     fallbacks = [_no_effect(source, (i,))] * bool(dataset.get("cache_info")) + fallbacks
-    resolution = pick("resolution", None)
+    resolution = pick("resolution", None) or _data_resolution(d, problems)
+    buckets = {key: pick(key, d[key]) for key in _BUCKET_FIELDS}
+    given = any(level.get(key) is not None for level in levels for key in ("resolution", *_BUCKET_FIELDS))
+    if given and buckets["enable_bucket"]:  # data.*'s own are validate's
+        problems += _bucket_problems(source.at((i,)), resolution, buckets["min_bucket_reso"],
+                                     buckets["max_bucket_reso"])
     return DatasetSpec(
         setting=source.at((i,)).replace(": ", " "),
-        resolution=tuple(resolution) if resolution is not None else parse_resolution(d.resolution),
+        resolution=resolution,
         batch_size=pick("batch_size", cfg.train.batch_size),
-        **{key: pick(key, d[key]) for key in _BUCKET_FIELDS},
+        **buckets,
         network_multiplier=float(pick("network_multiplier", 1.0)),
         subsets=tuple(s for s in subsets if not s.is_reg) + tuple(s for s in subsets if s.is_reg),
         fallbacks=tuple(fallbacks))

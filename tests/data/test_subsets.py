@@ -68,6 +68,15 @@ def test_folder_mode_without_a_folder_has_no_dataset():
     assert dataset_specs(compose_config(), None) == []
 
 
+def test_a_bad_data_resolution_is_named_once(tmp_path):
+    expected = ["data.resolution: 'big' is not a resolution. Give an int (1024 means 1024x1024), a string 'W,H' such "
+                "as '832,1216', or a list [W, H] of positive ints."]
+    assert dataset_problems(compose_config("data.resolution=big"), tmp_path) == expected
+    subsets = f"subsets: [{{image_dir: {tmp_path}}}]"
+    assert problems_of("data.resolution=big", f"data.datasets=[{{{subsets}}}, {{{subsets}}}]") == expected
+    assert config_problems(compose_config("data.resolution=big")) == expected
+
+
 # --- a dataset config file (tests/data/kohya_dataset.toml)
 
 
@@ -212,6 +221,15 @@ def test_dataset_specs_raises_every_problem_at_once():
         "data.datasets[0].subsets[0].token_warmup_min: must be >= 1, got 0.",
         "data.datasets[0].subsets[0].image_dir: '/nonexistent/a' is not an existing folder (a relative path is read "
         "from the folder the command was started in)."]
+
+
+def test_a_datasets_bucket_sizes_are_checked_as_v087_asserts_them(tmp_path):
+    subsets = f"subsets: [{{image_dir: {tmp_path}}}]"
+    assert problems_of(f"data.datasets=[{{resolution: [64, 96], min_bucket_reso: 80, max_bucket_reso: 64, {subsets}}}, "
+                       f"{{enable_bucket: false, min_bucket_reso: 128, {subsets}}}]") == [
+        "data.datasets[0]: min_bucket_reso (80) is larger than max_bucket_reso (64).",
+        "data.datasets[0]: max_bucket_reso (64) is smaller than the resolution 64x96; it must be >= both sides.",
+        "data.datasets[0]: min_bucket_reso (80) is larger than the shorter side of the resolution 64x96."]
 
 
 # --- validate: the data.* values, and the command's exit status
