@@ -109,3 +109,31 @@ def test_the_log_names_the_setting_that_encodes_captions_per_step(key):
     cfg = compose_config(key)
     assert session_lib.text_in_step_reason(cfg) == key
     assert session_lib.text_in_step_reason(compose_config()) is None
+
+
+def test_a_job_on_subsets_records_them_and_skip_finished_covers_every_subset(tmp_path, mlflow_uri):
+    """run_job on data.datasets (a train subset and a reg subset): MLflow params and data/datasets.json; the same
+    job again is SKIPPED; an edited reg caption changes the dataset fingerprint."""
+    from mlflow.tracking import MlflowClient
+
+    from lora_sweep.job.finished import dataset_of
+    from lora_sweep.job.run import run_job
+
+    write_image(tmp_path / "train" / "a.png", caption="a red square", color=(200, 30, 30))
+    write_image(tmp_path / "reg" / "b.png", caption="a square", color=(30, 30, 200))
+    subsets = (f"{{image_dir:'{tmp_path / 'train'}',num_repeats:2}},"
+               f"{{image_dir:'{tmp_path / 'reg'}',num_repeats:1,is_reg:true}}")
+    args = ("data=folder", "data.dir=null", f"data.datasets=[{{subsets:[{subsets}]}}]", "train.max_steps=1",
+            "train.device=cpu", "validation.fit_images=0", f"train.state_dir={tmp_path / 'states'}")
+    first = run_job(compose_config(*args), output_dir=tmp_path / "out1")
+    assert first.status == "FINISHED"
+    client = MlflowClient(mlflow_uri)
+    params = client.get_run(first.run_id).data.params
+    assert (params["data.train_images"], params["data.reg_images"], params["data.reg_entries"]) == ("2", "1", "2")
+    assert "data/datasets.json" in {a.path for a in client.list_artifacts(first.run_id, "data")}
+    again = run_job(compose_config(*args), output_dir=tmp_path / "out2")
+    assert again.status == "SKIPPED" and again.run_id == first.run_id
+    cfg = compose_config(*args)
+    before = dataset_of(cfg, preflight.training_scans(cfg, None)[1])
+    (tmp_path / "reg" / "b.txt").write_text("a blue square", encoding="utf-8")
+    assert dataset_of(cfg, preflight.training_scans(cfg, None)[1]).digest != before.digest
