@@ -29,10 +29,10 @@ def one_step(tmp_path_factory) -> dict:
     seen: dict = {}
     real = train_module.micro_batch_loss
 
-    def first(s, batch, flip_rng, step):
+    def first(s, batch, flip_rng, step, **position):
         if "s" not in seen:
             seen.update(s=s, batch=list(batch), rng=torch.get_rng_state(), lora=lora_values(s.unet))
-        terms = real(s, batch, flip_rng, step)
+        terms = real(s, batch, flip_rng, step, **position)
         seen.setdefault("loss", float(terms.loss.detach()))
         return terms
 

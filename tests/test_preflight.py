@@ -591,3 +591,24 @@ def test_a_quoted_element_of_a_sweep_is_type_checked_as_its_text():
     from lora_sweep.checks.command_line import command_line_problems
 
     assert command_line_problems(["-m", 'train.max_steps="3",4']) == []
+
+
+def test_reg_folders_and_subsets_are_checked_like_data_dir(tmp_path):
+    """The reg folder's problems are named by data.reg_data_dir; kohya syntax a subset leaves literal is a warning;
+    each subset's images meet its own dataset's bucket settings."""
+    write_image(tmp_path / "train" / "2_cat" / "a.png", caption="a cat ||| sitting")
+    write_image(tmp_path / "reg" / "1_cat" / "r.png", caption=b"")
+    cfg = compose_config("data=folder", f"data.dir={tmp_path / 'train'}", f"data.reg_data_dir={tmp_path / 'reg'}")
+    report = check_job(cfg)
+    assert [p for p in report.problems if "r.txt" in p] == [
+        f"data.reg_data_dir: caption file '{tmp_path / 'reg' / '1_cat' / 'r.txt'}' is empty. Write the caption on its "
+        "first line, or delete the file to use the folder's class tokens (the <name> of <repeats>_<name>) instead."]
+    assert [f.setting for f in report.fallbacks if "'|||'" in f.what] == ["data.keep_tokens_separator"]
+
+    write_image(tmp_path / "wide" / "w.png", size=(256, 32), caption="a wide thing")
+    subsets = f"{{image_dir:'{tmp_path / 'wide'}'}}"
+    cfg = compose_config("data=folder", "data.dir=null",
+                         f"data.datasets=[{{bucket_no_upscale:true,min_bucket_reso:64,subsets:[{subsets}]}}]")
+    problems = check_job(cfg).problems
+    assert len(problems) == 1 and problems[0].startswith("data.datasets[0].subsets[0]: image '") \
+        and "(256x32): an image of 256x32 gets an empty bucket" in problems[0]

@@ -117,25 +117,70 @@ def _attempt(report: Report, check: Callable[[], None]) -> None:
 
 
 def _check_data(cfg, report: Report, memo: Memo) -> None:
+    """Every training scan (data.dir and data.reg_data_dir, or each data.datasets / data.dataset_config subset, reg
+    images balanced) and data.validation_dir: problems, fallbacks, captions' syntax and bucket problems under each
+    dataset's settings."""
+    from lora_sweep.data.captions import caption_syntax_fallbacks
+
     d = cfg.data
-    folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
-    settings = _bucket_settings_or_none(d)
-    for setting, folder in folders:
-        if folder is None or not Path(folder).is_dir():  # the config checks report a missing folder
-            continue
-        scan = scan_dataset(folder, d.caption_extension, setting, memo)
+    specs, scans = training_scans(cfg, _train_folder(cfg), memo)
+    for scan in scans:
+        spec = specs[scan.items[0].dataset] if scan.items else None
         report.problems += scan.problems
         report.fallbacks += scan.fallbacks
+        settings = _bucket_settings_or_none(spec) if spec is not None else None
         if settings is not None:
-            report.problems += _bucket_problems(scan.items, settings, setting)
+            report.problems += _bucket_problems(scan.items, settings, scan.setting)
+    report.fallbacks += caption_syntax_fallbacks([item for scan in scans for item in scan.items])
+    validation = d.validation_dir
+    if validation is not None and Path(validation).is_dir():  # the config checks report a missing folder
+        scan = scan_dataset(validation, d.caption_extension, "data.validation_dir", memo)
+        report.problems += scan.problems
+        report.fallbacks += scan.fallbacks
+        settings = _bucket_settings_or_none(d)
+        if settings is not None:
+            report.problems += _bucket_problems(scan.items, settings, "data.validation_dir")
 
 
 def _scans(cfg, memo: Memo) -> list:
-    """The scans of the job's training and validation folders that exist (memoized by `_check_data`)."""
+    """The job's training scans and its validation folder's, of the folders that exist (memoized by `_check_data`)."""
     d = cfg.data
-    folders = [("data.dir", _train_folder(cfg)), ("data.validation_dir", d.validation_dir)]
-    return [scan_dataset(folder, d.caption_extension, setting, memo) for setting, folder in folders
-            if folder is not None and Path(folder).is_dir()]
+    scans = training_scans(cfg, _train_folder(cfg), memo)[1]
+    if d.validation_dir is not None and Path(d.validation_dir).is_dir():
+        scans.append(scan_dataset(d.validation_dir, d.caption_extension, "data.validation_dir", memo))
+    return scans
+
+
+def training_scans(cfg, train_folder: Path | None, memo: Memo | None = None, *,
+                   skip_missing: bool = True) -> tuple[list, list]:
+    """(DatasetSpecs, training scans) of the job: `subsets.dataset_specs(cfg, train_folder)` scanned folder by
+    folder and subset by subset (once per memo; with `skip_missing`, folders that are not there are left to the
+    config checks), reg images balanced (`dataset.balance_datasets`). A config the dataset checks refuse: ([], []),
+    or its ConfigError without `skip_missing`."""
+    from lora_sweep.data import dataset
+    from lora_sweep.data.dataset import folder_setting
+    from lora_sweep.data.subsets import Subset, dataset_specs
+
+    memo = memo or Memo()
+    try:
+        specs = dataset_specs(cfg, train_folder)
+    except UserError:  # the config checks name it (subsets.dataset_problems)
+        if not skip_missing:
+            raise
+        return [], []
+
+    def inspect(target, index: int, spec):
+        if isinstance(target, Subset):
+            folder, ext, setting, extra = target.image_dir, target.caption_extension, target.setting, (target,)
+        else:
+            folder, ext, setting = target[0], spec.template.caption_extension, folder_setting(spec, target[1])
+            extra = (spec.template, target[1])
+        if skip_missing and not Path(folder).is_dir():
+            return None
+        key = ("scan", str(Path(folder)), ext, setting, *extra, index)
+        return memo.get(key, lambda: dataset.inspect_one(target, index, spec))
+
+    return specs, dataset.inspect_datasets(specs, inspect)
 
 
 def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None = None):
@@ -147,8 +192,8 @@ def scan_dataset(folder, caption_extension: str, setting: str, memo: Memo | None
 
 
 def _bucket_settings_or_none(d) -> dict | None:
-    """The bucket settings, or None when the config checks report a problem with them (assigning images with
-    bucket_reso_steps=0 would crash instead of naming the setting)."""
+    """The bucket settings of `d` (the data group or a DatasetSpec), or None when the config checks report a problem
+    with them (assigning images with bucket_reso_steps=0 would crash instead of naming the setting)."""
     from lora_sweep.data.buckets import bucket_settings, check_bucket_options
 
     try:
@@ -160,7 +205,10 @@ def _bucket_settings_or_none(d) -> dict | None:
 
 
 def _train_folder(cfg) -> Path | None:
-    """data.dir, or the bundled photos if already written (a job writes them; they are known-good)."""
+    """data.dir, or the bundled photos if already written (a job writes them; they are known-good); None with
+    data.datasets or data.dataset_config."""
+    if cfg.data.datasets or cfg.data.dataset_config:
+        return None
     if cfg.data.dir:
         return Path(cfg.data.dir)
     if cfg.data.name == "photos":

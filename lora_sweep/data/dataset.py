@@ -13,15 +13,18 @@ not used (kohya ignores them silently).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_sweep.data import subsets
 from lora_sweep.data.captions import caption_path, read_caption
 from lora_sweep.data.images import probe_image
-from lora_sweep.data.subsets import Subset
+from lora_sweep.data.subsets import DatasetSpec, Subset
 from lora_sweep.errors import Fallback, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
@@ -54,6 +57,7 @@ class ImageItem:
 class FolderScan:
     root: Path  # the folder scanned (a user's ~ expanded)
     setting: str = "data.dir"  # the config key naming it in messages (data.dir or data.validation_dir)
+    caption_extension: str = ".txt"  # what `files_seen` and the fingerprint count as captions
     items: list[ImageItem] = field(default_factory=list)
     # every non-hidden entry but folders directly in a <repeats>_<name> folder (broken links too): what the fingerprint
     # digests
@@ -71,9 +75,10 @@ def gone(scan: FolderScan, path: Path) -> UserError:
                      "training started. Put it back, or start again to train on the files that are there.")
 
 
-def files_seen(scan: FolderScan, caption_extension: str = ".txt") -> dict[str, list[int]]:
-    """The scan's images and captions: {relative posix path: [size in bytes, mtime in ns]}, for `dataset_changes`."""
-    suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
+def files_seen(scan: FolderScan, caption_extension: str | None = None) -> dict[str, list[int]]:
+    """The scan's images and captions (`caption_extension`, default the scan's): {relative posix path: [size in bytes,
+    mtime in ns]}, for `dataset_changes`."""
+    suffixes = {*IMAGE_EXTENSIONS, (caption_extension or scan.caption_extension).lower()}
     seen = {}
     for path in scan.subset_files:
         if path.suffix.lower() in suffixes:
@@ -83,13 +88,13 @@ def files_seen(scan: FolderScan, caption_extension: str = ".txt") -> dict[str, l
     return seen
 
 
-def seen_key(scan: FolderScan, caption_extension: str = ".txt") -> str:
+def seen_key(scan: FolderScan, caption_extension: str | None = None) -> str:
     """A record's key for `files_seen(scan, caption_extension)`: the resolved folder and the caption extension."""
-    return f"{scan.root.resolve()} {caption_extension}"
+    return f"{scan.root.resolve()} {caption_extension or scan.caption_extension}"
 
 
 def dataset_changes(scan: FolderScan, record: dict[str, dict[str, list[int]]],
-                    caption_extension: str = ".txt") -> list[str]:
+                    caption_extension: str | None = None) -> list[str]:
     """One line naming the files removed, changed and added in `scan` since `record` (`files_seen` of earlier scans
     by `seen_key`); none when they match or the record has no such scan. A sweep's variants must train on the files
     its pre-flight checked."""
@@ -120,11 +125,16 @@ def scan_folder(root: str | Path, caption_extension: str = ".txt", *, setting: s
     return scan
 
 
-def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir") -> FolderScan:
+def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting: str = "data.dir",
+                   template: Subset | None = None, is_reg: bool = False, dataset: int = 0) -> FolderScan:
     """Every readable image in `root`'s `<repeats>_<name>` subfolders with its caption, repeats and size (after EXIF
-    orientation), from headers only. Never raises for what it finds; `setting` names the config key in messages."""
+    orientation), from headers only. Never raises for what it finds; `setting` names the config key in messages.
+    Each subfolder is a `Subset` made from `template` (its image_dir, num_repeats, class_tokens, is_reg and setting
+    replaced; by default the data.* defaults with `caption_extension`); items name it and `dataset`."""
     root = Path(root).expanduser()
-    scan = FolderScan(root, setting)
+    template = template or Subset(image_dir=root, setting=setting, caption_extension=caption_extension)
+    caption_extension = template.caption_extension
+    scan = FolderScan(root, setting, caption_extension)
     if not root.is_dir():
         scan.problems.append(
             f"{setting}: '{root}' is not a folder. Point {setting} at a dataset in kohya's layout: a folder holding "
@@ -154,11 +164,98 @@ def inspect_folder(root: str | Path, caption_extension: str = ".txt", *, setting
             else:
                 if not params[1]:
                     found.empty_class_token.append(entry)
-                _scan_subset(entry, params[0], params[1], caption_extension, setting, scan, found)
+                subset = dataclasses.replace(template, image_dir=entry, num_repeats=params[0],
+                                             class_tokens=params[1], is_reg=is_reg, setting=f"{setting} '{entry.name}'")
+                _scan_subset(entry, subset, dataset, scan, found)
     scan.fallbacks += found.fallbacks(setting, caption_extension, scan)
     if not scan.items:
         scan.problems.append(_nothing_to_train(root, setting, caption_extension, scan, found))
     return scan
+
+
+def inspect_subset(subset: Subset, dataset: int = 0) -> FolderScan:
+    """A dataset-config subset: the images directly in `subset.image_dir` (kohya does not look into subfolders), each
+    captioned by its `caption_extension` file or, without one, `class_tokens`; the same problems and fallbacks as
+    `inspect_folder`, named by `subset.setting`. Never raises for what it finds."""
+    root, setting = Path(subset.image_dir).expanduser(), subset.setting
+    scan = FolderScan(root, setting, subset.caption_extension)
+    if not root.is_dir():
+        scan.problems.append(f"{setting}: image_dir '{root}' is not a folder. Point image_dir at a folder holding "
+                             "the subset's images and same-named caption files.")
+        return scan
+    found = _Found()
+    _scan_subset(root, subset, dataset, scan, found)
+    scan.fallbacks += [f for f in found.fallbacks(setting, subset.caption_extension, scan)
+                       if not f.what.startswith("<repeats>_<name> folders without an image")]
+    if not scan.items:
+        scan.problems.append(f"{setting}: no readable images to train on directly in image_dir '{root}' "
+                             f"({', '.join(IMAGE_EXTENSIONS)}; subfolders are not scanned)"
+                             + (f"; {len(scan.skipped)} could not be read: {_listed(scan.skipped_why)}"
+                                if scan.skipped else "") + ".")
+    return scan
+
+
+def inspect_datasets(specs: Sequence[DatasetSpec], inspect=None) -> list[FolderScan]:
+    """The training scans of `specs` in order (each dataset's `folders`, then its `subsets`), reg images balanced
+    (`balance_datasets`). `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None
+    to leave it out (default: `inspect_one`)."""
+    inspect = inspect or inspect_one
+    scans = [inspect(target, index, spec) for index, spec in enumerate(specs) for target in [*spec.folders,
+                                                                                            *spec.subsets]]
+    return balance_datasets([scan for scan in scans if scan is not None], specs)
+
+
+def inspect_one(target: Subset | tuple[Path, bool], index: int, spec: DatasetSpec) -> FolderScan:
+    """`inspect_subset` of a Subset, or `inspect_folder` of a (folder, is_reg) of dataset `index` (`spec`)."""
+    if isinstance(target, Subset):
+        return inspect_subset(target, index)
+    folder, is_reg = target
+    return inspect_folder(folder, setting=folder_setting(spec, is_reg), template=spec.template, is_reg=is_reg,
+                          dataset=index)
+
+
+def folder_setting(spec: DatasetSpec, is_reg: bool) -> str:
+    """The setting naming a `<repeats>_<name>` tree of `spec` in messages: data.dir or data.reg_data_dir."""
+    return "data.reg_data_dir" if is_reg else spec.template.setting if spec.template else spec.setting
+
+
+NEVER_USED = ("reg images never used: v0.8.7's balancing stops once the reg entries reach the train entries "
+              "(images x repeats), so the images after that point are not registered")
+
+
+def balance_datasets(scans: Sequence[FolderScan], specs: Sequence[DatasetSpec]) -> list[FolderScan]:
+    """Copies of `scans` whose reg items carry v0.8.7's balanced repeats (`subsets.balance_reg` per dataset, reg
+    images in scan order: subset order, then sorted path; 0 = never used), with a Fallback naming the never-used
+    ones. The scans themselves are left as they are (a memo may hold them)."""
+    scans = [dataclasses.replace(s, items=list(s.items), skipped=list(s.skipped), fallbacks=list(s.fallbacks))
+             for s in scans]
+    for index in range(len(specs)):
+        places = [(scan, i) for scan in scans for i, item in enumerate(scan.items) if item.dataset == index]
+        train = sum(scan.items[i].repeats for scan, i in places if not _is_reg(scan.items[i]))
+        reg = [(scan, i) for scan, i in places if _is_reg(scan.items[i])]
+        if not reg:
+            continue
+        balanced = subsets.balance_reg(train, [scan.items[i].repeats for scan, i in reg])
+        unused = []
+        for (scan, i), repeats in zip(reg, balanced, strict=True):
+            scan.items[i] = dataclasses.replace(scan.items[i], repeats=repeats)
+            if repeats == 0:
+                unused.append(scan.items[i])
+        if unused:
+            first = next(scan for scan, i in reg if scan.items[i] is unused[0])
+            first.fallbacks.append(Fallback(
+                first.setting, NEVER_USED, tuple(str(item.path) for item in unused),
+                f"Lower the reg folders' repeats or use fewer reg images; {train} train entries were matched."))
+    return scans
+
+
+def _is_reg(item: ImageItem) -> bool:
+    return item.subset is not None and item.subset.is_reg
+
+
+def raw_reg_entries(items: Sequence[ImageItem]) -> int:
+    """kohya's num_reg_images (ss_num_reg_images): reg images x their subset's num_repeats, before balancing."""
+    return sum(item.subset.num_repeats for item in items if _is_reg(item))
 
 
 @dataclass
@@ -245,8 +342,9 @@ def unreadable_why(path: Path) -> str | None:
     return None
 
 
-def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension: str, setting: str,
-                 scan: FolderScan, found: _Found) -> None:
+def _scan_subset(folder: Path, subset: Subset, dataset: int, scan: FolderScan, found: _Found) -> None:
+    setting, caption_extension = scan.setting, subset.caption_extension
+    class_token = subset.class_tokens or ""  # kohya: neither a caption file nor class tokens -> an empty caption
     files = _listing(folder, found)
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for path in files:
@@ -275,7 +373,7 @@ def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension
         if info.frames > 1:
             found.multi_frame.append(f"{path} ({info.frames} frames)")
         try:
-            caption = read_caption(path, caption_extension)
+            caption = read_caption(path, caption_extension, enable_wildcard=subset.enable_wildcard)
         except UserError as error:  # not UTF-8, or an empty file: refused (the item is kept to count it)
             scan.problems.append(f"{setting}: {error}")
             caption = class_token
@@ -289,7 +387,8 @@ def _scan_subset(folder: Path, repeats: int, class_token: str, caption_extension
             caption = class_token
         elif caption == "":
             found.blank_first_line.append(caption_path(path, caption_extension))
-        scan.items.append(ImageItem(path=path, caption=caption, repeats=repeats, size=info.size))
+        scan.items.append(ImageItem(path=path, caption=caption, repeats=subset.num_repeats, size=info.size,
+                                    subset=subset, dataset=dataset))
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
         found.no_images.append(folder)
 

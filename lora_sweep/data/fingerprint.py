@@ -26,15 +26,16 @@ class Fingerprint:
         return f"dataset {self.digest} ({self.files} files in {', '.join(self.folders)})"
 
 
-def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".txt", *,
-                        memo_dir: Path | None = None) -> Fingerprint:
-    """Fingerprint of the training scan's subset files and any validation scan's (in that order), hidden files aside.
+def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str | None = None, *,
+                        memo_dir: Path | None = None, files: Sequence[Path] = ()) -> Fingerprint:
+    """Fingerprint of the training scans' subset files and any validation scan's (in that order), hidden files aside,
+    then the content of `files` (a data.dataset_config file). Captions by `caption_extension`, default each scan's.
     `memo_dir`: the cache's `.hashes/`. A file removed since the scan is a UserError naming it; one the scan could not
     read counts by its name alone."""
     digest = hashlib.sha256()
     count = 0
-    suffixes = {*IMAGE_EXTENSIONS, caption_extension.lower()}
     for index, scan in enumerate(scans):
+        suffixes = {*IMAGE_EXTENSIONS, (caption_extension or scan.caption_extension).lower()}
         digest.update(f"folder {index}\n".encode())
         for path in scan.subset_files:
             if path.suffix.lower() not in suffixes:
@@ -51,4 +52,6 @@ def dataset_fingerprint(scans: Sequence[FolderScan], caption_extension: str = ".
                 continue
             digest.update(f"{relative}\t{sha}\n".encode())
             count += 1
+    for path in files:
+        digest.update(f"file {Path(path).name}\t{file_sha256(path, memo_dir=memo_dir)}\n".encode())
     return Fingerprint(digest.hexdigest()[:16], count, tuple(str(scan.root.resolve()) for scan in scans))

@@ -1,10 +1,11 @@
-"""A dataset folder -> training examples: bucketed latents and text embeddings, encoded once through the shared
-content-addressed cache.
+"""Dataset scans -> training examples: bucketed latents and text embeddings, encoded once through the shared
+content-addressed cache (docs/data.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from lora_sweep.data import buckets
 from lora_sweep.data import cache as cache_lib
 from lora_sweep.data.buckets import bucket_settings
 from lora_sweep.data.cache_keys import latent_cache_key, posterior_seed, text_cache_key
+from lora_sweep.data.captions import fixed_caption
 from lora_sweep.data.dataset import FolderScan, ImageItem, gone
 from lora_sweep.data.images import load_rgb
+from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import UserError
 from lora_sweep.model.encode import encode_images, encode_prompts
 from lora_sweep.paths import default_cache_dir
@@ -50,6 +53,9 @@ class Prepared:
     histogram: dict[str, int]
     cache_stats: dict[str, int] = field(default_factory=dict)  # cache/hits, cache/misses, per kind
     unreadable: list[str] = field(default_factory=list)  # images whose header passed but pixels failed: skipped
+    specs: list[DatasetSpec] = field(default_factory=list)  # the datasets the examples belong to (item.dataset)
+    # every readable training image in scan order (subset order, then path), reg images never used (repeats 0) too
+    items: list[ImageItem] = field(default_factory=list)
 
 
 def _assign(item: ImageItem, settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -67,21 +73,65 @@ def _time_ids(item: ImageItem, bucket, flipped: bool) -> torch.Tensor:
 
 
 def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: bool) -> Prepared:
-    """Every image's latents, and captions' embeddings unless `encode_text` is False (text-encoder LoRA or shuffled
-    captions: encoded at every step, as kohya), from the cache or encoded. The VAE encodes in fp32 (kohya's
-    --no_half_vae) so precision variants share entries. An image whose pixels fail to decode, or that the OS refuses
-    to read since the scan, moves from `scan.items` to `scan.skipped`, with a warning. Raises UserError when no image
-    is left or one is gone."""
+    """Every image's latents, and captions' embeddings (as written) unless `encode_text` is False (text-encoder LoRA
+    or captions processed per step: encoded at every step, as kohya), from the cache or encoded, under data_cfg's
+    buckets and flip_aug. The VAE encodes in fp32 (kohya's --no_half_vae) so precision variants share entries. An
+    image whose pixels fail to decode, or that the OS refuses to read since the scan, moves from `scan.items` to
+    `scan.skipped`, with a warning. Raises UserError when no image is left or one is gone."""
     store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
-    settings = bucket_settings(data_cfg)
-    vae_id = store.model_identity(parts.source, "vae")
-    text_id = store.model_identity(parts.source, "text") if encode_text else ""
+    examples, unreadable = _prepare_scan(parts, store, scan, data_cfg, bucket_settings(data_cfg), device=device,
+                                         text=lambda item: item.caption if encode_text else None,
+                                         flip=lambda item: bool(data_cfg.flip_aug))
+    return _prepared(scan.setting, [scan], examples, store, unreadable)
+
+
+def prepare_datasets(parts, scans: Sequence[FolderScan], specs: Sequence[DatasetSpec], data_cfg, *, device,
+                     cache_text: bool) -> Prepared:
+    """`prepare_examples` of every training scan: each image under its dataset's buckets (`bucket_settings(spec)`)
+    and its subset's flip_aug; with `cache_text`, a caption that processing leaves fixed
+    (`captions.fixed_caption`: prefix, suffix and secondary separator applied) is encoded once through the cache,
+    any other is encoded at every step (context None). Reg images balanced to 0 repeats are not encoded."""
+    store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
+    settings = [bucket_settings(spec) for spec in specs]
     examples: list[Example] = []
     unreadable: list[str] = []
-    items = list(scan.items)
+    for scan in scans:
+        found, failed = _prepare_scan(
+            parts, store, scan, data_cfg, None, device=device, settings_of=lambda item: settings[item.dataset],
+            text=lambda item: fixed_caption(item.caption, item.subset) if cache_text else None,
+            flip=lambda item: item.subset.flip_aug)
+        examples += found
+        unreadable += failed
+    prepared = _prepared(scans[0].setting if scans else "data.dir", scans, examples, store, unreadable, specs)
+    prepared.items = [item for scan in scans for item in scan.items]
+    return prepared
+
+
+def _prepared(setting: str, scans, examples: list[Example], store, unreadable: list[str], specs=()) -> Prepared:
+    if not examples:
+        skipped = [path for scan in scans for path in scan.skipped]
+        raise UserError(f"{setting}: no readable images to train on: all {len(skipped)} image(s) failed to "
+                        f"decode (e.g. '{skipped[0] if skipped else ''}'). Re-save them as PNG or JPEG.")
+    histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
+    return Prepared(examples, histogram, cache_stats=store.stats(), unreadable=unreadable, specs=list(specs))
+
+
+def _prepare_scan(parts, store, scan: FolderScan, data_cfg, settings: dict | None, *, device,
+                  text: Callable[[ImageItem], str | None], flip: Callable[[ImageItem], bool],
+                  settings_of: Callable[[ImageItem], dict] | None = None) -> tuple[list[Example], list[str]]:
+    """The examples of `scan`'s items that train (repeats > 0), and the images that failed (moved to skipped)."""
+    vae_id = store.model_identity(parts.source, "vae")
+    text_id = ""
+    examples: list[Example] = []
+    unreadable: list[str] = []
+    items = [item for item in scan.items if item.repeats > 0]
     for item in progress(items, f"encoding images into {store.root}", unit="image"):
+        caption = text(item)
+        if caption is not None and not text_id:
+            text_id = store.model_identity(parts.source, "text")
         try:
-            examples.append(_example(parts, store, item, settings, data_cfg, device, vae_id, text_id, encode_text))
+            examples.append(_example(parts, store, item, settings_of(item) if settings_of else settings, data_cfg,
+                                     device, vae_id, text_id, caption, flip(item)))
         except UnreadableImage as error:  # the header was fine, the pixels are not: skipped, counted, not cached
             log.warning("skipping unreadable image '%s': %s", item.path, error)
             scan.items.remove(item)
@@ -98,20 +148,16 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
             scan.items.remove(item)
             scan.skipped.append(item.path)
             unreadable.append(str(item.path))
-    if not examples:
-        raise UserError(f"{scan.setting}: no readable images to train on: all {len(scan.skipped)} image(s) failed to "
-                        f"decode (e.g. '{scan.skipped[0] if scan.skipped else ''}'). Re-save them as PNG or JPEG.")
-    histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
-    return Prepared(examples, histogram, cache_stats=store.stats(), unreadable=unreadable)
+    return examples, unreadable
 
 
 def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, vae_id: str, text_id: str,
-             encode_text: bool) -> Example:
-    """One image's example: latents (and text embeddings) from the cache, encoded on a miss."""
+             caption: str | None, flip_aug: bool) -> Example:
+    """One image's example: latents (and, for a `caption`, its text embeddings) from the cache, encoded on a miss."""
     bucket, resized = _assign(item, settings)
     image_sha = store.file_sha256(item.path)
     latents = {}
-    for flipped in ([False, True] if data_cfg.flip_aug else [False]):
+    for flipped in ([False, True] if flip_aug else [False]):
         key = latent_cache_key(
             vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
             crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
@@ -120,15 +166,15 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
             return _encode_latents(parts, item, bucket, resized, flipped, key, data_cfg.latent_sample, device)
         latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
     context = pooled = None
-    if encode_text:
-        key = text_cache_key(text_encoders=text_id, caption=item.caption)
-        text = store.get_or_compute("text", key, lambda c=item.caption: _encode_caption(parts, c),
-                                    {"source": str(item.path), "caption": item.caption})
+    if caption is not None:
+        key = text_cache_key(text_encoders=text_id, caption=caption)
+        text = store.get_or_compute("text", key, lambda c=caption: _encode_caption(parts, c),
+                                    {"source": str(item.path), "caption": caption})
         context, pooled = text["context"], text["pooled"]
     return Example(
         item=item, bucket=bucket, latents=latents[False], latents_flipped=latents.get(True),
         time_ids=_time_ids(item, bucket, False),
-        time_ids_flipped=_time_ids(item, bucket, True) if data_cfg.flip_aug else None,
+        time_ids_flipped=_time_ids(item, bucket, True) if flip_aug else None,
         context=context, pooled=pooled,
     )
 

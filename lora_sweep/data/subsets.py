@@ -181,6 +181,7 @@ def dataset_problems(cfg, train_folder: Path | None) -> list[str]:
 
 
 def _read(cfg, train_folder: Path | None) -> tuple[list[DatasetSpec], list[str]]:
+    """(the specs, every problem): a file, else data.datasets, else folder mode."""
     from omegaconf import OmegaConf
 
     d = cfg.data
@@ -191,10 +192,12 @@ def _read(cfg, train_folder: Path | None) -> tuple[list[DatasetSpec], list[str]]
                  if d.get(key)]
     if d.dataset_config:
         source, general, tables = _load_file(str(d.dataset_config), problems)
-        return _datasets(cfg, source, general, tables, problems), problems
-    if datasets:
-        return _datasets(cfg, _Source("data.datasets"), {}, datasets, problems), problems
-    return ([] if train_folder is None else [_folder_spec(cfg, Path(train_folder))]), problems
+        specs = _datasets(cfg, source, general, tables, problems)
+    elif datasets:
+        specs = _datasets(cfg, _Source("data.datasets"), {}, datasets, problems)
+    else:
+        specs = [] if train_folder is None else [_folder_spec(cfg, Path(train_folder), problems)]
+    return specs, list(dict.fromkeys(problems))  # data.resolution's problem once, however many datasets read it
 
 
 def _mode_conflicts(d, has_datasets: bool) -> list[str]:
@@ -216,7 +219,7 @@ def _mode_conflicts(d, has_datasets: bool) -> list[str]:
     return problems
 
 
-def _folder_spec(cfg, train_folder: Path) -> DatasetSpec:
+def _folder_spec(cfg, train_folder: Path, problems: list[str]) -> DatasetSpec:
     """Folder mode (kohya's --train_data_dir / --reg_data_dir, `CU L578-615`): one dataset, every option from data.*."""
     from lora_sweep.paths import absolute
 
@@ -224,18 +227,19 @@ def _folder_spec(cfg, train_folder: Path) -> DatasetSpec:
     template = Subset(image_dir=train_folder, setting="data.dir", caption_separator=d.caption_separator,
                       **{key: d[key] for key in _CAPTION_FIELDS if d[key] is not None})
     reg = ((Path(absolute(d.reg_data_dir)), True),) if d.reg_data_dir else ()
-    return DatasetSpec(setting="data.dir", resolution=_data_resolution(d), batch_size=cfg.train.batch_size,
+    return DatasetSpec(setting="data.dir", resolution=_data_resolution(d, problems), batch_size=cfg.train.batch_size,
                        **{key: d[key] for key in _BUCKET_FIELDS}, folders=((train_folder, False), *reg),
                        template=template)
 
 
-def _data_resolution(d) -> tuple[int, int]:
-    """data.resolution as (W, H); (0, 0) when it is no resolution (validate names data.resolution)."""
+def _data_resolution(d, problems: list[str]) -> tuple[int, int]:
+    """data.resolution as (W, H); (0, 0) and its problem when it is no resolution."""
     from lora_sweep.data.buckets import parse_resolution
 
     try:
         return parse_resolution(d.resolution)
-    except ConfigError:
+    except ConfigError as exc:
+        problems.append(str(exc))
         return (0, 0)
 
 
@@ -420,7 +424,7 @@ def _dataset(cfg, source: _Source, i: int, dataset: dict, upper: list[dict], pro
             seen.add(written)
             subsets.append(subset)
     fallbacks = [_no_effect(source, (i,))] * bool(dataset.get("cache_info")) + fallbacks
-    resolution = pick("resolution", None) or _data_resolution(d)
+    resolution = pick("resolution", None) or _data_resolution(d, problems)
     buckets = {key: pick(key, d[key]) for key in _BUCKET_FIELDS}
     given = any(level.get(key) is not None for level in levels for key in ("resolution", *_BUCKET_FIELDS))
     if given and buckets["enable_bucket"]:  # data.*'s own are validate's

@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def dataset_of(cfg, scans: Sequence[FolderScan]) -> Fingerprint:
-    """The content fingerprint of the job's scans (dataset, then validation folder), reusing the cache's digests."""
-    return dataset_fingerprint(scans, cfg.data.caption_extension, memo_dir=cache_root(cfg) / ".hashes")
+    """The content fingerprint of the job's scans (training scans, then the validation folder's, each with its own
+    caption extension) and of data.dataset_config's file, reusing the cache's digests."""
+    config_file = cfg.data.dataset_config
+    return dataset_fingerprint(scans, memo_dir=cache_root(cfg) / ".hashes",
+                               files=[Path(config_file).expanduser()] if config_file else [])
 
 
 def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:

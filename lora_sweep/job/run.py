@@ -216,7 +216,8 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
                              ready.fingerprint.digest)
         with StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
-                           scan=ready.inputs.scan, validation_scan=ready.inputs.validation_scan,
+                           scans=ready.inputs.train_scans, specs=ready.inputs.specs,
+                           validation_scan=ready.inputs.validation_scan,
                            prompts=ready.inputs.prompts)
         stopped_by = signal.Signals(stop.signum).name if stop.signum else "request"
         outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,

@@ -46,7 +46,7 @@ class Position:
 
     step: int = 0  # optimizer updates done
     epoch: int = 0  # epoch the next batch belongs to (0-based)
-    batch_index: int = 0  # index of the next batch in `bucket_batches(..., seed, epoch)`
+    batch_index: int = 0  # index of the next batch in `Session.epoch_batches(epoch)`
     images_seen: int = 0
     skipped_steps: int = 0
     last_loss: float = float("nan")

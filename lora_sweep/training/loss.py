@@ -149,6 +149,14 @@ class LossOptions:
     v_prediction: bool = False
 
 
+def prior_loss_weights(is_reg: list[bool], prior_loss_weight: float) -> torch.Tensor | None:
+    """kohya's batch["loss_weights"]: prior_loss_weight for a reg image, 1.0 for a train image (docs/datasets.md,
+    reference §2.3); None for a batch without reg images, so that nothing is multiplied."""
+    if not any(is_reg):
+        return None
+    return torch.tensor([float(prior_loss_weight) if reg else 1.0 for reg in is_reg], dtype=torch.float32)
+
+
 def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
                options: LossOptions = LossOptions(), *, sample_weights: torch.Tensor | None = None) -> LossTerms:
     """kohya v0.8.7's loss, in the order of the module docstring; min-SNR and debiased multiply when both are on.

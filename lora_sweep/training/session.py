@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -22,10 +23,12 @@ from typing import Any
 import torch
 
 from lora_sweep.atomic import write_text
-from lora_sweep.data.buckets import bucket_histogram
-from lora_sweep.data.dataset import FolderScan, scan_folder
+from lora_sweep.data.buckets import bucket_batches, bucket_histogram
+from lora_sweep.data.captions import fixed_caption, process_caption
+from lora_sweep.data.dataset import FolderScan, inspect_datasets, raw_reg_entries, scan_folder
 from lora_sweep.data.photos import data_folder
-from lora_sweep.data.prepare import Example, Prepared, prepare_examples
+from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples
+from lora_sweep.data.subsets import DatasetSpec, Subset, dataset_specs
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
@@ -57,7 +60,7 @@ class Session:
     sink: Any  # a train.Sink
     parts: model_lib.SDXLParts
     policy: precision.PrecisionPolicy
-    prepared: Prepared
+    prepared: Prepared  # its specs: the datasets (batch size, network_multiplier) by item.dataset
     batch_items: list[int]  # example index per dataset entry (repeats expanded)
     batch_buckets: list[tuple[int, int]]  # bucket per dataset entry
     params: list[torch.nn.Parameter]
@@ -69,6 +72,7 @@ class Session:
     noise_options: NoiseOptions
     loss_options: LossOptions
     lora: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trained tensors by name (for states)
+    multiplier: float = 1.0  # the network_multiplier the LoRA layers are scaled by now (`set_multiplier`)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
 
@@ -77,10 +81,25 @@ class Session:
         return self.parts.unet
 
     @property
+    def batch_datasets(self) -> list[int]:
+        """The dataset of each dataset entry."""
+        return [self.prepared.examples[i].item.dataset for i in self.batch_items]
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Each dataset's batch size (train.batch_size without specs)."""
+        return [spec.batch_size for spec in self.prepared.specs] or [self.cfg.train.batch_size]
+
+    @property
     def epochs(self) -> int:
         """kohya's num_train_epochs: the epochs train.max_steps updates reach (the last may be partial)."""
         t = self.cfg.train
-        return num_epochs(t.max_steps, batches_per_epoch(self.batch_buckets, t.batch_size), t.grad_accum)
+        batches = batches_per_epoch(self.batch_buckets, self.batch_sizes, self.batch_datasets)
+        return num_epochs(t.max_steps, batches, t.grad_accum)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Epoch `epoch`'s micro-batches of entry indices (`epoch_batches`)."""
+        return epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed, epoch)
 
     @property
     def v_prediction(self) -> bool:
@@ -97,24 +116,27 @@ class Session:
             return self.unet(noisy_latents.to(self.policy.latent_dtype), timesteps, context, added_cond_kwargs={
                 "text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}).sample
 
-    def text_for(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached embeddings when the text encoders are frozen; otherwise encode now (with grads if trained)."""
-        if examples[0].context is not None:
+    def text_for(self, examples, *, seen: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached embeddings when every caption is fixed and the text encoders frozen; otherwise each caption
+        processed now in batch order (`captions.process_caption` with Python's global `random`, as kohya; `seen`:
+        the (epoch, step) v0.8.7's dataset sees, `captions.seen_position`) and encoded (with grads if trained)."""
+        if all(e.context is not None for e in examples):
             context = torch.stack([e.context for e in examples]).to(self.device)
             pooled = torch.stack([e.pooled for e in examples]).to(self.device)
             return context, pooled
-        captions = [e.item.caption for e in examples]
-        if self.cfg.data.shuffle_caption:
-            import random
-
-            from lora_sweep.data.captions import shuffle_caption
-
-            captions = [
-                shuffle_caption(c, keep_tokens=self.cfg.data.keep_tokens, separator=self.cfg.data.caption_separator,
-                                rng=random)  # kohya shuffles with Python's global random
-                for c in captions
-            ]
+        epoch, step = seen
+        captions = [process_caption(e.item.caption, e.item.subset, epoch=epoch, step=step,
+                                    max_train_steps=self.cfg.train.max_steps, rng=random) for e in examples]
         return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
+
+    def set_multiplier(self, dataset: int) -> None:
+        """Scale every LoRA layer by `dataset`'s network_multiplier (kohya's network.set_multiplier before the
+        text-encoder forward); only when some dataset's multiplier is not 1.0."""
+        wanted = self.prepared.specs[dataset].network_multiplier if self.prepared.specs else 1.0
+        if wanted != self.multiplier and any(spec.network_multiplier != 1.0 for spec in self.prepared.specs):
+            modules = [self.parts.unet, self.parts.text_encoder, self.parts.text_encoder_2]
+            set_lora_multiplier(modules, wanted)
+            self.multiplier = wanted
 
     def after_step(self, step: int, final: bool = False) -> bool:
         """Run the evaluation hooks due at `step`; False if a stop request cut them short.
@@ -200,7 +222,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_lib.SDXLParts:
+def load_parts(cfg, policy: precision.PrecisionPolicy | None = None,
+               specs: list[DatasetSpec] | None = None) -> model_lib.SDXLParts:
     """The model of `cfg`, loaded in the dtypes `placement.load_dtypes` gives under `policy` (fp32 without).
 
     The tiny model is built once into the cache (seed 0, shared by every variant) and loaded like real SDXL.
@@ -211,30 +234,34 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None) -> model_li
     dtypes = None
     if policy is not None:
         on_disk = model_lib.checkpoint_dtypes(model_lib.check_model_path(path))
-        dtypes = placement.load_dtypes(policy, on_disk, text_encoders_in_step=encodes_text_in_step(cfg))
+        dtypes = placement.load_dtypes(policy, on_disk, text_encoders_in_step=encodes_text_in_step(cfg, specs))
     parts = model_lib.load_sdxl(path, cache_root=cache_root(cfg), dtypes=dtypes)
     log.info("model loaded in %.1f s from %s", time.perf_counter() - started, parts.source)
     return parts
 
 
-def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None,
-                  validation_scan: FolderScan | None = None, prompts: list | None = None) -> Session:
+def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None = None,
+                  specs: list[DatasetSpec] | None = None, validation_scan: FolderScan | None = None,
+                  prompts: list | None = None) -> Session:
     """Set up one training in kohya's order (the module docstring); the frozen encoders fill the cache before LoRA.
 
-    `scan` / `validation_scan` / `prompts`: the caller's scans and sample PromptSpecs (None: read here). Raises
-    UserError (no image left, no disk space, a bad prompt) and ConfigError (the optimizer refuses its arguments).
+    `specs` / `scans` / `validation_scan` / `prompts`: the caller's datasets, training scans (reg images balanced),
+    validation scan and sample PromptSpecs (None: read here). Raises UserError (no image left, no disk space, a bad
+    prompt) and ConfigError (a refused dataset, the optimizer refuses its arguments).
     """
     device = pick_device(cfg.train.device)
     policy = precision.precision_policy(cfg.precision.name, device.type)
     output_dir.mkdir(parents=True, exist_ok=True)
-    parts = load_parts(cfg, policy)  # in storage dtypes (placement.py)
-    data = prepare_data(cfg, parts, device, sink, scan, validation_scan)
+    specs = specs if specs is not None else training_specs(cfg)
+    parts = load_parts(cfg, policy, specs)  # in storage dtypes (placement.py)
+    data = prepare_data(cfg, parts, device, sink, scans, validation_scan, specs)
     log_data(cfg, data, sink, output_dir)
-    lora = attach_lora(cfg, parts, policy, device)
+    lora = attach_lora(cfg, parts, policy, device, specs)
     groups = lora_param_groups(cfg, parts)
     params = [p for g in groups for p in g["params"]]
     t = cfg.train
-    epochs = num_epochs(t.max_steps, batches_per_epoch(data.buckets, t.batch_size), t.grad_accum)
+    batch_sizes = [spec.batch_size for spec in specs] or [t.batch_size]
+    epochs = num_epochs(t.max_steps, batches_per_epoch(data.buckets, batch_sizes, data.datasets), t.grad_accum)
     check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params), epochs=epochs)
     optimizer, lr_scheduler = make_optimizer(cfg, groups)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(parts.unet)}, 0)
@@ -251,57 +278,116 @@ def build_session(cfg, *, output_dir: Path, sink, scan: FolderScan | None = None
 
 @dataclass
 class Data:
-    """A training's examples: `prepared` (its histogram counts training entries), the folder `scan`, `train_indices`
-    (not held out), `items` (example index per dataset entry, repeats expanded), `validation` examples.
+    """A training's examples: `prepared` (its histogram counts training entries), the training `scans`,
+    `train_indices` (not held out; reg images included), `items` (example index per dataset entry, repeats
+    expanded), `validation` examples, `fit_candidates` (train_indices without reg images).
     """
 
     prepared: Prepared
-    scan: FolderScan
+    scans: list[FolderScan]
     train_indices: list[int]
     items: list[int]
     validation: list[Example]
+    fit_candidates: list[int] = field(default_factory=list)
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
         """The bucket of each dataset entry."""
         return [self.prepared.examples[i].bucket for i in self.items]
 
+    @property
+    def datasets(self) -> list[int]:
+        """The dataset of each dataset entry."""
+        return [self.prepared.examples[i].item.dataset for i in self.items]
 
-def encodes_text_in_step(cfg) -> bool:
-    """Captions are encoded at every step (text-encoder LoRA, or shuffled captions), not cached, as kohya does."""
-    return bool(cfg.network.train_text_encoder or cfg.data.shuffle_caption)
+
+def training_specs(cfg) -> list[DatasetSpec]:
+    """`subsets.dataset_specs` of `cfg` with its training folder (data.dir, or the bundled photos written first);
+    raises ConfigError for a refused dataset."""
+    d = cfg.data
+    return dataset_specs(cfg, None if d.datasets or d.dataset_config else data_folder(cfg))
 
 
-def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, scan: FolderScan | None,
-                 validation_scan: FolderScan | None) -> Data:
-    """data.dir's examples encoded with the frozen encoders on `device` via the cache, the held-out split, and
+# the caption options that make v0.8.7 process a caption differently at each step (kohya:
+# is_text_encoder_output_cacheable), and enable_wildcard, whose `{a|b}` draws
+_PER_STEP = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+             "token_warmup_step", "enable_wildcard")
+
+
+def text_in_step_reason(cfg, specs: list[DatasetSpec] | None = None) -> str | None:
+    """The setting that makes captions encode at every step (text-encoder LoRA, or a subset whose captions may change
+    per step: `_PER_STEP`), or None when every caption's embedding can be cached. `specs`: None reads them."""
+    if cfg.network.train_text_encoder:
+        return "network.train_text_encoder=true"
+    d = cfg.data
+    if specs is None:
+        try:  # the folder only names the subsets; their caption options come from data.*
+            specs = dataset_specs(cfg, None if d.datasets or d.dataset_config else Path(d.dir or "."))
+        except UserError:  # the config checks name it
+            return None
+    for spec in specs:
+        for subset in [*([spec.template] if spec.template else []), *spec.subsets]:
+            for key in _PER_STEP:
+                value = getattr(subset, key)
+                if value:
+                    where = f"data.{key}" if subset is spec.template else f"{subset.setting} {key}"
+                    return f"{where}={'true' if value is True else value}"
+    return None
+
+
+def encodes_text_in_step(cfg, specs: list[DatasetSpec] | None = None) -> bool:
+    """Some captions are encoded at every step (`text_in_step_reason`), as kohya does: the text encoders sit on the
+    device in the training precision."""
+    return text_in_step_reason(cfg, specs) is not None
+
+
+def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, scans: list[FolderScan] | None,
+                 validation_scan: FolderScan | None, specs: list[DatasetSpec]) -> Data:
+    """The training scans' examples encoded with the frozen encoders on `device` via the cache (fixed captions'
+    embeddings too, unless the text encoders train), the held-out split (never a reg image), and
     data.validation_dir's examples.
 
     The split uses validation.seed, not train.seed, so replicates are measured on the same images.
     """
-    cache_text = not encodes_text_in_step(cfg)
-    if not cache_text:
-        why = "network.train_text_encoder=true" if cfg.network.train_text_encoder else "data.shuffle_caption=true"
-        log.info("text-encoder outputs are not cached in this run (%s): captions are encoded at every step, "
-                 "as kohya does", why)
-    scan = scan if scan is not None else scan_folder(data_folder(cfg), cfg.data.caption_extension)
+    in_step = text_in_step_reason(cfg, specs)
+    cache_text = not cfg.network.train_text_encoder
+    if in_step:
+        log.info("text-encoder outputs are not cached for %s (%s): those captions are encoded at every step, as "
+                 "kohya does", "any caption" if not cache_text else "captions that change per step", in_step)
+    if scans is None:
+        scans = inspect_datasets(specs)
+        problems = [p for scan in scans for p in scan.problems]
+        if problems:
+            raise UserError("\n".join(problems))
+    # the text encoders fill the cache only where a caption is fixed (as before for shuffled captions: not at all)
+    cache_text = cache_text and any(fixed_caption(item.caption, item.subset) is not None
+                                    for scan in scans for item in scan.items)
     started = time.perf_counter()
     with frozen_encoders_on(parts, device, text=cache_text):
-        prepared = prepare_examples(parts, scan, cfg.data, device=device, encode_text=cache_text)
+        prepared = prepare_datasets(parts, scans, specs, cfg.data, device=device, cache_text=cache_text)
         _warn_unreadable(sink, "data.dir", prepared.unreadable)
         log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
                  ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
-    train_indices, held_out = split_validation(len(prepared.examples), cfg.data.validation_split, cfg.validation.seed)
-    validation = [prepared.examples[i] for i in held_out]
+    examples = prepared.examples
+    candidates = [i for i, e in enumerate(examples) if not is_reg(e.item.subset)]  # reg images are never held out
+    kept, held_out = split_validation(len(candidates), cfg.data.validation_split, cfg.validation.seed)
+    fit_candidates = [candidates[i] for i in kept]
+    train_indices = sorted(fit_candidates + [i for i, e in enumerate(examples) if is_reg(e.item.subset)])
+    validation = [examples[candidates[i]] for i in held_out]
     if cfg.data.validation_dir:
         if validation_scan is None:
             validation_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
-        val_prepared = prepare_examples(parts, validation_scan, cfg.data, device=device, encode_text=cache_text)
+        val_prepared = prepare_examples(parts, validation_scan, cfg.data, device=device, encode_text=not in_step)
         _warn_unreadable(sink, "data.validation_dir", val_prepared.unreadable)
         validation += val_prepared.examples
-    items = [i for i in train_indices for _ in range(prepared.examples[i].item.repeats)]
-    prepared.histogram = bucket_histogram([prepared.examples[i].bucket for i in items])  # training entries only
-    return Data(prepared, scan, train_indices, items, validation)
+    items = [i for i in train_indices for _ in range(examples[i].item.repeats)]
+    prepared.histogram = bucket_histogram([examples[i].bucket for i in items])  # training entries only
+    return Data(prepared, list(scans), train_indices, items, validation, fit_candidates)
+
+
+def is_reg(subset: Subset | None) -> bool:
+    """Whether an item of `subset` is a regularization image."""
+    return subset is not None and subset.is_reg
 
 
 @contextlib.contextmanager
@@ -330,19 +416,55 @@ def _warn_unreadable(sink, setting: str, paths: list[str]) -> None:
 
 
 def log_data(cfg, data: Data, sink, output_dir: Path) -> None:
-    """What the data step found, on the run: counts as params, cache hits and misses, the bucket histogram."""
+    """What the data step found, on the run: counts as params (data.train_images and data.reg_images as kohya's
+    ss_num_train_images / ss_num_reg_images: images x repeats, reg before balancing; data.reg_entries after it),
+    cache hits and misses, the bucket histogram and the resolved datasets (`data/datasets.json`)."""
+    items = [item for scan in data.scans for item in scan.items]
     sink.params({
-        "data.images": len(data.scan.items), "data.skipped_images": len(data.scan.skipped),
+        "data.images": len(items), "data.skipped_images": sum(len(scan.skipped) for scan in data.scans),
         "data.entries_with_repeats": len(data.items), "data.validation_images": len(data.validation),
+        "data.train_images": sum(item.repeats for item in items if not is_reg(item.subset)),
+        "data.reg_images": raw_reg_entries(items),
+        "data.reg_entries": sum(item.repeats for item in items if is_reg(item.subset)),
         "train.total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
     })
     sink.metrics(data.prepared.cache_stats, 0)
     histogram = json.dumps(data.prepared.histogram, indent=1)
     sink.artifact(write_text(output_dir / "buckets.json", histogram), "data")
+    datasets = json.dumps(datasets_record(data.prepared.specs, items), indent=1)
+    sink.artifact(write_text(output_dir / "datasets.json", datasets), "data")
+
+
+def datasets_record(specs: list[DatasetSpec], items) -> list[dict]:
+    """The resolved datasets as JSON values: each dataset's fields and its subsets' (a folder-mode dataset: one per
+    `<repeats>_<name>` folder), with image counts and entries (images x repeats, reg balanced)."""
+    record = []
+    for index, spec in enumerate(specs):
+        mine = [item for item in items if item.dataset == index]
+        subsets = list(dict.fromkeys(item.subset for item in mine))
+        fields = {k: v for k, v in _json_fields(spec).items() if k not in ("subsets", "folders", "template")}
+        record.append({**fields, "subsets": [
+            {**_json_fields(subset), "images": sum(item.subset == subset for item in mine),
+             "entries": sum(item.repeats for item in mine if item.subset == subset)} for subset in subsets]})
+    return record
+
+
+def _json_fields(value) -> dict:
+    import dataclasses
+
+    return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+
+
+def _json_value(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    return value
 
 
 def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPolicy,
-                device: torch.device) -> dict[str, torch.nn.Parameter]:
+                device: torch.device, specs: list[DatasetSpec] | None = None) -> dict[str, torch.nn.Parameter]:
     """Add LoRA (fp32, as kohya), store base weights in the training precision on the CPU, then move to the device.
 
     The text encoders the step runs move too, stored like the U-Net (kohya's te_weight_dtype). Returns the trained
@@ -360,7 +482,7 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
             encoder.train()
     precision.apply_base_precision(unet, policy)
     unet.to(device)
-    in_step = encodes_text_in_step(cfg)
+    in_step = encodes_text_in_step(cfg, specs)
     for encoder in encoders if in_step else ():
         precision.apply_base_precision(encoder, policy)
         encoder.to(device)
@@ -397,7 +519,7 @@ def evaluation_hooks(cfg, data: Data, prompts: list | None = None) -> list:
     examples, chosen with validation.seed), samples of `prompts` if any.
     """
     v = cfg.validation
-    fit = [data.prepared.examples[i] for i in fit_subset(data.train_indices, v.fit_images, v.seed)]
+    fit = [data.prepared.examples[i] for i in fit_subset(data.fit_candidates, v.fit_images, v.seed)]
     hooks = [Validator(data.validation, list(v.timesteps), v.seed),
              Validator(fit, list(v.timesteps), v.seed, prefix="fit")]
     if prompts is None:
@@ -429,9 +551,43 @@ def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Param
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad}
 
 
-def batches_per_epoch(buckets: list[tuple[int, int]], batch_size: int) -> int:
-    """kohya's len(dataloader): every bucket is cut into ceil(n / batch_size) batches."""
-    return sum(math.ceil(n / batch_size) for n in Counter(map(tuple, buckets)).values())
+def batches_per_epoch(buckets: list[tuple[int, int]], batch_size: int | list[int],
+                      datasets: list[int] | None = None) -> int:
+    """kohya's len(dataloader): every bucket of every dataset is cut into ceil(n / its batch_size) batches.
+    `batch_size`: one, or one per dataset; `datasets`: each entry's dataset (None: all in dataset 0)."""
+    sizes = [batch_size] if isinstance(batch_size, int) else batch_size
+    datasets = datasets if datasets is not None else [0] * len(buckets)
+    counts = Counter((d, *b) for d, b in zip(datasets, buckets, strict=True))
+    return sum(math.ceil(n / sizes[key[0]]) for key, n in counts.items())
+
+
+def epoch_batches(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int,
+                  epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches of entry indices. One dataset: `buckets.bucket_batches`. Several (kohya: a batch
+    never mixes datasets; ConcatDataset + the sampler): each dataset's own bucket batches with its batch size,
+    concatenated in dataset order and shuffled by random.Random(seed + epoch). kohya's exact interleaving is not
+    reproduced (docs/datasets.md)."""
+    if len(set(datasets)) <= 1:
+        return bucket_batches(buckets, batch_sizes[datasets[0] if datasets else 0], seed, epoch)
+    batches = []
+    for dataset in sorted(set(datasets)):
+        mine = [i for i, d in enumerate(datasets) if d == dataset]
+        own = bucket_batches([buckets[i] for i in mine], batch_sizes[dataset], seed, epoch)
+        batches += [[mine[j] for j in batch] for batch in own]
+    random.Random(seed + epoch).shuffle(batches)
+    return batches
+
+
+def set_lora_multiplier(modules, multiplier: float) -> None:
+    """Every PEFT LoRA layer's scaling set to its alpha / rank times `multiplier` (kohya's LoRAModule.multiplier)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, LoraLayer):
+                base = layer.__dict__.setdefault("_lora_sweep_scaling", dict(layer.scaling))
+                for adapter, scale in base.items():
+                    layer.scaling[adapter] = scale * multiplier
 
 
 def num_epochs(max_steps: int, batches: int, grad_accum: int) -> int:

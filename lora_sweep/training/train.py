@@ -24,14 +24,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from lora_sweep.data.buckets import bucket_batches, format_histogram
+from lora_sweep.data.buckets import format_histogram
+from lora_sweep.data.captions import seen_position
 from lora_sweep.data.dataset import FolderScan
+from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import Fallback
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training import optim, precision
 from lora_sweep.training.checkpoint import Checkpoints, Position
-from lora_sweep.training.session import Session, build_session
+from lora_sweep.training.session import Session, build_session, is_reg
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -88,13 +90,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step: int) -> loss_lib.LossTerms:
-    """Forward one micro-batch (example indices `batch`) and return kohya's weighted loss terms.
+def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step: int, *,
+                     seen: tuple[int, int] = (0, 0)) -> loss_lib.LossTerms:
+    """Forward one micro-batch (example indices `batch`, all of one dataset) and return kohya's weighted loss terms.
 
-    `step` (the 1-based optimizer step) is unused here; wrappers of this function read it.
+    `step` (the 1-based optimizer step) is unused here; wrappers of this function read it. `seen`: the (epoch, step)
+    v0.8.7's dataset sees for this batch (`captions.seen_position`), for caption processing. Per image in batch
+    order: the flip draw (`flip_rng`), then its caption's draws (Python's global `random`).
     """
     device = s.device
     examples = [s.prepared.examples[i] for i in batch]
+    s.set_multiplier(examples[0].item.dataset)  # before the text encoders run, as kohya
     flips = [bool(e.latents_flipped is not None and flip_rng.random() < 0.5) for e in examples]
     pairs = list(zip(examples, flips, strict=True))
     latents = torch.stack([e.latents_flipped if f else e.latents for e, f in pairs]).to(device)
@@ -103,27 +109,31 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
     latents = noise_lib.scale_cached_latents(latents, s.vae_scale, s.policy.latent_dtype)
 
     with precision.autocast(s.policy, device.type):
-        context, pooled = s.text_for(examples)
+        context, pooled = s.text_for(examples, seen=seen)
     # kohya draws the noise and builds x_t outside autocast (CUDA autocast would compute x_t in fp32).
     n = noise_lib.kohya_noisy_latents(latents, s.alphas_cumprod, s.noise_options)
     pred = s.unet_forward(n.noisy_latents, n.timesteps, context, pooled, time_ids)
     target = noise_lib.prediction_target(latents, n.noise, n.timesteps, s.alphas_cumprod, s.v_prediction)
-    return loss_lib.kohya_loss(pred.float(), target.float(), n.timesteps, s.alphas_cumprod, s.loss_options)
+    weights = loss_lib.prior_loss_weights([is_reg(e.item.subset) for e in examples], s.cfg.loss.prior_loss_weight)
+    return loss_lib.kohya_loss(pred.float(), target.float(), n.timesteps, s.alphas_cumprod, s.loss_options,
+                               sample_weights=weights)
 
 
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,
-          states: StateTarget | None = None, scan: FolderScan | None = None,
-          validation_scan: FolderScan | None = None, prompts: list | None = None) -> TrainResult:
+          states: StateTarget | None = None, scans: list[FolderScan] | None = None,
+          specs: list[DatasetSpec] | None = None, validation_scan: FolderScan | None = None,
+          prompts: list | None = None) -> TrainResult:
     """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`.
 
-    `scan` / `validation_scan` / `prompts`: the caller's scans and sample PromptSpecs (None: read here); images that
-    fail to decode move to `skipped`. Raises NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no
-    disk space, a bad prompt) and what the step raises.
+    `specs` / `scans` / `validation_scan` / `prompts`: the caller's datasets, training scans (reg images balanced),
+    validation scan and sample PromptSpecs (None: read here); images that fail to decode move to `skipped`. Raises
+    NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no disk space, a bad prompt) and what the
+    step raises.
     """
     t = cfg.train
     seed_everything(t.seed)
-    s = build_session(cfg, output_dir=output_dir, sink=sink, scan=scan, validation_scan=validation_scan,
-                      prompts=prompts)
+    s = build_session(cfg, output_dir=output_dir, sink=sink, scans=scans, specs=specs,
+                      validation_scan=validation_scan, prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     saver = Checkpoints(s, states, flip_rng)
@@ -136,9 +146,10 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     window: list[loss_lib.LossTerms] = []  # the finite micro-batch losses of the update under way
     while pos.step < t.max_steps and not stopped:
         epoch, first = pos.epoch, pos.batch_index
-        batches = bucket_batches(s.batch_buckets, t.batch_size, t.seed, epoch)
+        batches = s.epoch_batches(epoch)
         for i in range(first, len(batches)):
-            terms = micro_batch_loss(s, [s.batch_items[j] for j in batches[i]], flip_rng, pos.step + 1)
+            seen = seen_position(epoch, i, len(batches), t.grad_accum)
+            terms = micro_batch_loss(s, [s.batch_items[j] for j in batches[i]], flip_rng, pos.step + 1, seen=seen)
             pos.images_seen += len(batches[i])
             if guard.loss_is_finite(terms.loss, pos.step + 1, epoch):
                 s.scaler.scale(terms.loss / t.grad_accum).backward()

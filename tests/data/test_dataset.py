@@ -257,3 +257,65 @@ def test_files_and_folders_without_read_permission_are_counted_and_named():
     assert [i.path.name for i in scan.items] == ["kept.png"] and scan.problems == []
     assert fallback(scan, "images that cannot be read").paths == (f"{base / '1_s' / 'locked.png'} (Permission denied)",)
     assert fallback(scan, "cannot be listed").paths == (f"{base / '2_locked'} (Permission denied)",)
+
+
+def test_a_subset_reads_its_image_dir_alone_with_its_caption_extension_and_class_tokens(tmp_path):
+    """A dataset-config subset: images directly in image_dir (not subfolders), captions by its extension, its
+    class_tokens for an image without one; items name the subset and dataset."""
+    from lora_sweep.data.dataset import inspect_subset
+    from lora_sweep.data.subsets import Subset
+
+    image(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("a fox\n", encoding="utf-8")
+    image(tmp_path / "b.png", caption="ignored: .txt is not this subset's extension")
+    image(tmp_path / "deeper" / "c.png", caption="not scanned")
+    subset = Subset(image_dir=tmp_path, setting="data.datasets[1].subsets[0]", num_repeats=3, class_tokens="fox",
+                    caption_extension=".caption")
+    scan = inspect_subset(subset, dataset=1)
+    assert [(i.path.name, i.caption, i.repeats, i.dataset) for i in scan.items] == [("a.png", "a fox", 3, 1),
+                                                                                   ("b.png", "fox", 3, 1)]
+    assert scan.items[0].subset is subset and not scan.problems
+    assert fallback(scan, "subfolders of a <repeats>_<name>").setting == "data.datasets[1].subsets[0]"
+    assert inspect_subset(Subset(image_dir=tmp_path / "none", setting="s")).problems == [
+        f"s: image_dir '{tmp_path / 'none'}' is not a folder. Point image_dir at a folder holding the subset's "
+        "images and same-named caption files."]
+
+
+def test_the_fingerprint_covers_every_subset_and_the_dataset_config_file(tmp_path):
+    from lora_sweep.data.dataset import inspect_subset
+    from lora_sweep.data.fingerprint import dataset_fingerprint
+    from lora_sweep.data.subsets import Subset
+
+    image(tmp_path / "one" / "a.png", caption="a")
+    image(tmp_path / "two" / "b.png", caption="b")
+    scans = [inspect_subset(Subset(image_dir=tmp_path / name, setting=name)) for name in ("one", "two")]
+    config = tmp_path / "ds.toml"
+    config.write_text("[[datasets]]\n", encoding="utf-8")
+    base = dataset_fingerprint(scans, files=[config])
+    assert base.files == 4 and base.digest != dataset_fingerprint(scans).digest
+    (tmp_path / "two" / "b.txt").write_text("c", encoding="utf-8")
+    assert dataset_fingerprint(scans, files=[config]).digest != base.digest
+    config.write_text("[[datasets]]\nbatch_size = 2\n", encoding="utf-8")
+    assert dataset_fingerprint(scans).digest != base.digest
+
+
+def test_reg_folder_balanced_as_v087_names_the_images_never_used(tmp_path):
+    """Reference §2.2: 15 train entries against a reg folder of 10 repeats x 3 images -> 10, 10 and never used."""
+    from conftest import compose_config
+
+    from lora_sweep.checks import preflight
+    from lora_sweep.data.dataset import NEVER_USED, raw_reg_entries
+
+    write_image(tmp_path / "train" / "15_cat" / "a.png", caption="a cat")
+    for k in range(3):
+        write_image(tmp_path / "reg" / "10_dog" / f"r{k}.png", caption="a dog")
+    cfg = compose_config("data=folder", f"data.dir={tmp_path / 'train'}", f"data.reg_data_dir={tmp_path / 'reg'}")
+    specs, scans = preflight.training_scans(cfg, Path(cfg.data.dir))
+    train, reg = scans
+    assert [i.repeats for i in train.items] == [15] and not train.items[0].subset.is_reg
+    assert [i.repeats for i in reg.items] == [10, 10, 0] and all(i.subset.is_reg for i in reg.items)
+    assert reg.items[0].subset.setting == "data.reg_data_dir '10_dog'" and reg.items[0].subset.class_tokens == "dog"
+    assert raw_reg_entries(reg.items) == 30  # ss_num_reg_images: before balancing
+    never = [f for f in reg.fallbacks if f.what == NEVER_USED]
+    assert [Path(p).name for p in never[0].paths] == ["r2.png"]
+    assert len(specs) == 1 and specs[0].folders[1] == (tmp_path / "reg", True)

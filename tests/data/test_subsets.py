@@ -68,6 +68,15 @@ def test_folder_mode_without_a_folder_has_no_dataset():
     assert dataset_specs(compose_config(), None) == []
 
 
+def test_a_bad_data_resolution_is_named_once(tmp_path):
+    expected = ["data.resolution: 'big' is not a resolution. Give an int (1024 means 1024x1024), a string 'W,H' such "
+                "as '832,1216', or a list [W, H] of positive ints."]
+    assert dataset_problems(compose_config("data.resolution=big"), tmp_path) == expected
+    subsets = f"subsets: [{{image_dir: {tmp_path}}}]"
+    assert problems_of("data.resolution=big", f"data.datasets=[{{{subsets}}}, {{{subsets}}}]") == expected
+    assert config_problems(compose_config("data.resolution=big")) == expected
+
+
 # --- a dataset config file (tests/data/kohya_dataset.toml)
 
 

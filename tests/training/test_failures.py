@@ -40,17 +40,17 @@ def fault(kind: str, step: int, *, and_later: bool = False):
     in the first LoRA tensor, "oom" asks the device for 1 PiB first (a real allocation failure)."""
     real, hooks = train_module.micro_batch_loss, []
 
-    def faulty(s, batch, flip_rng, at):
+    def faulty(s, batch, flip_rng, at, **seen):
         for hook in hooks:
             hook.remove()
         hooks.clear()
         if at != step and not (and_later and at > step):
-            return real(s, batch, flip_rng, at)
+            return real(s, batch, flip_rng, at, **seen)
         if kind == "oom":
             torch.empty(2**50, dtype=torch.uint8, device=s.device)
         if kind == "inf_grad":
             hooks.append(next(iter(s.lora.values())).register_hook(lambda grad: torch.full_like(grad, float("inf"))))
-        terms = real(s, batch, flip_rng, at)
+        terms = real(s, batch, flip_rng, at, **seen)
         return dataclasses.replace(terms, loss=terms.loss * float("nan")) if kind == "nan_loss" else terms
 
     with pytest.MonkeyPatch.context() as patch:

@@ -45,7 +45,8 @@ def test_run_finishes_with_finite_loss_params_history_and_both_lora_files(traine
     history = client.get_metric_history(outcome.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
     assert client.get_metric_history(outcome.run_id, "train/lr")
-    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {"data/buckets.json"}  # no warnings
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {"data/buckets.json",
+                                                                        "data/datasets.json"}  # no warnings
     assert run.data.params["data.warnings"] == "0"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "lora")}
     assert "lora/lora.safetensors" in artifacts

@@ -120,9 +120,11 @@ def test_timestep_bounds_are_in_the_lora_metadata_as_kohya_writes_them(session):
 
 
 def test_the_scans_a_caller_made_are_not_made_again(tmp_path, monkeypatch):
-    """train(scan=..., validation_scan=...) trains on the caller's scans of data.dir and data.validation_dir."""
+    """train(scans=..., specs=..., validation_scan=...) trains on the caller's scans of data.dir and
+    data.validation_dir."""
     from conftest import write_image
 
+    from lora_sweep.checks import preflight
     from lora_sweep.data.dataset import scan_folder
     from lora_sweep.data.photos import data_folder
     from lora_sweep.training import session as session_lib
@@ -130,12 +132,13 @@ def test_the_scans_a_caller_made_are_not_made_again(tmp_path, monkeypatch):
     write_image(tmp_path / "held_out" / "1_thing" / "a.png", caption="a thing")
     cfg = compose_config("train.max_steps=1", "train.batch_size=2", "train.device=cpu",
                          f"data.validation_dir={tmp_path / 'held_out'}", "validation.timesteps=[500]")
-    scan = scan_folder(data_folder(cfg), cfg.data.caption_extension)
+    specs, scans = preflight.training_scans(cfg, data_folder(cfg))
     validation_scan = scan_folder(tmp_path / "held_out", cfg.data.caption_extension)
     monkeypatch.setattr(session_lib, "scan_folder", lambda *args, **kwargs: pytest.fail("scanned again"))
+    monkeypatch.setattr(session_lib, "inspect_datasets", lambda *args, **kwargs: pytest.fail("scanned again"))
     seen = {}
     monkeypatch.setattr(session_lib, "log_data", lambda cfg, data, sink, output_dir: seen.update(data=data))
-    result = train_lib.train(cfg, output_dir=tmp_path / "out", sink=RecordingSink(), scan=scan,
+    result = train_lib.train(cfg, output_dir=tmp_path / "out", sink=RecordingSink(), scans=scans, specs=specs,
                              validation_scan=validation_scan)
-    assert result.steps == 1 and seen["data"].scan is scan
+    assert result.steps == 1 and seen["data"].scans == scans
     assert [e.item.path.name for e in seen["data"].validation] == ["a.png"]
