@@ -56,6 +56,8 @@ class Prepared:
     specs: list[DatasetSpec] = field(default_factory=list)  # the datasets the examples belong to (item.dataset)
     # every readable training image in scan order (subset order, then path), reg images never used (repeats 0) too
     items: list[ImageItem] = field(default_factory=list)
+    # the metadata's images: (item, bucket) per training image, then (item, None) per reg image never used
+    trained: list[tuple[ImageItem, tuple[int, int] | None]] = field(default_factory=list)
 
 
 def _assign(item: ImageItem, settings: dict) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -32,7 +32,8 @@ Entry = tuple[ImageItem, tuple[int, int] | None]  # an image and its bucket (w, 
 def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[str, str]:
     """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys, the config hash and variant, the SAI model spec.
 
-    `steps` optimizer steps in `epoch` (1-based). Values are strings (None: "None").
+    `steps` optimizer steps in `epoch` (1-based); `prepared.specs` and `prepared.trained` (each training image with
+    its bucket, reg images never used with repeats 0) give the dataset keys (`dataset_metadata`). Values are strings.
     """
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
     te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
@@ -55,9 +56,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_max_train_steps": cfg.train.max_steps,
         "ss_steps": steps,
         "ss_epoch": epoch,
-        "ss_batch_size_per_device": cfg.train.batch_size,
         "ss_gradient_accumulation_steps": cfg.train.grad_accum,
-        "ss_total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
         "ss_max_grad_norm": cfg.train.max_grad_norm,
         "ss_gradient_checkpointing": cfg.train.gradient_checkpointing,
         "ss_noise_offset": cfg.noise.offset or None,
@@ -73,20 +72,14 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_huber_schedule": cfg.loss.huber_schedule,
         "ss_huber_c": cfg.loss.huber_c,
         "lora_sweep_v_parameterization": cfg.model.v_prediction,
-        "ss_resolution": str(cfg.data.resolution),
-        "ss_enable_bucket": cfg.data.enable_bucket,
-        "ss_bucket_no_upscale": cfg.data.bucket_no_upscale,
-        "ss_bucket_info": json.dumps({"buckets": prepared.histogram}),
-        "ss_num_train_images": sum(e.item.repeats for e in prepared.examples),
-        "ss_flip_aug": cfg.data.flip_aug,
-        "ss_shuffle_caption": cfg.data.shuffle_caption,
-        "ss_keep_tokens": cfg.data.keep_tokens,
         "lora_sweep_caption_extension": cfg.data.caption_extension,
         "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.train.output_name,
         "lora_sweep_config_hash": config_hash(cfg),
         "lora_sweep_variant": cfg.tracking.variant or "",
     }
+    toml_mode = bool(cfg.data.datasets or cfg.data.dataset_config)
+    meta |= dataset_metadata(prepared.specs, prepared.trained, toml_mode=toml_mode, cfg=cfg)
     meta |= sai_model_spec(cfg)
     return {k: str(v) for k, v in meta.items()}  # as v0.8.7: "None", "True", "1e-05", "(1024, 1024)"
 

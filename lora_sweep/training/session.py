@@ -382,6 +382,8 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
         validation += val_prepared.examples
     items = [i for i in train_indices for _ in range(examples[i].item.repeats)]
     prepared.histogram = bucket_histogram([examples[i].bucket for i in items])  # training entries only
+    prepared.trained = [(examples[i].item, examples[i].bucket) for i in train_indices]
+    prepared.trained += [(item, None) for item in prepared.items if item.repeats == 0]  # reg images never reached
     return Data(prepared, list(scans), train_indices, items, validation, fit_candidates)
 
 

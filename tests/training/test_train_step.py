@@ -119,6 +119,21 @@ def test_timestep_bounds_are_in_the_lora_metadata_as_kohya_writes_them(session):
     assert timestep_range(min_timestep=100, max_timestep=900) == "100,900"
 
 
+def test_the_lora_metadata_counts_the_sessions_dataset_as_kohya_does(session):
+    """Folder mode (the bundled photos): every training entry in ss_num_train_images and ss_bucket_info, no reg."""
+    import json
+
+    from lora_sweep.training.metadata import kohya_metadata
+
+    meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
+    entries = len(session.batch_items)
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert (int(meta["ss_num_train_images"]), sum(b["count"] for b in buckets.values())) == (entries, entries)
+    assert sum(d["n_repeats"] * d["img_count"] for d in json.loads(meta["ss_dataset_dirs"]).values()) == entries
+    assert (meta["ss_num_reg_images"], meta["ss_reg_dataset_dirs"], meta["ss_resolution"]) == ("0", "{}", "(64, 64)")
+    assert "ss_datasets" not in meta
+
+
 def test_the_scans_a_caller_made_are_not_made_again(tmp_path, monkeypatch):
     """train(scans=..., specs=..., validation_scan=...) trains on the caller's scans of data.dir and
     data.validation_dir."""
