@@ -143,3 +143,35 @@ def test_the_model_spec_names_the_resolution_date_and_prediction_type(cfg):
     assert (spec["modelspec.resolution"], spec["modelspec.prediction_type"]) == ("64x64", "epsilon")
     assert "." not in spec["modelspec.date"]  # whole seconds, local time without an offset
     assert datetime.datetime.fromisoformat(spec["modelspec.date"]).timestamp() == 86400
+
+
+def test_the_kohya_dataset_config_fixture_as_scanned_and_balanced(tmp_path, monkeypatch):
+    """The dataset config fixture read, scanned and balanced as a job does (no training): 30 train entries, 3 reg
+    images of 1 repeat (raw 3, balanced to 10 each), tags counted from the raw captions (the unprocessed |||, ;;; and
+    {red|blue} kept; the reg image without a caption counted as its class token)."""
+    from kohya_dataset import write_kohya_dataset
+
+    from lora_sweep.checks import preflight
+
+    toml = write_kohya_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    job_cfg = compose_config("data=folder", "data.dir=null", f"data.dataset_config={toml}")
+    specs, scans = preflight.training_scans(job_cfg, None)
+    entries = [(item, assign_with_settings(item.size, bucket_settings(specs[item.dataset]))[0])
+               for scan in scans for item in scan.items]
+    meta = dataset_metadata(specs, entries, toml_mode=True, cfg=job_cfg)
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"], meta["lora_sweep_reg_entries"]) == ("30", "3", "30")
+    assert meta["ss_dataset_dirs"] == ('{"char": {"n_repeats": 10, "img_count": 2}, '
+                                       '"style": {"n_repeats": 5, "img_count": 2}}')
+    assert meta["ss_tag_frequency"] == (
+        '{"char": {"sks girl": 1, "red hair ||| smiling": 1, "outdoors;;;sunny": 1, "park": 1, '
+        '"sks girl ||| sitting": 1, "{red|blue} dress": 1}, '
+        '"style": {"watercolor": 2, "landscape": 1, "river": 1, "portrait;;;soft light": 1}, '
+        '"girl": {"girl": 3, "standing": 1, "sitting": 1}}')
+    (dataset,) = json.loads(meta["ss_datasets"])
+    assert dataset["bucket_info"] == {"buckets": {"0": {"resolution": [64, 64], "count": 60}}, "mean_img_ar_error": 0.0}
+    assert [(s["image_dir"], s["num_repeats"], s["img_count"], s["is_reg"], s["class_tokens"], s["keep_tokens"],
+             s["flip_aug"], s["keep_tokens_separator"], s["secondary_separator"]) for s in dataset["subsets"]] == [
+        ("char", 10, 2, False, "sks girl", 1, False, "|||", ";;;"),
+        ("style", 5, 2, False, None, 0, True, "|||", ";;;"),
+        ("girl", 1, 3, True, "girl", 0, False, "|||", ";;;")]
