@@ -89,9 +89,10 @@ def dataset_metadata(specs: Sequence[DatasetSpec], entries: Sequence[Entry], *, 
     """v0.8.7's dataset keys: folder mode (data.dir, data.reg_data_dir) or TOML mode (data.datasets,
     data.dataset_config: `ss_datasets`), each with its v0.8.7 keys only, plus the caption and prior-loss keys.
 
-    `entries`: every image of every subset, in subset order then path, with its bucket (w, h); a reg image v0.8.7's
-    balancing never reaches has `repeats` 0 (its bucket is not read). `ImageItem.caption` is the raw caption (tag
-    counts split it on "," whatever data.caption_separator is, as v0.8.7's `set_tag_frequency`).
+    `entries`: every training image with its bucket (w, h), in any order (grouped by subset and sorted by path here,
+    as v0.8.7 reads them); a reg image v0.8.7's balancing never reaches has `repeats` 0 (its bucket is not read).
+    `ImageItem.caption` is the raw caption (tag counts split it on "," whatever data.caption_separator is, as
+    v0.8.7's `set_tag_frequency`).
     """
     datasets = [_dataset_facts(i, spec, entries) for i, spec in enumerate(specs)]
     meta: dict[str, object] = {
