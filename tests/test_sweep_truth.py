@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, new_store
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -50,6 +50,7 @@ def failing_sweep(tmp_path_factory):
     """Three jobs (three seeds), each with the 2,000-character negative prompt: one trains, one fails in its set-up
     before its run exists (a failure no pre-flight can see), one goes NaN at step 1 (tests/apps/faults)."""
     tmp_path = tmp_path_factory.mktemp("failing")
+    new_store(tmp_path / "mlflow.db")
     out = run_sweep(tmp_path, "-m", "train.max_steps=2", f"sampling.negative='{NEGATIVE}'", "train.seed=1,2,3",
                     *fault_overrides({1: "setup_error", 2: "nan_loss@1"}), "sweep.skip_finished=false",
                     "train.resume=never", f"hydra.sweep.dir={tmp_path / 'sweep'}", PYTHONPATH=str(FOLDER))
@@ -176,6 +177,7 @@ def newest_state(states: Path) -> int:
 
 @pytest.mark.slow
 def test_a_sigkilled_sweep_is_marked_killed_by_the_next_one_which_resumes_its_job(tmp_path):
+    new_store(tmp_path / "mlflow.db")
     args = ["-m", "noise=none", "train.max_steps=12", "train.save_every=2", f"train.state_dir={tmp_path / 'states'}"]
     command, env = sweep_command(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'first'}")
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
