@@ -108,10 +108,15 @@ def test_mlflow_agrees_with_the_console(failing_sweep):
 
 def test_a_file_store_is_refused_in_one_paragraph_before_any_work(tmp_path):
     uri = f"file://{tmp_path / 'mlruns'}"
-    for args in (["-m", "noise=none,offset", "train.max_steps=1"], ["train.max_steps=1"]):
-        out = run_sweep(tmp_path, *args, timeout=180, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_FILE_STORE="false")
-        text = out.stdout + out.stderr
-        assert out.returncode == 2, text[-3000:]
+    started = []
+    for args in (["-m", "noise=none,offset", "train.max_steps=1"], ["train.max_steps=1"]):  # a sweep, a single run
+        command, env = sweep_command(tmp_path, *args)
+        started.append(subprocess.Popen(command, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT,
+                                        env={**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "false"}))
+    for process in started:  # both at once: each is mostly start-up
+        text = process.communicate(timeout=180)[0]
+        assert process.returncode == 2, text[-3000:]
         assert uri in text and "MLFLOW_ALLOW_FILE_STORE=true" in text and "sqlite" in text
         assert "Traceback" not in text and "gpu_queue" not in text  # no job was started
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
