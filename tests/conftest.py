@@ -3,7 +3,10 @@ composition of the real conf/ tree, and (from cluster_fixtures) a real `mlflow s
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import sqlite3
 import sys
 import tempfile
 from html.parser import HTMLParser
@@ -36,6 +39,28 @@ def compose_config(*overrides: str):
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         return compose("config", overrides=list(overrides))
+
+
+@functools.cache
+def _empty_store() -> Path:
+    """An empty sqlite store whose tables MLflow made, once per test session: making them costs seconds a store."""
+    from mlflow.tracking import MlflowClient
+
+    db = Path(tempfile.mkdtemp(prefix="lora-sweep-test-store-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # creates the tables and the Default experiment
+    return db
+
+
+def new_store(db: Path) -> str:
+    """A new sqlite store at `db` (its folder made) as MLflow makes one with the working folder beside it, copied
+    from the session's empty store; returns its URI. Tests of store creation itself open a missing file instead."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_empty_store(), db)
+    with sqlite3.connect(db) as connection:  # Default's artifact folder: MLflow puts it under the working folder
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (str(db.parent / "mlruns" / "0"),))
+    connection.close()
+    return f"sqlite:///{db}"
 
 
 def write_image(path: Path, size=(64, 64), caption: str | bytes | None = None, color=(90, 140, 200)) -> Path:
@@ -118,7 +143,7 @@ def cache_dir() -> Path:
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite MLflow store for one test (absolute path: four slashes), artifacts beside it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import new_store
 
 from benchmarks import cpu, measure, report, sdxl
 from benchmarks.bare_loop import load_lora_values, lora_values, shared_bare_loop
@@ -175,7 +176,7 @@ def test_sdxl_job_probe_times_a_real_sweep_job(tmp_path):
     from lora_sweep.model.loading import tiny_model_dir
 
     record = tmp_path / "job.json"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": new_store(tmp_path / "mlflow.db")}
     subprocess.run([sys.executable, "-m", "benchmarks.sdxl", "job", str(record), *sdxl.JOB,
                     f"model.path={tiny_model_dir()}", "data.resolution=64", f"hydra.run.dir={tmp_path / 'out'}"],
                    cwd=measure.ROOT, env=env, check=True, capture_output=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import new_store
 
 from lora_sweep.__main__ import main
 from lora_sweep.data.cache import TensorCache
@@ -69,7 +70,7 @@ def test_clean_finished_states_removes_only_the_states_of_runs_the_store_finishe
     """Finished runs' final states pile up (one per run); a stopped run's state is what it resumes from."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     exp = client.create_experiment("e")
     done, stopped = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id

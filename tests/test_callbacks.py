@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 from mlflow.tracking import MlflowClient
 
 from hydra_plugins._job_outcome import status_path, write_status
@@ -23,7 +24,7 @@ from lora_sweep.tracking.store import (
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}")
+    return MlflowClient(new_store(tmp_path_factory.mktemp("store") / "mlflow.db"))
 
 
 def make_sweep(client: MlflowClient, tmp_path: Path, name: str) -> tuple[str, str]:

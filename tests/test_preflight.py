@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_config, write_image
+from conftest import ROOT, compose_config, new_store, write_image
 from PIL import Image
 
 from lora_sweep.checks.preflight import check_job
@@ -410,7 +410,7 @@ def test_a_failed_sweep_job_ends_with_its_reason_not_hydras_advice(tmp_path):
 
     for name in ("a", "b"):
         write_image(tmp_path / "ds" / "2_thing" / f"{name}.png", caption=f"a photo of {name}")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(FOLDER))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=new_store(tmp_path / "mlflow.db"), PYTHONPATH=str(FOLDER))
     out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic", "data=folder",
                           f"data.dir={tmp_path / 'ds'}", f"data.cache_dir={tmp_path / 'cache'}",
                           *fault_overrides({0: f"remove:{tmp_path / 'ds' / '2_thing' / 'b.png'}"}),

@@ -17,6 +17,7 @@ from hydra_plugins.slurm_sweep_launcher._outcome import SlurmJob, finalize, job_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
 import toy_harness as toy  # noqa: E402
+from conftest import new_store
 
 
 def _launcher(*overrides: str):
@@ -178,7 +179,7 @@ def test_a_sweep_slurm_cannot_take_ends_in_one_paragraph_naming_sbatchs_error(tm
         pytest.skip("needs Slurm's client commands (apt-get install slurm-client)")
     (tmp_path / "slurm.conf").write_text("")
     env = {**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf"), "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": new_store(tmp_path / "mlflow.db")}
     out = subprocess.run([sys.executable, str(toy.ROOT / "sweep.py"), "-m", "noise=none", "train.max_steps=1",
                           "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,

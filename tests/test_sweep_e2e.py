@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, new_store
 
 
 def run_sweep(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -96,6 +96,7 @@ def test_a_sweep_of_experiment_files_with_their_own_experiment_has_its_parent_th
     the jobs' experiment (MLflow nests runs only within one), so the sweep counts its jobs and writes its report."""
     from mlflow.tracking import MlflowClient
 
+    new_store(tmp_path / "mlflow.db")
     conf = tmp_path / "conf" / "experiment"
     conf.mkdir(parents=True)
     (conf / "xa.yaml").write_text("# @package _global_\ntracking:\n  experiment: mine\n")

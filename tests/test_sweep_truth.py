@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, new_store
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -50,6 +50,7 @@ def failing_sweep(tmp_path_factory):
     """Three jobs (three seeds), each with the 2,000-character negative prompt: one trains, one fails in its set-up
     before its run exists (a failure no pre-flight can see), one goes NaN at step 1 (tests/apps/faults)."""
     tmp_path = tmp_path_factory.mktemp("failing")
+    new_store(tmp_path / "mlflow.db")
     out = run_sweep(tmp_path, "-m", "train.max_steps=2", f"sampling.negative='{NEGATIVE}'", "train.seed=1,2,3",
                     *fault_overrides({1: "setup_error", 2: "nan_loss@1"}), "sweep.skip_finished=false",
                     "train.resume=never", f"hydra.sweep.dir={tmp_path / 'sweep'}", PYTHONPATH=str(FOLDER))
@@ -107,10 +108,15 @@ def test_mlflow_agrees_with_the_console(failing_sweep):
 
 def test_a_file_store_is_refused_in_one_paragraph_before_any_work(tmp_path):
     uri = f"file://{tmp_path / 'mlruns'}"
-    for args in (["-m", "noise=none,offset", "train.max_steps=1"], ["train.max_steps=1"]):
-        out = run_sweep(tmp_path, *args, timeout=180, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_FILE_STORE="false")
-        text = out.stdout + out.stderr
-        assert out.returncode == 2, text[-3000:]
+    started = []
+    for args in (["-m", "noise=none,offset", "train.max_steps=1"], ["train.max_steps=1"]):  # a sweep, a single run
+        command, env = sweep_command(tmp_path, *args)
+        started.append(subprocess.Popen(command, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT,
+                                        env={**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "false"}))
+    for process in started:  # both at once: each is mostly start-up
+        text = process.communicate(timeout=180)[0]
+        assert process.returncode == 2, text[-3000:]
         assert uri in text and "MLFLOW_ALLOW_FILE_STORE=true" in text and "sqlite" in text
         assert "Traceback" not in text and "gpu_queue" not in text  # no job was started
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
@@ -176,6 +182,7 @@ def newest_state(states: Path) -> int:
 
 @pytest.mark.slow
 def test_a_sigkilled_sweep_is_marked_killed_by_the_next_one_which_resumes_its_job(tmp_path):
+    new_store(tmp_path / "mlflow.db")
     args = ["-m", "noise=none", "train.max_steps=12", "train.save_every=2", f"train.state_dir={tmp_path / 'states'}"]
     command, env = sweep_command(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'first'}")
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 from mlflow.tracking import MlflowClient
 
 from lora_sweep.errors import UserError
@@ -22,7 +23,7 @@ from lora_sweep.tracking.stale import close_stale_runs
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory) -> str:
     """One sqlite store for the module (creating one costs seconds); each test uses its own experiment."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    return new_store(tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/somewhere/mlruns", "./mlruns", "/abs/mlruns"])

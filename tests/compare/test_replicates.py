@@ -11,7 +11,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, new_store
 
 from lora_sweep.compare.cells import effect_text, estimate_text, row_decimals
 from lora_sweep.compare.report import build_report, main
@@ -36,7 +36,7 @@ def sweep(tmp_path_factory):
     from lora_sweep.tracking import store
 
     tmp = tmp_path_factory.mktemp("replicates")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(tmp / "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         client = store.client(uri)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GridCells
+from conftest import GridCells, new_store
 from PIL import Image
 
 from lora_sweep.compare.figures import ema
@@ -74,7 +74,7 @@ def store(tmp_path_factory) -> dict:
     """One sqlite store for the module (creating one costs seconds): a sweep in "lora-sweep", loose job runs in
     "loose"."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     fill_store(uri, root / "mlruns-loose", with_parent=False, experiment="loose")
     return {"uri": uri, **fill_store(uri, root / "mlruns")}
 

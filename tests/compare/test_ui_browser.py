@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import pytest
 from cluster_fixtures import free_port
+from conftest import new_store
 from test_report import VARIANTS, fill_store
 
 from lora_sweep.compare.report import build_report
@@ -81,7 +82,7 @@ def visible_text(dom: str) -> str:
 
 def test_mlflow_ui_and_report_render_in_chromium(chromium, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     store = fill_store(uri, tmp_path / "mlruns")
     exp_id = store["client"].get_experiment_by_name("lora-sweep").experiment_id
     report = build_report(sweep_run_id=store["parent"], out_dir=tmp_path / "report", tracking_uri=uri)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 
 from lora_sweep.compare.report import build_report, main
 from lora_sweep.errors import UserError
@@ -40,7 +41,7 @@ def sweep(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("unfinished")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("partial", artifact_location=(root / "mlruns").as_uri())
     other = client.create_experiment("elsewhere", artifact_location=(root / "mlruns2").as_uri())
@@ -138,7 +139,7 @@ def test_all_sweeps_compares_every_run_of_the_experiment(tmp_path, capsys, monke
     the newest sweep, --all-sweeps both, with the replicates of one config from the two sweeps in one variant."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("mine", artifact_location=(tmp_path / "mlruns").as_uri())
     first = client.create_run(exp, run_name="sweep", tags={"lora_sweep.role": "sweep"}).info.run_id

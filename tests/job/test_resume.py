@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, new_store
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -95,8 +95,8 @@ def loss_history(base: Path, run_id: str) -> list[tuple[int, float]]:
 
 def test_sigkilled_run_resumes_to_the_same_lora_and_loss_history(tmp_path, monkeypatch):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    straight.mkdir()
-    broken.mkdir()
+    new_store(straight / "mlflow.db")
+    new_store(broken / "mlflow.db")
     victim = job(broken, "out_first")
     watcher = kill_after_state(victim, broken / "states", 3)
     uninterrupted = in_process(straight, "out", monkeypatch)  # trains while the victim runs
@@ -142,6 +142,7 @@ def test_resume_from_a_given_state_file_continues_exactly_in_a_new_run(tmp_path,
     """train.resume=PATH: the state of step 2 of a finished run, continued to step 4 in this process, ends with the
     same LoRA as that run; the history of the new run starts at step 3. A state asked for is resumed although its
     config FINISHED (skip-finished is for reruns), as kohya resumes when asked."""
+    new_store(tmp_path / "mlflow.db")
     first = in_process(tmp_path, "first", monkeypatch, "train.max_steps=4", *variant)
     assert first.status == "FINISHED"
     (state,) = tmp_path.glob(f"states/*/{first.run_id}/state-step00000002.pt")
@@ -160,6 +161,7 @@ def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(t
     train.max_steps=4: steps 2-4 log train/lr = 5e-5 x the cosine factor over 4 steps, the run's params say what
     trained, its tag what the state was trained with. Before that, a plain run of the new config starts fresh and
     names A's state as one it could continue."""
+    new_store(tmp_path / "mlflow.db")
     from lora_sweep.config import config_hash
     from lora_sweep.job.run import plan_resume
     from lora_sweep.paths import make_paths_absolute
@@ -212,6 +214,7 @@ def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(t
 def test_ctrl_c_stops_cleanly_with_a_state_and_the_rerun_continues_the_same_run(tmp_path, monkeypatch):
     """The first SIGINT ends the step in progress, writes a state there (not only at save_every) and ends KILLED; the
     next run of the config continues that run to the end, each step logged once, and tags what it set otherwise."""
+    new_store(tmp_path / "mlflow.db")
     def interrupt_after_state_3():
         deadline = time.monotonic() + 120
         while newest_state_step(tmp_path / "states") < 3 and time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_image
+from conftest import ROOT, new_store, write_image
 
 from lora_sweep.paths import new_dir
 
@@ -41,7 +41,7 @@ def test_two_runs_started_in_the_same_second_write_separate_folders(tmp_path):
     write_image(tmp_path / "ds" / "1_x" / "a.png", caption="a")
     runs = []
     for seed in (1, 2):  # a store each: two processes creating one sqlite store race in MLflow's migrations
-        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / f'store{seed}.db'}", PYTHONPATH=str(FOLDER))
+        env = dict(os.environ, MLFLOW_TRACKING_URI=new_store(tmp_path / f"store{seed}.db"), PYTHONPATH=str(FOLDER))
         runs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "sweep.py"), "data=folder", f"data.dir={tmp_path / 'ds'}",
              f"data.cache_dir={tmp_path / 'cache'}", f"train.seed={seed}", *fault_overrides({0: "setup_error"}),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, new_store
 from mlflow.tracking import MlflowClient
 
 TINY_SAMPLES = ("sampling.prompts=[a cat]", "sampling.width=64", "sampling.height=64", "sampling.steps=2")
@@ -81,6 +81,7 @@ def image_steps(client: MlflowClient, run_id: str) -> list[int]:
 def test_ctrl_c_during_expensive_sampling_stops_within_one_denoising_step(tmp_path):
     """One 1024x1024 prompt of 30 Euler steps at step 0 takes minutes on a CPU; a Ctrl-C during
     it ends the run within seconds, KILLED, with nothing sampled and no state (nothing was trained)."""
+    new_store(tmp_path / "mlflow.db")
     proc, _, console = start(tmp_path, "train.max_steps=3", "sampling.prompts=[a cat]", "sampling.width=1024",
                              "sampling.height=1024", "sampling.steps=30")
     wait_for(proc, lambda: "sampling at step 0: 1 prompt" in console.read_text(), "step 0's sampling")
@@ -101,6 +102,7 @@ def test_ctrl_c_during_expensive_sampling_stops_within_one_denoising_step(tmp_pa
 def test_a_stop_mid_training_saves_a_state_without_the_end_of_run_evaluation_which_the_rerun_does(tmp_path):
     """SIGTERM at step >= 3 of 12: KILLED at the step in progress, a state there, samples and fit/loss only from
     step 0 (no end-of-run evaluation at the stopped step); the rerun continues the run to 12 and evaluates there."""
+    new_store(tmp_path / "mlflow.db")
     overrides = ("train.max_steps=12", "sampling.every=0", "validation.every=0", *TINY_SAMPLES)
     proc, status, console = start(tmp_path, *overrides)
     wait_for(proc, lambda: step_of(status) >= 3, "step 3")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GridCells, RecordingSink
+from conftest import GridCells, RecordingSink, new_store
 from PIL import Image
 
 from lora_sweep.sampling.images import (
@@ -160,7 +160,7 @@ def test_log_samples_to_mlflow(tmp_path):
 
     from lora_sweep.compare.runs import logged_images
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=new_store(tmp_path / "mlflow.db"))
     experiment = client.create_experiment("s", artifact_location=(tmp_path / "mlruns").as_uri())
     run_id = client.create_run(experiment).info.run_id
     images = [Image.new("RGB", (64, 64), (200, 100, 0)), Image.new("RGB", (64, 64), (0, 100, 200))]
@@ -195,7 +195,7 @@ def test_three_variants_sampled_logged_and_compared(pipe, tmp_path):
     from lora_sweep.model.network import lora_parameters
     from lora_sweep.sampling.metrics import mean_metrics
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("e2e", artifact_location=(tmp_path / "mlruns").as_uri())
     parent = client.create_run(experiment, run_name="sweep", tags={"lora_sweep.role": "sweep"}).info.run_id

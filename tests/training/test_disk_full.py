@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_image
+from conftest import ROOT, new_store, write_image
 
 sys.path.insert(0, str(ROOT / "tests" / "apps" / "faults"))
 from fault_hook import FOLDER, fault_overrides  # noqa: E402
@@ -29,12 +29,13 @@ def unshare_problem() -> str | None:
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unshare_problem() is not None, reason=str(unshare_problem()))]
 
 
-def sweep_on_small_disk(tmp_path: Path, disk: Path, size: str, *argv: str,
-                        before: str = "") -> tuple[int, str, list[str]]:
-    """`python sweep.py` on a tiny model and dataset, with a tmpfs of `size` at `disk`; `before` runs first in the
-    namespace (shell). Returns (exit status, console, the files on the tmpfs at the end: it goes with the namespace)."""
+def start_on_small_disk(tmp_path: Path, size: str, *argv: str, before: str = ""):
+    """Start `python sweep.py` on a tiny model and dataset, with a tmpfs of `size` at `tmp_path / "disk"`; `before`
+    runs first in the namespace (shell). Returns what waits for it: (exit status, console, the files on the tmpfs at
+    the end: it goes with the namespace)."""
     from lora_sweep.model.loading import tiny_model_dir
 
+    disk = tmp_path / "disk"
     write_image(tmp_path / "ds" / "1_x" / "a.png", caption="a photo")
     disk.mkdir()
     command = [sys.executable, str(ROOT / "sweep.py"), "data=folder", f"data.dir={tmp_path / 'ds'}",
@@ -43,16 +44,35 @@ def sweep_on_small_disk(tmp_path: Path, disk: Path, size: str, *argv: str,
     listing = tmp_path / "files_on_disk.txt"
     script = (f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} && {before} {shlex.join(command)}; "
               f"code=$?; find {shlex.quote(str(disk))} -type f > {shlex.quote(str(listing))}; exit $code")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(FOLDER))
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    return done.returncode, done.stdout + done.stderr, listing.read_text().splitlines()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=new_store(tmp_path / "mlflow.db"), PYTHONPATH=str(FOLDER))
+    process = subprocess.Popen(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def finish() -> tuple[int, str, list[str]]:
+        out = process.communicate(timeout=300)[0]
+        return process.returncode, out, listing.read_text().splitlines()
+
+    return finish
 
 
-def test_a_full_cache_disk_is_refused_before_the_model_loads(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, int, str, list[str]]]:
+    """The two runs below, started together (each is one process): name -> (folder, exit status, console, files)."""
+    full, filling = tmp_path_factory.mktemp("full_cache"), tmp_path_factory.mktemp("filling")
+    fill = f"mkdir {full / 'disk' / 'cache'} && (cat /dev/zero > {full / 'disk' / 'filler'} 2>/dev/null || true) &&"
+    started = {
+        "full_cache": (full, start_on_small_disk(full, "1m", f"data.cache_dir={full / 'disk' / 'cache'}", before=fill)),
+        "filling": (filling, start_on_small_disk(
+            filling, "40m", f"data.cache_dir={filling / 'cache'}", f"train.state_dir={filling / 'disk' / 'states'}",
+            f"train.output_dir={filling / 'disk' / 'out'}", "train.max_steps=4", "train.save_every=1",
+            *fault_overrides({0: f"fill@3:{filling / 'disk'}"}))),
+    }
+    return {name: (folder, *finish()) for name, (folder, finish) in started.items()}
+
+
+def test_a_full_cache_disk_is_refused_before_the_model_loads(runs):
+    tmp_path, code, out, _ = runs["full_cache"]
     disk = tmp_path / "disk"
-    fill = f"mkdir {disk / 'cache'} && (cat /dev/zero > {disk / 'filler'} 2>/dev/null || true) &&"
-    code, out, _ = sweep_on_small_disk(tmp_path, disk, "1m", f"data.cache_dir={disk / 'cache'}", before=fill)
     assert code == 2, out[-3000:]
     assert "not enough free disk space: 0.0 MiB free where this training will write at least 0.6 MiB and " \
            f"lora-sweep keeps 16.0 MiB free: train.state_dir '{disk / 'cache' / 'states'}', data.cache_dir " \
@@ -61,12 +81,9 @@ def test_a_full_cache_disk_is_refused_before_the_model_loads(tmp_path):
     assert "Traceback" not in out and "buckets" not in out  # refused in the set-up: nothing was encoded
 
 
-def test_a_disk_that_fills_mid_training_fails_the_run_naming_the_file_and_what_was_saved(tmp_path):
+def test_a_disk_that_fills_mid_training_fails_the_run_naming_the_file_and_what_was_saved(runs):
+    tmp_path, code, out, files = runs["filling"]
     disk = tmp_path / "disk"
-    code, out, files = sweep_on_small_disk(
-        tmp_path, disk, "40m", f"data.cache_dir={tmp_path / 'cache'}", f"train.state_dir={disk / 'states'}",
-        f"train.output_dir={disk / 'out'}", "train.max_steps=4", "train.save_every=1",
-        *fault_overrides({0: f"fill@3:{disk}"}))
     assert code == 1, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     out_dir = disk / "out"

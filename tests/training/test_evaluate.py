@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, new_store
 from safetensors.torch import load_file
 
 from lora_sweep.job.run import run_job
@@ -25,7 +25,7 @@ def runs(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("evaluate")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(tmp / "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     variants = {
         "l2_adamw": ("loss=l2", "optimizer=adamw"),

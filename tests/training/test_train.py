@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, new_store
 from lora_files import assert_loads_as_kohya_merge
 
 from lora_sweep.errors import UserError
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     import os
 
     tmp = tmp_path_factory.mktemp("train")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = new_store(tmp / "mlflow.db")
     try:
         outcome = train_tiny(tmp)
         from mlflow.tracking import MlflowClient
