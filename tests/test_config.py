@@ -357,3 +357,25 @@ def test_a_misspelt_optimizer_argument_names_the_closest_one_not_hydras_advice(o
     assert text.startswith(start) and "\n" not in text and "To append" not in text
     assert text.endswith("another argument is passed with '+optimizer.args.<name>=<value>' (the pre-flight checks "
                          "it against the class).")
+
+
+def test_issue_25_keys_at_their_defaults_keep_the_hash_runs_had_before_them():
+    """The dataset, reg and caption keys of issue 25 are hash-neutral at their defaults (earlier runs are still
+    resumed and skipped), and any other value is a different training."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config()
+    base = config_hash(cfg)
+    before_the_keys = OmegaConf.to_container(cfg, resolve=True)
+    added = ["datasets", "dataset_config", "reg_data_dir", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+             "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "keep_tokens_separator",
+             "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "random_crop",
+             "color_aug"]
+    for key in added:
+        del before_the_keys["data"][key]
+    del before_the_keys["loss"]["prior_loss_weight"]
+    assert config_hash(OmegaConf.create(before_the_keys)) == base
+    changed = ["data.caption_prefix=sks", "data.caption_dropout_rate=0.1", "data.caption_dropout_every_n_epochs=2",
+               "data.keep_tokens_separator='|||'", "data.enable_wildcard=true", "data.token_warmup_step=0.5",
+               "loss.prior_loss_weight=0.5", "data.secondary_separator=';;;'", "data.caption_tag_dropout_rate=0.2"]
+    assert len({config_hash(compose_config(c)) for c in changed} - {base}) == len(changed)
