@@ -18,7 +18,7 @@ GROUP_KNOBS = ("noise", "loss", "optimizer", "precision")  # one knob each when 
 NOT_KNOBS = ("sampling.", "validation.", "tracking.", SEED_KEY)
 # Facts the job logs about the data it found, and train.total_batch_size: params, but not settings.
 DERIVED = {"data.images", "data.skipped_images", "data.entries_with_repeats", "data.validation_images",
-           "train.total_batch_size", "data.warnings"}
+           "train.total_batch_size", "data.warnings", "data.train_images", "data.reg_images", "data.reg_entries"}
 CUT_CHARS = 60  # longer values are cut in the table (the resolved configs hold them whole)
 ARTICLE_ROWS = {  # param -> the article's row label, in the article's order
     "precision.name": "precision", "optimizer.name": "optimizer", "loss.min_snr_gamma": "min-SNR gamma",

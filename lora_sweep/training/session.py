@@ -330,8 +330,10 @@ def text_in_step_reason(cfg, specs: list[DatasetSpec] | None = None) -> str | No
             for key in _PER_STEP:
                 value = getattr(subset, key)
                 if value:
-                    where = f"data.{key}" if subset is spec.template else f"{subset.setting} {key}"
-                    return f"{where}={'true' if value is True else value}"
+                    shown = "true" if value is True else value
+                    if subset is spec.template:
+                        return f"data.{key}={shown}"
+                    return f"{key}={shown} for the subset at {subset.setting}"  # its line, not the key's
     return None
 
 
@@ -430,6 +432,8 @@ def log_data(cfg, data: Data, sink, output_dir: Path) -> None:
         "data.reg_entries": sum(item.repeats for item in items if is_reg(item.subset)),
         "train.total_batch_size": cfg.train.batch_size * cfg.train.grad_accum,
     })
+    if cfg.data.datasets or cfg.data.dataset_config:  # the data.* params are only the fallbacks then
+        sink.params(resolved_dataset_params(data.prepared.specs))
     sink.metrics(data.prepared.cache_stats, 0)
     histogram = json.dumps(data.prepared.histogram, indent=1)
     sink.artifact(write_text(output_dir / "buckets.json", histogram), "data")
@@ -449,6 +453,22 @@ def datasets_record(specs: list[DatasetSpec], items) -> list[dict]:
             {**_json_fields(subset), "images": sum(item.subset == subset for item in mine),
              "entries": sum(item.repeats for item in mine if item.subset == subset)} for subset in subsets]})
     return record
+
+
+def resolved_dataset_params(specs: list[DatasetSpec]) -> dict[str, Any]:
+    """The value every dataset and subset trains with, as MLflow params: `data.datasets.<i>.<key>` and
+    `data.datasets.<i>.subsets.<j>.<key>` (j in the file's order), so runs compare on what trained, not on the data.*
+    fallbacks a dataset config overrides."""
+    params = {}
+    for i, spec in enumerate(specs):
+        for key, value in _json_fields(spec).items():
+            if key not in ("setting", "subsets", "folders", "template", "fallbacks"):
+                params[f"data.datasets.{i}.{key}"] = value
+        for j, subset in enumerate(spec.subsets):
+            for key, value in _json_fields(subset).items():
+                if key != "setting":
+                    params[f"data.datasets.{i}.subsets.{j}.{key}"] = value
+    return params
 
 
 def _json_fields(value) -> dict:

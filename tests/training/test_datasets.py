@@ -97,11 +97,18 @@ def test_dataset_config_toml_trains_with_balanced_reg_and_its_subsets(tmp_path, 
                          "train.device=cpu", "validation.fit_images=0", f"data.cache_dir={tmp_path / 'cache'}")
     specs, scans = preflight.training_scans(cfg, None)
     assert [[i.repeats for i in s.items] for s in scans] == [[10, 10], [5, 5], [10, 10, 10]]
-    assert session_lib.text_in_step_reason(cfg, specs).endswith("kohya_dataset.toml' line 20 shuffle_caption=true")
+    # shuffle_caption is set in [general]: the reason names the subset that trains with it, at that subset's line
+    assert session_lib.text_in_step_reason(cfg, specs).startswith("shuffle_caption=true for the subset at ")
+    assert session_lib.text_in_step_reason(cfg, specs).endswith("kohya_dataset.toml' line 20")
     sink = RecordingSink()
     result = train_lib.train(cfg, output_dir=tmp_path / "out", sink=sink, specs=specs, scans=scans)
     assert result.steps == 1
     assert (sink.logged_params["data.train_images"], sink.logged_params["data.reg_entries"]) == (30, 30)
+    # the params say what trained, not the data.* fallbacks the file overrides (data.shuffle_caption is false)
+    assert cfg.data.shuffle_caption is False
+    assert sink.logged_params["data.datasets.0.subsets.0.shuffle_caption"] is True
+    assert [sink.logged_params[f"data.datasets.0.subsets.{j}.caption_dropout_rate"] for j in range(3)] == [
+        0.1, 0.0, 0.1]
 
 
 @pytest.mark.parametrize("key", ["data.shuffle_caption=true", "data.caption_dropout_rate=0.1"])
@@ -130,6 +137,8 @@ def test_a_job_on_subsets_records_them_and_skip_finished_covers_every_subset(tmp
     client = MlflowClient(mlflow_uri)
     params = client.get_run(first.run_id).data.params
     assert (params["data.train_images"], params["data.reg_images"], params["data.reg_entries"]) == ("2", "1", "2")
+    assert (params["data.datasets.0.subsets.0.num_repeats"], params["data.datasets.0.subsets.1.is_reg"]) == (
+        "2", "True")
     assert "data/datasets.json" in {a.path for a in client.list_artifacts(first.run_id, "data")}
     again = run_job(compose_config(*args), output_dir=tmp_path / "out2")
     assert again.status == "SKIPPED" and again.run_id == first.run_id
