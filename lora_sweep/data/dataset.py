@@ -200,9 +200,43 @@ def inspect_datasets(specs: Sequence[DatasetSpec], inspect=None) -> list[FolderS
     (`balance_datasets`). `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None
     to leave it out (default: `inspect_one`)."""
     inspect = inspect or inspect_one
-    scans = [inspect(target, index, spec) for index, spec in enumerate(specs) for target in [*spec.folders,
-                                                                                            *spec.subsets]]
+    scans = []
+    for index, spec in enumerate(specs):
+        targets = [*spec.folders, *spec.subsets]
+        found = [inspect(target, index, spec) for target in targets]
+        problem = _no_train_images(spec, list(zip(targets, found, strict=True)))
+        first = next((k for k, scan in enumerate(found) if scan is not None), None)
+        if problem and first is not None:  # on a copy: `inspect` may return a memo's scan
+            found[first] = dataclasses.replace(found[first], problems=[*found[first].problems, problem])
+        scans += found
     return balance_datasets([scan for scan in scans if scan is not None], specs)
+
+
+def _no_train_images(spec: DatasetSpec, scanned: list) -> str | None:
+    """The problem of a dataset whose (target, scan) pairs hold no train image, when its train targets were all
+    scanned without a problem of their own (a missing or unreadable folder is named by that); else None."""
+    train = [scan for target, scan in scanned if not _target_is_reg(target)]
+    if not scanned or any(scan is None or scan.problems for scan in train):
+        return None
+    if any(not _is_reg(item) for _, scan in scanned if scan is not None for item in scan.items):
+        return None
+    why = []
+    reg = sum(len(scan.items) for target, scan in scanned if _target_is_reg(target) and scan is not None)
+    if reg:
+        why.append(f"only reg images ({reg}, is_reg = true), which train only beside train images (v0.8.7 balances "
+                   "them to the train entries: 0 here)")
+    dropped = [path for f in spec.fallbacks if "num_repeats < 1" in f.what for path in f.paths]
+    if dropped:
+        why.append(f"subsets with num_repeats < 1 are not used: {_listed([repr(p) for p in dropped])}")
+    empty = [repr(str(scan.root)) for scan in train if not scan.items]
+    if empty:
+        why.append(f"train subsets without an image: {_listed(empty)}")
+    return (f"{spec.setting}: no train images to train on: {'; '.join(why) or 'no train subset'}. Give the dataset "
+            "a subset with images directly in its image_dir, num_repeats >= 1 and is_reg = false (the default).")
+
+
+def _target_is_reg(target: Subset | tuple[Path, bool]) -> bool:
+    return target.is_reg if isinstance(target, Subset) else target[1]
 
 
 def inspect_one(target: Subset | tuple[Path, bool], index: int, spec: DatasetSpec) -> FolderScan:
