@@ -618,10 +618,12 @@ def test_reg_folders_and_subsets_are_checked_like_data_dir(tmp_path):
     ("e3", "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n",
      "only reg images (1, is_reg = true)"),
     ("e2", "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n  [[datasets.subsets]]\n"
-           "  image_dir = 'emptydir'\n  num_repeats = 0\n", "subsets with num_repeats < 1 are not used: 'emptydir'")])
+           "  image_dir = 'emptydir'\n  num_repeats = 0\n", "subsets with num_repeats < 1 are not used: 'emptydir'"),
+    ("e6", "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n  [[datasets.subsets]]\n"
+           "  image_dir = 'emptydir'\n", "train subsets without an image: '")])
 def test_a_dataset_config_without_train_images_is_refused_up_front(tmp_path, app, name, text, why):
     """The tester's e3.toml (only an is_reg subset) and e2.toml (and a num_repeats = 0 subset on an empty folder),
-    exit 2, one paragraph naming the file, before the model loads."""
+    and an empty train folder beside reg: exit 2, one paragraph naming the file, before the model loads."""
     image(tmp_path / "reg" / "r.png", caption="a reg")
     (tmp_path / "emptydir").mkdir()
     path = tmp_path / f"{name}.toml"

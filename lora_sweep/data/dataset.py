@@ -187,11 +187,13 @@ def inspect_subset(subset: Subset, dataset: int = 0) -> FolderScan:
     _scan_subset(root, subset, dataset, scan, found)
     scan.fallbacks += [f for f in found.fallbacks(setting, subset.caption_extension, scan)
                        if not f.what.startswith("<repeats>_<name> folders without an image")]
-    if not scan.items:
-        scan.problems.append(f"{setting}: no readable images to train on directly in image_dir '{root}' "
-                             f"({', '.join(IMAGE_EXTENSIONS)}; subfolders are not scanned)"
-                             + (f"; {len(scan.skipped)} could not be read: {_listed(scan.skipped_why)}"
-                                if scan.skipped else "") + ".")
+    if not scan.items and not scan.skipped:  # v0.8.7 skips a subset without images, with a warning
+        scan.fallbacks.append(Fallback(setting, "subsets without an image directly in image_dir (subfolders are not "
+                                       "scanned): not used", (str(root),),
+                                       "Put images in image_dir, or remove the subset."))
+    elif not scan.items:
+        scan.problems.append(f"{setting}: no readable images to train on directly in image_dir '{root}': "
+                             f"{len(scan.skipped)} could not be read: {_listed(scan.skipped_why)}.")
     return scan
 
 

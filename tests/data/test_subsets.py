@@ -297,3 +297,26 @@ def test_the_command_exits_2_naming_the_setting(tmp_path, sweep):
     code, output = sweep("data.datasets=[{subsets: [{image_dir: ., random_crop: true}]}]")
     assert code == 2 and "data.datasets[0].subsets[0].random_crop: needs the pixels encoded at every step" in output, \
         output[-2000:]
+
+
+def test_an_empty_image_dir_is_a_warning_and_a_missing_one_a_problem(tmp_path, monkeypatch):
+    """v0.8.7 skips a subset without images, with a warning: so does lora-sweep, training on the others."""
+    from conftest import write_image
+
+    from lora_sweep.checks.preflight import check_job
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "char" / "a.png", caption="a char")
+    (tmp_path / "emptydir").mkdir()
+    path = toml(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'char'\n[[datasets.subsets]]\n"
+                          "image_dir = 'emptydir'\n")
+    report = check_job(compose_config(f"data.dataset_config={path}"))
+    assert report.problems == []
+    assert [f.line() for f in report.fallbacks] == [
+        f"data.dataset_config '{path}' line 4: 1 subset without an image directly in image_dir (subfolders are not "
+        f"scanned): not used: '{tmp_path / 'emptydir'}'. Put images in image_dir, or "
+        "remove the subset."]
+    Path(path).write_text(Path(path).read_text().replace("emptydir", "gone"))
+    [problem] = check_job(compose_config(f"data.dataset_config={path}")).problems
+    assert problem.startswith(f"data.dataset_config '{path}' line 5: datasets[0].subsets[1].image_dir: 'gone' is not "
+                              "an existing folder")
