@@ -135,13 +135,23 @@ def test_keys_v087_refuses_in_the_file_say_where_they_go(tmp_path):
     assert "line 8: datasets[0].subsets[0]: image_dir is required" in found
 
 
-@pytest.mark.parametrize("line", ["random_crop = true", "color_aug = true", "face_crop_aug_range = [2.0, 4.0]"])
-def test_per_step_pixel_augmentations_are_refused_by_name(tmp_path, line):
+@pytest.mark.parametrize("line, fix", [("random_crop = true", "remove it or set it to false"),
+                                       ("color_aug = true", "remove it or set it to false"),
+                                       ("face_crop_aug_range = [2.0, 3.0]", "remove it")])  # a range is never false
+def test_per_step_pixel_augmentations_are_refused_by_name(tmp_path, line, fix):
     path = toml(tmp_path, f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '.'\n{line}\n")
     [problem] = problems_of(f"data.dataset_config={path}")
     assert problem == (f"data.dataset_config '{path}' line 4: datasets[0].subsets[0].{line.split()[0]}: needs the "
-                       "pixels encoded at every step, which lora-sweep (like kohya with cached latents) does not do; "
-                       "remove it or set it to false.")
+                       f"pixels encoded at every step, which lora-sweep (like kohya with cached latents) does not do; "
+                       f"{fix}.")
+
+
+def test_an_unknown_top_level_table_names_its_line(tmp_path):
+    """The tester's bad2.toml ends with `[foo]` / `x = 1`: the problem names the header's line."""
+    path = toml(tmp_path, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '.'\n[foo]\nx = 1\n")
+    assert problems_of(f"data.dataset_config={path}") == [
+        f"data.dataset_config '{path}' line 4: foo: unknown top-level key; a dataset config holds only [general] and "
+        "[[datasets]] (with [[datasets.subsets]])."]
 
 
 def test_a_json_file_and_unreadable_files(tmp_path):
