@@ -198,13 +198,14 @@ def inspect_subset(subset: Subset, dataset: int = 0) -> FolderScan:
 
 
 def inspect_datasets(specs: Sequence[DatasetSpec], inspect=None) -> list[FolderScan]:
-    """The training scans of `specs` in order (each dataset's `folders`, then its `subsets`), reg images balanced
-    (`balance_datasets`). `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None
-    to leave it out (default: `inspect_one`)."""
+    """The training scans of `specs` in order (each dataset's `folders`, then its `subsets`; its train ones before its
+    reg ones, the order v0.8.7 registers their images), reg images balanced (`balance_datasets`).
+    `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None to leave it out (default:
+    `inspect_one`)."""
     inspect = inspect or inspect_one
     scans = []
     for index, spec in enumerate(specs):
-        targets = [*spec.folders, *spec.subsets]
+        targets = sorted([*spec.folders, *spec.subsets], key=_target_is_reg)  # stable: file order within each
         found = [inspect(target, index, spec) for target in targets]
         problem = _no_train_images(spec, list(zip(targets, found, strict=True)))
         first = next((k for k, scan in enumerate(found) if scan is not None), None)

@@ -51,7 +51,7 @@ class Subset:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One kohya dataset: its own buckets and batch size, and its subsets in order (train folders, then reg).
+    """One kohya dataset: its own buckets and batch size, and its subsets in file order (as v0.8.7's metadata).
 
     `folders`: `<repeats>_<class>` trees (data.dir, data.reg_data_dir) with is_reg, each subfolder a subset made from
     `template` (its image_dir, num_repeats, class_tokens and is_reg replaced). Bucket fields read as `data.*` does
@@ -436,7 +436,7 @@ def _dataset(cfg, source: _Source, i: int, dataset: dict, upper: list[dict], pro
         batch_size=pick("batch_size", cfg.train.batch_size),
         **buckets,
         network_multiplier=float(pick("network_multiplier", 1.0)),
-        subsets=tuple(s for s in subsets if not s.is_reg) + tuple(s for s in subsets if s.is_reg),
+        subsets=tuple(subsets),
         fallbacks=tuple(fallbacks))
 
 
