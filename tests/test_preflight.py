@@ -612,3 +612,24 @@ def test_reg_folders_and_subsets_are_checked_like_data_dir(tmp_path):
     problems = check_job(cfg).problems
     assert len(problems) == 1 and problems[0].startswith("data.datasets[0].subsets[0]: image '") \
         and "(256x32): an image of 256x32 gets an empty bucket" in problems[0]
+
+
+@pytest.mark.parametrize("name, text, why", [
+    ("e3", "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n",
+     "only reg images (1, is_reg = true)"),
+    ("e2", "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n  [[datasets.subsets]]\n"
+           "  image_dir = 'emptydir'\n  num_repeats = 0\n", "subsets with num_repeats < 1 are not used: 'emptydir'"),
+    ("e6", "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n  [[datasets.subsets]]\n"
+           "  image_dir = 'emptydir'\n", "train subsets without an image: '")])
+def test_a_dataset_config_without_train_images_is_refused_up_front(tmp_path, app, name, text, why):
+    """The tester's e3.toml (only an is_reg subset) and e2.toml (and a num_repeats = 0 subset on an empty folder),
+    and an empty train folder beside reg: exit 2, one paragraph naming the file, before the model loads."""
+    image(tmp_path / "reg" / "r.png", caption="a reg")
+    (tmp_path / "emptydir").mkdir()
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text.replace("'reg'", f"'{tmp_path / 'reg'}'").replace("'emptydir'", f"'{tmp_path / 'emptydir'}'"),
+                    encoding="utf-8")
+    code, out = app(f"data.dataset_config={path}")
+    assert code == 2 and "Pre-flight found 1 problem;" in out, out[-2000:]
+    assert f"data.dataset_config '{path}' line 1 datasets[0]: no train images to train on: " in out
+    assert why.replace("'emptydir'", f"'{tmp_path / 'emptydir'}'") in out

@@ -124,6 +124,7 @@ def _check_data(cfg, report: Report, memo: Memo) -> None:
 
     d = cfg.data
     specs, scans = training_scans(cfg, _train_folder(cfg), memo)
+    report.fallbacks += [fallback for spec in specs for fallback in spec.fallbacks]
     for scan in scans:
         spec = specs[scan.items[0].dataset] if scan.items else None
         report.problems += scan.problems

@@ -187,22 +187,59 @@ def inspect_subset(subset: Subset, dataset: int = 0) -> FolderScan:
     _scan_subset(root, subset, dataset, scan, found)
     scan.fallbacks += [f for f in found.fallbacks(setting, subset.caption_extension, scan)
                        if not f.what.startswith("<repeats>_<name> folders without an image")]
-    if not scan.items:
-        scan.problems.append(f"{setting}: no readable images to train on directly in image_dir '{root}' "
-                             f"({', '.join(IMAGE_EXTENSIONS)}; subfolders are not scanned)"
-                             + (f"; {len(scan.skipped)} could not be read: {_listed(scan.skipped_why)}"
-                                if scan.skipped else "") + ".")
+    if not scan.items and not scan.skipped:  # v0.8.7 skips a subset without images, with a warning
+        scan.fallbacks.append(Fallback(setting, "subsets without an image directly in image_dir (subfolders are not "
+                                       "scanned): not used", (str(root),),
+                                       "Put images in image_dir, or remove the subset."))
+    elif not scan.items:
+        scan.problems.append(f"{setting}: no readable images to train on directly in image_dir '{root}': "
+                             f"{len(scan.skipped)} could not be read: {_listed(scan.skipped_why)}.")
     return scan
 
 
 def inspect_datasets(specs: Sequence[DatasetSpec], inspect=None) -> list[FolderScan]:
-    """The training scans of `specs` in order (each dataset's `folders`, then its `subsets`), reg images balanced
-    (`balance_datasets`). `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None
-    to leave it out (default: `inspect_one`)."""
+    """The training scans of `specs` in order (each dataset's `folders`, then its `subsets`; its train ones before its
+    reg ones, the order v0.8.7 registers their images), reg images balanced (`balance_datasets`).
+    `inspect(target, spec_index, spec)` scans one (folder, is_reg) or Subset, or returns None to leave it out (default:
+    `inspect_one`)."""
     inspect = inspect or inspect_one
-    scans = [inspect(target, index, spec) for index, spec in enumerate(specs) for target in [*spec.folders,
-                                                                                            *spec.subsets]]
+    scans = []
+    for index, spec in enumerate(specs):
+        targets = sorted([*spec.folders, *spec.subsets], key=_target_is_reg)  # stable: file order within each
+        found = [inspect(target, index, spec) for target in targets]
+        problem = _no_train_images(spec, list(zip(targets, found, strict=True)))
+        first = next((k for k, scan in enumerate(found) if scan is not None), None)
+        if problem and first is not None:  # on a copy: `inspect` may return a memo's scan
+            found[first] = dataclasses.replace(found[first], problems=[*found[first].problems, problem])
+        scans += found
     return balance_datasets([scan for scan in scans if scan is not None], specs)
+
+
+def _no_train_images(spec: DatasetSpec, scanned: list) -> str | None:
+    """The problem of a dataset whose (target, scan) pairs hold no train image, when its train targets were all
+    scanned without a problem of their own (a missing or unreadable folder is named by that); else None."""
+    train = [scan for target, scan in scanned if not _target_is_reg(target)]
+    if not scanned or any(scan is None or scan.problems for scan in train):
+        return None
+    if any(not _is_reg(item) for _, scan in scanned if scan is not None for item in scan.items):
+        return None
+    why = []
+    reg = sum(len(scan.items) for target, scan in scanned if _target_is_reg(target) and scan is not None)
+    if reg:
+        why.append(f"only reg images ({reg}, is_reg = true), which train only beside train images (v0.8.7 balances "
+                   "them to the train entries: 0 here)")
+    dropped = [path for f in spec.fallbacks if "num_repeats < 1" in f.what for path in f.paths]
+    if dropped:
+        why.append(f"subsets with num_repeats < 1 are not used: {_listed([repr(p) for p in dropped])}")
+    empty = [repr(str(scan.root)) for scan in train if not scan.items]
+    if empty:
+        why.append(f"train subsets without an image: {_listed(empty)}")
+    return (f"{spec.setting}: no train images to train on: {'; '.join(why) or 'no train subset'}. Give the dataset "
+            "a subset with images directly in its image_dir, num_repeats >= 1 and is_reg = false (the default).")
+
+
+def _target_is_reg(target: Subset | tuple[Path, bool]) -> bool:
+    return target.is_reg if isinstance(target, Subset) else target[1]
 
 
 def inspect_one(target: Subset | tuple[Path, bool], index: int, spec: DatasetSpec) -> FolderScan:

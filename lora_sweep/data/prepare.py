@@ -110,10 +110,13 @@ def prepare_datasets(parts, scans: Sequence[FolderScan], specs: Sequence[Dataset
 
 
 def _prepared(setting: str, scans, examples: list[Example], store, unreadable: list[str], specs=()) -> Prepared:
-    if not examples:
-        skipped = [path for scan in scans for path in scan.skipped]
-        raise UserError(f"{setting}: no readable images to train on: all {len(skipped)} image(s) failed to "
-                        f"decode (e.g. '{skipped[0] if skipped else ''}'). Re-save them as PNG or JPEG.")
+    if not examples and unreadable:
+        raise UserError(f"{setting}: no readable images to train on: all {len(unreadable)} image(s) that would train "
+                        f"failed to decode (e.g. '{unreadable[0]}'). Re-save them as PNG or JPEG.")
+    if not examples:  # the pre-flight refuses this; a file changed since could still get here
+        raise UserError(f"{setting}: no train images to train on: no image with repeats >= 1 outside the reg "
+                        "subsets (reg images train only beside train images). Give a subset with images, num_repeats "
+                        ">= 1 and is_reg = false.")
     histogram = buckets.bucket_histogram([e.bucket for e in examples for _ in range(e.item.repeats)])
     return Prepared(examples, histogram, cache_stats=store.stats(), unreadable=unreadable, specs=list(specs))
 

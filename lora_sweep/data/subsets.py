@@ -51,7 +51,7 @@ class Subset:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One kohya dataset: its own buckets and batch size, and its subsets in order (train folders, then reg).
+    """One kohya dataset: its own buckets and batch size, and its subsets in file order (as v0.8.7's metadata).
 
     `folders`: `<repeats>_<class>` trees (data.dir, data.reg_data_dir) with is_reg, each subfolder a subset made from
     `template` (its image_dir, num_repeats, class_tokens and is_reg replaced). Bucket fields read as `data.*` does
@@ -354,7 +354,7 @@ def _load_file(value: str, problems: list[str]) -> tuple[_Source, dict, list]:
                         f"{type(content).__name__}.")
         return source, {}, []
     for key in [key for key in content if key not in ("general", "datasets")]:
-        line = source.lines.line("top", key) if source.lines else None
+        line = (source.lines.line("top", key) or source.lines.line(key)) if source.lines else None  # key or [key]
         problems.append(f"{source.name}{f' line {line}' if line else ''}: {key}: unknown top-level key; a dataset "
                         "config holds only [general] and [[datasets]] (with [[datasets.subsets]]).")
     general, tables = content.get("general", {}), content.get("datasets", [])
@@ -436,7 +436,7 @@ def _dataset(cfg, source: _Source, i: int, dataset: dict, upper: list[dict], pro
         batch_size=pick("batch_size", cfg.train.batch_size),
         **buckets,
         network_multiplier=float(pick("network_multiplier", 1.0)),
-        subsets=tuple(s for s in subsets if not s.is_reg) + tuple(s for s in subsets if s.is_reg),
+        subsets=tuple(subsets),
         fallbacks=tuple(fallbacks))
 
 
@@ -486,7 +486,8 @@ def _checked(source: _Source, path, table: Mapping, level: str, problems: list[s
             if problem:
                 problems.append(f"{at}: {problem}.")
             elif key in PER_STEP_PIXELS and converted not in (False, None):
-                problems.append(f"{at}: {NO_PIXELS_EACH_STEP}; remove it or set it to false.")
+                fix = "remove it" if key == "face_crop_aug_range" else "remove it or set it to false"  # a range
+                problems.append(f"{at}: {NO_PIXELS_EACH_STEP}; {fix}.")
             else:
                 kept[key] = converted
     if level == "subset" and "image_dir" not in table:

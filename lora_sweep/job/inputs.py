@@ -26,7 +26,7 @@ class JobInputs:
     train_scans: list[FolderScan]  # data.dir (or the bundled photos, written first if needed) and data.reg_data_dir,
     # or each subset of data.datasets / data.dataset_config; reg images balanced
     validation_scan: FolderScan | None  # data.validation_dir
-    fallbacks: list[Fallback]  # the scans' and the prompts', in that order
+    fallbacks: list[Fallback]  # the datasets' (subsets left out, keys without effect), the scans', the prompts'
     prompts: list  # the sample PromptSpecs, parsed with the Sampler's defaults (training.evaluate.read_prompts)
 
     @property
@@ -59,5 +59,6 @@ def read_inputs(cfg, sweep_dir: Path | None = None) -> JobInputs:
     if problems:
         raise UserError(" ".join([CHANGED, *problems]))
     syntax = caption_syntax_fallbacks([item for scan in train_scans for item in scan.items])
-    inputs.fallbacks = [f for s in inputs.scans for f in s.fallbacks] + syntax + prompt_fallbacks
+    dropped = [f for spec in specs for f in spec.fallbacks]
+    inputs.fallbacks = dropped + [f for s in inputs.scans for f in s.fallbacks] + syntax + prompt_fallbacks
     return inputs

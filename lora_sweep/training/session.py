@@ -448,7 +448,8 @@ def datasets_record(specs: list[DatasetSpec], items) -> list[dict]:
     for index, spec in enumerate(specs):
         mine = [item for item in items if item.dataset == index]
         subsets = list(dict.fromkeys(item.subset for item in mine))
-        fields = {k: v for k, v in _json_fields(spec).items() if k not in ("subsets", "folders", "template")}
+        left_out = ("subsets", "folders", "template", "fallbacks")  # fallbacks: the run's warnings.txt
+        fields = {k: v for k, v in _json_fields(spec).items() if k not in left_out}
         record.append({**fields, "subsets": [
             {**_json_fields(subset), "images": sum(item.subset == subset for item in mine),
              "entries": sum(item.repeats for item in mine if item.subset == subset)} for subset in subsets]})

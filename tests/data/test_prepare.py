@@ -127,3 +127,26 @@ def test_encoding_names_itself_and_its_cache_and_logs_progress_without_a_termina
     assert lines[0] == f"{name} (4 images)"
     assert lines[1:5] == [f"{name}: {i}/4 images" for i in range(1, 5)]
     assert lines[5].startswith(f"{name}: 4/4 images in ") and len(lines) == 6
+
+
+def test_reg_images_alone_are_said_to_be_no_train_images_not_decode_failures(parts, tmp_path, monkeypatch):
+    """The tester's e3.toml (only an is_reg subset) reaching the encoder: its message names the reg-only dataset,
+    not images that failed to decode (none did)."""
+    from conftest import write_image
+
+    from lora_sweep.data.dataset import inspect_datasets
+    from lora_sweep.data.prepare import prepare_datasets
+    from lora_sweep.data.subsets import dataset_specs
+    from lora_sweep.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "reg" / "r.png", caption="a reg")
+    (tmp_path / "e3.toml").write_text("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'reg'\n  is_reg = true\n",
+                                      encoding="utf-8")
+    cfg = compose_config("data.dataset_config=e3.toml", f"data.cache_dir={tmp_path / 'cache'}")
+    specs = dataset_specs(cfg, None)
+    scans = inspect_datasets(specs)
+    with pytest.raises(UserError) as error:
+        prepare_datasets(parts, scans, specs, cfg.data, device=torch.device("cpu"), cache_text=False)
+    assert "no train images to train on: no image with repeats >= 1 outside the reg subsets" in str(error.value)
+    assert "decode" not in str(error.value)

@@ -135,13 +135,23 @@ def test_keys_v087_refuses_in_the_file_say_where_they_go(tmp_path):
     assert "line 8: datasets[0].subsets[0]: image_dir is required" in found
 
 
-@pytest.mark.parametrize("line", ["random_crop = true", "color_aug = true", "face_crop_aug_range = [2.0, 4.0]"])
-def test_per_step_pixel_augmentations_are_refused_by_name(tmp_path, line):
+@pytest.mark.parametrize("line, fix", [("random_crop = true", "remove it or set it to false"),
+                                       ("color_aug = true", "remove it or set it to false"),
+                                       ("face_crop_aug_range = [2.0, 3.0]", "remove it")])  # a range is never false
+def test_per_step_pixel_augmentations_are_refused_by_name(tmp_path, line, fix):
     path = toml(tmp_path, f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '.'\n{line}\n")
     [problem] = problems_of(f"data.dataset_config={path}")
     assert problem == (f"data.dataset_config '{path}' line 4: datasets[0].subsets[0].{line.split()[0]}: needs the "
-                       "pixels encoded at every step, which lora-sweep (like kohya with cached latents) does not do; "
-                       "remove it or set it to false.")
+                       f"pixels encoded at every step, which lora-sweep (like kohya with cached latents) does not do; "
+                       f"{fix}.")
+
+
+def test_an_unknown_top_level_table_names_its_line(tmp_path):
+    """The tester's bad2.toml ends with `[foo]` / `x = 1`: the problem names the header's line."""
+    path = toml(tmp_path, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '.'\n[foo]\nx = 1\n")
+    assert problems_of(f"data.dataset_config={path}") == [
+        f"data.dataset_config '{path}' line 4: foo: unknown top-level key; a dataset config holds only [general] and "
+        "[[datasets]] (with [[datasets.subsets]])."]
 
 
 def test_a_json_file_and_unreadable_files(tmp_path):
@@ -297,3 +307,26 @@ def test_the_command_exits_2_naming_the_setting(tmp_path, sweep):
     code, output = sweep("data.datasets=[{subsets: [{image_dir: ., random_crop: true}]}]")
     assert code == 2 and "data.datasets[0].subsets[0].random_crop: needs the pixels encoded at every step" in output, \
         output[-2000:]
+
+
+def test_an_empty_image_dir_is_a_warning_and_a_missing_one_a_problem(tmp_path, monkeypatch):
+    """v0.8.7 skips a subset without images, with a warning: so does lora-sweep, training on the others."""
+    from conftest import write_image
+
+    from lora_sweep.checks.preflight import check_job
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "char" / "a.png", caption="a char")
+    (tmp_path / "emptydir").mkdir()
+    path = toml(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'char'\n[[datasets.subsets]]\n"
+                          "image_dir = 'emptydir'\n")
+    report = check_job(compose_config(f"data.dataset_config={path}"))
+    assert report.problems == []
+    assert [f.line() for f in report.fallbacks] == [
+        f"data.dataset_config '{path}' line 4: 1 subset without an image directly in image_dir (subfolders are not "
+        f"scanned): not used: '{tmp_path / 'emptydir'}'. Put images in image_dir, or "
+        "remove the subset."]
+    Path(path).write_text(Path(path).read_text().replace("emptydir", "gone"))
+    [problem] = check_job(compose_config(f"data.dataset_config={path}")).problems
+    assert problem.startswith(f"data.dataset_config '{path}' line 5: datasets[0].subsets[1].image_dir: 'gone' is not "
+                              "an existing folder")

@@ -206,3 +206,62 @@ def test_images_behind_broken_links_are_counted_in_skipped_images_and_named(tmp_
     for name in ("a", "b", "c"):
         link = f"{tmp_path / 'ds' / '2_thing' / name}.png (a link to '{tmp_path / 'moved' / name}.png', which is gone)"
         assert link in warnings and link in caplog.text
+
+
+# the tester's three files (issue 25): each leaves something out of a dataset config
+DROPPED = {
+    "e4": "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'style'\n  num_repeats = 0\n"
+          "  [[datasets.subsets]]\n  image_dir = 'char'\n",
+    "e5": "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'char'\n  [[datasets.subsets]]\n  image_dir = 'reg'\n"
+          "  is_reg = true\n  num_repeats = 0\n",
+    "m": "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'char'\n  num_repeats = 2\n  [[datasets.subsets]]\n"
+         "  image_dir = 'char'\n  num_repeats = 5\n",
+    "ci": "[general]\ncache_info = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'style'\n",
+}
+
+
+@pytest.mark.parametrize("name, warning", [
+    ("e4", "line 2: 1 subset not used: num_repeats < 1 (as kohya): 'style'."),
+    ("e5", "line 4: 1 subset not used: num_repeats < 1 (as kohya): 'reg'."),
+    ("m", "line 5: 1 subset not used: an earlier subset of this dataset has the same image_dir"),
+    ("ci", ": 1 cache_info setting without effect")])
+def test_a_subset_left_out_or_a_key_without_effect_is_warned_by_the_pre_flight_and_the_job(
+        tmp_path, monkeypatch, name, warning):
+    """What reading a dataset config left out is a warning of the pre-flight and of the job (its `data.warnings`),
+    once, and stays out of the datasets record (datasets.json)."""
+    import json
+
+    from lora_sweep.job.inputs import read_inputs
+    from lora_sweep.training.session import datasets_record
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("char", "style", "reg"):
+        write_image(tmp_path / folder / "a.png", caption=f"a {folder}")
+    (tmp_path / f"{name}.toml").write_text(DROPPED[name], encoding="utf-8")
+    cfg = compose_config(f"data.dataset_config={name}.toml")
+    report = check_job(cfg)
+    assert report.problems == []
+    assert [f.line() for f in report.fallbacks if warning in f.line()] == [f.line() for f in report.fallbacks]
+    assert len(report.fallbacks) == 1
+    inputs = read_inputs(cfg)
+    assert [f.line() for f in inputs.fallbacks] == [f.line() for f in report.fallbacks]
+    items = [item for scan in inputs.train_scans for item in scan.items]
+    record = json.loads(json.dumps(datasets_record(inputs.specs, items)))
+    assert "fallbacks" not in record[0] and len(record[0]["subsets"]) == 1
+
+
+def test_a_dataset_config_with_a_left_out_subset_trains_and_counts_its_warning(tmp_path, mlflow_uri, monkeypatch):
+    """The tester's e5.toml (a reg subset with num_repeats = 0) trains one step: one warning, logged on the run."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("char", "reg"):
+        write_image(tmp_path / folder / "a.png", caption=f"a {folder}")
+    (tmp_path / "e5.toml").write_text(DROPPED["e5"], encoding="utf-8")
+    cfg = compose_config("train.max_steps=1", "train.device=cpu", "data.dataset_config=e5.toml",
+                         f"train.state_dir={tmp_path / 'states'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert check_job(cfg).problems == []
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED", outcome.reason
+    params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
+    assert params["data.warnings"] == "1"
+    warnings = (tmp_path / "out" / "warnings.txt").read_text()
+    assert "1 subset not used: num_repeats < 1 (as kohya)" in warnings

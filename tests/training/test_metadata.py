@@ -175,3 +175,26 @@ def test_the_kohya_dataset_config_fixture_as_scanned_and_balanced(tmp_path, monk
         ("char", 10, 2, False, "sks girl", 1, False, "|||", ";;;"),
         ("style", 5, 2, False, None, 0, True, "|||", ";;;"),
         ("girl", 1, 3, True, "girl", 0, False, "|||", ";;;")]
+
+
+def test_a_reg_subset_before_a_train_subset_keeps_file_order_in_the_metadata(tmp_path, monkeypatch):
+    """v0.8.7 lists subsets in file order in ss_datasets and ss_tag_frequency; only its image registration puts the
+    train images first (the order the scans give the items)."""
+    from conftest import write_image
+
+    from lora_sweep.checks import preflight
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "reg" / "r.png", caption="a reg")
+    write_image(tmp_path / "char" / "c.png", caption="a char")
+    (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'reg'\nis_reg = true\n"
+                                      "[[datasets.subsets]]\nimage_dir = 'char'\n", encoding="utf-8")
+    job_cfg = compose_config("data.dataset_config=ds.toml")
+    specs, scans = preflight.training_scans(job_cfg, None)
+    assert [s.image_dir.name for s in specs[0].subsets] == ["reg", "char"]
+    assert [item.path.name for scan in scans for item in scan.items] == ["c.png", "r.png"]
+    entries = [(item, assign_with_settings(item.size, bucket_settings(specs[0]))[0])
+               for scan in scans for item in scan.items]
+    meta = dataset_metadata(specs, entries, toml_mode=True, cfg=job_cfg)
+    assert list(json.loads(meta["ss_tag_frequency"])) == ["reg", "char"]
+    assert [s["image_dir"] for s in json.loads(meta["ss_datasets"])[0]["subsets"]] == ["reg", "char"]
