@@ -249,19 +249,3 @@ def test_a_subset_left_out_or_a_key_without_effect_is_warned_by_the_pre_flight_a
     record = json.loads(json.dumps(datasets_record(inputs.specs, items)))
     assert "fallbacks" not in record[0] and len(record[0]["subsets"]) == 1
 
-
-def test_a_dataset_config_with_a_left_out_subset_trains_and_counts_its_warning(tmp_path, mlflow_uri, monkeypatch):
-    """The tester's e5.toml (a reg subset with num_repeats = 0) trains one step: one warning, logged on the run."""
-    monkeypatch.chdir(tmp_path)
-    for folder in ("char", "reg"):
-        write_image(tmp_path / folder / "a.png", caption=f"a {folder}")
-    (tmp_path / "e5.toml").write_text(DROPPED["e5"], encoding="utf-8")
-    cfg = compose_config("train.max_steps=1", "train.device=cpu", "data.dataset_config=e5.toml",
-                         f"train.state_dir={tmp_path / 'states'}", f"data.cache_dir={tmp_path / 'cache'}")
-    assert check_job(cfg).problems == []
-    outcome = run_job(cfg, output_dir=tmp_path / "out")
-    assert outcome.status == "FINISHED", outcome.reason
-    params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
-    assert params["data.warnings"] == "1"
-    warnings = (tmp_path / "out" / "warnings.txt").read_text()
-    assert "1 subset not used: num_repeats < 1 (as kohya)" in warnings

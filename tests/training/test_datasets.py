@@ -128,8 +128,11 @@ def test_a_job_on_subsets_records_them_and_skip_finished_covers_every_subset(tmp
 
     write_image(tmp_path / "train" / "a.png", caption="a red square", color=(200, 30, 30))
     write_image(tmp_path / "reg" / "b.png", caption="a square", color=(30, 30, 200))
+    write_image(tmp_path / "unused" / "c.png", caption="a square", color=(30, 200, 30))
+    # a subset with 0 repeats is left out with one warning (as kohya), and the job trains on
     subsets = (f"{{image_dir:'{tmp_path / 'train'}',num_repeats:2}},"
-               f"{{image_dir:'{tmp_path / 'reg'}',num_repeats:1,is_reg:true}}")
+               f"{{image_dir:'{tmp_path / 'reg'}',num_repeats:1,is_reg:true}},"
+               f"{{image_dir:'{tmp_path / 'unused'}',num_repeats:0}}")
     args = ("data=folder", "data.dir=null", f"data.datasets=[{{subsets:[{subsets}]}}]", "train.max_steps=1",
             "train.device=cpu", "validation.fit_images=0", f"train.state_dir={tmp_path / 'states'}")
     first = run_job(compose_config(*args), output_dir=tmp_path / "out1")
@@ -137,6 +140,7 @@ def test_a_job_on_subsets_records_them_and_skip_finished_covers_every_subset(tmp
     client = MlflowClient(mlflow_uri)
     params = client.get_run(first.run_id).data.params
     assert (params["data.train_images"], params["data.reg_images"], params["data.reg_entries"]) == ("2", "1", "2")
+    assert params["data.warnings"] == "1"
     assert (params["data.datasets.0.subsets.0.num_repeats"], params["data.datasets.0.subsets.1.is_reg"]) == (
         "2", "True")
     assert "data/datasets.json" in {a.path for a in client.list_artifacts(first.run_id, "data")}
