@@ -129,11 +129,12 @@ class Session:
                                     max_train_steps=self.cfg.train.max_steps, rng=random) for e in examples]
         return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
 
-    def set_multiplier(self, dataset: int) -> None:
+    def set_multiplier(self, dataset: int | None) -> None:
         """Scale every LoRA layer by `dataset`'s network_multiplier (kohya's network.set_multiplier before the
-        text-encoder forward); only when some dataset's multiplier is not 1.0."""
-        wanted = self.prepared.specs[dataset].network_multiplier if self.prepared.specs else 1.0
-        if wanted != self.multiplier and any(spec.network_multiplier != 1.0 for spec in self.prepared.specs):
+        text-encoder forward), or by 1.0 for None (evaluation); only when some dataset's multiplier is not 1.0."""
+        specs = self.prepared.specs
+        wanted = specs[dataset].network_multiplier if specs and dataset is not None else 1.0
+        if wanted != self.multiplier and any(spec.network_multiplier != 1.0 for spec in specs):
             modules = [self.parts.unet, self.parts.text_encoder, self.parts.text_encoder_2]
             set_lora_multiplier(modules, wanted)
             self.multiplier = wanted
@@ -143,6 +144,7 @@ class Session:
 
         A hook returns False when it gave up; once a stop is requested no further hook starts.
         """
+        self.set_multiplier(None)  # measured and sampled at full strength, as the saved file is used
         complete = True
         for hook in self.hooks:
             if self.should_stop() or hook(self, step, final) is False:

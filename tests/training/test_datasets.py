@@ -49,6 +49,33 @@ def test_network_multiplier_scales_every_lora_layer():
     torch.testing.assert_close(half - base, (full - base) * 0.5)
 
 
+def test_evaluation_runs_at_multiplier_one_whatever_dataset_trained_last():
+    """A dataset's network_multiplier scales its batches; the evaluation hooks then see the LoRA at 1.0, so a loss
+    measured does not depend on which dataset's batch came last."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_sweep.data.subsets import DatasetSpec
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=1, target_modules=["0"], init_lora_weights=False),
+                                    torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    x = torch.randn(3, 4)
+    spec = DatasetSpec("data.datasets[0]", (64, 64), 1, True, 32, False, None, None, network_multiplier=0.5)
+    s = SimpleNamespace(prepared=SimpleNamespace(specs=[spec]), multiplier=1.0, should_stop=lambda: False,
+                        parts=SimpleNamespace(unet=model, text_encoder=torch.nn.Identity(),
+                                              text_encoder_2=torch.nn.Identity()))
+    s.set_multiplier = lambda dataset: session_lib.Session.set_multiplier(s, dataset)
+    seen = []
+    s.hooks = [lambda session, step, final: seen.append(model(x).detach())]
+    with torch.no_grad():
+        full = model(x)
+        s.set_multiplier(0)
+        half = model(x)
+        assert session_lib.Session.after_step(s, 1)
+    assert not torch.equal(half, full) and torch.equal(seen[0], full) and s.multiplier == 1.0
+
 def _tiny(tmp_path: Path, *overrides: str) -> RecordingSink:
     """Two optimizer steps of batch size 1 on a train image and a reg image of one dataset (data.datasets)."""
     write_image(tmp_path / "train" / "a.png", caption="a red square", color=(200, 30, 30))
