@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lora_sweep.errors import ConfigError, ConfigErrors, Fallback
+from lora_sweep.errors import ConfigError, ConfigErrors, Fallback, UserError
 
 
 @dataclass(frozen=True)
@@ -538,3 +538,31 @@ def _type_hint(kind, value) -> str:
     if kind in (int, "resolution") and isinstance(value, float) and value.is_integer():
         return f" (write {int(value)}: v0.8.7 checks the type exactly, and {value} is a float)"
     return ""
+
+
+# the caption options that make v0.8.7 process a caption differently at each step (kohya:
+# is_text_encoder_output_cacheable), and enable_wildcard, whose `{a|b}` draws
+PER_STEP_CAPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                     "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
+
+
+def per_step_captions(cfg, specs: Sequence[DatasetSpec] | None = None) -> str | None:
+    """The first setting under which a subset's captions may change per step (`PER_STEP_CAPTIONS`), as
+    `data.<key>=<value>` or `<key>=<value> for the subset at <setting>`; None if none does. `specs`: None reads them
+    (a config the checks refuse gives None: they name it)."""
+    d = cfg.data
+    if specs is None:
+        try:  # the folder only names the subsets; their caption options come from data.*
+            specs = dataset_specs(cfg, None if d.datasets or d.dataset_config else Path(d.dir or "."))
+        except UserError:
+            return None
+    for spec in specs:
+        for subset in [*([spec.template] if spec.template else []), *spec.subsets]:
+            for key in PER_STEP_CAPTIONS:
+                value = getattr(subset, key)
+                if value:
+                    shown = "true" if value is True else value
+                    if subset is spec.template:
+                        return f"data.{key}={shown}"
+                    return f"{key}={shown} for the subset at {subset.setting}"  # its line, not the key's
+    return None

@@ -133,8 +133,11 @@ def out_of_memory_message(cfg, exc: BaseException, last_state: Path | None = Non
                      f"{t.grad_accum})")
     if cfg.network.train_text_encoder:
         hints.append("train the U-Net only, with cached text embeddings (network.train_text_encoder=false)")
-    if cfg.data.shuffle_caption:
-        hints.append("cached text embeddings need data.shuffle_caption=false (now the text encoders stay on the GPU)")
+    from lora_sweep.data.subsets import per_step_captions
+
+    if not cfg.network.train_text_encoder and (reason := per_step_captions(cfg)):
+        hints.append(f"cached text embeddings need captions that do not change per step (now {reason}: the text "
+                     "encoders stay on the GPU)")
     hints.append(f"a smaller LoRA (network.rank, now {cfg.network.rank}) or resolution (data.resolution, now "
                  f"{cfg.data.resolution})")
     return ("out of memory during training (" + _first_line(exc) + "). To lower memory: "

@@ -28,7 +28,7 @@ from lora_sweep.data.captions import fixed_caption, process_caption
 from lora_sweep.data.dataset import FolderScan, inspect_datasets, raw_reg_entries, scan_folder
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples
-from lora_sweep.data.subsets import DatasetSpec, Subset, dataset_specs
+from lora_sweep.data.subsets import DatasetSpec, Subset, dataset_specs, per_step_captions
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
@@ -310,33 +310,12 @@ def training_specs(cfg) -> list[DatasetSpec]:
     return dataset_specs(cfg, None if d.datasets or d.dataset_config else data_folder(cfg))
 
 
-# the caption options that make v0.8.7 process a caption differently at each step (kohya:
-# is_text_encoder_output_cacheable), and enable_wildcard, whose `{a|b}` draws
-_PER_STEP = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
-             "token_warmup_step", "enable_wildcard")
-
-
 def text_in_step_reason(cfg, specs: list[DatasetSpec] | None = None) -> str | None:
-    """The setting that makes captions encode at every step (text-encoder LoRA, or a subset whose captions may change
-    per step: `_PER_STEP`), or None when every caption's embedding can be cached. `specs`: None reads them."""
+    """The setting that makes captions encode at every step (text-encoder LoRA, or `subsets.per_step_captions`), or
+    None when every caption's embedding can be cached. `specs`: None reads them."""
     if cfg.network.train_text_encoder:
         return "network.train_text_encoder=true"
-    d = cfg.data
-    if specs is None:
-        try:  # the folder only names the subsets; their caption options come from data.*
-            specs = dataset_specs(cfg, None if d.datasets or d.dataset_config else Path(d.dir or "."))
-        except UserError:  # the config checks name it
-            return None
-    for spec in specs:
-        for subset in [*([spec.template] if spec.template else []), *spec.subsets]:
-            for key in _PER_STEP:
-                value = getattr(subset, key)
-                if value:
-                    shown = "true" if value is True else value
-                    if subset is spec.template:
-                        return f"data.{key}={shown}"
-                    return f"{key}={shown} for the subset at {subset.setting}"  # its line, not the key's
-    return None
+    return per_step_captions(cfg, specs)
 
 
 def encodes_text_in_step(cfg, specs: list[DatasetSpec] | None = None) -> bool:

@@ -147,6 +147,10 @@ def test_out_of_memory_message_from_cuda_error_suggests_only_knobs_not_in_use():
     assert "Tried to allocate 2.00 GiB" in message
     assert "precision=fp8" not in message and "gradient_checkpointing" not in message  # already on
     assert "network.rank" in message and "No state had been saved yet" in message  # none given: none claimed
+    assert "cached text embeddings" not in message
+    # any caption option that changes captions per step keeps the text encoders on the GPU, not only the shuffle
+    dropout = out_of_memory_message(compose_config("data.caption_dropout_rate=0.1"), cuda_error)
+    assert "captions that do not change per step (now data.caption_dropout_rate=0.1:" in dropout
     kept = out_of_memory_message(cfg, cuda_error, Path("/states/state-step00000002.pt"))
     assert kept.endswith("The last saved state is kept (/states/state-step00000002.pt): the next run of this config "
                          "resumes from it (train.resume=auto).")
