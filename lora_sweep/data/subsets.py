@@ -388,7 +388,7 @@ def _datasets(cfg, source: _Source, general: dict, tables: list, problems: list[
 
 def _no_effect(source: _Source, path) -> Fallback:
     return Fallback(source.name, "cache_info settings without effect (lora-sweep reads every image and caption "
-                    "itself and caches by content)", (source.at(path, "cache_info"),))
+                    "itself and caches by content)", (source.at(path, "cache_info").removeprefix(source.name + " "),))
 
 
 def _dataset(cfg, source: _Source, i: int, dataset: dict, upper: list[dict], problems: list[str]) -> DatasetSpec:

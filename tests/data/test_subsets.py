@@ -186,7 +186,7 @@ def test_dropped_subsets_and_cache_info_are_fallbacks_not_silence(tmp_path, monk
     name = f"data.dataset_config '{path}'"
     assert lines == [
         f"{name}: 1 cache_info setting without effect (lora-sweep reads every image and caption itself and caches by "
-        f"content): '{name} line 2: general.cache_info'.",
+        "content): 'line 2: general.cache_info'.",
         f"{name} line 6: 1 subset not used: an earlier subset of this dataset has the same image_dir (as kohya, the "
         "first one wins): 'a'.",
         f"{name} line 9: 1 subset not used: num_repeats < 1 (as kohya): './a'."]
