@@ -149,3 +149,14 @@ def test_a_resume_value_that_is_no_file_is_shown_as_typed(tmp_path, monkeypatch)
     cfg = compose_config("train.resume=states")
     assert make_paths_absolute(cfg) == {"train.resume": str(tmp_path / "states")}
     assert not [p for p in config_problems(cfg) if p.startswith("train.resume")]
+
+
+def test_a_relative_dataset_config_and_reg_folder_are_hashed_as_the_paths_meant(tmp_path, monkeypatch):
+    """`data.dataset_config=ds.toml` and `data.reg_data_dir=reg` are made absolute against the launch folder before the
+    hash, like data.dir: the same file started from two folders is two configs, and Slurm or Ray jobs find it."""
+    from lora_sweep.paths import make_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("data.dataset_config=ds.toml", "data.reg_data_dir=reg")
+    assert make_paths_absolute(cfg) == {"data.dataset_config": str(tmp_path / "ds.toml"),
+                                        "data.reg_data_dir": str(tmp_path / "reg")}
