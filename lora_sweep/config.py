@@ -54,6 +54,7 @@ class DataConfig:
     token_warmup_step: float = 0.0  # < 1: a fraction of train.max_steps
     random_crop: bool = False  # refused: needs pixels encoded at every step
     color_aug: bool = False  # refused: needs pixels encoded at every step
+    max_token_length: int | None = None  # --max_token_length: 150 or 225 encode 2 or 3 chunks of 75; null = 75
     cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR, $XDG_CACHE_HOME/lora-sweep or ~/.cache/lora-sweep
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
     validation_split: float = 0.0
@@ -269,6 +270,8 @@ _HASH_NEUTRAL = {
     "data.token_warmup_step": (0.0,),
     "data.random_crop": (False,),
     "data.color_aug": (False,),
+    # issue 26: long captions
+    "data.max_token_length": (None, 75),
     "loss.prior_loss_weight": (1.0,),
 }
 

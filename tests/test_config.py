@@ -379,3 +379,13 @@ def test_issue_25_keys_at_their_defaults_keep_the_hash_runs_had_before_them():
                "data.keep_tokens_separator='|||'", "data.enable_wildcard=true", "data.token_warmup_step=0.5",
                "loss.prior_loss_weight=0.5", "data.secondary_separator=';;;'", "data.caption_tag_dropout_rate=0.2"]
     assert len({config_hash(compose_config(c)) for c in changed} - {base}) == len(changed)
+
+
+def test_max_token_length_is_hash_neutral_at_null_and_75_and_kohyas_name_finds_it():
+    from lora_sweep.checks.keys import kohya_name
+
+    base = config_hash(compose_config())
+    assert config_hash(compose_config("data.max_token_length=75")) == base
+    longer = {config_hash(compose_config(f"data.max_token_length={n}")) for n in (150, 225)}
+    assert len(longer - {base}) == 2
+    assert kohya_name("max_token_length") == "data.max_token_length"

@@ -19,6 +19,7 @@ BAD = [  # (overrides, the field the message must name), across every group
     (["data.latent_sample=mode"], "data.latent_sample"),
     (["data.caption_extension=txt"], "data.caption_extension"),
     (["data.keep_tokens=-1"], "data.keep_tokens"),
+    (["data.max_token_length=100"], "data.max_token_length"),
     (["noise.offset=-0.1"], "noise.offset"),
     (["noise.multires_discount=1.5"], "noise.multires_discount"),
     (["noise.ip_gamma=-1"], "noise.ip_gamma"),
@@ -160,3 +161,11 @@ def test_a_relative_dataset_config_and_reg_folder_are_hashed_as_the_paths_meant(
     cfg = compose_config("data.dataset_config=ds.toml", "data.reg_data_dir=reg")
     assert make_paths_absolute(cfg) == {"data.dataset_config": str(tmp_path / "ds.toml"),
                                         "data.reg_data_dir": str(tmp_path / "reg")}
+
+
+def test_max_token_length_takes_kohyas_choices_and_the_guis_75():
+    for value in ("null", "75", "150", "225"):
+        assert config_problems(compose_config(f"data.max_token_length={value}")) == []
+    assert config_problems(compose_config("data.max_token_length=300")) == [
+        "data.max_token_length: must be null, 75, 150 or 225 (kohya's --max_token_length: the text tokens of a "
+        "caption, in chunks of 75; null and 75 are the same), got 300."]

@@ -35,6 +35,7 @@ KOHYA_NAMES = {
     "token_warmup_min": "data.token_warmup_min", "token_warmup_step": "data.token_warmup_step",
     "shuffle_caption": "data.shuffle_caption", "keep_tokens": "data.keep_tokens",
     "caption_separator": "data.caption_separator", "caption_extension": "data.caption_extension",
+    "max_token_length": "data.max_token_length",
     "flip_aug": "data.flip_aug", "random_crop": "data.random_crop", "color_aug": "data.color_aug",
     "enable_bucket": "data.enable_bucket", "bucket_no_upscale": "data.bucket_no_upscale",
     "bucket_reso_steps": "data.bucket_reso_steps", "min_bucket_reso": "data.min_bucket_reso",

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LATENT_SAMPLE = ("sample", "mean")
 RESUME = ("auto", "never")
 ON_BUSY = ("wait", "skip")
+MAX_TOKEN_LENGTHS = (None, 75, 150, 225)  # kohya's --max_token_length choices, plus the GUI's 75 (= null)
 SEED_MAX = 2**32 - 1  # numpy's seed range; kohya's seeds live there too
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -107,6 +108,9 @@ def _data_checks(d) -> list[Callable[[], None]]:
         lambda: _range("data.validation_split", d.validation_split, 0.0, 1.0, high_open=True),
         *(lambda key=key: _dataset_value(d, key) for key in _DATASET_VALUES),
         lambda: d.reg_data_dir is None or _existing("data.reg_data_dir", d.reg_data_dir, kind="folder"),
+        lambda: d.max_token_length in MAX_TOKEN_LENGTHS or _fail(
+            "data.max_token_length", d.max_token_length, "null, 75, 150 or 225 (kohya's --max_token_length: the text "
+            "tokens of a caption, in chunks of 75; null and 75 are the same)"),
     ]
 
 

@@ -21,8 +21,8 @@ from lora_sweep.data.captions import fixed_caption
 from lora_sweep.data.dataset import FolderScan, ImageItem, gone
 from lora_sweep.data.images import load_rgb
 from lora_sweep.data.subsets import DatasetSpec
-from lora_sweep.errors import UserError
-from lora_sweep.model.encode import encode_images, encode_prompts
+from lora_sweep.errors import Fallback, UserError
+from lora_sweep.model.encode import CHUNK, encode_images, encode_prompts, token_counts
 from lora_sweep.paths import default_cache_dir
 from lora_sweep.progress import progress
 
@@ -43,7 +43,7 @@ class Example:
     latents_flipped: torch.Tensor | None
     time_ids: torch.Tensor  # (6,) original size, crop top-left, target size
     time_ids_flipped: torch.Tensor | None
-    context: torch.Tensor | None  # (77, hidden); None when text is encoded per step
+    context: torch.Tensor | None  # (tokens, hidden): 77, 152 or 227 tokens; None when text is encoded per step
     pooled: torch.Tensor | None
 
 
@@ -109,6 +109,20 @@ def prepare_datasets(parts, scans: Sequence[FolderScan], specs: Sequence[Dataset
     return prepared
 
 
+def truncated_captions(tokenizer, items: Sequence[ImageItem], max_token_length: int | None) -> Fallback | None:
+    """The images whose caption (processed, where fixed) has more text tokens than data.max_token_length (null: 75):
+    v0.8.7 trains on their first tokens only, silently; here one warning counts them. None when every caption fits."""
+    texts = [fixed_caption(item.caption, item.subset) or item.caption for item in items]
+    limit = max_token_length or CHUNK
+    counts = token_counts(tokenizer, texts) if texts else []
+    paths = tuple(str(item.path) for item, n in zip(items, counts, strict=True) if n > limit)
+    if not paths:
+        return None
+    hint = "Set data.max_token_length=150 or 225 to train on more of them." if limit < 225 else ""
+    return Fallback("data.max_token_length", f"images with captions over {limit} tokens: trained on their first "
+                    f"{limit}, as kohya v0.8.7 does", paths, hint)
+
+
 def _prepared(setting: str, scans, examples: list[Example], store, unreadable: list[str], specs=()) -> Prepared:
     if not examples and unreadable:
         raise UserError(f"{setting}: no readable images to train on: all {len(unreadable)} image(s) that would train "
@@ -172,8 +186,9 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
         latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
     context = pooled = None
     if caption is not None:
-        key = text_cache_key(text_encoders=text_id, caption=caption)
-        text = store.get_or_compute("text", key, lambda c=caption: _encode_caption(parts, c),
+        length = data_cfg.max_token_length
+        key = text_cache_key(text_encoders=text_id, caption=caption, max_token_length=length or 75)
+        text = store.get_or_compute("text", key, lambda c=caption: _encode_caption(parts, c, length),
                                     {"source": str(item.path), "caption": caption})
         context, pooled = text["context"], text["pooled"]
     return Example(
@@ -205,6 +220,6 @@ def _encode_latents(parts, item: ImageItem, bucket, resized, flipped: bool, key:
     return {"latents": out[0].float().cpu()}
 
 
-def _encode_caption(parts, caption: str) -> dict:
-    context, pooled = encode_prompts(parts, [caption])
+def _encode_caption(parts, caption: str, max_token_length: int | None) -> dict:
+    context, pooled = encode_prompts(parts, [caption], max_token_length=max_token_length)
     return {"context": context[0].float().cpu(), "pooled": pooled[0].float().cpu()}

@@ -131,7 +131,7 @@ class Validator:
             return example.context.unsqueeze(0).to(s.device), example.pooled.unsqueeze(0).to(s.device)
         from lora_sweep.model.encode import encode_prompts
 
-        return encode_prompts(s.parts, [example.item.caption])
+        return encode_prompts(s.parts, [example.item.caption], max_token_length=s.cfg.data.max_token_length)
 
     @torch.no_grad()
     def point_losses(self, s, step: int | None = None) -> torch.Tensor | None:

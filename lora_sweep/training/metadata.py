@@ -73,6 +73,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_huber_c": cfg.loss.huber_c,
         "lora_sweep_v_parameterization": cfg.model.v_prediction,
         "lora_sweep_caption_extension": cfg.data.caption_extension,
+        "ss_max_token_length": cfg.data.max_token_length,
         "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.train.output_name,
         "lora_sweep_config_hash": config_hash(cfg),

@@ -27,7 +27,7 @@ from lora_sweep.data.buckets import bucket_batches, bucket_histogram
 from lora_sweep.data.captions import fixed_caption, process_caption
 from lora_sweep.data.dataset import FolderScan, inspect_datasets, raw_reg_entries, scan_folder
 from lora_sweep.data.photos import data_folder
-from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples
+from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples, truncated_captions
 from lora_sweep.data.subsets import DatasetSpec, Subset, dataset_specs, per_step_captions
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
@@ -110,7 +110,7 @@ class Session:
         """The U-Net's prediction (B, C, h, w) under autocast, as kohya's call_unet (docs/kohya-reference.md §4, §7).
 
         x_t (B, C, h, w) is cast to weight_dtype, `time_ids` (B, 6) to the dtype of `pooled` (B, 1280);
-        `context` is (B, 77, 2048).
+        `context` is (B, 77, 2048), or 152 / 227 tokens with data.max_token_length 150 / 225.
         """
         with precision.autocast(self.policy, self.device.type):
             return self.unet(noisy_latents.to(self.policy.latent_dtype), timesteps, context, added_cond_kwargs={
@@ -127,7 +127,8 @@ class Session:
         epoch, step = seen
         captions = [process_caption(e.item.caption, e.item.subset, epoch=epoch, step=step,
                                     max_train_steps=self.cfg.train.max_steps, rng=random) for e in examples]
-        return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder)
+        return encode_prompts(self.parts, captions, train=self.cfg.network.train_text_encoder,
+                              max_token_length=self.cfg.data.max_token_length)
 
     def set_multiplier(self, dataset: int | None) -> None:
         """Scale every LoRA layer by `dataset`'s network_multiplier (kohya's network.set_multiplier before the
@@ -349,6 +350,9 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
     with frozen_encoders_on(parts, device, text=cache_text):
         prepared = prepare_datasets(parts, scans, specs, cfg.data, device=device, cache_text=cache_text)
         _warn_unreadable(sink, "data.dir", prepared.unreadable)
+        too_long = truncated_captions(parts.tokenizer, [e.item for e in prepared.examples], cfg.data.max_token_length)
+        if too_long is not None:
+            sink.warn(too_long)
         log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
                  ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
     examples = prepared.examples

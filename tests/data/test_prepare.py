@@ -11,7 +11,7 @@ import torch
 from conftest import compose_config
 
 from lora_sweep.data.dataset import scan_folder
-from lora_sweep.data.prepare import prepare_examples
+from lora_sweep.data.prepare import prepare_examples, truncated_captions
 from lora_sweep.job.run import run_job
 
 
@@ -150,3 +150,29 @@ def test_reg_images_alone_are_said_to_be_no_train_images_not_decode_failures(par
         prepare_datasets(parts, scans, specs, cfg.data, device=torch.device("cpu"), cache_text=False)
     assert "no train images to train on: no image with repeats >= 1 outside the reg subsets" in str(error.value)
     assert "decode" not in str(error.value)
+
+
+def test_a_max_token_length_has_its_own_text_entries_of_227_tokens(parts, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    prepare(parts, dataset, cache)
+    longer = prepare(parts, dataset, cache, max_token_length=225)
+    assert longer.cache_stats["cache/text/misses"] == 4 and longer.cache_stats["cache/latents/hits"] == 4
+    assert {tuple(e.context.shape) for e in longer.examples} == {(227, 32 + 48)}
+    assert prepare(parts, dataset, cache, max_token_length=75).cache_stats["cache/text/hits"] == 4  # = null's
+
+
+def test_captions_over_the_limit_are_counted_in_one_warning(parts, dataset):
+    """The tiny tokenizer spells "cat" in 3 tokens: 26 cats are 78 tokens, over 75 and within 150."""
+    (dataset / "2_photo" / "coffee.txt").write_text(" ".join(["cat"] * 26))
+    (dataset / "2_photo" / "chelsea.txt").write_text(" ".join(["cat"] * 80))
+    items = scan_folder(dataset).items
+    fallback = truncated_captions(parts.tokenizer, items, None)
+    assert fallback.setting == "data.max_token_length" and fallback.count == 2
+    assert fallback.line().startswith("data.max_token_length: 2 images with captions over 75 tokens: trained on "
+                                      "their first 75, as kohya v0.8.7 does: ")
+    assert fallback.line().endswith("Set data.max_token_length=150 or 225 to train on more of them.")
+    assert truncated_captions(parts.tokenizer, items, 150).paths == (str(dataset / "2_photo" / "chelsea.png"),)
+    assert truncated_captions(parts.tokenizer, items, 225).line().endswith("as kohya v0.8.7 does: "
+                                                                          f"'{dataset / '2_photo' / 'chelsea.png'}'.")
+    (dataset / "2_photo" / "chelsea.txt").write_text(" ".join(["cat"] * 75))
+    assert truncated_captions(parts.tokenizer, scan_folder(dataset).items, 225) is None

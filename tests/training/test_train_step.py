@@ -157,3 +157,26 @@ def test_the_scans_a_caller_made_are_not_made_again(tmp_path, monkeypatch):
                              validation_scan=validation_scan)
     assert result.steps == 1 and seen["data"].scans == scans
     assert [e.item.path.name for e in seen["data"].validation] == ["a.png"]
+
+
+def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
+    """ss_max_token_length as v0.8.7 writes args.max_token_length ("None", "150", "225"); captions encoded at the
+    step (not cached) give the U-Net a context of 227 tokens."""
+    from lora_sweep.training.metadata import kohya_metadata
+
+    def metadata_value():
+        return kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)["ss_max_token_length"]
+
+    assert metadata_value() == "None"
+    example = dataclasses.replace(session.prepared.examples[0], context=None, pooled=None)
+    session.cfg.data.max_token_length = 225
+    try:
+        assert metadata_value() == "225"
+        context, pooled = session.text_for([example, example])
+        latents = torch.stack([example.latents, example.latents])
+        with torch.no_grad():
+            out = session.unet_forward(latents, torch.tensor([500, 500]), context, pooled,
+                                       torch.stack([example.time_ids, example.time_ids]))
+    finally:
+        session.cfg.data.max_token_length = None
+    assert context.shape == (2, 227, 32 + 48) and pooled.shape == (2, 40) and out.shape == latents.shape
