@@ -4,7 +4,8 @@
 - always SDXL's Euler with CFG and a negative prompt, size conditioning original = target = (h, w), crop (0, 0);
 - torch (CPU, CUDA), numpy and `random` RNG states are restored after, and module modes too (kohya restores only
   torch's), so sampling does not change the training;
-- an empty negative prompt gives zero embeddings (`force_zeros_for_empty_prompt`, SDXL base's setting).
+- prompts are encoded as kohya's SDXL sampling encodes them (`sampling.emphasis`): A1111 emphasis, up to 225 tokens;
+  an empty negative prompt is encoded as the empty text, as kohya does (not zeros).
 
 `log_samples` logs one MLflow image per prompt (`sample_pNN`, at the step) and a grid PNG per step.
 """
@@ -174,13 +175,20 @@ def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
 
 
 def _draw(pipeline, spec: PromptSpec, callback) -> Image.Image:
-    """`spec`'s image: noise from its seed's CPU generator, SDXL's size conditioning original = target = (h, w)."""
+    """`spec`'s image: its prompts encoded as kohya's sampling encodes them, noise from its seed's CPU generator, SDXL's
+    size conditioning original = target = (h, w)."""
     import torch
 
+    from lora_sweep.sampling.emphasis import encode_sample_prompt
+
     size = (spec.height, spec.width)
+    embeddings = encode_sample_prompt(
+        tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2, text_encoder=pipeline.text_encoder,
+        text_encoder_2=pipeline.text_encoder_2, prompt=spec.prompt, negative=spec.negative,
+        guidance=spec.cfg > 1, where=spec.where,
+    )
     output = pipeline(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative,
+        **embeddings,
         width=spec.width,
         height=spec.height,
         num_inference_steps=spec.steps,

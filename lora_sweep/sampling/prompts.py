@@ -14,6 +14,9 @@ are sides above `LARGE_SIDE`. Unlike kohya, which silently drops what its digit-
 unknown options, negative numbers and unknown options are problems, all reported at once naming the file and line; a
 one-dash option stays prompt text, with a warning. A prompt without `--d` gets `default_seed + index`, not a random
 seed, so every variant and step start from the same noise.
+
+The prompt and negative take A1111 emphasis, `(red:1.2)`, `(red)`, `[red]` (`sampling.emphasis`); a weight that is
+not a number is a problem.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import field
 from pathlib import Path
 
 from lora_sweep.errors import Fallback, UserError
+from lora_sweep.sampling.emphasis import emphasis_problem
 
 IGNORED_KOHYA_OPTIONS = ("ss", "cn", "am", "f")
 _OPTION = re.compile(r"^(?P<name>[A-Za-z]+)(?:\s+(?P<value>.*))?$", re.DOTALL)
@@ -101,6 +105,11 @@ def parse_prompt_line(
             problem = _read_option(option, line, values, changed)
             if problem:
                 bad.append(f"{where}: {problem}")
+    for name, text in (("prompt", prompt), ("negative prompt", str(values["negative"]))):
+        problem = emphasis_problem(text)
+        if problem:
+            bad.append(f"{where}: {problem} (in the {name} {text!r}); write a number, e.g. '(red:1.2)', or '\\(' for a "
+                       "literal bracket. (kohya v0.8.7 stops sampling with an error there.)")
     if bad:
         raise UserError("\n".join(bad))
     return PromptSpec(

@@ -205,3 +205,18 @@ def test_every_bad_option_of_a_prompt_line_is_named_not_the_first(tmp_path):
                         "whole numbers, --l a decimal).",
                         f"{where} '--l notnum' in 'a house --d 1.5 --l notnum --n' needs a number (--w/--h/--d/--s "
                         "take whole numbers, --l a decimal)."]
+
+
+def test_an_emphasis_weight_that_is_no_number_names_the_line_and_the_text(tmp_path):
+    """v0.8.7 stops sampling at `(red:1.2.3)`; here the check names the line and which text holds it."""
+    path = tmp_path / "p.txt"
+    path.write_text("a (red:1.5) cat\na (red:1.2.3) cat --n (blurry:.)\n", encoding="utf-8")
+    specs, problems, _ = check_prompts(prompt_file=path)
+    assert [s.prompt for s in specs] == ["a (red:1.5) cat"]
+    where = f"sampling.prompt_file '{path}', line 2"
+    tail = "; write a number, e.g. '(red:1.2)', or '\\(' for a literal bracket. (kohya v0.8.7 stops sampling with an " \
+           "error there.)"
+    assert problems == [f"{where}: the emphasis weight '1.2.3' is not a number (in the prompt 'a (red:1.2.3) cat')"
+                        + tail,
+                        f"{where}: the emphasis weight '.' is not a number (in the negative prompt '(blurry:.)')"
+                        + tail]
