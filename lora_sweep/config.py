@@ -139,6 +139,7 @@ class SamplingConfig:
     width: int | None = None
     height: int | None = None
     seed: int = 1234
+    sampler: str | None = None  # kohya's --sample_sampler name (ddim, euler_a, ...); null: SDXL base's Euler
 
 
 @dataclass
@@ -270,6 +271,8 @@ _HASH_NEUTRAL = {
     "data.random_crop": (False,),
     "data.color_aug": (False,),
     "loss.prior_loss_weight": (1.0,),
+    # issue 26: kohya's samplers
+    "sampling.sampler": (None,),
 }
 
 

@@ -1,7 +1,9 @@
 """Sample images with the LoRA being trained, drawn the same way for every variant and step so they compare:
 
 - each prompt's seed seeds its own CPU `torch.Generator` (the same noise on every device);
-- always SDXL's Euler with CFG and a negative prompt, size conditioning original = target = (h, w), crop (0, 0);
+- SDXL base's Euler, or the prompt's kohya sampler (`sampling.sampler`, `--ss`; sampling/schedulers.py), a fresh
+  scheduler per prompt as v0.8.7 builds one; CFG and a negative prompt, size conditioning original = target = (h, w),
+  crop (0, 0);
 - torch (CPU, CUDA), numpy and `random` RNG states are restored after, and module modes too (kohya restores only
   torch's), so sampling does not change the training;
 - an empty negative prompt gives zero embeddings (`force_zeros_for_empty_prompt`, SDXL base's setting).
@@ -24,20 +26,6 @@ from PIL import Image, ImageDraw, ImageFont
 from lora_sweep.sampling.prompts import PromptSpec
 
 log = logging.getLogger(__name__)
-
-# SDXL base 1.0's scheduler_config.json, as in lora_sweep/assets/sdxl_base/scheduler/ (a test checks it)
-SDXL_EULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
-
 
 @contextlib.contextmanager
 def preserved_rng_state() -> Iterator[None]:
@@ -77,9 +65,11 @@ def modules_on(device, *modules) -> Iterator[None]:
 
 
 def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
-    """An SDXL pipeline around the training modules themselves (LoRA included, no copies) with SDXL's Euler; no
-    watermarker (it would change the pixels the metrics measure)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    """An SDXL pipeline around the training modules themselves (LoRA included, no copies) with SDXL base's Euler (each
+    prompt sets its own scheduler); no watermarker (it would change the pixels the metrics measure)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lora_sweep.sampling.schedulers import build_scheduler
 
     pipeline = StableDiffusionXLPipeline(
         vae=vae,
@@ -88,7 +78,7 @@ def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokeni
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SDXL_EULER_CONFIG),
+        scheduler=build_scheduler(None),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
@@ -108,6 +98,7 @@ def sample_images(
     autocast: Callable[[], AbstractContextManager] | None = None,
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
+    v_prediction: bool = False,
 ) -> list[Image.Image]:
     """One image per prompt with the current (LoRA-equipped) UNet, leaving training state as found.
 
@@ -115,7 +106,8 @@ def sample_images(
     the training precision's autocast context (fp8/fp16 base weights, mixed dtypes). `should_stop`: asked before each
     prompt and after each denoising step; once True, the finished images are returned (fewer than `prompts`). Logs
     one line of every prompt's size and steps, then a `Progress` over all denoising steps (a bar that leaves no line
-    behind on a terminal).
+    behind on a terminal). `v_prediction`: the model's target, as kohya's samplers take it (SDXL base's Euler keeps
+    epsilon, as before).
     """
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -124,10 +116,12 @@ def sample_images(
     device = next(unet.parameters()).device
     with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2), \
             _in_eval_mode(unet, vae, text_encoder, text_encoder_2):
-        sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps" for i, p in enumerate(prompts))
+        sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps{f' {p.sampler}' if p.sampler else ''}"
+                          for i, p in enumerate(prompts))
         log.info("sampling%s: %d prompt%s, %s", f" at {label}" if label else "", len(prompts),
                  "s" * (len(prompts) != 1), sizes)
-        return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop)
+        return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop,
+                         v_prediction=v_prediction)
 
 
 @contextlib.contextmanager
@@ -144,10 +138,11 @@ def _in_eval_mode(*modules) -> Iterator[None]:
 
 
 def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
-              should_stop: Callable[[], bool] | None) -> list[Image.Image]:
-    """One image per prompt under a `Progress` over all their denoising steps; once `should_stop` answers True, the
-    image under way is dropped and the finished ones are returned."""
+              should_stop: Callable[[], bool] | None, v_prediction: bool) -> list[Image.Image]:
+    """One image per prompt, each with a fresh scheduler of its sampler, under a `Progress` over all their denoising
+    steps; once `should_stop` answers True, the image under way is dropped and the finished ones are returned."""
     from lora_sweep.progress import Progress
+    from lora_sweep.sampling.schedulers import build_scheduler
 
     bar = Progress(f"sampling{f' at {label}' if label else ''}", sum(p.steps for p in prompts), "step", leave=False,
                    announce=False)  # sample_images' line names the prompts
@@ -163,6 +158,7 @@ def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
             if should_stop is not None and should_stop():
                 break
             bar.describe(f"prompt {index + 1}/{len(prompts)}, {spec.width}x{spec.height}")
+            pipeline.scheduler = build_scheduler(spec.sampler, v_prediction=v_prediction)
             with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
                     index, len(prompts), spec):
                 images.append(_draw(pipeline, spec, advance))
