@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from lora_sweep.sampling.fonts import default_font, label_font
 from lora_sweep.sampling.prompts import PromptSpec
 
 log = logging.getLogger(__name__)
@@ -234,26 +235,6 @@ def grid_layout(prompts: Sequence[PromptSpec]) -> list[list[int | None]]:
     return [row + [None] * (width - len(row)) for row in rows.values()]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-NO_GLYPH = "\U000f0000"  # a private-use code point: fonts draw it as their missing-glyph box
-
-
-def has_glyphs(text: str, font) -> bool:
-    """True if `font` draws every character of `text` (none comes out as the font's missing-glyph box)."""
-    def drawn(char: str) -> tuple:
-        mask = font.getmask(char)
-        return mask.size, bytes(mask)
-
-    missing = drawn(NO_GLYPH)
-    return all(drawn(char) != missing for char in set(text) if not char.isspace())
-
-
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
     """Shorten `text` with an ellipsis until it fits `max_width` pixels."""
     if draw.textlength(text, font=font) <= max_width:
@@ -269,11 +250,13 @@ def make_grid(
     cols: int,
     labels: Sequence[str] | None = None,
     *,
+    caption: str = "",
     padding: int = 4,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> Image.Image:
-    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, labels underneath (shortened to the cell);
-    cells take the largest image's size, smaller ones centred."""
+    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, labels underneath (shortened to the cell,
+    each in a font that has its glyphs: sampling/fonts.py), `caption` in a line below the grid; cells take the largest
+    image's size, smaller ones centred."""
     if len(images) > rows * cols:
         raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     present = [image for image in images if image is not None]
@@ -281,10 +264,10 @@ def make_grid(
     cell_h = max((image.height for image in present), default=64)
     font_size = max(10, min(18, cell_w // 14))
     label_h = font_size + 6 if labels else 0
-    grid = Image.new("RGB", (cols * (cell_w + padding) + padding, rows * (cell_h + label_h + padding) + padding),
-                     background)
+    caption_h = font_size + 6 if caption else 0
+    grid = Image.new("RGB", (cols * (cell_w + padding) + padding,
+                             rows * (cell_h + label_h + padding) + padding + caption_h), background)
     draw = ImageDraw.Draw(grid)
-    font = _font(font_size)
     for index, image in enumerate(images):
         row, col = divmod(index, cols)
         x = padding + col * (cell_w + padding)
@@ -292,24 +275,36 @@ def make_grid(
         if image is not None:
             grid.paste(image.convert("RGB"), (x + (cell_w - image.width) // 2, y + (cell_h - image.height) // 2))
         if labels and index < len(labels) and labels[index]:
+            font = label_font(labels[index], font_size) or default_font(font_size)
             draw.text((x, y + cell_h + 2), _fit(draw, labels[index], font, cell_w), fill=(0, 0, 0), font=font)
+    if caption:
+        font = default_font(font_size)
+        draw.text((padding, grid.height - caption_h), _fit(draw, caption, font, grid.width - 2 * padding),
+                  fill=(90, 90, 90), font=font)
     return grid
 
 
 def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -> Image.Image:
     """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index, seed and the
-    prompt's first words; only `p00 s42` where the label font lacks a glyph of the prompt (Pillow's default font has
-    Latin letters only: CJK would be boxes). The prompts are in the step's `samples/prompts.json`."""
+    prompt's first words, in a font that has their glyphs (CJK needs one installed: sampling/fonts.py); where no font
+    here has them, only `p00 s42`, and the grid's caption says which prompts and where their text is (the step's
+    `samples/prompts.json`)."""
     layout = grid_layout(prompts)
     cells = [images[i] if i is not None else None for row in layout for i in row]
-    font = _font(10)
+    unlabelled: list[str] = []
 
     def label(i: int) -> str:
         text = prompts[i].label(i)
-        return text if has_glyphs(text, font) else text.split(":", 1)[0]
+        if label_font(text, 10) is not None:
+            return text
+        if f"p{i:02d}" not in unlabelled:
+            unlabelled.append(f"p{i:02d}")
+        return text.split(":", 1)[0]
 
     labels = [label(i) if i is not None else "" for row in layout for i in row]
-    return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels)
+    caption = (f"{', '.join(unlabelled)}: labelled by number (no font on this machine draws the prompt's "
+               "characters); the prompts are in samples/prompts.json") if unlabelled else ""
+    return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels, caption=caption)
 
 
 def sample_key(prompt_index: int) -> str:
