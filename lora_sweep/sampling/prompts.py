@@ -144,7 +144,7 @@ def _read_option(option: str, line: str, values: dict[str, object], changed: lis
         elif name == "n":
             values["negative"] = value
         elif name == "ss":
-            problem = sampler_problem(value, f"option '--{option}' in {line!r}")
+            problem = sampler_problem(value, f"option '--{option}' in {line!r}", per_prompt=True)
             if problem:
                 return problem
             values["sampler"] = value

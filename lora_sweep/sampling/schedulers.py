@@ -59,16 +59,17 @@ SDXL_EULER_CONFIG = {
 }
 
 
-def sampler_problem(name: str | None, setting: str) -> str | None:
-    """One paragraph naming `setting` when `name` is not a kohya sampler name (None is SDXL base's Euler), else
-    None."""
-    if name is None or name in SAMPLERS:
+def sampler_problem(name: str | None, setting: str, *, per_prompt: bool = False) -> str | None:
+    """One paragraph naming `setting` when `name` is not a kohya sampler name, else None. None is SDXL base's Euler
+    for `sampling.sampler`; a prompt's `--ss` (`per_prompt`) must name one."""
+    if (name is None and not per_prompt) or name in SAMPLERS:
         return None
     close = difflib.get_close_matches(str(name).lower(), SAMPLERS, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return (f"{setting}: '{name}' is not a kohya sampler.{hint} Accepted: {', '.join(SAMPLERS)} (kohya's "
-            "--sample_sampler names), or null for SDXL base's own Euler (lora-sweep's default). kohya v0.8.7 would "
-            "sample an unknown --ss name with DDIM.")
+    accepted = f"Accepted: {', '.join(SAMPLERS)} (kohya's --sample_sampler names)"
+    if per_prompt:
+        return f"{setting}: '{name}' is not a kohya sampler.{hint} {accepted}. (kohya v0.8.7 would use DDIM for it.)"
+    return f"{setting}: '{name}' is not a kohya sampler.{hint} {accepted}, or null for SDXL base's own Euler."
 
 
 def build_scheduler(name: str | None, *, v_prediction: bool = False):
