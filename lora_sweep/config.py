@@ -140,6 +140,7 @@ class SamplingConfig:
     width: int | None = None
     height: int | None = None
     seed: int = 1234
+    sampler: str | None = None  # kohya's --sample_sampler name (ddim, euler_a, ...); null: SDXL base's Euler
 
 
 @dataclass
@@ -273,6 +274,8 @@ _HASH_NEUTRAL = {
     # issue 26: long captions
     "data.max_token_length": (None, 75),
     "loss.prior_loss_weight": (1.0,),
+    # issue 26: kohya's samplers
+    "sampling.sampler": (None,),
 }
 
 

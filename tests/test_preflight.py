@@ -633,3 +633,14 @@ def test_a_dataset_config_without_train_images_is_refused_up_front(tmp_path, app
     assert code == 2 and "Pre-flight found 1 problem;" in out, out[-2000:]
     assert f"data.dataset_config '{path}' line 1 datasets[0]: no train images to train on: " in out
     assert why.replace("'emptydir'", f"'{tmp_path / 'emptydir'}'") in out
+
+
+def test_a_bad_sampler_name_exits_2_before_the_model_loads(tmp_path, app):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --ss dpm2\n", encoding="utf-8")
+    code, out = app("sampling.sampler=eular_a", f"sampling.prompt_file={prompts}")
+    assert code == 2 and "Traceback" not in out
+    assert "sampling.sampler: 'eular_a' is not a kohya sampler. Did you mean 'euler_a'?" in out
+    assert (f"sampling.prompt_file '{prompts}', line 1: option '--ss dpm2' in 'a cat --ss dpm2': 'dpm2' is not a "
+            "kohya sampler. Did you mean 'dpm_2'? Accepted: ddim, ") in out
+    assert "(kohya v0.8.7 would use DDIM for it.)" in out

@@ -52,7 +52,8 @@ BAD = [  # (overrides, the field the message must name), across every group
     (["sampling.steps=0"], "sampling.steps"),
     (["sampling.width=100"], "sampling.width"),
     (["sampling.prompt_file=/nonexistent/prompts.txt"], "sampling.prompt_file"),
-    (["sampling.every=5"], "sampling.every"),  # no prompts: nothing to sample
+    (["sampling.every=5"], "sampling.every"),
+    (["sampling.sampler=eular_a"], "sampling.sampler"),  # no prompts: nothing to sample
     (["validation.timesteps=[100,1000]"], "validation.timesteps"),
     (["validation.every=5", "validation.fit_images=0"], "validation.every"),  # no fit or held-out images
     (["validation.fit_images=-1"], "validation.fit_images"),

@@ -25,6 +25,7 @@ KOHYA_NAMES = {
     "save_every_n_epochs": "train.save_every_epochs", "v_parameterization": "model.v_prediction",
     "pretrained_model_name_or_path": "model.path", "train_data_dir": "data.dir",
     "sample_prompts": "sampling.prompt_file", "sample_every_n_steps": "sampling.every",
+    "sample_sampler": "sampling.sampler",
     "dataset_config": "data.dataset_config", "reg_data_dir": "data.reg_data_dir",
     "prior_loss_weight": "loss.prior_loss_weight", "in_json": "data.dataset_config",
     "caption_dropout_rate": "data.caption_dropout_rate",

@@ -223,10 +223,19 @@ def _sampling_checks(s) -> list[Callable[[], None]]:
         lambda: s.width is None or _multiple_of_8("sampling.width", s.width),
         lambda: s.height is None or _multiple_of_8("sampling.height", s.height),
         lambda: _range("sampling.seed", s.seed, 0, SEED_MAX),
+        lambda: _sampler(s.sampler),
         lambda: s.prompt_file is None or _existing("sampling.prompt_file", s.prompt_file),
         lambda: s.every == 0 or s.prompts or s.prompt_file or _fail(
             "sampling.every", s.every, "0 when no prompts are set (set sampling.prompts or sampling.prompt_file)"),
     ]
+
+
+def _sampler(name) -> None:
+    from lora_sweep.sampling.schedulers import sampler_problem
+
+    problem = sampler_problem(name, "sampling.sampler")
+    if problem:
+        raise ConfigError(problem)
 
 
 def _validation_checks(v, d) -> list[Callable[[], None]]:

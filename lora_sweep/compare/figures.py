@@ -59,6 +59,7 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
         return None
     colors = list(colors) if colors is not None else list(range(len(variants)))
     labels = list(labels) if labels is not None else [v.name for v in variants]
+    labels, legend_font, note = drawable_labels(labels, colors)
     n_colors = max(colors) + 1 if colors else 1
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
@@ -89,11 +90,39 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
         axes.set_xlabel("optimizer step", fontsize=8)
         axes.tick_params(labelsize=8)
         axes.grid(alpha=0.3)
-    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-                  frameon=False, bbox_to_anchor=(0.5, 0.0))
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
+                  prop=legend_font, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    if note:
+        figure.text(0.01, 0.005, note, fontsize=7, color="#666666")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def drawable_labels(labels: Sequence[str], colors: Sequence[int]):
+    """(labels, legend FontProperties, note) for matplotlib: a label its default font cannot draw (CJK) brings a font
+    that can (sampling/fonts.py; matplotlib falls back glyph by glyph along the family list), else it becomes its
+    variant's number `#N` (colour index + 1, the report's variant order) and the note says so."""
+    from matplotlib import font_manager
+
+    from lora_sweep.sampling.fonts import covers, font_file_for
+
+    default = font_manager.findfont(font_manager.FontProperties())
+    families = [font_manager.FontProperties(fname=default).get_name()]
+    shown, numbered = [], []
+    for label, color in zip(labels, colors, strict=True):
+        found = label if covers(default, label) else font_file_for(label)
+        if found is None:
+            numbered.append(f"#{color + 1}")
+            shown.append(numbered[-1])
+            continue
+        if found != label and (name := font_manager.FontProperties(fname=found).get_name()) not in families:
+            families.append(name)
+        shown.append(label)
+    numbered = list(dict.fromkeys(numbered))
+    note = (f"{', '.join(numbered)}: the report's variant of that number (no font on this machine draws its name)"
+            if numbered else "")
+    return shown, font_manager.FontProperties(family=families, size=8), note
 
 
 def thumbnail(image: Image.Image | None, max_px: int) -> Image.Image | None:

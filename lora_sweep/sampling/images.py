@@ -1,7 +1,9 @@
 """Sample images with the LoRA being trained, drawn the same way for every variant and step so they compare:
 
 - each prompt's seed seeds its own CPU `torch.Generator` (the same noise on every device);
-- always SDXL's Euler with CFG and a negative prompt, size conditioning original = target = (h, w), crop (0, 0);
+- SDXL base's Euler, or the prompt's kohya sampler (`sampling.sampler`, `--ss`; sampling/schedulers.py), a fresh
+  scheduler per prompt as v0.8.7 builds one; CFG and a negative prompt, size conditioning original = target = (h, w),
+  crop (0, 0);
 - torch (CPU, CUDA), numpy and `random` RNG states are restored after, and module modes too (kohya restores only
   torch's), so sampling does not change the training;
 - prompts are encoded as kohya's SDXL sampling encodes them (`sampling.emphasis`): A1111 emphasis, up to 225 tokens;
@@ -20,25 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from lora_sweep.sampling.fonts import default_font, label_font
 from lora_sweep.sampling.prompts import PromptSpec
 
 log = logging.getLogger(__name__)
-
-# SDXL base 1.0's scheduler_config.json, as in lora_sweep/assets/sdxl_base/scheduler/ (a test checks it)
-SDXL_EULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
-
 
 @contextlib.contextmanager
 def preserved_rng_state() -> Iterator[None]:
@@ -78,9 +67,11 @@ def modules_on(device, *modules) -> Iterator[None]:
 
 
 def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
-    """An SDXL pipeline around the training modules themselves (LoRA included, no copies) with SDXL's Euler; no
-    watermarker (it would change the pixels the metrics measure)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    """An SDXL pipeline around the training modules themselves (LoRA included, no copies) with SDXL base's Euler (each
+    prompt sets its own scheduler); no watermarker (it would change the pixels the metrics measure)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lora_sweep.sampling.schedulers import build_scheduler
 
     pipeline = StableDiffusionXLPipeline(
         vae=vae,
@@ -89,7 +80,7 @@ def build_pipeline(*, unet, vae, text_encoder, text_encoder_2, tokenizer, tokeni
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SDXL_EULER_CONFIG),
+        scheduler=build_scheduler(None),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
@@ -109,6 +100,7 @@ def sample_images(
     autocast: Callable[[], AbstractContextManager] | None = None,
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
+    v_prediction: bool = False,
 ) -> list[Image.Image]:
     """One image per prompt with the current (LoRA-equipped) UNet, leaving training state as found.
 
@@ -116,7 +108,8 @@ def sample_images(
     the training precision's autocast context (fp8/fp16 base weights, mixed dtypes). `should_stop`: asked before each
     prompt and after each denoising step; once True, the finished images are returned (fewer than `prompts`). Logs
     one line of every prompt's size and steps, then a `Progress` over all denoising steps (a bar that leaves no line
-    behind on a terminal).
+    behind on a terminal). `v_prediction`: the model's target, as kohya's samplers take it (SDXL base's Euler keeps
+    epsilon, as before).
     """
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -125,10 +118,12 @@ def sample_images(
     device = next(unet.parameters()).device
     with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2), \
             _in_eval_mode(unet, vae, text_encoder, text_encoder_2):
-        sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps" for i, p in enumerate(prompts))
+        sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps{f' {p.sampler}' if p.sampler else ''}"
+                          for i, p in enumerate(prompts))
         log.info("sampling%s: %d prompt%s, %s", f" at {label}" if label else "", len(prompts),
                  "s" * (len(prompts) != 1), sizes)
-        return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop)
+        return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop,
+                         v_prediction=v_prediction)
 
 
 @contextlib.contextmanager
@@ -145,10 +140,11 @@ def _in_eval_mode(*modules) -> Iterator[None]:
 
 
 def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
-              should_stop: Callable[[], bool] | None) -> list[Image.Image]:
-    """One image per prompt under a `Progress` over all their denoising steps; once `should_stop` answers True, the
-    image under way is dropped and the finished ones are returned."""
+              should_stop: Callable[[], bool] | None, v_prediction: bool) -> list[Image.Image]:
+    """One image per prompt, each with a fresh scheduler of its sampler, under a `Progress` over all their denoising
+    steps; once `should_stop` answers True, the image under way is dropped and the finished ones are returned."""
     from lora_sweep.progress import Progress
+    from lora_sweep.sampling.schedulers import build_scheduler
 
     bar = Progress(f"sampling{f' at {label}' if label else ''}", sum(p.steps for p in prompts), "step", leave=False,
                    announce=False)  # sample_images' line names the prompts
@@ -164,6 +160,7 @@ def _draw_all(pipeline, prompts: Sequence[PromptSpec], *, autocast, label: str,
             if should_stop is not None and should_stop():
                 break
             bar.describe(f"prompt {index + 1}/{len(prompts)}, {spec.width}x{spec.height}")
+            pipeline.scheduler = build_scheduler(spec.sampler, v_prediction=v_prediction)
             with autocast() if autocast is not None else contextlib.nullcontext(), _says_prompt(
                     index, len(prompts), spec):
                 images.append(_draw(pipeline, spec, advance))
@@ -246,26 +243,6 @@ def grid_layout(prompts: Sequence[PromptSpec]) -> list[list[int | None]]:
     return [row + [None] * (width - len(row)) for row in rows.values()]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-NO_GLYPH = "\U000f0000"  # a private-use code point: fonts draw it as their missing-glyph box
-
-
-def has_glyphs(text: str, font) -> bool:
-    """True if `font` draws every character of `text` (none comes out as the font's missing-glyph box)."""
-    def drawn(char: str) -> tuple:
-        mask = font.getmask(char)
-        return mask.size, bytes(mask)
-
-    missing = drawn(NO_GLYPH)
-    return all(drawn(char) != missing for char in set(text) if not char.isspace())
-
-
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
     """Shorten `text` with an ellipsis until it fits `max_width` pixels."""
     if draw.textlength(text, font=font) <= max_width:
@@ -281,11 +258,13 @@ def make_grid(
     cols: int,
     labels: Sequence[str] | None = None,
     *,
+    caption: str = "",
     padding: int = 4,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> Image.Image:
-    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, labels underneath (shortened to the cell);
-    cells take the largest image's size, smaller ones centred."""
+    """Paste `images` (row-major; None = empty cell) into a rows x cols grid, labels underneath (shortened to the cell,
+    each in a font that has its glyphs: sampling/fonts.py), `caption` in a line below the grid; cells take the largest
+    image's size, smaller ones centred."""
     if len(images) > rows * cols:
         raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     present = [image for image in images if image is not None]
@@ -293,10 +272,10 @@ def make_grid(
     cell_h = max((image.height for image in present), default=64)
     font_size = max(10, min(18, cell_w // 14))
     label_h = font_size + 6 if labels else 0
-    grid = Image.new("RGB", (cols * (cell_w + padding) + padding, rows * (cell_h + label_h + padding) + padding),
-                     background)
+    caption_h = font_size + 6 if caption else 0
+    grid = Image.new("RGB", (cols * (cell_w + padding) + padding,
+                             rows * (cell_h + label_h + padding) + padding + caption_h), background)
     draw = ImageDraw.Draw(grid)
-    font = _font(font_size)
     for index, image in enumerate(images):
         row, col = divmod(index, cols)
         x = padding + col * (cell_w + padding)
@@ -304,24 +283,36 @@ def make_grid(
         if image is not None:
             grid.paste(image.convert("RGB"), (x + (cell_w - image.width) // 2, y + (cell_h - image.height) // 2))
         if labels and index < len(labels) and labels[index]:
+            font = label_font(labels[index], font_size) or default_font(font_size)
             draw.text((x, y + cell_h + 2), _fit(draw, labels[index], font, cell_w), fill=(0, 0, 0), font=font)
+    if caption:
+        font = default_font(font_size)
+        draw.text((padding, grid.height - caption_h), _fit(draw, caption, font, grid.width - 2 * padding),
+                  fill=(90, 90, 90), font=font)
     return grid
 
 
 def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -> Image.Image:
     """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index, seed and the
-    prompt's first words; only `p00 s42` where the label font lacks a glyph of the prompt (Pillow's default font has
-    Latin letters only: CJK would be boxes). The prompts are in the step's `samples/prompts.json`."""
+    prompt's first words, in a font that has their glyphs (CJK needs one installed: sampling/fonts.py); where no font
+    here has them, only `p00 s42`, and the grid's caption says which prompts and where their text is (the step's
+    `samples/prompts.json`)."""
     layout = grid_layout(prompts)
     cells = [images[i] if i is not None else None for row in layout for i in row]
-    font = _font(10)
+    unlabelled: list[str] = []
 
     def label(i: int) -> str:
         text = prompts[i].label(i)
-        return text if has_glyphs(text, font) else text.split(":", 1)[0]
+        if label_font(text, 10) is not None:
+            return text
+        if f"p{i:02d}" not in unlabelled:
+            unlabelled.append(f"p{i:02d}")
+        return text.split(":", 1)[0]
 
     labels = [label(i) if i is not None else "" for row in layout for i in row]
-    return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels)
+    caption = (f"{', '.join(unlabelled)}: labelled by number (no font on this machine draws the prompt's "
+               "characters); the prompts are in samples/prompts.json") if unlabelled else ""
+    return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels, caption=caption)
 
 
 def sample_key(prompt_index: int) -> str:

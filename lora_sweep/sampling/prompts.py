@@ -6,8 +6,8 @@ One prompt per line (blank and `#` lines skipped), split at " --" into the promp
 
     --w / --h  size, rounded down to a multiple of 8, at least 64      --d  seed
     --s        steps, clamped to 1..1000                               --l  CFG scale
-    --n        negative prompt (to the next " --")
-    --ss, --cn, --am, --f  accepted and ignored (sampling is always Euler)
+    --n        negative prompt (to the next " --")                     --ss sampler (sampling/schedulers.py)
+    --cn, --am, --f  accepted and ignored
 
 The arithmetic is kohya's (`line_to_prompt_dict`, `sample_image_inference`); a value it changes is warned about, as
 are sides above `LARGE_SIDE`. Unlike kohya, which silently drops what its digit-only patterns miss and ignores
@@ -29,8 +29,9 @@ from pathlib import Path
 
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.sampling.emphasis import emphasis_problem
+from lora_sweep.sampling.schedulers import sampler_problem
 
-IGNORED_KOHYA_OPTIONS = ("ss", "cn", "am", "f")
+IGNORED_KOHYA_OPTIONS = ("cn", "am", "f")
 _OPTION = re.compile(r"^(?P<name>[A-Za-z]+)(?:\s+(?P<value>.*))?$", re.DOTALL)
 # A kohya option written with one dash ("a dog -w 640"): not an option, so it stays in the prompt text; warned.
 _SINGLE_DASH = re.compile(r"(?<!\S)-(w|h|d|s|l|n|ss|cn|am|f)(?=\s+\S)", re.IGNORECASE)
@@ -50,6 +51,7 @@ class PromptSpec:
     seed: int = 0
     steps: int = 30
     cfg: float = 7.5
+    sampler: str | None = None  # a kohya sampler name (`--ss`, `sampling.sampler`); None: SDXL base's Euler
     where: str = field(default="", compare=False)  # the setting, file and line it came from (for messages)
     changed: tuple[str, ...] = field(default=(), compare=False)  # kohya's changes to its options: "--w 65 used as 64"
 
@@ -79,6 +81,7 @@ def parse_prompt_line(
     default_cfg: float = 7.5,
     default_seed: int = 0,
     default_negative: str = "",
+    default_sampler: str | None = None,
     where: str | None = None,
 ) -> PromptSpec:
     """One prompt line with inline options (module docstring) as a `PromptSpec`; `index` picks the default seed, `where`
@@ -96,6 +99,7 @@ def parse_prompt_line(
         "cfg": default_cfg,
         "seed": default_seed + index,
         "negative": default_negative,
+        "sampler": default_sampler,
     }
     bad: list[str] = []  # every bad option of the line is named, not the first
     changed: list[str] = []  # values kohya's arithmetic changed, said as a warning by `check_prompts`
@@ -120,6 +124,7 @@ def parse_prompt_line(
         seed=int(values["seed"]),
         steps=int(values["steps"]),
         cfg=float(values["cfg"]),
+        sampler=values["sampler"],
         where=where,
         changed=tuple(changed),
     )
@@ -147,10 +152,15 @@ def _read_option(option: str, line: str, values: dict[str, object], changed: lis
             values["cfg"] = float(value)
         elif name == "n":
             values["negative"] = value
+        elif name == "ss":
+            problem = sampler_problem(value, f"option '--{option}' in {line!r}", per_prompt=True)
+            if problem:
+                return problem
+            values["sampler"] = value
         elif name not in IGNORED_KOHYA_OPTIONS:
             return (f"unknown option '--{option.split()[0]}' in {line!r}. Accepted: --w WIDTH, --h HEIGHT, --d SEED, "
-                    "--s STEPS, --l CFG, --n NEGATIVE PROMPT (kohya's --ss, --cn, --am and --f are accepted and "
-                    "ignored).")
+                    "--s STEPS, --l CFG, --n NEGATIVE PROMPT, --ss SAMPLER (kohya's --cn, --am and --f are accepted "
+                    "and ignored).")
     except ValueError:
         return f"option '--{option}' in {line!r} needs a number (--w/--h/--d/--s take whole numbers, --l a decimal)."
     return None

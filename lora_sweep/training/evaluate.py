@@ -68,7 +68,7 @@ def read_prompts(cfg) -> tuple[list, list[str], list]:
     return check_prompts(
         list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
         default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=sc.seed,
-        default_negative=sc.negative,
+        default_negative=sc.negative, default_sampler=sc.sampler,
     )
 
 
@@ -91,7 +91,7 @@ class Sampler:
             text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
             prompts=self.prompts, autocast=lambda: precision.autocast(s.policy, s.device.type),
             label=f"step {step}",
-            should_stop=s.should_stop,
+            should_stop=s.should_stop, v_prediction=s.v_prediction,
         )
         if len(images) < len(self.prompts):
             log.info("sampling at step %d stopped after %d of %d prompts (stop requested): not logged", step,

@@ -107,8 +107,17 @@ def test_option_order_and_negative_in_the_middle():
 
 
 def test_ignored_kohya_options():
-    spec = parse_prompt_line("a dog --ss euler_a --d 3", index=0)
+    spec = parse_prompt_line("a dog --cn hint.png --d 3", index=0)
     assert spec.seed == 3
+
+
+def test_ss_picks_the_prompts_sampler_and_a_bad_name_is_named():
+    assert parse_prompt_line("a dog --ss euler_a --d 3", index=0).sampler == "euler_a"
+    assert parse_prompt_line("a dog", index=0, default_sampler="ddim").sampler == "ddim"
+    assert parse_prompt_line("a dog", index=0).sampler is None  # SDXL base's Euler
+    with pytest.raises(UserError, match=r"sampling.prompts\[0\]: option '--ss Euler_A' in 'a dog --ss Euler_A': "
+                       r"'Euler_A' is not a kohya sampler. Did you mean 'euler_a'\?"):
+        parse_prompt_line("a dog --ss Euler_A", index=0)
 
 
 def test_prompt_file_skips_comments_and_blank_lines(tmp_path):

@@ -15,7 +15,6 @@ from conftest import GridCells, RecordingSink, new_store
 from PIL import Image
 
 from lora_sweep.sampling.images import (
-    SDXL_EULER_CONFIG,
     grid_layout,
     log_samples,
     make_grid,
@@ -24,6 +23,7 @@ from lora_sweep.sampling.images import (
     sample_images,
 )
 from lora_sweep.sampling.prompts import PromptSpec
+from lora_sweep.sampling.schedulers import SDXL_EULER_CONFIG
 
 SPECS = [
     PromptSpec("a photo of a cat", width=64, height=64, seed=1, steps=3, cfg=5.0),
@@ -61,6 +61,15 @@ def test_same_seed_same_image_and_seed_matters(pipe):
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     reseeded = draw(pipe, [SPECS[0], PromptSpec(**{**SPECS[0].__dict__, "seed": 99})])
     assert not np.array_equal(reseeded[0], reseeded[1])
+
+
+def test_a_prompts_kohya_sampler_draws_with_it(pipe):
+    import dataclasses
+
+    specs = [SPECS[0], dataclasses.replace(SPECS[0], sampler="euler"), dataclasses.replace(SPECS[0], sampler="heun")]
+    base, kohya_euler, heun = draw(pipe, specs)
+    assert not np.array_equal(base, kohya_euler)  # kohya's Euler spaces the timesteps "linspace", SDXL's "leading"
+    assert not np.array_equal(kohya_euler, heun)
 
 
 def test_lora_weights_change_the_samples(pipe):
@@ -140,19 +149,6 @@ def test_grid_layout_is_prompts_by_seeds():
     two_by_two, one_row = prompts_grid(images, specs), prompts_grid(images, distinct)
     assert (two_by_two.width, one_row.width) == (2 * 68 + 4, 3 * 68 + 4)
     assert two_by_two.height > one_row.height
-
-
-def test_a_cjk_prompt_is_labelled_by_its_number_not_drawn_as_boxes():
-    from PIL import ImageChops, ImageFont
-
-    from lora_sweep.sampling.images import NO_GLYPH, has_glyphs
-
-    font = ImageFont.load_default(size=12)
-    assert has_glyphs("p00 s1: a cat", font) and not has_glyphs("訓練", font) and not has_glyphs(NO_GLYPH, font)
-    images = [Image.new("RGB", (128, 128), (200, 200, 200))] * 2
-    prompts = [PromptSpec("訓練された猫", seed=1), PromptSpec("a cat", seed=1)]
-    expected = make_grid(images, rows=1, cols=2, labels=["p00 s1", "p01 s1: a cat"])
-    assert ImageChops.difference(prompts_grid(images, prompts), expected).getbbox() is None
 
 
 def test_log_samples_to_mlflow(tmp_path):
