@@ -165,11 +165,16 @@ def test_out_of_memory_while_sampling_names_the_prompt_and_its_size_not_training
     real = sampling.build_pipeline
 
     def out_of_memory_pipeline(**parts):
-        real(**parts)  # the real pipeline is built; only drawing runs out
+        pipe = real(**parts)  # the real pipeline is built (its encoders encode the prompt); only drawing runs out
 
-        def draw(**kwargs):  # what the allocator says for 100000x100000 latents
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 GiB (GPU 0; 23.6 GiB total)")
-        return type("Pipeline", (), {"__call__": staticmethod(draw)})()
+        class Pipeline:
+            def __getattr__(self, name):
+                return getattr(pipe, name)
+
+            def __call__(self, **kwargs):  # what the allocator says for 100000x100000 latents
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.25 GiB (GPU 0; 23.6 GiB "
+                                             "total)")
+        return Pipeline()
 
     monkeypatch.setattr(sampling, "build_pipeline", out_of_memory_pipeline)
     prompt_file = tmp_path / "p6.txt"
