@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_sweep.data import subsets
 from lora_sweep.data.captions import caption_path, read_caption
@@ -456,3 +457,46 @@ def _nothing_to_train(root: Path, setting: str, caption_extension: str, scan: Fo
     return (f"{setting}: no readable images to train on in '{root}'. Expected subfolders named <repeats>_<name> with "
             f"1 or more repeats (e.g. 10_photo) holding images ({', '.join(IMAGE_EXTENSIONS)}) and optional "
             f"'{caption_extension}' captions" + ("; " + "; ".join(reasons) if reasons else "") + ".")
+
+
+def datasets_record(specs: list[DatasetSpec], items) -> list[dict]:
+    """The resolved datasets as JSON values: each dataset's fields and its subsets' (a folder-mode dataset: one per
+    `<repeats>_<name>` folder), with image counts and entries (images x repeats, reg balanced)."""
+    record = []
+    for index, spec in enumerate(specs):
+        mine = [item for item in items if item.dataset == index]
+        subsets = list(dict.fromkeys(item.subset for item in mine))
+        left_out = ("subsets", "folders", "template", "fallbacks")  # fallbacks: the run's warnings.txt
+        values = {k: v for k, v in _json_fields(spec).items() if k not in left_out}
+        record.append({**values, "subsets": [
+            {**_json_fields(subset), "images": sum(item.subset == subset for item in mine),
+             "entries": sum(item.repeats for item in mine if item.subset == subset)} for subset in subsets]})
+    return record
+
+
+def resolved_dataset_params(specs: list[DatasetSpec]) -> dict[str, Any]:
+    """The value every dataset and subset trains with, as MLflow params: `data.datasets.<i>.<key>` and
+    `data.datasets.<i>.subsets.<j>.<key>` (j in the file's order), so runs compare on what trained, not on the data.*
+    fallbacks a dataset config overrides."""
+    params = {}
+    for i, spec in enumerate(specs):
+        for key, value in _json_fields(spec).items():
+            if key not in ("setting", "subsets", "folders", "template", "fallbacks"):
+                params[f"data.datasets.{i}.{key}"] = value
+        for j, subset in enumerate(spec.subsets):
+            for key, value in _json_fields(subset).items():
+                if key != "setting":
+                    params[f"data.datasets.{i}.subsets.{j}.{key}"] = value
+    return params
+
+
+def _json_fields(value) -> dict:
+    return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+
+
+def _json_value(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    return value

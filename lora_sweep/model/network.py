@@ -121,3 +121,15 @@ def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -
         )
 
     return write_with(target, write)
+
+
+def set_lora_multiplier(modules, multiplier: float) -> None:
+    """Every PEFT LoRA layer's scaling set to its alpha / rank times `multiplier` (kohya's LoRAModule.multiplier)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, LoraLayer):
+                base = layer.__dict__.setdefault("_lora_sweep_scaling", dict(layer.scaling))
+                for adapter, scale in base.items():
+                    layer.scaling[adapter] = scale * multiplier

@@ -25,10 +25,22 @@ import torch
 from lora_sweep.atomic import write_text
 from lora_sweep.data.buckets import bucket_batches, bucket_histogram
 from lora_sweep.data.captions import fixed_caption, process_caption
-from lora_sweep.data.dataset import FolderScan, inspect_datasets, raw_reg_entries, scan_folder
+from lora_sweep.data.dataset import (
+    FolderScan,
+    datasets_record,
+    inspect_datasets,
+    raw_reg_entries,
+    resolved_dataset_params,
+    scan_folder,
+)
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples, truncated_captions
-from lora_sweep.data.subsets import DatasetSpec, Subset, dataset_specs, per_step_captions
+from lora_sweep.data.subsets import (
+    DatasetSpec,
+    Subset,
+    dataset_specs,
+    per_step_captions,
+)
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
@@ -40,6 +52,7 @@ from lora_sweep.model.network import (
     lora_parameters,
     save_diffusers,
     save_kohya,
+    set_lora_multiplier,
 )
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
@@ -426,51 +439,6 @@ def log_data(cfg, data: Data, sink, output_dir: Path) -> None:
     sink.artifact(write_text(output_dir / "datasets.json", datasets), "data")
 
 
-def datasets_record(specs: list[DatasetSpec], items) -> list[dict]:
-    """The resolved datasets as JSON values: each dataset's fields and its subsets' (a folder-mode dataset: one per
-    `<repeats>_<name>` folder), with image counts and entries (images x repeats, reg balanced)."""
-    record = []
-    for index, spec in enumerate(specs):
-        mine = [item for item in items if item.dataset == index]
-        subsets = list(dict.fromkeys(item.subset for item in mine))
-        left_out = ("subsets", "folders", "template", "fallbacks")  # fallbacks: the run's warnings.txt
-        fields = {k: v for k, v in _json_fields(spec).items() if k not in left_out}
-        record.append({**fields, "subsets": [
-            {**_json_fields(subset), "images": sum(item.subset == subset for item in mine),
-             "entries": sum(item.repeats for item in mine if item.subset == subset)} for subset in subsets]})
-    return record
-
-
-def resolved_dataset_params(specs: list[DatasetSpec]) -> dict[str, Any]:
-    """The value every dataset and subset trains with, as MLflow params: `data.datasets.<i>.<key>` and
-    `data.datasets.<i>.subsets.<j>.<key>` (j in the file's order), so runs compare on what trained, not on the data.*
-    fallbacks a dataset config overrides."""
-    params = {}
-    for i, spec in enumerate(specs):
-        for key, value in _json_fields(spec).items():
-            if key not in ("setting", "subsets", "folders", "template", "fallbacks"):
-                params[f"data.datasets.{i}.{key}"] = value
-        for j, subset in enumerate(spec.subsets):
-            for key, value in _json_fields(subset).items():
-                if key != "setting":
-                    params[f"data.datasets.{i}.subsets.{j}.{key}"] = value
-    return params
-
-
-def _json_fields(value) -> dict:
-    import dataclasses
-
-    return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
-
-
-def _json_value(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    return value
-
-
 def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPolicy,
                 device: torch.device, specs: list[DatasetSpec] | None = None) -> dict[str, torch.nn.Parameter]:
     """Add LoRA (fp32, as kohya), store base weights in the training precision on the CPU, then move to the device.
@@ -584,18 +552,6 @@ def epoch_batches(buckets: list[tuple[int, int]], datasets: list[int], batch_siz
         batches += [[mine[j] for j in batch] for batch in own]
     random.Random(seed + epoch).shuffle(batches)
     return batches
-
-
-def set_lora_multiplier(modules, multiplier: float) -> None:
-    """Every PEFT LoRA layer's scaling set to its alpha / rank times `multiplier` (kohya's LoRAModule.multiplier)."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in modules:
-        for layer in module.modules():
-            if isinstance(layer, LoraLayer):
-                base = layer.__dict__.setdefault("_lora_sweep_scaling", dict(layer.scaling))
-                for adapter, scale in base.items():
-                    layer.scaling[adapter] = scale * multiplier
 
 
 def num_epochs(max_steps: int, batches: int, grad_accum: int) -> int:

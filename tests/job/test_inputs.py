@@ -231,8 +231,8 @@ def test_a_subset_left_out_or_a_key_without_effect_is_warned_by_the_pre_flight_a
     once, and stays out of the datasets record (datasets.json)."""
     import json
 
+    from lora_sweep.data.dataset import datasets_record
     from lora_sweep.job.inputs import read_inputs
-    from lora_sweep.training.session import datasets_record
 
     monkeypatch.chdir(tmp_path)
     for folder in ("char", "style", "reg"):

@@ -35,6 +35,8 @@ def test_prior_loss_weights_only_where_a_reg_image_is():
 def test_network_multiplier_scales_every_lora_layer():
     from peft import LoraConfig, inject_adapter_in_model
 
+    from lora_sweep.model.network import set_lora_multiplier
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=1, target_modules=["0"], init_lora_weights=False),
@@ -42,9 +44,9 @@ def test_network_multiplier_scales_every_lora_layer():
     x = torch.randn(3, 4)
     with torch.no_grad():
         full = model(x)
-        session_lib.set_lora_multiplier([model], 0.5)
+        set_lora_multiplier([model], 0.5)
         half = model(x)
-        session_lib.set_lora_multiplier([model], 0.0)
+        set_lora_multiplier([model], 0.0)
         base = model(x)
     torch.testing.assert_close(half - base, (full - base) * 0.5)
 
