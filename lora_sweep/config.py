@@ -21,6 +21,7 @@ class ModelConfig:
     path: str | None = None  # diffusers folder or single .safetensors; tiny: built into the cache if null
     resolution: int = 64  # the model's native base resolution (tiny 64, SDXL 1024)
     v_prediction: bool = False  # kohya --v_parameterization (warns for SDXL, as kohya does)
+    clip_skip: int | None = None  # --clip_skip: recorded only; v0.8.7's SDXL text encoding ignores it
 
 
 @dataclass
@@ -83,6 +84,9 @@ class LossConfig:
     debiased: bool = False  # --debiased_estimation_loss
     per_sample_timesteps: bool = False  # false: v0.8.7 (one t per batch for huber/smooth_l1)
     prior_loss_weight: float = 1.0  # --prior_loss_weight: the loss weight of regularization images
+    zero_terminal_snr: bool = False  # --zero_terminal_snr: rescale the betas so that SNR(T) = 0
+    scale_v_pred_loss_like_noise_pred: bool = False  # --scale_v_pred_loss_like_noise_pred (needs v-prediction)
+    v_pred_like_loss: float | None = None  # --v_pred_like_loss; 0 or null is off
 
 
 @dataclass
@@ -90,13 +94,18 @@ class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1e-4
     args: dict[str, Any] = field(default_factory=dict)  # passed through, like kohya --optimizer_args
-    scheduler: str = "constant"  # constant | constant_with_warmup | cosine | linear
-    warmup_steps: int = 0  # optimizer steps
+    scheduler: str = "constant"  # kohya --lr_scheduler
+    warmup_steps: int = 0  # --lr_warmup_steps: optimizer steps (an int, as in v0.8.7)
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts only
+    lr_scheduler_power: float = 1.0  # polynomial only
+    lr_scheduler_args: dict[str, Any] = field(default_factory=dict)  # --lr_scheduler_args, e.g. lr_end for polynomial
 
 
 @dataclass
 class PrecisionConfig:
     name: str = "fp32"  # fp32 | fp16 | bf16 | fp8 | fp8_bf16
+    full_fp16: bool = False  # --full_fp16: LoRA weights, grads and optimizer state in fp16 (needs fp16)
+    full_bf16: bool = False  # --full_bf16: the same in bf16 (needs bf16)
 
 
 @dataclass
@@ -104,7 +113,17 @@ class NetworkConfig:
     rank: int = 4  # kohya --network_dim
     alpha: float = 1.0  # kohya --network_alpha
     train_text_encoder: bool = False
-    dropout: float = 0.0
+    dropout: float = 0.0  # --network_dropout: drops neurons after lora_down (v0.8.7)
+    conv_dim: int | None = None  # LoCon: the 3x3 convs of ResNet, Downsample and Upsample blocks at this rank
+    conv_alpha: float | None = None  # null with conv_dim: 1.0, as v0.8.7
+    rank_dropout: float | None = None  # null: no draw at all (0 still draws, as v0.8.7)
+    module_dropout: float | None = None  # null: no draw at all (0 still draws, as v0.8.7)
+    network_weights: str | None = None  # start from this LoRA file (kohya or diffusers keys)
+    dim_from_weights: bool = False  # ranks, alphas and targets from network.network_weights
+    scale_weight_norms: float | None = None  # max-norm of each module's delta W
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    network_args: list[str] = field(default_factory=list)  # --network_args "conv_dim=32" ..., as kohya parses them
 
 
 @dataclass
@@ -121,6 +140,15 @@ class TrainConfig:
     output_name: str = "lora"
     save_every: int = 0  # optimizer steps between training states + step LoRA checkpoints; 0 = only at the end/stop
     save_every_epochs: int = 0  # kohya --save_every_n_epochs: `<output_name>-000005.safetensors`; 0 = off
+    max_train_epochs: int | None = None  # replaces max_steps by epochs x updates per epoch (v0.8.7)
+    save_last_n_epochs: int | None = None  # keep the epoch LoRAs of the last N epochs
+    save_last_n_steps: int | None = None  # keep the step LoRAs of the last N steps (a window, not N files)
+    save_precision: str | None = None  # null (the training dtype) | float | fp16 | bf16
+    torch_compile: bool = False  # compile the U-Net with torch.compile
+    dynamo_backend: str = "inductor"  # --dynamo_backend, with train.torch_compile
+    sdpa: bool = False  # --sdpa
+    xformers: bool = False  # --xformers (needs the xformers package)
+    mem_eff_attn: bool = False  # --mem_eff_attn
     keep_states: int = 2  # training states kept per run (the newest ones)
     resume: str = "auto"  # auto | never | <state-step*.pt file, or a run's state folder>
     state_dir: str | None = None  # null: <cache root>/states; states go to <state_dir>/<config_hash>/<run_id>/
@@ -215,6 +243,8 @@ _HASH_EXCLUDED = (
     "train.keep_states",
     "train.save_every",
     "train.save_every_epochs",
+    "train.save_last_n_epochs",
+    "train.save_last_n_steps",
     "train.state_dir",
     "train.max_consecutive_skips",  # a run either ends as it would without the bound, or fails
     "train.device",
@@ -276,12 +306,47 @@ _HASH_NEUTRAL = {
     "loss.prior_loss_weight": (1.0,),
     # issue 26: kohya's samplers
     "sampling.sampler": (None,),
+    # issue 27: the network as v0.8.7's networks/lora.py builds it
+    "network.conv_dim": (None,),
+    "network.conv_alpha": (None,),
+    "network.rank_dropout": (None,),
+    "network.module_dropout": (None,),
+    "network.network_weights": (None,),
+    "network.dim_from_weights": (False,),
+    "network.scale_weight_norms": (None, 0, 0.0),
+    "network.network_train_unet_only": (False,),
+    "network.network_train_text_encoder_only": (False,),
+    "network.network_args": ([],),
+    # issue 28: schedules, optimizers, epochs, saving and switches
+    "optimizer.lr_scheduler_num_cycles": (1,),
+    "optimizer.lr_scheduler_power": (1.0,),
+    "optimizer.lr_scheduler_args": ({},),
+    "train.max_train_epochs": (None,),
+    "train.save_precision": (None,),
+    "train.torch_compile": (False,),
+    "train.dynamo_backend": ("inductor",),
+    "train.sdpa": (False,),
+    "train.xformers": (False,),
+    "train.mem_eff_attn": (False,),
+    "loss.zero_terminal_snr": (False,),
+    "loss.scale_v_pred_loss_like_noise_pred": (False,),
+    "loss.v_pred_like_loss": (None, 0, 0.0),
+    "precision.full_fp16": (False,),
+    "precision.full_bf16": (False,),
+    "model.clip_skip": (None,),
+}
+
+# keys whose meaning changed: a value away from these gets a new hash, so runs made under the old meaning are not
+# taken for runs made under the new one
+_MEANING_CHANGED = {
+    "network.dropout": ((0.0,), "v0.8.7 network_dropout after lora_down (issue 27); was PEFT lora_dropout"),
 }
 
 
 def config_hash(cfg: DictConfig | Config) -> str:
     """A short hash of everything that changes the trained result (not paths, tracking or sweep settings)."""
     kept = {k: v for k, v in hashed_settings(cfg).items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
+    kept |= {f"{k}@meaning": why for k, (old, why) in _MEANING_CHANGED.items() if k in kept and kept[k] not in old}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -389,3 +389,44 @@ def test_max_token_length_is_hash_neutral_at_null_and_75_and_kohyas_name_finds_i
     longer = {config_hash(compose_config(f"data.max_token_length={n}")) for n in (150, 225)}
     assert len(longer - {base}) == 2
     assert kohya_name("max_token_length") == "data.max_token_length"
+
+
+ISSUE_27_28_KEYS = {
+    "network": ["conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "network_weights", "dim_from_weights",
+                "scale_weight_norms", "network_train_unet_only", "network_train_text_encoder_only", "network_args"],
+    "optimizer": ["lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args"],
+    "train": ["max_train_epochs", "save_last_n_epochs", "save_last_n_steps", "save_precision", "torch_compile",
+              "dynamo_backend", "sdpa", "xformers", "mem_eff_attn"],
+    "loss": ["zero_terminal_snr", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"],
+    "precision": ["full_fp16", "full_bf16"],
+    "model": ["clip_skip"],
+}
+
+
+def test_issue_27_and_28_keys_at_their_defaults_keep_the_hash_and_kohyas_names_find_them():
+    from omegaconf import OmegaConf
+
+    from lora_sweep.checks.keys import kohya_name
+
+    cfg = compose_config()
+    before_the_keys = OmegaConf.to_container(cfg, resolve=True)
+    for group, keys in ISSUE_27_28_KEYS.items():
+        for key in keys:
+            del before_the_keys[group][key]
+            assert kohya_name(key) == f"{group}.{key}"
+    assert config_hash(OmegaConf.create(before_the_keys)) == config_hash(cfg)
+
+
+def test_network_dropout_changed_meaning_so_a_non_zero_value_gets_a_new_hash():
+    """network.dropout was PEFT's lora_dropout (on the input) and is now v0.8.7's network_dropout (after down): a run
+    recorded with 0.1 under the old meaning must not be taken for one under the new."""
+    import hashlib
+    import json
+
+    from lora_sweep.config import _HASH_NEUTRAL, hashed_settings
+
+    old = OmegaConf.to_container(compose_config("network.dropout=0.1"), resolve=True)
+    blob = json.dumps({k: v for k, v in hashed_settings(OmegaConf.create(old)).items()
+                       if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}, sort_keys=True, default=str)
+    assert config_hash(compose_config("network.dropout=0.1")) != hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert config_hash(compose_config("network.dropout=0.0")) == config_hash(compose_config())

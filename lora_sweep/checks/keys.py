@@ -43,6 +43,24 @@ KOHYA_NAMES = {
     "max_bucket_reso": "data.max_bucket_reso", "resolution": "data.resolution", "num_repeats": "data.datasets",
     "dataset_repeats": "data.datasets", "class_tokens": "data.datasets", "is_reg": "data.datasets",
     "image_dir": "data.datasets", "subsets": "data.datasets", "network_multiplier": "data.datasets",
+    # issue 27: the network
+    "conv_dim": "network.conv_dim", "conv_alpha": "network.conv_alpha", "rank_dropout": "network.rank_dropout",
+    "module_dropout": "network.module_dropout", "network_weights": "network.network_weights",
+    "dim_from_weights": "network.dim_from_weights", "scale_weight_norms": "network.scale_weight_norms",
+    "network_train_unet_only": "network.network_train_unet_only",
+    "network_train_text_encoder_only": "network.network_train_text_encoder_only",
+    "network_args": "network.network_args",
+    # issue 28: schedules, optimizers, epochs, saving and switches
+    "lr_scheduler_num_cycles": "optimizer.lr_scheduler_num_cycles",
+    "lr_scheduler_power": "optimizer.lr_scheduler_power", "lr_scheduler_args": "optimizer.lr_scheduler_args",
+    "unet_lr": "train.lr", "max_train_epochs": "train.max_train_epochs",
+    "save_last_n_epochs": "train.save_last_n_epochs", "save_last_n_steps": "train.save_last_n_steps",
+    "save_precision": "train.save_precision", "torch_compile": "train.torch_compile",
+    "dynamo_backend": "train.dynamo_backend", "sdpa": "train.sdpa", "xformers": "train.xformers",
+    "mem_eff_attn": "train.mem_eff_attn", "zero_terminal_snr": "loss.zero_terminal_snr",
+    "scale_v_pred_loss_like_noise_pred": "loss.scale_v_pred_loss_like_noise_pred",
+    "v_pred_like_loss": "loss.v_pred_like_loss", "full_fp16": "precision.full_fp16",
+    "full_bf16": "precision.full_bf16", "clip_skip": "model.clip_skip",
 }
 
 
