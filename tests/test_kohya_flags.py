@@ -1,17 +1,31 @@
-"""kohya's names mapped or refused: every sd-scripts v0.8.7 SDXL LoRA flag is a lora-sweep setting, or a flag
-refused or fixed with its reason."""
+"""kohya's names mapped or refused: every sd-scripts v0.8.7 SDXL LoRA flag and every key of the kohya_ss v24.1.4
+SDXL LoRA presets is a lora-sweep setting, a flag refused or fixed with its reason, or a GUI-only key (docs/kohya.md).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from conftest import compose_config
 
 from lora_sweep.checks.keys import KOHYA_NAMES, schema_keys
-from lora_sweep.checks.kohya_flags import KOHYA_FLAGS, NETWORK_ARGS, Fixed, Refused
+from lora_sweep.checks.kohya_flags import (
+    GUI_KEYS,
+    KOHYA_FLAGS,
+    LORA_TYPES,
+    NETWORK_ARGS,
+    Fixed,
+    Refused,
+    gui_key_flags,
+    lora_type_problem,
+)
 
 DATA = Path(__file__).parent / "data"
+PRESETS = json.loads((DATA / "kohya_ss_v24.1.4_sdxl_presets.json").read_text(encoding="utf-8"))["presets"]
+STANDARD = {name: p for name, p in PRESETS.items() if p["LoRA_type"] in LORA_TYPES}
+LYCORIS = {name: p for name, p in PRESETS.items() if p["LoRA_type"] not in LORA_TYPES}
 
 
 def v087_flags() -> list[str]:
@@ -27,6 +41,11 @@ def mapping(flag: str) -> str:
     return type(KOHYA_FLAGS[flag]).__name__
 
 
+def additional_flags(text: str) -> list[str]:
+    """The flag names in a GUI `additional_parameters` string, split as the GUI splits it."""
+    return [arg[2:].split("=")[0] for arg in text.replace('"', "").split() if arg.startswith("--")]
+
+
 def test_every_v087_sdxl_lora_flag_is_a_setting_or_refused_or_fixed_by_name():
     flags = v087_flags()
     assert len(flags) == 170 and flags[:2] == ["console_log_level", "console_log_file"]
@@ -38,6 +57,46 @@ def test_every_v087_sdxl_lora_flag_is_a_setting_or_refused_or_fixed_by_name():
     assert set(KOHYA_NAMES.values()) <= set(schema_keys())
     assert set(KOHYA_FLAGS) <= set(flags) | NETWORK_ARGS, "an entry for a name v0.8.7 does not have"
     assert all(entry.reason and not entry.reason.endswith(".") for entry in KOHYA_FLAGS.values())
+
+
+@pytest.mark.parametrize("name", sorted(STANDARD))
+def test_every_key_of_an_sdxl_lora_preset_maps_to_a_setting_or_a_named_refusal(name):
+    flags = set(v087_flags())
+    preset = STANDARD[name]
+    for key, value in preset.items():
+        if key not in GUI_KEYS:
+            assert key in flags, f"{key}: passed on under its own name, so it must be a v0.8.7 flag"
+        targets = gui_key_flags(key)
+        assert targets or GUI_KEYS[key].how, f"{key}: a GUI-only key says what it does"
+        for flag in targets:
+            mapping(flag)
+        if key == "additional_parameters":
+            for flag in additional_flags(value):
+                assert flag in flags, flag
+                mapping(flag)
+
+
+def test_the_presets_and_their_mapping():
+    """16 Standard and 3 LyCORIS SDXL presets at v24.1.4, none Kohya LoCon: their conv_dim never reaches sd-scripts."""
+    assert len(STANDARD) == 16 and {p["LoRA_type"] for p in STANDARD.values()} == {"Standard"}
+    prodigy = STANDARD["SDXL - LoRA AI_Now prodigy v1.0.json"]
+    assert (prodigy["conv_dim"], prodigy["conv_alpha"], prodigy["scale_weight_norms"]) == (32, 32, 5)
+    assert LORA_TYPES["Standard"] == () and "Kohya LoCon only" in GUI_KEYS["conv_dim"].how
+    assert [mapping(f) for f in gui_key_flags("max_resolution")] == ["data.resolution"]
+    assert [mapping(f) for f in gui_key_flags("lr_warmup")] == ["optimizer.warmup_steps"]
+    assert [mapping(f) for f in gui_key_flags("xformers")] == ["train.xformers", "train.sdpa"]
+    assert [mapping(f) for f in gui_key_flags("lora_network_weights")] == ["network.network_weights"]
+    assert gui_key_flags("epoch") == () and "max_train_steps" in GUI_KEYS["epoch"].how
+    assert additional_flags(STANDARD["SDXL - LoRA kudou-reira prodigy v4.0.json"]["additional_parameters"]) == [
+        "lr_scheduler_type", "lr_scheduler_args", "network_train_unet_only"]
+    assert mapping("lr_scheduler_type") == "Refused" and mapping("cache_latents") == "Fixed"
+
+
+@pytest.mark.parametrize("name", sorted(LYCORIS))
+def test_the_lycoris_presets_are_refused_naming_their_lora_type(name):
+    lora_type = LYCORIS[name]["LoRA_type"]
+    assert lora_type in ("LyCORIS/LoHa", "LyCORIS/LoKr")
+    assert lora_type_problem(lora_type).startswith(f"The kohya_ss LoRA_type '{lora_type}' is not supported")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,8 +1,14 @@
-"""kohya's names that are not lora-sweep settings.
+"""kohya's names that are not lora-sweep settings, and how the kohya_ss GUI's keys reach sd-scripts' flags.
 
-With `checks.keys.KOHYA_NAMES` (a flag -> its lora-sweep setting), `KOHYA_FLAGS` is the whole mapping of sd-scripts
-v0.8.7's `sdxl_train_network.py` flags: every other flag (and `network_args` key), `Refused` (lora-sweep lacks what
-it does) or `Fixed` (lora-sweep always behaves one way, or the flag changes nothing trained).
+Three tables, with `checks.keys.KOHYA_NAMES` (a flag -> its lora-sweep setting) the whole mapping that an import of a
+kohya config reads (docs/kohya.md):
+- `KOHYA_FLAGS`: every other sd-scripts v0.8.7 `sdxl_train_network.py` flag (and `network_args` key), `Refused`
+  (lora-sweep lacks what it does) or `Fixed` (lora-sweep always behaves one way, or the flag changes nothing trained);
+- `GUI_KEYS`: the kohya_ss v24.1.4 LoRA tab's keys that do not become the sd-scripts flag of the same name: renamed,
+  converted, spread over several flags, or GUI-only (`flags` empty);
+- `LORA_TYPES`: the GUI `LoRA_type`s lora-sweep trains; `lora_type_problem` names any other.
+The GUI's TOML leaves out every value that is "", False, None or 0 (docs/kohya.md), so a GUI key at such a value
+sets nothing and sd-scripts' default applies.
 """
 
 from __future__ import annotations
@@ -129,6 +135,86 @@ KOHYA_FLAGS: dict[str, Refused | Fixed] = {
 }
 
 
+@dataclass(frozen=True)
+class GuiKey:
+    """How the GUI passes one of its keys on: `flags`, the sd-scripts flags (or network_args keys) it becomes, and
+    `how`, the conversion when it is not the value as is; no flags: a GUI-only key, `how` says what it does."""
+
+    flags: tuple[str, ...]
+    how: str = ""
+
+
+_LYCORIS = "used by the LyCORIS and DyLoRA types only; Standard and Kohya LoCon ignore it"
+_ACCELERATE = "an `accelerate launch` option (one device per lora-sweep job)"
+_GUI_IGNORES = "a key of an older GUI that v24.1.4 does not read"
+
+GUI_KEYS: dict[str, GuiKey] = {
+    "LoRA_type": GuiKey(("network_module", "network_args"),
+                        "Standard: networks.lora; Kohya LoCon: networks.lora with network_args conv_dim and "
+                        "conv_alpha; any other type is refused (LORA_TYPES)"),
+    "sdxl": GuiKey((), "GUI only: true runs sdxl_train_network.py, whose flags this mapping covers; lora-sweep "
+                       "trains SDXL only"),
+    "max_resolution": GuiKey(("resolution",)),
+    "optimizer": GuiKey(("optimizer_type",)),
+    "lr_warmup": GuiKey(("lr_warmup_steps",), "a percentage of the GUI's max_train_steps: "
+                                              "round(lr_warmup × max_train_steps / 100), half to even"),
+    "epoch": GuiKey((), "GUI only: when the max_train_steps field is 0 and no dataset config is set, max_train_steps "
+                        "= ceil(images × repeats / batch / accumulation × epoch × (2 with reg images)); and "
+                        "lr_scheduler_num_cycles when that field is empty"),
+    "max_train_steps": GuiKey(("max_train_steps",), "0 or empty: the GUI's estimate from epoch (see epoch)"),
+    "lr_scheduler_num_cycles": GuiKey(("lr_scheduler_num_cycles",), "empty: the GUI's epoch"),
+    "xformers": GuiKey(("xformers", "sdpa"), '"xformers" sets --xformers, "sdpa" sets --sdpa, "none" neither; '
+                                             "an older preset's true means xformers"),
+    "sdxl_cache_text_encoder_outputs": GuiKey(("cache_text_encoder_outputs",)),
+    "sdxl_no_half_vae": GuiKey(("no_half_vae",)),
+    "lora_network_weights": GuiKey(("network_weights",), "an older GUI's name, renamed on load"),
+    "conv_dim": GuiKey(("conv_dim",), "a network_args entry for Kohya LoCon only; Standard ignores it"),
+    "conv_alpha": GuiKey(("conv_alpha",), "a network_args entry for Kohya LoCon only; Standard ignores it"),
+    "rank_dropout": GuiKey(("rank_dropout",), "a network_args entry when non-zero"),
+    "module_dropout": GuiKey(("module_dropout",), "a network_args entry when non-zero"),
+    **{key: GuiKey((key,), "a network_args entry when non-empty")
+       for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                   "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")},
+    "additional_parameters": GuiKey((), "more sd-scripts flags, appended to the command line as typed (quotes "
+                                        "removed, split on spaces); each maps as its flag does"),
+    "noise_offset_type": GuiKey((), "GUI only: it shows the Original or the Multires fields; both noise_offset and "
+                                    "multires_noise_* are written as set, hidden or not"),
+    "learning_rate": GuiKey(("learning_rate",), "0 is left out, so v0.8.7's 2e-6 applies"),
+    "unet_lr": GuiKey(("unet_lr", "network_train_unet_only", "network_train_text_encoder_only"),
+                      "0 is left out (learning_rate applies); non-zero with text_encoder_lr 0 sets "
+                      "network_train_unet_only, 0 with text_encoder_lr non-zero network_train_text_encoder_only"),
+    "text_encoder_lr": GuiKey(("text_encoder_lr", "network_train_unet_only", "network_train_text_encoder_only"),
+                              "0 is left out (learning_rate applies); 0 with unet_lr non-zero sets "
+                              "network_train_unet_only, non-zero with unet_lr 0 network_train_text_encoder_only"),
+    "max_grad_norm": GuiKey(("max_grad_norm",), "0 is left out, so v0.8.7 clips at 1.0: the GUI cannot turn "
+                                                "clipping off"),
+    "network_alpha": GuiKey(("network_alpha",), "0 is left out, so alpha is 1, not network_dim"),
+    "sample_prompts": GuiKey(("sample_prompts",), "the prompts' text, which the GUI writes to "
+                                                  "<output_dir>/prompt.txt and passes as the file"),
+    "stop_text_encoder_training": GuiKey((), "GUI only: v24.1.4 ignores it with a warning"),
+    "stop_text_encoder_training_pct": GuiKey((), "GUI only: v24.1.4 ignores it with a warning"),
+    "model_list": GuiKey((), "GUI only: the model dropdown; pretrained_model_name_or_path is what trains"),
+    "training_preset": GuiKey((), "GUI only: the preset's name"),
+    "num_cpu_threads_per_process": GuiKey((), _ACCELERATE),
+    "num_processes": GuiKey((), _ACCELERATE), "num_machines": GuiKey((), _ACCELERATE),
+    "multi_gpu": GuiKey((), _ACCELERATE), "gpu_ids": GuiKey((), _ACCELERATE),
+    "main_process_port": GuiKey((), _ACCELERATE), "extra_accelerate_launch_args": GuiKey((), _ACCELERATE),
+    "dynamo_mode": GuiKey((), _ACCELERATE), "dynamo_use_fullgraph": GuiKey((), _ACCELERATE),
+    "dynamo_use_dynamic": GuiKey((), _ACCELERATE),
+    "dynamo_backend": GuiKey(("dynamo_backend",), "also an accelerate option; v0.8.7 uses it only with "
+                                                  "--torch_compile, which the GUI cannot set"),
+    **{key: GuiKey((), _LYCORIS)
+       for key in ("LyCORIS_preset", "factor", "bypass_mode", "dora_wd", "use_cp", "use_tucker", "use_scalar",
+                   "rank_dropout_scale", "constrain", "rescaled", "train_norm", "decompose_both", "train_on_input",
+                   "unit")},
+    "conv_dims": GuiKey((), _GUI_IGNORES), "conv_alphas": GuiKey((), _GUI_IGNORES),
+    "no_token_padding": GuiKey((), _GUI_IGNORES),
+}
+
+# GUI LoRA_type -> its network_args keys (both train v0.8.7's networks.lora)
+LORA_TYPES = {"Standard": (), "Kohya LoCon": ("conv_dim", "conv_alpha")}
+
+
 def flag_text(name: str) -> str:
     """`--masked_loss` for a flag; `network_args block_dims=` for a network_args key."""
     return f"network_args {name}=" if name in NETWORK_ARGS else f"--{name}"
@@ -142,3 +228,17 @@ def not_a_setting_message(name: str) -> str | None:
         return None
     verdict = "is not supported by lora-sweep" if isinstance(entry, Refused) else "is not a lora-sweep setting"
     return f"kohya's {flag_text(name)} {verdict}: {entry.reason}."
+
+
+def gui_key_flags(key: str) -> tuple[str, ...]:
+    """The sd-scripts flags (or network_args keys) GUI `key` becomes: GUI_KEYS' entry, else the flag of its name."""
+    return GUI_KEYS[key].flags if key in GUI_KEYS else (key,)
+
+
+def lora_type_problem(lora_type: str) -> str | None:
+    """None for a LoRA_type lora-sweep trains; else one paragraph naming it."""
+    if lora_type in LORA_TYPES:
+        return None
+    return (f"The kohya_ss LoRA_type '{lora_type}' is not supported by lora-sweep: it trains kohya's networks.lora "
+            f"only, LoRA_type {' or '.join(repr(t) for t in LORA_TYPES)} (LoCon with network.conv_dim); LyCORIS, "
+            f"DyLoRA and LoRA-FA networks are other modules.")
