@@ -5,19 +5,22 @@ SDXL LoRA presets is a lora-sweep setting, a flag refused or fixed with its reas
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import ROOT, compose_config
 
 from lora_sweep.checks.keys import KOHYA_NAMES, schema_keys
 from lora_sweep.checks.kohya_flags import (
+    ANY,
     GUI_KEYS,
     KOHYA_FLAGS,
     LORA_TYPES,
     NETWORK_ARGS,
     Fixed,
     Refused,
+    flag_text,
     gui_key_flags,
     lora_type_problem,
 )
@@ -119,3 +122,25 @@ def test_a_kohya_flag_added_with_plus_is_named_with_its_reason():
     (problem,) = config_problems(compose_config("+train.masked_loss=true"))
     assert problem == ("kohya's --masked_loss is not supported by lora-sweep: it weights the loss by a mask (an "
                        "image's alpha channel or conditioning_data_dir); lora-sweep's loss has no mask.")
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Each name in a table row's first cell (`--a`, `--b`) -> that row's other cells."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            first, *rest = [cell.strip() for cell in line.strip()[1:-1].split("|")]
+            rows.update({name: rest for name in re.findall(r"`([^`]+)`", first)})
+    return rows
+
+
+def test_the_coming_from_kohya_page_lists_every_refused_and_fixed_flag_and_gui_key():
+    text = (ROOT / "docs" / "kohya.md").read_text(encoding="utf-8")
+    rows = table_rows(text)
+    for name, entry in KOHYA_FLAGS.items():
+        value = [] if isinstance(entry, Refused) else ["any" if entry.value == ANY else f"`{entry.value}`"]
+        assert rows.get(flag_text(name)) == [*value, entry.reason], name
+    for key, entry in GUI_KEYS.items():
+        flags = "the same" if entry.flags == (key,) else ", ".join(f"`{flag_text(f)}`" for f in entry.flags)
+        assert rows.get(key) == [flags or "none", entry.how], key
+    assert all(f"- `{name}`: {preset['LoRA_type']}\n" in text for name, preset in PRESETS.items())
