@@ -48,15 +48,16 @@ _METADATA = "it only fills a modelspec.* field of the LoRA file; lora-sweep writ
             "and leaves author, description, license and tags out"
 _BLOCKWISE = "v0.8.7 gives every SDXL U-Net module block index -1, so block-wise dims, alphas and lr weights do not " \
              "act per block"
-_TE_CACHE = "lora-sweep caches text-encoder outputs itself whenever the text encoders are frozen and a caption " \
-            "cannot change between steps (docs/data.md); unlike v0.8.7 it applies prefix, suffix and wildcards first"
+_TE_CACHE = "lora-sweep caches a caption's text-encoder outputs itself when processing cannot change the caption, " \
+            "after prefix, suffix and separators, which v0.8.7's cache ignores (docs/data.md)"
 
 KOHYA_FLAGS: dict[str, Refused | Fixed] = {
     # models and data
     "v2": Refused("it loads a Stable Diffusion 2.x model; lora-sweep trains SDXL (model=sdxl) and its tiny "
                   "stand-in"),
     "vae": Refused("it loads a separate VAE; lora-sweep encodes with the VAE of model.path"),
-    "tokenizer_cache_dir": Fixed(ANY, "lora-sweep reads the tokenizers from model.path"),
+    "tokenizer_cache_dir": Fixed(ANY, "lora-sweep reads the tokenizers from model.path's folder or its bundled "
+                                      "copy, never the Hub"),
     "in_json": Refused("it reads a fine-tuning dataset (a metadata JSON); lora-sweep reads DreamBooth-style "
                        "datasets (data.dir, data.dataset_config)"),
     "dataset_class": Refused("it loads a user dataset class; lora-sweep reads data.dir or data.dataset_config"),
