@@ -1,5 +1,6 @@
 """The network's regularisers as sd-scripts v0.8.7's networks/lora.py applies them, on PEFT's LoRA layers: kohya's
-three dropouts (`LoRAModule.forward`). docs/kohya-reference.md §8 states them.
+three dropouts (`LoRAModule.forward`) and max-norm (`apply_max_norm_regularization`, `--scale_weight_norms`).
+docs/kohya-reference.md §8 states both.
 
 Dropouts act only in training mode: evaluation and sampling put the layers in eval mode (unlike v0.8.7, §11).
 """
@@ -7,13 +8,13 @@ Dropouts act only in training mode: evaluation and sampling put the layers in ev
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lora_sweep.model.network import ADAPTER
+from lora_sweep.model.network import ADAPTER, sgm_unet_name
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,93 @@ def rank_mask(lx: torch.Tensor, rank: int, p: float) -> torch.Tensor:
     if lx.dim() == 4:
         return mask.unsqueeze(-1).unsqueeze(-1)
     return mask
+
+
+@dataclass(frozen=True)
+class MaxNormResult:
+    """What one max-norm pass returns (v0.8.7's tuple): modules rescaled, mean and max of the norms after it."""
+
+    keys_scaled: int
+    average_key_norm: float
+    max_key_norm: float
+
+    def metrics(self) -> dict[str, float]:
+        """Under kohya's tracker names."""
+        return {"max_norm/keys_scaled": self.keys_scaled, "max_norm/average_key_norm": self.average_key_norm,
+                "max_norm/max_key_norm": self.max_key_norm}
+
+
+def delta_weight(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """up·down as a weight of the original module: (out, in) for a Linear, (out, in, k, k) for a conv (a k×k down
+    composed with the 1×1 up as `conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3)`), without alpha/r."""
+    if down.dim() == 2:
+        return up @ down
+    if down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
+        return (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    return F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+@torch.no_grad()
+def apply_max_norm_regularization(layers: Sequence[torch.nn.Module], max_norm: float) -> MaxNormResult:
+    """Scale each layer's LoRA so that ||(alpha/r)·ΔW||_F <= max_norm, as v0.8.7 (docs/kohya-reference.md §8).
+
+    Per layer, in the order given: norm = ||ΔW·alpha/r|| clamped below at max_norm/2, ratio = min(norm, max_norm) /
+    norm on the CPU; if ratio != 1 both up and down are multiplied in place by sqrt(ratio). alpha is the float32 value
+    the layer's file records (`lora_alpha`), computed in the weights' dtype on their device. The optimizer state is
+    untouched.
+    """
+    keys_scaled, norms = 0, []
+    for layer in layers:
+        down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        # v0.8.7's alpha buffer: a float32 scalar, cast with the network to the weights' dtype
+        alpha = torch.tensor(float(layer.lora_alpha[ADAPTER])).to(down.device, down.dtype)
+        updown = delta_weight(down, up)
+        updown *= alpha / down.shape[0]
+        norm = updown.norm().clamp(min=max_norm / 2)
+        desired = torch.clamp(norm, max=max_norm)
+        ratio = desired.cpu() / norm.cpu()
+        sqrt_ratio = ratio**0.5
+        if ratio != 1:
+            keys_scaled += 1
+            up *= sqrt_ratio
+            down *= sqrt_ratio
+        norms.append((updown.norm() * ratio).item())
+    return MaxNormResult(keys_scaled, sum(norms) / len(norms), max(norms))
+
+
+# kohya's child order inside SGM blocks (library/sdxl_original_unet.py) where it differs from diffusers' order
+_SGM_ORDER = {
+    "input_blocks": 0, "middle_block": 1, "output_blocks": 2,
+    "in_layers": 0, "emb_layers": 1, "out_layers": 2, "skip_connection": 3,
+    "proj_in": 0, "transformer_blocks": 1, "proj_out": 2,
+    "attn1": 0, "ff": 1, "attn2": 2,
+    "to_q": 0, "to_k": 1, "to_v": 2, "to_out": 3,
+}
+
+
+def sgm_position(sgm_path: str) -> tuple[int, ...]:
+    """A sort key giving kohya's module order for SGM paths (`input_blocks.4.1.transformer_blocks.0.ff.net.2`)."""
+    return tuple(int(part) if part.isdigit() else _SGM_ORDER.get(part, 0) for part in sgm_path.split("."))
+
+
+def kohya_ordered_layers(unet: torch.nn.Module | None,
+                         text_encoders: Sequence[torch.nn.Module] = ()) -> list[torch.nn.Module]:
+    """The trained LoRA layers in v0.8.7's state_dict order: text encoder 1, text encoder 2 (their module order),
+    then the U-Net in SGM order (input, middle, output blocks; attn1, ff, attn2 in a transformer block)."""
+    layers = [layer for encoder in text_encoders for layer in lora_layers(encoder)]
+    if unet is not None:
+        lpb = unet.config.layers_per_block
+        ours = set(lora_layers(unet))
+        named = [(name, m) for name, m in unet.named_modules() if m in ours]
+        named.sort(key=lambda item: sgm_position(sgm_unet_name(item[0], lpb)))
+        layers += [m for _, m in named]
+    return [layer for layer in layers if layer.lora_A[ADAPTER].weight.requires_grad]
+
+
+def max_norm_regularizer(max_norm: float | None, unet: torch.nn.Module | None,
+                         text_encoders: Sequence[torch.nn.Module] = ()) -> Callable[[], MaxNormResult] | None:
+    """network.scale_weight_norms as a call to make after every micro-batch; None when it is off (null or 0)."""
+    if not max_norm:
+        return None
+    layers = kohya_ordered_layers(unet, text_encoders)
+    return functools.partial(apply_max_norm_regularization, layers, max_norm)

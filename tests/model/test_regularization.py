@@ -1,9 +1,10 @@
-"""kohya's dropouts on real PEFT LoRA layers (Linear and Conv2d), checked against v0.8.7's arithmetic
-(networks/lora.py `LoRAModule.forward`) written out in the test."""
+"""kohya's dropouts and max-norm on real PEFT LoRA layers (Linear and Conv2d), each checked against v0.8.7's
+arithmetic (networks/lora.py `LoRAModule.forward`, `apply_max_norm_regularization`) written out in the test."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,8 +13,12 @@ import torch.nn.functional as F
 from lora_sweep.model.network import ADAPTER, set_lora_multiplier
 from lora_sweep.model.regularization import (
     Dropouts,
+    apply_max_norm_regularization,
+    delta_weight,
     install_dropouts,
+    kohya_ordered_layers,
     lora_layers,
+    max_norm_regularizer,
 )
 
 
@@ -225,3 +230,79 @@ def test_gradient_checkpointing_recomputes_the_same_masks(tiny_lora_unet):
     assert all((grads[0][n] is None and grads[1][n] is None) or torch.equal(grads[0][n], grads[1][n])
                for n in grads[0])
     assert sum(g is None for g in grads[0].values()) > 0  # module dropout skipped some modules
+
+
+# max-norm: v0.8.7's apply_max_norm_regularization
+
+
+def linear_lora(down: list, up: list, alpha: float) -> torch.nn.Module:
+    """One PEFT LoRA Linear with the given lora_A (down) and lora_B (up) weights."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    down_t, up_t = torch.tensor(down), torch.tensor(up)
+    model = torch.nn.Sequential(torch.nn.Linear(down_t.shape[1], up_t.shape[0]))
+    inject_adapter_in_model(LoraConfig(r=down_t.shape[0], lora_alpha=alpha, target_modules=["0"]), model)
+    layer = lora_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_A[ADAPTER].weight.copy_(down_t)
+        layer.lora_B[ADAPTER].weight.copy_(up_t)
+    return layer
+
+
+def test_a_module_over_max_norm_ends_at_exactly_max_norm():
+    layer = linear_lora([[3.0, 4.0]], [[2.0]], alpha=1.0)  # ΔW = [[6, 8]], norm 10
+    result = apply_max_norm_regularization([layer], 5.0)
+    assert (result.keys_scaled, result.average_key_norm, result.max_key_norm) == (1, 5.0, 5.0)
+    root = torch.tensor(0.5) ** 0.5  # both up and down by sqrt(5 / 10)
+    assert torch.equal(layer.lora_A[ADAPTER].weight, torch.tensor([[3.0, 4.0]]) * root)
+    assert torch.equal(layer.lora_B[ADAPTER].weight, torch.tensor([[2.0]]) * root)
+    assert delta_weight(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight).norm().item() == \
+        pytest.approx(5.0, rel=1e-6)
+
+
+def test_a_module_below_max_norm_stays_bit_identical_and_alpha_over_rank_counts():
+    layer = linear_lora([[3.0, 4.0], [0.0, 0.0]], [[2.0, 1.0]], alpha=1.0)  # rank 2: scale 1/2, norm 5
+    down, up = layer.lora_A[ADAPTER].weight.clone(), layer.lora_B[ADAPTER].weight.clone()
+    result = apply_max_norm_regularization([layer], 6.0)
+    assert (result.keys_scaled, result.average_key_norm, result.max_key_norm) == (0, 5.0, 5.0)
+    assert torch.equal(layer.lora_A[ADAPTER].weight, down) and torch.equal(layer.lora_B[ADAPTER].weight, up)
+
+
+def test_the_half_clamp_keeps_small_and_zero_modules_untouched():
+    """norm is clamped at max_norm/2 before the ratio: a module far below (or an untrained one, up = 0, which
+    would give 0/0) has ratio 1 and keeps its unclamped norm in the average."""
+    small = linear_lora([[0.3, 0.4]], [[2.0]], alpha=1.0)  # norm 1 < 5 / 2
+    untrained = linear_lora([[3.0, 4.0]], [[0.0]], alpha=1.0)
+    big = linear_lora([[3.0, 4.0]], [[2.0]], alpha=1.0)  # norm 10
+    result = apply_max_norm_regularization([small, untrained, big], 5.0)
+    assert result.keys_scaled == 1
+    assert result.average_key_norm == pytest.approx((1.0 + 0.0 + 5.0) / 3, rel=1e-6) and result.max_key_norm == 5.0
+    assert torch.equal(untrained.lora_A[ADAPTER].weight, torch.tensor([[3.0, 4.0]]))
+
+
+def test_a_3x3_conv_module_is_scaled_by_its_explicit_delta_weight():
+    model = lora_model(conv=True, rank=4, alpha=1.0)
+    layer = lora_layers(model)[0]
+    down, up = layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone()
+    explicit = torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down) * (1.0 / 4)  # (5, 3, 3, 3)
+    assert torch.allclose(delta_weight(down, up) * 0.25, explicit, atol=1e-6)
+    max_norm = explicit.norm().item() * 0.8
+    result = apply_max_norm_regularization([layer], max_norm)
+    assert result.keys_scaled == 1 and result.max_key_norm == pytest.approx(max_norm, rel=1e-6)
+    after = delta_weight(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight) * 0.25
+    assert after.norm().item() == pytest.approx(max_norm, rel=1e-5)
+    assert torch.allclose(after, explicit * 0.8, atol=1e-6)
+
+
+def test_max_norm_is_off_at_null_and_zero_and_orders_layers_as_kohyas_state_dict(tiny_lora_unet):
+    from lora_sweep.model.network import sgm_unet_name
+
+    assert max_norm_regularizer(None, tiny_lora_unet) is None and max_norm_regularizer(0.0, tiny_lora_unet) is None
+    names = {layer: name for name, layer in tiny_lora_unet.named_modules()}
+    order = [sgm_unet_name(names[layer], 2) for layer in kohya_ordered_layers(tiny_lora_unet)]
+    assert len(order) == len(lora_layers(tiny_lora_unet))
+    assert order[:8] == [f"input_blocks.4.1.{m}" for m in (
+        "proj_in", *(f"transformer_blocks.0.{a}" for a in (
+            "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "attn2.to_q")))]
+    assert order.index("middle_block.1.proj_in") < order.index("output_blocks.0.1.proj_in")
+    assert math.isfinite(max_norm_regularizer(1.0, copy.deepcopy(tiny_lora_unet))().average_key_norm)
