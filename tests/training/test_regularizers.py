@@ -1,5 +1,6 @@
 """kohya's dropouts and max-norm in a real training of the tiny SDXL (U-Net and text encoders), with accumulation:
-max-norm runs after every micro-batch, as v0.8.7, and logs kohya's three metrics at each optimizer step."""
+max-norm runs after every micro-batch, as v0.8.7, and logs kohya's three metrics at each optimizer step; the file
+records both settings as v0.8.7 does."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import torch
 from conftest import RecordingSink, compose_config
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_sweep.training import train as train_module
@@ -35,6 +37,9 @@ def test_dropouts_and_max_norm_train_on_every_micro_batch(tmp_path, monkeypatch)
     for step in (1, 2):
         assert sink.logged[f"max_norm/keys_scaled@{step}"] > 0
         assert sink.logged[f"max_norm/max_key_norm@{step}"] <= MAX_NORM * (1 + 1e-5)
+    with safe_open(str(result.files["kohya"]), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dropout"], meta["ss_scale_weight_norms"]) == ("0.1", "0.0003")  # str(float), as v0.8.7
     tensors = load_file(result.files["kohya"])
     modules = [k.removesuffix(".alpha") for k in tensors if k.endswith(".alpha")]
     assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
