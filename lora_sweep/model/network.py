@@ -24,13 +24,14 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ADAPTER = "default"
 
 
-def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropout: float = 0.0) -> list[str]:
+def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets) -> list[str]:
     """Freeze `module`, attach a PEFT LoRA adapter and return the wrapped modules' names. Text encoders use peft's
-    `inject_adapter_in_model` (transformers' `add_adapter` wants a newer peft than pinned)."""
+    `inject_adapter_in_model` (transformers' `add_adapter` wants a newer peft than pinned). PEFT's `lora_dropout`
+    (on the input) stays off: kohya's dropouts are model/regularization.py's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True, target_modules=targets)
     if type(module).__module__.startswith("diffusers."):
         module.add_adapter(config, adapter_name=ADAPTER)
     else:
@@ -133,3 +134,16 @@ def set_lora_multiplier(modules, multiplier: float) -> None:
                 base = layer.__dict__.setdefault("_lora_sweep_scaling", dict(layer.scaling))
                 for adapter, scale in base.items():
                     layer.scaling[adapter] = scale * multiplier
+                layer.__dict__["_lora_sweep_multiplier"] = multiplier  # kohya's dropout forward multiplies by it alone
+
+
+def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
+    """(network_dropout, rank_dropout, module_dropout) as v0.8.7's LoRAModule receives them; None is off (no draw).
+
+    network.dropout 0 is None (F.dropout with p=0 draws nothing); all three are None under network.dim_from_weights
+    (v0.8.7's create_network_from_weights receives none of them). docs/kohya-reference.md §8.
+    """
+    net = cfg.network
+    if net.dim_from_weights:
+        return None, None, None
+    return net.dropout or None, net.rank_dropout, net.module_dropout

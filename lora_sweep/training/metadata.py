@@ -41,6 +41,8 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.network.rank,
         "ss_network_alpha": cfg.network.alpha,
+        "ss_network_dropout": cfg.network.dropout or None,  # 0 is off: v0.8.7's default None
+        "ss_scale_weight_norms": cfg.network.scale_weight_norms or None,  # 0 is off, as the GUI omits the flag
         "lora_sweep_train_unet_only": not cfg.network.train_text_encoder,
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_sd_model_name": cfg.model.path or f"lora-sweep-{cfg.model.name}",

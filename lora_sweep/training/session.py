@@ -48,12 +48,14 @@ from lora_sweep.model.network import (
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
     add_lora,
+    kohya_dropouts,
     kohya_state_dict,
     lora_parameters,
     save_diffusers,
     save_kohya,
     set_lora_multiplier,
 )
+from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
@@ -450,12 +452,14 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
     encoders = (parts.text_encoder, parts.text_encoder_2)
     unet.train()
     with placement.adapters_in_fp32(unet):
-        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS, dropout=net.dropout)
+        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS)
     if net.train_text_encoder:
         for encoder in encoders:
             with placement.adapters_in_fp32(encoder):
-                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=TEXT_ENCODER_TARGETS, dropout=net.dropout)
+                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=TEXT_ENCODER_TARGETS)
             encoder.train()
+    trained = [unet, *(encoders if net.train_text_encoder else ())]
+    install_dropouts(trained, Dropouts(*kohya_dropouts(cfg)))  # nothing when all three are off
     precision.apply_base_precision(unet, policy)
     unet.to(device)
     in_step = encodes_text_in_step(cfg, specs)

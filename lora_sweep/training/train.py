@@ -29,6 +29,7 @@ from lora_sweep.data.captions import seen_position
 from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import Fallback
+from lora_sweep.model.regularization import max_norm_regularizer
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training import optim, precision
@@ -144,6 +145,8 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     speed = Speed(pos.step, pos.images_seen)
     s.sink.progress(pos.step, t.max_steps, pos.last_loss, "")
     window: list[loss_lib.LossTerms] = []  # the finite micro-batch losses of the update under way
+    trained_te = (s.parts.text_encoder, s.parts.text_encoder_2) if cfg.network.train_text_encoder else ()
+    max_norm = max_norm_regularizer(cfg.network.scale_weight_norms, s.unet, trained_te)  # None when off
     while pos.step < t.max_steps and not stopped:
         epoch, first = pos.epoch, pos.batch_index
         batches = s.epoch_batches(epoch)
@@ -156,6 +159,8 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 window.append(terms)
             last_of_epoch = i == len(batches) - 1
             if (i + 1 - first) % t.grad_accum and not last_of_epoch:
+                if max_norm:
+                    max_norm()  # v0.8.7 applies max-norm after every micro-batch, outside its accumulate block
                 continue  # kohya updates every grad_accum micro-batches and at an epoch's end
             norm = precision.unscaled_grad_norm(s.scaler, s.optimizer, s.params) if window else None
             finite = bool(window) and guard.gradients_are_finite(s, norm, pos.step + 1, epoch)
@@ -169,11 +174,14 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             if stepped:
                 s.lr_scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
+            norms = max_norm() if max_norm else None
             guard.count(finite, pos.step + 1)
             pos.step, pos.skipped_steps = pos.step + 1, pos.skipped_steps + (not stepped)
             pos.epoch, pos.batch_index = (epoch + 1, 0) if last_of_epoch else (epoch, i + 1)
             pos.last_loss = float(torch.stack([w.loss.detach() for w in window]).mean()) if window else float("nan")
             log_step(s, window, pos, epoch, speed)
+            if norms is not None:
+                s.sink.metrics(norms.metrics(), pos.step)
             window = []
             stopped = stop_here(s, pos.step)
             final = stopped or pos.step >= t.max_steps
