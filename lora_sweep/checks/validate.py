@@ -206,6 +206,7 @@ def _train_checks(t) -> list[Callable[[], None]]:
         lambda: _positive("train.save_every", t.save_every, allow_zero=True),
         lambda: _positive("train.save_every_epochs", t.save_every_epochs, allow_zero=True),
         lambda: _positive("train.keep_states", t.keep_states),
+        lambda: t.max_train_epochs is None or _positive("train.max_train_epochs", t.max_train_epochs),
         lambda: t.resume in RESUME or Path(absolute(t.resume)).exists() or _fail(
             "train.resume", f"'{t.resume}' (no such file or folder; a relative path is read from the folder the "
             "command was started in)", "auto, never, a state file (state-step*.pt) or a run's state folder"),

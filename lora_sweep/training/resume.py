@@ -73,6 +73,7 @@ RULES: tuple[Rule, ...] = (
     Rule("network.train_text_encoder", REFUSE, "it decides which LoRA tensors and optimizer groups exist"),
     Rule("network.dropout", FOLLOW, "the dropout of the steps after the state"),
     Rule("train.max_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
+    Rule("train.max_train_epochs", FOLLOW, "it sets train.max_steps: the LR schedule is rebuilt at the state's step"),
     Rule("train.lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.text_encoder_lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.batch_size", REFUSE, _DATA_ORDER),
