@@ -74,6 +74,7 @@ RULES: tuple[Rule, ...] = (
     Rule("network.dropout", FOLLOW, "the dropout of the steps after the state"),
     Rule("train.max_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("train.max_train_epochs", FOLLOW, "it sets train.max_steps: the LR schedule is rebuilt at the state's step"),
+    Rule("train.save_precision", FOLLOW, "the dtype of the LoRA files written after the state"),
     Rule("train.lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.text_encoder_lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.batch_size", REFUSE, _DATA_ORDER),

@@ -56,6 +56,7 @@ from lora_sweep.model.network import (
 )
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
+from lora_sweep.training.checkpoint import SAVE_DTYPES
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
 from lora_sweep.training.noise import NoiseOptions
@@ -167,26 +168,32 @@ class Session:
         return complete
 
     def kohya_lora(self) -> dict[str, torch.Tensor]:
+        """The kohya file's tensors, every one (alpha too) in train.save_precision's dtype."""
         modules = {"lora_unet": self.parts.unet}
         if self.cfg.network.train_text_encoder:
             modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block)
+        dtype = SAVE_DTYPES.get(self.cfg.train.save_precision, torch.float32)
+        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block, dtype=dtype)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
-        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
+                                       num_epochs=self.epochs)
         path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
         self.sink.artifact(path, "lora/checkpoints")
         return path
 
     def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
-        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
+        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format, both in
+        train.save_precision's dtype."""
         cfg = self.cfg
-        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
+                                       num_epochs=self.epochs)
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         trained_te = cfg.network.train_text_encoder
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
-        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2)
+        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2,
+                                        dtype=SAVE_DTYPES.get(cfg.train.save_precision))
         self.sink.artifact(kohya_file, "lora")
         self.sink.artifact(diffusers_file, "lora/diffusers")
         return {"kohya": kohya_file, "diffusers": diffusers_file}

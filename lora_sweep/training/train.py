@@ -186,7 +186,9 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 break
     if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
         return TrainResult(final_loss=None, steps=0, stopped_early=True, last_state=saver.last_state)
-    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
+    # ss_epoch of the final file: v0.8.7's num_train_epochs; a run stopped early: the epochs it reached
+    reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
+    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
     return TrainResult(pos.last_loss, pos.step, stopped, files, saver.last_state)
 
 

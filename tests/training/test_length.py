@@ -12,6 +12,7 @@ from lora_sweep.checks import preflight
 from lora_sweep.checks.validate import config_problems
 from lora_sweep.config import config_hash
 from lora_sweep.training import length
+from lora_sweep.training.checkpoint import epoch_file_to_remove, step_file_to_remove
 from lora_sweep.training.session import num_epochs
 
 
@@ -65,8 +66,32 @@ def test_without_epochs_max_steps_stays_and_with_epochs_it_leaves_the_hash():
     assert hash_of(None, 7) == default_hash
 
 
+def test_step_files_are_kept_for_a_window_of_steps_not_a_count_of_files():
+    """v0.8.7's example: every 10 steps, save_last_n_steps 30: at step 50 the file of step 10 goes, 20-50 stay."""
+    assert step_file_to_remove(50, 10, 30) == 10
+    assert step_file_to_remove(40, 10, 30) == 0  # no file of step 0: nothing goes
+    assert step_file_to_remove(30, 10, 30) is None
+    assert step_file_to_remove(50, 10, None) is None
+    assert step_file_to_remove(45, 5, 12) == 30  # 45 - 13 = 32, rounded down to a multiple of 5
+    kept = set()
+    for step in range(10, 101, 10):
+        kept = (kept | {step}) - {step_file_to_remove(step, 10, 30)}
+    assert kept == {70, 80, 90, 100}
+
+
+def test_epoch_files_keep_the_last_n():
+    assert epoch_file_to_remove(5, 1, 3) == 2
+    assert epoch_file_to_remove(6, 2, 2) == 2
+    assert epoch_file_to_remove(2, 1, 3) is None
+    assert epoch_file_to_remove(4, 2, None) is None
+
+
 def test_each_bad_length_or_saving_value_is_one_line_naming_it():
-    cfg = compose_config("train.max_train_epochs=0")
+    cfg = compose_config("train.max_train_epochs=0", "train.save_last_n_steps=-1", "train.save_last_n_epochs=0",
+                         "train.save_precision=fp8")
     assert config_problems(cfg) == [
         "train.max_train_epochs: must be > 0, got 0.",
+        "train.save_last_n_steps: must be >= 0, got -1.",
+        "train.save_last_n_epochs: must be > 0, got 0.",
+        "train.save_precision: must be null (the training dtype) or one of float, fp16, bf16, got 'fp8'.",
     ]
