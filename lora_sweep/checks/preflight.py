@@ -311,7 +311,7 @@ def _check_resume_state(cfg, memo: Memo) -> None:
     meta = memo.get(("state", str(state)), lambda: read_meta(state))
     steps = _max_train_steps(cfg, memo)
     if steps is not None:
-        check_steps_left(state, int(meta.get("step", 0)), steps)
+        check_steps_left(state, int(meta.get("step", 0)), steps, t.max_train_epochs)
     check_state_config(cfg, meta, state, config_hash(cfg))  # a setting the state cannot follow: one paragraph
 
 

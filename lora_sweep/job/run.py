@@ -397,7 +397,7 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path,
         return None, None, ""
     state = resolve_state_arg(mode)
     meta = read_meta(state)
-    resume.check_steps_left(state, int(meta.get("step", 0)), cfg.train.max_steps)
+    resume.check_steps_left(state, int(meta.get("step", 0)), cfg.train.max_steps, cfg.train.max_train_epochs)
     changes = resume.check_state_config(cfg, meta, state, chash, dataset)
     if changes:
         changed = resume.describe(changes)

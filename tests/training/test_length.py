@@ -95,3 +95,29 @@ def test_each_bad_length_or_saving_value_is_one_line_naming_it():
         "train.save_last_n_epochs: must be > 0, got 0.",
         "train.save_precision: must be null (the training dtype) or one of float, fp16, bf16, got 'fp8'.",
     ]
+
+
+def test_the_preflight_counts_a_resumed_states_steps_against_the_converted_length(tmp_path):
+    """6 entries, batch 2, accumulation 2: 2 steps an epoch. A state at step 4 leaves nothing to train in 2 epochs."""
+    import random
+
+    import torch
+
+    from lora_sweep.config import hashed_settings
+    from lora_sweep.training import checkpoint
+
+    for i in range(2):
+        write_image(tmp_path / "data" / "3_thing" / f"img{i}.png", caption="a")
+    cfg = folder_config(tmp_path / "data", "train.batch_size=2", "train.grad_accum=2", "train.max_train_epochs=2")
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    state = checkpoint.save_state(
+        tmp_path / "states", lora=dict(layer.named_parameters()), optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), scaler=torch.amp.GradScaler(
+            "cpu", enabled=False), position=checkpoint.Position(step=4), rng=checkpoint.capture_rng(random.Random(0)),
+        config_hash=config_hash(cfg), run_id="r", keep=1, params=hashed_settings(cfg))
+    cfg.train.resume = str(state)
+    problems = [p for p in preflight.check_job(cfg).problems if p.startswith("train.resume")]
+    assert problems == [f"train.resume: '{state}' is at step 4, which is the 4 steps of train.max_train_epochs=2: "
+                        "nothing is left to train; raise train.max_train_epochs to continue it, or set "
+                        "train.resume=never to start over."]
