@@ -221,6 +221,11 @@ def _train_checks(t) -> list[Callable[[], None]]:
         lambda: _positive("train.save_every", t.save_every, allow_zero=True),
         lambda: _positive("train.save_every_epochs", t.save_every_epochs, allow_zero=True),
         lambda: _positive("train.keep_states", t.keep_states),
+        lambda: t.max_train_epochs is None or _positive("train.max_train_epochs", t.max_train_epochs),
+        lambda: t.save_last_n_steps is None or _positive("train.save_last_n_steps", t.save_last_n_steps,
+                                                         allow_zero=True),
+        lambda: t.save_last_n_epochs is None or _positive("train.save_last_n_epochs", t.save_last_n_epochs),
+        lambda: _save_precision(t.save_precision),
         lambda: t.resume in RESUME or Path(absolute(t.resume)).exists() or _fail(
             "train.resume", f"'{t.resume}' (no such file or folder; a relative path is read from the folder the "
             "command was started in)", "auto, never, a state file (state-step*.pt) or a run's state folder"),
@@ -228,6 +233,13 @@ def _train_checks(t) -> list[Callable[[], None]]:
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
     ]
+
+
+def _save_precision(value) -> None:
+    from lora_sweep.training.checkpoint import SAVE_DTYPES
+
+    if value is not None and value not in SAVE_DTYPES:
+        _fail("train.save_precision", f"'{value}'", f"null (the training dtype) or one of {', '.join(SAVE_DTYPES)}")
 
 
 def _sampling_checks(s) -> list[Callable[[], None]]:

@@ -89,10 +89,12 @@ def save_kohya(path: Path, state: dict[str, torch.Tensor], metadata: Mapping[str
     return write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
-def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -> Path:
+def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None, *,
+                   dtype: torch.dtype | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` into `folder`, atomically: PEFT keys (`unet.<module>.lora_A.weight`,
     `text_encoder.`, `text_encoder_2.`) and each model's LoraConfig (rank, alpha, targets) in the safetensors metadata
-    `lora_adapter_metadata`, as diffusers' own writers store it, so `load_lora_weights` applies alpha/rank.
+    `lora_adapter_metadata`, as diffusers' own writers store it, so `load_lora_weights` applies alpha/rank. `dtype`:
+    every tensor cast to it (None: as trained).
 
     The keys stay PEFT's, unconverted, as `save_lora_adapter` writes them: diffusers' loader converts the UNet's
     older `.lora.down` names only when the first key lacks `lora_A`, and kohya's targets put `proj_in` first.
@@ -101,7 +103,10 @@ def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -
     from peft.utils import get_peft_model_state_dict
 
     def layers(model):
-        return get_peft_model_state_dict(model, adapter_name=ADAPTER) if model is not None else None
+        if model is None:
+            return None
+        tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        return {k: v.to(dtype) for k, v in tensors.items()} if dtype is not None else tensors
 
     def config(model):
         return model.peft_config[ADAPTER].to_dict() if model is not None else None

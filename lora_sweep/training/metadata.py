@@ -29,11 +29,13 @@ PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
 Entry = tuple[ImageItem, tuple[int, int] | None]  # an image and its bucket (w, h)
 
 
-def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[str, str]:
+def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int, num_epochs: int) -> dict[str, str]:
     """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys, the config hash and variant, the SAI model spec.
 
-    `steps` optimizer steps in `epoch` (1-based); `prepared.specs` and `prepared.trained` (each training image with
-    its bucket, reg images never used with repeats 0) give the dataset keys (`dataset_metadata`). Values are strings.
+    `steps` optimizer steps; `epoch` as v0.8.7 writes ss_epoch (a step file: the 0-based loop epoch; an epoch file:
+    the 1-based epoch; the final file: `num_epochs`, v0.8.7's num_train_epochs); `prepared.specs` and
+    `prepared.trained` (each training image with its bucket, reg images never used with repeats 0) give the dataset
+    keys (`dataset_metadata`). Values are strings.
     """
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
     te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
@@ -58,6 +60,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_max_train_steps": cfg.train.max_steps,
         "ss_steps": steps,
         "ss_epoch": epoch,
+        "ss_num_epochs": num_epochs,
         "ss_gradient_accumulation_steps": cfg.train.grad_accum,
         "ss_max_grad_norm": cfg.train.max_grad_norm,
         "ss_gradient_checkpointing": cfg.train.gradient_checkpointing,

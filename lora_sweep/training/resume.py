@@ -73,6 +73,8 @@ RULES: tuple[Rule, ...] = (
     Rule("network.train_text_encoder", REFUSE, "it decides which LoRA tensors and optimizer groups exist"),
     Rule("network.dropout", FOLLOW, "the dropout of the steps after the state"),
     Rule("train.max_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
+    Rule("train.max_train_epochs", FOLLOW, "it sets train.max_steps: the LR schedule is rebuilt at the state's step"),
+    Rule("train.save_precision", FOLLOW, "the dtype of the LoRA files written after the state"),
     Rule("train.lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.text_encoder_lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.batch_size", REFUSE, _DATA_ORDER),
@@ -139,14 +141,18 @@ def check_state_config(cfg, meta: dict[str, Any], state: Path, chash: str,
     return changes
 
 
-def check_steps_left(state: Path, step: int, max_steps: int) -> None:
-    """UserError unless a state at `step` leaves steps to train under `max_steps` (a resume would train none)."""
+def check_steps_left(state: Path, step: int, max_steps: int, epochs: int | None = None) -> None:
+    """UserError unless a state at `step` leaves steps to train under `max_steps` (a resume would train none).
+    `epochs`: train.max_train_epochs, when it gave `max_steps`."""
+    knob = "train.max_steps" if epochs is None else "train.max_train_epochs"
+    length = "train.max_steps" if epochs is None else f"the {max_steps} steps of train.max_train_epochs={epochs}"
     if step == max_steps:
-        raise UserError(f"train.resume: '{state}' is at step {step}, which is train.max_steps: nothing is left to "
-                        "train; raise train.max_steps to continue it, or set train.resume=never to start over.")
+        raise UserError(f"train.resume: '{state}' is at step {step}, which is {length}: nothing is left to "
+                        f"train; raise {knob} to continue it, or set train.resume=never to start over.")
     if step > max_steps:
-        raise UserError(f"train.resume: '{state}' is at step {step}, beyond train.max_steps={max_steps}: nothing "
-                        "is left to train; raise train.max_steps to continue it, or set train.resume=never to start "
+        beyond = f"train.max_steps={max_steps}" if epochs is None else length
+        raise UserError(f"train.resume: '{state}' is at step {step}, beyond {beyond}: nothing "
+                        f"is left to train; raise {knob} to continue it, or set train.resume=never to start "
                         "over.")
 
 

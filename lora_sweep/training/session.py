@@ -58,7 +58,8 @@ from lora_sweep.model.network import (
 from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
-from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
+from lora_sweep.training.checkpoint import SAVE_DTYPES
+from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
 from lora_sweep.training.noise import NoiseOptions
 
@@ -169,26 +170,32 @@ class Session:
         return complete
 
     def kohya_lora(self) -> dict[str, torch.Tensor]:
+        """The kohya file's tensors, every one (alpha too) in train.save_precision's dtype."""
         modules = {"lora_unet": self.parts.unet}
         if self.cfg.network.train_text_encoder:
             modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block)
+        dtype = SAVE_DTYPES.get(self.cfg.train.save_precision, torch.float32)
+        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block, dtype=dtype)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
-        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
+                                       num_epochs=self.epochs)
         path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
         self.sink.artifact(path, "lora/checkpoints")
         return path
 
     def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
-        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
+        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format, both in
+        train.save_precision's dtype."""
         cfg = self.cfg
-        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
+                                       num_epochs=self.epochs)
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         trained_te = cfg.network.train_text_encoder
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
-        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2)
+        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2,
+                                        dtype=SAVE_DTYPES.get(cfg.train.save_precision))
         self.sink.artifact(kohya_file, "lora")
         self.sink.artifact(diffusers_file, "lora/diffusers")
         return {"kohya": kohya_file, "diffusers": diffusers_file}
@@ -340,6 +347,15 @@ def encodes_text_in_step(cfg, specs: list[DatasetSpec] | None = None) -> bool:
     return text_in_step_reason(cfg, specs) is not None
 
 
+def read_scans(specs: list[DatasetSpec]) -> list[FolderScan]:
+    """The training scans of `specs` (`dataset.inspect_datasets`); UserError with every problem they find."""
+    scans = inspect_datasets(specs)
+    problems = [p for scan in scans for p in scan.problems]
+    if problems:
+        raise UserError("\n".join(problems))
+    return scans
+
+
 def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, scans: list[FolderScan] | None,
                  validation_scan: FolderScan | None, specs: list[DatasetSpec]) -> Data:
     """The training scans' examples encoded with the frozen encoders on `device` via the cache (fixed captions'
@@ -353,11 +369,7 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
     if in_step:
         log.info("text-encoder outputs are not cached for %s (%s): those captions are encoded at every step, as "
                  "kohya does", "any caption" if not cache_text else "captions that change per step", in_step)
-    if scans is None:
-        scans = inspect_datasets(specs)
-        problems = [p for scan in scans for p in scan.problems]
-        if problems:
-            raise UserError("\n".join(problems))
+    scans = scans if scans is not None else read_scans(specs)
     # the text encoders fill the cache only where a caption is fixed (as before for shuffled captions: not at all)
     cache_text = cache_text and any(fixed_caption(item.caption, item.subset) is not None
                                     for scan in scans for item in scan.items)
@@ -371,11 +383,9 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
         log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
                  ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
     examples = prepared.examples
-    candidates = [i for i, e in enumerate(examples) if not is_reg(e.item.subset)]  # reg images are never held out
-    kept, held_out = split_validation(len(candidates), cfg.data.validation_split, cfg.validation.seed)
-    fit_candidates = [candidates[i] for i in kept]
-    train_indices = sorted(fit_candidates + [i for i, e in enumerate(examples) if is_reg(e.item.subset)])
-    validation = [examples[candidates[i]] for i in held_out]
+    train_indices, fit_candidates, held_out = split_training([is_reg(e.item.subset) for e in examples],
+                                                             cfg.data.validation_split, cfg.validation.seed)
+    validation = [examples[i] for i in held_out]
     if cfg.data.validation_dir:
         if validation_scan is None:
             validation_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)

@@ -30,11 +30,11 @@ from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import Fallback
 from lora_sweep.model.regularization import max_norm_regularizer
+from lora_sweep.training import length, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
-from lora_sweep.training import optim, precision
 from lora_sweep.training.checkpoint import Checkpoints, Position
-from lora_sweep.training.session import Session, build_session, is_reg
+from lora_sweep.training.session import Session, build_session, is_reg, read_scans, training_specs
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -133,6 +133,10 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     """
     t = cfg.train
     seed_everything(t.seed)
+    if t.max_train_epochs is not None:  # the job resolved it already; a direct caller's config is resolved here
+        specs = specs if specs is not None else training_specs(cfg)
+        scans = scans if scans is not None else read_scans(specs)
+        length.resolve_max_steps(cfg, specs, scans)
     s = build_session(cfg, output_dir=output_dir, sink=sink, scans=scans, specs=specs,
                       validation_scan=validation_scan, prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
@@ -190,7 +194,9 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 break
     if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
         return TrainResult(final_loss=None, steps=0, stopped_early=True, last_state=saver.last_state)
-    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
+    # ss_epoch of the final file: v0.8.7's num_train_epochs; a run stopped early: the epochs it reached
+    reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
+    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
     return TrainResult(pos.last_loss, pos.step, stopped, files, saver.last_state)
 
 
