@@ -70,6 +70,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _dataset_checks(cfg),
         *_noise_checks(cfg.noise),
         *_loss_checks(cfg.loss),
+        lambda: _v_pred_checks(cfg),
         *_optimizer_checks(cfg),
         *_precision_checks(cfg),
         *_network_checks(cfg.network),
@@ -163,6 +164,13 @@ def _loss_checks(lo) -> list[Callable[[], None]]:
             "loss.prior_loss_weight", lo.prior_loss_weight, "a finite number >= 0 (1.0: reg images weigh as train "
             "images)"),
     ]
+
+
+def _v_pred_checks(cfg) -> None:
+    from lora_sweep.training import loss
+
+    lo = cfg.loss
+    loss.check_v_pred_options(lo.scale_v_pred_loss_like_noise_pred, lo.v_pred_like_loss, cfg.model.v_prediction)
 
 
 def _optimizer_checks(cfg) -> list[Callable[[], None]]:

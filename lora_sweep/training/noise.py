@@ -12,6 +12,7 @@ it), comes from that generator and no global state is touched.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_sweep.errors import ConfigError, Problems
+
+log = logging.getLogger(__name__)
 
 
 def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device | str,
@@ -94,6 +97,32 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, *,
         if level_h == 1 or level_w == 1:
             break
     return result / result.std()
+
+
+def zero_terminal_snr_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """abar after v0.8.7's `fix_noise_scheduler_betas_for_zero_terminal_snr` (arXiv 2305.08891), fp32 like `betas`.
+
+    sqrt(abar) is shifted so that its last value is 0 and rescaled so that its first keeps its value; the betas are
+    rebuilt from it (alpha_0 = abar_0, alpha_t = abar_t / abar_t-1) and cumulated again, so abar_T = 0 exactly.
+    docs/kohya-reference.md "Zero terminal SNR".
+    """
+    root = (1 - betas).cumprod(0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    abar = root**2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return torch.cumprod(1.0 - (1 - alphas), dim=0)  # via betas = 1 - alphas, as v0.8.7 rounds them
+
+
+def training_alphas_cumprod(cfg, scheduler) -> torch.Tensor:
+    """The abar that noises the latents and makes v targets: `scheduler`'s (kohya's DDPM schedule), rescaled by
+    `zero_terminal_snr_alphas_cumprod` with loss.zero_terminal_snr. Sampling keeps its own schedulers, as v0.8.7's."""
+    if not cfg.loss.zero_terminal_snr:
+        return scheduler.alphas_cumprod
+    if not cfg.model.v_prediction:  # v0.8.7 warns too: eps prediction cannot learn x_T = eps exactly
+        log.warning("loss.zero_terminal_snr without model.v_prediction: at t = 999 the noisy latent is pure noise, "
+                    "which an eps-prediction model cannot denoise (kohya v0.8.7 warns the same)")
+    return zero_terminal_snr_alphas_cumprod(scheduler.betas.float())
 
 
 def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor

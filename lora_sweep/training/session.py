@@ -58,7 +58,7 @@ from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
-from lora_sweep.training.noise import NoiseOptions
+from lora_sweep.training.noise import NoiseOptions, training_alphas_cumprod
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: Any
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor  # the training schedule's (loss.zero_terminal_snr rescales it)
     vae_scale: float
     noise_options: NoiseOptions
     loss_options: LossOptions
@@ -88,6 +88,7 @@ class Session:
     multiplier: float = 1.0  # the network_multiplier the LoRA layers are scaled by now (`set_multiplier`)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
+    snr_alphas_cumprod: torch.Tensor | None = None  # what the SNR weights read (None: alphas_cumprod), noise.py
 
     @property
     def unet(self):
@@ -285,7 +286,8 @@ def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None
         cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=data.prepared,
         batch_items=data.items, batch_buckets=data.buckets, params=params, optimizer=optimizer,
         lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
-        alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
+        alphas_cumprod=training_alphas_cumprod(cfg, parts.noise_scheduler).to(device),
+        snr_alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,
         hooks=evaluation_hooks(cfg, data, prompts),
@@ -520,7 +522,9 @@ def loss_options(cfg) -> LossOptions:
     """The `loss` group and model.v_prediction as the loss takes them."""
     lo = cfg.loss
     return LossOptions(loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
-                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction)
+                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction,
+                       scale_v_pred_loss_like_noise_pred=lo.scale_v_pred_loss_like_noise_pred,
+                       v_pred_like_loss=lo.v_pred_like_loss)
 
 
 def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:
