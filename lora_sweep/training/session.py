@@ -89,6 +89,7 @@ class Session:
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
     snr_alphas_cumprod: torch.Tensor | None = None  # what the SNR weights read (None: alphas_cumprod), noise.py
+    facts: metadata.TrainingFacts | None = None  # the training's ss_session_id, epochs ... (metadata.py)
 
     @property
     def unet(self):
@@ -175,7 +176,8 @@ class Session:
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
-        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
+                                       facts=self.facts)
         path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
         self.sink.artifact(path, "lora/checkpoints")
         return path
@@ -183,7 +185,7 @@ class Session:
     def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
         """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
         cfg = self.cfg
-        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch, facts=self.facts)
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         trained_te = cfg.network.train_text_encoder
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
@@ -278,7 +280,8 @@ def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None
     params = [p for g in groups for p in g["params"]]
     t = cfg.train
     batch_sizes = [spec.batch_size for spec in specs] or [t.batch_size]
-    epochs = num_epochs(t.max_steps, batches_per_epoch(data.buckets, batch_sizes, data.datasets), t.grad_accum)
+    batches = batches_per_epoch(data.buckets, batch_sizes, data.datasets)
+    epochs = num_epochs(t.max_steps, batches, t.grad_accum)
     check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params), epochs=epochs)
     optimizer, lr_scheduler = make_optimizer(cfg, groups)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(parts.unet)}, 0)
@@ -290,7 +293,7 @@ def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None
         snr_alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,
-        hooks=evaluation_hooks(cfg, data, prompts),
+        hooks=evaluation_hooks(cfg, data, prompts), facts=metadata.TrainingFacts(batches, epochs),
     )
 
 
