@@ -190,6 +190,7 @@ def _precision_checks(cfg) -> list[Callable[[], None]]:
     return [
         lambda: _naming("precision.name", precision.precision_policy, cfg.precision.name,
                         t.device if t.device in ("cpu", "cuda") else "cuda"),
+        lambda: precision.check_full_precision(cfg.precision.name, cfg.precision.full_fp16, cfg.precision.full_bf16),
     ]
 
 
@@ -220,7 +221,24 @@ def _train_checks(t) -> list[Callable[[], None]]:
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
+        lambda: _unet_switches(t),
     ]
+
+
+def _unet_switches(t) -> None:
+    """train.xformers needs the xformers package; train.dynamo_backend one torch has (checked with torch_compile)."""
+    from lora_sweep.model import attention
+
+    found = Problems()
+    if t.xformers and not t.mem_eff_attn and not attention.xformers_available():
+        found.add("train.xformers = true needs the xformers package, which is not installed here. Install it (pip "
+                  "install xformers, matching your torch), or use train.sdpa=true (PyTorch's own memory-efficient "
+                  "attention, lora-sweep's default anyway).")
+    if t.torch_compile:
+        problem = attention.dynamo_backend_problem(t.dynamo_backend)
+        if problem:
+            found.add(problem)
+    found.raise_any()
 
 
 def _sampling_checks(s) -> list[Callable[[], None]]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_sweep import __version__
 from lora_sweep.config import config_hash
 from lora_sweep.data.buckets import bucket_settings, parse_resolution
 from lora_sweep.data.dataset import ImageItem
@@ -110,7 +109,6 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
         "ss_zero_terminal_snr": bool(cfg.loss.zero_terminal_snr),
         "ss_training_comment": None,  # no --training_comment: the run's notes are in MLflow
         "ss_sd_scripts_commit_hash": "(unknown)",  # v0.8.7's value outside an sd-scripts checkout
-        "lora_sweep_version": __version__,
         "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.train.output_name,
         "lora_sweep_config_hash": config_hash(cfg),

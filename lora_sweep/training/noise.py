@@ -12,7 +12,6 @@ it), comes from that generator and no global state is touched.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Callable
@@ -23,8 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from lora_sweep.errors import ConfigError, Problems
-
-log = logging.getLogger(__name__)
 
 
 def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device | str,
@@ -112,17 +109,6 @@ def zero_terminal_snr_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     abar = root**2
     alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
     return torch.cumprod(1.0 - (1 - alphas), dim=0)  # via betas = 1 - alphas, as v0.8.7 rounds them
-
-
-def training_alphas_cumprod(cfg, scheduler) -> torch.Tensor:
-    """The abar that noises the latents and makes v targets: `scheduler`'s (kohya's DDPM schedule), rescaled by
-    `zero_terminal_snr_alphas_cumprod` with loss.zero_terminal_snr. Sampling keeps its own schedulers, as v0.8.7's."""
-    if not cfg.loss.zero_terminal_snr:
-        return scheduler.alphas_cumprod
-    if not cfg.model.v_prediction:  # v0.8.7 warns too: eps prediction cannot learn x_T = eps exactly
-        log.warning("loss.zero_terminal_snr without model.v_prediction: at t = 999 the noisy latent is pure noise, "
-                    "which an eps-prediction model cannot denoise (kohya v0.8.7 warns the same)")
-    return zero_terminal_snr_alphas_cumprod(scheduler.betas.float())
 
 
 def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor

@@ -55,10 +55,10 @@ from lora_sweep.model.network import (
     set_lora_multiplier,
 )
 from lora_sweep.paths import cache_root, state_root
-from lora_sweep.training import metadata, optim, placement, precision
+from lora_sweep.training import metadata, optim, placement, precision, switches
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
-from lora_sweep.training.noise import NoiseOptions, training_alphas_cumprod
+from lora_sweep.training.noise import NoiseOptions
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,9 @@ class Session:
         modules = {"lora_unet": self.parts.unet}
         if self.cfg.network.train_text_encoder:
             modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block)
+        # in the LoRA's own dtype, as v0.8.7 saves without --save_precision (fp16/bf16 under precision.full_*)
+        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block,
+                                dtype=self.params[0].dtype)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
@@ -284,12 +286,14 @@ def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None
     epochs = num_epochs(t.max_steps, batches, t.grad_accum)
     check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params), epochs=epochs)
     optimizer, lr_scheduler = make_optimizer(cfg, groups)
+    switches.cast_lora(params, switches.full_precision_dtype(cfg, policy), optimizer)  # after it, as v0.8.7
+    switches.apply_unet_switches(cfg, parts.unet)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(parts.unet)}, 0)
     return Session(
         cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=data.prepared,
         batch_items=data.items, batch_buckets=data.buckets, params=params, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
-        alphas_cumprod=training_alphas_cumprod(cfg, parts.noise_scheduler).to(device),
+        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type, cfg.precision.full_fp16),
+        alphas_cumprod=switches.training_alphas_cumprod(cfg, parts.noise_scheduler).to(device),
         snr_alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,

@@ -45,12 +45,14 @@ def _v087_hashes(path: Path) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 2-step folder-mode training with zero terminal SNR, v-prediction, its loss scaling and clip_skip."""
+    """A 2-step folder-mode training with zero terminal SNR, v-prediction, its loss scaling, clip_skip and full fp16
+    (AdamW's eps raised: fp16 rounds 1e-8 to 0, and lora_down's zero first gradient would step by 0/0)."""
     from lora_sweep.training.train import train
 
     cfg = compose_config("train.max_steps=2", "train.batch_size=2", "loss.zero_terminal_snr=true",
                          "model.v_prediction=true", "loss.scale_v_pred_loss_like_noise_pred=true",
-                         "model.clip_skip=2", "sampling.prompts=[]", "validation.fit_images=0")
+                         "model.clip_skip=2", "precision=fp16", "precision.full_fp16=true", "optimizer.args.eps=1e-4",
+                         "sampling.prompts=[]", "validation.fit_images=0")
     sink = RecordingSink()
     result = train(cfg, output_dir=tmp_path_factory.mktemp("keys") / "out", sink=sink)
     return sink, result.files["kohya"]
@@ -63,15 +65,19 @@ def test_a_folder_mode_lora_has_v087s_keys_and_its_hashes(trained):
     assert all(math.isfinite(float(sink.logged[f"train/loss@{s}"])) for s in (1, 2))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes == {torch.float16}  # the LoRA's training dtype, as v0.8.7 saves without --save_precision
     assert _ss_keys(meta) == ALWAYS | set(KEYS["folder_mode"]["keys"])
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == _v087_hashes(path)
     assert meta["sshs_legacy_hash"] == "e3b0c442"  # a file under 1 MiB: the sha256 of nothing
     assert {k: meta[k] for k in ("ss_zero_terminal_snr", "ss_clip_skip", "ss_v2", "ss_full_fp16", "ss_cache_latents",
                                  "ss_lowram", "ss_training_comment", "ss_sd_scripts_commit_hash", "ss_num_epochs",
+                                 "ss_mixed_precision",
                                  "ss_network_dropout", "modelspec.encoder_layer", "modelspec.prediction_type")} == {
-        "ss_zero_terminal_snr": "True", "ss_clip_skip": "2", "ss_v2": "False", "ss_full_fp16": "False",
+        "ss_zero_terminal_snr": "True", "ss_clip_skip": "2", "ss_v2": "False", "ss_full_fp16": "True",
         "ss_cache_latents": "True", "ss_lowram": "False", "ss_training_comment": "None",
         "ss_sd_scripts_commit_hash": "(unknown)", "ss_num_epochs": "1", "ss_network_dropout": "None",
+        "ss_mixed_precision": "fp16",
         "modelspec.encoder_layer": "2", "modelspec.prediction_type": "v"}
     assert 0 <= int(meta["ss_session_id"]) <= 2**32 and float(meta["ss_training_started_at"]) > 1.6e9
 
