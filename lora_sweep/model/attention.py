@@ -1,5 +1,6 @@
 """How the U-Net computes: its attention backend (kohya's --sdpa / --xformers / --mem_eff_attn) and torch.compile
-(--torch_compile, --dynamo_backend), as diffusers provides them (docs/kohya-reference.md "Attention and compile").
+(--torch_compile, --dynamo_backend), as diffusers provides them; docs/kohya-reference.md "Attention and
+torch.compile".
 
     setting (precedence as v0.8.7)   diffusers processor            v0.8.7's SDXL U-Net
     mem_eff_attn                     SlicedAttnProcessor ("auto")   its own chunked attention in plain PyTorch

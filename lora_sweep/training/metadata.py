@@ -53,7 +53,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
     `steps` optimizer steps in `epoch` (1-based); `prepared.specs` and `prepared.trained` (each training image with
     its bucket, reg images never used with repeats 0) give the dataset keys (`dataset_metadata`); `facts` the
     session's (None outside a training: fresh id and time, batch counts "None"). Values are strings; the key set and
-    the values chosen for what lora-sweep does not have are in docs/kohya-reference.md "LoRA metadata".
+    the values for what lora-sweep does not have: docs/kohya-reference.md "The ss_* keys lora-sweep writes".
     """
     facts = facts if facts is not None else TrainingFacts()
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))

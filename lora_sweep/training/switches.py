@@ -1,6 +1,7 @@
-"""kohya v0.8.7's remaining switches applied to a session (docs/kohya-reference.md "Other switches"): the zero
-terminal SNR schedule, full fp16/bf16 LoRA, the U-Net's attention backend and torch.compile, and clip_skip (recorded
-only). build_session calls these; the math lives in noise.py, precision.py and model/attention.py.
+"""kohya v0.8.7's remaining switches applied to a session: the zero terminal SNR schedule, full fp16/bf16 LoRA, the
+U-Net's attention backend and torch.compile, and clip_skip (recorded only). docs/kohya-reference.md "Zero terminal
+SNR", "Full fp16 and bf16", "Attention and torch.compile". build_session calls these; the math lives in noise.py,
+precision.py and model/attention.py.
 """
 
 from __future__ import annotations
