@@ -226,7 +226,8 @@ def _train_checks(t) -> list[Callable[[], None]]:
 
 
 def _unet_switches(t) -> None:
-    """train.xformers needs the xformers package; train.dynamo_backend one torch has (checked with torch_compile)."""
+    """train.xformers needs the xformers package; train.dynamo_backend one of v0.8.7's choices (as its argparse), and
+    with train.torch_compile one this torch has."""
     from lora_sweep.model import attention
 
     found = Problems()
@@ -234,10 +235,9 @@ def _unet_switches(t) -> None:
         found.add("train.xformers = true needs the xformers package, which is not installed here. Install it (pip "
                   "install xformers, matching your torch), or use train.sdpa=true (PyTorch's own memory-efficient "
                   "attention, lora-sweep's default anyway).")
-    if t.torch_compile:
-        problem = attention.dynamo_backend_problem(t.dynamo_backend)
-        if problem:
-            found.add(problem)
+    problem = attention.dynamo_backend_problem(t.dynamo_backend, compiling=t.torch_compile)
+    if problem:
+        found.add(problem)
     found.raise_any()
 
 

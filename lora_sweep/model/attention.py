@@ -48,11 +48,13 @@ def set_attention_backend(unet: torch.nn.Module, backend: str | None) -> None:
         raise ValueError(f"set_attention_backend: unknown backend {backend!r}; one of {ATTENTION_SWITCHES} or None")
 
 
-def dynamo_backend_problem(backend: str) -> str | None:
-    """Why torch.compile cannot use `backend` here (not one of v0.8.7's choices, or not in this torch), or None."""
+def dynamo_backend_problem(backend: str, *, compiling: bool = True) -> str | None:
+    """Why `backend` is refused (not one of v0.8.7's choices; when `compiling`, also not in this torch), or None."""
     if backend not in DYNAMO_BACKENDS:
         return (f"train.dynamo_backend = {backend!r} is not one of kohya v0.8.7's --dynamo_backend choices: "
                 f"{', '.join(DYNAMO_BACKENDS)} (default inductor).")
+    if not compiling:
+        return None
     import torch._dynamo
 
     present = set(torch._dynamo.list_backends(exclude_tags=()))

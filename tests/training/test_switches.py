@@ -119,8 +119,8 @@ def test_full_fp16_unscales_fp16_grads_as_v087s_patched_scaler():
                                    "--full_fp16 requires --mixed_precision fp16), but precision is fp32."),
     (["precision=fp16", "precision.full_bf16=true"], "precision.full_bf16 = true needs precision bf16 or fp8_bf16"),
     (["precision=bf16", "precision.full_bf16=true", "precision.full_fp16=true"], "both true: set one"),
-    (["train.torch_compile=true", "train.dynamo_backend=tvm"], "train.dynamo_backend = 'tvm' is not one of kohya "
-                                                               "v0.8.7's --dynamo_backend choices"),
+    (["train.dynamo_backend=tvm"], "train.dynamo_backend = 'tvm' is not one of kohya v0.8.7's --dynamo_backend "
+                                   "choices"),
     (["train.torch_compile=true", "train.dynamo_backend=onnxrt"], "train.dynamo_backend = 'onnxrt' is not a "
                                                                   "torch.compile backend of torch"),
 ])
@@ -135,5 +135,6 @@ def test_xformers_is_refused_when_not_installed():
     assert any(p.startswith("train.xformers = true needs the xformers package, which is not installed here")
                for p in problems)
     assert not config_problems(compose_config("train.xformers=true", "train.mem_eff_attn=true"))  # it wins
+    assert not config_problems(compose_config("train.dynamo_backend=onnxrt"))  # only compiling needs it here
     assert not config_problems(compose_config("precision=bf16", "precision.full_bf16=true", "train.sdpa=true",
                                               "train.torch_compile=true", "train.dynamo_backend=aot_eager"))
