@@ -110,3 +110,17 @@ def test_model_keys_hash_a_checkpoint_as_v087(tmp_path):
     assert model_keys(str(tmp_path / "folder"), "sdxl") == {
         "ss_sd_model_name": "folder", "ss_sd_model_hash": "IsADirectory", "ss_new_sd_model_hash": "IsADirectory"}
     assert model_keys(None, "tiny") == {"ss_sd_model_name": "lora-sweep-tiny"}
+
+
+def test_addnet_hashes_of_a_file_over_1_mib_read_only_the_ss_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_sweep.model.network import addnet_hashes, save_kohya
+
+    state = {"b.alpha": torch.tensor(4.0), "a.lora_down.weight": torch.arange(300_000, dtype=torch.float32)}
+    path = save_kohya(tmp_path / "x.safetensors", state, {"ss_seed": "42", "modelspec.title": "x"})
+    again = tmp_path / "y.safetensors"
+    save_file(state, str(again), {"ss_seed": "42", "modelspec.title": "another title"})
+    hashes = addnet_hashes(state, {"ss_seed": "42", "modelspec.title": "another title"})
+    assert (hashes["sshs_model_hash"], hashes["sshs_legacy_hash"]) == _v087_hashes(path) == _v087_hashes(again)
+    assert hashes["sshs_legacy_hash"] != "e3b0c442"
