@@ -70,6 +70,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _dataset_checks(cfg),
         *_noise_checks(cfg.noise),
         *_loss_checks(cfg.loss),
+        lambda: _v_pred_checks(cfg),
         *_optimizer_checks(cfg),
         *_precision_checks(cfg),
         *_network_checks(cfg.network),
@@ -165,6 +166,13 @@ def _loss_checks(lo) -> list[Callable[[], None]]:
     ]
 
 
+def _v_pred_checks(cfg) -> None:
+    from lora_sweep.training import loss
+
+    lo = cfg.loss
+    loss.check_v_pred_options(lo.scale_v_pred_loss_like_noise_pred, lo.v_pred_like_loss, cfg.model.v_prediction)
+
+
 def _optimizer_checks(cfg) -> list[Callable[[], None]]:
     from lora_sweep.training import optim
 
@@ -182,6 +190,7 @@ def _precision_checks(cfg) -> list[Callable[[], None]]:
     return [
         lambda: _naming("precision.name", precision.precision_policy, cfg.precision.name,
                         t.device if t.device in ("cpu", "cuda") else "cuda"),
+        lambda: precision.check_full_precision(cfg.precision.name, cfg.precision.full_fp16, cfg.precision.full_bf16),
     ]
 
 
@@ -232,6 +241,7 @@ def _train_checks(t) -> list[Callable[[], None]]:
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
+        lambda: _unet_switches(t),
     ]
 
 
@@ -240,6 +250,22 @@ def _save_precision(value) -> None:
 
     if value is not None and value not in SAVE_DTYPES:
         _fail("train.save_precision", f"'{value}'", f"null (the training dtype) or one of {', '.join(SAVE_DTYPES)}")
+
+
+def _unet_switches(t) -> None:
+    """train.xformers needs the xformers package; train.dynamo_backend one of v0.8.7's choices (as its argparse), and
+    with train.torch_compile one this torch has."""
+    from lora_sweep.model import attention
+
+    found = Problems()
+    if t.xformers and not t.mem_eff_attn and not attention.xformers_available():
+        found.add("train.xformers = true needs the xformers package, which is not installed here. Install it (pip "
+                  "install xformers, matching your torch), or use train.sdpa=true (PyTorch's own memory-efficient "
+                  "attention, lora-sweep's default anyway).")
+    problem = attention.dynamo_backend_problem(t.dynamo_backend, compiling=t.torch_compile)
+    if problem:
+        found.add(problem)
+    found.raise_any()
 
 
 def _sampling_checks(s) -> list[Callable[[], None]]:

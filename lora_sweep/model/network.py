@@ -5,6 +5,7 @@ a=sqrt(5), up zeros) and scale alpha/rank are kohya's, so the same targets, rank
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,11 +83,25 @@ def kohya_state_dict(
 
 
 def save_kohya(path: Path, state: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write a kohya-format LoRA file atomically."""
+    """Write a kohya-format LoRA file atomically, with v0.8.7's `sshs_*` hashes added (`addnet_hashes`)."""
     from safetensors.torch import save_file
 
     meta = {k: str(v) for k, v in metadata.items()}
+    meta |= addnet_hashes(state, meta)
     return write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def addnet_hashes(state: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as v0.8.7's `precalculate_safetensors_hashes` makes them for
+    sd-webui-additional-networks: over the file `state` gives with only the `ss_*` metadata in its header, the
+    sha256 of the bytes after the header, and 8 hex of the sha256 of 64 KiB at 1 MiB (of nothing, for a small file).
+    """
+    from safetensors.torch import save
+
+    blob = save(state, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(blob[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(blob[header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None, *,

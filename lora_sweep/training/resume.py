@@ -44,6 +44,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.path", REFUSE, "the state's LoRA was trained on another base model"),
     Rule("model.resolution", REFUSE, _DATA_ORDER),
     Rule("model.v_prediction", FOLLOW, "the prediction target of the steps after the state"),
+    Rule("model.clip_skip", FOLLOW, "recorded only (SDXL's text encoding ignores it)"),
     Rule("data.", FOLLOW, "captions and augmentation of the steps after the state"),
     Rule("data.name", REFUSE, _DATA_ORDER),
     Rule("data.dir", REFUSE, _DATA_ORDER),
@@ -67,6 +68,8 @@ RULES: tuple[Rule, ...] = (
     Rule("optimizer.warmup_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("precision.name", FOLLOW, "the precision of the steps after the state; fp16's grad scaler starts afresh "
                                    "when the state has none"),
+    Rule("precision.full_fp16", REFUSE, "the state's LoRA tensors and optimizer moments are in the old dtype"),
+    Rule("precision.full_bf16", REFUSE, "the state's LoRA tensors and optimizer moments are in the old dtype"),
     Rule("network.rank", REFUSE, "the state's LoRA tensors have the old rank's shapes"),
     Rule("network.alpha", REFUSE, "alpha / rank scales what the state's LoRA tensors add: a new alpha would rescale "
                                   "what was trained"),
@@ -82,6 +85,11 @@ RULES: tuple[Rule, ...] = (
     Rule("train.seed", REFUSE, "the state restores the old seed's random streams and batch order"),
     Rule("train.max_grad_norm", FOLLOW, "the clipping of the steps after the state"),
     Rule("train.gradient_checkpointing", FOLLOW, "memory only"),
+    Rule("train.sdpa", FOLLOW, "the attention kernel of the steps after the state (rounding only)"),
+    Rule("train.xformers", FOLLOW, "the attention kernel of the steps after the state (rounding only)"),
+    Rule("train.mem_eff_attn", FOLLOW, "the attention kernel of the steps after the state (rounding only)"),
+    Rule("train.torch_compile", FOLLOW, "how the steps after the state run (rounding only)"),
+    Rule("train.dynamo_backend", FOLLOW, "how the steps after the state run (rounding only)"),
     Rule("train.output_name", FOLLOW, "file names only"),
     Rule("train.on_nan", FOLLOW, "the handling of later NaN/Inf"),
     Rule("sampling.", FOLLOW, _EVALUATION),

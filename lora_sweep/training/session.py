@@ -57,7 +57,7 @@ from lora_sweep.model.network import (
 )
 from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
-from lora_sweep.training import metadata, optim, placement, precision
+from lora_sweep.training import metadata, optim, placement, precision, switches
 from lora_sweep.training.checkpoint import SAVE_DTYPES
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
@@ -83,7 +83,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: Any
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor  # the training schedule's (loss.zero_terminal_snr rescales it)
     vae_scale: float
     noise_options: NoiseOptions
     loss_options: LossOptions
@@ -91,6 +91,8 @@ class Session:
     multiplier: float = 1.0  # the network_multiplier the LoRA layers are scaled by now (`set_multiplier`)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
+    snr_alphas_cumprod: torch.Tensor | None = None  # what the SNR weights read (None: alphas_cumprod), noise.py
+    facts: metadata.TrainingFacts | None = None  # the training's ss_session_id, epochs ... (metadata.py)
 
     @property
     def unet(self):
@@ -174,13 +176,14 @@ class Session:
         modules = {"lora_unet": self.parts.unet}
         if self.cfg.network.train_text_encoder:
             modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        dtype = SAVE_DTYPES.get(self.cfg.train.save_precision, torch.float32)
+        # in the LoRA's own dtype without train.save_precision, as v0.8.7 (fp16/bf16 under precision.full_*)
+        dtype = SAVE_DTYPES.get(self.cfg.train.save_precision, self.params[0].dtype)
         return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block, dtype=dtype)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
         meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
-                                       num_epochs=self.epochs)
+                                       facts=self.facts)
         path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
         self.sink.artifact(path, "lora/checkpoints")
         return path
@@ -189,8 +192,7 @@ class Session:
         """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format, both in
         train.save_precision's dtype."""
         cfg = self.cfg
-        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
-                                       num_epochs=self.epochs)
+        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch, facts=self.facts)
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         trained_te = cfg.network.train_text_encoder
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
@@ -286,18 +288,22 @@ def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None
     params = [p for g in groups for p in g["params"]]
     t = cfg.train
     batch_sizes = [spec.batch_size for spec in specs] or [t.batch_size]
-    epochs = num_epochs(t.max_steps, batches_per_epoch(data.buckets, batch_sizes, data.datasets), t.grad_accum)
+    batches = batches_per_epoch(data.buckets, batch_sizes, data.datasets)
+    epochs = num_epochs(t.max_steps, batches, t.grad_accum)
     check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params), epochs=epochs)
     optimizer, lr_scheduler = make_optimizer(cfg, groups)
+    switches.cast_lora(params, switches.full_precision_dtype(cfg, policy), optimizer)  # after it, as v0.8.7
+    switches.apply_unet_switches(cfg, parts.unet)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(parts.unet)}, 0)
     return Session(
         cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=data.prepared,
         batch_items=data.items, batch_buckets=data.buckets, params=params, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
-        alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
+        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type, cfg.precision.full_fp16),
+        alphas_cumprod=switches.training_alphas_cumprod(cfg, parts.noise_scheduler).to(device),
+        snr_alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,
-        hooks=evaluation_hooks(cfg, data, prompts),
+        hooks=evaluation_hooks(cfg, data, prompts), facts=metadata.TrainingFacts(batches, epochs),
     )
 
 
@@ -534,7 +540,9 @@ def loss_options(cfg) -> LossOptions:
     """The `loss` group and model.v_prediction as the loss takes them."""
     lo = cfg.loss
     return LossOptions(loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
-                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction)
+                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction,
+                       scale_v_pred_loss_like_noise_pred=lo.scale_v_pred_loss_like_noise_pred,
+                       v_pred_like_loss=lo.v_pred_like_loss)
 
 
 def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:

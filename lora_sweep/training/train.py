@@ -117,7 +117,7 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
     target = noise_lib.prediction_target(latents, n.noise, n.timesteps, s.alphas_cumprod, s.v_prediction)
     weights = loss_lib.prior_loss_weights([is_reg(e.item.subset) for e in examples], s.cfg.loss.prior_loss_weight)
     return loss_lib.kohya_loss(pred.float(), target.float(), n.timesteps, s.alphas_cumprod, s.loss_options,
-                               sample_weights=weights)
+                               sample_weights=weights, snr_alphas_cumprod=s.snr_alphas_cumprod)
 
 
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,

@@ -108,7 +108,7 @@ def test_timestep_bounds_are_in_the_lora_metadata_as_kohya_writes_them(session):
         saved = {k: session.cfg.noise[k] for k in bounds}
         session.cfg.noise.update(bounds)
         try:
-            meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1, num_epochs=1)
+            meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
         finally:
             session.cfg.noise.update(saved)
         return meta.get("modelspec.timestep_range")
@@ -125,7 +125,7 @@ def test_the_lora_metadata_counts_the_sessions_dataset_as_kohya_does(session):
 
     from lora_sweep.training.metadata import kohya_metadata
 
-    meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1, num_epochs=1)
+    meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
     entries = len(session.batch_items)
     buckets = json.loads(meta["ss_bucket_info"])["buckets"]
     assert (int(meta["ss_num_train_images"]), sum(b["count"] for b in buckets.values())) == (entries, entries)
@@ -165,7 +165,7 @@ def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
     from lora_sweep.training.metadata import kohya_metadata
 
     def metadata_value():
-        meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1, num_epochs=1)
+        meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
         return meta["ss_max_token_length"]
 
     assert metadata_value() == "None"
