@@ -51,10 +51,11 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
     """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys, the config hash and variant, the SAI model spec.
 
     `steps` optimizer steps; `epoch` as v0.8.7 writes ss_epoch (a step file: the 0-based loop epoch; an epoch file:
-    the 1-based epoch; the final file: num_train_epochs, `facts.epochs`); `prepared.specs` and `prepared.trained` (each training image with
-    its bucket, reg images never used with repeats 0) give the dataset keys (`dataset_metadata`); `facts` the
-    session's (None outside a training: fresh id and time, batch counts "None"). Values are strings; the key set and
-    the values for what lora-sweep does not have: docs/kohya-reference.md "The ss_* keys lora-sweep writes".
+    the 1-based epoch; the final file: num_train_epochs, `facts.epochs`); `prepared.specs` and `prepared.trained`
+    (each training image with its bucket, reg images never used with repeats 0) give the dataset keys
+    (`dataset_metadata`); `facts` the session's (None outside a training: fresh id and time, batch counts "None").
+    Values are strings; the key set and the values for what lora-sweep does not have: docs/kohya-reference.md
+    "The ss_* keys lora-sweep writes".
     """
     facts = facts if facts is not None else TrainingFacts()
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
