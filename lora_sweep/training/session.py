@@ -46,13 +46,13 @@ from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
 from lora_sweep.model.network import (
     TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
     add_lora,
     kohya_state_dict,
     lora_parameters,
     save_diffusers,
     save_kohya,
     set_lora_multiplier,
+    unet_targets,
 )
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision
@@ -449,8 +449,9 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
     net, unet = cfg.network, parts.unet
     encoders = (parts.text_encoder, parts.text_encoder_2)
     unet.train()
+    targets, patterns = unet_targets(net, unet)
     with placement.adapters_in_fp32(unet):
-        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS, dropout=net.dropout)
+        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=targets, dropout=net.dropout, patterns=patterns)
     if net.train_text_encoder:
         for encoder in encoders:
             with placement.adapters_in_fp32(encoder):
