@@ -190,7 +190,16 @@ def _network_checks(net) -> list[Callable[[], None]]:
         lambda: _positive("network.rank", net.rank),
         lambda: _positive("network.alpha", net.alpha),
         lambda: _range("network.dropout", net.dropout, 0.0, 1.0, high_open=True),
+        lambda: _network_settings(net),
     ]
+
+
+def _network_settings(net) -> None:
+    from lora_sweep.model.network import network_problems
+
+    problems = network_problems(net)
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def _train_checks(t) -> list[Callable[[], None]]:

@@ -6,13 +6,20 @@ kohya's, so the same targets, rank and alpha train the same network. docs/networ
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_sweep.atomic import write_with
+from lora_sweep.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Every Linear inside a Transformer2DModel of the UNet (kohya: 722 modules on SDXL base).
 UNET_TARGETS = (
@@ -47,6 +54,30 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropo
     else:
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A" in n})
+
+
+def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nullcontext) -> None:
+    """Build network config `net`'s LoRA as v0.8.7 does: on the U-Net (none under network_train_text_encoder_only,
+    whose U-Net is frozen), on both text encoders when network.train_text_encoder, started from
+    network.network_weights if set. `fp32(model)`: the context each adapter is created in (the trainer's
+    placement.adapters_in_fp32)."""
+    named = {"lora_unet": unet, "lora_te1": text_encoders[0], "lora_te2": text_encoders[1]}
+    weights = read_network_weights(net.network_weights, named) if net.network_weights else None
+    if net.network_train_text_encoder_only:
+        unet.requires_grad_(False)  # v0.8.7's apply_to builds no U-Net LoRA
+    else:
+        targets, patterns = unet_targets(net, unet, weights)
+        with fp32(unet):
+            add_lora(unet, rank=net.rank, alpha=net.alpha, targets=targets, dropout=net.dropout, patterns=patterns)
+    if net.train_text_encoder:
+        for prefix, encoder in zip(("lora_te1", "lora_te2"), text_encoders, strict=True):
+            targets, patterns = text_encoder_targets(net, encoder, prefix, weights)
+            with fp32(encoder):
+                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=targets, dropout=net.dropout,
+                         patterns=patterns)
+            encoder.train()
+    if weights is not None:
+        load_network_weights(weights, named, path=net.network_weights)
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -90,9 +121,13 @@ def kohya_candidates(model: torch.nn.Module, classes) -> dict[str, bool]:
     return out
 
 
-def unet_targets(net, unet: torch.nn.Module) -> tuple[str | list[str], dict[str, tuple[int, float]]]:
+def unet_targets(net, unet: torch.nn.Module, weights: Mapping[str, tuple] | None = None
+                 ) -> tuple[str | list[str], dict[str, tuple[int, float]]]:
     """PEFT's target_modules and add_lora's `patterns` for network config `net` on `unet`: kohya's transformer Linears
-    (UNET_TARGETS) without conv_dim, else `unet_modules`' names with the modules not at (rank, alpha)."""
+    (UNET_TARGETS) without conv_dim, else `unet_modules`' names with the modules not at (rank, alpha); under
+    network.dim_from_weights the modules of `weights` (`read_network_weights`) with their ranks and alphas."""
+    if net.dim_from_weights:
+        return _from_file(weights, unet, "lora_unet")
     conv_dim = network_value(net, "conv_dim")
     if conv_dim is None:
         return UNET_TARGETS, {}
@@ -100,6 +135,23 @@ def unet_targets(net, unet: torch.nn.Module) -> tuple[str | list[str], dict[str,
                            conv_alpha=network_value(net, "conv_alpha"))
     default = (net.rank, float(net.alpha))
     return list(modules), {name: value for name, value in modules.items() if value != default}
+
+
+def text_encoder_targets(net, encoder: torch.nn.Module, prefix: str, weights: Mapping[str, tuple] | None = None
+                         ) -> tuple[str | list[str], dict[str, tuple[int, float]]]:
+    """`unet_targets` for a text encoder (`prefix` lora_te1 / lora_te2): kohya's CLIP linears, or the file's."""
+    if net.dim_from_weights:
+        return _from_file(weights, encoder, prefix)
+    return TEXT_ENCODER_TARGETS, {}
+
+
+def _from_file(weights, model, prefix: str) -> tuple[list[str], dict[str, tuple[int, float]]]:
+    modules = weights_targets(weights or {}, model, prefix)
+    if not modules:
+        raise UserError(f"network.dim_from_weights: the file of network.network_weights has no module of this "
+                        f"model's {prefix.removeprefix('lora_')} (kohya prefix {prefix}), so there is nothing to "
+                        "train there.")
+    return list(modules), modules
 
 
 _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
@@ -296,3 +348,229 @@ def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
     if net.dim_from_weights:
         return None, None, None
     return (net.dropout or None), network_value(net, "rank_dropout"), network_value(net, "module_dropout")
+
+
+# a PEFT / diffusers file's part prefix -> kohya's
+PEFT_PARTS = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+KOHYA_PARTS = tuple(PEFT_PARTS.values())
+
+
+@dataclass(frozen=True)
+class FileModule:
+    """One module of a LoRA file as its header shows it: the lora_down / lora_A key, the rank (that tensor's rows) and
+    whether it is a kxk conv."""
+
+    key: str
+    rank: int
+    kxk: bool
+
+
+def lora_file_modules(path: str | Path) -> dict[str, FileModule]:
+    """The modules of a kohya (`lora_unet_...lora_down.weight`) or diffusers/PEFT (`unet.<module>.lora_A.weight`) LoRA
+    file by `<kohya part>:<name>` (name: kohya's for a kohya file, the diffusers module path for a PEFT file), read
+    from the safetensors header alone (no torch). UserError when it is no safetensors file or holds no LoRA."""
+    header = _safetensors_header(Path(path))
+    found = {}
+    for key, info in header.items():
+        shape = tuple(info.get("shape", ())) if key != "__metadata__" else ()
+        if not shape:  # __metadata__, alphas
+            continue
+        module = FileModule(key, shape[0], len(shape) == 4 and shape[2:] != (1, 1))
+        if key.endswith(".lora_down.weight") and key.startswith(KOHYA_PARTS):
+            name = key.removesuffix(".lora_down.weight")
+            found[f"{name[:8] if name.startswith('lora_te') else 'lora_unet'}:{name}"] = module
+        elif key.endswith(".lora_A.weight") and key.split(".", 1)[0] in PEFT_PARTS:
+            part, name = key.removesuffix(".lora_A.weight").split(".", 1)
+            found[f"{PEFT_PARTS[part]}:{name}"] = module
+    if not found:
+        raise UserError(f"network.network_weights: '{path}' holds no LoRA (no kohya `.lora_down.weight` key of "
+                        "lora_unet / lora_te1 / lora_te2, no diffusers `unet.` / `text_encoder.` `.lora_A.weight` "
+                        "key).")
+    return found
+
+
+def _safetensors_header(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= path.stat().st_size - 8:
+                raise ValueError("bad header length")
+            return json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"network.network_weights: '{path}' is not a readable .safetensors LoRA file ({exc}); "
+                        "lora-sweep reads kohya and diffusers/PEFT .safetensors files.") from None
+
+
+def _file_alpha(tensors: Mapping[str, torch.Tensor], config: dict | None, module: FileModule, label: str) -> float:
+    """A module's alpha in its file: kohya's `.alpha` tensor, or the PEFT part's lora_alpha / alpha_pattern from
+    diffusers' `lora_adapter_metadata`; the rank when the file has none (v0.8.7 and diffusers read it so)."""
+    if module.key.endswith(".lora_down.weight"):
+        alpha = tensors.get(module.key.replace(".lora_down.weight", ".alpha"))
+        return float(alpha) if alpha is not None else float(module.rank)
+    part = module.key.split(".", 1)[0]
+    if config is None or f"{part}.lora_alpha" not in config:
+        return float(module.rank)
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get(f"{part}.alpha_pattern") or {}
+    return float(pattern.get(get_pattern_key(list(pattern), label.split(":", 1)[1]), config[f"{part}.lora_alpha"]))
+
+
+def weights_file_problems(net, *, train_unet: bool, train_text_encoder: bool) -> list[str]:
+    """What the pre-flight can tell of network.network_weights without the model: the file is a LoRA, and (unless
+    network.dim_from_weights) each module this network builds has the file's rank: network.rank for Linear and 1x1,
+    network.conv_dim for kxk convs (v0.8.7's load_state_dict refuses other shapes)."""
+    try:
+        modules = lora_file_modules(net.network_weights)
+    except UserError as exc:
+        return [str(exc)]
+    if net.dim_from_weights:
+        return []
+    conv_dim = network_value(net, "conv_dim")
+    wrong = []
+    for label, module in modules.items():
+        part, name = label.split(":", 1)
+        if not (train_unet if part == "lora_unet" else train_text_encoder):
+            continue
+        conv_block = part == "lora_unet" and _in_conv_block(name)
+        if conv_block and (conv_dim is None or (module.kxk and conv_dim == 0)):
+            continue  # no LoRA of this network there: an unexpected key, reported when it loads
+        want, setting = (conv_dim, "network.conv_dim") if module.kxk else (net.rank, "network.rank")
+        if module.rank != want:
+            wrong.append(f"{name} has rank {module.rank} where {setting} is {want}")
+    if not wrong:
+        return []
+    return [f"network.network_weights: the file's ranks do not match this network ({len(wrong)} modules, e.g. "
+            f"{wrong[0]}). v0.8.7 refuses the shape mismatch; set network.rank / network.conv_dim to the file's, or "
+            "network.dim_from_weights=true to take ranks, alphas and modules from the file."]
+
+
+def _in_conv_block(name: str) -> bool:
+    """A U-Net module of a ResNet, Downsample or Upsample block (kohya or diffusers name): only LoCon builds these."""
+    return bool(re.search(r"(resnets|samplers|in_layers|out_layers|emb_layers|skip_connection|_op$|_\d+_[12]_conv$)",
+                          name))
+
+
+TEXT_ENCODER_CLASSES = ("CLIPAttention", "CLIPMLP")
+
+
+def read_network_weights(path: str | Path, parts: Mapping[str, torch.nn.Module]) -> dict[str, tuple]:
+    """network.network_weights by this model's kohya module name -> (lora_down, lora_up, alpha), fp32 on the CPU;
+    `parts` maps kohya's prefixes (lora_unet, lora_te1, lora_te2) to the models a PEFT file's names are converted
+    for. A name that matches no module of the model is kept as `<part>:<name>` (an unexpected key)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    modules = lora_file_modules(path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get("lora_adapter_metadata")
+    config = json.loads(text) if text else None
+    out = {}
+    for label, module in modules.items():
+        part, name = label.split(":", 1)
+        up_key = module.key.replace(".lora_down.", ".lora_up.").replace(".lora_A.", ".lora_B.")
+        if module.key.endswith(".lora_A.weight"):
+            name = _kohya_name_of(part, name, parts.get(part)) or label
+        value = (tensors[module.key].float(), tensors[up_key].float(), _file_alpha(tensors, config, module, label))
+        out[name] = value
+    return out
+
+
+def _kohya_name_of(prefix: str, name: str, model: torch.nn.Module | None) -> str | None:
+    if model is None:
+        return None
+    lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
+    try:
+        up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
+        return kohya_module_name(prefix, name, lpb, up_attention)
+    except ValueError:
+        return None
+
+
+def weights_targets(weights: Mapping[str, tuple], model: torch.nn.Module, prefix: str) -> dict[str, tuple[int, float]]:
+    """network.dim_from_weights: exactly the modules of `model` the file has, by diffusers name -> (the file's rank,
+    its alpha); v0.8.7's create_network_from_weights scans the U-Net's conv classes too."""
+    classes = TRANSFORMER_CLASSES + CONV_CLASSES if prefix == "lora_unet" else TEXT_ENCODER_CLASSES
+    lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
+    up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
+    found = {}
+    for name in kohya_candidates(model, classes):
+        value = weights.get(kohya_module_name(prefix, name, lpb, up_attention))
+        if value is not None:
+            found[name] = (value[0].shape[0], value[2])
+    return found
+
+
+def load_network_weights(weights: Mapping[str, tuple], parts: Mapping[str, torch.nn.Module], *,
+                         path: str) -> tuple[int, int, int]:
+    """Copy the file's lora_down / lora_up into the LoRA layers of `parts` (kohya prefix -> model), as
+    v0.8.7's load_state_dict(strict=False); returns (loaded, missing, unexpected) module counts, logged as a warning
+    when some are missing or unexpected. Each layer keeps the scale it was built with; its lora_alpha becomes the
+    file's, which the kohya file saves (v0.8.7's quirk, docs/network.md). UserError on a shape mismatch."""
+    seen, missing, wrong = set(), 0, []
+    for prefix, model in parts.items():
+        lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
+        up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
+        for name, layer in model.named_modules():
+            if not hasattr(layer, "lora_A") or ADAPTER not in getattr(layer, "lora_A", {}):
+                continue
+            key = kohya_module_name(prefix, name, lpb, up_attention)
+            if key not in weights:
+                missing += 1
+                continue
+            seen.add(key)
+            down, up, alpha = weights[key]
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if down.shape != a.shape or up.shape != b.shape:
+                wrong.append(f"{key}: the file's lora_down is {tuple(down.shape)}, this network's {tuple(a.shape)}")
+                continue
+            with torch.no_grad():
+                a.copy_(down)
+                b.copy_(up)
+            layer.lora_alpha[ADAPTER] = alpha
+    if wrong:
+        raise UserError(f"network.network_weights: '{path}' does not fit this network ({len(wrong)} modules, e.g. "
+                        f"{wrong[0]}). v0.8.7 refuses the shape mismatch: set network.rank / network.conv_dim to the "
+                        "file's ranks, or network.dim_from_weights=true; a file of another model does not fit.")
+    unexpected = len(set(weights) - seen)
+    if missing or unexpected:
+        log.warning("network.network_weights: %d modules loaded from %s; %d of this network's modules are not in the "
+                    "file (they start as new), %d of the file's are not in this network (ignored), as v0.8.7's "
+                    "load_state_dict(strict=False)", len(seen), path, missing, unexpected)
+    return len(seen), missing, unexpected
+
+
+def network_problems(net) -> list[str]:
+    """Every problem of the network settings v0.8.7's networks/lora.py reads, one paragraph each (the pre-flight's;
+    docs/network.md): network_args, conv_dim / conv_alpha, the *_only switches, and network.network_weights."""
+    problems = network_args_problems(net)
+    if problems:
+        return problems
+    conv_dim, conv_alpha = network_value(net, "conv_dim"), network_value(net, "conv_alpha")
+    if conv_dim is not None and conv_dim < 0:
+        problems.append(f"network.conv_dim: must be null (no LoCon), 0 (v0.8.7: the ResNet blocks' Linear and 1x1 "
+                        f"parts only) or a rank > 0, got {conv_dim}.")
+    if conv_alpha is not None and conv_alpha < 0:
+        problems.append(f"network.conv_alpha: must be >= 0 (0: the conv rank, as v0.8.7) or null (1.0), got "
+                        f"{conv_alpha}.")
+    te, unet_only, te_only = net.train_text_encoder, net.network_train_unet_only, net.network_train_text_encoder_only
+    if unet_only and te_only:
+        problems.append("network.network_train_unet_only and network.network_train_text_encoder_only are both true: "
+                        "nothing would train (v0.8.7 fails at the optimizer). Set at most one.")
+    elif unet_only and te:
+        problems.append("network.network_train_unet_only=true contradicts network.train_text_encoder=true: set "
+                        "network.train_text_encoder=false (U-Net only is lora-sweep's default).")
+    elif te_only and not te:
+        problems.append("network.network_train_text_encoder_only=true trains only the text encoders' LoRA: it needs "
+                        "network.train_text_encoder=true too.")
+    if net.dim_from_weights and not net.network_weights:
+        problems.append("network.dim_from_weights=true takes ranks, alphas and modules from network.network_weights, "
+                        "which is not set (v0.8.7 fails without it).")
+    if net.network_weights:
+        if not Path(str(net.network_weights)).expanduser().is_file():
+            problems.append(f"network.network_weights: '{net.network_weights}' is not an existing file (a relative "
+                            "path is read from the folder the command was started in).")
+        else:
+            problems += weights_file_problems(net, train_unet=not te_only, train_text_encoder=te)
+    return problems
