@@ -574,3 +574,19 @@ def network_problems(net) -> list[str]:
         else:
             problems += weights_file_problems(net, train_unet=not te_only, train_text_encoder=te)
     return problems
+
+
+def kohya_network_kwargs(net) -> dict | None:
+    """v0.8.7's net_kwargs for `ss_network_args` (json.dumps of it): network_args' strings in their order, then the
+    network.* keys among conv_dim, conv_alpha, rank_dropout, module_dropout that are set (as str(value)), then the
+    injected "dropout" (network.dropout, None for 0.0; not under dim_from_weights). None when v0.8.7 would have had
+    no --network_args, so writes no ss_network_args: none of the four set."""
+    kwargs: dict = dict(parse_network_args(net.network_args))
+    for key in NETWORK_ARGS_KEYS:
+        if getattr(net, key) is not None and key not in kwargs:
+            kwargs[key] = str(getattr(net, key))
+    if not kwargs:
+        return None
+    if not net.dim_from_weights:
+        kwargs["dropout"] = net.dropout or None
+    return kwargs

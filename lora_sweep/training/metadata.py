@@ -19,6 +19,7 @@ from lora_sweep.config import config_hash
 from lora_sweep.data.buckets import bucket_settings, parse_resolution
 from lora_sweep.data.dataset import ImageItem
 from lora_sweep.data.subsets import DatasetSpec, Subset
+from lora_sweep.model.network import kohya_network_kwargs
 from lora_sweep.training import optim
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
@@ -41,6 +42,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.network.rank,
         "ss_network_alpha": cfg.network.alpha,
+        "ss_network_dropout": cfg.network.dropout or None,  # v0.8.7's --network_dropout default is None
         "lora_sweep_train_unet_only": not cfg.network.train_text_encoder,
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_sd_model_name": cfg.model.path or f"lora-sweep-{cfg.model.name}",
@@ -82,6 +84,9 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
     toml_mode = bool(cfg.data.datasets or cfg.data.dataset_config)
     meta |= dataset_metadata(prepared.specs, prepared.trained, toml_mode=toml_mode, cfg=cfg)
     meta |= sai_model_spec(cfg)
+    network_kwargs = kohya_network_kwargs(cfg.network)
+    if network_kwargs is not None:  # v0.8.7 writes it only when --network_args is given
+        meta["ss_network_args"] = json.dumps(network_kwargs)
     return {k: str(v) for k, v in meta.items()}  # as v0.8.7: "None", "True", "1e-05", "(1024, 1024)"
 
 
