@@ -50,13 +50,19 @@ def trained_files(folder, *overrides: str):
             state)
 
 
+@pytest.fixture(scope="module")
+def rank4_files(tmp_path_factory):
+    """A rank-4, alpha-2 LoRA on the U-Net and both text encoders, as kohya and diffusers files."""
+    return trained_files(tmp_path_factory.mktemp("rank4"), "network.rank=4", "network.alpha=2",
+                         "network.train_text_encoder=true")
+
+
 def lora_layers(model) -> dict:
     return {name: layer for name, layer in model.named_modules() if hasattr(layer, "lora_A") and layer.lora_A}
 
 
-def test_kohya_and_diffusers_files_start_the_network_with_v087s_alpha_quirk(tmp_path):
-    kohya_file, diffusers_file, state = trained_files(tmp_path, "network.rank=4", "network.alpha=2",
-                                                      "network.train_text_encoder=true")
+def test_kohya_and_diffusers_files_start_the_network_with_v087s_alpha_quirk(rank4_files):
+    kohya_file, diffusers_file, state = rank4_files
     for file in (kohya_file, diffusers_file):
         pipe, cfg = built("network.rank=4", "network.alpha=1", f"network.network_weights={file}")
         layer = pipe.unet.get_submodule("down_blocks.1.attentions.0.proj_in")
@@ -70,8 +76,8 @@ def test_kohya_and_diffusers_files_start_the_network_with_v087s_alpha_quirk(tmp_
         assert not lora_layers(pipe.text_encoder)  # U-Net only: the file's text-encoder modules are not built
 
 
-def test_loading_reports_missing_and_unexpected_modules(tmp_path, caplog):
-    kohya_file, _, _ = trained_files(tmp_path, "network.train_text_encoder=true")
+def test_loading_reports_missing_and_unexpected_modules(rank4_files, caplog):
+    kohya_file, _, _ = rank4_files
     cfg = compose_config()
     pipe = tiny_pipe()
     add_network(cfg.network, pipe.unet, (pipe.text_encoder, pipe.text_encoder_2))
@@ -98,8 +104,8 @@ def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
     assert kohya_dropouts(compose_config()) == (None, None, None)  # network_dropout 0.0 is v0.8.7's None
 
 
-def test_a_rank_mismatch_is_refused_before_training(tmp_path):
-    kohya_file, diffusers_file, _ = trained_files(tmp_path, "network.rank=4")
+def test_a_rank_mismatch_is_refused_before_training(rank4_files, tmp_path):
+    kohya_file, diffusers_file, _ = rank4_files
     for file in (kohya_file, diffusers_file):
         problems = config_problems(compose_config("network.rank=8", f"network.network_weights={file}"))
         assert len(problems) == 1
