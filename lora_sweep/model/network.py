@@ -424,6 +424,11 @@ def weights_file_problems(net, *, train_unet: bool, train_text_encoder: bool) ->
         modules = lora_file_modules(net.network_weights)
     except UserError as exc:
         return [str(exc)]
+    foreign = [label.split(":", 1)[1] for label in modules if not _SDXL_NAME.match(label)]
+    if len(foreign) == len(modules):
+        return [f"network.network_weights: '{net.network_weights}' is no SDXL LoRA: none of its {len(modules)} modules "
+                f"has an SDXL U-Net or text-encoder name (e.g. {foreign[0]}); kohya's SDXL files name them "
+                "lora_unet_input_blocks_..., lora_te1_text_model_..."]
     if net.dim_from_weights:
         return []
     conv_dim = network_value(net, "conv_dim")
@@ -443,6 +448,12 @@ def weights_file_problems(net, *, train_unet: bool, train_text_encoder: bool) ->
     return [f"network.network_weights: the file's ranks do not match this network ({len(wrong)} modules, e.g. "
             f"{wrong[0]}). v0.8.7 refuses the shape mismatch; set network.rank / network.conv_dim to the file's, or "
             "network.dim_from_weights=true to take ranks, alphas and modules from the file."]
+
+
+# a module label of lora_file_modules on SDXL: kohya's SGM / CLIP names, or diffusers' module paths
+_SDXL_NAME = re.compile(r"lora_unet:(lora_unet_(input_blocks|middle_block|output_blocks)_"
+                        r"|(down|up)_blocks\.|mid_block\.)"
+                        r"|lora_te[12]:(lora_te[12]_text_model_encoder_layers_|(text_model\.)?encoder\.layers\.)")
 
 
 def _in_conv_block(name: str) -> bool:
@@ -534,6 +545,9 @@ def load_network_weights(weights: Mapping[str, tuple], parts: Mapping[str, torch
                         f"{wrong[0]}). v0.8.7 refuses the shape mismatch: set network.rank / network.conv_dim to the "
                         "file's ranks, or network.dim_from_weights=true; a file of another model does not fit.")
     unexpected = len(set(weights) - seen)
+    if not seen:
+        raise UserError(f"network.network_weights: none of the {unexpected} modules of '{path}' is a module of this "
+                        "network (another model's LoRA, or only the side this run does not train).")
     if missing or unexpected:
         log.warning("network.network_weights: %d modules loaded from %s; %d of this network's modules are not in the "
                     "file (they start as new), %d of the file's are not in this network (ignored), as v0.8.7's "

@@ -126,3 +126,20 @@ def test_a_rank_mismatch_is_refused_before_training(rank4_files, tmp_path):
     with pytest.raises(UserError, match=r"\(1 modules, e.g. lora_unet_input_blocks_4_1_proj_in: the file's lora_down "
                                         r"is \(4, 65\), this network's \(4, 64\)\)"):
         load_network_weights(weights, {"lora_unet": pipe.unet}, path=str(kohya_file))
+
+
+def test_a_relative_starting_file_is_read_from_the_start_folder_and_its_content_counts(tmp_path, monkeypatch):
+    """The path is made absolute before the config hash (paths.PATH_SETTINGS); its bytes join the skip-finished
+    fingerprint, so a changed file at the same path is not a finished run."""
+    from lora_sweep.job.finished import dataset_of
+    from lora_sweep.paths import make_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("network.network_weights=start.safetensors", f"data.cache_dir={tmp_path / 'cache'}")
+    assert make_paths_absolute(cfg) == {"network.network_weights": str(tmp_path / "start.safetensors")}
+    (tmp_path / "start.safetensors").write_bytes(b"one")
+    first = dataset_of(cfg, []).digest
+    (tmp_path / "start.safetensors").write_bytes(b"two")
+    assert dataset_of(cfg, []).digest != first
+    cfg.network.network_weights = None
+    assert dataset_of(cfg, []).digest != first
