@@ -104,6 +104,16 @@ def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
     assert kohya_dropouts(compose_config()) == (None, None, None)  # network_dropout 0.0 is v0.8.7's None
 
 
+def test_dim_from_weights_builds_the_files_text_encoder_modules(rank4_files):
+    kohya_file, _, _ = rank4_files
+    pipe, _ = built("network.rank=16", "network.train_text_encoder=true", f"network.network_weights={kohya_file}",
+                    "network.dim_from_weights=true")
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        layers = lora_layers(encoder)
+        assert len(layers) == 18  # kohya's CLIPAttention and CLIPMLP linears, found by class name
+        assert {(layer.r["default"], layer.scaling["default"]) for layer in layers.values()} == {(4, 2 / 4)}
+
+
 def test_a_rank_mismatch_is_refused_before_training(rank4_files, tmp_path):
     kohya_file, diffusers_file, _ = rank4_files
     for file in (kohya_file, diffusers_file):
