@@ -22,15 +22,19 @@ def base():
     return compose_config()
 
 
-def problems(*overrides: str) -> list[str]:
-    """config_problems of the default config with `key=value` overrides (values in Hydra's syntax)."""
+def configured(*overrides: str):
+    """A copy of the default config (composed once) with `key=value` overrides, values read as YAML."""
     from omegaconf import OmegaConf
 
     cfg = copy.deepcopy(base())
     for item in overrides:
         key, value = item.split("=", 1)
         OmegaConf.update(cfg, key, yaml.safe_load(value))
-    return config_problems(cfg)
+    return cfg
+
+
+def problems(*overrides: str) -> list[str]:
+    return config_problems(configured(*overrides))
 
 
 def test_network_args_are_split_as_v087_splits_them():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import compose_config
 from lora_files import tiny_pipe
+from test_network_settings import configured
 
 from lora_sweep.checks.validate import config_problems
 from lora_sweep.errors import UserError
@@ -27,14 +28,15 @@ TINY_UNET_MODULES, TINY_TE_MODULES = 132, 18 + 18
 
 def built(*overrides: str):
     """The tiny pipeline with lora-sweep's network for `overrides`, and its config."""
-    cfg = compose_config(*overrides)
+    cfg = configured(*overrides)
     pipe = tiny_pipe()
     add_network(cfg.network, pipe.unet, (pipe.text_encoder, pipe.text_encoder_2))
     return pipe, cfg
 
 
-def trained_files(folder, *overrides: str):
-    """The kohya and diffusers files of a network built from `overrides` whose up weights were "trained"."""
+def trained_files(folder, *overrides: str, diffusers: bool = True):
+    """The kohya and diffusers (if `diffusers`) files of a network built from `overrides` whose up weights were
+    "trained", and the kohya state dict."""
     pipe, cfg = built(*overrides)
     generator = torch.Generator().manual_seed(3)
     for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
@@ -46,8 +48,8 @@ def trained_files(folder, *overrides: str):
         parts |= {"lora_te1": pipe.text_encoder, "lora_te2": pipe.text_encoder_2}
     state = kohya_state_dict(parts, layers_per_block=pipe.unet.config.layers_per_block)
     te = (pipe.text_encoder, pipe.text_encoder_2) if cfg.network.train_text_encoder else (None, None)
-    return (save_kohya(folder / "start.safetensors", state, {}), save_diffusers(folder / "diffusers", pipe.unet, *te),
-            state)
+    kohya_file = save_kohya(folder / "start.safetensors", state, {})
+    return kohya_file, save_diffusers(folder / "diffusers", pipe.unet, *te) if diffusers else None, state
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_kohya_and_diffusers_files_start_the_network_with_v087s_alpha_quirk(rank
 
 def test_loading_reports_missing_and_unexpected_modules(rank4_files, caplog):
     kohya_file, _, _ = rank4_files
-    cfg = compose_config()
+    cfg = configured()
     pipe = tiny_pipe()
     add_network(cfg.network, pipe.unet, (pipe.text_encoder, pipe.text_encoder_2))
     named = {"lora_unet": pipe.unet, "lora_te1": pipe.text_encoder, "lora_te2": pipe.text_encoder_2}
@@ -90,7 +92,7 @@ def test_loading_reports_missing_and_unexpected_modules(rank4_files, caplog):
 
 def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
     kohya_file, _, state = trained_files(tmp_path, "network.rank=8", "network.alpha=4", "network.conv_dim=2",
-                                         "network.conv_alpha=3")
+                                         "network.conv_alpha=3", diffusers=False)
     pipe, cfg = built("network.rank=4", "network.alpha=1", "network.dropout=0.1",
                       f"network.network_weights={kohya_file}", "network.dim_from_weights=true")
     layers = lora_layers(pipe.unet)
@@ -100,8 +102,8 @@ def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
     proj = layers["down_blocks.1.attentions.0.proj_in"]
     assert (proj.r["default"], proj.scaling["default"]) == (8, 4 / 8)
     assert kohya_dropouts(cfg) == (None, None, None)
-    assert kohya_dropouts(compose_config("network.dropout=0.1")) == (0.1, None, None)
-    assert kohya_dropouts(compose_config()) == (None, None, None)  # network_dropout 0.0 is v0.8.7's None
+    assert kohya_dropouts(configured("network.dropout=0.1")) == (0.1, None, None)
+    assert kohya_dropouts(configured()) == (None, None, None)  # network_dropout 0.0 is v0.8.7's None
 
 
 def test_dim_from_weights_builds_the_files_text_encoder_modules(rank4_files):
@@ -117,15 +119,15 @@ def test_dim_from_weights_builds_the_files_text_encoder_modules(rank4_files):
 def test_a_rank_mismatch_is_refused_before_training(rank4_files, tmp_path):
     kohya_file, diffusers_file, _ = rank4_files
     for file in (kohya_file, diffusers_file):
-        problems = config_problems(compose_config("network.rank=8", f"network.network_weights={file}"))
+        problems = config_problems(configured("network.rank=8", f"network.network_weights={file}"))
         assert len(problems) == 1
         assert problems[0].startswith(f"network.network_weights: the file's ranks do not match this network "
                                       f"({TINY_UNET_MODULES} modules, e.g. ")
         assert "has rank 4 where network.rank is 8" in problems[0]
-    assert config_problems(compose_config("network.rank=8", f"network.network_weights={kohya_file}",
+    assert config_problems(configured("network.rank=8", f"network.network_weights={kohya_file}",
                                           "network.dim_from_weights=true")) == []
     (tmp_path / "not_lora.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
-    assert config_problems(compose_config(f"network.network_weights={tmp_path / 'not_lora.safetensors'}")) == [
+    assert config_problems(configured(f"network.network_weights={tmp_path / 'not_lora.safetensors'}")) == [
         f"network.network_weights: '{tmp_path / 'not_lora.safetensors'}' holds no LoRA (no kohya `.lora_down.weight` "
         "key of lora_unet / lora_te1 / lora_te2, no diffusers `unet.` / `text_encoder.` `.lora_A.weight` key)."]
     # the model-side check: a module with other in-features (a file of another model) is refused when it loads
