@@ -487,7 +487,7 @@ def load_network_weights(weights: Mapping[str, tuple], parts: Mapping[str, torch
     if wrong:
         raise UserError(f"network.network_weights: '{path}' does not fit this network ({len(wrong)} modules, e.g. "
                         f"{wrong[0]}). v0.8.7 refuses the shape mismatch: set network.rank / network.conv_dim to the "
-                        "file's ranks, or network.dim_from_weights=true; a file of another model does not fit.")
+                        "file's ranks, or set network.dim_from_weights to true; a file of another model does not fit.")
     unexpected = len(set(weights) - seen)
     if not seen:
         raise UserError(f"network.network_weights: none of the {unexpected} modules of '{path}' is a module of this "
@@ -517,13 +517,13 @@ def network_problems(net) -> list[str]:
         problems.append("network.network_train_unet_only and network.network_train_text_encoder_only are both true: "
                         "nothing would train (v0.8.7 fails at the optimizer). Set at most one.")
     elif unet_only and te:
-        problems.append("network.network_train_unet_only=true contradicts network.train_text_encoder=true: set "
+        problems.append("network.network_train_unet_only=true contradicts network.train_text_encoder=true; set "
                         "network.train_text_encoder=false (U-Net only is lora-sweep's default).")
     elif te_only and not te:
-        problems.append("network.network_train_text_encoder_only=true trains only the text encoders' LoRA: it needs "
+        problems.append("network.network_train_text_encoder_only trains only the text encoders' LoRA: it needs "
                         "network.train_text_encoder=true too.")
     if net.dim_from_weights and not net.network_weights:
-        problems.append("network.dim_from_weights=true takes ranks, alphas and modules from network.network_weights, "
+        problems.append("network.dim_from_weights takes ranks, alphas and modules from network.network_weights, "
                         "which is not set (v0.8.7 fails without it).")
     if net.network_weights:
         if not Path(str(net.network_weights)).expanduser().is_file():

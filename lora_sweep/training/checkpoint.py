@@ -181,7 +181,8 @@ class Checkpoints:
             return
         path = self.s.output_dir / name(self.s.cfg.train.output_name, number)
         if path.exists():
-            log.info("removing old checkpoint %s (outside the train.save_last_n_* window)", path)
+            log.info("removing old checkpoint %s (outside the train.save_last_n_steps / train.save_last_n_epochs "
+                     "window)", path)
             path.unlink()
 
     def _state(self, pos: Position) -> Path:

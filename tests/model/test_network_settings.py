@@ -76,11 +76,11 @@ def test_blockwise_keys_are_refused_by_name_with_v087s_sdxl_reason(key):
     (["network.network_train_unet_only=true", "network.train_text_encoder=true"],
      "network.network_train_unet_only=true contradicts network.train_text_encoder=true"),
     (["network.network_train_text_encoder_only=true"],
-     "network.network_train_text_encoder_only=true trains only the text encoders' LoRA: it needs"),
+     "network.network_train_text_encoder_only trains only the text encoders' LoRA: it needs"),
     (["network.network_train_unet_only=true", "network.network_train_text_encoder_only=true",
       "network.train_text_encoder=true"], "network.network_train_unet_only and network.network_train_text_encoder_only"
                                           " are both true: nothing would train (v0.8.7 fails at the optimizer)."),
-    (["network.dim_from_weights=true"], "network.dim_from_weights=true takes ranks, alphas and modules from "
+    (["network.dim_from_weights=true"], "network.dim_from_weights takes ranks, alphas and modules from "
                                         "network.network_weights, which is not set"),
     (["network.conv_dim=-1"], "network.conv_dim: must be null (no LoCon), 0"),
     (["network.conv_alpha=-1"], "network.conv_alpha: must be >= 0"),
