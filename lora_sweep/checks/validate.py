@@ -166,12 +166,12 @@ def _loss_checks(lo) -> list[Callable[[], None]]:
 
 
 def _optimizer_checks(cfg) -> list[Callable[[], None]]:
-    from lora_sweep.training import optim
+    from lora_sweep.training import optim, schedules
 
     return [
         lambda: _naming("optimizer.name", optim.resolve_optimizer_name, cfg.optimizer.name),
         lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
-        lambda: _check_scheduler(optim, cfg),
+        lambda: _check_scheduler(schedules, cfg),
     ]
 
 
@@ -295,9 +295,9 @@ def _every_timestep(timesteps) -> None:
     found.raise_any()
 
 
-def _check_scheduler(optim, cfg) -> None:
+def _check_scheduler(schedules, cfg) -> None:
     found = Problems()  # a bad scheduler and a bad warmup are both named
-    found.check(_enum, "optimizer.scheduler", cfg.optimizer.scheduler, optim.SCHEDULERS)
+    found.check(_enum, "optimizer.scheduler", cfg.optimizer.scheduler, schedules.SCHEDULERS)
     found.check(_positive, "optimizer.warmup_steps", cfg.optimizer.warmup_steps, allow_zero=True)
     found.raise_any()
     if cfg.optimizer.scheduler == "constant" and cfg.optimizer.warmup_steps:

@@ -1,4 +1,4 @@
-"""Optimizer and LR-scheduler factories for the `optimizer` config group, with kohya v0.8.7's rules.
+"""Optimizer factories for the `optimizer` config group, with kohya v0.8.7's rules.
 
 Reference: docs/kohya-reference.md §5 and §6. Each option names the class kohya's `--optimizer_type` loads and
 spells out its defaults, so a config shows every value used; `optimizer.args` overrides them (--optimizer_args).
@@ -67,8 +67,6 @@ OPTIMIZERS: dict[str, OptimizerOption] = {
     ),
 }
 _KOHYA_ALIASES = {"dadaptation": "dadapt_adam_preprint"} | {o.kohya_name.lower(): n for n, o in OPTIMIZERS.items()}
-
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 
 LOW_ADAPTIVE_LR = 0.1  # kohya warns at or below this for D-Adaptation/Prodigy ("set learning rate around 1.0").
 # kohya checks group 0's lr; here the largest group lr, so a frozen (lr 0) text-encoder group raises no false alarm.
@@ -322,41 +320,3 @@ def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     if step is not None:
         metrics["train/d_lr"] = step
     return metrics
-
-
-def lr_multiplier(schedule: str, step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """The factor on the base lr after `step` optimizer steps (diffusers' formulas, as kohya).
-
-    Warmup rises linearly from 0; cosine is a half cosine to 0 at total_steps, linear a line to 0.
-    """
-    if schedule == "constant":
-        return 1.0
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if schedule == "constant_with_warmup":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    if schedule == "linear":
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    raise ConfigError(f"optimizer.scheduler={schedule!r} is not a scheduler; choose one of {list(SCHEDULERS)}.")
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, *, warmup_steps: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR advanced once per optimizer step taken (not on fp16-skipped ones); steps count optimizer updates."""
-    if name not in SCHEDULERS:
-        raise ConfigError(f"optimizer.scheduler={name!r} is not a scheduler; choose one of {list(SCHEDULERS)}.")
-    if warmup_steps < 0 or total_steps < 1:
-        raise ConfigError(f"optimizer.warmup_steps={warmup_steps} must be >= 0 and the run must have >= 1 optimizer "
-                          f"step (got {total_steps}).")
-    if name == "constant" and warmup_steps != 0:
-        raise ConfigError(f"optimizer.scheduler=constant does not warm up but optimizer.warmup_steps={warmup_steps} "
-                          f"(kohya refuses this too); use optimizer.scheduler=constant_with_warmup or warmup_steps=0.")
-
-    def multiplier(step: int) -> float:
-        return lr_multiplier(name, step, warmup_steps=warmup_steps, total_steps=total_steps)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -55,7 +55,7 @@ from lora_sweep.model.network import (
     set_lora_multiplier,
 )
 from lora_sweep.paths import cache_root, state_root
-from lora_sweep.training import metadata, optim, placement, precision
+from lora_sweep.training import metadata, optim, placement, precision, schedules
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
 from lora_sweep.training.noise import NoiseOptions
@@ -485,7 +485,7 @@ def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
 def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]:
     """The `optimizer` group's optimizer over `groups` and its LR schedule over train.max_steps updates."""
     optimizer = optim.build_optimizer(cfg.optimizer.name, groups, lr=cfg.train.lr, args=dict(cfg.optimizer.args))
-    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
+    lr_scheduler = schedules.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
                                             warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
     return optimizer, lr_scheduler
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_sweep.errors import ConfigError
-from lora_sweep.training import optim
+from lora_sweep.training import optim, schedules
 
 SMALL_8BIT = {"min_8bit_size": 64}  # every LoRA matrix here has 128-256 elements; the default 4096 keeps them 32-bit
 
@@ -154,7 +154,7 @@ def test_invalid_optimizer_configs_fail_clearly() -> None:
 
 def _lrs_over_steps(name: str, *, warmup_steps: int, total_steps: int, base_lr: float = 2.0) -> list[float]:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
-    scheduler = optim.build_lr_scheduler(optimizer, name, warmup_steps=warmup_steps, total_steps=total_steps)
+    scheduler = schedules.build_lr_scheduler(optimizer, name, warmup_steps=warmup_steps, total_steps=total_steps)
     lrs = []
     for _ in range(total_steps + 1):
         lrs.append(optim.current_lr(optimizer))
@@ -181,17 +181,17 @@ def test_schedules_match_diffusers_get_scheduler(name: str) -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     reference = get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=12)
     expected = [reference.lr_lambdas[0](step) for step in range(15)]
-    assert [optim.lr_multiplier(name, s, warmup_steps=3, total_steps=12) for s in range(15)] == expected
+    assert [schedules.lr_multiplier(name, s, warmup_steps=3, total_steps=12) for s in range(15)] == expected
 
 
 def test_invalid_schedules_fail_clearly() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ConfigError, match="optimizer.scheduler=constant.*optimizer.warmup_steps=5"):
-        optim.build_lr_scheduler(optimizer, "constant", warmup_steps=5, total_steps=100)
+        schedules.build_lr_scheduler(optimizer, "constant", warmup_steps=5, total_steps=100)
     with pytest.raises(ConfigError, match=r"'polynomial'.*'constant', 'constant_with_warmup', 'cosine', 'linear'"):
-        optim.build_lr_scheduler(optimizer, "polynomial", warmup_steps=0, total_steps=100)
+        schedules.build_lr_scheduler(optimizer, "polynomial", warmup_steps=0, total_steps=100)
     with pytest.raises(ConfigError, match="warmup_steps=-1"):
-        optim.build_lr_scheduler(optimizer, "linear", warmup_steps=-1, total_steps=100)
+        schedules.build_lr_scheduler(optimizer, "linear", warmup_steps=-1, total_steps=100)
 
 
 @pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "dadapt_adam_preprint"])
