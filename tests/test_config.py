@@ -394,7 +394,7 @@ def test_max_token_length_is_hash_neutral_at_null_and_75_and_kohyas_name_finds_i
 ISSUE_27_28_KEYS = {
     "network": ["conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "network_weights", "dim_from_weights",
                 "scale_weight_norms", "network_train_unet_only", "network_train_text_encoder_only", "network_args"],
-    "optimizer": ["lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args"],
+    "optimizer": ["lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args", "optimizer_args"],
     "train": ["max_train_epochs", "save_last_n_epochs", "save_last_n_steps", "save_precision", "torch_compile",
               "dynamo_backend", "sdpa", "xformers", "mem_eff_attn"],
     "loss": ["zero_terminal_snr", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"],
