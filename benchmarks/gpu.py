@@ -68,10 +68,14 @@ def matrix(args) -> list[dict]:
         rows.append({"precision": "fp8", "batch": 1, "checkpointing": True, "extra": "te"})
     if args.fused:
         rows += [{"precision": "bf16", "batch": b, "checkpointing": False, "extra": "fused"} for b in args.batches]
+    if args.switches:
+        rows += [{"precision": "bf16", "batch": b, "checkpointing": False, "extra": extra}
+                 for extra in ("compile", "full_bf16") for b in args.batches]
     return rows
 
 
-EXTRA = {"": [], "te": ["network.train_text_encoder=true"], "fused": ["+optimizer.args.fused=true"]}
+EXTRA = {"": [], "te": ["network.train_text_encoder=true"], "fused": ["+optimizer.args.fused=true"],
+         "compile": ["train.torch_compile=true"], "full_bf16": ["precision.full_bf16=true"]}
 
 
 def run_row(row: dict, index: int, args, model: Path, resolution: int, work: Path) -> dict:
@@ -123,7 +127,10 @@ def render(r: dict) -> list[str]:
     return lines + table(["precision", "batch", "ckpt", "extra", "img/s", "lora-sweep / bare", "MFU", "HFU",
                           "set-up peak", "training peak", "set-up <= training", "kohya GB (within 10 %)", "note"],
                          rows) + ["", f"Total {r['seconds']:.0f} s. extra: te = text-encoder LoRA (no bare loop: "
-                                  "diffusers' examples train the UNet only), fused = `optimizer.args.fused=true`."]
+                                  "diffusers' examples train the UNet only), fused = `optimizer.args.fused=true`, "
+                                  "compile = `train.torch_compile=true` (inductor; its warm-up steps compile), "
+                                  "full_bf16 = "
+                                  "`precision.full_bf16=true` (LoRA, grads and AdamW state in bf16)."]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", type=lambda t: [c == "on" for c in split(t)], default="off,on")
     p.add_argument("--no-te", dest="te", action="store_false", help="leave out the fp8 text-encoder LoRA row")
     p.add_argument("--no-fused", dest="fused", action="store_false", help="leave out the fused AdamW rows")
+    p.add_argument("--no-switches", dest="switches", action="store_false",
+                   help="leave out the torch.compile (inductor) and full_bf16 rows")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="steps per repetition")

@@ -254,8 +254,11 @@ _HASH_EXCLUDED = (
 
 
 def hashed_settings(cfg: DictConfig | Config) -> dict[str, Any]:
-    """The flat config keys that change what a training computes (those `config_hash` hashes), with their values."""
-    return {k: v for k, v in flatten(to_container(cfg)).items() if not is_hash_excluded(k)}
+    """The flat config keys that change what a training computes (those `config_hash` hashes), with their values.
+    train.max_steps is left out when train.max_train_epochs is set: the epochs give the steps then."""
+    flat = flatten(to_container(cfg))
+    epochs_given = flat.get("train.max_train_epochs") is not None
+    return {k: v for k, v in flat.items() if not is_hash_excluded(k) and not (epochs_given and k == "train.max_steps")}
 
 
 def is_hash_excluded(key: str) -> bool:

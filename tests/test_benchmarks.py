@@ -147,8 +147,8 @@ def test_gpu_suite_runs_its_rows_on_the_tiny_model(tmp_path):
 
     out = tmp_path / "gpu.json"
     gpu.main(["--toy", "--device", "cpu", "--precisions", "fp32,fp8", "--batches", "2", "--checkpointing", "off",
-              "--no-te", "--warmup", "1", "--steps", "1", "--reps", "1", "--rank", "4", "--out", str(out),
-              "--markdown", ""])
+              "--no-te", "--no-switches", "--warmup", "1", "--steps", "1", "--reps", "1", "--rank", "4",
+              "--out", str(out), "--markdown", ""])
     result = json.loads(out.read_text())
     flops = result["flops_per_image"]
     assert 0 < flops["forward"] < flops["train"] < flops["train_gc"]

@@ -356,6 +356,16 @@ def test_a_misspelt_key_never_trains_silently(app, argv):
     assert "To append" not in out and "HYDRA_FULL_ERROR" not in out and "Traceback" not in out
 
 
+@pytest.mark.parametrize("argv", [["masked_loss=true"], ["train.masked_loss=true"], ["+train.masked_loss=true"],
+                                  ["-m", "noise=none,offset", "+masked_loss=true"]])
+def test_a_kohya_flag_lora_sweep_refuses_is_named_with_its_reason(app, argv):
+    """docs/kohya.md: kohya's --masked_loss typed as a setting, with or without '+': its reason, exit 2, nothing
+    written."""
+    code, out = app(*argv)
+    assert code == 2 and "kohya's --masked_loss is not supported by lora-sweep: it weights the loss by a mask" in out
+    assert "Did you mean" not in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["optimizer=adamw", "optimizer.args.betas=[0.9]", "train.max_steps=1"],
      "optimizer.args.betas=[0.9]: AdamW (optimizer=adamw) takes 2 values, like its default [0.9, 0.999]."),

@@ -37,6 +37,9 @@ BAD = [  # (overrides, the field the message must name), across every group
     (["network.rank=0"], "network.rank"),
     (["network.alpha=0"], "network.alpha"),
     (["network.dropout=1.0"], "network.dropout"),
+    (["network.rank_dropout=1.0"], "network.rank_dropout"),
+    (["network.module_dropout=-0.1"], "network.module_dropout"),
+    (["network.scale_weight_norms=-1"], "network.scale_weight_norms"),
     (["train.grad_accum=0"], "train.grad_accum"),
     (["train.seed=-1"], "train.seed"),
     (["train.max_grad_norm=-1"], "train.max_grad_norm"),
@@ -65,6 +68,14 @@ BAD = [  # (overrides, the field the message must name), across every group
 def test_each_bad_value_names_its_field(overrides, field):
     problems = config_problems(compose_config(*overrides))
     assert any(p.startswith(field) or f" {field}" in p for p in problems), problems
+
+
+def test_kohyas_dropouts_accept_zero_and_refuse_one_with_the_reason():
+    assert config_problems(compose_config("network.rank_dropout=0", "network.module_dropout=0.5",
+                                          "network.scale_weight_norms=0")) == []
+    [problem] = config_problems(compose_config("network.rank_dropout=1"))
+    assert problem.startswith("network.rank_dropout: must be a probability in [0, 1) (null is off;")
+    assert "divide the LoRA's scale by 1 - p = 0" in problem
 
 
 def test_table_covers_at_least_fifteen_values_across_every_group():

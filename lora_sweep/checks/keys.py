@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_sweep.checks.kohya_flags import not_a_setting_message
 from lora_sweep.config import CONF_DIR, Config, flatten, to_container
 
 FREE_FORM = ("optimizer.args", "optimizer.lr_scheduler_args")  # any key goes; checked against the class / schedule
@@ -28,7 +29,7 @@ KOHYA_NAMES = {
     "sample_prompts": "sampling.prompt_file", "sample_every_n_steps": "sampling.every",
     "sample_sampler": "sampling.sampler",
     "dataset_config": "data.dataset_config", "reg_data_dir": "data.reg_data_dir",
-    "prior_loss_weight": "loss.prior_loss_weight", "in_json": "data.dataset_config",
+    "prior_loss_weight": "loss.prior_loss_weight",
     "caption_dropout_rate": "data.caption_dropout_rate",
     "caption_dropout_every_n_epochs": "data.caption_dropout_every_n_epochs",
     "caption_tag_dropout_rate": "data.caption_tag_dropout_rate", "caption_prefix": "data.caption_prefix",
@@ -62,6 +63,13 @@ KOHYA_NAMES = {
     "scale_v_pred_loss_like_noise_pred": "loss.scale_v_pred_loss_like_noise_pred",
     "v_pred_like_loss": "loss.v_pred_like_loss", "full_fp16": "precision.full_fp16",
     "full_bf16": "precision.full_bf16", "clip_skip": "model.clip_skip",
+    # the other v0.8.7 flags that are settings (checks/kohya_flags.py has the rest, refused or fixed)
+    "seed": "train.seed", "output_dir": "train.output_dir", "output_name": "train.output_name",
+    "max_grad_norm": "train.max_grad_norm", "gradient_checkpointing": "train.gradient_checkpointing",
+    "text_encoder_lr": "train.text_encoder_lr", "min_timestep": "noise.min_timestep",
+    "max_timestep": "noise.max_timestep", "huber_c": "loss.huber_c", "huber_schedule": "loss.huber_schedule",
+    "min_snr_gamma": "loss.min_snr_gamma", "fp8_base": "precision.name", "use_8bit_adam": "optimizer.name",
+    "caption_extention": "data.caption_extension",
 }
 
 
@@ -147,9 +155,14 @@ def closest_keys(key: str, candidates: list[str] | None = None, n: int = 3) -> l
 
 
 def unknown_key_message(key: str, *, added: bool = False, known: list[str] | None = None) -> str:
-    """One paragraph for a key the schema lacks: the closest real settings and its group's settings.
+    """One paragraph for a key the schema lacks: the closest real settings and its group's settings, or, for a kohya
+    flag lora-sweep has no setting for (`masked_loss`, `train.masked_loss`), why (checks/kohya_flags.py).
     `added`: it came with `+`, so say nothing reads it. `known`: the keys to match against instead of the schema's
     (e.g. the active launcher's, for `hydra.launcher.cpu_slot`)."""
+    parent, _, leaf = key.rpartition(".")
+    kohya = not_a_setting_message(leaf) or (not_a_setting_message(f"{parent}_{leaf}") if parent else None)
+    if known is None and kohya:
+        return kohya
     added_text = f": '+{key}=...' adds it, but nothing reads it, so the run would train without it" if added else ""
     keys = schema_keys() if known is None else known
     if known is None and "." not in key:  # `nosie=offset`: a group or a node was meant

@@ -311,8 +311,24 @@ def _check_resume_state(cfg, memo: Memo) -> None:
         return  # auto: states live under the config hash, which includes train.max_steps
     state = resolve_state_arg(t.resume)
     meta = memo.get(("state", str(state)), lambda: read_meta(state))
-    check_steps_left(state, int(meta.get("step", 0)), t.max_steps)
+    steps = _max_train_steps(cfg, memo)
+    if steps is not None:
+        check_steps_left(state, int(meta.get("step", 0)), steps, t.max_train_epochs)
     check_state_config(cfg, meta, state, config_hash(cfg))  # a setting the state cannot follow: one paragraph
+
+
+def _max_train_steps(cfg, memo: Memo) -> int | None:
+    """The job's optimizer steps (`length.max_train_steps`: train.max_train_epochs converted from the scans); None
+    when its dataset cannot be counted (the data checks name why)."""
+    from lora_sweep.training.length import max_train_steps
+
+    if cfg.train.max_train_epochs is None:
+        return cfg.train.max_steps
+    specs, scans = training_scans(cfg, _train_folder(cfg), memo)
+    try:
+        return max_train_steps(cfg, specs, scans) if scans else None
+    except UserError:  # an image no bucket fits: `_check_data` names it
+        return None
 
 
 def announce(fallbacks: list[Fallback]) -> None:

@@ -70,6 +70,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
         lambda: _dataset_checks(cfg),
         *_noise_checks(cfg.noise),
         *_loss_checks(cfg.loss),
+        lambda: _v_pred_checks(cfg),
         *_optimizer_checks(cfg),
         *_precision_checks(cfg),
         *_network_checks(cfg.network),
@@ -165,6 +166,13 @@ def _loss_checks(lo) -> list[Callable[[], None]]:
     ]
 
 
+def _v_pred_checks(cfg) -> None:
+    from lora_sweep.training import loss
+
+    lo = cfg.loss
+    loss.check_v_pred_options(lo.scale_v_pred_loss_like_noise_pred, lo.v_pred_like_loss, cfg.model.v_prediction)
+
+
 def _optimizer_checks(cfg) -> list[Callable[[], None]]:
     from lora_sweep.training import optim, schedules
 
@@ -182,6 +190,7 @@ def _precision_checks(cfg) -> list[Callable[[], None]]:
     return [
         lambda: _naming("precision.name", precision.precision_policy, cfg.precision.name,
                         t.device if t.device in ("cpu", "cuda") else "cuda"),
+        lambda: precision.check_full_precision(cfg.precision.name, cfg.precision.full_fp16, cfg.precision.full_bf16),
     ]
 
 
@@ -189,8 +198,23 @@ def _network_checks(net) -> list[Callable[[], None]]:
     return [
         lambda: _positive("network.rank", net.rank),
         lambda: _positive("network.alpha", net.alpha),
-        lambda: _range("network.dropout", net.dropout, 0.0, 1.0, high_open=True),
+        lambda: _dropout_rate("network.dropout", net.dropout, "0 is off"),
+        lambda: net.rank_dropout is None or _dropout_rate("network.rank_dropout", net.rank_dropout, "null is off"),
+        lambda: net.module_dropout is None or _dropout_rate("network.module_dropout", net.module_dropout,
+                                                            "null is off"),
+        lambda: net.scale_weight_norms is None or net.scale_weight_norms >= 0 or _fail(
+            "network.scale_weight_norms", net.scale_weight_norms, "> 0 (v0.8.7's --scale_weight_norms: the largest "
+            "Frobenius norm of a module's alpha/rank * up @ down, kept after every micro-batch), or 0 or null for off"),
     ]
+
+
+def _dropout_rate(field: str, value, off: str) -> None:
+    """A kohya dropout probability (docs/kohya-reference.md §8): [0, 1); v0.8.7 would fail or divide by zero at 1."""
+    if not 0 <= value < 1:
+        raise ConfigError(
+            f"{field}: must be a probability in [0, 1) ({off}; 0 < p < 1 drops that share, as v0.8.7), got {value}. "
+            "v0.8.7's F.dropout refuses p outside [0, 1], and p = 1 drops everything: rank dropout would divide "
+            "the LoRA's scale by 1 - p = 0.")
 
 
 def _train_checks(t) -> list[Callable[[], None]]:
@@ -206,13 +230,42 @@ def _train_checks(t) -> list[Callable[[], None]]:
         lambda: _positive("train.save_every", t.save_every, allow_zero=True),
         lambda: _positive("train.save_every_epochs", t.save_every_epochs, allow_zero=True),
         lambda: _positive("train.keep_states", t.keep_states),
+        lambda: t.max_train_epochs is None or _positive("train.max_train_epochs", t.max_train_epochs),
+        lambda: t.save_last_n_steps is None or _positive("train.save_last_n_steps", t.save_last_n_steps,
+                                                         allow_zero=True),
+        lambda: t.save_last_n_epochs is None or _positive("train.save_last_n_epochs", t.save_last_n_epochs),
+        lambda: _save_precision(t.save_precision),
         lambda: t.resume in RESUME or Path(absolute(t.resume)).exists() or _fail(
             "train.resume", f"'{t.resume}' (no such file or folder; a relative path is read from the folder the "
             "command was started in)", "auto, never, a state file (state-step*.pt) or a run's state folder"),
         lambda: _enum("train.on_nan", t.on_nan, ON_NAN),
         lambda: _enum("train.device", t.device, DEVICES),
         lambda: _positive("train.max_consecutive_skips", t.max_consecutive_skips),
+        lambda: _unet_switches(t),
     ]
+
+
+def _save_precision(value) -> None:
+    from lora_sweep.training.checkpoint import SAVE_DTYPES
+
+    if value is not None and value not in SAVE_DTYPES:
+        _fail("train.save_precision", f"'{value}'", f"null (the training dtype) or one of {', '.join(SAVE_DTYPES)}")
+
+
+def _unet_switches(t) -> None:
+    """train.xformers needs the xformers package; train.dynamo_backend one of v0.8.7's choices (as its argparse), and
+    with train.torch_compile one this torch has."""
+    from lora_sweep.model import attention
+
+    found = Problems()
+    if t.xformers and not t.mem_eff_attn and not attention.xformers_available():
+        found.add("train.xformers = true needs the xformers package, which is not installed here. Install it (pip "
+                  "install xformers, matching your torch), or use train.sdpa=true (PyTorch's own memory-efficient "
+                  "attention, lora-sweep's default anyway).")
+    problem = attention.dynamo_backend_problem(t.dynamo_backend, compiling=t.torch_compile)
+    if problem:
+        found.add(problem)
+    found.raise_any()
 
 
 def _sampling_checks(s) -> list[Callable[[], None]]:

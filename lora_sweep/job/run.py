@@ -119,9 +119,11 @@ def _set_up(cfg, output_dir: Path, sweep_dir: Path | None, label: str, status: S
             held: contextlib.ExitStack, found: dict[str, Any]) -> _Ready | JobOutcome:
     """Read the job's files, then check what only the job can know (device, store, folders, lock), skip-finished,
     resume. `found` collects what is known so far, for a failure's record. Returns SKIPPED or what training needs."""
+    from lora_sweep.training.length import resolve_max_steps
     from lora_sweep.training.session import check_device
 
     inputs = read_inputs(cfg, sweep_dir)  # a file gone or changed since the pre-flight: one UserError naming it
+    resolve_max_steps(cfg, inputs.specs, inputs.train_scans)  # train.max_train_epochs: what every later step reads
     found["scans"] = inputs.scans  # the cache's space is checked with the folders
     device = check_device(cfg)  # what the pre-flight could not see: a queue's GPU slot, a cluster node's GPUs
     checked = preflight_lib.Report(fallbacks=[*inputs.fallbacks, *([device] if device is not None else [])])
@@ -395,7 +397,7 @@ def plan_resume(cfg, client, exp_id: str, chash: str, root: Path,
         return None, None, ""
     state = resolve_state_arg(mode)
     meta = read_meta(state)
-    resume.check_steps_left(state, int(meta.get("step", 0)), cfg.train.max_steps)
+    resume.check_steps_left(state, int(meta.get("step", 0)), cfg.train.max_steps, cfg.train.max_train_epochs)
     changes = resume.check_state_config(cfg, meta, state, chash, dataset)
     if changes:
         changed = resume.describe(changes)

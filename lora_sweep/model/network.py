@@ -5,6 +5,7 @@ a=sqrt(5), up zeros) and scale alpha/rank are kohya's, so the same targets, rank
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,13 +25,14 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ADAPTER = "default"
 
 
-def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets, dropout: float = 0.0) -> list[str]:
+def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets) -> list[str]:
     """Freeze `module`, attach a PEFT LoRA adapter and return the wrapped modules' names. Text encoders use peft's
-    `inject_adapter_in_model` (transformers' `add_adapter` wants a newer peft than pinned)."""
+    `inject_adapter_in_model` (transformers' `add_adapter` wants a newer peft than pinned). PEFT's `lora_dropout`
+    (on the input) stays off: kohya's dropouts are model/regularization.py's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True, target_modules=targets)
     if type(module).__module__.startswith("diffusers."):
         module.add_adapter(config, adapter_name=ADAPTER)
     else:
@@ -81,17 +83,33 @@ def kohya_state_dict(
 
 
 def save_kohya(path: Path, state: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write a kohya-format LoRA file atomically."""
+    """Write a kohya-format LoRA file atomically, with v0.8.7's `sshs_*` hashes added (`addnet_hashes`)."""
     from safetensors.torch import save_file
 
     meta = {k: str(v) for k, v in metadata.items()}
+    meta |= addnet_hashes(state, meta)
     return write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
-def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -> Path:
+def addnet_hashes(state: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as v0.8.7's `precalculate_safetensors_hashes` makes them for
+    sd-webui-additional-networks: over the file `state` gives with only the `ss_*` metadata in its header, the
+    sha256 of the bytes after the header, and 8 hex of the sha256 of 64 KiB at 1 MiB (of nothing, for a small file).
+    """
+    from safetensors.torch import save
+
+    blob = save(state, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(blob[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(blob[header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None, *,
+                   dtype: torch.dtype | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` into `folder`, atomically: PEFT keys (`unet.<module>.lora_A.weight`,
     `text_encoder.`, `text_encoder_2.`) and each model's LoraConfig (rank, alpha, targets) in the safetensors metadata
-    `lora_adapter_metadata`, as diffusers' own writers store it, so `load_lora_weights` applies alpha/rank.
+    `lora_adapter_metadata`, as diffusers' own writers store it, so `load_lora_weights` applies alpha/rank. `dtype`:
+    every tensor cast to it (None: as trained).
 
     The keys stay PEFT's, unconverted, as `save_lora_adapter` writes them: diffusers' loader converts the UNet's
     older `.lora.down` names only when the first key lacks `lora_A`, and kohya's targets put `proj_in` first.
@@ -100,7 +118,10 @@ def save_diffusers(folder: Path, unet, text_encoder=None, text_encoder_2=None) -
     from peft.utils import get_peft_model_state_dict
 
     def layers(model):
-        return get_peft_model_state_dict(model, adapter_name=ADAPTER) if model is not None else None
+        if model is None:
+            return None
+        tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        return {k: v.to(dtype) for k, v in tensors.items()} if dtype is not None else tensors
 
     def config(model):
         return model.peft_config[ADAPTER].to_dict() if model is not None else None
@@ -133,3 +154,16 @@ def set_lora_multiplier(modules, multiplier: float) -> None:
                 base = layer.__dict__.setdefault("_lora_sweep_scaling", dict(layer.scaling))
                 for adapter, scale in base.items():
                     layer.scaling[adapter] = scale * multiplier
+                layer.__dict__["_lora_sweep_multiplier"] = multiplier  # kohya's dropout forward multiplies by it alone
+
+
+def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
+    """(network_dropout, rank_dropout, module_dropout) as v0.8.7's LoRAModule receives them; None is off (no draw).
+
+    network.dropout 0 is None (F.dropout with p=0 draws nothing); all three are None under network.dim_from_weights
+    (v0.8.7's create_network_from_weights receives none of them). docs/kohya-reference.md §8.
+    """
+    net = cfg.network
+    if net.dim_from_weights:
+        return None, None, None
+    return net.dropout or None, net.rank_dropout, net.module_dropout

@@ -1,8 +1,11 @@
 """What a training saves to go on later: kohya's LoRA checkpoints and training states, and resuming from one.
 
-`Checkpoints` (docs/kohya-reference.md §6): every `train.save_every` steps a LoRA `-step00000500` and a state; at
-the end of epoch e when e % save_every_epochs == 0 and e is not the last, a LoRA `-00000e` and a state; a state
-at the end and on a stop; the newest `train.keep_states` kept. Resuming reproduces a run that never stopped.
+`Checkpoints` (docs/kohya-reference.md §6, docs/sweeps.md#length-and-saving): every `train.save_every` steps a LoRA
+`-step00000500` and a state; at the end of epoch e when e % save_every_epochs == 0 and e is not the last, a LoRA
+`-00000e` and a state; a state at the end and on a stop; the newest `train.keep_states` kept. After each LoRA file,
+v0.8.7's windows (`train.save_last_n_steps`, `train.save_last_n_epochs`) delete the file that falls out: computed
+from the step or epoch alone, so a resumed run goes on deleting where the first left off. The files are in
+`train.save_precision` (`SAVE_DTYPES`). Resuming reproduces a run that never stopped.
 
 A state, `state-step00000500.pt` (written atomically), holds the LoRA tensors, optimizer / LR-scheduler / scaler
 state_dicts, the loop's `Position`, every RNG the loop draws from, and its config hash, run id and the config's
@@ -37,6 +40,9 @@ from lora_sweep.errors import UserError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+# train.save_precision -> the dtype of every tensor of the LoRA files (v0.8.7's prepare_dtype); null: fp32, the
+# LoRA's training dtype
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _STATE_NAME = re.compile(r"^state-step(\d{8,})\.pt$")
 
 
@@ -147,19 +153,36 @@ class Checkpoints:
     def after_step(self, pos: Position, epoch: int, last_of_epoch: bool, final: bool) -> None:
         """After optimizer step `pos.step` of `epoch` (0-based): the LoRA files due with a state, or a state if `final`.
         """
-        if (self._lora_files(pos.step, epoch + 1, last_of_epoch) or final) and self.target is not None:
+        if (self._lora_files(pos.step, epoch, last_of_epoch) or final) and self.target is not None:
             self.last_state = self._state(pos)
 
-    def _lora_files(self, step: int, done: int, last_of_epoch: bool) -> bool:
-        """kohya's `-step00000500` and `-000005` files when due (`done`: epochs done, 1-based); True if any."""
+    def _lora_files(self, step: int, epoch: int, last_of_epoch: bool) -> bool:
+        """kohya's `-step00000500` and `-000005` files when due, each followed by its window's deletion; True if any.
+
+        `epoch` is 0-based; ss_epoch is that loop epoch in a step file and the 1-based epoch in an epoch file, as
+        v0.8.7 writes them.
+        """
         s, t = self.s, self.s.cfg.train
+        done = epoch + 1
         by_step = bool(t.save_every) and step % t.save_every == 0
         by_epoch = last_of_epoch and bool(t.save_every_epochs) and done % t.save_every_epochs == 0 and done < s.epochs
         if by_step:
-            s.save_checkpoint(f"{t.output_name}-step{step:08d}.safetensors", steps=step, epoch=done)
+            s.save_checkpoint(step_file(t.output_name, step), steps=step, epoch=epoch)
+            self._remove(step_file_to_remove(step, t.save_every, t.save_last_n_steps), step_file)
         if by_epoch:
-            s.save_checkpoint(f"{t.output_name}-{done:06d}.safetensors", steps=step, epoch=done)
+            s.save_checkpoint(epoch_file(t.output_name, done), steps=step, epoch=done)
+            self._remove(epoch_file_to_remove(done, t.save_every_epochs, t.save_last_n_epochs), epoch_file)
         return by_step or by_epoch
+
+    def _remove(self, number: int | None, name: Callable[[str, int], str]) -> None:
+        """Delete the LoRA file `name(output_name, number)` from the output folder if it is there (MLflow keeps the
+        copy the run logged: artifacts cannot be deleted)."""
+        if number is None:
+            return
+        path = self.s.output_dir / name(self.s.cfg.train.output_name, number)
+        if path.exists():
+            log.info("removing old checkpoint %s (outside the train.save_last_n_* window)", path)
+            path.unlink()
 
     def _state(self, pos: Position) -> Path:
         """Write a state after a short flush of the metrics (a store that lags is not waited for: a resume names
@@ -170,6 +193,34 @@ class Checkpoints:
             target.folder, lora=s.lora, optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, scaler=s.scaler,
             position=pos, rng=capture_rng(self.flip_rng), config_hash=target.config_hash, run_id=target.run_id,
             keep=s.cfg.train.keep_states, params=hashed_settings(s.cfg), dataset=getattr(target, "dataset", None))
+
+
+def step_file(output_name: str, step: int) -> str:
+    return f"{output_name}-step{step:08d}.safetensors"
+
+
+def epoch_file(output_name: str, epoch: int) -> str:
+    return f"{output_name}-{epoch:06d}.safetensors"
+
+
+def step_file_to_remove(step: int, every: int, last_n: int | None) -> int | None:
+    """The step file v0.8.7 deletes after saving step `step` (every `every` steps) with --save_last_n_steps `last_n`:
+    step - last_n - 1 rounded down to a multiple of `every`, if >= 0. A window of `last_n` steps, not `last_n` files:
+    every=10, last_n=30 deletes step 10 at step 50 and keeps 20-50."""
+    if last_n is None:
+        return None
+    number = step - last_n - 1
+    number -= number % every
+    return number if number >= 0 else None
+
+
+def epoch_file_to_remove(epoch: int, every: int, last_n: int | None) -> int | None:
+    """The epoch file v0.8.7 deletes after saving epoch `epoch` (1-based, every `every` epochs) with
+    --save_last_n_epochs `last_n`: epoch - every x last_n, if >= 0 (0 names no file): the last `last_n` files stay."""
+    if last_n is None:
+        return None
+    number = epoch - every * last_n
+    return number if number >= 0 else None
 
 
 def state_path(folder: Path, step: int) -> Path:

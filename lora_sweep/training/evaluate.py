@@ -33,6 +33,17 @@ def split_validation(n_items: int, fraction: float, seed: int) -> tuple[list[int
     return [i for i in range(n_items) if i not in held_out], sorted(held_out)
 
 
+def split_training(reg: list[bool], fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(trained, fit candidates, held out): indices of a training's examples, `reg` flagging each regularization
+    image. `split_validation` of the others (a reg image is never held out); trained = the kept ones and every reg
+    image, in index order."""
+    candidates = [i for i, is_reg in enumerate(reg) if not is_reg]
+    kept, held_out = split_validation(len(candidates), fraction, seed)
+    fit_candidates = [candidates[i] for i in kept]
+    trained = sorted(fit_candidates + [i for i, is_reg in enumerate(reg) if is_reg])
+    return trained, fit_candidates, [candidates[i] for i in held_out]
+
+
 def fit_subset(train_indices: list[int], k: int, seed: int) -> list[int]:
     """The `fit/loss` images: k of the training examples chosen with `seed` (validation.seed), in index order; all when
     there are fewer. Never touches train.seed's RNG."""

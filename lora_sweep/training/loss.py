@@ -1,7 +1,8 @@
 """The training loss of one step, computed as kohya sd-scripts v0.8.7 computes it (docs/kohya-reference.md §2, §3).
 
 Per micro-batch: element loss on fp32 copies of pred and target -> mean over (C, h, w) -> x prior_loss_weight ->
-x min-SNR weight -> x debiased weight -> batch mean; the caller divides by gradient accumulation.
+x min-SNR weight -> x SNR/(SNR+1) (scale_v_pred_loss_like_noise_pred) -> + lambda x loss / (SNR/(SNR+1))
+(v_pred_like_loss) -> x debiased weight -> batch mean, v0.8.7's order; the caller divides by gradient accumulation.
 Papers: min-SNR (arXiv 2303.09556), debiased estimation (2310.08442), scheduled pseudo-Huber (2403.16728).
 Kohya quirk kept: the SNR weights use alphas_cumprod from before any zero-terminal-SNR rescale.
 """
@@ -19,7 +20,7 @@ from lora_sweep.errors import ConfigError, Problems
 
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
-# kohya caps SNR at 1000 for the debiased weight (only t = 0 exceeds it).
+# kohya caps SNR at 1000 for the debiased weight and get_snr_scale (only t = 0 exceeds it).
 DEBIASED_SNR_CAP = 1000.0
 
 
@@ -48,6 +49,13 @@ def debiased_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> to
     """
     snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=DEBIASED_SNR_CAP)
     return 1 / torch.sqrt(snr_t)
+
+
+def snr_scale(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """v0.8.7's `get_snr_scale`: S / (S + 1) with S = min(SNR_t, 1000), shape (B,): the eps loss's size relative to
+    the v loss's at t (scale_v_pred_loss_like_noise_pred multiplies by it, v_pred_like_loss divides by it)."""
+    snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=DEBIASED_SNR_CAP)
+    return snr_t / (snr_t + 1)
 
 
 def _unknown(field: str, value: Any, accepted: tuple[str, ...]) -> ConfigError:
@@ -147,6 +155,8 @@ class LossOptions:
     min_snr_gamma: float | None = None
     debiased: bool = False
     v_prediction: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None  # None and 0: off
 
 
 def prior_loss_weights(is_reg: list[bool], prior_loss_weight: float) -> torch.Tensor | None:
@@ -158,12 +168,16 @@ def prior_loss_weights(is_reg: list[bool], prior_loss_weight: float) -> torch.Te
 
 
 def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-               options: LossOptions = LossOptions(), *, sample_weights: torch.Tensor | None = None) -> LossTerms:
+               options: LossOptions = LossOptions(), *, sample_weights: torch.Tensor | None = None,
+               snr_alphas_cumprod: torch.Tensor | None = None) -> LossTerms:
     """kohya v0.8.7's loss, in the order of the module docstring; min-SNR and debiased multiply when both are on.
 
     `pred`, `target` (B, C, h, w); `target` from `noise.prediction_target`; `sample_weights` (B,) optional.
+    `alphas_cumprod` is the training schedule's (the Huber snr schedule reads it); the SNR weights read
+    `snr_alphas_cumprod` (default: the same), v0.8.7's all_snr from before a zero-terminal-SNR rescale.
     """
     o = options
+    snr_abar = alphas_cumprod if snr_alphas_cumprod is None else snr_alphas_cumprod
     timesteps = timesteps.to(pred.device)
     if o.loss_type == "l2":
         c_used = torch.full(timesteps.shape, float("nan"), dtype=torch.float32, device=pred.device)
@@ -176,10 +190,17 @@ def kohya_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
     per_sample = raw if sample_weights is None else raw * sample_weights.to(raw.device)
     weight = torch.ones_like(raw)
     if o.min_snr_gamma:  # kohya: `if args.min_snr_gamma:` (None and 0 are off)
-        snr_factor = min_snr_weight(timesteps, alphas_cumprod, o.min_snr_gamma, o.v_prediction)
+        snr_factor = min_snr_weight(timesteps, snr_abar, o.min_snr_gamma, o.v_prediction)
         per_sample, weight = per_sample * snr_factor, weight * snr_factor
+    if o.scale_v_pred_loss_like_noise_pred:
+        scale = snr_scale(timesteps, snr_abar)
+        per_sample, weight = per_sample * scale, weight * scale
+    if o.v_pred_like_loss:  # kohya: `if args.v_pred_like_loss:` (None and 0 are off)
+        scale = snr_scale(timesteps, snr_abar)
+        per_sample = per_sample + per_sample / scale * o.v_pred_like_loss
+        weight = weight * (1 + o.v_pred_like_loss / scale)
     if o.debiased:
-        debias_factor = debiased_weight(timesteps, alphas_cumprod)
+        debias_factor = debiased_weight(timesteps, snr_abar)
         per_sample, weight = debias_factor * per_sample, weight * debias_factor
     return LossTerms(per_sample.mean(), per_sample, raw, weight, c_used)
 
@@ -188,6 +209,28 @@ def _finite_number(field: str, value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{field} = {value!r} is not valid: it must be a finite number ({what}).")
     return float(value)
+
+
+def check_v_pred_options(scale_v_pred_loss_like_noise_pred: Any, v_pred_like_loss: Any, v_prediction: bool) -> None:
+    """Raise ConfigError for the v-prediction loss scalings v0.8.7 refuses (`verify_training_args` ValueErrors):
+    scale_v_pred_loss_like_noise_pred without model.v_prediction, v_pred_like_loss together with it."""
+    found = Problems()
+    if not isinstance(scale_v_pred_loss_like_noise_pred, bool):
+        found.add(f"loss.scale_v_pred_loss_like_noise_pred = {scale_v_pred_loss_like_noise_pred!r} is not valid: it "
+                  "must be true or false.")
+    elif scale_v_pred_loss_like_noise_pred and not v_prediction:
+        found.add("loss.scale_v_pred_loss_like_noise_pred = true needs model.v_prediction = true: it scales a "
+                  "v-prediction loss like an eps loss (kohya sd-scripts v0.8.7 refuses it without "
+                  "--v_parameterization too). Set model.v_prediction=true or "
+                  "loss.scale_v_pred_loss_like_noise_pred=false.")
+    if v_pred_like_loss is not None:
+        value = found.check(_finite_number, "loss.v_pred_like_loss", v_pred_like_loss,
+                            "the weight of the added v-like loss; 0 or null is off")
+        if value and v_prediction:
+            found.add(f"loss.v_pred_like_loss = {value} cannot be used with model.v_prediction = true: it adds a "
+                      "v-like loss to an eps-prediction loss (kohya sd-scripts v0.8.7 refuses it with "
+                      "--v_parameterization too). Set loss.v_pred_like_loss=null or model.v_prediction=false.")
+    found.raise_any()
 
 
 def check_loss_options(loss_type: str, huber_schedule: str, huber_c: float, min_snr_gamma: float | None,

@@ -8,10 +8,15 @@ writes it. Facts v0.8.7 does not record go under `lora_sweep_*` keys. docs/datas
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -29,23 +34,47 @@ PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
 Entry = tuple[ImageItem, tuple[int, int] | None]  # an image and its bucket (w, h)
 
 
-def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[str, str]:
+@dataclass(frozen=True)
+class TrainingFacts:
+    """What v0.8.7 records of the training as a whole: its len(dataloader) and num_train_epochs, and a session id
+    and start time fixed once per training (v0.8.7: once per process)."""
+
+    batches_per_epoch: int | None = None
+    epochs: int | None = None
+    # v0.8.7 draws it from Python's random before seeding; a separate source leaves the seeded draws alone
+    session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**32))
+    started_at: float = field(default_factory=time.time)
+
+
+def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
+                   facts: TrainingFacts | None = None) -> dict[str, str]:
     """A saved LoRA's metadata: kohya v0.8.7's `ss_*` keys, the config hash and variant, the SAI model spec.
 
-    `steps` optimizer steps in `epoch` (1-based); `prepared.specs` and `prepared.trained` (each training image with
-    its bucket, reg images never used with repeats 0) give the dataset keys (`dataset_metadata`). Values are strings.
+    `steps` optimizer steps; `epoch` as v0.8.7 writes ss_epoch (a step file: the 0-based loop epoch; an epoch file:
+    the 1-based epoch; the final file: num_train_epochs, `facts.epochs`); `prepared.specs` and `prepared.trained`
+    (each training image with its bucket, reg images never used with repeats 0) give the dataset keys
+    (`dataset_metadata`); `facts` the session's (None outside a training: fresh id and time, batch counts "None").
+    Values are strings; the key set and the values for what lora-sweep does not have: docs/kohya-reference.md
+    "The ss_* keys lora-sweep writes".
     """
+    facts = facts if facts is not None else TrainingFacts()
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
     te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
     scheduler = schedules.kohya_scheduler_name(optimizer, cfg.optimizer.scheduler)
     lr_unused = scheduler != cfg.optimizer.scheduler  # Adafactor's relative_step: v0.8.7 sets the lrs to None
     meta = {
+        "ss_session_id": facts.session_id,
+        "ss_training_started_at": facts.started_at,
+        "ss_num_batches_per_epoch": facts.batches_per_epoch,
+        "ss_num_epochs": facts.epochs,
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.network.rank,
         "ss_network_alpha": cfg.network.alpha,
+        "ss_network_dropout": cfg.network.dropout or None,  # v0.8.7's unset --network_dropout is None
+        "ss_scale_weight_norms": cfg.network.scale_weight_norms,
         "lora_sweep_train_unet_only": not cfg.network.train_text_encoder,
         "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_sd_model_name": cfg.model.path or f"lora-sweep-{cfg.model.name}",
+        "ss_v2": False,
         "ss_learning_rate": None if lr_unused else cfg.train.lr,
         "ss_unet_lr": None if lr_unused else cfg.train.lr,
         "ss_text_encoder_lr": None if lr_unused else te_lr if cfg.network.train_text_encoder else 0.0,
@@ -53,7 +82,9 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "ss_lr_scheduler": scheduler,
         "ss_lr_warmup_steps": cfg.optimizer.warmup_steps,
         "ss_mixed_precision": mixed,
-        "ss_fp8_base": fp8,
+        "ss_full_fp16": bool(cfg.precision.full_fp16),  # v0.8.7 has no ss_full_bf16
+        "lora_sweep_full_bf16": bool(cfg.precision.full_bf16),
+        "lora_sweep_fp8_base": fp8,  # v0.8.7 writes no fp8 key
         "ss_seed": cfg.train.seed,
         "ss_max_train_steps": cfg.train.max_steps,
         "ss_steps": steps,
@@ -76,15 +107,47 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int) -> dict[
         "lora_sweep_v_parameterization": cfg.model.v_prediction,
         "lora_sweep_caption_extension": cfg.data.caption_extension,
         "ss_max_token_length": cfg.data.max_token_length,
+        "ss_clip_skip": cfg.model.clip_skip,  # recorded only: SDXL's text encoding ignores it in v0.8.7
+        "ss_cache_latents": True,  # lora-sweep always caches the latents
+        "ss_lowram": False,  # lora-sweep has no --lowram
+        "ss_zero_terminal_snr": bool(cfg.loss.zero_terminal_snr),
+        "ss_training_comment": None,  # no --training_comment: the run's notes are in MLflow
+        "ss_sd_scripts_commit_hash": "(unknown)",  # v0.8.7's value outside an sd-scripts checkout
         "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.train.output_name,
         "lora_sweep_config_hash": config_hash(cfg),
         "lora_sweep_variant": cfg.tracking.variant or "",
     }
     toml_mode = bool(cfg.data.datasets or cfg.data.dataset_config)
+    meta |= model_keys(cfg.model.path, cfg.model.name)
     meta |= dataset_metadata(prepared.specs, prepared.trained, toml_mode=toml_mode, cfg=cfg)
     meta |= sai_model_spec(cfg)
     return {k: str(v) for k, v in meta.items()}  # as v0.8.7: "None", "True", "1e-05", "(1024, 1024)"
+
+
+def model_keys(path: str | None, name: str) -> dict[str, str]:
+    """`ss_sd_model_name` (the basename of model.path; the tiny model built into the cache is named like a hub id)
+    and, for a path, v0.8.7's `ss_sd_model_hash` / `ss_new_sd_model_hash` ("IsADirectory" for a diffusers folder)."""
+    if not path:
+        return {"ss_sd_model_name": f"lora-sweep-{name}"}
+    legacy, full = _model_hashes(str(Path(path).expanduser()))
+    return {"ss_sd_model_name": os.path.basename(path), "ss_sd_model_hash": legacy, "ss_new_sd_model_hash": full}
+
+
+@functools.lru_cache(maxsize=4)
+def _model_hashes(path: str) -> tuple[str, str]:
+    """v0.8.7's `model_hash` (sha256 of 64 KiB at 1 MiB, 8 hex) and `calculate_sha256` (the whole file), once per
+    process: a 7 GB checkpoint takes seconds to hash."""
+    if os.path.isdir(path):
+        return "IsADirectory", "IsADirectory"
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        legacy = hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+        file.seek(0)
+        full = hashlib.sha256()
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            full.update(chunk)
+    return legacy, full.hexdigest()
 
 
 def dataset_metadata(specs: Sequence[DatasetSpec], entries: Sequence[Entry], *, toml_mode: bool,
@@ -266,4 +329,6 @@ def sai_model_spec(cfg, *, now: float | None = None) -> dict[str, str]:
     low, high = cfg.noise.min_timestep, cfg.noise.max_timestep
     if low is not None or high is not None:
         spec["modelspec.timestep_range"] = f"{0 if low is None else low},{1000 if high is None else high}"
+    if cfg.model.clip_skip is not None:
+        spec["modelspec.encoder_layer"] = f"{cfg.model.clip_skip}"
     return spec

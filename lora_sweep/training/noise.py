@@ -96,6 +96,21 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, *,
     return result / result.std()
 
 
+def zero_terminal_snr_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """abar after v0.8.7's `fix_noise_scheduler_betas_for_zero_terminal_snr` (arXiv 2305.08891), fp32 like `betas`.
+
+    sqrt(abar) is shifted so that its last value is 0 and rescaled so that its first keeps its value; the betas are
+    rebuilt from it (alpha_0 = abar_0, alpha_t = abar_t / abar_t-1) and cumulated again, so abar_T = 0 exactly.
+    docs/kohya-reference.md "Zero terminal SNR".
+    """
+    root = (1 - betas).cumprod(0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    abar = root**2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return torch.cumprod(1.0 - (1 - alphas), dim=0)  # via betas = 1 - alphas, as v0.8.7 rounds them
+
+
 def _sqrt_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """sqrt(abar_t) and sqrt(1 - abar_t) shaped (B, 1, ...), with abar cast to `like`'s dtype first (as diffusers)."""

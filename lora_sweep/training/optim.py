@@ -402,7 +402,7 @@ def _log_adafactor(arguments: Arguments, param_groups: list[dict], lr: float) ->
 
 
 def kohya_advice(optimizer: torch.optim.Optimizer, *, scheduler: str, max_grad_norm: float) -> list[str]:
-    """kohya v0.8.7's warnings for Adafactor with relative_step=False (it would not stop the run); [] otherwise."""
+    """kohya v0.8.7's warnings for Adafactor with relative_step=False, logged and returned; [] otherwise."""
     kwargs = getattr(optimizer, "lora_sweep_kwargs", {})
     if type(optimizer).__name__ != "Adafactor" or kwargs.get("relative_step", True):
         return []
@@ -413,6 +413,8 @@ def kohya_advice(optimizer: torch.optim.Optimizer, *, scheduler: str, max_grad_n
         advice.append(f"Adafactor: optimizer.scheduler={scheduler}; kohya suggests constant_with_warmup")
     if kwargs.get("clip_threshold", 1.0) != 1.0:
         advice.append(f"Adafactor: clip_threshold={kwargs['clip_threshold']}; kohya suggests 1.0")
+    for line in advice:
+        log.warning(line)
     return advice
 
 

@@ -252,9 +252,37 @@ def autocast(policy: PrecisionPolicy, device_type: str) -> Iterator[None]:
         yield
 
 
-def make_grad_scaler(policy: PrecisionPolicy, device_type: str) -> torch.amp.GradScaler:
-    """fp16's dynamic loss scaler (accelerate's defaults); disabled (no-op) for every other policy."""
-    return torch.amp.GradScaler(_device_kind(device_type), enabled=policy.needs_grad_scaler)
+class _Fp16GradScaler(torch.amp.GradScaler):
+    """A GradScaler that unscales fp16 gradients too (torch refuses them), as v0.8.7 patches accelerate's scaler for
+    --full_fp16 (`patch_accelerator_for_fp16_training`)."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
+def make_grad_scaler(policy: PrecisionPolicy, device_type: str, full_fp16: bool = False) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scaler (accelerate's defaults); disabled (no-op) for every other policy. `full_fp16`:
+    the LoRA itself is fp16, so its fp16 gradients are unscaled too."""
+    scaler = _Fp16GradScaler if full_fp16 else torch.amp.GradScaler
+    return scaler(_device_kind(device_type), enabled=policy.needs_grad_scaler)
+
+
+FULL_PRECISION = {"full_fp16": "fp16", "full_bf16": "bf16"}  # the mixed precision (kohya's flag) each one needs
+
+
+def check_full_precision(name: str, full_fp16: bool, full_bf16: bool) -> None:
+    """Raise ConfigError unless precision.full_fp16 / full_bf16 match precision `name`'s mixed precision (v0.8.7
+    asserts it); both at once are refused (v0.8.7 would ignore full_bf16)."""
+    if full_fp16 and full_bf16:
+        raise ConfigError("precision.full_fp16 and precision.full_bf16 are both true: set one (kohya v0.8.7 would "
+                          "silently ignore full_bf16).")
+    policy = PRECISIONS.get(name)
+    for field, wanted in FULL_PRECISION.items():
+        on = full_fp16 if field == "full_fp16" else full_bf16
+        if on and policy is not None and policy.mixed_precision != wanted:
+            accepted = sorted(n for n, p in PRECISIONS.items() if p.mixed_precision == wanted)
+            raise ConfigError(f"precision.{field} = true needs precision {' or '.join(accepted)} (kohya v0.8.7's "
+                              f"--{field} requires --mixed_precision {wanted}), but precision is {name}.")
 
 
 def grad_total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:

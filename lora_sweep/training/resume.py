@@ -44,6 +44,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.path", REFUSE, "the state's LoRA was trained on another base model"),
     Rule("model.resolution", REFUSE, _DATA_ORDER),
     Rule("model.v_prediction", FOLLOW, "the prediction target of the steps after the state"),
+    Rule("model.clip_skip", FOLLOW, "recorded only (SDXL's text encoding ignores it)"),
     Rule("data.", FOLLOW, "captions and augmentation of the steps after the state"),
     Rule("data.name", REFUSE, _DATA_ORDER),
     Rule("data.dir", REFUSE, _DATA_ORDER),
@@ -72,12 +73,16 @@ RULES: tuple[Rule, ...] = (
       for key in ("num_cycles", "power", "args", "args.")),
     Rule("precision.name", FOLLOW, "the precision of the steps after the state; fp16's grad scaler starts afresh "
                                    "when the state has none"),
+    Rule("precision.full_fp16", REFUSE, "the state's LoRA tensors and optimizer moments are in the old dtype"),
+    Rule("precision.full_bf16", REFUSE, "the state's LoRA tensors and optimizer moments are in the old dtype"),
     Rule("network.rank", REFUSE, "the state's LoRA tensors have the old rank's shapes"),
     Rule("network.alpha", REFUSE, "alpha / rank scales what the state's LoRA tensors add: a new alpha would rescale "
                                   "what was trained"),
     Rule("network.train_text_encoder", REFUSE, "it decides which LoRA tensors and optimizer groups exist"),
     Rule("network.dropout", FOLLOW, "the dropout of the steps after the state"),
     Rule("train.max_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
+    Rule("train.max_train_epochs", FOLLOW, "it sets train.max_steps: the LR schedule is rebuilt at the state's step"),
+    Rule("train.save_precision", FOLLOW, "the dtype of the LoRA files written after the state"),
     Rule("train.lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.text_encoder_lr", FOLLOW, "the param groups' learning rates are set from this config"),
     Rule("train.batch_size", REFUSE, _DATA_ORDER),
@@ -85,6 +90,11 @@ RULES: tuple[Rule, ...] = (
     Rule("train.seed", REFUSE, "the state restores the old seed's random streams and batch order"),
     Rule("train.max_grad_norm", FOLLOW, "the clipping of the steps after the state"),
     Rule("train.gradient_checkpointing", FOLLOW, "memory only"),
+    Rule("train.sdpa", FOLLOW, "the attention kernel of the steps after the state (rounding only)"),
+    Rule("train.xformers", FOLLOW, "the attention kernel of the steps after the state (rounding only)"),
+    Rule("train.mem_eff_attn", FOLLOW, "the attention kernel of the steps after the state (rounding only)"),
+    Rule("train.torch_compile", FOLLOW, "how the steps after the state run (rounding only)"),
+    Rule("train.dynamo_backend", FOLLOW, "how the steps after the state run (rounding only)"),
     Rule("train.output_name", FOLLOW, "file names only"),
     Rule("train.on_nan", FOLLOW, "the handling of later NaN/Inf"),
     Rule("sampling.", FOLLOW, _EVALUATION),
@@ -144,14 +154,18 @@ def check_state_config(cfg, meta: dict[str, Any], state: Path, chash: str,
     return changes
 
 
-def check_steps_left(state: Path, step: int, max_steps: int) -> None:
-    """UserError unless a state at `step` leaves steps to train under `max_steps` (a resume would train none)."""
+def check_steps_left(state: Path, step: int, max_steps: int, epochs: int | None = None) -> None:
+    """UserError unless a state at `step` leaves steps to train under `max_steps` (a resume would train none).
+    `epochs`: train.max_train_epochs, when it gave `max_steps`."""
+    knob = "train.max_steps" if epochs is None else "train.max_train_epochs"
+    length = "train.max_steps" if epochs is None else f"the {max_steps} steps of train.max_train_epochs={epochs}"
     if step == max_steps:
-        raise UserError(f"train.resume: '{state}' is at step {step}, which is train.max_steps: nothing is left to "
-                        "train; raise train.max_steps to continue it, or set train.resume=never to start over.")
+        raise UserError(f"train.resume: '{state}' is at step {step}, which is {length}: nothing is left to "
+                        f"train; raise {knob} to continue it, or set train.resume=never to start over.")
     if step > max_steps:
-        raise UserError(f"train.resume: '{state}' is at step {step}, beyond train.max_steps={max_steps}: nothing "
-                        "is left to train; raise train.max_steps to continue it, or set train.resume=never to start "
+        beyond = f"train.max_steps={max_steps}" if epochs is None else length
+        raise UserError(f"train.resume: '{state}' is at step {step}, beyond {beyond}: nothing "
+                        f"is left to train; raise {knob} to continue it, or set train.resume=never to start "
                         "over.")
 
 

@@ -48,15 +48,18 @@ from lora_sweep.model.network import (
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
     add_lora,
+    kohya_dropouts,
     kohya_state_dict,
     lora_parameters,
     save_diffusers,
     save_kohya,
     set_lora_multiplier,
 )
+from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
-from lora_sweep.training import metadata, optim, placement, precision, schedules
-from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_validation
+from lora_sweep.training import metadata, optim, placement, precision, schedules, switches
+from lora_sweep.training.checkpoint import SAVE_DTYPES
+from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
 from lora_sweep.training.noise import NoiseOptions
 
@@ -80,7 +83,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: Any
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor  # the training schedule's (loss.zero_terminal_snr rescales it)
     vae_scale: float
     noise_options: NoiseOptions
     loss_options: LossOptions
@@ -88,6 +91,8 @@ class Session:
     multiplier: float = 1.0  # the network_multiplier the LoRA layers are scaled by now (`set_multiplier`)
     hooks: list = field(default_factory=list)  # hook(session, step, final) at step 0 and after each optimizer step
     should_stop: Callable[[], bool] = lambda: False  # a stop request (Ctrl-C / SIGTERM): long hooks check it
+    snr_alphas_cumprod: torch.Tensor | None = None  # what the SNR weights read (None: alphas_cumprod), noise.py
+    facts: metadata.TrainingFacts | None = None  # the training's ss_session_id, epochs ... (metadata.py)
 
     @property
     def unet(self):
@@ -167,26 +172,32 @@ class Session:
         return complete
 
     def kohya_lora(self) -> dict[str, torch.Tensor]:
+        """The kohya file's tensors, every one (alpha too) in train.save_precision's dtype."""
         modules = {"lora_unet": self.parts.unet}
         if self.cfg.network.train_text_encoder:
             modules |= {"lora_te1": self.parts.text_encoder, "lora_te2": self.parts.text_encoder_2}
-        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block)
+        # in the LoRA's own dtype without train.save_precision, as v0.8.7 (fp16/bf16 under precision.full_*)
+        dtype = SAVE_DTYPES.get(self.cfg.train.save_precision, self.params[0].dtype)
+        return kohya_state_dict(modules, layers_per_block=self.parts.unet.config.layers_per_block, dtype=dtype)
 
     def save_checkpoint(self, file_name: str, *, steps: int, epoch: int) -> Path:
         """A kohya-format LoRA for users (`-step00000500`, or `-000005` per epoch), logged to the run when written."""
-        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(self.cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch,
+                                       facts=self.facts)
         path = save_kohya(self.output_dir / file_name, self.kohya_lora(), meta)
         self.sink.artifact(path, "lora/checkpoints")
         return path
 
     def save_lora(self, *, final_loss: float, steps: int, epoch: int) -> dict[str, Path]:
-        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format."""
+        """Write the final LoRA in kohya format (`<output_name>.safetensors`) and diffusers format, both in
+        train.save_precision's dtype."""
         cfg = self.cfg
-        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch)
+        meta = metadata.kohya_metadata(cfg, self.prepared, self.optimizer, steps=steps, epoch=epoch, facts=self.facts)
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         trained_te = cfg.network.train_text_encoder
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
-        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2)
+        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2,
+                                        dtype=SAVE_DTYPES.get(cfg.train.save_precision))
         self.sink.artifact(kohya_file, "lora")
         self.sink.artifact(diffusers_file, "lora/diffusers")
         return {"kohya": kohya_file, "diffusers": diffusers_file}
@@ -277,18 +288,22 @@ def build_session(cfg, *, output_dir: Path, sink, scans: list[FolderScan] | None
     params = [p for g in groups for p in g["params"]]
     t = cfg.train
     batch_sizes = [spec.batch_size for spec in specs] or [t.batch_size]
-    epochs = num_epochs(t.max_steps, batches_per_epoch(data.buckets, batch_sizes, data.datasets), t.grad_accum)
+    batches = batches_per_epoch(data.buckets, batch_sizes, data.datasets)
+    epochs = num_epochs(t.max_steps, batches, t.grad_accum)
     check_disk_space(cfg, output_dir, lora_numel=sum(p.numel() for p in params), epochs=epochs)
     optimizer, lr_scheduler = make_optimizer(cfg, groups)
+    switches.cast_lora(params, switches.full_precision_dtype(cfg, policy), optimizer)  # after it, as v0.8.7
+    switches.apply_unet_switches(cfg, parts.unet)
     sink.metrics({"mem/base_weights_bytes": precision.base_weight_bytes(parts.unet)}, 0)
     return Session(
         cfg=cfg, device=device, output_dir=output_dir, sink=sink, parts=parts, policy=policy, prepared=data.prepared,
         batch_items=data.items, batch_buckets=data.buckets, params=params, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type),
-        alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
+        lr_scheduler=lr_scheduler, scaler=precision.make_grad_scaler(policy, device.type, cfg.precision.full_fp16),
+        alphas_cumprod=switches.training_alphas_cumprod(cfg, parts.noise_scheduler).to(device),
+        snr_alphas_cumprod=parts.noise_scheduler.alphas_cumprod.to(device),
         vae_scale=float(parts.vae.config.scaling_factor),
         noise_options=noise_options(cfg), loss_options=loss_options(cfg), lora=lora,
-        hooks=evaluation_hooks(cfg, data, prompts),
+        hooks=evaluation_hooks(cfg, data, prompts), facts=metadata.TrainingFacts(batches, epochs),
     )
 
 
@@ -338,6 +353,15 @@ def encodes_text_in_step(cfg, specs: list[DatasetSpec] | None = None) -> bool:
     return text_in_step_reason(cfg, specs) is not None
 
 
+def read_scans(specs: list[DatasetSpec]) -> list[FolderScan]:
+    """The training scans of `specs` (`dataset.inspect_datasets`); UserError with every problem they find."""
+    scans = inspect_datasets(specs)
+    problems = [p for scan in scans for p in scan.problems]
+    if problems:
+        raise UserError("\n".join(problems))
+    return scans
+
+
 def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, scans: list[FolderScan] | None,
                  validation_scan: FolderScan | None, specs: list[DatasetSpec]) -> Data:
     """The training scans' examples encoded with the frozen encoders on `device` via the cache (fixed captions'
@@ -351,11 +375,7 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
     if in_step:
         log.info("text-encoder outputs are not cached for %s (%s): those captions are encoded at every step, as "
                  "kohya does", "any caption" if not cache_text else "captions that change per step", in_step)
-    if scans is None:
-        scans = inspect_datasets(specs)
-        problems = [p for scan in scans for p in scan.problems]
-        if problems:
-            raise UserError("\n".join(problems))
+    scans = scans if scans is not None else read_scans(specs)
     # the text encoders fill the cache only where a caption is fixed (as before for shuffled captions: not at all)
     cache_text = cache_text and any(fixed_caption(item.caption, item.subset) is not None
                                     for scan in scans for item in scan.items)
@@ -369,11 +389,9 @@ def prepare_data(cfg, parts: model_lib.SDXLParts, device: torch.device, sink, sc
         log.info("data ready in %.1f s (cache: %s)", time.perf_counter() - started,
                  ", ".join(f"{k.removeprefix('cache/')} {v}" for k, v in prepared.cache_stats.items()))
     examples = prepared.examples
-    candidates = [i for i, e in enumerate(examples) if not is_reg(e.item.subset)]  # reg images are never held out
-    kept, held_out = split_validation(len(candidates), cfg.data.validation_split, cfg.validation.seed)
-    fit_candidates = [candidates[i] for i in kept]
-    train_indices = sorted(fit_candidates + [i for i, e in enumerate(examples) if is_reg(e.item.subset)])
-    validation = [examples[candidates[i]] for i in held_out]
+    train_indices, fit_candidates, held_out = split_training([is_reg(e.item.subset) for e in examples],
+                                                             cfg.data.validation_split, cfg.validation.seed)
+    validation = [examples[i] for i in held_out]
     if cfg.data.validation_dir:
         if validation_scan is None:
             validation_scan = scan_folder(Path(cfg.data.validation_dir), cfg.data.caption_extension)
@@ -450,12 +468,14 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
     encoders = (parts.text_encoder, parts.text_encoder_2)
     unet.train()
     with placement.adapters_in_fp32(unet):
-        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS, dropout=net.dropout)
+        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS)
     if net.train_text_encoder:
         for encoder in encoders:
             with placement.adapters_in_fp32(encoder):
-                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=TEXT_ENCODER_TARGETS, dropout=net.dropout)
+                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=TEXT_ENCODER_TARGETS)
             encoder.train()
+    trained = [unet, *(encoders if net.train_text_encoder else ())]
+    install_dropouts(trained, Dropouts(*kohya_dropouts(cfg)))  # nothing when all three are off
     precision.apply_base_precision(unet, policy)
     unet.to(device)
     in_step = encodes_text_in_step(cfg, specs)
@@ -487,8 +507,7 @@ def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]
     o = cfg.optimizer
     optimizer = optim.build_optimizer(o.name, groups, lr=cfg.train.lr, args=dict(o.args),
                                       optimizer_args=list(o.optimizer_args))
-    for advice in optim.kohya_advice(optimizer, scheduler=o.scheduler, max_grad_norm=cfg.train.max_grad_norm):
-        log.warning(advice)
+    optim.kohya_advice(optimizer, scheduler=o.scheduler, max_grad_norm=cfg.train.max_grad_norm)
     lr_scheduler = schedules.build_lr_scheduler(
         optimizer, o.scheduler, warmup_steps=o.warmup_steps, total_steps=cfg.train.max_steps,
         num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power, scheduler_args=dict(o.lr_scheduler_args))
@@ -525,7 +544,9 @@ def loss_options(cfg) -> LossOptions:
     """The `loss` group and model.v_prediction as the loss takes them."""
     lo = cfg.loss
     return LossOptions(loss_type=lo.type, huber_schedule=lo.huber_schedule, huber_c=lo.huber_c,
-                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction)
+                       min_snr_gamma=lo.min_snr_gamma, debiased=lo.debiased, v_prediction=cfg.model.v_prediction,
+                       scale_v_pred_loss_like_noise_pred=lo.scale_v_pred_loss_like_noise_pred,
+                       v_pred_like_loss=lo.v_pred_like_loss)
 
 
 def named_lora(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:

@@ -29,11 +29,12 @@ from lora_sweep.data.captions import seen_position
 from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import Fallback
+from lora_sweep.model.regularization import max_norm_regularizer
+from lora_sweep.training import length, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
-from lora_sweep.training import optim, precision
 from lora_sweep.training.checkpoint import Checkpoints, Position
-from lora_sweep.training.session import Session, build_session, is_reg
+from lora_sweep.training.session import Session, build_session, is_reg, read_scans, training_specs
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -116,7 +117,7 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
     target = noise_lib.prediction_target(latents, n.noise, n.timesteps, s.alphas_cumprod, s.v_prediction)
     weights = loss_lib.prior_loss_weights([is_reg(e.item.subset) for e in examples], s.cfg.loss.prior_loss_weight)
     return loss_lib.kohya_loss(pred.float(), target.float(), n.timesteps, s.alphas_cumprod, s.loss_options,
-                               sample_weights=weights)
+                               sample_weights=weights, snr_alphas_cumprod=s.snr_alphas_cumprod)
 
 
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,
@@ -132,6 +133,10 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     """
     t = cfg.train
     seed_everything(t.seed)
+    if t.max_train_epochs is not None:  # the job resolved it already; a direct caller's config is resolved here
+        specs = specs if specs is not None else training_specs(cfg)
+        scans = scans if scans is not None else read_scans(specs)
+        length.resolve_max_steps(cfg, specs, scans)
     s = build_session(cfg, output_dir=output_dir, sink=sink, scans=scans, specs=specs,
                       validation_scan=validation_scan, prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
@@ -144,6 +149,8 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     speed = Speed(pos.step, pos.images_seen)
     s.sink.progress(pos.step, t.max_steps, pos.last_loss, "")
     window: list[loss_lib.LossTerms] = []  # the finite micro-batch losses of the update under way
+    trained_te = (s.parts.text_encoder, s.parts.text_encoder_2) if cfg.network.train_text_encoder else ()
+    max_norm = max_norm_regularizer(cfg.network.scale_weight_norms, s.unet, trained_te)  # None when off
     while pos.step < t.max_steps and not stopped:
         epoch, first = pos.epoch, pos.batch_index
         batches = s.epoch_batches(epoch)
@@ -156,6 +163,8 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 window.append(terms)
             last_of_epoch = i == len(batches) - 1
             if (i + 1 - first) % t.grad_accum and not last_of_epoch:
+                if max_norm:
+                    max_norm()  # v0.8.7 applies max-norm after every micro-batch, outside its accumulate block
                 continue  # kohya updates every grad_accum micro-batches and at an epoch's end
             norm = precision.unscaled_grad_norm(s.scaler, s.optimizer, s.params) if window else None
             finite = bool(window) and guard.gradients_are_finite(s, norm, pos.step + 1, epoch)
@@ -169,11 +178,14 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             if stepped:
                 s.lr_scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
+            norms = max_norm() if max_norm else None
             guard.count(finite, pos.step + 1)
             pos.step, pos.skipped_steps = pos.step + 1, pos.skipped_steps + (not stepped)
             pos.epoch, pos.batch_index = (epoch + 1, 0) if last_of_epoch else (epoch, i + 1)
             pos.last_loss = float(torch.stack([w.loss.detach() for w in window]).mean()) if window else float("nan")
             log_step(s, window, pos, epoch, speed)
+            if norms is not None:
+                s.sink.metrics(norms.metrics(), pos.step)
             window = []
             stopped = stop_here(s, pos.step)
             final = stopped or pos.step >= t.max_steps
@@ -182,7 +194,9 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                 break
     if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
         return TrainResult(final_loss=None, steps=0, stopped_early=True, last_state=saver.last_state)
-    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=max(1, pos.epoch + (pos.batch_index > 0)))
+    # ss_epoch of the final file: v0.8.7's num_train_epochs; a run stopped early: the epochs it reached
+    reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
+    files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
     return TrainResult(pos.last_loss, pos.step, stopped, files, saver.last_state)
 
 

@@ -110,6 +110,21 @@ def test_training_rng_streams_and_mode_are_restored(pipe):
     assert not pipe.unet.training and not pipe.text_encoder.training
 
 
+def test_kohyas_dropouts_are_off_while_sampling_and_on_again_after(pipe):
+    """Samples are drawn in eval mode: a LoRA with kohya's dropouts samples as the plain LoRA (v0.8.7 samples with
+    them on: docs/kohya-reference.md §11), and its layers train with them again afterwards."""
+    import copy
+
+    from lora_sweep.model.regularization import Dropouts, install_dropouts, lora_layers
+
+    plain = draw(pipe, SPECS[:1])[0]
+    dropped = copy.deepcopy(pipe)
+    dropped.unet.train()
+    assert install_dropouts([dropped.unet], Dropouts(network=0.5, rank=0.5, module=0.5)) > 0
+    assert np.array_equal(draw(dropped, SPECS[:1])[0], plain)
+    assert all(layer.training for layer in lora_layers(dropped.unet))
+
+
 def test_preserved_rng_state_restores_after_an_exception():
     torch.manual_seed(3)
     expected = torch.rand(2)

@@ -37,9 +37,9 @@ def test_the_tiny_models_figures_before_it_loads_are_its_real_ones(tmp_path):
     assert planned_bytes(cfg) == ((lora_bytes * 3 + 2**20) * 3, lora_bytes * 2)  # AdamW: 2 moments; 2 kept + 1
     assert planned_bytes(compose_config("model=sdxl")) is None  # known once it loads
     parts = load_parts(cfg)
-    add_lora(parts.unet, rank=1, alpha=1.0, targets=UNET_TARGETS, dropout=0.0)
-    add_lora(parts.text_encoder, rank=1, alpha=1.0, targets=TEXT_ENCODER_TARGETS, dropout=0.0)
-    add_lora(parts.text_encoder_2, rank=1, alpha=1.0, targets=TEXT_ENCODER_TARGETS, dropout=0.0)
+    add_lora(parts.unet, rank=1, alpha=1.0, targets=UNET_TARGETS)
+    add_lora(parts.text_encoder, rank=1, alpha=1.0, targets=TEXT_ENCODER_TARGETS)
+    add_lora(parts.text_encoder_2, rank=1, alpha=1.0, targets=TEXT_ENCODER_TARGETS)
     numel = [sum(p.numel() for n, p in m.named_parameters() if "lora" in n)
              for m in (parts.unet, parts.text_encoder, parts.text_encoder_2)]
     assert (numel[0], numel[1] + numel[2]) == LORA_NUMEL_PER_RANK["tiny"]

@@ -16,7 +16,8 @@ from lora_sweep.job.run import run_job
 from lora_sweep.training.evaluate import fit_subset
 
 COMMON = ("train.max_steps=2", "train.batch_size=2", "validation.every=1", "validation.fit_images=3",
-          "validation.timesteps=[100,500,900]", "network.dropout=0.1", "train.save_every=0")
+          "validation.timesteps=[100,500,900]", "network.dropout=0.1", "network.rank_dropout=0.25",
+          "network.module_dropout=0.1", "train.save_every=0")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_points_and_fitting_speed_are_logged_at_the_end(runs):
 
 
 def test_fit_loss_does_not_change_the_training(runs):
-    """With and without fit/loss (eval mode, own generator; LoRA dropout on): the bit-identical LoRA."""
+    """With and without fit/loss (eval mode, own generator; kohya's three dropouts on): the bit-identical LoRA."""
     outcomes, client, _ = runs
     with_fit, without = outcomes["l2_adamw"], outcomes["l2_adamw_no_fit"]
     assert not client.get_metric_history(without.run_id, "fit/loss")

@@ -65,6 +65,7 @@ def test_kohya_file_has_kohya_keys_and_metadata(trained):
     assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
     assert any("input_blocks_4_1_transformer_blocks_0_attn1_to_q" in k for k in keys)  # SGM names, as kohya saves
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert (meta["ss_network_dropout"], meta["ss_scale_weight_norms"]) == ("None", "None")  # off, as v0.8.7's defaults
 
 
 def _sample(pipe, seed=0):

@@ -165,7 +165,8 @@ def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
     from lora_sweep.training.metadata import kohya_metadata
 
     def metadata_value():
-        return kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)["ss_max_token_length"]
+        meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
+        return meta["ss_max_token_length"]
 
     assert metadata_value() == "None"
     example = dataclasses.replace(session.prepared.examples[0], context=None, pooled=None)
