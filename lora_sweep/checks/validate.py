@@ -199,22 +199,41 @@ def _network_checks(net) -> list[Callable[[], None]]:
         lambda: _positive("network.rank", net.rank),
         lambda: _positive("network.alpha", net.alpha),
         lambda: _dropout_rate("network.dropout", net.dropout, "0 is off"),
-        lambda: net.rank_dropout is None or _dropout_rate("network.rank_dropout", net.rank_dropout, "null is off"),
-        lambda: net.module_dropout is None or _dropout_rate("network.module_dropout", net.module_dropout,
-                                                            "null is off"),
+        lambda: _dropout_rate("network.rank_dropout", _network_value(net, "rank_dropout"), "null is off"),
+        lambda: _dropout_rate("network.module_dropout", _network_value(net, "module_dropout"), "null is off"),
         lambda: net.scale_weight_norms is None or net.scale_weight_norms >= 0 or _fail(
             "network.scale_weight_norms", net.scale_weight_norms, "> 0 (v0.8.7's --scale_weight_norms: the largest "
             "Frobenius norm of a module's alpha/rank * up @ down, kept after every micro-batch), or 0 or null for off"),
+        lambda: _network_settings(net),
     ]
 
 
+def _network_value(net, key: str):
+    """network.<key> or its network_args value; None when network_args does not parse (_network_settings says so)."""
+    from lora_sweep.model.network import network_value
+
+    try:
+        return network_value(net, key)
+    except ValueError:
+        return None
+
+
 def _dropout_rate(field: str, value, off: str) -> None:
-    """A kohya dropout probability (docs/kohya-reference.md §8): [0, 1); v0.8.7 would fail or divide by zero at 1."""
-    if not 0 <= value < 1:
+    """A kohya dropout probability (docs/kohya-reference.md §8): [0, 1); v0.8.7 would fail or divide by zero at 1.
+    None (null) is off."""
+    if value is not None and not 0 <= value < 1:
         raise ConfigError(
             f"{field}: must be a probability in [0, 1) ({off}; 0 < p < 1 drops that share, as v0.8.7), got {value}. "
             "v0.8.7's F.dropout refuses p outside [0, 1], and p = 1 drops everything: rank dropout would divide "
             "the LoRA's scale by 1 - p = 0.")
+
+
+def _network_settings(net) -> None:
+    from lora_sweep.model.network import network_problems
+
+    problems = network_problems(net)
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def _train_checks(t) -> list[Callable[[], None]]:

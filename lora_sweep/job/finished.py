@@ -17,10 +17,11 @@ log = logging.getLogger(__name__)
 
 def dataset_of(cfg, scans: Sequence[FolderScan]) -> Fingerprint:
     """The content fingerprint of the job's scans (training scans, then the validation folder's, each with its own
-    caption extension) and of data.dataset_config's file, reusing the cache's digests."""
-    config_file = cfg.data.dataset_config
+    caption extension) and of data.dataset_config's and network.network_weights' files, reusing the cache's digests:
+    a file changed at the same path makes another run."""
+    files = [cfg.data.dataset_config, cfg.network.network_weights]
     return dataset_fingerprint(scans, memo_dir=cache_root(cfg) / ".hashes",
-                               files=[Path(config_file).expanduser()] if config_file else [])
+                               files=[Path(f).expanduser() for f in files if f])
 
 
 def skip_key(cfg, chash: str, fingerprint: Fingerprint) -> str:

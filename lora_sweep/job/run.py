@@ -28,6 +28,7 @@ from lora_sweep.atomic import write_text
 from lora_sweep.checks import preflight as preflight_lib
 from lora_sweep.checks.folders import check_job_folders, check_writable
 from lora_sweep.config import config_hash, flatten, to_container
+from lora_sweep.data.cache_keys import file_sha256
 from lora_sweep.data.fingerprint import Fingerprint
 from lora_sweep.errors import UserError, disk_full_error, is_out_of_memory
 from lora_sweep.job.finished import dataset_of, finished_match, skip_key
@@ -252,6 +253,8 @@ def _open_run(cfg, ready: _Ready, label: str, tags: dict[str, str]) -> RunLogger
     """The job's run: a new one, or the unfinished one its state belongs to (reopened, any gap in its history said),
     tagged with the dataset, the skip key and what a resume changed; its pending file in the run's state folder."""
     tags = {**tags, "lora_sweep.dataset": ready.fingerprint.digest, "lora_sweep.skip_key": ready.skip_key}
+    if cfg.network.network_weights:  # the starting LoRA's content, beside its path in the params
+        tags["lora_sweep.network_weights_sha256"] = file_sha256(cfg.network.network_weights)
     if ready.resume_from:
         tags["lora_sweep.resumed_from"] = str(ready.resume_from)
     if ready.resume_changed:

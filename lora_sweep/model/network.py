@@ -1,18 +1,25 @@
-"""LoRA on kohya's SDXL targets (`networks/lora.py`: every Linear in the UNet's transformer blocks, optionally the CLIP
-attention and MLP linears), and saving it as kohya and diffusers/PEFT files. PEFT's init (down kaiming-uniform
-a=sqrt(5), up zeros) and scale alpha/rank are kohya's, so the same targets, rank and alpha train the same network.
+"""LoRA on kohya's SDXL targets (`networks/lora.py`: every Linear in the UNet's transformer blocks, with conv_dim also
+the ResNet, Downsample and Upsample convs (LoCon), optionally the CLIP attention and MLP linears), and saving it as
+kohya and diffusers/PEFT files. PEFT's init (down kaiming-uniform a=sqrt(5), up zeros) and scale alpha/rank are
+kohya's, so the same targets, rank and alpha train the same network. docs/network.md describes the module set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
 
 from lora_sweep.atomic import write_with
+from lora_sweep.errors import UserError
+from lora_sweep.model.lora_file import lora_file_modules, read_lora_file
+
+log = logging.getLogger(__name__)
 
 # Every Linear inside a Transformer2DModel of the UNet (kohya: 722 modules on SDXL base).
 UNET_TARGETS = (
@@ -20,19 +27,29 @@ UNET_TARGETS = (
     r"|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
     r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
 )
+# kohya's UNET_TARGET_REPLACE_MODULE, and the classes conv_dim (or a weights file) adds: their Linear and Conv2d
+# children get LoRAs, scanned by class name as v0.8.7 does
+TRANSFORMER_CLASSES = ("Transformer2DModel",)
+CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 # kohya's CLIPAttention / CLIPMLP linears.
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ADAPTER = "default"
 
 
-def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets) -> list[str]:
-    """Freeze `module`, attach a PEFT LoRA adapter and return the wrapped modules' names. Text encoders use peft's
-    `inject_adapter_in_model` (transformers' `add_adapter` wants a newer peft than pinned). PEFT's `lora_dropout`
-    (on the input) stays off: kohya's dropouts are model/regularization.py's."""
+def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets,
+             patterns: Mapping[str, tuple[int, float]] | None = None) -> list[str]:
+    """Freeze `module`, attach a PEFT LoRA adapter and return the wrapped modules' names. `targets`: PEFT's
+    target_modules (a regex, or exact module names); `patterns`: module name -> (rank, alpha) where it is not
+    (`rank`, `alpha`), as PEFT's rank_pattern / alpha_pattern. Text encoders use peft's `inject_adapter_in_model`
+    (transformers' `add_adapter` wants a newer peft than pinned). PEFT's `lora_dropout` (on the input)
+    stays off: kohya's dropouts are model/regularization.py's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True, target_modules=targets)
+    exact = {re.escape(name): value for name, value in (patterns or {}).items()}
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True, target_modules=targets,
+                        rank_pattern={k: r for k, (r, _) in exact.items()},
+                        alpha_pattern={k: a for k, (_, a) in exact.items()})
     if type(module).__module__.startswith("diffusers."):
         module.add_adapter(config, adapter_name=ADAPTER)
     else:
@@ -40,24 +57,153 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets) -> li
     return sorted({n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A" in n})
 
 
+def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nullcontext) -> None:
+    """Build network config `net`'s LoRA as v0.8.7 does: on the U-Net (none under network_train_text_encoder_only,
+    whose U-Net is frozen), on both text encoders when network.train_text_encoder, started from
+    network.network_weights if set. `fp32(model)`: the context each adapter is created in (the trainer's
+    placement.adapters_in_fp32)."""
+    named = {"lora_unet": unet, "lora_te1": text_encoders[0], "lora_te2": text_encoders[1]}
+    weights = read_network_weights(net.network_weights, named) if net.network_weights else None
+    if net.network_train_text_encoder_only:
+        unet.requires_grad_(False)  # v0.8.7's apply_to builds no U-Net LoRA
+    else:
+        targets, patterns = unet_targets(net, unet, weights)
+        with fp32(unet):
+            add_lora(unet, rank=net.rank, alpha=net.alpha, targets=targets, patterns=patterns)
+    if net.train_text_encoder:
+        for prefix, encoder in zip(("lora_te1", "lora_te2"), text_encoders, strict=True):
+            targets, patterns = text_encoder_targets(net, encoder, prefix, weights)
+            with fp32(encoder):
+                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=targets,
+                         patterns=patterns)
+            encoder.train()
+    if weights is not None:
+        load_network_weights(weights, named, path=net.network_weights)
+
+
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
 
 
-def sgm_unet_name(diffusers_name: str, layers_per_block: int) -> str:
-    """A diffusers UNet module path as kohya's SGM name: down_blocks.b.attentions.j -> input_blocks.{1 + b*(lpb+1) +
-    j}.1, mid_block.attentions.0 -> middle_block.1, up_blocks.b.attentions.j -> output_blocks.{b*(lpb+1) + j}.1."""
-    lpb = layers_per_block
-    m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", diffusers_name)
-    if m:
-        return f"input_blocks.{1 + int(m[1]) * (lpb + 1) + int(m[2])}.1.{m[3]}"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)", diffusers_name)
-    if m:
+def kohya_alpha(rank: int, alpha: float | None) -> float:
+    """v0.8.7's LoRAModule: an alpha of None or 0 is the rank (scale 1)."""
+    return float(rank) if alpha is None or alpha == 0 else float(alpha)
+
+
+def unet_modules(unet: torch.nn.Module, *, rank: int, alpha: float, conv_dim: int | None = None,
+                 conv_alpha: float | None = None) -> dict[str, tuple[int, float]]:
+    """v0.8.7's U-Net LoRA modules (`LoRANetwork.create_modules`) by diffusers name -> (rank, alpha).
+
+    Every Linear and Conv2d child of a Transformer2DModel; with conv_dim set (0 included, as v0.8.7 tests `is not
+    None`) also those of ResnetBlock2D, Downsample2D and Upsample2D. Linear and 1x1 convs take (rank, alpha); kxk
+    convs take (conv_dim, conv_alpha: null is 1.0) and are skipped when conv_dim is 0. SDXL: 722, or 788 with conv_dim.
+    """
+    classes = TRANSFORMER_CLASSES + (CONV_CLASSES if conv_dim is not None else ())
+    found: dict[str, tuple[int, float]] = {}
+    for name, pointwise in kohya_candidates(unet, classes).items():
+        if pointwise:
+            found[name] = (rank, kohya_alpha(rank, alpha))
+        elif conv_dim:
+            found[name] = (conv_dim, kohya_alpha(conv_dim, 1.0 if conv_alpha is None else conv_alpha))
+    return found
+
+
+def kohya_candidates(model: torch.nn.Module, classes) -> dict[str, bool]:
+    """Every Linear / Conv2d under a module whose class name is in `classes`, by name -> whether it takes the network
+    rank (a Linear or 1x1 conv) rather than conv_dim (a kxk conv)."""
+    out = {}
+    for parent, module in model.named_modules():
+        if type(module).__name__ not in classes:
+            continue
+        for child_name, child in module.named_modules():
+            kind = type(child).__name__
+            if kind in ("Linear", "Conv2d"):
+                out[f"{parent}.{child_name}"] = kind == "Linear" or tuple(child.kernel_size) == (1, 1)
+    return out
+
+
+def unet_targets(net, unet: torch.nn.Module, weights: Mapping[str, tuple] | None = None
+                 ) -> tuple[str | list[str], dict[str, tuple[int, float]]]:
+    """PEFT's target_modules and add_lora's `patterns` for network config `net` on `unet`: kohya's transformer Linears
+    (UNET_TARGETS) without conv_dim, else `unet_modules`' names with the modules not at (rank, alpha); under
+    network.dim_from_weights the modules of `weights` (`read_network_weights`) with their ranks and alphas."""
+    if net.dim_from_weights:
+        return _from_file(weights, unet, "lora_unet")
+    conv_dim = network_value(net, "conv_dim")
+    if conv_dim is None:
+        return UNET_TARGETS, {}
+    modules = unet_modules(unet, rank=net.rank, alpha=net.alpha, conv_dim=conv_dim,
+                           conv_alpha=network_value(net, "conv_alpha"))
+    default = (net.rank, float(net.alpha))
+    return list(modules), {name: value for name, value in modules.items() if value != default}
+
+
+def text_encoder_targets(net, encoder: torch.nn.Module, prefix: str, weights: Mapping[str, tuple] | None = None
+                         ) -> tuple[str | list[str], dict[str, tuple[int, float]]]:
+    """`unet_targets` for a text encoder (`prefix` lora_te1 / lora_te2): kohya's CLIP linears, or the file's."""
+    if net.dim_from_weights:
+        return _from_file(weights, encoder, prefix)
+    return TEXT_ENCODER_TARGETS, {}
+
+
+def _from_file(weights, model, prefix: str) -> tuple[list[str], dict[str, tuple[int, float]]]:
+    modules = weights_targets(weights or {}, model, prefix)
+    if not modules:
+        raise UserError(f"network.dim_from_weights: the file of network.network_weights has no module of this "
+                        f"model's {prefix.removeprefix('lora_')} (kohya prefix {prefix}), so there is nothing to "
+                        "train there.")
+    return list(modules), modules
+
+
+_RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+
+
+def sgm_unet_name(diffusers_name: str, layers_per_block: int, up_attention: Collection[int] = (0, 1)) -> str:
+    """A diffusers UNet module path as kohya's SGM name (docs/network.md has the table). With lpb = layers_per_block
+    and a level of lpb + 1 slots: down_blocks.b.{resnets,attentions}.j -> input_blocks.{1 + b*(lpb+1) + j}.{0,1},
+    downsamplers.0.conv -> input_blocks.{(b+1)*(lpb+1)}.0.op, mid_block resnets.i / attentions.0 -> middle_block.{2i}
+    / .1, up_blocks.b.{resnets,attentions}.j -> output_blocks.{b*(lpb+1) + j}.{0,1}, upsamplers.0.conv ->
+    output_blocks.{b*(lpb+1) + lpb}.{2, or 1 where up block b (not in `up_attention`) has no attention}.conv. Inside a
+    resnet conv1, conv2, time_emb_proj, conv_shortcut are in_layers.2, out_layers.3, emb_layers.1, skip_connection.
+    """
+    level = layers_per_block + 1
+
+    def resnet(rest: str) -> str:
+        head, _, tail = rest.partition(".")
+        return f"{_RESNET_SGM.get(head, head)}{'.' + tail if tail else ''}"
+
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", diffusers_name):
+        side, block, kind, index, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        first = 1 + block * level if side == "down" else block * level
+        where = "input_blocks" if side == "down" else "output_blocks"
+        return f"{where}.{first + index}.{0 if kind == 'resnets' else 1}.{resnet(rest) if kind == 'resnets' else rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", diffusers_name):
+        return f"input_blocks.{(int(m[1]) + 1) * level}.0.op"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", diffusers_name):
+        block = int(m[1])
+        return f"output_blocks.{block * level + layers_per_block}.{2 if block in up_attention else 1}.conv"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.*)", diffusers_name):
+        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", diffusers_name):
         return f"middle_block.1.{m[1]}"
-    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", diffusers_name)
-    if m:
-        return f"output_blocks.{int(m[1]) * (lpb + 1) + int(m[2])}.1.{m[3]}"
-    raise ValueError(f"not a UNet transformer module: {diffusers_name}")
+    raise ValueError(f"not a UNet module kohya's LoRA targets: {diffusers_name}")
+
+
+def up_blocks_with_attention(unet: torch.nn.Module) -> frozenset[int]:
+    """The indices b of up_blocks.b that have attentions (their upsampler sits in SGM slot 2, not 1)."""
+    return frozenset(int(m[1]) for name, _ in unet.named_modules()
+                     if (m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.0", name)))
+
+
+def kohya_module_name(prefix: str, name: str, layers_per_block: int, up_attention: Collection[int] = (0, 1)) -> str:
+    """kohya's module name (`lora_unet_input_blocks_4_1_proj_in`, `lora_te1_text_model_encoder_layers_0_mlp_fc1`) of
+    the diffusers / transformers module `name` of the part `prefix` (lora_unet, lora_te1, lora_te2)."""
+    if prefix == "lora_unet":
+        path = sgm_unet_name(name, layers_per_block, up_attention)
+    else:  # kohya names CLIP modules from `text_model.`; transformers 5's CLIPTextModel dropped that level
+        path = name if name.startswith("text_model.") else f"text_model.{name}"
+    return f"{prefix}_{path.replace('.', '_')}"
 
 
 def kohya_state_dict(
@@ -65,17 +211,14 @@ def kohya_state_dict(
 ) -> dict[str, torch.Tensor]:
     """kohya keys of every LoRA-wrapped module; `modules` maps a prefix (`lora_unet`, `lora_te1`, `lora_te2`) to its
     model. Each module's `.alpha` is the one its PEFT layer trains with, so the file's alpha/rank is the trained
-    scale."""
+    scale. A conv LoRA keeps PEFT's shapes, which are kohya's: lora_down (r, in, k, k), lora_up (out, r, 1, 1)."""
     out: dict[str, torch.Tensor] = {}
     for prefix, model in modules.items():
+        up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
         for name, layer in model.named_modules():
             if not hasattr(layer, "lora_A") or ADAPTER not in getattr(layer, "lora_A", {}):
                 continue
-            if prefix == "lora_unet":
-                path = sgm_unet_name(name, layers_per_block)
-            else:  # kohya names CLIP modules from `text_model.`; transformers 5's CLIPTextModel dropped that level
-                path = name if name.startswith("text_model.") else f"text_model.{name}"
-            key = f"{prefix}_{path.replace('.', '_')}"
+            key = kohya_module_name(prefix, name, layers_per_block, up_attention)
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
@@ -157,13 +300,251 @@ def set_lora_multiplier(modules, multiplier: float) -> None:
                 layer.__dict__["_lora_sweep_multiplier"] = multiplier  # kohya's dropout forward multiplies by it alone
 
 
-def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
-    """(network_dropout, rank_dropout, module_dropout) as v0.8.7's LoRAModule receives them; None is off (no draw).
+# network_args keys that map onto network.* keys, with v0.8.7's conversion of the string
+NETWORK_ARGS_KEYS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+# networks/lora.py's block-wise keys: v0.8.7's block index never matches SDXL's module names (docs/network.md)
+BLOCKWISE_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                  "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 
-    network.dropout 0 is None (F.dropout with p=0 draws nothing); all three are None under network.dim_from_weights
-    (v0.8.7's create_network_from_weights receives none of them). docs/kohya-reference.md §8.
-    """
+
+def parse_network_args(items) -> dict[str, str]:
+    """`key=value` strings split as v0.8.7 splits them (exactly one "=", values stay strings); ValueError otherwise."""
+    parsed = {}
+    for item in items:
+        parts = str(item).split("=")
+        if len(parts) != 2:
+            raise ValueError(f"'{item}' is not key=value with exactly one '='")
+        parsed[parts[0]] = parts[1]
+    return parsed
+
+
+def network_args_problems(net) -> list[str]:
+    """Every problem of network.network_args, one paragraph each: not key=value, a block-wise key, `dropout`, an
+    unknown key, a value that does not convert as v0.8.7 converts it, or one that disagrees with its network.* key."""
+    try:
+        args = parse_network_args(net.network_args)
+    except ValueError as exc:
+        return [f"network.network_args: {exc} (v0.8.7 splits each on '=' and fails otherwise)."]
+    problems = []
+    for key, value in args.items():
+        if key in BLOCKWISE_ARGS:
+            problems.append(
+                f"network.network_args: '{key}' is refused: v0.8.7's block index recognises only diffusers block "
+                "names, so on SDXL's input_blocks / middle_block / output_blocks every module gets index -1 "
+                "(block_dims[24], no per-block learning rate). Leave it out; docs/network.md explains.")
+        elif key == "dropout":
+            problems.append("network.network_args: 'dropout' does nothing in v0.8.7's LoRA (it only reaches "
+                            "ss_network_args); set network.dropout (kohya's --network_dropout) instead.")
+        elif key not in NETWORK_ARGS_KEYS:
+            problems.append(f"network.network_args: '{key}' is not a key networks.lora reads (v0.8.7 ignores it "
+                            f"silently; lora-sweep refuses it). Accepted: {', '.join(NETWORK_ARGS_KEYS)}.")
+        else:
+            try:
+                converted = NETWORK_ARGS_KEYS[key](value)
+            except ValueError:
+                problems.append(f"network.network_args: {key}='{value}' is not {NETWORK_ARGS_KEYS[key].__name__} "
+                                f"(v0.8.7 converts it with {NETWORK_ARGS_KEYS[key].__name__}()).")
+                continue
+            own = getattr(net, key)
+            if own is not None and own != converted:
+                problems.append(f"network.network_args: {key}={value} disagrees with network.{key}={own}; set it "
+                                "one way only.")
+    return problems
+
+
+def network_value(net, key: str):
+    """network.<key>, or its network_args value converted as v0.8.7 converts it (network_args_problems passed)."""
+    own = getattr(net, key)
+    if own is not None:
+        return own
+    value = parse_network_args(net.network_args).get(key)
+    return None if value is None else NETWORK_ARGS_KEYS[key](value)
+
+
+def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
+    """(network_dropout, rank_dropout, module_dropout) as v0.8.7's LoRAModule receives them: None is no dropout and
+    no draw; a network.dropout of 0.0 is None (v0.8.7's default); network.dim_from_weights turns all three off
+    (create_network_from_weights passes none of them)."""
     net = cfg.network
     if net.dim_from_weights:
         return None, None, None
-    return net.dropout or None, net.rank_dropout, net.module_dropout
+    return (net.dropout or None), network_value(net, "rank_dropout"), network_value(net, "module_dropout")
+
+
+def weights_file_problems(net, *, train_unet: bool, train_text_encoder: bool) -> list[str]:
+    """What the pre-flight can tell of network.network_weights without the model: the file is a LoRA, and (unless
+    network.dim_from_weights) each module this network builds has the file's rank: network.rank for Linear and 1x1,
+    network.conv_dim for kxk convs (v0.8.7's load_state_dict refuses other shapes)."""
+    try:
+        modules = lora_file_modules(net.network_weights)
+    except UserError as exc:
+        return [str(exc)]
+    foreign = [label.split(":", 1)[1] for label in modules if not _SDXL_NAME.match(label)]
+    if len(foreign) == len(modules):
+        return [f"network.network_weights: '{net.network_weights}' is no SDXL LoRA: none of its {len(modules)} modules "
+                f"has an SDXL U-Net or text-encoder name (e.g. {foreign[0]}); kohya's SDXL files name them "
+                "lora_unet_input_blocks_..., lora_te1_text_model_..."]
+    if net.dim_from_weights:
+        return []
+    conv_dim = network_value(net, "conv_dim")
+    wrong = []
+    for label, module in modules.items():
+        part, name = label.split(":", 1)
+        if not (train_unet if part == "lora_unet" else train_text_encoder):
+            continue
+        conv_block = part == "lora_unet" and _in_conv_block(name)
+        if conv_block and (conv_dim is None or (module.kxk and conv_dim == 0)):
+            continue  # no LoRA of this network there: an unexpected key, reported when it loads
+        want, setting = (conv_dim, "network.conv_dim") if module.kxk else (net.rank, "network.rank")
+        if module.rank != want:
+            wrong.append(f"{name} has rank {module.rank} where {setting} is {want}")
+    if not wrong:
+        return []
+    return [f"network.network_weights: the file's ranks do not match this network ({len(wrong)} modules, e.g. "
+            f"{wrong[0]}). v0.8.7 refuses the shape mismatch; set network.rank / network.conv_dim to the file's, or "
+            "network.dim_from_weights=true to take ranks, alphas and modules from the file."]
+
+
+# a module label of lora_file_modules on SDXL: kohya's SGM / CLIP names, or diffusers' module paths
+_SDXL_NAME = re.compile(r"lora_unet:(lora_unet_(input_blocks|middle_block|output_blocks)_"
+                        r"|(down|up)_blocks\.|mid_block\.)"
+                        r"|lora_te[12]:(lora_te[12]_text_model_encoder_layers_|(text_model\.)?encoder\.layers\.)")
+
+
+def _in_conv_block(name: str) -> bool:
+    """A U-Net module of a ResNet, Downsample or Upsample block (kohya or diffusers name): only LoCon builds these."""
+    return bool(re.search(r"(resnets|samplers|in_layers|out_layers|emb_layers|skip_connection|_op$|_\d+_[12]_conv$)",
+                          name))
+
+
+TEXT_ENCODER_CLASSES = ("CLIPAttention", "CLIPMLP")
+
+
+def read_network_weights(path: str | Path, parts: Mapping[str, torch.nn.Module]) -> dict[str, tuple]:
+    """network.network_weights by this model's kohya module name -> (lora_down, lora_up, alpha), fp32 on the CPU;
+    `parts` maps kohya's prefixes (lora_unet, lora_te1, lora_te2) to the models a PEFT file's names are converted
+    for. A name that matches no module of the model is kept as `<part>:<name>` (an unexpected key)."""
+    out = {}
+    for label, value in read_lora_file(path).items():
+        part, name = label.split(":", 1)
+        kohya_file = name.startswith(part)  # a kohya name carries its prefix; a PEFT name is the module path
+        out[name if kohya_file else (_kohya_name_of(part, name, parts.get(part)) or label)] = value
+    return out
+
+
+def _kohya_name_of(prefix: str, name: str, model: torch.nn.Module | None) -> str | None:
+    if model is None:
+        return None
+    lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
+    try:
+        up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
+        return kohya_module_name(prefix, name, lpb, up_attention)
+    except ValueError:
+        return None
+
+
+def weights_targets(weights: Mapping[str, tuple], model: torch.nn.Module, prefix: str) -> dict[str, tuple[int, float]]:
+    """network.dim_from_weights: exactly the modules of `model` the file has, by diffusers name -> (the file's rank,
+    its alpha); v0.8.7's create_network_from_weights scans the U-Net's conv classes too."""
+    classes = TRANSFORMER_CLASSES + CONV_CLASSES if prefix == "lora_unet" else TEXT_ENCODER_CLASSES
+    lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
+    up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
+    found = {}
+    for name in kohya_candidates(model, classes):
+        value = weights.get(kohya_module_name(prefix, name, lpb, up_attention))
+        if value is not None:
+            found[name] = (value[0].shape[0], value[2])
+    return found
+
+
+def load_network_weights(weights: Mapping[str, tuple], parts: Mapping[str, torch.nn.Module], *,
+                         path: str) -> tuple[int, int, int]:
+    """Copy the file's lora_down / lora_up into the LoRA layers of `parts` (kohya prefix -> model), as
+    v0.8.7's load_state_dict(strict=False); returns (loaded, missing, unexpected) module counts, logged as a warning
+    when some are missing or unexpected. Each layer keeps the scale it was built with; its lora_alpha becomes the
+    file's, which the kohya file saves (v0.8.7's quirk, docs/network.md). UserError on a shape mismatch."""
+    seen, missing, wrong = set(), 0, []
+    for prefix, model in parts.items():
+        lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
+        up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
+        for name, layer in model.named_modules():
+            if not hasattr(layer, "lora_A") or ADAPTER not in getattr(layer, "lora_A", {}):
+                continue
+            key = kohya_module_name(prefix, name, lpb, up_attention)
+            if key not in weights:
+                missing += 1
+                continue
+            seen.add(key)
+            down, up, alpha = weights[key]
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if down.shape != a.shape or up.shape != b.shape:
+                wrong.append(f"{key}: the file's lora_down is {tuple(down.shape)}, this network's {tuple(a.shape)}")
+                continue
+            with torch.no_grad():
+                a.copy_(down)
+                b.copy_(up)
+            layer.lora_alpha[ADAPTER] = alpha
+    if wrong:
+        raise UserError(f"network.network_weights: '{path}' does not fit this network ({len(wrong)} modules, e.g. "
+                        f"{wrong[0]}). v0.8.7 refuses the shape mismatch: set network.rank / network.conv_dim to the "
+                        "file's ranks, or network.dim_from_weights=true; a file of another model does not fit.")
+    unexpected = len(set(weights) - seen)
+    if not seen:
+        raise UserError(f"network.network_weights: none of the {unexpected} modules of '{path}' is a module of this "
+                        "network (another model's LoRA, or only the side this run does not train).")
+    if missing or unexpected:
+        log.warning("network.network_weights: %d modules loaded from %s; %d of this network's modules are not in the "
+                    "file (they start as new), %d of the file's are not in this network (ignored), as v0.8.7's "
+                    "load_state_dict(strict=False)", len(seen), path, missing, unexpected)
+    return len(seen), missing, unexpected
+
+
+def network_problems(net) -> list[str]:
+    """Every problem of the network settings v0.8.7's networks/lora.py reads, one paragraph each (the pre-flight's;
+    docs/network.md): network_args, conv_dim / conv_alpha, the *_only switches, and network.network_weights."""
+    problems = network_args_problems(net)
+    if problems:
+        return problems
+    conv_dim, conv_alpha = network_value(net, "conv_dim"), network_value(net, "conv_alpha")
+    if conv_dim is not None and conv_dim < 0:
+        problems.append(f"network.conv_dim: must be null (no LoCon), 0 (v0.8.7: the ResNet blocks' Linear and 1x1 "
+                        f"parts only) or a rank > 0, got {conv_dim}.")
+    if conv_alpha is not None and conv_alpha < 0:
+        problems.append(f"network.conv_alpha: must be >= 0 (0: the conv rank, as v0.8.7) or null (1.0), got "
+                        f"{conv_alpha}.")
+    te, unet_only, te_only = net.train_text_encoder, net.network_train_unet_only, net.network_train_text_encoder_only
+    if unet_only and te_only:
+        problems.append("network.network_train_unet_only and network.network_train_text_encoder_only are both true: "
+                        "nothing would train (v0.8.7 fails at the optimizer). Set at most one.")
+    elif unet_only and te:
+        problems.append("network.network_train_unet_only=true contradicts network.train_text_encoder=true: set "
+                        "network.train_text_encoder=false (U-Net only is lora-sweep's default).")
+    elif te_only and not te:
+        problems.append("network.network_train_text_encoder_only=true trains only the text encoders' LoRA: it needs "
+                        "network.train_text_encoder=true too.")
+    if net.dim_from_weights and not net.network_weights:
+        problems.append("network.dim_from_weights=true takes ranks, alphas and modules from network.network_weights, "
+                        "which is not set (v0.8.7 fails without it).")
+    if net.network_weights:
+        if not Path(str(net.network_weights)).expanduser().is_file():
+            problems.append(f"network.network_weights: '{net.network_weights}' is not an existing file (a relative "
+                            "path is read from the folder the command was started in).")
+        else:
+            problems += weights_file_problems(net, train_unet=not te_only, train_text_encoder=te)
+    return problems
+
+
+def kohya_network_kwargs(net) -> dict | None:
+    """v0.8.7's net_kwargs for `ss_network_args` (json.dumps of it): network_args' strings in their order, then the
+    network.* keys among conv_dim, conv_alpha, rank_dropout, module_dropout that are set (as str(value)), then the
+    injected "dropout" (network.dropout, None for 0.0; not under dim_from_weights). None when v0.8.7 would have had
+    no --network_args, so writes no ss_network_args: none of the four set."""
+    kwargs: dict = dict(parse_network_args(net.network_args))
+    for key in NETWORK_ARGS_KEYS:
+        if getattr(net, key) is not None and key not in kwargs:
+            kwargs[key] = str(getattr(net, key))
+    if not kwargs:
+        return None
+    if not net.dim_from_weights:
+        kwargs["dropout"] = net.dropout or None
+    return kwargs

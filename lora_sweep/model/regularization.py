@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lora_sweep.model.network import ADAPTER, sgm_unet_name
+from lora_sweep.model.network import ADAPTER, sgm_unet_name, up_blocks_with_attention
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ def kohya_ordered_layers(unet: torch.nn.Module | None,
         lpb = unet.config.layers_per_block
         ours = set(lora_layers(unet))
         named = [(name, m) for name, m in unet.named_modules() if m in ours]
-        named.sort(key=lambda item: sgm_position(sgm_unet_name(item[0], lpb)))
+        up_attention = up_blocks_with_attention(unet)
+        named.sort(key=lambda item: sgm_position(sgm_unet_name(item[0], lpb, up_attention)))
         layers += [m for _, m in named]
     return [layer for layer in layers if layer.lora_A[ADAPTER].weight.requires_grad]
 

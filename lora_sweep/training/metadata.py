@@ -24,6 +24,7 @@ from lora_sweep.config import config_hash
 from lora_sweep.data.buckets import bucket_settings, parse_resolution
 from lora_sweep.data.dataset import ImageItem
 from lora_sweep.data.subsets import DatasetSpec, Subset
+from lora_sweep.model.network import kohya_network_kwargs
 from lora_sweep.training import optim, schedules
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
@@ -122,6 +123,9 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
     meta |= model_keys(cfg.model.path, cfg.model.name)
     meta |= dataset_metadata(prepared.specs, prepared.trained, toml_mode=toml_mode, cfg=cfg)
     meta |= sai_model_spec(cfg)
+    network_kwargs = kohya_network_kwargs(cfg.network)
+    if network_kwargs is not None:  # v0.8.7 writes it only when --network_args is given
+        meta["ss_network_args"] = json.dumps(network_kwargs)
     return {k: str(v) for k, v in meta.items()}  # as v0.8.7: "None", "True", "1e-05", "(1024, 1024)"
 
 

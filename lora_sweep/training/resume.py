@@ -69,8 +69,11 @@ RULES: tuple[Rule, ...] = (
                                              "stay"),
     Rule("optimizer.scheduler", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("optimizer.warmup_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
-    *(Rule(f"optimizer.lr_scheduler_{key}", FOLLOW, "the LR schedule is rebuilt from this config at the state's step")
-      for key in ("num_cycles", "power", "args", "args.")),
+    Rule("optimizer.lr_scheduler_num_cycles", FOLLOW, "the LR schedule is rebuilt from this config at the state's "
+                                                      "step"),
+    Rule("optimizer.lr_scheduler_power", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
+    Rule("optimizer.lr_scheduler_args", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
+    Rule("optimizer.lr_scheduler_args.", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("precision.name", FOLLOW, "the precision of the steps after the state; fp16's grad scaler starts afresh "
                                    "when the state has none"),
     Rule("precision.full_fp16", REFUSE, "the state's LoRA tensors and optimizer moments are in the old dtype"),
@@ -80,6 +83,17 @@ RULES: tuple[Rule, ...] = (
                                   "what was trained"),
     Rule("network.train_text_encoder", REFUSE, "it decides which LoRA tensors and optimizer groups exist"),
     Rule("network.dropout", FOLLOW, "the dropout of the steps after the state"),
+    Rule("network.rank_dropout", FOLLOW, "the dropout of the steps after the state"),
+    Rule("network.module_dropout", FOLLOW, "the dropout of the steps after the state"),
+    Rule("network.scale_weight_norms", FOLLOW, "the max-norm of the steps after the state"),
+    Rule("network.conv_dim", REFUSE, "it decides which LoRA tensors exist and the conv ranks' shapes"),
+    Rule("network.conv_alpha", REFUSE, "conv_alpha / conv_dim scales what the state's conv tensors add"),
+    Rule("network.network_args", REFUSE, "it may set conv_dim and conv_alpha, which decide the state's tensors"),
+    Rule("network.network_weights", REFUSE, "the state's LoRA started from the old file"),
+    Rule("network.dim_from_weights", REFUSE, "it decides which LoRA tensors exist and their ranks"),
+    Rule("network.network_train_unet_only", REFUSE, "it decides which LoRA tensors and optimizer groups exist"),
+    Rule("network.network_train_text_encoder_only", REFUSE, "it decides which LoRA tensors and optimizer groups "
+                                                            "exist"),
     Rule("train.max_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("train.max_train_epochs", FOLLOW, "it sets train.max_steps: the LR schedule is rebuilt at the state's step"),
     Rule("train.save_precision", FOLLOW, "the dtype of the LoRA files written after the state"),

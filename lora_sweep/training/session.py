@@ -45,9 +45,7 @@ from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
 from lora_sweep.model.network import (
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
-    add_lora,
+    add_network,
     kohya_dropouts,
     kohya_state_dict,
     lora_parameters,
@@ -196,7 +194,8 @@ class Session:
         kohya_file = save_kohya(self.output_dir / f"{cfg.train.output_name}.safetensors", self.kohya_lora(), meta)
         trained_te = cfg.network.train_text_encoder
         te1, te2 = (self.parts.text_encoder, self.parts.text_encoder_2) if trained_te else (None, None)
-        diffusers_file = save_diffusers(self.output_dir / "diffusers", self.parts.unet, te1, te2,
+        unet = None if cfg.network.network_train_text_encoder_only else self.parts.unet
+        diffusers_file = save_diffusers(self.output_dir / "diffusers", unet, te1, te2,
                                         dtype=SAVE_DTYPES.get(cfg.train.save_precision))
         self.sink.artifact(kohya_file, "lora")
         self.sink.artifact(diffusers_file, "lora/diffusers")
@@ -459,7 +458,8 @@ def log_data(cfg, data: Data, sink, output_dir: Path) -> None:
 
 def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPolicy,
                 device: torch.device, specs: list[DatasetSpec] | None = None) -> dict[str, torch.nn.Parameter]:
-    """Add LoRA (fp32, as kohya), store base weights in the training precision on the CPU, then move to the device.
+    """Add LoRA (fp32, as kohya; started from network.network_weights if set), store base weights in the training
+    precision on the CPU, then move to the device.
 
     The text encoders the step runs move too, stored like the U-Net (kohya's te_weight_dtype). Returns the trained
     tensors by name, for states.
@@ -467,14 +467,8 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
     net, unet = cfg.network, parts.unet
     encoders = (parts.text_encoder, parts.text_encoder_2)
     unet.train()
-    with placement.adapters_in_fp32(unet):
-        add_lora(unet, rank=net.rank, alpha=net.alpha, targets=UNET_TARGETS)
-    if net.train_text_encoder:
-        for encoder in encoders:
-            with placement.adapters_in_fp32(encoder):
-                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=TEXT_ENCODER_TARGETS)
-            encoder.train()
-    trained = [unet, *(encoders if net.train_text_encoder else ())]
+    add_network(net, unet, encoders, fp32=placement.adapters_in_fp32)
+    trained = [*(() if net.network_train_text_encoder_only else (unet,)), *(encoders if net.train_text_encoder else ())]
     install_dropouts(trained, Dropouts(*kohya_dropouts(cfg)))  # nothing when all three are off
     precision.apply_base_precision(unet, policy)
     unet.to(device)
@@ -494,7 +488,8 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
 
 def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
     """The optimizer's groups in kohya's order [text encoders, U-Net]; train.text_encoder_lr null means train.lr."""
-    groups = [{"name": "unet", "params": lora_parameters(parts.unet), "lr": cfg.train.lr}]
+    te_only = cfg.network.network_train_text_encoder_only  # the U-Net has no LoRA then
+    groups = [] if te_only else [{"name": "unet", "params": lora_parameters(parts.unet), "lr": cfg.train.lr}]
     if cfg.network.train_text_encoder:
         te_params = lora_parameters(parts.text_encoder) + lora_parameters(parts.text_encoder_2)
         te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr

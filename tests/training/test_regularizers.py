@@ -28,7 +28,7 @@ def test_dropouts_and_max_norm_train_on_every_micro_batch(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "max_norm_regularizer", counted)
     cfg = compose_config("train.max_steps=2", "train.grad_accum=2", "train.batch_size=1", "data.resolution=64",
                          "network.train_text_encoder=true", "network.dropout=0.1", "network.rank_dropout=0.2",
-                         "network.module_dropout=0.1", f"network.scale_weight_norms={MAX_NORM}",
+                         "network.module_dropout=0.1", f"network.scale_weight_norms={MAX_NORM}", "network.conv_dim=2",
                          "sampling.prompts=[]", "validation.fit_images=0", "train.save_every=0")
     sink = RecordingSink()
     result = train(cfg, output_dir=tmp_path / "out", sink=sink)
@@ -45,5 +45,15 @@ def test_dropouts_and_max_norm_train_on_every_micro_batch(tmp_path, monkeypatch)
     assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
     for m in modules:
         up, down = tensors[f"{m}.lora_up.weight"], tensors[f"{m}.lora_down.weight"]
-        norm = torch.linalg.norm(up @ down * (tensors[f"{m}.alpha"] / down.shape[0]))
+        norm = torch.linalg.norm(delta_w(up, down) * (tensors[f"{m}.alpha"] / down.shape[0]))
         assert norm <= MAX_NORM * (1 + 1e-5), m
+    assert any(tensors[f"{m}.lora_down.weight"].shape[-1] == 3 for m in modules)  # LoCon's 3x3 convs are held too
+
+
+def delta_w(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """kohya's ΔW = up·down of a Linear, 1x1 or 3x3 conv module (reference §5.9)."""
+    if down.dim() == 2:
+        return up @ down
+    if down.shape[-1] == 1:
+        return (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)

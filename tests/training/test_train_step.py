@@ -119,6 +119,30 @@ def test_timestep_bounds_are_in_the_lora_metadata_as_kohya_writes_them(session):
     assert timestep_range(min_timestep=100, max_timestep=900) == "100,900"
 
 
+def test_the_network_keys_are_in_the_lora_metadata_as_v087_writes_them(session):
+    """ss_network_dim / alpha / dropout as str() of v0.8.7's args; ss_network_args = json.dumps(net_kwargs) only when
+    v0.8.7 had --network_args: their strings, then the injected "dropout" (not under dim_from_weights)."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.training.metadata import kohya_metadata
+
+    def network_keys(**values):
+        saved = {k: OmegaConf.to_container(session.cfg.network)[k] for k in values}  # a copy: lists update in place
+        session.cfg.network.update(values)
+        try:
+            meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
+        finally:
+            session.cfg.network.update(saved)
+        return tuple(meta.get(f"ss_network_{k}") for k in ("dim", "alpha", "dropout", "args"))
+
+    assert network_keys() == ("4", "1.0", "None", None)
+    assert network_keys(network_args=["conv_dim=32", "conv_alpha=16"], dropout=0.1, rank=16, alpha=8.0) == (
+        "16", "8.0", "0.1", '{"conv_dim": "32", "conv_alpha": "16", "dropout": 0.1}')
+    assert network_keys(conv_dim=32, rank_dropout=0.25) == (
+        "4", "1.0", "None", '{"conv_dim": "32", "rank_dropout": "0.25", "dropout": null}')
+    assert network_keys(network_args=["module_dropout=0.1"], dim_from_weights=True)[3] == '{"module_dropout": "0.1"}'
+
+
 def test_the_lora_metadata_counts_the_sessions_dataset_as_kohya_does(session):
     """Folder mode (the bundled photos): every training entry in ss_num_train_images and ss_bucket_info, no reg."""
     import json
