@@ -93,9 +93,10 @@ class LossConfig:
 class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1e-4
-    args: dict[str, Any] = field(default_factory=dict)  # passed through, like kohya --optimizer_args
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the optimizer class
+    optimizer_args: list[str] = field(default_factory=list)  # --optimizer_args "key=value" strings, over args
     scheduler: str = "constant"  # kohya --lr_scheduler
-    warmup_steps: int = 0  # --lr_warmup_steps: optimizer steps (an int, as in v0.8.7)
+    warmup_steps: Any = 0  # --lr_warmup_steps: an int of optimizer steps; Any so a fraction gets v0.8.7's refusal
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts only
     lr_scheduler_power: float = 1.0  # polynomial only
     lr_scheduler_args: dict[str, Any] = field(default_factory=dict)  # --lr_scheduler_args, e.g. lr_end for polynomial
@@ -324,6 +325,7 @@ _HASH_NEUTRAL = {
     "optimizer.lr_scheduler_num_cycles": (1,),
     "optimizer.lr_scheduler_power": (1.0,),
     "optimizer.lr_scheduler_args": ({},),
+    "optimizer.optimizer_args": ([],),
     "train.max_train_epochs": (None,),
     "train.save_precision": (None,),
     "train.torch_compile": (False,),

@@ -394,7 +394,7 @@ def test_max_token_length_is_hash_neutral_at_null_and_75_and_kohyas_name_finds_i
 ISSUE_27_28_KEYS = {
     "network": ["conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "network_weights", "dim_from_weights",
                 "scale_weight_norms", "network_train_unet_only", "network_train_text_encoder_only", "network_args"],
-    "optimizer": ["lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args"],
+    "optimizer": ["lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args", "optimizer_args"],
     "train": ["max_train_epochs", "save_last_n_epochs", "save_last_n_steps", "save_precision", "torch_compile",
               "dynamo_backend", "sdpa", "xformers", "mem_eff_attn"],
     "loss": ["zero_terminal_snr", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss"],
@@ -430,3 +430,11 @@ def test_network_dropout_changed_meaning_so_a_non_zero_value_gets_a_new_hash():
                        if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}, sort_keys=True, default=str)
     assert config_hash(compose_config("network.dropout=0.1")) != hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert config_hash(compose_config("network.dropout=0.0")) == config_hash(compose_config())
+
+
+def test_an_int_warmup_keeps_the_hash_it_had_when_the_field_was_typed_int():
+    """optimizer.warmup_steps is typed Any (so a fraction gets v0.8.7's refusal, not a type error); an int stays an
+    int and hashes as before: the value recorded on main 7458314, before the type changed."""
+    cfg = compose_config("optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
+    assert type(cfg.optimizer.warmup_steps) is int
+    assert config_hash(cfg) == "bbc3ed2619c7693e"

@@ -30,7 +30,8 @@ ALLOWED = {
     "compare": {"model", "sampling"},
     "job": {"checks", "data", "training"},
 }
-PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/precision.py")
+PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/schedules.py",
+             "training/precision.py")
 
 
 def lora_sweep_imports(path: Path) -> set[str]:

@@ -249,10 +249,11 @@ def _free_form_message(key: str, cause) -> str:
     owner = f"the {group}={name} config" if isinstance(name, str) else parent
     keys = [k.rpartition(".")[2] for k in _node_keys(cause)]
     near = difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)
+    against = "the class" if parent == "optimizer.args" else "the schedule"
     return (f"{key} is not set by {owner}." + (f" Did you mean {' or '.join(f'{parent}.{k}' for k in near)}?"
                                                if near else "")
             + f" It sets {parent}: {', '.join(keys) or 'nothing'}; another argument is passed with "
-              f"'+{parent}.<name>=<value>' (the pre-flight checks it against the class).")
+              f"'+{parent}.<name>=<value>' (the pre-flight checks it against {against}).")
 
 
 def _node_keys(cause) -> list[str]:

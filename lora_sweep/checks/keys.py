@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_sweep.checks.kohya_flags import not_a_setting_message
 from lora_sweep.config import CONF_DIR, Config, flatten, to_container
 
-FREE_FORM = ("optimizer.args",)  # any key goes (kohya's --optimizer_args); checked against the optimizer
+FREE_FORM = ("optimizer.args", "optimizer.lr_scheduler_args")  # any key goes; checked against the class / schedule
 # kohya's flag name -> ours (`network_dim` -> network.rank); `<group>.<rest>` also matches `<group>_<rest>`
 KOHYA_NAMES = {
     "network_dim": "network.rank", "dim": "network.rank", "network_alpha": "network.alpha",
@@ -19,8 +19,9 @@ KOHYA_NAMES = {
     "multires_noise_iterations": "noise.multires_iterations", "multires_noise_discount": "noise.multires_discount",
     "ip_noise_gamma": "noise.ip_gamma", "ip_noise_gamma_random_strength": "noise.ip_gamma_random_strength",
     "loss_type": "loss.type", "debiased_estimation_loss": "loss.debiased", "optimizer_type": "optimizer.name",
-    "optimizer_args": "optimizer.args", "learning_rate": "optimizer.lr", "lr_scheduler": "optimizer.scheduler",
-    "lr_warmup_steps": "optimizer.warmup_steps", "mixed_precision": "precision.name",
+    "optimizer_args": "optimizer.optimizer_args", "learning_rate": "optimizer.lr",
+    "lr_scheduler": "optimizer.scheduler", "lr_warmup_steps": "optimizer.warmup_steps",
+    "mixed_precision": "precision.name",
     "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum", "save_every_n_steps": "train.save_every",
     "save_every_n_epochs": "train.save_every_epochs", "v_parameterization": "model.v_prediction",

@@ -269,7 +269,8 @@ def _check_learning_rates(cfg) -> None:
     with warnings.catch_warnings():  # the low-lr advice is printed when the optimizer is built
         warnings.simplefilter("ignore")
         optim.check_learning_rates(cfg.optimizer.name, lr=t.lr, text_encoder_lr=t.text_encoder_lr,
-                                   train_text_encoder=cfg.network.train_text_encoder)
+                                   train_text_encoder=cfg.network.train_text_encoder, args=dict(cfg.optimizer.args),
+                                   optimizer_args=list(cfg.optimizer.optimizer_args))
 
 
 def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
@@ -286,12 +287,13 @@ def _optimizer_arg_problems(cfg, memo: Memo) -> list[str]:
     except UserError:
         return []  # reported by the config checks
     args = OmegaConf.to_container(cfg.optimizer.args, resolve=True)
+    strings = list(cfg.optimizer.optimizer_args)
     quiet = logging.getLogger("bitsandbytes")  # its CPU-kernel notice on import is not about the user's input
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return memo.get(("optimizer", name, json.dumps(args, sort_keys=True, default=repr)),
-                        lambda: optim.optimizer_arg_problems(name, args))
+        return memo.get(("optimizer", name, json.dumps(args, sort_keys=True, default=repr), *strings),
+                        lambda: optim.optimizer_arg_problems(name, args, strings))
     except ImportError as error:
         return [f"optimizer={name}: cannot import {option.import_path.replace(':', '.')} ({error}); install the "
                 "package that provides it."]

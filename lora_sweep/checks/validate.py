@@ -174,12 +174,12 @@ def _v_pred_checks(cfg) -> None:
 
 
 def _optimizer_checks(cfg) -> list[Callable[[], None]]:
-    from lora_sweep.training import optim
+    from lora_sweep.training import optim, schedules
 
     return [
         lambda: _naming("optimizer.name", optim.resolve_optimizer_name, cfg.optimizer.name),
         lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
-        lambda: _check_scheduler(optim, cfg),
+        lambda: _check_scheduler(optim, schedules, cfg),
     ]
 
 
@@ -367,15 +367,23 @@ def _every_timestep(timesteps) -> None:
     found.raise_any()
 
 
-def _check_scheduler(optim, cfg) -> None:
-    found = Problems()  # a bad scheduler and a bad warmup are both named
-    found.check(_enum, "optimizer.scheduler", cfg.optimizer.scheduler, optim.SCHEDULERS)
-    found.check(_positive, "optimizer.warmup_steps", cfg.optimizer.warmup_steps, allow_zero=True)
-    found.raise_any()
-    if cfg.optimizer.scheduler == "constant" and cfg.optimizer.warmup_steps:
-        raise ConfigError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} needs a scheduler that warms up: "
-                          "optimizer.scheduler=constant does not (kohya refuses it too); use constant_with_warmup, "
-                          "cosine or linear, or set optimizer.warmup_steps=0.")
+def _check_scheduler(optim, schedules, cfg) -> None:
+    """The schedule settings as v0.8.7's get_scheduler_fix checks them, after get_optimizer's Adafactor rewrite."""
+    o, t = cfg.optimizer, cfg.train
+    warmup = schedules.warmup_problem(o.warmup_steps, t.max_steps)
+    try:
+        name = optim.resolve_optimizer_name(o.name)
+        arguments = optim.optimizer_arguments(name, dict(o.args), list(o.optimizer_args))
+        relative = name == "adafactor" and bool(arguments.kwargs["relative_step"])
+    except UserError:
+        name, relative = o.name, False  # reported by the optimizer checks
+    problems = schedules.schedule_problems(
+        o.scheduler, effective=schedules.adafactor_name(t.lr) if relative else o.scheduler, optimizer_name=name,
+        warmup_steps=0 if warmup else o.warmup_steps, max_steps=t.max_steps, lr=t.lr,
+        num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power, scheduler_args=dict(o.lr_scheduler_args))
+    problems += [warmup] if warmup else []  # a bad scheduler and a bad warmup are both named
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def _check_model_path(m) -> None:

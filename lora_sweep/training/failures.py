@@ -20,7 +20,8 @@ from lora_sweep.paths import cache_root, state_root
 
 # Optimizer state tensors per LoRA parameter, roughly (8-bit states are a quarter of fp32 ones).
 OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prodigy": 4.0,
-                         "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0}
+                         "dadapt_adam": 3.0, "dadapt_adam_preprint": 3.0, "paged_adamw8bit": 0.5,
+                         "sgd_nesterov": 1.0, "adafactor": 1.0}  # Adafactor: factored moments, beta1's full one
 HEADROOM_BYTES = 16 * 2**20  # left free on each disk: logs, MLflow's files, the store's journal
 # LoRA parameters per unit of network.rank (U-Net, both text encoders) of a model whose size is known before it loads
 LORA_NUMEL_PER_RANK = {"tiny": (24_960, 3_360)}

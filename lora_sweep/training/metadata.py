@@ -25,7 +25,7 @@ from lora_sweep.data.buckets import bucket_settings, parse_resolution
 from lora_sweep.data.dataset import ImageItem
 from lora_sweep.data.subsets import DatasetSpec, Subset
 from lora_sweep.model.network import kohya_network_kwargs
-from lora_sweep.training import optim
+from lora_sweep.training import optim, schedules
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
     "fp32": ("no", False), "fp16": ("fp16", False), "bf16": ("bf16", False),
@@ -61,6 +61,8 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
     facts = facts if facts is not None else TrainingFacts()
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
     te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
+    scheduler = schedules.kohya_scheduler_name(optimizer, cfg.optimizer.scheduler)
+    lr_unused = scheduler != cfg.optimizer.scheduler  # Adafactor's relative_step: v0.8.7 sets the lrs to None
     meta = {
         "ss_session_id": facts.session_id,
         "ss_training_started_at": facts.started_at,
@@ -74,11 +76,11 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
         "lora_sweep_train_unet_only": not cfg.network.train_text_encoder,
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_v2": False,
-        "ss_learning_rate": cfg.train.lr,
-        "ss_unet_lr": cfg.train.lr,
-        "ss_text_encoder_lr": te_lr if cfg.network.train_text_encoder else 0.0,
+        "ss_learning_rate": None if lr_unused else cfg.train.lr,
+        "ss_unet_lr": None if lr_unused else cfg.train.lr,
+        "ss_text_encoder_lr": None if lr_unused else te_lr if cfg.network.train_text_encoder else 0.0,
         "ss_optimizer": optim.optimizer_description(optimizer),
-        "ss_lr_scheduler": cfg.optimizer.scheduler,
+        "ss_lr_scheduler": scheduler,
         "ss_lr_warmup_steps": cfg.optimizer.warmup_steps,
         "ss_mixed_precision": mixed,
         "ss_full_fp16": bool(cfg.precision.full_fp16),  # v0.8.7 has no ss_full_bf16

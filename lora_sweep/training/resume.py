@@ -64,12 +64,16 @@ RULES: tuple[Rule, ...] = (
     Rule("optimizer.args.d0", REFUSE, "only the first step uses d0: the state's adapted d goes on"),
     Rule("optimizer.args.min_8bit_size", REFUSE, "it decides which tensors keep 8-bit optimizer state"),
     Rule("optimizer.args.amsgrad", REFUSE, "the state lacks (or holds) the max of the second moments"),
+    Rule("optimizer.args.beta1", REFUSE, "Adafactor's state lacks (or holds) the first moment that beta1 keeps"),
+    Rule("optimizer.optimizer_args", FOLLOW, "the param groups' hyperparameters are set from this config; moments "
+                                             "stay"),
     Rule("optimizer.scheduler", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("optimizer.warmup_steps", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("optimizer.lr_scheduler_num_cycles", FOLLOW, "the LR schedule is rebuilt from this config at the state's "
                                                       "step"),
     Rule("optimizer.lr_scheduler_power", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("optimizer.lr_scheduler_args", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
+    Rule("optimizer.lr_scheduler_args.", FOLLOW, "the LR schedule is rebuilt from this config at the state's step"),
     Rule("precision.name", FOLLOW, "the precision of the steps after the state; fp16's grad scaler starts afresh "
                                    "when the state has none"),
     Rule("precision.full_fp16", REFUSE, "the state's LoRA tensors and optimizer moments are in the old dtype"),

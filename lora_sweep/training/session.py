@@ -55,7 +55,7 @@ from lora_sweep.model.network import (
 )
 from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
-from lora_sweep.training import metadata, optim, placement, precision, switches
+from lora_sweep.training import metadata, optim, placement, precision, schedules, switches
 from lora_sweep.training.checkpoint import SAVE_DTYPES
 from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
@@ -499,9 +499,13 @@ def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
 
 def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]:
     """The `optimizer` group's optimizer over `groups` and its LR schedule over train.max_steps updates."""
-    optimizer = optim.build_optimizer(cfg.optimizer.name, groups, lr=cfg.train.lr, args=dict(cfg.optimizer.args))
-    lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optimizer.scheduler,
-                                            warmup_steps=cfg.optimizer.warmup_steps, total_steps=cfg.train.max_steps)
+    o = cfg.optimizer
+    optimizer = optim.build_optimizer(o.name, groups, lr=cfg.train.lr, args=dict(o.args),
+                                      optimizer_args=list(o.optimizer_args))
+    optim.kohya_advice(optimizer, scheduler=o.scheduler, max_grad_norm=cfg.train.max_grad_norm)
+    lr_scheduler = schedules.build_lr_scheduler(
+        optimizer, o.scheduler, warmup_steps=o.warmup_steps, total_steps=cfg.train.max_steps,
+        num_cycles=o.lr_scheduler_num_cycles, power=o.lr_scheduler_power, scheduler_args=dict(o.lr_scheduler_args))
     return optimizer, lr_scheduler
 
 

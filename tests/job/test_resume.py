@@ -165,7 +165,7 @@ def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(t
     from lora_sweep.config import config_hash
     from lora_sweep.job.run import plan_resume
     from lora_sweep.paths import make_paths_absolute
-    from lora_sweep.training.optim import lr_multiplier
+    from lora_sweep.training.schedules import lr_multiplier
 
     cosine = ("optimizer.scheduler=cosine", "train.keep_states=3")
     first = in_process(tmp_path, "first", monkeypatch, "train.max_steps=3", *cosine)

@@ -12,7 +12,7 @@ from conftest import compose_config
 
 from lora_sweep.config import config_hash, hashed_settings
 from lora_sweep.errors import UserError
-from lora_sweep.training import checkpoint, optim, resume
+from lora_sweep.training import checkpoint, optim, resume, schedules
 from lora_sweep.training.session import make_optimizer
 
 COSINE_200 = ("optimizer.scheduler=cosine", "train.max_steps=200")
@@ -74,7 +74,7 @@ def test_a_new_lr_and_schedule_apply_from_the_resumed_step(tmp_path):
     """Run A (lr 1e-4, cosine, 200 steps) stopped at step 153; its state resumed with optimizer.lr=5e-5 trains step
     154 at 5e-5 x the cosine factor, with scheduler=constant at exactly 5e-5; unchanged, at A's own 1.2494e-05."""
     state = state_after(tmp_path, compose_config(*COSINE_200), 153)
-    factor = optim.lr_multiplier("cosine", 154, warmup_steps=0, total_steps=200)
+    factor = schedules.lr_multiplier("cosine", 154, warmup_steps=0, total_steps=200)
 
     same, _, changes = resumed_lr(state, *COSINE_200)
     assert changes == {} and same == 1e-4 * factor and round(same, 9) == 1.2494e-05

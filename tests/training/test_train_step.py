@@ -205,3 +205,26 @@ def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
     finally:
         session.cfg.data.max_token_length = None
     assert context.shape == (2, 227, 32 + 48) and pooled.shape == (2, 40) and out.shape == latents.shape
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], {"ss_optimizer": "torch.optim.adamw.AdamW", "ss_lr_scheduler": "constant", "ss_lr_warmup_steps": "0",
+          "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001"}),
+    (["optimizer.scheduler=cosine", "optimizer.warmup_steps=2", "optimizer.optimizer_args=['weight_decay=0.1']"],
+     {"ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.1)", "ss_lr_scheduler": "cosine",
+      "ss_lr_warmup_steps": "2"}),
+    (["optimizer=adafactor", "optimizer.scheduler=cosine"],  # relative_step: kohya's rewrite, the lrs None
+     {"ss_optimizer": "transformers.optimization.Adafactor(relative_step=True)",
+      "ss_lr_scheduler": "adafactor:0.0001", "ss_learning_rate": "None", "ss_unet_lr": "None",
+      "ss_text_encoder_lr": "None"}),
+    (["optimizer=sgd_nesterov"], {"ss_optimizer": "torch.optim.sgd.SGD(momentum=0.9)"}),
+])
+def test_the_lora_metadata_records_optimizer_and_schedule_as_v087(session, overrides, expected):
+    from lora_sweep.training.metadata import kohya_metadata
+    from lora_sweep.training.session import make_optimizer
+
+    cfg = compose_config("train.max_steps=1", "train.batch_size=2", "train.device=cpu", *overrides)
+    optimizer, _ = make_optimizer(cfg, [{"name": "unet", "params": [torch.nn.Parameter(torch.zeros(2, 2))],
+                                         "lr": cfg.train.lr}])
+    meta = kohya_metadata(cfg, session.prepared, optimizer, steps=1, epoch=1)
+    assert {k: meta[k] for k in expected} == expected
