@@ -89,7 +89,7 @@ def _add_part_lora(net, model: torch.nn.Module, prefix: str, targets, patterns) 
                     "(kohya prefix %s): no LoRA there, as v0.8.7 builds none; the other parts train.",
                     _PART_NAMES[prefix], prefix)
         return
-    add_lora(model, rank=net.rank, alpha=net.alpha, targets=targets, patterns=patterns)
+    add_lora(model, rank=net.rank, alpha=kohya_alpha(net.rank, net.alpha), targets=targets, patterns=patterns)
 
 
 _PART_NAMES = {"lora_unet": "U-Net", "lora_te1": "text encoder 1", "lora_te2": "text encoder 2"}
@@ -148,7 +148,7 @@ def unet_targets(net, unet: torch.nn.Module, weights: Mapping[str, tuple] | None
         return UNET_TARGETS, {}
     modules = unet_modules(unet, rank=net.rank, alpha=net.alpha, conv_dim=conv_dim,
                            conv_alpha=network_value(net, "conv_alpha"))
-    default = (net.rank, float(net.alpha))
+    default = (net.rank, kohya_alpha(net.rank, net.alpha))
     return list(modules), {name: value for name, value in modules.items() if value != default}
 
 
