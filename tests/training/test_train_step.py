@@ -209,7 +209,10 @@ def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
 
 @pytest.mark.parametrize("overrides, expected", [
     ([], {"ss_optimizer": "torch.optim.adamw.AdamW", "ss_lr_scheduler": "constant", "ss_lr_warmup_steps": "0",
-          "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001"}),
+          "ss_learning_rate": "0.0001", "ss_unet_lr": "None", "ss_text_encoder_lr": "None"}),
+    (["train.text_encoder_lr=5e-5", "network.train_text_encoder=true"],  # v0.8.7: the flags as given
+     {"ss_learning_rate": "0.0001", "ss_unet_lr": "None", "ss_text_encoder_lr": "5e-05"}),
+    (["train.text_encoder_lr=0"], {"ss_text_encoder_lr": "0.0", "ss_unet_lr": "None"}),
     (["optimizer.scheduler=cosine", "optimizer.warmup_steps=2", "optimizer.optimizer_args=['weight_decay=0.1']"],
      {"ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.1)", "ss_lr_scheduler": "cosine",
       "ss_lr_warmup_steps": "2"}),
