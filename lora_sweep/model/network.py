@@ -362,6 +362,11 @@ def network_args_problems(net) -> list[str]:
     return problems
 
 
+def network_arg_text(value: float) -> str:
+    """A network.* value as the shortest `--network_args key=<text>` that gives it: "16" for 16 or 16.0, repr else."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def network_value(net, key: str):
     """network.<key>, or its network_args value converted as v0.8.7 converts it (network_args_problems passed)."""
     own = getattr(net, key)
@@ -549,13 +554,13 @@ def network_problems(net) -> list[str]:
 
 def kohya_network_kwargs(net) -> dict | None:
     """v0.8.7's net_kwargs for `ss_network_args` (json.dumps of it): network_args' strings in their order, then the
-    network.* keys among conv_dim, conv_alpha, rank_dropout, module_dropout that are set (as str(value)), then the
+    network.* keys among conv_dim, conv_alpha, rank_dropout, module_dropout that are set (`network_arg_text`), then the
     injected "dropout" (network.dropout, None for 0.0; not under dim_from_weights). None when v0.8.7 would have had
     no --network_args, so writes no ss_network_args: none of the four set."""
     kwargs: dict = dict(parse_network_args(net.network_args))
     for key in NETWORK_ARGS_KEYS:
         if getattr(net, key) is not None and key not in kwargs:
-            kwargs[key] = str(getattr(net, key))
+            kwargs[key] = network_arg_text(getattr(net, key))
     if not kwargs:
         return None
     if not net.dim_from_weights:

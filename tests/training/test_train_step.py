@@ -141,6 +141,9 @@ def test_the_network_keys_are_in_the_lora_metadata_as_v087_writes_them(session):
     assert network_keys(conv_dim=32, rank_dropout=0.25) == (
         "4", "1.0", "None", '{"conv_dim": "32", "rank_dropout": "0.25", "dropout": null}')
     assert network_keys(network_args=["module_dropout=0.1"], dim_from_weights=True)[3] == '{"module_dropout": "0.1"}'
+    # what `--network_args conv_alpha=16 module_dropout=0` gives v0.8.7, not str(float)'s "16.0" and "0.0"
+    assert network_keys(conv_dim=32, conv_alpha=16.0, module_dropout=0.0)[3] == (
+        '{"conv_dim": "32", "conv_alpha": "16", "module_dropout": "0", "dropout": null}')
 
 
 def test_the_lora_metadata_counts_the_sessions_dataset_as_kohya_does(session):
