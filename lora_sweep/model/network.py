@@ -220,8 +220,9 @@ def kohya_state_dict(
     modules: Mapping[str, torch.nn.Module], *, layers_per_block: int, dtype=torch.float32
 ) -> dict[str, torch.Tensor]:
     """kohya keys of every LoRA-wrapped module; `modules` maps a prefix (`lora_unet`, `lora_te1`, `lora_te2`) to its
-    model. Each module's `.alpha` is the one its PEFT layer trains with, so the file's alpha/rank is the trained
-    scale. A conv LoRA keeps PEFT's shapes, which are kohya's: lora_down (r, in, k, k), lora_up (out, r, 1, 1)."""
+    model. Each module's `.alpha` is its PEFT layer's lora_alpha, in the LoRA weights' dtype and then `dtype`, as
+    v0.8.7 casts its alpha buffer. A conv LoRA keeps PEFT's shapes, which are kohya's: lora_down (r, in, k, k),
+    lora_up (out, r, 1, 1)."""
     out: dict[str, torch.Tensor] = {}
     for prefix, model in modules.items():
         up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
@@ -231,7 +232,9 @@ def kohya_state_dict(
             key = kohya_module_name(prefix, name, layers_per_block, up_attention)
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
+            # v0.8.7's alpha buffer is in the network's dtype (fp16 / bf16 under precision.full_*) before the save cast
+            alpha = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=layer.lora_A[ADAPTER].weight.dtype)
+            out[f"{key}.alpha"] = alpha.to(dtype)
     return out
 
 
