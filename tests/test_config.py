@@ -232,7 +232,7 @@ def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
     (["network.dim=8"], "Did you mean network.rank?"),  # docs/options.md: network.rank is kohya's --network_dim
     (["network_dim=8"], "Did you mean network.rank?"),
     (["network.network_alpha=2"], "Did you mean network.alpha?"),
-    (["train.learning_rate=1"], "Did you mean optimizer.lr?"),
+    (["train.learning_rate=1"], "Did you mean train.lr?"),
     (["noise.ip_noise_gamma=0.1"], "Did you mean noise.ip_gamma?"),
     (["optimizer.type=prodigy"], "Did you mean optimizer.name?"),
 ])

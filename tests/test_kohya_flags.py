@@ -144,3 +144,12 @@ def test_the_coming_from_kohya_page_lists_every_refused_and_fixed_flag_and_gui_k
         flags = "the same" if entry.flags == (key,) else ", ".join(f"`{flag_text(f)}`" for f in entry.flags)
         assert rows.get(key) == [flags or "none", entry.how], key
     assert all(f"- `{name}`: {preset['LoRA_type']}\n" in text for name, preset in PRESETS.items())
+
+
+def test_learning_rate_and_unet_lr_are_train_lr():
+    """v0.8.7's --learning_rate (every group's default lr, polynomial's lr_init, adafactor:<lr>, ss_learning_rate) is
+    what train.lr plays; optimizer.lr is the option's default lr that train.lr follows, and --unet_lr has no key of
+    its own."""
+    assert mapping("learning_rate") == mapping("unet_lr") == "train.lr"
+    assert "optimizer.lr" not in KOHYA_NAMES.values()
+    assert "no separate U-Net lr" in GUI_KEYS["unet_lr"].how

@@ -35,7 +35,7 @@ BAD = [  # (overrides, the field the message must name), across every group
     (["optimizer.scheduler=constant", "optimizer.warmup_steps=10"], "optimizer.warmup_steps"),
     (["precision.name=fp4"], "precision.name"),
     (["network.rank=0"], "network.rank"),
-    (["network.alpha=0"], "network.alpha"),
+    (["network.alpha=-1"], "network.alpha"),  # 0 is alpha = rank, as v0.8.7
     (["network.dropout=1.0"], "network.dropout"),
     (["network.rank_dropout=1.0"], "network.rank_dropout"),
     (["network.module_dropout=-0.1"], "network.module_dropout"),

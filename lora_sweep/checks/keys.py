@@ -19,7 +19,10 @@ KOHYA_NAMES = {
     "multires_noise_iterations": "noise.multires_iterations", "multires_noise_discount": "noise.multires_discount",
     "ip_noise_gamma": "noise.ip_gamma", "ip_noise_gamma_random_strength": "noise.ip_gamma_random_strength",
     "loss_type": "loss.type", "debiased_estimation_loss": "loss.debiased", "optimizer_type": "optimizer.name",
-    "optimizer_args": "optimizer.optimizer_args", "learning_rate": "optimizer.lr",
+    "optimizer_args": "optimizer.optimizer_args",
+    # the lr of every group without its own, polynomial's lr_init, adafactor:<lr>, ss_learning_rate: all read
+    # train.lr, which follows optimizer.lr (the option's default lr)
+    "learning_rate": "train.lr",
     "lr_scheduler": "optimizer.scheduler", "lr_warmup_steps": "optimizer.warmup_steps",
     "mixed_precision": "precision.name",
     "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
@@ -55,6 +58,8 @@ KOHYA_NAMES = {
     # issue 28: schedules, optimizers, epochs, saving and switches
     "lr_scheduler_num_cycles": "optimizer.lr_scheduler_num_cycles",
     "lr_scheduler_power": "optimizer.lr_scheduler_power", "lr_scheduler_args": "optimizer.lr_scheduler_args",
+    # the U-Net's lr: no key of its own, so a --unet_lr apart from --learning_rate is train.lr with
+    # train.text_encoder_lr set to the --learning_rate (docs/kohya.md)
     "unet_lr": "train.lr", "max_train_epochs": "train.max_train_epochs",
     "save_last_n_epochs": "train.save_last_n_epochs", "save_last_n_steps": "train.save_last_n_steps",
     "save_precision": "train.save_precision", "torch_compile": "train.torch_compile",

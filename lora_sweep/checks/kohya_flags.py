@@ -183,7 +183,9 @@ GUI_KEYS: dict[str, GuiKey] = {
     "learning_rate": GuiKey(("learning_rate",), "0 is left out, so v0.8.7's 2e-6 applies"),
     "unet_lr": GuiKey(("unet_lr", "network_train_unet_only", "network_train_text_encoder_only"),
                       "0 is left out (learning_rate applies); non-zero with text_encoder_lr 0 sets "
-                      "network_train_unet_only, 0 with text_encoder_lr non-zero network_train_text_encoder_only"),
+                      "network_train_unet_only, 0 with text_encoder_lr non-zero network_train_text_encoder_only. "
+                      "lora-sweep has no separate U-Net lr: one apart from learning_rate is train.lr, with "
+                      "train.text_encoder_lr the learning_rate"),
     "text_encoder_lr": GuiKey(("text_encoder_lr", "network_train_unet_only", "network_train_text_encoder_only"),
                               "0 is left out (learning_rate applies); 0 with unet_lr non-zero sets "
                               "network_train_unet_only, non-zero with unet_lr 0 network_train_text_encoder_only"),

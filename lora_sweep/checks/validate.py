@@ -197,7 +197,7 @@ def _precision_checks(cfg) -> list[Callable[[], None]]:
 def _network_checks(net) -> list[Callable[[], None]]:
     return [
         lambda: _positive("network.rank", net.rank),
-        lambda: _positive("network.alpha", net.alpha),
+        lambda: _positive("network.alpha", net.alpha, allow_zero=True),  # 0: alpha = rank, as v0.8.7
         lambda: _dropout_rate("network.dropout", net.dropout, "0 is off"),
         lambda: _dropout_rate("network.rank_dropout", _network_value(net, "rank_dropout"), "null is off"),
         lambda: _dropout_rate("network.module_dropout", _network_value(net, "module_dropout"), "null is off"),

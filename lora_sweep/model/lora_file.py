@@ -64,12 +64,13 @@ def _safetensors_header(path: Path) -> dict:
                         "lora-sweep reads kohya and diffusers/PEFT .safetensors files.") from None
 
 
-def _file_alpha(tensors: Mapping, config: dict | None, module: FileModule, label: str) -> float:
-    """A module's alpha in its file: kohya's `.alpha` tensor, or the PEFT part's lora_alpha / alpha_pattern from
-    diffusers' `lora_adapter_metadata`; the rank when the file has none (v0.8.7 and diffusers read it so)."""
+def _file_alpha(tensors: Mapping, config: dict | None, module: FileModule, label: str) -> float | None:
+    """A module's alpha in its file: kohya's `.alpha` tensor (None when absent: each use decides, as v0.8.7 does), or
+    the PEFT part's lora_alpha / alpha_pattern from diffusers' `lora_adapter_metadata` (the rank when absent, as
+    diffusers reads it)."""
     if module.key.endswith(".lora_down.weight"):
         alpha = tensors.get(module.key.replace(".lora_down.weight", ".alpha"))
-        return float(alpha) if alpha is not None else float(module.rank)
+        return None if alpha is None else float(alpha)
     part = module.key.split(".", 1)[0]
     if config is None or f"{part}.lora_alpha" not in config:
         return float(module.rank)
@@ -81,7 +82,7 @@ def _file_alpha(tensors: Mapping, config: dict | None, module: FileModule, label
 
 def read_lora_file(path: str | Path) -> dict[str, tuple]:
     """Every module of the file by `lora_file_modules`' label -> (lora_down, lora_up, alpha), tensors fp32 on the CPU;
-    alpha: `_file_alpha`."""
+    alpha: `_file_alpha` (None: a kohya file without that `.alpha`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -69,16 +69,30 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
     else:
         targets, patterns = unet_targets(net, unet, weights)
         with fp32(unet):
-            add_lora(unet, rank=net.rank, alpha=net.alpha, targets=targets, patterns=patterns)
+            _add_part_lora(net, unet, "lora_unet", targets, patterns)
     if net.train_text_encoder:
         for prefix, encoder in zip(("lora_te1", "lora_te2"), text_encoders, strict=True):
             targets, patterns = text_encoder_targets(net, encoder, prefix, weights)
             with fp32(encoder):
-                add_lora(encoder, rank=net.rank, alpha=net.alpha, targets=targets,
-                         patterns=patterns)
+                _add_part_lora(net, encoder, prefix, targets, patterns)
             encoder.train()
     if weights is not None:
         load_network_weights(weights, named, path=net.network_weights)
+
+
+def _add_part_lora(net, model: torch.nn.Module, prefix: str, targets, patterns) -> None:
+    """add_lora with `net`'s rank and alpha; no targets (a dim_from_weights file without this part) freezes the part,
+    as v0.8.7 then builds no module there and trains the rest."""
+    if not targets:
+        model.requires_grad_(False)
+        log.warning("network.dim_from_weights: the file of network.network_weights has no module of this model's %s "
+                    "(kohya prefix %s): no LoRA there, as v0.8.7 builds none; the other parts train.",
+                    _PART_NAMES[prefix], prefix)
+        return
+    add_lora(model, rank=net.rank, alpha=kohya_alpha(net.rank, net.alpha), targets=targets, patterns=patterns)
+
+
+_PART_NAMES = {"lora_unet": "U-Net", "lora_te1": "text encoder 1", "lora_te2": "text encoder 2"}
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -134,7 +148,7 @@ def unet_targets(net, unet: torch.nn.Module, weights: Mapping[str, tuple] | None
         return UNET_TARGETS, {}
     modules = unet_modules(unet, rank=net.rank, alpha=net.alpha, conv_dim=conv_dim,
                            conv_alpha=network_value(net, "conv_alpha"))
-    default = (net.rank, float(net.alpha))
+    default = (net.rank, kohya_alpha(net.rank, net.alpha))
     return list(modules), {name: value for name, value in modules.items() if value != default}
 
 
@@ -148,10 +162,6 @@ def text_encoder_targets(net, encoder: torch.nn.Module, prefix: str, weights: Ma
 
 def _from_file(weights, model, prefix: str) -> tuple[list[str], dict[str, tuple[int, float]]]:
     modules = weights_targets(weights or {}, model, prefix)
-    if not modules:
-        raise UserError(f"network.dim_from_weights: the file of network.network_weights has no module of this "
-                        f"model's {prefix.removeprefix('lora_')} (kohya prefix {prefix}), so there is nothing to "
-                        "train there.")
     return list(modules), modules
 
 
@@ -210,8 +220,9 @@ def kohya_state_dict(
     modules: Mapping[str, torch.nn.Module], *, layers_per_block: int, dtype=torch.float32
 ) -> dict[str, torch.Tensor]:
     """kohya keys of every LoRA-wrapped module; `modules` maps a prefix (`lora_unet`, `lora_te1`, `lora_te2`) to its
-    model. Each module's `.alpha` is the one its PEFT layer trains with, so the file's alpha/rank is the trained
-    scale. A conv LoRA keeps PEFT's shapes, which are kohya's: lora_down (r, in, k, k), lora_up (out, r, 1, 1)."""
+    model. Each module's `.alpha` is its PEFT layer's lora_alpha, in the LoRA weights' dtype and then `dtype`, as
+    v0.8.7 casts its alpha buffer. A conv LoRA keeps PEFT's shapes, which are kohya's: lora_down (r, in, k, k),
+    lora_up (out, r, 1, 1)."""
     out: dict[str, torch.Tensor] = {}
     for prefix, model in modules.items():
         up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
@@ -221,7 +232,9 @@ def kohya_state_dict(
             key = kohya_module_name(prefix, name, layers_per_block, up_attention)
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
+            # v0.8.7's alpha buffer is in the network's dtype (fp16 / bf16 under precision.full_*) before the save cast
+            alpha = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=layer.lora_A[ADAPTER].weight.dtype)
+            out[f"{key}.alpha"] = alpha.to(dtype)
     return out
 
 
@@ -352,6 +365,11 @@ def network_args_problems(net) -> list[str]:
     return problems
 
 
+def network_arg_text(value: float) -> str:
+    """A network.* value as the shortest `--network_args key=<text>` that gives it: "16" for 16 or 16.0, repr else."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def network_value(net, key: str):
     """network.<key>, or its network_args value converted as v0.8.7 converts it (network_args_problems passed)."""
     own = getattr(net, key)
@@ -445,7 +463,8 @@ def _kohya_name_of(prefix: str, name: str, model: torch.nn.Module | None) -> str
 
 def weights_targets(weights: Mapping[str, tuple], model: torch.nn.Module, prefix: str) -> dict[str, tuple[int, float]]:
     """network.dim_from_weights: exactly the modules of `model` the file has, by diffusers name -> (the file's rank,
-    its alpha); v0.8.7's create_network_from_weights scans the U-Net's conv classes too."""
+    the alpha PEFT scales with: the file's, or the rank where it has none or 0, as v0.8.7's
+    create_network_from_weights and LoRAModule); v0.8.7 scans the U-Net's conv classes too."""
     classes = TRANSFORMER_CLASSES + CONV_CLASSES if prefix == "lora_unet" else TEXT_ENCODER_CLASSES
     lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
     up_attention = up_blocks_with_attention(model) if prefix == "lora_unet" else ()
@@ -453,7 +472,7 @@ def weights_targets(weights: Mapping[str, tuple], model: torch.nn.Module, prefix
     for name in kohya_candidates(model, classes):
         value = weights.get(kohya_module_name(prefix, name, lpb, up_attention))
         if value is not None:
-            found[name] = (value[0].shape[0], value[2])
+            found[name] = (value[0].shape[0], kohya_alpha(value[0].shape[0], value[2]))
     return found
 
 
@@ -462,7 +481,8 @@ def load_network_weights(weights: Mapping[str, tuple], parts: Mapping[str, torch
     """Copy the file's lora_down / lora_up into the LoRA layers of `parts` (kohya prefix -> model), as
     v0.8.7's load_state_dict(strict=False); returns (loaded, missing, unexpected) module counts, logged as a warning
     when some are missing or unexpected. Each layer keeps the scale it was built with; its lora_alpha becomes the
-    file's, which the kohya file saves (v0.8.7's quirk, docs/network.md). UserError on a shape mismatch."""
+    file's where the file has one (v0.8.7's quirk: saved and max-normed with it, docs/network.md), else stays.
+    UserError on a shape mismatch."""
     seen, missing, wrong = set(), 0, []
     for prefix, model in parts.items():
         lpb = getattr(getattr(model, "config", None), "layers_per_block", 0)
@@ -483,7 +503,8 @@ def load_network_weights(weights: Mapping[str, tuple], parts: Mapping[str, torch
             with torch.no_grad():
                 a.copy_(down)
                 b.copy_(up)
-            layer.lora_alpha[ADAPTER] = alpha
+            if alpha is not None:  # v0.8.7's load_state_dict(strict=False) leaves a missing alpha buffer as built
+                layer.lora_alpha[ADAPTER] = alpha
     if wrong:
         raise UserError(f"network.network_weights: '{path}' does not fit this network ({len(wrong)} modules, e.g. "
                         f"{wrong[0]}). v0.8.7 refuses the shape mismatch: set network.rank / network.conv_dim to the "
@@ -536,13 +557,13 @@ def network_problems(net) -> list[str]:
 
 def kohya_network_kwargs(net) -> dict | None:
     """v0.8.7's net_kwargs for `ss_network_args` (json.dumps of it): network_args' strings in their order, then the
-    network.* keys among conv_dim, conv_alpha, rank_dropout, module_dropout that are set (as str(value)), then the
+    network.* keys among conv_dim, conv_alpha, rank_dropout, module_dropout that are set (`network_arg_text`), then the
     injected "dropout" (network.dropout, None for 0.0; not under dim_from_weights). None when v0.8.7 would have had
     no --network_args, so writes no ss_network_args: none of the four set."""
     kwargs: dict = dict(parse_network_args(net.network_args))
     for key in NETWORK_ARGS_KEYS:
         if getattr(net, key) is not None and key not in kwargs:
-            kwargs[key] = str(getattr(net, key))
+            kwargs[key] = network_arg_text(getattr(net, key))
     if not kwargs:
         return None
     if not net.dim_from_weights:

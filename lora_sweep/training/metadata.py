@@ -60,7 +60,6 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
     """
     facts = facts if facts is not None else TrainingFacts()
     mixed, fp8 = PRECISION_TO_KOHYA.get(cfg.precision.name, (cfg.precision.name, False))
-    te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
     scheduler = schedules.kohya_scheduler_name(optimizer, cfg.optimizer.scheduler)
     lr_unused = scheduler != cfg.optimizer.scheduler  # Adafactor's relative_step: v0.8.7 sets the lrs to None
     meta = {
@@ -77,8 +76,8 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_v2": False,
         "ss_learning_rate": None if lr_unused else cfg.train.lr,
-        "ss_unet_lr": None if lr_unused else cfg.train.lr,
-        "ss_text_encoder_lr": None if lr_unused else te_lr if cfg.network.train_text_encoder else 0.0,
+        "ss_unet_lr": None,  # v0.8.7's unset --unet_lr: lora-sweep has no U-Net lr apart from train.lr
+        "ss_text_encoder_lr": None if lr_unused else cfg.train.text_encoder_lr,  # as set, like --text_encoder_lr
         "ss_optimizer": optim.optimizer_description(optimizer),
         "ss_lr_scheduler": scheduler,
         "ss_lr_warmup_steps": cfg.optimizer.warmup_steps,

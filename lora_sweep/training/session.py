@@ -494,7 +494,7 @@ def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
         te_params = lora_parameters(parts.text_encoder) + lora_parameters(parts.text_encoder_2)
         te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
         groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})
-    return groups
+    return [group for group in groups if group["params"]]  # v0.8.7 adds no group for a part without modules
 
 
 def make_optimizer(cfg, groups: list[dict]) -> tuple[torch.optim.Optimizer, Any]:

@@ -100,3 +100,16 @@ def test_every_lora_file_loads_at_the_trained_strength(tmp_path, alpha, strength
     assert len(ratios) == 132 + 18 + 18
     assert min(ratios.values()) == pytest.approx(strength_without_alpha, rel=1e-4)  # rank/alpha: 4.000x, 2.000x
     assert max(ratios.values()) == pytest.approx(strength_without_alpha, rel=1e-4)
+
+
+def test_the_saved_alpha_passes_through_the_training_dtype_first():
+    """full_bf16 + save_precision float: v0.8.7 casts the alpha buffer to bf16 with the network, then to float32, so
+    alpha 0.3 is stored as bf16(0.3) = 0.30078125; an fp32 network stores float32(0.3)."""
+    model = torch.nn.Module()
+    model.fc1 = torch.nn.Linear(8, 8)
+    add_lora(model, rank=4, alpha=0.3, targets=["fc1"])
+    key = "lora_te1_text_model_fc1.alpha"
+    assert kohya_state_dict({"lora_te1": model}, layers_per_block=2)[key].item() == torch.tensor(0.3).item()
+    model.to(torch.bfloat16)  # as precision.full_bf16 casts the LoRA
+    saved = kohya_state_dict({"lora_te1": model}, layers_per_block=2, dtype=torch.float32)[key]
+    assert saved.dtype == torch.float32 and saved.item() == 0.30078125

@@ -109,3 +109,25 @@ def test_text_encoder_only_trains_no_unet_lora(tmp_path):
     from safetensors.torch import load_file
 
     assert {key.split(".")[0] for key in load_file(str(file))} == {"text_encoder", "text_encoder_2"}
+
+
+def test_alpha_0_is_the_rank_as_v087_reads_it():
+    """v0.8.7's LoRAModule: network.alpha 0 (and conv_alpha 0) is alpha = rank, scale 1; the alpha buffer, which the
+    file saves, holds the rank."""
+    from lora_files import tiny_pipe
+
+    from lora_sweep.model.network import add_network, kohya_state_dict
+
+    overrides = ("network.rank=4", "network.alpha=0", "network.conv_dim=2", "network.conv_alpha=0",
+                 "network.train_text_encoder=true")
+    assert problems(*overrides) == []
+    assert problems("network.alpha=-1") == ["network.alpha: must be >= 0, got -1.0."]
+    pipe = tiny_pipe()
+    add_network(configured(*overrides).network, pipe.unet, (pipe.text_encoder, pipe.text_encoder_2))
+    proj = pipe.unet.get_submodule("down_blocks.1.attentions.0.proj_in")
+    op = pipe.unet.get_submodule("down_blocks.0.downsamplers.0.conv")
+    fc1 = pipe.text_encoder.get_submodule("encoder.layers.0.mlp.fc1")
+    assert [(m.r["default"], m.scaling["default"]) for m in (proj, op, fc1)] == [(4, 1.0), (2, 1.0), (4, 1.0)]
+    saved = kohya_state_dict({"lora_unet": pipe.unet}, layers_per_block=2)
+    assert float(saved["lora_unet_input_blocks_4_1_proj_in.alpha"]) == 4.0
+    assert float(saved["lora_unet_input_blocks_3_0_op.alpha"]) == 2.0

@@ -155,3 +155,52 @@ def test_a_relative_starting_file_is_read_from_the_start_folder_and_its_content_
     assert dataset_of(cfg, []).digest != first
     cfg.network.network_weights = None
     assert dataset_of(cfg, []).digest != first
+
+
+def altered_file(folder, state, name: str, alpha: float | None):
+    """`state` as a kohya file whose every `.alpha` is `alpha` (None: left out)."""
+    tensors = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    if alpha is not None:
+        tensors |= {k: torch.tensor(alpha) for k in state if k.endswith(".alpha")}
+    return save_kohya(folder / name, tensors, {})
+
+
+def test_a_kohya_file_without_alphas_keeps_network_alpha(rank4_files, tmp_path):
+    """v0.8.7's load_state_dict(strict=False) leaves the alpha buffer at --network_alpha (1.0, not the rank 4), which
+    the file saves and max-norm uses; dim_from_weights builds alpha = rank (create_network_from_weights)."""
+    file = altered_file(tmp_path, rank4_files[2], "no_alpha.safetensors", None)
+    pipe, _ = built("network.rank=4", "network.alpha=1", f"network.network_weights={file}")
+    layer = pipe.unet.get_submodule("down_blocks.1.attentions.0.proj_in")
+    assert (layer.lora_alpha["default"], layer.scaling["default"]) == (1.0, 1 / 4)
+    saved = kohya_state_dict({"lora_unet": pipe.unet}, layers_per_block=2)
+    assert float(saved["lora_unet_input_blocks_4_1_proj_in.alpha"]) == 1.0
+    pipe, _ = built("network.rank=16", "network.alpha=1", f"network.network_weights={file}",
+                    "network.dim_from_weights=true")
+    layer = pipe.unet.get_submodule("down_blocks.1.attentions.0.proj_in")
+    assert (layer.r["default"], layer.lora_alpha["default"], layer.scaling["default"]) == (4, 4.0, 1.0)
+
+
+def test_dim_from_weights_reads_a_file_alpha_of_0_as_the_rank(rank4_files, tmp_path):
+    """v0.8.7's LoRAModule: alpha 0 is alpha = rank, scale 1 (not PEFT's 0 / 4 = 0); the saved alpha stays 0."""
+    file = altered_file(tmp_path, rank4_files[2], "alpha0.safetensors", 0.0)
+    pipe, _ = built("network.rank=16", f"network.network_weights={file}", "network.dim_from_weights=true")
+    layer = pipe.unet.get_submodule("down_blocks.1.attentions.0.proj_in")
+    assert (layer.r["default"], layer.scaling["default"]) == (4, 1.0)
+    saved = kohya_state_dict({"lora_unet": pipe.unet}, layers_per_block=2)
+    assert float(saved["lora_unet_input_blocks_4_1_proj_in.alpha"]) == 0.0
+
+
+def test_dim_from_weights_trains_the_side_the_file_has(tmp_path, caplog):
+    """A U-Net-only file with train_text_encoder=true: v0.8.7 builds no text-encoder modules and trains the U-Net."""
+    kohya_file, _, _ = trained_files(tmp_path, "network.rank=4", diffusers=False)
+    pipe, cfg = built("network.train_text_encoder=true", f"network.network_weights={kohya_file}",
+                      "network.dim_from_weights=true")
+    assert len(lora_layers(pipe.unet)) == TINY_UNET_MODULES
+    assert not lora_layers(pipe.text_encoder) and not lora_layers(pipe.text_encoder_2)
+    assert "no module of this model's text encoder 1 (kohya prefix lora_te1)" in caplog.text
+    from types import SimpleNamespace
+
+    from lora_sweep.training.session import lora_param_groups
+
+    parts = SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    assert [group["name"] for group in lora_param_groups(cfg, parts)] == ["unet"]  # no empty text-encoder group

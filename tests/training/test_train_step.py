@@ -141,6 +141,9 @@ def test_the_network_keys_are_in_the_lora_metadata_as_v087_writes_them(session):
     assert network_keys(conv_dim=32, rank_dropout=0.25) == (
         "4", "1.0", "None", '{"conv_dim": "32", "rank_dropout": "0.25", "dropout": null}')
     assert network_keys(network_args=["module_dropout=0.1"], dim_from_weights=True)[3] == '{"module_dropout": "0.1"}'
+    # what `--network_args conv_alpha=16 module_dropout=0` gives v0.8.7, not str(float)'s "16.0" and "0.0"
+    assert network_keys(conv_dim=32, conv_alpha=16.0, module_dropout=0.0)[3] == (
+        '{"conv_dim": "32", "conv_alpha": "16", "module_dropout": "0", "dropout": null}')
 
 
 def test_the_lora_metadata_counts_the_sessions_dataset_as_kohya_does(session):
@@ -209,7 +212,10 @@ def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
 
 @pytest.mark.parametrize("overrides, expected", [
     ([], {"ss_optimizer": "torch.optim.adamw.AdamW", "ss_lr_scheduler": "constant", "ss_lr_warmup_steps": "0",
-          "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001"}),
+          "ss_learning_rate": "0.0001", "ss_unet_lr": "None", "ss_text_encoder_lr": "None"}),
+    (["train.text_encoder_lr=5e-5", "network.train_text_encoder=true"],  # v0.8.7: the flags as given
+     {"ss_learning_rate": "0.0001", "ss_unet_lr": "None", "ss_text_encoder_lr": "5e-05"}),
+    (["train.text_encoder_lr=0"], {"ss_text_encoder_lr": "0.0", "ss_unet_lr": "None"}),
     (["optimizer.scheduler=cosine", "optimizer.warmup_steps=2", "optimizer.optimizer_args=['weight_decay=0.1']"],
      {"ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.1)", "ss_lr_scheduler": "cosine",
       "ss_lr_warmup_steps": "2"}),
