@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint table article compare ui bench bench-gpu bench-sdxl cache-clean clean
+.PHONY: install demo test test-fast lint table article compare ui bench bench-gpu gpu-check bench-sdxl cache-clean clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,13 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu $(ARGS)
+
+# On a machine with a GPU: the tests that need CUDA (skipped elsewhere: full fp16, inductor compile, paged
+# optimizer state, sampling's offload) and then the GPU benchmark, as one run.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/training/test_switches_cuda.py \
+		tests/training/test_optim.py tests/training/test_loss.py tests/sampling/test_sampling.py
+	$(MAKE) bench-gpu
 
 # SDXL base's real architecture with random weights (built once into the cache, ~6.9 GB): memory, load, steps, files.
 bench-sdxl: $(STAMP)
