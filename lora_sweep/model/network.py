@@ -352,13 +352,26 @@ def network_args_problems(net) -> list[str]:
     return problems
 
 
+def _readable_args(items) -> dict[str, str]:
+    """The items of network_args that split as key=value (network_args_problems names the others)."""
+    return {k: v for item in items if len(parts := str(item).split("=")) == 2 for k, v in [parts]}
+
+
 def network_value(net, key: str):
-    """network.<key>, or its network_args value converted as v0.8.7 converts it (network_args_problems passed)."""
+    """network.<key>, or its network_args value converted as v0.8.7 converts it (ValueError if it does not)."""
     own = getattr(net, key)
     if own is not None:
         return own
-    value = parse_network_args(net.network_args).get(key)
+    value = _readable_args(net.network_args).get(key)
     return None if value is None else NETWORK_ARGS_KEYS[key](value)
+
+
+def network_field(net, key: str) -> str:
+    """How a message names where network_value(net, key) came from: `network.<key>`, or the network_args item."""
+    value = _readable_args(net.network_args).get(key)
+    if getattr(net, key) is None and value is not None:
+        return f"network.network_args {key}={value}"
+    return f"network.{key}"
 
 
 def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
@@ -507,11 +520,11 @@ def network_problems(net) -> list[str]:
         return problems
     conv_dim, conv_alpha = network_value(net, "conv_dim"), network_value(net, "conv_alpha")
     if conv_dim is not None and conv_dim < 0:
-        problems.append(f"network.conv_dim: must be null (no LoCon), 0 (v0.8.7: the ResNet blocks' Linear and 1x1 "
-                        f"parts only) or a rank > 0, got {conv_dim}.")
+        problems.append(f"{network_field(net, 'conv_dim')}: must be null (no LoCon), 0 (v0.8.7: the ResNet blocks' "
+                        f"Linear and 1x1 parts only) or a rank > 0, got {conv_dim}.")
     if conv_alpha is not None and conv_alpha < 0:
-        problems.append(f"network.conv_alpha: must be >= 0 (0: the conv rank, as v0.8.7) or null (1.0), got "
-                        f"{conv_alpha}.")
+        problems.append(f"{network_field(net, 'conv_alpha')}: must be >= 0 (0: the conv rank, as v0.8.7) or null "
+                        f"(1.0), got {conv_alpha}.")
     te, unet_only, te_only = net.train_text_encoder, net.network_train_unet_only, net.network_train_text_encoder_only
     if unet_only and te_only:
         problems.append("network.network_train_unet_only and network.network_train_text_encoder_only are both true: "
