@@ -321,11 +321,12 @@ def parse_network_args(items) -> dict[str, str]:
 def network_args_problems(net) -> list[str]:
     """Every problem of network.network_args, one paragraph each: not key=value, a block-wise key, `dropout`, an
     unknown key, a value that does not convert as v0.8.7 converts it, or one that disagrees with its network.* key."""
-    try:
-        args = parse_network_args(net.network_args)
-    except ValueError as exc:
-        return [f"network.network_args: {exc} (v0.8.7 splits each on '=' and fails otherwise)."]
-    problems = []
+    problems, args = [], {}
+    for item in net.network_args:  # each alone, so a malformed item hides no other's problem
+        try:
+            args.update(parse_network_args([item]))
+        except ValueError as exc:
+            problems.append(f"network.network_args: {exc} (v0.8.7 splits each on '=' and fails otherwise).")
     for key, value in args.items():
         if key in BLOCKWISE_ARGS:
             problems.append(
