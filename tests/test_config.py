@@ -186,6 +186,18 @@ def test_every_value_of_the_wrong_type_is_reported_at_once_in_hydras_words():
     assert command_line_problems(["-cn", "other", "noise.x=1"]) == [] and command_line_problems(["--help"]) == []
 
 
+def test_a_kohya_style_string_for_a_list_setting_gets_the_list_form():
+    """The tester's item 6: `network.network_args="conv_dim=8 conv_alpha=4"`, not OmegaConf's raw text."""
+    from lora_sweep.checks.command_line import command_line_problems
+
+    assert command_line_problems(['network.network_args="conv_dim=8 conv_alpha=4"']) == [
+        "network.network_args takes a list, got the string 'conv_dim=8 conv_alpha=4' (kohya's command line and GUI "
+        "write its items separated by spaces). Write each item quoted, in brackets, and quote the whole override for "
+        """the shell: 'network.network_args=["conv_dim=8","conv_alpha=4"]'."""]
+    (problem,) = command_line_problems(['optimizer.optimizer_args="weight_decay=0.1"'])
+    assert problem.endswith("""'optimizer.optimizer_args=["weight_decay=0.1"]'.""")
+
+
 def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option():
     from lora_sweep.checks.command_line import hydra_error_text
 

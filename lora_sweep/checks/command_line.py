@@ -41,11 +41,22 @@ def _option_names(value: Any) -> Iterable[str]:
 def _type_problem(template, key: str, value: Any, text: str) -> str | None:
     if isinstance(value, str) and "${" in value:
         return None  # an interpolation: resolved (and typed) after composition
+    if isinstance(value, str) and OmegaConf.is_list(OmegaConf.select(template, key)):
+        return list_as_string_message(key, value)
     try:
         OmegaConf.update(template.copy(), key, value, merge=True)
     except OmegaConfBaseException as exc:
         return f"Error merging override {key}={text}. {str(exc).splitlines()[0].rstrip('.')}."
     return None
+
+
+def list_as_string_message(key: str, value: str) -> str:
+    """For a list setting given one string, as kohya's command line and GUI write `--network_args a=1 b=2`: the
+    setting and its accepted form, each item quoted in brackets."""
+    items = ",".join(f'"{item}"' for item in value.split())
+    return (f"{key} takes a list, got the string '{value}' (kohya's command line and GUI write its items separated "
+            f"by spaces). Write each item quoted, in brackets, and quote the whole override for the shell: "
+            f"'{key}=[{items}]'.")
 
 
 def command_line_problems(argv: list[str]) -> list[str]:
