@@ -64,6 +64,10 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
     placement.adapters_in_fp32)."""
     named = {"lora_unet": unet, "lora_te1": text_encoders[0], "lora_te2": text_encoders[1]}
     weights = read_network_weights(net.network_weights, named) if net.network_weights else None
+    ignored = dim_from_weights_ignores(net) if net.dim_from_weights else []
+    if ignored:  # v0.8.7 ignores them silently
+        log.warning("network.dim_from_weights takes ranks and alphas from network.network_weights and trains without "
+                    "dropout, as v0.8.7: %s %s ignored", ", ".join(ignored), "is" if len(ignored) == 1 else "are")
     if net.network_train_text_encoder_only:
         unet.requires_grad_(False)  # v0.8.7's apply_to builds no U-Net LoRA
     else:
@@ -562,3 +566,16 @@ def kohya_network_kwargs(net) -> dict | None:
     if not net.dim_from_weights:
         kwargs["dropout"] = net.dropout or None
     return kwargs
+
+
+def dim_from_weights_ignores(net) -> list[str]:
+    """The settings network.dim_from_weights ignores that are set (away from their defaults, or in network_args):
+    v0.8.7's create_network_from_weights takes ranks and alphas from the file and passes no dropout."""
+    from lora_sweep.config import NetworkConfig
+
+    default = NetworkConfig()
+    args = _readable_args(net.network_args)
+    return [f"network.{key}={getattr(net, key)}" if getattr(net, key) != getattr(default, key)
+            else f"network.network_args {key}={args[key]}"
+            for key in ("rank", "alpha", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
+            if getattr(net, key) != getattr(default, key) or key in args]

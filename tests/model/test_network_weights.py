@@ -15,6 +15,7 @@ from lora_sweep.checks.validate import config_problems
 from lora_sweep.errors import UserError
 from lora_sweep.model.network import (
     add_network,
+    dim_from_weights_ignores,
     kohya_dropouts,
     kohya_state_dict,
     load_network_weights,
@@ -90,7 +91,7 @@ def test_loading_reports_missing_and_unexpected_modules(rank4_files, caplog):
     assert "36 of the file's are not in this network" in caplog.text
 
 
-def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
+def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path, caplog):
     kohya_file, _, state = trained_files(tmp_path, "network.rank=8", "network.alpha=4", "network.conv_dim=2",
                                          "network.conv_alpha=3", diffusers=False)
     pipe, cfg = built("network.rank=4", "network.alpha=1", "network.dropout=0.1",
@@ -104,6 +105,18 @@ def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
     assert kohya_dropouts(cfg) == (None, None, None)
     assert kohya_dropouts(configured("network.dropout=0.1")) == (0.1, None, None)
     assert kohya_dropouts(configured()) == (None, None, None)  # network_dropout 0.0 is v0.8.7's None
+    # the tester's item 7: v0.8.7 ignores network.dropout=0.1 silently; lora-sweep says so
+    assert ("network.dim_from_weights takes ranks and alphas from network.network_weights and trains without "
+            "dropout, as v0.8.7: network.dropout=0.1 is ignored") in caplog.text
+
+
+def test_dim_from_weights_names_every_setting_it_ignores():
+    assert dim_from_weights_ignores(configured("network.dim_from_weights=true").network) == []
+    assert dim_from_weights_ignores(configured("network.rank=8", "network.alpha=4", "network.conv_dim=8",
+                                               'network.network_args=["conv_alpha=4","module_dropout=0.1"]',
+                                               "network.rank_dropout=0").network) == [
+        "network.rank=8", "network.alpha=4.0", "network.conv_dim=8", "network.network_args conv_alpha=4",
+        "network.rank_dropout=0.0", "network.network_args module_dropout=0.1"]
 
 
 def test_dim_from_weights_builds_the_files_text_encoder_modules(rank4_files):
