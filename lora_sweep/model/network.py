@@ -83,6 +83,8 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
             encoder.train()
     if weights is not None:
         load_network_weights(weights, named, path=net.network_weights)
+        if not net.dim_from_weights:
+            warn_file_alphas(net, weights)
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -579,3 +581,33 @@ def dim_from_weights_ignores(net) -> list[str]:
             else f"network.network_args {key}={args[key]}"
             for key in ("rank", "alpha", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
             if getattr(net, key) != getattr(default, key) or key in args]
+
+
+def file_alpha_differences(net, weights: Mapping[str, tuple]) -> dict[str, tuple[float, list[float]]]:
+    """network.network_weights without dim_from_weights: by setting (network.alpha, network.conv_alpha), its alpha
+    and the file's differing alphas among the modules this network builds (docs/network.md "The alpha quirk")."""
+    conv_dim = network_value(net, "conv_dim")
+    conv_alpha = network_value(net, "conv_alpha")
+    own = {"network.alpha": kohya_alpha(net.rank, net.alpha)}
+    if conv_dim:
+        own["network.conv_alpha"] = kohya_alpha(conv_dim, 1.0 if conv_alpha is None else conv_alpha)
+    sides = (() if net.network_train_text_encoder_only else ("lora_unet",)) + (
+        ("lora_te1", "lora_te2") if net.train_text_encoder else ())
+    found: dict[str, set[float]] = {}
+    for key, (down, _, alpha) in weights.items():
+        setting = "network.conv_alpha" if down.ndim == 4 and down.shape[-1] > 1 else "network.alpha"
+        if alpha is None or setting not in own or not key.startswith(sides) or float(alpha) == own[setting]:
+            continue
+        found.setdefault(setting, set()).add(float(alpha))
+    return {setting: (own[setting], sorted(alphas)) for setting, alphas in found.items()}
+
+
+def warn_file_alphas(net, weights: Mapping[str, tuple]) -> None:
+    """Warn of v0.8.7's alpha quirk when the file's alphas differ from the network's: the two saved files differ."""
+    for setting, (own, alphas) in file_alpha_differences(net, weights).items():
+        files = ", ".join(map(str, alphas))
+        log.warning("network.network_weights: the file's alpha %s differs from %s=%s. As v0.8.7, training scales by "
+                    "%s / rank, but the kohya file saved from this run carries the file's alpha (%s) while the "
+                    "diffusers file carries %s=%s, so the two apply the LoRA at different strengths. Set %s to the "
+                    "file's alpha (%s) to avoid it.", files, setting, own, setting, files, setting, own, setting,
+                    alphas[0])
