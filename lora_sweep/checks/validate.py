@@ -212,7 +212,7 @@ def _network_checks(net) -> list[Callable[[], None]]:
 
 def _network_value(net, key: str):
     """network.<key> or its network_args value; None when network_args does not parse (_network_settings says so)."""
-    from lora_sweep.model.network import network_value
+    from lora_sweep.model.network_settings import network_value
 
     try:
         return network_value(net, key)
@@ -221,7 +221,7 @@ def _network_value(net, key: str):
 
 
 def _network_field(net, key: str) -> str:
-    from lora_sweep.model.network import network_field
+    from lora_sweep.model.network_settings import network_field
 
     return network_field(net, key)
 
@@ -244,7 +244,7 @@ def _dropout_rate(field: str, value, off: str, why: str) -> None:
 
 
 def _network_settings(net) -> None:
-    from lora_sweep.model.network import network_problems
+    from lora_sweep.model.network_settings import network_problems
 
     problems = network_problems(net)
     if problems:

@@ -24,7 +24,7 @@ from lora_sweep.config import config_hash
 from lora_sweep.data.buckets import bucket_settings, parse_resolution
 from lora_sweep.data.dataset import ImageItem
 from lora_sweep.data.subsets import DatasetSpec, Subset
-from lora_sweep.model.network import kohya_network_kwargs
+from lora_sweep.model.network_settings import kohya_network_kwargs
 from lora_sweep.training import optim, schedules
 
 PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)

@@ -46,13 +46,13 @@ from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
 from lora_sweep.model.network import (
     add_network,
-    kohya_dropouts,
     kohya_state_dict,
     lora_parameters,
     save_diffusers,
     save_kohya,
     set_lora_multiplier,
 )
+from lora_sweep.model.network_settings import kohya_dropouts
 from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision, schedules, switches

@@ -12,7 +12,7 @@ import yaml
 from conftest import compose_config
 
 from lora_sweep.checks.validate import config_problems
-from lora_sweep.model.network import kohya_dropouts, network_value, parse_network_args
+from lora_sweep.model.network_settings import kohya_dropouts, network_value, parse_network_args
 
 ARGS = "network.network_args"
 

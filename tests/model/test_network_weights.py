@@ -15,15 +15,14 @@ from lora_sweep.checks.validate import config_problems
 from lora_sweep.errors import UserError
 from lora_sweep.model.network import (
     add_network,
-    dim_from_weights_ignores,
     file_alpha_differences,
-    kohya_dropouts,
     kohya_state_dict,
     load_network_weights,
     read_network_weights,
     save_diffusers,
     save_kohya,
 )
+from lora_sweep.model.network_settings import dim_from_weights_ignores, kohya_dropouts
 
 TINY_UNET_MODULES, TINY_TE_MODULES = 132, 18 + 18
 
