@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lora_sweep.errors import ConfigError, ConfigErrors
+from lora_sweep.training.schedules import adafactor_name
 
 log = logging.getLogger(__name__)
 _ADAM_BETAS = (0.9, 0.999)
@@ -223,6 +224,23 @@ def optimizer_arguments(name: str, args: Mapping[str, Any] | None = None,
     listed = {k: kwargs[k] for k in dict.fromkeys(order) if k in kwargs}
     labels = {k: f"optimizer.optimizer_args {k}" if k in from_strings else f"optimizer.args.{k}" for k in given}
     return Arguments(given, kwargs, listed, labels)
+
+
+def recorded_params(name: str, args: Mapping[str, Any] | None, optimizer_args: Sequence[str], *,
+                    lr: float) -> dict[str, Any]:
+    """The params that say what the optimizer ran with, to log over the composed config's.
+
+    optimizer.args.<key>: every argument as built (optimizer.args, optimizer.optimizer_args over it, kohya's rules
+    applied; sequences as lists, as the config writes them). Adafactor with relative_step=True also gets the schedule
+    v0.8.7 uses (optimizer.scheduler "adafactor:<lr>") and train.lr None (it is built with lr=None).
+    docs/kohya-reference.md §5. Raises ConfigError(s) for arguments the pre-flight refuses.
+    """
+    option_name = resolve_optimizer_name(name)
+    kwargs = optimizer_arguments(option_name, args, optimizer_args).kwargs
+    used: dict[str, Any] = {f"optimizer.args.{k}": list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    if _relative_step(option_name, kwargs):
+        used |= {"optimizer.scheduler": adafactor_name(lr), "train.lr": None}
+    return used
 
 
 def _accepted_names(optimizer_class: type) -> list[str] | None:
