@@ -101,11 +101,14 @@ def cli(argv: list[str] | None = None) -> None:
     HYDRA_FULL_ERROR=1 leaves all reporting to Hydra."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from lora_sweep.checks.command_line import command_line_problems, hydra_error_text
+    from lora_sweep.checks.command_line import command_line_problems, config_problems_beside, hydra_error_text
+    from lora_sweep.checks.preflight import format_problems
 
-    problems = command_line_problems(sys.argv[1:] if argv is None else argv)
-    if problems:
-        print("\n".join(problems), file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    problems = command_line_problems(argv)
+    if problems:  # with the config's own problems, so every problem is reported at once
+        problems += config_problems_beside(argv)
+        print(format_problems([(p, []) for p in problems], jobs=1), file=sys.stderr)
         sys.exit(2)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()

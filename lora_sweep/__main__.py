@@ -219,6 +219,8 @@ def _cache(args) -> int:
         print(f"cache at {root}: {_mib(sum(p.size for p in parts))} in all" + ("" if parts else ", empty."))
         for part in parts:
             print(f"  {part.line()}")
+            for folder in part.folders if part.kind == "models" else ():  # a diffusers folder load_lora_weights uses
+                print(f"    {folder}")
         return 0
     if args.finished_states:
         return _clean_finished_states(root, args.tracking_uri)

@@ -350,8 +350,51 @@ _MEANING_CHANGED = {
 
 def config_hash(cfg: DictConfig | Config) -> str:
     """A short hash of everything that changes the trained result (not paths, tracking or sweep settings)."""
-    kept = {k: v for k, v in hashed_settings(cfg).items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
+    settings = _folded_kohya_strings(hashed_settings(cfg))
+    kept = {k: v for k, v in settings.items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
     kept |= {f"{k}@meaning": why for k, (old, why) in _MEANING_CHANGED.items() if k in kept and kept[k] not in old}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+
+# network_args keys with their network.* key, converted as v0.8.7 converts the string (model/network.py's)
+_NETWORK_ARGS_KEYS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+
+
+_UNFOLDED = object()
+
+
+def _folded_kohya_strings(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with each kohya string that says the same as a setting folded into it, so both spellings share a
+    hash: a network.network_args item of the four keys networks.lora reads into network.<key> (when that is null or
+    equal), an optimizer.optimizer_args item into optimizer.args.<key> (its value read by ast.literal_eval, as
+    v0.8.7). Only an item that splits on one '=', converts, and is its key's only item is folded."""
+    import ast
+
+    out = dict(settings)
+
+    def fold(list_key: str, convert, target) -> None:
+        items = [str(i) for i in out.get(list_key) or []]
+        keys = [item.split("=")[0] for item in items]
+        kept = []
+        for item, key in zip(items, keys, strict=True):
+            parts = item.split("=")
+            try:
+                value = convert(key, parts[1]) if len(parts) == 2 and keys.count(key) == 1 else _UNFOLDED
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                value = _UNFOLDED
+            name = None if value is _UNFOLDED else target(key, value)
+            if name is None:
+                kept.append(item)
+            else:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        if list_key in out:
+            out[list_key] = kept
+
+    fold("network.network_args",
+         lambda key, text: _NETWORK_ARGS_KEYS[key](text) if key in _NETWORK_ARGS_KEYS else _UNFOLDED,
+         lambda key, value: f"network.{key}" if out.get(f"network.{key}") in (None, value) else None)
+    fold("optimizer.optimizer_args", lambda key, text: ast.literal_eval(text),
+         lambda key, value: f"optimizer.args.{key}" if key.isidentifier() else None)
+    return out

@@ -38,7 +38,9 @@ def test_info_counts_every_kind_with_its_size(tmp_path, capsys):
     assert out.startswith(f"cache at {root}: 4.5 MiB in all")
     assert "  latents: 2 latent entries, 0.0 MiB" in out and "  text: 1 text-encoder entry, 0.0 MiB" in out
     assert "  training states: 1 state of 1 run, 3.0 MiB (a stopped run resumes from them: `cache clean` keeps" in out
-    assert "  built models: 1 (tiny-sdxl-v1-seed0), 1.0 MiB" in out and "  bundled datasets: 1 (photos-v1), 0.5" in out
+    assert "  built models: 1 (tiny-sdxl-v1-seed0), 1.0 MiB" in out
+    assert f"\n    {root / 'models' / 'tiny-sdxl-v1-seed0'}\n" in out  # the folder load_lora_weights' pipe loads
+    assert "  bundled datasets: 1 (photos-v1), 0.5" in out
     assert "  other files and folders: 1 item, 0.0 MiB (not written by lora-sweep: never removed)" in out
 
 

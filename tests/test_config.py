@@ -186,6 +186,18 @@ def test_every_value_of_the_wrong_type_is_reported_at_once_in_hydras_words():
     assert command_line_problems(["-cn", "other", "noise.x=1"]) == [] and command_line_problems(["--help"]) == []
 
 
+def test_a_kohya_style_string_for_a_list_setting_gets_the_list_form():
+    """The tester's item 6: `network.network_args="conv_dim=8 conv_alpha=4"`, not OmegaConf's raw text."""
+    from lora_sweep.checks.command_line import command_line_problems
+
+    assert command_line_problems(['network.network_args="conv_dim=8 conv_alpha=4"']) == [
+        "network.network_args takes a list, got the string 'conv_dim=8 conv_alpha=4' (kohya's command line and GUI "
+        "write its items separated by spaces). Write each item quoted, in brackets, and quote the whole override for "
+        """the shell: 'network.network_args=["conv_dim=8","conv_alpha=4"]'."""]
+    (problem,) = command_line_problems(['optimizer.optimizer_args="weight_decay=0.1"'])
+    assert problem.endswith("""'optimizer.optimizer_args=["weight_decay=0.1"]'.""")
+
+
 def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option():
     from lora_sweep.checks.command_line import hydra_error_text
 
@@ -438,3 +450,30 @@ def test_an_int_warmup_keeps_the_hash_it_had_when_the_field_was_typed_int():
     cfg = compose_config("optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
     assert type(cfg.optimizer.warmup_steps) is int
     assert config_hash(cfg) == "bbc3ed2619c7693e"
+
+
+@pytest.mark.parametrize(("setting", "item"), [
+    ("network.conv_dim=4", "conv_dim=4"), ("network.conv_alpha=4", "conv_alpha=4"),
+    ("network.rank_dropout=0.1", "rank_dropout=0.1"), ("network.module_dropout=0.1", "module_dropout=0.1"),
+])
+def test_a_network_args_item_hashes_as_its_network_key(setting, item):
+    """The tester's item 10: both spellings train the same LoRA, so skip-finished finds the run either way."""
+    assert config_hash(compose_config(setting)) == config_hash(compose_config(f'network.network_args=["{item}"]'))
+    assert config_hash(compose_config(setting)) != config_hash(compose_config())
+    assert config_hash(compose_config(setting, f'network.network_args=["{item}"]')) == config_hash(
+        compose_config(setting))
+
+
+def test_an_optimizer_args_item_hashes_as_its_optimizer_args_key():
+    assert config_hash(compose_config('optimizer.optimizer_args=["weight_decay=0.1"]')) == config_hash(
+        compose_config("optimizer.args.weight_decay=0.1"))
+    assert config_hash(compose_config('optimizer.optimizer_args=["betas=(0.9,0.99)"]')) == config_hash(
+        compose_config("optimizer.args.betas=[0.9,0.99]"))
+
+
+def test_only_an_unambiguous_kohya_string_is_folded_into_the_hash():
+    conv4 = config_hash(compose_config("network.conv_dim=4"))
+    for args in ('["conv_dim=4","conv_dim=8"]', '["conv_dim=4.0"]', '["conv_dim=4=4"]'):
+        assert config_hash(compose_config(f"network.network_args={args}")) != conv4
+    assert config_hash(compose_config('optimizer.optimizer_args=["weight_decay=abc"]')) != config_hash(
+        compose_config())

@@ -232,11 +232,12 @@ def test_an_override_hydras_grammar_cannot_read_is_one_paragraph_exit_2(tmp_path
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.splitlines() == [
-        "Cannot read the override 'data.dir=/data/訓練': '訓' (character 16) cannot appear in an unquoted value, "
+        "Pre-flight found 2 problems; nothing was started or written. Fix them and run again:",
+        "- Cannot read the override 'data.dir=/data/訓練': '訓' (character 16) cannot appear in an unquoted value, "
         "which holds only ASCII letters, digits, spaces and / \\ - + . _ : $ % * @ ? |. Quote the value, and the "
         "whole override for the shell: 'data.dir=\"/data/訓練\"'. Hydra's override grammar: "
         "https://hydra.cc/docs/advanced/override_grammar/basic/",
-        "Cannot read the override 'train.max_steps=[1,': no viable alternative at input '[1,'. Write key=value, a "
+        "- Cannot read the override 'train.max_steps=[1,': no viable alternative at input '[1,'. Write key=value, a "
         "list as [a,b], a sweep as a,b, and quote a value with other characters: 'key=\"value\"'. Hydra's override "
         "grammar: https://hydra.cc/docs/advanced/override_grammar/basic/"]
     assert list(tmp_path.iterdir()) == []
@@ -676,3 +677,19 @@ def test_a_kohya_optimizer_name_as_the_group_option_names_the_option_or_why_not(
     assert ("optimizer.name=Adafactor: optimizer.name changes the class only, and optimizer.args are still the adamw "
             "option's (betas, eps, weight_decay), which Adafactor does not take. Choose the option instead: "
             "optimizer=adafactor") in out
+
+
+def test_the_command_lines_problems_come_with_the_configs_own(tmp_path):
+    """The tester's item 4: `masked_loss=true network.dropout=3` names both under one header, not the first alone."""
+    from lora_sweep.checks.command_line import config_problems_beside
+
+    [dropout] = config_problems_beside(["masked_loss=true", "network.dropout=3"])
+    assert dropout.startswith("network.dropout: must be a probability in [0, 1)")
+    assert config_problems_beside(["-m", "masked_loss=true", "network.dropout=3"]) == []  # a sweep: the pre-flight's
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "masked_loss=true", "network.dropout=3"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.splitlines()
+    assert lines[0] == "Pre-flight found 2 problems; nothing was started or written. Fix them and run again:"
+    assert lines[1].startswith("- kohya's --masked_loss is not supported") and lines[2] == f"- {dropout}"
+    assert list(tmp_path.iterdir()) == []

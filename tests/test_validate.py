@@ -75,7 +75,33 @@ def test_kohyas_dropouts_accept_zero_and_refuse_one_with_the_reason():
                                           "network.scale_weight_norms=0")) == []
     [problem] = config_problems(compose_config("network.rank_dropout=1"))
     assert problem.startswith("network.rank_dropout: must be a probability in [0, 1) (null is off;")
-    assert "divide the LoRA's scale by 1 - p = 0" in problem
+    assert "multiplies the LoRA's scale by 1 / (1 - p): p = 1 divides by zero" in problem
+
+
+MARKS = {"network.dropout": "F.dropout", "network.rank_dropout": "1 / (1 - p)",
+         "network.module_dropout": "skips every module"}
+
+
+@pytest.mark.parametrize(("override", "reason"), [
+    ("network.dropout=3", "F.dropout refuses p outside [0, 1], and p = 1 zeroes every output"),
+    ("network.rank_dropout=1.5", "p = 1 divides by zero, p > 1 zeroes every rank under a negative scale"),
+    ("network.module_dropout=1.5", "p >= 1 skips every module at every step, so nothing trains"),
+])
+def test_each_dropout_says_its_own_reason(override, reason):
+    """The tester's values (item 2): each key's reason, and no other key's."""
+    key = override.split("=")[0]
+    [problem] = config_problems(compose_config(override))
+    assert problem.startswith(f"{key}: must be a probability in [0, 1)") and reason in problem
+    assert [mark for other, mark in MARKS.items() if mark in problem] == [MARKS[key]]
+
+
+def test_a_value_from_network_args_is_named_as_such():
+    """The tester's item 5: rank_dropout=1.5 came from network_args, so the message names that, not network.*."""
+    problems = config_problems(compose_config('network.network_args=["conv_dim=abc","rank_dropout=1.5"]'))
+    assert problems[0].startswith("network.network_args rank_dropout=1.5: must be a probability in [0, 1)")
+    assert problems[1] == "network.network_args: conv_dim='abc' is not int (v0.8.7 converts it with int())."
+    [conv] = config_problems(compose_config('network.network_args=["conv_dim=-1"]'))
+    assert conv.startswith("network.network_args conv_dim=-1: must be null (no LoCon)")
 
 
 def test_table_covers_at_least_fifteen_values_across_every_group():

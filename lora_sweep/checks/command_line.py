@@ -42,11 +42,22 @@ def _option_names(value: Any) -> Iterable[str]:
 def _type_problem(template, key: str, value: Any, text: str) -> str | None:
     if isinstance(value, str) and "${" in value:
         return None  # an interpolation: resolved (and typed) after composition
+    if isinstance(value, str) and OmegaConf.is_list(OmegaConf.select(template, key)):
+        return list_as_string_message(key, value)
     try:
         OmegaConf.update(template.copy(), key, value, merge=True)
     except OmegaConfBaseException as exc:
         return f"Error merging override {key}={text}. {str(exc).splitlines()[0].rstrip('.')}."
     return None
+
+
+def list_as_string_message(key: str, value: str) -> str:
+    """For a list setting given one string, as kohya's command line and GUI write `--network_args a=1 b=2`: the
+    setting and its accepted form, each item quoted in brackets."""
+    items = ",".join(f'"{item}"' for item in value.split())
+    return (f"{key} takes a list, got the string '{value}' (kohya's command line and GUI write its items separated "
+            f"by spaces). Write each item quoted, in brackets, and quote the whole override for the shell: "
+            f"'{key}=[{items}]'.")
 
 
 def command_line_problems(argv: list[str]) -> list[str]:
@@ -98,6 +109,35 @@ def command_line_problems(argv: list[str]) -> list[str]:
             if problem:
                 problems.append(problem)
     return list(dict.fromkeys(problems))
+
+
+def config_problems_beside(argv: list[str]) -> list[str]:
+    """The config's own problems (checks/validate.py) when the command line has some too: composed from the
+    overrides that have none, so one run reports both kinds at once. [] when that cannot be told here: a sweep (-m),
+    another config, Hydra's own flags, or a rest that does not compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+
+    from lora_sweep.checks.validate import config_problems
+    from lora_sweep.config import CONF_DIR, register_configs
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except (Exception, SystemExit):
+        return []
+    if unknown or args.multirun or args.config_path or args.config_dir or args.config_name not in (None, "config") \
+            or any(a in _LEFT_TO_HYDRA for a in argv) or any(o.startswith("hydra") for o in args.overrides):
+        return []
+    clean = [o for o in args.overrides if not command_line_problems([o])]  # each override is checked alone
+    register_configs()  # the schema, as sweep.py composes with it
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=clean)
+        return config_problems(cfg)
+    except Exception:  # noqa: BLE001 (the rest does not compose alone: its problems show once the first are fixed)
+        return []
 
 
 def _syntax_problems(texts: list[str]) -> list[str]:

@@ -198,9 +198,11 @@ def _network_checks(net) -> list[Callable[[], None]]:
     return [
         lambda: _positive("network.rank", net.rank),
         lambda: _positive("network.alpha", net.alpha, allow_zero=True),  # 0: alpha = rank, as v0.8.7
-        lambda: _dropout_rate("network.dropout", net.dropout, "0 is off"),
-        lambda: _dropout_rate("network.rank_dropout", _network_value(net, "rank_dropout"), "null is off"),
-        lambda: _dropout_rate("network.module_dropout", _network_value(net, "module_dropout"), "null is off"),
+        lambda: _dropout_rate("network.dropout", net.dropout, "0 is off", _NEURON_DROPOUT),
+        lambda: _dropout_rate(_network_field(net, "rank_dropout"), _network_value(net, "rank_dropout"), "null is off",
+                              _RANK_DROPOUT),
+        lambda: _dropout_rate(_network_field(net, "module_dropout"), _network_value(net, "module_dropout"),
+                              "null is off", _MODULE_DROPOUT),
         lambda: net.scale_weight_norms is None or net.scale_weight_norms >= 0 or _fail(
             "network.scale_weight_norms", net.scale_weight_norms, "> 0 (v0.8.7's --scale_weight_norms: the largest "
             "Frobenius norm of a module's alpha/rank * up @ down, kept after every micro-batch), or 0 or null for off"),
@@ -218,14 +220,27 @@ def _network_value(net, key: str):
         return None
 
 
-def _dropout_rate(field: str, value, off: str) -> None:
-    """A kohya dropout probability (docs/kohya-reference.md §8): [0, 1); v0.8.7 would fail or divide by zero at 1.
+def _network_field(net, key: str) -> str:
+    from lora_sweep.model.network import network_field
+
+    return network_field(net, key)
+
+
+# Why each kohya dropout refuses p outside [0, 1) (docs/kohya-reference.md §8), as v0.8.7's LoRAModule uses it
+_NEURON_DROPOUT = ("v0.8.7 applies F.dropout(p) to each LoRA down output: F.dropout refuses p outside [0, 1], and "
+                   "p = 1 zeroes every output, so the LoRA adds nothing and nothing trains.")
+_RANK_DROPOUT = ("v0.8.7 zeroes each rank with probability p and multiplies the LoRA's scale by 1 / (1 - p): p = 1 "
+                 "divides by zero, p > 1 zeroes every rank under a negative scale, and p < 0 shrinks the scale.")
+_MODULE_DROPOUT = ("v0.8.7 skips a module's LoRA for the step when a uniform draw in [0, 1) falls below p: p >= 1 "
+                   "skips every module at every step, so nothing trains, and p < 0 never skips (write null).")
+
+
+def _dropout_rate(field: str, value, off: str, why: str) -> None:
+    """A kohya dropout probability in [0, 1) (docs/kohya-reference.md §8), with `why` v0.8.7 fails outside it.
     None (null) is off."""
     if value is not None and not 0 <= value < 1:
-        raise ConfigError(
-            f"{field}: must be a probability in [0, 1) ({off}; 0 < p < 1 drops that share, as v0.8.7), got {value}. "
-            "v0.8.7's F.dropout refuses p outside [0, 1], and p = 1 drops everything: rank dropout would divide "
-            "the LoRA's scale by 1 - p = 0.")
+        raise ConfigError(f"{field}: must be a probability in [0, 1) ({off}; 0 < p < 1 drops that share, as v0.8.7), "
+                          f"got {value}. {why}")
 
 
 def _network_settings(net) -> None:

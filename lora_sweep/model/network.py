@@ -64,6 +64,10 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
     placement.adapters_in_fp32)."""
     named = {"lora_unet": unet, "lora_te1": text_encoders[0], "lora_te2": text_encoders[1]}
     weights = read_network_weights(net.network_weights, named) if net.network_weights else None
+    ignored = dim_from_weights_ignores(net) if net.dim_from_weights else []
+    if ignored:  # v0.8.7 ignores them silently
+        log.warning("network.dim_from_weights takes ranks and alphas from network.network_weights and trains without "
+                    "dropout, as v0.8.7: %s %s ignored", ", ".join(ignored), "is" if len(ignored) == 1 else "are")
     if net.network_train_text_encoder_only:
         unet.requires_grad_(False)  # v0.8.7's apply_to builds no U-Net LoRA
     else:
@@ -78,6 +82,8 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
             encoder.train()
     if weights is not None:
         load_network_weights(weights, named, path=net.network_weights)
+        if not net.dim_from_weights:
+            warn_file_alphas(net, weights)
 
 
 def _add_part_lora(net, model: torch.nn.Module, prefix: str, targets, patterns) -> None:
@@ -334,11 +340,12 @@ def parse_network_args(items) -> dict[str, str]:
 def network_args_problems(net) -> list[str]:
     """Every problem of network.network_args, one paragraph each: not key=value, a block-wise key, `dropout`, an
     unknown key, a value that does not convert as v0.8.7 converts it, or one that disagrees with its network.* key."""
-    try:
-        args = parse_network_args(net.network_args)
-    except ValueError as exc:
-        return [f"network.network_args: {exc} (v0.8.7 splits each on '=' and fails otherwise)."]
-    problems = []
+    problems, args = [], {}
+    for item in net.network_args:  # each alone, so a malformed item hides no other's problem
+        try:
+            args.update(parse_network_args([item]))
+        except ValueError as exc:
+            problems.append(f"network.network_args: {exc} (v0.8.7 splits each on '=' and fails otherwise).")
     for key, value in args.items():
         if key in BLOCKWISE_ARGS:
             problems.append(
@@ -370,13 +377,26 @@ def network_arg_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def _readable_args(items) -> dict[str, str]:
+    """The items of network_args that split as key=value (network_args_problems names the others)."""
+    return {k: v for item in items if len(parts := str(item).split("=")) == 2 for k, v in [parts]}
+
+
 def network_value(net, key: str):
-    """network.<key>, or its network_args value converted as v0.8.7 converts it (network_args_problems passed)."""
+    """network.<key>, or its network_args value converted as v0.8.7 converts it (ValueError if it does not)."""
     own = getattr(net, key)
     if own is not None:
         return own
-    value = parse_network_args(net.network_args).get(key)
+    value = _readable_args(net.network_args).get(key)
     return None if value is None else NETWORK_ARGS_KEYS[key](value)
+
+
+def network_field(net, key: str) -> str:
+    """How a message names where network_value(net, key) came from: `network.<key>`, or the network_args item."""
+    value = _readable_args(net.network_args).get(key)
+    if getattr(net, key) is None and value is not None:
+        return f"network.network_args {key}={value}"
+    return f"network.{key}"
 
 
 def kohya_dropouts(cfg) -> tuple[float | None, float | None, float | None]:
@@ -528,11 +548,11 @@ def network_problems(net) -> list[str]:
         return problems
     conv_dim, conv_alpha = network_value(net, "conv_dim"), network_value(net, "conv_alpha")
     if conv_dim is not None and conv_dim < 0:
-        problems.append(f"network.conv_dim: must be null (no LoCon), 0 (v0.8.7: the ResNet blocks' Linear and 1x1 "
-                        f"parts only) or a rank > 0, got {conv_dim}.")
+        problems.append(f"{network_field(net, 'conv_dim')}: must be null (no LoCon), 0 (v0.8.7: the ResNet blocks' "
+                        f"Linear and 1x1 parts only) or a rank > 0, got {conv_dim}.")
     if conv_alpha is not None and conv_alpha < 0:
-        problems.append(f"network.conv_alpha: must be >= 0 (0: the conv rank, as v0.8.7) or null (1.0), got "
-                        f"{conv_alpha}.")
+        problems.append(f"{network_field(net, 'conv_alpha')}: must be >= 0 (0: the conv rank, as v0.8.7) or null "
+                        f"(1.0), got {conv_alpha}.")
     te, unet_only, te_only = net.train_text_encoder, net.network_train_unet_only, net.network_train_text_encoder_only
     if unet_only and te_only:
         problems.append("network.network_train_unet_only and network.network_train_text_encoder_only are both true: "
@@ -569,3 +589,46 @@ def kohya_network_kwargs(net) -> dict | None:
     if not net.dim_from_weights:
         kwargs["dropout"] = net.dropout or None
     return kwargs
+
+
+def dim_from_weights_ignores(net) -> list[str]:
+    """The settings network.dim_from_weights ignores that are set (away from their defaults, or in network_args):
+    v0.8.7's create_network_from_weights takes ranks and alphas from the file and passes no dropout."""
+    from lora_sweep.config import NetworkConfig
+
+    default = NetworkConfig()
+    args = _readable_args(net.network_args)
+    return [f"network.{key}={getattr(net, key)}" if getattr(net, key) != getattr(default, key)
+            else f"network.network_args {key}={args[key]}"
+            for key in ("rank", "alpha", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
+            if getattr(net, key) != getattr(default, key) or key in args]
+
+
+def file_alpha_differences(net, weights: Mapping[str, tuple]) -> dict[str, tuple[float, list[float]]]:
+    """network.network_weights without dim_from_weights: by setting (network.alpha, network.conv_alpha), its alpha
+    and the file's differing alphas among the modules this network builds (docs/network.md "The alpha quirk")."""
+    conv_dim = network_value(net, "conv_dim")
+    conv_alpha = network_value(net, "conv_alpha")
+    own = {"network.alpha": kohya_alpha(net.rank, net.alpha)}
+    if conv_dim:
+        own["network.conv_alpha"] = kohya_alpha(conv_dim, 1.0 if conv_alpha is None else conv_alpha)
+    sides = (() if net.network_train_text_encoder_only else ("lora_unet",)) + (
+        ("lora_te1", "lora_te2") if net.train_text_encoder else ())
+    found: dict[str, set[float]] = {}
+    for key, (down, _, alpha) in weights.items():
+        setting = "network.conv_alpha" if down.ndim == 4 and down.shape[-1] > 1 else "network.alpha"
+        if alpha is None or setting not in own or not key.startswith(sides) or float(alpha) == own[setting]:
+            continue
+        found.setdefault(setting, set()).add(float(alpha))
+    return {setting: (own[setting], sorted(alphas)) for setting, alphas in found.items()}
+
+
+def warn_file_alphas(net, weights: Mapping[str, tuple]) -> None:
+    """Warn of v0.8.7's alpha quirk when the file's alphas differ from the network's: the two saved files differ."""
+    for setting, (own, alphas) in file_alpha_differences(net, weights).items():
+        files = ", ".join(map(str, alphas))
+        log.warning("network.network_weights: the file's alpha %s differs from %s=%s. As v0.8.7, training scales by "
+                    "%s / rank, but the kohya file saved from this run carries the file's alpha (%s) while the "
+                    "diffusers file carries %s=%s, so the two apply the LoRA at different strengths. Set %s to the "
+                    "file's alpha (%s) to avoid it.", files, setting, own, setting, files, setting, own, setting,
+                    alphas[0])

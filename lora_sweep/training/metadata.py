@@ -105,6 +105,8 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
         "ss_huber_schedule": cfg.loss.huber_schedule,
         "ss_huber_c": cfg.loss.huber_c,
         "lora_sweep_v_parameterization": cfg.model.v_prediction,
+        "lora_sweep_v_pred_like_loss": cfg.loss.v_pred_like_loss,  # v0.8.7 records neither v-pred loss switch
+        "lora_sweep_scale_v_pred_loss_like_noise_pred": bool(cfg.loss.scale_v_pred_loss_like_noise_pred),
         "lora_sweep_caption_extension": cfg.data.caption_extension,
         "ss_max_token_length": cfg.data.max_token_length,
         "ss_clip_skip": cfg.model.clip_skip,  # recorded only: SDXL's text encoding ignores it in v0.8.7

@@ -63,6 +63,15 @@ def test_bad_network_args_are_refused_in_one_paragraph(args, message):
     assert problems(f"{ARGS}={args}", "network.conv_dim=16") == [message]
 
 
+def test_every_network_args_item_is_checked_alone():
+    """The tester's item 3: a malformed item does not hide the unknown key beside it."""
+    assert problems(f'{ARGS}=["foo=1","conv_dim=4=5"]') == [
+        "network.network_args: 'conv_dim=4=5' is not key=value with exactly one '=' (v0.8.7 splits each on '=' and "
+        "fails otherwise).",
+        "network.network_args: 'foo' is not a key networks.lora reads (v0.8.7 ignores it silently; lora-sweep refuses "
+        "it). Accepted: conv_dim, conv_alpha, rank_dropout, module_dropout."]
+
+
 @pytest.mark.parametrize("key", ["block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
                                  "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"])
 def test_blockwise_keys_are_refused_by_name_with_v087s_sdxl_reason(key):

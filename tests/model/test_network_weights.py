@@ -15,6 +15,8 @@ from lora_sweep.checks.validate import config_problems
 from lora_sweep.errors import UserError
 from lora_sweep.model.network import (
     add_network,
+    dim_from_weights_ignores,
+    file_alpha_differences,
     kohya_dropouts,
     kohya_state_dict,
     load_network_weights,
@@ -78,6 +80,24 @@ def test_kohya_and_diffusers_files_start_the_network_with_v087s_alpha_quirk(rank
         assert not lora_layers(pipe.text_encoder)  # U-Net only: the file's text-encoder modules are not built
 
 
+def test_a_file_alpha_other_than_the_networks_is_warned_of(tmp_path, caplog):
+    """The tester's item 8: a LoCon file with conv_alpha 4 started with network.conv_alpha=2 (conv_dim 8 both)."""
+    kohya_file, _, state = trained_files(tmp_path, "network.conv_dim=8", "network.conv_alpha=4", diffusers=False)
+    pipe, cfg = built("network.conv_dim=8", "network.conv_alpha=2", f"network.network_weights={kohya_file}")
+    saved = kohya_state_dict({"lora_unet": pipe.unet}, layers_per_block=2)
+    assert {float(v) for k, v in saved.items() if k.endswith(".alpha")} == {1.0, 4.0}  # the file's, as v0.8.7
+    assert file_alpha_differences(cfg.network, read_network_weights(kohya_file, {"lora_unet": pipe.unet})) == {
+        "network.conv_alpha": (2.0, [4.0])}
+    assert ("network.network_weights: the file's alpha 4.0 differs from network.conv_alpha=2.0. As v0.8.7, training "
+            "scales by network.conv_alpha / rank, but the kohya file saved from this run carries the file's alpha "
+            "(4.0) while the diffusers file carries network.conv_alpha=2.0, so the two apply the LoRA at different "
+            "strengths. Set network.conv_alpha to the file's alpha (4.0) to avoid it.") in caplog.text
+    assert "network.alpha" not in caplog.text  # 1.0 both
+    caplog.clear()
+    built("network.conv_dim=8", "network.conv_alpha=4", f"network.network_weights={kohya_file}")
+    assert "differs from" not in caplog.text
+
+
 def test_loading_reports_missing_and_unexpected_modules(rank4_files, caplog):
     kohya_file, _, _ = rank4_files
     cfg = configured()
@@ -90,7 +110,7 @@ def test_loading_reports_missing_and_unexpected_modules(rank4_files, caplog):
     assert "36 of the file's are not in this network" in caplog.text
 
 
-def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
+def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path, caplog):
     kohya_file, _, state = trained_files(tmp_path, "network.rank=8", "network.alpha=4", "network.conv_dim=2",
                                          "network.conv_alpha=3", diffusers=False)
     pipe, cfg = built("network.rank=4", "network.alpha=1", "network.dropout=0.1",
@@ -104,6 +124,18 @@ def test_dim_from_weights_builds_the_files_modules_without_dropouts(tmp_path):
     assert kohya_dropouts(cfg) == (None, None, None)
     assert kohya_dropouts(configured("network.dropout=0.1")) == (0.1, None, None)
     assert kohya_dropouts(configured()) == (None, None, None)  # network_dropout 0.0 is v0.8.7's None
+    # the tester's item 7: v0.8.7 ignores network.dropout=0.1 silently; lora-sweep says so
+    assert ("network.dim_from_weights takes ranks and alphas from network.network_weights and trains without "
+            "dropout, as v0.8.7: network.dropout=0.1 is ignored") in caplog.text
+
+
+def test_dim_from_weights_names_every_setting_it_ignores():
+    assert dim_from_weights_ignores(configured("network.dim_from_weights=true").network) == []
+    assert dim_from_weights_ignores(configured("network.rank=8", "network.alpha=4", "network.conv_dim=8",
+                                               'network.network_args=["conv_alpha=4","module_dropout=0.1"]',
+                                               "network.rank_dropout=0").network) == [
+        "network.rank=8", "network.alpha=4.0", "network.conv_dim=8", "network.network_args conv_alpha=4",
+        "network.rank_dropout=0.0", "network.network_args module_dropout=0.1"]
 
 
 def test_dim_from_weights_builds_the_files_text_encoder_modules(rank4_files):

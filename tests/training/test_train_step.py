@@ -234,3 +234,20 @@ def test_the_lora_metadata_records_optimizer_and_schedule_as_v087(session, overr
                                          "lr": cfg.train.lr}])
     meta = kohya_metadata(cfg, session.prepared, optimizer, steps=1, epoch=1)
     assert {k: meta[k] for k in expected} == expected
+
+
+def test_the_v_pred_loss_switches_are_recorded_under_lora_sweep_keys(session):
+    """The tester's item 12: v0.8.7 records neither, yet v_pred_like_loss=0.1 changed a final loss 1.04 to 11.97."""
+    from lora_sweep.training.metadata import kohya_metadata
+
+    def v_pred_keys(**values):
+        saved = {k: session.cfg.loss[k] for k in values}
+        session.cfg.loss.update(values)
+        try:
+            meta = kohya_metadata(session.cfg, session.prepared, session.optimizer, steps=1, epoch=1)
+        finally:
+            session.cfg.loss.update(saved)
+        return meta["lora_sweep_v_pred_like_loss"], meta["lora_sweep_scale_v_pred_loss_like_noise_pred"]
+
+    assert v_pred_keys() == ("None", "False")
+    assert v_pred_keys(v_pred_like_loss=0.1, scale_v_pred_loss_like_noise_pred=True) == ("0.1", "True")
