@@ -40,7 +40,7 @@ from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.tracking.replay import PENDING_NAME, ends_the_run, pending_files, replay_quietly
 from lora_sweep.tracking.stale import close_stale_runs
-from lora_sweep.training import optim
+from lora_sweep.training import optim, schedules
 from lora_sweep.training.checkpoint import (
     ConfigLock,
     find_resumable,
@@ -272,17 +272,23 @@ def _open_run(cfg, ready: _Ready, label: str, tags: dict[str, str]) -> RunLogger
 
 
 def run_params(cfg, *, composed_if_refused: bool = False) -> dict[str, Any]:
-    """The run's MLflow params: the config flattened, with what the optimizer ran with over the composed values
-    (optim.recorded_params), so the table and compare show what ran. `composed_if_refused`: for a failure's record,
-    the composed values where the optimizer's arguments are refused (the failure says why)."""
+    """The run's MLflow params: the config flattened, with what the optimizer ran with over the composed values, so
+    the table and compare show what ran: optimizer.args.* as built (optimizer.optimizer_args applied, kohya's rules
+    too; sequences as lists, as the config writes them), and for Adafactor with relative_step=True the schedule
+    v0.8.7 uses (optimizer.scheduler "adafactor:<lr>") and train.lr None (it is built with lr=None).
+    `composed_if_refused`: for a failure's record, the composed values where the arguments are refused."""
     params = flatten(to_container(cfg))
     o = cfg.optimizer
     try:
-        used = optim.recorded_params(o.name, to_container(o.args), list(o.optimizer_args), lr=cfg.train.lr)
+        name = optim.resolve_optimizer_name(o.name)
+        kwargs = optim.optimizer_arguments(name, to_container(o.args), list(o.optimizer_args)).kwargs
     except UserError:
         if composed_if_refused:
             return params
         raise
+    used = {f"optimizer.args.{k}": list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    if optim.finds_own_step(name, kwargs):
+        used |= {"optimizer.scheduler": schedules.adafactor_name(cfg.train.lr), "train.lr": None}
     composed = [k for k in params if k == "optimizer.args" or k.startswith("optimizer.args.")]
     return {k: v for k, v in params.items() if k not in composed} | used
 

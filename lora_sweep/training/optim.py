@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from lora_sweep.errors import ConfigError, ConfigErrors
-from lora_sweep.training.schedules import adafactor_name
 
 log = logging.getLogger(__name__)
 _ADAM_BETAS = (0.9, 0.999)
@@ -205,7 +204,7 @@ def _kohya_rules(option_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _relative_step(option_name: str, kwargs: Mapping[str, Any]) -> bool:
+def finds_own_step(option_name: str, kwargs: Mapping[str, Any]) -> bool:
     """Adafactor with relative_step=True: it finds its own step size and takes lr=None."""
     return option_name == "adafactor" and bool(kwargs.get("relative_step"))
 
@@ -232,23 +231,6 @@ def optimizer_arguments(name: str, args: Mapping[str, Any] | None = None,
     listed = {k: kwargs[k] for k in dict.fromkeys(order) if k in kwargs}
     labels = {k: f"optimizer.optimizer_args {k}" if k in from_strings else f"optimizer.args.{k}" for k in given}
     return Arguments(given, kwargs, listed, labels)
-
-
-def recorded_params(name: str, args: Mapping[str, Any] | None, optimizer_args: Sequence[str], *,
-                    lr: float) -> dict[str, Any]:
-    """The params that say what the optimizer ran with, to log over the composed config's.
-
-    optimizer.args.<key>: every argument as built (optimizer.args, optimizer.optimizer_args over it, kohya's rules
-    applied; sequences as lists, as the config writes them). Adafactor with relative_step=True also gets the schedule
-    v0.8.7 uses (optimizer.scheduler "adafactor:<lr>") and train.lr None (it is built with lr=None).
-    docs/kohya-reference.md §5. Raises ConfigError(s) for arguments the pre-flight refuses.
-    """
-    option_name = resolve_optimizer_name(name)
-    kwargs = optimizer_arguments(option_name, args, optimizer_args).kwargs
-    used: dict[str, Any] = {f"optimizer.args.{k}": list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-    if _relative_step(option_name, kwargs):
-        used |= {"optimizer.scheduler": adafactor_name(lr), "train.lr": None}
-    return used
 
 
 def _accepted_names(optimizer_class: type) -> list[str] | None:
@@ -346,7 +328,7 @@ def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None,
 
     def refusal(changes: Mapping[str, Any], step: bool) -> BaseException | None:
         kwargs = _kohya_rules(option_name, {**option.defaults, **changes})
-        lr = None if _relative_step(option_name, kwargs) else option.default_lr
+        lr = None if finds_own_step(option_name, kwargs) else option.default_lr
         return _refusal(optimizer_class, {**kwargs, **option.fixed}, lr, step=step)
 
     step = refusal({}, step=True) is None  # bitsandbytes may need CUDA to step: then values are checked by building
@@ -418,7 +400,7 @@ def check_learning_rates(name: str, *, lr: float, text_encoder_lr: float | None,
     if train_text_encoder:
         groups.insert(0, {"name": "text_encoder", "lr": lr if text_encoder_lr is None else text_encoder_lr})
     try:
-        relative = _relative_step(option_name, optimizer_arguments(option_name, args, optimizer_args).kwargs)
+        relative = finds_own_step(option_name, optimizer_arguments(option_name, args, optimizer_args).kwargs)
     except ConfigError:
         relative = False  # the arguments' own problems are optimizer_arg_problems'
     _check_lrs(option_name, OPTIMIZERS[option_name], _group_lrs(groups, lr), float(lr), lr_unused=relative)
@@ -466,7 +448,7 @@ def build_optimizer(name: str, param_groups: list[dict], *, lr: float, args: Map
     option_name = resolve_optimizer_name(name)
     option = OPTIMIZERS[option_name]
     arguments = optimizer_arguments(option_name, args, optimizer_args)
-    relative = _relative_step(option_name, arguments.kwargs)
+    relative = finds_own_step(option_name, arguments.kwargs)
     _check_lrs(option_name, option, _group_lrs(param_groups, lr), float(lr), lr_unused=relative)
     optimizer_class = _load_class(option.import_path)
     problems = _argument_name_problems(option_name, optimizer_class, arguments)
