@@ -657,6 +657,28 @@ def test_a_bad_sampler_name_exits_2_before_the_model_loads(tmp_path, app):
     assert "(kohya v0.8.7 would use DDIM for it.)" in out
 
 
+def test_a_kohya_optimizer_name_as_the_group_option_names_the_option_or_why_not(app):
+    """`optimizer=<--optimizer_type>`: the option it is, or the class v0.8.7 would build; one paragraph each, exit 2.
+    `optimizer.name=Adafactor` alone keeps adamw's args: choose the option."""
+    shipped = {"Adafactor": "adafactor", "SGDNesterov": "sgd_nesterov", "PagedAdamW8bit": "paged_adamw8bit",
+               "AdamW8bit": "adamw8bit", "DAdaptation": "dadapt_adam_preprint",
+               "DAdaptAdamPreprint": "dadapt_adam_preprint", "Prodigy": "prodigy", "Lion8bit": "lion8bit"}
+    code, out = app(*(f"optimizer={name}" for name in shipped), "optimizer=Lion", "optimizer=PagedAdamW32bit",
+                    "optimizer=torch.optim.RMSprop")
+    assert code == 2 and "Traceback" not in out and "Did you mean" not in out and "Could not find" not in out
+    for name, option in shipped.items():
+        assert f"optimizer={name}: the option is optimizer={option} (kohya's --optimizer_type {name})." in out
+    assert "optimizer='Lion': kohya v0.8.7 would build lion_pytorch.Lion, which lora-sweep does not ship" in out
+    assert "optimizer='PagedAdamW32bit': kohya v0.8.7 would build bitsandbytes.optim.PagedAdamW32bit," in out
+    assert "optimizer='torch.optim.RMSprop': kohya v0.8.7 would build torch.optim.RMSprop," in out
+
+    code, out = app("optimizer.name=Adafactor", "train.max_steps=1")
+    assert code == 2 and "Traceback" not in out and "betas is not an argument" not in out
+    assert ("optimizer.name=Adafactor: optimizer.name changes the class only, and optimizer.args are still the adamw "
+            "option's (betas, eps, weight_decay), which Adafactor does not take. Choose the option instead: "
+            "optimizer=adafactor") in out
+
+
 def test_the_command_lines_problems_come_with_the_configs_own(tmp_path):
     """The tester's item 4: `masked_loss=true network.dropout=3` names both under one header, not the first alone."""
     from lora_sweep.checks.command_line import config_problems_beside

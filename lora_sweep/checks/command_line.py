@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lora_sweep.checks.groups import group_options, missing_option_message
 from lora_sweep.checks.keys import config_groups, is_free_form, schema_keys, unknown_key_message
 from lora_sweep.config import Config, flatten
+from lora_sweep.errors import ConfigError
 
 _LEFT_TO_HYDRA = ("-h", "--help", "--hydra-help", "--version")
 
@@ -225,8 +226,22 @@ def _group_problems(group: str, values: list[Any]) -> list[str]:
     options = group_options(group)
     if not options:
         return []  # not a group Hydra knows (`hydra/...` plugins load later): Hydra's own error says so
-    return [missing_option_message(group, name, options)
-            for value in values for name in _option_names(value) if name not in options]
+    missing = [name for value in values for name in _option_names(value) if name not in options]
+    if group == "optimizer":
+        return [_optimizer_option_message(name, options) for name in missing]
+    return [missing_option_message(group, name, options) for name in missing]
+
+
+def _optimizer_option_message(name: str, options: list[str]) -> str:
+    """A kohya --optimizer_type name given as the group option: the option it is, or why v0.8.7's class is not
+    shipped (optim.resolve_optimizer_name's words); other names get Hydra's message."""
+    from lora_sweep.training import optim
+
+    try:
+        option = optim.resolve_optimizer_name(name)
+    except ConfigError as error:
+        return str(error) if optim.not_shipped_class(name) else missing_option_message("optimizer", name, options)
+    return f"optimizer={name}: the option is optimizer={option} (kohya's --optimizer_type {name})."
 
 
 def hydra_error_text(error: BaseException) -> str:

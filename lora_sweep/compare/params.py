@@ -29,6 +29,8 @@ ARTICLE_ROWS = {  # param -> the article's row label, in the article's order
 PARAM_ORDER = ("precision.", "optimizer.", "loss.", "noise.", "train.", "network.", "sampling.", "data.", "model.")
 OFF_WHEN_ZERO = ("noise.", "loss.min_snr_gamma", "loss.debiased", "network.dropout")
 OPTIMIZER_ARGS = "optimizer.args"
+# its values are in the optimizer.args.* params, logged as the optimizer ran with them (job.run.run_params)
+SHOWN_IN_ARGS = "optimizer.optimizer_args"
 DETERMINED_BY = {OPTIMIZER_ARGS: "optimizer.name"}  # a row folded away when the other row's value fixes it
 
 
@@ -125,7 +127,7 @@ def table_keys(groups: Sequence[VariantGroup]) -> list[str]:
     train.lr only where it is not simply the optimizer's lr.
     """
     keys = {table_key(k) for g in groups for k in g.params
-            if is_config_key(k) and k not in DERIVED and k not in (SEED_KEY, "tracking.variant")}
+            if is_config_key(k) and k not in DERIVED and k not in (SEED_KEY, "tracking.variant", SHOWN_IN_ARGS)}
     if all(g.params.get("train.lr") == g.params.get("optimizer.lr") for g in groups):
         keys.discard("train.lr")
     return sorted(keys, key=_sort_key)
@@ -200,7 +202,7 @@ def knobs(a_params: dict[str, str], b_params: dict[str, str], a_choices: dict[st
     """The knobs variant b differs from variant a in (empty: the same training)."""
     a_choices, b_choices = a_choices or {}, b_choices or {}
     keys = {table_key(k) for k in (*a_params, *b_params)
-            if is_config_key(k) and k not in DERIVED and not k.startswith(NOT_KNOBS)}
+            if is_config_key(k) and k not in DERIVED and k != SHOWN_IN_ARGS and not k.startswith(NOT_KNOBS)}
     follows = [p.get("train.lr") == p.get("optimizer.lr") for p in (a_params, b_params)]
     if all(follows):
         keys.discard("train.lr")  # follows optimizer.lr (${optimizer.lr}): part of the optimizer knob

@@ -40,6 +40,7 @@ from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
 from lora_sweep.tracking.replay import PENDING_NAME, ends_the_run, pending_files, replay_quietly
 from lora_sweep.tracking.stale import close_stale_runs
+from lora_sweep.training import optim, schedules
 from lora_sweep.training.checkpoint import (
     ConfigLock,
     find_resumable,
@@ -202,7 +203,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     try:
         ready.lock.note(run_id=logger.run_id)
         status.update(force=True, run_id=logger.run_id)
-        params = flatten(to_container(cfg))
+        params = run_params(cfg)
         if ready.continued_run:
             _say_changed_params(logger, client.get_run(logger.run_id).data.params, params)
         logger.log_params(params)
@@ -268,6 +269,28 @@ def _open_run(cfg, ready: _Ready, label: str, tags: dict[str, str]) -> RunLogger
     if ready.continued_run:
         _say_history_gap(logger, read_meta(ready.resume_from)["step"])
     return logger
+
+
+def run_params(cfg, *, composed_if_refused: bool = False) -> dict[str, Any]:
+    """The run's MLflow params: the config flattened, with what the optimizer ran with over the composed values, so
+    the table and compare show what ran: optimizer.args.* as built (optimizer.optimizer_args applied, kohya's rules
+    too; sequences as lists, as the config writes them), and for Adafactor with relative_step=True the schedule
+    v0.8.7 uses (optimizer.scheduler "adafactor:<lr>") and train.lr None (it is built with lr=None).
+    `composed_if_refused`: for a failure's record, the composed values where the arguments are refused."""
+    params = flatten(to_container(cfg))
+    o = cfg.optimizer
+    try:
+        name = optim.resolve_optimizer_name(o.name)
+        kwargs = optim.optimizer_arguments(name, to_container(o.args), list(o.optimizer_args)).kwargs
+    except UserError:
+        if composed_if_refused:
+            return params
+        raise
+    used = {f"optimizer.args.{k}": list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    if optim.finds_own_step(name, kwargs):
+        used |= {"optimizer.scheduler": schedules.adafactor_name(cfg.train.lr), "train.lr": None}
+    composed = [k for k in params if k == "optimizer.args" or k.startswith("optimizer.args.")]
+    return {k: v for k, v in params.items() if k not in composed} | used
 
 
 def _say_changed_params(logger: RunLogger, logged: dict[str, str], params: dict[str, Any]) -> None:
@@ -356,7 +379,7 @@ def _record_failed_run(cfg, reason: str, *, label: str, output_dir: Path, sweep_
         tags["lora_sweep.stage"] = "set-up"
         logger = RunLogger.start(client, exp_id, name=label, tags=tags, flush_every=1)
         with contextlib.suppress(Exception):
-            logger.log_params(flatten(to_container(cfg)))
+            logger.log_params(run_params(cfg, composed_if_refused=True))
             _log_config(cfg, logger, output_dir)
         logger.end("FAILED", reason)
         return logger.run_id

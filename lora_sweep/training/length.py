@@ -61,7 +61,8 @@ def resolve_max_steps(cfg, specs: list[DatasetSpec], scans: list[FolderScan]) ->
     batches = scanned_batches_per_epoch(cfg, specs, scans)
     steps = steps_for_epochs(t.max_train_epochs, batches, t.grad_accum)
     if t.max_steps != steps:
-        log.info("train.max_train_epochs=%d: %d optimizer steps (%d epochs x ceil(%d batches / grad_accum %d), as "
-                 "v0.8.7) replace train.max_steps=%d", t.max_train_epochs, steps, t.max_train_epochs, batches,
-                 t.grad_accum, t.max_steps)
+        epochs = "1 epoch" if t.max_train_epochs == 1 else f"{t.max_train_epochs} epochs"
+        log.info("train.max_train_epochs=%d: %d optimizer steps (%s x ceil(%d batches / grad_accum %d), as "
+                 "v0.8.7) replace train.max_steps=%d", t.max_train_epochs, steps, epochs, batches, t.grad_accum,
+                 t.max_steps)
         t.max_steps = steps

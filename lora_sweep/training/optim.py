@@ -104,6 +104,18 @@ LOW_ADAPTIVE_LR = 0.1  # kohya warns at or below this for D-Adaptation/Prodigy (
 # kohya checks group 0's lr; here the largest group lr, so a frozen (lr 0) text-encoder group raises no false alarm.
 
 
+def not_shipped_class(name: str) -> str | None:
+    """The class v0.8.7's --optimizer_type `name` builds where lora-sweep ships no option for it, else None."""
+    name = name.strip()
+    if name.lower() in NOT_SHIPPED:
+        return NOT_SHIPPED[name.lower()]
+    if "." in name:
+        return name
+    if name[:1].isupper() and hasattr(torch.optim, name):
+        return f"torch.optim.{name}"
+    return None
+
+
 def resolve_optimizer_name(name: str) -> str:
     """Our option name for `name`; kohya's --optimizer_type spellings ("Prodigy", "DAdaptation", ...) also work.
 
@@ -116,11 +128,7 @@ def resolve_optimizer_name(name: str) -> str:
     if key in _KOHYA_ALIASES:
         return _KOHYA_ALIASES[key]
     shipped = f"choose one of {sorted(OPTIMIZERS)}."
-    kohya_class = NOT_SHIPPED.get(key)
-    if kohya_class is None and "." in name:
-        kohya_class = name.strip()
-    elif kohya_class is None and name.strip()[:1].isupper() and hasattr(torch.optim, name.strip()):
-        kohya_class = f"torch.optim.{name.strip()}"
+    kohya_class = not_shipped_class(name)
     if kohya_class is not None:
         raise ConfigError(f"optimizer={name!r}: kohya v0.8.7 would build {kohya_class}, which lora-sweep does not "
                           f"ship (each option is a conf/optimizer file with its defaults and checks); {shipped}")
@@ -196,7 +204,7 @@ def _kohya_rules(option_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _relative_step(option_name: str, kwargs: Mapping[str, Any]) -> bool:
+def finds_own_step(option_name: str, kwargs: Mapping[str, Any]) -> bool:
     """Adafactor with relative_step=True: it finds its own step size and takes lr=None."""
     return option_name == "adafactor" and bool(kwargs.get("relative_step"))
 
@@ -278,6 +286,11 @@ def _refusal(optimizer_class: type, kwargs: Mapping[str, Any], lr: float | None,
     return None
 
 
+def _other_options_args(option_name: str, args: Mapping[str, Any] | None) -> str | None:
+    """The other option whose file's argument names `args` has exactly (`optimizer.name` changed alone), or None."""
+    return next((n for n, o in OPTIMIZERS.items() if n != option_name and args and set(o.defaults) == set(args)), None)
+
+
 def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None,
                            optimizer_args: Sequence[str] = ()) -> list[str]:
     """Every problem of `optimizer.args` and `optimizer.optimizer_args` for option `name`, without a model, one
@@ -297,6 +310,12 @@ def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None,
     optimizer_class = _load_class(option.import_path)
     label = f"{optimizer_class.__name__} (optimizer={option_name})"
     problems = _argument_name_problems(option_name, optimizer_class, arguments)
+    other = _other_options_args(option_name, args)
+    if other and any(" is not an argument of " in p for p in problems):
+        return [f"optimizer.name={name}: optimizer.name changes the class only, and optimizer.args are still the "
+                f"{other} option's ({', '.join(sorted(args))}), which {optimizer_class.__name__} does not take. "
+                f"Choose the option instead: optimizer={option_name} (its conf/optimizer file brings "
+                f"{optimizer_class.__name__}'s own arguments)."]
     accepted = _accepted_names(optimizer_class)
     given = {k: v for k, v in arguments.given.items()
              if k not in ("lr", "params", *option.fixed) and (accepted is None or k in accepted)}
@@ -309,7 +328,7 @@ def optimizer_arg_problems(name: str, args: Mapping[str, Any] | None,
 
     def refusal(changes: Mapping[str, Any], step: bool) -> BaseException | None:
         kwargs = _kohya_rules(option_name, {**option.defaults, **changes})
-        lr = None if _relative_step(option_name, kwargs) else option.default_lr
+        lr = None if finds_own_step(option_name, kwargs) else option.default_lr
         return _refusal(optimizer_class, {**kwargs, **option.fixed}, lr, step=step)
 
     step = refusal({}, step=True) is None  # bitsandbytes may need CUDA to step: then values are checked by building
@@ -381,7 +400,7 @@ def check_learning_rates(name: str, *, lr: float, text_encoder_lr: float | None,
     if train_text_encoder:
         groups.insert(0, {"name": "text_encoder", "lr": lr if text_encoder_lr is None else text_encoder_lr})
     try:
-        relative = _relative_step(option_name, optimizer_arguments(option_name, args, optimizer_args).kwargs)
+        relative = finds_own_step(option_name, optimizer_arguments(option_name, args, optimizer_args).kwargs)
     except ConfigError:
         relative = False  # the arguments' own problems are optimizer_arg_problems'
     _check_lrs(option_name, OPTIMIZERS[option_name], _group_lrs(groups, lr), float(lr), lr_unused=relative)
@@ -429,7 +448,7 @@ def build_optimizer(name: str, param_groups: list[dict], *, lr: float, args: Map
     option_name = resolve_optimizer_name(name)
     option = OPTIMIZERS[option_name]
     arguments = optimizer_arguments(option_name, args, optimizer_args)
-    relative = _relative_step(option_name, arguments.kwargs)
+    relative = finds_own_step(option_name, arguments.kwargs)
     _check_lrs(option_name, option, _group_lrs(param_groups, lr), float(lr), lr_unused=relative)
     optimizer_class = _load_class(option.import_path)
     problems = _argument_name_problems(option_name, optimizer_class, arguments)

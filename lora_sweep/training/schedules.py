@@ -38,6 +38,10 @@ def adafactor_name(lr: float) -> str:
     return f"adafactor:{float(lr)}"
 
 
+def _steps(count: int) -> str:
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
 def warmup_problem(warmup_steps: Any, max_steps: int) -> str | None:
     """Why optimizer.warmup_steps is not a count of optimizer steps (v0.8.7's is an int), or None."""
     if isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool) and warmup_steps >= 0:
@@ -45,8 +49,8 @@ def warmup_problem(warmup_steps: Any, max_steps: int) -> str | None:
     if isinstance(warmup_steps, float) and 0 < warmup_steps < 1:
         steps = int(warmup_steps * max_steps)  # v0.9.0's conversion of a ratio
         return (f"optimizer.warmup_steps={warmup_steps}: kohya v0.8.7 takes the warmup in optimizer steps only (a "
-                f"fraction of the run arrived in v0.9.0); {warmup_steps} of train.max_steps={max_steps} is {steps} "
-                f"steps: set optimizer.warmup_steps={steps}.")
+                f"fraction of the run arrived in v0.9.0); {warmup_steps} of train.max_steps={max_steps} is "
+                f"{_steps(steps)}: set optimizer.warmup_steps={steps}.")
     return f"optimizer.warmup_steps={warmup_steps!r}: must be a whole number of optimizer steps >= 0 (e.g. 0 or 100)."
 
 
@@ -186,6 +190,10 @@ def build_lr_scheduler(
     if name == "piecewise_constant" and warmup_steps:
         log.warning("optimizer.scheduler=piecewise_constant ignores optimizer.warmup_steps=%d, as kohya v0.8.7 does",
                     warmup_steps)
+    elif warmup_steps >= total_steps:  # v0.8.7 trains so silently
+        log.warning("optimizer.warmup_steps=%d is not below the run's %s: the lr is still warming up when the run "
+                    "ends (at %d/%d of train.lr=%s) and never reaches train.lr; lower optimizer.warmup_steps",
+                    warmup_steps, _steps(total_steps), total_steps, warmup_steps, optimizer.defaults.get("lr"))
     kwargs = _schedule_kwargs(name, warmup_steps=warmup_steps, total_steps=total_steps, num_cycles=num_cycles,
                               power=power, scheduler_args=scheduler_args)
     try:

@@ -189,3 +189,14 @@ def test_the_shared_rows_hold_settings_only():
     assert "status" not in dict(shared) and "data.warnings" not in dict(shared)
     groups[1].runs[0].status = "FAILED"
     assert dict(parameter_table(groups)[0])["status"] == ["FINISHED", "FAILED"]  # a failed variant stands out
+
+
+def test_optimizer_args_strings_are_one_knob_with_the_arguments_they_set():
+    """The tester's optimizer_args: the params hold the merged optimizer.args.*, so the strings are no second knob."""
+    base = {"optimizer.name": "adamw", "optimizer.args.weight_decay": "0.01", "optimizer.args.betas": "[0.9, 0.999]",
+            "optimizer.optimizer_args": "[]"}
+    strings = {"optimizer.name": "adamw", "optimizer.args.weight_decay": "0.1", "optimizer.args.betas": "[0.9, 0.99]",
+               "optimizer.optimizer_args": "['weight_decay=0.1', 'betas=(0.9,0.99)']"}
+    (knob,) = knobs(base, strings, {"optimizer": "adamw"}, {"optimizer": "adamw"})
+    assert (knob.name, knob.a, knob.b) == ("optimizer.args", "betas=[0.9, 0.999], weight_decay=0.01",
+                                          "betas=[0.9, 0.99], weight_decay=0.1")

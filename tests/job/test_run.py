@@ -195,3 +195,28 @@ def test_a_truncated_image_skipped_while_loading_counts_in_the_runs_warnings(tmp
     assert run.data.params["data.warnings"] == "1" and run.data.params["data.skipped_images"] == "1"
     warnings = (tmp_path / "out" / "warnings.txt").read_text()
     assert warnings.startswith("data.dir: 1 image whose pixels failed to decode") and "img1.png" in warnings
+
+
+def test_the_optimizer_params_record_what_the_optimizer_ran_with(tmp_path, mlflow_uri):
+    """optimizer.optimizer_args values and Adafactor's relative_step rewrite show in the params, not the composed
+    config's values (the table and compare read params)."""
+    from lora_sweep.job.run import run_params
+
+    outcome = run_job(tiny(tmp_path, 'optimizer.optimizer_args=["weight_decay=0.1","betas=(0.9,0.99)"]'),
+                      output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED", outcome.reason
+    params = MlflowClient(mlflow_uri).get_run(outcome.run_id).data.params
+    assert params["optimizer.args.weight_decay"] == "0.1" and params["optimizer.args.betas"] == "[0.9, 0.99]"
+    assert params["optimizer.args.eps"] == "1e-08" and params["optimizer.scheduler"] == "constant"
+
+    default = run_params(compose_config("optimizer=adafactor"))
+    assert default["optimizer.scheduler"] == "adafactor:0.0001" and default["train.lr"] is None
+    assert default["optimizer.args.relative_step"] is True and default["optimizer.args.eps"] == [1e-30, 1e-3]
+    preset = run_params(compose_config("optimizer=adafactor", "optimizer.scheduler=constant_with_warmup",
+                                       'optimizer.optimizer_args=["scale_parameter=False","relative_step=False",'
+                                       '"warmup_init=False"]'))
+    assert preset["optimizer.args.relative_step"] is False and preset["optimizer.args.scale_parameter"] is False
+    assert preset["optimizer.scheduler"] == "constant_with_warmup" and preset["train.lr"] == 1e-4
+    forced = run_params(compose_config("optimizer=adafactor", 'optimizer.optimizer_args=["relative_step=False",'
+                                       '"warmup_init=True"]'))  # kohya turns relative_step back on
+    assert forced["optimizer.args.relative_step"] is True and forced["optimizer.scheduler"] == "adafactor:0.0001"

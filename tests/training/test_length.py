@@ -121,3 +121,16 @@ def test_the_preflight_counts_a_resumed_states_steps_against_the_converted_lengt
     assert problems == [f"train.resume: '{state}' is at step 4, which is the 4 steps of train.max_train_epochs=2: "
                         "nothing is left to train; raise train.max_train_epochs to continue it, or set "
                         "train.resume=never to start over."]
+
+
+def test_one_epoch_is_logged_in_the_singular(tmp_path, caplog):
+    """train.max_train_epochs=1 (the tester's value): '1 epoch x ceil(...)', not '1 epochs'."""
+    import logging
+
+    for i in range(4):
+        write_image(tmp_path / "data" / "1_thing" / f"img{i}.png", caption=f"thing {i}")
+    cfg = folder_config(tmp_path / "data", "train.batch_size=1", "train.max_train_epochs=1")
+    specs, scans = preflight.training_scans(cfg, tmp_path / "data")
+    with caplog.at_level(logging.INFO, logger="lora_sweep.training.length"):
+        length.resolve_max_steps(cfg, specs, scans)
+    assert "train.max_train_epochs=1: 4 optimizer steps (1 epoch x ceil(4 batches / grad_accum 1)" in caplog.text

@@ -3,6 +3,7 @@ written out with numbers (T = 10 updates, W = 2 warmup), on real torch optimizer
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -161,3 +162,17 @@ def test_kohyas_schedule_settings_pass_the_checks():
                        "optimizer.scheduler=constant_with_warmup"]):
         assert config_problems(compose_config(*overrides)) == [], overrides
     assert math.isclose(schedules.lr_multiplier("cosine", 5, warmup_steps=0, total_steps=10), 0.5)
+
+
+def test_a_warmup_the_run_never_finishes_is_warned_and_one_step_is_singular(caplog) -> None:
+    """The tester's values: warmup 50 over 4 steps trains (v0.8.7 is silent) with a warning; 0.1 of 10 is 1 step."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    with caplog.at_level(logging.WARNING, logger="lora_sweep.training.schedules"):
+        schedules.build_lr_scheduler(optimizer, "linear", warmup_steps=50, total_steps=4)
+        assert ("optimizer.warmup_steps=50 is not below the run's 4 steps: the lr is still warming up when the run "
+                "ends (at 4/50 of train.lr=0.0001) and never reaches train.lr") in caplog.text
+        caplog.clear()
+        schedules.build_lr_scheduler(optimizer, "linear", warmup_steps=3, total_steps=4)
+        assert caplog.text == ""
+    assert schedules.warmup_problem(0.1, 10).endswith(
+        "0.1 of train.max_steps=10 is 1 step: set optimizer.warmup_steps=1.")
