@@ -65,6 +65,8 @@ def test_misspelt_key_and_wrong_type_fail_at_compose_time():
     ("train.lr=-0.1", "train.lr"),
     ("network.rank=0", "network.rank"),
     ("train.on_nan=ignore", "train.on_nan"),
+    ("optimizer.lr_scheduler_num_cycles=-1", "optimizer.lr_scheduler_num_cycles"),
+    ("model.clip_skip=-3", "model.clip_skip"),
 ])
 def test_bad_values_name_their_field(override, field):
     problems = config_problems(compose_config(override))

@@ -87,6 +87,7 @@ def _model_checks(m) -> list[Callable[[], None]]:
         lambda: _enum("model.name", m.name, MODELS),
         lambda: _check_model_path(m),
         lambda: _positive("model.resolution", m.resolution),
+        lambda: m.clip_skip is None or _positive("model.clip_skip", m.clip_skip),  # recorded only, but a layer count
     ]
 
 
@@ -179,6 +180,8 @@ def _optimizer_checks(cfg) -> list[Callable[[], None]]:
     return [
         lambda: _naming("optimizer.name", optim.resolve_optimizer_name, cfg.optimizer.name),
         lambda: _positive("optimizer.lr", cfg.optimizer.lr, allow_zero=True),
+        # 0 is v0.8.7's constant lr (no cycle ever ends); a negative count has no meaning
+        lambda: _positive("optimizer.lr_scheduler_num_cycles", cfg.optimizer.lr_scheduler_num_cycles, allow_zero=True),
         lambda: _check_scheduler(optim, schedules, cfg),
     ]
 
