@@ -109,3 +109,26 @@ def test_command_sh_launches_sd_scripts_and_lists_what_kohya_cannot_hold(tmp_pat
                             "model.path=..."]
     assert command[-1] == ('accelerate launch sdxl_train_network.py --config_file "$EXPORT/config.toml" '
                            '--dataset_config "$EXPORT/dataset.toml"')
+
+
+def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_path, mlflow_uri, capsys):
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from lora_sweep.__main__ import main
+    from lora_sweep.config import to_container
+
+    overrides = ["experiment=v53", "model=sdxl", f"model.path={tmp_path}/sdxl.safetensors",
+                 f"train.output_dir={tmp_path}/out"]
+    assert main(["export", "kohya", "--config", *overrides, "--out", str(tmp_path / "composed")]) == 0
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("export")).info.run_id
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(to_container(compose_config(*overrides))))  # as job.run
+    client.log_artifact(run_id, str(tmp_path / "config.yaml"))
+    assert main(["export", "kohya", run_id, "--tracking-uri", mlflow_uri, "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.splitlines()[-3:] == [f"{tmp_path}/run/{name}" for name in
+                                                        ("config.toml", "dataset.toml", "command.sh")]
+    for name in ("config.toml", "dataset.toml"):
+        assert (tmp_path / "run" / name).read_text() == (tmp_path / "composed" / name).read_text().replace(
+            f"{tmp_path}/composed", f"{tmp_path}/run")
+    assert main(["export", "kohya", run_id, "--config", "experiment=v53"]) == 2

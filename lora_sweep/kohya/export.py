@@ -212,6 +212,8 @@ def not_expressible(cfg: DictConfig) -> list[str]:
     lines = []
     if flat["model.name"] == "tiny":
         lines.append("model=tiny: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl model.path=...")
+    elif not flat["model.path"]:
+        lines.append("model.path=null: config.toml has no pretrained_model_name_or_path; add the SDXL checkpoint")
     if flat["validation.fit_images"] or flat["validation.every"]:
         lines.append(f"validation (every {flat['validation.every']} steps, {flat['validation.fit_images']} fit "
                      "images): kohya v0.8.7 has no validation loss")
