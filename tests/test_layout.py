@@ -21,7 +21,8 @@ SHARED = {"errors", "atomic", "config", "paths", "progress", "tracking"}
 ENTRY = {"__main__", "callbacks"}
 # What each subpackage may import besides SHARED (and itself). `training` composes the rest; `data` encodes with
 # the model's encoders; `sampling` draws with the model; `compare` reads MLflow, images and the image metrics;
-# `job` runs one job: the checks, then training. Nothing below `job` imports it or checks/, nor the entry modules.
+# `job` runs one job: the checks, then training (recording its kohya export). Nothing below `job` imports it or
+# checks/, nor the entry modules.
 # `kohya` turns sd-scripts' and the GUI's settings into lora-sweep's and back, through the flag tables in checks/
 # (and the optimizer options and bucket sizes of training/ and data/).
 ALLOWED = {
@@ -30,7 +31,7 @@ ALLOWED = {
     "sampling": {"model"},
     "training": {"data", "model", "sampling"},
     "compare": {"model", "sampling"},
-    "job": {"checks", "data", "training"},
+    "job": {"checks", "data", "training", "kohya"},
     "kohya": {"checks", "data", "training"},
 }
 PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/schedules.py",
