@@ -22,7 +22,8 @@ ENTRY = {"__main__", "callbacks"}
 # What each subpackage may import besides SHARED (and itself). `training` composes the rest; `data` encodes with
 # the model's encoders; `sampling` draws with the model; `compare` reads MLflow, images and the image metrics;
 # `job` runs one job: the checks, then training. Nothing below `job` imports it or checks/, nor the entry modules.
-# `kohya` turns sd-scripts' and the GUI's settings into lora-sweep's and back, through the flag tables in checks/.
+# `kohya` turns sd-scripts' and the GUI's settings into lora-sweep's and back, through the flag tables in checks/
+# and the optimizer names of training/optim.py.
 ALLOWED = {
     "model": set(),
     "data": {"model"},
@@ -30,7 +31,7 @@ ALLOWED = {
     "training": {"data", "model", "sampling"},
     "compare": {"model", "sampling"},
     "job": {"checks", "data", "training"},
-    "kohya": {"checks"},
+    "kohya": {"checks", "training"},
 }
 PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/schedules.py",
              "training/precision.py")
