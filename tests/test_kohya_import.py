@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, compose_config
@@ -170,3 +172,63 @@ def test_gui_warmup_without_max_train_steps_uses_the_field_default(tmp_path, nam
     imported, _ = import_sources([preset_file(tmp_path, name)])
     assert imported.values["optimizer.warmup_steps"] == 80  # 5% of the field's 1600
     assert imported.values["network.network_train_unet_only"] is True  # additional_parameters
+
+
+def safetensors_with(path: Path, meta: dict[str, str]) -> Path:
+    header = json.dumps({"__metadata__": meta}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")  # no images: no buckets
+def test_a_lora_written_by_lora_sweep_gives_back_its_settings(tmp_path):
+    import torch
+
+    from lora_sweep.data.subsets import DatasetSpec
+    from lora_sweep.training.metadata import kohya_metadata
+    from lora_sweep.training.optim import build_optimizer
+
+    cfg = compose_config("precision=bf16", "optimizer=prodigy", "noise=offset", "loss=[huber_snr,min_snr]",
+                         "network.rank=16", "network.alpha=8", "train.max_steps=300", "train.batch_size=2",
+                         "data.resolution=64", "optimizer.args.weight_decay=0.01")
+    spec = DatasetSpec("data.dir", (64, 64), 2, True, bucket_reso_steps=32, bucket_no_upscale=False,
+                       min_bucket_reso=None, max_bucket_reso=None, subsets=())
+    optimizer = build_optimizer(cfg.optimizer.name, [{"params": [torch.nn.Parameter(torch.zeros(2))]}],
+                                lr=cfg.train.lr, args=dict(cfg.optimizer.args))
+    meta = kohya_metadata(cfg, SimpleNamespace(specs=[spec], trained=[]), optimizer, steps=300, epoch=1)
+    imported, _ = import_sources([safetensors_with(tmp_path / "lora.safetensors", meta)])
+    assert imported.problems == []
+    assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "offset",
+                               "loss": ["huber_snr", "min_snr"]}
+    values = imported.values
+    assert (values["network.rank"], values["network.alpha"], values["train.max_steps"]) == (16, 8.0, 300)
+    assert (values["train.lr"], values["train.batch_size"], values["noise.offset"]) == (1.0, 2, 0.0357)
+    assert (values["loss.type"], values["loss.min_snr_gamma"], values["data.resolution"]) == ("huber", 5.0, "64,64")
+    assert values["optimizer.optimizer_args"] == ["weight_decay=0.01"]
+    assert values["data.caption_extension"] == ".txt"  # lora-sweep's own lora_sweep_caption_extension key
+    table = kinds(imported)
+    assert set(table["missing"]) == {"pretrained_model_name_or_path", "train_data_dir"}
+    assert {"lr_scheduler_num_cycles", "xformers", "save_every_n_steps"} <= set(table["not recorded"])
+    assert "full_bf16" not in table["not recorded"]  # lora_sweep_full_bf16 records it
+
+
+def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp_path):
+    meta = {"ss_network_dim": "16", "ss_network_alpha": "8.0", "ss_learning_rate": "0.0001",
+            "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1,betas=(0.9, 0.99))",
+            "ss_mixed_precision": "fp16", "ss_network_args": '{"conv_dim": "8", "conv_alpha": "4"}',
+            "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
+            "ss_dataset_dirs": '{"10_sks dog": {"n_repeats": 10, "img_count": 12}}', "ss_seed": "1234",
+            "modelspec.timestep_range": "100,900"}
+    imported, _ = import_sources([safetensors_with(tmp_path / "v087.safetensors", meta)])
+    assert imported.groups["optimizer"] == "adamw8bit" and imported.groups["precision"] == "fp16"
+    assert imported.values["optimizer.optimizer_args"] == ["weight_decay=0.1", "betas=(0.9,0.99)"]
+    assert imported.values["network.network_args"] == ["conv_dim=8", "conv_alpha=4"]
+    assert (imported.values["noise.min_timestep"], imported.values["noise.max_timestep"]) == (100, 900)
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing == {"pretrained_model_name_or_path": "model.path: the LoRA records only the name "
+                                                        "'sd_xl_base_1.0.safetensors'",
+                       "train_data_dir": "data.dir: the LoRA records only the folder names '10_sks dog' (12 images "
+                                         "x 10)"}
+    sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
+    assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
+                                                  f"LoRAs."]

@@ -11,8 +11,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lora_sweep.config import CONF_DIR, Config, flatten, to_container
+from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.settings import Imported, Row, to_lora_sweep
-from lora_sweep.kohya.sources import KohyaSource, read_source
+from lora_sweep.kohya.sources import KohyaSource, read_command_line, read_config_file, read_gui
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -22,18 +23,35 @@ def lora_sweep_defaults() -> dict[str, object]:
     return dict(flatten(to_container(OmegaConf.structured(Config))))
 
 
+def read_source(path: Path) -> KohyaSource:
+    """By kind: .safetensors -> a LoRA's metadata; JSON -> the GUI's config; a command naming train_network.py ->
+    a command line; else an sd-scripts --config_file TOML."""
+    if path.suffix == ".safetensors":
+        return read_lora(path)
+    with path.open("rb") as f:
+        text = f.read(1 << 20).decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        return read_gui(path)
+    if "train_network.py" in text:
+        return read_command_line(path)
+    return read_config_file(path)
+
+
 def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
     """Read every source (a later one's flags win) and map the union; problems of all sources are collected."""
     sources = [read_source(path) for path in paths]
-    args, origin, unknown, missing = {}, {}, {}, {}
+    args, origin, unknown, missing, unrecorded = {}, {}, {}, {}, set()
     for src in sources:
+        unrecorded.update(src.unrecorded)
         args.update(src.args)
         origin.update({flag: f"{Path(src.path).name}: {text}" for flag, text in src.origin.items()})
         unknown.update(src.unknown)
         missing.update(src.missing)
     for flag in args:
         missing.pop(flag, None)
-    imported = to_lora_sweep(args, origin, lora_sweep_defaults(), unknown=unknown, missing=missing)
+        unrecorded.discard(flag)
+    imported = to_lora_sweep(args, origin, lora_sweep_defaults(), unknown=unknown, missing=missing,
+                             unrecorded=unrecorded)
     imported.problems[:0] = [p for src in sources for p in src.problems]
     return imported, sources
 
@@ -80,11 +98,12 @@ def experiment_text(imported: Imported, sources: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-KINDS = ("mapped", "default", "same as default", "ignored", "not supported", "missing", "unknown")
+KINDS = ("mapped", "default", "same as default", "ignored", "not supported", "missing", "not recorded", "unknown")
 _HEADINGS = {"mapped": "mapped", "default": "kohya default, written (lora-sweep's differs)",
              "same as default": "kohya default, the same as lora-sweep's (not written)",
              "ignored": "ignored", "not supported": "not supported", "missing": "required value missing",
-             "unknown": "unknown (newer than v0.8.7)"}
+             "not recorded": "unknown: not in the LoRA's metadata (kohya default assumed)",
+             "unknown": "unknown flags (newer than v0.8.7?): ignored"}
 
 
 def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]]) -> str:

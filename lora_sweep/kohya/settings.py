@@ -30,7 +30,7 @@ _DATASET_ONLY = {"num_repeats", "class_tokens", "is_reg", "image_dir", "subsets"
 @dataclass
 class Row:
     """One line of the import's table: `kind` mapped | default | same as default | ignored | not supported |
-    missing | unknown."""
+    missing | not recorded (a LoRA's metadata lacks it) | unknown (not a v0.8.7 flag)."""
 
     kind: str
     kohya: str
@@ -55,14 +55,18 @@ class Imported:
 
 
 def to_lora_sweep(args: dict[str, object], origin: dict[str, str], lora_sweep_defaults: dict[str, object],
-                  *, unknown: dict[str, object] | None = None, missing: dict[str, str] | None = None) -> Imported:
+                  *, unknown: dict[str, object] | None = None, missing: dict[str, str] | None = None,
+                  unrecorded: set[str] | frozenset[str] = frozenset()) -> Imported:
     """`args` (only what the sources set; `origin`: flag -> the source's key and value) with every other flag at
     v0.8.7's default, as lora-sweep settings. `lora_sweep_defaults`: dotted setting -> lora-sweep's default (a
-    v0.8.7 default equal to it is left out of the file and shown as "same as default")."""
+    v0.8.7 default equal to it is left out of the file and shown as "same as default"); `unrecorded`: flags a
+    LoRA's metadata does not hold, at v0.8.7's default and shown as unknown."""
     full = {**V087_DEFAULTS, **args}
     out = Imported()
 
     def why(flag: str) -> str:
+        if flag in unrecorded:
+            return "not in the LoRA's metadata: kohya default"
         return origin.get(flag, "kohya default")
 
     _groups(full, args, why, out)
@@ -88,7 +92,7 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str], lora_sweep_de
                 continue
             out.put(setting, value, why(flag))
             out.rows.append(Row("mapped" if given else "default", flag, value, setting))
-        elif flag in KOHYA_FLAGS:
+        elif flag in KOHYA_FLAGS and flag not in unrecorded:
             entry = KOHYA_FLAGS[flag]
             at_default = value == V087_DEFAULTS.get(flag)
             if isinstance(entry, Refused):
@@ -101,13 +105,18 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str], lora_sweep_de
                 else:
                     out.rows.append(Row("not supported", flag, value,
                                         f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+    for flag in sorted(unrecorded):
+        out.rows.append(Row("not recorded", flag, V087_DEFAULTS.get(flag), "not in the LoRA's metadata: kohya default "
+                                                                      "assumed"))
     for flag, value in (unknown or {}).items():
         out.rows.append(Row("unknown", flag, value, "not a flag of sd-scripts v0.8.7 (a newer version?): ignored"))
-    if full["pretrained_model_name_or_path"] is None:
+    missing = missing or {}
+    if full["pretrained_model_name_or_path"] is None and "pretrained_model_name_or_path" not in missing:
         out.rows.append(Row("missing", "pretrained_model_name_or_path", None, "model.path: the SDXL model to train"))
-    if full["train_data_dir"] is None and full["dataset_config"] is None:
+    if full["train_data_dir"] is None and full["dataset_config"] is None and not {"train_data_dir",
+                                                                                    "dataset_config"} & set(missing):
         out.rows.append(Row("missing", "train_data_dir", None, "data.dir (or data.dataset_config): the images"))
-    for flag, reason in (missing or {}).items():
+    for flag, reason in missing.items():
         out.rows.append(Row("missing", flag, None, f"{KOHYA_NAMES.get(flag, flag)}: {reason}"))
     return out
 

@@ -20,7 +20,8 @@ from lora_sweep.kohya.flags import LIST_FLAGS, V087_DEFAULTS, V087_TYPES, typed
 class KohyaSource:
     """What one source says: `args` (flag -> value, only what it sets), `origin` (flag -> the source's key and value
     it came from), `ignored` (a source key -> its value and why it sets nothing), `unknown` (flags v0.8.7 lacks: a newer
-    sd-scripts), `missing` (a flag whose value the source cannot give -> why), `problems` (one paragraph each)."""
+    sd-scripts), `missing` (a flag whose value the source cannot give -> why), `unrecorded` (flags a LoRA's metadata
+    does not hold), `problems` (one paragraph each)."""
 
     path: str
     args: dict[str, object] = field(default_factory=dict)
@@ -28,6 +29,7 @@ class KohyaSource:
     ignored: dict[str, tuple[object, str]] = field(default_factory=dict)
     unknown: dict[str, object] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    unrecorded: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def set(self, flag: str, value: object, origin: str) -> None:
@@ -239,19 +241,3 @@ def read_command_line(path: Path) -> KohyaSource:
     if config:
         src.problem("--config_file", f"{config}: import the TOML itself as well (flags on the command line win)")
     return src
-
-
-def read_source(path: Path) -> KohyaSource:
-    """By content: JSON -> the GUI's config, a command naming train_network.py -> a command line, else TOML."""
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    if not path.is_file():
-        src = KohyaSource(str(path))
-        src.problem("the file", "not found")
-        return src
-    if text.lstrip().startswith("{"):
-        return read_gui(path)
-    if "train_network.py" in text:
-        return read_command_line(path)
-    return read_config_file(path)
-
-
