@@ -232,3 +232,24 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
     sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
     assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
                                                   f"LoRAs."]
+
+
+def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path):
+    command = tmp_path / "cmd.sh"
+    command.write_text("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path /m/sdxl.safetensors "
+                       "--train_data_dir /ignored --network_dim 4", encoding="utf-8")
+    imported, sources = import_sources([command, DATA / "kohya_dataset.toml"])
+    assert imported.problems == [] and sources[1].args == {"dataset_config": str((DATA / "kohya_dataset.toml")
+                                                                                 .resolve())}
+    assert imported.values["data.dataset_config"] == str((DATA / "kohya_dataset.toml").resolve())
+    assert imported.why["data.dataset_config"] == "kohya_dataset.toml: its path, as --dataset_config"
+    assert "missing" not in kinds(imported)
+
+
+def test_gui_sample_prompts_text_is_a_required_prompt_file():
+    src = KohyaSource("p.json")
+    read_gui_fields({"LoRA_type": "Standard", "sample_prompts": "a dog --w 1024 --h 1024", "max_train_steps": 10},
+                    src)
+    assert "sample_prompts" not in src.args
+    assert src.missing == {"sample_prompts": "the GUI holds the prompts' text: write it to a file and set "
+                                             "sampling.prompt_file"}

@@ -13,7 +13,13 @@ from omegaconf import OmegaConf
 from lora_sweep.config import CONF_DIR, Config, flatten, to_container
 from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.settings import Imported, Row, to_lora_sweep
-from lora_sweep.kohya.sources import KohyaSource, read_command_line, read_config_file, read_gui
+from lora_sweep.kohya.sources import (
+    KohyaSource,
+    read_command_line,
+    read_config_file,
+    read_dataset_config,
+    read_gui,
+)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -24,17 +30,33 @@ def lora_sweep_defaults() -> dict[str, object]:
 
 
 def read_source(path: Path) -> KohyaSource:
-    """By kind: .safetensors -> a LoRA's metadata; JSON -> the GUI's config; a command naming train_network.py ->
+    """By kind: .safetensors -> a LoRA's metadata; a TOML or JSON with `datasets` -> a --dataset_config; JSON ->
+    the GUI's config; a command naming train_network.py ->
     a command line; else an sd-scripts --config_file TOML."""
     if path.suffix == ".safetensors":
         return read_lora(path)
     with path.open("rb") as f:
         text = f.read(1 << 20).decode("utf-8", errors="replace")
+    if _is_dataset_config(path, text):
+        return read_dataset_config(path)
     if text.lstrip().startswith("{"):
         return read_gui(path)
     if "train_network.py" in text:
         return read_command_line(path)
     return read_config_file(path)
+
+
+def _is_dataset_config(path: Path, text: str) -> bool:
+    """A --dataset_config file: a top-level `datasets` array (TOML `[[datasets]]`, or JSON's "datasets" list)."""
+    import json
+
+    import tomllib
+
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("datasets"), list)
 
 
 def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:

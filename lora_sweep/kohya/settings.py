@@ -185,6 +185,8 @@ def _learning_rates(full: dict, args: dict, why, out: Imported) -> None:
     else:
         out.put("train.lr", lr, why("learning_rate"))
         out.rows.append(Row("mapped" if "learning_rate" in args else "default", "learning_rate", lr, "train.lr"))
+        if unet is not None:
+            out.rows.append(Row("mapped", "unet_lr", unet, "train.lr (the same as --learning_rate)"))
     if text is not None:
         out.put("train.text_encoder_lr", text, why("text_encoder_lr"))
         out.rows.append(Row("mapped", "text_encoder_lr", text, "train.text_encoder_lr"))

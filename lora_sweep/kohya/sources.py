@@ -108,6 +108,10 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
             continue
         if flags[0] in LIST_FLAGS and isinstance(value, str):
             value = value.replace('"', "")
+        if key == "sample_prompts" and not _dropped(value):
+            src.missing["sample_prompts"] = "the GUI holds the prompts' text: write it to a file and set " \
+                                            "sampling.prompt_file"
+            continue
         if key == "max_data_loader_n_workers" or not _dropped(value):  # always written, 0 included
             src.set(flags[0], value, origin)
     src.set("network_module", "networks.lora", f"LoRA_type = {lora_type!r}")
@@ -240,4 +244,13 @@ def read_command_line(path: Path) -> KohyaSource:
     config = src.args.get("config_file")
     if config:
         src.problem("--config_file", f"{config}: import the TOML itself as well (flags on the command line win)")
+    return src
+
+
+def read_dataset_config(path: Path) -> KohyaSource:
+    """A --dataset_config file (TOML or JSON): passed through as data.dataset_config, its absolute path, for
+    lora-sweep reads it as v0.8.7 does (data/subsets.py, checked before a run starts); a folder-mode
+    train_data_dir or reg_data_dir from another source is then ignored, as v0.8.7 ignores it."""
+    src = KohyaSource(str(path))
+    src.set("dataset_config", str(path.resolve()), "its path, as --dataset_config")
     return src
