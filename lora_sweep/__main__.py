@@ -1,4 +1,4 @@
-"""`python -m lora_sweep table|compare|cache|replay|export|ui`: the commands that are not trainings."""
+"""`python -m lora_sweep table|compare|cache|replay|import|export|ui`: the commands that are not trainings."""
 
 from __future__ import annotations
 
@@ -250,6 +250,16 @@ def _replay(args) -> int:
     return 0 if len(done) == len(files) else 1
 
 
+def _import(args) -> int:
+    from lora_sweep.kohya.experiment import run_import
+
+    status, out, err = run_import([Path(p) for p in args.sources], args.name,
+                                  Path(args.into) if args.into else None, args.force)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return status
+
+
 def _export(args) -> int:
     """A run's recorded config (its config.yaml artifact) or a composed one as sd-scripts v0.8.7's three files."""
     from omegaconf.errors import OmegaConfBaseException
@@ -326,6 +336,16 @@ def main(argv: list[str] | None = None) -> int:
         "nothing twice.")
     replay.add_argument("paths", nargs="*", help="pending files, or folders to search (default: the state root, "
                         "$LORA_SWEEP_CACHE_DIR/states or ~/.cache/lora-sweep/states)")
+    imp = sub.add_parser(
+        "import", help="a kohya config (GUI JSON, --config_file TOML, command line) as an experiment file",
+        description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file TOMLs and files holding an "
+        "`accelerate launch ... sdxl_train_network.py` command line (a later source's flags win), and writes "
+        "conf/experiment/user/NAME.yaml with each line's source, then prints what became of every flag. A flag the "
+        "sources leave out is sd-scripts v0.8.7's default.")
+    imp.add_argument("sources", nargs="+", help="kohya files, in order")
+    imp.add_argument("--name", help="the experiment's name (default: the first source's file name)")
+    imp.add_argument("--into", help="write NAME.yaml in this folder instead of conf/experiment/user/")
+    imp.add_argument("--force", action="store_true", help="overwrite an existing NAME.yaml")
     export = sub.add_parser(
         "export", help="write a run's or a config's sd-scripts v0.8.7 files: config.toml, dataset.toml, command.sh",
         description="kohya: the flags that train what the config trains (those away from v0.8.7's defaults), the "
@@ -350,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return ui.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"table": _table, "cache": _cache, "replay": _replay, "export": _export}[args.command](args)
+    return {"table": _table, "cache": _cache, "replay": _replay, "import": _import,
+            "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from lora_sweep.checks.kohya_flags import (
     gui_key_flags,
     lora_type_problem,
 )
-from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.kohya.flags import V087_DEFAULTS, V087_TYPES, typed
 
 DATA = Path(__file__).parent / "data"
 PRESETS = json.loads((DATA / "kohya_ss_v24.1.4_sdxl_presets.json").read_text(encoding="utf-8"))["presets"]
@@ -164,3 +164,12 @@ def test_the_v087_defaults_in_the_package_are_the_fixtures_flags_in_parser_order
     assert len(V087_DEFAULTS) == 170
     assert (V087_DEFAULTS["optimizer_type"], V087_DEFAULTS["learning_rate"], V087_DEFAULTS["network_dim"]) == \
         ("", 2e-06, None)
+
+
+def test_a_flags_value_is_typed_as_v087s_argparse_types_it():
+    assert (V087_TYPES["network_dim"], V087_TYPES["network_alpha"], V087_TYPES["xformers"]) == (int, float, bool)
+    assert (typed("clip_skip", "2"), typed("network_alpha", 16), typed("max_train_steps", 800.0)) == (2, 16.0, 800)
+    assert typed("optimizer_args", "a=1  b=(1,2)") == ["a=1", "b=(1,2)"]
+    assert (typed("xformers", "true"), typed("sdpa", False)) == (True, False)
+    with pytest.raises(ValueError, match="'eight' is not an integer"):
+        typed("network_dim", "eight")

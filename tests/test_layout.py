@@ -23,8 +23,8 @@ ENTRY = {"__main__", "callbacks"}
 # the model's encoders; `sampling` draws with the model; `compare` reads MLflow, images and the image metrics;
 # `job` runs one job: the checks, then training (recording its kohya export). Nothing below `job` imports it or
 # checks/, nor the entry modules.
-# `kohya` turns sd-scripts' and the GUI's settings into lora-sweep's and back, through the flag tables in checks/
-# (and the optimizer options and bucket sizes of training/ and data/).
+# `kohya` turns sd-scripts' and the GUI's settings into lora-sweep's and back, through the flag tables in checks/,
+# the optimizer names of training/optim.py and the bucket sizes of data/buckets.py.
 ALLOWED = {
     "model": set(),
     "data": {"model"},

@@ -181,3 +181,54 @@ V087_DEFAULTS: dict[str, object] = {
     "cache_text_encoder_outputs": False,
     "cache_text_encoder_outputs_to_disk": False,
 }
+
+# The argparse type of each flag whose default's type does not say it: store_true flags are the False defaults,
+# nargs="*" flags are lists of str, and the rest take one str unless named here.
+_INTS = ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+         "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state", "max_token_length",
+         "max_train_epochs", "seed", "ddp_timeout", "clip_skip", "multires_noise_iterations", "min_timestep",
+         "max_timestep", "sample_every_n_steps", "sample_every_n_epochs", "network_dim")
+_FLOATS = ("noise_offset", "ip_noise_gamma", "adaptive_noise_scale", "min_snr_gamma", "v_pred_like_loss", "unet_lr",
+           "text_encoder_lr", "network_dropout", "scale_weight_norms", "network_alpha", "lr_scheduler_power",
+           "token_warmup_step", "max_grad_norm", "learning_rate", "prior_loss_weight", "huber_c",
+           "multires_noise_discount", "caption_dropout_rate", "caption_tag_dropout_rate")
+LIST_FLAGS = frozenset({"optimizer_args", "lr_scheduler_args", "network_args", "base_weights",
+                        "base_weights_multiplier"})
+
+
+def _flag_type(flag: str, default: object) -> type:
+    if flag in LIST_FLAGS:
+        return list
+    if flag in _INTS:
+        return int
+    if flag in _FLOATS:
+        return float
+    return str if default is None else type(default)
+
+
+V087_TYPES: dict[str, type] = {flag: _flag_type(flag, default) for flag, default in V087_DEFAULTS.items()}
+
+
+def typed(flag: str, value: object) -> object:
+    """`value` (a string from a command line or a GUI field, or a TOML value) as v0.8.7's argparse types `flag`;
+    ValueError naming what it cannot read. A list flag's string is split on whitespace; bool flags take true/false."""
+    kind = V087_TYPES[flag]
+    if kind is list:
+        items = value.split() if isinstance(value, str) else list(value)
+        return [str(item) for item in items]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in ("true", "1"):
+            return True
+        if str(value).strip().lower() in ("false", "0", ""):
+            return False
+        raise ValueError(f"{value!r} is not true or false")
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise ValueError(f"{value!r} is not {kind.__name__}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
