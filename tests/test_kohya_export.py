@@ -132,3 +132,25 @@ def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_
         assert (tmp_path / "run" / name).read_text() == (tmp_path / "composed" / name).read_text().replace(
             f"{tmp_path}/composed", f"{tmp_path}/run")
     assert main(["export", "kohya", run_id, "--config", "experiment=v53"]) == 2
+
+
+def test_the_import_of_v53s_export_gives_back_its_settings(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lora_sweep.kohya.experiment import import_sources
+
+    cfg = sdxl_folder_config(tmp_path, "experiment=v53", f"train.output_dir={tmp_path}/out")
+    write_export(cfg, tmp_path / "export")
+    imported, _ = import_sources([tmp_path / "export" / "config.toml"])
+    assert imported.problems == []
+    assert imported.groups == {"model": "sdxl", "precision": "fp8", "optimizer": "dadapt_adam_preprint",
+                               "noise": "offset", "loss": ["l2", "min_snr"]}
+    # what the export writes for lora-sweep's own choices: resolution as v0.8.7's string, derived bucket sizes, the
+    # dataset file, U-Net only, and kohya's default sampler where lora-sweep samples with SDXL base's Euler
+    assert {k: imported.values.pop(k) for k in ("data.resolution", "data.min_bucket_reso", "data.max_bucket_reso",
+                                                "data.dataset_config", "network.network_train_unet_only",
+                                                "sampling.sampler")} == {
+        "data.resolution": "2048", "data.min_bucket_reso": 512, "data.max_bucket_reso": 4096,
+        "data.dataset_config": str(tmp_path / "export" / "dataset.toml"), "network.network_train_unet_only": True,
+        "sampling.sampler": "ddim"}
+    assert {key: OmegaConf.select(cfg, key) for key in imported.values} == imported.values

@@ -1,12 +1,12 @@
 """A composed config -> sd-scripts v0.8.7's files: `config.toml`, `dataset.toml` and `command.sh` (issue 29).
 
 `kohya_args` maps each setting to its v0.8.7 flag (the inverse of `checks.keys.KOHYA_NAMES`, with the value
-conversions), typed as v0.8.7's argparse types them, and keeps only what differs from `V087_DEFAULTS` plus the
-essentials. v0.8.7 sets `--config_file`'s values without argparse's type conversion (train_util.py
-read_config_from_file), so the TOML holds the argparse types: `resolution` a string, `network_alpha` a float,
-`optimizer_args` a list of "key=value" strings. The caption and bucket flags stay in config.toml: `--dataset_config`
-falls back to the flags for every key a subset, its dataset and [general] leave unset (config_util.py
-BlueprintGenerator).
+conversions), typed as v0.8.7's argparse types them (`flags.typed`), and keeps only what differs from
+`V087_DEFAULTS` plus the essentials. v0.8.7 sets `--config_file`'s values without argparse's type conversion
+(train_util.py read_config_from_file), so the TOML holds the argparse types: `resolution` a string, `network_alpha`
+a float, `optimizer_args` a list of "key=value" strings. The caption and bucket flags stay in config.toml:
+`--dataset_config` falls back to the flags for every key a subset, its dataset and [general] leave unset
+(config_util.py BlueprintGenerator).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed
 from lora_sweep.config import flatten, to_container
-from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.kohya.flags import V087_DEFAULTS, typed
 
 ESSENTIAL = ("pretrained_model_name_or_path", "output_dir", "output_name", "seed", "network_module")
 _MIXED_PRECISION = {"fp32": ("no", False), "fp16": ("fp16", False), "bf16": ("bf16", False),
@@ -70,10 +70,6 @@ _SAME = {
 _ZERO_IS_OFF = ("noise_offset", "ip_noise_gamma", "multires_noise_iterations", "save_every_n_steps",
                 "save_every_n_epochs", "sample_every_n_steps", "v_pred_like_loss", "scale_weight_norms",
                 "network_dropout")
-_FLOAT_FLAGS = ("network_alpha", "learning_rate", "text_encoder_lr", "noise_offset", "ip_noise_gamma",
-                "multires_noise_discount", "adaptive_noise_scale", "huber_c", "min_snr_gamma", "prior_loss_weight",
-                "max_grad_norm", "lr_scheduler_power", "network_dropout", "scale_weight_norms", "v_pred_like_loss",
-                "caption_dropout_rate", "caption_tag_dropout_rate")
 
 
 def kohya_args(cfg: DictConfig) -> dict[str, Any]:
@@ -91,10 +87,7 @@ def kohya_args(cfg: DictConfig) -> dict[str, Any]:
     for flag in _ZERO_IS_OFF:
         if args.get(flag) == 0:
             args[flag] = None
-    for flag in _FLOAT_FLAGS:
-        if args.get(flag) is not None:
-            args[flag] = float(args[flag])
-    return {flag: value for flag, value in args.items()
+    return {flag: typed(flag, value) for flag, value in args.items()
             if value is not None and (flag in ESSENTIAL or value != V087_DEFAULTS[flag])}
 
 
