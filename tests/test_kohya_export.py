@@ -94,14 +94,11 @@ def test_dataset_config_passes_through_with_absolute_image_dirs(tmp_path, monkey
 
 
 def test_command_sh_launches_sd_scripts_and_lists_what_kohya_cannot_hold(tmp_path):
-    cfg = compose_config("model=tiny", "loss.per_sample_timesteps=true", "validation.fit_images=2",
-                         "sampling.every=10", "sampling.steps=20")
+    cfg = compose_config("model=tiny", "loss.per_sample_timesteps=true", "validation.fit_images=2")
     assert not_expressible(cfg) == [
         "model=tiny: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl model.path=...",
         "validation (every 0 steps, 2 fit images): kohya v0.8.7 has no validation loss",
         "loss.per_sample_timesteps=true: v0.8.7 draws one timestep per batch for huber/smooth_l1",
-        "sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim",
-        "sampling.steps=20: kohya sets it per prompt in the prompt file (--s, --l, --n, --w, --h, --d)",
     ]
     command = write_export(cfg, tmp_path / "export")[2].read_text().splitlines()
     assert command[3:5] == ["# Not expressible in kohya v0.8.7 (this export trains without them):",
@@ -109,6 +106,21 @@ def test_command_sh_launches_sd_scripts_and_lists_what_kohya_cannot_hold(tmp_pat
                             "model.path=..."]
     assert command[-1] == ('accelerate launch sdxl_train_network.py --config_file "$EXPORT/config.toml" '
                            '--dataset_config "$EXPORT/dataset.toml"')
+
+
+def test_sample_prompts_spell_out_every_option_lora_sweep_draws_with(tmp_path):
+    cfg = sdxl_folder_config(tmp_path, "sampling.prompts=['a cat --n ugly','a dog --w 640 --ss euler_a']",
+                             "sampling.every=50", "sampling.steps=20", "sampling.seed=7", "data.resolution=512")
+    written = write_export(cfg, tmp_path / "export")
+    assert [p.name for p in written] == ["config.toml", "dataset.toml", "command.sh", "sample_prompts.txt"]
+    assert written[3].read_text().splitlines() == [
+        "a cat --w 512 --h 512 --d 7 --s 20 --l 7.0 --n ugly",
+        "a dog --w 640 --h 512 --d 8 --s 20 --l 7.0 --ss euler_a"]  # seed + index, as lora-sweep draws them
+    config = tomllib.loads(written[0].read_text())
+    assert (config["sample_prompts"], config["sample_every_n_steps"], config["sample_at_first"]) == (
+        str(tmp_path / "export" / "sample_prompts.txt"), 50, True)
+    assert "#   - sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim" in \
+        written[2].read_text().splitlines()
 
 
 def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_path, mlflow_uri, capsys):
@@ -126,9 +138,9 @@ def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(to_container(compose_config(*overrides))))  # as job.run
     client.log_artifact(run_id, str(tmp_path / "config.yaml"))
     assert main(["export", "kohya", run_id, "--tracking-uri", mlflow_uri, "--out", str(tmp_path / "run")]) == 0
-    assert capsys.readouterr().out.splitlines()[-3:] == [f"{tmp_path}/run/{name}" for name in
-                                                        ("config.toml", "dataset.toml", "command.sh")]
-    for name in ("config.toml", "dataset.toml"):
+    assert capsys.readouterr().out.splitlines()[-4:] == [
+        f"{tmp_path}/run/{name}" for name in ("config.toml", "dataset.toml", "command.sh", "sample_prompts.txt")]
+    for name in ("config.toml", "dataset.toml", "sample_prompts.txt"):
         assert (tmp_path / "run" / name).read_text() == (tmp_path / "composed" / name).read_text().replace(
             f"{tmp_path}/composed", f"{tmp_path}/run")
     assert main(["export", "kohya", run_id, "--config", "experiment=v53"]) == 2
@@ -146,11 +158,12 @@ def test_the_import_of_v53s_export_gives_back_its_settings(tmp_path):
     assert imported.groups == {"model": "sdxl", "precision": "fp8", "optimizer": "dadapt_adam_preprint",
                                "noise": "offset", "loss": ["l2", "min_snr"]}
     # what the export writes for lora-sweep's own choices: resolution as v0.8.7's string, derived bucket sizes, the
-    # dataset file, U-Net only, and kohya's default sampler where lora-sweep samples with SDXL base's Euler
+    # dataset and prompt files, U-Net only, and kohya's default sampler where lora-sweep samples with SDXL's Euler
     assert {k: imported.values.pop(k) for k in ("data.resolution", "data.min_bucket_reso", "data.max_bucket_reso",
                                                 "data.dataset_config", "network.network_train_unet_only",
-                                                "sampling.sampler")} == {
+                                                "sampling.sampler", "sampling.prompt_file")} == {
         "data.resolution": "2048", "data.min_bucket_reso": 512, "data.max_bucket_reso": 4096,
+        "sampling.prompt_file": str(tmp_path / "export" / "sample_prompts.txt"),
         "data.dataset_config": str(tmp_path / "export" / "dataset.toml"), "network.network_train_unet_only": True,
         "sampling.sampler": "ddim"}
     assert {key: OmegaConf.select(cfg, key) for key in imported.values} == imported.values

@@ -218,16 +218,25 @@ def not_expressible(cfg: DictConfig) -> list[str]:
         lines.append(f"data.latent_sample={flat['data.latent_sample']}: v0.8.7 caches one posterior sample")
     if flat["train.on_nan"] != "stop":
         lines.append(f"train.on_nan={flat['train.on_nan']}: v0.8.7 has no NaN handling")
-    if flat["sampling.sampler"] is None and (flat["sampling.every"] or flat["sampling.prompts"]):
+    if flat["sampling.sampler"] is None and (flat["sampling.prompts"] or flat["sampling.prompt_file"]):
         lines.append("sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim")
-    if flat["sampling.prompts"]:
-        lines.append("sampling.prompts: kohya reads prompts from a file only (--sample_prompts)")
-    sampled = {"steps": 10, "cfg": 7.0, "negative": "", "width": None, "height": None, "seed": 1234}
-    for key, value in sampled.items():
-        if flat[f"sampling.{key}"] != value and (flat["sampling.every"] or flat["sampling.prompts"]):
-            lines.append(f"sampling.{key}={flat[f'sampling.{key}']}: kohya sets it per prompt in the prompt file "
-                         "(--s, --l, --n, --w, --h, --d)")
     return lines
+
+
+def prompts_text(cfg: DictConfig) -> str:
+    """sample_prompts.txt: sampling.prompts and sampling.prompt_file's lines as lora-sweep draws them, each option
+    spelt out (the sampling group's defaults and seed + index, where v0.8.7 would draw a random seed); "" when the
+    config samples nothing."""
+    from lora_sweep.training.evaluate import read_prompts
+
+    specs, _, _ = read_prompts(cfg)
+    lines = []
+    for spec in specs:
+        options = f" --w {spec.width} --h {spec.height} --d {spec.seed} --s {spec.steps} --l {spec.cfg}"
+        options += f" --ss {spec.sampler}" if spec.sampler else ""
+        options += f" --n {spec.negative}" if spec.negative else ""
+        lines.append(spec.prompt + options)
+    return "".join(f"{line}\n" for line in lines)
 
 
 def toml_text(tables: dict[str, Any]) -> str:
@@ -272,7 +281,7 @@ def _toml_value(value: Any) -> str:
 def command_text(cfg: DictConfig) -> str:
     """command.sh: what kohya cannot hold as comments, then the sd-scripts command (run in the export's folder)."""
     header = ["#!/bin/sh", "# sd-scripts v0.8.7 (kohya-ss/sd-scripts tag v0.8.7), exported by lora-sweep.",
-              "# Run from sd-scripts' folder with EXPORT set to this folder."]
+              "# Run it from sd-scripts' folder: sh /path/to/command.sh (EXPORT: the folder of these files)."]
     notes = not_expressible(cfg)
     if notes:
         header.append("# Not expressible in kohya v0.8.7 (this export trains without them):")
@@ -283,14 +292,19 @@ def command_text(cfg: DictConfig) -> str:
 
 
 def write_export(cfg: DictConfig, out: Path) -> list[Path]:
-    """config.toml, dataset.toml and command.sh of `cfg` in `out` (made if missing); returns their paths. Without
-    train.output_dir, kohya writes its LoRA files to `out`/output."""
+    """config.toml, dataset.toml and command.sh of `cfg` in `out` (made if missing), and sample_prompts.txt when it
+    samples; returns their paths. Without train.output_dir, kohya writes its LoRA files to `out`/output."""
     out.mkdir(parents=True, exist_ok=True)
     args = kohya_args(cfg)
     args.setdefault("output_dir", str((out / "output").resolve()))
     args["dataset_config"] = str((out / "dataset.toml").resolve())
-    files = {"config.toml": toml_text(args), "dataset.toml": toml_text(dataset_tables(cfg)),
-             "command.sh": command_text(cfg)}
+    files = {"dataset.toml": toml_text(dataset_tables(cfg)), "command.sh": command_text(cfg)}
+    prompts = prompts_text(cfg)
+    if prompts:
+        files["sample_prompts.txt"] = prompts
+        args["sample_prompts"] = str((out / "sample_prompts.txt").resolve())
+        args["sample_at_first"] = True  # lora-sweep samples at step 0 whenever it samples
+    files = {"config.toml": toml_text(args)} | files
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
     (out / "command.sh").chmod(0o755)
