@@ -208,8 +208,8 @@ def not_expressible(cfg: DictConfig) -> list[str]:
     elif not flat["model.path"]:
         lines.append("model.path=null: config.toml has no pretrained_model_name_or_path; add the SDXL checkpoint")
     if flat["validation.fit_images"] or flat["validation.every"]:
-        lines.append(f"validation (every {flat['validation.every']} steps, {flat['validation.fit_images']} fit "
-                     "images): kohya v0.8.7 has no validation loss")
+        lines.append(f"validation.every={flat['validation.every']}, validation.fit_images="
+                     f"{flat['validation.fit_images']}: kohya v0.8.7 logs no val/loss or fit/loss")
     if flat["data.validation_split"] or flat["data.validation_dir"]:
         lines.append("data.validation_split / data.validation_dir: kohya v0.8.7 has no validation set")
     if flat["loss.per_sample_timesteps"]:
