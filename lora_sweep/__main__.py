@@ -262,6 +262,7 @@ def _import(args) -> int:
 
 def _export(args) -> int:
     """A run's recorded config (its config.yaml artifact) or a composed one as sd-scripts v0.8.7's three files."""
+    from mlflow.exceptions import MlflowException
     from omegaconf.errors import OmegaConfBaseException
 
     from lora_sweep.kohya.export import write_export
@@ -275,6 +276,9 @@ def _export(args) -> int:
         written = write_export(cfg, Path(args.out))
     except OmegaConfBaseException as exc:
         print(f"error: the config cannot be exported: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:  # no such run, or it recorded no config.yaml
+        print(f"error: run {args.run_id}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     for path in written:
         print(path)

@@ -144,6 +144,8 @@ def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_
         assert (tmp_path / "run" / name).read_text() == (tmp_path / "composed" / name).read_text().replace(
             f"{tmp_path}/composed", f"{tmp_path}/run")
     assert main(["export", "kohya", run_id, "--config", "experiment=v53"]) == 2
+    assert main(["export", "kohya", "0" * 32, "--tracking-uri", mlflow_uri]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: run {'0' * 32}: Run with id={'0' * 32} not found"
 
 
 def test_the_import_of_v53s_export_gives_back_its_settings(tmp_path):
