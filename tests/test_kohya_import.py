@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, compose_config
 
 from lora_sweep.__main__ import main
+from lora_sweep.checks.command_line import command_line_problems
 from lora_sweep.kohya.experiment import experiment_text, import_sources, run_import
 from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
 
@@ -131,6 +132,10 @@ def test_the_written_experiment_composes_with_its_values():
     path.write_text(experiment_text(imported, ["command_line.sh"]), encoding="utf-8")
     try:
         cfg = compose_config(f"experiment=user/{name}")
+        assert command_line_problems([f"experiment=user/{name}"]) == []  # sweep.py's pre-flight accepts it
+        assert command_line_problems(["experiment=user/nothing"]) == [
+            "Could not find 'experiment/user/nothing'. Available options in 'experiment': article, article_v61, "
+            "v53, v54, v55, v56, v57, v58, v59, v60, v61, v62, v63, v64."]
     finally:
         path.unlink()
     assert (cfg.model.name, cfg.precision.name, cfg.optimizer.name) == ("sdxl", "fp16", "prodigy")
