@@ -15,11 +15,10 @@ from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
 from lora_sweep.errors import ConfigError
 from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.training.metadata import PRECISION_TO_KOHYA
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
 
-# lora-sweep's defaults where they differ from v0.8.7's (config.py), so that v0.8.7's default is written out
-_PRECISIONS = {("no", False): "fp32", ("fp16", False): "fp16", ("bf16", False): "bf16", ("fp16", True): "fp8",
-               ("bf16", True): "fp8_bf16"}
+_PRECISIONS = {kohya: name for name, kohya in PRECISION_TO_KOHYA.items()}  # (mixed_precision, fp8_base) -> name
 # flags the group choices below consume, and data.datasets keys only a dataset config sets
 _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "learning_rate", "unet_lr",
             "text_encoder_lr", "lr_scheduler_args"}
