@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, compose_config
 
 from lora_sweep.__main__ import main
+from lora_sweep.checks.command_line import command_line_problems
 from lora_sweep.kohya.experiment import experiment_text, import_sources, run_import
 from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
 
@@ -131,6 +132,10 @@ def test_the_written_experiment_composes_with_its_values():
     path.write_text(experiment_text(imported, ["command_line.sh"]), encoding="utf-8")
     try:
         cfg = compose_config(f"experiment=user/{name}")
+        assert command_line_problems([f"experiment=user/{name}"]) == []  # sweep.py's pre-flight accepts it
+        assert command_line_problems(["experiment=user/nothing"]) == [
+            "Could not find 'experiment/user/nothing'. Available options in 'experiment': article, article_v61, "
+            "v53, v54, v55, v56, v57, v58, v59, v60, v61, v62, v63, v64."]
     finally:
         path.unlink()
     assert (cfg.model.name, cfg.precision.name, cfg.optimizer.name) == ("sdxl", "fp16", "prodigy")
@@ -253,3 +258,17 @@ def test_gui_sample_prompts_text_is_a_required_prompt_file():
     assert "sample_prompts" not in src.args
     assert src.missing == {"sample_prompts": "the GUI holds the prompts' text: write it to a file and set "
                                              "sampling.prompt_file"}
+
+
+def test_a_problem_names_the_line_of_its_key(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[training_arguments]\nmax_train_steps = 10\noptimizer_args = "weight_decay=0.1"\n',
+                    encoding="utf-8")
+    gui = tmp_path / "bad.json"
+    gui.write_text('{\n  "LoRA_type": "Standard",\n  "network_dim": "eight"\n}\n', encoding="utf-8")
+    status, out, err = run_import([toml, gui], "bad", tmp_path, False)
+    assert (status, out) == (2, "") and not (tmp_path / "bad.yaml").exists()
+    assert err.split("\n\n") == [
+        f"{toml} line 3: optimizer_args: 'weight_decay=0.1': v0.8.7 reads a TOML string here as one item per "
+        f"character; write a list of 'key=value' strings.",
+        f"{gui} line 3: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).\n"]

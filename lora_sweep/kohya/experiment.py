@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_sweep.config import CONF_DIR, Config, flatten, to_container
+from lora_sweep.config import CONF_DIR, flatten
 from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.settings import Imported, Row, to_lora_sweep
 from lora_sweep.kohya.sources import (
@@ -24,9 +24,21 @@ from lora_sweep.kohya.sources import (
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def lora_sweep_defaults() -> dict[str, object]:
-    """Every setting's schema default, dotted (interpolations kept as text, so they never equal a kohya value)."""
-    return dict(flatten(to_container(OmegaConf.structured(Config))))
+def lora_sweep_defaults(groups: dict[str, object]) -> dict[str, object]:
+    """Every setting's value in lora-sweep's config composed with `groups` (group -> option or options), dotted;
+    interpolations kept as text, so they never equal a kohya value."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    overrides = [f"{group}={option}" if isinstance(option, str) else f"{group}=[{','.join(option)}]"
+                 for group, option in groups.items()]
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    return dict(flatten(tree))
 
 
 def read_source(path: Path) -> KohyaSource:
@@ -72,7 +84,7 @@ def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
     for flag in args:
         missing.pop(flag, None)
         unrecorded.discard(flag)
-    imported = to_lora_sweep(args, origin, lora_sweep_defaults(), unknown=unknown, missing=missing,
+    imported = to_lora_sweep(args, origin, lora_sweep_defaults, unknown=unknown, missing=missing,
                              unrecorded=unrecorded)
     imported.problems[:0] = [p for src in sources for p in src.problems]
     return imported, sources

@@ -9,17 +9,17 @@ sd-scripts' ("unknown": version drift).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
 from lora_sweep.errors import ConfigError
 from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.training.metadata import PRECISION_TO_KOHYA
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
 
-# lora-sweep's defaults where they differ from v0.8.7's (config.py), so that v0.8.7's default is written out
-_PRECISIONS = {("no", False): "fp32", ("fp16", False): "fp16", ("bf16", False): "bf16", ("fp16", True): "fp8",
-               ("bf16", True): "fp8_bf16"}
+_PRECISIONS = {kohya: name for name, kohya in PRECISION_TO_KOHYA.items()}  # (mixed_precision, fp8_base) -> name
 # flags the group choices below consume, and data.datasets keys only a dataset config sets
 _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "learning_rate", "unet_lr",
             "text_encoder_lr", "lr_scheduler_args"}
@@ -54,13 +54,14 @@ class Imported:
         self.why[key] = why
 
 
-def to_lora_sweep(args: dict[str, object], origin: dict[str, str], lora_sweep_defaults: dict[str, object],
+def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
+                  lora_sweep_defaults: Callable[[dict[str, object]], dict[str, object]],
                   *, unknown: dict[str, object] | None = None, missing: dict[str, str] | None = None,
                   unrecorded: set[str] | frozenset[str] = frozenset()) -> Imported:
     """`args` (only what the sources set; `origin`: flag -> the source's key and value) with every other flag at
-    v0.8.7's default, as lora-sweep settings. `lora_sweep_defaults`: dotted setting -> lora-sweep's default (a
-    v0.8.7 default equal to it is left out of the file and shown as "same as default"); `unrecorded`: flags a
-    LoRA's metadata does not hold, at v0.8.7's default and shown as unknown."""
+    v0.8.7's default, as lora-sweep settings. `lora_sweep_defaults(groups)`: dotted setting -> its value in
+    lora-sweep's config with those group choices (a v0.8.7 default equal to it is left out of the file, "same as
+    default"); `unrecorded`: flags a LoRA's metadata does not hold, at v0.8.7's default and shown as unknown."""
     full = {**V087_DEFAULTS, **args}
     out = Imported()
 
@@ -70,6 +71,7 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str], lora_sweep_de
         return origin.get(flag, "kohya default")
 
     _groups(full, args, why, out)
+    defaults = lora_sweep_defaults(out.groups)
     for flag, value in full.items():
         if flag in _GROUPED:
             continue
@@ -82,12 +84,12 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str], lora_sweep_de
                 continue
             if setting in ("optimizer.name", "precision.name"):
                 continue
-            if value is None and setting in lora_sweep_defaults and lora_sweep_defaults[setting] is not None:
+            if value is None and setting in defaults and defaults[setting] is not None:
                 if flag == "seed":
                     out.rows.append(Row("ignored", flag, value, "v0.8.7 draws a random seed; lora-sweep's "
                                                                 "train.seed 42 applies"))
                 continue
-            if not given and lora_sweep_defaults.get(setting, object()) == value:
+            if not given and defaults.get(setting, object()) == value:
                 out.rows.append(Row("same as default", flag, value, setting))
                 continue
             out.put(setting, value, why(flag))

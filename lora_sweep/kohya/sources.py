@@ -6,6 +6,7 @@ line. Each collects every problem (file, key, what is wrong) rather than stoppin
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class KohyaSource:
     missing: dict[str, str] = field(default_factory=dict)
     unrecorded: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    text: str = ""  # the file's text, for the line of a key in a problem
 
     def set(self, flag: str, value: object, origin: str) -> None:
         if flag not in V087_DEFAULTS:
@@ -44,7 +46,13 @@ class KohyaSource:
         self.origin[flag] = origin
 
     def problem(self, where: str, text: str) -> None:
-        self.problems.append(f"{self.path}: {where}: {text}.")
+        line = self.line_of(where.split(" ")[0])
+        self.problems.append(f"{self.path}{f' line {line}' if line else ''}: {where}: {text}.")
+
+    def line_of(self, key: str) -> int | None:
+        """The first line of the file where `key` is set (`"key":` in JSON, `key =` in TOML), if any."""
+        pattern = re.compile(rf'^\s*"?{re.escape(key)}"?\s*[:=]')
+        return next((i for i, line in enumerate(self.text.splitlines(), 1) if pattern.match(line)), None)
 
 
 def _dropped(value: object) -> bool:
@@ -67,7 +75,8 @@ def read_gui(path: Path) -> KohyaSource:
     """A kohya_ss v24.1.4 LoRA config (the GUI's saved JSON) as the flags the GUI passes to sd-scripts."""
     src = KohyaSource(str(path))
     try:
-        gui = json.loads(path.read_text(encoding="utf-8"))
+        src.text = path.read_text(encoding="utf-8")
+        gui = json.loads(src.text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         src.problem("the file", f"not a kohya_ss JSON config ({err})")
         return src
@@ -202,7 +211,8 @@ def read_config_file(path: Path) -> KohyaSource:
     wins) and converts no types, so values stay as TOML typed them."""
     src = KohyaSource(str(path))
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        src.text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(src.text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         src.problem("the file", f"not a TOML file ({err})")
         return src
