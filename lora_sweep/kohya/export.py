@@ -23,8 +23,6 @@ from lora_sweep.config import flatten, to_container
 from lora_sweep.kohya.flags import V087_DEFAULTS, typed
 
 ESSENTIAL = ("pretrained_model_name_or_path", "output_dir", "output_name", "seed", "network_module")
-_MIXED_PRECISION = {"fp32": ("no", False), "fp16": ("fp16", False), "bf16": ("bf16", False),
-                    "fp8": ("fp16", True), "fp8_bf16": ("bf16", True)}
 # settings whose flag has the same value and type: flag -> dotted setting
 _SAME = {
     "v_parameterization": "model.v_prediction", "clip_skip": "model.clip_skip",
@@ -92,7 +90,9 @@ def kohya_args(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _precision_args(flat: dict[str, Any]) -> dict[str, Any]:
-    mixed_precision, fp8_base = _MIXED_PRECISION[flat["precision.name"]]
+    from lora_sweep.training.metadata import PRECISION_TO_KOHYA
+
+    mixed_precision, fp8_base = PRECISION_TO_KOHYA[flat["precision.name"]]
     return {"mixed_precision": mixed_precision, "fp8_base": fp8_base}
 
 
