@@ -54,17 +54,20 @@ def test_every_exported_flag_is_a_v087_flag_away_from_its_default_or_essential(t
 def test_config_toml_reads_back_as_v087_argparse_types(tmp_path):
     cfg = sdxl_folder_config(tmp_path, "optimizer=adamw8bit", "optimizer.args.betas=[0.9,0.99]", "network.rank=16",
                              "network.alpha=8", "network.conv_dim=8", "precision=bf16", "data.resolution='1024,768'",
-                             "optimizer.scheduler=polynomial", "+optimizer.lr_scheduler_args.lr_end=0.5")
+                             "optimizer.scheduler=polynomial", "+optimizer.lr_scheduler_args.lr_end=0.5",
+                             f"network.network_weights={tmp_path}/w/../start.safetensors")
     write_export(cfg, tmp_path / "export")
     config = tomllib.loads((tmp_path / "export" / "config.toml").read_text())
     picked = {k: config[k] for k in ("network_dim", "network_alpha", "network_args", "optimizer_type",
                                      "optimizer_args", "lr_scheduler", "lr_scheduler_args", "mixed_precision",
-                                     "resolution", "min_bucket_reso", "max_bucket_reso", "dataset_config")}
+                                     "resolution", "min_bucket_reso", "max_bucket_reso", "dataset_config",
+                                     "network_weights")}
     assert picked == {"network_dim": 16, "network_alpha": 8.0, "network_args": ["conv_dim=8"],
                       "optimizer_type": "AdamW8bit", "optimizer_args": ["betas=(0.9,0.99)"],
                       "lr_scheduler": "polynomial", "lr_scheduler_args": ["lr_end=0.5"], "mixed_precision": "bf16",
                       "resolution": "1024,768", "min_bucket_reso": 192, "max_bucket_reso": 2048,
-                      "dataset_config": str(tmp_path / "export" / "dataset.toml")}
+                      "dataset_config": str(tmp_path / "export" / "dataset.toml"),
+                      "network_weights": str(tmp_path / "start.safetensors")}  # paths absolute and resolved
     assert type(config["network_alpha"]) is float and type(config["network_dim"]) is int
     assert ast.literal_eval(config["optimizer_args"][0].split("=")[1]) == (0.9, 0.99)  # as v0.8.7 reads it
     assert "fp8_base" not in config and "output_dir" in config

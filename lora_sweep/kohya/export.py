@@ -40,7 +40,7 @@ _SAME = {
     "lr_scheduler_num_cycles": "optimizer.lr_scheduler_num_cycles",
     "lr_scheduler_power": "optimizer.lr_scheduler_power",
     "full_fp16": "precision.full_fp16", "full_bf16": "precision.full_bf16",
-    "network_dim": "network.rank", "network_alpha": "network.alpha", "network_weights": "network.network_weights",
+    "network_dim": "network.rank", "network_alpha": "network.alpha",
     "dim_from_weights": "network.dim_from_weights", "scale_weight_norms": "network.scale_weight_norms",
     "network_train_text_encoder_only": "network.network_train_text_encoder_only",
     "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
@@ -141,11 +141,11 @@ def _data_args(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _path_args(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, Any]:
-    """The model, the output folder (null: the export's, `write_export` sets it) and the sample prompts, absolute."""
-    model, output, prompts = flat["model.path"], flat["train.output_dir"], flat["sampling.prompt_file"]
-    return {"pretrained_model_name_or_path": str(Path(model).resolve()) if model else None,
-            "output_dir": str(Path(output).resolve()) if output else None,
-            "sample_prompts": str(Path(prompts).resolve()) if prompts else None}
+    """The model, the LoRA to start from, the output folder (null: the export's, `write_export` sets it) and the
+    sample prompts, absolute."""
+    paths = {"pretrained_model_name_or_path": "model.path", "network_weights": "network.network_weights",
+             "output_dir": "train.output_dir", "sample_prompts": "sampling.prompt_file"}
+    return {flag: str(Path(flat[key]).resolve()) if flat[key] else None for flag, key in paths.items()}
 
 
 def dataset_tables(cfg: DictConfig) -> dict[str, Any]:
