@@ -1,4 +1,4 @@
-"""`python -m lora_sweep table|compare|cache|replay|ui`: the commands that are not trainings."""
+"""`python -m lora_sweep table|compare|cache|replay|import|export|ui`: the commands that are not trainings."""
 
 from __future__ import annotations
 
@@ -250,6 +250,66 @@ def _replay(args) -> int:
     return 0 if len(done) == len(files) else 1
 
 
+def _import(args) -> int:
+    from lora_sweep.kohya.experiment import run_import
+
+    status, out, err = run_import([Path(p) for p in args.sources], args.name,
+                                  Path(args.into) if args.into else None, args.force)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return status
+
+
+def _export(args) -> int:
+    """A run's recorded config (its config.yaml artifact) or a composed one as sd-scripts v0.8.7's three files."""
+    from mlflow.exceptions import MlflowException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lora_sweep.kohya.export import write_export
+
+    if bool(args.run_id) == bool(args.config):
+        print("error: give a RUN_ID or --config OVERRIDES (e.g. --config experiment=v53 model=sdxl "
+              "model.path=/path/to/sdxl), not both.", file=sys.stderr)
+        return 2
+    try:
+        cfg = _recorded_config(args.run_id, args.tracking_uri) if args.run_id else _composed_config(args.config)
+        written = write_export(cfg, Path(args.out))
+    except OmegaConfBaseException as exc:
+        print(f"error: the config cannot be exported: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:  # no such run, or it recorded no config.yaml
+        print(f"error: run {args.run_id}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+def _recorded_config(run_id: str, uri: str | None):
+    """The run's config.yaml artifact (the resolved config it trained with), typed by the schema."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from lora_sweep.config import Config
+    from lora_sweep.tracking import store
+
+    client = store.client(store.tracking_uri(uri))
+    with tempfile.TemporaryDirectory() as scratch:
+        recorded = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
+    return OmegaConf.merge(OmegaConf.structured(Config), recorded)
+
+
+def _composed_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     from lora_sweep import setup
 
@@ -280,6 +340,27 @@ def main(argv: list[str] | None = None) -> int:
         "nothing twice.")
     replay.add_argument("paths", nargs="*", help="pending files, or folders to search (default: the state root, "
                         "$LORA_SWEEP_CACHE_DIR/states or ~/.cache/lora-sweep/states)")
+    imp = sub.add_parser(
+        "import", help="a kohya config (GUI JSON, --config_file TOML, command line) as an experiment file",
+        description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file TOMLs and files holding an "
+        "`accelerate launch ... sdxl_train_network.py` command line (a later source's flags win), and writes "
+        "conf/experiment/user/NAME.yaml with each line's source, then prints what became of every flag. A flag the "
+        "sources leave out is sd-scripts v0.8.7's default.")
+    imp.add_argument("sources", nargs="+", help="kohya files, in order")
+    imp.add_argument("--name", help="the experiment's name (default: the first source's file name)")
+    imp.add_argument("--into", help="write NAME.yaml in this folder instead of conf/experiment/user/")
+    imp.add_argument("--force", action="store_true", help="overwrite an existing NAME.yaml")
+    export = sub.add_parser(
+        "export", help="write a run's or a config's sd-scripts v0.8.7 files: config.toml, dataset.toml, command.sh",
+        description="kohya: the flags that train what the config trains (those away from v0.8.7's defaults), the "
+        "datasets, and the accelerate command, headed by what kohya cannot hold (docs/kohya.md).")
+    export.add_argument("format", choices=["kohya"])
+    export.add_argument("run_id", nargs="?", help="an MLflow run: exports its recorded config.yaml")
+    export.add_argument("--config", nargs="+", metavar="OVERRIDE",
+                        help="compose conf/ with these overrides instead (experiment=v53 model=sdxl model.path=...)")
+    export.add_argument("--out", default="kohya", help="the folder for the three files (default: ./kohya)")
+    export.add_argument("--tracking-uri", help="with RUN_ID: the MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                        "./mlflow.db)")
     sub.add_parser("compare", help="write the comparison report (see --help)", add_help=False)
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -293,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return ui.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"table": _table, "cache": _cache, "replay": _replay}[args.command](args)
+    return {"table": _table, "cache": _cache, "replay": _replay, "import": _import,
+            "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

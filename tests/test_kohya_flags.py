@@ -4,6 +4,7 @@ SDXL LoRA presets is a lora-sweep setting, a flag refused or fixed with its reas
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ from lora_sweep.checks.kohya_flags import (
     gui_key_flags,
     lora_type_problem,
 )
+from lora_sweep.kohya.flags import V087_DEFAULTS, V087_TYPES, typed
 
 DATA = Path(__file__).parent / "data"
 PRESETS = json.loads((DATA / "kohya_ss_v24.1.4_sdxl_presets.json").read_text(encoding="utf-8"))["presets"]
@@ -153,3 +155,21 @@ def test_learning_rate_and_unet_lr_are_train_lr():
     assert mapping("learning_rate") == mapping("unet_lr") == "train.lr"
     assert "optimizer.lr" not in KOHYA_NAMES.values()
     assert "no separate U-Net lr" in GUI_KEYS["unet_lr"].how
+
+
+def test_the_v087_defaults_in_the_package_are_the_fixtures_flags_in_parser_order():
+    lines = (DATA / "kohya_v087_sdxl_network_flags.txt").read_text().splitlines()
+    rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
+    assert [(flag, ast.literal_eval(default)) for flag, default in rows] == list(V087_DEFAULTS.items())
+    assert len(V087_DEFAULTS) == 170
+    assert (V087_DEFAULTS["optimizer_type"], V087_DEFAULTS["learning_rate"], V087_DEFAULTS["network_dim"]) == \
+        ("", 2e-06, None)
+
+
+def test_a_flags_value_is_typed_as_v087s_argparse_types_it():
+    assert (V087_TYPES["network_dim"], V087_TYPES["network_alpha"], V087_TYPES["xformers"]) == (int, float, bool)
+    assert (typed("clip_skip", "2"), typed("network_alpha", 16), typed("max_train_steps", 800.0)) == (2, 16.0, 800)
+    assert typed("optimizer_args", "a=1  b=(1,2)") == ["a=1", "b=(1,2)"]
+    assert (typed("xformers", "true"), typed("sdpa", False)) == (True, False)
+    with pytest.raises(ValueError, match="'eight' is not an integer"):
+        typed("network_dim", "eight")

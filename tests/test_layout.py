@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_sweep"
-SUBPACKAGES = ("data", "model", "sampling", "training", "compare", "job")
+SUBPACKAGES = ("data", "model", "sampling", "training", "compare", "job", "kohya")
 # Modules anyone may import: small, cross-cutting, no diffusion in them.
 SHARED = {"errors", "atomic", "config", "paths", "progress", "tracking"}
 # The top level holds the package's entry points (the CLI, the sweep's Hydra callback) and the shared modules, and
@@ -21,14 +21,18 @@ SHARED = {"errors", "atomic", "config", "paths", "progress", "tracking"}
 ENTRY = {"__main__", "callbacks"}
 # What each subpackage may import besides SHARED (and itself). `training` composes the rest; `data` encodes with
 # the model's encoders; `sampling` draws with the model; `compare` reads MLflow, images and the image metrics;
-# `job` runs one job: the checks, then training. Nothing below `job` imports it or checks/, nor the entry modules.
+# `job` runs one job: the checks, then training (recording its kohya export). Nothing below `job` imports it or
+# checks/, nor the entry modules.
+# `kohya` turns sd-scripts' and the GUI's settings into lora-sweep's and back, through the flag tables in checks/,
+# the optimizer names of training/optim.py and the bucket sizes of data/buckets.py.
 ALLOWED = {
     "model": set(),
     "data": {"model"},
     "sampling": {"model"},
     "training": {"data", "model", "sampling"},
     "compare": {"model", "sampling"},
-    "job": {"checks", "data", "training"},
+    "job": {"checks", "data", "training", "kohya"},
+    "kohya": {"checks", "data", "training"},
 }
 PURE_MATH = ("training/noise.py", "training/loss.py", "training/optim.py", "training/schedules.py",
              "training/precision.py")

@@ -226,10 +226,17 @@ def _group_problems(group: str, values: list[Any]) -> list[str]:
     options = group_options(group)
     if not options:
         return []  # not a group Hydra knows (`hydra/...` plugins load later): Hydra's own error says so
-    missing = [name for value in values for name in _option_names(value) if name not in options]
+    missing = [name for value in values for name in _option_names(value)
+               if name not in options and not _in_subfolder(group, name)]
     if group == "optimizer":
         return [_optimizer_option_message(name, options) for name in missing]
     return [missing_option_message(group, name, options) for name in missing]
+
+
+def _in_subfolder(group: str, name: str) -> bool:
+    """`experiment=user/mine`: an option in a folder of the group (`python -m lora_sweep import` writes there)."""
+    folder, _, leaf = name.rpartition("/")
+    return bool(folder) and leaf in group_options(f"{group}/{folder}")
 
 
 def _optimizer_option_message(name: str, options: list[str]) -> str:

@@ -208,6 +208,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             _say_changed_params(logger, client.get_run(logger.run_id).data.params, params)
         logger.log_params(params)
         _log_config(cfg, logger, output_dir)
+        _log_kohya_export(cfg, logger, output_dir)
         log_fallbacks(logger, checked, output_dir)
 
         def warn(fallback) -> None:
@@ -340,6 +341,14 @@ def _log_config(cfg, logger: RunLogger, output_dir: Path) -> None:
 
     path = write_text(output_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
     logger.log_artifact(path)
+
+
+def _log_kohya_export(cfg, logger: RunLogger, output_dir: Path) -> None:
+    """sd-scripts v0.8.7's config.toml, dataset.toml and command.sh for this config, as the run's `kohya/`."""
+    from lora_sweep.kohya.export import write_export
+
+    for path in write_export(cfg, output_dir / "kohya"):
+        logger.log_artifact(path, "kohya")
 
 
 def _status_reason(reason: str, user_error: bool) -> str:

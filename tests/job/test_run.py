@@ -88,6 +88,9 @@ def test_skip_finished_keys_on_the_dataset_not_only_the_config(tmp_path, mlflow_
     assert first.status == "FINISHED"
     run = MlflowClient(mlflow_uri).get_run(first.run_id)
     assert "config.yaml" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(first.run_id)}
+    assert {a.path for a in MlflowClient(mlflow_uri).list_artifacts(first.run_id, "kohya")} == {
+        "kohya/command.sh", "kohya/config.toml", "kohya/dataset.toml"}
+    assert f'image_dir = "{first_home}/data/' in (tmp_path / "out1" / "kohya" / "dataset.toml").read_text()
     again = run_job(tiny(tmp_path, *args), output_dir=tmp_path / "out2")
     assert again.status == "SKIPPED" and again.run_id == first.run_id
     assert run.data.tags["lora_sweep.dataset"] in again.reason and "2_thing" not in again.reason

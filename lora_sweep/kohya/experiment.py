@@ -1,0 +1,190 @@
+"""`python -m lora_sweep import`: kohya sources -> conf/experiment/user/<name>.yaml and a table of what became of
+each flag. Bad input (a file that cannot be read, a value of the wrong type) is reported one paragraph per problem,
+all at once, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lora_sweep.config import CONF_DIR, flatten
+from lora_sweep.kohya.metadata import read_lora
+from lora_sweep.kohya.settings import Imported, Row, to_lora_sweep
+from lora_sweep.kohya.sources import (
+    KohyaSource,
+    read_command_line,
+    read_config_file,
+    read_dataset_config,
+    read_gui,
+)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def lora_sweep_defaults(groups: dict[str, object]) -> dict[str, object]:
+    """Every setting's value in lora-sweep's config composed with `groups` (group -> option or options), dotted;
+    interpolations kept as text, so they never equal a kohya value."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    overrides = [f"{group}={option}" if isinstance(option, str) else f"{group}=[{','.join(option)}]"
+                 for group, option in groups.items()]
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    return dict(flatten(tree))
+
+
+def read_source(path: Path) -> KohyaSource:
+    """By kind: .safetensors -> a LoRA's metadata; a TOML or JSON with `datasets` -> a --dataset_config; JSON ->
+    the GUI's config; a command naming train_network.py ->
+    a command line; else an sd-scripts --config_file TOML."""
+    if path.suffix == ".safetensors":
+        return read_lora(path)
+    with path.open("rb") as f:
+        text = f.read(1 << 20).decode("utf-8", errors="replace")
+    if _is_dataset_config(path, text):
+        return read_dataset_config(path)
+    if text.lstrip().startswith("{"):
+        return read_gui(path)
+    if "train_network.py" in text:
+        return read_command_line(path)
+    return read_config_file(path)
+
+
+def _is_dataset_config(path: Path, text: str) -> bool:
+    """A --dataset_config file: a top-level `datasets` array (TOML `[[datasets]]`, or JSON's "datasets" list)."""
+    import json
+
+    import tomllib
+
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("datasets"), list)
+
+
+def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
+    """Read every source (a later one's flags win) and map the union; problems of all sources are collected."""
+    sources = [read_source(path) for path in paths]
+    args, origin, unknown, missing, unrecorded = {}, {}, {}, {}, set()
+    for src in sources:
+        unrecorded.update(src.unrecorded)
+        args.update(src.args)
+        origin.update({flag: f"{Path(src.path).name}: {text}" for flag, text in src.origin.items()})
+        unknown.update(src.unknown)
+        missing.update(src.missing)
+    for flag in args:
+        missing.pop(flag, None)
+        unrecorded.discard(flag)
+    imported = to_lora_sweep(args, origin, lora_sweep_defaults, unknown=unknown, missing=missing,
+                             unrecorded=unrecorded)
+    imported.problems[:0] = [p for src in sources for p in src.problems]
+    return imported, sources
+
+
+def _yaml_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return {"inf": ".inf", "-inf": "-.inf", "nan": ".nan"}.get(text, text)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    return "  # " + " ".join(text.split())
+
+
+def experiment_text(imported: Imported, sources: list[str]) -> str:
+    """The experiment file: the group choices, then each setting under its group, every line commented with the
+    source key and value it came from, or "kohya default"."""
+    lines = ["# @package _global_", f"# Imported from kohya by `python -m lora_sweep import {' '.join(sources)}`.",
+             "# A flag the sources leave out is sd-scripts v0.8.7's default (\"kohya default\").", "defaults:"]
+    for group, option in imported.groups.items():
+        choice = option if isinstance(option, str) else "[" + ", ".join(option) + "]"
+        lines.append(f"  - override /{group}: {choice}{_comment(imported.why[group])}")
+    lines.append("  - _self_")
+    by_group: dict[str, list[str]] = {}
+    for key, value in imported.values.items():
+        group, _, leaf = key.partition(".")
+        by_group.setdefault(group, []).append(f"  {leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
+    for group, entries in by_group.items():
+        lines += [f"{group}:", *entries]
+    return "\n".join(lines) + "\n"
+
+
+KINDS = ("mapped", "default", "same as default", "ignored", "not supported", "missing", "not recorded", "unknown")
+_HEADINGS = {"mapped": "mapped", "default": "kohya default, written (lora-sweep's differs)",
+             "same as default": "kohya default, the same as lora-sweep's (not written)",
+             "ignored": "ignored", "not supported": "not supported", "missing": "required value missing",
+             "not recorded": "unknown: not in the LoRA's metadata (kohya default assumed)",
+             "unknown": "unknown flags (newer than v0.8.7?): ignored"}
+
+
+def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]]) -> str:
+    """The table: per kind, one line per kohya flag (or GUI key) with its value and the setting or the reason."""
+    out = []
+    for kind in KINDS:
+        these = [r for r in imported.rows if r.kind == kind]
+        if kind == "ignored":
+            these += [Row("ignored", f"{key} (GUI)", value, why) for key, (value, why) in ignored_keys.items()]
+        if not these:
+            continue
+        out.append(f"{_HEADINGS[kind]} ({len(these)}):")
+        out += [f"  {r.kohya} = {r.value!r}" + (f" -> {r.detail}" if r.detail else "") for r in these]
+    return "\n".join(out) + "\n"
+
+
+def target_path(name: str, into: Path | None) -> Path:
+    return (into if into is not None else CONF_DIR / "experiment" / "user") / f"{name}.yaml"
+
+
+def name_problems(name: str, into: Path | None, force: bool) -> list[str]:
+    problems = []
+    if not _NAME.fullmatch(name):
+        problems.append(f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit.")
+    elif into is None and (CONF_DIR / "experiment" / f"{name}.yaml").exists():
+        problems.append(f"--name {name!r} is a shipped experiment's name (conf/experiment/{name}.yaml): choose "
+                        f"another.")
+    path = target_path(name, into)
+    if path.exists() and not force:
+        problems.append(f"{path} exists: give --force to overwrite it, or another --name.")
+    return problems
+
+
+def run_import(paths: list[Path], name: str | None, into: Path | None, force: bool) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr): 0 with the file written and the table; 2 with every problem, nothing written."""
+    name = name or (paths[0].stem if paths else "imported")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") if name else name
+    problems = [f"{p}: not found." for p in paths if not p.is_file()]
+    problems += name_problems(name, into, force)
+    if problems:
+        return 2, "", "\n\n".join(problems) + "\n"
+    imported, sources = import_sources(paths)
+    if imported.problems:
+        return 2, "", "\n\n".join(imported.problems) + "\n"
+    path = target_path(name, into)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(experiment_text(imported, [str(p) for p in paths]), encoding="utf-8")
+    ignored = {key: why for src in sources for key, why in src.ignored.items()}
+    run = f"experiment=user/{name}" if into is None else f"(copy {path.name} under conf/experiment/)"
+    return 0, table_text(imported, ignored) + f"\nwrote {path}; train it with `python sweep.py {run}`.\n", ""

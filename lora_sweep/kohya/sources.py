@@ -1,0 +1,266 @@
+"""Readers of kohya's settings, each into "kohya args" (sd-scripts v0.8.7 flag -> value, kohya/flags.py): a kohya_ss
+v24.1.4 GUI config (JSON), an sd-scripts --config_file TOML, an `accelerate launch ... sdxl_train_network.py` command
+line. Each collects every problem (file, key, what is wrong) rather than stopping at the first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from lora_sweep.checks.kohya_flags import GUI_KEYS, LORA_TYPES, NETWORK_ARGS, lora_type_problem
+from lora_sweep.kohya.flags import LIST_FLAGS, V087_DEFAULTS, V087_TYPES, typed
+
+
+@dataclass
+class KohyaSource:
+    """What one source says: `args` (flag -> value, only what it sets), `origin` (flag -> the source's key and value
+    it came from), `ignored` (a source key -> its value and why it sets nothing), `unknown` (flags v0.8.7 lacks: a newer
+    sd-scripts), `missing` (a flag whose value the source cannot give -> why), `unrecorded` (flags a LoRA's metadata
+    does not hold), `problems` (one paragraph each)."""
+
+    path: str
+    args: dict[str, object] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, tuple[object, str]] = field(default_factory=dict)
+    unknown: dict[str, object] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    unrecorded: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    text: str = ""  # the file's text, for the line of a key in a problem
+
+    def set(self, flag: str, value: object, origin: str) -> None:
+        if flag not in V087_DEFAULTS:
+            self.unknown[flag] = value
+            return
+        try:
+            self.args[flag] = typed(flag, value)
+        except ValueError as err:
+            self.problem(origin, f"{err} (v0.8.7's --{flag} takes {V087_TYPES[flag].__name__})")
+            return
+        self.origin[flag] = origin
+
+    def problem(self, where: str, text: str) -> None:
+        line = self.line_of(where.split(" ")[0])
+        self.problems.append(f"{self.path}{f' line {line}' if line else ''}: {where}: {text}.")
+
+    def line_of(self, key: str) -> int | None:
+        """The first line of the file where `key` is set (`"key":` in JSON, `key =` in TOML), if any."""
+        pattern = re.compile(rf'^\s*"?{re.escape(key)}"?\s*[:=]')
+        return next((i for i, line in enumerate(self.text.splitlines(), 1) if pattern.match(line)), None)
+
+
+def _dropped(value: object) -> bool:
+    """The GUI leaves out every "", False, None and 0 (0 == False in Python): sd-scripts' default applies."""
+    return value is None or value == "" or value is False or (isinstance(value, (int, float)) and value == 0)
+
+
+def _gui_number(value: object) -> object:
+    """The GUI's string-typed numbers ("1", "0.5") as numbers; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
+
+
+def read_gui(path: Path) -> KohyaSource:
+    """A kohya_ss v24.1.4 LoRA config (the GUI's saved JSON) as the flags the GUI passes to sd-scripts."""
+    src = KohyaSource(str(path))
+    try:
+        src.text = path.read_text(encoding="utf-8")
+        gui = json.loads(src.text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        src.problem("the file", f"not a kohya_ss JSON config ({err})")
+        return src
+    if not isinstance(gui, dict):
+        src.problem("the file", "not a kohya_ss JSON config (a JSON object of GUI fields)")
+        return src
+    read_gui_fields(gui, src)
+    return src
+
+
+def read_gui_fields(gui: dict, src: KohyaSource) -> None:
+    """The GUI's fields into `src`, converted as v24.1.4's train_model converts them (docs/kohya.md, GUI_KEYS)."""
+    gui = {("lora_network_weights" if k == "network_weights" else k): v for k, v in gui.items()}
+    lora_type = gui.get("LoRA_type", "Standard")
+    if (problem := lora_type_problem(lora_type)) is not None:
+        src.problem("LoRA_type", problem.rstrip("."))
+        return
+    network_args: list[str] = []
+    for key, raw in gui.items():
+        value = _gui_number(raw)
+        origin = f"{key} = {raw!r}"
+        entry = GUI_KEYS.get(key)
+        if key in ("LoRA_type", "lr_warmup", "max_train_steps", "lr_scheduler_num_cycles", "unet_lr",
+                   "text_encoder_lr", "xformers", "additional_parameters", "epoch"):
+            continue  # below
+        if entry is not None and not entry.flags:
+            src.ignored[key] = (raw, entry.how)
+            continue
+        if key in NETWORK_ARGS:
+            if key in ("conv_dim", "conv_alpha") and key not in LORA_TYPES[lora_type]:
+                src.ignored[key] = (raw, f"LoRA_type {lora_type} ignores it")
+            elif not _dropped(value):
+                network_args.append(f"{key}={value}")
+            continue
+        flags = entry.flags if entry is not None else (key,)
+        if key not in V087_DEFAULTS and entry is None:
+            src.unknown[key] = raw
+            continue
+        if flags[0] in LIST_FLAGS and isinstance(value, str):
+            value = value.replace('"', "")
+        if key == "sample_prompts" and not _dropped(value):
+            src.missing["sample_prompts"] = "the GUI holds the prompts' text: write it to a file and set " \
+                                            "sampling.prompt_file"
+            continue
+        if key == "max_data_loader_n_workers" or not _dropped(value):  # always written, 0 included
+            src.set(flags[0], value, origin)
+    src.set("network_module", "networks.lora", f"LoRA_type = {lora_type!r}")
+    if network_args:
+        src.set("network_args", network_args + list(src.args.get("network_args", [])), "LoRA_type and dropouts")
+    _gui_lengths(gui, src)
+    _gui_lrs(gui, src)
+    attention = gui.get("xformers", "none")
+    if attention is True or attention == "xformers":
+        src.set("xformers", True, f"xformers = {attention!r}")
+    elif attention == "sdpa":
+        src.set("sdpa", True, "xformers = 'sdpa'")
+    extra = gui.get("additional_parameters") or ""
+    if extra:
+        _read_flags(str(extra).replace('"', "").split(), src, "additional_parameters")
+
+
+def _gui_lengths(gui: dict, src: KohyaSource) -> None:
+    """max_train_steps (0 or empty: the GUI's estimate from epoch), lr_warmup's percent of it (half to even), and
+    lr_scheduler_num_cycles (empty: the GUI's epoch)."""
+    steps = _gui_number(gui.get("max_train_steps", 1600)) or 0  # the field's default, v0.8.7's too
+    if steps and "max_train_steps" in gui:
+        src.set("max_train_steps", steps, f"max_train_steps = {gui['max_train_steps']!r}")
+    elif not steps and not gui.get("dataset_config"):
+        src.missing["max_train_steps"] = ("0: the GUI estimates it from the image folders (ceil(images x repeats / "
+                                          "batch / accumulation x epoch)), which an import cannot count")
+    warmup = _gui_number(gui.get("lr_warmup", 0)) or 0
+    if warmup:
+        if not steps:
+            src.missing["lr_warmup_steps"] = f"lr_warmup = {warmup}% of the GUI's estimated max_train_steps"
+        else:
+            src.set("lr_warmup_steps", round(float(int(warmup) * int(steps) / 100)),
+                    f"lr_warmup = {gui['lr_warmup']!r} (% of {steps} steps)")
+    cycles = gui.get("lr_scheduler_num_cycles", "")
+    if cycles in ("", None) and not _dropped(_gui_number(gui.get("epoch", ""))):
+        src.set("lr_scheduler_num_cycles", _gui_number(gui["epoch"]), f"epoch = {gui['epoch']!r}")
+    elif not _dropped(_gui_number(cycles)):
+        src.set("lr_scheduler_num_cycles", _gui_number(cycles), f"lr_scheduler_num_cycles = {cycles!r}")
+
+
+def _gui_lrs(gui: dict, src: KohyaSource) -> None:
+    """unet_lr / text_encoder_lr: 0 is left out; exactly one of them 0 sets the other group's *_only flag."""
+    unet = _gui_number(gui.get("unet_lr", 0)) or 0
+    text = _gui_number(gui.get("text_encoder_lr", 0)) or 0
+    if unet:
+        src.set("unet_lr", unet, f"unet_lr = {gui['unet_lr']!r}")
+    if text:
+        src.set("text_encoder_lr", text, f"text_encoder_lr = {gui['text_encoder_lr']!r}")
+    if unet and not text and "text_encoder_lr" in gui:
+        src.set("network_train_unet_only", True, "text_encoder_lr = 0 with unet_lr set")
+    if text and not unet and "unet_lr" in gui:
+        src.set("network_train_text_encoder_only", True, "unet_lr = 0 with text_encoder_lr set")
+
+
+def _read_flags(tokens: list[str], src: KohyaSource, where: str) -> None:
+    """`--flag value`, `--flag=value`, store_true `--flag`, nargs="*" `--flag a b c`: into src, later ones win."""
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("--"):
+            src.problem(where, f"{token!r} follows no flag")
+            continue
+        name, eq, inline = token[2:].partition("=")
+        values = [inline] if eq else []
+        kind = V087_TYPES.get(name)
+        if not eq and kind is not bool:
+            while i < len(tokens) and not tokens[i].startswith("--"):
+                values.append(tokens[i])
+                i += 1
+                if kind is not list and name not in LIST_FLAGS and kind is not None:
+                    break
+        origin = f"{where} --{name}" + (f" {' '.join(values)}" if values else "")
+        if kind is None:
+            src.unknown[name] = " ".join(values) if values else True
+        elif kind is bool:
+            src.set(name, values[0] if values else True, origin)
+        elif kind is list:
+            src.set(name, values, origin)
+        elif len(values) != 1:
+            src.problem(where, f"--{name} needs one value")
+        else:
+            src.set(name, values[0], origin)
+
+
+def read_config_file(path: Path) -> KohyaSource:
+    """An sd-scripts --config_file TOML: v0.8.7 merges every section into one namespace (a later section's key
+    wins) and converts no types, so values stay as TOML typed them."""
+    src = KohyaSource(str(path))
+    try:
+        src.text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(src.text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        src.problem("the file", f"not a TOML file ({err})")
+        return src
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        if key not in V087_DEFAULTS:
+            src.unknown[key] = value
+        elif V087_TYPES[key] is list and isinstance(value, str):
+            src.problem(key, f"{value!r}: v0.8.7 reads a TOML string here as one item per character; "
+                             f"write a list of 'key=value' strings")
+        else:
+            src.args[key] = value
+            src.origin[key] = f"{key} = {value!r}"
+    return src
+
+
+def read_command_line(path: Path) -> KohyaSource:
+    """A text file holding an `accelerate launch ... sdxl_train_network.py --flags` command (line continuations
+    with a backslash allowed); the flags after the script are read as v0.8.7's argparse reads them."""
+    src = KohyaSource(str(path))
+    try:
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        tokens = shlex.split(text, comments=True)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        src.problem("the file", f"not a shell command line ({err})")
+        return src
+    scripts = [i for i, t in enumerate(tokens) if t.endswith("train_network.py")]
+    if not scripts:
+        src.problem("the command", "names no sdxl_train_network.py")
+        return src
+    if not tokens[scripts[0]].endswith("sdxl_train_network.py"):
+        src.problem("the command", f"{tokens[scripts[0]]} is not sdxl_train_network.py: lora-sweep trains SDXL")
+    _read_flags(tokens[scripts[0] + 1:], src, "command line")
+    config = src.args.get("config_file")
+    if config:
+        src.problem("--config_file", f"{config}: import the TOML itself as well (flags on the command line win)")
+    return src
+
+
+def read_dataset_config(path: Path) -> KohyaSource:
+    """A --dataset_config file (TOML or JSON): passed through as data.dataset_config, its absolute path, for
+    lora-sweep reads it as v0.8.7 does (data/subsets.py, checked before a run starts); a folder-mode
+    train_data_dir or reg_data_dir from another source is then ignored, as v0.8.7 ignores it."""
+    src = KohyaSource(str(path))
+    src.set("dataset_config", str(path.resolve()), "its path, as --dataset_config")
+    return src

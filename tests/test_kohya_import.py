@@ -1,0 +1,274 @@
+"""`python -m lora_sweep import`: kohya_ss GUI presets, an sd-scripts --config_file TOML and a command line become an
+experiment file whose every line names its source, with v0.8.7's defaults for what the sources leave out."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT, compose_config
+
+from lora_sweep.__main__ import main
+from lora_sweep.checks.command_line import command_line_problems
+from lora_sweep.kohya.experiment import experiment_text, import_sources, run_import
+from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
+
+DATA = Path(__file__).parent / "data"
+PRESETS = json.loads((DATA / "kohya_ss_v24.1.4_sdxl_presets.json").read_text(encoding="utf-8"))["presets"]
+STANDARD = sorted(name for name, p in PRESETS.items() if p["LoRA_type"] in ("Standard", "Kohya LoCon"))
+
+
+def preset_file(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(PRESETS[name]), encoding="utf-8")
+    return path
+
+
+def kinds(imported) -> dict[str, dict[str, object]]:
+    table: dict[str, dict[str, object]] = {}
+    for row in imported.rows:
+        table.setdefault(row.kind, {})[row.kohya] = row.value
+    return table
+
+
+def test_the_16_standard_presets_import_without_a_problem(tmp_path):
+    assert len(STANDARD) == 16
+    for name in STANDARD:
+        imported, _ = import_sources([preset_file(tmp_path, name)])
+        assert imported.problems == [], name
+        assert imported.groups["model"] == "sdxl"
+
+
+def test_a_lycoris_preset_is_refused_naming_its_type():
+    src = KohyaSource("p.json")
+    read_gui_fields(PRESETS["SDXL - LoKR v1.0.json"], src)
+    assert len(src.problems) == 1 and "LoRA_type 'LyCORIS/LoKr' is not supported" in src.problems[0]
+
+
+def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
+    imported, sources = import_sources([preset_file(tmp_path, "SDXL - LoRA AI_Now prodigy v1.0.json")])
+    assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "none",
+                               "loss": ["l2", "min_snr"]}
+    assert imported.values == {
+        "train.lr": 1.0, "train.text_encoder_lr": 1.0, "train.save_precision": "bf16", "train.save_every_epochs": 10,
+        "train.batch_size": 8, "train.xformers": True, "train.max_steps": 1600, "train.gradient_checkpointing": True,
+        "train.grad_accum": 1, "data.caption_extension": ".txt", "data.resolution": "1024,1024",
+        "data.enable_bucket": True, "data.min_bucket_reso": 256, "data.max_bucket_reso": 2048,
+        "data.bucket_reso_steps": 32, "data.bucket_no_upscale": True, "data.max_token_length": 75,
+        "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "ddim", "loss.prior_loss_weight": 1.0,
+        "loss.min_snr_gamma": 5.0,
+        "optimizer.optimizer_args": ["weight_decay=0.01", "decouple=True", "d0=0.0001", "use_bias_correction=True"],
+        "optimizer.scheduler": "constant", "optimizer.lr_scheduler_num_cycles": 1, "network.rank": 32,
+        "network.alpha": 16.0, "network.scale_weight_norms": 5.0}
+    assert imported.why["train.max_steps"] == "kohya default"  # the preset has no max_train_steps: v0.8.7's 1600
+    assert imported.why["network.alpha"] == "preset.json: network_alpha = 16"
+    table = kinds(imported)
+    assert set(table["missing"]) == {"pretrained_model_name_or_path", "train_data_dir"}
+    assert table["ignored"]["training_comment"] == "trigger: the queen of heart 1a"
+    assert sources[0].ignored["conv_dim"] == (32, "LoRA_type Standard ignores it")
+    assert "not supported" not in table and "unknown" not in table
+
+
+def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters():
+    src = KohyaSource("p.json")
+    read_gui_fields({"LoRA_type": "Kohya LoCon", "conv_dim": 8, "conv_alpha": "4", "max_train_steps": "250",
+                     "lr_warmup": 5, "max_grad_norm": 0, "network_alpha": 0, "learning_rate": "0.0001",
+                     "unet_lr": 0.0002, "text_encoder_lr": 0, "xformers": "sdpa", "epoch": 3,
+                     "lr_scheduler_num_cycles": "", "rank_dropout": 0.1,
+                     "optimizer_args": '"betas=0.9,0.99" "weight_decay=0.1"',
+                     "additional_parameters": '--max_grad_norm=0 --log_prefix=x --newer_flag'}, src)
+    assert src.problems == []
+    assert src.args == {"max_grad_norm": 0.0, "learning_rate": 0.0001, "optimizer_args": ["betas=0.9,0.99",
+                        "weight_decay=0.1"], "network_module": "networks.lora",
+                        "network_args": ["conv_dim=8", "conv_alpha=4", "rank_dropout=0.1"], "max_train_steps": 250,
+                        "lr_warmup_steps": 12, "lr_scheduler_num_cycles": 3, "unet_lr": 0.0002,
+                        "network_train_unet_only": True, "sdpa": True, "log_prefix": "x"}
+    assert src.unknown == {"newer_flag": True}  # 5% of 250 = 12.5: half to even
+
+
+def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest():
+    imported, _ = import_sources([DATA / "kohya_import" / "config_file.toml"])
+    assert imported.problems == []
+    assert imported.groups == {"model": "sdxl", "precision": "fp8_bf16", "optimizer": "adamw8bit",
+                               "noise": "offset", "loss": "huber_snr"}
+    assert imported.values == {
+        "train.lr": 0.0001, "train.batch_size": 2, "train.max_steps": 3000,
+        "model.path": "/models/sd_xl_base_1.0.safetensors", "data.dir": "/data/img",
+        "data.caption_extension": ".caption", "data.resolution": "1024,1024", "data.enable_bucket": False,
+        "data.min_bucket_reso": 256, "data.max_bucket_reso": 1024, "data.bucket_reso_steps": 64,
+        "noise.offset": 0.0357, "loss.type": "huber", "loss.huber_c": 0.05, "sampling.sampler": "ddim",
+        "optimizer.optimizer_args": ["weight_decay=0.1", "betas=(0.9,0.99)"], "optimizer.warmup_steps": 100,
+        "network.rank": 16, "network.alpha": 8}
+    table = kinds(imported)
+    assert table["not supported"] == {"max_data_loader_n_workers": 8, "masked_loss": True, "no_half_vae": False}
+    assert table["unknown"] == {"future_flag": 3}
+    assert "missing" not in table
+
+
+def test_a_command_line_reads_as_argparse_does():
+    imported, _ = import_sources([DATA / "kohya_import" / "command_line.sh"])
+    assert imported.problems == []
+    assert imported.groups == {"model": "sdxl", "precision": "fp16", "optimizer": "prodigy", "noise": "ip",
+                               "loss": ["l2", "debiased"]}
+    assert {k: v for k, v in imported.values.items() if not k.startswith("data.")} == {
+        "train.lr": 1.0, "train.text_encoder_lr": 0.5, "train.max_steps": 800, "train.seed": 7,
+        "model.path": "/models/sdxl.safetensors", "noise.ip_gamma": 0.1, "sampling.sampler": "ddim",
+        "optimizer.optimizer_args": ["decouple=True", "weight_decay=0.01"],
+        "optimizer.scheduler": "cosine_with_restarts", "optimizer.lr_scheduler_num_cycles": 3,
+        "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0}
+    assert imported.why["network.alpha"] == "command_line.sh: command line --network_alpha 4"
+    assert kinds(imported)["not supported"] == {"max_data_loader_n_workers": 8, "save_model_as": "ckpt"}
+
+
+def test_the_written_experiment_composes_with_its_values():
+    imported, _ = import_sources([DATA / "kohya_import" / "command_line.sh"])
+    name = f"_test_import_{os.getpid()}"
+    path = ROOT / "conf" / "experiment" / "user" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(experiment_text(imported, ["command_line.sh"]), encoding="utf-8")
+    try:
+        cfg = compose_config(f"experiment=user/{name}")
+        assert command_line_problems([f"experiment=user/{name}"]) == []  # sweep.py's pre-flight accepts it
+        assert command_line_problems(["experiment=user/nothing"]) == [
+            "Could not find 'experiment/user/nothing'. Available options in 'experiment': article, article_v61, "
+            "v53, v54, v55, v56, v57, v58, v59, v60, v61, v62, v63, v64."]
+    finally:
+        path.unlink()
+    assert (cfg.model.name, cfg.precision.name, cfg.optimizer.name) == ("sdxl", "fp16", "prodigy")
+    assert (cfg.train.lr, cfg.train.text_encoder_lr, cfg.train.max_steps, cfg.network.alpha) == (1.0, 0.5, 800, 4.0)
+    assert (cfg.noise.ip_gamma, cfg.loss.debiased, cfg.data.resolution) == (0.1, True, "1024,1024")
+    assert list(cfg.optimizer.optimizer_args) == ["decouple=True", "weight_decay=0.01"]
+
+
+def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"LoRA_type": "Standard", "network_dim": "eight"}', encoding="utf-8")
+    bad_cmd = tmp_path / "cmd.sh"
+    bad_cmd.write_text("accelerate launch sdxl_train_network.py --max_train_steps lots", encoding="utf-8")
+    status = main(["import", str(bad_json), str(bad_cmd), str(tmp_path / "none.toml"), "--into", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and not (tmp_path / "bad.yaml").exists()
+    assert err.count("\n\n") == 0 and "none.toml: not found." in err  # a missing file stops before reading
+    status = main(["import", str(bad_json), str(bad_cmd), "--into", str(tmp_path)])
+    paragraphs = capsys.readouterr().err.strip().split("\n\n")
+    assert status == 2 and not (tmp_path / "bad.yaml").exists()
+    assert paragraphs == [
+        f"{bad_json}: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).",
+        f"{bad_cmd}: command line --max_train_steps lots: 'lots' is not an integer (v0.8.7's --max_train_steps "
+        f"takes int)."]
+
+
+def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, capsys):
+    source = DATA / "kohya_import" / "command_line.sh"
+    assert run_import([source], "mine", tmp_path, False)[0] == 0
+    status, _, err = run_import([source], "mine", tmp_path, False)
+    assert status == 2 and err == f"{tmp_path / 'mine.yaml'} exists: give --force to overwrite it, or another --name.\n"
+    assert run_import([source], "mine", tmp_path, True)[0] == 0
+    status, _, err = run_import([source], "v61", None, False)
+    assert status == 2 and "shipped experiment's name" in err
+
+
+@pytest.mark.parametrize("name", ["SDXL - LoRA kudou-reira dadaptadam v1.0.json"])
+def test_gui_warmup_without_max_train_steps_uses_the_field_default(tmp_path, name):
+    imported, _ = import_sources([preset_file(tmp_path, name)])
+    assert imported.values["optimizer.warmup_steps"] == 80  # 5% of the field's 1600
+    assert imported.values["network.network_train_unet_only"] is True  # additional_parameters
+
+
+def safetensors_with(path: Path, meta: dict[str, str]) -> Path:
+    header = json.dumps({"__metadata__": meta}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")  # no images: no buckets
+def test_a_lora_written_by_lora_sweep_gives_back_its_settings(tmp_path):
+    import torch
+
+    from lora_sweep.data.subsets import DatasetSpec
+    from lora_sweep.training.metadata import kohya_metadata
+    from lora_sweep.training.optim import build_optimizer
+
+    cfg = compose_config("precision=bf16", "optimizer=prodigy", "noise=offset", "loss=[huber_snr,min_snr]",
+                         "network.rank=16", "network.alpha=8", "train.max_steps=300", "train.batch_size=2",
+                         "data.resolution=64", "optimizer.args.weight_decay=0.01")
+    spec = DatasetSpec("data.dir", (64, 64), 2, True, bucket_reso_steps=32, bucket_no_upscale=False,
+                       min_bucket_reso=None, max_bucket_reso=None, subsets=())
+    optimizer = build_optimizer(cfg.optimizer.name, [{"params": [torch.nn.Parameter(torch.zeros(2))]}],
+                                lr=cfg.train.lr, args=dict(cfg.optimizer.args))
+    meta = kohya_metadata(cfg, SimpleNamespace(specs=[spec], trained=[]), optimizer, steps=300, epoch=1)
+    imported, _ = import_sources([safetensors_with(tmp_path / "lora.safetensors", meta)])
+    assert imported.problems == []
+    assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "offset",
+                               "loss": ["huber_snr", "min_snr"]}
+    values = imported.values
+    assert (values["network.rank"], values["network.alpha"], values["train.max_steps"]) == (16, 8.0, 300)
+    assert (values["train.lr"], values["train.batch_size"], values["noise.offset"]) == (1.0, 2, 0.0357)
+    assert (values["loss.type"], values["loss.min_snr_gamma"], values["data.resolution"]) == ("huber", 5.0, "64,64")
+    assert values["optimizer.optimizer_args"] == ["weight_decay=0.01"]
+    assert values["data.caption_extension"] == ".txt"  # lora-sweep's own lora_sweep_caption_extension key
+    table = kinds(imported)
+    assert set(table["missing"]) == {"pretrained_model_name_or_path", "train_data_dir"}
+    assert {"lr_scheduler_num_cycles", "xformers", "save_every_n_steps"} <= set(table["not recorded"])
+    assert "full_bf16" not in table["not recorded"]  # lora_sweep_full_bf16 records it
+
+
+def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp_path):
+    meta = {"ss_network_dim": "16", "ss_network_alpha": "8.0", "ss_learning_rate": "0.0001",
+            "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1,betas=(0.9, 0.99))",
+            "ss_mixed_precision": "fp16", "ss_network_args": '{"conv_dim": "8", "conv_alpha": "4"}',
+            "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
+            "ss_dataset_dirs": '{"10_sks dog": {"n_repeats": 10, "img_count": 12}}', "ss_seed": "1234",
+            "modelspec.timestep_range": "100,900"}
+    imported, _ = import_sources([safetensors_with(tmp_path / "v087.safetensors", meta)])
+    assert imported.groups["optimizer"] == "adamw8bit" and imported.groups["precision"] == "fp16"
+    assert imported.values["optimizer.optimizer_args"] == ["weight_decay=0.1", "betas=(0.9,0.99)"]
+    assert imported.values["network.network_args"] == ["conv_dim=8", "conv_alpha=4"]
+    assert (imported.values["noise.min_timestep"], imported.values["noise.max_timestep"]) == (100, 900)
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing == {"pretrained_model_name_or_path": "model.path: the LoRA records only the name "
+                                                        "'sd_xl_base_1.0.safetensors'",
+                       "train_data_dir": "data.dir: the LoRA records only the folder names '10_sks dog' (12 images "
+                                         "x 10)"}
+    sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
+    assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
+                                                  f"LoRAs."]
+
+
+def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path):
+    command = tmp_path / "cmd.sh"
+    command.write_text("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path /m/sdxl.safetensors "
+                       "--train_data_dir /ignored --network_dim 4", encoding="utf-8")
+    imported, sources = import_sources([command, DATA / "kohya_dataset.toml"])
+    assert imported.problems == [] and sources[1].args == {"dataset_config": str((DATA / "kohya_dataset.toml")
+                                                                                 .resolve())}
+    assert imported.values["data.dataset_config"] == str((DATA / "kohya_dataset.toml").resolve())
+    assert imported.why["data.dataset_config"] == "kohya_dataset.toml: its path, as --dataset_config"
+    assert "missing" not in kinds(imported)
+
+
+def test_gui_sample_prompts_text_is_a_required_prompt_file():
+    src = KohyaSource("p.json")
+    read_gui_fields({"LoRA_type": "Standard", "sample_prompts": "a dog --w 1024 --h 1024", "max_train_steps": 10},
+                    src)
+    assert "sample_prompts" not in src.args
+    assert src.missing == {"sample_prompts": "the GUI holds the prompts' text: write it to a file and set "
+                                             "sampling.prompt_file"}
+
+
+def test_a_problem_names_the_line_of_its_key(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[training_arguments]\nmax_train_steps = 10\noptimizer_args = "weight_decay=0.1"\n',
+                    encoding="utf-8")
+    gui = tmp_path / "bad.json"
+    gui.write_text('{\n  "LoRA_type": "Standard",\n  "network_dim": "eight"\n}\n', encoding="utf-8")
+    status, out, err = run_import([toml, gui], "bad", tmp_path, False)
+    assert (status, out) == (2, "") and not (tmp_path / "bad.yaml").exists()
+    assert err.split("\n\n") == [
+        f"{toml} line 3: optimizer_args: 'weight_decay=0.1': v0.8.7 reads a TOML string here as one item per "
+        f"character; write a list of 'key=value' strings.",
+        f"{gui} line 3: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).\n"]
