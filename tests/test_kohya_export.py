@@ -101,7 +101,7 @@ def test_command_sh_launches_sd_scripts_and_lists_what_kohya_cannot_hold(tmp_pat
     assert not_expressible(cfg) == [
         "model=tiny: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl model.path=...",
         "validation.every=0, validation.fit_images=2: kohya v0.8.7 logs no val/loss or fit/loss",
-        "loss.per_sample_timesteps=true: v0.8.7 draws one timestep per batch for huber/smooth_l1",
+        "loss.per_sample_timesteps is true: v0.8.7 draws one timestep per batch for huber/smooth_l1",
     ]
     command = write_export(cfg, tmp_path / "export")[2].read_text().splitlines()
     assert command[3:5] == ["# Not expressible in kohya v0.8.7 (this export trains without them):",

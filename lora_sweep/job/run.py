@@ -208,7 +208,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             _say_changed_params(logger, client.get_run(logger.run_id).data.params, params)
         logger.log_params(params)
         _log_config(cfg, logger, output_dir)
-        _log_kohya_export(cfg, logger, output_dir)
+        _log_kohya_export(cfg, logger, output_dir, ready.inputs.prompts)
         log_fallbacks(logger, checked, output_dir)
 
         def warn(fallback) -> None:
@@ -343,11 +343,11 @@ def _log_config(cfg, logger: RunLogger, output_dir: Path) -> None:
     logger.log_artifact(path)
 
 
-def _log_kohya_export(cfg, logger: RunLogger, output_dir: Path) -> None:
+def _log_kohya_export(cfg, logger: RunLogger, output_dir: Path, prompts: list) -> None:
     """sd-scripts v0.8.7's config.toml, dataset.toml and command.sh for this config, as the run's `kohya/`."""
     from lora_sweep.kohya.export import write_export
 
-    for path in write_export(cfg, output_dir / "kohya"):
+    for path in write_export(cfg, output_dir / "kohya", prompts):
         logger.log_artifact(path, "kohya")
 
 

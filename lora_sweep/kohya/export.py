@@ -206,14 +206,14 @@ def not_expressible(cfg: DictConfig) -> list[str]:
     if flat["model.name"] == "tiny":
         lines.append("model=tiny: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl model.path=...")
     elif not flat["model.path"]:
-        lines.append("model.path=null: config.toml has no pretrained_model_name_or_path; add the SDXL checkpoint")
+        lines.append("model.path is null: config.toml has no pretrained_model_name_or_path; add the SDXL checkpoint")
     if flat["validation.fit_images"] or flat["validation.every"]:
         lines.append(f"validation.every={flat['validation.every']}, validation.fit_images="
                      f"{flat['validation.fit_images']}: kohya v0.8.7 logs no val/loss or fit/loss")
     if flat["data.validation_split"] or flat["data.validation_dir"]:
         lines.append("data.validation_split / data.validation_dir: kohya v0.8.7 has no validation set")
     if flat["loss.per_sample_timesteps"]:
-        lines.append("loss.per_sample_timesteps=true: v0.8.7 draws one timestep per batch for huber/smooth_l1")
+        lines.append("loss.per_sample_timesteps is true: v0.8.7 draws one timestep per batch for huber/smooth_l1")
     if flat["data.latent_sample"] != "sample":
         lines.append(f"data.latent_sample={flat['data.latent_sample']}: v0.8.7 caches one posterior sample")
     if flat["train.on_nan"] != "stop":
@@ -223,13 +223,14 @@ def not_expressible(cfg: DictConfig) -> list[str]:
     return lines
 
 
-def prompts_text(cfg: DictConfig) -> str:
+def prompts_text(cfg: DictConfig, specs: list | None = None) -> str:
     """sample_prompts.txt: sampling.prompts and sampling.prompt_file's lines as lora-sweep draws them, each option
     spelt out (the sampling group's defaults and seed + index, where v0.8.7 would draw a random seed); "" when the
-    config samples nothing."""
+    config samples nothing. `specs`: the PromptSpecs a job already read (its prompt file is read once)."""
     from lora_sweep.training.evaluate import read_prompts
 
-    specs, _, _ = read_prompts(cfg)
+    if specs is None:
+        specs, _, _ = read_prompts(cfg)
     lines = []
     for spec in specs:
         options = f" --w {spec.width} --h {spec.height} --d {spec.seed} --s {spec.steps} --l {spec.cfg}"
@@ -291,7 +292,7 @@ def command_text(cfg: DictConfig) -> str:
     return "\n".join([*header, 'EXPORT="${EXPORT:-$(cd "$(dirname "$0")" && pwd)}"', command]) + "\n"
 
 
-def write_export(cfg: DictConfig, out: Path) -> list[Path]:
+def write_export(cfg: DictConfig, out: Path, prompts: list | None = None) -> list[Path]:
     """config.toml, dataset.toml and command.sh of `cfg` in `out` (made if missing), and sample_prompts.txt when it
     samples; returns their paths. Without train.output_dir, kohya writes its LoRA files to `out`/output."""
     out.mkdir(parents=True, exist_ok=True)
@@ -299,9 +300,9 @@ def write_export(cfg: DictConfig, out: Path) -> list[Path]:
     args.setdefault("output_dir", str((out / "output").resolve()))
     args["dataset_config"] = str((out / "dataset.toml").resolve())
     files = {"dataset.toml": toml_text(dataset_tables(cfg)), "command.sh": command_text(cfg)}
-    prompts = prompts_text(cfg)
-    if prompts:
-        files["sample_prompts.txt"] = prompts
+    prompt_lines = prompts_text(cfg, prompts)
+    if prompt_lines:
+        files["sample_prompts.txt"] = prompt_lines
         args["sample_prompts"] = str((out / "sample_prompts.txt").resolve())
         args["sample_at_first"] = True  # lora-sweep samples at step 0 whenever it samples
     files = {"config.toml": toml_text(args)} | files
