@@ -169,6 +169,7 @@ class SamplingConfig:
     width: int | None = None
     height: int | None = None
     seed: int = 1234
+    seeds: list[int] = field(default_factory=list)  # several seeds per prompt (img/diversity); empty: [seed]
     sampler: str | None = None  # kohya's --sample_sampler name (ddim, euler_a, ...); null: SDXL base's Euler
 
 
@@ -181,8 +182,15 @@ class ValidationConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    clip_model: str | None = None  # a local transformers CLIPModel folder: img/clip_t, img/clip_i; null: skipped
+    dino_model: str | None = None  # a local transformers Dinov2Model/ViTModel folder: img/dino; null: skipped
+
+
+@dataclass
 class CompareConfig:
     baseline: str | None = None  # the variant the report compares the others with; null: the first one
+    select: str | None = None  # METRIC[:max|min] picking each variant's best checkpoint; null: none picked
 
 
 @dataclass
@@ -194,9 +202,20 @@ class TrackingConfig:
 
 
 @dataclass
+class StopEarlyConfig:
+    metric: str | None = None  # METRIC[:max|min], compare.select's spec; null: off
+    rule: str = "median"  # median | diverged
+    grace_steps: int = 0  # never stopped before this optimizer step
+    min_peers: int = 2  # median: sibling runs that logged the step before a run is judged
+    margin: float = 0.0  # diverged: how much worse than the run's own step-0 value, in the metric's units
+    timeout: float = 5.0  # seconds the MLflow store may take to answer; on timeout the run goes on
+
+
+@dataclass
 class SweepConfig:
     skip_finished: bool = True  # skip a job whose config and dataset already FINISHED in this experiment
     on_busy: str = "wait"  # another process trains this config: wait (then skip or resume) | skip
+    stop_early: StopEarlyConfig = field(default_factory=StopEarlyConfig)
 
 
 @dataclass
@@ -211,6 +230,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -239,6 +259,7 @@ _HASH_EXCLUDED = (
     "tracking.flush_every",
     "sweep",
     "compare",
+    "evaluation",
     "train.output_dir",
     "train.resume",
     "train.keep_states",
@@ -287,6 +308,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # keys added later: left out of the hash at the values that reproduce older runs, so those keep their hash
 _HASH_NEUTRAL = {
+    "sampling.seeds": ([],),  # issue 30: several sample seeds per prompt
     "noise.min_timestep": (None, 0),
     "noise.max_timestep": (None, 1000),
     # issue 25: kohya's datasets, regularization images and caption options

@@ -479,3 +479,17 @@ def test_only_an_unambiguous_kohya_string_is_folded_into_the_hash():
         assert config_hash(compose_config(f"network.network_args={args}")) != conv4
     assert config_hash(compose_config('optimizer.optimizer_args=["weight_decay=abc"]')) != config_hash(
         compose_config())
+
+
+def test_issue_30_and_31_keys_at_their_defaults_keep_the_hash():
+    from omegaconf import OmegaConf
+
+    cfg = compose_config()
+    before_the_keys = OmegaConf.to_container(cfg, resolve=True)
+    del before_the_keys["sampling"]["seeds"]
+    del before_the_keys["evaluation"]
+    del before_the_keys["compare"]["select"]
+    del before_the_keys["sweep"]["stop_early"]
+    assert config_hash(OmegaConf.create(before_the_keys)) == config_hash(cfg)
+    assert config_hash(compose_config("evaluation.clip_model=/clip", "compare.select=fit/loss")) == config_hash(cfg)
+    assert config_hash(compose_config("sampling.seeds=[1,2]")) != config_hash(cfg)

@@ -286,3 +286,29 @@ def test_a_resumed_run_names_the_steps_whose_metrics_never_reached_the_store(sto
         f"MLflow run {logger.run_id} has no metrics for steps 3-4: the process that trained them ended before the "
         "store took them; training resumes after step 4"]
     assert client.get_run(logger.run_id).data.tags["lora_sweep.history_gap"] == "3-4"
+
+
+@pytest.mark.parametrize(("text", "name", "direction"), [
+    ("fit/loss", "fit/loss", "min"), ("img/diversity", "img/diversity", "max"),
+    ("img/drift:max", "img/drift", "max"), ("fit/loss:max", "fit/loss", "max"),
+])
+def test_a_metric_spec_takes_its_direction_from_the_table_or_the_suffix(text, name, direction):
+    from lora_sweep.tracking.metric_spec import parse_metric_spec
+
+    spec = parse_metric_spec(text, "compare.select")
+    assert (spec.name, spec.direction) == (name, direction)
+    assert spec.better(0.5, 1.0) == (direction == "min")
+    assert not spec.better(float("nan"), 1.0) and spec.better(1.0, float("nan"))
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("img/drift", "img/drift has no default direction; write img/drift:max or img/drift:min"),
+    ("fit/loss:lowest", "the direction after ':' must be max or min, not 'lowest'"),
+    (":min", "names no metric"),
+])
+def test_a_bad_metric_spec_names_the_setting_and_the_accepted_forms(text, words):
+    from lora_sweep.tracking.metric_spec import parse_metric_spec
+
+    with pytest.raises(ValueError, match="sweep.stop_early.metric") as caught:
+        parse_metric_spec(text, "sweep.stop_early.metric")
+    assert words in str(caught.value)
