@@ -4,8 +4,9 @@
 creates the parent run and writes its id (`.mlflow_parent_run_id`) and the swept keys into the sweep folder, where
 every job finds them. The parent is closed once (`on_multirun_end`, or atexit when Hydra skips it) from its jobs'
 child runs and the status files of jobs without a run (`sweep_summary`): KILLED if stopped, else FAILED if any job
-failed, else FINISHED; tags `lora_sweep.jobs_*`, `lora_sweep.failure` and `lora_sweep.job_runs` (skipped jobs'
-matched runs too); then the comparison report, if any job finished or matched a FINISHED run.
+failed, else FINISHED (a job `sweep.stop_early` stopped counts as "stopped early", not as killed); tags
+`lora_sweep.jobs_*`, `lora_sweep.failure` and `lora_sweep.job_runs` (skipped jobs' matched runs too); then the
+comparison report, if any job finished or matched a FINISHED run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 LEFT_OPEN = "its job process ended without closing the run (killed, or it crashed)"
 ENDED = ("FINISHED", "FAILED", "KILLED", "SKIPPED", "CANCELLED")
+STOPPED_EARLY = "STOPPED_EARLY"  # a job's end in the parent's counts: KILLED by sweep.stop_early's rule
 
 
 class MlflowSweepCallback(Callback):
@@ -99,10 +101,7 @@ class MlflowSweepCallback(Callback):
             tags[store.FAILURE] = store.fit(summary["failure"], store.MAX_TAG_CHARS, "the sweep's console")
         if not self._end_parent(run_id, tags, summary):
             return
-        counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if k != "total" and v)
-        total = summary["counts"].get("total", 0)
-        log.info("sweep parent run %s ended %s (%s)", run_id, summary["status"],
-                 f"{counts or 'none'} of {total} jobs" if total else "no job ran")
+        log.info("sweep parent run %s ended %s (%s)", run_id, summary["status"], jobs_line(summary))
 
     def _end_parent(self, run_id: str, tags: dict[str, str], summary: dict[str, Any]) -> bool:
         """Tag the parent, write the report, close it; a store that does not take it gets a pending file that
@@ -142,8 +141,9 @@ class MlflowSweepCallback(Callback):
 
 
 def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool) -> dict[str, Any]:
-    """{status, counts, failure, job_runs ({job number: run id}), any_finished} of the sweep, from the parent's child
-    runs and the status files of jobs without a run; closes child runs a dead job left RUNNING."""
+    """{status, counts, failure, job_runs ({job number: run id}), stopped_early ([{job, label, run_id, why}]),
+    any_finished} of the sweep, from the parent's child runs and the status files of jobs without a run; closes
+    child runs a dead job left RUNNING. Jobs the rule stopped fail nothing: they count as "stopped_early"."""
     from hydra_plugins._job_outcome import read_statuses
 
     experiment = client.get_run(run_id).info.experiment_id
@@ -155,7 +155,7 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
         if job["status"] == "RUNNING":
             _close_left_open(client, job, interrupted)
     counts = {"total": len(jobs)}
-    for name in ("finished", "failed", "skipped", "killed", "cancelled"):
+    for name in ("finished", "stopped_early", "failed", "skipped", "killed", "cancelled"):
         counts[name] = sum(job["status"] == name.upper() for job in jobs.values())
     if interrupted:
         status = "KILLED"
@@ -166,22 +166,45 @@ def sweep_summary(client, run_id: str, sweep_dir: Path, *, ended_normally: bool)
     how = "stopped" if interrupted else "ended" if ended_normally or counts["failed"] else "broke off"
     job_runs = {num: job["run_id"] for num, job in jobs.items() if isinstance(num, int) and job.get("run_id")}
     reused = any(job["status"] == "SKIPPED" and job.get("run_id") for job in jobs.values())  # matched FINISHED runs
+    stopped = [{"job": num, "label": job.get("label"), "run_id": job["run_id"], "why": job["stopped"].describe()}
+               for num, job in sorted(jobs.items(), key=lambda item: str(item[0])) if job["status"] == STOPPED_EARLY]
     return {"status": status, "counts": counts, "failure": _failure_text(jobs, counts, how), "job_runs": job_runs,
-            "any_finished": reused or any(c.info.status == "FINISHED" for c in children)}
+            "stopped_early": stopped, "any_finished": reused or any(c.info.status == "FINISHED" for c in children)}
+
+
+def jobs_line(summary: Mapping[str, Any]) -> str:
+    """'12 jobs: 9 finished, 2 stopped early (v57 at step 400: fit/loss 1.23 > median 1.10; ...), 1 failed'."""
+    counts = summary.get("counts") or {}
+    if not counts.get("total"):
+        return "no job ran"
+    parts = []
+    for name, value in counts.items():
+        if name == "total" or not value:
+            continue
+        if name == "stopped_early":
+            stopped = summary.get("stopped_early", [])
+            whys = "; ".join(f"{s['label'] or '#' + str(s['job'])} {s['why']}" for s in stopped)
+            parts.append(f"{value} stopped early" + (f" ({whys})" if whys else ""))
+        else:
+            parts.append(f"{value} {name}")
+    return f"{counts['total']} jobs: {', '.join(parts)}"
 
 
 def _jobs(children: list, statuses: Mapping[int, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
     """Each job's end by job number ("run <id>" without one): its run's status and failure tag, else its status
-    file's; a run left RUNNING gets the launcher's verdict from the status file, if any."""
+    file's; a run left RUNNING gets the launcher's verdict from the status file, if any. A KILLED run the rule
+    stopped (`stop_record`) is STOPPED_EARLY."""
     from lora_sweep.compare.variants import JOB_NUM_TAG
+    from lora_sweep.tracking.stopped import stop_record
     from lora_sweep.tracking.store import FAILURE
 
     jobs: dict[Any, dict[str, Any]] = {}
     for child in sorted(children, key=lambda c: c.info.start_time or 0):  # a job's newest run counts
         num = _number(child.data.tags.get(JOB_NUM_TAG))
+        stopped = stop_record(child.data.tags) if child.info.status == "KILLED" else None
         jobs[num if num is not None else f"run {child.info.run_id}"] = {
-            "status": child.info.status, "run_id": child.info.run_id, "label": child.info.run_name,
-            "reason": child.data.tags.get(FAILURE, "")}
+            "status": STOPPED_EARLY if stopped else child.info.status, "run_id": child.info.run_id,
+            "label": child.info.run_name, "reason": child.data.tags.get(FAILURE, ""), "stopped": stopped}
     for num, written in statuses.items():
         state, reason = str(written.get("state") or "").upper(), str(written.get("reason") or "")
         if num in jobs:  # its run is its record

@@ -10,7 +10,8 @@ from conftest import new_store
 from mlflow.tracking import MlflowClient
 
 from hydra_plugins._job_outcome import status_path, write_status
-from lora_sweep.callbacks import sweep_summary
+from lora_sweep.callbacks import jobs_line, sweep_summary
+from lora_sweep.tracking.stopped import STOPPED_EARLY
 from lora_sweep.tracking.store import (
     FAILURE,
     JOB_RUNS_TAG,
@@ -63,7 +64,8 @@ def test_failed_jobs_fail_the_parent_and_every_job_is_counted(client, tmp_path):
 
     summary = sweep_summary(client, parent, tmp_path, ended_normally=False)  # Hydra re-raised: no on_multirun_end
     assert summary["status"] == "FAILED"
-    assert summary["counts"] == {"total": 5, "finished": 1, "failed": 3, "skipped": 1, "killed": 0, "cancelled": 0}
+    assert summary["counts"] == {"total": 5, "finished": 1, "failed": 3, "skipped": 1, "killed": 0, "cancelled": 0,
+                                 "stopped_early": 0}
     assert summary["job_runs"] == {0: done, 1: early, 2: done, 3: orphan}  # job 2 skipped: the run it matched
     run = client.get_run(orphan)
     assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags[FAILURE]
@@ -88,13 +90,39 @@ def test_a_stopped_sweep_ends_killed_and_closes_what_its_jobs_left_running(clien
     assert summary["failure"].startswith("the sweep was stopped")
 
 
+def test_jobs_the_rule_stopped_early_finish_the_sweep_and_are_counted_apart_from_killed_and_failed(client, tmp_path):
+    """A run sweep.stop_early stopped ends KILLED with its `lora_sweep.stopped_early` tag: the sweep still ends
+    FINISHED, and the counts and the closing line say which runs the rule stopped, when and why."""
+    exp, parent = make_sweep(client, tmp_path, "stop_early")
+    for num in (0, 1):
+        child(client, exp, parent, f"v5{num}", "FINISHED", num)
+    stopped = child(client, exp, parent, "v57", None, 2)
+    client.set_tag(stopped, STOPPED_EARLY, '{"step": 400, "rule": "median", "metric": "fit/loss", "value": 1.234, '
+                                           '"compared_with": 1.1, "peers": 2}')
+    client.set_terminated(stopped, status="KILLED")
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
+    assert summary["status"] == "FINISHED" and summary["failure"] == ""
+    assert summary["counts"] == {"total": 3, "finished": 2, "stopped_early": 1, "failed": 0, "skipped": 0,
+                                 "killed": 0, "cancelled": 0}
+    assert summary["stopped_early"] == [{"job": 2, "label": "v57", "run_id": stopped,
+                                         "why": "at step 400: fit/loss 1.234 > median 1.1"}]
+    assert jobs_line(summary) == "3 jobs: 2 finished, 1 stopped early (v57 at step 400: fit/loss 1.234 > median 1.1)"
+    child(client, exp, parent, "v58", "FAILED", 3, "NonFiniteLoss: train/loss is nan")
+    child(client, exp, parent, "v59", "KILLED", 4, "stopped by SIGTERM")  # a signal's stop: no tag
+    summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
+    assert summary["status"] == "KILLED" and summary["failure"].startswith("the sweep was stopped")
+    assert jobs_line(summary) == ("5 jobs: 2 finished, 1 stopped early (v57 at step 400: fit/loss 1.234 > median "
+                                  "1.1), 1 failed, 1 killed")
+
+
 def test_clean_sweeps_finish_and_a_sweep_that_broke_off_does_not(client, tmp_path):
     exp, parent = make_sweep(client, tmp_path, "clean")
     run_id = child(client, exp, parent, "j0", "FINISHED", 0)
     status_file(tmp_path, 0, state="running", run_id=run_id)
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
     assert summary["status"] == "FINISHED" and summary["failure"] == ""
-    assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0, "cancelled": 0}
+    assert summary["counts"] == {"total": 1, "finished": 1, "failed": 0, "skipped": 0, "killed": 0, "cancelled": 0,
+                                 "stopped_early": 0}
     broke = sweep_summary(client, parent, tmp_path, ended_normally=False)  # e.g. the launcher itself raised
     assert broke["status"] == "FAILED" and "before its launcher returned" in broke["failure"]
 
@@ -118,7 +146,8 @@ def test_a_job_that_ended_without_a_word_counts_as_failed(client, tmp_path):
     child(client, exp, parent, "j0", "FINISHED", 0)
     status_file(tmp_path, 1, state="running")
     summary = sweep_summary(client, parent, tmp_path, ended_normally=True)
-    assert summary["counts"] == {"total": 2, "finished": 1, "failed": 1, "skipped": 0, "killed": 0, "cancelled": 0}
+    assert summary["counts"] == {"total": 2, "finished": 1, "failed": 1, "skipped": 0, "killed": 0, "cancelled": 0,
+                                 "stopped_early": 0}
     assert "its job process ended without a result (#1 j1)" in summary["failure"]
 
 

@@ -312,3 +312,20 @@ def test_a_bad_metric_spec_names_the_setting_and_the_accepted_forms(text, words)
     with pytest.raises(ValueError, match="sweep.stop_early.metric") as caught:
         parse_metric_spec(text, "sweep.stop_early.metric")
     assert words in str(caught.value)
+
+
+def test_a_stop_record_reads_the_rules_tag_and_says_why_in_one_line():
+    """`lora_sweep.stopped_early` as the training side writes it; a KILLED run without it was a signal's stop."""
+    from lora_sweep.tracking.stopped import STOPPED_EARLY, stop_record
+
+    assert stop_record({"lora_sweep.failure": "stopped by SIGTERM"}) is None
+    median = stop_record({STOPPED_EARLY: '{"step": 4, "rule": "median", "metric": "img/clip_i", "value": 0.21, '
+                                         '"compared_with": 0.25, "peers": 3}'})
+    assert median.describe() == "at step 4: img/clip_i 0.21 < median 0.25"  # higher is better: below the median
+    diverged = stop_record({STOPPED_EARLY: '{"step": 2, "rule": "diverged", "metric": "fit/loss", "value": NaN, '
+                                           '"compared_with": 0.6, "peers": 0}'})
+    assert diverged.describe() == "at step 2: fit/loss nan > limit 0.6"
+    assert diverged.as_dict() == {"step": 2, "rule": "diverged", "metric": "fit/loss", "value": "nan",
+                                  "compared_with": 0.6, "peers": 0, "why": "at step 2: fit/loss nan > limit 0.6"}
+    unreadable = stop_record({STOPPED_EARLY: "not json"})
+    assert unreadable.describe() == "at an unrecorded step: its metric ? (unrecorded rule)"
