@@ -31,7 +31,8 @@ STATUS_DIR = ".job_status"
 class JobOutcome:
     """How a job ended: FINISHED | FAILED | KILLED | SKIPPED (or a verdict's CANCELLED: never started); `run_id`
     records it (SKIPPED: the run it matched); `user_error`: `reason` is for the user, shown whole without a
-    traceback; `files` a finished job wrote; `label` names the job where the launcher shows it."""
+    traceback; `files` a finished job wrote; `label` names the job where the launcher shows it; `stopped_early`:
+    a KILLED job the sweep's early-stopping rule stopped, why in one line (it fails nothing)."""
 
     status: str
     run_id: str | None = None
@@ -41,6 +42,7 @@ class JobOutcome:
     files: dict[str, Any] | None = None
     label: str | None = None
     stop_signal: int | None = None  # KILLED by this signal: a single run exits 128 + it, as a shell reports
+    stopped_early: str = ""
 
 
 class JobNotFinished(RuntimeError):
@@ -202,14 +204,14 @@ class QuietJobReturn(JobReturn):
 
 def to_job_return(outcome: JobOutcome, job_return: Any, *, overrides: Sequence[str], message: str,
                   working_dir: str | None = None) -> JobReturn:
-    """Hydra's JobReturn for a verdict: COMPLETED for FINISHED and SKIPPED, else FAILED with a JobFailed saying
-    `message` (Hydra re-raises the first after the batch: exit 1)."""
+    """Hydra's JobReturn for a verdict: COMPLETED for FINISHED, SKIPPED and a job the rule stopped early, else
+    FAILED with a JobFailed saying `message` (Hydra re-raises the first after the batch: exit 1)."""
     ret = QuietJobReturn(overrides=list(overrides), working_dir=working_dir)
     if job_return is not None:
         ret.overrides, ret.cfg, ret.hydra_cfg = job_return.overrides, job_return.cfg, job_return.hydra_cfg
         ret.working_dir, ret.task_name = job_return.working_dir, job_return.task_name
         ret.status, ret.return_value = job_return.status, job_return._return_value
-    if outcome.status in ("FINISHED", "SKIPPED"):
+    if outcome.status in ("FINISHED", "SKIPPED") or outcome.stopped_early:
         if ret.status != JobStatus.COMPLETED:
             ret.status, ret.return_value = JobStatus.COMPLETED, None
         return ret

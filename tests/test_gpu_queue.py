@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "apps" / "toy"))
 import toy_harness as toy  # noqa: E402
 
 from hydra_plugins._job_outcome import JobNotFinished, JobOutcome, to_job_return, verdict  # noqa: E402
-from hydra_plugins.gpu_queue_launcher._console import slot_line, summary  # noqa: E402
+from hydra_plugins.gpu_queue_launcher._console import event_line, slot_line, summary  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._outcome import Job, JobRecord  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._preload import preload  # noqa: E402
 from hydra_plugins.gpu_queue_launcher._slots import GpuQueueConfigError, Slot, plan_slots, visible_gpus  # noqa: E402
@@ -147,6 +147,28 @@ def test_summary_and_live_line_show_what_the_job_reported(tmp_path):
     line = slot_line(Slot(0, "0"), running, now=130.0)
     assert line.split() == ["gpu0", "#1", "v3", "step", "120/1000", "loss", "0.25", "3.2", "it/s", "30.0s"]
     assert slot_line(Slot(1, None), None, now=0).split() == ["cpu1", "idle"]
+
+
+def test_a_job_the_rule_stopped_early_fails_nothing_and_is_named_apart_from_killed(tmp_path):
+    """A KILLED job whose outcome carries `stopped_early` (sweep.stop_early) completes for Hydra (the sweep goes on
+    to its end) and the console names it STOPPED EARLY with why, apart from a signal's KILLED."""
+    why = "at step 400: fit/loss 1.23 > median 1.1"
+    stopped = JobOutcome("KILLED", "r7", "stopped early", stopped_early=why)
+    ret = to_job_return(stopped, None, overrides=["x=1"], message="")
+    assert ret.status == JobStatus.COMPLETED
+    killed = to_job_return(JobOutcome("KILLED", "r8", "stopped by SIGTERM"), None, overrides=["x=2"], message="")
+    assert killed.status == JobStatus.FAILED
+    (tmp_path / "console.log").write_text("")
+    early = _record(tmp_path, "KILLED", "stopped early", {"label": "v57"})
+    early.stopped_early = why
+    done = _record(tmp_path, "FINISHED", "", {"label": "v53"})
+    signal_stop = _record(tmp_path, "KILLED", "stopped by SIGTERM", {"label": "v58"})
+    text = summary([done, early, signal_stop], tail_lines=2)
+    assert "gpu_queue: 3 jobs: 0 running, 0 queued, 1 finished, 1 stopped early, 1 killed" in text
+    row = next(line for line in text.splitlines() if "v57" in line)
+    assert row.split()[:3] == ["1", "v57", "STOPPED"] and row.rstrip().endswith(why)
+    assert event_line(early) == f"[gpu1] STOPPED EARLY #1 v57  1m03s\n    {why}"
+    assert early.outcome().stopped_early == why
 
 
 def test_without_a_terminal_running_jobs_report_progress_every_so_often(tmp_path):

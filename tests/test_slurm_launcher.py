@@ -114,6 +114,19 @@ def test_a_dead_job_fails_alone_in_the_summary_and_in_hydra(tmp_path):
     assert '"state": "FAILED"' in summary_json(jobs) and '"final_loss": 0.4' in summary_json(jobs)
 
 
+def test_a_job_the_rule_stopped_early_completes_and_is_named_so(tmp_path):
+    """A job sweep.stop_early stopped raises JobNotFinished(KILLED, stopped_early=why): it fails nothing, and the
+    summary says STOPPED EARLY with why, not KILLED with a log tail."""
+    why = "at step 2: fit/loss nan > limit 0.6"
+    outcome = JobOutcome("KILLED", "r5", "stopped early", label="v57", stopped_early=why)
+    job = SlurmJob(0, ["noise=none"], "7_0", job_return=_ret(JobStatus.FAILED, JobNotFinished(outcome)))
+    finalize(job)
+    text = summary([job])
+    assert "Slurm sweep: 1 jobs: 1 STOPPED EARLY" in text and text.rstrip().endswith(why)
+    assert "v57 KILLED" not in text and job_return(job).status == JobStatus.COMPLETED
+    assert f'"stopped_early": "{why}"' in summary_json([job])
+
+
 def test_the_sweep_warns_when_the_tracking_store_is_not_a_server(monkeypatch, caplog):
     from omegaconf import OmegaConf
 

@@ -27,7 +27,8 @@ Protocols with a job (the job side is optional):
    running ones get that signal (a job's SIGTERM raises KeyboardInterrupt until it sets its own handler).
    Second: another SIGINT, then SIGKILL after `kill_grace_s`. Third: SIGKILL. The sweep
    exits 128 + the first signal (130 SIGINT, 143 SIGTERM). (Handlers only when Hydra runs in the main thread.)
-6. Exit status: FAILED, KILLED and CANCELLED become FAILED JobReturns; Hydra re-raises the first as one compact
+6. Exit status: FAILED, KILLED and CANCELLED become FAILED JobReturns (a KILLED outcome carrying `stopped_early`,
+   the sweep's early-stopping rule's why, completes: shown as STOPPED EARLY); Hydra re-raises the first as one compact
    line, so the sweep exits 1. Hydra 1.3.8 then skips Callback.on_multirun_end. Under Ray a sys.exit in a task
    kills the worker and the sweep: raise instead.
 7. Sweep hooks belong in a Hydra Callback. Jobs fork from the fork server, not the sweep process: the Hydra

@@ -60,8 +60,8 @@ def slot_line(slot: Slot, record: JobRecord | None, now: float) -> str:
 
 
 def counts_line(records: Sequence[JobRecord]) -> str:
-    states = ("FINISHED", "FAILED", "SKIPPED", "KILLED", "CANCELLED")  # cancelled: never started
-    counts = {state: sum(r.state == state for r in records) for state in states}
+    states = ("FINISHED", "STOPPED EARLY", "FAILED", "SKIPPED", "KILLED", "CANCELLED")  # cancelled: never started
+    counts = {state: sum(r.shown_state == state for r in records) for state in states}
     running = sum(r.state in ("STARTING", "RUNNING") for r in records)
     queued = sum(r.state == "QUEUED" for r in records)
     done = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
@@ -83,11 +83,11 @@ def event_line(record: JobRecord) -> str:
     where = record.slot.name if record.slot else "-"
     if record.state not in DONE_STATES:
         return start_line(record)
-    text = f"[{where}] {record.state} #{record.job.idx} {record.label}  {fmt_seconds(record.duration)}"
+    text = f"[{where}] {record.shown_state} #{record.job.idx} {record.label}  {fmt_seconds(record.duration)}"
     loss = record.final_loss if record.final_loss is not None else record.status.get("loss")
     if loss is not None and record.state == "FINISHED":
         text += f"  loss {fmt_loss(loss)}"
-    head = headline(record.reason)
+    head = record.stopped_early or headline(record.reason)
     if record.state == "FAILED":
         head = shorten(head, 300)
     return text + (f"\n    {head}" if head else "")
@@ -134,9 +134,10 @@ def summary(records: Sequence[JobRecord], tail_lines: int) -> str:
     rows = [["#", "variant", "status", "slot", "duration", "final loss", "MLflow run", "note"]]
     for r in records:
         note = (f"see ({number[id(r)]}) below" if id(r) in number else f"see ({skips_at}) below" if id(r) in skipped_ids
-                else shorten(headline(r.reason), 70))
-        rows.append([str(r.job.idx), r.label[:48], r.state, r.slot.name if r.slot else "-", fmt_seconds(r.duration),
-                     fmt_loss(r.final_loss), str(r.run_id or r.status.get("run_id") or "-"), note])
+                else shorten(r.stopped_early or headline(r.reason), 70))
+        rows.append([str(r.job.idx), r.label[:48], r.shown_state, r.slot.name if r.slot else "-",
+                     fmt_seconds(r.duration), fmt_loss(r.final_loss), str(r.run_id or r.status.get("run_id") or "-"),
+                     note])
     lines = ["", counts_line(records), *("  " + line for line in _table(rows))]
     for i, (reason, members) in enumerate(groups, 1):
         lines += ["", *failure_paragraph(i, reason, members, tail_lines)]

@@ -56,6 +56,7 @@ class JobRecord:
     user_error: bool = False  # the reason is for the user: shown whole, without the log's tail
     run_id: str | None = None
     final_loss: float | None = None
+    stopped_early: str = ""  # KILLED by the sweep's early-stopping rule: why
 
     @property
     def label(self) -> str:
@@ -66,7 +67,13 @@ class JobRecord:
         return self.ended_at - self.started_at if self.started_at and self.ended_at else None
 
     def outcome(self) -> JobOutcome:
-        return JobOutcome(self.state, self.run_id, self.reason, self.user_error, self.final_loss, label=self.label)
+        return JobOutcome(self.state, self.run_id, self.reason, self.user_error, self.final_loss, label=self.label,
+                          stopped_early=self.stopped_early)
+
+    @property
+    def shown_state(self) -> str:
+        """The state as the console names it: STOPPED EARLY for a job the rule stopped (its state is KILLED)."""
+        return "STOPPED EARLY" if self.state == "KILLED" and self.stopped_early else self.state
 
 
 def finalize(record: JobRecord) -> None:
@@ -86,6 +93,6 @@ def finalize(record: JobRecord) -> None:
     record.traceback = result["traceback"] if result else None
     ended = verdict(record.job_return, record.status, returncode=record.returncode, signals_sent=record.signals_sent)
     record.state, record.reason, record.user_error = ended.status, unreadable + ended.reason, ended.user_error
-    record.run_id, record.final_loss = ended.run_id, ended.final_loss
+    record.run_id, record.final_loss, record.stopped_early = ended.run_id, ended.final_loss, ended.stopped_early
 
 

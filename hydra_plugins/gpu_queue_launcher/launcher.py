@@ -107,7 +107,7 @@ class GpuQueueLauncher(Launcher):
         if interrupted:
             self._close_pool()
             raise SystemExit(128 + stopped_by)  # as a shell reports the signal; the table above says what happened
-        unfinished = sum(r.state not in ("FINISHED", "SKIPPED") for r in records)
+        unfinished = sum(r.state not in ("FINISHED", "SKIPPED") and not r.stopped_early for r in records)
         note = f" ({unfinished} of {len(records)} jobs did not finish: see the summary above)" if unfinished else ""
         return [to_job_return(r.outcome(), r.job_return, overrides=r.job.overrides, working_dir=str(r.job.job_dir),
                               message=f"job #{r.job.idx} ({r.label}) {r.state}: {headline(r.reason)}{note}")
@@ -205,6 +205,7 @@ class GpuQueueLauncher(Launcher):
             "slot": r.slot.index if r.slot else None, "device": r.slot.device if r.slot else None,
             "pid": r.pid, "returncode": r.returncode, "duration_s": r.duration,
             "final_loss": _json_number(r.final_loss), "run_id": r.run_id or r.status.get("run_id"),
+            "stopped_early": r.stopped_early,
             "job_dir": str(r.job.job_dir), "log": str(r.job.log_path), "slot_free_at": r.slot_free_at,
             "dispatched_at": r.dispatched_at, "started_at": r.started_at, "ended_at": r.ended_at,
         } for r in self._records]

@@ -43,6 +43,11 @@ class SlurmJob:
     def reason(self) -> str:
         return self.outcome.reason
 
+    @property
+    def shown_state(self) -> str:
+        """The state as the summary names it: STOPPED EARLY for a job the sweep's rule stopped (KILLED)."""
+        return "STOPPED EARLY" if self.state == "KILLED" and self.outcome.stopped_early else self.state
+
 
 def finalize(job: SlurmJob) -> None:
     job.outcome = verdict(job.job_return, job.status, died=job.error or "no result")
@@ -64,18 +69,18 @@ def summary(jobs: Sequence[SlurmJob], tail_lines: int = 12) -> str:
     """The end-of-sweep table, then each failed or killed job's reason, log files and the tail of its error log."""
     counts: dict[str, int] = {}
     for o in jobs:
-        counts[o.state] = counts.get(o.state, 0) + 1
+        counts[o.shown_state] = counts.get(o.shown_state, 0) + 1
     head = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     rows = [["#", "variant", "status", "Slurm job", "MLflow run", "final loss", "note"]]
     for o in jobs:
-        note = o.reason.splitlines()[0] if o.reason else ""
+        note = o.outcome.stopped_early or (o.reason.splitlines()[0] if o.reason else "")
         loss = o.outcome.final_loss
-        rows.append([str(o.idx), o.label[:48], o.state, o.slurm_id, str(o.outcome.run_id or "-"),
+        rows.append([str(o.idx), o.label[:48], o.shown_state, o.slurm_id, str(o.outcome.run_id or "-"),
                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                      note[:70] + ("..." if len(note) > 70 else "")])
     lines = ["", f"Slurm sweep: {len(jobs)} jobs: {head}", *("  " + ln for ln in _table(rows))]
     for o in jobs:
-        if o.state in ("FAILED", "KILLED"):
+        if o.shown_state in ("FAILED", "KILLED"):
             lines += ["", f"#{o.idx} {o.label} {o.state}: {o.reason}", *(f"  log: {p}" for p in o.log_files)]
             if o.log_files:
                 lines += [f"  | {ln}" for ln in log_tail(o.log_files[-1], tail_lines).splitlines()]
@@ -86,6 +91,6 @@ def summary_json(jobs: Sequence[SlurmJob]) -> str:
     return json.dumps([
         {"idx": o.idx, "label": o.label, "overrides": o.overrides, "state": o.state, "reason": o.reason,
          "slurm_job": o.slurm_id, "run_id": o.outcome.run_id, "final_loss": o.outcome.final_loss,
-         "log_files": o.log_files}
+         "log_files": o.log_files, "stopped_early": o.outcome.stopped_early}
         for o in jobs
     ], indent=2)
