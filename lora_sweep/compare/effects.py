@@ -1,9 +1,10 @@
 """What the report compares, and how: common metrics only, each with its interval, paired where the design pairs.
 
 Common metrics are the same measurement on the same inputs for every variant: `fit/loss`, `val/loss`, the fitting
-speed from the fit/loss curve, and the sample images' `img/*`. Only finished runs count. A difference b - a is
-always the difference of the two means shown beside it; its interval follows `between` (the table in
-docs/comparing.md, "Intervals and verdicts"). Variants measured on other inputs are "not comparable", with the
+speed from the fit/loss curve, and the sample images' `img/*`. Only finished runs count: a run `sweep.stop_early`
+stopped is censored (its curves are drawn to its step; `no_finished_reason` says so where a side has no value). A
+difference b - a is always the difference of the two means shown beside it; its interval follows `between` (the
+table in docs/comparing.md, "Intervals and verdicts"). Variants measured on other inputs are "not comparable", with the
 reason. Variants that already differ at step 0 (only the base model can: fp8 vs fp16) also carry that difference
 (`at_start`) and the difference of their changes from step 0 (`change`).
 """
@@ -161,7 +162,7 @@ def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[f
     '1 of 3 runs: did not decrease (not in the mean)'.
     """
     if not group.finished:
-        return [], "no finished run"
+        return [], no_finished_reason(group)
     values, missing = [], []
     for run in group.finished:
         value = run_value(run, metric, step)
@@ -172,6 +173,19 @@ def _reasons(group: VariantGroup, metric: str, step: int | None) -> tuple[list[f
         return values, "; ".join(dict.fromkeys(missing))
     short = "; ".join(dict.fromkeys(m.split(" (")[0] for m in missing))
     return values, f"{len(missing)} of {len(group.finished)} runs: {short} (not in the mean)"
+
+
+def no_finished_reason(group: VariantGroup) -> str:
+    """Why a variant has no value: 'no finished run', or which of its runs the rule stopped and where: 'all
+    replicates stopped early at step 400' (censored runs enter no mean)."""
+    stopped = [r.stopped for r in group.runs if r.stopped]
+    if not stopped:
+        return "no finished run"
+    steps = sorted({s.step for s in stopped if s.step is not None})
+    at = f" at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}" if steps else ""
+    if len(stopped) == len(group.runs):
+        return f"{'all replicates' if len(stopped) > 1 else 'its run'} stopped early{at}"
+    return f"no finished run ({len(stopped)} of {len(group.runs)} stopped early{at})"
 
 
 def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estimate:

@@ -24,6 +24,7 @@ CURVE_TITLES = {
     "train/loss": "train/loss (EMA 0.9): own objective,\nnot comparable across loss types",
     STEP_SIZE: "step size: d*lr (D-Adaptation, Prodigy), else lr",
 }
+STOPPED_LABEL = "X: stopped early (sweep.stop_early)"
 CELL_MAX_PX = 384  # embedded grid cells are downscaled to this; full-size PNGs stay in MLflow
 GRID_CELL_MAX_PX = 512  # grid.png: 12 variants x 4 prompts at 1024 px would be a ~100 MB PNG
 
@@ -86,6 +87,10 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
                 line, = axes.plot(steps, values, color=color, marker="o" if len(values) < 15 else None,
                                   markersize=3, linewidth=1.4)
             handles.setdefault(label, line)
+            end = stop_mark(variant, history)
+            if end is not None:
+                handles[STOPPED_LABEL], = axes.plot(*end, linestyle="none", marker="X", markersize=8, color=color,
+                                                    markeredgecolor="black")
         axes.set_title(CURVE_TITLES.get(key, key), fontsize=9)
         axes.set_xlabel("optimizer step", fontsize=8)
         axes.tick_params(labelsize=8)
@@ -97,6 +102,15 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def stop_mark(variant, history: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
+    """Where a run `sweep.stop_early` stopped ends on a curve (its last finite point), marked with an X; None for
+    a run that was not stopped, or whose curve has no finite point."""
+    if getattr(variant, "stopped", None) is None:
+        return None
+    finite = [(s, v) for s, v in history if math.isfinite(v)]
+    return finite[-1] if finite else None
 
 
 def drawable_labels(labels: Sequence[str], colors: Sequence[int]):

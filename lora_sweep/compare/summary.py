@@ -9,7 +9,10 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
                "steps": [8], "final": true, "at": "final (step 8)"}], # with the step(s) their values are from
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
   "variants": [{"name", "label", "tag", "n", "seeds", "n_text", "run_ids", "status", "replicate_key", "is_baseline",
-                "unfinished": [{"run_id", "seed", "status", "reason"}],  # left out: n and seeds are the finished
+                "unfinished": [{"run_id", "seed", "status", "reason", "stopped_early"}],  # left out: n and seeds
+                                                                    # are the finished; stopped_early: null or
+                                                                    # {"step", "rule", "metric", "value",
+                                                                    #  "compared_with", "peers", "why"}
                 "data_warnings",                                    # the pre-flight's fallbacks (most of a run)
                 "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped", "missing"}},
                 "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
@@ -18,6 +21,8 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "one_knob_pairs": [{"a", "b", "knob", "from", "to", "detail", "values": [{"key", "from", "to"}], "compound",
                       "entails", "effects": {"fit/loss": <as vs_baseline>}}],
   "data_warnings": [{"variant", "run_id", "count", "artifact"}],   # runs whose data had fallbacks
+  "stopped_early": [{"variant", "run_id", "seed", "step", "rule", "metric", "value", "compared_with", "peers",
+                     "why"}],                                       # runs sweep.stop_early stopped (censored)
   "notes": [...]
 }
 verdict: "no difference", "different", "within noise", "no interval" or "no value" (stats.Difference.verdict).
@@ -60,8 +65,8 @@ def build_summary(data) -> dict[str, Any]:
             "name": group.name, "label": group.label, "tag": group.representative.tags.get("variant", group.name),
             "n": len(group.finished), "seeds": [r.seed for r in group.finished], "n_text": group.n_text,
             "run_ids": [r.run_id for r in group.runs], "status": group.status,
-            "unfinished": [{"run_id": r.run_id, "seed": r.seed, "status": r.status, "reason": r.failure}
-                           for r in group.unfinished],
+            "unfinished": [{"run_id": r.run_id, "seed": r.seed, "status": r.status, "reason": r.failure,
+                            "stopped_early": r.stopped.as_dict() if r.stopped else None} for r in group.unfinished],
             "replicate_key": group.key, "is_baseline": is_base,
             "data_warnings": max((data_warnings(r) for r in group.runs), default=0),
             "metrics": {m: estimate(group, m, step).as_dict() for m in metrics},
@@ -72,7 +77,8 @@ def build_summary(data) -> dict[str, Any]:
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
     notes = list(data.notes)
-    notes += [unfinished_note(g) for g in groups if g.unfinished]
+    notes += [unfinished_note(g) for g in groups if any(not r.stopped for r in g.unfinished)]
+    notes += [stopped_note(g) for g in groups if any(r.stopped for r in g.runs)]
     notes += [f"{groups[i].name} and {groups[j].name} train the same config (they differ only in their name, "
               "sampling or evaluation settings)." for i, j in same_training(groups)]
     return {
@@ -83,16 +89,35 @@ def build_summary(data) -> dict[str, Any]:
         "variants": variants, "one_knob_pairs": pairs, "notes": notes,
         "data_warnings": [{"variant": g.name, "run_id": r.run_id, "count": data_warnings(r),
                            "artifact": WARNINGS_ARTIFACT} for g in groups for r in g.runs if data_warnings(r) > 0],
+        "stopped_early": [{"variant": g.name, "run_id": r.run_id, "seed": r.seed, **r.stopped.as_dict()}
+                          for g in groups for r in g.runs if r.stopped],
     }
 
 
 def unfinished_note(group) -> str:
     """'xb: 1 of 3 runs did not finish and is left out of the numbers: seed 3 FAILED (...), run 9b2515ab.'"""
-    runs = group.unfinished
+    runs = [r for r in group.unfinished if not r.stopped]
     each = "; ".join(f"{'seed ' + str(r.seed) if r.seed is not None else 'a run'} {r.status}"
                      + (f" ({r.failure})" if r.failure else "") + f", run {r.run_id[:8]}" for r in runs)
     verb = "is" if len(runs) == 1 else "are"
     return f"{group.name}: {len(runs)} of {group.n} runs did not finish and {verb} left out of the numbers: {each}."
+
+
+def stopped_note(group) -> str:
+    """'v57: 1 of 2 runs was stopped early by sweep.stop_early and is left out of the final and best-step numbers
+    (censored: its curves end where it stopped): seed 2 at step 400: fit/loss 1.23 > median 1.1 (rule median,
+    3 peers), run 9b2515ab.'"""
+    runs = [r for r in group.runs if r.stopped]
+    each = "; ".join(f"{'seed ' + str(r.seed) if r.seed is not None else 'a run'} {r.stopped.describe()} "
+                     f"({_rule_text(r.stopped)}), run {r.run_id[:8]}" for r in runs)
+    verb, its = ("was", "its curves end") if len(runs) == 1 else ("were", "their curves end")
+    return (f"{group.name}: {len(runs)} of {group.n} runs {verb} stopped early by sweep.stop_early and "
+            f"{'is' if len(runs) == 1 else 'are'} left out of the final and best-step numbers (censored: {its} "
+            f"where {'it' if len(runs) == 1 else 'they'} stopped): {each}.")
+
+
+def _rule_text(stop) -> str:
+    return f"rule {stop.rule}" + (f", {stop.peers} peer{'s' if stop.peers != 1 else ''}" if stop.peers else "")
 
 
 def data_warnings(run) -> int:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from lora_sweep.config import is_hash_excluded
 from lora_sweep.errors import UserError
+from lora_sweep.tracking.stopped import StopRecord, stop_record
 
 SEED_KEY = "train.seed"
 JOB_NUM_TAG = "lora_sweep.job_num"
@@ -69,6 +70,12 @@ class VariantData:
         return first if len(first) <= FAILURE_CHARS else first[:FAILURE_CHARS - 3] + "..."
 
     @property
+    def stopped(self) -> StopRecord | None:
+        """Why `sweep.stop_early` stopped this run (a KILLED run with its tag), else None: a censored run, whose
+        curves end at its step and whose values enter no mean."""
+        return stop_record(self.tags) if self.status == "KILLED" else None
+
+    @property
     def choices(self) -> dict[str, str]:
         """Hydra config-group choices recorded by sweep.py ({"noise": "offset_ip", ...}); empty for older runs."""
         return {k[len(CHOICE_TAG):]: v for k, v in self.tags.items() if k.startswith(CHOICE_TAG)}
@@ -94,11 +101,12 @@ class VariantGroup:
     def label(self) -> str:
         """The name with the finished replicates, for legends: 'noise=none (n = 3, seeds 1, 2, 3)'.
 
-        The name alone for one finished run; '(no finished run)' added when none finished.
+        The name alone for one finished run; '(no finished run)' added when none finished ('(stopped early)' when
+        the rule stopped them all).
         """
         finished = self.finished
         if not finished:
-            return f"{self.name} (no finished run)"
+            return f"{self.name} ({'stopped early' if all(r.stopped for r in self.runs) else 'no finished run'})"
         if len(finished) == 1:
             return self.name
         seeds = ", ".join(str(r.seed) for r in finished if r.seed is not None)
@@ -127,13 +135,15 @@ class VariantGroup:
 
     @property
     def n_text(self) -> str:
-        """'n = 2 · seeds 1, 2 · 1 failed (seed 3)': the finished replicates, then those that did not finish."""
+        """'n = 2 · seeds 1, 2 · 1 failed (seed 3)': the finished replicates, then those that did not finish (a run
+        the rule stopped: '1 stopped early')."""
         seeds = [str(r.seed) for r in self.finished if r.seed is not None]
         text = f"n = {len(self.finished)}" + (f" · seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
                                              if seeds else "")
         lost = [str(r.seed) for r in self.unfinished if r.seed is not None]
         if self.unfinished:
-            text += (f" · {unfinished_text([{'status': r.status} for r in self.unfinished])}"
+            lost_runs = [{"status": r.status, "stopped_early": r.stopped} for r in self.unfinished]
+            text += (f" · {unfinished_text(lost_runs)}"
                      + (f" (seed{'s' if len(lost) > 1 else ''} {', '.join(lost)})" if lost else ""))
         return text
 
@@ -149,10 +159,12 @@ class VariantGroup:
 
 
 def unfinished_text(runs: Sequence[dict]) -> str:
-    """'1 failed', '1 failed, 1 killed': the statuses of unfinished runs ({"status": ...}), counted."""
+    """'1 failed', '1 failed, 1 killed, 1 stopped early': the statuses of unfinished runs ({"status": ...,
+    "stopped_early": its stop or None}), counted."""
     counts: dict[str, int] = {}
     for run in runs:
-        counts[run["status"].lower()] = counts.get(run["status"].lower(), 0) + 1
+        status = "stopped early" if run.get("stopped_early") else run["status"].lower()
+        counts[status] = counts.get(status, 0) + 1
     return ", ".join(f"{k} {status}" for status, k in sorted(counts.items()))
 
 

@@ -62,8 +62,9 @@ def test_a_failed_job_is_named_on_the_page_and_in_the_json(sweep, tmp_path):
     assert xb["n"] == 2 and xb["seeds"] == [1, 2]
     assert xb["n_text"] == "n = 2 · seeds 1, 2 · 1 failed, 1 killed (seeds 3, 4)"
     assert xb["unfinished"] == [
-        {"run_id": sweep["ids"]["xb3"], "seed": 3, "status": "FAILED", "reason": REASON},
-        {"run_id": sweep["ids"]["xb4"], "seed": 4, "status": "KILLED", "reason": "SIGTERM from the queue"}]
+        {"run_id": sweep["ids"]["xb3"], "seed": 3, "status": "FAILED", "reason": REASON, "stopped_early": None},
+        {"run_id": sweep["ids"]["xb4"], "seed": 4, "status": "KILLED", "reason": "SIGTERM from the queue",
+         "stopped_early": None}]
     note = next(n for n in summary["notes"] if n.startswith("xb:"))
     assert note == (f"xb: 2 of 4 runs did not finish and are left out of the numbers: seed 3 FAILED ({REASON}), "
                     f"run {sweep['ids']['xb3'][:8]}; seed 4 KILLED (SIGTERM from the queue), "

@@ -1,0 +1,100 @@
+"""Runs `sweep.stop_early` stopped are censored in the report (real MLflow store, runs logged by hand as the
+training side leaves them: KILLED, tagged `lora_sweep.stopped_early`): drawn to their step and marked, left out of
+every mean and interval with a note saying why, and named in the one-knob effects and the JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import new_store
+
+from lora_sweep.compare.report import build_report
+from lora_sweep.tracking.stopped import STOPPED_EARLY
+
+
+def job(client, exp, parent, variant, seed, offset, fits, stop=None):
+    """A job run with fit/loss at steps 0, 2, (4); `stop`: the rule's tag, and the run ends KILLED at step 2."""
+    from mlflow.entities import Metric, Param
+
+    tags = {"lora_sweep.role": "job", "variant": f"{variant} train.seed={seed}", "mlflow.parentRunId": parent}
+    run_id = client.create_run(exp, run_name=variant, tags=tags, start_time=int(time.time() * 1000)).info.run_id
+    client.log_batch(run_id, params=[Param("train.seed", str(seed)), Param("noise.offset", offset),
+                                     Param("validation.seed", "0")],
+                     metrics=[Metric("fit/loss", v, 0, s) for s, v in zip((0, 2, 4), fits, strict=False)])
+    if stop:
+        client.set_tag(run_id, STOPPED_EARLY, json.dumps(stop))
+    client.set_terminated(run_id, status="KILLED" if stop else "FINISHED")
+    return run_id
+
+
+def median_stop(value: float) -> dict:
+    return {"step": 2, "rule": "median", "metric": "fit/loss", "value": value, "compared_with": 1.0, "peers": 3}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """xa: seeds 1, 2 finished; xb: seed 1 finished, seed 2 stopped at step 2; xc: both seeds stopped at step 2.
+    xb and xc each differ from xa in noise.offset alone."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("stopped")
+    uri = new_store(root / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("censored", artifact_location=(root / "mlruns").as_uri())
+    parent = client.create_run(exp, run_name="sweep", tags={"lora_sweep.role": "sweep"}).info.run_id
+    ids = {f"xa{s}": job(client, exp, parent, "xa", s, "0", (1.2, 1.0, 0.8 + 0.01 * s)) for s in (1, 2)}
+    ids["xb1"] = job(client, exp, parent, "xb", 1, "0.1", (1.2, 0.9, 0.7))
+    ids["xb2"] = job(client, exp, parent, "xb", 2, "0.1", (1.2, 1.25), median_stop(1.25))
+    ids |= {f"xc{s}": job(client, exp, parent, "xc", s, "0.2", (1.2, 1.5), median_stop(1.5)) for s in (1, 2)}
+    out = root / "report"
+    page = build_report(sweep_run_id=parent, out_dir=out, tracking_uri=uri).read_text()
+    return {"ids": ids, "summary": json.loads((out / "summary.json").read_text()), "page": page}
+
+
+def test_a_stopped_run_is_left_out_of_the_numbers_with_a_note_saying_when_and_why(report):
+    ids, summary = report["ids"], report["summary"]
+    xb = next(v for v in summary["variants"] if v["name"] == "xb")
+    assert xb["n"] == 1 and xb["n_text"] == "n = 1 · seed 1 · 1 stopped early (seed 2)"
+    assert xb["metrics"]["fit/loss"]["mean"] == pytest.approx(0.7)  # seed 2's 1.25 at step 2 enters no mean
+    why = "at step 2: fit/loss 1.25 > median 1"
+    assert xb["unfinished"] == [{"run_id": ids["xb2"], "seed": 2, "status": "KILLED", "reason": "",
+                                 "stopped_early": {"step": 2, "rule": "median", "metric": "fit/loss", "value": 1.25,
+                                                   "compared_with": 1.0, "peers": 3, "why": why}}]
+    note = next(n for n in summary["notes"] if n.startswith("xb:"))
+    assert note == ("xb: 1 of 2 runs was stopped early by sweep.stop_early and is left out of the final and "
+                    "best-step numbers (censored: its curves end where it stopped): seed 2 at step 2: fit/loss 1.25 "
+                    f"> median 1 (rule median, 3 peers), run {ids['xb2'][:8]}.")
+    assert not any("did not finish" in n for n in summary["notes"])  # said once, as stopped, not as killed
+    assert [(s["variant"], s["seed"], s["run_id"], s["why"]) for s in summary["stopped_early"]] == [
+        ("xb", 2, ids["xb2"], why), ("xc", 1, ids["xc1"], "at step 2: fit/loss 1.5 > median 1"),
+        ("xc", 2, ids["xc2"], "at step 2: fit/loss 1.5 > median 1")]
+    assert note in report["page"] and "1 stopped early (seed 2)" in report["page"]
+
+
+def test_a_side_with_only_stopped_runs_says_so_in_the_effects(report):
+    summary = report["summary"]
+    xc = next(v for v in summary["variants"] if v["name"] == "xc")
+    assert xc["n"] == 0 and xc["label"] == "xc (stopped early)"
+    assert xc["metrics"]["fit/loss"]["note"] == "all replicates stopped early at step 2"
+    assert xc["vs_baseline"]["fit/loss"]["note"] == "xc: all replicates stopped early at step 2"
+    pair = next(p for p in summary["one_knob_pairs"] if (p["a"], p["b"]) == ("xa", "xc"))
+    assert pair["effects"]["fit/loss"]["note"] == "xc: all replicates stopped early at step 2"
+    assert pair["effects"]["fit/loss"]["effect"] is None
+
+
+def test_a_stopped_runs_curve_ends_at_its_step_with_a_mark():
+    from lora_sweep.compare.figures import STOPPED_LABEL, curve_figure, stop_mark
+    from lora_sweep.compare.variants import VariantData
+
+    def run(status, tags, fits):
+        return VariantData(name="v", run_id="r", status=status, params={}, final_metrics={}, cells={}, cell_steps={},
+                           histories={"fit/loss": list(zip((0, 2, 4), fits, strict=False))}, tags=tags)
+
+    tag = {STOPPED_EARLY: json.dumps(median_stop(float("nan")) | {"rule": "diverged"})}
+    stopped = run("KILLED", tag, (1.2, 1.3, float("nan")))
+    assert stop_mark(stopped, stopped.histories["fit/loss"]) == (2, 1.3)  # the last finite point
+    assert stop_mark(run("KILLED", {}, (1.2, 1.3)), [(0, 1.2), (2, 1.3)]) is None  # a signal's stop
+    assert stop_mark(run("FINISHED", tag, (1.2, 1.3)), [(0, 1.2), (2, 1.3)]) is None  # resumed to the end since
+    assert curve_figure([stopped], ["fit/loss"]) is not None and STOPPED_LABEL.startswith("X: stopped early")
