@@ -92,6 +92,35 @@ def test_clean_finished_states_removes_only_the_states_of_runs_the_store_finishe
     assert main(["cache", "--finished-states", "--dir", str(root)]) == 2  # info has nothing to remove
 
 
+def test_clean_finished_states_keeps_the_state_of_a_run_stopped_early(tmp_path, capsys):
+    """A run sweep.stop_early stopped is KILLED with its tag: unfinished, so its state (what a rerun with the rule
+    off resumes from) stays."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from lora_sweep.tracking.stopped import STOPPED_EARLY
+
+    uri = new_store(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    done, early = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    client.set_terminated(done, "FINISHED")
+    client.set_tag(early, STOPPED_EARLY, json.dumps({"step": 4, "rule": "median", "metric": "fit/loss", "value": 1.3,
+                                                     "compared_with": 1.1, "peers": 2}))
+    client.set_terminated(early, "KILLED")
+    root = tmp_path / "cache"
+    for run_id in (done, early):
+        folder = root / "states" / ("2" * 16) / run_id
+        folder.mkdir(parents=True)
+        (folder / "state-step00000004.pt").write_bytes(b"s" * 2**20)
+    assert main(["cache", "clean", "--finished-states", "--tracking-uri", uri, "--dir", str(root)]) == 0
+    assert capsys.readouterr().out == (f"cache at {root}: removed the training states of 1 finished run in {uri}, "
+                                       "1.0 MiB; kept those of unfinished runs (they resume from them).\n")
+    assert [p.name for p in (root / "states" / ("2" * 16)).iterdir()] == [early]
+    assert (root / "states" / ("2" * 16) / early / "state-step00000004.pt").is_file()
+
+
 def test_clean_finished_states_against_a_store_that_cannot_answer_is_refused_at_once(tmp_path, capsys):
     """A server that refuses connections would keep MLflow retrying for minutes; a sqlite path with no file would
     be created empty and 'know' no finished run."""
