@@ -69,7 +69,7 @@ def test_console_says_what_failed_once_without_tracebacks(failing_sweep):
     assert "see (1) below" in out.stdout and "see (2) below" in out.stdout  # the table points at the paragraphs
     assert re.search(r"log #1: \S+/1_train\.seed=2/console\.log", out.stdout)
     assert "gpu_queue: 3 jobs: 0 running, 0 queued, 1 finished, 2 failed" in out.stdout
-    assert "ended FAILED (1 finished, 2 failed of 3 jobs)" in text
+    assert "ended FAILED (3 jobs: 1 finished, 2 failed)" in text
 
 
 @pytest.mark.slow
