@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from lora_sweep.compare.effects import SCALE, bounds
+from lora_sweep.compare.effects import SCALE, bounds, no_finished_reason
 from lora_sweep.compare.stats import Estimate, clip, mean_interval, resolved
 from lora_sweep.compare.variants import VariantData, VariantGroup
 from lora_sweep.errors import UserError
@@ -106,7 +106,7 @@ def best_steps(groups: Sequence[VariantGroup], spec: MetricSpec,
 def best_step(group: VariantGroup, spec: MetricSpec, artifacts: Mapping[str, Collection[str]]) -> BestStep:
     """The step of `group` whose replicate mean of `spec.name` is best (earliest on a tie); see the module's text."""
     if not group.finished:
-        return BestStep(group.name, spec, None, None, missing="no finished run")
+        return BestStep(group.name, spec, None, None, missing=no_finished_reason(group))
     logged = [r for r in group.finished if _history(r, spec.name)]
     if not logged:
         return BestStep(group.name, spec, None, None, missing=not_logged_reason(group.finished[0], spec.name))

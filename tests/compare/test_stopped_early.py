@@ -49,7 +49,7 @@ def report(tmp_path_factory):
     ids["xb2"] = job(client, exp, parent, "xb", 2, "0.1", (1.2, 1.25), median_stop(1.25))
     ids |= {f"xc{s}": job(client, exp, parent, "xc", s, "0.2", (1.2, 1.5), median_stop(1.5)) for s in (1, 2)}
     out = root / "report"
-    page = build_report(sweep_run_id=parent, out_dir=out, tracking_uri=uri).read_text()
+    page = build_report(sweep_run_id=parent, out_dir=out, tracking_uri=uri, select="fit/loss").read_text()
     return {"ids": ids, "summary": json.loads((out / "summary.json").read_text()), "page": page}
 
 
@@ -58,6 +58,7 @@ def test_a_stopped_run_is_left_out_of_the_numbers_with_a_note_saying_when_and_wh
     xb = next(v for v in summary["variants"] if v["name"] == "xb")
     assert xb["n"] == 1 and xb["n_text"] == "n = 1 · seed 1 · 1 stopped early (seed 2)"
     assert xb["metrics"]["fit/loss"]["mean"] == pytest.approx(0.7)  # seed 2's 1.25 at step 2 enters no mean
+    assert (xb["best"]["step"], xb["best"]["value"]["n"]) == (4, 1)  # nor the best-step mean
     why = "at step 2: fit/loss 1.25 > median 1"
     assert xb["unfinished"] == [{"run_id": ids["xb2"], "seed": 2, "status": "KILLED", "reason": "",
                                  "stopped_early": {"step": 2, "rule": "median", "metric": "fit/loss", "value": 1.25,
@@ -79,6 +80,7 @@ def test_a_side_with_only_stopped_runs_says_so_in_the_effects(report):
     assert xc["n"] == 0 and xc["label"] == "xc (stopped early)"
     assert xc["metrics"]["fit/loss"]["note"] == "all replicates stopped early at step 2"
     assert xc["vs_baseline"]["fit/loss"]["note"] == "xc: all replicates stopped early at step 2"
+    assert xc["best"]["step"] is None and xc["best"]["missing"] == "all replicates stopped early at step 2"
     pair = next(p for p in summary["one_knob_pairs"] if (p["a"], p["b"]) == ("xa", "xc"))
     assert pair["effects"]["fit/loss"]["note"] == "xc: all replicates stopped early at step 2"
     assert pair["effects"]["fit/loss"]["effect"] is None
