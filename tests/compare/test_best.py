@@ -1,7 +1,8 @@
 """Each variant's best checkpoint (compare.select / --select), from runs logged by hand through tracking's logger into
 a real sqlite store: the best replicate mean and its interval, the earliest step on a tie, the last- and first-step
 flags, :max, a variant that logged no value (and why), the LoRA file of each replicate at that step, and the one-knob
-effects at the best steps. One tiny real run checks the link names a file its training logged."""
+effects at the best steps. tests/compare/test_replicates.py checks a real run's link names the file its training
+logged."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, new_store
+from conftest import new_store
 
 from lora_sweep.compare.best import BEST_AT_FIRST, STILL_IMPROVING
 from lora_sweep.compare.report import build_report, main
@@ -145,29 +146,3 @@ def test_a_bad_select_is_refused_before_any_run_is_read(sweep, tmp_path, capsys)
     assert ("argument --select: --select = 'img/drift:up': the direction after ':' must be max or min, not 'up'."
             in capsys.readouterr().err)
     assert not (tmp_path / "r").exists()
-
-
-def test_a_real_runs_best_step_links_the_lora_its_training_logged(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from lora_sweep.config import register_configs
-    from lora_sweep.job.run import run_job
-
-    uri = new_store(tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    register_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=[
-            "train.max_steps=2", "train.batch_size=1", "train.save_every=1", "validation.fit_images=0",
-            "compare.select=train/loss",
-            "tracking.experiment=real-best"])
-    outcome = run_job(cfg, output_dir=tmp_path / "job", sweep_dir=tmp_path, tags={})
-    assert outcome.status == "FINISHED", outcome.reason
-    out = tmp_path / "s.json"
-    build_report(experiment="real-best", out_dir=tmp_path / "report", tracking_uri=uri, json_path=out)
-    (variant,) = json.loads(out.read_text())["variants"]
-    best = variant["best"]
-    assert (best["steps"], best["metric"], best["direction"]) == ([1, 2], "train/loss", "min")
-    (link,) = best["files"]
-    assert link["path"] == f"lora/checkpoints/lora-step{best['step']:08d}.safetensors"
-    assert Path(link["uri"].removeprefix("file://")).is_file()
