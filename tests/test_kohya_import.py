@@ -104,7 +104,7 @@ def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest()
         "optimizer.optimizer_args": ["weight_decay=0.1", "betas=(0.9,0.99)"], "optimizer.warmup_steps": 100,
         "network.rank": 16, "network.alpha": 8}
     table = kinds(imported)
-    assert table["not supported"] == {"max_data_loader_n_workers": 8, "masked_loss": True, "no_half_vae": False}
+    assert table["not supported"] == {"masked_loss": True}  # unset workers and no_half_vae: kohya's default
     assert table["unknown"] == {"future_flag": 3}
     assert "missing" not in table
 
@@ -121,7 +121,7 @@ def test_a_command_line_reads_as_argparse_does():
         "optimizer.scheduler": "cosine_with_restarts", "optimizer.lr_scheduler_num_cycles": 3,
         "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0}
     assert imported.why["network.alpha"] == "command_line.sh: command line --network_alpha 4"
-    assert kinds(imported)["not supported"] == {"max_data_loader_n_workers": 8, "save_model_as": "ckpt"}
+    assert kinds(imported)["not supported"] == {"save_model_as": "ckpt"}
 
 
 def test_the_written_experiment_composes_with_its_values():
@@ -272,3 +272,16 @@ def test_a_problem_names_the_line_of_its_key(tmp_path):
         f"{toml} line 3: optimizer_args: 'weight_decay=0.1': v0.8.7 reads a TOML string here as one item per "
         f"character; write a list of 'key=value' strings.",
         f"{gui} line 3: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).\n"]
+
+
+def test_data_loader_workers_set_by_the_source_get_a_row_with_the_reason(tmp_path):
+    command = tmp_path / "cmd.sh"
+    command.write_text("accelerate launch sdxl_train_network.py --max_data_loader_n_workers 4 --no_half_vae",
+                       encoding="utf-8")
+    imported, _ = import_sources([command])
+    rows = {r.kohya: (r.kind, r.detail) for r in imported.rows if r.kohya in ("max_data_loader_n_workers",
+                                                                             "no_half_vae")}
+    assert rows["no_half_vae"] == ("ignored", "lora-sweep always encodes latents with the VAE in fp32")
+    kind, detail = rows["max_data_loader_n_workers"]
+    assert kind == "not supported" and detail.startswith("lora-sweep behaves as 0: ")
+    assert "each worker's own random stream" in detail

@@ -104,7 +104,7 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
                 if entry.value is ANY or value == entry.value:
                     if given:
                         out.rows.append(Row("ignored", flag, value, entry.reason))
-                else:
+                elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
                     out.rows.append(Row("not supported", flag, value,
                                         f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
     for flag in sorted(unrecorded):
