@@ -40,6 +40,11 @@ UNRECORDED = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_arg
 
 def read_header(path: Path) -> dict[str, str]:
     """The safetensors header's __metadata__ (strings), read without loading a tensor; ValueError if not one."""
+    return read_header_and_names(path)[0]
+
+
+def read_header_and_names(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The header's __metadata__ and its tensors' names, read without loading a tensor; ValueError if not one."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -51,7 +56,7 @@ def read_header(path: Path) -> dict[str, str]:
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise ValueError("not a safetensors header")
-    return meta
+    return meta, [name for name in header if name != "__metadata__"]
 
 
 def _optimizer(text: str) -> tuple[str, list[str]]:
@@ -77,7 +82,7 @@ def read_lora(path: Path) -> KohyaSource:
     recorded) and the §10.3 flags unknown."""
     src = KohyaSource(str(path))
     try:
-        meta = read_header(path)
+        meta, names = read_header_and_names(path)
     except (OSError, ValueError) as err:
         src.problem("the file", f"not a readable .safetensors file ({err})")
         return src
@@ -122,5 +127,19 @@ def read_lora(path: Path) -> KohyaSource:
         low, _, high = timesteps.partition(",")
         src.set("min_timestep", low, f"modelspec.timestep_range = {timesteps!r}")
         src.set("max_timestep", high, f"modelspec.timestep_range = {timesteps!r}")
+    _trained_modules(names, src)
     src.unrecorded = [flag for flag in UNRECORDED if flag not in src.args]
     return src
+
+
+def _trained_modules(names: list[str], src: KohyaSource) -> None:
+    """network_train_unet_only / _text_encoder_only from the tensors' names when the metadata does not say:
+    kohya's networks.lora names them lora_unet_*, lora_te1_* and lora_te2_*."""
+    if not names or {"network_train_unet_only", "network_train_text_encoder_only"} & set(src.args):
+        return
+    unet = any(name.startswith("lora_unet_") for name in names)
+    text = any(name.startswith(("lora_te1_", "lora_te2_", "lora_te_")) for name in names)
+    if unet and not text:
+        src.set("network_train_unet_only", True, "its tensors: lora_unet_* only")
+    elif text and not unet:
+        src.set("network_train_text_encoder_only", True, "its tensors: lora_te1_*/lora_te2_* only")
