@@ -251,13 +251,41 @@ def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path)
     assert "missing" not in kinds(imported)
 
 
-def test_gui_sample_prompts_text_is_a_required_prompt_file():
-    src = KohyaSource("p.json")
-    read_gui_fields({"LoRA_type": "Standard", "sample_prompts": "a dog --w 1024 --h 1024", "max_train_steps": 10},
-                    src)
-    assert "sample_prompts" not in src.args
-    assert src.missing == {"sample_prompts": "the GUI holds the prompts' text: write it to a file and set "
-                                             "sampling.prompt_file"}
+def test_gui_sample_prompts_text_is_written_beside_the_experiment_as_its_prompt_file(tmp_path):
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "sample_prompts": "a dog --w 1024 --h 1024\na cat",
+                               "max_train_steps": 10}), encoding="utf-8")
+    status, out, err = run_import([gui], "mine", tmp_path, False)
+    assert (status, err) == (0, "")
+    prompts = tmp_path / "mine.prompts.txt"
+    assert prompts.read_text(encoding="utf-8") == "a dog --w 1024 --h 1024\na cat\n"
+    line = next(line for line in (tmp_path / "mine.yaml").read_text(encoding="utf-8").splitlines()
+                if "prompt_file" in line)
+    assert line == (f'  prompt_file: "{prompts.resolve()}"  # gui.json: sample_prompts = \'a dog --w 1024 --h '
+                    f'1024\\na cat\' (its text, written to mine.prompts.txt)')
+    assert "sample_prompts" not in {r.kohya for r in import_sources([gui], tmp_path / "x.yaml")[0].rows
+                                    if r.kind == "missing"}
+
+
+def test_a_loras_tensor_names_tell_whether_it_trained_the_text_encoders(tmp_path):
+    def lora(name: str, tensors: list[str], **meta: str) -> Path:
+        header = {"__metadata__": {"ss_network_dim": "4", **meta}}
+        header.update({t: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for t in tensors})
+        data = json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(data)) + data + bytes(4))
+        return path
+
+    unet = lora("unet.safetensors", ["lora_unet_a.lora_down.weight"])
+    both = lora("both.safetensors", ["lora_unet_a.lora_down.weight", "lora_te1_b.lora_down.weight"])
+    text = lora("text.safetensors", ["lora_te2_b.lora_down.weight"])
+    said = lora("said.safetensors", ["lora_unet_a.lora_down.weight"], lora_sweep_train_unet_only="False")
+    assert import_sources([unet])[1][0].args["network_train_unet_only"] is True
+    assert import_sources([unet])[1][0].origin["network_train_unet_only"] == "its tensors: lora_unet_* only"
+    assert import_sources([text])[1][0].args["network_train_text_encoder_only"] is True
+    for path in (both, said):
+        args = import_sources([path])[1][0].args
+        assert args.get("network_train_unet_only", False) is False and "network_train_text_encoder_only" not in args
 
 
 def test_a_problem_names_the_line_of_its_key(tmp_path):

@@ -71,9 +71,21 @@ def _is_dataset_config(path: Path, text: str) -> bool:
     return isinstance(data, dict) and isinstance(data.get("datasets"), list)
 
 
-def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
-    """Read every source (a later one's flags win) and map the union; problems of all sources are collected."""
+def import_sources(paths: list[Path], target: Path | None = None) -> tuple[Imported, list[KohyaSource]]:
+    """Read every source (a later one's flags win) and map the union; problems of all sources are collected. A
+    source's text for a file (the GUI's prompts) goes beside `target`, the experiment file (without one: a required
+    value)."""
     sources = [read_source(path) for path in paths]
+    files: dict[str, str] = {}
+    for src in sources:
+        for flag, text in src.texts.items():
+            if target is None:
+                src.missing[flag] = "the GUI holds the prompts' text: write it to a file and set sampling.prompt_file"
+                continue
+            file = target.with_name(f"{target.stem}.prompts.txt").resolve()
+            files[str(file)] = text if text.endswith("\n") else text + "\n"
+            src.args[flag] = str(file)
+            src.origin[flag] = f"{flag} = {_short(text)} (its text, written to {file.name})"
     args, origin, unknown, missing, unrecorded = {}, {}, {}, {}, set()
     for src in sources:
         unrecorded.update(src.unrecorded)
@@ -87,7 +99,12 @@ def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
     imported = to_lora_sweep(args, origin, lora_sweep_defaults, unknown=unknown, missing=missing,
                              unrecorded=unrecorded)
     imported.problems[:0] = [p for src in sources for p in src.problems]
+    imported.files = files
     return imported, sources
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def _yaml_value(value: object) -> str:
@@ -179,11 +196,13 @@ def run_import(paths: list[Path], name: str | None, into: Path | None, force: bo
     problems += name_problems(name, into, force)
     if problems:
         return 2, "", "\n\n".join(problems) + "\n"
-    imported, sources = import_sources(paths)
+    path = target_path(name, into)
+    imported, sources = import_sources(paths, path)
     if imported.problems:
         return 2, "", "\n\n".join(imported.problems) + "\n"
-    path = target_path(name, into)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for file, text in imported.files.items():
+        Path(file).write_text(text, encoding="utf-8")
     path.write_text(experiment_text(imported, [str(p) for p in paths]), encoding="utf-8")
     ignored = {key: why for src in sources for key, why in src.ignored.items()}
     run = f"experiment=user/{name}" if into is None else f"(copy {path.name} under conf/experiment/)"

@@ -48,6 +48,7 @@ class Imported:
     why: dict[str, str] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # a file beside the experiment (path) -> its text
 
     def put(self, key: str, value: object, why: str) -> None:
         self.values[key] = value

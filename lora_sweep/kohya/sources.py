@@ -32,6 +32,7 @@ class KohyaSource:
     missing: dict[str, str] = field(default_factory=dict)
     unrecorded: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)  # flag -> text the import writes to a file (GUI prompts)
     text: str = ""  # the file's text, for the line of a key in a problem
 
     def set(self, flag: str, value: object, origin: str) -> None:
@@ -117,9 +118,9 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
             continue
         if flags[0] in LIST_FLAGS and isinstance(value, str):
             value = value.replace('"', "")
-        if key == "sample_prompts" and not _dropped(value):
-            src.missing["sample_prompts"] = "the GUI holds the prompts' text: write it to a file and set " \
-                                            "sampling.prompt_file"
+        if key == "sample_prompts":
+            if not _dropped(value):  # the GUI writes the text to a prompt file; so does the import
+                src.texts["sample_prompts"] = str(raw)
             continue
         if key == "max_data_loader_n_workers" or not _dropped(value):  # always written, 0 included
             src.set(flags[0], value, origin)
