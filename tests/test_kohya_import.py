@@ -313,3 +313,31 @@ def test_data_loader_workers_set_by_the_source_get_a_row_with_the_reason(tmp_pat
     kind, detail = rows["max_data_loader_n_workers"]
     assert kind == "not supported" and detail.startswith("lora-sweep behaves as 0: ")
     assert "each worker's own random stream" in detail
+
+
+def test_gui_max_train_steps_0_is_the_guis_estimate_from_the_image_folders(tmp_path):
+    from PIL import Image
+
+    train = tmp_path / "img"
+    for folder, names in {"10_dog": ["a.png", "b.PNG", "c.webp"], "5_cat": ["a.jpg", "b.jpeg"],
+                          "misc": ["a.png"]}.items():  # "misc" has no repeats: the GUI skips it
+        (train / folder).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (8, 8)).save(train / folder / name, format="WEBP" if name.endswith("webp") else None)
+    (train / "5_cat" / "a.txt").write_text("a cat", encoding="utf-8")
+    gui = {"LoRA_type": "Standard", "train_data_dir": str(train), "max_train_steps": "0", "epoch": 2,
+           "train_batch_size": "3", "gradient_accumulation_steps": 1, "lr_warmup": 10}
+    src = KohyaSource("gui.json")
+    read_gui_fields(gui, src)
+    assert (src.args["max_train_steps"], src.args["lr_warmup_steps"]) == (27, 3)  # ceil(40 / 3 x 2), round(2.7)
+    assert src.origin["max_train_steps"] == (f"max_train_steps = '0': the GUI's estimate ceil(40 images x repeats in "
+                                             f"{train} / 3 / 1 x 2 x 1)")
+    src = KohyaSource("gui.json")
+    read_gui_fields({**gui, "reg_data_dir": str(tmp_path)}, src)
+    assert (src.args["max_train_steps"], src.args["lr_warmup_steps"]) == (54, 5)  # doubled; 5.4 rounds to 5
+    src = KohyaSource("gui.json")
+    read_gui_fields({**gui, "train_data_dir": ""}, src)
+    assert "max_train_steps" not in src.args and src.missing == {
+        "max_train_steps": "0: the GUI estimates it from the image folders of train_data_dir, which is empty "
+                           "(ceil(images x repeats / batch / accumulation x epoch))",
+        "lr_warmup_steps": "lr_warmup = 10% of the GUI's estimated max_train_steps"}

@@ -6,6 +6,7 @@ line. Each collects every problem (file, key, what is wrong) rather than stoppin
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -140,21 +141,59 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
 
 
 def _gui_lengths(gui: dict, src: KohyaSource) -> None:
-    """max_train_steps (0 or empty: the GUI's estimate from epoch), lr_warmup's percent of it (half to even), and
-    lr_scheduler_num_cycles (empty: the GUI's epoch)."""
+    """max_train_steps (0 or empty: the GUI's estimate from the image folders), lr_warmup's percent of it (half to
+    even), and lr_scheduler_num_cycles (empty: the GUI's epoch)."""
     steps = _gui_number(gui.get("max_train_steps", 1600)) or 0  # the field's default, v0.8.7's too
+    origin = f"max_train_steps = {gui.get('max_train_steps')!r}"
     if steps and "max_train_steps" in gui:
-        src.set("max_train_steps", steps, f"max_train_steps = {gui['max_train_steps']!r}")
+        src.set("max_train_steps", steps, origin)
     elif not steps and not gui.get("dataset_config"):
-        src.missing["max_train_steps"] = ("0: the GUI estimates it from the image folders (ceil(images x repeats / "
-                                          "batch / accumulation x epoch)), which an import cannot count")
-    warmup = _gui_number(gui.get("lr_warmup", 0)) or 0
-    if warmup:
-        if not steps:
-            src.missing["lr_warmup_steps"] = f"lr_warmup = {warmup}% of the GUI's estimated max_train_steps"
+        estimate = gui_estimated_steps(gui)
+        if isinstance(estimate, str):
+            src.missing["max_train_steps"] = estimate
+            steps = None
         else:
-            src.set("lr_warmup_steps", round(float(int(warmup) * int(steps) / 100)),
-                    f"lr_warmup = {gui['lr_warmup']!r} (% of {steps} steps)")
+            steps, how = estimate
+            if steps:  # 0 is left out: sd-scripts' 1600 applies
+                src.set("max_train_steps", steps, f"{origin}: the GUI's estimate {how}")
+    warmup = _gui_number(gui.get("lr_warmup", 0)) or 0
+    if warmup and steps is None:
+        src.missing["lr_warmup_steps"] = f"lr_warmup = {warmup}% of the GUI's estimated max_train_steps"
+    elif warmup and steps:
+        src.set("lr_warmup_steps", round(float(int(warmup) * int(steps) / 100)),
+                f"lr_warmup = {gui['lr_warmup']!r} (% of {steps} steps)")
+    _gui_cycles(gui, src)
+
+
+_GUI_IMAGES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def gui_estimated_steps(gui: dict) -> tuple[int, str] | str:
+    """v24.1.4's max_train_steps when its field is 0 and no dataset config is set, with how it was computed:
+    ceil(sum of images x repeats over train_data_dir's `<repeats>_<name>` folders / batch / accumulation x epoch x
+    (2 with a reg_data_dir)); without the folder, why it cannot be computed."""
+    folder = str(gui.get("train_data_dir") or "")
+    if not folder or not Path(folder).is_dir():
+        where = f"train_data_dir {folder!r}, which does not exist here" if folder else "train_data_dir, which is empty"
+        return (f"0: the GUI estimates it from the image folders of {where} (ceil(images x repeats / batch / "
+                f"accumulation x epoch))")
+    total = 0
+    for sub in sorted(Path(folder).iterdir()):
+        try:
+            repeats = int(sub.name.split("_")[0])  # the GUI skips a folder without a number before "_"
+        except ValueError:
+            continue
+        if sub.is_dir():
+            total += repeats * sum(1 for f in sub.iterdir() if f.name.lower().endswith(_GUI_IMAGES))
+    batch, accumulation, epoch = (int(_gui_number(gui.get(key) or 1)) for key in
+                                  ("train_batch_size", "gradient_accumulation_steps", "epoch"))
+    reg = 2 if gui.get("reg_data_dir") else 1  # the GUI doubles the steps for regularisation images
+    steps = int(math.ceil(float(total) / batch / accumulation * epoch * reg))
+    return steps, f"ceil({total} images x repeats in {folder} / {batch} / {accumulation} x {epoch} x {reg})"
+
+
+def _gui_cycles(gui: dict, src: KohyaSource) -> None:
+    """lr_scheduler_num_cycles: empty is the GUI's epoch."""
     cycles = gui.get("lr_scheduler_num_cycles", "")
     if cycles in ("", None) and not _dropped(_gui_number(gui.get("epoch", ""))):
         src.set("lr_scheduler_num_cycles", _gui_number(gui["epoch"]), f"epoch = {gui['epoch']!r}")
