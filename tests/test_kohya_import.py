@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, compose_config
+from kohya_dataset import write_kohya_dataset
 
 from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
 from lora_sweep.kohya.experiment import experiment_text, import_sources, run_import
+from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
 
 DATA = Path(__file__).parent / "data"
@@ -25,6 +27,16 @@ STANDARD = sorted(name for name, p in PRESETS.items() if p["LoRA_type"] in ("Sta
 def preset_file(tmp_path: Path, name: str) -> Path:
     path = tmp_path / "preset.json"
     path.write_text(json.dumps(PRESETS[name]), encoding="utf-8")
+    return path
+
+
+def with_images(tmp_path: Path, name: str) -> Path:
+    """A fixture of tests/data/kohya_import/ with its image folder /data/img made a real folder in tmp_path."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text((DATA / "kohya_import" / name).read_text(encoding="utf-8").replace("/data/img",
+                                                                                      str(tmp_path / "img")),
+                    encoding="utf-8")
     return path
 
 
@@ -90,14 +102,14 @@ def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters(
     assert src.unknown == {"newer_flag": True}  # 5% of 250 = 12.5: half to even
 
 
-def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest():
-    imported, _ = import_sources([DATA / "kohya_import" / "config_file.toml"])
+def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest(tmp_path):
+    imported, _ = import_sources([with_images(tmp_path, "config_file.toml")])
     assert imported.problems == []
     assert imported.groups == {"model": "sdxl", "precision": "fp8_bf16", "optimizer": "adamw8bit",
                                "noise": "offset", "loss": "huber_snr"}
     assert imported.values == {
         "train.lr": 0.0001, "train.batch_size": 2, "train.max_steps": 3000,
-        "model.path": "/models/sd_xl_base_1.0.safetensors", "data.dir": "/data/img",
+        "model.path": "/models/sd_xl_base_1.0.safetensors", "data.dir": str(tmp_path / "img"),
         "data.caption_extension": ".caption", "data.resolution": "1024,1024", "data.enable_bucket": False,
         "data.min_bucket_reso": 256, "data.max_bucket_reso": 1024, "data.bucket_reso_steps": 64,
         "noise.offset": 0.0357, "loss.type": "huber", "loss.huber_c": 0.05, "sampling.sampler": "ddim",
@@ -109,8 +121,8 @@ def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest()
     assert "missing" not in table
 
 
-def test_a_command_line_reads_as_argparse_does():
-    imported, _ = import_sources([DATA / "kohya_import" / "command_line.sh"])
+def test_a_command_line_reads_as_argparse_does(tmp_path):
+    imported, _ = import_sources([with_images(tmp_path, "command_line.sh")])
     assert imported.problems == []
     assert imported.groups == {"model": "sdxl", "precision": "fp16", "optimizer": "prodigy", "noise": "ip",
                                "loss": ["l2", "debiased"]}
@@ -145,25 +157,60 @@ def test_the_written_experiment_composes_with_its_values():
 
 
 def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path, capsys):
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text('{"LoRA_type": "Standard", "network_dim": "eight"}', encoding="utf-8")
-    bad_cmd = tmp_path / "cmd.sh"
-    bad_cmd.write_text("accelerate launch sdxl_train_network.py --max_train_steps lots", encoding="utf-8")
-    status = main(["import", str(bad_json), str(bad_cmd), str(tmp_path / "none.toml"), "--into", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert status == 2 and not (tmp_path / "bad.yaml").exists()
-    assert err.count("\n\n") == 0 and "none.toml: not found." in err  # a missing file stops before reading
-    status = main(["import", str(bad_json), str(bad_cmd), "--into", str(tmp_path)])
+    files = {
+        "image.png": None,  # a real PNG: binary
+        "notes.toml": "[training_arguments]\nlearning_rate = 1e-4\nnetwork_dim = = 4\n",
+        "gui.json": '{\n  "LoRA_type": "Standard",\n  "seed": "abc",\n  "learning_rate": "fast",\n'
+                    '  "optimizer": "AdamWW",\n  "train_data_dir": "/nowhere/img",\n  "max_train_steps": 10\n}\n',
+        "cmd.sh": "accelerate launch sdxl_train_network.py --lr_scheduler cosine_annealing --max_train_steps lots "
+                  "--reg_data_dir /nowhere/reg",
+        "config.toml": "[training_arguments]\nlearning_rate = \"1e-4\"\nnetwork_train_unet_only = 1\n",
+    }
+    for name, text in files.items():
+        if text is None:
+            from PIL import Image
+
+            Image.new("RGB", (8, 8)).save(tmp_path / name)
+        else:
+            (tmp_path / name).write_text(text, encoding="utf-8")
+    plain = safetensors_with(tmp_path / "plain.safetensors", {"format": "pt"})
+    sources = [tmp_path / name for name in files] + [plain, tmp_path / "none.json"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.yaml").write_text("kept\n", encoding="utf-8")
+    before = sorted(tmp_path.rglob("*"))
+    status = main(["import", *map(str, sources), "--name", "mine", "--into", str(tmp_path / "out")])
     paragraphs = capsys.readouterr().err.strip().split("\n\n")
-    assert status == 2 and not (tmp_path / "bad.yaml").exists()
+    assert status == 2 and sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "out" / "mine.yaml").read_text(encoding="utf-8") == "kept\n"
+    kinds_text = ("the import reads a kohya_ss GUI config (JSON), an sd-scripts --config_file or --dataset_config "
+                  "TOML, a text file with an sdxl_train_network.py command line, or a LoRA .safetensors")
+    gui, cmd, config = tmp_path / "gui.json", tmp_path / "cmd.sh", tmp_path / "config.toml"
     assert paragraphs == [
-        f"{bad_json}: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).",
-        f"{bad_cmd}: command line --max_train_steps lots: 'lots' is not an integer (v0.8.7's --max_train_steps "
-        f"takes int)."]
+        f"{tmp_path / 'none.json'}: not found.",
+        f"{tmp_path / 'out' / 'mine.yaml'} exists: give --force to overwrite it, or another --name.",
+        f"{tmp_path / 'image.png'}: the file: binary, not a source: {kinds_text}.",
+        f"{tmp_path / 'notes.toml'} line 3, column 15: not valid TOML (Invalid value); {kinds_text}.",
+        f"{gui} line 3: seed = 'abc': 'abc' is not an integer (v0.8.7's --seed takes int).",
+        f"{gui} line 4: learning_rate = 'fast': 'fast' is not a number (v0.8.7's --learning_rate takes float).",
+        f"{gui} line 5: optimizer = 'AdamWW': not an optimizer_type of sd-scripts v0.8.7 (AdamW, AdamW8bit, "
+        f"Prodigy, DAdaptAdam, Adafactor, SGDNesterov, Lion, a torch.optim class or a module.Class path).",
+        f"{gui} line 6: train_data_dir = '/nowhere/img': the folder does not exist here: correct the path in the "
+        f"source.",
+        f"{cmd}: command line --max_train_steps lots: 'lots' is not an integer (v0.8.7's --max_train_steps takes "
+        f"int).",
+        f"{cmd}: command line --lr_scheduler cosine_annealing: not an lr_scheduler of sd-scripts v0.8.7; choose one "
+        f"of constant, constant_with_warmup, cosine, cosine_with_restarts, linear, piecewise_constant, polynomial, "
+        f"adafactor.",
+        f"{cmd}: command line --reg_data_dir /nowhere/reg: the folder does not exist here: correct the path in the "
+        f"source.",
+        f"{config} line 2: learning_rate: '1e-4': v0.8.7 converts no TOML value and --learning_rate takes a number.",
+        f"{config} line 3: network_train_unet_only: 1: v0.8.7 converts no TOML value and --network_train_unet_only "
+        f"takes true or false.",
+        f"{plain}: the file: its metadata has no ss_* keys: not written by sd-scripts or lora-sweep."]
 
 
 def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, capsys):
-    source = DATA / "kohya_import" / "command_line.sh"
+    source = with_images(tmp_path, "command_line.sh")
     assert run_import([source], "mine", tmp_path, False)[0] == 0
     status, _, err = run_import([source], "mine", tmp_path, False)
     assert status == 2 and err == f"{tmp_path / 'mine.yaml'} exists: give --force to overwrite it, or another --name.\n"
@@ -239,16 +286,21 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
                                                   f"LoRAs."]
 
 
-def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path):
+def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its image_dirs are relative to the working folder
+    toml = write_kohya_dataset(tmp_path)
     command = tmp_path / "cmd.sh"
     command.write_text("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path /m/sdxl.safetensors "
                        "--train_data_dir /ignored --network_dim 4", encoding="utf-8")
-    imported, sources = import_sources([command, DATA / "kohya_dataset.toml"])
-    assert imported.problems == [] and sources[1].args == {"dataset_config": str((DATA / "kohya_dataset.toml")
-                                                                                 .resolve())}
-    assert imported.values["data.dataset_config"] == str((DATA / "kohya_dataset.toml").resolve())
+    imported, sources = import_sources([command, toml])
+    assert imported.problems == [] and sources[1].args == {"dataset_config": str(toml.resolve())}
+    assert imported.values["data.dataset_config"] == str(toml.resolve())
     assert imported.why["data.dataset_config"] == "kohya_dataset.toml: its path, as --dataset_config"
     assert "missing" not in kinds(imported)
+    monkeypatch.chdir(ROOT)  # where its relative image_dirs are not
+    assert import_sources([toml])[0].problems[2] == (
+        f"{toml}: datasets[0].subsets[2].image_dir = 'reg/girl': the folder does not exist here (a relative path "
+        f"is read from the working folder, {ROOT}).")
 
 
 def test_gui_sample_prompts_text_is_written_beside_the_experiment_as_its_prompt_file(tmp_path):
@@ -280,11 +332,11 @@ def test_a_loras_tensor_names_tell_whether_it_trained_the_text_encoders(tmp_path
     both = lora("both.safetensors", ["lora_unet_a.lora_down.weight", "lora_te1_b.lora_down.weight"])
     text = lora("text.safetensors", ["lora_te2_b.lora_down.weight"])
     said = lora("said.safetensors", ["lora_unet_a.lora_down.weight"], lora_sweep_train_unet_only="False")
-    assert import_sources([unet])[1][0].args["network_train_unet_only"] is True
-    assert import_sources([unet])[1][0].origin["network_train_unet_only"] == "its tensors: lora_unet_* only"
-    assert import_sources([text])[1][0].args["network_train_text_encoder_only"] is True
+    assert read_lora(unet).args["network_train_unet_only"] is True
+    assert read_lora(unet).origin["network_train_unet_only"] == "its tensors: lora_unet_* only"
+    assert read_lora(text).args["network_train_text_encoder_only"] is True
     for path in (both, said):
-        args = import_sources([path])[1][0].args
+        args = read_lora(path).args
         assert args.get("network_train_unet_only", False) is False and "network_train_text_encoder_only" not in args
 
 

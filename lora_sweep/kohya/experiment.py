@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 
 from lora_sweep.config import CONF_DIR, flatten
 from lora_sweep.kohya.metadata import read_lora
+from lora_sweep.kohya.problems import source_problems
 from lora_sweep.kohya.settings import Imported, Row, to_lora_sweep
 from lora_sweep.kohya.sources import (
+    SOURCE_KINDS,
     KohyaSource,
     read_command_line,
     read_config_file,
@@ -45,10 +47,16 @@ def read_source(path: Path) -> KohyaSource:
     """By kind: .safetensors -> a LoRA's metadata; a TOML or JSON with `datasets` -> a --dataset_config; JSON ->
     the GUI's config; a command naming train_network.py ->
     a command line; else an sd-scripts --config_file TOML."""
-    if path.suffix == ".safetensors":
-        return read_lora(path)
     with path.open("rb") as f:
-        text = f.read(1 << 20).decode("utf-8", errors="replace")
+        head = f.read(1 << 20)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # 8 bytes of header size, then the header's JSON
+        return read_lora(path)
+    if not head.strip() or b"\0" in head:
+        src = KohyaSource(str(path))
+        kind = "binary" if head.strip() else "empty"
+        src.problem("the file", f"{kind}, not a source: the import reads {SOURCE_KINDS}")
+        return src
+    text = head.decode("utf-8", errors="replace")
     if _is_dataset_config(path, text):
         return read_dataset_config(path)
     if text.lstrip().startswith("{"):
@@ -76,6 +84,7 @@ def import_sources(paths: list[Path], target: Path | None = None) -> tuple[Impor
     source's text for a file (the GUI's prompts) goes beside `target`, the experiment file (without one: a required
     value)."""
     sources = [read_source(path) for path in paths]
+    source_problems(sources)
     files: dict[str, str] = {}
     for src in sources:
         for flag, text in src.texts.items():
@@ -194,12 +203,11 @@ def run_import(paths: list[Path], name: str | None, into: Path | None, force: bo
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") if name else name
     problems = [f"{p}: not found." for p in paths if not p.is_file()]
     problems += name_problems(name, into, force)
+    path = target_path(name, into)
+    imported, sources = import_sources([p for p in paths if p.is_file()], path)
+    problems += imported.problems
     if problems:
         return 2, "", "\n\n".join(problems) + "\n"
-    path = target_path(name, into)
-    imported, sources = import_sources(paths, path)
-    if imported.problems:
-        return 2, "", "\n\n".join(imported.problems) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     for file, text in imported.files.items():
         Path(file).write_text(text, encoding="utf-8")

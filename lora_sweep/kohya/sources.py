@@ -57,6 +57,10 @@ class KohyaSource:
         return next((i for i, line in enumerate(self.text.splitlines(), 1) if pattern.match(line)), None)
 
 
+SOURCE_KINDS = ("a kohya_ss GUI config (JSON), an sd-scripts --config_file or --dataset_config TOML, a text file "
+                "with an sdxl_train_network.py command line, or a LoRA .safetensors")
+
+
 def _dropped(value: object) -> bool:
     """The GUI leaves out every "", False, None and 0 (0 == False in Python): sd-scripts' default applies."""
     return value is None or value == "" or value is False or (isinstance(value, (int, float)) and value == 0)
@@ -253,8 +257,14 @@ def read_config_file(path: Path) -> KohyaSource:
     try:
         src.text = path.read_text(encoding="utf-8")
         data = tomllib.loads(src.text)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+    except (OSError, UnicodeDecodeError) as err:
         src.problem("the file", f"not a TOML file ({err})")
+        return src
+    except tomllib.TOMLDecodeError as err:
+        where = re.search(r"\(at line (\d+), column (\d+)\)", str(err))
+        at = f" line {where[1]}, column {where[2]}" if where else ""
+        reason = str(err).split(" (at ")[0]
+        src.problems.append(f"{path}{at}: not valid TOML ({reason}); the import reads {SOURCE_KINDS}.")
         return src
     flat: dict[str, object] = {}
     for key, value in data.items():
@@ -268,10 +278,27 @@ def read_config_file(path: Path) -> KohyaSource:
         elif V087_TYPES[key] is list and isinstance(value, str):
             src.problem(key, f"{value!r}: v0.8.7 reads a TOML string here as one item per character; "
                              f"write a list of 'key=value' strings")
+        elif not _toml_typed(V087_TYPES[key], value):
+            src.problem(key, f"{value!r}: v0.8.7 converts no TOML value and --{key} takes "
+                             f"{_TOML_KINDS[V087_TYPES[key]]}")
         else:
             src.args[key] = value
             src.origin[key] = f"{key} = {value!r}"
     return src
+
+
+# what a TOML value of each argparse type must be, for v0.8.7 uses it as TOML typed it
+_TOML_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _toml_typed(kind: type, value: object) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True  # str and the rest: v0.8.7 uses any value as it is
 
 
 def read_command_line(path: Path) -> KohyaSource:
