@@ -254,7 +254,8 @@ def _import(args) -> int:
     from lora_sweep.kohya.experiment import run_import
 
     status, out, err = run_import([Path(p) for p in args.sources], args.name,
-                                  Path(args.into) if args.into else None, args.force)
+                                  Path(args.into) if args.into else None, args.force,
+                                  Path(args.data) if args.data else None)
     sys.stdout.write(out)
     sys.stderr.write(err)
     return status
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--name", help="the experiment's name (default: the first source's file name)")
     imp.add_argument("--into", help="write NAME.yaml in this folder instead of conf/experiment/user/")
     imp.add_argument("--force", action="store_true", help="overwrite an existing NAME.yaml")
+    imp.add_argument("--data", help="a folder holding the image folders a LoRA's metadata names")
     export = sub.add_parser(
         "export", help="write a run's or a config's sd-scripts v0.8.7 files: config.toml, dataset.toml, command.sh",
         description="kohya: the flags that train what the config trains (those away from v0.8.7's defaults), the "

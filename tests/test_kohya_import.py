@@ -393,3 +393,71 @@ def test_gui_max_train_steps_0_is_the_guis_estimate_from_the_image_folders(tmp_p
         "max_train_steps": "0: the GUI estimates it from the image folders of train_data_dir, which is empty "
                            "(ceil(images x repeats / batch / accumulation x epoch))",
         "lr_warmup_steps": "lr_warmup = 10% of the GUI's estimated max_train_steps"}
+
+
+def test_a_loras_ss_datasets_is_rebuilt_as_data_datasets_asking_where_each_folder_is(tmp_path, monkeypatch):
+    from kohya_dataset import write_kohya_dataset
+
+    from lora_sweep.checks import preflight
+    from lora_sweep.data.buckets import assign_with_settings, bucket_settings
+    from lora_sweep.training.metadata import dataset_metadata
+
+    monkeypatch.chdir(tmp_path)
+    toml = write_kohya_dataset(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = compose_config("data=folder", "data.dir=null", f"data.dataset_config={toml}")
+    specs, scans = preflight.training_scans(cfg, None)
+    entries = [(item, assign_with_settings(item.size, bucket_settings(specs[item.dataset]))[0])
+               for scan in scans for item in scan.items]
+    meta = dataset_metadata(specs, entries, toml_mode=True, cfg=cfg)
+    lora = safetensors_with(tmp_path / "ours.safetensors", {**meta, "ss_network_dim": "4"})
+    train = tmp_path / "work" / "train"
+    imported, _ = import_sources([lora], data=train)
+    assert imported.problems == []
+    separators = {"keep_tokens_separator": "|||", "secondary_separator": ";;;"}  # [general] in the TOML
+    assert imported.values["data.datasets"] == [{
+        "resolution": 64, "batch_size": 2, "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128,
+        "subsets": [{"image_dir": str(train / "char"), "num_repeats": 10, "class_tokens": "sks girl",
+                     "keep_tokens": 1, "shuffle_caption": True, **separators},
+                    {"image_dir": str(train / "style"), "num_repeats": 5, "flip_aug": True,
+                     "shuffle_caption": True, **separators},
+                    {"image_dir": "???", "num_repeats": 1, "class_tokens": "girl", "is_reg": True, **separators}]}]
+    assert imported.why["data.datasets"] == "ours.safetensors: ss_datasets, rebuilt"
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing == {"pretrained_model_name_or_path": "model.path: the SDXL model to train",
+                       "datasets[0].subsets[2].image_dir": "datasets[0].subsets[2].image_dir: where is 'girl' (3 "
+                                                           "images)? Give --data DIR, a folder holding a folder of "
+                                                           "that name, or write its path in the experiment"}
+
+
+def test_a_hand_built_v087_ss_datasets_header_is_rebuilt(tmp_path):
+    subset = {"img_count": 12, "num_repeats": 10, "color_aug": False, "flip_aug": False, "random_crop": False,
+              "shuffle_caption": True, "keep_tokens": 2, "keep_tokens_separator": "", "secondary_separator": None,
+              "enable_wildcard": False, "caption_prefix": None, "caption_suffix": "best quality",
+              "image_dir": "sks dog", "class_tokens": "sks dog", "is_reg": False}
+    dataset = {"is_dreambooth": True, "batch_size_per_device": 4, "num_train_images": 120, "num_reg_images": 0,
+               "resolution": [1024, 768], "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+               "tag_frequency": {"sks dog": {"sks dog": 12}}, "bucket_info": None, "subsets": [subset]}
+    keys = json.loads((DATA / "kohya_v087_ss_keys.json").read_text(encoding="utf-8"))
+    meta = {"ss_network_dim": "16", "ss_base_model_version": "sdxl_base_v1-0", "ss_datasets": json.dumps([dataset]),
+            "ss_dataset_dirs": json.dumps({"sks dog": {"n_repeats": 10, "img_count": 12}}),
+            "ss_tag_frequency": json.dumps(dataset["tag_frequency"])}
+    assert set(meta) <= set(keys["always"]["keys"]) | set(keys["toml_mode"]["keys"])
+    imported, sources = import_sources([safetensors_with(tmp_path / "v087.safetensors", meta)])
+    assert imported.problems == [] and imported.values["train.batch_size"] == 4
+    assert imported.values["data.datasets"] == [{
+        "resolution": [1024, 768], "batch_size": 4, "enable_bucket": True, "min_bucket_reso": 256,
+        "max_bucket_reso": 2048, "subsets": [{"image_dir": "???", "num_repeats": 10, "class_tokens": "sks dog",
+                                              "keep_tokens": 2, "shuffle_caption": True,
+                                              "caption_suffix": "best quality"}]}]
+    assert "train_data_dir" not in sources[0].missing  # ss_dataset_dirs names the same folder
+    assert "where is 'sks dog' (12 images)?" in sources[0].missing["datasets[0].subsets[0].image_dir"]
+
+
+def test_data_finds_a_folder_mode_loras_image_folders(tmp_path):
+    meta = {"ss_network_dim": "16", "ss_dataset_dirs": '{"10_sks dog": {"n_repeats": 10, "img_count": 12}}'}
+    lora = safetensors_with(tmp_path / "v087.safetensors", meta)
+    (tmp_path / "img" / "10_sks dog").mkdir(parents=True)
+    src = import_sources([lora], data=tmp_path / "img")[1][0]
+    assert src.args["train_data_dir"] == str(tmp_path / "img") and "train_data_dir" not in src.missing
+    assert "train_data_dir" in import_sources([lora], data=tmp_path)[1][0].missing  # not there: still asked for

@@ -43,14 +43,14 @@ def lora_sweep_defaults(groups: dict[str, object]) -> dict[str, object]:
     return dict(flatten(tree))
 
 
-def read_source(path: Path) -> KohyaSource:
+def read_source(path: Path, data: Path | None = None) -> KohyaSource:
     """By kind: .safetensors -> a LoRA's metadata; a TOML or JSON with `datasets` -> a --dataset_config; JSON ->
     the GUI's config; a command naming train_network.py ->
     a command line; else an sd-scripts --config_file TOML."""
     with path.open("rb") as f:
         head = f.read(1 << 20)
     if path.suffix == ".safetensors" or head[8:9] == b"{":  # 8 bytes of header size, then the header's JSON
-        return read_lora(path)
+        return read_lora(path, data)
     if not head.strip() or b"\0" in head:
         src = KohyaSource(str(path))
         kind = "binary" if head.strip() else "empty"
@@ -79,11 +79,12 @@ def _is_dataset_config(path: Path, text: str) -> bool:
     return isinstance(data, dict) and isinstance(data.get("datasets"), list)
 
 
-def import_sources(paths: list[Path], target: Path | None = None) -> tuple[Imported, list[KohyaSource]]:
+def import_sources(paths: list[Path], target: Path | None = None,
+                   data: Path | None = None) -> tuple[Imported, list[KohyaSource]]:
     """Read every source (a later one's flags win) and map the union; problems of all sources are collected. A
     source's text for a file (the GUI's prompts) goes beside `target`, the experiment file (without one: a required
-    value)."""
-    sources = [read_source(path) for path in paths]
+    value); a LoRA's image folders are looked for in `data`."""
+    sources = [read_source(path, data) for path in paths]
     source_problems(sources)
     files: dict[str, str] = {}
     for src in sources:
@@ -109,6 +110,13 @@ def import_sources(paths: list[Path], target: Path | None = None) -> tuple[Impor
                              unrecorded=unrecorded)
     imported.problems[:0] = [p for src in sources for p in src.problems]
     imported.files = files
+    for src in sources:
+        for key, (value, why) in src.settings.items():
+            imported.put(key, value, f"{Path(src.path).name}: {why}")
+            shown = f"{len(value)} entries" if isinstance(value, list) else value
+            imported.rows.append(Row("mapped", why.split(",")[0], shown, key))
+            if key == "data.datasets":  # the datasets hold the images: no train_data_dir is missing
+                imported.rows = [r for r in imported.rows if (r.kind, r.kohya) != ("missing", "train_data_dir")]
     return imported, sources
 
 
@@ -197,14 +205,17 @@ def name_problems(name: str, into: Path | None, force: bool) -> list[str]:
     return problems
 
 
-def run_import(paths: list[Path], name: str | None, into: Path | None, force: bool) -> tuple[int, str, str]:
+def run_import(paths: list[Path], name: str | None, into: Path | None, force: bool,
+               data: Path | None = None) -> tuple[int, str, str]:
     """(exit status, stdout, stderr): 0 with the file written and the table; 2 with every problem, nothing written."""
     name = name or (paths[0].stem if paths else "imported")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") if name else name
     problems = [f"{p}: not found." for p in paths if not p.is_file()]
     problems += name_problems(name, into, force)
     path = target_path(name, into)
-    imported, sources = import_sources([p for p in paths if p.is_file()], path)
+    if data is not None and not data.is_dir():
+        problems.append(f"--data {data}: not a folder.")
+    imported, sources = import_sources([p for p in paths if p.is_file()], path, data)
     problems += imported.problems
     if problems:
         return 2, "", "\n\n".join(problems) + "\n"
