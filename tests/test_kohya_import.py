@@ -206,7 +206,8 @@ def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path,
         f"{config} line 2: learning_rate: '1e-4': v0.8.7 converts no TOML value and --learning_rate takes a number.",
         f"{config} line 3: network_train_unet_only: 1: v0.8.7 converts no TOML value and --network_train_unet_only "
         f"takes true or false.",
-        f"{plain}: the file: its metadata has no ss_* keys: not written by sd-scripts or lora-sweep."]
+        f"{plain}: the file: its metadata has no ss_* keys (nor OneTrainer's ot_config): not written by "
+        f"sd-scripts, lora-sweep or OneTrainer with its config."]
 
 
 def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, capsys):
@@ -461,3 +462,46 @@ def test_data_finds_a_folder_mode_loras_image_folders(tmp_path):
     src = import_sources([lora], data=tmp_path / "img")[1][0]
     assert src.args["train_data_dir"] == str(tmp_path / "img") and "train_data_dir" not in src.missing
     assert "train_data_dir" in import_sources([lora], data=tmp_path)[1][0].missing  # not there: still asked for
+
+
+def test_onetrainers_ot_config_maps_what_has_a_setting_and_lists_the_rest(tmp_path):
+    config = {"__version": 10, "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "sdxl.safetensors",
+              "learning_rate": 0.0003, "lora_rank": 16, "lora_alpha": 8.0, "batch_size": 2, "epochs": 10,
+              "gradient_accumulation_steps": 1, "resolution": "1024", "train_dtype": "BFLOAT_16",
+              "offset_noise_weight": 0.05, "perturbation_noise_weight": 0.0, "dropout_probability": 0.0,
+              "loss_weight_fn": "MIN_SNR_GAMMA", "loss_weight_strength": 5.0, "clip_grad_norm": 1.0,
+              "learning_rate_scheduler": "CONSTANT", "learning_rate_warmup_steps": 100.0,
+              "learning_rate_cycles": 1.0, "generalized_offset_noise": False, "min_noising_strength": 0.0,
+              "max_noising_strength": 1.0, "ema": "OFF", "layer_filter": "attn",
+              "optimizer": {"optimizer": "ADAMW_8BIT", "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.99,
+                            "eps": None},
+              "unet": {"train": True, "learning_rate": None}, "text_encoder": {"train": False},
+              "text_encoder_2": {"train": False}, "concepts": [{"path": "/data/dog", "name": "dog"}]}
+    meta = {"ot_branch": "master", "ot_revision": "23df3832", "ot_config": json.dumps(config),
+            "ss_base_model_version": "sdxl_", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    imported, sources = import_sources([safetensors_with(tmp_path / "ot.safetensors", meta)])
+    assert imported.problems == []
+    assert sources[0].args == {
+        "learning_rate": 0.0003, "network_dim": 16, "network_alpha": 8.0, "train_batch_size": 2,
+        "max_train_epochs": 10, "gradient_accumulation_steps": 1, "noise_offset": 0.05,
+        "optimizer_type": "AdamW8bit", "optimizer_args": ["weight_decay=0.01", "betas=(0.9,0.99)"],
+        "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 100, "mixed_precision": "bf16",
+        "resolution": "1024,1024", "min_snr_gamma": 5.0, "max_grad_norm": 1.0, "network_train_unet_only": True}
+    assert sources[0].origin["network_dim"] == "ot_config lora_rank = 16"
+    assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "adamw8bit", "noise": "offset",
+                               "loss": ["l2", "min_snr"]}
+    assert sources[0].unsupported == {"ema": ("OFF", "OneTrainer's ema: no lora-sweep setting"),
+                                      "layer_filter": ("attn", "OneTrainer's layer_filter: no lora-sweep setting")}
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing == {"pretrained_model_name_or_path": "model.path: OneTrainer records the name 'sdxl.safetensors'",
+                       "train_data_dir": "data.dir: OneTrainer's concepts: '/data/dog'; lay them out as "
+                                         "<repeats>_<name> folders"}
+    sd15 = safetensors_with(tmp_path / "sd15.safetensors", {"ot_config": json.dumps(
+        {**config, "model_type": "STABLE_DIFFUSION_15", "optimizer": {"optimizer": "ADAN"}})})
+    assert import_sources([sd15])[0].problems == [f"{sd15}: ot_config: model_type 'STABLE_DIFFUSION_15': lora-sweep "
+                                                  f"trains SDXL (STABLE_DIFFUSION_XL_10_BASE) LoRAs."]
+    adan = safetensors_with(tmp_path / "adan.safetensors", {"ot_config": json.dumps(
+        {**config, "optimizer": {"optimizer": "ADAN"}})})
+    assert import_sources([adan])[0].problems == [
+        f"{adan}: ot_config: optimizer 'ADAN': lora-sweep has no such optimizer; it has ADAMW, ADAMW_8BIT, PRODIGY, "
+        f"ADAFACTOR, DADAPT_ADAM, LION_8BIT, PAGED_ADAMW_8BIT."]

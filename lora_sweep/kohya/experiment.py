@@ -174,13 +174,18 @@ _HEADINGS = {"mapped": "mapped", "default": "kohya default, written (lora-sweep'
              "unknown": "unknown flags (newer than v0.8.7?): ignored"}
 
 
-def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]]) -> str:
-    """The table: per kind, one line per kohya flag (or GUI key) with its value and the setting or the reason."""
+def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]],
+               unsupported: dict[str, tuple[object, str]] | None = None) -> str:
+    """The table: per kind, one line per kohya flag (or GUI or OneTrainer key) with its value and the setting or
+    the reason."""
+    unsupported = unsupported or {}
     out = []
     for kind in KINDS:
         these = [r for r in imported.rows if r.kind == kind]
         if kind == "ignored":
             these += [Row("ignored", f"{key} (GUI)", value, why) for key, (value, why) in ignored_keys.items()]
+        if kind == "not supported":
+            these += [Row(kind, f"{key} (OneTrainer)", value, why) for key, (value, why) in unsupported.items()]
         if not these:
             continue
         out.append(f"{_HEADINGS[kind]} ({len(these)}):")
@@ -224,5 +229,7 @@ def run_import(paths: list[Path], name: str | None, into: Path | None, force: bo
         Path(file).write_text(text, encoding="utf-8")
     path.write_text(experiment_text(imported, [str(p) for p in paths]), encoding="utf-8")
     ignored = {key: why for src in sources for key, why in src.ignored.items()}
+    unsupported = {key: why for src in sources for key, why in src.unsupported.items()}
     run = f"experiment=user/{name}" if into is None else f"(copy {path.name} under conf/experiment/)"
-    return 0, table_text(imported, ignored) + f"\nwrote {path}; train it with `python sweep.py {run}`.\n", ""
+    table = table_text(imported, ignored, unsupported)
+    return 0, table + f"\nwrote {path}; train it with `python sweep.py {run}`.\n", ""

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.kohya.onetrainer import read_onetrainer
 from lora_sweep.kohya.sources import KohyaSource
 
 # ss_* keys whose flag has another name
@@ -87,8 +88,12 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
     except (OSError, ValueError) as err:
         src.problem("the file", f"not a readable .safetensors file ({err})")
         return src
+    if "ot_config" in meta:  # OneTrainer's, which adds ss_base_model_version only
+        read_onetrainer(meta["ot_config"], src)
+        return src
     if not any(key.startswith("ss_") for key in meta):
-        src.problem("the file", "its metadata has no ss_* keys: not written by sd-scripts or lora-sweep")
+        src.problem("the file", "its metadata has no ss_* keys (nor OneTrainer's ot_config): not written by "
+                                "sd-scripts, lora-sweep or OneTrainer with its config")
         return src
     version = meta.get("ss_base_model_version", "")
     if version and not version.startswith("sdxl"):

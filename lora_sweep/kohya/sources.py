@@ -34,6 +34,7 @@ class KohyaSource:
     unrecorded: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)  # flag -> text the import writes to a file (GUI prompts)
+    unsupported: dict[str, tuple[object, str]] = field(default_factory=dict)  # a key of another tool -> why
     settings: dict[str, tuple[object, str]] = field(default_factory=dict)  # no flag holds it: setting -> value, origin
     text: str = ""  # the file's text, for the line of a key in a problem
 
