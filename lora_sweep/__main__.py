@@ -342,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("paths", nargs="*", help="pending files, or folders to search (default: the state root, "
                         "$LORA_SWEEP_CACHE_DIR/states or ~/.cache/lora-sweep/states)")
     imp = sub.add_parser(
-        "import", help="a kohya config (GUI JSON, --config_file TOML, command line) as an experiment file",
-        description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file TOMLs and files holding an "
-        "`accelerate launch ... sdxl_train_network.py` command line (a later source's flags win), and writes "
+        "import", help="a kohya config (GUI JSON, TOML, command line, LoRA metadata) as an experiment file",
+        description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file and --dataset_config TOMLs, files "
+        "holding an `accelerate launch ... sdxl_train_network.py` command line and LoRA .safetensors metadata "
+        "(kohya's ss_*, OneTrainer's ot_config) (a later source's flags win), and writes "
         "conf/experiment/user/NAME.yaml with each line's source, then prints what became of every flag. A flag the "
         "sources leave out is sd-scripts v0.8.7's default.")
     imp.add_argument("sources", nargs="+", help="kohya files, in order")
