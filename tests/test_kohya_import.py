@@ -300,8 +300,8 @@ def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path,
     assert "missing" not in kinds(imported)
     monkeypatch.chdir(ROOT)  # where its relative image_dirs are not
     assert import_sources([toml])[0].problems[2] == (
-        f"{toml}: datasets[0].subsets[2].image_dir = 'reg/girl': the folder does not exist here (a relative path "
-        f"is read from the working folder, {ROOT}).")
+        f"{toml}: datasets[0].subsets[2].image_dir = 'reg/girl': the folder does not exist here (read from the "
+        f"working folder, {ROOT}).")
 
 
 def test_gui_sample_prompts_text_is_written_beside_the_experiment_as_its_prompt_file(tmp_path):

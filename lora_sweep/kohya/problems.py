@@ -63,6 +63,6 @@ def _dataset_problems(path: Path, src: KohyaSource) -> None:
         for j, subset in enumerate(dataset.get("subsets", [])):
             folder = subset.get("image_dir")
             if folder and not Path(folder).is_dir():
+                relative = "" if Path(folder).is_absolute() else f" (read from the working folder, {Path.cwd()})"
                 src.problems.append(f"{path}: datasets[{i}].subsets[{j}].image_dir = {folder!r}: the folder does "
-                                    f"not exist here (a relative path is read from the working folder, "
-                                    f"{Path.cwd()}).")
+                                    f"not exist here{relative}.")
