@@ -16,7 +16,7 @@ from lora_sweep.sampling.metrics import METRIC_KEYS
 STEP_SIZE = "train/step_size"  # a derived curve: train/d_lr (d*lr of D-Adaptation/Prodigy) where logged, else train/lr
 CURVE_GROUPS = {
     "losses": ("fit/loss", "val/loss", "train/loss", STEP_SIZE),
-    "image_metrics": tuple(f"img/{k}" for k in METRIC_KEYS),
+    "image_metrics": tuple(f"img/{k}" for k in METRIC_KEYS),  # first, in this order; then every other img/* logged
 }
 CURVE_TITLES = {
     "fit/loss": "fit/loss: fixed training points (comparable)",
@@ -44,11 +44,20 @@ def curve(variant, key: str) -> list[tuple[int, float]]:
     return variant.histories.get(key) or []
 
 
+def curve_groups(variants: Sequence) -> dict[str, tuple[str, ...]]:
+    """CURVE_GROUPS with every img/* metric the runs logged (the scorecard's, whatever their names) in its images."""
+    logged = sorted({k for v in variants for k in v.histories if k.startswith("img/")})
+    known = CURVE_GROUPS["image_metrics"]
+    return {**CURVE_GROUPS, "image_metrics": (*known, *(k for k in logged if k not in known))}
+
+
 def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[int] | None = None,
-                 labels: Sequence[str] | None = None) -> bytes | None:
+                 labels: Sequence[str] | None = None,
+                 marks: dict[str, Sequence[tuple[int, int, float]]] | None = None) -> bytes | None:
     """One PNG with a panel per metric key, one line per run on shared axes; None when no key has data.
 
-    `colors[i]`/`labels[i]`: run i's colour index and legend label (default: one per run).
+    `colors[i]`/`labels[i]`: run i's colour index and legend label (default: one per run). `marks[key]`: (colour
+    index, step, value) stars on that key's panel (each variant's best step).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,6 +95,9 @@ def curve_figure(variants: Sequence, keys: Sequence[str], *, colors: Sequence[in
                 line, = axes.plot(steps, values, color=color, marker="o" if len(values) < 15 else None,
                                   markersize=3, linewidth=1.4)
             handles.setdefault(label, line)
+        for index, step, value in (marks or {}).get(key, ()):
+            axes.plot([step], [value], marker="*", markersize=13, color=palette(index % palette.N),
+                      markeredgecolor="black", markeredgewidth=0.6, zorder=5)
         axes.set_title(CURVE_TITLES.get(key, key), fontsize=9)
         axes.set_xlabel("optimizer step", fontsize=8)
         axes.tick_params(labelsize=8)

@@ -212,7 +212,9 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
     They are logged on the sweep's parent run under `report/` when there is one; the summary also goes to `json_path`.
     """
     from lora_sweep.atomic import write_bytes, write_text
-    from lora_sweep.compare.figures import CURVE_GROUPS, curve_figure
+    from lora_sweep.compare.figures import curve_figure, curve_groups
+    from lora_sweep.compare.first_screen import best_marks
+    from lora_sweep.compare.forest import forest_figure
     from lora_sweep.compare.report_html import grid_png, progression_png, render_html
     from lora_sweep.compare.summary import build_summary, to_json
     from lora_sweep.tracking import store
@@ -225,17 +227,19 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
     runs = [r for g in data.groups for r in g.runs]
     colors = [i for i, g in enumerate(data.groups) for _ in g.runs]
     labels = [g.label for g in data.groups for _ in g.runs]
-    figures = {name: png for name, keys in CURVE_GROUPS.items()
-               if (png := curve_figure(runs, keys, colors=colors, labels=labels)) is not None}
+    summary = build_summary(data)
+    marks = best_marks(summary)
+    figures = {name: png for name, keys in curve_groups(runs).items()
+               if (png := curve_figure(runs, keys, colors=colors, labels=labels, marks=marks)) is not None}
+    forest = forest_figure(summary)
     written = [write_bytes(out_dir / f"{name}.png", png) for name, png in figures.items()]
-    for name, png in (("grid", grid_png(data)), ("progression", progression_png(data))):
+    for name, png in (("grid", grid_png(data)), ("progression", progression_png(data)), ("forest", forest)):
         if png is not None:
             written.append(write_bytes(out_dir / f"{name}.png", png))
-    summary = build_summary(data)
     written.append(write_text(out_dir / "summary.json", to_json(summary)))
     if json_path is not None:
         write_text(Path(json_path), to_json(summary))
-    html_path = write_text(out_dir / "report.html", render_html(data, figures, summary))
+    html_path = write_text(out_dir / "report.html", render_html(data, figures, summary, forest))
     if parent is not None:
         for path in [html_path, *written]:
             client.log_artifact(parent.info.run_id, str(path), artifact_path="report")

@@ -1,7 +1,8 @@
 """The comparison report's content, from plain data to one self-contained HTML page (no MLflow here).
 
-In a reader's order: which settings differ, which variant is better by more than the noise, the pictures, the
-curves. Every number is rendered from the summary (`summary.build_summary`) the page also embeds as JSON.
+In a reader's order: which variant is better by more than the noise (first_screen.py), the pictures, the curves,
+the settings that differ, and the numbers one click away. Every number is rendered from the summary
+(`summary.build_summary`) the page also embeds as JSON.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from lora_sweep.compare.figures import (
     labelled_grid_png,
     png_data_uri,
 )
+from lora_sweep.compare.first_screen import first_screen
+from lora_sweep.compare.footnotes import Footnotes
 from lora_sweep.compare.params import cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
 from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
 from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text
+from lora_sweep.compare.verdicts import css as verdict_css
 from lora_sweep.tracking.metric_spec import MetricSpec
 
 
@@ -91,7 +95,13 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img.fig{max-width:100%}details{margin-bottom:8px}code{font-size:12px}
 details.config{display:inline-block;vertical-align:top;margin:0 10px 4px 0}.configs{margin-bottom:12px}
 details.config td,.shared td{max-width:70em;overflow-wrap:anywhere}pre.warnings{font-size:12px;white-space:pre-wrap}
-"""
+h2{font-size:1.25em;margin:18px 0 6px}table.verdicts{margin:6px 0 4px}
+table.verdicts td.v{text-align:center;font-size:12px}
+table.verdicts th.metric{font-size:11px;font-weight:600;padding:2px 4px}td.best{font-size:12px;white-space:nowrap}
+.flag{color:#b00020;font-size:11px}.legend{font-size:12px;margin:2px 0 8px}.swatch{display:inline-block;width:10px;
+height:10px;border:1px solid #aaa}sup.fn{color:#8a5a00;font-size:10px}ol.footnotes{font-size:12px;color:#555}
+details>summary{cursor:pointer;font-weight:600}
+""" + verdict_css()
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, cls: str = "", raw: bool = False) -> str:
@@ -149,7 +159,7 @@ def _start_span(entry: dict | None, attributes: str) -> str:
     return f"<span class='start' {attributes} data-kind='at-start'>{html.escape(text)}</span>" if text else ""
 
 
-def _final_metrics(summary: dict) -> tuple[str, list[str]]:
+def _final_metrics(summary: dict, notes: Footnotes) -> tuple[str, list[str]]:
     rows = []
     for metric in summary["metrics"]:
         key = metric["key"]
@@ -161,21 +171,24 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
             entry = variant["metrics"][key]
             name = html.escape(variant["name"], quote=True)
             lost = f" · {unfinished_text(variant['unfinished'])}" if variant.get("unfinished") else ""
-            n = f" <span class='n'>n = {entry['n']}{html.escape(lost)}</span>" if entry["n"] or lost else ""
+            # n is in the column's head; a cell says it only where fewer runs have a value
+            n = (f" <span class='n'>n = {entry['n']}{html.escape(lost)}</span>"
+                 if entry["n"] and (entry["n"] != variant["n"] or lost) else "")
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
                     f"title='{html.escape(entry['note'], quote=True)}'>"
-                    f"{html.escape(estimate_text(entry, decimals))}</span>{n}")
+                    f"{notes.cell(estimate_text(entry, decimals))}</span>{n}")
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)
                 basis = "; ".join(t for t in ((found or {}).get("basis"), (found or {}).get("note")) if t)
                 cell += (f"<span class='delta {cls}' data-variant='{name}' data-metric='{key}' data-kind='vs-baseline'"
-                         f" title='{html.escape(basis, quote=True)}'>{html.escape(text)}</span>"
+                         f" title='{html.escape(basis, quote=True)}'>{notes.cell(text)}</span>"
                          + _start_span(found, f"data-variant='{name}' data-metric='{key}'"))
             row.append(cell)
         rows.append(row)
     final = all(m.get("final", True) for m in summary["metrics"])
     title = "Final metrics" if final else f"Metrics (image metrics at step {summary['step']}, the rest final)"
+    heads = [f"{head} ({v['n_text']})" for head, v in zip(_column_heads(summary), summary["variants"], strict=True)]
     return (f"{title} on a common yardstick (difference from baseline {summary['baseline']}, 95 % intervals)",
             ["<p class='sub'>Mean over replicates [95 % t interval]; below it, the difference from the baseline: "
              "always the difference of the two means shown, with its interval paired over seeds when both have the "
@@ -187,11 +200,12 @@ def _final_metrics(summary: dict) -> tuple[str, list[str]]:
              f"(add train.seed=1,2,3 for that). {CLIPPED_MARK} interval clipped at the metric's natural bounds (steps "
              "within the run, an MSE at 0), which keeps its 95 % coverage: the true value lies within them. "
              "<i>differs at step 0</i>: the two already differ before training (e.g. fp8 vs fp16 base weights), "
-             "so the final difference is not training's alone; the change from step 0 is.</p>",
-             _table(["metric", *_column_heads(summary)], rows, cls="final", raw=True)])
+             "so the final difference is not training's alone; the change from step 0 is. Numbered notes are "
+             "under the table.</p>",
+             _table(["metric", *heads], rows, cls="final", raw=True)])
 
 
-def _one_knob(summary: dict) -> tuple[str, list[str]]:
+def _one_knob(summary: dict, notes: Footnotes) -> tuple[str, list[str]]:
     parts = ["<p class='sub'>Pairs of variants whose configs differ in exactly one knob (a config-group choice or "
              "one value); the effect of going from the first to the second on every common metric. A group choice "
              "can change several values at once: those pairs are marked <span class='compound'>compound</span>, "
@@ -214,11 +228,22 @@ def _one_knob(summary: dict) -> tuple[str, list[str]]:
             basis = html.escape((entry or {}).get("basis", ""), quote=True)
             where = (f"data-a='{html.escape(pair['a'], quote=True)}' data-b='{html.escape(pair['b'], quote=True)}' "
                      f"data-metric='{metric['key']}'")
-            row.append(f"<span class='{cls}' {where} title='{basis}'>{html.escape(text)}</span>"
+            row.append(f"<span class='{cls}' {where} title='{basis}'>{notes.cell(text)}</span>"
                        + _start_span(entry, where))
         rows.append(row)
     return "One-knob effects", parts + [_table(["pair", "knob", *[m["key"] for m in summary["metrics"]]], rows,
                                                cls="knobs", raw=True)]
+
+
+def _numbers(summary: dict) -> tuple[str, list[str]]:
+    """The final metrics and the one-knob effects as tables, one click away, their notes numbered once below."""
+    notes = Footnotes()
+    body = []
+    for title, parts in (_final_metrics(summary, notes), _one_knob(summary, notes)):
+        body += [f"<h3>{html.escape(title)}</h3>", *parts]
+    summary_line = "Show the numbers: each variant's means, its differences from the baseline, the one-knob effects"
+    return "The numbers", [f"<details class='numbers'><summary>{summary_line}</summary>{''.join(body)}"
+                           f"<p class='sub'>Notes:</p>{notes.legend()}</details>"]
 
 
 def _samples(data: ReportData) -> tuple[str, list[str]]:
@@ -267,10 +292,14 @@ def _progression(data: ReportData) -> tuple[str, list[str]] | None:
              f'<table class="grid progression">{head}{"".join(body)}</table>'])
 
 
-def _curves(figures: dict[str, bytes]) -> tuple[str, list[str]]:
+def _curves(figures: dict[str, bytes], summary: dict) -> tuple[str, list[str]]:
+    select = summary.get("select")
+    marked = (f" A star marks each variant's best step by {html.escape(select['metric'])} (its replicate mean)."
+              if select else "")
     parts = ["<p class='sub'>fit/loss and val/loss compare across variants; train/loss is each variant's own "
              "objective (l2, Huber, min-SNR or debiased weighted) and does not; the step size is d*lr for "
-             "D-Adaptation and Prodigy. Replicates share their variant's colour.</p>"]
+             "D-Adaptation and Prodigy. Every img/* metric logged is drawn at its sampled steps. Replicates share "
+             f"their variant's colour.{marked}</p>"]
     for name, png in figures.items():
         parts.append(f'<h3>{html.escape(name.replace("_", " "))}</h3><img class="fig" alt="{name}" '
                      f'src="{png_data_uri(png)}">')
@@ -307,19 +336,25 @@ def _data_warnings(data: ReportData, summary: dict) -> list[str]:
     return parts
 
 
-def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | None = None) -> str:
-    """The whole page, every image embedded; sections with nothing to show are left out, numbering stays continuous."""
+def render_html(data: ReportData, figures: dict[str, bytes], summary: dict | None = None,
+                forest: bytes | None = None) -> str:
+    """The whole page, every image embedded; sections with nothing to show are left out, numbering stays continuous.
+
+    `figures`: the curve PNGs by name; `forest`: the forest plot's PNG (forest.forest_figure).
+    """
     summary = summary if summary is not None else build_summary(data)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>",
              f"<p class='sub'>{html.escape(data.subtitle)}</p>"]
-    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in summary["notes"]]
-    parts += _data_warnings(data, summary)
+    notes = [f"<p class='note'>{html.escape(note)}</p>" for note in summary["notes"]]
+    notes += _data_warnings(data, summary)
     if any(g.n == 1 for g in data.groups):
-        parts.append(f"<p class='note'>Variants with n = 1 have no interval of their own; {REPLICATE_HINT} "
+        notes.append(f"<p class='note'>Variants with n = 1 have no interval of their own; {REPLICATE_HINT} "
                      "(python sweep.py -m ... train.seed=1,2,3).</p>")
-    sections = [_parameters(data), _final_metrics(summary), _one_knob(summary), _samples(data), _progression(data),
-                _curves(figures)]
+    title, first = first_screen(summary, png_data_uri(forest) if forest else None)
+    # the notes follow the matrix: they qualify it, and must not push it below the first screen
+    sections = [(title, first[:-1] + notes + first[-1:] if forest else first + notes), _samples(data),
+                _progression(data), _curves(figures, summary), _parameters(data), _numbers(summary)]
     for number, (title, body) in enumerate((s for s in sections if s is not None), start=1):
         parts.append(f"<h2>{number}. {html.escape(title)}</h2>")
         parts += body

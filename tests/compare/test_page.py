@@ -42,9 +42,9 @@ def test_sections_are_numbered_continuously_without_samples():
     html, _, _ = page()
     titles = re.findall(r"<h2>(\d+)\. ([^<(]+)", html.replace("&#x27;", "'"))
     assert [int(n) for n, _ in titles] == list(range(1, len(titles) + 1))
-    assert [t.strip() for _, t in titles] == ["Parameters that differ", "Final metrics on a common yardstick",
-                                              "One-knob effects", "Samples at each run's last sampled step",
-                                              "Curves"]
+    assert [t.strip() for _, t in titles] == ["What differs, and which is better",
+                                              "Samples at each run's last sampled step", "Curves",
+                                              "Parameters that differ", "The numbers"]
 
 
 def test_long_values_are_cut_in_the_table_and_whole_in_the_resolved_config():

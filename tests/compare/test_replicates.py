@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, new_store
 
 from lora_sweep.compare.cells import effect_text, estimate_text, row_decimals
+from lora_sweep.compare.footnotes import Footnotes
 from lora_sweep.compare.report import build_report, main
 
 pytestmark = pytest.mark.slow
@@ -63,23 +64,27 @@ def sweep(tmp_path_factory):
 
 
 class Spans(HTMLParser):
-    """Text of every element carrying data-metric (the numbers of the final-metrics and one-knob tables)."""
+    """Text of every element carrying data-metric (the numbers of the final-metrics and one-knob tables), less its
+    footnote markers."""
 
     def __init__(self):
         super().__init__()
         self.found: list[tuple[dict, str]] = []
         self._open: dict | None = None
+        self._marker = False
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
+        self._marker = tag == "sup"
         if "data-metric" in attributes:
             self._open, self._text = attributes, ""
 
     def handle_data(self, data):
-        if self._open is not None:
+        if self._open is not None and not self._marker:
             self._text += data
 
     def handle_endtag(self, tag):
+        self._marker = False
         if self._open is not None and tag == "span":
             self.found.append((self._open, self._text))
             self._open = None
@@ -123,17 +128,23 @@ def test_json_block_holds_what_the_page_shows(sweep, capsys):
     spans.feed(html)
     shown = {(a.get("data-variant"), a.get("data-a"), a["data-metric"], a.get("data-kind")): text
              for a, text in spans.found}
+    notes = Footnotes()  # a cell's note is in the legend under its table, the cell keeps the rest
+
+    def cell(text: str) -> str:
+        return re.sub(r"<sup.*?</sup>", "", notes.cell(text)).replace("&#x27;", "'").replace("&amp;", "&")
+
     checked = 0
     for variant in summary["variants"]:
         for key, entry in variant["metrics"].items():
             decimals = row_decimals(v["metrics"][key] for v in summary["variants"])  # one row, one format
-            assert shown[(variant["name"], None, key, "mean")] == estimate_text(entry, decimals)
+            assert shown[(variant["name"], None, key, "mean")] == cell(estimate_text(entry, decimals))
             checked += 1
         for key, entry in variant["vs_baseline"].items():
-            assert shown[(variant["name"], None, key, "vs-baseline")] == effect_text(entry)[0]
+            assert shown[(variant["name"], None, key, "vs-baseline")] == cell(effect_text(entry)[0])
     for pair in summary["one_knob_pairs"]:
         for key, entry in pair["effects"].items():
-            assert shown[(None, pair["a"], key, None)] == effect_text(entry)[0]
+            assert shown[(None, pair["a"], key, None)] == cell(effect_text(entry)[0])
+    assert all(html.count(f"<li value='{n}'>") >= 1 for n in notes.numbers.values())
     assert checked >= 2 * 3
     # the page's parameter table and pictures
     params = html.split('<table class="params">', 1)[1].split("</table>", 1)[0]

@@ -211,7 +211,7 @@ def test_each_metric_row_states_the_step_its_values_are_from(store, tmp_path):
     page = path.read_text()
     assert "<span class='n' data-metric='img/luminance_mean' data-kind='step'>at step 10</span>" in page
     assert "<span class='n' data-metric='val/loss' data-kind='step'>at final (step 20)</span>" in page
-    assert "2. Metrics (image metrics at step 10, the rest final) on a common yardstick" in page
+    assert "<h3>Metrics (image metrics at step 10, the rest final) on a common yardstick" in page
     build_report(sweep_run_id=store["parent"], out_dir=tmp_path, tracking_uri=store["uri"])  # the latest step
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {m["at"] for m in summary["metrics"]} == {"final (step 20)"}

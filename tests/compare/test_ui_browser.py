@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,900", "--virtual-time-budget=15000"]
+                  "--virtual-time-budget=15000"]
+WINDOW = "--window-size=1400,900"
 
 
 def find_or_install_chromium() -> tuple[str | None, str]:
@@ -60,11 +61,11 @@ def chromium() -> str:
     return path
 
 
-def run_chromium(binary: str, url: str, profile: Path, *, screenshot: Path | None = None) -> str:
-    """One headless page load: the rendered DOM (stdout), or a screenshot. Chromium's helper processes share its
-    session, which is killed as a whole if the load hangs."""
+def run_chromium(binary: str, url: str, profile: Path, *, screenshot: Path | None = None, window: str = WINDOW) -> str:
+    """One headless page load in a `window` ('--window-size=W,H'): the rendered DOM (stdout), or a screenshot.
+    Chromium's helper processes share its session, which is killed as a whole if the load hangs."""
     action = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
-    process = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *action, url],
+    process = subprocess.Popen([binary, *CHROMIUM_FLAGS, window, f"--user-data-dir={profile}", *action, url],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, _ = process.communicate(timeout=120)
