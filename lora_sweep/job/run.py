@@ -225,10 +225,10 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
                            validation_scan=ready.inputs.validation_scan,
                            prompts=ready.inputs.prompts)
         stopped_by = signal.Signals(stop.signum).name if stop.signum else "request"
-        outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
-                             reason=f"stopped by {stopped_by}" if result.stopped_early else "",
+        outcome = JobOutcome("KILLED" if result.interrupted else "FINISHED", logger.run_id,
+                             reason=f"stopped by {stopped_by}" if result.interrupted else "",
                              final_loss=result.final_loss, files=result.files,
-                             stop_signal=stop.signum if result.stopped_early else None)
+                             stop_signal=stop.signum if result.interrupted else None)
     except KeyboardInterrupt:
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
         outcome.stop_signal = signal.SIGINT

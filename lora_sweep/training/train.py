@@ -79,7 +79,7 @@ class TrainResult:
 
     final_loss: float | None  # the mean loss of the last logging window; None when no step was taken
     steps: int
-    stopped_early: bool
+    interrupted: bool  # a stop request (a signal) ended it before max_steps
     files: dict[str, Path] = field(default_factory=dict)
     last_state: Path | None = None
 
@@ -193,7 +193,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             if final:
                 break
     if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
-        return TrainResult(final_loss=None, steps=0, stopped_early=True, last_state=saver.last_state)
+        return TrainResult(final_loss=None, steps=0, interrupted=True, last_state=saver.last_state)
     # ss_epoch of the final file: v0.8.7's num_train_epochs; a run stopped early: the epochs it reached
     reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
