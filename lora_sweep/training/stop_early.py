@@ -130,7 +130,7 @@ class EarlyStop:
             if peers is None:
                 return True
             if len(peers) < o.min_peers:
-                self._say_once("few", "sweep.stop_early: fewer than sweep.stop_early.min_peers=%d sibling runs had "
+                self._say_once("few", "early stop: fewer than sweep.stop_early.min_peers=%d sibling runs had "
                                "logged %s at step %d (%d): the median rule waits for more", o.min_peers,
                                o.spec.name, step, len(peers))
             limit = median_rule(o.spec, value, peers, o.min_peers)
@@ -139,13 +139,13 @@ class EarlyStop:
             if first is None:  # a resumed process: step 0 is in the store
                 first = self._ask(lambda: self.peers.own_value(o.spec.name, 0), step)
                 if first is None:
-                    self._say_once("first", "sweep.stop_early: this run's step-0 value of %s is unknown: the diverged "
+                    self._say_once("first", "early stop: this run's step-0 value of %s is unknown: the diverged "
                                    "rule stops it only on a non-finite value", o.spec.name)
                     first = math.inf if o.spec.direction == "min" else -math.inf
             peers, limit = [], diverged_rule(o.spec, value, first, o.margin)
         if limit is not None:
             self.decision = Decision(step, o.rule, o.spec.name, value, limit, ranked(o.spec, peers))
-            log.warning("sweep.stop_early: stopping at step %d (rule %s): %s = %s is worse than %s; the state and "
+            log.warning("early stop: stopping at step %d (rule %s): %s = %s is worse than %s; the state and "
                         "the LoRA of this step are saved, the run ends KILLED and a rerun without the rule resumes it",
                         step, o.rule, o.spec.name, value, limit)
         return True
@@ -165,7 +165,7 @@ class EarlyStop:
         self._busy = threading.Thread(target=run, name="stop-early-read", daemon=True)
         self._busy.start()
         self._busy.join(self.options.timeout)
-        what = f"sweep.stop_early ({self.options.rule} rule)"
+        what = f"early stop ({self.options.rule} rule)"
         if self._busy.is_alive():
             self._say_once("late", "%s: the tracking store did not answer within sweep.stop_early.timeout=%s s at "
                            "step %d: the rule does not stop this run while it cannot read the store",
