@@ -81,6 +81,7 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
         report.problems.append(device)
     _check_data(cfg, report, memo)
     _check_prompts(cfg, report, memo)
+    report.problems += weights_folder_problems(cfg)
     _attempt(report, lambda: _check_learning_rates(cfg))
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
@@ -240,6 +241,16 @@ def _check_prompts(cfg, report: Report, memo: Memo) -> None:
     problems, fallbacks = parse_prompts(cfg, memo)
     report.problems += problems
     report.fallbacks += fallbacks
+
+
+def weights_folder_problems(cfg) -> list[str]:
+    """The evaluation.clip_model and evaluation.dino_model folders that cannot load (`embeddings.folder_problem`)."""
+    from lora_sweep.sampling.embeddings import folder_problem
+
+    e = cfg.evaluation
+    found = [folder_problem(path, f"evaluation.{key}") for key, path in
+             (("clip_model", e.clip_model), ("dino_model", e.dino_model)) if path]
+    return [problem for problem in found if problem]
 
 
 def parse_prompts(cfg, memo: Memo | None = None) -> tuple[list[str], list[Fallback]]:

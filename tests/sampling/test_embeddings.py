@@ -1,0 +1,136 @@
+"""img/clip_t, img/clip_i and img/dino: tiny random-weight CLIP, DINOv2 and ViT models built from configs, saved as
+local folders and loaded through the code a user's folder takes; the pre-flight's refusals; a training logs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from PIL import Image
+
+from lora_sweep.checks.preflight import check_job
+from lora_sweep.model.tiny_sdxl import BOS_TOKEN, EOS_TOKEN, TINY_MERGES, _tokenizer_kwargs, clip_vocab
+from lora_sweep.sampling.embeddings import (
+    EmbeddingScorer,
+    clip_score,
+    folder_problem,
+    load_embedder,
+    mean_pair_similarity,
+)
+
+TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+VISION = {**TINY, "image_size": 32, "patch_size": 8}
+SIZE = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """{"clip", "dinov2", "vit"}: transformers folders as save_pretrained writes them, random weights (seed 0)."""
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    root = tmp_path_factory.mktemp("weights")
+    vocab = clip_vocab(TINY_MERGES)
+    torch.manual_seed(0)
+    text = {**TINY, "vocab_size": len(vocab), "bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN],
+            "pad_token_id": vocab[EOS_TOKEN]}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=8)).save_pretrained(root / "clip")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=list(TINY_MERGES), **_tokenizer_kwargs("tokenizer"))
+    CLIPProcessor(image_processor=CLIPImageProcessor(**SIZE), tokenizer=tokenizer).save_pretrained(root / "clip")
+    Dinov2Model(Dinov2Config(**VISION)).save_pretrained(root / "dinov2")
+    BitImageProcessor(**SIZE).save_pretrained(root / "dinov2")
+    ViTModel(ViTConfig(**VISION)).save_pretrained(root / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
+    return {name: root / name for name in ("clip", "dinov2", "vit")}
+
+
+def noise_images(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.mark.parametrize(("name", "kind", "width"), [("clip", "clip", 8), ("dinov2", "dino", 16), ("vit", "dino", 16)])
+def test_a_saved_folder_loads_and_identical_images_have_similarity_one(folders, name, kind, width):
+    setting = "evaluation.clip_model" if kind == "clip" else "evaluation.dino_model"
+    assert folder_problem(folders[name], setting) is None
+    embedder = load_embedder(folders[name], kind)
+    assert not embedder.model.training
+    images = noise_images(3)
+    embeddings = embedder.image_embeddings(images)
+    assert embeddings.shape == (3, width) and embeddings.dtype == torch.float32
+    assert mean_pair_similarity(embeddings[:1], embedder.image_embeddings(images[:1])) == pytest.approx(1.0, abs=1e-5)
+    others = embeddings @ embeddings.T
+    assert -1.0 <= float(others.min()) and float(others[0, 1]) < 0.9999
+    if kind == "clip":
+        scores = clip_score(embeddings[:2], embedder.text_embeddings(["a (photo:1.2) of the dog", "and"]))
+        assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 100)).all())
+
+
+def test_the_scorer_logs_likeness_and_adherence_and_embeds_the_training_images_once(folders, tmp_path):
+    reference = noise_images(1, seed=5)[0]
+    reference.save(tmp_path / "train.png")
+    calls = []
+
+    def cache(kind, model, paths, compute):
+        calls.append((kind, model, list(paths)))
+        return compute()
+
+    scorer = EmbeddingScorer(str(folders["clip"]), str(folders["dinov2"]), [tmp_path / "train.png"], cache)
+    same = scorer([reference], ["a photo"], torch.device("cpu"))
+    assert set(same) == {"img/clip_t", "img/clip_i", "img/dino"}
+    assert same["img/clip_i"] == pytest.approx(1.0, abs=1e-5) and same["img/dino"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= same["img/clip_t"] <= 100.0
+    other = scorer(noise_images(2), ["a photo", "the dog"], torch.device("cpu"))
+    assert -1.0 <= other["img/clip_i"] < 0.9999 and -1.0 <= other["img/dino"] < 0.9999
+    assert [(kind, model.name) for kind, model, _ in calls] == [("clip", "clip"), ("dino", "dinov2")]
+    scorer.close()
+    assert scorer([reference], ["a photo"], torch.device("cpu")) == same  # reloaded, same weights
+
+
+def test_open_clip_checkpoints_and_other_folders_are_refused_naming_what_they_lack(folders, tmp_path):
+    open_clip = tmp_path / "laion"
+    open_clip.mkdir()
+    (open_clip / "open_clip_config.json").write_text("{}")
+    (open_clip / "open_clip_pytorch_model.bin").write_bytes(b"")
+    refused = folder_problem(open_clip, "evaluation.clip_model")
+    assert refused.startswith(f"evaluation.clip_model: '{open_clip}' is an open_clip checkpoint")
+    assert "open_clip cannot be installed beside this torch" in refused and "docs/comparing.md" in refused
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"")
+    assert "is an open_clip checkpoint" in folder_problem(tmp_path / "ViT-B-32.pt", "evaluation.clip_model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert folder_problem(empty, "evaluation.dino_model") == (
+        f"evaluation.dino_model: '{empty}' is not a transformers model folder: it lacks config.json and "
+        "model.safetensors or pytorch_model.bin. Give a folder holding a Dinov2Model or ViTModel saved with "
+        "save_pretrained.")
+    wrong = folder_problem(folders["dinov2"], "evaluation.clip_model")
+    assert "holds a 'dinov2' model; it must be a CLIPModel" in wrong
+    # LAION's repositories ship transformers files beside the open_clip ones: those load
+    both = tmp_path / "both"
+    both.mkdir()
+    for file in folders["clip"].iterdir():
+        (both / file.name).write_bytes(file.read_bytes())
+    (both / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert folder_problem(both, "evaluation.clip_model") is None
+
+
+def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path):
+    missing = tmp_path / "no-such-clip"
+    report = check_job(compose_config(f"evaluation.clip_model={missing}", f"evaluation.dino_model={tmp_path}"))
+    assert f"evaluation.clip_model: '{missing}' does not exist." in " ".join(report.problems)
+    assert any(p.startswith(f"evaluation.dino_model: '{tmp_path}' is not a transformers model folder")
+               for p in report.problems)
