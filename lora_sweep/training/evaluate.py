@@ -15,6 +15,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -83,11 +84,33 @@ def read_prompts(cfg) -> tuple[list, list[str], list]:
     )
 
 
+def embedding_scorer(cfg, data):
+    """The scorer of img/clip_t, img/clip_i and img/dino (evaluation.clip_model, evaluation.dino_model) against the
+    training images `data.fit_candidates` (no reg image, none held out). Their embeddings are cached under the cache
+    root, keyed by the model folder's and the images' content, so each dataset is embedded once per model."""
+    from lora_sweep.data.cache import TensorCache
+    from lora_sweep.data.cache_keys import cache_key
+    from lora_sweep.paths import cache_root
+    from lora_sweep.sampling.embeddings import EmbeddingScorer
+
+    cache = TensorCache(cache_root(cfg))
+
+    def cached(kind, model, paths, compute) -> torch.Tensor:
+        key = cache_key(embedder=kind, model=cache.model_identity(model),
+                        images=[cache.file_sha256(path) for path in paths])
+        return cache.get_or_compute("embeddings", key, lambda: {"embeddings": compute()})["embeddings"]
+
+    references = [data.prepared.examples[i].item.path for i in data.fit_candidates]
+    return EmbeddingScorer(cfg.evaluation.clip_model, cfg.evaluation.dino_model, references, cached)
+
+
 @dataclass
 class Sampler:
-    """Draw the prompts with the current LoRA and log images, the grid and image metrics."""
+    """Draw the prompts with the current LoRA and log images, the grid and image metrics (`scorer`: those of a
+    weights folder, sampling/embeddings.py)."""
 
     prompts: list
+    scorer: Any = None
 
     def __call__(self, s, step: int, final: bool) -> bool:
         """Sample if due at `step`; False if a stop request cut the sampling short (then nothing is logged)."""
@@ -110,6 +133,10 @@ class Sampler:
             return False
         log_samples(images, self.prompts, step, sink=s.sink)
         s.sink.metrics(mean_metrics(images), step)
+        if self.scorer is not None and self.scorer.active:
+            s.sink.metrics(self.scorer(images, [p.prompt for p in self.prompts], s.device), step)
+            if final:
+                self.scorer.close()
         return True
 
 

@@ -134,3 +134,22 @@ def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path)
     assert f"evaluation.clip_model: '{missing}' does not exist." in " ".join(report.problems)
     assert any(p.startswith(f"evaluation.dino_model: '{tmp_path}' is not a transformers model folder")
                for p in report.problems)
+
+
+def test_a_training_logs_the_three_metrics_at_its_sampled_steps(folders, tmp_path, mlflow_uri, cache_dir):
+    from mlflow.tracking import MlflowClient
+
+    from lora_sweep.job.run import run_job
+
+    cfg = compose_config("train.max_steps=2", "train.batch_size=2", "train.save_every=0", "validation.fit_images=0",
+                         "sampling.prompts=['a photo']", "sampling.steps=2", "sampling.width=64",
+                         "sampling.height=64", f"evaluation.clip_model={folders['clip']}",
+                         f"evaluation.dino_model={folders['vit']}")
+    outcome = run_job(cfg, output_dir=tmp_path / "out")
+    assert outcome.status == "FINISHED"
+    client = MlflowClient(mlflow_uri)
+    for key in ("img/clip_t", "img/clip_i", "img/dino"):
+        history = client.get_metric_history(outcome.run_id, key)
+        assert sorted(m.step for m in history) == [0, 2], key
+        assert all(-1.0 <= m.value <= 100.0 for m in history)
+    assert len(list((cache_dir / "embeddings").rglob("*.safetensors"))) >= 2  # the training images, once per model
