@@ -13,6 +13,7 @@ from PIL import Image
 
 from lora_sweep.checks.preflight import check_job
 from lora_sweep.model.tiny_sdxl import BOS_TOKEN, EOS_TOKEN, TINY_MERGES, _tokenizer_kwargs, clip_vocab
+from lora_sweep.paths import make_paths_absolute
 from lora_sweep.sampling.embeddings import (
     EmbeddingScorer,
     clip_score,
@@ -128,7 +129,10 @@ def test_open_clip_checkpoints_and_other_folders_are_refused_naming_what_they_la
     assert folder_problem(both, "evaluation.clip_model") is None
 
 
-def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path):
+def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative folder is read from where the command started
+    assert make_paths_absolute(compose_config("evaluation.clip_model=models/clip")) == {
+        "evaluation.clip_model": str(tmp_path / "models" / "clip")}
     missing = tmp_path / "no-such-clip"
     report = check_job(compose_config(f"evaluation.clip_model={missing}", f"evaluation.dino_model={tmp_path}"))
     assert f"evaluation.clip_model: '{missing}' does not exist." in " ".join(report.problems)
