@@ -68,19 +68,33 @@ def due(step: int, every: int, final: bool) -> bool:
 def read_prompts(cfg) -> tuple[list, list[str], list]:
     """`sampling.prompts` and `sampling.prompt_file` as the Sampler draws them: `check_prompts`' (specs, problems,
     fallbacks) with the sampling group's defaults (width/height: sampling.width/height, else the shorter side of
-    data.resolution); nothing when neither is set."""
+    data.resolution), each prompt at every seed of `sampling.seeds` (`prompts.at_seeds`, prompt-major; [] is
+    [sampling.seed]); nothing when neither is set."""
     from lora_sweep.data.buckets import parse_resolution
-    from lora_sweep.sampling.prompts import check_prompts
+    from lora_sweep.sampling.prompts import at_seeds, check_prompts
 
     sc = cfg.sampling
     if not sc.prompts and not sc.prompt_file:
         return [], [], []
     side = min(parse_resolution(cfg.data.resolution))
-    return check_prompts(
-        list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
-        default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=sc.seed,
-        default_negative=sc.negative, default_sampler=sc.sampler,
-    )
+    seeds = list(sc.seeds) or [sc.seed]
+
+    def parsed(default_seed: int):
+        return check_prompts(
+            list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
+            default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=default_seed,
+            default_negative=sc.negative, default_sampler=sc.sampler,
+        )
+
+    specs, problems, fallbacks = parsed(seeds[0])
+    if len(seeds) > 1 and not problems:
+        specs = at_seeds(specs, parsed(seeds[0] + 1)[0], seeds)
+    return specs, problems, fallbacks
+
+
+def n_seeds(cfg) -> int:
+    """Samples per prompt line: the length of `sampling.seeds`, at least 1."""
+    return max(1, len(cfg.sampling.seeds))
 
 
 @dataclass
@@ -108,7 +122,7 @@ class Sampler:
             log.info("sampling at step %d stopped after %d of %d prompts (stop requested): not logged", step,
                      len(images), len(self.prompts))
             return False
-        log_samples(images, self.prompts, step, sink=s.sink)
+        log_samples(images, self.prompts, step, sink=s.sink, n_seeds=n_seeds(s.cfg))
         s.sink.metrics(mean_metrics(images), step)
         return True
 
