@@ -240,6 +240,18 @@ def default_out(experiment: str | None, sweep_run_id: str | None, all_sweeps: bo
     return Path("reports") / (f"{name}-all-sweeps" if all_sweeps else name)
 
 
+def score(args) -> None:
+    """--score: `compare.score.score_runs` over the runs the report compares, one line per run on stdout."""
+    from lora_sweep.compare.score import score_runs
+    from lora_sweep.tracking import store
+
+    client = store.client(resolve_tracking_uri(args.tracking_uri))
+    _, runs = find_runs(client, experiment=args.experiment, sweep_run_id=args.sweep_run_id, all_sweeps=args.all_sweeps)
+    with _quiet_downloads():
+        for line in score_runs(client, runs):
+            print(f"score: {line}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_sweep compare",
                                      description="Compare a sweep's variants in one HTML page.")
@@ -263,11 +275,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", "--store", dest="tracking_uri",
                         help="MLflow tracking store URI, as `ui --tracking-uri` takes it (default: "
                              "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--score", action="store_true",
+                        help="first compute the scorecard's image metrics (img/copying, img/diversity, img/drift) "
+                             "from each compared run's logged samples and log those it lacks at their steps "
+                             "(runs sampled before they existed); a second call adds nothing")
     args = parser.parse_args(argv)
     if args.all_sweeps and args.sweep_run_id:
         parser.error("--all-sweeps compares an experiment's runs across its sweeps: give --experiment, not --sweep")
     out_dir = args.out or default_out(args.experiment, args.sweep_run_id, args.all_sweeps)
     try:
+        if args.score:
+            score(args)
         path = build_report(experiment=args.experiment, sweep_run_id=args.sweep_run_id, step=args.step,
                             all_sweeps=args.all_sweeps,
                             out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri,
