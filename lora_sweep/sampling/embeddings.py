@@ -43,9 +43,10 @@ def open_clip_refusal(setting: str, path: Path) -> str:
 
 
 def folder_problem(path: str | Path, setting: str) -> str | None:
-    """Why `path` (evaluation.clip_model or evaluation.dino_model) cannot load, one paragraph naming `setting`; None
-    when it is a transformers folder of the right model type. Reads file names and config.json only."""
-    kind = "clip" if setting.endswith("clip_model") else "dino"
+    """Why `path` cannot load, one paragraph naming `setting` (evaluation.clip_model or evaluation.dino_model, or
+    compare's --clip-model / --dino-model); None when it is a transformers folder of the right model type. Reads file
+    names and config.json only."""
+    kind = "clip" if "clip" in setting else "dino"
     wanted = "a CLIPModel" if kind == "clip" else "a Dinov2Model or ViTModel"
     path = Path(path).expanduser()
     if not path.exists():
@@ -185,17 +186,16 @@ class EmbeddingScorer:
     references: Sequence[Path]
     cache: ReferenceCache = uncached
     _embedders: list[Embedder] | None = field(default=None, repr=False)
-    _reference_embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _reference_embeddings: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _said: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         skipped = [m for kind, p in (("clip", self.clip_model), ("dino", self.dino_model)) if not p
                    for m in SKIPPED[kind]]
         if skipped:
-            log.info("%s not logged: evaluation.clip_model / evaluation.dino_model name no local weights folder "
-                     "(docs/comparing.md, section 'Likeness and prompt adherence')", ", ".join(skipped))
-        if not self.references and (self.clip_model or self.dino_model):
-            log.info("img/clip_i and img/dino not logged: no training image to compare with (every image is a "
-                     "regularization image or held out)")
+            log.info("%s not logged: no local weights folder given (evaluation.clip_model / evaluation.dino_model; "
+                     "compare --score: --clip-model / --dino-model; docs/comparing.md, section 'Likeness and prompt "
+                     "adherence')", ", ".join(skipped))
 
     @property
     def active(self) -> bool:
@@ -215,28 +215,41 @@ class EmbeddingScorer:
                 embedder.on(torch.device("cpu"))
         return metrics
 
+    def score_step(self, samples, training: Sequence[Path]) -> dict:
+        """`compare --score`'s scorer (`sampling.scorecard.Scorer`): a logged step's samples (their images and
+        prompts) against a finished run's `training` images, on CUDA when there is one."""
+        if not self.active:
+            return {}
+        self.references = list(training)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return self(samples.images, samples.prompts, device)
+
     def _score(self, embedder: Embedder, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
         samples = embedder.image_embeddings(images)
         metrics = {}
         if embedder.kind == "clip":
             texts = embedder.text_embeddings([plain_prompt(p) for p in prompts])
             metrics["img/clip_t"] = float(clip_score(samples, texts).mean())
+        name = "img/clip_i" if embedder.kind == "clip" else "img/dino"
         if self.references:
-            name = "img/clip_i" if embedder.kind == "clip" else "img/dino"
             metrics[name] = mean_pair_similarity(samples, self.reference_embeddings(embedder))
+        elif name not in self._said:
+            self._said.add(name)
+            log.info("%s not logged: no training image to compare with (every image is a regularization image, or "
+                     "the run's dataset folders are gone)", name)
         return metrics
 
     def reference_embeddings(self, embedder: Embedder) -> torch.Tensor:
-        """The training images' embeddings, computed once per run (and once per dataset with a cache)."""
-        if embedder.kind not in self._reference_embeddings:
+        """The training images' embeddings, computed once per image set (and once per dataset with a cache)."""
+        paths = [Path(p) for p in self.references]
+        key = (embedder.kind, *paths)
+        if key not in self._reference_embeddings:
             def compute() -> torch.Tensor:  # a batch of files open at a time
-                paths = list(self.references)
                 return torch.cat([embedder.image_embeddings([open_image(p) for p in paths[i:i + BATCH]])
                                   for i in range(0, len(paths), BATCH)])
 
-            self._reference_embeddings[embedder.kind] = self.cache(embedder.kind, embedder.path, self.references,
-                                                                   compute)
-        return self._reference_embeddings[embedder.kind]
+            self._reference_embeddings[key] = self.cache(embedder.kind, embedder.path, paths, compute)
+        return self._reference_embeddings[key]
 
     def close(self) -> None:
         """Free the models (the reference embeddings stay: a few KB)."""

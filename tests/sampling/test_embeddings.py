@@ -12,6 +12,7 @@ from conftest import compose_config
 from PIL import Image
 
 from lora_sweep.checks.preflight import check_job
+from lora_sweep.compare.report import likeness_scorers
 from lora_sweep.model.tiny_sdxl import BOS_TOKEN, EOS_TOKEN, TINY_MERGES, _tokenizer_kwargs, clip_vocab
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.sampling.embeddings import (
@@ -24,6 +25,7 @@ from lora_sweep.sampling.embeddings import (
 
 TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
 VISION = {**TINY, "image_size": 32, "patch_size": 8}
+KEYS = ("img/clip_t", "img/clip_i", "img/dino")
 SIZE = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
 
 
@@ -140,9 +142,13 @@ def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path,
                for p in report.problems)
 
 
-def test_a_training_logs_the_three_metrics_at_its_sampled_steps(folders, tmp_path, mlflow_uri, cache_dir):
+def test_a_training_logs_the_three_metrics_and_compare_score_computes_them_afterwards(folders, tmp_path,
+                                                                                        mlflow_uri, cache_dir, capsys):
     from mlflow.tracking import MlflowClient
 
+    from lora_sweep.compare.report import main as compare_main
+    from lora_sweep.compare.runs import download_image, logged_images
+    from lora_sweep.compare.score import score_logged_run
     from lora_sweep.job.run import run_job
 
     cfg = compose_config("train.max_steps=2", "train.batch_size=2", "train.save_every=0", "validation.fit_images=0",
@@ -152,8 +158,22 @@ def test_a_training_logs_the_three_metrics_at_its_sampled_steps(folders, tmp_pat
     outcome = run_job(cfg, output_dir=tmp_path / "out")
     assert outcome.status == "FINISHED"
     client = MlflowClient(mlflow_uri)
-    for key in ("img/clip_t", "img/clip_i", "img/dino"):
-        history = client.get_metric_history(outcome.run_id, key)
-        assert sorted(m.step for m in history) == [0, 2], key
-        assert all(-1.0 <= m.value <= 100.0 for m in history)
+    logged = {key: {m.step: m.value for m in client.get_metric_history(outcome.run_id, key)} for key in KEYS}
+    assert all(sorted(values) == [0, 2] for values in logged.values()), logged
+    assert all(0 <= v <= 100 for v in logged["img/clip_t"].values())
+    assert all(-1 <= v <= 1 for key in ("img/clip_i", "img/dino") for v in logged[key].values())
     assert len(list((cache_dir / "embeddings").rglob("*.safetensors"))) >= 2  # the training images, once per model
+
+    # A run logged without them (same samples and dataset record) gets the same numbers from compare --score.
+    old = client.create_run(client.get_run(outcome.run_id).info.experiment_id, run_name="old").info.run_id
+    for (key, step), image in logged_images(client, outcome.run_id).items():
+        client.log_image(old, download_image(client, outcome.run_id, image.path, tmp_path), key=key, step=step)
+    for artifact in ("data/datasets.json", "samples/prompts.json"):
+        client.log_artifact(old, client.download_artifacts(outcome.run_id, artifact, str(tmp_path)),
+                            artifact.split("/")[0])
+    scorers = likeness_scorers(str(folders["clip"]), str(folders["vit"]))
+    score_logged_run(client, client.get_run(old), scorers, scratch=tmp_path / "scratch")
+    for key in KEYS:
+        assert {m.step: m.value for m in client.get_metric_history(old, key)} == pytest.approx(logged[key]), key
+    assert compare_main(["--score", "--clip-model", str(tmp_path / "missing")]) == 2
+    assert f"--clip-model: '{tmp_path / 'missing'}' does not exist." in capsys.readouterr().err
