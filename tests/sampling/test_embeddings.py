@@ -140,6 +140,10 @@ def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path,
     assert f"evaluation.clip_model: '{missing}' does not exist." in " ".join(report.problems)
     assert any(p.startswith(f"evaluation.dino_model: '{tmp_path}' is not a transformers model folder")
                for p in report.problems)
+    unused = check_job(compose_config(f"evaluation.clip_model={missing}", "sampling.prompts=[]")).fallbacks
+    assert [f.line() for f in unused] == [
+        f"evaluation.clip_model: 1 folder not used (nothing is sampled, so nothing is scored): '{missing}'. Set "
+        "sampling.prompts or sampling.prompt_file to log img/clip_t and img/clip_i."]
 
 
 def test_a_training_logs_the_three_metrics_and_compare_score_computes_them_afterwards(folders, tmp_path,
