@@ -34,7 +34,7 @@ from lora_sweep.training import length, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training.checkpoint import Checkpoints, Position
-from lora_sweep.training.evaluate import Validator
+from lora_sweep.training.evaluate import Validator, keep_step0_samples
 from lora_sweep.training.session import Session, build_session, is_reg, read_scans, training_specs
 from lora_sweep.training.stop_early import Decision, EarlyStop
 
@@ -148,6 +148,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
         watch_metric(s, stop_early)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     saver = Checkpoints(s, states, flip_rng)
+    keep_step0_samples(s, states)  # img/drift's reference lives with the states, so a resume reads it back
     pos = saver.resume()  # Position() unless a state is resumed
     guard = NonFiniteGuard(t.on_nan, t.max_consecutive_skips, kept=lambda: saver.last_state)
     # step 0's evaluation; a state at max_steps owes the end-of-run one (a stop request had cut it short)
