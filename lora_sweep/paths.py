@@ -90,7 +90,7 @@ def register_resolver() -> None:
 # settings that name a file or folder: relative to the launch folder, whatever hydra.job.chdir says
 PATH_SETTINGS = ("model.path", "data.dir", "data.validation_dir", "data.cache_dir", "data.reg_data_dir",
                  "data.dataset_config", "sampling.prompt_file", "train.output_dir", "train.state_dir", "train.resume",
-                 "network.network_weights")
+                 "network.network_weights", "evaluation.clip_model", "evaluation.dino_model")
 _NOT_PATHS = {"train.resume": ("auto", "never")}
 # kept as typed when nothing is there, so a misspelt `train.resume=sometimes` is shown as typed
 _KEPT_IF_MISSING = ("train.resume",)

@@ -83,6 +83,8 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
         report.problems.append(device)
     _check_data(cfg, report, memo)
     _check_prompts(cfg, report, memo)
+    report.problems += weights_folder_problems(cfg)
+    report.fallbacks += unscored_weights(cfg)
     _attempt(report, lambda: _check_learning_rates(cfg))
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
@@ -268,6 +270,27 @@ def _check_prompts(cfg, report: Report, memo: Memo) -> None:
     problems, fallbacks = parse_prompts(cfg, memo)
     report.problems += problems
     report.fallbacks += fallbacks
+
+
+def weights_folder_problems(cfg) -> list[str]:
+    """The evaluation.clip_model and evaluation.dino_model folders that cannot load (`embeddings.folder_problem`)."""
+    from lora_sweep.sampling.embeddings import folder_problem
+
+    e = cfg.evaluation
+    found = [folder_problem(path, f"evaluation.{key}") for key, path in
+             (("clip_model", e.clip_model), ("dino_model", e.dino_model)) if path]
+    return [problem for problem in found if problem]
+
+
+def unscored_weights(cfg) -> list[Fallback]:
+    """A warning per evaluation.* folder given to a job that samples nothing: its metrics score the samples."""
+    e, s = cfg.evaluation, cfg.sampling
+    if s.prompts or s.prompt_file:
+        return []
+    return [Fallback(f"evaluation.{key}", "folder not used (nothing is sampled, so nothing is scored)", (str(path),),
+                     f"Set sampling.prompts or sampling.prompt_file to log {metrics}.")
+            for key, path, metrics in (("clip_model", e.clip_model, "img/clip_t and img/clip_i"),
+                                       ("dino_model", e.dino_model, "img/dino")) if path]
 
 
 def parse_prompts(cfg, memo: Memo | None = None) -> tuple[list[str], list[Fallback]]:

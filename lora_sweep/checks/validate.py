@@ -342,11 +342,23 @@ def _sampling_checks(s) -> list[Callable[[], None]]:
         lambda: s.width is None or _multiple_of_8("sampling.width", s.width),
         lambda: s.height is None or _multiple_of_8("sampling.height", s.height),
         lambda: _range("sampling.seed", s.seed, 0, SEED_MAX),
+        lambda: _seed_list("sampling.seeds", s.seeds),
         lambda: _sampler(s.sampler),
         lambda: s.prompt_file is None or _existing("sampling.prompt_file", s.prompt_file),
         lambda: s.every == 0 or s.prompts or s.prompt_file or _fail(
             "sampling.every", s.every, "0 when no prompts are set (set sampling.prompts or sampling.prompt_file)"),
     ]
+
+
+def _seed_list(field: str, seeds) -> None:
+    """Each seed an integer in [0, SEED_MAX], none twice (two equal seeds draw the same sample)."""
+    bad = [seed for seed in seeds if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX]
+    twice = sorted({seed for seed in seeds if list(seeds).count(seed) > 1} - set(bad), key=str)
+    if bad or twice:
+        why = (f"{', '.join(map(repr, bad))} not in [0, {SEED_MAX}]" if bad else "") + ("; " if bad and twice else "")
+        why += f"{', '.join(map(str, twice))} given more than once" if twice else ""
+        _fail(field, list(seeds), f"a list of distinct integer seeds in [0, {SEED_MAX}] ({why}), e.g. [42, 43]; "
+              "[] samples at sampling.seed alone")
 
 
 def _sampler(name) -> None:

@@ -8,7 +8,7 @@ import html
 import re
 
 LEAD_INS = ("no value: ", "not comparable: ")  # "no value: <why>" -> "no value¹"
-TRAILING = re.compile(r"^(.*?) \((.{12,})\)$", re.S)  # "0.12 [..] (<why>)" -> "0.12 [..]¹"
+TRAILING = re.compile(r"^(.*?) \((.{24,})\)$", re.S)  # "0.12 [..] (<a long why>)" -> "0.12 [..]¹"
 
 
 class Footnotes:

@@ -267,6 +267,32 @@ def _select_arg(text: str) -> str:
     return text
 
 
+def score(args) -> None:
+    """--score: `compare.score.score_runs` over the runs the report compares, one line per run on stdout."""
+    from lora_sweep.compare.score import score_runs
+    from lora_sweep.tracking import store
+
+    extra = likeness_scorers(args.clip_model, args.dino_model)  # refused before any run is read
+    client = store.client(resolve_tracking_uri(args.tracking_uri))
+    _, runs = find_runs(client, experiment=args.experiment, sweep_run_id=args.sweep_run_id, all_sweeps=args.all_sweeps)
+    with _quiet_downloads():
+        for line in score_runs(client, runs, extra):
+            print(f"score: {line}")
+
+
+def likeness_scorers(clip_model: str | None, dino_model: str | None) -> list:
+    """[the img/clip_t, img/clip_i, img/dino scorer] of --clip-model / --dino-model (sampling/embeddings.py); a
+    UserError naming the option when a folder cannot load; [] when neither is given."""
+    from lora_sweep.sampling.embeddings import EmbeddingScorer, folder_problem
+
+    problems = [problem for option, path in (("--clip-model", clip_model), ("--dino-model", dino_model))
+                if path and (problem := folder_problem(path, option))]
+    if problems:
+        raise UserError("\n".join(problems))
+    scorer = EmbeddingScorer(clip_model, dino_model, [])
+    return [scorer.score_step] if scorer.active else []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_sweep compare",
                                      description="Compare a sweep's variants in one HTML page.")
@@ -293,11 +319,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", "--store", dest="tracking_uri",
                         help="MLflow tracking store URI, as `ui --tracking-uri` takes it (default: "
                              "$MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--score", action="store_true",
+                        help="first compute the scorecard's image metrics (img/copying, img/diversity, img/drift) "
+                             "from each compared run's logged samples and log those it lacks at their steps "
+                             "(runs sampled before they existed); a second call adds nothing")
+    parser.add_argument("--clip-model", help="with --score: a local transformers CLIPModel folder (as "
+                                             "evaluation.clip_model) for img/clip_t and img/clip_i")
+    parser.add_argument("--dino-model", help="with --score: a local transformers Dinov2Model or ViTModel folder (as "
+                                             "evaluation.dino_model) for img/dino")
     args = parser.parse_args(argv)
+    if (args.clip_model or args.dino_model) and not args.score:
+        parser.error("--clip-model and --dino-model give --score its weights folders: add --score")
     if args.all_sweeps and args.sweep_run_id:
         parser.error("--all-sweeps compares an experiment's runs across its sweeps: give --experiment, not --sweep")
     out_dir = args.out or default_out(args.experiment, args.sweep_run_id, args.all_sweeps)
     try:
+        if args.score:
+            score(args)
         path = build_report(experiment=args.experiment, sweep_run_id=args.sweep_run_id, step=args.step,
                             all_sweeps=args.all_sweeps, select=args.select,
                             out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri,

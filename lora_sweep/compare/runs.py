@@ -5,7 +5,8 @@ The conventions it reads (the job writes them):
   `variant`, `config_hash`, `lora_sweep.job_num` (the sweep's order) and `lora_sweep.choice.<group>`.
 - Params: the resolved config with dot keys. Metrics by optimizer step: `train/*`, `fit/loss`, `val/loss`,
   `img/<metric>`; the final fit/val points as `evaluation/{fit,val}_points.json`.
-- Images: `sample_pNN` per prompt and step, specs in `samples/prompts.json`. MLflow stores them as
+- Images: `sample_pNN` per prompt and step (`sample_pNN_sSEED` with several seeds), specs in
+  `samples/prompts.json`. MLflow stores them as
   `images/{key}+step+{step}+timestamp+{ms}+{uuid}.png` ("/" as "~"; before MLflow 2.22 "%" and "#": both read);
   of a (key, step) logged twice (a resumed run) the latest wins.
 """
@@ -171,14 +172,19 @@ def read_points(client, run_id: str, scratch: Path) -> dict[str, dict[tuple[str,
 
 
 def column_titles(specs: list[dict] | None, image_keys: list[str]) -> dict[str, str]:
-    """'p00 · seed 1234: a photo of ...' from a run's samples/prompts.json."""
+    """'p00 · seed 1234: a photo of ...' from a run's samples/prompts.json (a spec with a "key" is that key's: several
+    seeds per prompt; else `sample_pNN` is spec NN)."""
     titles = {}
+    keyed = {spec["key"]: spec for spec in specs or [] if "key" in spec}
     for key in image_keys if specs else []:
-        index = int(key[len("sample_p"):]) if re.fullmatch(r"sample_p\d+", key) else None
-        if index is not None and index < len(specs):
-            text = specs[index]["prompt"]
-            text = text if len(text) <= 60 else text[:57] + "..."
-            titles[key] = f"p{index:02d} · seed {specs[index]['seed']}: {text}"
+        match = re.fullmatch(r"sample_p(\d+)(?:_s\d+)?", key)
+        if match is None:
+            continue
+        index = int(match[1])
+        spec = keyed.get(key) if keyed else (specs[index] if index < len(specs) else None)
+        if spec is not None:
+            text = spec["prompt"] if len(spec["prompt"]) <= 60 else spec["prompt"][:57] + "..."
+            titles[key] = f"p{index:02d} · seed {spec['seed']}: {text}"
     return titles
 
 

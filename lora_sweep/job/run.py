@@ -4,7 +4,8 @@ Set-up, in order: read its inputs once -> the device -> writable folders -> the 
 (`ConfigLock` on `<state root>/<config_hash>/`; sweep.on_busy: wait or skip) -> replay what this config's runs could
 not send (`tracking.replay`) -> skip-finished (same config hash and `skip_key`; not when train.resume names a state)
 -> the resume plan (`plan_resume`).
-Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/TERM/HUP, with a state),
+Outcomes: FINISHED (trained to max_steps, never without its LoRA files), KILLED (SIGINT/TERM/HUP, with a state; or
+stopped by sweep.stop_early's rule, with a state and the `lora_sweep.stopped_early` tag),
 FAILED (the reason as the `lora_sweep.failure` tag). A SIGKILL leaves the run RUNNING until `close_stale_runs`
 marks it KILLED. A sweep's job that fails before its run exists still gets a FAILED child run; a job without a run
 of its own (skipped, failed before one) ends in its status file. Knows MLflow, not launchers.
@@ -38,7 +39,9 @@ from lora_sweep.job.status import JobSink, StatusFile, StopOnSignal, status_file
 from lora_sweep.paths import make_paths_absolute
 from lora_sweep.tracking import store
 from lora_sweep.tracking.logger import RunLogger
+from lora_sweep.tracking.metric_spec import parse_metric_spec
 from lora_sweep.tracking.replay import PENDING_NAME, ends_the_run, pending_files, replay_quietly
+from lora_sweep.tracking.siblings import SweepPeers
 from lora_sweep.tracking.stale import close_stale_runs
 from lora_sweep.training import optim, schedules
 from lora_sweep.training.checkpoint import (
@@ -50,6 +53,7 @@ from lora_sweep.training.checkpoint import (
     run_folder,
 )
 from lora_sweep.training.failures import failure_reason
+from lora_sweep.training.stop_early import STOPPED_EARLY_TAG, Decision, EarlyStop, StopEarlyOptions
 
 log = logging.getLogger(__name__)
 
@@ -219,16 +223,21 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         sink = JobSink(logger, status, label, on_warning=warn)
         states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from,
                              ready.fingerprint.digest)
+        stopper = early_stop(cfg, client, logger.run_id, sweep_dir)
         with StopOnSignal() as stop:
             result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
                            scans=ready.inputs.train_scans, specs=ready.inputs.specs,
                            validation_scan=ready.inputs.validation_scan,
-                           prompts=ready.inputs.prompts)
+                           prompts=ready.inputs.prompts, stop_early=stopper)
         stopped_by = signal.Signals(stop.signum).name if stop.signum else "request"
-        outcome = JobOutcome("KILLED" if result.stopped_early else "FINISHED", logger.run_id,
-                             reason=f"stopped by {stopped_by}" if result.stopped_early else "",
+        outcome = JobOutcome("KILLED" if result.interrupted else "FINISHED", logger.run_id,
+                             reason=f"stopped by {stopped_by}" if result.interrupted else "",
                              final_loss=result.final_loss, files=result.files,
-                             stop_signal=stop.signum if result.stopped_early else None)
+                             stop_signal=stop.signum if result.interrupted else None)
+        if result.stopped_early is not None:
+            logger.set_tags({STOPPED_EARLY_TAG: result.stopped_early.record()})
+            outcome = JobOutcome("KILLED", logger.run_id, reason=stopped_early_reason(result.stopped_early),
+                                 final_loss=result.final_loss, files=result.files)
     except KeyboardInterrupt:
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
         outcome.stop_signal = signal.SIGINT
@@ -251,6 +260,26 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     return outcome
 
 
+def early_stop(cfg, client, run_id: str, sweep_dir: Path | None) -> EarlyStop | None:
+    """sweep.stop_early's hook for run `run_id` (its peers: the sweep's other runs), or None when it is off."""
+    o = cfg.sweep.stop_early
+    if o.metric is None:
+        return None
+    try:
+        spec = parse_metric_spec(o.metric, "sweep.stop_early.metric")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    options = StopEarlyOptions(spec, o.rule, o.grace_steps, o.min_peers, o.margin, o.timeout)
+    return EarlyStop(options, SweepPeers(client, run_id, _parent_run_id(sweep_dir), sweep_dir))
+
+
+def stopped_early_reason(decision: Decision) -> str:
+    """The run's KILLED reason: which rule stopped it where, and how a rerun continues it."""
+    return (f"stopped early by sweep.stop_early at step {decision.step} (rule {decision.rule}: {decision.metric} = "
+            f"{decision.value:.6g}, compared with {decision.compared_with:.6g}); its state is kept: rerun this config "
+            "without sweep.stop_early.metric to resume it to train.max_steps")
+
+
 def _open_run(cfg, ready: _Ready, label: str, tags: dict[str, str]) -> RunLogger:
     """The job's run: a new one, or the unfinished one its state belongs to (reopened, any gap in its history said),
     tagged with the dataset, the skip key and what a resume changed; its pending file in the run's state folder."""
@@ -269,6 +298,8 @@ def _open_run(cfg, ready: _Ready, label: str, tags: dict[str, str]) -> RunLogger
     logger.pending_file = run_folder(ready.state_root, ready.chash, logger.run_id) / PENDING_NAME
     if ready.continued_run:
         _say_history_gap(logger, read_meta(ready.resume_from)["step"])
+        if STOPPED_EARLY_TAG in ready.client.get_run(ready.continued_run).data.tags:  # it trains on: no longer stopped
+            ready.client.delete_tag(ready.continued_run, STOPPED_EARLY_TAG)
     return logger
 
 

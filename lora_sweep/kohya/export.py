@@ -225,8 +225,9 @@ def not_expressible(cfg: DictConfig) -> list[str]:
 
 def prompts_text(cfg: DictConfig, specs: list | None = None) -> str:
     """sample_prompts.txt: sampling.prompts and sampling.prompt_file's lines as lora-sweep draws them, each option
-    spelt out (the sampling group's defaults and seed + index, where v0.8.7 would draw a random seed); "" when the
-    config samples nothing. `specs`: the PromptSpecs a job already read (its prompt file is read once)."""
+    spelt out (the sampling group's defaults and seed + index, where v0.8.7 would draw a random seed; one line per
+    prompt and seed of `sampling.seeds`); "" when the config samples nothing. `specs`: the PromptSpecs a job already
+    read (its prompt file is read once)."""
     from lora_sweep.training.evaluate import read_prompts
 
     if specs is None:

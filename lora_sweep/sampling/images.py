@@ -9,7 +9,8 @@
 - prompts are encoded as kohya's SDXL sampling encodes them (`sampling.emphasis`): A1111 emphasis, up to 225 tokens;
   an empty negative prompt is encoded as the empty text, as kohya does (not zeros).
 
-`log_samples` logs one MLflow image per prompt (`sample_pNN`, at the step) and a grid PNG per step.
+`log_samples` logs one MLflow image per sample (`sample_pNN`; `sample_pNN_sSEED` with several seeds) at the step
+and a grid PNG per step.
 """
 
 from __future__ import annotations
@@ -292,21 +293,22 @@ def make_grid(
     return grid
 
 
-def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -> Image.Image:
+def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec], n_seeds: int = 1) -> Image.Image:
     """The per-step grid: prompts x seeds (see `grid_layout`), each cell labelled with prompt index, seed and the
     prompt's first words, in a font that has their glyphs (CJK needs one installed: sampling/fonts.py); where no font
     here has them, only `p00 s42`, and the grid's caption says which prompts and where their text is (the step's
-    `samples/prompts.json`)."""
+    `samples/prompts.json`). `n_seeds`: samples per prompt line (`sampling.seeds`), each labelled with its line."""
     layout = grid_layout(prompts)
+    n = max(1, n_seeds)
     cells = [images[i] if i is not None else None for row in layout for i in row]
     unlabelled: list[str] = []
 
     def label(i: int) -> str:
-        text = prompts[i].label(i)
+        text = prompts[i].label(i // n)
         if label_font(text, 10) is not None:
             return text
-        if f"p{i:02d}" not in unlabelled:
-            unlabelled.append(f"p{i:02d}")
+        if f"p{i // n:02d}" not in unlabelled:
+            unlabelled.append(f"p{i // n:02d}")
         return text.split(":", 1)[0]
 
     labels = [label(i) if i is not None else "" for row in layout for i in row]
@@ -315,9 +317,23 @@ def prompts_grid(images: Sequence[Image.Image], prompts: Sequence[PromptSpec]) -
     return make_grid(cells, rows=len(layout), cols=len(layout[0]) if layout else 0, labels=labels, caption=caption)
 
 
-def sample_key(prompt_index: int) -> str:
-    """The MLflow image key of a prompt's samples; the report reads images back by this key."""
-    return f"sample_p{prompt_index:02d}"
+def sample_key(prompt_index: int, seed: int | None = None) -> str:
+    """The MLflow image key of a prompt's samples, `sample_pNN`, or `sample_pNN_sSEED` when the prompt is drawn at
+    several seeds (`sampling.seeds`); the report reads images back by this key."""
+    return f"sample_p{prompt_index:02d}" + (f"_s{seed}" if seed is not None else "")
+
+
+def sample_keys(prompts: Sequence[PromptSpec], n_seeds: int = 1) -> list[str]:
+    """Each sample's key: prompts are prompt-major, `n_seeds` samples per prompt line (`sampling.seeds`)."""
+    if n_seeds <= 1:
+        return [sample_key(i) for i in range(len(prompts))]
+    return [sample_key(i // n_seeds, spec.seed) for i, spec in enumerate(prompts)]
+
+
+def seed_groups(count: int, n_seeds: int = 1) -> list[list[int]]:
+    """The sample indices of each prompt line: its `n_seeds` consecutive samples."""
+    n = max(1, n_seeds)
+    return [list(range(start, min(start + n, count))) for start in range(0, count, n)]
 
 
 def log_samples(
@@ -328,21 +344,25 @@ def log_samples(
     client=None,
     run_id: str | None = None,
     sink=None,
+    n_seeds: int = 1,
 ) -> None:
-    """Log a sampling step: each image under its prompt's key at `step`, the step's grid PNG and `samples/prompts.json`
-    (the specs, for the report's column titles). To `sink` (its `image` and `artifact`; the file is copied when
-    `artifact` returns), else `client`/`run_id`, else the active MLflow run."""
+    """Log a sampling step: each image under its key (`sample_keys`) at `step`, the step's grid PNG and
+    `samples/prompts.json` (the specs, for the report's column titles; each with its "key" when `n_seeds` > 1). To
+    `sink` (its `image` and `artifact`; the file is copied when `artifact` returns), else `client`/`run_id`, else the
+    active MLflow run."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    grid = prompts_grid(images, prompts)
-    specs = [dataclasses.asdict(spec) for spec in prompts]
+    grid = prompts_grid(images, prompts, n_seeds)
+    keys = sample_keys(prompts, n_seeds)
+    specs = [dataclasses.asdict(spec) | ({"key": key} if n_seeds > 1 else {})
+             for spec, key in zip(prompts, keys, strict=True)]
     if sink is not None:
         import json
         import tempfile
         from pathlib import Path
 
-        for index, image in enumerate(images):
-            sink.image(image, sample_key(index), int(step))
+        for key, image in zip(keys, images, strict=True):
+            sink.image(image, key, int(step))
         with tempfile.TemporaryDirectory(prefix="lora_sweep_samples_") as folder:
             grid_path = Path(folder) / f"grid_step{int(step):06d}.png"
             grid.save(grid_path)
@@ -360,7 +380,7 @@ def log_samples(
         if active is None:
             raise RuntimeError("log_samples needs sink=, run_id= or an active MLflow run")
         run_id = active.info.run_id
-    for index, image in enumerate(images):
-        client.log_image(run_id, image, key=sample_key(index), step=int(step))
+    for key, image in zip(keys, images, strict=True):
+        client.log_image(run_id, image, key=key, step=int(step))
     client.log_image(run_id, grid, artifact_file=f"samples/grid_step{int(step):06d}.png")
     client.log_dict(run_id, specs, "samples/prompts.json")

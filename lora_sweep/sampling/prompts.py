@@ -257,3 +257,14 @@ def size_warnings(placed: Sequence[tuple[str, PromptSpec]], setting: str) -> lis
                   "it); sampling may run out of memory", large,
                   "Lower --w/--h there (or sampling.width/sampling.height) if that is not meant.")] if large else [])
 
+
+def at_seeds(specs: Sequence[PromptSpec], moved: Sequence[PromptSpec], seeds: Sequence[int]) -> list[PromptSpec]:
+    """Every prompt at each of `seeds` (`sampling.seeds`), prompt-major. `specs` parsed with default_seed=seeds[0],
+    `moved` with seeds[0] + 1: a line whose seed did not move has `--d N` and is drawn at N, N+1, ...; the others,
+    line i, at s + i for each s."""
+    out = []
+    for index, (spec, other) in enumerate(zip(specs, moved, strict=True)):
+        fixed = spec.seed == other.seed
+        out += [dataclasses.replace(spec, seed=spec.seed + k if fixed else seed + index)
+                for k, seed in enumerate(seeds)]
+    return out

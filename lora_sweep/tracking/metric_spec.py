@@ -17,7 +17,8 @@ DIRECTIONS = {
     "fit/loss_auc": "min",
     "fit/steps_to_half": "min",  # fits faster
     "img/copying": "min",  # likeness to the nearest training image, beyond subject likeness, is copying
-    "img/diversity": "max",
+    "img/copying_max": "min",  # the most copied sample of the step
+    "img/diversity": "max",  # seeds of one prompt that differ; img/drift has no better way: give :max or :min
     "img/clip_t": "max",  # prompt adherence
     "img/clip_i": "max",  # subject likeness (DreamBooth's CLIP-I)
     "img/dino": "max",  # subject likeness (DreamBooth's DINO)

@@ -2,7 +2,8 @@
 
 Each draws only from its own seeded generators and restores every mode it changes, so turning it on or off leaves
 the LoRA bit-identical (tests/training/test_evaluate.py). At step 0, every `*.every` steps and at the end:
-- samples: the same prompts and seeds for every variant (`sample_pNN` images, a grid, `img/...` statistics);
+- samples: the same prompts and seeds for every variant (`sample_pNN` images, a grid, `img/...` statistics and the
+  scorecard's img/copying, img/diversity, img/drift: sampling/scorecard.py);
 - `val/loss` (held-out images) and `fit/loss` (`validation.fit_images` training images chosen with
   `validation.seed`): plain eps (or v) MSE at fixed timesteps with fixed noise, whatever the variant's loss, so
   every variant is measured on the same (image, t, eps) points. At the end: the per-point values
@@ -15,6 +16,8 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,26 +71,71 @@ def due(step: int, every: int, final: bool) -> bool:
 def read_prompts(cfg) -> tuple[list, list[str], list]:
     """`sampling.prompts` and `sampling.prompt_file` as the Sampler draws them: `check_prompts`' (specs, problems,
     fallbacks) with the sampling group's defaults (width/height: sampling.width/height, else the shorter side of
-    data.resolution); nothing when neither is set."""
+    data.resolution), each prompt at every seed of `sampling.seeds` (`prompts.at_seeds`, prompt-major; [] is
+    [sampling.seed]); nothing when neither is set."""
     from lora_sweep.data.buckets import parse_resolution
-    from lora_sweep.sampling.prompts import check_prompts
+    from lora_sweep.sampling.prompts import at_seeds, check_prompts
 
     sc = cfg.sampling
     if not sc.prompts and not sc.prompt_file:
         return [], [], []
     side = min(parse_resolution(cfg.data.resolution))
-    return check_prompts(
-        list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
-        default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=sc.seed,
-        default_negative=sc.negative, default_sampler=sc.sampler,
-    )
+    seeds = list(sc.seeds) or [sc.seed]
+
+    def parsed(default_seed: int):
+        return check_prompts(
+            list(sc.prompts), prompt_file=sc.prompt_file, default_width=sc.width or side,
+            default_height=sc.height or side, default_steps=sc.steps, default_cfg=sc.cfg, default_seed=default_seed,
+            default_negative=sc.negative, default_sampler=sc.sampler,
+        )
+
+    specs, problems, fallbacks = parsed(seeds[0])
+    if len(seeds) > 1 and not problems:
+        specs = at_seeds(specs, parsed(seeds[0] + 1)[0], seeds)
+    return specs, problems, fallbacks
+
+
+def n_seeds(cfg) -> int:
+    """Samples per prompt line: the length of `sampling.seeds`, at least 1."""
+    return max(1, len(cfg.sampling.seeds))
+
+
+STEP0_FOLDER = "samples-step0"  # in a run's state folder: its step-0 samples as PNGs, what img/drift compares with
+
+
+def embedding_scorer(cfg, training: list[Path]):
+    """The scorer of img/clip_t, img/clip_i and img/dino (evaluation.clip_model, evaluation.dino_model) against the
+    `training` image files (`training_images`: those compare --score finds too). Their embeddings are cached under
+    the cache root, keyed by the model folder's and the images' content: each dataset is embedded once per model."""
+    from lora_sweep.data.cache import TensorCache
+    from lora_sweep.data.cache_keys import cache_key
+    from lora_sweep.paths import cache_root
+    from lora_sweep.sampling.embeddings import EmbeddingScorer
+
+    cache = TensorCache(cache_root(cfg))
+
+    def cached(kind, model, paths, compute) -> torch.Tensor:
+        key = cache_key(embedder=kind, model=cache.model_identity(model),
+                        images=[cache.file_sha256(path) for path in paths])
+        return cache.get_or_compute("embeddings", key, lambda: {"embeddings": compute()})["embeddings"]
+
+    return EmbeddingScorer(cfg.evaluation.clip_model, cfg.evaluation.dino_model, list(training), cached)
 
 
 @dataclass
 class Sampler:
-    """Draw the prompts with the current LoRA and log images, the grid and image metrics."""
+    """Draw the prompts with the current LoRA and log images, the grid, image statistics and the scorecard's pixel
+    metrics (sampling/scorecard.py). `training`: the training image files img/copying compares with. `kept`: the
+    folder where this run keeps its step-0 samples (its states' folder / STEP0_FOLDER; None: in memory only);
+    `found`: where a resumed run finds them (the resumed state's folder), so its img/drift is an unbroken run's."""
 
     prompts: list
+    training: list = field(default_factory=list)
+    kept: Path | None = None
+    found: Path | None = None
+    _training_thumbs: list | None = field(default=None, repr=False)
+    _reference: dict | None = field(default=None, repr=False)
+    _embeddings: Any = field(default=None, repr=False)  # sampling.embeddings.EmbeddingScorer, made at first use
 
     def __call__(self, s, step: int, final: bool) -> bool:
         """Sample if due at `step`; False if a stop request cut the sampling short (then nothing is logged)."""
@@ -108,9 +156,79 @@ class Sampler:
             log.info("sampling at step %d stopped after %d of %d prompts (stop requested): not logged", step,
                      len(images), len(self.prompts))
             return False
-        log_samples(images, self.prompts, step, sink=s.sink)
-        s.sink.metrics(mean_metrics(images), step)
+        log_samples(images, self.prompts, step, sink=s.sink, n_seeds=n_seeds(s.cfg))
+        s.sink.metrics(mean_metrics(images) | self.scores(s.cfg, step, images) | self.likeness(s, images, final), step)
         return True
+
+    def likeness(self, s, images: list, final: bool) -> dict[str, float]:
+        """img/clip_t, img/clip_i and img/dino of `images` when evaluation.* names weights folders; the models are
+        freed after the final step's."""
+        if self._embeddings is None:
+            self._embeddings = embedding_scorer(s.cfg, self.training)
+        if not self._embeddings.active:
+            return {}
+        metrics = self._embeddings(images, [p.prompt for p in self.prompts], s.device)
+        if final:
+            self._embeddings.close()
+        return metrics
+
+    def scores(self, cfg, step: int, images: list) -> dict[str, float]:
+        """The scorecard's pixel metrics of this step's `images`; at step 0 they become img/drift's reference."""
+        from lora_sweep.sampling import scorecard
+        from lora_sweep.sampling.images import sample_keys, seed_groups
+
+        n = n_seeds(cfg)
+        samples = scorecard.StepSamples(step, sample_keys(self.prompts, n), list(images),
+                                        [p.prompt for p in self.prompts], seed_groups(len(images), n))
+        if self._training_thumbs is None:
+            self._training_thumbs = scorecard.training_thumbnails(self.training)
+        if step == 0:
+            self._keep(dict(zip(samples.keys, images, strict=True)), write=True)
+        return scorecard.pixel_scores(samples, self._training_thumbs, self._references(samples.keys))
+
+    def _keep(self, images: dict, *, write: bool) -> None:
+        """Hold `images` (step 0's, by key) as drift's reference; `write`: also to `kept` (PNG: lossless)."""
+        from lora_sweep.sampling.scorecard import thumbnail
+
+        self._reference = {key: thumbnail(image) for key, image in images.items()}
+        if write and self.kept is not None:
+            self.kept.mkdir(parents=True, exist_ok=True)
+            for key, image in images.items():
+                image.save(self.kept / f"{key}.png")
+
+    def _references(self, keys: list[str]) -> dict:
+        """The step-0 thumbnails: this process's, else read back from `found` or `kept` (a resumed run; copied into
+        `kept` when read from another run's folder); {} when none was kept, said once."""
+        if self._reference is not None:
+            return self._reference
+        from PIL import Image
+
+        folder = next((f for f in (self.found, self.kept) if f is not None and f.is_dir()), None)
+        paths = {key: folder / f"{key}.png" for key in keys} if folder is not None else {}
+        loaded = {}
+        for key, path in paths.items():
+            if path.is_file():
+                with Image.open(path) as image:
+                    loaded[key] = image.copy()
+        if not loaded:
+            log.info("img/drift not logged: this process did not sample step 0 and found no kept step-0 samples (%s)",
+                     self.found or self.kept or "no state folder")
+        self._keep(loaded, write=bool(loaded) and folder != self.kept)
+        return self._reference
+
+
+def training_images(data) -> list[Path]:
+    """The training image files (regularization images left out) as the dataset scan lists them: img/copying's."""
+    return [item.path for scan in data.scans for item in scan.items if not (item.subset and item.subset.is_reg)]
+
+
+def keep_step0_samples(s, states) -> None:
+    """Point the Sampler at the state folder (train.StateTarget `states`) where step-0 samples are kept and, when
+    resuming, at the resumed state's folder where they were kept."""
+    for hook in s.hooks:
+        if isinstance(hook, Sampler) and states is not None:
+            hook.kept = Path(states.folder) / STEP0_FOLDER
+            hook.found = Path(states.resume_from).parent / STEP0_FOLDER if states.resume_from else None
 
 
 @dataclass

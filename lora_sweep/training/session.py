@@ -57,7 +57,7 @@ from lora_sweep.model.regularization import Dropouts, install_dropouts
 from lora_sweep.paths import cache_root, state_root
 from lora_sweep.training import metadata, optim, placement, precision, schedules, switches
 from lora_sweep.training.checkpoint import SAVE_DTYPES
-from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training
+from lora_sweep.training.evaluate import Sampler, Validator, fit_subset, read_prompts, split_training, training_images
 from lora_sweep.training.loss import LossOptions, one_timestep_per_batch
 from lora_sweep.training.noise import NoiseOptions
 
@@ -521,7 +521,7 @@ def evaluation_hooks(cfg, data: Data, prompts: list | None = None) -> list:
         prompts, problems, _ = read_prompts(cfg)
         if problems:
             raise UserError("\n".join(problems))
-    return hooks + ([Sampler(prompts)] if prompts else [])
+    return hooks + ([Sampler(prompts, training_images(data))] if prompts else [])
 
 
 def noise_options(cfg) -> NoiseOptions:

@@ -34,7 +34,9 @@ from lora_sweep.training import length, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training.checkpoint import Checkpoints, Position
+from lora_sweep.training.evaluate import Validator, keep_step0_samples
 from lora_sweep.training.session import Session, build_session, is_reg, read_scans, training_specs
+from lora_sweep.training.stop_early import Decision, EarlyStop
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -79,7 +81,8 @@ class TrainResult:
 
     final_loss: float | None  # the mean loss of the last logging window; None when no step was taken
     steps: int
-    stopped_early: bool
+    interrupted: bool  # a stop request (a signal) ended it before max_steps
+    stopped_early: Decision | None = None  # sweep.stop_early's rule ended it before max_steps
     files: dict[str, Path] = field(default_factory=dict)
     last_state: Path | None = None
 
@@ -123,11 +126,12 @@ def micro_batch_loss(s: Session, batch: list[int], flip_rng: random.Random, step
 def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] = lambda: False,
           states: StateTarget | None = None, scans: list[FolderScan] | None = None,
           specs: list[DatasetSpec] | None = None, validation_scan: FolderScan | None = None,
-          prompts: list | None = None) -> TrainResult:
+          prompts: list | None = None, stop_early: EarlyStop | None = None) -> TrainResult:
     """Train one LoRA as `cfg` says (continuing `states.resume_from` if set) and save it under `output_dir`.
 
     `specs` / `scans` / `validation_scan` / `prompts`: the caller's datasets, training scans (reg images balanced),
-    validation scan and sample PromptSpecs (None: read here); images that fail to decode move to `skipped`. Raises
+    validation scan and sample PromptSpecs (None: read here); images that fail to decode move to `skipped`.
+    `stop_early`: sweep.stop_early's hook, judging after the evaluation; its decision stops the run as a request. Raises
     NonFiniteLoss (train.on_nan), UserError (a state beyond max_steps, no disk space, a bad prompt) and what the
     step raises.
     """
@@ -140,8 +144,11 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     s = build_session(cfg, output_dir=output_dir, sink=sink, scans=scans, specs=specs,
                       validation_scan=validation_scan, prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
+    if stop_early is not None:
+        watch_metric(s, stop_early)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     saver = Checkpoints(s, states, flip_rng)
+    keep_step0_samples(s, states)  # img/drift's reference lives with the states, so a resume reads it back
     pos = saver.resume()  # Position() unless a state is resumed
     guard = NonFiniteGuard(t.on_nan, t.max_consecutive_skips, kept=lambda: saver.last_state)
     # step 0's evaluation; a state at max_steps owes the end-of-run one (a stop request had cut it short)
@@ -192,12 +199,24 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
             saver.after_step(pos, epoch, last_of_epoch, final)
             if final:
                 break
+    decision = stop_early.decision if stop_early is not None else None
     if stopped and pos.step == 0:  # stopped before the first step: no LoRA worth a file
-        return TrainResult(final_loss=None, steps=0, stopped_early=True, last_state=saver.last_state)
+        return TrainResult(final_loss=None, steps=0, interrupted=True, last_state=saver.last_state)
     # ss_epoch of the final file: v0.8.7's num_train_epochs; a run stopped early: the epochs it reached
     reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
-    return TrainResult(pos.last_loss, pos.step, stopped, files, saver.last_state)
+    return TrainResult(pos.last_loss, pos.step, stopped and decision is None, decision, files, saver.last_state)
+
+
+def watch_metric(s: Session, stop_early: EarlyStop) -> None:
+    """Judge with `stop_early` right after the hook that logs its metric (the validators for fit/ and val/, the
+    sampler for img/); its decision is a stop request from then on."""
+    s.sink = stop_early.watch(s.sink)
+    after = len(s.hooks) if stop_early.options.spec.name.startswith("img/") else sum(
+        isinstance(hook, Validator) for hook in s.hooks)
+    s.hooks.insert(after, stop_early)
+    requested = s.should_stop
+    s.should_stop = lambda: requested() or stop_early.decision is not None
 
 
 def stop_here(s: Session, step: int) -> bool:

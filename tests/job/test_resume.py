@@ -136,12 +136,12 @@ def test_sigkilled_run_resumes_to_the_same_lora_and_loss_history(tmp_path, monke
     ["data.shuffle_caption=true", "data.flip_aug=true"],
     # samples and validation loss between steps draw from their own generators only
     ["sampling.prompts=[a cat]", "sampling.every=2", "sampling.steps=2", "data.validation_split=0.3",
-     "validation.every=1"],
+     "validation.every=1", "sampling.seeds=[5,9]"],
 ], ids=["plain", "shuffle_flip", "samples_validation"])
 def test_resume_from_a_given_state_file_continues_exactly_in_a_new_run(tmp_path, monkeypatch, variant):
     """train.resume=PATH: the state of step 2 of a finished run, continued to step 4 in this process, ends with the
-    same LoRA as that run; the history of the new run starts at step 3. A state asked for is resumed although its
-    config FINISHED (skip-finished is for reruns), as kohya resumes when asked."""
+    same LoRA (and img/drift) as that run; the history of the new run starts at step 3. A state asked for is resumed
+    although its config FINISHED (skip-finished is for reruns), as kohya resumes when asked."""
     new_store(tmp_path / "mlflow.db")
     first = in_process(tmp_path, "first", monkeypatch, "train.max_steps=4", *variant)
     assert first.status == "FINISHED"
@@ -154,6 +154,11 @@ def test_resume_from_a_given_state_file_continues_exactly_in_a_new_run(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     tags = client_of(tmp_path).get_run(second.run_id).data.tags
     assert tags["lora_sweep.resumed_from"] == str(state) and "lora_sweep.resume_changed" not in tags
+    if "sampling.every=2" in variant:  # img/drift compares with step 0's samples, kept with the states: read back
+        drift = [{m.step: m.value for m in client_of(tmp_path).get_metric_history(run.run_id, "img/drift")}
+                 for run in (first, second)]
+        assert sorted(drift[0]) == [0, 2, 4] and drift[0][0] == 0.0 and list(drift[1]) == [4]
+        assert drift[1][4] == drift[0][4] > 0
 
 
 def test_a_state_resumed_with_a_new_lr_and_schedule_trains_at_them_and_says_so(tmp_path, monkeypatch, caplog):

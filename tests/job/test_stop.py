@@ -145,7 +145,7 @@ def test_a_stop_during_the_final_evaluation_ends_killed_and_the_resumed_run_only
                   states=StateTarget(tmp_path / "states", logger.run_id, "chash"))
     logger.end("KILLED")
     run_id = logger.run_id
-    assert first.stopped_early and first.steps == 2 and first.last_state.name == "state-step00000002.pt"
+    assert first.interrupted and first.steps == 2 and first.last_state.name == "state-step00000002.pt"
     assert steps(client, run_id, "train/loss") == [1, 2]
     assert steps(client, run_id, "fit/loss") == [0] and image_steps(client, run_id) == [0]
 
@@ -154,7 +154,7 @@ def test_a_stop_during_the_final_evaluation_ends_killed_and_the_resumed_run_only
     second = train(cfg, output_dir=tmp_path / "out", sink=sink,
                    states=StateTarget(tmp_path / "states", run_id, "chash", resume_from=first.last_state))
     logger.end("FINISHED")
-    assert not second.stopped_early and second.steps == 2
+    assert not second.interrupted and second.steps == 2
     assert steps(client, run_id, "train/loss") == [1, 2]  # not logged twice
     assert steps(client, run_id, "fit/loss") == [0, 2] and image_steps(client, run_id) == [0, 2]
     assert "evaluation/fit_points.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
