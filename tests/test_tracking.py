@@ -317,13 +317,13 @@ def test_a_bad_metric_spec_names_the_setting_and_the_accepted_forms(text, words)
 def test_a_stop_record_reads_the_rules_tag_and_says_why_in_one_line():
     """`lora_sweep.stopped_early` as the training side writes it; a KILLED run without it was a signal's stop."""
     from lora_sweep.tracking.stopped import STOPPED_EARLY, stop_record
+    from lora_sweep.training.stop_early import STOPPED_EARLY_TAG, Decision
 
-    assert stop_record({"lora_sweep.failure": "stopped by SIGTERM"}) is None
-    median = stop_record({STOPPED_EARLY: '{"step": 4, "rule": "median", "metric": "img/clip_i", "value": 0.21, '
-                                         '"compared_with": 0.25, "peers": 3}'})
+    assert STOPPED_EARLY_TAG == STOPPED_EARLY and stop_record({"lora_sweep.failure": "stopped by SIGTERM"}) is None
+    median = stop_record({STOPPED_EARLY: Decision(4, "median", "img/clip_i", 0.21, 0.25, [0.3, 0.25, 0.2]).record()})
     assert median.describe() == "at step 4: img/clip_i 0.21 < median 0.25"  # higher is better: below the median
-    diverged = stop_record({STOPPED_EARLY: '{"step": 2, "rule": "diverged", "metric": "fit/loss", "value": NaN, '
-                                           '"compared_with": 0.6, "peers": 0}'})
+    assert median.peers == 3
+    diverged = stop_record({STOPPED_EARLY: Decision(2, "diverged", "fit/loss", float("nan"), 0.6).record()})
     assert diverged.describe() == "at step 2: fit/loss nan > limit 0.6"
     assert diverged.as_dict() == {"step": 2, "rule": "diverged", "metric": "fit/loss", "value": "nan",
                                   "compared_with": 0.6, "peers": 0, "why": "at step 2: fit/loss nan > limit 0.6"}

@@ -1,7 +1,8 @@
 """A run stopped by `sweep.stop_early` as its record says: the tag `lora_sweep.stopped_early` on a KILLED run.
 
-The tag holds JSON {"step", "rule", "metric", "value", "compared_with", "peers"} (the training side writes it). A
-KILLED run without it was stopped by a signal. Readers (the sweep's parent, the report) call `stop_record`.
+The tag holds JSON {"step", "rule", "metric", "value", "compared_with", "peers" (the siblings' values)}, written
+by the job (training/stop_early.py's `Decision.record`; non-finite numbers as "nan"). A KILLED run without it was
+stopped by a signal. Readers (the sweep's parent, the report) call `stop_record`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ COMPARED_WITH = {"median": "median", "diverged": "limit"}
 @dataclass(frozen=True)
 class StopRecord:
     """Why the rule stopped a run: at `step`, `metric` was `value`, worse than `compared_with` (the median of
-    `peers` sibling runs, or the step-0 value plus the margin)."""
+    `peers` sibling runs (their count), or the step-0 value plus the margin)."""
 
     step: int | None
     rule: str
@@ -59,7 +60,7 @@ def stop_record(tags: Mapping[str, str]) -> StopRecord | None:
     found = found if isinstance(found, dict) else {}
     return StopRecord(step=_int(found.get("step")), rule=str(found.get("rule") or "unrecorded rule"),
                       metric=str(found.get("metric") or ""), value=_float(found.get("value")),
-                      compared_with=_float(found.get("compared_with")), peers=_int(found.get("peers")))
+                      compared_with=_float(found.get("compared_with")), peers=_count(found.get("peers")))
 
 
 def _int(value: Any) -> int | None:
@@ -67,6 +68,11 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _count(value: Any) -> int | None:
+    """The number of peers: the length of the peers' values (a count, in a record that holds one)."""
+    return len(value) if isinstance(value, list) else _int(value)
 
 
 def _float(value: Any) -> float | None:

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from lora_sweep.tracking.metric_spec import MetricSpec
+from lora_sweep.tracking.stopped import STOPPED_EARLY
 
 log = logging.getLogger(__name__)
 
-STOPPED_EARLY_TAG = "lora_sweep.stopped_early"
+STOPPED_EARLY_TAG = STOPPED_EARLY  # the readers' name (tracking/stopped.py), so writer and readers cannot differ
 RULES = ("median", "diverged")
 
 

@@ -24,13 +24,16 @@ def job(client, exp, parent, variant, seed, offset, fits, stop=None):
                                      Param("validation.seed", "0")],
                      metrics=[Metric("fit/loss", v, 0, s) for s, v in zip((0, 2, 4), fits, strict=False)])
     if stop:
-        client.set_tag(run_id, STOPPED_EARLY, json.dumps(stop))
+        client.set_tag(run_id, STOPPED_EARLY, stop)
     client.set_terminated(run_id, status="KILLED" if stop else "FINISHED")
     return run_id
 
 
-def median_stop(value: float) -> dict:
-    return {"step": 2, "rule": "median", "metric": "fit/loss", "value": value, "compared_with": 1.0, "peers": 3}
+def median_stop(value: float) -> str:
+    """The tag as the job writes it: the median rule at step 2 against 3 peers."""
+    from lora_sweep.training.stop_early import Decision
+
+    return Decision(2, "median", "fit/loss", value, 1.0, [0.9, 1.0, 1.1]).record()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,7 @@ def test_a_stopped_runs_curve_ends_at_its_step_with_a_mark():
         return VariantData(name="v", run_id="r", status=status, params={}, final_metrics={}, cells={}, cell_steps={},
                            histories={"fit/loss": list(zip((0, 2, 4), fits, strict=False))}, tags=tags)
 
-    tag = {STOPPED_EARLY: json.dumps(median_stop(float("nan")) | {"rule": "diverged"})}
+    tag = {STOPPED_EARLY: median_stop(float("nan"))}
     stopped = run("KILLED", tag, (1.2, 1.3, float("nan")))
     assert stop_mark(stopped, stopped.histories["fit/loss"]) == (2, 1.3)  # the last finite point
     assert stop_mark(run("KILLED", {}, (1.2, 1.3)), [(0, 1.2), (2, 1.3)]) is None  # a signal's stop
