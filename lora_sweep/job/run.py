@@ -43,6 +43,7 @@ from lora_sweep.tracking.metric_spec import parse_metric_spec
 from lora_sweep.tracking.replay import PENDING_NAME, ends_the_run, pending_files, replay_quietly
 from lora_sweep.tracking.siblings import SweepPeers
 from lora_sweep.tracking.stale import close_stale_runs
+from lora_sweep.tracking.stopped import stop_record
 from lora_sweep.training import optim, schedules
 from lora_sweep.training.checkpoint import (
     ConfigLock,
@@ -235,9 +236,12 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
                              final_loss=result.final_loss, files=result.files,
                              stop_signal=stop.signum if result.interrupted else None)
         if result.stopped_early is not None:
-            logger.set_tags({STOPPED_EARLY_TAG: result.stopped_early.record()})
+            record = result.stopped_early.record()
+            logger.set_tags({STOPPED_EARLY_TAG: record})
+            # stopped_early: the launchers complete the job (it fails nothing) and show why
             outcome = JobOutcome("KILLED", logger.run_id, reason=stopped_early_reason(result.stopped_early),
-                                 final_loss=result.final_loss, files=result.files)
+                                 final_loss=result.final_loss, files=result.files,
+                                 stopped_early=stop_record({STOPPED_EARLY_TAG: record}).describe())
     except KeyboardInterrupt:
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
         outcome.stop_signal = signal.SIGINT

@@ -69,6 +69,15 @@ def test_a_diverging_variant_stops_gives_its_slot_to_the_next_job_and_resumes_wi
     for name in ("slow", "third", "fourth"):
         assert runs[name].info.status == "FINISHED", name
         assert "lora_sweep.stopped_early" not in runs[name].data.tags
+    # the rule's stop fails nothing: the sweep exits 0, its parent ends FINISHED and counts it apart
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lora_sweep.role") == "sweep"]
+    assert out.returncode == 0 and parent.info.status == "FINISHED", console[-4000:]
+    tags = parent.data.tags
+    assert (tags["lora_sweep.jobs_finished"], tags["lora_sweep.jobs_stopped_early"]) == ("3", "1")
+    assert "1 stopped early" in out.stdout and "STOPPED EARLY" in out.stdout
+    assert "ended FINISHED (4 jobs: 3 finished, 1 stopped early (" in console and "at step 1: fit/loss" in console
+    report = json.loads((tmp_path / "sweep" / "report" / "summary.json").read_text())
+    assert [(s["variant"], s["step"]) for s in report["stopped_early"]] == [("diverges", 1)]  # censored there
     # the third job starts in the slot the stopped one freed, while the slow one still trains
     times = {name: (run.info.start_time, run.info.end_time) for name, run in runs.items()}
     assert stopped.info.end_time <= runs["third"].info.start_time < runs["slow"].info.end_time, times
