@@ -90,7 +90,7 @@ def kohya_args(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _precision_args(flat: dict[str, Any]) -> dict[str, Any]:
-    from lora_sweep.training.metadata import PRECISION_TO_KOHYA
+    from lora_sweep.training.precision import PRECISION_TO_KOHYA
 
     mixed_precision, fp8_base = PRECISION_TO_KOHYA[flat["precision.name"]]
     return {"mixed_precision": mixed_precision, "fp8_base": fp8_base}

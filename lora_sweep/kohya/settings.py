@@ -16,10 +16,9 @@ from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
 from lora_sweep.errors import ConfigError
 from lora_sweep.kohya.flags import V087_DEFAULTS
-from lora_sweep.training.metadata import PRECISION_TO_KOHYA
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
+from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
-_PRECISIONS = {kohya: name for name, kohya in PRECISION_TO_KOHYA.items()}  # (mixed_precision, fp8_base) -> name
 # flags the group choices below consume, and data.datasets keys only a dataset config sets
 _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "learning_rate", "unet_lr",
             "text_encoder_lr", "lr_scheduler_args"}
@@ -127,7 +126,7 @@ def _groups(full: dict, args: dict, why, out: Imported) -> None:
     """The group choices: model=sdxl, precision, optimizer (with train.lr), noise and loss options."""
     out.groups["model"] = "sdxl"
     out.why["model"] = "sdxl_train_network.py"
-    precision = _PRECISIONS.get((full["mixed_precision"], bool(full["fp8_base"])))
+    precision = KOHYA_TO_PRECISION.get((full["mixed_precision"], bool(full["fp8_base"])))
     if precision is None:
         out.rows.append(Row("not supported", "mixed_precision", full["mixed_precision"],
                             "--fp8_base needs fp16 or bf16" if full["fp8_base"] else "not no, fp16 or bf16"))
