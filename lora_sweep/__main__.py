@@ -265,7 +265,7 @@ def _export(args) -> int:
     from mlflow.exceptions import MlflowException
     from omegaconf.errors import OmegaConfBaseException
 
-    from lora_sweep.kohya.export import write_export
+    from lora_sweep.kohya.export import not_expressible, write_export
 
     if bool(args.run_id) == bool(args.config):
         print("error: give a RUN_ID or --config OVERRIDES (e.g. --config experiment=v53 model=sdxl "
@@ -282,6 +282,8 @@ def _export(args) -> int:
         return 2
     for path in written:
         print(path)
+    for line in not_expressible(cfg):  # command.sh's header, where the user sees it now
+        print(f"warning: not in the kohya export: {line}", file=sys.stderr)
     return 0
 
 

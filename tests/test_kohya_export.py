@@ -122,8 +122,25 @@ def test_sample_prompts_spell_out_every_option_lora_sweep_draws_with(tmp_path):
     config = tomllib.loads(written[0].read_text())
     assert (config["sample_prompts"], config["sample_every_n_steps"], config["sample_at_first"]) == (
         str(tmp_path / "export" / "sample_prompts.txt"), 50, True)
-    assert "#   - sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim" in \
-        written[2].read_text().splitlines()
+    assert not_expressible(cfg)[-2:] == [  # 50 does not divide train.max_steps=20: kohya has no sample at the end
+        "sampling.sampler=null (SDXL base's Euler, timestep_spacing leading, steps_offset 1): kohya's "
+        "--sample_sampler default is ddim, and its euler spaces timesteps linspace",
+        "sampling.every=50: lora-sweep also samples at the last step, kohya v0.8.7 only at step 0 (sample_at_first) "
+        "and every sample_every_n_steps"]
+    assert not_expressible(sdxl_folder_config(tmp_path / "b", "sampling.prompts=['a cat']", "sampling.every=10",
+                                              "sampling.sampler=euler", "validation.fit_images=0")) == []
+
+
+def test_kohyas_euler_is_not_sdxl_bases_euler():
+    from lora_sweep.sampling.schedulers import build_scheduler
+
+    sdxl, kohya = build_scheduler(None), build_scheduler("euler")  # v0.8.7's get_my_scheduler("euler")
+    differ = {k: (sdxl.config[k], kohya.config[k]) for k in sdxl.config if not k.startswith("_")
+              and sdxl.config[k] != kohya.config[k]}
+    assert differ == {"timestep_spacing": ("leading", "linspace"), "steps_offset": (1, 0)}
+    sdxl.set_timesteps(30)
+    kohya.set_timesteps(30)
+    assert (sdxl.timesteps[0].item(), kohya.timesteps[0].item()) == (958.0, 999.0)
 
 
 def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_path, mlflow_uri, capsys):
@@ -136,6 +153,12 @@ def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_
     overrides = ["experiment=v53", "model=sdxl", f"model.path={tmp_path}/sdxl.safetensors",
                  f"train.output_dir={tmp_path}/out"]
     assert main(["export", "kohya", "--config", *overrides, "--out", str(tmp_path / "composed")]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"warning: not in the kohya export: {line}"
+                                                    for line in not_expressible(compose_config(*overrides))]
+    assert main(["export", "kohya", "--config", "model=tiny", "--out", str(tmp_path / "tiny")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == ("warning: not in the kohya export: model=tiny: kohya cannot "
+                                                       "load lora-sweep's tiny stand-in model; set model=sdxl "
+                                                       "model.path=...")
     client = MlflowClient(mlflow_uri)
     run_id = client.create_run(client.create_experiment("export")).info.run_id
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(to_container(compose_config(*overrides))))  # as job.run

@@ -218,8 +218,22 @@ def not_expressible(cfg: DictConfig) -> list[str]:
         lines.append(f"data.latent_sample={flat['data.latent_sample']}: v0.8.7 caches one posterior sample")
     if flat["train.on_nan"] != "stop":
         lines.append(f"train.on_nan={flat['train.on_nan']}: v0.8.7 has no NaN handling")
-    if flat["sampling.sampler"] is None and (flat["sampling.prompts"] or flat["sampling.prompt_file"]):
-        lines.append("sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim")
+    if flat["sampling.prompts"] or flat["sampling.prompt_file"]:
+        lines += _sampling_lines(flat)
+    return lines
+
+
+def _sampling_lines(flat: dict[str, Any]) -> list[str]:
+    """How kohya's sampling differs: its `euler` is not SDXL base's (timestep spacing), and it has no sample at
+    the last step."""
+    lines = []
+    if flat["sampling.sampler"] is None:
+        lines.append("sampling.sampler=null (SDXL base's Euler, timestep_spacing leading, steps_offset 1): kohya's "
+                     "--sample_sampler default is ddim, and its euler spaces timesteps linspace")
+    every, steps = flat["sampling.every"], flat["train.max_steps"]
+    if every == 0 or steps is None or steps % every:
+        lines.append(f"sampling.every={every}: lora-sweep also samples at the last step, kohya v0.8.7 only at step 0 "
+                     "(sample_at_first) and every sample_every_n_steps")
     return lines
 
 
