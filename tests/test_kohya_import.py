@@ -63,7 +63,8 @@ def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
         "loss.min_snr_gamma": 5.0,
         "optimizer.optimizer_args": ["weight_decay=0.01", "decouple=True", "d0=0.0001", "use_bias_correction=True"],
         "optimizer.scheduler": "constant", "optimizer.lr_scheduler_num_cycles": 1, "network.rank": 32,
-        "network.alpha": 16.0, "network.scale_weight_norms": 5.0}
+        "network.alpha": 16.0, "network.scale_weight_norms": 5.0,
+        "network.train_text_encoder": True}  # no network_train_unet_only: v0.8.7 trains the text encoders too
     assert imported.why["train.max_steps"] == "kohya default"  # the preset has no max_train_steps: v0.8.7's 1600
     assert imported.why["network.alpha"] == "preset.json: network_alpha = 16"
     table = kinds(imported)
@@ -102,7 +103,7 @@ def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest()
         "data.min_bucket_reso": 256, "data.max_bucket_reso": 1024, "data.bucket_reso_steps": 64,
         "noise.offset": 0.0357, "loss.type": "huber", "loss.huber_c": 0.05, "sampling.sampler": "ddim",
         "optimizer.optimizer_args": ["weight_decay=0.1", "betas=(0.9,0.99)"], "optimizer.warmup_steps": 100,
-        "network.rank": 16, "network.alpha": 8}
+        "network.rank": 16, "network.alpha": 8, "network.train_text_encoder": True}
     table = kinds(imported)
     assert table["not supported"] == {"max_data_loader_n_workers": 8, "masked_loss": True, "no_half_vae": False}
     assert table["unknown"] == {"future_flag": 3}
@@ -119,7 +120,7 @@ def test_a_command_line_reads_as_argparse_does():
         "model.path": "/models/sdxl.safetensors", "noise.ip_gamma": 0.1, "sampling.sampler": "ddim",
         "optimizer.optimizer_args": ["decouple=True", "weight_decay=0.01"],
         "optimizer.scheduler": "cosine_with_restarts", "optimizer.lr_scheduler_num_cycles": 3,
-        "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0}
+        "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0, "network.train_text_encoder": True}
     assert imported.why["network.alpha"] == "command_line.sh: command line --network_alpha 4"
     assert kinds(imported)["not supported"] == {"max_data_loader_n_workers": 8, "save_model_as": "ckpt"}
 

@@ -106,6 +106,12 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
                 else:
                     out.rows.append(Row("not supported", flag, value,
                                         f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+    # v0.8.7 trains the text encoders' LoRA unless --network_train_unet_only; lora-sweep's default is U-Net only
+    text_encoder = not full["network_train_unet_only"]
+    if text_encoder != defaults.get("network.train_text_encoder"):
+        out.put("network.train_text_encoder", text_encoder, why("network_train_unet_only"))
+        out.rows.append(Row("mapped" if "network_train_unet_only" in args else "default", "network_train_unet_only",
+                            full["network_train_unet_only"], "network.train_text_encoder=true"))
     for flag in sorted(unrecorded):
         out.rows.append(Row("not recorded", flag, V087_DEFAULTS.get(flag), "not in the LoRA's metadata: kohya default "
                                                                       "assumed"))
