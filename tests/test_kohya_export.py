@@ -15,6 +15,8 @@ except ModuleNotFoundError:  # Python < 3.11
 from lora_sweep.kohya.export import kohya_args, not_expressible, write_export
 from lora_sweep.kohya.flags import V087_DEFAULTS
 
+DATA = ROOT / "tests" / "data"
+
 
 def sdxl_folder_config(tmp_path: Path, *overrides: str):
     (tmp_path / "train" / "10_sks dog").mkdir(parents=True)
@@ -195,3 +197,57 @@ def test_the_import_of_v53s_export_gives_back_its_settings(tmp_path):
         "data.dataset_config": str(tmp_path / "export" / "dataset.toml"), "network.network_train_unet_only": True,
         "sampling.sampler": "ddim"}
     assert {key: OmegaConf.select(cfg, key) for key in imported.values} == imported.values
+
+
+VARIANTS = [f"v{n}" for n in range(53, 65)]
+MODEL = "/models/sd_xl_base_1.0.safetensors"  # a placeholder: the export only writes the path
+
+
+def exported_variant(variant: str, out: Path):
+    """experiment=<variant> on SDXL with the photos dataset, exported to `out`: (config, config.toml's text with
+    `out` written as $EXPORT, as tests/data/kohya_export/<variant>.toml holds it)."""
+    cfg = compose_config(f"experiment={variant}", "model=sdxl", f"model.path={MODEL}")
+    write_export(cfg, out)
+    return cfg, (out / "config.toml").read_text(encoding="utf-8").replace(str(out.resolve()), "$EXPORT")
+
+
+def imported_back(export: Path, tmp_path: Path, *overrides: str):
+    """The config that `python -m lora_sweep import` of an export's config.toml and dataset.toml composes to."""
+    from lora_sweep.kohya.experiment import run_import
+
+    status, _, err = run_import([export / "config.toml", export / "dataset.toml"], "back",
+                                tmp_path / "conf" / "experiment" / "user", True)
+    assert (status, err) == (0, "")
+    return compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *overrides)
+
+
+def test_v53_to_v64_export_as_their_fixtures_and_import_back_to_the_same_kohya_subset(tmp_path):
+    from lora_sweep.kohya.export import kohya_subset
+
+    for variant in VARIANTS:
+        cfg, text = exported_variant(variant, tmp_path / variant)
+        assert text == (DATA / "kohya_export" / f"{variant}.toml").read_text(encoding="utf-8"), variant
+        # the export's own output folder stands for train.output_dir=null
+        back = imported_back(tmp_path / variant, tmp_path, "train.output_dir=null")
+        assert kohya_subset(back) == kohya_subset(cfg), variant
+
+
+def test_a_richer_config_imports_back_to_the_same_kohya_subset(tmp_path):
+    from lora_sweep.kohya.export import kohya_subset
+
+    (tmp_path / "reg" / "1_dog").mkdir(parents=True)
+    cfg = sdxl_folder_config(
+        tmp_path, "optimizer=adamw8bit", "optimizer.args.betas=[0.9,0.99]", "optimizer.args.weight_decay=0.05",
+        "network.rank=16", "network.alpha=8", "network.conv_dim=8", "network.conv_alpha=4",  # LoCon
+        "network.dropout=0.1", "network.rank_dropout=0.1", "network.module_dropout=0.05",
+        "optimizer.scheduler=cosine_with_restarts", "optimizer.warmup_steps=50", "optimizer.lr_scheduler_num_cycles=3",
+        f"data.reg_data_dir={tmp_path}/reg", "data.shuffle_caption=true", "data.keep_tokens=1",
+        "data.caption_dropout_rate=0.05", "data.caption_tag_dropout_rate=0.1", "data.caption_prefix='photo of'",
+        "train.max_train_epochs=10", "network.train_text_encoder=true", "train.lr=2e-4", "train.text_encoder_lr=5e-5",
+        "noise=multires", "loss=[huber_snr,min_snr]", "precision=bf16", f"train.output_dir={tmp_path}/out",
+        "sampling.prompts=['a dog --ss euler_a','a cat']", "sampling.sampler=dpmsolver++", "sampling.every=5")
+    write_export(cfg, tmp_path / "export")
+    subset = kohya_subset(cfg)
+    assert kohya_subset(imported_back(tmp_path / "export", tmp_path)) == subset
+    assert subset["sample_prompts.txt"] == ["a dog --w 1024 --h 1024 --d 1234 --s 10 --l 7.0 --ss euler_a",
+                                            "a cat --w 1024 --h 1024 --d 1235 --s 10 --l 7.0 --ss dpmsolver++"]

@@ -254,6 +254,24 @@ def prompts_text(cfg: DictConfig, specs: list | None = None) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def kohya_subset(cfg: DictConfig) -> dict[str, Any]:
+    """What of `cfg` kohya v0.8.7 holds, as its export says it: config.toml's flags (without the paths of the
+    export's own files), dataset.toml's tables and sample_prompts.txt's lines with the sampler kohya draws each with.
+    Importing an export's config.toml and dataset.toml gives a config with the same subset (the round trip)."""
+    import dataclasses
+
+    from lora_sweep.training.evaluate import read_prompts
+
+    args = kohya_args(cfg)
+    args.pop("sample_prompts", None)  # the export's own file; its lines are compared instead
+    specs, _, _ = read_prompts(cfg)
+    # a prompt without --ss draws with --sample_sampler, ddim when unset (SDXL base's Euler has no kohya name)
+    sampler = args.get("sample_sampler", V087_DEFAULTS["sample_sampler"])
+    specs = [dataclasses.replace(spec, sampler=spec.sampler or sampler) for spec in specs]
+    return {"config.toml": args, "dataset.toml": dataset_tables(cfg),
+            "sample_prompts.txt": prompts_text(cfg, specs).splitlines()}
+
+
 def toml_text(tables: dict[str, Any]) -> str:
     """`tables` as TOML: top-level values first, then tables and arrays of tables (values tomllib reads back as
     the same Python types; None is left out, as TOML has no null)."""
