@@ -218,6 +218,47 @@ def test_a_lora_written_by_lora_sweep_gives_back_its_settings(tmp_path):
     assert "full_bf16" not in table["not recorded"]  # lora_sweep_full_bf16 records it
 
 
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")  # no images: no buckets
+def test_a_lora_written_by_lora_sweep_loses_exactly_what_its_metadata_cannot_hold(tmp_path):
+    import torch
+
+    from lora_sweep.data.buckets import bucket_settings
+    from lora_sweep.data.subsets import DatasetSpec
+    from lora_sweep.kohya.export import kohya_args
+    from lora_sweep.kohya.metadata import NOT_IN_LORA_METADATA
+    from lora_sweep.training.metadata import kohya_metadata
+    from lora_sweep.training.optim import build_optimizer
+
+    (tmp_path / "sdxl.safetensors").write_bytes(b"a stand-in: the metadata hashes it")
+    (tmp_path / "prompts.txt").write_text("a dog\n")
+    given = [f"model.path={tmp_path}/sdxl.safetensors", "data=folder", f"data.dir={tmp_path}/train"]
+    cfg = compose_config(  # every flag of NOT_IN_LORA_METADATA away from its default, and the lora_sweep_* ones
+        "model=sdxl", *given, "optimizer.scheduler=cosine_with_restarts", "optimizer.lr_scheduler_num_cycles=3",
+        "optimizer.lr_scheduler_power=2.0", "+optimizer.lr_scheduler_args.lr_end=0.5",
+        "network.train_text_encoder=true", "network.network_train_text_encoder_only=true",
+        "network.dim_from_weights=true", f"network.network_weights={tmp_path}/start.safetensors",
+        "train.save_precision=fp16", "train.xformers=true", "train.sdpa=true", "train.mem_eff_attn=true",
+        "train.torch_compile=true", "train.dynamo_backend=eager", "data.caption_separator=';'",
+        "data.token_warmup_min=2", "data.token_warmup_step=5", "data.enable_wildcard=true",
+        "data.keep_tokens_separator='|||'", "data.secondary_separator=';;;'", "data.caption_prefix=pre",
+        "data.caption_suffix=suf", "data.bucket_reso_steps=32", "train.save_every=100", "train.save_every_epochs=2",
+        "train.save_last_n_epochs=3", "train.save_last_n_steps=200", f"sampling.prompt_file={tmp_path}/prompts.txt",
+        "sampling.every=50", "sampling.sampler=euler_a", "precision=bf16", "precision.full_bf16=true",
+        "model.v_prediction=true", "loss.v_pred_like_loss=0.2", "data.caption_extension=.cap")
+    buckets = bucket_settings(cfg.data)
+    spec = DatasetSpec("data.dir", buckets["resolution"], 1, True, bucket_reso_steps=32, bucket_no_upscale=False,
+                       min_bucket_reso=buckets["min_reso"], max_bucket_reso=buckets["max_reso"], subsets=())
+    optimizer = build_optimizer(cfg.optimizer.name, [{"params": [torch.nn.Parameter(torch.zeros(2))]}],
+                                lr=cfg.train.lr, args=dict(cfg.optimizer.args))
+    meta = kohya_metadata(cfg, SimpleNamespace(specs=[spec], trained=[]), optimizer, steps=300, epoch=1)
+    lora = safetensors_with(tmp_path / "lora.safetensors", {k: str(v) for k, v in meta.items()})
+    assert run_import([lora], "back", tmp_path / "conf" / "experiment" / "user", False)[0] == 0
+    back = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *given)
+    before, after = kohya_args(cfg), kohya_args(back)
+    assert {flag for flag in before.keys() | after.keys()
+            if before.get(flag) != after.get(flag)} == set(NOT_IN_LORA_METADATA)
+
+
 def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp_path):
     meta = {"ss_network_dim": "16", "ss_network_alpha": "8.0", "ss_learning_rate": "0.0001",
             "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1,betas=(0.9, 0.99))",
