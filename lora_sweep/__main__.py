@@ -346,11 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         "import", help="a kohya config (GUI JSON, --config_file TOML, command line) as an experiment file",
         description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file TOMLs and files holding an "
         "`accelerate launch ... sdxl_train_network.py` command line (a later source's flags win), and writes "
-        "conf/experiment/user/NAME.yaml with each line's source, then prints what became of every flag. A flag the "
+        "conf/experiment/user/NAME.yaml (and conf/<group>/user/NAME.yaml) with each line's source, then prints "
+        "what became of every flag. A flag the "
         "sources leave out is sd-scripts v0.8.7's default.")
     imp.add_argument("sources", nargs="+", help="kohya files, in order")
     imp.add_argument("--name", help="the experiment's name (default: the first source's file name)")
-    imp.add_argument("--into", help="write NAME.yaml in this folder instead of conf/experiment/user/")
+    imp.add_argument("--into", help="write experiment/user/NAME.yaml (and <group>/user/NAME.yaml) under this folder "
+                                    "instead of conf/; train with hydra.searchpath=[file://DIR]")
     imp.add_argument("--force", action="store_true", help="overwrite an existing NAME.yaml")
     export = sub.add_parser(
         "export", help="write a run's or a config's sd-scripts v0.8.7 files: config.toml, dataset.toml, command.sh",

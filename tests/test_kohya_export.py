@@ -215,8 +215,7 @@ def imported_back(export: Path, tmp_path: Path, *overrides: str):
     """The config that `python -m lora_sweep import` of an export's config.toml and dataset.toml composes to."""
     from lora_sweep.kohya.experiment import run_import
 
-    status, _, err = run_import([export / "config.toml", export / "dataset.toml"], "back",
-                                tmp_path / "conf" / "experiment" / "user", True)
+    status, _, err = run_import([export / "config.toml", export / "dataset.toml"], "back", tmp_path / "conf", True)
     assert (status, err) == (0, "")
     return compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *overrides)
 

@@ -14,7 +14,7 @@ from conftest import ROOT, compose_config
 
 from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
-from lora_sweep.kohya.experiment import experiment_text, import_sources, run_import
+from lora_sweep.kohya.experiment import import_sources, run_import
 from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
 
 DATA = Path(__file__).parent / "data"
@@ -126,19 +126,20 @@ def test_a_command_line_reads_as_argparse_does():
 
 
 def test_the_written_experiment_composes_with_its_values():
-    imported, _ = import_sources([DATA / "kohya_import" / "command_line.sh"])
-    name = f"_test_import_{os.getpid()}"
-    path = ROOT / "conf" / "experiment" / "user" / f"{name}.yaml"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(experiment_text(imported, ["command_line.sh"]), encoding="utf-8")
+    name = f"test-import-{os.getpid()}"
+    status, out, _ = run_import([DATA / "kohya_import" / "command_line.sh"], name, None, False)
+    written = [Path(p) for p in out.rsplit("wrote ", 1)[1].split(";")[0].split(", ")]
     try:
+        assert status == 0 and [p.relative_to(ROOT / "conf").as_posix() for p in written] == [
+            f"{group}/user/{name}.yaml" for group in ("experiment", "model", "optimizer", "noise", "loss")]
         cfg = compose_config(f"experiment=user/{name}")
         assert command_line_problems([f"experiment=user/{name}"]) == []  # sweep.py's pre-flight accepts it
         assert command_line_problems(["experiment=user/nothing"]) == [
             "Could not find 'experiment/user/nothing'. Available options in 'experiment': article, article_v61, "
             "v53, v54, v55, v56, v57, v58, v59, v60, v61, v62, v63, v64."]
     finally:
-        path.unlink()
+        for path in written:
+            path.unlink()
     assert (cfg.model.name, cfg.precision.name, cfg.optimizer.name) == ("sdxl", "fp16", "prodigy")
     assert (cfg.train.lr, cfg.train.text_encoder_lr, cfg.train.max_steps, cfg.network.alpha) == (1.0, 0.5, 800, 4.0)
     assert (cfg.noise.ip_gamma, cfg.loss.debiased, cfg.data.resolution) == (0.1, True, "1024,1024")
@@ -152,11 +153,11 @@ def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path,
     bad_cmd.write_text("accelerate launch sdxl_train_network.py --max_train_steps lots", encoding="utf-8")
     status = main(["import", str(bad_json), str(bad_cmd), str(tmp_path / "none.toml"), "--into", str(tmp_path)])
     err = capsys.readouterr().err
-    assert status == 2 and not (tmp_path / "bad.yaml").exists()
+    assert status == 2 and not (tmp_path / "experiment").exists()
     assert err.count("\n\n") == 0 and "none.toml: not found." in err  # a missing file stops before reading
     status = main(["import", str(bad_json), str(bad_cmd), "--into", str(tmp_path)])
     paragraphs = capsys.readouterr().err.strip().split("\n\n")
-    assert status == 2 and not (tmp_path / "bad.yaml").exists()
+    assert status == 2 and not (tmp_path / "experiment").exists()
     assert paragraphs == [
         f"{bad_json}: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).",
         f"{bad_cmd}: command line --max_train_steps lots: 'lots' is not an integer (v0.8.7's --max_train_steps "
@@ -167,7 +168,8 @@ def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, ca
     source = DATA / "kohya_import" / "command_line.sh"
     assert run_import([source], "mine", tmp_path, False)[0] == 0
     status, _, err = run_import([source], "mine", tmp_path, False)
-    assert status == 2 and err == f"{tmp_path / 'mine.yaml'} exists: give --force to overwrite it, or another --name.\n"
+    assert status == 2 and err == (f"{tmp_path / 'experiment' / 'user' / 'mine.yaml'} exists: give --force to "
+                                   f"overwrite it, or another --name.\n")
     assert run_import([source], "mine", tmp_path, True)[0] == 0
     status, _, err = run_import([source], "v61", None, False)
     assert status == 2 and "shipped experiment's name" in err
@@ -252,7 +254,7 @@ def test_a_lora_written_by_lora_sweep_loses_exactly_what_its_metadata_cannot_hol
                                 lr=cfg.train.lr, args=dict(cfg.optimizer.args))
     meta = kohya_metadata(cfg, SimpleNamespace(specs=[spec], trained=[]), optimizer, steps=300, epoch=1)
     lora = safetensors_with(tmp_path / "lora.safetensors", {k: str(v) for k, v in meta.items()})
-    assert run_import([lora], "back", tmp_path / "conf" / "experiment" / "user", False)[0] == 0
+    assert run_import([lora], "back", tmp_path / "conf", False)[0] == 0
     back = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *given)
     before, after = kohya_args(cfg), kohya_args(back)
     assert {flag for flag in before.keys() | after.keys()
@@ -309,8 +311,40 @@ def test_a_problem_names_the_line_of_its_key(tmp_path):
     gui = tmp_path / "bad.json"
     gui.write_text('{\n  "LoRA_type": "Standard",\n  "network_dim": "eight"\n}\n', encoding="utf-8")
     status, out, err = run_import([toml, gui], "bad", tmp_path, False)
-    assert (status, out) == (2, "") and not (tmp_path / "bad.yaml").exists()
+    assert (status, out) == (2, "") and not (tmp_path / "experiment").exists()
     assert err.split("\n\n") == [
         f"{toml} line 3: optimizer_args: 'weight_decay=0.1': v0.8.7 reads a TOML string here as one item per "
         f"character; write a list of 'key=value' strings.",
         f"{gui} line 3: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).\n"]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_an_imported_experiment_gives_each_run_its_own_noise_group(tmp_path):
+    """`python sweep.py -m experiment=user/NAME noise=none,multires` over an imported GUI config: both runs finish
+    with the imported values, and each run's noise params are its group's alone (the imported noise.offset=0.05
+    lives in noise/user/NAME.yaml, which the command line's noise choice replaces)."""
+    import subprocess
+    import sys
+
+    from conftest import new_store
+    from mlflow.tracking import MlflowClient
+
+    assert run_import([DATA / "kohya_import" / "gui_sweep.json"], "gui", tmp_path / "conf", False)[0] == 0
+    uri = new_store(tmp_path / "mlflow.db")
+    command = [sys.executable, str(ROOT / "sweep.py"), "-m", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+               "experiment=user/gui", "noise=none,multires", "model=tiny", "validation.fit_images=0",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    out = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lora-sweep").experiment_id],
+                              "tags.`lora_sweep.role` = 'job'")
+    params = {run.data.tags["variant"]: run.data.params for run in runs if run.info.status == "FINISHED"}
+    assert sorted(params) == ["noise=multires", "noise=none"]
+    noise = {variant: (p["noise.offset"], p["noise.multires_iterations"]) for variant, p in params.items()}
+    assert noise == {"noise=none": ("0.0", "0"), "noise=multires": ("0.0", "6")}
+    imported = ("train.lr", "train.seed", "network.rank", "network.alpha", "loss.min_snr_gamma", "data.resolution",
+                "network.train_text_encoder", "optimizer.name")
+    for p in params.values():
+        assert [p[key] for key in imported] == ["0.0002", "7", "8", "4.0", "5.0", "64,64", "True", "adamw"]
