@@ -254,7 +254,8 @@ def _import(args) -> int:
     from lora_sweep.kohya.experiment import run_import
 
     status, out, err = run_import([Path(p) for p in args.sources], args.name,
-                                  Path(args.into) if args.into else None, args.force)
+                                  Path(args.into) if args.into else None, args.force,
+                                  Path(args.data) if args.data else None)
     sys.stdout.write(out)
     sys.stderr.write(err)
     return status
@@ -343,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("paths", nargs="*", help="pending files, or folders to search (default: the state root, "
                         "$LORA_SWEEP_CACHE_DIR/states or ~/.cache/lora-sweep/states)")
     imp = sub.add_parser(
-        "import", help="a kohya config (GUI JSON, --config_file TOML, command line) as an experiment file",
-        description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file TOMLs and files holding an "
-        "`accelerate launch ... sdxl_train_network.py` command line (a later source's flags win), and writes "
+        "import", help="a kohya config (GUI JSON, TOML, command line, LoRA metadata) as an experiment file",
+        description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file and --dataset_config TOMLs, files "
+        "holding an `accelerate launch ... sdxl_train_network.py` command line and LoRA .safetensors metadata "
+        "(kohya's ss_*, OneTrainer's ot_config) (a later source's flags win), and writes "
         "conf/experiment/user/NAME.yaml (and conf/<group>/user/NAME.yaml) with each line's source, then prints "
         "what became of every flag. A flag the "
         "sources leave out is sd-scripts v0.8.7's default.")
@@ -354,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--into", help="write experiment/user/NAME.yaml (and <group>/user/NAME.yaml) under this folder "
                                     "instead of conf/; train with hydra.searchpath=[file://DIR]")
     imp.add_argument("--force", action="store_true", help="overwrite an existing NAME.yaml")
+    imp.add_argument("--data", help="a folder holding the image folders a LoRA's metadata names")
     export = sub.add_parser(
         "export", help="write a run's or a config's sd-scripts v0.8.7 files: config.toml, dataset.toml, command.sh",
         description="kohya: the flags that train what the config trains (those away from v0.8.7's defaults), the "

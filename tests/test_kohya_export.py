@@ -32,10 +32,11 @@ def test_v53_exports_the_flags_the_reference_gives_for_its_settings(tmp_path):
         "mixed_precision": "fp16", "fp8_base": True, "optimizer_type": "DAdaptAdamPreprint", "learning_rate": 1.0,
         "resolution": "2048", "enable_bucket": True, "bucket_reso_steps": 32, "bucket_no_upscale": True,
         "min_bucket_reso": 512, "max_bucket_reso": 4096, "train_batch_size": 4, "max_train_steps": 6000,
+        "save_every_n_steps": 200,  # lora-sweep's article file: a LoRA at every fit/loss step (compare.select)
         # v53's row: noise offset 0.0357, min-SNR gamma 5
         "noise_offset": 0.0357, "min_snr_gamma": 5.0,
         # lora-sweep's defaults where v0.8.7's differ
-        "network_dim": 4, "network_train_unet_only": True, "caption_extension": ".txt", "save_every_n_steps": 500,
+        "network_dim": 4, "network_train_unet_only": True, "caption_extension": ".txt",
         "sample_every_n_steps": 200, "sample_prompts": str(ROOT / "experiments/prompts/article_v53-v60.txt"),
         # what lora-sweep always does (checks/kohya_flags.py Fixed)
         "network_module": "networks.lora", "cache_latents": True, "no_half_vae": True, "max_data_loader_n_workers": 0,

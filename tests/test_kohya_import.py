@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, compose_config
+from kohya_dataset import write_kohya_dataset
 
 from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
 from lora_sweep.kohya.experiment import import_sources, run_import
+from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
 
 DATA = Path(__file__).parent / "data"
@@ -25,6 +27,16 @@ STANDARD = sorted(name for name, p in PRESETS.items() if p["LoRA_type"] in ("Sta
 def preset_file(tmp_path: Path, name: str) -> Path:
     path = tmp_path / "preset.json"
     path.write_text(json.dumps(PRESETS[name]), encoding="utf-8")
+    return path
+
+
+def with_images(tmp_path: Path, name: str) -> Path:
+    """A fixture of tests/data/kohya_import/ with its image folder /data/img made a real folder in tmp_path."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text((DATA / "kohya_import" / name).read_text(encoding="utf-8").replace("/data/img",
+                                                                                      str(tmp_path / "img")),
+                    encoding="utf-8")
     return path
 
 
@@ -91,27 +103,27 @@ def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters(
     assert src.unknown == {"newer_flag": True}  # 5% of 250 = 12.5: half to even
 
 
-def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest():
-    imported, _ = import_sources([DATA / "kohya_import" / "config_file.toml"])
+def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest(tmp_path):
+    imported, _ = import_sources([with_images(tmp_path, "config_file.toml")])
     assert imported.problems == []
     assert imported.groups == {"model": "sdxl", "precision": "fp8_bf16", "optimizer": "adamw8bit",
                                "noise": "offset", "loss": "huber_snr"}
     assert imported.values == {
         "train.lr": 0.0001, "train.batch_size": 2, "train.max_steps": 3000,
-        "model.path": "/models/sd_xl_base_1.0.safetensors", "data.dir": "/data/img",
+        "model.path": "/models/sd_xl_base_1.0.safetensors", "data.dir": str(tmp_path / "img"),
         "data.caption_extension": ".caption", "data.resolution": "1024,1024", "data.enable_bucket": False,
         "data.min_bucket_reso": 256, "data.max_bucket_reso": 1024, "data.bucket_reso_steps": 64,
         "noise.offset": 0.0357, "loss.type": "huber", "loss.huber_c": 0.05, "sampling.sampler": "ddim",
         "optimizer.optimizer_args": ["weight_decay=0.1", "betas=(0.9,0.99)"], "optimizer.warmup_steps": 100,
         "network.rank": 16, "network.alpha": 8, "network.train_text_encoder": True}
     table = kinds(imported)
-    assert table["not supported"] == {"max_data_loader_n_workers": 8, "masked_loss": True, "no_half_vae": False}
+    assert table["not supported"] == {"masked_loss": True}  # unset workers and no_half_vae: kohya's default
     assert table["unknown"] == {"future_flag": 3}
     assert "missing" not in table
 
 
-def test_a_command_line_reads_as_argparse_does():
-    imported, _ = import_sources([DATA / "kohya_import" / "command_line.sh"])
+def test_a_command_line_reads_as_argparse_does(tmp_path):
+    imported, _ = import_sources([with_images(tmp_path, "command_line.sh")])
     assert imported.problems == []
     assert imported.groups == {"model": "sdxl", "precision": "fp16", "optimizer": "prodigy", "noise": "ip",
                                "loss": ["l2", "debiased"]}
@@ -122,12 +134,13 @@ def test_a_command_line_reads_as_argparse_does():
         "optimizer.scheduler": "cosine_with_restarts", "optimizer.lr_scheduler_num_cycles": 3,
         "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0, "network.train_text_encoder": True}
     assert imported.why["network.alpha"] == "command_line.sh: command line --network_alpha 4"
-    assert kinds(imported)["not supported"] == {"max_data_loader_n_workers": 8, "save_model_as": "ckpt"}
+    assert kinds(imported)["not supported"] == {"save_model_as": "ckpt"}
 
 
-def test_the_written_experiment_composes_with_its_values():
+def test_the_written_experiment_composes_with_its_values(tmp_path):
     name = f"test-import-{os.getpid()}"
-    status, out, _ = run_import([DATA / "kohya_import" / "command_line.sh"], name, None, False)
+    status, out, err = run_import([with_images(tmp_path, "command_line.sh")], name, None, False)
+    assert (status, err) == (0, "")
     written = [Path(p) for p in out.rsplit("wrote ", 1)[1].split(";")[0].split(", ")]
     try:
         assert status == 0 and [p.relative_to(ROOT / "conf").as_posix() for p in written] == [
@@ -147,25 +160,62 @@ def test_the_written_experiment_composes_with_its_values():
 
 
 def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path, capsys):
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text('{"LoRA_type": "Standard", "network_dim": "eight"}', encoding="utf-8")
-    bad_cmd = tmp_path / "cmd.sh"
-    bad_cmd.write_text("accelerate launch sdxl_train_network.py --max_train_steps lots", encoding="utf-8")
-    status = main(["import", str(bad_json), str(bad_cmd), str(tmp_path / "none.toml"), "--into", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert status == 2 and not (tmp_path / "experiment").exists()
-    assert err.count("\n\n") == 0 and "none.toml: not found." in err  # a missing file stops before reading
-    status = main(["import", str(bad_json), str(bad_cmd), "--into", str(tmp_path)])
+    files = {
+        "image.png": None,  # a real PNG: binary
+        "notes.toml": "[training_arguments]\nlearning_rate = 1e-4\nnetwork_dim = = 4\n",
+        "gui.json": '{\n  "LoRA_type": "Standard",\n  "seed": "abc",\n  "learning_rate": "fast",\n'
+                    '  "optimizer": "AdamWW",\n  "train_data_dir": "/nowhere/img",\n  "max_train_steps": 10\n}\n',
+        "cmd.sh": "accelerate launch sdxl_train_network.py --lr_scheduler cosine_annealing --max_train_steps lots "
+                  "--reg_data_dir /nowhere/reg",
+        "config.toml": "[training_arguments]\nlearning_rate = \"1e-4\"\nnetwork_train_unet_only = 1\n",
+    }
+    for name, text in files.items():
+        if text is None:
+            from PIL import Image
+
+            Image.new("RGB", (8, 8)).save(tmp_path / name)
+        else:
+            (tmp_path / name).write_text(text, encoding="utf-8")
+    plain = safetensors_with(tmp_path / "plain.safetensors", {"format": "pt"})
+    sources = [tmp_path / name for name in files] + [plain, tmp_path / "none.json"]
+    mine = tmp_path / "out" / "experiment" / "user" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("kept\n", encoding="utf-8")
+    before = sorted(tmp_path.rglob("*"))
+    status = main(["import", *map(str, sources), "--name", "mine", "--into", str(tmp_path / "out")])
     paragraphs = capsys.readouterr().err.strip().split("\n\n")
-    assert status == 2 and not (tmp_path / "experiment").exists()
+    assert status == 2 and sorted(tmp_path.rglob("*")) == before
+    assert mine.read_text(encoding="utf-8") == "kept\n"
+    kinds_text = ("the import reads a kohya_ss GUI config (JSON), an sd-scripts --config_file or --dataset_config "
+                  "TOML, a text file with an sdxl_train_network.py command line, or a LoRA .safetensors")
+    gui, cmd, config = tmp_path / "gui.json", tmp_path / "cmd.sh", tmp_path / "config.toml"
     assert paragraphs == [
-        f"{bad_json}: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).",
-        f"{bad_cmd}: command line --max_train_steps lots: 'lots' is not an integer (v0.8.7's --max_train_steps "
-        f"takes int)."]
+        f"{tmp_path / 'none.json'}: not found.",
+        f"{mine} exists: give --force to overwrite it, or another --name.",
+        f"{tmp_path / 'image.png'}: the file: binary, not a source: {kinds_text}.",
+        f"{tmp_path / 'notes.toml'} line 3, column 15: not valid TOML (Invalid value); {kinds_text}.",
+        f"{gui} line 3: seed = 'abc': 'abc' is not an integer (v0.8.7's --seed takes int).",
+        f"{gui} line 4: learning_rate = 'fast': 'fast' is not a number (v0.8.7's --learning_rate takes float).",
+        f"{gui} line 5: optimizer = 'AdamWW': not an optimizer_type of sd-scripts v0.8.7 (AdamW, AdamW8bit, "
+        f"Prodigy, DAdaptAdam, Adafactor, SGDNesterov, Lion, a torch.optim class or a module.Class path).",
+        f"{gui} line 6: train_data_dir = '/nowhere/img': the folder does not exist here: correct the path in the "
+        f"source.",
+        f"{cmd}: command line --max_train_steps lots: 'lots' is not an integer (v0.8.7's --max_train_steps takes "
+        f"int).",
+        f"{cmd}: command line --lr_scheduler cosine_annealing: not an lr_scheduler of sd-scripts v0.8.7; choose one "
+        f"of constant, constant_with_warmup, cosine, cosine_with_restarts, linear, piecewise_constant, polynomial, "
+        f"adafactor.",
+        f"{cmd}: command line --reg_data_dir /nowhere/reg: the folder does not exist here: correct the path in the "
+        f"source.",
+        f"{config} line 2: learning_rate: '1e-4': v0.8.7 converts no TOML value and --learning_rate takes a number.",
+        f"{config} line 3: network_train_unet_only: 1: v0.8.7 converts no TOML value and --network_train_unet_only "
+        f"takes true or false.",
+        f"{plain}: the file: its metadata has no ss_* keys (nor OneTrainer's ot_config): not written by "
+        f"sd-scripts, lora-sweep or OneTrainer with its config."]
 
 
 def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, capsys):
-    source = DATA / "kohya_import" / "command_line.sh"
+    source = with_images(tmp_path, "command_line.sh")
     assert run_import([source], "mine", tmp_path, False)[0] == 0
     status, _, err = run_import([source], "mine", tmp_path, False)
     assert status == 2 and err == (f"{tmp_path / 'experiment' / 'user' / 'mine.yaml'} exists: give --force to "
@@ -283,25 +333,58 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
                                                   f"LoRAs."]
 
 
-def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path):
+def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its image_dirs are relative to the working folder
+    toml = write_kohya_dataset(tmp_path)
     command = tmp_path / "cmd.sh"
     command.write_text("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path /m/sdxl.safetensors "
                        "--train_data_dir /ignored --network_dim 4", encoding="utf-8")
-    imported, sources = import_sources([command, DATA / "kohya_dataset.toml"])
-    assert imported.problems == [] and sources[1].args == {"dataset_config": str((DATA / "kohya_dataset.toml")
-                                                                                 .resolve())}
-    assert imported.values["data.dataset_config"] == str((DATA / "kohya_dataset.toml").resolve())
+    imported, sources = import_sources([command, toml])
+    assert imported.problems == [] and sources[1].args == {"dataset_config": str(toml.resolve())}
+    assert imported.values["data.dataset_config"] == str(toml.resolve())
     assert imported.why["data.dataset_config"] == "kohya_dataset.toml: its path, as --dataset_config"
     assert "missing" not in kinds(imported)
+    monkeypatch.chdir(ROOT)  # where its relative image_dirs are not
+    assert import_sources([toml])[0].problems[2] == (
+        f"{toml}: datasets[0].subsets[2].image_dir = 'reg/girl': the folder does not exist here (read from the "
+        f"working folder, {ROOT}).")
 
 
-def test_gui_sample_prompts_text_is_a_required_prompt_file():
-    src = KohyaSource("p.json")
-    read_gui_fields({"LoRA_type": "Standard", "sample_prompts": "a dog --w 1024 --h 1024", "max_train_steps": 10},
-                    src)
-    assert "sample_prompts" not in src.args
-    assert src.missing == {"sample_prompts": "the GUI holds the prompts' text: write it to a file and set "
-                                             "sampling.prompt_file"}
+def test_gui_sample_prompts_text_is_written_beside_the_experiment_as_its_prompt_file(tmp_path):
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "sample_prompts": "a dog --w 1024 --h 1024\na cat",
+                               "max_train_steps": 10}), encoding="utf-8")
+    status, out, err = run_import([gui], "mine", tmp_path, False)
+    assert (status, err) == (0, "")
+    prompts = tmp_path / "experiment" / "user" / "mine.prompts.txt"
+    assert prompts.read_text(encoding="utf-8") == "a dog --w 1024 --h 1024\na cat\n"
+    line = next(line for line in prompts.with_name("mine.yaml").read_text(encoding="utf-8").splitlines()
+                if "prompt_file" in line)
+    assert line == (f'  prompt_file: "{prompts.resolve()}"  # gui.json: sample_prompts = \'a dog --w 1024 --h '
+                    f'1024\\na cat\' (its text, written to mine.prompts.txt)')
+    assert "sample_prompts" not in {r.kohya for r in import_sources([gui], tmp_path / "x.yaml")[0].rows
+                                    if r.kind == "missing"}
+
+
+def test_a_loras_tensor_names_tell_whether_it_trained_the_text_encoders(tmp_path):
+    def lora(name: str, tensors: list[str], **meta: str) -> Path:
+        header = {"__metadata__": {"ss_network_dim": "4", **meta}}
+        header.update({t: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for t in tensors})
+        data = json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(data)) + data + bytes(4))
+        return path
+
+    unet = lora("unet.safetensors", ["lora_unet_a.lora_down.weight"])
+    both = lora("both.safetensors", ["lora_unet_a.lora_down.weight", "lora_te1_b.lora_down.weight"])
+    text = lora("text.safetensors", ["lora_te2_b.lora_down.weight"])
+    said = lora("said.safetensors", ["lora_unet_a.lora_down.weight"], lora_sweep_train_unet_only="False")
+    assert read_lora(unet).args["network_train_unet_only"] is True
+    assert read_lora(unet).origin["network_train_unet_only"] == "its tensors: lora_unet_* only"
+    assert read_lora(text).args["network_train_text_encoder_only"] is True
+    for path in (both, said):
+        args = read_lora(path).args
+        assert args.get("network_train_unet_only", False) is False and "network_train_text_encoder_only" not in args
 
 
 def test_a_problem_names_the_line_of_its_key(tmp_path):
@@ -348,3 +431,155 @@ def test_a_sweep_over_an_imported_experiment_gives_each_run_its_own_noise_group(
                 "network.train_text_encoder", "optimizer.name")
     for p in params.values():
         assert [p[key] for key in imported] == ["0.0002", "7", "8", "4.0", "5.0", "64,64", "True", "adamw"]
+
+
+def test_data_loader_workers_set_by_the_source_get_a_row_with_the_reason(tmp_path):
+    command = tmp_path / "cmd.sh"
+    command.write_text("accelerate launch sdxl_train_network.py --max_data_loader_n_workers 4 --no_half_vae",
+                       encoding="utf-8")
+    imported, _ = import_sources([command])
+    rows = {r.kohya: (r.kind, r.detail) for r in imported.rows if r.kohya in ("max_data_loader_n_workers",
+                                                                             "no_half_vae")}
+    assert rows["no_half_vae"] == ("ignored", "lora-sweep always encodes latents with the VAE in fp32")
+    kind, detail = rows["max_data_loader_n_workers"]
+    assert kind == "not supported" and detail.startswith("lora-sweep behaves as 0: ")
+    assert "each worker's own random stream" in detail
+
+
+def test_gui_max_train_steps_0_is_the_guis_estimate_from_the_image_folders(tmp_path):
+    from PIL import Image
+
+    train = tmp_path / "img"
+    for folder, names in {"10_dog": ["a.png", "b.PNG", "c.webp"], "5_cat": ["a.jpg", "b.jpeg"],
+                          "misc": ["a.png"]}.items():  # "misc" has no repeats: the GUI skips it
+        (train / folder).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (8, 8)).save(train / folder / name, format="WEBP" if name.endswith("webp") else None)
+    (train / "5_cat" / "a.txt").write_text("a cat", encoding="utf-8")
+    gui = {"LoRA_type": "Standard", "train_data_dir": str(train), "max_train_steps": "0", "epoch": 2,
+           "train_batch_size": "3", "gradient_accumulation_steps": 1, "lr_warmup": 10}
+    src = KohyaSource("gui.json")
+    read_gui_fields(gui, src)
+    assert (src.args["max_train_steps"], src.args["lr_warmup_steps"]) == (27, 3)  # ceil(40 / 3 x 2), round(2.7)
+    assert src.origin["max_train_steps"] == (f"max_train_steps = '0': the GUI's estimate ceil(40 images x repeats in "
+                                             f"{train} / 3 / 1 x 2 x 1)")
+    src = KohyaSource("gui.json")
+    read_gui_fields({**gui, "reg_data_dir": str(tmp_path)}, src)
+    assert (src.args["max_train_steps"], src.args["lr_warmup_steps"]) == (54, 5)  # doubled; 5.4 rounds to 5
+    src = KohyaSource("gui.json")
+    read_gui_fields({**gui, "train_data_dir": ""}, src)
+    assert "max_train_steps" not in src.args and src.missing == {
+        "max_train_steps": "0: the GUI estimates it from the image folders of train_data_dir, which is empty "
+                           "(ceil(images x repeats / batch / accumulation x epoch))",
+        "lr_warmup_steps": "lr_warmup = 10% of the GUI's estimated max_train_steps"}
+
+
+def test_a_loras_ss_datasets_is_rebuilt_as_data_datasets_asking_where_each_folder_is(tmp_path, monkeypatch):
+    from kohya_dataset import write_kohya_dataset
+
+    from lora_sweep.checks import preflight
+    from lora_sweep.data.buckets import assign_with_settings, bucket_settings
+    from lora_sweep.training.metadata import dataset_metadata
+
+    monkeypatch.chdir(tmp_path)
+    toml = write_kohya_dataset(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = compose_config("data=folder", "data.dir=null", f"data.dataset_config={toml}")
+    specs, scans = preflight.training_scans(cfg, None)
+    entries = [(item, assign_with_settings(item.size, bucket_settings(specs[item.dataset]))[0])
+               for scan in scans for item in scan.items]
+    meta = dataset_metadata(specs, entries, toml_mode=True, cfg=cfg)
+    lora = safetensors_with(tmp_path / "ours.safetensors", {**meta, "ss_network_dim": "4"})
+    train = tmp_path / "work" / "train"
+    imported, _ = import_sources([lora], data=train)
+    assert imported.problems == []
+    separators = {"keep_tokens_separator": "|||", "secondary_separator": ";;;"}  # [general] in the TOML
+    assert imported.values["data.datasets"] == [{
+        "resolution": 64, "batch_size": 2, "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128,
+        "subsets": [{"image_dir": str(train / "char"), "num_repeats": 10, "class_tokens": "sks girl",
+                     "keep_tokens": 1, "shuffle_caption": True, **separators},
+                    {"image_dir": str(train / "style"), "num_repeats": 5, "flip_aug": True,
+                     "shuffle_caption": True, **separators},
+                    {"image_dir": "???", "num_repeats": 1, "class_tokens": "girl", "is_reg": True, **separators}]}]
+    assert imported.why["data.datasets"] == "ours.safetensors: ss_datasets, rebuilt"
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing == {"pretrained_model_name_or_path": "model.path: the SDXL model to train",
+                       "datasets[0].subsets[2].image_dir": "datasets[0].subsets[2].image_dir: where is 'girl' (3 "
+                                                           "images)? Give --data DIR, a folder holding a folder of "
+                                                           "that name, or write its path in the experiment"}
+
+
+def test_a_hand_built_v087_ss_datasets_header_is_rebuilt(tmp_path):
+    subset = {"img_count": 12, "num_repeats": 10, "color_aug": False, "flip_aug": False, "random_crop": False,
+              "shuffle_caption": True, "keep_tokens": 2, "keep_tokens_separator": "", "secondary_separator": None,
+              "enable_wildcard": False, "caption_prefix": None, "caption_suffix": "best quality",
+              "image_dir": "sks dog", "class_tokens": "sks dog", "is_reg": False}
+    dataset = {"is_dreambooth": True, "batch_size_per_device": 4, "num_train_images": 120, "num_reg_images": 0,
+               "resolution": [1024, 768], "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+               "tag_frequency": {"sks dog": {"sks dog": 12}}, "bucket_info": None, "subsets": [subset]}
+    keys = json.loads((DATA / "kohya_v087_ss_keys.json").read_text(encoding="utf-8"))
+    meta = {"ss_network_dim": "16", "ss_base_model_version": "sdxl_base_v1-0", "ss_datasets": json.dumps([dataset]),
+            "ss_dataset_dirs": json.dumps({"sks dog": {"n_repeats": 10, "img_count": 12}}),
+            "ss_tag_frequency": json.dumps(dataset["tag_frequency"])}
+    assert set(meta) <= set(keys["always"]["keys"]) | set(keys["toml_mode"]["keys"])
+    imported, sources = import_sources([safetensors_with(tmp_path / "v087.safetensors", meta)])
+    assert imported.problems == [] and imported.values["train.batch_size"] == 4
+    assert imported.values["data.datasets"] == [{
+        "resolution": [1024, 768], "batch_size": 4, "enable_bucket": True, "min_bucket_reso": 256,
+        "max_bucket_reso": 2048, "subsets": [{"image_dir": "???", "num_repeats": 10, "class_tokens": "sks dog",
+                                              "keep_tokens": 2, "shuffle_caption": True,
+                                              "caption_suffix": "best quality"}]}]
+    assert "train_data_dir" not in sources[0].missing  # ss_dataset_dirs names the same folder
+    assert "where is 'sks dog' (12 images)?" in sources[0].missing["datasets[0].subsets[0].image_dir"]
+
+
+def test_data_finds_a_folder_mode_loras_image_folders(tmp_path):
+    meta = {"ss_network_dim": "16", "ss_dataset_dirs": '{"10_sks dog": {"n_repeats": 10, "img_count": 12}}'}
+    lora = safetensors_with(tmp_path / "v087.safetensors", meta)
+    (tmp_path / "img" / "10_sks dog").mkdir(parents=True)
+    src = import_sources([lora], data=tmp_path / "img")[1][0]
+    assert src.args["train_data_dir"] == str(tmp_path / "img") and "train_data_dir" not in src.missing
+    assert "train_data_dir" in import_sources([lora], data=tmp_path)[1][0].missing  # not there: still asked for
+
+
+def test_onetrainers_ot_config_maps_what_has_a_setting_and_lists_the_rest(tmp_path):
+    config = {"__version": 10, "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "sdxl.safetensors",
+              "learning_rate": 0.0003, "lora_rank": 16, "lora_alpha": 8.0, "batch_size": 2, "epochs": 10,
+              "gradient_accumulation_steps": 1, "resolution": "1024", "train_dtype": "BFLOAT_16",
+              "offset_noise_weight": 0.05, "perturbation_noise_weight": 0.0, "dropout_probability": 0.0,
+              "loss_weight_fn": "MIN_SNR_GAMMA", "loss_weight_strength": 5.0, "clip_grad_norm": 1.0,
+              "learning_rate_scheduler": "CONSTANT", "learning_rate_warmup_steps": 100.0,
+              "learning_rate_cycles": 1.0, "generalized_offset_noise": False, "min_noising_strength": 0.0,
+              "max_noising_strength": 1.0, "ema": "OFF", "layer_filter": "attn",
+              "optimizer": {"optimizer": "ADAMW_8BIT", "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.99,
+                            "eps": None},
+              "unet": {"train": True, "learning_rate": None}, "text_encoder": {"train": False},
+              "text_encoder_2": {"train": False}, "concepts": [{"path": "/data/dog", "name": "dog"}]}
+    meta = {"ot_branch": "master", "ot_revision": "23df3832", "ot_config": json.dumps(config),
+            "ss_base_model_version": "sdxl_", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    imported, sources = import_sources([safetensors_with(tmp_path / "ot.safetensors", meta)])
+    assert imported.problems == []
+    assert sources[0].args == {
+        "learning_rate": 0.0003, "network_dim": 16, "network_alpha": 8.0, "train_batch_size": 2,
+        "max_train_epochs": 10, "gradient_accumulation_steps": 1, "noise_offset": 0.05,
+        "optimizer_type": "AdamW8bit", "optimizer_args": ["weight_decay=0.01", "betas=(0.9,0.99)"],
+        "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 100, "mixed_precision": "bf16",
+        "resolution": "1024,1024", "min_snr_gamma": 5.0, "max_grad_norm": 1.0, "network_train_unet_only": True}
+    assert sources[0].origin["network_dim"] == "ot_config lora_rank = 16"
+    assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "adamw8bit", "noise": "offset",
+                               "loss": ["l2", "min_snr"]}
+    assert sources[0].unsupported == {"ema": ("OFF", "OneTrainer's ema: no lora-sweep setting"),
+                                      "layer_filter": ("attn", "OneTrainer's layer_filter: no lora-sweep setting")}
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing == {"pretrained_model_name_or_path": "model.path: OneTrainer records the name 'sdxl.safetensors'",
+                       "train_data_dir": "data.dir: OneTrainer's concepts: '/data/dog'; lay them out as "
+                                         "<repeats>_<name> folders"}
+    sd15 = safetensors_with(tmp_path / "sd15.safetensors", {"ot_config": json.dumps(
+        {**config, "model_type": "STABLE_DIFFUSION_15", "optimizer": {"optimizer": "ADAN"}})})
+    assert import_sources([sd15])[0].problems == [f"{sd15}: ot_config: model_type 'STABLE_DIFFUSION_15': lora-sweep "
+                                                  f"trains SDXL (STABLE_DIFFUSION_XL_10_BASE) LoRAs."]
+    adan = safetensors_with(tmp_path / "adan.safetensors", {"ot_config": json.dumps(
+        {**config, "optimizer": {"optimizer": "ADAN"}})})
+    assert import_sources([adan])[0].problems == [
+        f"{adan}: ot_config: optimizer 'ADAN': lora-sweep has no such optimizer; it has ADAMW, ADAMW_8BIT, PRODIGY, "
+        f"ADAFACTOR, DADAPT_ADAM, LION_8BIT, PAGED_ADAMW_8BIT."]

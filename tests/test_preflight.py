@@ -693,3 +693,37 @@ def test_the_command_lines_problems_come_with_the_configs_own(tmp_path):
     assert lines[0] == "Pre-flight found 2 problems; nothing was started or written. Fix them and run again:"
     assert lines[1].startswith("- kohya's --masked_loss is not supported") and lines[2] == f"- {dropout}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_select_whose_steps_have_no_lora_file_is_warned_about_not_refused(caplog):
+    from lora_sweep.checks.preflight import _finish, checkpoint_alignment
+
+    report = check_job(compose_config("compare.select=fit/loss", "validation.every=4", "train.save_every=3"))
+    assert report.problems == []
+    assert report.warnings == [
+        "compare.select = fit/loss picks each variant's best checkpoint among the steps fit/loss is logged at "
+        "(validation.every = 4), and train.save_every = 3 saves a LoRA at multiples of 3 only, so a best step may "
+        "have no LoRA file to keep. Set train.save_every to 4 (or a divisor of it); it is not part of the config "
+        "hash, so the runs stay the same configs."]
+    assert checkpoint_alignment(compose_config("compare.select=img/diversity", "sampling.every=5",
+                                               "sampling.prompts=[a cat]", "train.save_every=0")) == (
+        "compare.select = img/diversity picks each variant's best checkpoint among the steps img/diversity is logged "
+        "at (sampling.every = 5), and train.save_every = 0 saves only the final LoRA, so a best step may have no "
+        "LoRA file to keep. Set train.save_every to 5 (or a divisor of it); it is not part of the config hash, so "
+        "the runs stay the same configs.")
+    caplog.set_level("WARNING")
+    _finish([("#0", report), ("#1", report)], jobs=2)  # once for the sweep, not once a job
+    assert [r.getMessage() for r in caplog.records] == report.warnings
+
+
+@pytest.mark.parametrize("overrides", [
+    (),  # compare.select unset
+    ("compare.select=fit/loss", "validation.every=4", "train.save_every=2"),  # 2 divides 4
+    ("compare.select=fit/loss", "validation.every=0", "train.save_every=0"),  # start and end: the final LoRA
+    ("compare.select=train/loss", "train.save_every=0"),  # no logging setting spaces it: nothing to line up
+    ("experiment=v53",), ("experiment=v61",), ("experiment=v57", "preset=demo"),  # they select, and line up
+])
+def test_aligned_steps_or_no_select_warn_nothing(overrides):
+    from lora_sweep.checks.preflight import checkpoint_alignment
+
+    assert checkpoint_alignment(compose_config(*overrides)) is None

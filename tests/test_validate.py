@@ -8,6 +8,7 @@ import pytest
 from conftest import compose_config
 
 from lora_sweep.checks.validate import config_problems
+from lora_sweep.tracking.metric_spec import DIRECTIONS
 
 BAD = [  # (overrides, the field the message must name), across every group
     (["model.name=sd15"], "model.name"),
@@ -207,3 +208,41 @@ def test_max_token_length_takes_kohyas_choices_and_the_guis_75():
     assert config_problems(compose_config("data.max_token_length=300")) == [
         "data.max_token_length: must be null, 75, 150 or 225 (kohya's --max_token_length: the text tokens of a "
         "caption, in chunks of 75; null and 75 are the same), got 300."]
+
+
+# the table of default directions as the messages list it (issue 30's metrics may add rows)
+METRIC_TABLE = ", ".join(f"{m} ({d})" for m, d in DIRECTIONS.items())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("compare.select=my/score", "compare.select = 'my/score': my/score has no default direction; write "
+                                f"my/score:max or my/score:min. Metrics with a default direction: {METRIC_TABLE}."),
+    ("compare.select=fit/loss:lowest",
+     "compare.select = 'fit/loss:lowest': the direction after ':' must be max or min, not 'lowest'."),
+    ("sweep.stop_early.metric=:min",
+     "sweep.stop_early.metric = ':min' names no metric: write METRIC[:max|min], e.g. fit/loss or img/diversity:max. "
+     f"Metrics with a default direction: {METRIC_TABLE}."),
+    ("sweep.stop_early.rule=mean", "sweep.stop_early.rule: 'mean' is not one of median, diverged."),
+    ("sweep.stop_early.grace_steps=-1", "sweep.stop_early.grace_steps: must be >= 0, got -1."),
+    ("sweep.stop_early.min_peers=0", "sweep.stop_early.min_peers: must be > 0, got 0."),
+    ("sweep.stop_early.margin=-0.1", "sweep.stop_early.margin: must be a finite number >= 0 (diverged: how much worse "
+                                     "than the run's step-0 value, in the metric's units), got -0.1."),
+    ("sweep.stop_early.margin=nan", "sweep.stop_early.margin: must be a finite number >= 0 (diverged: how much worse "
+                                    "than the run's step-0 value, in the metric's units), got nan."),
+    ("sweep.stop_early.timeout=0", "sweep.stop_early.timeout: must be a finite number of seconds > 0 (how long the "
+                                   "store may take to answer), got 0.0."),
+])
+def test_a_bad_metric_spec_or_stop_rule_gets_one_paragraph(override, message):
+    assert config_problems(compose_config(override)) == [message]
+
+
+def test_every_bad_stop_early_and_select_value_is_reported_at_once():
+    problems = config_problems(compose_config(
+        "compare.select=my/score", "sweep.stop_early.metric=fit/loss:up", "sweep.stop_early.rule=mean",
+        "sweep.stop_early.min_peers=0", "sweep.stop_early.timeout=-1"))
+    assert [p.split(" ")[0].rstrip(":") for p in problems] == [
+        "sweep.stop_early.metric", "sweep.stop_early.rule", "sweep.stop_early.min_peers", "sweep.stop_early.timeout",
+        "compare.select"]
+    assert config_problems(compose_config(
+        "compare.select=my/score:max", "sweep.stop_early.metric=val/loss", "sweep.stop_early.rule=diverged",
+        "sweep.stop_early.grace_steps=0", "sweep.stop_early.min_peers=1", "sweep.stop_early.margin=0.5")) == []

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_sweep.checks.folders import folder_problems
 from lora_sweep.checks.validate import list_option_conflicts
@@ -42,10 +42,12 @@ SWEEP_DATASETS: dict[str, dict[str, dict[str, list[int]]]] = {}
 
 @dataclass
 class Report:
-    """What the pre-flight found for one job: `problems` (one line each; any stops it) and `fallbacks`."""
+    """What the pre-flight found for one job: `problems` (one line each; any stops it), `fallbacks`, and
+    `warnings` (settings that work but may not do what was meant; printed once, never logged on the run)."""
 
     problems: list[str] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def error(self) -> UserError:
         return UserError(format_problems([(p, []) for p in self.problems], jobs=1))
@@ -85,7 +87,33 @@ def check_job(cfg: DictConfig, *, hydra_dir: tuple[str, Path] | None = None, mem
     report.problems += _optimizer_arg_problems(cfg, memo)
     _attempt(report, lambda: _check_resume_state(cfg, memo))
     report.problems += folder_problems(cfg, hydra_dir, _scans(cfg, memo))
+    report.warnings += [w for w in [checkpoint_alignment(cfg)] if w]
     return report
+
+
+# the setting that spaces the steps a metric is logged at, by the metric's prefix
+LOGGING_EVERY = {"fit/": "validation.every", "val/": "validation.every", "img/": "sampling.every"}
+
+
+def checkpoint_alignment(cfg) -> str | None:
+    """A warning when compare.select is set and train.save_every leaves LoRA files out at the steps its metric is
+    logged at, so a best step may have no file; None when they line up (or the metric is logged at the start and
+    the end only: the final LoRA covers the end)."""
+    from lora_sweep.tracking.metric_spec import parse_metric_spec
+
+    if cfg.compare.select is None:
+        return None
+    name = parse_metric_spec(cfg.compare.select, "compare.select").name
+    setting = next((s for prefix, s in LOGGING_EVERY.items() if name.startswith(prefix)), None)
+    every = int(OmegaConf.select(cfg, setting)) if setting else 0
+    save_every = cfg.train.save_every
+    if every == 0 or (save_every and every % save_every == 0):
+        return None
+    saved = f"saves a LoRA at multiples of {save_every} only" if save_every else "saves only the final LoRA"
+    return (f"compare.select = {cfg.compare.select} picks each variant's best checkpoint among the steps {name} is "
+            f"logged at ({setting} = {every}), and train.save_every = {save_every} {saved}, so a best step may have no "
+            f"LoRA file to keep. Set train.save_every to {every} (or a divisor of it); it is not part of the config "
+            "hash, so the runs stay the same configs.")
 
 
 def needs_job_check() -> bool:
@@ -494,3 +522,7 @@ def _finish(results: list[tuple[str, Report]], *, jobs: int) -> None:
         log.error("%s", format_problems(list(problems.items()), jobs=jobs))
         sys.exit(2)
     announce(list(fallbacks.values()))
+    for warning in dict.fromkeys(w for _, report in results for w in report.warnings):
+        if warning not in _LOGGED:
+            _LOGGED.add(warning)
+            log.warning("%s", warning)

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LATENT_SAMPLE = ("sample", "mean")
 RESUME = ("auto", "never")
 ON_BUSY = ("wait", "skip")
+STOP_EARLY_RULES = ("median", "diverged")
 MAX_TOKEN_LENGTHS = (None, 75, 150, 225)  # kohya's --max_token_length choices, plus the GUI's 75 (= null)
 SEED_MAX = 2**32 - 1  # numpy's seed range; kohya's seeds live there too
 NUM_TRAIN_TIMESTEPS = 1000
@@ -76,9 +77,11 @@ def _checks(cfg) -> list[Callable[[], None]]:
         *_network_checks(cfg.network),
         *_train_checks(cfg.train),
         lambda: _enum("sweep.on_busy", cfg.sweep.on_busy, ON_BUSY),
+        *_stop_early_checks(cfg.sweep.stop_early),
         *_sampling_checks(cfg.sampling),
         *_validation_checks(cfg.validation, cfg.data),
         *_tracking_checks(cfg.tracking),
+        lambda: _metric_spec("compare.select", cfg.compare.select),
     ]
 
 
@@ -303,6 +306,32 @@ def _unet_switches(t) -> None:
     if problem:
         found.add(problem)
     found.raise_any()
+
+
+def _stop_early_checks(se) -> list[Callable[[], None]]:
+    return [
+        lambda: _metric_spec("sweep.stop_early.metric", se.metric),
+        lambda: _enum("sweep.stop_early.rule", se.rule, STOP_EARLY_RULES),
+        lambda: _positive("sweep.stop_early.grace_steps", se.grace_steps, allow_zero=True),
+        lambda: _positive("sweep.stop_early.min_peers", se.min_peers),
+        lambda: math.isfinite(se.margin) and se.margin >= 0 or _fail(
+            "sweep.stop_early.margin", se.margin, "a finite number >= 0 (diverged: how much worse than the run's "
+            "step-0 value, in the metric's units)"),
+        lambda: math.isfinite(se.timeout) and se.timeout > 0 or _fail(
+            "sweep.stop_early.timeout", se.timeout, "a finite number of seconds > 0 (how long the store may take to "
+            "answer)"),
+    ]
+
+
+def _metric_spec(field: str, text) -> None:
+    """A `METRIC[:max|min]` setting; null is off. The spec's own paragraph names the field."""
+    from lora_sweep.tracking.metric_spec import parse_metric_spec
+
+    if text is not None:
+        try:
+            parse_metric_spec(text, field)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def _sampling_checks(s) -> list[Callable[[], None]]:

@@ -79,7 +79,7 @@ def check_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], req
 
 
 def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: int | None, baseline: str | None,
-            all_sweeps: bool = False,
+            all_sweeps: bool = False, select: str | None = None,
             scratch: Path):
     """Read everything the page shows from MLflow into a `ReportData` (and return the parent run too)."""
     from lora_sweep.compare.report_html import ReportData
@@ -88,11 +88,12 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
     parent, runs = find_runs(client, experiment=experiment, sweep_run_id=sweep_run_id, all_sweeps=all_sweeps)
     records = [read_run(client, run, scratch) for run in runs]
     groups = group_replicates(records)
+    spec, best, select_notes = choose_best(client, groups, select)
     shown = [g.representative for g in groups]
     chosen, image_keys, progression_key, notes = fill_samples(client, shown, step, scratch)
     index, baseline_notes = choose_baseline(client, groups, baseline)
     where, scope_notes = sweep_scope(parent, runs)
-    notes += baseline_notes + scope_notes
+    notes += baseline_notes + scope_notes + select_notes
     experiment_name = client.get_experiment(runs[0].info.experiment_id).name
     replicates = sum(g.n for g in groups)
     data = ReportData(
@@ -102,9 +103,20 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
         column_titles=column_titles(next((r.prompts for r in shown if r.prompts), None), image_keys),
         variants=records, baseline=index, notes=notes, groups=groups, experiment=experiment_name,
         sweep_run_id=parent.info.run_id if parent is not None else None, tracking_uri=str(client.tracking_uri),
-        progression_key=progression_key,
+        progression_key=progression_key, select=spec, best=best,
     )
     return data, parent
+
+
+def choose_best(client, groups, select: str | None):
+    """(the spec, each group's best step, notes): by --select, else the runs' compare.select; none when unset."""
+    from lora_sweep.compare.best import best_steps, lora_artifacts, select_spec
+
+    spec, notes = select_spec(select, groups)
+    if spec is None:
+        return None, [], notes
+    artifacts = {r.run_id: lora_artifacts(client, r.run_id) for g in groups for r in g.finished}
+    return spec, best_steps(groups, spec, artifacts), notes
 
 
 def fill_samples(client, shown: list, step: int | None, scratch: Path):
@@ -192,7 +204,7 @@ def _baseline(client, groups, requested: str) -> int:
 
 
 def build_report(*, experiment: str | None = None, sweep_run_id: str | None = None, step: int | None = None,
-                 all_sweeps: bool = False,
+                 all_sweeps: bool = False, select: str | None = None,
                  out_dir: Path, baseline: str | None = None, tracking_uri: str | None = None,
                  json_path: Path | None = None) -> Path:
     """Write `out_dir/report.html` (self-contained), `summary.json` and the figure PNGs; returns the HTML's path.
@@ -209,7 +221,7 @@ def build_report(*, experiment: str | None = None, sweep_run_id: str | None = No
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lora_sweep_report_") as scratch, _quiet_downloads():
         data, parent = collect(client, experiment=experiment, sweep_run_id=sweep_run_id, step=step,
-                               all_sweeps=all_sweeps, baseline=baseline, scratch=Path(scratch))
+                               all_sweeps=all_sweeps, baseline=baseline, select=select, scratch=Path(scratch))
     runs = [r for g in data.groups for r in g.runs]
     colors = [i for i, g in enumerate(data.groups) for _ in g.runs]
     labels = [g.label for g in data.groups for _ in g.runs]
@@ -240,6 +252,17 @@ def default_out(experiment: str | None, sweep_run_id: str | None, all_sweeps: bo
     return Path("reports") / (f"{name}-all-sweeps" if all_sweeps else name)
 
 
+def _select_arg(text: str) -> str:
+    """--select checked before any run is read: a bad spec is argparse's error (exit 2) with the spec's paragraph."""
+    from lora_sweep.tracking.metric_spec import parse_metric_spec
+
+    try:
+        parse_metric_spec(text, "--select")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_sweep compare",
                                      description="Compare a sweep's variants in one HTML page.")
@@ -253,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "speed stay final, and each metric row says its step")
     parser.add_argument("--baseline", help="variant name or run id for the differences (default: compare.baseline "
                                            "of the runs, else the first variant in the sweep's order)")
+    parser.add_argument("--select", metavar="METRIC[:max|min]", type=_select_arg,
+                        help="choose each variant's best checkpoint by this metric, e.g. fit/loss or "
+                             "img/diversity:max (default: compare.select of the runs; none when unset)")
     parser.add_argument("--json", dest="json_path", type=Path,
                         help="also write the comparison's numbers (the page's JSON summary) to this file")
     parser.add_argument("--all-sweeps", action="store_true",
@@ -269,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out or default_out(args.experiment, args.sweep_run_id, args.all_sweeps)
     try:
         path = build_report(experiment=args.experiment, sweep_run_id=args.sweep_run_id, step=args.step,
-                            all_sweeps=args.all_sweeps,
+                            all_sweeps=args.all_sweeps, select=args.select,
                             out_dir=out_dir, baseline=args.baseline, tracking_uri=args.tracking_uri,
                             json_path=args.json_path)
     except UserError as exc:

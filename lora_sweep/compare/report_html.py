@@ -10,6 +10,7 @@ import dataclasses
 import html
 from collections.abc import Sequence
 
+from lora_sweep.compare.best import BestStep
 from lora_sweep.compare.cells import (
     CLIPPED_MARK,
     EVAL_NOISE_MARK,
@@ -27,6 +28,7 @@ from lora_sweep.compare.params import cut, parameter_table, row_label
 from lora_sweep.compare.stats import REPLICATE_HINT
 from lora_sweep.compare.summary import WARNINGS_ARTIFACT, build_summary, script_block
 from lora_sweep.compare.variants import VariantData, VariantGroup, group_replicates, unfinished_text
+from lora_sweep.tracking.metric_spec import MetricSpec
 
 
 @dataclasses.dataclass
@@ -44,6 +46,8 @@ class ReportData:
     sweep_run_id: str | None = None
     tracking_uri: str = ""
     progression_key: str | None = None  # the prompt shown over the steps
+    select: MetricSpec | None = None  # compare.select / --select: what each variant's best checkpoint is chosen by
+    best: list[BestStep] = dataclasses.field(default_factory=list)  # per group, in groups' order; [] without select
 
     def __post_init__(self):
         if not self.groups:

@@ -8,15 +8,20 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
   "metrics": [{"key": "fit/loss", "note": "...",                   # the common metrics compared, in order,
                "steps": [8], "final": true, "at": "final (step 8)"}], # with the step(s) their values are from
   "curves_only": ["train/loss", ...],                               # shown as curves, never compared as numbers
+  "select": {"metric": "fit/loss", "direction": "min"} | null,    # compare.select / --select: the best checkpoints
   "variants": [{"name", "label", "tag", "n", "seeds", "n_text", "run_ids", "status", "replicate_key", "is_baseline",
                 "unfinished": [{"run_id", "seed", "status", "reason"}],  # left out: n and seeds are the finished
                 "data_warnings",                                    # the pre-flight's fallbacks (most of a run)
                 "metrics": {"fit/loss": {"mean", "low", "high", "n", "note", "clipped", "missing"}},
                 "vs_baseline": {"fit/loss": {"comparable": true, "effect", "low", "high", "n", "basis", "note",
                                              "within_noise", "verdict", "identical", "clipped",
-                                             ["at_start", "change"]} | {"comparable": false, "reason"}}}],
+                                             ["at_start", "change"]} | {"comparable": false, "reason"}},
+                "best": {"variant", "metric", "direction", "step", "value": {as "metrics"}, "steps", "at_last",
+                         "at_first", "flag", "files": [{"run_id", "seed", "path", "uri", "missing"}], "note",
+                         "missing"} | null}],                          # best.BestStep.as_dict(); null: no select
   "one_knob_pairs": [{"a", "b", "knob", "from", "to", "detail", "values": [{"key", "from", "to"}], "compound",
-                      "entails", "effects": {"fit/loss": <as vs_baseline>}}],
+                      "entails", "effects": {"fit/loss": <as vs_baseline>},
+                      ["effects_at_best": {...}]}],                 # with select: at each variant's best step
   "data_warnings": [{"variant", "run_id", "count", "artifact"}],   # runs whose data had fallbacks
   "notes": [...]
 }
@@ -29,6 +34,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lora_sweep.compare.best import at_best
 from lora_sweep.compare.effects import (
     METRIC_NOTES,
     difference,
@@ -67,10 +73,14 @@ def build_summary(data) -> dict[str, Any]:
             "metrics": {m: estimate(group, m, step).as_dict() for m in metrics},
             "vs_baseline": {} if is_base else {m: effect_dict(difference(base, group, m, step, images))
                                                for m in metrics},
+            "best": data.best[index].as_dict() if data.best else None,
         })
     pairs = [{"a": groups[p.a].name, "b": groups[p.b].name, **p.knob.as_dict(), **p.knob.values_dict(),
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
+    if data.best:
+        for pair, at in zip(pairs, one_knob_pairs(at_best(groups, data.best), metrics), strict=True):
+            pair["effects_at_best"] = {m: effect_dict(e) for m, e in at.effects.items()}
     notes = list(data.notes)
     notes += [unfinished_note(g) for g in groups if g.unfinished]
     notes += [f"{groups[i].name} and {groups[j].name} train the same config (they differ only in their name, "
@@ -78,6 +88,7 @@ def build_summary(data) -> dict[str, Any]:
     return {
         "schema": SCHEMA, "title": data.title, "experiment": data.experiment, "sweep_run_id": data.sweep_run_id,
         "tracking_uri": data.tracking_uri, "step": step, "confidence": CONFIDENCE, "baseline": base.name,
+        "select": None if data.select is None else {"metric": data.select.name, "direction": data.select.direction},
         "metrics": [{"key": m, "note": METRIC_NOTES.get(m, ""), **row_steps(groups, m, step)} for m in metrics],
         "curves_only": [k for k in CURVES_ONLY if any(k in r.histories for g in groups for r in g.runs)],
         "variants": variants, "one_knob_pairs": pairs, "notes": notes,

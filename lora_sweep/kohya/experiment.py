@@ -13,8 +13,10 @@ from omegaconf import OmegaConf
 
 from lora_sweep.config import CONF_DIR, flatten
 from lora_sweep.kohya.metadata import read_lora
+from lora_sweep.kohya.problems import source_problems
 from lora_sweep.kohya.settings import Imported, Row, to_lora_sweep
 from lora_sweep.kohya.sources import (
+    SOURCE_KINDS,
     KohyaSource,
     read_command_line,
     read_config_file,
@@ -42,14 +44,20 @@ def lora_sweep_defaults(groups: dict[str, object]) -> dict[str, object]:
     return dict(flatten(tree))
 
 
-def read_source(path: Path) -> KohyaSource:
+def read_source(path: Path, data: Path | None = None) -> KohyaSource:
     """By kind: .safetensors -> a LoRA's metadata; a TOML or JSON with `datasets` -> a --dataset_config; JSON ->
     the GUI's config; a command naming train_network.py ->
     a command line; else an sd-scripts --config_file TOML."""
-    if path.suffix == ".safetensors":
-        return read_lora(path)
     with path.open("rb") as f:
-        text = f.read(1 << 20).decode("utf-8", errors="replace")
+        head = f.read(1 << 20)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # 8 bytes of header size, then the header's JSON
+        return read_lora(path, data)
+    if not head.strip() or b"\0" in head:
+        src = KohyaSource(str(path))
+        kind = "binary" if head.strip() else "empty"
+        src.problem("the file", f"{kind}, not a source: the import reads {SOURCE_KINDS}")
+        return src
+    text = head.decode("utf-8", errors="replace")
     if _is_dataset_config(path, text):
         return read_dataset_config(path)
     if text.lstrip().startswith("{"):
@@ -72,9 +80,23 @@ def _is_dataset_config(path: Path, text: str) -> bool:
     return isinstance(data, dict) and isinstance(data.get("datasets"), list)
 
 
-def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
-    """Read every source (a later one's flags win) and map the union; problems of all sources are collected."""
-    sources = [read_source(path) for path in paths]
+def import_sources(paths: list[Path], target: Path | None = None,
+                   data: Path | None = None) -> tuple[Imported, list[KohyaSource]]:
+    """Read every source (a later one's flags win) and map the union; problems of all sources are collected. A
+    source's text for a file (the GUI's prompts) goes beside `target`, the experiment file (without one: a required
+    value); a LoRA's image folders are looked for in `data`."""
+    sources = [read_source(path, data) for path in paths]
+    source_problems(sources)
+    files: dict[str, str] = {}
+    for src in sources:
+        for flag, text in src.texts.items():
+            if target is None:
+                src.missing[flag] = "the GUI holds the prompts' text: write it to a file and set sampling.prompt_file"
+                continue
+            file = target.with_name(f"{target.stem}.prompts.txt").resolve()
+            files[str(file)] = text if text.endswith("\n") else text + "\n"
+            src.args[flag] = str(file)
+            src.origin[flag] = f"{flag} = {_short(text)} (its text, written to {file.name})"
     args, origin, unknown, missing, unrecorded = {}, {}, {}, {}, set()
     for src in sources:
         unrecorded.update(src.unrecorded)
@@ -88,7 +110,19 @@ def import_sources(paths: list[Path]) -> tuple[Imported, list[KohyaSource]]:
     imported = to_lora_sweep(args, origin, lora_sweep_defaults, unknown=unknown, missing=missing,
                              unrecorded=unrecorded)
     imported.problems[:0] = [p for src in sources for p in src.problems]
+    imported.files = files
+    for src in sources:
+        for key, (value, why) in src.settings.items():
+            imported.put(key, value, f"{Path(src.path).name}: {why}")
+            shown = f"{len(value)} entries" if isinstance(value, list) else value
+            imported.rows.append(Row("mapped", why.split(",")[0], shown, key))
+            if key == "data.datasets":  # the datasets hold the images: no train_data_dir is missing
+                imported.rows = [r for r in imported.rows if (r.kind, r.kohya) != ("missing", "train_data_dir")]
     return imported, sources
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def _yaml_value(value: object) -> str:
@@ -151,13 +185,18 @@ _HEADINGS = {"mapped": "mapped", "default": "kohya default, written (lora-sweep'
              "unknown": "unknown flags (newer than v0.8.7?): ignored"}
 
 
-def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]]) -> str:
-    """The table: per kind, one line per kohya flag (or GUI key) with its value and the setting or the reason."""
+def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]],
+               unsupported: dict[str, tuple[object, str]] | None = None) -> str:
+    """The table: per kind, one line per kohya flag (or GUI or OneTrainer key) with its value and the setting or
+    the reason."""
+    unsupported = unsupported or {}
     out = []
     for kind in KINDS:
         these = [r for r in imported.rows if r.kind == kind]
         if kind == "ignored":
             these += [Row("ignored", f"{key} (GUI)", value, why) for key, (value, why) in ignored_keys.items()]
+        if kind == "not supported":
+            these += [Row(kind, f"{key} (OneTrainer)", value, why) for key, (value, why) in unsupported.items()]
         if not these:
             continue
         out.append(f"{_HEADINGS[kind]} ({len(these)}):")
@@ -184,26 +223,35 @@ def name_problems(name: str, into: Path | None, force: bool, paths: list[str] = 
     return problems
 
 
-def run_import(paths: list[Path], name: str | None, into: Path | None, force: bool) -> tuple[int, str, str]:
+def run_import(paths: list[Path], name: str | None, into: Path | None, force: bool,
+               data: Path | None = None) -> tuple[int, str, str]:
     """(exit status, stdout, stderr): 0 with the files written and the table; 2 with every problem, nothing
     written."""
     name = name or (paths[0].stem if paths else "imported")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") if name else name
     problems = [f"{p}: not found." for p in paths if not p.is_file()]
     problems += name_problems(name, into, force)
+    if data is not None and not data.is_dir():
+        problems.append(f"--data {data}: not a folder.")
+    target = config_root(into) / f"experiment/user/{name}.yaml"
+    imported, sources = import_sources([p for p in paths if p.is_file()], target, data)
+    problems += imported.problems
     if problems:
         return 2, "", "\n\n".join(problems) + "\n"
-    imported, sources = import_sources(paths)
     files = experiment_files(imported, [str(p) for p in paths], name)
-    problems = imported.problems or name_problems(name, into, force, list(files))
+    problems = name_problems(name, into, force, list(files))
     if problems:
         return 2, "", "\n\n".join(problems) + "\n"
+    for file, text in imported.files.items():
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        Path(file).write_text(text, encoding="utf-8")
     for relative, text in files.items():
         path = config_root(into) / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     ignored = {key: why for src in sources for key, why in src.ignored.items()}
+    unsupported = {key: why for src in sources for key, why in src.unsupported.items()}
     search = "" if into is None else f"'hydra.searchpath=[file://{into.resolve()}]' "
     written = ", ".join(str(config_root(into) / relative) for relative in files)
-    return 0, table_text(imported, ignored) + f"\nwrote {written}; train it with `python sweep.py " \
-                                              f"{search}experiment=user/{name}`.\n", ""
+    table = table_text(imported, ignored, unsupported)
+    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`.\n", ""

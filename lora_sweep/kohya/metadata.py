@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.kohya.onetrainer import read_onetrainer
 from lora_sweep.kohya.sources import KohyaSource
 
 # ss_* keys whose flag has another name
@@ -49,6 +50,11 @@ NOT_IN_LORA_METADATA = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_sch
 
 def read_header(path: Path) -> dict[str, str]:
     """The safetensors header's __metadata__ (strings), read without loading a tensor; ValueError if not one."""
+    return read_header_and_names(path)[0]
+
+
+def read_header_and_names(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The header's __metadata__ and its tensors' names, read without loading a tensor; ValueError if not one."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -60,7 +66,7 @@ def read_header(path: Path) -> dict[str, str]:
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise ValueError("not a safetensors header")
-    return meta
+    return meta, [name for name in header if name != "__metadata__"]
 
 
 def _optimizer(text: str) -> tuple[str, list[str]]:
@@ -81,17 +87,22 @@ def _optimizer(text: str) -> tuple[str, list[str]]:
     return kind, [item.strip().replace(" ", "") for item in items]
 
 
-def read_lora(path: Path) -> KohyaSource:
-    """A LoRA file's metadata as the flags that trained it; data and model paths are missing (only basenames are
-    recorded) and the §10.3 flags unknown."""
+def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
+    """A LoRA file's metadata as the flags that trained it; the model path is missing and the §10.3 flags unknown.
+    Only the image folders' names are recorded: each is looked for in `data` (--data DIR), else missing; a
+    dataset config's ss_datasets is rebuilt as data.datasets."""
     src = KohyaSource(str(path))
     try:
-        meta = read_header(path)
+        meta, names = read_header_and_names(path)
     except (OSError, ValueError) as err:
         src.problem("the file", f"not a readable .safetensors file ({err})")
         return src
+    if "ot_config" in meta:  # OneTrainer's, which adds ss_base_model_version only
+        read_onetrainer(meta["ot_config"], src)
+        return src
     if not any(key.startswith("ss_") for key in meta):
-        src.problem("the file", "its metadata has no ss_* keys: not written by sd-scripts or lora-sweep")
+        src.problem("the file", "its metadata has no ss_* keys (nor OneTrainer's ot_config): not written by "
+                                "sd-scripts, lora-sweep or OneTrainer with its config")
         return src
     version = meta.get("ss_base_model_version", "")
     if version and not version.startswith("sdxl"):
@@ -113,15 +124,17 @@ def read_lora(path: Path) -> KohyaSource:
             src.set("resolution", text.strip("()").replace(" ", ""), origin)
         elif key == "ss_sd_model_name":
             src.missing["pretrained_model_name_or_path"] = f"the LoRA records only the name {text!r}"
-        elif key == "ss_dataset_dirs":
+        elif key == "ss_dataset_dirs" and "ss_datasets" not in meta:
             dirs = json.loads(text)
+            if data is not None and dirs and all((data / name).is_dir() for name in dirs):
+                src.set("train_data_dir", str(data.resolve()), f"{key}: its folders, found in --data {data}")
+                continue
             src.missing["train_data_dir"] = "the LoRA records only the folder names " + ", ".join(
                 f"{name!r} ({d['img_count']} images x {d['n_repeats']})" for name, d in dirs.items()) \
                 if dirs else "the LoRA records no image folder"
         elif key == "ss_datasets":
-            src.missing["dataset_config"] = "the LoRA was trained from a dataset config, which it records only " \
-                                           "in part (folder basenames)"
             datasets = json.loads(text)
+            src.settings["data.datasets"] = (rebuilt_datasets(datasets, data, src), f"{key}, rebuilt")
             if datasets:
                 src.set("train_batch_size", datasets[0]["batch_size_per_device"], origin)
         elif flag in V087_DEFAULTS and text != "None":
@@ -131,5 +144,58 @@ def read_lora(path: Path) -> KohyaSource:
         low, _, high = timesteps.partition(",")
         src.set("min_timestep", low, f"modelspec.timestep_range = {timesteps!r}")
         src.set("max_timestep", high, f"modelspec.timestep_range = {timesteps!r}")
+    _trained_modules(names, src)
     src.unrecorded = [flag for flag in UNRECORDED if flag not in src.args]
     return src
+
+
+def _trained_modules(names: list[str], src: KohyaSource) -> None:
+    """network_train_unet_only / _text_encoder_only from the tensors' names when the metadata does not say:
+    kohya's networks.lora names them lora_unet_*, lora_te1_* and lora_te2_*."""
+    if not names or {"network_train_unet_only", "network_train_text_encoder_only"} & set(src.args):
+        return
+    unet = any(name.startswith("lora_unet_") for name in names)
+    text = any(name.startswith(("lora_te1_", "lora_te2_", "lora_te_")) for name in names)
+    if unet and not text:
+        src.set("network_train_unet_only", True, "its tensors: lora_unet_* only")
+    elif text and not unet:
+        src.set("network_train_text_encoder_only", True, "its tensors: lora_te1_*/lora_te2_* only")
+
+
+# a subset's ss_datasets keys a dataset config takes, at v0.8.7's default (left out of the rebuilt subset)
+_SUBSET_DEFAULTS = {"num_repeats": None, "class_tokens": None, "is_reg": False, "keep_tokens": 0, "flip_aug": False,
+                    "shuffle_caption": False, "keep_tokens_separator": "", "secondary_separator": None,
+                    "enable_wildcard": False, "caption_prefix": None, "caption_suffix": None, "color_aug": False,
+                    "random_crop": False}
+
+
+def rebuilt_datasets(datasets: list[dict], data: Path | None, src: KohyaSource) -> list[dict]:
+    """ss_datasets as data.datasets: each dataset's resolution, batch size and bucket settings, each subset's keys
+    (ss_datasets holds no caption extension, caption dropout or bucket steps: kohya's defaults apply). An image_dir
+    is only a name: found in `data`, else "???" (Hydra's required value) and a missing row asking where it is."""
+    rebuilt = []
+    for i, dataset in enumerate(datasets):
+        entry: dict[str, object] = {}
+        width, height = dataset.get("resolution") or (None, None)
+        if width is not None:
+            entry["resolution"] = width if width == height else [width, height]
+        entry["batch_size"] = dataset.get("batch_size_per_device", 1)
+        for key in ("enable_bucket", "min_bucket_reso", "max_bucket_reso"):
+            if dataset.get(key) is not None:
+                entry[key] = dataset[key]
+        entry["subsets"] = []
+        for j, subset in enumerate(dataset.get("subsets", [])):
+            name = str(subset.get("image_dir", ""))
+            folder = data / name if data is not None and name else None
+            rebuilt_subset: dict[str, object] = {"image_dir": "???"}
+            if folder is not None and folder.is_dir():
+                rebuilt_subset["image_dir"] = str(folder.resolve())
+            else:
+                src.missing[f"datasets[{i}].subsets[{j}].image_dir"] = (
+                    f"where is {name!r} ({subset.get('img_count')} images)? Give --data DIR, a folder holding a "
+                    f"folder of that name, or write its path in the experiment")
+            rebuilt_subset |= {key: subset[key] for key, default in _SUBSET_DEFAULTS.items()
+                               if key in subset and subset[key] != default}
+            entry["subsets"].append(rebuilt_subset)
+        rebuilt.append(entry)
+    return rebuilt

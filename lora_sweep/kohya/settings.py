@@ -47,6 +47,7 @@ class Imported:
     why: dict[str, str] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # a file beside the experiment (path) -> its text
 
     def put(self, key: str, value: object, why: str) -> None:
         self.values[key] = value
@@ -103,7 +104,7 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
                 if entry.value is ANY or value == entry.value:
                     if given:
                         out.rows.append(Row("ignored", flag, value, entry.reason))
-                else:
+                elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
                     out.rows.append(Row("not supported", flag, value,
                                         f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
     # v0.8.7 trains the text encoders' LoRA unless --network_train_unet_only; lora-sweep's default is U-Net only

@@ -6,6 +6,7 @@ line. Each collects every problem (file, key, what is wrong) rather than stoppin
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class KohyaSource:
     missing: dict[str, str] = field(default_factory=dict)
     unrecorded: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)  # flag -> text the import writes to a file (GUI prompts)
+    unsupported: dict[str, tuple[object, str]] = field(default_factory=dict)  # a key of another tool -> why
+    settings: dict[str, tuple[object, str]] = field(default_factory=dict)  # no flag holds it: setting -> value, origin
     text: str = ""  # the file's text, for the line of a key in a problem
 
     def set(self, flag: str, value: object, origin: str) -> None:
@@ -53,6 +57,10 @@ class KohyaSource:
         """The first line of the file where `key` is set (`"key":` in JSON, `key =` in TOML), if any."""
         pattern = re.compile(rf'^\s*"?{re.escape(key)}"?\s*[:=]')
         return next((i for i, line in enumerate(self.text.splitlines(), 1) if pattern.match(line)), None)
+
+
+SOURCE_KINDS = ("a kohya_ss GUI config (JSON), an sd-scripts --config_file or --dataset_config TOML, a text file "
+                "with an sdxl_train_network.py command line, or a LoRA .safetensors")
 
 
 def _dropped(value: object) -> bool:
@@ -117,9 +125,9 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
             continue
         if flags[0] in LIST_FLAGS and isinstance(value, str):
             value = value.replace('"', "")
-        if key == "sample_prompts" and not _dropped(value):
-            src.missing["sample_prompts"] = "the GUI holds the prompts' text: write it to a file and set " \
-                                            "sampling.prompt_file"
+        if key == "sample_prompts":
+            if not _dropped(value):  # the GUI writes the text to a prompt file; so does the import
+                src.texts["sample_prompts"] = str(raw)
             continue
         if key == "max_data_loader_n_workers" or not _dropped(value):  # always written, 0 included
             src.set(flags[0], value, origin)
@@ -139,21 +147,59 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
 
 
 def _gui_lengths(gui: dict, src: KohyaSource) -> None:
-    """max_train_steps (0 or empty: the GUI's estimate from epoch), lr_warmup's percent of it (half to even), and
-    lr_scheduler_num_cycles (empty: the GUI's epoch)."""
+    """max_train_steps (0 or empty: the GUI's estimate from the image folders), lr_warmup's percent of it (half to
+    even), and lr_scheduler_num_cycles (empty: the GUI's epoch)."""
     steps = _gui_number(gui.get("max_train_steps", 1600)) or 0  # the field's default, v0.8.7's too
+    origin = f"max_train_steps = {gui.get('max_train_steps')!r}"
     if steps and "max_train_steps" in gui:
-        src.set("max_train_steps", steps, f"max_train_steps = {gui['max_train_steps']!r}")
+        src.set("max_train_steps", steps, origin)
     elif not steps and not gui.get("dataset_config"):
-        src.missing["max_train_steps"] = ("0: the GUI estimates it from the image folders (ceil(images x repeats / "
-                                          "batch / accumulation x epoch)), which an import cannot count")
-    warmup = _gui_number(gui.get("lr_warmup", 0)) or 0
-    if warmup:
-        if not steps:
-            src.missing["lr_warmup_steps"] = f"lr_warmup = {warmup}% of the GUI's estimated max_train_steps"
+        estimate = gui_estimated_steps(gui)
+        if isinstance(estimate, str):
+            src.missing["max_train_steps"] = estimate
+            steps = None
         else:
-            src.set("lr_warmup_steps", round(float(int(warmup) * int(steps) / 100)),
-                    f"lr_warmup = {gui['lr_warmup']!r} (% of {steps} steps)")
+            steps, how = estimate
+            if steps:  # 0 is left out: sd-scripts' 1600 applies
+                src.set("max_train_steps", steps, f"{origin}: the GUI's estimate {how}")
+    warmup = _gui_number(gui.get("lr_warmup", 0)) or 0
+    if warmup and steps is None:
+        src.missing["lr_warmup_steps"] = f"lr_warmup = {warmup}% of the GUI's estimated max_train_steps"
+    elif warmup and steps:
+        src.set("lr_warmup_steps", round(float(int(warmup) * int(steps) / 100)),
+                f"lr_warmup = {gui['lr_warmup']!r} (% of {steps} steps)")
+    _gui_cycles(gui, src)
+
+
+_GUI_IMAGES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def gui_estimated_steps(gui: dict) -> tuple[int, str] | str:
+    """v24.1.4's max_train_steps when its field is 0 and no dataset config is set, with how it was computed:
+    ceil(sum of images x repeats over train_data_dir's `<repeats>_<name>` folders / batch / accumulation x epoch x
+    (2 with a reg_data_dir)); without the folder, why it cannot be computed."""
+    folder = str(gui.get("train_data_dir") or "")
+    if not folder or not Path(folder).is_dir():
+        where = f"train_data_dir {folder!r}, which does not exist here" if folder else "train_data_dir, which is empty"
+        return (f"0: the GUI estimates it from the image folders of {where} (ceil(images x repeats / batch / "
+                f"accumulation x epoch))")
+    total = 0
+    for sub in sorted(Path(folder).iterdir()):
+        try:
+            repeats = int(sub.name.split("_")[0])  # the GUI skips a folder without a number before "_"
+        except ValueError:
+            continue
+        if sub.is_dir():
+            total += repeats * sum(1 for f in sub.iterdir() if f.name.lower().endswith(_GUI_IMAGES))
+    batch, accumulation, epoch = (int(_gui_number(gui.get(key) or 1)) for key in
+                                  ("train_batch_size", "gradient_accumulation_steps", "epoch"))
+    reg = 2 if gui.get("reg_data_dir") else 1  # the GUI doubles the steps for regularisation images
+    steps = int(math.ceil(float(total) / batch / accumulation * epoch * reg))
+    return steps, f"ceil({total} images x repeats in {folder} / {batch} / {accumulation} x {epoch} x {reg})"
+
+
+def _gui_cycles(gui: dict, src: KohyaSource) -> None:
+    """lr_scheduler_num_cycles: empty is the GUI's epoch."""
     cycles = gui.get("lr_scheduler_num_cycles", "")
     if cycles in ("", None) and not _dropped(_gui_number(gui.get("epoch", ""))):
         src.set("lr_scheduler_num_cycles", _gui_number(gui["epoch"]), f"epoch = {gui['epoch']!r}")
@@ -213,8 +259,14 @@ def read_config_file(path: Path) -> KohyaSource:
     try:
         src.text = path.read_text(encoding="utf-8")
         data = tomllib.loads(src.text)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+    except (OSError, UnicodeDecodeError) as err:
         src.problem("the file", f"not a TOML file ({err})")
+        return src
+    except tomllib.TOMLDecodeError as err:
+        where = re.search(r"\(at line (\d+), column (\d+)\)", str(err))
+        at = f" line {where[1]}, column {where[2]}" if where else ""
+        reason = str(err).split(" (at ")[0]
+        src.problems.append(f"{path}{at}: not valid TOML ({reason}); the import reads {SOURCE_KINDS}.")
         return src
     flat: dict[str, object] = {}
     for key, value in data.items():
@@ -228,10 +280,27 @@ def read_config_file(path: Path) -> KohyaSource:
         elif V087_TYPES[key] is list and isinstance(value, str):
             src.problem(key, f"{value!r}: v0.8.7 reads a TOML string here as one item per character; "
                              f"write a list of 'key=value' strings")
+        elif not _toml_typed(V087_TYPES[key], value):
+            src.problem(key, f"{value!r}: v0.8.7 converts no TOML value and --{key} takes "
+                             f"{_TOML_KINDS[V087_TYPES[key]]}")
         else:
             src.args[key] = value
             src.origin[key] = f"{key} = {value!r}"
     return src
+
+
+# what a TOML value of each argparse type must be, for v0.8.7 uses it as TOML typed it
+_TOML_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _toml_typed(kind: type, value: object) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True  # str and the rest: v0.8.7 uses any value as it is
 
 
 def read_command_line(path: Path) -> KohyaSource:

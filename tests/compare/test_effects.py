@@ -74,7 +74,7 @@ def test_unfinished_runs_stay_out_of_the_numbers():
     assert group.n == 3 and len(group.finished) == 2 and estimate(group, "fit/loss").mean == pytest.approx(0.51)
     summary = build_summary(type("D", (), {"groups": [group], "step": None, "baseline": 0, "title": "t",
                                            "experiment": "e", "sweep_run_id": None, "tracking_uri": "",
-                                           "notes": []})())
+                                           "notes": [], "select": None, "best": []})())
     assert any("1 of 3 runs did not finish" in note for note in summary["notes"])
 
 

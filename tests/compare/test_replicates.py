@@ -22,7 +22,7 @@ VARIANTS = {"v53": "noise=offset", "v57": "noise=offset_ip"}  # the article's v5
 SEEDS = (1, 2)
 SETTINGS = ("train.max_steps=2", "train.batch_size=2", "validation.every=1", "validation.fit_images=2",
             "validation.timesteps=[100,900]", "sampling.prompts=[a photo of a cat,a red rocket]", "sampling.steps=2",
-            "sampling.every=1", "train.save_every=0")
+            "sampling.every=1", "train.save_every=1", "compare.select=train/loss")
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,18 @@ def test_json_block_holds_what_the_page_shows(sweep, capsys):
 def test_report_is_logged_on_the_parent_with_its_summary(sweep):
     names = {a.path.rsplit("/", 1)[-1] for a in sweep["client"].list_artifacts(sweep["parent"], "report")}
     assert {"report.html", "summary.json", "progression.png", "grid.png", "losses.png"} <= names
+
+
+def test_each_variants_best_step_links_the_lora_its_training_logged(sweep):
+    """train/loss is logged at steps 1 and 2, and train.save_every=1 saves a LoRA at both: every link resolves."""
+    from pathlib import Path
+
+    summary = json.loads((sweep["tmp"] / "summary.json").read_text())
+    assert summary["select"] == {"metric": "train/loss", "direction": "min"}
+    for variant in summary["variants"]:
+        best = variant["best"]
+        assert best["steps"] == [1, 2] and best["step"] in (1, 2), variant["name"]
+        assert [f["seed"] for f in best["files"]] == [1, 2]
+        for link in best["files"]:
+            assert link["path"] == f"lora/checkpoints/lora-step{best['step']:08d}.safetensors"
+            assert Path(link["uri"].removeprefix("file://")).is_file()
