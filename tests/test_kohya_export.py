@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import ROOT, compose_config
+import pytest
+from conftest import ROOT, compose_config, compose_configs
 
 try:
     import tomllib
@@ -204,12 +205,17 @@ VARIANTS = [f"v{n}" for n in range(53, 65)]
 MODEL = "/models/sd_xl_base_1.0.safetensors"  # a placeholder: the export only writes the path
 
 
-def exported_variant(variant: str, out: Path):
-    """experiment=<variant> on SDXL with the photos dataset, exported to `out`: (config, config.toml's text with
-    `out` written as $EXPORT, as tests/data/kohya_export/<variant>.toml holds it)."""
-    cfg = compose_config(f"experiment={variant}", "model=sdxl", f"model.path={MODEL}")
-    write_export(cfg, out)
-    return cfg, (out / "config.toml").read_text(encoding="utf-8").replace(str(out.resolve()), "$EXPORT")
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """v53-v64, each composed once on SDXL with a photos folder that exists (data.dir's 5_photo, as data=photos lays
+    out the photos) and exported: variant -> (its config, its export folder)."""
+    tmp = tmp_path_factory.mktemp("variants")
+    (tmp / "photos" / "5_photo").mkdir(parents=True)
+    configs = compose_configs(*[[f"experiment={variant}", "model=sdxl", f"model.path={MODEL}",
+                                 f"data.dir={tmp}/photos"] for variant in VARIANTS])
+    for variant, cfg in zip(VARIANTS, configs, strict=True):
+        write_export(cfg, tmp / variant)
+    return {variant: (cfg, tmp / variant) for variant, cfg in zip(VARIANTS, configs, strict=True)}
 
 
 def imported_back(export: Path, tmp_path: Path, *overrides: str):
@@ -221,14 +227,26 @@ def imported_back(export: Path, tmp_path: Path, *overrides: str):
     return compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *overrides)
 
 
-def test_v53_to_v64_export_as_their_fixtures_and_import_back_to_the_same_kohya_subset(tmp_path):
+def test_v53_to_v64_export_as_their_fixtures(variants):
+    """tests/data/kohya_export/<variant>.toml: the export's config.toml with its folder written as $EXPORT."""
+    for variant, (_, export) in variants.items():
+        text = (export / "config.toml").read_text(encoding="utf-8").replace(str(export.resolve()), "$EXPORT")
+        assert text == (DATA / "kohya_export" / f"{variant}.toml").read_text(encoding="utf-8"), variant
+
+
+def test_v53_to_v64_import_back_to_the_same_kohya_subset(variants, tmp_path):
+    """Each export imported as experiment user/back_<variant>, then all composed (the export's own output folder
+    stands for train.output_dir=null)."""
+    from lora_sweep.kohya.experiment import run_import
     from lora_sweep.kohya.export import kohya_subset
 
-    for variant in VARIANTS:
-        cfg, text = exported_variant(variant, tmp_path / variant)
-        assert text == (DATA / "kohya_export" / f"{variant}.toml").read_text(encoding="utf-8"), variant
-        # the export's own output folder stands for train.output_dir=null
-        back = imported_back(tmp_path / variant, tmp_path, "train.output_dir=null")
+    for variant, (_, export) in variants.items():
+        status, _, err = run_import([export / "config.toml", export / "dataset.toml"], f"back_{variant}",
+                                    tmp_path / "conf", False)
+        assert (status, err) == (0, ""), variant
+    backs = compose_configs(*[[f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"experiment=user/back_{variant}",
+                               "train.output_dir=null"] for variant in variants])
+    for (variant, (cfg, _)), back in zip(variants.items(), backs, strict=True):
         assert kohya_subset(back) == kohya_subset(cfg), variant
 
 
