@@ -401,22 +401,25 @@ def test_a_problem_names_the_line_of_its_key(tmp_path):
         f"{gui} line 3: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).\n"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~24 s of CPU: sweep.py's imports (torch, diffusers, MLflow) and the two jobs
 def test_a_sweep_over_an_imported_experiment_gives_each_run_its_own_noise_group(tmp_path):
     """`python sweep.py -m experiment=user/NAME noise=none,multires` over an imported GUI config: both runs finish
     with the imported values, and each run's noise params are its group's alone (the imported noise.offset=0.05
-    lives in noise/user/NAME.yaml, which the command line's noise choice replaces)."""
+    lives in noise/user/NAME.yaml, which the command line's noise choice replaces). Hydra's basic launcher runs the
+    two 2-step tiny jobs in sweep.py's own process, one after the other, on a one-image folder."""
     import subprocess
     import sys
 
-    from conftest import new_store
+    from conftest import new_store, write_image
     from mlflow.tracking import MlflowClient
 
     assert run_import([DATA / "kohya_import" / "gui_sweep.json"], "gui", tmp_path / "conf", False)[0] == 0
+    write_image(tmp_path / "train" / "1_dog" / "a.png", caption="a dog")
     uri = new_store(tmp_path / "mlflow.db")
-    command = [sys.executable, str(ROOT / "sweep.py"), "-m", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-               "experiment=user/gui", "noise=none,multires", "model=tiny", "validation.fit_images=0",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    command = [sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic",
+               f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/gui", "noise=none,multires",
+               "model=tiny", "data=folder", f"data.dir={tmp_path / 'train'}", "sampling.prompts=[]",
+               "validation.fit_images=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     out = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1"),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
