@@ -266,7 +266,7 @@ def _export(args) -> int:
     from mlflow.exceptions import MlflowException
     from omegaconf.errors import OmegaConfBaseException
 
-    from lora_sweep.kohya.export import write_export
+    from lora_sweep.kohya.export import not_expressible, write_export
 
     if bool(args.run_id) == bool(args.config):
         print("error: give a RUN_ID or --config OVERRIDES (e.g. --config experiment=v53 model=sdxl "
@@ -283,6 +283,8 @@ def _export(args) -> int:
         return 2
     for path in written:
         print(path)
+    for line in not_expressible(cfg):  # command.sh's header, where the user sees it now
+        print(f"warning: not in the kohya export: {line}", file=sys.stderr)
     return 0
 
 
@@ -346,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Reads kohya_ss GUI JSON configs, sd-scripts --config_file and --dataset_config TOMLs, files "
         "holding an `accelerate launch ... sdxl_train_network.py` command line and LoRA .safetensors metadata "
         "(kohya's ss_*, OneTrainer's ot_config) (a later source's flags win), and writes "
-        "conf/experiment/user/NAME.yaml with each line's source, then prints what became of every flag. A flag the "
+        "conf/experiment/user/NAME.yaml (and conf/<group>/user/NAME.yaml) with each line's source, then prints "
+        "what became of every flag. A flag the "
         "sources leave out is sd-scripts v0.8.7's default.")
     imp.add_argument("sources", nargs="+", help="kohya files, in order")
     imp.add_argument("--name", help="the experiment's name (default: the first source's file name)")
-    imp.add_argument("--into", help="write NAME.yaml in this folder instead of conf/experiment/user/")
+    imp.add_argument("--into", help="write experiment/user/NAME.yaml (and <group>/user/NAME.yaml) under this folder "
+                                    "instead of conf/; train with hydra.searchpath=[file://DIR]")
     imp.add_argument("--force", action="store_true", help="overwrite an existing NAME.yaml")
     imp.add_argument("--data", help="a folder holding the image folders a LoRA's metadata names")
     export = sub.add_parser(

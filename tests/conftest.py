@@ -41,6 +41,17 @@ def compose_config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def compose_configs(*override_lists: list[str]) -> list:
+    """compose_config of each list of overrides, under one Hydra initialization: a third cheaper a config."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return [compose("config", overrides=list(overrides)) for overrides in override_lists]
+
+
 @functools.cache
 def _empty_store() -> Path:
     """An empty sqlite store whose tables MLflow made, once per test session: making them costs seconds a store."""

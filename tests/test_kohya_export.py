@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import ROOT, compose_config
+import pytest
+from conftest import ROOT, compose_config, compose_configs
 
 try:
     import tomllib
@@ -14,6 +15,8 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from lora_sweep.kohya.export import kohya_args, not_expressible, write_export
 from lora_sweep.kohya.flags import V087_DEFAULTS
+
+DATA = ROOT / "tests" / "data"
 
 
 def sdxl_folder_config(tmp_path: Path, *overrides: str):
@@ -123,8 +126,25 @@ def test_sample_prompts_spell_out_every_option_lora_sweep_draws_with(tmp_path):
     config = tomllib.loads(written[0].read_text())
     assert (config["sample_prompts"], config["sample_every_n_steps"], config["sample_at_first"]) == (
         str(tmp_path / "export" / "sample_prompts.txt"), 50, True)
-    assert "#   - sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim" in \
-        written[2].read_text().splitlines()
+    assert not_expressible(cfg)[-2:] == [  # 50 does not divide train.max_steps=20: kohya has no sample at the end
+        "sampling.sampler=null (SDXL base's Euler, timestep_spacing leading, steps_offset 1): kohya's "
+        "--sample_sampler default is ddim, and its euler spaces timesteps linspace",
+        "sampling.every=50: lora-sweep also samples at the last step, kohya v0.8.7 only at step 0 (sample_at_first) "
+        "and every sample_every_n_steps"]
+    assert not_expressible(sdxl_folder_config(tmp_path / "b", "sampling.prompts=['a cat']", "sampling.every=10",
+                                              "sampling.sampler=euler", "validation.fit_images=0")) == []
+
+
+def test_kohyas_euler_is_not_sdxl_bases_euler():
+    from lora_sweep.sampling.schedulers import build_scheduler
+
+    sdxl, kohya = build_scheduler(None), build_scheduler("euler")  # v0.8.7's get_my_scheduler("euler")
+    differ = {k: (sdxl.config[k], kohya.config[k]) for k in sdxl.config if not k.startswith("_")
+              and sdxl.config[k] != kohya.config[k]}
+    assert differ == {"timestep_spacing": ("leading", "linspace"), "steps_offset": (1, 0)}
+    sdxl.set_timesteps(30)
+    kohya.set_timesteps(30)
+    assert (sdxl.timesteps[0].item(), kohya.timesteps[0].item()) == (958.0, 999.0)
 
 
 def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_path, mlflow_uri, capsys):
@@ -137,6 +157,12 @@ def test_the_cli_exports_a_composed_config_and_a_runs_recorded_config_alike(tmp_
     overrides = ["experiment=v53", "model=sdxl", f"model.path={tmp_path}/sdxl.safetensors",
                  f"train.output_dir={tmp_path}/out"]
     assert main(["export", "kohya", "--config", *overrides, "--out", str(tmp_path / "composed")]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"warning: not in the kohya export: {line}"
+                                                    for line in not_expressible(compose_config(*overrides))]
+    assert main(["export", "kohya", "--config", "model=tiny", "--out", str(tmp_path / "tiny")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == ("warning: not in the kohya export: model=tiny: kohya cannot "
+                                                       "load lora-sweep's tiny stand-in model; set model=sdxl "
+                                                       "model.path=...")
     client = MlflowClient(mlflow_uri)
     run_id = client.create_run(client.create_experiment("export")).info.run_id
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(to_container(compose_config(*overrides))))  # as job.run
@@ -173,3 +199,73 @@ def test_the_import_of_v53s_export_gives_back_its_settings(tmp_path):
         "data.dataset_config": str(tmp_path / "export" / "dataset.toml"), "network.network_train_unet_only": True,
         "sampling.sampler": "ddim"}
     assert {key: OmegaConf.select(cfg, key) for key in imported.values} == imported.values
+
+
+VARIANTS = [f"v{n}" for n in range(53, 65)]
+MODEL = "/models/sd_xl_base_1.0.safetensors"  # a placeholder: the export only writes the path
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """v53-v64, each composed once on SDXL with a photos folder that exists (data.dir's 5_photo, as data=photos lays
+    out the photos) and exported: variant -> (its config, its export folder)."""
+    tmp = tmp_path_factory.mktemp("variants")
+    (tmp / "photos" / "5_photo").mkdir(parents=True)
+    configs = compose_configs(*[[f"experiment={variant}", "model=sdxl", f"model.path={MODEL}",
+                                 f"data.dir={tmp}/photos"] for variant in VARIANTS])
+    for variant, cfg in zip(VARIANTS, configs, strict=True):
+        write_export(cfg, tmp / variant)
+    return {variant: (cfg, tmp / variant) for variant, cfg in zip(VARIANTS, configs, strict=True)}
+
+
+def imported_back(export: Path, tmp_path: Path, *overrides: str):
+    """The config that `python -m lora_sweep import` of an export's config.toml and dataset.toml composes to."""
+    from lora_sweep.kohya.experiment import run_import
+
+    status, _, err = run_import([export / "config.toml", export / "dataset.toml"], "back", tmp_path / "conf", True)
+    assert (status, err) == (0, "")
+    return compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *overrides)
+
+
+def test_v53_to_v64_export_as_their_fixtures(variants):
+    """tests/data/kohya_export/<variant>.toml: the export's config.toml with its folder written as $EXPORT."""
+    for variant, (_, export) in variants.items():
+        text = (export / "config.toml").read_text(encoding="utf-8").replace(str(export.resolve()), "$EXPORT")
+        assert text == (DATA / "kohya_export" / f"{variant}.toml").read_text(encoding="utf-8"), variant
+
+
+def test_v53_to_v64_import_back_to_the_same_kohya_subset(variants, tmp_path):
+    """Each export imported as experiment user/back_<variant>, then all composed (the export's own output folder
+    stands for train.output_dir=null)."""
+    from lora_sweep.kohya.experiment import run_import
+    from lora_sweep.kohya.export import kohya_subset
+
+    for variant, (_, export) in variants.items():
+        status, _, err = run_import([export / "config.toml", export / "dataset.toml"], f"back_{variant}",
+                                    tmp_path / "conf", False)
+        assert (status, err) == (0, ""), variant
+    backs = compose_configs(*[[f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"experiment=user/back_{variant}",
+                               "train.output_dir=null"] for variant in variants])
+    for (variant, (cfg, _)), back in zip(variants.items(), backs, strict=True):
+        assert kohya_subset(back) == kohya_subset(cfg), variant
+
+
+def test_a_richer_config_imports_back_to_the_same_kohya_subset(tmp_path):
+    from lora_sweep.kohya.export import kohya_subset
+
+    (tmp_path / "reg" / "1_dog").mkdir(parents=True)
+    cfg = sdxl_folder_config(
+        tmp_path, "optimizer=adamw8bit", "optimizer.args.betas=[0.9,0.99]", "optimizer.args.weight_decay=0.05",
+        "network.rank=16", "network.alpha=8", "network.conv_dim=8", "network.conv_alpha=4",  # LoCon
+        "network.dropout=0.1", "network.rank_dropout=0.1", "network.module_dropout=0.05",
+        "optimizer.scheduler=cosine_with_restarts", "optimizer.warmup_steps=50", "optimizer.lr_scheduler_num_cycles=3",
+        f"data.reg_data_dir={tmp_path}/reg", "data.shuffle_caption=true", "data.keep_tokens=1",
+        "data.caption_dropout_rate=0.05", "data.caption_tag_dropout_rate=0.1", "data.caption_prefix='photo of'",
+        "train.max_train_epochs=10", "network.train_text_encoder=true", "train.lr=2e-4", "train.text_encoder_lr=5e-5",
+        "noise=multires", "loss=[huber_snr,min_snr]", "precision=bf16", f"train.output_dir={tmp_path}/out",
+        "sampling.prompts=['a dog --ss euler_a','a cat']", "sampling.sampler=dpmsolver++", "sampling.every=5")
+    write_export(cfg, tmp_path / "export")
+    subset = kohya_subset(cfg)
+    assert kohya_subset(imported_back(tmp_path / "export", tmp_path)) == subset
+    assert subset["sample_prompts.txt"] == ["a dog --w 1024 --h 1024 --d 1234 --s 10 --l 7.0 --ss euler_a",
+                                            "a cat --w 1024 --h 1024 --d 1235 --s 10 --l 7.0 --ss dpmsolver++"]

@@ -15,7 +15,7 @@ from kohya_dataset import write_kohya_dataset
 
 from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
-from lora_sweep.kohya.experiment import experiment_text, import_sources, run_import
+from lora_sweep.kohya.experiment import import_sources, run_import
 from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
 
@@ -75,7 +75,8 @@ def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
         "loss.min_snr_gamma": 5.0,
         "optimizer.optimizer_args": ["weight_decay=0.01", "decouple=True", "d0=0.0001", "use_bias_correction=True"],
         "optimizer.scheduler": "constant", "optimizer.lr_scheduler_num_cycles": 1, "network.rank": 32,
-        "network.alpha": 16.0, "network.scale_weight_norms": 5.0}
+        "network.alpha": 16.0, "network.scale_weight_norms": 5.0,
+        "network.train_text_encoder": True}  # no network_train_unet_only: v0.8.7 trains the text encoders too
     assert imported.why["train.max_steps"] == "kohya default"  # the preset has no max_train_steps: v0.8.7's 1600
     assert imported.why["network.alpha"] == "preset.json: network_alpha = 16"
     table = kinds(imported)
@@ -114,7 +115,7 @@ def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest(t
         "data.min_bucket_reso": 256, "data.max_bucket_reso": 1024, "data.bucket_reso_steps": 64,
         "noise.offset": 0.0357, "loss.type": "huber", "loss.huber_c": 0.05, "sampling.sampler": "ddim",
         "optimizer.optimizer_args": ["weight_decay=0.1", "betas=(0.9,0.99)"], "optimizer.warmup_steps": 100,
-        "network.rank": 16, "network.alpha": 8}
+        "network.rank": 16, "network.alpha": 8, "network.train_text_encoder": True}
     table = kinds(imported)
     assert table["not supported"] == {"masked_loss": True}  # unset workers and no_half_vae: kohya's default
     assert table["unknown"] == {"future_flag": 3}
@@ -131,25 +132,27 @@ def test_a_command_line_reads_as_argparse_does(tmp_path):
         "model.path": "/models/sdxl.safetensors", "noise.ip_gamma": 0.1, "sampling.sampler": "ddim",
         "optimizer.optimizer_args": ["decouple=True", "weight_decay=0.01"],
         "optimizer.scheduler": "cosine_with_restarts", "optimizer.lr_scheduler_num_cycles": 3,
-        "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0}
+        "loss.debiased": True, "network.rank": 8, "network.alpha": 4.0, "network.train_text_encoder": True}
     assert imported.why["network.alpha"] == "command_line.sh: command line --network_alpha 4"
     assert kinds(imported)["not supported"] == {"save_model_as": "ckpt"}
 
 
-def test_the_written_experiment_composes_with_its_values():
-    imported, _ = import_sources([DATA / "kohya_import" / "command_line.sh"])
-    name = f"_test_import_{os.getpid()}"
-    path = ROOT / "conf" / "experiment" / "user" / f"{name}.yaml"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(experiment_text(imported, ["command_line.sh"]), encoding="utf-8")
+def test_the_written_experiment_composes_with_its_values(tmp_path):
+    name = f"test-import-{os.getpid()}"
+    status, out, err = run_import([with_images(tmp_path, "command_line.sh")], name, None, False)
+    assert (status, err) == (0, "")
+    written = [Path(p) for p in out.rsplit("wrote ", 1)[1].split(";")[0].split(", ")]
     try:
+        assert status == 0 and [p.relative_to(ROOT / "conf").as_posix() for p in written] == [
+            f"{group}/user/{name}.yaml" for group in ("experiment", "model", "optimizer", "noise", "loss")]
         cfg = compose_config(f"experiment=user/{name}")
         assert command_line_problems([f"experiment=user/{name}"]) == []  # sweep.py's pre-flight accepts it
         assert command_line_problems(["experiment=user/nothing"]) == [
             "Could not find 'experiment/user/nothing'. Available options in 'experiment': article, article_v61, "
             "v53, v54, v55, v56, v57, v58, v59, v60, v61, v62, v63, v64."]
     finally:
-        path.unlink()
+        for path in written:
+            path.unlink()
     assert (cfg.model.name, cfg.precision.name, cfg.optimizer.name) == ("sdxl", "fp16", "prodigy")
     assert (cfg.train.lr, cfg.train.text_encoder_lr, cfg.train.max_steps, cfg.network.alpha) == (1.0, 0.5, 800, 4.0)
     assert (cfg.noise.ip_gamma, cfg.loss.debiased, cfg.data.resolution) == (0.1, True, "1024,1024")
@@ -175,19 +178,20 @@ def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path,
             (tmp_path / name).write_text(text, encoding="utf-8")
     plain = safetensors_with(tmp_path / "plain.safetensors", {"format": "pt"})
     sources = [tmp_path / name for name in files] + [plain, tmp_path / "none.json"]
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "mine.yaml").write_text("kept\n", encoding="utf-8")
+    mine = tmp_path / "out" / "experiment" / "user" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("kept\n", encoding="utf-8")
     before = sorted(tmp_path.rglob("*"))
     status = main(["import", *map(str, sources), "--name", "mine", "--into", str(tmp_path / "out")])
     paragraphs = capsys.readouterr().err.strip().split("\n\n")
     assert status == 2 and sorted(tmp_path.rglob("*")) == before
-    assert (tmp_path / "out" / "mine.yaml").read_text(encoding="utf-8") == "kept\n"
+    assert mine.read_text(encoding="utf-8") == "kept\n"
     kinds_text = ("the import reads a kohya_ss GUI config (JSON), an sd-scripts --config_file or --dataset_config "
                   "TOML, a text file with an sdxl_train_network.py command line, or a LoRA .safetensors")
     gui, cmd, config = tmp_path / "gui.json", tmp_path / "cmd.sh", tmp_path / "config.toml"
     assert paragraphs == [
         f"{tmp_path / 'none.json'}: not found.",
-        f"{tmp_path / 'out' / 'mine.yaml'} exists: give --force to overwrite it, or another --name.",
+        f"{mine} exists: give --force to overwrite it, or another --name.",
         f"{tmp_path / 'image.png'}: the file: binary, not a source: {kinds_text}.",
         f"{tmp_path / 'notes.toml'} line 3, column 15: not valid TOML (Invalid value); {kinds_text}.",
         f"{gui} line 3: seed = 'abc': 'abc' is not an integer (v0.8.7's --seed takes int).",
@@ -214,7 +218,8 @@ def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, ca
     source = with_images(tmp_path, "command_line.sh")
     assert run_import([source], "mine", tmp_path, False)[0] == 0
     status, _, err = run_import([source], "mine", tmp_path, False)
-    assert status == 2 and err == f"{tmp_path / 'mine.yaml'} exists: give --force to overwrite it, or another --name.\n"
+    assert status == 2 and err == (f"{tmp_path / 'experiment' / 'user' / 'mine.yaml'} exists: give --force to "
+                                   f"overwrite it, or another --name.\n")
     assert run_import([source], "mine", tmp_path, True)[0] == 0
     status, _, err = run_import([source], "v61", None, False)
     assert status == 2 and "shipped experiment's name" in err
@@ -265,6 +270,47 @@ def test_a_lora_written_by_lora_sweep_gives_back_its_settings(tmp_path):
     assert "full_bf16" not in table["not recorded"]  # lora_sweep_full_bf16 records it
 
 
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")  # no images: no buckets
+def test_a_lora_written_by_lora_sweep_loses_exactly_what_its_metadata_cannot_hold(tmp_path):
+    import torch
+
+    from lora_sweep.data.buckets import bucket_settings
+    from lora_sweep.data.subsets import DatasetSpec
+    from lora_sweep.kohya.export import kohya_args
+    from lora_sweep.kohya.metadata import NOT_IN_LORA_METADATA
+    from lora_sweep.training.metadata import kohya_metadata
+    from lora_sweep.training.optim import build_optimizer
+
+    (tmp_path / "sdxl.safetensors").write_bytes(b"a stand-in: the metadata hashes it")
+    (tmp_path / "prompts.txt").write_text("a dog\n")
+    given = [f"model.path={tmp_path}/sdxl.safetensors", "data=folder", f"data.dir={tmp_path}/train"]
+    cfg = compose_config(  # every flag of NOT_IN_LORA_METADATA away from its default, and the lora_sweep_* ones
+        "model=sdxl", *given, "optimizer.scheduler=cosine_with_restarts", "optimizer.lr_scheduler_num_cycles=3",
+        "optimizer.lr_scheduler_power=2.0", "+optimizer.lr_scheduler_args.lr_end=0.5",
+        "network.train_text_encoder=true", "network.network_train_text_encoder_only=true",
+        "network.dim_from_weights=true", f"network.network_weights={tmp_path}/start.safetensors",
+        "train.save_precision=fp16", "train.xformers=true", "train.sdpa=true", "train.mem_eff_attn=true",
+        "train.torch_compile=true", "train.dynamo_backend=eager", "data.caption_separator=';'",
+        "data.token_warmup_min=2", "data.token_warmup_step=5", "data.enable_wildcard=true",
+        "data.keep_tokens_separator='|||'", "data.secondary_separator=';;;'", "data.caption_prefix=pre",
+        "data.caption_suffix=suf", "data.bucket_reso_steps=32", "train.save_every=100", "train.save_every_epochs=2",
+        "train.save_last_n_epochs=3", "train.save_last_n_steps=200", f"sampling.prompt_file={tmp_path}/prompts.txt",
+        "sampling.every=50", "sampling.sampler=euler_a", "precision=bf16", "precision.full_bf16=true",
+        "model.v_prediction=true", "loss.v_pred_like_loss=0.2", "data.caption_extension=.cap")
+    buckets = bucket_settings(cfg.data)
+    spec = DatasetSpec("data.dir", buckets["resolution"], 1, True, bucket_reso_steps=32, bucket_no_upscale=False,
+                       min_bucket_reso=buckets["min_reso"], max_bucket_reso=buckets["max_reso"], subsets=())
+    optimizer = build_optimizer(cfg.optimizer.name, [{"params": [torch.nn.Parameter(torch.zeros(2))]}],
+                                lr=cfg.train.lr, args=dict(cfg.optimizer.args))
+    meta = kohya_metadata(cfg, SimpleNamespace(specs=[spec], trained=[]), optimizer, steps=300, epoch=1)
+    lora = safetensors_with(tmp_path / "lora.safetensors", {k: str(v) for k, v in meta.items()})
+    assert run_import([lora], "back", tmp_path / "conf", False)[0] == 0
+    back = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *given)
+    before, after = kohya_args(cfg), kohya_args(back)
+    assert {flag for flag in before.keys() | after.keys()
+            if before.get(flag) != after.get(flag)} == set(NOT_IN_LORA_METADATA)
+
+
 def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp_path):
     meta = {"ss_network_dim": "16", "ss_network_alpha": "8.0", "ss_learning_rate": "0.0001",
             "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1,betas=(0.9, 0.99))",
@@ -310,9 +356,9 @@ def test_gui_sample_prompts_text_is_written_beside_the_experiment_as_its_prompt_
                                "max_train_steps": 10}), encoding="utf-8")
     status, out, err = run_import([gui], "mine", tmp_path, False)
     assert (status, err) == (0, "")
-    prompts = tmp_path / "mine.prompts.txt"
+    prompts = tmp_path / "experiment" / "user" / "mine.prompts.txt"
     assert prompts.read_text(encoding="utf-8") == "a dog --w 1024 --h 1024\na cat\n"
-    line = next(line for line in (tmp_path / "mine.yaml").read_text(encoding="utf-8").splitlines()
+    line = next(line for line in prompts.with_name("mine.yaml").read_text(encoding="utf-8").splitlines()
                 if "prompt_file" in line)
     assert line == (f'  prompt_file: "{prompts.resolve()}"  # gui.json: sample_prompts = \'a dog --w 1024 --h '
                     f'1024\\na cat\' (its text, written to mine.prompts.txt)')
@@ -348,11 +394,46 @@ def test_a_problem_names_the_line_of_its_key(tmp_path):
     gui = tmp_path / "bad.json"
     gui.write_text('{\n  "LoRA_type": "Standard",\n  "network_dim": "eight"\n}\n', encoding="utf-8")
     status, out, err = run_import([toml, gui], "bad", tmp_path, False)
-    assert (status, out) == (2, "") and not (tmp_path / "bad.yaml").exists()
+    assert (status, out) == (2, "") and not (tmp_path / "experiment").exists()
     assert err.split("\n\n") == [
         f"{toml} line 3: optimizer_args: 'weight_decay=0.1': v0.8.7 reads a TOML string here as one item per "
         f"character; write a list of 'key=value' strings.",
         f"{gui} line 3: network_dim = 'eight': 'eight' is not an integer (v0.8.7's --network_dim takes int).\n"]
+
+
+@pytest.mark.slow  # ~24 s of CPU: sweep.py's imports (torch, diffusers, MLflow) and the two jobs
+def test_a_sweep_over_an_imported_experiment_gives_each_run_its_own_noise_group(tmp_path):
+    """`python sweep.py -m experiment=user/NAME noise=none,multires` over an imported GUI config: both runs finish
+    with the imported values, and each run's noise params are its group's alone (the imported noise.offset=0.05
+    lives in noise/user/NAME.yaml, which the command line's noise choice replaces). Hydra's basic launcher runs the
+    two 2-step tiny jobs in sweep.py's own process, one after the other, on a one-image folder."""
+    import subprocess
+    import sys
+
+    from conftest import new_store, write_image
+    from mlflow.tracking import MlflowClient
+
+    assert run_import([DATA / "kohya_import" / "gui_sweep.json"], "gui", tmp_path / "conf", False)[0] == 0
+    write_image(tmp_path / "train" / "1_dog" / "a.png", caption="a dog")
+    uri = new_store(tmp_path / "mlflow.db")
+    command = [sys.executable, str(ROOT / "sweep.py"), "-m", "hydra/launcher=basic",
+               f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/gui", "noise=none,multires",
+               "model=tiny", "data=folder", f"data.dir={tmp_path / 'train'}", "sampling.prompts=[]",
+               "validation.fit_images=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    out = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lora-sweep").experiment_id],
+                              "tags.`lora_sweep.role` = 'job'")
+    params = {run.data.tags["variant"]: run.data.params for run in runs if run.info.status == "FINISHED"}
+    assert sorted(params) == ["noise=multires", "noise=none"]
+    noise = {variant: (p["noise.offset"], p["noise.multires_iterations"]) for variant, p in params.items()}
+    assert noise == {"noise=none": ("0.0", "0"), "noise=multires": ("0.0", "6")}
+    imported = ("train.lr", "train.seed", "network.rank", "network.alpha", "loss.min_snr_gamma", "data.resolution",
+                "network.train_text_encoder", "optimizer.name")
+    for p in params.values():
+        assert [p[key] for key in imported] == ["0.0002", "7", "8", "4.0", "5.0", "64,64", "True", "adamw"]
 
 
 def test_data_loader_workers_set_by_the_source_get_a_row_with_the_reason(tmp_path):

@@ -1,6 +1,7 @@
-"""`python -m lora_sweep import`: kohya sources -> conf/experiment/user/<name>.yaml and a table of what became of
-each flag. Bad input (a file that cannot be read, a value of the wrong type) is reported one paragraph per problem,
-all at once, and nothing is written.
+"""`python -m lora_sweep import`: kohya sources -> conf/experiment/user/<name>.yaml (with
+conf/<group>/user/<name>.yaml for a chosen group whose settings it sets) and a table of what became of each flag.
+Bad input (a file that cannot be read, a value of the wrong type) is reported one paragraph per problem, all at
+once, and nothing is written.
 """
 
 from __future__ import annotations
@@ -148,22 +149,32 @@ def _comment(text: str) -> str:
     return "  # " + " ".join(text.split())
 
 
-def experiment_text(imported: Imported, sources: list[str]) -> str:
-    """The experiment file: the group choices, then each setting under its group, every line commented with the
-    source key and value it came from, or "kohya default"."""
-    lines = ["# @package _global_", f"# Imported from kohya by `python -m lora_sweep import {' '.join(sources)}`.",
-             "# A flag the sources leave out is sd-scripts v0.8.7's default (\"kohya default\").", "defaults:"]
-    for group, option in imported.groups.items():
-        choice = option if isinstance(option, str) else "[" + ", ".join(option) + "]"
-        lines.append(f"  - override /{group}: {choice}{_comment(imported.why[group])}")
-    lines.append("  - _self_")
+def experiment_files(imported: Imported, sources: list[str], name: str) -> dict[str, str]:
+    """The files an import writes, by path under a config folder: experiment/user/<name>.yaml (the group choices,
+    then each setting under its group, every line commented with the source key and value it came from, or "kohya
+    default") and, for a chosen group with imported values, <group>/user/<name>.yaml: an option of that group that
+    extends the chosen option(s) with the values, so a group chosen on the command line replaces them all."""
+    head = [f"# Imported from kohya by `python -m lora_sweep import {' '.join(sources)}`.",
+            "# A flag the sources leave out is sd-scripts v0.8.7's default (\"kohya default\")."]
     by_group: dict[str, list[str]] = {}
     for key, value in imported.values.items():
         group, _, leaf = key.partition(".")
-        by_group.setdefault(group, []).append(f"  {leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
+        by_group.setdefault(group, []).append(f"{leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
+    files = {}
+    lines = ["# @package _global_", *head, "defaults:"]
+    for group, option in imported.groups.items():
+        options = [option] if isinstance(option, str) else list(option)
+        choice = option if isinstance(option, str) else "[" + ", ".join(option) + "]"
+        if group in by_group:
+            files[f"{group}/user/{name}.yaml"] = "\n".join(
+                [f"# @package {group}", *head, f"# {group}={choice} with the imported values below.", "defaults:",
+                 *[f"  - /{group}/{o}@_here_" for o in options], "  - _self_", *by_group.pop(group)]) + "\n"
+            choice = f"user/{name}"
+        lines.append(f"  - override /{group}: {choice}{_comment(imported.why[group])}")
+    lines.append("  - _self_")
     for group, entries in by_group.items():
-        lines += [f"{group}:", *entries]
-    return "\n".join(lines) + "\n"
+        lines += [f"{group}:", *[f"  {entry}" for entry in entries]]
+    return {f"experiment/user/{name}.yaml": "\n".join(lines) + "\n", **files}
 
 
 KINDS = ("mapped", "default", "same as default", "ignored", "not supported", "missing", "not recorded", "unknown")
@@ -193,43 +204,54 @@ def table_text(imported: Imported, ignored_keys: dict[str, tuple[object, str]],
     return "\n".join(out) + "\n"
 
 
-def target_path(name: str, into: Path | None) -> Path:
-    return (into if into is not None else CONF_DIR / "experiment" / "user") / f"{name}.yaml"
+def config_root(into: Path | None) -> Path:
+    """The config folder the files go under: conf/, or --into's (for hydra.searchpath=[file://DIR])."""
+    return into if into is not None else CONF_DIR
 
 
-def name_problems(name: str, into: Path | None, force: bool) -> list[str]:
+def name_problems(name: str, into: Path | None, force: bool, paths: list[str] = ()) -> list[str]:
+    """A bad --name, a shipped experiment's name, or one of `paths` (under the config folder) there already."""
     problems = []
     if not _NAME.fullmatch(name):
         problems.append(f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit.")
     elif into is None and (CONF_DIR / "experiment" / f"{name}.yaml").exists():
         problems.append(f"--name {name!r} is a shipped experiment's name (conf/experiment/{name}.yaml): choose "
                         f"another.")
-    path = target_path(name, into)
-    if path.exists() and not force:
-        problems.append(f"{path} exists: give --force to overwrite it, or another --name.")
+    for path in [config_root(into) / p for p in paths or [f"experiment/user/{name}.yaml"]]:
+        if path.exists() and not force:
+            problems.append(f"{path} exists: give --force to overwrite it, or another --name.")
     return problems
 
 
 def run_import(paths: list[Path], name: str | None, into: Path | None, force: bool,
                data: Path | None = None) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr): 0 with the file written and the table; 2 with every problem, nothing written."""
+    """(exit status, stdout, stderr): 0 with the files written and the table; 2 with every problem, nothing
+    written."""
     name = name or (paths[0].stem if paths else "imported")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") if name else name
     problems = [f"{p}: not found." for p in paths if not p.is_file()]
     problems += name_problems(name, into, force)
-    path = target_path(name, into)
     if data is not None and not data.is_dir():
         problems.append(f"--data {data}: not a folder.")
-    imported, sources = import_sources([p for p in paths if p.is_file()], path, data)
+    target = config_root(into) / f"experiment/user/{name}.yaml"
+    imported, sources = import_sources([p for p in paths if p.is_file()], target, data)
     problems += imported.problems
     if problems:
         return 2, "", "\n\n".join(problems) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files = experiment_files(imported, [str(p) for p in paths], name)
+    problems = name_problems(name, into, force, list(files))
+    if problems:
+        return 2, "", "\n\n".join(problems) + "\n"
     for file, text in imported.files.items():
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
         Path(file).write_text(text, encoding="utf-8")
-    path.write_text(experiment_text(imported, [str(p) for p in paths]), encoding="utf-8")
+    for relative, text in files.items():
+        path = config_root(into) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     ignored = {key: why for src in sources for key, why in src.ignored.items()}
     unsupported = {key: why for src in sources for key, why in src.unsupported.items()}
-    run = f"experiment=user/{name}" if into is None else f"(copy {path.name} under conf/experiment/)"
+    search = "" if into is None else f"'hydra.searchpath=[file://{into.resolve()}]' "
+    written = ", ".join(str(config_root(into) / relative) for relative in files)
     table = table_text(imported, ignored, unsupported)
-    return 0, table + f"\nwrote {path}; train it with `python sweep.py {run}`.\n", ""
+    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`.\n", ""

@@ -90,7 +90,7 @@ def kohya_args(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _precision_args(flat: dict[str, Any]) -> dict[str, Any]:
-    from lora_sweep.training.metadata import PRECISION_TO_KOHYA
+    from lora_sweep.training.precision import PRECISION_TO_KOHYA
 
     mixed_precision, fp8_base = PRECISION_TO_KOHYA[flat["precision.name"]]
     return {"mixed_precision": mixed_precision, "fp8_base": fp8_base}
@@ -218,8 +218,22 @@ def not_expressible(cfg: DictConfig) -> list[str]:
         lines.append(f"data.latent_sample={flat['data.latent_sample']}: v0.8.7 caches one posterior sample")
     if flat["train.on_nan"] != "stop":
         lines.append(f"train.on_nan={flat['train.on_nan']}: v0.8.7 has no NaN handling")
-    if flat["sampling.sampler"] is None and (flat["sampling.prompts"] or flat["sampling.prompt_file"]):
-        lines.append("sampling.sampler=null (SDXL base's Euler): kohya's --sample_sampler default is ddim")
+    if flat["sampling.prompts"] or flat["sampling.prompt_file"]:
+        lines += _sampling_lines(flat)
+    return lines
+
+
+def _sampling_lines(flat: dict[str, Any]) -> list[str]:
+    """How kohya's sampling differs: its `euler` is not SDXL base's (timestep spacing), and it has no sample at
+    the last step."""
+    lines = []
+    if flat["sampling.sampler"] is None:
+        lines.append("sampling.sampler=null (SDXL base's Euler, timestep_spacing leading, steps_offset 1): kohya's "
+                     "--sample_sampler default is ddim, and its euler spaces timesteps linspace")
+    every, steps = flat["sampling.every"], flat["train.max_steps"]
+    if every == 0 or steps is None or steps % every:
+        lines.append(f"sampling.every={every}: lora-sweep also samples at the last step, kohya v0.8.7 only at step 0 "
+                     "(sample_at_first) and every sample_every_n_steps")
     return lines
 
 
@@ -239,6 +253,24 @@ def prompts_text(cfg: DictConfig, specs: list | None = None) -> str:
         options += f" --n {spec.negative}" if spec.negative else ""
         lines.append(spec.prompt + options)
     return "".join(f"{line}\n" for line in lines)
+
+
+def kohya_subset(cfg: DictConfig) -> dict[str, Any]:
+    """What of `cfg` kohya v0.8.7 holds, as its export says it: config.toml's flags (without the paths of the
+    export's own files), dataset.toml's tables and sample_prompts.txt's lines with the sampler kohya draws each with.
+    Importing an export's config.toml and dataset.toml gives a config with the same subset (the round trip)."""
+    import dataclasses
+
+    from lora_sweep.training.evaluate import read_prompts
+
+    args = kohya_args(cfg)
+    args.pop("sample_prompts", None)  # the export's own file; its lines are compared instead
+    specs, _, _ = read_prompts(cfg)
+    # a prompt without --ss draws with --sample_sampler, ddim when unset (SDXL base's Euler has no kohya name)
+    sampler = args.get("sample_sampler", V087_DEFAULTS["sample_sampler"])
+    specs = [dataclasses.replace(spec, sampler=spec.sampler or sampler) for spec in specs]
+    return {"config.toml": args, "dataset.toml": dataset_tables(cfg),
+            "sample_prompts.txt": prompts_text(cfg, specs).splitlines()}
 
 
 def toml_text(tables: dict[str, Any]) -> str:

@@ -37,6 +37,15 @@ UNRECORDED = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_arg
               "bucket_reso_steps", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
               "save_last_n_steps", "v_parameterization", "sample_prompts", "sample_every_n_steps",
               "sample_sampler")
+# what a LoRA lora-sweep wrote cannot give back: UNRECORDED less the flags its lora_sweep_* keys record and those
+# lora-sweep fixes or refuses (docs/kohya.md "What round-trips")
+NOT_IN_LORA_METADATA = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args",
+                        "network_train_text_encoder_only", "network_weights", "dim_from_weights", "save_precision",
+                        "xformers", "sdpa", "mem_eff_attn", "torch_compile", "dynamo_backend", "caption_separator",
+                        "token_warmup_min", "token_warmup_step", "enable_wildcard", "keep_tokens_separator",
+                        "secondary_separator", "caption_prefix", "caption_suffix", "bucket_reso_steps",
+                        "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+                        "sample_prompts", "sample_every_n_steps", "sample_sampler")
 
 
 def read_header(path: Path) -> dict[str, str]:

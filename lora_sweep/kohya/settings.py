@@ -16,10 +16,9 @@ from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
 from lora_sweep.errors import ConfigError
 from lora_sweep.kohya.flags import V087_DEFAULTS
-from lora_sweep.training.metadata import PRECISION_TO_KOHYA
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
+from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
-_PRECISIONS = {kohya: name for name, kohya in PRECISION_TO_KOHYA.items()}  # (mixed_precision, fp8_base) -> name
 # flags the group choices below consume, and data.datasets keys only a dataset config sets
 _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "learning_rate", "unet_lr",
             "text_encoder_lr", "lr_scheduler_args"}
@@ -108,6 +107,12 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
                 elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
                     out.rows.append(Row("not supported", flag, value,
                                         f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+    # v0.8.7 trains the text encoders' LoRA unless --network_train_unet_only; lora-sweep's default is U-Net only
+    text_encoder = not full["network_train_unet_only"]
+    if text_encoder != defaults.get("network.train_text_encoder"):
+        out.put("network.train_text_encoder", text_encoder, why("network_train_unet_only"))
+        out.rows.append(Row("mapped" if "network_train_unet_only" in args else "default", "network_train_unet_only",
+                            full["network_train_unet_only"], "network.train_text_encoder=true"))
     for flag in sorted(unrecorded):
         out.rows.append(Row("not recorded", flag, V087_DEFAULTS.get(flag), "not in the LoRA's metadata: kohya default "
                                                                       "assumed"))
@@ -128,7 +133,7 @@ def _groups(full: dict, args: dict, why, out: Imported) -> None:
     """The group choices: model=sdxl, precision, optimizer (with train.lr), noise and loss options."""
     out.groups["model"] = "sdxl"
     out.why["model"] = "sdxl_train_network.py"
-    precision = _PRECISIONS.get((full["mixed_precision"], bool(full["fp8_base"])))
+    precision = KOHYA_TO_PRECISION.get((full["mixed_precision"], bool(full["fp8_base"])))
     if precision is None:
         out.rows.append(Row("not supported", "mixed_precision", full["mixed_precision"],
                             "--fp8_base needs fp16 or bf16" if full["fp8_base"] else "not no, fp16 or bf16"))

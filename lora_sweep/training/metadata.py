@@ -26,11 +26,7 @@ from lora_sweep.data.dataset import ImageItem
 from lora_sweep.data.subsets import DatasetSpec, Subset
 from lora_sweep.model.network_settings import kohya_network_kwargs
 from lora_sweep.training import optim, schedules
-
-PRECISION_TO_KOHYA = {  # name -> (mixed_precision, fp8_base)
-    "fp32": ("no", False), "fp16": ("fp16", False), "bf16": ("bf16", False),
-    "fp8": ("fp16", True), "fp8_bf16": ("bf16", True),
-}
+from lora_sweep.training.precision import PRECISION_TO_KOHYA
 
 Entry = tuple[ImageItem, tuple[int, int] | None]  # an image and its bucket (w, h)
 

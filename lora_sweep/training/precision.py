@@ -49,6 +49,9 @@ PRECISIONS: dict[str, PrecisionPolicy] = {
     "fp8": PrecisionPolicy("fp8", torch.float8_e4m3fn, torch.float16, True, True, torch.float16, "fp16"),
     "fp8_bf16": PrecisionPolicy("fp8_bf16", torch.float8_e4m3fn, torch.bfloat16, True, False, torch.bfloat16, "bf16"),
 }
+# kohya's two flags for each option, and back: the one precision table the metadata, the import and the export use
+PRECISION_TO_KOHYA = {name: (policy.mixed_precision, policy.fp8_base) for name, policy in PRECISIONS.items()}
+KOHYA_TO_PRECISION = {flags: name for name, flags in PRECISION_TO_KOHYA.items()}
 
 
 def _device_kind(device: str | torch.device) -> str:

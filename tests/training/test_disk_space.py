@@ -16,6 +16,7 @@ from lora_sweep.training.failures import (
     LORA_NUMEL_PER_RANK,
     PHOTOS_BYTES,
     TINY_MODEL_BYTES,
+    cache_bytes,
     first_use_bytes,
     free_space_problem,
     planned_bytes,
@@ -69,3 +70,13 @@ def test_a_disk_without_room_is_refused_before_any_folder_is_made(tmp_path):
     unknown[tmp_path / "cache"] = ("data.cache_dir", free)
     problem = free_space_problem(unknown)
     assert "this training will write at least" in problem and f"train.output_dir '{tmp_path / 'out'}'," in problem
+
+
+def test_the_cache_estimate_reads_kohyas_w_h_resolution():
+    from types import SimpleNamespace
+
+    scans = [SimpleNamespace(items=[SimpleNamespace(caption="a dog")] * 3)]
+    square = cache_bytes(scans, compose_config("data.resolution=64").data, text=False)
+    assert cache_bytes(scans, compose_config("data.resolution='64,64'").data, text=False) == square  # an import's
+    assert cache_bytes(scans, compose_config("data.resolution='128,32'").data, text=False) == square
+    assert square == 3 * (4 * 4 * 8 * 8 + 2**12)
