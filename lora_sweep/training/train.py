@@ -34,7 +34,7 @@ from lora_sweep.training import length, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training.checkpoint import Checkpoints, Position
-from lora_sweep.training.evaluate import Validator, keep_step0_samples
+from lora_sweep.training.evaluate import keep_step0_samples
 from lora_sweep.training.session import Session, build_session, is_reg, read_scans, training_specs
 from lora_sweep.training.stop_early import Decision, EarlyStop
 
@@ -209,12 +209,10 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
 
 
 def watch_metric(s: Session, stop_early: EarlyStop) -> None:
-    """Judge with `stop_early` right after the hook that logs its metric (the validators for fit/ and val/, the
-    sampler for img/); its decision is a stop request from then on."""
+    """Judge with `stop_early` after every evaluation hook, so the stop step logs all that is due at it (a resume
+    does not evaluate its start step again); its decision is a stop request from then on."""
     s.sink = stop_early.watch(s.sink)
-    after = len(s.hooks) if stop_early.options.spec.name.startswith("img/") else sum(
-        isinstance(hook, Validator) for hook in s.hooks)
-    s.hooks.insert(after, stop_early)
+    s.hooks.append(stop_early)
     requested = s.should_stop
     s.should_stop = lambda: requested() or stop_early.decision is not None
 
