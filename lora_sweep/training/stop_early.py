@@ -62,7 +62,8 @@ def median_value(spec: MetricSpec, values: list[float]) -> float:
 def median_rule(spec: MetricSpec, value: float, peers: list[float], min_peers: int) -> float | None:
     """The median the run's `value` is strictly worse than (stop), or None (go on). The median is `median_value` of
     the peers' values and the run's own; fewer than `min_peers` peers never stop. So a run stops exactly when at least
-    ceil(n/2) of the n runs are strictly better than it: ties never stop, and the best half never stops."""
+    ceil(n/2) of the n runs are strictly better than it: ties never stop, and the best half never stops. The n runs
+    are those in `peers` (the ones that had logged the step when the check ran), not the whole sweep."""
     if len(peers) < min_peers:
         return None
     median = median_value(spec, [*peers, value])

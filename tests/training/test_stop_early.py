@@ -73,6 +73,12 @@ def test_the_median_rule_never_stops_the_best_half_over_random_histories():
     assert checked > 3000 and stopped > 300
 
 
+def test_the_best_half_is_of_the_runs_that_had_logged_the_step_when_the_check_ran():
+    # 2 slots, 6 jobs: jobs 1 and 2 logged 1.0 and 2.0 when job 3 logs 3.0; jobs 4-6 log 4, 5, 6 later
+    assert median_rule(LOSS, 3.0, [1.0, 2.0], min_peers=2) == 2.0  # stopped: the worse half of the three
+    assert sum(LOSS.better(v, 3.0) for v in [1.0, 2.0, 4.0, 5.0, 6.0]) < math.ceil(6 / 2)  # best half of all six
+
+
 def test_diverged_stops_past_the_step0_value_plus_the_margin_or_on_a_non_finite_value():
     assert diverged_rule(LOSS, 0.31, 0.2, margin=0.1) == 0.30000000000000004
     assert diverged_rule(LOSS, 0.3, 0.2, margin=0.1) is None  # exactly at the limit: not past it
