@@ -132,9 +132,9 @@ class EarlyStop:
             if peers is None:
                 return True
             if len(peers) < o.min_peers:
-                self._say_once("few", "early stop: fewer than sweep.stop_early.min_peers=%d sibling runs had "
-                               "logged %s at step %d (%d): the median rule waits for more", o.min_peers,
-                               o.spec.name, step, len(peers))
+                self._say_once("few", "early stop: %d sibling runs had logged %s at step %d, fewer than "
+                               "sweep.stop_early.min_peers (%d): the median rule waits for more", len(peers),
+                               o.spec.name, step, o.min_peers)
             limit = median_rule(o.spec, value, peers, o.min_peers)
         else:
             first = self.logged.get(0)
@@ -169,9 +169,9 @@ class EarlyStop:
         self._busy.join(self.options.timeout)
         what = f"early stop ({self.options.rule} rule)"
         if self._busy.is_alive():
-            self._say_once("late", "%s: the tracking store did not answer within sweep.stop_early.timeout=%s s at "
-                           "step %d: the rule does not stop this run while it cannot read the store",
-                           what, self.options.timeout, step)
+            self._say_once("late", "%s: the tracking store did not answer at step %d within sweep.stop_early.timeout "
+                           "(%s s): the rule does not stop this run while it cannot read the store",
+                           what, step, self.options.timeout)
             return None
         if "error" in answer:
             self._say_once("error", "%s: could not read the tracking store at step %d (%s): the rule does not stop "
