@@ -15,10 +15,13 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_sweep.tracking.metric_spec import MetricSpec
 from lora_sweep.tracking.stopped import STOPPED_EARLY
+
+if TYPE_CHECKING:
+    from lora_sweep.training.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +120,13 @@ class EarlyStop:
         self._said: set[str] = set()
         self._busy: threading.Thread | None = None
 
-    def watch(self, sink: Any) -> Any:
-        """`sink` with its metrics also recorded here (the training's sink is replaced by this)."""
-        return _Watched(sink, self)
+    def attach(self, s: Session) -> None:
+        """Judge in session `s` after every evaluation hook, so the stop step logs all that is due at it (a resume
+        does not evaluate its start step again); the decision is a stop request from then on."""
+        s.sink = _Watched(s.sink, self)
+        s.hooks.append(self)
+        requested = s.should_stop
+        s.should_stop = lambda: requested() or self.decision is not None
 
     def __call__(self, s, step: int, final: bool) -> bool:
         o = self.options

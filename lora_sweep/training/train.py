@@ -145,7 +145,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                       validation_scan=validation_scan, prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
     if stop_early is not None:
-        watch_metric(s, stop_early)
+        stop_early.attach(s)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     saver = Checkpoints(s, states, flip_rng)
     keep_step0_samples(s, states)  # img/drift's reference lives with the states, so a resume reads it back
@@ -206,15 +206,6 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
     return TrainResult(pos.last_loss, pos.step, stopped and decision is None, decision, files, saver.last_state)
-
-
-def watch_metric(s: Session, stop_early: EarlyStop) -> None:
-    """Judge with `stop_early` after every evaluation hook, so the stop step logs all that is due at it (a resume
-    does not evaluate its start step again); its decision is a stop request from then on."""
-    s.sink = stop_early.watch(s.sink)
-    s.hooks.append(stop_early)
-    requested = s.should_stop
-    s.should_stop = lambda: requested() or stop_early.decision is not None
 
 
 def stop_here(s: Session, step: int) -> bool:
