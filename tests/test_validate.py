@@ -245,4 +245,46 @@ def test_every_bad_stop_early_and_select_value_is_reported_at_once():
         "compare.select"]
     assert config_problems(compose_config(
         "compare.select=my/score:max", "sweep.stop_early.metric=val/loss", "sweep.stop_early.rule=diverged",
-        "sweep.stop_early.grace_steps=0", "sweep.stop_early.min_peers=1", "sweep.stop_early.margin=0.5")) == []
+        "sweep.stop_early.grace_steps=0", "sweep.stop_early.min_peers=1", "sweep.stop_early.margin=0.5",
+        "validation.every=100", "data.validation_split=0.1")) == []
+
+
+NEVER_JUDGED = ("so the rule would never judge a run. Stop on a metric logged at evaluation steps: fit/loss or "
+                "val/loss (validation.every > 0), or a scorecard metric img/copying, img/diversity, img/clip_t, "
+                "img/clip_i, img/dino (sampling.every > 0); or leave sweep.stop_early.metric null.")
+EVERY = "validation.every=100"
+SAMPLING = ("sampling.every=100", "sampling.prompts=[a cat]")
+
+
+@pytest.mark.parametrize(("overrides", "why"), [
+    (("val/loss", EVERY), "val/loss needs held-out images (data.validation_split or data.validation_dir), and none "
+                          "are set"),
+    (("fit/loss", EVERY, "validation.fit_images=0", "data.validation_split=0.1"),
+     "fit/loss is not logged while validation.fit_images is 0"),
+    (("fit/loss",), "fit/loss is logged only at step 0 and at the end while validation.every is 0"),
+    (("val/loss", "data.validation_split=0.1"),
+     "val/loss is logged only at step 0 and at the end while validation.every is 0"),
+    (("fit/loss_auc", EVERY), "fit/loss_auc is logged only at the end of a run"),
+    (("img/copying", "sampling.prompts=[a cat]"),
+     "img/copying is logged at sampling steps (sampling.every > 0 with prompts), and sampling.every is 0"),
+    (("img/drift:min",), "img/drift is logged at sampling steps (sampling.every > 0 with prompts), and "
+                         "sampling.every is 0"),
+    (("img/clip_t", *SAMPLING), "img/clip_t needs evaluation.clip_model, which is null"),
+    (("img/dino", *SAMPLING), "img/dino needs evaluation.dino_model, which is null"),
+    (("img/diversity", *SAMPLING, "sampling.seeds=[7]"),
+     "img/diversity needs two seeds per prompt or more (sampling.seeds), and there is one"),
+    (("train/loss", EVERY), "train/loss is each variant's own objective (its loss weighting differs), not a common "
+                            "yardstick, and it is logged every step"),
+])
+def test_a_stop_metric_never_logged_at_an_evaluation_step_is_refused(overrides, why):
+    metric, *rest = overrides
+    assert config_problems(compose_config(f"sweep.stop_early.metric={metric}", *rest)) == [
+        f"sweep.stop_early.metric is {metric}, but {why}, {NEVER_JUDGED}"]
+
+
+def test_a_stop_metric_logged_at_evaluation_steps_is_accepted():
+    for overrides in (("fit/loss", EVERY), ("val/loss", EVERY, "data.validation_split=0.1"),
+                      ("img/copying", *SAMPLING), ("img/diversity", *SAMPLING, "sampling.seeds=[1,2]"),
+                      ("my/score:max",)):  # a metric of the user's own: it may be logged anywhere
+        metric, *rest = overrides
+        assert config_problems(compose_config(f"sweep.stop_early.metric={metric}", *rest)) == [], overrides

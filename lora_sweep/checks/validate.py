@@ -78,6 +78,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
         *_train_checks(cfg.train),
         lambda: _enum("sweep.on_busy", cfg.sweep.on_busy, ON_BUSY),
         *_stop_early_checks(cfg.sweep.stop_early),
+        lambda: _stop_metric_is_logged(cfg),
         *_sampling_checks(cfg.sampling),
         *_validation_checks(cfg.validation, cfg.data),
         *_tracking_checks(cfg.tracking),
@@ -321,6 +322,51 @@ def _stop_early_checks(se) -> list[Callable[[], None]]:
             "sweep.stop_early.timeout", se.timeout, "a finite number of seconds > 0 (how long the store may take to "
             "answer)"),
     ]
+
+
+def _stop_metric_is_logged(cfg) -> None:
+    """sweep.stop_early.metric must be logged at evaluation steps before the last, or the rule would never judge."""
+    from lora_sweep.tracking.metric_spec import parse_metric_spec
+
+    text = cfg.sweep.stop_early.metric
+    try:
+        name = parse_metric_spec(text, "sweep.stop_early.metric").name if text is not None else None
+    except ValueError:
+        return  # _metric_spec says it
+    missing = _why_never_judged(cfg, name) if name is not None else None
+    if missing:
+        raise ConfigError(f"sweep.stop_early.metric is {text}, but {missing}, so the rule would never judge a run. "
+                          "Stop on a metric logged at evaluation steps: fit/loss or val/loss (validation.every > 0), "
+                          "or a scorecard metric img/copying, img/diversity, img/clip_t, img/clip_i, img/dino "
+                          "(sampling.every > 0); or leave sweep.stop_early.metric null.")
+
+
+def _why_never_judged(cfg, name: str) -> str | None:
+    """Why `name` is never logged at an evaluation step other than 0 and the last; None when it is (or may be)."""
+    v, s, e, d = cfg.validation, cfg.sampling, cfg.evaluation, cfg.data
+    if name == "train/loss":
+        return ("train/loss is each variant's own objective (its loss weighting differs), not a common yardstick, "
+                "and it is logged every step")
+    if name in ("fit/loss_auc", "fit/steps_to_half"):
+        return f"{name} is logged only at the end of a run"
+    if name in ("fit/loss", "val/loss") and v.every == 0:
+        return f"{name} is logged only at step 0 and at the end while validation.every is 0"
+    if name == "fit/loss" and v.fit_images == 0:
+        return "fit/loss is not logged while validation.fit_images is 0"
+    if name == "val/loss" and not (d.validation_split > 0 or d.validation_dir):
+        return "val/loss needs held-out images (data.validation_split or data.validation_dir), and none are set"
+    if not name.startswith("img/"):
+        return None
+    if s.every == 0 or not (s.prompts or s.prompt_file):
+        return f"{name} is logged at sampling steps (sampling.every > 0 with prompts), and " + (
+            f"sampling.every is {s.every}" if s.every == 0 else "no prompts are set")
+    if name in ("img/clip_t", "img/clip_i") and e.clip_model is None:
+        return f"{name} needs evaluation.clip_model, which is null"
+    if name == "img/dino" and e.dino_model is None:
+        return "img/dino needs evaluation.dino_model, which is null"
+    if name == "img/diversity" and len(set(s.seeds)) < 2:
+        return "img/diversity needs two seeds per prompt or more (sampling.seeds), and there is one"
+    return None
 
 
 def _metric_spec(field: str, text) -> None:

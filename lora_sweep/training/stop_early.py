@@ -15,10 +15,13 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_sweep.tracking.metric_spec import MetricSpec
 from lora_sweep.tracking.stopped import STOPPED_EARLY
+
+if TYPE_CHECKING:
+    from lora_sweep.training.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,8 @@ def median_value(spec: MetricSpec, values: list[float]) -> float:
 def median_rule(spec: MetricSpec, value: float, peers: list[float], min_peers: int) -> float | None:
     """The median the run's `value` is strictly worse than (stop), or None (go on). The median is `median_value` of
     the peers' values and the run's own; fewer than `min_peers` peers never stop. So a run stops exactly when at least
-    ceil(n/2) of the n runs are strictly better than it: ties never stop, and the best half never stops."""
+    ceil(n/2) of the n runs are strictly better than it: ties never stop, and the best half never stops. The n runs
+    are those in `peers` (the ones that had logged the step when the check ran), not the whole sweep."""
     if len(peers) < min_peers:
         return None
     median = median_value(spec, [*peers, value])
@@ -116,9 +120,13 @@ class EarlyStop:
         self._said: set[str] = set()
         self._busy: threading.Thread | None = None
 
-    def watch(self, sink: Any) -> Any:
-        """`sink` with its metrics also recorded here (the training's sink is replaced by this)."""
-        return _Watched(sink, self)
+    def attach(self, s: Session) -> None:
+        """Judge in session `s` after every evaluation hook, so the stop step logs all that is due at it (a resume
+        does not evaluate its start step again); the decision is a stop request from then on."""
+        s.sink = _Watched(s.sink, self)
+        s.hooks.append(self)
+        requested = s.should_stop
+        s.should_stop = lambda: requested() or self.decision is not None
 
     def __call__(self, s, step: int, final: bool) -> bool:
         o = self.options
@@ -131,9 +139,9 @@ class EarlyStop:
             if peers is None:
                 return True
             if len(peers) < o.min_peers:
-                self._say_once("few", "early stop: fewer than sweep.stop_early.min_peers=%d sibling runs had "
-                               "logged %s at step %d (%d): the median rule waits for more", o.min_peers,
-                               o.spec.name, step, len(peers))
+                self._say_once("few", "early stop: %d sibling runs had logged %s at step %d, fewer than "
+                               "sweep.stop_early.min_peers (%d): the median rule waits for more", len(peers),
+                               o.spec.name, step, o.min_peers)
             limit = median_rule(o.spec, value, peers, o.min_peers)
         else:
             first = self.logged.get(0)
@@ -168,9 +176,9 @@ class EarlyStop:
         self._busy.join(self.options.timeout)
         what = f"early stop ({self.options.rule} rule)"
         if self._busy.is_alive():
-            self._say_once("late", "%s: the tracking store did not answer within sweep.stop_early.timeout=%s s at "
-                           "step %d: the rule does not stop this run while it cannot read the store",
-                           what, self.options.timeout, step)
+            self._say_once("late", "%s: the tracking store did not answer at step %d within sweep.stop_early.timeout "
+                           "(%s s): the rule does not stop this run while it cannot read the store",
+                           what, step, self.options.timeout)
             return None
         if "error" in answer:
             self._say_once("error", "%s: could not read the tracking store at step %d (%s): the rule does not stop "

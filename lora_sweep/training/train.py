@@ -34,7 +34,7 @@ from lora_sweep.training import length, optim, precision
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import noise as noise_lib
 from lora_sweep.training.checkpoint import Checkpoints, Position
-from lora_sweep.training.evaluate import Validator, keep_step0_samples
+from lora_sweep.training.evaluate import keep_step0_samples
 from lora_sweep.training.session import Session, build_session, is_reg, read_scans, training_specs
 from lora_sweep.training.stop_early import Decision, EarlyStop
 
@@ -145,7 +145,7 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
                       validation_scan=validation_scan, prompts=prompts)
     s.should_stop, flip_rng = should_stop, random.Random(t.seed)
     if stop_early is not None:
-        watch_metric(s, stop_early)
+        stop_early.attach(s)
     log.info("buckets (resolution -> images x repeats):\n%s", format_histogram(s.prepared.histogram))
     saver = Checkpoints(s, states, flip_rng)
     keep_step0_samples(s, states)  # img/drift's reference lives with the states, so a resume reads it back
@@ -206,17 +206,6 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     reached = s.epochs if pos.step >= t.max_steps else max(1, pos.epoch + (pos.batch_index > 0))
     files = s.save_lora(final_loss=pos.last_loss, steps=pos.step, epoch=reached)
     return TrainResult(pos.last_loss, pos.step, stopped and decision is None, decision, files, saver.last_state)
-
-
-def watch_metric(s: Session, stop_early: EarlyStop) -> None:
-    """Judge with `stop_early` right after the hook that logs its metric (the validators for fit/ and val/, the
-    sampler for img/); its decision is a stop request from then on."""
-    s.sink = stop_early.watch(s.sink)
-    after = len(s.hooks) if stop_early.options.spec.name.startswith("img/") else sum(
-        isinstance(hook, Validator) for hook in s.hooks)
-    s.hooks.insert(after, stop_early)
-    requested = s.should_stop
-    s.should_stop = lambda: requested() or stop_early.decision is not None
 
 
 def stop_here(s: Session, step: int) -> bool:

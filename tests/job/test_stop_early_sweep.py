@@ -1,7 +1,8 @@
-"""sweep.stop_early end to end: `python sweep.py -m` on two CPU slots, four variants, one diverging by construction
-(AdamW at lr 1e4: fit/loss is not finite from step 1), one clearly slower (100 steps, the others 3). The diverging
-run stops at its first evaluation, the next queued job takes its slot while the slow one still trains, the others
-finish, and a rerun without the rule resumes the stopped run from its state. Real processes, queue, sqlite store."""
+"""sweep.stop_early end to end: `python sweep.py -m` on two CPU slots, three variants, one diverging by construction
+(AdamW at lr 1e4: fit/loss is not finite from step 1), one clearly slower (100 steps and no evaluation between, the
+others 2). The diverging run stops at its first evaluation, the next queued job takes its slot while the slow one
+still trains, the others finish, and a rerun without the rule resumes the stopped run from its state. Real
+processes, queue, sqlite store; 64 px, two fit/loss images at one timestep, no sampling."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import pytest
 from conftest import ROOT, new_store
 from mlflow.tracking import MlflowClient
 
-MAX_STEPS = 3
+MAX_STEPS = 2
 EVERY_STEP = {"validation": {"every": 1}}
 VARIANTS = {
     "diverges": {"train": {"lr": 1.0e4, "on_nan": "skip_step", "max_steps": MAX_STEPS}, **EVERY_STEP},
-    "slow": {"train": {"max_steps": 100}, "validation": {"every": 50}},  # a job's set-up alone takes seconds
+    # slow by its steps alone (a job's set-up takes seconds); fit/loss only at 0 and the end
+    "slow": {"train": {"max_steps": 100}, "validation": {"every": 100}},
     "third": {"train": {"seed": 3, "max_steps": MAX_STEPS}, **EVERY_STEP},
-    "fourth": {"train": {"seed": 4, "max_steps": MAX_STEPS}, **EVERY_STEP},
 }
 
 
@@ -66,16 +67,16 @@ def test_a_diverging_variant_stops_gives_its_slot_to_the_next_job_and_resumes_wi
     state = tmp_path / "states" / stopped.data.tags["config_hash"] / stopped.info.run_id / "state-step00000001.pt"
     assert state.exists()
     assert any(a.path == "lora" for a in client.list_artifacts(stopped.info.run_id))  # the LoRA of step 1
-    for name in ("slow", "third", "fourth"):
+    for name in ("slow", "third"):
         assert runs[name].info.status == "FINISHED", name
         assert "lora_sweep.stopped_early" not in runs[name].data.tags
     # the rule's stop fails nothing: the sweep exits 0, its parent ends FINISHED and counts it apart
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lora_sweep.role") == "sweep"]
     assert out.returncode == 0 and parent.info.status == "FINISHED", console[-4000:]
     tags = parent.data.tags
-    assert (tags["lora_sweep.jobs_finished"], tags["lora_sweep.jobs_stopped_early"]) == ("3", "1")
+    assert (tags["lora_sweep.jobs_finished"], tags["lora_sweep.jobs_stopped_early"]) == ("2", "1")
     assert "1 stopped early" in out.stdout and "STOPPED EARLY" in out.stdout
-    assert "ended FINISHED (4 jobs: 3 finished, 1 stopped early (" in console and "at step 1: fit/loss" in console
+    assert "ended FINISHED (3 jobs: 2 finished, 1 stopped early (" in console and "at step 1: fit/loss" in console
     report = json.loads((tmp_path / "sweep" / "report" / "summary.json").read_text())
     assert [(s["variant"], s["step"]) for s in report["stopped_early"]] == [("diverges", 1)]  # censored there
     # the third job starts in the slot the stopped one freed, while the slow one still trains
@@ -89,4 +90,4 @@ def test_a_diverging_variant_stops_gives_its_slot_to_the_next_job_and_resumes_wi
     assert resumed.data.tags["lora_sweep.resumed_from"] == str(state)
     assert "lora_sweep.stopped_early" not in resumed.data.tags
     assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "train/loss")) == MAX_STEPS
-    assert (again.stdout + again.stderr).count("SKIPPED") >= 3
+    assert (again.stdout + again.stderr).count("SKIPPED") >= 2

@@ -73,6 +73,12 @@ def test_the_median_rule_never_stops_the_best_half_over_random_histories():
     assert checked > 3000 and stopped > 300
 
 
+def test_the_best_half_is_of_the_runs_that_had_logged_the_step_when_the_check_ran():
+    # 2 slots, 6 jobs: jobs 1 and 2 logged 1.0 and 2.0 when job 3 logs 3.0; jobs 4-6 log 4, 5, 6 later
+    assert median_rule(LOSS, 3.0, [1.0, 2.0], min_peers=2) == 2.0  # stopped: the worse half of the three
+    assert sum(LOSS.better(v, 3.0) for v in [1.0, 2.0, 4.0, 5.0, 6.0]) < math.ceil(6 / 2)  # best half of all six
+
+
 def test_diverged_stops_past_the_step0_value_plus_the_margin_or_on_a_non_finite_value():
     assert diverged_rule(LOSS, 0.31, 0.2, margin=0.1) == 0.30000000000000004
     assert diverged_rule(LOSS, 0.3, 0.2, margin=0.1) is None  # exactly at the limit: not past it
@@ -126,7 +132,7 @@ def test_median_reads_the_sweeps_other_runs_and_their_value_at_the_step(tmp_path
     assert judged(stopper("median", peers, min_peers=2), {2: 0.55}) is None  # the median of 0.5, 0.55, 0.6
     with caplog.at_level(logging.WARNING):
         assert judged(stopper("median", peers, min_peers=2), {4: 0.9}) is None  # one peer at step 4
-    assert "fewer than sweep.stop_early.min_peers=2" in caplog.text
+    assert "1 sibling runs had logged fit/loss at step 4, fewer than sweep.stop_early.min_peers (2)" in caplog.text
     decision = judged(stopper("median", peers, min_peers=2), {2: 0.7})
     assert decision == Decision(2, "median", "fit/loss", 0.7, 0.6, [0.5, 0.6])
     assert judged(stopper("median", peers, min_peers=2, grace_steps=3), {2: 0.7}) is None  # in the grace period
@@ -162,4 +168,4 @@ def test_a_store_that_does_not_answer_never_stops_the_run_nor_blocks_past_the_ti
         with caplog.at_level(logging.WARNING):
             assert judged(hook, {1: NAN, 2: NAN, 3: NAN}) is None
         assert time.monotonic() - began < 1.5  # one wait of 0.3 s; the next checks skip while it is under way
-        assert caplog.text.count("did not answer within sweep.stop_early.timeout=0.3 s") == 1
+        assert caplog.text.count("did not answer at step 1 within sweep.stop_early.timeout (0.3 s)") == 1
