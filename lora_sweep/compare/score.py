@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_sweep.compare.runs import _download_json, download_image, logged_images
+from lora_sweep.compare.runs import download_image, download_json, logged_images
 from lora_sweep.sampling import scorecard
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ EXTRA_SCORERS: tuple[scorecard.Scorer, ...] = ()  # scorers that need more than 
 def training_paths(client, run_id: str, scratch: Path) -> list[Path]:
     """The image files of the run's training subsets (not regularization) as `data/datasets.json` names their
     folders, in sorted order; [] when the run has no record or its folders are gone (then no img/copying)."""
-    record = _download_json(client, run_id, "data/datasets.json", scratch) or []
+    record = download_json(client, run_id, "data/datasets.json", scratch) or []
     from PIL import Image
 
     extensions = {ext.lower() for ext in Image.registered_extensions()}
@@ -72,7 +72,7 @@ def score_logged_run(client, run, extra_scorers: Sequence[scorecard.Scorer] = ()
         return {}
     paths = training_paths(client, run_id, scratch)
     training = scorecard.training_thumbnails(paths)
-    texts = prompt_texts(_download_json(client, run_id, "samples/prompts.json", scratch), keys)
+    texts = prompt_texts(download_json(client, run_id, "samples/prompts.json", scratch), keys)
     logged_steps: dict[str, set[int]] = {}
 
     def logged(name: str) -> set[int]:
