@@ -21,7 +21,6 @@ from lora_sweep.sampling import scorecard
 log = logging.getLogger(__name__)
 
 SAMPLE_KEY = re.compile(r"sample_p(?P<prompt>\d+)(?:_s(?P<seed>\d+))?")
-EXTRA_SCORERS: tuple[scorecard.Scorer, ...] = ()  # scorers that need more than pixels (CLIP, DINO) add themselves here
 
 
 def training_paths(client, run_id: str, scratch: Path) -> list[Path]:
@@ -104,7 +103,7 @@ def score_logged_run(client, run, extra_scorers: Sequence[scorecard.Scorer] = ()
             reference = {key: scorecard.thumbnail(image) for key, image in zip(keys, pictures, strict=True)}
         samples = scorecard.StepSamples(step, keys, pictures, texts, groups)
         values = scorecard.pixel_scores(samples, training, reference)
-        for scorer in (*EXTRA_SCORERS, *extra_scorers):
+        for scorer in extra_scorers:
             values |= scorer(samples, paths)
         missing = {name: value for name, value in values.items() if step not in logged(name)}
         if missing:
