@@ -12,11 +12,6 @@ from lora_sweep.compare.verdicts import legend_html, matrix, matrix_html
 SELECT_HINT = "set compare.select to a metric (e.g. fit/loss) to see each variant's best checkpoint here"
 
 
-def best_of(variant: dict) -> dict | None:
-    """The variant's best-checkpoint entry of the summary (compare/best.py), or None."""
-    return variant.get("best")
-
-
 def best_cell(best: dict | None) -> str:
     """'step 6 · 0.0808 [0.0712, 0.0903] · LoRA 1 2', its flag ('still improving: train longer'), or why none."""
     if not best or best.get("step") is None:
@@ -40,14 +35,14 @@ def best_cells(summary: dict) -> tuple[str, dict[str, str] | None]:
     if not select:
         return "", None
     head = f"best checkpoint by {select['metric']} ({select['direction']})"  # compare/best.py chose it
-    return head, {v["name"]: best_cell(best_of(v)) for v in summary["variants"]}
+    return head, {v["name"]: best_cell(v["best"]) for v in summary["variants"]}
 
 
 def best_marks(summary: dict) -> dict[str, list[tuple[int, int, float]]]:
     """{selected metric: [(variant index, best step, its mean)]} for the curves' stars; {} without a selection."""
     select = summary.get("select")
     found = [(i, b["step"], b["value"]["mean"]) for i, v in enumerate(summary["variants"])
-             if (b := best_of(v)) and b.get("step") is not None and (b.get("value") or {}).get("mean") is not None]
+             if (b := v["best"]) and b.get("step") is not None and (b.get("value") or {}).get("mean") is not None]
     return {select["metric"]: found} if select and found else {}
 
 
