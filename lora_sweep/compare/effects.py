@@ -118,6 +118,12 @@ def row_steps(groups: Sequence[VariantGroup], metric: str, step: int | None = No
     return {"steps": steps, "final": final, "at": (f"final ({listed})" if listed else "final") if final else listed}
 
 
+def read_steps(group: VariantGroup, metric: str) -> list[int]:
+    """The steps the finished runs' values of `metric` are read from (`value_step`), sorted, once each."""
+    return sorted({at for r in group.finished if run_value(r, metric) is not None
+                   and (at := value_step(r, metric)) is not None})
+
+
 def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
