@@ -1,5 +1,6 @@
 """Path helpers: the per-user cache and state roots, the launch folder, absolute path settings, the project's files,
-a run's own folder. Shared so the model loader, the cache and the states find one root without importing each other.
+a run's own folder, which files of a subset folder are its images. Shared so the model loader, the cache, the
+states and compare find one rule without importing each other.
 """
 
 from __future__ import annotations
@@ -10,6 +11,21 @@ import itertools
 import os
 from pathlib import Path
 from typing import Any
+
+# The image files a subset folder trains on (kohya's suffixes, and .avif); data/dataset.py names the others it meets.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+
+
+def is_image_entry(path: Path) -> bool:
+    """True for a subset folder's entry the training reads as an image: not hidden, not a folder, an
+    IMAGE_EXTENSIONS suffix (a link whose target is gone too: the scan names it)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and not path.is_dir()
+
+
+def subset_images(folder: Path) -> list[Path]:
+    """The image entries directly in `folder` (kohya does not look into subfolders), sorted: the data scan's
+    listing, which then skips the files PIL cannot read."""
+    return sorted(p for p in folder.iterdir() if is_image_entry(p))
 
 
 def default_cache_dir() -> Path:

@@ -716,6 +716,16 @@ def test_a_select_whose_steps_have_no_lora_file_is_warned_about_not_refused(capl
     assert [r.getMessage() for r in caplog.records] == report.warnings
 
 
+@pytest.mark.parametrize(("select", "why"), [
+    ("img/drift", "img/drift has no default direction; write img/drift:max or img/drift:min."),
+    ("fit/loss:up", "the direction after ':' must be max or min, not 'up'."),
+])
+def test_a_bad_select_is_its_paragraph_exit_2_not_an_internal_error(app, select, why):
+    code, out = app(f"compare.select={select}")
+    assert code == 2 and f"compare.select = '{select}': {why}" in out
+    assert "internal error" not in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("overrides", [
     (),  # compare.select unset
     ("compare.select=fit/loss", "validation.every=4", "train.save_every=2"),  # 2 divides 4

@@ -105,7 +105,10 @@ def checkpoint_alignment(cfg) -> str | None:
 
     if cfg.compare.select is None:
         return None
-    name = parse_metric_spec(cfg.compare.select, "compare.select").name
+    try:
+        name = parse_metric_spec(cfg.compare.select, "compare.select").name
+    except ValueError:  # config_problems states it, with the accepted forms
+        return None
     setting = next((s for prefix, s in LOGGING_EVERY.items() if name.startswith(prefix)), None)
     every = int(OmegaConf.select(cfg, setting)) if setting else 0
     save_every = cfg.train.save_every

@@ -1,12 +1,13 @@
 """What the report compares, and how: common metrics only, each with its interval, paired where the design pairs.
 
 Common metrics are the same measurement on the same inputs for every variant: `fit/loss`, `val/loss`, the fitting
-speed from the fit/loss curve, and the sample images' `img/*`. Only finished runs count: a run `sweep.stop_early`
-stopped is censored (its curves are drawn to its step; `no_finished_reason` says so where a side has no value). A
-difference b - a is always the difference of the two means shown beside it; its interval follows `between` (the
-table in docs/comparing.md, "Intervals and verdicts"). Variants measured on other inputs are "not comparable", with the
-reason. Variants that already differ at step 0 (only the base model can: fp8 vs fp16) also carry that difference
-(`at_start`) and the difference of their changes from step 0 (`change`).
+speed from the fit/loss curve, and the sample images' `img/*` (the image statistics and the scorecard's). Only
+finished runs count: a run `sweep.stop_early` stopped is censored (its curves are drawn to its step;
+`no_finished_reason` says so where a side has no value). A difference b - a is always the difference of the two means
+shown beside it; its interval follows `between` (the table in docs/comparing.md, "Intervals and verdicts"). Variants
+measured on other inputs are "not comparable", with the reason. Variants that already differ at step 0 (only the base
+model can: fp8 vs fp16) also carry that difference (`at_start`) and the difference of their changes from step 0
+(`change`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from lora_sweep.compare.stats import (
     unpaired_difference,
 )
 from lora_sweep.compare.variants import VariantData, VariantGroup
+from lora_sweep.sampling import scorecard
 from lora_sweep.sampling.metrics import METRIC_KEYS, fitting_speed, image_metrics
 
 POINT_METRICS = ("fit/loss", "val/loss")
 SPEED_METRICS = ("fit/loss_auc", "fit/steps_to_half")
-IMAGE_METRICS = tuple(f"img/{k}" for k in METRIC_KEYS)
-COMMON_METRICS = (*POINT_METRICS, *SPEED_METRICS, *IMAGE_METRICS)
+IMAGE_METRICS = tuple(f"img/{k}" for k in METRIC_KEYS)  # per-sample statistics: one-run differences pair by sample
+SAMPLED_METRICS = (*IMAGE_METRICS, *scorecard.METRICS)  # logged at the sampling steps, read at the report's step
+COMMON_METRICS = (*POINT_METRICS, *SPEED_METRICS, *SAMPLED_METRICS)
 METRIC_NOTES = {
     "fit/loss": "MSE on fixed training images x timesteps x noise (the common yardstick)",
     "val/loss": "MSE on held-out images x timesteps x noise",
@@ -46,14 +49,17 @@ METRIC_NOTES = {
 EVAL_NOISE_ONLY = "1 run each: evaluation noise only, not run-to-run noise"
 # What each metric is measured from at step 0 (before training): see start_difference.
 START_OF = {"fit/loss": "fit/loss", "val/loss": "val/loss", "fit/loss_auc": "fit/loss", "fit/steps_to_half": "fit/loss",
-            **{m: m for m in IMAGE_METRICS}}
+            **{m: m for m in SAMPLED_METRICS}}
 # The size of the terms each metric is made of (stats.resolved); colourfulness is on Hasler-Suesstrunk's 0..255.
-SCALE = {"fit/loss": 1.0, "val/loss": 1.0, "fit/loss_auc": 1.0, **{m: 1.0 for m in IMAGE_METRICS},
-         "img/colorfulness": 255.0}
+SCALE = {"fit/loss": 1.0, "val/loss": 1.0, "fit/loss_auc": 1.0, **{m: 1.0 for m in SAMPLED_METRICS},
+         "img/colorfulness": 255.0, "img/clip_t": 100.0}
 BOUNDS = {  # the values a metric can take (lora_sweep.sampling.metrics for the image statistics)
     "fit/loss": (0.0, math.inf), "val/loss": (0.0, math.inf), "fit/loss_auc": (0.0, math.inf),
     "img/luminance_mean": (0.0, 1.0), "img/luminance_std": (0.0, 0.5), "img/edge_energy": (0.0, math.inf),
     "img/colorfulness": (0.0, math.inf), "img/cast_yb": (-1.0, 1.0), "img/cast_rg": (-1.0, 1.0),
+    # lora_sweep.sampling.scorecard (SSIM, 1 - SSIM) and sampling.embeddings (cosines; CLIP score 0..100)
+    "img/copying": (-1.0, 1.0), "img/copying_max": (-1.0, 1.0), "img/diversity": (0.0, 2.0), "img/drift": (0.0, 2.0),
+    "img/clip_t": (0.0, 100.0), "img/clip_i": (-1.0, 1.0), "img/dino": (-1.0, 1.0),
 }
 # Settings that define the fit/val points; two runs that differ in one of them are not measured on the same points.
 YARDSTICK_PREFIXES = ("validation.", "model.", "data.")
@@ -79,7 +85,7 @@ def run_value(run: VariantData, metric: str, step: int | None = None) -> float |
             return _finite(run.final_metrics.get(metric))
         return _finite(speed.loss_auc if metric == "fit/loss_auc" else speed.steps_to_half)
     history = run.histories.get(metric) or []
-    if metric in IMAGE_METRICS and step is not None:
+    if metric in SAMPLED_METRICS and step is not None:
         at = [v for s, v in history if s == step]
         if at:
             return _finite(at[-1])
@@ -91,7 +97,7 @@ def run_value(run: VariantData, metric: str, step: int | None = None) -> float |
 def value_step(run: VariantData, metric: str, step: int | None = None) -> int | None:
     """The step `run_value`'s value comes from (the fitting speed's: the last fit/loss evaluation)."""
     history = run.histories.get(START_OF.get(metric, metric) if metric in SPEED_METRICS else metric) or []
-    if metric in IMAGE_METRICS and step is not None and any(s == step for s, _ in history):
+    if metric in SAMPLED_METRICS and step is not None and any(s == step for s, _ in history):
         return step
     return history[-1][0] if history else None
 
@@ -110,6 +116,12 @@ def row_steps(groups: Sequence[VariantGroup], metric: str, step: int | None = No
     steps = sorted(found)
     listed = f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}" if steps else ""
     return {"steps": steps, "final": final, "at": (f"final ({listed})" if listed else "final") if final else listed}
+
+
+def read_steps(group: VariantGroup, metric: str) -> list[int]:
+    """The steps the finished runs' values of `metric` are read from (`value_step`), sorted, once each."""
+    return sorted({at for r in group.finished if run_value(r, metric) is not None
+                   and (at := value_step(r, metric)) is not None})
 
 
 def _finite(value) -> float | None:
@@ -201,7 +213,7 @@ def estimate(group: VariantGroup, metric: str, step: int | None = None) -> Estim
 
 def comparable(a: VariantGroup, b: VariantGroup, metric: str) -> NotComparable | None:
     """Why a and b are not measured on the same inputs for `metric`, or None."""
-    if metric in IMAGE_METRICS:
+    if metric in SAMPLED_METRICS:
         pa, pb = a.representative.prompts, b.representative.prompts
         if pa is not None and pb is not None and pa != pb:
             return NotComparable("different sample prompts or settings")

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import html
 
-from lora_sweep.compare.cells import format_number
-from lora_sweep.compare.verdicts import legend_html, matrix, matrix_html
+from lora_sweep.compare.cells import effect_text, format_number
+from lora_sweep.compare.verdicts import legend_html, matrix, matrix_html, metric_head, verdict
 
 SELECT_HINT = "set compare.select to a metric (e.g. fit/loss) to see each variant's best checkpoint here"
-
-
-def best_of(variant: dict) -> dict | None:
-    """The variant's best-checkpoint entry of the summary (compare/best.py), or None."""
-    return variant.get("best")
 
 
 def best_cell(best: dict | None) -> str:
@@ -40,15 +35,45 @@ def best_cells(summary: dict) -> tuple[str, dict[str, str] | None]:
     if not select:
         return "", None
     head = f"best checkpoint by {select['metric']} ({select['direction']})"  # compare/best.py chose it
-    return head, {v["name"]: best_cell(best_of(v)) for v in summary["variants"]}
+    return head, {v["name"]: best_cell(v["best"]) for v in summary["variants"]}
 
 
 def best_marks(summary: dict) -> dict[str, list[tuple[int, int, float]]]:
     """{selected metric: [(variant index, best step, its mean)]} for the curves' stars; {} without a selection."""
     select = summary.get("select")
     found = [(i, b["step"], b["value"]["mean"]) for i, v in enumerate(summary["variants"])
-             if (b := best_of(v)) and b.get("step") is not None and (b.get("value") or {}).get("mean") is not None]
+             if (b := v["best"]) and b.get("step") is not None and (b.get("value") or {}).get("mean") is not None]
     return {select["metric"]: found} if select and found else {}
+
+
+def effects_at_best_html(summary: dict) -> str:
+    """The one-knob effects read at each variant's best step, collapsed: a row per pair (b against a), a verdict per
+    metric, the step each side's value is read from in the cell; '' when no pair has them."""
+    pairs = [p for p in summary["one_knob_pairs"] if "effects_at_best" in p]
+    if not pairs:
+        return ""
+    keys = [m["key"] for m in summary["metrics"]]
+    rows = [f"<tr><th>pair (best steps)</th>{''.join(metric_head(k) for k in keys)}</tr>"]
+    for pair in pairs:
+        steps = pair["best_steps"]
+        name = (f"{pair['b']} vs {pair['a']} ({pair['knob']}; best at {steps['b']} and {steps['a']})")
+        cells = ""
+        for key in keys:
+            entry = pair["effects_at_best"].get(key)
+            found = verdict(entry, key)
+            read = (entry or {}).get("read_at") or {}
+            at = f"read at {_steps(read.get('b'))} vs {_steps(read.get('a'))}"
+            title = html.escape(f"{key}: {effect_text(entry)[0]}", quote=True)
+            cells += (f"<td class='v v-{found.replace(' ', '-')}' data-pair='{html.escape(name, quote=True)}' "
+                      f"data-metric='{key}' data-verdict='{found}' title='{title}'>{found}<br>"
+                      f"<span class='n'>{html.escape(at)}</span></td>")
+        rows.append(f"<tr><th class='row'>{html.escape(name)}</th>{cells}</tr>")
+    return ("<details class='at-best'><summary>One-knob effects at each variant's best step (each value read at its "
+            f"last logged step up to the best)</summary><table class='verdicts'>{''.join(rows)}</table></details>")
+
+
+def _steps(steps: list[int] | None) -> str:
+    return ", ".join(map(str, steps)) if steps else "—"
 
 
 def first_screen(summary: dict, forest_uri: str | None) -> tuple[str, list[str]]:
@@ -60,6 +85,8 @@ def first_screen(summary: dict, forest_uri: str | None) -> tuple[str, list[str]]
              matrix_html(summary, cells, head), legend_html(shown)]
     if cells is None:
         parts.append(f"<p class='sub'>{html.escape(SELECT_HINT)}.</p>")
+    else:
+        parts.append(effects_at_best_html(summary))
     if forest_uri:
         parts.append("<details open class='forest'><summary>The differences from the baseline, with their 95 % "
                      "intervals (zero: no difference)</summary>"

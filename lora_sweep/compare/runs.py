@@ -150,7 +150,7 @@ def download_image(client, run_id: str, artifact_path: str, scratch: Path):
         return image.convert("RGB")
 
 
-def _download_json(client, run_id: str, artifact_path: str, scratch: Path):
+def download_json(client, run_id: str, artifact_path: str, scratch: Path):
     """A run's JSON artifact, or None when it has none (or it does not parse)."""
     try:
         return json.loads(Path(client.download_artifacts(run_id, artifact_path, str(scratch))).read_text("utf-8"))
@@ -165,7 +165,7 @@ def read_points(client, run_id: str, scratch: Path) -> dict[str, dict[tuple[str,
     for prefix in ("fit", "val"):
         if f"{prefix}_points.json" not in names:
             continue
-        payload = _download_json(client, run_id, f"evaluation/{prefix}_points.json", scratch)
+        payload = download_json(client, run_id, f"evaluation/{prefix}_points.json", scratch)
         if payload:
             found[payload["metric"]] = {(p["image"], int(p["t"])): float(p["value"]) for p in payload["points"]}
     return found
@@ -197,7 +197,7 @@ def read_run(client, run, scratch: Path):
                                                          key=lambda m: (m.step, m.timestamp))]
                  for key in run.data.metrics}
     names = {Path(a.path).name for a in client.list_artifacts(run_id, "samples")}
-    prompts = _download_json(client, run_id, "samples/prompts.json", scratch) if "prompts.json" in names else None
+    prompts = download_json(client, run_id, "samples/prompts.json", scratch) if "prompts.json" in names else None
     warnings_text = None
     if run.data.params.get("data.warnings", "0") not in ("0", ""):
         with contextlib.suppress(Exception):  # the count is shown anyway; the text is a courtesy

@@ -2,8 +2,8 @@
 before they existed (or before a weights folder was given), logged to the run at its sampled steps.
 
 Each run's samples are read back by key and step (`runs.logged_images`), its training images from the folders of
-its `data/datasets.json` (regularization subsets left out), img/drift's reference from its step-0 samples. A metric
-the run already has at a step is not logged again: a second call changes nothing.
+its `data/datasets.json` by the training's listing rule (regularization subsets left out), img/drift's reference
+from its step-0 samples. A metric the run already has at a step is not logged again: a second call changes nothing.
 """
 
 from __future__ import annotations
@@ -14,29 +14,41 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_sweep.compare.runs import _download_json, download_image, logged_images
+from lora_sweep.compare.runs import download_image, download_json, logged_images
+from lora_sweep.paths import subset_images
 from lora_sweep.sampling import scorecard
 
 log = logging.getLogger(__name__)
 
 SAMPLE_KEY = re.compile(r"sample_p(?P<prompt>\d+)(?:_s(?P<seed>\d+))?")
-EXTRA_SCORERS: tuple[scorecard.Scorer, ...] = ()  # scorers that need more than pixels (CLIP, DINO) add themselves here
 
 
 def training_paths(client, run_id: str, scratch: Path) -> list[Path]:
     """The image files of the run's training subsets (not regularization) as `data/datasets.json` names their
-    folders, in sorted order; [] when the run has no record or its folders are gone (then no img/copying)."""
-    record = _download_json(client, run_id, "data/datasets.json", scratch) or []
+    folders, listed as the training listed them (`record_paths`); [] when the run has no record (then no
+    img/copying)."""
+    return record_paths(download_json(client, run_id, "data/datasets.json", scratch) or [])
+
+
+def record_paths(record: list[dict]) -> list[Path]:
+    """The training images of a datasets record: each training subset's `paths.subset_images`, less the files PIL
+    cannot read (the training skipped them too; each is logged); a folder that is gone adds none."""
     from PIL import Image
 
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
     paths: list[Path] = []
     for dataset in record:
         for subset in dataset.get("subsets", []):
             folder = Path(subset.get("image_dir") or "")
             if not subset.get("is_reg") and folder.is_dir():
-                paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
-    return paths
+                paths += subset_images(folder)
+    readable = []
+    for path in paths:
+        try:
+            with Image.open(path):
+                readable.append(path)
+        except Exception as error:  # PIL raises many types for files it cannot identify; the OS, OSErrors
+            log.warning("skipping unreadable training image '%s': %s", path, error)
+    return readable
 
 
 def sample_order(keys: Sequence[str]) -> tuple[list[str], list[list[int]]]:
@@ -72,7 +84,7 @@ def score_logged_run(client, run, extra_scorers: Sequence[scorecard.Scorer] = ()
         return {}
     paths = training_paths(client, run_id, scratch)
     training = scorecard.training_thumbnails(paths)
-    texts = prompt_texts(_download_json(client, run_id, "samples/prompts.json", scratch), keys)
+    texts = prompt_texts(download_json(client, run_id, "samples/prompts.json", scratch), keys)
     logged_steps: dict[str, set[int]] = {}
 
     def logged(name: str) -> set[int]:
@@ -91,7 +103,7 @@ def score_logged_run(client, run, extra_scorers: Sequence[scorecard.Scorer] = ()
             reference = {key: scorecard.thumbnail(image) for key, image in zip(keys, pictures, strict=True)}
         samples = scorecard.StepSamples(step, keys, pictures, texts, groups)
         values = scorecard.pixel_scores(samples, training, reference)
-        for scorer in (*EXTRA_SCORERS, *extra_scorers):
+        for scorer in extra_scorers:
             values |= scorer(samples, paths)
         missing = {name: value for name, value in values.items() if step not in logged(name)}
         if missing:

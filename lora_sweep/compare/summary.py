@@ -24,7 +24,9 @@ Shape (schema "lora-sweep-summary/1"; numbers are floats or null, never NaN):
                          "missing"} | null}],                          # best.BestStep.as_dict(); null: no select
   "one_knob_pairs": [{"a", "b", "knob", "from", "to", "detail", "values": [{"key", "from", "to"}], "compound",
                       "entails", "effects": {"fit/loss": <as vs_baseline>},
-                      ["effects_at_best": {...}]}],                 # with select: at each variant's best step
+                      ["best_steps": {"a", "b"},                    # with select: each side's best step, and
+                       "effects_at_best": {"fit/loss": {<as vs_baseline>, # the effects there, each value read at
+                                           "read_at": {"a": [175], "b": [100]}}}]}],  # its last step <= best
   "data_warnings": [{"variant", "run_id", "count", "artifact"}],   # runs whose data had fallbacks
   "stopped_early": [{"variant", "run_id", "seed", "step", "rule", "metric", "value", "compared_with", "peers",
                      "why"}],                                       # runs sweep.stop_early stopped (censored)
@@ -47,6 +49,7 @@ from lora_sweep.compare.effects import (
     estimate,
     one_knob_pairs,
     present_metrics,
+    read_steps,
     row_steps,
     same_training,
 )
@@ -84,8 +87,12 @@ def build_summary(data) -> dict[str, Any]:
               "effects": {m: effect_dict(e) for m, e in p.effects.items()}}
              for p in one_knob_pairs(groups, metrics, step, images)]
     if data.best:
-        for pair, at in zip(pairs, one_knob_pairs(at_best(groups, data.best), metrics), strict=True):
-            pair["effects_at_best"] = {m: effect_dict(e) for m, e in at.effects.items()}
+        cut = at_best(groups, data.best)
+        for pair, at in zip(pairs, one_knob_pairs(cut, metrics), strict=True):
+            pair["best_steps"] = {"a": data.best[at.a].step, "b": data.best[at.b].step}
+            pair["effects_at_best"] = {m: {**effect_dict(e), "read_at": {"a": read_steps(cut[at.a], m),
+                                                                          "b": read_steps(cut[at.b], m)}}
+                                       for m, e in at.effects.items()}
     notes = list(data.notes)
     notes += [unfinished_note(g) for g in groups if any(not r.stopped for r in g.unfinished)]
     notes += [stopped_note(g) for g in groups if any(r.stopped for r in g.runs)]

@@ -50,7 +50,7 @@ def matrix(summary: dict) -> list[tuple[dict, dict[str, str]]]:
             for v in summary["variants"] if not v["is_baseline"]]
 
 
-def _head(key: str) -> str:
+def metric_head(key: str) -> str:
     """A column head that wraps at its slash and says the metric's better direction."""
     direction = {"min": " ↓", "max": " ↑"}.get(DIRECTIONS.get(key, ""), "")
     group, _, name = key.rpartition("/")
@@ -63,7 +63,7 @@ def matrix_html(summary: dict, best_cells: dict[str, str] | None = None, best_he
     best-checkpoint column after the names."""
     keys = [m["key"] for m in summary["metrics"]]
     best = f"<th>{html.escape(best_head)}</th>" if best_cells is not None else ""
-    rows = [f"<tr><th>variant</th>{best}{''.join(_head(k) for k in keys)}</tr>"]
+    rows = [f"<tr><th>variant</th>{best}{''.join(metric_head(k) for k in keys)}</tr>"]
     for variant in sorted(summary["variants"], key=lambda v: not v["is_baseline"]):  # the baseline first
         name = html.escape(variant["name"], quote=True)
         head = (f"<th class='row'>{html.escape(variant['name'])} <span class='n'>{html.escape(variant['n_text'])}"

@@ -27,8 +27,8 @@ from lora_sweep.data.captions import caption_path, read_caption
 from lora_sweep.data.images import probe_image
 from lora_sweep.data.subsets import DatasetSpec, Subset
 from lora_sweep.errors import Fallback, UserError
+from lora_sweep.paths import IMAGE_EXTENSIONS, is_image_entry
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
 NOT_READ_EXTENSIONS = (".heic", ".heif", ".jxl", ".psd", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
                        ".raf", ".rw2", ".exr", ".hdr")
 _NOT_CAPTIONS = (*IMAGE_EXTENSIONS, *NOT_READ_EXTENSIONS, ".npz", ".json", ".xmp", ".pt", ".safetensors")
@@ -398,7 +398,7 @@ def _scan_subset(folder: Path, subset: Subset, dataset: int, scan: FolderScan, f
         suffix = path.suffix.lower()
         if suffix in NOT_READ_EXTENSIONS:
             found.not_read.append(path)
-        if suffix not in IMAGE_EXTENSIONS or path.is_dir():
+        if not is_image_entry(path):  # compare --score lists a run's training images by the same rule
             continue
         try:
             info = probe_image(path) if stat.S_ISREG(os.stat(path).st_mode) else None

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_sweep.data.cache_keys import file_sha256
-from lora_sweep.data.dataset import IMAGE_EXTENSIONS, FolderScan, gone
+from lora_sweep.data.dataset import FolderScan, gone
+from lora_sweep.paths import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)

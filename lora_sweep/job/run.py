@@ -198,7 +198,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
                   overrides: list[str] | None, extra_tags: dict[str, str] | None = None) -> JobOutcome:
     """Create (or reopen) the job's run and train in it; once the run exists, any ending gives it a status and a
     reason."""
-    from lora_sweep.training.train import NonFiniteLoss, StateTarget, train
+    from lora_sweep.training.train import NonFiniteLoss
 
     client, chash, resume_from = ready.client, ready.chash, ready.resume_from
     tags = {**_run_tags(cfg, label, chash, output_dir, sweep_dir, overrides), **(extra_tags or {})}
@@ -208,13 +208,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
     try:
         ready.lock.note(run_id=logger.run_id)
         status.update(force=True, run_id=logger.run_id)
-        params = run_params(cfg)
-        if ready.continued_run:
-            _say_changed_params(logger, client.get_run(logger.run_id).data.params, params)
-        logger.log_params(params)
-        _log_config(cfg, logger, output_dir)
-        _log_kohya_export(cfg, logger, output_dir, ready.inputs.prompts)
-        log_fallbacks(logger, checked, output_dir)
+        _record_inputs(cfg, ready, logger, checked, output_dir)
 
         def warn(fallback) -> None:
             checked.fallbacks.append(fallback)
@@ -222,26 +216,7 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
             log_fallbacks(logger, checked, output_dir)
 
         sink = JobSink(logger, status, label, on_warning=warn)
-        states = StateTarget(run_folder(ready.state_root, chash, logger.run_id), logger.run_id, chash, resume_from,
-                             ready.fingerprint.digest)
-        stopper = early_stop(cfg, client, logger.run_id, sweep_dir)
-        with StopOnSignal() as stop:
-            result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
-                           scans=ready.inputs.train_scans, specs=ready.inputs.specs,
-                           validation_scan=ready.inputs.validation_scan,
-                           prompts=ready.inputs.prompts, stop_early=stopper)
-        stopped_by = signal.Signals(stop.signum).name if stop.signum else "request"
-        outcome = JobOutcome("KILLED" if result.interrupted else "FINISHED", logger.run_id,
-                             reason=f"stopped by {stopped_by}" if result.interrupted else "",
-                             final_loss=result.final_loss, files=result.files,
-                             stop_signal=stop.signum if result.interrupted else None)
-        if result.stopped_early is not None:
-            record = result.stopped_early.record()
-            logger.set_tags({STOPPED_EARLY_TAG: record})
-            # stopped_early: the launchers complete the job (it fails nothing) and show why
-            outcome = JobOutcome("KILLED", logger.run_id, reason=stopped_early_reason(result.stopped_early),
-                                 final_loss=result.final_loss, files=result.files,
-                                 stopped_early=stop_record({STOPPED_EARLY_TAG: record}).describe())
+        outcome = _train(cfg, ready, logger, sink, output_dir, sweep_dir)
     except KeyboardInterrupt:
         outcome.status, outcome.reason = "KILLED", "interrupted (Ctrl-C twice)"
         outcome.stop_signal = signal.SIGINT
@@ -262,6 +237,44 @@ def _train_in_run(cfg, ready: _Ready, *, label: str, status: StatusFile, output_
         pending = logger.end(outcome.status, outcome.reason or None)
     _closing_line(cfg, outcome, client.tracking_uri, ready.exp_id, pending)
     return outcome
+
+
+def _record_inputs(cfg, ready: _Ready, logger, checked, output_dir: Path) -> None:
+    """What the run trains from, before it trains: its params (what changed, on a continued run), the config, the
+    kohya export and the pre-flight's fallbacks."""
+    params = run_params(cfg)
+    if ready.continued_run:
+        _say_changed_params(logger, ready.client.get_run(logger.run_id).data.params, params)
+    logger.log_params(params)
+    _log_config(cfg, logger, output_dir)
+    _log_kohya_export(cfg, logger, output_dir, ready.inputs.prompts)
+    log_fallbacks(logger, checked, output_dir)
+
+
+def _train(cfg, ready: _Ready, logger, sink, output_dir: Path, sweep_dir: Path | None) -> JobOutcome:
+    """Train in the open run until it ends, a signal stops it or sweep.stop_early does; the outcome says which."""
+    from lora_sweep.training.train import StateTarget, train
+
+    states = StateTarget(run_folder(ready.state_root, ready.chash, logger.run_id), logger.run_id, ready.chash,
+                         ready.resume_from, ready.fingerprint.digest)
+    stopper = early_stop(cfg, ready.client, logger.run_id, sweep_dir)
+    with StopOnSignal() as stop:
+        result = train(cfg, output_dir=output_dir, sink=sink, should_stop=lambda: stop.requested, states=states,
+                       scans=ready.inputs.train_scans, specs=ready.inputs.specs,
+                       validation_scan=ready.inputs.validation_scan,
+                       prompts=ready.inputs.prompts, stop_early=stopper)
+    if result.stopped_early is not None:
+        record = result.stopped_early.record()
+        logger.set_tags({STOPPED_EARLY_TAG: record})
+        # stopped_early: the launchers complete the job (it fails nothing) and show why
+        return JobOutcome("KILLED", logger.run_id, reason=stopped_early_reason(result.stopped_early),
+                          final_loss=result.final_loss, files=result.files,
+                          stopped_early=stop_record({STOPPED_EARLY_TAG: record}).describe())
+    stopped_by = signal.Signals(stop.signum).name if stop.signum else "request"
+    return JobOutcome("KILLED" if result.interrupted else "FINISHED", logger.run_id,
+                      reason=f"stopped by {stopped_by}" if result.interrupted else "",
+                      final_loss=result.final_loss, files=result.files,
+                      stop_signal=stop.signum if result.interrupted else None)
 
 
 def early_stop(cfg, client, run_id: str, sweep_dir: Path | None) -> EarlyStop | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# open_clip's (and OpenAI clip's) model names, as their checkpoint files are named: ViT-B-32.pt, RN50.pt, EVA02-L-14
+OPEN_CLIP_NAME = re.compile(r"(ViT|RN\d|convnext|EVA\d*|coca)[-_]", re.IGNORECASE)
 SKIPPED = {"clip": ("img/clip_t", "img/clip_i"), "dino": ("img/dino",)}
 
 
@@ -54,10 +57,7 @@ def folder_problem(path: str | Path, setting: str) -> str | None:
                 "(config.json and model.safetensors, saved with save_pretrained), or leave it unset to skip "
                 f"{' and '.join(SKIPPED[kind])}.")
     if path.is_file():
-        if path.suffix.lower() in CHECKPOINT_SUFFIXES and kind == "clip":
-            return open_clip_refusal(setting, path)
-        return (f"{setting}: '{path}' is a file; give the folder holding {wanted} in transformers format "
-                "(config.json and model.safetensors, saved with save_pretrained).")
+        return _file_problem(path, setting, kind, wanted)
     names = {p.name for p in path.iterdir()}
     has_weights = any(name in names for name in WEIGHT_FILES)
     if "config.json" not in names or not has_weights:
@@ -82,6 +82,20 @@ def folder_problem(path: str | Path, setting: str) -> str | None:
         return (f"{setting}: '{path}' lacks {', '.join(lacking)}: save the model's processor beside it "
                 "(CLIPProcessor or AutoImageProcessor .save_pretrained into the same folder).")
     return None
+
+
+def _file_problem(path: Path, setting: str, kind: str, wanted: str) -> str:
+    """Why a file cannot stand for a model folder: an open_clip checkpoint (named as open_clip names them, or with
+    open_clip_config.json beside it) is refused as such; another file points at its folder when that folder loads."""
+    beside = {p.name for p in path.parent.iterdir()}
+    if kind == "clip" and path.suffix.lower() in CHECKPOINT_SUFFIXES and (
+            path.name in OPEN_CLIP_FILES or "open_clip_config.json" in beside or OPEN_CLIP_NAME.match(path.name)):
+        return open_clip_refusal(setting, path)
+    found = (f"{setting}: '{path}' is a file, and a folder is expected: give the folder holding {wanted} in "
+             "transformers format (config.json and model.safetensors, saved with save_pretrained).")
+    if "config.json" in beside and folder_problem(path.parent, setting) is None:
+        found += f" The folder holding this file is one: set {setting} to '{path.parent}'."
+    return found
 
 
 def _features(output) -> torch.Tensor:

@@ -22,6 +22,9 @@ from PIL import Image, ImageOps
 
 SIDE = 64  # thumbnail side: SSIM at 64 px judges layout and shapes, not noise, in about a millisecond a pair
 MAX_TRAINING_IMAGES = 128  # copying compares each sample with at most this many training images
+PIXEL_METRICS = ("img/copying", "img/copying_max", "img/diversity", "img/drift")
+EMBEDDING_METRICS = ("img/clip_t", "img/clip_i", "img/dino")  # sampling/embeddings.py, with a weights folder
+METRICS = (*PIXEL_METRICS, *EMBEDDING_METRICS)  # every scorecard metric, in the report's order
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """A sweep of four variants x two seeds logged by hand into a real MLflow store, with planted differences from the
 baseline `noise=none`: `noise=offset` has a lower fit/loss (better), `noise=multires` a higher one (worse),
-`noise=ip` one within the seeds' noise, and `noise=ip` never logged val/loss (no value).
+`noise=ip` one within the seeds' noise, and `noise=ip` never logged val/loss (no value). A scorecard metric is
+compared too: `noise=offset`'s img/diversity at step 8 is 0.50 against 0.10 elsewhere (better: it is max).
 
 The image metrics are those of solid-colour samples (variant, prompt, step) at steps 0 and 8; the images
 themselves are not logged (tests/compare/test_report.py checks the sample grid), which keeps the store quick.
@@ -27,6 +28,7 @@ FINAL_FIT = {
     "noise=ip": ("0.3", (0.103, 0.099)),  # +0.003, -0.003: within noise
 }
 NO_VAL_LOSS = "noise=ip"
+DIVERSE = "noise=offset"  # img/diversity 0.50 (+ 0.001 x seed) at the last sampling step, the others 0.10
 BASELINE = "noise=none"
 
 
@@ -58,6 +60,8 @@ def fill_scorecard_store(uri: str, artifact_root: Path) -> dict:
             for step in SAMPLE_STEPS:
                 images = [Image.new("RGB", (64, 64), colour(index, p, step + seed)) for p in range(len(PROMPTS))]
                 metrics += [Metric(k, v, 0, step) for k, v in mean_metrics(images).items()]
+                diverse = 0.50 if name == DIVERSE and step == SAMPLE_STEPS[-1] else 0.10
+                metrics.append(Metric("img/diversity", diverse + 0.001 * seed, 0, step))
             client.log_batch(run_id, metrics=metrics)
             client.set_terminated(run_id)
     client.set_terminated(parent)

@@ -25,6 +25,9 @@ FIT = {  # variant: (noise.offset, train.save_every, {seed: fit/loss at STEPS});
 }
 
 
+SAMPLED_UNTIL = 2  # img/diversity is logged at steps 0 and 2 only: read there at a later best step
+
+
 def log_job(client, exp: str, parent: str, variant: str, seed: int, folder: Path) -> str:
     from lora_sweep.tracking.logger import RunLogger
 
@@ -35,8 +38,9 @@ def log_job(client, exp: str, parent: str, variant: str, seed: int, folder: Path
                        "train.output_name": "lora", "validation.fit_images": 0 if fits[seed] is None else 2,
                        "compare.select": "fit/loss"})
     for index, step in enumerate(STEPS):
-        logger.log_metrics({"train/loss": 0.5} | ({} if fits[seed] is None else {"fit/loss": fits[seed][index]}),
-                           step)
+        sampled = {"img/diversity": 0.3 + 0.01 * seed} if step <= SAMPLED_UNTIL else {}
+        logger.log_metrics({"train/loss": 0.5} | ({} if fits[seed] is None else {"fit/loss": fits[seed][index]})
+                           | sampled, step)
         if step and step % every == 0:  # as training/checkpoint.py saves and logs them
             logger.log_artifact(lora_file(folder / f"{seed}", f"lora-step{step:08d}.safetensors"),
                                 "lora/checkpoints")
@@ -125,6 +129,12 @@ def test_the_one_knob_effects_are_read_at_each_variants_best_step_too(sweep):
     assert final["effect"] == pytest.approx(0.71 - 0.68)  # xb at 6 against xa at 6
     assert best["effect"] == pytest.approx(0.71 - 0.61)  # xb at its best (6) against xa at its best (4)
     assert best["basis"] == "paired over 2 seeds"
+    assert pair["best_steps"] == {"a": 4, "b": 6} and best["read_at"] == {"a": [4], "b": [6]}
+    assert pair["effects_at_best"]["img/diversity"]["read_at"] == {"a": [2], "b": [2]}  # its last step <= best
+    page = (sweep["root"] / "report" / "report.html").read_text(encoding="utf-8")
+    at_best = page[page.index("<details class='at-best'>"):]
+    assert at_best.index("xb vs xa (noise.offset; best at 6 and 4)") < at_best.index("</details>")
+    assert "data-metric='img/diversity' data-verdict='within noise'" in at_best and "read at 2 vs 2" in at_best
 
 
 def test_select_max_from_the_command_line_overrides_the_runs(sweep, tmp_path, capsys):

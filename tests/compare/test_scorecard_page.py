@@ -10,7 +10,7 @@ import re
 
 import pytest
 from conftest import new_store
-from scorecard_store import BASELINE, fill_scorecard_store
+from scorecard_store import BASELINE, DIVERSE, fill_scorecard_store
 from test_page import make_run
 from test_ui_browser import find_or_install_chromium, run_chromium, visible_text
 
@@ -57,6 +57,18 @@ def test_the_matrix_says_where_the_differences_were_planted(report):
     assert "id='forest'" in report["html"] and (report["path"].parent / "forest.png").stat().st_size > 10_000
     logged = {a.path for a in report["client"].list_artifacts(report["parent"], "report")}
     assert {"report/report.html", "report/forest.png"} <= logged
+
+
+def test_a_scorecard_metric_is_compared_like_the_yardstick(report):
+    found = cells(report["html"])
+    assert found[DIVERSE, "img/diversity"] == "better"  # 0.50 against 0.10 at step 8; diversity is max
+    assert found["noise=multires", "img/diversity"] == "within noise"
+    summary = json.loads(re.search(r'id="lora-sweep-summary">(.*?)</script>', report["html"], re.S).group(1))
+    assert "img/diversity" in [m["key"] for m in summary["metrics"]]
+    offset = next(v for v in summary["variants"] if v["name"] == DIVERSE)
+    assert offset["vs_baseline"]["img/diversity"]["effect"] == pytest.approx(0.40)
+    pair = next(p for p in summary["one_knob_pairs"] if {p["a"], p["b"]} == {BASELINE, DIVERSE})
+    assert abs(pair["effects"]["img/diversity"]["effect"]) == pytest.approx(0.40)
 
 
 def test_verdict_words_follow_the_direction_and_the_interval():

@@ -131,6 +131,20 @@ def test_open_clip_checkpoints_and_other_folders_are_refused_naming_what_they_la
     assert folder_problem(both, "evaluation.clip_model") is None
 
 
+def test_a_weights_file_given_for_its_folder_is_called_a_file_and_the_folder_is_suggested(folders, tmp_path):
+    weights = folders["clip"] / "model.safetensors"  # a transformers model's file, not an open_clip checkpoint
+    assert folder_problem(weights, "evaluation.clip_model") == (
+        f"evaluation.clip_model: '{weights}' is a file, and a folder is expected: give the folder holding a CLIPModel "
+        "in transformers format (config.json and model.safetensors, saved with save_pretrained). The folder holding "
+        f"this file is one: set evaluation.clip_model to '{folders['clip']}'.")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "weights.bin").write_bytes(b"")  # no model beside it: nothing to suggest, and not called open_clip
+    assert folder_problem(loose / "weights.bin", "evaluation.clip_model").endswith("saved with save_pretrained).")
+    (loose / "open_clip_config.json").write_text("{}")  # now it is one
+    assert "is an open_clip checkpoint" in folder_problem(loose / "weights.bin", "evaluation.clip_model")
+
+
 def test_the_preflight_refuses_a_missing_folder_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative folder is read from where the command started
     assert make_paths_absolute(compose_config("evaluation.clip_model=models/clip")) == {

@@ -48,3 +48,24 @@ def test_at_most_max_training_images_are_compared_evenly_spaced(monkeypatch):
     monkeypatch.setattr(scorecard, "MAX_TRAINING_IMAGES", 3)
     assert scorecard.pick_training(list(range(10))) == [0, 4, 9]  # linspace(0, 9, 3) rounded: 0, 4.5 -> 4, 9
     assert scorecard.pick_training([1, 2]) == [1, 2]
+
+
+def test_copying_rises_as_the_samples_move_toward_the_one_training_image():
+    """The issue's planted case on the scorecard itself: samples of two seeds drawn ever closer to the one training
+    image (a blend from noise to it), as a LoRA trained on one image for many steps draws; synthetic, so the trend is
+    the metric's and not a tiny random model's."""
+    target = np.asarray(noise_image(7, size=8).resize((64, 64), Image.Resampling.NEAREST), dtype=np.float64)
+    training = [scorecard.thumbnail(Image.fromarray(target.astype(np.uint8)))]
+    starts = [np.asarray(noise_image(seed), dtype=np.float64) for seed in (11, 12)]
+    reference = {f"sample_p00_s{i}": scorecard.thumbnail(Image.fromarray(s.astype(np.uint8)))
+                 for i, s in enumerate(starts)}
+    scores = []
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):  # the training steps, as the fraction of the way to the image
+        drawn = [Image.fromarray(((1 - t) * s + t * target).round().astype(np.uint8)) for s in starts]
+        scores.append(scorecard.pixel_scores(samples(drawn, [[0, 1]]), training, reference))
+    copying = [s["img/copying"] for s in scores]
+    assert copying == sorted(copying) and copying[0] < 0.2 and copying[-1] == pytest.approx(1.0), copying
+    diversity = [s["img/diversity"] for s in scores]  # the seeds converge on the same picture
+    assert diversity == sorted(diversity, reverse=True) and diversity[-1] == pytest.approx(0.0), diversity
+    drift = [s["img/drift"] for s in scores]  # away from what the base model drew at step 0
+    assert drift == sorted(drift) and drift[0] == pytest.approx(0.0), drift
