@@ -344,6 +344,14 @@ def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path,
     assert imported.values["data.dataset_config"] == str(toml.resolve())
     assert imported.why["data.dataset_config"] == "kohya_dataset.toml: its path, as --dataset_config"
     assert "missing" not in kinds(imported)
+    assert "data.dir" not in imported.values  # a dataset config with data.dir is refused at run time
+    assert kinds(imported)["ignored"]["train_data_dir"] == "/ignored"
+    gui = tmp_path / "g.json"  # a saved GUI config always holds train_data_dir
+    gui.write_text(json.dumps({"train_data_dir": "/nowhere", "reg_data_dir": "/reg"}), encoding="utf-8")
+    imported, _ = import_sources([gui, toml])
+    assert imported.problems == [] and "data.dir" not in imported.values and "data.reg_dir" not in imported.values
+    assert {k: kinds(imported)["ignored"][k] for k in ("train_data_dir", "reg_data_dir")} == {
+        "train_data_dir": "/nowhere", "reg_data_dir": "/reg"}
     monkeypatch.chdir(ROOT)  # where its relative image_dirs are not
     assert import_sources([toml])[0].problems[2] == (
         f"{toml}: datasets[0].subsets[2].image_dir = 'reg/girl': the folder does not exist here (read from the "

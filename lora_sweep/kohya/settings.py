@@ -76,6 +76,10 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
         if flag in _GROUPED:
             continue
         given = flag in args
+        if flag in ("train_data_dir", "reg_data_dir") and full["dataset_config"] is not None:
+            if given:  # v0.8.7 reads the dataset config alone and warns that it ignores these
+                out.rows.append(Row("ignored", flag, value, "a --dataset_config is given: v0.8.7 ignores the folder"))
+            continue
         if flag in KOHYA_NAMES:
             setting = KOHYA_NAMES[flag]
             if flag in _DATASET_ONLY or setting == "data.datasets":
