@@ -594,3 +594,9 @@ def test_onetrainers_ot_config_maps_what_has_a_setting_and_lists_the_rest(tmp_pa
     assert import_sources([adan])[0].problems == [
         f"{adan}: ot_config: optimizer 'ADAN': lora-sweep has no such optimizer; it has ADAMW, ADAMW_8BIT, PRODIGY, "
         f"ADAFACTOR, DADAPT_ADAM, LION_8BIT, PAGED_ADAMW_8BIT."]
+
+
+def test_gui_kohya_locon_always_passes_its_conv_pair_conv_alpha_0_included():
+    src = KohyaSource("g.json")  # v24.1.4 writes conv_dim="{conv_dim}" conv_alpha="{conv_alpha}" for Kohya LoCon
+    read_gui_fields({"LoRA_type": "Kohya LoCon", "conv_dim": 8, "conv_alpha": 0}, src)
+    assert src.args["network_args"] == ["conv_dim=8", "conv_alpha=0"]  # alpha 0: kohya's conv alpha = conv_dim

@@ -116,7 +116,7 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
         if key in NETWORK_ARGS:
             if key in ("conv_dim", "conv_alpha") and key not in LORA_TYPES[lora_type]:
                 src.ignored[key] = (raw, f"LoRA_type {lora_type} ignores it")
-            elif not _dropped(value):
+            elif key in LORA_TYPES[lora_type] or not _dropped(value):  # LoCon's conv pair is always written, 0 too
                 network_args.append(f"{key}={value}")
             continue
         flags = entry.flags if entry is not None else (key,)
