@@ -600,3 +600,14 @@ def test_gui_kohya_locon_always_passes_its_conv_pair_conv_alpha_0_included():
     src = KohyaSource("g.json")  # v24.1.4 writes conv_dim="{conv_dim}" conv_alpha="{conv_alpha}" for Kohya LoCon
     read_gui_fields({"LoRA_type": "Kohya LoCon", "conv_dim": 8, "conv_alpha": 0}, src)
     assert src.args["network_args"] == ["conv_dim=8", "conv_alpha=0"]  # alpha 0: kohya's conv alpha = conv_dim
+
+
+def test_learning_rate_beside_both_group_lrs_gets_a_row(tmp_path):
+    toml = tmp_path / "lr.toml"
+    toml.write_text('learning_rate = 1e-3\nunet_lr = 1e-4\ntext_encoder_lr = 5e-5\nlr_scheduler = "polynomial"\n',
+                    encoding="utf-8")
+    imported, _ = import_sources([toml])
+    assert (imported.values["train.lr"], imported.values["train.text_encoder_lr"]) == (1e-4, 5e-5)
+    assert kinds(imported)["not supported"]["learning_rate"] == 1e-3  # polynomial's start lr: lora-sweep's is 1e-4
+    toml.write_text("unet_lr = 1e-4\ntext_encoder_lr = 5e-5\n", encoding="utf-8")
+    assert kinds(import_sources([toml])[0])["ignored"]["learning_rate"] == 2e-6  # v0.8.7's, unused by constant

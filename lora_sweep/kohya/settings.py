@@ -194,6 +194,8 @@ def _learning_rates(full: dict, args: dict, why, out: Imported) -> None:
             out.put("train.text_encoder_lr", lr, why("learning_rate"))
             out.rows.append(Row("mapped" if "learning_rate" in args else "default", "learning_rate", lr,
                                 "train.text_encoder_lr"))
+        elif lr != unet:
+            out.rows.append(_optimizer_lr_row(lr, unet, full["lr_scheduler"]))
     else:
         out.put("train.lr", lr, why("learning_rate"))
         out.rows.append(Row("mapped" if "learning_rate" in args else "default", "learning_rate", lr, "train.lr"))
@@ -202,3 +204,13 @@ def _learning_rates(full: dict, args: dict, why, out: Imported) -> None:
     if text is not None:
         out.put("train.text_encoder_lr", text, why("text_encoder_lr"))
         out.rows.append(Row("mapped", "text_encoder_lr", text, "train.text_encoder_lr"))
+
+
+def _optimizer_lr_row(lr: object, unet: object, scheduler: object) -> Row:
+    """--learning_rate when --unet_lr and --text_encoder_lr give every group its lr: v0.8.7 still makes it the
+    optimizer's default lr, polynomial's and adafactor's start lr; lora-sweep reads train.lr (the U-Net's) there."""
+    if scheduler in ("polynomial", "adafactor"):
+        return Row("not supported", "learning_rate", lr, f"lr_scheduler {scheduler} starts from it; lora-sweep has no "
+                                                         f"lr apart from the groups' and starts from train.lr {unet}")
+    return Row("ignored", "learning_rate", lr, "unet_lr and text_encoder_lr set every group's lr; it is only "
+                                               "ss_learning_rate and polynomial's or adafactor's start lr")
