@@ -611,3 +611,11 @@ def test_learning_rate_beside_both_group_lrs_gets_a_row(tmp_path):
     assert kinds(imported)["not supported"]["learning_rate"] == 1e-3  # polynomial's start lr: lora-sweep's is 1e-4
     toml.write_text("unet_lr = 1e-4\ntext_encoder_lr = 5e-5\n", encoding="utf-8")
     assert kinds(import_sources([toml])[0])["ignored"]["learning_rate"] == 2e-6  # v0.8.7's, unused by constant
+
+
+def test_color_aug_and_random_crop_are_not_supported_at_import(tmp_path):
+    toml = tmp_path / "aug.toml"
+    toml.write_text("color_aug = true\nrandom_crop = true\n", encoding="utf-8")
+    imported, _ = import_sources([toml])
+    assert kinds(imported)["not supported"] == {"color_aug": True, "random_crop": True}
+    assert not {"data.color_aug", "data.random_crop"} & set(imported.values)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
+from lora_sweep.data.subsets import NO_PIXELS_EACH_STEP
 from lora_sweep.errors import ConfigError
 from lora_sweep.kohya.flags import V087_DEFAULTS
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
@@ -79,6 +80,10 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
         if flag in ("train_data_dir", "reg_data_dir") and full["dataset_config"] is not None:
             if given:  # v0.8.7 reads the dataset config alone and warns that it ignores these
                 out.rows.append(Row("ignored", flag, value, "a --dataset_config is given: v0.8.7 ignores the folder"))
+            continue
+        if flag in ("color_aug", "random_crop"):  # settings lora-sweep has only to refuse them before a run
+            if value:
+                out.rows.append(Row("not supported", flag, value, f"data.{flag} {NO_PIXELS_EACH_STEP}"))
             continue
         if flag in KOHYA_NAMES:
             setting = KOHYA_NAMES[flag]
