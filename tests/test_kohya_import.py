@@ -71,13 +71,16 @@ def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
         "train.grad_accum": 1, "data.caption_extension": ".txt", "data.resolution": "1024,1024",
         "data.enable_bucket": True, "data.min_bucket_reso": 256, "data.max_bucket_reso": 2048,
         "data.bucket_reso_steps": 32, "data.bucket_no_upscale": True, "data.max_token_length": 75,
-        "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "ddim", "loss.prior_loss_weight": 1.0,
+        "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "euler_a", "loss.prior_loss_weight": 1.0,
+        "train.output_name": "last", "loss.type": "l2", "loss.huber_schedule": "snr", "loss.huber_c": 0.1,
+        "train.max_grad_norm": 1.0,
         "loss.min_snr_gamma": 5.0,
         "optimizer.optimizer_args": ["weight_decay=0.01", "decouple=True", "d0=0.0001", "use_bias_correction=True"],
         "optimizer.scheduler": "constant", "optimizer.lr_scheduler_num_cycles": 1, "network.rank": 32,
         "network.alpha": 16.0, "network.scale_weight_norms": 5.0,
         "network.train_text_encoder": True}  # no network_train_unet_only: v0.8.7 trains the text encoders too
-    assert imported.why["train.max_steps"] == "kohya default"  # the preset has no max_train_steps: v0.8.7's 1600
+    # the preset has no max_train_steps: the GUI passes its field's 1600
+    assert imported.why["train.max_steps"] == "preset.json: kohya_ss GUI default: max_train_steps = 1600"
     assert imported.why["network.alpha"] == "preset.json: network_alpha = 16"
     table = kinds(imported)
     assert set(table["missing"]) == {"pretrained_model_name_or_path", "train_data_dir"}
@@ -95,7 +98,10 @@ def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters(
                      "optimizer_args": '"betas=0.9,0.99" "weight_decay=0.1"',
                      "additional_parameters": '--max_grad_norm=0 --log_prefix=x --newer_flag'}, src)
     assert src.problems == []
-    assert src.args == {"max_grad_norm": 0.0, "learning_rate": 0.0001, "optimizer_args": ["betas=0.9,0.99",
+    assert src.args["resolution"] == "512,512"  # an absent field: the GUI passes its default
+    assert src.origin["resolution"] == "kohya_ss GUI default: max_resolution = '512,512'"
+    assert {k: v for k, v in src.args.items() if not src.origin[k].startswith("kohya_ss GUI default")} == {
+                        "max_grad_norm": 0.0, "learning_rate": 0.0001, "optimizer_args": ["betas=0.9,0.99",
                         "weight_decay=0.1"], "network_module": "networks.lora",
                         "network_args": ["conv_dim=8", "conv_alpha=4", "rank_dropout=0.1"], "max_train_steps": 250,
                         "lr_warmup_steps": 12, "lr_scheduler_num_cycles": 3, "unet_lr": 0.0002,
@@ -619,3 +625,10 @@ def test_color_aug_and_random_crop_are_not_supported_at_import(tmp_path):
     imported, _ = import_sources([toml])
     assert kinds(imported)["not supported"] == {"color_aug": True, "random_crop": True}
     assert not {"data.color_aug", "data.random_crop"} & set(imported.values)
+
+
+def test_keys_a_gui_config_lacks_get_the_guis_field_defaults(tmp_path):
+    imported, _ = import_sources([preset_file(tmp_path, "locon-dadaptation-sdxl.json")])
+    # enable_bucket true and no max_bucket_reso: v24.1.4 passes its field's 2048, not v0.8.7's 1024
+    assert imported.values["data.max_bucket_reso"] == 2048
+    assert imported.why["data.max_bucket_reso"] == "preset.json: kohya_ss GUI default: max_bucket_reso = 2048"

@@ -79,6 +79,24 @@ def _gui_number(value: object) -> object:
     return value
 
 
+# kohya_ss v24.1.4's field defaults, which it passes on for a key its saved config lacks (open_configuration keeps
+# the field's value): class_basic_training.py (with lora_gui.py's learning_rate 1e-4, cosine, warmup 10),
+# class_advanced_training.py, class_source_model.py, class_accelerate_launch.py, class_sample_images.py and
+# lora_gui.py's network fields. "", False and 0 fields are left out: the GUI passes them on as nothing. The optimizer
+# is update_my_data's (AdamW, or AdamW8bit with use_8bit_adam), which is v0.8.7's default too.
+GUI_FIELD_DEFAULTS = {
+    "LoRA_type": "Standard", "train_batch_size": 1, "epoch": 1, "max_train_steps": 1600, "save_every_n_epochs": 1,
+    "caption_extension": ".txt", "cache_latents": True, "lr_scheduler": "cosine", "max_grad_norm": 1.0,
+    "learning_rate": 0.0001, "lr_warmup": 10, "lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1.0,
+    "max_resolution": "512,512", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+    "gradient_accumulation_steps": 1, "prior_loss_weight": 1.0, "loss_type": "l2", "huber_schedule": "snr",
+    "huber_c": 0.1, "clip_skip": 1, "max_token_length": 75, "xformers": "xformers", "bucket_reso_steps": 64,
+    "max_timestep": 1000, "multires_noise_discount": 0.3, "output_name": "last", "save_precision": "fp16",
+    "save_model_as": "safetensors", "mixed_precision": "fp16", "sample_sampler": "euler_a", "text_encoder_lr": 0.0001,
+    "unet_lr": 0.0001, "network_dim": 8, "network_alpha": 1, "conv_dim": 1, "conv_alpha": 1,
+}
+
+
 def read_gui(path: Path) -> KohyaSource:
     """A kohya_ss v24.1.4 LoRA config (the GUI's saved JSON) as the flags the GUI passes to sd-scripts."""
     src = KohyaSource(str(path))
@@ -98,7 +116,9 @@ def read_gui(path: Path) -> KohyaSource:
 def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     """The GUI's fields into `src`, converted as v24.1.4's train_model converts them (docs/kohya.md, GUI_KEYS)."""
     gui = {("lora_network_weights" if k == "network_weights" else k): v for k, v in gui.items()}
-    lora_type = gui.get("LoRA_type", "Standard")
+    absent = set(GUI_FIELD_DEFAULTS) - set(gui)
+    gui |= {key: value for key, value in GUI_FIELD_DEFAULTS.items() if key in absent}
+    lora_type = gui["LoRA_type"]
     if (problem := lora_type_problem(lora_type)) is not None:
         src.problem("LoRA_type", problem.rstrip("."))
         return
@@ -144,6 +164,9 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     extra = gui.get("additional_parameters") or ""
     if extra:
         _read_flags(str(extra).replace('"', "").split(), src, "additional_parameters")
+    for flag, text in src.origin.items():
+        if text.split(" ")[0] in absent:
+            src.origin[flag] = f"kohya_ss GUI default: {text}"
 
 
 def _gui_lengths(gui: dict, src: KohyaSource) -> None:
