@@ -323,7 +323,7 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
             "ss_mixed_precision": "fp16", "ss_network_args": '{"conv_dim": "8", "conv_alpha": "4"}',
             "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
             "ss_dataset_dirs": '{"10_sks dog": {"n_repeats": 10, "img_count": 12}}', "ss_seed": "1234",
-            "modelspec.timestep_range": "100,900"}
+            "modelspec.timestep_range": "100,900", "ss_resolution": "(1024, 1024)"}
     imported, _ = import_sources([safetensors_with(tmp_path / "v087.safetensors", meta)])
     assert imported.groups["optimizer"] == "adamw8bit" and imported.groups["precision"] == "fp16"
     assert imported.values["optimizer.optimizer_args"] == ["weight_decay=0.1", "betas=(0.9,0.99)"]
@@ -632,3 +632,15 @@ def test_keys_a_gui_config_lacks_get_the_guis_field_defaults(tmp_path):
     # enable_bucket true and no max_bucket_reso: v24.1.4 passes its field's 2048, not v0.8.7's 1024
     assert imported.values["data.max_bucket_reso"] == 2048
     assert imported.why["data.max_bucket_reso"] == "preset.json: kohya_ss GUI default: max_bucket_reso = 2048"
+
+
+def test_flags_v087_leaves_none_get_a_row(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("network_dim = 4\n", encoding="utf-8")
+    rows = {(r.kind, r.kohya): r.detail for r in import_sources([toml])[0].rows}
+    assert rows[("missing", "resolution")] == "data.resolution: v0.8.7 requires --resolution"
+    assert rows[("ignored", "save_every_n_steps")] == ("kohya default None: lora-sweep saves every 500 steps "
+                                                       "(train.save_every); saving changes no trained number")
+    assert rows[("ignored", "output_name")] == ("kohya default None names the file 'last': lora-sweep names it "
+                                                "'lora' (train.output_name); a name changes no trained number")
+    assert rows[("ignored", "seed")] == "v0.8.7 draws a random seed; lora-sweep's train.seed 42 applies"

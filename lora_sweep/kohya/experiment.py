@@ -116,8 +116,9 @@ def import_sources(paths: list[Path], target: Path | None = None,
             imported.put(key, value, f"{Path(src.path).name}: {why}")
             shown = f"{len(value)} entries" if isinstance(value, list) else value
             imported.rows.append(Row("mapped", why.split(",")[0], shown, key))
-            if key == "data.datasets":  # the datasets hold the images: no train_data_dir is missing
-                imported.rows = [r for r in imported.rows if (r.kind, r.kohya) != ("missing", "train_data_dir")]
+            if key == "data.datasets":  # the datasets hold the images and resolutions: neither flag is missing
+                imported.rows = [r for r in imported.rows if r.kind != "missing" or r.kohya not in ("train_data_dir",
+                                                                                                  "resolution")]
     return imported, sources
 
 

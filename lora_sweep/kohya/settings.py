@@ -26,6 +26,15 @@ _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "l
 _DATASET_ONLY = {"num_repeats", "class_tokens", "is_reg", "image_dir", "subsets", "network_multiplier", "dim",
                  "dataset_repeats"}
 
+# flags whose v0.8.7 default is None where lora-sweep has a value: the row (kind, text with the setting and its value)
+_UNSET = {
+    "seed": ("ignored", "v0.8.7 draws a random seed; lora-sweep's {} {} applies"),
+    "save_every_n_steps": ("ignored", "kohya default None: lora-sweep saves every {1} steps ({0}); saving changes "
+                                      "no trained number"),
+    "output_name": ("ignored", "kohya default None names the file 'last': lora-sweep names it {1!r} ({0}); a name "
+                               "changes no trained number"),
+}
+
 
 @dataclass
 class Row:
@@ -94,9 +103,11 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
             if setting in ("optimizer.name", "precision.name"):
                 continue
             if value is None and setting in defaults and defaults[setting] is not None:
-                if flag == "seed":
-                    out.rows.append(Row("ignored", flag, value, "v0.8.7 draws a random seed; lora-sweep's "
-                                                                "train.seed 42 applies"))
+                if flag in _UNSET:
+                    kind, text = _UNSET[flag]
+                    out.rows.append(Row(kind, flag, value, text.format(setting, defaults[setting])))
+                elif flag == "resolution" and full["dataset_config"] is None:  # train_util asserts one is given
+                    out.rows.append(Row("missing", flag, value, "data.resolution: v0.8.7 requires --resolution"))
                 continue
             if not given and defaults.get(setting, object()) == value:
                 out.rows.append(Row("same as default", flag, value, setting))
