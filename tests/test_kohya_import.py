@@ -333,7 +333,9 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
     assert missing == {"pretrained_model_name_or_path": "model.path: the LoRA records only the name "
                                                         "'sd_xl_base_1.0.safetensors'",
                        "train_data_dir": "data.dir: the LoRA records only the folder names '10_sks dog' (12 images "
-                                         "x 10)"}
+                                         "x 10)",
+                       "fp8_base": "precision.name: the LoRA does not record --fp8_base: precision=fp8 if it loaded "
+                                   "the model in fp8, else precision=fp16"}
     sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
     assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
                                                   f"LoRAs."]
@@ -644,3 +646,11 @@ def test_flags_v087_leaves_none_get_a_row(tmp_path):
     assert rows[("ignored", "output_name")] == ("kohya default None names the file 'last': lora-sweep names it "
                                                 "'lora' (train.output_name); a name changes no trained number")
     assert rows[("ignored", "seed")] == "v0.8.7 draws a random seed; lora-sweep's train.seed 42 applies"
+
+
+def test_a_kohya_loras_fp8_base_is_a_required_value(tmp_path):
+    meta = {"ss_mixed_precision": "bf16", "ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": "4"}
+    imported, _ = import_sources([safetensors_with(tmp_path / "k.safetensors", meta)])
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing["fp8_base"] == ("precision.name: the LoRA does not record --fp8_base: precision=fp8_bf16 if it "
+                                   "loaded the model in fp8, else precision=bf16")

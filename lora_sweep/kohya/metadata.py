@@ -12,6 +12,7 @@ from pathlib import Path
 from lora_sweep.kohya.flags import V087_DEFAULTS
 from lora_sweep.kohya.onetrainer import read_onetrainer
 from lora_sweep.kohya.sources import KohyaSource
+from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
 # ss_* keys whose flag has another name
 _RENAMED = {"ss_debiased_estimation": "debiased_estimation_loss", "ss_batch_size_per_device": "train_batch_size",
@@ -26,10 +27,11 @@ _FACTS = {"ss_session_id", "ss_training_started_at", "ss_training_finished_at", 
           "ss_sd_scripts_commit_hash", "ss_tag_frequency", "ss_bucket_info", "ss_total_batch_size",
           "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_hash", "ss_new_vae_hash", "sshs_model_hash",
           "sshs_legacy_hash", "ss_base_model_version", "ss_reg_dataset_dirs"}
-# v0.8.7 flags its metadata does not record (reference §10.3; the rest of the 170 are runtime or logging)
+# v0.8.7 flags its metadata does not record (reference §10.3; the rest of the 170 are runtime or logging; fp8_base,
+# which picks the precision option, is a required value instead)
 UNRECORDED = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args", "lr_scheduler_type",
               "network_train_unet_only", "network_train_text_encoder_only", "network_weights", "dim_from_weights",
-              "base_weights", "base_weights_multiplier", "full_bf16", "fp8_base", "no_half_vae", "save_precision",
+              "base_weights", "base_weights_multiplier", "full_bf16", "no_half_vae", "save_precision",
               "xformers", "sdpa", "mem_eff_attn", "torch_compile", "dynamo_backend", "max_data_loader_n_workers",
               "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "caption_separator",
               "caption_extension", "token_warmup_min", "token_warmup_step", "enable_wildcard",
@@ -146,6 +148,11 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
         src.set("max_timestep", high, f"modelspec.timestep_range = {timesteps!r}")
     _trained_modules(names, src)
     src.unrecorded = [flag for flag in UNRECORDED if flag not in src.args]
+    mixed = src.args.get("mixed_precision", V087_DEFAULTS["mixed_precision"])
+    fp8 = KOHYA_TO_PRECISION.get((mixed, True))  # None: no fp8 with this mixed precision
+    if "fp8_base" not in src.args and fp8 is not None:  # it picks the precision option: no default may pick it
+        src.missing["fp8_base"] = (f"the LoRA does not record --fp8_base: precision={fp8} if it loaded the model in "
+                                   f"fp8, else precision={KOHYA_TO_PRECISION[(mixed, False)]}")
     return src
 
 
