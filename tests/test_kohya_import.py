@@ -654,3 +654,11 @@ def test_a_kohya_loras_fp8_base_is_a_required_value(tmp_path):
     missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
     assert missing["fp8_base"] == ("precision.name: the LoRA does not record --fp8_base: precision=fp8_bf16 if it "
                                    "loaded the model in fp8, else precision=bf16")
+
+
+def test_a_loras_ss_keys_that_are_no_v087_flag_get_rows(tmp_path):
+    meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_mixed_precision": "fp16", "ss_fp8_base": "False",
+            "ss_vae_name": "sdxl_vae.safetensors", "ss_huber_scale": "1.0"}
+    table = kinds(import_sources([safetensors_with(tmp_path / "k.safetensors", meta)])[0])
+    assert table["not supported"]["vae"] == "sdxl_vae.safetensors"  # --vae is refused
+    assert table["unknown"]["ss_huber_scale"] == "1.0"

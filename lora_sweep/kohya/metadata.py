@@ -15,7 +15,8 @@ from lora_sweep.kohya.sources import KohyaSource
 from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
 # ss_* keys whose flag has another name
-_RENAMED = {"ss_debiased_estimation": "debiased_estimation_loss", "ss_batch_size_per_device": "train_batch_size",
+_RENAMED = {"ss_debiased_estimation": "debiased_estimation_loss", "ss_vae_name": "vae",
+            "ss_batch_size_per_device": "train_batch_size",
             "lora_sweep_fp8_base": "fp8_base", "lora_sweep_full_bf16": "full_bf16",
             "lora_sweep_v_parameterization": "v_parameterization", "lora_sweep_v_pred_like_loss": "v_pred_like_loss",
             "lora_sweep_scale_v_pred_loss_like_noise_pred": "scale_v_pred_loss_like_noise_pred",
@@ -141,6 +142,8 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
                 src.set("train_batch_size", datasets[0]["batch_size_per_device"], origin)
         elif flag in V087_DEFAULTS and text != "None":
             src.set(flag, text, origin)
+        elif flag not in V087_DEFAULTS:  # a newer sd-scripts' key: shown, as an unknown TOML or GUI key is
+            src.unknown[key] = text
     timesteps = meta.get("modelspec.timestep_range")
     if timesteps:
         low, _, high = timesteps.partition(",")
