@@ -662,3 +662,15 @@ def test_a_loras_ss_keys_that_are_no_v087_flag_get_rows(tmp_path):
     table = kinds(import_sources([safetensors_with(tmp_path / "k.safetensors", meta)])[0])
     assert table["not supported"]["vae"] == "sdxl_vae.safetensors"  # --vae is refused
     assert table["unknown"]["ss_huber_scale"] == "1.0"
+
+
+def test_data_loader_workers_left_unset_are_kohyas_8_with_a_row(tmp_path):
+    command = tmp_path / "cmd.sh"
+    command.write_text("accelerate launch sdxl_train_network.py --shuffle_caption", encoding="utf-8")
+    rows = {(r.kind, r.kohya): (r.value, r.detail) for r in import_sources([command])[0].rows}
+    assert rows[("ignored", "max_data_loader_n_workers")] == (8, (
+        "kohya default 8 workers: lora-sweep loads as with 0; with caption shuffling or dropout kohya's captions "
+        "differ, for each worker draws from its own random stream (not a refusal)"))
+    gui = tmp_path / "g.json"  # the GUI passes its field's 0
+    gui.write_text("{}", encoding="utf-8")
+    assert kinds(import_sources([gui])[0])["ignored"]["max_data_loader_n_workers"] == 0

@@ -35,6 +35,9 @@ _UNSET = {
                                "changes no trained number"),
 }
 
+_WORKERS = ("kohya default 8 workers: lora-sweep loads as with 0; with caption shuffling or dropout kohya's captions "
+            "differ, for each worker draws from its own random stream (not a refusal)")
+
 
 @dataclass
 class Row:
@@ -127,6 +130,8 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
                 elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
                     out.rows.append(Row("not supported", flag, value,
                                         f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+                elif flag == "max_data_loader_n_workers":  # the one such default that can change the captions
+                    out.rows.append(Row("ignored", flag, value, _WORKERS))
     # v0.8.7 trains the text encoders' LoRA unless --network_train_unet_only; lora-sweep's default is U-Net only
     text_encoder = not full["network_train_unet_only"]
     if text_encoder != defaults.get("network.train_text_encoder"):

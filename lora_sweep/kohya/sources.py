@@ -94,6 +94,7 @@ GUI_FIELD_DEFAULTS = {
     "max_timestep": 1000, "multires_noise_discount": 0.3, "output_name": "last", "save_precision": "fp16",
     "save_model_as": "safetensors", "mixed_precision": "fp16", "sample_sampler": "euler_a", "text_encoder_lr": 0.0001,
     "unet_lr": 0.0001, "network_dim": 8, "network_alpha": 1, "conv_dim": 1, "conv_alpha": 1,
+    "max_data_loader_n_workers": 0,  # passed on even at 0
 }
 
 
