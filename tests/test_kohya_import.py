@@ -200,7 +200,8 @@ def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path,
         f"{mine} exists: give --force to overwrite it, or another --name.",
         f"{tmp_path / 'image.png'}: the file: binary, not a source: {kinds_text}.",
         f"{tmp_path / 'notes.toml'} line 3, column 15: not valid TOML (Invalid value); {kinds_text}.",
-        f"{gui} line 3: seed = 'abc': 'abc' is not an integer (v0.8.7's --seed takes int).",
+        f"{gui} line 3: seed = 'abc': kohya_ss v24.1.4 trains it as 0 (int() of the text fails); write a whole "
+        f"number.",
         f"{gui} line 4: learning_rate = 'fast': 'fast' is not a number (v0.8.7's --learning_rate takes float).",
         f"{gui} line 5: optimizer = 'AdamWW': not an optimizer_type of sd-scripts v0.8.7 (AdamW, AdamW8bit, "
         f"Prodigy, DAdaptAdam, Adafactor, SGDNesterov, Lion, a torch.optim class or a module.Class path).",
@@ -674,3 +675,15 @@ def test_data_loader_workers_left_unset_are_kohyas_8_with_a_row(tmp_path):
     gui = tmp_path / "g.json"  # the GUI passes its field's 0
     gui.write_text("{}", encoding="utf-8")
     assert kinds(import_sources([gui])[0])["ignored"]["max_data_loader_n_workers"] == 0
+
+
+def test_a_toml_resolution_int_and_a_gui_lr_warmup_fraction_are_problems(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("resolution = 1024\n", encoding="utf-8")
+    assert import_sources([toml])[0].problems == [  # v0.8.7 calls args.resolution.split
+        f"{toml} line 1: resolution: 1024: v0.8.7 converts no TOML value and --resolution takes a string."]
+    src = KohyaSource("g.json")
+    read_gui_fields({"lr_warmup": "10.5", "max_train_steps": 100}, src)
+    assert src.problems == ["g.json: lr_warmup = '10.5': kohya_ss v24.1.4 trains it as 0 (int() of the text fails); "
+                            "write a whole number."]
+    assert "lr_warmup_steps" not in src.args

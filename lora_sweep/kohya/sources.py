@@ -98,6 +98,12 @@ GUI_FIELD_DEFAULTS = {
 }
 
 
+# update_my_data's int() of these GUI strings, and what it uses when int() fails (common_gui.py)
+_GUI_INTS = {"adaptive_noise_scale": 0, "clip_skip": 0, "epoch": 0, "gradient_accumulation_steps": 0, "keep_tokens": 0,
+             "lr_warmup": 0, "max_data_loader_n_workers": 0, "max_train_epochs": 0, "save_every_n_epochs": 0,
+             "seed": 0, "lr_scheduler_num_cycles": 1, "max_train_steps": 0, "max_token_length": 75}
+
+
 def read_gui(path: Path) -> KohyaSource:
     """A kohya_ss v24.1.4 LoRA config (the GUI's saved JSON) as the flags the GUI passes to sd-scripts."""
     src = KohyaSource(str(path))
@@ -123,6 +129,12 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     if (problem := lora_type_problem(lora_type)) is not None:
         src.problem("LoRA_type", problem.rstrip("."))
         return
+    for key, fallback in _GUI_INTS.items():
+        raw = gui.get(key)
+        if isinstance(raw, str) and raw.strip() and not re.fullmatch(r"\s*[-+]?\d+\s*", raw):
+            src.problem(f"{key} = {raw!r}", f"kohya_ss v24.1.4 trains it as {fallback} (int() of the text fails); "
+                                            f"write a whole number")
+            gui[key] = fallback
     network_args: list[str] = []
     for key, raw in gui.items():
         value = _gui_number(raw)
@@ -324,7 +336,9 @@ def _toml_typed(kind: type, value: object) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return True  # str and the rest: v0.8.7 uses any value as it is
+    if kind is str:  # v0.8.7 calls str methods on it (resolution.split)
+        return isinstance(value, str)
+    return True  # the rest: v0.8.7 uses any value as it is
 
 
 def read_command_line(path: Path) -> KohyaSource:
