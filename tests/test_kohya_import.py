@@ -687,3 +687,12 @@ def test_a_toml_resolution_int_and_a_gui_lr_warmup_fraction_are_problems(tmp_pat
     assert src.problems == ["g.json: lr_warmup = '10.5': kohya_ss v24.1.4 trains it as 0 (int() of the text fails); "
                             "write a whole number."]
     assert "lr_warmup_steps" not in src.args
+
+
+def test_a_refused_lora_type_is_one_problem_among_the_others(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"LoRA_type": "LyCORIS/LoHa", "optimizer": "AdamWW", "train_data_dir": "/nowhere",
+                               "network_dim": "abc", "lr_scheduler": "cosinee"}), encoding="utf-8")
+    problems = import_sources([bad])[0].problems
+    assert [p.split(": ")[1].split(" = ")[0] for p in problems] == [
+        "LoRA_type", "network_dim", "optimizer", "lr_scheduler", "train_data_dir"]

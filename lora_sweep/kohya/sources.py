@@ -126,9 +126,8 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     absent = set(GUI_FIELD_DEFAULTS) - set(gui)
     gui |= {key: value for key, value in GUI_FIELD_DEFAULTS.items() if key in absent}
     lora_type = gui["LoRA_type"]
-    if (problem := lora_type_problem(lora_type)) is not None:
+    if (problem := lora_type_problem(lora_type)) is not None:  # one problem among the others, all reported at once
         src.problem("LoRA_type", problem.rstrip("."))
-        return
     for key, fallback in _GUI_INTS.items():
         raw = gui.get(key)
         if isinstance(raw, str) and raw.strip() and not re.fullmatch(r"\s*[-+]?\d+\s*", raw):
@@ -147,9 +146,9 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
             src.ignored[key] = (raw, entry.how)
             continue
         if key in NETWORK_ARGS:
-            if key in ("conv_dim", "conv_alpha") and key not in LORA_TYPES[lora_type]:
+            if key in ("conv_dim", "conv_alpha") and key not in LORA_TYPES.get(lora_type, ()):
                 src.ignored[key] = (raw, f"LoRA_type {lora_type} ignores it")
-            elif key in LORA_TYPES[lora_type] or not _dropped(value):  # LoCon's conv pair is always written, 0 too
+            elif key in LORA_TYPES.get(lora_type, ()) or not _dropped(value):  # LoCon's conv pair: 0 written too
                 network_args.append(f"{key}={value}")
             continue
         flags = entry.flags if entry is not None else (key,)
