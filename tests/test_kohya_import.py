@@ -696,3 +696,14 @@ def test_a_refused_lora_type_is_one_problem_among_the_others(tmp_path):
     problems = import_sources([bad])[0].problems
     assert [p.split(": ")[1].split(" = ")[0] for p in problems] == [
         "LoRA_type", "network_dim", "optimizer", "lr_scheduler", "train_data_dir"]
+
+
+def test_a_dataset_config_sources_values_are_type_checked(tmp_path):
+    (tmp_path / "img").mkdir()
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\nresolution = "sixty"\n\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n'
+                    f'num_repeats = "ten"\n', encoding="utf-8")
+    problems = import_sources([toml])[0].problems
+    assert len(problems) == 2
+    assert "resolution: must be" in problems[0] and "'sixty'" in problems[0]
+    assert "num_repeats: must be an int, got 'ten'" in problems[1]
