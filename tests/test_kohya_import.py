@@ -662,7 +662,7 @@ def test_a_loras_ss_keys_that_are_no_v087_flag_get_rows(tmp_path):
             "ss_vae_name": "sdxl_vae.safetensors", "ss_huber_scale": "1.0"}
     table = kinds(import_sources([safetensors_with(tmp_path / "k.safetensors", meta)])[0])
     assert table["not supported"]["vae"] == "sdxl_vae.safetensors"  # --vae is refused
-    assert table["unknown"]["ss_huber_scale"] == "1.0"
+    assert table["not supported"]["huber_scale"] == "1.0"  # newer than v0.8.7
 
 
 def test_data_loader_workers_left_unset_are_kohyas_8_with_a_row(tmp_path):
@@ -707,3 +707,12 @@ def test_a_dataset_config_sources_values_are_type_checked(tmp_path):
     assert len(problems) == 2
     assert "resolution: must be" in problems[0] and "'sixty'" in problems[0]
     assert "num_repeats: must be an int, got 'ten'" in problems[1]
+
+
+def test_flags_newer_than_v087_are_not_supported_and_unknown_ones_stay_unknown(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("huber_scale = 1.0\nvalidation_split = 0.1\nno_such_flag = 1\n", encoding="utf-8")
+    rows = {(r.kind, r.kohya): r.detail for r in import_sources([toml])[0].rows}
+    drift = "newer than v0.8.7 (version drift: it would change the numbers)"
+    assert rows[("not supported", "huber_scale")] == rows[("not supported", "validation_split")] == drift
+    assert ("unknown", "no_such_flag") in rows

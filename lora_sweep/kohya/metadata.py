@@ -143,7 +143,7 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
         elif flag in V087_DEFAULTS and text != "None":
             src.set(flag, text, origin)
         elif flag not in V087_DEFAULTS:  # a newer sd-scripts' key: shown, as an unknown TOML or GUI key is
-            src.unknown[key] = text
+            src.unknown[flag] = text
     timesteps = meta.get("modelspec.timestep_range")
     if timesteps:
         low, _, high = timesteps.partition(",")

@@ -16,7 +16,7 @@ from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
 from lora_sweep.data.subsets import NO_PIXELS_EACH_STEP
 from lora_sweep.errors import ConfigError
-from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.kohya.flags import NEWER_FLAGS, NEWER_TEXT, V087_DEFAULTS
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
 from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
@@ -142,7 +142,10 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
         out.rows.append(Row("not recorded", flag, V087_DEFAULTS.get(flag), "not in the LoRA's metadata: kohya default "
                                                                       "assumed"))
     for flag, value in (unknown or {}).items():
-        out.rows.append(Row("unknown", flag, value, "not a flag of sd-scripts v0.8.7 (a newer version?): ignored"))
+        if flag in NEWER_FLAGS:
+            out.rows.append(Row("not supported", flag, value, NEWER_TEXT))
+        else:
+            out.rows.append(Row("unknown", flag, value, "not a flag of sd-scripts v0.8.7 (a newer version?): ignored"))
     missing = missing or {}
     if full["pretrained_model_name_or_path"] is None and "pretrained_model_name_or_path" not in missing:
         out.rows.append(Row("missing", "pretrained_model_name_or_path", None, "model.path: the SDXL model to train"))
