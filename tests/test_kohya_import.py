@@ -230,6 +230,10 @@ def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, ca
     assert run_import([source], "mine", tmp_path, True)[0] == 0
     status, _, err = run_import([source], "v61", None, False)
     assert status == 2 and "shipped experiment's name" in err
+    status, _, err = run_import([source], "v53", tmp_path / "into", False)  # --into refuses it too
+    assert status == 2 and err == ("--name 'v53' is a shipped experiment's name (conf/experiment/v53.yaml): choose "
+                                   "another.\n")
+    assert not (tmp_path / "into").exists()
 
 
 @pytest.mark.parametrize("name", ["SDXL - LoRA kudou-reira dadaptadam v1.0.json"])

@@ -215,7 +215,7 @@ def name_problems(name: str, into: Path | None, force: bool, paths: list[str] = 
     problems = []
     if not _NAME.fullmatch(name):
         problems.append(f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit.")
-    elif into is None and (CONF_DIR / "experiment" / f"{name}.yaml").exists():
+    elif (CONF_DIR / "experiment" / f"{name}.yaml").exists():  # --into too: user/NAME beside NAME misleads
         problems.append(f"--name {name!r} is a shipped experiment's name (conf/experiment/{name}.yaml): choose "
                         f"another.")
     for path in [config_root(into) / p for p in paths or [f"experiment/user/{name}.yaml"]]:
