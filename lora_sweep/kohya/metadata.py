@@ -151,12 +151,18 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
         src.set("max_timestep", high, f"modelspec.timestep_range = {timesteps!r}")
     _trained_modules(names, src)
     src.unrecorded = [flag for flag in UNRECORDED if flag not in src.args]
+    _fp8_base(src)
+    return src
+
+
+def _fp8_base(src: KohyaSource) -> None:
+    """--fp8_base, which v0.8.7's metadata does not record, picks the precision option: a required value unless the
+    mixed precision rules fp8 out (no kohya default may pick it silently)."""
     mixed = src.args.get("mixed_precision", V087_DEFAULTS["mixed_precision"])
-    fp8 = KOHYA_TO_PRECISION.get((mixed, True))  # None: no fp8 with this mixed precision
-    if "fp8_base" not in src.args and fp8 is not None:  # it picks the precision option: no default may pick it
+    fp8 = KOHYA_TO_PRECISION.get((mixed, True))
+    if "fp8_base" not in src.args and fp8 is not None:
         src.missing["fp8_base"] = (f"the LoRA does not record --fp8_base: precision={fp8} if it loaded the model in "
                                    f"fp8, else precision={KOHYA_TO_PRECISION[(mixed, False)]}")
-    return src
 
 
 def _trained_modules(names: list[str], src: KohyaSource) -> None:

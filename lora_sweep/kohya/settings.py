@@ -86,52 +86,8 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
     _groups(full, args, why, out)
     defaults = lora_sweep_defaults(out.groups)
     for flag, value in full.items():
-        if flag in _GROUPED:
-            continue
-        given = flag in args
-        if flag in ("train_data_dir", "reg_data_dir") and full["dataset_config"] is not None:
-            if given:  # v0.8.7 reads the dataset config alone and warns that it ignores these
-                out.rows.append(Row("ignored", flag, value, "a --dataset_config is given: v0.8.7 ignores the folder"))
-            continue
-        if flag in ("color_aug", "random_crop"):  # settings lora-sweep has only to refuse them before a run
-            if value:
-                out.rows.append(Row("not supported", flag, value, f"data.{flag} {NO_PIXELS_EACH_STEP}"))
-            continue
-        if flag in KOHYA_NAMES:
-            setting = KOHYA_NAMES[flag]
-            if flag in _DATASET_ONLY or setting == "data.datasets":
-                if given:
-                    out.rows.append(Row("not supported", flag, value, "a dataset key: give a --dataset_config"))
-                continue
-            if setting in ("optimizer.name", "precision.name"):
-                continue
-            if value is None and setting in defaults and defaults[setting] is not None:
-                if flag in _UNSET:
-                    kind, text = _UNSET[flag]
-                    out.rows.append(Row(kind, flag, value, text.format(setting, defaults[setting])))
-                elif flag == "resolution" and full["dataset_config"] is None:  # train_util asserts one is given
-                    out.rows.append(Row("missing", flag, value, "data.resolution: v0.8.7 requires --resolution"))
-                continue
-            if not given and defaults.get(setting, object()) == value:
-                out.rows.append(Row("same as default", flag, value, setting))
-                continue
-            out.put(setting, value, why(flag))
-            out.rows.append(Row("mapped" if given else "default", flag, value, setting))
-        elif flag in KOHYA_FLAGS and flag not in unrecorded:
-            entry = KOHYA_FLAGS[flag]
-            at_default = value == V087_DEFAULTS.get(flag)
-            if isinstance(entry, Refused):
-                if not at_default:
-                    out.rows.append(Row("not supported", flag, value, entry.reason))
-            elif isinstance(entry, Fixed):
-                if entry.value is ANY or value == entry.value:
-                    if given:
-                        out.rows.append(Row("ignored", flag, value, entry.reason))
-                elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
-                    out.rows.append(Row("not supported", flag, value,
-                                        f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
-                elif flag == "max_data_loader_n_workers":  # the one such default that can change the captions
-                    out.rows.append(Row("ignored", flag, value, _WORKERS))
+        if flag not in _GROUPED:
+            _flag_row(flag, value, flag in args, full, defaults, why, unrecorded, out)
     # v0.8.7 trains the text encoders' LoRA unless --network_train_unet_only; lora-sweep's default is U-Net only
     text_encoder = not full["network_train_unet_only"]
     if text_encoder != defaults.get("network.train_text_encoder"):
@@ -155,6 +111,55 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
     for flag, reason in missing.items():
         out.rows.append(Row("missing", flag, None, f"{KOHYA_NAMES.get(flag, flag)}: {reason}"))
     return out
+
+
+def _flag_row(flag: str, value: object, given: bool, full: dict, defaults: dict, why, unrecorded,
+              out: Imported) -> None:
+    """One flag outside the group choices: its setting (written where it differs from lora-sweep's default) or its
+    row: ignored, not supported (KOHYA_FLAGS), missing."""
+    if flag in ("train_data_dir", "reg_data_dir") and full["dataset_config"] is not None:
+        if given:  # v0.8.7 reads the dataset config alone and warns that it ignores these
+            out.rows.append(Row("ignored", flag, value, "a --dataset_config is given: v0.8.7 ignores the folder"))
+        return
+    if flag in ("color_aug", "random_crop"):  # settings lora-sweep has only to refuse them before a run
+        if value:
+            out.rows.append(Row("not supported", flag, value, f"data.{flag} {NO_PIXELS_EACH_STEP}"))
+        return
+    if flag in KOHYA_NAMES:
+        setting = KOHYA_NAMES[flag]
+        if flag in _DATASET_ONLY or setting == "data.datasets":
+            if given:
+                out.rows.append(Row("not supported", flag, value, "a dataset key: give a --dataset_config"))
+            return
+        if setting in ("optimizer.name", "precision.name"):
+            return
+        if value is None and setting in defaults and defaults[setting] is not None:
+            if flag in _UNSET:
+                kind, text = _UNSET[flag]
+                out.rows.append(Row(kind, flag, value, text.format(setting, defaults[setting])))
+            elif flag == "resolution" and full["dataset_config"] is None:  # train_util asserts one is given
+                out.rows.append(Row("missing", flag, value, "data.resolution: v0.8.7 requires --resolution"))
+            return
+        if not given and defaults.get(setting, object()) == value:
+            out.rows.append(Row("same as default", flag, value, setting))
+            return
+        out.put(setting, value, why(flag))
+        out.rows.append(Row("mapped" if given else "default", flag, value, setting))
+    elif flag in KOHYA_FLAGS and flag not in unrecorded:
+        entry = KOHYA_FLAGS[flag]
+        at_default = value == V087_DEFAULTS.get(flag)
+        if isinstance(entry, Refused):
+            if not at_default:
+                out.rows.append(Row("not supported", flag, value, entry.reason))
+        elif isinstance(entry, Fixed):
+            if entry.value is ANY or value == entry.value:
+                if given:
+                    out.rows.append(Row("ignored", flag, value, entry.reason))
+            elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
+                out.rows.append(Row("not supported", flag, value,
+                                    f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+            elif flag == "max_data_loader_n_workers":  # the one such default that can change the captions
+                out.rows.append(Row("ignored", flag, value, _WORKERS))
 
 
 def _groups(full: dict, args: dict, why, out: Imported) -> None:
