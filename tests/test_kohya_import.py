@@ -71,13 +71,16 @@ def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
         "train.grad_accum": 1, "data.caption_extension": ".txt", "data.resolution": "1024,1024",
         "data.enable_bucket": True, "data.min_bucket_reso": 256, "data.max_bucket_reso": 2048,
         "data.bucket_reso_steps": 32, "data.bucket_no_upscale": True, "data.max_token_length": 75,
-        "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "ddim", "loss.prior_loss_weight": 1.0,
+        "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "euler_a", "loss.prior_loss_weight": 1.0,
+        "train.output_name": "last", "loss.type": "l2", "loss.huber_schedule": "snr", "loss.huber_c": 0.1,
+        "train.max_grad_norm": 1.0,
         "loss.min_snr_gamma": 5.0,
         "optimizer.optimizer_args": ["weight_decay=0.01", "decouple=True", "d0=0.0001", "use_bias_correction=True"],
         "optimizer.scheduler": "constant", "optimizer.lr_scheduler_num_cycles": 1, "network.rank": 32,
         "network.alpha": 16.0, "network.scale_weight_norms": 5.0,
         "network.train_text_encoder": True}  # no network_train_unet_only: v0.8.7 trains the text encoders too
-    assert imported.why["train.max_steps"] == "kohya default"  # the preset has no max_train_steps: v0.8.7's 1600
+    # the preset has no max_train_steps: the GUI passes its field's 1600
+    assert imported.why["train.max_steps"] == "preset.json: kohya_ss GUI default: max_train_steps = 1600"
     assert imported.why["network.alpha"] == "preset.json: network_alpha = 16"
     table = kinds(imported)
     assert set(table["missing"]) == {"pretrained_model_name_or_path", "train_data_dir"}
@@ -95,7 +98,10 @@ def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters(
                      "optimizer_args": '"betas=0.9,0.99" "weight_decay=0.1"',
                      "additional_parameters": '--max_grad_norm=0 --log_prefix=x --newer_flag'}, src)
     assert src.problems == []
-    assert src.args == {"max_grad_norm": 0.0, "learning_rate": 0.0001, "optimizer_args": ["betas=0.9,0.99",
+    assert src.args["resolution"] == "512,512"  # an absent field: the GUI passes its default
+    assert src.origin["resolution"] == "kohya_ss GUI default: max_resolution = '512,512'"
+    assert {k: v for k, v in src.args.items() if not src.origin[k].startswith("kohya_ss GUI default")} == {
+                        "max_grad_norm": 0.0, "learning_rate": 0.0001, "optimizer_args": ["betas=0.9,0.99",
                         "weight_decay=0.1"], "network_module": "networks.lora",
                         "network_args": ["conv_dim=8", "conv_alpha=4", "rank_dropout=0.1"], "max_train_steps": 250,
                         "lr_warmup_steps": 12, "lr_scheduler_num_cycles": 3, "unet_lr": 0.0002,
@@ -194,7 +200,8 @@ def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path,
         f"{mine} exists: give --force to overwrite it, or another --name.",
         f"{tmp_path / 'image.png'}: the file: binary, not a source: {kinds_text}.",
         f"{tmp_path / 'notes.toml'} line 3, column 15: not valid TOML (Invalid value); {kinds_text}.",
-        f"{gui} line 3: seed = 'abc': 'abc' is not an integer (v0.8.7's --seed takes int).",
+        f"{gui} line 3: seed = 'abc': kohya_ss v24.1.4 trains it as 0 (int() of the text fails); write a whole "
+        f"number.",
         f"{gui} line 4: learning_rate = 'fast': 'fast' is not a number (v0.8.7's --learning_rate takes float).",
         f"{gui} line 5: optimizer = 'AdamWW': not an optimizer_type of sd-scripts v0.8.7 (AdamW, AdamW8bit, "
         f"Prodigy, DAdaptAdam, Adafactor, SGDNesterov, Lion, a torch.optim class or a module.Class path).",
@@ -223,6 +230,10 @@ def test_an_existing_file_needs_force_and_a_shipped_name_is_refused(tmp_path, ca
     assert run_import([source], "mine", tmp_path, True)[0] == 0
     status, _, err = run_import([source], "v61", None, False)
     assert status == 2 and "shipped experiment's name" in err
+    status, _, err = run_import([source], "v53", tmp_path / "into", False)  # --into refuses it too
+    assert status == 2 and err == ("--name 'v53' is a shipped experiment's name (conf/experiment/v53.yaml): choose "
+                                   "another.\n")
+    assert not (tmp_path / "into").exists()
 
 
 @pytest.mark.parametrize("name", ["SDXL - LoRA kudou-reira dadaptadam v1.0.json"])
@@ -317,7 +328,7 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
             "ss_mixed_precision": "fp16", "ss_network_args": '{"conv_dim": "8", "conv_alpha": "4"}',
             "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
             "ss_dataset_dirs": '{"10_sks dog": {"n_repeats": 10, "img_count": 12}}', "ss_seed": "1234",
-            "modelspec.timestep_range": "100,900"}
+            "modelspec.timestep_range": "100,900", "ss_resolution": "(1024, 1024)"}
     imported, _ = import_sources([safetensors_with(tmp_path / "v087.safetensors", meta)])
     assert imported.groups["optimizer"] == "adamw8bit" and imported.groups["precision"] == "fp16"
     assert imported.values["optimizer.optimizer_args"] == ["weight_decay=0.1", "betas=(0.9,0.99)"]
@@ -327,7 +338,9 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
     assert missing == {"pretrained_model_name_or_path": "model.path: the LoRA records only the name "
                                                         "'sd_xl_base_1.0.safetensors'",
                        "train_data_dir": "data.dir: the LoRA records only the folder names '10_sks dog' (12 images "
-                                         "x 10)"}
+                                         "x 10)",
+                       "fp8_base": "precision.name: the LoRA does not record --fp8_base: precision=fp8 if it loaded "
+                                   "the model in fp8, else precision=fp16"}
     sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
     assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
                                                   f"LoRAs."]
@@ -344,6 +357,14 @@ def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path,
     assert imported.values["data.dataset_config"] == str(toml.resolve())
     assert imported.why["data.dataset_config"] == "kohya_dataset.toml: its path, as --dataset_config"
     assert "missing" not in kinds(imported)
+    assert "data.dir" not in imported.values  # a dataset config with data.dir is refused at run time
+    assert kinds(imported)["ignored"]["train_data_dir"] == "/ignored"
+    gui = tmp_path / "g.json"  # a saved GUI config always holds train_data_dir
+    gui.write_text(json.dumps({"train_data_dir": "/nowhere", "reg_data_dir": "/reg"}), encoding="utf-8")
+    imported, _ = import_sources([gui, toml])
+    assert imported.problems == [] and "data.dir" not in imported.values and "data.reg_dir" not in imported.values
+    assert {k: kinds(imported)["ignored"][k] for k in ("train_data_dir", "reg_data_dir")} == {
+        "train_data_dir": "/nowhere", "reg_data_dir": "/reg"}
     monkeypatch.chdir(ROOT)  # where its relative image_dirs are not
     assert import_sources([toml])[0].problems[2] == (
         f"{toml}: datasets[0].subsets[2].image_dir = 'reg/girl': the folder does not exist here (read from the "
@@ -586,3 +607,116 @@ def test_onetrainers_ot_config_maps_what_has_a_setting_and_lists_the_rest(tmp_pa
     assert import_sources([adan])[0].problems == [
         f"{adan}: ot_config: optimizer 'ADAN': lora-sweep has no such optimizer; it has ADAMW, ADAMW_8BIT, PRODIGY, "
         f"ADAFACTOR, DADAPT_ADAM, LION_8BIT, PAGED_ADAMW_8BIT."]
+
+
+def test_gui_kohya_locon_always_passes_its_conv_pair_conv_alpha_0_included():
+    src = KohyaSource("g.json")  # v24.1.4 writes conv_dim="{conv_dim}" conv_alpha="{conv_alpha}" for Kohya LoCon
+    read_gui_fields({"LoRA_type": "Kohya LoCon", "conv_dim": 8, "conv_alpha": 0}, src)
+    assert src.args["network_args"] == ["conv_dim=8", "conv_alpha=0"]  # alpha 0: kohya's conv alpha = conv_dim
+
+
+def test_learning_rate_beside_both_group_lrs_gets_a_row(tmp_path):
+    toml = tmp_path / "lr.toml"
+    toml.write_text('learning_rate = 1e-3\nunet_lr = 1e-4\ntext_encoder_lr = 5e-5\nlr_scheduler = "polynomial"\n',
+                    encoding="utf-8")
+    imported, _ = import_sources([toml])
+    assert (imported.values["train.lr"], imported.values["train.text_encoder_lr"]) == (1e-4, 5e-5)
+    assert kinds(imported)["not supported"]["learning_rate"] == 1e-3  # polynomial's start lr: lora-sweep's is 1e-4
+    toml.write_text("unet_lr = 1e-4\ntext_encoder_lr = 5e-5\n", encoding="utf-8")
+    assert kinds(import_sources([toml])[0])["ignored"]["learning_rate"] == 2e-6  # v0.8.7's, unused by constant
+
+
+def test_color_aug_and_random_crop_are_not_supported_at_import(tmp_path):
+    toml = tmp_path / "aug.toml"
+    toml.write_text("color_aug = true\nrandom_crop = true\n", encoding="utf-8")
+    imported, _ = import_sources([toml])
+    assert kinds(imported)["not supported"] == {"color_aug": True, "random_crop": True}
+    assert not {"data.color_aug", "data.random_crop"} & set(imported.values)
+
+
+def test_keys_a_gui_config_lacks_get_the_guis_field_defaults(tmp_path):
+    imported, _ = import_sources([preset_file(tmp_path, "locon-dadaptation-sdxl.json")])
+    # enable_bucket true and no max_bucket_reso: v24.1.4 passes its field's 2048, not v0.8.7's 1024
+    assert imported.values["data.max_bucket_reso"] == 2048
+    assert imported.why["data.max_bucket_reso"] == "preset.json: kohya_ss GUI default: max_bucket_reso = 2048"
+
+
+def test_flags_v087_leaves_none_get_a_row(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("network_dim = 4\n", encoding="utf-8")
+    rows = {(r.kind, r.kohya): r.detail for r in import_sources([toml])[0].rows}
+    assert rows[("missing", "resolution")] == "data.resolution: v0.8.7 requires --resolution"
+    assert rows[("ignored", "save_every_n_steps")] == ("kohya default None: lora-sweep saves every 500 steps "
+                                                       "(train.save_every); saving changes no trained number")
+    assert rows[("ignored", "output_name")] == ("kohya default None names the file 'last': lora-sweep names it "
+                                                "'lora' (train.output_name); a name changes no trained number")
+    assert rows[("ignored", "seed")] == "v0.8.7 draws a random seed; lora-sweep's train.seed 42 applies"
+
+
+def test_a_kohya_loras_fp8_base_is_a_required_value(tmp_path):
+    meta = {"ss_mixed_precision": "bf16", "ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": "4"}
+    imported, _ = import_sources([safetensors_with(tmp_path / "k.safetensors", meta)])
+    missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}
+    assert missing["fp8_base"] == ("precision.name: the LoRA does not record --fp8_base: precision=fp8_bf16 if it "
+                                   "loaded the model in fp8, else precision=bf16")
+
+
+def test_a_loras_ss_keys_that_are_no_v087_flag_get_rows(tmp_path):
+    meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_mixed_precision": "fp16", "ss_fp8_base": "False",
+            "ss_vae_name": "sdxl_vae.safetensors", "ss_huber_scale": "1.0"}
+    table = kinds(import_sources([safetensors_with(tmp_path / "k.safetensors", meta)])[0])
+    assert table["not supported"]["vae"] == "sdxl_vae.safetensors"  # --vae is refused
+    assert table["not supported"]["huber_scale"] == "1.0"  # newer than v0.8.7
+
+
+def test_data_loader_workers_left_unset_are_kohyas_8_with_a_row(tmp_path):
+    command = tmp_path / "cmd.sh"
+    command.write_text("accelerate launch sdxl_train_network.py --shuffle_caption", encoding="utf-8")
+    rows = {(r.kind, r.kohya): (r.value, r.detail) for r in import_sources([command])[0].rows}
+    assert rows[("ignored", "max_data_loader_n_workers")] == (8, (
+        "kohya default 8 workers: lora-sweep loads as with 0; with caption shuffling or dropout kohya's captions "
+        "differ, for each worker draws from its own random stream (not a refusal)"))
+    gui = tmp_path / "g.json"  # the GUI passes its field's 0
+    gui.write_text("{}", encoding="utf-8")
+    assert kinds(import_sources([gui])[0])["ignored"]["max_data_loader_n_workers"] == 0
+
+
+def test_a_toml_resolution_int_and_a_gui_lr_warmup_fraction_are_problems(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("resolution = 1024\n", encoding="utf-8")
+    assert import_sources([toml])[0].problems == [  # v0.8.7 calls args.resolution.split
+        f"{toml} line 1: resolution: 1024: v0.8.7 converts no TOML value and --resolution takes a string."]
+    src = KohyaSource("g.json")
+    read_gui_fields({"lr_warmup": "10.5", "max_train_steps": 100}, src)
+    assert src.problems == ["g.json: lr_warmup = '10.5': kohya_ss v24.1.4 trains it as 0 (int() of the text fails); "
+                            "write a whole number."]
+    assert "lr_warmup_steps" not in src.args
+
+
+def test_a_refused_lora_type_is_one_problem_among_the_others(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"LoRA_type": "LyCORIS/LoHa", "optimizer": "AdamWW", "train_data_dir": "/nowhere",
+                               "network_dim": "abc", "lr_scheduler": "cosinee"}), encoding="utf-8")
+    problems = import_sources([bad])[0].problems
+    assert [p.split(": ")[1].split(" = ")[0] for p in problems] == [
+        "LoRA_type", "network_dim", "optimizer", "lr_scheduler", "train_data_dir"]
+
+
+def test_a_dataset_config_sources_values_are_type_checked(tmp_path):
+    (tmp_path / "img").mkdir()
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\nresolution = "sixty"\n\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n'
+                    f'num_repeats = "ten"\n', encoding="utf-8")
+    problems = import_sources([toml])[0].problems
+    assert len(problems) == 2
+    assert "resolution: must be" in problems[0] and "'sixty'" in problems[0]
+    assert "num_repeats: must be an int, got 'ten'" in problems[1]
+
+
+def test_flags_newer_than_v087_are_not_supported_and_unknown_ones_stay_unknown(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("huber_scale = 1.0\nvalidation_split = 0.1\nno_such_flag = 1\n", encoding="utf-8")
+    rows = {(r.kind, r.kohya): r.detail for r in import_sources([toml])[0].rows}
+    drift = "newer than v0.8.7 (version drift: it would change the numbers)"
+    assert rows[("not supported", "huber_scale")] == rows[("not supported", "validation_split")] == drift
+    assert ("unknown", "no_such_flag") in rows

@@ -200,6 +200,23 @@ def _read(cfg, train_folder: Path | None) -> tuple[list[DatasetSpec], list[str]]
     return specs, list(dict.fromkeys(problems))  # data.resolution's problem once, however many datasets read it
 
 
+def dataset_config_problems(value: str) -> list[str]:
+    """A dataset config file's problems that need no other setting: its layout, and each key and its type as v0.8.7's
+    schema has them (`CU:ConfigSanitizer`); whether an image_dir exists is the caller's to check."""
+    problems: list[str] = []
+    source, general, tables = _load_file(value, problems)
+    _checked(source, None, general, "general", problems)
+    for i, table in enumerate(tables):
+        if not isinstance(table, Mapping):
+            problems.append(f"{source.at((i,))}: must be a table of dataset keys, got {table!r}.")
+            continue
+        _checked(source, (i,), table, "dataset", problems)
+        for j, subset in enumerate(table.get("subsets") or []):
+            if isinstance(subset, Mapping):
+                _checked(source, (i, j), subset, "subset", problems)
+    return problems
+
+
 def _mode_conflicts(d, has_datasets: bool) -> list[str]:
     """kohya ignores --train_data_dir and --reg_data_dir beside --dataset_config, with a warning; lora-sweep refuses."""
     given = [name for name, on in (("data.datasets", has_datasets), ("data.dataset_config", d.dataset_config)) if on]

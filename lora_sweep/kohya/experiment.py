@@ -116,8 +116,9 @@ def import_sources(paths: list[Path], target: Path | None = None,
             imported.put(key, value, f"{Path(src.path).name}: {why}")
             shown = f"{len(value)} entries" if isinstance(value, list) else value
             imported.rows.append(Row("mapped", why.split(",")[0], shown, key))
-            if key == "data.datasets":  # the datasets hold the images: no train_data_dir is missing
-                imported.rows = [r for r in imported.rows if (r.kind, r.kohya) != ("missing", "train_data_dir")]
+            if key == "data.datasets":  # the datasets hold the images and resolutions: neither flag is missing
+                imported.rows = [r for r in imported.rows if r.kind != "missing" or r.kohya not in ("train_data_dir",
+                                                                                                  "resolution")]
     return imported, sources
 
 
@@ -214,7 +215,7 @@ def name_problems(name: str, into: Path | None, force: bool, paths: list[str] = 
     problems = []
     if not _NAME.fullmatch(name):
         problems.append(f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit.")
-    elif into is None and (CONF_DIR / "experiment" / f"{name}.yaml").exists():
+    elif (CONF_DIR / "experiment" / f"{name}.yaml").exists():  # --into too: user/NAME beside NAME misleads
         problems.append(f"--name {name!r} is a shipped experiment's name (conf/experiment/{name}.yaml): choose "
                         f"another.")
     for path in [config_root(into) / p for p in paths or [f"experiment/user/{name}.yaml"]]:

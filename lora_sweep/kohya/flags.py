@@ -196,6 +196,17 @@ LIST_FLAGS = frozenset({"optimizer_args", "lr_scheduler_args", "network_args", "
                         "base_weights_multiplier"})
 
 
+# sd-scripts flags added after v0.8.7 (v0.9.x and main up to 48d368f, train_util.py, train_network.py and
+# sdxl_train*.py) that act on training; the log, mmap and cache-check switches left out change no number
+NEWER_FLAGS = frozenset({"alpha_mask", "blocks_to_swap", "cpu_offload_checkpointing", "fp8_base_unet",
+                         "fused_backward_pass", "huber_scale", "initial_epoch", "initial_step", "logit_mean",
+                         "logit_std", "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
+                         "max_validation_steps", "mode_scale", "resize_interpolation", "skip_until_initial_step",
+                         "text_encoder_batch_size", "validate_every_n_epochs", "validate_every_n_steps",
+                         "validation_seed", "validation_split", "weighting_scheme"})
+NEWER_TEXT = "newer than v0.8.7 (version drift: it would change the numbers)"
+
+
 def _flag_type(flag: str, default: object) -> type:
     if flag in LIST_FLAGS:
         return list

@@ -12,9 +12,11 @@ from pathlib import Path
 from lora_sweep.kohya.flags import V087_DEFAULTS
 from lora_sweep.kohya.onetrainer import read_onetrainer
 from lora_sweep.kohya.sources import KohyaSource
+from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
 # ss_* keys whose flag has another name
-_RENAMED = {"ss_debiased_estimation": "debiased_estimation_loss", "ss_batch_size_per_device": "train_batch_size",
+_RENAMED = {"ss_debiased_estimation": "debiased_estimation_loss", "ss_vae_name": "vae",
+            "ss_batch_size_per_device": "train_batch_size",
             "lora_sweep_fp8_base": "fp8_base", "lora_sweep_full_bf16": "full_bf16",
             "lora_sweep_v_parameterization": "v_parameterization", "lora_sweep_v_pred_like_loss": "v_pred_like_loss",
             "lora_sweep_scale_v_pred_loss_like_noise_pred": "scale_v_pred_loss_like_noise_pred",
@@ -26,10 +28,11 @@ _FACTS = {"ss_session_id", "ss_training_started_at", "ss_training_finished_at", 
           "ss_sd_scripts_commit_hash", "ss_tag_frequency", "ss_bucket_info", "ss_total_batch_size",
           "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_hash", "ss_new_vae_hash", "sshs_model_hash",
           "sshs_legacy_hash", "ss_base_model_version", "ss_reg_dataset_dirs"}
-# v0.8.7 flags its metadata does not record (reference §10.3; the rest of the 170 are runtime or logging)
+# v0.8.7 flags its metadata does not record (reference §10.3; the rest of the 170 are runtime or logging; fp8_base,
+# which picks the precision option, is a required value instead)
 UNRECORDED = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args", "lr_scheduler_type",
               "network_train_unet_only", "network_train_text_encoder_only", "network_weights", "dim_from_weights",
-              "base_weights", "base_weights_multiplier", "full_bf16", "fp8_base", "no_half_vae", "save_precision",
+              "base_weights", "base_weights_multiplier", "full_bf16", "no_half_vae", "save_precision",
               "xformers", "sdpa", "mem_eff_attn", "torch_compile", "dynamo_backend", "max_data_loader_n_workers",
               "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "caption_separator",
               "caption_extension", "token_warmup_min", "token_warmup_step", "enable_wildcard",
@@ -139,6 +142,8 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
                 src.set("train_batch_size", datasets[0]["batch_size_per_device"], origin)
         elif flag in V087_DEFAULTS and text != "None":
             src.set(flag, text, origin)
+        elif flag not in V087_DEFAULTS:  # a newer sd-scripts' key: shown, as an unknown TOML or GUI key is
+            src.unknown[flag] = text
     timesteps = meta.get("modelspec.timestep_range")
     if timesteps:
         low, _, high = timesteps.partition(",")
@@ -146,7 +151,18 @@ def read_lora(path: Path, data: Path | None = None) -> KohyaSource:
         src.set("max_timestep", high, f"modelspec.timestep_range = {timesteps!r}")
     _trained_modules(names, src)
     src.unrecorded = [flag for flag in UNRECORDED if flag not in src.args]
+    _fp8_base(src)
     return src
+
+
+def _fp8_base(src: KohyaSource) -> None:
+    """--fp8_base, which v0.8.7's metadata does not record, picks the precision option: a required value unless the
+    mixed precision rules fp8 out (no kohya default may pick it silently)."""
+    mixed = src.args.get("mixed_precision", V087_DEFAULTS["mixed_precision"])
+    fp8 = KOHYA_TO_PRECISION.get((mixed, True))
+    if "fp8_base" not in src.args and fp8 is not None:
+        src.missing["fp8_base"] = (f"the LoRA does not record --fp8_base: precision={fp8} if it loaded the model in "
+                                   f"fp8, else precision={KOHYA_TO_PRECISION[(mixed, False)]}")
 
 
 def _trained_modules(names: list[str], src: KohyaSource) -> None:

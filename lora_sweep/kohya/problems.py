@@ -10,6 +10,7 @@ from pathlib import Path
 
 import tomllib
 
+from lora_sweep.data.subsets import dataset_config_problems
 from lora_sweep.errors import ConfigError
 from lora_sweep.kohya.sources import KohyaSource
 from lora_sweep.training.optim import not_shipped_class, resolve_optimizer_name
@@ -52,13 +53,15 @@ def _name_problems(src: KohyaSource) -> None:
 
 
 def _dataset_problems(path: Path, src: KohyaSource) -> None:
-    """Each subset's image_dir that does not exist (relative to the working folder, as v0.8.7 reads it)."""
+    """Its keys and their types as v0.8.7's schema has them, and each subset's image_dir that does not exist
+    (relative to the working folder, as v0.8.7 reads it)."""
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         src.problems.append(f"{path}: not a dataset config ({err}).")
         return
+    src.problems += dataset_config_problems(str(path))
     for i, dataset in enumerate(data.get("datasets", [])):
         for j, subset in enumerate(dataset.get("subsets", [])):
             folder = subset.get("image_dir")

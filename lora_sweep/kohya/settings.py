@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed, Refused
+from lora_sweep.data.subsets import NO_PIXELS_EACH_STEP
 from lora_sweep.errors import ConfigError
-from lora_sweep.kohya.flags import V087_DEFAULTS
+from lora_sweep.kohya.flags import NEWER_FLAGS, NEWER_TEXT, V087_DEFAULTS
 from lora_sweep.training.optim import parse_kohya_args, resolve_optimizer_name
 from lora_sweep.training.precision import KOHYA_TO_PRECISION
 
@@ -24,6 +25,18 @@ _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "l
             "text_encoder_lr", "lr_scheduler_args"}
 _DATASET_ONLY = {"num_repeats", "class_tokens", "is_reg", "image_dir", "subsets", "network_multiplier", "dim",
                  "dataset_repeats"}
+
+# flags whose v0.8.7 default is None where lora-sweep has a value: the row (kind, text with the setting and its value)
+_UNSET = {
+    "seed": ("ignored", "v0.8.7 draws a random seed; lora-sweep's {} {} applies"),
+    "save_every_n_steps": ("ignored", "kohya default None: lora-sweep saves every {1} steps ({0}); saving changes "
+                                      "no trained number"),
+    "output_name": ("ignored", "kohya default None names the file 'last': lora-sweep names it {1!r} ({0}); a name "
+                               "changes no trained number"),
+}
+
+_WORKERS = ("kohya default 8 workers: lora-sweep loads as with 0; with caption shuffling or dropout kohya's captions "
+            "differ, for each worker draws from its own random stream (not a refusal)")
 
 
 @dataclass
@@ -73,40 +86,8 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
     _groups(full, args, why, out)
     defaults = lora_sweep_defaults(out.groups)
     for flag, value in full.items():
-        if flag in _GROUPED:
-            continue
-        given = flag in args
-        if flag in KOHYA_NAMES:
-            setting = KOHYA_NAMES[flag]
-            if flag in _DATASET_ONLY or setting == "data.datasets":
-                if given:
-                    out.rows.append(Row("not supported", flag, value, "a dataset key: give a --dataset_config"))
-                continue
-            if setting in ("optimizer.name", "precision.name"):
-                continue
-            if value is None and setting in defaults and defaults[setting] is not None:
-                if flag == "seed":
-                    out.rows.append(Row("ignored", flag, value, "v0.8.7 draws a random seed; lora-sweep's "
-                                                                "train.seed 42 applies"))
-                continue
-            if not given and defaults.get(setting, object()) == value:
-                out.rows.append(Row("same as default", flag, value, setting))
-                continue
-            out.put(setting, value, why(flag))
-            out.rows.append(Row("mapped" if given else "default", flag, value, setting))
-        elif flag in KOHYA_FLAGS and flag not in unrecorded:
-            entry = KOHYA_FLAGS[flag]
-            at_default = value == V087_DEFAULTS.get(flag)
-            if isinstance(entry, Refused):
-                if not at_default:
-                    out.rows.append(Row("not supported", flag, value, entry.reason))
-            elif isinstance(entry, Fixed):
-                if entry.value is ANY or value == entry.value:
-                    if given:
-                        out.rows.append(Row("ignored", flag, value, entry.reason))
-                elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
-                    out.rows.append(Row("not supported", flag, value,
-                                        f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+        if flag not in _GROUPED:
+            _flag_row(flag, value, flag in args, full, defaults, why, unrecorded, out)
     # v0.8.7 trains the text encoders' LoRA unless --network_train_unet_only; lora-sweep's default is U-Net only
     text_encoder = not full["network_train_unet_only"]
     if text_encoder != defaults.get("network.train_text_encoder"):
@@ -117,7 +98,10 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
         out.rows.append(Row("not recorded", flag, V087_DEFAULTS.get(flag), "not in the LoRA's metadata: kohya default "
                                                                       "assumed"))
     for flag, value in (unknown or {}).items():
-        out.rows.append(Row("unknown", flag, value, "not a flag of sd-scripts v0.8.7 (a newer version?): ignored"))
+        if flag in NEWER_FLAGS:
+            out.rows.append(Row("not supported", flag, value, NEWER_TEXT))
+        else:
+            out.rows.append(Row("unknown", flag, value, "not a flag of sd-scripts v0.8.7 (a newer version?): ignored"))
     missing = missing or {}
     if full["pretrained_model_name_or_path"] is None and "pretrained_model_name_or_path" not in missing:
         out.rows.append(Row("missing", "pretrained_model_name_or_path", None, "model.path: the SDXL model to train"))
@@ -127,6 +111,55 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
     for flag, reason in missing.items():
         out.rows.append(Row("missing", flag, None, f"{KOHYA_NAMES.get(flag, flag)}: {reason}"))
     return out
+
+
+def _flag_row(flag: str, value: object, given: bool, full: dict, defaults: dict, why, unrecorded,
+              out: Imported) -> None:
+    """One flag outside the group choices: its setting (written where it differs from lora-sweep's default) or its
+    row: ignored, not supported (KOHYA_FLAGS), missing."""
+    if flag in ("train_data_dir", "reg_data_dir") and full["dataset_config"] is not None:
+        if given:  # v0.8.7 reads the dataset config alone and warns that it ignores these
+            out.rows.append(Row("ignored", flag, value, "a --dataset_config is given: v0.8.7 ignores the folder"))
+        return
+    if flag in ("color_aug", "random_crop"):  # settings lora-sweep has only to refuse them before a run
+        if value:
+            out.rows.append(Row("not supported", flag, value, f"data.{flag} {NO_PIXELS_EACH_STEP}"))
+        return
+    if flag in KOHYA_NAMES:
+        setting = KOHYA_NAMES[flag]
+        if flag in _DATASET_ONLY or setting == "data.datasets":
+            if given:
+                out.rows.append(Row("not supported", flag, value, "a dataset key: give a --dataset_config"))
+            return
+        if setting in ("optimizer.name", "precision.name"):
+            return
+        if value is None and setting in defaults and defaults[setting] is not None:
+            if flag in _UNSET:
+                kind, text = _UNSET[flag]
+                out.rows.append(Row(kind, flag, value, text.format(setting, defaults[setting])))
+            elif flag == "resolution" and full["dataset_config"] is None:  # train_util asserts one is given
+                out.rows.append(Row("missing", flag, value, "data.resolution: v0.8.7 requires --resolution"))
+            return
+        if not given and defaults.get(setting, object()) == value:
+            out.rows.append(Row("same as default", flag, value, setting))
+            return
+        out.put(setting, value, why(flag))
+        out.rows.append(Row("mapped" if given else "default", flag, value, setting))
+    elif flag in KOHYA_FLAGS and flag not in unrecorded:
+        entry = KOHYA_FLAGS[flag]
+        at_default = value == V087_DEFAULTS.get(flag)
+        if isinstance(entry, Refused):
+            if not at_default:
+                out.rows.append(Row("not supported", flag, value, entry.reason))
+        elif isinstance(entry, Fixed):
+            if entry.value is ANY or value == entry.value:
+                if given:
+                    out.rows.append(Row("ignored", flag, value, entry.reason))
+            elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
+                out.rows.append(Row("not supported", flag, value,
+                                    f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
+            elif flag == "max_data_loader_n_workers":  # the one such default that can change the captions
+                out.rows.append(Row("ignored", flag, value, _WORKERS))
 
 
 def _groups(full: dict, args: dict, why, out: Imported) -> None:
@@ -190,6 +223,8 @@ def _learning_rates(full: dict, args: dict, why, out: Imported) -> None:
             out.put("train.text_encoder_lr", lr, why("learning_rate"))
             out.rows.append(Row("mapped" if "learning_rate" in args else "default", "learning_rate", lr,
                                 "train.text_encoder_lr"))
+        elif lr != unet:
+            out.rows.append(_optimizer_lr_row(lr, unet, full["lr_scheduler"]))
     else:
         out.put("train.lr", lr, why("learning_rate"))
         out.rows.append(Row("mapped" if "learning_rate" in args else "default", "learning_rate", lr, "train.lr"))
@@ -198,3 +233,13 @@ def _learning_rates(full: dict, args: dict, why, out: Imported) -> None:
     if text is not None:
         out.put("train.text_encoder_lr", text, why("text_encoder_lr"))
         out.rows.append(Row("mapped", "text_encoder_lr", text, "train.text_encoder_lr"))
+
+
+def _optimizer_lr_row(lr: object, unet: object, scheduler: object) -> Row:
+    """--learning_rate when --unet_lr and --text_encoder_lr give every group its lr: v0.8.7 still makes it the
+    optimizer's default lr, polynomial's and adafactor's start lr; lora-sweep reads train.lr (the U-Net's) there."""
+    if scheduler in ("polynomial", "adafactor"):
+        return Row("not supported", "learning_rate", lr, f"lr_scheduler {scheduler} starts from it; lora-sweep has no "
+                                                         f"lr apart from the groups' and starts from train.lr {unet}")
+    return Row("ignored", "learning_rate", lr, "unet_lr and text_encoder_lr set every group's lr; it is only "
+                                               "ss_learning_rate and polynomial's or adafactor's start lr")

@@ -79,6 +79,31 @@ def _gui_number(value: object) -> object:
     return value
 
 
+# kohya_ss v24.1.4's field defaults, which it passes on for a key its saved config lacks (open_configuration keeps
+# the field's value): class_basic_training.py (with lora_gui.py's learning_rate 1e-4, cosine, warmup 10),
+# class_advanced_training.py, class_source_model.py, class_accelerate_launch.py, class_sample_images.py and
+# lora_gui.py's network fields. "", False and 0 fields are left out: the GUI passes them on as nothing. The optimizer
+# is update_my_data's (AdamW, or AdamW8bit with use_8bit_adam), which is v0.8.7's default too.
+GUI_FIELD_DEFAULTS = {
+    "LoRA_type": "Standard", "train_batch_size": 1, "epoch": 1, "max_train_steps": 1600, "save_every_n_epochs": 1,
+    "caption_extension": ".txt", "cache_latents": True, "lr_scheduler": "cosine", "max_grad_norm": 1.0,
+    "learning_rate": 0.0001, "lr_warmup": 10, "lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1.0,
+    "max_resolution": "512,512", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+    "gradient_accumulation_steps": 1, "prior_loss_weight": 1.0, "loss_type": "l2", "huber_schedule": "snr",
+    "huber_c": 0.1, "clip_skip": 1, "max_token_length": 75, "xformers": "xformers", "bucket_reso_steps": 64,
+    "max_timestep": 1000, "multires_noise_discount": 0.3, "output_name": "last", "save_precision": "fp16",
+    "save_model_as": "safetensors", "mixed_precision": "fp16", "sample_sampler": "euler_a", "text_encoder_lr": 0.0001,
+    "unet_lr": 0.0001, "network_dim": 8, "network_alpha": 1, "conv_dim": 1, "conv_alpha": 1,
+    "max_data_loader_n_workers": 0,  # passed on even at 0
+}
+
+
+# update_my_data's int() of these GUI strings, and what it uses when int() fails (common_gui.py)
+_GUI_INTS = {"adaptive_noise_scale": 0, "clip_skip": 0, "epoch": 0, "gradient_accumulation_steps": 0, "keep_tokens": 0,
+             "lr_warmup": 0, "max_data_loader_n_workers": 0, "max_train_epochs": 0, "save_every_n_epochs": 0,
+             "seed": 0, "lr_scheduler_num_cycles": 1, "max_train_steps": 0, "max_token_length": 75}
+
+
 def read_gui(path: Path) -> KohyaSource:
     """A kohya_ss v24.1.4 LoRA config (the GUI's saved JSON) as the flags the GUI passes to sd-scripts."""
     src = KohyaSource(str(path))
@@ -98,10 +123,17 @@ def read_gui(path: Path) -> KohyaSource:
 def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     """The GUI's fields into `src`, converted as v24.1.4's train_model converts them (docs/kohya.md, GUI_KEYS)."""
     gui = {("lora_network_weights" if k == "network_weights" else k): v for k, v in gui.items()}
-    lora_type = gui.get("LoRA_type", "Standard")
-    if (problem := lora_type_problem(lora_type)) is not None:
+    absent = set(GUI_FIELD_DEFAULTS) - set(gui)
+    gui |= {key: value for key, value in GUI_FIELD_DEFAULTS.items() if key in absent}
+    lora_type = gui["LoRA_type"]
+    if (problem := lora_type_problem(lora_type)) is not None:  # one problem among the others, all reported at once
         src.problem("LoRA_type", problem.rstrip("."))
-        return
+    for key, fallback in _GUI_INTS.items():
+        raw = gui.get(key)
+        if isinstance(raw, str) and raw.strip() and not re.fullmatch(r"\s*[-+]?\d+\s*", raw):
+            src.problem(f"{key} = {raw!r}", f"kohya_ss v24.1.4 trains it as {fallback} (int() of the text fails); "
+                                            f"write a whole number")
+            gui[key] = fallback
     network_args: list[str] = []
     for key, raw in gui.items():
         value = _gui_number(raw)
@@ -114,9 +146,9 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
             src.ignored[key] = (raw, entry.how)
             continue
         if key in NETWORK_ARGS:
-            if key in ("conv_dim", "conv_alpha") and key not in LORA_TYPES[lora_type]:
+            if key in ("conv_dim", "conv_alpha") and key not in LORA_TYPES.get(lora_type, ()):
                 src.ignored[key] = (raw, f"LoRA_type {lora_type} ignores it")
-            elif not _dropped(value):
+            elif key in LORA_TYPES.get(lora_type, ()) or not _dropped(value):  # LoCon's conv pair: 0 written too
                 network_args.append(f"{key}={value}")
             continue
         flags = entry.flags if entry is not None else (key,)
@@ -144,6 +176,9 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     extra = gui.get("additional_parameters") or ""
     if extra:
         _read_flags(str(extra).replace('"', "").split(), src, "additional_parameters")
+    for flag, text in src.origin.items():
+        if text.split(" ")[0] in absent:
+            src.origin[flag] = f"kohya_ss GUI default: {text}"
 
 
 def _gui_lengths(gui: dict, src: KohyaSource) -> None:
@@ -300,7 +335,9 @@ def _toml_typed(kind: type, value: object) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return True  # str and the rest: v0.8.7 uses any value as it is
+    if kind is str:  # v0.8.7 calls str methods on it (resolution.split)
+        return isinstance(value, str)
+    return True  # the rest: v0.8.7 uses any value as it is
 
 
 def read_command_line(path: Path) -> KohyaSource:
