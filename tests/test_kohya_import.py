@@ -159,6 +159,25 @@ def test_the_written_experiment_composes_with_its_values(tmp_path):
     assert list(cfg.optimizer.optimizer_args) == ["decouple=True", "weight_decay=0.01"]
 
 
+def test_a_group_chosen_on_the_command_line_keeps_the_groups_other_imported_keys(tmp_path):
+    """The tester's case: --min_timestep 100 --max_timestep 900 survive `noise=multires`; so do the loss and
+    optimizer keys no loss or optimizer option sets, while the options' own keys are replaced."""
+    toml = tmp_path / "cfg.toml"
+    toml.write_text("noise_offset = 0.05\nadaptive_noise_scale = 0.005\nmin_timestep = 100\nmax_timestep = 900\n"
+                    "min_snr_gamma = 5.0\nprior_loss_weight = 0.5\noptimizer_args = ['weight_decay=0.05']\n"
+                    "lr_scheduler = 'cosine'\nlr_warmup_steps = 10\n", encoding="utf-8")
+    assert run_import([toml], "t", tmp_path / "conf", False)[0] == 0
+    noise = (tmp_path / "conf" / "noise" / "user" / "t.yaml").read_text(encoding="utf-8")
+    assert "min_timestep" not in noise and "adaptive_scale: 0.005" in noise
+    cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t", "noise=multires",
+                         "loss=huber_snr", "optimizer=prodigy")
+    n, lo, o = cfg.noise, cfg.loss, cfg.optimizer
+    assert (n.min_timestep, n.max_timestep, n.offset, n.adaptive_scale, n.multires_iterations) == (
+        100, 900, 0.0, None, 6)
+    assert (lo.type, lo.min_snr_gamma, lo.prior_loss_weight) == ("huber", None, 0.5)
+    assert (o.name, list(o.optimizer_args), o.scheduler, o.warmup_steps) == ("prodigy", [], "cosine", 10)
+
+
 def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path, capsys):
     files = {
         "image.png": None,  # a real PNG: binary

@@ -149,26 +149,45 @@ def _comment(text: str) -> str:
     return "  # " + " ".join(text.split())
 
 
+# keys that only act with an option's key, so they go with the option: the chosen optimizer's arguments in
+# kohya's form, and the noise strengths' modifiers (pre-flight refuses them beside a 0 strength)
+_TIED = {"optimizer": {"optimizer_args"},
+         "noise": {"adaptive_scale", "offset_random_strength", "ip_gamma_random_strength"}}
+
+
+def option_keys(group: str) -> set[str]:
+    """The keys the shipped options of `group` set (conf/<group>/*.yaml) and those tied to them: what choosing
+    another option replaces."""
+    keys = set(_TIED.get(group, ()))
+    for path in (CONF_DIR / group).glob("*.yaml"):
+        keys |= set(OmegaConf.load(path).keys()) - {"defaults"}
+    return keys
+
+
 def experiment_files(imported: Imported, sources: list[str], name: str) -> dict[str, str]:
     """The files an import writes, by path under a config folder: experiment/user/<name>.yaml (the group choices,
     then each setting under its group, every line commented with the source key and value it came from, or "kohya
-    default") and, for a chosen group with imported values, <group>/user/<name>.yaml: an option of that group that
-    extends the chosen option(s) with the values, so a group chosen on the command line replaces them all."""
+    default") and, for a chosen group with imported values of keys its options set (option_keys),
+    <group>/user/<name>.yaml: an option of that group that extends the chosen option(s) with those values, so a
+    group chosen on the command line replaces them all. The group's other keys stay in the experiment file."""
     head = [f"# Imported from kohya by `python -m lora_sweep import {' '.join(sources)}`.",
             "# A flag the sources leave out is sd-scripts v0.8.7's default (\"kohya default\")."]
     by_group: dict[str, list[str]] = {}
+    in_option: dict[str, list[str]] = {}
     for key, value in imported.values.items():
         group, _, leaf = key.partition(".")
-        by_group.setdefault(group, []).append(f"{leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
+        chosen = group in imported.groups and leaf.split(".")[0] in option_keys(group)
+        (in_option if chosen else by_group).setdefault(group, []).append(
+            f"{leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
     files = {}
     lines = ["# @package _global_", *head, "defaults:"]
     for group, option in imported.groups.items():
         options = [option] if isinstance(option, str) else list(option)
         choice = option if isinstance(option, str) else "[" + ", ".join(option) + "]"
-        if group in by_group:
+        if group in in_option:
             files[f"{group}/user/{name}.yaml"] = "\n".join(
                 [f"# @package {group}", *head, f"# {group}={choice} with the imported values below.", "defaults:",
-                 *[f"  - /{group}/{o}@_here_" for o in options], "  - _self_", *by_group.pop(group)]) + "\n"
+                 *[f"  - /{group}/{o}@_here_" for o in options], "  - _self_", *in_option[group]]) + "\n"
             choice = f"user/{name}"
         lines.append(f"  - override /{group}: {choice}{_comment(imported.why[group])}")
     lines.append("  - _self_")
