@@ -178,6 +178,16 @@ def test_a_group_chosen_on_the_command_line_keeps_the_groups_other_imported_keys
     assert (o.name, list(o.optimizer_args), o.scheduler, o.warmup_steps) == ("prodigy", [], "cosine", 10)
 
 
+def test_a_gui_configs_output_dir_is_ignored_so_a_sweeps_runs_get_their_own_folders(tmp_path):
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"output_dir": "/data/out", "output_name": "mylora"}), encoding="utf-8")
+    imported, _ = import_sources([gui])
+    assert "train.output_dir" not in imported.values and imported.values["train.output_name"] == "mylora"
+    assert [(r.kind, r.detail) for r in imported.rows if r.kohya == "output_dir"] == [
+        ("ignored", "every lora-sweep run writes its LoRA in its own run folder; set train.output_dir for a single "
+                    "run")]
+
+
 def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path, capsys):
     files = {
         "image.png": None,  # a real PNG: binary

@@ -24,6 +24,9 @@ _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "l
             "text_encoder_lr", "lr_scheduler_args"}
 _DATASET_ONLY = {"num_repeats", "class_tokens", "is_reg", "image_dir", "subsets", "network_multiplier", "dim",
                  "dataset_repeats"}
+# flags with a setting an import leaves unset: a sweep's runs would all write to the one folder
+_RUN_FOLDER = {"output_dir": "every lora-sweep run writes its LoRA in its own run folder; set train.output_dir for a "
+                             "single run"}
 
 
 @dataclass
@@ -76,7 +79,10 @@ def to_lora_sweep(args: dict[str, object], origin: dict[str, str],
         if flag in _GROUPED:
             continue
         given = flag in args
-        if flag in KOHYA_NAMES:
+        if flag in _RUN_FOLDER:
+            if given:
+                out.rows.append(Row("ignored", flag, value, _RUN_FOLDER[flag]))
+        elif flag in KOHYA_NAMES:
             setting = KOHYA_NAMES[flag]
             if flag in _DATASET_ONLY or setting == "data.datasets":
                 if given:
