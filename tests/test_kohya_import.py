@@ -64,11 +64,12 @@ def test_a_lycoris_preset_is_refused_naming_its_type():
 def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
     imported, sources = import_sources([preset_file(tmp_path, "SDXL - LoRA AI_Now prodigy v1.0.json")])
     assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "none",
-                               "loss": ["l2", "min_snr"]}
+                               "loss": ["l2", "min_snr"], "data": "folder"}
     assert imported.values == {
         "train.lr": 1.0, "train.text_encoder_lr": 1.0, "train.save_precision": "bf16", "train.save_every_epochs": 10,
         "train.batch_size": 8, "train.xformers": True, "train.max_steps": 1600, "train.gradient_checkpointing": True,
         "train.grad_accum": 1, "data.caption_extension": ".txt", "data.resolution": "1024,1024",
+        "model.path": "???", "data.dir": "???",
         "data.enable_bucket": True, "data.min_bucket_reso": 256, "data.max_bucket_reso": 2048,
         "data.bucket_reso_steps": 32, "data.bucket_no_upscale": True, "data.max_token_length": 75,
         "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "ddim", "loss.prior_loss_weight": 1.0,
@@ -286,7 +287,7 @@ def test_a_lora_written_by_lora_sweep_gives_back_its_settings(tmp_path):
     imported, _ = import_sources([safetensors_with(tmp_path / "lora.safetensors", meta)])
     assert imported.problems == []
     assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "offset",
-                               "loss": ["huber_snr", "min_snr"]}
+                               "loss": ["huber_snr", "min_snr"], "data": "folder"}
     values = imported.values
     assert (values["network.rank"], values["network.alpha"], values["train.max_steps"]) == (16, 8.0, 300)
     assert (values["train.lr"], values["train.batch_size"], values["noise.offset"]) == (1.0, 2, 0.0357)
@@ -360,6 +361,31 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
     sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
     assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
                                                   f"LoRAs."]
+
+
+def test_a_lora_imported_without_data_makes_its_model_and_folder_required_values(tmp_path):
+    """The tester's case: without --data, data.dir is `???` under data=folder (not the bundled photos), model.path
+    `???` under model=sdxl, the import says so, and the run's checks refuse both until they are set."""
+    from lora_sweep.checks.validate import config_problems
+
+    meta = {"ss_network_dim": "8", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
+            "ss_dataset_dirs": '{"3_subject": {"n_repeats": 3, "img_count": 3}}'}
+    status, out, err = run_import([safetensors_with(tmp_path / "mylora.safetensors", meta)], "t", tmp_path / "conf",
+                                  False)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[-1] == (
+        "2 required value(s) the sources cannot give, ??? in the files: model.path, data.dir. The run refuses to "
+        "start until each is set on sweep.py's command line (a LoRA's image folders: import it again with --data "
+        "DIR, the folder holding them).")
+    assert "dir: ???  # required value (train_data_dir): the LoRA records only the folder names '3_subject' (3 " \
+           "images x 3)" in (tmp_path / "conf" / "data" / "user" / "t.yaml").read_text(encoding="utf-8")
+    cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t")
+    assert (cfg.data.name, cfg.data.dir, cfg.model.name, cfg.model.path) == ("folder", None, "sdxl", None)
+    problems = config_problems(cfg)
+    assert problems[0].startswith("model.path is not set;")
+    assert problems[1].startswith("data.dir: data=folder trains on your own dataset, and data.dir is not set.")
+    assert problems[1].endswith("An experiment imported from a LoRA gets it from `python -m lora_sweep import LORA "
+                                "--data DIR`, DIR holding the LoRA's image folders.")
 
 
 def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path, monkeypatch):
@@ -599,7 +625,7 @@ def test_onetrainers_ot_config_maps_what_has_a_setting_and_lists_the_rest(tmp_pa
         "resolution": "1024,1024", "min_snr_gamma": 5.0, "max_grad_norm": 1.0, "network_train_unet_only": True}
     assert sources[0].origin["network_dim"] == "ot_config lora_rank = 16"
     assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "adamw8bit", "noise": "offset",
-                               "loss": ["l2", "min_snr"]}
+                               "loss": ["l2", "min_snr"], "data": "folder"}
     assert sources[0].unsupported == {"ema": ("OFF", "OneTrainer's ema: no lora-sweep setting"),
                                       "layer_filter": ("attn", "OneTrainer's layer_filter: no lora-sweep setting")}
     missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}

@@ -118,7 +118,30 @@ def import_sources(paths: list[Path], target: Path | None = None,
             imported.rows.append(Row("mapped", why.split(",")[0], shown, key))
             if key == "data.datasets":  # the datasets hold the images: no train_data_dir is missing
                 imported.rows = [r for r in imported.rows if (r.kind, r.kohya) != ("missing", "train_data_dir")]
+    _required_values(imported)
     return imported, sources
+
+
+# missing flag -> its setting and the group option whose pre-flight refuses it unset (a `???` merged over the
+# schema's default keeps the default, so the option is what refuses)
+_REQUIRED = {"pretrained_model_name_or_path": ("model.path", "sdxl"), "train_data_dir": ("data.dir", "folder")}
+
+
+def _required_values(imported: Imported) -> None:
+    """The model or image folder the sources cannot give: `???` in the file, with the reason, under model=sdxl or
+    data=folder, so the run refuses to start until it is set."""
+    for row in imported.rows:
+        if row.kind == "missing" and row.kohya in _REQUIRED:
+            setting, option = _REQUIRED[row.kohya]
+            group = setting.split(".")[0]
+            imported.groups[group] = option
+            imported.why.setdefault(group, f"{setting} is a required value")
+            imported.put(setting, "???", f"required value ({row.kohya}): {row.detail.split(': ', 1)[-1]}")
+
+
+def required_settings(imported: Imported) -> list[str]:
+    """The settings a missing row names (model.path, data.dir, ...), in the table's order."""
+    return [r.detail.split(":")[0] for r in imported.rows if r.kind == "missing"]
 
 
 def _short(text: str) -> str:
@@ -126,6 +149,8 @@ def _short(text: str) -> str:
 
 
 def _yaml_value(value: object) -> str:
+    if value == "???":  # Hydra's required value
+        return "???"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -273,4 +298,9 @@ def run_import(paths: list[Path], name: str | None, into: Path | None, force: bo
     search = "" if into is None else f"'hydra.searchpath=[file://{into.resolve()}]' "
     written = ", ".join(str(config_root(into) / relative) for relative in files)
     table = table_text(imported, ignored, unsupported)
-    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`.\n", ""
+    required = required_settings(imported)
+    unset = "" if not required else (
+        f"\n{len(required)} required value(s) the sources cannot give, ??? in the files: {', '.join(required)}. The "
+        f"run refuses to start until each is set on sweep.py's command line (a LoRA's image folders: import it again "
+        f"with --data DIR, the folder holding them).")
+    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`.{unset}\n", ""
