@@ -17,7 +17,7 @@ from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
 from lora_sweep.kohya.experiment import import_sources, run_import
 from lora_sweep.kohya.metadata import read_lora
-from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
+from lora_sweep.kohya.sources import KohyaSource, read_gui, read_gui_fields
 
 DATA = Path(__file__).parent / "data"
 PRESETS = json.loads((DATA / "kohya_ss_v24.1.4_sdxl_presets.json").read_text(encoding="utf-8"))["presets"]
@@ -102,6 +102,23 @@ def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters(
                         "lr_warmup_steps": 12, "lr_scheduler_num_cycles": 3, "unet_lr": 0.0002,
                         "network_train_unet_only": True, "sdpa": True, "log_prefix": "x"}
     assert src.unknown == {"newer_flag": True}  # 5% of 250 = 12.5: half to even
+
+
+def test_gui_only_keys_get_rows_saying_what_they_became_and_network_args_their_values(tmp_path):
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"LoRA_type": "Kohya LoCon", "conv_dim": "4", "conv_alpha": "2", "lr_warmup": 50,
+                               "max_train_steps": "5", "epoch": 3, "lr_scheduler_num_cycles": ""}), encoding="utf-8")
+    imported, _ = import_sources([gui])
+    assert imported.why["network.network_args"] == ("gui.json: LoRA_type = 'Kohya LoCon', conv_dim = '4', "
+                                                    "conv_alpha = '2'")
+    assert {r.kohya: (r.kind, r.value, r.detail) for r in imported.rows if r.kohya.endswith("(GUI)")} == {
+        "LoRA_type (GUI)": ("mapped", "Kohya LoCon",
+                            "--network_module 'networks.lora', --network_args ['conv_dim=4', 'conv_alpha=2']"),
+        "lr_warmup (GUI)": ("mapped", 50, "--lr_warmup_steps 2"),
+        "epoch (GUI)": ("mapped", 3, "--lr_scheduler_num_cycles 3")}
+    gui.write_text(json.dumps({"epoch": 3, "lr_scheduler_num_cycles": "2", "max_train_steps": "5"}), encoding="utf-8")
+    assert read_gui(gui).ignored["epoch"] == (3, "GUI only: it sets max_train_steps and lr_scheduler_num_cycles, "
+                                                 "which the config gives or leaves at kohya's default")
 
 
 def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest(tmp_path):

@@ -118,6 +118,8 @@ def import_sources(paths: list[Path], target: Path | None = None,
             imported.rows.append(Row("mapped", why.split(",")[0], shown, key))
             if key == "data.datasets":  # the datasets hold the images: no train_data_dir is missing
                 imported.rows = [r for r in imported.rows if (r.kind, r.kohya) != ("missing", "train_data_dir")]
+    imported.rows += [Row("mapped", f"{key} (GUI)", value, became) for src in sources
+                      for key, (value, became) in src.converted.items()]
     _required_values(imported)
     return imported, sources
 
