@@ -15,7 +15,7 @@ from kohya_dataset import write_kohya_dataset
 
 from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
-from lora_sweep.kohya.experiment import import_sources, run_import
+from lora_sweep.kohya.experiment import import_sources, required_text, run_import
 from lora_sweep.kohya.metadata import read_lora
 from lora_sweep.kohya.sources import KohyaSource, read_gui, read_gui_fields
 
@@ -391,9 +391,11 @@ def test_a_lora_imported_without_data_makes_its_model_and_folder_required_values
                                   False)
     assert (status, err) == (0, "")
     assert out.splitlines()[-1] == (
-        "2 required value(s) the sources cannot give, ??? in the files: model.path, data.dir. The run refuses to "
-        "start until each is set on sweep.py's command line (a LoRA's image folders: import it again with --data "
-        "DIR, the folder holding them).")
+        "2 required value(s) the sources cannot give: model.path, data.dir. model.path, data.dir: ??? in the files, "
+        "so the run refuses to start until each is set on sweep.py's command line (a LoRA's image folders: import it "
+        "again with --data DIR, the folder holding them).")
+    assert required_text(["datasets[0].subsets[0].image_dir", "train.max_steps"]).endswith(
+        "train.max_steps: lora-sweep's default applies unless set on sweep.py's command line.")
     assert "dir: ???  # required value (train_data_dir): the LoRA records only the folder names '3_subject' (3 " \
            "images x 3)" in (tmp_path / "conf" / "data" / "user" / "t.yaml").read_text(encoding="utf-8")
     cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t")

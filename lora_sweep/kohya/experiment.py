@@ -300,9 +300,23 @@ def run_import(paths: list[Path], name: str | None, into: Path | None, force: bo
     search = "" if into is None else f"'hydra.searchpath=[file://{into.resolve()}]' "
     written = ", ".join(str(config_root(into) / relative) for relative in files)
     table = table_text(imported, ignored, unsupported)
-    required = required_settings(imported)
-    unset = "" if not required else (
-        f"\n{len(required)} required value(s) the sources cannot give, ??? in the files: {', '.join(required)}. The "
-        f"run refuses to start until each is set on sweep.py's command line (a LoRA's image folders: import it again "
-        f"with --data DIR, the folder holding them).")
-    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`.{unset}\n", ""
+    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`." + \
+        required_text(required_settings(imported)) + "\n", ""
+
+
+def required_text(required: list[str]) -> str:
+    """The import's last words on the required values: those written as ??? stop the run until set; any other
+    takes lora-sweep's value unless set."""
+    if not required:
+        return ""
+    written = {setting for setting, _ in _REQUIRED.values()}
+    refused = [s for s in required if s in written or s.startswith("datasets[")]  # an image_dir is ??? in data.datasets
+    others = [s for s in required if s not in refused]
+    text = f"\n{len(required)} required value(s) the sources cannot give: {', '.join(required)}."
+    if refused:
+        text += (f" {', '.join(refused)}: ??? in the files, so the run refuses to start until each is set on "
+                 f"sweep.py's command line (a LoRA's image folders: import it again with --data DIR, the folder "
+                 f"holding them).")
+    if others:
+        text += f" {', '.join(others)}: lora-sweep's default applies unless set on sweep.py's command line."
+    return text
