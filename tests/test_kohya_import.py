@@ -15,9 +15,9 @@ from kohya_dataset import write_kohya_dataset
 
 from lora_sweep.__main__ import main
 from lora_sweep.checks.command_line import command_line_problems
-from lora_sweep.kohya.experiment import import_sources, run_import
+from lora_sweep.kohya.experiment import import_sources, required_text, run_import
 from lora_sweep.kohya.metadata import read_lora
-from lora_sweep.kohya.sources import KohyaSource, read_gui_fields
+from lora_sweep.kohya.sources import KohyaSource, read_gui, read_gui_fields
 
 DATA = Path(__file__).parent / "data"
 PRESETS = json.loads((DATA / "kohya_ss_v24.1.4_sdxl_presets.json").read_text(encoding="utf-8"))["presets"]
@@ -64,11 +64,12 @@ def test_a_lycoris_preset_is_refused_naming_its_type():
 def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
     imported, sources = import_sources([preset_file(tmp_path, "SDXL - LoRA AI_Now prodigy v1.0.json")])
     assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "none",
-                               "loss": ["l2", "min_snr"]}
+                               "loss": ["l2", "min_snr"], "data": "folder"}
     assert imported.values == {
         "train.lr": 1.0, "train.text_encoder_lr": 1.0, "train.save_precision": "bf16", "train.save_every_epochs": 10,
         "train.batch_size": 8, "train.xformers": True, "train.max_steps": 1600, "train.gradient_checkpointing": True,
         "train.grad_accum": 1, "data.caption_extension": ".txt", "data.resolution": "1024,1024",
+        "model.path": "???", "data.dir": "???",
         "data.enable_bucket": True, "data.min_bucket_reso": 256, "data.max_bucket_reso": 2048,
         "data.bucket_reso_steps": 32, "data.bucket_no_upscale": True, "data.max_token_length": 75,
         "model.clip_skip": 1, "noise.max_timestep": 1000, "sampling.sampler": "euler_a", "loss.prior_loss_weight": 1.0,
@@ -107,6 +108,23 @@ def test_gui_conversions_warmup_percent_zeros_dropped_and_additional_parameters(
                         "lr_warmup_steps": 12, "lr_scheduler_num_cycles": 3, "unet_lr": 0.0002,
                         "network_train_unet_only": True, "sdpa": True, "log_prefix": "x"}
     assert src.unknown == {"newer_flag": True}  # 5% of 250 = 12.5: half to even
+
+
+def test_gui_only_keys_get_rows_saying_what_they_became_and_network_args_their_values(tmp_path):
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"LoRA_type": "Kohya LoCon", "conv_dim": "4", "conv_alpha": "2", "lr_warmup": 50,
+                               "max_train_steps": "5", "epoch": 3, "lr_scheduler_num_cycles": ""}), encoding="utf-8")
+    imported, _ = import_sources([gui])
+    assert imported.why["network.network_args"] == ("gui.json: LoRA_type = 'Kohya LoCon', conv_dim = '4', "
+                                                    "conv_alpha = '2'")
+    assert {r.kohya: (r.kind, r.value, r.detail) for r in imported.rows if r.kohya.endswith("(GUI)")} == {
+        "LoRA_type (GUI)": ("mapped", "Kohya LoCon",
+                            "--network_module 'networks.lora', --network_args ['conv_dim=4', 'conv_alpha=2']"),
+        "lr_warmup (GUI)": ("mapped", 50, "--lr_warmup_steps 2"),
+        "epoch (GUI)": ("mapped", 3, "--lr_scheduler_num_cycles 3")}
+    gui.write_text(json.dumps({"epoch": 3, "lr_scheduler_num_cycles": "2", "max_train_steps": "5"}), encoding="utf-8")
+    assert read_gui(gui).ignored["epoch"] == (3, "GUI only: it sets max_train_steps and lr_scheduler_num_cycles, "
+                                                 "which the config gives or leaves at kohya's default")
 
 
 def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest(tmp_path):
@@ -163,6 +181,35 @@ def test_the_written_experiment_composes_with_its_values(tmp_path):
     assert (cfg.train.lr, cfg.train.text_encoder_lr, cfg.train.max_steps, cfg.network.alpha) == (1.0, 0.5, 800, 4.0)
     assert (cfg.noise.ip_gamma, cfg.loss.debiased, cfg.data.resolution) == (0.1, True, "1024,1024")
     assert list(cfg.optimizer.optimizer_args) == ["decouple=True", "weight_decay=0.01"]
+
+
+def test_a_group_chosen_on_the_command_line_keeps_the_groups_other_imported_keys(tmp_path):
+    """The tester's case: --min_timestep 100 --max_timestep 900 survive `noise=multires`; so do the loss and
+    optimizer keys no loss or optimizer option sets, while the options' own keys are replaced."""
+    toml = tmp_path / "cfg.toml"
+    toml.write_text("noise_offset = 0.05\nadaptive_noise_scale = 0.005\nmin_timestep = 100\nmax_timestep = 900\n"
+                    "min_snr_gamma = 5.0\nprior_loss_weight = 0.5\noptimizer_args = ['weight_decay=0.05']\n"
+                    "lr_scheduler = 'cosine'\nlr_warmup_steps = 10\n", encoding="utf-8")
+    assert run_import([toml], "t", tmp_path / "conf", False)[0] == 0
+    noise = (tmp_path / "conf" / "noise" / "user" / "t.yaml").read_text(encoding="utf-8")
+    assert "min_timestep" not in noise and "adaptive_scale: 0.005" in noise
+    cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t", "noise=multires",
+                         "loss=huber_snr", "optimizer=prodigy")
+    n, lo, o = cfg.noise, cfg.loss, cfg.optimizer
+    assert (n.min_timestep, n.max_timestep, n.offset, n.adaptive_scale, n.multires_iterations) == (
+        100, 900, 0.0, None, 6)
+    assert (lo.type, lo.min_snr_gamma, lo.prior_loss_weight) == ("huber", None, 0.5)
+    assert (o.name, list(o.optimizer_args), o.scheduler, o.warmup_steps) == ("prodigy", [], "cosine", 10)
+
+
+def test_a_gui_configs_output_dir_is_ignored_so_a_sweeps_runs_get_their_own_folders(tmp_path):
+    gui = tmp_path / "gui.json"
+    gui.write_text(json.dumps({"output_dir": "/data/out", "output_name": "mylora"}), encoding="utf-8")
+    imported, _ = import_sources([gui])
+    assert "train.output_dir" not in imported.values and imported.values["train.output_name"] == "mylora"
+    assert [(r.kind, r.detail) for r in imported.rows if r.kohya == "output_dir"] == [
+        ("ignored", "every lora-sweep run writes its LoRA in its own run folder; set train.output_dir for a single "
+                    "run")]
 
 
 def test_bad_input_is_every_problem_at_once_exit_2_and_nothing_written(tmp_path, capsys):
@@ -268,7 +315,7 @@ def test_a_lora_written_by_lora_sweep_gives_back_its_settings(tmp_path):
     imported, _ = import_sources([safetensors_with(tmp_path / "lora.safetensors", meta)])
     assert imported.problems == []
     assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "prodigy", "noise": "offset",
-                               "loss": ["huber_snr", "min_snr"]}
+                               "loss": ["huber_snr", "min_snr"], "data": "folder"}
     values = imported.values
     assert (values["network.rank"], values["network.alpha"], values["train.max_steps"]) == (16, 8.0, 300)
     assert (values["train.lr"], values["train.batch_size"], values["noise.offset"]) == (1.0, 2, 0.0357)
@@ -344,6 +391,33 @@ def test_a_v087_loras_metadata_maps_its_optimizer_network_args_and_timesteps(tmp
     sd15 = safetensors_with(tmp_path / "sd15.safetensors", {**meta, "ss_base_model_version": "sd_v1"})
     assert import_sources([sd15])[0].problems == [f"{sd15}: ss_base_model_version: 'sd_v1': lora-sweep trains SDXL "
                                                   f"LoRAs."]
+
+
+def test_a_lora_imported_without_data_makes_its_model_and_folder_required_values(tmp_path):
+    """The tester's case: without --data, data.dir is `???` under data=folder (not the bundled photos), model.path
+    `???` under model=sdxl, the import says so, and the run's checks refuse both until they are set."""
+    from lora_sweep.checks.validate import config_problems
+
+    meta = {"ss_network_dim": "8", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
+            "ss_dataset_dirs": '{"3_subject": {"n_repeats": 3, "img_count": 3}}'}
+    status, out, err = run_import([safetensors_with(tmp_path / "mylora.safetensors", meta)], "t", tmp_path / "conf",
+                                  False)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[-1] == (
+        "2 required value(s) the sources cannot give: model.path, data.dir. model.path, data.dir: ??? in the files, "
+        "so the run refuses to start until each is set on sweep.py's command line (a LoRA's image folders: import it "
+        "again with --data DIR, the folder holding them).")
+    assert required_text(["datasets[0].subsets[0].image_dir", "train.max_steps"]).endswith(
+        "train.max_steps: lora-sweep's default applies unless set on sweep.py's command line.")
+    assert "dir: ???  # required value (train_data_dir): the LoRA records only the folder names '3_subject' (3 " \
+           "images x 3)" in (tmp_path / "conf" / "data" / "user" / "t.yaml").read_text(encoding="utf-8")
+    cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t")
+    assert (cfg.data.name, cfg.data.dir, cfg.model.name, cfg.model.path) == ("folder", None, "sdxl", None)
+    problems = config_problems(cfg)
+    assert problems[0].startswith("model.path is not set;")
+    assert problems[1].startswith("data.dir: data=folder trains on your own dataset, and data.dir is not set.")
+    assert problems[1].endswith("An experiment imported from a LoRA gets it from `python -m lora_sweep import LORA "
+                                "--data DIR`, DIR holding the LoRA's image folders.")
 
 
 def test_a_dataset_config_source_passes_through_as_data_dataset_config(tmp_path, monkeypatch):
@@ -591,7 +665,7 @@ def test_onetrainers_ot_config_maps_what_has_a_setting_and_lists_the_rest(tmp_pa
         "resolution": "1024,1024", "min_snr_gamma": 5.0, "max_grad_norm": 1.0, "network_train_unet_only": True}
     assert sources[0].origin["network_dim"] == "ot_config lora_rank = 16"
     assert imported.groups == {"model": "sdxl", "precision": "bf16", "optimizer": "adamw8bit", "noise": "offset",
-                               "loss": ["l2", "min_snr"]}
+                               "loss": ["l2", "min_snr"], "data": "folder"}
     assert sources[0].unsupported == {"ema": ("OFF", "OneTrainer's ema: no lora-sweep setting"),
                                       "layer_filter": ("attn", "OneTrainer's layer_filter: no lora-sweep setting")}
     missing = {r.kohya: r.detail for r in imported.rows if r.kind == "missing"}

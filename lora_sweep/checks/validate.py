@@ -504,8 +504,9 @@ def _check_data_dir(d) -> None:
     if d.name == "folder" and not d.dir:
         raise ConfigError(
             "data.dir: data=folder trains on your own dataset, and data.dir is not set. Set data.dir=PATH, a folder "
-            "in kohya's layout (<dir>/<repeats>_<name>/ with images and .txt captions), or use data=photos for the "
-            "bundled photos.")
+            "in kohya's layout (<dir>/<repeats>_<name>/ with images and .txt captions), on the command line, or use "
+            "data=photos for the bundled photos. An experiment imported from a LoRA gets it from `python -m "
+            "lora_sweep import LORA --data DIR`, DIR holding the LoRA's image folders.")
     if d.name == "folder" or d.dir:
         if not Path(d.dir).expanduser().is_dir():
             raise ConfigError(

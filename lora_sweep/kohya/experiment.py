@@ -119,7 +119,32 @@ def import_sources(paths: list[Path], target: Path | None = None,
             if key == "data.datasets":  # the datasets hold the images and resolutions: neither flag is missing
                 imported.rows = [r for r in imported.rows if r.kind != "missing" or r.kohya not in ("train_data_dir",
                                                                                                   "resolution")]
+    imported.rows += [Row("mapped", f"{key} (GUI)", value, became) for src in sources
+                      for key, (value, became) in src.converted.items()]
+    _required_values(imported)
     return imported, sources
+
+
+# missing flag -> its setting and the group option whose pre-flight refuses it unset (a `???` merged over the
+# schema's default keeps the default, so the option is what refuses)
+_REQUIRED = {"pretrained_model_name_or_path": ("model.path", "sdxl"), "train_data_dir": ("data.dir", "folder")}
+
+
+def _required_values(imported: Imported) -> None:
+    """The model or image folder the sources cannot give: `???` in the file, with the reason, under model=sdxl or
+    data=folder, so the run refuses to start until it is set."""
+    for row in imported.rows:
+        if row.kind == "missing" and row.kohya in _REQUIRED:
+            setting, option = _REQUIRED[row.kohya]
+            group = setting.split(".")[0]
+            imported.groups[group] = option
+            imported.why.setdefault(group, f"{setting} is a required value")
+            imported.put(setting, "???", f"required value ({row.kohya}): {row.detail.split(': ', 1)[-1]}")
+
+
+def required_settings(imported: Imported) -> list[str]:
+    """The settings a missing row names (model.path, data.dir, ...), in the table's order."""
+    return [r.detail.split(":")[0] for r in imported.rows if r.kind == "missing"]
 
 
 def _short(text: str) -> str:
@@ -127,6 +152,8 @@ def _short(text: str) -> str:
 
 
 def _yaml_value(value: object) -> str:
+    if value == "???":  # Hydra's required value
+        return "???"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -150,26 +177,45 @@ def _comment(text: str) -> str:
     return "  # " + " ".join(text.split())
 
 
+# keys that only act with an option's key, so they go with the option: the chosen optimizer's arguments in
+# kohya's form, and the noise strengths' modifiers (pre-flight refuses them beside a 0 strength)
+_TIED = {"optimizer": {"optimizer_args"},
+         "noise": {"adaptive_scale", "offset_random_strength", "ip_gamma_random_strength"}}
+
+
+def option_keys(group: str) -> set[str]:
+    """The keys the shipped options of `group` set (conf/<group>/*.yaml) and those tied to them: what choosing
+    another option replaces."""
+    keys = set(_TIED.get(group, ()))
+    for path in (CONF_DIR / group).glob("*.yaml"):
+        keys |= set(OmegaConf.load(path).keys()) - {"defaults"}
+    return keys
+
+
 def experiment_files(imported: Imported, sources: list[str], name: str) -> dict[str, str]:
     """The files an import writes, by path under a config folder: experiment/user/<name>.yaml (the group choices,
     then each setting under its group, every line commented with the source key and value it came from, or "kohya
-    default") and, for a chosen group with imported values, <group>/user/<name>.yaml: an option of that group that
-    extends the chosen option(s) with the values, so a group chosen on the command line replaces them all."""
+    default") and, for a chosen group with imported values of keys its options set (option_keys),
+    <group>/user/<name>.yaml: an option of that group that extends the chosen option(s) with those values, so a
+    group chosen on the command line replaces them all. The group's other keys stay in the experiment file."""
     head = [f"# Imported from kohya by `python -m lora_sweep import {' '.join(sources)}`.",
             "# A flag the sources leave out is sd-scripts v0.8.7's default (\"kohya default\")."]
     by_group: dict[str, list[str]] = {}
+    in_option: dict[str, list[str]] = {}
     for key, value in imported.values.items():
         group, _, leaf = key.partition(".")
-        by_group.setdefault(group, []).append(f"{leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
+        chosen = group in imported.groups and leaf.split(".")[0] in option_keys(group)
+        (in_option if chosen else by_group).setdefault(group, []).append(
+            f"{leaf}: {_yaml_value(value)}{_comment(imported.why[key])}")
     files = {}
     lines = ["# @package _global_", *head, "defaults:"]
     for group, option in imported.groups.items():
         options = [option] if isinstance(option, str) else list(option)
         choice = option if isinstance(option, str) else "[" + ", ".join(option) + "]"
-        if group in by_group:
+        if group in in_option:
             files[f"{group}/user/{name}.yaml"] = "\n".join(
                 [f"# @package {group}", *head, f"# {group}={choice} with the imported values below.", "defaults:",
-                 *[f"  - /{group}/{o}@_here_" for o in options], "  - _self_", *by_group.pop(group)]) + "\n"
+                 *[f"  - /{group}/{o}@_here_" for o in options], "  - _self_", *in_option[group]]) + "\n"
             choice = f"user/{name}"
         lines.append(f"  - override /{group}: {choice}{_comment(imported.why[group])}")
     lines.append("  - _self_")
@@ -255,4 +301,23 @@ def run_import(paths: list[Path], name: str | None, into: Path | None, force: bo
     search = "" if into is None else f"'hydra.searchpath=[file://{into.resolve()}]' "
     written = ", ".join(str(config_root(into) / relative) for relative in files)
     table = table_text(imported, ignored, unsupported)
-    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`.\n", ""
+    return 0, table + f"\nwrote {written}; train it with `python sweep.py {search}experiment=user/{name}`." + \
+        required_text(required_settings(imported)) + "\n", ""
+
+
+def required_text(required: list[str]) -> str:
+    """The import's last words on the required values: those written as ??? stop the run until set; any other
+    takes lora-sweep's value unless set."""
+    if not required:
+        return ""
+    written = {setting for setting, _ in _REQUIRED.values()}
+    refused = [s for s in required if s in written or s.startswith("datasets[")]  # an image_dir is ??? in data.datasets
+    others = [s for s in required if s not in refused]
+    text = f"\n{len(required)} required value(s) the sources cannot give: {', '.join(required)}."
+    if refused:
+        text += (f" {', '.join(refused)}: ??? in the files, so the run refuses to start until each is set on "
+                 f"sweep.py's command line (a LoRA's image folders: import it again with --data DIR, the folder "
+                 f"holding them).")
+    if others:
+        text += f" {', '.join(others)}: lora-sweep's default applies unless set on sweep.py's command line."
+    return text

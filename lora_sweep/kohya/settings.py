@@ -25,6 +25,9 @@ _GROUPED = {"mixed_precision", "fp8_base", "optimizer_type", "use_8bit_adam", "l
             "text_encoder_lr", "lr_scheduler_args"}
 _DATASET_ONLY = {"num_repeats", "class_tokens", "is_reg", "image_dir", "subsets", "network_multiplier", "dim",
                  "dataset_repeats"}
+# flags with a setting an import leaves unset: a sweep's runs would all write to the one folder
+_RUN_FOLDER = {"output_dir": "every lora-sweep run writes its LoRA in its own run folder; set train.output_dir for a "
+                             "single run"}
 
 # flags whose v0.8.7 default is None where lora-sweep has a value: the row (kind, text with the setting and its value)
 _UNSET = {
@@ -117,6 +120,10 @@ def _flag_row(flag: str, value: object, given: bool, full: dict, defaults: dict,
               out: Imported) -> None:
     """One flag outside the group choices: its setting (written where it differs from lora-sweep's default) or its
     row: ignored, not supported (KOHYA_FLAGS), missing."""
+    if flag in _RUN_FOLDER:
+        if given:
+            out.rows.append(Row("ignored", flag, value, _RUN_FOLDER[flag]))
+        return
     if flag in ("train_data_dir", "reg_data_dir") and full["dataset_config"] is not None:
         if given:  # v0.8.7 reads the dataset config alone and warns that it ignores these
             out.rows.append(Row("ignored", flag, value, "a --dataset_config is given: v0.8.7 ignores the folder"))

@@ -36,6 +36,7 @@ class KohyaSource:
     texts: dict[str, str] = field(default_factory=dict)  # flag -> text the import writes to a file (GUI prompts)
     unsupported: dict[str, tuple[object, str]] = field(default_factory=dict)  # a key of another tool -> why
     settings: dict[str, tuple[object, str]] = field(default_factory=dict)  # no flag holds it: setting -> value, origin
+    converted: dict[str, tuple[object, str]] = field(default_factory=dict)  # a GUI-only key -> value, what it became
     text: str = ""  # the file's text, for the line of a key in a problem
 
     def set(self, flag: str, value: object, origin: str) -> None:
@@ -135,6 +136,7 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
                                             f"write a whole number")
             gui[key] = fallback
     network_args: list[str] = []
+    network_origin = [f"LoRA_type = {lora_type!r}"]
     for key, raw in gui.items():
         value = _gui_number(raw)
         origin = f"{key} = {raw!r}"
@@ -150,6 +152,7 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
                 src.ignored[key] = (raw, f"LoRA_type {lora_type} ignores it")
             elif key in LORA_TYPES.get(lora_type, ()) or not _dropped(value):  # LoCon's conv pair: 0 written too
                 network_args.append(f"{key}={value}")
+                network_origin.append(origin)
             continue
         flags = entry.flags if entry is not None else (key,)
         if key not in V087_DEFAULTS and entry is None:
@@ -165,7 +168,7 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
             src.set(flags[0], value, origin)
     src.set("network_module", "networks.lora", f"LoRA_type = {lora_type!r}")
     if network_args:
-        src.set("network_args", network_args + list(src.args.get("network_args", [])), "LoRA_type and dropouts")
+        src.set("network_args", network_args + list(src.args.get("network_args", [])), ", ".join(network_origin))
     _gui_lengths(gui, src)
     _gui_lrs(gui, src)
     attention = gui.get("xformers", "none")
@@ -176,9 +179,29 @@ def read_gui_fields(gui: dict, src: KohyaSource) -> None:
     extra = gui.get("additional_parameters") or ""
     if extra:
         _read_flags(str(extra).replace('"', "").split(), src, "additional_parameters")
+    _gui_only_keys(gui, src)  # before the origins of absent keys are relabelled
     for flag, text in src.origin.items():
         if text.split(" ")[0] in absent:
             src.origin[flag] = f"kohya_ss GUI default: {text}"
+
+
+# a GUI-only key -> the flags the GUI derives from it
+_GUI_ONLY = {"LoRA_type": ("network_module", "network_args"), "lr_warmup": ("lr_warmup_steps",),
+             "epoch": ("max_train_steps", "lr_scheduler_num_cycles")}
+
+
+def _gui_only_keys(gui: dict, src: KohyaSource) -> None:
+    """A table row for each GUI-only key: the flags it became, or why it sets none here."""
+    for key, flags in _GUI_ONLY.items():
+        if key not in gui:
+            continue
+        from_key = [flag for flag in flags if src.origin.get(flag, "").startswith(f"{key} =")
+                    or key == "epoch" and "the GUI's estimate" in src.origin.get(flag, "")]
+        if from_key:
+            src.converted[key] = (gui[key], ", ".join(f"--{flag} {src.args[flag]!r}" for flag in from_key))
+        else:
+            src.ignored[key] = (gui[key], f"GUI only: it sets {' and '.join(flags)}, which the config gives or "
+                                          f"leaves at kohya's default")
 
 
 def _gui_lengths(gui: dict, src: KohyaSource) -> None:
