@@ -398,7 +398,7 @@ def test_a_lora_imported_without_data_makes_its_model_and_folder_required_values
     `???` under model=sdxl, the import says so, and the run's checks refuse both until they are set."""
     from lora_sweep.checks.validate import config_problems
 
-    meta = {"ss_network_dim": "8", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
+    meta = {"ss_network_dim": "8", "ss_sd_model_name": "sd_xl_base_1.0.safetensors", "ss_resolution": "(64, 64)",
             "ss_dataset_dirs": '{"3_subject": {"n_repeats": 3, "img_count": 3}}'}
     status, out, err = run_import([safetensors_with(tmp_path / "mylora.safetensors", meta)], "t", tmp_path / "conf",
                                   False)
