@@ -18,52 +18,30 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lora_sweep.checks.keys import KOHYA_NAMES
 from lora_sweep.checks.kohya_flags import ANY, KOHYA_FLAGS, Fixed
 from lora_sweep.config import flatten, to_container
 from lora_sweep.kohya.flags import V087_DEFAULTS, typed
 
 ESSENTIAL = ("pretrained_model_name_or_path", "output_dir", "output_name", "seed", "network_module")
-# settings whose flag has the same value and type: flag -> dotted setting
-_SAME = {
-    "v_parameterization": "model.v_prediction", "clip_skip": "model.clip_skip",
-    "noise_offset": "noise.offset", "noise_offset_random_strength": "noise.offset_random_strength",
-    "adaptive_noise_scale": "noise.adaptive_scale", "multires_noise_discount": "noise.multires_discount",
-    "ip_noise_gamma_random_strength": "noise.ip_gamma_random_strength", "min_timestep": "noise.min_timestep",
-    "max_timestep": "noise.max_timestep",
-    "loss_type": "loss.type", "huber_schedule": "loss.huber_schedule", "huber_c": "loss.huber_c",
-    "min_snr_gamma": "loss.min_snr_gamma", "debiased_estimation_loss": "loss.debiased",
-    "prior_loss_weight": "loss.prior_loss_weight", "zero_terminal_snr": "loss.zero_terminal_snr",
-    "scale_v_pred_loss_like_noise_pred": "loss.scale_v_pred_loss_like_noise_pred",
-    "v_pred_like_loss": "loss.v_pred_like_loss",
-    "learning_rate": "train.lr", "text_encoder_lr": "train.text_encoder_lr",
-    "lr_scheduler": "optimizer.scheduler", "lr_warmup_steps": "optimizer.warmup_steps",
-    "lr_scheduler_num_cycles": "optimizer.lr_scheduler_num_cycles",
-    "lr_scheduler_power": "optimizer.lr_scheduler_power",
-    "full_fp16": "precision.full_fp16", "full_bf16": "precision.full_bf16",
-    "network_dim": "network.rank", "network_alpha": "network.alpha",
-    "dim_from_weights": "network.dim_from_weights", "scale_weight_norms": "network.scale_weight_norms",
-    "network_train_text_encoder_only": "network.network_train_text_encoder_only",
-    "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum", "seed": "train.seed", "max_grad_norm": "train.max_grad_norm",
-    "gradient_checkpointing": "train.gradient_checkpointing", "output_name": "train.output_name",
-    "max_train_epochs": "train.max_train_epochs", "save_last_n_epochs": "train.save_last_n_epochs",
-    "save_last_n_steps": "train.save_last_n_steps", "save_precision": "train.save_precision",
-    "torch_compile": "train.torch_compile", "dynamo_backend": "train.dynamo_backend", "sdpa": "train.sdpa",
-    "xformers": "train.xformers", "mem_eff_attn": "train.mem_eff_attn",
-    "sample_every_n_steps": "sampling.every", "sample_sampler": "sampling.sampler",
-    "shuffle_caption": "data.shuffle_caption", "keep_tokens": "data.keep_tokens",
-    "caption_separator": "data.caption_separator", "caption_extension": "data.caption_extension",
-    "max_token_length": "data.max_token_length", "flip_aug": "data.flip_aug", "random_crop": "data.random_crop",
-    "color_aug": "data.color_aug", "enable_bucket": "data.enable_bucket",
-    "bucket_no_upscale": "data.bucket_no_upscale", "bucket_reso_steps": "data.bucket_reso_steps",
-    "caption_prefix": "data.caption_prefix", "caption_suffix": "data.caption_suffix",
-    "caption_dropout_rate": "data.caption_dropout_rate",
-    "caption_dropout_every_n_epochs": "data.caption_dropout_every_n_epochs",
-    "caption_tag_dropout_rate": "data.caption_tag_dropout_rate",
-    "keep_tokens_separator": "data.keep_tokens_separator", "secondary_separator": "data.secondary_separator",
-    "enable_wildcard": "data.enable_wildcard", "token_warmup_min": "data.token_warmup_min",
-    "token_warmup_step": "data.token_warmup_step",
-}
+# flags whose value and type are the setting's own (the setting: checks/keys.py KOHYA_NAMES)
+_SAME_FLAGS = (
+    "v_parameterization", "clip_skip", "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
+    "multires_noise_discount", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "loss_type",
+    "huber_schedule", "huber_c", "min_snr_gamma", "debiased_estimation_loss", "prior_loss_weight",
+    "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "learning_rate", "text_encoder_lr",
+    "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "full_fp16", "full_bf16",
+    "network_dim", "network_alpha", "dim_from_weights", "scale_weight_norms", "network_train_text_encoder_only",
+    "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "seed", "max_grad_norm",
+    "gradient_checkpointing", "output_name", "max_train_epochs", "save_last_n_epochs", "save_last_n_steps",
+    "save_precision", "torch_compile", "dynamo_backend", "sdpa", "xformers", "mem_eff_attn", "sample_every_n_steps",
+    "sample_sampler", "shuffle_caption", "keep_tokens", "caption_separator", "caption_extension", "max_token_length",
+    "flip_aug", "random_crop", "color_aug", "enable_bucket", "bucket_no_upscale", "bucket_reso_steps",
+    "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
+    "token_warmup_min", "token_warmup_step",
+)
+_SAME = {flag: KOHYA_NAMES[flag] for flag in _SAME_FLAGS}
 # settings at which lora-sweep's 0 means what v0.8.7's None (off) means
 _ZERO_IS_OFF = ("noise_offset", "ip_noise_gamma", "multires_noise_iterations", "save_every_n_steps",
                 "save_every_n_epochs", "sample_every_n_steps", "v_pred_like_loss", "scale_weight_norms",
