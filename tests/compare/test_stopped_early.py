@@ -15,14 +15,24 @@ from lora_sweep.tracking.stopped import STOPPED_EARLY
 
 
 def job(client, exp, parent, variant, seed, offset, fits, stop=None):
-    """A job run with fit/loss at steps 0, 2, (4); `stop`: the rule's tag, and the run ends KILLED at step 2."""
+    """A job run with fit/loss at steps 0, 2, (4) and samples every 4 steps (a stopped run: at step 0 only);
+    `stop`: the rule's tag, and the run ends KILLED at step 2."""
     from mlflow.entities import Metric, Param
+    from PIL import Image
+
+    from lora_sweep.sampling.images import log_samples
+    from lora_sweep.sampling.metrics import mean_metrics
+    from lora_sweep.sampling.prompts import PromptSpec
 
     tags = {"lora_sweep.role": "job", "variant": f"{variant} train.seed={seed}", "mlflow.parentRunId": parent}
     run_id = client.create_run(exp, run_name=variant, tags=tags, start_time=int(time.time() * 1000)).info.run_id
     client.log_batch(run_id, params=[Param("train.seed", str(seed)), Param("noise.offset", offset),
                                      Param("validation.seed", "0")],
                      metrics=[Metric("fit/loss", v, 0, s) for s, v in zip((0, 2, 4), fits, strict=False)])
+    for step in (0,) if stop else (0, 4):
+        images = [Image.new("RGB", (8, 8), (10 * seed, 40 * step, 100))]
+        log_samples(images, [PromptSpec("a cat", seed=1, width=8, height=8)], step, client=client, run_id=run_id)
+        client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in mean_metrics(images).items()])
     if stop:
         client.set_tag(run_id, STOPPED_EARLY, stop)
     client.set_terminated(run_id, status="KILLED" if stop else "FINISHED")
@@ -75,6 +85,19 @@ def test_a_stopped_run_is_left_out_of_the_numbers_with_a_note_saying_when_and_wh
         ("xb", 2, ids["xb2"], why), ("xc", 1, ids["xc1"], "at step 2: fit/loss 1.5 > median 1"),
         ("xc", 2, ids["xc2"], "at step 2: fit/loss 1.5 > median 1")]
     assert note in report["page"] and "1 stopped early (seed 2)" in report["page"]
+
+
+def test_stopped_runs_do_not_pull_the_samples_and_image_metrics_back_to_their_step(report):
+    """xc stopped at step 2 having sampled step 0 only: the finished runs' last sampled step (4) is the page's."""
+    summary, page = report["summary"], report["page"]
+    assert summary["step"] == 4
+    assert next(m for m in summary["metrics"] if m["key"] == "img/colorfulness")["at"] == "final (step 4)"
+    xa = next(v for v in summary["variants"] if v["name"] == "xa")
+    assert xa["metrics"]["img/colorfulness"]["n"] == 2
+    note = ("Samples and image metrics are at step 4, the last step every finished run sampled: xc stopped early "
+            "before it, so its row shows its last sampled step.")
+    assert note in summary["notes"] and note in page
+    assert "Samples at step 4" in page
 
 
 def test_a_side_with_only_stopped_runs_says_so_in_the_effects(report):
