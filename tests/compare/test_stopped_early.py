@@ -48,8 +48,8 @@ def median_stop(value: float) -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """xa: seeds 1, 2 finished; xb: seed 1 finished, seed 2 stopped at step 2; xc: both seeds stopped at step 2.
-    xb and xc each differ from xa in noise.offset alone."""
+    """xa: seeds 1, 2 finished; xb: seed 1 finished, seed 2 stopped at step 2; xc: both seeds stopped at step 2;
+    xd: both finished with fit/loss NaN from step 2. xb, xc, xd each differ from xa in noise.offset alone."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("stopped")
@@ -61,6 +61,8 @@ def report(tmp_path_factory):
     ids["xb1"] = job(client, exp, parent, "xb", 1, "0.1", (1.2, 0.9, 0.7))
     ids["xb2"] = job(client, exp, parent, "xb", 2, "0.1", (1.2, 1.25), median_stop(1.25))
     ids |= {f"xc{s}": job(client, exp, parent, "xc", s, "0.2", (1.2, 1.5), median_stop(1.5)) for s in (1, 2)}
+    nan = float("nan")  # xd diverged: fit/loss NaN from step 2, resumed to the end (the fresh-user test's lr=1e4)
+    ids |= {f"xd{s}": job(client, exp, parent, "xd", s, "0.3", (1.145, nan, nan)) for s in (1, 2)}
     out = root / "report"
     page = build_report(sweep_run_id=parent, out_dir=out, tracking_uri=uri, select="fit/loss").read_text()
     return {"ids": ids, "summary": json.loads((out / "summary.json").read_text()), "page": page}
@@ -75,7 +77,7 @@ def test_a_stopped_run_is_left_out_of_the_numbers_with_a_note_saying_when_and_wh
     why = "at step 2: fit/loss 1.25 > median 1"
     assert xb["unfinished"] == [{"run_id": ids["xb2"], "seed": 2, "status": "KILLED", "reason": "",
                                  "stopped_early": {"step": 2, "rule": "median", "metric": "fit/loss", "value": 1.25,
-                                                   "compared_with": 1.0, "peers": 3, "why": why}}]
+                                                   "finite": True, "compared_with": 1.0, "peers": 3, "why": why}}]
     note = next(n for n in summary["notes"] if n.startswith("xb:"))
     assert note == ("xb: 1 of 2 runs was stopped early by sweep.stop_early and is left out of the final and "
                     "best-step numbers (censored: its curves end where it stopped): seed 2 at step 2: fit/loss 1.25 "
@@ -98,6 +100,27 @@ def test_stopped_runs_do_not_pull_the_samples_and_image_metrics_back_to_their_st
             "before it, so its row shows its last sampled step.")
     assert note in summary["notes"] and note in page
     assert "Samples at step 4" in page
+
+
+def test_a_diverged_variant_is_worse_and_its_best_checkpoint_says_why():
+    """xd's fit/loss is NaN from step 2 on: 'worse' (fit/loss has a direction), not 'no value'."""
+    from lora_sweep.compare.verdicts import verdict
+
+    assert verdict({"comparable": True, "verdict": "no value", "not_finite": "b"}, "img/luminance_mean") == \
+        "not finite"  # no better direction: the matrix says what it knows
+    assert verdict({"comparable": True, "verdict": "no value", "not_finite": "a"}, "fit/loss") == "better"
+
+
+def test_a_diverged_variant_in_the_report(report):
+    summary, page = report["summary"], report["page"]
+    xd = next(v for v in summary["variants"] if v["name"] == "xd")
+    entry = xd["vs_baseline"]["fit/loss"]
+    assert (entry["verdict"], entry["not_finite"], entry["note"]) == ("no value", "b",
+                                                                      "xd: fit/loss not finite from step 2")
+    assert xd["vs_baseline"]["fit/loss_auc"]["not_finite"] == "b"
+    assert "data-variant='xd' data-metric='fit/loss' data-verdict='worse'" in page
+    assert (xd["best"]["step"], xd["best"]["flag"]) == (
+        0, "fit/loss not finite from step 2 on (diverged): no later checkpoint is usable")
 
 
 def test_a_side_with_only_stopped_runs_says_so_in_the_effects(report):
