@@ -102,6 +102,11 @@ def test_stopped_runs_do_not_pull_the_samples_and_image_metrics_back_to_their_st
     assert "Samples at step 4" in page
 
 
+def test_the_summarys_variant_tag_has_no_replicate_key(report):
+    """The fresh-user test's summary.json tagged variant noise=none 'noise=none train.seed=1'."""
+    assert [v["tag"] for v in report["summary"]["variants"]] == ["xa", "xb", "xc", "xd"]
+
+
 def test_a_diverged_variant_is_worse_and_its_best_checkpoint_says_why():
     """xd's fit/loss is NaN from step 2 on: 'worse' (fit/loss has a direction), not 'no value'."""
     from lora_sweep.compare.verdicts import verdict
