@@ -159,6 +159,12 @@ def _start_span(entry: dict | None, attributes: str) -> str:
     return f"<span class='start' {attributes} data-kind='at-start'>{html.escape(text)}</span>" if text else ""
 
 
+def _mean_text(entry: dict, decimals: int | None) -> str:
+    """`estimate_text`, a mean without a value as 'no value: <why>', so its why is footnoted like a difference's."""
+    text = estimate_text(entry, decimals)
+    return f"no value: {text}" if entry["mean"] is None and text != "—" else text
+
+
 def _final_metrics(summary: dict, notes: Footnotes) -> tuple[str, list[str]]:
     rows = []
     for metric in summary["metrics"]:
@@ -176,7 +182,7 @@ def _final_metrics(summary: dict, notes: Footnotes) -> tuple[str, list[str]]:
                  if entry["n"] and (entry["n"] != variant["n"] or lost) else "")
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
                     f"title='{html.escape(entry['note'], quote=True)}'>"
-                    f"{notes.cell(estimate_text(entry, decimals))}</span>{n}")
+                    f"{notes.cell(_mean_text(entry, decimals))}</span>{n}")
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)

@@ -102,6 +102,16 @@ def test_stopped_runs_do_not_pull_the_samples_and_image_metrics_back_to_their_st
     assert "Samples at step 4" in page
 
 
+def test_a_stopped_variants_mean_cells_share_one_footnote(report):
+    """The fresh-user test's table said 'its run stopped early at step 2' in full in 9 cells."""
+    import re
+
+    cells = re.findall(r"data-variant='xc' data-metric='[^']+' data-kind='mean' title='[^']*'>([^<]*<sup[^>]*>\d+)",
+                       report["page"])
+    assert cells and len(set(cells)) == 1 and cells[0].startswith("no value<sup")
+    assert report["page"].count(">all replicates stopped early at step 2</li>") == 1
+
+
 def test_the_summarys_variant_tag_has_no_replicate_key(report):
     """The fresh-user test's summary.json tagged variant noise=none 'noise=none train.seed=1'."""
     assert [v["tag"] for v in report["summary"]["variants"]] == ["xa", "xb", "xc", "xd"]
