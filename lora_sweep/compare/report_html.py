@@ -98,7 +98,8 @@ details.config td,.shared td{max-width:70em;overflow-wrap:anywhere}pre.warnings{
 h2{font-size:1.25em;margin:18px 0 6px}table.verdicts{margin:6px 0 4px}
 table.verdicts td.v{text-align:center;font-size:12px}
 table.verdicts th.metric{font-size:11px;font-weight:600;padding:2px 4px}td.best{font-size:12px;white-space:nowrap}
-.flag{color:#b00020;font-size:11px}.legend{font-size:12px;margin:2px 0 8px}.swatch{display:inline-block;width:10px;
+.flag{color:#b00020;font-size:11px;display:inline-block;max-width:20em;white-space:normal}
+.legend{font-size:12px;margin:2px 0 8px}.swatch{display:inline-block;width:10px;
 height:10px;border:1px solid #aaa}sup.fn{color:#8a5a00;font-size:10px}ol.footnotes{font-size:12px;color:#555}
 details>summary{cursor:pointer;font-weight:600}
 """ + verdict_css()
