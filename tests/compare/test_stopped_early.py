@@ -112,6 +112,23 @@ def test_a_stopped_variants_mean_cells_share_one_footnote(report):
     assert report["page"].count(">all replicates stopped early at step 2</li>") == 1
 
 
+def test_the_forest_plot_leaves_out_metrics_no_variant_has():
+    """The fresh-user test's forest plot drew 9 empty 'no value' panels when 3 of 4 variants stopped."""
+    from lora_sweep.compare.forest import forest_figure, panels
+
+    drawn = {"comparable": True, "verdict": "different", "effect": -0.02, "low": -0.03, "high": -0.01}
+    empty = {"comparable": True, "verdict": "no value", "effect": None, "low": None, "high": None}
+    diverged = {**empty, "not_finite": "b"}
+    summary = {"metrics": [{"key": "fit/loss"}, {"key": "val/loss"}, {"key": "img/diversity"}],
+               "variants": [{"name": "a", "is_baseline": True, "vs_baseline": {}},
+                            {"name": "b", "is_baseline": False,
+                             "vs_baseline": {"fit/loss": drawn, "val/loss": diverged, "img/diversity": empty}},
+                            {"name": "c", "is_baseline": False,
+                             "vs_baseline": {"fit/loss": empty, "val/loss": empty, "img/diversity": empty}}]}
+    assert panels(summary) == (["fit/loss", "val/loss"], ["img/diversity"])  # val/loss: b is worse (NaN)
+    assert forest_figure(summary) is not None
+
+
 def test_the_summarys_variant_tag_has_no_replicate_key(report):
     """The fresh-user test's summary.json tagged variant noise=none 'noise=none train.seed=1'."""
     assert [v["tag"] for v in report["summary"]["variants"]] == ["xa", "xb", "xc", "xd"]
