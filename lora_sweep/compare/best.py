@@ -6,7 +6,8 @@ cheaper checkpoint. The mean carries the report's 95 % interval (`effects.estima
 clipped at the metric's bounds). Each replicate's LoRA of that step is linked: the run's
 `lora/checkpoints/<output_name>-stepNNNNNNNN.safetensors` (written when `train.save_every` divides the step), or
 its final `lora/<output_name>.safetensors` at its last step. A best at the last step says "still improving: train
-longer"; at the first, that no later checkpoint improved on it. Pure data: `report.py` lists the LoRA artifacts.
+longer"; at the first, that no later checkpoint improved on it; before steps where a replicate's value is no longer
+finite (it diverged), from which step on. Pure data: `report.py` lists the LoRA artifacts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from lora_sweep.compare.effects import SCALE, bounds, no_finished_reason
+from lora_sweep.compare.effects import SCALE, bounds, no_finished_reason, not_finite_since
 from lora_sweep.compare.stats import Estimate, clip, mean_interval, resolved
 from lora_sweep.compare.variants import VariantData, VariantGroup
 from lora_sweep.errors import UserError
@@ -127,8 +128,11 @@ def best_step(group: VariantGroup, spec: MetricSpec, artifacts: Mapping[str, Col
                         missing=f"no step where every run's {spec.name} is finite")
     found = clip(mean_interval([h[best] for h in by_step], scale=scale), *bounds(spec.name, logged))
     files = tuple(lora_link(run, best, artifacts.get(run.run_id, ())) for run in logged)
+    diverged = min((s for r in logged if (s := not_finite_since(r, spec.name)) is not None), default=None)
     flag = ONE_STEP if len(steps) == 1 else STILL_IMPROVING if best == steps[-1] else \
         BEST_AT_FIRST if best == steps[0] else ""
+    if diverged is not None and diverged > best:
+        flag = f"{spec.name} not finite from step {diverged} on (diverged): no later checkpoint is usable"
     return BestStep(group.name, spec, best, found, steps, files, flag, note)
 
 

@@ -76,6 +76,17 @@ def estimate_text(entry: dict, decimals: int | None = None) -> str:
             f"[{number(entry['low'], digits)}, {number(entry['high'], digits)}]{mark}{missing}")
 
 
+def mean_interval_text(entry: dict) -> str:
+    """'1.1451 [1.145, 1.1453]': mean and interval ends with one count of significant digits (at least 4, more until
+    the three print apart), so the mean never reads outside its interval; the mean alone without an interval."""
+    if entry.get("low") is None:
+        return format_number(entry.get("mean"))
+    digits = max(4, distinct_digits((entry["mean"], entry["low"], entry["high"])))
+    mark = CLIPPED_MARK if entry.get("clipped") else ""
+    return (f"{format_number(entry['mean'], digits)} "
+            f"[{format_number(entry['low'], digits)}, {format_number(entry['high'], digits)}]{mark}")
+
+
 def interval_text(entry: dict) -> str:
     """'[-0.0123, +0.0456]' with enough digits to tell the ends (and zero) apart; '' without an interval."""
     if entry.get("low") is None:

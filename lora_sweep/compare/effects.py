@@ -140,8 +140,22 @@ def start_value(run: VariantData, metric: str) -> float | None:
     return _finite(at[-1]) if at else None
 
 
+def not_finite_since(run: VariantData, metric: str) -> int | None:
+    """The step from which the run's last values of `metric` (fit/loss for the fitting speed) are all NaN or
+    infinite (a diverged run), or None when its last logged value is finite."""
+    history = run.histories.get(START_OF.get(metric, metric) if metric in SPEED_METRICS else metric) or []
+    since = None
+    for step, value in reversed(history):
+        if math.isfinite(value):
+            break
+        since = step
+    return since
+
+
 def missing_reason(run: VariantData, metric: str) -> str:
     """Why a finished run has no value of `metric` (run_value gave None), in a few words."""
+    if (since := not_finite_since(run, metric)) is not None:
+        return f"{START_OF.get(metric, metric)} not finite from step {since}"
     if metric in SPEED_METRICS:
         history = sorted((s, v) for s, v in run.histories.get("fit/loss") or [] if math.isfinite(v))
         if len({s for s, _ in history}) < 2:
@@ -321,13 +335,23 @@ def difference(a: VariantGroup, b: VariantGroup, metric: str, step: int | None =
         sides: dict[str, list[str]] = {}  # the same reason on both sides is said once: "v58, v60: did not decrease"
         for group in (g for g, v in ((a, va), (b, vb)) if not v):
             sides.setdefault(_reasons(group, metric, step)[1], []).append(group.name)
-        return Difference(float("nan"), None, None, 0, "", _join(*(f"{', '.join(n)}: {r}" for r, n in sides.items())))
+        note = _join(*(f"{', '.join(n)}: {r}" for r, n in sides.items()))
+        return Difference(float("nan"), None, None, 0, "", note, not_finite=_not_finite_side(a, va, b, vb, metric))
     found = between(a.name, va, b.name, vb, SCALE.get(metric, 0.0), one_each=_points_difference(metric, images))
     found = clip(found, *_difference_bounds(metric, [*a.finished, *b.finished]))
     start = start_difference(a, b, metric)
     if start is None:
         return found
     return dataclasses.replace(found, at_start=start, change=change_difference(a, b, metric, step))
+
+
+def _not_finite_side(a: VariantGroup, va: Values, b: VariantGroup, vb: Values, metric: str) -> str:
+    """'a' or 'b' when that side's every finished run ended not finite (diverged) and the other side has values."""
+    for side, group, values, other in (("a", a, va, vb), ("b", b, vb, va)):
+        if not values and other and group.finished and all(not_finite_since(r, metric) is not None
+                                                            for r in group.finished):
+            return side
+    return ""
 
 
 def start_difference(a: VariantGroup, b: VariantGroup, metric: str) -> Difference | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 
-from lora_sweep.compare.cells import effect_text, format_number
+from lora_sweep.compare.cells import effect_text, mean_interval_text
 from lora_sweep.compare.verdicts import legend_html, matrix, matrix_html, metric_head, verdict
 
 SELECT_HINT = "set compare.select to a metric (e.g. fit/loss) to see each variant's best checkpoint here"
@@ -18,14 +18,12 @@ def best_cell(best: dict | None) -> str:
         why = (best or {}).get("missing") or "no value"
         return f"<span class='none'>{html.escape(why)}</span>"
     value = best.get("value") or {}
-    interval = (f" [{format_number(value['low'], 3)}, {format_number(value['high'], 3)}]"
-                if value.get("low") is not None else "")
     files = [f for f in best.get("files", []) if f.get("uri")]
     links = " ".join(f"<a href='{html.escape(f['uri'], quote=True)}' title='{html.escape(f['path'], quote=True)}'>"
                      f"{'seed ' + str(f['seed']) if f.get('seed') is not None else 'LoRA'}</a>" for f in files)
     flag = f"<br><span class='flag'>{html.escape(best['flag'])}</span>" if best.get("flag") else ""
     return (f"<span data-best-step='{best['step']}'><b>step {best['step']}</b> · "
-            f"{html.escape(format_number(value.get('mean')) + interval)}</span>"
+            f"{html.escape(mean_interval_text(value))}</span>"
             + (f" · LoRA: {links}" if links else "") + flag)
 
 

@@ -13,18 +13,30 @@ from lora_sweep.tracking.metric_spec import DIRECTIONS
 COLUMNS = 4
 
 
+def panels(summary: dict) -> tuple[list[str], list[str]]:
+    """(the metrics drawn, those left out because no variant has a verdict other than "no value")."""
+    rows = matrix(summary)
+    every = [m["key"] for m in summary["metrics"]]
+    drawn = [k for k in every if any(verdicts[k] != "no value" for _, verdicts in rows)]
+    return drawn, [k for k in every if k not in drawn]
+
+
 def forest_figure(summary: dict) -> bytes | None:
-    """The PNG, or None when there is no variant besides the baseline or no metric."""
+    """The PNG, or None when there is no variant besides the baseline or no metric. A metric where no variant has a
+    verdict is left out (named once under the panels)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from lora_sweep.compare.figures import drawable_labels
 
     rows = matrix(summary)
-    keys = [m["key"] for m in summary["metrics"]]
+    keys, empty = panels(summary)
     if not rows or not keys:
         return None
     labels, font, note = drawable_labels([v["name"] for v, _ in rows], list(range(1, len(rows) + 1)))
+    if empty:
+        note = "; ".join(n for n in (note, f"not drawn, no variant has a value: {', '.join(empty)}") if n)
     cols = min(COLUMNS, len(keys))
     lines = math.ceil(len(keys) / cols)
     panel_in = 0.45 + 0.28 * len(rows)
@@ -41,8 +53,11 @@ def forest_figure(summary: dict) -> bytes | None:
             entry = variant["vs_baseline"].get(key) or {}
             found = verdicts[key]
             colour = COLOURS[found]
-            if found == "no value" or entry.get("effect") is None:
-                axes.text(0.0, y, " no value", color="#888888", fontsize=7, va="center")
+            if found == "no value" or entry.get("effect") is None:  # in axes units: clear of the y labels
+                diverged = bool(entry.get("not_finite"))
+                text = (found if found == "not finite" else f"{found}: not finite") if diverged else "no value"
+                axes.text(0.03, y, text, fontsize=7, va="center",
+                          color=colour if diverged else "#888888", transform=axes.get_yaxis_transform())
                 continue
             if entry.get("low") is not None:
                 axes.plot([entry["low"], entry["high"]], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
@@ -54,6 +69,7 @@ def forest_figure(summary: dict) -> bytes | None:
         axes.set_yticks(positions)
         axes.set_yticklabels(labels if panel % cols == 0 else [], fontproperties=font)
         axes.tick_params(axis="x", labelsize=7)
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a 3-inch panel fits about four labels
         axes.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         axes.xaxis.get_offset_text().set_fontsize(7)
         axes.grid(axis="x", alpha=0.3)

@@ -49,11 +49,15 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
 
 
 
-def choose_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], requested: int | None) -> int | None:
-    """The requested step, else the latest step at which every run that logged images has images."""
+def choose_step(images_per_run: Sequence[dict[tuple[str, int], LoggedImage]], requested: int | None,
+                censored: Sequence[bool] = ()) -> int | None:
+    """The requested step, else the latest step at which every run that logged images has images; runs marked
+    `censored` (stopped early: they sampled only up to their stop) are left out of that choice."""
     if requested is not None:
         return requested
-    step_sets = [{step for _, step in images} for images in images_per_run if images]
+    left_out = list(censored) + [False] * (len(images_per_run) - len(censored))
+    step_sets = [{step for _, step in images} for images, out in zip(images_per_run, left_out, strict=True)
+                 if images and not out]
     common = set.intersection(*step_sets) if step_sets else set()
     return max(common) if common else None
 
@@ -90,7 +94,7 @@ def collect(client, *, experiment: str | None, sweep_run_id: str | None, step: i
     groups = group_replicates(records)
     spec, best, select_notes = choose_best(client, groups, select)
     shown = [g.representative for g in groups]
-    chosen, image_keys, progression_key, notes = fill_samples(client, shown, step, scratch)
+    chosen, image_keys, progression_key, notes = fill_samples(client, shown, step, scratch, [g.name for g in groups])
     index, baseline_notes = choose_baseline(client, groups, baseline)
     where, scope_notes = sweep_scope(parent, runs)
     notes += baseline_notes + scope_notes + select_notes
@@ -119,26 +123,36 @@ def choose_best(client, groups, select: str | None):
     return spec, best_steps(groups, spec, artifacts), notes
 
 
-def fill_samples(client, shown: list, step: int | None, scratch: Path):
+def fill_samples(client, shown: list, step: int | None, scratch: Path, names: list[str] | None = None):
     """Download each shown run's samples at the chosen step, and its progression of the first prompt.
 
-    Returns (the chosen step, the image keys, the progression's key, notes for the page).
+    `names`: the variants' names for the notes (default: the runs'). Returns (the chosen step, the image keys, the
+    progression's key, notes for the page).
     """
     from lora_sweep.compare.figures import progression_steps
 
     images_per_run = [logged_images(client, run.run_id) for run in shown]
     check_step(images_per_run, step)
-    chosen = choose_step(images_per_run, step)
+    censored = [run.stopped is not None for run in shown]
+    chosen = choose_step(images_per_run, step, censored)
     notes = []
     if chosen is None and any(images_per_run):
         notes.append("The runs share no sampling step; each row shows its run's last sampled step.")
+    stopped_early = [name for name, out, images in zip(names or [r.name for r in shown], censored, images_per_run,
+                                                       strict=True)
+                     if out and images and chosen not in {s for _, s in images}]
+    if step is None and chosen is not None and stopped_early:
+        notes.append(f"Samples and image metrics are at step {chosen}, the last step every finished run sampled: "
+                     f"{', '.join(stopped_early)} stopped early before it, so "
+                     f"{'its row shows its' if len(stopped_early) == 1 else 'their rows show their'} last sampled "
+                     "step.")
     image_keys = sorted({key for images in images_per_run for key, _ in images})
     progression_key = image_keys[0] if image_keys else None
     columns = progression_steps([s for images in images_per_run for k, s in images if k == progression_key])
-    for run, images in zip(shown, images_per_run, strict=True):
+    for run, images, out in zip(shown, images_per_run, censored, strict=True):
         for key in image_keys:
             steps = sorted(s for k, s in images if k == key)
-            at = chosen if chosen is not None else (steps[-1] if steps else None)
+            at = chosen if chosen in steps else (steps[-1] if steps and (chosen is None or out) else chosen)
             logged = images.get((key, at)) if at is not None else None
             run.cells[key] = download_image(client, run.run_id, logged.path, scratch) if logged else None
             run.cell_steps[key] = at if logged else None

@@ -98,7 +98,8 @@ details.config td,.shared td{max-width:70em;overflow-wrap:anywhere}pre.warnings{
 h2{font-size:1.25em;margin:18px 0 6px}table.verdicts{margin:6px 0 4px}
 table.verdicts td.v{text-align:center;font-size:12px}
 table.verdicts th.metric{font-size:11px;font-weight:600;padding:2px 4px}td.best{font-size:12px;white-space:nowrap}
-.flag{color:#b00020;font-size:11px}.legend{font-size:12px;margin:2px 0 8px}.swatch{display:inline-block;width:10px;
+.flag{color:#b00020;font-size:11px;display:inline-block;max-width:20em;white-space:normal}
+.legend{font-size:12px;margin:2px 0 8px}.swatch{display:inline-block;width:10px;
 height:10px;border:1px solid #aaa}sup.fn{color:#8a5a00;font-size:10px}ol.footnotes{font-size:12px;color:#555}
 details>summary{cursor:pointer;font-weight:600}
 """ + verdict_css()
@@ -159,6 +160,12 @@ def _start_span(entry: dict | None, attributes: str) -> str:
     return f"<span class='start' {attributes} data-kind='at-start'>{html.escape(text)}</span>" if text else ""
 
 
+def _mean_text(entry: dict, decimals: int | None) -> str:
+    """`estimate_text`, a mean without a value as 'no value: <why>', so its why is footnoted like a difference's."""
+    text = estimate_text(entry, decimals)
+    return f"no value: {text}" if entry["mean"] is None and text != "—" else text
+
+
 def _final_metrics(summary: dict, notes: Footnotes) -> tuple[str, list[str]]:
     rows = []
     for metric in summary["metrics"]:
@@ -176,7 +183,7 @@ def _final_metrics(summary: dict, notes: Footnotes) -> tuple[str, list[str]]:
                  if entry["n"] and (entry["n"] != variant["n"] or lost) else "")
             cell = (f"<span data-variant='{name}' data-metric='{key}' data-kind='mean' "
                     f"title='{html.escape(entry['note'], quote=True)}'>"
-                    f"{notes.cell(estimate_text(entry, decimals))}</span>{n}")
+                    f"{notes.cell(_mean_text(entry, decimals))}</span>{n}")
             if not variant["is_baseline"]:
                 found = variant["vs_baseline"].get(key)
                 text, cls = effect_text(found)

@@ -72,6 +72,7 @@ class Difference:
     at_start: Difference | None = None  # the same difference at step 0, before any training
     change: Difference | None = None  # the difference of the changes from step 0 (the effect of training)
     of: str = ""  # the metric this difference is in, when it is not the row's own (at_start of the fitting speed)
+    not_finite: str = ""  # no value because side "a" or "b" ended not finite (diverged) while the other did not
 
     @property
     def has_interval(self) -> bool:
@@ -99,6 +100,8 @@ class Difference:
                  "verdict": self.verdict, "identical": self.identical, "clipped": self.clipped}
         if self.of:
             found["metric"] = self.of
+        if self.not_finite:
+            found["not_finite"] = self.not_finite
         if self.at_start is not None:
             found["at_start"] = self.at_start.as_dict()
             found["change"] = None if self.change is None else self.change.as_dict()

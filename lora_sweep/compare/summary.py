@@ -54,6 +54,7 @@ from lora_sweep.compare.effects import (
     same_training,
 )
 from lora_sweep.compare.stats import CONFIDENCE
+from lora_sweep.compare.variants import strip_seed
 
 SCHEMA = "lora-sweep-summary/1"
 SCRIPT_ID = "lora-sweep-summary"
@@ -71,7 +72,8 @@ def build_summary(data) -> dict[str, Any]:
     for index, group in enumerate(groups):
         is_base = index == data.baseline
         variants.append({
-            "name": group.name, "label": group.label, "tag": group.representative.tags.get("variant", group.name),
+            "name": group.name, "label": group.label,
+            "tag": strip_seed(group.representative.tags.get("variant", group.name)),  # the variant's, not a seed's
             "n": len(group.finished), "seeds": [r.seed for r in group.finished], "n_text": group.n_text,
             "run_ids": [r.run_id for r in group.runs], "status": group.status,
             "unfinished": [{"run_id": r.run_id, "seed": r.seed, "status": r.status, "reason": r.failure,

@@ -3,7 +3,9 @@
 A verdict is read from the summary's `vs_baseline` difference and the metric's direction (`DIRECTIONS` of
 tracking/metric_spec.py): "better"/"worse" where a direction is known, "higher"/"lower" where it is not, "within
 noise" when the interval covers zero (or the values are identical), "no interval" for a difference without one,
-"no value" when a side has none (or the two are not comparable). The matrix and the forest plot share these words.
+"no value" when a side has none (or the two are not comparable). A side whose runs all ended not finite (NaN: they
+diverged) against one with values is the worse one where a direction is known, else "not finite". The matrix and the
+forest plot share these words.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import html
 from lora_sweep.compare.cells import effect_text
 from lora_sweep.tracking.metric_spec import DIRECTIONS
 
-VERDICTS = ("better", "worse", "higher", "lower", "within noise", "no interval", "no value")
+VERDICTS = ("better", "worse", "higher", "lower", "within noise", "no interval", "not finite", "no value")
 COLOURS = {  # CSS and matplotlib alike: blue better, orange worse, purple a change without a direction, grey noise
     "better": "#1f77b4", "worse": "#e8710a", "higher": "#7b3fa0", "lower": "#7b3fa0", "within noise": "#9a9a9a",
-    "no interval": "#c9b458", "no value": "#d9d9d9",
+    "no interval": "#c9b458", "not finite": "#7b3fa0", "no value": "#d9d9d9",
 }
 MEANINGS = {
-    "better": "the whole 95 % interval of the difference is on the metric's better side",
-    "worse": "the whole interval is on the worse side",
+    "better": "the whole 95 % interval of the difference is on the metric's better side, or the baseline's value "
+              "is not finite (it diverged) while the variant's is a number",
+    "worse": "the whole interval is on the worse side, or the variant's value is not finite (it diverged) while the "
+             "baseline's is a number",
     "higher": "higher (or lower) beyond the noise, for a metric with no better direction",
     "within noise": "the interval covers zero, or the values are identical",
+    "not finite": "a side's value is not finite (it diverged), for a metric with no better direction",
     "no interval": "one run against one without evaluation points: a difference, but no interval to judge it",
     "no value": "a side has no value of this metric, or the two are not measured alike",
 }
@@ -30,6 +35,11 @@ MEANINGS = {
 
 def verdict(entry: dict | None, metric: str) -> str:
     """One of VERDICTS for a `vs_baseline` entry of the summary."""
+    if entry is not None and entry.get("not_finite"):
+        direction = DIRECTIONS.get(metric)
+        if direction is None:
+            return "not finite"
+        return "worse" if entry["not_finite"] == "b" else "better"
     if entry is None or not entry.get("comparable") or entry["verdict"] == "no value":
         return "no value"
     if entry["verdict"] in ("no difference", "within noise"):

@@ -102,6 +102,7 @@ def sample_images(
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
     v_prediction: bool = False,
+    n_seeds: int = 1,
 ) -> list[Image.Image]:
     """One image per prompt with the current (LoRA-equipped) UNet, leaving training state as found.
 
@@ -110,7 +111,7 @@ def sample_images(
     prompt and after each denoising step; once True, the finished images are returned (fewer than `prompts`). Logs
     one line of every prompt's size and steps, then a `Progress` over all denoising steps (a bar that leaves no line
     behind on a terminal). `v_prediction`: the model's target, as kohya's samplers take it (SDXL base's Euler keeps
-    epsilon, as before).
+    epsilon, as before). `n_seeds`: samples per prompt line (`sampling.seeds`), for the log line.
     """
     pipeline = build_pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -119,10 +120,7 @@ def sample_images(
     device = next(unet.parameters()).device
     with preserved_rng_state(), modules_on(device, vae, text_encoder, text_encoder_2), \
             _in_eval_mode(unet, vae, text_encoder, text_encoder_2):
-        sizes = ", ".join(f"p{i:02d} {p.width}x{p.height} {p.steps} steps{f' {p.sampler}' if p.sampler else ''}"
-                          for i, p in enumerate(prompts))
-        log.info("sampling%s: %d prompt%s, %s", f" at {label}" if label else "", len(prompts),
-                 "s" * (len(prompts) != 1), sizes)
+        log.info("sampling%s: %s", f" at {label}" if label else "", sampling_line(prompts, n_seeds))
         return _draw_all(pipeline, prompts, autocast=autocast, label=label, should_stop=should_stop,
                          v_prediction=v_prediction)
 
@@ -321,6 +319,17 @@ def sample_key(prompt_index: int, seed: int | None = None) -> str:
     """The MLflow image key of a prompt's samples, `sample_pNN`, or `sample_pNN_sSEED` when the prompt is drawn at
     several seeds (`sampling.seeds`); the report reads images back by this key."""
     return f"sample_p{prompt_index:02d}" + (f"_s{seed}" if seed is not None else "")
+
+
+def sampling_line(prompts: Sequence[PromptSpec], n_seeds: int = 1) -> str:
+    """'2 prompts, p00 64x64 2 steps, p01 64x64 2 steps'; with `sampling.seeds`, prompt lines and seeds counted apart:
+    '1 prompt x 2 seeds, p00_s1 64x64 2 steps, p00_s2 64x64 2 steps' (each sample named as its key)."""
+    keys = [key.removeprefix("sample_") for key in sample_keys(prompts, n_seeds)]
+    sizes = ", ".join(f"{key} {p.width}x{p.height} {p.steps} steps{f' {p.sampler}' if p.sampler else ''}"
+                      for key, p in zip(keys, prompts, strict=True))
+    lines = len(seed_groups(len(prompts), n_seeds))
+    count = f"{lines} prompt{'s' * (lines != 1)}" + (f" x {n_seeds} seeds" if n_seeds > 1 else "")
+    return f"{count}, {sizes}"
 
 
 def sample_keys(prompts: Sequence[PromptSpec], n_seeds: int = 1) -> list[str]:

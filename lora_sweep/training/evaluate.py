@@ -150,7 +150,7 @@ class Sampler:
             text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
             prompts=self.prompts, autocast=lambda: precision.autocast(s.policy, s.device.type),
             label=f"step {step}",
-            should_stop=s.should_stop, v_prediction=s.v_prediction,
+            should_stop=s.should_stop, v_prediction=s.v_prediction, n_seeds=n_seeds(s.cfg),
         )
         if len(images) < len(self.prompts):
             log.info("sampling at step %d stopped after %d of %d prompts (stop requested): not logged", step,

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_sweep.tracking.metric_spec import MetricSpec
-from lora_sweep.tracking.stopped import STOPPED_EARLY
+from lora_sweep.tracking.stopped import STOPPED_EARLY, StopRecord, json_number
 
 if TYPE_CHECKING:
     from lora_sweep.training.session import Session
@@ -42,13 +42,15 @@ class Decision:
     peers: list[float] = field(default_factory=list)
 
     def record(self) -> str:
-        """The tag's JSON (non-finite numbers as the strings "nan" / "inf" / "-inf")."""
-        def number(x: float) -> float | str:
-            return x if math.isfinite(x) else str(x)
-
-        fields = asdict(self) | {"value": number(self.value), "compared_with": number(self.compared_with),
-                                 "peers": [number(p) for p in self.peers]}
+        """The tag's JSON: non-finite numbers as null (JSON has no NaN), "finite" false when the value was not."""
+        fields = asdict(self) | {"value": json_number(self.value), "finite": math.isfinite(self.value),
+                                 "compared_with": json_number(self.compared_with),
+                                 "peers": [json_number(p) for p in self.peers]}
         return json.dumps(fields)
+
+    def describe(self) -> str:
+        """The reason as the report and the launcher give it: 'at step 2: fit/loss 1.1454 > median 1.1453'."""
+        return StopRecord(self.step, self.rule, self.metric, self.value, self.compared_with, len(self.peers)).describe()
 
 
 def ranked(spec: MetricSpec, values: list[float]) -> list[float]:
@@ -154,9 +156,8 @@ class EarlyStop:
             peers, limit = [], diverged_rule(o.spec, value, first, o.margin)
         if limit is not None:
             self.decision = Decision(step, o.rule, o.spec.name, value, limit, ranked(o.spec, peers))
-            log.warning("early stop: stopping at step %d (rule %s): %s = %s is worse than %s; the state and "
-                        "the LoRA of this step are saved, the run ends KILLED and a rerun without the rule resumes it",
-                        step, o.rule, o.spec.name, value, limit)
+            log.warning("early stop: stopping (rule %s) %s; the state and the LoRA of this step are saved, the run "
+                        "ends KILLED and a rerun without the rule resumes it", o.rule, self.decision.describe())
         return True
 
     def _ask(self, read: Callable[[], Any], step: int) -> Any:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lora_sweep.compare.cells import distinct_digits, effect_text, estimate_text, row_decimals, start_text
+from lora_sweep.compare.cells import (
+    distinct_digits,
+    effect_text,
+    estimate_text,
+    mean_interval_text,
+    row_decimals,
+    start_text,
+)
 from lora_sweep.compare.stats import Difference, Estimate, no_interval, paired_difference
 
 
@@ -82,3 +89,14 @@ def test_means_of_one_metric_print_with_the_same_decimals():
     assert row_decimals([entry(Estimate(1234.51, None, None, 1)), entry(Estimate(1234.54, None, None, 1))]) == 2
     assert row_decimals([entry(Estimate(1e-17, None, None, 1))]) is None  # fixed decimals would write 0.0000...
     assert row_decimals([entry(Estimate(float("nan"), None, None, 0))]) is None
+
+
+def test_a_best_cells_mean_and_interval_share_one_digit_count():
+    """The fresh-user test's s1 best cell read 'step 6 · 1.145 [1.15, 1.15]': the mean outside its interval."""
+    from lora_sweep.compare.first_screen import best_cell
+
+    value = {"mean": 1.14523, "low": 1.14502, "high": 1.14544}
+    assert mean_interval_text(value) == "1.1452 [1.145, 1.1454]"
+    assert mean_interval_text({"mean": 0.0808, "low": 0.0712, "high": 0.0903}) == "0.0808 [0.0712, 0.0903]"
+    assert mean_interval_text({"mean": 0.5, "low": None, "high": None}) == "0.5"
+    assert "step 6</b> · 1.1452 [1.145, 1.1454]" in best_cell({"step": 6, "value": value})

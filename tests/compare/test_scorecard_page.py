@@ -24,6 +24,7 @@ SCREEN = (1280, 800)
 POSITIONS_JS = """<script>window.addEventListener('load', () => {
   const bottom = e => Math.round(e.getBoundingClientRect().bottom + window.scrollY);
   const found = {verdicts: bottom(document.getElementById('verdicts')),
+                 right: Math.round(document.getElementById('verdicts').getBoundingClientRect().right),
                  best: [...document.querySelectorAll('[data-best-step]')].map(bottom)};
   const out = document.createElement('pre'); out.id = 'positions'; out.textContent = JSON.stringify(found);
   document.body.appendChild(out);
@@ -98,14 +99,17 @@ def test_the_matrix_and_the_best_steps_are_above_the_fold(report, tmp_path):
     if binary is None:
         pytest.skip(why)
     probe = tmp_path / "probe.html"
-    probe.write_text(report["html"].replace("</body>", POSITIONS_JS + "</body>"), encoding="utf-8")
+    long_note = "fit/loss not finite from step 2 on (diverged): no later checkpoint is usable"  # wraps in its cell
+    page = report["html"].replace("still improving: train longer</span>", f"{long_note}</span>", 1)
+    assert long_note in page
+    probe.write_text(page.replace("</body>", POSITIONS_JS + "</body>"), encoding="utf-8")
     size = f"--window-size={SCREEN[0]},{SCREEN[1]}"
     dom = run_chromium(binary, probe.as_uri(), tmp_path / "profile", window=size)
     found = json.loads(re.search(r"<pre id=\"positions\">(.*?)</pre>", dom, re.S).group(1))
-    assert found["verdicts"] <= SCREEN[1], found
+    assert found["verdicts"] <= SCREEN[1] and found["right"] <= SCREEN[0], found  # no horizontal scrollbar
     assert len(found["best"]) == 4 and max(found["best"]) <= SCREEN[1], found  # each variant's best step
     text = visible_text(dom)
-    assert "best checkpoint by fit/loss (min)" in text and "still improving: train longer" in text
+    assert "best checkpoint by fit/loss (min)" in text and long_note in text
     shot = tmp_path / "report.png"  # the pytest tmp dir keeps the screenshot as the test's artefact
     run_chromium(binary, report["path"].as_uri(), tmp_path / "profile", screenshot=shot, window=size)
     assert 10_000 < shot.stat().st_size < 300_000  # docs/images/report.png, the README's picture, is a copy

@@ -58,6 +58,7 @@ def test_a_diverging_variant_stops_gives_its_slot_to_the_next_job_and_resumes_wi
     assert stopped.info.status == "KILLED", console[-4000:]
     record = json.loads(stopped.data.tags["lora_sweep.stopped_early"])
     assert record == {"step": 1, "rule": "diverged", "metric": "fit/loss", "value": record["value"],
+                      "finite": record["finite"],
                       "compared_with": record["compared_with"], "peers": []}
     first = client.get_metric_history(stopped.info.run_id, "fit/loss")
     assert [m.step for m in first] == [0, 1]  # no end-of-run evaluation

@@ -267,6 +267,15 @@ def test_modules_on_moves_and_returns():
     assert parked.weight.device.type == "cpu"
 
 
+def test_the_log_line_counts_prompts_and_seeds_apart():
+    """The fresh-user test: one prompt at sampling.seeds=[1, 2] logged '2 prompts, p00 ..., p01 ...'."""
+    from lora_sweep.sampling.images import sampling_line
+
+    seeds = [PromptSpec("a cat", seed=seed, width=64, height=64, steps=2) for seed in (1, 2)]
+    assert sampling_line(seeds, n_seeds=2) == "1 prompt x 2 seeds, p00_s1 64x64 2 steps, p00_s2 64x64 2 steps"
+    assert sampling_line(seeds) == "2 prompts, p00 64x64 2 steps, p01 64x64 2 steps"
+
+
 def test_sampling_shows_its_progress_prompt_by_prompt(pipe, caplog, capfd, monkeypatch):
     """A long sample is never a silent `0step`: one log line with every prompt's size and steps, then on a terminal
     a bar over all denoising steps (3 + 3 here) naming the prompt being drawn."""

@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from lora_sweep.tracking.metric_spec import MetricSpec
 from lora_sweep.tracking.siblings import SweepPeers
+from lora_sweep.tracking.stopped import STOPPED_EARLY as STOPPED_EARLY_TAG
+from lora_sweep.tracking.stopped import stop_record
 from lora_sweep.training.stop_early import (
     Decision,
     EarlyStop,
@@ -92,8 +94,20 @@ def test_diverged_stops_past_the_step0_value_plus_the_margin_or_on_a_non_finite_
 
 def test_the_tag_records_the_decision_as_json():
     text = Decision(3, "diverged", "fit/loss", NAN, 0.3, []).record()
-    assert json.loads(text) == {"step": 3, "rule": "diverged", "metric": "fit/loss", "value": "nan",
-                                "compared_with": 0.3, "peers": []}
+    assert json.loads(text) == {"step": 3, "rule": "diverged", "metric": "fit/loss", "value": None,
+                                "finite": False, "compared_with": 0.3, "peers": []}  # JSON has no NaN
+    assert stop_record({STOPPED_EARLY_TAG: text}).describe() == "at step 3: fit/loss is not finite (limit 0.3)"
+    assert stop_record({STOPPED_EARLY_TAG: text}).as_dict()["finite"] is False
+
+
+def test_the_reason_shows_the_digits_that_tell_the_two_numbers_apart():
+    """The fresh-user test's s8 stop read 'fit/loss 1.145 > median 1.145'."""
+    close = Decision(2, "median", "fit/loss", 1.1454301, 1.1453001, [1.1453001])
+    assert close.describe() == "at step 2: fit/loss 1.1454 > median 1.1453"
+    assert Decision(2, "median", "fit/loss", 1.25, 1.0, [1.0]).describe() == "at step 2: fit/loss 1.25 > median 1"
+    assert Decision(2, "median", "img/diversity", 0.5, 0.6, [0.6]).describe() == \
+        "at step 2: img/diversity 0.5 < median 0.6"
+    assert json.loads(close.record())["value"] == 1.1454301
 
 
 def session(sink=None):
