@@ -324,8 +324,9 @@ def test_a_stop_record_reads_the_rules_tag_and_says_why_in_one_line():
     assert median.describe() == "at step 4: img/clip_i 0.21 < median 0.25"  # higher is better: below the median
     assert median.peers == 3
     diverged = stop_record({STOPPED_EARLY: Decision(2, "diverged", "fit/loss", float("nan"), 0.6).record()})
-    assert diverged.describe() == "at step 2: fit/loss nan > limit 0.6"
-    assert diverged.as_dict() == {"step": 2, "rule": "diverged", "metric": "fit/loss", "value": "nan",
-                                  "compared_with": 0.6, "peers": 0, "why": "at step 2: fit/loss nan > limit 0.6"}
+    assert diverged.describe() == "at step 2: fit/loss is not finite (limit 0.6)"
+    assert diverged.as_dict() == {"step": 2, "rule": "diverged", "metric": "fit/loss", "value": None, "finite": False,
+                                  "compared_with": 0.6, "peers": 0,
+                                  "why": "at step 2: fit/loss is not finite (limit 0.6)"}
     unreadable = stop_record({STOPPED_EARLY: "not json"})
     assert unreadable.describe() == "at an unrecorded step: its metric ? (unrecorded rule)"
