@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, new_store
+from conftest import ROOT
 
 
 def run_sweep(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -88,27 +88,3 @@ def test_bad_input_is_one_paragraph_and_exit_2_without_a_traceback(tmp_path):
 def test_unknown_group_option_lists_the_choices(tmp_path):
     out = run_sweep(tmp_path, "noise=bogus", timeout=120)
     assert out.returncode != 0 and "bogus" in out.stderr and "multires" in out.stderr
-
-
-@pytest.mark.slow
-def test_a_sweep_of_experiment_files_with_their_own_experiment_has_its_parent_there(tmp_path):
-    """experiments/README.md's own matrix: experiment files that set tracking.experiment. The parent run goes to
-    the jobs' experiment (MLflow nests runs only within one), so the sweep counts its jobs and writes its report."""
-    from mlflow.tracking import MlflowClient
-
-    new_store(tmp_path / "mlflow.db")
-    conf = tmp_path / "conf" / "experiment"
-    conf.mkdir(parents=True)
-    (conf / "xa.yaml").write_text("# @package _global_\ntracking:\n  experiment: mine\n")
-    (conf / "xb.yaml").write_text("# @package _global_\ndefaults:\n  - override /noise: offset\n"
-                                  "tracking:\n  experiment: mine\n")
-    out = run_sweep(tmp_path, "-m", "preset=demo", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                    "experiment=xa,xb", "train.max_steps=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_experiment_by_name("lora-sweep") is None  # nothing went to the base config's experiment
-    runs = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("lora_sweep.role") == "sweep"]
-    assert parent.info.status == "FINISHED" and parent.data.tags["lora_sweep.jobs_finished"] == "2"
-    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 2
-    assert (tmp_path / "sweep" / "report" / "report.html").exists()

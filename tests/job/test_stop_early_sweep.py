@@ -1,8 +1,10 @@
 """sweep.stop_early end to end: `python sweep.py -m` on two CPU slots, three variants, one diverging by construction
 (AdamW at lr 1e4: fit/loss is not finite from step 1), one clearly slower (100 steps and no evaluation between, the
 others 2). The diverging run stops at its first evaluation, the next queued job takes its slot while the slow one
-still trains, the others finish, and a rerun without the rule resumes the stopped run from its state. Real
-processes, queue, sqlite store; 64 px, two fit/loss images at one timestep, no sampling."""
+still trains, the others finish, and a rerun without the rule resumes the stopped run from its state. The variants
+are experiment files of their own that set tracking.experiment, as experiments/README.md's matrix does: the parent
+run goes to that experiment too (MLflow nests runs only within one). Real processes, queue, sqlite store; 64 px, two
+fit/loss images at one timestep, no sampling."""
 
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ VARIANTS = {
     "diverges": {"train": {"lr": 1.0e4, "on_nan": "skip_step", "max_steps": MAX_STEPS}, **EVERY_STEP},
     # slow by its steps alone (a job's set-up takes seconds); fit/loss only at 0 and the end
     "slow": {"train": {"max_steps": 100}, "validation": {"every": 100}},
-    "third": {"train": {"seed": 3, "max_steps": MAX_STEPS}, **EVERY_STEP},
+    # a group choice of its own, made in the file's defaults list
+    "third": {"defaults": [{"override /noise": "offset"}], "train": {"seed": 3, "max_steps": MAX_STEPS}, **EVERY_STEP},
 }
+EXPERIMENT = "mine"  # every file's tracking.experiment, not the base config's lora-sweep
 
 
 def sweep(tmp_path: Path, sweep_dir: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -44,15 +48,17 @@ def test_a_diverging_variant_stops_gives_its_slot_to_the_next_job_and_resumes_wi
         folder = tmp_path / "conf" / "experiment"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.yaml").write_text("# @package _global_\n" + json.dumps(
-            settings | {"tracking": {"variant": name}}))
+            settings | {"tracking": {"variant": name, "experiment": EXPERIMENT}}))
     out = sweep(tmp_path, "sweep", "sweep.stop_early.metric=fit/loss", "sweep.stop_early.rule=diverged",
                 "sweep.stop_early.margin=10")
     console = out.stdout + out.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (exp,) = [e for e in client.search_experiments() if e.name == "lora-sweep"]
+    assert client.get_experiment_by_name("lora-sweep") is None, console[-4000:]  # nothing went to the base's
+    exp = client.get_experiment_by_name(EXPERIMENT)
     runs = {r.data.tags["variant"]: r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get("lora_sweep.role") == "job"}
     assert sorted(runs) == sorted(VARIANTS), console[-4000:]
+    assert (runs["third"].data.params["noise.offset"], runs["slow"].data.params["noise.offset"]) == ("0.0357", "0.0")
 
     stopped = runs["diverges"]
     assert stopped.info.status == "KILLED", console[-4000:]
@@ -74,6 +80,7 @@ def test_a_diverging_variant_stops_gives_its_slot_to_the_next_job_and_resumes_wi
     # the rule's stop fails nothing: the sweep exits 0, its parent ends FINISHED and counts it apart
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lora_sweep.role") == "sweep"]
     assert out.returncode == 0 and parent.info.status == "FINISHED", console[-4000:]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
     tags = parent.data.tags
     assert (tags["lora_sweep.jobs_finished"], tags["lora_sweep.jobs_stopped_early"]) == ("2", "1")
     assert "1 stopped early" in out.stdout and "STOPPED EARLY" in out.stdout
