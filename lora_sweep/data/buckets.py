@@ -15,6 +15,8 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from lora_sweep.errors import ConfigError, Problems, UserError
@@ -203,13 +205,14 @@ def resize_and_center_crop(
     image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to `resized`, centre-crop to `bucket` (kohya's `trim_and_resize_if_required`); returns the image and the
-    crop offset (left, top). PIL's BOX filter stands in for kohya's cv2.INTER_AREA (same area averaging, may differ
-    by one grey level); non-RGB is converted first. Flip after cropping, as kohya: an odd excess crops
-    asymmetrically."""
+    crop offset (left, top). The resize is v0.8.7's `cv2.resize(..., interpolation=cv2.INTER_AREA)` on the uint8 RGB
+    array, up or down, so the pixels are kohya's exactly; non-RGB is converted first. Flip after cropping, as kohya:
+    an odd excess crops asymmetrically."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != tuple(resized):
-        image = image.resize(tuple(resized), Image.Resampling.BOX)
+        pixels = cv2.resize(np.asarray(image, dtype=np.uint8), tuple(resized), interpolation=cv2.INTER_AREA)
+        image = Image.fromarray(pixels)
     width, height = image.size
     if width < bucket[0] or height < bucket[1]:
         raise ValueError(f"resized size {width}x{height} does not cover bucket {bucket[0]}x{bucket[1]}")

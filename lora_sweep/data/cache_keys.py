@@ -18,7 +18,7 @@ from lora_sweep import atomic
 from lora_sweep.errors import UserError
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes for the same identity; it is part of every key
-RESAMPLE = "pil-box"  # the resize of lora_sweep.data.buckets.resize_and_center_crop, part of latent keys
+RESAMPLE = "cv2-inter-area"  # the resize of lora_sweep.data.buckets.resize_and_center_crop, part of latent keys
 # Where a single-file SDXL checkpoint keeps each part (a diffusers folder: the sub-folders below).
 _FILE_PREFIXES = {"vae": ("first_stage_model.",), "text": ("conditioner.embedders.", "cond_stage_model.")}
 _SUBFOLDERS = {"vae": ("vae",), "text": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -136,6 +139,23 @@ def test_resize_is_area_average_and_crop_is_centred():
     out, offset = buckets.resize_and_center_crop(Image.fromarray(image), (8, 4), (10, 7))
     assert offset == (1, 1)
     np.testing.assert_array_equal(np.asarray(out), image[1:5, 1:9])
+
+
+def test_resize_is_kohyas_cv2_inter_area_not_pil_box():
+    # v0.8.7 train_util.load_image + trim_and_resize_if_required (lines 2349-2365): PIL RGB -> uint8 array ->
+    # cv2.resize(image, resized_size, interpolation=cv2.INTER_AREA). 600x400 -> 96x64 is a scale of 1/6.25.
+    image = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    out, offset = buckets.resize_and_center_crop(Image.fromarray(image), (96, 64), (96, 64))
+    array = np.array(Image.fromarray(image).convert("RGB"), np.uint8)
+    kohya = cv2.resize(array, (96, 64), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(np.asarray(out), kohya)
+    assert offset == (0, 0)
+    assert hashlib.sha256(np.asarray(out).tobytes()).hexdigest() == (
+        "bdbb048406bbafc57d6301b312674b1f53bf51a45f1cbbb9fb79dd60e32107d1")
+    box = np.asarray(Image.fromarray(image).resize((96, 64), Image.Resampling.BOX))
+    # PIL's BOX (the old resize) differs in 6121 of the 6144 pixels, by up to 14 grey levels
+    assert (box != kohya).any(axis=2).sum() == 6121
+    assert np.abs(box.astype(int) - kohya).max() == 14
 
 
 def test_palette_image_is_converted_before_resizing():
