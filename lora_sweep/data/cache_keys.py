@@ -49,10 +49,12 @@ def latent_cache_key(*, vae: str, image_sha256: str, bucket: Sequence[int], resi
                      holds=LATENT_HOLDS)
 
 
-def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 75, dtype: str = "float32") -> str:
-    """Key of one caption's text-encoder outputs (hidden states of both encoders and the pooled output)."""
+def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 75, dtype: str = "float32",
+                   attention: str = "eager") -> str:
+    """Key of one caption's text-encoder outputs (hidden states of both encoders and the pooled output); `attention`
+    is the encoders' (model.loading.TEXT_ENCODER_ATTENTION), so entries encoded with SDPA are not reused."""
     return cache_key(kind="text", text_encoders=text_encoders, caption=caption, max_token_length=max_token_length,
-                     dtype=dtype)
+                     dtype=dtype, attention=attention)
 
 
 def posterior_seed(key: str) -> int:

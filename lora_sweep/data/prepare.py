@@ -26,6 +26,7 @@ from lora_sweep.data.images import load_rgb
 from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import Fallback, UserError
 from lora_sweep.model.encode import CHUNK, encode_posterior, encode_prompts, token_counts
+from lora_sweep.model.loading import TEXT_ENCODER_ATTENTION
 from lora_sweep.paths import default_cache_dir
 from lora_sweep.progress import progress
 
@@ -202,7 +203,8 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
     context = pooled = None
     if caption is not None:
         length = data_cfg.max_token_length
-        key = text_cache_key(text_encoders=text_id, caption=caption, max_token_length=length or 75)
+        key = text_cache_key(text_encoders=text_id, caption=caption, max_token_length=length or 75,
+                             attention=TEXT_ENCODER_ATTENTION)
         text = store.get_or_compute("text", key, lambda c=caption: _encode_caption(parts, c, length),
                                     {"source": str(item.path), "caption": caption})
         context, pooled = text["context"], text["pooled"]

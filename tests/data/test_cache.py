@@ -60,6 +60,7 @@ def test_latent_and_text_keys_change_with_what_changes_the_tensor():
     text = text_cache_key(text_encoders="t" * 64, caption="sks dog")
     assert text != text_cache_key(text_encoders="t" * 64, caption="sks dog, red")
     assert text != text_cache_key(text_encoders="u" * 64, caption="sks dog")
+    assert text != text_cache_key(text_encoders="t" * 64, caption="sks dog", attention="sdpa")
     assert text != base
 
 
