@@ -20,10 +20,10 @@ class _KohyaBuckets(torch.utils.data.Dataset):
     (l. 1086-1091), set_current_epoch (l. 781-793), __getitem__'s bucket slice (l. 1558-1562); config_util
     generate_dataset_group_by_blueprint draws S and calls set_seed after make_buckets (l. 566-573)."""
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int):
+    def __init__(self, entries: list[int], buckets: list[tuple[int, int]], batch_size: int):
         self.seed, self.current_epoch, self.batch_size = 0, 0, batch_size
-        resos = sorted(set(buckets))  # sort() after every image took its bucket
-        self.buckets = [[i for i, b in enumerate(buckets) if b == reso] for reso in resos]
+        resos = sorted({buckets[i] for i in entries})  # sort() after every image took its bucket
+        self.buckets = [[i for i in entries if buckets[i] == reso] for reso in resos]
         self.buckets_indices = [(g, i) for g, bucket in enumerate(self.buckets)
                                 for i in range(math.ceil(len(bucket) / batch_size))]
         self.shuffle_buckets()
@@ -48,6 +48,14 @@ class _KohyaBuckets(torch.utils.data.Dataset):
     def __getitem__(self, index):
         g, i = self.buckets_indices[index]
         return self.buckets[g][i * self.batch_size : (i + 1) * self.batch_size]
+
+
+class _KohyaGroup(torch.utils.data.ConcatDataset):
+    """train_util.DatasetGroup (l. 2047-2106): a ConcatDataset whose epoch reaches every dataset."""
+
+    def set_current_epoch(self, epoch):
+        for dataset in self.datasets:
+            dataset.set_current_epoch(epoch)
 
 
 class _Collator:
@@ -76,13 +84,17 @@ class _SeedableRandomSampler(torch.utils.data.RandomSampler):
         yield from super().__iter__()
 
 
-def v087_order(buckets: list[tuple[int, int]], batch_size: int, seed: int, steps: int, workers: int) -> list:
+def v087_order(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int, steps: int,
+               workers: int) -> list:
     """The batches v0.8.7's train_network.py (l. 151, 203-206, 352-361, 796-803) serves for `steps` steps."""
     torch.manual_seed(seed)  # set_seed(seed): the sampler's initial_seed
     random.seed(seed)
     s = random.randint(0, 2**31)
-    dataset = _KohyaBuckets(buckets, batch_size)
-    dataset.seed = s
+    members = [_KohyaBuckets([i for i, d in enumerate(datasets) if d == k], buckets, batch_sizes[k])
+               for k in sorted(set(datasets))]
+    for member in members:
+        member.seed = s
+    dataset = _KohyaGroup(members)
     current_epoch = Value("i", 0)
     sampler = _SeedableRandomSampler(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
@@ -115,12 +127,14 @@ def test_42_steps_of_8_images_x_5_repeats_follow_v087_across_the_epoch_boundary(
     ours = kohya_epoch_batches(BUCKETS, [0] * 40, [1], 42, 0, workers) + \
         kohya_epoch_batches(BUCKETS, [0] * 40, [1], 42, 1, workers)[:2]
     assert _images(ours) == IMAGE_ORDER[workers]
-    assert ours == v087_order(BUCKETS, 1, 42, 42, workers)
+    assert ours == v087_order(BUCKETS, [0] * 40, [1], 42, 42, workers)
 
 
-def test_batches_of_two_and_a_third_epoch_follow_v087():
-    ours = [b for epoch in range(3) for b in kohya_epoch_batches(BUCKETS, [0] * 40, [2], 7, epoch, 2)]
-    assert ours == v087_order(BUCKETS, 2, 7, 63, 2)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_datasets_batches_of_two_and_three_and_a_third_epoch_follow_v087(workers):
+    datasets = [0] * 10 + [1] * 20 + [0] * 10  # image 0-1 and 6-7 in dataset 0, 2-5 in dataset 1
+    ours = [b for epoch in range(3) for b in kohya_epoch_batches(BUCKETS, datasets, [2, 3], 7, epoch, workers)]
+    assert ours == v087_order(BUCKETS, datasets, [2, 3], 7, len(ours), workers)
 
 
 def test_the_dataset_seed_is_the_first_draw_after_set_seed():
