@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -246,27 +245,6 @@ def sdxl_time_ids(
 ) -> list[int]:
     """SDXL's 6 size-conditioning numbers: [original_h, original_w, crop_top, crop_left, target_h, target_w]."""
     return [int(v) for v in (*original_hw, *crop_top_left, *target_hw)]
-
-
-def bucket_batches(
-    bucket_of_item: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int
-) -> list[list[int]]:
-    """One epoch's batches of item indices, each from one bucket: every bucket cut into ceil(n / batch_size) batches,
-    then `random.Random(seed + epoch)` shuffles the (bucket, batch) pairs and each bucket's items, as kohya's
-    `shuffle_buckets`. Unlike kohya (in-place shuffles, plus the DataLoader's), an epoch's order depends only on
-    (seed, epoch), so a resumed run sees the same batches."""
-    if batch_size < 1:
-        raise ConfigError(f"train.batch_size: {batch_size} must be >= 1.")
-    members: dict[tuple[int, int], list[int]] = {}
-    for index, bucket in enumerate(bucket_of_item):
-        members.setdefault(tuple(bucket), []).append(index)
-    groups = [members[b] for b in sorted(members)]
-    pairs = [(g, i) for g, items in enumerate(groups) for i in range(math.ceil(len(items) / batch_size))]
-    rng = random.Random(seed + epoch)
-    rng.shuffle(pairs)
-    for items in groups:
-        rng.shuffle(items)
-    return [groups[g][i * batch_size : (i + 1) * batch_size] for g, i in pairs]
 
 
 def bucket_histogram(buckets: Iterable[tuple[int, int]]) -> dict[str, int]:

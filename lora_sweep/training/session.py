@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lora_sweep.atomic import write_text
-from lora_sweep.data.buckets import bucket_batches, bucket_histogram
+from lora_sweep.data.buckets import bucket_histogram
 from lora_sweep.data.captions import fixed_caption, process_caption
 from lora_sweep.data.dataset import (
     FolderScan,
@@ -33,6 +33,7 @@ from lora_sweep.data.dataset import (
     resolved_dataset_params,
     scan_folder,
 )
+from lora_sweep.data.order import kohya_epoch_batches
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples, truncated_captions
 from lora_sweep.data.subsets import (
@@ -114,8 +115,9 @@ class Session:
         return num_epochs(t.max_steps, batches, t.grad_accum)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Epoch `epoch`'s micro-batches of entry indices (`epoch_batches`)."""
-        return epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed, epoch)
+        """Epoch `epoch`'s micro-batches of entry indices, in v0.8.7's order (`order.kohya_epoch_batches`)."""
+        return kohya_epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed,
+                                   epoch, self.cfg.data.max_data_loader_n_workers)
 
     @property
     def v_prediction(self) -> bool:
@@ -556,23 +558,6 @@ def batches_per_epoch(buckets: list[tuple[int, int]], batch_size: int | list[int
     datasets = datasets if datasets is not None else [0] * len(buckets)
     counts = Counter((d, *b) for d, b in zip(datasets, buckets, strict=True))
     return sum(math.ceil(n / sizes[key[0]]) for key, n in counts.items())
-
-
-def epoch_batches(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int,
-                  epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches of entry indices. One dataset: `buckets.bucket_batches`. Several (kohya: a batch
-    never mixes datasets; ConcatDataset + the sampler): each dataset's own bucket batches with its batch size,
-    concatenated in dataset order and shuffled by random.Random(seed + epoch). kohya's exact interleaving is not
-    reproduced (docs/datasets.md)."""
-    if len(set(datasets)) <= 1:
-        return bucket_batches(buckets, batch_sizes[datasets[0] if datasets else 0], seed, epoch)
-    batches = []
-    for dataset in sorted(set(datasets)):
-        mine = [i for i, d in enumerate(datasets) if d == dataset]
-        own = bucket_batches([buckets[i] for i in mine], batch_sizes[dataset], seed, epoch)
-        batches += [[mine[j] for j in batch] for batch in own]
-    random.Random(seed + epoch).shuffle(batches)
-    return batches
 
 
 def num_epochs(max_steps: int, batches: int, grad_accum: int) -> int:

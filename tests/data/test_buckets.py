@@ -164,25 +164,6 @@ def test_palette_image_is_converted_before_resizing():
     assert out.mode == "RGB" and out.size == (3, 3)
 
 
-def test_bucket_batches_single_bucket_deterministic_and_complete():
-    bucket_of_item = [(64, 64)] * 5 + [(64, 128)] * 3 + [(128, 64)] * 1
-    batches = buckets.bucket_batches(bucket_of_item, 2, seed=42, epoch=1)
-    assert batches == buckets.bucket_batches(bucket_of_item, 2, seed=42, epoch=1)
-    assert sorted(i for b in batches for i in b) == list(range(9))  # every item once
-    assert all(len({bucket_of_item[i] for i in b}) == 1 for b in batches)  # one bucket per batch
-    # 5 -> 2+2+1, 3 -> 2+1, 1 -> 1: ceil sums to 6 batches, the last of a bucket smaller.
-    assert sorted(len(b) for b in batches) == [1, 1, 1, 2, 2, 2]
-    orders = {tuple(map(tuple, buckets.bucket_batches(bucket_of_item, 2, seed=42, epoch=e))) for e in range(6)}
-    assert len(orders) > 1  # the order changes with the epoch
-
-
-def test_bucket_batches_uses_seed_plus_epoch():
-    bucket_of_item = [(64, 64)] * 4 + [(64, 128)] * 4
-    assert buckets.bucket_batches(bucket_of_item, 1, seed=3, epoch=2) == buckets.bucket_batches(
-        bucket_of_item, 1, seed=4, epoch=1
-    )
-
-
 def test_histogram_and_format():
     hist = buckets.bucket_histogram([(832, 1216), (1024, 1024), (832, 1216), (1216, 832)])
     assert hist == {"832x1216": 2, "1024x1024": 1, "1216x832": 1}
