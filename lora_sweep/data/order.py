@@ -5,12 +5,14 @@ What v0.8.7 does (docs/kohya-exact.md#data-order):
 - a dataset's batches are (bucket, batch) pairs, buckets sorted by resolution, each bucket's entries in image order
   with an image's repeats side by side; `make_buckets` shuffles the pairs, then each bucket, after random.seed(0);
 - the dataset seed S = random.randint(0, 2**31), drawn right after set_seed(seed) (`dataset_seed`);
-- a dataset learns the loop's epoch k (1-based) in the collate of a batch it has just built; `set_current_epoch`
-  then reshuffles pairs and buckets in place after random.seed(S + k), once for each epoch it moves past;
+- a dataset learns the loop's epoch k (1-based) in the collate of a batch it has just built; when k differs from
+  the epoch it holds, `set_current_epoch` reshuffles pairs and buckets in place after random.seed(S + the epoch it
+  held), then holds k (train_util.py l. 650-653, 943-948 at v0.8.7);
 - accelerate's SeedableRandomSampler serves the datasets' concatenated batches in randperm(N) seeded seed + epoch;
-- with 0 workers the training process's dataset keeps its order across epochs, so an epoch's first batch comes in
-  the previous epoch's order; W workers start anew each epoch (batch j from worker j % W) with the dataset as
-  make_buckets left it, so each worker's first batch comes in that first order.
+- with 0 workers the training process's dataset carries its order and epoch across epochs, so an epoch's first batch
+  comes in the previous epoch's order; W workers (batch j from worker j % W) copy the training process's dataset,
+  which never learns an epoch: each epoch, a worker's first batch comes in make_buckets' order and the rest after
+  random.seed(S + 0).
 """
 
 from __future__ import annotations
@@ -69,11 +71,11 @@ def kohya_epoch_batches(buckets: Sequence[tuple[int, int]], datasets: Sequence[i
     made = [_made([i for i, d in enumerate(datasets) if d == dataset], buckets, batch_sizes[dataset])
             for dataset in sorted(set(datasets))]
     first = [m.shuffled(0) for m in made]  # make_buckets runs before set_seed(S): self.seed is still 0
-    before = first
-    for k in range(1, epoch + 1):  # the epochs a dataset carried across has moved past
-        before = [d.shuffled(S + k) for d in before]
-    now = [d.shuffled(S + epoch + 1) for d in before]
-    served_first = before if workers == 0 else first
+    served_first = first
+    if workers == 0:  # the one dataset object has reshuffled once per epoch before, seeded by the epoch it held
+        for k in range(epoch):
+            served_first = [d.shuffled(S + k) for d in served_first]
+    now = [d.shuffled(S + (epoch if workers == 0 else 0)) for d in served_first]
     owners = [(d, k) for d, dataset in enumerate(made) for k in range(len(dataset.pairs))]  # ConcatDataset
     order = torch.randperm(len(owners), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     batches = []

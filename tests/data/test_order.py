@@ -16,8 +16,8 @@ from lora_sweep.data.order import dataset_seed, kohya_epoch_batches
 
 class _KohyaBuckets(torch.utils.data.Dataset):
     """v0.8.7's BaseDataset, the order parts only (library/train_util.py at v0.8.7): BucketManager.add_image / sort /
-    shuffle (l. 200-246), make_buckets' buckets_indices and first shuffle (l. 1035-1084), shuffle_buckets
-    (l. 1086-1091), set_current_epoch (l. 781-793), __getitem__'s bucket slice (l. 1558-1562); config_util
+    shuffle (l. 188-212), make_buckets' buckets_indices and first shuffle (l. 848-941), shuffle_buckets
+    (l. 943-948), set_current_epoch (l. 650-653), __getitem__'s bucket slice (l. 1156-1159); config_util
     generate_dataset_group_by_blueprint draws S and calls set_seed after make_buckets (l. 566-573)."""
 
     def __init__(self, entries: list[int], buckets: list[tuple[int, int]], batch_size: int):
@@ -35,12 +35,9 @@ class _KohyaBuckets(torch.utils.data.Dataset):
             random.shuffle(bucket)
 
     def set_current_epoch(self, epoch):
-        if epoch > self.current_epoch:
-            for _ in range(epoch - self.current_epoch):
-                self.current_epoch += 1
-                self.shuffle_buckets()
-        else:
-            self.current_epoch = epoch
+        if not self.current_epoch == epoch:
+            self.shuffle_buckets()
+        self.current_epoch = epoch
 
     def __len__(self):
         return len(self.buckets_indices)
@@ -108,13 +105,14 @@ def v087_order(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes:
 
 
 # 8 images x 5 repeats: images 0-4 in one bucket, 5-7 in another (entries 5i..5i+4 are image i's repeats)
-BUCKETS = [(64, 64)] * 25 + [(64, 96)] * 15
-IMAGE_ORDER = {  # the images of 42 steps at batch size 1, seed 42, from `v087_order`
-    0: [1, 4, 4, 2, 2, 4, 2, 0, 6, 6, 5, 2, 6, 0, 7, 7, 5, 3, 1, 5, 4, 1, 0, 1, 0, 7, 0, 7, 5, 3, 7, 3, 2, 5, 1, 6,
-        1, 6, 3, 3, 2, 0],
-    # each worker's first batch comes in make_buckets' order: steps 2 and 42 differ
-    2: [1, 3, 4, 2, 2, 4, 2, 0, 6, 6, 5, 2, 6, 0, 7, 7, 5, 3, 1, 5, 4, 1, 0, 1, 0, 7, 0, 7, 5, 3, 7, 3, 2, 5, 1, 6,
-        1, 6, 3, 3, 7, 6],
+BUCKETS = [(64, 64)] * 25 + [(96, 32)] * 15
+IMAGE_ORDER = {  # the images of 42 steps at batch size 1, seed 42, as v0.8.7's own train_util, config_util and
+    # DataLoader served them (sd-scripts v0.8.7 and accelerate 0.25.0 run unmodified on 8 PNGs of these sizes)
+    0: [1, 0, 0, 0, 2, 6, 1, 5, 6, 0, 1, 2, 3, 0, 1, 7, 5, 3, 3, 5, 7, 5, 7, 6, 6, 6, 4, 7, 2, 1, 4, 5, 2, 4, 7, 3,
+        3, 2, 4, 1, 2, 5],
+    # each worker's first batch comes in make_buckets' order: steps 2 and 41-42 differ
+    2: [1, 3, 0, 0, 2, 6, 1, 5, 6, 0, 1, 2, 3, 0, 1, 7, 5, 3, 3, 5, 7, 5, 7, 6, 6, 6, 4, 7, 2, 1, 4, 5, 2, 4, 7, 3,
+        3, 2, 4, 1, 7, 6],
 }
 
 
