@@ -15,11 +15,14 @@ from lora_files import tiny_pipe
 from lora_sweep.model.network import (
     add_network,
     created_modules,
+    kohya_lora_parameters,
     kohya_module_name,
     lora_module_draws,
+    lora_parameters,
     up_blocks_with_attention,
 )
 from lora_sweep.model.tiny_sdxl import sdxl_asset_config
+from lora_sweep.training.precision import grad_total_norm
 
 # v0.8.7, seed 42, rank 4, alpha 1: (module count, sha256 of every lora_down's bytes in creation order, the first
 # U-Net module's first 3 values, torch.rand(3) after the network)
@@ -96,3 +99,23 @@ def test_the_tiny_network_starts_from_kohyas_draws_and_leaves_the_rng_after_them
         "-0x1.f11f3c0000000p-4", "0x1.e381a00000000p-7", "0x1.0ed2140000000p-4"]
     assert not any("lora_" in name for name, _ in pipe.text_encoder.named_parameters())
 
+
+def test_the_clip_norm_sums_in_kohyas_parameter_order():
+    pipe, net = tiny_pipe(), compose_config("network.conv_dim=4", "network.train_text_encoder=true").network
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    modules = created_modules(net, pipe.unet, encoders)
+    add_network(net, pipe.unet, encoders)
+    kohya_order = [p for model, name, _ in modules for p in (model.get_submodule(name).lora_A["default"].weight,
+                                                            model.get_submodule(name).lora_B["default"].weight)]
+    ours = [p for prefix, model in (("lora_te1", encoders[0]), ("lora_te2", encoders[1]), ("lora_unet", pipe.unet))
+            for p in kohya_lora_parameters(model, prefix)]
+    assert [id(p) for p in ours] == [id(p) for p in kohya_order]
+    big = pipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q").lora_A["default"]
+    for p in ours:  # norms of 1 and one of 4096: where the large one sits shows in the float sum's last bits
+        p.grad = torch.zeros_like(p)
+        p.grad.view(-1)[0] = 4096.0 if p is big.weight else 1.0
+    peft_order = lora_parameters(encoders[0]) + lora_parameters(encoders[1]) + lora_parameters(pipe.unet)
+    assert sorted(map(id, peft_order)) == sorted(map(id, ours))
+    kohya = torch.nn.utils.clip_grad_norm_(kohya_order, max_norm=1e9)  # v0.8.7's accelerator.clip_grad_norm_
+    assert grad_total_norm(ours).item().hex() == kohya.item().hex() == "0x1.0000be0000000p+12"
+    assert grad_total_norm(peft_order).item().hex() == "0x1.0000bc0000000p+12"  # PEFT's attn1, attn2, ff
