@@ -47,8 +47,8 @@ from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
 from lora_sweep.model.network import (
     add_network,
+    kohya_lora_parameters,
     kohya_state_dict,
-    lora_parameters,
     save_diffusers,
     save_kohya,
     set_lora_multiplier,
@@ -489,11 +489,14 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
 
 
 def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
-    """The optimizer's groups in kohya's order [text encoders, U-Net]; train.text_encoder_lr null means train.lr."""
+    """The optimizer's groups in kohya's order [text encoders, U-Net], each in v0.8.7's parameter order (the norm
+    clip_grad_norm_ clips with sums in it); train.text_encoder_lr null means train.lr."""
     te_only = cfg.network.network_train_text_encoder_only  # the U-Net has no LoRA then
-    groups = [] if te_only else [{"name": "unet", "params": lora_parameters(parts.unet), "lr": cfg.train.lr}]
+    groups = [] if te_only else [{"name": "unet", "params": kohya_lora_parameters(parts.unet, "lora_unet"),
+                                  "lr": cfg.train.lr}]
     if cfg.network.train_text_encoder:
-        te_params = lora_parameters(parts.text_encoder) + lora_parameters(parts.text_encoder_2)
+        te_params = [p for prefix, model in (("lora_te1", parts.text_encoder), ("lora_te2", parts.text_encoder_2))
+                     for p in kohya_lora_parameters(model, prefix)]
         te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
         groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})
     return [group for group in groups if group["params"]]  # v0.8.7 adds no group for a part without modules
