@@ -69,10 +69,19 @@ def test_misspelt_key_and_wrong_type_fail_at_compose_time():
     ("train.on_nan=ignore", "train.on_nan"),
     ("optimizer.lr_scheduler_num_cycles=-1", "optimizer.lr_scheduler_num_cycles"),
     ("model.clip_skip=-3", "model.clip_skip"),
+    ("data.max_data_loader_n_workers=-1", "data.max_data_loader_n_workers"),
 ])
 def test_bad_values_name_their_field(override, field):
     problems = config_problems(compose_config(override))
     assert problems and all(p.startswith(field) for p in problems), problems
+
+
+def test_workers_are_refused_with_captions_that_change_per_step():
+    """v0.8.7's workers draw caption randomness from their own streams, which lora-sweep does not reproduce."""
+    assert config_problems(compose_config("data.max_data_loader_n_workers=2")) == []
+    (problem,) = config_problems(compose_config("data.max_data_loader_n_workers=2", "data.shuffle_caption=true"))
+    assert problem.startswith("data.max_data_loader_n_workers: 2 workers") and "data.shuffle_caption=true" in problem
+    assert config_problems(compose_config("data.max_data_loader_n_workers=0", "data.shuffle_caption=true")) == []
 
 
 def test_missing_model_path_is_a_clear_error_before_loading(tmp_path):

@@ -40,11 +40,18 @@ def test_v53_exports_the_flags_the_reference_gives_for_its_settings(tmp_path):
         "network_dim": 4, "network_train_unet_only": True, "caption_extension": ".txt",
         "sample_every_n_steps": 200, "sample_prompts": str(ROOT / "experiments/prompts/article_v53-v60.txt"),
         # what lora-sweep always does (checks/kohya_flags.py Fixed)
-        "network_module": "networks.lora", "cache_latents": True, "no_half_vae": True, "max_data_loader_n_workers": 0,
+        "network_module": "networks.lora", "cache_latents": True, "no_half_vae": True,
+        # v0.8.7's data order (data/order.py): the workers, and the simple log that lets S be the first draw
+        "max_data_loader_n_workers": 0, "console_log_simple": True,
         # the essentials
         "pretrained_model_name_or_path": f"{tmp_path}/sdxl.safetensors", "output_dir": f"{tmp_path}/out",
         "output_name": "lora", "seed": 42,
     }
+
+
+def test_the_workers_and_the_simple_log_are_exported_for_v087s_data_order(tmp_path):
+    args = kohya_args(sdxl_folder_config(tmp_path, "data.max_data_loader_n_workers=2"))
+    assert args["max_data_loader_n_workers"] == 2 and args["console_log_simple"] is True
 
 
 def test_every_exported_flag_is_a_v087_flag_away_from_its_default_or_essential(tmp_path):

@@ -79,7 +79,8 @@ def test_the_ai_now_prodigy_preset_gives_its_exact_values(tmp_path):
         "optimizer.optimizer_args": ["weight_decay=0.01", "decouple=True", "d0=0.0001", "use_bias_correction=True"],
         "optimizer.scheduler": "constant", "optimizer.lr_scheduler_num_cycles": 1, "network.rank": 32,
         "network.alpha": 16.0, "network.scale_weight_norms": 5.0,
-        "network.train_text_encoder": True}  # no network_train_unet_only: v0.8.7 trains the text encoders too
+        "network.train_text_encoder": True,  # no network_train_unet_only: v0.8.7 trains the text encoders too
+        "data.max_data_loader_n_workers": 0}  # the GUI passes its field's 0
     # the preset has no max_train_steps: the GUI passes its field's 1600
     assert imported.why["train.max_steps"] == "preset.json: kohya_ss GUI default: max_train_steps = 1600"
     assert imported.why["network.alpha"] == "preset.json: network_alpha = 16"
@@ -139,9 +140,10 @@ def test_a_config_file_toml_reads_flat_untyped_with_v087_defaults_for_the_rest(t
         "data.min_bucket_reso": 256, "data.max_bucket_reso": 1024, "data.bucket_reso_steps": 64,
         "noise.offset": 0.0357, "loss.type": "huber", "loss.huber_c": 0.05, "sampling.sampler": "ddim",
         "optimizer.optimizer_args": ["weight_decay=0.1", "betas=(0.9,0.99)"], "optimizer.warmup_steps": 100,
-        "network.rank": 16, "network.alpha": 8, "network.train_text_encoder": True}
+        "network.rank": 16, "network.alpha": 8, "network.train_text_encoder": True,
+        "data.max_data_loader_n_workers": 8}  # unset: kohya's default
     table = kinds(imported)
-    assert table["not supported"] == {"masked_loss": True}  # unset workers and no_half_vae: kohya's default
+    assert table["not supported"] == {"masked_loss": True}  # unset no_half_vae: kohya's default
     assert table["unknown"] == {"future_flag": 3}
     assert "missing" not in table
 
@@ -347,6 +349,7 @@ def test_a_lora_written_by_lora_sweep_loses_exactly_what_its_metadata_cannot_hol
         "optimizer.lr_scheduler_power=2.0", "+optimizer.lr_scheduler_args.lr_end=0.5",
         "network.train_text_encoder=true", "network.network_train_text_encoder_only=true",
         "network.dim_from_weights=true", f"network.network_weights={tmp_path}/start.safetensors",
+        "data.max_data_loader_n_workers=2",
         "train.save_precision=fp16", "train.xformers=true", "train.sdpa=true", "train.mem_eff_attn=true",
         "train.torch_compile=true", "train.dynamo_backend=eager", "data.caption_separator=';'",
         "data.token_warmup_min=2", "data.token_warmup_step=5", "data.enable_wildcard=true",
@@ -531,7 +534,8 @@ def test_a_sweep_over_an_imported_experiment_gives_each_run_its_own_noise_group(
         assert [p[key] for key in imported] == ["0.0002", "7", "8", "4.0", "5.0", "64,64", "True", "adamw"]
 
 
-def test_data_loader_workers_set_by_the_source_get_a_row_with_the_reason(tmp_path):
+def test_data_loader_workers_set_by_the_source_are_carried(tmp_path):
+    """v0.8.7's image order depends on its workers: the import keeps the value (data/order.py)."""
     command = tmp_path / "cmd.sh"
     command.write_text("accelerate launch sdxl_train_network.py --max_data_loader_n_workers 4 --no_half_vae",
                        encoding="utf-8")
@@ -539,9 +543,8 @@ def test_data_loader_workers_set_by_the_source_get_a_row_with_the_reason(tmp_pat
     rows = {r.kohya: (r.kind, r.detail) for r in imported.rows if r.kohya in ("max_data_loader_n_workers",
                                                                              "no_half_vae")}
     assert rows["no_half_vae"] == ("ignored", "lora-sweep always encodes latents with the VAE in fp32")
-    kind, detail = rows["max_data_loader_n_workers"]
-    assert kind == "not supported" and detail.startswith("lora-sweep behaves as 0: ")
-    assert "each worker's own random stream" in detail
+    assert rows["max_data_loader_n_workers"][0] == "mapped"
+    assert imported.values["data.max_data_loader_n_workers"] == 4
 
 
 def test_gui_max_train_steps_0_is_the_guis_estimate_from_the_image_folders(tmp_path):
@@ -743,16 +746,14 @@ def test_a_loras_ss_keys_that_are_no_v087_flag_get_rows(tmp_path):
     assert table["not supported"]["huber_scale"] == "1.0"  # newer than v0.8.7
 
 
-def test_data_loader_workers_left_unset_are_kohyas_8_with_a_row(tmp_path):
+def test_data_loader_workers_left_unset_are_kohyas_8(tmp_path):
     command = tmp_path / "cmd.sh"
-    command.write_text("accelerate launch sdxl_train_network.py --shuffle_caption", encoding="utf-8")
-    rows = {(r.kind, r.kohya): (r.value, r.detail) for r in import_sources([command])[0].rows}
-    assert rows[("ignored", "max_data_loader_n_workers")] == (8, (
-        "kohya default 8 workers: lora-sweep loads as with 0; with caption shuffling or dropout kohya's captions "
-        "differ, for each worker draws from its own random stream (not a refusal)"))
+    command.write_text("accelerate launch sdxl_train_network.py --no_half_vae", encoding="utf-8")
+    imported = import_sources([command])[0]
+    assert imported.values["data.max_data_loader_n_workers"] == 8
     gui = tmp_path / "g.json"  # the GUI passes its field's 0
     gui.write_text("{}", encoding="utf-8")
-    assert kinds(import_sources([gui])[0])["ignored"]["max_data_loader_n_workers"] == 0
+    assert import_sources([gui])[0].values["data.max_data_loader_n_workers"] == 0
 
 
 def test_a_toml_resolution_int_and_a_gui_lr_warmup_fraction_are_problems(tmp_path):

@@ -42,6 +42,8 @@ KOHYA_NAMES = {
     "shuffle_caption": "data.shuffle_caption", "keep_tokens": "data.keep_tokens",
     "caption_separator": "data.caption_separator", "caption_extension": "data.caption_extension",
     "max_token_length": "data.max_token_length",
+    # issue 33: the workers v0.8.7's image order depends on
+    "max_data_loader_n_workers": "data.max_data_loader_n_workers",
     "flip_aug": "data.flip_aug", "random_crop": "data.random_crop", "color_aug": "data.color_aug",
     "enable_bucket": "data.enable_bucket", "bucket_no_upscale": "data.bucket_no_upscale",
     "bucket_reso_steps": "data.bucket_reso_steps", "min_bucket_reso": "data.min_bucket_reso",

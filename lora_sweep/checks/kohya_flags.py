@@ -76,11 +76,9 @@ KOHYA_FLAGS: dict[str, Refused | Fixed] = {
     "no_half_vae": Fixed(True, "lora-sweep always encodes latents with the VAE in fp32"),
     "cache_text_encoder_outputs": Fixed(ANY, _TE_CACHE),
     "cache_text_encoder_outputs_to_disk": Fixed(ANY, _TE_CACHE),
-    "max_data_loader_n_workers": Fixed(0, "lora-sweep loads data in the training process, as v0.8.7 with 0 workers "
-                                          "(the GUI's default): the epoch and step a batch sees lag as there "
-                                          "(docs/data.md); with workers, kohya's caption shuffles and dropouts "
-                                          "draw from each worker's own random stream, so the captions differ"),
-    "persistent_data_loader_workers": Fixed(ANY, "lora-sweep uses no data-loader worker processes"),
+    "persistent_data_loader_workers": Fixed(False, "lora-sweep serves batches in the order of workers started anew "
+                                                   "each epoch (docs/kohya-exact.md#data-order); persistent workers "
+                                                   "keep their shuffled order from epoch to epoch"),
     "lowram": Fixed(ANY, "it only moves models between devices; lora-sweep places them itself"),
     "highvram": Fixed(ANY, "it only moves models between devices; lora-sweep places them itself"),
     # network

@@ -69,6 +69,7 @@ def _checks(cfg) -> list[Callable[[], None]]:
         *_model_checks(cfg.model),
         *_data_checks(cfg.data),
         lambda: _dataset_checks(cfg),
+        lambda: _workers_check(cfg),
         *_noise_checks(cfg.noise),
         *_loss_checks(cfg.loss),
         lambda: _v_pred_checks(cfg),
@@ -143,6 +144,25 @@ def _dataset_checks(cfg) -> None:
     problems = dataset_problems(cfg, folder)
     if problems:
         raise ConfigErrors(problems)
+
+
+def _workers_check(cfg) -> None:
+    """data.max_data_loader_n_workers: the workers of the kohya run whose image order lora-sweep follows. With
+    workers, v0.8.7 draws caption randomness from each worker's own stream (and reads the step as the workers race),
+    which lora-sweep does not reproduce: refused with captions that change per step."""
+    from lora_sweep.data.subsets import per_step_captions
+
+    n = cfg.data.max_data_loader_n_workers
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        _fail("data.max_data_loader_n_workers", n, "an int >= 0: the data-loader workers of the kohya run whose image "
+              "order lora-sweep follows (kohya's --max_data_loader_n_workers; 0, the GUI's default, loads in the "
+              "training process)")
+    if n > 0 and (reason := per_step_captions(cfg)):
+        raise ConfigError(
+            f"data.max_data_loader_n_workers: {n} workers make v0.8.7 draw caption shuffles and dropouts from each "
+            f"worker's own random stream and read the step as the workers race, which lora-sweep does not "
+            f"reproduce; the captions change per step under {reason}. Set data.max_data_loader_n_workers to 0, or "
+            "turn that caption option off.")
 
 
 def _noise_checks(n) -> list[Callable[[], None]]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from lora_sweep.errors import ConfigError, Problems, UserError
@@ -203,13 +204,14 @@ def resize_and_center_crop(
     image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int]
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to `resized`, centre-crop to `bucket` (kohya's `trim_and_resize_if_required`); returns the image and the
-    crop offset (left, top). PIL's BOX filter stands in for kohya's cv2.INTER_AREA (same area averaging, may differ
-    by one grey level); non-RGB is converted first. Flip after cropping, as kohya: an odd excess crops
-    asymmetrically."""
+    crop offset (left, top). The resize is v0.8.7's `cv2.resize(..., interpolation=cv2.INTER_AREA)` on the uint8 RGB
+    array, up or down, so the pixels are kohya's exactly; non-RGB is converted first. Flip after cropping, as kohya:
+    an odd excess crops asymmetrically."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != tuple(resized):
-        image = image.resize(tuple(resized), Image.Resampling.BOX)
+        pixels = cv2.resize(np.asarray(image, dtype=np.uint8), tuple(resized), interpolation=cv2.INTER_AREA)
+        image = Image.fromarray(pixels)
     width, height = image.size
     if width < bucket[0] or height < bucket[1]:
         raise ValueError(f"resized size {width}x{height} does not cover bucket {bucket[0]}x{bucket[1]}")
@@ -243,27 +245,6 @@ def sdxl_time_ids(
 ) -> list[int]:
     """SDXL's 6 size-conditioning numbers: [original_h, original_w, crop_top, crop_left, target_h, target_w]."""
     return [int(v) for v in (*original_hw, *crop_top_left, *target_hw)]
-
-
-def bucket_batches(
-    bucket_of_item: Sequence[tuple[int, int]], batch_size: int, seed: int, epoch: int
-) -> list[list[int]]:
-    """One epoch's batches of item indices, each from one bucket: every bucket cut into ceil(n / batch_size) batches,
-    then `random.Random(seed + epoch)` shuffles the (bucket, batch) pairs and each bucket's items, as kohya's
-    `shuffle_buckets`. Unlike kohya (in-place shuffles, plus the DataLoader's), an epoch's order depends only on
-    (seed, epoch), so a resumed run sees the same batches."""
-    if batch_size < 1:
-        raise ConfigError(f"train.batch_size: {batch_size} must be >= 1.")
-    members: dict[tuple[int, int], list[int]] = {}
-    for index, bucket in enumerate(bucket_of_item):
-        members.setdefault(tuple(bucket), []).append(index)
-    groups = [members[b] for b in sorted(members)]
-    pairs = [(g, i) for g, items in enumerate(groups) for i in range(math.ceil(len(items) / batch_size))]
-    rng = random.Random(seed + epoch)
-    rng.shuffle(pairs)
-    for items in groups:
-        rng.shuffle(items)
-    return [groups[g][i * batch_size : (i + 1) * batch_size] for g, i in pairs]
 
 
 def bucket_histogram(buckets: Iterable[tuple[int, int]]) -> dict[str, int]:

@@ -18,7 +18,8 @@ from lora_sweep import atomic
 from lora_sweep.errors import UserError
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes for the same identity; it is part of every key
-RESAMPLE = "pil-box"  # the resize of lora_sweep.data.buckets.resize_and_center_crop, part of latent keys
+RESAMPLE = "cv2-inter-area"  # the resize of lora_sweep.data.buckets.resize_and_center_crop, part of latent keys
+LATENT_HOLDS = "posterior mean, std"  # entries before it held one drawn sample: their keys differ
 # Where a single-file SDXL checkpoint keeps each part (a diffusers folder: the sub-folders below).
 _FILE_PREFIXES = {"vae": ("first_stage_model.",), "text": ("conditioner.embedders.", "cond_stage_model.")}
 _SUBFOLDERS = {"vae": ("vae",), "text": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
@@ -39,24 +40,26 @@ def cache_key(**identity: Any) -> str:
 
 
 def latent_cache_key(*, vae: str, image_sha256: str, bucket: Sequence[int], resized: Sequence[int],
-                     crop_left_top: Sequence[int], flipped: bool, latent: str = "sample",
-                     vae_dtype: str = "float32") -> str:
-    """Key of one image's latents: VAE identity, image bytes, bucket, resize, crop, flip, sample-or-mean and the VAE's
-    encode dtype (fixed, not the training precision's, so precision variants share entries)."""
+                     crop_left_top: Sequence[int], flipped: bool, vae_dtype: str = "float32") -> str:
+    """Key of one image's posterior (mean and std): VAE identity, image bytes, bucket, resize, crop, flip and the VAE's
+    encode dtype (fixed, not the training precision's, so precision variants share entries). The sample is drawn per
+    run, so data.latent_sample=sample and mean share the entry."""
     return cache_key(kind="latents", vae=vae, image=image_sha256, bucket=list(bucket), resized=list(resized),
-                     crop=list(crop_left_top), flip=bool(flipped), latent=latent, vae_dtype=vae_dtype,
-                     resample=RESAMPLE)
+                     crop=list(crop_left_top), flip=bool(flipped), vae_dtype=vae_dtype, resample=RESAMPLE,
+                     holds=LATENT_HOLDS)
 
 
-def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 75, dtype: str = "float32") -> str:
-    """Key of one caption's text-encoder outputs (hidden states of both encoders and the pooled output)."""
+def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 75, dtype: str = "float32",
+                   attention: str = "eager") -> str:
+    """Key of one caption's text-encoder outputs (hidden states of both encoders and the pooled output); `attention`
+    is the encoders' (model.loading.TEXT_ENCODER_ATTENTION), so entries encoded with SDPA are not reused."""
     return cache_key(kind="text", text_encoders=text_encoders, caption=caption, max_token_length=max_token_length,
-                     dtype=dtype)
+                     dtype=dtype, attention=attention)
 
 
 def posterior_seed(key: str) -> int:
-    """A seed for the one posterior sample kohya caches, from the entry's key: the sample is the same whichever job
-    writes it."""
+    """A seed from a latent entry's key, for a posterior sample outside the training's stream (validation images): the
+    same whichever job draws it."""
     return int(key[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
 
 

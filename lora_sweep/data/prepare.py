@@ -5,12 +5,15 @@ content-addressed cache (docs/data.md).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import ImageOps
 
 from lora_sweep.data import buckets
@@ -22,11 +25,20 @@ from lora_sweep.data.dataset import FolderScan, ImageItem, gone
 from lora_sweep.data.images import load_rgb
 from lora_sweep.data.subsets import DatasetSpec
 from lora_sweep.errors import Fallback, UserError
-from lora_sweep.model.encode import CHUNK, encode_images, encode_prompts, token_counts
+from lora_sweep.model.encode import CHUNK, encode_posterior, encode_prompts, token_counts
+from lora_sweep.model.loading import TEXT_ENCODER_ATTENTION
 from lora_sweep.paths import default_cache_dir
 from lora_sweep.progress import progress
 
 log = logging.getLogger(__name__)
+
+
+class Posterior(NamedTuple):
+    """One cached VAE posterior (unscaled, (C, h, w), fp32 on the CPU) and its cache key."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    key: str
 
 
 class UnreadableImage(Exception):
@@ -35,7 +47,8 @@ class UnreadableImage(Exception):
 
 @dataclass
 class Example:
-    """One image ready for training (tensors on the CPU; latents unscaled, as the VAE returns them)."""
+    """One image ready for training (tensors on the CPU; latents unscaled, as the VAE returns them). `latents` is the
+    posterior's mean until `draw_latents` sets the sample."""
 
     item: ImageItem
     bucket: tuple[int, int]  # (width, height) in pixels
@@ -45,6 +58,7 @@ class Example:
     time_ids_flipped: torch.Tensor | None
     context: torch.Tensor | None  # (tokens, hidden): 77, 152 or 227 tokens; None when text is encoded per step
     pooled: torch.Tensor | None
+    posteriors: dict[bool, Posterior] = field(default_factory=dict)  # by flipped
 
 
 @dataclass
@@ -84,6 +98,7 @@ def prepare_examples(parts, scan: FolderScan, data_cfg, *, device, encode_text: 
     examples, unreadable = _prepare_scan(parts, store, scan, data_cfg, bucket_settings(data_cfg), device=device,
                                          text=lambda item: item.caption if encode_text else None,
                                          flip=lambda item: bool(data_cfg.flip_aug))
+    draw_latents(examples, data_cfg.latent_sample, device=device, stream=False)
     return _prepared(scan.setting, [scan], examples, store, unreadable)
 
 
@@ -92,7 +107,8 @@ def prepare_datasets(parts, scans: Sequence[FolderScan], specs: Sequence[Dataset
     """`prepare_examples` of every training scan: each image under its dataset's buckets (`bucket_settings(spec)`)
     and its subset's flip_aug; with `cache_text`, a caption that processing leaves fixed
     (`captions.fixed_caption`: prefix, suffix and secondary separator applied) is encoded once through the cache,
-    any other is encoded at every step (context None). Reg images balanced to 0 repeats are not encoded."""
+    any other is encoded at every step (context None). Reg images balanced to 0 repeats are not encoded. The latent
+    samples come from the global RNG of `device` in v0.8.7's caching order (`draw_latents`): call after set_seed."""
     store = cache_lib.TensorCache(Path(data_cfg.cache_dir or default_cache_dir()))
     settings = [bucket_settings(spec) for spec in specs]
     examples: list[Example] = []
@@ -104,6 +120,7 @@ def prepare_datasets(parts, scans: Sequence[FolderScan], specs: Sequence[Dataset
             flip=lambda item: item.subset.flip_aug)
         examples += found
         unreadable += failed
+    draw_latents(examples, data_cfg.latent_sample, device=device)
     prepared = _prepared(scans[0].setting if scans else "data.dir", scans, examples, store, unreadable, specs)
     prepared.items = [item for scan in scans for item in scan.items]
     return prepared
@@ -175,27 +192,27 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
     """One image's example: latents (and, for a `caption`, its text embeddings) from the cache, encoded on a miss."""
     bucket, resized = _assign(item, settings)
     image_sha = store.file_sha256(item.path)
-    latents = {}
+    posteriors = {}
     for flipped in ([False, True] if flip_aug else [False]):
-        key = latent_cache_key(
-            vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
-            crop_left_top=_crop_offsets(bucket, resized), flipped=flipped, latent=data_cfg.latent_sample,
-        )
-        def encode(flipped=flipped, key=key):
-            return _encode_latents(parts, item, bucket, resized, flipped, key, data_cfg.latent_sample, device)
-        latents[flipped] = store.get_or_compute("latents", key, encode, {"source": str(item.path)})["latents"]
+        key = latent_cache_key(vae=vae_id, image_sha256=image_sha, bucket=bucket, resized=resized,
+                               crop_left_top=_crop_offsets(bucket, resized), flipped=flipped)
+        def encode(flipped=flipped):
+            return _encode_posterior(parts, item, bucket, resized, flipped, device)
+        entry = store.get_or_compute("latents", key, encode, {"source": str(item.path)})
+        posteriors[flipped] = Posterior(entry["mean"], entry["std"], key)
     context = pooled = None
     if caption is not None:
         length = data_cfg.max_token_length
-        key = text_cache_key(text_encoders=text_id, caption=caption, max_token_length=length or 75)
+        key = text_cache_key(text_encoders=text_id, caption=caption, max_token_length=length or 75,
+                             attention=TEXT_ENCODER_ATTENTION)
         text = store.get_or_compute("text", key, lambda c=caption: _encode_caption(parts, c, length),
                                     {"source": str(item.path), "caption": caption})
         context, pooled = text["context"], text["pooled"]
     return Example(
-        item=item, bucket=bucket, latents=latents[False], latents_flipped=latents.get(True),
-        time_ids=_time_ids(item, bucket, False),
+        item=item, bucket=bucket, latents=posteriors[False].mean,
+        latents_flipped=posteriors[True].mean if flip_aug else None, time_ids=_time_ids(item, bucket, False),
         time_ids_flipped=_time_ids(item, bucket, True) if flip_aug else None,
-        context=context, pooled=pooled,
+        context=context, pooled=pooled, posteriors=posteriors,
     )
 
 
@@ -204,9 +221,33 @@ def _crop_offsets(bucket, resized) -> tuple[int, int]:
     return (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
 
 
+def caching_order(examples: Sequence[Example]) -> list[int]:
+    """The indices of `examples` (in scan order: subsets, then path; reg images last) in v0.8.7's
+    `BaseDataset.cache_latents` order: dataset by dataset (`DatasetGroup`), each stably sorted by bucket area."""
+    return sorted(range(len(examples)), key=lambda i: (examples[i].item.dataset, math.prod(examples[i].bucket)))
+
+
+def draw_latents(examples: Sequence[Example], mode: str, *, device, stream: bool = True) -> None:
+    """Set each example's latents from its cached posterior. mode "mean": the mean, nothing drawn. "sample": mean +
+    std * randn as diffusers' `DiagonalGaussianDistribution.sample` computes it, in fp32 on `device`; with `stream`,
+    from `device`'s global RNG in `caching_order`, as v0.8.7's `cache_batch_latents` at vae_batch_size 1 (the image,
+    then its flip); without, each from a generator seeded by its cache key (images outside the training's stream)."""
+    if mode != "sample":
+        return
+    for i in caching_order(examples) if stream else range(len(examples)):
+        example = examples[i]
+        drawn = {}
+        for flipped, posterior in sorted(example.posteriors.items()):
+            generator = None if stream else torch.Generator().manual_seed(posterior_seed(posterior.key))
+            mean, std = (t.unsqueeze(0).to(device) for t in (posterior.mean, posterior.std))
+            sample = randn_tensor(mean.shape, generator=generator, device=torch.device(device), dtype=mean.dtype)
+            drawn[flipped] = (mean + std * sample)[0].cpu()
+        example.latents, example.latents_flipped = drawn[False], drawn.get(True)
+
+
 @torch.no_grad()
-def _encode_latents(parts, item: ImageItem, bucket, resized, flipped: bool, key: str, mode: str, device) -> dict:
-    """kohya's order: resize and centre-crop, then flip; one posterior sample seeded by the entry's key."""
+def _encode_posterior(parts, item: ImageItem, bucket, resized, flipped: bool, device) -> dict:
+    """kohya's order: resize and centre-crop, then flip; the VAE posterior's mean and std (what `sample` uses)."""
     try:
         image = load_rgb(item.path)
     except Exception as error:  # PIL raises many types for truncated or corrupt pixel data
@@ -214,10 +255,9 @@ def _encode_latents(parts, item: ImageItem, bucket, resized, flipped: bool, key:
     cropped, _ = buckets.resize_and_center_crop(image, bucket, resized)
     if flipped:
         cropped = ImageOps.mirror(cropped)
-    generator = torch.Generator(device="cpu").manual_seed(posterior_seed(key))
     pixels = _pixels(cropped).unsqueeze(0).to(device, torch.float32)
-    out = encode_images(parts.vae, pixels, sample=mode == "sample", generator=generator)
-    return {"latents": out[0].float().cpu()}
+    posterior = encode_posterior(parts.vae, pixels)
+    return {"mean": posterior.mean[0].float().cpu(), "std": posterior.std[0].float().cpu()}
 
 
 def _encode_caption(parts, caption: str, max_token_length: int | None) -> dict:

@@ -39,7 +39,7 @@ _SAME_FLAGS = (
     "flip_aug", "random_crop", "color_aug", "enable_bucket", "bucket_no_upscale", "bucket_reso_steps",
     "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_dropout_every_n_epochs",
     "caption_tag_dropout_rate", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-    "token_warmup_min", "token_warmup_step",
+    "token_warmup_min", "token_warmup_step", "max_data_loader_n_workers",
 )
 _SAME = {flag: KOHYA_NAMES[flag] for flag in _SAME_FLAGS}
 # settings at which lora-sweep's 0 means what v0.8.7's None (off) means
@@ -56,6 +56,7 @@ def kohya_args(cfg: DictConfig) -> dict[str, Any]:
     args |= _precision_args(flat) | _optimizer_args(tree["optimizer"]) | _network_args(flat) | _data_args(cfg, flat)
     args |= _path_args(cfg, flat)
     args |= {flag: rule.value for flag, rule in KOHYA_FLAGS.items() if isinstance(rule, Fixed) and rule.value != ANY}
+    args["console_log_simple"] = True  # v0.8.7 then draws its dataset seed first after set_seed (data/order.py)
     args["multires_noise_iterations"] = flat["noise.multires_iterations"]
     args["ip_noise_gamma"] = flat["noise.ip_gamma"]
     args["save_every_n_steps"] = flat["train.save_every"]

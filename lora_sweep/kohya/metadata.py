@@ -48,7 +48,7 @@ NOT_IN_LORA_METADATA = ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_sch
                         "token_warmup_min", "token_warmup_step", "enable_wildcard", "keep_tokens_separator",
                         "secondary_separator", "caption_prefix", "caption_suffix", "bucket_reso_steps",
                         "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
-                        "sample_prompts", "sample_every_n_steps", "sample_sampler")
+                        "sample_prompts", "sample_every_n_steps", "sample_sampler", "max_data_loader_n_workers")
 
 
 def read_header(path: Path) -> dict[str, str]:

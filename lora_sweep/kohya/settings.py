@@ -38,10 +38,6 @@ _UNSET = {
                                "changes no trained number"),
 }
 
-_WORKERS = ("kohya default 8 workers: lora-sweep loads as with 0; with caption shuffling or dropout kohya's captions "
-            "differ, for each worker draws from its own random stream (not a refusal)")
-
-
 @dataclass
 class Row:
     """One line of the import's table: `kind` mapped | default | same as default | ignored | not supported |
@@ -165,8 +161,6 @@ def _flag_row(flag: str, value: object, given: bool, full: dict, defaults: dict,
             elif given:  # an unset flag is kohya's default, which the user never chose: no problem to report
                 out.rows.append(Row("not supported", flag, value,
                                     f"lora-sweep behaves as {entry.value!r}: {entry.reason}"))
-            elif flag == "max_data_loader_n_workers":  # the one such default that can change the captions
-                out.rows.append(Row("ignored", flag, value, _WORKERS))
 
 
 def _groups(full: dict, args: dict, why, out: Imported) -> None:

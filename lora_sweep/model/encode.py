@@ -120,9 +120,15 @@ def encode_images(vae: Any, pixels: torch.Tensor, *, sample: bool = True,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> unscaled latents (B, 4, H/8, W/8) in the VAE's dtype: one posterior sample
     (`generator` for reproducibility) or, sample=False, the mean."""
+    posterior = encode_posterior(vae, pixels)
+    return posterior.sample(generator=generator) if sample else posterior.mean
+
+
+def encode_posterior(vae: Any, pixels: torch.Tensor) -> Any:
+    """Pixels (B, 3, H, W) in [-1, 1] -> the VAE's posterior (diffusers' DiagonalGaussianDistribution: mean, std and
+    `sample`, (B, 4, H/8, W/8) in the VAE's dtype), unscaled."""
     with torch.no_grad():
-        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) if sample else posterior.mean
+        return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
 
 def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],

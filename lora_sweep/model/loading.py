@@ -32,6 +32,8 @@ from lora_sweep.model.weights import ACCEPTS, FOLDER_PARTS, load_cast, read_safe
 from lora_sweep.paths import default_cache_dir
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights
+# kohya v0.8.7's transformers 4.36 CLIP computes eager attention; transformers 5 defaults to SDPA (~1e-6 apart)
+TEXT_ENCODER_ATTENTION = "eager"
 # Each component's keys in a single-file (SGM layout) checkpoint start with these.
 SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                         "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
@@ -214,7 +216,8 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
 
     `dtypes`: the dtype to read each component in (e.g. `placement.load_dtypes`' plan); `dtype`: the rest (fp32). A
     folder's component already in its dtype is mapped without a copy, another is read straight into it
-    (`weights.load_cast`); a single file is read in its own dtype, then cast. Raises UserError naming model.path.
+    (`weights.load_cast`); a single file is read in its own dtype, then cast. The text encoders compute
+    `TEXT_ENCODER_ATTENTION`. Raises UserError naming model.path.
     """
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -240,6 +243,8 @@ def load_sdxl(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu"
         if any(p.dtype != wanted[name] for p in module.parameters() if p.is_floating_point()):
             module.to(dtype=wanted[name])  # a single file's component (a folder's are read in their dtype)
         module.to(device).eval()
+    for name in ("text_encoder", "text_encoder_2"):  # train.sdpa / xformers choose the U-Net's attention only
+        getattr(pipe, name).set_attn_implementation(TEXT_ENCODER_ATTENTION)
     return SDXLParts(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, noise_scheduler=kohya_noise_scheduler(),

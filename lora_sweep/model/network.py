@@ -1,7 +1,8 @@
 """LoRA on kohya's SDXL targets (`networks/lora.py`: every Linear in the UNet's transformer blocks, with conv_dim also
 the ResNet, Downsample and Upsample convs (LoCon), optionally the CLIP attention and MLP linears), and saving it as
-kohya and diffusers/PEFT files. PEFT's init (down kaiming-uniform a=sqrt(5), up zeros) and scale alpha/rank are
-kohya's, so the same targets, rank and alpha train the same network. docs/network.md describes the module set.
+kohya and diffusers/PEFT files. PEFT is the mechanism (scale alpha/rank, as kohya); the initial values and the
+parameter order are v0.8.7's (`init_as_kohya`, `kohya_lora_parameters`). docs/network.md describes the module set,
+docs/kohya-exact.md the initialisation.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -60,7 +62,8 @@ def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets,
 
 def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nullcontext) -> None:
     """Build network config `net`'s LoRA as v0.8.7 does: on the U-Net (none under network_train_text_encoder_only,
-    whose U-Net is frozen), on both text encoders when network.train_text_encoder, started from
+    whose U-Net is frozen), on both text encoders when network.train_text_encoder, initialised with v0.8.7's draws
+    from the global torch RNG (`init_as_kohya`: every module kohya creates draws, trained or not), then loaded from
     network.network_weights if set. `fp32(model)`: the context each adapter is created in (the trainer's
     placement.adapters_in_fp32)."""
     named = {"lora_unet": unet, "lora_te1": text_encoders[0], "lora_te2": text_encoders[1]}
@@ -69,6 +72,18 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
     if ignored:  # v0.8.7 ignores them silently
         log.warning("network.dim_from_weights takes ranks and alphas from network.network_weights and trains without "
                     "dropout, as v0.8.7: %s %s ignored", ", ".join(ignored), "is" if len(ignored) == 1 else "are")
+    modules = created_modules(net, unet, text_encoders, weights)  # named before PEFT wraps them
+    with undone_draws():
+        _add_adapters(net, unet, text_encoders, weights, fp32)
+    init_as_kohya(modules)
+    if weights is not None:
+        load_network_weights(weights, named, path=net.network_weights)
+        if not net.dim_from_weights:
+            warn_file_alphas(net, weights)
+
+
+def _add_adapters(net, unet: torch.nn.Module, text_encoders, weights, fp32) -> None:
+    """PEFT's adapters on the parts `net` trains (add_network)."""
     if net.network_train_text_encoder_only:
         unet.requires_grad_(False)  # v0.8.7's apply_to builds no U-Net LoRA
     else:
@@ -81,10 +96,6 @@ def add_network(net, unet: torch.nn.Module, text_encoders, *, fp32=contextlib.nu
             with fp32(encoder):
                 _add_part_lora(net, encoder, prefix, targets, patterns)
             encoder.train()
-    if weights is not None:
-        load_network_weights(weights, named, path=net.network_weights)
-        if not net.dim_from_weights:
-            warn_file_alphas(net, weights)
 
 
 def _add_part_lora(net, model: torch.nn.Module, prefix: str, targets, patterns) -> None:
@@ -433,3 +444,106 @@ def warn_file_alphas(net, weights: Mapping[str, tuple]) -> None:
                     "diffusers file carries %s=%s, so the two apply the LoRA at different strengths. Set %s to the "
                     "file's alpha (%s) to avoid it.", files, setting, own, setting, files, setting, own, setting,
                     alphas[0])
+
+
+# Child names in the order kohya's SGM U-Net (library/sdxl_original_unet.py) defines them, class by class
+SGM_ORDER = {name: rank for rank, name in enumerate((
+    "input_blocks", "middle_block", "output_blocks",  # SdxlUNet2DConditionModel
+    "in_layers", "emb_layers", "out_layers", "skip_connection",  # ResnetBlock2D
+    "op", "conv",  # Downsample2D, Upsample2D
+    "norm", "proj_in", "transformer_blocks", "proj_out",  # Transformer2DModel
+    "attn1", "ff", "attn2",  # BasicTransformerBlock
+    "to_q", "to_k", "to_v", "to_out",  # CrossAttention
+    "net", "proj",  # FeedForward, GEGLU
+))}
+
+
+def sgm_order_key(sgm_name: str) -> tuple[int, ...]:
+    """Where the module `sgm_name` (`input_blocks.4.1.transformer_blocks.0.ff.net.2`) comes in kohya's U-Net's
+    named_modules; KeyError for a child name kohya's U-Net does not have."""
+    return tuple(int(part) if part.isdigit() else SGM_ORDER[part] for part in sgm_name.split("."))
+
+
+def kohya_unet_order(unet: torch.nn.Module, names) -> list[str]:
+    """The diffusers module `names` of `unet` in the order v0.8.7 creates their LoRA modules."""
+    lpb, up_attention = unet.config.layers_per_block, up_blocks_with_attention(unet)
+    return sorted(names, key=lambda name: sgm_order_key(sgm_unet_name(name, lpb, up_attention)))
+
+
+def created_modules(net, unet: torch.nn.Module, text_encoders, weights: Mapping[str, tuple] | None = None
+                    ) -> list[tuple[torch.nn.Module, str, int]]:
+    """Every LoRA module v0.8.7's LoRANetwork creates for network config `net`, in creation order, as (model, module
+    name, rank): all of both text encoders' CLIP linears and the U-Net's targets (`unet_modules`), or under
+    network.dim_from_weights the modules of the file `weights` (`read_network_weights`) with its ranks."""
+    out = []
+    for prefix, encoder in zip(("lora_te1", "lora_te2"), text_encoders, strict=True):
+        if net.dim_from_weights:
+            ranks = {name: rank for name, (rank, _) in weights_targets(weights or {}, encoder, prefix).items()}
+        else:  # every CLIP target is a Linear, so every one takes the network rank
+            ranks = dict.fromkeys(kohya_candidates(encoder, TEXT_ENCODER_CLASSES), net.rank)
+        out += [(encoder, name, rank) for name, rank in ranks.items()]
+    if net.dim_from_weights:
+        found = weights_targets(weights or {}, unet, "lora_unet")
+    else:
+        found = unet_modules(unet, rank=net.rank, alpha=kohya_alpha(net.rank, net.alpha),
+                             conv_dim=network_value(net, "conv_dim"), conv_alpha=network_value(net, "conv_alpha"))
+    return out + [(unet, name, found[name][0]) for name in kohya_unet_order(unet, found)]
+
+
+def lora_module_draws(base: torch.nn.Module, rank: int) -> torch.Tensor:
+    """The draws of v0.8.7's LoRAModule.__init__ for the Linear or Conv2d `base` at `rank`, from the global torch RNG;
+    returns lora_down's weight (fp32, CPU). Built as kohya builds them, so torch's own init draws are the same."""
+    if type(base).__name__ == "Conv2d":
+        down = torch.nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+        torch.nn.Conv2d(rank, base.out_channels, (1, 1), (1, 1), bias=False)  # lora_up: drawn, then zeros
+    else:
+        down = torch.nn.Linear(base.in_features, rank, bias=False)
+        torch.nn.Linear(rank, base.out_features, bias=False)  # lora_up: drawn, then zeros
+    torch.nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    return down.weight.detach()
+
+
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The wrapped Linear / Conv2d of a PEFT LoRA layer; the module itself when it has no LoRA."""
+    return getattr(module, "base_layer", module)
+
+
+def has_lora(module: torch.nn.Module) -> bool:
+    return ADAPTER in getattr(module, "lora_A", {})
+
+
+@contextlib.contextmanager
+def undone_draws() -> Iterator[None]:
+    """PEFT's adapter init draws from the global CPU RNG in its own order: the stream is put back afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+def init_as_kohya(modules: list[tuple[torch.nn.Module, str, int]]) -> int:
+    """Draw `created_modules`' LoRAs in order and give each PEFT LoRA layer among them kohya's values (lora_down drawn,
+    lora_up zeros); returns how many were set. RuntimeError if a PEFT LoRA layer of the models has no such module."""
+    drawn: set[tuple[int, str]] = set()
+    for model, name, rank in modules:
+        module = model.get_submodule(name)
+        down = lora_module_draws(base_layer(module), rank)
+        if has_lora(module):
+            with torch.no_grad():
+                module.lora_A[ADAPTER].weight.copy_(down)
+                module.lora_B[ADAPTER].weight.zero_()
+            drawn.add((id(model), name))
+    models = {id(model): model for model, _, _ in modules}
+    missed = [name for key, model in models.items() for name, module in model.named_modules()
+              if has_lora(module) and (key, name) not in drawn]
+    if missed:
+        raise RuntimeError(f"LoRA layers that v0.8.7 creates no module for: {', '.join(missed[:3])}")
+    return len(drawn)
+
+
+def kohya_lora_parameters(model: torch.nn.Module, prefix: str) -> list[torch.nn.Parameter]:
+    """The trained LoRA tensors of `model` (kohya part `prefix`) in v0.8.7's network parameter order: lora_down then
+    lora_up of each module in creation order, the order its optimizer groups and clip_grad_norm_ sum in."""
+    names = [name for name, module in model.named_modules() if has_lora(module)]
+    ordered = kohya_unet_order(model, names) if prefix == "lora_unet" else names
+    layers = [model.get_submodule(name) for name in ordered]
+    params = [p for layer in layers for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+    return [p for p in params if p.requires_grad]

@@ -91,13 +91,13 @@ def first_use_bytes(cfg) -> int:
 
 
 def cache_bytes(scans, data_cfg, *, text: bool) -> int:
-    """Bytes the cache entries of `scans` take at most (none cached yet), for SDXL: fp32 latents of 4 x H/8 x W/8 at
-    the training resolution's area (twice with flip_aug), and with `text` a caption's (77, 2048) context and 1280
-    pooled floats."""
+    """Bytes the cache entries of `scans` take at most (none cached yet), for SDXL: a posterior's fp32 mean and std
+    of 4 x H/8 x W/8 at the training resolution's area (twice with flip_aug), and with `text` a caption's (77, 2048)
+    context and 1280 pooled floats."""
     from lora_sweep.data.buckets import parse_resolution
 
     width, height = parse_resolution(data_cfg.resolution)  # an int, or kohya's "W,H"
-    latent = 4 * 4 * (width // 8) * (height // 8) * (2 if data_cfg.flip_aug else 1) + 2**12  # + the header
+    latent = 2 * 4 * 4 * (width // 8) * (height // 8) * (2 if data_cfg.flip_aug else 1) + 2**12  # + the header
     captions = {item.caption for scan in scans for item in scan.items}
     return latent * sum(len(scan.items) for scan in scans) + (77 * 2048 + 1280) * 4 * len(captions) * text
 

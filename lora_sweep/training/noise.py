@@ -24,6 +24,13 @@ import torch.nn.functional as F
 from lora_sweep.errors import ConfigError, Problems
 
 
+def dataloader_epoch_draw() -> None:
+    """The one int64 torch's DataLoader draws from the global CPU RNG as kohya's loop starts an epoch's iterator
+    (`_BaseDataLoaderIter`'s base_seed), drawn and discarded so the noise after it is v0.8.7's. Call at each epoch's
+    first batch, not on resuming mid-epoch."""
+    torch.empty((), dtype=torch.int64).random_()
+
+
 def _draw(sampler: Callable[..., torch.Tensor], *args: Any, device: torch.device | str,
           generator: torch.Generator | None, **kwargs: Any) -> torch.Tensor:
     """Call a torch sampler on `device`'s global RNG, or on `generator` (its own device) and move the result."""

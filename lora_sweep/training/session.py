@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lora_sweep.atomic import write_text
-from lora_sweep.data.buckets import bucket_batches, bucket_histogram
+from lora_sweep.data.buckets import bucket_histogram
 from lora_sweep.data.captions import fixed_caption, process_caption
 from lora_sweep.data.dataset import (
     FolderScan,
@@ -33,6 +33,7 @@ from lora_sweep.data.dataset import (
     resolved_dataset_params,
     scan_folder,
 )
+from lora_sweep.data.order import kohya_epoch_batches
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples, truncated_captions
 from lora_sweep.data.subsets import (
@@ -46,8 +47,8 @@ from lora_sweep.model import loading as model_lib
 from lora_sweep.model.encode import encode_prompts
 from lora_sweep.model.network import (
     add_network,
+    kohya_lora_parameters,
     kohya_state_dict,
-    lora_parameters,
     save_diffusers,
     save_kohya,
     set_lora_multiplier,
@@ -114,8 +115,9 @@ class Session:
         return num_epochs(t.max_steps, batches, t.grad_accum)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Epoch `epoch`'s micro-batches of entry indices (`epoch_batches`)."""
-        return epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed, epoch)
+        """Epoch `epoch`'s micro-batches of entry indices, in v0.8.7's order (`order.kohya_epoch_batches`)."""
+        return kohya_epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed,
+                                   epoch, self.cfg.data.max_data_loader_n_workers)
 
     @property
     def v_prediction(self) -> bool:
@@ -487,11 +489,14 @@ def attach_lora(cfg, parts: model_lib.SDXLParts, policy: precision.PrecisionPoli
 
 
 def lora_param_groups(cfg, parts: model_lib.SDXLParts) -> list[dict]:
-    """The optimizer's groups in kohya's order [text encoders, U-Net]; train.text_encoder_lr null means train.lr."""
+    """The optimizer's groups in kohya's order [text encoders, U-Net], each in v0.8.7's parameter order (the norm
+    clip_grad_norm_ clips with sums in it); train.text_encoder_lr null means train.lr."""
     te_only = cfg.network.network_train_text_encoder_only  # the U-Net has no LoRA then
-    groups = [] if te_only else [{"name": "unet", "params": lora_parameters(parts.unet), "lr": cfg.train.lr}]
+    groups = [] if te_only else [{"name": "unet", "params": kohya_lora_parameters(parts.unet, "lora_unet"),
+                                  "lr": cfg.train.lr}]
     if cfg.network.train_text_encoder:
-        te_params = lora_parameters(parts.text_encoder) + lora_parameters(parts.text_encoder_2)
+        te_params = [p for prefix, model in (("lora_te1", parts.text_encoder), ("lora_te2", parts.text_encoder_2))
+                     for p in kohya_lora_parameters(model, prefix)]
         te_lr = cfg.train.text_encoder_lr if cfg.train.text_encoder_lr is not None else cfg.train.lr
         groups.insert(0, {"name": "text_encoder", "params": te_params, "lr": te_lr})
     return [group for group in groups if group["params"]]  # v0.8.7 adds no group for a part without modules
@@ -556,23 +561,6 @@ def batches_per_epoch(buckets: list[tuple[int, int]], batch_size: int | list[int
     datasets = datasets if datasets is not None else [0] * len(buckets)
     counts = Counter((d, *b) for d, b in zip(datasets, buckets, strict=True))
     return sum(math.ceil(n / sizes[key[0]]) for key, n in counts.items())
-
-
-def epoch_batches(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int,
-                  epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches of entry indices. One dataset: `buckets.bucket_batches`. Several (kohya: a batch
-    never mixes datasets; ConcatDataset + the sampler): each dataset's own bucket batches with its batch size,
-    concatenated in dataset order and shuffled by random.Random(seed + epoch). kohya's exact interleaving is not
-    reproduced (docs/datasets.md)."""
-    if len(set(datasets)) <= 1:
-        return bucket_batches(buckets, batch_sizes[datasets[0] if datasets else 0], seed, epoch)
-    batches = []
-    for dataset in sorted(set(datasets)):
-        mine = [i for i, d in enumerate(datasets) if d == dataset]
-        own = bucket_batches([buckets[i] for i in mine], batch_sizes[dataset], seed, epoch)
-        batches += [[mine[j] for j in batch] for batch in own]
-    random.Random(seed + epoch).shuffle(batches)
-    return batches
 
 
 def num_epochs(max_steps: int, batches: int, grad_accum: int) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -138,29 +141,27 @@ def test_resize_is_area_average_and_crop_is_centred():
     np.testing.assert_array_equal(np.asarray(out), image[1:5, 1:9])
 
 
+def test_resize_is_kohyas_cv2_inter_area_not_pil_box():
+    # v0.8.7 train_util.load_image + trim_and_resize_if_required (lines 2349-2365): PIL RGB -> uint8 array ->
+    # cv2.resize(image, resized_size, interpolation=cv2.INTER_AREA). 600x400 -> 96x64 is a scale of 1/6.25.
+    image = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    out, offset = buckets.resize_and_center_crop(Image.fromarray(image), (96, 64), (96, 64))
+    array = np.array(Image.fromarray(image).convert("RGB"), np.uint8)
+    kohya = cv2.resize(array, (96, 64), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(np.asarray(out), kohya)
+    assert offset == (0, 0)
+    assert hashlib.sha256(np.asarray(out).tobytes()).hexdigest() == (
+        "bdbb048406bbafc57d6301b312674b1f53bf51a45f1cbbb9fb79dd60e32107d1")
+    box = np.asarray(Image.fromarray(image).resize((96, 64), Image.Resampling.BOX))
+    # PIL's BOX (the old resize) differs in 6121 of the 6144 pixels, by up to 14 grey levels
+    assert (box != kohya).any(axis=2).sum() == 6121
+    assert np.abs(box.astype(int) - kohya).max() == 14
+
+
 def test_palette_image_is_converted_before_resizing():
     image = Image.new("P", (6, 6))
     out, _ = buckets.resize_and_center_crop(image, (3, 3), (3, 3))
     assert out.mode == "RGB" and out.size == (3, 3)
-
-
-def test_bucket_batches_single_bucket_deterministic_and_complete():
-    bucket_of_item = [(64, 64)] * 5 + [(64, 128)] * 3 + [(128, 64)] * 1
-    batches = buckets.bucket_batches(bucket_of_item, 2, seed=42, epoch=1)
-    assert batches == buckets.bucket_batches(bucket_of_item, 2, seed=42, epoch=1)
-    assert sorted(i for b in batches for i in b) == list(range(9))  # every item once
-    assert all(len({bucket_of_item[i] for i in b}) == 1 for b in batches)  # one bucket per batch
-    # 5 -> 2+2+1, 3 -> 2+1, 1 -> 1: ceil sums to 6 batches, the last of a bucket smaller.
-    assert sorted(len(b) for b in batches) == [1, 1, 1, 2, 2, 2]
-    orders = {tuple(map(tuple, buckets.bucket_batches(bucket_of_item, 2, seed=42, epoch=e))) for e in range(6)}
-    assert len(orders) > 1  # the order changes with the epoch
-
-
-def test_bucket_batches_uses_seed_plus_epoch():
-    bucket_of_item = [(64, 64)] * 4 + [(64, 128)] * 4
-    assert buckets.bucket_batches(bucket_of_item, 1, seed=3, epoch=2) == buckets.bucket_batches(
-        bucket_of_item, 1, seed=4, epoch=1
-    )
 
 
 def test_histogram_and_format():

@@ -51,7 +51,8 @@ def test_latent_and_text_keys_change_with_what_changes_the_tensor():
     for field, value in [("vae", "w" * 64), ("image_sha256", "j" * 64), ("bucket", (896, 1152)),
                          ("resized", (896, 1200)), ("crop_left_top", (0, 15)), ("flipped", True)]:
         assert latent_cache_key(**(LATENT_FIELDS | {field: value})) != base, field
-    assert latent_cache_key(**LATENT_FIELDS, latent="mean") != base
+    with pytest.raises(TypeError):  # the entry holds the posterior's mean and std: sample and mean share it
+        latent_cache_key(**LATENT_FIELDS, latent="mean")
     assert latent_cache_key(**LATENT_FIELDS, vae_dtype="float16") != base
     # training options are not fields at all: they cannot reach a key.
     with pytest.raises(TypeError):
@@ -59,6 +60,7 @@ def test_latent_and_text_keys_change_with_what_changes_the_tensor():
     text = text_cache_key(text_encoders="t" * 64, caption="sks dog")
     assert text != text_cache_key(text_encoders="t" * 64, caption="sks dog, red")
     assert text != text_cache_key(text_encoders="u" * 64, caption="sks dog")
+    assert text != text_cache_key(text_encoders="t" * 64, caption="sks dog", attention="sdpa")
     assert text != base
 
 

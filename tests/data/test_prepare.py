@@ -176,3 +176,45 @@ def test_captions_over_the_limit_are_counted_in_one_warning(parts, dataset):
                                                                           f"'{dataset / '2_photo' / 'chelsea.png'}'.")
     (dataset / "2_photo" / "chelsea.txt").write_text(" ".join(["cat"] * 75))
     assert truncated_captions(parts.tokenizer, scan_folder(dataset).items, 225) is None
+
+
+ORDER_AT_128 = [("chelsea", (160, 96)), ("coffee", (160, 96)), ("rocket_portrait", (96, 160)),
+                ("astronaut", (128, 128))]
+
+
+def prepare_training(parts, folder: Path, cache: Path, *overrides):
+    """prepare_datasets as a run calls it: after set_seed(42), so the samples come from the global stream."""
+    from lora_sweep.data.dataset import inspect_datasets
+    from lora_sweep.data.prepare import prepare_datasets
+    from lora_sweep.data.subsets import dataset_specs
+    from lora_sweep.training.train import seed_everything
+
+    cfg = compose_config("data=folder", f"data.dir={folder}", f"data.cache_dir={cache}", "data.resolution=128",
+                         *overrides)
+    specs = dataset_specs(cfg, folder)
+    seed_everything(42)
+    return prepare_datasets(parts, inspect_datasets(specs), specs, cfg.data, device=torch.device("cpu"),
+                            cache_text=False)
+
+
+def test_latent_samples_are_drawn_from_the_seeded_global_stream_in_kohyas_caching_order(parts, dataset, tmp_path):
+    # v0.8.7 BaseDataset.cache_latents (train_util.py 972-1022): image_data in registration order (sorted paths),
+    # stably sorted by bucket area, vae_batch_size 1; cache_batch_latents (2389-2412) draws latent_dist.sample()
+    # = mean + std * randn((1, 4, h, w)) per image, then its flip. Areas at 128 px: 160x96 = 96x160 = 15360 first
+    # (ties keep the path order), then astronaut's 128x128 = 16384.
+    prepared = prepare_training(parts, dataset, tmp_path / "cache", "data.flip_aug=true")
+    examples = prepared.examples
+    assert [e.item.path.stem for e in examples] == ["astronaut", "chelsea", "coffee", "rocket_portrait"]
+    order = sorted(examples, key=lambda e: e.bucket[0] * e.bucket[1])
+    assert [(e.item.path.stem, e.bucket) for e in order] == ORDER_AT_128
+    torch.manual_seed(42)  # what accelerate's set_seed(42) leaves in the CPU stream
+    for e in order:
+        for flipped, latents in [(False, e.latents), (True, e.latents_flipped)]:
+            mean, std, _ = e.posteriors[flipped]
+            expected = mean + std * torch.randn((1, *mean.shape))[0]
+            assert torch.equal(latents, expected), (e.item.path.stem, flipped)
+    first = order[0].posteriors[False]
+    # the mean ignores the stream and reads the same entries
+    again = prepare_training(parts, dataset, tmp_path / "cache", "data.flip_aug=true", "data.latent_sample=mean")
+    assert again.cache_stats["cache/latents/hits"] == 8 and again.cache_stats["cache/latents/misses"] == 0
+    assert torch.equal(next(e for e in again.examples if e.item.path == order[0].item.path).latents, first.mean)

@@ -11,20 +11,19 @@ import torch
 from conftest import RecordingSink, compose_config, write_image
 
 from lora_sweep.checks import preflight
-from lora_sweep.data.buckets import bucket_batches
+from lora_sweep.data.order import kohya_epoch_batches
 from lora_sweep.training import loss as loss_lib
 from lora_sweep.training import session as session_lib
 from lora_sweep.training import train as train_lib
 
 
-def test_several_datasets_never_share_a_batch_and_one_dataset_keeps_bucket_batches():
+def test_several_datasets_never_share_a_batch():
     buckets = [(64, 64)] * 5 + [(32, 128)] * 3
     datasets = [0] * 5 + [1] * 3
-    batches = session_lib.epoch_batches(buckets, datasets, [2, 3], seed=7, epoch=1)
+    batches = kohya_epoch_batches(buckets, datasets, [2, 3], seed=7, epoch=1, workers=0)
     assert all(len({datasets[i] for i in batch}) == 1 for batch in batches)
     assert sorted(len(b) for b in batches) == [1, 2, 2, 3] and sorted(i for b in batches for i in b) == list(range(8))
     assert session_lib.batches_per_epoch(buckets, [2, 3], datasets) == 4
-    assert session_lib.epoch_batches(buckets[:5], [0] * 5, [2], 7, 1) == bucket_batches(buckets[:5], 2, 7, 1)
 
 
 def test_prior_loss_weights_only_where_a_reg_image_is():

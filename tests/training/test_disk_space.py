@@ -79,4 +79,4 @@ def test_the_cache_estimate_reads_kohyas_w_h_resolution():
     square = cache_bytes(scans, compose_config("data.resolution=64").data, text=False)
     assert cache_bytes(scans, compose_config("data.resolution='64,64'").data, text=False) == square  # an import's
     assert cache_bytes(scans, compose_config("data.resolution='128,32'").data, text=False) == square
-    assert square == 3 * (4 * 4 * 8 * 8 + 2**12)
+    assert square == 3 * (2 * 4 * 4 * 8 * 8 + 2**12)  # the posterior's mean and std

@@ -124,3 +124,54 @@ def test_addnet_hashes_of_a_file_over_1_mib_read_only_the_ss_keys(tmp_path):
     hashes = addnet_hashes(state, {"ss_seed": "42", "modelspec.title": "another title"})
     assert (hashes["sshs_model_hash"], hashes["sshs_legacy_hash"]) == _v087_hashes(path) == _v087_hashes(again)
     assert hashes["sshs_legacy_hash"] != "e3b0c442"
+
+
+# The 82 keys v0.8.7 writes for issue 33's run (--train_data_dir, a model folder, no --network_args, no clip skip):
+# train_network.py L525-577, L689-708, L712-719 and save_model L774-776, save_weights' sshs_*, get_sai_model_spec's 7
+ISSUE33_KEYS = set("""
+    modelspec.architecture modelspec.date modelspec.implementation modelspec.prediction_type modelspec.resolution
+    modelspec.sai_model_spec modelspec.title ss_adaptive_noise_scale ss_base_model_version ss_batch_size_per_device
+    ss_bucket_info ss_bucket_no_upscale ss_cache_latents ss_caption_dropout_every_n_epochs ss_caption_dropout_rate
+    ss_caption_tag_dropout_rate ss_clip_skip ss_color_aug ss_dataset_dirs ss_debiased_estimation ss_enable_bucket
+    ss_epoch ss_face_crop_aug_range ss_flip_aug ss_full_fp16 ss_gradient_accumulation_steps
+    ss_gradient_checkpointing ss_huber_c ss_huber_schedule ss_ip_noise_gamma ss_ip_noise_gamma_random_strength
+    ss_keep_tokens ss_learning_rate ss_loss_type ss_lowram ss_lr_scheduler ss_lr_warmup_steps ss_max_bucket_reso
+    ss_max_grad_norm ss_max_token_length ss_max_train_steps ss_min_bucket_reso ss_min_snr_gamma ss_mixed_precision
+    ss_multires_noise_discount ss_multires_noise_iterations ss_network_alpha ss_network_dim ss_network_dropout
+    ss_network_module ss_new_sd_model_hash ss_noise_offset ss_noise_offset_random_strength ss_num_batches_per_epoch
+    ss_num_epochs ss_num_reg_images ss_num_train_images ss_optimizer ss_output_name ss_prior_loss_weight
+    ss_random_crop ss_reg_dataset_dirs ss_resolution ss_scale_weight_norms ss_sd_model_hash ss_sd_model_name
+    ss_sd_scripts_commit_hash ss_seed ss_session_id ss_shuffle_caption ss_steps ss_tag_frequency ss_text_encoder_lr
+    ss_total_batch_size ss_training_comment ss_training_finished_at ss_training_started_at ss_unet_lr ss_v2
+    ss_zero_terminal_snr sshs_legacy_hash sshs_model_hash
+""".split())
+
+
+def test_the_issue_33_run_writes_v087s_82_keys_with_its_values(tmp_path):
+    from safetensors import safe_open
+
+    from lora_sweep.checks import preflight
+    from lora_sweep.data.buckets import assign_with_settings, bucket_settings
+    from lora_sweep.data.photos import data_folder
+    from lora_sweep.model.network import save_kohya
+    from lora_sweep.training.metadata import TrainingFacts
+
+    (tmp_path / "sdxl").mkdir()
+    cfg = compose_config("data.resolution=64", "network.rank=4", "network.alpha=1", "train.lr=1e-4", "train.seed=42",
+                         "train.batch_size=1", "train.max_steps=2", f"model.path={tmp_path / 'sdxl'}")
+    specs, scans = preflight.training_scans(cfg, data_folder(cfg))
+    entries = [(item, assign_with_settings(item.size, bucket_settings(specs[item.dataset]))[0])
+               for scan in scans for item in scan.items]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    meta = kohya_metadata(cfg, SimpleNamespace(specs=specs, trained=entries), optimizer, steps=2, epoch=1,
+                          facts=TrainingFacts(batches_per_epoch=40, epochs=1))
+    path = save_kohya(tmp_path / "lora.safetensors", {"a.alpha": torch.tensor(1.0)}, meta)
+    with safe_open(str(path), "pt") as f:
+        written = f.metadata()
+    assert len(ISSUE33_KEYS) == 82
+    assert {k for k in written if not k.startswith("lora_sweep_")} == ISSUE33_KEYS
+    # every value v0.8.7's own parser and metadata dict give for the exported config.toml (the file says how)
+    reference = json.loads((Path(__file__).parents[1] / "data" / "kohya_v087_issue33_values.json").read_text())
+    assert {k: written[k] for k in reference["values"]} == reference["values"]
+    assert (written["ss_network_alpha"], written["ss_resolution"], written["ss_unet_lr"]) == ("1", "(64, 64)", "None")
+    assert (written["ss_num_train_images"], written["ss_sd_model_hash"]) == ("40", "IsADirectory")

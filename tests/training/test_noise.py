@@ -439,3 +439,34 @@ def test_bad_timestep_bounds_name_the_key_and_the_accepted_values(bounds, field)
         check_noise_options(**bounds)
     assert "max_timestep)" in str(err.value) and ("[0, 999]" in str(err.value) or "[1, 1000]" in str(err.value)
                                                   or "<= 1000" in str(err.value))
+
+
+def test_each_epoch_starts_with_the_dataloaders_int64_draw(tmp_path, monkeypatch):
+    """torch's DataLoader draws base_seed = torch.empty((), dtype=torch.int64).random_() from the global CPU RNG each
+    time kohya's loop iterates it (dataloader.py, _BaseDataLoaderIter.__init__): 2 images, batch 1, 2 steps an
+    epoch, so step 3's noise comes after one more int64 than step 2's, and step 2's after none."""
+    from conftest import RecordingSink, compose_config, write_image
+
+    from lora_sweep.training import train as train_module
+
+    for name in ("a", "b"):
+        write_image(tmp_path / "data" / "1_x" / f"{name}.png", caption="a photo", color=(40, 90 + 60 * (name > "a"), 9))
+    states: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = train_module.micro_batch_loss
+
+    def recording(*args, **kwargs):
+        before = torch.get_rng_state()
+        terms = original(*args, **kwargs)
+        states.append((before, torch.get_rng_state()))
+        return terms
+
+    monkeypatch.setattr(train_module, "micro_batch_loss", recording)
+    cfg = compose_config("data=folder", f"data.dir={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
+                         "data.resolution=64", "train.max_steps=3", "train.batch_size=1", "sampling.prompts=[]",
+                         "validation.fit_images=0")
+    train_module.train(cfg, output_dir=tmp_path / "out", sink=RecordingSink())
+    assert len(states) == 3
+    assert torch.equal(states[1][0], states[0][1])  # mid-epoch: nothing between the steps
+    torch.set_rng_state(states[1][1])
+    torch.empty((), dtype=torch.int64).random_()
+    assert torch.equal(states[2][0], torch.get_rng_state())  # epoch 2 starts one int64 later
