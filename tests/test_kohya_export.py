@@ -38,6 +38,7 @@ def test_v53_exports_the_flags_the_reference_gives_for_its_settings(tmp_path):
         "noise_offset": 0.0357, "min_snr_gamma": 5.0,
         # lora-sweep's defaults where v0.8.7's differ
         "network_dim": 4, "network_train_unet_only": True, "caption_extension": ".txt",
+        "network_alpha": 1.0,  # at v0.8.7's default too: its int 1 would store int64 alphas (ALWAYS_FLOAT)
         "sample_every_n_steps": 200, "sample_prompts": str(ROOT / "experiments/prompts/article_v53-v60.txt"),
         # what lora-sweep always does (checks/kohya_flags.py Fixed)
         "network_module": "networks.lora", "cache_latents": True, "no_half_vae": True,
@@ -54,10 +55,18 @@ def test_the_workers_and_the_simple_log_are_exported_for_v087s_data_order(tmp_pa
     assert args["max_data_loader_n_workers"] == 2 and args["console_log_simple"] is True
 
 
+def test_the_default_alpha_is_exported_as_a_float_so_kohya_stores_float32_alphas(tmp_path):
+    """v0.8.7 run on such a config.toml (read_config_from_file, networks.lora.LoRAModule): network_alpha 1.0 gives a
+    float32 alpha buffer and ss_network_alpha "1.0"; left out, its int default 1 gives int64 and "1"."""
+    export = tmp_path / "export"
+    write_export(sdxl_folder_config(tmp_path, "network.alpha=1"), export)
+    assert "\nnetwork_alpha = 1.0\n" in (export / "config.toml").read_text(encoding="utf-8")
+
+
 def test_every_exported_flag_is_a_v087_flag_away_from_its_default_or_essential(tmp_path):
     args = kohya_args(sdxl_folder_config(tmp_path, "experiment=v64"))
     assert set(args) <= set(V087_DEFAULTS)
-    essential = {"pretrained_model_name_or_path", "output_name", "seed", "network_module"}
+    essential = {"pretrained_model_name_or_path", "output_name", "seed", "network_module", "network_alpha"}
     assert [flag for flag, value in args.items() if value == V087_DEFAULTS[flag] and flag not in essential] == []
     assert (args["mixed_precision"], "fp8_base" in args, args["multires_noise_iterations"]) == ("fp16", False, 6)
 

@@ -24,6 +24,9 @@ from lora_sweep.config import flatten, to_container
 from lora_sweep.kohya.flags import V087_DEFAULTS, typed
 
 ESSENTIAL = ("pretrained_model_name_or_path", "output_dir", "output_name", "seed", "network_module")
+# written at any value: v0.8.7's default is the int 1, which it stores as int64 alpha tensors and writes as "1" in
+# ss_network_alpha; the float (as --network_alpha's argparse type gives) makes them float32 and "1.0", as lora-sweep's
+ALWAYS_FLOAT = ("network_alpha",)
 # flags whose value and type are the setting's own (the setting: checks/keys.py KOHYA_NAMES)
 _SAME_FLAGS = (
     "v_parameterization", "clip_skip", "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
@@ -49,7 +52,8 @@ _ZERO_IS_OFF = ("noise_offset", "ip_noise_gamma", "multires_noise_iterations", "
 
 
 def kohya_args(cfg: DictConfig) -> dict[str, Any]:
-    """The v0.8.7 flags that train what `cfg` trains: every flag away from `V087_DEFAULTS`, plus `ESSENTIAL`."""
+    """The v0.8.7 flags that train what `cfg` trains: every flag away from `V087_DEFAULTS`, plus `ESSENTIAL` and
+    `ALWAYS_FLOAT`."""
     tree = to_container(cfg)
     flat = flatten(tree)
     args: dict[str, Any] = {flag: flat[key] for flag, key in _SAME.items()}
@@ -65,7 +69,7 @@ def kohya_args(cfg: DictConfig) -> dict[str, Any]:
         if args.get(flag) == 0:
             args[flag] = None
     return {flag: typed(flag, value) for flag, value in args.items()
-            if value is not None and (flag in ESSENTIAL or value != V087_DEFAULTS[flag])}
+            if value is not None and (flag in ESSENTIAL + ALWAYS_FLOAT or value != V087_DEFAULTS[flag])}
 
 
 def _precision_args(flat: dict[str, Any]) -> dict[str, Any]:

@@ -65,8 +65,7 @@ def kohya_metadata(cfg, prepared, optimizer, *, steps: int, epoch: int,
         "ss_num_epochs": facts.epochs,
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.network.rank,
-        # at 1 the export leaves --network_alpha out, and v0.8.7 writes its int default: "1", not "1.0"
-        "ss_network_alpha": 1 if cfg.network.alpha == 1 else cfg.network.alpha,
+        "ss_network_alpha": cfg.network.alpha,  # a float, as the export writes --network_alpha: "1.0"
         "ss_network_dropout": cfg.network.dropout or None,  # v0.8.7's unset --network_dropout is None
         "ss_scale_weight_norms": cfg.network.scale_weight_norms,
         "lora_sweep_train_unet_only": not cfg.network.train_text_encoder,

@@ -173,5 +173,5 @@ def test_the_issue_33_run_writes_v087s_82_keys_with_its_values(tmp_path):
     # every value v0.8.7's own parser and metadata dict give for the exported config.toml (the file says how)
     reference = json.loads((Path(__file__).parents[1] / "data" / "kohya_v087_issue33_values.json").read_text())
     assert {k: written[k] for k in reference["values"]} == reference["values"]
-    assert (written["ss_network_alpha"], written["ss_resolution"], written["ss_unet_lr"]) == ("1", "(64, 64)", "None")
+    assert (written["ss_network_alpha"], written["ss_resolution"], written["ss_unet_lr"]) == ("1.0", "(64, 64)", "None")
     assert (written["ss_num_train_images"], written["ss_sd_model_hash"]) == ("40", "IsADirectory")
