@@ -56,11 +56,18 @@ def test_sweep_records_nested_runs_and_writes_the_report(tmp_path, monkeypatch):
     assert [(p["a"], p["b"], p["knob"]) for p in summary["one_knob_pairs"]] == [("v53", "v57", "noise")]
     assert "fit/loss" in [m["key"] for m in summary["metrics"]]  # the demo preset logs the common yardstick
     assert {c.data.tags.get("lora_sweep.job_num") for c in children} == {"0", "1"}
+    by_job_num = {c.data.tags["lora_sweep.job_num"]: c.info.run_id for c in children}
 
     again = run_sweep(tmp_path, "-m", "preset=demo", "experiment=v53,v57", "train.max_steps=2",
                       "sampling.every=2", f"hydra.sweep.dir={tmp_path / 'sweep2'}")
     assert again.returncode == 0
     assert (again.stdout + again.stderr).count("SKIPPED") >= 2  # same configs: skipped, not retrained
+    # skipped in the sweep process (the launcher's precheck): the fork server, which preloads the trainer, never ran
+    queue = json.loads((tmp_path / "sweep2" / "gpu_queue_summary.json").read_text())
+    assert [j["state"] for j in queue["jobs"]] == ["SKIPPED", "SKIPPED"] and queue["preload"] is None
+    assert [j["run_id"] for j in queue["jobs"]] == [by_job_num["0"], by_job_num["1"]]
+    assert "starting the fork server" not in again.stdout + again.stderr
+    assert not (tmp_path / "sweep2" / ".gpu_queue" / "forkserver.log").exists()
 
     # The rerun's results are the runs its skipped jobs matched: its parent lists them, its report shows them, and
     # `compare` (the newest sweep: this rerun) works.

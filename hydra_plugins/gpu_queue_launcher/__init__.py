@@ -5,7 +5,8 @@
 A new job starts the moment a slot frees (FIFO); a failed job is recorded and the others go on. It knows jobs,
 processes and GPUs, not what a job does: the task function runs through Hydra's `run_job`. Settings
 (`hydra.launcher.*`, config.py): `gpus`, `jobs_per_gpu`, `cpu_slots`, `preload`, `start_method`, `console`,
-`kill_grace_s`.
+`kill_grace_s`, `precheck` (`module:function`, given each job's config in the sweep process: an outcome it returns,
+e.g. SKIPPED, ends the job without a process; the fork server starts at the first job left).
 
 Job start: one fork server (its own session) imports `preload` once and forks a child per job, so a job starts in
 ~0.45 s instead of 10-12 s (BENCHMARKS.md, figure 3) and a crash or leaked CUDA context stays in its child. The

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,11 @@ def finalize(record: JobRecord) -> None:
     record.run_id, record.final_loss, record.stopped_early = ended.run_id, ended.final_loss, ended.stopped_early
 
 
+
+
+def verdict_before_start(record: JobRecord, outcome: JobOutcome) -> None:
+    """Fill in a record that ended before it needed a process (the launcher's `precheck`), from its outcome."""
+    record.status = read_status(record.job.status_path) or ({"label": outcome.label} if outcome.label else {})
+    record.state, record.reason, record.user_error = outcome.status, outcome.reason, outcome.user_error
+    record.run_id, record.final_loss, record.stopped_early = outcome.run_id, outcome.final_loss, outcome.stopped_early
+    record.ended_at = time.time()

@@ -37,8 +37,10 @@ class ForkServerPool:
 
     start_method = "forkserver"
 
-    def __init__(self, preload: list[str], log_path: Path):
+    def __init__(self, preload: list[str], log_path: Path, wait: bool = True):
+        """Start the server and send it `preload`; `wait`: also wait until it is ready (else `wait_ready`)."""
         self.log_path = log_path
+        self.report: dict[str, Any] = {}
         ours, theirs = socket.socketpair()
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -50,22 +52,31 @@ class ForkServerPool:
         self.conn = Connection(ours.detach())
         try:
             self.conn.send({"base": base_modules(), "preload": list(preload)})
-            self.report: dict[str, Any] = self._wait_ready()
-        except BaseException:  # e.g. Ctrl-C while it preloads: no jobs yet, just kill it
-            self.proc.kill()
-            self.proc.wait()
-            self.conn.close()
+        except BaseException:
+            self._kill()
             raise
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self) -> dict[str, Any]:
-        while not self.conn.poll(0.2):
-            if self.proc.poll() is not None:
-                break
+    def wait_ready(self) -> dict[str, Any]:
+        """Wait for the server's "ready" and return its preload report (also `self.report`)."""
         try:
-            return self.conn.recv()["report"]
+            while not self.conn.poll(0.2):
+                if self.proc.poll() is not None:
+                    break
+            self.report = self.conn.recv()["report"]
+            return self.report
         except (EOFError, OSError):
             raise PoolDied(f"the fork server exited ({describe_exit(self.proc.wait())}) before it was "
                            f"ready; its output is in {self.log_path}") from None
+        except BaseException:  # e.g. Ctrl-C while it preloads: no jobs yet, just kill it
+            self._kill()
+            raise
+
+    def _kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -24,6 +24,9 @@ class GpuQueueLauncherConf:
     refresh_s: float = 0.5  # between redraws of the live lines
     progress_every_s: float = 60.0  # plain console: between progress lines (0: start and end lines only)
     log_tail_lines: int = 20  # of a failed job's log, under the summary
+    # `module:function` run on each job's config in the sweep process before any job starts: an outcome it returns
+    # (e.g. SKIPPED) ends that job without a process; None queues it. The fork server starts at the first queued job
+    precheck: Any = None
 
 
 ConfigStore.instance().store(

@@ -1,7 +1,8 @@
 """GpuQueueLauncher: Hydra's Launcher over the slot queue (the package docstring has the protocols).
 
-launch() prepares every job, starts the fork server once (kept for later batches), runs the queue, records the
-verdicts jobs could not, prints the summary, writes gpu_queue_summary.json and returns one JobReturn per job.
+launch() prepares every job, ends those `precheck` can (e.g. SKIPPED) without a process, starts the fork server
+once, at the first job that needs one (kept for later batches), runs the queue, records the verdicts jobs could not,
+prints the summary, writes gpu_queue_summary.json and returns one JobReturn per job.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _json_number(value: Any) -> Any:
 class GpuQueueLauncher(Launcher):
     def __init__(self, gpus: Any = "auto", jobs_per_gpu: int = 1, cpu_slots: int = 1, preload: Sequence[str] = (),
                  start_method: str = "forkserver", console: str = "auto", kill_grace_s: float = 5.0,
-                 refresh_s: float = 0.5, log_tail_lines: int = 20, progress_every_s: float = 60.0) -> None:
+                 refresh_s: float = 0.5, log_tail_lines: int = 20, progress_every_s: float = 60.0,
+                 precheck: str | None = None) -> None:
         self.gpus, self.jobs_per_gpu, self.cpu_slots = _plain(gpus), jobs_per_gpu, cpu_slots
         self.preload: list[str] = [str(p) for p in (_plain(preload) or [])]
         check_choices(start_method, console, progress_every_s)
@@ -62,10 +64,12 @@ class GpuQueueLauncher(Launcher):
         self.kill_grace_s, self.refresh_s = float(kill_grace_s), float(refresh_s)
         self.log_tail_lines = int(log_tail_lines)
         self.progress_every_s = float(progress_every_s)
+        self.precheck = str(precheck) if precheck else None
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
         self._pool: Any = None
+        self._starting: Any = None  # a fork server started, not yet ready
         self._records: list = []
         self._warned_pickle = False
 
@@ -91,10 +95,17 @@ class GpuQueueLauncher(Launcher):
                    for i, o in enumerate(job_overrides)]
         log.info("gpu_queue: %d jobs on %d slots (%s); sweep dir %s", len(records), len(slots),
                  ", ".join(s.name for s in slots), sweep_dir)
-        pool = self._ensure_pool(work_dir)
         console = Console(sys.stdout, self.console_mode, slots, self.refresh_s, self.progress_every_s)
-        stopped_by = run_queue(records, slots, pool, console, start=lambda r: self._start(pool, r),
-                               kill_grace_s=self.kill_grace_s)
+        queued = []
+        for record in records:
+            if not self._ended_before_start(record, console):
+                queued.append(record)
+                self._start_pool(work_dir)  # it preloads while the other jobs are prechecked
+        pool, stopped_by = self._pool, None
+        if queued:
+            pool = self._ensure_pool(work_dir)
+            stopped_by = run_queue(queued, slots, pool, console, start=lambda r: self._start(pool, r),
+                                   kill_grace_s=self.kill_grace_s)
         console.close()
         for r in records:
             if r.job_return is None:  # died, killed or never started
@@ -149,6 +160,35 @@ class GpuQueueLauncher(Launcher):
                    result_path=work_dir / f"{idx}.result", status_path=status_path(work_dir.parent, idx),
                    payload=payload, sweep_config=sweep_config)
 
+    def _ended_before_start(self, record: Any, console: Any) -> bool:
+        """Run `precheck` (`module:function`, given the job's task config) in this process: an outcome it returns
+        (e.g. SKIPPED, its status file written) ends the job without a process; None, or an error, leaves it queued."""
+        if self.precheck is None:
+            return False
+        import importlib
+
+        from ._outcome import verdict_before_start
+
+        module, _, name = self.precheck.partition(":")
+        job = record.job
+        task_config = OmegaConf.masked_copy(job.sweep_config, [k for k in job.sweep_config if k != "hydra"])
+        hydra_config = HydraConfig.instance()
+        saved = hydra_config.cfg
+        hydra_config.set_config(job.sweep_config)  # the precheck reads the job's own hydra values, as in the job
+        try:
+            outcome = getattr(importlib.import_module(module), name)(task_config)
+        except Exception as exc:  # the job runs and reports whatever this was
+            log.warning("gpu_queue: precheck %s of job #%d failed (%s: %s); the job decides", self.precheck, job.idx,
+                        type(exc).__name__, exc)
+            outcome = None
+        finally:
+            hydra_config.cfg = saved  # type: ignore[assignment]
+        if outcome is None:
+            return False
+        verdict_before_start(record, outcome)
+        console.event(record)
+        return True
+
     def _start(self, pool: Any, record: Any) -> None:
         """Write the job's spec (environment pinned to its slot) and hand it to the pool."""
         from ._child import write_spec
@@ -166,16 +206,27 @@ class GpuQueueLauncher(Launcher):
                                         "preload": self.preload}, job.payload)
         pool.submit(job.idx, str(job.spec_path), str(job.log_path), env)
 
+    def _start_pool(self, work_dir: Path) -> None:
+        """Start the fork server without waiting for it (once; `_ensure_pool` waits)."""
+        from ._pools import ForkServerPool
+
+        if self.start_method != "forkserver" or self._starting is not None:
+            return
+        if self._pool is not None and self._pool.alive():
+            return
+        log.info("gpu_queue: starting the fork server (preload: %s)", ", ".join(self.preload) or "nothing")
+        self._starting = ForkServerPool(self.preload, work_dir / "forkserver.log", wait=False)
+        atexit.register(self._close_pool)
+
     def _ensure_pool(self, work_dir: Path) -> Any:
-        from ._pools import ForkServerPool, SpawnPool
+        from ._pools import SpawnPool
 
         if self._pool is not None and self._pool.alive():
             return self._pool
-        pool: Any = None
-        if self.start_method == "forkserver":
-            log.info("gpu_queue: starting the fork server (preload: %s)", ", ".join(self.preload) or "nothing")
-            pool = ForkServerPool(self.preload, work_dir / "forkserver.log")
-            report = pool.report
+        self._start_pool(work_dir)
+        pool, self._starting = self._starting, None
+        if pool is not None:
+            report = pool.wait_ready()
             for entry, error in report["failed"].items():
                 log.warning("gpu_queue: preload of %r failed and was skipped: %s", entry, error)
             if report["threads"]:
@@ -193,9 +244,10 @@ class GpuQueueLauncher(Launcher):
         return self._pool
 
     def _close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        for pool in (self._starting, self._pool):
+            if pool is not None:
+                pool.close()
+        self._starting = self._pool = None
 
     def _write_summary(self, path: Path, pool: Any, interrupted: bool) -> None:
         """gpu_queue_summary.json: every job's record, as strict JSON (a NaN loss is written null)."""
@@ -209,7 +261,9 @@ class GpuQueueLauncher(Launcher):
             "job_dir": str(r.job.job_dir), "log": str(r.job.log_path), "slot_free_at": r.slot_free_at,
             "dispatched_at": r.dispatched_at, "started_at": r.started_at, "ended_at": r.ended_at,
         } for r in self._records]
-        data = {"start_method": pool.start_method, "preload": pool.report, "interrupted": interrupted, "jobs": jobs}
+        # no pool: every job ended before one was needed (`precheck`), so nothing was preloaded
+        data = {"start_method": pool.start_method if pool else self.start_method,
+                "preload": pool.report if pool else None, "interrupted": interrupted, "jobs": jobs}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1, default=str))
         os.replace(tmp, path)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra_plugins._job_outcome import JobOutcome
 from lora_sweep.data.dataset import FolderScan
 from lora_sweep.data.fingerprint import Fingerprint, dataset_fingerprint
 from lora_sweep.paths import cache_root
@@ -56,3 +57,51 @@ def finished_match(client, exp_id: str, chash: str, key: str, fingerprint: Finge
                else "it predates dataset fingerprints")
         log.info("config %s FINISHED as run %s, but %s: training again", chash, runs[0].info.run_id, why)
     return None
+
+
+def skip_before_start(cfg) -> JobOutcome | None:
+    """The gpu_queue launcher's `precheck`, in the sweep process: SKIPPED (status file written, as `run_job` would)
+    when skip-finished matches a FINISHED run, so an all-finished sweep never starts the fork server; else None, and
+    the job decides (a problem found here is the job's to report). Reads only: no lock, no replay, no new experiment,
+    so it can only skip less than the job, never more."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lora_sweep.checks.preflight import Memo, scan_dataset, training_scans
+    from lora_sweep.config import config_hash
+    from lora_sweep.data.photos import data_folder
+    from lora_sweep.errors import UserError
+    from lora_sweep.job.names import read_swept_keys, run_label
+    from lora_sweep.job.status import StatusFile, status_file_path
+    from lora_sweep.paths import make_paths_absolute
+    from lora_sweep.tracking import store
+
+    if not cfg.sweep.skip_finished or cfg.train.resume not in ("auto", "never"):
+        return None
+    hc = HydraConfig.get()
+    make_paths_absolute(cfg)  # as sweep.py's main: the hash and skip key see absolute paths
+    try:
+        client = store.client(store.tracking_uri(cfg.tracking.uri))
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            return None
+        d, memo = cfg.data, Memo()
+        folder = None if d.datasets or d.dataset_config else data_folder(cfg)
+        _, scans = training_scans(cfg, folder, memo, skip_missing=False)
+        if d.validation_dir:
+            scans = [*scans, scan_dataset(Path(d.validation_dir), d.caption_extension, "data.validation_dir", memo)]
+        if any(scan.problems for scan in scans):
+            return None
+        chash = config_hash(cfg)  # train.max_steps, which the job resolves from epochs, is outside it then
+        sweep_dir = Path(hc.sweep.dir)
+        label = run_label(cfg.tracking.variant, list(hc.overrides.task), read_swept_keys(sweep_dir))
+        fingerprint = dataset_of(cfg, scans)
+        done = finished_match(client, experiment.experiment_id, chash, skip_key(cfg, chash, fingerprint),
+                              fingerprint, label)
+    except UserError as exc:
+        log.debug("the job decides: %s", exc)
+        return None
+    if done is None:
+        return None
+    status = StatusFile(label, status_file_path(sweep_dir, hc.job.num))
+    status.update(force=True, state="skipped", run_id=done[0], reason=done[1])
+    return JobOutcome("SKIPPED", done[0], reason=done[1], label=label)
