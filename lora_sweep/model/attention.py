@@ -6,9 +6,10 @@ torch.compile".
     mem_eff_attn                     SlicedAttnProcessor ("auto")   its own chunked attention in plain PyTorch
     xformers                         XFormersAttnProcessor          xformers.ops.memory_efficient_attention
     sdpa                             AttnProcessor2_0               F.scaled_dot_product_attention
-    none set                         AttnProcessor2_0 (unchanged)   baddbmm + softmax + bmm (= AttnProcessor)
+    none set                         AttnProcessor                  baddbmm + softmax + bmm (the same product)
 
-None set keeps diffusers' default, SDPA, where v0.8.7 runs the classic product: the outputs differ by rounding only.
+None set gives diffusers' classic processor, v0.8.7's product, not diffusers' default SDPA: the outputs would differ
+by rounding (8e-7 on the tiny U-Net), which Adam carries into the LoRA (docs/kohya-exact.md).
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ def xformers_available() -> bool:
 
 
 def set_attention_backend(unet: torch.nn.Module, backend: str | None) -> None:
-    """Give every attention layer of `unet` the processor of `backend` (the module docstring's table); None leaves
-    the U-Net as loaded. LoRA on to_q/k/v/out is untouched: the processors call those Linear layers."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    """Give every attention layer of `unet` the processor of `backend` (the module docstring's table; None: the
+    classic product). LoRA on to_q/k/v/out is untouched: the processors call those Linear layers."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    if backend == "sdpa":
+    if backend is None:
+        unet.set_attn_processor(AttnProcessor())
+    elif backend == "sdpa":
         unet.set_attn_processor(AttnProcessor2_0())
     elif backend == "xformers":
         unet.enable_xformers_memory_efficient_attention()
     elif backend == "mem_eff_attn":
         unet.set_attention_slice("auto")  # half the heads at a time: the classic product in slices
-    elif backend is not None:
+    else:
         raise ValueError(f"set_attention_backend: unknown backend {backend!r}; one of {ATTENTION_SWITCHES} or None")
 
 

@@ -45,13 +45,12 @@ def test_each_switch_sets_its_processors_and_sdpa_agrees_with_the_classic_produc
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
     unet = copy.deepcopy(tiny_lora_unet)
-    attention.set_attention_backend(unet, None)  # none set: diffusers' default stays
-    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
     attention.set_attention_backend(unet, "sdpa")
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
     sdpa = _run(unet)
     classic = copy.deepcopy(tiny_lora_unet)
-    classic.set_attn_processor(AttnProcessor())  # v0.8.7's default: baddbmm + softmax + bmm
+    attention.set_attention_backend(classic, None)  # none set: v0.8.7's baddbmm + softmax + bmm, not SDPA
+    assert {type(p) for p in classic.attn_processors.values()} == {AttnProcessor}
     product = _run(classic)
     sliced = copy.deepcopy(tiny_lora_unet)
     attention.set_attention_backend(sliced, "mem_eff_attn")
