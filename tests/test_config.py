@@ -449,7 +449,7 @@ def test_network_dropout_changed_meaning_so_a_non_zero_value_gets_a_new_hash():
 def test_an_int_warmup_keeps_the_hash_it_had_when_the_field_was_typed_int():
     """optimizer.warmup_steps is typed Any (so a fraction gets v0.8.7's refusal, not a type error); an int stays an
     int and hashes as before: the value recorded on main 7458314, before the type changed."""
-    cfg = compose_config("optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
+    cfg = compose_config("model=tiny", "optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
     assert type(cfg.optimizer.warmup_steps) is int
     assert config_hash(cfg) == "bbc3ed2619c7693e"
 
