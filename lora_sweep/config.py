@@ -55,6 +55,7 @@ class DataConfig:
     token_warmup_step: float = 0.0  # < 1: a fraction of train.max_steps
     random_crop: bool = False  # refused: needs pixels encoded at every step
     color_aug: bool = False  # refused: needs pixels encoded at every step
+    max_data_loader_n_workers: int = 0  # kohya's workers: v0.8.7's image order depends on them (docs/data.md)
     max_token_length: int | None = None  # --max_token_length: 150 or 225 encode 2 or 3 chunks of 75; null = 75
     cache_dir: str | None = None  # null: $LORA_SWEEP_CACHE_DIR, $XDG_CACHE_HOME/lora-sweep or ~/.cache/lora-sweep
     latent_sample: str = "sample"  # sample (kohya: one posterior sample) | mean
@@ -329,6 +330,8 @@ _HASH_NEUTRAL = {
     "data.color_aug": (False,),
     # issue 26: long captions
     "data.max_token_length": (None, 75),
+    # issue 33: the image order of v0.8.7's DataLoader workers
+    "data.max_data_loader_n_workers": (0,),
     "loss.prior_loss_weight": (1.0,),
     # issue 26: kohya's samplers
     "sampling.sampler": (None,),
@@ -370,10 +373,15 @@ _MEANING_CHANGED = {
 }
 
 
+# what every config trains differently since: runs made before are not resumed into the new draws and order
+_RESULTS_CHANGED = "v0.8.7's network init, latent draws, resize and data order (issue 33)"
+
+
 def config_hash(cfg: DictConfig | Config) -> str:
     """A short hash of everything that changes the trained result (not paths, tracking or sweep settings)."""
     settings = _folded_kohya_strings(hashed_settings(cfg))
     kept = {k: v for k, v in settings.items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])}
+    kept["@results"] = _RESULTS_CHANGED
     kept |= {f"{k}@meaning": why for k, (old, why) in _MEANING_CHANGED.items() if k in kept and kept[k] not in old}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import pytest
@@ -434,9 +436,6 @@ def test_issue_27_and_28_keys_at_their_defaults_keep_the_hash_and_kohyas_names_f
 def test_network_dropout_changed_meaning_so_a_non_zero_value_gets_a_new_hash():
     """network.dropout was PEFT's lora_dropout (on the input) and is now v0.8.7's network_dropout (after down): a run
     recorded with 0.1 under the old meaning must not be taken for one under the new."""
-    import hashlib
-    import json
-
     from lora_sweep.config import _HASH_NEUTRAL, hashed_settings
 
     old = OmegaConf.to_container(compose_config("network.dropout=0.1"), resolve=True)
@@ -446,12 +445,32 @@ def test_network_dropout_changed_meaning_so_a_non_zero_value_gets_a_new_hash():
     assert config_hash(compose_config("network.dropout=0.0")) == config_hash(compose_config())
 
 
+def _hash_before_issue_33(cfg) -> str:
+    """config_hash as it was before issue 33 marked every result as changed (no "@results" entry)."""
+    from lora_sweep.config import _HASH_NEUTRAL, _folded_kohya_strings, hashed_settings
+
+    settings = _folded_kohya_strings(hashed_settings(cfg))
+    blob = json.dumps({k: v for k, v in settings.items() if not (k in _HASH_NEUTRAL and v in _HASH_NEUTRAL[k])},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def test_an_int_warmup_keeps_the_hash_it_had_when_the_field_was_typed_int():
     """optimizer.warmup_steps is typed Any (so a fraction gets v0.8.7's refusal, not a type error); an int stays an
     int and hashes as before: the value recorded on main 7458314, before the type changed."""
     cfg = compose_config("model=tiny", "optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
     assert type(cfg.optimizer.warmup_steps) is int
-    assert config_hash(cfg) == "bbc3ed2619c7693e"
+    assert _hash_before_issue_33(cfg) == "bbc3ed2619c7693e"
+    assert config_hash(cfg) == "5a8c648c4af8fb4a"
+
+
+def test_issue_33s_kohya_order_gives_every_config_a_new_hash():
+    """Runs made before v0.8.7's init, latent draws and data order are not resumed or skipped as if made after."""
+    for overrides in ((), ("experiment=v57",), ("data.max_data_loader_n_workers=0",)):
+        cfg = compose_config(*overrides)
+        assert config_hash(cfg) != _hash_before_issue_33(cfg)
+    assert config_hash(compose_config("data.max_data_loader_n_workers=0")) == config_hash(compose_config())
+    assert config_hash(compose_config("data.max_data_loader_n_workers=2")) != config_hash(compose_config())
 
 
 @pytest.mark.parametrize(("setting", "item"), [
