@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, compose_configs
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -222,14 +222,51 @@ def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option(
 
 def test_the_readme_variant_at_demo_scale_keeps_its_knobs_and_changes_only_the_scale():
     """README: `python sweep.py experiment=v57 preset=demo` is one run of v57 (offset + IP noise, min-SNR,
-    DAdaptAdamPreprint, fp8) at the demo's scale, instead of 2048 px, 6,000 steps and 1024^2 samples."""
+    DAdaptAdamPreprint, fp8) at the demo's scale, instead of 2048 px, 6,000 steps and 1024^2 samples; of the
+    optimizer only the demo's start (d0) changes."""
     full, demo = compose_config("experiment=v57"), compose_config("experiment=v57", "preset=demo")
     assert (full.data.resolution, full.train.max_steps, full.sampling.prompt_file is not None) == (2048, 6000, True)
-    assert (demo.data.resolution, demo.train.max_steps, demo.sampling.prompt_file) == (64, 8, None)
+    assert (demo.data.resolution, demo.train.max_steps, demo.sampling.prompt_file) == (64, 16, None)
     assert len(demo.sampling.prompts) == 2 and demo.sampling.steps == 4
-    for key in ("noise", "loss", "optimizer", "precision", "tracking"):
+    for key in ("noise", "loss", "precision", "tracking"):
         assert demo[key] == full[key], key
+    changed = {k: v for k, v in flatten_cfg(demo.optimizer).items() if flatten_cfg(full.optimizer)[k] != v}
+    assert changed == {"args.d0": 1e-4}
     assert config_problems(demo) == []
+
+
+def flatten_cfg(node) -> dict:
+    from lora_sweep.config import flatten
+
+    return flatten(OmegaConf.to_container(node, resolve=True))
+
+
+def short_number(value: float) -> str:
+    """1e-3 as the README writes it."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def test_the_demo_changes_the_optimizer_settings_the_readme_names_and_nothing_else():
+    """README: the demo starts some optimizers with a larger step (conf/preset_optimizer/demo_<optimizer>.yaml);
+    it names each changed value, and the demo changes no other optimizer key; the others keep their own."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    tuned = sorted(p.stem.removeprefix("demo_") for p in (ROOT / "conf" / "preset_optimizer").glob("demo_*.yaml"))
+    assert tuned == ["adamw", "dadapt_adam_preprint", "lion8bit", "prodigy"]
+    names = options("optimizer")
+    composed = compose_configs(*([f"optimizer={o}", *demo] for o in names for demo in ([], ["preset=demo"])),
+                               ["experiment=v54", "preset=demo"])
+    for optimizer, own, demo in zip(names, composed[:-1:2], composed[1:-1:2], strict=True):
+        own, demo = flatten_cfg(own.optimizer), flatten_cfg(demo.optimizer)
+        changed = {k.removeprefix("args."): v for k, v in demo.items() if own[k] != v}
+        assert set(demo) == set(own), optimizer
+        if optimizer not in tuned:
+            assert changed == {}, optimizer
+            continue
+        assert len(changed) == 1, (optimizer, changed)
+        ((key, value),) = changed.items()
+        assert f"`{optimizer}` {key} {short_number(value)}" in readme, (optimizer, key, value)
+    assert composed[-1].optimizer.lr == 3e-3  # the article's Lion variant (v54) at demo scale
 
 
 def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
