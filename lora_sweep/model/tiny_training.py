@@ -41,16 +41,16 @@ class TinyTrainingConfig:
     vae_block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # tiny_random's: 8, 16, 32, 32
     vae_layers_per_block: int = 1
     vae_norm_num_groups: int = 4
-    vae_steps: int = 1200
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is fully convolutional: crops cost a quarter of whole scenes
     vae_lr: float = 1e-3
     vae_kl_weight: float = 0.0  # reconstruction alone: the rescale below sets the latents' spread
     vae_initial_logvar: float | None = -12.0  # a number: the posterior's log-variance starts there, the same everywhere
-    unet_steps: int = 800
+    unet_steps: int = 1000
     unet_batch: int = 32
     unet_lr: float = 1e-3
-    text_encoder_lr: float = 5e-4  # 0: the text encoders stay as drawn; else they train with the U-Net
+    text_encoder_lr: float = 1e-3  # 0: the text encoders stay as drawn; else they train with the U-Net
     warmup_steps: int = 20
     caption_dropout: float = 0.1
     eval_timesteps: list[int] = field(default_factory=lambda: list(EVAL_TIMESTEPS))
@@ -242,12 +242,15 @@ def noise_prediction_mse(pipe: Any, pixels: torch.Tensor, captions: list[str],
 def samples(pipe: Any, captions: Sequence[str], seeds: Sequence[int], steps: int = 20,
             guidance: float = 5.0) -> np.ndarray:
     """(len(captions), len(seeds), 64, 64, 3) float images in [0, 1] from the pipeline's own sampler (Euler)."""
+    negative, negative_pooled = encode_prompts(pipe, [""])  # the empty caption trained on, as kohya's samples use
     rows = []
     for caption in captions:
+        context, pooled = encode_prompts(pipe, [caption])
         row = []
         for seed in seeds:
-            out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                       generator=torch.Generator().manual_seed(seed))
+            out = pipe(prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                       negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=steps,
+                       guidance_scale=guidance, output_type="np", generator=torch.Generator().manual_seed(seed))
             row.append(out.images[0])
         rows.append(row)
     return np.asarray(rows, dtype=np.float32)
@@ -255,7 +258,7 @@ def samples(pipe: Any, captions: Sequence[str], seeds: Sequence[int], steps: int
 
 STEERING_PAIRS = (("red", "blue"), ("green", "purple"), ("yellow", "black"), ("orange", "cyan"), ("white", "brown"),
                   ("pink", "grey"))
-STEERING_CAPTION = "small {} circle center, on {}"  # a small shape leaves the corners to the background
+STEERING_CAPTION = "on {1}, small {0} circle center"  # a small shape leaves the corners to the background
 CORNER = 10  # pixels: the corners a small centred shape never reaches
 
 
