@@ -1,12 +1,11 @@
 """Train the tiny SDXL (model=tiny) on the synthetic world of `tiny_world`: seeded, CPU minutes, `make tiny-model`.
 
-Stage 1 trains the VAE to reconstruct (MSE, a tiny KL) on 32 px crops, then rescales its latents so that scaled by
-SDXL's 0.13025 they have unit spread (folded into quant_conv / post_quant_conv: the decoder's output is unchanged).
-Stage 2 trains the U-Net to predict the noise (eps) under kohya's DDPMScheduler, with SDXL's size conditioning and the
-captions through the random, fixed text encoders (10% empty captions, so guidance works). The weights start from
-`build_tiny_sdxl(seed)`; every draw comes from generators seeded by `seed`. `measure` gives the figures recorded
-beside the weights (docs/tiny-models.md).
-"""
+Stage 1 trains the VAE (wider than tiny_random's, SDXL's four levels and 4 latent channels) to reconstruct 32 px
+crops (MSE of a near-deterministic posterior), then rescales its latents so that scaled by SDXL's 0.13025 they have
+unit spread (folded into quant_conv / post_quant_conv: the decoder's output is unchanged). Stage 2 trains the U-Net to
+predict the noise (eps) under kohya's DDPMScheduler, with SDXL's size conditioning, and the two text encoders with it
+(10% empty captions, so guidance works). The weights start from `initial_pipeline(config)`; every draw comes from
+generators seeded by `seed`. `measure` gives the figures recorded beside the weights (docs/tiny-models.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from lora_sweep.model.encode import VAE_SCALE_FACTOR, encode_prompts
-from lora_sweep.model.tiny_sdxl import TINY_RESOLUTION, build_tiny_sdxl, save_tiny_sdxl
+from lora_sweep.model.tiny_sdxl import TINY_RESOLUTION, build_tiny_sdxl, save_tiny_sdxl, tiny_vae_config
 from lora_sweep.model.tiny_world import scenes
 
 CHUNK = 64  # scenes are drawn in chunks of this many, each from its own seed: the first steps need only chunk 0
@@ -39,17 +38,36 @@ class TinyTrainingConfig:
     seed: int = 0
     train_scenes: int = 2048
     held_out_scenes: int = 64
-    vae_steps: int = 1500
+    vae_block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # tiny_random's: 8, 16, 32, 32
+    vae_layers_per_block: int = 1
+    vae_norm_num_groups: int = 4
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is fully convolutional: crops cost a quarter of whole scenes
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 600
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 0.0  # reconstruction alone: the rescale below sets the latents' spread
+    vae_initial_logvar: float | None = -12.0  # a number: the posterior's log-variance starts there, the same everywhere
+    unet_steps: int = 1000
     unet_batch: int = 32
     unet_lr: float = 1e-3
+    text_encoder_lr: float = 1e-3  # 0: the text encoders stay as drawn; else they train with the U-Net
     warmup_steps: int = 20
     caption_dropout: float = 0.1
     eval_timesteps: list[int] = field(default_factory=lambda: list(EVAL_TIMESTEPS))
+
+
+def initial_pipeline(config: TinyTrainingConfig) -> Any:
+    """`build_tiny_sdxl(seed)` with the config's VAE widths (drawn from the same seed): where training starts."""
+    from diffusers import AutoencoderKL
+
+    pipe = build_tiny_sdxl(config.seed)
+    widths = {"block_out_channels": tuple(config.vae_block_out_channels),
+              "layers_per_block": config.vae_layers_per_block, "norm_num_groups": config.vae_norm_num_groups}
+    if any(pipe.vae.config[key] != value for key, value in widths.items()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            pipe.vae = AutoencoderKL(**{**tiny_vae_config(), **widths}).eval()
+    return pipe
 
 
 class SceneStream:
@@ -82,7 +100,7 @@ class SceneStream:
 
     def reset_encoded(self) -> None:
         for found in self._chunks.values():
-            for key in ("latents", "latent_std", "context", "pooled"):
+            for key in ("latents", "latent_std"):
                 found.pop(key, None)
 
 
@@ -97,6 +115,11 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def train_vae(vae: Any, stream: SceneStream, config: TinyTrainingConfig) -> Iterator[float]:
     """Stage 1, one loss per optimizer step: reconstruction MSE of a posterior sample plus a tiny KL."""
     generator = torch.Generator().manual_seed(config.seed)
+    if config.vae_initial_logvar is not None:
+        # A near-zero posterior std from the start: the decoder learns from the means, not from noise over them.
+        with torch.no_grad():
+            vae.quant_conv.weight[vae.config.latent_channels :] = 0
+            vae.quant_conv.bias[vae.config.latent_channels :] = config.vae_initial_logvar
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     vae.train()
     for step in range(config.vae_steps):
@@ -131,13 +154,12 @@ def rescale_latents(vae: Any, stream: SceneStream, chunks: int = 4) -> float:
 
 
 def encoder_for(pipe: Any) -> Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]:
-    """A chunk's posterior (mean, std), caption context and pooled embedding with the pipeline's VAE and encoders."""
+    """A chunk's posterior (mean, std) with the pipeline's VAE; the captions are encoded per batch (they may train)."""
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         posterior = pipe.vae.encode(pixels).latent_dist
-        context, pooled = encode_prompts(pipe, captions)
-        return {"latents": posterior.mean, "latent_std": posterior.std, "context": context, "pooled": pooled}
+        return {"latents": posterior.mean, "latent_std": posterior.std}
 
     return encode
 
@@ -154,22 +176,26 @@ def train_unet(pipe: Any, stream: SceneStream, config: TinyTrainingConfig) -> It
 
     scheduler = kohya_noise_scheduler()
     generator = torch.Generator().manual_seed(config.seed + 1)
-    empty_context, empty_pooled = encode_prompts(pipe, [""])
-    unet = pipe.unet
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.01)
-    unet.train()
+    unet, encoders = pipe.unet, [pipe.text_encoder, pipe.text_encoder_2]
+    train_text = config.text_encoder_lr > 0
+    groups = [{"params": list(unet.parameters()), "base_lr": config.unet_lr}]
+    if train_text:
+        groups.append({"params": [p for e in encoders for p in e.parameters()], "base_lr": config.text_encoder_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.unet_lr, weight_decay=0.01)
+    for model in [unet, *encoders] if train_text else [unet]:
+        model.train()
     for step in range(config.unet_steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.unet_lr * _lr_factor(step, config.unet_steps, config.warmup_steps)
-        batch = stream.batch(step, config.unet_batch, ["latents", "latent_std", "context", "pooled"])
+            group["lr"] = group["base_lr"] * _lr_factor(step, config.unet_steps, config.warmup_steps)
+        batch = stream.batch(step, config.unet_batch, ["latents", "latent_std", "captions"])
         size = config.unet_batch
         x0 = (batch["latents"] + batch["latent_std"] * torch.randn(batch["latents"].shape, generator=generator))
         x0 = x0 * VAE_SCALE_FACTOR
         noise = torch.randn(x0.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator)
-        dropped = torch.rand(size, generator=generator) < config.caption_dropout
-        context = torch.where(dropped[:, None, None], empty_context, batch["context"])
-        pooled = torch.where(dropped[:, None], empty_pooled, batch["pooled"])
+        dropped = (torch.rand(size, generator=generator) < config.caption_dropout).tolist()
+        captions = ["" if drop else caption for drop, caption in zip(dropped, batch["captions"], strict=True)]
+        context, pooled = encode_prompts(pipe, captions, train=train_text)
         pred = unet(scheduler.add_noise(x0, noise, timesteps), timesteps, context,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": size_time_ids(size)}).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
@@ -177,7 +203,8 @@ def train_unet(pipe: Any, stream: SceneStream, config: TinyTrainingConfig) -> It
         loss.backward()
         optimizer.step()
         yield float(loss.detach())
-    unet.eval()
+    for model in [unet, *encoders]:
+        model.eval()
 
 
 @torch.no_grad()
@@ -215,32 +242,57 @@ def noise_prediction_mse(pipe: Any, pixels: torch.Tensor, captions: list[str],
 def samples(pipe: Any, captions: Sequence[str], seeds: Sequence[int], steps: int = 20,
             guidance: float = 5.0) -> np.ndarray:
     """(len(captions), len(seeds), 64, 64, 3) float images in [0, 1] from the pipeline's own sampler (Euler)."""
+    negative, negative_pooled = encode_prompts(pipe, [""])  # the empty caption trained on, as kohya's samples use
     rows = []
     for caption in captions:
+        context, pooled = encode_prompts(pipe, [caption])
         row = []
         for seed in seeds:
-            out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                       generator=torch.Generator().manual_seed(seed))
+            out = pipe(prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                       negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=steps,
+                       guidance_scale=guidance, output_type="np", generator=torch.Generator().manual_seed(seed))
             row.append(out.images[0])
         rows.append(row)
     return np.asarray(rows, dtype=np.float32)
 
 
-STEERING = ("big white circle center, on red", "big white circle center, on blue",
-            "small yellow triangle left, on black green stripes")
+STEERING_PAIRS = (("red", "blue"), ("green", "purple"), ("yellow", "black"), ("orange", "cyan"), ("white", "brown"),
+                  ("pink", "grey"))
+STEERING_CAPTION = "on {1}, small {0} circle center"  # a small shape leaves the corners to the background
+CORNER = 10  # pixels: the corners a small centred shape never reaches
 
 
-def caption_steering(pipe: Any, seeds: Sequence[int] = (0, 1, 2, 3)) -> dict[str, float]:
-    """Do captions steer the samples? Mean absolute pixel difference between captions of different scenes at the
-    same seeds, against the same caption at different seeds; the red-minus-blue of "on red" and "on blue"."""
+def corner_colour(images: np.ndarray) -> np.ndarray:
+    """(..., 64, 64, 3) -> (..., 3): the mean colour of the four CORNER x CORNER corners (the background's)."""
+    corners = [images[..., rows, cols, :] for rows in (slice(0, CORNER), slice(-CORNER, None))
+               for cols in (slice(0, CORNER), slice(-CORNER, None))]
+    return np.mean([c.mean(axis=(-3, -2)) for c in corners], axis=0)
+
+
+def caption_steering(pipe: Any, seeds: Sequence[int] = (0, 1, 2), pairs: Sequence[tuple[str, str]] = STEERING_PAIRS,
+                     guidance: float = 5.0, steps: int = 20) -> dict[str, float]:
+    """Do captions steer the samples? For caption pairs that differ only in the background colour ("on red" / "on
+    blue"), at the same seeds: the share of samples whose corner colour is nearer the named colour than the pair's
+    other (`background_hits`), and the mean |difference| between the pair's samples over that between seeds."""
+    from lora_sweep.model.tiny_world import COLOURS
+
     pipe.set_progress_bar_config(disable=True)
-    images = samples(pipe, STEERING, seeds)
-    redness = images[..., 0].mean(axis=(1, 2, 3)) - images[..., 2].mean(axis=(1, 2, 3))
-    across = [float(np.abs(images[a] - images[b]).mean()) for a, b in ((0, 1), (0, 2), (1, 2))]
-    within = [float(np.abs(images[c, i] - images[c, j]).mean()) for c in range(len(STEERING))
-              for i in range(len(seeds)) for j in range(i + 1, len(seeds))]
-    return {"caption_difference": float(np.mean(across)), "seed_difference": float(np.mean(within)),
-            "red_minus_blue_on_red": float(redness[0]), "red_minus_blue_on_blue": float(redness[1])}
+    hits, across, within = [], [], []
+    for first, second in pairs:
+        shape = next(c for c in ("white", "black", "yellow") if c not in (first, second))
+        images = samples(pipe, [STEERING_CAPTION.format(shape, first), STEERING_CAPTION.format(shape, second)], seeds,
+                         steps=steps, guidance=guidance)
+        named = np.array([COLOURS[first], COLOURS[second]])
+        distance = np.linalg.norm(corner_colour(images)[..., None, :] - named[None, None], axis=-1)  # (2, seeds, 2)
+        hits += [bool(distance[0, i, 0] < distance[0, i, 1]) for i in range(len(seeds))]
+        hits += [bool(distance[1, i, 1] < distance[1, i, 0]) for i in range(len(seeds))]
+        across += [float(np.abs(images[0, i] - images[1, i]).mean()) for i in range(len(seeds))]
+        within += [float(np.abs(images[c, i] - images[c, j]).mean()) for c in range(2)
+                   for i in range(len(seeds)) for j in range(i + 1, len(seeds))]
+    seed_difference = float(np.mean(within)) if within else float("nan")  # one seed: no seed-to-seed difference
+    return {"background_hits": float(np.mean(hits)), "samples": len(hits), "guidance": guidance,
+            "caption_difference": float(np.mean(across)), "seed_difference": seed_difference,
+            "caption_over_seed": float(np.mean(across)) / seed_difference}
 
 
 def photo_pixels(photos: Sequence[np.ndarray]) -> torch.Tensor:
@@ -290,7 +342,7 @@ def train(config: TinyTrainingConfig, out: Path, photos: dict[str, tuple[np.ndar
     """Train from `config`, save the diffusers folder `out` and `out`.json (the record: config, sha256 of each
     weight file, the first losses of each stage, the last losses, timings and `measure`'s figures); returns it."""
     torch.manual_seed(config.seed)  # nothing below should draw from it; a fixed state in case a library does
-    pipe = build_tiny_sdxl(config.seed)
+    pipe = initial_pipeline(config)
     stream = SceneStream(config.seed, TRAIN_SPLIT, config.train_scenes)
     record: dict[str, Any] = {"config": asdict(config), "torch": torch.__version__}
     started = time.monotonic()

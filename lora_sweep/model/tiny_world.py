@@ -36,7 +36,7 @@ def scenes(n: int, seed: int | list[int]) -> tuple[np.ndarray, list[str]]:
 
 
 def scene(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """One scene and its caption, e.g. "big red circle left, small blue ring top, on green stripes, dark"."""
+    """One scene and its caption, e.g. "on green white stripes, big red circle left, small blue ring top, dark"."""
     from skimage.filters import gaussian
 
     names = list(COLOURS)
@@ -52,7 +52,7 @@ def scene(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     light = LIGHTS[rng.integers(len(LIGHTS))]
     image = _light(image, light)
     image = gaussian(image, sigma=0.6, channel_axis=-1, preserve_range=True)
-    caption = ", ".join([*shape_words, f"on {back_words}", *([light] if light else [])])
+    caption = ", ".join([f"on {back_words}", *shape_words, *([light] if light else [])])  # the largest area first
     return np.clip(image, 0, 1).astype(np.float32), caption
 
 
