@@ -14,7 +14,8 @@ from lora_sweep.training.train import train
 GOLDEN_LOSSES = ["0x1.e3331a0000000p-1", "0x1.1336b60000000p+0", "0x1.f7c6260000000p-1", "0x1.3068800000000p+0",
                  "0x1.2de8820000000p+0", "0x1.2ca03a0000000p+0", "0x1.ed64080000000p-1", "0x1.0659020000000p+0"]
 GOLDEN_TENSORS = "102269c1be1636141afb764c627f3e5dd1ba0c347fd66b4daf65c872ce700ae4"
-RECORDED_SCALE = ("train.max_steps=8", "optimizer.args.d0=1e-6")  # the demo's scale when it was recorded
+# the demo's scale when the run was recorded: 8 steps, D-Adaptation's own start and growth
+RECORDED_SCALE = ("train.max_steps=8", "optimizer.args.d0=1e-6", "optimizer.args.growth_rate=inf")
 
 
 def test_v53_at_demo_scale_reproduces_the_golden_run(tmp_path):
