@@ -313,6 +313,25 @@ def _composed_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
+def _tiny_model(args) -> int:
+    """Train the tiny model and print its recorded figures; the demo photos are measured, never trained on."""
+    import json
+
+    import numpy as np
+    import skimage.data
+
+    from lora_sweep.data.photos import PHOTOS
+    from lora_sweep.model.tiny_sdxl import TINY_TRAINED_DIR
+    from lora_sweep.model.tiny_training import TinyTrainingConfig, train
+
+    photos = {name: (np.asarray(getattr(skimage.data, name)()), caption) for name, caption in PHOTOS.items()}
+    out = Path(args.out) if args.out else TINY_TRAINED_DIR
+    record = train(TinyTrainingConfig(seed=args.seed), out, photos, log=lambda line: print(line, flush=True))
+    print(json.dumps(record["figures"], indent=2))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lora_sweep import setup
 
@@ -368,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", default="kohya", help="the folder for the three files (default: ./kohya)")
     export.add_argument("--tracking-uri", help="with RUN_ID: the MLflow store (default: $MLFLOW_TRACKING_URI, else "
                         "./mlflow.db)")
+    tiny = sub.add_parser(
+        "tiny-model", help="train model=tiny (the tiny SDXL on its synthetic world; CPU minutes) and record it",
+        description="Seeded: the VAE, then the U-Net, from model/tiny_training.py's config; writes the diffusers "
+        "folder and <folder>.json (config, sha256, first losses, PSNR, fit MSE, caption steering; "
+        "docs/tiny-models.md).")
+    tiny.add_argument("--out", help="the folder to write (default: the package's own assets/tiny_trained)")
+    tiny.add_argument("--seed", type=int, default=0, help="the seed every draw comes from (default: 0)")
     sub.add_parser("compare", help="write the comparison report (see --help)", add_help=False)
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -382,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"table": _table, "cache": _cache, "replay": _replay, "import": _import,
-            "export": _export}[args.command](args)
+            "export": _export, "tiny-model": _tiny_model}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # tiny | sdxl
-    path: str | None = None  # diffusers folder or single .safetensors; tiny: built into the cache if null
+    name: str = "tiny"  # tiny (trained, shipped) | tiny_random | sdxl
+    path: str | None = None  # diffusers folder or single .safetensors; tiny_random: built into the cache if null
     resolution: int = 64  # the model's native base resolution (tiny 64, SDXL 1024)
     v_prediction: bool = False  # kohya --v_parameterization (warns for SDXL, as kohya does)
     clip_skip: int | None = None  # --clip_skip: recorded only; v0.8.7's SDXL text encoding ignores it

@@ -31,14 +31,16 @@ lora_sweep.setup()  # the test session is an entry point: resolvers, library out
 
 
 def compose_config(*overrides: str):
-    """Compose conf/ exactly as sweep.py does (schema registered, same defaults list)."""
+    """Compose conf/ exactly as sweep.py does (schema registered, same defaults list), on model=tiny_random unless an
+    override names the model: tests need the architecture and speed, not the trained weights."""
     from hydra import compose, initialize_config_dir
 
     from lora_sweep.config import register_configs
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        return compose("config", overrides=list(overrides))
+        model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny_random"]
+        return compose("config", overrides=[*model, *overrides])
 
 
 def compose_configs(*override_lists: list[str]) -> list:

@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, compose_configs
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -231,14 +231,52 @@ def test_hydra_composition_errors_read_as_one_paragraph_with_the_closest_option(
 
 def test_the_readme_variant_at_demo_scale_keeps_its_knobs_and_changes_only_the_scale():
     """README: `python sweep.py experiment=v57 preset=demo` is one run of v57 (offset + IP noise, min-SNR,
-    DAdaptAdamPreprint, fp8) at the demo's scale, instead of 2048 px, 6,000 steps and 1024^2 samples."""
+    DAdaptAdamPreprint, fp8) at the demo's scale, instead of 2048 px, 6,000 steps and 1024^2 samples; of the
+    optimizer only the demo's start and growth of D-Adaptation's step (d0, growth_rate) change."""
     full, demo = compose_config("experiment=v57"), compose_config("experiment=v57", "preset=demo")
     assert (full.data.resolution, full.train.max_steps, full.sampling.prompt_file is not None) == (2048, 6000, True)
-    assert (demo.data.resolution, demo.train.max_steps, demo.sampling.prompt_file) == (64, 8, None)
+    assert (demo.data.resolution, demo.train.max_steps, demo.sampling.prompt_file) == (64, 16, None)
     assert len(demo.sampling.prompts) == 2 and demo.sampling.steps == 4
-    for key in ("noise", "loss", "optimizer", "precision", "tracking"):
+    for key in ("noise", "loss", "precision", "tracking"):
         assert demo[key] == full[key], key
+    changed = {k: v for k, v in flatten_cfg(demo.optimizer).items() if flatten_cfg(full.optimizer)[k] != v}
+    assert changed == {"args.d0": 1e-3, "args.growth_rate": 1.15}
     assert config_problems(demo) == []
+
+
+def flatten_cfg(node) -> dict:
+    from lora_sweep.config import flatten
+
+    return flatten(OmegaConf.to_container(node, resolve=True))
+
+
+def short_number(value: float) -> str:
+    """1e-3 and 1.15 as the README writes them."""
+    if value >= 0.01:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def test_the_demo_changes_the_optimizer_settings_the_readme_names_and_nothing_else():
+    """README: the demo starts some optimizers with a larger step (conf/preset_optimizer/demo_<optimizer>.yaml);
+    it names each changed value, and the demo changes no other optimizer key; the others keep their own."""
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())  # one line: phrases may wrap
+    tuned = sorted(p.stem.removeprefix("demo_") for p in (ROOT / "conf" / "preset_optimizer").glob("demo_*.yaml"))
+    assert tuned == ["adamw", "dadapt_adam_preprint", "lion8bit", "prodigy"]
+    names = options("optimizer")
+    composed = compose_configs(*([f"optimizer={o}", *demo] for o in names for demo in ([], ["preset=demo"])),
+                               ["experiment=v54", "preset=demo"])
+    for optimizer, own, demo in zip(names, composed[:-1:2], composed[1:-1:2], strict=True):
+        own, demo = flatten_cfg(own.optimizer), flatten_cfg(demo.optimizer)
+        changed = {k.removeprefix("args."): v for k, v in demo.items() if own[k] != v}
+        assert set(demo) == set(own), optimizer
+        if optimizer not in tuned:
+            assert changed == {}, optimizer
+            continue
+        named = " and ".join(f"{key} {short_number(value)}" for key, value in sorted(changed.items()))
+        assert changed and re.search(re.escape(f"`{optimizer}` {named}") + r"(?![\w.])", readme), (optimizer, named)
+    assert composed[-1].optimizer.lr == 3e-3  # the article's Lion variant (v54) at demo scale
 
 
 def test_a_misspelt_key_in_a_users_experiment_file_names_the_real_key(tmp_path):
@@ -467,7 +505,7 @@ def _hash_before_issue_33(cfg) -> str:
 def test_an_int_warmup_keeps_the_hash_it_had_when_the_field_was_typed_int():
     """optimizer.warmup_steps is typed Any (so a fraction gets v0.8.7's refusal, not a type error); an int stays an
     int and hashes as before: the value recorded on main 7458314, before the type changed."""
-    cfg = compose_config("optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
+    cfg = compose_config("model=tiny", "optimizer.warmup_steps=5", "optimizer.scheduler=cosine")
     assert type(cfg.optimizer.warmup_steps) is int
     assert _hash_before_issue_33(cfg) == "bbc3ed2619c7693e"
     assert config_hash(cfg) == "5a8c648c4af8fb4a"

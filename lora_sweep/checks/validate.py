@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from lora_sweep.errors import ConfigError, ConfigErrors, Problems, UserError, problem_messages
 from lora_sweep.paths import absolute
 
-MODELS = ("tiny", "sdxl")
+MODELS = ("tiny", "tiny_random", "sdxl")
 DATASETS = ("photos", "folder")
 ON_NAN = ("stop", "skip_step")
 DEVICES = ("auto", "cpu", "cuda")

@@ -186,8 +186,9 @@ def not_expressible(cfg: DictConfig) -> list[str]:
     """What `cfg` sets that v0.8.7's flags cannot hold: one line each, for command.sh's header."""
     flat = flatten(to_container(cfg))
     lines = []
-    if flat["model.name"] == "tiny":
-        lines.append("model=tiny: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl model.path=...")
+    if flat["model.name"] in ("tiny", "tiny_random"):
+        lines.append(f"model={flat['model.name']}: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl "
+                     f"model.path=...")
     elif not flat["model.path"]:
         lines.append("model.path is null: config.toml has no pretrained_model_name_or_path; add the SDXL checkpoint")
     if flat["validation.fit_images"] or flat["validation.every"]:

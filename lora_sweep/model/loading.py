@@ -1,7 +1,8 @@
 """Load SDXL, real or tiny, through one path: a diffusers folder or a single .safetensors checkpoint.
 
-The tiny model is a diffusers folder in the cache, opened like a real download, so tests and the demo exercise the
-real loader. Single files read their configs from a local folder (`single_file_config_dir`): nothing is fetched.
+The tiny models are diffusers folders (the trained one shipped in the package, the random one built into the cache),
+opened like a real download, so tests and the demo exercise the real loader. Single files read their configs from a
+local folder (`single_file_config_dir`): nothing is fetched.
 Importing this module and `check_model_path` touch neither torch nor diffusers, so a bad path is said early.
 """
 
@@ -24,6 +25,7 @@ from lora_sweep.model.tiny_sdxl import (
     CLIP_BPE_GZ,
     SDXL_BASE_ASSETS,
     TINY_RECIPE_VERSION,
+    TINY_TRAINED_DIR,
     read_clip_merges,
     sdxl_asset_config,
     write_clip_tokenizer,
@@ -136,13 +138,24 @@ def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def resolve_model_path(name: str, path: str | None, *, cache_root: Path | None = None, seed: int = 0) -> Path:
-    """`model=tiny` -> the cached tiny folder (built if needed); `model=sdxl` -> the checked `model.path`."""
+    """`model=tiny` -> the trained tiny folder shipped in the package; `model=tiny_random` -> the cached random-weight
+    folder (built if needed); `model=sdxl` -> the checked `model.path`."""
     if name == "tiny":
+        return trained_tiny_dir()
+    if name == "tiny_random":
         return tiny_model_dir(cache_root, seed)
     if name == "sdxl":
         return check_model_path(path)
-    raise UserError(f"model={name!r} is unknown; model accepts 'tiny' (random-weight SDXL architecture, offline) "
-                    f"or 'sdxl' (with model.path).")
+    raise UserError(f"model={name!r} is unknown; model accepts 'tiny' (the trained tiny SDXL shipped in the package), "
+                    f"'tiny_random' (random-weight SDXL architecture, offline) or 'sdxl' (with model.path).")
+
+
+def trained_tiny_dir(folder: Path = TINY_TRAINED_DIR) -> Path:
+    """The shipped trained tiny SDXL, a diffusers folder read like a user's own (never built at run time)."""
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"model=tiny: its weights are missing from the installed package ({folder.name}/); reinstall "
+                        f"lora-sweep, rebuild them with `make tiny-model`, or set model to tiny_random.")
+    return folder
 
 
 def build_folder_once(final: Path, build: Callable[[Path], None]) -> Path:

@@ -1,5 +1,6 @@
-"""A tiny SDXL-architecture pipeline with seeded random weights, built from configs with no network, so tests and the
-demo run every SDXL code path without its weights. It keeps SDXL's layout and shrinks widths and depths (about 2 M
+"""A tiny SDXL-architecture pipeline with seeded random weights (model=tiny_random; model=tiny is it trained by
+tiny_training.py), built from configs with no network, so tests and the demo run every SDXL code path without its
+weights. It keeps SDXL's layout and shrinks widths and depths (about 2 M
 UNet parameters); the two text encoders have different widths (32, 48, like 768 and 1280), so a swapped pair fails
 and diffusers' single-file loader tells them apart; the VAE has four levels (1/8 latents).
 """
@@ -20,6 +21,8 @@ TINY_RECIPE_VERSION = "tiny-sdxl-v1"
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 SDXL_BASE_ASSETS = ASSETS_DIR / "sdxl_base"
+# model=tiny: this architecture trained by model/tiny_training.py (`make tiny-model`), its record in tiny_trained.json
+TINY_TRAINED_DIR = ASSETS_DIR / "tiny_trained"
 CLIP_BPE_GZ = ASSETS_DIR / "bpe_simple_vocab_16e6.txt.gz"
 # 256 bytes + 256 bytes</w> + merges + 2 specials = 49408 tokens, both SDXL text encoders' vocab_size
 CLIP_NUM_MERGES = 49152 - 256 - 2

@@ -24,8 +24,8 @@ OPTIMIZER_STATE_SLOTS = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25, "prod
                          "sgd_nesterov": 1.0, "adafactor": 1.0}  # Adafactor: factored moments, beta1's full one
 HEADROOM_BYTES = 16 * 2**20  # left free on each disk: logs, MLflow's files, the store's journal
 # LoRA parameters per unit of network.rank (U-Net, both text encoders) of a model whose size is known before it loads
-LORA_NUMEL_PER_RANK = {"tiny": (24_960, 3_360)}
-TINY_MODEL_BYTES = 9_700_000  # the tiny model's diffusers folder, built into the cache on first use
+LORA_NUMEL_PER_RANK = {"tiny": (24_960, 3_360), "tiny_random": (24_960, 3_360)}
+TINY_MODEL_BYTES = 9_700_000  # the random tiny model's diffusers folder, built into the cache on first use
 PHOTOS_BYTES = 5_200_000  # the bundled photos as PNGs, written into the cache on first use
 
 
@@ -79,13 +79,13 @@ def planned_bytes(cfg) -> tuple[int, int] | None:
 
 
 def first_use_bytes(cfg) -> int:
-    """Bytes a job writes into data.cache_dir before encoding, where not there yet: the built tiny model, the
-    bundled photos."""
+    """Bytes a job writes into data.cache_dir before encoding, where not there yet: the built random tiny model, the
+    bundled photos (the trained tiny model is read from the package)."""
     from lora_sweep.data.photos import photos_path
     from lora_sweep.model.loading import tiny_model_path
 
     cache = cache_root(cfg)
-    model = cfg.model.name == "tiny" and not cfg.model.path and not tiny_model_path(cache).is_dir()
+    model = cfg.model.name == "tiny_random" and not cfg.model.path and not tiny_model_path(cache).is_dir()
     photos = cfg.data.name == "photos" and not cfg.data.dir and not photos_path(cache).is_dir()
     return TINY_MODEL_BYTES * model + PHOTOS_BYTES * photos
 

@@ -254,7 +254,7 @@ def load_parts(cfg, policy: precision.PrecisionPolicy | None = None,
                specs: list[DatasetSpec] | None = None) -> model_lib.SDXLParts:
     """The model of `cfg`, loaded in the dtypes `placement.load_dtypes` gives under `policy` (fp32 without).
 
-    The tiny model is built once into the cache (seed 0, shared by every variant) and loaded like real SDXL.
+    model=tiny is read from the package, tiny_random built once into the cache (seed 0); both load like real SDXL.
     """
     started = time.perf_counter()
     path = cfg.model.path or model_lib.resolve_model_path(cfg.model.name, cfg.model.path, cache_root=cache_root(cfg))

@@ -28,12 +28,12 @@ def shared_cache() -> Path:
 
 
 def test_the_tiny_models_figures_before_it_loads_are_its_real_ones(tmp_path):
-    """model=tiny train.max_steps=1: ~0.8 MiB of LoRA files and ~2.1 MiB per state, never "about 0.0 MiB"."""
+    """model=tiny_random train.max_steps=1: ~0.8 MiB of LoRA files and ~2.1 MiB per state, never "about 0.0 MiB"."""
     from lora_sweep.data.photos import photos_dir
     from lora_sweep.model.network import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
     from lora_sweep.training.session import load_parts
 
-    cfg = compose_config("model=tiny", "train.max_steps=1", f"data.cache_dir={shared_cache()}")
+    cfg = compose_config("model=tiny_random", "train.max_steps=1", f"data.cache_dir={shared_cache()}")
     lora_bytes = 4 * 4 * 24_960  # rank 4, fp32
     assert planned_bytes(cfg) == ((lora_bytes * 3 + 2**20) * 3, lora_bytes * 2)  # AdamW: 2 moments; 2 kept + 1
     assert planned_bytes(compose_config("model=sdxl")) is None  # known once it loads
@@ -50,16 +50,19 @@ def test_the_tiny_models_figures_before_it_loads_are_its_real_ones(tmp_path):
     photos = photos_dir(shared_cache())  # built on first use, as the cached model is
     assert int(subprocess.run(["du", "-sb", str(photos)], capture_output=True, text=True).stdout.split()[0]) \
         <= PHOTOS_BYTES
-    fresh = compose_config("model=tiny", f"data.cache_dir={tmp_path / 'empty'}")
+    fresh = compose_config("model=tiny_random", f"data.cache_dir={tmp_path / 'empty'}")
     assert first_use_bytes(fresh) == TINY_MODEL_BYTES + PHOTOS_BYTES  # built into the cache by the job
-    assert first_use_bytes(compose_config("model=tiny", f"data.cache_dir={shared_cache()}",
+    shipped = compose_config("model=tiny", f"data.cache_dir={tmp_path / 'empty'}")
+    assert first_use_bytes(shipped) == PHOTOS_BYTES  # the trained tiny model is read from the package
+    assert first_use_bytes(compose_config("model=tiny_random", f"data.cache_dir={shared_cache()}",
                                           f"data.dir={tmp_path}")) == 0
 
 
 def test_a_disk_without_room_is_refused_before_any_folder_is_made(tmp_path):
     free = shutil.disk_usage(tmp_path).free
-    big = compose_config("model=tiny", f"train.keep_states={free // 2**20}", f"data.cache_dir={tmp_path / 'cache'}",
-                         f"train.state_dir={tmp_path / 'states'}", "data=folder", f"data.dir={tmp_path}")
+    big = compose_config("model=tiny_random", f"train.keep_states={free // 2**20}",
+                         f"data.cache_dir={tmp_path / 'cache'}", f"train.state_dir={tmp_path / 'states'}",
+                         "data=folder", f"data.dir={tmp_path}")
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     with pytest.raises(UserError, match=r"^not enough free disk space: .* free where this training will write about "
                                         r"\d+\.\d MiB and lora-sweep keeps 16\.0 MiB free: train\.output_dir '") as e:

@@ -15,10 +15,13 @@ from lora_sweep.training.train import train
 GOLDEN_LOSSES = ["0x1.1d0caa0000000p+0", "0x1.0bf5f60000000p+0", "0x1.dd419e0000000p-1", "0x1.2d5c720000000p+0",
                  "0x1.c7b5ec0000000p-1", "0x1.a6acc00000000p-1", "0x1.c426fc0000000p-1", "0x1.efe8d60000000p-1"]
 GOLDEN_TENSORS = "3c6e1cea3b48d756714112fde81f520e079f783712dd9cebc6ea6558b4075821"
+# the demo's scale when the run was recorded: 8 steps, D-Adaptation's own start and growth
+RECORDED_SCALE = ("train.max_steps=8", "optimizer.args.d0=1e-6", "optimizer.args.growth_rate=inf")
 
 
 def test_v53_at_demo_scale_reproduces_the_golden_run(tmp_path):
-    cfg = compose_config("experiment=v53", "preset=demo", "sampling.prompts=[]", "validation.fit_images=0")
+    cfg = compose_config("experiment=v53", "preset=demo", *RECORDED_SCALE, "sampling.prompts=[]",
+                         "validation.fit_images=0")
     sink = RecordingSink()
     result = train(cfg, output_dir=tmp_path / "out", sink=sink)
     losses = [float(sink.logged[f"train/loss@{step}"]).hex() for step in range(1, cfg.train.max_steps + 1)]
