@@ -235,12 +235,14 @@ def variants(tmp_path_factory) -> dict[str, tuple[object, Path]]:
 
 
 def imported_back(export: Path, tmp_path: Path, *overrides: str):
-    """The config that `python -m lora_sweep import` of an export's config.toml and dataset.toml composes to."""
+    """The config that `python -m lora_sweep import` of an export's config.toml and dataset.toml composes to (with
+    its model group named, since compose_config otherwise puts tiny_random over the experiment's)."""
     from lora_sweep.kohya.experiment import run_import
 
     status, _, err = run_import([export / "config.toml", export / "dataset.toml"], "back", tmp_path / "conf", True)
     assert (status, err) == (0, "")
-    return compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back", *overrides)
+    return compose_config("model=user/back", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/back",
+                          *overrides)
 
 
 def test_v53_to_v64_export_as_their_fixtures(variants):
