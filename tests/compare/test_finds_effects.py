@@ -66,7 +66,7 @@ def test_every_run_fits_the_photos_better_than_the_base_model(groups):
     for group in groups.values():
         for run in group.runs:
             start, end = run.histories["fit/loss"][0][1], run.histories["fit/loss"][-1][1]
-            assert start == pytest.approx(0.217341, abs=1e-6)  # the shipped model on 4 photos x 5 timesteps
+            assert start == pytest.approx(0.217348, abs=1e-6)  # the shipped model on 4 photos x 5 timesteps
             assert end < start
 
 
