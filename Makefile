@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python sweep.py -m preset=demo
 
-# Retrain model=tiny into lora_sweep/assets/tiny_trained (+ .json): seeded, about 35 CPU minutes (docs/tiny-models.md).
+# Retrain model=tiny into lora_sweep/assets/tiny_trained (+ .json): seeded, about 50 CPU minutes (docs/tiny-models.md).
 tiny-model: $(STAMP)
 	OMP_NUM_THREADS=$(or $(THREADS),1) $(BIN)/python -m lora_sweep tiny-model $(ARGS)
 
