@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python sweep.py -m preset=demo train.seed=1,2
 
-# Retrain model=tiny into lora_sweep/assets/tiny_trained (+ .json): seeded, about 20 CPU minutes (docs/tiny-models.md).
+# Retrain model=tiny into lora_sweep/assets/tiny_trained (+ .json): seeded, about 50 CPU minutes (docs/tiny-models.md).
 tiny-model: $(STAMP)
 	OMP_NUM_THREADS=$(or $(THREADS),1) $(BIN)/python -m lora_sweep tiny-model $(ARGS)
 

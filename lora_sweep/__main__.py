@@ -326,7 +326,9 @@ def _tiny_model(args) -> int:
 
     photos = {name: (np.asarray(getattr(skimage.data, name)()), caption) for name, caption in PHOTOS.items()}
     out = Path(args.out) if args.out else TINY_TRAINED_DIR
-    record = train(TinyTrainingConfig(seed=args.seed), out, photos, log=lambda line: print(line, flush=True))
+    stages_from = Path(args.stages_from) if args.stages_from else None
+    record = train(TinyTrainingConfig(seed=args.seed), out, photos, log=lambda line: print(line, flush=True),
+                   stages_from=stages_from)
     print(json.dumps(record["figures"], indent=2))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
@@ -389,11 +391,14 @@ def main(argv: list[str] | None = None) -> int:
                         "./mlflow.db)")
     tiny = sub.add_parser(
         "tiny-model", help="train model=tiny (the tiny SDXL on its synthetic world; CPU minutes) and record it",
-        description="Seeded: the VAE, then the U-Net, from model/tiny_training.py's config; writes the diffusers "
+        description="Seeded: the VAE, the U-Net, then the VAE's decoder alone, from model/tiny_training.py's "
+        "config; writes the diffusers "
         "folder and <folder>.json (config, sha256, first losses, PSNR, fit MSE, caption steering; "
         "docs/tiny-models.md).")
     tiny.add_argument("--out", help="the folder to write (default: the package's own assets/tiny_trained)")
     tiny.add_argument("--seed", type=int, default=0, help="the seed every draw comes from (default: 0)")
+    tiny.add_argument("--stages-from", help="a folder written by stages 1-2 of this seed (its .json beside it): "
+                      "read it and run stage 3 (the decoder) alone")
     sub.add_parser("compare", help="write the comparison report (see --help)", add_help=False)
     sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over this project's store", add_help=False)
     args, rest = parser.parse_known_args(argv)

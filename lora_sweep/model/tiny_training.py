@@ -4,8 +4,10 @@ Stage 1 trains the VAE (wider than tiny_random's, SDXL's four levels and 4 laten
 crops (MSE of a near-deterministic posterior), then rescales its latents so that scaled by SDXL's 0.13025 they have
 unit spread (folded into quant_conv / post_quant_conv: the decoder's output is unchanged). Stage 2 trains the U-Net to
 predict the noise (eps) under kohya's DDPMScheduler, with SDXL's size conditioning, and the two text encoders with it
-(10% empty captions, so guidance works). The weights start from `initial_pipeline(config)`; every draw comes from
-generators seeded by `seed`. `measure` gives the figures recorded beside the weights (docs/tiny-models.md)."""
+(10% empty captions, so guidance works). Stage 3 trains the VAE's decoder alone on whole scenes from the latents
+stage 2 trained on (the encoder frozen: those latents stay, bit for bit). The weights start from
+`initial_pipeline(config)`; every draw comes from generators seeded by `seed`. `measure` gives the figures recorded
+beside the weights (docs/tiny-models.md)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ class TinyTrainingConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 0.0  # reconstruction alone: the rescale below sets the latents' spread
     vae_initial_logvar: float | None = -12.0  # a number: the posterior's log-variance starts there, the same everywhere
+    decoder_steps: int = 4000  # stage 3: the decoder alone on whole scenes, the encoder (the U-Net's latents) frozen
+    decoder_batch: int = 16
+    decoder_lr: float = 5e-4
+    decoder_l1_weight: float = 0.0  # an L1 term beside the MSE: sharper edges
     unet_steps: int = 1000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -207,6 +213,32 @@ def train_unet(pipe: Any, stream: SceneStream, config: TinyTrainingConfig) -> It
         model.eval()
 
 
+def decoder_parameters(vae: Any) -> list[torch.nn.Parameter]:
+    """What stage 3 trains: post_quant_conv and the decoder; the encoder and quant_conv (the latents) stay."""
+    return [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+
+
+def train_decoder(vae: Any, stream: SceneStream, config: TinyTrainingConfig) -> Iterator[float]:
+    """Stage 3, one loss per optimizer step: the decoder reconstructs whole scenes from the posterior means the U-Net
+    was trained on (`stream.encode` set), MSE plus `decoder_l1_weight` times L1; the encoder is not touched."""
+    trained = decoder_parameters(vae)
+    optimizer = torch.optim.AdamW(trained, lr=config.decoder_lr, weight_decay=0.0)
+    vae.decoder.train()
+    for step in range(config.decoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.decoder_lr * _lr_factor(step, config.decoder_steps, config.warmup_steps)
+        batch = stream.batch(step, config.decoder_batch, ["pixels", "latents"])
+        recon = vae.decode(batch["latents"]).sample
+        loss = torch.nn.functional.mse_loss(recon, batch["pixels"])
+        if config.decoder_l1_weight:
+            loss = loss + config.decoder_l1_weight * torch.nn.functional.l1_loss(recon, batch["pixels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        yield float(loss.detach())
+    vae.eval()
+
+
 @torch.no_grad()
 def psnr(vae: Any, pixels: torch.Tensor) -> float:
     """Mean per-image PSNR (dB, images in [0, 1]) of decode(posterior mean) against `pixels` in [-1, 1]."""
@@ -338,23 +370,27 @@ def sha256(path: Path) -> str:
 
 
 def train(config: TinyTrainingConfig, out: Path, photos: dict[str, tuple[np.ndarray, str]] | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, stages_from: Path | None = None) -> dict[str, Any]:
     """Train from `config`, save the diffusers folder `out` and `out`.json (the record: config, sha256 of each
-    weight file, the first losses of each stage, the last losses, timings and `measure`'s figures); returns it."""
+    weight file, the first losses of each stage, the last losses, timings and `measure`'s figures); returns it.
+    `stages_from`: a folder (and its .json) written by stages 1-2 of this seed: read, and stage 3 alone runs."""
     torch.manual_seed(config.seed)  # nothing below should draw from it; a fixed state in case a library does
-    pipe = initial_pipeline(config)
     stream = SceneStream(config.seed, TRAIN_SPLIT, config.train_scenes)
-    record: dict[str, Any] = {"config": asdict(config), "torch": torch.__version__}
-    started = time.monotonic()
-    vae_losses = _run("vae", train_vae(pipe.vae, stream, config), config.vae_steps, log)
-    record["vae_seconds"] = round(time.monotonic() - started, 1)
-    record["latent_factor"] = rescale_latents(pipe.vae, stream)
+    if stages_from is None:
+        pipe = initial_pipeline(config)
+        record, vae_losses, unet_losses = _stages_1_2(pipe, stream, config, log)
+    else:
+        pipe, record = _read_stages_1_2(stages_from, config)
     stream.encode = encoder_for(pipe)
     started = time.monotonic()
-    unet_losses = _run("unet", train_unet(pipe, stream, config), config.unet_steps, log)
-    record["unet_seconds"] = round(time.monotonic() - started, 1)
-    record["first_losses"] = {"vae": vae_losses[:FIRST_STEPS], "unet": unet_losses[:FIRST_STEPS]}
-    record["last_losses_mean"] = {"vae": float(np.mean(vae_losses[-50:])), "unet": float(np.mean(unet_losses[-50:]))}
+    decoder_losses = _run("decoder", train_decoder(pipe.vae, stream, config), config.decoder_steps, log)
+    record["decoder_seconds"] = round(time.monotonic() - started, 1)
+    if stages_from is None:
+        record["first_losses"] = {"vae": vae_losses[:FIRST_STEPS], "unet": unet_losses[:FIRST_STEPS]}
+        record["last_losses_mean"] = {"vae": float(np.mean(vae_losses[-50:])),
+                                      "unet": float(np.mean(unet_losses[-50:]))}
+    record["first_losses"]["decoder"] = decoder_losses[:FIRST_STEPS]
+    record["last_losses_mean"]["decoder"] = float(np.mean(decoder_losses[-50:]))
     started = time.monotonic()
     record["figures"] = measure(pipe, config, photos)
     record["measure_seconds"] = round(time.monotonic() - started, 1)
@@ -365,6 +401,41 @@ def train(config: TinyTrainingConfig, out: Path, photos: dict[str, tuple[np.ndar
     record["sha256"] = {p.relative_to(out).as_posix(): sha256(p) for p in sorted(out.rglob("*.safetensors"))}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def _stages_1_2(pipe: Any, stream: SceneStream, config: TinyTrainingConfig,
+                log: Callable[[str], None]) -> tuple[dict[str, Any], list[float], list[float]]:
+    """Stage 1 (the VAE, then the latents' rescale) and stage 2 (the U-Net and text encoders) on `pipe`."""
+    record: dict[str, Any] = {"config": asdict(config), "torch": torch.__version__}
+    started = time.monotonic()
+    vae_losses = _run("vae", train_vae(pipe.vae, stream, config), config.vae_steps, log)
+    record["vae_seconds"] = round(time.monotonic() - started, 1)
+    record["latent_factor"] = rescale_latents(pipe.vae, stream)
+    stream.encode = encoder_for(pipe)
+    started = time.monotonic()
+    unet_losses = _run("unet", train_unet(pipe, stream, config), config.unet_steps, log)
+    record["unet_seconds"] = round(time.monotonic() - started, 1)
+    return record, vae_losses, unet_losses
+
+
+def _read_stages_1_2(folder: Path, config: TinyTrainingConfig) -> tuple[Any, dict[str, Any]]:
+    """The pipeline and record that stages 1-2 of `config` wrote to `folder`, checked to be those and no more."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lora_sweep.errors import UserError
+
+    path, wanted = folder.with_suffix(".json"), asdict(config)
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    stage_keys = [k for k in wanted if not k.startswith("decoder_")]
+    if (record is None or "decoder" in record["first_losses"]
+            or any(record["config"].get(k) != wanted[k] for k in stage_keys)):
+        raise UserError(f"--stages-from {folder}: it needs {path.name} beside it, the record of stages 1-2 of this "
+                        "seed and config without stage 3 (first_losses without 'decoder'); or leave --stages-from "
+                        "out to train all three stages.")
+    record["config"] = asdict(config)
+    record["stages_1_2_from"] = {"sha256": record.pop("sha256"), "torch": record["torch"]}
+    record["torch"] = torch.__version__
+    return StableDiffusionXLPipeline.from_pretrained(folder), record
 
 
 def _run(stage: str, losses: Iterator[float], steps: int, log: Callable[[str], None]) -> list[float]:
