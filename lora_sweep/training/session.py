@@ -8,6 +8,7 @@ dtype; LoRA and casts happen on the CPU before the U-Net moves to the device (pl
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -35,7 +36,14 @@ from lora_sweep.data.dataset import (
 )
 from lora_sweep.data.order import kohya_epoch_batches
 from lora_sweep.data.photos import data_folder
-from lora_sweep.data.prepare import Example, Prepared, prepare_datasets, prepare_examples, truncated_captions
+from lora_sweep.data.prepare import (
+    Example,
+    Prepared,
+    draw_latents,
+    prepare_datasets,
+    prepare_examples,
+    truncated_captions,
+)
 from lora_sweep.data.subsets import (
     DatasetSpec,
     Subset,
@@ -519,7 +527,8 @@ def evaluation_hooks(cfg, data: Data, prompts: list | None = None) -> list:
     examples, chosen with validation.seed), samples of `prompts` if any.
     """
     v = cfg.validation
-    fit = [data.prepared.examples[i] for i in fit_subset(data.fit_candidates, v.fit_images, v.seed)]
+    fit = [copy.copy(data.prepared.examples[i]) for i in fit_subset(data.fit_candidates, v.fit_images, v.seed)]
+    draw_latents(fit, cfg.data.latent_sample, device="cpu", stream=False)  # train.seed's draws would move the points
     hooks = [Validator(data.validation, list(v.timesteps), v.seed),
              Validator(fit, list(v.timesteps), v.seed, prefix="fit")]
     if prompts is None:

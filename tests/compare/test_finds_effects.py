@@ -63,11 +63,11 @@ def judged(a, b, metric: str) -> tuple[str, dict]:
 
 
 def test_every_run_fits_the_photos_better_than_the_base_model(groups):
-    for group in groups.values():
-        for run in group.runs:
-            start, end = run.histories["fit/loss"][0][1], run.histories["fit/loss"][-1][1]
-            assert start == pytest.approx(0.217348, abs=1e-6)  # the shipped model on 4 photos x 5 timesteps
-            assert end < start
+    runs = [run for group in groups.values() for run in group.runs]
+    starts = {run.histories["fit/loss"][0][1] for run in runs}
+    # one start for every seed: fit/loss's points do not depend on train.seed
+    assert len(starts) == 1 and starts.pop() == pytest.approx(0.2173, abs=1e-4)
+    assert all(run.histories["fit/loss"][-1][1] < run.histories["fit/loss"][0][1] for run in runs)
 
 
 def test_a_ten_times_larger_learning_rate_reads_better_on_fit_loss(groups):
