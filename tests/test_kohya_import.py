@@ -171,7 +171,7 @@ def test_the_written_experiment_composes_with_its_values(tmp_path):
     try:
         assert status == 0 and [p.relative_to(ROOT / "conf").as_posix() for p in written] == [
             f"{group}/user/{name}.yaml" for group in ("experiment", "model", "optimizer", "noise", "loss")]
-        cfg = compose_config(f"experiment=user/{name}")
+        cfg = compose_config(f"model=user/{name}", f"experiment=user/{name}")  # a model= keeps tiny_random off
         assert command_line_problems([f"experiment=user/{name}"]) == []  # sweep.py's pre-flight accepts it
         assert command_line_problems(["experiment=user/nothing"]) == [
             "Could not find 'experiment/user/nothing'. Available options in 'experiment': article, article_v61, "
@@ -414,7 +414,7 @@ def test_a_lora_imported_without_data_makes_its_model_and_folder_required_values
         "train.max_steps: lora-sweep's default applies unless set on sweep.py's command line.")
     assert "dir: ???  # required value (train_data_dir): the LoRA records only the folder names '3_subject' (3 " \
            "images x 3)" in (tmp_path / "conf" / "data" / "user" / "t.yaml").read_text(encoding="utf-8")
-    cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t")
+    cfg = compose_config("model=user/t", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=user/t")
     assert (cfg.data.name, cfg.data.dir, cfg.model.name, cfg.model.path) == ("folder", None, "sdxl", None)
     problems = config_problems(cfg)
     assert problems[0].startswith("model.path is not set;")

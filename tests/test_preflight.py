@@ -189,7 +189,7 @@ def test_resuming_a_state_under_settings_it_cannot_follow_exits_2_naming_them(tm
     from lora_sweep.config import config_hash, hashed_settings
     from lora_sweep.training import checkpoint
 
-    cfg = compose_config()
+    cfg = compose_config("model=tiny")  # sweep.py's default model, which the app runs
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
     state = checkpoint.save_state(
