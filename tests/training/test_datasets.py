@@ -78,13 +78,13 @@ def test_evaluation_runs_at_multiplier_one_whatever_dataset_trained_last():
     assert not torch.equal(half, full) and torch.equal(seen[0], full) and s.multiplier == 1.0
 
 def _tiny(tmp_path: Path, *overrides: str) -> RecordingSink:
-    """Two optimizer steps of batch size 1 on a train image and a reg image of one dataset (data.datasets)."""
+    """Four optimizer steps of batch size 1 on a train image and a reg image of one dataset (data.datasets)."""
     write_image(tmp_path / "train" / "a.png", caption="a red square", color=(200, 30, 30))
     write_image(tmp_path / "reg" / "b.png", caption="a square", color=(30, 30, 200))
     subsets = (f"{{image_dir:'{tmp_path / 'train'}',num_repeats:1}},"
                f"{{image_dir:'{tmp_path / 'reg'}',num_repeats:1,is_reg:true}}")
     cfg = compose_config("data=folder", "data.dir=null", f"data.datasets=[{{batch_size:1,subsets:[{subsets}]}}]",
-                         "train.max_steps=2", "train.device=cpu", "validation.fit_images=0",
+                         "train.max_steps=4", "train.device=cpu", "validation.fit_images=0",
                          f"data.cache_dir={tmp_path.parent / 'cache'}", *overrides)
     sink = RecordingSink()
     train_lib.train(cfg, output_dir=tmp_path / "out", sink=sink)
@@ -92,8 +92,8 @@ def _tiny(tmp_path: Path, *overrides: str) -> RecordingSink:
 
 
 def test_reg_batch_loss_is_weighted_by_prior_loss_weight_and_every_n_drops_every_caption(tmp_path, monkeypatch):
-    """The same two batches (one train image, one reg image) with prior_loss_weight 1.0 and 0.5: up to and including
-    the reg batch the losses are equal or exactly halved. caption_dropout_every_n_epochs=1 drops every caption (an
+    """The same batches (a train image, a reg image) with prior_loss_weight 1.0 and 0.5: up to and including the
+    first reg batch the losses are equal or exactly halved. caption_dropout_every_n_epochs=1 drops every caption (an
     epoch's first batch sees epoch 0 or the last one, both divisible by 1)."""
     captions = []
     real = session_lib.encode_prompts
@@ -101,14 +101,13 @@ def test_reg_batch_loss_is_weighted_by_prior_loss_weight_and_every_n_drops_every
         parts, texts, **kw))
     dropout = "data.caption_dropout_every_n_epochs=1"
     full = _tiny(tmp_path / "full", dropout, "loss.prior_loss_weight=1.0")
-    assert captions == ["", ""]
+    assert captions == [""] * 4
     half = _tiny(tmp_path / "half", dropout, "loss.prior_loss_weight=0.5")
-    losses = [(full.logged[f"train/loss@{k}"], half.logged[f"train/loss@{k}"]) for k in (1, 2)]
+    losses = [(full.logged[f"train/loss@{k}"], half.logged[f"train/loss@{k}"]) for k in (1, 2, 3, 4)]
     assert losses[0][0] > 0
-    if losses[0][1] == losses[0][0]:  # the train image came first: the reg batch is the second
-        assert losses[1][1] == losses[1][0] * 0.5
-    else:
-        assert losses[0][1] == losses[0][0] * 0.5
+    # v0.8.7's order may serve the train image twice before the reg one (its mid-epoch reshuffle: docs/kohya-exact.md)
+    first_reg = next(k for k, (f, h) in enumerate(losses) if h != f)
+    assert losses[first_reg][1] == losses[first_reg][0] * 0.5
     params = full.logged_params
     assert (params["data.train_images"], params["data.reg_images"], params["data.reg_entries"]) == (1, 1, 1)
     assert ("datasets.json", "data") in [(name, where) for name, where, _ in full.artifacts]
