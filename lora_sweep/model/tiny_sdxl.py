@@ -151,10 +151,15 @@ def _tokenizer_kwargs(name: str) -> dict:
 
 def save_tiny_sdxl(pipe: StableDiffusionXLPipeline, folder: Path) -> None:
     """Save as a diffusers folder in SDXL's layout, tokenizers as vocab.json + merges.txt, so loading it reads the files
-    a real SDXL download has."""
+    a real SDXL download has. No config keeps `_name_or_path`: a pipeline read from a folder would write its path."""
+    import json
     import shutil
 
     pipe.save_pretrained(folder, safe_serialization=True)
+    for path in folder.rglob("*.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in ("tokenizer", "tokenizer_2"):
         shutil.rmtree(folder / name)
         write_clip_tokenizer(folder / name, TINY_MERGES, sdxl_asset_config(name))

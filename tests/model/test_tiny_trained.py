@@ -94,6 +94,19 @@ def test_stage_3_alone_needs_the_record_of_stages_1_2_without_stage_3(tmp_path):
     assert not out.exists()
 
 
+def test_a_pipeline_read_from_a_folder_is_saved_without_that_folders_path(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lora_sweep.model.tiny_sdxl import save_tiny_sdxl
+
+    # Stage 3 alone reads stages 1-2's folder; diffusers would write its path into three shipped configs.
+    save_tiny_sdxl(StableDiffusionXLPipeline.from_pretrained(TINY_TRAINED_DIR), tmp_path / "saved")
+    configs = sorted((tmp_path / "saved").rglob("*.json"))
+    assert len(configs) >= 7 and not any("_name_or_path" in path.read_text(encoding="utf-8") for path in configs)
+    for name in ("model_index.json", "unet/config.json", "vae/config.json"):
+        assert (tmp_path / "saved" / name).read_text() == (TINY_TRAINED_DIR / name).read_text()
+
+
 def test_the_shipped_weights_are_the_recorded_ones_reconstruct_and_predict_the_noise():
     assert {name: sha256(TINY_TRAINED_DIR / name) for name in RECORD["sha256"]} == RECORD["sha256"]
     parts = load_sdxl(resolve_model_path("tiny", None))
