@@ -49,7 +49,7 @@ class TinyTrainingConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 0.0  # reconstruction alone: the rescale below sets the latents' spread
     vae_initial_logvar: float | None = -12.0  # a number: the posterior's log-variance starts there, the same everywhere
-    decoder_steps: int = 4000  # stage 3: the decoder alone on whole scenes, the encoder (the U-Net's latents) frozen
+    decoder_steps: int = 6000  # stage 3: the decoder alone on whole scenes, the encoder (the U-Net's latents) frozen
     decoder_batch: int = 16
     decoder_lr: float = 5e-4
     decoder_l1_weight: float = 0.0  # an L1 term beside the MSE: sharper edges
