@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, compose_config, compose_configs
 
 try:
@@ -123,12 +124,30 @@ def test_command_sh_launches_sd_scripts_and_lists_what_kohya_cannot_hold(tmp_pat
         "validation.every=0, validation.fit_images=2: kohya v0.8.7 logs no val/loss or fit/loss",
         "loss.per_sample_timesteps is true: v0.8.7 draws one timestep per batch for huber/smooth_l1",
     ]
-    command = write_export(cfg, tmp_path / "export")[2].read_text().splitlines()
+    command = write_export(cfg, tmp_path / "export", threads=1)[2].read_text().splitlines()
     assert command[3:5] == ["# Not expressible in kohya v0.8.7 (this export trains without them):",
                             "#   - model=tiny: kohya cannot load lora-sweep's tiny stand-in model; set model=sdxl "
                             "model.path=..."]
-    assert command[-1] == ('accelerate launch sdxl_train_network.py --config_file "$EXPORT/config.toml" '
-                           '--dataset_config "$EXPORT/dataset.toml"')
+    assert command[-1] == ('accelerate launch --num_cpu_threads_per_process 1 sdxl_train_network.py '
+                           '--config_file "$EXPORT/config.toml" --dataset_config "$EXPORT/dataset.toml"')
+
+
+def test_command_sh_gives_kohya_the_cpu_threads_lora_sweep_computes_with(tmp_path):
+    """accelerate 0.25.0's launch sets the script's OMP_NUM_THREADS to --num_cpu_threads_per_process, 1 when it is
+    not given (whatever the shell's), and on the CPU the U-Net's sums depend on the thread count: the export names
+    the count of the process that writes it (a run's own kohya/ export: the run's), or the one it is given."""
+    cfg = compose_config("model=tiny")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        written = write_export(cfg, tmp_path / "here")[2].read_text().splitlines()
+    finally:
+        torch.set_num_threads(before)
+    assert written[-1].startswith("accelerate launch --num_cpu_threads_per_process 3 sdxl_train_network.py ")
+    assert "# 3 CPU threads, as lora-sweep computed with here" in written[-3]
+    given = write_export(cfg, tmp_path / "given", threads=1)[2].read_text().splitlines()
+    assert given[-1].startswith("accelerate launch --num_cpu_threads_per_process 1 sdxl_train_network.py ")
+    assert given[-3].startswith("# 1 CPU thread, ")
 
 
 def test_sample_prompts_spell_out_every_option_lora_sweep_draws_with(tmp_path):

@@ -57,6 +57,23 @@ def text_cache_key(*, text_encoders: str, caption: str, max_token_length: int = 
                      dtype=dtype, attention=attention)
 
 
+def computed_key(key: str, device: Any) -> str:
+    """The store key of an entry of `key` (`latent_cache_key`, `text_cache_key`) computed on `device`: on the CPU,
+    torch's intra-op thread count joins the identity, elsewhere it is `key` itself.
+
+    On the CPU the encoders' products and reductions split their sums by thread, so the VAE's posterior comes out
+    different in the last bits at 1 and 2 threads (2.3e-7 relative on SDXL's VAE at 64 px); kohya encodes afresh at
+    its run's count, so an entry encoded at another count would make the run's latents differ from kohya's
+    (docs/kohya-exact.md#cpu-threads). `key` itself stays what seeds draws outside the training's stream
+    (`posterior_seed`), the same on every machine.
+    """
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return key
+    return cache_key(kind="computed", key=key, cpu_threads=torch.get_num_threads())
+
+
 def posterior_seed(key: str) -> int:
     """A seed from a latent entry's key, for a posterior sample outside the training's stream (validation images): the
     same whichever job draws it."""

@@ -19,7 +19,7 @@ from PIL import ImageOps
 from lora_sweep.data import buckets
 from lora_sweep.data import cache as cache_lib
 from lora_sweep.data.buckets import bucket_settings
-from lora_sweep.data.cache_keys import latent_cache_key, posterior_seed, text_cache_key
+from lora_sweep.data.cache_keys import computed_key, latent_cache_key, posterior_seed, text_cache_key
 from lora_sweep.data.captions import fixed_caption
 from lora_sweep.data.dataset import FolderScan, ImageItem, gone
 from lora_sweep.data.images import load_rgb
@@ -198,14 +198,15 @@ def _example(parts, store, item: ImageItem, settings: dict, data_cfg, device, va
                                crop_left_top=_crop_offsets(bucket, resized), flipped=flipped)
         def encode(flipped=flipped):
             return _encode_posterior(parts, item, bucket, resized, flipped, device)
-        entry = store.get_or_compute("latents", key, encode, {"source": str(item.path)})
+        entry = store.get_or_compute("latents", computed_key(key, device), encode, {"source": str(item.path)})
         posteriors[flipped] = Posterior(entry["mean"], entry["std"], key)
     context = pooled = None
     if caption is not None:
         length = data_cfg.max_token_length
         key = text_cache_key(text_encoders=text_id, caption=caption, max_token_length=length or 75,
                              attention=TEXT_ENCODER_ATTENTION)
-        text = store.get_or_compute("text", key, lambda c=caption: _encode_caption(parts, c, length),
+        text = store.get_or_compute("text", computed_key(key, parts.text_encoder.device),
+                                    lambda c=caption: _encode_caption(parts, c, length),
                                     {"source": str(item.path), "caption": caption})
         context, pooled = text["context"], text["pooled"]
     return Example(

@@ -296,27 +296,45 @@ def _toml_value(value: Any) -> str:
     return str(value)
 
 
-def command_text(cfg: DictConfig) -> str:
-    """command.sh: what kohya cannot hold as comments, then the sd-scripts command (run in the export's folder)."""
+def cpu_threads() -> int:
+    """The CPU threads torch computes with in this process: what a run started here trains with, and what the
+    export passes to `accelerate launch` (`command_text`)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def command_text(cfg: DictConfig, threads: int | None = None) -> str:
+    """command.sh: what kohya cannot hold as comments, then the sd-scripts command (run in the export's folder).
+
+    `threads` (None: `cpu_threads()`) goes to `--num_cpu_threads_per_process`: accelerate 0.25.0's launch sets the
+    script's OMP_NUM_THREADS to that option, 1 when it is not given, whatever the shell's is. On the CPU the U-Net's
+    products sum in an order that depends on the thread count (5e-7 apart on SDXL's U-Net at 1 and 2 threads), so
+    kohya computes as lora-sweep did only with the same count (docs/kohya-exact.md).
+    """
     header = ["#!/bin/sh", "# sd-scripts v0.8.7 (kohya-ss/sd-scripts tag v0.8.7), exported by lora-sweep.",
               "# Run it from sd-scripts' folder: sh /path/to/command.sh (EXPORT: the folder of these files)."]
     notes = not_expressible(cfg)
     if notes:
         header.append("# Not expressible in kohya v0.8.7 (this export trains without them):")
         header += [f"#   - {line}" for line in notes]
-    command = ('accelerate launch sdxl_train_network.py --config_file "$EXPORT/config.toml" '
-               '--dataset_config "$EXPORT/dataset.toml"')
+    threads = cpu_threads() if threads is None else threads
+    header.append(f"# {threads} CPU thread{'s' * (threads != 1)}, as lora-sweep computed with here: the same count "
+                  "gives the same sums on the CPU.")
+    command = (f'accelerate launch --num_cpu_threads_per_process {threads} sdxl_train_network.py '
+               '--config_file "$EXPORT/config.toml" --dataset_config "$EXPORT/dataset.toml"')
     return "\n".join([*header, 'EXPORT="${EXPORT:-$(cd "$(dirname "$0")" && pwd)}"', command]) + "\n"
 
 
-def write_export(cfg: DictConfig, out: Path, prompts: list | None = None) -> list[Path]:
+def write_export(cfg: DictConfig, out: Path, prompts: list | None = None, threads: int | None = None) -> list[Path]:
     """config.toml, dataset.toml and command.sh of `cfg` in `out` (made if missing), and sample_prompts.txt when it
-    samples; returns their paths. Without train.output_dir, kohya writes its LoRA files to `out`/output."""
+    samples; returns their paths. Without train.output_dir, kohya writes its LoRA files to `out`/output. `threads`:
+    the CPU threads command.sh gives kohya (None: this process's, `cpu_threads`)."""
     out.mkdir(parents=True, exist_ok=True)
     args = kohya_args(cfg)
     args.setdefault("output_dir", str((out / "output").resolve()))
     args["dataset_config"] = str((out / "dataset.toml").resolve())
-    files = {"dataset.toml": toml_text(dataset_tables(cfg)), "command.sh": command_text(cfg)}
+    files = {"dataset.toml": toml_text(dataset_tables(cfg)), "command.sh": command_text(cfg, threads)}
     prompt_lines = prompts_text(cfg, prompts)
     if prompt_lines:
         files["sample_prompts.txt"] = prompt_lines

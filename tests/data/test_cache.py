@@ -19,7 +19,7 @@ from lora_sweep import paths
 from lora_sweep.data import cache as cache_lib
 from lora_sweep.data import cache_keys
 from lora_sweep.data.cache import TensorCache
-from lora_sweep.data.cache_keys import cache_key, latent_cache_key, text_cache_key
+from lora_sweep.data.cache_keys import cache_key, computed_key, latent_cache_key, text_cache_key
 from lora_sweep.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +62,26 @@ def test_latent_and_text_keys_change_with_what_changes_the_tensor():
     assert text != text_cache_key(text_encoders="u" * 64, caption="sks dog")
     assert text != text_cache_key(text_encoders="t" * 64, caption="sks dog", attention="sdpa")
     assert text != base
+
+
+def test_a_cpu_entry_is_keyed_by_the_thread_count_it_was_computed_with():
+    """kohya v0.8.7 encodes its latents afresh at its run's thread count (accelerate launch's
+    --num_cpu_threads_per_process, 1 by default); on the CPU the VAE's sums depend on it, so a CPU entry is stored
+    under its content key and torch's thread count, a GPU entry under its content key alone."""
+    key = latent_cache_key(**LATENT_FIELDS)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = computed_key(key, "cpu")
+        assert computed_key(key, torch.device("cpu")) == one
+        torch.set_num_threads(2)
+        two = computed_key(key, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert len({key, one, two}) == 3
+    assert one == cache_key(kind="computed", key=key, cpu_threads=1)
+    assert computed_key(key, "cuda") == computed_key(key, torch.device("cuda", 1)) == key
+    assert computed_key(key, "meta") == key
 
 
 def test_file_sha256_and_memo(tmp_path):

@@ -71,6 +71,25 @@ def test_second_pass_hits_everything_and_an_edited_caption_misses_once(parts, da
     assert edited.cache_stats["cache/text/misses"] == 1 and edited.cache_stats["cache/latents/misses"] == 0
 
 
+def test_entries_encoded_at_another_cpu_thread_count_are_not_reused(parts, dataset, tmp_path):
+    """On the CPU the encoders' sums split by thread, and kohya encodes at its own run's count: an entry made at
+    another count misses, once; the validation seed of an image stays its content key's."""
+    cache = tmp_path / "cache"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = prepare(parts, dataset, cache)
+        torch.set_num_threads(2)
+        two = prepare(parts, dataset, cache)
+        again = prepare(parts, dataset, cache)
+    finally:
+        torch.set_num_threads(before)
+    assert one.cache_stats["cache/misses"] == 8 and two.cache_stats["cache/misses"] == 8
+    assert again.cache_stats["cache/hits"] == 8 and again.cache_stats["cache/misses"] == 0
+    for a, b in zip(one.examples, two.examples, strict=True):
+        assert a.posteriors[False].key == b.posteriors[False].key
+
+
 def test_edited_image_and_flip_aug_miss_only_their_latents(parts, dataset, tmp_path):
     cache = tmp_path / "cache"
     prepare(parts, dataset, cache)
