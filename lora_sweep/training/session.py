@@ -34,7 +34,7 @@ from lora_sweep.data.dataset import (
     resolved_dataset_params,
     scan_folder,
 )
-from lora_sweep.data.order import kohya_epoch_batches
+from lora_sweep.data.order import kohya_epoch_batches, kohya_epoch_random_state
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import (
     Example,
@@ -126,6 +126,11 @@ class Session:
         """Epoch `epoch`'s micro-batches of entry indices, in v0.8.7's order (`order.kohya_epoch_batches`)."""
         return kohya_epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed,
                                    epoch, self.cfg.data.max_data_loader_n_workers)
+
+    def epoch_random_state(self, epoch: int) -> tuple | None:
+        """Python's `random` state after epoch `epoch`'s first batch in v0.8.7 (`order.kohya_epoch_random_state`)."""
+        return kohya_epoch_random_state(self.batch_buckets, self.batch_datasets, self.batch_sizes,
+                                        self.cfg.train.seed, epoch, self.cfg.data.max_data_loader_n_workers)
 
     @property
     def v_prediction(self) -> bool:
