@@ -62,6 +62,28 @@ def _made(entries: list[int], buckets: Sequence[tuple[int, int]], batch_size: in
     return _BucketBatches(pairs, groups, batch_size)
 
 
+def kohya_epoch_random_state(buckets: Sequence[tuple[int, int]], datasets: Sequence[int],
+                              batch_sizes: Sequence[int], seed: int, epoch: int, workers: int) -> tuple | None:
+    """Python's global `random` state as v0.8.7 leaves it when epoch `epoch` (0-based) has served its first batch,
+    before that batch's noise (multires noise draws its level ratios from it), or None with `workers` > 0 (the
+    reshuffle then runs in a worker process). With 0 workers the first batch's collate makes each dataset, in
+    order, call random.seed(S + epoch) and shuffle its pairs and buckets (`set_current_epoch`): the stream goes on
+    from the last dataset's shuffles. Arguments as `kohya_epoch_batches`."""
+    if workers:
+        return None
+    S = dataset_seed(seed)  # noqa: N806 (kohya's name in the docs)
+    made = [_made([i for i, d in enumerate(datasets) if d == dataset], buckets, batch_sizes[dataset])
+            for dataset in sorted(set(datasets))]
+    served = [m.shuffled(0) for m in made]
+    for k in range(epoch):
+        served = [d.shuffled(S + k) for d in served]
+    rng = random.Random(S + epoch)  # the last dataset's reseed; its shuffles as `shuffled` makes them
+    rng.shuffle(list(served[-1].pairs))
+    for group in served[-1].groups:
+        rng.shuffle(list(group))
+    return rng.getstate()
+
+
 def kohya_epoch_batches(buckets: Sequence[tuple[int, int]], datasets: Sequence[int], batch_sizes: Sequence[int],
                         seed: int, epoch: int, workers: int) -> list[list[int]]:
     """Epoch `epoch`'s (0-based) micro-batches of entry indices, in v0.8.7's order with `workers` data-loader workers

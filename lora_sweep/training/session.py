@@ -34,7 +34,7 @@ from lora_sweep.data.dataset import (
     resolved_dataset_params,
     scan_folder,
 )
-from lora_sweep.data.order import kohya_epoch_batches
+from lora_sweep.data.order import kohya_epoch_batches, kohya_epoch_random_state
 from lora_sweep.data.photos import data_folder
 from lora_sweep.data.prepare import (
     Example,
@@ -127,6 +127,11 @@ class Session:
         return kohya_epoch_batches(self.batch_buckets, self.batch_datasets, self.batch_sizes, self.cfg.train.seed,
                                    epoch, self.cfg.data.max_data_loader_n_workers)
 
+    def epoch_random_state(self, epoch: int) -> tuple | None:
+        """Python's `random` state after epoch `epoch`'s first batch in v0.8.7 (`order.kohya_epoch_random_state`)."""
+        return kohya_epoch_random_state(self.batch_buckets, self.batch_datasets, self.batch_sizes,
+                                        self.cfg.train.seed, epoch, self.cfg.data.max_data_loader_n_workers)
+
     @property
     def v_prediction(self) -> bool:
         return self.loss_options.v_prediction
@@ -142,11 +147,22 @@ class Session:
             return self.unet(noisy_latents.to(self.policy.latent_dtype), timesteps, context, added_cond_kwargs={
                 "text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}).sample
 
+    def batch_from_cache(self, size: int) -> bool:
+        """Whether a batch of `size` cached examples takes its embeddings from the cache. v0.8.7 without
+        --cache_text_encoder_outputs encodes each batch in one call; the cache holds one-image encodings, which are
+        the same numbers for a batch of one. For more, in fp32 with the encoders on the training device (the CPU),
+        the batch is encoded as kohya does: TE2's text_projection of a (B, 1280) batch rounds otherwise than B
+        (1, 1280) products, 4e-7 relative on SDXL (docs/kohya-exact.md). Elsewhere the cache stays: in mixed
+        precision it is fp32 where kohya encodes in the training dtype anyway, and on a GPU the encoders stay on
+        the CPU once it is filled."""
+        return size == 1 or self.policy.name != "fp32" or self.parts.text_encoder.device != self.device
+
     def text_for(self, examples, *, seen: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached embeddings when every caption is fixed and the text encoders frozen; otherwise each caption
-        processed now in batch order (`captions.process_caption` with Python's global `random`, as kohya; `seen`:
-        the (epoch, step) v0.8.7's dataset sees, `captions.seen_position`) and encoded (with grads if trained)."""
-        if all(e.context is not None for e in examples):
+        """Cached embeddings when every caption is fixed and the text encoders frozen (`batch_from_cache`);
+        otherwise each caption processed now in batch order (`captions.process_caption` with Python's global
+        `random`, as kohya; `seen`: the (epoch, step) v0.8.7's dataset sees, `captions.seen_position`) and the batch
+        encoded in one call (with grads if trained), as v0.8.7's get_text_cond encodes it."""
+        if all(e.context is not None for e in examples) and self.batch_from_cache(len(examples)):
             context = torch.stack([e.context for e in examples]).to(self.device)
             pooled = torch.stack([e.pooled for e in examples]).to(self.device)
             return context, pooled

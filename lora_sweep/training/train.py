@@ -161,8 +161,11 @@ def train(cfg, *, output_dir: Path, sink: Sink, should_stop: Callable[[], bool] 
     while pos.step < t.max_steps and not stopped:
         epoch, first = pos.epoch, pos.batch_index
         batches = s.epoch_batches(epoch)
-        if first == 0:  # a state saved mid-epoch restored the stream after this draw
+        if first == 0:  # a state saved mid-epoch restored the streams after these
             noise_lib.dataloader_epoch_draw()
+            state = s.epoch_random_state(epoch)  # v0.8.7's reshuffle, reseeding Python's stream
+            if state is not None:
+                random.setstate(state)
         for i in range(first, len(batches)):
             seen = seen_position(epoch, i, len(batches), t.grad_accum)
             terms = micro_batch_loss(s, [s.batch_items[j] for j in batches[i]], flip_rng, pos.step + 1, seen=seen)

@@ -11,7 +11,7 @@ from multiprocessing import Value
 import pytest
 import torch
 
-from lora_sweep.data.order import dataset_seed, kohya_epoch_batches
+from lora_sweep.data.order import dataset_seed, kohya_epoch_batches, kohya_epoch_random_state
 
 
 class _KohyaBuckets(torch.utils.data.Dataset):
@@ -134,6 +134,43 @@ def test_two_datasets_batches_of_two_and_three_and_a_third_epoch_follow_v087(wor
     ours = [b for epoch in range(3) for b in kohya_epoch_batches(BUCKETS, datasets, [2, 3], 7, epoch, workers)]
     assert ours == v087_order(BUCKETS, datasets, [2, 3], 7, len(ours), workers)
 
+
+
+def v087_python_states(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int,
+                       epochs: int) -> list[tuple]:
+    """Python's global `random` state right after each epoch's first batch, 0 workers, as `v087_order` serves them:
+    the state multires noise (custom_train_functions.pyramid_noise_like, `random.random()`) draws from at step 1."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    s = random.randint(0, 2**31)
+    members = [_KohyaBuckets([i for i, d in enumerate(datasets) if d == k], buckets, batch_sizes[k])
+               for k in sorted(set(datasets))]
+    for member in members:
+        member.seed = s
+    dataset = _KohyaGroup(members)
+    current_epoch = Value("i", 0)
+    sampler = _SeedableRandomSampler(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=0,
+                                         collate_fn=_Collator(current_epoch, dataset))
+    states = []
+    for epoch in range(epochs):
+        current_epoch.value = epoch + 1
+        sampler.epoch = epoch
+        batches = iter(loader)
+        next(batches)
+        states.append(random.getstate())
+        list(batches)
+    return states
+
+
+@pytest.mark.parametrize("datasets, batch_sizes", [([0] * 40, [1]), ([0] * 10 + [1] * 20 + [0] * 10, [2, 3])])
+def test_pythons_stream_after_an_epochs_first_batch_is_v087s(datasets, batch_sizes):
+    """v0.8.7 reseeds Python's global `random` in the collate of each epoch's first batch (set_current_epoch ->
+    shuffle_buckets, 0 workers), before the batch's noise: multires noise's level ratios come from there."""
+    want = v087_python_states(BUCKETS, datasets, batch_sizes, 42, 3)
+    ours = [kohya_epoch_random_state(BUCKETS, datasets, batch_sizes, 42, epoch, 0) for epoch in range(3)]
+    assert ours == want
+    assert kohya_epoch_random_state(BUCKETS, datasets, batch_sizes, 42, 0, 2) is None  # a worker reshuffles
 
 def test_the_dataset_seed_is_the_first_draw_after_set_seed():
     assert dataset_seed(42) == 478163327

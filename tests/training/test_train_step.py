@@ -210,6 +210,28 @@ def test_a_max_token_length_reaches_the_lora_metadata_and_the_unet(session):
     assert context.shape == (2, 227, 32 + 48) and pooled.shape == (2, 40) and out.shape == latents.shape
 
 
+
+def test_a_batch_is_encoded_together_and_one_image_reads_its_cache(session, monkeypatch):
+    """v0.8.7 without --cache_text_encoder_outputs encodes each batch's captions in one call (get_text_cond):
+    TE2's text_projection of a (B, 1280) batch rounds otherwise than the (1, 1280) products a per-image cache holds
+    (issue 33: 4730 of 5120 pooled values at batch 4, SDXL on the CPU). A batch of several is encoded now, whatever
+    its cache, in fp32 with the encoders on the training device; a batch of one reads its cache (the same product),
+    and so does any batch in mixed precision (the cache is fp32 where kohya encodes in the training dtype)."""
+    from lora_sweep.model.encode import encode_prompts
+
+    first, second = session.prepared.examples[:2]
+    stale = [dataclasses.replace(e, context=torch.zeros_like(e.context), pooled=torch.zeros_like(e.pooled))
+             for e in (first, second)]
+    context, pooled = session.text_for(stale)
+    want_context, want_pooled = encode_prompts(session.parts, [first.item.caption, second.item.caption])
+    assert torch.equal(context, want_context) and torch.equal(pooled, want_pooled)
+    assert pooled.abs().sum() > 0
+    one_context, one_pooled = session.text_for(stale[:1])
+    assert torch.equal(one_context, torch.zeros_like(first.context).unsqueeze(0))
+    assert torch.equal(one_pooled, torch.zeros_like(first.pooled).unsqueeze(0))
+    monkeypatch.setattr(session, "policy", PRECISIONS["fp16"])
+    assert torch.equal(session.text_for(stale)[1], torch.zeros_like(pooled))
+
 @pytest.mark.parametrize("overrides, expected", [
     ([], {"ss_optimizer": "torch.optim.adamw.AdamW", "ss_lr_scheduler": "constant", "ss_lr_warmup_steps": "0",
           "ss_learning_rate": "0.0001", "ss_unet_lr": "None", "ss_text_encoder_lr": "None"}),
