@@ -81,9 +81,10 @@ class _SeedableRandomSampler(torch.utils.data.RandomSampler):
         yield from super().__iter__()
 
 
-def v087_order(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int, steps: int,
-               workers: int) -> list:
-    """The batches v0.8.7's train_network.py (l. 151, 203-206, 352-361, 796-803) serves for `steps` steps."""
+def _v087_loader(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int,
+                 workers: int) -> tuple:
+    """v0.8.7's dataset group, epoch counter, sampler and DataLoader after set_seed(seed), as train_network.py
+    makes them (the dataset seed S is the first draw of Python's `random`)."""
     torch.manual_seed(seed)  # set_seed(seed): the sampler's initial_seed
     random.seed(seed)
     s = random.randint(0, 2**31)
@@ -96,6 +97,13 @@ def v087_order(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes:
     sampler = _SeedableRandomSampler(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
                                          collate_fn=_Collator(current_epoch, dataset if workers == 0 else None))
+    return dataset, current_epoch, sampler, loader
+
+
+def v087_order(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int, steps: int,
+               workers: int) -> list:
+    """The batches v0.8.7's train_network.py (l. 151, 203-206, 352-361, 796-803) serves for `steps` steps."""
+    dataset, current_epoch, sampler, loader = _v087_loader(buckets, datasets, batch_sizes, seed, workers)
     served = []
     for epoch in range(math.ceil(steps / len(dataset))):
         current_epoch.value = epoch + 1
@@ -135,23 +143,11 @@ def test_two_datasets_batches_of_two_and_three_and_a_third_epoch_follow_v087(wor
     assert ours == v087_order(BUCKETS, datasets, [2, 3], 7, len(ours), workers)
 
 
-
 def v087_python_states(buckets: list[tuple[int, int]], datasets: list[int], batch_sizes: list[int], seed: int,
                        epochs: int) -> list[tuple]:
     """Python's global `random` state right after each epoch's first batch, 0 workers, as `v087_order` serves them:
     the state multires noise (custom_train_functions.pyramid_noise_like, `random.random()`) draws from at step 1."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    s = random.randint(0, 2**31)
-    members = [_KohyaBuckets([i for i, d in enumerate(datasets) if d == k], buckets, batch_sizes[k])
-               for k in sorted(set(datasets))]
-    for member in members:
-        member.seed = s
-    dataset = _KohyaGroup(members)
-    current_epoch = Value("i", 0)
-    sampler = _SeedableRandomSampler(dataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=0,
-                                         collate_fn=_Collator(current_epoch, dataset))
+    _, current_epoch, sampler, loader = _v087_loader(buckets, datasets, batch_sizes, seed, 0)
     states = []
     for epoch in range(epochs):
         current_epoch.value = epoch + 1
@@ -171,6 +167,7 @@ def test_pythons_stream_after_an_epochs_first_batch_is_v087s(datasets, batch_siz
     ours = [kohya_epoch_random_state(BUCKETS, datasets, batch_sizes, 42, epoch, 0) for epoch in range(3)]
     assert ours == want
     assert kohya_epoch_random_state(BUCKETS, datasets, batch_sizes, 42, 0, 2) is None  # a worker reshuffles
+
 
 def test_the_dataset_seed_is_the_first_draw_after_set_seed():
     assert dataset_seed(42) == 478163327
