@@ -45,7 +45,7 @@ class Progress:
         """What the phase is at now (`prompt 2/3, 1024x1024`), on the bar and in the next log line."""
         self.detail = detail
         if self.bar is not None:
-            self.bar.set_description(f"{self.name}: {detail}", refresh=False)
+            self.bar.set_description(f"{self.name}: {detail}")  # drawn now: a short phase may end before tqdm redraws
 
     def update(self, n: int = 1) -> None:
         self.done += n
